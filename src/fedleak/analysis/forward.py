@@ -1,0 +1,60 @@
+"""Per-sample forward and backward passes of a fully connected ReLU network.
+
+These are the quantities of the exclusivity theory (algorithms spec §0): pre-activations ``z_h``,
+activations ``a_h``, loss vectors ``e = softmax(o) - onehot(y)`` and backward signals ``delta_h``, for
+every sample of a batch separately, computed in a chosen dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedleak.models.structure import ReluMLP
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Per-sample pass of a batch of ``M`` samples through an MLP with ``H`` hidden layers.
+
+    ``activations[0]`` is the flattened input; ``activations[h]`` (h = 1..H) is hidden layer h's output;
+    ``preactivations[h-1]`` its input to the ReLU; ``deltas[h-1]`` the backward signal of hidden layer h
+    for the per-sample loss (not divided by M); ``loss_vectors`` is ``e`` (M x K); ``logits`` is ``o``.
+    """
+
+    activations: list[torch.Tensor]
+    preactivations: list[torch.Tensor]
+    logits: torch.Tensor
+    loss_vectors: torch.Tensor | None
+    deltas: list[torch.Tensor] | None
+
+
+def forward_trace(
+    net: ReluMLP, inputs: torch.Tensor, labels: torch.Tensor | None = None, dtype: torch.dtype = torch.float64
+) -> Trace:
+    """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given."""
+    weights, biases = net.weights(dtype), net.biases(dtype)
+    a = inputs.reshape(inputs.shape[0], -1).to(dtype)
+    acts, pres = [a], []
+    for W, b in zip(weights[:-1], biases[:-1]):
+        z = a @ W.T
+        if b is not None:
+            z = z + b
+        pres.append(z)
+        a = torch.relu(z)
+        acts.append(a)
+    logits = a @ weights[-1].T
+    if biases[-1] is not None:
+        logits = logits + biases[-1]
+    if labels is None:
+        return Trace(acts, pres, logits, None, None)
+    e = torch.softmax(logits, dim=1)
+    e[torch.arange(e.shape[0]), labels.long()] -= 1.0
+    deltas: list[torch.Tensor] = []
+    d = e
+    for W, z in zip(reversed(weights[1:]), reversed(pres)):
+        d = (d @ W) * (z > 0).to(dtype)
+        deltas.append(d)
+    deltas.reverse()
+    return Trace(acts, pres, logits, e, deltas)

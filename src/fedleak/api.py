@@ -1,0 +1,36 @@
+"""The entry point that runs any registered attack on a client update."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedleak.attacks.registry import get_attack
+from fedleak.errors import FedleakError
+from fedleak.reconstruction import Reconstruction
+from fedleak.updates import GradientUpdate, WeightUpdate
+
+
+def reconstruct(
+    model: nn.Module,
+    update: GradientUpdate | WeightUpdate | Mapping[str, torch.Tensor],
+    attack: str = "exclusivity",
+    **options: Any,
+) -> Reconstruction:
+    """Rebuild a client's batch from its update with the named attack.
+
+    ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
+    from parameter name to gradient. ``options`` go to the attack (see ``fedleak.available_attacks()``).
+    """
+    info = get_attack(attack)
+    kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
+    if kind not in info.update_kinds:
+        raise FedleakError(f"attack '{attack}' does not run on {kind} updates (it takes: {', '.join(info.update_kinds)})")
+    start = time.perf_counter()
+    result = info.run(model, update, **options)
+    return replace(result, seconds=time.perf_counter() - start)

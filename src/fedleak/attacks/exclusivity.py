@@ -1,0 +1,613 @@
+"""Deterministic exclusivity attack on FedSGD gradients of fully connected ReLU networks.
+
+Algorithms spec §2 (Pan et al., USENIX Security 2022), with our own grouping, checks and certificate:
+
+1. **Top layer.** Every neuron ``j`` of the last ReLU layer that fires for one sample only has a gradient
+   row that is a scaled copy of that sample's input to the layer: with a bias the ratio
+   ``G[j,:] / g[j]`` *is* the input; without one the row gives its direction and the scale is fitted so
+   that the output layer's column ``j`` is parallel to the sample's loss vector. Rows whose implied
+   inputs coincide are grouped (the implied input is a much sharper key than the K-dimensional loss
+   direction, which is nearly shared by same-label samples at initialisation). Each group is checked by a
+   forward pass: the neuron must fire, and the output-layer column must be a positive multiple of the
+   candidate's loss vector; the label is that vector's only negative entry.
+2. **Walk down.** Knowing a sample's output of hidden layer ``i``, a neuron active for it and for no other
+   rebuilt sample gives a candidate input to layer ``i``; the candidate is accepted only if pushing it
+   forward reproduces the known output (a neuron shared with a sample not rebuilt fails this). Where no
+   row passes and the active units are at least as many as the layer's inputs, the input is solved from
+   them by least squares (beyond the paper's condition), accepted only if the system is well conditioned.
+3. **Certificate.** Each rebuilt sample's gradient is recomputed (float64) and compared with the observed
+   gradient on every row it claims as its own, with a tolerance set by the float32 noise of that row.
+   A sample is certified when it explains at least two rows of the last ReLU layer and at least one
+   at every other (or that layer was solved), all at one common scale ``1/M``. When the rebuilt samples
+   are the whole batch, the recomputed batch gradient must reproduce the observed one: that certifies
+   every sample at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.analysis.forward import forward_trace
+from fedleak.attacks.registry import register_attack
+from fedleak.errors import FedleakError, ModelError
+from fedleak.models.structure import ReluMLP, as_relu_mlp
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class ExclusivityOptions:
+    """Tolerances of the exclusivity attack (all relative; see docs/attacks.md for how they were set).
+
+    ``group_tol``: two implied inputs closer than this (relative L2) are the same sample.
+    ``top_tol``: a candidate's output-layer columns must match its loss vector this closely to be kept
+    (a loose screen; the certificate is strict).
+    ``forward_tol``: a candidate layer input must reproduce the known layer output this closely.
+    ``check_tol``: floor of the certificate tolerance on a witness row; the tolerance grows with the
+    row's measured float32 noise (``noise_factor`` times it) and a row noisier than ``max_noise`` does not
+    count as a witness.
+    ``forward_solve``: solve a layer's input from its active outputs when no exclusive row is left.
+    ``rows_per_try`` / ``max_rows``: rows checked per batched forward pass / at most, per sample and layer.
+    ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
+    """
+
+    group_tol: float = 1e-5
+    top_tol: float = 1e-3
+    forward_tol: float = 1e-5
+    check_tol: float = 1e-5
+    noise_factor: float = 30.0
+    max_noise: float = 1e-4
+    scale_tol: float = 1e-4
+    batch_tol: float = 1e-4
+    forward_solve: bool = True
+    solve_max_error: float = 1e-6
+    rows_per_try: int = 32
+    max_rows: int = 512
+    min_last: int = 2
+    min_other: int = 1
+
+
+@dataclass
+class _Candidate:
+    """A sample being rebuilt: its known layer inputs (``acts[i]`` is the input of dense layer i)."""
+
+    label: int
+    acts: dict[int, torch.Tensor]
+    witnesses: dict[int, list[int]]
+    solved: set[int] = field(default_factory=set)
+    lowest: int = 0  # lowest dense layer whose input is known
+
+    @property
+    def complete(self) -> bool:
+        return 0 in self.acts
+
+
+# -------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _tail_forward(net: ReluMLP, W: list[torch.Tensor], b: list[torch.Tensor | None], start: int, a: torch.Tensor):
+    """Forward rows ``a`` (n x d_in of dense layer ``start``) to the logits; returns (pre-acts, acts, logits)."""
+    pres, acts = [], []
+    for i in range(start, net.depth):
+        z = a @ W[i].T
+        if b[i] is not None:
+            z = z + b[i]
+        a = torch.relu(z)
+        pres.append(z)
+        acts.append(a)
+    logits = a @ W[-1].T
+    if b[-1] is not None:
+        logits = logits + b[-1]
+    return pres, acts, logits
+
+
+def _loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    e = torch.softmax(logits, dim=-1)
+    e[torch.arange(e.shape[0]), labels] -= 1.0
+    return e
+
+
+def _group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[int]]:
+    """Group rows of R that coincide within ``tol`` (relative L2); rows are visited in ``order``.
+
+    Rows are sorted along a random projection of their unit directions, so only near neighbours in that
+    order are compared in full (leader clustering: the first unassigned row of a run leads its group).
+    """
+    n = R.shape[0]
+    if n == 0:
+        return []
+    norms = R.norm(dim=1).clamp_min(1e-300)
+    gen = torch.Generator().manual_seed(12345)
+    v = torch.randn(R.shape[1], generator=gen, dtype=R.dtype)
+    v /= v.norm()
+    proj = (R / norms[:, None]) @ v
+    sort_idx = torch.argsort(proj)
+    sp = proj[sort_idx]
+    gaps = sp[1:] - sp[:-1]
+    breaks = torch.nonzero(gaps > 4 * tol).flatten() + 1
+    bounds = [0, *breaks.tolist(), n]
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    groups: list[list[int]] = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        run = sort_idx[lo:hi]
+        if hi - lo == 1:
+            groups.append([int(run[0])])
+            continue
+        run = run[torch.argsort(rank[run])]
+        block = R[run]
+        dist = torch.cdist(block, block)
+        limit = tol * torch.maximum(norms[run][:, None], norms[run][None, :])
+        close = dist <= limit
+        assigned = torch.zeros(len(run), dtype=torch.bool)
+        for k in range(len(run)):
+            if assigned[k]:
+                continue
+            members = close[k] & ~assigned
+            assigned |= members
+            groups.append([int(x) for x in run[members]])
+    return groups
+
+
+def _golden_min(cost, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
+    """Vectorised golden-section search of ``cost(x)`` (elementwise over a batch) on [lo, hi]."""
+    phi = (math.sqrt(5) - 1) / 2
+    for _ in range(iters):
+        m1, m2 = hi - phi * (hi - lo), lo + phi * (hi - lo)
+        left = cost(m1) <= cost(m2)
+        hi = torch.where(left, m2, hi)
+        lo = torch.where(left, lo, m1)
+    return (lo + hi) / 2
+
+
+def _direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tensor) -> torch.Tensor:
+    """1 - cos between loss vectors of ``logits`` (... x K) and unit directions ``cdir`` (... x K)."""
+    e = torch.softmax(logits, dim=-1)
+    e = e - torch.nn.functional.one_hot(labels, e.shape[-1]).to(e.dtype)
+    return 1 - (e * cdir).sum(-1) / e.norm(dim=-1).clamp_min(1e-300)
+
+
+def _fit_scales(
+    net: ReluMLP, W, b, layer: int, U: torch.Tensor, cdir: torch.Tensor, labels: torch.Tensor, members: list[torch.Tensor]
+) -> torch.Tensor:
+    """Bias-free layer: for each candidate direction ``U[k]`` find ``alpha`` so that the loss vector of
+    ``alpha * U[k]`` is parallel to the output-layer column direction ``cdir[k]``. NaN where none fits.
+
+    When no layer from ``layer`` up has a bias the network is positively homogeneous, so the logits of
+    ``alpha * u`` are ``|alpha|`` times those of ``sign(alpha) * u`` and the search costs no forward pass.
+    """
+    n = U.shape[0]
+    alphas = torch.full((n,), float("nan"), dtype=F64)
+    if n == 0:
+        return alphas
+    homogeneous = all(bb is None for bb in b[layer:])
+    z = U @ W[layer].T  # n x d_t ; member neurons must fire for the chosen sign
+    sign = torch.zeros(n, dtype=F64)
+    for k, mem in enumerate(members):
+        if bool((z[k, mem] > 0).all()):
+            sign[k] = 1.0
+        elif bool((z[k, mem] < 0).all()):
+            sign[k] = -1.0
+    ok = sign != 0
+    if not bool(ok.any()):
+        return alphas
+    idx = torch.nonzero(ok).flatten()
+    Us = U[idx] * sign[idx, None]
+    grid = torch.logspace(-4, 4, 161, dtype=F64)
+    if homogeneous:
+        _, _, base = _tail_forward(net, W, b, layer, Us)  # logits of the unit-scale input
+
+        def cost(log_a: torch.Tensor) -> torch.Tensor:  # log_a: (n,) or (n, A)
+            a = torch.exp(log_a)
+            lg = base[:, None, :] * a[..., None] if a.ndim == 2 else base * a[:, None]
+            lab = labels[idx][:, None] if a.ndim == 2 else labels[idx]
+            cd = cdir[idx][:, None, :] if a.ndim == 2 else cdir[idx]
+            return _direction_cost(lg, lab.expand(lg.shape[:-1]), cd.expand(lg.shape))
+    else:
+
+        def cost(log_a: torch.Tensor) -> torch.Tensor:
+            a = torch.exp(log_a)
+            flat = a.reshape(len(idx), -1)
+            X = (flat[..., None] * Us[:, None, :]).reshape(-1, Us.shape[1])
+            _, _, lg = _tail_forward(net, W, b, layer, X)
+            lg = lg.reshape(*flat.shape, -1)
+            c = _direction_cost(lg, labels[idx][:, None].expand(flat.shape), cdir[idx][:, None, :].expand(lg.shape))
+            return c.reshape(a.shape)
+
+    log_grid = torch.log(grid)[None, :].expand(len(idx), -1)
+    costs = cost(log_grid)
+    best = costs.argmin(1)
+    centre = log_grid[torch.arange(len(idx)), best]
+    step = float(log_grid[0, 1] - log_grid[0, 0])
+    refined = _golden_min(cost, centre - step, centre + step)
+    alphas[idx] = sign[idx] * torch.exp(refined)
+    return alphas
+
+
+def _witness_vectors(
+    trace_acts: list[torch.Tensor], deltas: list[torch.Tensor], e: torch.Tensor, layer: int, rows: list[int],
+    has_bias: bool, top: bool,
+) -> torch.Tensor:
+    """Per-sample predicted gradient entries of ``rows`` of dense layer ``layer`` (one sample):
+    the weight row, the bias entry and, for the top layer, the output layer's column."""
+    parts = [deltas[layer][rows, None] * trace_acts[layer][None, :]]
+    if has_bias:
+        parts.append(deltas[layer][rows, None])
+    if top:
+        parts.append(trace_acts[layer + 1][rows, None] * e[None, :])
+    return torch.cat(parts, dim=1)
+
+
+def _observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
+    parts = [G[layer][rows]]
+    if g[layer] is not None:
+        parts.append(g[layer][rows, None])
+    if top:
+        parts.append(G[-1][:, rows].T)
+    return torch.cat(parts, dim=1)
+
+
+# -------------------------------------------------------------------------------------------------------
+# The attack
+
+
+class _ExclusivityAttack:
+    def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype):
+        self.net, self.opts, self.obs_dtype = net, opts, obs_dtype
+        self.W, self.b = net.weights(F64), net.biases(F64)
+        self.G = [grads[d.weight_name].to(F64) for d in net.dense]
+        self.g = [None if d.bias_name is None else grads[d.bias_name].to(F64) for d in net.dense]
+        self.notes: list[str] = []
+
+    # ---- step 1: candidates from the last ReLU layer ----------------------------------------------------
+    def top_candidates(self) -> list[_Candidate]:
+        W, G, g, opts = self.W, self.G, self.g, self.opts
+        t = self.net.depth - 1
+        col = G[-1]  # K x d_t
+        col_norm = col.norm(dim=0)
+        row_norm = G[t].norm(dim=1)
+        usable = (col_norm > 0) & (row_norm > 0)
+        if g[t] is not None:
+            usable &= g[t] != 0
+        idx = torch.nonzero(usable).flatten()
+        if len(idx) == 0:
+            return []
+        if g[t] is not None:
+            R = G[t][idx] / g[t][idx, None]
+            order = torch.argsort(-g[t][idx].abs())
+        else:
+            R = G[t][idx] / row_norm[idx, None]
+            flip = torch.sign(R.gather(1, R.abs().argmax(1, keepdim=True))).squeeze(1)
+            R = R * flip[:, None]
+            order = torch.argsort(-row_norm[idx])
+        groups = _group_rows(R, order, opts.group_tol)
+        reps = torch.stack([R[grp].mean(0) for grp in groups])
+        members = [idx[grp] for grp in groups]
+        if g[t] is None:
+            cdir = torch.stack([(col[:, m] / col_norm[m]).mean(1) for m in members])
+            cdir = cdir / cdir.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            labels = cdir.argmin(1)
+            alphas = _fit_scales(self.net, W, self.b, t, reps, cdir, labels, [m for m in members])
+            keep = torch.isfinite(alphas)
+            reps = reps * alphas[:, None]
+        else:
+            keep = torch.ones(len(groups), dtype=torch.bool)
+        cands: list[_Candidate] = []
+        for k in torch.nonzero(keep).flatten().tolist():
+            cand = self._check_top_group(t, reps[k], members[k])
+            if cand is not None:
+                cands.append(cand)
+        return cands
+
+    def _check_top_group(self, t: int, r: torch.Tensor, members: torch.Tensor) -> _Candidate | None:
+        net, W, b, G, opts = self.net, self.W, self.b, self.G, self.opts
+        columns = G[-1][:, members]
+        labels = columns.argmin(0)
+        label = int(torch.mode(labels).values)
+        pres, acts, logits = _tail_forward(net, W, b, t, r[None, :])
+        e = _loss_vectors(logits, torch.tensor([label]))[0]
+        z = pres[0][0]
+        # members must fire, carry the label, and have columns parallel to a_j * e
+        pred = acts[0][0][members][None, :] * e[:, None]
+        scale = (pred * columns).sum(0) / (pred * pred).sum(0).clamp_min(1e-300)
+        res = (columns - scale * pred).norm(dim=0) / columns.norm(dim=0).clamp_min(1e-300)
+        ok = (z[members] > 0) & (labels == label) & (scale > 0) & (res <= opts.top_tol)
+        if not bool(ok.any()):
+            return None
+        return _Candidate(label=label, acts={t: r}, witnesses={t: members[ok].tolist()}, lowest=t)
+
+    # ---- step 2: walk down -------------------------------------------------------------------------------
+    def walk_down(self, cands: list[_Candidate]) -> None:
+        net = self.net
+        for i in range(net.depth - 2, -1, -1):
+            level = i + 1  # we know acts[level] (output of hidden layer i) and look for acts[i]
+            present = [c for c in cands if level in c.acts]
+            if not present:
+                return
+            support = torch.stack([c.acts[level] > 0 for c in present])  # n x d
+            counts = support.sum(0)
+            for k, c in enumerate(present):
+                found = self._descend(c, i, support[k], counts - 1)
+                if found is None and self.opts.forward_solve:
+                    found = self._solve(c, i)
+                    if found is not None:
+                        c.solved.add(i)
+                if found is not None:
+                    c.acts[i] = found
+                    c.lowest = i
+
+    def _descend(self, c: _Candidate, i: int, active: torch.Tensor, shared_with: torch.Tensor) -> torch.Tensor | None:
+        """Try the rows of neurons active for ``c`` as its exclusive rows; rows no other candidate uses
+        come first (candidates are unverified, so they only order the search; the forward check decides)."""
+        W, b, G, g, opts = self.W, self.b, self.G, self.g, self.opts
+        target = c.acts[i + 1]
+        tnorm = target.norm().clamp_min(1e-300)
+        rows = torch.nonzero(active & (G[i].norm(dim=1) > 0)).flatten()
+        if g[i] is not None:
+            rows = rows[g[i][rows] != 0]
+            strength = g[i][rows].abs()
+        else:
+            strength = G[i][rows].norm(dim=1)
+        # fewest other candidates first, then strongest signal (two stable sorts)
+        rows = rows[torch.argsort(-strength, stable=True)]
+        rows = rows[torch.argsort(shared_with[rows], stable=True)][: opts.max_rows]
+        for start in range(0, len(rows), opts.rows_per_try):
+            chunk = rows[start : start + opts.rows_per_try]
+            if g[i] is not None:
+                R = G[i][chunk] / g[i][chunk, None]
+                F = R @ W[i].T + b[i]
+                out = torch.relu(F)
+            else:
+                U = G[i][chunk]
+                F = U @ W[i].T
+                pos, neg = torch.relu(F), torch.relu(-F)
+                bp = (pos @ target) / (pos * pos).sum(1).clamp_min(1e-300)
+                bn = (neg @ target) / (neg * neg).sum(1).clamp_min(1e-300)
+                rp = (pos * bp[:, None] - target).norm(dim=1)
+                rn = (neg * bn[:, None] - target).norm(dim=1)
+                beta = torch.where(rp <= rn, bp, -bn)
+                R = U * beta[:, None]
+                out = torch.relu(R @ W[i].T)
+            res = (out - target).norm(dim=1) / tnorm
+            good = torch.nonzero(res <= opts.forward_tol).flatten()
+            if len(good):
+                rep = R[good]
+                # agreeing rows are witnesses; keep those that coincide with the best one
+                best = rep[int(torch.argmin(res[good]))]
+                agree = (rep - best).norm(dim=1) <= opts.group_tol * best.norm().clamp_min(1e-300)
+                c.witnesses[i] = chunk[good[agree]].tolist()
+                return rep[agree].mean(0)
+        return None
+
+    def _solve(self, c: _Candidate, i: int) -> torch.Tensor | None:
+        """Solve ``W_A a + b_A = target_A`` for the input of dense layer i when it is determined."""
+        W, b, opts = self.W, self.b, self.opts
+        target = c.acts[i + 1]
+        A = target > 0
+        n_in = W[i].shape[1]
+        if int(A.sum()) < n_in:
+            return None
+        WA = W[i][A]
+        rhs = target[A] - (b[i][A] if b[i] is not None else 0)
+        sol = torch.linalg.lstsq(WA, rhs[:, None], driver="gelsd")
+        svals = sol.singular_values
+        if svals is None or len(svals) < n_in or float(svals.min()) <= 0:
+            return None
+        a = sol.solution[:, 0]
+        # float32 noise of the known output, amplified by the smallest singular value, bounds the error
+        noise = float(torch.finfo(self.obs_dtype).eps) * 4 * float(target.abs().max())
+        bound = noise * math.sqrt(len(rhs)) / float(svals.min())
+        inactive_ok = bool(((W[i][~A] @ a + (b[i][~A] if b[i] is not None else 0)) <= noise * 10).all())
+        resid = float((WA @ a - rhs).norm() / rhs.norm().clamp_min(1e-300))
+        if bound > opts.solve_max_error * max(1.0, float(a.abs().max())) or not inactive_ok or resid > opts.forward_tol:
+            return None
+        return a
+
+    # ---- step 3: certificate ----------------------------------------------------------------------------
+    def certify(self, cands: list[_Candidate]) -> tuple[list[SampleRecovery], float | None]:
+        net, opts = self.net, self.opts
+        complete = [c for c in cands if c.complete]
+        if not complete:
+            return [], None
+        X = torch.stack([c.acts[0] for c in complete])
+        y = torch.tensor([c.label for c in complete])
+        t64 = forward_trace(net, X, y, dtype=F64)
+        t32 = forward_trace(net, X.to(self.obs_dtype), y, dtype=self.obs_dtype)
+        eps = float(torch.finfo(self.obs_dtype).eps)
+        per_sample: list[dict] = []
+        for k, c in enumerate(complete):
+            acts64 = [a[k] for a in t64.activations]
+            acts32 = [a[k].to(F64) for a in t32.activations]
+            d64 = [d[k] for d in t64.deltas]
+            d32 = [d[k].to(F64) for d in t32.deltas]
+            scales, residuals, passing = [], [], {}
+            consistent = all(
+                float((acts64[i] - c.acts[i]).norm()) <= opts.forward_tol * float(acts64[i].norm().clamp_min(1e-300))
+                for i in c.acts
+            )
+            for i, rows in c.witnesses.items():
+                top = i == net.depth - 1
+                has_bias = self.g[i] is not None
+                obs = _observed_vectors(self.G, self.g, i, rows, top)
+                p64 = _witness_vectors(acts64, d64, t64.loss_vectors[k], i, rows, has_bias, top)
+                p32 = _witness_vectors(acts32, d32, t32.loss_vectors[k].to(F64), i, rows, has_bias, top)
+                pn = p64.norm(dim=1).clamp_min(1e-300)
+                noise = (p32 - p64).norm(dim=1) / pn + 8 * eps
+                s = (obs * p64).sum(1) / (pn * pn)
+                res = (obs - s[:, None] * p64).norm(dim=1) / obs.norm(dim=1).clamp_min(1e-300)
+                tol = torch.maximum(torch.full_like(noise, opts.check_tol), opts.noise_factor * noise)
+                ok = (res <= tol) & (noise <= opts.max_noise) & (s > 0)
+                passing[i] = ok
+                scales.append(s[ok])
+                residuals.append(res[ok])
+            all_s = torch.cat(scales) if scales else torch.empty(0, dtype=F64)
+            s_m = float(all_s.median()) if len(all_s) else float("nan")
+            spread = float(((all_s - s_m).abs() / abs(s_m)).max()) if len(all_s) else float("inf")
+            worst = float(torch.cat(residuals).max()) if residuals and len(torch.cat(residuals)) else float("inf")
+            counts = tuple(int(passing[i].sum()) if i in passing else 0 for i in range(net.depth))
+            per_sample.append(
+                dict(scale=s_m, spread=spread, residual=worst, counts=counts, consistent=consistent, cand=c)
+            )
+        strong = [
+            p["scale"] for p in per_sample
+            if p["counts"][-1] >= opts.min_last and p["spread"] <= opts.scale_tol and p["consistent"]
+        ]
+        batch_scale = float(np.median(strong)) if strong else None
+        results = []
+        for p in per_sample:
+            c = p["cand"]
+            missing = [
+                i for i in range(net.depth - 1)
+                if p["counts"][i] < opts.min_other and i not in c.solved
+            ]
+            if not p["consistent"]:
+                ok, reason = False, "the rebuilt input does not reproduce its own intermediate activations"
+            elif p["counts"][-1] < opts.min_last:
+                ok, reason = False, (
+                    f"only {p['counts'][-1]} verified exclusive neuron(s) at the last ReLU layer "
+                    f"(a certificate needs {opts.min_last})"
+                )
+            elif missing:
+                ok, reason = False, f"no verified exclusive neuron at ReLU layer(s) {[m + 1 for m in missing]}"
+            elif p["spread"] > opts.scale_tol:
+                ok, reason = False, "witness rows disagree on the scale"
+            elif batch_scale is None or abs(p["scale"] / batch_scale - 1) > opts.scale_tol:
+                ok, reason = False, "scale differs from the batch's common 1/M"
+            else:
+                ok, reason = True, "explains its exclusive gradient rows at every layer"
+            results.append(
+                SampleRecovery(
+                    label=c.label, certified=ok, reason=reason, witnesses=p["counts"],
+                    solved_layers=tuple(sorted(i + 1 for i in c.solved)), residual=p["residual"], scale=p["scale"],
+                )
+            )
+        return results, batch_scale
+
+    def batch_gradient_matches(self, X: torch.Tensor, y: torch.Tensor) -> tuple[bool, float]:
+        """Recompute the mean-loss gradient of the rebuilt batch and compare with the observed one."""
+        t = forward_trace(self.net, X, y, dtype=F64)
+        M = X.shape[0]
+        worst = 0.0
+        for i in range(self.net.depth + 1):
+            delta = t.loss_vectors if i == self.net.depth else t.deltas[i]
+            Gp = delta.T @ t.activations[i] / M
+            worst = max(worst, float((Gp - self.G[i]).norm() / self.G[i].norm().clamp_min(1e-300)))
+            if self.g[i] is not None:
+                gp = delta.sum(0) / M
+                worst = max(worst, float((gp - self.g[i]).norm() / self.g[i].norm().clamp_min(1e-300)))
+        return worst <= self.opts.batch_tol, worst
+
+
+def _label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int | None, recovered_probs, labels):
+    """Estimate the whole batch's label histogram from the output bias gradient (or None)."""
+    if G_out_bias is None or batch_size is None:
+        return None
+    K = net.num_classes
+    known = torch.bincount(labels, minlength=K).to(F64) if len(labels) else torch.zeros(K, dtype=F64)
+    n_rec = len(labels)
+    p_sum = recovered_probs.sum(0) if n_rec else torch.zeros(K, dtype=F64)
+    p_rest = (recovered_probs.mean(0) if n_rec else torch.full((K,), 1.0 / K, dtype=F64)) * (batch_size - n_rec)
+    counts = (p_sum + p_rest) - batch_size * G_out_bias
+    est = torch.clamp(torch.round(counts), min=0)
+    est = torch.maximum(est, known)
+    return est.to(torch.int64).numpy()
+
+
+@register_attack("exclusivity", update_kinds=("gradient",),
+                 description="deterministic, certified reconstruction from exclusively activated neurons")
+def exclusivity_attack(
+    model: nn.Module,
+    update: GradientUpdate | dict[str, torch.Tensor],
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    options: ExclusivityOptions | None = None,
+    **overrides,
+) -> Reconstruction:
+    """Rebuild every sample of a FedSGD batch whose exclusively activated neurons allow it.
+
+    ``update`` is the averaged gradient keyed like ``model.named_parameters()``. Options are the fields of
+    :class:`ExclusivityOptions`, passed as keywords or as an ``options`` object.
+    """
+    start = time.perf_counter()
+    opts = options or ExclusivityOptions()
+    if overrides:
+        unknown = set(overrides) - set(ExclusivityOptions.__dataclass_fields__)
+        if unknown:
+            raise FedleakError(f"unknown option(s) for the exclusivity attack: {sorted(unknown)}")
+        opts = ExclusivityOptions(**{**opts.__dict__, **overrides})
+    net = as_relu_mlp(model, input_shape)
+    if net.depth == 0:
+        raise ModelError("the exclusivity attack needs at least one hidden ReLU layer")
+    grad_update = as_gradient_update(update)
+    check_matches_model(model, grad_update.gradients, "gradient")
+    obs_dtype = next(iter(grad_update.gradients.values())).dtype
+    if obs_dtype == F64:
+        obs_dtype = torch.float64
+    attack = _ExclusivityAttack(net, dict(grad_update.gradients), opts, obs_dtype)
+
+    cands = attack.top_candidates()
+    # the same sample can surface twice (e.g. rows split across groups): keep one copy
+    unique: list[_Candidate] = []
+    t = net.depth - 1
+    for c in cands:
+        if not any(
+            u.label == c.label and float((u.acts[t] - c.acts[t]).norm())
+            <= opts.group_tol * 10 * float(c.acts[t].norm().clamp_min(1e-300))
+            for u in unique
+        ):
+            unique.append(c)
+    cands = unique
+    attack.walk_down(cands)
+    recoveries, batch_scale = attack.certify(cands)
+    complete = [c for c in cands if c.complete]
+    batch_size = None
+    if batch_scale is not None and batch_scale > 0:
+        m = 1.0 / batch_scale
+        if abs(m - round(m)) <= max(1e-3, 10 * opts.scale_tol * m) and round(m) >= 1:
+            batch_size = int(round(m))
+        else:
+            attack.notes.append(f"the common scale 1/{m:.3f} is not the inverse of a whole batch size")
+
+    dim = net.input_dim
+    X = torch.stack([c.acts[0] for c in complete]) if complete else torch.empty(0, dim, dtype=F64)
+    y = torch.tensor([c.label for c in complete], dtype=torch.long)
+    batch_ok = False
+    if complete and batch_size == len(complete):
+        batch_ok, worst = attack.batch_gradient_matches(X, y)
+        if batch_ok:
+            recoveries = [
+                SampleRecovery(r.label, True, "the rebuilt batch reproduces the whole observed gradient",
+                               r.witnesses, r.solved_layers, r.residual, r.scale)
+                for r in recoveries
+            ]
+        else:
+            attack.notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
+    partial = len(cands) - len(complete)
+    if partial:
+        attack.notes.append(f"{partial} sample(s) were found at the last ReLU layer but could not be traced to the input")
+
+    probs = torch.softmax(forward_trace(net, X, dtype=F64).logits, 1) if complete else torch.empty(0, net.num_classes, dtype=F64)
+    counts = _label_counts(net, attack.g[-1], batch_size, probs, y)
+    shape = net.input_shape or (dim,)
+    out_dtype = net.dense[0].module.weight.dtype
+    return Reconstruction(
+        inputs=X.to(out_dtype).reshape(len(complete), *shape),
+        labels=y,
+        certified=torch.tensor([r.certified for r in recoveries], dtype=torch.bool),
+        attack="exclusivity",
+        samples=tuple(recoveries),
+        batch_size=batch_size,
+        label_counts=counts,
+        batch_certified=batch_ok,
+        seconds=time.perf_counter() - start,
+        notes=tuple(attack.notes),
+    )

@@ -1,0 +1,82 @@
+"""The one type every data source produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedleak.errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled image set: ``x`` float32 in [0, 1], shape N x C x H x W; ``y`` int64 labels, shape N."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: tuple[str, ...]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4:
+            raise DataError(f"{self.name}: images must be N x C x H x W, got shape {tuple(self.x.shape)}")
+        if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
+            raise DataError(f"{self.name}: {self.x.shape[0]} images but labels of shape {tuple(self.y.shape)}")
+        if self.x.shape[0] == 0:
+            raise DataError(f"{self.name}: the data set is empty")
+        if not torch.isfinite(self.x).all():
+            raise DataError(f"{self.name}: images hold NaN or inf values")
+        if float(self.x.min()) < 0 or float(self.x.max()) > 1:
+            raise DataError(f"{self.name}: images must lie in [0, 1]")
+        if int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes):
+            raise DataError(f"{self.name}: labels must lie in [0, {len(self.classes) - 1}]")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def batch(self, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch of ``size`` distinct samples, drawn reproducibly from ``seed``."""
+        if size <= 0:
+            raise DataError(f"batch size must be positive, got {size}")
+        if size > len(self):
+            raise DataError(f"{self.name} has {len(self)} samples; cannot draw a batch of {size}")
+        idx = torch.from_numpy(np.random.default_rng(seed).choice(len(self), size=size, replace=False))
+        return self.x[idx], self.y[idx]
+
+
+def to_nchw_unit(images: np.ndarray, name: str) -> torch.Tensor:
+    """Images as N x H x W, N x H x W x C or N x C x H x W (uint8 or float) -> float32 N x C x H x W in [0, 1]."""
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4:
+        if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
+            arr = arr.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{name}: images must be N x H x W, N x H x W x C or N x C x H x W; got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise DataError(f"{name}: images hold NaN or inf values")
+        lo, hi = float(out.min()), float(out.max())
+        if lo < 0 or hi > 1:
+            if np.issubdtype(arr.dtype, np.integer) and lo >= 0 and hi <= 255:
+                out = out / 255.0
+            else:
+                raise DataError(f"{name}: float images must lie in [0, 1] (found values in [{lo:g}, {hi:g}])")
+    else:
+        raise DataError(f"{name}: unsupported image dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(out))

@@ -1,0 +1,44 @@
+"""Built-in data sets by name, and user data by path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from fedleak.data.dataset import Dataset
+from fedleak.errors import DataError
+
+_BUILTIN: dict[str, tuple[Callable[[], Dataset], str]] = {}
+
+
+def register_dataset(name: str, description: str) -> Callable[[Callable[[], Dataset]], Callable[[], Dataset]]:
+    def decorator(fn: Callable[[], Dataset]) -> Callable[[], Dataset]:
+        _BUILTIN[name] = (fn, description)
+        return fn
+
+    return decorator
+
+
+def available_datasets() -> dict[str, str]:
+    """Built-in data set names and one-line descriptions."""
+    return {name: desc for name, (_, desc) in sorted(_BUILTIN.items())}
+
+
+def load_dataset(name_or_path: str | os.PathLike[str]) -> Dataset:
+    """A built-in data set by name (see :func:`available_datasets`), or the user's data at a path.
+
+    Paths may be an ``.npz`` file (``x``, ``y``), an image folder with one sub-folder per class, a
+    CIFAR-10 python-batch folder, or an MNIST-style IDX folder.
+    """
+    key = str(name_or_path)
+    if key in _BUILTIN:
+        return _BUILTIN[key][0]()
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"'{key}' is neither a built-in data set ({', '.join(sorted(_BUILTIN))}) nor an existing path"
+        )
+    from fedleak.data.files import load_path
+
+    return load_path(path)

@@ -1,0 +1,237 @@
+"""What a federated client sends: typed updates, how to compute them, and how to store them.
+
+* :class:`GradientUpdate` is a FedSGD update: the gradient of the batch's *mean* cross-entropy loss,
+  keyed like ``model.named_parameters()``.
+* :class:`WeightUpdate` is a FedAvg update: the weights before and after the client's local training.
+
+Stored updates are safetensors files (or torch files read with ``weights_only=True``): fedleak never
+unpickles untrusted data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError, UpdateError
+
+
+def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise UpdateError(f"{what} must be a non-empty mapping from parameter name to tensor")
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise UpdateError(f"{what}['{name}'] is a {type(value).__name__}, not a torch.Tensor")
+        if not value.is_floating_point():
+            raise UpdateError(f"{what}['{name}'] has dtype {value.dtype}; a floating-point tensor is needed")
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UpdateError(f"{what}['{name}'] holds {bad} non-finite value(s) (NaN or inf)")
+        out[str(name)] = value.detach()
+    return out
+
+
+@dataclass(frozen=True)
+class GradientUpdate:
+    """A FedSGD client update: the averaged gradient of the batch's mean cross-entropy loss.
+
+    ``num_examples`` is what the client reveals about its batch size, if anything (``None``: nothing).
+    """
+
+    gradients: Mapping[str, torch.Tensor]
+    num_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gradients", _check_tensor_map(self.gradients, "gradient"))
+        if self.num_examples is not None and int(self.num_examples) <= 0:
+            raise UpdateError(f"num_examples must be positive, got {self.num_examples}")
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """A FedAvg client update: the model's weights before and after local training.
+
+    What a real client reveals: its new weights and, usually, its number of examples. ``local_steps``
+    is only set when the threat model grants the server that knowledge.
+    """
+
+    before: Mapping[str, torch.Tensor]
+    after: Mapping[str, torch.Tensor]
+    num_examples: int | None = None
+    local_steps: int | None = None
+    metadata: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        before = _check_tensor_map(self.before, "before")
+        after = _check_tensor_map(self.after, "after")
+        if set(before) != set(after):
+            missing = sorted(set(before) - set(after))
+            extra = sorted(set(after) - set(before))
+            raise UpdateError(f"before/after weights differ in keys: missing after {missing}, extra after {extra}")
+        for name in before:
+            if before[name].shape != after[name].shape:
+                raise UpdateError(
+                    f"'{name}' has shape {tuple(before[name].shape)} before and {tuple(after[name].shape)} after"
+                )
+        if all(torch.equal(before[n], after[n]) for n in before):
+            raise UpdateError("the weight update is zero: before and after weights are identical")
+        object.__setattr__(self, "before", before)
+        object.__setattr__(self, "after", after)
+        if self.num_examples is not None and int(self.num_examples) <= 0:
+            raise UpdateError(f"num_examples must be positive, got {self.num_examples}")
+        if self.local_steps is not None and int(self.local_steps) <= 0:
+            raise UpdateError(f"local_steps must be positive, got {self.local_steps}")
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """``before - after``: for one plain SGD step this is the learning rate times the gradient."""
+        return {name: self.before[name] - self.after[name] for name in self.before}
+
+
+ClientUpdate = GradientUpdate | WeightUpdate
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_matches_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], what: str = "update") -> None:
+    """Raise :class:`UpdateError` unless ``tensors`` has exactly the model's parameter names and shapes."""
+    params = trainable_parameters(model)
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        raise UpdateError(f"the {what} does not match the model's parameters: " + "; ".join(parts))
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise UpdateError(
+                f"the {what}'s '{name}' has shape {tuple(tensors[name].shape)} but the model's parameter "
+                f"has shape {tuple(p.shape)}"
+            )
+
+
+def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> GradientUpdate:
+    """Accept a :class:`GradientUpdate` or a plain mapping from parameter name to gradient."""
+    if isinstance(update, GradientUpdate):
+        return update
+    if isinstance(update, WeightUpdate):
+        raise UpdateError("expected a gradient update, got a WeightUpdate")
+    if isinstance(update, Mapping):
+        return GradientUpdate(update)
+    raise UpdateError(f"an update must be a GradientUpdate, a WeightUpdate or a dict of tensors; got {type(update).__name__}")
+
+
+def _check_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise FedleakError("inputs and labels must be torch tensors")
+    if inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise FedleakError(f"the batch is empty or has no batch dimension (inputs of shape {tuple(inputs.shape)})")
+    if labels.ndim != 1 or labels.shape[0] != inputs.shape[0]:
+        raise FedleakError(f"labels must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
+    if not torch.isfinite(inputs).all():
+        raise FedleakError("the inputs hold NaN or inf values")
+
+
+def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> GradientUpdate:
+    """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss.
+
+    The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded because real
+    clients report it; attacks that should not know it simply ignore it.
+    """
+    _check_batch(model, inputs, labels)
+    params = trainable_parameters(model)
+    dtype = next(iter(params.values())).dtype
+    loss = nn.functional.cross_entropy(model(inputs.to(dtype)), labels.long())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_update(update: ClientUpdate, path: str | os.PathLike[str]) -> Path:
+    """Write an update to a safetensors file (atomically: an existing file is replaced only on success)."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    meta: dict[str, str] = {"format": "fedleak-update", "version": "1"}
+    if isinstance(update, GradientUpdate):
+        tensors = {f"grad/{k}": v.contiguous() for k, v in update.gradients.items()}
+        meta["kind"] = "gradient"
+    elif isinstance(update, WeightUpdate):
+        tensors = {f"before/{k}": v.contiguous() for k, v in update.before.items()}
+        tensors.update({f"after/{k}": v.contiguous() for k, v in update.after.items()})
+        meta["kind"] = "weights"
+        if update.local_steps is not None:
+            meta["local_steps"] = str(int(update.local_steps))
+    else:
+        raise UpdateError(f"cannot save a {type(update).__name__}")
+    if update.num_examples is not None:
+        meta["num_examples"] = str(int(update.num_examples))
+    _atomic_write_bytes(path, save(tensors, metadata=meta))
+    return path
+
+
+def _split(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_update(path: str | os.PathLike[str]) -> ClientUpdate:
+    """Read an update written by :func:`save_update`, or a plain tensor dict.
+
+    ``.safetensors`` files are read with safetensors; ``.pt``/``.pth`` files with
+    ``torch.load(weights_only=True)`` and must hold a dict of tensors (a gradient). Anything unreadable
+    raises :class:`UpdateError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UpdateError(f"update file not found: {path}")
+    meta: dict[str, str] = {}
+    if path.suffix in {".pt", ".pth"}:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe files
+            raise UpdateError(f"cannot read update file {path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise UpdateError(f"update file {path} must hold a dict of tensors")
+        tensors = dict(obj)
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        try:
+            data = path.read_bytes()
+            tensors = load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+        except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
+            raise UpdateError(f"cannot read update file {path}: {exc}") from None
+    num = int(meta["num_examples"]) if "num_examples" in meta else None
+    if meta.get("kind") == "weights":
+        steps = int(meta["local_steps"]) if "local_steps" in meta else None
+        return WeightUpdate(_split(tensors, "before/"), _split(tensors, "after/"), num_examples=num, local_steps=steps)
+    if meta.get("kind") == "gradient":
+        tensors = _split(tensors, "grad/")
+    return GradientUpdate(tensors, num_examples=num)
