@@ -56,6 +56,9 @@ class ExclusivityOptions:
     count as a witness.
     ``forward_solve``: solve a layer's input from its active outputs when no exclusive row is left.
     ``rows_per_try`` / ``max_rows``: rows checked per batched forward pass / at most, per sample and layer.
+    ``known_scale``: the update is the mean-loss gradient, so its common scale is ``1/M`` and reveals the
+    batch size. Set it to False for a scaled gradient (e.g. a one-step FedAvg weight delta, scale
+    ``lr/M``): the batch size then comes from ``num_examples`` and the batch certificate fits the factor.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     """
 
@@ -73,6 +76,7 @@ class ExclusivityOptions:
     max_rows: int = 512
     min_last: int = 2
     min_other: int = 1
+    known_scale: bool = True
 
 
 @dataclass
@@ -492,18 +496,21 @@ class _ExclusivityAttack:
             )
         return results, batch_scale
 
-    def batch_gradient_matches(self, X: torch.Tensor, y: torch.Tensor) -> tuple[bool, float]:
-        """Recompute the mean-loss gradient of the rebuilt batch and compare with the observed one."""
+    def batch_gradient_matches(self, X: torch.Tensor, y: torch.Tensor, factor: float | None) -> tuple[bool, float]:
+        """Recompute the gradient of the rebuilt batch (sum of per-sample gradients times ``factor``,
+        which is ``1/M`` for a mean loss; fitted when None) and compare with the observed one."""
         t = forward_trace(self.net, X, y, dtype=F64)
-        M = X.shape[0]
-        worst = 0.0
+        pred, obs = [], []
         for i in range(self.net.depth + 1):
             delta = t.loss_vectors if i == self.net.depth else t.deltas[i]
-            Gp = delta.T @ t.activations[i] / M
-            worst = max(worst, float((Gp - self.G[i]).norm() / self.G[i].norm().clamp_min(1e-300)))
+            pred.append(delta.T @ t.activations[i])
+            obs.append(self.G[i])
             if self.g[i] is not None:
-                gp = delta.sum(0) / M
-                worst = max(worst, float((gp - self.g[i]).norm() / self.g[i].norm().clamp_min(1e-300)))
+                pred.append(delta.sum(0))
+                obs.append(self.g[i])
+        if factor is None:
+            factor = float(sum((p * o).sum() for p, o in zip(pred, obs)) / sum((p * p).sum() for p in pred))
+        worst = max(float((factor * p - o).norm() / o.norm().clamp_min(1e-300)) for p, o in zip(pred, obs))
         return worst <= self.opts.batch_tol, worst
 
 
@@ -569,8 +576,8 @@ def exclusivity_attack(
     attack.walk_down(cands)
     recoveries, batch_scale = attack.certify(cands)
     complete = [c for c in cands if c.complete]
-    batch_size = None
-    if batch_scale is not None and batch_scale > 0:
+    batch_size = grad_update.num_examples if not opts.known_scale else None
+    if opts.known_scale and batch_scale is not None and batch_scale > 0:
         m = 1.0 / batch_scale
         if abs(m - round(m)) <= max(1e-3, 10 * opts.scale_tol * m) and round(m) >= 1:
             batch_size = int(round(m))
@@ -582,7 +589,7 @@ def exclusivity_attack(
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     batch_ok = False
     if complete and batch_size == len(complete):
-        batch_ok, worst = attack.batch_gradient_matches(X, y)
+        batch_ok, worst = attack.batch_gradient_matches(X, y, 1.0 / batch_size if opts.known_scale else None)
         if batch_ok:
             recoveries = [
                 SampleRecovery(r.label, True, "the rebuilt batch reproduces the whole observed gradient",
@@ -596,7 +603,7 @@ def exclusivity_attack(
         attack.notes.append(f"{partial} sample(s) were found at the last ReLU layer but could not be traced to the input")
 
     probs = torch.softmax(forward_trace(net, X, dtype=F64).logits, 1) if complete else torch.empty(0, net.num_classes, dtype=F64)
-    counts = _label_counts(net, attack.g[-1], batch_size, probs, y)
+    counts = _label_counts(net, attack.g[-1], batch_size, probs, y) if opts.known_scale else None
     shape = net.input_shape or (dim,)
     out_dtype = net.dense[0].module.weight.dtype
     return Reconstruction(
