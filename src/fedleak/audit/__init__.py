@@ -1,0 +1,25 @@
+"""Leakage audits: run attacks over batch sizes and client scenarios, write results and a report."""
+
+from fedleak.audit.report import render_html, results_payload, write_audit
+from fedleak.audit.run import (
+    AuditResult,
+    AuditSettings,
+    BatchResult,
+    Showcase,
+    available_scenarios,
+    register_scenario,
+    run_audit,
+)
+
+__all__ = [
+    "AuditResult",
+    "AuditSettings",
+    "BatchResult",
+    "Showcase",
+    "available_scenarios",
+    "register_scenario",
+    "render_html",
+    "results_payload",
+    "run_audit",
+    "write_audit",
+]

@@ -1,0 +1,267 @@
+"""Run a leakage audit: for each batch size and scenario, draw batches, compute the client's update,
+attack it, and score what came back against the truth.
+
+A *scenario* is a client-side :class:`~fedleak.transforms.BatchTransform` with a name: ``plain`` (an
+honest client), and, when the modules are available, ``fished`` (the server's fishing hook) and
+``defended`` (exclusivity reduction). The attack sees only the update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.analysis import analyze_exclusivity
+from fedleak.api import reconstruct
+from fedleak.data import Dataset, load_dataset
+from fedleak.errors import FedleakError
+from fedleak.metrics import match
+from fedleak.models import make_mlp
+from fedleak.transforms import BatchTransform, Identity
+from fedleak.updates import compute_gradient_update
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What an audit runs. ``data`` is a built-in data set name or a path to the user's data."""
+
+    data: str = "digits"
+    widths: tuple[int, ...] = (1024,)
+    bias: bool = True
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    trials: int = 1
+    seed: int = 0
+    attack: str = "exclusivity"
+    scenarios: tuple[str, ...] = ("plain",)
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
+            raise FedleakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if not self.widths or any(int(w) <= 0 for w in self.widths):
+            raise FedleakError(f"model widths must be positive integers, got {list(self.widths)}")
+        if self.trials <= 0:
+            raise FedleakError(f"trials must be positive, got {self.trials}")
+        if not self.scenarios:
+            raise FedleakError("at least one scenario is needed")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
+            "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
+        }
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One attacked batch: exclusivity, what the attack found, and how it scored."""
+
+    scenario: str
+    batch_size: int
+    trial: int
+    certifiable: int
+    exan_counts: list[list[int]]  # per layer, per sample
+    rebuilt: int
+    certified: int
+    recovered: int
+    exact: int
+    false_certificates: int
+    inferred_batch_size: int | None
+    batch_certified: bool
+    label_accuracy: float
+    mean_psnr: float
+    mean_ssim: float
+    gradient_seconds: float
+    transform_seconds: float
+    attack_seconds: float
+    per_sample: dict[str, list]
+    psnr_vs_original: float | None = None
+
+    @property
+    def recovered_fraction(self) -> float:
+        return self.recovered / self.batch_size
+
+    def to_dict(self) -> dict[str, object]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["recovered_fraction"] = self.recovered_fraction
+        return d
+
+
+@dataclass(frozen=True)
+class Showcase:
+    """Images for the report: originals, what the client sent (after its transform) and the rebuilt
+    samples matched to them (NaN where nothing matched)."""
+
+    scenario: str
+    batch_size: int
+    originals: np.ndarray
+    sent: np.ndarray
+    rebuilt: np.ndarray
+    certified: np.ndarray
+    labels: np.ndarray
+    rebuilt_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    settings: AuditSettings
+    dataset: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    batches: tuple[BatchResult, ...]
+    showcases: tuple[Showcase, ...]
+    seconds: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary_rows(self) -> list[dict[str, object]]:
+        """Per scenario and batch size: means over trials."""
+        rows = []
+        keys = sorted({(b.scenario, b.batch_size) for b in self.batches},
+                      key=lambda k: (self.settings.scenarios.index(k[0]) if k[0] in self.settings.scenarios else 99, k[1]))
+        for scenario, size in keys:
+            group = [b for b in self.batches if b.scenario == scenario and b.batch_size == size]
+            n = sum(b.batch_size for b in group)
+            rows.append({
+                "scenario": scenario,
+                "batch_size": size,
+                "trials": len(group),
+                "certifiable_fraction": sum(b.certifiable for b in group) / n,
+                "recovered_fraction": sum(b.recovered for b in group) / n,
+                "exact_fraction": sum(b.exact for b in group) / n,
+                "certified": sum(b.certified for b in group),
+                "false_certificates": sum(b.false_certificates for b in group),
+                "label_accuracy": float(np.nanmean([b.label_accuracy for b in group])),
+                "mean_psnr": _nanmean([b.mean_psnr for b in group]),
+                "psnr_vs_original": _nanmean([b.psnr_vs_original for b in group if b.psnr_vs_original is not None]),
+                "gradient_ms": 1000 * float(np.mean([b.gradient_seconds for b in group])),
+                "attack_ms": 1000 * float(np.mean([b.attack_seconds for b in group])),
+                "transform_ms": 1000 * float(np.mean([b.transform_seconds for b in group])),
+            })
+        return rows
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scenarios: named client-side transforms
+
+
+ScenarioFactory = Callable[[AuditSettings], BatchTransform]
+_SCENARIOS: dict[str, tuple[ScenarioFactory, str]] = {}
+
+
+def register_scenario(name: str, description: str) -> Callable[[ScenarioFactory], ScenarioFactory]:
+    def decorator(factory: ScenarioFactory) -> ScenarioFactory:
+        _SCENARIOS[name] = (factory, description)
+        return factory
+
+    return decorator
+
+
+def available_scenarios() -> dict[str, str]:
+    return {name: desc for name, (_, desc) in _SCENARIOS.items()}
+
+
+@register_scenario("plain", "an honest client: the batch as it is")
+def _plain(settings: AuditSettings) -> BatchTransform:
+    return Identity()
+
+
+def _scenario(name: str, settings: AuditSettings) -> BatchTransform:
+    try:
+        return _SCENARIOS[name][0](settings)
+    except KeyError:
+        raise FedleakError(f"unknown scenario '{name}'; available: {', '.join(_SCENARIOS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
+    return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
+
+
+def _jobs(settings: AuditSettings) -> Iterator[tuple[str, int, int]]:
+    for scenario in settings.scenarios:
+        for size in settings.batch_sizes:
+            for trial in range(settings.trials):
+                yield scenario, int(size), trial
+
+
+def run_audit(
+    settings: AuditSettings,
+    *,
+    dataset: Dataset | None = None,
+    model: nn.Module | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+    showcase_size: int | None = None,
+) -> AuditResult:
+    """Run the audit described by ``settings`` and return typed results (nothing is written).
+
+    ``dataset`` and ``model`` override the ones the settings name (e.g. a user's own model). The batch
+    of size ``showcase_size`` (default: 8 if audited, else the smallest) of each scenario's first trial
+    is kept with its images for the report.
+    """
+    start = time.perf_counter()
+    data = dataset if dataset is not None else load_dataset(settings.data)
+    too_big = [b for b in settings.batch_sizes if b > len(data)]
+    if too_big:
+        raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
+    net = model if model is not None else _model_for(settings, data)
+    transforms = {name: _scenario(name, settings) for name in settings.scenarios}
+    if showcase_size is None:
+        showcase_size = 8 if 8 in settings.batch_sizes else min(settings.batch_sizes)
+    jobs = list(_jobs(settings))
+    iterator = progress(iter(jobs)) if progress else iter(jobs)
+    batches: list[BatchResult] = []
+    showcases: list[Showcase] = []
+    for scenario, size, trial in iterator:
+        batch_seed = settings.seed * 1_000_003 + size * 101 + trial
+        x, y = data.batch(size, seed=batch_seed)
+        torch.manual_seed(batch_seed)
+        t0 = time.perf_counter()
+        xs, ys = transforms[scenario](net, x, y)
+        t1 = time.perf_counter()
+        update = compute_gradient_update(net, xs, ys)
+        t2 = time.perf_counter()
+        rec = reconstruct(net, update, attack=settings.attack)
+        report = analyze_exclusivity(net, xs, ys)
+        scores = match(rec, xs, ys)
+        vs_original = None
+        if scenario != "plain" and xs.shape == x.shape:
+            vs_original = match(rec, x, y).mean_psnr()
+        batches.append(BatchResult(
+            scenario=scenario, batch_size=size, trial=trial,
+            certifiable=int(report.certifiable.sum()),
+            exan_counts=[layer.effective_exans.tolist() for layer in report.layers],
+            rebuilt=len(rec), certified=rec.num_certified, recovered=int(scores.recovered.sum()),
+            exact=int(scores.exact.sum()), false_certificates=int(scores.false_certificate.sum()),
+            inferred_batch_size=rec.batch_size, batch_certified=rec.batch_certified,
+            label_accuracy=scores.label_accuracy, mean_psnr=scores.mean_psnr(),
+            mean_ssim=float(np.nanmean(scores.ssim)) if np.isfinite(scores.ssim).any() else float("nan"),
+            gradient_seconds=t2 - t1, transform_seconds=t1 - t0, attack_seconds=rec.seconds,
+            per_sample={k: v for k, v in scores.to_dict().items() if isinstance(v, list)},
+            psnr_vs_original=vs_original,
+        ))
+        if trial == 0 and size == showcase_size:
+            rebuilt = np.full(tuple(xs.shape), np.nan, dtype=np.float32)
+            rebuilt_labels = np.full(size, -1)
+            certified = np.zeros(size, dtype=bool)
+            for i, j in enumerate(scores.matched):
+                if j >= 0:
+                    rebuilt[i] = rec.inputs[j].reshape(xs.shape[1:]).clamp(0, 1).numpy()
+                    rebuilt_labels[i] = int(rec.labels[j])
+                    certified[i] = bool(rec.certified[j])
+            showcases.append(Showcase(scenario, size, x.numpy(), xs.detach().numpy(), rebuilt, certified,
+                                      y.numpy(), rebuilt_labels))
+    return AuditResult(
+        settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
+        batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
+    )

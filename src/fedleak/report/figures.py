@@ -1,0 +1,93 @@
+"""Small matplotlib helpers that turn figures and image grids into inline ``data:`` URIs (offline HTML)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def figure_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _to_hwc(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, dtype=np.float32)
+    if img.ndim == 3:
+        img = img.transpose(1, 2, 0)
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+    return img
+
+
+def image_rows_uri(rows: list[tuple[str, np.ndarray]], marks: np.ndarray | None = None,
+                   titles: list[str] | None = None, max_cols: int = 16) -> str:
+    """A grid with one labelled row per image set (N x C x H x W each); NaN images are shown blank.
+
+    ``marks`` (bool, N) draws a green frame round the images of the last row that are certified.
+    """
+    n = min(max_cols, rows[0][1].shape[0])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.15 * len(rows)), squeeze=False)
+    for r, (name, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = images[c]
+            if np.isfinite(img).all():
+                hwc = _to_hwc(np.clip(img, 0, 1))
+                ax.imshow(hwc, cmap="gray" if hwc.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.set_facecolor("#eeeeee")
+                ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes, color="#999")
+            if r == len(rows) - 1 and marks is not None:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#1a9850" if marks[c] else "#d73027")
+                    spine.set_linewidth(2.5)
+            if r == 0 and titles is not None:
+                ax.set_title(titles[c], fontsize=7)
+        axes[r][0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(wspace=0.05, hspace=0.1)
+    return figure_uri(fig)
+
+
+def line_plot_uri(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+                  logx: bool = True, ylim: tuple[float, float] | None = None) -> str:
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for name, (xs, ys) in series.items():
+        dashed = "certifiable" in name or "gradient" in name
+        ax.plot(xs, ys, marker="x" if dashed else "o", linestyle="--" if dashed else "-", label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure_uri(fig)
+
+
+def histogram_uri(counts_per_layer: list[np.ndarray], layer_names: list[str], max_count: int = 10) -> str:
+    """Bar chart: how many samples have 0, 1, ..., >= max_count ExANs, one group of bars per layer."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    width = 0.8 / max(1, len(counts_per_layer))
+    bins = np.arange(max_count + 1)
+    for k, (counts, name) in enumerate(zip(counts_per_layer, layer_names)):
+        hist = np.bincount(np.minimum(np.asarray(counts, dtype=int), max_count), minlength=max_count + 1)
+        ax.bar(bins + k * width - 0.4 + width / 2, hist, width=width, label=f"ReLU layer {name}")
+    ax.set_xticks(bins)
+    ax.set_xticklabels([str(b) for b in bins[:-1]] + [f"≥{max_count}"])
+    ax.set_xlabel("effective ExANs per sample")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return figure_uri(fig)
