@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedleak.analysis.forward import forward_trace
-from fedleak.errors import FedleakError
+from fedleak.errors import FedleakError, ModelError
 from fedleak.models.structure import as_relu_mlp
 
 
@@ -125,7 +125,7 @@ def analyze_exclusivity(
     """
     net = as_relu_mlp(model)
     if net.depth == 0:
-        raise FedleakError("the model has no hidden ReLU layer, so exclusivity is undefined")
+        raise ModelError("the model has no hidden ReLU layer, so exclusivity is undefined")
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
         raise FedleakError("inputs must be a non-empty batch tensor (M x ...)")
     if inputs[0].numel() != net.input_dim:

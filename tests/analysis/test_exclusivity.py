@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedleak
+
+
+def _hand_model():
+    """One hidden layer of 5 neurons on 2-d inputs with a known activation pattern."""
+    model = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0], [2, 0], [0, 1], [0, 3], [1, 1]]))
+        model[0].bias.copy_(torch.tensor([0.0, 0, 0, 0, -0.5]))
+        model[2].weight.copy_(torch.tensor([[1.0, -1, 2, 0.5, 1], [0.3, 1, -1, 1, 0], [-1, 0.5, 1, -2, 1]]))
+    return model
+
+
+def test_counts_on_a_hand_computed_batch():
+    x = torch.tensor([[1.0, 0], [0, 1]])
+    report = fedleak.analyze_exclusivity(_hand_model(), x, torch.tensor([0, 2]))
+    layer = report.layers[0]
+    assert layer.exans.tolist() == [2, 2]  # x1 -> {0,1}, x2 -> {2,3}; neuron 4 fires for both
+    assert layer.effective_exans.tolist() == [2, 2]
+    assert layer.active.tolist() == [3, 3]
+    assert layer.shared_fraction == pytest.approx(0.2) and layer.dead_fraction == 0
+    assert report.certifiable.tolist() == [True, True] and report.insecure
+
+
+def test_adding_a_sample_that_covers_the_exans_makes_the_batch_secure():
+    x = torch.tensor([[1.0, 0], [0, 1], [1, 1]])  # the third sample activates every neuron
+    report = fedleak.analyze_exclusivity(_hand_model(), x, torch.tensor([0, 2, 1]))
+    assert report.layers[0].exans.tolist() == [0, 0, 0]
+    assert not report.certifiable.any() and not report.insecure
+
+
+def test_counts_agree_with_a_brute_force_count_on_real_data(digits):
+    model = fedleak.make_mlp(digits.input_shape, [64, 32], 10, seed=1)
+    x, y = digits.batch(12, seed=4)
+    report = fedleak.analyze_exclusivity(model, x, y)
+    h = x.reshape(12, -1)
+    for k, layer_idx in enumerate([1, 3]):
+        pre = model[layer_idx](h)
+        active = (pre > 0).numpy()
+        expected = [(active[m] & (active.sum(0) == 1)).sum() for m in range(12)]
+        assert report.layers[k].exans.tolist() == expected
+        h = torch.relu(pre)
+    counts = report.exan_counts
+    assert counts.shape == (12, 2)
+    assert report.certifiable.tolist() == ((counts[:, 1] >= 2) & (counts[:, 0] >= 1)).tolist()
+
+
+def test_exclusivity_falls_with_batch_size(fashion):
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    fractions = []
+    for m in (4, 64):
+        x, y = fashion.batch(m, seed=0)
+        fractions.append(fedleak.analyze_exclusivity(model, x, y).certifiable_fraction)
+    assert fractions[0] > fractions[1]
+
+
+def test_report_serialises(digits):
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    x, y = digits.batch(4, seed=0)
+    d = fedleak.analyze_exclusivity(model, x, y).to_dict()
+    assert d["batch_size"] == 4 and len(d["layers"]) == 1 and len(d["layers"][0]["exans"]) == 4
+    assert "certifiable" in fedleak.analyze_exclusivity(model, x, y).summary()
+
+
+def test_bad_inputs(digits):
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    with pytest.raises(fedleak.FedleakError, match="non-empty"):
+        fedleak.analyze_exclusivity(model, digits.x[:0])
+    with pytest.raises(fedleak.FedleakError, match="takes 64"):
+        fedleak.analyze_exclusivity(model, torch.zeros(2, 1, 5, 5))
+    with pytest.raises(fedleak.FedleakError, match="labels"):
+        fedleak.analyze_exclusivity(model, digits.x[:2], torch.tensor([0, 10]))
+    bad = digits.x[:2].clone()
+    bad[1, 0, 1, 1] = float("inf")
+    with pytest.raises(fedleak.FedleakError, match="NaN or inf"):
+        fedleak.analyze_exclusivity(model, bad)
+    with pytest.raises(fedleak.ModelError):
+        fedleak.analyze_exclusivity(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), digits.x[:2])

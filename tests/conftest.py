@@ -1,0 +1,23 @@
+"""Shared fixtures: real data sets, small seeded models, a fixed thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedleak
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits() -> fedleak.Dataset:
+    return fedleak.load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def fashion() -> fedleak.Dataset:
+    try:
+        return fedleak.load_dataset("fashion-mnist")
+    except fedleak.DataError as exc:  # pragma: no cover - make setup installs it
+        pytest.skip(f"Fashion-MNIST not installed: {exc}")
