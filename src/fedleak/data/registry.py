@@ -25,14 +25,19 @@ def available_datasets() -> dict[str, str]:
     return {name: desc for name, (_, desc) in sorted(_BUILTIN.items())}
 
 
-def load_dataset(name_or_path: str | os.PathLike[str]) -> Dataset:
+def load_dataset(name_or_path: str | os.PathLike[str], *, split: str | None = None) -> Dataset:
     """A built-in data set by name (see :func:`available_datasets`), or the user's data at a path.
 
     Paths may be an ``.npz`` file (``x``, ``y``), an image folder with one sub-folder per class, a
-    CIFAR-10 python-batch folder, or an MNIST-style IDX folder.
+    CIFAR-10/100 python-batch folder, or an MNIST-style IDX folder (see :mod:`fedleak.data.files`).
+    ``split`` (``"train"`` or ``"test"``) picks the split of a CIFAR or IDX folder; built-in sets have
+    fixed splits and take none (Fashion-MNIST's train split is the built-in ``fashion-mnist-train``).
     """
     key = str(name_or_path)
     if key in _BUILTIN:
+        if split is not None:
+            raise DataError(f"built-in data set '{key}' has a fixed split; drop split= (names like "
+                            "'fashion-mnist-train' select other splits)")
         return _BUILTIN[key][0]()
     path = Path(key).expanduser()
     if not path.exists():
@@ -41,4 +46,4 @@ def load_dataset(name_or_path: str | os.PathLike[str]) -> Dataset:
         )
     from fedleak.data.files import load_path
 
-    return load_path(path)
+    return load_path(path, split=split)
