@@ -249,8 +249,11 @@ def _detect_npz(path: Path) -> bool:
         return False
     if path.suffix.lower() == ".npz":
         return True
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04" and zipfile.is_zipfile(path)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04" and zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def _npz_labels(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -284,6 +287,8 @@ def _npz_labels(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[
 
 
 def _load_npz(path: Path, split: Split | None) -> Dataset:
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
+        raise DataError(f"{path}: corrupt or truncated .npz (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)

@@ -70,8 +70,10 @@ def load_restricted(path: Path) -> Any:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         return RestrictedUnpickler(io.BytesIO(raw), str(path)).load()
-    except DataError:
-        raise
+    except DataError as exc:
+        if str(path) in str(exc):
+            raise
+        raise DataError(f"{path}: {exc}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError, OverflowError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
