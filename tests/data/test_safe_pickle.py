@@ -58,3 +58,18 @@ def test_garbage_is_a_data_error(tmp_path: Path) -> None:
     path.write_bytes(b"\x80\x02not really a pickle")
     with pytest.raises(DataError, match="corrupt or truncated pickle"):
         load_restricted(path)
+
+
+def test_python2_style_pickle_with_numpy1_names(tmp_path: Path) -> None:
+    """CIFAR's own files: Python 2 byte-string keys and numpy 1's ``numpy.core`` module names."""
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    raw = pickle.dumps({"data": arr, "labels": [1, 0, 1]}, protocol=2)
+    raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    for key in (b"data", b"labels"):  # BINUNICODE key -> Python 2's SHORT_BINSTRING
+        raw = raw.replace(b"X" + len(key).to_bytes(4, "little") + key, b"U" + bytes([len(key)]) + key)
+    assert b"numpy.core.multiarray" in raw and b"Ulabels"[:1] + bytes([6]) + b"labels" in raw
+    path = tmp_path / "py2_batch"
+    path.write_bytes(raw)
+    out = load_restricted(path)
+    assert set(out) == {b"data", b"labels"}
+    assert np.array_equal(out[b"data"], arr) and out[b"labels"] == [1, 0, 1]
