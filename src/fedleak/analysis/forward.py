@@ -31,10 +31,17 @@ class Trace:
 
 
 def forward_trace(
-    net: ReluMLP, inputs: torch.Tensor, labels: torch.Tensor | None = None, dtype: torch.dtype = torch.float64
+    net: ReluMLP,
+    inputs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    params: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None,
 ) -> Trace:
-    """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given."""
-    weights, biases = net.weights(dtype), net.biases(dtype)
+    """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given.
+
+    ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again.
+    """
+    weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(dtype)
     acts, pres = [a], []
     for W, b in zip(weights[:-1], biases[:-1]):

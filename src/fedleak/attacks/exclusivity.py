@@ -120,45 +120,53 @@ def _loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return e
 
 
+def _split_runs(proj: torch.Tensor, members: torch.Tensor, gap: float, level: int) -> list[torch.Tensor]:
+    """Split ``members`` into runs whose projections ``proj[level]`` are chained within ``gap``;
+    split each run again on the next projection, so that long accidental chains break up."""
+    order = members[torch.argsort(proj[level][members])]
+    vals = proj[level][order]
+    cut = torch.nonzero(vals[1:] - vals[:-1] > gap).flatten() + 1
+    runs = torch.tensor_split(order, cut.tolist())
+    if level + 1 == proj.shape[0]:
+        return list(runs)
+    out: list[torch.Tensor] = []
+    for run in runs:
+        out.extend([run] if len(run) == 1 else _split_runs(proj, run, gap, level + 1))
+    return out
+
+
 def _group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[int]]:
     """Group rows of R that coincide within ``tol`` (relative L2); rows are visited in ``order``.
 
-    Rows are sorted along a random projection of their unit directions, so only near neighbours in that
-    order are compared in full (leader clustering: the first unassigned row of a run leads its group).
+    Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
+    other stay in one bucket), and only rows of a bucket are compared in full (leader clustering: the
+    first unassigned row, in ``order``, leads its group).
     """
     n = R.shape[0]
     if n == 0:
         return []
     norms = R.norm(dim=1).clamp_min(1e-300)
     gen = torch.Generator().manual_seed(12345)
-    v = torch.randn(R.shape[1], generator=gen, dtype=R.dtype)
-    v /= v.norm()
-    proj = (R / norms[:, None]) @ v
-    sort_idx = torch.argsort(proj)
-    sp = proj[sort_idx]
-    gaps = sp[1:] - sp[:-1]
-    breaks = torch.nonzero(gaps > 4 * tol).flatten() + 1
-    bounds = [0, *breaks.tolist(), n]
+    V = torch.randn(R.shape[1], 4, generator=gen, dtype=R.dtype)
+    V /= V.norm(dim=0, keepdim=True)
+    proj = ((R / norms[:, None]) @ V).T.contiguous()
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(n)
     groups: list[list[int]] = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        run = sort_idx[lo:hi]
-        if hi - lo == 1:
+    for run in _split_runs(proj, torch.arange(n), 4 * tol, 0):
+        if len(run) == 1:
             groups.append([int(run[0])])
             continue
         run = run[torch.argsort(rank[run])]
-        block = R[run]
-        dist = torch.cdist(block, block)
-        limit = tol * torch.maximum(norms[run][:, None], norms[run][None, :])
-        close = dist <= limit
+        block, block_norms = R[run], norms[run]
         assigned = torch.zeros(len(run), dtype=torch.bool)
-        for k in range(len(run)):
-            if assigned[k]:
-                continue
-            members = close[k] & ~assigned
+        while not bool(assigned.all()):
+            lead = int(torch.nonzero(~assigned)[0])
+            dist = (block - block[lead]).norm(dim=1)
+            members = (dist <= tol * torch.maximum(block_norms, block_norms[lead])) & ~assigned
             assigned |= members
             groups.append([int(x) for x in run[members]])
+    groups.sort(key=lambda grp: int(rank[grp[0]]))
     return groups
 
 
@@ -279,7 +287,9 @@ class _ExclusivityAttack:
         col = G[-1]  # K x d_t
         col_norm = col.norm(dim=0)
         row_norm = G[t].norm(dim=1)
-        usable = (col_norm > 0) & (row_norm > 0)
+        # a pure column is a positive multiple of a loss vector: exactly one negative entry (the label);
+        # rows failing this cannot belong to any sample's group, so they are screened out first
+        usable = (col_norm > 0) & (row_norm > 0) & ((col < 0).sum(0) == 1)
         if g[t] is not None:
             usable &= g[t] != 0
         idx = torch.nonzero(usable).flatten()
@@ -294,37 +304,57 @@ class _ExclusivityAttack:
             R = R * flip[:, None]
             order = torch.argsort(-row_norm[idx])
         groups = _group_rows(R, order, opts.group_tol)
-        reps = torch.stack([R[grp].mean(0) for grp in groups])
+        n_groups = len(groups)
+        gid = torch.empty(len(idx), dtype=torch.long)
+        for k, grp in enumerate(groups):
+            gid[grp] = k
+        sizes = torch.bincount(gid, minlength=n_groups)
+        reps = torch.zeros(n_groups, R.shape[1], dtype=F64).index_add_(0, gid, R) / sizes[:, None]
         members = [idx[grp] for grp in groups]
+
+        def all_true(flags: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(n_groups, dtype=torch.long).index_add_(0, gid, (~flags).long()) == 0
+
+        # every member of a group must carry the same label
+        label_of = col[:, idx].argmin(0)
+        lo = torch.full((n_groups,), 10**9, dtype=torch.long).scatter_reduce_(0, gid, label_of, "amin")
+        hi = torch.full((n_groups,), -1, dtype=torch.long).scatter_reduce_(0, gid, label_of, "amax")
+        keep = lo == hi
         if g[t] is None:
-            cdir = torch.stack([(col[:, m] / col_norm[m]).mean(1) for m in members])
+            sel = torch.nonzero(keep).flatten()
+            unit = col[:, idx] / col_norm[idx]
+            cdir = torch.zeros(n_groups, col.shape[0], dtype=F64).index_add_(0, gid, unit.T)[sel]
             cdir = cdir / cdir.norm(dim=1, keepdim=True).clamp_min(1e-300)
-            labels = cdir.argmin(1)
-            alphas = _fit_scales(self.net, W, self.b, t, reps, cdir, labels, [m for m in members])
-            keep = torch.isfinite(alphas)
-            reps = reps * alphas[:, None]
+            alphas = _fit_scales(self.net, W, self.b, t, reps[sel], cdir, cdir.argmin(1), [members[k] for k in sel])
+            keep[sel] = torch.isfinite(alphas)
+            reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
         else:
-            keep = torch.ones(len(groups), dtype=torch.bool)
+            # the member neurons must fire for the implied input
+            z_rows = (W[t][idx] * reps[gid]).sum(1) + self.b[t][idx]
+            keep &= all_true(z_rows > 0)
+        sel = torch.nonzero(keep).flatten().tolist()
         cands: list[_Candidate] = []
-        for k in torch.nonzero(keep).flatten().tolist():
-            cand = self._check_top_group(t, reps[k], members[k])
-            if cand is not None:
-                cands.append(cand)
+        for start in range(0, len(sel), 256):
+            chunk = sel[start : start + 256]
+            pres, acts, logits = _tail_forward(self.net, W, self.b, t, reps[chunk])
+            for row, k in enumerate(chunk):
+                cand = self._check_top_group(reps[k], members[k], pres[0][row], acts[0][row], logits[row])
+                if cand is not None:
+                    cands.append(cand)
         return cands
 
-    def _check_top_group(self, t: int, r: torch.Tensor, members: torch.Tensor) -> _Candidate | None:
-        net, W, b, G, opts = self.net, self.W, self.b, self.G, self.opts
-        columns = G[-1][:, members]
+    def _check_top_group(self, r: torch.Tensor, members: torch.Tensor, z: torch.Tensor, a: torch.Tensor,
+                         logits: torch.Tensor) -> _Candidate | None:
+        t = self.net.depth - 1
+        columns = self.G[-1][:, members]
         labels = columns.argmin(0)
         label = int(torch.mode(labels).values)
-        pres, acts, logits = _tail_forward(net, W, b, t, r[None, :])
-        e = _loss_vectors(logits, torch.tensor([label]))[0]
-        z = pres[0][0]
-        # members must fire, carry the label, and have columns parallel to a_j * e
-        pred = acts[0][0][members][None, :] * e[:, None]
+        e = _loss_vectors(logits[None, :], torch.tensor([label]))[0]
+        # members must fire, carry the label, and have columns that are positive multiples of a_j * e
+        pred = a[members][None, :] * e[:, None]
         scale = (pred * columns).sum(0) / (pred * pred).sum(0).clamp_min(1e-300)
         res = (columns - scale * pred).norm(dim=0) / columns.norm(dim=0).clamp_min(1e-300)
-        ok = (z[members] > 0) & (labels == label) & (scale > 0) & (res <= opts.top_tol)
+        ok = (z[members] > 0) & (labels == label) & (scale > 0) & (res <= self.opts.top_tol)
         if not bool(ok.any()):
             return None
         return _Candidate(label=label, acts={t: r}, witnesses={t: members[ok].tolist()}, lowest=t)
@@ -424,7 +454,7 @@ class _ExclusivityAttack:
             return [], None
         X = torch.stack([c.acts[0] for c in complete])
         y = torch.tensor([c.label for c in complete])
-        t64 = forward_trace(net, X, y, dtype=F64)
+        t64 = forward_trace(net, X, y, dtype=F64, params=(self.W, self.b))
         t32 = forward_trace(net, X.to(self.obs_dtype), y, dtype=self.obs_dtype)
         eps = float(torch.finfo(self.obs_dtype).eps)
         per_sample: list[dict] = []
@@ -499,7 +529,7 @@ class _ExclusivityAttack:
     def batch_gradient_matches(self, X: torch.Tensor, y: torch.Tensor, factor: float | None) -> tuple[bool, float]:
         """Recompute the gradient of the rebuilt batch (sum of per-sample gradients times ``factor``,
         which is ``1/M`` for a mean loss; fitted when None) and compare with the observed one."""
-        t = forward_trace(self.net, X, y, dtype=F64)
+        t = forward_trace(self.net, X, y, dtype=F64, params=(self.W, self.b))
         pred, obs = [], []
         for i in range(self.net.depth + 1):
             delta = t.loss_vectors if i == self.net.depth else t.deltas[i]
@@ -602,7 +632,7 @@ def exclusivity_attack(
     if partial:
         attack.notes.append(f"{partial} sample(s) were found at the last ReLU layer but could not be traced to the input")
 
-    probs = torch.softmax(forward_trace(net, X, dtype=F64).logits, 1) if complete else torch.empty(0, net.num_classes, dtype=F64)
+    probs = torch.softmax(forward_trace(net, X, dtype=F64, params=(attack.W, attack.b)).logits, 1) if complete else torch.empty(0, net.num_classes, dtype=F64)
     counts = _label_counts(net, attack.g[-1], batch_size, probs, y) if opts.known_scale else None
     shape = net.input_shape or (dim,)
     out_dtype = net.dense[0].module.weight.dtype
