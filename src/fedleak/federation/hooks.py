@@ -1,0 +1,168 @@
+"""Pluggable parts of an audited federation, each in a registry: threat models and client-side defenses.
+
+* A :class:`Threat` says what the server sends (possibly malicious weights: ``tamper``), which
+  client-side batch transform the server ships (fishing), and which attack it runs on each update.
+* A :class:`Defense` is what a careful client does: a batch transform before computing the update
+  (exclusivity reduction), a post-processing of its weight delta (noise, sparsification) and/or
+  Flower's own DP (client-side fixed clipping mod + the server's DP wrapper strategy).
+
+Transforms follow :class:`fedleak.transforms.BatchTransform`; post-processing follows
+:class:`UpdatePostprocess`. Modules built elsewhere (``fedleak.fishing``, ``fedleak.defenses``) are
+imported only when a run asks for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError
+from fedleak.federation.settings import DataSplit, FederationSettings
+from fedleak.transforms import BatchTransform
+
+
+class UpdatePostprocess(Protocol):
+    """``hook(delta, generator) -> delta``: a client's change to its weight delta ``before - after``."""
+
+    def __call__(self, delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+
+def _import(module: str, name: str, purpose: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise FedleakError(f"{purpose} needs {module}.{name}, which this fedleak install does not have yet") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threat models
+
+
+@dataclass(frozen=True)
+class Threat:
+    name: str
+    description: str
+    attack: str
+    attack_options: Callable[[FederationSettings], dict[str, Any]]
+    transform: Callable[[FederationSettings], BatchTransform | None]  # shipped to the clients
+    tamper: Callable[[nn.Module, int, FederationSettings, DataSplit], nn.Module] | None = None
+    update_kind: str = "gradient"  # what the attack is given: a scaled gradient or the WeightUpdate
+
+
+_THREATS: dict[str, Threat] = {}
+_DEFENSES: dict[str, Defense] = {}
+
+
+def register_threat(threat: Threat) -> Threat:
+    _THREATS[threat.name] = threat
+    return threat
+
+
+def get_threat(name: str) -> Threat:
+    if name not in _THREATS:
+        raise FedleakError(f"unknown threat '{name}'; available: {', '.join(_THREATS)}")
+    return _THREATS[name]
+
+
+def available_threats() -> dict[str, str]:
+    return {n: t.description for n, t in _THREATS.items()}
+
+
+def _no_transform(settings: FederationSettings) -> None:
+    return None
+
+
+def _fishing(settings: FederationSettings) -> BatchTransform:
+    cls = _import("fedleak.fishing", "FishingTransform", "the fishing threat")
+    return cls(**dict(settings.transform_options))
+
+
+def _exclusivity_options(settings: FederationSettings) -> dict[str, Any]:
+    # the server does not know the client's learning rate: the update's scale lr/M is unknown
+    return {"known_scale": False}
+
+
+def _trap(model: nn.Module, server_round: int, settings: FederationSettings, split: DataSplit) -> nn.Module:
+    from fedleak.attacks.malicious import trap_weights
+
+    return trap_weights(model, seed=settings.seed * 1000 + server_round, scale=settings.trap_scale)
+
+
+def _imprint(model: nn.Module, server_round: int, settings: FederationSettings, split: DataSplit) -> nn.Module:
+    from fedleak.attacks.malicious import imprint_weights
+
+    if len(split.public_x) < 2:
+        raise FedleakError("the imprint threat needs public data for its quantiles (public_size >= 2)")
+    return imprint_weights(model, split.public_x, settings.imprint_bins or None, seed=settings.seed * 1000 + server_round)
+
+
+register_threat(Threat("honest", "honest-but-curious server: only looks at the updates (exclusivity attack)",
+                       "exclusivity", _exclusivity_options, _no_transform))
+register_threat(Threat("fishing", "the server ships a batch transform (fedleak.fishing) that clients run before "
+                       "computing their update; exclusivity attack", "exclusivity", _exclusivity_options, _fishing))
+register_threat(Threat("trap-weights", "malicious weights: trap-weight first layer (Boenisch et al.)",
+                       "trap-weights", lambda s: {}, _no_transform, _trap, update_kind="weights"))
+register_threat(Threat("imprint", "malicious weights: imprint bins in the first layer (Robbing the Fed)",
+                       "imprint", lambda s: {}, _no_transform, _imprint, update_kind="weights"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Client-side defenses
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str
+    description: str
+    transform: Callable[[FederationSettings], BatchTransform | None] = _no_transform
+    postprocess: Callable[[FederationSettings], UpdatePostprocess | None] = lambda s: None
+    flower_dp: bool = False
+
+
+def register_defense(defense: Defense) -> Defense:
+    _DEFENSES[defense.name] = defense
+    return defense
+
+
+def get_defense(name: str) -> Defense:
+    if name not in _DEFENSES:
+        raise FedleakError(f"unknown defense '{name}'; available: {', '.join(_DEFENSES)}")
+    return _DEFENSES[name]
+
+
+def available_defenses() -> dict[str, str]:
+    return {n: d.description for n, d in _DEFENSES.items()}
+
+
+def _exclusivity_reduction(settings: FederationSettings) -> BatchTransform:
+    cls = _import("fedleak.defenses", "ExclusivityReduction", "the exclusivity-reduction defense")
+    return cls(**dict(settings.transform_options))
+
+
+def _delta_hook(attr: str, purpose: str, key: str) -> Callable[[FederationSettings], UpdatePostprocess]:
+    def factory(settings: FederationSettings) -> UpdatePostprocess:
+        fn = _import("fedleak.defenses", attr, purpose)
+
+        def hook(delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+            return dict(fn(dict(delta), **{key: settings.defense_strength}, generator=generator))
+
+        return hook
+
+    return factory
+
+
+register_defense(Defense("none", "no defense"))
+register_defense(Defense("exclusivity-reduction", "client re-composes/perturbs its batch so that no neuron is "
+                         "exclusive (fedleak.defenses.ExclusivityReduction)", transform=_exclusivity_reduction))
+register_defense(Defense("weight-noise", "client adds Gaussian noise of std --defense-strength to its weight delta",
+                         postprocess=_delta_hook("weight_noise", "the weight-noise defense", "std")))
+register_defense(Defense("sparsification", "client keeps the largest --defense-strength fraction of its delta",
+                         postprocess=_delta_hook("sparsification", "the sparsification defense", "keep")))
+register_defense(Defense("dp", "Flower's DP: clients clip their update (fixedclipping_mod), the server adds noise "
+                         "of --defense-strength times --clip-norm (DifferentialPrivacyClientSideFixedClipping)",
+                         flower_dp=True))

@@ -1,0 +1,133 @@
+"""Typed records of an audited federation; ``results.json`` is their ``to_dict``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedleak.reconstruction import Reconstruction
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe float: NaN/inf become None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Evaluation-only scores of one attack against the client's true batch.
+
+    ``recovered_fraction``: certified *and* exact samples / batch (fedleak.metrics.match);
+    ``psnr``: mean over matched samples (capped at 100 dB by the metric); ``psnr_original``: the same
+    against the batch before any client-side transform; ``false_certificates`` must be 0.
+    ``preview``: up to 8 (original, rebuilt-or-None) image pairs for the report (not in JSON).
+    """
+
+    batch_size: int
+    recovered: int
+    recovered_fraction: float
+    psnr: float | None
+    psnr_original: float | None
+    label_accuracy: float | None
+    false_certificates: int
+    preview: tuple[tuple[np.ndarray, np.ndarray | None], ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    """One client in one round: status, what the attack rebuilt, and (evaluation) how well."""
+
+    round: int
+    client: int  # partition id (-1 if unknown)
+    node_id: int
+    status: str  # "ok", "failed" (client error), "malformed" (bad update, skipped), "attack-error"
+    detail: str = ""
+    num_examples: int | None = None
+    attack: str | None = None
+    rebuilt: int = 0
+    certified: int = 0
+    attack_seconds: float | None = None
+    scores: Scores | None = None
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def skipped(cls, rnd: int, node: int, partition: int, status: str, detail: str,
+                num_examples: int | None = None) -> ClientRecord:
+        return cls(rnd, partition, node, status, detail, num_examples)
+
+    @classmethod
+    def from_attack(cls, rnd: int, node: int, partition: int, num_examples: int | None, rec: Reconstruction,
+                    seconds: float, scores: Scores | None) -> ClientRecord:
+        return cls(rnd, partition, node, "ok", rec.summary(), num_examples, rec.attack, len(rec), rec.num_certified,
+                   seconds, scores, tuple(rec.notes))
+
+    def to_dict(self, test_accuracy: float | None = None) -> dict[str, object]:
+        s = self.scores
+        return {
+            "round": self.round,
+            "client": self.client,
+            "node_id": self.node_id,
+            "status": self.status,
+            "detail": self.detail,
+            "num_examples": self.num_examples,
+            "attack": self.attack,
+            "rebuilt": self.rebuilt,
+            "certified": self.certified,
+            "recovered": s.recovered if s else None,
+            "recovered_fraction": _num(s.recovered_fraction) if s else None,
+            "psnr": _num(s.psnr) if s else None,
+            "psnr_vs_original": _num(s.psnr_original) if s else None,
+            "label_accuracy": _num(s.label_accuracy) if s else None,
+            "false_certificates": s.false_certificates if s else None,
+            "attack_seconds": _num(self.attack_seconds),
+            "test_accuracy": _num(test_accuracy),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """The global model after a round (round 0: the initial model) and the round's wall time."""
+
+    round: int
+    test_accuracy: float
+    test_loss: float
+    seconds: float | None
+    clients_ok: int
+    clients_skipped: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {"round": self.round, "test_accuracy": _num(self.test_accuracy), "test_loss": _num(self.test_loss),
+                "seconds": _num(self.seconds), "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    """A whole run: settings, versions, per-round model quality and per-(round, client) leakage."""
+
+    settings: dict[str, object]
+    versions: dict[str, str]
+    rounds: tuple[RoundRecord, ...]
+    records: tuple[ClientRecord, ...]
+    seconds: float
+    audit_wait_seconds: float
+
+    def test_accuracy(self, rnd: int) -> float | None:
+        return next((r.test_accuracy for r in self.rounds if r.round == rnd), None)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "format": "fedleak-federation-results",
+            "version": 1,
+            "settings": self.settings,
+            "versions": self.versions,
+            "seconds": _num(self.seconds),
+            "audit_wait_seconds": _num(self.audit_wait_seconds),
+            "rounds": [r.to_dict() for r in self.rounds],
+            "records": [c.to_dict(self.test_accuracy(c.round)) for c in self.records],
+        }

@@ -1,0 +1,192 @@
+"""Run an audited federation on Flower's simulation engine (Ray), cleanly.
+
+:func:`run_federation` starts Ray with minimal resources inside a private temp folder (``HOME``,
+``FLWR_HOME``, ``TMPDIR`` and Ray's temp dir all point there while it runs), runs the ServerApp and
+ClientApps, waits for the audit, and always shuts Ray down and removes the folder, also on an error,
+Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from fedleak.errors import FedleakError
+from fedleak.federation._flwr import require_flwr
+from fedleak.federation.ground_truth import read_true_batch
+from fedleak.federation.results import ClientRecord, FederationResult, RoundRecord, Scores
+from fedleak.federation.settings import FederationSettings
+from fedleak.reconstruction import Reconstruction
+
+
+def ground_truth_scorer(folder: str, preview: int = 8):
+    """Evaluation-only scorer: reads the client's true batch from the side channel and matches."""
+    from fedleak.metrics import match
+
+    def score(job, rec: Reconstruction) -> Scores | None:
+        truth = read_true_batch(folder, job.server_round, job.node_id)
+        if truth is None:
+            return None
+        m = match(rec, truth.inputs, truth.labels)
+        psnr_orig = m.mean_psnr()
+        if truth.original.shape == truth.inputs.shape and not bool((truth.original == truth.inputs).all()):
+            psnr_orig = match(rec, truth.original, truth.labels).mean_psnr()
+        pairs = []
+        for i in range(min(preview, len(truth.inputs))):
+            j = int(m.matched[i])
+            rebuilt = rec.inputs[j].reshape(truth.inputs[i].shape).clamp(0, 1).numpy() if j >= 0 and bool(rec.certified[j]) else None
+            pairs.append((truth.inputs[i].numpy(), rebuilt))
+        return Scores(len(truth.inputs), int(m.recovered.sum()), m.recovered_fraction, m.mean_psnr(), psnr_orig,
+                      m.label_accuracy, int(m.false_certificate.sum()), tuple(pairs))
+
+    return score
+
+
+@contextmanager
+def isolated_environment(prefix: str = "fedleak-fl-") -> Iterator[str]:
+    """A temp folder that HOME/FLWR_HOME/TMPDIR/RAY_TMPDIR point to; restored and removed on exit."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    keys = ("HOME", "FLWR_HOME", "TMPDIR", "RAY_TMPDIR", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED",
+            "RAY_DISABLE_IMPORT_WARNING", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        for sub in ("home", "flwr", "tmp"):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        os.environ.update({
+            "HOME": os.path.join(folder, "home"), "FLWR_HOME": os.path.join(folder, "flwr"),
+            "TMPDIR": os.path.join(folder, "tmp"), "RAY_TMPDIR": os.path.join(folder, "tmp"),
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        })
+        yield folder
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt (main thread only) so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def shutdown_ray() -> None:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {}
+    for pkg in ("fedleak", "torch", "numpy", "flwr", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001
+            out[pkg] = "unknown"
+    return out
+
+
+def run_federation(settings: FederationSettings, *, verbose: bool = False,
+                   on_finding: Callable[[ClientRecord], None] | None = None) -> FederationResult:
+    """Run the federation described by ``settings`` on Flower's simulation engine and audit it."""
+    require_flwr()
+    from fedleak.federation.hooks import get_defense, get_threat
+
+    # fail fast, before Ray starts, on anything the clients could not build
+    threat, defense = get_threat(settings.threat), get_defense(settings.defense)
+    threat.transform(settings)
+    defense.transform(settings)
+    defense.postprocess(settings)
+    if settings.threat in ("trap-weights", "imprint") and not settings.one_step:
+        pass  # allowed: the attack then reports what it can't certify
+
+    from flwr.simulation import run_simulation
+
+    from fedleak.federation.client_app import make_client_app
+    from fedleak.federation.server_app import build_strategy, make_server_app
+    from fedleak.federation.settings import data_split
+
+    data_split(settings.data, settings.test_size, settings.public_size)  # DataError before Ray starts
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    evaluations: dict[int, tuple[float, float]] = {}
+    start = time.perf_counter()
+    with isolated_environment() as folder, _sigterm_as_interrupt():
+        gt_dir = os.path.join(folder, "ground-truth")
+        strategy, audit = build_strategy(settings, scorer=ground_truth_scorer(gt_dir), on_finding=on_finding)
+        mods = []
+        if defense.flower_dp:
+            from flwr.clientapp.mod import fixedclipping_mod
+
+            mods.append(fixedclipping_mod)
+        server_app = make_server_app(settings, strategy, ground_truth_dir=gt_dir,
+                                     on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)))
+        backend = {
+            "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": settings.ray_cpus, "num_gpus": 0, "_temp_dir": os.path.join(folder, "ray"),
+                          "include_dashboard": False, "logging_level": logging.WARNING if not verbose else logging.INFO,
+                          "log_to_driver": verbose},
+        }
+        try:
+            run_simulation(server_app=server_app, client_app=make_client_app(mods), num_supernodes=settings.clients,
+                           backend_config=backend, verbose_logging=verbose)
+            records = audit.findings()  # waits for the attacks still running
+        finally:
+            audit.close()
+            shutdown_ray()
+            flwr_logger.setLevel(old_level)
+    if len(evaluations) < settings.rounds + 1:
+        raise FedleakError(f"the federation stopped early: the global model was evaluated after "
+                           f"{len(evaluations) - 1} of {settings.rounds} rounds")
+    rounds = []
+    for rnd in sorted(evaluations):
+        here = [r for r in records if r.round == rnd]
+        ok = sum(1 for r in here if r.status in ("ok", "attack-error"))
+        rounds.append(RoundRecord(rnd, evaluations[rnd][0], evaluations[rnd][1], audit.round_seconds.get(rnd),
+                                  ok, len(here) - ok))
+    return FederationResult(settings.to_dict(), _versions(), tuple(rounds), tuple(records),
+                            time.perf_counter() - start, audit.audit_wait_seconds)
+
+
+def summarize(result: FederationResult) -> list[str]:
+    """One line per round: test accuracy and mean recovered fraction over the clients audited."""
+    lines = []
+    for r in result.rounds:
+        recs = [c for c in result.records if c.round == r.round and c.scores is not None]
+        frac = np.mean([c.scores.recovered_fraction for c in recs]) if recs else float("nan")
+        skipped = [c for c in result.records if c.round == r.round and c.status not in ("ok",)]
+        extra = f", {len(skipped)} client(s) skipped" if skipped else ""
+        lines.append(f"round {r.round}: test accuracy {r.test_accuracy:.3f}"
+                     + (f", recovered {frac:.1%} of the audited clients' samples{extra}" if r.round else ""))
+    return lines

@@ -1,0 +1,86 @@
+"""The Flower ServerApp of an audited federation, and the strategy it runs.
+
+:func:`build_strategy` makes the :class:`~fedleak.federation.strategy.AuditFedAvg` for a run's
+settings (threat model: what the server sends and which attack it runs; wrapped in Flower's
+``DifferentialPrivacyClientSideFixedClipping`` when the defense is ``"dp"``). :func:`make_server_app`
+wraps it in a ServerApp whose ``main`` evaluates the global model on the held-out test set each round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedleak.federation._flwr import require_flwr
+
+require_flwr()
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY  # noqa: E402
+from fedleak.federation.hooks import get_defense, get_threat  # noqa: E402
+from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
+from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
+
+
+def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None,
+                   on_finding: Callable | None = None) -> tuple[Strategy, AuditFedAvg]:
+    """(strategy to run, the AuditFedAvg inside it) for ``settings``."""
+    split = data_split(settings.data, settings.test_size, settings.public_size)
+    threat = get_threat(settings.threat)
+    tamper = None
+    if threat.tamper is not None:
+        def tamper(model: nn.Module, server_round: int) -> nn.Module:
+            return threat.tamper(model, server_round, settings, split)
+    audit = AuditFedAvg(
+        make_model(settings, split),
+        AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind),
+        tamper=tamper, scorer=scorer, async_audit=settings.async_audit, audit=settings.audit, on_finding=on_finding,
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
+        min_available_nodes=settings.clients,
+    )
+    outer: Strategy = audit
+    if get_defense(settings.defense).flower_dp:
+        outer = DifferentialPrivacyClientSideFixedClipping(
+            audit, noise_multiplier=settings.defense_strength, clipping_norm=settings.clip_norm,
+            num_sampled_clients=settings.clients)
+    return outer, audit
+
+
+def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord) -> tuple[float, float]:
+    """Test accuracy and loss of the global weights ``arrays``."""
+    model.load_state_dict(arrays.to_torch_state_dict())
+    with torch.no_grad():
+        logits = model(split.test_x)
+        loss = float(nn.functional.cross_entropy(logits, split.test_y))
+        acc = float((logits.argmax(1) == split.test_y).float().mean())
+    return acc, loss
+
+
+def make_server_app(settings: FederationSettings, strategy: Strategy, *, ground_truth_dir: str | None = None,
+                    on_evaluate: Callable[[int, float, float], None] | None = None) -> ServerApp:
+    """A ServerApp that runs ``strategy`` for ``settings.rounds`` rounds from the seeded initial model."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.set_num_threads(1)
+        split = data_split(settings.data, settings.test_size, settings.public_size)
+        model = make_model(settings, split)
+        config = {SETTINGS_KEY: settings.to_json()}
+        if ground_truth_dir is not None:
+            config[GROUND_TRUTH_KEY] = ground_truth_dir  # evaluation-only side channel (see ground_truth.py)
+
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            acc, loss = evaluate_global(make_model(settings, split), split, arrays)
+            if on_evaluate is not None:
+                on_evaluate(server_round, acc, loss)
+            return MetricRecord({"accuracy": acc, "loss": loss})
+
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=settings.rounds,
+                       train_config=ConfigRecord(config), evaluate_fn=evaluate)
+
+    return app

@@ -1,0 +1,142 @@
+"""Typed settings of an audited federation, and the data split every party derives from them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import torch
+
+from fedleak.errors import FedleakError
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """Everything that defines one audited federation run (recorded in ``results.json``).
+
+    Clients train on disjoint partitions of the data set's first ``N - test_size - public_size``
+    samples; ``public_size`` samples are the server's public data (imprint quantiles), the last
+    ``test_size`` its test set. With ``local_epochs == 0`` every client takes ``local_steps`` SGD steps
+    on batches of ``batch_size`` (one step: the update is ``lr`` times one batch gradient, which the
+    exact attacks can invert); with ``local_epochs > 0`` it runs that many passes over its partition.
+    ``transform_options`` go to the client-side batch transform (fishing, exclusivity reduction) and
+    ``defense_strength`` is the defense's knob (noise std, kept fraction, DP noise multiplier).
+    ``inject_faults`` (testing): ``"fail:P@R"`` makes partition P raise in round R, ``"malformed:P@R"``
+    makes it send NaN weights (``@R`` omitted: every round).
+    """
+
+    data: str = "fashion-mnist"
+    clients: int = 4
+    rounds: int = 2
+    threat: str = "honest"
+    defense: str = "none"
+    seed: int = 0
+    batch_size: int = 16
+    local_steps: int = 1
+    local_epochs: int = 0
+    lr: float = 0.5
+    hidden: tuple[int, ...] = (1000,)
+    partition: str = "iid"
+    alpha: float = 0.5
+    test_size: int = 1000
+    public_size: int = 1000
+    audit: bool = True
+    async_audit: bool = True
+    trap_scale: float = 0.8
+    imprint_bins: int = 0
+    defense_strength: float = 0.0
+    clip_norm: float = 1.0
+    transform_options: tuple[tuple[str, float | int | str | bool], ...] = ()
+    ray_cpus: int = 1
+    client_cpus: float = 1.0
+    inject_faults: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
+        object.__setattr__(self, "transform_options", tuple((str(k), v) for k, v in dict(self.transform_options).items()))
+        checks = [
+            (self.clients >= 1, f"--clients must be at least 1, got {self.clients}"),
+            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
+            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.local_steps >= 1, f"--local-steps must be positive, got {self.local_steps}"),
+            (self.local_epochs >= 0, f"--local-epochs must be 0 or more, got {self.local_epochs}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (len(self.hidden) >= 1 and min(self.hidden) >= 1, f"--hidden needs positive widths, got {self.hidden}"),
+            (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
+            (0 < self.client_cpus <= self.ray_cpus, f"client_cpus must lie in (0, ray_cpus], got {self.client_cpus}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FedleakError(message)
+        for fault in self.inject_faults:
+            parse_fault(fault)
+
+    @property
+    def one_step(self) -> bool:
+        """True when each client uploads a single SGD step (the exact attacks' setting)."""
+        return self.local_epochs == 0 and self.local_steps == 1
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["inject_faults"] = list(self.inject_faults)
+        d["transform_options"] = dict(self.transform_options)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationSettings:
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        raw = {k: v for k, v in raw.items() if k in known}
+        if "transform_options" in raw:
+            raw["transform_options"] = tuple(dict(raw["transform_options"]).items())
+        return cls(**raw)
+
+
+def parse_fault(text: str) -> tuple[str, int, int | None]:
+    """``"fail:2@1"`` -> ("fail", 2, 1); ``"malformed:0"`` -> ("malformed", 0, None)."""
+    try:
+        kind, rest = text.split(":", 1)
+        part, _, rnd = rest.partition("@")
+        if kind not in ("fail", "malformed"):
+            raise ValueError
+        return kind, int(part), (int(rnd) if rnd else None)
+    except ValueError:
+        raise FedleakError(f"bad fault '{text}': use fail:PARTITION[@ROUND] or malformed:PARTITION[@ROUND]") from None
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """The federation's data: clients' pool, the server's public set and its test set."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    public_x: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@lru_cache(maxsize=4)
+def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
+    from fedleak.data import load_dataset
+
+    ds = load_dataset(data)
+    n = len(ds)
+    n_train = n - test_size - public_size
+    if test_size < 1 or public_size < 0 or n_train < 1:
+        raise FedleakError(f"{ds.name} has {n} samples: too few for test_size={test_size}, public_size={public_size}")
+    return DataSplit(ds.x[:n_train], ds.y[:n_train], ds.x[n_train : n_train + public_size],
+                     ds.x[n - test_size :], ds.y[n - test_size :], ds.input_shape, ds.num_classes)
+
+
+def make_model(settings: FederationSettings, split: DataSplit):
+    from fedleak.models import make_mlp
+
+    return make_mlp(split.input_shape, list(settings.hidden), split.num_classes, seed=settings.seed)

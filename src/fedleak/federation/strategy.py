@@ -1,0 +1,242 @@
+"""``AuditFedAvg``: Flower's FedAvg that hands every client's update to fedleak's attacks.
+
+Usable on its own in any Flower (>= 1.20, Message API) ServerApp::
+
+    from fedleak.federation.strategy import AuditFedAvg, AuditPlan
+    strategy = AuditFedAvg(model, AuditPlan(attack="exclusivity", options={"known_scale": False}),
+                           min_available_nodes=4)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=3)
+    for finding in strategy.findings():   # one per round and client, attack results (+ scores)
+        print(finding.to_dict())
+
+Each round, :meth:`configure_train` remembers the weights it sends (after the optional ``tamper``
+function of a malicious server). :meth:`aggregate_train` checks every reply: a client that failed
+(error reply) or sent a malformed update (missing/extra arrays, wrong shapes, NaN/inf, no positive
+``num-examples``) is reported and left out of the average; every valid update becomes a
+:class:`fedleak.WeightUpdate` (sent weights, returned weights, num-examples) and is attacked, by
+default on a background thread so the next round does not wait. The attack sees only that update.
+
+Scoring needs the clients' true data, which a server never has: pass a ``scorer`` (evaluation only)
+that looks the batch up elsewhere (``fedleak federate`` uses the side channel of
+:mod:`fedleak.federation.ground_truth`). Without one, findings report what the attacker itself knows
+(samples rebuilt and certified).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedleak.federation._flwr import require_flwr
+
+require_flwr()
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fedleak.api import reconstruct  # noqa: E402
+from fedleak.attacks import malicious as _malicious  # noqa: E402,F401  (registers trap-weights, imprint)
+from fedleak.errors import FedleakError, UpdateError  # noqa: E402
+from fedleak.federation.results import ClientRecord, Scores  # noqa: E402
+from fedleak.reconstruction import Reconstruction  # noqa: E402
+from fedleak.updates import GradientUpdate, WeightUpdate  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """Which attack to run on each update and how.
+
+    ``update_kind``: ``"gradient"`` gives the attack the weight delta ``before - after`` as a gradient
+    with ``num_examples`` (for the exclusivity attack with ``known_scale=False``: a one-step delta is
+    ``lr/M`` times the mean-loss gradient); ``"weights"`` gives it the :class:`WeightUpdate` itself.
+    """
+
+    attack: str = "exclusivity"
+    options: Mapping[str, Any] = field(default_factory=lambda: {"known_scale": False})
+    update_kind: str = "gradient"
+
+
+@dataclass(frozen=True)
+class AuditInput:
+    """What the attack of one (round, client) is given: the sent model and the client's update."""
+
+    server_round: int
+    node_id: int
+    partition: int
+    model: nn.Module
+    update: WeightUpdate
+
+
+Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
+Tamper = Callable[[nn.Module, int], nn.Module]
+
+
+def _state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in record.to_torch_state_dict().items()}
+
+
+class AuditFedAvg(FedAvg):
+    """FedAvg plus a per-client leakage audit (see the module docstring).
+
+    ``model``: a module of the federation's architecture (its weights are ignored: each round's sent
+    weights are loaded into a copy). ``tamper(model, round) -> model``: a malicious server's change of
+    the weights it sends (same architecture), or None for an honest server. ``async_audit``: run the
+    attacks on a background thread. ``scorer``: evaluation-only scoring (see module docstring).
+    ``on_finding``: called with each :class:`ClientRecord` as it completes. Other keywords go to FedAvg.
+    """
+
+    def __init__(self, model: nn.Module, plan: AuditPlan | None = None, *, tamper: Tamper | None = None,
+                 scorer: Scorer | None = None, async_audit: bool = True, audit: bool = True,
+                 on_finding: Callable[[ClientRecord], None] | None = None, **fedavg: Any) -> None:
+        super().__init__(**fedavg)
+        self.template = copy.deepcopy(model).cpu()
+        self.plan = plan or AuditPlan()
+        self.tamper = tamper
+        self.scorer = scorer
+        self.audit = audit
+        self.on_finding = on_finding
+        self._sent: dict[int, dict[str, torch.Tensor]] = {}
+        self._records: list[ClientRecord] = []
+        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedleak-audit") if async_audit else None
+        self.round_seconds: dict[int, float] = {}
+        self.audit_wait_seconds = 0.0
+        self._round_start: dict[int, float] = {}
+
+    # ---- Flower hooks --------------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round_start[server_round] = time.perf_counter()
+        sent = _state_dict_of(arrays)
+        if self.tamper is not None:
+            model = self._model(sent)
+            model = self.tamper(model, server_round)
+            sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            arrays = ArrayRecord(sent)
+        self._sent[server_round] = sent
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        sent = self._sent.get(server_round)
+        valid: list[Message] = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                self._add(ClientRecord.skipped(server_round, node, -1, "failed", str(msg.error.reason)))
+                continue
+            try:
+                update, partition = self._parse(msg, sent)
+            except FedleakError as exc:
+                self._add(ClientRecord.skipped(server_round, node, self._partition_of(msg), "malformed", str(exc)))
+                continue
+            valid.append(msg)
+            if self.audit:
+                job = AuditInput(server_round, node, partition, self._model(sent), update)
+                if self._pool is not None:
+                    self._futures.append(self._pool.submit(self._run_audit, job))
+                else:
+                    self._run_audit(job)
+        out = super().aggregate_train(server_round, valid) if valid else (None, None)
+        if server_round in self._round_start:
+            self.round_seconds[server_round] = time.perf_counter() - self._round_start[server_round]
+        return out
+
+    # ---- audit -----------------------------------------------------------------------------------------
+    def _model(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        model = copy.deepcopy(self.template)
+        model.load_state_dict(state)
+        return model
+
+    @staticmethod
+    def _partition_of(msg: Message) -> int:
+        try:
+            return int(msg.content["metrics"]["partition-id"])
+        except Exception:  # noqa: BLE001 - a malformed reply may lack anything
+            return -1
+
+    def _parse(self, msg: Message, sent: Mapping[str, torch.Tensor] | None) -> tuple[WeightUpdate, int]:
+        """The reply as a WeightUpdate, or UpdateError saying what is wrong with it."""
+        content = msg.content
+        if sent is None:
+            raise UpdateError("reply to a round this strategy did not configure")
+        arrays = [content[k] for k in content.array_records]
+        metrics = [content[k] for k in content.metric_records]
+        if len(arrays) != 1 or len(metrics) != 1:
+            raise UpdateError(f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}")
+        try:
+            after = arrays[0].to_torch_state_dict()
+        except Exception as exc:  # noqa: BLE001 - undecodable arrays
+            raise UpdateError(f"the arrays cannot be read: {exc}") from None
+        n = metrics[0].get(self.weighted_by_key)
+        if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0 or not math.isfinite(n):
+            raise UpdateError(f"'{self.weighted_by_key}' must be a positive number, got {n!r}")
+        missing, extra = sorted(set(sent) - set(after)), sorted(set(after) - set(sent))
+        if missing or extra:
+            raise UpdateError(f"arrays differ from the model's: missing {missing}, unexpected {extra}")
+        for k, v in after.items():
+            if tuple(v.shape) != tuple(sent[k].shape):
+                raise UpdateError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(sent[k].shape)}")
+            if not v.is_floating_point():
+                raise UpdateError(f"'{k}' has dtype {v.dtype}")
+        update = WeightUpdate(sent, {k: v.to(sent[k].dtype) for k, v in after.items()}, num_examples=int(n))
+        return update, self._partition_of(msg)
+
+    def _run_audit(self, job: AuditInput) -> None:
+        start = time.perf_counter()
+        try:
+            if self.plan.update_kind == "weights":
+                attacked: Any = job.update
+            else:
+                attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
+            # the attack sees the sent model and the update only
+            rec = reconstruct(job.model, attacked, attack=self.plan.attack, **dict(self.plan.options))
+            seconds = time.perf_counter() - start
+            scores = self.scorer(job, rec) if self.scorer is not None else None
+            record = ClientRecord.from_attack(job.server_round, job.node_id, job.partition, job.update.num_examples,
+                                              rec, seconds, scores)
+        except Exception as exc:  # noqa: BLE001 - an attack failure must not end the federation
+            detail = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, FedleakError):
+                detail += " | " + traceback.format_exc(limit=3).replace("\n", " ")
+            record = ClientRecord.skipped(job.server_round, job.node_id, job.partition, "attack-error", detail,
+                                          num_examples=job.update.num_examples)
+        self._add(record)
+
+    def _add(self, record: ClientRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+        if self.on_finding is not None:
+            self.on_finding(record)
+
+    # ---- results ---------------------------------------------------------------------------------------
+    def wait(self) -> float:
+        """Wait for pending attacks; returns the seconds spent waiting."""
+        start = time.perf_counter()
+        for fut in list(self._futures):
+            fut.result()
+        waited = time.perf_counter() - start
+        self.audit_wait_seconds += waited
+        return waited
+
+    def findings(self) -> list[ClientRecord]:
+        """All per-(round, client) records, sorted; waits for pending attacks first."""
+        self.wait()
+        with self._lock:
+            return sorted(self._records, key=lambda r: (r.round, r.client, r.node_id))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
