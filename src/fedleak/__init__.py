@@ -21,7 +21,7 @@ from fedleak.api import reconstruct
 from fedleak.attacks import ExclusivityOptions, available_attacks
 from fedleak.data import Dataset, available_datasets, load_dataset
 from fedleak.errors import DataError, FedleakError, ModelError, SolverError, UpdateError
-from fedleak.models import MLP, make_mlp
+from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import (
     ClientUpdate,
@@ -58,8 +58,10 @@ __all__ = [
     "compute_gradient_update",
     "load_dataset",
     "load_update",
+    "load_mlp",
     "make_mlp",
     "metrics",
     "reconstruct",
+    "save_mlp",
     "save_update",
 ]

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fedleak.cli import main
 
@@ -49,3 +50,38 @@ def test_console_script_has_no_traceback(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("fedleak: error:")
+
+
+def test_reconstruct_command_from_captured_files(tmp_path, capsys, fashion):
+    import numpy as np
+
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=0)
+    fedleak.save_mlp(model, tmp_path / "model.safetensors")
+    fedleak.save_update(fedleak.compute_gradient_update(model, x, y), tmp_path / "update.safetensors")
+    out = tmp_path / "rec"
+    assert main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
+                 str(tmp_path / "update.safetensors"), "--out", str(out)]) == 0
+    saved = np.load(out / "reconstruction.npz")
+    assert saved["x"].shape == (4, 1, 28, 28) and saved["certified"].all()
+    assert sorted(saved["y"].tolist()) == sorted(y.tolist())
+    scores = fedleak.metrics.match(torch.from_numpy(saved["x"]), x)
+    assert (scores.max_abs_error < 1e-4).all()
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["summary"]["inferred_batch_size"] == 4 and len(payload["samples"]) == 4
+
+
+def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
+    import fedleak
+
+    a = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    b = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    fedleak.save_mlp(a, tmp_path / "a.safetensors")
+    fedleak.save_update(fedleak.compute_gradient_update(b, digits.x[:2], digits.y[:2]), tmp_path / "u.safetensors")
+    code = main(["reconstruct", "--model", str(tmp_path / "a.safetensors"), "--update", str(tmp_path / "u.safetensors"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has shape" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "results.json").exists()
