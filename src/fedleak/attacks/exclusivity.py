@@ -185,7 +185,10 @@ def _direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tens
     """1 - cos between loss vectors of ``logits`` (... x K) and unit directions ``cdir`` (... x K)."""
     e = torch.softmax(logits, dim=-1)
     e = e - torch.nn.functional.one_hot(labels, e.shape[-1]).to(e.dtype)
-    return 1 - (e * cdir).sum(-1) / e.norm(dim=-1).clamp_min(1e-300)
+    norm = e.norm(dim=-1)
+    cost = 1 - (e * cdir).sum(-1) / norm.clamp_min(1e-300)
+    # a loss vector that underflowed (saturated softmax) carries no direction: worst cost
+    return torch.where(norm > 1e-150, cost, torch.full_like(cost, 2.0))
 
 
 def _fit_scales(
