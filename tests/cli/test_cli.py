@@ -85,3 +85,22 @@ def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
     err = capsys.readouterr().err
     assert code == 2 and "has shape" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_audit_of_the_users_own_model_file(tmp_path, capsys):
+    import fedleak
+
+    data = fedleak.load_dataset("digits")
+    model = fedleak.make_mlp(data.input_shape, [300], 10, seed=9)
+    fedleak.save_mlp(model, tmp_path / "mine.safetensors")
+    out = tmp_path / "o"
+    assert main(["audit", "--model", str(tmp_path / "mine.safetensors"), "--batch-sizes", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["settings"]["model"].endswith("mine.safetensors")
+    assert payload["batches"][0]["batch_size"] == 2
+    wrong = fedleak.make_mlp(data.input_shape, [30], 7, seed=0)
+    fedleak.save_mlp(wrong, tmp_path / "wrong.safetensors")
+    assert main(["audit", "--model", str(tmp_path / "wrong.safetensors"), "--batch-sizes", "2", "--out", str(out),
+                 "--quiet"]) == 2
+    assert "7 outputs" in capsys.readouterr().err

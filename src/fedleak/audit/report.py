@@ -57,8 +57,10 @@ def render_html(result: AuditResult) -> str:
         f"<style>{_CSS}</style></head><body>",
         "<h1>fedleak audit: what the server can rebuild from FedSGD gradients</h1>",
         f"<p>Data <b>{e(result.dataset)}</b> ({'×'.join(map(str, result.input_shape))}, {result.num_classes} classes); "
-        f"model: fully connected ReLU net, hidden widths {e(str(list(s.widths)))}, "
-        f"{'with' if s.bias else 'without'} biases; attack <code>{e(s.attack)}</code>; seed {s.seed}; "
+        + (f"model: <code>{e(s.model)}</code>; " if s.model else
+           f"model: fully connected ReLU net, hidden widths {e(str(list(s.widths)))}, "
+           f"{'with' if s.bias else 'without'} biases; ")
+        + f"attack <code>{e(s.attack)}</code>; seed {s.seed}; "
         f"{s.trials} batch(es) per size; run time {result.seconds:.1f} s.</p>",
     ]
     false_total = sum(r["false_certificates"] for r in rows)

@@ -21,7 +21,7 @@ from fedleak.api import reconstruct
 from fedleak.data import Dataset, load_dataset
 from fedleak.errors import FedleakError
 from fedleak.metrics import match
-from fedleak.models import make_mlp
+from fedleak.models import load_mlp, make_mlp
 from fedleak.transforms import BatchTransform, Identity
 from fedleak.updates import compute_gradient_update
 
@@ -38,6 +38,8 @@ class AuditSettings:
     seed: int = 0
     attack: str = "exclusivity"
     scenarios: tuple[str, ...] = ("plain",)
+    split: str | None = None
+    model: str | None = None  # a model file (see fedleak.load_mlp); replaces widths/bias
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
@@ -53,6 +55,7 @@ class AuditSettings:
         return {
             "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
             "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
+            "split": self.split, "model": self.model,
         }
 
 
@@ -185,6 +188,12 @@ def _scenario(name: str, settings: AuditSettings) -> BatchTransform:
 
 
 def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
+    if settings.model is not None:
+        model = load_mlp(settings.model, data.input_shape)
+        out = model[-1].out_features
+        if out != data.num_classes:
+            raise FedleakError(f"the model has {out} outputs but {data.name} has {data.num_classes} classes")
+        return model
     return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
 
 
@@ -210,7 +219,7 @@ def run_audit(
     is kept with its images for the report.
     """
     start = time.perf_counter()
-    data = dataset if dataset is not None else load_dataset(settings.data)
+    data = dataset if dataset is not None else load_dataset(settings.data, split=settings.split)
     too_big = [b for b in settings.batch_sizes if b > len(data)]
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")

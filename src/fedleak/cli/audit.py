@@ -60,6 +60,9 @@ def audit(
     attack: str = typer.Option("exclusivity", help="Attack to run (see 'fedleak info')."),
     bias: bool = typer.Option(True, help="Give the model's layers biases."),
     scenario: list[str] = typer.Option(["plain"], help="Client scenario(s): plain, and fished/defended when available."),
+    split: str = typer.Option(None, help="Split of a CIFAR or IDX folder given as --data: train or test."),
+    model: Path = typer.Option(None, help="Audit your own model file (state dict of a Sequential MLP) instead of "
+                                         "a fresh one; --widths/--bias are then ignored."),
     out: Path = typer.Option(Path("fedleak-audit"), help="Folder for results.json and report.html."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -68,7 +71,8 @@ def audit(
 
     settings = AuditSettings(
         data=data, widths=_ints(widths, "--widths"), bias=bias, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-        trials=trials, seed=seed, attack=attack, scenarios=tuple(scenario),
+        trials=trials, seed=seed, attack=attack, scenarios=tuple(scenario), split=split,
+        model=None if model is None else str(model),
     )
     _run(settings, out, quiet)
 
