@@ -19,9 +19,11 @@ from fedleak import metrics
 from fedleak.analysis import ExclusivityReport, analyze_exclusivity
 from fedleak.api import reconstruct
 from fedleak.attacks import ExclusivityOptions, available_attacks
+from fedleak.clients import fedavg_update, local_training
 from fedleak.data import Dataset, available_datasets, load_dataset
 from fedleak.errors import DataError, FedleakError, ModelError, SolverError, UpdateError
 from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
+from fedleak.models.cnn import make_lenet
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import (
     ClientUpdate,
@@ -56,9 +58,12 @@ __all__ = [
     "available_attacks",
     "available_datasets",
     "compute_gradient_update",
+    "fedavg_update",
     "load_dataset",
     "load_update",
+    "local_training",
     "load_mlp",
+    "make_lenet",
     "make_mlp",
     "metrics",
     "reconstruct",

@@ -5,3 +5,8 @@ from fedleak.attacks.exclusivity import ExclusivityOptions
 from fedleak.attacks.registry import AttackInfo, available_attacks, get_attack, register_attack
 
 __all__ = ["AttackInfo", "ExclusivityOptions", "available_attacks", "get_attack", "register_attack"]
+
+# weight-update leakage and optimisation baselines (issue 4): importing registers the attacks
+from fedleak.attacks import auto as _auto  # noqa: E402,F401
+from fedleak.attacks import dlm as _dlm  # noqa: E402,F401
+from fedleak.attacks import optimization as _optimization  # noqa: E402,F401

@@ -1,0 +1,94 @@
+"""Label inference from the output layer of an update (iDLG and its batch extension).
+
+With cross-entropy, the output layer's bias gradient of sample ``i`` is ``p_i - onehot(y_i)``: the true
+class is the only negative entry. For one sample (iDLG) the label is therefore the most negative entry
+of the output-bias gradient, or, without a bias, of the output weight gradient's row sums (the
+penultimate activations are non-negative after a ReLU or sigmoid).
+
+For a batch of ``M`` the update is ``s * sum_i (p_i - onehot(y_i))`` with an unknown positive scale ``s``
+(``1/M`` for a mean-loss gradient, ``lr/M`` for a one-step weight delta). A class absent from the batch
+gets ``s * sum_i p_ic > 0``; a class with ``n_c`` samples gets ``s * (sum_i p_ic - n_c)``. Assuming the
+network's predictions are roughly the same for every class it does not see (true of an untrained or
+lightly trained network), the mean of the positive entries ``u`` estimates ``s * sum_i p_ic`` and
+``n_c`` is proportional to ``u - d_c``. The counts are normalised to ``M`` (largest remainders), and
+every class with a negative entry gets at least one sample. Nothing here depends on ``s``, so the same
+rule serves gradients and weight deltas of unknown learning rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError
+
+
+def output_layer_names(model: nn.Module) -> tuple[str, str | None]:
+    """Names of the last ``nn.Linear`` layer's weight and bias (``None`` without a bias)."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = (name, module)
+    if last is None:
+        raise FedleakError("label inference needs a model whose last layer is an nn.Linear (the logits)")
+    name, module = last
+    prefix = f"{name}." if name else ""
+    return f"{prefix}weight", (f"{prefix}bias" if module.bias is not None else None)
+
+
+def class_signal(model: nn.Module, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-class entries ``d_c`` (K,) whose negative values mark classes in the batch (scale unknown)."""
+    w_name, b_name = output_layer_names(model)
+    if b_name is not None and b_name in update:
+        return update[b_name].detach().to(torch.float64).flatten()
+    if w_name not in update:
+        raise FedleakError(f"the update has no entry for the output layer '{w_name}'")
+    return update[w_name].detach().to(torch.float64).sum(1)
+
+
+def infer_label_counts(signal: torch.Tensor, batch_size: int, known: torch.Tensor | None = None) -> np.ndarray:
+    """Label histogram (K,) of a batch of ``batch_size`` from the per-class signal (see module doc).
+
+    ``known``: labels already established (e.g. certified by the exclusivity attack); their counts are
+    lower bounds.
+    """
+    if batch_size < 1:
+        raise FedleakError(f"batch_size must be at least 1, got {batch_size}")
+    d = signal.detach().to(torch.float64).cpu().numpy()
+    K = d.shape[0]
+    present = d < 0
+    pos = d[d > 0]
+    u = float(pos.mean()) if pos.size else 0.0
+    weight = np.clip(u - d, 0.0, None)
+    floor_counts = np.zeros(K, dtype=np.int64)
+    if known is not None and len(known):
+        floor_counts = np.maximum(floor_counts, np.bincount(known.numpy().astype(np.int64), minlength=K)[:K])
+    # every class with a negative entry holds at least one sample (as many as the batch allows)
+    order = np.argsort(d)
+    for c in order:
+        if present[c] and floor_counts.sum() < batch_size and floor_counts[c] == 0:
+            floor_counts[c] = 1
+    if weight.sum() <= 0:
+        weight = present.astype(np.float64) + 1e-12
+    target = weight / weight.sum() * batch_size
+    counts = np.maximum(np.floor(target).astype(np.int64), floor_counts)
+    while counts.sum() > batch_size:  # drop from the classes most above their target
+        excess = np.where(counts > floor_counts, counts - target, -np.inf)
+        counts[int(np.argmax(excess))] -= 1
+    while counts.sum() < batch_size:  # largest remainders
+        counts[int(np.argmax(target - counts))] += 1
+    return counts
+
+
+def infer_labels(
+    model: nn.Module, update: Mapping[str, torch.Tensor], batch_size: int, known: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Labels (sorted by class) of a batch: iDLG's rule for one sample, the count rule for a batch."""
+    signal = class_signal(model, update)
+    if batch_size == 1 and (known is None or len(known) == 0):
+        return torch.tensor([int(torch.argmin(signal))], dtype=torch.long)
+    counts = infer_label_counts(signal, batch_size, known)
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts)).long()

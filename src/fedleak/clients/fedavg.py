@@ -1,0 +1,129 @@
+"""A FedAvg client: E local optimisation steps on its own data, then it uploads its new weights.
+
+The server receives a :class:`~fedleak.updates.WeightUpdate`. What a real client reveals is its new
+weights and its number of examples; the learning rate, the optimizer and its state stay private, and
+the number of local steps is recorded only when ``reveal_local_steps=True`` (a threat model that grants
+the server this knowledge, e.g. because it prescribes the local schedule).
+
+Local training never touches the caller's model: it runs on a deep copy. Mini-batches are drawn
+reproducibly from ``seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError
+from fedleak.updates import WeightUpdate, _check_batch
+
+
+def _sgd(params, lr: float, momentum: float, **_):
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _momentum(params, lr: float, momentum: float, **_):
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def _adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **_):
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
+
+
+#: the local optimizers a simulated client can use (name -> torch optimizer factory)
+LOCAL_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "adam": _adam,
+}
+
+
+def _batches(n: int, batch_size: int | None, steps: int, shuffle: bool, gen: torch.Generator) -> list[torch.Tensor]:
+    """Indices of the mini-batch of every local step: epochs of a (shuffled) partition of range(n)."""
+    if batch_size is None or batch_size >= n:
+        return [torch.arange(n)] * steps
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        out.extend(order[i : i + batch_size] for i in range(0, n, batch_size))
+    return out[:steps]
+
+
+def local_training(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    local_steps: int = 1,
+    optimizer: str = "sgd",
+    batch_size: int | None = None,
+    momentum: float = 0.9,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> nn.Module:
+    """Train a copy of ``model`` for ``local_steps`` steps of mean cross-entropy and return the copy.
+
+    ``batch_size=None`` uses the whole local data set at every step (E full-batch steps); otherwise
+    each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
+    """
+    _check_batch(model, inputs, labels)
+    if optimizer not in LOCAL_OPTIMIZERS:
+        raise FedleakError(f"unknown local optimizer '{optimizer}'; available: {', '.join(LOCAL_OPTIMIZERS)}")
+    if not (lr > 0 and float(lr) < float("inf")):
+        raise FedleakError(f"the learning rate must be positive and finite, got {lr}")
+    if int(local_steps) < 1:
+        raise FedleakError(f"local_steps must be at least 1, got {local_steps}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise FedleakError(f"batch_size must be positive, got {batch_size}")
+    client = copy.deepcopy(model)
+    client.train()
+    params = [p for p in client.parameters() if p.requires_grad]
+    if not params:
+        raise FedleakError("the model has no trainable parameters")
+    dtype = params[0].dtype
+    opt = LOCAL_OPTIMIZERS[optimizer](params, lr=float(lr), momentum=float(momentum))
+    gen = torch.Generator().manual_seed(int(seed))
+    x, y = inputs.to(dtype), labels.long()
+    for idx in _batches(x.shape[0], batch_size, int(local_steps), shuffle, gen):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(client(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+    return client
+
+
+def fedavg_update(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    local_steps: int = 1,
+    optimizer: str = "sgd",
+    batch_size: int | None = None,
+    momentum: float = 0.9,
+    shuffle: bool = True,
+    seed: int = 0,
+    reveal_local_steps: bool = False,
+) -> WeightUpdate:
+    """The FedAvg update of a client holding ``(inputs, labels)``: weights before and after local training.
+
+    The update carries ``num_examples`` (clients report it for weighted averaging) and, only when
+    ``reveal_local_steps`` is set, ``local_steps``. The learning rate and optimizer are not revealed.
+    """
+    trained = local_training(
+        model, inputs, labels, lr=lr, local_steps=local_steps, optimizer=optimizer, batch_size=batch_size,
+        momentum=momentum, shuffle=shuffle, seed=seed,
+    )
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    after = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    return WeightUpdate(
+        before=before,
+        after=after,
+        num_examples=int(inputs.shape[0]),
+        local_steps=int(local_steps) if reveal_local_steps else None,
+    )

@@ -1,0 +1,73 @@
+"""attack="auto": exact exclusivity route first, optimisation for the rest, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedleak
+from fedleak.clients import fedavg_update
+from fedleak.models.cnn import make_lenet
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These attacks run many tiny second-order ops: one thread is several times faster on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def test_one_step_unknown_lr_is_recovered_exactly(digits):
+    x, y = digits.batch(4, seed=11)
+    model = fedleak.make_mlp(digits.input_shape, [512], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.37, local_steps=1)  # the server knows neither lr nor steps
+    rec = fedleak.reconstruct(model, update, attack="auto")
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.attack == "auto:exclusivity"
+    assert scores.recovered.all() and not scores.false_certificate.any()
+    assert any("learning rate cancels" in n for n in rec.notes)
+    assert any("no optimisation needed" in n for n in rec.notes)
+
+
+def test_multi_step_skips_the_exact_route(digits):
+    x, y = digits.batch(1, seed=12)
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.05, local_steps=3, reveal_local_steps=True)
+    rec = fedleak.reconstruct(model, update, attack="auto", iterations=200)
+    assert rec.attack == "auto:dlm+"
+    assert any("exact route skipped" in n and "3 local steps" in n for n in rec.notes)
+    assert not rec.certified.any() and rec.iterations == 200
+    assert fedleak.metrics.match(rec, x, y).mean_psnr() > 20
+
+
+def test_cnn_gradient_falls_back_to_ig(digits):
+    x, y = digits.batch(1, seed=13)
+    model = make_lenet(digits.input_shape, 10, activation="sigmoid", seed=0)
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, update, attack="auto", iterations=20)
+    assert rec.attack == "auto:ig" and rec.iterations == 20
+    assert any("not a fully connected ReLU network" in n for n in rec.notes)
+
+
+def test_bad_weight_updates(digits):
+    x, y = digits.batch(2, seed=14)
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    other = fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)
+    update = fedavg_update(other, x, y, lr=0.1)
+    for attack in ("auto", "dlm", "dlm+", "ig", "dlg", "idlg"):
+        with pytest.raises(fedleak.FedleakError, match="shape"):
+            fedleak.reconstruct(model, update, attack=attack)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    after = {k: v + 0.01 for k, v in before.items()}
+    with pytest.raises(fedleak.FedleakError, match="differ in keys"):
+        fedleak.WeightUpdate(before=before, after={k: v for k, v in after.items() if k != "1.bias"})
+    with pytest.raises(fedleak.FedleakError, match="zero"):
+        fedleak.WeightUpdate(before=before, after={k: v.clone() for k, v in before.items()})
+    renamed = {f"net.{k}": v for k, v in before.items()}
+    with pytest.raises(fedleak.FedleakError, match="model does not have"):
+        fedleak.reconstruct(model, fedleak.WeightUpdate(renamed, {k: v + 0.01 for k, v in renamed.items()}),
+                            attack="dlm")
+    with pytest.raises(fedleak.FedleakError, match="unknown option"):
+        fedleak.reconstruct(model, fedavg_update(model, x, y, lr=0.1), attack="dlm", iteratoins=3)

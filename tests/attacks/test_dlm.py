@@ -1,0 +1,64 @@
+"""DLM and DLM+ on FedAvg weight updates with an unknown learning rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedleak
+from fedleak.clients import fedavg_update
+from fedleak.models.cnn import make_lenet
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These attacks run many tiny second-order ops: one thread is several times faster on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def _random_guess_psnr(x: torch.Tensor) -> float:
+    guess = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    return fedleak.metrics.match(guess, x).mean_psnr()
+
+
+@pytest.mark.parametrize("attack", ["dlm", "dlm+"])
+def test_several_local_steps_mlp(digits, attack):
+    x, y = digits.batch(2, seed=21)
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.05, local_steps=4, reveal_local_steps=True)
+    rec = fedleak.reconstruct(model, update, attack=attack, iterations=300, seed=1)
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.iterations == 300 and not rec.certified.any() and rec.batch_size == 2
+    assert scores.label_accuracy == 1.0
+    assert scores.mean_psnr() > 25 > _random_guess_psnr(x) + 10
+    assert any("4 local sgd step(s) unrolled" in n for n in rec.notes)
+    if attack == "dlm":  # the learned learning rate lands near the client's (0.05)
+        lr = float(next(n for n in rec.notes if "learned client learning rate" in n).split()[-1])
+        assert 0.03 < lr < 0.08
+
+
+def test_dlm_plus_on_lenet_one_sample(digits):
+    x, y = digits.batch(1, seed=22)
+    model = make_lenet(digits.input_shape, 10, activation="sigmoid", seed=0)
+    update = fedavg_update(model, x, y, lr=0.1, local_steps=2, reveal_local_steps=True)
+    rec = fedleak.reconstruct(model, update, attack="dlm+", iterations=150)
+    assert fedleak.metrics.match(rec, x, y).mean_psnr() > 20
+
+
+def test_unknown_steps_are_treated_as_one_aggregated_step(digits):
+    x, y = digits.batch(1, seed=23)
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.05, local_steps=2)  # steps not revealed
+    rec = fedleak.reconstruct(model, update, attack="dlm+", iterations=200)
+    assert any("treated as one aggregated" in n for n in rec.notes)
+    assert fedleak.metrics.match(rec, x, y).mean_psnr() > 20
+
+
+def test_weights_only(digits):
+    x, y = digits.batch(1, seed=24)
+    model = fedleak.make_mlp(digits.input_shape, [8], 10, seed=0)
+    with pytest.raises(fedleak.FedleakError, match="does not run on gradient"):
+        fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="dlm")

@@ -1,0 +1,113 @@
+"""DLG, iDLG and Inverting Gradients on FedSGD gradients; label inference; budgets; shared machinery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedleak
+from fedleak.attacks.labels import infer_label_counts, infer_labels
+from fedleak.clients import fedavg_update
+from fedleak.models.cnn import make_lenet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _psnr(rec, x, y=None):
+    return fedleak.metrics.match(rec, x, y).mean_psnr()
+
+
+def test_idlg_label_rule_single_sample(digits):
+    model = make_lenet(digits.input_shape, 10, activation="sigmoid", seed=0)
+    for seed in range(10):
+        x, y = digits.batch(1, seed=100 + seed)
+        grads = fedleak.compute_gradient_update(model, x, y).gradients
+        assert infer_labels(model, grads, 1).tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_batch_label_counts_from_the_sign_pattern(digits, scale):
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    hits = 0
+    for seed in range(10):
+        x, y = digits.batch(8, seed=200 + seed)
+        grads = {k: scale * v for k, v in fedleak.compute_gradient_update(model, x, y).gradients.items()}
+        hits += torch.equal(infer_labels(model, grads, 8), torch.sort(y).values)
+    assert hits >= 8  # exact multiset of labels for (nearly) every batch, whatever the scale
+
+
+def test_label_counts_respect_known_labels():
+    counts = infer_label_counts(torch.tensor([-0.3, 0.1, 0.1, 0.1]), 3, known=torch.tensor([1]))
+    assert counts.sum() == 3 and counts[1] >= 1 and counts[0] >= 1
+
+
+def test_ig_reconstructs_a_digit_from_its_gradient(digits):
+    x, y = digits.batch(1, seed=31)
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    grads = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, grads, attack="ig", iterations=300)
+    assert rec.attack == "ig" and rec.iterations == 300 and not rec.certified.any()
+    assert rec.labels.tolist() == y.tolist()
+    assert float(rec.inputs.min()) >= 0 and float(rec.inputs.max()) <= 1  # box constraint
+    guess = fedleak.metrics.match(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)), x).mean_psnr()
+    assert _psnr(rec, x, y) > 25 > guess + 10
+
+
+@pytest.mark.parametrize("attack", ["dlg", "idlg"])
+def test_dlg_and_idlg_on_sigmoid_lenet(digits, attack):
+    x, y = digits.batch(1, seed=32)
+    model = make_lenet(digits.input_shape, 10, activation="sigmoid", seed=0)
+    grads = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, grads, attack=attack, iterations=150)
+    assert rec.iterations <= 150 and rec.labels.tolist() == y.tolist()
+    assert _psnr(rec, x, y) > 20
+
+
+def test_ig_on_a_one_step_weight_delta_is_scale_free(digits):
+    x, y = digits.batch(2, seed=33)
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.02)
+    rec = fedleak.reconstruct(model, update, attack="ig", iterations=300)
+    assert _psnr(rec, x, y) > 20
+
+
+def test_time_budget_stops_and_says_so(digits):
+    x, y = digits.batch(2, seed=34)
+    model = make_lenet(digits.input_shape, 10, seed=0)
+    grads = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, grads, attack="ig", iterations=100000, time_budget=0.5)
+    assert rec.iterations < 100000
+    assert any("stopped by the time budget" in n for n in rec.notes)
+
+
+def test_model_is_never_mutated_and_progress_runs(digits, capsys):
+    x, y = digits.batch(1, seed=35)
+    model = make_lenet(digits.input_shape, 10, seed=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = fedleak.compute_gradient_update(model, x, y)
+    fedleak.reconstruct(model, grads, attack="ig", iterations=5, progress=True)
+    fedleak.reconstruct(model, grads, attack="dlg", iterations=5)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert "ig" in capsys.readouterr().err  # the tqdm bar
+
+
+def test_bad_gradient_input(digits):
+    x, y = digits.batch(1, seed=36)
+    model = fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    with pytest.raises(fedleak.FedleakError, match="zero"):
+        fedleak.reconstruct(model, {k: torch.zeros_like(v) for k, v in grads.items()}, attack="ig")
+    with pytest.raises(fedleak.FedleakError, match="does not match"):
+        fedleak.reconstruct(model, {k: v for k, v in grads.items() if k != "1.bias"}, attack="dlg")
+    with pytest.raises(fedleak.FedleakError, match="iterations"):
+        fedleak.reconstruct(model, grads, attack="ig", iterations=0)
+    bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with pytest.raises(fedleak.ModelError, match="input_shape"):
+        fedleak.reconstruct(bare, fedleak.compute_gradient_update(bare, x, y), attack="ig")
