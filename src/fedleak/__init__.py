@@ -25,6 +25,7 @@ from fedleak.errors import DataError, FedleakError, ModelError, SolverError, Upd
 from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
 from fedleak.models.cnn import make_lenet
 from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
 from fedleak.updates import (
     ClientUpdate,
     GradientUpdate,
@@ -46,10 +47,14 @@ __all__ = [
     "ExclusivityOptions",
     "ExclusivityReport",
     "FedleakError",
+    "FishingOptions",
+    "FishingResult",
+    "FishingTransform",
     "GradientUpdate",
     "MLP",
     "ModelError",
     "Reconstruction",
+    "SampleFishing",
     "SampleRecovery",
     "SolverError",
     "UpdateError",
@@ -59,6 +64,7 @@ __all__ = [
     "available_datasets",
     "compute_gradient_update",
     "fedavg_update",
+    "fish",
     "load_dataset",
     "load_update",
     "local_training",

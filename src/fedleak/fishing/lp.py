@@ -1,0 +1,389 @@
+"""Per-sample activation-pattern LPs: sign requirements on chosen neurons, solved with few rows.
+
+A *requirement* asks that neuron ``j`` of hidden layer ``h`` has pre-activation ``sign * z >= margin``
+for one sample. Inside a fixed activation region of the layers below ``h`` the pre-activation is affine
+in the input, ``z = J x + c`` (``J`` is the product of the weight matrices with the region's 0/1
+patterns), so a set of requirements is a set of linear rows on the perturbed input ``x'``. The LP then
+finds the smallest perturbation of ``x`` that meets them while ``x'`` stays in the data range [0, 1].
+
+How the LP stays small and fast (design, measured in docs/fishing.md):
+
+* **The L-infinity ball is in the variable bounds, never in rows.** For a radius ``t`` the feasible set
+  of ``x'`` is the box ``max(0, x - t) <= x' <= min(1, x + t)``. We solve the *max-margin* LP
+  ``F(t) = max s  s.t.  sign_k (J_k x' + c_k) - margin_k >= s`` (one row per requirement, no 2·d norm
+  rows). ``F`` is concave and non-decreasing in ``t``; the smallest feasible radius is the root of ``F``.
+* **Dual Newton on t.** The LP's row multipliers ``lambda`` (non-negative, summing to 1) give a concave
+  upper bound ``G_lambda(t) = max_{x' in box(t)} lambda^T (rows)`` of ``F`` that is exact at the
+  current ``t``; its root (a 1-D piecewise-linear equation, solved exactly by sorting breakpoints) is a
+  *lower bound* of the optimal radius and the next iterate. Iterates rise monotonically to the exact
+  minimal radius in a handful of warm-started LPs; ``G_lambda`` never reaching 0 within the budget
+  *proves* infeasibility (a Farkas certificate), so a failure is a fact, not a time-out.
+* **L1 polish.** At the minimal radius an L-infinity vertex moves most pixels by ``±t``. A second LP
+  minimises ``sum |x' - x|`` with the radius cap ``(1 + polish_slack) t`` in the bounds (split
+  variables, still only the requirement rows): the same guarantee with a sparse perturbation and a far
+  higher PSNR.
+* **Lazy rows.** Only requirements that could matter are written: the sample's own targets always,
+  other constraints (another sample's target must stay off for this one; the region of a lower layer
+  must not change) only when a forward pass of the solution shows them violated or within a screen.
+  Every solution is checked by a real forward pass in float64 *and* float32 (the client's precision),
+  violated rows are added, and the LP is re-solved from its last basis.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedleak.fishing.solvers import LPSession, open_session
+
+F_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """``sign * z[layer][neuron] >= margin`` for one sample (``layer`` counts hidden layers from 0)."""
+
+    layer: int
+    neuron: int
+    sign: int
+    margin: float
+
+
+@dataclass(frozen=True)
+class LPSettings:
+    norm: str = "linf"  # "linf" (min radius, then L1 polish) or "l1"
+    budget: float | None = None  # largest allowed L-infinity perturbation (None: only the [0, 1] range)
+    polish: bool = True
+    polish_slack: float = 0.25
+    check_fraction: float = 0.5  # a requirement is met when sign*z >= check_fraction*margin (float32 and float64)
+    screen: float = 2.0  # lazy rows within screen*margin of violation at the start are written up front
+    max_rounds: int = 12
+    max_newton: int = 40
+    solver: str = "highs"
+    time_limit: float = 10.0
+
+
+@dataclass
+class SampleOutcome:
+    """What the LP did for one sample."""
+
+    status: str  # "optimal", "infeasible", "budget", "time_limit", "unsatisfied", "error:..."
+    x: np.ndarray  # the (possibly unchanged) input, float64
+    radius: float = 0.0  # minimal L-infinity radius found (linf) / L-infinity of the solution
+    lp_solves: int = 0
+    lp_seconds: float = 0.0
+    rows: int = 0
+    rounds: int = 0
+    message: str = ""
+    requirements_met: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "optimal" and self.requirements_met
+
+
+class NetArrays:
+    """float64 numpy copies of a ReLU MLP's hidden layers plus float32 copies for the client-side check."""
+
+    def __init__(self, net):
+        self.W = [w.numpy() for w in net.weights()]
+        self.b = [None if b is None else b.numpy() for b in net.biases()]
+        self.W32 = [w.astype(np.float32) for w in self.W]
+        self.WT = [np.ascontiguousarray(w.T) for w in self.W]
+        self.WT32 = [np.ascontiguousarray(w.T) for w in self.W32]
+        self.b32 = [None if b is None else b.astype(np.float32) for b in self.b]
+        self.depth = len(self.W) - 1
+        self.widths = [w.shape[0] for w in self.W[:-1]]
+        self.input_dim = self.W[0].shape[1]
+
+    def preacts(self, x: np.ndarray, f32: bool = False) -> list[np.ndarray]:
+        """Pre-activations of every hidden layer for one sample or a batch (rows)."""
+        WT, b = (self.WT32, self.b32) if f32 else (self.WT, self.b)
+        a = x.astype(np.float32) if f32 else x
+        out = []
+        for h in range(self.depth):
+            z = a @ WT[h]
+            if b[h] is not None:
+                z = z + b[h]
+            out.append(z)
+            a = np.maximum(z, 0)
+        return out
+
+    def offsets(self, pattern: list[np.ndarray]) -> list[np.ndarray]:
+        """Affine offsets ``c_h`` of every layer inside the region ``pattern`` (one sample)."""
+        out = []
+        prev = None
+        for h in range(self.depth):
+            c = np.zeros(self.widths[h]) if self.b[h] is None else self.b[h].copy()
+            if prev is not None:
+                c = c + self.W[h] @ (pattern[h - 1] * prev)
+            out.append(c)
+            prev = c
+        return out
+
+    def rows(self, layer: int, neurons: np.ndarray, pattern: list[np.ndarray]) -> np.ndarray:
+        """``J`` rows (k x d0) of the given neurons inside the region ``pattern``."""
+        R = self.W[layer][neurons]
+        for h in range(layer - 1, -1, -1):
+            R = (R * pattern[h]) @ self.W[h]
+        return R
+
+
+# -------------------------------------------------------------------------------------------------------
+# The radius problem
+
+
+def _box(x: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    return np.maximum(0.0, x - t), np.minimum(1.0, x + t)
+
+
+def min_radius(V: np.ndarray, C: np.ndarray, x: np.ndarray, cap: float) -> np.ndarray:
+    """Per row ``k``: the smallest ``t <= cap`` with ``max_{x' in box(t)} V_k x' >= C_k`` (inf if none).
+
+    ``max_{x' in box(t)} V_k x' = V_k x + sum_i |V_ki| min(t, L_ki)`` with ``L_ki`` the room pixel ``i``
+    has in the direction of ``sign(V_ki)``; piecewise linear and concave in ``t``, solved exactly.
+    """
+    V = np.atleast_2d(V)
+    g0 = V @ x - C
+    L = np.where(V > 0, 1.0 - x, x)
+    L = np.minimum(L, cap)
+    w = np.abs(V)
+    order = np.argsort(L, axis=1)
+    Ls = np.take_along_axis(L, order, axis=1)
+    ws = np.take_along_axis(w, order, axis=1)
+    # G at breakpoint k: g0 + sum_{i<=k} w_i L_i + L_k * sum_{i>k} w_i
+    cwl = np.cumsum(ws * Ls, axis=1)
+    cw = np.cumsum(ws, axis=1)
+    total = cw[:, -1:]
+    G = g0[:, None] + cwl + Ls * (total - cw)
+    out = np.full(V.shape[0], np.inf)
+    done = g0 >= 0
+    out[done] = 0.0
+    reach = (G[:, -1] >= 0) & ~done
+    if reach.any():
+        k = np.argmax(G[reach] >= 0, axis=1)
+        rows = np.nonzero(reach)[0]
+        # on segment [L_{k-1}, L_k]: G(t) = g0 + sum_{i<k} w_i L_i + t * sum_{i>=k} w_i
+        prev_cwl = np.where(k > 0, cwl[rows, np.maximum(k - 1, 0)], 0.0)
+        prev_cw = np.where(k > 0, cw[rows, np.maximum(k - 1, 0)], 0.0)
+        slope = total[rows, 0] - prev_cw
+        t = -(g0[rows] + prev_cwl) / np.maximum(slope, 1e-300)
+        lo = np.where(k > 0, Ls[rows, np.maximum(k - 1, 0)], 0.0)
+        out[rows] = np.clip(t, lo, Ls[rows, k])
+    return out
+
+
+class RadiusLP:
+    """Minimal L-infinity radius (dual Newton) and L1 polish for one sample, with rows added lazily."""
+
+    def __init__(self, x: np.ndarray, settings: LPSettings):
+        self.x = x
+        self.s = settings
+        self.cap = 1.0 if settings.budget is None else float(settings.budget)
+        self.V = np.zeros((0, len(x)))
+        self.C = np.zeros(0)
+        self._margin_lp: LPSession | None = None
+        self._polish_lp: LPSession | None = None
+        self.solves = 0
+        self.lp_seconds = 0.0
+        self.t = 0.0
+
+    def add(self, V: np.ndarray, C: np.ndarray) -> None:
+        """Add rows ``V x' >= C``."""
+        V = np.atleast_2d(V)
+        self.V = np.vstack([self.V, V])
+        self.C = np.concatenate([self.C, C])
+        if self._margin_lp is not None:
+            self._margin_lp.add_rows(np.hstack([V, -np.ones((len(C), 1))]), C, np.full(len(C), np.inf))
+        if self._polish_lp is not None:
+            self._polish_lp.add_rows(np.hstack([V, -V]), C - V @ self.x - self._polish_tol(), np.full(len(C), np.inf))
+
+    def _polish_tol(self) -> float:
+        return 1e-7
+
+    def _solve(self, lp: LPSession):
+        sol = lp.solve()
+        self.solves += 1
+        self.lp_seconds += sol.seconds
+        return sol
+
+    def _margin_session(self) -> LPSession:
+        if self._margin_lp is None:
+            d = len(self.x)
+            cost = np.zeros(d + 1)
+            cost[-1] = 1.0
+            lb, ub = _box(self.x, self.t)
+            lp = open_session(self.s.solver, cost, np.r_[lb, -1e6], np.r_[ub, 1e6], maximize=True,
+                              time_limit=self.s.time_limit)
+            lp.add_rows(np.hstack([self.V, -np.ones((len(self.C), 1))]), self.C, np.full(len(self.C), np.inf))
+            self._margin_lp = lp
+        return self._margin_lp
+
+    def radius(self) -> tuple[str, float, np.ndarray | None]:
+        """Smallest radius at which every row holds; (status, t, x' at that radius)."""
+        single = min_radius(self.V, self.C, self.x, self.cap)
+        t = max(self.t, float(single.max()) if len(single) else 0.0)
+        if not np.isfinite(t):
+            return ("budget" if self.s.budget is not None and self.cap < 1.0 else "infeasible"), np.inf, None
+        lp = self._margin_session()
+        for _ in range(self.s.max_newton):
+            lb, ub = _box(self.x, t)
+            lp.set_bounds(np.r_[lb, -1e6], np.r_[ub, 1e6])
+            sol = self._solve(lp)
+            if not sol.ok:
+                return sol.status, t, None
+            F = sol.objective
+            if F >= -F_TOL:
+                self.t = t
+                return "optimal", t, sol.x[:-1]
+            lam = np.abs(sol.row_dual)
+            if lam.sum() <= 0:
+                t_new = t * 1.01 + 1e-6
+            else:
+                lam = lam / lam.sum()
+                t_new = float(min_radius((lam @ self.V)[None, :], np.array([lam @ self.C]), self.x, self.cap)[0])
+                if not np.isfinite(t_new):
+                    # the multipliers certify that no radius within the cap satisfies the rows
+                    return ("budget" if self.cap < 1.0 else "infeasible"), np.inf, None
+                if t_new <= t * (1 + 1e-12):
+                    t_new = t * (1 + 1e-6) + 1e-9
+            if t_new > self.cap:
+                return ("budget" if self.cap < 1.0 else "infeasible"), np.inf, None
+            t = t_new
+        return "error:newton did not converge", t, None
+
+    def l1(self, cap: float) -> tuple[str, np.ndarray | None]:
+        """Least L1 perturbation with L-infinity at most ``cap`` (split variables, cap in the bounds)."""
+        d = len(self.x)
+        ub = np.r_[np.minimum(cap, 1.0 - self.x), np.minimum(cap, self.x)]
+        ub = np.maximum(ub, 0.0)
+        if self._polish_lp is None:
+            lp = open_session(self.s.solver, np.ones(2 * d), np.zeros(2 * d), ub, maximize=False,
+                              time_limit=self.s.time_limit)
+            lp.add_rows(np.hstack([self.V, -self.V]), self.C - self.V @ self.x - self._polish_tol(),
+                        np.full(len(self.C), np.inf))
+            self._polish_lp = lp
+        else:
+            self._polish_lp.set_bounds(np.zeros(2 * d), ub)
+        sol = self._solve(self._polish_lp)
+        if not sol.ok:
+            return sol.status, None
+        return "optimal", self.x + sol.x[:d] - sol.x[d:]
+
+
+# -------------------------------------------------------------------------------------------------------
+# One sample: requirements, lazy rows, forward check
+
+
+def _req_key(r: Requirement) -> tuple[int, int]:
+    return (r.layer, r.neuron)
+
+
+def solve_sample(
+    net: NetArrays,
+    x: np.ndarray,
+    pattern: list[np.ndarray],
+    required: list[Requirement],
+    lazy: list[Requirement],
+    settings: LPSettings,
+) -> SampleOutcome:
+    """Perturb ``x`` so that every requirement holds (``required`` are written up front, ``lazy`` only
+    when close to violation), keeping the region ``pattern`` of the lower layers where it matters.
+
+    ``pattern`` is the intended activation pattern per hidden layer (0/1 float arrays); it must already
+    agree with every requirement. Returns the outcome with the perturbed input, or the unchanged input
+    and the reason when the LP fails.
+    """
+    problem = RadiusLP(x, settings)
+    offsets = net.offsets(pattern)
+    in_lp: set[tuple[int, int]] = set()
+    region_in: set[tuple[int, int]] = set()
+    all_reqs = list(required) + list(lazy)
+
+    def add_reqs(reqs: list[Requirement]) -> None:
+        by_layer: dict[int, list[Requirement]] = {}
+        for r in reqs:
+            if _req_key(r) in in_lp:
+                continue
+            in_lp.add(_req_key(r))
+            by_layer.setdefault(r.layer, []).append(r)
+        for layer, rs in by_layer.items():
+            idx = np.array([r.neuron for r in rs])
+            sign = np.array([r.sign for r in rs], dtype=np.float64)
+            marg = np.array([r.margin for r in rs])
+            J = net.rows(layer, idx, pattern)
+            problem.add(sign[:, None] * J, marg - sign * offsets[layer][idx])
+
+    def add_region(layer: int, neurons: np.ndarray) -> None:
+        neurons = np.array([j for j in neurons if (layer, int(j)) not in region_in], dtype=np.int64)
+        if len(neurons) == 0:
+            return
+        for j in neurons:
+            region_in.add((layer, int(j)))
+        sign = np.where(pattern[layer][neurons] > 0, 1.0, -1.0)
+        J = net.rows(layer, neurons, pattern)
+        problem.add(sign[:, None] * J, -sign * offsets[layer][neurons])
+
+    # up-front rows: required, plus lazy rows already close to violation at the clean point
+    z_clean = net.preacts(x)
+    near = [r for r in lazy if r.sign * z_clean[r.layer][r.neuron] < settings.screen * r.margin]
+    add_reqs(list(required) + near)
+    status, xp, radius, rounds, message = "error:no round", None, 0.0, 0, ""
+    met = False
+    for rounds in range(1, settings.max_rounds + 1):
+        if settings.norm == "l1":
+            status, xp = problem.l1(problem.cap)
+            radius = float(np.abs(xp - x).max()) if xp is not None else np.inf
+        else:
+            status, radius, xp = problem.radius()
+            if status == "optimal" and settings.polish:
+                st2, xpol = problem.l1(radius * (1 + settings.polish_slack) + 1e-9)
+                if st2 == "optimal":
+                    xp = xpol
+        if status != "optimal" or xp is None:
+            break
+        xp = np.clip(xp, 0.0, 1.0)
+        z64 = net.preacts(xp)
+        z32 = net.preacts(xp.astype(np.float32), f32=True)
+        new: list[Requirement] = []
+        broken_layers: set[int] = set()
+        for r in all_reqs:
+            v = min(r.sign * z64[r.layer][r.neuron], r.sign * float(z32[r.layer][r.neuron]))
+            if v < settings.check_fraction * r.margin:
+                if _req_key(r) in in_lp:
+                    broken_layers.add(r.layer)
+                else:
+                    new.append(r)
+        # a written row that fails in the real forward pass: the linearisation left its region below
+        added_region = 0
+        if broken_layers:
+            top = max(broken_layers)
+            for h in range(top):
+                flipped = np.nonzero((z64[h] > 0) != (pattern[h] > 0))[0]
+                before = len(region_in)
+                add_region(h, flipped)
+                added_region += len(region_in) - before
+        if not new and not broken_layers:
+            met = True
+            break
+        if not new and added_region == 0:
+            status, message = "unsatisfied", "rows hold in the LP but not in the forward pass (float noise)"
+            break
+        add_reqs(new)
+    else:
+        status, message = "unsatisfied", f"constraints still violated after {settings.max_rounds} rounds"
+    if status != "optimal" or not met:
+        if status == "optimal":
+            status = "unsatisfied"
+        msg = message or {
+            "infeasible": "no perturbation in the data range [0, 1] meets the targets (LP infeasible)",
+            "budget": f"the targets need an L-infinity perturbation above the budget {settings.budget}",
+            "time_limit": f"the LP hit its time limit of {settings.time_limit} s",
+        }.get(status, status)
+        return SampleOutcome(status, x.copy(), np.inf if status in ("infeasible", "budget") else radius,
+                             problem.solves, problem.lp_seconds, len(problem.C), rounds, msg, False)
+    return SampleOutcome("optimal", xp, radius, problem.solves, problem.lp_seconds, len(problem.C), rounds,
+                         "", True)
