@@ -1,0 +1,305 @@
+"""Exclusivity reduction (Pan et al. 2022; algorithms spec §3, D3 with a D1 fallback): the client removes
+the exclusively activated neurons (ExANs) of its batch before it computes its update.
+
+The exclusivity attack starts from gradient rows of the last ReLU layer that belong to one sample only;
+without them it has nothing to divide. For every ExAN ``j`` of sample ``m`` at the last ReLU layer the
+defense takes the cheaper of two linearised moves (spec §3 D3), priced like the fishing targets:
+
+* switch it **off** for its owner: ``z_mj <= -kappa``, or
+* switch it **on** for the other sample closest to firing: ``z_m'j >= kappa``,
+
+and solves one small LP per affected sample (the same machinery as fishing: minimal L-infinity radius by
+dual Newton, L1 polish, lazy rows, float32 check). A perturbation can itself create new ExANs (a
+neuron no other sample uses starts firing, or the partner of a two-sample neuron switches off); those
+become lazy "stay off" rows or requirements of the next round. A sample whose LP fails is removed from
+the batch (batch composition, D1) if ``drop_unprotected`` is set, else left as it is and reported.
+
+The default ``max_exans=0`` leaves no exclusive row at all at the last ReLU layer, which is stronger
+than defeating the certificate (``max_exans=1``: a single pure row still lets the attack rebuild that
+sample, just without a certificate).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError, SolverError
+from fedleak.fishing.lp import LPSettings, NetArrays, Requirement, SampleOutcome, solve_sample
+from fedleak.fishing.perturb import single_threaded_blas
+from fedleak.fishing.solvers import check_solver
+from fedleak.fishing.targets import sensitivities
+from fedleak.models.structure import as_relu_mlp
+
+
+@dataclass(frozen=True)
+class ReductionOptions:
+    """Settings of :class:`ExclusivityReduction`.
+
+    ``max_exans``: ExANs a sample may keep at the last ReLU layer (0: none; 1 already defeats the
+    certificate, which needs 2). ``margin``: kappa of every switched neuron, in pre-activation units.
+    ``budget``: largest L-infinity perturbation (None: anything in [0, 1]). ``rounds``: batch-level rounds
+    (new ExANs a round creates are fixed in the next). ``drop_unprotected``: remove samples that stay
+    exclusive from the batch rather than send them.
+    """
+
+    max_exans: int = 0
+    margin: float = 0.02
+    budget: float | None = None
+    norm: str = "linf"
+    solver: str = "highs"
+    time_limit: float = 10.0
+    rounds: int = 8
+    drop_unprotected: bool = True
+    polish: bool = True
+    polish_slack: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.max_exans < 0:
+            raise SolverError(f"max_exans must be >= 0, got {self.max_exans}")
+        if not (self.margin > 0 and math.isfinite(self.margin)):
+            raise SolverError(f"margin must be a positive number, got {self.margin}")
+        if self.budget is not None and not (0 < self.budget <= 1):
+            raise SolverError(f"budget must lie in (0, 1], got {self.budget}")
+        if self.norm not in ("linf", "l1"):
+            raise SolverError(f"norm must be 'linf' or 'l1', got '{self.norm}'")
+        if self.rounds < 1:
+            raise SolverError("rounds must be >= 1")
+        check_solver(self.solver)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> ReductionOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise SolverError(f"unknown exclusivity-reduction option(s): {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ReducedSample:
+    """Per original sample: ExANs at the last ReLU layer before / after, what was done and what it cost."""
+
+    index: int
+    status: str  # "clean" (nothing to do), "reduced", "unprotected" (kept with ExANs), "dropped"
+    exans_before: int
+    exans_after: int
+    linf: float
+    l2: float
+    psnr: float
+    lp_seconds: float
+    lp_solves: int
+    message: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        for key in ("linf", "l2", "psnr"):
+            if not math.isfinite(d[key]):
+                d[key] = None
+        return d
+
+
+@dataclass(frozen=True)
+class ReductionResult:
+    """The defended batch (``inputs``/``labels``, the kept samples in order) and per-sample statistics."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    kept: np.ndarray  # indices of the original samples that are in ``inputs``
+    samples: tuple[ReducedSample, ...]
+    options: ReductionOptions
+    seconds: float
+
+    @property
+    def protected(self) -> bool:
+        """True when no kept sample has more than ``max_exans`` ExANs at the last ReLU layer."""
+        return all(s.exans_after <= self.options.max_exans for s in self.samples if s.status != "dropped")
+
+    @property
+    def linf(self) -> np.ndarray:
+        return np.array([s.linf for s in self.samples if s.status != "dropped"])
+
+    @property
+    def psnr(self) -> np.ndarray:
+        return np.array([s.psnr for s in self.samples if s.status != "dropped"])
+
+    def summary(self) -> str:
+        kept = [s for s in self.samples if s.status != "dropped"]
+        before = sum(s.exans_before for s in self.samples)
+        after = sum(s.exans_after for s in kept)
+        linf = np.array([s.linf for s in kept]) if kept else np.zeros(1)
+        return (
+            f"exclusivity reduction: last-layer ExANs {before} -> {after}; {len(self.samples) - len(kept)} sample(s) "
+            f"dropped; L-inf mean {linf.mean():.4f} / max {linf.max():.4f}; "
+            f"{'protected' if self.protected else 'NOT protected'}; {self.seconds:.1f} s"
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "batch_size": len(self.samples),
+            "kept": self.kept.tolist(),
+            "protected": self.protected,
+            "seconds": self.seconds,
+            "options": asdict(self.options),
+            "samples": [s.to_dict() for s in self.samples],
+        }
+
+
+def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float) -> np.ndarray:
+    """(M x d) robust ExAN mask among ``alive`` samples: the sample fires (float32) and no other alive
+    sample reaches half the margin (a partner that barely fires does not count as sharing)."""
+    active = (Z32 > 0) & alive[:, None]
+    sure = (Z32 >= 0.5 * kappa) & alive[:, None]
+    n_sure = sure.sum(0)
+    others_sure = n_sure[None, :] - sure.astype(np.int64)
+    return active & (others_sure == 0)
+
+
+def reduce_exclusivity(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: ReductionOptions | None = None, **kwargs
+) -> ReductionResult:
+    """Remove the ExANs of a batch at the last ReLU layer (see the module docstring)."""
+    start = time.perf_counter()
+    opts = options or ReductionOptions.from_kwargs(**kwargs)
+    net = as_relu_mlp(model)
+    if net.depth == 0:
+        raise FedleakError("exclusivity reduction needs at least one hidden ReLU layer")
+    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise FedleakError("inputs must be a non-empty batch tensor (M x ...)")
+    if inputs[0].numel() != net.input_dim:
+        raise FedleakError(f"each input has {inputs[0].numel()} values but the model takes {net.input_dim}")
+    if float(inputs.min()) < 0 or float(inputs.max()) > 1:
+        raise FedleakError("exclusivity reduction works on data in [0, 1]; the inputs leave that range")
+    labels = torch.as_tensor(labels).long().reshape(-1)
+    if labels.shape[0] != inputs.shape[0]:
+        raise FedleakError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
+    A = NetArrays(net)
+    H = A.depth - 1
+    X = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).numpy().copy()
+    M = X.shape[0]
+    kap = opts.margin
+    settings = LPSettings(norm=opts.norm, budget=opts.budget, polish=opts.polish, polish_slack=opts.polish_slack,
+                          solver=opts.solver, time_limit=opts.time_limit)
+    clean_pat = [(z > 0).astype(np.float64) for z in A.preacts(X)]
+    sens = sensitivities(A, [p.mean(0) for p in clean_pat])[H]
+    Xp = X.copy()
+    alive = np.ones(M, dtype=bool)
+    failed = np.zeros(M, dtype=bool)
+    reqs: list[dict[int, int]] = [dict() for _ in range(M)]
+    outcomes: list[SampleOutcome | None] = [None] * M
+    lp_secs = np.zeros(M)
+    lp_solves = np.zeros(M, dtype=np.int64)
+    messages = [""] * M
+    with single_threaded_blas():
+        Z0 = A.preacts(X.astype(np.float32), f32=True)[H]
+        before = _exans(Z0, np.ones(M, dtype=bool), kap).sum(1)
+        for _ in range(opts.rounds):
+            Z = A.preacts(Xp.astype(np.float32), f32=True)[H].astype(np.float64)
+            ex = _exans(Z, alive, kap)
+            counts = ex.sum(1)
+            over = [m for m in range(M) if alive[m] and counts[m] > opts.max_exans and not failed[m]]
+            if not over:
+                break
+            changed: set[int] = set()
+            for m in over:
+                js = np.nonzero(ex[m])[0]
+                # keep the max_exans ExANs that are dearest to remove; remove the rest
+                off_cost = (Z[m, js] + kap) / sens[js]
+                js = js[np.argsort(off_cost)][: len(js) - opts.max_exans]
+                for j in js:
+                    others = np.nonzero(alive & (np.arange(M) != m) & ~failed)[0]
+                    c_off = (Z[m, j] + kap) / sens[j]
+                    if len(others):
+                        partner = others[np.argmax(Z[others, j])]
+                        c_on = (kap - Z[partner, j]) / sens[j]
+                    else:
+                        partner, c_on = -1, np.inf
+                    if c_off <= c_on or reqs[partner].get(int(j)) == -1:
+                        reqs[m][int(j)] = -1
+                        changed.add(m)
+                    else:
+                        reqs[partner][int(j)] = +1
+                        changed.add(int(partner))
+            for m in sorted(changed):
+                pattern = [p[m].copy() for p in clean_pat]
+                for j, s in reqs[m].items():
+                    pattern[H][j] = 1.0 if s > 0 else 0.0
+                required = [Requirement(H, j, s, kap) for j, s in reqs[m].items()]
+                # no new ExAN: neurons no other alive sample fires must not start firing for m
+                others_on = ((Z > 0) & alive[:, None]).sum(0) - (Z[m] > 0)
+                quiet = np.nonzero((others_on == 0) & (pattern[H] == 0))[0]
+                lazy = [Requirement(H, int(j), -1, kap) for j in quiet if int(j) not in reqs[m]]
+                try:
+                    out = solve_sample(A, X[m], pattern, required, lazy, settings)
+                except Exception as exc:  # a solver crash leaves the sample as it was and says so
+                    out = SampleOutcome(f"error:{type(exc).__name__}", X[m].copy(), message=str(exc))
+                lp_secs[m] += out.lp_seconds
+                lp_solves[m] += out.lp_solves
+                outcomes[m] = out
+                if out.ok:
+                    Xp[m] = out.x
+                else:
+                    messages[m] = out.message or out.status
+                    failed[m] = True
+                    Xp[m] = X[m]
+                    if opts.drop_unprotected:
+                        alive[m] = False
+        Zf = A.preacts(Xp.astype(np.float32), f32=True)[H]
+        after = _exans(Zf, alive, kap).sum(1)
+        if opts.drop_unprotected:
+            # batch composition: what still carries ExANs after the rounds is not sent
+            for m in range(M):
+                if alive[m] and after[m] > opts.max_exans:
+                    alive[m] = False
+                    messages[m] = messages[m] or f"still {after[m]} ExAN(s) after {opts.rounds} rounds"
+            for _ in range(M):  # dropping can expose partners; repeat until stable
+                after = _exans(A.preacts(Xp.astype(np.float32), f32=True)[H], alive, kap).sum(1)
+                bad = alive & (after > opts.max_exans)
+                if not bad.any():
+                    break
+                alive[bad] = False
+    kept = np.nonzero(alive)[0]
+    out_x = torch.from_numpy(np.clip(Xp[kept], 0, 1)).to(inputs.dtype).reshape(len(kept), *inputs.shape[1:])
+    samples = []
+    for m in range(M):
+        diff = Xp[m] - X[m]
+        mse = float(np.mean(diff**2))
+        if not alive[m]:
+            status = "dropped"
+        elif after[m] > opts.max_exans:
+            status = "unprotected"
+        elif reqs[m] and np.abs(diff).max() > 0:
+            status = "reduced"
+        else:
+            status = "clean"
+        samples.append(ReducedSample(
+            index=m, status=status, exans_before=int(before[m]), exans_after=int(after[m]) if alive[m] else 0,
+            linf=float(np.abs(diff).max()), l2=float(np.linalg.norm(diff)),
+            psnr=100.0 if mse <= 1e-10 else min(100.0, 10 * math.log10(1 / mse)),
+            lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
+        ))
+    return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
+                           time.perf_counter() - start)
+
+
+class ExclusivityReduction:
+    """``BatchTransform`` a careful client runs before computing its update:
+    ``ExclusivityReduction(**options)(model, x, y) -> (x', y')`` (see :class:`ReductionOptions`).
+    ``last_result`` keeps the client-side statistics of the last batch."""
+
+    def __init__(self, **options) -> None:
+        self.options = ReductionOptions.from_kwargs(**options)
+        self.last_result: ReductionResult | None = None
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result = reduce_exclusivity(model, inputs, labels, self.options)
+        self.last_result = result
+        return result.inputs, result.labels
+
+    def __repr__(self) -> str:
+        return f"ExclusivityReduction({self.options})"
