@@ -166,18 +166,20 @@ class MaliciousOptions:
     that "certified" means exact.
     ``known_scale``: the update is a mean-loss gradient, whose common scale is ``1/num_examples``.
     ``scale``: the common scale if the server knows it (e.g. ``lr / num_examples`` when it dictates the
-    learning rate); by default it is the value most candidates agree on.
+    learning rate); by default it is the value most candidates agree on, and it counts only when at
+    least ``min_support`` candidates agree on it (one candidate always agrees with itself).
     """
 
     group_tol: float = 1e-3
     fit_tol: float = 1e-3
-    scale_tol: float = 1e-3
+    scale_tol: float = 1e-4
     merge_tol: float = 1e-2
     exact_tol: float = 1e-4
     min_rows: int = 1
     min_bias: float = 1e-6
     known_scale: bool = False
     scale: float | None = None
+    min_support: int = 2
 
 
 def _options(options: MaliciousOptions | None, overrides: dict) -> MaliciousOptions:
@@ -320,8 +322,10 @@ def _certify(net: ReluMLP, c: _Cands, n_examples: int | None, opts: MaliciousOpt
     else:
         multi = np.array([len(r) >= 2 for r in c.rows])
         batch_scale, support = _mode_scale(fits, fit_ok & multi[:, None], opts.scale_tol)
-        if support < 2:  # too few multi-row candidates: let every candidate vote
+        if support < opts.min_support:  # too few multi-row candidates: let every candidate vote
             batch_scale, support = _mode_scale(fits, fit_ok, opts.scale_tol)
+        if support < opts.min_support:  # one candidate alone always agrees with itself
+            batch_scale = None
     if batch_scale is None:
         scale_ok = np.zeros_like(fit_ok)
     else:

@@ -101,7 +101,7 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
         used_x.append(x.detach())
         used_orig.append(orig.detach())
         used_y.append(y.detach())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if post is not None:
         g = torch.Generator().manual_seed(int(gen.integers(2**62)))

@@ -77,9 +77,12 @@ def _no_transform(settings: FederationSettings) -> None:
     return None
 
 
+FISHING_DEFAULTS = {"targets_last": 3}  # 3 ExANs at the last layer: a one-step float32 delta certifies reliably
+
+
 def _fishing(settings: FederationSettings) -> BatchTransform:
     cls = _import("fedleak.fishing", "FishingTransform", "the fishing threat")
-    return cls(**dict(settings.transform_options))
+    return cls(**{**FISHING_DEFAULTS, **dict(settings.transform_options)})
 
 
 def _exclusivity_options(settings: FederationSettings) -> dict[str, Any]:

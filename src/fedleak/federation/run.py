@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 
@@ -37,16 +38,23 @@ def ground_truth_scorer(folder: str, preview: int = 8):
         if truth is None:
             return None
         m = match(rec, truth.inputs, truth.labels)
+        # "recovered" counts certified samples only: match those on their own, so that the global
+        # Hungarian assignment cannot pair an exact certified sample with another original to make
+        # room for an uncertified candidate (which would report a false certificate that isn't)
+        keep = rec.certified.bool()
+        mc = match(replace(rec, inputs=rec.inputs[keep], labels=rec.labels[keep], certified=rec.certified[keep]),
+                   truth.inputs, truth.labels)
         psnr_orig = m.mean_psnr()
         if truth.original.shape == truth.inputs.shape and not bool((truth.original == truth.inputs).all()):
             psnr_orig = match(rec, truth.original, truth.labels).mean_psnr()
         pairs = []
+        certified_inputs = rec.inputs[keep]
         for i in range(min(preview, len(truth.inputs))):
-            j = int(m.matched[i])
-            rebuilt = rec.inputs[j].reshape(truth.inputs[i].shape).clamp(0, 1).numpy() if j >= 0 and bool(rec.certified[j]) else None
+            j = int(mc.matched[i])
+            rebuilt = certified_inputs[j].reshape(truth.inputs[i].shape).clamp(0, 1).numpy() if j >= 0 else None
             pairs.append((truth.inputs[i].numpy(), rebuilt))
-        return Scores(len(truth.inputs), int(m.recovered.sum()), m.recovered_fraction, m.mean_psnr(), psnr_orig,
-                      m.label_accuracy, int(m.false_certificate.sum()), tuple(pairs))
+        return Scores(len(truth.inputs), int(mc.recovered.sum()), mc.recovered_fraction, m.mean_psnr(), psnr_orig,
+                      m.label_accuracy, int(mc.false_certificate.sum()), tuple(pairs))
 
     return score
 

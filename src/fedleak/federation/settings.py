@@ -35,7 +35,7 @@ class FederationSettings:
     batch_size: int = 16
     local_steps: int = 1
     local_epochs: int = 0
-    lr: float = 0.5
+    lr: float = 0.1
     hidden: tuple[int, ...] = (1000,)
     partition: str = "iid"
     alpha: float = 0.5

@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedleak.federation._flwr import require_flwr
@@ -232,10 +232,16 @@ class AuditFedAvg(FedAvg):
         return waited
 
     def findings(self) -> list[ClientRecord]:
-        """All per-(round, client) records, sorted; waits for pending attacks first."""
+        """All per-(round, client) records, sorted; waits for pending attacks first.
+
+        A failed reply does not say which partition the node holds: it is filled in from the node's
+        other replies when there are any (else ``client`` stays -1; ``node_id`` is always set)."""
         self.wait()
         with self._lock:
-            return sorted(self._records, key=lambda r: (r.round, r.client, r.node_id))
+            records = list(self._records)
+        partition = {r.node_id: r.client for r in records if r.client >= 0}
+        records = [replace(r, client=partition.get(r.node_id, -1)) if r.client < 0 else r for r in records]
+        return sorted(records, key=lambda r: (r.round, r.client, r.node_id))
 
     def close(self) -> None:
         if self._pool is not None:
