@@ -30,7 +30,7 @@ def federate(
     rounds: int = typer.Option(2, help="federated rounds"),
     threat: str = typer.Option("honest", help="honest | fishing | trap-weights | imprint"),
     defense: str = typer.Option("none", help="none | exclusivity-reduction | weight-noise | sparsification | dp"),
-    defense_strength: float = typer.Option(0.0, help="noise std / kept fraction / DP noise multiplier"),
+    defense_strength: float = typer.Option(0.0, help="weight-noise std / sparsification dropped fraction / DP noise multiplier"),
     clip_norm: float = typer.Option(1.0, help="DP clipping norm (defense dp)"),
     seed: int = typer.Option(0, help="seed of the model, partitions, batches and malicious weights"),
     batch_size: int = typer.Option(16, help="local batch size"),
@@ -44,7 +44,7 @@ def federate(
     imprint_bins: int = typer.Option(0, help="imprint bins (0: the whole first layer)"),
     transform_options: str = typer.Option(None, help="JSON options of the fishing / exclusivity-reduction transform"),
     no_audit: bool = typer.Option(False, "--no-audit", help="run the federation without attacking the updates"),
-    sync_audit: bool = typer.Option(False, "--sync-audit", help="attack inside the round instead of in the background"),
+    audit_mode: str = typer.Option("process", help="process (attacks in a worker process) | thread | sync (inside the round)"),
     ray_cpus: int = typer.Option(1, help="CPUs Ray may use"),
     out: Path = typer.Option(..., help="output folder for results.json and report.html"),
     verbose: bool = typer.Option(False, help="show Flower's and Ray's logs"),
@@ -63,7 +63,7 @@ def federate(
     settings = FederationSettings(
         data=data, clients=clients, rounds=rounds, threat=threat, defense=defense, seed=seed, batch_size=batch_size,
         local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=widths, partition=partition, alpha=alpha,
-        audit=not no_audit, async_audit=not sync_audit, trap_scale=trap_scale, imprint_bins=imprint_bins,
+        audit=not no_audit, audit_mode=audit_mode, trap_scale=trap_scale, imprint_bins=imprint_bins,
         defense_strength=defense_strength, clip_norm=clip_norm, transform_options=_parse_options(transform_options),
         ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
     )

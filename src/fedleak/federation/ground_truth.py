@@ -54,3 +54,42 @@ def read_true_batch(folder: str | os.PathLike[str], server_round: int, node_id: 
         meta = fh.metadata() or {}
         return TrueBatch(fh.get_tensor("inputs"), fh.get_tensor("original"), fh.get_tensor("labels"),
                          int(meta.get("partition", -1)))
+
+
+class GroundTruthScorer:
+    """Evaluation-only scorer (picklable, so it can run in the audit worker process): reads the client's
+    true batch from the side channel *after* the attack and matches the reconstruction against it.
+
+    "Recovered" counts certified samples only, so those are matched on their own: the global Hungarian
+    assignment of :func:`fedleak.metrics.match` could otherwise pair an exact certified sample with
+    another original to make room for an uncertified candidate. PSNR and label accuracy are those of
+    the full reconstruction.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], preview: int = 8) -> None:
+        self.folder = str(folder)
+        self.preview = int(preview)
+
+    def __call__(self, job, rec):
+        from dataclasses import replace
+
+        from fedleak.federation.results import Scores
+        from fedleak.metrics import match
+
+        truth = read_true_batch(self.folder, job.server_round, job.node_id)
+        if truth is None:
+            return None
+        m = match(rec, truth.inputs, truth.labels)
+        keep = rec.certified.bool()
+        certified = replace(rec, inputs=rec.inputs[keep], labels=rec.labels[keep], certified=rec.certified[keep])
+        mc = match(certified, truth.inputs, truth.labels)
+        psnr_orig = m.mean_psnr()
+        if truth.original.shape == truth.inputs.shape and not bool((truth.original == truth.inputs).all()):
+            psnr_orig = match(rec, truth.original, truth.labels).mean_psnr()
+        pairs = []
+        for i in range(min(self.preview, len(truth.inputs))):
+            j = int(mc.matched[i])
+            rebuilt = certified.inputs[j].reshape(truth.inputs[i].shape).clamp(0, 1).numpy() if j >= 0 else None
+            pairs.append((truth.inputs[i].numpy(), rebuilt))
+        return Scores(len(truth.inputs), int(mc.recovered.sum()), mc.recovered_fraction, m.mean_psnr(), psnr_orig,
+                      m.label_accuracy, int(mc.false_certificate.sum()), tuple(pairs))

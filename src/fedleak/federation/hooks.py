@@ -147,25 +147,40 @@ def _exclusivity_reduction(settings: FederationSettings) -> BatchTransform:
     return cls(**dict(settings.transform_options))
 
 
-def _delta_hook(attr: str, purpose: str, key: str) -> Callable[[FederationSettings], UpdatePostprocess]:
-    def factory(settings: FederationSettings) -> UpdatePostprocess:
-        fn = _import("fedleak.defenses", attr, purpose)
+def _weight_noise(settings: FederationSettings) -> UpdatePostprocess:
+    add_noise = _import("fedleak.defenses.weight_noise", "add_weight_noise", "the weight-noise defense")
+    if settings.defense_strength <= 0:
+        raise FedleakError("the weight-noise defense needs --defense-strength > 0 (the noise std)")
 
-        def hook(delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-            return dict(fn(dict(delta), **{key: settings.defense_strength}, generator=generator))
+    def hook(delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from fedleak.updates import GradientUpdate
 
-        return hook
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        return dict(add_noise(GradientUpdate(dict(delta)), settings.defense_strength, seed=seed).gradients)
 
-    return factory
+    return hook
+
+
+def _sparsification(settings: FederationSettings) -> UpdatePostprocess:
+    sparsify = _import("fedleak.defenses.sparsification", "sparsify_update", "the sparsification defense")
+    if not 0 < settings.defense_strength < 1:
+        raise FedleakError("the sparsification defense needs --defense-strength in (0, 1): the fraction dropped")
+
+    def hook(delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        from fedleak.updates import GradientUpdate
+
+        return dict(sparsify(GradientUpdate(dict(delta)), settings.defense_strength).gradients)
+
+    return hook
 
 
 register_defense(Defense("none", "no defense"))
 register_defense(Defense("exclusivity-reduction", "client re-composes/perturbs its batch so that no neuron is "
                          "exclusive (fedleak.defenses.ExclusivityReduction)", transform=_exclusivity_reduction))
-register_defense(Defense("weight-noise", "client adds Gaussian noise of std --defense-strength to its weight delta",
-                         postprocess=_delta_hook("weight_noise", "the weight-noise defense", "std")))
-register_defense(Defense("sparsification", "client keeps the largest --defense-strength fraction of its delta",
-                         postprocess=_delta_hook("sparsification", "the sparsification defense", "keep")))
+register_defense(Defense("weight-noise", "client adds Gaussian noise of std --defense-strength to its weight delta "
+                         "(fedleak.defenses.weight_noise)", postprocess=_weight_noise))
+register_defense(Defense("sparsification", "client drops the --defense-strength fraction of smallest entries of "
+                         "its delta, per tensor (fedleak.defenses.sparsification)", postprocess=_sparsification))
 register_defense(Defense("dp", "Flower's DP: clients clip their update (fixedclipping_mod), the server adds noise "
                          "of --defense-strength times --clip-norm (DifferentialPrivacyClientSideFixedClipping)",
                          flower_dp=True))

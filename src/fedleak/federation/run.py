@@ -17,46 +17,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 
 from fedleak.errors import FedleakError
 from fedleak.federation._flwr import require_flwr
-from fedleak.federation.ground_truth import read_true_batch
-from fedleak.federation.results import ClientRecord, FederationResult, RoundRecord, Scores
+from fedleak.federation.ground_truth import GroundTruthScorer
+from fedleak.federation.results import ClientRecord, FederationResult, RoundRecord
 from fedleak.federation.settings import FederationSettings
-from fedleak.reconstruction import Reconstruction
-
-
-def ground_truth_scorer(folder: str, preview: int = 8):
-    """Evaluation-only scorer: reads the client's true batch from the side channel and matches."""
-    from fedleak.metrics import match
-
-    def score(job, rec: Reconstruction) -> Scores | None:
-        truth = read_true_batch(folder, job.server_round, job.node_id)
-        if truth is None:
-            return None
-        m = match(rec, truth.inputs, truth.labels)
-        # "recovered" counts certified samples only: match those on their own, so that the global
-        # Hungarian assignment cannot pair an exact certified sample with another original to make
-        # room for an uncertified candidate (which would report a false certificate that isn't)
-        keep = rec.certified.bool()
-        mc = match(replace(rec, inputs=rec.inputs[keep], labels=rec.labels[keep], certified=rec.certified[keep]),
-                   truth.inputs, truth.labels)
-        psnr_orig = m.mean_psnr()
-        if truth.original.shape == truth.inputs.shape and not bool((truth.original == truth.inputs).all()):
-            psnr_orig = match(rec, truth.original, truth.labels).mean_psnr()
-        pairs = []
-        certified_inputs = rec.inputs[keep]
-        for i in range(min(preview, len(truth.inputs))):
-            j = int(mc.matched[i])
-            rebuilt = certified_inputs[j].reshape(truth.inputs[i].shape).clamp(0, 1).numpy() if j >= 0 else None
-            pairs.append((truth.inputs[i].numpy(), rebuilt))
-        return Scores(len(truth.inputs), int(mc.recovered.sum()), mc.recovered_fraction, m.mean_psnr(), psnr_orig,
-                      m.label_accuracy, int(mc.false_certificate.sum()), tuple(pairs))
-
-    return score
 
 
 @contextmanager
@@ -152,7 +120,7 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     start = time.perf_counter()
     with isolated_environment() as folder, _sigterm_as_interrupt():
         gt_dir = os.path.join(folder, "ground-truth")
-        strategy, audit = build_strategy(settings, scorer=ground_truth_scorer(gt_dir), on_finding=on_finding)
+        strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir), on_finding=on_finding)
         mods = []
         if defense.flower_dp:
             from flwr.clientapp.mod import fixedclipping_mod
@@ -169,9 +137,13 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         try:
             run_simulation(server_app=server_app, client_app=make_client_app(mods), num_supernodes=settings.clients,
                            backend_config=backend, verbose_logging=verbose)
+            shutdown_ray()  # the clients are done; the audit may still be finishing
             records = audit.findings()  # waits for the attacks still running
-        finally:
             audit.close()
+        except BaseException:
+            audit.close(force=True)  # kill a running attack at once (error, Ctrl-C, SIGTERM)
+            raise
+        finally:
             shutdown_ray()
             flwr_logger.setLevel(old_level)
     if len(evaluations) < settings.rounds + 1:

@@ -21,7 +21,7 @@ class FederationSettings:
     on batches of ``batch_size`` (one step: the update is ``lr`` times one batch gradient, which the
     exact attacks can invert); with ``local_epochs > 0`` it runs that many passes over its partition.
     ``transform_options`` go to the client-side batch transform (fishing, exclusivity reduction) and
-    ``defense_strength`` is the defense's knob (noise std, kept fraction, DP noise multiplier).
+    ``defense_strength`` is the defense's knob (noise std, dropped fraction, DP noise multiplier).
     ``inject_faults`` (testing): ``"fail:P@R"`` makes partition P raise in round R, ``"malformed:P@R"``
     makes it send NaN weights (``@R`` omitted: every round).
     """
@@ -42,7 +42,7 @@ class FederationSettings:
     test_size: int = 1000
     public_size: int = 1000
     audit: bool = True
-    async_audit: bool = True
+    audit_mode: str = "process"
     trap_scale: float = 0.8
     imprint_bins: int = 0
     defense_strength: float = 0.0
@@ -64,6 +64,8 @@ class FederationSettings:
             (self.local_epochs >= 0, f"--local-epochs must be 0 or more, got {self.local_epochs}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (len(self.hidden) >= 1 and min(self.hidden) >= 1, f"--hidden needs positive widths, got {self.hidden}"),
+            (self.audit_mode in ("process", "thread", "sync"),
+             f"audit mode must be process, thread or sync, got '{self.audit_mode}'"),
             (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
             (0 < self.client_cpus <= self.ray_cpus, f"client_cpus must lie in (0, ray_cpus], got {self.client_cpus}"),
         ]

@@ -14,7 +14,7 @@ function of a malicious server). :meth:`aggregate_train` checks every reply: a c
 (error reply) or sent a malformed update (missing/extra arrays, wrong shapes, NaN/inf, no positive
 ``num-examples``) is reported and left out of the average; every valid update becomes a
 :class:`fedleak.WeightUpdate` (sent weights, returned weights, num-examples) and is attacked, by
-default on a background thread so the next round does not wait. The attack sees only that update.
+by default in a worker process so the next round does not wait. The attack sees only that update.
 
 Scoring needs the clients' true data, which a server never has: pass a ``scorer`` (evaluation only)
 that looks the batch up elsewhere (``fedleak federate`` uses the side channel of
@@ -28,9 +28,10 @@ import copy
 import math
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,41 +45,16 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fedleak.api import reconstruct  # noqa: E402
 from fedleak.attacks import malicious as _malicious  # noqa: E402,F401  (registers trap-weights, imprint)
 from fedleak.errors import FedleakError, UpdateError  # noqa: E402
-from fedleak.federation.results import ClientRecord, Scores  # noqa: E402
-from fedleak.reconstruction import Reconstruction  # noqa: E402
-from fedleak.updates import GradientUpdate, WeightUpdate  # noqa: E402
+from fedleak.federation.audit_worker import AuditInput, AuditPlan, Scorer, init_worker, run_audit  # noqa: E402
+from fedleak.federation.results import ClientRecord  # noqa: E402
+from fedleak.updates import WeightUpdate  # noqa: E402
 
 
-@dataclass(frozen=True)
-class AuditPlan:
-    """Which attack to run on each update and how.
-
-    ``update_kind``: ``"gradient"`` gives the attack the weight delta ``before - after`` as a gradient
-    with ``num_examples`` (for the exclusivity attack with ``known_scale=False``: a one-step delta is
-    ``lr/M`` times the mean-loss gradient); ``"weights"`` gives it the :class:`WeightUpdate` itself.
-    """
-
-    attack: str = "exclusivity"
-    options: Mapping[str, Any] = field(default_factory=lambda: {"known_scale": False})
-    update_kind: str = "gradient"
-
-
-@dataclass(frozen=True)
-class AuditInput:
-    """What the attack of one (round, client) is given: the sent model and the client's update."""
-
-    server_round: int
-    node_id: int
-    partition: int
-    model: nn.Module
-    update: WeightUpdate
-
-
-Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
 Tamper = Callable[[nn.Module, int], nn.Module]
+AUDIT_MODES = ("process", "thread", "sync")
+__all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer"]
 
 
 def _state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -90,13 +66,16 @@ class AuditFedAvg(FedAvg):
 
     ``model``: a module of the federation's architecture (its weights are ignored: each round's sent
     weights are loaded into a copy). ``tamper(model, round) -> model``: a malicious server's change of
-    the weights it sends (same architecture), or None for an honest server. ``async_audit``: run the
-    attacks on a background thread. ``scorer``: evaluation-only scoring (see module docstring).
+    the weights it sends (same architecture), or None for an honest server. ``audit_mode``:
+    ``"process"`` (default: attacks run in one worker process, so neither the GIL nor the attack's CPU
+    time holds up Flower's server thread), ``"thread"`` (a background thread) or ``"sync"`` (inside
+    ``aggregate_train``). ``scorer``: evaluation-only scoring (see module docstring); with
+    ``"process"`` it must be picklable (e.g. :class:`~fedleak.federation.ground_truth.GroundTruthScorer`).
     ``on_finding``: called with each :class:`ClientRecord` as it completes. Other keywords go to FedAvg.
     """
 
     def __init__(self, model: nn.Module, plan: AuditPlan | None = None, *, tamper: Tamper | None = None,
-                 scorer: Scorer | None = None, async_audit: bool = True, audit: bool = True,
+                 scorer: Scorer | None = None, audit_mode: str = "process", audit: bool = True,
                  on_finding: Callable[[ClientRecord], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.template = copy.deepcopy(model).cpu()
@@ -109,7 +88,10 @@ class AuditFedAvg(FedAvg):
         self._records: list[ClientRecord] = []
         self._futures: list[Future] = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedleak-audit") if async_audit else None
+        if audit_mode not in AUDIT_MODES:
+            raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
+        self.audit_mode = audit_mode
+        self._pool: Executor | None = None
         self.round_seconds: dict[int, float] = {}
         self.audit_wait_seconds = 0.0
         self._round_start: dict[int, float] = {}
@@ -145,10 +127,12 @@ class AuditFedAvg(FedAvg):
             valid.append(msg)
             if self.audit:
                 job = AuditInput(server_round, node, partition, self._model(sent), update)
-                if self._pool is not None:
-                    self._futures.append(self._pool.submit(self._run_audit, job))
+                if self.audit_mode == "sync":
+                    self._add(run_audit(self.plan, job, self.scorer))
                 else:
-                    self._run_audit(job)
+                    fut = self._executor().submit(run_audit, self.plan, job, self.scorer)
+                    fut.add_done_callback(self._collect)
+                    self._futures.append(fut)
         out = super().aggregate_train(server_round, valid) if valid else (None, None)
         if server_round in self._round_start:
             self.round_seconds[server_round] = time.perf_counter() - self._round_start[server_round]
@@ -194,26 +178,23 @@ class AuditFedAvg(FedAvg):
         update = WeightUpdate(sent, {k: v.to(sent[k].dtype) for k, v in after.items()}, num_examples=int(n))
         return update, self._partition_of(msg)
 
-    def _run_audit(self, job: AuditInput) -> None:
-        start = time.perf_counter()
-        try:
-            if self.plan.update_kind == "weights":
-                attacked: Any = job.update
+    def _executor(self) -> Executor:
+        if self._pool is None:
+            if self.audit_mode == "process":
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=init_worker)
             else:
-                attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
-            # the attack sees the sent model and the update only
-            rec = reconstruct(job.model, attacked, attack=self.plan.attack, **dict(self.plan.options))
-            seconds = time.perf_counter() - start
-            scores = self.scorer(job, rec) if self.scorer is not None else None
-            record = ClientRecord.from_attack(job.server_round, job.node_id, job.partition, job.update.num_examples,
-                                              rec, seconds, scores)
-        except Exception as exc:  # noqa: BLE001 - an attack failure must not end the federation
-            detail = f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, FedleakError):
-                detail += " | " + traceback.format_exc(limit=3).replace("\n", " ")
-            record = ClientRecord.skipped(job.server_round, job.node_id, job.partition, "attack-error", detail,
-                                          num_examples=job.update.num_examples)
-        self._add(record)
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedleak-audit")
+        return self._pool
+
+    def _collect(self, fut: Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:  # the worker died (run_audit itself never raises)
+            self._add(ClientRecord.skipped(-1, -1, -1, "attack-error", f"audit worker failed: {exc!r}"))
+        else:
+            self._add(fut.result())
 
     def _add(self, record: ClientRecord) -> None:
         with self._lock:
@@ -225,8 +206,7 @@ class AuditFedAvg(FedAvg):
     def wait(self) -> float:
         """Wait for pending attacks; returns the seconds spent waiting."""
         start = time.perf_counter()
-        for fut in list(self._futures):
-            fut.result()
+        futures_wait(list(self._futures))
         waited = time.perf_counter() - start
         self.audit_wait_seconds += waited
         return waited
@@ -243,6 +223,12 @@ class AuditFedAvg(FedAvg):
         records = [replace(r, client=partition.get(r.node_id, -1)) if r.client < 0 else r for r in records]
         return sorted(records, key=lambda r: (r.round, r.client, r.node_id))
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, force: bool = False) -> None:
+        """Stop the audit worker (``force``: at once, killing a running attack, e.g. on Ctrl-C)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if force and isinstance(pool, ProcessPoolExecutor):
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=not force, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Example Flower app audited by fedleak."""

@@ -1,0 +1,84 @@
+"""One audit job: run the attack on one client update, then (evaluation only) score it.
+
+Free of Flower and picklable, so :class:`~fedleak.federation.strategy.AuditFedAvg` can run it inline,
+on a thread or in a separate worker process (the default: the attack then does not compete with
+Flower's server thread for Python's GIL, and the round does not wait for it).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fedleak.errors import FedleakError
+from fedleak.federation.results import ClientRecord, Scores
+from fedleak.reconstruction import Reconstruction
+from fedleak.updates import GradientUpdate, WeightUpdate
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """Which attack to run on each update and how.
+
+    ``update_kind``: ``"gradient"`` gives the attack the weight delta ``before - after`` as a gradient
+    with ``num_examples`` (for the exclusivity attack with ``known_scale=False``: a one-step delta is
+    ``lr/M`` times the mean-loss gradient); ``"weights"`` gives it the :class:`WeightUpdate` itself.
+    """
+
+    attack: str = "exclusivity"
+    options: Mapping[str, Any] = field(default_factory=lambda: {"known_scale": False})
+    update_kind: str = "gradient"
+
+
+@dataclass(frozen=True)
+class AuditInput:
+    """What the attack of one (round, client) is given: the sent model and the client's update."""
+
+    server_round: int
+    node_id: int
+    partition: int
+    model: nn.Module
+    update: WeightUpdate
+
+
+Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
+
+
+def init_worker() -> None:
+    """Worker-process initialiser: one torch thread, attacks registered."""
+    import torch
+
+    import fedleak.attacks  # noqa: F401  (registers every attack)
+    from fedleak.attacks import malicious  # noqa: F401
+
+    torch.set_num_threads(1)
+
+
+def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> ClientRecord:
+    """Attack ``job.update`` with ``plan`` (the attack sees the sent model and the update only), then
+    let ``scorer`` (evaluation only) compare with the client's true batch. Never raises."""
+    from fedleak.api import reconstruct
+    from fedleak.attacks import malicious  # noqa: F401  (registers trap-weights, imprint)
+
+    start = time.perf_counter()
+    try:
+        if plan.update_kind == "weights":
+            attacked: Any = job.update
+        else:
+            attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
+        rec = reconstruct(job.model, attacked, attack=plan.attack, **dict(plan.options))
+        seconds = time.perf_counter() - start
+        scores = scorer(job, rec) if scorer is not None else None
+        return ClientRecord.from_attack(job.server_round, job.node_id, job.partition, job.update.num_examples, rec,
+                                        seconds, scores)
+    except Exception as exc:  # noqa: BLE001 - an attack failure must not end the federation
+        detail = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, FedleakError):
+            detail += " | " + traceback.format_exc(limit=3).replace("\n", " ")
+        return ClientRecord.skipped(job.server_round, job.node_id, job.partition, "attack-error", detail,
+                                    num_examples=job.update.num_examples)
