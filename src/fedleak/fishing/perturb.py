@@ -56,6 +56,8 @@ class FishingOptions:
     ``targets_last`` / ``targets_other``: ExANs to create per sample at the last / every other ReLU layer.
     ``solver``: LP backend (see ``fedleak.fishing.available_solvers()``); ``time_limit`` per LP, seconds.
     ``workers``: threads solving per-sample LPs concurrently (1: sequential).
+    ``gamma`` / ``burden``: target pricing (aim at ``gamma*margin``; weight of the push-down the other
+    samples need, measured best at 0.3 on Fashion-MNIST, see docs/fishing.md).
     ``repair_rounds``: rounds of re-targeting samples whose targets a failed (unperturbed) sample blocks.
     """
 
@@ -70,6 +72,7 @@ class FishingOptions:
     polish: bool = True
     polish_slack: float = 0.25
     gamma: float = 2.0
+    burden: float = 0.3
     max_rounds: int = 12
     repair_rounds: int = 3
     check_fraction: float = 0.5
@@ -291,7 +294,7 @@ class _Fisher:
         return bad
 
     def run(self) -> None:
-        asg = choose_targets(self.A, self.X, self.y, self.k, self.o.margin, gamma=self.o.gamma)
+        asg = choose_targets(self.A, self.X, self.y, self.k, self.o.margin, gamma=self.o.gamma, burden=self.o.burden)
         self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
         self.solve_many(list(range(self.M)))

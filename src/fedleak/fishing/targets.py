@@ -48,7 +48,7 @@ def _other_max(Z: np.ndarray) -> np.ndarray:
 
 
 def target_costs(
-    Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, fixed: np.ndarray, burden: float = 1.0
+    Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, fixed: np.ndarray, burden: float = 0.3
 ) -> np.ndarray:
     """Price matrix (M x d) of owning each neuron. ``fixed`` marks samples that will not move: a neuron a
     fixed sample activates (within the margin) cannot be owned by anyone, and fixed samples own nothing.
@@ -120,7 +120,7 @@ def choose_targets(
     *,
     gamma: float = 2.0,
     fixed: np.ndarray | None = None,
-    burden: float = 1.0,
+    burden: float = 0.3,
 ) -> Assignment:
     """Assign ``k_per_layer[h]`` disjoint targets per sample and layer (spec §4.3 Steps A and B)."""
     M = X.shape[0]
