@@ -19,6 +19,7 @@ from fedleak import metrics
 from fedleak.analysis import ExclusivityReport, analyze_exclusivity
 from fedleak.api import reconstruct
 from fedleak.attacks import ExclusivityOptions, available_attacks
+from fedleak.attacks.malicious import imprint_weights, trap_weights
 from fedleak.clients import fedavg_update, local_training
 from fedleak.data import Dataset, available_datasets, load_dataset
 from fedleak.errors import DataError, FedleakError, ModelError, SolverError, UpdateError
@@ -65,6 +66,7 @@ __all__ = [
     "compute_gradient_update",
     "fedavg_update",
     "fish",
+    "imprint_weights",
     "load_dataset",
     "load_update",
     "local_training",
@@ -75,4 +77,5 @@ __all__ = [
     "reconstruct",
     "save_mlp",
     "save_update",
+    "trap_weights",
 ]
