@@ -49,10 +49,21 @@ class AuditInput:
 Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
 
 
-def init_worker() -> None:
-    """Worker-process initialiser: one torch thread, attacks registered."""
+AUDIT_NICENESS = 10
+
+
+def init_worker(niceness: int = AUDIT_NICENESS) -> None:
+    """Worker-process initialiser: lower CPU priority (the federation's own processes go first, the audit
+    uses what is left and catches up after the last round), one torch thread, attacks registered."""
+    import os
+
     import torch
 
+    if niceness and hasattr(os, "nice"):
+        try:
+            os.nice(int(niceness))
+        except OSError:  # pragma: no cover - not permitted
+            pass
     import fedleak.attacks  # noqa: F401  (registers every attack)
     from fedleak.attacks import malicious  # noqa: F401
 
