@@ -1,0 +1,74 @@
+"""Parsing users' nn.Sequential CNNs, the unrolled conv/pool matrices, and make_convnet."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedleak
+from fedleak.errors import ModelError
+from fedleak.models.convnet import as_relu_cnn, is_cnn, make_convnet
+
+
+@pytest.mark.parametrize("pool", [None, "avg", "max"])
+def test_unrolled_blocks_match_torch(pool):
+    x, _ = fedleak.load_dataset("lfw").batch(3, seed=0)
+    model = make_convnet((1, 25, 25), 2, channels=(3, 5), padding=1, pool=pool, fc_widths=(16,), batch_norm=True)
+    net = as_relu_cnn(model)
+    a = x.double()
+    for blk in net.blocks:
+        A, c = blk.affine
+        z = (A @ a.reshape(3, -1).numpy().T).T + c
+        assert np.abs(z - blk.preact(a).reshape(3, -1).numpy()).max() < 1e-12
+        if pool == "avg":
+            pooled = (blk.pool_matrix @ np.maximum(z, 0).T).T
+        elif pool == "max":
+            pooled = np.maximum(z, 0)[:, blk.pool_windows].max(-1)
+        else:
+            pooled = np.maximum(z, 0)
+        a = blk.forward(a)
+        assert np.abs(pooled - a.reshape(3, -1).numpy()).max() < 1e-12
+    # the parsed features are the real model's Linear input
+    feats = nn.Sequential(*list(model)[: list(model).index(next(m for m in model if isinstance(m, nn.Flatten))) + 1])(x)
+    assert torch.allclose(net.features(x).float(), feats, atol=1e-5)
+    assert net.head.depth == 1 and net.num_classes == 2 and is_cnn(model)
+
+
+def test_users_sequential_with_names():
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.AvgPool2d(2)),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3),
+    )
+    net = as_relu_cnn(model, (1, 8, 8))
+    assert net.blocks[0].conv.weight_name == "0.0.weight"
+    assert net.head.dense[0].weight_name == "2.weight"
+    assert set(net.parameter_names()) == {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("layers, needle", [
+    ([nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2)], "'1' (Sigmoid)"),
+    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Dropout(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2)], "'2' (Dropout)"),
+    ([nn.Conv2d(1, 2, 3, groups=1, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(50, 4), nn.ReLU(), nn.Linear(4, 2)], "dilation"),
+    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(32, 4), nn.ReLU(), nn.Linear(4, 2)], "'2' (MaxPool2d)"),
+    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2)], "no hidden ReLU"),
+    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(70, 4), nn.ReLU(), nn.Linear(4, 2)], "'3' takes 70"),
+])
+def test_refuses_unsupported_layers(layers, needle):
+    with pytest.raises(ModelError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        as_relu_cnn(nn.Sequential(*layers), (1, 8, 8))
+
+
+def test_train_mode_batch_norm_is_refused():
+    model = make_convnet((1, 8, 8), 2, channels=(2,), fc_widths=(4,), batch_norm=True).train()
+    with pytest.raises(ModelError, match="BatchNorm2d.*training mode"):
+        as_relu_cnn(model)
+
+
+def test_make_convnet_is_seeded_and_checks_arguments():
+    a = make_convnet((1, 12, 12), 3, channels=(2, 4), fc_widths=(8,), seed=3)
+    b = make_convnet((1, 12, 12), 3, channels=(2, 4), fc_widths=(8,), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ModelError, match="pool"):
+        make_convnet((1, 12, 12), 3, pool="median")
+    with pytest.raises(ModelError, match="too small"):
+        make_convnet((1, 4, 4), 3, channels=(2, 2, 2), kernel=3)
