@@ -11,3 +11,4 @@ __all__ = ["AttackInfo", "ExclusivityOptions", "available_attacks", "get_attack"
 from fedleak.attacks import auto as _auto  # noqa: E402,F401
 from fedleak.attacks import dlm as _dlm  # noqa: E402,F401
 from fedleak.attacks import optimization as _optimization  # noqa: E402,F401
+from fedleak.attacks import conv_exclusivity as _conv_exclusivity  # noqa: E402,F401  (CNNs, issue 6)
