@@ -117,13 +117,13 @@ def analyze_conv_exclusivity(
     opts = ConvExclusivityOptions(**attack_options)
     dtype = net.blocks[0].conv.module.weight.dtype
     M = inputs.shape[0]
-    x = inputs.reshape(M, *net.input_shape).to(dtype)
+    x = inputs.reshape(M, *net.input_shape).to(dtype).detach().requires_grad_(True)
     # forward with the conv pre-activations kept, then per-sample backward signals by autograd
     # (samples are independent: eval-mode BN, no cross-sample ops)
     pres, acts = [], [x]
     a = x
     for blk in net.blocks:
-        z = blk.preact(a, dtype).detach().requires_grad_(True)
+        z = blk.preact(a, dtype)
         pres.append(z)
         a = blk.apply_pool(torch.relu(z))
         acts.append(a)
@@ -139,7 +139,7 @@ def analyze_conv_exclusivity(
         raise FedleakError(f"labels must lie in [0, {net.num_classes - 1}]")
     loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
     deltas = torch.autograd.grad(loss, pres)
-    head_report = analyze_exclusivity(head, feats.detach(), labels, min_last=min_last, min_other=min_other)
+    head_report = analyze_exclusivity(head, feats.detach(), labels.detach(), min_last=min_last, min_other=min_other)
 
     # solvability, top block first, from the true activations (what the attack would see)
     solvable = np.zeros((len(net.blocks), M), dtype=bool)
