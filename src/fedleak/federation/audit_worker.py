@@ -93,3 +93,25 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
             detail += " | " + traceback.format_exc(limit=3).replace("\n", " ")
         return ClientRecord.skipped(job.server_round, job.node_id, job.partition, "attack-error", detail,
                                     num_examples=job.update.num_examples)
+
+
+# ---- worker-process side: the sent model is shipped once per round, each reply ships only its weights
+_ROUND_MODELS: dict[int, nn.Module] = {}
+
+
+def set_round_model(server_round: int, model: nn.Module) -> None:
+    """Remember the model the server sent in ``server_round`` (the last two rounds are kept)."""
+    _ROUND_MODELS[int(server_round)] = model
+    for old in sorted(_ROUND_MODELS)[:-2]:
+        del _ROUND_MODELS[old]
+
+
+def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int, after: Mapping[str, Any],
+                num_examples: int, scorer: Scorer | None) -> ClientRecord:
+    """:func:`run_audit` of one reply, against the round's model set by :func:`set_round_model`."""
+    model = _ROUND_MODELS.get(int(server_round))
+    if model is None:
+        return ClientRecord.skipped(server_round, node_id, partition, "attack-error",
+                                    "the audit worker has no model for this round", num_examples=num_examples)
+    update = WeightUpdate(model.state_dict(), after, num_examples=num_examples)
+    return run_audit(plan, AuditInput(server_round, node_id, partition, model, update), scorer)

@@ -47,7 +47,15 @@ from torch import nn  # noqa: E402
 
 from fedleak.attacks import malicious as _malicious  # noqa: E402,F401  (registers trap-weights, imprint)
 from fedleak.errors import FedleakError, UpdateError  # noqa: E402
-from fedleak.federation.audit_worker import AuditInput, AuditPlan, Scorer, init_worker, run_audit  # noqa: E402
+from fedleak.federation.audit_worker import (  # noqa: E402
+    AuditInput,
+    AuditPlan,
+    Scorer,
+    audit_reply,
+    init_worker,
+    run_audit,
+    set_round_model,
+)
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.updates import WeightUpdate  # noqa: E402
 
@@ -92,6 +100,8 @@ class AuditFedAvg(FedAvg):
             raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
         self.audit_mode = audit_mode
         self._pool: Executor | None = None
+        self._shipped: set[int] = set()
+        self._models_round: tuple[int, nn.Module | None] = (-1, None)
         self.round_seconds: dict[int, float] = {}
         self.audit_wait_seconds = 0.0
         self._round_start: dict[int, float] = {}
@@ -100,6 +110,8 @@ class AuditFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_start[server_round] = time.perf_counter()
+        if self.audit and self.audit_mode == "process" and self._pool is None:
+            self._executor().submit(init_worker, 0)  # start the worker now, while the clients train
         sent = _state_dict_of(arrays)
         if self.tamper is not None:
             model = self._model(sent)
@@ -126,19 +138,34 @@ class AuditFedAvg(FedAvg):
                 continue
             valid.append(msg)
             if self.audit:
-                job = AuditInput(server_round, node, partition, self._model(sent), update)
-                if self.audit_mode == "sync":
-                    self._add(run_audit(self.plan, job, self.scorer))
-                else:
+                if self.audit_mode == "process":
+                    # one worker runs jobs in order: ship the round's model once, then only each reply's weights
+                    if server_round not in self._shipped:
+                        self._executor().submit(set_round_model, server_round, self._model(sent))
+                        self._shipped.add(server_round)
+                    fut = self._executor().submit(audit_reply, self.plan, server_round, node, partition,
+                                                  dict(update.after), int(update.num_examples), self.scorer)
+                elif self.audit_mode == "thread":
+                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update)
                     fut = self._executor().submit(run_audit, self.plan, job, self.scorer)
-                    fut.add_done_callback(self._collect)
-                    self._futures.append(fut)
+                else:
+                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update)
+                    self._add(run_audit(self.plan, job, self.scorer))
+                    continue
+                fut.add_done_callback(self._collect)
+                self._futures.append(fut)
         out = super().aggregate_train(server_round, valid) if valid else (None, None)
         if server_round in self._round_start:
             self.round_seconds[server_round] = time.perf_counter() - self._round_start[server_round]
         return out
 
     # ---- audit -----------------------------------------------------------------------------------------
+    def _round_model(self, server_round: int, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """One copy of the sent model per round, shared by that round's attacks (they only read it)."""
+        if self._models_round[0] != server_round:
+            self._models_round = (server_round, self._model(state))
+        return self._models_round[1]
+
     def _model(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         model = copy.deepcopy(self.template)
         model.load_state_dict(state)
