@@ -146,6 +146,17 @@ def markdown(result: dict) -> str:
                              + f" ({sum(x['seconds'] for x in (a, b) if x):.0f} s)")
             out.append(f"| {d} | {mdl} | " + " | ".join(cells) + " |")
         out.append("")
+    erows = result.get("exact_route", [])
+    if erows:
+        lrs = sorted({r["client_lr"] for r in erows})
+        out.append("Recovered fraction (certified and exact) of the exact route on a one-step weight delta\n")
+        out.append("| batch M | " + " | ".join(f"client lr {v:g}" for v in lrs) + " |")
+        out.append("|---|" + "---|" * len(lrs))
+        for m in sorted({r["batch"] for r in erows}):
+            cells = [next(f"{r['recovered']:.2f} ({r['seconds']:.2f} s)" for r in erows
+                          if r["batch"] == m and r["client_lr"] == v) for v in lrs]
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
     drows = result.get("defenses", [])
     if drows:
         attacks = list(dict.fromkeys(r["attack"] for r in drows))
@@ -167,6 +178,23 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def exact_route(widths, batches, lrs, log):
+    """The exact route alone (exclusivity on a one-step weight delta of unknown learning rate)."""
+    ds = fedleak.load_dataset("digits")
+    model = fedleak.make_mlp(ds.input_shape, widths, 10, seed=0)
+    rows = []
+    for m in batches:
+        x, y = ds.batch(m, seed=900 + m)
+        for lr in lrs:
+            upd = fedavg_update(model, x, y, lr=lr, local_steps=1)
+            r = run("exclusivity", model, upd, x, y, 0)
+            r.update(batch=m, client_lr=lr, widths=list(widths))
+            rows.append(r)
+            log(f"exact M={m:3d} lr={lr:<6g} recovered={r['recovered']:.2f} false={r['false_certificates']} "
+                f"({r['seconds']:.2f} s)")
+    return rows
+
+
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -176,7 +204,10 @@ def atomic_write(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=["steps", "defenses"], default=None)
+    ap.add_argument("--only", choices=["steps", "defenses", "exact"], default=None)
+    ap.add_argument("--exact-widths", nargs="+", type=int, default=[1024])
+    ap.add_argument("--exact-batches", nargs="+", type=int, default=[1, 4, 8, 16])
+    ap.add_argument("--exact-lrs", nargs="+", type=float, default=[0.01, 0.1, 1.0])
     ap.add_argument("--iterations", type=int, default=500)
     ap.add_argument("--client-lr", type=float, default=0.05)
     ap.add_argument("--datasets", nargs="+", default=["digits", "fashion"], choices=sorted(DATA))
@@ -215,6 +246,8 @@ def main(argv=None) -> int:
     if args.only in (None, "defenses"):
         result["defenses"] = defenses(args.iterations, args.defense_lr, args.noise, args.sparsity,
                                       args.defense_batch, log)
+    if args.only in (None, "exact"):
+        result["exact_route"] = exact_route(args.exact_widths, args.exact_batches, args.exact_lrs, log)
     result["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write(args.out, json.dumps(result, indent=1))
     log(f"wrote {args.out}")

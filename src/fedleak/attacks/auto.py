@@ -123,8 +123,12 @@ def auto_attack(
             fixed_x = exact.inputs[certified]
             fixed_y = exact.labels[certified]
             if m is None:
-                raise FedleakError("auto: the batch size is unknown, so the samples left to optimise are "
-                                   "unknown; pass batch_size=...")
+                notes.append("auto: the batch size is unknown, so it is unknown whether samples are missing: "
+                             "returning the certified samples only (pass batch_size=... to search for the rest)")
+                keep = certified.nonzero().flatten()
+                return replace(exact, attack="auto:exclusivity", inputs=exact.inputs[keep], labels=exact.labels[keep],
+                               certified=exact.certified[keep],
+                               samples=tuple(exact.samples[i] for i in keep.tolist()), notes=tuple(notes))
             rest = fallback(model, update, input_shape=input_shape, batch_size=m,
                             fixed_inputs=fixed_x, fixed_labels=fixed_y, **options)
             free = ~torch.cat([torch.ones(n_cert, dtype=torch.bool), torch.zeros(len(rest) - n_cert, dtype=torch.bool)])
