@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trials", type=int, default=3, help="batches (and attack seeds) per batch size for IG")
     ap.add_argument("--skip-ig", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -193,24 +194,27 @@ def main(argv=None) -> int:
         torch.save(model.state_dict(), work / "lenet.pt")
         spec = {"kind": "lenet", "input_shape": list(shape), "activation": "sigmoid", "channels": 12, "classes": 10}
         for m in args.batches:
-            x1, y = fashion.batch(m, seed=500 + m)
-            x = x1.repeat(1, 3, 1, 1).contiguous()
-            torch.save({"x": x, "y": y}, work / f"batch{m}.pt")
-            job = {"attack": "invertinggradients", "iterations": args.iterations, "seed": args.seed,
-                   "spec": spec, "model": "lenet.pt", "batch": f"batch{m}.pt", "out": f"ig{m}.pt"}
-            bx, by, bsec = run_breaching(python, work, job, log)
-            rows.append({"attack": "IG", "implementation": "breaching 0.1.2", "model": "LeNet-sigmoid 3x28x28",
-                         "batch": m, "iterations": args.iterations, "seconds": round(bsec, 2),
-                         "s_per_iteration": round(bsec / args.iterations, 4), **score(bx, by, x, y)})
-            log(f"breaching IG  M={m}: {rows[-1]}")
-            grads = fedleak.compute_gradient_update(model, x, y)
-            for label, opts in (("fedleak (breaching's settings, tv=0.2)", {"tv": 0.2}), ("fedleak (defaults)", {})):
-                rec = fedleak.reconstruct(model, grads, attack="ig", iterations=args.iterations, seed=args.seed, **opts)
-                rows.append({"attack": "IG", "implementation": label, "model": "LeNet-sigmoid 3x28x28", "batch": m,
-                             "iterations": rec.iterations, "seconds": round(rec.seconds, 2),
-                             "s_per_iteration": round(rec.seconds / rec.iterations, 4),
-                             **score(rec.inputs, rec.labels, x, y)})
-                log(f"fedleak IG    M={m}: {rows[-1]}")
+            for trial in range(args.trials):
+                x1, y = fashion.batch(m, seed=500 + 10 * trial + m)
+                x = x1.repeat(1, 3, 1, 1).contiguous()
+                torch.save({"x": x, "y": y}, work / f"batch{m}_{trial}.pt")
+                job = {"attack": "invertinggradients", "iterations": args.iterations, "seed": args.seed + trial,
+                       "spec": spec, "model": "lenet.pt", "batch": f"batch{m}_{trial}.pt", "out": f"ig{m}_{trial}.pt"}
+                bx, by, bsec = run_breaching(python, work, job, log)
+                common = {"attack": "IG", "model": "LeNet-sigmoid 3x28x28", "batch": m, "trial": trial}
+                rows.append({**common, "implementation": "breaching 0.1.2", "iterations": args.iterations,
+                             "seconds": round(bsec, 2), "s_per_iteration": round(bsec / args.iterations, 4),
+                             **score(bx, by, x, y)})
+                log(f"breaching IG  M={m} trial {trial}: {rows[-1]}")
+                grads = fedleak.compute_gradient_update(model, x, y)
+                for label, opts in (("fedleak, breaching's settings (tv 0.2, N(0,1) init)", {"tv": 0.2, "init": "normal"}),
+                                    ("fedleak, defaults (tv 1e-4, uniform init)", {})):
+                    rec = fedleak.reconstruct(model, grads, attack="ig", iterations=args.iterations,
+                                              seed=args.seed + trial, **opts)
+                    rows.append({**common, "implementation": label, "iterations": rec.iterations,
+                                 "seconds": round(rec.seconds, 2), "s_per_iteration": round(rec.seconds / rec.iterations, 4),
+                                 **score(rec.inputs, rec.labels, x, y)})
+                    log(f"fedleak IG    M={m} trial {trial}: {rows[-1]}")
 
     # ---- Analytic: MLP with one hidden ReLU layer, and a linear model, on digits ---------------------
     digits = fedleak.load_dataset("digits")
@@ -244,7 +248,17 @@ def main(argv=None) -> int:
                          **(score(rec.inputs, rec.labels, x, y) if len(rec) else {"psnr_mean": float("nan")})})
             log(f"fedleak {attack} {kind} M={m}: {rows[-1]}")
 
+    summary = []
+    for impl in dict.fromkeys(r["implementation"] for r in rows if r["attack"] == "IG"):
+        for m in args.batches:
+            sel = [r for r in rows if r["attack"] == "IG" and r["implementation"] == impl and r["batch"] == m]
+            if sel:
+                summary.append({"implementation": impl, "batch": m, "trials": len(sel),
+                                "psnr_mean": round(sum(r["psnr_mean"] for r in sel) / len(sel), 2),
+                                "s_per_iteration": round(sum(r["s_per_iteration"] for r in sel) / len(sel), 4)})
+                log(f"summary: {summary[-1]}")
     result = {
+        "ig_summary": summary,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "versions": {"fedleak": fedleak.__version__, "torch": torch.__version__, "python": platform.python_version(),
                      "threads": 1},

@@ -71,3 +71,17 @@ def test_bad_weight_updates(digits):
                             attack="dlm")
     with pytest.raises(fedleak.FedleakError, match="unknown option"):
         fedleak.reconstruct(model, fedavg_update(model, x, y, lr=0.1), attack="dlm", iteratoins=3)
+
+
+def test_partial_certification_keeps_certified_samples_fixed(digits):
+    """Where only some samples are certified, they are kept exactly and DLM+ searches the rest."""
+    x, y = digits.batch(8, seed=2)
+    model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.1, local_steps=1)
+    rec = fedleak.reconstruct(model, update, attack="auto", iterations=30)
+    scores = fedleak.metrics.match(rec, x, y)
+    n_cert = rec.num_certified
+    assert rec.attack == "auto:exclusivity+dlm+" and 0 < n_cert < 8 and len(rec) == 8
+    assert scores.recovered.sum() == n_cert and not scores.false_certificate.any()
+    assert any("come from the exclusivity attack" in n for n in rec.notes)
+    assert sorted(rec.labels.tolist()) == sorted(y.tolist())
