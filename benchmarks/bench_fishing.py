@@ -84,7 +84,7 @@ def run_cell(name, data, batch, width, seed, defend=True):
     return row
 
 
-def solver_comparison(data, batch=32, width=1024, seed=0):
+def solver_comparison(data, batch=16, width=1024, seed=0):
     """Same batch, each registered backend; plus the 2·d-row L-inf formulation on the final rows."""
     out = []
     model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=seed)
@@ -97,7 +97,7 @@ def solver_comparison(data, batch=32, width=1024, seed=0):
     return out
 
 
-def formulation_comparison(data, batch=128, width=1024, seed=0, samples=6):
+def formulation_comparison(data, batch=64, width=1024, seed=0, samples=4):
     """Minimal L-inf radius for the rows of a fished batch: our dual Newton (box in the bounds) vs the
     textbook LP with 2·d norm rows (scipy HiGHS dual simplex and IPM)."""
     from scipy.optimize import linprog
@@ -135,7 +135,7 @@ def formulation_comparison(data, batch=128, width=1024, seed=0, samples=6):
     return rows
 
 
-def utility(data_train, data_test, defend: bool, steps=100, batch=32, width=256, lr=0.1, seed=0):
+def utility(data_train, data_test, defend: bool, steps=60, batch=32, width=256, lr=0.1, seed=0):
     """Test accuracy after ``steps`` SGD steps of batch ``batch`` (FedSGD-style single client) with and
     without the defense on the same batches."""
     model = fedleak.make_mlp(data_train.input_shape, [width], data_train.num_classes, seed=seed)
@@ -189,6 +189,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cells", default=None,
+                    help="comma-separated data:batch:width cells instead of the built-in grid, e.g. lfw:256:1024")
+    ap.add_argument("--no-extra", action="store_true", help="skip the solver/formulation/utility studies")
     args = ap.parse_args(argv)
     sets = {"fashion-mnist": fedleak.load_dataset("fashion-mnist"), "digits": fedleak.load_dataset("digits")}
     if "lfw" in fedleak.available_datasets():
@@ -200,7 +203,20 @@ def main(argv=None):
         grid += [("digits", b, 512) for b in (8, 32, 64)]
         grid += [("fashion-mnist", 64, w) for w in (512, 2048, 4096)]
         grid += [("lfw", 64, w) for w in (512, 2048)]
+    if args.cells:
+        grid = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.cells.split(",")]
     grid = [g for g in grid if g[0] in sets]
+
+    def save(rows, extra):
+        if args.out:
+            write_atomic(args.out, dict(
+                benchmark="fishing", seed=args.seed, quick=args.quick, cells=args.cells, started=started,
+                seconds=time.time() - started,
+                versions=dict(fedleak=fedleak.__version__, torch=torch.__version__, numpy=np.__version__,
+                              python=platform.python_version()),
+                machine=dict(cpus=os.cpu_count(), load=os.getloadavg()),
+                options=dict(fishing=fedleak.FishingOptions().__dict__), rows=rows, **extra))
+
     started = time.time()
     rows = []
     for name, b, w in grid:
@@ -211,8 +227,9 @@ def main(argv=None):
               f"fished {row['fished_recovered']:.3f} defended-cert {row.get('defended_certified')} "
               f"Linf {row['linf_mean']:.4f} PSNR-rec {row['psnr_rec_vs_original']:.1f} fish {row['fish_s']:.1f}s",
               flush=True)
+        save(rows, {})  # after every cell, so a long grid that is stopped keeps what it measured
     extra = {}
-    if not args.quick:
+    if not args.quick and not args.no_extra:
         extra["solvers"] = solver_comparison(sets["fashion-mnist"], seed=args.seed)
         print("solvers", extra["solvers"], flush=True)
         extra["formulation"] = formulation_comparison(sets["fashion-mnist"], seed=args.seed)
@@ -221,16 +238,9 @@ def main(argv=None):
             else sets["fashion-mnist"]
         extra["utility"] = [utility(train, sets["fashion-mnist"], d, seed=args.seed) for d in (False, True)]
         print("utility", extra["utility"], flush=True)
-    payload = dict(
-        benchmark="fishing", seed=args.seed, quick=args.quick, started=started, seconds=time.time() - started,
-        versions=dict(fedleak=fedleak.__version__, torch=torch.__version__, numpy=np.__version__,
-                      python=platform.python_version()),
-        machine=dict(cpus=os.cpu_count(), load=os.getloadavg()),
-        options=dict(fishing=fedleak.FishingOptions().__dict__), rows=rows, **extra,
-    )
+    save(rows, extra)
     print(table(rows))
     if args.out:
-        write_atomic(args.out, payload)
         print(f"wrote {args.out}", file=sys.stderr)
 
 
