@@ -58,3 +58,14 @@ def test_a_wrong_certified_sample_is_flagged(digits):
 def test_match_rejects_mismatched_shapes(digits):
     with pytest.raises(fedleak.FedleakError, match="values per sample"):
         metrics.match(torch.zeros(2, 10), digits.x[:2])
+
+
+def test_certified_samples_are_matched_before_uncertified_blends(digits):
+    """A blend of two originals must not take a certified sample's original away from it."""
+    a, b = digits.x[0], digits.x[1]
+    blend = 0.55 * a + 0.45 * b
+    rec = fedleak.Reconstruction(inputs=torch.stack([a, blend]), labels=digits.y[:2],
+                                 certified=torch.tensor([True, False]), attack="test")
+    scores = metrics.match(rec, torch.stack([a, b]), digits.y[:2])
+    assert scores.matched.tolist() == [0, 1]
+    assert scores.exact.tolist() == [True, False] and not scores.false_certificate.any()

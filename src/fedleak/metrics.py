@@ -142,6 +142,8 @@ def match(
 ) -> MatchResult:
     """Pair reconstructions with originals (Hungarian assignment on MSE) and score every original.
 
+    Certified reconstructions are assigned first, then the uncertified ones to the originals left.
+
     ``reconstructed`` is a :class:`Reconstruction` (its labels and certificates are used) or a tensor of
     images. Unmatched originals (the attack found fewer samples) get NaN scores and ``matched = -1``.
     Label accuracy is the order-free multiset overlap of rebuilt and true labels, over all originals.
@@ -170,8 +172,18 @@ def match(
     if n_rec:
         flat_o, flat_r = orig.reshape(n_orig, -1), rec.reshape(n_rec, -1)
         cost = torch.cdist(flat_o, flat_r).pow(2).numpy() / flat_o.shape[1]
-        rows, cols = linear_sum_assignment(cost)
-        matched[rows] = cols
+        # certified reconstructions claim to be samples of the batch: they are matched first, so that an
+        # uncertified blend of two originals can never push a certified sample off its own original
+        first = np.nonzero(cert.numpy())[0] if cert is not None else np.arange(n_rec)
+        rest = np.setdiff1d(np.arange(n_rec), first)
+        for group in (first, rest):
+            free = np.nonzero(matched < 0)[0]
+            if len(group) == 0 or len(free) == 0:
+                continue
+            r, c = linear_sum_assignment(cost[np.ix_(free, group)])
+            matched[free[r]] = group[c]
+        rows = np.nonzero(matched >= 0)[0]
+        cols = matched[rows]
         a, b = orig[rows], rec[cols]
         out_mse[rows] = mse(a, b).numpy()
         out_psnr[rows] = psnr(a, b).numpy()

@@ -53,7 +53,8 @@ class ExclusivityOptions:
     ``forward_tol``: a candidate layer input must reproduce the known layer output this closely.
     ``check_tol``: floor of the certificate tolerance on a witness row; the tolerance grows with the
     row's measured float32 noise (``noise_factor`` times it) and a row noisier than ``max_noise`` does not
-    count as a witness.
+    count as a witness. ``label_eps_ulps``: how many float32 ulps the label entry of a sample's loss vector
+    may be corrected by (the client computes it as ``p_y - 1``, with cancellation).
     ``forward_solve``: solve a layer's input from its active outputs when no exclusive row is left.
     ``rows_per_try`` / ``max_rows``: rows checked per batched forward pass / at most, per sample and layer.
     ``known_scale``: the update is the mean-loss gradient, so its common scale is ``1/M`` and reveals the
@@ -77,6 +78,7 @@ class ExclusivityOptions:
     min_last: int = 2
     min_other: int = 1
     known_scale: bool = True
+    label_eps_ulps: float = 4.0
 
 
 @dataclass
@@ -246,6 +248,35 @@ def _fit_scales(
     refined = _golden_min(cost, centre - step, centre + step)
     alphas[idx] = sign[idx] * torch.exp(refined)
     return alphas
+
+
+def _backward(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
+    """Backward signals of every hidden layer for loss vectors ``e`` (rows), given the pre-activations."""
+    deltas, d = [], e
+    for w, z in zip(reversed(W[1:]), reversed(pres)):
+        d = (d @ w) * (z > 0).to(d.dtype)
+        deltas.append(d)
+    return deltas[::-1]
+
+
+def _common_scale(scales: list[float], tol: float, integer: bool) -> float | None:
+    """The scale at least two samples agree on (the largest such group's median), or None.
+
+    True samples all share one scale (``1/M`` for a mean-loss gradient, so ``1/scale`` must then be a
+    whole number when ``integer``). Spurious candidates — "ghosts" blended from samples whose loss vectors
+    are parallel, as all same-label loss vectors are with two classes — are self-consistent at their own
+    scale, which differs from ghost to ghost; a single candidate therefore never sets the scale.
+    """
+    arr = np.sort(np.asarray(scales, dtype=float))
+    best, best_count = None, 1
+    for s in arr:
+        members = arr[np.abs(arr / s - 1) <= tol]
+        centre = float(np.median(members))
+        if integer and abs(1 / centre - round(1 / centre)) > tol * (1 / centre):
+            continue
+        if len(members) > best_count:
+            best, best_count = centre, len(members)
+    return best
 
 
 def _witness_vectors(
@@ -450,55 +481,95 @@ class _ExclusivityAttack:
         return a
 
     # ---- step 3: certificate ----------------------------------------------------------------------------
-    def certify(self, cands: list[_Candidate]) -> tuple[list[SampleRecovery], float | None]:
+    def certify(self, cands: list[_Candidate], reported: int | None) -> tuple[list[SampleRecovery], float | None]:
+        """Recompute each complete candidate's gradient and test it against its witness rows.
+
+        The model for a witness's observed entries is ``s * (p0 + eps * p1)``: ``p0`` is the recomputed
+        per-sample gradient (float64) and ``p1`` its derivative with respect to the label entry of the loss
+        vector, whose float32 value ``p_y - 1`` the client computes with cancellation (an absolute error of
+        a few ulps, large relative to a confident sample's tiny loss vector). ``s`` (= 1/M) and ``eps`` are
+        fitted jointly over all witnesses of the sample; ``|eps|`` must stay within float32 rounding and
+        every witness must then match within its own float32 noise level. The batch's common scale is
+        ``1/reported`` when the client reported its number of examples, else the scale that at least two
+        samples share (see :func:`_common_scale`).
+        """
         net, opts = self.net, self.opts
         complete = [c for c in cands if c.complete]
         if not complete:
             return [], None
         X = torch.stack([c.acts[0] for c in complete])
         y = torch.tensor([c.label for c in complete])
+        K = net.num_classes
         t64 = forward_trace(net, X, y, dtype=F64, params=(self.W, self.b))
         t32 = forward_trace(net, X.to(self.obs_dtype), y, dtype=self.obs_dtype)
-        eps = float(torch.finfo(self.obs_dtype).eps)
+        eps32 = float(torch.finfo(self.obs_dtype).eps)
+        onehot = torch.nn.functional.one_hot(y, K).to(F64)
+        d_one = _backward(self.W, t64.preactivations, onehot)
+        # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
+        e32 = t32.loss_vectors.clone()
+        e32[torch.arange(len(y)), y] = t64.loss_vectors[torch.arange(len(y)), y].to(self.obs_dtype)
+        W32 = [w.to(self.obs_dtype) for w in self.W]
+        d32 = _backward(W32, t32.preactivations, e32)
+        eps_bound = opts.label_eps_ulps * eps32
         per_sample: list[dict] = []
         for k, c in enumerate(complete):
             acts64 = [a[k] for a in t64.activations]
             acts32 = [a[k].to(F64) for a in t32.activations]
-            d64 = [d[k] for d in t64.deltas]
-            d32 = [d[k].to(F64) for d in t32.deltas]
-            scales, residuals, passing = [], [], {}
             consistent = all(
                 float((acts64[i] - c.acts[i]).norm()) <= opts.forward_tol * float(acts64[i].norm().clamp_min(1e-300))
                 for i in c.acts
             )
+            obs, p0, p1, noise, layer_of = [], [], [], [], []
             for i, rows in c.witnesses.items():
                 top = i == net.depth - 1
                 has_bias = self.g[i] is not None
-                obs = _observed_vectors(self.G, self.g, i, rows, top)
-                p64 = _witness_vectors(acts64, d64, t64.loss_vectors[k], i, rows, has_bias, top)
-                p32 = _witness_vectors(acts32, d32, t32.loss_vectors[k].to(F64), i, rows, has_bias, top)
-                pn = p64.norm(dim=1).clamp_min(1e-300)
-                noise = (p32 - p64).norm(dim=1) / pn + 8 * eps
-                s = (obs * p64).sum(1) / (pn * pn)
-                res = (obs - s[:, None] * p64).norm(dim=1) / obs.norm(dim=1).clamp_min(1e-300)
-                tol = torch.maximum(torch.full_like(noise, opts.check_tol), opts.noise_factor * noise)
-                ok = (res <= tol) & (noise <= opts.max_noise) & (s > 0)
-                passing[i] = ok
-                scales.append(s[ok])
-                residuals.append(res[ok])
-            all_s = torch.cat(scales) if scales else torch.empty(0, dtype=F64)
-            s_m = float(all_s.median()) if len(all_s) else float("nan")
-            spread = float(((all_s - s_m).abs() / abs(s_m)).max()) if len(all_s) else float("inf")
-            worst = float(torch.cat(residuals).max()) if residuals and len(torch.cat(residuals)) else float("inf")
-            counts = tuple(int(passing[i].sum()) if i in passing else 0 for i in range(net.depth))
-            per_sample.append(
-                dict(scale=s_m, spread=spread, residual=worst, counts=counts, consistent=consistent, cand=c)
-            )
+                o = _observed_vectors(self.G, self.g, i, rows, top)
+                a0 = _witness_vectors(acts64, [d[k] for d in t64.deltas], t64.loss_vectors[k], i, rows, has_bias, top)
+                a1 = _witness_vectors(acts64, [d[k] for d in d_one], onehot[k], i, rows, has_bias, top)
+                a32 = _witness_vectors(acts32, [d[k].to(F64) for d in d32], e32[k].to(F64), i, rows, has_bias, top)
+                scale = o.norm(dim=1, keepdim=True).clamp_min(1e-300)  # each witness weighs the same
+                obs.append(o / scale)
+                p0.append(a0 / scale)
+                p1.append(a1 / scale)
+                noise.append((a32 - a0).norm(dim=1) / a0.norm(dim=1).clamp_min(1e-300) + 8 * eps32)
+                layer_of.extend([i] * len(rows))
+            noise_t = torch.cat(noise)
+            layer_t = torch.tensor(layer_of)
+            tol = torch.maximum(torch.full_like(noise_t, opts.check_tol), opts.noise_factor * noise_t)
+            ok = noise_t <= opts.max_noise
+            s_fit, eps_fit, res = float("nan"), float("nan"), torch.full_like(noise_t, float("inf"))
+            for _ in range(3):  # fit on the rows that pass, re-test all rows
+                if not bool(ok.any()):
+                    break
+                parts = torch.split(ok, [len(o) for o in obs])
+                A = torch.cat([torch.stack([a0[m].reshape(-1), a1[m].reshape(-1)], 1)
+                               for a0, a1, m in zip(p0, p1, parts)])
+                b = torch.cat([o[m].reshape(-1) for o, m in zip(obs, parts)])
+                coef = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+                s_fit, t_fit = float(coef[0]), float(coef[1])
+                eps_fit = t_fit / s_fit if s_fit != 0 else float("inf")
+                if not abs(eps_fit) <= eps_bound:  # the best correction allowed: at the bound, refit the scale
+                    eps_fit = math.copysign(eps_bound, eps_fit) if math.isfinite(eps_fit) else 0.0
+                    comb = A[:, 0] + eps_fit * A[:, 1]
+                    s_fit = float((comb @ b) / (comb @ comb).clamp_min(1e-300))
+                    t_fit = s_fit * eps_fit
+                res = torch.cat([(o - s_fit * a0 - t_fit * a1).norm(dim=1) for o, a0, a1 in zip(obs, p0, p1)])
+                new_ok = (res <= tol) & (noise_t <= opts.max_noise)
+                if torch.equal(new_ok, ok):
+                    break
+                ok = new_ok
+            counts = tuple(int((ok & (layer_t == i)).sum()) for i in range(net.depth))
+            worst = float(res[ok].max()) if bool(ok.any()) else float("inf")
+            per_sample.append(dict(scale=s_fit, eps=eps_fit, residual=worst, counts=counts, consistent=consistent,
+                                   cand=c))
         strong = [
             p["scale"] for p in per_sample
-            if p["counts"][-1] >= opts.min_last and p["spread"] <= opts.scale_tol and p["consistent"]
+            if p["counts"][-1] >= opts.min_last and p["consistent"] and p["scale"] > 0
         ]
-        batch_scale = float(np.median(strong)) if strong else None
+        if opts.known_scale and reported is not None:
+            batch_scale = 1.0 / reported
+        else:
+            batch_scale = _common_scale(strong, opts.scale_tol, integer=opts.known_scale)
         results = []
         for p in per_sample:
             c = p["cand"]
@@ -515,10 +586,11 @@ class _ExclusivityAttack:
                 )
             elif missing:
                 ok, reason = False, f"no verified exclusive neuron at ReLU layer(s) {[m + 1 for m in missing]}"
-            elif p["spread"] > opts.scale_tol:
-                ok, reason = False, "witness rows disagree on the scale"
-            elif batch_scale is None or abs(p["scale"] / batch_scale - 1) > opts.scale_tol:
-                ok, reason = False, "scale differs from the batch's common 1/M"
+            elif batch_scale is None:
+                ok, reason = False, ("the batch's common scale 1/M is unknown: no batch size was reported and no "
+                                     "second sample shares this one's scale")
+            elif abs(p["scale"] / batch_scale - 1) > opts.scale_tol:
+                ok, reason = False, "scale differs from the batch's common 1/M (a blend of samples, not a sample)"
             else:
                 ok, reason = True, "explains its exclusive gradient rows at every layer"
             results.append(
@@ -607,30 +679,42 @@ def exclusivity_attack(
             unique.append(c)
     cands = unique
     attack.walk_down(cands)
-    recoveries, batch_scale = attack.certify(cands)
+    recoveries, batch_scale = attack.certify(cands, grad_update.num_examples)
     complete = [c for c in cands if c.complete]
     batch_size = grad_update.num_examples if not opts.known_scale else None
     if opts.known_scale and batch_scale is not None and batch_scale > 0:
-        m = 1.0 / batch_scale
-        if abs(m - round(m)) <= max(1e-3, 10 * opts.scale_tol * m) and round(m) >= 1:
-            batch_size = int(round(m))
-        else:
-            attack.notes.append(f"the common scale 1/{m:.3f} is not the inverse of a whole batch size")
+        batch_size = int(round(1.0 / batch_scale))
+        if grad_update.num_examples is not None:
+            observed = [r.scale for r in recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
+            if observed and not any(abs(sc / batch_scale - 1) <= opts.scale_tol for sc in observed):
+                attack.notes.append(f"no rebuilt sample has the scale 1/{grad_update.num_examples} implied by the "
+                                    "reported number of examples; is the update a mean-loss gradient?")
 
+    # the whole-batch certificate: the samples at the common scale, if they are the whole batch, must
+    # reproduce the whole observed gradient
+    batch_ok = False
+    if complete and batch_size is not None and batch_scale is not None:
+        at_scale = [k for k, r in enumerate(recoveries) if abs(r.scale / batch_scale - 1) <= opts.scale_tol]
+        if len(at_scale) == batch_size:
+            Xs = torch.stack([complete[k].acts[0] for k in at_scale])
+            ys = torch.tensor([complete[k].label for k in at_scale], dtype=torch.long)
+            batch_ok, worst = attack.batch_gradient_matches(Xs, ys, 1.0 / batch_size if opts.known_scale else None)
+            if batch_ok:
+                if len(at_scale) < len(complete):
+                    attack.notes.append(f"{len(complete) - len(at_scale)} spurious candidate(s) dropped: the "
+                                        f"{batch_size} certified samples explain the whole gradient")
+                complete = [complete[k] for k in at_scale]
+                recoveries = [
+                    SampleRecovery(recoveries[k].label, True, "the rebuilt batch reproduces the whole observed gradient",
+                                   recoveries[k].witnesses, recoveries[k].solved_layers, recoveries[k].residual,
+                                   recoveries[k].scale)
+                    for k in at_scale
+                ]
+            else:
+                attack.notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
     dim = net.input_dim
     X = torch.stack([c.acts[0] for c in complete]) if complete else torch.empty(0, dim, dtype=F64)
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
-    batch_ok = False
-    if complete and batch_size == len(complete):
-        batch_ok, worst = attack.batch_gradient_matches(X, y, 1.0 / batch_size if opts.known_scale else None)
-        if batch_ok:
-            recoveries = [
-                SampleRecovery(r.label, True, "the rebuilt batch reproduces the whole observed gradient",
-                               r.witnesses, r.solved_layers, r.residual, r.scale)
-                for r in recoveries
-            ]
-        else:
-            attack.notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
     partial = len(cands) - len(complete)
     if partial:
         attack.notes.append(f"{partial} sample(s) were found at the last ReLU layer but could not be traced to the input")
