@@ -227,10 +227,20 @@ OBJECTIVES: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], torch.T
 }
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Mean absolute difference of neighbouring pixels (both image axes); 0 for non-image inputs."""
+def total_variation(x: torch.Tensor, boundary: str = "zero") -> torch.Tensor:
+    """Anisotropic total variation: mean over pixels of ``|x[i+1,j]-x[i,j]| + |x[i,j+1]-x[i,j]|``.
+
+    ``boundary="zero"`` treats the pixels past the last row/column as 0 (the image sits on a black
+    background, which also penalises bright borders; this is the convention of the Inverting Gradients
+    reference code), ``"none"`` only counts differences inside the image. 0 for non-image inputs.
+    """
     if x.ndim < 4:
         return x.new_zeros(())
+    if boundary == "zero":
+        p = nn.functional.pad(x, (0, 1, 0, 1))
+        dx = (p[..., :-1, 1:] - p[..., :-1, :-1]).abs()
+        dy = (p[..., 1:, :-1] - p[..., :-1, :-1]).abs()
+        return (dx + dy).mean()
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
@@ -256,6 +266,7 @@ class InversionSettings:
     iterations: int = 300
     restarts: int = 1
     tv: float = 0.0
+    tv_boundary: str = "zero"
     signed: bool = False
     box: tuple[float, float] | None = (0.0, 1.0)
     lr_decay: bool = False
@@ -283,6 +294,8 @@ class InversionSettings:
             raise FedleakError(f"lr must be positive, got {self.lr}")
         if self.tv < 0:
             raise FedleakError(f"tv must be non-negative, got {self.tv}")
+        if self.tv_boundary not in ("zero", "none"):
+            raise FedleakError(f"tv_boundary must be 'zero' or 'none', got '{self.tv_boundary}'")
         if self.time_budget is not None and not self.time_budget > 0:
             raise FedleakError(f"time_budget must be positive seconds, got {self.time_budget}")
         if self.init not in ("uniform", "normal"):
@@ -427,7 +440,7 @@ def invert(
             sim = simulate(x, y_free, log_lr)
             loss = objective(sim, tgt)
             if settings.tv > 0:
-                loss = loss + settings.tv * total_variation(x)
+                loss = loss + settings.tv * total_variation(x, settings.tv_boundary)
             return loss
 
         run_best: tuple[float, torch.Tensor, torch.Tensor | None, float | None] | None = None
