@@ -1,6 +1,7 @@
 """Rounds per minute of an audited federation, with and without the audit (10 and 50 clients).
 
-    .venv/bin/python benchmarks/bench_federation.py [--clients 10 50] [--rounds 4] [--out FILE.json]
+    .venv/bin/python benchmarks/bench_federation.py [--clients 10 50] [--rounds 4] [--local-epochs 0]
+        [--modes off process thread sync] [--out FILE.json]
 
 Each configuration is one Flower simulation (Ray, ``ray_cpus`` CPUs, one per client actor) on
 Fashion-MNIST, honest-but-curious server (exclusivity attack on every update), MLP 784-1000-10,
@@ -21,8 +22,9 @@ import time
 from fedleak.federation import FederationSettings, run_federation
 
 
-def bench(clients: int, rounds: int, mode: str, ray_cpus: int) -> dict:
+def bench(clients: int, rounds: int, mode: str, ray_cpus: int, local_epochs: int = 0) -> dict:
     settings = FederationSettings(clients=clients, rounds=rounds, threat="honest", batch_size=16, hidden=(1000,),
+                                  local_epochs=local_epochs,
                                   audit=mode != "off", audit_mode=mode if mode != "off" else "process", ray_cpus=ray_cpus,
                                   test_size=1000, public_size=1000, seed=0)
     start = time.perf_counter()
@@ -31,7 +33,7 @@ def bench(clients: int, rounds: int, mode: str, ray_cpus: int) -> dict:
     steady = [r.seconds for r in res.rounds if r.round >= 2 and r.seconds]
     audited = [c for c in res.records if c.status == "ok"]
     return {
-        "clients": clients, "rounds": rounds, "audit": mode, "ray_cpus": ray_cpus,
+        "clients": clients, "rounds": rounds, "audit": mode, "ray_cpus": ray_cpus, "local_epochs": local_epochs,
         "wall_s": round(wall, 1),
         "round_s": [round(r.seconds, 2) if r.seconds else None for r in res.rounds if r.round >= 1],
         "rounds_per_min_steady": round(60 * len(steady) / sum(steady), 1) if steady else None,
@@ -49,12 +51,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--modes", nargs="+", default=["off", "process", "thread", "sync"])
     p.add_argument("--ray-cpus", type=int, default=1)
+    p.add_argument("--local-epochs", type=int, default=0, help="0: one SGD step per round (the exact attacks' setting)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = []
     for clients in args.clients:
         for mode in args.modes:
-            row = bench(clients, args.rounds, mode, args.ray_cpus)
+            row = bench(clients, args.rounds, mode, args.ray_cpus, args.local_epochs)
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.out:

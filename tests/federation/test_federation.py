@@ -62,6 +62,7 @@ def test_local_update_is_one_sgd_step_on_the_reported_batch():
     grad = fedleak.compute_gradient_update(fresh, res.inputs, res.labels)
     for name, g in grad.gradients.items():
         assert torch.allclose(before[name] - res.weights[name], s.lr * g, atol=1e-6)
+        assert torch.allclose(res.delta[name], s.lr * g, rtol=1e-5, atol=1e-9)  # the uploaded change
 
 
 def _ray_running() -> bool:

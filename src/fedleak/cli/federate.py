@@ -44,6 +44,7 @@ def federate(
     imprint_bins: int = typer.Option(0, help="imprint bins (0: the whole first layer)"),
     transform_options: str = typer.Option(None, help="JSON options of the fishing / exclusivity-reduction transform"),
     no_audit: bool = typer.Option(False, "--no-audit", help="run the federation without attacking the updates"),
+    upload: str = typer.Option("delta", help="delta (clients send their change, FedSGD-style) | weights (FedAvg)"),
     audit_mode: str = typer.Option("process", help="process (attacks in a worker process) | thread | sync (inside the round)"),
     ray_cpus: int = typer.Option(1, help="CPUs Ray may use"),
     out: Path = typer.Option(..., help="output folder for results.json and report.html"),
@@ -63,7 +64,7 @@ def federate(
     settings = FederationSettings(
         data=data, clients=clients, rounds=rounds, threat=threat, defense=defense, seed=seed, batch_size=batch_size,
         local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=widths, partition=partition, alpha=alpha,
-        audit=not no_audit, audit_mode=audit_mode, trap_scale=trap_scale, imprint_bins=imprint_bins,
+        audit=not no_audit, audit_mode=audit_mode, upload=upload, trap_scale=trap_scale, imprint_bins=imprint_bins,
         defense_strength=defense_strength, clip_norm=clip_norm, transform_options=_parse_options(transform_options),
         ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
     )

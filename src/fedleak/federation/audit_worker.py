@@ -44,6 +44,7 @@ class AuditInput:
     partition: int
     model: nn.Module
     update: WeightUpdate
+    delta: Mapping[str, Any] | None = None  # the client's exact change, when it uploaded one
 
 
 Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
@@ -78,8 +79,10 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
 
     start = time.perf_counter()
     try:
-        if plan.update_kind == "weights":
-            attacked: Any = job.update
+        if job.delta is not None:  # an uploaded change: exact, no before - after cancellation
+            attacked: Any = GradientUpdate(dict(job.delta), num_examples=job.update.num_examples)
+        elif plan.update_kind == "weights":
+            attacked = job.update
         else:
             attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
         rec = reconstruct(job.model, attacked, attack=plan.attack, **dict(plan.options))
@@ -106,12 +109,15 @@ def set_round_model(server_round: int, model: nn.Module) -> None:
         del _ROUND_MODELS[old]
 
 
-def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int, after: Mapping[str, Any],
-                num_examples: int, scorer: Scorer | None) -> ClientRecord:
+def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int, after: Mapping[str, Any] | None,
+                num_examples: int, scorer: Scorer | None, delta: Mapping[str, Any] | None = None) -> ClientRecord:
     """:func:`run_audit` of one reply, against the round's model set by :func:`set_round_model`."""
     model = _ROUND_MODELS.get(int(server_round))
     if model is None:
         return ClientRecord.skipped(server_round, node_id, partition, "attack-error",
                                     "the audit worker has no model for this round", num_examples=num_examples)
-    update = WeightUpdate(model.state_dict(), after, num_examples=num_examples)
-    return run_audit(plan, AuditInput(server_round, node_id, partition, model, update), scorer)
+    before = model.state_dict()
+    if after is None:
+        after = {k: before[k] - delta[k] for k in before}
+    update = WeightUpdate(before, after, num_examples=num_examples)
+    return run_audit(plan, AuditInput(server_round, node_id, partition, model, update, delta), scorer)

@@ -26,6 +26,7 @@ class LocalResult:
     samples it trained on (``inputs`` after any transform, ``original`` before it)."""
 
     weights: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]  # before - after, accumulated exactly (lr * gradient per step)
     num_examples: int
     steps: int
     loss: float
@@ -86,6 +87,8 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
     used_x, used_orig, used_y, losses = [], [], [], []
+    params = dict(model.named_parameters())
+    acc = {k: torch.zeros_like(v) for k, v in before.items()}
     for b in batches:
         x, y = x_all[torch.from_numpy(np.asarray(b))], y_all[torch.from_numpy(np.asarray(b))]
         orig = x
@@ -97,18 +100,24 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        with torch.no_grad():  # plain SGD: the step is exactly lr * grad
+            for name, p in params.items():
+                if p.grad is not None:
+                    acc[name] += settings.lr * p.grad
         opt.step()
         used_x.append(x.detach())
         used_orig.append(orig.detach())
         used_y.append(y.detach())
         losses.append(float(loss.detach()))
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    delta = acc
     if post is not None:
         g = torch.Generator().manual_seed(int(gen.integers(2**62)))
-        delta = post({k: before[k] - after[k] for k in before}, g)
+        delta = post(delta, g)
         after = {k: before[k] - delta[k] for k in before}
     if fault == "malformed":
         after = {k: torch.full_like(v, math.nan) for k, v in after.items()}
+        delta = {k: torch.full_like(v, math.nan) for k, v in delta.items()}
     num = settings.batch_size if settings.local_epochs == 0 else n
-    return LocalResult(after, int(num), len(batches), float(np.mean(losses)), torch.cat(used_x), torch.cat(used_orig),
+    return LocalResult(after, delta, int(num), len(batches), float(np.mean(losses)), torch.cat(used_x), torch.cat(used_orig),
                        torch.cat(used_y))

@@ -2,8 +2,9 @@
 
 Each train message carries the global (or server-modified) weights under ``"arrays"`` and, under
 ``"config"``, the run's :class:`~fedleak.federation.settings.FederationSettings` as JSON
-(``"fedleak-settings"``) plus ``"server-round"``. The reply holds the new weights (``"arrays"``) and
-``"metrics"`` with ``"num-examples"``: exactly what a FedAvg client sends.
+(``"fedleak-settings"``) plus ``"server-round"``. The reply holds the new weights (``upload="weights"``, FedAvg) or the change
+``before - after`` (``upload="delta"``, FedSGD-style, the default) under ``"arrays"``, and ``"metrics"``
+with ``"num-examples"``.
 
 Evaluation only: when the config names a ground-truth folder (``"eval-only-ground-truth-dir"``, set by
 ``fedleak federate`` to a private temp folder), the client also writes the batch it trained on there
@@ -56,7 +57,8 @@ def make_client_app(mods: list | None = None) -> ClientApp:
                              TrueBatch(result.inputs, result.original, result.labels, pid))
         metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                                 "local-steps": result.steps, "partition-id": pid})
-        return Message(content=RecordDict({"arrays": ArrayRecord(result.weights), "metrics": metrics}), reply_to=msg)
+        sent = result.delta if settings.upload == "delta" else result.weights
+        return Message(content=RecordDict({"arrays": ArrayRecord(sent), "metrics": metrics}), reply_to=msg)
 
     return app
 

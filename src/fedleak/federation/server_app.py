@@ -38,7 +38,7 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
     audit = AuditFedAvg(
         make_model(settings, split),
         AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind),
-        tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, audit=settings.audit, on_finding=on_finding,
+        tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, upload=settings.upload, audit=settings.audit, on_finding=on_finding,
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
         min_available_nodes=settings.clients,
     )

@@ -22,6 +22,11 @@ class FederationSettings:
     exact attacks can invert); with ``local_epochs > 0`` it runs that many passes over its partition.
     ``transform_options`` go to the client-side batch transform (fishing, exclusivity reduction) and
     ``defense_strength`` is the defense's knob (noise std, dropped fraction, DP noise multiplier).
+    ``upload``: what a client sends: ``"delta"`` (FedSGD-style: its change ``lr * sum of gradients``,
+    computed exactly; the server applies it, so the model is the same as FedAvg's) or ``"weights"``
+    (FedAvg: its new weights; the server's ``before - after`` then carries float32 cancellation error,
+    about ``ulp(w) / (lr * |g|)``, which can spoil exact recovery at small learning rates). Flower's DP
+    clipping mod needs weights, so ``defense="dp"`` switches to ``"weights"``.
     ``inject_faults`` (testing): ``"fail:P@R"`` makes partition P raise in round R, ``"malformed:P@R"``
     makes it send NaN weights (``@R`` omitted: every round).
     """
@@ -43,6 +48,7 @@ class FederationSettings:
     public_size: int = 1000
     audit: bool = True
     audit_mode: str = "process"
+    upload: str = "delta"
     trap_scale: float = 0.8
     imprint_bins: int = 0
     defense_strength: float = 0.0
@@ -54,6 +60,8 @@ class FederationSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if self.defense == "dp":
+            object.__setattr__(self, "upload", "weights")
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
         object.__setattr__(self, "transform_options", tuple((str(k), v) for k, v in dict(self.transform_options).items()))
         checks = [
@@ -66,6 +74,7 @@ class FederationSettings:
             (len(self.hidden) >= 1 and min(self.hidden) >= 1, f"--hidden needs positive widths, got {self.hidden}"),
             (self.audit_mode in ("process", "thread", "sync"),
              f"audit mode must be process, thread or sync, got '{self.audit_mode}'"),
+            (self.upload in ("delta", "weights"), f"upload must be delta or weights, got '{self.upload}'"),
             (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
             (0 < self.client_cpus <= self.ray_cpus, f"client_cpus must lie in (0, ray_cpus], got {self.client_cpus}"),
         ]

@@ -84,6 +84,7 @@ class AuditFedAvg(FedAvg):
 
     def __init__(self, model: nn.Module, plan: AuditPlan | None = None, *, tamper: Tamper | None = None,
                  scorer: Scorer | None = None, audit_mode: str = "process", audit: bool = True,
+                 upload: str = "weights",
                  on_finding: Callable[[ClientRecord], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
         self.template = copy.deepcopy(model).cpu()
@@ -99,6 +100,9 @@ class AuditFedAvg(FedAvg):
         if audit_mode not in AUDIT_MODES:
             raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
         self.audit_mode = audit_mode
+        if upload not in ("weights", "delta"):
+            raise FedleakError(f"upload must be 'weights' or 'delta', got '{upload}'")
+        self.upload = upload
         self._pool: Executor | None = None
         self._shipped: set[int] = set()
         self._models_round: tuple[int, nn.Module | None] = (-1, None)
@@ -132,7 +136,7 @@ class AuditFedAvg(FedAvg):
                 self._add(ClientRecord.skipped(server_round, node, -1, "failed", str(msg.error.reason)))
                 continue
             try:
-                update, partition = self._parse(msg, sent)
+                update, partition, delta = self._parse(msg, sent)
             except FedleakError as exc:
                 self._add(ClientRecord.skipped(server_round, node, self._partition_of(msg), "malformed", str(exc)))
                 continue
@@ -144,12 +148,15 @@ class AuditFedAvg(FedAvg):
                         self._executor().submit(set_round_model, server_round, self._model(sent))
                         self._shipped.add(server_round)
                     fut = self._executor().submit(audit_reply, self.plan, server_round, node, partition,
-                                                  dict(update.after), int(update.num_examples), self.scorer)
+                                                  None if delta is not None else dict(update.after),
+                                                  int(update.num_examples), self.scorer, delta)
                 elif self.audit_mode == "thread":
-                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update)
+                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
+                                     delta)
                     fut = self._executor().submit(run_audit, self.plan, job, self.scorer)
                 else:
-                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update)
+                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
+                                     delta)
                     self._add(run_audit(self.plan, job, self.scorer))
                     continue
                 fut.add_done_callback(self._collect)
@@ -178,8 +185,11 @@ class AuditFedAvg(FedAvg):
         except Exception:  # noqa: BLE001 - a malformed reply may lack anything
             return -1
 
-    def _parse(self, msg: Message, sent: Mapping[str, torch.Tensor] | None) -> tuple[WeightUpdate, int]:
-        """The reply as a WeightUpdate, or UpdateError saying what is wrong with it."""
+    def _parse(self, msg: Message, sent: Mapping[str, torch.Tensor] | None
+               ) -> tuple[WeightUpdate, int, dict[str, torch.Tensor] | None]:
+        """The reply as a WeightUpdate (and the uploaded change, if any), or UpdateError saying what is
+        wrong with it. With ``upload="delta"`` the reply's arrays are replaced by the new weights, so that
+        FedAvg averages weights as usual."""
         content = msg.content
         if sent is None:
             raise UpdateError("reply to a round this strategy did not configure")
@@ -202,8 +212,15 @@ class AuditFedAvg(FedAvg):
                 raise UpdateError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(sent[k].shape)}")
             if not v.is_floating_point():
                 raise UpdateError(f"'{k}' has dtype {v.dtype}")
+        delta = None
+        if self.upload == "delta":
+            delta = {k: v.to(sent[k].dtype) for k, v in after.items()}
+            if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+                raise UpdateError("the uploaded change holds non-finite value(s) (NaN or inf)")
+            after = {k: sent[k] - delta[k] for k in sent}
+            content[next(iter(content.array_records))] = ArrayRecord(after)
         update = WeightUpdate(sent, {k: v.to(sent[k].dtype) for k, v in after.items()}, num_examples=int(n))
-        return update, self._partition_of(msg)
+        return update, self._partition_of(msg), delta
 
     def _executor(self) -> Executor:
         if self._pool is None:
