@@ -173,3 +173,21 @@ def test_bad_updates_raise_fedleak_errors(digits):
     tgrads = dict(fedleak.compute_gradient_update(tanh, digits.x[:2], digits.y[:2]).gradients)
     with pytest.raises(fedleak.ModelError, match="Tanh"):
         fedleak.reconstruct(tanh, tgrads)
+
+
+@pytest.mark.parametrize("reported", [True, False])
+def test_two_class_ghost_blends_are_never_certified(reported):
+    """With two classes every same-label loss vector is parallel, so neurons shared by the same samples imply
+    one self-consistent blended 'ghost' input; only the common scale 1/M tells it from a real sample."""
+    data = fedleak.load_dataset("lfw")
+    model = fedleak.make_mlp(data.input_shape, [1024], data.num_classes, seed=0)
+    x, y = data.batch(256, seed=256)
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, update if reported else dict(update.gradients))
+    scores = metrics.match(rec, x, y)
+    ghosts = [s for s in rec.samples if s.witnesses[-1] >= 2 and not s.certified and s.residual < 1e-5]
+    assert ghosts, "this batch is expected to contain self-consistent ghost candidates"
+    assert not scores.false_certificate.any()
+    report = fedleak.analyze_exclusivity(model, x, y)
+    if reported:
+        assert scores.recovered[report.certifiable].all()

@@ -32,6 +32,7 @@ def results_payload(result: AuditResult) -> dict[str, object]:
         "environment": environment_info(),
         "data": {"name": result.dataset, "input_shape": list(result.input_shape), "num_classes": result.num_classes},
         "summary": result.summary_rows(),
+        "reconstructable_batch_size": result.reconstructable_batch_size(),
         "batches": [b.to_dict() for b in result.batches],
         "timings": {"total_seconds": result.seconds},
         "notes": list(result.notes),
@@ -68,9 +69,13 @@ def render_html(result: AuditResult) -> str:
                else f"<span class='bad'>{false_total} FALSE CERTIFICATE(S)</span>")
     parts.append(f"<p>Certificates: {verdict} (a certified sample is checked against the original: "
                  "max abs error &lt; 1e-4 and the right label).</p>")
+    sizes = result.reconstructable_batch_size()
+    parts.append("<p>Largest batch size with ≥ 99% of every batch recovered: " + "; ".join(
+        f"<b>{e(k)}</b>: {v if v is not None else 'none'}" for k, v in sizes.items()) + ".</p>")
     parts.append("<h2>Recovered fraction by batch size</h2><table><tr><th class='l'>scenario</th><th>batch</th>"
                  "<th>certifiable (ExAN condition)</th><th>recovered (certified, exact)</th><th>exact</th>"
                  "<th>false cert.</th><th>label acc.</th><th>PSNR dB</th><th>PSNR vs original</th>"
+                 "<th>perturbation L∞</th><th>sent vs original PSNR</th>"
                  "<th>gradient ms</th><th>attack ms</th><th>client transform ms</th></tr>")
     for r in rows:
         cls = " class='bad'" if r["false_certificates"] else ""
@@ -79,11 +84,14 @@ def render_html(result: AuditResult) -> str:
             f"<td>{_fmt(r['certifiable_fraction'], pct=True)}</td><td>{_fmt(r['recovered_fraction'], pct=True)}</td>"
             f"<td>{_fmt(r['exact_fraction'], pct=True)}</td><td{cls}>{r['false_certificates']}</td>"
             f"<td>{_fmt(r['label_accuracy'], pct=True)}</td><td>{_fmt(r['mean_psnr'], 1)}</td>"
-            f"<td>{_fmt(r['psnr_vs_original'], 1)}</td><td>{_fmt(r['gradient_ms'], 1)}</td>"
+            f"<td>{_fmt(r['psnr_vs_original'], 1)}</td><td>{_fmt(r['perturbation_linf'], 4)}</td>"
+            f"<td>{_fmt(r['perturbation_psnr'], 1)}</td><td>{_fmt(r['gradient_ms'], 1)}</td>"
             f"<td>{_fmt(r['attack_ms'], 1)}</td><td>{_fmt(r['transform_ms'], 1)}</td></tr>"
         )
     parts.append("</table><p class='note'>PSNR is the standard definition on [0,1] data (data range 1), per image, "
-                 "over matched samples, capped at 100 dB (= exact).</p>")
+                 "over matched samples, capped at 100 dB (= exact). 'Recovered' is measured against what the "
+                 "client sent (for fished batches, the perturbed images); 'PSNR vs original' against the "
+                 "unperturbed batch.</p>")
     if len(s.batch_sizes) > 1:
         series, series_cert = {}, {}
         for scenario in s.scenarios:

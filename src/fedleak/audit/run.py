@@ -20,7 +20,7 @@ from fedleak.analysis import analyze_exclusivity
 from fedleak.api import reconstruct
 from fedleak.data import Dataset, load_dataset
 from fedleak.errors import FedleakError
-from fedleak.metrics import match
+from fedleak.metrics import match, psnr
 from fedleak.models import load_mlp, make_mlp
 from fedleak.transforms import BatchTransform, Identity
 from fedleak.updates import compute_gradient_update
@@ -83,6 +83,9 @@ class BatchResult:
     attack_seconds: float
     per_sample: dict[str, list]
     psnr_vs_original: float | None = None
+    perturbation_linf: float | None = None  # mean over samples of max |x' - x| (same-shape transforms)
+    perturbation_psnr: float | None = None  # mean PSNR of what the client sent vs the original batch
+    sent: int | None = None  # samples the client's update covers (a defense may drop some)
 
     @property
     def recovered_fraction(self) -> float:
@@ -143,8 +146,24 @@ class AuditResult:
                 "gradient_ms": 1000 * float(np.mean([b.gradient_seconds for b in group])),
                 "attack_ms": 1000 * float(np.mean([b.attack_seconds for b in group])),
                 "transform_ms": 1000 * float(np.mean([b.transform_seconds for b in group])),
+                "perturbation_linf": _nanmean([b.perturbation_linf for b in group if b.perturbation_linf is not None]),
+                "perturbation_psnr": _nanmean([b.perturbation_psnr for b in group if b.perturbation_psnr is not None]),
             })
         return rows
+
+
+    def reconstructable_batch_size(self, threshold: float = 0.99) -> dict[str, int | None]:
+        """Per scenario, the largest audited batch size up to which at least ``threshold`` of every batch
+        was recovered (certified and exact); None if not even the smallest was."""
+        out: dict[str, int | None] = {}
+        for scenario in self.settings.scenarios:
+            best = None
+            for row in (r for r in self.summary_rows() if r["scenario"] == scenario):
+                if row["recovered_fraction"] < threshold:
+                    break
+                best = row["batch_size"]
+            out[scenario] = best
+        return out
 
 
 def _nanmean(values: Sequence[float]) -> float | None:
@@ -177,6 +196,20 @@ def _plain(settings: AuditSettings) -> BatchTransform:
     return Identity()
 
 
+@register_scenario("fished", "the curious server's client code fishes each batch (LP perturbation)")
+def _fished(settings: AuditSettings) -> BatchTransform:
+    from fedleak.fishing import FishingTransform
+
+    return FishingTransform()
+
+
+@register_scenario("defended", "the client reduces exclusivity before computing its update")
+def _defended(settings: AuditSettings) -> BatchTransform:
+    from fedleak.defenses import ExclusivityReduction
+
+    return ExclusivityReduction()
+
+
 def _scenario(name: str, settings: AuditSettings) -> BatchTransform:
     try:
         return _SCENARIOS[name][0](settings)
@@ -185,6 +218,16 @@ def _scenario(name: str, settings: AuditSettings) -> BatchTransform:
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _withheld(scenario: str, size: int, trial: int, transform_seconds: float, net: nn.Module) -> BatchResult:
+    depth = sum(isinstance(m, nn.ReLU) for m in net.modules())
+    return BatchResult(
+        scenario=scenario, batch_size=size, trial=trial, certifiable=0, exan_counts=[[] for _ in range(depth)],
+        rebuilt=0, certified=0, recovered=0, exact=0, false_certificates=0, inferred_batch_size=None,
+        batch_certified=False, label_accuracy=float("nan"), mean_psnr=float("nan"), mean_ssim=float("nan"),
+        gradient_seconds=0.0, transform_seconds=transform_seconds, attack_seconds=0.0, per_sample={}, sent=0,
+    )
 
 
 def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
@@ -238,14 +281,20 @@ def run_audit(
         t0 = time.perf_counter()
         xs, ys = transforms[scenario](net, x, y)
         t1 = time.perf_counter()
+        if xs.shape[0] == 0:  # the client's transform withheld the whole batch: nothing is sent, nothing leaks
+            batches.append(_withheld(scenario, size, trial, t1 - t0, net))
+            continue
         update = compute_gradient_update(net, xs, ys)
         t2 = time.perf_counter()
         rec = reconstruct(net, update, attack=settings.attack)
         report = analyze_exclusivity(net, xs, ys)
         scores = match(rec, xs, ys)
-        vs_original = None
+        vs_original = linf = pert_psnr = None
         if scenario != "plain" and xs.shape == x.shape:
             vs_original = match(rec, x, y).mean_psnr()
+            diff = (xs - x).reshape(size, -1).abs().amax(1)
+            linf = float(diff.mean())
+            pert_psnr = float(psnr(xs, x).mean())
         batches.append(BatchResult(
             scenario=scenario, batch_size=size, trial=trial,
             certifiable=int(report.certifiable.sum()),
@@ -257,7 +306,7 @@ def run_audit(
             mean_ssim=float(np.nanmean(scores.ssim)) if np.isfinite(scores.ssim).any() else float("nan"),
             gradient_seconds=t2 - t1, transform_seconds=t1 - t0, attack_seconds=rec.seconds,
             per_sample={k: v for k, v in scores.to_dict().items() if isinstance(v, list)},
-            psnr_vs_original=vs_original,
+            psnr_vs_original=vs_original, perturbation_linf=linf, perturbation_psnr=pert_psnr, sent=int(xs.shape[0]),
         ))
         if trial == 0 and size == showcase_size:
             rebuilt = np.full(tuple(xs.shape), np.nan, dtype=np.float32)

@@ -48,6 +48,8 @@ def _run(settings, out: Path, quiet: bool) -> None:
     result = run_audit(settings, progress=_progress(quiet, total, f"auditing {settings.data}"))
     write_audit(result, out)
     _print_summary(result, out)
+    sizes = result.reconstructable_batch_size()
+    typer.echo("largest batch size with >= 99% recovered: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
 
 
 @app.command()
@@ -59,7 +61,8 @@ def audit(
     seed: int = typer.Option(0, help="Seed of the model initialisation and the batch draws."),
     attack: str = typer.Option("exclusivity", help="Attack to run (see 'fedleak info')."),
     bias: bool = typer.Option(True, help="Give the model's layers biases."),
-    scenario: list[str] = typer.Option(["plain"], help="Client scenario(s): plain, and fished/defended when available."),
+    fishing: bool = typer.Option(False, help="Also audit fished batches (the curious server's LP client hook)."),
+    defense: bool = typer.Option(False, help="Also audit batches after the client's exclusivity-reduction defense."),
     split: str = typer.Option(None, help="Split of a CIFAR or IDX folder given as --data: train or test."),
     model: Path = typer.Option(None, help="Audit your own model file (state dict of a Sequential MLP) instead of "
                                          "a fresh one; --widths/--bias are then ignored."),
@@ -71,7 +74,8 @@ def audit(
 
     settings = AuditSettings(
         data=data, widths=_ints(widths, "--widths"), bias=bias, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-        trials=trials, seed=seed, attack=attack, scenarios=tuple(scenario), split=split,
+        trials=trials, seed=seed, attack=attack, split=split,
+        scenarios=("plain",) + (("fished",) if fishing else ()) + (("defended",) if defense else ()),
         model=None if model is None else str(model),
     )
     _run(settings, out, quiet)

@@ -62,9 +62,13 @@ def image_rows_uri(rows: list[tuple[str, np.ndarray]], marks: np.ndarray | None 
 def line_plot_uri(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
                   logx: bool = True, ylim: tuple[float, float] | None = None) -> str:
     fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    colours: dict[str, str] = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for name, (xs, ys) in series.items():
         dashed = "certifiable" in name or "gradient" in name
-        ax.plot(xs, ys, marker="x" if dashed else "o", linestyle="--" if dashed else "-", label=name)
+        key = name.split(":")[0]  # one colour per scenario; solid = measured, dashed = predicted/baseline
+        colour = colours.setdefault(key, palette[len(colours) % len(palette)])
+        ax.plot(xs, ys, marker="x" if dashed else "o", linestyle="--" if dashed else "-", label=name, color=colour)
     if logx:
         ax.set_xscale("log", base=2)
     if ylim:
