@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,10 +47,16 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     config = ConfigRecord({SETTINGS_KEY: settings.to_json(), GROUND_TRUTH_KEY: truth_dir})
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(make_model(settings, split).state_dict()),
-                   num_rounds=settings.rounds, train_config=config, evaluate_fn=evaluate)
-    records = audit.findings()
-    audit.close()
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(make_model(settings, split).state_dict()),
+                       num_rounds=settings.rounds, train_config=config, evaluate_fn=evaluate)
+        records = audit.findings()  # waits for the attacks still running
+        audit.close()
+    except BaseException:
+        audit.close(force=True)
+        raise
+    finally:
+        shutil.rmtree(truth_dir, ignore_errors=True)
     rounds = tuple(RoundRecord(r, a, l, audit.round_seconds.get(r), 0, 0) for r, (a, l) in sorted(accuracy.items()))
     result = FederationResult(settings.to_dict(), _versions(), rounds, tuple(records), 0.0, audit.audit_wait_seconds)
     out = Path(str(context.run_config.get("out-dir", "fedleak-out")))
