@@ -121,8 +121,15 @@ def analyze_exclusivity(
     Activation patterns are computed in the model's own dtype, exactly as the client computes them.
     ``labels`` fix the backward signal that decides whether an ExAN is effective; without them the
     model's predictions are used. A sample is *certifiable* when it has at least ``min_last`` effective
-    ExANs at the last ReLU layer and ``min_other`` at every other one.
+    ExANs at the last ReLU layer and ``min_other`` at every other one. CNNs are analysed at unit and
+    channel level (:func:`fedleak.analysis.conv_exclusivity.analyze_conv_exclusivity`).
     """
+    from fedleak.models.convnet import is_cnn
+
+    if is_cnn(model):  # unit- and channel-level analysis through the conv layers
+        from fedleak.analysis.conv_exclusivity import analyze_conv_exclusivity
+
+        return analyze_conv_exclusivity(model, inputs, labels, min_last=min_last, min_other=min_other)
     net = as_relu_mlp(model)
     if net.depth == 0:
         raise ModelError("the model has no hidden ReLU layer, so exclusivity is undefined")

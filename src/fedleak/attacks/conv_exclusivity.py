@@ -413,7 +413,7 @@ def conv_exclusivity_attack(
     # keep candidates the head certificate accepts, or whose witnesses sit at the batch's common scale
     # (single-ExAN samples the whole-batch certificate may still certify); mixtures of samples are dropped
     if complete:
-        pre, pre_scale = attack.certify(complete)
+        pre, pre_scale = attack.certify(complete, grad_update.num_examples)
         keep = [c for c, r in zip(complete, pre) if r.certified or (
             pre_scale is not None and r.witnesses[-1] >= 1 and np.isfinite(r.scale)
             and abs(r.scale / pre_scale - 1) <= hopts.scale_tol)]
@@ -447,7 +447,7 @@ def conv_exclusivity_attack(
             ok = float((feats64[k] - ref).norm()) <= tol and float((feats32[k] - ref).norm()) <= tol
             c.acts[0] = feats64[k].clone()
         fwd_ok.append(ok)
-    head_recs, batch_scale = attack.certify(complete) if complete else ([], None)
+    head_recs, batch_scale = attack.certify(complete, grad_update.num_examples) if complete else ([], None)
 
     batch_size = None
     if batch_scale is not None and batch_scale > 0 and hopts.known_scale:

@@ -647,8 +647,16 @@ def exclusivity_attack(
     """Rebuild every sample of a FedSGD batch whose exclusively activated neurons allow it.
 
     ``update`` is the averaged gradient keyed like ``model.named_parameters()``. Options are the fields of
-    :class:`ExclusivityOptions`, passed as keywords or as an ``options`` object.
+    :class:`ExclusivityOptions`, passed as keywords or as an ``options`` object. A CNN is handed to
+    :func:`fedleak.attacks.conv_exclusivity.conv_exclusivity_attack`.
     """
+    from fedleak.models.convnet import is_cnn
+
+    if is_cnn(model):  # FC head first, then the conv layers as linear systems
+        from fedleak.attacks.conv_exclusivity import conv_exclusivity_attack
+
+        return conv_exclusivity_attack(model, update, input_shape=input_shape, **(
+            {"options": options} if options is not None else {}), **overrides)
     start = time.perf_counter()
     opts = options or ExclusivityOptions()
     if overrides:

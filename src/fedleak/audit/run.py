@@ -40,6 +40,7 @@ class AuditSettings:
     scenarios: tuple[str, ...] = ("plain",)
     split: str | None = None
     model: str | None = None  # a model file (see fedleak.load_mlp); replaces widths/bias
+    conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
@@ -55,7 +56,7 @@ class AuditSettings:
         return {
             "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
             "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
-            "split": self.split, "model": self.model,
+            "split": self.split, "model": self.model, "conv": list(self.conv),
         }
 
 
@@ -237,6 +238,11 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
         if out != data.num_classes:
             raise FedleakError(f"the model has {out} outputs but {data.name} has {data.num_classes} classes")
         return model
+    if settings.conv:
+        from fedleak.models.convnet import make_convnet
+
+        return make_convnet(data.input_shape, data.num_classes, channels=settings.conv, fc_widths=settings.widths,
+                            bias=settings.bias, seed=settings.seed)
     return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
 
 

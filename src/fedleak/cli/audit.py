@@ -56,6 +56,8 @@ def _run(settings, out: Path, quiet: bool) -> None:
 def audit(
     data: str = typer.Option("digits", help="Built-in data set name (see 'fedleak info') or a path to your data."),
     widths: str = typer.Option("1024", help="Hidden layer widths of the fully connected ReLU model, e.g. 1024,512."),
+    conv: str = typer.Option(None, help="Audit a CNN: conv channels, e.g. 6,32 (3x3 convs + ReLU), then an FC "
+                                        "head of --widths."),
     batch_sizes: str = typer.Option("1,2,4,8,16,32,64", help="Batch sizes to audit, comma-separated."),
     trials: int = typer.Option(1, min=1, help="Batches drawn per batch size."),
     seed: int = typer.Option(0, help="Seed of the model initialisation and the batch draws."),
@@ -76,7 +78,7 @@ def audit(
         data=data, widths=_ints(widths, "--widths"), bias=bias, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
         trials=trials, seed=seed, attack=attack, split=split,
         scenarios=("plain",) + (("fished",) if fishing else ()) + (("defended",) if defense else ()),
-        model=None if model is None else str(model),
+        model=None if model is None else str(model), conv=_ints(conv, "--conv") if conv else (),
     )
     _run(settings, out, quiet)
 
