@@ -57,3 +57,13 @@ def test_bad_settings():
         run_audit(AuditSettings(widths=(8,), batch_sizes=(1,), scenarios=("nope",)))
     with pytest.raises(fedleak.FedleakError, match="samples"):
         run_audit(AuditSettings(widths=(8,), batch_sizes=(5000,)))
+
+
+def test_audit_of_a_cnn(tmp_path):
+    settings = AuditSettings(data="digits", widths=(128,), conv=(4, 16), batch_sizes=(1, 2), seed=0)
+    result = run_audit(settings)
+    rows = result.summary_rows()
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert all(r["false_certificates"] == 0 for r in rows)
+    results, _ = write_audit(result, tmp_path)
+    assert json.loads(results.read_text())["settings"]["conv"] == [4, 16]
