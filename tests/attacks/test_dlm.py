@@ -62,3 +62,13 @@ def test_weights_only(digits):
     model = fedleak.make_mlp(digits.input_shape, [8], 10, seed=0)
     with pytest.raises(fedleak.FedleakError, match="does not run on gradient"):
         fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="dlm")
+
+
+def test_refine_adds_lbfgs_evaluations_within_budget(digits):
+    x, y = digits.batch(1, seed=25)
+    model = fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)
+    update = fedavg_update(model, x, y, lr=0.05, local_steps=2, reveal_local_steps=True)
+    rec = fedleak.reconstruct(model, update, attack="dlm", iterations=40, refine=10)
+    assert 40 < rec.iterations <= 50
+    with pytest.raises(fedleak.FedleakError, match="refine"):
+        fedleak.reconstruct(model, update, attack="dlm", refine=-1)

@@ -198,32 +198,50 @@ def _flat_dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum((ai * bi).sum() for ai, bi in zip(a, b))
 
 
-def l2_objective(sim: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
-    norm = sum(float((t * t).sum()) for t in target)
-    return sum(((s - t) ** 2).sum() for s, t in zip(sim, target)) / max(norm, 1e-300)
-
-
 def _layer_mean_norm(ts: list[torch.Tensor]) -> torch.Tensor:
     return sum(t.norm() for t in ts) / len(ts)
 
 
-def normalized_objective(sim: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
-    ns = _layer_mean_norm(sim).clamp_min(1e-30)
-    nt = float(_layer_mean_norm(target))
-    return sum(((s / ns - t / nt) ** 2).sum() for s, t in zip(sim, target))
+class Objective:
+    """A matching objective against a fixed target update; target statistics are computed once."""
+
+    def __init__(self, target: list[torch.Tensor]):
+        self.target = target
+        self.sq_norm = sum(float((t * t).sum()) for t in target)
+        self.mean_layer_norm = float(_layer_mean_norm(target))
+
+    def __call__(self, sim: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
-def cosine_objective(sim: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
-    dot = _flat_dot(sim, target)
-    ns = torch.sqrt(sum((s * s).sum() for s in sim)).clamp_min(1e-30)
-    nt = math.sqrt(sum(float((t * t).sum()) for t in target))
-    return 1 - dot / (ns * nt)
+class L2Objective(Objective):
+    """``Σ‖u − u*‖² / Σ‖u*‖²`` (DLG; DLM with the learned learning rate inside ``u``)."""
+
+    def __call__(self, sim: list[torch.Tensor]) -> torch.Tensor:
+        return sum(((s - t) ** 2).sum() for s, t in zip(sim, self.target)) / max(self.sq_norm, 1e-300)
 
 
-OBJECTIVES: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], torch.Tensor]] = {
-    "l2": l2_objective,
-    "normalized": normalized_objective,
-    "cosine": cosine_objective,
+class NormalizedObjective(Objective):
+    """``Σ_l ‖u_l/ν(u) − u*_l/ν(u*)‖²`` with ``ν`` the mean per-layer norm (DLM+)."""
+
+    def __call__(self, sim: list[torch.Tensor]) -> torch.Tensor:
+        ns = _layer_mean_norm(sim).clamp_min(1e-30)
+        return sum(((s / ns - t / self.mean_layer_norm) ** 2).sum() for s, t in zip(sim, self.target))
+
+
+class CosineObjective(Objective):
+    """``1 − ⟨u, u*⟩ / (‖u‖ ‖u*‖)`` over all parameters at once (Inverting Gradients)."""
+
+    def __call__(self, sim: list[torch.Tensor]) -> torch.Tensor:
+        dot = _flat_dot(sim, self.target)
+        ns = torch.sqrt(sum((s * s).sum() for s in sim)).clamp_min(1e-30)
+        return 1 - dot / (ns * math.sqrt(self.sq_norm))
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "l2": L2Objective,
+    "normalized": NormalizedObjective,
+    "cosine": CosineObjective,
 }
 
 
@@ -257,6 +275,7 @@ class InversionSettings:
     stops at whichever budget runs out first and says so. ``signed``: Adam on the sign of the gradient
     (Inverting Gradients). ``box``: clamp the dummy data into this range after every Adam step, and the
     result in any case. ``lr_decay``: step decay by 10x at 3/8, 5/8 and 7/8 of the iterations.
+    ``refine``: after Adam, polish the best point with this many L-BFGS evaluations (counted as iterations).
     ``init``: ``"uniform"`` (U[box]) or ``"normal"`` (N(0,1), DLG/DLM) dummy data.
     """
 
@@ -270,6 +289,7 @@ class InversionSettings:
     signed: bool = False
     box: tuple[float, float] | None = (0.0, 1.0)
     lr_decay: bool = False
+    refine: int = 0
     init: str = "uniform"
     time_budget: float | None = None
     seed: int = 0
@@ -288,6 +308,8 @@ class InversionSettings:
             raise FedleakError(f"optimizer must be 'adam' or 'lbfgs', got '{self.optimizer}'")
         if int(self.iterations) < 1:
             raise FedleakError(f"iterations must be at least 1, got {self.iterations}")
+        if int(self.refine) < 0:
+            raise FedleakError(f"refine must be a number of L-BFGS evaluations >= 0, got {self.refine}")
         if int(self.restarts) < 1:
             raise FedleakError(f"restarts must be at least 1, got {self.restarts}")
         if not self.lr > 0:
@@ -369,7 +391,7 @@ def invert(
                                        [p.to(dtype) for p in target.params], target.buffers,
                                        target.batch_size, target.local_steps, target.input_shape))
     tgt = [t.to(dtype) for t in target.tensors]
-    objective = OBJECTIVES[settings.objective]
+    objective = OBJECTIVES[settings.objective](tgt)
     n_fixed = 0 if fixed_inputs is None else int(fixed_inputs.shape[0])
     n_free = batch_size - n_fixed
     if n_free < 1:
@@ -387,7 +409,7 @@ def invert(
     lr_mode = None
     if target.kind == "weights":
         lr_mode = "learned" if settings.objective == "l2" else ("norm" if steps > 1 else None)
-    target_norm = math.sqrt(sum(float((t * t).sum()) for t in tgt))
+    target_norm = math.sqrt(objective.sq_norm)
 
     def simulate(x_free: torch.Tensor, y_free: torch.Tensor, log_lr: torch.Tensor | None) -> list[torch.Tensor]:
         x_all = x_free if fx is None else torch.cat([fx, x_free])
@@ -438,7 +460,7 @@ def invert(
         def loss_fn() -> torch.Tensor:
             y_free = torch.softmax(y_logits, -1) if settings.learn_labels else y_fixed_free
             sim = simulate(x, y_free, log_lr)
-            loss = objective(sim, tgt)
+            loss = objective(sim)
             if settings.tv > 0:
                 loss = loss + settings.tv * total_variation(x, settings.tv_boundary)
             return loss
@@ -479,14 +501,20 @@ def invert(
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss.detach()):.3e}")
             remember(float(loss_fn().detach()))
-        else:
-            opt = torch.optim.LBFGS(variables, lr=settings.lr, max_iter=20, history_size=100,
+        # L-BFGS: the optimiser itself, or a refinement of the best Adam point (``refine`` evaluations)
+        budget = settings.iterations if settings.optimizer == "lbfgs" else int(settings.refine)
+        lbfgs_lr = settings.lr if settings.optimizer == "lbfgs" else 1.0
+        if budget > 0 and not stopped:
+            if settings.optimizer == "adam" and run_best is not None:
+                with torch.no_grad():
+                    x.copy_(run_best[1])
+            opt = torch.optim.LBFGS(variables, lr=lbfgs_lr, max_iter=20, history_size=100,
                                     tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
             evals = 0
 
             def closure() -> torch.Tensor:
                 nonlocal evals, stopped
-                if evals >= settings.iterations:
+                if evals >= budget:
                     raise _BudgetSpent
                 if deadline is not None and time.perf_counter() > deadline:
                     stopped = True
@@ -504,7 +532,7 @@ def invert(
                 return loss
 
             stall = 0
-            while evals < settings.iterations:
+            while evals < budget:
                 if deadline is not None and time.perf_counter() > deadline:
                     stopped = True
                     break
@@ -514,8 +542,8 @@ def invert(
                     run_best = None  # the objective moved with η: restart the bookkeeping from here
                     remember(float(loss_fn().detach()))
                 prev = run_best[0] if run_best is not None else float("inf")
-                opt.param_groups[0]["max_iter"] = max(1, min(20, settings.iterations - evals))
-                opt.param_groups[0]["max_eval"] = max(1, min(25, settings.iterations - evals))
+                opt.param_groups[0]["max_iter"] = max(1, min(20, budget - evals))
+                opt.param_groups[0]["max_eval"] = max(1, min(25, budget - evals))
                 try:
                     opt.step(closure)
                 except _BudgetSpent:
@@ -526,12 +554,12 @@ def invert(
                     if stall >= 2:
                         notes.append(f"restart {restart}: L-BFGS converged after {evals} evaluations (loss {now:.2e})")
                         break
-                    opt = torch.optim.LBFGS(variables, lr=settings.lr, max_iter=20, history_size=100,
+                    opt = torch.optim.LBFGS(variables, lr=lbfgs_lr, max_iter=20, history_size=100,
                                             tolerance_grad=1e-14, tolerance_change=1e-16,
                                             line_search_fn="strong_wolfe")
                 else:
                     stall = 0
-            iters = evals
+            iters += evals
         total_iters += iters
         if run_best is not None:
             loss_value, xb, yb, lrb = run_best
