@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -86,7 +87,13 @@ def federate(
         if record.status != "ok":
             typer.echo(f"round {record.round}, client {record.client}: {record.status}: {record.detail}", err=True)
 
-    result = run_federation(settings, verbose=verbose, on_finding=progress)
+    try:
+        result = run_federation(settings, verbose=verbose, on_finding=progress)
+    except KeyboardInterrupt:
+        # Ray, Flower's threads, the audit worker and the temp folder are already cleaned up; exit
+        # directly (the typer layer would turn the interrupt into a return value and exit code 0)
+        typer.echo("fedleak: interrupted; the federation was stopped and its temp files removed", err=True)
+        sys.exit(130)
     write_results(result, out / "results.json")
     write_report(result, out / "report.html")
     for line in summarize(result):

@@ -30,7 +30,10 @@ from fedleak.federation.settings import FederationSettings
 @contextmanager
 def isolated_environment(prefix: str = "fedleak-fl-") -> Iterator[str]:
     """A temp folder that HOME/FLWR_HOME/TMPDIR/RAY_TMPDIR point to; restored and removed on exit."""
-    folder = tempfile.mkdtemp(prefix=prefix)
+    base = tempfile.gettempdir()
+    if len(base) > 24 and os.path.isdir("/tmp"):  # Ray's AF_UNIX socket paths must stay under 108 bytes
+        base = "/tmp"
+    folder = tempfile.mkdtemp(prefix=prefix, dir=base)
     keys = ("HOME", "FLWR_HOME", "TMPDIR", "RAY_TMPDIR", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED",
             "RAY_DISABLE_IMPORT_WARNING", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION")
     saved = {k: os.environ.get(k) for k in keys}
@@ -75,8 +78,12 @@ def shutdown_ray() -> None:
         import ray
     except ImportError:  # pragma: no cover
         return
-    if ray.is_initialized():
+    # unconditionally: an interrupt inside ray.init can leave started node processes while
+    # is_initialized() is still False; shutdown() kills whatever this driver started
+    try:
         ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort during cleanup
+        pass
 
 
 def _versions() -> dict[str, str]:
@@ -126,24 +133,32 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
             from flwr.clientapp.mod import fixedclipping_mod
 
             mods.append(fixedclipping_mod)
+        stop = threading.Event()
         server_app = make_server_app(settings, strategy, ground_truth_dir=gt_dir,
-                                     on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)))
+                                     on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
         backend = {
             "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": settings.ray_cpus, "num_gpus": 0, "_temp_dir": os.path.join(folder, "ray"),
+            "init_args": {"num_cpus": settings.ray_cpus, "num_gpus": 0, "_temp_dir": os.path.join(folder, "r"),
                           "include_dashboard": False, "logging_level": logging.WARNING if not verbose else logging.INFO,
                           "log_to_driver": verbose},
         }
         try:
-            run_simulation(server_app=server_app, client_app=make_client_app(mods), num_supernodes=settings.clients,
-                           backend_config=backend, verbose_logging=verbose)
+            try:
+                run_simulation(server_app=server_app, client_app=make_client_app(mods),
+                               num_supernodes=settings.clients, backend_config=backend, verbose_logging=verbose)
+            except SystemExit as exc:  # Ray's driver turns SIGTERM into sys.exit(15)
+                if exc.code in (0, None, int(signal.SIGTERM), int(signal.SIGINT)):
+                    raise KeyboardInterrupt(f"stopped by a signal (exit code {exc.code})") from None
+                raise FedleakError(f"Flower stopped the simulation (exit code {exc.code})") from None
             shutdown_ray()  # the clients are done; the audit may still be finishing
             records = audit.findings()  # waits for the attacks still running
             audit.close()
         except BaseException:
+            stop.set()  # the ServerApp thread stops waiting for replies
             audit.close(force=True)  # kill a running attack at once (error, Ctrl-C, SIGTERM)
             raise
         finally:
+            stop.set()
             shutdown_ray()
             flwr_logger.setLevel(old_level)
     if len(evaluations) < settings.rounds + 1:

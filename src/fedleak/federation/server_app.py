@@ -8,7 +8,9 @@ wraps it in a ServerApp whose ``main`` evaluates the global model on the held-ou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 
 from fedleak.federation._flwr import require_flwr
 
@@ -24,6 +26,39 @@ from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY  # noqa
 from fedleak.federation.hooks import get_defense, get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
+
+
+class FederationStopped(RuntimeError):
+    """Raised in the ServerApp's thread when the run is stopped (error, Ctrl-C) while it waits for replies."""
+
+
+class StoppableGrid:
+    """A Grid whose ``send_and_receive`` gives up when ``stop`` is set.
+
+    Flower's in-memory grid waits for replies up to the round timeout (an hour by default), in a thread
+    the interpreter waits for at exit; this proxy lets ``fedleak federate`` end at once on Ctrl-C.
+    Everything else is delegated to the wrapped grid.
+    """
+
+    def __init__(self, grid: Grid, stop: threading.Event, poll: float = 0.05) -> None:
+        self._grid, self._stop, self._poll = grid, stop, poll
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.time() + timeout
+        replies: list = []
+        while pending and (end is None or time.time() < end):
+            if self._stop.is_set():
+                raise FederationStopped("the federation was stopped while waiting for client replies")
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                time.sleep(self._poll)
+        return replies
 
 
 def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None,
@@ -61,8 +96,10 @@ def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord) -> 
 
 
 def make_server_app(settings: FederationSettings, strategy: Strategy, *, ground_truth_dir: str | None = None,
-                    on_evaluate: Callable[[int, float, float], None] | None = None) -> ServerApp:
-    """A ServerApp that runs ``strategy`` for ``settings.rounds`` rounds from the seeded initial model."""
+                    on_evaluate: Callable[[int, float, float], None] | None = None,
+                    stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp that runs ``strategy`` for ``settings.rounds`` rounds from the seeded initial model
+    (``stop``: an event that ends the run while it waits for replies, see :class:`StoppableGrid`)."""
     app = ServerApp()
 
     @app.main()
@@ -80,6 +117,8 @@ def make_server_app(settings: FederationSettings, strategy: Strategy, *, ground_
                 on_evaluate(server_round, acc, loss)
             return MetricRecord({"accuracy": acc, "loss": loss})
 
+        if stop is not None:
+            grid = StoppableGrid(grid, stop)
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=settings.rounds,
                        train_config=ConfigRecord(config), evaluate_fn=evaluate)
 

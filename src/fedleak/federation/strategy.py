@@ -24,8 +24,10 @@ that looks the batch up elsewhere (``fedleak federate`` uses the side channel of
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -69,6 +71,25 @@ def _state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in record.to_torch_state_dict().items()}
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Spawned workers re-import the parent's ``__main__`` (its file or module name) unless it has none:
+    a user's script that calls ``run_federation`` without an ``if __name__ == "__main__"`` guard would run
+    again in the worker. The audit worker needs nothing from ``__main__``, so hide it while spawning."""
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
+    try:
+        for k in saved:
+            if k == "__file__":
+                delattr(main, k)
+            else:
+                setattr(main, k, None)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 class AuditFedAvg(FedAvg):
     """FedAvg plus a per-client leakage audit (see the module docstring).
 
@@ -105,6 +126,7 @@ class AuditFedAvg(FedAvg):
         self.upload = upload
         self._pool: Executor | None = None
         self._shipped: set[int] = set()
+        self._closing = False
         self._models_round: tuple[int, nn.Module | None] = (-1, None)
         self.round_seconds: dict[int, float] = {}
         self.audit_wait_seconds = 0.0
@@ -114,8 +136,8 @@ class AuditFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round_start[server_round] = time.perf_counter()
-        if self.audit and self.audit_mode == "process" and self._pool is None:
-            self._executor().submit(init_worker, 0)  # start the worker now, while the clients train
+        if self.audit and self.audit_mode == "process":
+            self._executor()  # start the worker now, while the clients train
         sent = _state_dict_of(arrays)
         if self.tamper is not None:
             model = self._model(sent)
@@ -227,12 +249,14 @@ class AuditFedAvg(FedAvg):
             if self.audit_mode == "process":
                 self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                                  initializer=init_worker)
+                with _main_module_hidden():  # the worker is spawned by this first submit
+                    self._pool.submit(init_worker, 0)
             else:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedleak-audit")
         return self._pool
 
     def _collect(self, fut: Future) -> None:
-        if fut.cancelled():
+        if fut.cancelled() or self._closing:
             return
         exc = fut.exception()
         if exc is not None:  # the worker died (run_audit itself never raises)
@@ -272,6 +296,7 @@ class AuditFedAvg(FedAvg):
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        self._closing = force
         if force and isinstance(pool, ProcessPoolExecutor):
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
