@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from typing import Any
 
@@ -25,13 +24,13 @@ import torch
 from torch import nn
 
 from fedleak.attacks.dlm import dlm_plus_attack
-from fedleak.attacks.exclusivity import exclusivity_attack
+from fedleak.attacks.exclusivity import exclusivity_attack, exclusivity_on_weights
 from fedleak.attacks.optimization import ig_attack
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
 from fedleak.models.structure import as_relu_mlp
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
+from fedleak.updates import WeightUpdate, as_gradient_update
 
 
 def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None = None) -> str | None:
@@ -48,23 +47,6 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     if isinstance(update, WeightUpdate) and update.local_steps is not None and int(update.local_steps) > 1:
         return f"the client took {update.local_steps} local steps: ΔW is no longer a scaled gradient"
     return None
-
-
-def exclusivity_on_weights(
-    model: nn.Module, update: WeightUpdate, *, input_shape: tuple[int, ...] | None = None, **options: Any
-) -> Reconstruction:
-    """The exclusivity attack on a one-step weight delta: the model at ``update.before``, the delta as a
-    gradient of unknown scale (``known_scale=False``), the batch size from ``num_examples``."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    check_matches_model(model, {k: v for k, v in update.before.items() if k in set(names)}, "weight update")
-    delta = update.delta()
-    at_before = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in at_before.named_parameters():
-            if n in update.before:
-                p.copy_(update.before[n].to(p.dtype))
-    grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
-    return exclusivity_attack(at_before, grads, input_shape=input_shape, known_scale=False, **options)
 
 
 @register_attack("auto", update_kinds=("gradient", "weights"),

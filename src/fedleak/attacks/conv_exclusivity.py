@@ -39,7 +39,12 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
-from fedleak.attacks.exclusivity import ExclusivityOptions, _Candidate, _ExclusivityAttack, _label_counts
+from fedleak.attacks.exclusivity import (
+    ExclusivityOptions,
+    _ExclusivityAttack,
+    _label_counts,
+    unique_candidates,
+)
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
 from fedleak.models.convnet import ConvBlock, ReluCNN, as_relu_cnn
@@ -397,14 +402,7 @@ def conv_exclusivity_attack(
     notes = attack.notes
 
     # 1. FC head: labels and feature vectors
-    cands = attack.top_candidates()
-    t = net.head.depth - 1
-    unique: list[_Candidate] = []
-    for c in cands:
-        tol = hopts.group_tol * 10 * float(c.acts[t].norm().clamp_min(1e-300))
-        if not any(u.label == c.label and float((u.acts[t] - c.acts[t]).norm()) <= tol for u in unique):
-            unique.append(c)
-    cands = unique
+    cands = unique_candidates(attack.top_candidates(), net.head.depth - 1, hopts.group_tol)
     attack.walk_down(cands)
     complete = [c for c in cands if c.complete]
     if len(cands) > len(complete):

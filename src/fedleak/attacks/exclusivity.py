@@ -25,6 +25,7 @@ Algorithms spec §2 (Pan et al., USENIX Security 2022), with our own grouping, c
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.models.structure import ReluMLP, as_relu_mlp
 from fedleak.reconstruction import Reconstruction, SampleRecovery
-from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model
+from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
 
 F64 = torch.float64
 
@@ -48,6 +49,7 @@ class ExclusivityOptions:
     """Tolerances of the exclusivity attack (all relative; see docs/attacks.md for how they were set).
 
     ``group_tol``: two implied inputs closer than this (relative L2) are the same sample.
+    ``core_tol``: the rows that represent a group (and witness it) lie this close to its medoid.
     ``top_tol``: a candidate's output-layer columns must match its loss vector this closely to be kept
     (a loose screen; the certificate is strict).
     ``forward_tol``: a candidate layer input must reproduce the known layer output this closely.
@@ -64,6 +66,7 @@ class ExclusivityOptions:
     """
 
     group_tol: float = 1e-5
+    core_tol: float = 1e-6
     top_tol: float = 1e-3
     forward_tol: float = 1e-5
     check_tol: float = 1e-5
@@ -345,6 +348,16 @@ class _ExclusivityAttack:
         sizes = torch.bincount(gid, minlength=n_groups)
         reps = torch.zeros(n_groups, R.shape[1], dtype=F64).index_add_(0, gid, R) / sizes[:, None]
         members = [idx[grp] for grp in groups]
+        # a row shared with a sample whose backward signal is tiny (a confident one) is a blend that still
+        # lies within group_tol of the loud sample's rows; the exclusive rows agree to float32 rounding, so
+        # each group is represented by the tight core around its medoid, and only the core are witnesses
+        for k in torch.nonzero(sizes >= 3).flatten().tolist():
+            block = R[groups[k]]
+            dist = torch.cdist(block, block)
+            medoid = int(dist.median(dim=1).values.argmin())
+            core = dist[medoid] <= opts.core_tol * block[medoid].norm()
+            reps[k] = block[core].mean(0)
+            members[k] = members[k][core]
 
         def all_true(flags: torch.Tensor) -> torch.Tensor:
             return torch.zeros(n_groups, dtype=torch.long).index_add_(0, gid, (~flags).long()) == 0
@@ -384,10 +397,13 @@ class _ExclusivityAttack:
         labels = columns.argmin(0)
         label = int(torch.mode(labels).values)
         e = _loss_vectors(logits[None, :], torch.tensor([label]))[0]
-        # members must fire, carry the label, and have columns that are positive multiples of a_j * e
-        pred = a[members][None, :] * e[:, None]
-        scale = (pred * columns).sum(0) / (pred * pred).sum(0).clamp_min(1e-300)
-        res = (columns - scale * pred).norm(dim=0) / columns.norm(dim=0).clamp_min(1e-300)
+        # members must fire, carry the label, and have columns that are positive multiples of a_j * e; the
+        # label entry is left out of the residual (float32 computes it as p_y - 1, with cancellation)
+        others = torch.arange(columns.shape[0]) != label
+        pred = (a[members][None, :] * e[:, None])[others]
+        cols = columns[others]
+        scale = (pred * cols).sum(0) / (pred * pred).sum(0).clamp_min(1e-300)
+        res = (cols - scale * pred).norm(dim=0) / cols.norm(dim=0).clamp_min(1e-300)
         ok = (z[members] > 0) & (labels == label) & (scale > 0) & (res <= self.opts.top_tol)
         if not bool(ok.any()):
             return None
@@ -568,6 +584,11 @@ class _ExclusivityAttack:
         ]
         if opts.known_scale and reported is not None:
             batch_scale = 1.0 / reported
+        elif reported == 1 and strong:
+            # one sample, unknown factor (e.g. lr/M of a weight delta): no blend exists in a batch of one, so
+            # the best-witnessed candidate sets the scale and the whole-batch check decides
+            best = max((p for p in per_sample if p["scale"] in strong), key=lambda p: sum(p["counts"]))
+            batch_scale = best["scale"]
         else:
             batch_scale = _common_scale(strong, opts.scale_tol, integer=opts.known_scale)
         results = []
@@ -619,6 +640,17 @@ class _ExclusivityAttack:
         return worst <= self.opts.batch_tol, worst
 
 
+def unique_candidates(cands: list[_Candidate], t: int, group_tol: float) -> list[_Candidate]:
+    """The same sample can surface twice (its exclusive rows, and blends dominated by it): keep one copy,
+    the one with the most witnesses (its exclusive rows)."""
+    unique: list[_Candidate] = []
+    for c in sorted(cands, key=lambda c: -len(c.witnesses[t])):
+        tol = group_tol * 10 * float(c.acts[t].norm().clamp_min(1e-300))
+        if not any(u.label == c.label and float((u.acts[t] - c.acts[t]).norm()) <= tol for u in unique):
+            unique.append(c)
+    return unique
+
+
 def _label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int | None, recovered_probs, labels):
     """Estimate the whole batch's label histogram from the output bias gradient (or None)."""
     if G_out_bias is None or batch_size is None:
@@ -634,7 +666,29 @@ def _label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int
     return est.to(torch.int64).numpy()
 
 
-@register_attack("exclusivity", update_kinds=("gradient",),
+def exclusivity_on_weights(
+    model: nn.Module, update: WeightUpdate, *, input_shape: tuple[int, ...] | None = None, **options
+) -> Reconstruction:
+    """The exclusivity attack on a one-step FedAvg weight delta with an unknown learning rate.
+
+    For one local SGD step ``before - after = lr * gradient``; the learning rate cancels in every
+    ``dW_i / db_i`` ratio, so the attack runs on the delta at the ``before`` weights with
+    ``known_scale=False`` and takes the batch size from ``num_examples``. Several local steps mix the
+    samples' contributions over changing weights: the certificate then fails rather than mislead.
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    check_matches_model(model, {k: v for k, v in update.before.items() if k in set(names)}, "weight update")
+    delta = update.delta()
+    at_before = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in at_before.named_parameters():
+            if n in update.before:
+                p.copy_(update.before[n].to(p.dtype))
+    grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
+    return exclusivity_attack(at_before, grads, input_shape=input_shape, known_scale=False, **options)
+
+
+@register_attack("exclusivity", update_kinds=("gradient", "weights"),
                  description="deterministic, certified reconstruction from exclusively activated neurons")
 def exclusivity_attack(
     model: nn.Module,
@@ -652,6 +706,8 @@ def exclusivity_attack(
     """
     from fedleak.models.convnet import is_cnn
 
+    if isinstance(update, WeightUpdate):
+        return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
     if is_cnn(model):  # FC head first, then the conv layers as linear systems
         from fedleak.attacks.conv_exclusivity import conv_exclusivity_attack
 
@@ -674,18 +730,7 @@ def exclusivity_attack(
         obs_dtype = torch.float64
     attack = _ExclusivityAttack(net, dict(grad_update.gradients), opts, obs_dtype)
 
-    cands = attack.top_candidates()
-    # the same sample can surface twice (e.g. rows split across groups): keep one copy
-    unique: list[_Candidate] = []
-    t = net.depth - 1
-    for c in cands:
-        if not any(
-            u.label == c.label and float((u.acts[t] - c.acts[t]).norm())
-            <= opts.group_tol * 10 * float(c.acts[t].norm().clamp_min(1e-300))
-            for u in unique
-        ):
-            unique.append(c)
-    cands = unique
+    cands = unique_candidates(attack.top_candidates(), net.depth - 1, opts.group_tol)
     attack.walk_down(cands)
     recoveries, batch_scale = attack.certify(cands, grad_update.num_examples)
     complete = [c for c in cands if c.complete]

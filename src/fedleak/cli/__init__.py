@@ -33,7 +33,7 @@ from fedleak.cli import commands  # noqa: E402,F401
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedleak`` script."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns the exit code instead of raising
     except FedleakError as exc:
         print(f"fedleak: error: {exc}", file=sys.stderr)
         return 2
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,10 +66,12 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
     """(strategy to run, the AuditFedAvg inside it) for ``settings``."""
     split = data_split(settings.data, settings.test_size, settings.public_size)
     threat = get_threat(settings.threat)
-    tamper = None
+    tamper: Callable[[nn.Module, int], nn.Module] | None = None
     if threat.tamper is not None:
-        def tamper(model: nn.Module, server_round: int) -> nn.Module:
+        def _tamper(model: nn.Module, server_round: int) -> nn.Module:
             return threat.tamper(model, server_round, settings, split)
+
+        tamper = _tamper
     audit = AuditFedAvg(
         make_model(settings, split),
         AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind),

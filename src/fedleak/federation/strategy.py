@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from fedleak.federation._flwr import require_flwr

@@ -31,7 +31,6 @@ How the LP stays small and fast (design, measured in docs/fishing.md):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
