@@ -21,3 +21,12 @@ def fashion() -> fedleak.Dataset:
         return fedleak.load_dataset("fashion-mnist")
     except fedleak.DataError as exc:  # pragma: no cover - make setup installs it
         pytest.skip(f"Fashion-MNIST not installed: {exc}")
+
+
+@pytest.fixture
+def one_thread():
+    """Optimisation attacks run many tiny second-order ops: one thread is several times faster on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -11,12 +11,7 @@ from fedleak.clients import fedavg_update
 from fedleak.models.cnn import make_lenet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _psnr(rec, x, y=None):

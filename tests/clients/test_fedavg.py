@@ -9,13 +9,7 @@ import fedleak
 from fedleak.attacks.optimization import FunctionalModel, prepare_target
 from fedleak.clients import fedavg_update, local_training
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These attacks run many tiny second-order ops: one thread is several times faster on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -10,12 +10,7 @@ from fedleak.clients import fedavg_update
 from fedleak.defenses.sparsification import prune_smallest, sparsify_update
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prune_keeps_the_largest_entries():

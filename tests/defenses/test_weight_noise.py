@@ -10,12 +10,7 @@ from fedleak.clients import fedavg_update
 from fedleak.defenses.weight_noise import add_weight_noise, clip_rows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
