@@ -82,6 +82,7 @@ class ExclusivityOptions:
     min_other: int = 1
     known_scale: bool = True
     label_eps_ulps: float = 4.0
+    max_witnesses: int = 64
 
 
 @dataclass
@@ -353,9 +354,9 @@ class _ExclusivityAttack:
         # each group is represented by the tight core around its medoid, and only the core are witnesses
         for k in torch.nonzero(sizes >= 3).flatten().tolist():
             block = R[groups[k]]
-            dist = torch.cdist(block, block)
-            medoid = int(dist.median(dim=1).values.argmin())
-            core = dist[medoid] <= opts.core_tol * block[medoid].norm()
+            pool = block[:64]  # the medoid is sought among (at most) the 64 strongest rows
+            medoid = pool[int(torch.cdist(pool, block).median(dim=1).values.argmin())]
+            core = (block - medoid).norm(dim=1) <= opts.core_tol * medoid.norm()
             reps[k] = block[core].mean(0)
             members[k] = members[k][core]
 
@@ -537,6 +538,7 @@ class _ExclusivityAttack:
             )
             obs, p0, p1, noise, layer_of = [], [], [], [], []
             for i, rows in c.witnesses.items():
+                rows = rows[: opts.max_witnesses]  # the strongest rows come first
                 top = i == net.depth - 1
                 has_bias = self.g[i] is not None
                 o = _observed_vectors(self.G, self.g, i, rows, top)
@@ -557,17 +559,22 @@ class _ExclusivityAttack:
             for _ in range(3):  # fit on the rows that pass, re-test all rows
                 if not bool(ok.any()):
                     break
+                # least squares in (s, t = s * eps) through its 2x2 normal equations
                 parts = torch.split(ok, [len(o) for o in obs])
-                A = torch.cat([torch.stack([a0[m].reshape(-1), a1[m].reshape(-1)], 1)
-                               for a0, a1, m in zip(p0, p1, parts)])
-                b = torch.cat([o[m].reshape(-1) for o, m in zip(obs, parts)])
-                coef = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+                gram = torch.zeros(2, 2, dtype=F64)
+                rhs = torch.zeros(2, dtype=F64)
+                for o, a0, a1, m in zip(obs, p0, p1, parts):
+                    o, a0, a1 = o[m], a0[m], a1[m]
+                    gram += torch.stack([torch.stack([(a0 * a0).sum(), (a0 * a1).sum()]),
+                                         torch.stack([(a0 * a1).sum(), (a1 * a1).sum()])])
+                    rhs += torch.stack([(a0 * o).sum(), (a1 * o).sum()])
+                coef = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
                 s_fit, t_fit = float(coef[0]), float(coef[1])
                 eps_fit = t_fit / s_fit if s_fit != 0 else float("inf")
                 if not abs(eps_fit) <= eps_bound:  # the best correction allowed: at the bound, refit the scale
                     eps_fit = math.copysign(eps_bound, eps_fit) if math.isfinite(eps_fit) else 0.0
-                    comb = A[:, 0] + eps_fit * A[:, 1]
-                    s_fit = float((comb @ b) / (comb @ comb).clamp_min(1e-300))
+                    cc = gram[0, 0] + 2 * eps_fit * gram[0, 1] + eps_fit**2 * gram[1, 1]
+                    s_fit = float((rhs[0] + eps_fit * rhs[1]) / cc.clamp_min(1e-300))
                     t_fit = s_fit * eps_fit
                 res = torch.cat([(o - s_fit * a0 - t_fit * a1).norm(dim=1) for o, a0, a1 in zip(obs, p0, p1)])
                 new_ok = (res <= tol) & (noise_t <= opts.max_noise)
