@@ -23,10 +23,10 @@ from fedleak.attacks.malicious import imprint_weights, trap_weights
 from fedleak.clients import fedavg_update, local_training
 from fedleak.data import Dataset, available_datasets, load_dataset
 from fedleak.errors import DataError, FedleakError, ModelError, SolverError, UpdateError
+from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
 from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
 from fedleak.models.cnn import make_lenet
 from fedleak.reconstruction import Reconstruction, SampleRecovery
-from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
 from fedleak.updates import (
     ClientUpdate,
     GradientUpdate,
@@ -69,8 +69,8 @@ __all__ = [
     "imprint_weights",
     "load_dataset",
     "load_update",
-    "local_training",
     "load_mlp",
+    "local_training",
     "make_lenet",
     "make_mlp",
     "metrics",
