@@ -12,7 +12,8 @@ Settings (recorded in the results file with versions and seeds):
 * models: ``mlp`` = Flatten-Linear(d,64)-ReLU-Linear(64,10); ``lenet`` = fedleak.make_lenet, sigmoid;
   the defense table uses a wider MLP (256 hidden) so that the exact exclusivity route applies;
 * attacks: default settings of fedleak's DLM/DLM+ (Adam 0.1, step decay, box [0,1]) with
-  ``--iterations`` iterations, one restart, seed 0; PSNR is the standard definition (data range 1,
+  ``--iterations`` iterations, one restart, seed 0, plus ``--attack-options`` (JSON, e.g. ``'{"signed": true}'``,
+  recorded per row) in the steps/batch table; PSNR is the standard definition (data range 1,
   per image, Hungarian-matched, mean over the batch); "recovered" = certified and exact (max error < 1e-4).
 
 Torch runs on one thread (``torch.set_num_threads(1)``): these attacks are many tiny second-order ops,
@@ -63,14 +64,14 @@ def score(rec, x, y) -> dict:
     }
 
 
-def run(attack: str, model, update, x, y, iterations: int) -> dict:
+def run(attack: str, model, update, x, y, iterations: int, options: dict | None = None) -> dict:
     start = time.perf_counter()
     if attack == "exclusivity":
         rec = exclusivity_on_weights(model, update)
     elif attack == "auto":
         rec = fedleak.reconstruct(model, update, attack="auto", iterations=iterations)
     else:
-        rec = fedleak.reconstruct(model, update, attack=attack, iterations=iterations)
+        rec = fedleak.reconstruct(model, update, attack=attack, iterations=iterations, **(options or {}))
     seconds = time.perf_counter() - start
     out = {"attack": attack, "seconds": round(seconds, 2), "iterations": rec.iterations, "produced_by": rec.attack}
     if len(rec) == 0:
@@ -81,7 +82,8 @@ def run(attack: str, model, update, x, y, iterations: int) -> dict:
     return out
 
 
-def steps_and_batch(datasets, archs, steps_grid, batch_grid, fixed_m, fixed_e, iterations, client_lr, log):
+def steps_and_batch(datasets, archs, steps_grid, batch_grid, fixed_m, fixed_e, iterations, client_lr, log,
+                    options: dict | None = None):
     rows = []
     for dname in datasets:
         ds = fedleak.load_dataset(DATA[dname])
@@ -92,8 +94,8 @@ def steps_and_batch(datasets, archs, steps_grid, batch_grid, fixed_m, fixed_e, i
                 x, y = ds.batch(m, seed=1000 + m)
                 upd = fedavg_update(model, x, y, lr=client_lr, local_steps=e, reveal_local_steps=True)
                 for attack in ("dlm", "dlm+"):
-                    r = run(attack, model, upd, x, y, iterations)
-                    r.update(dataset=dname, model=arch, batch=m, local_steps=e)
+                    r = run(attack, model, upd, x, y, iterations, options)
+                    r.update(dataset=dname, model=arch, batch=m, local_steps=e, options=options or {})
                     rows.append(r)
                     log(f"{dname:8s} {arch:6s} M={m} E={e:2d} {attack:5s} psnr={r['psnr_mean']:6.2f} "
                         f"({r['seconds']:.1f} s)")
@@ -220,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", nargs="+", type=float, default=[0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2])
     ap.add_argument("--sparsity", nargs="+", type=float, default=[0.25, 0.5, 0.75, 0.9, 0.99])
     ap.add_argument("--defense-batch", type=int, default=4)
+    ap.add_argument("--attack-options", type=json.loads, default={},
+                    help='extra DLM/DLM+ options for the steps table, as JSON, e.g. \'{"restarts": 2}\'')
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tables", type=Path, default=None, help="print the markdown tables of a results file and exit")
     args = ap.parse_args(argv)
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
     if args.only in (None, "steps"):
         result["steps_and_batch"] = steps_and_batch(args.datasets, args.models, args.steps, args.batches,
                                                     args.fixed_batch, args.fixed_steps, args.iterations,
-                                                    args.client_lr, log)
+                                                    args.client_lr, log, args.attack_options)
     if args.only in (None, "defenses"):
         result["defenses"] = defenses(args.iterations, args.defense_lr, args.noise, args.sparsity,
                                       args.defense_batch, log)
