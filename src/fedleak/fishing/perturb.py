@@ -334,6 +334,12 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     is the perturbed batch (same shape and dtype, values in [0, 1]); samples whose LP failed are
     unchanged and say why. Works for any depth, with or without biases.
     """
+    from fedleak.models.convnet import is_cnn
+
+    if is_cnn(model):  # CNNs: fish the FC head through the conv stack (fedleak.fishing.conv)
+        from fedleak.fishing.conv import fish_cnn
+
+        return fish_cnn(model, inputs, labels, **options)
     start = time.perf_counter()
     opts = options.pop("options", None) or FishingOptions.from_kwargs(**options)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
