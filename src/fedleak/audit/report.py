@@ -59,7 +59,7 @@ def render_html(result: AuditResult) -> str:
         "<h1>fedleak audit: what the server can rebuild from FedSGD gradients</h1>",
         f"<p>Data <b>{e(result.dataset)}</b> ({'×'.join(map(str, result.input_shape))}, {result.num_classes} classes); "
         + (f"model: <code>{e(s.model)}</code>; " if s.model else
-           f"model: CNN with 3×3 conv channels {e(str(list(s.conv)))} and an FC head {e(str(list(s.widths)))}; "
+           f"model: CNN with 3×3 conv channels {e(str(list(s.conv)))} (padding 1) and an FC head {e(str(list(s.widths)))}; "
            if s.conv else
            f"model: fully connected ReLU net, hidden widths {e(str(list(s.widths)))}, "
            f"{'with' if s.bias else 'without'} biases; ")
