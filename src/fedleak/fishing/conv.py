@@ -236,37 +236,6 @@ class _ConvFisher(_Fisher):
         asg = choose_targets(self.head, F, self.y, self.k, self.o.margin, gamma=self.o.gamma, burden=self.o.burden)
         self._run_from(asg)
 
-    def _run_from(self, asg) -> None:
-        # the same batch loop as _Fisher.run, from a given assignment
-        self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
-        self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
-        self.solve_many(list(range(self.M)))
-        for _ in range(self.o.repair_rounds):
-            failed = [m for m in range(self.M) if self.status[m] != "fished" and not self.fixed[m]]
-            for m in failed:
-                self.freeze(m)
-            retry = []
-            for m in failed:
-                if self.outcomes[m] is not None and self.outcomes[m].extra.get("retried"):
-                    continue
-                banned = [set(int(j) for j in T if j >= 0) for T in self.targets[m]]
-                self.fixed[m] = False
-                self.retarget(m, banned)
-                self.outcomes[m].extra["retried"] = True
-                retry.append(m)
-            blocked = self.blocked()
-            for m in blocked:
-                self.retarget(m)
-            todo = sorted(set(retry) | set(blocked))
-            if not todo:
-                break
-            self.solve_many(todo)
-            for m in todo:
-                self.outcomes[m].extra["retried"] = True
-        for m in range(self.M):
-            if self.status[m] != "fished":
-                self.freeze(m)
-
 
 def fish_cnn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None, *, solve_check: bool = True,
              **options) -> FishingResult:

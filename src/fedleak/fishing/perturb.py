@@ -295,6 +295,10 @@ class _Fisher:
 
     def run(self) -> None:
         asg = choose_targets(self.A, self.X, self.y, self.k, self.o.margin, gamma=self.o.gamma, burden=self.o.burden)
+        self._run_from(asg)
+
+    def _run_from(self, asg) -> None:
+        """Solve every sample's LP for the target assignment ``asg``, then repair the failures."""
         self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
         self.solve_many(list(range(self.M)))
