@@ -29,9 +29,8 @@ from fedleak.fishing.lp import NetArrays, Requirement, SampleOutcome, solve_samp
 from fedleak.fishing.perturb import (
     FishingOptions,
     FishingResult,
-    SampleFishing,
     _Fisher,
-    _psnr,
+    sample_records,
     single_threaded_blas,
 )
 from fedleak.fishing.targets import choose_targets, retarget
@@ -284,26 +283,6 @@ def fish_cnn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None
     with torch.no_grad():
         pred0 = model(shaped.to(dtype)).argmax(1)
         pred1 = model(out_shaped.to(dtype)).argmax(1)
-    diff = out.reshape(len(X), -1).to(torch.float64).numpy() - X
-    samples = []
-    for m in range(len(X)):
-        o = fisher.outcomes[m]
-        samples.append(
-            SampleFishing(
-                index=m,
-                status=fisher.status[m],
-                perturbed=bool(np.abs(diff[m]).max() > 0),
-                certifiable_before=bool((before.certifiable if solve_check else before.head_certifiable)[m]),
-                certifiable_after=bool((after.certifiable if solve_check else after.head_certifiable)[m]),
-                linf=float(np.abs(diff[m]).max()),
-                l2=float(np.linalg.norm(diff[m])),
-                psnr=_psnr(Xp[m], X[m]),
-                prediction_changed=bool(pred0[m] != pred1[m]),
-                lp_seconds=float(o.lp_seconds) if o else 0.0,
-                lp_solves=int(o.lp_solves) if o else 0,
-                lp_rows=int(o.rows) if o else 0,
-                targets=tuple(tuple(int(j) for j in T) for T in fisher.targets[m]),
-                message=fisher.messages[m],
-            )
-        )
-    return FishingResult(out, labels, tuple(samples), opts, time.perf_counter() - start)
+    samples = sample_records(fisher, X, Xp, out, before.certifiable if solve_check else before.head_certifiable,
+                             after.certifiable if solve_check else after.head_certifiable, pred0, pred1)
+    return FishingResult(out, labels, samples, opts, time.perf_counter() - start)

@@ -378,18 +378,24 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     with torch.no_grad():
         pred0 = model(inputs.to(dtype)).argmax(1)
         pred1 = model(out.to(dtype)).argmax(1)
-    samples = []
+    samples = sample_records(fisher, X, Xp, out, before.certifiable, after.certifiable, pred0, pred1)
+    return FishingResult(out, labels, samples, opts, time.perf_counter() - start)
+
+
+def sample_records(fisher, X: np.ndarray, Xp: np.ndarray, out: torch.Tensor, certifiable_before, certifiable_after,
+                   pred0: torch.Tensor, pred1: torch.Tensor) -> tuple[SampleFishing, ...]:
+    """Per-sample statistics of a finished fishing run (shared by the MLP and CNN fishers)."""
     diff = out.reshape(len(X), -1).to(torch.float64).numpy() - X
+    samples = []
     for m in range(len(X)):
         o = fisher.outcomes[m]
-        perturbed = bool(np.abs(diff[m]).max() > 0)
         samples.append(
             SampleFishing(
                 index=m,
                 status=fisher.status[m],
-                perturbed=perturbed,
-                certifiable_before=bool(before.certifiable[m]),
-                certifiable_after=bool(after.certifiable[m]),
+                perturbed=bool(np.abs(diff[m]).max() > 0),
+                certifiable_before=bool(certifiable_before[m]),
+                certifiable_after=bool(certifiable_after[m]),
                 linf=float(np.abs(diff[m]).max()),
                 l2=float(np.linalg.norm(diff[m])),
                 psnr=_psnr(Xp[m], X[m]),
@@ -401,4 +407,4 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
                 message=fisher.messages[m],
             )
         )
-    return FishingResult(out, labels, tuple(samples), opts, time.perf_counter() - start)
+    return tuple(samples)
