@@ -214,16 +214,7 @@ class _ConvFisher(_Fisher):
             return SampleOutcome(f"error:{type(exc).__name__}", self.X[m].copy(), message=str(exc))
 
     def retarget(self, m: int, banned: list[set[int]] | None = None) -> None:
-        others = [n for n in range(self.M) if n != m]
-        zs = self.A.preacts(self.Xp[others]) if others else [np.zeros((0, w)) for w in self.A.widths]
-        used = []
-        for h, w in enumerate(self.A.widths):
-            u = np.zeros(w, dtype=bool)
-            for n in others:
-                if not self.fixed[n]:
-                    t = self.targets[n][h]
-                    u[t[t >= 0]] = True
-            used.append(u)
+        zs, used = self.others_state(m)
         f = self.A.features(self.X[m])[0]
         T, P = retarget(self.head, f, int(self.y[m]), zs, used, self.k, self.o.margin, gamma=self.o.gamma,
                         banned=banned)

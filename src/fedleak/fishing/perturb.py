@@ -257,7 +257,8 @@ class _Fisher:
             self.status[m] = "fished" if out.ok else out.status
             self.messages[m] = out.message
 
-    def retarget(self, m: int, banned: list[set[int]] | None = None) -> None:
+    def others_state(self, m: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The other samples' current pre-activations and, per layer, the neurons they already target."""
         others = [n for n in range(self.M) if n != m]
         zs = self.A.preacts(self.Xp[others]) if others else [np.zeros((0, w)) for w in self.A.widths]
         used = []
@@ -268,6 +269,10 @@ class _Fisher:
                     t = self.targets[n][h]
                     u[t[t >= 0]] = True
             used.append(u)
+        return zs, used
+
+    def retarget(self, m: int, banned: list[set[int]] | None = None) -> None:
+        zs, used = self.others_state(m)
         T, P = retarget(self.A, self.X[m], int(self.y[m]), zs, used, self.k, self.o.margin, gamma=self.o.gamma,
                         banned=banned)
         self.targets[m] = T
