@@ -65,13 +65,15 @@ def test_fish_dispatches_cnns_and_the_transform_reports(lfw):
     assert hook.last_result.to_dict()["batch_size"] == 6
 
 
-@pytest.mark.parametrize("name", ["lfw", "fashion-mnist"])
-def test_fished_cnn_batch_is_certified_and_exact(name, lfw, fashion):
-    """Batch 32: >= 90 % certified and exact against the sent batch, no false certificate (natural batches
-    of this model certify far fewer: docs/cnn.md, "Fishing for CNNs")."""
-    data = lfw if name == "lfw" else fashion
-    x, y = data.batch(32, seed=0)
-    model = make_convnet(data.input_shape, 2 if name == "lfw" else 10, **CONFIG)
+@pytest.mark.parametrize("name,batch", [("lfw", 32), ("fashion-mnist", 32), ("mni152", 16)])
+def test_fished_cnn_batch_is_certified_and_exact(name, batch, lfw, fashion):
+    """>= 90 % certified and exact against the sent batch, no false certificate (natural batches of this
+    model certify far fewer: docs/cnn.md, "Benchmark"). MNI152 brain MRI slices are the medical case."""
+    if name == "mni152":
+        pytest.importorskip("nilearn")  # the `medical` extra (installed by `make test`)
+    data = {"lfw": lfw, "fashion-mnist": fashion}.get(name) or fedleak.load_dataset(name)
+    x, y = data.batch(batch, seed=0)
+    model = make_convnet(data.input_shape, data.num_classes, **CONFIG)
     res = fish_cnn(model, x, y, solve_check=False)  # the attack below is the real check
     xf = res.inputs
     assert xf.shape == x.shape and xf.dtype == x.dtype

@@ -14,8 +14,8 @@ Design (algorithms spec §2.6; details and the certifiable condition in docs/cnn
    unique by a Gordan-type certificate: a strictly positive ``lambda`` with ``J^T lambda = 0`` for the
    Jacobian (a subgradient) ``J`` at the solution, plus full column rank of ``J`` (an LP and a Cholesky
    factorisation). Every solve comes with a rigorous 2-norm error bound from a *proven* lower bound on
-   ``sigma_min`` (banded Cholesky of ``J^T J - tau I``) and the float32 noise of the known output; the
-   bounds are chained down to the input.
+   ``sigma_min`` (band Cholesky of ``J^T J - tau I``, :mod:`fedleak.attacks.normal_equations`) and the
+   float32 noise of the known output; the bounds are chained down to the input.
 3. **Certificate.** A sample is certified when every conv block was solved uniquely with a total error
    bound below ``max_error``, the rebuilt input reproduces the feature vector by a forward pass (float64
    and float32), and the MLP certificate, recomputed *from the rebuilt input's features*, passes on the
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 import torch
 from scipy.optimize import linprog
 from torch import nn
@@ -45,8 +44,10 @@ from fedleak.attacks.exclusivity import (
     _label_counts,
     unique_candidates,
 )
+from fedleak.attacks.normal_equations import normal_equations
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
+from fedleak.models.conv_gram import pixel_major_order
 from fedleak.models.convnet import ConvBlock, ReluCNN, as_relu_cnn
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model
@@ -110,57 +111,6 @@ class BlockSolve:
     reason: str
 
 
-class _Normal:
-    """Sparse symmetric factorisation of ``J^T J`` (SuperLU, symmetric ordering, diagonal pivots only):
-    least-squares solves, and a *proven* lower bound on ``sigma_min(J)``.
-
-    With a symmetric permutation and diagonal pivots the LU factorisation is an LDL^T factorisation, so
-    all pivots positive proves that the matrix is positive definite (Sylvester's criterion)."""
-
-    def __init__(self, J: sp.csr_matrix):
-        self.J = J.tocsr()
-        self.N = (self.J.T @ self.J).tocsc()
-        self.n = self.J.shape[1]
-
-    def factor(self, tau: float = 0.0):
-        M = self.N - tau * sp.identity(self.n, format="csc") if tau else self.N
-        try:
-            lu = spla.splu(M, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                           options=dict(SymmetricMode=True))
-        except RuntimeError:  # exactly singular
-            return None
-        if not np.array_equal(lu.perm_r, lu.perm_c) or not bool((lu.U.diagonal() > 0).all()):
-            return None
-        return lu
-
-    def lstsq(self, rhs: np.ndarray):
-        """Least-squares solution and the factor of J^T J, or (None, None) when J^T J is not PD."""
-        lu = self.factor()
-        if lu is None:
-            return None, None
-        x = lu.solve(self.J.T @ rhs)
-        # one step of iterative refinement on the original residual (the normal equations square kappa)
-        x = x + lu.solve(self.J.T @ (rhs - self.J @ x))
-        return x, lu
-
-    def sigma_lower(self, lu) -> float:
-        """A proven lower bound on sigma_min(J): estimate lambda_min(J^T J) by inverse iteration, then show
-        that ``J^T J - tau I`` is positive definite for a tau just below the estimate."""
-        y = np.random.default_rng(0).standard_normal(self.n)
-        lam = None
-        for _ in range(15):
-            y = y / np.linalg.norm(y)
-            z = lu.solve(y)
-            lam = 1.0 / max(float(np.linalg.norm(z)), 1e-300)
-            y = z
-        if lam is None or not np.isfinite(lam) or lam <= 0:
-            return 0.0
-        for frac in (0.5, 0.1, 0.01):
-            if self.factor(frac * lam) is not None:
-                return math.sqrt(frac * lam)
-        return 0.0
-
-
 def _rounding(A: sp.csr_matrix, c: np.ndarray, x: np.ndarray, opts: ConvExclusivityOptions) -> np.ndarray:
     """Per-unit bound on the client's float32 rounding of ``A x + c`` (deterministic dot-product model)."""
     fan_in = np.diff(A.indptr).max() if A.nnz else 1
@@ -203,11 +153,17 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Con
                               f"{len(rows)} surely active units for {n} unknowns (underdetermined)")
         J = A[rows]
         rhs = out[rows] - c[rows]
-        sys = _Normal(J)
-        x, cb = sys.lstsq(rhs)
+        gram = blk.gram
+        if gram is not None:
+            w = np.zeros(A.shape[0])
+            w[rows] = 1.0
+            system = normal_equations(J, gram.order, gram.band(w), gram.max_terms)
+        else:
+            system = normal_equations(J, pixel_major_order(blk.in_shape))
+        x = system.lstsq(rhs)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
-        sigma = sys.sigma_lower(cb)
+        sigma = system.sigma_lower()
         noise = float(np.linalg.norm(out_err[rows] + _rounding(J, c[rows], x, opts))) + out_err2
         resid = float(np.linalg.norm(J @ x - rhs))
         # any input x* reproducing out satisfies J x* = rhs - noise; ||x - x*|| <= (resid + noise) / sigma
@@ -221,7 +177,6 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Con
     win = blk.pool_windows
     practical = 1e-6 * float(np.abs(out).max(initial=0.0))
     pos = out > out_err + min(out_err2, practical)
-    k = win.shape[1]
     if int(pos.sum()) <= n:
         return BlockSolve(None, False, math.inf, 0.0, int(pos.sum()), n,
                           f"{int(pos.sum())} non-zero pooled units for {n} unknowns (underdetermined)")
@@ -243,8 +198,8 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Con
         else:
             J = A[pick]
             rhs = out[q_idx] - c[pick]
-        sys = _Normal(J)
-        x, cb = sys.lstsq(rhs)
+        system = normal_equations(J, pixel_major_order(blk.in_shape))
+        x = system.lstsq(rhs)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the pooled system is rank deficient")
         z = A @ x + c
@@ -265,10 +220,10 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Con
     res_all = np.abs(fwd - out)
     if float(res_all.max()) > opts.forward_tol * max(float(np.abs(out).max()), 1e-300) + float(out_err.max()) + min(out_err2, practical):
         return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the solved input does not reproduce the block output")
-    sigma = sys.sigma_lower(cb)
+    sigma = system.sigma_lower()
     if not opts.gordan or sigma <= 0 or not np.isfinite(out_err2):
         return BlockSolve(x, False, math.inf, sigma, len(q_idx), n, "pooled block solved, uniqueness not proven")
-    lam, vnorm = _gordan(sys.J)
+    lam, vnorm = _gordan(system.J)
     if lam is None or vnorm >= sigma:
         return BlockSolve(x, False, math.inf, sigma, len(q_idx), n,
                           "pooled block solved, but its rows do not positively span the input space (uniqueness unproven)")

@@ -141,6 +141,15 @@ def _split_runs(proj: torch.Tensor, members: torch.Tensor, gap: float, level: in
     return out
 
 
+def _near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Tensor:
+    """A superset of the pairs of rows within ``tol * max(norms)`` of each other, from one Gram matrix (the
+    squared distances' cancellation error, at most ``(d + 4) eps (|a|^2 + |b|^2)``, is added to the bound)."""
+    sq = norms * norms
+    d2 = sq[:, None] + sq[None, :] - 2 * (block @ block.T)
+    slack = 2 * (block.shape[1] + 4) * float(torch.finfo(block.dtype).eps) * (sq[:, None] + sq[None, :])
+    return d2 <= (tol * torch.maximum(norms[:, None], norms[None, :])) ** 2 + slack
+
+
 def _group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[int]]:
     """Group rows of R that coincide within ``tol`` (relative L2); rows are visited in ``order``.
 
@@ -165,12 +174,15 @@ def _group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[i
             continue
         run = run[torch.argsort(rank[run])]
         block, block_norms = R[run], norms[run]
+        near = _near_pairs(block, block_norms, tol)
         assigned = torch.zeros(len(run), dtype=torch.bool)
-        while not bool(assigned.all()):
-            lead = int(torch.nonzero(~assigned)[0])
-            dist = (block - block[lead]).norm(dim=1)
-            members = (dist <= tol * torch.maximum(block_norms, block_norms[lead])) & ~assigned
-            assigned |= members
+        for lead in range(len(run)):
+            if assigned[lead]:
+                continue
+            cand = torch.nonzero(near[lead] & ~assigned).flatten()
+            dist = (block[cand] - block[lead]).norm(dim=1)
+            members = cand[dist <= tol * torch.maximum(block_norms[cand], block_norms[lead])]
+            assigned[members] = True
             groups.append([int(x) for x in run[members]])
     groups.sort(key=lambda grp: int(rank[grp[0]]))
     return groups
@@ -317,6 +329,14 @@ class _ExclusivityAttack:
         self.G = [grads[d.weight_name].to(F64) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(F64) for d in net.dense]
         self.notes: list[str] = []
+        self._W_obs: list[torch.Tensor] | None = None
+
+    @property
+    def W_obs(self) -> list[torch.Tensor]:
+        """The weights in the observed gradient's dtype (the client's arithmetic), converted once."""
+        if self._W_obs is None:
+            self._W_obs = [w.to(self.obs_dtype) for w in self.W]
+        return self._W_obs
 
     # ---- step 1: candidates from the last ReLU layer ----------------------------------------------------
     def top_candidates(self) -> list[_Candidate]:
@@ -525,8 +545,7 @@ class _ExclusivityAttack:
         # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
         e32 = t32.loss_vectors.clone()
         e32[torch.arange(len(y)), y] = t64.loss_vectors[torch.arange(len(y)), y].to(self.obs_dtype)
-        W32 = [w.to(self.obs_dtype) for w in self.W]
-        d32 = _backward(W32, t32.preactivations, e32)
+        d32 = _backward(self.W_obs, t32.preactivations, e32)
         eps_bound = opts.label_eps_ulps * eps32
         per_sample: list[dict] = []
         for k, c in enumerate(complete):
@@ -650,12 +669,22 @@ class _ExclusivityAttack:
 def unique_candidates(cands: list[_Candidate], t: int, group_tol: float) -> list[_Candidate]:
     """The same sample can surface twice (its exclusive rows, and blends dominated by it): keep one copy,
     the one with the most witnesses (its exclusive rows)."""
-    unique: list[_Candidate] = []
-    for c in sorted(cands, key=lambda c: -len(c.witnesses[t])):
-        tol = group_tol * 10 * float(c.acts[t].norm().clamp_min(1e-300))
-        if not any(u.label == c.label and float((u.acts[t] - c.acts[t]).norm()) <= tol for u in unique):
-            unique.append(c)
-    return unique
+    ordered = sorted(cands, key=lambda c: -len(c.witnesses[t]))
+    if not ordered:
+        return []
+    X = torch.stack([c.acts[t] for c in ordered])
+    sq = (X * X).sum(1)
+    # squared distances from one Gram matrix shortlist the near pairs; the exact norm decides
+    near = (sq[:, None] + sq[None, :] - 2 * (X @ X.T)) <= 4 * (group_tol * 10) ** 2 * sq[:, None] + 1e-300
+    labels = torch.tensor([c.label for c in ordered])
+    near = (near & (labels[:, None] == labels[None, :])).numpy()
+    kept: list[int] = []
+    for k in range(len(ordered)):
+        tol = group_tol * 10 * float(sq[k].sqrt().clamp_min(1e-300))
+        close = [u for u in kept if near[k, u]]
+        if not any(float((X[u] - X[k]).norm()) <= tol for u in close):
+            kept.append(k)
+    return [ordered[k] for k in kept]
 
 
 def _label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int | None, recovered_probs, labels):

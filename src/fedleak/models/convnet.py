@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fedleak.errors import ModelError
+from fedleak.models.conv_gram import MAX_ENTRIES, ConvGram
 from fedleak.models.structure import DenseSpec, ReluMLP, _leaves
 
 
@@ -145,6 +146,16 @@ class ConvBlock:
         A = sp.csr_matrix((vals, (rows, cols)), shape=(self.conv_dim, self.in_dim))
         c = np.repeat(b.numpy(), Ho * Wo)
         return A, c
+
+    @cached_property
+    def gram(self) -> ConvGram | None:
+        """Band assembly of ``A^T diag(w) A`` (:class:`~fedleak.models.conv_gram.ConvGram`), or None when its
+        index arrays would be too large (the caller then forms the product from ``affine``)."""
+        W, _ = self.folded(torch.float64)
+        out_hw = self.conv_shape[1:]
+        if ConvGram.entries(tuple(W.shape), out_hw) > MAX_ENTRIES:
+            return None
+        return ConvGram(W.numpy(), self.in_shape, out_hw, tuple(self.conv.module.stride), self.conv.padding)
 
     @cached_property
     def pool_windows(self) -> np.ndarray | None:
