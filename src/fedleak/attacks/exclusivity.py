@@ -673,14 +673,13 @@ def unique_candidates(cands: list[_Candidate], t: int, group_tol: float) -> list
     if not ordered:
         return []
     X = torch.stack([c.acts[t] for c in ordered])
-    sq = (X * X).sum(1)
-    # squared distances from one Gram matrix shortlist the near pairs; the exact norm decides
-    near = (sq[:, None] + sq[None, :] - 2 * (X @ X.T)) <= 4 * (group_tol * 10) ** 2 * sq[:, None] + 1e-300
+    norms = X.norm(dim=1)
+    # one Gram matrix shortlists the near pairs (a superset); the exact norm decides
     labels = torch.tensor([c.label for c in ordered])
-    near = (near & (labels[:, None] == labels[None, :])).numpy()
+    near = (_near_pairs(X, norms, group_tol * 10) & (labels[:, None] == labels[None, :])).numpy()
     kept: list[int] = []
     for k in range(len(ordered)):
-        tol = group_tol * 10 * float(sq[k].sqrt().clamp_min(1e-300))
+        tol = group_tol * 10 * float(norms[k].clamp_min(1e-300))
         close = [u for u in kept if near[k, u]]
         if not any(float((X[u] - X[k]).norm()) <= tol for u in close):
             kept.append(k)
