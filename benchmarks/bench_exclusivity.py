@@ -55,14 +55,14 @@ def worker(dataset: str, width: int, trials: int, repeats: int, seed: int) -> li
             grad_s, update = _median_time(lambda: fedleak.compute_gradient_update(model, x, y), repeats)
             attack_s, rec = _median_time(lambda: fedleak.reconstruct(model, update), repeats)
             report = fedleak.analyze_exclusivity(model, x, y)
-            scores = metrics.match(rec, x, y)
+            scores = metrics.match(rec, x, y, data_range=data.value_range)
             rec_psnr = scores.psnr[scores.recovered]
             rows.append({
                 "dataset": dataset, "width": width, "batch_size": m, "trial": trial,
                 "gradient_ms": 1000 * grad_s, "attack_ms": 1000 * attack_s,
                 "certifiable": int(report.certifiable.sum()), "recovered": int(scores.recovered.sum()),
                 "exact": int(scores.exact.sum()), "certified": rec.num_certified,
-                "false_certificates": int(scores.false_certificate.sum()),
+                "false_certificates": scores.false_certificates,
                 "missed_certifiable": int((report.certifiable & ~scores.recovered).sum()),
                 "psnr_recovered": float(rec_psnr.mean()) if len(rec_psnr) else None,
                 "inferred_batch_size": rec.batch_size,

@@ -67,3 +67,41 @@ def test_audit_of_a_cnn(tmp_path):
     assert all(r["false_certificates"] == 0 for r in rows)
     results, _ = write_audit(result, tmp_path)
     assert json.loads(results.read_text())["settings"]["conv"] == [4, 16]
+
+
+def test_a_false_certificate_is_counted_and_shown_in_red(tmp_path, monkeypatch):
+    """An attack that certifies one sample more than the batch holds (a blend of two originals, as in the
+    two-class false-certificate case): the audit counts it, lists its reason and frames it in red."""
+    import torch
+
+    import fedleak.audit.run as run_module
+
+    def lying_attack(net, update, attack="exclusivity"):
+        x, y = captured["x"], captured["y"]
+        blend = 0.5 * x[0] + 0.5 * x[1]
+        return fedleak.Reconstruction(inputs=torch.cat([x, blend[None] + 0.7]), labels=torch.cat([y, y[:1]]),
+                                      certified=torch.ones(len(x) + 1, dtype=torch.bool), attack="lying")
+
+    captured = {}
+    real_update = run_module.compute_gradient_update
+
+    def capture(net, x, y):
+        captured["x"], captured["y"] = x, y
+        return real_update(net, x, y)
+
+    monkeypatch.setattr(run_module, "reconstruct", lying_attack)
+    monkeypatch.setattr(run_module, "compute_gradient_update", capture)
+    result = run_audit(AuditSettings(data="digits", widths=(32,), batch_sizes=(3,), seed=1))
+    (row,) = result.summary_rows()
+    assert row["false_certificates"] == 1 and row["recovered_fraction"] == 1.0
+    (batch,) = result.batches
+    assert batch.certificates["certified_false"] == [False, False, False, True]
+    assert "matches no original" in batch.certificates["certified_reason"][3]
+    (show,) = result.showcases
+    assert show.status == ("certified", "certified", "certified", "false") and show.labels[3] == -1
+    assert float(np.nanmax(show.rebuilt)) > 1.0  # shown unclamped (0.7 above the blend)
+    results, report = write_audit(result, tmp_path / "out")
+    page = report.read_text()
+    assert "1 FALSE CERTIFICATE(S)" in page and "False certificates</h2>" in page and "matches no original" in page
+    payload = json.loads(results.read_text())
+    assert payload["batches"][0]["false_certificates"] == 1 and payload["data"]["value_range"] == [0.0, 1.0]

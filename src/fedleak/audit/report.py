@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedleak.audit.run import AuditResult
+from fedleak.audit.run import AuditResult, Showcase
+from fedleak.metrics import EXACT_TOL
 from fedleak.report.figures import histogram_uri, image_rows_uri, line_plot_uri
-from fedleak.report.output import environment_info, prepare_output_dir, write_atomic, write_json
+from fedleak.report.output import environment_info, staged_output, write_atomic, write_json
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -30,7 +31,8 @@ def results_payload(result: AuditResult) -> dict[str, object]:
         "seed": s.seed,
         "settings": s.to_dict(),
         "environment": environment_info(),
-        "data": {"name": result.dataset, "input_shape": list(result.input_shape), "num_classes": result.num_classes},
+        "data": {"name": result.dataset, "input_shape": list(result.input_shape), "num_classes": result.num_classes,
+                 "value_range": list(result.value_range)},
         "summary": result.summary_rows(),
         "reconstructable_batch_size": result.reconstructable_batch_size(),
         "batches": [b.to_dict() for b in result.batches],
@@ -47,6 +49,42 @@ def _fmt(value, digits: int = 2, pct: bool = False) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return html.escape(str(value))
+
+
+def _short(reason: str) -> str:
+    """A few words for the image grid; the full reason is listed under it."""
+    if "wrong label" in reason:
+        return "FALSE: wrong label"
+    if "second certified copy" in reason:
+        return "FALSE: duplicate"
+    return "FALSE: no such sample"
+
+
+def _showcase_html(show: Showcase, max_cols: int = 16) -> str:
+    """The image grid of one showcase batch (false certificates first when it has to be cut) and its legend."""
+    n = len(show.rebuilt)
+    status = list(show.status) or ["certified" if c else "uncertified" for c in show.certified]
+    reasons = list(show.reasons) or [""] * n
+    bad = [c for c in range(n) if status[c] == "false"]
+    cols = list(range(n)) if n <= max(max_cols, len(bad)) else sorted(
+        bad + [c for c in range(n) if status[c] != "false"][: max_cols - len(bad)])
+    image_rows = [("original", show.originals[cols])]
+    if show.scenario != "plain":
+        image_rows.append(("sent by client", show.sent[cols]))
+    image_rows.append(("rebuilt", show.rebuilt[cols]))
+    titles = [("y=" + str(int(show.labels[c])) if show.labels[c] >= 0 else "not in batch")
+              + (f"→{int(show.rebuilt_labels[c])}" if show.rebuilt_labels[c] >= 0 else "") for c in cols]
+    uri = image_rows_uri(image_rows, titles=titles, max_cols=len(cols), value_range=show.value_range,
+                         status=[status[c] for c in cols], notes=[_short(reasons[c]) if reasons[c] else "" for c in cols])
+    lo, hi = show.value_range
+    out = [f"<img alt='image grid' src='{uri}'>",
+           "<p class='note'>Green frame: certified and correct; <span class='bad'>red: FALSE CERTIFICATE</span> "
+           "(certified, but not a distinct sample of the batch); grey: not certified; blank: not rebuilt. "
+           f"Titles: true label → rebuilt label. Images are shown on the data's range [{lo:g}, {hi:g}]"
+           + (f"; {n - len(cols)} column(s) not shown" if len(cols) < n else "") + ".</p>"]
+    if bad:
+        out.append("<ul>" + "".join(f"<li class='bad'>{html.escape(reasons[c])}</li>" for c in bad) + "</ul>")
+    return "\n".join(out)
 
 
 def render_html(result: AuditResult) -> str:
@@ -66,11 +104,16 @@ def render_html(result: AuditResult) -> str:
         + f"attack <code>{e(s.attack)}</code>; seed {s.seed}; "
         f"{s.trials} batch(es) per size; run time {result.seconds:.1f} s.</p>",
     ]
+    lo, hi = result.value_range
+    tol = EXACT_TOL * (hi - lo)
     false_total = sum(r["false_certificates"] for r in rows)
     verdict = ("<span class='good'>no false certificate</span>" if false_total == 0
                else f"<span class='bad'>{false_total} FALSE CERTIFICATE(S)</span>")
-    parts.append(f"<p>Certificates: {verdict} (a certified sample is checked against the original: "
-                 "max abs error &lt; 1e-4 and the right label).</p>")
+    parts.append(f"<p>Certificates: {verdict}. Every certified sample is checked against the batch: it must be "
+                 f"within max abs error {tol:.3g} ({EXACT_TOL:g} of the data range [{lo:g}, {hi:g}]) of an original "
+                 "with the right label, and no two certified samples may claim the same original; any other "
+                 "certified sample (a blend, a wrong label, a second copy, more than the batch holds) is a false "
+                 "certificate.</p>")
     sizes = result.reconstructable_batch_size()
     parts.append("<p>Largest batch size with ≥ 99% of every batch recovered: " + "; ".join(
         f"<b>{e(k)}</b>: {v if v is not None else 'none'}" for k, v in sizes.items()) + ".</p>")
@@ -90,8 +133,9 @@ def render_html(result: AuditResult) -> str:
             f"<td>{_fmt(r['perturbation_psnr'], 1)}</td><td>{_fmt(r['gradient_ms'], 1)}</td>"
             f"<td>{_fmt(r['attack_ms'], 1)}</td><td>{_fmt(r['transform_ms'], 1)}</td></tr>"
         )
-    parts.append("</table><p class='note'>PSNR is the standard definition on [0,1] data (data range 1), per image, "
-                 "over matched samples, capped at 100 dB (= exact). 'Recovered' is measured against what the "
+    parts.append("</table><p class='note'>PSNR is the standard definition with the data's range "
+                 f"[{lo:g}, {hi:g}] (data range {hi - lo:g}), per image, over matched samples, capped at "
+                 "100 dB; nothing is clamped. 'Recovered' is measured against what the "
                  "client sent (for fished batches, the perturbed images); 'PSNR vs original' against the "
                  "unperturbed batch.</p>")
     if len(s.batch_sizes) > 1:
@@ -110,14 +154,15 @@ def render_html(result: AuditResult) -> str:
         parts.append(f"<img alt='time vs batch size' src='{line_plot_uri(timing, 'batch size', 'milliseconds')}'>")
     for show in result.showcases:
         parts.append(f"<h2>Batch of {show.batch_size} ({e(show.scenario)}): originals and reconstructions</h2>")
-        image_rows = [("original", show.originals)]
-        if show.scenario != "plain":
-            image_rows.append(("sent by client", show.sent))
-        image_rows.append(("rebuilt", show.rebuilt))
-        titles = [f"y={int(t)}" + (f"→{int(p)}" if p >= 0 else "") for t, p in zip(show.labels, show.rebuilt_labels)]
-        parts.append(f"<img alt='image grid' src='{image_rows_uri(image_rows, show.certified, titles)}'>")
-        parts.append("<p class='note'>Green frame: certified; red: not certified; blank: not rebuilt. "
-                     "Titles: true label → rebuilt label.</p>")
+        parts.append(_showcase_html(show))
+    false_rows = [(b, j, reason) for b in result.batches
+                  for j, bad, reason in zip(b.certificates.get("certified_index", []),
+                                            b.certificates.get("certified_false", []),
+                                            b.certificates.get("certified_reason", [])) if bad]
+    if false_rows:
+        parts.append("<h2 class='bad'>False certificates</h2><ul>" + "".join(
+            f"<li class='bad'>{e(b.scenario)}, batch {b.batch_size}, trial {b.trial}: {e(reason)}</li>"
+            for b, j, reason in false_rows) + "</ul>")
     # ExAN histogram for the showcase size (or the first batch) of each scenario
     for scenario in s.scenarios:
         batch = next((b for b in result.batches if b.scenario == scenario
@@ -136,11 +181,16 @@ def render_html(result: AuditResult) -> str:
     return "\n".join(parts)
 
 
+OUTPUT_FILES = ("results.json", "report.html")
+
+
 def write_audit(result: AuditResult, out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``report.html`` into ``out`` (both rendered first, then replaced atomically)."""
-    folder = prepare_output_dir(out)
+    """Write ``results.json`` and ``report.html`` into ``out``: both rendered first, then written all-or-nothing
+    (a failure leaves ``out`` as it was, with no half-written pair and no empty folder)."""
     payload = results_payload(result)
     page = render_html(result)
-    report = write_atomic(folder / "report.html", page)
-    results = write_json(folder / "results.json", payload)
-    return results, report
+    with staged_output(out, OUTPUT_FILES) as stage:
+        write_atomic(stage / "report.html", page)
+        write_json(stage / "results.json", payload)
+    folder = Path(out)
+    return folder / "results.json", folder / "report.html"

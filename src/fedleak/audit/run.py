@@ -20,10 +20,11 @@ from fedleak.analysis import analyze_exclusivity
 from fedleak.api import reconstruct
 from fedleak.data import Dataset, load_dataset
 from fedleak.errors import FedleakError
-from fedleak.metrics import match, psnr
+from fedleak.metrics import MatchResult, match, psnr
 from fedleak.models import load_mlp, make_mlp
 from fedleak.transforms import BatchTransform, Identity
 from fedleak.updates import compute_gradient_update
+from fedleak.validation import validate_fields
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class AuditSettings:
     conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
 
     def __post_init__(self) -> None:
+        validate_fields(self)  # types and signs first, then the checks below
         if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
             raise FedleakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
         if not self.widths or any(int(w) <= 0 for w in self.widths):
@@ -73,7 +75,7 @@ class BatchResult:
     certified: int
     recovered: int
     exact: int
-    false_certificates: int
+    false_certificates: int  # every certified sample that is not a distinct sample of the batch (metrics.match)
     inferred_batch_size: int | None
     batch_certified: bool
     label_accuracy: float
@@ -87,6 +89,8 @@ class BatchResult:
     perturbation_linf: float | None = None  # mean over samples of max |x' - x| (same-shape transforms)
     perturbation_psnr: float | None = None  # mean PSNR of what the client sent vs the original batch
     sent: int | None = None  # samples the client's update covers (a defense may drop some)
+    # per certified sample: index, nearest original, its max abs error, credited original, false, reason
+    certificates: dict[str, list] = field(default_factory=dict)
 
     @property
     def recovered_fraction(self) -> float:
@@ -100,8 +104,12 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class Showcase:
-    """Images for the report: originals, what the client sent (after its transform) and the rebuilt
-    samples matched to them (NaN where nothing matched)."""
+    """Images for the report, one column per sample: originals, what the client sent (after its
+    transform) and the rebuilt samples matched to them (NaN where nothing matched), unclamped; then one
+    extra column per certified sample that no original was paired with (a false certificate beyond the
+    batch; NaN original). ``status`` per column: "certified" (sound), "false" (a false certificate, with
+    its ``reasons`` entry), "uncertified", or "" (nothing rebuilt). ``labels`` is -1 in extra columns.
+    ``value_range`` is the data's (lo, hi), for display."""
 
     scenario: str
     batch_size: int
@@ -111,6 +119,9 @@ class Showcase:
     certified: np.ndarray
     labels: np.ndarray
     rebuilt_labels: np.ndarray
+    status: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    value_range: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,7 @@ class AuditResult:
     showcases: tuple[Showcase, ...]
     seconds: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    value_range: tuple[float, float] = (0.0, 1.0)  # the data's (lo, hi): tolerances and PSNR are on it
 
     def summary_rows(self) -> list[dict[str, object]]:
         """Per scenario and batch size: means over trials."""
@@ -294,38 +306,66 @@ def run_audit(
         t2 = time.perf_counter()
         rec = reconstruct(net, update, attack=settings.attack)
         report = analyze_exclusivity(net, xs, ys)
-        scores = match(rec, xs, ys)
+        scores = match(rec, xs, ys, data_range=data.value_range)
         vs_original = linf = pert_psnr = None
         if scenario != "plain" and xs.shape == x.shape:
-            vs_original = match(rec, x, y).mean_psnr()
+            vs_original = match(rec, x, y, data_range=data.value_range).mean_psnr()
             diff = (xs - x).reshape(size, -1).abs().amax(1)
             linf = float(diff.mean())
-            pert_psnr = float(psnr(xs, x).mean())
+            pert_psnr = float(psnr(xs, x, data.value_range[1] - data.value_range[0]).mean())
         batches.append(BatchResult(
             scenario=scenario, batch_size=size, trial=trial,
             certifiable=int(report.certifiable.sum()),
             exan_counts=[layer.effective_exans.tolist() for layer in report.layers],
             rebuilt=len(rec), certified=rec.num_certified, recovered=int(scores.recovered.sum()),
-            exact=int(scores.exact.sum()), false_certificates=int(scores.false_certificate.sum()),
+            exact=int(scores.exact.sum()), false_certificates=scores.false_certificates,
             inferred_batch_size=rec.batch_size, batch_certified=rec.batch_certified,
             label_accuracy=scores.label_accuracy, mean_psnr=scores.mean_psnr(),
             mean_ssim=float(np.nanmean(scores.ssim)) if np.isfinite(scores.ssim).any() else float("nan"),
             gradient_seconds=t2 - t1, transform_seconds=t1 - t0, attack_seconds=rec.seconds,
-            per_sample={k: v for k, v in scores.to_dict().items() if isinstance(v, list)},
+            per_sample=scores.per_original(),
             psnr_vs_original=vs_original, perturbation_linf=linf, perturbation_psnr=pert_psnr, sent=int(xs.shape[0]),
+            certificates=scores.per_certified(),
         ))
         if trial == 0 and size == showcase_size:
-            rebuilt = np.full(tuple(xs.shape), np.nan, dtype=np.float32)
-            rebuilt_labels = np.full(size, -1)
-            certified = np.zeros(size, dtype=bool)
-            for i, j in enumerate(scores.matched):
-                if j >= 0:
-                    rebuilt[i] = rec.inputs[j].reshape(xs.shape[1:]).clamp(0, 1).numpy()
-                    rebuilt_labels[i] = int(rec.labels[j])
-                    certified[i] = bool(rec.certified[j])
-            showcases.append(Showcase(scenario, size, x.numpy(), xs.detach().numpy(), rebuilt, certified,
-                                      y.numpy(), rebuilt_labels))
+            showcases.append(_showcase(scenario, size, x, y, xs, rec, scores, data.value_range))
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
+        value_range=data.value_range,
     )
+
+
+def _showcase(scenario: str, size: int, x: torch.Tensor, y: torch.Tensor, xs: torch.Tensor, rec,
+              scores: MatchResult, value_range: tuple[float, float]) -> Showcase:
+    """One column per original (its matched reconstruction, unclamped), then one per certified sample
+    left unpaired (necessarily a false certificate: more certified samples than the batch holds)."""
+    false_reason = {j: r for j, r in scores.false_reasons()}
+    paired = {int(j) for j in scores.matched if j >= 0}
+    extra = [j for j in false_reason if j not in paired]
+    base = max(size, int(xs.shape[0]))
+    n = base + len(extra)
+    shape = tuple(xs.shape[1:])
+
+    def padded(images: np.ndarray) -> np.ndarray:
+        out = np.full((n, *shape), np.nan, dtype=np.float32)
+        out[: len(images)] = images
+        return out
+
+    rebuilt = np.full((n, *shape), np.nan, dtype=np.float32)
+    rebuilt_labels = np.full(n, -1)
+    labels = np.full(n, -1)
+    labels[:size] = y.numpy()
+    certified = np.zeros(n, dtype=bool)
+    status = [""] * n
+    reasons = [""] * n
+    columns = [(i, int(j)) for i, j in enumerate(scores.matched) if j >= 0]
+    columns += [(base + k, j) for k, j in enumerate(extra)]
+    for col, j in columns:
+        rebuilt[col] = rec.inputs[j].detach().reshape(shape).numpy()
+        rebuilt_labels[col] = int(rec.labels[j])
+        certified[col] = bool(rec.certified[j])
+        status[col] = "false" if j in false_reason else ("certified" if certified[col] else "uncertified")
+        reasons[col] = false_reason.get(j, "")
+    return Showcase(scenario, size, padded(x.numpy()), padded(xs.detach().numpy()), rebuilt, certified, labels,
+                    rebuilt_labels, tuple(status), tuple(reasons), value_range)

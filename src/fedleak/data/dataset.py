@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,15 +13,31 @@ from fedleak.errors import DataError
 
 @dataclass(frozen=True)
 class Dataset:
-    """A labelled image set: ``x`` float32 in [0, 1], shape N x C x H x W; ``y`` int64 labels, shape N."""
+    """A labelled image set: ``x`` float32, shape N x C x H x W; ``y`` int64 labels, shape N.
+
+    ``value_range`` is the (low, high) range the pixel values live on; every value of ``x`` lies in it.
+    Metrics measure errors in its units (:func:`fedleak.metrics.match`: "exact" is a max abs error of at
+    most ``EXACT_TOL x (high - low)``, PSNR and SSIM use ``high - low`` as the data range) and reports
+    display images on it. Every built-in loader and file reader scales pixels to [0, 1] (uint8 / 255,
+    digits / 16, volumes / their maximum), hence the default ``(0.0, 1.0)``; a source with another
+    range (e.g. normalised or raw 0..255 data) sets it.
+    """
 
     name: str
     x: torch.Tensor
     y: torch.Tensor
     classes: tuple[str, ...]
     source: str = ""
+    value_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
+        try:
+            lo, hi = (float(v) for v in self.value_range)
+        except (TypeError, ValueError):
+            raise DataError(f"{self.name}: value_range must be two numbers (low, high), got {self.value_range!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise DataError(f"{self.name}: value_range must be finite with low < high, got ({lo:g}, {hi:g})")
+        object.__setattr__(self, "value_range", (lo, hi))
         if self.x.ndim != 4:
             raise DataError(f"{self.name}: images must be N x C x H x W, got shape {tuple(self.x.shape)}")
         if self.y.ndim != 1 or self.y.shape[0] != self.x.shape[0]:
@@ -29,8 +46,10 @@ class Dataset:
             raise DataError(f"{self.name}: the data set is empty")
         if not torch.isfinite(self.x).all():
             raise DataError(f"{self.name}: images hold NaN or inf values")
-        if float(self.x.min()) < 0 or float(self.x.max()) > 1:
-            raise DataError(f"{self.name}: images must lie in [0, 1]")
+        x_lo, x_hi = float(self.x.min()), float(self.x.max())
+        if x_lo < lo or x_hi > hi:
+            raise DataError(f"{self.name}: images must lie in the value range [{lo:g}, {hi:g}] "
+                            f"(found values in [{x_lo:g}, {x_hi:g}])")
         if int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes):
             raise DataError(f"{self.name}: labels must lie in [0, {len(self.classes) - 1}]")
 

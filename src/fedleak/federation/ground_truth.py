@@ -9,6 +9,7 @@ Nothing here travels through Flower messages.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ import torch
 @dataclass(frozen=True)
 class TrueBatch:
     """What a client trained on in one round: ``inputs`` as used for the update (after any client-side
-    transform), ``original`` before it, and the ``labels``."""
+    transform), ``original`` before it, and the ``labels``. ``value_range`` is the data's (lo, hi)
+    (``Dataset.value_range``); the scorer measures errors in its units (None: the batch's min and max)."""
 
     inputs: torch.Tensor
     original: torch.Tensor
     labels: torch.Tensor
     partition: int
+    value_range: tuple[float, float] | None = None
 
 
 def _path(folder: str | os.PathLike[str], server_round: int, node_id: int) -> Path:
@@ -38,8 +41,12 @@ def write_true_batch(folder: str | os.PathLike[str], server_round: int, node_id:
     path = _path(folder, server_round, node_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"inputs": batch.inputs.contiguous().float(), "original": batch.original.contiguous().float(),
-               "labels": batch.labels.contiguous().long()}, str(tmp), metadata={"partition": str(batch.partition)})
+    meta = {"partition": str(batch.partition)}
+    if batch.value_range is not None:
+        meta["value_range"] = json.dumps([float(v) for v in batch.value_range])
+    # clones: safetensors refuses tensors that share memory (``original`` may be ``inputs`` itself)
+    save_file({"inputs": batch.inputs.float().clone(), "original": batch.original.float().clone(),
+               "labels": batch.labels.contiguous().long()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
@@ -52,44 +59,55 @@ def read_true_batch(folder: str | os.PathLike[str], server_round: int, node_id: 
         return None
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
+        value_range = tuple(json.loads(meta["value_range"])) if "value_range" in meta else None
         return TrueBatch(fh.get_tensor("inputs"), fh.get_tensor("original"), fh.get_tensor("labels"),
-                         int(meta.get("partition", -1)))
+                         int(meta.get("partition", -1)), value_range)
 
 
 class GroundTruthScorer:
     """Evaluation-only scorer (picklable, so it can run in the audit worker process): reads the client's
     true batch from the side channel *after* the attack and matches the reconstruction against it.
 
-    "Recovered" counts certified samples only, so those are matched on their own: the global Hungarian
-    assignment of :func:`fedleak.metrics.match` could otherwise pair an exact certified sample with
-    another original to make room for an uncertified candidate. PSNR and label accuracy are those of
-    the full reconstruction.
+    :func:`fedleak.metrics.match` pairs certified samples first and checks every one of them, so
+    "recovered" (certified, exact, right label) and the false-certificate count (every certified sample
+    that is not a distinct sample of the batch, including any beyond the batch size) come from one
+    call. Errors are measured on the data's range: the batch's ``value_range``, else ``data_range``,
+    else the batch's min and max. PSNR and label accuracy are those of the full reconstruction.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], preview: int = 8) -> None:
+    def __init__(self, folder: str | os.PathLike[str], preview: int = 8,
+                 data_range: tuple[float, float] | None = None) -> None:
         self.folder = str(folder)
         self.preview = int(preview)
+        self.data_range = tuple(data_range) if data_range is not None else None
 
     def __call__(self, job, rec):
-        from dataclasses import replace
-
         from fedleak.federation.results import Scores
         from fedleak.metrics import match
 
         truth = read_true_batch(self.folder, job.server_round, job.node_id)
         if truth is None:
             return None
-        m = match(rec, truth.inputs, truth.labels)
-        keep = rec.certified.bool()
-        certified = replace(rec, inputs=rec.inputs[keep], labels=rec.labels[keep], certified=rec.certified[keep])
-        mc = match(certified, truth.inputs, truth.labels)
+        data_range = truth.value_range if truth.value_range is not None else self.data_range
+        m = match(rec, truth.inputs, truth.labels, data_range=data_range)
         psnr_orig = m.mean_psnr()
         if truth.original.shape == truth.inputs.shape and not bool((truth.original == truth.inputs).all()):
-            psnr_orig = match(rec, truth.original, truth.labels).mean_psnr()
+            psnr_orig = match(rec, truth.original, truth.labels, data_range=m.data_range).mean_psnr()
+        false_reason = dict(m.false_reasons())
+        shape = truth.inputs.shape[1:]
         pairs = []
         for i in range(min(self.preview, len(truth.inputs))):
-            j = int(mc.matched[i])
-            rebuilt = certified.inputs[j].reshape(truth.inputs[i].shape).clamp(0, 1).numpy() if j >= 0 else None
-            pairs.append((truth.inputs[i].numpy(), rebuilt))
-        return Scores(len(truth.inputs), int(mc.recovered.sum()), mc.recovered_fraction, m.mean_psnr(), psnr_orig,
-                      m.label_accuracy, int(mc.false_certificate.sum()), tuple(pairs))
+            j = int(m.matched[i])
+            if j >= 0 and bool(rec.certified[j]):  # the certified sample paired with it, unclamped
+                status = "false" if j in false_reason else "certified"
+                pairs.append((truth.inputs[i].numpy(), rec.inputs[j].detach().reshape(shape).numpy(), status,
+                              false_reason.get(j, "")))
+            else:
+                pairs.append((truth.inputs[i].numpy(), None, "", ""))
+        paired = {int(j) for j in m.matched if j >= 0}
+        for j, reason in false_reason.items():  # certified beyond the batch: no original to pair with
+            if j not in paired:
+                pairs.append((None, rec.inputs[j].detach().reshape(shape).numpy(), "false", reason))
+        return Scores(len(truth.inputs), int(m.recovered.sum()), m.recovered_fraction, m.mean_psnr(), psnr_orig,
+                      m.label_accuracy, m.false_certificates, tuple(pairs),
+                      false_certificate_reasons=tuple(false_reason.values()), value_range=m.data_range)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedleak.federation.results import FederationResult
+from fedleak.metrics import EXACT_TOL
 
 
 def _png(fig) -> str:
@@ -57,20 +58,34 @@ def _images(record) -> str | None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    from fedleak.report.figures import FRAME_COLOURS, to_display
+
     pairs = record.scores.preview
-    fig, axes = plt.subplots(2, len(pairs), figsize=(1.1 * len(pairs), 2.4), squeeze=False)
-    for i, (orig, rec) in enumerate(pairs):
+    value_range = record.scores.value_range or (0.0, 1.0)
+    fig, axes = plt.subplots(2, len(pairs), figsize=(1.1 * len(pairs), 2.6), squeeze=False)
+    for i, entry in enumerate(pairs):
+        orig, rec, status, reason = (*entry, "", "")[:4] if len(entry) < 4 else entry
         for row, img in ((0, orig), (1, rec)):
             ax = axes[row][i]
-            ax.axis("off")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
             if img is None:
-                ax.text(0.5, 0.5, "not\nrecovered", ha="center", va="center", fontsize=7)
+                ax.text(0.5, 0.5, "not in\nthe batch" if row == 0 else "not\nrecovered", ha="center",
+                        va="center", fontsize=7, transform=ax.transAxes)
                 continue
-            img = np.asarray(img)
-            img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            hwc = to_display(np.asarray(img), value_range)  # rescaled from the data range, for display only
+            ax.imshow(hwc, cmap="gray" if hwc.ndim == 2 else None, vmin=0, vmax=1)
+            if row == 1 and status:
+                for spine in ax.spines.values():
+                    spine.set_visible(True)
+                    spine.set_edgecolor(FRAME_COLOURS[status])
+                    spine.set_linewidth(3.5 if status == "false" else 2.5)
+            if row == 1 and status == "false":
+                ax.set_xlabel("FALSE\nCERTIFICATE", fontsize=6, color=FRAME_COLOURS["false"])
     axes[0][0].set_title("client data", fontsize=7, loc="left")
-    axes[1][0].set_title("server's certified reconstruction", fontsize=7, loc="left")
+    axes[1][0].set_title("server's certified reconstruction (red: false certificate)", fontsize=7, loc="left")
     return _png(fig)
 
 
@@ -92,18 +107,28 @@ def render_report(result: FederationResult) -> str:
     client_rows = []
     for c in result.records:
         sc = c.scores
+        false_cell = (f"<td class=bad>{sc.false_certificates}</td>" if sc and sc.false_certificates
+                      else f"<td>{sc.false_certificates if sc else '–'}</td>")
         client_rows.append(
             f"<tr><td>{c.round}</td><td>{c.client}</td><td>{e(c.status)}</td><td>{_fmt(c.num_examples)}</td>"
-            f"<td>{_fmt(sc.recovered_fraction, True) if sc else '–'}</td><td>{_fmt(sc.psnr) if sc else '–'}</td>"
+            f"<td>{_fmt(sc.recovered_fraction, True) if sc else '–'}</td>{false_cell}"
+            f"<td>{_fmt(sc.psnr) if sc else '–'}</td>"
             f"<td>{_fmt(sc.label_accuracy, True) if sc else '–'}</td><td>{_fmt(c.attack_seconds)}</td>"
             f"<td class=d>{e(c.detail[:300])}</td></tr>")
     figures = []
     for c in result.records:
         img = _images(c)
         if img:
+            reasons = "".join(f"<br><span class=bad>{e(r)}</span>" for r in c.scores.false_certificate_reasons)
             figures.append(f"<figure><img src='{img}' alt='round {c.round} client {c.client}'>"
                            f"<figcaption>round {c.round}, client {c.client}: "
-                           f"{_fmt(c.scores.recovered_fraction, True)} recovered</figcaption></figure>")
+                           f"{_fmt(c.scores.recovered_fraction, True)} recovered{reasons}</figcaption></figure>")
+    scored = [c.scores for c in result.records if c.scores is not None]
+    false_total = sum(sc.false_certificates for sc in scored)
+    verdict = ("<span class=good>no false certificate</span>" if not false_total
+               else f"<span class=bad>{false_total} FALSE CERTIFICATE(S)</span>")
+    ranges = sorted({tuple(sc.value_range) for sc in scored if sc.value_range is not None})
+    range_text = ("; ".join(f"[{lo:g}, {hi:g}]" for lo, hi in ranges) if ranges else "the batch's own range")
     settings = ", ".join(f"{k}={e(str(v))}" for k, v in s.items())
     versions = ", ".join(f"{k} {e(v)}" for k, v in result.versions.items())
     return f"""<!DOCTYPE html>
@@ -111,17 +136,20 @@ def render_report(result: FederationResult) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}
 td.d{{text-align:left;font-size:11px;color:#555}}figure{{display:inline-block;margin:6px}}
-figcaption{{font-size:12px}}.s{{font-size:12px;color:#555}}</style></head><body>
+figcaption{{font-size:12px}}.s{{font-size:12px;color:#555}}.bad{{color:#b2182b;font-weight:bold}}
+.good{{color:#1a9850}}</style></head><body>
 <h1>Federation audit: {e(str(s.get('threat')))} server, defense {e(str(s.get('defense')))}</h1>
 <p class=s>{settings}<br>{versions}; {result.seconds:.1f} s wall.</p>
 <p>Leakage counts a sample as <b>recovered</b> only when the server's attack certified it and it equals the
-client's sample (max abs error &lt; 1e-4, right label). Scores come from an evaluation-only side channel
-the attack never reads.</p>
+client's sample (max abs error at most {EXACT_TOL:g} of the data range, {e(range_text)}; right label). Every
+certified sample is checked: one that is not a distinct sample of the client's batch (a blend, a wrong label,
+a second copy, more than the batch holds) is a <b>false certificate</b>. Certificates: {verdict}. Scores come
+from an evaluation-only side channel the attack never reads.</p>
 <h2>Leakage and utility over rounds</h2><img src="{_curves(result)}" alt="leakage over rounds">
 <table><tr><th>round</th><th>test accuracy</th><th>mean recovered</th><th>clients audited</th>
 <th>clients skipped</th><th>round s</th></tr>{''.join(rows)}</table>
 <h2>Per round and client</h2>
-<table><tr><th>round</th><th>client</th><th>status</th><th>batch</th><th>recovered</th><th>PSNR dB</th>
+<table><tr><th>round</th><th>client</th><th>status</th><th>batch</th><th>recovered</th><th>false cert.</th><th>PSNR dB</th>
 <th>label acc.</th><th>attack s</th><th>detail</th></tr>{''.join(client_rows)}</table>
 <h2>Images</h2>{''.join(figures) or '<p>No images.</p>'}
 </body></html>

@@ -22,10 +22,16 @@ def _num(x: float | None) -> float | None:
 class Scores:
     """Evaluation-only scores of one attack against the client's true batch.
 
-    ``recovered_fraction``: certified *and* exact samples / batch (fedleak.metrics.match);
-    ``psnr``: mean over matched samples (capped at 100 dB by the metric); ``psnr_original``: the same
-    against the batch before any client-side transform; ``false_certificates`` must be 0.
-    ``preview``: up to 8 (original, rebuilt-or-None) image pairs for the report (not in JSON).
+    ``recovered_fraction``: certified, exact and rightly labelled samples / batch
+    (fedleak.metrics.match, tolerance ``1e-4 x`` the data range); ``psnr``: mean over matched samples
+    (on the data range, capped at 100 dB by the metric); ``psnr_original``: the same against the batch
+    before any client-side transform; ``false_certificates``: every certified sample that is not a
+    distinct sample of the batch (a blend, a wrong label, a second copy, one beyond the batch size),
+    each with its reason in ``false_certificate_reasons``; it must be 0. ``value_range``: the (lo, hi)
+    the scores were measured on. ``preview``: up to 8 ``(original, rebuilt, status, reason)`` entries for
+    the report (not in JSON): the certified sample paired with each original (``rebuilt`` None if none;
+    ``status`` "certified" or "false"), then one entry per false certificate beyond the batch
+    (``original`` None).
     """
 
     batch_size: int
@@ -35,7 +41,10 @@ class Scores:
     psnr_original: float | None
     label_accuracy: float | None
     false_certificates: int
-    preview: tuple[tuple[np.ndarray, np.ndarray | None], ...] = field(default=(), repr=False, compare=False)
+    preview: tuple[tuple[np.ndarray | None, np.ndarray | None, str, str], ...] = field(default=(), repr=False,
+                                                                                       compare=False)
+    false_certificate_reasons: tuple[str, ...] = ()
+    value_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class ClientRecord:
             "psnr_vs_original": _num(s.psnr_original) if s else None,
             "label_accuracy": _num(s.label_accuracy) if s else None,
             "false_certificates": s.false_certificates if s else None,
+            "false_certificate_reasons": list(s.false_certificate_reasons) if s else None,
+            "value_range": list(s.value_range) if s and s.value_range is not None else None,
             "attack_seconds": _num(self.attack_seconds),
             "test_accuracy": _num(test_accuracy),
             "notes": list(self.notes),

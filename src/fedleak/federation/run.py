@@ -118,7 +118,7 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     from fedleak.federation.server_app import build_strategy, make_server_app
     from fedleak.federation.settings import data_split
 
-    data_split(settings.data, settings.test_size, settings.public_size)  # DataError before Ray starts
+    split = data_split(settings.data, settings.test_size, settings.public_size)  # DataError before Ray starts
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
@@ -127,7 +127,7 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     start = time.perf_counter()
     with isolated_environment() as folder, _sigterm_as_interrupt():
         gt_dir = os.path.join(folder, "ground-truth")
-        strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir), on_finding=on_finding)
+        strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir, data_range=split.value_range), on_finding=on_finding)
         mods = []
         if defense.flower_dp:
             from flwr.clientapp.mod import fixedclipping_mod

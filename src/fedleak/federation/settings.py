@@ -123,7 +123,8 @@ def parse_fault(text: str) -> tuple[str, int, int | None]:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """The federation's data: clients' pool, the server's public set and its test set."""
+    """The federation's data: clients' pool, the server's public set and its test set, and the data's
+    ``value_range`` (errors are scored in its units)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -132,6 +133,7 @@ class DataSplit:
     test_y: torch.Tensor
     input_shape: tuple[int, ...]
     num_classes: int
+    value_range: tuple[float, float] = (0.0, 1.0)
 
 
 @lru_cache(maxsize=4)
@@ -144,7 +146,7 @@ def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
     if test_size < 1 or public_size < 0 or n_train < 1:
         raise FedleakError(f"{ds.name} has {n} samples: too few for test_size={test_size}, public_size={public_size}")
     return DataSplit(ds.x[:n_train], ds.y[:n_train], ds.x[n_train : n_train + public_size],
-                     ds.x[n - test_size :], ds.y[n - test_size :], ds.input_shape, ds.num_classes)
+                     ds.x[n - test_size :], ds.y[n - test_size :], ds.input_shape, ds.num_classes, ds.value_range)
 
 
 def make_model(settings: FederationSettings, split: DataSplit):

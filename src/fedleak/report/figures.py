@@ -28,14 +28,37 @@ def _to_hwc(img: np.ndarray) -> np.ndarray:
     return img
 
 
+# frame colours: certified and sound, a false certificate (certified but wrong), not certified
+# ("not-certified": the red of the older two-colour frames, used when only ``marks`` is given)
+FRAME_COLOURS = {"certified": "#1a9850", "false": "#d73027", "uncertified": "#999999", "not-certified": "#d73027"}
+
+
+def to_display(img: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """An image (C x H x W or H x W) as H x W (x C) on [0, 1] for display: rescaled from the data's
+    ``value_range`` (lo -> 0, hi -> 1). Only what is drawn saturates at the range's ends; the data and
+    every score stay unclamped."""
+    lo, hi = (float(v) for v in value_range)
+    out = (_to_hwc(img) - lo) / (hi - lo)
+    return np.clip(out, 0.0, 1.0)
+
+
 def image_rows_uri(rows: list[tuple[str, np.ndarray]], marks: np.ndarray | None = None,
-                   titles: list[str] | None = None, max_cols: int = 16) -> str:
+                   titles: list[str] | None = None, max_cols: int = 16, *,
+                   value_range: tuple[float, float] = (0.0, 1.0), status: list[str] | None = None,
+                   notes: list[str] | None = None) -> str:
     """A grid with one labelled row per image set (N x C x H x W each); NaN images are shown blank.
 
-    ``marks`` (bool, N) draws a green frame round the images of the last row that are certified.
+    Images are drawn on the data's ``value_range`` (see :func:`to_display`). The images of the last row
+    get a frame: by ``status`` (per column: ``"certified"`` green, ``"false"`` red for a false
+    certificate, ``"uncertified"`` grey, ``""`` none), or, when only ``marks`` (bool, N) is given, green
+    where certified and red where not. ``notes`` (per column, e.g. why a certificate is false) are
+    written under the last row in red.
     """
     n = min(max_cols, rows[0][1].shape[0])
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.15 * len(rows)), squeeze=False)
+    if status is None and marks is not None:
+        status = ["certified" if m else "not-certified" for m in marks]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.15 * len(rows) + (0.35 if notes else 0)),
+                             squeeze=False)
     for r, (name, images) in enumerate(rows):
         for c in range(n):
             ax = axes[r][c]
@@ -43,15 +66,17 @@ def image_rows_uri(rows: list[tuple[str, np.ndarray]], marks: np.ndarray | None 
             ax.set_yticks([])
             img = images[c]
             if np.isfinite(img).all():
-                hwc = _to_hwc(np.clip(img, 0, 1))
+                hwc = to_display(img, value_range)
                 ax.imshow(hwc, cmap="gray" if hwc.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
             else:
                 ax.set_facecolor("#eeeeee")
                 ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes, color="#999")
-            if r == len(rows) - 1 and marks is not None:
+            if r == len(rows) - 1 and status is not None and status[c]:
                 for spine in ax.spines.values():
-                    spine.set_edgecolor("#1a9850" if marks[c] else "#d73027")
-                    spine.set_linewidth(2.5)
+                    spine.set_edgecolor(FRAME_COLOURS[status[c]])
+                    spine.set_linewidth(3.5 if status[c] == "false" else 2.5)
+            if r == len(rows) - 1 and notes is not None and notes[c]:
+                ax.set_xlabel(notes[c], fontsize=6, color=FRAME_COLOURS["false"], wrap=True)
             if r == 0 and titles is not None:
                 ax.set_title(titles[c], fontsize=7)
         axes[r][0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
