@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import fedleak
 

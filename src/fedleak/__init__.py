@@ -13,69 +13,93 @@ Public API (everything a user needs is importable from here)::
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
-from fedleak import metrics
-from fedleak.analysis import ExclusivityReport, analyze_exclusivity
-from fedleak.api import reconstruct
-from fedleak.attacks import ExclusivityOptions, available_attacks
-from fedleak.attacks.malicious import imprint_weights, trap_weights
-from fedleak.clients import fedavg_update, local_training
-from fedleak.data import Dataset, available_datasets, load_dataset
-from fedleak.errors import DataError, FedleakError, ModelError, SolverError, UpdateError
-from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
-from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
-from fedleak.models.cnn import make_lenet
-from fedleak.reconstruction import Reconstruction, SampleRecovery
-from fedleak.updates import (
-    ClientUpdate,
-    GradientUpdate,
-    WeightUpdate,
-    compute_gradient_update,
-    load_update,
-    save_update,
-)
+# The public names and the modules that define them. They are imported on first use (PEP 562), so that
+# ``import fedleak`` stays cheap and the command line can answer Ctrl-C during start-up with one line.
+_EXPORTS = {
+    "metrics": "fedleak.metrics",
+    "ExclusivityReport": "fedleak.analysis",
+    "analyze_exclusivity": "fedleak.analysis",
+    "reconstruct": "fedleak.api",
+    "ExclusivityOptions": "fedleak.attacks",
+    "available_attacks": "fedleak.attacks",
+    "imprint_weights": "fedleak.attacks.malicious",
+    "trap_weights": "fedleak.attacks.malicious",
+    "fedavg_update": "fedleak.clients",
+    "local_training": "fedleak.clients",
+    "Dataset": "fedleak.data",
+    "available_datasets": "fedleak.data",
+    "load_dataset": "fedleak.data",
+    "DataError": "fedleak.errors",
+    "FedleakError": "fedleak.errors",
+    "ModelError": "fedleak.errors",
+    "OptionError": "fedleak.errors",
+    "OutputError": "fedleak.errors",
+    "SolverError": "fedleak.errors",
+    "UpdateError": "fedleak.errors",
+    "FishingOptions": "fedleak.fishing",
+    "FishingResult": "fedleak.fishing",
+    "FishingTransform": "fedleak.fishing",
+    "SampleFishing": "fedleak.fishing",
+    "fish": "fedleak.fishing",
+    "MLP": "fedleak.models",
+    "load_mlp": "fedleak.models",
+    "make_mlp": "fedleak.models",
+    "save_mlp": "fedleak.models",
+    "make_lenet": "fedleak.models.cnn",
+    "Reconstruction": "fedleak.reconstruction",
+    "SampleRecovery": "fedleak.reconstruction",
+    "ClientUpdate": "fedleak.updates",
+    "GradientUpdate": "fedleak.updates",
+    "WeightUpdate": "fedleak.updates",
+    "compute_gradient_update": "fedleak.updates",
+    "load_update": "fedleak.updates",
+    "save_update": "fedleak.updates",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from fedleak import metrics
+    from fedleak.analysis import ExclusivityReport, analyze_exclusivity
+    from fedleak.api import reconstruct
+    from fedleak.attacks import ExclusivityOptions, available_attacks
+    from fedleak.attacks.malicious import imprint_weights, trap_weights
+    from fedleak.clients import fedavg_update, local_training
+    from fedleak.data import Dataset, available_datasets, load_dataset
+    from fedleak.errors import DataError, FedleakError, ModelError, OptionError, OutputError, SolverError, UpdateError
+    from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
+    from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
+    from fedleak.models.cnn import make_lenet
+    from fedleak.reconstruction import Reconstruction, SampleRecovery
+    from fedleak.updates import (
+        ClientUpdate,
+        GradientUpdate,
+        WeightUpdate,
+        compute_gradient_update,
+        load_update,
+        save_update,
+    )
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedleak' has no attribute '{name}'")
+    loaded = importlib.import_module(module)
+    value = loaded if module == f"fedleak.{name}" else getattr(loaded, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 try:
     __version__ = version("fedleak")
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "ClientUpdate",
-    "DataError",
-    "Dataset",
-    "ExclusivityOptions",
-    "ExclusivityReport",
-    "FedleakError",
-    "FishingOptions",
-    "FishingResult",
-    "FishingTransform",
-    "GradientUpdate",
-    "MLP",
-    "ModelError",
-    "Reconstruction",
-    "SampleFishing",
-    "SampleRecovery",
-    "SolverError",
-    "UpdateError",
-    "WeightUpdate",
-    "analyze_exclusivity",
-    "available_attacks",
-    "available_datasets",
-    "compute_gradient_update",
-    "fedavg_update",
-    "fish",
-    "imprint_weights",
-    "load_dataset",
-    "load_update",
-    "load_mlp",
-    "local_training",
-    "make_lenet",
-    "make_mlp",
-    "metrics",
-    "reconstruct",
-    "save_mlp",
-    "save_update",
-    "trap_weights",
-]
+__all__ = sorted(_EXPORTS)

@@ -2,6 +2,6 @@
 
 import sys
 
-from fedleak.cli import main
+from fedleak.launch import main
 
 sys.exit(main())

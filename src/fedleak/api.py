@@ -14,6 +14,7 @@ from fedleak.attacks.registry import get_attack
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate
+from fedleak.validation import check_model, check_shape, check_trainable
 
 
 def reconstruct(
@@ -26,8 +27,15 @@ def reconstruct(
 
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
     from parameter name to gradient. ``options`` go to the attack (see ``fedleak.available_attacks()``).
+    The model must be a ``torch.nn.Module`` with finite weights, at least 2 output classes and no frozen
+    parameters; otherwise :class:`~fedleak.errors.ModelError` says which.
     """
+    if not isinstance(attack, str):
+        raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
+    check_trainable(check_model(model))
+    if options.get("input_shape") is not None:
+        options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
     if kind not in info.update_kinds:
         raise FedleakError(f"attack '{attack}' does not run on {kind} updates (it takes: {', '.join(info.update_kinds)})")

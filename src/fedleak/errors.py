@@ -25,3 +25,11 @@ class DataError(FedleakError):
 
 class SolverError(FedleakError):
     """A linear program or optimiser was given options it cannot run with."""
+
+
+class OptionError(FedleakError):
+    """An option (of an attack, a defense or a run) has the wrong type or lies outside its range."""
+
+
+class OutputError(FedleakError):
+    """An output file or folder cannot be written (a folder in the way, a missing or read-only parent)."""

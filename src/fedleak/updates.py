@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedleak.errors import FedleakError, UpdateError
+from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
+from fedleak.report.output import write_bytes_atomic
+from fedleak.validation import (
+    MAX_COUNT,
+    check_int,
+    check_labels,
+    check_model,
+    check_num_classes,
+    parse_int,
+)
 
 
 def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -38,6 +48,11 @@ def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str) -> dict[st
     return out
 
 
+def _check_count(name: str, value: object) -> int | None:
+    """A count a client reports (``num_examples``, ``local_steps``): ``None`` or a whole number in [1, MAX_COUNT]."""
+    return None if value is None else check_int(name, value, low=1, high=MAX_COUNT, error=UpdateError)
+
+
 @dataclass(frozen=True)
 class GradientUpdate:
     """A FedSGD client update: the averaged gradient of the batch's mean cross-entropy loss.
@@ -50,8 +65,7 @@ class GradientUpdate:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gradients", _check_tensor_map(self.gradients, "gradient"))
-        if self.num_examples is not None and int(self.num_examples) <= 0:
-            raise UpdateError(f"num_examples must be positive, got {self.num_examples}")
+        object.__setattr__(self, "num_examples", _check_count("num_examples", self.num_examples))
 
 
 @dataclass(frozen=True)
@@ -84,10 +98,8 @@ class WeightUpdate:
             raise UpdateError("the weight update is zero: before and after weights are identical")
         object.__setattr__(self, "before", before)
         object.__setattr__(self, "after", after)
-        if self.num_examples is not None and int(self.num_examples) <= 0:
-            raise UpdateError(f"num_examples must be positive, got {self.num_examples}")
-        if self.local_steps is not None and int(self.local_steps) <= 0:
-            raise UpdateError(f"local_steps must be positive, got {self.local_steps}")
+        object.__setattr__(self, "num_examples", _check_count("num_examples", self.num_examples))
+        object.__setattr__(self, "local_steps", _check_count("local_steps", self.local_steps))
 
     def delta(self) -> dict[str, torch.Tensor]:
         """``before - after``: for one plain SGD step this is the learning rate times the gradient."""
@@ -133,6 +145,8 @@ def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> G
 
 
 def _check_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """A usable model and a non-empty, finite batch with one label per sample (checked against the logits)."""
+    check_model(model)
     if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise FedleakError("inputs and labels must be torch tensors")
     if inputs.ndim < 2 or inputs.shape[0] == 0:
@@ -143,16 +157,34 @@ def _check_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -
         raise FedleakError("the inputs hold NaN or inf values")
 
 
+def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``model(inputs)``, checked to be N x K logits (K >= 2) with every label a class index below K."""
+    try:
+        logits = model(inputs)
+    except RuntimeError as exc:  # a shape or dtype mismatch between the model and the batch
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelError(f"the model cannot take inputs of shape {tuple(inputs.shape)}: {first}") from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(f"the model must return logits of shape ({inputs.shape[0]}, K), got {shape}")
+    check_num_classes(int(logits.shape[1]), "the model")
+    check_labels(labels, int(logits.shape[1]), error=DataError)
+    return logits
+
+
 def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> GradientUpdate:
     """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss.
 
     The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded because real
-    clients report it; attacks that should not know it simply ignore it.
+    clients report it; attacks that should not know it simply ignore it. Frozen parameters
+    (``requires_grad=False``) get no gradient, as on a real client.
     """
     _check_batch(model, inputs, labels)
     params = trainable_parameters(model)
+    if not params:
+        raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
     dtype = next(iter(params.values())).dtype
-    loss = nn.functional.cross_entropy(model(inputs.to(dtype)), labels.long())
+    loss = nn.functional.cross_entropy(forward_logits(model, inputs.to(dtype), labels), labels.long())
     grads = torch.autograd.grad(loss, list(params.values()))
     return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))
 
@@ -161,14 +193,55 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
 # Storage
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _torch_load_error(path: Path, what: str, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to unpickle it anyway."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        unsafe = _UNSAFE_GLOBAL.search(text)
+        reason = (f"it holds pickled Python objects (it asks for '{unsafe.group(1)}')" if unsafe
+                  else "it is corrupt or not a torch file of tensors")
+        return (f"cannot read {what} file {path}: {reason}. fedleak never unpickles untrusted files; save the "
+                f"{what} as a .safetensors file (safetensors.torch.save_file) or as a torch file holding only a "
+                "dict of tensors (torch.save(model.state_dict(), ...))")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"cannot read {what} file {path}: {first or type(exc).__name__ + ' (corrupt or truncated file)'}"
+
+
+def read_tensor_file(
+    path: str | os.PathLike[str], what: str, error: type[FedleakError]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of a ``.safetensors`` file, or the tensor dict of a ``.pt``/``.pth`` file.
+
+    ``.pt`` files are read with ``torch.load(weights_only=True)`` (no metadata). Anything missing, empty,
+    unreadable or not a dict of tensors raises ``error`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{what} file {path} is empty")
+    if path.suffix in {".pt", ".pth"}:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe files
+            raise error(_torch_load_error(path, what, exc)) from None
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise error(f"{what} file {path} must hold a dict of tensors, got {type(obj).__name__}")
+        return {str(k): v for k, v in obj.items()}, {}
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        data = path.read_bytes()
+        tensors = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+        raise error(f"cannot read {what} file {path}: {exc}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def save_update(update: ClientUpdate, path: str | os.PathLike[str]) -> Path:
@@ -190,8 +263,7 @@ def save_update(update: ClientUpdate, path: str | os.PathLike[str]) -> Path:
         raise UpdateError(f"cannot save a {type(update).__name__}")
     if update.num_examples is not None:
         meta["num_examples"] = str(int(update.num_examples))
-    _atomic_write_bytes(path, save(tensors, metadata=meta))
-    return path
+    return write_bytes_atomic(path, save(tensors, metadata=meta))
 
 
 def _split(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -205,33 +277,17 @@ def load_update(path: str | os.PathLike[str]) -> ClientUpdate:
     ``torch.load(weights_only=True)`` and must hold a dict of tensors (a gradient). Anything unreadable
     raises :class:`UpdateError` naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UpdateError(f"update file not found: {path}")
-    meta: dict[str, str] = {}
-    if path.suffix in {".pt", ".pth"}:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise UpdateError(f"cannot read update file {path}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise UpdateError(f"update file {path} must hold a dict of tensors")
-        tensors = dict(obj)
-    else:
-        from safetensors import SafetensorError
-        from safetensors.torch import load
+    tensors, meta = read_tensor_file(path, "update", UpdateError)
 
-        try:
-            data = path.read_bytes()
-            tensors = load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
-        except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
-            raise UpdateError(f"cannot read update file {path}: {exc}") from None
-    num = int(meta["num_examples"]) if "num_examples" in meta else None
+    def count(key: str) -> int | None:
+        if key not in meta:
+            return None
+        return parse_int(f"update file {path}: metadata {key}", meta[key], low=1, high=MAX_COUNT, error=UpdateError)
+
+    num = count("num_examples")
     if meta.get("kind") == "weights":
-        steps = int(meta["local_steps"]) if "local_steps" in meta else None
-        return WeightUpdate(_split(tensors, "before/"), _split(tensors, "after/"), num_examples=num, local_steps=steps)
+        return WeightUpdate(_split(tensors, "before/"), _split(tensors, "after/"), num_examples=num,
+                            local_steps=count("local_steps"))
     if meta.get("kind") == "gradient":
         tensors = _split(tensors, "grad/")
     return GradientUpdate(tensors, num_examples=num)

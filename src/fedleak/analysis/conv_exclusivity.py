@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.analysis.exclusivity import ExclusivityReport, LayerExclusivity, analyze_exclusivity
+from fedleak.analysis.exclusivity import ExclusivityReport, analyze_exclusivity
 from fedleak.errors import FedleakError
 from fedleak.models.convnet import as_relu_cnn
 

@@ -40,6 +40,7 @@ from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.models.structure import ReluMLP, as_relu_mlp
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, WeightUpdate, check_matches_model
+from fedleak.validation import validate_fields
 
 F64 = torch.float64
 
@@ -180,6 +181,9 @@ class MaliciousOptions:
     known_scale: bool = False
     scale: float | None = None
     min_support: int = 2
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 def _options(options: MaliciousOptions | None, overrides: dict) -> MaliciousOptions:

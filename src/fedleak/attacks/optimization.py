@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
+from fedleak.validation import validate_fields
 
 #: unrolled local optimizers the attacker can assume (the client's real optimizer is private)
 UNROLL_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -302,6 +303,7 @@ class InversionSettings:
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
+        validate_fields(self)  # types and signs first, then the checks below
         if self.objective not in OBJECTIVES:
             raise FedleakError(f"unknown objective '{self.objective}'; choose from {sorted(OBJECTIVES)}")
         if self.optimizer not in ("adam", "lbfgs"):

@@ -30,28 +30,38 @@ def _root() -> None:
 from fedleak.cli import commands  # noqa: E402,F401
 
 
+from fedleak.launch import INTERRUPTED  # noqa: E402
+
+
+def fail(message: object) -> None:
+    """Print ``fedleak: error: <message>`` on one line of stderr."""
+    lines = (line.strip() for line in str(message).splitlines())
+    print("fedleak: error: " + " ".join(line for line in lines if line), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedleak`` script."""
+    """Entry point of the ``fedleak`` script: bad input ends with one line on stderr and exit code 2, Ctrl-C
+    with one line and exit code 130, never a traceback."""
+    import click
+
     try:
         code = app(args=argv, standalone_mode=False)  # click returns the exit code instead of raising
     except FedleakError as exc:
-        print(f"fedleak: error: {exc}", file=sys.stderr)
+        fail(exc)
         return 2
     except KeyboardInterrupt:
-        print("fedleak: interrupted", file=sys.stderr)
-        return 130
+        code = INTERRUPTED
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:
         print("fedleak: aborted", file=sys.stderr)
         return 1
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except click.exceptions.ClickException as exc:  # usage errors: an unknown option, a non-integer --seed
+        fail(exc.format_message())
+        return exc.exit_code
+    if code == INTERRUPTED:  # typer turns Ctrl-C inside a command into this exit code
+        print("fedleak: interrupted", file=sys.stderr)
+        return INTERRUPTED
     return code if isinstance(code, int) else 0
 
 

@@ -8,16 +8,20 @@ import typer
 
 from fedleak.cli import app
 from fedleak.errors import FedleakError
+from fedleak.validation import check_output_dir, check_seed, parse_int
+
+MAX_WIDTH = 100_000  # neurons per layer (or conv channels) of a model the audit builds
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise FedleakError(f"{what} must be comma-separated whole numbers, got '{text}'") from None
-    if not values:
+def _ints(text: str, what: str, high: int | None = None) -> tuple[int, ...]:
+    """Comma-separated whole numbers in [1, high], e.g. ``--widths 1024,512``."""
+    items = [v for v in text.replace(" ", "").split(",") if v]
+    if not items:
         raise FedleakError(f"{what} must not be empty")
-    return values
+    for item in items:
+        if not item.lstrip("-").isdigit():
+            raise FedleakError(f"{what} must be comma-separated whole numbers, got '{text}'")
+    return tuple(parse_int(what, item, low=1, high=high) for item in items)
 
 
 def _progress(quiet: bool, total: int, desc: str):
@@ -41,12 +45,12 @@ def _print_summary(result, out_dir: Path) -> None:
 
 def _run(settings, out: Path, quiet: bool) -> None:
     from fedleak.audit import run_audit, write_audit
-    from fedleak.report import prepare_output_dir
+    from fedleak.audit.report import OUTPUT_FILES
 
-    prepare_output_dir(out)  # fail early on an unusable output folder
+    check_output_dir(out, OUTPUT_FILES)  # fail early on an unusable output folder; it is created only when writing
     total = len(settings.scenarios) * len(settings.batch_sizes) * settings.trials
     result = run_audit(settings, progress=_progress(quiet, total, f"auditing {settings.data}"))
-    write_audit(result, out)
+    write_audit(result, out)  # both files or neither
     _print_summary(result, out)
     sizes = result.reconstructable_batch_size()
     typer.echo("largest batch size with >= 99% recovered: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
@@ -75,10 +79,11 @@ def audit(
     from fedleak.audit import AuditSettings
 
     settings = AuditSettings(
-        data=data, widths=_ints(widths, "--widths"), bias=bias, batch_sizes=_ints(batch_sizes, "--batch-sizes"),
-        trials=trials, seed=seed, attack=attack, split=split,
+        data=data, widths=_ints(widths, "--widths", MAX_WIDTH), bias=bias,
+        batch_sizes=_ints(batch_sizes, "--batch-sizes"), trials=trials, seed=check_seed("--seed", seed),
+        attack=attack, split=split,
         scenarios=("plain",) + (("fished",) if fishing else ()) + (("defended",) if defense else ()),
-        model=None if model is None else str(model), conv=_ints(conv, "--conv") if conv else (),
+        model=None if model is None else str(model), conv=_ints(conv, "--conv", MAX_WIDTH) if conv else (),
     )
     _run(settings, out, quiet)
 

@@ -10,6 +10,9 @@ import typer
 
 from fedleak.cli import app
 from fedleak.errors import FedleakError
+from fedleak.validation import check_output_dir, check_seed
+
+OUTPUTS = ("results.json", "report.html")
 
 
 def _parse_options(text: str | None) -> tuple:
@@ -63,11 +66,11 @@ def federate(
     except ValueError:
         raise FedleakError(f"--hidden must be comma-separated integers, got '{hidden}'") from None
     settings = FederationSettings(
-        data=data, clients=clients, rounds=rounds, threat=threat, defense=defense, seed=seed, batch_size=batch_size,
-        local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=widths, partition=partition, alpha=alpha,
-        audit=not no_audit, audit_mode=audit_mode, upload=upload, trap_scale=trap_scale, imprint_bins=imprint_bins,
-        defense_strength=defense_strength, clip_norm=clip_norm, transform_options=_parse_options(transform_options),
-        ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
+        data=data, clients=clients, rounds=rounds, threat=threat, defense=defense, seed=check_seed("--seed", seed),
+        batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=widths,
+        partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
+        trap_scale=trap_scale, imprint_bins=imprint_bins, defense_strength=defense_strength, clip_norm=clip_norm,
+        transform_options=_parse_options(transform_options), ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
     )
     from fedleak.federation.hooks import get_defense, get_threat
     from fedleak.federation.partition import PARTITIONS
@@ -76,12 +79,11 @@ def federate(
     get_defense(defense)
     if partition not in PARTITIONS:
         raise FedleakError(f"unknown partition '{partition}'; use one of {', '.join(PARTITIONS)}")
-    if out.exists() and not out.is_dir():
-        raise FedleakError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, OUTPUTS)  # fail early; the folder is created only when the outputs are written
 
     from fedleak.federation.report import write_report, write_results
     from fedleak.federation.run import run_federation, summarize
+    from fedleak.report.output import staged_output
 
     def progress(record) -> None:
         if record.status != "ok":
@@ -94,8 +96,9 @@ def federate(
         # directly (the typer layer would turn the interrupt into a return value and exit code 0)
         typer.echo("fedleak: interrupted; the federation was stopped and its temp files removed", err=True)
         sys.exit(130)
-    write_results(result, out / "results.json")
-    write_report(result, out / "report.html")
+    with staged_output(out, OUTPUTS) as stage:  # both files or neither
+        write_results(result, stage / "results.json")
+        write_report(result, stage / "report.html")
     for line in summarize(result):
         typer.echo(line)
     typer.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")

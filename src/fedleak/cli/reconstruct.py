@@ -10,15 +10,19 @@ import typer
 
 from fedleak.cli import app
 from fedleak.errors import FedleakError
+from fedleak.validation import check_output_dir, check_seed, check_shape
+
+OUTPUTS = ("reconstruction.npz", "results.json", "report.html")
 
 
 def _shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
     try:
-        return tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise FedleakError(f"--input-shape must be comma-separated whole numbers, got '{text}'") from None
+    return check_shape("--input-shape", values, error=FedleakError)
 
 
 @app.command("reconstruct")
@@ -34,11 +38,12 @@ def reconstruct_command(
     import torch
 
     import fedleak
-    from fedleak.report import environment_info, prepare_output_dir, write_atomic, write_json
+    from fedleak.report import environment_info, write_atomic, write_json
     from fedleak.report.figures import image_rows_uri
+    from fedleak.report.output import staged_output, write_bytes_atomic
 
-    folder = prepare_output_dir(out)
-    torch.manual_seed(seed)
+    check_output_dir(out, OUTPUTS)  # fail early; the folder is created only when the outputs are written
+    torch.manual_seed(check_seed("--seed", seed))
     net = fedleak.load_mlp(model, _shape(input_shape))
     captured = fedleak.load_update(update)
     rec = fedleak.reconstruct(net, captured, attack=attack)
@@ -71,10 +76,9 @@ def reconstruct_command(
 
     buf = io.BytesIO()
     np.savez_compressed(buf, x=x, y=rec.labels.numpy(), certified=rec.certified.numpy())
-    from fedleak.updates import _atomic_write_bytes
-
-    _atomic_write_bytes(folder / "reconstruction.npz", buf.getvalue())
-    write_atomic(folder / "report.html", page)
-    write_json(folder / "results.json", payload)
+    with staged_output(out, OUTPUTS) as stage:  # all three files or none
+        write_bytes_atomic(stage / "reconstruction.npz", buf.getvalue())
+        write_atomic(stage / "report.html", page)
+        write_json(stage / "results.json", payload)
     typer.echo(rec.summary())
-    typer.echo(f"wrote {folder / 'reconstruction.npz'}, {folder / 'results.json'} and {folder / 'report.html'}")
+    typer.echo(f"wrote {out / 'reconstruction.npz'}, {out / 'results.json'} and {out / 'report.html'}")

@@ -17,8 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedleak.errors import FedleakError
-from fedleak.updates import WeightUpdate, _check_batch
+from fedleak.errors import DataError, FedleakError
+from fedleak.updates import WeightUpdate, _check_batch, forward_logits
+from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
 
 
 def _sgd(params, lr: float, momentum: float, **_):
@@ -73,12 +74,12 @@ def local_training(
     _check_batch(model, inputs, labels)
     if optimizer not in LOCAL_OPTIMIZERS:
         raise FedleakError(f"unknown local optimizer '{optimizer}'; available: {', '.join(LOCAL_OPTIMIZERS)}")
-    if not (lr > 0 and float(lr) < float("inf")):
+    if check_float("the learning rate lr", lr) <= 0:
         raise FedleakError(f"the learning rate must be positive and finite, got {lr}")
-    if int(local_steps) < 1:
-        raise FedleakError(f"local_steps must be at least 1, got {local_steps}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise FedleakError(f"batch_size must be positive, got {batch_size}")
+    steps = check_int("local_steps", local_steps, low=1, high=MAX_COUNT)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, low=1)
+    check_float("momentum", momentum, low=0.0)
     client = copy.deepcopy(model)
     client.train()
     params = [p for p in client.parameters() if p.requires_grad]
@@ -86,11 +87,14 @@ def local_training(
         raise FedleakError("the model has no trainable parameters")
     dtype = params[0].dtype
     opt = LOCAL_OPTIMIZERS[optimizer](params, lr=float(lr), momentum=float(momentum))
-    gen = torch.Generator().manual_seed(int(seed))
-    x, y = inputs.to(dtype), labels.long()
-    for idx in _batches(x.shape[0], batch_size, int(local_steps), shuffle, gen):
+    gen = torch.Generator().manual_seed(check_seed("seed", seed))
+    x = inputs.to(dtype)
+    for step, idx in enumerate(_batches(x.shape[0], batch_size, steps, shuffle, gen)):
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(client(x[idx]), y[idx])
+        logits = forward_logits(client, x[idx], labels[idx])
+        if step == 0:  # every label, not only this mini-batch's, must be one of the model's classes
+            check_labels(labels, int(logits.shape[1]), error=DataError)
+        loss = nn.functional.cross_entropy(logits, labels[idx].long())
         loss.backward()
         opt.step()
     return client

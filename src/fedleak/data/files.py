@@ -26,6 +26,7 @@ from fedleak.data.builtin import read_idx
 from fedleak.data.dataset import Dataset, to_nchw_unit
 from fedleak.data.safe_pickle import load_restricted
 from fedleak.errors import DataError
+from fedleak.validation import check_labels
 
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -84,14 +85,23 @@ def _visible(entries: Sequence[Path]) -> list[Path]:
 
 
 def _check_labels(labels: np.ndarray, num_images: int, num_classes: int, where: str) -> torch.Tensor:
-    if labels.ndim != 1:
-        raise DataError(f"{where}: labels must be one-dimensional, got shape {labels.shape}")
-    if labels.shape[0] != num_images:
-        raise DataError(f"{where}: {num_images} images but {labels.shape[0]} labels (counts must match)")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{where}: labels must lie in [0, {num_classes - 1}] "
-                        f"(found {int(labels.min())}..{int(labels.max())})")
-    return torch.from_numpy(labels.astype(np.int64))
+    """The labels of ``num_images`` images (at least one) as an int64 tensor, each in ``0..num_classes-1``."""
+    if num_images == 0:
+        raise DataError(f"{where}: holds no images; a data set needs at least one labelled image")
+    checked = check_labels(labels, num_classes, name=f"{where}: labels", error=DataError)
+    if checked.shape[0] != num_images:
+        raise DataError(f"{where}: {num_images} images but {checked.shape[0]} labels (counts must match)")
+    return torch.from_numpy(checked)
+
+
+def _class_names(labels: np.ndarray, where: str, at_least: int = 1) -> tuple[str, ...]:
+    """Names ``"0", "1", ...`` for labels without a class list: ``max(at_least, max label + 1)`` of them.
+
+    The labels are checked first, so an absurd label value is refused instead of naming that many classes.
+    """
+    checked = check_labels(labels, name=f"{where}: labels", error=DataError)
+    count = int(checked.max()) + 1 if checked.size else 0
+    return tuple(str(i) for i in range(max(at_least, count)))
 
 
 def _default_split(available: dict[str, bool], path: Path, split: Split | None) -> Split:
@@ -152,9 +162,11 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if 3 * side * side != data.shape[1] or side == 0:
         raise DataError(f"{path}: rows of 'data' hold {data.shape[1]} values, not 3 x H x H for a square image")
     try:
-        labels = np.asarray(batch[label_key], dtype=np.int64)
+        labels = np.asarray(batch[label_key])
     except (TypeError, ValueError):
         raise DataError(f"{path}: '{label_key}' must be a list of integers") from None
+    if labels.size == 0:
+        labels = labels.astype(np.int64)  # numpy reads an empty list as floats
     if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
         raise DataError(f"{path}: {data.shape[0]} images but {labels.size} labels (counts must match)")
     return data.reshape(-1, 3, side, side), labels
@@ -176,7 +188,7 @@ def _load_cifar(path: Path, split: Split | None) -> Dataset:
             raise DataError(f"{files['meta'][0]}: no 'label_names' (or 'fine_label_names') list")
         classes = tuple(_text(n) for n in names)
     else:
-        classes = tuple(str(i) for i in range(max(10, int(labels.max()) + 1)))
+        classes = _class_names(labels, str(path), at_least=10)
     y = _check_labels(labels, len(images), len(classes), str(path))
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
     return Dataset(f"{path.name}:{chosen}", x, y, classes, source=str(path.resolve()))
@@ -230,7 +242,7 @@ def _load_idx(path: Path, split: Split | None) -> Dataset:
     if classes_file.is_file():
         classes = tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip())
     else:
-        classes = tuple(str(i) for i in range(max(10, int(labels.max()) + 1 if labels.size else 10)))
+        classes = _class_names(labels, str(labels_file), at_least=10)
     y = _check_labels(labels, images.shape[0], len(classes), str(labels_file))
     return Dataset(f"{path.name}:{chosen}", to_nchw_unit(images, str(images_file)), y, classes,
                    source=str(path.resolve()))
@@ -279,10 +291,8 @@ def _npz_labels(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[
     if y.dtype.kind not in "iu":
         raise DataError(f"{path}: 'y' must hold integer or string labels, got dtype {y.dtype}")
     labels = y.astype(np.int64)
-    if labels.size and labels.min() < 0:
-        raise DataError(f"{path}: labels must not be negative (found {int(labels.min())})")
     if names is None:
-        names = tuple(str(i) for i in range(int(labels.max()) + 1 if labels.size else 1))
+        names = _class_names(labels, str(path))
     return labels, names
 
 

@@ -2,7 +2,8 @@
 
 ``pickle.load`` runs whatever callable a pickle names, so fedleak never uses it on a user's files. This
 unpickler resolves only the few globals numpy needs to rebuild an array (and Python 3's protocol-2 encoding of
-bytes); any other global stops loading with :class:`~fedleak.errors.DataError` before anything is called.
+bytes, empty bytes included); any other global stops loading with :class:`~fedleak.errors.DataError` before
+anything is called.
 """
 
 from __future__ import annotations
@@ -29,11 +30,20 @@ def _latin1_encode(obj: object, encoding: str = "utf-8", errors: str = "strict")
     return obj.encode("latin-1")
 
 
+def _empty_bytes(*args: object) -> bytes:
+    """``bytes()`` as Python 3 uses it to pickle ``b""`` at protocol <= 2; any argument is refused (no ``bytes(n)``)."""
+    if args:
+        raise DataError(f"refusing bytes() with {len(args)} argument(s) in a pickle")
+    return b""
+
+
 def _numpy_globals() -> dict[tuple[str, str], Callable[..., Any] | type]:
     found: dict[tuple[str, str], Callable[..., Any] | type] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_encode,
+        ("__builtin__", "bytes"): _empty_bytes,
+        ("builtins", "bytes"): _empty_bytes,
     }
     for package in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 spell the module differently
         found[(f"{package}.multiarray", "_reconstruct")] = _multiarray._reconstruct

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedleak.errors import SolverError
 from fedleak.fishing.solvers import LPSession, open_session
+from fedleak.validation import validate_fields
 
 F_TOL = 1e-9
 
@@ -62,6 +64,9 @@ class LPSettings:
     max_newton: int = 40
     solver: str = "highs"
     time_limit: float = 10.0
+
+    def __post_init__(self) -> None:
+        validate_fields(self, error=SolverError)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from fedleak.fishing.lp import LPSettings, NetArrays, Requirement, SampleOutcome
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import choose_targets, retarget
 from fedleak.models.structure import as_relu_mlp
+from fedleak.validation import validate_fields
 
 NORMS = ("linf", "l1")
 
@@ -78,6 +79,7 @@ class FishingOptions:
     check_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        validate_fields(self, error=SolverError)  # types and signs first, then the checks below
         if self.norm not in NORMS:
             raise SolverError(f"norm must be one of {NORMS}, got '{self.norm}'")
         if not (self.margin > 0 and math.isfinite(self.margin)):

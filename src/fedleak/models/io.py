@@ -10,6 +10,7 @@ names are kept, so updates captured from the original model match the loaded one
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -19,7 +20,9 @@ from torch import nn
 
 from fedleak.errors import ModelError
 from fedleak.models.mlp import MLP
-from fedleak.updates import _atomic_write_bytes
+from fedleak.report.output import write_bytes_atomic
+from fedleak.updates import read_tensor_file
+from fedleak.validation import check_finite_tensors, check_num_classes, check_shape
 
 _KEY = re.compile(r"^(\d+)\.(weight|bias)$")
 
@@ -33,38 +36,40 @@ def save_mlp(model: nn.Sequential, path: str | os.PathLike[str]) -> Path:
     if shape is not None:
         meta["input_shape"] = json.dumps(list(shape))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    _atomic_write_bytes(path, save(tensors, metadata=meta))
-    return path
+    return write_bytes_atomic(path, save(tensors, metadata=meta))
 
 
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
-    if path.suffix in {".pt", ".pth"}:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"cannot read model file {path}: {str(exc).splitlines()[0]}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ModelError(f"model file {path} must hold a state dict (a dict of tensors)")
-        return dict(state), {}
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
+def _metadata_shape(path: Path, meta: dict[str, str]) -> tuple[int, ...] | None:
+    """The ``input_shape`` a model file records in its metadata (a JSON list), if any."""
+    if "input_shape" not in meta:
+        return None
     try:
-        data = path.read_bytes()
-        state = load(data)
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise ModelError(f"cannot read model file {path}: {exc}") from None
-    return state, header.get("__metadata__", {}) or {}
+        value = json.loads(meta["input_shape"])
+    except json.JSONDecodeError:
+        raise ModelError(f"{path}: metadata input_shape {meta['input_shape']!r} is not a JSON list such as "
+                         "[1, 28, 28]; rewrite the file with fedleak.save_mlp or pass input_shape") from None
+    return check_shape(f"{path}: metadata input_shape", value)
+
+
+def _check_layer(path: Path, index: int, layer: dict[str, torch.Tensor]) -> None:
+    """A Linear layer's state: a 2-d floating-point weight and, if present, a bias of one entry per output."""
+    weight = layer.get("weight")
+    if weight is None or weight.ndim != 2:
+        raise ModelError(f"{path}: layer {index} has no 2-d weight, so it is not a Linear layer")
+    for kind, value in layer.items():
+        if not value.is_floating_point():
+            raise ModelError(f"{path}: '{index}.{kind}' has dtype {value.dtype}; model weights must be floating-point")
+    bias = layer.get("bias")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ModelError(f"{path}: '{index}.bias' has shape {tuple(bias.shape)} but layer {index} has "
+                         f"{weight.shape[0]} outputs, so the bias needs shape ({weight.shape[0]},)")
 
 
 def load_mlp(path: str | os.PathLike[str], input_shape: tuple[int, ...] | None = None) -> MLP:
     """Rebuild a fully connected ReLU network from a state-dict file (see the module docstring)."""
     path = Path(path)
-    state, meta = _read_state(path)
+    state, meta = read_tensor_file(path, "model", ModelError)
+    check_finite_tensors(state.items(), f"{path}: parameter")
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         m = _KEY.match(key)
@@ -78,8 +83,8 @@ def load_mlp(path: str | os.PathLike[str], input_shape: tuple[int, ...] | None =
         raise ModelError(f"{path} holds no parameters")
     indices = sorted(layers)
     for i in indices:
-        if "weight" not in layers[i] or layers[i]["weight"].ndim != 2:
-            raise ModelError(f"{path}: layer {i} has no 2-d weight, so it is not a Linear layer")
+        _check_layer(path, i, layers[i])
+    check_num_classes(int(layers[indices[-1]]["weight"].shape[0]), f"{path}: the last layer ({indices[-1]})")
     for a, b in zip(indices, indices[1:]):
         if b - a != 2:
             raise ModelError(f"{path}: Linear layers {a} and {b} are not separated by exactly one (ReLU) layer")
@@ -101,9 +106,8 @@ def load_mlp(path: str | os.PathLike[str], input_shape: tuple[int, ...] | None =
         if k < len(indices) - 1:
             modules.append(nn.ReLU())
     d_in = layers[first]["weight"].shape[1]
-    if input_shape is None and "input_shape" in meta:
-        input_shape = tuple(json.loads(meta["input_shape"]))
-    shape = tuple(input_shape) if input_shape is not None else (d_in,)
-    if int(torch.tensor(shape).prod()) != d_in:
-        raise ModelError(f"input shape {shape} has {int(torch.tensor(shape).prod())} values but the model takes {d_in}")
+    shape = check_shape("input_shape", input_shape) if input_shape is not None else _metadata_shape(path, meta)
+    shape = shape if shape is not None else (d_in,)
+    if math.prod(shape) != d_in:
+        raise ModelError(f"input shape {shape} has {math.prod(shape)} values but the model takes {d_in}")
     return MLP(modules, shape)

@@ -8,12 +8,14 @@ understand with a :class:`~fedleak.errors.ModelError` that names the offending l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedleak.errors import ModelError
+from fedleak.validation import check_num_classes, check_shape
 
 
 @dataclass(frozen=True)
@@ -174,10 +176,11 @@ def as_relu_mlp(model: nn.Module, input_shape: tuple[int, ...] | None = None) ->
             raise ModelError(
                 f"layer '{nxt.name}' takes {nxt.in_features} inputs but layer '{prev.name}' gives {prev.out_features}"
             )
+    check_num_classes(dense[-1].out_features, f"the output layer '{dense[-1].name}'")
     shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
     if shape is not None:
-        shape = tuple(int(s) for s in shape)
-        if int(torch.tensor(shape).prod()) != dense[0].in_features:
-            raise ModelError(f"input shape {shape} has {int(torch.tensor(shape).prod())} values but the first "
+        shape = check_shape("input_shape", shape)
+        if math.prod(shape) != dense[0].in_features:
+            raise ModelError(f"input shape {shape} has {math.prod(shape)} values but the first "
                              f"Linear layer takes {dense[0].in_features}")
     return ReluMLP(dense=tuple(dense), input_shape=shape)

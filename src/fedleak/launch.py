@@ -1,0 +1,21 @@
+"""The ``fedleak`` script's entry point: it imports the command line (torch and the rest) inside a guard, so
+that Ctrl-C during start-up ends with one line and exit code 130, like Ctrl-C at any later point."""
+
+from __future__ import annotations
+
+import sys
+
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from fedleak.cli import main as run
+    except KeyboardInterrupt:
+        print("fedleak: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

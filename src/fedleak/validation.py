@@ -1,0 +1,286 @@
+"""Small reusable checks of what a user passes in, scikit-learn style.
+
+Each check names the value it refuses and says what would be accepted, and raises a
+:class:`~fedleak.errors.FedleakError` subclass (the caller picks which one with ``error=``). Updates, model
+files, data loaders and the command line all use these, so one kind of bad input gets one message.
+
+Documented bounds:
+
+* :data:`MAX_CLASSES`: labels are class indices ``0..K-1`` with ``K`` at most 100,000 (a data file whose labels
+  go higher is refused before anything is built per class);
+* :data:`MAX_COUNT`: counts a client reports (``num_examples``, ``local_steps``) are at most ``2**31 - 1``;
+* :data:`MAX_SEED`: seeds are whole numbers in ``[0, 2**32 - 1]`` (what numpy and torch both take).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+import types
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError, ModelError, OptionError, OutputError
+
+MAX_CLASSES = 100_000
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+
+ErrorType = type[FedleakError]
+
+
+def describe(value: object) -> str:
+    """``str '8'``, ``float 2.5``: a value and its type, for error messages (long values are cut)."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None, error: ErrorType) -> None:
+    if low is not None and high is not None and not low <= value <= high:
+        raise error(f"{name} must lie in [{low:,}, {high:,}], got {value:,}")
+    if low is not None and value < low:
+        raise error(f"{name} must be at least {low:,}, got {value:,}")
+    if high is not None and value > high:
+        raise error(f"{name} must be at most {high:,}, got {value:,}")
+
+
+def check_int(name: str, value: object, *, low: int | None = None, high: int | None = None,
+              error: ErrorType = FedleakError) -> int:
+    """``value`` as an ``int``, if it is a whole number (not a bool, float or string) in ``[low, high]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise error(f"{name} must be a whole number, got {describe(value)}")
+    number = int(value)
+    _check_range(name, number, low, high, error)
+    return number
+
+
+def parse_int(name: str, text: str, *, low: int | None = None, high: int | None = None,
+              error: ErrorType = FedleakError) -> int:
+    """A whole number written as text (file metadata, a command-line list), checked like :func:`check_int`."""
+    try:
+        number = int(str(text).strip())
+    except ValueError:
+        raise error(f"{name} must be a whole number, got {str(text)!r}") from None
+    return check_int(name, number, low=low, high=high, error=error)
+
+
+def check_float(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                finite: bool = True, error: ErrorType = FedleakError) -> float:
+    """``value`` as a ``float``, if it is a real number (not a bool or string), finite unless ``finite=False``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a real number, got {describe(value)}")
+    number = float(value)
+    if math.isnan(number) or (finite and math.isinf(number)):
+        raise error(f"{name} must be a finite number, got {number}")
+    _check_range(name, number, low, high, error)
+    return number
+
+
+def check_seed(name: str, value: object, *, error: ErrorType = FedleakError) -> int:
+    """A random seed: a whole number in ``[0, MAX_SEED]``."""
+    return check_int(name, value, low=0, high=MAX_SEED, error=error)
+
+
+def check_shape(name: str, shape: object, *, error: ErrorType = ModelError) -> tuple[int, ...]:
+    """The shape of one sample (no batch dimension): a non-empty sequence of positive whole numbers."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+        raise error(f"{name} must be a sequence of positive whole numbers such as (1, 28, 28), got {describe(shape)}")
+    dims = tuple(shape)
+    if not dims or any(isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral) or int(d) < 1
+                       for d in dims):
+        raise error(f"{name} must be a non-empty sequence of positive whole numbers such as (1, 28, 28), "
+                    f"got {dims!r}")
+    return tuple(int(d) for d in dims)
+
+
+# --- labels -------------------------------------------------------------------------------------------------------
+
+
+def _label_array(labels: object, name: str, error: ErrorType) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise error(f"{name} must be integer class indices, got a {labels.dtype} tensor; "
+                        "pass labels.long() if they are whole numbers")
+        return labels.detach().cpu().numpy()
+    return np.asarray(labels)
+
+
+def check_labels(labels: object, num_classes: int | None = None, *, name: str = "labels",
+                 error: ErrorType = FedleakError) -> np.ndarray:
+    """Labels as an int64 numpy array, if they are one-dimensional integer class indices ``0..K-1``.
+
+    ``K`` is ``num_classes`` when given; otherwise it is inferred as ``max + 1`` and must be at most
+    :data:`MAX_CLASSES`, so that an absurd label value is refused before anything is built per class.
+    """
+    arr = _label_array(labels, name, error)
+    if arr.ndim != 1:
+        raise error(f"{name} must be one-dimensional (one label per sample), got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise error(f"{name} must be integer class indices, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0:
+        raise error(f"{name} must not be negative (found {lo}); use class indices 0..K-1")
+    bound = MAX_CLASSES if num_classes is None else int(num_classes)
+    if hi >= bound:
+        if num_classes is None:
+            raise error(f"{name} must lie in [0, {MAX_CLASSES - 1}] (fedleak takes at most {MAX_CLASSES:,} classes), "
+                        f"found {hi}; renumber the classes 0, 1, 2, ...")
+        raise error(f"{name} must lie in [0, {bound - 1}] for {bound} classes (found {lo}..{hi})")
+    return arr.astype(np.int64)
+
+
+def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelError) -> int:
+    """A classifier's number of outputs: at least 2 (a one-output model has no cross-entropy gradient)."""
+    if num_classes < 2:
+        raise error(f"{where} gives {num_classes} output(s); a classifier needs at least 2 classes")
+    return num_classes
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+def output_features(model: nn.Module) -> int | None:
+    """Outputs of the model's last ``nn.Linear`` layer (its logits in a Sequential classifier), if it has one."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last = module
+    return None if last is None else int(last.out_features)
+
+
+def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str, *,
+                         error: ErrorType = ModelError) -> None:
+    """Every tensor is finite; otherwise name the first one holding NaN or inf."""
+    for name, value in tensors:
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise error(f"{what} '{name}' holds {bad} non-finite value(s) (NaN or inf)")
+
+
+def check_model(model: object) -> nn.Module:
+    """A ``torch.nn.Module`` with finite parameters and, if it ends with a Linear layer, at least 2 outputs."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the model must be a torch.nn.Module, got {describe(model)}")
+    check_finite_tensors(model.named_parameters(), "the model's parameter")
+    outputs = output_features(model)
+    if outputs is not None:
+        check_num_classes(outputs, "the model's last Linear layer")
+    return model
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Every parameter requires a gradient: an update holds nothing for a frozen one, so no attack can read it."""
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else "")
+        raise ModelError(f"the model has {len(frozen)} frozen parameter(s) (requires_grad=False: {shown}), so a "
+                         "client update holds no gradient for them; fedleak's attacks need every parameter's "
+                         "update: call model.requires_grad_(True) before computing the update")
+
+
+# --- output files -------------------------------------------------------------------------------------------------
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent folder (where it would be created)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def check_output_file(path: str | os.PathLike[str], *, error: ErrorType = OutputError) -> Path:
+    """A path a file can be written to: not a folder, in an existing, writable folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"cannot write {path}: it is a folder; give a file path")
+    parent = path.parent
+    if not parent.exists():
+        raise error(f"cannot write {path}: folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise error(f"cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise error(f"cannot write {path}: folder {parent} is not writable")
+    return path
+
+
+def check_output_dir(out: str | os.PathLike[str], names: Iterable[str] = (), *,
+                     error: ErrorType = OutputError) -> Path:
+    """A folder that exists or can be created, in which the files ``names`` can be written (nothing is created)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise error(f"output path {path} exists and is not a folder")
+    ancestor = existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise error(f"cannot create output folder {path}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK):
+        what = "output folder" if ancestor == path else "folder"
+        raise error(f"{what} {ancestor} is not writable")
+    for name in names:
+        if (path / name).is_dir():
+            raise error(f"cannot write {path / name}: a folder of that name is in the way; remove or rename it")
+    return path
+
+
+# --- option dataclasses -------------------------------------------------------------------------------------------
+
+_SCALARS: dict[str, type] = {"int": int, "float": float, "bool": bool}
+
+
+def _scalar_annotation(annotation: object) -> tuple[type | None, bool]:
+    """``(int|float|bool, optional)`` for an annotation such as ``float`` or ``"int | None"``; else ``(None, _)``."""
+    if isinstance(annotation, str):
+        parts = [p.strip() for p in annotation.replace("Optional[", "").rstrip("]").split("|")]
+        optional = "None" in parts or annotation.startswith("Optional[")
+        kinds = [p for p in parts if p != "None"]
+        return (_SCALARS.get(kinds[0]) if len(kinds) == 1 else None), optional
+    if annotation in (int, float, bool):
+        return annotation, False  # type: ignore[return-value]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1 and kinds[0] in (int, float, bool):
+            return kinds[0], type(None) in args
+    return None, False
+
+
+def validate_fields(obj: object, *, error: ErrorType = OptionError) -> None:
+    """Check a dataclass's ``int``, ``float`` and ``bool`` fields against their annotations.
+
+    ``float`` fields take finite real numbers, ``int`` fields whole numbers, both ``>= 0`` unless the field's
+    metadata says otherwise (``field(metadata={"low": -1.0, "high": 1.0, "finite": False})``); ``bool`` fields
+    take ``True`` or ``False``; ``X | None`` fields also take ``None``. Strings are refused everywhere. Other
+    fields are left alone. Meant for ``__post_init__``; raises ``error`` (:class:`OptionError` unless the
+    options' own module has a more specific one) naming the option.
+    """
+    if not dataclasses.is_dataclass(obj):
+        raise TypeError(f"validate_fields needs a dataclass instance, got {type(obj).__name__}")
+    owner = type(obj).__name__
+    for field in dataclasses.fields(obj):
+        kind, optional = _scalar_annotation(field.type)
+        value = getattr(obj, field.name)
+        if kind is None or (optional and value is None):
+            continue
+        name = f"option {field.name} (of {owner})"
+        if kind is bool:
+            if not isinstance(value, (bool, np.bool_)):
+                raise error(f"{name} must be True or False, got {describe(value)}")
+            continue
+        low, high = field.metadata.get("low", 0), field.metadata.get("high")
+        if kind is int:
+            check_int(name, value, low=low, high=high, error=error)
+        else:
+            check_float(name, value, low=low, high=high, finite=field.metadata.get("finite", True), error=error)
