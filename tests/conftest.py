@@ -16,6 +16,12 @@ def digits() -> fedleak.Dataset:
 
 
 @pytest.fixture(scope="session")
+def lfw() -> fedleak.Dataset:
+    """Two-class face crops: every loss vector is a multiple of (1, -1)."""
+    return fedleak.load_dataset("lfw")
+
+
+@pytest.fixture(scope="session")
 def fashion() -> fedleak.Dataset:
     try:
         return fedleak.load_dataset("fashion-mnist")

@@ -34,7 +34,10 @@ class Reconstruction:
 
     The batch is unordered; use :func:`fedleak.metrics.match` to pair it with the originals.
     ``batch_size`` and ``label_counts`` are the attacker's estimates for the whole batch (``None`` when
-    the attack cannot tell).
+    the attack cannot tell). ``joint_residual`` is how well the certified samples explain the observed
+    gradient together with the batch's other samples: the residual beyond the rank those others can fill,
+    relative to the layer's gradient, worst layer (NaN when nothing is certified or the attack has no such
+    test).
     """
 
     inputs: torch.Tensor
@@ -47,6 +50,7 @@ class Reconstruction:
     batch_certified: bool = False
     seconds: float = 0.0
     iterations: int | None = None
+    joint_residual: float = float("nan")
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __len__(self) -> int:

@@ -1,7 +1,6 @@
 """The exclusivity attack on real data: every certifiable sample is rebuilt exactly, and a certificate
 is never wrong — also when the gradient is tampered with, noisy, or the batch holds duplicates."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -40,8 +40,8 @@ from torch import nn
 
 from fedleak.attacks.exclusivity import (
     ExclusivityOptions,
-    _ExclusivityAttack,
-    _label_counts,
+    ExclusivityAttack,
+    estimate_label_counts,
     unique_candidates,
 )
 from fedleak.attacks.normal_equations import normal_equations
@@ -51,6 +51,7 @@ from fedleak.models.conv_gram import pixel_major_order
 from fedleak.models.convnet import ConvBlock, ReluCNN, as_relu_cnn
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model
+from fedleak.validation import validate_fields
 
 F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)
@@ -83,6 +84,7 @@ class ConvExclusivityOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        validate_fields(self)  # types and signs first, then the checks below
         if self.fallback not in ("features", "none"):
             raise FedleakError(f"fallback must be 'features' or 'none', got {self.fallback!r}")
         if not self.max_error > 0:
@@ -348,12 +350,15 @@ def conv_exclusivity_attack(
     start = time.perf_counter()
     opts = _options(options, dict(overrides))
     hopts = opts.head
+    if hopts.clip_norm is not None:
+        raise FedleakError("clip_norm is supported for MLPs only: a CNN sample's gradient norm includes its conv "
+                           "layers, which the FC-head certificate does not recompute")
     net = as_relu_cnn(model, input_shape)
     grad_update = as_gradient_update(update)
     check_matches_model(model, grad_update.gradients, "gradient")
     obs_dtype = next(iter(grad_update.gradients.values())).dtype
     grads = dict(grad_update.gradients)
-    attack = _ExclusivityAttack(net.head, grads, hopts, obs_dtype)
+    attack = ExclusivityAttack(net.head, grads, hopts, obs_dtype)
     notes = attack.notes
 
     # 1. FC head: labels and feature vectors
@@ -366,10 +371,10 @@ def conv_exclusivity_attack(
     # keep candidates the head certificate accepts, or whose witnesses sit at the batch's common scale
     # (single-ExAN samples the whole-batch certificate may still certify); mixtures of samples are dropped
     if complete:
-        pre, pre_scale = attack.certify(complete, grad_update.num_examples)
-        keep = [c for c, r in zip(complete, pre) if r.certified or (
-            pre_scale is not None and r.witnesses[-1] >= 1 and np.isfinite(r.scale)
-            and abs(r.scale / pre_scale - 1) <= hopts.scale_tol)]
+        pre = attack.certify(complete, grad_update.num_examples)
+        keep = [c for c, r in zip(complete, pre.recoveries) if r.certified or (
+            pre.factor is not None and r.witnesses[-1] >= 1 and np.isfinite(r.scale)
+            and abs(r.scale / pre.factor - 1) <= hopts.scale_tol)]
         if len(keep) < len(complete):
             notes.append(f"{len(complete) - len(keep)} FC-head candidate(s) failed the head certificate (mixtures) "
                          "and were dropped")
@@ -400,17 +405,8 @@ def conv_exclusivity_attack(
             ok = float((feats64[k] - ref).norm()) <= tol and float((feats32[k] - ref).norm()) <= tol
             c.acts[0] = feats64[k].clone()
         fwd_ok.append(ok)
-    head_recs, batch_scale = attack.certify(complete, grad_update.num_examples) if complete else ([], None)
-
-    batch_size = None
-    if batch_scale is not None and batch_scale > 0 and hopts.known_scale:
-        m = 1.0 / batch_scale
-        if abs(m - round(m)) <= max(1e-3, 10 * hopts.scale_tol * m) and round(m) >= 1:
-            batch_size = int(round(m))
-        else:
-            notes.append(f"the common scale 1/{m:.3f} is not the inverse of a whole batch size")
-    if not hopts.known_scale:
-        batch_size = grad_update.num_examples
+    head = attack.certify(complete, grad_update.num_examples)
+    head_recs, batch_size = head.recoveries, head.batch_size
 
     # 4. fallback for underdetermined chains
     fb_idx = [k for k, ok in enumerate(solved) if not ok]
@@ -467,7 +463,7 @@ def conv_exclusivity_attack(
 
     probs = (torch.softmax(forward_head_logits(net, feats64), 1) if complete
              else torch.empty(0, net.num_classes, dtype=F64))
-    counts = _label_counts(net.head, attack.g[-1], batch_size, probs, y) if hopts.known_scale else None
+    counts = estimate_label_counts(net.head, attack.g[-1], batch_size, probs, y) if hopts.known_scale else None
     out_dtype = net.blocks[0].conv.module.weight.dtype
     return Reconstruction(
         inputs=X.to(out_dtype),

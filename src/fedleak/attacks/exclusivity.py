@@ -30,16 +30,17 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedleak.analysis.forward import forward_trace
+from fedleak.attacks.certificate import Certificate, certify
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.models.structure import ReluMLP, as_relu_mlp
-from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
+from fedleak.validation import validate_fields
 
 F64 = torch.float64
 
@@ -63,6 +64,11 @@ class ExclusivityOptions:
     batch size. Set it to False for a scaled gradient (e.g. a one-step FedAvg weight delta, scale
     ``lr/M``): the batch size then comes from ``num_examples`` and the batch certificate fits the factor.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
+    ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
+    samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
+    ``clip_norm``: the per-sample clipping bound ``C`` when the client clipped each sample's gradient to norm
+    ``C`` before averaging (DP-SGD without noise, Opacus-style): each sample's scale is then
+    ``min(1, C / ||g_k||) / M``, which the certificate recomputes from the rebuilt sample.
     """
 
     group_tol: float = 1e-5
@@ -83,6 +89,10 @@ class ExclusivityOptions:
     known_scale: bool = True
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass
@@ -266,70 +276,53 @@ def _fit_scales(
     return alphas
 
 
-def _backward(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
-    """Backward signals of every hidden layer for loss vectors ``e`` (rows), given the pre-activations."""
-    deltas, d = [], e
-    for w, z in zip(reversed(W[1:]), reversed(pres)):
-        d = (d @ w) * (z > 0).to(d.dtype)
-        deltas.append(d)
-    return deltas[::-1]
-
-
-def _common_scale(scales: list[float], tol: float, integer: bool) -> float | None:
-    """The scale at least two samples agree on (the largest such group's median), or None.
-
-    True samples all share one scale (``1/M`` for a mean-loss gradient, so ``1/scale`` must then be a
-    whole number when ``integer``). Spurious candidates — "ghosts" blended from samples whose loss vectors
-    are parallel, as all same-label loss vectors are with two classes — are self-consistent at their own
-    scale, which differs from ghost to ghost; a single candidate therefore never sets the scale.
-    """
-    arr = np.sort(np.asarray(scales, dtype=float))
-    best, best_count = None, 1
-    for s in arr:
-        members = arr[np.abs(arr / s - 1) <= tol]
-        centre = float(np.median(members))
-        if integer and abs(1 / centre - round(1 / centre)) > tol * (1 / centre):
-            continue
-        if len(members) > best_count:
-            best, best_count = centre, len(members)
-    return best
-
-
-def _witness_vectors(
-    trace_acts: list[torch.Tensor], deltas: list[torch.Tensor], e: torch.Tensor, layer: int, rows: list[int],
-    has_bias: bool, top: bool,
-) -> torch.Tensor:
-    """Per-sample predicted gradient entries of ``rows`` of dense layer ``layer`` (one sample):
-    the weight row, the bias entry and, for the top layer, the output layer's column."""
-    parts = [deltas[layer][rows, None] * trace_acts[layer][None, :]]
-    if has_bias:
-        parts.append(deltas[layer][rows, None])
-    if top:
-        parts.append(trace_acts[layer + 1][rows, None] * e[None, :])
-    return torch.cat(parts, dim=1)
-
-
-def _observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
-    parts = [G[layer][rows]]
-    if g[layer] is not None:
-        parts.append(g[layer][rows, None])
-    if top:
-        parts.append(G[-1][:, rows].T)
-    return torch.cat(parts, dim=1)
-
-
 # -------------------------------------------------------------------------------------------------------
 # The attack
 
 
-class _ExclusivityAttack:
-    def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype):
+class ExclusivityAttack:
+    """The attack's state on one update: the weights and observed gradient in float64, the steps that find
+    candidates (:meth:`top_candidates`, :meth:`walk_down`) and the certificate (:meth:`certify`)."""
+
+    def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype,
+                 noise: dict[str, torch.Tensor] | None = None):
         self.net, self.opts, self.obs_dtype = net, opts, obs_dtype
         self.W, self.b = net.weights(F64), net.biases(F64)
         self.G = [grads[d.weight_name].to(F64) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(F64) for d in net.dense]
+        # absolute rounding noise of the observed values, where the update carries more than the gradient's
+        # own float32 noise (a weight delta: the client rounded ``before - lr * g``); None otherwise
+        self.noise = None if noise is None else [noise[d.weight_name].to(F64) for d in net.dense]
+        self.noise_b = None if noise is None else [
+            None if d.bias_name is None else noise[d.bias_name].to(F64) for d in net.dense]
         self.notes: list[str] = []
         self._W_obs: list[torch.Tensor] | None = None
+        self.tol_floor = self._noise_floor()
+
+    def _noise_floor(self) -> float:
+        """How far apart the update's own rounding can push two rows of one sample (relative): the grouping
+        tolerances are at least this. Zero for a gradient; for a weight delta, 4x the 90th percentile of the
+        top layer's rows' relative rounding noise."""
+        if self.noise is None:
+            return 0.0
+        t = self.net.depth - 1
+        rows = [self.G[t], self.noise[t]]
+        if self.g[t] is not None:
+            rows = [torch.cat([self.G[t], self.g[t][:, None]], 1), torch.cat([self.noise[t], self.noise_b[t][:, None]], 1)]
+        norm = rows[0].norm(dim=1)
+        live = norm > 0
+        if not bool(live.any()):
+            return 0.0
+        rel = rows[1].norm(dim=1)[live] / norm[live]
+        return 4.0 * float(torch.quantile(rel, 0.9))
+
+    def tol(self, value: float) -> float:
+        """A grouping tolerance, raised to the update's rounding-noise floor."""
+        return max(value, self.tol_floor)
+
+    def certify(self, cands: list[_Candidate], reported: int | None) -> Certificate:
+        """The certificate of the complete candidates (see :mod:`fedleak.attacks.certificate`)."""
+        return certify(self, cands, reported)
 
     @property
     def W_obs(self) -> list[torch.Tensor]:
@@ -361,7 +354,7 @@ class _ExclusivityAttack:
             flip = torch.sign(R.gather(1, R.abs().argmax(1, keepdim=True))).squeeze(1)
             R = R * flip[:, None]
             order = torch.argsort(-row_norm[idx])
-        groups = _group_rows(R, order, opts.group_tol)
+        groups = _group_rows(R, order, self.tol(opts.group_tol))
         n_groups = len(groups)
         gid = torch.empty(len(idx), dtype=torch.long)
         for k, grp in enumerate(groups):
@@ -376,7 +369,7 @@ class _ExclusivityAttack:
             block = R[groups[k]]
             pool = block[:64]  # the medoid is sought among (at most) the 64 strongest rows
             medoid = pool[int(torch.cdist(pool, block).median(dim=1).values.argmin())]
-            core = (block - medoid).norm(dim=1) <= opts.core_tol * medoid.norm()
+            core = (block - medoid).norm(dim=1) <= self.tol(opts.core_tol) * medoid.norm()
             reps[k] = block[core].mean(0)
             members[k] = members[k][core]
 
@@ -488,7 +481,7 @@ class _ExclusivityAttack:
                 rep = R[good]
                 # agreeing rows are witnesses; keep those that coincide with the best one
                 best = rep[int(torch.argmin(res[good]))]
-                agree = (rep - best).norm(dim=1) <= opts.group_tol * best.norm().clamp_min(1e-300)
+                agree = (rep - best).norm(dim=1) <= self.tol(opts.group_tol) * best.norm().clamp_min(1e-300)
                 c.witnesses[i] = chunk[good[agree]].tolist()
                 return rep[agree].mean(0)
         return None
@@ -517,155 +510,6 @@ class _ExclusivityAttack:
             return None
         return a
 
-    # ---- step 3: certificate ----------------------------------------------------------------------------
-    def certify(self, cands: list[_Candidate], reported: int | None) -> tuple[list[SampleRecovery], float | None]:
-        """Recompute each complete candidate's gradient and test it against its witness rows.
-
-        The model for a witness's observed entries is ``s * (p0 + eps * p1)``: ``p0`` is the recomputed
-        per-sample gradient (float64) and ``p1`` its derivative with respect to the label entry of the loss
-        vector, whose float32 value ``p_y - 1`` the client computes with cancellation (an absolute error of
-        a few ulps, large relative to a confident sample's tiny loss vector). ``s`` (= 1/M) and ``eps`` are
-        fitted jointly over all witnesses of the sample; ``|eps|`` must stay within float32 rounding and
-        every witness must then match within its own float32 noise level. The batch's common scale is
-        ``1/reported`` when the client reported its number of examples, else the scale that at least two
-        samples share (see :func:`_common_scale`).
-        """
-        net, opts = self.net, self.opts
-        complete = [c for c in cands if c.complete]
-        if not complete:
-            return [], None
-        X = torch.stack([c.acts[0] for c in complete])
-        y = torch.tensor([c.label for c in complete])
-        K = net.num_classes
-        t64 = forward_trace(net, X, y, dtype=F64, params=(self.W, self.b))
-        t32 = forward_trace(net, X.to(self.obs_dtype), y, dtype=self.obs_dtype)
-        eps32 = float(torch.finfo(self.obs_dtype).eps)
-        onehot = torch.nn.functional.one_hot(y, K).to(F64)
-        d_one = _backward(self.W, t64.preactivations, onehot)
-        # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
-        e32 = t32.loss_vectors.clone()
-        e32[torch.arange(len(y)), y] = t64.loss_vectors[torch.arange(len(y)), y].to(self.obs_dtype)
-        d32 = _backward(self.W_obs, t32.preactivations, e32)
-        eps_bound = opts.label_eps_ulps * eps32
-        per_sample: list[dict] = []
-        for k, c in enumerate(complete):
-            acts64 = [a[k] for a in t64.activations]
-            acts32 = [a[k].to(F64) for a in t32.activations]
-            consistent = all(
-                float((acts64[i] - c.acts[i]).norm()) <= opts.forward_tol * float(acts64[i].norm().clamp_min(1e-300))
-                for i in c.acts
-            )
-            obs, p0, p1, noise, layer_of = [], [], [], [], []
-            for i, rows in c.witnesses.items():
-                rows = rows[: opts.max_witnesses]  # the strongest rows come first
-                top = i == net.depth - 1
-                has_bias = self.g[i] is not None
-                o = _observed_vectors(self.G, self.g, i, rows, top)
-                a0 = _witness_vectors(acts64, [d[k] for d in t64.deltas], t64.loss_vectors[k], i, rows, has_bias, top)
-                a1 = _witness_vectors(acts64, [d[k] for d in d_one], onehot[k], i, rows, has_bias, top)
-                a32 = _witness_vectors(acts32, [d[k].to(F64) for d in d32], e32[k].to(F64), i, rows, has_bias, top)
-                scale = o.norm(dim=1, keepdim=True).clamp_min(1e-300)  # each witness weighs the same
-                obs.append(o / scale)
-                p0.append(a0 / scale)
-                p1.append(a1 / scale)
-                noise.append((a32 - a0).norm(dim=1) / a0.norm(dim=1).clamp_min(1e-300) + 8 * eps32)
-                layer_of.extend([i] * len(rows))
-            noise_t = torch.cat(noise)
-            layer_t = torch.tensor(layer_of)
-            tol = torch.maximum(torch.full_like(noise_t, opts.check_tol), opts.noise_factor * noise_t)
-            ok = noise_t <= opts.max_noise
-            s_fit, eps_fit, res = float("nan"), float("nan"), torch.full_like(noise_t, float("inf"))
-            for _ in range(3):  # fit on the rows that pass, re-test all rows
-                if not bool(ok.any()):
-                    break
-                # least squares in (s, t = s * eps) through its 2x2 normal equations
-                parts = torch.split(ok, [len(o) for o in obs])
-                gram = torch.zeros(2, 2, dtype=F64)
-                rhs = torch.zeros(2, dtype=F64)
-                for o, a0, a1, m in zip(obs, p0, p1, parts):
-                    o, a0, a1 = o[m], a0[m], a1[m]
-                    gram += torch.stack([torch.stack([(a0 * a0).sum(), (a0 * a1).sum()]),
-                                         torch.stack([(a0 * a1).sum(), (a1 * a1).sum()])])
-                    rhs += torch.stack([(a0 * o).sum(), (a1 * o).sum()])
-                coef = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
-                s_fit, t_fit = float(coef[0]), float(coef[1])
-                eps_fit = t_fit / s_fit if s_fit != 0 else float("inf")
-                if not abs(eps_fit) <= eps_bound:  # the best correction allowed: at the bound, refit the scale
-                    eps_fit = math.copysign(eps_bound, eps_fit) if math.isfinite(eps_fit) else 0.0
-                    cc = gram[0, 0] + 2 * eps_fit * gram[0, 1] + eps_fit**2 * gram[1, 1]
-                    s_fit = float((rhs[0] + eps_fit * rhs[1]) / cc.clamp_min(1e-300))
-                    t_fit = s_fit * eps_fit
-                res = torch.cat([(o - s_fit * a0 - t_fit * a1).norm(dim=1) for o, a0, a1 in zip(obs, p0, p1)])
-                new_ok = (res <= tol) & (noise_t <= opts.max_noise)
-                if torch.equal(new_ok, ok):
-                    break
-                ok = new_ok
-            counts = tuple(int((ok & (layer_t == i)).sum()) for i in range(net.depth))
-            worst = float(res[ok].max()) if bool(ok.any()) else float("inf")
-            per_sample.append(dict(scale=s_fit, eps=eps_fit, residual=worst, counts=counts, consistent=consistent,
-                                   cand=c))
-        strong = [
-            p["scale"] for p in per_sample
-            if p["counts"][-1] >= opts.min_last and p["consistent"] and p["scale"] > 0
-        ]
-        if opts.known_scale and reported is not None:
-            batch_scale = 1.0 / reported
-        elif reported == 1 and strong:
-            # one sample, unknown factor (e.g. lr/M of a weight delta): no blend exists in a batch of one, so
-            # the best-witnessed candidate sets the scale and the whole-batch check decides
-            best = max((p for p in per_sample if p["scale"] in strong), key=lambda p: sum(p["counts"]))
-            batch_scale = best["scale"]
-        else:
-            batch_scale = _common_scale(strong, opts.scale_tol, integer=opts.known_scale)
-        results = []
-        for p in per_sample:
-            c = p["cand"]
-            missing = [
-                i for i in range(net.depth - 1)
-                if p["counts"][i] < opts.min_other and i not in c.solved
-            ]
-            if not p["consistent"]:
-                ok, reason = False, "the rebuilt input does not reproduce its own intermediate activations"
-            elif p["counts"][-1] < opts.min_last:
-                ok, reason = False, (
-                    f"only {p['counts'][-1]} verified exclusive neuron(s) at the last ReLU layer "
-                    f"(a certificate needs {opts.min_last})"
-                )
-            elif missing:
-                ok, reason = False, f"no verified exclusive neuron at ReLU layer(s) {[m + 1 for m in missing]}"
-            elif batch_scale is None:
-                ok, reason = False, ("the batch's common scale 1/M is unknown: no batch size was reported and no "
-                                     "second sample shares this one's scale")
-            elif abs(p["scale"] / batch_scale - 1) > opts.scale_tol:
-                ok, reason = False, "scale differs from the batch's common 1/M (a blend of samples, not a sample)"
-            else:
-                ok, reason = True, "explains its exclusive gradient rows at every layer"
-            results.append(
-                SampleRecovery(
-                    label=c.label, certified=ok, reason=reason, witnesses=p["counts"],
-                    solved_layers=tuple(sorted(i + 1 for i in c.solved)), residual=p["residual"], scale=p["scale"],
-                )
-            )
-        return results, batch_scale
-
-    def batch_gradient_matches(self, X: torch.Tensor, y: torch.Tensor, factor: float | None) -> tuple[bool, float]:
-        """Recompute the gradient of the rebuilt batch (sum of per-sample gradients times ``factor``,
-        which is ``1/M`` for a mean loss; fitted when None) and compare with the observed one."""
-        t = forward_trace(self.net, X, y, dtype=F64, params=(self.W, self.b))
-        pred, obs = [], []
-        for i in range(self.net.depth + 1):
-            delta = t.loss_vectors if i == self.net.depth else t.deltas[i]
-            pred.append(delta.T @ t.activations[i])
-            obs.append(self.G[i])
-            if self.g[i] is not None:
-                pred.append(delta.sum(0))
-                obs.append(self.g[i])
-        if factor is None:
-            factor = float(sum((p * o).sum() for p, o in zip(pred, obs)) / sum((p * p).sum() for p in pred))
-        worst = max(float((factor * p - o).norm() / o.norm().clamp_min(1e-300)) for p, o in zip(pred, obs))
-        return worst <= self.opts.batch_tol, worst
-
-
 def unique_candidates(cands: list[_Candidate], t: int, group_tol: float) -> list[_Candidate]:
     """The same sample can surface twice (its exclusive rows, and blends dominated by it): keep one copy,
     the one with the most witnesses (its exclusive rows)."""
@@ -686,7 +530,7 @@ def unique_candidates(cands: list[_Candidate], t: int, group_tol: float) -> list
     return [ordered[k] for k in kept]
 
 
-def _label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int | None, recovered_probs, labels):
+def estimate_label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int | None, recovered_probs, labels):
     """Estimate the whole batch's label histogram from the output bias gradient (or None)."""
     if G_out_bias is None or batch_size is None:
         return None
@@ -702,14 +546,18 @@ def _label_counts(net: ReluMLP, G_out_bias: torch.Tensor | None, batch_size: int
 
 
 def exclusivity_on_weights(
-    model: nn.Module, update: WeightUpdate, *, input_shape: tuple[int, ...] | None = None, **options
+    model: nn.Module, update: WeightUpdate, *, input_shape: tuple[int, ...] | None = None,
+    options: ExclusivityOptions | None = None, **overrides,
 ) -> Reconstruction:
     """The exclusivity attack on a one-step FedAvg weight delta with an unknown learning rate.
 
     For one local SGD step ``before - after = lr * gradient``; the learning rate cancels in every
     ``dW_i / db_i`` ratio, so the attack runs on the delta at the ``before`` weights with
-    ``known_scale=False`` and takes the batch size from ``num_examples``. Several local steps mix the
-    samples' contributions over changing weights: the certificate then fails rather than mislead.
+    ``known_scale=False`` and takes the batch size from ``num_examples``. The client rounded
+    ``before - lr * g`` to its dtype, an error of up to one unit in the last place of ``after``: at a small
+    learning rate that is large relative to ``lr * g``, and the certificate's tolerances grow with it. Several
+    local steps mix the samples' contributions over changing weights: the certificate then fails rather than
+    mislead.
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     check_matches_model(model, {k: v for k, v in update.before.items() if k in set(names)}, "weight update")
@@ -720,7 +568,38 @@ def exclusivity_on_weights(
             if n in update.before:
                 p.copy_(update.before[n].to(p.dtype))
     grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
-    return exclusivity_attack(at_before, grads, input_shape=input_shape, known_scale=False, **options)
+    noise = {n: float(torch.finfo(update.after[n].dtype).eps) * update.after[n].to(F64).abs() for n in names}
+    overrides = {**overrides, "known_scale": False}
+    if _is_cnn(at_before):
+        return _conv_attack(at_before, grads, input_shape, options, overrides)
+    return _mlp_attack(at_before, grads, input_shape, _options(options, overrides), noise)
+
+
+def _is_cnn(model: nn.Module) -> bool:
+    from fedleak.models.convnet import is_cnn
+
+    return is_cnn(model)
+
+
+def _conv_attack(model, update, input_shape, options, overrides: dict) -> Reconstruction:
+    """A CNN goes to the conv attack, with its own options (FC-head and conv-layer keywords)."""
+    from fedleak.attacks.conv_exclusivity import conv_exclusivity_attack
+
+    return conv_exclusivity_attack(model, update, input_shape=input_shape,
+                                   **({"options": options} if options is not None else {}), **overrides)
+
+
+def _options(options: ExclusivityOptions | None, overrides: dict) -> ExclusivityOptions:
+    if options is not None and not isinstance(options, ExclusivityOptions):
+        raise FedleakError(f"options must be an ExclusivityOptions, got {type(options).__name__}; or pass the "
+                           "options as keywords")
+    opts = options or ExclusivityOptions()
+    if overrides:
+        unknown = set(overrides) - set(ExclusivityOptions.__dataclass_fields__)
+        if unknown:
+            raise FedleakError(f"unknown option(s) for the exclusivity attack: {sorted(unknown)}")
+        opts = ExclusivityOptions(**{**opts.__dict__, **overrides})
+    return opts
 
 
 @register_attack("exclusivity", update_kinds=("gradient", "weights"),
@@ -739,67 +618,41 @@ def exclusivity_attack(
     :class:`ExclusivityOptions`, passed as keywords or as an ``options`` object. A CNN is handed to
     :func:`fedleak.attacks.conv_exclusivity.conv_exclusivity_attack`.
     """
-    from fedleak.models.convnet import is_cnn
-
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
-    if is_cnn(model):  # FC head first, then the conv layers as linear systems
-        from fedleak.attacks.conv_exclusivity import conv_exclusivity_attack
+    if _is_cnn(model):  # FC head first, then the conv layers as linear systems
+        return _conv_attack(model, update, input_shape, options, overrides)
+    return _mlp_attack(model, update, input_shape, _options(options, overrides))
 
-        return conv_exclusivity_attack(model, update, input_shape=input_shape, **(
-            {"options": options} if options is not None else {}), **overrides)
+
+def _mlp_attack(model: nn.Module, update, input_shape, opts: ExclusivityOptions,
+                noise: dict[str, torch.Tensor] | None = None) -> Reconstruction:
     start = time.perf_counter()
-    opts = options or ExclusivityOptions()
-    if overrides:
-        unknown = set(overrides) - set(ExclusivityOptions.__dataclass_fields__)
-        if unknown:
-            raise FedleakError(f"unknown option(s) for the exclusivity attack: {sorted(unknown)}")
-        opts = ExclusivityOptions(**{**opts.__dict__, **overrides})
     net = as_relu_mlp(model, input_shape)
     if net.depth == 0:
         raise ModelError("the exclusivity attack needs at least one hidden ReLU layer")
     grad_update = as_gradient_update(update)
     check_matches_model(model, grad_update.gradients, "gradient")
     obs_dtype = next(iter(grad_update.gradients.values())).dtype
-    if obs_dtype == F64:
-        obs_dtype = torch.float64
-    attack = _ExclusivityAttack(net, dict(grad_update.gradients), opts, obs_dtype)
+    attack = ExclusivityAttack(net, dict(grad_update.gradients), opts, obs_dtype, noise)
 
-    cands = unique_candidates(attack.top_candidates(), net.depth - 1, opts.group_tol)
+    cands = unique_candidates(attack.top_candidates(), net.depth - 1, attack.tol(opts.group_tol))
     attack.walk_down(cands)
-    recoveries, batch_scale = attack.certify(cands, grad_update.num_examples)
+    cert = attack.certify(cands, grad_update.num_examples)
     complete = [c for c in cands if c.complete]
-    batch_size = grad_update.num_examples if not opts.known_scale else None
-    if opts.known_scale and batch_scale is not None and batch_scale > 0:
-        batch_size = int(round(1.0 / batch_scale))
-        if grad_update.num_examples is not None:
-            observed = [r.scale for r in recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
-            if observed and not any(abs(sc / batch_scale - 1) <= opts.scale_tol for sc in observed):
-                attack.notes.append(f"no rebuilt sample has the scale 1/{grad_update.num_examples} implied by the "
-                                    "reported number of examples; is the update a mean-loss gradient?")
-
-    # the whole-batch certificate: the samples at the common scale, if they are the whole batch, must
-    # reproduce the whole observed gradient
-    batch_ok = False
-    if complete and batch_size is not None and batch_scale is not None:
-        at_scale = [k for k, r in enumerate(recoveries) if abs(r.scale / batch_scale - 1) <= opts.scale_tol]
-        if len(at_scale) == batch_size:
-            Xs = torch.stack([complete[k].acts[0] for k in at_scale])
-            ys = torch.tensor([complete[k].label for k in at_scale], dtype=torch.long)
-            batch_ok, worst = attack.batch_gradient_matches(Xs, ys, 1.0 / batch_size if opts.known_scale else None)
-            if batch_ok:
-                if len(at_scale) < len(complete):
-                    attack.notes.append(f"{len(complete) - len(at_scale)} spurious candidate(s) dropped: the "
-                                        f"{batch_size} certified samples explain the whole gradient")
-                complete = [complete[k] for k in at_scale]
-                recoveries = [
-                    SampleRecovery(recoveries[k].label, True, "the rebuilt batch reproduces the whole observed gradient",
-                                   recoveries[k].witnesses, recoveries[k].solved_layers, recoveries[k].residual,
-                                   recoveries[k].scale)
-                    for k in at_scale
-                ]
-            else:
-                attack.notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
+    batch_size = cert.batch_size
+    if opts.known_scale and grad_update.num_examples is not None:
+        strong = [r for r in cert.recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
+        if strong and not any(r.certified for r in strong) and not any(
+                abs(r.scale * grad_update.num_examples - 1) <= opts.scale_tol for r in strong):
+            attack.notes.append(f"no rebuilt sample has the scale 1/{grad_update.num_examples} implied by the "
+                                "reported number of examples; is the update a mean-loss gradient?")
+    if cert.batch_certified:
+        attack.notes.append("the certified samples are the whole batch and reproduce the whole observed gradient")
+    dropped = [k for k, r in enumerate(cert.recoveries) if not r.certified and "blend" in r.reason]
+    if dropped:
+        attack.notes.append(f"{len(dropped)} rebuilt candidate(s) are blends of samples (their scale or the joint "
+                            "test rules them out); they are returned uncertified")
     dim = net.input_dim
     X = torch.stack([c.acts[0] for c in complete]) if complete else torch.empty(0, dim, dtype=F64)
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
@@ -807,19 +660,21 @@ def exclusivity_attack(
     if partial:
         attack.notes.append(f"{partial} sample(s) were found at the last ReLU layer but could not be traced to the input")
 
-    probs = torch.softmax(forward_trace(net, X, dtype=F64, params=(attack.W, attack.b)).logits, 1) if complete else torch.empty(0, net.num_classes, dtype=F64)
-    counts = _label_counts(net, attack.g[-1], batch_size, probs, y) if opts.known_scale else None
+    probs = (torch.softmax(forward_trace(net, X, dtype=F64, params=(attack.W, attack.b)).logits, 1) if complete
+             else torch.empty(0, net.num_classes, dtype=F64))
+    counts = estimate_label_counts(net, attack.g[-1], batch_size, probs, y) if opts.known_scale else None
     shape = net.input_shape or (dim,)
     out_dtype = net.dense[0].module.weight.dtype
     return Reconstruction(
         inputs=X.to(out_dtype).reshape(len(complete), *shape),
         labels=y,
-        certified=torch.tensor([r.certified for r in recoveries], dtype=torch.bool),
+        certified=torch.tensor([r.certified for r in cert.recoveries], dtype=torch.bool),
         attack="exclusivity",
-        samples=tuple(recoveries),
+        samples=cert.recoveries,
         batch_size=batch_size,
         label_counts=counts,
-        batch_certified=batch_ok,
+        batch_certified=cert.batch_certified,
+        joint_residual=cert.joint_residual,
         seconds=time.perf_counter() - start,
         notes=tuple(attack.notes),
     )

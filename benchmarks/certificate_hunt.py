@@ -1,0 +1,188 @@
+"""Hunt for false certificates where they were found before: natural two-class data, models with PyTorch's
+default initialisation, output biases shifted by the size of that initialisation, small batches.
+
+Every batch: a random draw of M samples (M uniform in 2..8 unless set), a model built with plain torch
+(``nn.Sequential`` of Linear/ReLU, default init, seeded), the mean cross-entropy gradient by plain autograd,
+``fedleak.reconstruct`` with and without the reported batch size (alternating). Every certified
+reconstruction is scored against every original by ``fedleak.metrics.match``: it must be within ``1e-4`` of
+the data's range (max abs error) of an original with its label, and no two certified reconstructions may claim
+the same original. The worst certified error (relative to the range) is recorded too.
+
+    python benchmarks/certificate_hunt.py [--batches 1000] [--configs lfw-2:2500,lfw-2-shift,...] [--seed 0]
+    python benchmarks/certificate_hunt.py --render benchmarks/results/certificate_hunt_a.json ...
+
+Writes benchmarks/results/certificate_hunt.json (versions, seed, settings, per-config counts); ``--render``
+writes the table of one or more result files into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import fedleak
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "certificate_hunt.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- hunt:start -->", "<!-- hunt:end -->"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One hunting ground: a data set, the hidden widths, the output-bias shift range, the input scale."""
+
+    data: str
+    widths: tuple[int, ...]
+    shift: float = 0.0  # output bias shifted by +-beta/2 with beta uniform in [-shift, shift]
+    scale: float = 1.0  # inputs multiplied by this (255: raw 0..255 pixels)
+    max_batch: int = 8
+
+
+CONFIGS = {
+    "lfw-2": Config("lfw", (1024,)),
+    "lfw-2-shift": Config("lfw", (1024,), shift=0.03),
+    "lfw-2-raw255": Config("lfw", (1024,), scale=255.0),
+    "lfw-2-deep": Config("lfw", (512, 256)),
+    "retina-2": Config("retina", (1024,)),
+    "fashion-10": Config("fashion-mnist", (1024,)),
+    "digits-10-shift": Config("digits", (256,), shift=0.3),
+    "digits-10-raw16": Config("digits", (256,), scale=16.0),
+    "fashion-10-raw255": Config("fashion-mnist", (1024,), scale=255.0),
+}
+
+
+def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    prev = d_in
+    for w in widths:
+        layers += [nn.Linear(prev, w), nn.ReLU()]
+        prev = w
+    layers.append(nn.Linear(prev, k))
+    model = nn.Sequential(*layers)
+    if shift:
+        with torch.no_grad():
+            model[-1].bias += torch.as_tensor(gen.uniform(-shift / 2, shift / 2, size=k), dtype=torch.float32)
+    return model
+
+
+def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
+    data = fedleak.load_dataset(cfg.data)
+    gen = np.random.default_rng(seed)
+    k = data.num_classes
+    d_in = int(np.prod(data.input_shape))
+    lo, hi = (v * cfg.scale for v in data.value_range)
+    out = dict(batches=0, samples=0, certified=0, false_certificates=0, certifiable=0, certifiable_recovered=0,
+               recovered=0, worst_certified_error=0.0, seconds=0.0, failures=[])
+    start = time.perf_counter()
+    for b in range(batches):
+        M = int(gen.integers(2, cfg.max_batch + 1))
+        idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
+        x, y = data.x[idx] * cfg.scale, data.y[idx]
+        model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        grads = dict(zip([n for n, _ in model.named_parameters()],
+                         [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+        update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 else grads
+        rec = fedleak.reconstruct(model, update)
+        scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
+        certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
+        out["batches"] += 1
+        out["samples"] += M
+        out["certified"] += scores.n_certified
+        out["recovered"] += int(scores.recovered.sum())
+        out["false_certificates"] += scores.false_certificates
+        out["certifiable"] += int(certifiable.sum())
+        out["certifiable_recovered"] += int((scores.recovered & certifiable).sum())
+        if scores.n_certified:
+            worst = float(np.max(scores.certified_error)) / (hi - lo)
+            out["worst_certified_error"] = max(out["worst_certified_error"], worst)
+        if scores.false_certificates:
+            out["failures"].append(dict(batch=b, M=M, indices=idx.tolist(), reported=bool(b % 2),
+                                        reasons=scores.false_reasons()))
+    out["seconds"] = time.perf_counter() - start
+    share = out["certifiable_recovered"] / max(out["certifiable"], 1)
+    print(f"{name}: {out['batches']} batches, {out['samples']} samples, {out['certified']} certified, "
+          f"{out['false_certificates']} false (worst certified error {out['worst_certified_error']:.1e} of the "
+          f"range); certifiable recovered {out['certifiable_recovered']}/"
+          f"{out['certifiable']} ({100 * share:.1f}%); {out['seconds']:.0f} s", flush=True)
+    return out
+
+
+def render(files: list[Path]) -> None:
+    """Write the results of ``files`` as one table into docs/benchmarks.md (between the hunt markers)."""
+    lines = ["| ground | data | hidden widths | output-bias shift | input scale | batches | samples | certified "
+             "| false certificates | worst certified error (of the range) | certifiable recovered |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = []
+    for f in files:
+        record = json.loads(Path(f).read_text())
+        settings = record["settings"]
+        runs.append(f"`python benchmarks/certificate_hunt.py --configs "
+                    f"{','.join(f'{n}:{b}' for n, b in settings['batches'].items())} --seed {settings['seed']}`")
+        for name, r in record["results"].items():
+            cfg = settings["configs"][name]
+            share = r["certifiable_recovered"] / max(r["certifiable"], 1)
+            lines.append(f"| {name} | {cfg['data']} | {'-'.join(map(str, cfg['widths']))} | ±{cfg['shift'] / 2:g} "
+                         f"| {cfg['scale']:g} | {r['batches']} | {r['samples']} | {r['certified']} "
+                         f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "
+                         f"| {r['certifiable_recovered']}/{r['certifiable']} ({100 * share:.1f}%) |")
+    versions = record["versions"]
+    body = (f"{START}\n_Batches of 2-8 random samples, one fresh default-init model each (`nn.Sequential`, seeded), "
+            f"batch size reported for every other batch; {record['machine']}; torch {versions['torch']}. "
+            f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines) + f"\n{END}")
+    text = DOC.read_text()
+    if START in text:
+        text = text[: text.index(START)] + body + text[text.index(END) + len(END):]
+    else:
+        text += "\n## Certificate hunt: two-class data, shifted biases, saturated networks\n\n" + body + "\n"
+    DOC.write_text(text)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=1000, help="batches per configuration")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated names from {sorted(CONFIGS)}, each optionally NAME:BATCHES")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--render", type=Path, nargs="+", help="write these result files' table into docs/benchmarks.md")
+    args = ap.parse_args()
+    if args.render:
+        render(args.render)
+        return
+    torch.set_num_threads(1)
+    plan = {}
+    for item in filter(None, args.configs.split(",")):
+        name, _, count = item.partition(":")
+        plan[name] = int(count) if count else args.batches
+    unknown = sorted(set(plan) - set(CONFIGS))
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
+    names = list(plan)
+    results = {n: hunt(n, CONFIGS[n], plan[n], args.seed + i) for i, n in enumerate(names)}
+    record = dict(
+        settings=dict(batches=plan, seed=args.seed, configs={n: CONFIGS[n].__dict__ for n in names}),
+        versions=dict(fedleak=fedleak.__version__, torch=torch.__version__, numpy=np.__version__,
+                      python=platform.python_version()),
+        machine=f"{platform.machine()}, {torch.get_num_threads()} thread",
+        results=results,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

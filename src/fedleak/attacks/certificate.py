@@ -1,0 +1,401 @@
+"""The certificate of the exclusivity attack: per-sample witnesses, then a joint test of the certified set.
+
+A certified sample must be one of the batch's inputs, with its label. Two checks make that argument
+(docs/attacks.md, "The certificate", has the proof and its assumptions):
+
+1. **Witnesses** (per sample). The rebuilt input's gradient is recomputed in float64; on every row it claims
+   as its own (its *witnesses*) the observed gradient must equal ``s_k`` times it, within that row's float32
+   noise; ``s_k`` is the sample's scale (``1/M`` for a mean-loss gradient of ``M`` samples, times
+   ``min(1, C/||g_k||)`` under per-sample clipping to norm ``C``). This proves that the witness rows are
+   explained by the rebuilt input, but not that they are *exclusive*: with two classes every loss vector is a
+   multiple of ``(1, -1)``, so a neuron shared by a set of samples yields a self-consistent blend of them
+   whose rows agree on everything but their scale.
+2. **Joint test** (the whole set). The observed gradient of every layer is a sum of ``M`` per-sample rank-one
+   terms ``s_m delta_m [a_m, 1]^T``. If every certified sample is a true sample, the residual after
+   subtracting their terms is the sum of the other ``M - |C|`` samples' terms, so its rank is at most
+   ``M - |C|``. A blend is a combination of true samples' inputs whose backward signal is not theirs:
+   subtracting it leaves one more independent direction, and the residual's rank exceeds ``M - |C|``.
+   The test measures the residual's energy beyond rank ``M - |C|`` (on a Gaussian sketch of the layer) and
+   the certified set is the largest set of witnessed samples that passes it, together with two exact
+   checks: no term on rows that are exactly zero, and no term on another certified sample's witness rows
+   (:mod:`fedleak.attacks.joint`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedleak.analysis.forward import Trace, forward_trace
+from fedleak.attacks.joint import JointTest, WitnessConflicts, dead_row_contributions, select_consistent
+from fedleak.reconstruction import SampleRecovery
+
+F64 = torch.float64
+
+
+# -------------------------------------------------------------------------------------------------------
+# Per-sample gradient pieces
+
+
+def backward_signals(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
+    """Backward signals of every hidden layer for loss vectors ``e`` (rows), given the pre-activations."""
+    deltas, d = [], e
+    for w, z in zip(reversed(W[1:]), reversed(pres)):
+        d = (d @ w) * (z > 0).to(d.dtype)
+        deltas.append(d)
+    return deltas[::-1]
+
+
+def witness_vectors(
+    acts: list[torch.Tensor], deltas: list[torch.Tensor], e: torch.Tensor, layer: int, rows: list[int],
+    has_bias: bool, top: bool,
+) -> torch.Tensor:
+    """Per-sample predicted gradient entries of ``rows`` of dense layer ``layer`` (one sample):
+    the weight row, the bias entry and, for the top layer, the output layer's column."""
+    parts = [deltas[layer][rows, None] * acts[layer][None, :]]
+    if has_bias:
+        parts.append(deltas[layer][rows, None])
+    if top:
+        parts.append(acts[layer + 1][rows, None] * e[None, :])
+    return torch.cat(parts, dim=1)
+
+
+def observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
+    """The observed entries matching :func:`witness_vectors` (``G``/``g``: weight and bias gradients)."""
+    parts = [G[layer][rows]]
+    if g[layer] is not None:
+        parts.append(g[layer][rows, None])
+    if top:
+        parts.append(G[-1][:, rows].T)
+    return torch.cat(parts, dim=1)
+
+
+def per_sample_norms(trace: Trace, has_bias: list[bool]) -> torch.Tensor:
+    """The norm of each sample's own (unscaled) gradient over all layers, from its trace."""
+    sq = torch.zeros(trace.logits.shape[0], dtype=F64)
+    signals = list(trace.deltas) + [trace.loss_vectors]
+    for i, d in enumerate(signals):
+        inp = (trace.activations[i] ** 2).sum(1) + (1.0 if has_bias[i] else 0.0)
+        sq += (d**2).sum(1) * inp
+    return sq.sqrt()
+
+
+# -------------------------------------------------------------------------------------------------------
+# Step 1: witnesses of one sample
+
+
+@dataclass(frozen=True)
+class WitnessFit:
+    """How one rebuilt sample explains its witness rows: ``scale`` (observed / recomputed), the fitted
+    label-entry correction ``eps``, the worst relative ``residual`` of a passing row, passing witnesses per
+    layer (``counts``), rows dropped as too noisy, whether the input reproduces its known activations, and the
+    passing rows themselves as ``(layer, row, absolute tolerance)``. ``scale_tol`` is how far the scale may
+    sit from the batch's: the fit's own precision, ``noise_factor`` times the median row noise over the square
+    root of the number of passing rows, at most ``opts.scale_tol``."""
+
+    scale: float
+    eps: float
+    residual: float
+    counts: tuple[int, ...]
+    noisy_rows: int
+    consistent: bool
+    passing: tuple[tuple[int, int, float], ...] = ()
+    scale_tol: float = float("nan")
+
+
+def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor]) -> list[WitnessFit]:
+    """Fit each complete candidate's witness rows (see :class:`WitnessFit`).
+
+    The model for a witness's observed entries is ``s * (p0 + eps * p1)``: ``p0`` is the recomputed
+    per-sample gradient (float64) and ``p1`` its derivative with respect to the label entry of the loss
+    vector, whose float32 value ``p_y - 1`` the client computes with cancellation. ``s`` and ``eps`` are fitted
+    jointly over all witnesses of the sample; ``|eps|`` must stay within float32 rounding and every witness
+    must then match within its own noise level: the float32 noise of its recomputation, plus the update's
+    own rounding noise where the update is known to carry more (a weight delta ``before - after``).
+    """
+    net, opts = attack.net, attack.opts
+    X = torch.stack([c.acts[0] for c in complete])
+    y = torch.tensor([c.label for c in complete])
+    K = net.num_classes
+    t32 = forward_trace(net, X.to(attack.obs_dtype), y, dtype=attack.obs_dtype)
+    eps32 = float(torch.finfo(attack.obs_dtype).eps)
+    onehot = torch.nn.functional.one_hot(y, K).to(F64)
+    # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
+    e32 = t32.loss_vectors.clone()
+    e32[torch.arange(len(y)), y] = t64.loss_vectors[torch.arange(len(y)), y].to(attack.obs_dtype)
+    d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
+    eps_bound = opts.label_eps_ulps * eps32
+    fits: list[WitnessFit] = []
+    for k, c in enumerate(complete):
+        acts64 = [a[k] for a in t64.activations]
+        acts32 = [a[k].to(F64) for a in t32.activations]
+        consistent = all(
+            float((acts64[i] - c.acts[i]).norm()) <= opts.forward_tol * float(acts64[i].norm().clamp_min(1e-300))
+            for i in c.acts
+        )
+        obs, p0, p1, noise, layer_of, row_of, norm_of = [], [], [], [], [], [], []
+        for i, rows in c.witnesses.items():
+            rows = rows[: opts.max_witnesses]  # the strongest rows come first
+            top = i == net.depth - 1
+            has_bias = attack.g[i] is not None
+            o = observed_vectors(attack.G, attack.g, i, rows, top)
+            a0 = witness_vectors(acts64, [d[k] for d in t64.deltas], t64.loss_vectors[k], i, rows, has_bias, top)
+            a1 = witness_vectors(acts64, [d[k] for d in d_one], onehot[k], i, rows, has_bias, top)
+            a32 = witness_vectors(acts32, [d[k].to(F64) for d in d32], e32[k].to(F64), i, rows, has_bias, top)
+            scale = o.norm(dim=1, keepdim=True).clamp_min(1e-300)  # each witness weighs the same
+            obs.append(o / scale)
+            p0.append(a0 / scale)
+            p1.append(a1 / scale)
+            row_noise = (a32 - a0).norm(dim=1) / a0.norm(dim=1).clamp_min(1e-300) + 8 * eps32
+            if attack.noise is not None:  # the update's own rounding, relative to the row
+                row_noise = row_noise + observed_vectors(attack.noise, attack.noise_b, i, rows, top).norm(dim=1) / scale[:, 0]
+            noise.append(row_noise)
+            layer_of.extend([i] * len(rows))
+            row_of.extend(rows)
+            norm_of.append(scale[:, 0])
+        noise_t = torch.cat(noise)
+        layer_t = torch.tensor(layer_of)
+        tol = torch.maximum(torch.full_like(noise_t, opts.check_tol), opts.noise_factor * noise_t)
+        quiet = noise_t <= opts.max_noise
+        ok = quiet.clone()
+        s_fit, eps_fit, res = float("nan"), float("nan"), torch.full_like(noise_t, float("inf"))
+        for _ in range(3):  # fit on the rows that pass, re-test all rows
+            if not bool(ok.any()):
+                break
+            # least squares in (s, t = s * eps) through its 2x2 normal equations
+            parts = torch.split(ok, [len(o) for o in obs])
+            gram = torch.zeros(2, 2, dtype=F64)
+            rhs = torch.zeros(2, dtype=F64)
+            for o, a0, a1, m in zip(obs, p0, p1, parts):
+                o, a0, a1 = o[m], a0[m], a1[m]
+                gram += torch.stack([torch.stack([(a0 * a0).sum(), (a0 * a1).sum()]),
+                                     torch.stack([(a0 * a1).sum(), (a1 * a1).sum()])])
+                rhs += torch.stack([(a0 * o).sum(), (a1 * o).sum()])
+            coef = torch.linalg.lstsq(gram, rhs[:, None]).solution[:, 0]
+            s_fit, t_fit = float(coef[0]), float(coef[1])
+            eps_fit = t_fit / s_fit if s_fit != 0 else float("inf")
+            if not abs(eps_fit) <= eps_bound:  # the best correction allowed: at the bound, refit the scale
+                eps_fit = math.copysign(eps_bound, eps_fit) if math.isfinite(eps_fit) else 0.0
+                cc = gram[0, 0] + 2 * eps_fit * gram[0, 1] + eps_fit**2 * gram[1, 1]
+                s_fit = float((rhs[0] + eps_fit * rhs[1]) / cc.clamp_min(1e-300))
+                t_fit = s_fit * eps_fit
+            res = torch.cat([(o - s_fit * a0 - t_fit * a1).norm(dim=1) for o, a0, a1 in zip(obs, p0, p1)])
+            new_ok = (res <= tol) & quiet
+            if torch.equal(new_ok, ok):
+                break
+            ok = new_ok
+        counts = tuple(int((ok & (layer_t == i)).sum()) for i in range(net.depth))
+        worst = float(res[ok].max()) if bool(ok.any()) else float("inf")
+        abs_tol = tol * torch.cat(norm_of)
+        passing = tuple((layer_of[r], row_of[r], float(abs_tol[r])) for r in torch.nonzero(ok).flatten().tolist())
+        n_ok = int(ok.sum())
+        precision = opts.noise_factor * float(noise_t[ok].median()) / math.sqrt(n_ok) if n_ok else opts.scale_tol
+        fits.append(WitnessFit(s_fit, eps_fit, worst, counts, int((~quiet).sum()), consistent, passing,
+                               min(opts.scale_tol, precision)))
+    return fits
+
+
+# -------------------------------------------------------------------------------------------------------
+# Step 2: the batch's scale
+
+
+@dataclass(frozen=True)
+class BatchScale:
+    """The batch size ``M`` and the common factor of every sample's scale (``1/M`` for a mean-loss
+    gradient; ``lr/M`` for a one-step weight delta), or ``None`` with the ``reason`` they are unknown.
+    ``whole_batch_only``: the factor rests on one sample's own scale, so only a set that explains the whole
+    gradient (all ``M`` samples, no room left) may be certified with it."""
+
+    batch_size: int | None
+    factor: float | None
+    reason: str = ""
+    whole_batch_only: bool = False
+
+
+def agreeing_groups(values: np.ndarray, tol: float) -> list[np.ndarray]:
+    """Indices of values that agree within ``tol`` (relative) with some value, largest group first."""
+    groups = []
+    for v in values:
+        members = np.nonzero(np.abs(values / v - 1) <= tol)[0]
+        groups.append(members)
+    groups.sort(key=len, reverse=True)
+    return groups
+
+
+def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, reported: int | None, opts) -> BatchScale:
+    """The batch's scale. With a mean-loss gradient (``known_scale``) a reported batch size fixes it;
+    otherwise the batch size ``M = clip_k / s_k`` that at least two strong samples agree on, or ``M = 1``
+    for a lone sample whose scale is 1 (the joint test then asks it to explain the whole gradient). With an
+    unknown factor (a weight delta) the batch size must be reported; the factor is the one the most strong
+    samples share (at least two, or the set certified must be the whole batch)."""
+    scales = np.array([fits[k].scale / clip[k] for k in strong], dtype=float)
+    if opts.known_scale:
+        if reported is not None:
+            return BatchScale(reported, 1.0 / reported)
+        if len(strong) == 0:
+            return BatchScale(None, None, "no rebuilt sample has the witnesses a certificate needs")
+        sizes = 1.0 / scales
+        whole = np.abs(sizes - np.round(sizes)) <= opts.scale_tol * sizes
+        for grp in agreeing_groups(scales, opts.scale_tol):
+            m = float(np.median(sizes[grp]))
+            if round(m) >= 1 and abs(m - round(m)) <= opts.scale_tol * m and (len(grp) >= 2 or round(m) == 1):
+                return BatchScale(int(round(m)), 1.0 / round(m))
+        why = ("no batch size was reported, and no two rebuilt samples share a scale 1/M with M whole"
+               if not whole.any() or len(strong) > 1 else
+               "no batch size was reported, and a lone rebuilt sample proves its scale only when it is 1")
+        return BatchScale(None, None, why)
+    if reported is None:
+        return BatchScale(None, None, "the update's scale is unknown (a weight delta) and it reports no number of "
+                          "examples; without the batch size the rebuilt samples cannot be checked jointly")
+    if len(strong) == 0:
+        return BatchScale(reported, None, "no rebuilt sample has the witnesses a certificate needs")
+    best = max(agreeing_groups(scales, opts.scale_tol),
+               key=lambda grp: (len(grp), sum(sum(fits[strong[k]].counts) for k in grp)))
+    return BatchScale(reported, float(np.median(scales[best])), whole_batch_only=len(best) < 2 and reported > 1,
+                      reason="no two rebuilt samples share the update's common scale (lr/M), and the rebuilt samples "
+                             "are not the whole batch")
+
+
+# -------------------------------------------------------------------------------------------------------
+# The certificate
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What :func:`certify` concludes: a record per complete candidate (in order), the batch size and the
+    common scale factor it found, whether the certified samples are the whole batch and explain it, and the
+    joint test's residual for the certified set (relative to the layer's gradient, worst layer)."""
+
+    recoveries: tuple[SampleRecovery, ...]
+    batch_size: int | None
+    factor: float | None
+    batch_certified: bool
+    joint_residual: float = float("nan")
+
+
+def certify(attack, cands: list, reported: int | None) -> Certificate:
+    """Certify the complete candidates: per-sample witnesses, the batch scale, then the joint test."""
+    net, opts = attack.net, attack.opts
+    complete = [c for c in cands if c.complete]
+    if not complete:
+        return Certificate((), reported, None, False)
+    X = torch.stack([c.acts[0] for c in complete])
+    y = torch.tensor([c.label for c in complete])
+    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b))
+    onehot = torch.nn.functional.one_hot(y, net.num_classes).to(F64)
+    d_one = backward_signals(attack.W, t64.preactivations, onehot)
+    fits = fit_witnesses(attack, complete, t64, d_one)
+    has_bias = [gb is not None for gb in attack.g]
+    if opts.clip_norm is not None:
+        clip = (opts.clip_norm / per_sample_norms(t64, has_bias)).clamp(max=1.0).numpy()
+    else:
+        clip = np.ones(len(complete))
+    n_layers = net.depth
+
+    def witnessed(f: WitnessFit, c) -> str | None:
+        """Why the sample's own witnesses fall short (None when they suffice)."""
+        if not f.consistent:
+            return "the rebuilt input does not reproduce its own intermediate activations"
+        if f.counts[-1] < opts.min_last:
+            why = (f"only {f.counts[-1]} verified exclusive neuron(s) at the last ReLU layer (a certificate "
+                   f"needs {opts.min_last})")
+            if f.noisy_rows:
+                why += (f"; {f.noisy_rows} witness row(s) are noisier than max_noise={opts.max_noise:g} relative "
+                        "(the update's float32 rounding)")
+            return why
+        missing = [i + 1 for i in range(n_layers - 1) if f.counts[i] < opts.min_other and i not in c.solved]
+        if missing:
+            return f"no verified exclusive neuron at ReLU layer(s) {missing}"
+        if not (f.scale > 0 and math.isfinite(f.scale)):
+            return "its witness rows do not fit one positive scale"
+        return None
+
+    short = [witnessed(f, c) for f, c in zip(fits, complete)]
+    strong = [k for k, why in enumerate(short) if why is None]
+    bs = batch_scale(fits, strong, clip, reported, opts)
+    reasons: list[str | None] = list(short)
+    certified: set[int] = set()
+    batch_ok = False
+    joint = float("nan")
+    if bs.factor is None:
+        for k in strong:
+            reasons[k] = bs.reason
+    else:
+        expected = bs.factor * clip
+        off = np.array([abs(f.scale / e - 1) if e > 0 else np.inf for f, e in zip(fits, expected)])
+        at_scale = [k for k in strong if off[k] <= fits[k].scale_tol]
+        for k in strong:
+            if k not in at_scale:
+                reasons[k] = "scale differs from the batch's common scale (a blend of samples, not a sample)"
+        weights = torch.from_numpy(expected).to(F64)
+        dead = dead_row_contributions(attack, t64, weights)
+        for k in list(at_scale):
+            if float(dead[k]) > opts.check_tol:
+                at_scale.remove(k)
+                reasons[k] = ("it would add to gradient rows that are exactly zero, where no sample of the batch is "
+                              "active (a blend of samples, not a sample)")
+        # samples with a single witness at the common scale join only as part of the whole batch
+        weak = [k for k, f in enumerate(fits) if k not in at_scale and f.consistent and f.counts[-1] >= 1
+                and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol]
+        slack = max(bs.batch_size - len(at_scale), 0) + 16
+        eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64)
+        test = JointTest(attack, t64, bs.batch_size, weights, slack, corrections=(eps, d_one, onehot))
+        conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights)
+
+        def excess(members: list[int]) -> float:
+            return max(test.excess(members), conflicts.excess(members))
+
+        whole = sorted(at_scale + weak)
+        if len(whole) == bs.batch_size and (weak or bs.whole_batch_only) and excess(whole) <= 1.0:
+            certified, batch_ok = set(whole), True
+        elif bs.whole_batch_only:
+            for k in at_scale:
+                reasons[k] = bs.reason
+        elif at_scale:
+            pressure = conflicts.pressure()
+            suspicion = [float(pressure[k]) + min(off[k] / max(fits[k].scale_tol, 1e-300), 1.0)
+                         - 1e-3 * sum(fits[k].counts) / (1 + sum(fits[k].counts)) for k in range(len(complete))]
+            chosen, within = select_consistent(excess, at_scale, suspicion)
+            certified = set(chosen)
+            batch_ok = len(certified) == bs.batch_size
+            for k in at_scale:
+                if k not in certified:
+                    reasons[k] = ("left out: with it the rebuilt samples do not jointly explain the observed gradient "
+                                  "(a blend of samples, not a sample)" if within else
+                                  "the rebuilt samples do not jointly explain the observed gradient, and no subset "
+                                  "was found that does")
+        if certified:
+            joint = test.residual(sorted(certified))
+        if not check_invariants(complete, sorted(certified), bs.batch_size, opts.group_tol):
+            attack.notes.append("internal check failed (certified samples not distinct or more than the batch): "
+                                "nothing certified")
+            certified, batch_ok = set(), False
+    recs = []
+    for k, (c, f) in enumerate(zip(complete, fits)):
+        ok = k in certified
+        if ok:
+            reason = ("the rebuilt batch reproduces the whole observed gradient" if batch_ok and short[k] is not None
+                      else "explains its exclusive gradient rows at every layer, jointly with the other certified samples")
+        else:
+            reason = reasons[k] or "left out of the certified set"
+        recs.append(SampleRecovery(label=c.label, certified=ok, reason=reason, witnesses=f.counts,
+                                   solved_layers=tuple(sorted(i + 1 for i in c.solved)), residual=f.residual,
+                                   scale=f.scale))
+    return Certificate(tuple(recs), bs.batch_size, bs.factor, batch_ok, joint)
+
+
+def check_invariants(complete: list, certified: list[int], batch_size: int | None, tol: float) -> bool:
+    """Certified samples are at most the batch size and pairwise distinct (two copies of one input with one
+    label cannot both be certified)."""
+    if batch_size is not None and len(certified) > batch_size:
+        return False
+    for a_i, a in enumerate(certified):
+        xa = complete[a].acts[0]
+        for b in certified[a_i + 1:]:
+            xb = complete[b].acts[0]
+            if complete[a].label == complete[b].label and float((xa - xb).norm()) <= 10 * tol * float(xa.norm()):
+                return False
+    return True

@@ -1,0 +1,79 @@
+"""The joint checks of the certificate: a set of rebuilt samples must be explainable together."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedleak.analysis.forward import forward_trace
+from fedleak.attacks.exclusivity import ExclusivityAttack, ExclusivityOptions
+from fedleak.attacks.joint import JointTest, WitnessConflicts, dead_row_contributions
+from fedleak.models.structure import as_relu_mlp
+
+
+def mlp(d_in: int, width: int, k: int, seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, k))
+
+
+def setup(data, idx, width=256, seed=3):
+    x, y = data.x[idx].reshape(len(idx), -1), data.y[idx]
+    model = mlp(x.shape[1], width, data.num_classes, seed)
+    loss = F.cross_entropy(model(x), y)
+    grads = dict(zip([n for n, _ in model.named_parameters()],
+                     [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    attack = ExclusivityAttack(as_relu_mlp(model, None), grads, ExclusivityOptions(), torch.float32)
+    return attack, x, y
+
+
+def trace(attack, X, labels):
+    return forward_trace(attack.net, X.double(), labels, dtype=torch.float64, params=(attack.W, attack.b))
+
+
+def test_joint_test_accepts_the_batch_and_rejects_a_blend(lfw):
+    """The true samples explain the gradient at every rank M - |C|; a same-label blend added to (or put in
+    place of) them does not."""
+    attack, x, y = setup(lfw, [0, 1, 2, 3, 4])
+    same = [i for i in range(5) if y[i] == y[0]]
+    a, b = same[0], same[1] if len(same) > 1 else same[0]
+    blend = (x[a] + x[b]) / 2
+    X = torch.cat([x, blend[None]]).double()
+    labels = torch.cat([y, y[a:a + 1]])
+    t64 = trace(attack, X, labels)
+    test = JointTest(attack, t64, batch_size=5, weights=torch.full((6,), 1 / 5, dtype=torch.float64), slack=5)
+    assert test.excess([0, 1, 2, 3, 4]) <= 1e-2  # the whole batch: residual at float32 noise
+    assert test.excess([0, 1, 2]) <= 1e-2  # a subset: the rest fills rank 2
+    assert test.excess([0, 1, 2, 5]) > 1  # a blend among them
+    assert test.excess([5]) > 1  # a blend alone
+    assert test.excess([0, 1, 2, 3, 4, 5]) > 1  # more samples than the batch
+
+
+def test_dead_rows_refute_a_signed_blend(digits):
+    """``x1 + x2 - x0`` fires neurons where none of the three does; rows that are exactly zero show that no
+    sample of the batch is there, so its term there refutes it. True samples have no term on dead rows."""
+    idx = list(range(6))
+    attack, x, y = setup(digits, idx, width=512, seed=0)
+    blend = x[1] + x[2] - x[0]
+    X = torch.cat([x, blend[None]])
+    t64 = trace(attack, X, torch.cat([y, y[1:2]]))
+    dead = dead_row_contributions(attack, t64, torch.full((7,), 1 / 6, dtype=torch.float64))
+    assert float(dead[:6].max()) == 0.0
+    assert float(dead[6]) > 1e-5
+
+
+def test_witness_conflicts_between_a_blend_and_its_constituents(lfw):
+    """A blend fires on its constituents' witness rows (and they on its): the pair cannot both be certified."""
+    attack, x, y = setup(lfw, [0, 1, 2, 3])
+    same = [i for i in range(4) if y[i] == y[0]]
+    blend = x[same].mean(0)
+    X = torch.cat([x, blend[None]])
+    t64 = trace(attack, X, torch.cat([y, y[:1]]))
+    z = t64.preactivations[0]
+    rows = [torch.nonzero((z[k] > 0) & ((z[torch.arange(5) != k] > 0).sum(0) == 0)).flatten().tolist()[:8]
+            for k in range(4)]  # each true sample's exclusive rows (among the four)
+    rows.append(torch.nonzero(z[4] > 0).flatten().tolist()[:8])  # the blend claims rows it fires on
+    passing = [tuple((0, r, 1e-6) for r in rr) for rr in rows]
+    conflicts = WitnessConflicts(attack, t64, passing, torch.full((5,), 1 / 4, dtype=torch.float64))
+    assert conflicts.excess([0, 1, 2, 3]) <= 1.0  # exclusive rows: no other true sample fires there
+    assert conflicts.excess([same[0], 4]) > 1.0
