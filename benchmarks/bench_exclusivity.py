@@ -1,4 +1,4 @@
-"""Benchmark of the exclusivity attack (issue: fedleak core).
+"""Benchmark of the exclusivity attack.
 
 For batch sizes 1, 2, 4, ..., 256 and first-layer widths 256 to 4096 on digits and Fashion-MNIST:
 the time of the attack and of the client's own gradient computation, the certifiable / recovered /
