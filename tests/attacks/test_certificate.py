@@ -63,6 +63,7 @@ def test_two_class_blends_are_not_certified(lfw, seed, idx, beta):
         scores = fedleak.metrics.match(rec, x, y)
         assert scores.false_certificates == 0
         assert rec.num_certified == 3 and scores.recovered_fraction == 1.0  # the true samples still come back
+        assert rec.label_counts.tolist() == torch.bincount(y, minlength=2).tolist()  # blends' labels not counted
         assert any("blend" in s.reason for s in rec.samples if not s.certified)
 
 

@@ -8,7 +8,13 @@ from torch import nn
 
 from fedleak.analysis.forward import forward_trace
 from fedleak.attacks.exclusivity import ExclusivityAttack, ExclusivityOptions
-from fedleak.attacks.joint import JointTest, WitnessConflicts, dead_row_contributions
+from fedleak.attacks.joint import (
+    IndependenceTest,
+    JointTest,
+    WitnessConflicts,
+    dead_row_contributions,
+    degenerate_loss_vectors,
+)
 from fedleak.models.structure import as_relu_mlp
 
 
@@ -77,3 +83,37 @@ def test_witness_conflicts_between_a_blend_and_its_constituents(lfw):
     conflicts = WitnessConflicts(attack, t64, passing, torch.full((5,), 1 / 4, dtype=torch.float64))
     assert conflicts.excess([0, 1, 2, 3]) <= 1.0  # exclusive rows: no other true sample fires there
     assert conflicts.excess([same[0], 4]) > 1.0
+
+
+def test_independence_refutes_a_blend_of_samples_left_in_the_residual(lfw):
+    """A blend of two uncertified samples: the rank test has room for it when silent samples leave rank
+    unused, but its input is a combination of inputs the residual still holds, and a true sample's is not."""
+    attack, x, y = setup(lfw, [0, 1, 2, 3, 4])
+    same = [i for i in range(5) if y[i] == y[0]][:2]
+    blend = 0.7 * x[same[0]] + 0.3 * x[same[-1]]
+    X = torch.cat([x, blend[None]])
+    t64 = trace(attack, X, torch.cat([y, y[:1]]))
+    weights = torch.full((6,), 1 / 5, dtype=torch.float64)
+    others = [i for i in range(5) if i not in same]
+    test = IndependenceTest(attack, t64, batch_size=5, weights=weights, min_distance=1e-3, tested=list(range(6)))
+    assert test.excess(others[:1]) <= 1.0  # a true sample: far from the span of the others
+    assert test.excess([5]) > 1.0  # the blend: inside the span of its (uncertified) constituents
+    assert test.excess(list(range(5))) <= 1.0  # the whole batch: nothing left, nothing to compare with
+
+
+def test_independence_gives_up_when_the_rest_can_span_everything(digits):
+    """64 pixels + bias: with 65 or more samples left in the residual no input can be told from a blend."""
+    attack, x, y = setup(digits, list(range(70)), width=256)
+    t64 = trace(attack, x, y)
+    test = IndependenceTest(attack, t64, batch_size=70, weights=torch.full((70,), 1 / 70, dtype=torch.float64),
+                            min_distance=1e-3, tested=[0])
+    assert not test.possible([0, 1, 2, 3])
+    assert test.excess([0, 1, 2, 3]) > 1.0
+    assert test.excess([1, 2, 3]) == 0.0  # sample 0 is the only one tested
+
+
+def test_degenerate_loss_vectors():
+    two = torch.tensor([[0.3, -0.3], [-0.9, 0.9]], dtype=torch.float64)
+    assert degenerate_loss_vectors(two).all()
+    saturated = torch.tensor([[1.0, -1.0, 1e-9, 1e-9], [0.4, -0.7, 0.2, 0.1]], dtype=torch.float64)
+    assert degenerate_loss_vectors(saturated).tolist() == [True, False]

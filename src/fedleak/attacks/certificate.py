@@ -16,8 +16,9 @@ A certified sample must be one of the batch's inputs, with its label. Two checks
    ``M - |C|``. A blend is a combination of true samples' inputs whose backward signal is not theirs:
    subtracting it leaves one more independent direction, and the residual's rank exceeds ``M - |C|``.
    The test measures the residual's energy beyond rank ``M - |C|`` (on a Gaussian sketch of the layer) and
-   the certified set is the largest set of witnessed samples that passes it, together with two exact
-   checks: no term on rows that are exactly zero, and no term on another certified sample's witness rows
+   the certified set is the largest set of witnessed samples that passes it, together with three more:
+   no term on rows that are exactly zero, no term on another certified sample's witness rows, and, for loss
+   vectors other samples can share, an input outside the span of the uncertified samples' inputs
    (:mod:`fedleak.attacks.joint`).
 """
 
@@ -30,7 +31,14 @@ import numpy as np
 import torch
 
 from fedleak.analysis.forward import Trace, forward_trace
-from fedleak.attacks.joint import JointTest, WitnessConflicts, dead_row_contributions, select_consistent
+from fedleak.attacks.joint import (
+    IndependenceTest,
+    JointTest,
+    WitnessConflicts,
+    dead_row_contributions,
+    degenerate_loss_vectors,
+    select_consistent,
+)
 from fedleak.reconstruction import SampleRecovery
 
 F64 = torch.float64
@@ -344,9 +352,18 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64)
         test = JointTest(attack, t64, bs.batch_size, weights, slack, corrections=(eps, d_one, onehot))
         conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights)
+        degenerate = torch.nonzero(degenerate_loss_vectors(t64.loss_vectors)).flatten().tolist()
+        independent = IndependenceTest(attack, t64, bs.batch_size, weights, opts.min_distance, degenerate,
+                                       corrections=(eps, d_one, onehot))
+        if not independent.possible(at_scale):
+            for k in [k for k in at_scale if k in independent.tested]:
+                at_scale.remove(k)
+                reasons[k] = ("cannot be told from a blend of other samples: its loss vector is one other samples "
+                              "share, and the samples not rebuilt are too many for their inputs to leave room "
+                              "outside their span")
 
         def excess(members: list[int]) -> float:
-            return max(test.excess(members), conflicts.excess(members))
+            return max(test.excess(members), conflicts.excess(members), independent.excess(members))
 
         whole = sorted(at_scale + weak)
         if len(whole) == bs.batch_size and (weak or bs.whole_batch_only) and excess(whole) <= 1.0:

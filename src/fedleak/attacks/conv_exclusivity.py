@@ -463,7 +463,9 @@ def conv_exclusivity_attack(
 
     probs = (torch.softmax(forward_head_logits(net, feats64), 1) if complete
              else torch.empty(0, net.num_classes, dtype=F64))
-    counts = estimate_label_counts(net.head, attack.g[-1], batch_size, probs, y) if hopts.known_scale else None
+    sure = torch.tensor(certified, dtype=torch.bool)  # only certified labels are known
+    counts = (estimate_label_counts(net.head, attack.g[-1], batch_size, probs[sure], y[sure]) if hopts.known_scale
+              else None)
     out_dtype = net.blocks[0].conv.module.weight.dtype
     return Reconstruction(
         inputs=X.to(out_dtype),

@@ -66,6 +66,8 @@ class ExclusivityOptions:
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
+    ``min_distance``: a certified sample's input to the last ReLU layer must lie at least this far (relative)
+    from the span of the inputs of the samples not certified (a blend of them lies in it).
     ``clip_norm``: the per-sample clipping bound ``C`` when the client clipped each sample's gradient to norm
     ``C`` before averaging (DP-SGD without noise, Opacus-style): each sample's scale is then
     ``min(1, C / ||g_k||) / M``, which the certificate recomputes from the rebuilt sample.
@@ -90,6 +92,7 @@ class ExclusivityOptions:
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
     clip_norm: float | None = None
+    min_distance: float = 1e-3
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -662,7 +665,8 @@ def _mlp_attack(model: nn.Module, update, input_shape, opts: ExclusivityOptions,
 
     probs = (torch.softmax(forward_trace(net, X, dtype=F64, params=(attack.W, attack.b)).logits, 1) if complete
              else torch.empty(0, net.num_classes, dtype=F64))
-    counts = estimate_label_counts(net, attack.g[-1], batch_size, probs, y) if opts.known_scale else None
+    sure = torch.tensor([r.certified for r in cert.recoveries], dtype=torch.bool)  # only certified labels are known
+    counts = estimate_label_counts(net, attack.g[-1], batch_size, probs[sure], y[sure]) if opts.known_scale else None
     shape = net.input_shape or (dim,)
     out_dtype = net.dense[0].module.weight.dtype
     return Reconstruction(

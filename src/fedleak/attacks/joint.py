@@ -5,6 +5,8 @@
 * :class:`WitnessConflicts`: two samples of the batch cannot both explain a row on their own if both fire on it.
 * :class:`JointTest`: subtracting the true samples' rank-one terms from a layer's gradient leaves at most
   ``M - |set|`` directions.
+* :class:`IndependenceTest`: a true sample's input is not a combination of the inputs of the samples left in
+  the residual; a blend's is.
 * :func:`select_consistent`: the largest set of rebuilt samples that passes them.
 
 docs/attacks.md ("The certificate") gives the argument and its assumption.
@@ -98,6 +100,100 @@ class JointTest:
     def residual(self, members: list[int]) -> float:
         """The worst layer's residual energy beyond rank ``M - |members|`` relative to the layer's gradient."""
         return max((tail / max(ref, 1e-300) for tail, _, ref in self._tails(members)), default=0.0)
+
+
+class IndependenceTest:
+    """Whether each member's input to the last ReLU layer lies outside the span of the inputs that the residual
+    still holds.
+
+    At the last ReLU layer a blend's input is a linear combination ``sum lambda_m a_m`` of its constituents'
+    inputs. If those constituents are not in the set, their terms stay in the residual
+    ``R = O - sum_set s_k delta_k [a_k, 1]^T``, whose row space is spanned by the inputs ``[a_m, 1]`` of the
+    samples not in the set. So a blend's input lies in that row space, while a true sample's input is
+    independent of the other samples' inputs (distinct samples, ``M`` at most the layer's input size). This
+    holds however many "silent" samples (whose terms are below float32 noise) the batch has, which
+    :class:`JointTest` cannot tell from room for a blend.
+
+    The row space is that of the residual's singular directions above ``batch_tol`` of the layer's gradient,
+    from a Gaussian sketch of ``2 r + 10`` rows (``r = M - |set|``; exact when the layer is smaller). A member
+    passes when its input's distance to it is at least ``min_distance`` of the input's norm; when the residual
+    fills the whole input space, no member can be told from a blend and none passes.
+    """
+
+    def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, min_distance: float,
+                 tested: list[int], corrections: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None,
+                 seed: int = 20_261_202):
+        """``tested``: the samples whose distance is checked (those a blend could imitate, see
+        :func:`degenerate_loss_vectors`); the others pass."""
+        t = attack.net.depth - 1
+        delta = t64.deltas[t]
+        if corrections is not None:
+            eps, d_one, _ = corrections
+            delta = delta + eps[:, None] * d_one[t]
+        O, A = attack.G[t], t64.activations[t]
+        if attack.g[t] is not None:
+            O = torch.cat([O, attack.g[t][:, None]], 1)
+            A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64)], 1)
+        self.O, self.A, self.U = O, A, delta
+        self.M, self.weights, self.min_distance = batch_size, weights, min_distance
+        self.tested = set(tested)
+        self.tol = attack.opts.batch_tol
+        self.seed = seed
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def distances(self, members: list[int]) -> torch.Tensor:
+        """Each member's relative distance from the residual's row space (1 when nothing is left to span it)."""
+        key = tuple(sorted(members))
+        if key not in self._cache:
+            r = self.M - len(key)
+            idx = torch.tensor(key, dtype=torch.long)
+            if r <= 0 or not key:
+                self._cache[key] = torch.ones(len(key), dtype=F64)
+                return self._cache[key]
+            if r >= self.A.shape[1]:  # the samples left may span every input direction
+                self._cache[key] = torch.zeros(len(key), dtype=F64)
+                return self._cache[key]
+            R = self.O - (self.U[idx].T * self.weights[idx]) @ self.A[idx]
+            k = 2 * r + 10
+            if k >= R.shape[0]:
+                Y, ref = R, float(self.O.norm())
+            else:
+                L = torch.randn(k, R.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64)
+                Y, ref = L @ R, float((L @ self.O).norm())
+            _, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+            basis = Vh[S > self.tol * ref]
+            V = self.A[idx]
+            if basis.shape[0] >= V.shape[1]:
+                self._cache[key] = torch.zeros(len(key), dtype=F64)
+            else:
+                outside = V - (V @ basis.T) @ basis
+                self._cache[key] = outside.norm(dim=1) / V.norm(dim=1).clamp_min(1e-300)
+        return self._cache[key]
+
+    def possible(self, members: list[int]) -> bool:
+        """Whether the residual of this set (or of any smaller one) can leave room outside its row space."""
+        return self.M - len(members) < self.A.shape[1]
+
+    def excess(self, members: list[int]) -> float:
+        """``min_distance`` over the smallest distance of a tested member (pass: ``<= 1``)."""
+        if not self.tested.intersection(members):
+            return 0.0
+        dist = self.distances(members)
+        worst = min(float(d) for m, d in zip(sorted(members), dist) if m in self.tested)
+        return self.min_distance / max(worst, 1e-300)
+
+
+def degenerate_loss_vectors(loss_vectors: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """Which samples' loss vectors a blend of other samples could share: with two classes every loss vector
+    is a multiple of ``(1, -1)``; with more, a saturated one (all but ``tol`` of its norm in two entries,
+    ``+1`` at the predicted class and ``-1`` at the label) is shared by every sample with the same label and
+    prediction. A blend's rows then agree as a sample's would, so only :class:`IndependenceTest` refutes it.
+    Other loss vectors differ between samples, and so do the output columns of a blend's neurons."""
+    if loss_vectors.shape[1] <= 2:
+        return torch.ones(loss_vectors.shape[0], dtype=torch.bool)
+    mags = loss_vectors.abs().sort(dim=1, descending=True).values
+    rest = mags[:, 2:].norm(dim=1)
+    return rest <= tol * loss_vectors.norm(dim=1)
 
 
 class WitnessConflicts:

@@ -208,10 +208,12 @@ def _ortools_worker():
     worker process that never imports highspy."""
     global _WORKER
     if _WORKER is None:
+        import atexit
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
         _WORKER = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+        atexit.register(_WORKER.shutdown)  # before interpreter teardown, so no callback runs into a dead module
     return _WORKER
 
 
