@@ -45,6 +45,8 @@ class Config:
     shift: float = 0.0  # output bias shifted by +-beta/2 with beta uniform in [-shift, shift]
     scale: float = 1.0  # inputs multiplied by this (255: raw 0..255 pixels)
     max_batch: int = 8
+    lr: float | None = None  # a FedAvg weight update (unknown lr to the attack) instead of the gradient
+    steps: int = 1  # local SGD steps of that update
 
 
 CONFIGS = {
@@ -57,6 +59,11 @@ CONFIGS = {
     "digits-10-shift": Config("digits", (256,), shift=0.3),
     "digits-10-raw16": Config("digits", (256,), scale=16.0),
     "fashion-10-raw255": Config("fashion-mnist", (1024,), scale=255.0),
+    "lfw-2-fedavg": Config("lfw", (1024,), lr=0.1),
+    "lfw-2-fedavg-lr1": Config("lfw", (1024,), lr=1.0),
+    "lfw-2-fedavg-3steps": Config("lfw", (1024,), lr=0.1, steps=3),
+    "fashion-10-fedavg": Config("fashion-mnist", (1024,), lr=0.1),
+    "digits-10-fedavg-lr0.03": Config("digits", (256,), lr=0.03),
 }
 
 
@@ -89,10 +96,13 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = data.x[idx] * cfg.scale, data.y[idx]
         model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen)
-        loss = nn.functional.cross_entropy(model(x), y)
-        grads = dict(zip([n for n, _ in model.named_parameters()],
-                         [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
-        update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 else grads
+        if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
+            update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=cfg.steps)
+        else:
+            loss = nn.functional.cross_entropy(model(x), y)
+            grads = dict(zip([n for n, _ in model.named_parameters()],
+                             [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
+            update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 else grads
         rec = fedleak.reconstruct(model, update)
         scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
         certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
@@ -120,9 +130,9 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
 
 def render(files: list[Path]) -> None:
     """Write the results of ``files`` as one table into docs/benchmarks.md (between the hunt markers)."""
-    lines = ["| ground | data | hidden widths | output-bias shift | input scale | batches | samples | certified "
+    lines = ["| ground | data | hidden widths | update | output-bias shift | input scale | batches | samples | certified "
              "| false certificates | worst certified error (of the range) | certifiable recovered |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     runs = []
     for f in files:
         record = json.loads(Path(f).read_text())
@@ -132,13 +142,16 @@ def render(files: list[Path]) -> None:
         for name, r in record["results"].items():
             cfg = settings["configs"][name]
             share = r["certifiable_recovered"] / max(r["certifiable"], 1)
-            lines.append(f"| {name} | {cfg['data']} | {'-'.join(map(str, cfg['widths']))} | ±{cfg['shift'] / 2:g} "
+            update = ("gradient" if cfg.get("lr") is None else
+                      f"FedAvg, lr {cfg['lr']:g}, {cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}")
+            lines.append(f"| {name} | {cfg['data']} | {'-'.join(map(str, cfg['widths']))} | {update} | ±{cfg['shift'] / 2:g} "
                          f"| {cfg['scale']:g} | {r['batches']} | {r['samples']} | {r['certified']} "
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "
                          f"| {r['certifiable_recovered']}/{r['certifiable']} ({100 * share:.1f}%) |")
     versions = record["versions"]
-    body = (f"{START}\n_Batches of 2-8 random samples, one fresh default-init model each (`nn.Sequential`, seeded), "
-            f"batch size reported for every other batch; {record['machine']}; torch {versions['torch']}. "
+    body = (f"{START}\n_Batches of 2-8 random samples, one fresh default-init model each (`nn.Sequential`, seeded); "
+            f"gradients report the batch size for every other batch, FedAvg updates always (as Flower clients do); "
+            f"{record['machine']}; torch {versions['torch']}. "
             f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines) + f"\n{END}")
     text = DOC.read_text()
     if START in text:

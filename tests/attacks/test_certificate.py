@@ -188,3 +188,17 @@ def test_per_sample_clipping_is_certified_with_its_bound(fashion):
     assert false_certificates(rec, x, y) == 0
     assert rec.num_certified >= int(fedleak.analyze_exclusivity(model, x, y).certifiable.sum())
     assert rec.num_certified > plain.num_certified
+
+
+def test_weight_delta_input_known_only_as_well_as_its_rounding_allows(lfw):
+    """One SGD step at lr 0.1 on LFW (625-1024-2, default init): a sample whose group mixes strong and weak
+    rows was rebuilt 2.3e-4 from its original and certified. The rebuilt input must now agree with its own
+    witness rows within the rounding of ``after``, in units of the data's range."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(625, 1024), nn.ReLU(), nn.Linear(1024, 2))
+    x, y = lfw.batch(8, seed=41)
+    rec = fedleak.reconstruct(model, fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1), attack="exclusivity")
+    scores = fedleak.metrics.match(rec, x, y, data_range=lfw.value_range)
+    assert scores.false_certificates == 0
+    assert rec.num_certified >= 5
+    assert any("rounding" in s.reason for s in rec.samples if not s.certified)

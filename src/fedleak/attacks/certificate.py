@@ -206,6 +206,30 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     return fits
 
 
+def input_uncertainty(attack, fit: WitnessFit, x: torch.Tensor) -> float:
+    """How far the update's own rounding can have moved a rebuilt input (max abs, 5 standard deviations), where
+    that rounding is known and larger than the gradient's float32 noise: a weight delta, whose ``after`` the
+    client rounded to one ulp. The input is the ratio of weight row and bias entry of its witness rows at the
+    first layer, ``G_j / g_j``; a rounding error uniform within one ulp of ``after`` moves it by up to
+    ``(nu_G + |x| nu_g) / |g_j|`` per entry, with standard deviation ``1/sqrt(12)`` of that, averaged over the
+    rows; plus how far the input is from its witnesses' own ratio. Zero when the noise is not known (a
+    gradient) or the first layer has no bias."""
+    if attack.noise is None or attack.g[0] is None:
+        return 0.0
+    rows = [row for layer, row, _ in fit.passing if layer == 0]
+    if not rows:
+        return 0.0
+    g = attack.g[0][rows]
+    per_row = (attack.noise[0][rows] + x.abs()[None, :] * attack.noise_b[0][rows, None]) / g.abs()[:, None].clamp_min(
+        1e-300) / math.sqrt(12)
+    spread = float(5 * (per_row.pow(2).sum(0).sqrt() / len(rows)).max())
+    # the input itself may rest on more (and weaker) rows than its witnesses: it must agree with the witnesses'
+    # own ratio (weighted by g^2, the inverse of each ratio's variance) within that spread too
+    weights = g * g
+    ratio = (attack.G[0][rows] / g[:, None] * weights[:, None]).sum(0) / weights.sum()
+    return spread + float((x - ratio).abs().max())
+
+
 # -------------------------------------------------------------------------------------------------------
 # Step 2: the batch's scale
 
@@ -321,7 +345,21 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
             return "its witness rows do not fit one positive scale"
         return None
 
-    short = [witnessed(f, c) for f, c in zip(fits, complete)]
+    def imprecise(f: WitnessFit, c) -> str | None:
+        """Why the rebuilt input is not known to the exactness tolerance (None when it is); applies to every
+        path to a certificate, the whole-batch one included."""
+        x = c.acts[0]
+        lo, hi = opts.data_range if opts.data_range is not None else (float(x.min()), float(x.max()))
+        allowed = opts.exact_tol * max(hi - lo, 1e-300)
+        spread = input_uncertainty(attack, f, x)
+        if spread > allowed:
+            return (f"the update's rounding leaves the rebuilt input uncertain by up to {spread:.1e}, more than "
+                    f"{opts.exact_tol:g} of the data range ({allowed:.1e}): too few or too weak witness rows for "
+                    "the learning rate")
+        return None
+
+    vague = [imprecise(f, c) for f, c in zip(fits, complete)]
+    short = [witnessed(f, c) or vague[k] for k, (f, c) in enumerate(zip(fits, complete))]
     strong = [k for k, why in enumerate(short) if why is None]
     bs = batch_scale(fits, strong, clip, reported, opts)
     reasons: list[str | None] = list(short)
@@ -347,7 +385,7 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
                               "active (a blend of samples, not a sample)")
         # samples with a single witness at the common scale join only as part of the whole batch
         weak = [k for k, f in enumerate(fits) if k not in at_scale and f.consistent and f.counts[-1] >= 1
-                and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol]
+                and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol and vague[k] is None]
         slack = max(bs.batch_size - len(at_scale), 0) + 16
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64)
         test = JointTest(attack, t64, bs.batch_size, weights, slack, corrections=(eps, d_one, onehot))

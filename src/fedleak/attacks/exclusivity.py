@@ -68,6 +68,9 @@ class ExclusivityOptions:
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
     ``min_distance``: a certified sample's input to the last ReLU layer must lie at least this far (relative)
     from the span of the inputs of the samples not certified (a blend of them lies in it).
+    ``exact_tol`` / ``data_range``: a certified input must be known to within ``exact_tol`` of the data's range
+    ``(lo, hi)`` (default: the rebuilt input's own min and max); checked where the update's rounding is known
+    (weight deltas).
     ``clip_norm``: the per-sample clipping bound ``C`` when the client clipped each sample's gradient to norm
     ``C`` before averaging (DP-SGD without noise, Opacus-style): each sample's scale is then
     ``min(1, C / ||g_k||) / M``, which the certificate recomputes from the rebuilt sample.
@@ -93,6 +96,8 @@ class ExclusivityOptions:
     max_witnesses: int = 64
     clip_norm: float | None = None
     min_distance: float = 1e-3
+    exact_tol: float = 1e-4
+    data_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self)
