@@ -26,8 +26,9 @@ import torch
 import fedleak
 from fedleak.defenses import reduce_exclusivity
 from fedleak.fishing import fish
-from fedleak.fishing.lp import LPSettings, NetArrays, RadiusLP
-from fedleak.models.structure import as_relu_mlp
+from fedleak.fishing.lp import LPSettings, RadiusLP
+from fedleak.fishing.sample_net import HeadArrays
+from fedleak.nets import as_network
 
 torch.set_num_threads(1)
 
@@ -105,7 +106,7 @@ def formulation_comparison(data, batch=64, width=1024, seed=0, samples=4):
     model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=seed)
     x, y = data.batch(batch, seed=seed + 1)
     res = fish(model, x, y)
-    A = NetArrays(as_relu_mlp(model))
+    A = HeadArrays(as_network(model, inputs=x).head)
     X = x.reshape(batch, -1).double().numpy()
     Z = A.preacts(X)[0]
     kap = res.options.margin

@@ -277,3 +277,19 @@ def test_an_empty_reconstruction_scores_nothing(digits):
     scores = metrics.match(empty, x, y)
     assert scores.matched.tolist() == [-1] * 3 and scores.n_certified == 0 == scores.false_certificates
     assert scores.recovered_fraction == 0.0 and scores.to_dict()["certified_reason"] == []
+
+
+def test_a_certificate_is_held_to_the_error_bound_it_states():
+    from fedleak.reconstruction import Reconstruction, SampleRecovery
+
+    x = torch.rand(3, 1, 4, 4)
+    y = torch.tensor([0, 1, 2])
+    off = torch.tensor([5e-4, 5e-3, 0.0]).view(3, 1, 1, 1)
+    samples = (SampleRecovery(0, True, "", error_bound=1e-3), SampleRecovery(1, True, "", error_bound=1e-3),
+               SampleRecovery(2, True, ""))
+    rec = Reconstruction(x + off, y, torch.ones(3, dtype=torch.bool), "test", samples)
+    m = fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
+    # within its claim but not exact: recovered (the claim holds), not exact; beyond its claim: false
+    assert m.recovered.tolist() == [True, False, True] and m.exact.tolist() == [False, False, True]
+    assert m.false_certificates == 1 and "claimed error bound" in m.certified_reason[1]
+    assert m.allowed_error.tolist() == pytest.approx([1e-3, 1e-3, 1e-4])

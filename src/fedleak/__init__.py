@@ -33,6 +33,8 @@ _EXPORTS = {
     "Dataset": "fedleak.data",
     "available_datasets": "fedleak.data",
     "load_dataset": "fedleak.data",
+    "Normalization": "fedleak.data",
+    "normalization": "fedleak.data",
     "DataError": "fedleak.errors",
     "FedleakError": "fedleak.errors",
     "ModelError": "fedleak.errors",
@@ -50,6 +52,9 @@ _EXPORTS = {
     "make_mlp": "fedleak.models",
     "save_mlp": "fedleak.models",
     "make_lenet": "fedleak.models.cnn",
+    "make_convnet": "fedleak.models.convnet",
+    "Network": "fedleak.nets",
+    "as_network": "fedleak.nets",
     "Reconstruction": "fedleak.reconstruction",
     "SampleRecovery": "fedleak.reconstruction",
     "ClientUpdate": "fedleak.updates",
@@ -67,11 +72,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.attacks import ExclusivityOptions, available_attacks
     from fedleak.attacks.malicious import imprint_weights, trap_weights
     from fedleak.clients import fedavg_update, local_training
-    from fedleak.data import Dataset, available_datasets, load_dataset
+    from fedleak.data import Dataset, Normalization, available_datasets, load_dataset, normalization
     from fedleak.errors import DataError, FedleakError, ModelError, OptionError, OutputError, SolverError, UpdateError
     from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
     from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
     from fedleak.models.cnn import make_lenet
+    from fedleak.models.convnet import make_convnet
+    from fedleak.nets import Network, as_network
     from fedleak.reconstruction import Reconstruction, SampleRecovery
     from fedleak.updates import (
         ClientUpdate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+from fedleak.exit_codes import INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from fedleak.reconstruction import Reconstruction
 
 if TYPE_CHECKING:
     from fedleak.data.dataset import Dataset
+    from fedleak.data.normalization import Normalization
 
 PSNR_CAP = 100.0
 EXACT_TOL = 1e-4  # max abs error, as a fraction of the data range (hi - lo), up to which a sample is exact
@@ -90,8 +91,10 @@ class MatchResult:
 
     Per original (arrays of length N, the batch size): ``matched`` is the reconstruction paired with it
     (``-1``: none), then that pair's ``mse``, ``psnr``, ``ssim``, ``max_abs_error``, ``label_correct``
-    and whether the paired reconstruction is ``certified``. ``recovered`` is certified, exact and with
-    the right label.
+    and whether the paired reconstruction is ``certified``; ``allowed_error`` is the max abs error its
+    certificate claims (the exactness tolerance, or the larger bound a CNN certificate proves and states).
+    ``recovered`` is certified, within that claim and with the right label; ``exact`` is within the
+    exactness tolerance, certified or not.
 
     Per certified reconstruction (arrays of length :attr:`n_certified`, in the reconstruction's order):
     ``certified_index`` is its index in the reconstruction, ``certified_nearest`` the original nearest
@@ -99,10 +102,10 @@ class MatchResult:
     credited with (``-1``: none), ``certified_false`` whether it is a false certificate and
     ``certified_reason`` why ('' when it is sound). Each certified reconstruction is credited with at
     most one original and each original with at most one certified reconstruction (a maximum matching
-    on "exact with the right label"), so ``recovered.sum() + false_certificates == n_certified``.
+    on "within its claim with the right label"), so ``recovered.sum() + false_certificates == n_certified``.
 
     ``false_certificates`` counts every false certificate once: certified reconstructions that match no
-    original within tolerance, carry a wrong label, or duplicate an original already claimed (including
+    original within their claim, carry a wrong label, or duplicate an original already claimed (including
     those beyond the batch size that the one-per-original pairing leaves unmatched). It must be 0.
     ``data_range`` is the (lo, hi) the scores were computed on; ``exact_tol`` the absolute tolerance.
     """
@@ -115,6 +118,7 @@ class MatchResult:
     label_correct: np.ndarray
     certified: np.ndarray
     label_accuracy: float
+    allowed_error: np.ndarray
     data_range: tuple[float, float] = (0.0, 1.0)
     exact_tol: float = EXACT_TOL
     n_certified: int = 0
@@ -133,8 +137,10 @@ class MatchResult:
 
     @property
     def recovered(self) -> np.ndarray:
-        """Per original: paired with a certified, exact reconstruction with the right label."""
-        return self.exact & self.certified & self.label_correct
+        """Per original: paired with a certified reconstruction with the right label whose error is within its
+        certificate's claim (:attr:`allowed_error`: exactness, or the error bound the certificate states)."""
+        return ((self.matched >= 0) & (self.max_abs_error <= self.allowed_error) & self.certified
+                & self.label_correct)
 
     @property
     def false_certificate(self) -> np.ndarray:
@@ -237,6 +243,7 @@ def match(
     labels: torch.Tensor | None = None,
     *,
     data_range: tuple[float, float] | None = None,
+    normalization: Normalization | None = None,
 ) -> MatchResult:
     """Score a reconstruction against the originals: every original, and every certified reconstruction.
 
@@ -247,6 +254,10 @@ def match(
     originals' min and max (so pass the data set's range when scoring a small batch whose pixels may not
     span it). Neither side is clamped. Exact means max abs error ``<= EXACT_TOL * (hi - lo)``; PSNR and
     SSIM use the data range ``hi - lo``.
+
+    ``normalization`` (or the Dataset's): the data is mean/std-normalised as the model expects; both sides
+    are then mapped back to pixels (:meth:`~fedleak.data.Normalization.invert`, unclamped) and scored on the
+    pixel range, as image-reconstruction papers report PSNR.
 
     Pairing (one reconstruction per original): certified reconstructions first, by a Hungarian
     assignment that maximises the number of (exact, right label) pairs and then minimises MSE, so that
@@ -262,22 +273,35 @@ def match(
     Label accuracy is the order-free multiset overlap of rebuilt and true labels, over all originals.
     """
     from fedleak.data.dataset import Dataset
+    from fedleak.data.normalization import Normalization
 
     if isinstance(originals, Dataset):
         if labels is None:
             labels = originals.y
-        if data_range is None:
+        if normalization is None:
+            normalization = originals.normalization
+        if data_range is None and normalization is None:
             data_range = originals.value_range
         originals = originals.x
     if isinstance(reconstructed, Reconstruction):
         rec_x, rec_y, cert = reconstructed.inputs, reconstructed.labels, reconstructed.certified
+        claims = reconstructed.error_bounds
     else:
         rec_x, rec_y, cert = torch.as_tensor(reconstructed), None, None
+        claims = np.full(int(rec_x.shape[0]), np.nan)
     orig = _as_images(originals)
     if orig.shape[0] == 0:
         raise FedleakError("no originals to match against")
     if not torch.isfinite(orig).all():
         raise FedleakError("the originals hold NaN or inf values")
+    if normalization is not None:  # a claim in input units is at most max(std) times that in pixels
+        claims = claims * max(normalization.std)
+    if normalization is not None:
+        if data_range is not None and tuple(data_range) != normalization.pixel_range:
+            raise FedleakError("pass either data_range or normalization: normalised data is scored on its pixel range")
+        orig = normalization.invert(orig)
+        rec_x = normalization.invert(_as_images(rec_x, orig)) if int(rec_x.shape[0]) else rec_x
+        data_range = normalization.pixel_range
     lo, hi = resolve_data_range(orig, data_range)
     width = hi - lo
     tol = EXACT_TOL * width
@@ -304,7 +328,9 @@ def match(
     for k, j in enumerate(cert_idx):
         e = (flat_o - flat_r[j]).abs().amax(1).numpy()
         err_c[k] = np.where(np.isnan(e), np.inf, e)
-    close_c = err_c <= tol  # n_cert x n_orig
+    # each certificate is held to its claim: exactness, or the error bound it states (never below exactness)
+    allowed_c = np.fmax(tol, claims[cert_idx]) if n_cert else np.zeros(0)
+    close_c = err_c <= allowed_c[:, None]  # n_cert x n_orig
     if pred_y is not None and true_y is not None:
         label_c = pred_y[cert_idx][:, None] == true_y[None, :]
     else:
@@ -317,6 +343,7 @@ def match(
     out_psnr = np.full(n_orig, np.nan)
     out_ssim = np.full(n_orig, np.nan)
     out_max = np.full(n_orig, np.inf)
+    out_allowed = np.full(n_orig, tol)
     label_ok = np.zeros(n_orig, dtype=bool)
     certified = np.zeros(n_orig, dtype=bool)
     if n_rec:
@@ -344,6 +371,7 @@ def match(
         m = (a - b).abs().reshape(len(rows), -1).amax(1).numpy()
         out_max[rows] = np.where(np.isnan(m), np.inf, m)
         certified[rows] = cert_mask[cols]
+        out_allowed[rows] = np.where(cert_mask[cols], np.fmax(tol, claims[cols]), tol)
         if pred_y is not None and true_y is not None:
             label_ok[rows] = pred_y[cols] == true_y[rows]
     if true_y is not None and pred_y is not None:
@@ -363,8 +391,10 @@ def match(
         if not false_c[k]:
             reasons.append("")
         elif not close_c[k].any():
+            claim = (f"its claimed error bound {allowed_c[k]:.3g}" if allowed_c[k] > tol else
+                     f"tolerance {tol:.3g} ({EXACT_TOL:g} of the data range {width:.4g})")
             reasons.append(f"certified reconstruction #{j} matches no original: the nearest, #{i}, is at max abs error "
-                           f"{near_err[k]:.3g} > tolerance {tol:.3g} ({EXACT_TOL:g} of the data range {width:.4g})")
+                           f"{near_err[k]:.3g} > {claim}")
         elif not valid_c[k].any():
             i = int(np.nonzero(close_c[k])[0][0])
             reasons.append(f"certified reconstruction #{j} has the wrong label: {int(pred_y[j])}, but original #{i} "
@@ -374,7 +404,7 @@ def match(
             reasons.append(f"certified reconstruction #{j} is a second certified copy of original #{i}, already claimed "
                            f"by certified reconstruction #{claimed_by.get(i, -1)}")
     return MatchResult(
-        matched, out_mse, out_psnr, out_ssim, out_max, label_ok, certified, acc,
+        matched, out_mse, out_psnr, out_ssim, out_max, label_ok, certified, acc, out_allowed,
         data_range=(lo, hi), exact_tol=tol, n_certified=n_cert, false_certificates=int(false_c.sum()),
         certified_index=cert_idx.astype(np.int64), certified_nearest=nearest.astype(np.int64),
         certified_error=near_err.astype(np.float64), certified_original=credited.astype(np.int64),

@@ -17,6 +17,11 @@ class SampleRecovery:
     from the layer's active outputs. ``residual`` is the worst relative mismatch between the observed
     gradient and the sample's recomputed gradient on those rows; ``scale`` is observed/recomputed
     (``1/M`` for an exact sample of a batch of M).
+
+    ``error_bound`` is what a certificate claims beyond identity: the rebuilt input is within this max abs
+    error (data units) of the sample. NaN means the standard claim, exactness to
+    :data:`fedleak.metrics.EXACT_TOL` of the data range; the exact attack on CNNs states the proven bound
+    of its conv inversion here. :func:`fedleak.metrics.match` holds every certificate to its claim.
     """
 
     label: int
@@ -26,6 +31,7 @@ class SampleRecovery:
     solved_layers: tuple[int, ...] = ()
     residual: float = float("nan")
     scale: float = float("nan")
+    error_bound: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,13 @@ class Reconstruction:
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
+
+    @property
+    def error_bounds(self) -> np.ndarray:
+        """Per rebuilt sample, the max abs error its certificate claims (NaN: the standard exactness claim)."""
+        if len(self.samples) != len(self):
+            return np.full(len(self), np.nan)
+        return np.array([s.error_bound for s in self.samples], dtype=np.float64)
 
     @property
     def num_certified(self) -> int:

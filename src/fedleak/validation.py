@@ -20,7 +20,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +238,33 @@ def check_output_dir(out: str | os.PathLike[str], names: Iterable[str] = (), *,
 # --- option dataclasses -------------------------------------------------------------------------------------------
 
 _SCALARS: dict[str, type] = {"int": int, "float": float, "bool": bool}
+
+OptionsT = typing.TypeVar("OptionsT")
+
+
+def options_from(cls: type[OptionsT], kwargs: Mapping[str, object], *, error: ErrorType = OptionError,
+                 what: str = "option", defaults: OptionsT | None = None) -> OptionsT:
+    """The options dataclass ``cls`` built from keyword arguments, refusing names that are not its fields.
+
+    An unknown name raises ``error("unknown <what>(s): ['x']; known: ['a', 'b', ...]")`` before anything is
+    built, so a typo is never silently ignored; the values themselves are checked by ``cls`` (its
+    ``__post_init__``, e.g. with :func:`validate_fields`). ``what`` names the options in that message
+    (``"fishing option"``). With ``defaults`` (an instance of ``cls``), names not given keep its values.
+    Options classes use this in their ``from_kwargs``::
+
+        @classmethod
+        def from_kwargs(cls, **kwargs) -> FishingOptions:
+            return options_from(cls, kwargs, error=SolverError, what="fishing option")
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"options_from needs a dataclass type, got {cls!r}")
+    known = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    unknown = sorted((key for key in kwargs if key not in known), key=str)
+    if unknown:
+        raise error(f"unknown {what}(s): {unknown}; known: {known}")
+    if defaults is not None:
+        return dataclasses.replace(defaults, **kwargs)  # type: ignore[type-var]
+    return cls(**kwargs)
 
 
 def _scalar_annotation(annotation: object) -> tuple[type | None, bool]:

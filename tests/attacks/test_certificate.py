@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fedleak
-from fedleak.attacks.certificate import check_invariants, certify
-from fedleak.attacks.exclusivity import ExclusivityAttack, ExclusivityOptions
-from fedleak.models.structure import as_relu_mlp
+from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
+from fedleak.attacks.exact.certificate import check_invariants, certify
+from fedleak.nets import as_network
 
 
 def mlp(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float = 0.0) -> nn.Sequential:
@@ -96,7 +96,7 @@ def test_no_false_certificate_on_natural_batches(data, lfw, digits):
 
 
 def _attack(model, grads, **opts):
-    return ExclusivityAttack(as_relu_mlp(model, None), grads, ExclusivityOptions(**opts), torch.float32)
+    return HeadAttack(as_network(model).head, grads, ExclusivityOptions(**opts), torch.float32)
 
 
 class _Cand:

@@ -3,6 +3,7 @@ is never wrong — also when the gradient is tampered with, noisy, or the batch 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fedleak
@@ -190,3 +191,120 @@ def test_two_class_ghost_blends_are_never_certified(reported):
     report = fedleak.analyze_exclusivity(model, x, y)
     if reported:
         assert scores.recovered[report.certifiable].all()
+
+
+# ---- models as users write them: nn.Module classes, no input shape ----------------------------------------
+
+
+class FlowerNet(nn.Module):
+    """Flower's quickstart-pytorch ``Net``, exactly as Flower writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class DropoutMLP(nn.Module):
+    """An MLP class with functional ReLUs and dropout (evaluated in eval mode, where dropout is the identity)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 1024)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(1024, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 784)
+        x = self.drop(F.relu(self.fc1(x)))
+        return self.out(x)
+
+
+def _twin(model: nn.Module, twin: nn.Sequential, names: dict[str, str]) -> nn.Sequential:
+    """``twin`` with ``model``'s weights, its parameter names mapped by ``names`` (prefix -> prefix)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix, leaf = key.rsplit(".", 1)
+        state[f"{names[prefix]}.{leaf}"] = value
+    twin.load_state_dict(state)
+    return twin
+
+
+def _same_reconstruction(a, b):
+    # the same computation; threaded float64 reductions may differ in the last bit
+    assert torch.allclose(a.inputs.reshape(len(a), -1), b.inputs.reshape(len(b), -1), rtol=0, atol=1e-9)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.certified, b.certified)
+    assert [(s.label, s.certified, s.witnesses) for s in a.samples] == [(s.label, s.certified, s.witnesses)
+                                                                         for s in b.samples]
+    assert a.batch_size == b.batch_size
+
+
+def test_flower_quickstart_net_without_input_shape(fashion):
+    """Flower's Net (F.relu, x.view, one MaxPool2d module used twice) on CIFAR-sized 3x32x32 images: the input
+    shape is inferred, the head is attacked on the conv features and the blocks are walked down, exactly as for
+    the equivalent nn.Sequential."""
+    torch.manual_seed(0)
+    model = FlowerNet()
+    x, y = fashion.batch(4, seed=4)
+    x = F.pad(x, (2, 2, 2, 2)) * torch.tensor([1.0, 0.8, 0.6])[None, :, None, None]  # CIFAR-like 3x32x32
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="exclusivity",
+                              fallback_steps=10)
+    assert rec.inputs.shape[1:] == (3, 32, 32)
+    assert any("inferred" in n for n in rec.notes)
+    assert len(rec) >= 1 and set(rec.labels.tolist()) <= set(y.tolist())
+    # 16 pooled 5x5 maps cannot determine conv2's 6x14x14 input: rebuilt by feature matching, never certified
+    assert rec.num_certified == 0
+    assert all("conv layer 'conv2'" in s.reason and "feature matching" in s.reason for s in rec.samples)
+    assert not metrics.match(rec, x, y).false_certificate.any()
+
+    twin = _twin(model, nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Conv2d(6, 16, 5),
+                                      nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+                                      nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10)),
+                 {"conv1": "0", "conv2": "3", "fc1": "7", "fc2": "9", "fc3": "11"})
+    twin_rec = fedleak.reconstruct(twin, fedleak.compute_gradient_update(twin, x, y), attack="exclusivity",
+                                   fallback_steps=10)
+    _same_reconstruction(rec, twin_rec)
+
+
+def test_mlp_class_with_dropout_without_input_shape(fashion):
+    """An nn.Module MLP (F.relu, x.view, eval-mode Dropout) rebuilds the same certified samples as its
+    nn.Sequential twin, with no input shape given."""
+    torch.manual_seed(1)
+    model = DropoutMLP().eval()
+    x, y = fashion.batch(4, seed=7)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="exclusivity")
+    scores = metrics.match(rec, x, y)
+    assert rec.num_certified == 4 and rec.batch_certified and scores.recovered.all()
+    assert not scores.false_certificate.any()
+    twin = _twin(model, nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10)),
+                 {"fc1": "1", "out": "3"})
+    twin_rec = fedleak.reconstruct(twin, fedleak.compute_gradient_update(twin, x, y), attack="exclusivity")
+    _same_reconstruction(rec, twin_rec)
+
+
+def test_sequential_cnn_without_input_shape(digits):
+    """A plain nn.Sequential CNN records no input shape: the one that fits its layers (1x8x8) is found, and the
+    samples are rebuilt through the conv layer and certified as with the shape given."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    x, y = digits.batch(4, seed=4)
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, update)
+    scores = metrics.match(rec, x, y)
+    assert rec.inputs.shape[1:] == (1, 8, 8)
+    assert rec.num_certified == 4 and scores.recovered.all() and not scores.false_certificate.any()
+    assert all(s.solved_layers == (1,) for s in rec.samples)
+    _same_reconstruction(rec, fedleak.reconstruct(model, update, input_shape=(1, 8, 8)))

@@ -6,16 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedleak.analysis.forward import forward_trace
-from fedleak.attacks.exclusivity import ExclusivityAttack, ExclusivityOptions
-from fedleak.attacks.joint import (
+from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
+from fedleak.attacks.exact.joint import (
     IndependenceTest,
     JointTest,
     WitnessConflicts,
     dead_row_contributions,
     degenerate_loss_vectors,
 )
-from fedleak.models.structure import as_relu_mlp
+from fedleak.nets import as_network, forward_trace
 
 
 def mlp(d_in: int, width: int, k: int, seed: int) -> nn.Sequential:
@@ -29,7 +28,7 @@ def setup(data, idx, width=256, seed=3):
     loss = F.cross_entropy(model(x), y)
     grads = dict(zip([n for n, _ in model.named_parameters()],
                      [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
-    attack = ExclusivityAttack(as_relu_mlp(model, None), grads, ExclusivityOptions(), torch.float32)
+    attack = HeadAttack(as_network(model).head, grads, ExclusivityOptions(), torch.float32)
     return attack, x, y
 
 

@@ -7,6 +7,7 @@ import torch
 
 import fedleak
 from fedleak.attacks.malicious import imprint_weights, trap_weights
+from fedleak.models.convnet import make_convnet
 from fedleak.updates import WeightUpdate
 
 
@@ -99,3 +100,26 @@ def test_bad_input(data, base):
     with pytest.raises(fedleak.FedleakError, match="unknown option"):
         fedleak.reconstruct(base, fedleak.compute_gradient_update(base, *data.batch(4)), attack="trap-weights",
                             tolerance=1)
+    cnn = make_convnet(data.input_shape, 10, channels=(2,), fc_widths=(8,))
+    with pytest.raises(fedleak.ModelError, match="starts with conv layer"):
+        trap_weights(cnn)
+
+
+def test_user_module_without_input_shape(data):
+    """A user's nn.Module (functional ReLU, x.view), no input shape anywhere: read by fedleak.nets.as_network."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(784, 1000)
+            self.fc2 = torch.nn.Linear(1000, 10)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.view(-1, 784))))
+
+    torch.manual_seed(0)
+    model = trap_weights(Net(), seed=3, scale=0.9)
+    x, y = data.batch(8, seed=1)
+    rec = fedleak.reconstruct(model, one_step(model, x, y), attack="trap-weights")
+    m = fedleak.metrics.match(rec, x, y)
+    assert rec.inputs.shape[1:] == (784,) and m.recovered_fraction >= 0.5 and int(m.false_certificate.sum()) == 0

@@ -7,13 +7,14 @@ import pytest
 
 import fedleak
 from fedleak.attacks.normal_equations import BandedNormal, SparseNormal, normal_equations
-from fedleak.models.convnet import as_relu_cnn, make_convnet
+from fedleak.models.convnet import make_convnet
+from fedleak.nets import as_network
 
 
 @pytest.fixture(scope="module")
 def system():
     x, _ = fedleak.load_dataset("lfw").batch(1, seed=4)
-    net = as_relu_cnn(make_convnet((1, 25, 25), 2, channels=(6,), padding=1, fc_widths=(8,), seed=0))
+    net = as_network(make_convnet((1, 25, 25), 2, channels=(6,), padding=1, fc_widths=(8,), seed=0))
     blk = net.blocks[0]
     A, c = blk.affine
     z = A @ x.reshape(-1).double().numpy() + c

@@ -103,6 +103,19 @@ def test_bad_gradient_input(digits):
         fedleak.reconstruct(model, {k: v for k, v in grads.items() if k != "1.bias"}, attack="dlg")
     with pytest.raises(fedleak.FedleakError, match="iterations"):
         fedleak.reconstruct(model, grads, attack="ig", iterations=0)
+    # a model without input_shape: flat inputs of the first Linear layer's size
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    rec = fedleak.reconstruct(bare, fedleak.compute_gradient_update(bare, x, y), attack="ig", iterations=2)
+    assert rec.inputs.shape == (1, 64)
+
+    class Branchy(torch.nn.Module):  # fx cannot trace it, so nothing derives its input shape
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1)) if x.sum() > 0 else -self.fc(x.flatten(1))
+
+    branchy = Branchy()
     with pytest.raises(fedleak.ModelError, match="input_shape"):
-        fedleak.reconstruct(bare, fedleak.compute_gradient_update(bare, x, y), attack="ig")
+        fedleak.reconstruct(branchy, fedleak.compute_gradient_update(branchy, x, y), attack="ig")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fedleak
-from fedleak.attacks.optimization import FunctionalModel, prepare_target
+from fedleak.attacks.inversion import FunctionalModel, prepare_target
 from fedleak.clients import fedavg_update, local_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")

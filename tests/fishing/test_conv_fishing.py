@@ -1,4 +1,4 @@
-"""Fishing for CNNs (fedleak.fishing.conv) on real data: fished batches of 32 are certified by the conv attack."""
+"""Fishing for CNNs on real data: fished batches of 32 are certified by the conv attack; max pooling too."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from torch import nn
+
 import fedleak
-from fedleak.errors import ModelError
 from fedleak.fishing import FishingTransform
-from fedleak.fishing.conv import _ConvStack, _SampleNet, fish_cnn
-from fedleak.fishing.lp import NetArrays
-from fedleak.models.convnet import as_relu_cnn, make_convnet
+from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.models.convnet import make_convnet
+from fedleak.nets import as_network
 
 CONFIG = dict(channels=(6, 32), kernel=3, padding=1, pool=None, fc_widths=(512,), seed=0)
 
@@ -25,20 +26,22 @@ def lfw():
     return fedleak.load_dataset("lfw")
 
 
-@pytest.mark.parametrize("pool", [None, "avg"])
+@pytest.mark.parametrize("pool", [None, "avg", "max"])
 def test_linearised_rows_match_the_real_network(lfw, pool):
-    """Inside the sample's region the rows/offsets reproduce every conv and head pre-activation."""
+    """Inside the sample's region the rows/offsets reproduce every conv and head pre-activation (and, with
+    max pooling, every window gap ``z_max - z_u``)."""
     model = make_convnet(lfw.input_shape, 2, channels=(4, 8), kernel=3, padding=1, pool=pool, fc_widths=(32, 16))
-    net = as_relu_cnn(model)
-    sn = _SampleNet(_ConvStack(net), NetArrays(net.head))
     x, _ = lfw.batch(1, seed=5)
+    net = as_network(model, inputs=x)
     x0 = x.reshape(-1).double().numpy()
+    sn = SampleNet(ConvStack(net), HeadArrays(net.head), x0)
     z = sn.preacts(x0)
-    pattern = [(zz > 0).astype(np.float64) for zz in z]
+    pattern = sn.stack_pattern() + [(zz > 0).astype(np.float64) for zz in z[sn.shift:]]
+    assert all(((zz > 0) == (p > 0)).all() for zz, p in zip(z, pattern) if len(zz) == len(p)) and sn.shift < len(z)
     off = sn.offsets(pattern)
     dx = np.random.default_rng(0).normal(size=x0.shape) * 1e-7
     z2 = sn.preacts(x0 + dx)
-    assert len(z) == 4
+    assert len(z) == (6 if pool == "max" else 4) and sn.shift == len(z) - 2
     for layer in range(len(z)):
         idx = np.array([0, 3, len(z[layer]) - 1])
         R = sn.rows(layer, idx, pattern)
@@ -46,11 +49,21 @@ def test_linearised_rows_match_the_real_network(lfw, pool):
         np.testing.assert_allclose(R @ dx, z2[layer][idx] - z[layer][idx], atol=1e-12)
 
 
-def test_max_pooling_is_refused(lfw):
-    model = make_convnet(lfw.input_shape, 2, channels=(4, 8), pool="max", fc_widths=(32,))
-    x, y = lfw.batch(2, seed=0)
-    with pytest.raises(ModelError, match="max pooling"):
-        fish_cnn(model, x, y)
+def test_plain_sequential_max_pooled_cnn_on_non_square_inputs(lfw):
+    """An nn.Sequential CNN without an ``input_shape`` attribute, max pooling, inputs 25x24 (a square input
+    would be guessed from the layers alone): the shape comes from the batch, and the batch is fished."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 12 * 12, 64), nn.ReLU(), nn.Linear(64, 2))
+    x, y = lfw.batch(8, seed=0)
+    x = x[..., :24].contiguous()
+    res = fedleak.fish(model, x, y, solve_check=False)
+    assert res.inputs.shape == x.shape and float(res.inputs.min()) >= 0.0 and float(res.inputs.max()) <= 1.0
+    assert res.certifiable_after.all() and res.certifiable_before.sum() <= 2
+    report = fedleak.analyze_exclusivity(model, res.inputs, y, solve=False)  # float32, as the client computes
+    assert (report.head_certifiable == res.certifiable_after).all()
+    for s in res.samples:
+        assert (s.status == "fished") == s.perturbed
 
 
 def test_fish_dispatches_cnns_and_the_transform_reports(lfw):
@@ -74,7 +87,7 @@ def test_fished_cnn_batch_is_certified_and_exact(name, batch, lfw, fashion):
     data = {"lfw": lfw, "fashion-mnist": fashion}.get(name) or fedleak.load_dataset(name)
     x, y = data.batch(batch, seed=0)
     model = make_convnet(data.input_shape, data.num_classes, **CONFIG)
-    res = fish_cnn(model, x, y, solve_check=False)  # the attack below is the real check
+    res = fedleak.fish(model, x, y, solve_check=False)  # the attack below is the real check
     xf = res.inputs
     assert xf.shape == x.shape and xf.dtype == x.dtype
     assert float(xf.min()) >= 0.0 and float(xf.max()) <= 1.0

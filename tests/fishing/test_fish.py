@@ -152,7 +152,11 @@ def test_bad_options_raise(digits, kwargs, match):
 def test_bad_inputs_raise(digits):
     model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
     x, y = digits.batch(4, seed=1)
-    with pytest.raises(FedleakError, match="range"):
-        fish(model, x * 3, y)
+    with pytest.raises(FedleakError, match="leave the data range"):
+        fish(model, x * 3, y, data_range=(0, 1))
     with pytest.raises(FedleakError, match="labels"):
         fish(model, x, y[:2])
+    with pytest.raises(SolverError, match="data_range"):
+        fish(model, x, y, data_range=(1.0, 0.0))
+    with pytest.raises(SolverError, match="data_range"):
+        FishingTransform(data_range="0..1")

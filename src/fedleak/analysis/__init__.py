@@ -1,5 +1,6 @@
-"""Analyses of a batch: neuron exclusivity and the per-sample passes behind it."""
+"""Analyses of a batch: neuron exclusivity of every ReLU layer (head and, for CNNs, conv units/channels)."""
 
-from fedleak.analysis.exclusivity import ExclusivityReport, LayerExclusivity, analyze_exclusivity
+from fedleak.analysis.exclusivity import analyze_exclusivity
+from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, LayerExclusivity
 
-__all__ = ["ExclusivityReport", "LayerExclusivity", "analyze_exclusivity"]
+__all__ = ["ConvLayerExclusivity", "ExclusivityReport", "LayerExclusivity", "analyze_exclusivity"]

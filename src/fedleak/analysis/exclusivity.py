@@ -1,111 +1,30 @@
-"""Neuron-exclusivity analysis (algorithms spec §1): who can be rebuilt from a batch's gradient.
+"""Neuron-exclusivity analysis (algorithms spec §1, §1.3): who can be rebuilt from a batch's gradient.
 
 An exclusively activated neuron (ExAN) of a batch is a ReLU that fires for exactly one sample. A sample
-with at least two *effective* ExANs (non-zero backward signal) at the last ReLU layer and at least one
-at every other ReLU layer is reconstructable exactly from the averaged gradient (Pan et al., USENIX
-Security 2022); a batch all of whose samples are is on the insecure side of the boundary.
+with at least two *effective* ExANs (non-zero backward signal) at the last ReLU layer of the fully
+connected head and at least one at every other ReLU layer of the head is reconstructable exactly from
+the averaged gradient (Pan et al., USENIX Security 2022); a batch all of whose samples are is on the
+insecure side of the boundary.
+
+An MLP is a network without conv blocks; for a network with conv blocks the same head count runs on the
+flattened features, every conv layer is also counted at unit and channel level, and a sample is
+*certifiable* (what the exclusivity attack, :mod:`fedleak.attacks.exact`, can prove) when
+the head condition holds **and** every conv block is *solvable* for it: its surely active units (pooled:
+its non-zero pooled units, with a Gordan certificate) determine the block's input uniquely, with a proven
+error bound, chained down to the input, within the error the attack allows a certified input
+(``max_error`` of the data range, :class:`fedleak.attacks.exact.ExclusivityOptions`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedleak.analysis.forward import forward_trace
-from fedleak.errors import FedleakError, ModelError
-from fedleak.models.structure import as_relu_mlp
-
-
-@dataclass(frozen=True)
-class LayerExclusivity:
-    """ExAN statistics of one hidden ReLU layer for a batch of M samples."""
-
-    name: str
-    width: int
-    active: np.ndarray  # (M,) number of active neurons per sample
-    exans: np.ndarray  # (M,) exclusively activated neurons per sample
-    effective_exans: np.ndarray  # (M,) ExANs whose backward signal is non-zero
-    margin: np.ndarray  # (M,) exclusivity slack of the weakest ExAN the condition needs (0 if missing)
-    dead_fraction: float  # neurons active for no sample
-    shared_fraction: float  # neurons active for two or more samples
-
-    def histogram(self, max_count: int = 10) -> np.ndarray:
-        """Samples per ExAN count 0, 1, ..., ``max_count`` (the last bin holds ``>= max_count``)."""
-        return np.bincount(np.minimum(self.effective_exans, max_count), minlength=max_count + 1)
-
-
-@dataclass(frozen=True)
-class ExclusivityReport:
-    """Per-sample, per-layer exclusivity of a batch, and who is certifiably reconstructable."""
-
-    layers: tuple[LayerExclusivity, ...]
-    labels: np.ndarray
-    certifiable: np.ndarray  # (M,) bool
-    min_last: int
-    min_other: int
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.labels.shape[0])
-
-    @property
-    def exan_counts(self) -> np.ndarray:
-        """(M, H) effective ExAN counts."""
-        return np.stack([layer.effective_exans for layer in self.layers], axis=1)
-
-    @property
-    def insecure(self) -> bool:
-        """True when every sample meets the condition (the batch is provably reconstructable)."""
-        return bool(self.certifiable.all())
-
-    @property
-    def certifiable_fraction(self) -> float:
-        return float(self.certifiable.mean())
-
-    def summary(self) -> str:
-        counts = self.exan_counts
-        per_layer = ", ".join(
-            f"{layer.name}: min {int(c.min())} / median {float(np.median(c)):g} ExANs"
-            for layer, c in zip(self.layers, counts.T)
-        )
-        verdict = "insecure (every sample reconstructable)" if self.insecure else "not fully reconstructable"
-        return (
-            f"{int(self.certifiable.sum())}/{self.batch_size} samples certifiable; batch {verdict}; {per_layer}"
-        )
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "batch_size": self.batch_size,
-            "certifiable": self.certifiable.tolist(),
-            "certifiable_fraction": self.certifiable_fraction,
-            "insecure": self.insecure,
-            "condition": {"min_exans_last_layer": self.min_last, "min_exans_other_layers": self.min_other},
-            "layers": [
-                {
-                    "name": layer.name,
-                    "width": layer.width,
-                    "active": layer.active.tolist(),
-                    "exans": layer.exans.tolist(),
-                    "effective_exans": layer.effective_exans.tolist(),
-                    "margin": layer.margin.tolist(),
-                    "dead_fraction": layer.dead_fraction,
-                    "shared_fraction": layer.shared_fraction,
-                }
-                for layer in self.layers
-            ],
-        }
-
-
-def _kth_largest(values: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, the k-th largest of ``values`` where ``mask`` holds (0 where fewer than k)."""
-    filled = torch.where(mask, values, torch.full_like(values, -torch.inf))
-    if k > filled.shape[1]:
-        return torch.zeros(filled.shape[0], dtype=values.dtype)
-    top = torch.topk(filled, k, dim=1).values[:, k - 1]
-    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+from fedleak.analysis.batch import Batch, read_batch
+from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, LayerExclusivity
+from fedleak.errors import ModelError
+from fedleak.nets import Network, Trace, forward_trace
 
 
 def analyze_exclusivity(
@@ -115,51 +34,80 @@ def analyze_exclusivity(
     *,
     min_last: int = 2,
     min_other: int = 1,
+    solve: bool = True,
+    **attack_options,
 ) -> ExclusivityReport:
     """Count, per sample and ReLU layer, the exclusively activated neurons of a batch.
 
-    Activation patterns are computed in the model's own dtype, exactly as the client computes them.
-    ``labels`` fix the backward signal that decides whether an ExAN is effective; without them the
+    ``model`` is any ``nn.Module`` :func:`fedleak.nets.as_network` reads (its input shape comes from
+    ``inputs``). Activation patterns are computed in the model's own dtype, exactly as the client computes
+    them. ``labels`` fix the backward signal that decides whether an ExAN is effective; without them the
     model's predictions are used. A sample is *certifiable* when it has at least ``min_last`` effective
-    ExANs at the last ReLU layer and ``min_other`` at every other one. CNNs are analysed at unit and
-    channel level (:func:`fedleak.analysis.conv_exclusivity.analyze_conv_exclusivity`).
+    ExANs at the head's last ReLU layer and ``min_other`` at every other one, and (conv blocks only) every
+    block is solvable with a proof. ``solve=False`` skips that per-sample check (then nothing with conv
+    blocks is certifiable: only counts; ``head_certifiable`` still holds the head condition).
+    ``attack_options`` are fields of :class:`~fedleak.attacks.exact.ExclusivityOptions` (its conv-block
+    noise model and exactness: ``ratio_noise``, ``rounding``, ``max_error``, ``data_range``, ...).
     """
-    from fedleak.models.convnet import is_cnn
+    return batch_exclusivity(read_batch(model, inputs, labels), min_last=min_last, min_other=min_other,
+                             solve=solve, **attack_options)
 
-    if is_cnn(model):  # unit- and channel-level analysis through the conv layers
-        from fedleak.analysis.conv_exclusivity import analyze_conv_exclusivity
 
-        return analyze_conv_exclusivity(model, inputs, labels, min_last=min_last, min_other=min_other)
-    net = as_relu_mlp(model)
-    if net.depth == 0:
+def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, solve: bool = True,
+                      **attack_options) -> ExclusivityReport:
+    """:func:`analyze_exclusivity` of a batch already read (:func:`fedleak.analysis.batch.read_batch`)."""
+    net = batch.net
+    if net.head.depth == 0:
         raise ModelError("the model has no hidden ReLU layer, so exclusivity is undefined")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
-        raise FedleakError("inputs must be a non-empty batch tensor (M x ...)")
-    if inputs[0].numel() != net.input_dim:
-        raise FedleakError(
-            f"each input has {inputs[0].numel()} values but the model's first layer takes {net.input_dim}"
-        )
-    if not torch.isfinite(inputs).all():
-        raise FedleakError("the inputs hold NaN or inf values")
-    dtype = net.dense[0].module.weight.dtype
+    opts = None
+    if (net.blocks and solve) or attack_options:
+        from fedleak.attacks.exact import ExclusivityOptions  # the attack's noise model (heavy: imported here)
+
+        opts = ExclusivityOptions(**attack_options)
+    dtype, labels = batch.dtype, batch.labels.to(net.device)
+    pres, deltas, acts = _conv_pass(net, batch.x, labels, dtype) if net.blocks else ([], [], [])
+    feats = acts[-1].reshape(batch.size, -1) if net.blocks else net.features(batch.x, dtype)
     with torch.no_grad():
-        if labels is None:
-            labels = forward_trace(net, inputs, dtype=dtype).logits.argmax(1)
-        labels = torch.as_tensor(labels).long().reshape(-1)
-        if labels.shape[0] != inputs.shape[0]:
-            raise FedleakError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
-        if labels.min() < 0 or labels.max() >= net.num_classes:
-            raise FedleakError(f"labels must lie in [0, {net.num_classes - 1}]")
-        trace = forward_trace(net, inputs, labels, dtype=dtype)
+        trace = forward_trace(net.head, feats, labels, dtype=dtype)
+    layers, head_ok = _head_layers(net, trace, min_last, min_other)
+    labels_np = batch.labels.numpy()
+    if not net.blocks:
+        return ExclusivityReport(layers=layers, labels=labels_np, certifiable=head_ok, min_last=min_last,
+                                 min_other=min_other, head_certifiable=head_ok)
+    solvable, bounds, chain = _solvability(net, acts, opts) if solve else _unsolved(len(net.blocks), batch.size)
+    conv_layers = tuple(_conv_layer(blk, z, d, solvable[i], bounds[i])
+                        for i, (blk, z, d) in enumerate(zip(net.blocks, pres, deltas)))
+    # the attack's rule (fedleak.attacks.exact.pipeline): a bound within max_error of the data range
+    allowed = None if opts is None else opts.max_error * opts.range_width(batch.x.to(torch.float64).cpu().numpy())
+    cert = head_ok & solvable.all(0) & (chain <= (np.inf if allowed is None else allowed))
+    return ExclusivityReport(
+        layers=layers, labels=labels_np, certifiable=cert, min_last=min_last, min_other=min_other,
+        conv_layers=conv_layers, head_certifiable=head_ok, error_bound=chain, allowed_error=allowed,
+    )
+
+
+def _kth_largest(values: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the k-th largest of ``values`` where ``mask`` holds (0 where fewer than k)."""
+    filled = torch.where(mask, values, torch.full_like(values, -torch.inf))
+    if k > filled.shape[1]:
+        return torch.zeros(filled.shape[0], dtype=values.dtype, device=values.device)
+    top = torch.topk(filled, k, dim=1).values[:, k - 1]
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
+def _head_layers(net: Network, trace: Trace, min_last: int, min_other: int
+                 ) -> tuple[tuple[LayerExclusivity, ...], np.ndarray]:
+    """ExAN statistics of the head's ReLU layers and the head condition per sample."""
     layers = []
-    M = inputs.shape[0]
-    counts_ok = torch.ones(M, dtype=torch.bool)
+    M = trace.logits.shape[0]
+    depth = net.head.depth
+    counts_ok = torch.ones(M, dtype=torch.bool, device=trace.logits.device)
     for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
         active = z > 0
         per_neuron = active.sum(0)
         exclusive = active & (per_neuron == 1)
         effective = exclusive & (delta != 0)
-        need = min_last if h == net.depth - 1 else min_other
+        need = min_last if h == depth - 1 else min_other
         # slack: how far the neuron is from losing exclusivity (own activation vs. the others' highest)
         if M > 1:
             top2 = torch.topk(z, 2, dim=0).values
@@ -167,20 +115,78 @@ def analyze_exclusivity(
         else:
             others_max = torch.full_like(z, -torch.inf)
         slack = torch.minimum(z, -others_max).to(torch.float64)
-        margin = _kth_largest(slack, effective, need) if need > 0 else torch.zeros(M, dtype=torch.float64)
-        layers.append(
-            LayerExclusivity(
-                name=net.dense[h].name,
-                width=int(z.shape[1]),
-                active=active.sum(1).numpy(),
-                exans=exclusive.sum(1).numpy(),
-                effective_exans=effective.sum(1).numpy(),
-                margin=margin.numpy(),
-                dead_fraction=float((per_neuron == 0).float().mean()),
-                shared_fraction=float((per_neuron >= 2).float().mean()),
-            )
-        )
+        margin = (_kth_largest(slack, effective, need) if need > 0
+                  else torch.zeros(M, dtype=torch.float64, device=z.device))
+        layers.append(LayerExclusivity(
+            name=net.head.dense[h].name, width=int(z.shape[1]), active=active.sum(1).cpu().numpy(),
+            exans=exclusive.sum(1).cpu().numpy(), effective_exans=effective.sum(1).cpu().numpy(),
+            margin=margin.cpu().numpy(), dead_fraction=float((per_neuron == 0).float().mean()),
+            shared_fraction=float((per_neuron >= 2).float().mean()),
+        ))
         counts_ok &= effective.sum(1) >= need
-    return ExclusivityReport(
-        layers=tuple(layers), labels=labels.numpy(), certifiable=counts_ok.numpy(), min_last=min_last, min_other=min_other
+    return tuple(layers), counts_ok.cpu().numpy()
+
+
+def _conv_pass(net: Network, x: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Conv pre-activations, their per-sample backward signals (autograd: the samples are independent,
+    BN is in eval mode) and the activations (input, then each block's output)."""
+    M = x.shape[0]
+    with torch.enable_grad():
+        a = x.detach().to(dtype).requires_grad_(True)
+        pres, acts = [], [a]
+        for blk in net.blocks:
+            z = blk.preact(a, dtype)
+            pres.append(z)
+            a = blk.apply_pool(torch.relu(z))
+            acts.append(a)
+        out = forward_trace(net.head, a.reshape(M, -1), dtype=dtype).logits
+        loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
+        deltas = torch.autograd.grad(loss, pres)
+    return [z.detach() for z in pres], [d.detach() for d in deltas], [a.detach() for a in acts]
+
+
+def _unsolved(blocks: int, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros((blocks, M), dtype=bool), np.full((blocks, M), np.inf), np.full(M, np.inf)
+
+
+def _solvability(net: Network, acts: list[torch.Tensor], opts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block and sample: solvable with a proof, and the proven bound; per sample the chained bound.
+    Top block first, from the true activations (what the attack would see)."""
+    from fedleak.attacks.exact import EPS32, invert_block
+
+    nb, M = len(net.blocks), acts[0].shape[0]
+    solvable, bounds, chain = _unsolved(nb, M)
+    host = [a.to(torch.float64).reshape(M, -1).cpu().numpy() for a in acts]
+    for m in range(M):
+        err2 = 0.0
+        err = opts.ratio_noise * EPS32 * np.abs(host[-1][m])
+        ok = True
+        for i in range(nb - 1, -1, -1):
+            out = host[i + 1][m]
+            s = invert_block(net.blocks[i], out, err if i == nb - 1 else np.zeros(len(out)), opts, err2)
+            solvable[i, m] = s.unique
+            bounds[i, m] = s.bound
+            ok = ok and s.unique
+            err2 = s.bound if s.unique else np.inf
+        chain[m] = err2 if ok else np.inf
+    return solvable, bounds, chain
+
+
+def _conv_layer(blk, z: torch.Tensor, d: torch.Tensor, solvable: np.ndarray, bound: np.ndarray) -> ConvLayerExclusivity:
+    M, C = z.shape[0], blk.conv_shape[0]
+    act = (z > 0).reshape(M, C, -1)
+    dd = d.reshape(M, C, -1)
+    per_unit = act.sum(0)
+    excl = act & (per_unit == 1)
+    eff = excl & (dd != 0)
+    ch_act = act.any(2)
+    ch_excl = ch_act & (ch_act.sum(0) == 1)
+    ch_eff = ch_excl & ((dd != 0) & act).any(2)
+    count = lambda t: t.reshape(M, -1).sum(1).cpu().numpy()  # noqa: E731
+    return ConvLayerExclusivity(
+        name=blk.name, units=blk.conv_dim, channels=C, active_units=count(act), unit_exans=count(excl),
+        effective_unit_exans=count(eff), active_channels=count(ch_act), channel_exans=count(ch_excl),
+        effective_channel_exans=count(ch_eff), dead_unit_fraction=float((per_unit == 0).float().mean()),
+        shared_unit_fraction=float((per_unit >= 2).float().mean()), solvable=solvable, bound=bound,
     )

@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from fedleak.attacks.optimization import InversionSettings, run_optimization_attack
+from fedleak.attacks.inversion import InversionSettings, run_optimization_attack
 from fedleak.attacks.registry import register_attack
 from fedleak.reconstruction import Reconstruction
 
@@ -42,7 +42,7 @@ DLM_PLUS_DEFAULTS = InversionSettings(objective="normalized", optimizer="adam", 
 def dlm_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """DLM on a :class:`~fedleak.WeightUpdate`. Options: ``batch_size`` (default: ``num_examples``),
     ``labels``, ``input_shape``, ``local_steps`` and the fields of
-    :class:`~fedleak.attacks.optimization.InversionSettings` (``iterations``, ``time_budget``,
+    :class:`~fedleak.attacks.inversion.InversionSettings` (``iterations``, ``time_budget``,
     ``progress``, ``seed``, ``optimizer``, ...)."""
     return run_optimization_attack("dlm", DLM_DEFAULTS, model, update, **options)
 

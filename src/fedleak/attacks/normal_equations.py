@@ -4,7 +4,7 @@ of conv blocks (``J``: the rows of the unrolled conv whose units are known).
 Both solvers factor the normal matrix ``N = J^T J``:
 
 - :class:`BandedNormal` -- LAPACK band Cholesky of ``N`` in pixel-major order (see
-  :mod:`fedleak.models.conv_gram`); milliseconds for the layers of LeNet/ConvNet size.
+  :mod:`fedleak.nets.conv_gram`); milliseconds for the layers of LeNet/ConvNet size.
 - :class:`SparseNormal` -- SuperLU with a symmetric ordering and diagonal pivots only (an ``LDL^T``), for
   systems whose band would be too wide.
 
@@ -176,7 +176,7 @@ def normal_equations(J: sp.csr_matrix, order: np.ndarray, ab: np.ndarray | None 
     """The normal equations of ``J`` with the fastest applicable factorisation.
 
     ``order``: the unknowns' pixel-major order; ``ab``: ``J^T J`` already in band storage for that order
-    (from :class:`~fedleak.models.conv_gram.ConvGram`), else it is formed here."""
+    (from :class:`~fedleak.nets.conv_gram.ConvGram`), else it is formed here."""
     J = J.tocsr()
     n = J.shape[1]
     if ab is not None and n * (ab.shape[0] - 1) ** 2 <= BAND_WORK:

@@ -22,6 +22,7 @@ from fedleak.data import Dataset, load_dataset
 from fedleak.errors import FedleakError
 from fedleak.metrics import MatchResult, match, psnr
 from fedleak.models import load_mlp, make_mlp
+from fedleak.registry import Registry
 from fedleak.transforms import BatchTransform, Identity
 from fedleak.updates import compute_gradient_update
 from fedleak.validation import validate_fields
@@ -189,15 +190,12 @@ def _nanmean(values: Sequence[float]) -> float | None:
 
 
 ScenarioFactory = Callable[[AuditSettings], BatchTransform]
-_SCENARIOS: dict[str, tuple[ScenarioFactory, str]] = {}
+_SCENARIOS: Registry[tuple[ScenarioFactory, str]] = Registry("scenario")
 
 
 def register_scenario(name: str, description: str) -> Callable[[ScenarioFactory], ScenarioFactory]:
-    def decorator(factory: ScenarioFactory) -> ScenarioFactory:
-        _SCENARIOS[name] = (factory, description)
-        return factory
-
-    return decorator
+    """Decorator that makes ``factory(settings) -> BatchTransform`` the audit scenario ``name``."""
+    return _SCENARIOS.decorator(name, lambda factory: (factory, description))
 
 
 def available_scenarios() -> dict[str, str]:
@@ -224,10 +222,8 @@ def _defended(settings: AuditSettings) -> BatchTransform:
 
 
 def _scenario(name: str, settings: AuditSettings) -> BatchTransform:
-    try:
-        return _SCENARIOS[name][0](settings)
-    except KeyError:
-        raise FedleakError(f"unknown scenario '{name}'; available: {', '.join(_SCENARIOS)}") from None
+    factory, _ = _SCENARIOS.get(name)
+    return factory(settings)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,13 +302,13 @@ def run_audit(
         t2 = time.perf_counter()
         rec = reconstruct(net, update, attack=settings.attack)
         report = analyze_exclusivity(net, xs, ys)
-        scores = match(rec, xs, ys, data_range=data.value_range)
+        scores = match(rec, xs, ys, data_range=data.pixel_range, normalization=data.normalization)
         vs_original = linf = pert_psnr = None
         if scenario != "plain" and xs.shape == x.shape:
-            vs_original = match(rec, x, y, data_range=data.value_range).mean_psnr()
+            vs_original = match(rec, x, y, data_range=data.pixel_range, normalization=data.normalization).mean_psnr()
             diff = (xs - x).reshape(size, -1).abs().amax(1)
             linf = float(diff.mean())
-            pert_psnr = float(psnr(xs, x, data.value_range[1] - data.value_range[0]).mean())
+            pert_psnr = float(psnr(data.pixels(xs), data.pixels(x), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(
             scenario=scenario, batch_size=size, trial=trial,
             certifiable=int(report.certifiable.sum()),
@@ -328,18 +324,19 @@ def run_audit(
             certificates=scores.per_certified(),
         ))
         if trial == 0 and size == showcase_size:
-            showcases.append(_showcase(scenario, size, x, y, xs, rec, scores, data.value_range))
+            showcases.append(_showcase(scenario, size, x, y, xs, rec, scores, data))
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
-        value_range=data.value_range,
+        value_range=data.pixel_range,
     )
 
 
 def _showcase(scenario: str, size: int, x: torch.Tensor, y: torch.Tensor, xs: torch.Tensor, rec,
-              scores: MatchResult, value_range: tuple[float, float]) -> Showcase:
+              scores: MatchResult, data: Dataset) -> Showcase:
     """One column per original (its matched reconstruction, unclamped), then one per certified sample
-    left unpaired (necessarily a false certificate: more certified samples than the batch holds)."""
+    left unpaired (necessarily a false certificate: more certified samples than the batch holds); images in
+    pixel space (de-normalised when the data is normalised)."""
     false_reason = {j: r for j, r in scores.false_reasons()}
     paired = {int(j) for j in scores.matched if j >= 0}
     extra = [j for j in false_reason if j not in paired]
@@ -362,10 +359,10 @@ def _showcase(scenario: str, size: int, x: torch.Tensor, y: torch.Tensor, xs: to
     columns = [(i, int(j)) for i, j in enumerate(scores.matched) if j >= 0]
     columns += [(base + k, j) for k, j in enumerate(extra)]
     for col, j in columns:
-        rebuilt[col] = rec.inputs[j].detach().reshape(shape).numpy()
+        rebuilt[col] = data.pixels(rec.inputs[j].detach().reshape(1, *shape))[0].numpy()
         rebuilt_labels[col] = int(rec.labels[j])
         certified[col] = bool(rec.certified[j])
         status[col] = "false" if j in false_reason else ("certified" if certified[col] else "uncertified")
         reasons[col] = false_reason.get(j, "")
-    return Showcase(scenario, size, padded(x.numpy()), padded(xs.detach().numpy()), rebuilt, certified, labels,
-                    rebuilt_labels, tuple(status), tuple(reasons), value_range)
+    return Showcase(scenario, size, padded(data.pixels(x).numpy()), padded(data.pixels(xs.detach()).numpy()), rebuilt,
+                    certified, labels, rebuilt_labels, tuple(status), tuple(reasons), data.pixel_range)

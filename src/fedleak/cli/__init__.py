@@ -1,6 +1,6 @@
 """The ``fedleak`` command line: a thin layer over the public API.
 
-Each sub-command lives in its own module of this package and registers itself on :data:`app`.
+Each sub-command lives in its own module of this package and registers itself on :data:`fedleak.cli.app.app`.
 Errors that come from bad input (:class:`~fedleak.errors.FedleakError`) end the command with a one-line
 message and exit code 2, never a traceback.
 """
@@ -11,26 +11,10 @@ import sys
 
 import typer
 
+from fedleak.cli import commands  # noqa: F401  (sub-commands register themselves on `app`)
+from fedleak.cli.app import app
 from fedleak.errors import FedleakError
-
-app = typer.Typer(
-    name="fedleak",
-    help="Measure, demonstrate and mitigate training-data leakage from federated-learning updates.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.callback()
-def _root() -> None:
-    """Measure, demonstrate and mitigate training-data leakage from federated-learning updates."""
-
-# sub-commands register themselves on `app` when imported
-from fedleak.cli import commands  # noqa: E402,F401
-
-
-from fedleak.launch import INTERRUPTED  # noqa: E402
+from fedleak.exit_codes import BAD_INPUT, INTERRUPTED
 
 
 def fail(message: object) -> None:
@@ -48,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         code = app(args=argv, standalone_mode=False)  # click returns the exit code instead of raising
     except FedleakError as exc:
         fail(exc)
-        return 2
+        return BAD_INPUT
     except KeyboardInterrupt:
         code = INTERRUPTED
     except typer.Exit as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedleak.cli import app
+from fedleak.cli.app import app
 
 
 @app.command()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from fedleak.cli import app
+from fedleak.cli.app import app
 from fedleak.errors import FedleakError
 from fedleak.validation import check_output_dir, check_seed, check_shape
 

@@ -6,7 +6,6 @@ Every loader is cached, so a data set is read once per process. Medical sets liv
 
 from __future__ import annotations
 
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,14 +13,13 @@ import numpy as np
 import torch
 
 from fedleak.data.dataset import Dataset, to_nchw_unit
+from fedleak.data.idx import read_idx
 from fedleak.data.registry import register_dataset
 from fedleak.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
-_GZIP_MAGIC = b"\x1f\x8b"
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 @register_dataset("digits", "scikit-learn's 1,797 handwritten digits, 8x8 grey (the embedded default)")
@@ -33,37 +31,6 @@ def digits() -> Dataset:
     x = torch.from_numpy((d.images / 16.0).astype(np.float32))[:, None]
     return Dataset("digits", x, torch.from_numpy(d.target.astype(np.int64)), tuple(str(i) for i in range(10)),
                    source="sklearn.datasets.load_digits")
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or not, told by its magic bytes) into a numpy array, checking its header."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc.strerror or exc}") from None
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            data = zlib.decompress(raw, wbits=31)  # faster than gzip.open for whole files
-        except zlib.error as exc:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
-    else:
-        data = raw
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path} is not an IDX file (bad magic number)")
-    type_code, ndim = data[2], data[3]
-    if type_code not in _IDX_DTYPES:
-        raise DataError(f"{path}: unknown IDX data type 0x{type_code:02x}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_DTYPES[type_code])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataError(f"{path}: IDX header promises {expected} bytes of data, file holds {len(data) - header} "
-                        "(truncated or corrupt file)")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
 def _uint8_to_unit(images: np.ndarray) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedleak.data.normalization import Normalization
 from fedleak.errors import DataError
 
 
@@ -20,7 +21,10 @@ class Dataset:
     most ``EXACT_TOL x (high - low)``, PSNR and SSIM use ``high - low`` as the data range) and reports
     display images on it. Every built-in loader and file reader scales pixels to [0, 1] (uint8 / 255,
     digits / 16, volumes / their maximum), hence the default ``(0.0, 1.0)``; a source with another
-    range (e.g. normalised or raw 0..255 data) sets it.
+    range (e.g. raw 0..255 data) sets it.
+
+    ``normalization`` is the per-channel mean/std map from pixels to ``x`` when the data is normalised as
+    the model expects (:meth:`normalized`); metrics and reports then score and draw in pixel space.
     """
 
     name: str
@@ -29,6 +33,7 @@ class Dataset:
     classes: tuple[str, ...]
     source: str = ""
     value_range: tuple[float, float] = (0.0, 1.0)
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -47,11 +52,35 @@ class Dataset:
         if not torch.isfinite(self.x).all():
             raise DataError(f"{self.name}: images hold NaN or inf values")
         x_lo, x_hi = float(self.x.min()), float(self.x.max())
-        if x_lo < lo or x_hi > hi:
+        slack = 1e-6 * (hi - lo) if self.normalization is not None else 0.0  # float rounding of (x - m) / s
+        if x_lo < lo - slack or x_hi > hi + slack:
             raise DataError(f"{self.name}: images must lie in the value range [{lo:g}, {hi:g}] "
                             f"(found values in [{x_lo:g}, {x_hi:g}])")
         if int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes):
             raise DataError(f"{self.name}: labels must lie in [0, {len(self.classes) - 1}]")
+
+    def normalized(self, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]) -> Dataset:
+        """This data normalised per channel as a model expects it: ``(x - mean) / std``.
+
+        Flower's quickstart uses ``mean = std = (0.5, 0.5, 0.5)`` (pixels in [0, 1] become [-1, 1]); ImageNet
+        models use ``(0.485, 0.456, 0.406)`` / ``(0.229, 0.224, 0.225)``. The result's ``value_range`` is the
+        normalised range of the pixel range, and its ``normalization`` maps back for scores and pictures.
+        """
+        if self.normalization is not None:
+            raise DataError(f"{self.name} is already normalised")
+        norm = Normalization(tuple(mean), tuple(std), self.value_range)
+        if len(norm.mean) not in (1, self.input_shape[0]):
+            raise DataError(f"{self.name} has {self.input_shape[0]} channel(s); got {len(norm.mean)} means")
+        return Dataset(self.name, norm.apply(self.x), self.y, self.classes, self.source, norm.input_range, norm)
+
+    @property
+    def pixel_range(self) -> tuple[float, float]:
+        """The range scores and pictures use: the pixel range of normalised data, else ``value_range``."""
+        return self.normalization.pixel_range if self.normalization is not None else self.value_range
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model inputs (N x C x H x W) in pixel space: de-normalised when the data is normalised (unclamped)."""
+        return self.normalization.invert(x) if self.normalization is not None else x
 
     def __len__(self) -> int:
         return int(self.x.shape[0])

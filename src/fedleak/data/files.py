@@ -22,10 +22,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedleak.data.builtin import read_idx
 from fedleak.data.dataset import Dataset, to_nchw_unit
+from fedleak.data.idx import read_idx
 from fedleak.data.safe_pickle import load_restricted
 from fedleak.errors import DataError
+from fedleak.registry import Registry
 from fedleak.validation import check_labels
 
 Split = Literal["train", "test"]
@@ -46,13 +47,12 @@ class FormatReader:
     has_splits: bool = False
 
 
-_READERS: dict[str, FormatReader] = {}
+_READERS: Registry[FormatReader] = Registry("data format")
 
 
 def register_format(reader: FormatReader) -> FormatReader:
-    """Add a reader; readers are tried in the order they were registered."""
-    _READERS[reader.name] = reader
-    return reader
+    """Add a reader; readers are tried in the order they were registered (a name is registered once)."""
+    return _READERS.register(reader.name, reader)
 
 
 def available_formats() -> dict[str, str]:
@@ -71,12 +71,13 @@ def load_path(path: str | os.PathLike[str], split: str | None = None) -> Dataset
         raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    for reader in _READERS.values():
+    readers = [reader for _, reader in _READERS.items()]
+    for reader in readers:
         if reader.detect(path):
             if split is not None and not reader.has_splits:
                 raise DataError(f"{path} is {reader.description}, which has no train/test splits; drop split=")
             return reader.load(path, split)  # type: ignore[arg-type]
-    formats = "; ".join(f"{r.name}: {r.description}" for r in _READERS.values())
+    formats = "; ".join(f"{r.name}: {r.description}" for r in readers)
     raise DataError(f"cannot tell the format of {path}; fedleak reads {formats}")
 
 

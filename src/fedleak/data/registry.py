@@ -7,17 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedleak.data.dataset import Dataset
+from fedleak.data.files import load_path
 from fedleak.errors import DataError
+from fedleak.registry import Registry
 
-_BUILTIN: dict[str, tuple[Callable[[], Dataset], str]] = {}
+_BUILTIN: Registry[tuple[Callable[[], Dataset], str]] = Registry("data set")
 
 
 def register_dataset(name: str, description: str) -> Callable[[Callable[[], Dataset]], Callable[[], Dataset]]:
-    def decorator(fn: Callable[[], Dataset]) -> Callable[[], Dataset]:
-        _BUILTIN[name] = (fn, description)
-        return fn
-
-    return decorator
+    """Decorator that makes the loader ``fn()`` the built-in data set ``name`` (a name is registered once)."""
+    return _BUILTIN.decorator(name, lambda fn: (fn, description))
 
 
 def available_datasets() -> dict[str, str]:
@@ -38,12 +37,10 @@ def load_dataset(name_or_path: str | os.PathLike[str], *, split: str | None = No
         if split is not None:
             raise DataError(f"built-in data set '{key}' has a fixed split; drop split= (names like "
                             "'fashion-mnist-train' select other splits)")
-        return _BUILTIN[key][0]()
+        return _BUILTIN.get(key, DataError)[0]()
     path = Path(key).expanduser()
     if not path.exists():
         raise DataError(
-            f"'{key}' is neither a built-in data set ({', '.join(sorted(_BUILTIN))}) nor an existing path"
+            f"'{key}' is neither a built-in data set ({', '.join(_BUILTIN.names())}) nor an existing path"
         )
-    from fedleak.data.files import load_path
-
     return load_path(path, split=split)

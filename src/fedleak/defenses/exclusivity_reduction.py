@@ -17,24 +17,31 @@ the batch (batch composition, D1) if ``drop_unprotected`` is set, else left as i
 The default ``max_exans=0`` leaves no exclusive row at all at the last ReLU layer, which is stronger
 than defeating the certificate (``max_exans=1``: a single pure row still lets the attack rebuild that
 sample, just without a certificate).
+
+Any network :func:`fedleak.nets.as_network` reads works: the last ReLU layer is that of the fully
+connected head, and the LPs run on each sample's linearised network through the conv blocks, if any
+(:class:`~fedleak.fishing.sample_net.SampleNet`). Perturbed values stay in the data range
+(``data_range``, see :class:`ReductionOptions`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedleak.analysis.batch import read_batch
 from fedleak.errors import FedleakError, SolverError
-from fedleak.fishing.lp import LPSettings, NetArrays, Requirement, SampleOutcome, solve_sample
-from fedleak.fishing.perturb import single_threaded_blas
+from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas, solve_sample
+from fedleak.fishing.perturb import check_data_range, psnr, resolve_data_range
+from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
-from fedleak.models.structure import as_relu_mlp
+from fedleak.validation import options_from
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,12 @@ class ReductionOptions:
 
     ``max_exans``: ExANs a sample may keep at the last ReLU layer (0: none; 1 already defeats the
     certificate, which needs 2). ``margin``: kappa of every switched neuron, in pre-activation units.
-    ``budget``: largest L-infinity perturbation (None: anything in [0, 1]). ``rounds``: batch-level rounds
-    (new ExANs a round creates are fixed in the next). ``drop_unprotected``: remove samples that stay
-    exclusive from the batch rather than send them.
+    ``budget``: largest L-infinity perturbation, as a fraction of the data range (None: anything in the
+    range). ``rounds``: batch-level rounds (new ExANs a round creates are fixed in the next).
+    ``drop_unprotected``: remove samples that stay exclusive from the batch rather than send them.
+    ``data_range``: ``(low, high)`` the perturbed values stay in (LP box, final clamp, PSNR peak
+    ``high - low``); None: [0, 1] when the batch lies in it, else the batch's own [min, max] (stated in
+    :attr:`ReductionResult.data_range`).
     """
 
     max_exans: int = 0
@@ -58,14 +68,16 @@ class ReductionOptions:
     drop_unprotected: bool = True
     polish: bool = True
     polish_slack: float = 0.25
+    data_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "data_range", check_data_range(self.data_range))
         if self.max_exans < 0:
             raise SolverError(f"max_exans must be >= 0, got {self.max_exans}")
         if not (self.margin > 0 and math.isfinite(self.margin)):
             raise SolverError(f"margin must be a positive number, got {self.margin}")
         if self.budget is not None and not (0 < self.budget <= 1):
-            raise SolverError(f"budget must lie in (0, 1], got {self.budget}")
+            raise SolverError(f"budget must lie in (0, 1] (a fraction of the data range), got {self.budget}")
         if self.norm not in ("linf", "l1"):
             raise SolverError(f"norm must be 'linf' or 'l1', got '{self.norm}'")
         if self.rounds < 1:
@@ -74,11 +86,7 @@ class ReductionOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> ReductionOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = set(kwargs) - known
-        if unknown:
-            raise SolverError(f"unknown exclusivity-reduction option(s): {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**kwargs)
+        return options_from(cls, kwargs, error=SolverError, what="exclusivity-reduction option")
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,8 @@ class ReducedSample:
 
 @dataclass(frozen=True)
 class ReductionResult:
-    """The defended batch (``inputs``/``labels``, the kept samples in order) and per-sample statistics."""
+    """The defended batch (``inputs``/``labels`` on the CPU, the kept samples in order, inside
+    ``data_range``) and per-sample statistics (``psnr`` with peak ``high - low``)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
@@ -114,6 +123,7 @@ class ReductionResult:
     samples: tuple[ReducedSample, ...]
     options: ReductionOptions
     seconds: float
+    data_range: tuple[float, float] = (0.0, 1.0)
 
     @property
     def protected(self) -> bool:
@@ -145,6 +155,7 @@ class ReductionResult:
             "kept": self.kept.tolist(),
             "protected": self.protected,
             "seconds": self.seconds,
+            "data_range": list(self.data_range),
             "options": asdict(self.options),
             "samples": [s.to_dict() for s in self.samples],
         }
@@ -163,30 +174,34 @@ def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float) -> np.ndarray:
 def reduce_exclusivity(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: ReductionOptions | None = None, **kwargs
 ) -> ReductionResult:
-    """Remove the ExANs of a batch at the last ReLU layer (see the module docstring)."""
+    """Remove the ExANs of a batch at the last ReLU layer of the head (see the module docstring)."""
     start = time.perf_counter()
     opts = options or ReductionOptions.from_kwargs(**kwargs)
-    net = as_relu_mlp(model)
-    if net.depth == 0:
+    if labels is None:
+        raise FedleakError("exclusivity reduction needs the batch's labels")
+    batch = read_batch(model, inputs, labels)
+    net, labels = batch.net, batch.labels
+    if net.head.depth == 0:
         raise FedleakError("exclusivity reduction needs at least one hidden ReLU layer")
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
-        raise FedleakError("inputs must be a non-empty batch tensor (M x ...)")
-    if inputs[0].numel() != net.input_dim:
-        raise FedleakError(f"each input has {inputs[0].numel()} values but the model takes {net.input_dim}")
-    if float(inputs.min()) < 0 or float(inputs.max()) > 1:
-        raise FedleakError("exclusivity reduction works on data in [0, 1]; the inputs leave that range")
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if labels.shape[0] != inputs.shape[0]:
-        raise FedleakError(f"{inputs.shape[0]} inputs but {labels.shape[0]} labels")
-    A = NetArrays(net)
-    H = A.depth - 1
-    X = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).numpy().copy()
+    lo, hi = data_range = resolve_data_range(inputs, opts.data_range, "exclusivity reduction")
+    stack, head = ConvStack(net), HeadArrays(net.head)
+    H = head.depth - 1
+    X = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).cpu().numpy().copy()
     M = X.shape[0]
     kap = opts.margin
-    settings = LPSettings(norm=opts.norm, budget=opts.budget, polish=opts.polish, polish_slack=opts.polish_slack,
-                          solver=opts.solver, time_limit=opts.time_limit)
-    clean_pat = [(z > 0).astype(np.float64) for z in A.preacts(X)]
-    sens = sensitivities(A, [p.mean(0) for p in clean_pat])[H]
+    settings = LPSettings(norm=opts.norm, budget=None if opts.budget is None else opts.budget * (hi - lo),
+                          polish=opts.polish, polish_slack=opts.polish_slack, solver=opts.solver,
+                          time_limit=opts.time_limit, lo=lo, hi=hi)
+    nets: dict[int, SampleNet] = {}  # each sample's linearised network, built when it first needs an LP
+
+    def last_layer(X: np.ndarray, f32: bool = True) -> np.ndarray:
+        """Pre-activations of the head's last ReLU layer for a batch of flat inputs (float32: as the client)."""
+        if f32:
+            X = X.astype(np.float32)
+        return head.preacts(stack.features(X, f32), f32=f32)[H]
+
+    clean_pat = [(z > 0).astype(np.float64) for z in head.preacts(stack.features(X))]
+    sens = sensitivities(head, [p.mean(0) for p in clean_pat])[H]
     Xp = X.copy()
     alive = np.ones(M, dtype=bool)
     failed = np.zeros(M, dtype=bool)
@@ -196,10 +211,10 @@ def reduce_exclusivity(
     lp_solves = np.zeros(M, dtype=np.int64)
     messages = [""] * M
     with single_threaded_blas():
-        Z0 = A.preacts(X.astype(np.float32), f32=True)[H]
+        Z0 = last_layer(X)
         before = _exans(Z0, np.ones(M, dtype=bool), kap).sum(1)
         for _ in range(opts.rounds):
-            Z = A.preacts(Xp.astype(np.float32), f32=True)[H].astype(np.float64)
+            Z = last_layer(Xp).astype(np.float64)
             ex = _exans(Z, alive, kap)
             counts = ex.sum(1)
             over = [m for m in range(M) if alive[m] and counts[m] > opts.max_exans and not failed[m]]
@@ -226,16 +241,20 @@ def reduce_exclusivity(
                         reqs[partner][int(j)] = +1
                         changed.add(int(partner))
             for m in sorted(changed):
-                pattern = [p[m].copy() for p in clean_pat]
+                if m not in nets:
+                    nets[m] = SampleNet(stack, head, X[m])
+                net_m = nets[m]
+                last = net_m.shift + H  # the head's last ReLU layer in the sample network
+                pattern = net_m.stack_pattern() + [p[m].copy() for p in clean_pat]
                 for j, s in reqs[m].items():
-                    pattern[H][j] = 1.0 if s > 0 else 0.0
-                required = [Requirement(H, j, s, kap) for j, s in reqs[m].items()]
+                    pattern[last][j] = 1.0 if s > 0 else 0.0
+                required = [Requirement(last, j, s, kap) for j, s in reqs[m].items()]
                 # no new ExAN: neurons no other alive sample fires must not start firing for m
                 others_on = ((Z > 0) & alive[:, None]).sum(0) - (Z[m] > 0)
-                quiet = np.nonzero((others_on == 0) & (pattern[H] == 0))[0]
-                lazy = [Requirement(H, int(j), -1, kap) for j in quiet if int(j) not in reqs[m]]
+                quiet = np.nonzero((others_on == 0) & (pattern[last] == 0))[0]
+                lazy = [Requirement(last, int(j), -1, kap) for j in quiet if int(j) not in reqs[m]]
                 try:
-                    out = solve_sample(A, X[m], pattern, required, lazy, settings)
+                    out = solve_sample(net_m, X[m], pattern, required, lazy, settings)
                 except Exception as exc:  # a solver crash leaves the sample as it was and says so
                     out = SampleOutcome(f"error:{type(exc).__name__}", X[m].copy(), message=str(exc))
                 lp_secs[m] += out.lp_seconds
@@ -249,7 +268,7 @@ def reduce_exclusivity(
                     Xp[m] = X[m]
                     if opts.drop_unprotected:
                         alive[m] = False
-        Zf = A.preacts(Xp.astype(np.float32), f32=True)[H]
+        Zf = last_layer(Xp)
         after = _exans(Zf, alive, kap).sum(1)
         if opts.drop_unprotected:
             # batch composition: what still carries ExANs after the rounds is not sent
@@ -258,17 +277,16 @@ def reduce_exclusivity(
                     alive[m] = False
                     messages[m] = messages[m] or f"still {after[m]} ExAN(s) after {opts.rounds} rounds"
             for _ in range(M):  # dropping can expose partners; repeat until stable
-                after = _exans(A.preacts(Xp.astype(np.float32), f32=True)[H], alive, kap).sum(1)
+                after = _exans(last_layer(Xp), alive, kap).sum(1)
                 bad = alive & (after > opts.max_exans)
                 if not bad.any():
                     break
                 alive[bad] = False
     kept = np.nonzero(alive)[0]
-    out_x = torch.from_numpy(np.clip(Xp[kept], 0, 1)).to(inputs.dtype).reshape(len(kept), *inputs.shape[1:])
+    out_x = torch.from_numpy(np.clip(Xp[kept], lo, hi)).to(inputs.dtype).reshape(len(kept), *inputs.shape[1:])
     samples = []
     for m in range(M):
         diff = Xp[m] - X[m]
-        mse = float(np.mean(diff**2))
         if not alive[m]:
             status = "dropped"
         elif after[m] > opts.max_exans:
@@ -280,11 +298,11 @@ def reduce_exclusivity(
         samples.append(ReducedSample(
             index=m, status=status, exans_before=int(before[m]), exans_after=int(after[m]) if alive[m] else 0,
             linf=float(np.abs(diff).max()), l2=float(np.linalg.norm(diff)),
-            psnr=100.0 if mse <= 1e-10 else min(100.0, 10 * math.log10(1 / mse)),
+            psnr=psnr(Xp[m], X[m], hi - lo),
             lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
         ))
     return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, data_range)
 
 
 class ExclusivityReduction:

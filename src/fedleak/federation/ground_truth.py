@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fedleak.report.output import write_bytes_atomic
+
 
 @dataclass(frozen=True)
 class TrueBatch:
@@ -36,18 +38,17 @@ def _path(folder: str | os.PathLike[str], server_round: int, node_id: int) -> Pa
 
 def write_true_batch(folder: str | os.PathLike[str], server_round: int, node_id: int, batch: TrueBatch) -> None:
     """Client side: store the batch atomically (a scorer never reads a half-written file)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = _path(folder, server_round, node_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     meta = {"partition": str(batch.partition)}
     if batch.value_range is not None:
         meta["value_range"] = json.dumps([float(v) for v in batch.value_range])
     # clones: safetensors refuses tensors that share memory (``original`` may be ``inputs`` itself)
-    save_file({"inputs": batch.inputs.float().clone(), "original": batch.original.float().clone(),
-               "labels": batch.labels.contiguous().long()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    data = save({"inputs": batch.inputs.float().clone(), "original": batch.original.float().clone(),
+                 "labels": batch.labels.contiguous().long()}, metadata=meta)
+    write_bytes_atomic(path, data)
 
 
 def read_true_batch(folder: str | os.PathLike[str], server_round: int, node_id: int) -> TrueBatch | None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.federation.settings import DataSplit, FederationSettings
+from fedleak.registry import Registry
 from fedleak.transforms import BatchTransform
 
 
@@ -54,19 +55,16 @@ class Threat:
     update_kind: str = "gradient"  # what the attack is given: a scaled gradient or the WeightUpdate
 
 
-_THREATS: dict[str, Threat] = {}
-_DEFENSES: dict[str, Defense] = {}
+_THREATS: Registry[Threat] = Registry("threat")
+_DEFENSES: Registry[Defense] = Registry("defense")
 
 
 def register_threat(threat: Threat) -> Threat:
-    _THREATS[threat.name] = threat
-    return threat
+    return _THREATS.register(threat.name, threat)
 
 
 def get_threat(name: str) -> Threat:
-    if name not in _THREATS:
-        raise FedleakError(f"unknown threat '{name}'; available: {', '.join(_THREATS)}")
-    return _THREATS[name]
+    return _THREATS.get(name)
 
 
 def available_threats() -> dict[str, str]:
@@ -128,14 +126,11 @@ class Defense:
 
 
 def register_defense(defense: Defense) -> Defense:
-    _DEFENSES[defense.name] = defense
-    return defense
+    return _DEFENSES.register(defense.name, defense)
 
 
 def get_defense(name: str) -> Defense:
-    if name not in _DEFENSES:
-        raise FedleakError(f"unknown defense '{name}'; available: {', '.join(_DEFENSES)}")
-    return _DEFENSES[name]
+    return _DEFENSES.get(name)
 
 
 def available_defenses() -> dict[str, str]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from fedleak.federation.results import FederationResult
 from fedleak.metrics import EXACT_TOL
+from fedleak.report.output import write_atomic
 
 
 def _png(fig) -> str:
@@ -158,27 +159,11 @@ from an evaluation-only side channel the attack never reads.</p>
 
 def write_report(result: FederationResult, path: str | os.PathLike[str]) -> Path:
     """Write ``report.html`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(render_report(result), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomic(Path(path), render_report(result))
 
 
 def write_results(result: FederationResult, path: str | os.PathLike[str]) -> Path:
     """Write ``results.json`` atomically."""
     import json
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_atomic(Path(path), json.dumps(result.to_dict(), indent=1))

@@ -9,6 +9,12 @@ Usable on its own in any Flower (>= 1.20, Message API) ServerApp::
     for finding in strategy.findings():   # one per round and client, attack results (+ scores)
         print(finding.to_dict())
 
+The model may be any ``nn.Module`` (Flower's quickstart ``Net``, your own class). It is checked once, when the
+strategy is built (:mod:`fedleak.federation.template`): traced with ``torch.fx`` into the copy the attacks run
+on, which the audit worker process can rebuild without your class, and, for the exact attacks, read with
+:func:`fedleak.nets.as_network`, so an unsupported model raises :class:`~fedleak.errors.ModelError` naming
+the node there rather than on every update.
+
 Each round, :meth:`configure_train` remembers the weights it sends (after the optional ``tamper``
 function of a malicious server). :meth:`aggregate_train` checks every reply: a client that failed
 (error reply) or sent a malformed update (missing/extra arrays, wrong shapes, NaN/inf, no positive
@@ -48,6 +54,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fedleak.attacks import malicious as _malicious  # noqa: E402,F401  (registers trap-weights, imprint)
+from fedleak.attacks.registry import get_attack  # noqa: E402
 from fedleak.errors import FedleakError, UpdateError  # noqa: E402
 from fedleak.federation.audit_worker import (  # noqa: E402
     AuditInput,
@@ -59,12 +66,21 @@ from fedleak.federation.audit_worker import (  # noqa: E402
     set_round_model,
 )
 from fedleak.federation.results import ClientRecord  # noqa: E402
+from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
 from fedleak.updates import WeightUpdate  # noqa: E402
+from fedleak.validation import check_model  # noqa: E402
 
 
 Tamper = Callable[[nn.Module, int], nn.Module]
 AUDIT_MODES = ("process", "thread", "sync")
-__all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer"]
+__all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer", "needs_relu_network"]
+
+
+def needs_relu_network(attack: str) -> bool:
+    """Whether ``attack`` (a registered name) is an exact attack, which needs a ReLU network fedleak can read
+    (:func:`fedleak.nets.as_network`); the optimisation attacks need only autograd. Unknown names raise
+    :class:`FedleakError` listing the registered ones."""
+    return bool(getattr(get_attack(attack), "needs_relu_network", False))
 
 
 def _state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -93,9 +109,16 @@ def _main_module_hidden():
 class AuditFedAvg(FedAvg):
     """FedAvg plus a per-client leakage audit (see the module docstring).
 
-    ``model``: a module of the federation's architecture (its weights are ignored: each round's sent
-    weights are loaded into a copy). ``tamper(model, round) -> model``: a malicious server's change of
-    the weights it sends (same architecture), or None for an honest server. ``audit_mode``:
+    ``model``: any ``nn.Module`` of the federation's architecture, e.g. the class your clients train (its
+    weights are ignored: each round's sent weights are loaded into a copy). It is checked here, once: traced
+    with ``torch.fx`` into :attr:`template`, the module the attacks run on (generated code and torch's own
+    layers under your parameter names, so the audit worker process needs neither your class nor your script);
+    for an exact attack (exclusivity, trap-weights, imprint) it must also be a network
+    :func:`fedleak.nets.as_network` reads, else :class:`~fedleak.errors.ModelError` names the node that is
+    not. A model ``torch.fx`` cannot trace is refused for the exact attacks; the optimisation attacks then
+    run on a plain copy, which with ``"process"`` must pickle (else :class:`~fedleak.errors.FedleakError`).
+    ``tamper(model, round) -> model``: a malicious server's change of the weights it sends, given a copy of
+    your model with the round's weights (same architecture), or None for an honest server. ``audit_mode``:
     ``"process"`` (default: attacks run in one worker process, so neither the GIL nor the attack's CPU
     time holds up Flower's server thread), ``"thread"`` (a background thread) or ``"sync"`` (inside
     ``aggregate_train``). ``scorer``: evaluation-only scoring (see module docstring); with
@@ -108,8 +131,22 @@ class AuditFedAvg(FedAvg):
                  upload: str = "weights",
                  on_finding: Callable[[ClientRecord], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
-        self.template = copy.deepcopy(model).cpu()
         self.plan = plan or AuditPlan()
+        if audit_mode not in AUDIT_MODES:
+            raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
+        if upload not in ("weights", "delta"):
+            raise FedleakError(f"upload must be 'weights' or 'delta', got '{upload}'")
+        check_model(model)
+        self.model = copy.deepcopy(model).cpu()  # the user's own class: what ``tamper`` is given
+        if audit:
+            self.template = audit_template(model, attack=self.plan.attack,
+                                           needs_relu_network=needs_relu_network(self.plan.attack),
+                                           process=audit_mode == "process",
+                                           input_shape=dict(self.plan.options).get("input_shape"))
+            if audit_mode == "process" and scorer is not None:
+                check_shippable(scorer, "the scorer")  # e.g. a lambda: it would fail on every update
+        else:
+            self.template = self.model
         self.tamper = tamper
         self.scorer = scorer
         self.audit = audit
@@ -118,11 +155,7 @@ class AuditFedAvg(FedAvg):
         self._records: list[ClientRecord] = []
         self._futures: list[Future] = []
         self._lock = threading.Lock()
-        if audit_mode not in AUDIT_MODES:
-            raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
         self.audit_mode = audit_mode
-        if upload not in ("weights", "delta"):
-            raise FedleakError(f"upload must be 'weights' or 'delta', got '{upload}'")
         self.upload = upload
         self._pool: Executor | None = None
         self._shipped: set[int] = set()
@@ -140,7 +173,7 @@ class AuditFedAvg(FedAvg):
             self._executor()  # start the worker now, while the clients train
         sent = _state_dict_of(arrays)
         if self.tamper is not None:
-            model = self._model(sent)
+            model = self._model(sent, self.model)
             model = self.tamper(model, server_round)
             sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
             arrays = ArrayRecord(sent)
@@ -195,8 +228,9 @@ class AuditFedAvg(FedAvg):
             self._models_round = (server_round, self._model(state))
         return self._models_round[1]
 
-    def _model(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
-        model = copy.deepcopy(self.template)
+    def _model(self, state: Mapping[str, torch.Tensor], like: nn.Module | None = None) -> nn.Module:
+        """A copy of ``like`` (default: the audit's :attr:`template`) holding the weights ``state``."""
+        model = copy.deepcopy(self.template if like is None else like)
         model.load_state_dict(state)
         return model
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedleak.fishing.perturb import FishingOptions, FishingResult, fish
+from fedleak.fishing.fisher import fish
+from fedleak.fishing.perturb import FishingOptions, FishingResult
 
 
 class FishingTransform:

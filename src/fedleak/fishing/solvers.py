@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedleak.errors import SolverError
+from fedleak.registry import Registry
 
 INF = float("inf")
 
@@ -131,12 +132,13 @@ class HighsSession(LPSession):
         k, n = A.shape
         if k == 0:
             return
-        starts = np.arange(0, k * n, n, dtype=np.int32)
-        idx = np.tile(np.arange(n, dtype=np.int32), k)
+        # only the non-zeros: conv rows touch a few input values each, and highspy's time grows with k*n
+        rows, idx = np.nonzero(A)
+        starts = np.searchsorted(rows, np.arange(k)).astype(np.int32)
         lo = np.where(np.isfinite(lo), lo, -self._hs.kHighsInf)
         hi = np.where(np.isfinite(hi), hi, self._hs.kHighsInf)
-        self._h.addRows(k, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), k * n, starts, idx,
-                        A.ravel())
+        self._h.addRows(k, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), len(rows), starts,
+                        idx.astype(np.int32), A[rows, idx])
 
     def set_bounds(self, lb, ub):
         super().set_bounds(lb, ub)
@@ -243,12 +245,12 @@ class GlopSession(OrtoolsSession):
 # Registry
 
 SessionFactory = Callable[..., LPSession]
-_SOLVERS: dict[str, tuple[SessionFactory, str]] = {}
+_SOLVERS: Registry[tuple[SessionFactory, str]] = Registry("LP solver")
 
 
 def register_solver(name: str, factory: SessionFactory, description: str) -> None:
     """Make an LP backend available under ``name`` (``factory(cost, lb, ub, maximize=, time_limit=)``)."""
-    _SOLVERS[name] = (factory, description)
+    _SOLVERS.register(name, (factory, description))
 
 
 def available_solvers() -> dict[str, str]:
@@ -256,14 +258,13 @@ def available_solvers() -> dict[str, str]:
 
 
 def open_session(solver: str, cost, lb, ub, *, maximize: bool, time_limit: float) -> LPSession:
-    if solver not in _SOLVERS:
-        raise SolverError(f"unknown LP solver '{solver}'; available: {', '.join(sorted(_SOLVERS))}")
-    return _SOLVERS[solver][0](cost, lb, ub, maximize=maximize, time_limit=time_limit)
+    factory, _ = _SOLVERS.get(solver, SolverError)
+    return factory(cost, lb, ub, maximize=maximize, time_limit=time_limit)
 
 
 def check_solver(solver: str) -> None:
-    if solver not in _SOLVERS:
-        raise SolverError(f"unknown LP solver '{solver}'; available: {', '.join(sorted(_SOLVERS))}")
+    """Raise :class:`~fedleak.errors.SolverError` listing the available solvers unless ``solver`` is one."""
+    _SOLVERS.get(solver, SolverError)
 
 
 register_solver("highs", HighsSession, "HiGHS dual simplex via highspy, warm-started between solves (default)")

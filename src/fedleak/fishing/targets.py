@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedleak.fishing.lp import NetArrays
+from fedleak.fishing.sample_net import HeadArrays
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def assign(cost: np.ndarray, k: int, used: np.ndarray | None = None) -> tuple[np
     return out, price
 
 
-def sensitivities(net: NetArrays, mean_patterns: list[np.ndarray]) -> list[np.ndarray]:
+def sensitivities(net: HeadArrays, mean_patterns: list[np.ndarray]) -> list[np.ndarray]:
     """Per layer, ``||J_hj||_1`` of the mean region: how far a unit L-infinity step moves each neuron."""
     out = []
     J = None
@@ -96,7 +96,7 @@ def sensitivities(net: NetArrays, mean_patterns: list[np.ndarray]) -> list[np.nd
     return out
 
 
-def effective_mask(net: NetArrays, a_last: np.ndarray, labels: np.ndarray, min_ratio: float = 1e-2) -> np.ndarray:
+def effective_mask(net: HeadArrays, a_last: np.ndarray, labels: np.ndarray, min_ratio: float = 1e-2) -> np.ndarray:
     """(M x d_H) True where the last-layer backward signal ``W_out[:, j] . e_m`` does not cancel out."""
     W = net.W[-1]
     logits = a_last @ W.T
@@ -112,7 +112,7 @@ def effective_mask(net: NetArrays, a_last: np.ndarray, labels: np.ndarray, min_r
 
 
 def choose_targets(
-    net: NetArrays,
+    net: HeadArrays,
     X: np.ndarray,
     labels: np.ndarray,
     k_per_layer: list[int],
@@ -153,7 +153,7 @@ def choose_targets(
 
 
 def retarget(
-    net: NetArrays,
+    net: HeadArrays,
     x: np.ndarray,
     label: int,
     others: list[np.ndarray],

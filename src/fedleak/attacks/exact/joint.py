@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fedleak.analysis.forward import Trace
+from fedleak.nets import Trace
 
 F64 = torch.float64
 
@@ -45,7 +45,8 @@ class JointTest:
         self.weights = weights
         self.tol = attack.opts.batch_tol
         self._cache: dict[tuple[int, ...], list[tuple[float, float, float]]] = {}
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # sketches drawn on the CPU: the same on every device
+        dev = attack.device
         self.layers = []
         k_want = 2 * (slack + 1) + 8
         for i in range(net.depth + 1):
@@ -57,7 +58,7 @@ class JointTest:
             bias = attack.g[i] is not None
             if bias:
                 O = torch.cat([O, attack.g[i][:, None]], 1)
-                A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64)], 1)
+                A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=dev)], 1)
             N = None
             if attack.noise is not None:
                 N = attack.noise[i] if not bias else torch.cat([attack.noise[i], attack.noise_b[i][:, None]], 1)
@@ -67,7 +68,7 @@ class JointTest:
                 OS, AS, ref = O, A, float(O.norm())
                 noise = 3 * float(N.norm()) if N is not None else 0.0
             else:
-                omega = torch.randn(O.shape[1], k_want, generator=gen, dtype=F64)
+                omega = torch.randn(O.shape[1], k_want, generator=gen, dtype=F64).to(dev)
                 OS, AS = O @ omega, A @ omega
                 ref = float(OS.norm())
                 noise = 3 * math.sqrt(k_want) * float(N.norm()) if N is not None else 0.0
@@ -79,7 +80,7 @@ class JointTest:
         key = tuple(sorted(members))
         if key not in self._cache:
             r = max(self.M - len(members), 0)
-            idx = torch.tensor(key, dtype=torch.long)
+            idx = torch.tensor(key, dtype=torch.long, device=self.weights.device)
             out = []
             for OS, U, AS, ref, noise, small in self.layers:
                 if r >= small:
@@ -133,7 +134,7 @@ class IndependenceTest:
         O, A = attack.G[t], t64.activations[t]
         if attack.g[t] is not None:
             O = torch.cat([O, attack.g[t][:, None]], 1)
-            A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64)], 1)
+            A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=A.device)], 1)
         self.O, self.A, self.U = O, A, delta
         self.M, self.weights, self.min_distance = batch_size, weights, min_distance
         self.tested = set(tested)
@@ -146,25 +147,26 @@ class IndependenceTest:
         key = tuple(sorted(members))
         if key not in self._cache:
             r = self.M - len(key)
-            idx = torch.tensor(key, dtype=torch.long)
+            dev = self.A.device
+            idx = torch.tensor(key, dtype=torch.long, device=dev)
             if r <= 0 or not key:
-                self._cache[key] = torch.ones(len(key), dtype=F64)
+                self._cache[key] = torch.ones(len(key), dtype=F64, device=dev)
                 return self._cache[key]
             if r >= self.A.shape[1]:  # the samples left may span every input direction
-                self._cache[key] = torch.zeros(len(key), dtype=F64)
+                self._cache[key] = torch.zeros(len(key), dtype=F64, device=dev)
                 return self._cache[key]
             R = self.O - (self.U[idx].T * self.weights[idx]) @ self.A[idx]
             k = 2 * r + 10
             if k >= R.shape[0]:
                 Y, ref = R, float(self.O.norm())
             else:
-                L = torch.randn(k, R.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64)
+                L = torch.randn(k, R.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64).to(dev)
                 Y, ref = L @ R, float((L @ self.O).norm())
             _, S, Vh = torch.linalg.svd(Y, full_matrices=False)
             basis = Vh[S > self.tol * ref]
             V = self.A[idx]
             if basis.shape[0] >= V.shape[1]:
-                self._cache[key] = torch.zeros(len(key), dtype=F64)
+                self._cache[key] = torch.zeros(len(key), dtype=F64, device=dev)
             else:
                 outside = V - (V @ basis.T) @ basis
                 self._cache[key] = outside.norm(dim=1) / V.norm(dim=1).clamp_min(1e-300)
@@ -190,7 +192,7 @@ def degenerate_loss_vectors(loss_vectors: torch.Tensor, tol: float = 1e-3) -> to
     prediction. A blend's rows then agree as a sample's would, so only :class:`IndependenceTest` refutes it.
     Other loss vectors differ between samples, and so do the output columns of a blend's neurons."""
     if loss_vectors.shape[1] <= 2:
-        return torch.ones(loss_vectors.shape[0], dtype=torch.bool)
+        return torch.ones(loss_vectors.shape[0], dtype=torch.bool, device=loss_vectors.device)
     mags = loss_vectors.abs().sort(dim=1, descending=True).values
     rest = mags[:, 2:].norm(dim=1)
     return rest <= tol * loss_vectors.norm(dim=1)
@@ -210,7 +212,8 @@ class WitnessConflicts:
         """``passing``: each sample's witness rows as ``(layer, row, absolute tolerance)``."""
         n = len(passing)
         depth = attack.net.depth
-        self.Q = torch.zeros(n, n, dtype=F64)
+        dev = weights.device
+        self.Q = torch.zeros(n, n, dtype=F64, device=dev)
         vnorm = [(a**2).sum(1) + (1.0 if attack.g[i] is not None else 0.0) for i, a in enumerate(t64.activations[:depth])]
         enorm = t64.loss_vectors.norm(dim=1)
         w = weights.abs()
@@ -219,8 +222,8 @@ class WitnessConflicts:
                 sel = [(row, tol) for layer, row, tol in rows_k if layer == i]
                 if not sel:
                     continue
-                rows = torch.tensor([r for r, _ in sel])
-                tols = torch.tensor([t for _, t in sel], dtype=F64).clamp_min(1e-300)
+                rows = torch.tensor([r for r, _ in sel], device=dev)
+                tols = torch.tensor([t for _, t in sel], dtype=F64, device=dev).clamp_min(1e-300)
                 term = t64.deltas[i][:, rows].abs() * vnorm[i].sqrt()[:, None]
                 if i == depth - 1:
                     term = term + t64.activations[i + 1][:, rows] * enorm[:, None]
@@ -230,7 +233,7 @@ class WitnessConflicts:
     def excess(self, members: list[int]) -> float:
         if len(members) < 2:
             return 0.0
-        idx = torch.tensor(members, dtype=torch.long)
+        idx = torch.tensor(members, dtype=torch.long, device=self.Q.device)
         return float(self.Q[idx][:, idx].sum(1).max())
 
     def pressure(self) -> torch.Tensor:
@@ -244,7 +247,7 @@ def dead_row_contributions(attack, t64: Trace, weights: torch.Tensor) -> torch.T
     batch has a term there only at the level of its own rounding (a confident sample whose float32 loss vector
     underflowed); a larger term shows the rebuilt input is not one of the batch's samples."""
     depth = attack.net.depth
-    worst = torch.zeros(t64.logits.shape[0], dtype=F64)
+    worst = torch.zeros(t64.logits.shape[0], dtype=F64, device=t64.logits.device)
     for i in range(depth):
         O = attack.G[i] if attack.g[i] is None else torch.cat([attack.G[i], attack.g[i][:, None]], 1)
         if i == depth - 1:

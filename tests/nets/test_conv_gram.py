@@ -1,4 +1,4 @@
-"""The band assembly of A^T diag(w) A (fedleak.models.conv_gram) equals the sparse product, for the conv
+"""The band assembly of A^T diag(w) A (fedleak.nets.conv_gram) equals the sparse product, for the conv
 layouts fedleak parses (padding, stride, rectangular kernels, folded batch norm)."""
 
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import scipy.sparse as sp
 from torch import nn
 
-from fedleak.models.conv_gram import pixel_major_order
-from fedleak.models.convnet import as_relu_cnn, make_convnet
+from fedleak.nets.conv_gram import pixel_major_order
+from fedleak.models.convnet import make_convnet
+from fedleak.nets import as_network
 
 
 def _dense_from_band(ab: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -26,7 +27,7 @@ def _dense_from_band(ab: np.ndarray, order: np.ndarray) -> np.ndarray:
     dict(padding=0), dict(padding=1), dict(padding=1, batch_norm=True), dict(kernel=5, padding=2),
 ])
 def test_band_assembly_equals_sparse_product(kwargs):
-    net = as_relu_cnn(make_convnet((2, 9, 11), 3, channels=(3, 4), fc_widths=(8,), seed=1, **kwargs))
+    net = as_network(make_convnet((2, 9, 11), 3, channels=(3, 4), fc_widths=(8,), seed=1, **kwargs))
     rng = np.random.default_rng(0)
     for blk in net.blocks:
         A, _ = blk.affine
@@ -40,7 +41,7 @@ def test_band_assembly_equals_sparse_product(kwargs):
 def test_strided_rectangular_conv():
     model = nn.Sequential(nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), nn.ReLU(), nn.Flatten(),
                           nn.Linear(3 * 5 * 6, 4), nn.ReLU(), nn.Linear(4, 2))
-    blk = as_relu_cnn(model, (2, 10, 7)).blocks[0]
+    blk = as_network(model, input_shape=(2, 10, 7)).blocks[0]
     A, _ = blk.affine
     w = np.random.default_rng(1).random(A.shape[0])
     np.testing.assert_allclose(_dense_from_band(blk.gram.band(w), blk.gram.order),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedleak.models.structure import ReluMLP
+from fedleak.nets.head import ReluMLP
 
 
 @dataclass(frozen=True)

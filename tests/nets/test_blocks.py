@@ -1,4 +1,4 @@
-"""Parsing users' nn.Sequential CNNs, the unrolled conv/pool matrices, and make_convnet."""
+"""Conv blocks of a traced network: the unrolled conv/pool matrices match torch; make_convnet."""
 
 import numpy as np
 import pytest
@@ -7,14 +7,15 @@ from torch import nn
 
 import fedleak
 from fedleak.errors import ModelError
-from fedleak.models.convnet import as_relu_cnn, is_cnn, make_convnet
+from fedleak.models.convnet import make_convnet
+from fedleak.nets import as_network
 
 
 @pytest.mark.parametrize("pool", [None, "avg", "max"])
 def test_unrolled_blocks_match_torch(pool):
     x, _ = fedleak.load_dataset("lfw").batch(3, seed=0)
     model = make_convnet((1, 25, 25), 2, channels=(3, 5), padding=1, pool=pool, fc_widths=(16,), batch_norm=True)
-    net = as_relu_cnn(model)
+    net = as_network(model)
     a = x.double()
     for blk in net.blocks:
         A, c = blk.affine
@@ -31,7 +32,7 @@ def test_unrolled_blocks_match_torch(pool):
     # the parsed features are the real model's Linear input
     feats = nn.Sequential(*list(model)[: list(model).index(next(m for m in model if isinstance(m, nn.Flatten))) + 1])(x)
     assert torch.allclose(net.features(x).float(), feats, atol=1e-5)
-    assert net.head.depth == 1 and net.num_classes == 2 and is_cnn(model)
+    assert net.head.depth == 1 and net.num_classes == 2 and net.is_conv
 
 
 def test_users_sequential_with_names():
@@ -39,7 +40,7 @@ def test_users_sequential_with_names():
         nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.AvgPool2d(2)),
         nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 3),
     )
-    net = as_relu_cnn(model, (1, 8, 8))
+    net = as_network(model, input_shape=(1, 8, 8))
     assert net.blocks[0].conv.weight_name == "0.0.weight"
     assert net.head.dense[0].weight_name == "2.weight"
     assert set(net.parameter_names()) == {n for n, _ in model.named_parameters()}
@@ -47,21 +48,22 @@ def test_users_sequential_with_names():
 
 @pytest.mark.parametrize("layers, needle", [
     ([nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2)], "'1' (Sigmoid)"),
-    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Dropout(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2)], "'2' (Dropout)"),
-    ([nn.Conv2d(1, 2, 3, groups=1, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(50, 4), nn.ReLU(), nn.Linear(4, 2)], "dilation"),
+    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Dropout(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2)],
+     "'2' (Dropout): dropout in training mode"),
+    ([nn.Conv2d(1, 2, 3, groups=1, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(32, 4), nn.ReLU(), nn.Linear(4, 2)], "dilation"),
     ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(32, 4), nn.ReLU(), nn.Linear(4, 2)], "'2' (MaxPool2d)"),
-    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2)], "no hidden ReLU"),
-    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(70, 4), nn.ReLU(), nn.Linear(4, 2)], "'3' takes 70"),
+    ([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(70, 4), nn.ReLU(), nn.Linear(4, 2)], "does not run"),
+    ([nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2, 2)], "'2'"),
 ])
 def test_refuses_unsupported_layers(layers, needle):
     with pytest.raises(ModelError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        as_relu_cnn(nn.Sequential(*layers), (1, 8, 8))
+        as_network(nn.Sequential(*layers), input_shape=(1, 8, 8))
 
 
 def test_train_mode_batch_norm_is_refused():
     model = make_convnet((1, 8, 8), 2, channels=(2,), fc_widths=(4,), batch_norm=True).train()
     with pytest.raises(ModelError, match="BatchNorm2d.*training mode"):
-        as_relu_cnn(model)
+        as_network(model)
 
 
 def test_make_convnet_is_seeded_and_checks_arguments():

@@ -1,0 +1,19 @@
+"""The exclusivity attack: one pipeline for MLPs and CNNs (see :mod:`fedleak.attacks.exact.pipeline`).
+
+* :mod:`~fedleak.attacks.exact.options` -- :class:`ExclusivityOptions`.
+* :mod:`~fedleak.attacks.exact.state` -- :class:`HeadAttack`, the state on one update.
+* :mod:`~fedleak.attacks.exact.candidates` -- the head's top layer: grouping, candidates, scale fitting.
+* :mod:`~fedleak.attacks.exact.walkdown` -- the head's hidden layers.
+* :mod:`~fedleak.attacks.exact.conv_walkdown` -- the conv blocks: invert_block, invert_chain, feature matching.
+* :mod:`~fedleak.attacks.exact.witnesses`, :mod:`~fedleak.attacks.exact.certificate`,
+  :mod:`~fedleak.attacks.exact.joint` -- the certificate.
+* :mod:`~fedleak.attacks.exact.attack` -- the registered attack and its entry points.
+"""
+
+from fedleak.attacks.exact.attack import conv_exclusivity_attack, exclusivity_attack, exclusivity_on_weights
+from fedleak.attacks.exact.conv_walkdown import EPS32, BlockSolve, ChainSolve, invert_block, invert_chain
+from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.exact.state import HeadAttack
+
+__all__ = ["ExclusivityOptions", "HeadAttack", "exclusivity_attack", "conv_exclusivity_attack",
+           "exclusivity_on_weights", "invert_block", "invert_chain", "BlockSolve", "ChainSolve", "EPS32"]

@@ -1,0 +1,93 @@
+"""The exclusivity attack (algorithms spec §2, Pan et al., USENIX Security 2022, with our own grouping, checks
+and certificate), registered as ``"exclusivity"``; ``"conv-exclusivity"`` names the same attack.
+
+Any model :func:`fedleak.nets.as_network` reads (an MLP, or conv blocks then a dense ReLU head; written as an
+``nn.Module`` class or an ``nn.Sequential``) runs through one pipeline (:mod:`fedleak.attacks.exact.pipeline`):
+the dense head is attacked on the features, then, where the network has conv blocks, the features are walked
+down them to the input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
+from fedleak.attacks.exact.pipeline import run_exclusivity
+from fedleak.attacks.registry import register_attack
+from fedleak.nets import as_network
+from fedleak.reconstruction import Reconstruction
+from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
+
+F64 = torch.float64
+
+
+@register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
+                 description="deterministic, certified reconstruction from exclusively activated neurons "
+                             "(MLPs, and CNNs through their conv layers)")
+def exclusivity_attack(
+    model: nn.Module,
+    update: GradientUpdate | WeightUpdate | dict[str, torch.Tensor],
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    options: ExclusivityOptions | None = None,
+    **overrides,
+) -> Reconstruction:
+    """Rebuild every sample of a batch whose exclusively activated neurons allow it, with a certificate.
+
+    ``update`` is the averaged gradient keyed like ``model.named_parameters()`` (a
+    :class:`~fedleak.GradientUpdate` or a plain dict), or a one-step :class:`~fedleak.WeightUpdate`
+    (:func:`exclusivity_on_weights`). Options are the fields of :class:`ExclusivityOptions`, passed as keywords
+    or as an ``options`` object. ``input_shape`` (one sample, no batch dimension) defaults to what
+    :func:`fedleak.nets.as_network` finds.
+    """
+    if isinstance(update, WeightUpdate):
+        return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
+    opts = resolve_options(options, overrides)
+    net = as_network(model, input_shape=input_shape)
+    return run_exclusivity(model, net, as_gradient_update(update), opts)
+
+
+@register_attack("conv-exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
+                 description="the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)")
+def conv_exclusivity_attack(
+    model: nn.Module,
+    update: GradientUpdate | WeightUpdate | dict[str, torch.Tensor],
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    options: ExclusivityOptions | None = None,
+    **overrides,
+) -> Reconstruction:
+    """:func:`exclusivity_attack` (one attack for MLPs and CNNs), under the name the CNN attack was registered as."""
+    return exclusivity_attack(model, update, input_shape=input_shape, options=options, **overrides)
+
+
+def exclusivity_on_weights(
+    model: nn.Module, update: WeightUpdate, *, input_shape: tuple[int, ...] | None = None,
+    options: ExclusivityOptions | None = None, **overrides,
+) -> Reconstruction:
+    """The exclusivity attack on a one-step FedAvg weight delta with an unknown learning rate.
+
+    For one local SGD step ``before - after = lr * gradient``; the learning rate cancels in every
+    ``dW_i / db_i`` ratio, so the attack runs on the delta at the ``before`` weights with
+    ``known_scale=False`` and takes the batch size from ``num_examples``. The client rounded
+    ``before - lr * g`` to its dtype, an error of up to one unit in the last place of ``after``: at a small
+    learning rate that is large relative to ``lr * g``, and the certificate's tolerances grow with it. Several
+    local steps mix the samples' contributions over changing weights: the certificate then fails rather than
+    mislead.
+    """
+    opts = resolve_options(options, {**overrides, "known_scale": False})
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    check_matches_model(model, {k: v for k, v in update.before.items() if k in set(names)}, "weight update")
+    delta = update.delta()
+    at_before = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in at_before.named_parameters():
+            if n in update.before:
+                p.copy_(update.before[n].to(p.dtype))
+    grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
+    noise = {n: float(torch.finfo(update.after[n].dtype).eps) * update.after[n].to(F64).abs() for n in names}
+    net = as_network(at_before, input_shape=input_shape)
+    return run_exclusivity(at_before, net, grads, opts, noise=noise)

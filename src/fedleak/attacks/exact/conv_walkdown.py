@@ -1,0 +1,250 @@
+"""Step 3 for networks with conv blocks: walk the rebuilt features down the conv blocks (algorithms spec §2.6;
+docs/cnn.md has the details and the certifiable condition).
+
+A block computes ``out = pool(relu(A x + c))`` (``A``: unrolled sparse conv, eval-mode BN folded). Without
+pooling, every unit with ``out_u > 0`` gives the exact equation ``A_u x + c_u = out_u``; when these rows have
+full column rank the input is unique and solved by least squares. With average or max pooling the map is
+*convex* in ``x`` (a non-negative sum / a max of ReLUs of affine functions); the input is found by iterating
+the activation pattern, and it is proven unique by a Gordan-type certificate: a strictly positive ``lambda``
+with ``J^T lambda = 0`` for the Jacobian (a subgradient) ``J`` at the solution, plus full column rank of ``J``
+(an LP and a Cholesky factorisation). Every solve comes with a rigorous 2-norm error bound from a *proven*
+lower bound on ``sigma_min`` (band Cholesky of ``J^T J - tau I``, :mod:`fedleak.attacks.normal_equations`) and
+the float32 noise of the known output; the bounds are chained down to the input (:func:`invert_chain`).
+
+Where a block is underdetermined, the input is rebuilt by :func:`feature_matching` (Adam with a
+total-variation prior, matching the lowest activation known exactly) and is never certified.
+
+The linear algebra runs in numpy/scipy on the CPU; forward passes through the blocks run on the network's
+device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linprog
+
+from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.normal_equations import normal_equations
+from fedleak.nets import ConvBlock, Network
+from fedleak.nets.conv_gram import pixel_major_order
+
+F64 = torch.float64
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Solving one block for its input
+
+
+@dataclass(frozen=True)
+class BlockSolve:
+    """Outcome of inverting one conv block for one sample.
+
+    ``x``: the block's input (flattened, float64) or None; ``unique``: uniqueness proven; ``bound``:
+    proven 2-norm error bound of ``x`` (inf when not proven); ``sigma``: proven lower bound on the
+    smallest singular value of the system; ``rows``/``unknowns``: size of the system used.
+    """
+
+    x: np.ndarray | None
+    unique: bool
+    bound: float
+    sigma: float
+    rows: int
+    unknowns: int
+    reason: str
+
+
+def rounding_bound(A: sp.csr_matrix, c: np.ndarray, x: np.ndarray, opts: ExclusivityOptions) -> np.ndarray:
+    """Per-unit bound on the client's float32 rounding of ``A x + c`` (deterministic dot-product model)."""
+    fan_in = np.diff(A.indptr).max() if A.nnz else 1
+    gamma = opts.rounding * (math.sqrt(fan_in) + 2) * EPS32
+    return gamma * (abs(A) @ np.abs(x) + np.abs(c))
+
+
+def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
+    """Find ``lambda >= 1`` with ``J^T lambda = 0`` (rows of J positively span the input space).
+
+    Returns (lambda, ||J^T lambda||_2) or (None, inf) when the LP finds none."""
+    m, n = J.shape
+    if m <= n:
+        return None, float("inf")
+    res = linprog(np.ones(m), A_eq=J.T.tocsr(), b_eq=np.zeros(n), bounds=(1.0, None), method="highs")
+    if res.status != 0 or res.x is None:
+        return None, float("inf")
+    lam = np.asarray(res.x)
+    return lam, float(np.linalg.norm(J.T @ lam))
+
+
+def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions,
+                 out_err2: float = 0.0) -> BlockSolve:
+    """Solve ``blk(x) = out`` for the block's input ``x`` when the observed units determine it.
+
+    The error of ``out`` is bounded per unit by ``out_err`` (float32 noise) plus a vector of 2-norm at
+    most ``out_err2`` (propagated from the block above). The result's ``bound`` is a 2-norm error bound
+    of ``x`` (rigorous given the float32 noise model of :class:`ExclusivityOptions`).
+    """
+    A, c = blk.affine
+    n = blk.in_dim
+    if blk.pool is None:
+        # surely active units; when the propagated error is too large to tell, rows are picked with a practical
+        # threshold and the solve is kept (for the fallback) but not proven
+        practical = 1e-6 * float(np.abs(out).max(initial=0.0))
+        sure = out_err2 <= max(practical, 1e-300) or out_err2 == 0.0
+        rows = np.nonzero(out > out_err + (out_err2 if sure else practical))[0]
+        if len(rows) < n:
+            return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
+                              f"{len(rows)} surely active units for {n} unknowns (underdetermined)")
+        J = A[rows]
+        rhs = out[rows] - c[rows]
+        gram = blk.gram
+        if gram is not None:
+            w = np.zeros(A.shape[0])
+            w[rows] = 1.0
+            system = normal_equations(J, gram.order, gram.band(w), gram.max_terms)
+        else:
+            system = normal_equations(J, pixel_major_order(blk.in_shape))
+        x = system.lstsq(rhs)
+        if x is None:
+            return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
+        sigma = system.sigma_lower()
+        noise = float(np.linalg.norm(out_err[rows] + rounding_bound(J, c[rows], x, opts))) + out_err2
+        resid = float(np.linalg.norm(J @ x - rhs))
+        # any input x* reproducing out satisfies J x* = rhs - noise; ||x - x*|| <= (resid + noise) / sigma
+        proven = sigma > 0 and (sure or bool((out[rows] > out_err[rows] + out_err2).all()))
+        bound = (resid + noise) / sigma if proven else math.inf
+        reason = ("solved from the active units" if proven else
+                  "no proven lower bound on sigma_min" if sigma <= 0 else
+                  "solved, but the error from the layer above leaves the active set unproven")
+        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason)
+    # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
+    win = blk.pool_windows
+    practical = 1e-6 * float(np.abs(out).max(initial=0.0))
+    pos = out > out_err + min(out_err2, practical)
+    if int(pos.sum()) <= n:
+        return BlockSolve(None, False, math.inf, 0.0, int(pos.sum()), n,
+                          f"{int(pos.sum())} non-zero pooled units for {n} unknowns (underdetermined)")
+    q_idx = np.nonzero(pos)[0]
+    x = None
+    if blk.pool.kind == "avg":
+        active = np.zeros(blk.conv_dim, dtype=bool)
+        active[win[q_idx].ravel()] = True  # first guess: every unit of a non-zero window fires
+        pick = None
+    else:
+        active = None
+        pick = win[q_idx, 0]  # first guess of each window's max unit
+    J = rhs = None
+    for _ in range(opts.pattern_iters):
+        if blk.pool.kind == "avg":
+            D = sp.diags(active.astype(np.float64))
+            J = (blk.pool_matrix[q_idx] @ D @ A).tocsr()
+            rhs = out[q_idx] - blk.pool_matrix[q_idx] @ (active * c)
+        else:
+            J = A[pick]
+            rhs = out[q_idx] - c[pick]
+        system = normal_equations(J, pixel_major_order(blk.in_shape))
+        x = system.lstsq(rhs)
+        if x is None:
+            return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the pooled system is rank deficient")
+        z = A @ x + c
+        if blk.pool.kind == "avg":
+            new = z > 0
+            if np.array_equal(new, active):
+                break
+            active = new
+        else:
+            zz = np.maximum(z, 0)[win[q_idx]]
+            new = win[q_idx, np.argmax(zz, axis=1)]
+            if np.array_equal(new, pick):
+                break
+            pick = new
+    else:
+        return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the activation pattern did not settle")
+    fwd = blk.forward(torch.from_numpy(x)[None].to(blk.conv.module.weight.device), F64).reshape(-1).cpu().numpy()
+    res_all = np.abs(fwd - out)
+    if float(res_all.max()) > opts.forward_tol * max(float(np.abs(out).max()), 1e-300) + float(out_err.max()) + min(out_err2, practical):
+        return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the solved input does not reproduce the block output")
+    sigma = system.sigma_lower()
+    if not opts.gordan or sigma <= 0 or not np.isfinite(out_err2):
+        return BlockSolve(x, False, math.inf, sigma, len(q_idx), n, "pooled block solved, uniqueness not proven")
+    lam, vnorm = gordan(system.J)
+    if lam is None or vnorm >= sigma:
+        return BlockSolve(x, False, math.inf, sigma, len(q_idx), n,
+                          "pooled block solved, but its rows do not positively span the input space (uniqueness unproven)")
+    rnd = rounding_bound(A, c, x, opts)
+    rnd_q = (blk.pool_matrix[q_idx] @ rnd) if blk.pool.kind == "avg" else rnd[pick]
+    rho = res_all[q_idx] + out_err[q_idx] + rnd_q
+    # the propagated error (2-norm <= out_err2) enters through rows of the pooling map (norm <= 1)
+    prop = (math.sqrt(len(rho)) + float(np.linalg.norm(lam))) * out_err2
+    bound = (float(rho.sum()) + float(lam @ rho) + prop) / (sigma - vnorm)
+    return BlockSolve(x, True, bound, sigma, len(q_idx), n, "pooled block solved; uniqueness proven (Gordan)")
+
+
+@dataclass(frozen=True)
+class ChainSolve:
+    """Inverting all conv blocks of one sample, top down. ``inputs[i]`` is block i's solved input."""
+
+    x: np.ndarray | None
+    blocks: tuple[BlockSolve, ...]  # top block first
+    bound: float
+    lowest_known: int  # index of the lowest block whose *input* is known (len(blocks) if none)
+    known: np.ndarray  # that input (or the features)
+
+    @property
+    def unique(self) -> bool:
+        return self.x is not None and all(b.unique for b in self.blocks)
+
+
+def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions) -> ChainSolve:
+    """Invert every conv block of ``net`` from the flattened ``features`` (per-unit error ``feat_err``)."""
+    out, err, err2 = features, feat_err, 0.0
+    solves: list[BlockSolve] = []
+    bound = float(np.linalg.norm(feat_err))
+    lowest, known = len(net.blocks), features
+    for i in range(len(net.blocks) - 1, -1, -1):
+        s = invert_block(net.blocks[i], out, err, opts, err2)
+        solves.append(s)
+        if s.x is None:
+            return ChainSolve(None, tuple(solves), math.inf, lowest, known)
+        lowest, known = i, s.x
+        bound = s.bound if s.unique else math.inf
+        out = s.x
+        # below, the known output carries the proven 2-norm error of this solve (when unproven, the lower
+        # blocks are still solved for the fallback, but nothing below can be proven)
+        err, err2 = np.zeros(len(out)), (bound if np.isfinite(bound) else math.inf)
+    return ChainSolve(out, tuple(solves), bound, 0, out)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Fallback: feature matching
+
+
+def feature_matching(net: Network, targets: list[tuple[int, np.ndarray]], opts: ExclusivityOptions) -> torch.Tensor:
+    """Rebuild inputs whose lower blocks are underdetermined: for each (level, a) find x in [0, 1] with
+    ``blocks[:level](x)`` close to the known activation ``a`` (Adam on a sigmoid parametrisation with a
+    total-variation prior; samples of one level are optimised together). Uncertified by construction."""
+    gen = torch.Generator().manual_seed(opts.seed)  # drawn on the CPU: the same start on every device
+    shape, dev = net.blocks[0].in_shape, net.device  # images (C, H, W), for the total-variation prior
+    out = torch.empty(len(targets), *net.input_shape)
+    for level in sorted({lv for lv, _ in targets}):
+        idx = [k for k, (lv, _) in enumerate(targets) if lv == level]
+        tgt = torch.stack([torch.from_numpy(targets[k][1]).to(torch.float32) for k in idx]).to(dev)
+        scale = tgt.pow(2).sum(1).clamp_min(1e-12)
+        w = torch.nn.Parameter((0.1 * torch.randn(len(idx), *shape, generator=gen)).to(dev))
+        optim = torch.optim.Adam([w], lr=opts.fallback_lr)
+        for _ in range(opts.fallback_steps):
+            optim.zero_grad()
+            x = torch.sigmoid(w)
+            h = x
+            for blk in net.blocks[:level]:
+                h = blk.forward(h, torch.float32)
+            loss = ((h.reshape(len(idx), -1) - tgt).pow(2).sum(1) / scale).sum()
+            tv = (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+            (loss + opts.fallback_tv * len(idx) * tv).backward()
+            optim.step()
+        out[idx] = torch.sigmoid(w.detach()).cpu().reshape(len(idx), *net.input_shape)
+    return out

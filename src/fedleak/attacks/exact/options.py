@@ -1,0 +1,127 @@
+"""Options of the exclusivity attack: one set for the dense head and the conv blocks below it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from fedleak.errors import FedleakError
+from fedleak.validation import validate_fields
+
+FALLBACKS = ("features", "none")
+
+
+@dataclass(frozen=True)
+class ExclusivityOptions:
+    """Tolerances of the exclusivity attack (all relative; see docs/attacks.md and docs/cnn.md for how they
+    were set).
+
+    **Dense head** (the whole network for an MLP):
+
+    ``group_tol``: two implied inputs closer than this (relative L2) are the same sample.
+    ``core_tol``: the rows that represent a group (and witness it) lie this close to its medoid.
+    ``top_tol``: a candidate's output-layer columns must match its loss vector this closely to be kept
+    (a loose screen; the certificate is strict).
+    ``forward_tol``: a candidate layer input must reproduce the known layer output this closely (in the head's
+    walk-down, and for a CNN the rebuilt input must reproduce the features this closely, float64 and float32).
+    ``check_tol``: floor of the certificate tolerance on a witness row; the tolerance grows with the
+    row's measured float32 noise (``noise_factor`` times it) and a row noisier than ``max_noise`` does not
+    count as a witness. ``label_eps_ulps``: how many float32 ulps the label entry of a sample's loss vector
+    may be corrected by (the client computes it as ``p_y - 1``, with cancellation).
+    ``forward_solve``: solve a layer's input from its active outputs when no exclusive row is left.
+    ``rows_per_try`` / ``max_rows``: rows checked per batched forward pass / at most, per sample and layer.
+    ``known_scale``: the update is the mean-loss gradient, so its common scale is ``1/M`` and reveals the
+    batch size. Set it to False for a scaled gradient (e.g. a one-step FedAvg weight delta, scale
+    ``lr/M``): the batch size then comes from ``num_examples`` and the batch certificate fits the factor.
+    ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
+    ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
+    samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
+    ``min_distance``: a certified sample's input to the last ReLU layer must lie at least this far (relative)
+    from the span of the inputs of the samples not certified (a blend of them lies in it).
+    ``exact_tol`` / ``data_range``: a certified input must be known to within ``exact_tol`` of the data's range
+    ``(lo, hi)`` (default: the rebuilt input's own min and max); checked where the update's rounding is known
+    (weight deltas).
+    ``clip_norm``: the per-sample clipping bound ``C`` when the client clipped each sample's gradient to norm
+    ``C`` before averaging (DP-SGD without noise, Opacus-style): each sample's scale is then
+    ``min(1, C / ||g_k||) / M``, which the certificate recomputes from the rebuilt sample (MLPs only: a CNN
+    sample's gradient norm includes its conv layers).
+
+    **Conv blocks** (read only when the network has some):
+
+    ``max_error``: a sample is certified only if the proven 2-norm error bound of its rebuilt input (which
+    bounds every value's error) is at most this fraction of the data range (default 1: the bound proves which
+    sample it is, not that it is exact); the certificate states that bound (``SampleRecovery.error_bound``)
+    and :func:`fedleak.metrics.match` holds it to it. Set e.g. ``1e-3`` to certify only samples proven
+    within 0.1% of the range. ``rounding``: the client's float32 rounding of a unit is modelled as
+    ``rounding * (sqrt(fan_in) + 2) * eps32 * (|A| |x| + |c|)`` (the probabilistic rounding-error model of
+    Higham & Mary). ``ratio_noise``: relative noise of a feature recovered as a gradient ratio, in units of
+    eps32. ``pattern_iters``: activation-pattern iterations for pooled blocks. ``gordan``: prove a pooled
+    block's solution unique (an LP). ``fallback``: ``"features"`` (feature matching, uncertified) or
+    ``"none"`` where a block is underdetermined; ``fallback_steps`` / ``fallback_lr`` / ``fallback_tv`` /
+    ``seed``: its Adam steps, learning rate, total-variation weight and seed.
+    """
+
+    group_tol: float = 1e-5
+    core_tol: float = 1e-6
+    top_tol: float = 1e-3
+    forward_tol: float = 1e-5
+    check_tol: float = 1e-5
+    noise_factor: float = 30.0
+    max_noise: float = 1e-4
+    scale_tol: float = 1e-4
+    batch_tol: float = 1e-4
+    forward_solve: bool = True
+    solve_max_error: float = 1e-6
+    rows_per_try: int = 32
+    max_rows: int = 512
+    min_last: int = 2
+    min_other: int = 1
+    known_scale: bool = True
+    label_eps_ulps: float = 4.0
+    max_witnesses: int = 64
+    clip_norm: float | None = None
+    min_distance: float = 1e-3
+    exact_tol: float = 1e-4
+    data_range: tuple[float, float] | None = None
+    # conv blocks
+    max_error: float = 1.0
+    rounding: float = 1.0
+    ratio_noise: float = 8.0
+    pattern_iters: int = 30
+    gordan: bool = True
+    fallback: str = "features"
+    fallback_steps: int = 300
+    fallback_lr: float = 0.05
+    fallback_tv: float = 1e-4
+    seed: int = 0
+
+    def range_width(self, x: torch.Tensor | np.ndarray) -> float:
+        """The data range's width: ``data_range``, else the min and max of ``x`` (the rebuilt inputs)."""
+        lo, hi = self.data_range if self.data_range is not None else (float(x.min()), float(x.max()))
+        return max(hi - lo, 1e-300)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)  # types and signs first, then the checks below
+        if not 0 < self.max_error <= 1:
+            raise FedleakError(f"max_error is a fraction of the data range in (0, 1], got {self.max_error}")
+        if self.fallback not in FALLBACKS:
+            raise FedleakError(f"fallback must be 'features' or 'none', got {self.fallback!r}")
+
+
+OPTION_NAMES = frozenset(f.name for f in fields(ExclusivityOptions))
+
+
+def resolve_options(options: ExclusivityOptions | None, overrides: dict) -> ExclusivityOptions:
+    """``options`` (default: the defaults) with the keyword ``overrides`` applied; unknown names are refused."""
+    if options is not None and not isinstance(options, ExclusivityOptions):
+        raise FedleakError(f"options must be an ExclusivityOptions, got {type(options).__name__}; or pass the "
+                           "options as keywords")
+    opts = options or ExclusivityOptions()
+    if overrides:
+        unknown = set(overrides) - OPTION_NAMES
+        if unknown:
+            raise FedleakError(f"unknown option(s) for the exclusivity attack: {sorted(unknown)}")
+        opts = ExclusivityOptions(**{**opts.__dict__, **overrides})
+    return opts

@@ -1,0 +1,268 @@
+"""The exclusivity attack's one pipeline, for every network :func:`fedleak.nets.as_network` reads.
+
+A network is conv blocks (none for an MLP) followed by a dense ReLU head. The steps:
+
+1. **Head, top layer** (:mod:`~fedleak.attacks.exact.candidates`): candidates from the exclusively activated
+   neurons of the head's last ReLU layer, with their labels.
+2. **Head, walk-down** (:mod:`~fedleak.attacks.exact.walkdown`): each candidate traced down the head to its
+   features, the input of the first Linear layer (for an MLP, the network's input).
+3. **Conv blocks** (:mod:`~fedleak.attacks.exact.conv_walkdown`), when the network has some: candidates the
+   head certificate rules out (mixtures of samples) are dropped before the expensive part, each sample's
+   features are walked down the blocks to the input, and the features are replaced by the rebuilt input's own.
+   Where a block is underdetermined the input is rebuilt by feature matching, uncertified.
+4. **Certificate** (:mod:`~fedleak.attacks.exact.certificate`), on the features. Below conv blocks a sample is
+   certified only when, in addition, every block was solved uniquely with a chained error bound of at most
+   ``max_error`` of the data range (the certificate states that bound) and the rebuilt input reproduces the features; when every sample of the batch is rebuilt and
+   uniquely solved, the whole recomputed gradient (every parameter, real autograd) must reproduce the observed
+   one, which also certifies samples with a single witness in the head.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.attacks.exact.candidates import Candidate, unique_candidates
+from fedleak.attacks.exact.conv_walkdown import EPS32, ChainSolve, feature_matching, invert_chain
+from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.exact.state import HeadAttack
+from fedleak.errors import FedleakError, ModelError
+from fedleak.nets import Network, forward_trace
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.updates import GradientUpdate, check_matches_model
+
+F64 = torch.float64
+
+
+def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
+                    noise: dict[str, torch.Tensor] | None = None, name: str = "exclusivity") -> Reconstruction:
+    """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
+    ``model``, read as ``net``. ``noise``: the update's own rounding noise per entry, where it is known."""
+    start = time.perf_counter()
+    head = net.head
+    if head.depth == 0:
+        raise ModelError("the exclusivity attack needs at least one hidden ReLU layer in the dense head")
+    if opts.clip_norm is not None and net.blocks:
+        raise FedleakError("clip_norm is supported for MLPs only: a CNN sample's gradient norm includes its conv "
+                           "layers, which the head's certificate does not recompute")
+    check_matches_model(model, update.gradients, "gradient")
+    grads = dict(update.gradients)
+    obs_dtype = next(iter(grads.values())).dtype
+    reported = update.num_examples
+    if net.blocks:
+        # the conv inversion's error model knows the gradient's own float32 noise only; a weight delta's larger
+        # rounding, let into the head's tolerances, would be amplified through the blocks unaccounted for. So
+        # the head keeps the gradient's tolerances: features a weight delta rounds more coarsely are not certified
+        noise = None
+    attack = HeadAttack(head, grads, opts, obs_dtype, noise)
+    notes = attack.notes
+    notes.extend(net.notes)  # what was assumed to read the model (an inferred input shape)
+
+    # 1-2. the head, on the features
+    cands = unique_candidates(attack.top_candidates(), head.depth - 1, attack.tol(opts.group_tol))
+    attack.walk_down(cands)
+    complete = [c for c in cands if c.complete]
+    if len(cands) > len(complete):
+        notes.append(f"{len(cands) - len(complete)} sample(s) were found at the last ReLU layer but could not be "
+                     "traced down to the input of the first Linear layer")
+    # 3. the conv blocks, top down
+    walk = None
+    if net.blocks:
+        complete = drop_mixtures(attack, complete, reported)
+        walk = walk_conv(net, complete, opts, obs_dtype)
+    # 4. the certificate, on the (rebuilt) features
+    cert = attack.certify(complete, reported)
+    records, batch_ok = list(cert.recoveries), cert.batch_certified
+    if walk is None:
+        inputs = (torch.stack([c.acts[0] for c in complete]) if complete
+                  else torch.empty(0, head.input_dim, dtype=F64)).reshape(len(complete), *net.input_shape)
+    else:
+        inputs = walk.inputs
+        records = conv_records(net, complete, walk, cert.recoveries, opts)
+        batch_ok = whole_batch(model, complete, walk, records, grads, cert.batch_size, opts, notes)
+
+    if opts.known_scale and reported is not None:
+        strong = [r for r in cert.recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
+        if strong and not any(r.certified for r in strong) and not any(
+                abs(r.scale * reported - 1) <= opts.scale_tol for r in strong):
+            notes.append(f"no rebuilt sample has the scale 1/{reported} implied by the reported number of examples; "
+                         "is the update a mean-loss gradient?")
+    if batch_ok:
+        notes.append("the certified samples are the whole batch and reproduce the whole observed gradient")
+    blends = [r for r in records if not r.certified and "blend" in r.reason]
+    if blends:
+        notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
+                     "them out); they are returned uncertified")
+    y = torch.tensor([c.label for c in complete], dtype=torch.long)
+    certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
+    counts = None
+    if opts.known_scale:
+        probs = torch.empty(0, head.num_classes, dtype=F64)
+        if complete:
+            feats = torch.stack([c.acts[0] for c in complete])
+            probs = torch.softmax(forward_trace(head, feats, dtype=F64, params=(attack.W, attack.b)).logits, 1).cpu()
+        counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, probs[certified], y[certified])
+    return Reconstruction(
+        inputs=inputs.cpu().to(head.dense[0].module.weight.dtype),
+        labels=y,
+        certified=certified,
+        attack=name,
+        samples=tuple(records),
+        batch_size=cert.batch_size,
+        label_counts=counts,
+        batch_certified=batch_ok,
+        joint_residual=cert.joint_residual,
+        seconds=time.perf_counter() - start,
+        notes=tuple(notes),
+    )
+
+
+def estimate_label_counts(num_classes: int, out_bias_grad: torch.Tensor | None, batch_size: int | None,
+                          recovered_probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray | None:
+    """The whole batch's label histogram from the output layer's bias gradient (None without one or without
+    the batch size); ``recovered_probs`` / ``labels``: predicted probabilities and labels of the samples known."""
+    if out_bias_grad is None or batch_size is None:
+        return None
+    K = num_classes
+    known = torch.bincount(labels, minlength=K).to(F64) if len(labels) else torch.zeros(K, dtype=F64)
+    n_rec = len(labels)
+    p_sum = recovered_probs.sum(0) if n_rec else torch.zeros(K, dtype=F64)
+    p_rest = (recovered_probs.mean(0) if n_rec else torch.full((K,), 1.0 / K, dtype=F64)) * (batch_size - n_rec)
+    counts = (p_sum + p_rest) - batch_size * out_bias_grad.cpu()
+    est = torch.clamp(torch.round(counts), min=0)
+    est = torch.maximum(est, known)
+    return est.to(torch.int64).numpy()
+
+
+# -------------------------------------------------------------------------------------------------------
+# Step 3: the conv blocks
+
+
+@dataclass
+class ConvWalk:
+    """The conv walk-down of every complete candidate: its chain of block solves, the rebuilt inputs (n x the
+    network's input shape, float64, CPU; feature matching where the chain stopped), whether the chain reached
+    the input, and whether that input reproduces the features (float64 and float32)."""
+
+    chains: list[ChainSolve]
+    inputs: torch.Tensor
+    solved: list[bool]
+    forward_ok: list[bool]
+
+
+def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int | None) -> list[Candidate]:
+    """Keep the candidates the head certificate accepts, or whose witnesses sit at the batch's common scale
+    (single-witness samples the whole-batch certificate may still certify); mixtures of samples are dropped."""
+    if not complete:
+        return complete
+    pre = attack.certify(complete, reported)
+    keep = [c for c, r in zip(complete, pre.recoveries) if r.certified or (
+        pre.factor is not None and r.witnesses[-1] >= 1 and np.isfinite(r.scale)
+        and abs(r.scale / pre.factor - 1) <= attack.opts.scale_tol)]
+    if len(keep) < len(complete):
+        attack.notes.append(f"{len(complete) - len(keep)} head candidate(s) failed the head certificate (mixtures) "
+                            "and were dropped")
+    return keep
+
+
+def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions, obs_dtype) -> ConvWalk:
+    """Walk each candidate's features down the conv blocks; the features of a sample whose chain reached the
+    input become the rebuilt input's own (so the certificate reads what the input really gives)."""
+    eps_obs = float(torch.finfo(obs_dtype).eps) if obs_dtype != F64 else EPS32
+    chains = []
+    for c in complete:
+        f = c.acts[0].cpu().numpy()
+        chains.append(invert_chain(net, f, opts.ratio_noise * eps_obs * np.abs(f), opts))
+    X = torch.zeros(len(complete), *net.input_shape, dtype=F64)
+    solved = [ch.x is not None for ch in chains]
+    for k, ch in enumerate(chains):
+        if ch.x is not None:
+            X[k] = torch.from_numpy(ch.x).reshape(net.input_shape)
+    forward_ok = []
+    if complete:
+        feats64 = net.features(X, F64)
+        feats32 = net.features(X.to(torch.float32), torch.float32).to(F64)
+        for k, c in enumerate(complete):
+            ok = False
+            if solved[k]:
+                ref = c.acts[0]
+                tol = opts.forward_tol * float(ref.norm().clamp_min(1e-300))
+                ok = float((feats64[k] - ref).norm()) <= tol and float((feats32[k] - ref).norm()) <= tol
+                c.acts[0] = feats64[k].clone()
+            forward_ok.append(ok)
+    stopped = [k for k, ok in enumerate(solved) if not ok]
+    if stopped and opts.fallback == "features":
+        found = feature_matching(net, [(chains[k].lowest_known, chains[k].known) for k in stopped], opts)
+        for j, k in enumerate(stopped):
+            X[k] = found[j].to(F64)
+    return ConvWalk(chains, X, solved, forward_ok)
+
+
+def conv_records(net: Network, complete: list[Candidate], walk: ConvWalk, head: tuple[SampleRecovery, ...],
+                 opts: ExclusivityOptions) -> list[SampleRecovery]:
+    """Each sample's record: the head's certificate, and the conv blocks' proof below it."""
+    records = []
+    n_blocks = len(net.blocks)
+    for k, (c, ch, hr) in enumerate(zip(complete, walk.chains, head)):
+        conv_solved = tuple(n_blocks - i for i, b in enumerate(ch.blocks) if b.unique)
+        failing = next((i for i, b in enumerate(ch.blocks) if not b.unique), None)
+        if failing is not None:  # the chain is solved top block first
+            how = ("rebuilt analytically (uncertified)" if walk.solved[k] else
+                   "rebuilt by feature matching (uncertified)" if opts.fallback == "features" else "not rebuilt")
+            layer = net.blocks[n_blocks - 1 - failing].name
+            ok, reason = False, f"conv layer '{layer}': {ch.blocks[failing].reason}; {how}"
+        elif ch.bound > opts.max_error * opts.range_width(walk.inputs):
+            ok, reason = False, (f"conv layers solved uniquely, but the proven error bound {ch.bound:.1e} of the "
+                                 f"rebuilt input exceeds max_error ({opts.max_error:g} of the data range)")
+        elif not walk.forward_ok[k]:
+            ok, reason = False, "the rebuilt input does not reproduce the recovered features"
+        elif not hr.certified:
+            ok, reason = False, f"FC head: {hr.reason}"
+        else:
+            ok, reason = True, (f"FC head witnesses match the rebuilt input's gradient; conv layers solved uniquely; "
+                                f"every value within the proven error bound {ch.bound:.1e}")
+        records.append(SampleRecovery(label=c.label, certified=ok, reason=reason, witnesses=hr.witnesses,
+                                      solved_layers=conv_solved, residual=ch.bound, scale=hr.scale,
+                                      error_bound=ch.bound))
+    return records
+
+
+def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, records: list[SampleRecovery],
+                grads: dict[str, torch.Tensor], batch_size: int | None, opts: ExclusivityOptions,
+                notes: list[str]) -> bool:
+    """When every sample of the batch was rebuilt with a proof, the rebuilt batch's whole gradient (every
+    parameter) must reproduce the observed one; then every sample is certified (``records`` updated)."""
+    exact = [k for k, ch in enumerate(walk.chains) if walk.solved[k] and ch.unique
+             and ch.bound <= opts.max_error * opts.range_width(walk.inputs) and walk.forward_ok[k]]
+    if not complete or batch_size is None or not len(exact) == batch_size == len(complete):
+        return False
+    dev = next(model.parameters()).device
+    obs = {k: v.to(device=dev, dtype=F64) for k, v in grads.items()}
+    y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
+    pred = full_gradient(model, walk.inputs.to(dev), y, F64)
+    factor = 1.0 / batch_size if opts.known_scale else float(
+        sum((pred[k] * obs[k]).sum() for k in obs) / sum((pred[k] * pred[k]).sum() for k in obs))
+    worst = max(float((factor * pred[k] - obs[k]).norm() / obs[k].norm().clamp_min(1e-300)) for k in obs)
+    if worst > opts.batch_tol:
+        notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
+        return False
+    for k in exact:
+        if not records[k].certified:
+            records[k] = replace(records[k], certified=True, reason="the rebuilt batch reproduces the whole observed "
+                                 f"gradient (conv layers solved uniquely; proven error bound {walk.chains[k].bound:.1e})")
+    return True
+
+
+def full_gradient(model: nn.Module, X: torch.Tensor, y: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
+    """Sum over samples of the per-sample cross-entropy gradients (real autograd) in ``dtype``."""
+    params = dict(model.named_parameters())
+    cast = {k: v.detach().to(dtype).requires_grad_(True) for k, v in params.items()}
+    buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.named_buffers()}
+    logits = torch.func.functional_call(model, {**cast, **buffers}, (X.to(dtype),))
+    loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    grads = torch.autograd.grad(loss, list(cast.values()))
+    return {k: g.detach() for k, g in zip(cast, grads)}

@@ -1,0 +1,80 @@
+"""The head attack's state on one update: the dense head's weights and observed gradient in float64 on the
+network's device, the update's rounding noise, and the steps that run on it (candidates, walk-down,
+certificate)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedleak.attacks.exact.candidates import Candidate, top_candidates
+from fedleak.attacks.exact.certificate import Certificate, certify
+from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.exact.walkdown import walk_down
+from fedleak.nets import ReluMLP
+
+F64 = torch.float64
+
+
+class HeadAttack:
+    """The exclusivity attack on the dense ReLU head of a network, from the head's gradient.
+
+    ``grads`` is the observed update keyed like ``model.named_parameters()`` (only the head's entries are
+    read), ``obs_dtype`` the dtype the client computed it in. ``noise`` (the same keys) is the absolute rounding
+    noise of the observed values where the update carries more than the gradient's own float32 noise (a weight
+    delta: the client rounded ``before - lr * g``); None otherwise. Every tensor lives on ``net.device``.
+    """
+
+    def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype,
+                 noise: dict[str, torch.Tensor] | None = None):
+        self.net, self.opts, self.obs_dtype = net, opts, obs_dtype
+        self.device = net.device
+        dev = self.device
+        self.W, self.b = net.weights(F64), net.biases(F64)
+        self.G = [grads[d.weight_name].to(device=dev, dtype=F64) for d in net.dense]
+        self.g = [None if d.bias_name is None else grads[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
+        self.noise = None if noise is None else [noise[d.weight_name].to(device=dev, dtype=F64) for d in net.dense]
+        self.noise_b = None if noise is None else [
+            None if d.bias_name is None else noise[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
+        self.notes: list[str] = []
+        self._W_obs: list[torch.Tensor] | None = None
+        self.tol_floor = self._noise_floor()
+
+    def _noise_floor(self) -> float:
+        """How far apart the update's own rounding can push two rows of one sample (relative): the grouping
+        tolerances are at least this. Zero for a gradient; for a weight delta, 4x the 90th percentile of the
+        top layer's rows' relative rounding noise."""
+        if self.noise is None:
+            return 0.0
+        t = self.net.depth - 1
+        rows = [self.G[t], self.noise[t]]
+        if self.g[t] is not None:
+            rows = [torch.cat([self.G[t], self.g[t][:, None]], 1), torch.cat([self.noise[t], self.noise_b[t][:, None]], 1)]
+        norm = rows[0].norm(dim=1)
+        live = norm > 0
+        if not bool(live.any()):
+            return 0.0
+        rel = rows[1].norm(dim=1)[live] / norm[live]
+        return 4.0 * float(torch.quantile(rel, 0.9))
+
+    def tol(self, value: float) -> float:
+        """A grouping tolerance, raised to the update's rounding-noise floor."""
+        return max(value, self.tol_floor)
+
+    @property
+    def W_obs(self) -> list[torch.Tensor]:
+        """The weights in the observed gradient's dtype (the client's arithmetic), converted once."""
+        if self._W_obs is None:
+            self._W_obs = [w.to(self.obs_dtype) for w in self.W]
+        return self._W_obs
+
+    def top_candidates(self) -> list[Candidate]:
+        """Step 1: candidates from the last ReLU layer (:mod:`fedleak.attacks.exact.candidates`)."""
+        return top_candidates(self)
+
+    def walk_down(self, cands: list[Candidate]) -> None:
+        """Step 2: trace candidates down to the head's input (:mod:`fedleak.attacks.exact.walkdown`)."""
+        walk_down(self, cands)
+
+    def certify(self, cands: list[Candidate], reported: int | None) -> Certificate:
+        """Step 3: the certificate of the complete candidates (:mod:`fedleak.attacks.exact.certificate`)."""
+        return certify(self, cands, reported)

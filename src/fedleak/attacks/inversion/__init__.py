@@ -1,0 +1,68 @@
+"""Optimisation-based reconstruction: DLG, iDLG, Inverting Gradients, and the machinery DLM shares.
+
+Every attack here searches for dummy inputs ``x'`` (and, for DLG, soft labels) whose *simulated* client
+update matches the observed one (algorithms spec §5-§6). The steps, one module each:
+
+* :mod:`~fedleak.attacks.inversion.target`: the observed update as a :class:`Target`, batch size, labels;
+* :mod:`~fedleak.attacks.inversion.unroll`: :class:`FunctionalModel`, the client's gradient or its local
+  steps unrolled differentiably (FedAvg, learning rate learned);
+* :mod:`~fedleak.attacks.inversion.objectives`: the matching objectives and total variation;
+* :mod:`~fedleak.attacks.inversion.search`: :class:`InversionSettings` and :func:`invert`, the search loop;
+* :mod:`~fedleak.attacks.inversion.attacks`: the shared driver and the registered ``dlg``, ``idlg``, ``ig``.
+"""
+
+from fedleak.attacks.inversion.attacks import (
+    DLG_DEFAULTS,
+    IDLG_DEFAULTS,
+    IG_DEFAULTS,
+    dlg_attack,
+    idlg_attack,
+    ig_attack,
+    run_optimization_attack,
+    to_reconstruction,
+)
+from fedleak.attacks.inversion.objectives import (
+    OBJECTIVES,
+    CosineObjective,
+    L2Objective,
+    NormalizedObjective,
+    Objective,
+    total_variation,
+)
+from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
+from fedleak.attacks.inversion.target import (
+    Target,
+    batch_size_of,
+    model_input_shape,
+    prepare_target,
+    resolve_labels,
+)
+from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel
+
+__all__ = [
+    "DLG_DEFAULTS",
+    "IDLG_DEFAULTS",
+    "IG_DEFAULTS",
+    "OBJECTIVES",
+    "UNROLL_OPTIMIZERS",
+    "CosineObjective",
+    "FunctionalModel",
+    "InversionResult",
+    "InversionSettings",
+    "L2Objective",
+    "NormalizedObjective",
+    "Objective",
+    "Target",
+    "batch_size_of",
+    "dlg_attack",
+    "idlg_attack",
+    "ig_attack",
+    "invert",
+    "model_input_shape",
+    "prepare_target",
+    "resolve_labels",
+    "run_optimization_attack",
+    "settings_from",
+    "to_reconstruction",
+    "total_variation",
+]

@@ -1,0 +1,137 @@
+"""DLG, iDLG and Inverting Gradients, and the driver every optimisation attack (DLM too) shares.
+
+:func:`run_optimization_attack` checks the input, settles batch size and labels, runs
+:func:`~fedleak.attacks.inversion.search.invert` and packages the result as a :class:`Reconstruction`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
+from fedleak.attacks.inversion.target import Target, batch_size_of, prepare_target, resolve_labels
+from fedleak.attacks.registry import register_attack
+from fedleak.errors import FedleakError
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+
+
+def to_reconstruction(
+    name: str, result: InversionResult, target: Target, batch_size: int, counts: np.ndarray | None,
+    notes: list[str], certified: torch.Tensor | None = None, samples: tuple[SampleRecovery, ...] | None = None,
+) -> Reconstruction:
+    n = int(result.inputs.shape[0])
+    cert = certified if certified is not None else torch.zeros(n, dtype=torch.bool)
+    if samples is None:
+        samples = tuple(SampleRecovery(int(l), False, f"{name}: optimisation result (objective {result.loss:.3e})")
+                        for l in result.labels)
+    extra = [f"{name}: {result.iterations} iteration(s) in {result.seconds:.2f} s, final objective {result.loss:.3e}"]
+    if result.learning_rate is not None:
+        extra.append(f"{name}: learned client learning rate {result.learning_rate:.4g}")
+    return Reconstruction(
+        inputs=result.inputs.to(torch.float32).reshape(n, *target.input_shape),
+        labels=result.labels.long(),
+        certified=cert,
+        attack=name,
+        samples=samples,
+        batch_size=batch_size,
+        label_counts=counts,
+        batch_certified=False,
+        seconds=result.seconds,
+        iterations=result.iterations,
+        notes=tuple(notes + extra + result.notes),
+    )
+
+
+def run_optimization_attack(
+    name: str,
+    defaults: InversionSettings,
+    model: nn.Module,
+    update: Any,
+    *,
+    batch_size: int | None = None,
+    labels: Any = None,
+    input_shape: tuple[int, ...] | None = None,
+    fixed_inputs: torch.Tensor | None = None,
+    fixed_labels: torch.Tensor | None = None,
+    **options: Any,
+) -> Reconstruction:
+    """Shared driver of every optimisation attack: check input, settle labels, invert, package."""
+    settings = settings_from(defaults, options, name)
+    target = prepare_target(model, update, input_shape=input_shape, dtype=settings.torch_dtype)
+    notes: list[str] = []
+    if target.kind == "weights":
+        steps = settings.local_steps or target.local_steps
+        if steps is None:
+            notes.append("the number of local steps is unknown: the weight change is treated as one aggregated "
+                         "SGD step at the global weights (learning rate learned)")
+        else:
+            notes.append(f"{steps} local {settings.client_optimizer} step(s) unrolled differentiably "
+                         "(learning rate learned)")
+    m = batch_size_of(target, batch_size, notes)
+    if fixed_inputs is not None and len(fixed_inputs) >= m:
+        raise FedleakError(f"{len(fixed_inputs)} known sample(s) already fill the batch of {m}")
+    counts: np.ndarray | None = None
+    free_labels = None
+    if settings.learn_labels:
+        notes.append("labels learned jointly with the data (soft labels, DLG)")
+    else:
+        y, counts = resolve_labels(model, target, m, labels, notes, known=fixed_labels)
+        if fixed_labels is not None and len(fixed_labels):
+            rest = torch.from_numpy(counts.copy())
+            known = torch.bincount(fixed_labels.long(), minlength=len(rest))[: len(rest)]
+            rest = (rest - known).clamp_min(0)
+            free_labels = torch.repeat_interleave(torch.arange(len(rest)), rest).long()
+            need = m - len(fixed_labels)
+            if len(free_labels) != need:  # keep the count consistent with the batch
+                free_labels = torch.cat([free_labels, y[: max(0, need - len(free_labels))]])[:need]
+        else:
+            free_labels = y
+    result = invert(model, target, settings, batch_size=m, labels=free_labels, fixed_inputs=fixed_inputs,
+                    fixed_labels=fixed_labels, name=name)
+    if settings.learn_labels:
+        counts = np.bincount(result.labels.numpy(), minlength=1)
+    return to_reconstruction(name, result, target, m, counts, notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The attacks
+
+DLG_DEFAULTS = InversionSettings(objective="l2", optimizer="lbfgs", lr=1.0, iterations=300, init="normal",
+                                 box=None, learn_labels=True)
+IDLG_DEFAULTS = InversionSettings(objective="l2", optimizer="lbfgs", lr=1.0, iterations=300, init="normal",
+                                  box=None, learn_labels=False)
+IG_DEFAULTS = InversionSettings(objective="cosine", optimizer="adam", lr=0.1, iterations=1000, tv=1e-4,
+                                signed=True, box=(0.0, 1.0), lr_decay=True, init="uniform", restarts=1)
+
+
+@register_attack("dlg", update_kinds=("gradient", "weights"),
+                 description="Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS")
+def dlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
+    """DLG (Zhu et al. 2019): jointly optimise dummy data and soft labels to match the update in L2.
+
+    Options: ``batch_size``, ``input_shape`` and the fields of :class:`InversionSettings`
+    (``iterations``, ``time_budget``, ``progress``, ``seed``, ...). On a weight update the client's
+    learning rate is learned (and its local steps unrolled when known).
+    """
+    return run_optimization_attack("dlg", DLG_DEFAULTS, model, update, **options)
+
+
+@register_attack("idlg", update_kinds=("gradient", "weights"),
+                 description="improved DLG: labels read from the output layer, then L2 matching with L-BFGS")
+def idlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
+    """iDLG (Zhao et al. 2020): the label comes analytically from the output layer (the count rule for a
+    batch), then DLG's L2 matching of the data only. Options as :func:`dlg_attack`, plus ``labels``."""
+    return run_optimization_attack("idlg", IDLG_DEFAULTS, model, update, **options)
+
+
+@register_attack("ig", update_kinds=("gradient", "weights"),
+                 description="Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts")
+def ig_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
+    """Inverting Gradients (Geiping et al. 2020): ``1 - cos(u(x'), u*) + tv * TV(x')`` minimised by Adam
+    on the sign of the gradient, step-decayed, with ``x'`` clamped to ``box``; ``restarts`` runs are
+    scored by their objective. Labels are inferred (or given). Options as :func:`dlg_attack`."""
+    return run_optimization_attack("ig", IG_DEFAULTS, model, update, **options)

@@ -1,0 +1,322 @@
+"""What the trap-weight and imprint attacks share: their options, reading the update's first layer, and the
+certificate of a candidate (see :mod:`fedleak.attacks.malicious`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.errors import FedleakError, ModelError, UpdateError
+from fedleak.nets import Network, ReluMLP, as_network, forward_trace
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.updates import GradientUpdate, WeightUpdate, check_matches_model
+from fedleak.validation import validate_fields
+
+F64 = torch.float64
+
+
+def fully_connected(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Network:
+    """``model`` read by :func:`fedleak.nets.as_network`; its first layer must be a Linear layer on the inputs."""
+    net = as_network(model, input_shape=input_shape)
+    if net.blocks:
+        raise ModelError(f"trap and imprint weights go into a first Linear layer on the inputs; this model starts "
+                         f"with conv layer '{net.blocks[0].name}'")
+    return net
+
+
+def first_two_dense(model: nn.Module) -> tuple[ReluMLP, nn.Linear, nn.Linear]:
+    """The model's head and its first two Linear layers (the first with a bias, followed by a ReLU)."""
+    net = fully_connected(model).head
+    if net.depth == 0:
+        raise ModelError("a malicious first layer needs at least one hidden ReLU layer")
+    first = net.dense[0].module
+    if first.bias is None:
+        raise ModelError(f"layer '{net.dense[0].name}' has no bias; trap and imprint weights need one")
+    return net, first, net.dense[1].module
+
+
+# -------------------------------------------------------------------------------------------------------
+# Shared certification
+
+
+@dataclass(frozen=True)
+class MaliciousOptions:
+    """Tolerances of the trap-weight and imprint attacks (relative).
+
+    ``group_tol``: rows whose implied inputs agree this closely (relative L2) are one sample.
+    ``fit_tol``: the recomputed bias gradient must explain a candidate's observed entries this closely.
+    ``scale_tol``: a candidate's fitted scale must equal the batch's common scale this closely.
+    ``merge_tol``: certified candidates of one label closer than this are one sample (noisy copies).
+    ``min_rows``: witness rows a candidate needs (1: the scale certificate alone).
+    ``min_bias``: rows whose bias gradient is below this fraction of the largest are ignored (noise).
+    ``exact_tol``: a candidate is certified only if the rounding error that the update's float storage
+    puts on it (estimated from the sent and returned weights: half an ulp of each) is below this, so
+    that "certified" means exact.
+    ``known_scale``: the update is a mean-loss gradient, whose common scale is ``1/num_examples``.
+    ``scale``: the common scale if the server knows it (e.g. ``lr / num_examples`` when it dictates the
+    learning rate); by default it is the value most candidates agree on, and it counts only when at
+    least ``min_support`` candidates agree on it (one candidate always agrees with itself).
+    """
+
+    group_tol: float = 1e-3
+    fit_tol: float = 1e-3
+    scale_tol: float = 1e-4
+    merge_tol: float = 1e-2
+    exact_tol: float = 1e-4
+    min_rows: int = 1
+    min_bias: float = 1e-6
+    known_scale: bool = False
+    scale: float | None = None
+    min_support: int = 2
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+def resolve_options(options: MaliciousOptions | None, overrides: dict) -> MaliciousOptions:
+    opts = options or MaliciousOptions()
+    if overrides:
+        unknown = set(overrides) - set(MaliciousOptions.__dataclass_fields__)
+        if unknown:
+            raise FedleakError(f"unknown option(s) for this attack: {sorted(unknown)}")
+        opts = MaliciousOptions(**{**opts.__dict__, **overrides})
+    return opts
+
+
+def update_as_delta(model: nn.Module, update) -> tuple[dict[str, torch.Tensor], int | None, dict[str, torch.Tensor]]:
+    """The update as a gradient-like map (a WeightUpdate gives ``before - after``), num_examples, and
+    a bound on each entry's rounding error (half an ulp of each operand, or of the gradient)."""
+    if isinstance(update, WeightUpdate):
+        grads, n = update.delta(), update.num_examples
+        noise = {k: (half_ulp(update.before[k]) ** 2 + half_ulp(update.after[k]) ** 2).sqrt() for k in grads}
+    elif isinstance(update, GradientUpdate):
+        grads, n = dict(update.gradients), update.num_examples
+        noise = {k: 8 * half_ulp(v) for k, v in grads.items()}  # the float sum over the batch
+    elif isinstance(update, Mapping):
+        grads, n = dict(GradientUpdate(update).gradients), None
+        noise = {k: 8 * half_ulp(v) for k, v in grads.items()}
+    else:
+        raise UpdateError(f"an update must be a GradientUpdate, a WeightUpdate or a dict; got {type(update).__name__}")
+    check_matches_model(model, grads, "update")
+    return grads, n, noise
+
+
+def half_ulp(t: torch.Tensor) -> torch.Tensor:
+    """Half a unit in the last place: the rounding error of storing ``t``."""
+    return t.detach().abs().to(F64) * (0.5 * float(torch.finfo(t.dtype).eps))
+
+
+def group_rows(R: torch.Tensor, weight: torch.Tensor, tol: float) -> list[list[int]]:
+    """Leader clustering of the rows of ``R`` (relative L2 ``tol``), leaders taken by decreasing ``weight``."""
+    n = R.shape[0]
+    if n == 0:
+        return []
+    norms = R.norm(dim=1).clamp_min(1e-300)
+    order = torch.argsort(-weight)
+    close = torch.cdist(R, R) <= tol * norms[:, None]
+    assigned = torch.zeros(n, dtype=torch.bool, device=R.device)
+    groups: list[list[int]] = []
+    for i in order.tolist():
+        if assigned[i]:
+            continue
+        members = close[i] & ~assigned
+        assigned |= members
+        groups.append(torch.nonzero(members).flatten().tolist())
+    return groups
+
+
+def mode_scale(fits: np.ndarray, ok: np.ndarray, tol: float) -> tuple[float | None, int]:
+    """The scale most candidates agree on (each candidate offers its ``fits[k, y]`` where ``ok``)."""
+    ks, ys = np.nonzero(ok & (fits > 0))
+    if len(ks) == 0:
+        return None, 0
+    logs = np.log(fits[ks, ys])
+    order = np.argsort(logs)
+    logs, ks = logs[order], ks[order]
+    width = math.log1p(tol)
+    best, best_at, hi = 0, None, 0
+    for lo in range(len(logs)):
+        while hi < len(logs) and logs[hi] - logs[lo] <= width:
+            hi += 1
+        count = len(np.unique(ks[lo:hi]))
+        if count > best:
+            best, best_at = count, float(np.median(logs[lo:hi]))
+    return (math.exp(best_at) if best_at is not None else None), best
+
+
+@dataclass
+class Candidates:
+    """Candidates: ``X`` (n x D), the first-layer rows each claims, its observed bias entries there,
+    and neurons that must stay silent for it (imprint: the next bin). ``cols`` (trap weights): the
+    observed next-layer weight-gradient columns of its rows (|rows| x d2), which for a neuron only this
+    sample opens are ``scale * delta_next * h_i``: a K- or d2-dimensional check per row."""
+
+    X: torch.Tensor
+    rows: list[list[int]]
+    obs: list[torch.Tensor]
+    silent: list[list[int]]
+    cols: list[torch.Tensor] | None = None
+    bound: torch.Tensor | None = None  # per candidate: bound on the max abs error of X from rounding
+
+
+def flat_index(lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(owner, item) of every item of ``lists``."""
+    owner = torch.tensor([k for k, r in enumerate(lists) for _ in r], dtype=torch.long, device=device)
+    idx = torch.tensor([i for r in lists for i in r], dtype=torch.long, device=device)
+    return owner, idx
+
+
+def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts: MaliciousOptions):
+    """Label, certificate, reason, scale and residual of every candidate; and the batch's common scale."""
+    n, K, dev = c.X.shape[0], net.num_classes, c.X.device
+    owner, idx = flat_index(c.rows, dev)
+    o = torch.cat(c.obs) if c.obs else torch.empty(0, dtype=F64, device=dev)
+    pre = forward_trace(net, c.X).preactivations[0]
+    bad = torch.zeros(n, dtype=F64, device=dev)
+    if len(owner):
+        bad.index_add_(0, owner, (pre[owner, idx] <= 0).to(F64))
+    s_owner, s_idx = flat_index(c.silent, dev)
+    if len(s_owner):
+        bad.index_add_(0, s_owner, (pre[s_owner, s_idx] > 0).to(F64))
+    fires = bad == 0
+    fits = np.full((n, K), np.nan)
+    resid = np.full((n, K), np.inf)
+    oo = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, o * o).clamp_min(1e-300)
+    oc = torch.cat(c.cols) if c.cols else None
+    if oc is not None:
+        cc = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, (oc * oc).sum(1)).clamp_min(1e-300)
+    for y in range(K):
+        t = forward_trace(net, c.X, torch.full((n,), y, dtype=torch.long, device=dev))
+        p = t.deltas[0][owner, idx]
+        pp = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, p * p)
+        po = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, p * o)
+        if oc is not None:
+            nxt = t.deltas[1] if net.depth >= 2 else t.loss_vectors
+            pc = nxt[owner] * t.activations[1][owner, idx][:, None]
+            pp = pp.index_add_(0, owner, (pc * pc).sum(1))
+            po = po.index_add_(0, owner, (pc * oc).sum(1))
+        s = po / pp.clamp_min(1e-300)
+        r = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, (o - s[owner] * p) ** 2)
+        r = r / oo
+        if oc is not None:  # both parts must fit, each relative to its own size
+            rc = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, ((oc - s[owner, None] * pc) ** 2).sum(1)) / cc
+            r = torch.maximum(r, rc)
+        valid = (pp > 0).cpu()
+        fits[valid.numpy(), y] = s.cpu()[valid].numpy()
+        resid[valid.numpy(), y] = r.cpu()[valid].sqrt().numpy()
+    fires = fires.cpu()
+    fit_ok = (resid <= opts.fit_tol) & fires.numpy()[:, None]
+    if opts.scale is not None:
+        batch_scale = float(opts.scale)
+    elif opts.known_scale:
+        if not n_examples:
+            raise UpdateError("known_scale needs the update's num_examples")
+        batch_scale = 1.0 / n_examples
+    else:
+        multi = np.array([len(r) >= 2 for r in c.rows])
+        batch_scale, support = mode_scale(fits, fit_ok & multi[:, None], opts.scale_tol)
+        if support < opts.min_support:  # too few multi-row candidates: let every candidate vote
+            batch_scale, support = mode_scale(fits, fit_ok, opts.scale_tol)
+        if support < opts.min_support:  # one candidate alone always agrees with itself
+            batch_scale = None
+    if batch_scale is None:
+        scale_ok = np.zeros_like(fit_ok)
+    else:
+        scale_ok = fit_ok & (np.abs(fits / batch_scale - 1) <= opts.scale_tol)
+    labels, certified, reasons, scales, residuals = [], [], [], [], []
+    for k in range(n):
+        ok_y = np.nonzero(scale_ok[k])[0].tolist()
+        best = int(np.argmin(resid[k])) if np.isfinite(resid[k]).any() else 0
+        y = ok_y[0] if ok_y else best
+        if not bool(fires[k]):
+            cert, why = False, "the rebuilt input does not open (or close) the neurons it was read from"
+        elif len(ok_y) > 1:
+            cert, why = False, f"labels {ok_y} explain its rows equally well"
+        elif not ok_y:
+            cert, why = False, "no label explains its rows at the batch's common scale (a mixture of samples)"
+        elif len(c.rows[k]) < opts.min_rows:
+            cert, why = False, f"only {len(c.rows[k])} witness row(s) (need {opts.min_rows})"
+        elif c.bound is not None and float(c.bound[k]) > opts.exact_tol:
+            cert, why = False, (f"consistent, but rounding in the update may put an error of "
+                                f"{float(c.bound[k]):.1e} (> {opts.exact_tol:g})")
+        else:
+            cert, why = True, "its recomputed gradient explains its rows at the batch's common scale"
+        labels.append(y)
+        certified.append(cert)
+        reasons.append(why)
+        scales.append(float(fits[k, y]))
+        residuals.append(float(resid[k, y]))
+    return labels, certified, reasons, scales, residuals, batch_scale
+
+
+def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, scales, residuals,
+           n_examples: int | None, opts: MaliciousOptions, start: float, notes: list[str]) -> Reconstruction:
+    """Merge noisy copies of certified samples, keep at most ``num_examples`` candidates, and package."""
+    n = len(labels)
+    X_all = c.X.cpu()
+    cert = torch.tensor(certified, dtype=torch.bool) if n else torch.zeros(0, dtype=torch.bool)
+    lab = torch.tensor(labels, dtype=torch.long) if n else torch.zeros(0, dtype=torch.long)
+    strength = torch.tensor([len(r) for r in c.rows], dtype=F64) if n else torch.zeros(0, dtype=F64)
+    # certified first, then by number of rows: a copy within merge_tol of a kept sample is dropped
+    order = sorted(range(n), key=lambda k: (not certified[k], -float(strength[k])))
+    kept: list[int] = []
+    if n:
+        norms = X_all.norm(dim=1).clamp_min(1e-300)
+        dist = torch.cdist(X_all, X_all) <= opts.merge_tol * norms[:, None]
+        dropped = torch.zeros(n, dtype=torch.bool)
+        for k in order:
+            if dropped[k]:
+                continue
+            kept.append(k)
+            dropped |= dist[k] & ((lab == lab[k]) | ~cert)
+            dropped[k] = True
+    limit = n_examples if n_examples else len(kept)
+    n_cert = sum(1 for k in kept if certified[k])
+    kept = [k for k in kept if certified[k]] + [k for k in kept if not certified[k]][: max(0, limit - n_cert)]
+    if n and len(kept) < n:
+        notes.append(f"{n - len(kept)} candidate(s) dropped as noisy copies or beyond the batch size")
+    out_dtype = net.head.dense[0].module.weight.dtype
+    X = X_all[kept] if kept else torch.empty(0, net.input_dim, dtype=F64)
+    return Reconstruction(
+        inputs=X.to(out_dtype).reshape(len(kept), *net.input_shape),
+        labels=torch.tensor([labels[k] for k in kept], dtype=torch.long),
+        certified=torch.tensor([certified[k] for k in kept], dtype=torch.bool),
+        attack=name,
+        samples=tuple(
+            SampleRecovery(label=labels[k], certified=certified[k], reason=reasons[k], witnesses=(len(c.rows[k]),),
+                           residual=residuals[k], scale=scales[k])
+            for k in kept
+        ),
+        batch_size=n_examples,
+        seconds=time.perf_counter() - start,
+        notes=tuple(notes),
+    )
+
+
+def first_layer(model: nn.Module, update, what: str, input_shape: tuple[int, ...] | None = None):
+    """The network, and the update's first-layer rows (weights ``G``, biases ``g``), ``num_examples``, their
+    rounding noise per row and the next layer's weight gradient, in float64 on the network's device."""
+    net = fully_connected(model, input_shape)
+    head = net.head
+    if head.depth == 0 or head.dense[0].bias_name is None:
+        raise ModelError(f"the {what} attack needs a first hidden layer with a bias")
+    grads, n_examples, noise = update_as_delta(model, update)
+    d0, dev = head.dense[0], head.device
+    G = grads[d0.weight_name].to(device=dev, dtype=F64).reshape(d0.out_features, -1)
+    g = grads[d0.bias_name].to(device=dev, dtype=F64)
+    nG = noise[d0.weight_name].to(dev).reshape(d0.out_features, -1).amax(1)
+    ng = noise[d0.bias_name].to(dev)
+    G_next = grads[head.dense[1].weight_name].to(device=dev, dtype=F64)
+    return net, G, g, n_examples, (nG, ng), G_next
+
+
+def ratio_bound(X: torch.Tensor, nG: torch.Tensor, ng: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Estimated max abs error of ``X = num/den`` when num's entries err by ``nG`` and den by ``ng``."""
+    return (nG ** 2 + (X.abs().amax(1) * ng) ** 2).sqrt() / den.abs().clamp_min(1e-300)
+

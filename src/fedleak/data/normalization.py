@@ -1,0 +1,74 @@
+"""Per-channel mean/std normalisation of images, as users apply it before their model.
+
+A model trained on ``(x - mean) / std`` (torchvision's ``Normalize``) takes inputs in that normalised space;
+fedleak attacks it there. Scores and pictures are fairer in pixel space, so :func:`fedleak.metrics.match` and
+the reports map both the originals and the reconstructions back with :meth:`Normalization.invert`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedleak.errors import DataError
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``normalised = (pixel - mean[c]) / std[c]`` per channel ``c``; pixels live in ``pixel_range``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        try:
+            mean = tuple(float(m) for m in self.mean)
+            std = tuple(float(s) for s in self.std)
+            lo, hi = (float(v) for v in self.pixel_range)
+        except (TypeError, ValueError):
+            raise DataError("normalisation needs numbers: mean and std per channel, pixel_range (low, high)") from None
+        if not mean or len(mean) != len(std):
+            raise DataError(f"normalisation needs one mean and one std per channel, got {len(mean)} and {len(std)}")
+        if not all(math.isfinite(v) for v in mean + std + (lo, hi)) or min(std) <= 0 or not lo < hi:
+            raise DataError("normalisation needs finite means, positive stds and pixel_range low < high")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "pixel_range", (lo, hi))
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 4 or x.shape[1] not in (1, len(self.mean)) and len(self.mean) != 1:
+            raise DataError(f"normalisation of {len(self.mean)} channel(s) needs N x C x H x W images, got shape "
+                            f"{tuple(x.shape)}")
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return mean, std
+
+    def apply(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (N x C x H x W) to the model's normalised inputs."""
+        mean, std = self._stats(pixels)
+        return (pixels - mean) / std
+
+    def invert(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Normalised inputs (N x C x H x W) back to pixels; never clamped."""
+        mean, std = self._stats(inputs)
+        return inputs * std + mean
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """The (low, high) every normalised value lies in (the union over channels)."""
+        lo, hi = self.pixel_range
+        ends = [(v - m) / s for m, s in zip(self.mean, self.std) for v in (lo, hi)]
+        return min(ends), max(ends)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std), "pixel_range": list(self.pixel_range)}
+
+
+def normalization(mean: Sequence[float], std: Sequence[float],
+                  pixel_range: Sequence[float] = (0.0, 1.0)) -> Normalization:
+    """A :class:`Normalization` (checked), e.g. ``normalization((0.5,) * 3, (0.5,) * 3)`` maps [0, 1] to [-1, 1]."""
+    return Normalization(tuple(mean), tuple(std), tuple(pixel_range))  # type: ignore[arg-type]

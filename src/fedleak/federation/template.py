@@ -1,0 +1,141 @@
+"""The model the audit attacks, checked once when the strategy is built rather than once per client update.
+
+:class:`~fedleak.federation.strategy.AuditFedAvg` accepts any ``nn.Module`` (Flower's quickstart ``Net``,
+your own class). :func:`audit_template` turns it into the template that each round's sent weights are
+loaded into:
+
+* the model traced with ``torch.fx``: a ``GraphModule`` whose ``forward`` is generated code and whose
+  submodules are torch's own (``nn.Conv2d``, ``nn.Linear``, ...), under the user's names (``conv1.weight``),
+  so Flower's state dicts load into it and it pickles without the user's class -- the audit worker process
+  can rebuild it even when the class lives in the script being run (``__main__``), which it never imports;
+* when the attack needs a ReLU network fedleak can read (the exact attacks), the model is read with
+  :func:`fedleak.nets.as_network` first, so an unsupported model fails here with a
+  :class:`~fedleak.errors.ModelError` naming the node;
+* a model that ``torch.fx`` cannot trace is still fine for the optimisation attacks: the template is then a
+  plain copy, and (worker process only) it must be picklable and importable, checked here.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+from collections.abc import Sequence
+
+from torch import fx, nn
+
+from fedleak.errors import FedleakError, ModelError
+
+__all__ = ["audit_template", "check_shippable", "traced_copy"]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _attach(gm: nn.Module, name: str, value) -> None:
+    """Put the parameter or buffer ``name`` (dotted) on ``gm``, creating plain parent modules as needed."""
+    *path, leaf = name.split(".")
+    owner = gm
+    for part in path:
+        child = getattr(owner, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(leaf, value)
+    else:
+        owner.register_buffer(leaf, value)
+
+
+def traced_copy(model: nn.Module) -> fx.GraphModule:
+    """``model`` traced with ``torch.fx`` (its own weights, not shared), with every entry of its state dict.
+
+    Tracing keeps only what ``forward`` reads; parameters and buffers it never reads are put back, so that
+    the state dicts a federation sends (all of the model's) load into the copy. The model's ``input_shape``
+    (set by fedleak's builders) is kept too. Raises whatever ``torch.fx`` raises for an untraceable model.
+    """
+    own = copy.deepcopy(model).cpu()
+    gm = fx.symbolic_trace(own)
+    # under ``from __future__ import annotations`` the forward's type hints are strings, which torch.fx
+    # keeps as globals of the generated code and then cannot pickle; they are only hints, so drop them
+    if any(isinstance(node.type, str) for node in gm.graph.nodes):
+        for node in gm.graph.nodes:
+            if isinstance(node.type, str):
+                node.type = None
+        gm.recompile()
+    present = gm.state_dict(keep_vars=True)
+    for name, value in own.state_dict(keep_vars=True).items():
+        if name not in present:
+            _attach(gm, name, value)
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        gm.input_shape = tuple(shape)
+    return gm  # submodules are the copy's own, in their own mode (eval-mode Dropout stays in eval)
+
+
+class _WorkerUnpickler(pickle.Unpickler):
+    """Unpickles as the audit worker does: the worker never imports the running script (``__main__``)."""
+
+    def find_class(self, module: str, name: str):
+        if module == "__main__":
+            raise FedleakError(f"'{name}' is defined in the script being run (__main__), which the worker does "
+                               "not import")
+        return super().find_class(module, name)
+
+
+def check_shippable(obj: object, what: str) -> None:
+    """Raise :class:`FedleakError` unless ``obj`` survives the trip to the audit worker process (pickled here,
+    unpickled there without ``__main__``); the message starts with ``what``."""
+    try:
+        data = pickle.dumps(obj)
+    except Exception as err:  # noqa: BLE001 - PicklingError, AttributeError (local class), TypeError, ...
+        why = f"it cannot be pickled ({_first_line(err)})"
+    else:
+        try:
+            _WorkerUnpickler(io.BytesIO(data)).load()
+            return
+        except FedleakError as err:
+            why = str(err)
+        except Exception as err:  # noqa: BLE001 - whatever a reduce function raises
+            why = f"it cannot be unpickled ({_first_line(err)})"
+    raise FedleakError(f"{what} cannot be sent to the audit worker process (audit_mode='process'): {why}")
+
+
+def audit_template(model: nn.Module, *, attack: str, needs_relu_network: bool, process: bool,
+                   input_shape: Sequence[int] | None = None) -> nn.Module:
+    """The module the audit loads each round's sent weights into (see the module docstring).
+
+    ``needs_relu_network``: the attack is an exact one; the model must then be one
+    :func:`fedleak.nets.as_network` reads (else :class:`ModelError`, naming the node). ``process``: the
+    template goes to the worker process, so it must pickle without ``__main__`` (else :class:`FedleakError`).
+    """
+    if needs_relu_network:
+        from fedleak.nets import as_network
+
+        try:
+            as_network(model, input_shape=input_shape)
+        except ModelError as err:
+            raise ModelError(f"the '{attack}' attack cannot run on this model: {_first_line(err)}") from None
+    try:
+        traced: nn.Module | None = traced_copy(model)
+        why_not = ""
+    except Exception as err:  # noqa: BLE001 - torch.fx raises TraceError, TypeError, NotImplementedError, ...
+        traced, why_not = None, f"torch.fx could not trace it ({_first_line(err)})"
+    if not process:
+        return traced if traced is not None else copy.deepcopy(model).cpu()
+    if traced is not None:
+        try:
+            check_shippable(traced, "the traced model")
+            return traced
+        except FedleakError as err:
+            why_not = f"its torch.fx trace cannot be sent either ({err})"
+    plain = copy.deepcopy(model).cpu()
+    try:
+        check_shippable(plain, f"the model ({type(model).__name__})")
+    except FedleakError as err:
+        raise FedleakError(f"{err}; {why_not}; define the model class in an importable module, or use "
+                           "audit_mode='thread'") from None
+    return plain

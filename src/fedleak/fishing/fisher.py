@@ -1,0 +1,225 @@
+"""``fedleak.fish``: perturb a batch so that every sample becomes exactly reconstructable (spec §4).
+
+The curious server's client code calls this on each local batch before the update is computed. One loop
+serves MLPs and CNNs (an MLP is a network without conv blocks):
+
+* **targets** are chosen on the fully connected head, from the batch's real features (the flattened input
+  of the first Linear layer; the input itself for an MLP): :func:`~fedleak.fishing.targets.choose_targets`;
+* **one LP per sample** on its linearised network (:class:`~fedleak.fishing.sample_net.SampleNet`: conv
+  layers first, then the head's hidden layers), :func:`~fedleak.fishing.lp.solve_sample`: the sample's own
+  targets on, the other samples' targets off, the conv region kept where the forward pass shows it
+  matters, and the units of the lower conv blocks kept clear of zero so the attack can still prove those
+  blocks (see :meth:`Fisher.solvability`);
+* **repairs**: samples whose LP fails are left unperturbed, and other samples' targets that such a sample
+  activates are re-chosen.
+
+The perturbed batch is checked by a float32 forward pass, the precision the client computes in.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.analysis.batch import Batch, predictions, read_batch
+from fedleak.analysis.exclusivity import batch_exclusivity
+from fedleak.errors import FedleakError
+from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas, solve_sample
+from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
+from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.fishing.targets import choose_targets, retarget
+
+CLEAR_FRACTION = 0.2  # lower conv units stay at least margin*CLEAR_FRACTION away from zero
+CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
+
+
+class Fisher:
+    """The batch loop: targets on the head, one LP per sample on its :class:`SampleNet`, then repairs."""
+
+    def __init__(self, stack: ConvStack, head: HeadArrays, X: np.ndarray, y: np.ndarray, opts: FishingOptions,
+                 settings: LPSettings):
+        self.stack, self.head, self.X, self.y, self.o, self.settings = stack, head, X, y, opts, settings
+        self.M = X.shape[0]
+        self.k = [opts.targets_other] * (head.depth - 1) + [opts.targets_last]
+        self.nets = [SampleNet(stack, head, X[m]) for m in range(self.M)]
+        self.clear = opts.margin * CLEAR_FRACTION
+        self.Xp = X.copy()
+        self.fixed = np.zeros(self.M, dtype=bool)
+        self.outcomes: list[SampleOutcome | None] = [None] * self.M
+        self.targets: list[list[np.ndarray]] = []  # per sample, per head layer
+        self.patterns: list[list[np.ndarray]] = []  # per sample, per head layer
+        self.status = ["pending"] * self.M
+        self.messages = [""] * self.M
+
+    def head_preacts(self, X: np.ndarray, f32: bool = False) -> list[np.ndarray]:
+        """Pre-activations of the head's hidden layers for a batch of flat inputs."""
+        return self.head.preacts(self.stack.features(X, f32), f32=f32)
+
+    # --- requirements of one sample given everyone's targets ---------------------------------------------
+    def requirements(self, m: int) -> tuple[list[Requirement], list[Requirement]]:
+        kap, s = self.o.margin, self.nets[m].shift
+        own = [Requirement(s + h, int(j), +1, kap) for h, T in enumerate(self.targets[m]) for j in T if j >= 0]
+        lazy = [
+            Requirement(s + h, int(j), -1, kap)
+            for n in range(self.M) if n != m and not self.fixed[n]
+            for h, T in enumerate(self.targets[n]) for j in T if j >= 0
+        ]
+        return own, lazy + self.solvability(m)
+
+    def solvability(self, m: int) -> list[Requirement]:
+        """Rows that keep the lower conv blocks provably invertible: the attack solves a block from the
+        units of its output that are active *beyond the error propagated from the block above*, and all
+        units it uses must be proven active. A unit barely above zero breaks that proof, so every unit of
+        a lower block (a max-pooled block: every window max) must stay clear of zero by
+        ``margin * CLEAR_FRACTION`` on its current side (lazy rows: written only near zero or when a
+        forward pass shows a violation)."""
+        net = self.nets[m]
+        reqs = []
+        for i in range(len(self.stack.blocks) - 1):
+            z = net.clean[i]
+            near = (np.abs(z) < CLEAR_WATCH) & net.watched(net.conv_layer[i])
+            reqs += [Requirement(net.conv_layer[i], int(j), 1 if z[j] > 0 else -1, self.clear)
+                     for j in np.nonzero(near)[0]]
+        return reqs
+
+    def solve(self, m: int) -> SampleOutcome:
+        if any((T < 0).any() for T in self.targets[m]):
+            return SampleOutcome("no_target", self.X[m].copy(), message="no neuron left that this sample could own")
+        own, lazy = self.requirements(m)
+        net = self.nets[m]
+        pattern = net.stack_pattern() + list(self.patterns[m])
+        try:
+            return solve_sample(net, self.X[m], pattern, own, lazy, self.settings)
+        except Exception as exc:  # a solver crash must not take the batch down; the sample stays clean
+            return SampleOutcome(f"error:{type(exc).__name__}", self.X[m].copy(), message=str(exc))
+
+    def solve_many(self, ms: list[int]) -> None:
+        if self.o.workers > 1 and len(ms) > 1:
+            with ThreadPoolExecutor(self.o.workers) as pool:
+                results = list(pool.map(self.solve, ms))
+        else:
+            results = [self.solve(m) for m in ms]
+        for m, out in zip(ms, results):
+            prev = self.outcomes[m]
+            if prev is not None:  # accumulate LP effort over repairs
+                out.lp_solves += prev.lp_solves
+                out.lp_seconds += prev.lp_seconds
+            self.outcomes[m] = out
+            self.Xp[m] = out.x
+            self.status[m] = "fished" if out.ok else out.status
+            self.messages[m] = out.message
+
+    def others_state(self, m: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The other samples' current head pre-activations and, per layer, the neurons they already target."""
+        others = [n for n in range(self.M) if n != m]
+        zs = self.head_preacts(self.Xp[others]) if others else [np.zeros((0, w)) for w in self.head.widths]
+        used = []
+        for h, w in enumerate(self.head.widths):
+            u = np.zeros(w, dtype=bool)
+            for n in others:
+                if not self.fixed[n]:
+                    t = self.targets[n][h]
+                    u[t[t >= 0]] = True
+            used.append(u)
+        return zs, used
+
+    def retarget(self, m: int, banned: list[set[int]] | None = None) -> None:
+        zs, used = self.others_state(m)
+        f = self.stack.features(self.X[m][None, :])[0]
+        T, P = retarget(self.head, f, int(self.y[m]), zs, used, self.k, self.o.margin, gamma=self.o.gamma,
+                        banned=banned)
+        self.targets[m] = T
+        self.patterns[m] = P
+
+    def freeze(self, m: int) -> None:
+        self.fixed[m] = True
+        self.Xp[m] = self.X[m]
+
+    def blocked(self) -> list[int]:
+        """Working samples one of whose targets another sample (in float32) activates."""
+        Z = self.head_preacts(self.Xp.astype(np.float32), f32=True)
+        bad = []
+        cf = self.o.check_fraction * self.o.margin
+        for m in range(self.M):
+            if self.fixed[m] or self.status[m] != "fished":
+                continue
+            for h, T in enumerate(self.targets[m]):
+                col = Z[h][:, T[T >= 0]]
+                others = np.delete(col, m, axis=0)
+                if (col[m] < cf).any() or (others.size and (others > -cf).any()):
+                    bad.append(m)
+                    break
+        return bad
+
+    def run(self) -> None:
+        """Solve every sample's LP for the targets chosen on the head, then repair the failures."""
+        asg = choose_targets(self.head, self.stack.features(self.X), self.y, self.k, self.o.margin,
+                             gamma=self.o.gamma, burden=self.o.burden)
+        self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
+        self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
+        self.solve_many(list(range(self.M)))
+        for _ in range(self.o.repair_rounds):
+            failed = [m for m in range(self.M) if self.status[m] != "fished" and not self.fixed[m]]
+            for m in failed:
+                self.freeze(m)
+            retry = []
+            # a failed sample gets one more try with fresh targets chosen against the others as they are
+            for m in failed:
+                if self.outcomes[m] is not None and self.outcomes[m].extra.get("retried"):
+                    continue
+                banned = [set(int(j) for j in T if j >= 0) for T in self.targets[m]]
+                self.fixed[m] = False
+                self.retarget(m, banned)
+                self.outcomes[m].extra["retried"] = True
+                retry.append(m)
+            blocked = self.blocked()
+            for m in blocked:
+                self.retarget(m)
+            todo = sorted(set(retry) | set(blocked))
+            if not todo:
+                break
+            self.solve_many(todo)
+            for m in todo:
+                self.outcomes[m].extra["retried"] = True
+        for m in range(self.M):
+            if self.status[m] != "fished":
+                self.freeze(m)
+
+
+def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None, **options) -> FishingResult:
+    """Perturb ``inputs`` (a batch, M x ...) so that every sample can be rebuilt exactly from the update.
+
+    ``model`` is any ``nn.Module`` :func:`fedleak.nets.as_network` reads (MLP or CNN; its input shape comes
+    from ``inputs``). Options are the fields of :class:`FishingOptions`. ``labels`` default to the model's
+    predictions (they decide which neurons carry a backward signal). Returns a :class:`FishingResult` whose
+    ``inputs`` is the perturbed batch (same shape and dtype, on the CPU, inside ``data_range``); samples
+    whose LP failed are unchanged and say why. Works for any depth, with or without biases; conv blocks
+    may pool by max, by average or not at all.
+    """
+    start = time.perf_counter()
+    opts = options.pop("options", None) or FishingOptions.from_kwargs(**options)
+    batch = read_batch(model, inputs, labels)
+    net = batch.net
+    if net.head.depth == 0:
+        raise FedleakError("fishing needs at least one hidden ReLU layer")
+    data_range = resolve_data_range(inputs, opts.data_range, "fishing")
+    M = batch.size
+    certified = (lambda r: r.certifiable) if opts.solve_check else (lambda r: r.head_certifiable)
+    min_other = min(1, opts.targets_other)
+    before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
+    X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
+    fisher = Fisher(ConvStack(net), HeadArrays(net.head), X, batch.labels.numpy(), opts, opts.lp_settings(data_range))
+    with single_threaded_blas():
+        fisher.run()
+    lo, hi = data_range
+    Xp = np.clip(fisher.Xp, lo, hi)
+    out = torch.from_numpy(Xp).to(inputs.dtype).reshape(inputs.shape).clamp(lo, hi)
+    sent = Batch(net, out.reshape(M, *net.input_shape).to(device=net.device, dtype=batch.dtype), batch.labels)
+    after = batch_exclusivity(sent, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
+    samples = sample_records(fisher, X, Xp, out, certified(before), certified(after), predictions(net, batch.x),
+                             predictions(net, sent.x), peak=hi - lo)
+    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range)

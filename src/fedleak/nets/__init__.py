@@ -1,0 +1,18 @@
+"""One representation of the user's network, read from the ``nn.Module`` as written.
+
+:func:`as_network` traces any ``nn.Module`` (or ``nn.Sequential``) with ``torch.fx`` into a
+:class:`Network`: typed layers (:mod:`fedleak.nets.layers`), grouped into conv blocks and a fully connected
+ReLU head. Exclusivity analysis, the exact attack, fishing and exclusivity reduction all read it.
+"""
+
+from fedleak.nets import converters as _converters  # noqa: F401  (registers the built-in converters)
+from fedleak.nets.blocks import ConvBlock
+from fedleak.nets.forward import Trace, forward_trace
+from fedleak.nets.frontend import as_network, input_shape_of
+from fedleak.nets.head import ReluMLP
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Reshape
+from fedleak.nets.network import Network, Step
+from fedleak.nets.ops import CONVERTERS, Op, converts
+
+__all__ = ["as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace", "forward_trace", "Layer", "Dense",
+           "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Op", "CONVERTERS", "converts"]

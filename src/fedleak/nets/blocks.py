@@ -1,0 +1,129 @@
+"""A convolutional block ``pool(relu(bn(conv(x))))`` of a network, and the linear maps the exact methods read.
+
+Per sample the block computes ``out = pool(relu(A x + c))`` with ``A`` the unrolled (sparse) convolution,
+eval-mode batch norm folded in. :meth:`ConvBlock.affine` returns ``A`` (scipy CSR, float64, unit order
+``(channel, y, x)`` like torch's flatten) and ``c``; :meth:`ConvBlock.pool_matrix` the average-pooling
+matrix, :meth:`ConvBlock.pool_windows` the max-pooling windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from fedleak.nets.conv_gram import MAX_ENTRIES, ConvGram
+from fedleak.nets.layers import BatchNorm, Conv, Pool
+
+
+@dataclass(frozen=True, eq=False)
+class ConvBlock:
+    """``pool(relu(bn(conv(x))))`` with the shapes (C, H, W) of its input, conv output and output."""
+
+    conv: Conv
+    bn: BatchNorm | None
+    pool: Pool | None
+    in_shape: tuple[int, int, int]
+    conv_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+
+    @property
+    def name(self) -> str:
+        return self.conv.name
+
+    @property
+    def in_dim(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def conv_dim(self) -> int:
+        return math.prod(self.conv_shape)
+
+    @property
+    def out_dim(self) -> int:
+        return math.prod(self.out_shape)
+
+    def folded(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (C_out x C_in x kh x kw) and bias (C_out) of conv with eval-mode BN folded in."""
+        W = self.conv.module.weight.detach().to(dtype)
+        b = (torch.zeros(W.shape[0], dtype=dtype, device=W.device) if self.conv.module.bias is None
+             else self.conv.module.bias.detach().to(dtype))
+        if self.bn is not None:
+            scale, shift = self.bn.affine(dtype)
+            W = W * scale[:, None, None, None]
+            b = b * scale + shift
+        return W, b
+
+    def preact(self, x: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """Pre-activations (n x C x H x W) of the conv (BN folded) for inputs ``x`` (n x in_shape)."""
+        W, b = self.folded(dtype)
+        return torch.nn.functional.conv2d(x.to(dtype).reshape(-1, *self.in_shape), W, b, padding=self.conv.padding,
+                                          stride=self.conv.stride)
+
+    def apply_pool(self, a: torch.Tensor) -> torch.Tensor:
+        return a if self.pool is None else self.pool.apply(a)
+
+    def forward(self, x: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        return self.apply_pool(torch.relu(self.preact(x, dtype)))
+
+    @cached_property
+    def affine(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The unrolled conv (BN folded) ``A`` (conv_dim x in_dim, CSR float64) and bias ``c`` (conv_dim)."""
+        W, b = self.folded(torch.float64)
+        W = W.cpu().numpy()
+        co_n, ci_n, kh, kw = W.shape
+        _, H, Wd = self.in_shape
+        _, Ho, Wo = self.conv_shape
+        sy, sx = self.conv.stride
+        py, px = self.conv.padding
+        co, oy, ox, ci, ky, kx = np.meshgrid(np.arange(co_n), np.arange(Ho), np.arange(Wo), np.arange(ci_n),
+                                             np.arange(kh), np.arange(kw), indexing="ij")
+        iy = oy * sy - py + ky
+        ix = ox * sx - px + kx
+        ok = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < Wd)
+        rows = ((co * Ho + oy) * Wo + ox)[ok]
+        cols = ((ci * H + iy) * Wd + ix)[ok]
+        vals = W[co[ok], ci[ok], ky[ok], kx[ok]]
+        A = sp.csr_matrix((vals, (rows, cols)), shape=(self.conv_dim, self.in_dim))
+        c = np.repeat(b.cpu().numpy(), Ho * Wo)
+        return A, c
+
+    @cached_property
+    def gram(self) -> ConvGram | None:
+        """Band assembly of ``A^T diag(w) A`` (:class:`~fedleak.models.conv_gram.ConvGram`), or None when its
+        index arrays would be too large (the caller then forms the product from ``affine``)."""
+        W, _ = self.folded(torch.float64)
+        out_hw = self.conv_shape[1:]
+        if ConvGram.entries(tuple(W.shape), out_hw) > MAX_ENTRIES:
+            return None
+        return ConvGram(W.cpu().numpy(), self.in_shape, out_hw, self.conv.stride, self.conv.padding)
+
+    @cached_property
+    def pool_windows(self) -> np.ndarray | None:
+        """(out_dim x k) indices of the conv units each pooled unit covers (None without pooling)."""
+        if self.pool is None:
+            return None
+        C, Ho, Wo = self.conv_shape
+        _, Po, Qo = self.out_shape
+        ky, kx = self.pool.kernel
+        c, py, px, dy, dx = np.meshgrid(np.arange(C), np.arange(Po), np.arange(Qo), np.arange(ky), np.arange(kx),
+                                        indexing="ij")
+        idx = (c * Ho + py * ky + dy) * Wo + px * kx + dx
+        return idx.reshape(C * Po * Qo, ky * kx)
+
+    @cached_property
+    def pool_matrix(self) -> sp.csr_matrix | None:
+        """Average pooling as a (out_dim x conv_dim) CSR matrix (None unless the block average-pools)."""
+        if self.pool is None or self.pool.kind != "avg":
+            return None
+        win = self.pool_windows
+        k = win.shape[1]
+        rows = np.repeat(np.arange(win.shape[0]), k)
+        return sp.csr_matrix((np.full(rows.shape, 1.0 / k), (rows, win.ravel())), shape=(win.shape[0], self.conv_dim))
+
+    def parameter_names(self) -> list[str]:
+        return self.conv.parameter_names() + (self.bn.parameter_names() if self.bn is not None else [])

@@ -1,0 +1,155 @@
+"""The converters of the ops fedleak's exact methods understand, one per kind of layer.
+
+Each takes an :class:`~fedleak.nets.ops.Op` and returns a typed layer (or ``None`` for the identity), or
+raises the op's refusal naming what does not fit and what to do. Module, functional and in-place twins
+(``nn.ReLU``, ``F.relu``, ``torch.relu``, ``x.relu_()``) share one converter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Reshape
+from fedleak.nets.ops import Op, converts
+
+
+def _pair(op: Op, value: object, what: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise op.refuse(f"unsupported {what} {value!r}")
+
+
+@converts(nn.Linear)
+def linear(op: Op) -> Dense:
+    if len(op.in_shape) != 1:
+        raise op.refuse(f"a Linear layer on a {op.in_shape} input acts on its last dimension only; flatten each "
+                        "sample first (nn.Flatten, torch.flatten(x, 1) or x.view(x.size(0), -1))")
+    return Dense(op.node, op.module, op.parameter("weight"), op.parameter("bias"))
+
+
+@converts(nn.Conv2d)
+def conv2d(op: Op) -> Conv:
+    m = op.module
+    if m.groups != 1:
+        raise op.refuse(f"grouped convolutions (groups={m.groups}) are not supported")
+    if tuple(m.dilation) != (1, 1):
+        raise op.refuse(f"dilation {tuple(m.dilation)} is not supported")
+    if m.padding_mode != "zeros":
+        raise op.refuse(f"padding_mode '{m.padding_mode}' is not supported (zero padding only)")
+    if m.padding == "valid":
+        pad = (0, 0)
+    elif m.padding == "same":
+        kh, kw = m.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise op.refuse("padding='same' with an even kernel is not supported")
+        pad = (kh // 2, kw // 2)
+    else:
+        pad = _pair(op, tuple(m.padding), "padding")
+    return Conv(op.node, m, op.parameter("weight"), op.parameter("bias"), pad, _pair(op, tuple(m.stride), "stride"))
+
+
+@converts(nn.BatchNorm2d)
+def batch_norm(op: Op) -> BatchNorm:
+    m = op.module
+    if m.training or not m.track_running_stats or m.running_mean is None:
+        raise op.refuse("batch norm in training mode couples the samples of a batch; only eval-mode batch norm "
+                        "with running statistics is supported (call model.eval())")
+    return BatchNorm(op.node, m, op.parameter("weight"), op.parameter("bias"))
+
+
+@converts(nn.ReLU, F.relu, torch.relu, torch.relu_, ("method", "relu"), ("method", "relu_"))
+def relu(op: Op) -> Relu:
+    return Relu(op.node)
+
+
+def _pool(op: Op, kind: str, kernel: object, stride: object, padding: object, ceil_mode: bool,
+          dilation: object = 1, extra: bool = False) -> Pool:
+    k = _pair(op, kernel, "kernel_size")
+    if _pair(op, stride if stride not in (None, []) else kernel, "stride") != k:
+        raise op.refuse("only non-overlapping pooling (stride == kernel_size) is supported")
+    if _pair(op, padding, "padding") != (0, 0) or ceil_mode:
+        raise op.refuse("padding and ceil_mode are not supported in pooling")
+    if _pair(op, dilation, "dilation") != (1, 1) or extra:
+        raise op.refuse("dilation, return_indices and divisor_override are not supported in pooling")
+    return Pool(op.node, kind, k)
+
+
+@converts(nn.MaxPool2d)
+def max_pool_module(op: Op) -> Pool:
+    m = op.module
+    return _pool(op, "max", m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation, m.return_indices)
+
+
+@converts(nn.AvgPool2d)
+def avg_pool_module(op: Op) -> Pool:
+    m = op.module
+    return _pool(op, "avg", m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                 extra=m.divisor_override is not None or not m.count_include_pad and m.padding != 0)
+
+
+@converts(F.max_pool2d, torch.max_pool2d)
+def max_pool_function(op: Op) -> Pool:
+    return _pool(op, "max", op.arg(0, "kernel_size"), op.arg(1, "stride"), op.arg(2, "padding", 0),
+                 op.arg(4, "ceil_mode", False), op.arg(3, "dilation", 1), op.arg(5, "return_indices", False))
+
+
+@converts(F.avg_pool2d)
+def avg_pool_function(op: Op) -> Pool:
+    return _pool(op, "avg", op.arg(0, "kernel_size"), op.arg(1, "stride"), op.arg(2, "padding", 0),
+                 op.arg(3, "ceil_mode", False), extra=op.arg(5, "divisor_override") is not None)
+
+
+@converts(nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+def adaptive_pool(op: Op) -> Pool | None:
+    """A fixed-output adaptive pool is an ordinary pool when the output size divides the input size."""
+    if len(op.in_shape) != 3:
+        raise op.refuse(f"adaptive pooling of a {op.in_shape} input is not supported (expected C x H x W)")
+    _, h, w = op.in_shape
+    _, ho, wo = op.out_shape
+    if (ho, wo) == (h, w):
+        return None
+    if h % ho or w % wo:
+        raise op.refuse(f"adaptive pooling from {h}x{w} to {ho}x{wo} uses overlapping or uneven windows; only "
+                        "output sizes that divide the input size are supported")
+    is_max = isinstance(op.module, nn.AdaptiveMaxPool2d) or "max" in op.what
+    return Pool(op.node, "max" if is_max else "avg", (h // ho, w // wo))
+
+
+@converts(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, ("method", "view"), ("method", "reshape"),
+          ("method", "flatten"))
+def reshape(op: Op) -> Reshape | None:
+    if math.prod(op.out_shape) != math.prod(op.in_shape):
+        raise op.refuse(f"reshapes each {op.in_shape} sample to {op.out_shape}, which mixes samples of the batch; "
+                        "keep the batch dimension (e.g. x.view(x.size(0), -1))")
+    return None if op.out_shape == op.in_shape else Reshape(op.node, op.out_shape)
+
+
+@converts(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)
+def dropout(op: Op) -> None:
+    active = op.module.training and op.module.p > 0 if op.module is not None else (
+        op.arg(1, "training", True) and op.arg(0, "p", 0.5) > 0)
+    if active:
+        raise op.refuse("dropout in training mode drops random units of every sample; fedleak models the network "
+                        "in eval mode, where dropout is the identity (call model.eval())")
+    return None
+
+
+@converts(nn.Identity, ("method", "contiguous"))
+def identity(op: Op) -> None:
+    return None
+
+
+@converts(nn.LogSoftmax, F.log_softmax, torch.log_softmax, ("method", "log_softmax"))
+def log_softmax(op: Op) -> Layer | None:
+    """``log_softmax`` of the logits, as the last op, leaves the cross-entropy gradient unchanged (with
+    ``NLLLoss``); anywhere else it is not a ReLU network."""
+    dim = op.module.dim if op.module is not None else op.arg(0, "dim")
+    if not op.last or dim not in (1, -1) or len(op.in_shape) != 1:
+        raise op.refuse("log_softmax is supported only on the logits, as the model's last op")
+    return None

@@ -1,0 +1,210 @@
+"""Read the user's model as written: trace any ``nn.Module`` with ``torch.fx`` into a :class:`Network`.
+
+The model is traced symbolically (modules and their functional twins alike), run once on a probe batch to
+learn every node's shape (its buffers restored afterwards, so eval-mode statistics never move), and each
+node is handed to the converter registered for it (:mod:`fedleak.nets.converters`). The model must be a
+chain: every op reads the output of the op before it; a node that joins two branches (a residual add) is
+refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import fx, nn
+
+from fedleak.errors import ModelError
+from fedleak.nets.network import Network, Step, assemble
+from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
+from fedleak.validation import check_model, check_shape
+
+PROBE_BATCH = 2  # the probe batch has two samples, so an op that mixes samples shows in its shapes
+MAX_SIDE = 512  # the largest square image side tried when the input shape must be inferred
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
+                         "methods need a forward without data-dependent control flow; the optimisation attacks "
+                         "(dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module):
+    """Run the model without changing it: buffers (BatchNorm statistics) are restored, no autograd."""
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and records every tensor node's shape in ``node.meta["shape"]``."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        n.meta["shape"] = tuple(int(s) for s in result.shape) if isinstance(result, torch.Tensor) else None
+        return result
+
+
+def _probe(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...]) -> str | None:
+    """Run a probe batch of ``shape``, recording every node's shape; why the model cannot take it, or None."""
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    x = torch.zeros(PROBE_BATCH, *shape, dtype=dtype, device=_device(model))
+    with _buffers_kept(model):
+        try:
+            out = _ShapeRecorder(gm).run(x)
+        except Exception as err:  # a wrong shape fails anywhere in the user's forward
+            return (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != PROBE_BATCH:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return f"for a batch of {PROBE_BATCH} it returns {got}, not {PROBE_BATCH} x classes logits"
+    return None
+
+
+def _first_layer(gm: fx.GraphModule) -> nn.Module | None:
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.Linear, nn.Conv2d)):
+            return modules[node.target]
+    return None
+
+
+def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The input shape from the layer shapes when nothing gives it, and the assumption made to get it."""
+    first = _first_layer(gm)
+    if isinstance(first, nn.Linear):
+        return (first.in_features,), ()
+    if isinstance(first, nn.Conv2d):
+        c = first.in_channels
+        for side in range(1, MAX_SIDE + 1):
+            if _probe(model, gm, (c, side, side)) is None:
+                note = (f"input shape ({c}, {side}, {side}) inferred from the layer shapes, assuming square images "
+                        "of the smallest size that fits; pass input_shape= (or inputs) if yours differ")
+                return (c, side, side), (note,)
+        raise ModelError(f"no square input of {c} channels up to {MAX_SIDE}x{MAX_SIDE} fits the model; pass "
+                         "input_shape=(C, H, W)")
+    raise ModelError("the model has no Linear or Conv2d layer; fedleak's exact methods need one")
+
+
+def _what(node: fx.Node, module: nn.Module | None) -> str:
+    if module is not None:
+        return type(module).__name__
+    if node.op == "call_method":
+        return f".{node.target}()"
+    fn = node.target
+    mod = getattr(fn, "__module__", None) or ""
+    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator."}.get(mod, f"{mod}." if mod else "")
+    return f"{prefix}{getattr(fn, '__name__', str(fn))}"
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return [n for n in found if n.op != "get_attr" and n.meta.get("shape") is not None]
+
+
+def _key(node: fx.Node) -> object:
+    return ("method", node.target) if node.op == "call_method" else node.target
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return node.meta["shape"][1:]
+
+
+def _steps(gm: fx.GraphModule) -> list[Step]:
+    modules = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ModelError(f"the model's forward takes {len(placeholders)} inputs; fedleak's exact methods need one "
+                         "(the batch)")
+    # ops that compute tensors; shape queries (x.size(0), x.shape[0]) only feed the arguments of a reshape
+    ops = [n for n in nodes if n.op in ("call_module", "call_function", "call_method") and n.meta.get("shape") is not None]
+    output = next(n for n in nodes if n.op == "output")
+    steps: list[Step] = []
+    previous = placeholders[0]
+    for k, node in enumerate(ops):
+        module = modules[node.target] if node.op == "call_module" else None
+        inputs = _tensor_inputs(node)
+        if node.target in (operator.add, torch.add, operator.iadd, torch.cat) or len(inputs) > 1:
+            raise ModelError(f"node '{node.name}' ({_what(node, module)}) joins {len(inputs)} branches (a residual or "
+                             f"skip connection); {EXACT_SCOPE}")
+        if inputs != [previous]:
+            raise ModelError(f"node '{node.name}' ({_what(node, module)}) does not read the output of the op before "
+                             f"it, so the model is not a chain of layers; {EXACT_SCOPE}")
+        op = Op(node=node.target if module is not None else node.name, what=_what(node, module),
+                target=node.target if module is not None else "", module=module,
+                args=tuple(node.args[1:]), kwargs=dict(node.kwargs), in_shape=_shape(previous),
+                out_shape=_shape(node), last=k == len(ops) - 1)
+        keys = [_key(node)] if module is None else list(type(module).__mro__)
+        key = next((k for k in keys if k in CONVERTERS), None)
+        if key is None:
+            raise unsupported(op)
+        layer = CONVERTERS.get(key)(op)
+        if layer is not None:
+            steps.append(Step(layer, op.in_shape, op.out_shape))
+        previous = node
+    if _tensor_inputs(output) != [previous]:
+        raise ModelError("the model's forward must return the output of its last op (one tensor of logits)")
+    return steps
+
+
+def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None,
+                   inputs: torch.Tensor | None = None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The shape of one input of ``model`` and what was assumed to get it (see :func:`as_network`).
+
+    Works for any traceable model (also those the exact methods refuse, e.g. LeNet with sigmoids), so the
+    optimisation attacks share it.
+    """
+    model = check_model(model)
+    return _resolved_shape(model, _trace(model), input_shape, inputs)
+
+
+def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[int] | None,
+                    inputs: torch.Tensor | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    notes: tuple[str, ...] = ()
+    if input_shape is not None:
+        shape = check_shape("input_shape", input_shape)
+    elif inputs is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        shape = tuple(int(s) for s in inputs.shape[1:])
+    elif getattr(model, "input_shape", None) is not None:
+        shape = check_shape("input_shape", model.input_shape)
+    else:
+        shape, notes = _input_shape(model, gm)
+    why = _probe(model, gm, shape)
+    # a model that flattens nothing itself takes the same values as flat rows; its inputs keep their shape
+    if why is not None and (len(shape) == 1 or _probe(model, gm, (math.prod(shape),)) is not None):
+        raise ModelError(f"the model does not run on inputs of shape {shape} ({why}); pass the right input_shape=")
+    return shape, notes
+
+
+def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
+               inputs: torch.Tensor | None = None) -> Network:
+    """Read ``model`` (any ``nn.Module`` whose forward is a chain of supported ops) into a :class:`Network`.
+
+    The input shape is ``input_shape`` when given, else that of ``inputs`` (a batch), else
+    ``model.input_shape`` (fedleak's builders set it), else derived from the layer shapes: the first Linear
+    layer's ``in_features`` for an MLP (flat inputs), the smallest square image that fits for a CNN (stated in
+    :attr:`Network.notes`). Raises :class:`ModelError` naming the node that does not fit.
+    """
+    model = check_model(model)
+    gm = _trace(model)
+    shape, notes = _resolved_shape(model, gm, input_shape, inputs)
+    return assemble(_steps(gm), shape, notes)

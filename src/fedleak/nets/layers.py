@@ -1,0 +1,119 @@
+"""The typed layers of a :class:`~fedleak.nets.Network`: what each step of the user's model computes.
+
+Every layer keeps the user's own module (so its weights stay live: an update applied to the model is seen
+here) and the names of its parameters in ``model.named_parameters()`` (``conv1.weight``), so updates keyed
+by those names just work. Shapes are per sample (no batch dimension).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """An ``nn.Linear`` layer on flat inputs."""
+
+    name: str
+    module: nn.Linear
+    weight_name: str
+    bias_name: str | None
+
+    @property
+    def in_features(self) -> int:
+        return self.module.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.module.out_features
+
+    def parameter_names(self) -> list[str]:
+        return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
+
+
+@dataclass(frozen=True, eq=False)
+class Conv:
+    """An ``nn.Conv2d`` (groups 1, dilation 1, zero padding) with its resolved padding and stride."""
+
+    name: str
+    module: nn.Conv2d
+    weight_name: str
+    bias_name: str | None
+    padding: tuple[int, int]
+    stride: tuple[int, int]
+
+    def parameter_names(self) -> list[str]:
+        return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNorm:
+    """An eval-mode ``nn.BatchNorm2d`` (running statistics); folded into the convolution before it."""
+
+    name: str
+    module: nn.BatchNorm2d
+    weight_name: str | None
+    bias_name: str | None
+
+    def affine(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``scale`` and ``shift`` with ``bn(z) = scale * z + shift``."""
+        bn = self.module
+        scale = 1.0 / torch.sqrt(bn.running_var.detach().to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(dtype)
+        shift = -bn.running_mean.detach().to(dtype) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().to(dtype)
+        return scale, shift
+
+    def parameter_names(self) -> list[str]:
+        return [n for n in (self.weight_name, self.bias_name) if n]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Non-overlapping max or average pooling (kernel == stride, no padding) over (C, H, W) maps."""
+
+    name: str
+    kind: str  # "max" or "avg"
+    kernel: tuple[int, int]
+
+    def apply(self, a: torch.Tensor) -> torch.Tensor:
+        fn = F.max_pool2d if self.kind == "max" else F.avg_pool2d
+        return fn(a, self.kernel, self.kernel)
+
+    def parameter_names(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class Reshape:
+    """A flatten, ``view`` or ``reshape`` of each sample; row-major, so the flat order never changes."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def parameter_names(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class Relu:
+    """A ReLU (module, functional or in place)."""
+
+    name: str
+
+    def parameter_names(self) -> list[str]:
+        return []
+
+
+Layer = Dense | Conv | BatchNorm | Pool | Reshape | Relu

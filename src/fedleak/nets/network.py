@@ -1,0 +1,141 @@
+"""A network as fedleak's exact methods read it: conv blocks, then a fully connected ReLU head.
+
+:func:`assemble` groups the typed chain of layers traced from the user's model into
+``( Conv [BatchNorm] ReLU [Pool] )*  Linear (ReLU Linear)*`` (reshapes in between are free: they never
+change the flat order). An MLP is a network without conv blocks; there is one path for both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedleak.errors import ModelError
+from fedleak.nets.blocks import ConvBlock
+from fedleak.nets.head import ReluMLP
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Reshape
+from fedleak.validation import check_num_classes
+
+
+@dataclass(frozen=True)
+class Step:
+    """One typed layer of the chain with its per-sample input and output shapes."""
+
+    layer: Layer
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Network:
+    """The user's model as a chain: ``blocks`` (conv, possibly none) then the ReLU ``head``.
+
+    ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to get it (empty when
+    it came from the inputs, the caller or the model).
+    """
+
+    input_shape: tuple[int, ...]
+    steps: tuple[Step, ...]
+    blocks: tuple[ConvBlock, ...]
+    head: ReluMLP
+    notes: tuple[str, ...] = ()
+
+    @property
+    def is_conv(self) -> bool:
+        return bool(self.blocks)
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.input_dim
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return self.blocks[-1].out_shape if self.blocks else self.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.device
+
+    def features(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The flattened input of the first Linear layer (n x feature_dim) for inputs ``x`` (n x input_shape)."""
+        a = x.to(device=self.device, dtype=dtype).reshape(x.shape[0], -1)
+        for blk in self.blocks:
+            a = blk.forward(a, dtype)
+        return a.reshape(a.shape[0], -1)
+
+    def parameter_names(self) -> list[str]:
+        return [n for blk in self.blocks for n in blk.parameter_names()] + self.head.parameter_names()
+
+
+def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
+    """Conv blocks from the front of ``steps``; returns them and the index of the first step after them."""
+    blocks: list[ConvBlock] = []
+    i = 0
+    body = [s for s in steps]
+    while True:
+        while i < len(body) and isinstance(body[i].layer, Reshape) and any(
+                isinstance(s.layer, Conv) for s in body[i + 1:i + 2]):
+            i += 1  # a reshape of the input into (C, H, W) maps
+        if i >= len(body) or not isinstance(body[i].layer, Conv):
+            return blocks, i
+        conv_step = body[i]
+        conv = conv_step.layer
+        i += 1
+        bn = None
+        if i < len(body) and isinstance(body[i].layer, BatchNorm):
+            bn = body[i].layer
+            i += 1
+        pool = None
+        if i < len(body) and isinstance(body[i].layer, Pool) and body[i].layer.kind == "max":
+            pool = body[i].layer  # max pooling commutes with the ReLU after it
+            i += 1
+        if i >= len(body) or not isinstance(body[i].layer, Relu):
+            got = "the end of the model" if i >= len(body) else f"'{body[i].layer.name}'"
+            raise ModelError(f"node '{conv.name}' (Conv2d) must be followed by a ReLU (after an optional eval-mode "
+                             f"BatchNorm2d); got {got}")
+        i += 1
+        if pool is None and i < len(body) and isinstance(body[i].layer, Pool):
+            pool = body[i].layer
+            i += 1
+        out_shape = body[i - 1].out_shape
+        blocks.append(ConvBlock(conv, bn, pool, conv_step.in_shape, conv_step.out_shape, out_shape))
+        if i < len(body) and isinstance(body[i].layer, (Pool, Relu, BatchNorm)):
+            raise ModelError(f"node '{body[i].layer.name}': a conv block is Conv2d [BatchNorm2d] ReLU [one pool]; "
+                             "this layer does not fit")
+
+
+def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, ...] = ()) -> Network:
+    """Group the traced chain into conv blocks and a ReLU head (raises :class:`ModelError` naming the node)."""
+    blocks, i = _group_blocks(steps)
+    dense: list[Dense] = []
+    expect_dense = True
+    for step in steps[i:]:
+        layer = step.layer
+        if isinstance(layer, Reshape):
+            continue
+        want = Dense if expect_dense else Relu
+        if not isinstance(layer, want):
+            where = "after the conv blocks the model " if blocks else "the model "
+            raise ModelError(f"node '{layer.name}' ({type(layer).__name__}) does not fit here: {where}must alternate "
+                             "Linear and ReLU layers and end with a Linear layer (the logits)")
+        if isinstance(layer, Dense):
+            dense.append(layer)
+        expect_dense = not expect_dense
+    if not dense:
+        raise ModelError("the model has no Linear layer after its last conv block; fedleak's exact methods read "
+                         "the logits from a Linear layer")
+    if expect_dense:
+        raise ModelError(f"the model must end with a Linear layer (the logits); it ends with node '{steps[-1].layer.name}'")
+    check_num_classes(dense[-1].out_features, f"the output layer '{dense[-1].name}'")
+    head = ReluMLP(tuple(dense), None if blocks else input_shape)
+    return Network(input_shape, tuple(steps), tuple(blocks), head, notes)

@@ -1,0 +1,85 @@
+"""One step of a traced model as a converter sees it, and the converter registry.
+
+A converter turns one :class:`Op` (a node of the ``torch.fx`` graph of the user's model: a module call, a
+function such as ``F.relu`` or a tensor method such as ``x.view``) into a typed layer of
+:mod:`fedleak.nets.layers`, or into ``None`` when the op is the identity for fedleak (eval-mode Dropout).
+Converters are registered by the module class, the function object or the method name they handle; adding
+a layer to fedleak means one converter (see :mod:`fedleak.nets.converters`) and its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fedleak.errors import ModelError
+from fedleak.nets.layers import Layer
+from fedleak.registry import Registry
+
+# what the exact methods need, for every refusal message
+EXACT_SCOPE = (
+    "fedleak's exact methods (exclusivity analysis, the exact attack, fishing, exclusivity reduction) need a chain "
+    "of Linear, Conv2d, eval-mode BatchNorm2d, ReLU, max/avg pooling, flatten/view/reshape and eval-mode Dropout; "
+    "the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply"
+)
+
+
+@dataclass(frozen=True)
+class Op:
+    """A node of the traced model: ``what`` names the op for people (``Conv2d``, ``F.relu``, ``.view``).
+
+    ``module`` is the called submodule (None for functions and methods) and ``target`` its qualified name in
+    the model (``conv1``); ``args``/``kwargs`` are the call's arguments after the input tensor; shapes are
+    per sample, measured by running the model on a probe batch.
+    """
+
+    node: str
+    what: str
+    target: str
+    module: nn.Module | None
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    last: bool = False
+
+    def refuse(self, reason: str) -> ModelError:
+        """The error for an op fedleak's exact methods cannot model (one line, naming the node)."""
+        return ModelError(f"node '{self.node}' ({self.what}): {reason}")
+
+    def arg(self, position: int, name: str, default: Any = None) -> Any:
+        """Argument ``name`` of the call, given by keyword or at ``position`` after the input tensor."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[position] if position < len(self.args) else default
+
+    def parameter(self, attribute: str) -> str | None:
+        """The ``named_parameters()`` name of the module's parameter ``attribute`` (None if it has none)."""
+        if self.module is None or getattr(self.module, attribute, None) is None:
+            return None
+        return f"{self.target}.{attribute}" if self.target else attribute
+
+
+Converter = Callable[[Op], Layer | None]
+
+# keys: a module class, a function object, or ("method", name) for tensor methods
+CONVERTERS: Registry[Converter] = Registry("layer converter")
+
+
+def converts(*keys: object) -> Callable[[Converter], Converter]:
+    """Register the decorated converter for every key (module classes, functions, ``("method", name)``)."""
+
+    def decorator(fn: Converter) -> Converter:
+        for key in keys:
+            CONVERTERS.register(key, fn)
+        return fn
+
+    return decorator
+
+
+def unsupported(op: Op) -> ModelError:
+    """The error for an op no converter handles."""
+    return op.refuse(f"not supported; {EXACT_SCOPE}")

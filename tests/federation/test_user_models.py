@@ -1,0 +1,240 @@
+"""AuditFedAvg with models as users write them (Flower's quickstart ``Net``, an MLP class with Dropout).
+
+The strategy is driven by Flower's own round loop (``Strategy.start``) over a loopback Grid whose nodes run
+a real ``flwr`` ClientApp: every message, record and reply is a real Flower object. The model is checked
+once, when the strategy is built; the audit worker process rebuilds it without the user's class (here the
+class claims to live in the script being run, ``__main__``, which the worker never imports).
+"""
+
+import pickle
+import sys
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+from user_models import DropoutMLP, FlowerNet, LayerNormMLP, ResidualMLP
+
+import fedleak
+from fedleak.errors import FedleakError, ModelError
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedleak.federation.ground_truth import GroundTruthScorer, TrueBatch, write_true_batch  # noqa: E402
+from fedleak.federation.strategy import AuditFedAvg, AuditPlan, needs_relu_network  # noqa: E402
+
+EXACT_ATTACKS = ("exclusivity", "trap-weights", "imprint")  # the attacks that need a ReLU network
+LR = 0.1
+
+
+class LoopbackGrid(Grid):
+    """A Grid whose nodes are in this process: each message goes to ``client_app(message, context)``."""
+
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        self.client_app = client_app
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": k}, state=RecordDict(),
+                                       run_config={}) for k, node in enumerate(range(101, 101 + num_nodes))}
+        self._run = None
+        self.sent: list[Message] = []
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        raise NotImplementedError  # the strategy only calls send_and_receive
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.extend(messages)
+        return [self.client_app(msg, self.contexts[msg.metadata.dst_node_id]) for msg in messages]
+
+
+def one_step_client(make_model, batches, truth_dir) -> ClientApp:
+    """A ClientApp as a user writes one: load the sent weights into its own model class, take one SGD step on
+    its batch and reply with the change (``lr * gradient``) and ``num-examples``. For evaluation only it
+    also writes the batch to ``truth_dir`` (never in a message; the attack does not read it)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model = make_model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        pid = int(context.node_config["partition-id"])
+        x, y = batches[pid]
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        delta = {name: (LR * p.grad).detach() for name, p in model.named_parameters()}
+        server_round = int(msg.content["config"]["server-round"])
+        write_true_batch(truth_dir, server_round, context.node_id, TrueBatch(x, x, y, pid, (0.0, 1.0)))
+        metrics = MetricRecord({"num-examples": len(x), "partition-id": pid})
+        return Message(content=RecordDict({"arrays": ArrayRecord(delta), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def in_main(cls: type, monkeypatch) -> type:
+    """A subclass of ``cls`` that pickles as ``__main__.<name>``, like a class written in a user's server script:
+    it pickles here, but the audit worker (which never imports ``__main__``) could not unpickle it."""
+    name = f"Script{cls.__name__}"
+    script_cls = type(name, (cls,), {"__module__": "__main__", "__qualname__": name})
+    monkeypatch.setattr(sys.modules["__main__"], name, script_cls, raising=False)
+    return script_cls
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What Flower's ServerApp runtime sets before ``main`` runs: the messages a strategy creates carry it."""
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def run_audited(model_fn, batches, audit_mode, tmp_path):
+    model = model_fn()
+    strategy = AuditFedAvg(model, AuditPlan("exclusivity", {"known_scale": False}), audit_mode=audit_mode,
+                           upload="delta", scorer=GroundTruthScorer(tmp_path), fraction_evaluate=0.0,
+                           min_available_nodes=len(batches))
+    grid = LoopbackGrid(one_step_client(model_fn, batches, str(tmp_path)), len(batches))
+    try:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1)
+        records = strategy.findings()
+    finally:
+        strategy.close()
+    assert len(grid.sent) == len(batches) and result.arrays is not None
+    return strategy, records
+
+
+@pytest.mark.parametrize("audit_mode", ["sync", "process"])
+def test_dropout_mlp_class_is_audited_and_samples_certified(digits, audit_mode, tmp_path, monkeypatch,
+                                                            server_identity):
+    cls = in_main(DropoutMLP, monkeypatch) if audit_mode == "process" else DropoutMLP
+    batches = [(digits.x[k * 8:(k + 1) * 8], digits.y[k * 8:(k + 1) * 8]) for k in range(2)]
+
+    def model_fn():
+        torch.manual_seed(0)
+        return cls(64, 256, 10).eval()
+
+    strategy, records = run_audited(model_fn, batches, audit_mode, tmp_path)
+    assert isinstance(strategy.template, fx.GraphModule)
+    assert set(strategy.template.state_dict()) == set(model_fn().state_dict())  # Flower's keys load as they are
+    assert [(r.round, r.client, r.status) for r in records] == [(1, 0, "ok"), (1, 1, "ok")], records
+    for r in records:
+        assert r.attack == "exclusivity" and r.num_examples == 8
+        assert r.certified >= 1 and r.scores is not None and r.scores.recovered >= 1
+        assert r.scores.false_certificates == 0
+
+
+def test_flower_quickstart_net_is_audited_in_the_worker_process(tmp_path, monkeypatch, server_identity):
+    """Flower's ``Net`` (conv, max-pool, ``x.view``, ``F.relu``), its class only in the "script": the worker
+    rebuilds the traced model and attacks each one-step update."""
+    cls = in_main(FlowerNet, monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(2)]
+
+    def model_fn():
+        torch.manual_seed(0)
+        return cls().eval()
+
+    strategy, records = run_audited(model_fn, batches, "process", tmp_path)
+    assert [n for n, _ in strategy.template.named_parameters()] == [n for n, _ in FlowerNet().named_parameters()]
+    assert [(r.round, r.client, r.status) for r in records] == [(1, 0, "ok"), (1, 1, "ok")], records
+    for r in records:
+        assert r.attack == "exclusivity" and r.num_examples == 4
+        assert r.scores is not None and r.scores.false_certificates == 0
+
+
+def test_template_pickles_without_the_users_class():
+    class LocalNet(FlowerNet):  # a class pickle cannot find by name
+        pass
+
+    model = LocalNet().eval()
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        pickle.dumps(model)
+    strategy = AuditFedAvg(model, AuditPlan("exclusivity", {"known_scale": False}), audit_mode="sync")
+    copy = pickle.loads(pickle.dumps(strategy.template))
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(copy(x), model(x))
+    assert type(strategy.model) is LocalNet  # a tamper function still gets the user's own class
+
+
+class SpareLayerMLP(DropoutMLP):
+    """Holds a layer and a buffer its forward never reads: tracing drops them, Flower still sends them."""
+
+    def __init__(self) -> None:
+        super().__init__(64, 16, 10)
+        self.spare = nn.Sequential(nn.Linear(3, 2))
+        self.register_buffer("seen", torch.zeros(1))
+
+
+def test_template_keeps_unused_weights_and_the_input_shape():
+    model = SpareLayerMLP().eval()
+    strategy = AuditFedAvg(model, AuditPlan("exclusivity", {"known_scale": False}), audit_mode="sync")
+    assert "spare.0.weight" not in fx.symbolic_trace(model).state_dict()  # what tracing alone would lose
+    strategy.template.load_state_dict(model.state_dict())  # strict: every key the model has is there
+    mlp = fedleak.make_mlp((1, 8, 8), [16], 10)  # fedleak's builders record the input shape
+    assert AuditFedAvg(mlp, AuditPlan("exclusivity", {}), audit_mode="sync").template.input_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("attack", EXACT_ATTACKS)
+def test_exact_attacks_are_flagged(attack):
+    assert needs_relu_network(attack)
+    assert not needs_relu_network("ig") and not needs_relu_network("auto")
+
+
+@pytest.mark.parametrize("model, node", [(ResidualMLP(), r"node 'add' \(operator.add\) joins 2 branches"),
+                                         (LayerNormMLP(), r"node 'norm' \(LayerNorm\): not supported")])
+@pytest.mark.parametrize("attack", EXACT_ATTACKS)
+def test_unsupported_model_is_refused_up_front_for_exact_attacks(model, node, attack):
+    with pytest.raises(ModelError, match=rf"'{attack}' attack cannot run on this model: {node}") as info:
+        AuditFedAvg(model, AuditPlan(attack, {}), audit_mode="sync")
+    assert "\n" not in str(info.value)
+    AuditFedAvg(model, AuditPlan("ig", {}), audit_mode="process").close()  # the optimisation attacks need autograd
+    AuditFedAvg(model, AuditPlan("auto", {}), audit_mode="sync")  # auto falls back to them
+
+
+class DataDependentNet(nn.Module):
+    """A forward torch.fx cannot trace (its control flow reads the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else self.fc(-x)
+
+
+def test_untraceable_model(monkeypatch):
+    with pytest.raises(ModelError, match="could not trace DataDependentNet.forward with torch.fx"):
+        AuditFedAvg(DataDependentNet(), AuditPlan("exclusivity", {}), audit_mode="sync")
+    # the optimisation attacks run on a plain copy; in a worker process only if it can get there
+    assert type(AuditFedAvg(DataDependentNet(), AuditPlan("ig", {}), audit_mode="process").template) is DataDependentNet
+    script_cls = in_main(DataDependentNet, monkeypatch)
+    with pytest.raises(FedleakError, match=r"defined in the script being run \(__main__\).*audit_mode='thread'"):
+        AuditFedAvg(script_cls(), AuditPlan("ig", {}), audit_mode="process")
+    assert type(AuditFedAvg(script_cls(), AuditPlan("ig", {}), audit_mode="thread").template) is script_cls
+
+
+def test_unpicklable_scorer_is_refused_up_front_in_process_mode():
+    model = DropoutMLP(64, 16, 10).eval()
+    with pytest.raises(FedleakError, match=r"the scorer cannot be sent to the audit worker process .*: it cannot be "
+                                           r"pickled"):
+        AuditFedAvg(model, AuditPlan("ig", {}), audit_mode="process", scorer=lambda job, rec: None)
+    AuditFedAvg(model, AuditPlan("ig", {}), audit_mode="sync", scorer=lambda job, rec: None)

@@ -1,0 +1,95 @@
+"""fish and reduce_exclusivity take models as users write them (Flower's quickstart Net with F.relu, x.view
+and MaxPool2d; an MLP class with F.relu and eval-mode Dropout), with no input_shape, and give exactly the
+results of their nn.Sequential twins with the same weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedleak
+from fedleak.defenses import reduce_exclusivity
+from fedleak.fishing import fish
+
+
+class FlowerNet(nn.Module):
+    """Flower's quickstart-pytorch CIFAR-10 model, exactly as Flower writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self, d: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, width)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.fc1(torch.flatten(x, 1)))))
+
+
+def _same(a, b) -> None:
+    """Two fishing / reduction results are the same (up to wall-clock times)."""
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert a.data_range == b.data_range
+    drop = ("lp_seconds",)
+    assert [{k: v for k, v in s.to_dict().items() if k not in drop} for s in a.samples] == \
+           [{k: v for k, v in s.to_dict().items() if k not in drop} for s in b.samples]
+
+
+def test_flower_net_is_fished_like_its_sequential_twin():
+    torch.manual_seed(0)
+    net = FlowerNet()
+    twin = nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), net.fc1, nn.ReLU(), net.fc2, nn.ReLU(), net.fc3)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # CIFAR-10-sized images
+    y = torch.tensor([3, 7])
+    res = fish(net, x, y, solve_check=False)
+    _same(res, fish(twin, x, y, solve_check=False))
+    assert res.inputs.shape == x.shape and float(res.inputs.min()) >= 0 and float(res.inputs.max()) <= 1
+    assert res.certifiable_after.all() and not res.certifiable_before.all()
+    # both ReLU layers of the head got their targets: 1 in fc1, 2 in fc2
+    assert all([len(t) for t in s.targets] == [1, 2] for s in res.samples)
+    report = fedleak.analyze_exclusivity(net, res.inputs, y, solve=False)  # float32, as the client computes
+    assert report.head_certifiable.all()
+
+
+def test_flower_net_reduction_matches_its_twin():
+    torch.manual_seed(0)
+    net = FlowerNet()
+    twin = nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), net.fc1, nn.ReLU(), net.fc2, nn.ReLU(), net.fc3)
+    x, y = fedleak.load_dataset("retina").batch(3, seed=0)
+    res = reduce_exclusivity(net, x, y, budget=0.01)  # too small for these ExANs: the samples are dropped
+    _same(res, reduce_exclusivity(twin, x, y, budget=0.01))
+    assert res.protected and sum(s.exans_before for s in res.samples) > 0
+
+
+def test_dropout_mlp_class_is_fished_and_reduced_like_its_twin(fashion):
+    torch.manual_seed(2)
+    model = DropoutMLP(784, 512, 10).eval()
+    twin = nn.Sequential(nn.Flatten(), model.fc1, nn.ReLU(), model.fc2)
+    x, y = fashion.batch(10, seed=4)
+    res = fish(model, x, y)
+    _same(res, fish(twin, x, y))
+    assert res.certifiable_after.all()
+    red, red_twin = reduce_exclusivity(model, x[:8], y[:8]), reduce_exclusivity(twin, x[:8], y[:8])
+    _same(red, red_twin)
+    assert red.protected and (red.kept == red_twin.kept).all()

@@ -1,0 +1,177 @@
+"""Reading users' models as written: torch.fx tracing, converters, input shapes, refusals naming the node."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from user_models import DropoutMLP, FlowerNet, LayerNormMLP, ResidualMLP, dropout_mlp_twin, flower_net_twin
+
+import fedleak
+from fedleak.errors import ModelError
+from fedleak.nets import CONVERTERS, Dense, Op, Relu, as_network
+
+
+def _same_structure(a, b):
+    assert a.input_shape == b.input_shape
+    assert [(blk.in_shape, blk.conv_shape, blk.out_shape, blk.pool.kind if blk.pool else None) for blk in a.blocks] == \
+           [(blk.in_shape, blk.conv_shape, blk.out_shape, blk.pool.kind if blk.pool else None) for blk in b.blocks]
+    assert a.head.widths == b.head.widths and a.num_classes == b.num_classes
+
+
+def test_flower_quickstart_net_as_written():
+    model = FlowerNet()
+    net = as_network(model)
+    assert net.input_shape == (3, 32, 32) and net.notes and "square" in net.notes[0]
+    assert [blk.out_shape for blk in net.blocks] == [(6, 14, 14), (16, 5, 5)]
+    assert [blk.pool.kind for blk in net.blocks] == ["max", "max"]
+    assert net.head.widths == (120, 84) and net.num_classes == 10
+    assert net.parameter_names() == [n for n, _ in model.named_parameters()]
+    x = torch.rand(3, 3, 32, 32)
+    feats = torch.flatten(model.pool(F.relu(model.conv2(model.pool(F.relu(model.conv1(x)))))), 1)
+    assert torch.allclose(net.features(x).float(), feats, atol=1e-5)
+    _same_structure(net, as_network(flower_net_twin(model), input_shape=(3, 32, 32)))
+
+
+def test_shape_comes_from_inputs_then_override():
+    model = FlowerNet()
+    assert as_network(model, inputs=torch.zeros(2, 3, 32, 32)).notes == ()
+    with pytest.raises(ModelError, match=r"does not run on inputs of shape \(3, 28, 28\)"):
+        as_network(model, input_shape=(3, 28, 28))
+
+
+def test_dropout_mlp_in_eval_mode_is_its_sequential_twin():
+    model = DropoutMLP(64, 32, 10).eval()
+    net = as_network(model)
+    assert net.input_shape == (64,) and not net.is_conv and net.head.widths == (32,)
+    assert [d.weight_name for d in net.head.dense] == ["fc1.weight", "fc2.weight"]
+    _same_structure(net, as_network(dropout_mlp_twin(model)))
+    # images in, flattened inside the model: the input shape follows the batch
+    assert as_network(model, inputs=torch.zeros(4, 1, 8, 8)).input_shape == (1, 8, 8)
+
+
+def test_dropout_in_training_mode_is_refused_by_name():
+    with pytest.raises(ModelError, match=r"node 'dropout' \(Dropout\): dropout in training mode.*model.eval\(\)"):
+        as_network(DropoutMLP(64, 32, 10).train())
+    assert not as_network(DropoutMLP(64, 32, 10, p=0.0).train()).is_conv  # p = 0 is the identity
+
+
+@pytest.mark.parametrize("model, needle", [
+    (ResidualMLP(), r"node 'add' \(operator.add\) joins 2 branches .*optimisation attacks"),
+    (LayerNormMLP(), r"node 'norm' \(LayerNorm\): not supported.*optimisation attacks \(dlg, idlg, ig"),
+    (nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)), r"node '1' \(GELU\)"),
+    (nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), r"node '1' \(Tanh\)"),
+    (nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(), nn.Linear(8, 2)), r"node '1' \(LeakyReLU\)"),
+    (nn.Sequential(nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2)), r"node '1' \(Sigmoid\)"),
+    (nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)), r"node '1' \(Dense\) does not fit"),
+    (nn.Sequential(nn.Linear(8, 4), nn.ReLU()), "must end with a Linear"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 4), nn.ReLU(), nn.Linear(4, 2),
+                   nn.Softmax(dim=1)), r"node '6' \(Softmax\)"),
+])
+def test_unsupported_models_get_one_line_naming_the_node(model, needle):
+    with pytest.raises(ModelError, match=needle) as info:
+        as_network(model, input_shape=(1, 8, 8) if isinstance(model[0] if isinstance(model, nn.Sequential) else None,
+                                                               nn.Conv2d) else None)
+    assert "\n" not in str(info.value)
+
+
+def test_functional_twins_and_log_softmax_logits():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc1 = nn.Linear(4 * 4 * 4, 16)
+            self.fc2 = nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = F.max_pool2d(torch.relu(self.conv(x)), 2)
+            x = x.reshape(x.size(0), -1)
+            x = self.fc1(x).relu_()
+            return F.log_softmax(self.fc2(x), dim=1)
+
+    net = as_network(Functional(), inputs=torch.zeros(2, 1, 8, 8))
+    assert net.blocks[0].pool.kind == "max" and net.blocks[0].out_shape == (4, 4, 4) and net.head.depth == 1
+
+
+def test_view_that_mixes_samples_is_refused():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc(x.view(-1, 16))
+
+    with pytest.raises(ModelError, match="does not run|mixes samples"):
+        as_network(Mixer(), input_shape=(8,))
+
+
+def test_adaptive_pool_with_dividing_output_is_a_pool():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(),
+                          nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 2))
+    net = as_network(model, input_shape=(1, 8, 8))
+    assert net.blocks[0].pool.kind == "avg" and net.blocks[0].pool.kernel == (2, 2)
+    with pytest.raises(ModelError, match="uneven"):
+        as_network(model, input_shape=(1, 7, 7))
+
+
+def test_probe_leaves_batch_norm_statistics_alone():
+    from fedleak.models.convnet import make_convnet
+
+    model = make_convnet((1, 8, 8), 2, channels=(2,), fc_widths=(4,), batch_norm=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    as_network(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_new_layer_is_one_converter():
+    # nn.Threshold(0, 0) is a ReLU; fedleak does not know it until one converter says so
+    model = nn.Sequential(nn.Linear(4, 4), nn.Threshold(0.0, 0.0), nn.Linear(4, 2))
+    with pytest.raises(ModelError, match="'1' \\(Threshold\\)"):
+        as_network(model)
+
+    def threshold(op):
+        if op.module.threshold != 0 or op.module.value != 0:
+            raise op.refuse("only Threshold(0, 0), a ReLU, is supported")
+        return Relu(op.node)
+
+    CONVERTERS.register(nn.Threshold, threshold)
+    try:
+        net = as_network(model)
+        assert isinstance(net.head.dense[1], Dense) and net.head.depth == 1
+        with pytest.raises(ModelError, match="'1' \\(Threshold\\): only Threshold"):
+            as_network(nn.Sequential(nn.Linear(4, 4), nn.Threshold(0.5, 0.0), nn.Linear(4, 2)))
+    finally:
+        CONVERTERS.unregister(nn.Threshold)
+    with pytest.raises(RuntimeError, match="registered twice"):
+        CONVERTERS.register(nn.Linear, lambda op: None)
+
+
+def test_builders_and_parameter_names_of_nested_sequentials():
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU()), nn.Linear(5, 3, bias=False))
+    net = as_network(model)
+    assert net.head.depth == 1 and not net.head.has_all_biases
+    assert net.head.dense[0].weight_name == "0.0.weight" and net.head.dense[0].bias_name is None
+    mlp = fedleak.make_mlp((1, 8, 8), [32, 16], 10, seed=3)
+    net = as_network(mlp)
+    assert net.input_shape == (1, 8, 8) and net.head.widths == (32, 16)
+    assert net.parameter_names() == [n for n, _ in mlp.named_parameters()]
+
+
+def test_untraceable_forward_is_a_model_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(ModelError, match="could not trace Branchy.forward"):
+        as_network(Branchy())
+
+
+def test_op_arguments_by_position_or_keyword():
+    op = Op(node="p", what="F.max_pool2d", target="", module=None, args=(2,), kwargs={"stride": 2})
+    assert op.arg(0, "kernel_size") == 2 and op.arg(1, "stride") == 2 and op.arg(2, "padding", 0) == 0

@@ -1,0 +1,75 @@
+"""Models as users write them: ``nn.Module`` classes with functional ops, not fedleak's builders."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class FlowerNet(nn.Module):
+    """Flower's quickstart-pytorch ``Net``, exactly as Flower writes it (CIFAR-10, 3 x 32 x 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def flower_net_twin(net: FlowerNet) -> nn.Sequential:
+    """The same network as an ``nn.Sequential`` with the same weights."""
+    twin = nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2, 2), net.conv2, nn.ReLU(), nn.MaxPool2d(2, 2),
+                         nn.Flatten(), net.fc1, nn.ReLU(), net.fc2, nn.ReLU(), net.fc3)
+    return twin
+
+
+class DropoutMLP(nn.Module):
+    """An MLP class with ``torch.flatten``, ``F.relu`` and Dropout (use it in eval mode)."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, p: float = 0.25) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.dropout = nn.Dropout(p)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        x = self.dropout(F.relu(self.fc1(x)))
+        return self.fc2(x)
+
+
+def dropout_mlp_twin(net: DropoutMLP) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), net.fc1, nn.ReLU(), net.fc2)
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)) + x)
+
+
+class LayerNormMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.norm(self.fc1(x))))
