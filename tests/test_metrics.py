@@ -293,3 +293,23 @@ def test_a_certificate_is_held_to_the_error_bound_it_states():
     assert m.recovered.tolist() == [True, False, True] and m.exact.tolist() == [False, False, True]
     assert m.false_certificates == 1 and "claimed error bound" in m.certified_reason[1]
     assert m.allowed_error.tolist() == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+@pytest.mark.parametrize("mean, std", [((0.5,), (0.5,)), ((0.1307,), (0.3081,))])
+def test_exact_attack_on_normalised_data_is_scored_right(digits, mean, std):
+    # Flower's quickstart maps pixels to [-1, 1]; MNIST-style mean/std normalisation gives [-0.42, 2.82]
+    data = digits.normalized(mean, std)
+    model = fedleak.make_mlp(data.input_shape, [256], 10, seed=0)
+    x, y = data.batch(8, seed=3)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="exclusivity")
+    assert rec.num_certified >= 4
+    scores = fedleak.metrics.match(rec, x, y, normalization=data.normalization)
+    assert scores.data_range == (0.0, 1.0) and scores.false_certificates == 0
+    assert int(scores.recovered.sum()) == rec.num_certified
+    assert np.all(scores.psnr[scores.recovered] > 80)
+    # the same batch scored in the model's input space agrees on what was recovered
+    raw = fedleak.metrics.match(rec, x, y, data_range=data.value_range)
+    assert raw.recovered.tolist() == scores.recovered.tolist()
+    # a Dataset that remembers its normalisation is scored in pixel space without being told
+    sub = fedleak.Dataset("batch", x, y, data.classes, value_range=data.value_range, normalization=data.normalization)
+    np.testing.assert_array_equal(fedleak.metrics.match(rec, sub).psnr, scores.psnr)

@@ -273,7 +273,6 @@ def match(
     Label accuracy is the order-free multiset overlap of rebuilt and true labels, over all originals.
     """
     from fedleak.data.dataset import Dataset
-    from fedleak.data.normalization import Normalization
 
     if isinstance(originals, Dataset):
         if labels is None:

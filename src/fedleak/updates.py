@@ -24,6 +24,7 @@ from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.report.output import write_bytes_atomic
 from fedleak.validation import (
     MAX_COUNT,
+    check_batch,
     check_int,
     check_labels,
     check_model,
@@ -144,17 +145,11 @@ def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> G
     raise UpdateError(f"an update must be a GradientUpdate, a WeightUpdate or a dict of tensors; got {type(update).__name__}")
 
 
-def _check_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-    """A usable model and a non-empty, finite batch with one label per sample (checked against the logits)."""
+def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """A usable model and a non-empty, finite batch with one label per sample (checked against the logits
+    by :func:`forward_logits`)."""
     check_model(model)
-    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise FedleakError("inputs and labels must be torch tensors")
-    if inputs.ndim < 2 or inputs.shape[0] == 0:
-        raise FedleakError(f"the batch is empty or has no batch dimension (inputs of shape {tuple(inputs.shape)})")
-    if labels.ndim != 1 or labels.shape[0] != inputs.shape[0]:
-        raise FedleakError(f"labels must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
-    if not torch.isfinite(inputs).all():
-        raise FedleakError("the inputs hold NaN or inf values")
+    check_batch(inputs, labels)
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,7 +174,7 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     clients report it; attacks that should not know it simply ignore it. Frozen parameters
     (``requires_grad=False``) get no gradient, as on a real client.
     """
-    _check_batch(model, inputs, labels)
+    check_client_batch(model, inputs, labels)
     params = trainable_parameters(model)
     if not params:
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")

@@ -142,6 +142,20 @@ def check_labels(labels: object, num_classes: int | None = None, *, name: str = 
     return arr.astype(np.int64)
 
 
+def check_batch(inputs: object, labels: object = None) -> torch.Tensor:
+    """``inputs`` if it is a non-empty, finite batch tensor (M x ...); ``labels``, when given, must be a tensor
+    with one entry per sample (their values are checked against the model by :func:`check_labels`)."""
+    if not isinstance(inputs, torch.Tensor) or (labels is not None and not isinstance(labels, torch.Tensor)):
+        raise FedleakError("inputs and labels must be torch tensors")
+    if inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise FedleakError(f"the batch is empty or has no batch dimension (inputs of shape {tuple(inputs.shape)})")
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != inputs.shape[0]):
+        raise FedleakError(f"labels must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
+    if not torch.isfinite(inputs).all():
+        raise FedleakError("the inputs hold NaN or inf values")
+    return inputs
+
+
 def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelError) -> int:
     """A classifier's number of outputs: at least 2 (a one-output model has no cross-entropy gradient)."""
     if num_classes < 2:

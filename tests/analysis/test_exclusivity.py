@@ -68,7 +68,7 @@ def test_report_serialises(digits):
 
 def test_bad_inputs(digits):
     model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
-    with pytest.raises(fedleak.FedleakError, match="non-empty"):
+    with pytest.raises(fedleak.FedleakError, match="batch is empty"):
         fedleak.analyze_exclusivity(model, digits.x[:0])
     with pytest.raises(fedleak.ModelError, match="does not run on inputs of shape \\(1, 5, 5\\)"):
         fedleak.analyze_exclusivity(model, torch.zeros(2, 1, 5, 5))

@@ -5,47 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from user_models import DropoutMLP, FlowerNet, flower_net_twin
+
 import fedleak
-
-
-class FlowerNet(nn.Module):
-    """Flower's quickstart-pytorch CIFAR-10 model, exactly as Flower writes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = x.view(-1, 16 * 5 * 5)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-def flower_twin(net: FlowerNet) -> nn.Sequential:
-    return nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         net.fc1, nn.ReLU(), net.fc2, nn.ReLU(), net.fc3)
-
-
-class DropoutMLP(nn.Module):
-    def __init__(self, d: int, width: int, classes: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, width)
-        self.drop = nn.Dropout(0.5)
-        self.fc2 = nn.Linear(width, classes)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.relu(self.fc1(torch.flatten(x, 1)))))
 
 
 def _numbers(report) -> dict:
@@ -61,7 +25,7 @@ def test_flower_net_matches_its_sequential_twin():
     net = FlowerNet()
     x, y = fedleak.load_dataset("retina").batch(6, seed=0)
     rep = fedleak.analyze_exclusivity(net, x, y, solve=False)  # no input_shape: it comes from the batch
-    twin = fedleak.analyze_exclusivity(flower_twin(net), x, y, solve=False)
+    twin = fedleak.analyze_exclusivity(flower_net_twin(net), x, y, solve=False)
     assert [c.name for c in rep.conv_layers] == ["conv1", "conv2"] and [la.name for la in rep.layers] == ["fc1", "fc2"]
     assert _numbers(rep) == _numbers(twin)
     assert rep.conv_layers[0].units == 6 * 28 * 28 and rep.conv_layers[1].channels == 16

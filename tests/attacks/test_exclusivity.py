@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from user_models import DropoutMLP, FlowerNet
+
 import fedleak
 from fedleak import metrics
 
@@ -196,42 +198,6 @@ def test_two_class_ghost_blends_are_never_certified(reported):
 # ---- models as users write them: nn.Module classes, no input shape ----------------------------------------
 
 
-class FlowerNet(nn.Module):
-    """Flower's quickstart-pytorch ``Net``, exactly as Flower writes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = x.view(-1, 16 * 5 * 5)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-class DropoutMLP(nn.Module):
-    """An MLP class with functional ReLUs and dropout (evaluated in eval mode, where dropout is the identity)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 1024)
-        self.drop = nn.Dropout(0.5)
-        self.out = nn.Linear(1024, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(-1, 784)
-        x = self.drop(F.relu(self.fc1(x)))
-        return self.out(x)
-
-
 def _twin(model: nn.Module, twin: nn.Sequential, names: dict[str, str]) -> nn.Sequential:
     """``twin`` with ``model``'s weights, its parameter names mapped by ``names`` (prefix -> prefix)."""
     state = {}
@@ -282,14 +248,14 @@ def test_mlp_class_with_dropout_without_input_shape(fashion):
     """An nn.Module MLP (F.relu, x.view, eval-mode Dropout) rebuilds the same certified samples as its
     nn.Sequential twin, with no input shape given."""
     torch.manual_seed(1)
-    model = DropoutMLP().eval()
+    model = DropoutMLP(784, 1024, 10, p=0.5).eval()
     x, y = fashion.batch(4, seed=7)
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="exclusivity")
     scores = metrics.match(rec, x, y)
     assert rec.num_certified == 4 and rec.batch_certified and scores.recovered.all()
     assert not scores.false_certificate.any()
     twin = _twin(model, nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10)),
-                 {"fc1": "1", "out": "3"})
+                 {"fc1": "1", "fc2": "3"})
     twin_rec = fedleak.reconstruct(twin, fedleak.compute_gradient_update(twin, x, y), attack="exclusivity")
     _same_reconstruction(rec, twin_rec)
 

@@ -38,7 +38,7 @@ def retina_small() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_formats_are_registered_in_order() -> None:
-    assert list(available_formats()) == ["cifar", "idx", "npz", "image-folder"]
+    assert list(available_formats()) == ["cifar", "idx", "image-folder", "npz"]
 
 
 # --- npz -----------------------------------------------------------------------------------------------------
@@ -387,3 +387,23 @@ def test_cifar_truncated_pickle(tmp_path: Path, retina_small: tuple[np.ndarray, 
     raw = (tmp_path / "cifar" / "data_batch_2").read_bytes()
     (tmp_path / "cifar" / "data_batch_2").write_bytes(raw[: len(raw) // 3])
     assert "data_batch_2" in str(_raises(tmp_path / "cifar", "corrupt or truncated pickle", split="train"))
+
+
+def test_npz_with_normalisation_or_its_own_range(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.random((6, 3, 4, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    np.savez(tmp_path / "norm.npz", x=pixels, y=y, mean=np.array([0.5, 0.4, 0.3]), std=np.array([0.2, 0.25, 0.3]))
+    data = fedleak.load_dataset(tmp_path / "norm.npz")
+    assert data.normalization is not None and data.pixel_range == (0.0, 1.0)
+    assert np.allclose(data.pixels(data.x).numpy(), pixels, atol=1e-6)
+    np.savez(tmp_path / "pm1.npz", x=pixels * 2 - 1, y=y, value_range=np.array([-1.0, 1.0]))
+    data = fedleak.load_dataset(tmp_path / "pm1.npz")
+    assert data.value_range == (-1.0, 1.0) and float(data.x.min()) < 0 and data.normalization is None
+    np.savez(tmp_path / "both.npz", x=pixels, y=y, value_range=np.array([0, 1.0]), mean=np.array([0.5]),
+             std=np.array([0.5]))
+    with pytest.raises(fedleak.DataError, match="not both"):
+        fedleak.load_dataset(tmp_path / "both.npz")
+    np.savez(tmp_path / "out.npz", x=pixels * 3, y=y, value_range=np.array([0, 1.0]))
+    with pytest.raises(fedleak.DataError, match="value range"):
+        fedleak.load_dataset(tmp_path / "out.npz")

@@ -5,44 +5,13 @@ results of their nn.Sequential twins with the same weights."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from user_models import DropoutMLP, FlowerNet, flower_net_twin
 
 import fedleak
 from fedleak.defenses import reduce_exclusivity
 from fedleak.fishing import fish
-
-
-class FlowerNet(nn.Module):
-    """Flower's quickstart-pytorch CIFAR-10 model, exactly as Flower writes it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = x.view(-1, 16 * 5 * 5)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
-
-
-class DropoutMLP(nn.Module):
-    def __init__(self, d: int, width: int, classes: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, width)
-        self.drop = nn.Dropout(0.5)
-        self.fc2 = nn.Linear(width, classes)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.relu(self.fc1(torch.flatten(x, 1)))))
 
 
 def _same(a, b) -> None:
@@ -57,8 +26,7 @@ def _same(a, b) -> None:
 def test_flower_net_is_fished_like_its_sequential_twin():
     torch.manual_seed(0)
     net = FlowerNet()
-    twin = nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), net.fc1, nn.ReLU(), net.fc2, nn.ReLU(), net.fc3)
+    twin = flower_net_twin(net)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # CIFAR-10-sized images
     y = torch.tensor([3, 7])
     res = fish(net, x, y, solve_check=False)
@@ -74,8 +42,7 @@ def test_flower_net_is_fished_like_its_sequential_twin():
 def test_flower_net_reduction_matches_its_twin():
     torch.manual_seed(0)
     net = FlowerNet()
-    twin = nn.Sequential(net.conv1, nn.ReLU(), nn.MaxPool2d(2), net.conv2, nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), net.fc1, nn.ReLU(), net.fc2, nn.ReLU(), net.fc3)
+    twin = flower_net_twin(net)
     x, y = fedleak.load_dataset("retina").batch(3, seed=0)
     res = reduce_exclusivity(net, x, y, budget=0.01)  # too small for these ExANs: the samples are dropped
     _same(res, reduce_exclusivity(twin, x, y, budget=0.01))

@@ -14,7 +14,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.nets import Network, as_network, forward_trace
-from fedleak.validation import check_labels
+from fedleak.validation import check_batch, check_labels
 
 
 @dataclass(frozen=True)
@@ -34,24 +34,9 @@ class Batch:
         return self.x.dtype
 
 
-def model_dtype(net: Network) -> torch.dtype:
-    """The dtype the client computes in: that of the model's first layer."""
-    first = net.blocks[0].conv.module if net.blocks else net.head.dense[0].module
-    return first.weight.dtype
-
-
-def check_inputs(inputs: object) -> torch.Tensor:
-    """``inputs`` if it is a non-empty batch tensor of finite values (M x ...)."""
-    if not isinstance(inputs, torch.Tensor) or inputs.ndim < 2 or inputs.shape[0] == 0:
-        raise FedleakError("inputs must be a non-empty batch tensor (M x ...)")
-    if not torch.isfinite(inputs).all():
-        raise FedleakError("the inputs hold NaN or inf values")
-    return inputs
-
-
 def logits(net: Network, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The network's logits for inputs ``x`` (M x input_shape), computed in ``dtype`` on its device."""
-    dtype = dtype or model_dtype(net)
+    dtype = dtype or net.dtype
     with torch.no_grad():
         return forward_trace(net.head, net.features(x, dtype), dtype=dtype).logits
 
@@ -67,11 +52,11 @@ def read_batch(model: nn.Module | Network, inputs: object, labels: object = None
     ``labels`` default to the model's predictions. Raises :class:`~fedleak.errors.FedleakError` (a
     :class:`~fedleak.errors.ModelError` when the model does not fit) naming the problem.
     """
-    inputs = check_inputs(inputs)
+    inputs = check_batch(inputs)
     net = model if isinstance(model, Network) else as_network(model, inputs=inputs)
     if inputs[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {inputs[0].numel()} values but the model takes {net.input_shape}")
-    x = inputs.detach().reshape(inputs.shape[0], *net.input_shape).to(device=net.device, dtype=model_dtype(net))
+    x = inputs.detach().reshape(inputs.shape[0], *net.input_shape).to(device=net.device, dtype=net.dtype)
     if labels is None:
         labels = predictions(net, x)
     labels = torch.as_tensor(labels).reshape(-1) if not isinstance(labels, torch.Tensor) else labels.reshape(-1)

@@ -189,12 +189,12 @@ def _nanmean(values: Sequence[float]) -> float | None:
 # Scenarios: named client-side transforms
 
 
-ScenarioFactory = Callable[[AuditSettings], BatchTransform]
+ScenarioFactory = Callable[[AuditSettings, Dataset], BatchTransform]
 _SCENARIOS: Registry[tuple[ScenarioFactory, str]] = Registry("scenario")
 
 
 def register_scenario(name: str, description: str) -> Callable[[ScenarioFactory], ScenarioFactory]:
-    """Decorator that makes ``factory(settings) -> BatchTransform`` the audit scenario ``name``."""
+    """Decorator that makes ``factory(settings, data) -> BatchTransform`` the audit scenario ``name``."""
     return _SCENARIOS.decorator(name, lambda factory: (factory, description))
 
 
@@ -203,27 +203,27 @@ def available_scenarios() -> dict[str, str]:
 
 
 @register_scenario("plain", "an honest client: the batch as it is")
-def _plain(settings: AuditSettings) -> BatchTransform:
+def _plain(settings: AuditSettings, data: Dataset) -> BatchTransform:
     return Identity()
 
 
 @register_scenario("fished", "the curious server's client code fishes each batch (LP perturbation)")
-def _fished(settings: AuditSettings) -> BatchTransform:
+def _fished(settings: AuditSettings, data: Dataset) -> BatchTransform:
     from fedleak.fishing import FishingTransform
 
-    return FishingTransform()
+    return FishingTransform(data_range=data.value_range)  # perturbed inputs stay valid data
 
 
 @register_scenario("defended", "the client reduces exclusivity before computing its update")
-def _defended(settings: AuditSettings) -> BatchTransform:
+def _defended(settings: AuditSettings, data: Dataset) -> BatchTransform:
     from fedleak.defenses import ExclusivityReduction
 
-    return ExclusivityReduction()
+    return ExclusivityReduction(data_range=data.value_range)
 
 
-def _scenario(name: str, settings: AuditSettings) -> BatchTransform:
+def _scenario(name: str, settings: AuditSettings, data: Dataset) -> BatchTransform:
     factory, _ = _SCENARIOS.get(name)
-    return factory(settings)
+    return factory(settings, data)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
-    transforms = {name: _scenario(name, settings) for name in settings.scenarios}
+    transforms = {name: _scenario(name, settings, data) for name in settings.scenarios}
     if showcase_size is None:
         showcase_size = 8 if 8 in settings.batch_sizes else min(settings.batch_sizes)
     jobs = list(_jobs(settings))

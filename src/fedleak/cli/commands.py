@@ -1,4 +1,6 @@
-"""Imports every sub-command module so that each registers itself on the app."""
+"""Importing this module registers every sub-command on :data:`fedleak.cli.app.app`."""
 
-from fedleak.cli import audit, info, reconstruct  # noqa: F401
-from fedleak.cli import federate  # noqa: F401  (fedleak federate)
+import fedleak.cli.audit  # noqa: F401  (fedleak audit)
+import fedleak.cli.federate  # noqa: F401  (fedleak federate)
+import fedleak.cli.info  # noqa: F401  (fedleak info)
+import fedleak.cli.reconstruct  # noqa: F401  (fedleak reconstruct)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedleak.errors import DataError, FedleakError
-from fedleak.updates import WeightUpdate, _check_batch, forward_logits
+from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
 
 
@@ -71,7 +71,7 @@ def local_training(
     ``batch_size=None`` uses the whole local data set at every step (E full-batch steps); otherwise
     each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
     """
-    _check_batch(model, inputs, labels)
+    check_client_batch(model, inputs, labels)
     if optimizer not in LOCAL_OPTIMIZERS:
         raise FedleakError(f"unknown local optimizer '{optimizer}'; available: {', '.join(LOCAL_OPTIMIZERS)}")
     if check_float("the learning rate lr", lr) <= 0:

@@ -5,7 +5,7 @@ Formats (tried in registration order; the first whose ``detect`` accepts the pat
 * ``cifar``: a CIFAR-10 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``,
   ``test``, ``meta``) python-batch folder, read with a restricted unpickler;
 * ``idx``: an MNIST-style folder of IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte`` ...);
-* ``npz``: a numpy ``.npz`` file with ``x`` and ``y`` (and optionally ``classes``);
+* ``npz``: a numpy ``.npz`` file (:mod:`fedleak.data.npz`);
 * ``image-folder``: a folder with one sub-folder of images per class.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +84,7 @@ def _visible(entries: Sequence[Path]) -> list[Path]:
     return sorted(p for p in entries if not p.name.startswith("."))
 
 
-def _check_labels(labels: np.ndarray, num_images: int, num_classes: int, where: str) -> torch.Tensor:
+def check_label_array(labels: np.ndarray, num_images: int, num_classes: int, where: str) -> torch.Tensor:
     """The labels of ``num_images`` images (at least one) as an int64 tensor, each in ``0..num_classes-1``."""
     if num_images == 0:
         raise DataError(f"{where}: holds no images; a data set needs at least one labelled image")
@@ -95,7 +94,7 @@ def _check_labels(labels: np.ndarray, num_images: int, num_classes: int, where: 
     return torch.from_numpy(checked)
 
 
-def _class_names(labels: np.ndarray, where: str, at_least: int = 1) -> tuple[str, ...]:
+def class_names(labels: np.ndarray, where: str, at_least: int = 1) -> tuple[str, ...]:
     """Names ``"0", "1", ...`` for labels without a class list: ``max(at_least, max label + 1)`` of them.
 
     The labels are checked first, so an absurd label value is refused instead of naming that many classes.
@@ -189,8 +188,8 @@ def _load_cifar(path: Path, split: Split | None) -> Dataset:
             raise DataError(f"{files['meta'][0]}: no 'label_names' (or 'fine_label_names') list")
         classes = tuple(_text(n) for n in names)
     else:
-        classes = _class_names(labels, str(path), at_least=10)
-    y = _check_labels(labels, len(images), len(classes), str(path))
+        classes = class_names(labels, str(path), at_least=10)
+    y = check_label_array(labels, len(images), len(classes), str(path))
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
     return Dataset(f"{path.name}:{chosen}", x, y, classes, source=str(path.resolve()))
 
@@ -243,8 +242,8 @@ def _load_idx(path: Path, split: Split | None) -> Dataset:
     if classes_file.is_file():
         classes = tuple(line.strip() for line in classes_file.read_text().splitlines() if line.strip())
     else:
-        classes = _class_names(labels, str(labels_file), at_least=10)
-    y = _check_labels(labels, images.shape[0], len(classes), str(labels_file))
+        classes = class_names(labels, str(labels_file), at_least=10)
+    y = check_label_array(labels, images.shape[0], len(classes), str(labels_file))
     return Dataset(f"{path.name}:{chosen}", to_nchw_unit(images, str(images_file)), y, classes,
                    source=str(path.resolve()))
 
@@ -253,84 +252,6 @@ register_format(FormatReader(
     "idx", "an MNIST-style IDX folder (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-...)",
     _detect_idx, _load_idx, has_splits=True,
 ))
-
-
-# --- npz ---------------------------------------------------------------------------------------------------------
-
-def _detect_npz(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    if path.suffix.lower() == ".npz":
-        return True
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == b"PK\x03\x04" and zipfile.is_zipfile(path)
-    except OSError:
-        return False
-
-
-def _npz_labels(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Integer labels and class names from ``y`` (ints or strings) and the optional ``classes`` array."""
-    names = None if classes is None else tuple(str(c) for c in classes.reshape(-1))
-    if names is not None and len(set(names)) != len(names):
-        raise DataError(f"{path}: 'classes' names a class twice")
-    if y.dtype.kind in "US":
-        text = y.astype(str)
-        if names is None:
-            names = tuple(sorted(set(text.tolist())))
-        index = {n: i for i, n in enumerate(names)}
-        unknown = sorted(set(text.tolist()) - set(index))
-        if unknown:
-            raise DataError(f"{path}: labels {unknown[:5]} are not in 'classes'")
-        return np.array([index[t] for t in text.tolist()], dtype=np.int64), names
-    if y.dtype.kind == "b":
-        y = y.astype(np.int64)
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all() or not np.array_equal(y, np.round(y)):
-            raise DataError(f"{path}: 'y' holds non-integer float labels")
-        y = y.astype(np.int64)
-    if y.dtype.kind not in "iu":
-        raise DataError(f"{path}: 'y' must hold integer or string labels, got dtype {y.dtype}")
-    labels = y.astype(np.int64)
-    if names is None:
-        names = _class_names(labels, str(path))
-    return labels, names
-
-
-def _load_npz(path: Path, split: Split | None) -> Dataset:
-    if not zipfile.is_zipfile(path):  # np.load would try to unpickle it
-        raise DataError(f"{path}: corrupt or truncated .npz (not a zip archive)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            keys = set(archive.files)
-            missing = {"x", "y"} - keys
-            if missing:
-                raise DataError(f"{path}: an .npz data set needs arrays 'x' and 'y'; missing "
-                                f"{', '.join(sorted(missing))} (has {', '.join(sorted(keys)) or 'nothing'})")
-            x, y = archive["x"], archive["y"]
-            classes = archive["classes"] if "classes" in keys else None
-    except DataError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise DataError(f"{path}: holds pickled Python objects, which fedleak does not load; save labels and "
-                            "class names as numeric or fixed-width string arrays") from None
-        raise DataError(f"{path}: corrupt or truncated .npz ({exc})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DataError(f"{path}: corrupt or truncated .npz ({type(exc).__name__}: {exc})") from None
-    if y.ndim != 1:
-        raise DataError(f"{path}: 'y' must be one-dimensional (N labels), got shape {y.shape}")
-    if x.ndim not in (3, 4) or x.shape[0] != y.shape[0]:
-        raise DataError(f"{path}: 'x' of shape {x.shape} does not hold one image per label of 'y' ({y.shape[0]})")
-    if x.dtype.kind not in "uif":
-        raise DataError(f"{path}: 'x' must hold numbers, got dtype {x.dtype}")
-    labels, names = _npz_labels(y, classes, path)
-    yt = _check_labels(labels, x.shape[0], len(names), str(path))
-    return Dataset(path.stem, to_nchw_unit(x, str(path)), yt, names, source=str(path.resolve()))
-
-
-register_format(FormatReader("npz", "a .npz file with arrays x (images) and y (labels), optionally classes",
-                             _detect_npz, _load_npz))
 
 
 # --- image folder ------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def forward_trace(
     ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again.
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
-    a = inputs.reshape(inputs.shape[0], -1).to(dtype)
+    a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
     acts, pres = [a], []
     for W, b in zip(weights[:-1], biases[:-1]):
         z = a @ W.T
@@ -57,7 +57,7 @@ def forward_trace(
     if labels is None:
         return Trace(acts, pres, logits, None, None)
     e = torch.softmax(logits, dim=1)
-    e[torch.arange(e.shape[0]), labels.long()] -= 1.0
+    e[torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()] -= 1.0
     deltas: list[torch.Tensor] = []
     d = e
     for W, z in zip(reversed(weights[1:]), reversed(pres)):

@@ -66,6 +66,11 @@ class Network:
     def device(self) -> torch.device:
         return self.head.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (what the client computes in)."""
+        return self.head.dense[0].module.weight.dtype
+
     def features(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The flattened input of the first Linear layer (n x feature_dim) for inputs ``x`` (n x input_shape)."""
         a = x.to(device=self.device, dtype=dtype).reshape(x.shape[0], -1)
