@@ -14,7 +14,7 @@ from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY
 from fedleak.federation.report import write_report, write_results
 from fedleak.federation.results import FederationResult, RoundRecord
 from fedleak.federation.ground_truth import GroundTruthScorer
-from fedleak.federation.run import _versions
+from fedleak.federation.run import package_versions
 from fedleak.federation.server_app import build_strategy, evaluate_global
 from fedleak.federation.settings import data_split, make_model
 
@@ -58,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         shutil.rmtree(truth_dir, ignore_errors=True)
     rounds = tuple(RoundRecord(r, a, l, audit.round_seconds.get(r), 0, 0) for r, (a, l) in sorted(accuracy.items()))
-    result = FederationResult(settings.to_dict(), _versions(), rounds, tuple(records), 0.0, audit.audit_wait_seconds)
+    result = FederationResult(settings.to_dict(), package_versions(), rounds, tuple(records), 0.0, audit.audit_wait_seconds)
     out = Path(str(context.run_config.get("out-dir", "fedleak-out")))
     out.mkdir(parents=True, exist_ok=True)
     write_results(result, out / "results.json")

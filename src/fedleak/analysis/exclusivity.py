@@ -131,19 +131,14 @@ def _conv_pass(net: Network, x: torch.Tensor, labels: torch.Tensor, dtype: torch
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Conv pre-activations, their per-sample backward signals (autograd: the samples are independent,
     BN is in eval mode) and the activations (input, then each block's output)."""
-    M = x.shape[0]
     with torch.enable_grad():
         a = x.detach().to(dtype).requires_grad_(True)
-        pres, acts = [], [a]
-        for blk in net.blocks:
-            z = blk.preact(a, dtype)
-            pres.append(z)
-            a = blk.apply_pool(torch.relu(z))
-            acts.append(a)
-        out = forward_trace(net.head, a.reshape(M, -1), dtype=dtype).logits
+        run = net.conv_pass(a, dtype)
+        out = forward_trace(net.head, run.features, dtype=dtype).logits
         loss = torch.nn.functional.cross_entropy(out, labels, reduction="sum")
-        deltas = torch.autograd.grad(loss, pres)
-    return [z.detach() for z in pres], [d.detach() for d in deltas], [a.detach() for a in acts]
+        deltas = torch.autograd.grad(loss, run.preacts)
+    acts = [a, *run.outputs]
+    return [z.detach() for z in run.preacts], [d.detach() for d in deltas], [a.detach() for a in acts]
 
 
 def _unsolved(blocks: int, M: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -86,7 +86,8 @@ def shutdown_ray() -> None:
         pass
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
+    """Versions of fedleak, torch, numpy, flwr and ray, for results files."""
     from importlib.metadata import version
 
     out = {}
@@ -170,7 +171,7 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         ok = sum(1 for r in here if r.status in ("ok", "attack-error"))
         rounds.append(RoundRecord(rnd, evaluations[rnd][0], evaluations[rnd][1], audit.round_seconds.get(rnd),
                                   ok, len(here) - ok))
-    return FederationResult(settings.to_dict(), _versions(), tuple(rounds), tuple(records),
+    return FederationResult(settings.to_dict(), package_versions(), tuple(rounds), tuple(records),
                             time.perf_counter() - start, audit.audit_wait_seconds)
 
 

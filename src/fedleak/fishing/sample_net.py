@@ -80,32 +80,22 @@ class ConvStack:
     """
 
     def __init__(self, net: Network):
+        self.net = net
         self.blocks: tuple[ConvBlock, ...] = net.blocks
         self.input_shape = net.input_shape
         self.device = net.device
-        self.w64 = [blk.folded(torch.float64) for blk in self.blocks]
-        self.w32 = [tuple(t.to(torch.float32) for t in wb) for wb in self.w64]
 
     def tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """One input or a batch (flat rows) as a torch batch of input maps on the device."""
         t = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(x)))
         return t.to(device=self.device, dtype=dtype).reshape(-1, *self.input_shape)
 
-    def conv(self, i: int, a: torch.Tensor, f32: bool = False) -> torch.Tensor:
-        blk = self.blocks[i]
-        W, b = (self.w32 if f32 else self.w64)[i]
-        return F.conv2d(a, W, b, padding=blk.conv.padding, stride=blk.conv.stride)
-
     def forward(self, x: np.ndarray, f32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Conv pre-activations (per block, n x C x H x W) and the features (n x feature_dim), on the device."""
-        a = self.tensor(x, torch.float32 if f32 else torch.float64)
-        zs = []
+        dtype = torch.float32 if f32 else torch.float64
         with torch.no_grad():
-            for i, blk in enumerate(self.blocks):
-                z = self.conv(i, a, f32)
-                zs.append(z)
-                a = blk.apply_pool(torch.relu(z))
-        return zs, a.reshape(a.shape[0], -1)
+            run = self.net.conv_pass(self.tensor(x, dtype), dtype)
+        return run.preacts, run.features
 
     def features(self, X: np.ndarray, f32: bool = False) -> np.ndarray:
         """The head inputs (n x feature_dim, numpy) of a batch of flat inputs ``X``."""
@@ -236,7 +226,7 @@ class SampleNet:
         with torch.no_grad():
             a = torch.zeros(1, *self.stack.input_shape, dtype=torch.float64, device=self.stack.device)
             for i, blk in enumerate(self.stack.blocks):
-                z = self.stack.conv(i, a).reshape(1, -1)
+                z = blk.preact(a, torch.float64).reshape(1, -1)
                 out.append(z[0].cpu().numpy())
                 if self._dev[i] is not None:
                     _, hi, lo = self._dev[i]
@@ -271,7 +261,7 @@ class SampleNet:
                 blk = self.stack.blocks[i]
                 if at_output or i < block:
                     g = self._unpool(i, g.reshape(n, -1)) * self._mask(pattern, i)
-                W, _ = self.stack.w64[i]
+                W, _ = blk.folded(torch.float64)
                 g = torch.nn.grad.conv2d_input((n, *blk.in_shape), W, g.reshape(n, *blk.conv_shape),
                                                stride=blk.conv.stride, padding=blk.conv.padding)
             return g.reshape(n, -1).cpu().numpy()

@@ -68,6 +68,7 @@ class ConvBlock:
         return a if self.pool is None else self.pool.apply(a)
 
     def forward(self, x: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+        """The block's output (n x out_shape) for inputs ``x`` (n x in_shape)."""
         return self.apply_pool(torch.relu(self.preact(x, dtype)))
 
     @cached_property

@@ -28,6 +28,16 @@ class Step:
     out_shape: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class ConvPass:
+    """One pass through the conv blocks: each block's pre-activations (n x C x H x W) and output, and the
+    features (the flattened input of the first Linear layer, n x feature_dim)."""
+
+    preacts: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    features: torch.Tensor
+
+
 @dataclass(frozen=True, eq=False)
 class Network:
     """The user's model as a chain: ``blocks`` (conv, possibly none) then the ReLU ``head``.
@@ -71,12 +81,21 @@ class Network:
         """The dtype of the model's weights (what the client computes in)."""
         return self.head.dense[0].module.weight.dtype
 
+    def conv_pass(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> ConvPass:
+        """The one forward pass through the conv blocks, in ``dtype`` on the model's device (autograd flows
+        through it); for an MLP the features are the flattened inputs."""
+        a = x.to(device=self.device, dtype=dtype).reshape(x.shape[0], -1)
+        preacts, outputs = [], []
+        for blk in self.blocks:
+            z = blk.preact(a, dtype)
+            a = blk.apply_pool(torch.relu(z))  # = blk.forward(a), keeping the pre-activations
+            preacts.append(z)
+            outputs.append(a)
+        return ConvPass(preacts, outputs, a.reshape(a.shape[0], -1))
+
     def features(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The flattened input of the first Linear layer (n x feature_dim) for inputs ``x`` (n x input_shape)."""
-        a = x.to(device=self.device, dtype=dtype).reshape(x.shape[0], -1)
-        for blk in self.blocks:
-            a = blk.forward(a, dtype)
-        return a.reshape(a.shape[0], -1)
+        return self.conv_pass(x, dtype).features
 
     def parameter_names(self) -> list[str]:
         return [n for blk in self.blocks for n in blk.parameter_names()] + self.head.parameter_names()
