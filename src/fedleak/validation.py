@@ -184,10 +184,16 @@ def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str,
             raise error(f"{what} '{name}' holds {bad} non-finite value(s) (NaN or inf)")
 
 
-def check_model(model: object) -> nn.Module:
-    """A ``torch.nn.Module`` with finite parameters and, if it ends with a Linear layer, at least 2 outputs."""
+def check_module(model: object) -> nn.Module:
+    """``model`` if it is a ``torch.nn.Module``."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"the model must be a torch.nn.Module, got {describe(model)}")
+    return model
+
+
+def check_model(model: object) -> nn.Module:
+    """A ``torch.nn.Module`` with finite parameters and, if it ends with a Linear layer, at least 2 outputs."""
+    check_module(model)
     check_finite_tensors(model.named_parameters(), "the model's parameter")
     outputs = output_features(model)
     if outputs is not None:

@@ -1,5 +1,6 @@
 """Reading users' models as written: torch.fx tracing, converters, input shapes, refusals naming the node."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -175,3 +176,43 @@ def test_untraceable_forward_is_a_model_error():
 def test_op_arguments_by_position_or_keyword():
     op = Op(node="p", what="F.max_pool2d", target="", module=None, args=(2,), kwargs={"stride": 2})
     assert op.arg(0, "kernel_size") == 2 and op.arg(1, "stride") == 2 and op.arg(2, "padding", 0) == 0
+
+
+def test_a_model_is_traced_once_but_never_read_stale():
+    from fedleak.models.convnet import make_convnet
+
+    model = make_convnet((1, 8, 8), 2, channels=(2,), fc_widths=(4,), batch_norm=True)
+    first = as_network(model)
+    A1 = first.blocks[0].affine[0].toarray()
+    with torch.no_grad():  # the weights change in place; the structure does not
+        model[0].weight.data.copy_(2 * model[0].weight)
+    second = as_network(model)
+    assert second is not first and second.steps == first.steps  # the trace is reused ...
+    assert np.allclose(second.blocks[0].affine[0].toarray(), 2 * A1, rtol=1e-12)  # ... the unrolled maps are not
+    with pytest.raises(ModelError, match="training mode"):  # a change of mode is a change of structure
+        as_network(model.train())
+    model.eval()
+    model[0] = nn.Conv2d(1, 2, 3)  # a new module: traced again
+    assert as_network(model).blocks[0].conv.module is model[0]
+
+
+def test_sequential_is_read_without_the_tracer_and_the_same_as_traced():
+    from torch import fx
+
+    from fedleak.models.convnet import make_convnet
+    from fedleak.nets.frontend import sequential_graph
+
+    model = make_convnet((1, 12, 12), 3, channels=(2, 4), pool="max", fc_widths=(8,), batch_norm=True)
+    direct = sequential_graph(model)
+    traced = fx.symbolic_trace(model)
+    assert [n.target for n in direct.graph.nodes if n.op == "call_module"] == \
+           [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    x = torch.rand(3, 1, 12, 12)
+    assert torch.equal(direct(x), model(x))
+
+    class Custom(nn.Module):  # a user's module inside a Sequential: traced through by fx
+        def forward(self, x):
+            return torch.relu(x)
+
+    assert sequential_graph(nn.Sequential(nn.Linear(4, 4), Custom(), nn.Linear(4, 2))) is None
+    assert as_network(nn.Sequential(nn.Linear(4, 4), Custom(), nn.Linear(4, 2))).head.depth == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -20,13 +21,50 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
-from fedleak.validation import check_model, check_shape
+from fedleak.validation import check_module, check_shape
 
+CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
 PROBE_BATCH = 2  # the probe batch has two samples, so an op that mixes samples shows in its shapes
 MAX_SIDE = 512  # the largest square image side tried when the input shape must be inferred
 
 
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def sequential_graph(model: nn.Module) -> fx.GraphModule | None:
+    """The graph ``torch.fx`` would trace for an ``nn.Sequential`` of torch's own layers, built directly (the
+    tracer's patching costs milliseconds); None for anything else."""
+    if not _is_plain_sequential(model):
+        return None
+    leaves: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        for name, child in module.named_children():
+            qualified = f"{prefix}.{name}" if prefix else name
+            if _is_plain_sequential(child):
+                if not walk(child, qualified):
+                    return False
+            elif type(child).__module__.startswith("torch.nn."):
+                leaves.append(qualified)
+            else:  # a user's own module: fx traces through it
+                return False
+        return True
+
+    if not walk(model, ""):
+        return None
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    for qualified in leaves:
+        x = graph.call_module(qualified, (x,))
+    graph.output(x)
+    return fx.GraphModule(model, graph)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
+    direct = sequential_graph(model)
+    if direct is not None:
+        return direct
     try:
         return fx.symbolic_trace(model)
     except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
@@ -173,7 +211,7 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     Works for any traceable model (also those the exact methods refuse, e.g. LeNet with sigmoids), so the
     optimisation attacks share it.
     """
-    model = check_model(model)
+    model = check_module(model)
     return _resolved_shape(model, _trace(model), input_shape, inputs)
 
 
@@ -195,6 +233,21 @@ def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[
     return shape, notes
 
 
+# what tracing found, per model: it costs a few milliseconds, which matters for small models. Only the
+# structure is kept (typed steps holding the live modules, shapes, notes); every call assembles a fresh
+# Network, so nothing computed from the weights (unrolled conv maps) outlives a change of the weights.
+_TRACED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[list[Step], tuple[int, ...], tuple[str, ...]]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _structure(model: nn.Module) -> tuple:
+    """What tracing depends on: the modules (identity, type, mode) and every tensor's shape, dtype and device."""
+    mods = tuple((name, id(m), type(m), m.training) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
+                    for name, t in (*model.named_parameters(), *model.named_buffers()))
+    return mods, tensors, getattr(model, "input_shape", None)
+
+
 def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
                inputs: torch.Tensor | None = None) -> Network:
     """Read ``model`` (any ``nn.Module`` whose forward is a chain of supported ops) into a :class:`Network`.
@@ -202,9 +255,20 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     The input shape is ``input_shape`` when given, else that of ``inputs`` (a batch), else
     ``model.input_shape`` (fedleak's builders set it), else derived from the layer shapes: the first Linear
     layer's ``in_features`` for an MLP (flat inputs), the smallest square image that fits for a CNN (stated in
-    :attr:`Network.notes`). Raises :class:`ModelError` naming the node that does not fit.
+    :attr:`Network.notes`). Raises :class:`ModelError` naming the node that does not fit. A model read before,
+    whose structure is unchanged since (same modules, modes and tensor shapes) is not traced again.
     """
-    model = check_model(model)
-    gm = _trace(model)
-    shape, notes = _resolved_shape(model, gm, input_shape, inputs)
-    return assemble(_steps(gm), shape, notes)
+    model = check_module(model)
+    asked = (None if input_shape is None else tuple(input_shape),
+             None if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 else tuple(inputs.shape[1:]))
+    key = (asked, _structure(model))
+    known = {k: v for k, v in _TRACED.get(model, {}).items() if k[1] == key[1]}  # another structure: forget
+    if key not in known:
+        gm = _trace(model)
+        shape, notes = _resolved_shape(model, gm, input_shape, inputs)
+        if len(known) >= CACHED_SHAPES:
+            known.pop(next(iter(known)))
+        known[key] = (_steps(gm), shape, notes)
+    _TRACED[model] = known
+    steps, shape, notes = known[key]
+    return assemble(list(steps), shape, notes)

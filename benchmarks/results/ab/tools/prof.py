@@ -1,0 +1,11 @@
+import cProfile, pstats, torch, fedleak, sys
+torch.set_num_threads(2)
+data = fedleak.load_dataset('fashion-mnist')
+model = fedleak.make_mlp(data.input_shape, [256], data.num_classes, seed=0)
+x, y = data.batch(16, seed=17*16)
+upd = fedleak.compute_gradient_update(model, x, y)
+fedleak.reconstruct(model, upd)
+pr = cProfile.Profile(); pr.enable()
+for _ in range(10): fedleak.reconstruct(model, upd)
+pr.disable()
+pstats.Stats(pr).sort_stats('cumulative').print_stats(int(sys.argv[1]))
