@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedleak.errors import FedleakError
-from fedleak.validation import validate_fields
+from fedleak.validation import options_from, validate_fields
 
 FALLBACKS = ("features", "none")
 
@@ -110,7 +110,6 @@ class ExclusivityOptions:
             raise FedleakError(f"fallback must be 'features' or 'none', got {self.fallback!r}")
 
 
-OPTION_NAMES = frozenset(f.name for f in fields(ExclusivityOptions))
 
 
 def resolve_options(options: ExclusivityOptions | None, overrides: dict) -> ExclusivityOptions:
@@ -118,10 +117,4 @@ def resolve_options(options: ExclusivityOptions | None, overrides: dict) -> Excl
     if options is not None and not isinstance(options, ExclusivityOptions):
         raise FedleakError(f"options must be an ExclusivityOptions, got {type(options).__name__}; or pass the "
                            "options as keywords")
-    opts = options or ExclusivityOptions()
-    if overrides:
-        unknown = set(overrides) - OPTION_NAMES
-        if unknown:
-            raise FedleakError(f"unknown option(s) for the exclusivity attack: {sorted(unknown)}")
-        opts = ExclusivityOptions(**{**opts.__dict__, **overrides})
-    return opts
+    return options_from(ExclusivityOptions, overrides, error=FedleakError, defaults=options or ExclusivityOptions())

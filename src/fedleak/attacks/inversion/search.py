@@ -21,7 +21,7 @@ from fedleak.attacks.inversion.objectives import OBJECTIVES, total_variation
 from fedleak.attacks.inversion.target import Target
 from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel
 from fedleak.errors import FedleakError
-from fedleak.validation import validate_fields
+from fedleak.validation import options_from, validate_fields
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,12 @@ class InversionSettings:
 
 
 def settings_from(defaults: InversionSettings, options: Mapping[str, Any], attack: str) -> InversionSettings:
-    unknown = set(options) - set(InversionSettings.__dataclass_fields__)
-    if unknown:
-        raise FedleakError(f"unknown option(s) for the {attack} attack: {sorted(unknown)}")
-    values = {**defaults.__dict__, **options}
+    """The ``attack``'s settings: its ``defaults`` with the keyword ``options`` applied (unknown names refused)."""
+    values = dict(options)
     if values.get("box") is not None:
         values["box"] = tuple(float(v) for v in values["box"])
-    return InversionSettings(**values)
+    return options_from(InversionSettings, values, error=FedleakError, what=f"option for the {attack} attack",
+                        defaults=defaults)
 
 
 @dataclass(frozen=True)
