@@ -20,14 +20,17 @@ import numbers
 import os
 import types
 import typing
+from typing import TYPE_CHECKING
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from fedleak.errors import FedleakError, ModelError, OptionError, OutputError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the command line starts quickly
+    import torch
+    from torch import nn
 
 MAX_CLASSES = 100_000
 MAX_COUNT = 2**31 - 1
@@ -108,6 +111,8 @@ def check_shape(name: str, shape: object, *, error: ErrorType = ModelError) -> t
 
 
 def _label_array(labels: object, name: str, error: ErrorType) -> np.ndarray:
+    import torch
+
     if isinstance(labels, torch.Tensor):
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise error(f"{name} must be integer class indices, got a {labels.dtype} tensor; "
@@ -145,6 +150,8 @@ def check_labels(labels: object, num_classes: int | None = None, *, name: str = 
 def check_batch(inputs: object, labels: object = None) -> torch.Tensor:
     """``inputs`` if it is a non-empty, finite batch tensor (M x ...); ``labels``, when given, must be a tensor
     with one entry per sample (their values are checked against the model by :func:`check_labels`)."""
+    import torch
+
     if not isinstance(inputs, torch.Tensor) or (labels is not None and not isinstance(labels, torch.Tensor)):
         raise FedleakError("inputs and labels must be torch tensors")
     if inputs.ndim < 2 or inputs.shape[0] == 0:
@@ -168,6 +175,8 @@ def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelE
 
 def output_features(model: nn.Module) -> int | None:
     """Outputs of the model's last ``nn.Linear`` layer (its logits in a Sequential classifier), if it has one."""
+    from torch import nn
+
     last = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -178,6 +187,8 @@ def output_features(model: nn.Module) -> int | None:
 def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str, *,
                          error: ErrorType = ModelError) -> None:
     """Every tensor is finite; otherwise name the first one holding NaN or inf."""
+    import torch
+
     for name, value in tensors:
         if value.is_floating_point() and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
@@ -186,6 +197,8 @@ def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str,
 
 def check_module(model: object) -> nn.Module:
     """``model`` if it is a ``torch.nn.Module``."""
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise ModelError(f"the model must be a torch.nn.Module, got {describe(model)}")
     return model
