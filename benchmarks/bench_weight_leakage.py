@@ -69,7 +69,7 @@ def run(attack: str, model, update, x, y, iterations: int, options: dict | None 
     if attack == "exclusivity":
         rec = exclusivity_on_weights(model, update)
     elif attack == "auto":
-        rec = fedleak.reconstruct(model, update, attack="auto", iterations=iterations)
+        rec = fedleak.reconstruct(model, update, attack="auto", iterations=iterations, budget=None, progress=False)
     else:
         rec = fedleak.reconstruct(model, update, attack=attack, iterations=iterations, **(options or {}))
     seconds = time.perf_counter() - start

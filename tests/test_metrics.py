@@ -313,3 +313,17 @@ def test_exact_attack_on_normalised_data_is_scored_right(digits, mean, std):
     # a Dataset that remembers its normalisation is scored in pixel space without being told
     sub = fedleak.Dataset("batch", x, y, data.classes, value_range=data.value_range, normalization=data.normalization)
     np.testing.assert_array_equal(fedleak.metrics.match(rec, sub).psnr, scores.psnr)
+
+
+def test_samples_found_but_not_rebuilt_are_never_paired():
+    """A row of zeros the attack did not rebuild must not be scored as a (poor) reconstruction."""
+    from fedleak.reconstruction import Reconstruction, SampleRecovery
+
+    originals = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    inputs = torch.stack([originals[0] + 0.01, torch.zeros(1, 4, 4)])
+    samples = (SampleRecovery(0, False, "optimised", route="ig"),
+               SampleRecovery(1, False, "underdetermined conv block", route="exclusivity (uncertified)",
+                              rebuilt=False))
+    rec = Reconstruction(inputs, torch.tensor([0, 1]), torch.tensor([False, False]), "x", samples)
+    m = fedleak.metrics.match(rec, originals, torch.tensor([0, 1]), data_range=(0.0, 1.0))
+    assert m.matched.tolist() == [0, -1] and np.isnan(m.psnr[1])

@@ -6,26 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class FlowerNet(nn.Module):
-    """Flower's quickstart-pytorch ``Net``, exactly as Flower writes it (CIFAR-10, 3 x 32 x 32)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = x.view(-1, 16 * 5 * 5)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+from fedleak.models.flower import FlowerNet  # Flower's quickstart-pytorch Net, exactly as Flower writes it
 
 
 def flower_net_twin(net: FlowerNet) -> nn.Sequential:

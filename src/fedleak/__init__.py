@@ -13,9 +13,10 @@ Public API (everything a user needs is importable from here)::
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
+
+from fedleak.lazy import lazy_attributes
 
 # The public names and the modules that define them. They are imported on first use (PEP 562), so that
 # ``import fedleak`` stays cheap and the command line can answer Ctrl-C during start-up with one line.
@@ -53,8 +54,12 @@ _EXPORTS = {
     "save_mlp": "fedleak.models",
     "make_lenet": "fedleak.models.cnn",
     "make_convnet": "fedleak.models.convnet",
+    "available_models": "fedleak.models.catalog",
+    "load_model": "fedleak.models.zoo",
     "Network": "fedleak.nets",
     "as_network": "fedleak.nets",
+    "Plan": "fedleak.plan",
+    "plan": "fedleak.plan",
     "Reconstruction": "fedleak.reconstruction",
     "SampleRecovery": "fedleak.reconstruction",
     "ClientUpdate": "fedleak.updates",
@@ -76,9 +81,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.errors import DataError, FedleakError, ModelError, OptionError, OutputError, SolverError, UpdateError
     from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
     from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
+    from fedleak.models.catalog import available_models
     from fedleak.models.cnn import make_lenet
     from fedleak.models.convnet import make_convnet
+    from fedleak.models.zoo import load_model
     from fedleak.nets import Network, as_network
+    from fedleak.plan import Plan
+    from fedleak.plan.planner import plan
     from fedleak.reconstruction import Reconstruction, SampleRecovery
     from fedleak.updates import (
         ClientUpdate,
@@ -90,14 +99,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     )
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedleak' has no attribute '{name}'")
-    loaded = importlib.import_module(module)
-    value = loaded if module == f"fedleak.{name}" else getattr(loaded, name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes("fedleak", _EXPORTS, globals(), submodules=True)
 
 
 def __dir__() -> list[str]:

@@ -1,5 +1,6 @@
-"""The ``fedleak`` script's entry point: it imports the command line (torch and the rest) inside a guard, so
-that Ctrl-C during start-up ends with one line and exit code 130, like Ctrl-C at any later point."""
+"""The ``fedleak`` script's entry point: it imports the command line inside a guard, so that Ctrl-C during
+start-up ends with one line and exit code 130, like Ctrl-C at any later point (a command imports torch and the
+rest only when it runs, inside :func:`fedleak.cli.main`)."""
 
 from __future__ import annotations
 

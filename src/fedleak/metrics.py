@@ -28,7 +28,7 @@ from fedleak.reconstruction import Reconstruction
 
 if TYPE_CHECKING:
     from fedleak.data.dataset import Dataset
-    from fedleak.data.normalization import Normalization
+    from fedleak.data.normalize import Normalization
 
 PSNR_CAP = 100.0
 EXACT_TOL = 1e-4  # max abs error, as a fraction of the data range (hi - lo), up to which a sample is exact
@@ -262,7 +262,8 @@ def match(
     Pairing (one reconstruction per original): certified reconstructions first, by a Hungarian
     assignment that maximises the number of (exact, right label) pairs and then minimises MSE, so that
     neither an uncertified candidate nor a wrong certified one can push a sound certified sample off its
-    original; then the uncertified ones, by MSE, to the originals left. Unmatched originals (the attack
+    original; then the uncertified ones, by MSE, to the originals left. Samples the attack found but could
+    not rebuild (``SampleRecovery.rebuilt`` False: their rows hold zeros) are never paired. Unmatched originals (the attack
     found fewer samples) get NaN scores and ``matched = -1``.
 
     Certificates: each certified reconstruction is credited with the original it is paired with when it
@@ -285,9 +286,13 @@ def match(
     if isinstance(reconstructed, Reconstruction):
         rec_x, rec_y, cert = reconstructed.inputs, reconstructed.labels, reconstructed.certified
         claims = reconstructed.error_bounds
+        # a sample the attack found (label, reason) but could not rebuild holds zeros: never paired with anything
+        built = np.array([s.rebuilt for s in reconstructed.samples], dtype=bool) \
+            if len(reconstructed.samples) == len(reconstructed) else np.ones(len(reconstructed), dtype=bool)
     else:
         rec_x, rec_y, cert = torch.as_tensor(reconstructed), None, None
         claims = np.full(int(rec_x.shape[0]), np.nan)
+        built = np.ones(int(rec_x.shape[0]), dtype=bool)
     orig = _as_images(originals)
     if orig.shape[0] == 0:
         raise FedleakError("no originals to match against")
@@ -356,7 +361,7 @@ def match(
             matched[r] = cert_idx[c]
             ok = valid_c[c, r]
             credited[c[ok]] = r[ok]
-        rest = np.nonzero(~cert_mask)[0] if cert is not None else np.arange(n_rec)
+        rest = np.nonzero(~cert_mask & built)[0]
         free = np.nonzero(matched < 0)[0]
         if len(rest) and len(free):
             r, c = linear_sum_assignment(cost[np.ix_(free, rest)])

@@ -22,6 +22,11 @@ class SampleRecovery:
     error (data units) of the sample. NaN means the standard claim, exactness to
     :data:`fedleak.metrics.EXACT_TOL` of the data range; the exact attack on CNNs states the proven bound
     of its conv inversion here. :func:`fedleak.metrics.match` holds every certificate to its claim.
+
+    ``route`` names what produced the sample: ``"exclusivity (certified)"`` / ``"exclusivity (uncertified)"``
+    for the exact route, the optimisation attack's name (``"dlm+"``, ``"ig"``, ...) for a searched sample
+    (empty when the attack does not say). ``rebuilt`` is False when the attack found the sample (its label and
+    ``reason``) but could not rebuild its input: its row of ``Reconstruction.inputs`` holds zeros.
     """
 
     label: int
@@ -32,6 +37,8 @@ class SampleRecovery:
     residual: float = float("nan")
     scale: float = float("nan")
     error_bound: float = float("nan")
+    route: str = ""
+    rebuilt: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,8 @@ class Reconstruction:
     the attack cannot tell). ``joint_residual`` is how well the certified samples explain the observed
     gradient together with the batch's other samples: the residual beyond the rank those others can fill,
     relative to the layer's gradient, worst layer (NaN when nothing is certified or the attack has no such
-    test).
+    test). ``missing_reason`` says why fewer samples than the batch holds were rebuilt (empty when the attack
+    does not say).
     """
 
     inputs: torch.Tensor
@@ -58,6 +66,7 @@ class Reconstruction:
     iterations: int | None = None
     joint_residual: float = float("nan")
     notes: tuple[str, ...] = field(default_factory=tuple)
+    missing_reason: str = ""
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -70,12 +79,38 @@ class Reconstruction:
         return np.array([s.error_bound for s in self.samples], dtype=np.float64)
 
     @property
+    def routes(self) -> tuple[str, ...]:
+        """Per rebuilt sample, the route that produced it (``SampleRecovery.route``; empty where unknown)."""
+        if len(self.samples) != len(self):
+            return ("",) * len(self)
+        return tuple(s.route for s in self.samples)
+
+    @property
     def num_certified(self) -> int:
         return int(self.certified.sum())
 
+    def why_uncertified(self) -> str:
+        """Why nothing (more) is certified, in words: the first uncertified sample's reason, else why samples
+        are missing; empty when every sample of the batch is rebuilt and certified."""
+        for s in self.samples:
+            if not s.certified and s.reason:
+                return s.reason
+        if self.missing_reason:
+            return self.missing_reason
+        if len(self) == 0:
+            return self.notes[-1] if self.notes else "the attack gave no reason"
+        return ""
+
     def summary(self) -> str:
         size = "unknown" if self.batch_size is None else str(self.batch_size)
-        return (
-            f"{self.attack}: {len(self)} sample(s) rebuilt, {self.num_certified} certified; "
-            f"inferred batch size {size}; {self.seconds * 1000:.1f} ms"
-        )
+        took = f"{self.seconds * 1000:.1f} ms" if self.seconds < 10 else f"{self.seconds:.1f} s"
+        text = (f"{self.attack}: {len(self)} sample(s) rebuilt, {self.num_certified} certified; "
+                f"inferred batch size {size}; {took}")
+        routes = [r for r in self.routes if r]
+        if routes and len(set(routes)) > 1:
+            counts = {r: routes.count(r) for r in dict.fromkeys(routes)}
+            text += "; routes: " + ", ".join(f"{n} {r}" for r, n in counts.items())
+        short = len(self) == 0 or self.num_certified == 0 or (
+            self.batch_size is not None and len(self) < self.batch_size)
+        why = self.why_uncertified() if short else ""
+        return text + (f" (why: {why})" if why else "")

@@ -22,18 +22,25 @@ Example::
 
     CONVERTERS.get("linear", error=ModelError)  # unknown: ModelError("unknown layer converter 'x'; available: ...")
 
+:class:`LazyRegistry` adds a catalog: the built-in entries' names, descriptions and implementing modules, known
+without importing those modules (torch and the rest), so ``fedleak info`` and ``--help`` stay fast; an entry's
+module is imported when the entry is first looked up.
+
 This module imports nothing from the rest of fedleak except :mod:`fedleak.errors`, so any module may use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from fedleak.errors import FedleakError
 
 T = TypeVar("T")
 F = TypeVar("F")
+M = TypeVar("M")
 
 
 class Registry(Generic[T]):
@@ -97,3 +104,107 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, names={self.names()!r})"
+
+
+@dataclass(frozen=True)
+class CatalogEntry(Generic[M]):
+    """What a :class:`LazyRegistry` knows about one entry before the module that implements it is imported.
+
+    ``module`` is the module whose import registers ``name``; ``about`` is what listings show (a description,
+    or a record of the entry's properties) and must equal what the registered value says about itself.
+    """
+
+    name: str
+    module: str
+    about: M
+
+
+class LazyRegistry(Registry[T], Generic[T, M]):
+    """A :class:`Registry` whose built-in entries are listed in a catalog, so naming and describing them imports
+    nothing; looking one up imports the module that implements it, and that module registers it as usual.
+
+    ``describe(value)`` is what a registered value says about itself; for a catalog name it must equal the
+    catalog's ``about`` (else :class:`RuntimeError` at registration: the catalog and the code disagree).
+    Names outside the catalog (plug-ins) register and list as in a plain :class:`Registry`.
+
+    Example::
+
+        CATALOG = (CatalogEntry("fast", "mypkg.solvers.fast", "a quick solver"),)
+        SOLVERS: LazyRegistry[Solver, str] = LazyRegistry("solver", CATALOG, describe=lambda s: s.description)
+        SOLVERS.descriptions()  # [("fast", "a quick solver")]; mypkg.solvers.fast is not imported
+        SOLVERS.get("fast")     # imports mypkg.solvers.fast, which registers "fast"
+    """
+
+    def __init__(self, kind: str, catalog: Iterable[CatalogEntry[M]], describe: Callable[[T], M]) -> None:
+        super().__init__(kind)
+        self._catalog: dict[str, CatalogEntry[M]] = {}
+        for entry in catalog:
+            if entry.name in self._catalog:
+                raise RuntimeError(f"{kind} '{entry.name}' is in the catalog twice")
+            self._catalog[entry.name] = entry
+        self._describe = describe
+
+    def register(self, name: str, value: T) -> T:
+        """As :meth:`Registry.register`; a catalog name must be described by ``value`` as the catalog says.
+
+        Registering a catalog name from outside its module imports that module first, so the clash is reported
+        as a second registration, as in a plain :class:`Registry`.
+        """
+        entry = self._catalog.get(name)
+        if entry is not None:
+            importlib.import_module(entry.module)  # a no-op while that module registers its own entries
+            if name not in self._entries and self._describe(value) != entry.about:
+                raise RuntimeError(f"{self.kind} '{name}' does not match its catalog entry: the catalog says "
+                                   f"{entry.about!r}, the code registers {self._describe(value)!r}; "
+                                   "make the two agree")
+        return super().register(name, value)
+
+    def _load(self, name: str) -> None:
+        entry = self._catalog.get(name)
+        if entry is None or name in self._entries:
+            return
+        importlib.import_module(entry.module)
+        if name not in self._entries:
+            raise RuntimeError(f"the catalog says importing {entry.module} registers {self.kind} '{name}', "
+                               "but it did not")
+
+    def get(self, name: str, error: type[FedleakError] = FedleakError) -> T:
+        """The value under ``name``, importing its module first if it is a catalog entry not yet loaded."""
+        if name in self:
+            self._load(name)
+        return super().get(name, error)
+
+    def load_all(self) -> None:
+        """Import the module of every catalog entry (what :meth:`items` does before listing values)."""
+        for name in self._catalog:
+            self._load(name)
+
+    def catalog(self) -> list[CatalogEntry[M]]:
+        """The catalog entries, in catalog order (imports nothing)."""
+        return list(self._catalog.values())
+
+    def descriptions(self) -> list[tuple[str, M]]:
+        """``(name, about)`` of every entry without importing anything: the catalog's, then plug-ins'."""
+        extra = [(name, self._describe(value)) for name, value in super().items() if name not in self._catalog]
+        return [(entry.name, entry.about) for entry in self._catalog.values()] + extra
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            return name in self._catalog or name in self._entries
+        except TypeError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._catalog.keys() | self._entries.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        """Catalog names in catalog order, then plug-ins in registration order."""
+        return iter([name for name, _ in self.descriptions()])
+
+    def names(self) -> list[str]:
+        return sorted(self._catalog.keys() | self._entries.keys())
+
+    def items(self) -> list[tuple[str, T]]:
+        """``(name, value)`` of every entry (imports every catalog module), in the order of :meth:`__iter__`."""
+        self.load_all()
+        return [(name, self._entries[name]) for name in self]

@@ -20,9 +20,9 @@ import numbers
 import os
 import types
 import typing
-from typing import TYPE_CHECKING
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 

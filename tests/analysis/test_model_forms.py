@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-
 from user_models import DropoutMLP, FlowerNet, flower_net_twin
 
 import fedleak

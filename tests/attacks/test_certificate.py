@@ -17,7 +17,7 @@ from torch import nn
 
 import fedleak
 from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
-from fedleak.attacks.exact.certificate import check_invariants, certify
+from fedleak.attacks.exact.certificate import certify, check_invariants
 from fedleak.nets import as_network
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from user_models import DropoutMLP, FlowerNet
 
 import fedleak

@@ -10,7 +10,6 @@ from fedleak.attacks.labels import infer_label_counts, infer_labels
 from fedleak.clients import fedavg_update
 from fedleak.models.cnn import make_lenet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -119,3 +118,15 @@ def test_bad_gradient_input(digits):
     branchy = Branchy()
     with pytest.raises(fedleak.ModelError, match="input_shape"):
         fedleak.reconstruct(branchy, fedleak.compute_gradient_update(branchy, x, y), attack="ig")
+
+
+def test_random_start_is_not_the_users_seeded_data():
+    """Test data drawn with ``torch.Generator().manual_seed(0)`` must not be the attack's own random start at
+    seed 0: a search that never moved would then report a perfect reconstruction."""
+    model = fedleak.make_mlp((1, 4, 4), [32], 4, seed=0)
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1])
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, update, attack="ig", iterations=1, seed=0, progress=False)
+    scores = fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
+    assert float(scores.psnr.max()) < 40.0

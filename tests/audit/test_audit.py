@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-
 import pytest
 
 import fedleak
@@ -22,13 +21,16 @@ def test_audit_runs_scores_and_writes_provenance(tmp_path):
     assert payload["environment"]["packages"]["torch"].startswith("2.13.0")
     assert len(payload["batches"]) == 4 and "psnr" in payload["batches"][0]["per_sample"]
     page = report.read_text()
-    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "http" not in page.split("<body>")[1]
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "://" not in page.split("<body>")[1]
 
 
 def test_audit_is_reproducible():
     settings = AuditSettings(data="digits", widths=(128,), batch_sizes=(8,), seed=3)
     a, b = run_audit(settings), run_audit(settings)
     for key, values in a.batches[0].per_sample.items():
+        if key in ("status", "reason"):  # per-sample words: why each sample is (not) recovered
+            assert values == b.batches[0].per_sample[key], key
+            continue
         assert np.array_equal(np.asarray(values, dtype=float), np.asarray(b.batches[0].per_sample[key], dtype=float),
                               equal_nan=True), key
 

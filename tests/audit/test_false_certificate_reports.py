@@ -40,7 +40,7 @@ def test_ground_truth_scorer_counts_a_certified_blend_beyond_the_batch(tmp_path,
     result = FederationResult({"threat": "honest", "defense": "none"}, {"fedleak": "test"},
                               (RoundRecord(1, 0.5, 1.0, 1.0, 1, 0),), (record,), 1.0, 0.0)
     page = render_report(result)
-    assert "1 FALSE CERTIFICATE(S)" in page and "<td class=bad>1</td>" in page and "matches no original" in page
+    assert "1 FALSE CERTIFICATE(S)" in page and '<td class="bad">1</td>' in page and "matches no original" in page
     assert "[0, 255]" in page
     json.dumps(result.to_dict())
 

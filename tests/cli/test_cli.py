@@ -104,3 +104,34 @@ def test_audit_of_the_users_own_model_file(tmp_path, capsys):
     assert main(["audit", "--model", str(tmp_path / "wrong.safetensors"), "--batch-sizes", "2", "--out", str(out),
                  "--quiet"]) == 2
     assert "7 outputs" in capsys.readouterr().err
+
+
+def _commands() -> dict:
+    import typer
+
+    from fedleak.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_shared_options_are_spelled_and_described_alike(name):
+    from pathlib import Path
+
+    from fedleak.cli.app import DATA_HELP, OUT_HELP, QUIET_HELP, WIDTHS_HELP
+
+    options = {p.name: p for p in _commands()[name].params}
+    for option, text in (("data", DATA_HELP), ("widths", WIDTHS_HELP), ("quiet", QUIET_HELP), ("out", OUT_HELP)):
+        if option in options:  # the shared description first; what is particular to the command may follow
+            assert options[option].help.startswith(text), f"{name} --{option}"
+            assert options[option].opts == [f"--{option}"], f"{name} --{option}"
+    assert "hidden" not in options or options["hidden"].hidden  # federate's old name of --widths
+    if "out" in options:
+        assert options["out"].default == Path(f"fedleak-{name}")
+
+
+def test_verbose_is_a_root_option(capsys):
+    assert main(["--verbose", "info"]) == 0
+    assert "exclusivity" in capsys.readouterr().out
+    assert main(["info", "--verbose"]) == 2  # not a sub-command's option (federate keeps its old one)
+    assert "No such option '--verbose'" in capsys.readouterr().err

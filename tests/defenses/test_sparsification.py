@@ -9,7 +9,6 @@ import fedleak
 from fedleak.clients import fedavg_update
 from fedleak.defenses.sparsification import prune_smallest, sparsify_update
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

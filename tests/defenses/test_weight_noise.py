@@ -9,7 +9,6 @@ import fedleak
 from fedleak.clients import fedavg_update
 from fedleak.defenses.weight_noise import add_weight_noise, clip_rows
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -117,7 +117,7 @@ def test_cli_federate_imprint(tmp_path, capsys):
         assert r["recovered_fraction"] >= 0.5 and r["false_certificates"] == 0
     assert res["settings"]["threat"] == "imprint" and res["versions"]["flwr"].startswith("1.41")
     html = (out / "report.html").read_text()
-    assert "<img src=\"data:image/png;base64," in html and "http" not in html.split("<body>")[1]
+    assert "<img src=\"data:image/png;base64," in html and "://" not in html.split("<body>")[1]  # offline: no links (base64 has no colon)
     assert not _ray_running()
 
 

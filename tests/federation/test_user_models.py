@@ -238,3 +238,67 @@ def test_unpicklable_scorer_is_refused_up_front_in_process_mode():
                                            r"pickled"):
         AuditFedAvg(model, AuditPlan("ig", {}), audit_mode="process", scorer=lambda job, rec: None)
     AuditFedAvg(model, AuditPlan("ig", {}), audit_mode="sync", scorer=lambda job, rec: None)
+
+
+def quickstart_client(make_model, partitions, truth_dir, *, epochs: int = 1, batch_size: int = 16) -> ClientApp:
+    """A ClientApp written like Flower's quickstart-pytorch client: ``epochs`` local epochs of SGD with momentum
+    over the partition in batches, then the new weights and ``num-examples`` (the partition size) — no
+    partition id, no step count. For evaluation only it writes the partition to ``truth_dir``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model = make_model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        x, y = partitions[int(context.node_config["partition-id"])]
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        gen = torch.Generator().manual_seed(context.node_id)
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), batch_size):
+                idx = order[start:start + batch_size]
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+        server_round = int(msg.content["config"]["server-round"])
+        write_true_batch(truth_dir, server_round, context.node_id, TrueBatch(x, x, y, -1, (0.0, 1.0)))
+        metrics = MetricRecord({"num-examples": len(x), "train_loss": 0.0})
+        return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}),
+                       reply_to=msg)
+
+    return app
+
+
+def test_flower_quickstart_clients_multi_step_updates_are_named_and_scored(tmp_path, server_identity):
+    """Flower's quickstart setting: ``Net``, one local epoch of momentum SGD in batches of 16 over a partition of
+    32. The server knows the epochs and batch size from its run config: every record says "multi-step", names
+    the route that ran (auto, not the exact route) and gives PSNR / label accuracy as estimates; no client -1."""
+    gen = torch.Generator().manual_seed(1234)  # not the attack's seed: its random start must not be the data
+    partitions = [(torch.rand(32, 3, 32, 32, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+                  for _ in range(2)]
+
+    def model_fn():
+        torch.manual_seed(0)
+        return FlowerNet().eval()
+
+    model = model_fn()
+    plan = AuditPlan("exclusivity", {"known_scale": False}, multi_step_options={"budget": 4.0, "progress": False})
+    strategy = AuditFedAvg(model, plan, audit_mode="sync", scorer=GroundTruthScorer(tmp_path),
+                           declared={"local_epochs": 1, "batch_size": 16}, fraction_evaluate=0.0,
+                           min_available_nodes=2)
+    grid = LoopbackGrid(quickstart_client(model_fn, partitions, str(tmp_path)), 2)
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1)
+        records = strategy.findings()
+    finally:
+        strategy.close()
+    assert len(records) == 2
+    for r in records:
+        d = r.to_dict()
+        assert r.status == "ok", r.detail
+        assert r.multi_step and "multi-step" in r.update_kind and "2 local steps of 16" in r.update_kind
+        assert r.attack.startswith("auto") and "exclusivity" not in r.attack.split(":")[-1]
+        assert r.certified == 0 and r.reason  # said plainly: nothing certified, and why
+        assert r.scores is not None and r.scores.psnr is not None and r.scores.label_accuracy is not None
+        assert d["scores_estimated"] and d["psnr"] is not None
+        assert d["client_id"] == r.node_id and d["client_id"] != -1

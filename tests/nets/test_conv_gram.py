@@ -6,9 +6,9 @@ import pytest
 import scipy.sparse as sp
 from torch import nn
 
-from fedleak.nets.conv_gram import pixel_major_order
 from fedleak.models.convnet import make_convnet
 from fedleak.nets import as_network
+from fedleak.nets.conv_gram import pixel_major_order
 
 
 def _dense_from_band(ab: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -1,13 +1,25 @@
-"""Attacks, looked up by name in a registry (see :func:`fedleak.reconstruct`)."""
+"""Attacks, looked up by name in a registry (see :func:`fedleak.reconstruct`).
 
-from fedleak.attacks import exact as _exact  # noqa: F401  (registers exclusivity, alias conv-exclusivity)
-from fedleak.attacks import malicious as _malicious  # noqa: F401  (registers trap-weights, imprint)
-from fedleak.attacks.exact import ExclusivityOptions
-from fedleak.attacks.registry import AttackInfo, available_attacks, get_attack, register_attack
+Importing this package imports no attack (and no torch): the built-in attacks are listed in
+:mod:`fedleak.attacks.catalog` and each is imported when first looked up (:func:`get_attack`,
+:func:`available_attacks`). ``ExclusivityOptions`` is imported on first use.
+"""
 
-__all__ = ["AttackInfo", "ExclusivityOptions", "available_attacks", "get_attack", "register_attack"]
+from __future__ import annotations
 
-# weight-update leakage and optimisation baselines (issue 4): importing registers the attacks
-from fedleak.attacks import auto as _auto  # noqa: E402,F401
-from fedleak.attacks import dlm as _dlm  # noqa: E402,F401
-from fedleak.attacks import inversion as _inversion  # noqa: E402,F401  (dlg, idlg, ig)
+from typing import TYPE_CHECKING
+
+from fedleak.attacks.catalog import AttackSpec
+from fedleak.attacks.registry import AttackInfo, attack_specs, available_attacks, get_attack, register_attack
+from fedleak.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from fedleak.attacks.exact import ExclusivityOptions
+
+__all__ = ["AttackInfo", "AttackSpec", "ExclusivityOptions", "attack_specs", "available_attacks", "get_attack",
+           "register_attack"]
+
+_LAZY = {"ExclusivityOptions": "fedleak.attacks.exact"}
+
+
+__getattr__ = lazy_attributes("fedleak.attacks", _LAZY, globals())

@@ -1,15 +1,23 @@
-"""The attack registry: attacks are looked up by name, never dispatched with if/elif chains."""
+"""The attack registry: attacks are looked up by name, never dispatched with if/elif chains.
+
+Built-in attacks are listed in :mod:`fedleak.attacks.catalog` and imported on first use, so listing them
+(:func:`attack_specs`) imports neither torch nor any attack; :func:`get_attack` imports the one asked for and
+:func:`available_attacks` all of them. Plug-ins register with the same decorator and need no catalog entry.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
+from fedleak.attacks.catalog import ATTACK_CATALOG, AttackSpec
+from fedleak.registry import LazyRegistry
 
-from fedleak.reconstruction import Reconstruction
-from fedleak.registry import Registry
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedleak.reconstruction import Reconstruction
 
 
 class AttackFn(Protocol):
@@ -31,8 +39,13 @@ class AttackInfo:
     description: str
     needs_relu_network: bool = False
 
+    @property
+    def spec(self) -> AttackSpec:
+        """What the attack says about itself, as :mod:`fedleak.attacks.catalog` records it."""
+        return AttackSpec(self.update_kinds, self.description, self.needs_relu_network)
 
-_ATTACKS: Registry[AttackInfo] = Registry("attack")
+
+_ATTACKS: LazyRegistry[AttackInfo, AttackSpec] = LazyRegistry("attack", ATTACK_CATALOG, describe=lambda a: a.spec)
 
 
 def register_attack(
@@ -42,16 +55,23 @@ def register_attack(
     """Decorator that registers ``fn`` under ``name``."""
 
     def make(fn: AttackFn) -> AttackInfo:
-        return AttackInfo(name, fn, update_kinds, description or (fn.__doc__ or "").strip().split("\n")[0],
+        return AttackInfo(name, fn, tuple(update_kinds), description or (fn.__doc__ or "").strip().split("\n")[0],
                           needs_relu_network=needs_relu_network)
 
     return _ATTACKS.decorator(name, make)
 
 
 def get_attack(name: str) -> AttackInfo:
-    """The attack registered as ``name``; :class:`~fedleak.errors.FedleakError` listing the others if none is."""
+    """The attack registered as ``name`` (its module imported on first use); :class:`~fedleak.errors.FedleakError`
+    listing the others if none is."""
     return _ATTACKS.get(name)
 
 
 def available_attacks() -> dict[str, AttackInfo]:
+    """Every attack, built-in and plug-in, by name (imports every built-in attack, and so torch)."""
     return dict(_ATTACKS.items())
+
+
+def attack_specs() -> dict[str, AttackSpec]:
+    """Every attack's update kinds and description by name, without importing any attack (or torch)."""
+    return dict(_ATTACKS.descriptions())

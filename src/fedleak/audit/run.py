@@ -21,8 +21,9 @@ from fedleak.api import reconstruct
 from fedleak.data import Dataset, load_dataset
 from fedleak.errors import FedleakError
 from fedleak.metrics import MatchResult, match, psnr
-from fedleak.models import load_mlp, make_mlp
+from fedleak.models import make_mlp
 from fedleak.registry import Registry
+from fedleak.report.samples import sample_reasons
 from fedleak.transforms import BatchTransform, Identity
 from fedleak.updates import compute_gradient_update
 from fedleak.validation import validate_fields
@@ -41,7 +42,9 @@ class AuditSettings:
     attack: str = "exclusivity"
     scenarios: tuple[str, ...] = ("plain",)
     split: str | None = None
-    model: str | None = None  # a model file (see fedleak.load_mlp); replaces widths/bias
+    model: str | None = None  # a model spec (fedleak.models.zoo.load_model); replaces widths/bias/conv
+    weights: str | None = None  # the model's state dict, for a built-in or a class
+    budget: float = 20.0  # seconds per batch for attack="auto"
     conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class AuditSettings:
             raise FedleakError(f"model widths must be positive integers, got {list(self.widths)}")
         if self.trials <= 0:
             raise FedleakError(f"trials must be positive, got {self.trials}")
+        if not self.budget > 0:
+            raise FedleakError(f"budget must be positive seconds, got {self.budget}")
         if not self.scenarios:
             raise FedleakError("at least one scenario is needed")
 
@@ -59,7 +64,8 @@ class AuditSettings:
         return {
             "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
             "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
-            "split": self.split, "model": self.model, "conv": list(self.conv),
+            "split": self.split, "model": self.model, "weights": self.weights, "budget": self.budget,
+            "conv": list(self.conv),
         }
 
 
@@ -85,6 +91,8 @@ class BatchResult:
     gradient_seconds: float
     transform_seconds: float
     attack_seconds: float
+    # per sent sample: MatchResult.per_original() scores, "original" (its index in the drawn batch), "status"
+    # ("certified", "false", "uncertified", "missing": not rebuilt) and "reason" (why, in words)
     per_sample: dict[str, list]
     psnr_vs_original: float | None = None
     perturbation_linf: float | None = None  # mean over samples of max |x' - x| (same-shape transforms)
@@ -92,6 +100,8 @@ class BatchResult:
     sent: int | None = None  # samples the client's update covers (a defense may drop some)
     # per certified sample: index, nearest original, its max abs error, credited original, false, reason
     certificates: dict[str, list] = field(default_factory=dict)
+    # the batch's samples the client left out of its update: "index" (in the drawn batch) and "reason"
+    withheld: dict[str, list] = field(default_factory=dict)
 
     @property
     def recovered_fraction(self) -> float:
@@ -105,12 +115,13 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class Showcase:
-    """Images for the report, one column per sample: originals, what the client sent (after its
-    transform) and the rebuilt samples matched to them (NaN where nothing matched), unclamped; then one
-    extra column per certified sample that no original was paired with (a false certificate beyond the
-    batch; NaN original). ``status`` per column: "certified" (sound), "false" (a false certificate, with
-    its ``reasons`` entry), "uncertified", or "" (nothing rebuilt). ``labels`` is -1 in extra columns.
-    ``value_range`` is the data's (lo, hi), for display."""
+    """Images for the report, one column per sample of the drawn batch: originals, what the client sent
+    (after its transform; NaN where it withheld the sample) and the rebuilt samples matched to them (NaN
+    where nothing matched), unclamped; then one extra column per certified sample that no original was
+    paired with (a false certificate beyond the batch; NaN original). ``status`` per column: "certified"
+    (sound), "false" (a false certificate), "uncertified", "missing" (nothing rebuilt) or "withheld" (not in
+    the update); ``reasons`` says why for every column that is not "certified". ``labels`` is -1 in extra
+    columns. ``value_range`` is the data's (lo, hi), for display."""
 
     scenario: str
     batch_size: int
@@ -154,7 +165,7 @@ class AuditResult:
                 "exact_fraction": sum(b.exact for b in group) / n,
                 "certified": sum(b.certified for b in group),
                 "false_certificates": sum(b.false_certificates for b in group),
-                "label_accuracy": float(np.nanmean([b.label_accuracy for b in group])),
+                "label_accuracy": _nanmean([b.label_accuracy for b in group]),
                 "mean_psnr": _nanmean([b.mean_psnr for b in group]),
                 "psnr_vs_original": _nanmean([b.psnr_vs_original for b in group if b.psnr_vs_original is not None]),
                 "gradient_ms": 1000 * float(np.mean([b.gradient_seconds for b in group])),
@@ -236,14 +247,37 @@ def _withheld(scenario: str, size: int, trial: int, transform_seconds: float, ne
         rebuilt=0, certified=0, recovered=0, exact=0, false_certificates=0, inferred_batch_size=None,
         batch_certified=False, label_accuracy=float("nan"), mean_psnr=float("nan"), mean_ssim=float("nan"),
         gradient_seconds=0.0, transform_seconds=transform_seconds, attack_seconds=0.0, per_sample={}, sent=0,
+        withheld={"index": list(range(size)), "reason": [_withheld_reason(scenario)] * size},
     )
 
 
+def _withheld_reason(scenario: str) -> str:
+    return f"left out of the update by the client ({scenario}): nothing of it can leak, and it trains nothing"
+
+
+def _kept(x: torch.Tensor, xs: torch.Tensor) -> np.ndarray:
+    """Which samples of the drawn batch ``x`` the client's batch ``xs`` holds, in its order: all of them when the
+    sizes agree, else each sent sample's nearest original (a transform only perturbs what it keeps)."""
+    if xs.shape[0] == x.shape[0]:
+        return np.arange(x.shape[0])
+    if xs.shape[0] > x.shape[0]:
+        raise FedleakError(f"the client's transform returned {xs.shape[0]} samples for a batch of {x.shape[0]}; "
+                           "a transform may perturb or leave out samples, not add them")
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(xs.reshape(len(xs), -1).double(), x.reshape(len(x), -1).double()).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return cols[np.argsort(rows)]
+
+
 def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
-    if settings.model is not None:
-        model = load_mlp(settings.model, data.input_shape)
-        out = model[-1].out_features
-        if out != data.num_classes:
+    if settings.model is not None:  # a built-in, the user's class (file.py:Class) or an MLP state dict
+        from fedleak.models.zoo import load_model
+        from fedleak.validation import output_features
+
+        model = load_model(settings.model, weights=settings.weights, seed=settings.seed).module
+        out = output_features(model)
+        if out is not None and out < data.num_classes:  # more outputs than classes is fine: labels index them
             raise FedleakError(f"the model has {out} outputs but {data.name} has {data.num_classes} classes")
         return model
     if settings.conv:
@@ -267,13 +301,13 @@ def run_audit(
     dataset: Dataset | None = None,
     model: nn.Module | None = None,
     progress: Callable[[Iterator], Iterator] | None = None,
-    showcase_size: int | None = None,
+    showcase_sizes: Sequence[int] | None = None,
 ) -> AuditResult:
     """Run the audit described by ``settings`` and return typed results (nothing is written).
 
-    ``dataset`` and ``model`` override the ones the settings name (e.g. a user's own model). The batch
-    of size ``showcase_size`` (default: 8 if audited, else the smallest) of each scenario's first trial
-    is kept with its images for the report.
+    ``dataset`` and ``model`` override the ones the settings name (e.g. a user's own model). The first
+    trial's batch of each scenario and of each size in ``showcase_sizes`` (default: every audited size) is
+    kept with its images for the report, which shows those where leakage is partial.
     """
     start = time.perf_counter()
     data = dataset if dataset is not None else load_dataset(settings.data, split=settings.split)
@@ -282,8 +316,7 @@ def run_audit(
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
     transforms = {name: _scenario(name, settings, data) for name in settings.scenarios}
-    if showcase_size is None:
-        showcase_size = 8 if 8 in settings.batch_sizes else min(settings.batch_sizes)
+    shown = set(settings.batch_sizes if showcase_sizes is None else showcase_sizes)
     jobs = list(_jobs(settings))
     iterator = progress(iter(jobs)) if progress else iter(jobs)
     batches: list[BatchResult] = []
@@ -300,15 +333,19 @@ def run_audit(
             continue
         update = compute_gradient_update(net, xs, ys)
         t2 = time.perf_counter()
-        rec = reconstruct(net, update, attack=settings.attack)
+        options = {"budget": settings.budget, "progress": False} if settings.attack == "auto" else {}
+        rec = reconstruct(net, update, attack=settings.attack, **options)
         report = analyze_exclusivity(net, xs, ys)
         scores = match(rec, xs, ys, data_range=data.pixel_range, normalization=data.normalization)
+        kept = _kept(x, xs)
+        dropped = sorted(set(range(size)) - set(kept.tolist()))
+        status, reasons = sample_reasons(report, rec, scores)
         vs_original = linf = pert_psnr = None
-        if scenario != "plain" and xs.shape == x.shape:
-            vs_original = match(rec, x, y, data_range=data.pixel_range, normalization=data.normalization).mean_psnr()
-            diff = (xs - x).reshape(size, -1).abs().amax(1)
-            linf = float(diff.mean())
-            pert_psnr = float(psnr(data.pixels(xs), data.pixels(x), data.pixel_range[1] - data.pixel_range[0]).mean())
+        if scenario != "plain":  # against the originals of the samples sent
+            xk, yk = x[torch.from_numpy(kept)], y[torch.from_numpy(kept)]
+            vs_original = match(rec, xk, yk, data_range=data.pixel_range, normalization=data.normalization).mean_psnr()
+            linf = float((xs - xk).reshape(len(xs), -1).abs().amax(1).mean())
+            pert_psnr = float(psnr(data.pixels(xs), data.pixels(xk), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(
             scenario=scenario, batch_size=size, trial=trial,
             certifiable=int(report.certifiable.sum()),
@@ -319,12 +356,13 @@ def run_audit(
             label_accuracy=scores.label_accuracy, mean_psnr=scores.mean_psnr(),
             mean_ssim=float(np.nanmean(scores.ssim)) if np.isfinite(scores.ssim).any() else float("nan"),
             gradient_seconds=t2 - t1, transform_seconds=t1 - t0, attack_seconds=rec.seconds,
-            per_sample=scores.per_original(),
+            per_sample={**scores.per_original(), "original": kept.tolist(), "status": status, "reason": reasons},
             psnr_vs_original=vs_original, perturbation_linf=linf, perturbation_psnr=pert_psnr, sent=int(xs.shape[0]),
             certificates=scores.per_certified(),
+            withheld={"index": dropped, "reason": [_withheld_reason(scenario)] * len(dropped)},
         ))
-        if trial == 0 and size == showcase_size:
-            showcases.append(_showcase(scenario, size, x, y, xs, rec, scores, data))
+        if trial == 0 and size in shown:
+            showcases.append(_showcase(scenario, x, y, xs, rec, scores, data, kept, status, reasons))
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
@@ -332,37 +370,36 @@ def run_audit(
     )
 
 
-def _showcase(scenario: str, size: int, x: torch.Tensor, y: torch.Tensor, xs: torch.Tensor, rec,
-              scores: MatchResult, data: Dataset) -> Showcase:
-    """One column per original (its matched reconstruction, unclamped), then one per certified sample
-    left unpaired (necessarily a false certificate: more certified samples than the batch holds); images in
-    pixel space (de-normalised when the data is normalised)."""
-    false_reason = {j: r for j, r in scores.false_reasons()}
+def _showcase(scenario: str, x: torch.Tensor, y: torch.Tensor, xs: torch.Tensor, rec, scores: MatchResult,
+              data: Dataset, kept: np.ndarray, status: list[str], reasons: list[str]) -> Showcase:
+    """One column per sample of the drawn batch (what was sent of it, its matched reconstruction, unclamped),
+    then one per certified sample left unpaired (necessarily a false certificate: more certified samples than
+    the batch holds); images in pixel space (de-normalised when the data is normalised)."""
+    size = int(x.shape[0])
+    false_reason = dict(scores.false_reasons())
     paired = {int(j) for j in scores.matched if j >= 0}
     extra = [j for j in false_reason if j not in paired]
-    base = max(size, int(xs.shape[0]))
-    n = base + len(extra)
-    shape = tuple(xs.shape[1:])
-
-    def padded(images: np.ndarray) -> np.ndarray:
-        out = np.full((n, *shape), np.nan, dtype=np.float32)
-        out[: len(images)] = images
-        return out
-
+    n = size + len(extra)
+    shape = tuple(x.shape[1:])
+    originals = np.full((n, *shape), np.nan, dtype=np.float32)
+    originals[:size] = data.pixels(x).numpy()
+    sent = np.full((n, *shape), np.nan, dtype=np.float32)
+    sent[kept] = data.pixels(xs.detach()).numpy()
     rebuilt = np.full((n, *shape), np.nan, dtype=np.float32)
-    rebuilt_labels = np.full(n, -1)
-    labels = np.full(n, -1)
+    rebuilt_labels, labels = np.full(n, -1), np.full(n, -1)
     labels[:size] = y.numpy()
     certified = np.zeros(n, dtype=bool)
-    status = [""] * n
-    reasons = [""] * n
-    columns = [(i, int(j)) for i, j in enumerate(scores.matched) if j >= 0]
-    columns += [(base + k, j) for k, j in enumerate(extra)]
-    for col, j in columns:
+    col_status = ["withheld"] * size + ["false"] * len(extra)
+    col_reason = [_withheld_reason(scenario)] * size + [false_reason[j] for j in extra]
+    columns = [(int(kept[i]), i, int(j)) for i, j in enumerate(scores.matched)]
+    columns += [(size + k, -1, j) for k, j in enumerate(extra)]
+    for col, i, j in columns:
+        if i >= 0:
+            col_status[col], col_reason[col] = status[i], reasons[i]
+        if j < 0:
+            continue
         rebuilt[col] = data.pixels(rec.inputs[j].detach().reshape(1, *shape))[0].numpy()
         rebuilt_labels[col] = int(rec.labels[j])
         certified[col] = bool(rec.certified[j])
-        status[col] = "false" if j in false_reason else ("certified" if certified[col] else "uncertified")
-        reasons[col] = false_reason.get(j, "")
-    return Showcase(scenario, size, padded(data.pixels(x).numpy()), padded(data.pixels(xs.detach()).numpy()), rebuilt,
-                    certified, labels, rebuilt_labels, tuple(status), tuple(reasons), data.pixel_range)
+    return Showcase(scenario, size, originals, sent, rebuilt, certified, labels, rebuilt_labels, tuple(col_status),
+                    tuple(col_reason), data.pixel_range)

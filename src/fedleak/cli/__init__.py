@@ -3,6 +3,8 @@
 Each sub-command lives in its own module of this package and registers itself on :data:`fedleak.cli.app.app`.
 Errors that come from bad input (:class:`~fedleak.errors.FedleakError`) end the command with a one-line
 message and exit code 2, never a traceback.
+Python warnings, and Flower's and Ray's log lines, stay off the console unless the root option ``--verbose``
+is given (:class:`fedleak.cli.app.Console`).
 """
 
 from __future__ import annotations

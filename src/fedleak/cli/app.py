@@ -1,8 +1,25 @@
-"""The typer application every sub-command registers itself on."""
+"""The typer application every sub-command registers itself on, and what the sub-commands share.
+
+* ``fedleak --verbose <command>``: Python warnings (numpy, torch, Flower and Ray deprecations) and Flower's and
+  Ray's log lines reach the console only with it; without it they are hidden for the whole command
+  (:class:`Console`, read by sub-commands through :func:`is_verbose`).
+* One spelling and one description per shared option (``--data``, ``--widths``, ``--out``,
+  ``--quiet``): the help texts below, :func:`default_out` (``fedleak-<command>``) and :func:`int_list`.
+
+This module must stay cheap to import (``fedleak --help``): it imports no torch or numpy, and of fedleak only the
+errors and the built-in model catalog.
+"""
 
 from __future__ import annotations
 
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
 import typer
+
+from fedleak.errors import FedleakError
 
 app = typer.Typer(
     name="fedleak",
@@ -12,7 +29,93 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+VERBOSE_HELP = "Show Python warnings and Flower's and Ray's log lines (hidden without it)."
+DATA_HELP = "Built-in data set name (see 'fedleak info') or a path to your data."
+WIDTHS_HELP = "Hidden layer widths of the fully connected ReLU model, comma-separated, e.g. 1024,512."
+OUT_HELP = "Folder for results.json and report.html (created when they are written)."
+QUIET_HELP = "No progress bar."
+WEIGHTS_HELP = ("Weights for the class or built-in model: a state dict as .safetensors, or a torch file of tensors "
+                "(read with weights_only; nothing is unpickled).")
+
+
+def _model_help() -> str:
+    from fedleak.models.catalog import available_models  # a catalog: no torch
+
+    return (f"The model: a built-in name ({', '.join(available_models())}); path/to/file.py:ClassName, your own "
+            "nn.Module class -- this RUNS that Python file and builds the class with no arguments; or a "
+            ".safetensors/.pt state dict of a Sequential MLP.")
+
+
+MODEL_HELP = _model_help()
+MAX_WIDTH = 100_000  # neurons per layer (or conv channels) of a model the command line builds
+
+
+class Console:
+    """What the root command decided about the console for one invocation.
+
+    Without ``--verbose`` every Python warning is ignored until the command ends (the filters are restored
+    then, so a caller of :func:`fedleak.cli.main` keeps its own); :meth:`show_everything` lifts that early,
+    for a sub-command's own ``--verbose``.
+    """
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self._hidden = ExitStack()
+        if not verbose:
+            self._hidden.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+
+    def show_everything(self) -> None:
+        self.verbose = True
+        self._hidden.close()
+
+    def close(self) -> None:
+        self._hidden.close()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
+) -> None:
     """Measure, demonstrate and mitigate training-data leakage from federated-learning updates."""
+    console = Console(verbose)
+    ctx.obj = console
+    ctx.call_on_close(console.close)
+
+
+def console() -> Console | None:
+    """The :class:`Console` of the command running now (None outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, Console) else None
+
+
+def is_verbose(alias: bool = False) -> bool:
+    """Whether the running command was given ``--verbose``.
+
+    ``alias`` is a sub-command's own ``--verbose`` flag (the same switch given after the sub-command, kept where
+    it used to live): when set, it turns the console verbose for the rest of the command.
+    """
+    current = console()
+    if alias and current is not None:
+        current.show_everything()
+    return alias or (current is not None and current.verbose)
+
+
+def default_out(command: str) -> Path:
+    """Every command's default output folder: ``fedleak-<command>`` in the current folder."""
+    return Path(f"fedleak-{command}")
+
+
+def int_list(text: str, what: str, high: int | None = None) -> tuple[int, ...]:
+    """Comma-separated whole numbers in [1, high], e.g. ``--widths 1024,512``."""
+    from fedleak.validation import parse_int
+
+    items = [v for v in text.replace(" ", "").split(",") if v]
+    if not items:
+        raise FedleakError(f"{what} must not be empty")
+    for item in items:
+        if not item.lstrip("-").isdigit():
+            raise FedleakError(f"{what} must be comma-separated whole numbers, got '{text}'")
+    return tuple(parse_int(what, item, low=1, high=high) for item in items)

@@ -6,22 +6,19 @@ from pathlib import Path
 
 import typer
 
-from fedleak.cli.app import app
-from fedleak.errors import FedleakError
-from fedleak.validation import check_output_dir, check_seed, parse_int
-
-MAX_WIDTH = 100_000  # neurons per layer (or conv channels) of a model the audit builds
-
-
-def _ints(text: str, what: str, high: int | None = None) -> tuple[int, ...]:
-    """Comma-separated whole numbers in [1, high], e.g. ``--widths 1024,512``."""
-    items = [v for v in text.replace(" ", "").split(",") if v]
-    if not items:
-        raise FedleakError(f"{what} must not be empty")
-    for item in items:
-        if not item.lstrip("-").isdigit():
-            raise FedleakError(f"{what} must be comma-separated whole numbers, got '{text}'")
-    return tuple(parse_int(what, item, low=1, high=high) for item in items)
+from fedleak.cli.app import (
+    DATA_HELP,
+    MAX_WIDTH,
+    MODEL_HELP,
+    OUT_HELP,
+    QUIET_HELP,
+    WEIGHTS_HELP,
+    WIDTHS_HELP,
+    app,
+    default_out,
+    int_list,
+)
+from fedleak.validation import check_output_dir, check_seed
 
 
 def _progress(quiet: bool, total: int, desc: str):
@@ -33,12 +30,23 @@ def _progress(quiet: bool, total: int, desc: str):
 
 
 def _print_summary(result, out_dir: Path) -> None:
-    typer.echo(f"{'scenario':<10}{'batch':>6}{'certifiable':>13}{'recovered':>11}{'false cert':>11}"
+    """The audit's table on the console, in the report's number formats ("<1%", blank PSNR when nothing was
+    matched); batches a defense withheld show how many samples were sent."""
+    from fedleak.report.render import percent, psnr_text
+
+    sent_by_row: dict[tuple[str, int], int] = {}
+    for b in result.batches:
+        key = (b.scenario, b.batch_size)
+        sent_by_row[key] = sent_by_row.get(key, 0) + (b.batch_size if b.sent is None else b.sent)
+    typer.echo(f"{'scenario':<10}{'batch':>6}{'sent':>9}{'certifiable':>13}{'recovered':>11}{'false cert':>11}"
                f"{'PSNR dB':>9}{'attack ms':>11}")
     for r in result.summary_rows():
-        psnr = "–" if r["mean_psnr"] is None else f"{r['mean_psnr']:.1f}"
-        typer.echo(f"{r['scenario']:<10}{r['batch_size']:>6}{100 * r['certifiable_fraction']:>12.0f}%"
-                   f"{100 * r['recovered_fraction']:>10.0f}%{r['false_certificates']:>11}{psnr:>9}"
+        sent = sent_by_row[(r["scenario"], r["batch_size"])]
+        total = r["batch_size"] * r["trials"]
+        psnr = psnr_text(r["mean_psnr"], sent) or "–"
+        sent_of = f"{sent}/{total}"
+        typer.echo(f"{r['scenario']:<10}{r['batch_size']:>6}{sent_of:>9}{percent(r['certifiable_fraction']):>13}"
+                   f"{percent(r['recovered_fraction']):>11}{r['false_certificates']:>11}{psnr:>9}"
                    f"{r['attack_ms']:>11.1f}")
     typer.echo(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.html'}")
 
@@ -58,8 +66,8 @@ def _run(settings, out: Path, quiet: bool) -> None:
 
 @app.command()
 def audit(
-    data: str = typer.Option("digits", help="Built-in data set name (see 'fedleak info') or a path to your data."),
-    widths: str = typer.Option("1024", help="Hidden layer widths of the fully connected ReLU model, e.g. 1024,512."),
+    data: str = typer.Option("digits", help=DATA_HELP),
+    widths: str = typer.Option("1024", help=WIDTHS_HELP),
     conv: str = typer.Option(None, help="Audit a CNN: conv channels, e.g. 6,32 (3x3 convs + ReLU), then an FC "
                                         "head of --widths."),
     batch_sizes: str = typer.Option("1,2,4,8,16,32,64", help="Batch sizes to audit, comma-separated."),
@@ -70,28 +78,30 @@ def audit(
     fishing: bool = typer.Option(False, help="Also audit fished batches (the curious server's LP client hook)."),
     defense: bool = typer.Option(False, help="Also audit batches after the client's exclusivity-reduction defense."),
     split: str = typer.Option(None, help="Split of a CIFAR or IDX folder given as --data: train or test."),
-    model: Path = typer.Option(None, help="Audit your own model file (state dict of a Sequential MLP) instead of "
-                                         "a fresh one; --widths/--bias are then ignored."),
-    out: Path = typer.Option(Path("fedleak-audit"), help="Folder for results.json and report.html."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    model: str = typer.Option(None, help=MODEL_HELP + " Audited instead of a fresh model; --widths, --conv and "
+                                          "--bias are then ignored."),
+    weights: Path = typer.Option(None, help=WEIGHTS_HELP),
+    budget: float = typer.Option(20.0, help="Seconds per batch for --attack auto."),
+    out: Path = typer.Option(default_out("audit"), help=OUT_HELP),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient."""
     from fedleak.audit import AuditSettings
 
     settings = AuditSettings(
-        data=data, widths=_ints(widths, "--widths", MAX_WIDTH), bias=bias,
-        batch_sizes=_ints(batch_sizes, "--batch-sizes"), trials=trials, seed=check_seed("--seed", seed),
+        data=data, widths=int_list(widths, "--widths", MAX_WIDTH), bias=bias,
+        batch_sizes=int_list(batch_sizes, "--batch-sizes"), trials=trials, seed=check_seed("--seed", seed),
         attack=attack, split=split,
         scenarios=("plain",) + (("fished",) if fishing else ()) + (("defended",) if defense else ()),
-        model=None if model is None else str(model), conv=_ints(conv, "--conv", MAX_WIDTH) if conv else (),
+        model=model, weights=None if weights is None else str(weights), budget=budget, conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
     )
     _run(settings, out, quiet)
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("fedleak-demo"), help="Folder for results.json and report.html."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    out: Path = typer.Option(default_out("demo"), help=OUT_HELP),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Audit the embedded default: sklearn digits, a 1024-wide ReLU net, batches of 1 to 128."""
     from fedleak.audit import AuditSettings, available_scenarios

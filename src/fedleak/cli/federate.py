@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import typer
+from click.core import ParameterSource
 
-from fedleak.cli.app import app
+from fedleak.cli.app import DATA_HELP, MAX_WIDTH, OUT_HELP, WIDTHS_HELP, app, default_out, int_list, is_verbose
 from fedleak.errors import FedleakError
 from fedleak.validation import check_output_dir, check_seed
 
@@ -29,30 +30,40 @@ def _parse_options(text: str | None) -> tuple:
 
 @app.command()
 def federate(
-    data: str = typer.Option("fashion-mnist", help="built-in data set or path"),
-    clients: int = typer.Option(4, help="number of simulated clients (Flower supernodes)"),
-    rounds: int = typer.Option(2, help="federated rounds"),
-    threat: str = typer.Option("honest", help="honest | fishing | trap-weights | imprint"),
-    defense: str = typer.Option("none", help="none | exclusivity-reduction | weight-noise | sparsification | dp"),
-    defense_strength: float = typer.Option(0.0, help="weight-noise std / sparsification dropped fraction / DP noise multiplier"),
-    clip_norm: float = typer.Option(1.0, help="DP clipping norm (defense dp)"),
-    seed: int = typer.Option(0, help="seed of the model, partitions, batches and malicious weights"),
-    batch_size: int = typer.Option(16, help="local batch size"),
-    local_steps: int = typer.Option(1, help="local SGD steps per round (1: exact attacks apply)"),
-    local_epochs: int = typer.Option(0, help="local epochs over the partition (0: use --local-steps)"),
-    lr: float = typer.Option(0.1, help="clients' SGD learning rate (the server's attack does not know it)"),
-    hidden: str = typer.Option("1000", help="hidden widths of the MLP, comma-separated"),
-    partition: str = typer.Option("iid", help="iid | label-skew"),
-    alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition"),
-    trap_scale: float = typer.Option(0.8, help="trap weights' positive/negative magnitude ratio"),
-    imprint_bins: int = typer.Option(0, help="imprint bins (0: the whole first layer)"),
-    transform_options: str = typer.Option(None, help="JSON options of the fishing / exclusivity-reduction transform"),
-    no_audit: bool = typer.Option(False, "--no-audit", help="run the federation without attacking the updates"),
-    upload: str = typer.Option("delta", help="delta (clients send their change, FedSGD-style) | weights (FedAvg)"),
-    audit_mode: str = typer.Option("process", help="process (attacks in a worker process) | thread | sync (inside the round)"),
-    ray_cpus: int = typer.Option(1, help="CPUs Ray may use"),
-    out: Path = typer.Option(..., help="output folder for results.json and report.html"),
-    verbose: bool = typer.Option(False, help="show Flower's and Ray's logs"),
+    ctx: typer.Context,
+    data: str = typer.Option("fashion-mnist", help=DATA_HELP),
+    clients: int = typer.Option(4, help="Number of simulated clients (Flower supernodes)."),
+    rounds: int = typer.Option(2, help="Federated rounds."),
+    threat: str = typer.Option("honest", help="The server: honest | fishing | trap-weights | imprint."),
+    defense: str = typer.Option("none", help="The clients' defense: none | exclusivity-reduction | weight-noise | "
+                                             "sparsification | dp."),
+    defense_strength: float = typer.Option(0.0, help="Weight-noise std / sparsification's dropped fraction / DP "
+                                                     "noise multiplier."),
+    clip_norm: float = typer.Option(1.0, help="DP clipping norm (defense dp)."),
+    seed: int = typer.Option(0, help="Seed of the model initialisation, the partitions, the batch draws and the "
+                                     "malicious weights."),
+    batch_size: int = typer.Option(16, help="Clients' local batch size."),
+    local_steps: int = typer.Option(1, help="Local SGD steps per round (1: the exact attacks apply)."),
+    local_epochs: int = typer.Option(0, help="Local epochs over the partition (0: use --local-steps)."),
+    lr: float = typer.Option(0.1, help="Clients' SGD learning rate (the server's attack does not know it)."),
+    widths: str = typer.Option("1000", help=WIDTHS_HELP),
+    hidden: str = typer.Option(None, hidden=True, help="Old name of --widths."),
+    partition: str = typer.Option("iid", help="How the data is split among clients: iid | label-skew."),
+    alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition."),
+    trap_scale: float = typer.Option(0.8, help="Trap weights' positive/negative magnitude ratio."),
+    imprint_bins: int = typer.Option(0, help="Imprint bins (0: the whole first layer)."),
+    transform_options: str = typer.Option(None, help="JSON options of the fishing / exclusivity-reduction "
+                                                     "transform."),
+    no_audit: bool = typer.Option(False, "--no-audit", help="Run the federation without attacking the updates."),
+    upload: str = typer.Option("delta", help="What clients send: delta (their change, FedSGD-style) | weights "
+                                             "(FedAvg)."),
+    audit_mode: str = typer.Option("process", help="Where the attacks run: process (a worker process) | thread | "
+                                                   "sync (inside the round)."),
+    ray_cpus: int = typer.Option(1, help="CPUs Ray may use."),
+    attack_budget: float = typer.Option(30.0, help="Seconds per update for the optimisation attack that audits "
+                                                   "multi-step updates (--local-steps > 1 or --local-epochs)."),
+    out: Path = typer.Option(default_out("federate"), help=OUT_HELP),
+    verbose: bool = typer.Option(False, "--verbose", hidden=True, help="The same as 'fedleak --verbose federate'."),
 ) -> None:
     """Run a federation on Flower's simulation engine and audit every client update.
 
@@ -61,16 +72,21 @@ def federate(
     """
     from fedleak.federation.settings import FederationSettings
 
-    try:
-        widths = tuple(int(w) for w in hidden.split(",") if w.strip())
-    except ValueError:
-        raise FedleakError(f"--hidden must be comma-separated integers, got '{hidden}'") from None
+    loud = is_verbose(alias=verbose)
+    if hidden is not None:  # the old name of --widths
+        if ctx.get_parameter_source("widths") is not ParameterSource.DEFAULT:
+            raise FedleakError("--hidden is the old name of --widths: give --widths only")
+        if loud:
+            typer.echo("fedleak: --hidden is deprecated; use --widths", err=True)
+        widths = hidden
+    sizes = int_list(widths, "--widths", MAX_WIDTH)
     settings = FederationSettings(
         data=data, clients=clients, rounds=rounds, threat=threat, defense=defense, seed=check_seed("--seed", seed),
-        batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=widths,
+        batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=sizes,
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
         trap_scale=trap_scale, imprint_bins=imprint_bins, defense_strength=defense_strength, clip_norm=clip_norm,
         transform_options=_parse_options(transform_options), ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
+        attack_budget=attack_budget,
     )
     from fedleak.federation.hooks import get_defense, get_threat
     from fedleak.federation.partition import PARTITIONS
@@ -90,7 +106,7 @@ def federate(
             typer.echo(f"round {record.round}, client {record.client}: {record.status}: {record.detail}", err=True)
 
     try:
-        result = run_federation(settings, verbose=verbose, on_finding=progress)
+        result = run_federation(settings, verbose=loud, on_finding=progress)
     except KeyboardInterrupt:
         # Ray, Flower's threads, the audit worker and the temp folder are already cleaned up; exit
         # directly (the typer layer would turn the interrupt into a return value and exit code 0)

@@ -1,4 +1,7 @@
-"""``fedleak info``: versions, built-in data sets and registered attacks."""
+"""``fedleak info``: versions, built-in data sets and models, and registered attacks.
+
+It lists the registries' catalogs, so it imports neither torch nor any attack or data set module.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,22 @@ import typer
 from fedleak.cli.app import app
 
 
+def _table(rows: dict[str, str]) -> None:
+    width = max((len(name) for name in rows), default=0)
+    for name, text in rows.items():
+        typer.echo(f"  {name:<{width}}  {text}")
+
+
 @app.command()
 def info() -> None:
-    """Show fedleak's version, built-in data sets and attacks."""
+    """Show fedleak's version, built-in data sets, models and attacks."""
     import fedleak
+    from fedleak.attacks import attack_specs
 
     typer.echo(f"fedleak {fedleak.__version__}")
     typer.echo("data sets:")
-    for name, desc in fedleak.available_datasets().items():
-        typer.echo(f"  {name:<16} {desc}")
-    typer.echo("attacks:")
-    for name, attack in fedleak.available_attacks().items():
-        typer.echo(f"  {name:<16} {attack.description}")
+    _table(fedleak.available_datasets())
+    typer.echo("built-in models (--model):")
+    _table(fedleak.available_models())
+    typer.echo("attacks (update kinds they run on):")
+    _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]" for name, spec in attack_specs().items()})

@@ -1,12 +1,41 @@
-"""Data: built-in sets from installed packages and the user's own files, all as :class:`Dataset`."""
+"""Data: built-in sets from installed packages and the user's own files, all as :class:`Dataset`.
 
-from fedleak.data import builtin as _builtin  # noqa: F401  (registers the built-in sets)
-from fedleak.data import medical as _medical  # noqa: F401  (registers retina and mni152)
-from fedleak.data import npz as _npz  # noqa: F401  (registers the .npz format)
-from fedleak.data.dataset import Dataset
-from fedleak.data.normalization import Normalization, normalization
-from fedleak.data.files import FormatReader, available_formats, load_path, register_format
-from fedleak.data.registry import available_datasets, load_dataset, register_dataset
+Importing this package is cheap (no torch): the built-in sets are listed in
+:data:`fedleak.data.registry.DATASET_CATALOG` and loaded on first use, and the names below are imported when
+first used.
+"""
 
-__all__ = ["Dataset", "Normalization", "normalization", "FormatReader", "available_datasets", "available_formats", "load_dataset", "load_path",
-           "register_dataset", "register_format"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from fedleak.data.registry import DatasetLoader, available_datasets, load_dataset, register_dataset
+from fedleak.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from fedleak.data.dataset import Dataset
+    from fedleak.data.files import FormatReader, available_formats, load_path, register_format
+    from fedleak.data.normalize import Normalization, normalization
+
+__all__ = ["Dataset", "DatasetLoader", "Normalization", "normalization", "FormatReader", "available_datasets",
+           "available_formats", "load_dataset", "load_path", "register_dataset", "register_format"]
+
+_FILES = "fedleak.data.files"
+_LAZY = {
+    "Dataset": "fedleak.data.dataset",
+    "Normalization": "fedleak.data.normalize",
+    "normalization": "fedleak.data.normalize",
+    "FormatReader": _FILES,
+    "available_formats": _FILES,
+    "load_path": _FILES,
+    "register_format": _FILES,
+}
+
+
+def _register_npz(module: str) -> None:
+    if module == _FILES:
+        importlib.import_module("fedleak.data.npz")  # registers the .npz format next to the built-in ones
+
+
+__getattr__ = lazy_attributes("fedleak.data", _LAZY, globals(), before=_register_npz)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedleak.data.normalization import Normalization
+from fedleak.data.normalize import Normalization
 from fedleak.errors import DataError
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -27,12 +27,18 @@ class AuditPlan:
 
     ``update_kind``: ``"gradient"`` gives the attack the weight delta ``before - after`` as a gradient
     with ``num_examples`` (for the exclusivity attack with ``known_scale=False``: a one-step delta is
-    ``lr/M`` times the mean-loss gradient); ``"weights"`` gives it the :class:`WeightUpdate` itself.
+    ``lr/M`` times the mean-loss gradient); ``"weights"`` gives it the :class:`WeightUpdate` itself, with
+    the local steps the server knows of (``declared``, see :func:`fedleak.update_kind.describe_update`).
+    ``multi_step_attack``: the attack for updates known to come from several local steps (the exact
+    route does not apply to them); it is given the :class:`WeightUpdate` and ``multi_step_options`` (e.g.
+    ``{"budget": 30}``: seconds per update). ``None``: ``attack`` runs on every update.
     """
 
     attack: str = "exclusivity"
     options: Mapping[str, Any] = field(default_factory=lambda: {"known_scale": False})
     update_kind: str = "gradient"
+    multi_step_attack: str | None = "auto"
+    multi_step_options: Mapping[str, Any] = field(default_factory=lambda: {"progress": False})
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,7 @@ class AuditInput:
     model: nn.Module
     update: WeightUpdate
     delta: Mapping[str, Any] | None = None  # the client's exact change, when it uploaded one
+    declared: Mapping[str, Any] = field(default_factory=dict)  # what the server knows of the client's training
 
 
 Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
@@ -55,7 +62,8 @@ AUDIT_NICENESS = 10
 
 def init_worker(niceness: int = AUDIT_NICENESS) -> None:
     """Worker-process initialiser: lower CPU priority (the federation's own processes go first, the audit
-    uses what is left and catches up after the last round), one torch thread, attacks registered."""
+    uses what is left and catches up after the last round), one torch thread. Attacks are imported when first
+    looked up (the attack registry is lazy)."""
     import os
 
     import torch
@@ -65,9 +73,6 @@ def init_worker(niceness: int = AUDIT_NICENESS) -> None:
             os.nice(int(niceness))
         except OSError:  # pragma: no cover - not permitted
             pass
-    import fedleak.attacks  # noqa: F401  (registers every attack)
-    from fedleak.attacks import malicious  # noqa: F401
-
     torch.set_num_threads(1)
 
 
@@ -75,27 +80,35 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
     """Attack ``job.update`` with ``plan`` (the attack sees the sent model and the update only), then
     let ``scorer`` (evaluation only) compare with the client's true batch. Never raises."""
     from fedleak.api import reconstruct
-    from fedleak.attacks import malicious  # noqa: F401  (registers trap-weights, imprint)
+    from fedleak.update_kind import describe_update
 
     start = time.perf_counter()
+    kind = None
     try:
-        if job.delta is not None:  # an uploaded change: exact, no before - after cancellation
-            attacked: Any = GradientUpdate(dict(job.delta), num_examples=job.update.num_examples)
-        elif plan.update_kind == "weights":
-            attacked = job.update
+        kind = describe_update(job.update, job.model, declared=job.declared)
+        attack = plan.attack
+        if kind.multi_step and plan.multi_step_attack is not None:
+            attack = plan.multi_step_attack
+        if attack != plan.attack or plan.update_kind == "weights":
+            attacked: Any = replace(job.update, local_steps=kind.local_steps)
+        elif job.delta is not None:  # an uploaded change: exact, no before - after cancellation
+            attacked = GradientUpdate(dict(job.delta), num_examples=job.update.num_examples)
         else:
             attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
-        rec = reconstruct(job.model, attacked, attack=plan.attack, **dict(plan.options))
+        options = dict(plan.options) if attack == plan.attack else dict(plan.multi_step_options)
+        rec = reconstruct(job.model, attacked, attack=attack, **options)
         seconds = time.perf_counter() - start
         scores = scorer(job, rec) if scorer is not None else None
         return ClientRecord.from_attack(job.server_round, job.node_id, job.partition, job.update.num_examples, rec,
-                                        seconds, scores)
+                                        seconds, scores, kind.summary(), kind.multi_step)
     except Exception as exc:  # noqa: BLE001 - an attack failure must not end the federation
         detail = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, FedleakError):
             detail += " | " + traceback.format_exc(limit=3).replace("\n", " ")
         return ClientRecord.skipped(job.server_round, job.node_id, job.partition, "attack-error", detail,
-                                    num_examples=job.update.num_examples)
+                                    num_examples=job.update.num_examples,
+                                    update_kind=kind.summary() if kind is not None else "",
+                                    multi_step=bool(kind is not None and kind.multi_step))
 
 
 # ---- worker-process side: the sent model is shipped once per round, each reply ships only its weights
@@ -110,7 +123,8 @@ def set_round_model(server_round: int, model: nn.Module) -> None:
 
 
 def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int, after: Mapping[str, Any] | None,
-                num_examples: int, scorer: Scorer | None, delta: Mapping[str, Any] | None = None) -> ClientRecord:
+                num_examples: int, scorer: Scorer | None, delta: Mapping[str, Any] | None = None,
+                declared: Mapping[str, Any] | None = None) -> ClientRecord:
     """:func:`run_audit` of one reply, against the round's model set by :func:`set_round_model`."""
     model = _ROUND_MODELS.get(int(server_round))
     if model is None:
@@ -120,4 +134,5 @@ def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int
     if after is None:
         after = {k: before[k] - delta[k] for k in before}
     update = WeightUpdate(before, after, num_examples=num_examples)
-    return run_audit(plan, AuditInput(server_round, node_id, partition, model, update, delta), scorer)
+    return run_audit(plan, AuditInput(server_round, node_id, partition, model, update, delta, dict(declared or {})),
+                     scorer)

@@ -73,7 +73,8 @@ class GroundTruthScorer:
     "recovered" (certified, exact, right label) and the false-certificate count (every certified sample
     that is not a distinct sample of the batch, including any beyond the batch size) come from one
     call. Errors are measured on the data's range: the batch's ``value_range``, else ``data_range``,
-    else the batch's min and max. PSNR and label accuracy are those of the full reconstruction.
+    else the batch's min and max. PSNR, SSIM and label accuracy are those of the full reconstruction,
+    uncertified samples included (estimates of what an optimisation attack recovered).
     """
 
     def __init__(self, folder: str | os.PathLike[str], preview: int = 8,
@@ -96,19 +97,28 @@ class GroundTruthScorer:
             psnr_orig = match(rec, truth.original, truth.labels, data_range=m.data_range).mean_psnr()
         false_reason = dict(m.false_reasons())
         shape = truth.inputs.shape[1:]
+        reasons = [s.reason for s in rec.samples] if len(rec.samples) == len(rec) else [""] * len(rec)
         pairs = []
         for i in range(min(self.preview, len(truth.inputs))):
             j = int(m.matched[i])
-            if j >= 0 and bool(rec.certified[j]):  # the certified sample paired with it, unclamped
-                status = "false" if j in false_reason else "certified"
-                pairs.append((truth.inputs[i].numpy(), rec.inputs[j].detach().reshape(shape).numpy(), status,
-                              false_reason.get(j, "")))
-            else:
+            if j < 0:
                 pairs.append((truth.inputs[i].numpy(), None, "", ""))
+                continue
+            # the sample paired with it, unclamped: certified (sound or false) or an uncertified estimate
+            status = ("false" if j in false_reason else "certified") if bool(rec.certified[j]) else "uncertified"
+            reason = false_reason.get(j, "") if status != "uncertified" else reasons[j]
+            pairs.append((truth.inputs[i].numpy(), rec.inputs[j].detach().reshape(shape).numpy(), status, reason))
         paired = {int(j) for j in m.matched if j >= 0}
         for j, reason in false_reason.items():  # certified beyond the batch: no original to pair with
             if j not in paired:
                 pairs.append((None, rec.inputs[j].detach().reshape(shape).numpy(), "false", reason))
         return Scores(len(truth.inputs), int(m.recovered.sum()), m.recovered_fraction, m.mean_psnr(), psnr_orig,
                       m.label_accuracy, m.false_certificates, tuple(pairs),
-                      false_certificate_reasons=tuple(false_reason.values()), value_range=m.data_range)
+                      false_certificate_reasons=tuple(false_reason.values()), value_range=m.data_range,
+                      ssim=_mean_matched(m.ssim, m.matched))
+
+
+def _mean_matched(values, matched) -> float | None:
+    """Mean of per-original ``values`` over matched originals (None when nothing matched)."""
+    sel = matched >= 0
+    return float(values[sel].mean()) if sel.any() else None

@@ -29,9 +29,10 @@ class Scores:
     distinct sample of the batch (a blend, a wrong label, a second copy, one beyond the batch size),
     each with its reason in ``false_certificate_reasons``; it must be 0. ``value_range``: the (lo, hi)
     the scores were measured on. ``preview``: up to 8 ``(original, rebuilt, status, reason)`` entries for
-    the report (not in JSON): the certified sample paired with each original (``rebuilt`` None if none;
-    ``status`` "certified" or "false"), then one entry per false certificate beyond the batch
-    (``original`` None).
+    the report (not in JSON): the sample paired with each original (``rebuilt`` None if none; ``status``
+    "certified", "false" or "uncertified", with the sample's reason), then one entry per false certificate
+    beyond the batch (``original`` None). ``psnr``, ``ssim`` and ``label_accuracy`` cover uncertified
+    samples too: for them they are estimates of what the attack recovered, not proofs.
     """
 
     batch_size: int
@@ -45,6 +46,7 @@ class Scores:
                                                                                        compare=False)
     false_certificate_reasons: tuple[str, ...] = ()
     value_range: tuple[float, float] | None = None
+    ssim: float | None = None  # mean over matched samples, like ``psnr``
 
 
 @dataclass(frozen=True)
@@ -63,33 +65,62 @@ class ClientRecord:
     attack_seconds: float | None = None
     scores: Scores | None = None
     notes: tuple[str, ...] = ()
+    update_kind: str = ""  # fedleak.update_kind.UpdateKind.summary(): e.g. "multi-step FedAvg update: ..."
+    multi_step: bool = False
+    reason: str = ""  # why samples are not certified (the first uncertified sample's reason), "" if all are
 
     @classmethod
     def skipped(cls, rnd: int, node: int, partition: int, status: str, detail: str,
-                num_examples: int | None = None) -> ClientRecord:
-        return cls(rnd, partition, node, status, detail, num_examples)
+                num_examples: int | None = None, update_kind: str = "", multi_step: bool = False) -> ClientRecord:
+        return cls(rnd, partition, node, status, detail, num_examples, update_kind=update_kind,
+                   multi_step=multi_step)
 
     @classmethod
     def from_attack(cls, rnd: int, node: int, partition: int, num_examples: int | None, rec: Reconstruction,
-                    seconds: float, scores: Scores | None) -> ClientRecord:
+                    seconds: float, scores: Scores | None, update_kind: str = "",
+                    multi_step: bool = False) -> ClientRecord:
+        reason = next((s.reason for s in rec.samples if not s.certified and s.reason), "")
+        if not reason and rec.num_certified == 0:
+            reason = next(iter(rec.notes), "")
         return cls(rnd, partition, node, "ok", rec.summary(), num_examples, rec.attack, len(rec), rec.num_certified,
-                   seconds, scores, tuple(rec.notes))
+                   seconds, scores, tuple(rec.notes), update_kind, multi_step, reason)
+
+    @property
+    def client_id(self) -> int:
+        """The client's partition id when it sent one, else Flower's node id (never -1)."""
+        return self.client if self.client >= 0 else self.node_id
+
+    @property
+    def client_label(self) -> str:
+        """"partition 3", or "node 876412…" (Flower's node id, shortened) when the client sent no partition id."""
+        if self.client >= 0:
+            return f"partition {self.client}"
+        node = str(self.node_id)
+        return f"node {node[:6]}…" if len(node) > 8 else f"node {node}"
 
     def to_dict(self, test_accuracy: float | None = None) -> dict[str, object]:
         s = self.scores
         return {
             "round": self.round,
             "client": self.client,
+            "client_id": self.client_id,
+            "client_label": self.client_label,
             "node_id": self.node_id,
             "status": self.status,
             "detail": self.detail,
             "num_examples": self.num_examples,
             "attack": self.attack,
+            "route": self.attack,
+            "update_kind": self.update_kind,
+            "multi_step": self.multi_step,
+            "reason": self.reason,
             "rebuilt": self.rebuilt,
             "certified": self.certified,
             "recovered": s.recovered if s else None,
             "recovered_fraction": _num(s.recovered_fraction) if s else None,
             "psnr": _num(s.psnr) if s else None,
+            "ssim": _num(s.ssim) if s else None,
+            "scores_estimated": (s.recovered < s.batch_size) if s else None,
             "psnr_vs_original": _num(s.psnr_original) if s else None,
             "label_accuracy": _num(s.label_accuracy) if s else None,
             "false_certificates": s.false_certificates if s else None,

@@ -15,6 +15,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -28,14 +29,17 @@ from fedleak.federation.settings import FederationSettings
 
 
 @contextmanager
-def isolated_environment(prefix: str = "fedleak-fl-") -> Iterator[str]:
-    """A temp folder that HOME/FLWR_HOME/TMPDIR/RAY_TMPDIR point to; restored and removed on exit."""
+def isolated_environment(prefix: str = "fedleak-fl-", *, quiet: bool = False) -> Iterator[str]:
+    """A temp folder that HOME/FLWR_HOME/TMPDIR/RAY_TMPDIR point to; restored and removed on exit.
+
+    ``quiet``: processes started meanwhile (Ray's workers, the audit worker) ignore Python warnings.
+    """
     base = tempfile.gettempdir()
     if len(base) > 24 and os.path.isdir("/tmp"):  # Ray's AF_UNIX socket paths must stay under 108 bytes
         base = "/tmp"
     folder = tempfile.mkdtemp(prefix=prefix, dir=base)
     keys = ("HOME", "FLWR_HOME", "TMPDIR", "RAY_TMPDIR", "PYTHONPATH", "RAY_USAGE_STATS_ENABLED",
-            "RAY_DISABLE_IMPORT_WARNING", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION")
+            "RAY_DISABLE_IMPORT_WARNING", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "PYTHONWARNINGS")
     saved = {k: os.environ.get(k) for k in keys}
     try:
         for sub in ("home", "flwr", "tmp"):
@@ -46,6 +50,8 @@ def isolated_environment(prefix: str = "fedleak-fl-") -> Iterator[str]:
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         })
+        if quiet:
+            os.environ["PYTHONWARNINGS"] = "ignore"
         yield folder
     finally:
         for k, v in saved.items():
@@ -54,6 +60,24 @@ def isolated_environment(prefix: str = "fedleak-fl-") -> Iterator[str]:
             else:
                 os.environ[k] = v
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def _quiet_flower_and_ray(verbose: bool) -> Iterator[None]:
+    """Unless ``verbose``: Flower's log lines below ERROR (its deprecation notices) and the Python warnings raised
+    in Flower's and Ray's code are dropped while the federation runs; levels and filters are restored after."""
+    if verbose:
+        yield
+        return
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"(flwr|ray)(\.|$)")
+            yield
+    finally:
+        flwr_logger.setLevel(old_level)
 
 
 @contextmanager
@@ -101,7 +125,11 @@ def package_versions() -> dict[str, str]:
 
 def run_federation(settings: FederationSettings, *, verbose: bool = False,
                    on_finding: Callable[[ClientRecord], None] | None = None) -> FederationResult:
-    """Run the federation described by ``settings`` on Flower's simulation engine and audit it."""
+    """Run the federation described by ``settings`` on Flower's simulation engine and audit it.
+
+    ``verbose``: show Flower's and Ray's log lines and the Python warnings of Flower, Ray and the processes they
+    start; without it only errors get through.
+    """
     require_flwr()
     from fedleak.federation.hooks import get_defense, get_threat
 
@@ -120,13 +148,9 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     from fedleak.federation.settings import data_split
 
     split = data_split(settings.data, settings.test_size, settings.public_size)  # DataError before Ray starts
-    flwr_logger = logging.getLogger("flwr")
-    old_level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
     evaluations: dict[int, tuple[float, float]] = {}
     start = time.perf_counter()
-    with isolated_environment() as folder, _sigterm_as_interrupt():
+    with isolated_environment(quiet=not verbose) as folder, _quiet_flower_and_ray(verbose), _sigterm_as_interrupt():
         gt_dir = os.path.join(folder, "ground-truth")
         strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir, data_range=split.value_range), on_finding=on_finding)
         mods = []
@@ -140,7 +164,7 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         backend = {
             "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": settings.ray_cpus, "num_gpus": 0, "_temp_dir": os.path.join(folder, "r"),
-                          "include_dashboard": False, "logging_level": logging.WARNING if not verbose else logging.INFO,
+                          "include_dashboard": False, "logging_level": logging.ERROR if not verbose else logging.INFO,
                           "log_to_driver": verbose},
         }
         try:
@@ -161,7 +185,6 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         finally:
             stop.set()
             shutdown_ray()
-            flwr_logger.setLevel(old_level)
     if len(evaluations) < settings.rounds + 1:
         raise FedleakError(f"the federation stopped early: the global model was evaluated after "
                            f"{len(evaluations) - 1} of {settings.rounds} rounds")
@@ -176,13 +199,20 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
 
 
 def summarize(result: FederationResult) -> list[str]:
-    """One line per round: test accuracy and mean recovered fraction over the clients audited."""
+    """One line per round: test accuracy, the mean certified-and-exact fraction over the clients audited and,
+    for updates nothing was certified in, the estimated PSNR of what the attack rebuilt and the route."""
     lines = []
     for r in result.rounds:
         recs = [c for c in result.records if c.round == r.round and c.scores is not None]
         frac = np.mean([c.scores.recovered_fraction for c in recs]) if recs else float("nan")
         skipped = [c for c in result.records if c.round == r.round and c.status not in ("ok",)]
         extra = f", {len(skipped)} client(s) skipped" if skipped else ""
+        multi = [c for c in recs if c.multi_step]
+        if multi:
+            psnrs = [c.scores.psnr for c in multi if c.scores.psnr is not None]
+            routes = sorted({c.attack for c in multi if c.attack})
+            extra += (f"; {len(multi)} multi-step update(s), audited by {', '.join(routes)}"
+                      + (f": estimated PSNR {np.mean(psnrs):.1f} dB (uncertified)" if psnrs else ""))
         lines.append(f"round {r.round}: test accuracy {r.test_accuracy:.3f}"
-                     + (f", recovered {frac:.1%} of the audited clients' samples{extra}" if r.round else ""))
+                     + (f", certified and exact {frac:.1%} of the audited clients' samples{extra}" if r.round else ""))
     return lines

@@ -74,8 +74,11 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
         tamper = _tamper
     audit = AuditFedAvg(
         make_model(settings, split),
-        AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind),
-        tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, upload=settings.upload, audit=settings.audit, on_finding=on_finding,
+        AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind,
+                  multi_step_attack="auto" if threat.update_kind == "gradient" else None,
+                  multi_step_options={"budget": settings.attack_budget, "progress": False}),
+        tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, upload=settings.upload, audit=settings.audit,
+        declared=settings.declared_training(), on_finding=on_finding,
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
         min_available_nodes=settings.clients,
     )

@@ -56,6 +56,7 @@ class FederationSettings:
     transform_options: tuple[tuple[str, float | int | str | bool], ...] = ()
     ray_cpus: int = 1
     client_cpus: float = 1.0
+    attack_budget: float = 30.0  # seconds per update for the optimisation route (multi-step updates)
     inject_faults: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -65,17 +66,18 @@ class FederationSettings:
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
         object.__setattr__(self, "transform_options", tuple((str(k), v) for k, v in dict(self.transform_options).items()))
         checks = [
-            (self.clients >= 1, f"--clients must be at least 1, got {self.clients}"),
-            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
-            (self.batch_size >= 1, f"--batch-size must be positive, got {self.batch_size}"),
-            (self.local_steps >= 1, f"--local-steps must be positive, got {self.local_steps}"),
-            (self.local_epochs >= 0, f"--local-epochs must be 0 or more, got {self.local_epochs}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (len(self.hidden) >= 1 and min(self.hidden) >= 1, f"--hidden needs positive widths, got {self.hidden}"),
+            (self.clients >= 1, f"clients must be at least 1, got {self.clients}"),
+            (self.rounds >= 1, f"rounds must be at least 1, got {self.rounds}"),
+            (self.batch_size >= 1, f"batch_size must be positive, got {self.batch_size}"),
+            (self.local_steps >= 1, f"local_steps must be positive, got {self.local_steps}"),
+            (self.local_epochs >= 0, f"local_epochs must be 0 or more, got {self.local_epochs}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (len(self.hidden) >= 1 and min(self.hidden) >= 1, f"hidden needs positive widths, got {self.hidden}"),
             (self.audit_mode in ("process", "thread", "sync"),
              f"audit mode must be process, thread or sync, got '{self.audit_mode}'"),
             (self.upload in ("delta", "weights"), f"upload must be delta or weights, got '{self.upload}'"),
             (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
+            (self.attack_budget > 0, f"attack_budget must be positive, got {self.attack_budget}"),
             (0 < self.client_cpus <= self.ray_cpus, f"client_cpus must lie in (0, ray_cpus], got {self.client_cpus}"),
         ]
         for ok, message in checks:
@@ -88,6 +90,13 @@ class FederationSettings:
     def one_step(self) -> bool:
         """True when each client uploads a single SGD step (the exact attacks' setting)."""
         return self.local_epochs == 0 and self.local_steps == 1
+
+    def declared_training(self) -> dict[str, int]:
+        """What the server knows of the clients' local training from this run configuration (the facts of
+        :func:`fedleak.update_kind.describe_update`): steps, or epochs and batch size."""
+        if self.local_epochs == 0:
+            return {"local_steps": self.local_steps, "batch_size": self.batch_size}
+        return {"local_epochs": self.local_epochs, "batch_size": self.batch_size}
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

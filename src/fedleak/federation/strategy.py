@@ -33,11 +33,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import multiprocessing
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import replace
@@ -53,7 +53,6 @@ from flwr.serverapp import Grid  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fedleak.attacks import malicious as _malicious  # noqa: E402,F401  (registers trap-weights, imprint)
 from fedleak.attacks.registry import get_attack  # noqa: E402
 from fedleak.errors import FedleakError, UpdateError  # noqa: E402
 from fedleak.federation.audit_worker import (  # noqa: E402
@@ -67,12 +66,14 @@ from fedleak.federation.audit_worker import (  # noqa: E402
 )
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
+from fedleak.update_kind import check_declared  # noqa: E402
 from fedleak.updates import WeightUpdate  # noqa: E402
 from fedleak.validation import check_model  # noqa: E402
 
-
 Tamper = Callable[[nn.Module, int], nn.Module]
 AUDIT_MODES = ("process", "thread", "sync")
+# metric names a client may report its local training under (Flower's kebab-case), and the fact each declares
+REPORTED_FACTS = {"local-steps": "local_steps", "local-epochs": "local_epochs", "batch-size": "batch_size"}
 __all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer", "needs_relu_network"]
 
 
@@ -123,14 +124,21 @@ class AuditFedAvg(FedAvg):
     time holds up Flower's server thread), ``"thread"`` (a background thread) or ``"sync"`` (inside
     ``aggregate_train``). ``scorer``: evaluation-only scoring (see module docstring); with
     ``"process"`` it must be picklable (e.g. :class:`~fedleak.federation.ground_truth.GroundTruthScorer`).
+    ``declared``: what the server knows of the clients' local training from the run configuration it shares
+    with them (keys of :data:`fedleak.update_kind.DECLARED_KEYS`, e.g. ``{"local_epochs": 1, "batch_size": 32}``
+    for Flower's quickstart); a client may also report its own in its metrics (``local-steps``,
+    ``local-epochs``, ``batch-size``), which take precedence. Each record then says what kind of update it
+    is (:func:`fedleak.update_kind.describe_update`): an update of several local steps goes to
+    ``plan.multi_step_attack`` (``auto`` by default), not to the exact route.
     ``on_finding``: called with each :class:`ClientRecord` as it completes. Other keywords go to FedAvg.
     """
 
     def __init__(self, model: nn.Module, plan: AuditPlan | None = None, *, tamper: Tamper | None = None,
                  scorer: Scorer | None = None, audit_mode: str = "process", audit: bool = True,
-                 upload: str = "weights",
+                 upload: str = "weights", declared: Mapping[str, Any] | None = None,
                  on_finding: Callable[[ClientRecord], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.declared = check_declared(declared)
         self.plan = plan or AuditPlan()
         if audit_mode not in AUDIT_MODES:
             raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
@@ -191,7 +199,7 @@ class AuditFedAvg(FedAvg):
                 self._add(ClientRecord.skipped(server_round, node, -1, "failed", str(msg.error.reason)))
                 continue
             try:
-                update, partition, delta = self._parse(msg, sent)
+                update, partition, delta, declared = self._parse(msg, sent)
             except FedleakError as exc:
                 self._add(ClientRecord.skipped(server_round, node, self._partition_of(msg), "malformed", str(exc)))
                 continue
@@ -204,14 +212,14 @@ class AuditFedAvg(FedAvg):
                         self._shipped.add(server_round)
                     fut = self._executor().submit(audit_reply, self.plan, server_round, node, partition,
                                                   None if delta is not None else dict(update.after),
-                                                  int(update.num_examples), self.scorer, delta)
+                                                  int(update.num_examples), self.scorer, delta, declared)
                 elif self.audit_mode == "thread":
                     job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
-                                     delta)
+                                     delta, declared)
                     fut = self._executor().submit(run_audit, self.plan, job, self.scorer)
                 else:
                     job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
-                                     delta)
+                                     delta, declared)
                     self._add(run_audit(self.plan, job, self.scorer))
                     continue
                 fut.add_done_callback(self._collect)
@@ -242,8 +250,9 @@ class AuditFedAvg(FedAvg):
             return -1
 
     def _parse(self, msg: Message, sent: Mapping[str, torch.Tensor] | None
-               ) -> tuple[WeightUpdate, int, dict[str, torch.Tensor] | None]:
-        """The reply as a WeightUpdate (and the uploaded change, if any), or UpdateError saying what is
+               ) -> tuple[WeightUpdate, int, dict[str, torch.Tensor] | None, dict[str, Any]]:
+        """The reply as a WeightUpdate (and the uploaded change, if any, and what the server knows of the
+        client's training: :attr:`declared` updated by the client's own metrics), or UpdateError saying what is
         wrong with it. With ``upload="delta"`` the reply's arrays are replaced by the new weights, so that
         FedAvg averages weights as usual."""
         content = msg.content
@@ -275,8 +284,14 @@ class AuditFedAvg(FedAvg):
                 raise UpdateError("the uploaded change holds non-finite value(s) (NaN or inf)")
             after = {k: sent[k] - delta[k] for k in sent}
             content[next(iter(content.array_records))] = ArrayRecord(after)
+        try:  # what the client reports of its own training; a bad value is ignored, not a bad update
+            reported = check_declared({key: metrics[0][name] for name, key in REPORTED_FACTS.items()
+                                       if name in metrics[0]})
+        except FedleakError:
+            reported = {}
+        declared = {**self.declared, **reported}
         update = WeightUpdate(sent, {k: v.to(sent[k].dtype) for k, v in after.items()}, num_examples=int(n))
-        return update, self._partition_of(msg), delta
+        return update, self._partition_of(msg), delta, declared
 
     def _executor(self) -> Executor:
         if self._pool is None:
@@ -317,13 +332,14 @@ class AuditFedAvg(FedAvg):
         """All per-(round, client) records, sorted; waits for pending attacks first.
 
         A failed reply does not say which partition the node holds: it is filled in from the node's
-        other replies when there are any (else ``client`` stays -1; ``node_id`` is always set)."""
+        other replies when there are any. A client that never sends its ``partition-id`` keeps
+        ``client`` -1 and is named by Flower's node id (``client_id``, ``client_label``)."""
         self.wait()
         with self._lock:
             records = list(self._records)
         partition = {r.node_id: r.client for r in records if r.client >= 0}
         records = [replace(r, client=partition.get(r.node_id, -1)) if r.client < 0 else r for r in records]
-        return sorted(records, key=lambda r: (r.round, r.client, r.node_id))
+        return sorted(records, key=lambda r: (r.round, r.client < 0, r.client_id, r.node_id))
 
     def close(self, force: bool = False) -> None:
         """Stop the audit worker (``force``: at once, killing a running attack, e.g. on Ctrl-C)."""

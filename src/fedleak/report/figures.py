@@ -1,112 +1,135 @@
-"""Small matplotlib helpers that turn figures and image grids into inline ``data:`` URIs (offline HTML)."""
+"""Matplotlib figures for the reports, as inline ``data:`` URIs (offline HTML). Every axis is labelled.
+
+matplotlib is imported (Agg backend) when a figure is drawn, not when this module is imported.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+@dataclass(frozen=True)
+class Series:
+    """One curve. ``group`` picks the colour (one per group); ``style``: "measured" (solid, dots),
+    "predicted" (dashed, crosses) or "points" (hollow markers, no line: e.g. batches the client withheld)."""
+
+    label: str
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    group: str = ""
+    style: str = "measured"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One small-multiple panel: a title and its curves."""
+
+    title: str
+    series: tuple[Series, ...]
+
+
+_STYLES = {
+    "measured": {"marker": "o", "linestyle": "-"},
+    "predicted": {"marker": "x", "linestyle": "--"},
+    "points": {"marker": "s", "linestyle": "none", "markerfacecolor": "none", "markersize": 8},
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figure_uri(fig) -> str:
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _to_hwc(img: np.ndarray) -> np.ndarray:
-    img = np.asarray(img, dtype=np.float32)
-    if img.ndim == 3:
-        img = img.transpose(1, 2, 0)
-        if img.shape[2] == 1:
-            img = img[:, :, 0]
-    return img
+def _draw(ax, series: Sequence[Series], colours: dict[str, str], palette: list[str]) -> None:
+    for s in series:
+        colour = colours.setdefault(s.group or s.label, palette[len(colours) % len(palette)])
+        ax.plot(list(s.xs), list(s.ys), label=s.label, color=colour, **_STYLES[s.style])
 
 
-# frame colours: certified and sound, a false certificate (certified but wrong), not certified
-# ("not-certified": the red of the older two-colour frames, used when only ``marks`` is given)
-FRAME_COLOURS = {"certified": "#1a9850", "false": "#d73027", "uncertified": "#999999", "not-certified": "#d73027"}
-
-
-def to_display(img: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
-    """An image (C x H x W or H x W) as H x W (x C) on [0, 1] for display: rescaled from the data's
-    ``value_range`` (lo -> 0, hi -> 1). Only what is drawn saturates at the range's ends; the data and
-    every score stay unclamped."""
-    lo, hi = (float(v) for v in value_range)
-    out = (_to_hwc(img) - lo) / (hi - lo)
-    return np.clip(out, 0.0, 1.0)
-
-
-def image_rows_uri(rows: list[tuple[str, np.ndarray]], marks: np.ndarray | None = None,
-                   titles: list[str] | None = None, max_cols: int = 16, *,
-                   value_range: tuple[float, float] = (0.0, 1.0), status: list[str] | None = None,
-                   notes: list[str] | None = None) -> str:
-    """A grid with one labelled row per image set (N x C x H x W each); NaN images are shown blank.
-
-    Images are drawn on the data's ``value_range`` (see :func:`to_display`). The images of the last row
-    get a frame: by ``status`` (per column: ``"certified"`` green, ``"false"`` red for a false
-    certificate, ``"uncertified"`` grey, ``""`` none), or, when only ``marks`` (bool, N) is given, green
-    where certified and red where not. ``notes`` (per column, e.g. why a certificate is false) are
-    written under the last row in red.
-    """
-    n = min(max_cols, rows[0][1].shape[0])
-    if status is None and marks is not None:
-        status = ["certified" if m else "not-certified" for m in marks]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.2, 1.15 * len(rows) + (0.35 if notes else 0)),
-                             squeeze=False)
-    for r, (name, images) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            img = images[c]
-            if np.isfinite(img).all():
-                hwc = to_display(img, value_range)
-                ax.imshow(hwc, cmap="gray" if hwc.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.set_facecolor("#eeeeee")
-                ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes, color="#999")
-            if r == len(rows) - 1 and status is not None and status[c]:
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(FRAME_COLOURS[status[c]])
-                    spine.set_linewidth(3.5 if status[c] == "false" else 2.5)
-            if r == len(rows) - 1 and notes is not None and notes[c]:
-                ax.set_xlabel(notes[c], fontsize=6, color=FRAME_COLOURS["false"], wrap=True)
-            if r == 0 and titles is not None:
-                ax.set_title(titles[c], fontsize=7)
-        axes[r][0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
-    fig.subplots_adjust(wspace=0.05, hspace=0.1)
-    return figure_uri(fig)
-
-
-def line_plot_uri(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
-                  logx: bool = True, ylim: tuple[float, float] | None = None) -> str:
-    fig, ax = plt.subplots(figsize=(5.6, 3.4))
-    colours: dict[str, str] = {}
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for name, (xs, ys) in series.items():
-        dashed = "certifiable" in name or "gradient" in name
-        key = name.split(":")[0]  # one colour per scenario; solid = measured, dashed = predicted/baseline
-        colour = colours.setdefault(key, palette[len(colours) % len(palette)])
-        ax.plot(xs, ys, marker="x" if dashed else "o", linestyle="--" if dashed else "-", label=name, color=colour)
+def line_plot_uri(series: Sequence[Series], xlabel: str, ylabel: str, *, logx: bool = True,
+                  ylim: tuple[float, float] | None = None, title: str = "",
+                  size: tuple[float, float] = (6.4, 3.6)) -> str:
+    """One axes with every series, a legend and both axes labelled; a tick at every x of the data."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=size)
+    _draw(ax, series, {}, plt.rcParams["axes.prop_cycle"].by_key()["color"])
     if logx:
         ax.set_xscale("log", base=2)
+    xs = sorted({x for s in series for x in s.xs})
+    if xs:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.minorticks_off()
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure_uri(fig)
+
+
+def panels_uri(panels: Sequence[Panel], xlabel: str, ylabel: str, *, ylim: tuple[float, float] | None = None,
+               xticks: Sequence[float] | None = None, columns: int = 4) -> str:
+    """Small multiples: one panel per entry (same axes, same colours per series group), each axis labelled,
+    one legend for all."""
+    plt = _pyplot()
+    n = max(1, len(panels))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols + 0.6, 2.4 * rows + 0.4), squeeze=False,
+                             sharey=True)
+    colours: dict[str, str] = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        _draw(ax, panels[k].series, colours, palette)
+        ax.set_title(panels[k].title, fontsize=9)
+        if ylim:
+            ax.set_ylim(*ylim)
+        if xticks is not None:
+            ax.set_xticks(list(xticks))
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7, labelleft=True)
+        ax.grid(alpha=0.3)
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    if labels:
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=min(4, len(labels)),
+                   fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.05 * (len(labels) > 4)), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 1))
     return figure_uri(fig)
 
 
 def histogram_uri(counts_per_layer: list[np.ndarray], layer_names: list[str], max_count: int = 10) -> str:
     """Bar chart: how many samples have 0, 1, ..., >= max_count ExANs, one group of bars per layer."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
     width = 0.8 / max(1, len(counts_per_layer))
     bins = np.arange(max_count + 1)
@@ -115,6 +138,9 @@ def histogram_uri(counts_per_layer: list[np.ndarray], layer_names: list[str], ma
         ax.bar(bins + k * width - 0.4 + width / 2, hist, width=width, label=f"ReLU layer {name}")
     ax.set_xticks(bins)
     ax.set_xticklabels([str(b) for b in bins[:-1]] + [f"≥{max_count}"])
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("effective ExANs per sample")
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)

@@ -98,7 +98,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         rows = np.nonzero(out > out_err + (out_err2 if sure else practical))[0]
         if len(rows) < n:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
-                              f"{len(rows)} surely active units for {n} unknowns (underdetermined)")
+                              f"underdetermined: {len(rows)} equations (surely active units) for {n} unknowns")
         J = A[rows]
         rhs = out[rows] - c[rows]
         gram = blk.gram
@@ -123,11 +123,13 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         return BlockSolve(x, proven, bound, sigma, len(rows), n, reason)
     # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
     win = blk.pool_windows
+    kh, kw = blk.pool.kernel
     practical = 1e-6 * float(np.abs(out).max(initial=0.0))
     pos = out > out_err + min(out_err2, practical)
     if int(pos.sum()) <= n:
         return BlockSolve(None, False, math.inf, 0.0, int(pos.sum()), n,
-                          f"{int(pos.sum())} non-zero pooled units for {n} unknowns (underdetermined)")
+                          f"underdetermined after {kh}x{kw} {blk.pool.kind} pooling: {int(pos.sum())} equations "
+                          f"(non-zero pooled units) for {n} unknowns")
     q_idx = np.nonzero(pos)[0]
     x = None
     if blk.pool.kind == "avg":

@@ -47,6 +47,9 @@ class ExclusivityOptions:
     ``C`` before averaging (DP-SGD without noise, Opacus-style): each sample's scale is then
     ``min(1, C / ||g_k||) / M``, which the certificate recomputes from the rebuilt sample (MLPs only: a CNN
     sample's gradient norm includes its conv layers).
+    ``beyond_batch``: return every rebuilt candidate, also those beyond the batch size (blends of samples,
+    uncertified, as the notes say); False: at most the batch size, the certified ones and the most plausible
+    others (rebuilt, at the batch's common scale, most witnesses), as ``auto`` asks.
 
     **Conv blocks** (read only when the network has some):
 
@@ -85,6 +88,7 @@ class ExclusivityOptions:
     min_distance: float = 1e-3
     exact_tol: float = 1e-4
     data_range: tuple[float, float] | None = None
+    beyond_batch: bool = True
     # conv blocks
     max_error: float = 1.0
     rounding: float = 1.0

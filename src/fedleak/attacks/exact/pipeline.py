@@ -69,10 +69,12 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     if len(cands) > len(complete):
         notes.append(f"{len(cands) - len(complete)} sample(s) were found at the last ReLU layer but could not be "
                      "traced down to the input of the first Linear layer")
+    found = Found(len(cands), len(complete))
     # 3. the conv blocks, top down
     walk = None
     if net.blocks:
         complete = drop_mixtures(attack, complete, reported)
+        found = replace(found, mixtures=found.traced - len(complete))
         walk = walk_conv(net, complete, opts, obs_dtype)
     # 4. the certificate, on the (rebuilt) features
     cert = attack.certify(complete, reported)
@@ -84,6 +86,14 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
         inputs = walk.inputs
         records = conv_records(net, complete, walk, cert.recoveries, opts)
         batch_ok = whole_batch(model, complete, walk, records, grads, cert.batch_size, opts, notes)
+    rebuilt = [walk is None or walk.solved[k] or opts.fallback == "features" for k in range(len(complete))]
+    records = [replace(r, route=f"{name} ({'certified' if r.certified else 'uncertified'})", rebuilt=ok)
+               for r, ok in zip(records, rebuilt)]
+    keep = list(range(len(records))) if opts.beyond_batch else within_batch(records, cert.batch_size, cert.factor)
+    if len(keep) < len(records):
+        notes.append(f"{len(records) - len(keep)} uncertified candidate(s) beyond the batch of {cert.batch_size} were "
+                     "dropped (the least plausible: blends of samples, fewest witnesses)")
+        complete, records, inputs = [complete[k] for k in keep], [records[k] for k in keep], inputs[keep]
 
     if opts.known_scale and reported is not None:
         strong = [r for r in cert.recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
@@ -118,7 +128,56 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
         joint_residual=cert.joint_residual,
         seconds=time.perf_counter() - start,
         notes=tuple(notes),
+        missing_reason=found.missing(head, records, cert.batch_size),
     )
+
+
+@dataclass(frozen=True)
+class Found:
+    """How many candidates each step of the pipeline kept: found at the head's last ReLU layer, traced down the
+    head, and (CNNs) dropped as mixtures of samples before the conv blocks."""
+
+    candidates: int
+    traced: int
+    mixtures: int = 0
+
+    def missing(self, head, records: list[SampleRecovery], batch_size: int | None) -> str:
+        """Why fewer samples than ``batch_size`` were rebuilt, in words (empty when none is missing)."""
+        rebuilt = sum(r.rebuilt for r in records)
+        if batch_size is None or rebuilt >= batch_size:
+            return ""
+        layer = f"the head's last ReLU layer (after '{head.dense[-2].name}')" if head.depth else "the head"
+        if self.candidates == 0:
+            return (f"no exclusively activated neuron was found at {layer}: no group of its gradient rows implies one "
+                    "consistent input (every neuron there fires for several samples, or the update is noised)")
+        why = []
+        if self.candidates < batch_size:
+            short = batch_size - self.candidates
+            own = ("has no exclusively activated neuron of its own" if short == 1 else
+                   "have no exclusively activated neurons of their own")
+            why.append(f"{short} of the {batch_size} samples {own} at {layer}")
+        if self.traced < self.candidates:
+            why.append(f"{self.candidates - self.traced} found there could not be traced down to the head's input")
+        if self.mixtures:
+            why.append(f"{self.mixtures} candidate(s) were mixtures of samples")
+        lost = [r.reason for r in records if not r.rebuilt]
+        if lost:
+            why.append(f"{len(lost)} could not be rebuilt through the conv layers ({lost[0]})")
+        return "; ".join(why) or f"{batch_size - rebuilt} sample(s) were not found"
+
+
+def within_batch(records: list[SampleRecovery], batch_size: int | None, factor: float | None) -> list[int]:
+    """Indices (in order) of the records to return: all of them, or, when there are more than the batch holds,
+    the certified ones and the most plausible others (rebuilt, at the batch's common scale, most witnesses)."""
+    if batch_size is None or len(records) <= batch_size:
+        return list(range(len(records)))
+
+    def doubt(k: int) -> tuple:
+        r = records[k]
+        off = abs(r.scale / factor - 1) if factor and np.isfinite(r.scale) else float("inf")
+        return (not r.certified, not r.rebuilt, off, -sum(r.witnesses))
+
+    return sorted(sorted(range(len(records)), key=doubt)[:batch_size])
 
 
 def estimate_label_counts(num_classes: int, out_bias_grad: torch.Tensor | None, batch_size: int | None,

@@ -8,6 +8,9 @@ update matches the observed one (algorithms spec §5-§6). The steps, one module
   steps unrolled differentiably (FedAvg, learning rate learned);
 * :mod:`~fedleak.attacks.inversion.objectives`: the matching objectives and total variation;
 * :mod:`~fedleak.attacks.inversion.search`: :class:`InversionSettings` and :func:`invert`, the search loop;
+* :mod:`~fedleak.attacks.inversion.clock`: :class:`RunClock`, the time budget and progress bar of a run
+  (shared by ``auto``'s stages), and :class:`StepDecay`, the learning-rate decay that fits the time;
+* :mod:`~fedleak.attacks.inversion.prior`: :class:`Prior`, what is known before the search (``auto``);
 * :mod:`~fedleak.attacks.inversion.attacks`: the shared driver and the registered ``dlg``, ``idlg``, ``ig``.
 """
 
@@ -18,9 +21,11 @@ from fedleak.attacks.inversion.attacks import (
     dlg_attack,
     idlg_attack,
     ig_attack,
+    optimised_reason,
     run_optimization_attack,
     to_reconstruction,
 )
+from fedleak.attacks.inversion.clock import RunClock, StepDecay
 from fedleak.attacks.inversion.objectives import (
     OBJECTIVES,
     CosineObjective,
@@ -29,6 +34,7 @@ from fedleak.attacks.inversion.objectives import (
     Objective,
     total_variation,
 )
+from fedleak.attacks.inversion.prior import Estimate, Placement, Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
 from fedleak.attacks.inversion.target import (
     Target,
@@ -46,12 +52,17 @@ __all__ = [
     "OBJECTIVES",
     "UNROLL_OPTIMIZERS",
     "CosineObjective",
+    "Estimate",
     "FunctionalModel",
     "InversionResult",
     "InversionSettings",
     "L2Objective",
     "NormalizedObjective",
     "Objective",
+    "Placement",
+    "Prior",
+    "RunClock",
+    "StepDecay",
     "Target",
     "batch_size_of",
     "dlg_attack",
@@ -59,6 +70,8 @@ __all__ = [
     "ig_attack",
     "invert",
     "model_input_shape",
+    "optimised_reason",
+    "place_estimates",
     "prepare_target",
     "resolve_labels",
     "run_optimization_attack",

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.attacks.inversion.clock import RunClock
+from fedleak.attacks.inversion.prior import Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
 from fedleak.attacks.inversion.target import Target, batch_size_of, prepare_target, resolve_labels
 from fedleak.attacks.registry import register_attack
@@ -19,15 +21,25 @@ from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 
+def optimised_reason(name: str, why: str, objective: float) -> str:
+    """Why an optimised sample is not certified: ``why`` it is not known otherwise, then how it was searched."""
+    searched = f"optimised by {name.upper()} (final objective {objective:.2e}), not certified"
+    return f"{why}; {searched}" if why else f"{searched}: an optimisation result carries no proof"
+
+
 def to_reconstruction(
     name: str, result: InversionResult, target: Target, batch_size: int, counts: np.ndarray | None,
     notes: list[str], certified: torch.Tensor | None = None, samples: tuple[SampleRecovery, ...] | None = None,
+    reasons: tuple[str, ...] | None = None,
 ) -> Reconstruction:
+    """Package a search result; ``reasons``: per sample, why it is not known otherwise (see
+    :func:`optimised_reason`)."""
     n = int(result.inputs.shape[0])
     cert = certified if certified is not None else torch.zeros(n, dtype=torch.bool)
     if samples is None:
-        samples = tuple(SampleRecovery(int(l), False, f"{name}: optimisation result (objective {result.loss:.3e})")
-                        for l in result.labels)
+        why = reasons if reasons is not None and len(reasons) == n else ("",) * n
+        samples = tuple(SampleRecovery(int(l), False, optimised_reason(name, w, result.loss), route=name)
+                        for l, w in zip(result.labels, why))
     extra = [f"{name}: {result.iterations} iteration(s) in {result.seconds:.2f} s, final objective {result.loss:.3e}"]
     if result.learning_rate is not None:
         extra.append(f"{name}: learned client learning rate {result.learning_rate:.4g}")
@@ -57,9 +69,17 @@ def run_optimization_attack(
     input_shape: tuple[int, ...] | None = None,
     fixed_inputs: torch.Tensor | None = None,
     fixed_labels: torch.Tensor | None = None,
+    prior: Prior | None = None,
+    clock: RunClock | None = None,
     **options: Any,
 ) -> Reconstruction:
-    """Shared driver of every optimisation attack: check input, settle labels, invert, package."""
+    """Shared driver of every optimisation attack: check input, settle labels, invert, package.
+
+    ``fixed_inputs`` / ``fixed_labels``: samples known exactly, held fixed in the simulated update. ``prior``:
+    what else is known (:class:`~fedleak.attacks.inversion.prior.Prior`: estimates to start from, label
+    counts, why the rest is unknown). ``clock``: the run's :class:`~fedleak.attacks.inversion.clock.RunClock`
+    when this search is one stage of a longer run (``auto``).
+    """
     settings = settings_from(defaults, options, name)
     target = prepare_target(model, update, input_shape=input_shape, dtype=settings.torch_dtype)
     notes: list[str] = []
@@ -72,14 +92,22 @@ def run_optimization_attack(
             notes.append(f"{steps} local {settings.client_optimizer} step(s) unrolled differentiably "
                          "(learning rate learned)")
     m = batch_size_of(target, batch_size, notes)
-    if fixed_inputs is not None and len(fixed_inputs) >= m:
-        raise FedleakError(f"{len(fixed_inputs)} known sample(s) already fill the batch of {m}")
+    n_known = 0 if fixed_inputs is None else len(fixed_inputs)
+    if n_known >= m:
+        raise FedleakError(f"{n_known} known sample(s) already fill the batch of {m}")
     counts: np.ndarray | None = None
     free_labels = None
     if settings.learn_labels:
         notes.append("labels learned jointly with the data (soft labels, DLG)")
     else:
-        y, counts = resolve_labels(model, target, m, labels, notes, known=fixed_labels)
+        given = labels
+        if labels is None and prior is not None and prior.label_counts is not None \
+                and int(prior.label_counts.sum()) == m:
+            given = torch.repeat_interleave(torch.arange(len(prior.label_counts)),
+                                            torch.as_tensor(prior.label_counts, dtype=torch.long))
+        y, counts = resolve_labels(model, target, m, given, notes, known=fixed_labels)
+        if given is not None and labels is None:
+            notes[-1] = f"labels from the label counts known beforehand (the prior): {y.tolist()}"
         if fixed_labels is not None and len(fixed_labels):
             rest = torch.from_numpy(counts.copy())
             known = torch.bincount(fixed_labels.long(), minlength=len(rest))[: len(rest)]
@@ -90,11 +118,20 @@ def run_optimization_attack(
                 free_labels = torch.cat([free_labels, y[: max(0, need - len(free_labels))]])[:need]
         else:
             free_labels = y
+    place = place_estimates(prior, free_labels) if free_labels is not None else None
+    if place is not None:
+        free_labels = place.labels
+        if place.num_warm:
+            notes.append(f"{place.num_warm} sample(s) started from the estimates given (learning rate x "
+                         f"{settings.warm_lr:g})")
     result = invert(model, target, settings, batch_size=m, labels=free_labels, fixed_inputs=fixed_inputs,
-                    fixed_labels=fixed_labels, name=name)
+                    fixed_labels=fixed_labels, warm_start=None if place is None else place.warm, name=name,
+                    clock=clock)
     if settings.learn_labels:
         counts = np.bincount(result.labels.numpy(), minlength=1)
-    return to_reconstruction(name, result, target, m, counts, notes)
+    why = ("",) * n_known + (place.reasons if place is not None else
+                             ((prior.reason if prior is not None else ""),) * (m - n_known))
+    return to_reconstruction(name, result, target, m, counts, notes, reasons=why)
 
 
 # ----------------------------------------------------------------------------------------------------------

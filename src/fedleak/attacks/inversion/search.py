@@ -1,9 +1,11 @@
 """The shared search: dummy inputs (and, for DLG, soft labels) whose simulated update matches the target.
 
 :func:`invert` runs Adam (optionally signed, step-decayed, box-clamped) and/or L-BFGS from ``restarts``
-random starts and keeps the point with the lowest objective; it stops at the iteration or time budget,
-whichever runs out first. On a weight update the client's unknown learning rate is learned (``l2``) or
-tied to the update's norm (scale-free objectives with several local steps).
+random starts (the first may start some samples from known estimates) and keeps the point with the lowest
+objective; it stops at the iteration or time budget, whichever runs out first, and a time-limited run decays
+its learning rate over the iterations that fit (:class:`~fedleak.attacks.inversion.clock.StepDecay`). On a
+weight update the client's unknown learning rate is learned (``l2``) or tied to the update's norm
+(scale-free objectives with several local steps).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedleak.attacks.inversion.clock import RunClock, StepDecay
 from fedleak.attacks.inversion.objectives import OBJECTIVES, total_variation
 from fedleak.attacks.inversion.target import Target
-from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel
+from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel, lr_refresher
 from fedleak.errors import FedleakError
 from fedleak.validation import options_from, validate_fields
 
@@ -34,7 +37,11 @@ class InversionSettings:
     (Inverting Gradients). ``box``: clamp the dummy data into this range after every Adam step, and the
     result in any case. ``lr_decay``: step decay by 10x at 3/8, 5/8 and 7/8 of the iterations.
     ``refine``: after Adam, polish the best point with this many L-BFGS evaluations (counted as iterations).
-    ``init``: ``"uniform"`` (U[box]) or ``"normal"`` (N(0,1), DLG/DLM) dummy data.
+    ``init``: ``"uniform"`` (U[box]) or ``"normal"`` (N(0,1), DLG/DLM) dummy data. ``warm_lr``: the Adam
+    learning rate, relative to ``lr``, of samples started from a known estimate (``auto`` starts the samples the
+    exact route rebuilt but did not certify there: they should move little). ``stop_below``: stop once the
+    matching objective (without TV) falls below this value (0: never; ``auto`` stops at 1e-9, where the
+    simulated update matches the observed one to about float32 precision and more iterations change nothing).
     """
 
     objective: str = "l2"
@@ -58,6 +65,8 @@ class InversionSettings:
     local_steps: int | None = None
     local_batch_size: int | None = None
     momentum: float = 0.9
+    warm_lr: float = 0.01
+    stop_below: float = 0.0
 
     def __post_init__(self) -> None:
         validate_fields(self)  # types and signs first, then the checks below
@@ -73,6 +82,10 @@ class InversionSettings:
             raise FedleakError(f"restarts must be at least 1, got {self.restarts}")
         if not self.lr > 0:
             raise FedleakError(f"lr must be positive, got {self.lr}")
+        if not self.warm_lr > 0:
+            raise FedleakError(f"warm_lr must be positive, got {self.warm_lr}")
+        if not self.stop_below >= 0:
+            raise FedleakError(f"stop_below must be a non-negative objective value, got {self.stop_below}")
         if self.tv < 0:
             raise FedleakError(f"tv must be non-negative, got {self.tv}")
         if self.tv_boundary not in ("zero", "none"):
@@ -121,12 +134,13 @@ class _BudgetSpent(Exception):
     """Raised inside an L-BFGS closure when the evaluation or time budget is spent."""
 
 
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def start_seed(seed: int) -> int:
+    """The seed of the random starting point, derived from the attack's ``seed`` so that it never equals a
+    stream a user draws test data from (``torch.manual_seed(seed)``; ``torch.rand`` with the same seed would
+    start the search on the very batch and report a perfect reconstruction the update never gave)."""
+    import numpy as np
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return int(np.random.SeedSequence([int(seed), 0x1E4C]).generate_state(1)[0])
 
 
 def invert(
@@ -138,14 +152,32 @@ def invert(
     labels: torch.Tensor | None,
     fixed_inputs: torch.Tensor | None = None,
     fixed_labels: torch.Tensor | None = None,
+    warm_start: torch.Tensor | None = None,
     name: str = "inversion",
+    clock: RunClock | None = None,
 ) -> InversionResult:
     """Search dummy inputs whose simulated update matches ``target`` (see the package doc).
 
     ``labels`` (``batch_size`` class indices) are fixed, or learned jointly as soft labels when
     ``settings.learn_labels``. ``fixed_inputs``/``fixed_labels`` are samples already known (e.g.
     certified by the exclusivity attack): they take part in the simulated update but are not optimised.
+    ``warm_start``: starting inputs of the first free samples (first restart), moved at ``warm_lr`` times the
+    learning rate. ``clock``: the run's clock (time budget and progress bar) when the search is one stage of a
+    longer run; without it the search makes its own from ``time_budget`` and ``progress``. With a clock,
+    ``time_budget`` (if set) limits this stage further.
     """
+    own_clock = clock is None
+    clock = clock or RunClock(settings.time_budget, progress=settings.progress)
+    try:
+        return _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_labels, warm_start, name,
+                       clock, None if own_clock else settings.time_budget)
+    finally:
+        if own_clock:
+            clock.close()
+
+
+def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_labels, warm_start, name,
+            clock: RunClock, stage_limit: float | None) -> InversionResult:
     dtype = settings.torch_dtype
     fm = FunctionalModel(model, replace(target, params=[p.to(dtype) for p in target.params]))
     tgt = [t.to(dtype) for t in target.tensors]
@@ -156,14 +188,17 @@ def invert(
         raise FedleakError(f"nothing to optimise: batch size {batch_size} with {n_fixed} known sample(s)")
     fx = None if fixed_inputs is None else fixed_inputs.detach().to(dtype).reshape(n_fixed, *target.input_shape)
     fy = None if fixed_labels is None else fixed_labels.detach().long()
+    warm = None
+    if warm_start is not None and len(warm_start):
+        warm = warm_start.detach().to(dtype).reshape(-1, *target.input_shape)[:n_free]
+        if settings.box is not None:
+            warm = warm.clamp(*settings.box)
     K = int(fm.logits(fm.params, torch.zeros(1, *target.input_shape, dtype=dtype)).shape[-1])
     steps = 1
     if target.kind == "weights":
         steps = int(settings.local_steps or target.local_steps or 1)
-    # How the simulated client's learning rate is set (weight updates only): with the L2 objective it is a
-    # free variable (DLM). With a scale-free objective it cancels for one step; for several steps it still
-    # shapes the trajectory but the objective barely constrains it, so it is tied to the update's norm
-    # instead: a fixed point ``η <- η ||ΔW*|| / ||ΔW(x', η)||`` refreshed between optimiser rounds.
+    # the simulated client's learning rate (weight updates): learned with L2 (DLM); with a scale-free objective it
+    # cancels for one step, and for several it is tied to the update's norm (``η <- η ||ΔW*|| / ||ΔW(x', η)||``)
     lr_mode = None
     if target.kind == "weights":
         lr_mode = "learned" if settings.objective == "l2" else ("norm" if steps > 1 else None)
@@ -182,43 +217,58 @@ def invert(
         return fm.simulate(x_all, y_all, kind=target.kind, lr=lr, steps=steps, optimizer=settings.client_optimizer,
                            local_batch_size=settings.local_batch_size, momentum=settings.momentum)
 
-    gen = torch.Generator().manual_seed(int(settings.seed))
+    gen = torch.Generator().manual_seed(start_seed(settings.seed))
     start = time.perf_counter()
-    deadline = None if settings.time_budget is None else start + float(settings.time_budget)
+    clock.stage(name, settings.iterations * settings.restarts, limit=stage_limit)
     best: tuple[float, torch.Tensor, torch.Tensor, float | None] | None = None
     total_iters = 0
     notes: list[str] = []
-    stopped = False
-    bar = _progress_bar(settings.progress, settings.iterations * settings.restarts, name)
+    stopped = converged = False
+    if not settings.learn_labels and labels is None:
+        raise FedleakError("labels are needed unless they are learned")
     for restart in range(settings.restarts):
+        if clock.spent() and best is not None:
+            stopped = True
+            break
         if settings.init == "normal":
             x0 = torch.randn(n_free, *target.input_shape, generator=gen, dtype=dtype)
         else:
             lo, hi = settings.box if settings.box is not None else (0.0, 1.0)
             x0 = lo + (hi - lo) * torch.rand(n_free, *target.input_shape, generator=gen, dtype=dtype)
-        x = x0.clone().requires_grad_(True)
-        variables = [x]
+        n_warm = len(warm) if warm is not None and restart == 0 else 0
+        if n_warm:
+            x0[:n_warm] = warm
+        # the warm-started samples and the others are two leaves, so that Adam moves them at their own rates
+        parts = [p.clone().requires_grad_(True) for p in (x0[:n_warm], x0[n_warm:]) if len(p)]
+        lrs = [settings.lr * settings.warm_lr, settings.lr][-len(parts):] if n_warm else [settings.lr]
+
+        def current_x() -> torch.Tensor:
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        extra: list[torch.Tensor] = []
         if settings.learn_labels:
             y_logits = torch.randn(n_free, K, generator=gen, dtype=dtype).requires_grad_(True)
-            variables.append(y_logits)
+            extra.append(y_logits)
         else:
-            if labels is None:
-                raise FedleakError("labels are needed unless they are learned")
+            y_logits = None
             y_fixed_free = labels.long()
         log_lr = None
         if lr_mode is not None:
-            log_lr = torch.zeros((), dtype=dtype)
-            refresh_lr = _lr_refresher(simulate, x, y_logits if settings.learn_labels else None,
-                                       None if settings.learn_labels else y_fixed_free, target_norm)
-            log_lr = refresh_lr(log_lr)
+            refresh_lr = lr_refresher(simulate, current_x, y_logits, None if settings.learn_labels else y_fixed_free,
+                                       target_norm)
+            log_lr = refresh_lr(torch.zeros((), dtype=dtype))
             if lr_mode == "learned":
                 log_lr.requires_grad_(True)
-                variables.append(log_lr)
+                extra.append(log_lr)
+        variables = parts + extra
+
+        matched = [math.inf]  # the matching objective alone (without TV) at the last evaluation
 
         def loss_fn() -> torch.Tensor:
             y_free = torch.softmax(y_logits, -1) if settings.learn_labels else y_fixed_free
-            sim = simulate(x, y_free, log_lr)
-            loss = objective(sim)
+            x = current_x()
+            loss = objective(simulate(x, y_free, log_lr))
+            matched[0] = float(loss.detach())
             if settings.tv > 0:
                 loss = loss + settings.tv * total_variation(x, settings.tv_boundary)
             return loss
@@ -229,52 +279,68 @@ def invert(
         def remember(value: float) -> None:
             nonlocal run_best
             if math.isfinite(value) and (run_best is None or value < run_best[0]):
-                run_best = (value, x.detach().clone(),
+                run_best = (value, current_x().detach().clone(),
                             y_logits.detach().clone() if settings.learn_labels else None,
                             float(torch.exp(log_lr.detach())) if log_lr is not None else None)
 
         if settings.optimizer == "adam":
-            opt = torch.optim.Adam(variables, lr=settings.lr)
-            milestones = [int(settings.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)] if settings.lr_decay else []
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-            for it in range(settings.iterations):
-                if deadline is not None and time.perf_counter() > deadline:
+            groups = [{"params": [p], "lr": lr} for p, lr in zip(parts, lrs)]
+            if extra:
+                groups.append({"params": extra, "lr": settings.lr})
+            opt = torch.optim.Adam(groups)
+            base = [g["lr"] for g in opt.param_groups]
+            decay = StepDecay(settings.iterations, clock, enabled=settings.lr_decay, share=settings.restarts - restart)
+            it = 0
+            while not decay.finished(it):
+                if clock.spent():
                     stopped = True
                     break
                 if lr_mode == "norm" and it % 20 == 19:
                     log_lr = refresh_lr(log_lr)
+                decay.update(it)
+                for g, b in zip(opt.param_groups, base):
+                    g["lr"] = b * decay.factor()
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn()
                 grads = torch.autograd.grad(loss, variables)
                 for v, g in zip(variables, grads):
-                    v.grad = g.sign() if (settings.signed and v is x) else g
-                remember(float(loss.detach()))
+                    v.grad = g.sign() if (settings.signed and any(v is p for p in parts)) else g
+                value = float(loss.detach())
+                remember(value)
+                if matched[0] < settings.stop_below:
+                    converged = True
+                    break
                 opt.step()
-                sched.step()
                 if settings.box is not None:
                     with torch.no_grad():
-                        x.clamp_(*settings.box)
-                iters += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3e}")
+                        for p in parts:
+                            p.clamp_(*settings.box)
+                it += 1
+                clock.advance(1, value)
+            stopped = stopped or (it < settings.iterations and clock.spent())
+            iters += it
             remember(float(loss_fn().detach()))
         # L-BFGS: the optimiser itself, or a refinement of the best Adam point (``refine`` evaluations)
         budget = settings.iterations if settings.optimizer == "lbfgs" else int(settings.refine)
-        lbfgs_lr = settings.lr if settings.optimizer == "lbfgs" else 1.0
-        if budget > 0 and not stopped:
+        if budget > 0 and not stopped and not converged:
             if settings.optimizer == "adam" and run_best is not None:
                 with torch.no_grad():
-                    x.copy_(run_best[1])
-            opt = torch.optim.LBFGS(variables, lr=lbfgs_lr, max_iter=20, history_size=100,
-                                    tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe")
+                    for p, b in zip(parts, run_best[1].split([len(p) for p in parts])):
+                        p.copy_(b)
+            lbfgs_lr = settings.lr if settings.optimizer == "lbfgs" else 1.0
+
+            def new_lbfgs() -> torch.optim.LBFGS:
+                return torch.optim.LBFGS(variables, lr=lbfgs_lr, max_iter=20, history_size=100, tolerance_grad=1e-14,
+                                         tolerance_change=1e-16, line_search_fn="strong_wolfe")
+
+            opt = new_lbfgs()
             evals = 0
 
             def closure() -> torch.Tensor:
-                nonlocal evals, stopped
+                nonlocal evals, stopped, converged
                 if evals >= budget:
                     raise _BudgetSpent
-                if deadline is not None and time.perf_counter() > deadline:
+                if clock.spent():
                     stopped = True
                     raise _BudgetSpent
                 opt.zero_grad(set_to_none=True)
@@ -283,15 +349,17 @@ def invert(
                 for v, g in zip(variables, grads):
                     v.grad = g
                 evals += 1
-                remember(float(loss.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3e}")
+                value = float(loss.detach())
+                remember(value)
+                clock.advance(1, value)
+                if matched[0] < settings.stop_below:
+                    converged = True
+                    raise _BudgetSpent
                 return loss
 
             stall = 0
             while evals < budget:
-                if deadline is not None and time.perf_counter() > deadline:
+                if clock.spent():
                     stopped = True
                     break
                 before = evals
@@ -312,9 +380,7 @@ def invert(
                     if stall >= 2:
                         notes.append(f"restart {restart}: L-BFGS converged after {evals} evaluations (loss {now:.2e})")
                         break
-                    opt = torch.optim.LBFGS(variables, lr=lbfgs_lr, max_iter=20, history_size=100,
-                                            tolerance_grad=1e-14, tolerance_change=1e-16,
-                                            line_search_fn="strong_wolfe")
+                    opt = new_lbfgs()
                 else:
                     stall = 0
             iters += evals
@@ -324,15 +390,16 @@ def invert(
             y_hard = yb.argmax(-1) if yb is not None else y_fixed_free
             if best is None or loss_value < best[0]:
                 best = (loss_value, xb, y_hard, lrb)
-        if stopped:
+        if stopped or converged:
             break
-    if bar is not None:
-        bar.close()
     seconds = time.perf_counter() - start
     if best is None:
         raise FedleakError(f"the {name} attack produced no finite objective value (the update may be degenerate)")
-    if stopped:
-        notes.append(f"stopped by the time budget of {settings.time_budget:g} s after {total_iters} iteration(s)")
+    if converged:
+        notes.append(f"converged: the matching objective fell below {settings.stop_below:g} after {total_iters} "
+                     "iteration(s)")
+    elif stopped:
+        notes.append(f"stopped by the time budget after {total_iters} iteration(s) ({seconds:.1f} s)")
     loss_value, xb, y_hard, lrb = best
     if settings.box is not None:
         xb = xb.clamp(*settings.box)
@@ -340,22 +407,3 @@ def invert(
     y_all = y_hard if fy is None else torch.cat([fy, y_hard])
     return InversionResult(x_all.detach(), y_all.detach(), loss_value, total_iters, seconds, lrb, notes)
 
-
-def _lr_refresher(simulate, x, y_logits, y_fixed, target_norm: float):
-    """A function that moves ``log η`` to where the simulated update's norm equals the observed one."""
-
-    def refresh(log_lr: torch.Tensor) -> torch.Tensor:
-        value = log_lr.detach().clone()
-        y = torch.softmax(y_logits.detach(), -1) if y_fixed is None else y_fixed
-        for _ in range(3):
-            sim = simulate(x.detach(), y, value)
-            norm = math.sqrt(sum(float((g.detach() ** 2).sum()) for g in sim))
-            if not (norm > 0 and math.isfinite(norm)):
-                break
-            step = math.log(target_norm / norm)
-            value = value + step
-            if abs(step) < 1e-3:
-                break
-        return value
-
-    return refresh

@@ -13,6 +13,7 @@ Second-order autograd (``create_graph=True``) differentiates the simulated updat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -89,3 +90,28 @@ class FunctionalModel:
             else:
                 raise FedleakError(f"unknown client optimizer '{optimizer}'; choose from {UNROLL_OPTIMIZERS}")
         return [p0 - pe for p0, pe in zip(self.params, p)]
+
+
+def lr_refresher(simulate, current_x, y_logits, y_fixed, target_norm: float):
+    """A function that moves ``log η`` to where the simulated update's norm equals the observed one.
+
+    ``simulate(x, y, log_lr)`` gives the simulated update; ``current_x()`` the dummy inputs; ``y_logits`` (soft
+    labels) or ``y_fixed`` (class indices) the labels; ``target_norm`` the observed update's norm.
+    """
+
+    def refresh(log_lr: torch.Tensor) -> torch.Tensor:
+        value = log_lr.detach().clone()
+        y = torch.softmax(y_logits.detach(), -1) if y_fixed is None else y_fixed
+        x = current_x().detach()
+        for _ in range(3):
+            sim = simulate(x, y, value)
+            norm = math.sqrt(sum(float((g.detach() ** 2).sum()) for g in sim))
+            if not (norm > 0 and math.isfinite(norm)):
+                break
+            step = math.log(target_norm / norm)
+            value = value + step
+            if abs(step) < 1e-3:
+                break
+        return value
+
+    return refresh

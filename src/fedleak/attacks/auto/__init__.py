@@ -1,0 +1,93 @@
+"""``attack="auto"``: the strongest applicable attack on any model fedleak reads, exact route first, within a
+time budget.
+
+1. **Route** (:mod:`~fedleak.attacks.auto.route`). The certified exclusivity attack (MLPs and CNNs) runs when
+   :func:`fedleak.nets.as_network` reads the model with a hidden ReLU layer in its dense head and the update is
+   a FedSGD gradient or a one-step FedAvg weight change (local steps 1 or not declared: for one step
+   ``ΔW = η ∇W`` and the unknown learning rate cancels in every ratio ``ΔW_i / Δb_i``; its certificate rejects
+   what several steps would corrupt). Otherwise (several local steps declared, a residual or LayerNorm model,
+   no hidden ReLU layer, ...) it is skipped and the notes say why.
+2. **Optimisation for the rest** (:mod:`~fedleak.attacks.auto.assemble`). The certified samples are kept
+   exactly and held fixed; DLM+ (weight updates, local steps unrolled) or Inverting Gradients (gradients)
+   searches the others, starting from what the exact route knows: their labels discounted from its label
+   counts, the inputs it rebuilt without a certificate as starting points.
+3. **Budget** (``budget`` seconds, default :data:`DEFAULT_BUDGET`; the optimisation gets what the exact route
+   leaves) and one progress bar on stderr (``progress=False`` turns it off) that shows the route and the
+   seconds left.
+
+Every sample says which route produced it (``SampleRecovery.route``: ``"exclusivity (certified)"``,
+``"dlm+"``, ``"ig"``) and, uncertified, why in its ``reason``; never more samples than the batch.
+``Reconstruction.attack`` names the routes taken (``"auto:exclusivity"``, ``"auto:exclusivity+dlm+"``,
+``"auto:ig"``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fedleak.attacks.auto.route import OPTIMISATION_ROUTES, RoutePlan, exact_route_reason, plan_route
+from fedleak.attacks.auto.stages import finish, run_exact
+from fedleak.attacks.exact import exclusivity_on_weights
+from fedleak.attacks.exact.options import resolve_options
+from fedleak.attacks.inversion import RunClock
+from fedleak.attacks.registry import register_attack
+from fedleak.errors import OptionError
+from fedleak.reconstruction import Reconstruction
+from fedleak.updates import WeightUpdate, as_gradient_update, check_matches_model
+from fedleak.validation import check_float, check_int
+
+#: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
+DEFAULT_BUDGET = 60.0
+
+
+@register_attack("auto", update_kinds=("gradient", "weights"),
+                 description="exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")
+def auto_attack(
+    model: nn.Module,
+    update: Any,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    batch_size: int | None = None,
+    budget: float | None = DEFAULT_BUDGET,
+    progress: bool = True,
+    exclusivity_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> Reconstruction:
+    """Run the exact exclusivity attack where it applies, then optimise what it did not certify.
+
+    ``budget``: seconds for the whole run (default :data:`DEFAULT_BUDGET`; ``None``: no limit); the exact
+    route runs first and the optimisation gets what is left. ``progress``: a tqdm bar on stderr that shows the
+    route and the seconds left. ``options`` go to the optimisation attack (DLM+ for weight updates, IG for
+    gradients: ``iterations``, ``time_budget`` (a further limit on that stage), ``seed``, ...);
+    ``exclusivity_options`` to the exclusivity attack (unless they say otherwise it skips feature matching,
+    ``fallback="none"``, as the optimisation searches those samples instead, and returns at most the batch
+    size, ``beyond_batch=False``).
+    """
+    if budget is not None:
+        budget = check_float("budget", budget, low=0.0, error=OptionError)
+        if budget <= 0:
+            raise OptionError(f"budget must be positive seconds (or None for no limit), got {budget}")
+    if not isinstance(progress, bool):
+        raise OptionError(f"progress must be True or False, got {progress!r}")
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, low=1, error=OptionError)
+    if not isinstance(update, WeightUpdate):
+        update = as_gradient_update(update)
+    # a mismatched update is bad input: said before any route starts or any progress bar is drawn
+    check_matches_model(model, update.before if isinstance(update, WeightUpdate) else update.gradients)
+    exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **(exclusivity_options or {})})
+    with RunClock(budget, progress=progress, label="auto") as clock:
+        plan = plan_route(model, update, input_shape)
+        notes = list(plan.notes)
+        exact = None
+        if plan.runs_exact:
+            clock.stage("exclusivity")
+            exact = run_exact(model, update, input_shape, exact_opts, notes)
+            clock.advance()
+        return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
+
+
+__all__ = ["DEFAULT_BUDGET", "OPTIMISATION_ROUTES", "RoutePlan", "auto_attack", "exact_route_reason",
+           "exclusivity_on_weights", "plan_route", "run_exact"]

@@ -1,0 +1,78 @@
+"""From the exact route's result to ``auto``'s: what the search starts from, and the merged reconstruction.
+
+The exact route's certified samples are held fixed in the search and returned as they are; its uncertified
+samples become :class:`~fedleak.attacks.inversion.prior.Estimate` s (a rebuilt input starts the search of a
+sample of its label; a sample found but not rebuilt lends its label and its reason); the batch's label counts it
+inferred are the search's. Every returned sample says which route produced it and, uncertified, why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fedleak.attacks.inversion import Estimate, Prior
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+
+
+def certified_indices(exact: Reconstruction) -> list[int]:
+    return exact.certified.nonzero().flatten().tolist()
+
+
+def prior_from(exact: Reconstruction | None, skipped: str) -> Prior:
+    """What the search knows from the exact route (or, when it was skipped, why nothing is known)."""
+    if exact is None:
+        return Prior(reason=f"exact route skipped: {skipped}")
+    estimates = []
+    for k, r in enumerate(exact.samples):
+        if r.certified:
+            continue
+        if r.rebuilt:
+            estimates.append(Estimate(r.label, f"the exact route rebuilt it but did not certify it: {r.reason}",
+                                      exact.inputs[k]))
+        else:
+            estimates.append(Estimate(r.label, f"the exact route found it but could not rebuild it: {r.reason}"))
+    missing = exact.missing_reason or "it left no exclusively activated neuron of its own"
+    return Prior(tuple(estimates), exact.label_counts, f"not found by the exact route: {missing}")
+
+
+def exact_part(exact: Reconstruction, batch_size: int | None, notes: list[str], why_not_searched: str = "",
+               certified_only: bool = False) -> Reconstruction:
+    """The exact route's result as ``auto``'s: its certified samples and (unless ``certified_only``) the inputs it
+    rebuilt uncertified, at most ``batch_size``; ``why_not_searched`` is added to the uncertified ones' reasons."""
+    keep = [k for k, r in enumerate(exact.samples) if r.certified or (r.rebuilt and not certified_only)]
+    keep.sort(key=lambda k: not exact.samples[k].certified)
+    if batch_size is not None:
+        keep = keep[:batch_size]
+    samples = []
+    for k in keep:
+        r = exact.samples[k]
+        if not r.certified and why_not_searched:
+            r = replace(r, reason=f"{r.reason}; not optimised: {why_not_searched}")
+        samples.append(r)
+    index = torch.tensor(keep, dtype=torch.long)
+    missing = exact.missing_reason
+    if why_not_searched and batch_size is not None and len(keep) < batch_size:
+        missing = "; ".join(w for w in (missing, f"not searched: {why_not_searched}") if w)
+    return replace(exact, attack="auto:exclusivity", inputs=exact.inputs[index], labels=exact.labels[index],
+                   certified=exact.certified[index], samples=tuple(samples), notes=tuple(notes),
+                   missing_reason=missing)
+
+
+def merge(exact: Reconstruction | None, rest: Reconstruction, optimiser: str, notes: list[str]) -> Reconstruction:
+    """The search's result with the exact route's certified samples (held fixed, so first in ``rest``) restored
+    exactly, as they were certified."""
+    fixed = certified_indices(exact) if exact is not None else []
+    n = len(fixed)
+    inputs = rest.inputs.clone()
+    samples: tuple[SampleRecovery, ...] = rest.samples
+    if n:
+        inputs[:n] = exact.inputs[fixed].to(inputs.dtype)
+        samples = tuple(exact.samples[k] for k in fixed) + rest.samples[n:]
+    certified = torch.zeros(len(rest), dtype=torch.bool)
+    certified[:n] = True
+    return replace(rest, attack=f"auto:exclusivity+{optimiser}" if n else f"auto:{optimiser}", inputs=inputs,
+                   certified=certified, samples=samples,
+                   joint_residual=exact.joint_residual if n else float("nan"),
+                   notes=tuple(notes + list(rest.notes)))

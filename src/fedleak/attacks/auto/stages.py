@@ -1,0 +1,89 @@
+"""``auto``'s stages after the route is planned: the exact route, then the search for the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fedleak.attacks.auto.assemble import certified_indices, exact_part, merge, prior_from
+from fedleak.attacks.auto.route import RoutePlan
+from fedleak.attacks.exact import exclusivity_attack, exclusivity_on_weights
+from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.inversion import RunClock
+from fedleak.attacks.registry import get_attack
+from fedleak.errors import FedleakError, ModelError, OptionError, UpdateError
+from fedleak.reconstruction import Reconstruction
+from fedleak.updates import WeightUpdate
+
+#: the search stops once its objective is below this (the update matched to float32 precision), unless told otherwise
+STOP_BELOW = 1e-9
+
+
+def run_exact(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None, opts: ExclusivityOptions,
+              notes: list[str]) -> Reconstruction | None:
+    """The exclusivity attack on a gradient or a one-step weight change; None (and a note) when it cannot run."""
+    try:
+        if isinstance(update, WeightUpdate):
+            return exclusivity_on_weights(model, update, input_shape=input_shape, options=opts)
+        return exclusivity_attack(model, update, input_shape=input_shape, options=opts)
+    except (UpdateError, OptionError):
+        raise  # the update does not fit the model, or a bad option: the user's to fix
+    except FedleakError as exc:
+        notes.append(f"auto: the exclusivity attack could not run ({exc})")
+        return None
+
+
+def search_rest(name: str, model: nn.Module, update: Any, **kwargs: Any) -> Reconstruction:
+    """Run the optimisation attack ``name`` (looked up in the attack registry)."""
+    return get_attack(name).run(model, update, **kwargs)
+
+
+def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction | None, clock: RunClock,
+           notes: list[str], input_shape: tuple[int, ...] | None, batch_size: int | None, budget: float | None,
+           options: dict[str, Any]) -> Reconstruction:
+    """Everything after the exact route: stop where it settled the batch, else search the rest."""
+    name = plan.optimiser
+    m = batch_size
+    if m is None and exact is not None and exact.batch_size is not None:
+        m = exact.batch_size
+    if m is None:
+        m = update.num_examples
+    fixed = certified_indices(exact) if exact is not None else []
+    if exact is not None:
+        unit = "one-step weight change (learning rate cancels in ΔW_i/Δb_i)" if isinstance(update, WeightUpdate) \
+            else "gradient"
+        notes.append(f"auto: exclusivity attack on the {unit} in {exact.seconds:.2f} s: {len(fixed)} sample(s) "
+                     "certified exact" + (f" of a batch of {m}" if m is not None else " (batch size unknown)"))
+        notes.extend(f"exclusivity: {n}" for n in exact.notes)
+        whole = bool(fixed) and (exact.batch_certified or (m is not None and len(fixed) >= m))
+        if whole:
+            notes.append("auto: every sample certified by the exclusivity attack; no optimisation needed")
+            return exact_part(exact, m, notes, certified_only=True)
+        if fixed and m is None:
+            notes.append("auto: the batch size is unknown, so it is unknown whether samples are missing: returning "
+                         "the certified samples only (pass batch_size=... to search for the rest)")
+            return exact_part(exact, m, notes, certified_only=True)
+        if clock.spent():
+            why = f"the time budget of {budget:g} s was spent by the exact route"
+            notes.append(f"auto: {why}")
+            return exact_part(exact, m, notes, why)
+    prior = prior_from(exact, plan.exact_skipped)
+    shape = input_shape if input_shape is not None or exact is None else tuple(exact.inputs.shape[1:])
+    try:
+        rest = search_rest(name, model, update, input_shape=shape, batch_size=m,
+                           fixed_inputs=exact.inputs[fixed] if fixed else None,
+                           fixed_labels=exact.labels[fixed] if fixed else None,
+                           prior=prior, clock=clock, **{"stop_below": STOP_BELOW, **options})
+    except ModelError as exc:
+        if exact is None or len(exact) == 0:
+            raise
+        why = f"{name} could not search for the other samples ({exc})"
+        notes.append(f"auto: {why}")
+        return exact_part(exact, m, notes, why)
+    if fixed:
+        notes.append(f"auto: {len(fixed)} sample(s) come from the exclusivity attack (certified exact); "
+                     f"{len(rest) - len(fixed)} more from {name}, optimised with the certified ones held fixed")
+    elif exact is not None:
+        notes.append(f"auto: nothing certified; every sample comes from {name}")
+    return merge(exact, rest, name, notes)

@@ -1,0 +1,57 @@
+"""The built-in attacks' catalog: each attack's name, what it runs on, its description and the module that
+implements it, known without importing that module (or torch).
+
+``fedleak info`` and ``fedleak --help`` list attacks from here; :func:`fedleak.attacks.get_attack` imports an
+attack's module when the attack is first used, and the module's ``@register_attack(...)`` must describe the attack
+exactly as its entry here does (a mismatch raises :class:`RuntimeError` when the module is imported, and
+``tests/test_registry.py`` checks every module of :mod:`fedleak.attacks`). Adding a built-in attack: decorate it
+with ``@register_attack`` and add its entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedleak.registry import CatalogEntry
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What an attack runs on and does, without its implementation.
+
+    ``update_kinds``: ``"gradient"`` and/or ``"weights"``. ``needs_relu_network``: an exact attack, which runs only
+    on a network :func:`fedleak.nets.as_network` reads; the optimisation attacks, which need only autograd, do not.
+    """
+
+    update_kinds: tuple[str, ...]
+    description: str
+    needs_relu_network: bool = False
+
+
+BOTH = ("gradient", "weights")
+
+ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
+    CatalogEntry("exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
+        BOTH, "deterministic, certified reconstruction from exclusively activated neurons "
+              "(MLPs, and CNNs through their conv layers)", needs_relu_network=True)),
+    CatalogEntry("conv-exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
+        BOTH, "the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)",
+        needs_relu_network=True)),
+    CatalogEntry("trap-weights", "fedleak.attacks.malicious.trap", AttackSpec(
+        BOTH, "malicious trap-weight first layer (Boenisch et al.): certified x = dW_i/db_i", needs_relu_network=True)),
+    CatalogEntry("imprint", "fedleak.attacks.malicious.imprint", AttackSpec(
+        BOTH, "malicious imprint bins in the first layer (Robbing the Fed): certified bin differences",
+        needs_relu_network=True)),
+    CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
+        BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")),
+    CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
+        ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)")),
+    CatalogEntry("dlm+", "fedleak.attacks.dlm", AttackSpec(
+        ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)")),
+    CatalogEntry("dlg", "fedleak.attacks.inversion.attacks", AttackSpec(
+        BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS")),
+    CatalogEntry("idlg", "fedleak.attacks.inversion.attacks", AttackSpec(
+        BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS")),
+    CatalogEntry("ig", "fedleak.attacks.inversion.attacks", AttackSpec(
+        BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts")),
+)

@@ -1,0 +1,238 @@
+"""Built-in models by name, and the model a user names: a built-in, a class in their own file, or a state dict.
+
+``fedleak check --model`` (and any caller) reads a model spec with :func:`load_model`. The spec's forms are
+model *sources*, tried in the order they are registered (:data:`MODEL_SOURCES`):
+
+* ``path/to/file.py:ClassName`` -- the user's own ``nn.Module`` class. **This runs the user's Python file**
+  (as ``python file.py`` would, without ``__main__``) and builds the class with no arguments;
+* ``model.safetensors`` / ``model.pt`` -- the state dict of a Sequential MLP, as :func:`fedleak.load_mlp` reads it;
+* a built-in name (:data:`BUILTIN_MODELS`): ``flower-cnn`` (Flower's quickstart ``Net``), ``mlp`` and the
+  certifiable CNNs ``convnet`` / ``convnet-digits`` built by fedleak's own builders, each seeded.
+
+Weights for a class or a built-in come from a state-dict file read without unpickling anything
+(:func:`fedleak.updates.read_tensor_file`: safetensors, or a torch file of tensors read with ``weights_only``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedleak.errors import ModelError
+from fedleak.models.catalog import BUILTIN_MODELS, MODEL_CATALOG
+from fedleak.registry import Registry
+
+STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: how to build it (seeded), the shape of one input and a built-in data set it fits."""
+
+    name: str
+    description: str
+    build: Callable[[int], nn.Module]
+    input_shape: tuple[int, ...]
+    data: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model read from a spec: the module (in eval mode), a name for reports, what it was read from, and,
+    for a built-in, its input shape and the built-in data set it fits (None otherwise)."""
+
+    module: nn.Module
+    name: str
+    source: str
+    input_shape: tuple[int, ...] | None = None
+    data: str | None = None
+
+
+
+
+def _seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` under ``torch.manual_seed(seed)``, leaving the global generator as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _flower(seed: int) -> nn.Module:
+    from fedleak.models.flower import FlowerNet
+
+    return _seeded(FlowerNet, seed)
+
+
+def _mlp(seed: int) -> nn.Module:
+    from fedleak.models.mlp import make_mlp
+
+    return make_mlp((1, 8, 8), [1024], 10, seed=seed)
+
+
+def _convnet(seed: int) -> nn.Module:
+    from fedleak.models.convnet import make_convnet
+
+    return make_convnet((1, 28, 28), 10, channels=(6, 32), padding=1, fc_widths=(1024,), seed=seed)
+
+
+def _convnet_digits(seed: int) -> nn.Module:
+    from fedleak.models.convnet import make_convnet
+
+    return make_convnet((1, 8, 8), 10, channels=(6, 32), padding=1, fc_widths=(1024,), seed=seed)
+
+
+_BUILDERS = {"flower-cnn": (_flower, (3, 32, 32), "retina"), "mlp": (_mlp, (1, 8, 8), "digits"),
+             "convnet": (_convnet, (1, 28, 28), "fashion-mnist"),
+             "convnet-digits": (_convnet_digits, (1, 8, 8), "digits")}
+for _entry in MODEL_CATALOG:  # descriptions come from the catalog, which lists them without torch
+    _build, _shape, _data = _BUILDERS[_entry.name]
+    BUILTIN_MODELS.register(_entry.name, BuiltinModel(_entry.name, _entry.about, _build, _shape, _data))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model sources
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One form of model spec: ``matches(spec)`` says whether the spec has this form, ``load(spec, weights, seed)``
+    reads it."""
+
+    name: str
+    description: str
+    matches: Callable[[str], bool]
+    load: Callable[[str, Path | None, int], LoadedModel]
+
+
+MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
+
+
+def _is_class_spec(spec: str) -> bool:
+    path, sep, cls = spec.rpartition(":")
+    return bool(sep) and path.endswith(".py") and bool(cls)
+
+
+def _run_user_file(path: Path) -> object:
+    """Execute the user's Python file as a fresh module (its folder on ``sys.path`` meanwhile, as for a script)."""
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    name = f"fedleak_user_model_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"cannot read {path} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code may raise anything
+        sys.modules.pop(name, None)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"running {path} raised {type(exc).__name__}" + (f": {first}" if first else "")) from None
+    finally:
+        if sys.path and sys.path[0] == folder:
+            sys.path.pop(0)
+    return module
+
+
+def _load_class(spec: str, weights: Path | None, seed: int) -> LoadedModel:
+    file, _, cls_name = spec.rpartition(":")
+    path = Path(file)
+    module = _run_user_file(path)
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        found = sorted(n for n, v in vars(module).items()
+                       if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
+        raise ModelError(f"{path} defines no nn.Module class '{cls_name}'"
+                         + (f"; it defines {', '.join(found)}" if found else ""))
+    try:
+        model = _seeded(cls, seed)
+    except TypeError as exc:
+        raise ModelError(f"{cls_name}() cannot be built without arguments ({exc}); give its arguments defaults, "
+                         "or write a subclass that passes them") from None
+    except Exception as exc:  # the user's constructor may raise anything
+        raise ModelError(f"{cls_name}() raised {type(exc).__name__}: {exc}") from None
+    if weights is not None:
+        load_weights(model, weights)
+    return LoadedModel(model.eval(), cls_name, f"class {cls_name} of {path}" + _with(weights))
+
+
+def _with(weights: Path | None) -> str:
+    return "" if weights is None else f", weights {weights}"
+
+
+def _load_state_dict(spec: str, weights: Path | None, seed: int) -> LoadedModel:
+    from fedleak.models.io import load_mlp
+
+    if weights is not None:
+        raise ModelError(f"{spec} already holds the model's weights; weights apply to a class or a built-in model")
+    model = load_mlp(spec)
+    return LoadedModel(model.eval(), Path(spec).name, f"Sequential MLP state dict {spec}", tuple(model.input_shape))
+
+
+def _load_builtin(spec: str, weights: Path | None, seed: int) -> LoadedModel:
+    entry = BUILTIN_MODELS.get(spec, error=ModelError)
+    model = entry.build(seed)
+    if weights is not None:
+        load_weights(model, weights)
+    how = f"built-in {entry.name}: {entry.description}" + (f", seed {seed}" if weights is None else _with(weights))
+    return LoadedModel(model.eval(), entry.name, how, entry.input_shape, entry.data)
+
+
+MODEL_SOURCES.register("class", ModelSource(
+    "class", "path/to/file.py:ClassName (runs that Python file)", _is_class_spec, _load_class))
+MODEL_SOURCES.register("state-dict", ModelSource(
+    "state-dict", "a .safetensors or .pt state dict of a Sequential MLP",
+    lambda spec: spec.endswith(STATE_DICT_SUFFIXES), _load_state_dict))
+MODEL_SOURCES.register("built-in", ModelSource(
+    "built-in", "a built-in model name", lambda spec: spec in BUILTIN_MODELS, _load_builtin))
+
+
+def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] | None = None,
+               seed: int = 0) -> LoadedModel:
+    """The model ``spec`` names (see the module docstring), in eval mode.
+
+    ``weights``: a state dict for a class or a built-in model (safetensors, or a torch file of tensors read with
+    ``weights_only=True``; nothing else is unpickled). ``seed`` seeds the initialisation when no weights are
+    given. Raises :class:`ModelError` naming the problem.
+    """
+    text = os.fspath(spec)
+    for _, source in MODEL_SOURCES.items():
+        if source.matches(text):
+            return source.load(text, None if weights is None else Path(weights), seed)
+    raise ModelError(f"unknown model '{text}'; give a built-in name ({', '.join(BUILTIN_MODELS.names())}), "
+                     "path/to/file.py:ClassName, or a .safetensors/.pt state dict of a Sequential MLP")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a state-dict file into ``model`` (every key and shape must match); returns the model."""
+    from fedleak.updates import read_tensor_file
+    from fedleak.validation import check_finite_tensors
+
+    state, _ = read_tensor_file(path, "weights", ModelError)
+    check_finite_tensors(state.items(), f"{path}: parameter")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {extra[:5]}"] if extra else [])
+        raise ModelError(f"weights {path} do not fit {type(model).__name__}: " + "; ".join(parts))
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ModelError(f"weights {path}: '{key}' has shape {tuple(value.shape)} but the model's has "
+                             f"{tuple(own[key].shape)}")
+    model.load_state_dict(state)
+    return model

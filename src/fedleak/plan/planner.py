@@ -1,0 +1,203 @@
+"""``fedleak.plan``: before any attack, which attacks apply to this model and update, and why, in numbers.
+
+The plan reads the model as the exact route does (:func:`fedleak.as_network`), counts per sample what the route
+needs on the user's inputs (or synthetic ones, saying so) -- conv blocks: equations vs unknowns
+(:mod:`fedleak.plan.conv`); dense ReLU layers: exclusively activated neurons vs width (:mod:`fedleak.plan.exans`)
+-- and estimates at every batch size asked the fraction of samples the route can certify. Where it does not
+apply, it computes the smallest change that would make it (:mod:`fedleak.plan.proposal`) and checks it by the
+same counting. The update's kind (:func:`fedleak.update_kind.describe_update`) decides whether the route can apply
+at all, and which other attacks are worth running (:mod:`fedleak.plan.advice`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+import fedleak.plan.verdict as verdict
+from fedleak.errors import FedleakError, ModelError
+from fedleak.nets import Network, as_network, input_shape_of
+from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
+from fedleak.plan.advice import RouteFacts, advise
+from fedleak.plan.conv import block_shape
+from fedleak.plan.convgrow import choose_inputs, grow_block, own_block
+from fedleak.plan.exans import HeadModel
+from fedleak.plan.proof import ProofCheck, check_proofs
+from fedleak.plan.proposal import propose
+from fedleak.plan.result import (
+    ROUTE_APPLIES,
+    STATUS_DETERMINED,
+    STATUS_UNDERDETERMINED,
+    STATUS_UNPROVEN,
+    BatchEstimate,
+    ConvBlockPlan,
+    DenseAtBatch,
+    DenseLayerPlan,
+    Evidence,
+    Plan,
+)
+from fedleak.plan.samples import Samples, synthetic_samples, user_samples
+from fedleak.validation import check_float, check_int, check_module, check_seed
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+DEFAULT_TARGET = 0.95
+MAX_BATCH = 1 << 16
+
+
+def _batch_sizes(batch_sizes: Iterable[int] | int | None, update_kind) -> tuple[int, ...]:
+    if isinstance(batch_sizes, (int, np.integer)) and not isinstance(batch_sizes, bool):
+        batch_sizes = (batch_sizes,)
+    sizes = {check_int("batch size", b, low=1, high=MAX_BATCH) for b in (batch_sizes or ())}
+    if update_kind is not None and update_kind.num_examples is not None and not update_kind.multi_step:
+        sizes.add(min(update_kind.num_examples, MAX_BATCH))
+    return tuple(sorted(sizes)) if sizes else DEFAULT_BATCH_SIZES
+
+
+def _status(shape, fraction: float, target: float, proof: ProofCheck, i: int) -> str:
+    if fraction < target:
+        return STATUS_UNDERDETERMINED
+    if proof.ran:
+        return STATUS_DETERMINED if proof.proven[i] == proof.samples else STATUS_UNPROVEN
+    return STATUS_UNPROVEN
+
+
+def _conv_plans(net: Network, samples: Samples, x: torch.Tensor, act, target: float, proofs: int | None, seed: int):
+    """Per block: its plan (equations measured vs unknowns, and the proof where tried), and per sample whether
+    every block reaches its count."""
+    shapes = [block_shape(b) for b in net.blocks]
+    own = [own_block(b, s, i, seed) for i, (b, s) in enumerate(zip(net.blocks, shapes))]
+    fractions = [float((a.nonzero >= s.needed).mean()) for s, a in zip(shapes, act.blocks)]
+    counted = bool(shapes) and min(fractions) >= target
+    proof = (check_proofs(net, x, samples.labels, shapes, proofs) if counted
+             else ProofCheck(0, (), 0, "not run: a block has too few equations"))
+    plans = []
+    ok = np.ones(act.samples, dtype=bool)
+    for i, (blk, shape, counts) in enumerate(zip(net.blocks, shapes, act.blocks)):
+        eq = counts.nonzero
+        ok &= eq >= shape.needed
+        status = _status(shape, fractions[i], target, proof, i)
+        keep = None
+        if shape.pool is not None and status == STATUS_UNDERDETERMINED:
+            grown = grow_block(blk, i, shape, choose_inputs(x), own[:i], target, seed)
+            keep = None if grown is None else grown.shape.channels
+        plans.append(ConvBlockPlan(
+            name=shape.name, in_shape=shape.in_shape, conv_shape=shape.conv_shape, out_shape=shape.out_shape,
+            pooling=shape.pool_text, unknowns=shape.unknowns, max_equations=shape.max_equations, needed=shape.needed,
+            equations_median=float(np.median(eq)), equations_min=int(eq.min()), fraction=fractions[i],
+            unpooled_median=None if shape.pool is None else float(np.median(counts.active_units)),
+            channels_keeping_pool=keep, status=status, proof_samples=proof.samples,
+            proven=proof.proven[i] if proof.ran else 0, proof_note=proof.note))
+    return shapes, tuple(plans), ok, proof
+
+
+def _dense_plans(head: HeadModel, sizes: tuple[int, ...], target: float) -> tuple[DenseLayerPlan, ...]:
+    ones = torch.ones(head.samples, dtype=torch.bool)
+    out = []
+    for h, layer in enumerate(head.layers):
+        best, capped = head.largest_batch(target, conv_ok=ones, layers=[h])
+        at = tuple(DenseAtBatch(m, head.need[h] * m, head.layer(h, m).mean_exans, head.layer(h, m).fraction)
+                   for m in sizes)
+        out.append(DenseLayerPlan(
+            name=layer.name, width=layer.width, last=h == len(head.layers) - 1, need=head.need[h],
+            active_fraction=float(layer.active.double().mean()),
+            dead_fraction=float((~layer.active.any(0)).double().mean()),
+            counting_bound=layer.width // head.need[h], max_batch_size=best, capped=capped, at=at))
+    return tuple(out)
+
+
+def _estimate(head: HeadModel, m: int, blocks: tuple[ConvBlockPlan, ...]) -> BatchEstimate:
+    ok = head.joint(m)
+    failing = {blk.name: 1.0 - blk.fraction for blk in blocks}
+    failing.update({layer.name: 1.0 - head.layer(h, m).fraction for h, layer in enumerate(head.layers)})
+    worst = max(failing, key=failing.get)
+    return BatchEstimate(m, float(ok.double().mean()), float(ok.all(1).double().mean()),
+                         worst if failing[worst] > 0 else None)
+
+
+def plan(model: nn.Module, update: object = None, inputs: object = None, *, input_shape=None,
+         batch_sizes: Iterable[int] | int | None = None, target: float = DEFAULT_TARGET,
+         max_samples: int = DEFAULT_MAX_SAMPLES, proofs: int | None = None, name: str | None = None,
+         seed: int = 0) -> Plan:
+    """Say, before any attack, which attacks apply to ``model`` and ``update`` and why (a :class:`Plan`).
+
+    ``update``: the client's update (:class:`~fedleak.GradientUpdate`, :class:`~fedleak.WeightUpdate` or a dict of
+    gradients), optional; its kind is described by :func:`fedleak.update_kind.describe_update` and its
+    ``num_examples`` joins the batch sizes. ``inputs``: the user's data to measure activations on (a
+    :class:`~fedleak.Dataset`, a batch tensor, or ``(inputs, labels)``; at most ``max_samples`` are used); without
+    them, synthetic inputs uniform in [0, 1] stand in, and the plan says so. ``batch_sizes``: the batch sizes to
+    judge (default: the update's, else 1, 8 and 32); the largest is the one the verdict and the proposed change
+    are for. ``target``: the fraction of a batch's samples the route must certify to count as applying.
+    """
+    model = check_module(model)
+    target = check_float("target", target, low=0.5, high=1.0)
+    max_samples = check_int("max_samples", max_samples, low=2, high=1 << 20)
+    seed = check_seed("seed", seed)
+    if proofs is not None:
+        proofs = check_int("proofs", proofs, low=0, high=1024)
+    kind = None
+    if update is not None:
+        from fedleak.update_kind import describe_update
+
+        kind = describe_update(update, model)
+    sizes = _batch_sizes(batch_sizes, kind)
+    samples = user_samples(inputs, max_samples, seed) if inputs is not None else None
+    shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
+    label = name or type(model).__name__
+    parameters = sum(p.numel() for p in model.parameters())
+    try:
+        net = as_network(model, input_shape=shape)
+    except ModelError as exc:
+        return verdict.unreadable(label, shape, parameters, str(exc), kind, sizes, target)
+    if samples is None:
+        samples = synthetic_samples(net.input_shape, max(sizes), seed)
+    if samples.x[0].numel() != net.input_dim:
+        raise FedleakError(f"each input has {samples.x[0].numel()} values but the model takes {net.input_shape}")
+    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, (*shape_notes,))
+
+
+def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,
+          proofs: int | None, seed: int, notes: tuple[str, ...]) -> Plan:
+    if net.head.depth == 0:
+        raise ModelError("the model has no hidden ReLU layer, so the exact route has no exclusively activated "
+                         "neurons to read")
+    x = samples.x.reshape(samples.x.shape[0], *net.input_shape).to(torch.float32)
+    if samples.labels is not None and int(samples.labels.max()) >= net.num_classes:
+        raise FedleakError(f"the labels go up to {int(samples.labels.max())} but the model has {net.num_classes} "
+                           "classes")
+    act = measure(net, x, samples.labels, measured=samples.measured, description=samples.description)
+    evidence = Evidence(samples.measured, act.samples, samples.description)
+    shapes, blocks, conv_ok, proof = _conv_plans(net, samples, x, act, target, proofs, seed)
+    head = HeadModel(act.dense, conv_ok)
+    usable = tuple(m for m in sizes if m <= act.samples)
+    if len(usable) < len(sizes):
+        notes += (f"batch sizes above {act.samples} (the samples measured) are not estimated; pass more inputs",)
+    usable = usable or (act.samples,)
+    dense = _dense_plans(head, usable, target)
+    estimates = tuple(_estimate(head, m, blocks) for m in usable)
+    best, capped = head.largest_batch(target)
+    batch = usable[-1]
+    fraction = estimates[-1].fraction
+    route, blocker = verdict.route(blocks, estimates[-1], kind, target, proof)
+    proposal = None
+    if route != ROUTE_APPLIES and (kind is None or kind.exact_route_possible):
+        proposal = propose(net=net, x=x, shapes=shapes, conv_ok=conv_ok, head=head, parameters=parameters,
+                           batch_size=batch, target=target, seed=seed)
+        if not proposal.changes and not proposal.blocked:  # the counts hold; the attack's proof is what fails
+            proposal = None
+            notes += ("no change is computed: every count holds, and what fails is the attack's proof of the conv "
+                      "blocks; its error bound usually falls with more channels in the blocks above the unproven one "
+                      "(docs/cnn.md, error amplification)",)
+    from fedleak import available_attacks
+
+    facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
+                       any(b.pool_kind == "max" for b in shapes), kind)
+    return Plan(
+        model=label, input_shape=tuple(net.input_shape), parameters=parameters,
+        verdict=verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target),
+        route=route, target=target, batch_size=batch, max_batch_size=best, capped=capped, evidence=evidence,
+        update=kind, blocks=blocks, dense=dense, estimates=estimates, proposal=proposal,
+        attacks=advise(facts, available_attacks()), notes=notes + tuple(net.notes),
+    )

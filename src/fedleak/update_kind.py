@@ -1,0 +1,250 @@
+"""What kind of client update this is, from what the client declares and what the numbers show.
+
+A FedSGD gradient, a FedAvg weight change from one local step (the exact route applies: the learning rate
+cancels in every ratio ``ΔW_i / Δb_i``), or one from several local steps (it does not: the change mixes
+gradients taken at different weights). Declared facts come from :class:`~fedleak.updates.WeightUpdate`
+(``local_steps``, ``num_examples``, ``metadata``) or the ``declared`` mapping; the keys are
+:data:`DECLARED_KEYS`. Where the numbers show more, it says so:
+
+* **noise** — with cross-entropy, the output layer's bias gradient of every sample is ``p - onehot(y)``,
+  whose entries sum to 0. So does a sum of such steps (SGD, momentum). An update whose output-bias change
+  does not sum to 0 (beyond float rounding) was noised, or trained with weight decay, Adam or another loss.
+* **sparsification** — the output layer's change is dense (``p_c > 0`` for every class): exact zeros there,
+  outside the columns of silent penultimate units, mean entries were dropped.
+* **quantisation** — a large tensor holding only a few hundred distinct values (among up to 65,536 of its
+  entries).
+
+Clipping leaves no signature of its own; it is reported when declared (``clip_norm``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier")
+REAL_KEYS = ("clip_norm", "noise_multiplier")
+
+# an un-noised cross-entropy update's output-bias entries sum to 0 up to float rounding (~1e-7 relative)
+NOISE_SUM_TOL = 1e-3
+SPARSE_ZERO_FRACTION = 0.2  # exact zeros among the output layer's live entries
+QUANTISED_LEVELS = 256  # at most this many distinct values ...
+QUANTISED_MIN_SIZE = 4096  # ... in a tensor at least this large
+QUANTISED_SAMPLE = 1 << 16  # entries looked at
+
+
+@dataclass(frozen=True)
+class UpdateKind:
+    """What :func:`describe_update` found.
+
+    ``kind``: ``"gradient"`` (FedSGD), ``"one-step"`` or ``"multi-step"`` (FedAvg, local steps declared or
+    implied by declared epochs and batch size), or ``"weights"`` (FedAvg, local steps unknown).
+    ``noised`` / ``sparsified`` (fraction of zeros) / ``quantised`` (distinct values): detected or declared,
+    ``None`` when not; ``noise_declared`` tells declared noise from the detected signature (which weight decay
+    or Adam also leave). ``evidence``: one sentence per finding, with its numbers.
+    """
+
+    kind: str
+    num_examples: int | None = None
+    local_steps: int | None = None
+    local_batch_size: int | None = None
+    noised: bool | None = None
+    sparsified: float | None = None
+    quantised: int | None = None
+    clip_norm: float | None = None
+    evidence: tuple[str, ...] = field(default_factory=tuple)
+    noise_declared: bool = False
+
+    @property
+    def multi_step(self) -> bool:
+        return self.kind == "multi-step"
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.kind == "gradient"
+
+    @property
+    def exact_route_possible(self) -> bool:
+        """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change,
+        not noised, sparsified or quantised."""
+        return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None)
+
+    def summary(self) -> str:
+        """One line, e.g. ``multi-step FedAvg update: 400 examples in 13 local steps of 32 (declared)``."""
+        what = {
+            "gradient": "FedSGD gradient",
+            "one-step": "one-step FedAvg update",
+            "multi-step": "multi-step FedAvg update",
+            "weights": "FedAvg update (number of local steps not declared)",
+        }[self.kind]
+        parts = []
+        if self.num_examples is not None:
+            parts.append(f"{self.num_examples} examples")
+        if self.local_steps is not None and self.kind != "gradient":
+            step = f"{self.local_steps} local step{'s' if self.local_steps != 1 else ''}"
+            parts.append(f"in {step}" + (f" of {self.local_batch_size}" if self.local_batch_size else ""))
+        noise = "noised" if self.noise_declared else "noised or not plain SGD"
+        flags = [f for f, on in ((noise, self.noised), ("clipped", self.clip_norm is not None),
+                                 ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
+                 if on]
+        text = what + (": " + " ".join(parts) if parts else "")
+        return text + (f"; {', '.join(flags)}" if flags else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "summary": self.summary(), "num_examples": self.num_examples,
+                "local_steps": self.local_steps, "local_batch_size": self.local_batch_size, "noised": self.noised,
+                "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
+                "noise_declared": self.noise_declared,
+                "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
+                "evidence": list(self.evidence)}
+
+
+def check_declared(declared: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Declared facts (keys :data:`DECLARED_KEYS`; ``None`` values dropped) as checked numbers; numbers
+    written as text (file metadata, Flower configs) are read. :class:`~fedleak.errors.UpdateError` names a
+    bad key or value."""
+    from fedleak.errors import UpdateError
+    from fedleak.validation import check_float, check_int
+
+    facts = {k: v for k, v in (declared or {}).items() if v is not None}
+    unknown = sorted(set(facts) - set(DECLARED_KEYS))
+    if unknown:
+        raise UpdateError(f"unknown declared fact(s) {unknown}; use {', '.join(DECLARED_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, value in facts.items():
+        name = f"declared {key}"
+        if key in REAL_KEYS:
+            out[key] = check_float(name, _number(name, value, float), low=0.0, error=UpdateError)
+        else:
+            out[key] = check_int(name, _number(name, value, int), low=1, error=UpdateError)
+    return out
+
+
+def _declared(update: Any, declared: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Declared facts: the update's own ``local_steps`` and metadata, overridden by ``declared``."""
+    meta = getattr(update, "metadata", None) or {}
+    facts = {k: meta[k] for k in DECLARED_KEYS if k in meta}
+    if getattr(update, "local_steps", None) is not None:
+        facts["local_steps"] = update.local_steps
+    return check_declared({**facts, **(declared or {})})
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """A declared number as given, or read from text (file metadata and Flower configs carry strings)."""
+    from fedleak.errors import UpdateError
+
+    if isinstance(value, float) and kind is int and value.is_integer():
+        return int(value)  # Flower metrics may carry whole numbers as floats
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        raise UpdateError(f"{name} must be a number, got {value!r}") from None
+
+
+def _steps(num_examples: int | None, facts: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """Local steps: declared, or epochs x batches per epoch, or at least ``ceil(n / batch)`` (with why)."""
+    if "local_steps" in facts:
+        return facts["local_steps"], f"the client declares {facts['local_steps']} local step(s)"
+    batch = facts.get("batch_size")
+    if batch is None or num_examples is None:
+        return None, None
+    per_epoch = math.ceil(num_examples / batch)
+    if "local_epochs" in facts:
+        steps = facts["local_epochs"] * per_epoch
+        return steps, (f"{facts['local_epochs']} declared local epoch(s) over {num_examples} examples in batches of "
+                       f"{batch}: {steps} step(s)")
+    if per_epoch > 1:
+        return per_epoch, (f"{num_examples} examples and a declared batch size of {batch}: at least {per_epoch} "
+                           "steps if every example was used")
+    return None, None
+
+
+def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, Any] | None = None) -> UpdateKind:
+    """What kind of update ``update`` is (see the module docstring).
+
+    ``update``: a :class:`~fedleak.updates.GradientUpdate`, a :class:`~fedleak.updates.WeightUpdate` or a
+    mapping of gradients. ``model`` (optional): the model the update is for; it locates the output layer for
+    the noise and sparsification signatures. ``declared``: facts the server knows from its run configuration
+    (keys :data:`DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
+    """
+    from fedleak.updates import WeightUpdate, as_gradient_update
+
+    evidence: list[str] = []
+    facts = _declared(update, declared)
+    if isinstance(update, WeightUpdate):
+        tensors = update.delta()
+        n = update.num_examples
+        steps, why = _steps(n, facts)
+        kind = "weights" if steps is None else ("one-step" if steps == 1 else "multi-step")
+        if why:
+            evidence.append(why + ("; ΔW is then no longer a scaled gradient, so the exact route does not apply"
+                                   if kind == "multi-step" else ""))
+        else:
+            evidence.append("the number of local steps is not declared: the exact route applies only if the client "
+                            "took one step (its certificates reject anything else)")
+    else:
+        update = as_gradient_update(update)
+        tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
+    noised, sparsified, quantised = _signatures(tensors, model, evidence)
+    noise_declared = facts.get("noise_multiplier", 0) > 0
+    if noise_declared:
+        noised = True
+        evidence.append(f"the client declares DP noise (noise multiplier {facts['noise_multiplier']:g})")
+    clip = facts.get("clip_norm")
+    if clip is not None:
+        evidence.append(f"the client declares clipping at norm {clip:g}")
+    return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
+                      noise_declared)
+
+
+def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]
+                ) -> tuple[bool | None, float | None, int | None]:
+    """Noise, sparsification and quantisation signatures (module docstring)."""
+    import torch
+
+    noised: bool | None = None
+    sparsified: float | None = None
+    quantised: int | None = None
+    largest = max(tensors.items(), key=lambda kv: kv[1].numel())
+    if largest[1].numel() >= QUANTISED_MIN_SIZE:
+        flat = largest[1].detach().flatten()
+        # a strided sample keeps this cheap on large updates: a continuous tensor shows thousands of values in it
+        levels = int(torch.unique(flat[:: max(1, flat.numel() // QUANTISED_SAMPLE)]).numel())
+        if levels <= QUANTISED_LEVELS:
+            quantised = levels
+            evidence.append(f"'{largest[0]}' ({largest[1].numel()} entries) holds only {levels} distinct values: "
+                            "the update was quantised")
+    if model is None:
+        return noised, sparsified, quantised
+    from fedleak.attacks.labels import output_layer_names
+    from fedleak.errors import FedleakError
+
+    try:
+        w_name, b_name = output_layer_names(model)
+    except FedleakError:
+        return noised, sparsified, quantised
+    if w_name in tensors:
+        w = tensors[w_name].detach()
+        live = w[:, (w != 0).any(0)]  # columns of penultimate units that fired for some sample
+        if live.numel():
+            zeros = float((live == 0).double().mean())
+            if zeros > SPARSE_ZERO_FRACTION:
+                sparsified = float((torch.cat([t.detach().flatten() for t in tensors.values()]) == 0).double().mean())
+                evidence.append(f"{zeros:.0%} of the output layer's live entries are exactly 0 where a cross-entropy "
+                                f"update is dense: the update was sparsified ({sparsified:.0%} zeros overall)")
+    # sparsification and quantisation break the zero sum too: look for noise only without them
+    if b_name is not None and b_name in tensors and sparsified is None and quantised is None:
+        bias = tensors[b_name].detach().to(torch.float64).flatten()
+        norm = float(bias.norm())
+        if norm > 0:
+            rel = abs(float(bias.sum())) / norm
+            noised = rel > NOISE_SUM_TOL
+            if noised:
+                evidence.append(f"the output-layer bias change sums to {rel:.2g} of its norm where a cross-entropy "
+                                "update sums to 0: noise was added (or the client used weight decay, Adam or "
+                                "another loss)")
+    return noised, sparsified, quantised

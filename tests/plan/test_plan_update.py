@@ -1,0 +1,52 @@
+"""The plan tells a FedSGD gradient from a multi-step FedAvg update, and advises accordingly."""
+
+from __future__ import annotations
+
+import pytest
+
+import fedleak
+
+
+@pytest.fixture(scope="module")
+def setting(digits):
+    model = fedleak.make_mlp((1, 8, 8), [256], 10, seed=0)
+    x, y = digits.batch(4, seed=3)
+    return model, x, y
+
+
+def test_gradient_and_multi_step_weight_updates_are_told_apart(setting, digits):
+    model, x, y = setting
+    gradient = fedleak.compute_gradient_update(model, x, y)
+    weights = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=5, batch_size=2, reveal_local_steps=True)
+    g = fedleak.plan(model, gradient, digits, max_samples=300)
+    w = fedleak.plan(model, weights, digits, max_samples=300)
+
+    assert g.update.kind == "gradient" and g.batch_size == 4  # the update's batch size is the one judged
+    assert w.update.kind == "multi-step" and w.update.local_steps == 5
+    assert g.route == "applies" and w.route == "cannot"
+    assert "exclusivity" in g.recommended and "exclusivity" not in w.recommended
+    assert "dlm+" in w.recommended and "dlm+" not in g.recommended
+    assert w.proposal is None  # no change of the model makes a multi-step update certifiable
+    assert g.to_text().splitlines()[2:5] != w.to_text().splitlines()[2:5]
+    assert "update    FedSGD gradient: 4 examples" in g.to_text()
+    assert "multi-step FedAvg update" in w.to_text() and "5 local steps" in w.verdict
+    # the layer arithmetic is the same model's either way
+    assert g.dense[0].max_batch_size == w.dense[0].max_batch_size
+
+
+def test_one_step_weight_update_keeps_the_exact_route(setting, digits):
+    model, x, y = setting
+    one = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1, reveal_local_steps=True)
+    p = fedleak.plan(model, one, digits, max_samples=300)
+    assert p.update.kind == "one-step" and p.route == "applies" and "exclusivity" in p.recommended
+    advice = {a.name: a for a in p.attacks}
+    assert advice["dlg"].recommended is False and advice["dlm"].why
+
+
+def test_a_model_the_route_cannot_read_still_gets_a_plan():
+    from user_models import ResidualMLP
+
+    p = fedleak.plan(ResidualMLP(), batch_sizes=[2])
+    assert p.route == "cannot" and not p.layers and "joins 2 branches" in p.verdict
+    assert "ig" in p.recommended and "exclusivity" not in p.recommended
+    assert p.to_text().startswith("VERDICT: the exact route cannot apply to ResidualMLP")

@@ -1,0 +1,92 @@
+"""Built-in models and the model specs ``fedleak check --model`` reads."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+import user_models
+from safetensors.torch import save_file
+
+import fedleak
+from fedleak.models import BUILTIN_MODELS, FlowerNet
+from fedleak.models.catalog import MODEL_CATALOG
+
+
+def test_the_cli_lists_every_built_in_model():
+    assert {entry.name for entry in MODEL_CATALOG} == set(BUILTIN_MODELS.names()) == set(fedleak.available_models())
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS.names()))
+def test_built_in_models_are_seeded_and_read_by_the_exact_route(name):
+    a, b = fedleak.load_model(name), fedleak.load_model(name)
+    assert all(torch.equal(p, q) for p, q in zip(a.module.parameters(), b.module.parameters()))
+    assert not any(torch.equal(p, q) for p, q in zip(a.module.parameters(), fedleak.load_model(name, seed=1).module
+                                                     .parameters()) if p.numel() > 1)
+    net = fedleak.as_network(a.module, input_shape=a.input_shape)
+    assert net.input_shape == a.input_shape and a.data in fedleak.available_datasets()
+    assert not a.module.training
+
+
+def test_flower_cnn_is_flowers_net():
+    ours, theirs = FlowerNet(), user_models.FlowerNet()
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_a_users_class_file_with_weights(tmp_path):
+    source = tmp_path / "my_net.py"
+    source.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        import torch.nn.functional as F
+        from helper import WIDTH  # a module next to the file, as a script would import it
+
+        class Net(nn.Module):
+            def __init__(self, width=WIDTH):
+                super().__init__()
+                self.fc1 = nn.Linear(64, width)
+                self.fc2 = nn.Linear(width, 10)
+
+            def forward(self, x):
+                return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        """))
+    (tmp_path / "helper.py").write_text("WIDTH = 32\n")
+    loaded = fedleak.load_model(f"{source}:Net")
+    assert loaded.name == "Net" and "my_net.py" in loaded.source and loaded.module.fc1.out_features == 32
+    state = {k: torch.full_like(v, 0.01) for k, v in loaded.module.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with_weights = fedleak.load_model(f"{source}:Net", weights=tmp_path / "w.safetensors")
+    assert torch.all(with_weights.module.fc1.weight == 0.01)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-such-model", "unknown model 'no-such-model'"),
+    ("/no/such/file.py:Net", "model file not found"),
+    ("{tmp}/bad.py:Net", "running"),
+    ("{tmp}/ok.py:Missing", "defines no nn.Module class 'Missing'; it defines NeedsArgs, Net"),
+    ("{tmp}/ok.py:NeedsArgs", "cannot be built without arguments"),
+])
+def test_bad_model_specs_are_one_clear_error(tmp_path, spec, message):
+    (tmp_path / "bad.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "ok.py").write_text("import torch.nn as nn\nclass Net(nn.Module):\n    pass\n"
+                                    "class NeedsArgs(nn.Module):\n    def __init__(self, n):\n"
+                                    "        super().__init__()\n")
+    with pytest.raises(fedleak.ModelError, match=message.replace("(", r"\(")):
+        fedleak.load_model(spec.format(tmp=tmp_path))
+
+
+def test_weights_must_fit_and_are_never_unpickled(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(fedleak.ModelError, match="do not fit"):
+        fedleak.load_model("mlp", weights=tmp_path / "other.pt")
+    torch.save({"x": object()}, tmp_path / "pickled.pt")
+    with pytest.raises(fedleak.ModelError, match="never unpickles"):
+        fedleak.load_model("mlp", weights=tmp_path / "pickled.pt")
+    model = fedleak.make_mlp((1, 8, 8), [16], 10)
+    fedleak.save_mlp(model, tmp_path / "m.safetensors")
+    with pytest.raises(fedleak.ModelError, match="already holds"):
+        fedleak.load_model(tmp_path / "m.safetensors", weights=tmp_path / "other.pt")
+    assert fedleak.load_model(tmp_path / "m.safetensors").module[1].out_features == 16

@@ -1,0 +1,61 @@
+"""What kind of update: declared steps, and the noise / sparsification / quantisation signatures."""
+
+import pytest
+import torch
+
+import fedleak
+from fedleak.errors import UpdateError
+from fedleak.update_kind import check_declared, describe_update
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    model = fedleak.make_mlp((1, 8, 8), [128], 10)
+    data = fedleak.load_dataset("digits")
+    return model, data.x[:32], data.y[:32]
+
+
+def test_gradient_is_clean(setting):
+    model, x, y = setting
+    kind = describe_update(fedleak.compute_gradient_update(model, x[:8], y[:8]), model)
+    assert kind.kind == "gradient" and kind.is_gradient and kind.exact_route_possible
+    assert kind.noised is False and kind.sparsified is None and kind.quantised is None
+    assert kind.summary().startswith("FedSGD gradient")
+
+
+def test_noise_sparsification_and_quantisation_are_detected(setting):
+    model, x, y = setting
+    grads = fedleak.compute_gradient_update(model, x[:8], y[:8]).gradients
+    gen = torch.Generator().manual_seed(1)
+    noised = describe_update({k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in grads.items()}, model)
+    assert noised.noised and not noised.noise_declared and not noised.exact_route_possible
+    assert "noised or not plain SGD" in noised.summary()
+    sparse = describe_update({k: v * (torch.rand(v.shape, generator=gen) > 0.9) for k, v in grads.items()}, model)
+    assert sparse.sparsified is not None and sparse.sparsified > 0.8 and not sparse.noised
+    quant = describe_update({k: torch.round(v * 100) / 100 for k, v in grads.items()}, model)
+    assert quant.quantised is not None and quant.quantised <= 256 and "quantised" in quant.summary()
+
+
+def test_local_steps_declared_implied_or_unknown(setting):
+    model, x, y = setting
+    one = fedleak.fedavg_update(model, x[:8], y[:8], lr=0.1)
+    assert describe_update(one, model).kind == "weights"  # not declared: the exact route may still try
+    assert describe_update(one, model, declared={"local_steps": 1}).kind == "one-step"
+    many = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=4, batch_size=8, reveal_local_steps=True)
+    kind = describe_update(many, model)
+    assert kind.multi_step and kind.local_steps == 4 and not kind.exact_route_possible
+    epoch = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=4, batch_size=8)
+    implied = describe_update(epoch, model, declared={"local_epochs": 1, "batch_size": 8})
+    assert implied.multi_step and implied.local_steps == 4 and "4 local steps of 8" in implied.summary()
+    # momentum SGD over several steps keeps the zero-sum signature: not mistaken for noise
+    assert implied.noised is False
+
+
+def test_declared_facts_are_checked():
+    assert check_declared({"local_epochs": "2", "batch_size": 32.0, "clip_norm": 1}) == {
+        "local_epochs": 2, "batch_size": 32, "clip_norm": 1.0}
+    with pytest.raises(UpdateError, match="unknown declared"):
+        check_declared({"epochs": 1})
+    with pytest.raises(UpdateError, match="local_steps"):
+        check_declared({"local_steps": 0})
