@@ -285,3 +285,15 @@ def test_bad_weight_updates(digits):
                             attack="dlm")
     with pytest.raises(fedleak.FedleakError, match="unknown option"):
         fedleak.reconstruct(model, fedavg_update(model, x, y, lr=0.1), attack="dlm", iteratoins=3)
+
+
+def test_a_budget_too_short_for_one_step_returns_the_start_and_says_so(digits):
+    """A multi-step update whose unrolled simulation outlasts the budget: no optimisation step is begun past
+    the deadline, and every sample says it is the random starting point, not an optimised guess."""
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    update = fedleak.fedavg_update(model, digits.x[:64], digits.y[:64], lr=0.1, local_steps=4, batch_size=16,
+                                   reveal_local_steps=True)
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=1e-3, progress=False)
+    assert len(rec) == 64 and rec.num_certified == 0
+    assert all("random starting point" in s.reason for s in rec.samples)
+    assert any("stopped by the time budget after 0 iteration(s)" in n for n in rec.notes)

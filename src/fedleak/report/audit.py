@@ -219,7 +219,7 @@ def _curve(rows: dict[str, list[AuditRow]]) -> Figure | None:
 def _settings(result: AuditResult) -> tuple[Setting, ...]:
     s = result.settings
     lo, hi = result.value_range
-    model = (f"your model file {s.model}" if s.model else
+    model = (f"{s.model}" + (f" (weights {s.weights})" if s.weights else "") if s.model else
              f"CNN: 3×3 conv channels {list(s.conv)} (padding 1), FC head {list(s.widths)}" if s.conv else
              f"fully connected ReLU network, hidden widths {list(s.widths)}, {'with' if s.bias else 'without'} biases")
     return (Setting("data", f"{result.dataset} ({'×'.join(map(str, result.input_shape))}, {result.num_classes} "
@@ -252,7 +252,7 @@ def build_audit_view(result: AuditResult) -> AuditView:
             f"among {certified} "
             "certified samples. Uncertified reconstructions are estimates: the server has them but cannot tell "
             "right from wrong.")
-    net = "your model" if s.model else (f"a CNN {list(s.conv)} + FC {widths}" if s.conv else f"width {widths}")
+    net = f"model {s.model}" if s.model else (f"a CNN {list(s.conv)} + FC {widths}" if s.conv else f"width {widths}")
     model = f"with {net}" if s.model or s.conv else f"at {net}"  # a phrase: "leaks at width 1024"
     return AuditView(
         title="What a server can rebuild from this model's updates",

@@ -182,7 +182,16 @@ def advice(stories: Sequence[ScenarioRows], model: str) -> tuple[Advice, ...]:
     if plain is not None:
         sent = [r for r in plain.rows if r.sent]
         safe = next((r for r in sent if r.certifiable_fraction < SAFE_FRACTION), None)
-        if safe is not None:
+        if sent and safe is sent[0] and all(r.certifiable_fraction < SAFE_FRACTION for r in sent):
+            # the exact route never applied: no batch size to advise; say what the estimates show instead
+            est = [f"{psnr_text(r.uncertified_psnr)} dB at batch {r.batch_size}" for r in sent
+                   if r.uncertified and psnr_text(r.uncertified_psnr)]
+            text = (f"The exact route certified nothing {model} at any audited batch size (fewer than 1% "
+                    "certifiable, even alone): batch size is not what protects these samples.")
+            if est:
+                text += (" What an optimisation attack rebuilt without a certificate is estimated at "
+                         + ", ".join(est) + " PSNR from the originals: look at the images below to judge it.")
+        elif safe is not None:
             later = [r for r in sent if r.batch_size > safe.batch_size and r.certifiable_fraction >= SAFE_FRACTION]
             text = (f"From batch {safe.batch_size} on, fewer than 1% of the samples were certifiable {model} "
                     f"({_share(safe, safe.certifiable)} at {safe.batch_size}); train with batches of "

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,10 @@ from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 def optimised_reason(name: str, why: str, objective: float) -> str:
     """Why an optimised sample is not certified: ``why`` it is not known otherwise, then how it was searched."""
-    searched = f"optimised by {name.upper()} (final objective {objective:.2e}), not certified"
+    searched = (f"optimised by {name.upper()} (final objective {objective:.2e}), not certified"
+                if math.isfinite(objective) else
+                f"not optimised: {name.upper()} had no time for one step within the budget (a random starting "
+                "point, not certified)")
     return f"{why}; {searched}" if why else f"{searched}: an optimisation result carries no proof"
 
 

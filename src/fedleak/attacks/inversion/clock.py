@@ -57,6 +57,12 @@ class RunClock:
         end = self.deadline
         return end is not None and time.perf_counter() >= end
 
+    def no_time_for(self, seconds: float) -> bool:
+        """Whether the stage's time is up, or too short for a step that takes ``seconds`` (the last one's
+        duration): a long step is not started when it would end past the deadline."""
+        left = self.left()
+        return left is not None and (left <= 0.0 or left < seconds)
+
     # -- stages and the bar ------------------------------------------------------------------------------
     def stage(self, name: str, total: int | None = None, *, limit: float | None = None) -> None:
         """Begin a stage called ``name`` of ``total`` iterations (None: unknown), at most ``limit`` seconds."""

@@ -255,7 +255,7 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
         log_lr = None
         if lr_mode is not None:
             refresh_lr = lr_refresher(simulate, current_x, y_logits, None if settings.learn_labels else y_fixed_free,
-                                       target_norm)
+                                       target_norm, spent=clock.spent)
             log_lr = refresh_lr(torch.zeros((), dtype=dtype))
             if lr_mode == "learned":
                 log_lr.requires_grad_(True)
@@ -291,10 +291,12 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
             base = [g["lr"] for g in opt.param_groups]
             decay = StepDecay(settings.iterations, clock, enabled=settings.lr_decay, share=settings.restarts - restart)
             it = 0
+            step_seconds = 0.0  # the last iteration's duration: one that would end past the deadline is not begun
             while not decay.finished(it):
-                if clock.spent():
+                if clock.no_time_for(step_seconds):
                     stopped = True
                     break
+                step_start = time.perf_counter()
                 if lr_mode == "norm" and it % 20 == 19:
                     log_lr = refresh_lr(log_lr)
                 decay.update(it)
@@ -317,9 +319,11 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
                             p.clamp_(*settings.box)
                 it += 1
                 clock.advance(1, value)
+                step_seconds = time.perf_counter() - step_start
             stopped = stopped or (it < settings.iterations and clock.spent())
             iters += it
-            remember(float(loss_fn().detach()))
+            if not stopped:  # the last step's point (skipped when out of time: it costs one more evaluation)
+                remember(float(loss_fn().detach()))
         # L-BFGS: the optimiser itself, or a refinement of the best Adam point (``refine`` evaluations)
         budget = settings.iterations if settings.optimizer == "lbfgs" else int(settings.refine)
         if budget > 0 and not stopped and not converged:
@@ -390,6 +394,9 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
             y_hard = yb.argmax(-1) if yb is not None else y_fixed_free
             if best is None or loss_value < best[0]:
                 best = (loss_value, xb, y_hard, lrb)
+        elif stopped and best is None:  # out of time before the first evaluation: the starting point, said so
+            y_start = y_logits.detach().argmax(-1) if settings.learn_labels else y_fixed_free
+            best = (math.inf, current_x().detach().clone(), y_start, None)
         if stopped or converged:
             break
     seconds = time.perf_counter() - start
@@ -399,7 +406,9 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
         notes.append(f"converged: the matching objective fell below {settings.stop_below:g} after {total_iters} "
                      "iteration(s)")
     elif stopped:
-        notes.append(f"stopped by the time budget after {total_iters} iteration(s) ({seconds:.1f} s)")
+        notes.append(f"stopped by the time budget after {total_iters} iteration(s) ({seconds:.1f} s)"
+                     + ("; one step takes longer than the budget left, so the result is the random starting point"
+                        if total_iters == 0 else ""))
     loss_value, xb, y_hard, lrb = best
     if settings.box is not None:
         xb = xb.clamp(*settings.box)

@@ -92,18 +92,21 @@ class FunctionalModel:
         return [p0 - pe for p0, pe in zip(self.params, p)]
 
 
-def lr_refresher(simulate, current_x, y_logits, y_fixed, target_norm: float):
+def lr_refresher(simulate, current_x, y_logits, y_fixed, target_norm: float, spent=lambda: False):
     """A function that moves ``log η`` to where the simulated update's norm equals the observed one.
 
     ``simulate(x, y, log_lr)`` gives the simulated update; ``current_x()`` the dummy inputs; ``y_logits`` (soft
-    labels) or ``y_fixed`` (class indices) the labels; ``target_norm`` the observed update's norm.
+    labels) or ``y_fixed`` (class indices) the labels; ``target_norm`` the observed update's norm; ``spent()``
+    whether the time is up (no further simulation is begun after the first).
     """
 
     def refresh(log_lr: torch.Tensor) -> torch.Tensor:
         value = log_lr.detach().clone()
         y = torch.softmax(y_logits.detach(), -1) if y_fixed is None else y_fixed
         x = current_x().detach()
-        for _ in range(3):
+        for k in range(3):
+            if k and spent():
+                break
             sim = simulate(x, y, value)
             norm = math.sqrt(sum(float((g.detach() ** 2).sum()) for g in sim))
             if not (norm > 0 and math.isfinite(norm)):
