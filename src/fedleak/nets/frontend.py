@@ -101,13 +101,14 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def _probe(model: nn.Module, gm: fx.GraphModule, shape: tuple[int, ...]) -> str | None:
-    """Run a probe batch of ``shape``, recording every node's shape; why the model cannot take it, or None."""
+def _probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) -> str | None:
+    """Run a probe batch of ``shape``, recording every node's shape (through ``gm``; with ``gm`` None, a plain
+    forward that records nothing, for a quick yes or no); why the model cannot take it, or None."""
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.zeros(PROBE_BATCH, *shape, dtype=dtype, device=_device(model))
-    with _buffers_kept(model):
+    with _buffers_kept(model), torch.no_grad():
         try:
-            out = _ShapeRecorder(gm).run(x)
+            out = model(x) if gm is None else _ShapeRecorder(gm).run(x)
         except Exception as err:  # a wrong shape fails anywhere in the user's forward
             return (str(err).strip().splitlines() or [type(err).__name__])[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != PROBE_BATCH:
@@ -131,8 +132,8 @@ def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...],
         return (first.in_features,), ()
     if isinstance(first, nn.Conv2d):
         c = first.in_channels
-        for side in range(1, MAX_SIDE + 1):
-            if _probe(model, gm, (c, side, side)) is None:
+        for side in range(1, MAX_SIDE + 1):  # plain forwards: a failing fx run is slow (seconds, the first time)
+            if _probe(model, None, (c, side, side)) is None:
                 note = (f"input shape ({c}, {side}, {side}) inferred from the layer shapes, assuming square images "
                         "of the smallest size that fits; pass input_shape= (or inputs) if yours differ")
                 return (c, side, side), (note,)
