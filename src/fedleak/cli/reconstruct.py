@@ -33,7 +33,6 @@ def reconstruct_command(
     import fedleak
     from fedleak.models.zoo import load_model
     from fedleak.report.reconstruction import ReconstructionRun, write_reconstruction
-    from fedleak.validation import check_float
 
     check_output_dir(out, OUTPUTS)  # fail early; the folder is created only when the outputs are written
     seed = check_seed("--seed", seed)
@@ -42,7 +41,7 @@ def reconstruct_command(
     shape = (int_list(input_shape, "--input-shape") if input_shape else None) or loaded.input_shape or getattr(loaded.module, "input_shape", None)
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
     if attack == "auto":
-        options.update(budget=check_float("--budget", budget, low=0.0), progress=not quiet and sys.stderr.isatty(),
+        options.update(budget=budget, progress=not quiet and sys.stderr.isatty(),
                        seed=seed)
     rec = fedleak.reconstruct(loaded.module, fedleak.load_update(update), attack=attack, **options)
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed)

@@ -79,11 +79,8 @@ class ClientRecord:
     def from_attack(cls, rnd: int, node: int, partition: int, num_examples: int | None, rec: Reconstruction,
                     seconds: float, scores: Scores | None, update_kind: str = "",
                     multi_step: bool = False) -> ClientRecord:
-        reason = next((s.reason for s in rec.samples if not s.certified and s.reason), "")
-        if not reason and rec.num_certified == 0:
-            reason = next(iter(rec.notes), "")
         return cls(rnd, partition, node, "ok", rec.summary(), num_examples, rec.attack, len(rec), rec.num_certified,
-                   seconds, scores, tuple(rec.notes), update_kind, multi_step, reason)
+                   seconds, scores, tuple(rec.notes), update_kind, multi_step, rec.why_uncertified())
 
     @property
     def client_id(self) -> int:
