@@ -57,7 +57,7 @@ def test_result_shape_range_and_statistics(fashion_batch, fished):
     assert len(owned) == len(set(owned))  # targets are disjoint across samples
     d = fished.to_dict()
     assert d["certifiable_after"] == len(x) and len(d["samples"]) == len(x)
-    assert d["options"]["norm"] == "linf"
+    assert d["options"]["norm"] == "l2"
 
 
 def test_targets_have_margin_in_float32(fashion_batch, fished):
@@ -137,7 +137,7 @@ def test_labels_default_to_predictions(digits):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"solver": "nope"}, "unknown LP solver"), ({"margin": -1.0}, "margin"), ({"norm": "l2"}, "norm"),
+    [({"solver": "nope"}, "unknown LP solver"), ({"margin": -1.0}, "margin"), ({"norm": "l3"}, "norm"),
      ({"budget": 2.0}, "budget"), ({"frobnicate": 1}, "unknown fishing option")],
 )
 def test_bad_options_raise(digits, kwargs, match):

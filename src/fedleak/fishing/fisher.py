@@ -28,12 +28,12 @@ from torch import nn
 from fedleak.analysis.batch import Batch, predictions, read_batch
 from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.errors import FedleakError
-from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas, solve_sample
-from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
+from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
+from fedleak.fishing.sample_lp import solve_sample
+from fedleak.fishing.perturb import CLEAR_FRACTION, FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.targets import choose_targets, retarget
 
-CLEAR_FRACTION = 0.2  # lower conv units stay at least margin*CLEAR_FRACTION away from zero
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
 
 
@@ -48,7 +48,8 @@ class Fisher:
         self.nets = [SampleNet(stack, head, X[m]) for m in range(self.M)]
         self.clear = opts.margin * CLEAR_FRACTION
         self.Xp = X.copy()
-        self.fixed = np.zeros(self.M, dtype=bool)
+        self.fixed = np.zeros(self.M, dtype=bool)  # sent unperturbed
+        self.aside = np.zeros(self.M, dtype=bool)  # owns nothing, moved only to stay off the others' targets
         self.outcomes: list[SampleOutcome | None] = [None] * self.M
         self.targets: list[list[np.ndarray]] = []  # per sample, per head layer
         self.patterns: list[list[np.ndarray]] = []  # per sample, per head layer
@@ -140,41 +141,64 @@ class Fisher:
         self.Xp[m] = self.X[m]
 
     def blocked(self) -> list[int]:
-        """Working samples one of whose targets another sample (in float32) activates."""
+        """Working samples one of whose targets a settled sample (fished, standing aside or sent unperturbed;
+        in float32) activates. A sample still to be re-solved does not block: its LP keeps it off."""
         Z = self.head_preacts(self.Xp.astype(np.float32), f32=True)
+        settled = np.array([self.status[n] == "fished" or self.aside[n] or self.fixed[n] for n in range(self.M)])
         bad = []
         cf = self.o.check_fraction * self.o.margin
         for m in range(self.M):
             if self.fixed[m] or self.status[m] != "fished":
                 continue
+            rows = settled.copy()
+            rows[m] = False
             for h, T in enumerate(self.targets[m]):
                 col = Z[h][:, T[T >= 0]]
-                others = np.delete(col, m, axis=0)
+                others = col[rows]
                 if (col[m] < cf).any() or (others.size and (others > -cf).any()):
                     bad.append(m)
                     break
         return bad
 
+    def stand_aside(self, m: int) -> bool:
+        """A sample that cannot own neurons gives its targets up and is moved only to stay off the other
+        samples' targets, so that its failure costs no other sample its targets; False if even that fails."""
+        status, message = self.status[m], self.messages[m]
+        z = self.head_preacts(self.stack.features(self.X[m][None, :]))
+        for h, T in enumerate(self.targets[m]):
+            T = T[T >= 0]
+            self.patterns[m][h] = self.patterns[m][h].copy()
+            self.patterns[m][h][T] = (z[h][0, T] > 0).astype(np.float64)
+        self.targets[m] = [np.zeros(0, dtype=np.int64) for _ in self.targets[m]]
+        self.solve_many([m])
+        ok = self.status[m] == "fished"
+        self.aside[m] = ok
+        self.status[m] = status
+        self.messages[m] = message + ("; moved only to keep the other samples' target neurons off" if ok else "")
+        return ok
+
+    def failed(self) -> list[int]:
+        return [m for m in range(self.M) if self.status[m] != "fished" and not self.fixed[m] and not self.aside[m]]
+
     def run(self) -> None:
-        """Solve every sample's LP for the targets chosen on the head, then repair the failures."""
+        """Solve every sample's LP for the targets chosen on the head, then repair the failures: one retry
+        with fresh targets, then the sample stands aside (owns nothing, stays off the others' targets) or,
+        if even that fails, is sent unperturbed and the targets it blocks are re-chosen."""
         asg = choose_targets(self.head, self.stack.features(self.X), self.y, self.k, self.o.margin,
                              gamma=self.o.gamma, burden=self.o.burden)
         self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
         self.solve_many(list(range(self.M)))
         for _ in range(self.o.repair_rounds):
-            failed = [m for m in range(self.M) if self.status[m] != "fished" and not self.fixed[m]]
-            for m in failed:
-                self.freeze(m)
             retry = []
-            # a failed sample gets one more try with fresh targets chosen against the others as they are
-            for m in failed:
+            for m in self.failed():
                 if self.outcomes[m] is not None and self.outcomes[m].extra.get("retried"):
+                    if not self.stand_aside(m):
+                        self.freeze(m)
                     continue
+                # one more try with fresh targets chosen against the others as they are
                 banned = [set(int(j) for j in T if j >= 0) for T in self.targets[m]]
-                self.fixed[m] = False
                 self.retarget(m, banned)
-                self.outcomes[m].extra["retried"] = True
                 retry.append(m)
             blocked = self.blocked()
             for m in blocked:
@@ -185,8 +209,8 @@ class Fisher:
             self.solve_many(todo)
             for m in todo:
                 self.outcomes[m].extra["retried"] = True
-        for m in range(self.M):
-            if self.status[m] != "fished":
+        for m in self.failed():
+            if not self.stand_aside(m):
                 self.freeze(m)
 
 

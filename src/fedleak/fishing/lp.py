@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedleak.errors import SolverError
-from fedleak.fishing.sample_net import SampleNet
+from fedleak.fishing.projection import project
 from fedleak.fishing.solvers import LPSession, open_session
 from fedleak.validation import validate_fields
 
@@ -72,11 +72,13 @@ class Requirement:
 
 @dataclass(frozen=True)
 class LPSettings:
-    norm: str = "linf"  # "linf" (min radius, then L1 polish) or "l1"
+    norm: str = "l2"  # "l2" (least L2: highest PSNR), "linf" (min radius, then L1 polish) or "l1"
     budget: float | None = None  # largest allowed L-infinity perturbation, data units (None: only the range)
     polish: bool = True
     polish_slack: float = 0.25
     check_fraction: float = 0.5  # a requirement is met when sign*z >= check_fraction*margin (float32 and float64)
+    region_margin: float = 0.0  # units of lower layers kept on their side of the region are kept this far from 0
+    walk_rounds: int = 3  # rounds in which a lower unit that changes side moves the region instead of being held
     screen: float = 2.0  # lazy rows within screen*margin of violation at the start are written up front
     max_rounds: int = 12
     max_newton: int = 40
@@ -176,6 +178,7 @@ class RadiusLP:
         self.solves = 0
         self.lp_seconds = 0.0
         self.t = 0.0
+        self._lam: np.ndarray | None = None
 
     def add(self, V: np.ndarray, C: np.ndarray) -> None:
         """Add rows ``V x' >= C``."""
@@ -243,6 +246,17 @@ class RadiusLP:
             t = t_new
         return "error:newton did not converge", t, None
 
+    def l2(self, tol: float = 1e-7) -> tuple[str, np.ndarray | None]:
+        """Least L2 perturbation meeting the rows inside the data range and the budget (the dual projection of
+        :mod:`fedleak.fishing.projection`, warm-started from the last multipliers); "unconverged" when the
+        dual does not reach the rows (the caller then asks :meth:`radius`, which proves infeasibility)."""
+        lb, ub = _box(self.x, self.cap, self.lo, self.hi)
+        res = project(self.V, self.C, self.x, lb, ub, tol=tol, start=self._lam)
+        self._lam = res.multipliers
+        self.solves += 1
+        self.lp_seconds += res.seconds
+        return ("optimal", res.x) if res.ok else ("unconverged", None)
+
     def l1(self, cap: float) -> tuple[str, np.ndarray | None]:
         """Least L1 perturbation with L-infinity at most ``cap`` (split variables, cap in the bounds)."""
         d = len(self.x)
@@ -260,121 +274,3 @@ class RadiusLP:
         if not sol.ok:
             return sol.status, None
         return "optimal", self.x + sol.x[:d] - sol.x[d:]
-
-
-# -------------------------------------------------------------------------------------------------------
-# One sample: requirements, lazy rows, forward check
-
-
-def _req_key(r: Requirement) -> tuple[int, int]:
-    return (r.layer, r.neuron)
-
-
-def solve_sample(
-    net: SampleNet,
-    x: np.ndarray,
-    pattern: list[np.ndarray],
-    required: list[Requirement],
-    lazy: list[Requirement],
-    settings: LPSettings,
-) -> SampleOutcome:
-    """Perturb ``x`` so that every requirement holds (``required`` are written up front, ``lazy`` only
-    when close to violation), keeping the region ``pattern`` of the lower layers where it matters.
-
-    ``net`` is the sample's linearised network (:class:`~fedleak.fishing.sample_net.SampleNet`: its layers
-    are the conv layers, if any, then the head's hidden layers). ``pattern`` is the intended activation
-    pattern per layer (0/1 float arrays); it must already agree with every requirement. Returns the
-    outcome with the perturbed input, or the unchanged input and the reason when the LP fails.
-    """
-    problem = RadiusLP(x, settings)
-    offsets = net.offsets(pattern)
-    in_lp: set[tuple[int, int]] = set()
-    region_in: set[tuple[int, int]] = set()
-    all_reqs = list(required) + list(lazy)
-
-    def add_reqs(reqs: list[Requirement]) -> None:
-        by_layer: dict[int, list[Requirement]] = {}
-        for r in reqs:
-            if _req_key(r) in in_lp:
-                continue
-            in_lp.add(_req_key(r))
-            by_layer.setdefault(r.layer, []).append(r)
-        for layer, rs in by_layer.items():
-            idx = np.array([r.neuron for r in rs])
-            sign = np.array([r.sign for r in rs], dtype=np.float64)
-            marg = np.array([r.margin for r in rs])
-            J = net.rows(layer, idx, pattern)
-            problem.add(sign[:, None] * J, marg - sign * offsets[layer][idx])
-
-    def add_region(layer: int, neurons: np.ndarray) -> None:
-        neurons = np.array([j for j in neurons if (layer, int(j)) not in region_in], dtype=np.int64)
-        if len(neurons) == 0:
-            return
-        for j in neurons:
-            region_in.add((layer, int(j)))
-        sign = np.where(pattern[layer][neurons] > 0, 1.0, -1.0)
-        J = net.rows(layer, neurons, pattern)
-        problem.add(sign[:, None] * J, -sign * offsets[layer][neurons])
-
-    # up-front rows: required, plus lazy rows already close to violation at the clean point
-    z_clean = net.preacts(x)
-    near = [r for r in lazy if r.sign * z_clean[r.layer][r.neuron] < settings.screen * r.margin]
-    add_reqs(list(required) + near)
-    status, xp, radius, rounds, message = "error:no round", None, 0.0, 0, ""
-    met = False
-    for rounds in range(1, settings.max_rounds + 1):
-        if settings.norm == "l1":
-            status, xp = problem.l1(problem.cap)
-            radius = float(np.abs(xp - x).max()) if xp is not None else np.inf
-        else:
-            status, radius, xp = problem.radius()
-            if status == "optimal" and settings.polish:
-                st2, xpol = problem.l1(radius * (1 + settings.polish_slack) + 1e-9)
-                if st2 == "optimal":
-                    xp = xpol
-        if status != "optimal" or xp is None:
-            break
-        xp = np.clip(xp, settings.lo, settings.hi)
-        z64 = net.preacts(xp)
-        z32 = net.preacts(xp.astype(np.float32), f32=True)
-        new: list[Requirement] = []
-        broken_layers: set[int] = set()
-        for r in all_reqs:
-            v = min(r.sign * z64[r.layer][r.neuron], r.sign * float(z32[r.layer][r.neuron]))
-            if v < settings.check_fraction * r.margin:
-                if _req_key(r) in in_lp:
-                    broken_layers.add(r.layer)
-                else:
-                    new.append(r)
-        if not new and not broken_layers:
-            met = True
-            break
-        if rounds == settings.max_rounds:  # no round left to use more rows in
-            status, message = "unsatisfied", f"constraints still violated after {settings.max_rounds} rounds"
-            break
-        # a written row that fails in the real forward pass: the linearisation left its region below
-        added_region = 0
-        if broken_layers:
-            top = max(broken_layers)
-            for h in range(top):
-                flipped = net.flipped(h, z64, pattern)
-                before = len(region_in)
-                add_region(h, flipped)
-                added_region += len(region_in) - before
-        if not new and added_region == 0:
-            status, message = "unsatisfied", "rows hold in the LP but not in the forward pass (float noise)"
-            break
-        add_reqs(new)
-    if status != "optimal" or not met:
-        if status == "optimal":
-            status = "unsatisfied"
-        msg = message or {
-            "infeasible": f"no perturbation in the data range [{settings.lo:g}, {settings.hi:g}] meets the targets "
-                          "(LP infeasible)",
-            "budget": f"the targets need an L-infinity perturbation above the budget {settings.budget}",
-            "time_limit": f"the LP hit its time limit of {settings.time_limit} s",
-        }.get(status, status)
-        return SampleOutcome(status, x.copy(), np.inf if status in ("infeasible", "budget") else radius,
-                             problem.solves, problem.lp_seconds, len(problem.C), rounds, msg, False)
-    return SampleOutcome("optimal", xp, radius, problem.solves, problem.lp_seconds, len(problem.C), rounds,
-                         "", True)

@@ -22,7 +22,9 @@ from fedleak.fishing.lp import LPSettings
 from fedleak.fishing.solvers import check_solver
 from fedleak.validation import options_from, validate_fields
 
-NORMS = ("linf", "l1")
+NORMS = ("l2", "linf", "l1")
+CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero
+REGION_FRACTION = 0.01  # units kept on their side of a region stay margin*REGION_FRACTION away from zero
 
 
 def check_data_range(data_range: object, *, error: type[FedleakError] = SolverError) -> tuple[float, float] | None:
@@ -88,7 +90,7 @@ class FishingOptions:
     block solves (most of the wall time at batch 32) and reports the head condition alone.
     """
 
-    norm: str = "linf"
+    norm: str = "l2"
     margin: float = 0.02
     budget: float | None = None
     targets_last: int = 2
@@ -133,7 +135,7 @@ class FishingOptions:
         budget = None if self.budget is None else self.budget * (hi - lo)
         return LPSettings(norm=self.norm, budget=budget, polish=self.polish, polish_slack=self.polish_slack,
                           check_fraction=self.check_fraction, max_rounds=self.max_rounds, solver=self.solver,
-                          time_limit=self.time_limit, lo=lo, hi=hi)
+                          time_limit=self.time_limit, lo=lo, hi=hi, region_margin=self.margin * REGION_FRACTION)
 
 
 @dataclass(frozen=True)

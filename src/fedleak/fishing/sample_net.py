@@ -167,6 +167,11 @@ class SampleNet:
                 return mask
         return True
 
+    def walkable(self, layer: int) -> bool:
+        """Whether the region may move at ``layer``: hidden and conv units may change side; the window
+        maxima of a max-pooled block are fixed for the sample (its gaps are held instead)."""
+        return layer >= self.shift or self.layers[layer][0] == "conv"
+
     def flipped(self, layer: int, z: list[np.ndarray], pattern: list[np.ndarray]) -> np.ndarray:
         """Units of ``layer`` that left the region ``pattern`` at the point whose pre-activations (every
         layer, :meth:`preacts`) are ``z``, where that changes the forward pass: a conv unit of a max-pooled

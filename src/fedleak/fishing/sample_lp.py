@@ -1,0 +1,178 @@
+"""One sample's LP: its requirements, rows written lazily, the region it walks through, the forward check.
+
+:func:`solve_sample` perturbs one input so that a set of sign requirements (:class:`~fedleak.fishing.lp.Requirement`)
+hold in the real network, in float64 *and* float32. The rows are exact only inside an activation *region* of the
+lower layers (the ``pattern``), so every LP solution is checked by a forward pass:
+
+* a requirement the LP did not hold (not yet written) is written and the LP re-solved from its last basis
+  (lazy rows);
+* a written row that fails means the solution left the region below it. For the first ``walk_rounds`` rounds
+  the region *moves*: lower units that changed side keep their new side (unless a requirement pins them) and
+  every row is rewritten in the new region; this is how a sample reaches a neuron of layer 2 through layer
+  1's region. After that, units that change side are *held* on their side of the region (by
+  ``region_margin``, so that no unit is left at zero, where float32 and float64 may disagree on its sign),
+  which converges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedleak.fishing.lp import LPSettings, RadiusLP, Requirement, SampleOutcome
+from fedleak.fishing.sample_net import SampleNet
+
+
+def _key(r: Requirement) -> tuple[int, int]:
+    return (r.layer, r.neuron)
+
+
+class SampleLP:
+    """The rows of one sample's LP, in the region ``pattern``; rebuilt when the region moves."""
+
+    def __init__(self, net: SampleNet, x: np.ndarray, pattern: list[np.ndarray], settings: LPSettings):
+        self.net, self.x, self.s = net, x, settings
+        self.pattern = [p.copy() for p in pattern]
+        self.written: dict[tuple[int, int], Requirement] = {}  # the strongest requirement written per unit
+        self.checked: list[Requirement] = []
+        self.solves, self.lp_seconds = 0, 0.0
+        self._open()
+
+    def _open(self) -> None:
+        if hasattr(self, "problem"):
+            self.solves += self.problem.solves
+            self.lp_seconds += self.problem.lp_seconds
+        self.problem = RadiusLP(self.x, self.s)
+        self.offsets = self.net.offsets(self.pattern)
+        self._rows(list(self.written.values()))
+
+    def is_written(self, r: Requirement) -> bool:
+        w = self.written.get(_key(r))
+        return w is not None and w.margin >= r.margin
+
+    def _rows(self, reqs: list[Requirement]) -> None:
+        by_layer: dict[int, list[Requirement]] = {}
+        for r in reqs:
+            by_layer.setdefault(r.layer, []).append(r)
+        for layer, rs in by_layer.items():
+            idx = np.array([r.neuron for r in rs])
+            sign = np.array([r.sign for r in rs], dtype=np.float64)
+            marg = np.array([r.margin for r in rs])
+            J = self.net.rows(layer, idx, self.pattern)
+            self.problem.add(sign[:, None] * J, marg - sign * self.offsets[layer][idx])
+
+    def write(self, reqs: list[Requirement]) -> int:
+        """Write the requirements not yet written (or written with a smaller margin); returns how many."""
+        new = [r for r in reqs if not self.is_written(r)]
+        for r in new:
+            self.written[_key(r)] = r
+        self._rows(new)
+        return len(new)
+
+    def hold(self, layer: int, units: np.ndarray) -> int:
+        """Keep these units on their side of the region, ``region_margin`` clear of zero."""
+        reqs = [Requirement(layer, int(j), 1 if self.pattern[layer][j] > 0 else -1, self.s.region_margin)
+                for j in units if (layer, int(j)) not in self.written]
+        self.checked.extend(reqs)
+        return self.write(reqs)
+
+    def walk(self, layer: int, units: np.ndarray, z: np.ndarray) -> int:
+        """Move the region: these units take the side they have at the point whose pre-activations at
+        ``layer`` are ``z`` (units a requirement pins are left); returns how many moved. Rows are rewritten
+        by :meth:`reopen`."""
+        free = [int(j) for j in units if (layer, int(j)) not in self.written]
+        self.pattern[layer][free] = (z[free] > 0).astype(np.float64)
+        return len(free)
+
+    def reopen(self) -> None:
+        self._open()
+
+    def totals(self) -> tuple[int, float]:
+        return self.solves + self.problem.solves, self.lp_seconds + self.problem.lp_seconds
+
+
+def solve_sample(
+    net: SampleNet,
+    x: np.ndarray,
+    pattern: list[np.ndarray],
+    required: list[Requirement],
+    lazy: list[Requirement],
+    settings: LPSettings,
+) -> SampleOutcome:
+    """Perturb ``x`` so that every requirement holds (``required`` are written up front, ``lazy`` only
+    when close to violation or violated), starting in the region ``pattern`` of the lower layers.
+
+    ``net`` is the sample's linearised network (:class:`~fedleak.fishing.sample_net.SampleNet`: its layers
+    are the conv layers, if any, then the head's hidden layers). ``pattern`` is the intended activation
+    pattern per layer (0/1 float arrays); it must already agree with every requirement. Returns the
+    outcome with the perturbed input, or the unchanged input and the reason when the LP fails.
+    """
+    lp = SampleLP(net, x, pattern, settings)
+    lp.checked = list(required) + list(lazy)
+    z_clean = net.preacts(x)
+    near = [r for r in lazy if r.sign * z_clean[r.layer][r.neuron] < settings.screen * r.margin]
+    lp.write(list(required) + near)
+    status, xp, radius, rounds, message = "error:no round", None, 0.0, 0, ""
+    met = False
+    for rounds in range(1, settings.max_rounds + 1):
+        problem = lp.problem
+        if settings.norm == "l2":
+            status, xp = problem.l2()
+            if status != "optimal":  # the dual did not reach the rows: the LP proves infeasibility or finds a point
+                status, radius, xp = problem.radius()
+            radius = float(np.abs(xp - x).max()) if xp is not None else np.inf
+        elif settings.norm == "l1":
+            status, xp = problem.l1(problem.cap)
+            radius = float(np.abs(xp - x).max()) if xp is not None else np.inf
+        else:
+            status, radius, xp = problem.radius()
+            if status == "optimal" and settings.polish:
+                st2, xpol = problem.l1(radius * (1 + settings.polish_slack) + 1e-9)
+                if st2 == "optimal":
+                    xp = xpol
+        if status != "optimal" or xp is None:
+            break
+        xp = np.clip(xp, settings.lo, settings.hi)
+        z64 = net.preacts(xp)
+        z32 = net.preacts(xp.astype(np.float32), f32=True)
+        new: list[Requirement] = []
+        broken: set[int] = set()
+        for r in lp.checked:
+            v = min(r.sign * z64[r.layer][r.neuron], r.sign * float(z32[r.layer][r.neuron]))
+            if v < settings.check_fraction * r.margin:
+                if lp.is_written(r):
+                    broken.add(r.layer)
+                else:
+                    new.append(r)
+        if not new and not broken:
+            met = True
+            break
+        if rounds == settings.max_rounds:  # no round left to use more rows in
+            status, message = "unsatisfied", f"constraints still violated after {settings.max_rounds} rounds"
+            break
+        # a written row that fails in the real forward pass: the solution left the region below it
+        changed = 0
+        if broken:
+            walking = rounds <= settings.walk_rounds
+            for h in range(max(broken)):
+                units = net.flipped(h, z64, lp.pattern)
+                changed += lp.walk(h, units, z64[h]) if walking and net.walkable(h) else lp.hold(h, units)
+            if walking and changed:
+                lp.reopen()
+        if not new and changed == 0:
+            status, message = "unsatisfied", "rows hold in the LP but not in the forward pass (float noise)"
+            break
+        lp.write(new)
+    solves, seconds = lp.totals()
+    rows = len(lp.problem.C)
+    if status != "optimal" or not met:
+        if status == "optimal":
+            status = "unsatisfied"
+        msg = message or {
+            "infeasible": f"no perturbation in the data range [{settings.lo:g}, {settings.hi:g}] meets the targets "
+                          "in the region the LP ended in (LP infeasible)",
+            "budget": f"the targets need an L-infinity perturbation above the budget {settings.budget}",
+            "time_limit": f"the LP hit its time limit of {settings.time_limit} s",
+        }.get(status, status)
+        return SampleOutcome(status, x.copy(), np.inf if status in ("infeasible", "budget") else radius,
+                             solves, seconds, rows, rounds, msg, False)
+    return SampleOutcome("optimal", xp, radius, solves, seconds, rows, rounds, "", True)
