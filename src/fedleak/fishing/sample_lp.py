@@ -63,9 +63,17 @@ class SampleLP:
     def write(self, reqs: list[Requirement]) -> int:
         """Write the requirements not yet written (or written with a smaller margin); returns how many."""
         new = [r for r in reqs if not self.is_written(r)]
+        moved = False
         for r in new:
             self.written[_key(r)] = r
-        self._rows(new)
+            side = 1.0 if r.sign > 0 else 0.0
+            if self.pattern[r.layer][r.neuron] != side:  # a walk took it to the other side: the rows above change
+                self.pattern[r.layer][r.neuron] = side
+                moved = True
+        if moved:
+            self._open()
+        else:
+            self._rows(new)
         return len(new)
 
     def hold(self, layer: int, units: np.ndarray) -> int:
