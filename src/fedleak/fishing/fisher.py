@@ -19,7 +19,6 @@ The perturbed batch is checked by a float32 forward pass, the precision the clie
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from fedleak.errors import FedleakError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.perturb import CLEAR_FRACTION, FishingOptions, FishingResult, resolve_data_range, sample_records
+from fedleak.fishing.pool import parallel_map, resolve_workers
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.targets import choose_targets, retarget
 
@@ -49,7 +49,9 @@ class Fisher:
         self.clear = opts.margin * CLEAR_FRACTION
         self.Xp = X.copy()
         self.fixed = np.zeros(self.M, dtype=bool)  # sent unperturbed
+        self.owner = np.ones(self.M, dtype=bool)  # may own targets
         self.aside = np.zeros(self.M, dtype=bool)  # owns nothing, moved only to stay off the others' targets
+        self.why: list[tuple[str, str]] = [("", "")] * self.M  # why a sample stopped owning targets
         self.outcomes: list[SampleOutcome | None] = [None] * self.M
         self.targets: list[list[np.ndarray]] = []  # per sample, per head layer
         self.patterns: list[list[np.ndarray]] = []  # per sample, per head layer
@@ -99,11 +101,7 @@ class Fisher:
             return SampleOutcome(f"error:{type(exc).__name__}", self.X[m].copy(), message=str(exc))
 
     def solve_many(self, ms: list[int]) -> None:
-        if self.o.workers > 1 and len(ms) > 1:
-            with ThreadPoolExecutor(self.o.workers) as pool:
-                results = list(pool.map(self.solve, ms))
-        else:
-            results = [self.solve(m) for m in ms]
+        results = parallel_map(self.solve, ms, resolve_workers(self.o.workers))
         for m, out in zip(ms, results):
             prev = self.outcomes[m]
             if prev is not None:  # accumulate LP effort over repairs
@@ -111,8 +109,15 @@ class Fisher:
                 out.lp_seconds += prev.lp_seconds
             self.outcomes[m] = out
             self.Xp[m] = out.x
-            self.status[m] = "fished" if out.ok else out.status
-            self.messages[m] = out.message
+            if self.owner[m]:
+                self.status[m] = "fished" if out.ok else out.status
+                self.messages[m] = out.message
+            else:
+                self.aside[m] = out.ok
+                self.status[m], message = self.why[m]
+                self.messages[m] = message + ("; moved only to keep the other samples' target neurons off" if out.ok
+                                              else f"; it could not stay off the other samples' targets either "
+                                                   f"({out.message or out.status})")
 
     def others_state(self, m: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The other samples' current head pre-activations and, per layer, the neurons they already target."""
@@ -140,78 +145,110 @@ class Fisher:
         self.fixed[m] = True
         self.Xp[m] = self.X[m]
 
-    def blocked(self) -> list[int]:
-        """Working samples one of whose targets a settled sample (fished, standing aside or sent unperturbed;
-        in float32) activates. A sample still to be re-solved does not block: its LP keeps it off."""
-        Z = self.head_preacts(self.Xp.astype(np.float32), f32=True)
-        settled = np.array([self.status[n] == "fished" or self.aside[n] or self.fixed[n] for n in range(self.M)])
-        bad = []
-        cf = self.o.check_fraction * self.o.margin
-        for m in range(self.M):
-            if self.fixed[m] or self.status[m] != "fished":
-                continue
-            rows = settled.copy()
-            rows[m] = False
-            for h, T in enumerate(self.targets[m]):
-                col = Z[h][:, T[T >= 0]]
-                others = col[rows]
-                if (col[m] < cf).any() or (others.size and (others > -cf).any()):
-                    bad.append(m)
-                    break
-        return bad
-
-    def stand_aside(self, m: int) -> bool:
-        """A sample that cannot own neurons gives its targets up and is moved only to stay off the other
-        samples' targets, so that its failure costs no other sample its targets; False if even that fails."""
-        status, message = self.status[m], self.messages[m]
+    def give_up(self, m: int) -> None:
+        """``m`` owns nothing from now on; its targets go back to their clean side."""
+        self.owner[m] = False
+        self.why[m] = (self.status[m], self.messages[m])
         z = self.head_preacts(self.stack.features(self.X[m][None, :]))
         for h, T in enumerate(self.targets[m]):
             T = T[T >= 0]
             self.patterns[m][h] = self.patterns[m][h].copy()
             self.patterns[m][h][T] = (z[h][0, T] > 0).astype(np.float64)
         self.targets[m] = [np.zeros(0, dtype=np.int64) for _ in self.targets[m]]
+
+    def stand_aside(self, m: int) -> bool:
+        """A sample that cannot own neurons gives its targets up and is moved only to stay off the other
+        samples' targets, so that its failure costs no other sample its targets; False if even that fails."""
+        self.give_up(m)
         self.solve_many([m])
-        ok = self.status[m] == "fished"
-        self.aside[m] = ok
-        self.status[m] = status
-        self.messages[m] = message + ("; moved only to keep the other samples' target neurons off" if ok else "")
-        return ok
+        return bool(self.aside[m])
 
     def failed(self) -> list[int]:
-        return [m for m in range(self.M) if self.status[m] != "fished" and not self.fixed[m] and not self.aside[m]]
+        """Movable samples whose LP failed: owners not fished, and samples that could not stand aside."""
+        return [m for m in range(self.M) if not self.fixed[m]
+                and (self.status[m] != "fished" if self.owner[m] else not self.aside[m])]
 
-    def run(self) -> None:
-        """Solve every sample's LP for the targets chosen on the head, then repair the failures: one retry
-        with fresh targets, then the sample stands aside (owns nothing, stays off the others' targets) or,
-        if even that fails, is sent unperturbed and the targets it blocks are re-chosen."""
+    def assign(self) -> None:
+        """Choose the owners' targets jointly (samples sent unperturbed block the neurons they fire on; the
+        others that own nothing only stay off the targets) and solve every movable sample's LP from the clean
+        batch."""
+        movable = [m for m in range(self.M) if not self.fixed[m]]
         asg = choose_targets(self.head, self.stack.features(self.X), self.y, self.k, self.o.margin,
-                             gamma=self.o.gamma, burden=self.o.burden)
-        self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
+                             gamma=self.o.gamma, burden=self.o.burden, norm=self.o.norm, fixed=self.fixed,
+                             owners=self.owner & ~self.fixed)
+        self.targets = [[T[m] if self.owner[m] else T[m][T[m] >= 0] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
-        self.solve_many(list(range(self.M)))
-        for _ in range(self.o.repair_rounds):
-            retry = []
-            for m in self.failed():
-                if self.outcomes[m] is not None and self.outcomes[m].extra.get("retried"):
-                    if not self.stand_aside(m):
-                        self.freeze(m)
-                    continue
-                # one more try with fresh targets chosen against the others as they are
+        self.aside[:] = False
+        self.solve_many(movable)
+
+    def repair(self) -> bool:
+        """Failed owners get one retry with fresh targets chosen against the others as they are, then stand
+        aside. An owner that cannot stand aside owns nothing from the next round on (fewer targets cost every
+        sample less); a sample that owns nothing and still cannot stay off the targets is sent unperturbed.
+        True if the targets must be chosen again."""
+        retry = []
+        for m in self.failed():
+            if self.owner[m]:
                 banned = [set(int(j) for j in T if j >= 0) for T in self.targets[m]]
                 self.retarget(m, banned)
-                retry.append(m)
-            blocked = self.blocked()
-            for m in blocked:
-                self.retarget(m)
-            todo = sorted(set(retry) | set(blocked))
-            if not todo:
-                break
-            self.solve_many(todo)
-            for m in todo:
-                self.outcomes[m].extra["retried"] = True
+                if all((T >= 0).all() for T in self.targets[m]):
+                    retry.append(m)
+        self.solve_many(retry)
+        again, stuck = False, []
         for m in self.failed():
-            if not self.stand_aside(m):
+            if self.owner[m]:
+                # from now on it owns nothing; if it cannot stay off the targets now, it may with fewer of them
+                again |= not self.stand_aside(m)
+            else:
+                stuck.append(m)
+        if stuck:
+            self.relieve(stuck)
+            again = True
+        return again
+
+    def relieve(self, stuck: list[int]) -> None:
+        """Samples that own nothing and still cannot stay off the targets (within the budget): the owners whose
+        targets they fire on most give their targets up, two per such sample; with no owner
+        left to give up, they are sent unperturbed (and block the neurons they fire on)."""
+        owners = np.nonzero(self.owner & ~self.fixed)[0]
+        if len(owners) == 0:
+            for m in stuck:
                 self.freeze(m)
+            return
+        Z = self.head_preacts(self.stack.features(self.X[stuck]))
+        need = self.o.gamma * self.o.margin
+        load = np.array([sum(float((np.maximum(Z[h][:, T[T >= 0]] + need, 0.0) ** 2).sum())
+                             for h, T in enumerate(self.targets[m])) for m in owners])
+        for m in owners[np.argsort(-load, kind="stable")[: 2 * len(stuck)]]:
+            self.status[m] = "budget"
+            self.messages[m] = ("gave its targets up: samples that own nothing could not stay off them within the "
+                                "budget")
+            self.give_up(m)
+
+    def run(self) -> None:
+        """Choose the targets and solve every sample's LP, then repair the failures (:meth:`repair`) and choose
+        the targets again around the samples that stopped owning or moving (at most ``repair_rounds`` times);
+        a sample still failing then is sent unperturbed."""
+        self.assign()
+        for _ in range(self.o.repair_rounds):
+            if not self.repair():
+                return
+            self.assign()
+        self.repair()
+        for m in self.failed():
+            self.freeze(m)
+        self.mark_blocked()
+
+    def mark_blocked(self) -> None:
+        """Owners one of whose targets a sample sent unperturbed fires on (float32) are not exclusive: say so."""
+        if not self.fixed.any():
+            return
+        Z = self.head_preacts(self.X[self.fixed].astype(np.float32), f32=True)
+        cf = self.o.check_fraction * self.o.margin
+        for m in range(self.M):
+            if self.status[m] == "fished" and any((Z[h][:, T[T >= 0]] > -cf).any() for h, T in enumerate(self.targets[m])):
+                self.status[m] = "blocked"
+                self.messages[m] = "a sample sent unperturbed fires on one of its target neurons"
 
 
 def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None, **options) -> FishingResult:

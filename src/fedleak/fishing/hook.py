@@ -18,10 +18,12 @@ class FishingTransform:
     """``BatchTransform`` that fishes each batch: ``FishingTransform(**options)(model, x, y) -> (x', y)``.
 
     Options are those of :func:`fedleak.fish` (:class:`FishingOptions`); they are checked when the
-    transform is built. Labels are passed through unchanged.
+    transform is built. Labels are passed through unchanged. ``workers`` defaults to 1 here: a client
+    fishes in its own process (a simulated federation already runs its clients in parallel).
     """
 
     def __init__(self, **options) -> None:
+        options.setdefault("workers", 1)
         self.options = FishingOptions.from_kwargs(**options)
         self.last_result: FishingResult | None = None
 

@@ -74,6 +74,7 @@ class Requirement:
 class LPSettings:
     norm: str = "l2"  # "l2" (least L2: highest PSNR), "linf" (min radius, then L1 polish) or "l1"
     budget: float | None = None  # largest allowed L-infinity perturbation, data units (None: only the range)
+    min_psnr: float | None = None  # PSNR floor of the perturbation (dB, peak = hi - lo)
     polish: bool = True
     polish_slack: float = 0.25
     check_fraction: float = 0.5  # a requirement is met when sign*z >= check_fraction*margin (float32 and float64)

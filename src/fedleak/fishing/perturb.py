@@ -76,12 +76,15 @@ class FishingOptions:
     ``margin``: kappa, the pre-activation margin of every target (spec §4.3: >= 1e-2).
     ``budget``: largest L-infinity perturbation allowed, as a fraction of the data range (None: anything
     inside the range); a sample that needs more is left unperturbed.
+    ``min_psnr``: the PSNR floor (dB, against the original, peak = the data range's width): a sample whose
+    perturbation would fall below it is left unperturbed. With ``norm="l2"`` the LP's point is the least
+    squared perturbation that meets the targets, so no smaller one exists for them.
     ``data_range``: ``(low, high)`` the perturbed values stay in (the LP box and the final clamp; PSNR peak
     ``high - low``). None: [0, 1] when the batch lies in it, else the batch's own [min, max] (stated in
     :attr:`FishingResult.data_range`); pass it for data in [-1, 1], 0..255 or normalised space.
     ``targets_last`` / ``targets_other``: ExANs to create per sample at the last / every other ReLU layer.
     ``solver``: LP backend (see ``fedleak.fishing.available_solvers()``); ``time_limit`` per LP, seconds.
-    ``workers``: threads solving per-sample LPs concurrently (1: sequential).
+    ``workers``: processes solving per-sample LPs concurrently (1: in this process; None: one per core).
     ``gamma`` / ``burden``: target pricing (aim at ``gamma*margin``; weight of the push-down the other
     samples need, measured best at 0.3 on Fashion-MNIST, see docs/fishing.md).
     ``repair_rounds``: rounds of re-targeting samples whose targets a failed (unperturbed) sample blocks.
@@ -93,17 +96,18 @@ class FishingOptions:
     norm: str = "l2"
     margin: float = 0.02
     budget: float | None = None
+    min_psnr: float | None = None
     targets_last: int = 2
     targets_other: int = 1
     solver: str = "highs"
     time_limit: float = 10.0
-    workers: int = 1
+    workers: int | None = None
     polish: bool = True
     polish_slack: float = 0.25
     gamma: float = 2.0
     burden: float = 0.3
     max_rounds: int = 12
-    repair_rounds: int = 3
+    repair_rounds: int = 8
     check_fraction: float = 0.5
     data_range: tuple[float, float] | None = None
     solve_check: bool = True
@@ -117,10 +121,12 @@ class FishingOptions:
             raise SolverError(f"margin must be a positive number, got {self.margin}")
         if self.budget is not None and not (0 < self.budget <= 1):
             raise SolverError(f"budget must lie in (0, 1] (a fraction of the data range), got {self.budget}")
+        if self.min_psnr is not None and not (self.min_psnr > 0 and math.isfinite(self.min_psnr)):
+            raise SolverError(f"min_psnr must be a positive number of dB, got {self.min_psnr}")
         if self.targets_last < 1 or self.targets_other < 0:
             raise SolverError("targets_last must be >= 1 and targets_other >= 0")
-        if self.time_limit <= 0 or self.workers < 1:
-            raise SolverError("time_limit must be positive and workers >= 1")
+        if self.time_limit <= 0 or (self.workers is not None and self.workers < 1):
+            raise SolverError("time_limit must be positive and workers >= 1 (or None: one per core)")
         if not 0 < self.check_fraction <= 1:
             raise SolverError(f"check_fraction must lie in (0, 1], got {self.check_fraction}")
         check_solver(self.solver)
@@ -133,7 +139,7 @@ class FishingOptions:
         """The per-sample LP settings for data in ``data_range`` (the budget scaled to data units)."""
         lo, hi = data_range
         budget = None if self.budget is None else self.budget * (hi - lo)
-        return LPSettings(norm=self.norm, budget=budget, polish=self.polish, polish_slack=self.polish_slack,
+        return LPSettings(norm=self.norm, budget=budget, min_psnr=self.min_psnr, polish=self.polish, polish_slack=self.polish_slack,
                           check_fraction=self.check_fraction, max_rounds=self.max_rounds, solver=self.solver,
                           time_limit=self.time_limit, lo=lo, hi=hi, region_margin=self.margin * REGION_FRACTION)
 

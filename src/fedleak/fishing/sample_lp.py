@@ -20,6 +20,7 @@ import numpy as np
 
 from fedleak.fishing.lp import LPSettings, RadiusLP, Requirement, SampleOutcome
 from fedleak.fishing.sample_net import SampleNet
+from fedleak.fishing.perturb import psnr
 
 
 def _key(r: Requirement) -> tuple[int, int]:
@@ -172,6 +173,12 @@ def solve_sample(
         lp.write(new)
     solves, seconds = lp.totals()
     rows = len(lp.problem.C)
+    if met and settings.min_psnr is not None:
+        quality = psnr(xp, x, settings.width)
+        if quality < settings.min_psnr:
+            status, met = "budget", False
+            message = (f"the targets need a perturbation of PSNR {quality:.1f} dB, below the floor "
+                       f"{settings.min_psnr:g} dB")
     if status != "optimal" or not met:
         if status == "optimal":
             status = "unsatisfied"

@@ -19,6 +19,7 @@ cancelling out), so a target is an *effective* ExAN whose gradient row survives 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,45 @@ def target_costs(
     return cost
 
 
+def squared_costs(Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, fixed: np.ndarray,
+                  burden: float = 1.0) -> np.ndarray:
+    """Price matrix (M x d) in squared L2 units: the owner's rise to ``gamma*kappa`` and every other sample's
+    fall to ``-gamma*kappa``, each divided by the neuron's L2 sensitivity. Summed over the targets, this is
+    the batch's total squared perturbation if the rows were orthogonal (what the least-L2 LPs pay); every
+    other sample's fall is paid in full, so ``burden`` is not used."""
+    del burden
+    need = gamma * kappa
+    down = np.maximum(Z + need, 0.0) ** 2
+    up = np.maximum(need - Z, 0.0) ** 2
+    cost = (down.sum(0)[None, :] - down + up) / np.maximum(sens, 1e-12)[None, :] ** 2
+    if fixed.any():
+        blocked = (Z[fixed] > -need).any(0)
+        cost[:, blocked] = np.inf
+        cost[fixed] = np.inf
+    return cost
+
+
+def assign_jointly(cost: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` disjoint targets per sample of least total price (a linear assignment of M*k slots to neurons)."""
+    from scipy.optimize import linear_sum_assignment
+
+    M, d = cost.shape
+    out = np.full((M, k), -1, dtype=np.int64)
+    price = np.full((M, k), np.inf)
+    finite = np.isfinite(cost)
+    big = (np.abs(cost[finite]).max() if finite.any() else 1.0) * 1e3 + 1.0
+    C = np.repeat(np.where(finite, cost, big), k, axis=0)
+    rows, cols = linear_sum_assignment(C)
+    fill = np.zeros(M, dtype=np.int64)
+    for r, j in zip(rows, cols):
+        m = r // k
+        if finite[m, j]:
+            out[m, fill[m]] = j
+            price[m, fill[m]] = cost[m, j]
+            fill[m] += 1
+    return out, price
+
+
 def assign(cost: np.ndarray, k: int, used: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint greedy assignment: ``k`` rounds, in each the sample with the dearest best option picks first."""
     M, d = cost.shape
@@ -86,13 +126,32 @@ def assign(cost: np.ndarray, k: int, used: np.ndarray | None = None) -> tuple[np
     return out, price
 
 
-def sensitivities(net: HeadArrays, mean_patterns: list[np.ndarray]) -> list[np.ndarray]:
-    """Per layer, ``||J_hj||_1`` of the mean region: how far a unit L-infinity step moves each neuron."""
+@dataclass(frozen=True)
+class Pricing:
+    """How targets are priced and assigned for one perturbation norm."""
+
+    costs: Callable[..., np.ndarray]  # (Z, sens, kappa, gamma, fixed, burden) -> M x d prices
+    assign: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+    order: int  # the norm of the sensitivities ||J_hj||
+
+
+PRICING: dict[str, Pricing] = {
+    # least L2: squared prices, one joint assignment of least total price
+    "l2": Pricing(squared_costs, assign_jointly, 2),
+    # L-infinity (and L1 within a budget): the dearest sample chooses first
+    "linf": Pricing(target_costs, assign, 1),
+    "l1": Pricing(target_costs, assign, 1),
+}
+
+
+def sensitivities(net: HeadArrays, mean_patterns: list[np.ndarray], order: int = 1) -> list[np.ndarray]:
+    """Per layer, ``||J_hj||`` (``order`` 1: how far a unit L-infinity step moves each neuron; 2: a unit L2
+    step) of the mean region."""
     out = []
     J = None
     for h in range(net.depth):
         J = net.W[h] if J is None else (net.W[h] * mean_patterns[h - 1][None, :]) @ J
-        out.append(np.abs(J).sum(1))
+        out.append(np.linalg.norm(J, ord=order, axis=1))
     return out
 
 
@@ -121,24 +180,31 @@ def choose_targets(
     gamma: float = 2.0,
     fixed: np.ndarray | None = None,
     burden: float = 0.3,
+    norm: str = "l2",
+    owners: np.ndarray | None = None,
 ) -> Assignment:
-    """Assign ``k_per_layer[h]`` disjoint targets per sample and layer (spec §4.3 Steps A and B)."""
+    """Assign ``k_per_layer[h]`` disjoint targets per sample and layer (spec §4.3 Steps A and B), priced for
+    the LPs' ``norm`` (:data:`PRICING`). ``fixed`` samples will not move (they own nothing and block every
+    neuron they fire on); samples outside ``owners`` own nothing but can be moved off the targets."""
+    pricing = PRICING[norm]
     M = X.shape[0]
     fixed = np.zeros(M, dtype=bool) if fixed is None else fixed
     Zs = net.preacts(X)
     mean_pat = [(z > 0).mean(0) for z in Zs]
-    sens = sensitivities(net, mean_pat)
+    sens = sensitivities(net, mean_pat, order=pricing.order)
     targets, patterns, costs = [], [], []
     a = X
     for h in range(net.depth):
         Z = a @ net.W[h].T
         if net.b[h] is not None:
             Z = Z + net.b[h]
-        cost = target_costs(Z, sens[h], kappa, gamma, fixed, burden)
+        cost = pricing.costs(Z, sens[h], kappa, gamma, fixed, burden)
+        if owners is not None:
+            cost[~owners] = np.inf  # samples that own nothing (they only stay off the targets)
         if h == net.depth - 1:
             eff = effective_mask(net, np.maximum(Z, 0), labels)
             cost = np.where(eff, cost, np.inf)
-        T, price = assign(cost, k_per_layer[h])
+        T, price = pricing.assign(cost, k_per_layer[h])
         P = (Z > 0).astype(np.float64)
         for m in range(M):
             for j in T[m]:
