@@ -1,20 +1,25 @@
-"""Fishing and exclusivity-reduction benchmark: recovered fraction plain / fished / defended, perturbation
-size, PSNR, LP and attack time, per data set, batch size and first-layer width; LP solver comparison;
-utility cost of the defense.
+"""Fishing benchmark: recovered fraction before and after fishing, perturbation PSNR, and time as multiples of the
+client's own gradient time and of the LP floor, per data set, batch size and depth/widths; the trade-off curve
+under a PSNR floor; optional LP solver, formulation and defense-utility studies.
 
-    .venv/bin/python benchmarks/bench_fishing.py --out benchmarks/results/fishing.json   # full grid (~15 min)
-    .venv/bin/python benchmarks/bench_fishing.py --quick                                  # smoke run
+    .venv/bin/python benchmarks/bench_fishing.py --out benchmarks/results/fishing_depth.json   # default grid
+    .venv/bin/python benchmarks/bench_fishing.py --quick                                        # smoke run
+    .venv/bin/python benchmarks/bench_fishing.py --cells fashion-mnist:256:1024,lfw:64:1024-256 --workers 1
 
-Results (JSON, written atomically) record versions, seeds and settings; the markdown tables printed at the
-end are the ones in docs/fishing.md.
+A cell is ``data:M:widths[:min_psnr]`` (widths joined by ``-``: ``1024-256`` is two hidden layers). Each model is
+``make_mlp(shape, widths, classes, seed)`` at PyTorch's default initialisation and each batch ``Dataset.batch(M,
+seed + 1)``. Results (JSON, written atomically after every cell) record versions, seed, settings and the machine;
+the markdown tables printed at the end are the ones in docs/fishing.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -42,46 +47,58 @@ def attack_scores(model, inputs, labels, originals):
     return rec, vs_sent, vs_orig, secs
 
 
-def run_cell(name, data, batch, width, seed, defend=True):
+def gradient_seconds(model, x, y, repeats=5):
+    """The client's own cost: median wall time of one FedSGD gradient of the batch (plain autograd)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fedleak.compute_gradient_update(model, x, y)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_cell(name, data, batch, widths, seed, min_psnr=None, workers=None):
+    model = fedleak.make_mlp(data.input_shape, list(widths), data.num_classes, seed=seed)
+    x, y = data.batch(batch, seed=seed + 1)
+    grad_s = gradient_seconds(model, x, y)
+    _, plain, _, _ = attack_scores(model, x, y, None)
+    t0 = time.perf_counter()
+    res = fish(model, x, y, min_psnr=min_psnr, workers=workers)
+    fish_secs = time.perf_counter() - t0
+    _, fished, fished_orig, attack_secs = attack_scores(model, res.inputs, y, x)
+    fished_psnr = [s.psnr for s in res.samples if s.status == "fished" and s.perturbed]
+    return dict(
+        dataset=name, batch=batch, widths=list(widths), depth=len(widths), seed=seed, min_psnr=min_psnr,
+        workers=workers, plain_recovered=plain.recovered_fraction,
+        fished_recovered=fished.recovered_fraction, false_certificates=int(fished.false_certificate.sum()),
+        fished_condition=float(res.certifiable_after.mean()),
+        statuses=dict(collections.Counter(s.status for s in res.samples)),
+        moved_aside=int(sum(s.perturbed and s.status != "fished" for s in res.samples)),
+        psnr_fished_mean=float(np.mean(fished_psnr)) if fished_psnr else float("nan"),
+        psnr_fished_min=float(np.min(fished_psnr)) if fished_psnr else float("nan"),
+        psnr_all_mean=float(np.mean([s.psnr for s in res.samples])),
+        psnr_rec_vs_original=float(fished_orig.mean_psnr()),
+        linf_mean=float(res.linf.mean()), linf_max=float(res.linf.max()),
+        fish_s=fish_secs, lp_s=res.lp_seconds, lp_floor_s=res.lp_floor_seconds, gradient_s=grad_s,
+        lp_solves=int(sum(s.lp_solves for s in res.samples)),
+        lp_rows_mean=float(np.mean([s.lp_rows for s in res.samples])), attack_s=attack_secs,
+    )
+
+
+def defense_cell(name, data, batch, width, seed):
+    """Exclusivity reduction on a clean batch: certificates left, perturbation, time."""
     model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=seed)
     x, y = data.batch(batch, seed=seed + 1)
-    _, plain, _, plain_secs = attack_scores(model, x, y, None)
     t0 = time.perf_counter()
-    res = fish(model, x, y)
-    fish_secs = time.perf_counter() - t0
-    _, fished, fished_orig, fished_attack_secs = attack_scores(model, res.inputs, y, x)
-    row = dict(
-        dataset=name, batch=batch, width=width, seed=seed,
-        plain_recovered=plain.recovered_fraction, plain_attack_s=plain_secs,
-        fished_recovered=fished.recovered_fraction, fished_false_certificates=int(fished.false_certificate.sum()),
-        fished_condition=float(res.certifiable_after.mean()),
-        unperturbed=int(sum(s.status != "fished" for s in res.samples)),
-        linf_mean=float(res.linf.mean()), linf_max=float(res.linf.max()),
-        psnr_perturbation=float(np.mean(res.psnr)),
-        psnr_rec_vs_original=float(fished_orig.mean_psnr()),
-        prediction_changed=float(np.mean([s.prediction_changed for s in res.samples])),
-        fish_s=fish_secs, lp_s=res.lp_seconds, lp_solves=int(sum(s.lp_solves for s in res.samples)),
-        lp_rows_mean=float(np.mean([s.lp_rows for s in res.samples])),
-        fished_attack_s=fished_attack_secs,
-    )
-    if defend:
-        t0 = time.perf_counter()
-        d = reduce_exclusivity(model, x, y)
-        row["defense_s"] = time.perf_counter() - t0
-        kept = [s for s in d.samples if s.status != "dropped"]
-        row["defense_dropped"] = len(d.samples) - len(kept)
-        row["defense_linf_mean"] = float(np.mean([s.linf for s in kept])) if kept else float("nan")
-        row["defense_psnr"] = float(np.mean([s.psnr for s in kept])) if kept else float("nan")
-        if len(kept):
-            rec, sent, _, _ = attack_scores(model, d.inputs, d.labels, None)
-            row["defended_certified"] = int(rec.num_certified)
-            row["defended_rebuilt"] = len(rec)
-            # certified but not exact: the attack's certificate was fooled by a mixture (seen with 2 classes)
-            row["defended_false_certificates"] = int(sent.false_certificate.sum())
-            row["defended_recovered"] = float(sent.recovered.sum()) / batch
-        else:
-            row["defended_certified"] = row["defended_rebuilt"] = row["defended_false_certificates"] = 0
-            row["defended_recovered"] = 0.0
+    d = reduce_exclusivity(model, x, y)
+    row = dict(dataset=name, batch=batch, width=width, defense_s=time.perf_counter() - t0)
+    kept = [s for s in d.samples if s.status != "dropped"]
+    row["defense_dropped"] = len(d.samples) - len(kept)
+    row["defense_linf_mean"] = float(np.mean([s.linf for s in kept])) if kept else float("nan")
+    if len(kept):
+        rec, sent, _, _ = attack_scores(model, d.inputs, d.labels, None)
+        row["defended_certified"] = int(rec.num_certified)
+        row["defended_false_certificates"] = int(sent.false_certificate.sum())
     return row
 
 
@@ -92,7 +109,7 @@ def solver_comparison(data, batch=16, width=1024, seed=0):
     x, y = data.batch(batch, seed=seed + 1)
     for solver in sorted(fedleak.fishing.available_solvers()):
         t0 = time.perf_counter()
-        res = fish(model, x, y, solver=solver)
+        res = fish(model, x, y, solver=solver, norm="linf")
         out.append(dict(solver=solver, seconds=time.perf_counter() - t0, lp_s=res.lp_seconds,
                         condition=float(res.certifiable_after.mean()), linf_mean=float(res.linf.mean())))
     return out
@@ -105,7 +122,7 @@ def formulation_comparison(data, batch=64, width=1024, seed=0, samples=4):
 
     model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=seed)
     x, y = data.batch(batch, seed=seed + 1)
-    res = fish(model, x, y)
+    res = fish(model, x, y, norm="linf")
     A = HeadArrays(as_network(model, inputs=x).head)
     X = x.reshape(batch, -1).double().numpy()
     Z = A.preacts(X)[0]
@@ -171,74 +188,94 @@ def write_atomic(path: Path, payload) -> None:
 
 
 def table(rows):
-    head = ("| data | M | width | plain rec. | fished rec. | defended rec. (cert., false) | L∞ mean / max | PSNR δ | PSNR rec. vs orig "
-            "| fish s (LP s) | attack s | defense L∞ / s |")
+    head = ("| data | M | widths | PSNR floor | plain rec. | fished rec. | false cert. | PSNR fished (mean / min) "
+            "| not fished (moved / unperturbed) | fish s | × gradient | × LP floor |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
+        nf = sum(v for k, v in r["statuses"].items() if k != "fished")
+        floor = "–" if r["min_psnr"] is None else f"{r['min_psnr']:g} dB"
         lines.append(
-            f"| {r['dataset']} | {r['batch']} | {r['width']} | {r['plain_recovered']:.3f} | {r['fished_recovered']:.3f} "
-            f"| {r.get('defended_recovered', float('nan')):.3f} ({r.get('defended_certified', '-')}, "
-            f"{r.get('defended_false_certificates', '-')}) | {r['linf_mean']:.4f} / {r['linf_max']:.4f} "
-            f"| {r['psnr_perturbation']:.1f} | {r['psnr_rec_vs_original']:.1f} | {r['fish_s']:.1f} ({r['lp_s']:.1f}) "
-            f"| {r['fished_attack_s']:.2f} | {r.get('defense_linf_mean', float('nan')):.4f} / {r.get('defense_s', float('nan')):.1f} |"
+            f"| {r['dataset']} | {r['batch']} | {'-'.join(map(str, r['widths']))} | {floor} | {r['plain_recovered']:.3f} "
+            f"| {r['fished_recovered']:.3f} | {r['false_certificates']} | {r['psnr_fished_mean']:.1f} / "
+            f"{r['psnr_fished_min']:.1f} | {nf} ({r['moved_aside']} / {nf - r['moved_aside']}) | {r['fish_s']:.2f} "
+            f"| {r['fish_s'] / r['gradient_s']:,.0f} | {r['fish_s'] / max(r['lp_floor_s'], 1e-9):.1f} |"
         )
     return "\n".join(lines)
 
 
+DEFAULT_GRID = (
+    # one hidden layer: batch size and width
+    [f"fashion-mnist:{m}:1024" for m in (32, 64, 128, 256)]
+    + [f"fashion-mnist:128:{w}" for w in (512, 2048, 4096)]
+    + [f"lfw:{m}:1024" for m in (64, 128, 256)]
+    + [f"mni152:{m}:1024" for m in (64, 128)]
+    # two and three hidden layers, the last at least 4·M wide
+    + [f"{d}:64:1024-256" for d in ("fashion-mnist", "lfw", "mni152")]
+    + [f"{d}:128:2048-512-512" for d in ("fashion-mnist", "lfw", "mni152")]
+    # the trade-off curve: fished fraction against a PSNR floor and the batch size
+    + [f"fashion-mnist:{m}:1024:{p}" for m in (64, 128, 256) for p in (25, 30, 35, 40)]
+)
+QUICK_GRID = ["fashion-mnist:32:1024", "lfw:32:512-128", "fashion-mnist:64:1024:35"]
+
+
+def parse_cell(cell: str):
+    parts = cell.split(":")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"bench_fishing: a cell is data:M:widths[:min_psnr], got {cell!r}")
+    widths = tuple(int(w) for w in parts[2].split("-"))
+    return parts[0], int(parts[1]), widths, (float(parts[3]) if len(parts) == 4 else None)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cells", default=None,
-                    help="comma-separated data:batch:width cells instead of the built-in grid, e.g. lfw:256:1024")
-    ap.add_argument("--no-extra", action="store_true", help="skip the solver/formulation/utility studies")
+    ap.add_argument("--cells", default=None, help="comma-separated data:M:widths[:min_psnr] cells instead of the grid")
+    ap.add_argument("--workers", type=int, default=None, help="fishing processes (default: one per core)")
+    ap.add_argument("--extra", action="store_true", help="also the solver, formulation and defense studies")
     args = ap.parse_args(argv)
-    sets = {"fashion-mnist": fedleak.load_dataset("fashion-mnist"), "digits": fedleak.load_dataset("digits")}
-    if "lfw" in fedleak.available_datasets():
-        sets["lfw"] = fedleak.load_dataset("lfw")
-    if args.quick:
-        grid = [("fashion-mnist", 16, 1024), ("lfw", 16, 1024), ("digits", 8, 512)]
-    else:
-        grid = [(n, b, 1024) for n in ("fashion-mnist", "lfw") for b in (8, 32, 64, 128, 256)]
-        grid += [("digits", b, 512) for b in (8, 32, 64)]
-        grid += [("fashion-mnist", 64, w) for w in (512, 2048, 4096)]
-        grid += [("lfw", 64, w) for w in (512, 2048)]
-    if args.cells:
-        grid = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.cells.split(",")]
+    cells = args.cells.split(",") if args.cells else (QUICK_GRID if args.quick else DEFAULT_GRID)
+    grid = [parse_cell(c) for c in cells]
+    available = fedleak.available_datasets()
+    sets = {}
+    for name, *_ in grid:
+        if name not in sets and name in available:
+            try:
+                sets[name] = fedleak.load_dataset(name)
+            except fedleak.FedleakError as exc:  # e.g. mni152 without fedleak[medical]
+                print(f"skipping {name}: {exc}", file=sys.stderr)
     grid = [g for g in grid if g[0] in sets]
+    started = time.time()
 
     def save(rows, extra):
         if args.out:
             write_atomic(args.out, dict(
-                benchmark="fishing", seed=args.seed, quick=args.quick, cells=args.cells, started=started,
-                seconds=time.time() - started,
+                benchmark="fishing", seed=args.seed, quick=args.quick, cells=cells, workers=args.workers,
+                started=started, seconds=time.time() - started,
                 versions=dict(fedleak=fedleak.__version__, torch=torch.__version__, numpy=np.__version__,
                               python=platform.python_version()),
-                machine=dict(cpus=os.cpu_count(), load=os.getloadavg()),
+                machine=dict(cpus=os.cpu_count(), load=os.getloadavg(), platform=platform.platform()),
                 options=dict(fishing=fedleak.FishingOptions().__dict__), rows=rows, **extra))
 
-    started = time.time()
     rows = []
-    for name, b, w in grid:
-        t0 = time.perf_counter()
-        row = run_cell(name, sets[name], b, w, args.seed)
+    for name, m, widths, floor in grid:
+        row = run_cell(name, sets[name], m, widths, args.seed, min_psnr=floor, workers=args.workers)
         rows.append(row)
-        print(f"[{time.perf_counter() - t0:6.1f}s] {name} M={b} width={w}: plain {row['plain_recovered']:.3f} "
-              f"fished {row['fished_recovered']:.3f} defended-cert {row.get('defended_certified')} "
-              f"Linf {row['linf_mean']:.4f} PSNR-rec {row['psnr_rec_vs_original']:.1f} fish {row['fish_s']:.1f}s",
-              flush=True)
+        print(f"{name} M={m} widths={widths} floor={floor}: fished rec. {row['fished_recovered']:.3f} "
+              f"(false {row['false_certificates']}) PSNR {row['psnr_fished_mean']:.1f} fish {row['fish_s']:.2f}s "
+              f"= {row['fish_s'] / row['gradient_s']:,.0f}x gradient, {row['fish_s'] / max(row['lp_floor_s'], 1e-9):.1f}x "
+              f"LP floor; {row['statuses']}", flush=True)
         save(rows, {})  # after every cell, so a long grid that is stopped keeps what it measured
     extra = {}
-    if not args.quick and not args.no_extra:
-        extra["solvers"] = solver_comparison(sets["fashion-mnist"], seed=args.seed)
-        print("solvers", extra["solvers"], flush=True)
-        extra["formulation"] = formulation_comparison(sets["fashion-mnist"], seed=args.seed)
-        print("formulation", extra["formulation"], flush=True)
-        train = fedleak.load_dataset("fashion-mnist-train") if "fashion-mnist-train" in fedleak.available_datasets() \
-            else sets["fashion-mnist"]
-        extra["utility"] = [utility(train, sets["fashion-mnist"], d, seed=args.seed) for d in (False, True)]
-        print("utility", extra["utility"], flush=True)
+    if args.extra:
+        fm = sets.get("fashion-mnist") or fedleak.load_dataset("fashion-mnist")
+        extra["solvers"] = solver_comparison(fm, seed=args.seed)
+        extra["formulation"] = formulation_comparison(fm, seed=args.seed)
+        extra["defense"] = [defense_cell("fashion-mnist", fm, b, 1024, args.seed) for b in (32, 64, 128)]
+        train = fedleak.load_dataset("fashion-mnist-train")
+        extra["utility"] = [utility(train, fm, d, seed=args.seed) for d in (False, True)]
+        print(json.dumps(extra, indent=1), flush=True)
     save(rows, extra)
     print(table(rows))
     if args.out:

@@ -115,9 +115,13 @@ class Fisher:
             else:
                 self.aside[m] = out.ok
                 self.status[m], message = self.why[m]
-                self.messages[m] = message + ("; moved only to keep the other samples' target neurons off" if out.ok
-                                              else f"; it could not stay off the other samples' targets either "
-                                                   f"({out.message or out.status})")
+                if not out.ok:
+                    tail = f"; it could not stay off the other samples' targets either ({out.message or out.status})"
+                elif np.array_equal(out.x, self.X[m]):
+                    tail = "; it already stays off the other samples' targets and is sent as it is"
+                else:
+                    tail = "; moved only to keep the other samples' target neurons off"
+                self.messages[m] = message + tail
 
     def others_state(self, m: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The other samples' current head pre-activations and, per layer, the neurons they already target."""
@@ -149,19 +153,12 @@ class Fisher:
         """``m`` owns nothing from now on; its targets go back to their clean side."""
         self.owner[m] = False
         self.why[m] = (self.status[m], self.messages[m])
-        z = self.head_preacts(self.stack.features(self.X[m][None, :]))
+        z = self.head_preacts(self.X[m][None, :])
         for h, T in enumerate(self.targets[m]):
             T = T[T >= 0]
             self.patterns[m][h] = self.patterns[m][h].copy()
             self.patterns[m][h][T] = (z[h][0, T] > 0).astype(np.float64)
         self.targets[m] = [np.zeros(0, dtype=np.int64) for _ in self.targets[m]]
-
-    def stand_aside(self, m: int) -> bool:
-        """A sample that cannot own neurons gives its targets up and is moved only to stay off the other
-        samples' targets, so that its failure costs no other sample its targets; False if even that fails."""
-        self.give_up(m)
-        self.solve_many([m])
-        return bool(self.aside[m])
 
     def failed(self) -> list[int]:
         """Movable samples whose LP failed: owners not fished, and samples that could not stand aside."""
@@ -169,72 +166,80 @@ class Fisher:
                 and (self.status[m] != "fished" if self.owner[m] else not self.aside[m])]
 
     def assign(self) -> None:
-        """Choose the owners' targets jointly (samples sent unperturbed block the neurons they fire on; the
-        others that own nothing only stay off the targets) and solve every movable sample's LP from the clean
-        batch."""
-        movable = [m for m in range(self.M) if not self.fixed[m]]
+        """Choose every sample's targets jointly and solve the LPs from the clean batch."""
         asg = choose_targets(self.head, self.stack.features(self.X), self.y, self.k, self.o.margin,
-                             gamma=self.o.gamma, burden=self.o.burden, norm=self.o.norm, fixed=self.fixed,
-                             owners=self.owner & ~self.fixed)
-        self.targets = [[T[m] if self.owner[m] else T[m][T[m] >= 0] for T in asg.targets] for m in range(self.M)]
+                             gamma=self.o.gamma, burden=self.o.burden, norm=self.o.norm)
+        self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
-        self.aside[:] = False
-        self.solve_many(movable)
+        self.solve_many(list(range(self.M)))
 
     def repair(self) -> bool:
-        """Failed owners get one retry with fresh targets chosen against the others as they are, then stand
-        aside. An owner that cannot stand aside owns nothing from the next round on (fewer targets cost every
-        sample less); a sample that owns nothing and still cannot stay off the targets is sent unperturbed.
-        True if the targets must be chosen again."""
+        """One round of repairs; False when nothing failed. A failed owner gets one retry with fresh targets
+        (neurons every other sample is already well below), then gives its targets up and only stays off the
+        others' (*stands aside*), so that its failure costs no other sample its targets. A sample that owns
+        nothing and still cannot stay off the targets (within the budget) gets relief: owners whose targets it
+        fires on most give theirs up (:meth:`relieve`). Targets are never re-chosen for samples that hold them,
+        so a round only ever removes rows from the LPs it re-solves."""
+        failed = self.failed()
+        if not failed:
+            return False
         retry = []
-        for m in self.failed():
-            if self.owner[m]:
+        for m in failed:
+            if self.owner[m] and not self.outcomes[m].extra.get("retried"):
                 banned = [set(int(j) for j in T if j >= 0) for T in self.targets[m]]
                 self.retarget(m, banned)
                 if all((T >= 0).all() for T in self.targets[m]):
                     retry.append(m)
         self.solve_many(retry)
-        again, stuck = False, []
+        for m in retry:
+            self.outcomes[m].extra["retried"] = True
+        todo, stuck = [], []
         for m in self.failed():
             if self.owner[m]:
-                # from now on it owns nothing; if it cannot stay off the targets now, it may with fewer of them
-                again |= not self.stand_aside(m)
+                self.give_up(m)
+                todo.append(m)
             else:
                 stuck.append(m)
         if stuck:
-            self.relieve(stuck)
-            again = True
-        return again
+            todo += stuck + self.relieve(stuck)
+        self.solve_many(sorted(set(todo)))
+        return True
 
-    def relieve(self, stuck: list[int]) -> None:
-        """Samples that own nothing and still cannot stay off the targets (within the budget): the owners whose
-        targets they fire on most give their targets up, two per such sample; with no owner
-        left to give up, they are sent unperturbed (and block the neurons they fire on)."""
+    def relieve(self, stuck: list[int]) -> list[int]:
+        """For each ``stuck`` sample, the owner whose targets it fires on most gives its targets up; returns
+        them. With no owner left, the stuck samples are sent unperturbed."""
         owners = np.nonzero(self.owner & ~self.fixed)[0]
         if len(owners) == 0:
             for m in stuck:
                 self.freeze(m)
-            return
-        Z = self.head_preacts(self.stack.features(self.X[stuck]))
+            return []
+        Z = self.head_preacts(self.X[stuck])
         need = self.o.gamma * self.o.margin
-        load = np.array([sum(float((np.maximum(Z[h][:, T[T >= 0]] + need, 0.0) ** 2).sum())
-                             for h, T in enumerate(self.targets[m])) for m in owners])
-        for m in owners[np.argsort(-load, kind="stable")[: 2 * len(stuck)]]:
+        load = np.zeros((len(stuck), len(owners)))  # the push-down each stuck sample owes each owner
+        for k, m in enumerate(owners):
+            for h, T in enumerate(self.targets[m]):
+                load[:, k] += (np.maximum(Z[h][:, T[T >= 0]] + need, 0.0) ** 2).sum(1)
+        relieved: list[int] = []
+        for row in load:
+            row = row.copy()
+            row[[k for k, m in enumerate(owners) if m in relieved]] = -1.0
+            k = int(np.argmax(row))
+            if row[k] > 0:
+                relieved.append(int(owners[k]))
+        for m in relieved:
             self.status[m] = "budget"
-            self.messages[m] = ("gave its targets up: samples that own nothing could not stay off them within the "
-                                "budget")
+            self.messages[m] = "gave its targets up so that samples that own nothing can stay off them within the budget"
             self.give_up(m)
+        return relieved
 
     def run(self) -> None:
-        """Choose the targets and solve every sample's LP, then repair the failures (:meth:`repair`) and choose
-        the targets again around the samples that stopped owning or moving (at most ``repair_rounds`` times);
-        a sample still failing then is sent unperturbed."""
+        """Choose the targets, solve every sample's LP, then repair the failures (:meth:`repair`, at most
+        ``repair_rounds`` rounds); a sample still failing then is sent unperturbed, and owners whose targets it
+        fires on are marked blocked."""
         self.assign()
         for _ in range(self.o.repair_rounds):
             if not self.repair():
-                return
-            self.assign()
-        self.repair()
+                break
         for m in self.failed():
             self.freeze(m)
         self.mark_blocked()

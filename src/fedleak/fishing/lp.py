@@ -111,6 +111,7 @@ class SampleOutcome:
     rounds: int = 0
     message: str = ""
     requirements_met: bool = False
+    final_seconds: float = 0.0  # the last solve, with every row written (the LP floor of this sample)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -180,6 +181,7 @@ class RadiusLP:
         self.lp_seconds = 0.0
         self.t = 0.0
         self._lam: np.ndarray | None = None
+        self.last_seconds = 0.0  # the last solve: what one solve costs with every row written
 
     def add(self, V: np.ndarray, C: np.ndarray) -> None:
         """Add rows ``V x' >= C``."""
@@ -198,6 +200,7 @@ class RadiusLP:
         sol = lp.solve()
         self.solves += 1
         self.lp_seconds += sol.seconds
+        self.last_seconds = sol.seconds
         return sol
 
     def _margin_session(self) -> LPSession:
@@ -251,11 +254,14 @@ class RadiusLP:
         """Least L2 perturbation meeting the rows inside the data range and the budget (the dual projection of
         :mod:`fedleak.fishing.projection`, warm-started from the last multipliers); "unconverged" when the
         dual does not reach the rows (the caller then asks :meth:`radius`, which proves infeasibility)."""
+        if not np.isfinite(min_radius(self.V, self.C, self.x, self.cap, self.lo, self.hi)).all():
+            return "unconverged", None  # a row no point of the box meets: the LP proves it at once
         lb, ub = _box(self.x, self.cap, self.lo, self.hi)
         res = project(self.V, self.C, self.x, lb, ub, tol=tol, start=self._lam)
         self._lam = res.multipliers
         self.solves += 1
         self.lp_seconds += res.seconds
+        self.last_seconds = res.seconds
         return ("optimal", res.x) if res.ok else ("unconverged", None)
 
     def l1(self, cap: float) -> tuple[str, np.ndarray | None]:

@@ -163,6 +163,7 @@ class SampleFishing:
     lp_rows: int
     targets: tuple[tuple[int, ...], ...]
     message: str = ""
+    lp_floor_seconds: float = 0.0  # one solve with the rows it ended with: the least LP time this sample could cost
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -217,16 +218,23 @@ class FishingResult:
     def lp_seconds(self) -> float:
         return float(self._arr("lp_seconds").sum())
 
+    @property
+    def lp_floor_seconds(self) -> float:
+        """One LP per sample with the rows it ended with (what the LPs would cost if every row were known)."""
+        return float(self._arr("lp_floor_seconds").sum())
+
     def summary(self) -> str:
         pert = [s for s in self.samples if s.perturbed]
         linf = np.array([s.linf for s in pert]) if pert else np.zeros(1)
         ps = np.array([s.psnr for s in pert]) if pert else np.full(1, np.nan)
         failed = [s for s in self.samples if s.status != "fished"]
+        moved = sum(s.perturbed for s in failed)
         return (
             f"fishing: {int(self.certifiable_after.sum())}/{self.batch_size} samples meet the exclusivity "
             f"condition (before: {int(self.certifiable_before.sum())}); L-inf mean {linf.mean():.4f} / max "
-            f"{linf.max():.4f}; PSNR vs original mean {np.nanmean(ps):.1f} dB; {len(failed)} left unperturbed "
-            f"or unmet; {self.seconds:.1f} s"
+            f"{linf.max():.4f}; PSNR vs original mean {np.nanmean(ps):.1f} dB; {len(failed)} not fished "
+            f"({moved} moved only to stay off the others' targets, {len(failed) - moved} unperturbed); "
+            f"{self.seconds:.1f} s"
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -266,6 +274,7 @@ def sample_records(fisher, X: np.ndarray, Xp: np.ndarray, out: torch.Tensor, cer
                 lp_rows=int(o.rows) if o else 0,
                 targets=tuple(tuple(int(j) for j in T) for T in fisher.targets[m]),
                 message=fisher.messages[m],
+                lp_floor_seconds=float(o.final_seconds) if o else 0.0,
             )
         )
     return tuple(samples)

@@ -25,7 +25,8 @@ from scipy.optimize import minimize
 
 @dataclass(frozen=True)
 class Projection:
-    """``x``: the projected point (None unless ``ok``); ``violation``: the largest row shortfall in row units."""
+    """``x``: the projected point (None unless ``ok``); ``violation``: the largest row shortfall, each row scaled to
+    unit L2 norm (a distance in input units)."""
 
     x: np.ndarray | None
     multipliers: np.ndarray
@@ -36,8 +37,9 @@ class Projection:
 
 
 def project(V: np.ndarray, C: np.ndarray, x: np.ndarray, lb: np.ndarray, ub: np.ndarray, *, tol: float = 1e-7,
-            start: np.ndarray | None = None, max_iter: int = 5000) -> Projection:
-    """The point of ``{x' : V x' >= C, lb <= x' <= ub}`` nearest to ``x`` in L2 (``x`` itself inside ``[lb, ub]``)."""
+            start: np.ndarray | None = None, max_iter: int = 1000) -> Projection:
+    """The point of ``{x' : V x' >= C, lb <= x' <= ub}`` nearest to ``x`` in L2 (``x`` itself inside ``[lb, ub]``);
+    ``tol`` bounds each row's shortfall after scaling it to unit norm."""
     t0 = time.perf_counter()
     k = len(C)
     if k == 0:
@@ -56,6 +58,6 @@ def project(V: np.ndarray, C: np.ndarray, x: np.ndarray, lb: np.ndarray, ub: np.
                    options=dict(maxiter=max_iter, gtol=1e-12, ftol=1e-16, maxcor=20))
     lam = np.maximum(sol.x, 0.0)
     d = np.clip(Vn.T @ lam, lo, hi)
-    violation = float(np.max((r - Vn @ d) * scale))
+    violation = float(np.max(r - Vn @ d))
     ok = violation <= tol
     return Projection(x + d if ok else None, lam, violation, int(sol.nit), time.perf_counter() - t0, ok)

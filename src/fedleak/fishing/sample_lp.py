@@ -77,9 +77,11 @@ class SampleLP:
             self._rows(new)
         return len(new)
 
-    def hold(self, layer: int, units: np.ndarray) -> int:
-        """Keep these units on their side of the region, ``region_margin`` clear of zero."""
-        reqs = [Requirement(layer, int(j), 1 if self.pattern[layer][j] > 0 else -1, self.s.region_margin)
+    def hold(self, layer: int, units: np.ndarray, z: np.ndarray | None = None) -> int:
+        """Keep these units on their side of the region (or, given their pre-activations ``z``, on the side
+        they are on), ``region_margin`` clear of zero."""
+        side = self.pattern[layer] > 0 if z is None else z > 0
+        reqs = [Requirement(layer, int(j), 1 if side[j] else -1, self.s.region_margin)
                 for j in units if (layer, int(j)) not in self.written]
         self.checked.extend(reqs)
         return self.write(reqs)
@@ -152,7 +154,15 @@ def solve_sample(
                     broken.add(r.layer)
                 else:
                     new.append(r)
-        if not new and not broken:
+        # hidden units left (by chance) so close to zero that float32 and float64 may disagree on their sign:
+        # the client's update and the attack's recomputation would then differ; hold them clear of zero
+        near = 0
+        if not broken and settings.region_margin > 0:
+            for h in range(net.shift, len(z64)):
+                units = np.nonzero((np.abs(z64[h]) < settings.check_fraction * settings.region_margin)
+                                   | ((z64[h] > 0) != (np.asarray(z32[h]) > 0)))[0]
+                near += lp.hold(h, units, z64[h])
+        if not new and not broken and not near:
             met = True
             break
         if rounds == settings.max_rounds:  # no round left to use more rows in
@@ -167,7 +177,7 @@ def solve_sample(
                 changed += lp.walk(h, units, z64[h]) if walking and net.walkable(h) else lp.hold(h, units)
             if walking and changed:
                 lp.reopen()
-        if not new and changed == 0:
+        if not new and changed == 0 and not near:
             status, message = "unsatisfied", "rows hold in the LP but not in the forward pass (float noise)"
             break
         lp.write(new)
@@ -190,4 +200,4 @@ def solve_sample(
         }.get(status, status)
         return SampleOutcome(status, x.copy(), np.inf if status in ("infeasible", "budget") else radius,
                              solves, seconds, rows, rounds, msg, False)
-    return SampleOutcome("optimal", xp, radius, solves, seconds, rows, rounds, "", True)
+    return SampleOutcome("optimal", xp, radius, solves, seconds, rows, rounds, "", True, lp.problem.last_seconds)

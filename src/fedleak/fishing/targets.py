@@ -181,11 +181,10 @@ def choose_targets(
     fixed: np.ndarray | None = None,
     burden: float = 0.3,
     norm: str = "l2",
-    owners: np.ndarray | None = None,
 ) -> Assignment:
     """Assign ``k_per_layer[h]`` disjoint targets per sample and layer (spec §4.3 Steps A and B), priced for
     the LPs' ``norm`` (:data:`PRICING`). ``fixed`` samples will not move (they own nothing and block every
-    neuron they fire on); samples outside ``owners`` own nothing but can be moved off the targets."""
+    neuron they fire on)."""
     pricing = PRICING[norm]
     M = X.shape[0]
     fixed = np.zeros(M, dtype=bool) if fixed is None else fixed
@@ -199,8 +198,6 @@ def choose_targets(
         if net.b[h] is not None:
             Z = Z + net.b[h]
         cost = pricing.costs(Z, sens[h], kappa, gamma, fixed, burden)
-        if owners is not None:
-            cost[~owners] = np.inf  # samples that own nothing (they only stay off the targets)
         if h == net.depth - 1:
             eff = effective_mask(net, np.maximum(Z, 0), labels)
             cost = np.where(eff, cost, np.inf)
