@@ -222,7 +222,7 @@ def _plain(settings: AuditSettings, data: Dataset) -> BatchTransform:
 def _fished(settings: AuditSettings, data: Dataset) -> BatchTransform:
     from fedleak.fishing import FishingTransform
 
-    return FishingTransform(data_range=data.value_range)  # perturbed inputs stay valid data
+    return FishingTransform(data_range=data.value_range, workers=None)  # valid data; LPs on all cores
 
 
 @register_scenario("defended", "the client reduces exclusivity before computing its update")

@@ -23,11 +23,11 @@ How the LP stays small and fast (design, measured in docs/fishing.md):
   minimises ``sum |x' - x|`` with the radius cap ``(1 + polish_slack) t`` in the bounds (split
   variables, still only the requirement rows): the same guarantee with a sparse perturbation and a far
   higher PSNR.
-* **Lazy rows.** Only requirements that could matter are written: the sample's own targets always,
-  other constraints (another sample's target must stay off for this one; the region of a lower layer
-  must not change) only when a forward pass of the solution shows them violated or within a screen.
-  Every solution is checked by a real forward pass in float64 *and* float32 (the client's precision),
-  violated rows are added, and the LP is re-solved from its last basis.
+* **Least L2 instead** (``norm="l2"``, the default): :meth:`RadiusLP.l2` projects ``x`` onto the rows inside
+  the box (:mod:`fedleak.fishing.projection`); the radius LP then only proves infeasibility when the
+  projection cannot reach the rows.
+
+Which rows are written, and the forward check of every solution, are in :mod:`fedleak.fishing.sample_lp`.
 """
 
 from __future__ import annotations

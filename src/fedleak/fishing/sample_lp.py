@@ -48,7 +48,7 @@ class SampleLP:
 
     def is_written(self, r: Requirement) -> bool:
         w = self.written.get(_key(r))
-        return w is not None and w.margin >= r.margin
+        return w is not None and w.sign == r.sign and w.margin >= r.margin
 
     def _rows(self, reqs: list[Requirement]) -> None:
         by_layer: dict[int, list[Requirement]] = {}
@@ -66,6 +66,10 @@ class SampleLP:
         new = [r for r in reqs if not self.is_written(r)]
         moved = False
         for r in new:
+            old = self.written.get(_key(r))
+            if old is not None and old.sign != r.sign:  # a unit held on one side is now required on the other
+                self.checked = [c for c in self.checked if not (_key(c) == _key(r) and c.sign != r.sign)]
+                moved = True  # its old row must go: rewrite them all
             self.written[_key(r)] = r
             side = 1.0 if r.sign > 0 else 0.0
             if self.pattern[r.layer][r.neuron] != side:  # a walk took it to the other side: the rows above change
