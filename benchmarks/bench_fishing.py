@@ -195,7 +195,8 @@ def table(rows):
         nf = sum(v for k, v in r["statuses"].items() if k != "fished")
         floor = "–" if r["min_psnr"] is None else f"{r['min_psnr']:g} dB"
         lines.append(
-            f"| {r['dataset']} | {r['batch']} | {'-'.join(map(str, r['widths']))} | {floor} | {r['plain_recovered']:.3f} "
+            f"| {r['dataset']} | {r['batch']} | {'-'.join(map(str, r['widths']))} | {floor} "
+            f"| {r['plain_recovered']:.3f} "
             f"| {r['fished_recovered']:.3f} | {r['false_certificates']} | {r['psnr_fished_mean']:.1f} / "
             f"{r['psnr_fished_min']:.1f} | {nf} ({r['moved_aside']} / {nf - r['moved_aside']}) | {r['fish_s']:.2f} "
             f"| {r['fish_s'] / r['gradient_s']:,.0f} | {r['fish_s'] / max(r['lp_floor_s'], 1e-9):.1f} |"
@@ -264,7 +265,8 @@ def main(argv=None):
         rows.append(row)
         print(f"{name} M={m} widths={widths} floor={floor}: fished rec. {row['fished_recovered']:.3f} "
               f"(false {row['false_certificates']}) PSNR {row['psnr_fished_mean']:.1f} fish {row['fish_s']:.2f}s "
-              f"= {row['fish_s'] / row['gradient_s']:,.0f}x gradient, {row['fish_s'] / max(row['lp_floor_s'], 1e-9):.1f}x "
+              f"= {row['fish_s'] / row['gradient_s']:,.0f}x gradient, "
+              f"{row['fish_s'] / max(row['lp_floor_s'], 1e-9):.1f}x "
               f"LP floor; {row['statuses']}", flush=True)
         save(rows, {})  # after every cell, so a long grid that is stopped keeps what it measured
     extra = {}

@@ -3,7 +3,6 @@ stand aside, and per-sample LPs in forked worker processes (``workers``, :func:`
 
 from __future__ import annotations
 
-import math
 import os
 import time
 

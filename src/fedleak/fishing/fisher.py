@@ -28,10 +28,11 @@ from fedleak.analysis.batch import Batch, predictions, read_batch
 from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.errors import FedleakError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
-from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.perturb import CLEAR_FRACTION, FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
+from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
 
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
@@ -101,7 +102,8 @@ class Fisher:
             return SampleOutcome(f"error:{type(exc).__name__}", self.X[m].copy(), message=str(exc))
 
     def solve_many(self, ms: list[int]) -> None:
-        results = parallel_map(self.solve, ms, resolve_workers(self.o.workers))
+        workers = resolve_workers(self.o.workers) if solves_in_process(self.o.solver) else 1
+        results = parallel_map(self.solve, ms, workers)
         for m, out in zip(ms, results):
             prev = self.outcomes[m]
             if prev is not None:  # accumulate LP effort over repairs
@@ -228,7 +230,8 @@ class Fisher:
                 relieved.append(int(owners[k]))
         for m in relieved:
             self.status[m] = "budget"
-            self.messages[m] = "gave its targets up so that samples that own nothing can stay off them within the budget"
+            self.messages[m] = ("gave its targets up so that samples that own nothing can stay off them within the "
+                                "budget")
             self.give_up(m)
         return relieved
 
@@ -251,7 +254,8 @@ class Fisher:
         Z = self.head_preacts(self.X[self.fixed].astype(np.float32), f32=True)
         cf = self.o.check_fraction * self.o.margin
         for m in range(self.M):
-            if self.status[m] == "fished" and any((Z[h][:, T[T >= 0]] > -cf).any() for h, T in enumerate(self.targets[m])):
+            hit = any((Z[h][:, T[T >= 0]] > -cf).any() for h, T in enumerate(self.targets[m]))
+            if self.status[m] == "fished" and hit:
                 self.status[m] = "blocked"
                 self.messages[m] = "a sample sent unperturbed fires on one of its target neurons"
 

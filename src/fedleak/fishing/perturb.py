@@ -139,7 +139,8 @@ class FishingOptions:
         """The per-sample LP settings for data in ``data_range`` (the budget scaled to data units)."""
         lo, hi = data_range
         budget = None if self.budget is None else self.budget * (hi - lo)
-        return LPSettings(norm=self.norm, budget=budget, min_psnr=self.min_psnr, polish=self.polish, polish_slack=self.polish_slack,
+        return LPSettings(norm=self.norm, budget=budget, min_psnr=self.min_psnr, polish=self.polish,
+                          polish_slack=self.polish_slack,
                           check_fraction=self.check_fraction, max_rounds=self.max_rounds, solver=self.solver,
                           time_limit=self.time_limit, lo=lo, hi=hi, region_margin=self.margin * REGION_FRACTION)
 

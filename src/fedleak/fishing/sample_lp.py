@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedleak.fishing.lp import LPSettings, RadiusLP, Requirement, SampleOutcome
-from fedleak.fishing.sample_net import SampleNet
 from fedleak.fishing.perturb import psnr
+from fedleak.fishing.sample_net import SampleNet
 
 
 def _key(r: Requirement) -> tuple[int, int]:

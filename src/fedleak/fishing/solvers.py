@@ -245,20 +245,27 @@ class GlopSession(OrtoolsSession):
 # Registry
 
 SessionFactory = Callable[..., LPSession]
-_SOLVERS: Registry[tuple[SessionFactory, str]] = Registry("LP solver")
+_SOLVERS: Registry[tuple[SessionFactory, str, bool]] = Registry("LP solver")
 
 
-def register_solver(name: str, factory: SessionFactory, description: str) -> None:
-    """Make an LP backend available under ``name`` (``factory(cost, lb, ub, maximize=, time_limit=)``)."""
-    _SOLVERS.register(name, (factory, description))
+def register_solver(name: str, factory: SessionFactory, description: str, *, in_process: bool = True) -> None:
+    """Make an LP backend available under ``name`` (``factory(cost, lb, ub, maximize=, time_limit=)``).
+    ``in_process=False`` for a backend that already solves in a worker process of its own: fishing then
+    does not fork its per-sample workers around it (a forked process must not start another pool)."""
+    _SOLVERS.register(name, (factory, description, in_process))
+
+
+def solves_in_process(solver: str) -> bool:
+    """Whether ``solver`` solves in the calling process (so per-sample LPs may be spread over processes)."""
+    return _SOLVERS.get(solver, SolverError)[2]
 
 
 def available_solvers() -> dict[str, str]:
-    return {name: desc for name, (_, desc) in sorted(_SOLVERS.items())}
+    return {name: desc for name, (_, desc, _) in sorted(_SOLVERS.items())}
 
 
 def open_session(solver: str, cost, lb, ub, *, maximize: bool, time_limit: float) -> LPSession:
-    factory, _ = _SOLVERS.get(solver, SolverError)
+    factory, _, _ = _SOLVERS.get(solver, SolverError)
     return factory(cost, lb, ub, maximize=maximize, time_limit=time_limit)
 
 
@@ -269,5 +276,6 @@ def check_solver(solver: str) -> None:
 
 register_solver("highs", HighsSession, "HiGHS dual simplex via highspy, warm-started between solves (default)")
 register_solver("highs-ipm", HighsIpmSession, "HiGHS interior point via highspy (no warm start)")
-register_solver("pdlp", PdlpSession, "OR-Tools PDLP first-order solver (approximate, ~1e-8 relative)")
-register_solver("glop", GlopSession, "OR-Tools GLOP simplex (model rebuilt on every solve)")
+register_solver("pdlp", PdlpSession, "OR-Tools PDLP first-order solver (approximate, ~1e-8 relative)",
+                in_process=False)
+register_solver("glop", GlopSession, "OR-Tools GLOP simplex (model rebuilt on every solve)", in_process=False)
