@@ -3,14 +3,16 @@
 The LP solvers hold the GIL (threads gave no speed-up: CPU/wall 0.98), so the samples are solved in worker
 *processes*. The workers are forked from the caller when a batch of LPs starts, so they share the network
 arrays and the batch state without pickling them; only the sample index goes out and the
-:class:`~fedleak.fishing.lp.SampleOutcome` (the perturbed input) comes back. Where the platform cannot fork
-(Windows), or for fewer samples than two per worker, the LPs run in the calling process.
+:class:`~fedleak.fishing.lp.SampleOutcome` (the perturbed input) comes back. Forking is safe on Linux only (macOS
+system libraries are not fork-safe, Windows cannot fork); elsewhere, or for fewer samples than two per worker,
+the LPs run in the calling process.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -48,7 +50,7 @@ def resolve_workers(workers: int | None) -> int:
 def parallel_map(task: Callable[[int], T], items: Sequence[int], workers: int) -> list[T]:
     """``[task(i) for i in items]``, spread over ``workers`` forked processes when that can pay off."""
     global _TASK
-    if workers <= 1 or len(items) < 2 * workers or "fork" not in mp.get_all_start_methods():
+    if workers <= 1 or len(items) < 2 * workers or not sys.platform.startswith("linux"):
         return [task(i) for i in items]
     _TASK = task
     try:
