@@ -16,6 +16,8 @@ lower layers (the ``pattern``), so every LP solution is checked by a forward pas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fedleak.fishing.lp import LPSettings, RadiusLP, Requirement, SampleOutcome
@@ -36,9 +38,10 @@ class SampleLP:
         self.written: dict[tuple[int, int], Requirement] = {}  # the strongest requirement written per unit
         self.checked: list[Requirement] = []
         self.solves, self.lp_seconds = 0, 0.0
-        self._open()
+        self.reopen()
 
-    def _open(self) -> None:
+    def reopen(self) -> None:
+        """(Re)build the LP: every written requirement's row in the current region."""
         if hasattr(self, "problem"):
             self.solves += self.problem.solves
             self.lp_seconds += self.problem.lp_seconds
@@ -76,7 +79,7 @@ class SampleLP:
                 self.pattern[r.layer][r.neuron] = side
                 moved = True
         if moved:
-            self._open()
+            self.reopen()
         else:
             self._rows(new)
         return len(new)
@@ -98,11 +101,41 @@ class SampleLP:
         self.pattern[layer][free] = (z[free] > 0).astype(np.float64)
         return len(free)
 
-    def reopen(self) -> None:
-        self._open()
-
     def totals(self) -> tuple[int, float]:
         return self.solves + self.problem.solves, self.lp_seconds + self.problem.lp_seconds
+
+
+def _least_l2(problem: RadiusLP, settings: LPSettings) -> tuple[str, float, np.ndarray | None]:
+    status, xp = problem.l2()
+    if status != "optimal":  # the dual did not reach the rows: the LP proves infeasibility or finds a point
+        status, _, xp = problem.radius()
+    return status, _linf(problem, xp), xp
+
+
+def _least_l1(problem: RadiusLP, settings: LPSettings) -> tuple[str, float, np.ndarray | None]:
+    status, xp = problem.l1(problem.cap)
+    return status, _linf(problem, xp), xp
+
+
+def _least_linf(problem: RadiusLP, settings: LPSettings) -> tuple[str, float, np.ndarray | None]:
+    status, radius, xp = problem.radius()
+    if status == "optimal" and settings.polish:
+        polished, xpol = problem.l1(radius * (1 + settings.polish_slack) + 1e-9)
+        if polished == "optimal":
+            xp = xpol
+    return status, radius, xp
+
+
+def _linf(problem: RadiusLP, xp: np.ndarray | None) -> float:
+    return float(np.abs(xp - problem.x).max()) if xp is not None else np.inf
+
+
+# The point each norm asks for, given the rows written so far: (status, L-infinity radius, point or None).
+POINT: dict[str, Callable[[RadiusLP, LPSettings], tuple[str, float, np.ndarray | None]]] = {
+    "l2": _least_l2,
+    "l1": _least_l1,
+    "linf": _least_linf,
+}
 
 
 def solve_sample(
@@ -129,21 +162,7 @@ def solve_sample(
     status, xp, radius, rounds, message = "error:no round", None, 0.0, 0, ""
     met = False
     for rounds in range(1, settings.max_rounds + 1):
-        problem = lp.problem
-        if settings.norm == "l2":
-            status, xp = problem.l2()
-            if status != "optimal":  # the dual did not reach the rows: the LP proves infeasibility or finds a point
-                status, radius, xp = problem.radius()
-            radius = float(np.abs(xp - x).max()) if xp is not None else np.inf
-        elif settings.norm == "l1":
-            status, xp = problem.l1(problem.cap)
-            radius = float(np.abs(xp - x).max()) if xp is not None else np.inf
-        else:
-            status, radius, xp = problem.radius()
-            if status == "optimal" and settings.polish:
-                st2, xpol = problem.l1(radius * (1 + settings.polish_slack) + 1e-9)
-                if st2 == "optimal":
-                    xp = xpol
+        status, radius, xp = POINT[settings.norm](lp.problem, settings)
         if status != "optimal" or xp is None:
             break
         xp = np.clip(xp, settings.lo, settings.hi)
