@@ -254,9 +254,10 @@ class RadiusLP:
         """Least L2 perturbation meeting the rows inside the data range and the budget (the dual projection of
         :mod:`fedleak.fishing.projection`, warm-started from the last multipliers); "unconverged" when the
         dual does not reach the rows (the caller then asks :meth:`radius`, which proves infeasibility)."""
-        if not np.isfinite(min_radius(self.V, self.C, self.x, self.cap, self.lo, self.hi)).all():
-            return "unconverged", None  # a row no point of the box meets: the LP proves it at once
         lb, ub = _box(self.x, self.cap, self.lo, self.hi)
+        reach = np.clip(self.V, 0.0, None) @ ub + np.clip(self.V, None, 0.0) @ lb  # each row's best in the box
+        if (reach < self.C).any():
+            return "unconverged", None  # a row no point of the box meets: the LP proves it at once
         res = project(self.V, self.C, self.x, lb, ub, tol=tol, start=self._lam)
         self._lam = res.multipliers
         self.solves += 1
