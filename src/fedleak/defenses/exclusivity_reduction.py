@@ -37,8 +37,8 @@ from torch import nn
 from fedleak.analysis.batch import read_batch
 from fedleak.errors import FedleakError, SolverError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
-from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.perturb import check_data_range, psnr, resolve_data_range
+from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities

@@ -28,13 +28,14 @@ from fedleak.analysis.batch import Batch, predictions, read_batch
 from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.errors import FedleakError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
-from fedleak.fishing.perturb import CLEAR_FRACTION, FishingOptions, FishingResult, resolve_data_range, sample_records
+from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
 from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
 
+CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
 
 

@@ -19,11 +19,11 @@ import torch
 
 from fedleak.errors import FedleakError, SolverError
 from fedleak.fishing.lp import LPSettings
+from fedleak.fishing.sample_lp import POINT
 from fedleak.fishing.solvers import check_solver
 from fedleak.validation import options_from, validate_fields
 
-NORMS = ("l2", "linf", "l1")
-CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero
+NORMS = tuple(POINT)  # "l2", "l1", "linf": the point each per-sample LP asks for
 REGION_FRACTION = 0.01  # units kept on their side of a region stay margin*REGION_FRACTION away from zero
 
 
@@ -75,9 +75,9 @@ class FishingOptions:
     ``(1 + polish_slack)`` times it) or "l1" (least L1 within ``budget``).
     ``margin``: kappa, the pre-activation margin of every target (spec §4.3: >= 1e-2).
     ``budget``: largest L-infinity perturbation allowed, as a fraction of the data range (None: anything
-    inside the range); a sample that needs more is left unperturbed.
+    inside the range); a sample that needs more gets no targets (it stands aside or is sent unperturbed).
     ``min_psnr``: the PSNR floor (dB, against the original, peak = the data range's width): a sample whose
-    perturbation would fall below it is left unperturbed. With ``norm="l2"`` the LP's point is the least
+    perturbation would fall below it gets no targets, likewise. With ``norm="l2"`` the LP's point is the least
     squared perturbation that meets the targets, so no smaller one exists for them.
     ``data_range``: ``(low, high)`` the perturbed values stay in (the LP box and the final clamp; PSNR peak
     ``high - low``). None: [0, 1] when the batch lies in it, else the batch's own [min, max] (stated in
@@ -87,7 +87,7 @@ class FishingOptions:
     ``workers``: processes solving per-sample LPs concurrently (1: in this process; None: one per core).
     ``gamma`` / ``burden``: target pricing (aim at ``gamma*margin``; weight of the push-down the other
     samples need, measured best at 0.3 on Fashion-MNIST, see docs/fishing.md).
-    ``repair_rounds``: rounds of re-targeting samples whose targets a failed (unperturbed) sample blocks.
+    ``repair_rounds``: rounds of repair (retry, stand aside, relief; :meth:`fedleak.fishing.fisher.Fisher.repair`).
     ``solve_check`` (conv blocks only): ``certifiable_before/after`` is the full CNN condition (head ExANs
     and every conv block solvable with a proof, :func:`fedleak.analyze_exclusivity`); False skips the
     block solves (most of the wall time at batch 32) and reports the head condition alone.

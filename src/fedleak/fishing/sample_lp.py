@@ -21,7 +21,6 @@ from collections.abc import Callable
 import numpy as np
 
 from fedleak.fishing.lp import LPSettings, RadiusLP, Requirement, SampleOutcome
-from fedleak.fishing.perturb import psnr
 from fedleak.fishing.sample_net import SampleNet
 
 
@@ -207,7 +206,8 @@ def solve_sample(
     solves, seconds = lp.totals()
     rows = len(lp.problem.C)
     if met and settings.min_psnr is not None:
-        quality = psnr(xp, x, settings.width)
+        mse = float(np.mean((xp - x) ** 2))
+        quality = 10 * np.log10(settings.width**2 / mse) if mse > 0 else np.inf
         if quality < settings.min_psnr:
             status, met = "budget", False
             message = (f"the targets need a perturbation of PSNR {quality:.1f} dB, below the floor "

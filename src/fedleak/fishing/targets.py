@@ -48,25 +48,16 @@ def _other_max(Z: np.ndarray) -> np.ndarray:
     return np.where(Z >= top2[0][None, :], top2[1][None, :], top2[0][None, :])
 
 
-def target_costs(
-    Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, fixed: np.ndarray, burden: float = 0.3
-) -> np.ndarray:
-    """Price matrix (M x d) of owning each neuron. ``fixed`` marks samples that will not move: a neuron a
-    fixed sample activates (within the margin) cannot be owned by anyone, and fixed samples own nothing.
-    ``burden`` weighs the total push-down the other samples need (each of them pays in its own LP)."""
+def target_costs(Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, burden: float = 0.3) -> np.ndarray:
+    """Price matrix (M x d) of owning each neuron, in L-infinity units. ``burden`` weighs the total push-down
+    the other samples need (each of them pays in its own LP)."""
     need = gamma * kappa
     over = np.maximum(Z + need, 0.0)
     others_sum = over.sum(0)[None, :] - over
-    cost = (np.maximum(need - Z, _other_max(Z) + need) + burden * others_sum) / np.maximum(sens, 1e-12)[None, :]
-    if fixed.any():
-        blocked = (Z[fixed] > -need).any(0)
-        cost[:, blocked] = np.inf
-        cost[fixed] = np.inf
-    return cost
+    return (np.maximum(need - Z, _other_max(Z) + need) + burden * others_sum) / np.maximum(sens, 1e-12)[None, :]
 
 
-def squared_costs(Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, fixed: np.ndarray,
-                  burden: float = 1.0) -> np.ndarray:
+def squared_costs(Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, burden: float = 1.0) -> np.ndarray:
     """Price matrix (M x d) in squared L2 units: the owner's rise to ``gamma*kappa`` and every other sample's
     fall to ``-gamma*kappa``, each divided by the neuron's L2 sensitivity. Summed over the targets, this is
     the batch's total squared perturbation if the rows were orthogonal (what the least-L2 LPs pay); every
@@ -75,12 +66,7 @@ def squared_costs(Z: np.ndarray, sens: np.ndarray, kappa: float, gamma: float, f
     need = gamma * kappa
     down = np.maximum(Z + need, 0.0) ** 2
     up = np.maximum(need - Z, 0.0) ** 2
-    cost = (down.sum(0)[None, :] - down + up) / np.maximum(sens, 1e-12)[None, :] ** 2
-    if fixed.any():
-        blocked = (Z[fixed] > -need).any(0)
-        cost[:, blocked] = np.inf
-        cost[fixed] = np.inf
-    return cost
+    return (down.sum(0)[None, :] - down + up) / np.maximum(sens, 1e-12)[None, :] ** 2
 
 
 def assign_jointly(cost: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +116,7 @@ def assign(cost: np.ndarray, k: int, used: np.ndarray | None = None) -> tuple[np
 class Pricing:
     """How targets are priced and assigned for one perturbation norm."""
 
-    costs: Callable[..., np.ndarray]  # (Z, sens, kappa, gamma, fixed, burden) -> M x d prices
+    costs: Callable[..., np.ndarray]  # (Z, sens, kappa, gamma, burden) -> M x d prices
     assign: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
     order: int  # the norm of the sensitivities ||J_hj||
 
@@ -197,7 +183,10 @@ def choose_targets(
         Z = a @ net.W[h].T
         if net.b[h] is not None:
             Z = Z + net.b[h]
-        cost = pricing.costs(Z, sens[h], kappa, gamma, fixed, burden)
+        cost = pricing.costs(Z, sens[h], kappa, gamma, burden)
+        if fixed.any():  # a neuron a fixed sample fires on (within the margin) can be owned by no one
+            cost[:, (Z[fixed] > -gamma * kappa).any(0)] = np.inf
+            cost[fixed] = np.inf
         if h == net.depth - 1:
             eff = effective_mask(net, np.maximum(Z, 0), labels)
             cost = np.where(eff, cost, np.inf)
