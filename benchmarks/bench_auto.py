@@ -15,7 +15,8 @@ Cases (recorded in the results file with versions, seeds and every setting):
 * ``fedavg-cnn``: the ``cnn-fashion`` model, one SGD step at lr 0.1 on 8 Fashion-MNIST images: ``auto``;
 * ``fedavg-noise``: docs/weight-leakage.md's defense setting, ``make_mlp((1, 8, 8), [256], 10)``, one SGD step at
   lr 0.5 on 4 digits (batch seed 77), Gaussian noise of std sigma on the transmitted weights
-  (``add_weight_noise(..., seed=0)``): ``auto`` and ``dlm+`` alone, both with 300 iterations;
+  (``defend_update(..., make_defense("gaussian-noise", sigma=sigma), seed=0)``: noise on the weight change, no
+  clipping): ``auto`` and ``dlm+`` alone, both with 300 iterations;
 * ``flowernet``: Flower's quickstart CNN (``tests/user_models.py``, max pooled, no recorded input shape),
   FedSGD gradient of 2 retina patches (3 x 32 x 32): ``exclusivity`` and ``auto``.
 
@@ -37,7 +38,7 @@ import torch
 import fedleak
 from fedleak.attacks.auto import DEFAULT_BUDGET
 from fedleak.clients import fedavg_update
-from fedleak.defenses.weight_noise import add_weight_noise
+from fedleak.defenses import defend_update, make_defense
 from fedleak.models.convnet import make_convnet
 from fedleak.report.output import environment_info, write_json
 
@@ -114,7 +115,7 @@ def cases(budget: float) -> dict:
         model = fedleak.make_mlp(data.input_shape, [256], 10, seed=0)
         clean = fedavg_update(model, x, y, lr=0.5)
         for sigma in NOISE:
-            noisy = add_weight_noise(clean, sigma, seed=0)
+            noisy = defend_update(clean, make_defense("gaussian-noise", sigma=sigma), seed=0)
             for attack in ("dlm+", "auto"):
                 yield {"batch_seed": 77, "batch": 4, "client_lr": 0.5, "sigma": sigma,
                        **run(attack, model, noisy, x, y, budget, iterations=300)}

@@ -36,8 +36,7 @@ import torch
 import fedleak
 from fedleak.attacks.auto import exclusivity_on_weights
 from fedleak.clients import fedavg_update
-from fedleak.defenses.sparsification import sparsify_update
-from fedleak.defenses.weight_noise import add_weight_noise
+from fedleak.defenses import defend_update, make_defense
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "weight_leakage.json"
@@ -108,8 +107,12 @@ def defenses(iterations, client_lr, noise_grid, sparsity_grid, m, log):
     x, y = ds.batch(m, seed=77)
     clean = fedavg_update(model, x, y, lr=client_lr, local_steps=1)  # one step; lr and steps not revealed
     rows = []
-    cases = [("noise", s, add_weight_noise(clean, s, seed=0) if s > 0 else clean) for s in noise_grid]
-    cases += [("sparsity", p, sparsify_update(clean, p) if p > 0 else clean) for p in sparsity_grid if p > 0]
+    # noise: std s on every entry of the weight change (no clipping); sparsity: the fraction p of smallest entries
+    # of every tensor of the change dropped (DLG's gradient pruning)
+    cases = [("noise", s, defend_update(clean, make_defense("gaussian-noise", sigma=s), seed=0) if s > 0 else clean)
+             for s in noise_grid]
+    cases += [("sparsity", p, defend_update(clean, make_defense("gradient-pruning", ratio=p), seed=0))
+              for p in sparsity_grid if p > 0]
     for defense, strength, upd in cases:
         for attack in ("exclusivity", "auto", "dlm", "dlm+", "dlg", "idlg", "ig"):
             r = run(attack, model, upd, x, y, iterations)

@@ -43,6 +43,14 @@ _EXPORTS = {
     "OutputError": "fedleak.errors",
     "SolverError": "fedleak.errors",
     "UpdateError": "fedleak.errors",
+    "Evaluation": "fedleak.evaluation",
+    "EvaluationSettings": "fedleak.evaluation",
+    "evaluate": "fedleak.evaluation",
+    "available_defenses": "fedleak.defenses",
+    "defend_update": "fedleak.defenses",
+    "defended_gradient": "fedleak.defenses",
+    "make_defense": "fedleak.defenses",
+    "parse_defense": "fedleak.defenses",
     "FishingOptions": "fedleak.fishing",
     "FishingResult": "fedleak.fishing",
     "FishingTransform": "fedleak.fishing",
@@ -78,7 +86,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.attacks.malicious import imprint_weights, trap_weights
     from fedleak.clients import fedavg_update, local_training
     from fedleak.data import Dataset, Normalization, available_datasets, load_dataset, normalization
+    from fedleak.defenses import available_defenses, defend_update, defended_gradient, make_defense, parse_defense
     from fedleak.errors import DataError, FedleakError, ModelError, OptionError, OutputError, SolverError, UpdateError
+    from fedleak.evaluation import Evaluation, EvaluationSettings, evaluate
     from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
     from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
     from fedleak.models.catalog import available_models

@@ -145,15 +145,34 @@ def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> G
     raise UpdateError(f"an update must be a GradientUpdate, a WeightUpdate or a dict of tensors; got {type(update).__name__}")
 
 
+def is_soft(labels: torch.Tensor) -> bool:
+    """Whether ``labels`` are soft labels: an ``M x K`` float tensor of class probabilities (MixUp, InstaHide)."""
+    return isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.ndim == 2
+
+
+def hard_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices: ``labels`` themselves, or the most probable class of soft labels."""
+    return labels.argmax(1) if is_soft(labels) else labels
+
+
 def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
     """A usable model and a non-empty, finite batch with one label per sample (checked against the logits
-    by :func:`forward_logits`)."""
+    by :func:`forward_logits`); soft labels must be rows of class probabilities."""
     check_model(model)
+    if is_soft(labels):
+        check_batch(inputs, None)
+        if labels.shape[0] != inputs.shape[0]:
+            raise DataError(f"soft labels must have one row per sample ({inputs.shape[0]}), got {labels.shape[0]}")
+        if not torch.isfinite(labels).all() or bool((labels < 0).any()) or \
+                not torch.allclose(labels.sum(1), torch.ones(len(labels), dtype=labels.dtype), atol=1e-4):
+            raise DataError("soft labels must be finite, non-negative rows that sum to 1")
+        return
     check_batch(inputs, labels)
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``model(inputs)``, checked to be N x K logits (K >= 2) with every label a class index below K."""
+    """``model(inputs)``, checked to be N x K logits (K >= 2) with every label a class index below K (or soft
+    labels with K columns)."""
     try:
         logits = model(inputs)
     except RuntimeError as exc:  # a shape or dtype mismatch between the model and the batch
@@ -163,24 +182,35 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"the model must return logits of shape ({inputs.shape[0]}, K), got {shape}")
     check_num_classes(int(logits.shape[1]), "the model")
-    check_labels(labels, int(logits.shape[1]), error=DataError)
+    if is_soft(labels):
+        if labels.shape[1] != logits.shape[1]:
+            raise DataError(f"soft labels have {labels.shape[1]} classes but the model {logits.shape[1]} outputs")
+    else:
+        check_labels(labels, int(logits.shape[1]), error=DataError)
     return logits
+
+
+def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The cross-entropy of the model on a checked batch, with class indices or soft labels."""
+    dtype = next(model.parameters()).dtype
+    logits = forward_logits(model, inputs.to(dtype), labels)
+    target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
+    return nn.functional.cross_entropy(logits, target, reduction=reduction)
 
 
 def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> GradientUpdate:
     """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss.
 
-    The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded because real
-    clients report it; attacks that should not know it simply ignore it. Frozen parameters
+    ``labels`` are class indices, or soft labels (an ``M x K`` float tensor of class probabilities, what MixUp
+    and InstaHide send). The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded
+    because real clients report it; attacks that should not know it simply ignore it. Frozen parameters
     (``requires_grad=False``) get no gradient, as on a real client.
     """
     check_client_batch(model, inputs, labels)
     params = trainable_parameters(model)
     if not params:
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    dtype = next(iter(params.values())).dtype
-    loss = nn.functional.cross_entropy(forward_logits(model, inputs.to(dtype), labels), labels.long())
-    grads = torch.autograd.grad(loss, list(params.values()))
+    grads = torch.autograd.grad(batch_loss(model, inputs, labels), list(params.values()))
     return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))
 
 

@@ -78,21 +78,22 @@ def test_a_false_certificate_is_counted_and_shown_in_red(tmp_path, monkeypatch):
 
     import fedleak.audit.run as run_module
 
-    def lying_attack(net, update, attack="exclusivity"):
+    def lying_attack(net, update, attack="exclusivity", defense=None):
         x, y = captured["x"], captured["y"]
         blend = 0.5 * x[0] + 0.5 * x[1]
-        return fedleak.Reconstruction(inputs=torch.cat([x, blend[None] + 0.7]), labels=torch.cat([y, y[:1]]),
-                                      certified=torch.ones(len(x) + 1, dtype=torch.bool), attack="lying")
+        rec = fedleak.Reconstruction(inputs=torch.cat([x, blend[None] + 0.7]), labels=torch.cat([y, y[:1]]),
+                                     certified=torch.ones(len(x) + 1, dtype=torch.bool), attack="lying")
+        return rec, None
 
     captured = {}
-    real_update = run_module.compute_gradient_update
+    real_update = run_module.defended_gradient
 
-    def capture(net, x, y):
+    def capture(net, x, y, defenses, seed=0):
         captured["x"], captured["y"] = x, y
-        return real_update(net, x, y)
+        return real_update(net, x, y, defenses, seed=seed)
 
-    monkeypatch.setattr(run_module, "reconstruct", lying_attack)
-    monkeypatch.setattr(run_module, "compute_gradient_update", capture)
+    monkeypatch.setattr(run_module, "reconstruct_aware", lying_attack)
+    monkeypatch.setattr(run_module, "defended_gradient", capture)
     result = run_audit(AuditSettings(data="digits", widths=(32,), batch_sizes=(3,), seed=1))
     (row,) = result.summary_rows()
     assert row["false_certificates"] == 1 and row["recovered_fraction"] == 1.0

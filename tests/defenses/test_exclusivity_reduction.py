@@ -7,8 +7,16 @@ import pytest
 import torch
 
 import fedleak
-from fedleak.defenses import ExclusivityReduction, reduce_exclusivity
-from fedleak.errors import SolverError
+from fedleak.defenses import (
+    DefenseStack,
+    ExclusivityReduction,
+    ReductionOptions,
+    defended_gradient,
+    make_defense,
+    parse_defense,
+    reduce_exclusivity,
+)
+from fedleak.errors import OptionError
 from fedleak.transforms import BatchTransform
 
 
@@ -67,8 +75,41 @@ def test_transform_and_unprotected_samples_are_dropped(fashion):
     assert any(s.status == "dropped" and s.message for s in res.samples)
 
 
+def test_registered_batch_defense_in_a_stack(digits):
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    x, y = digits.batch(8, seed=0)
+    defense = make_defense("exclusivity-reduction", max_exans=1)
+    assert isinstance(defense, ExclusivityReduction) and defense.label == "exclusivity-reduction(max_exans=1)"
+    assert defense.options == ReductionOptions(max_exans=1)
+    assert defense.last_result is None
+    out = defended_gradient(model, x, y, defense, seed=0)
+    res = defense.last_result  # set on the frozen instance that ran
+    assert res is not None and res.protected and res.options.max_exans == 1
+    assert torch.equal(out.inputs, res.inputs) and torch.equal(out.labels, res.labels)
+    assert _attack(model, out.inputs, out.labels).num_certified == 0
+    # after MixUp the labels are soft: the kept rows of them come back
+    bound = DefenseStack.of(["mixup", "exclusivity-reduction:max_exans=1"]).bind(data_range=(0, 1))
+    assert bound.defenses[1].data_range == (0.0, 1.0)
+    mixed = defended_gradient(model, x, y, bound, seed=0)
+    assert mixed.labels.is_floating_point() and mixed.labels.shape == (mixed.inputs.shape[0], 10)
+    kept = bound.defenses[1].last_result.kept
+    assert torch.equal(mixed.labels, defended_gradient(model, x, y, "mixup", seed=0).labels[torch.from_numpy(kept)])
+
+
 def test_bad_options():
-    with pytest.raises(SolverError, match="max_exans"):
-        ExclusivityReduction(max_exans=-1)
-    with pytest.raises(SolverError, match="unknown"):
+    with pytest.raises(OptionError, match="max_exans"):
+        make_defense("exclusivity-reduction", max_exans=-1)
+    with pytest.raises(OptionError, match="margin"):
+        ExclusivityReduction(margin=0.0)  # checked by ReductionOptions, reported as an option error
+    with pytest.raises(OptionError, match="budget"):
+        parse_defense("exclusivity-reduction:budget=1.5")
+    with pytest.raises(OptionError, match="rounds"):
+        parse_defense("exclusivity-reduction:rounds=0")
+    with pytest.raises(OptionError, match="data_range"):
+        ExclusivityReduction(data_range=(1.0, 0.0))
+    with pytest.raises(OptionError, match="colour"):
+        parse_defense("exclusivity-reduction:colour=red")
+    with pytest.raises(OptionError, match="colour"):
+        make_defense("exclusivity-reduction", colour="red")
+    with pytest.raises(TypeError):
         ExclusivityReduction(colour="red")

@@ -10,11 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedleak.federation import FederationSettings
+from fedleak.federation.client import federation_accounting
 from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY
+from fedleak.federation.ground_truth import GroundTruthScorer
 from fedleak.federation.report import write_report, write_results
 from fedleak.federation.results import FederationResult, RoundRecord
-from fedleak.federation.ground_truth import GroundTruthScorer
-from fedleak.federation.run import package_versions
+from fedleak.federation.run import defense_summary, package_versions
 from fedleak.federation.server_app import build_strategy, evaluate_global
 from fedleak.federation.settings import data_split, make_model
 
@@ -26,7 +27,7 @@ def settings_from(run_config) -> FederationSettings:
     return FederationSettings(
         data=str(c.get("data", "fashion-mnist")), clients=int(c.get("clients", 4)),
         rounds=int(c.get("num-server-rounds", 2)), threat=str(c.get("threat", "honest")),
-        defense=str(c.get("defense", "none")), defense_strength=float(c.get("defense-strength", 0.0)),
+        defenses=tuple(spec for spec in [str(c.get("defense", "none")).strip()] if spec not in ("", "none")),
         batch_size=int(c.get("batch-size", 16)), lr=float(c.get("lr", 0.1)),
         hidden=tuple(int(w) for w in str(c.get("hidden", "1000")).split(",")),
         partition=str(c.get("partition", "iid")), seed=int(c.get("seed", 0)),
@@ -58,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         shutil.rmtree(truth_dir, ignore_errors=True)
     rounds = tuple(RoundRecord(r, a, l, audit.round_seconds.get(r), 0, 0) for r, (a, l) in sorted(accuracy.items()))
-    result = FederationResult(settings.to_dict(), package_versions(), rounds, tuple(records), 0.0, audit.audit_wait_seconds)
+    result = FederationResult(settings.to_dict(), package_versions(), rounds, tuple(records), 0.0,
+                              audit.audit_wait_seconds, defense_summary(settings, federation_accounting(settings)))
     out = Path(str(context.run_config.get("out-dir", "fedleak-out")))
     out.mkdir(parents=True, exist_ok=True)
     write_results(result, out / "results.json")

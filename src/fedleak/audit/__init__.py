@@ -1,15 +1,8 @@
-"""Leakage audits: run attacks over batch sizes and client scenarios, write results and a report."""
+"""Leakage audits: run attacks over batch sizes, client scenarios and client defenses, write results and a report."""
 
 from fedleak.audit.report import render_html, results_payload, write_audit
-from fedleak.audit.run import (
-    AuditResult,
-    AuditSettings,
-    BatchResult,
-    Showcase,
-    available_scenarios,
-    register_scenario,
-    run_audit,
-)
+from fedleak.audit.run import AuditResult, AuditSettings, BatchResult, Showcase, run_audit
+from fedleak.audit.scenarios import available_scenarios, register_scenario
 
 __all__ = [
     "AuditResult",

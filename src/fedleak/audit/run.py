@@ -1,9 +1,11 @@
 """Run a leakage audit: for each batch size and scenario, draw batches, compute the client's update,
 attack it, and score what came back against the truth.
 
-A *scenario* is a client-side :class:`~fedleak.transforms.BatchTransform` with a name: ``plain`` (an
-honest client), and, when the modules are available, ``fished`` (the server's fishing hook) and
-``defended`` (exclusivity reduction). The attack sees only the update.
+The scenarios (:mod:`fedleak.audit.scenarios`) are registered client-side transforms (``plain``: an honest
+client; ``fished``: the server's fishing hook) and the client defenses of ``AuditSettings.defenses``, each
+named by its stack's label. Every client computes its update with
+:func:`fedleak.defenses.defended_gradient`; the attack sees only the update (and, when it takes a ``defense``
+option, the client's defenses: :func:`fedleak.audit.aware.reconstruct_aware`).
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import torch
 from torch import nn
 
 from fedleak.analysis import analyze_exclusivity
-from fedleak.api import reconstruct
+from fedleak.audit.aware import reconstruct_aware
+from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
+from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
 from fedleak.data import Dataset, load_dataset
+from fedleak.defenses.base import Accounting
+from fedleak.defenses.stack import DefendedUpdate, WithheldBatch, defended_gradient
 from fedleak.errors import FedleakError
-from fedleak.metrics import MatchResult, match, psnr
+from fedleak.metrics import match, psnr
 from fedleak.models import make_mlp
-from fedleak.registry import Registry
 from fedleak.report.samples import sample_reasons
-from fedleak.transforms import BatchTransform, Identity
-from fedleak.updates import compute_gradient_update
+from fedleak.updates import hard_labels
 from fedleak.validation import validate_fields
+
+__all__ = ["AuditResult", "AuditSettings", "BatchResult", "Showcase", "available_scenarios", "run_audit"]
 
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """What an audit runs. ``data`` is a built-in data set name or a path to the user's data."""
+    """What an audit runs. ``data`` is a built-in data set name or a path to the user's data.
+
+    ``scenarios``: registered scenarios (``plain``, ``fished``); ``defenses``: defense specs
+    (``"top-k:ratio=0.1"``, ``"mixup"``; ``"+"`` combines), each one more scenario named by its stack's label
+    (:attr:`scenario_names`).
+    """
 
     data: str = "digits"
     widths: tuple[int, ...] = (1024,)
@@ -46,8 +57,11 @@ class AuditSettings:
     weights: str | None = None  # the model's state dict, for a built-in or a class
     budget: float = 20.0  # seconds per batch for attack="auto"
     conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
+    defenses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        specs = (self.defenses,) if isinstance(self.defenses, str) else self.defenses
+        object.__setattr__(self, "defenses", tuple(str(d) for d in specs))
         validate_fields(self)  # types and signs first, then the checks below
         if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
             raise FedleakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
@@ -57,15 +71,24 @@ class AuditSettings:
             raise FedleakError(f"trials must be positive, got {self.trials}")
         if not self.budget > 0:
             raise FedleakError(f"budget must be positive seconds, got {self.budget}")
-        if not self.scenarios:
+        if not self.scenarios and not self.defenses:
             raise FedleakError("at least one scenario is needed")
+        names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise FedleakError(f"scenario(s) {twice} given twice")
+
+    @property
+    def scenario_names(self) -> tuple[str, ...]:
+        """Every audited scenario: the registered ones, then each defense spec's stack label."""
+        return tuple(self.scenarios) + tuple(defense_label(spec) for spec in self.defenses)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
             "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
             "split": self.split, "model": self.model, "weights": self.weights, "budget": self.budget,
-            "conv": list(self.conv),
+            "conv": list(self.conv), "defenses": list(self.defenses),
         }
 
 
@@ -88,8 +111,8 @@ class BatchResult:
     label_accuracy: float
     mean_psnr: float
     mean_ssim: float
-    gradient_seconds: float
-    transform_seconds: float
+    client_seconds: float  # the client's update: its defenses, gradient and filters (defended_gradient)
+    transform_seconds: float  # the registered scenario's transform (fishing), before that
     attack_seconds: float
     # per sent sample: MatchResult.per_original() scores, "original" (its index in the drawn batch), "status"
     # ("certified", "false", "uncertified", "missing": not rebuilt) and "reason" (why, in words)
@@ -102,6 +125,9 @@ class BatchResult:
     certificates: dict[str, list] = field(default_factory=dict)
     # the batch's samples the client left out of its update: "index" (in the drawn batch) and "reason"
     withheld: dict[str, list] = field(default_factory=dict)
+    sent_bytes: int | None = None  # what the update costs on the wire (the last filter's encoding)
+    privacy: list[dict[str, object]] = field(default_factory=list)  # the stack's (ε, δ) guarantees, if any
+    defense_aware: bool | None = None  # the attack was given the client's defenses (None: there were none)
 
     @property
     def recovered_fraction(self) -> float:
@@ -111,29 +137,6 @@ class BatchResult:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["recovered_fraction"] = self.recovered_fraction
         return d
-
-
-@dataclass(frozen=True)
-class Showcase:
-    """Images for the report, one column per sample of the drawn batch: originals, what the client sent
-    (after its transform; NaN where it withheld the sample) and the rebuilt samples matched to them (NaN
-    where nothing matched), unclamped; then one extra column per certified sample that no original was
-    paired with (a false certificate beyond the batch; NaN original). ``status`` per column: "certified"
-    (sound), "false" (a false certificate), "uncertified", "missing" (nothing rebuilt) or "withheld" (not in
-    the update); ``reasons`` says why for every column that is not "certified". ``labels`` is -1 in extra
-    columns. ``value_range`` is the data's (lo, hi), for display."""
-
-    scenario: str
-    batch_size: int
-    originals: np.ndarray
-    sent: np.ndarray
-    rebuilt: np.ndarray
-    certified: np.ndarray
-    labels: np.ndarray
-    rebuilt_labels: np.ndarray
-    status: tuple[str, ...] = ()
-    reasons: tuple[str, ...] = ()
-    value_range: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -147,12 +150,14 @@ class AuditResult:
     seconds: float
     notes: tuple[str, ...] = field(default_factory=tuple)
     value_range: tuple[float, float] = (0.0, 1.0)  # the data's (lo, hi): tolerances and PSNR are on it
+    descriptions: dict[str, str] = field(default_factory=dict)  # per scenario: what it is (defenses: their sources)
 
     def summary_rows(self) -> list[dict[str, object]]:
         """Per scenario and batch size: means over trials."""
         rows = []
+        order = self.settings.scenario_names
         keys = sorted({(b.scenario, b.batch_size) for b in self.batches},
-                      key=lambda k: (self.settings.scenarios.index(k[0]) if k[0] in self.settings.scenarios else 99, k[1]))
+                      key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))
         for scenario, size in keys:
             group = [b for b in self.batches if b.scenario == scenario and b.batch_size == size]
             n = sum(b.batch_size for b in group)
@@ -168,20 +173,22 @@ class AuditResult:
                 "label_accuracy": _nanmean([b.label_accuracy for b in group]),
                 "mean_psnr": _nanmean([b.mean_psnr for b in group]),
                 "psnr_vs_original": _nanmean([b.psnr_vs_original for b in group if b.psnr_vs_original is not None]),
-                "gradient_ms": 1000 * float(np.mean([b.gradient_seconds for b in group])),
+                "client_ms": 1000 * float(np.mean([b.client_seconds for b in group])),
                 "attack_ms": 1000 * float(np.mean([b.attack_seconds for b in group])),
                 "transform_ms": 1000 * float(np.mean([b.transform_seconds for b in group])),
                 "perturbation_linf": _nanmean([b.perturbation_linf for b in group if b.perturbation_linf is not None]),
                 "perturbation_psnr": _nanmean([b.perturbation_psnr for b in group if b.perturbation_psnr is not None]),
+                "sent_bytes": _nanmean([b.sent_bytes for b in group if b.sent_bytes is not None]),
+                "privacy": group[0].privacy,
+                "defense_aware": group[0].defense_aware,
             })
         return rows
-
 
     def reconstructable_batch_size(self, threshold: float = 0.99) -> dict[str, int | None]:
         """Per scenario, the largest audited batch size up to which at least ``threshold`` of every batch
         was recovered (certified and exact); None if not even the smallest was."""
         out: dict[str, int | None] = {}
-        for scenario in self.settings.scenarios:
+        for scenario in self.settings.scenario_names:
             best = None
             for row in (r for r in self.summary_rows() if r["scenario"] == scenario):
                 if row["recovered_fraction"] < threshold:
@@ -197,47 +204,6 @@ def _nanmean(values: Sequence[float]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Scenarios: named client-side transforms
-
-
-ScenarioFactory = Callable[[AuditSettings, Dataset], BatchTransform]
-_SCENARIOS: Registry[tuple[ScenarioFactory, str]] = Registry("scenario")
-
-
-def register_scenario(name: str, description: str) -> Callable[[ScenarioFactory], ScenarioFactory]:
-    """Decorator that makes ``factory(settings, data) -> BatchTransform`` the audit scenario ``name``."""
-    return _SCENARIOS.decorator(name, lambda factory: (factory, description))
-
-
-def available_scenarios() -> dict[str, str]:
-    return {name: desc for name, (_, desc) in _SCENARIOS.items()}
-
-
-@register_scenario("plain", "an honest client: the batch as it is")
-def _plain(settings: AuditSettings, data: Dataset) -> BatchTransform:
-    return Identity()
-
-
-@register_scenario("fished", "the curious server's client code fishes each batch (LP perturbation)")
-def _fished(settings: AuditSettings, data: Dataset) -> BatchTransform:
-    from fedleak.fishing import FishingTransform
-
-    return FishingTransform(data_range=data.value_range, workers=None)  # valid data; LPs on all cores
-
-
-@register_scenario("defended", "the client reduces exclusivity before computing its update")
-def _defended(settings: AuditSettings, data: Dataset) -> BatchTransform:
-    from fedleak.defenses import ExclusivityReduction
-
-    return ExclusivityReduction(data_range=data.value_range)
-
-
-def _scenario(name: str, settings: AuditSettings, data: Dataset) -> BatchTransform:
-    factory, _ = _SCENARIOS.get(name)
-    return factory(settings, data)
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 def _withheld(scenario: str, size: int, trial: int, transform_seconds: float, net: nn.Module) -> BatchResult:
@@ -246,13 +212,9 @@ def _withheld(scenario: str, size: int, trial: int, transform_seconds: float, ne
         scenario=scenario, batch_size=size, trial=trial, certifiable=0, exan_counts=[[] for _ in range(depth)],
         rebuilt=0, certified=0, recovered=0, exact=0, false_certificates=0, inferred_batch_size=None,
         batch_certified=False, label_accuracy=float("nan"), mean_psnr=float("nan"), mean_ssim=float("nan"),
-        gradient_seconds=0.0, transform_seconds=transform_seconds, attack_seconds=0.0, per_sample={}, sent=0,
-        withheld={"index": list(range(size)), "reason": [_withheld_reason(scenario)] * size},
+        client_seconds=0.0, transform_seconds=transform_seconds, attack_seconds=0.0, per_sample={}, sent=0,
+        withheld={"index": list(range(size)), "reason": [withheld_reason(scenario)] * size},
     )
-
-
-def _withheld_reason(scenario: str) -> str:
-    return f"left out of the update by the client ({scenario}): nothing of it can leak, and it trains nothing"
 
 
 def _kept(x: torch.Tensor, xs: torch.Tensor) -> np.ndarray:
@@ -289,7 +251,7 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
 
 
 def _jobs(settings: AuditSettings) -> Iterator[tuple[str, int, int]]:
-    for scenario in settings.scenarios:
+    for scenario in settings.scenario_names:
         for size in settings.batch_sizes:
             for trial in range(settings.trials):
                 yield scenario, int(size), trial
@@ -315,39 +277,44 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
-    transforms = {name: _scenario(name, settings, data) for name in settings.scenarios}
+    scenarios = audited_scenarios(settings, data)
     shown = set(settings.batch_sizes if showcase_sizes is None else showcase_sizes)
     jobs = list(_jobs(settings))
     iterator = progress(iter(jobs)) if progress else iter(jobs)
     batches: list[BatchResult] = []
     showcases: list[Showcase] = []
-    for scenario, size, trial in iterator:
+    guarantees: dict[tuple[str, int], list[dict[str, object]]] = {}
+    for name, size, trial in iterator:
+        scenario = scenarios[name]
         batch_seed = settings.seed * 1_000_003 + size * 101 + trial
         x, y = data.batch(size, seed=batch_seed)
         torch.manual_seed(batch_seed)
         t0 = time.perf_counter()
-        xs, ys = transforms[scenario](net, x, y)
+        xt, yt = scenario.transform(net, x, y) if scenario.transform is not None else (x, y)
         t1 = time.perf_counter()
-        if xs.shape[0] == 0:  # the client's transform withheld the whole batch: nothing is sent, nothing leaks
-            batches.append(_withheld(scenario, size, trial, t1 - t0, net))
+        client = _client_update(net, xt, yt, scenario, batch_seed)
+        if client is None:  # the client withheld the whole batch: nothing is sent, nothing leaks
+            batches.append(_withheld(name, size, trial, t1 - t0, net))
             continue
-        update = compute_gradient_update(net, xs, ys)
-        t2 = time.perf_counter()
+        if (name, size) not in guarantees:
+            guarantees[(name, size)] = [p.to_dict() for p in scenario.stack.privacy(_accounting(size, len(data)))]
+        xs, ys = client.inputs, hard_labels(client.labels)  # soft labels (MixUp) scored as their top class
         options = {"budget": settings.budget, "progress": False} if settings.attack == "auto" else {}
-        rec = reconstruct(net, update, attack=settings.attack, **options)
+        rec, aware = reconstruct_aware(net, client.update, attack=settings.attack, defense=scenario.stack or None,
+                                       **options)
         report = analyze_exclusivity(net, xs, ys)
         scores = match(rec, xs, ys, data_range=data.pixel_range, normalization=data.normalization)
         kept = _kept(x, xs)
         dropped = sorted(set(range(size)) - set(kept.tolist()))
         status, reasons = sample_reasons(report, rec, scores)
         vs_original = linf = pert_psnr = None
-        if scenario != "plain":  # against the originals of the samples sent
+        if xs.shape != x.shape or not torch.equal(xs, x):  # the client changed its batch: compare with the originals
             xk, yk = x[torch.from_numpy(kept)], y[torch.from_numpy(kept)]
             vs_original = match(rec, xk, yk, data_range=data.pixel_range, normalization=data.normalization).mean_psnr()
             linf = float((xs - xk).reshape(len(xs), -1).abs().amax(1).mean())
             pert_psnr = float(psnr(data.pixels(xs), data.pixels(xk), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(
-            scenario=scenario, batch_size=size, trial=trial,
+            scenario=name, batch_size=size, trial=trial,
             certifiable=int(report.certifiable.sum()),
             exan_counts=[layer.effective_exans.tolist() for layer in report.layers],
             rebuilt=len(rec), certified=rec.num_certified, recovered=int(scores.recovered.sum()),
@@ -355,51 +322,36 @@ def run_audit(
             inferred_batch_size=rec.batch_size, batch_certified=rec.batch_certified,
             label_accuracy=scores.label_accuracy, mean_psnr=scores.mean_psnr(),
             mean_ssim=float(np.nanmean(scores.ssim)) if np.isfinite(scores.ssim).any() else float("nan"),
-            gradient_seconds=t2 - t1, transform_seconds=t1 - t0, attack_seconds=rec.seconds,
+            client_seconds=client.seconds, transform_seconds=t1 - t0, attack_seconds=rec.seconds,
             per_sample={**scores.per_original(), "original": kept.tolist(), "status": status, "reason": reasons},
             psnr_vs_original=vs_original, perturbation_linf=linf, perturbation_psnr=pert_psnr, sent=int(xs.shape[0]),
             certificates=scores.per_certified(),
-            withheld={"index": dropped, "reason": [_withheld_reason(scenario)] * len(dropped)},
+            withheld={"index": dropped, "reason": [withheld_reason(name)] * len(dropped)},
+            sent_bytes=client.sent_bytes, privacy=guarantees[(name, size)], defense_aware=aware,
         ))
         if trial == 0 and size in shown:
-            showcases.append(_showcase(scenario, x, y, xs, rec, scores, data, kept, status, reasons))
+            showcases.append(build_showcase(name, x, y, xs, rec, scores, data, kept, status, reasons))
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
-        value_range=data.pixel_range,
+        value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()},
     )
 
 
-def _showcase(scenario: str, x: torch.Tensor, y: torch.Tensor, xs: torch.Tensor, rec, scores: MatchResult,
-              data: Dataset, kept: np.ndarray, status: list[str], reasons: list[str]) -> Showcase:
-    """One column per sample of the drawn batch (what was sent of it, its matched reconstruction, unclamped),
-    then one per certified sample left unpaired (necessarily a false certificate: more certified samples than
-    the batch holds); images in pixel space (de-normalised when the data is normalised)."""
-    size = int(x.shape[0])
-    false_reason = dict(scores.false_reasons())
-    paired = {int(j) for j in scores.matched if j >= 0}
-    extra = [j for j in false_reason if j not in paired]
-    n = size + len(extra)
-    shape = tuple(x.shape[1:])
-    originals = np.full((n, *shape), np.nan, dtype=np.float32)
-    originals[:size] = data.pixels(x).numpy()
-    sent = np.full((n, *shape), np.nan, dtype=np.float32)
-    sent[kept] = data.pixels(xs.detach()).numpy()
-    rebuilt = np.full((n, *shape), np.nan, dtype=np.float32)
-    rebuilt_labels, labels = np.full(n, -1), np.full(n, -1)
-    labels[:size] = y.numpy()
-    certified = np.zeros(n, dtype=bool)
-    col_status = ["withheld"] * size + ["false"] * len(extra)
-    col_reason = [_withheld_reason(scenario)] * size + [false_reason[j] for j in extra]
-    columns = [(int(kept[i]), i, int(j)) for i, j in enumerate(scores.matched)]
-    columns += [(size + k, -1, j) for k, j in enumerate(extra)]
-    for col, i, j in columns:
-        if i >= 0:
-            col_status[col], col_reason[col] = status[i], reasons[i]
-        if j < 0:
-            continue
-        rebuilt[col] = data.pixels(rec.inputs[j].detach().reshape(1, *shape))[0].numpy()
-        rebuilt_labels[col] = int(rec.labels[j])
-        certified[col] = bool(rec.certified[j])
-    return Showcase(scenario, size, originals, sent, rebuilt, certified, labels, rebuilt_labels, tuple(col_status),
-                    tuple(col_reason), data.pixel_range)
+def _client_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, scenario: AuditedScenario,
+                   seed: int) -> DefendedUpdate | None:
+    """The update the scenario's client sends for ``(x, y)``; None when it sends nothing (every sample withheld,
+    by the registered transform or by a batch defense)."""
+    if x.shape[0] == 0:
+        return None
+    try:
+        return defended_gradient(net, x, y, scenario.bound, seed=seed)
+    except WithheldBatch:
+        return None
+
+
+def _accounting(batch_size: int, dataset_size: int) -> Accounting:
+    """A FedSGD client's one update: one round, one step on a batch of ``batch_size`` of its ``dataset_size``
+    samples (the audited data set), ``delta = min(1e-5, 1 / dataset_size)``."""
+    return Accounting(rounds=1, local_steps=1, batch_size=batch_size, dataset_size=dataset_size,
+                      delta=min(1e-5, 1.0 / dataset_size))

@@ -18,7 +18,12 @@ from fedleak.cli.app import (
     default_out,
     int_list,
 )
+from fedleak.defenses.registry import defense_names
 from fedleak.validation import check_output_dir, check_seed
+
+DEFENSE_HELP = ("Also audit clients running a defense: NAME or NAME:key=value,... (e.g. top-k:ratio=0.1; '+' combines "
+                "several into one client); repeatable, each one scenario named by its label. Defenses: "
+                f"{', '.join(defense_names())} ('fedleak info' says what each does).")
 
 
 def _progress(quiet: bool, total: int, desc: str):
@@ -31,24 +36,43 @@ def _progress(quiet: bool, total: int, desc: str):
 
 def _print_summary(result, out_dir: Path) -> None:
     """The audit's table on the console, in the report's number formats ("<1%", blank PSNR when nothing was
-    matched); batches a defense withheld show how many samples were sent."""
+    matched); batches a defense withheld show how many samples were sent; then each defense's privacy."""
     from fedleak.report.render import percent, psnr_text
 
     sent_by_row: dict[tuple[str, int], int] = {}
     for b in result.batches:
         key = (b.scenario, b.batch_size)
         sent_by_row[key] = sent_by_row.get(key, 0) + (b.batch_size if b.sent is None else b.sent)
-    typer.echo(f"{'scenario':<10}{'batch':>6}{'sent':>9}{'certifiable':>13}{'recovered':>11}{'false cert':>11}"
+    rows = result.summary_rows()
+    width = max([10] + [len(str(r["scenario"])) + 2 for r in rows])
+    typer.echo(f"{'scenario':<{width}}{'batch':>6}{'sent':>9}{'certifiable':>13}{'recovered':>11}{'false cert':>11}"
                f"{'PSNR dB':>9}{'attack ms':>11}")
-    for r in result.summary_rows():
+    for r in rows:
         sent = sent_by_row[(r["scenario"], r["batch_size"])]
         total = r["batch_size"] * r["trials"]
         psnr = psnr_text(r["mean_psnr"], sent) or "–"
         sent_of = f"{sent}/{total}"
-        typer.echo(f"{r['scenario']:<10}{r['batch_size']:>6}{sent_of:>9}{percent(r['certifiable_fraction']):>13}"
+        typer.echo(f"{r['scenario']:<{width}}{r['batch_size']:>6}{sent_of:>9}{percent(r['certifiable_fraction']):>13}"
                    f"{percent(r['recovered_fraction']):>11}{r['false_certificates']:>11}{psnr:>9}"
                    f"{r['attack_ms']:>11.1f}")
+    for line in _privacy_lines(result):
+        typer.echo(line)
     typer.echo(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.html'}")
+
+
+def _privacy_lines(result) -> list[str]:
+    """Per defense scenario: its (epsilon, delta) for one FedSGD update at each batch size, or that it has none."""
+    lines = []
+    for scenario in result.settings.scenario_names[len(result.settings.scenarios):]:
+        rows = [r for r in result.summary_rows() if r["scenario"] == scenario]
+        guarantees = [(r["batch_size"], p) for r in rows for p in r["privacy"]]
+        if not guarantees:
+            lines.append(f"{scenario}: no formal privacy guarantee")
+            continue
+        lines.append(f"{scenario}: " + "; ".join(
+            f"epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} per {p['unit']} (batch {size}, {p['accountant']})"
+            for size, p in guarantees))
+    return lines
 
 
 def _run(settings, out: Path, quiet: bool) -> None:
@@ -56,7 +80,7 @@ def _run(settings, out: Path, quiet: bool) -> None:
     from fedleak.audit.report import OUTPUT_FILES
 
     check_output_dir(out, OUTPUT_FILES)  # fail early on an unusable output folder; it is created only when writing
-    total = len(settings.scenarios) * len(settings.batch_sizes) * settings.trials
+    total = len(settings.scenario_names) * len(settings.batch_sizes) * settings.trials
     result = run_audit(settings, progress=_progress(quiet, total, f"auditing {settings.data}"))
     write_audit(result, out)  # both files or neither
     _print_summary(result, out)
@@ -76,7 +100,7 @@ def audit(
     attack: str = typer.Option("exclusivity", help="Attack to run (see 'fedleak info')."),
     bias: bool = typer.Option(True, help="Give the model's layers biases."),
     fishing: bool = typer.Option(False, help="Also audit fished batches (the curious server's LP client hook)."),
-    defense: bool = typer.Option(False, help="Also audit batches after the client's exclusivity-reduction defense."),
+    defense: list[str] = typer.Option(None, "--defense", help=DEFENSE_HELP),
     split: str = typer.Option(None, help="Split of a CIFAR or IDX folder given as --data: train or test."),
     model: str = typer.Option(None, help=MODEL_HELP + " Audited instead of a fresh model; --widths, --conv and "
                                           "--bias are then ignored."),
@@ -85,14 +109,15 @@ def audit(
     out: Path = typer.Option(default_out("audit"), help=OUT_HELP),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
-    """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient."""
+    """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient (and through each
+    client defense given with --defense)."""
     from fedleak.audit import AuditSettings
 
     settings = AuditSettings(
         data=data, widths=int_list(widths, "--widths", MAX_WIDTH), bias=bias,
         batch_sizes=int_list(batch_sizes, "--batch-sizes"), trials=trials, seed=check_seed("--seed", seed),
         attack=attack, split=split,
-        scenarios=("plain",) + (("fished",) if fishing else ()) + (("defended",) if defense else ()),
+        scenarios=("plain",) + (("fished",) if fishing else ()), defenses=tuple(defense or ()),
         model=model, weights=None if weights is None else str(weights), budget=budget, conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
     )
     _run(settings, out, quiet)
@@ -103,10 +128,10 @@ def demo(
     out: Path = typer.Option(default_out("demo"), help=OUT_HELP),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
-    """Audit the embedded default: sklearn digits, a 1024-wide ReLU net, batches of 1 to 128."""
-    from fedleak.audit import AuditSettings, available_scenarios
+    """Audit the embedded default: sklearn digits, a 1024-wide ReLU net, batches of 1 to 128, an honest and a
+    fishing server, and a client with exclusivity reduction."""
+    from fedleak.audit import AuditSettings
 
-    scenarios = tuple(s for s in ("plain", "fished", "defended") if s in available_scenarios())
     settings = AuditSettings(data="digits", widths=(1024,), batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128), trials=2,
-                             seed=0, scenarios=scenarios)
+                             seed=0, scenarios=("plain", "fished"), defenses=("exclusivity-reduction",))
     _run(settings, out, quiet)

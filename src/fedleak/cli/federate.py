@@ -10,10 +10,15 @@ import typer
 from click.core import ParameterSource
 
 from fedleak.cli.app import DATA_HELP, MAX_WIDTH, OUT_HELP, WIDTHS_HELP, app, default_out, int_list, is_verbose
+from fedleak.defenses.registry import defense_names
 from fedleak.errors import FedleakError
 from fedleak.validation import check_output_dir, check_seed
 
 OUTPUTS = ("results.json", "report.html")
+DEFENSE_HELP = ("A defense every client runs: NAME or NAME:key=value,... (e.g. top-k:ratio=0.1); repeat it, or join "
+                f"specs with '+', to combine; default none. Defenses: {', '.join(defense_names())} ('fedleak info' "
+                "says what each does); Flower's own DP defenses run as Flower's mods and strategy wrapper "
+                "(clients then upload weights).")
 
 
 def _parse_options(text: str | None) -> tuple:
@@ -35,11 +40,7 @@ def federate(
     clients: int = typer.Option(4, help="Number of simulated clients (Flower supernodes)."),
     rounds: int = typer.Option(2, help="Federated rounds."),
     threat: str = typer.Option("honest", help="The server: honest | fishing | trap-weights | imprint."),
-    defense: str = typer.Option("none", help="The clients' defense: none | exclusivity-reduction | weight-noise | "
-                                             "sparsification | dp."),
-    defense_strength: float = typer.Option(0.0, help="Weight-noise std / sparsification's dropped fraction / DP "
-                                                     "noise multiplier."),
-    clip_norm: float = typer.Option(1.0, help="DP clipping norm (defense dp)."),
+    defense: list[str] = typer.Option(None, "--defense", help=DEFENSE_HELP),
     seed: int = typer.Option(0, help="Seed of the model initialisation, the partitions, the batch draws and the "
                                      "malicious weights."),
     batch_size: int = typer.Option(16, help="Clients' local batch size."),
@@ -52,8 +53,7 @@ def federate(
     alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition."),
     trap_scale: float = typer.Option(0.8, help="Trap weights' positive/negative magnitude ratio."),
     imprint_bins: int = typer.Option(0, help="Imprint bins (0: the whole first layer)."),
-    transform_options: str = typer.Option(None, help="JSON options of the fishing / exclusivity-reduction "
-                                                     "transform."),
+    transform_options: str = typer.Option(None, help="JSON options of the fishing transform (--threat fishing)."),
     no_audit: bool = typer.Option(False, "--no-audit", help="Run the federation without attacking the updates."),
     upload: str = typer.Option("delta", help="What clients send: delta (their change, FedSGD-style) | weights "
                                              "(FedAvg)."),
@@ -68,7 +68,8 @@ def federate(
     """Run a federation on Flower's simulation engine and audit every client update.
 
     Writes OUT/results.json (one record per round and client: recovered fraction, PSNR, label accuracy,
-    attack time, next to the global model's test accuracy) and OUT/report.html.
+    attack time, next to the global model's test accuracy; the clients' defenses with their (epsilon, delta))
+    and OUT/report.html.
     """
     from fedleak.federation.settings import FederationSettings
 
@@ -81,18 +82,17 @@ def federate(
         widths = hidden
     sizes = int_list(widths, "--widths", MAX_WIDTH)
     settings = FederationSettings(
-        data=data, clients=clients, rounds=rounds, threat=threat, defense=defense, seed=check_seed("--seed", seed),
+        data=data, clients=clients, rounds=rounds, threat=threat, defenses=tuple(defense or ()),
+        seed=check_seed("--seed", seed),
         batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=sizes,
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
-        trap_scale=trap_scale, imprint_bins=imprint_bins, defense_strength=defense_strength, clip_norm=clip_norm,
-        transform_options=_parse_options(transform_options), ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
+        trap_scale=trap_scale, imprint_bins=imprint_bins, transform_options=_parse_options(transform_options), ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
         attack_budget=attack_budget,
     )
-    from fedleak.federation.hooks import get_defense, get_threat
+    from fedleak.federation.hooks import get_threat
     from fedleak.federation.partition import PARTITIONS
 
     get_threat(threat)
-    get_defense(defense)
     if partition not in PARTITIONS:
         raise FedleakError(f"unknown partition '{partition}'; use one of {', '.join(PARTITIONS)}")
     check_output_dir(out, OUTPUTS)  # fail early; the folder is created only when the outputs are written

@@ -1,6 +1,7 @@
-"""``fedleak info``: versions, built-in data sets and models, and registered attacks.
+"""``fedleak info``: versions, built-in data sets and models, registered attacks and defenses.
 
-It lists the registries' catalogs, so it imports neither torch nor any attack or data set module.
+It lists the registries' catalogs, so it imports neither torch nor any attack, data set or defense module (the
+defenses from :mod:`fedleak.defenses.catalog`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ def _table(rows: dict[str, str]) -> None:
 
 @app.command()
 def info() -> None:
-    """Show fedleak's version, built-in data sets, models and attacks."""
+    """Show fedleak's version, built-in data sets, models, attacks and defenses."""
     import fedleak
     from fedleak.attacks import attack_specs
+    from fedleak.defenses import available_defenses
 
     typer.echo(f"fedleak {fedleak.__version__}")
     typer.echo("data sets:")
@@ -29,3 +31,5 @@ def info() -> None:
     _table(fedleak.available_models())
     typer.echo("attacks (update kinds they run on):")
     _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]" for name, spec in attack_specs().items()})
+    typer.echo("defenses (--defense NAME[:key=value,...]; stage: what it does (source)):")
+    _table(available_defenses())

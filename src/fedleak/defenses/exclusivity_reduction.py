@@ -28,20 +28,24 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedleak.analysis.batch import read_batch
-from fedleak.errors import FedleakError, SolverError
+from fedleak.defenses.base import BatchDefense, register_defense
+from fedleak.errors import FedleakError, OptionError, SolverError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import check_data_range, psnr, resolve_data_range
 from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
+from fedleak.updates import hard_labels, is_soft
 from fedleak.validation import options_from
 
 
@@ -306,19 +310,57 @@ def reduce_exclusivity(
                            time.perf_counter() - start, data_range)
 
 
-class ExclusivityReduction:
-    """``BatchTransform`` a careful client runs before computing its update:
-    ``ExclusivityReduction(**options)(model, x, y) -> (x', y')`` (see :class:`ReductionOptions`).
-    ``last_result`` keeps the client-side statistics of the last batch."""
+@register_defense
+@dataclass(frozen=True)
+class ExclusivityReduction(BatchDefense):
+    """Exclusivity reduction (Pan et al. 2022, "Exploring the Security Boundary of Data Reconstruction via Neuron
+    Exclusivity Analysis"; algorithms spec §3) as the batch defense ``exclusivity-reduction``:
+    ``ExclusivityReduction(**knobs)(model, x, y) -> (x', y')`` runs :func:`reduce_exclusivity`.
 
-    def __init__(self, **options) -> None:
-        self.options = ReductionOptions.from_kwargs(**options)
-        self.last_result: ReductionResult | None = None
+    The fields are the user-facing knobs of :class:`ReductionOptions` (``max_exans``, ``margin``, ``budget``,
+    ``rounds``, ``drop_unprotected``, ``data_range``, with its meanings and defaults); the others (``norm``,
+    ``solver``, ``time_limit``, ``polish``, ``polish_slack``) keep ReductionOptions's defaults. Bad values fail at
+    construction with :class:`~fedleak.errors.OptionError`. The transform may return fewer samples than it was
+    given (``drop_unprotected``). Soft labels (after MixUp, say) are kept: the ExAN analysis uses their most
+    probable class, and the kept rows are returned.
 
-    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        result = reduce_exclusivity(model, inputs, labels, self.options)
-        self.last_result = result
+    ``last_result`` (not a field: it is not a parameter, and it is set on the frozen instance with
+    ``object.__setattr__``) keeps the client-side :class:`ReductionResult` of the last batch this instance
+    transformed, None before the first. :meth:`~fedleak.defenses.DefenseStack.bind` returns a copy when it fills
+    ``data_range``: read ``last_result`` on the instance that ran.
+    """
+
+    name: ClassVar[str] = "exclusivity-reduction"
+    summary: ClassVar[str] = "the client perturbs (or drops) samples so that no last-layer ReLU neuron is exclusive"
+    source: ClassVar[str] = "Pan et al. 2022 (exclusivity analysis), reversed as a client-side LP defense"
+    strengths: ClassVar[tuple[Mapping[str, object], ...]] = ({"max_exans": 1}, {"max_exans": 0})
+    last_result: ClassVar[ReductionResult | None] = None  # per instance once set, see the docstring
+
+    max_exans: int = 0
+    margin: float = 0.02
+    budget: float | None = None
+    rounds: int = 8
+    drop_unprotected: bool = True
+    data_range: tuple[float, float] | None = None
+
+    def check(self) -> None:
+        options = self.options  # ReductionOptions validates every value
+        object.__setattr__(self, "data_range", options.data_range)
+
+    @property
+    def options(self) -> ReductionOptions:
+        """The :class:`ReductionOptions` this defense runs with."""
+        try:
+            return ReductionOptions(max_exans=self.max_exans, margin=self.margin, budget=self.budget,
+                                    rounds=self.rounds, drop_unprotected=self.drop_unprotected,
+                                    data_range=self.data_range)
+        except SolverError as exc:
+            raise OptionError(f"defense '{self.name}': {exc}") from None
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        result = reduce_exclusivity(model, inputs, hard_labels(labels), self.options)
+        object.__setattr__(self, "last_result", result)
+        if is_soft(labels):
+            return result.inputs, labels[torch.from_numpy(result.kept)]
         return result.inputs, result.labels
-
-    def __repr__(self) -> str:
-        return f"ExclusivityReduction({self.options})"

@@ -26,7 +26,7 @@ _LAZY = {
     "run_federation": "fedleak.federation.run",
     "write_report": "fedleak.federation.report",
     "available_threats": "fedleak.federation.hooks",
-    "available_defenses": "fedleak.federation.hooks",
+    "available_defenses": "fedleak.defenses",
 }
 
 __all__ = ["ClientRecord", "FederationResult", "FederationSettings", "RoundRecord", "Scores",

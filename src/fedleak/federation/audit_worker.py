@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.federation.results import ClientRecord, Scores
 from fedleak.reconstruction import Reconstruction
@@ -32,6 +33,8 @@ class AuditPlan:
     ``multi_step_attack``: the attack for updates known to come from several local steps (the exact
     route does not apply to them); it is given the :class:`WeightUpdate` and ``multi_step_options`` (e.g.
     ``{"budget": 30}``: seconds per update). ``None``: ``attack`` runs on every update.
+    ``defense``: the clients' defenses; an attack that takes a ``defense`` option (a defense-aware attack) is
+    given them (:func:`fedleak.audit.aware.reconstruct_aware`), and each record says whether it was.
     """
 
     attack: str = "exclusivity"
@@ -39,6 +42,7 @@ class AuditPlan:
     update_kind: str = "gradient"
     multi_step_attack: str | None = "auto"
     multi_step_options: Mapping[str, Any] = field(default_factory=lambda: {"progress": False})
+    defense: DefenseStack | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ def init_worker(niceness: int = AUDIT_NICENESS) -> None:
 def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> ClientRecord:
     """Attack ``job.update`` with ``plan`` (the attack sees the sent model and the update only), then
     let ``scorer`` (evaluation only) compare with the client's true batch. Never raises."""
-    from fedleak.api import reconstruct
+    from fedleak.audit.aware import reconstruct_aware
     from fedleak.update_kind import describe_update
 
     start = time.perf_counter()
@@ -96,11 +100,12 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
         else:
             attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
         options = dict(plan.options) if attack == plan.attack else dict(plan.multi_step_options)
-        rec = reconstruct(job.model, attacked, attack=attack, **options)
+        rec, aware = reconstruct_aware(job.model, attacked, attack=attack, defense=plan.defense, **options)
         seconds = time.perf_counter() - start
         scores = scorer(job, rec) if scorer is not None else None
         return ClientRecord.from_attack(job.server_round, job.node_id, job.partition, job.update.num_examples, rec,
-                                        seconds, scores, kind.summary(), kind.multi_step)
+                                        seconds, scores, kind.summary(), kind.multi_step, defense_aware=aware,
+                                        update_norm=_norm(job))
     except Exception as exc:  # noqa: BLE001 - an attack failure must not end the federation
         detail = f"{type(exc).__name__}: {exc}"
         if not isinstance(exc, FedleakError):
@@ -109,6 +114,12 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
                                     num_examples=job.update.num_examples,
                                     update_kind=kind.summary() if kind is not None else "",
                                     multi_step=bool(kind is not None and kind.multi_step))
+
+
+def _norm(job: AuditInput) -> float:
+    """The L2 norm of the change the server received (``before - after``, or the uploaded change)."""
+    change = job.delta if job.delta is not None else job.update.delta()
+    return float(sum(float(v.double().pow(2).sum()) for v in change.values()) ** 0.5)
 
 
 # ---- worker-process side: the sent model is shipped once per round, each reply ships only its weights

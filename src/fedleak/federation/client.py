@@ -14,25 +14,33 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.clients.defended import defended_local_round
+from fedleak.defenses.base import Accounting
 from fedleak.errors import FedleakError
-from fedleak.federation.hooks import get_defense, get_threat
+from fedleak.federation.flower_native import client_side
+from fedleak.federation.hooks import get_threat
 from fedleak.federation.partition import partition_indices
 from fedleak.federation.settings import FederationSettings, data_split, parse_fault
+
+CLIENT_RATE = 1.0  # the fraction of clients the server samples per round (every client, every round)
 
 
 @dataclass(frozen=True)
 class LocalResult:
     """A client's new weights plus what it reports (``num_examples``) and, for evaluation only, the
-    samples it trained on (``inputs`` after any transform, ``original`` before it)."""
+    samples it trained on (``inputs`` after any transform and defense, ``original`` before them; ``labels``
+    may be soft after MixUp / InstaHide), its compute time and the bytes its update costs on the wire."""
 
     weights: dict[str, torch.Tensor]
-    delta: dict[str, torch.Tensor]  # before - after, accumulated exactly (lr * gradient per step)
+    delta: dict[str, torch.Tensor]  # before - after: what the client sends (after its update filters)
     num_examples: int
     steps: int
     loss: float
     inputs: torch.Tensor
     original: torch.Tensor
     labels: torch.Tensor
+    seconds: float = 0.0
+    sent_bytes: int = 0
 
 
 @lru_cache(maxsize=4)
@@ -60,11 +68,26 @@ def _fault(settings: FederationSettings, partition_id: int, server_round: int) -
     return None
 
 
+def _batches(settings: FederationSettings, n: int, partition_id: int, gen: np.random.Generator) -> list[np.ndarray]:
+    """The index batches of one round: ``local_steps`` random batches, or ``local_epochs`` shuffled passes."""
+    if settings.local_epochs > 0:
+        order = np.concatenate([gen.permutation(n) for _ in range(settings.local_epochs)])
+        batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        return [b for b in batches if len(b) == settings.batch_size] or batches[:1]
+    if settings.batch_size > n:
+        raise FedleakError(f"partition {partition_id} holds {n} samples, fewer than the batch size "
+                           f"{settings.batch_size}")
+    return [gen.choice(n, size=settings.batch_size, replace=False) for _ in range(settings.local_steps)]
+
+
 def local_update(model: nn.Module, settings: FederationSettings, partition_id: int, server_round: int) -> LocalResult:
     """Train ``model`` (the weights the server sent, changed in place) on the client's partition.
 
-    One step per batch of ``batch_size``: the server-shipped transform (threat) and the client's own
-    defense transform run on each batch first; the defense's post-processing runs on the final delta.
+    Plain SGD at ``lr`` through :func:`~fedleak.clients.defended.defended_local_round`: per batch the
+    server-shipped transform (threat) runs first, then the client's batch defenses and its step defense; its
+    update filters run on the round's change. Defenses that Flower realises itself (``local-dp``,
+    ``central-dp``: :mod:`fedleak.federation.flower_native`) are left to the ClientApp's mods. Randomised
+    defenses are seeded from the run's seed, the round and the partition.
     """
     fault = _fault(settings, partition_id, server_round)
     if fault == "fail":
@@ -72,52 +95,36 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     x_all, y_all = client_partition(settings, partition_id)
     gen = np.random.default_rng([settings.seed, server_round, partition_id])
     n = len(x_all)
-    if settings.local_epochs > 0:
-        order = np.concatenate([gen.permutation(n) for _ in range(settings.local_epochs)])
-        batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-        batches = [b for b in batches if len(b) == settings.batch_size] or batches[:1]
-    else:
-        if settings.batch_size > n:
-            raise FedleakError(f"partition {partition_id} holds {n} samples, fewer than the batch size {settings.batch_size}")
-        batches = [gen.choice(n, size=settings.batch_size, replace=False) for _ in range(settings.local_steps)]
-    threat_tf = get_threat(settings.threat).transform(settings)
-    defense = get_defense(settings.defense)
-    defense_tf = defense.transform(settings)
-    post = defense.postprocess(settings)
+    batches = _batches(settings, n, partition_id, gen)
+    split = data_split(settings.data, settings.test_size, settings.public_size)
+    stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes)
+    shipped = get_threat(settings.threat).transform(settings)
+    seed = int(gen.integers(2**62))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.SGD(model.parameters(), lr=settings.lr)
-    used_x, used_orig, used_y, losses = [], [], [], []
-    params = dict(model.named_parameters())
-    acc = {k: torch.zeros_like(v) for k, v in before.items()}
-    for b in batches:
-        x, y = x_all[torch.from_numpy(np.asarray(b))], y_all[torch.from_numpy(np.asarray(b))]
-        orig = x
-        for tf in (threat_tf, defense_tf):
-            if tf is not None:
-                x, y = tf(model, x, y)
-        if x.shape[0] != orig.shape[0]:
-            orig = x  # a re-composed batch: no per-sample original
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        with torch.no_grad():  # plain SGD: the step is exactly lr * grad
-            for name, p in params.items():
-                if p.grad is not None:
-                    acc[name] += settings.lr * p.grad
-        opt.step()
-        used_x.append(x.detach())
-        used_orig.append(orig.detach())
-        used_y.append(y.detach())
-        losses.append(float(loss.detach()))
+    pairs = ((x_all[torch.from_numpy(np.asarray(b))], y_all[torch.from_numpy(np.asarray(b))]) for b in batches)
+    with torch.random.fork_rng(devices=[]):  # batch defenses (MixUp, ...) draw from torch's global generator
+        torch.manual_seed(seed)
+        done = defended_local_round(model, pairs, stack, lr=settings.lr,
+                                    generator=torch.Generator().manual_seed(seed), shipped=shipped)
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    delta = acc
-    if post is not None:
-        g = torch.Generator().manual_seed(int(gen.integers(2**62)))
-        delta = post(delta, g)
-        after = {k: before[k] - delta[k] for k in before}
+    delta = {k: done.sent[k].detach().clone() if k in done.sent else before[k] - after[k] for k in before}
     if fault == "malformed":
         after = {k: torch.full_like(v, math.nan) for k, v in after.items()}
         delta = {k: torch.full_like(v, math.nan) for k, v in delta.items()}
     num = settings.batch_size if settings.local_epochs == 0 else n
-    return LocalResult(after, delta, int(num), len(batches), float(np.mean(losses)), torch.cat(used_x), torch.cat(used_orig),
-                       torch.cat(used_y))
+    return LocalResult(after, delta, int(num), done.steps, done.loss, done.inputs, done.original, done.labels,
+                       done.seconds, done.sent_bytes)
+
+
+def federation_accounting(settings: FederationSettings) -> Accounting:
+    """What a privacy accountant needs to know of this federation's training, for the client that is easiest to
+    single out: the smallest partition (its sampling rate is the highest), every round (all clients take part:
+    ``client_rate`` 1), its local steps per round, and ``delta = min(1e-5, 1 / training samples)``."""
+    split = data_split(settings.data, settings.test_size, settings.public_size)
+    parts = _partition((), settings.data, settings.test_size, settings.public_size, settings.clients,
+                       settings.partition, settings.seed, settings.alpha, settings.batch_size)
+    smallest = min(len(p) for p in parts)
+    batch = min(settings.batch_size, smallest)
+    steps = settings.local_steps if settings.local_epochs == 0 else settings.local_epochs * max(1, smallest // batch)
+    return Accounting(rounds=settings.rounds, local_steps=steps, batch_size=batch, dataset_size=smallest,
+                      client_rate=CLIENT_RATE, delta=min(1e-5, 1.0 / len(split.train_y)))

@@ -6,6 +6,12 @@ Each train message carries the global (or server-modified) weights under ``"arra
 ``before - after`` (``upload="delta"``, FedSGD-style, the default) under ``"arrays"``, and ``"metrics"``
 with ``"num-examples"``.
 
+Defenses Flower realises itself (``local-dp``: ``LocalDpMod``; ``central-dp``: ``fixedclipping_mod``; the
+registry :mod:`fedleak.federation.flower_native`) run as those Flower mods: :func:`defense_mods`, the first mod
+of every ClientApp :func:`make_client_app` builds, reads the run's settings from the message and calls them
+around the app (numpy's global generator, which Flower's noise draws from, seeded from the run's seed, the
+round and the partition, so a run is reproducible).
+
 Evaluation only: when the config names a ground-truth folder (``"eval-only-ground-truth-dir"``, set by
 ``fedleak federate`` to a private temp folder), the client also writes the batch it trained on there
 (:mod:`fedleak.federation.ground_truth`). That file never enters a Flower message and the attack never
@@ -18,13 +24,19 @@ from fedleak.federation._flwr import require_flwr
 
 require_flwr()
 
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from fedleak.defenses.flower_dp import numpy_seeded  # noqa: E402
 from fedleak.federation.client import local_update  # noqa: E402
+from fedleak.federation.flower_native import client_mods  # noqa: E402
 from fedleak.federation.ground_truth import TrueBatch, write_true_batch  # noqa: E402
 from fedleak.federation.settings import FederationSettings, data_split, make_model  # noqa: E402
+from fedleak.updates import hard_labels  # noqa: E402
 
 SETTINGS_KEY = "fedleak-settings"
 GROUND_TRUTH_KEY = "eval-only-ground-truth-dir"
@@ -37,9 +49,32 @@ def partition_id_of(context: Context) -> int:
     raise RuntimeError("the node config has no 'partition-id' (run it with the simulation engine or set it)")
 
 
+def defense_mods(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A Flower mod: the Flower mods of the run's Flower-native defenses (none: the app itself), around
+    ``call_next``, under a seeded numpy generator."""
+    config = msg.content.get("config") if "config" in msg.content else None
+    if config is None or SETTINGS_KEY not in config:
+        return call_next(msg, context)
+    settings = FederationSettings.from_json(str(config[SETTINGS_KEY]))
+    mods = client_mods(settings.stack)
+    if not mods:
+        return call_next(msg, context)
+    handler = call_next
+    for mod in reversed(mods):  # the list is outermost first
+        handler = _chained(mod, handler)
+    seed = np.random.SeedSequence([settings.seed, int(config.get("server-round", 0)), partition_id_of(context)])
+    with numpy_seeded(int(seed.generate_state(1)[0])):
+        return handler(msg, context)
+
+
+def _chained(mod: Callable, call_next: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    return lambda msg, context: mod(msg, context, call_next)
+
+
 def make_client_app(mods: list | None = None) -> ClientApp:
-    """A ClientApp running :func:`~fedleak.federation.client.local_update` (``mods``: Flower mods, e.g. DP)."""
-    app = ClientApp(mods=mods or [])
+    """A ClientApp running :func:`~fedleak.federation.client.local_update` inside :func:`defense_mods`
+    (``mods``: further Flower mods, inside those)."""
+    app = ClientApp(mods=[defense_mods, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -54,9 +89,10 @@ def make_client_app(mods: list | None = None) -> ClientApp:
         result = local_update(model, settings, pid, server_round)
         if GROUND_TRUTH_KEY in cfg:  # evaluation-only side channel, outside the Flower message
             write_true_batch(str(cfg[GROUND_TRUTH_KEY]), server_round, context.node_id,
-                             TrueBatch(result.inputs, result.original, result.labels, pid))
+                             TrueBatch(result.inputs, result.original, hard_labels(result.labels), pid))
         metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
-                                "local-steps": result.steps, "partition-id": pid})
+                                "local-steps": result.steps, "partition-id": pid,
+                                "client-seconds": result.seconds, "sent-bytes": result.sent_bytes})
         sent = result.delta if settings.upload == "delta" else result.weights
         return Message(content=RecordDict({"arrays": ArrayRecord(sent), "metrics": metrics}), reply_to=msg)
 

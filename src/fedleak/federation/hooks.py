@@ -1,36 +1,26 @@
-"""Pluggable parts of an audited federation, each in a registry: threat models and client-side defenses.
+"""The threat models of an audited federation, in a registry.
 
-* A :class:`Threat` says what the server sends (possibly malicious weights: ``tamper``), which
-  client-side batch transform the server ships (fishing), and which attack it runs on each update.
-* A :class:`Defense` is what a careful client does: a batch transform before computing the update
-  (exclusivity reduction), a post-processing of its weight delta (noise, sparsification) and/or
-  Flower's own DP (client-side fixed clipping mod + the server's DP wrapper strategy).
+A :class:`Threat` says what the server sends (possibly malicious weights: ``tamper``), which client-side batch
+transform the server ships (fishing, a :class:`fedleak.transforms.BatchTransform`), and which attack it runs on
+each update. ``fedleak.fishing`` is imported only when a run asks for it.
 
-Transforms follow :class:`fedleak.transforms.BatchTransform`; post-processing follows
-:class:`UpdatePostprocess`. Modules built elsewhere (``fedleak.fishing``, ``fedleak.defenses``) are
-imported only when a run asks for them.
+The clients' defenses are not here: they are the registry of :mod:`fedleak.defenses` (``fedleak info`` lists
+them), and the few that Flower realises itself are in :mod:`fedleak.federation.flower_native`.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.federation.settings import DataSplit, FederationSettings
 from fedleak.registry import Registry
 from fedleak.transforms import BatchTransform
-
-
-class UpdatePostprocess(Protocol):
-    """``hook(delta, generator) -> delta``: a client's change to its weight delta ``before - after``."""
-
-    def __call__(self, delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]: ...
 
 
 def _import(module: str, name: str, purpose: str) -> Any:
@@ -56,7 +46,6 @@ class Threat:
 
 
 _THREATS: Registry[Threat] = Registry("threat")
-_DEFENSES: Registry[Defense] = Registry("defense")
 
 
 def register_threat(threat: Threat) -> Threat:
@@ -110,72 +99,3 @@ register_threat(Threat("trap-weights", "malicious weights: trap-weight first lay
                        "trap-weights", lambda s: {}, _no_transform, _trap, update_kind="weights"))
 register_threat(Threat("imprint", "malicious weights: imprint bins in the first layer (Robbing the Fed)",
                        "imprint", lambda s: {}, _no_transform, _imprint, update_kind="weights"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Client-side defenses
-
-
-@dataclass(frozen=True)
-class Defense:
-    name: str
-    description: str
-    transform: Callable[[FederationSettings], BatchTransform | None] = _no_transform
-    postprocess: Callable[[FederationSettings], UpdatePostprocess | None] = lambda s: None
-    flower_dp: bool = False
-
-
-def register_defense(defense: Defense) -> Defense:
-    return _DEFENSES.register(defense.name, defense)
-
-
-def get_defense(name: str) -> Defense:
-    return _DEFENSES.get(name)
-
-
-def available_defenses() -> dict[str, str]:
-    return {n: d.description for n, d in _DEFENSES.items()}
-
-
-def _exclusivity_reduction(settings: FederationSettings) -> BatchTransform:
-    cls = _import("fedleak.defenses", "ExclusivityReduction", "the exclusivity-reduction defense")
-    return cls(**dict(settings.transform_options))
-
-
-def _weight_noise(settings: FederationSettings) -> UpdatePostprocess:
-    add_noise = _import("fedleak.defenses.weight_noise", "add_weight_noise", "the weight-noise defense")
-    if settings.defense_strength <= 0:
-        raise FedleakError("the weight-noise defense needs --defense-strength > 0 (the noise std)")
-
-    def hook(delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        from fedleak.updates import GradientUpdate
-
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        return dict(add_noise(GradientUpdate(dict(delta)), settings.defense_strength, seed=seed).gradients)
-
-    return hook
-
-
-def _sparsification(settings: FederationSettings) -> UpdatePostprocess:
-    sparsify = _import("fedleak.defenses.sparsification", "sparsify_update", "the sparsification defense")
-    if not 0 < settings.defense_strength < 1:
-        raise FedleakError("the sparsification defense needs --defense-strength in (0, 1): the fraction dropped")
-
-    def hook(delta: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        from fedleak.updates import GradientUpdate
-
-        return dict(sparsify(GradientUpdate(dict(delta)), settings.defense_strength).gradients)
-
-    return hook
-
-
-register_defense(Defense("none", "no defense"))
-register_defense(Defense("exclusivity-reduction", "client re-composes/perturbs its batch so that no neuron is "
-                         "exclusive (fedleak.defenses.ExclusivityReduction)", transform=_exclusivity_reduction))
-register_defense(Defense("weight-noise", "client adds Gaussian noise of std --defense-strength to its weight delta "
-                         "(fedleak.defenses.weight_noise)", postprocess=_weight_noise))
-register_defense(Defense("sparsification", "client drops the --defense-strength fraction of smallest entries of "
-                         "its delta, per tensor (fedleak.defenses.sparsification)", postprocess=_sparsification))
-register_defense(Defense("dp", "Flower's DP: clients clip their update (fixedclipping_mod), the server adds noise "
-                         "of --defense-strength times --clip-norm (DifferentialPrivacyClientSideFixedClipping)",
-                         flower_dp=True))

@@ -68,6 +68,8 @@ class ClientRecord:
     update_kind: str = ""  # fedleak.update_kind.UpdateKind.summary(): e.g. "multi-step FedAvg update: ..."
     multi_step: bool = False
     reason: str = ""  # why samples are not certified (the first uncertified sample's reason), "" if all are
+    defense_aware: bool | None = None  # the attack was given the clients' defenses (None: there were none)
+    update_norm: float | None = None  # L2 norm of the change the server received
 
     @classmethod
     def skipped(cls, rnd: int, node: int, partition: int, status: str, detail: str,
@@ -77,10 +79,11 @@ class ClientRecord:
 
     @classmethod
     def from_attack(cls, rnd: int, node: int, partition: int, num_examples: int | None, rec: Reconstruction,
-                    seconds: float, scores: Scores | None, update_kind: str = "",
-                    multi_step: bool = False) -> ClientRecord:
+                    seconds: float, scores: Scores | None, update_kind: str = "", multi_step: bool = False, *,
+                    defense_aware: bool | None = None, update_norm: float | None = None) -> ClientRecord:
         return cls(rnd, partition, node, "ok", rec.summary(), num_examples, rec.attack, len(rec), rec.num_certified,
-                   seconds, scores, tuple(rec.notes), update_kind, multi_step, rec.why_uncertified())
+                   seconds, scores, tuple(rec.notes), update_kind, multi_step, rec.why_uncertified(), defense_aware,
+                   update_norm)
 
     @property
     def client_id(self) -> int:
@@ -124,6 +127,8 @@ class ClientRecord:
             "false_certificate_reasons": list(s.false_certificate_reasons) if s else None,
             "value_range": list(s.value_range) if s and s.value_range is not None else None,
             "attack_seconds": _num(self.attack_seconds),
+            "defense_aware": self.defense_aware,
+            "update_norm": _num(self.update_norm),
             "test_accuracy": _num(test_accuracy),
             "notes": list(self.notes),
         }
@@ -146,8 +151,37 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class DefenseRecord:
+    """The clients' defense stack in a run: its label, the specs it was given as, the defenses Flower realised
+    itself (its mods / strategy wrapper), the training the accountant was told of, and every (ε, δ) guarantee
+    of the stack (:meth:`fedleak.defenses.Privacy.to_dict`; none: no formal guarantee)."""
+
+    stack: str
+    specs: tuple[str, ...]
+    flower_native: tuple[str, ...]
+    accounting: dict[str, object]
+    privacy: tuple[dict[str, object], ...]
+
+    def privacy_text(self) -> str:
+        if not self.privacy:
+            return "no formal privacy guarantee"
+        return "; ".join(f"epsilon {_eps(p['epsilon'])} at delta {float(p['delta']):.3g} per {p['unit']} "
+                         f"({p['accountant']})" for p in self.privacy)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"stack": self.stack, "specs": list(self.specs), "flower_native": list(self.flower_native),
+                "accounting": dict(self.accounting),
+                "privacy": [{**p, "epsilon": _num(p["epsilon"])} for p in self.privacy]}
+
+
+def _eps(value: object) -> str:
+    return f"{float(value):.3g}" if math.isfinite(float(value)) else "infinite"
+
+
+@dataclass(frozen=True)
 class FederationResult:
-    """A whole run: settings, versions, per-round model quality and per-(round, client) leakage."""
+    """A whole run: settings, versions, per-round model quality, per-(round, client) leakage and the clients'
+    defenses with their privacy guarantees."""
 
     settings: dict[str, object]
     versions: dict[str, str]
@@ -155,6 +189,7 @@ class FederationResult:
     records: tuple[ClientRecord, ...]
     seconds: float
     audit_wait_seconds: float
+    defenses: tuple[DefenseRecord, ...] = ()
 
     def test_accuracy(self, rnd: int) -> float | None:
         return next((r.test_accuracy for r in self.rounds if r.round == rnd), None)
@@ -169,4 +204,5 @@ class FederationResult:
             "audit_wait_seconds": _num(self.audit_wait_seconds),
             "rounds": [r.to_dict() for r in self.rounds],
             "records": [c.to_dict(self.test_accuracy(c.round)) for c in self.records],
+            "defenses": [d.to_dict() for d in self.defenses],
         }

@@ -8,6 +8,7 @@ Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -21,10 +22,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from fedleak.defenses.base import Accounting
 from fedleak.errors import FedleakError
 from fedleak.federation._flwr import require_flwr
 from fedleak.federation.ground_truth import GroundTruthScorer
-from fedleak.federation.results import ClientRecord, FederationResult, RoundRecord
+from fedleak.federation.results import ClientRecord, DefenseRecord, FederationResult, RoundRecord
 from fedleak.federation.settings import FederationSettings
 
 
@@ -131,15 +133,13 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     start; without it only errors get through.
     """
     require_flwr()
-    from fedleak.federation.hooks import get_defense, get_threat
+    from fedleak.federation.client import federation_accounting
+    from fedleak.federation.hooks import get_threat
 
-    # fail fast, before Ray starts, on anything the clients could not build
-    threat, defense = get_threat(settings.threat), get_defense(settings.defense)
-    threat.transform(settings)
-    defense.transform(settings)
-    defense.postprocess(settings)
-    if settings.threat in ("trap-weights", "imprint") and not settings.one_step:
-        pass  # allowed: the attack then reports what it can't certify
+    # fail fast, before Ray starts, on anything the clients could not build (the defenses were checked when the
+    # settings were built)
+    get_threat(settings.threat).transform(settings)
+    defenses = defense_summary(settings, federation_accounting(settings))
 
     from flwr.simulation import run_simulation
 
@@ -153,11 +153,6 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     with isolated_environment(quiet=not verbose) as folder, _quiet_flower_and_ray(verbose), _sigterm_as_interrupt():
         gt_dir = os.path.join(folder, "ground-truth")
         strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir, data_range=split.value_range), on_finding=on_finding)
-        mods = []
-        if defense.flower_dp:
-            from flwr.clientapp.mod import fixedclipping_mod
-
-            mods.append(fixedclipping_mod)
         stop = threading.Event()
         server_app = make_server_app(settings, strategy, ground_truth_dir=gt_dir,
                                      on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
@@ -169,7 +164,7 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         }
         try:
             try:
-                run_simulation(server_app=server_app, client_app=make_client_app(mods),
+                run_simulation(server_app=server_app, client_app=make_client_app(),
                                num_supernodes=settings.clients, backend_config=backend, verbose_logging=verbose)
             except SystemExit as exc:  # Ray's driver turns SIGTERM into sys.exit(15)
                 if exc.code in (0, None, int(signal.SIGTERM), int(signal.SIGINT)):
@@ -195,7 +190,19 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         rounds.append(RoundRecord(rnd, evaluations[rnd][0], evaluations[rnd][1], audit.round_seconds.get(rnd),
                                   ok, len(here) - ok))
     return FederationResult(settings.to_dict(), package_versions(), tuple(rounds), tuple(records),
-                            time.perf_counter() - start, audit.audit_wait_seconds)
+                            time.perf_counter() - start, audit.audit_wait_seconds, defenses)
+
+
+def defense_summary(settings: FederationSettings, accounting: Accounting) -> tuple[DefenseRecord, ...]:
+    """The clients' defense stack (none: no record), which parts Flower realised, and the (ε, δ) it gives for
+    ``accounting`` (the federation's training, :func:`~fedleak.federation.client.federation_accounting`)."""
+    from fedleak.federation.flower_native import native_defenses
+
+    stack = settings.stack
+    if not stack:
+        return ()
+    return (DefenseRecord(stack.label, settings.defenses, tuple(d.label for d in native_defenses(stack)),
+                          dataclasses.asdict(accounting), tuple(p.to_dict() for p in stack.privacy(accounting))),)
 
 
 def summarize(result: FederationResult) -> list[str]:
@@ -215,4 +222,9 @@ def summarize(result: FederationResult) -> list[str]:
                       + (f": estimated PSNR {np.mean(psnrs):.1f} dB (uncertified)" if psnrs else ""))
         lines.append(f"round {r.round}: test accuracy {r.test_accuracy:.3f}"
                      + (f", certified and exact {frac:.1%} of the audited clients' samples{extra}" if r.round else ""))
+    for d in result.defenses:
+        aware = {c.defense_aware for c in result.records if c.status == "ok"}
+        how = {True: "the attack modelled it", False: "the attack did not model it"}
+        lines.append(f"defense {d.stack}: {d.privacy_text()}"
+                     + "".join(f"; {how[a]}" for a in sorted(aware - {None})))
     return lines

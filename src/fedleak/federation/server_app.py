@@ -1,8 +1,9 @@
 """The Flower ServerApp of an audited federation, and the strategy it runs.
 
 :func:`build_strategy` makes the :class:`~fedleak.federation.strategy.AuditFedAvg` for a run's
-settings (threat model: what the server sends and which attack it runs; wrapped in Flower's
-``DifferentialPrivacyClientSideFixedClipping`` when the defense is ``"dp"``). :func:`make_server_app`
+settings (threat model: what the server sends and which attack it runs, given the clients' defenses so that a
+defense-aware attack can model them; wrapped in the server wrappers of the Flower-native defenses, e.g.
+``DifferentialPrivacyClientSideFixedClipping`` for ``central-dp``: :mod:`fedleak.federation.flower_native`). :func:`make_server_app`
 wraps it in a ServerApp whose ``main`` evaluates the global model on the held-out test set each round.
 """
 
@@ -19,11 +20,14 @@ require_flwr()
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy  # noqa: E402
+from flwr.serverapp.strategy import Strategy  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fedleak.defenses.stack import DefenseStack  # noqa: E402
+from fedleak.federation.client import CLIENT_RATE  # noqa: E402
 from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY  # noqa: E402
-from fedleak.federation.hooks import get_defense, get_threat  # noqa: E402
+from fedleak.federation.flower_native import wrap_strategy  # noqa: E402
+from fedleak.federation.hooks import get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
 
@@ -72,29 +76,30 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
             return threat.tamper(model, server_round, settings, split)
 
         tamper = _tamper
+    stack = settings.stack.bind(data_range=split.value_range, num_classes=split.num_classes)
     audit = AuditFedAvg(
         make_model(settings, split),
         AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind,
                   multi_step_attack="auto" if threat.update_kind == "gradient" else None,
-                  multi_step_options={"budget": settings.attack_budget, "progress": False}),
+                  multi_step_options={"budget": settings.attack_budget, "progress": False},
+                  defense=stack if stack else None),
         tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, upload=settings.upload, audit=settings.audit,
         declared=settings.declared_training(), on_finding=on_finding,
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=settings.clients,
+        fraction_train=CLIENT_RATE, fraction_evaluate=0.0, min_train_nodes=settings.clients,
         min_available_nodes=settings.clients,
     )
-    outer: Strategy = audit
-    if get_defense(settings.defense).flower_dp:
-        outer = DifferentialPrivacyClientSideFixedClipping(
-            audit, noise_multiplier=settings.defense_strength, clipping_norm=settings.clip_norm,
-            num_sampled_clients=settings.clients)
-    return outer, audit
+    return wrap_strategy(stack, audit, settings), audit
 
 
-def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord) -> tuple[float, float]:
-    """Test accuracy and loss of the global weights ``arrays``."""
+def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord,
+                    stack: DefenseStack | None = None) -> tuple[float, float]:
+    """Test accuracy and loss of the global weights ``arrays`` (on the test inputs as the clients' defenses make
+    the model see them: DisguisedNets' keyed transform)."""
     model.load_state_dict(arrays.to_torch_state_dict())
     with torch.no_grad():
-        logits = model(split.test_x)
+        logits = model(split.test_x if stack is None else stack.bind(data_range=split.value_range,
+                                                                     num_classes=split.num_classes)
+                       .at_inference(split.test_x))
         loss = float(nn.functional.cross_entropy(logits, split.test_y))
         acc = float((logits.argmax(1) == split.test_y).float().mean())
     return acc, loss
@@ -117,7 +122,7 @@ def make_server_app(settings: FederationSettings, strategy: Strategy, *, ground_
             config[GROUND_TRUTH_KEY] = ground_truth_dir  # evaluation-only side channel (see ground_truth.py)
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            acc, loss = evaluate_global(make_model(settings, split), split, arrays)
+            acc, loss = evaluate_global(make_model(settings, split), split, arrays, settings.stack)
             if on_evaluate is not None:
                 on_evaluate(server_round, acc, loss)
             return MetricRecord({"accuracy": acc, "loss": loss})

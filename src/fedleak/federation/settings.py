@@ -8,7 +8,9 @@ from functools import lru_cache
 
 import torch
 
+from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
+from fedleak.federation.flower_native import check_native_order, needs_weight_upload
 
 
 @dataclass(frozen=True)
@@ -20,13 +22,16 @@ class FederationSettings:
     ``test_size`` its test set. With ``local_epochs == 0`` every client takes ``local_steps`` SGD steps
     on batches of ``batch_size`` (one step: the update is ``lr`` times one batch gradient, which the
     exact attacks can invert); with ``local_epochs > 0`` it runs that many passes over its partition.
-    ``transform_options`` go to the client-side batch transform (fishing, exclusivity reduction) and
-    ``defense_strength`` is the defense's knob (noise std, dropped fraction, DP noise multiplier).
+    ``transform_options`` go to the server-shipped batch transform (fishing).
+    ``defenses``: what every client runs, as specs (``"top-k:ratio=0.1"``, ``"mixup"``; a ``"+"`` inside one spec
+    combines, and all specs together form one :class:`~fedleak.defenses.DefenseStack`), checked when the
+    settings are built, so a typo fails before anything starts; see ``fedleak info`` for the names.
     ``upload``: what a client sends: ``"delta"`` (FedSGD-style: its change ``lr * sum of gradients``,
     computed exactly; the server applies it, so the model is the same as FedAvg's) or ``"weights"``
     (FedAvg: its new weights; the server's ``before - after`` then carries float32 cancellation error,
-    about ``ulp(w) / (lr * |g|)``, which can spoil exact recovery at small learning rates). Flower's DP
-    clipping mod needs weights, so ``defense="dp"`` switches to ``"weights"``.
+    about ``ulp(w) / (lr * |g|)``, which can spoil exact recovery at small learning rates). Flower's DP mods
+    clip ``reply - sent`` and so need weights: a defense realised by Flower
+    (:mod:`fedleak.federation.flower_native`, e.g. ``local-dp``, ``central-dp``) switches to ``"weights"``.
     ``inject_faults`` (testing): ``"fail:P@R"`` makes partition P raise in round R, ``"malformed:P@R"``
     makes it send NaN weights (``@R`` omitted: every round).
     """
@@ -35,7 +40,7 @@ class FederationSettings:
     clients: int = 4
     rounds: int = 2
     threat: str = "honest"
-    defense: str = "none"
+    defenses: tuple[str, ...] = ()
     seed: int = 0
     batch_size: int = 16
     local_steps: int = 1
@@ -51,8 +56,6 @@ class FederationSettings:
     upload: str = "delta"
     trap_scale: float = 0.8
     imprint_bins: int = 0
-    defense_strength: float = 0.0
-    clip_norm: float = 1.0
     transform_options: tuple[tuple[str, float | int | str | bool], ...] = ()
     ray_cpus: int = 1
     client_cpus: float = 1.0
@@ -61,7 +64,11 @@ class FederationSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if self.defense == "dp":
+        specs = (self.defenses,) if isinstance(self.defenses, str) else self.defenses
+        object.__setattr__(self, "defenses", tuple(str(d) for d in specs))
+        stack = self.stack  # OptionError on an unknown defense or a bad parameter, before anything starts
+        check_native_order(stack)
+        if needs_weight_upload(stack):
             object.__setattr__(self, "upload", "weights")
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
         object.__setattr__(self, "transform_options", tuple((str(k), v) for k, v in dict(self.transform_options).items()))
@@ -87,6 +94,11 @@ class FederationSettings:
             parse_fault(fault)
 
     @property
+    def stack(self) -> DefenseStack:
+        """The clients' defenses, as given (not yet bound to the data)."""
+        return DefenseStack.of(self.defenses)
+
+    @property
     def one_step(self) -> bool:
         """True when each client uploads a single SGD step (the exact attacks' setting)."""
         return self.local_epochs == 0 and self.local_steps == 1
@@ -102,6 +114,7 @@ class FederationSettings:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         d["inject_faults"] = list(self.inject_faults)
+        d["defenses"] = list(self.defenses)
         d["transform_options"] = dict(self.transform_options)
         return d
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedleak.audit.run import AuditResult, BatchResult, Showcase, available_scenarios
 from fedleak.metrics import EXACT_TOL
-from fedleak.report.audit_story import THREATS, AuditRow, ScenarioRows, advice, verdict
+from fedleak.report.audit_story import AuditRow, ScenarioRows, advice, threat_of, verdict
 from fedleak.report.figures import Series, histogram_uri, line_plot_uri
 from fedleak.report.grid import image_grid, sample_list
 from fedleak.report.render import render
@@ -172,11 +172,32 @@ def _chosen_sizes(rows: list[AuditRow]) -> list[int]:
     return sorted(set(sizes))
 
 
+def _defenses(result: AuditResult) -> tuple[str, ...]:
+    """The audit's defense scenarios (their stacks' labels)."""
+    s = result.settings
+    return s.scenario_names[len(s.scenarios):]
+
+
+def _privacy(batches: list[BatchResult]) -> str:
+    """The defense's (ε, δ) for one FedSGD update (batch sizes with the same guarantee together), or that it gives
+    none."""
+    sizes: dict[tuple, list[int]] = {}
+    for b in sorted(batches, key=lambda b: b.batch_size):
+        for p in (b.privacy if b.trial == 0 else []):
+            sizes.setdefault(tuple(p[k] for k in ("epsilon", "delta", "unit", "accountant", "mechanism")), []).append(
+                b.batch_size)
+    if not sizes:
+        return "No formal privacy guarantee."
+    return "Privacy: " + "; ".join(
+        f"ε = {eps:.3g} at δ = {delta:.3g} per {unit} (batch {', '.join(map(str, at))}; {accountant}: {mechanism})"
+        for (eps, delta, unit, accountant, mechanism), at in sizes.items()) + "."
+
+
 def _section(result: AuditResult, scenario: str, rows: list[AuditRow], tol: str) -> ScenarioSection:
     groups = {size: [b for b in result.batches if b.scenario == scenario and b.batch_size == size]
               for size in (r.batch_size for r in rows)}
     reasons = tuple(rr for rr in (_reasons(groups[r.batch_size]) for r in rows) if rr.groups)
-    threat = THREATS.get(scenario, scenario)
+    threat = threat_of(scenario, _defenses(result))
     shows = {s.batch_size: s for s in result.showcases if s.scenario == scenario}
     by_size = {r.batch_size: r for r in rows}
     grids = tuple(_grid(shows[size], by_size[size], threat) for size in _chosen_sizes(rows) if size in shows)
@@ -190,16 +211,19 @@ def _section(result: AuditResult, scenario: str, rows: list[AuditRow], tol: str)
                            f"batch of {batch.batch_size}). A sample is certifiable with ≥2 effective ExANs at the "
                            "last ReLU layer and ≥1 at every other one.")
     perturbs = any(r.perturbation_psnr is not None for r in rows) or any(r.withheld for r in rows)
-    return ScenarioSection(scenario, threat, available_scenarios().get(scenario, ""), _columns(perturbs, tol),
-                           tuple(rows), perturbs, reasons, grids, histogram)
+    about = result.descriptions.get(scenario) or available_scenarios().get(scenario, "")
+    if scenario in _defenses(result):
+        about += " " + _privacy([b for g in groups.values() for b in g])
+    return ScenarioSection(scenario, threat, about, _columns(perturbs, tol), tuple(rows), perturbs, reasons, grids,
+                           histogram)
 
 
-def _curve(rows: dict[str, list[AuditRow]]) -> Figure | None:
+def _curve(rows: dict[str, list[AuditRow]], defenses: tuple[str, ...]) -> Figure | None:
     if max((len(v) for v in rows.values()), default=0) < 2:
         return None
     series = []
     for scenario, sub in rows.items():
-        name = THREATS.get(scenario, scenario).lower()
+        name = threat_of(scenario, defenses).lower()
         sent = [r for r in sub if r.sent]
         series.append(Series(f"{name}: certified & exact", tuple(r.batch_size for r in sent),
                              tuple(r.recovered_fraction for r in sent), group=scenario))
@@ -226,7 +250,8 @@ def _settings(result: AuditResult) -> tuple[Setting, ...]:
                             f"classes, value range [{lo:g}, {hi:g}])"),
             Setting("model", model), Setting("attack", s.attack),
             Setting("batch sizes", ", ".join(map(str, s.batch_sizes))), Setting("trials per size", str(s.trials)),
-            Setting("scenarios", ", ".join(f"{n} ({THREATS.get(n, n).lower()})" for n in s.scenarios)),
+            Setting("scenarios", ", ".join(f"{n} ({threat_of(n, _defenses(result)).lower()})"
+                                           for n in s.scenario_names)),
             Setting("seed", str(s.seed)), Setting("run time", f"{result.seconds:.1f} s"))
 
 
@@ -235,13 +260,15 @@ def build_audit_view(result: AuditResult) -> AuditView:
     lo, hi = result.value_range
     tol = f"{EXACT_TOL * (hi - lo):.3g}"
     rows: dict[str, list[AuditRow]] = {}
-    for scenario in s.scenarios:
+    defenses = _defenses(result)
+    for scenario in s.scenario_names:
         sizes = sorted({b.batch_size for b in result.batches if b.scenario == scenario})
         rows[scenario] = [_row([b for b in result.batches if b.scenario == scenario and b.batch_size == size])
                           for size in sizes]
-    stories = [ScenarioRows(name, THREATS.get(name, name), tuple(sub)) for name, sub in rows.items() if sub]
+    stories = [ScenarioRows(name, threat_of(name, defenses), tuple(sub), name in defenses)
+               for name, sub in rows.items() if sub]
     widths = "×".join(map(str, s.widths))
-    false_rows = tuple(f"{THREATS.get(b.scenario, b.scenario)}, batch {b.batch_size}, trial {b.trial}: {reason}"
+    false_rows = tuple(f"{threat_of(b.scenario, defenses)}, batch {b.batch_size}, trial {b.trial}: {reason}"
                        for b in result.batches
                        for bad, reason in zip(b.certificates.get("certified_false", []),
                                               b.certificates.get("certified_reason", [])) if bad)
@@ -258,7 +285,7 @@ def build_audit_view(result: AuditResult) -> AuditView:
         title="What a server can rebuild from this model's updates",
         subtitle=f"{result.dataset}, {net}, attack {s.attack}, {s.trials} batch(es) per size, seed {s.seed}",
         verdict=verdict(stories, false_rows, model), certificate_note=note,
-        advice=advice(stories, model), curve=_curve(rows),
+        advice=advice(stories, model), curve=_curve(rows, defenses),
         sections=tuple(_section(result, name, sub, tol) for name, sub in rows.items() if sub),
         false_certificates=false_rows, settings=_settings(result),
         provenance=provenance(result.seconds, s.seed), status_text=STATUS_TEXT,

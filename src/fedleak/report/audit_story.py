@@ -12,7 +12,13 @@ from fedleak.report.render import percent, plural, psnr_text
 from fedleak.report.views import Advice, Finding, Verdict
 
 # who attacks in each built-in scenario (a registered scenario without an entry is shown by its name)
-THREATS = {"plain": "Honest server", "fished": "Fishing server", "defended": "Client with exclusivity reduction"}
+THREATS = {"plain": "Honest server", "fished": "Fishing server"}
+
+
+def threat_of(name: str, defenses: Sequence[str] = ()) -> str:
+    """Who the scenario ``name`` is about: a registered scenario's entry of :data:`THREATS` (else its name), or
+    the defended client for a defense scenario (one of ``defenses``, named by its stack's label)."""
+    return f"Client with {name}" if name in defenses else THREATS.get(name, name)
 SAFE_FRACTION = 0.01  # a batch size "stays outside the exact route" below this certifiable fraction
 
 
@@ -61,6 +67,7 @@ class ScenarioRows:
     name: str
     threat: str
     rows: tuple[AuditRow, ...]
+    defense: bool = False  # a client defense (fedleak.defenses), not a registered scenario
 
     def having(self, *states: str) -> list[AuditRow]:
         return [r for r in self.rows if r.state in states]
@@ -207,29 +214,29 @@ def advice(stories: Sequence[ScenarioRows], model: str) -> tuple[Advice, ...]:
             text = ""
         if text:
             out.append(Advice("Batch size", text))
-    defended = by.get("defended")
-    if defended is not None:
-        sent = [r for r in defended.rows if r.sent]
+    defended = [sc for sc in stories if sc.defense]
+    for sc in defended:
+        sent = [r for r in sc.rows if r.sent]
         got = sum(r.recovered for r in sent)
         total = sum(r.sent for r in sent)
         if sent and got == 0:
-            text = (f"Exclusivity reduction (the client's defense) stopped the exact attack: 0 of {total} samples "
-                    f"sent were certified (batches of {sizes_text(sent, [r.batch_size for r in defended.rows])}).")
+            text = (f"{sc.name} (the client's defense) stopped the exact attack: 0 of {total} samples "
+                    f"sent were certified (batches of {sizes_text(sent, [r.batch_size for r in sc.rows])}).")
         elif sent:
-            text = f"Exclusivity reduction did not stop the exact attack: {got} of {total} samples sent were certified."
+            text = f"{sc.name} did not stop the exact attack: {got} of {total} samples sent were certified."
         else:
-            text = "Exclusivity reduction protected no audited batch: the client withheld every one."
-        cost = _perturbation(defended, [r.batch_size for r in defended.rows])
+            text = f"{sc.name} protected no audited batch: the client withheld every one."
+        cost = _perturbation(sc, [r.batch_size for r in sc.rows])
         if cost:
             text += f" Its measured cost: what the client sent is {cost} (higher is closer to the data)."
-        withheld = _withheld(defended, [r.batch_size for r in defended.rows])
+        withheld = _withheld(sc, [r.batch_size for r in sc.rows])
         if withheld:
             text += f" {withheld} Those samples do not train the model."
         out.append(Advice("Defense", text))
-    elif plain is not None and plain.leaks:
-        out.append(Advice("Defense", "Not measured in this audit: audit the “defended” scenario as well "
-                                     "(exclusivity reduction on the client) to measure what stopping the attack "
-                                     "costs."))
+    if not defended and plain is not None and plain.leaks:
+        out.append(Advice("Defense", "Not measured in this audit: audit a client defense as well (e.g. "
+                                     "--defense exclusivity-reduction, --defense top-k:ratio=0.1; 'fedleak info' "
+                                     "lists them) to measure what stopping the attack costs."))
     fished = by.get("fished")
     if fished is not None and fished.leaks:
         top = max(fished.having("full", "partial"), key=lambda r: r.batch_size)

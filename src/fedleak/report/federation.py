@@ -185,9 +185,14 @@ def _figures(result: FederationResult, records: list[ClientRecord]) -> tuple[Fig
     return tuple(figures)
 
 
+def _defense_label(result: FederationResult) -> str:
+    """The clients' defense stack ("none" without one; results of older runs name theirs in the settings)."""
+    return " + ".join(d.stack for d in result.defenses) or str(result.settings.get("defense", "none"))
+
+
 def _verdict(result: FederationResult, rows: list[ClientRow]) -> Verdict:
     s = result.settings
-    threat, defense = str(s.get("threat", "?")), str(s.get("defense", "none"))
+    threat, defense = str(s.get("threat", "?")), _defense_label(result)
     scored = [r for r in rows if r.recovered_fraction is not None]
     skipped = [r for r in rows if r.status != "ok"]
     findings = []
@@ -221,6 +226,11 @@ def _verdict(result: FederationResult, rows: list[ClientRow]) -> Verdict:
         findings.append(Finding("Withheld", f"the client's defense withheld {sum(r.withheld for r in withheld)} of "
                                             f"{sum(r.nominal for r in withheld)} samples in "
                                             f"{plural(len(withheld), 'update')} (not sent, so not leaked).", "", ""))
+    for d in result.defenses:
+        aware = sorted({c.defense_aware for c in result.records if c.defense_aware is not None})
+        modelled = {(True,): " The server's attack modelled the defense.",
+                    (False,): " The server's attack did not model the defense."}.get(tuple(aware), "")
+        findings.append(Finding("Privacy", f"{d.stack}: {d.privacy_text()}." + modelled, "", ""))
     if skipped:
         findings.append(Finding("Skipped", f"{plural(len(skipped), 'client update')} not attacked: "
                                            + ", ".join(sorted({r.status for r in skipped})) + ".", "", "warn"))
@@ -270,7 +280,7 @@ def build_federation_view(result: FederationResult) -> FederationView:
     base = provenance(result.seconds, s.get("seed") if isinstance(s.get("seed"), int) else None)
     packages = ", ".join(f"{k} {v}" for k, v in result.versions.items()) or base.packages
     return FederationView(
-        title=f"Federation audit: {s.get('threat', '?')} server, defense {s.get('defense', 'none')}",
+        title=f"Federation audit: {s.get('threat', '?')} server, defense {_defense_label(result)}",
         subtitle=subtitle, verdict=_verdict(result, rows), certificate_note=note, round_columns=ROUND_COLUMNS,
         rounds=tuple(round_rows), client_columns=CLIENT_COLUMNS, clients=tuple(rows),
         figures=_figures(result, records), grids=tuple(g for g in (_grid(c) for c in records) if g is not None),

@@ -40,7 +40,7 @@ _STYLES = {
 }
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,7 +50,7 @@ def _pyplot():
 
 
 def figure_uri(fig) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -67,7 +67,7 @@ def line_plot_uri(series: Sequence[Series], xlabel: str, ylabel: str, *, logx: b
                   ylim: tuple[float, float] | None = None, title: str = "",
                   size: tuple[float, float] = (6.4, 3.6)) -> str:
     """One axes with every series, a legend and both axes labelled; a tick at every x of the data."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=size)
     _draw(ax, series, {}, plt.rcParams["axes.prop_cycle"].by_key()["color"])
     if logx:
@@ -92,7 +92,7 @@ def panels_uri(panels: Sequence[Panel], xlabel: str, ylabel: str, *, ylim: tuple
                xticks: Sequence[float] | None = None, columns: int = 4) -> str:
     """Small multiples: one panel per entry (same axes, same colours per series group), each axis labelled,
     one legend for all."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(1, len(panels))
     cols = min(columns, n)
     rows = -(-n // cols)
@@ -129,7 +129,7 @@ def panels_uri(panels: Sequence[Panel], xlabel: str, ylabel: str, *, ylim: tuple
 
 def histogram_uri(counts_per_layer: list[np.ndarray], layer_names: list[str], max_count: int = 10) -> str:
     """Bar chart: how many samples have 0, 1, ..., >= max_count ExANs, one group of bars per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
     width = 0.8 / max(1, len(counts_per_layer))
     bins = np.arange(max_count + 1)

@@ -20,7 +20,8 @@ import numpy as np
 from fedleak.errors import OutputError
 from fedleak.validation import check_output_dir, check_output_file, existing_ancestor
 
-_PACKAGES = ("fedleak", "torch", "numpy", "scipy", "scikit-learn", "scikit-image", "highspy", "ortools", "flwr")
+_PACKAGES = ("fedleak", "torch", "numpy", "scipy", "scikit-learn", "scikit-image", "highspy", "ortools", "flwr",
+             "opacus")
 
 
 def environment_info() -> dict[str, Any]:

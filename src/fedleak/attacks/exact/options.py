@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedleak.attacks.defense_aware import defense_stack
 from fedleak.errors import FedleakError
 from fedleak.validation import options_from, validate_fields
 
@@ -50,6 +52,10 @@ class ExclusivityOptions:
     ``beyond_batch``: return every rebuilt candidate, also those beyond the batch size (blends of samples,
     uncertified, as the notes say); False: at most the batch size, the certified ones and the most plausible
     others (rebuilt, at the batch's common scale, most witnesses), as ``auto`` asks.
+    ``defense``: the client's defenses (a :class:`~fedleak.defenses.DefenseStack`, a defense, a spec
+    ``"name:key=value"`` or a list; stored as a stack): where the certificate can model one it does (``dp-sgd``
+    without noise sets ``clip_norm``; whole-update clipping an unknown common scale), else nothing is certified
+    and every sample says why (:data:`fedleak.attacks.defense_aware.EXACT_RULES`).
 
     **Conv blocks** (read only when the network has some):
 
@@ -89,6 +95,7 @@ class ExclusivityOptions:
     exact_tol: float = 1e-4
     data_range: tuple[float, float] | None = None
     beyond_batch: bool = True
+    defense: Any = None
     # conv blocks
     max_error: float = 1.0
     rounding: float = 1.0
@@ -108,12 +115,11 @@ class ExclusivityOptions:
 
     def __post_init__(self) -> None:
         validate_fields(self)  # types and signs first, then the checks below
+        object.__setattr__(self, "defense", defense_stack(self.defense))
         if not 0 < self.max_error <= 1:
             raise FedleakError(f"max_error is a fraction of the data range in (0, 1], got {self.max_error}")
         if self.fallback not in FALLBACKS:
             raise FedleakError(f"fallback must be 'features' or 'none', got {self.fallback!r}")
-
-
 
 
 def resolve_options(options: ExclusivityOptions | None, overrides: dict) -> ExclusivityOptions:

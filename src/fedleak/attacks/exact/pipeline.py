@@ -15,6 +15,10 @@ A network is conv blocks (none for an MLP) followed by a dense ReLU head. The st
    ``max_error`` of the data range (the certificate states that bound) and the rebuilt input reproduces the features; when every sample of the batch is rebuilt and
    uniquely solved, the whole recomputed gradient (every parameter, real autograd) must reproduce the observed
    one, which also certifies samples with a single witness in the head.
+
+Under a client defense (option ``defense``) the certificate models what it can (per-sample clipping with a known
+bound, a common unknown scale) and otherwise certifies nothing and says why
+(:func:`fedleak.attacks.defense_aware.exact_plan`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.conv_walkdown import EPS32, ChainSolve, feature_matching, invert_chain
 from fedleak.attacks.exact.options import ExclusivityOptions
@@ -43,6 +48,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``. ``noise``: the update's own rounding noise per entry, where it is known."""
     start = time.perf_counter()
+    plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
+    opts, noise = plan.apply(opts), plan.rescale(noise)
+    update = replace(update, gradients=plan.rescale(update.gradients))
     head = net.head
     if head.depth == 0:
         raise ModelError("the exclusivity attack needs at least one hidden ReLU layer in the dense head")
@@ -116,7 +124,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             feats = torch.stack([c.acts[0] for c in complete])
             probs = torch.softmax(forward_trace(head, feats, dtype=F64, params=(attack.W, attack.b)).logits, 1).cpu()
         counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, probs[certified], y[certified])
-    return Reconstruction(
+    return plan.finish(Reconstruction(
         inputs=inputs.cpu().to(head.dense[0].module.weight.dtype),
         labels=y,
         certified=certified,
@@ -129,7 +137,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
         seconds=time.perf_counter() - start,
         notes=tuple(notes),
         missing_reason=found.missing(head, records, cert.batch_size),
-    )
+    ))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ update matches the observed one (algorithms spec §5-§6). The steps, one module
   (shared by ``auto``'s stages), and :class:`StepDecay`, the learning-rate decay that fits the time;
 * :mod:`~fedleak.attacks.inversion.prior`: :class:`Prior`, what is known before the search (``auto``);
 * :mod:`~fedleak.attacks.inversion.attacks`: the shared driver and the registered ``dlg``, ``idlg``, ``ig``.
+
+Every one takes the option ``defense`` (the client's defenses): the simulated update then goes through their
+forward model before it is matched (:mod:`fedleak.attacks.defense_aware`, after ROG).
 """
 
 from fedleak.attacks.inversion.attacks import (

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.attacks.defense_aware import defense_stack, forward_model, search_notes
 from fedleak.attacks.inversion.clock import RunClock
 from fedleak.attacks.inversion.prior import Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
@@ -82,8 +83,11 @@ def run_optimization_attack(
     ``fixed_inputs`` / ``fixed_labels``: samples known exactly, held fixed in the simulated update. ``prior``:
     what else is known (:class:`~fedleak.attacks.inversion.prior.Prior`: estimates to start from, label
     counts, why the rest is unknown). ``clock``: the run's :class:`~fedleak.attacks.inversion.clock.RunClock`
-    when this search is one stage of a longer run (``auto``).
+    when this search is one stage of a longer run (``auto``). Option ``defense``: the client's defenses (a
+    :class:`~fedleak.defenses.DefenseStack`, a defense, a spec ``"top-k:ratio=0.1"`` or a list): the simulated
+    update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_aware`).
     """
+    stack = defense_stack(options.pop("defense", None))
     settings = settings_from(defaults, options, name)
     target = prepare_target(model, update, input_shape=input_shape, dtype=settings.torch_dtype)
     notes: list[str] = []
@@ -100,7 +104,7 @@ def run_optimization_attack(
     if n_known >= m:
         raise FedleakError(f"{n_known} known sample(s) already fill the batch of {m}")
     counts: np.ndarray | None = None
-    free_labels = None
+    free_labels = given = None
     if settings.learn_labels:
         notes.append("labels learned jointly with the data (soft labels, DLG)")
     else:
@@ -128,9 +132,11 @@ def run_optimization_attack(
         if place.num_warm:
             notes.append(f"{place.num_warm} sample(s) started from the estimates given (learning rate x "
                          f"{settings.warm_lr:g})")
+    notes.extend(search_notes(stack, labels_inferred=not settings.learn_labels and labels is None and given is None,
+                              unboxed=settings.box is None or settings.optimizer == "lbfgs"))
     result = invert(model, target, settings, batch_size=m, labels=free_labels, fixed_inputs=fixed_inputs,
                     fixed_labels=fixed_labels, warm_start=None if place is None else place.warm, name=name,
-                    clock=clock)
+                    clock=clock, forward=forward_model(stack, target.names, target.mapping))
     if settings.learn_labels:
         counts = np.bincount(result.labels.numpy(), minlength=1)
     why = ("",) * n_known + (place.reasons if place is not None else

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -155,6 +155,7 @@ def invert(
     warm_start: torch.Tensor | None = None,
     name: str = "inversion",
     clock: RunClock | None = None,
+    forward: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> InversionResult:
     """Search dummy inputs whose simulated update matches ``target`` (see the package doc).
 
@@ -164,20 +165,21 @@ def invert(
     ``warm_start``: starting inputs of the first free samples (first restart), moved at ``warm_lr`` times the
     learning rate. ``clock``: the run's clock (time budget and progress bar) when the search is one stage of a
     longer run; without it the search makes its own from ``time_budget`` and ``progress``. With a clock,
-    ``time_budget`` (if set) limits this stage further.
+    ``time_budget`` (if set) limits this stage further. ``forward``: the client's defenses as a function of the
+    simulated update (:class:`~fedleak.attacks.defense_aware.ForwardModel`), applied before matching.
     """
     own_clock = clock is None
     clock = clock or RunClock(settings.time_budget, progress=settings.progress)
     try:
         return _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_labels, warm_start, name,
-                       clock, None if own_clock else settings.time_budget)
+                       clock, None if own_clock else settings.time_budget, forward)
     finally:
         if own_clock:
             clock.close()
 
 
 def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_labels, warm_start, name,
-            clock: RunClock, stage_limit: float | None) -> InversionResult:
+            clock: RunClock, stage_limit: float | None, forward=None) -> InversionResult:
     dtype = settings.torch_dtype
     fm = FunctionalModel(model, replace(target, params=[p.to(dtype) for p in target.params]))
     tgt = [t.to(dtype) for t in target.tensors]
@@ -214,8 +216,9 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
         lr = None
         if target.kind == "weights":
             lr = torch.exp(log_lr) if log_lr is not None else torch.ones((), dtype=dtype)
-        return fm.simulate(x_all, y_all, kind=target.kind, lr=lr, steps=steps, optimizer=settings.client_optimizer,
-                           local_batch_size=settings.local_batch_size, momentum=settings.momentum)
+        sim = fm.simulate(x_all, y_all, kind=target.kind, lr=lr, steps=steps, optimizer=settings.client_optimizer,
+                          local_batch_size=settings.local_batch_size, momentum=settings.momentum)
+        return sim if forward is None else forward(sim)  # what the defended client would have sent
 
     gen = torch.Generator().manual_seed(start_seed(settings.seed))
     start = time.perf_counter()

@@ -1,0 +1,323 @@
+"""Run a defense evaluation: every defense setting's leakage under every attack, its utility and its cost.
+
+:func:`evaluate` trains one small federation per defense setting (utility, client time, bytes sent, ε) and
+attacks the round-1 updates of defended clients (leakage), keeping every finished cell in the output folder
+so an interrupted run resumes (:mod:`fedleak.evaluation.store`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedleak.clients.defended import defended_local_round
+from fedleak.data import Dataset, load_dataset
+from fedleak.defenses.base import Accounting
+from fedleak.defenses.stack import DefenseStack
+from fedleak.errors import DataError, FedleakError
+from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell, pareto_front
+from fedleak.evaluation.settings import EvaluationSettings
+from fedleak.evaluation.store import FILE, CellStore
+from fedleak.updates import GradientUpdate, hard_labels
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation's results: one :class:`DefenseRow` per defense setting (the baseline first), every cell,
+    the settings on the leakage-utility Pareto front, and the run's provenance."""
+
+    settings: EvaluationSettings
+    dataset: str
+    model: str
+    rows: tuple[DefenseRow, ...]
+    cells: tuple[Cell, ...]
+    pareto: tuple[str, ...]
+    seconds: float
+    resumed: int = 0  # cells reused from an interrupted run
+
+    def to_dict(self) -> dict[str, object]:
+        return {"settings": self.settings.to_dict(), "dataset": self.dataset, "model": self.model,
+                "rows": [r.to_dict() for r in self.rows], "cells": [c.to_dict() for c in self.cells],
+                "pareto": list(self.pareto), "seconds": self.seconds, "resumed_cells": self.resumed}
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The data and model every cell of one evaluation shares."""
+
+    train: Dataset
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    parts: tuple[np.ndarray, ...]  # each client's sample indices into train
+    model: nn.Module
+    model_name: str
+
+
+def _prepare(settings: EvaluationSettings, model: nn.Module | None) -> Federation:
+    train = load_dataset(settings.data)
+    need = settings.clients * settings.client_size
+    if settings.test_data is None:
+        if len(train) < need + settings.test_size:
+            raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "
+                            f"{settings.client_size} and {settings.test_size} held-out test samples")
+        test_x, test_y = train.x[-settings.test_size:], train.y[-settings.test_size:]
+        pool = len(train) - settings.test_size
+    else:
+        test = load_dataset(settings.test_data)
+        if test.input_shape != train.input_shape or test.num_classes != train.num_classes:
+            raise DataError(f"{test.name} does not match {train.name} (input shape or classes)")
+        test_x, test_y = test.x[: settings.test_size], test.y[: settings.test_size]
+        pool = len(train)
+        if len(train) < need:
+            raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "
+                            f"{settings.client_size}")
+    order = np.random.default_rng([settings.seed, 7]).permutation(pool)[:need]
+    parts = tuple(order[i * settings.client_size:(i + 1) * settings.client_size] for i in range(settings.clients))
+    net, name = _model(settings, train, model)
+    return Federation(train, test_x, test_y, parts, net, name)
+
+
+def _model(settings: EvaluationSettings, data: Dataset, model: nn.Module | None) -> tuple[nn.Module, str]:
+    if model is not None:
+        return model, type(model).__name__
+    if settings.model is not None:
+        from fedleak.models.zoo import load_model
+
+        loaded = load_model(settings.model, seed=settings.seed)
+        return loaded.module, loaded.name
+    if settings.conv:
+        from fedleak.models.convnet import make_convnet
+
+        net = make_convnet(data.input_shape, data.num_classes, channels=settings.conv, fc_widths=settings.widths,
+                           padding=1, seed=settings.seed)
+        return net, f"CNN conv {list(settings.conv)} + FC {list(settings.widths)}"
+    from fedleak.models import make_mlp
+
+    return make_mlp(data.input_shape, list(settings.widths), data.num_classes, seed=settings.seed), \
+        f"MLP {list(settings.widths)}"
+
+
+def _bound(stack: DefenseStack, fed: Federation) -> DefenseStack:
+    return stack.bind(data_range=fed.train.value_range, num_classes=fed.train.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Utility: a small FedSGD federation trained through the defenses
+
+
+def train_federation(settings: EvaluationSettings, fed: Federation, stack: DefenseStack) -> UtilityCell:
+    """``rounds`` rounds: each client one defended SGD step; the server adds the mean of what is sent (plus the
+    noise of a central-DP defense, as Flower's server wrapper does)."""
+    label, stack = stack.label, _bound(stack, fed)
+    global_model = copy.deepcopy(fed.model)
+    params = dict(global_model.named_parameters())
+    seconds, sizes, losses = [], [], []
+    for rnd in range(settings.rounds):
+        sent_sum = {n: torch.zeros_like(p) for n, p in params.items()}
+        for c, part in enumerate(fed.parts):
+            rng = np.random.default_rng([settings.seed, rnd, c])
+            idx = torch.from_numpy(part[rng.choice(len(part), size=settings.batch_size, replace=False)])
+            client = copy.deepcopy(global_model)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**62)))
+                local = defended_local_round(client, [(fed.train.x[idx], fed.train.y[idx])], stack, lr=settings.lr,
+                                             generator=gen)
+            for n in sent_sum:
+                sent_sum[n] += local.sent[n]
+            seconds.append(local.seconds)
+            sizes.append(local.sent_bytes)
+            losses.append(local.loss)
+        noise = stack.aggregate_noise(len(fed.parts))  # the server's share of a central-DP defense
+        server = torch.Generator().manual_seed(int(np.random.default_rng([settings.seed, rnd, 99]).integers(2**62)))
+        with torch.no_grad():
+            for n, p in params.items():
+                mean = sent_sum[n] / len(fed.parts)
+                if noise > 0:
+                    mean = mean + noise * torch.randn(mean.shape, generator=server, dtype=mean.dtype)
+                p -= mean
+    with torch.no_grad():
+        pred = global_model(stack.at_inference(fed.test_x)).argmax(1)
+    accuracy = float((pred == fed.test_y).float().mean())
+    accounting = Accounting(rounds=settings.rounds, local_steps=1, batch_size=settings.batch_size,
+                            dataset_size=settings.client_size, client_rate=1.0, delta=settings.delta)
+    privacy = tuple(p.to_dict() for p in stack.privacy(accounting))
+    tail = losses[-len(fed.parts):]
+    return UtilityCell(label, accuracy, float(np.mean(tail)), float(np.median(seconds)), float(np.mean(sizes)),
+                       privacy)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leakage: defended round-1 updates, attacked
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One attacked batch: the originals, what the client trained on after its batch defenses (the certificates'
+    reference), and the gradient the server reads from its defended update (``sent / lr``), or why it sent
+    nothing."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    sent_x: torch.Tensor | None
+    sent_y: torch.Tensor | None
+    update: GradientUpdate | str
+
+
+def client_updates(settings: EvaluationSettings, fed: Federation, stack: DefenseStack) -> list[Trial]:
+    """The evaluation's attacked batches, each sent through ``stack`` as a client's round-1 update."""
+    stack = _bound(stack, fed)
+    out = []
+    for t in range(settings.trials):
+        part = fed.parts[t % len(fed.parts)]
+        rng = np.random.default_rng([settings.seed, 1_000 + t])
+        idx = torch.from_numpy(part[rng.choice(len(part), size=settings.attack_batch, replace=False)])
+        x, y = fed.train.x[idx], fed.train.y[idx]
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(rng.integers(2**62)))
+                local = defended_local_round(copy.deepcopy(fed.model), [(x, y)], stack, lr=settings.lr,
+                                             generator=gen)
+            grads = {n: v / settings.lr for n, v in local.sent.items()}
+            out.append(Trial(x, y, local.inputs, local.labels,
+                             GradientUpdate(grads, num_examples=int(local.inputs.shape[0]))))
+        except FedleakError as exc:
+            out.append(Trial(x, y, None, None, str(exc)))
+    return out
+
+
+AWARE = " (defense-aware)"
+
+
+def attack_variants(attack: str, stack: DefenseStack) -> tuple[tuple[str, bool], ...]:
+    """``(label, defense-aware)`` of each way an attack is run against ``stack``.
+
+    An exact attack always runs defense-aware (it certifies through what it can model and says why not
+    otherwise). An optimisation attack runs as published and, when the stack has a filter whose function the
+    attacker can replay, also with that forward model in its loss: which of the two leaks more depends on the
+    data (a masked-out background stays unconstrained), so both are measured.
+    """
+    from fedleak.attacks import get_attack
+
+    if not stack:
+        return ((attack, False),)
+    if get_attack(attack).needs_relu_network:
+        return ((attack, True),)
+    if any(f.known_function for f in stack.filters):
+        return ((attack, False), (attack + AWARE, True))
+    return ((attack, False),)
+
+
+def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseStack, attack: str, aware: bool,
+                trials: list[Trial], label: str | None = None) -> LeakageCell:
+    """One attack on every trial: leakage scored against the originals, certificates against what was sent (a
+    certified exact MixUp mixture is a sound certificate that leaks no original)."""
+    from fedleak.api import reconstruct
+    from fedleak.attacks import get_attack
+    from fedleak.metrics import match
+
+    info = get_attack(attack)
+    options: dict[str, object] = {} if info.needs_relu_network else \
+        {"iterations": settings.attack_iterations, "seed": settings.seed}
+    if aware:
+        options["defense"] = _bound(stack, fed)
+    recovered = leaked = false = samples = 0
+    psnrs, ssims, labels, errors, seconds = [], [], [], [], 0.0
+    data = fed.train
+    for trial in trials:
+        samples += len(trial.x)
+        if isinstance(trial.update, str):
+            errors.append(f"the client sent nothing: {trial.update}")
+            continue
+        try:
+            rec = reconstruct(fed.model, trial.update, attack=attack, **options)
+        except FedleakError as exc:
+            errors.append(str(exc).splitlines()[0])
+            continue
+        seconds += rec.seconds
+        scores = match(rec, trial.x, trial.y, data_range=data.pixel_range, normalization=data.normalization)
+        sent = match(rec, trial.sent_x, hard_labels(trial.sent_y), data_range=data.pixel_range,
+                     normalization=data.normalization)
+        sel = scores.matched >= 0
+        recovered += int(scores.recovered.sum())
+        leaked += int((sel & (np.nan_to_num(scores.psnr, nan=-np.inf) >= settings.leak_psnr)).sum())
+        false += int(sent.false_certificates)
+        psnrs += [float(v) for v in scores.psnr[sel]]
+        ssims += [float(v) for v in scores.ssim[sel] if math.isfinite(v)]
+        labels.append(scores.label_accuracy)
+    mean = (lambda v: float(np.mean(v)) if v else float("nan"))
+    return LeakageCell(stack.label, label or attack, samples, recovered, leaked, mean(psnrs), mean(ssims),
+                       mean(labels), false, seconds, aware, tuple(errors))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    settings: EvaluationSettings | None = None,
+    *,
+    out: str | Path | None = None,
+    model: nn.Module | None = None,
+    progress: Callable[[Iterator], Iterator] | None = None,
+    **overrides: object,
+) -> Evaluation:
+    """Evaluate every defense setting of ``settings`` (fields may also be given as keyword arguments) against
+    every attack: leakage, utility after federated training, cost and ε.
+
+    With ``out`` each finished cell is kept in ``out/cells.jsonl`` as it completes: a run interrupted and
+    started again with the same settings reuses them (:mod:`fedleak.evaluation.store`). ``model`` overrides the
+    one the settings name (a user's module; it is copied, never trained in place).
+    """
+    start = time.perf_counter()
+    settings = replace(settings or EvaluationSettings(), **overrides) if overrides else \
+        (settings or EvaluationSettings())
+    fed = _prepare(settings, model)
+    store = None
+    if out is not None:
+        from fedleak.report.output import prepare_output_dir
+
+        store = CellStore(prepare_output_dir(out) / FILE, {**settings.to_dict(), "model_name": fed.model_name})
+    resumed = len(store.cells) if store is not None else 0
+    grid = settings.grid()
+    jobs = [(stack, kind) for stack in grid for kind in ("utility", "leakage")]
+    rows, cells = [], []
+    iterator = progress(iter(jobs)) if progress else iter(jobs)
+    utilities: dict[str, UtilityCell] = {}
+    for stack, kind in iterator:
+        if kind == "utility":
+            cell = _cached(store, ("utility", stack.label, ""), lambda: train_federation(settings, fed, stack))
+            utilities[stack.label] = cell  # type: ignore[assignment]
+            cells.append(cell)
+            continue
+        variants = [(a, label, aware) for a in settings.attacks for label, aware in attack_variants(a, stack)]
+        pending = [v for v in variants if store is None or store.get(("leakage", stack.label, v[1])) is None]
+        trials = client_updates(settings, fed, stack) if pending else []
+        leak = []
+        for attack, label, aware in variants:
+            leak.append(_cached(store, ("leakage", stack.label, label),
+                                lambda a=attack, lab=label, aw=aware: attack_cell(settings, fed, stack, a, aw, trials,
+                                                                                  lab)))
+        cells.extend(leak)
+        rows.append((stack.label, tuple(leak)))
+    baseline = utilities["none"]
+    table = tuple(DefenseRow(label, leak, utilities[label], baseline) for label, leak in rows)  # type: ignore[arg-type]
+    return Evaluation(settings, fed.train.name, fed.model_name, table, tuple(cells), tuple(pareto_front(table)),
+                      time.perf_counter() - start, resumed)
+
+
+def _cached(store: CellStore | None, key: tuple[str, str, str], compute: Callable[[], Cell]) -> Cell:
+    if store is not None:
+        found = store.get(key)
+        if found is not None:
+            return found
+    cell = compute()
+    return store.add(cell) if store is not None else cell

@@ -1,0 +1,104 @@
+"""fedleak.evaluate: leakage x utility x cost per defense setting, resumable, with a Pareto front and a report."""
+
+import json
+
+import pytest
+
+from fedleak.cli import main
+from fedleak.errors import FedleakError, OutputError
+from fedleak.evaluation import EvaluationSettings, evaluate, expand, pareto_front, write_evaluation
+from fedleak.evaluation.cells import DefenseRow, LeakageCell, UtilityCell
+
+SMALL = dict(data="digits", test_data=None, test_size=300, widths=(128,), attacks=("exclusivity",), attack_batch=2,
+             trials=1, rounds=4, clients=2, client_size=100, batch_size=8)
+
+
+def test_grid_expands_bare_names_into_their_strengths():
+    settings = EvaluationSettings(**SMALL, defenses=("top-k", "quantize:bits=8",
+                                                     "clipping:bound=1 + gaussian-noise:sigma=0.1"))
+    labels = [s.label for s in settings.grid()]
+    assert labels[0] == "none"
+    assert len([lab for lab in labels if lab.startswith("top-k")]) == len(expand("top-k")) >= 2
+    assert "quantize" in labels[1 + len(expand("top-k"))]
+    assert any(" + " in lab for lab in labels)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"defenses": ("no-such-defense",)}, "unknown defense"),
+    ({"defenses": ("top-k:ratio=2",)}, "ratio"),
+    ({"attacks": ("nope",)}, "unknown attack"),
+    ({"batch_size": 1000}, "client_size"),
+])
+def test_bad_settings_are_refused_with_the_reason(bad, message):
+    with pytest.raises(FedleakError, match=message):
+        EvaluationSettings(**{**SMALL, **bad})
+
+
+def test_evaluation_measures_leakage_utility_cost_and_epsilon(tmp_path):
+    ev = evaluate(EvaluationSettings(**SMALL, defenses=("top-k:ratio=0.01", "gaussian-noise:sigma=0.5,clip=1.0")),
+                  out=tmp_path)
+    rows = {r.defense: r for r in ev.rows}
+    base = rows["none"]
+    # undefended: the exact attack certifies both samples of an 8x8 digits batch on a 128-wide MLP
+    assert base.best.recovered == base.best.samples == 2 and base.best.false_certificates == 0
+    noisy = next(r for label, r in rows.items() if label.startswith("gaussian-noise"))
+    assert noisy.best.recovered == 0  # noise of std 0.5 on a clipped update: nothing exact
+    assert noisy.utility.epsilon is not None and 0 < noisy.utility.epsilon < float("inf")
+    assert base.utility.epsilon is None
+    topk = next(r for label, r in rows.items() if label.startswith("top-k"))
+    assert topk.bytes_ratio < 0.05  # 1% of the entries as (index, value) pairs
+    assert 0 <= base.utility.accuracy <= 1 and base.time_ratio == 1.0
+    assert all(c.false_certificates == 0 for c in ev.cells if isinstance(c, LeakageCell))
+    assert set(ev.pareto) <= set(rows)
+    results, report = write_evaluation(ev, tmp_path)
+    payload = json.loads(results.read_text())
+    assert payload["seed"] == 0 and payload["environment"]["packages"]["torch"]
+    assert len(payload["cells"]) == 2 * len(rows)  # one utility and one leakage cell per setting (one attack)
+    assert "data:image/png;base64" in report.read_text()
+
+
+def test_an_interrupted_evaluation_resumes_from_its_finished_cells(tmp_path):
+    settings = EvaluationSettings(**SMALL, defenses=("top-k:ratio=0.1", "mixup:k=2"))
+    first = evaluate(settings, out=tmp_path)
+    # cells are named by the setting as given (MixUp's number of classes, filled from the data, is not in it)
+    assert {c.defense for c in first.cells} == {s.label for s in settings.grid()}
+    cells = tmp_path / "cells.jsonl"
+    lines = cells.read_text().splitlines()
+    cells.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # the last cell cut short
+    again = evaluate(settings, out=tmp_path)
+    assert again.resumed == len(first.cells) - 1  # every complete cell reused, the broken one recomputed
+    def measured(cells):  # everything but the time taken (NaN compared as text)
+        return [json.dumps({k: v for k, v in c.to_dict().items() if k not in ("seconds", "client_seconds")})
+                for c in cells]
+
+    assert measured(again.cells) == measured(first.cells)
+    wider = evaluate(EvaluationSettings(**SMALL, defenses=("top-k:ratio=0.1", "mixup:k=2", "sign:scale=mean")),
+                     out=tmp_path)
+    assert wider.resumed == len(first.cells) and len(wider.cells) == len(first.cells) + 2  # the grid extended
+    with pytest.raises(OutputError, match="other settings"):
+        evaluate(EvaluationSettings(**{**SMALL, "rounds": 5}, defenses=("top-k:ratio=0.1", "mixup:k=2")), out=tmp_path)
+
+
+def _row(name, leak, acc):
+    cell = LeakageCell(name, "a", 10, 0, int(10 * leak), 20.0, 0.5, 1.0, 0, 0.1, False)
+    util = UtilityCell(name, acc, 0.5, 1.0, 100.0)
+    return DefenseRow(name, (cell,), util, util)
+
+
+def test_pareto_front_keeps_only_undominated_settings():
+    rows = [_row("none", 1.0, 0.9), _row("a", 0.5, 0.9), _row("b", 0.5, 0.8), _row("c", 0.0, 0.5)]
+    assert pareto_front(rows) == ["a", "c"]
+
+
+def test_cli_evaluate_writes_results_and_rejects_a_bad_defense_in_one_line(tmp_path, capsys):
+    out = tmp_path / "ev"
+    args = ["evaluate", "--data", "digits", "--test-data", "none", "--test-size", "300", "--widths", "64",
+            "--attack", "exclusivity",
+            "--attack-batch", "2", "--trials", "1", "--rounds", "2", "--clients", "2", "--client-size", "50",
+            "--batch-size", "8", "--out", str(out), "--quiet"]
+    assert main([*args, "--defense", "sign"]) == 0
+    assert json.loads((out / "results.json").read_text())["kind"] == "fedleak-evaluation"
+    assert "sign" in capsys.readouterr().out
+    code = main([*args, "--defense", "qsgd:levels=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "levels" in err and "Traceback" not in err
