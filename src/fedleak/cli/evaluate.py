@@ -70,13 +70,13 @@ def evaluate(
     write_evaluation(result, out)
     from fedleak.report.render import number, percent
 
-    typer.echo(f"{'defense':<34}{'leaked':>8}{'exact':>7}{'accuracy':>10}{'time x':>8}{'bytes x':>9}{'eps':>8}")
+    typer.echo(f"{'defense':<40}{'leaked':>8}{'exact':>7}{'accuracy':>10}{'time x':>8}{'bytes x':>9}{'eps':>10}")
     for r in result.rows:
         d = r.to_dict()
-        eps = number(d["epsilon"], 2) if d["epsilon"] is not None else ""
-        typer.echo(f"{r.defense[:33]:<34}{percent(d['leaked_fraction']):>8}{percent(d['recovered_fraction']):>7}"
+        eps = f"{d['epsilon']:.3g}" if d["epsilon"] is not None else ""
+        typer.echo(f"{r.defense[:39]:<40}{percent(d['leaked_fraction']):>8}{percent(d['recovered_fraction']):>7}"
                    f"{percent(d['accuracy']):>10}{number(d['time_ratio'], 1):>8}{number(d['bytes_ratio'], 2):>9}"
-                   f"{eps:>8}")
+                   f"{eps:>10}")
     if result.resumed:
         typer.echo(f"resumed: {result.resumed} finished cell(s) reused from {out / 'cells.jsonl'}")
     typer.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")
