@@ -221,3 +221,11 @@ def test_exact_plan_combines_defenses(fashion):
     assert not one.refusal and dict(one.overrides) == {"known_scale": False} and "sent unchanged" in one.note
     batch = exact_plan(DefenseStack.of(make_defense("mixup")), obs, net)
     assert "it changed the batch before the gradient" in batch.refusal
+
+
+def test_the_registry_says_which_attacks_take_the_clients_defenses():
+    from fedleak.attacks import attack_specs
+
+    specs = attack_specs()  # the catalog: no attack module imported
+    assert all(specs[name].takes_defense for name in ("exclusivity", "conv-exclusivity", "dlg", "idlg", "ig", "dlm"))
+    assert not any(specs[name].takes_defense for name in ("trap-weights", "imprint", "auto"))

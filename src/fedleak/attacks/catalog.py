@@ -21,11 +21,13 @@ class AttackSpec:
 
     ``update_kinds``: ``"gradient"`` and/or ``"weights"``. ``needs_relu_network``: an exact attack, which runs only
     on a network :func:`fedleak.nets.as_network` reads; the optimisation attacks, which need only autograd, do not.
+    ``takes_defense``: the attack accepts the client's defenses as its ``defense`` option (a defense-aware attack).
     """
 
     update_kinds: tuple[str, ...]
     description: str
     needs_relu_network: bool = False
+    takes_defense: bool = False
 
 
 BOTH = ("gradient", "weights")
@@ -33,10 +35,10 @@ BOTH = ("gradient", "weights")
 ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
     CatalogEntry("exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
         BOTH, "deterministic, certified reconstruction from exclusively activated neurons "
-              "(MLPs, and CNNs through their conv layers)", needs_relu_network=True)),
+              "(MLPs, and CNNs through their conv layers)", needs_relu_network=True, takes_defense=True)),
     CatalogEntry("conv-exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
         BOTH, "the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)",
-        needs_relu_network=True)),
+        needs_relu_network=True, takes_defense=True)),
     CatalogEntry("trap-weights", "fedleak.attacks.malicious.trap", AttackSpec(
         BOTH, "malicious trap-weight first layer (Boenisch et al.): certified x = dW_i/db_i", needs_relu_network=True)),
     CatalogEntry("imprint", "fedleak.attacks.malicious.imprint", AttackSpec(
@@ -45,13 +47,13 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
         BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
-        ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)")),
+        ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)", takes_defense=True)),
     CatalogEntry("dlm+", "fedleak.attacks.dlm", AttackSpec(
-        ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)")),
+        ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)", takes_defense=True)),
     CatalogEntry("dlg", "fedleak.attacks.inversion.attacks", AttackSpec(
-        BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS")),
+        BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS", takes_defense=True)),
     CatalogEntry("idlg", "fedleak.attacks.inversion.attacks", AttackSpec(
-        BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS")),
+        BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS", takes_defense=True)),
     CatalogEntry("ig", "fedleak.attacks.inversion.attacks", AttackSpec(
-        BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts")),
+        BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts", takes_defense=True)),
 )

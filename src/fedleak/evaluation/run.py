@@ -208,9 +208,10 @@ def attack_variants(attack: str, stack: DefenseStack) -> tuple[tuple[str, bool],
     """
     from fedleak.attacks import get_attack
 
-    if not stack:
+    info = get_attack(attack)
+    if not stack or not info.takes_defense:
         return ((attack, False),)
-    if get_attack(attack).needs_relu_network:
+    if info.needs_relu_network:
         return ((attack, True),)
     if any(f.known_function for f in stack.filters):
         return ((attack, False), (attack + AWARE, True))

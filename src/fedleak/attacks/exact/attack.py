@@ -24,7 +24,7 @@ from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, ch
 F64 = torch.float64
 
 
-@register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
+@register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True, takes_defense=True,
                  description="deterministic, certified reconstruction from exclusively activated neurons "
                              "(MLPs, and CNNs through their conv layers)")
 def exclusivity_attack(
@@ -51,6 +51,7 @@ def exclusivity_attack(
 
 
 @register_attack("conv-exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
+                 takes_defense=True,
                  description="the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)")
 def conv_exclusivity_attack(
     model: nn.Module,
