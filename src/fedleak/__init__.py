@@ -56,6 +56,13 @@ _EXPORTS = {
     "FishingTransform": "fedleak.fishing",
     "SampleFishing": "fedleak.fishing",
     "fish": "fedleak.fishing",
+    "MembershipMetrics": "fedleak.membership",
+    "MembershipResult": "fedleak.membership",
+    "MembershipSettings": "fedleak.membership",
+    "available_membership_attacks": "fedleak.membership",
+    "make_membership_attack": "fedleak.membership",
+    "run_membership": "fedleak.membership",
+    "score_membership": "fedleak.membership",
     "MLP": "fedleak.models",
     "load_mlp": "fedleak.models",
     "make_mlp": "fedleak.models",
@@ -90,6 +97,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.errors import DataError, FedleakError, ModelError, OptionError, OutputError, SolverError, UpdateError
     from fedleak.evaluation import Evaluation, EvaluationSettings, evaluate
     from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
+    from fedleak.membership import (
+        MembershipMetrics,
+        MembershipResult,
+        MembershipSettings,
+        available_membership_attacks,
+        make_membership_attack,
+        run_membership,
+        score_membership,
+    )
     from fedleak.models import MLP, load_mlp, make_mlp, save_mlp
     from fedleak.models.catalog import available_models
     from fedleak.models.cnn import make_lenet

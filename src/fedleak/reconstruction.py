@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,6 +90,16 @@ class Reconstruction:
     @property
     def num_certified(self) -> int:
         return int(self.certified.sum())
+
+    def withdraw(self, reason: str) -> Reconstruction:
+        """This result with every certificate withdrawn, each sample's reason and a note saying ``reason`` (the
+        samples stay: they may still be exact, nothing proves it)."""
+        if self.num_certified == 0 and not self.batch_certified:
+            return dataclasses.replace(self, notes=(*self.notes, reason))
+        samples = tuple(dataclasses.replace(s, certified=False, reason=f"{reason} ({s.reason})" if s.reason else reason)
+                        for s in self.samples)
+        return dataclasses.replace(self, certified=torch.zeros(len(self), dtype=torch.bool), samples=samples,
+                                   batch_certified=False, joint_residual=float("nan"), notes=(*self.notes, reason))
 
     def why_uncertified(self) -> str:
         """Why nothing (more) is certified, in words: the first uncertified sample's reason, else why samples

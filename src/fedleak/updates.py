@@ -11,6 +11,7 @@ unpickles untrusted data.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -59,14 +60,19 @@ class GradientUpdate:
     """A FedSGD client update: the averaged gradient of the batch's mean cross-entropy loss.
 
     ``num_examples`` is what the client reveals about its batch size, if anything (``None``: nothing).
+    ``error``: a known bound on every entry's absolute error on its way to the server, beyond the client's own
+    float rounding (e.g. secure aggregation's quantization); the attacks' certificates widen their tolerances
+    by it, so a larger error certifies less, never wrongly.
     """
 
     gradients: Mapping[str, torch.Tensor]
     num_examples: int | None = None
+    error: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gradients", _check_tensor_map(self.gradients, "gradient"))
         object.__setattr__(self, "num_examples", _check_count("num_examples", self.num_examples))
+        object.__setattr__(self, "error", check_error(self.error))
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,8 @@ class WeightUpdate:
     """A FedAvg client update: the model's weights before and after local training.
 
     What a real client reveals: its new weights and, usually, its number of examples. ``local_steps``
-    is only set when the threat model grants the server that knowledge.
+    is only set when the threat model grants the server that knowledge. ``error``: a known bound on the absolute
+    error of every entry of ``before - after`` beyond float rounding (see :class:`GradientUpdate`).
     """
 
     before: Mapping[str, torch.Tensor]
@@ -82,8 +89,10 @@ class WeightUpdate:
     num_examples: int | None = None
     local_steps: int | None = None
     metadata: Mapping[str, object] = field(default_factory=dict)
+    error: float = 0.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "error", check_error(self.error))
         before = _check_tensor_map(self.before, "before")
         after = _check_tensor_map(self.after, "after")
         if set(before) != set(after):
@@ -108,6 +117,17 @@ class WeightUpdate:
 
 
 ClientUpdate = GradientUpdate | WeightUpdate
+
+
+def check_error(error: float) -> float:
+    """An update's transport-error bound: a finite number >= 0 (:class:`UpdateError` otherwise)."""
+    try:
+        value = float(error)
+    except (TypeError, ValueError):
+        raise UpdateError(f"an update's error bound must be a number >= 0, got {error!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise UpdateError(f"an update's error bound must be a finite number >= 0, got {error!r}")
+    return value
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -288,6 +308,8 @@ def save_update(update: ClientUpdate, path: str | os.PathLike[str]) -> Path:
         raise UpdateError(f"cannot save a {type(update).__name__}")
     if update.num_examples is not None:
         meta["num_examples"] = str(int(update.num_examples))
+    if update.error:
+        meta["error"] = repr(float(update.error))
     return write_bytes_atomic(path, save(tensors, metadata=meta))
 
 
@@ -310,9 +332,13 @@ def load_update(path: str | os.PathLike[str]) -> ClientUpdate:
         return parse_int(f"update file {path}: metadata {key}", meta[key], low=1, high=MAX_COUNT, error=UpdateError)
 
     num = count("num_examples")
+    try:
+        error = float(meta.get("error", "0"))
+    except ValueError:
+        raise UpdateError(f"update file {path}: metadata error must be a number, got {meta['error']!r}") from None
     if meta.get("kind") == "weights":
         return WeightUpdate(_split(tensors, "before/"), _split(tensors, "after/"), num_examples=num,
-                            local_steps=count("local_steps"))
+                            local_steps=count("local_steps"), error=error)
     if meta.get("kind") == "gradient":
         tensors = _split(tensors, "grad/")
-    return GradientUpdate(tensors, num_examples=num)
+    return GradientUpdate(tensors, num_examples=num, error=error)

@@ -273,3 +273,72 @@ def test_sequential_cnn_without_input_shape(digits):
     assert rec.num_certified == 4 and scores.recovered.all() and not scores.false_certificate.any()
     assert all(s.solved_layers == (1,) for s in rec.samples)
     _same_reconstruction(rec, fedleak.reconstruct(model, update, input_shape=(1, 8, 8)))
+
+
+# --- the fast paths decide as the slow ones would -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_walkdown_screen_never_rules_out_a_passing_row(digits, bias):
+    from fedleak.attacks.exact.options import ExclusivityOptions
+    from fedleak.attacks.exact.state import HeadAttack
+    from fedleak.attacks.exact.walkdown import Screens, forward_check, implied_rows
+    from fedleak.nets import as_network, forward_trace
+
+    model = fedleak.make_mlp(digits.input_shape, [256, 256], 10, bias=bias, seed=3)
+    x, y = digits.batch(16, seed=3)
+    net = as_network(model)
+    update = fedleak.compute_gradient_update(model, x, y)
+    attack = HeadAttack(net.head, dict(update.gradients), ExclusivityOptions(), torch.float32)
+    targets = forward_trace(net.head, x.reshape(16, -1), dtype=torch.float64).activations[1]
+    screens = Screens.of(attack, 0, targets)
+    rows = torch.nonzero(screens.live).flatten()
+    kept = passed = 0
+    for k in range(len(targets)):
+        _, res = forward_check(attack, 0, implied_rows(attack, 0, rows), targets[k], targets[k].norm())
+        passing = res <= attack.opts.forward_tol
+        ok = screens.passes(k, rows)
+        assert ok[passing].all(), "the screen ruled out a row that passes the forward check"
+        kept, passed = kept + int(ok.sum()), passed + int(passing.sum())
+    assert passed > 0  # some rows are exclusive: the check has something to keep
+    assert kept <= 2 * passed + len(targets)  # and the screen lets few others through
+
+
+def test_row_grouping_matches_leader_clustering_by_brute_force():
+    from fedleak.attacks.exact.candidates import group_rows
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(30, 12, generator=gen, dtype=torch.float64)
+    R = centres[torch.randint(0, 30, (400,), generator=gen)]
+    R = R * (1 + 1e-6 * torch.randn(400, 1, generator=gen, dtype=torch.float64))
+    R = R + 4e-6 * torch.randn(400, 12, generator=gen, dtype=torch.float64) * R.norm(dim=1, keepdim=True)
+    order = torch.randperm(400, generator=gen)
+    tol = 1e-5
+    norms = R.norm(dim=1)
+    expected, assigned = [], torch.zeros(400, dtype=torch.bool)
+    for lead in order.tolist():  # the definition: the first unassigned row leads, every row near it joins
+        if assigned[lead]:
+            continue
+        near = ((R - R[lead]).norm(dim=1) <= tol * torch.maximum(norms, norms[lead])) & ~assigned
+        near[lead] = True
+        assigned |= near
+        expected.append(sorted(torch.nonzero(near).flatten().tolist()))
+    got = group_rows(R, order, tol)
+    assert sorted(map(sorted, got)) == sorted(expected)
+    assert 30 <= len(got) < 400  # near rows were grouped, far ones were not
+
+
+def test_attack_pins_torch_threads_and_restores_them(digits):
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    x, y = digits.batch(2, seed=0)
+    update = fedleak.compute_gradient_update(model, x, y)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rec = fedleak.reconstruct(model, update)
+        assert torch.get_num_threads() == 2
+        assert rec.num_certified == fedleak.reconstruct(model, update, threads=None).num_certified
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(fedleak.FedleakError, match="threads"):
+        fedleak.reconstruct(model, update, threads=0)

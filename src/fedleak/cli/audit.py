@@ -19,6 +19,8 @@ from fedleak.cli.app import (
     int_list,
 )
 from fedleak.defenses.registry import defense_names
+from fedleak.errors import FedleakError
+from fedleak.membership.catalog import CHEAP_ATTACKS
 from fedleak.validation import check_output_dir, check_seed
 
 DEFENSE_HELP = ("Also audit clients running a defense: NAME or NAME:key=value,... (e.g. top-k:ratio=0.1; '+' combines "
@@ -88,6 +90,32 @@ def _run(settings, out: Path, quiet: bool) -> None:
     typer.echo("largest batch size with >= 99% recovered: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
 
 
+MEMBERSHIP_HELP = ("Audit membership inference instead of reconstruction: train the target (an MLP of --widths, or "
+                   "--model, starting from --weights if given) on --members records of --data, hold out "
+                   "--non-members, and score each --membership-attacks attack (AUC, TPR at 1% FPR); each --defense "
+                   "is applied to the target's training (DP-SGD reports epsilon). --batch-sizes, --trials, --attack, "
+                   "--bias and --budget are not used.")
+MEMBERSHIP_ATTACKS_HELP = ("--membership: membership attacks, comma-separated ('fedleak info' lists them); default: "
+                           f"{', '.join(CHEAP_ATTACKS)}, which train no shadow model. whitebox "
+                           "and lira train shadow models on --reference records (minutes on a CPU): named only.")
+
+
+def _run_membership(settings, out: Path) -> None:
+    from fedleak.audit.membership import run_membership_audit
+    from fedleak.report.membership import OUTPUT_FILES, privacy_text, write_membership_audit
+
+    check_output_dir(out, OUTPUT_FILES)
+    audit = run_membership_audit(settings)
+    write_membership_audit(audit, out)  # both files or neither
+    for scenario in audit.scenarios:
+        r = scenario.result
+        typer.echo(f"{scenario.name}: train accuracy {r.train_accuracy:.3f}, test accuracy {r.test_accuracy:.3f}, "
+                   f"gap {scenario.accuracy_gap:.3f}; {privacy_text(scenario)}")
+        for o in r.outcomes:
+            typer.echo(f"  {o.name:<22} AUC {o.metrics.auc:.3f}  TPR@1%FPR {o.metrics.tpr_at_1pct_fpr:.3f}")
+    typer.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")
+
+
 @app.command()
 def audit(
     data: str = typer.Option("digits", help=DATA_HELP),
@@ -106,12 +134,35 @@ def audit(
                                           "--bias are then ignored."),
     weights: Path = typer.Option(None, help=WEIGHTS_HELP),
     budget: float = typer.Option(20.0, help="Seconds per batch for --attack auto."),
+    membership: bool = typer.Option(False, help=MEMBERSHIP_HELP),
+    membership_attacks: str = typer.Option(None, help=MEMBERSHIP_ATTACKS_HELP),
+    members: int = typer.Option(500, help="--membership: records the target trains on."),
+    non_members: int = typer.Option(500, help="--membership: held-out records scored against the members."),
+    reference: int = typer.Option(None, help="--membership: the attacker's own records for shadow models "
+                                             "(default: as many as --members when an attack trains shadows)."),
+    epochs: int = typer.Option(30, help="--membership: epochs of SGD that train the target."),
+    lr: float = typer.Option(0.1, help="--membership: the target's SGD learning rate."),
+    train_batch: int = typer.Option(50, help="--membership: the target's mini-batch size."),
     out: Path = typer.Option(default_out("audit"), help=OUT_HELP),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient (and through each
-    client defense given with --defense)."""
+    client defense given with --defense); with --membership, how well membership attacks tell the target's
+    training records from held-out ones."""
     from fedleak.audit import AuditSettings
+
+    if membership:
+        if conv or fishing or split:
+            raise FedleakError("--membership trains an MLP (--widths) or --model; drop --conv, --fishing and --split")
+        from fedleak.audit.membership import MembershipAuditSettings
+
+        chosen = {} if membership_attacks is None else {"attacks": tuple(membership_attacks.replace(" ", "").split(","))}
+        _run_membership(MembershipAuditSettings(**chosen,
+            data=data, model=model, weights=None if weights is None else str(weights),
+            widths=int_list(widths, "--widths", MAX_WIDTH), members=members, non_members=non_members,
+            reference=reference, epochs=epochs, lr=lr, batch_size=train_batch, defenses=tuple(defense or ()),
+            seed=check_seed("--seed", seed)), out)
+        return
 
     settings = AuditSettings(
         data=data, widths=int_list(widths, "--widths", MAX_WIDTH), bias=bias,

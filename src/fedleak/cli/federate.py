@@ -33,13 +33,22 @@ def _parse_options(text: str | None) -> tuple:
     return tuple(value.items())
 
 
+def _count_or_fraction(text: str, option: str) -> int | float:
+    """``"3"`` -> 3 (a count), ``"0.5"`` -> 0.5 (a fraction), as Flower's SecAgg+ reads them."""
+    try:
+        return int(text) if text.strip().lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise FedleakError(f"{option} must be a count or a fraction, got '{text}'") from None
+
+
 @app.command()
 def federate(
     ctx: typer.Context,
     data: str = typer.Option("fashion-mnist", help=DATA_HELP),
     clients: int = typer.Option(4, help="Number of simulated clients (Flower supernodes)."),
     rounds: int = typer.Option(2, help="Federated rounds."),
-    threat: str = typer.Option("honest", help="The server: honest | fishing | trap-weights | imprint."),
+    threat: str = typer.Option("honest", help="The server: honest | fishing | trap-weights | imprint | "
+                                              "membership-active."),
     defense: list[str] = typer.Option(None, "--defense", help=DEFENSE_HELP),
     seed: int = typer.Option(0, help="Seed of the model initialisation, the partitions, the batch draws and the "
                                      "malicious weights."),
@@ -60,8 +69,53 @@ def federate(
     audit_mode: str = typer.Option("process", help="Where the attacks run: process (a worker process) | thread | "
                                                    "sync (inside the round)."),
     ray_cpus: int = typer.Option(1, help="CPUs Ray may use."),
+    runtime: str = typer.Option("simulation", help="Where the federation runs: simulation (Flower's simulation "
+                                                   "engine, Ray) | deployment (a Flower SuperLink and one SuperNode "
+                                                   "per client as separate processes on this machine, each node "
+                                                   "with its own data folder)."),
+    client_cpus: float = typer.Option(None, help="CPUs Ray reserves per client actor (default min(1, --ray-cpus)); "
+                                                 "a fraction runs several client actors per CPU."),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster (e.g. auto or HOST:PORT) instead of "
+                                               "starting a private local Ray."),
+    fraction_train: float = typer.Option(1.0, help="Fraction of the clients Flower samples per round."),
+    min_train_nodes: int = typer.Option(1, help="Clients sampled per round at least."),
+    audit_workers: int = typer.Option(1, help="Audit worker processes (--audit-mode process)."),
+    audit_backlog: int = typer.Option(None, help="Most audit jobs left pending; beyond it a seeded sample of a "
+                                                 "round's updates is audited and the count printed (default: no "
+                                                 "bound)."),
     attack_budget: float = typer.Option(30.0, help="Seconds per update for the optimisation attack that audits "
                                                    "multi-step updates (--local-steps > 1 or --local-epochs)."),
+    secagg: bool = typer.Option(False, "--secagg", help="Run Flower's SecAgg+: the server sees only the aggregate of "
+                                                        "the clients' uploads, and the audit attacks that (one record "
+                                                        "per round)."),
+    secagg_shares: str = typer.Option("1.0", help="SecAgg+ num_shares: a count above 2, or a fraction of the "
+                                                  "clients per round (1.0: all)."),
+    secagg_threshold: str = typer.Option("0.5", help="SecAgg+ reconstruction_threshold: a count of at least 2, or a "
+                                                     "fraction of the shares."),
+    secagg_clipping_range: float = typer.Option(8.0, help="SecAgg+ clipping_range: uploads are clipped to "
+                                                          "[-R, R] before quantization (Flower's default 8)."),
+    secagg_quantization_range: int = typer.Option(4194304, help="SecAgg+ quantization_range: levels of the "
+                                                                "quantizer (Flower's default 2**22)."),
+    secagg_max_weight: float = typer.Option(1000.0, help="SecAgg+ max_weight: a client's weight is num_examples / "
+                                                         "max_weight (Flower's default 1000)."),
+    secagg_upload_dtype: str = typer.Option("float32", help="The dtype clients upload in: float32 | float64 "
+                                                            "(Flower quantizes in it)."),
+    membership_targets: int = typer.Option(0, help="Candidate records the server scores every client update on for "
+                                                   "membership (half from the clients' partitions, half held out; "
+                                                   "0: none; --threat membership-active: 64 unless given)."),
+    membership_ascent: float = typer.Option(1.0, help="--threat membership-active: the server's gradient-ascent step "
+                                                      "on the candidates."),
+    membership_rounds: str = typer.Option(None, help="--threat membership-active: the rounds it tampers with, "
+                                                     "comma-separated (default: every round)."),
+    membership_target_loss: float = typer.Option(0.0, help="--threat membership-active: > 0 line-searches the step "
+                                                           "so the candidates' mean loss rises to this (nats); 0: the "
+                                                           "fixed --membership-ascent step."),
+    membership_max_drift: float = typer.Option(0.5, help="--threat membership-active: the most the ascent may shift "
+                                                         "the model's predictions on the public data (nats)."),
+    membership_last_layers: int = typer.Option(0, help="--threat membership-active: ascend on the last N parameter "
+                                                       "tensors only (0: every parameter)."),
+    test_size: int = typer.Option(1000, help="The server's held-out test records (the data set's last ones)."),
+    public_size: int = typer.Option(1000, help="The server's public records (before the test set)."),
     out: Path = typer.Option(default_out("federate"), help=OUT_HELP),
     verbose: bool = typer.Option(False, "--verbose", hidden=True, help="The same as 'fedleak --verbose federate'."),
 ) -> None:
@@ -86,8 +140,21 @@ def federate(
         seed=check_seed("--seed", seed),
         batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=sizes,
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
-        trap_scale=trap_scale, imprint_bins=imprint_bins, transform_options=_parse_options(transform_options), ray_cpus=ray_cpus, client_cpus=min(1.0, float(ray_cpus)),
+        trap_scale=trap_scale, imprint_bins=imprint_bins, transform_options=_parse_options(transform_options),
+        ray_cpus=ray_cpus,
+        client_cpus=min(1.0, float(ray_cpus)) if client_cpus is None else client_cpus,
         attack_budget=attack_budget,
+        secagg=secagg, secagg_shares=_count_or_fraction(secagg_shares, "--secagg-shares"),
+        secagg_threshold=_count_or_fraction(secagg_threshold, "--secagg-threshold"),
+        secagg_clipping_range=secagg_clipping_range, secagg_quantization_range=secagg_quantization_range,
+        secagg_max_weight=secagg_max_weight, secagg_upload_dtype=secagg_upload_dtype,
+        fraction_train=fraction_train, min_train_nodes=min_train_nodes, audit_workers=audit_workers,
+        audit_backlog=audit_backlog, ray_address=ray_address, runtime=runtime,
+        membership_targets=membership_targets, membership_ascent=membership_ascent,
+        membership_rounds=int_list(membership_rounds, "--membership-rounds") if membership_rounds else (),
+        membership_target_loss=membership_target_loss, membership_max_drift=membership_max_drift,
+        membership_last_layers=membership_last_layers,
+        test_size=test_size, public_size=public_size,
     )
     from fedleak.federation.hooks import get_threat
     from fedleak.federation.partition import PARTITIONS
@@ -102,7 +169,7 @@ def federate(
     from fedleak.report.output import staged_output
 
     def progress(record) -> None:
-        if record.status != "ok":
+        if record.status not in ("ok", "not-audited"):  # not audited: counted per round in the summary
             typer.echo(f"round {record.round}, client {record.client}: {record.status}: {record.detail}", err=True)
 
     try:

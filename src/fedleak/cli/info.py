@@ -33,3 +33,7 @@ def info() -> None:
     _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]" for name, spec in attack_specs().items()})
     typer.echo("defenses (--defense NAME[:key=value,...]; stage: what it does (source)):")
     _table(available_defenses())
+    from fedleak.membership import available_membership_attacks
+
+    typer.echo("membership attacks (fedleak audit --membership --membership-attacks NAME,...):")
+    _table(available_membership_attacks())

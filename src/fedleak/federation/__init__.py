@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from fedleak.federation.partition import partition_indices
-from fedleak.federation.results import ClientRecord, FederationResult, RoundRecord, Scores
+from fedleak.federation.results import ClientRecord, FederationResult, RoundAudit, RoundRecord, Scores
 from fedleak.federation.settings import FederationSettings
 
 _LAZY = {
@@ -24,12 +24,19 @@ _LAZY = {
     "make_server_app": "fedleak.federation.server_app",
     "build_strategy": "fedleak.federation.server_app",
     "run_federation": "fedleak.federation.run",
+    "run_deployment": "fedleak.federation.deployment",
+    "DeploymentOptions": "fedleak.federation.deployment",
+    "available_runtimes": "fedleak.federation.runtimes",
     "write_report": "fedleak.federation.report",
     "available_threats": "fedleak.federation.hooks",
     "available_defenses": "fedleak.defenses",
+    "SecAggAudit": "fedleak.federation.secagg",
+    "make_secagg_server_app": "fedleak.federation.secagg",
+    "AggregateRecord": "fedleak.federation.aggregate_record",
+    "SecAggConfig": "fedleak.federation.secagg_config",
 }
 
-__all__ = ["ClientRecord", "FederationResult", "FederationSettings", "RoundRecord", "Scores",
+__all__ = ["ClientRecord", "FederationResult", "FederationSettings", "RoundAudit", "RoundRecord", "Scores",
            "partition_indices", *sorted(_LAZY)]
 
 

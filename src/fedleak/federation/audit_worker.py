@@ -1,8 +1,8 @@
 """One audit job: run the attack on one client update, then (evaluation only) score it.
 
 Free of Flower and picklable, so :class:`~fedleak.federation.strategy.AuditFedAvg` can run it inline,
-on a thread or in a separate worker process (the default: the attack then does not compete with
-Flower's server thread for Python's GIL, and the round does not wait for it).
+on a thread or in worker processes (the default, :mod:`fedleak.federation.audit_pool`: the attack then
+does not compete with Flower's server thread for Python's GIL, and the round does not wait for it).
 """
 
 from __future__ import annotations
@@ -64,20 +64,28 @@ Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
 AUDIT_NICENESS = 10
 
 
-def init_worker(niceness: int = AUDIT_NICENESS) -> None:
+def init_worker(niceness: int = AUDIT_NICENESS, template: nn.Module | None = None) -> None:
     """Worker-process initialiser: lower CPU priority (the federation's own processes go first, the audit
-    uses what is left and catches up after the last round), one torch thread. Attacks are imported when first
-    looked up (the attack registry is lazy)."""
+    uses what is left and catches up after the last round), one torch thread, and the audit's model
+    ``template`` (each round's model is rebuilt from it, see :func:`audit_reply`). Attacks are imported when
+    first looked up (the attack registry is lazy)."""
     import os
 
     import torch
 
+    global _TEMPLATE
     if niceness and hasattr(os, "nice"):
         try:
             os.nice(int(niceness))
         except OSError:  # pragma: no cover - not permitted
             pass
     torch.set_num_threads(1)
+    _TEMPLATE = template
+
+
+def worker_ready() -> bool:
+    """A no-op job: submitting it makes a process pool start a worker."""
+    return True
 
 
 def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> ClientRecord:
@@ -122,25 +130,39 @@ def _norm(job: AuditInput) -> float:
     return float(sum(float(v.double().pow(2).sum()) for v in change.values()) ** 0.5)
 
 
-# ---- worker-process side: the sent model is shipped once per round, each reply ships only its weights
+# ---- worker-process side: the template arrives once (initialiser); a job carries the round's sent weights
+# (torch passes tensors between processes through shared memory), and each worker builds a round's model once
+_TEMPLATE: nn.Module | None = None
 _ROUND_MODELS: dict[int, nn.Module] = {}
+_KEPT_ROUNDS = 4
 
 
-def set_round_model(server_round: int, model: nn.Module) -> None:
-    """Remember the model the server sent in ``server_round`` (the last two rounds are kept)."""
-    _ROUND_MODELS[int(server_round)] = model
-    for old in sorted(_ROUND_MODELS)[:-2]:
-        del _ROUND_MODELS[old]
+def _round_model(server_round: int, sent: Mapping[str, Any]) -> nn.Module:
+    """This worker's copy of the model the server sent in ``server_round`` (the last few rounds are kept)."""
+    import copy
 
-
-def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int, after: Mapping[str, Any] | None,
-                num_examples: int, scorer: Scorer | None, delta: Mapping[str, Any] | None = None,
-                declared: Mapping[str, Any] | None = None) -> ClientRecord:
-    """:func:`run_audit` of one reply, against the round's model set by :func:`set_round_model`."""
     model = _ROUND_MODELS.get(int(server_round))
     if model is None:
-        return ClientRecord.skipped(server_round, node_id, partition, "attack-error",
-                                    "the audit worker has no model for this round", num_examples=num_examples)
+        if _TEMPLATE is None:
+            raise FedleakError("the audit worker was started without the model template (init_worker)")
+        model = copy.deepcopy(_TEMPLATE)
+        model.load_state_dict(dict(sent))
+        _ROUND_MODELS[int(server_round)] = model
+        for old in sorted(_ROUND_MODELS)[:-_KEPT_ROUNDS]:
+            del _ROUND_MODELS[old]
+    return model
+
+
+def audit_reply(plan: AuditPlan, server_round: int, node_id: int, partition: int, sent: Mapping[str, Any],
+                after: Mapping[str, Any] | None, num_examples: int, scorer: Scorer | None,
+                delta: Mapping[str, Any] | None = None, declared: Mapping[str, Any] | None = None) -> ClientRecord:
+    """:func:`run_audit` of one reply in a worker process: ``sent`` the round's weights, ``after`` the returned
+    ones (None: ``sent - delta``, the uploaded change)."""
+    try:
+        model = _round_model(server_round, sent)
+    except FedleakError as exc:
+        return ClientRecord.skipped(server_round, node_id, partition, "attack-error", str(exc),
+                                    num_examples=num_examples)
     before = model.state_dict()
     if after is None:
         after = {k: before[k] - delta[k] for k in before}

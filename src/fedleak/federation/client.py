@@ -19,6 +19,7 @@ from fedleak.defenses.base import Accounting
 from fedleak.errors import FedleakError
 from fedleak.federation.flower_native import client_side
 from fedleak.federation.hooks import get_threat
+from fedleak.federation.node_data import NodeData
 from fedleak.federation.partition import partition_indices
 from fedleak.federation.settings import FederationSettings, data_split, parse_fault
 
@@ -80,23 +81,25 @@ def _batches(settings: FederationSettings, n: int, partition_id: int, gen: np.ra
     return [gen.choice(n, size=settings.batch_size, replace=False) for _ in range(settings.local_steps)]
 
 
-def local_update(model: nn.Module, settings: FederationSettings, partition_id: int, server_round: int) -> LocalResult:
+def local_update(model: nn.Module, settings: FederationSettings, partition_id: int, server_round: int,
+                 data: NodeData | None = None) -> LocalResult:
     """Train ``model`` (the weights the server sent, changed in place) on the client's partition.
 
     Plain SGD at ``lr`` through :func:`~fedleak.clients.defended.defended_local_round`: per batch the
     server-shipped transform (threat) runs first, then the client's batch defenses and its step defense; its
     update filters run on the round's change. Defenses that Flower realises itself (``local-dp``,
     ``central-dp``: :mod:`fedleak.federation.flower_native`) are left to the ClientApp's mods. Randomised
-    defenses are seeded from the run's seed, the round and the partition.
+    defenses are seeded from the run's seed, the round and the partition. ``data``: the node's own samples (a
+    SuperNode's folder, :mod:`fedleak.federation.node_data`) instead of its split of the shared data set.
     """
     fault = _fault(settings, partition_id, server_round)
     if fault == "fail":
         raise RuntimeError(f"injected failure of partition {partition_id} in round {server_round}")
-    x_all, y_all = client_partition(settings, partition_id)
+    x_all, y_all = client_partition(settings, partition_id) if data is None else (data.x, data.y)
     gen = np.random.default_rng([settings.seed, server_round, partition_id])
     n = len(x_all)
     batches = _batches(settings, n, partition_id, gen)
-    split = data_split(settings.data, settings.test_size, settings.public_size)
+    split = data_split(settings.data, settings.test_size, settings.public_size) if data is None else data
     stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes)
     shipped = get_threat(settings.threat).transform(settings)
     seed = int(gen.integers(2**62))

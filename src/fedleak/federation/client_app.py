@@ -35,6 +35,8 @@ from fedleak.defenses.flower_dp import numpy_seeded  # noqa: E402
 from fedleak.federation.client import local_update  # noqa: E402
 from fedleak.federation.flower_native import client_mods  # noqa: E402
 from fedleak.federation.ground_truth import TrueBatch, write_true_batch  # noqa: E402
+from fedleak.federation.node_data import node_data_of  # noqa: E402
+from fedleak.federation.secagg_client import secagg_mod  # noqa: E402
 from fedleak.federation.settings import FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.updates import hard_labels  # noqa: E402
 
@@ -73,8 +75,9 @@ def _chained(mod: Callable, call_next: Callable[[Message, Context], Message]) ->
 
 def make_client_app(mods: list | None = None) -> ClientApp:
     """A ClientApp running :func:`~fedleak.federation.client.local_update` inside :func:`defense_mods`
-    (``mods``: further Flower mods, inside those)."""
-    app = ClientApp(mods=[defense_mods, *(mods or [])])
+    (``mods``: further Flower mods, inside those), inside Flower's SecAgg+ mod for the messages of a server that runs
+    SecAgg+ (:func:`~fedleak.federation.secagg_client.secagg_mod`)."""
+    app = ClientApp(mods=[secagg_mod, defense_mods, *(mods or [])])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -83,12 +86,15 @@ def make_client_app(mods: list | None = None) -> ClientApp:
         settings = FederationSettings.from_json(str(cfg[SETTINGS_KEY]))
         server_round = int(cfg["server-round"])
         pid = partition_id_of(context)
-        split = data_split(settings.data, settings.test_size, settings.public_size)
+        node = node_data_of(context)  # a SuperNode's own data (deployment runtime); None: its split of the data set
+        split = data_split(settings.data, settings.test_size, settings.public_size) if node is None else node
         model = make_model(settings, split)
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        result = local_update(model, settings, pid, server_round)
-        if GROUND_TRUTH_KEY in cfg:  # evaluation-only side channel, outside the Flower message
-            write_true_batch(str(cfg[GROUND_TRUTH_KEY]), server_round, context.node_id,
+        result = local_update(model, settings, pid, server_round, data=node)
+        # evaluation only, outside the Flower message: the folder the run names, else the node's own folder
+        truth_dir = str(cfg[GROUND_TRUTH_KEY]) if GROUND_TRUTH_KEY in cfg else node.truth_dir if node else None
+        if truth_dir is not None:
+            write_true_batch(truth_dir, server_round, context.node_id,
                              TrueBatch(result.inputs, result.original, hard_labels(result.labels), pid))
         metrics = MetricRecord({"num-examples": result.num_examples, "train-loss": result.loss,
                                 "local-steps": result.steps, "partition-id": pid,

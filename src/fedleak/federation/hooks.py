@@ -99,3 +99,14 @@ register_threat(Threat("trap-weights", "malicious weights: trap-weight first lay
                        "trap-weights", lambda s: {}, _no_transform, _trap, update_kind="weights"))
 register_threat(Threat("imprint", "malicious weights: imprint bins in the first layer (Robbing the Fed)",
                        "imprint", lambda s: {}, _no_transform, _imprint, update_kind="weights"))
+
+
+def _membership_ascent(model: nn.Module, server_round: int, settings: FederationSettings,
+                       split: DataSplit) -> nn.Module:
+    tamper = _import("fedleak.federation.membership", "tamper_for_membership", "the membership-active threat")
+    return tamper(model, server_round, settings, split)
+
+
+register_threat(Threat("membership-active", "malicious weights: gradient ascent on the server's candidate records "
+                       "(Nasr et al. active membership inference); exclusivity attack", "exclusivity",
+                       _exclusivity_options, _no_transform, _membership_ascent))

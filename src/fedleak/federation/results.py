@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedleak.reconstruction import Reconstruction
+
+if TYPE_CHECKING:
+    from fedleak.federation.aggregate_record import AggregateRecord
+    from fedleak.federation.membership import MembershipRecord
 
 
 def _num(x: float | None) -> float | None:
@@ -135,6 +140,46 @@ class ClientRecord:
 
 
 @dataclass(frozen=True)
+class RoundAudit:
+    """What the audit did with one round's updates.
+
+    ``received``: valid updates the server received (failed and malformed replies are not updates);
+    ``audited``: those handed to the attack; ``backlog``: audit jobs still pending when the round's updates
+    arrived; ``bound``: the backlog bound (None: none); ``seed``: the seed of the sample (None: every update was
+    audited); ``lag_seconds``: from the end of the round's aggregation to its last audit result (0 when the audit
+    finished first; None when nothing of the round was audited)."""
+
+    round: int
+    received: int
+    audited: int
+    backlog: int
+    bound: int | None
+    seed: int | None
+    lag_seconds: float | None = None
+
+    @property
+    def sampled(self) -> bool:
+        """True when the backlog bound made the audit skip some of this round's updates."""
+        return self.audited < self.received
+
+    def to_dict(self) -> dict[str, object]:
+        return {"updates_received": self.received, "updates_audited": self.audited, "audit_backlog": self.backlog,
+                "audit_backlog_bound": self.bound, "audit_sample_seed": self.seed,
+                "audit_lag_seconds": _num(self.lag_seconds)}
+
+    def text(self) -> str:
+        """"audited 3 of 10 updates (backlog 7 of bound 10; seeded sample)", or "audited all 10 updates"."""
+        if not self.sampled:
+            return f"audited all {self.received} update(s)"
+        return (f"audited {self.audited} of {self.received} updates (audit backlog {self.backlog} against a bound of "
+                f"{self.bound}: a sample drawn with seed {self.seed}, the rest not audited)")
+
+
+ROUND_AUDIT_KEYS = ("updates_received", "updates_audited", "audit_backlog", "audit_backlog_bound",
+                    "audit_sample_seed", "audit_lag_seconds")
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     """The global model after a round (round 0: the initial model) and the round's wall time."""
 
@@ -144,10 +189,17 @@ class RoundRecord:
     seconds: float | None
     clients_ok: int
     clients_skipped: int
+    sampled: tuple[int, ...] = ()  # the clients Flower sampled (partition ids, else node ids)
+    audit: RoundAudit | None = None  # updates received and audited, backlog, lag (None: round 0 or no audit)
 
     def to_dict(self) -> dict[str, object]:
-        return {"round": self.round, "test_accuracy": _num(self.test_accuracy), "test_loss": _num(self.test_loss),
-                "seconds": _num(self.seconds), "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
+        out: dict[str, object] = {
+            "round": self.round, "test_accuracy": _num(self.test_accuracy), "test_loss": _num(self.test_loss),
+            "seconds": _num(self.seconds), "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
+        if self.round:
+            out["sampled"] = list(self.sampled)
+            out.update(self.audit.to_dict() if self.audit is not None else dict.fromkeys(ROUND_AUDIT_KEYS))
+        return out
 
 
 @dataclass(frozen=True)
@@ -190,6 +242,14 @@ class FederationResult:
     seconds: float
     audit_wait_seconds: float
     defenses: tuple[DefenseRecord, ...] = ()
+    audit_backlog_at_end: int | None = None  # audit jobs still pending when the last round was aggregated
+    aggregates: tuple[AggregateRecord, ...] = ()  # secure aggregation: one audit of the aggregate per round
+    membership: tuple[MembershipRecord, ...] = ()  # the server's membership scores per round, client and score
+
+    @property
+    def audit_unit(self) -> str:
+        """What was audited: each client's update, or (secure aggregation) each round's aggregate."""
+        return "round aggregate" if self.settings.get("secagg") else "client update"
 
     def test_accuracy(self, rnd: int) -> float | None:
         return next((r.test_accuracy for r in self.rounds if r.round == rnd), None)
@@ -202,7 +262,11 @@ class FederationResult:
             "versions": self.versions,
             "seconds": _num(self.seconds),
             "audit_wait_seconds": _num(self.audit_wait_seconds),
+            "audit_backlog_at_end": self.audit_backlog_at_end,
             "rounds": [r.to_dict() for r in self.rounds],
             "records": [c.to_dict(self.test_accuracy(c.round)) for c in self.records],
             "defenses": [d.to_dict() for d in self.defenses],
+            "audit_unit": self.audit_unit,
+            "aggregates": [a.to_dict(self.test_accuracy(a.round)) for a in self.aggregates],
+            "membership": [m.to_dict() for m in self.membership],
         }

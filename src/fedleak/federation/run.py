@@ -99,6 +99,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+sigterm_as_interrupt = _sigterm_as_interrupt  # public name, for the deployment runtime
+
+
 def shutdown_ray() -> None:
     try:
         import ray
@@ -130,8 +133,14 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     """Run the federation described by ``settings`` on Flower's simulation engine and audit it.
 
     ``verbose``: show Flower's and Ray's log lines and the Python warnings of Flower, Ray and the processes they
-    start; without it only errors get through.
+    start; without it only errors get through. ``settings.runtime`` other than ``"simulation"`` runs on that
+    runtime instead (:mod:`fedleak.federation.runtimes`, e.g. :func:`~fedleak.federation.deployment.run_deployment`).
     """
+    from fedleak.federation.runtimes import get_runtime
+
+    runner = get_runtime(settings.runtime).runner()
+    if runner is not run_federation:
+        return runner(settings, verbose=verbose, on_finding=on_finding)
     require_flwr()
     from fedleak.federation.client import federation_accounting
     from fedleak.federation.hooks import get_threat
@@ -149,19 +158,36 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
 
     split = data_split(settings.data, settings.test_size, settings.public_size)  # DataError before Ray starts
     evaluations: dict[int, tuple[float, float]] = {}
+    membership = None
+    if settings.membership_targets:  # the server scores every update on its candidate records
+        from fedleak.federation.membership import MembershipAuditor
+
+        membership = MembershipAuditor(settings)
     start = time.perf_counter()
     with isolated_environment(quiet=not verbose) as folder, _quiet_flower_and_ray(verbose), _sigterm_as_interrupt():
         gt_dir = os.path.join(folder, "ground-truth")
-        strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir, data_range=split.value_range), on_finding=on_finding)
         stop = threading.Event()
-        server_app = make_server_app(settings, strategy, ground_truth_dir=gt_dir,
-                                     on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
+        if settings.secagg:  # the server sees only the aggregate: one audit of it per round (federation.secagg)
+            from fedleak.federation.aggregate_audit import UnionScorer
+            from fedleak.federation.secagg import make_secagg_server_app
+
+            server_app, audit = make_secagg_server_app(
+                settings, scorer=UnionScorer(gt_dir, split.value_range), ground_truth_dir=gt_dir,
+                on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
+        else:
+            strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir, data_range=split.value_range), on_finding=on_finding,
+                                             on_update=membership.observe if membership is not None else None)
+            server_app = make_server_app(settings, strategy, ground_truth_dir=gt_dir,
+                                         on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
         backend = {
             "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": settings.ray_cpus, "num_gpus": 0, "_temp_dir": os.path.join(folder, "r"),
                           "include_dashboard": False, "logging_level": logging.ERROR if not verbose else logging.INFO,
                           "log_to_driver": verbose},
         }
+        if settings.ray_address is not None:  # join that cluster: its resources and temp dir are its own
+            backend["init_args"] = {"address": settings.ray_address, "logging_level": backend["init_args"][
+                "logging_level"], "log_to_driver": verbose}
         try:
             try:
                 run_simulation(server_app=server_app, client_app=make_client_app(),
@@ -180,17 +206,36 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         finally:
             stop.set()
             shutdown_ray()
+    result = federation_result(settings, evaluations, records, audit, time.perf_counter() - start, defenses)
+    if settings.secagg:
+        from fedleak.federation.secagg import with_aggregates
+
+        result = with_aggregates(result, audit)
+    if membership is not None:
+        result = dataclasses.replace(result, membership=membership.findings())
+    return result
+
+
+def federation_result(settings: FederationSettings, evaluations: dict[int, tuple[float, float]], records: list,
+                      audit, seconds: float, defenses: tuple[DefenseRecord, ...]) -> FederationResult:
+    """The :class:`FederationResult` of a finished run (on either runtime): ``evaluations`` maps each round (0: the
+    initial model) to the global model's (test accuracy, loss), ``records`` are ``audit``'s findings (an
+    :class:`~fedleak.federation.strategy.AuditFedAvg`). FedleakError when a round was never evaluated."""
     if len(evaluations) < settings.rounds + 1:
         raise FedleakError(f"the federation stopped early: the global model was evaluated after "
                            f"{len(evaluations) - 1} of {settings.rounds} rounds")
     rounds = []
+    loads = {a.round: a for a in audit.audit_rounds()}
+    partition_of = {r.node_id: r.client for r in records if r.client >= 0}
     for rnd in sorted(evaluations):
         here = [r for r in records if r.round == rnd]
-        ok = sum(1 for r in here if r.status in ("ok", "attack-error"))
+        ok = sum(1 for r in here if r.status in ("ok", "attack-error", "not-audited"))
+        sampled = tuple(sorted(partition_of.get(n, n) for n in audit.sampled.get(rnd, ())))
         rounds.append(RoundRecord(rnd, evaluations[rnd][0], evaluations[rnd][1], audit.round_seconds.get(rnd),
-                                  ok, len(here) - ok))
+                                  ok, len(here) - ok, sampled, loads.get(rnd)))
     return FederationResult(settings.to_dict(), package_versions(), tuple(rounds), tuple(records),
-                            time.perf_counter() - start, audit.audit_wait_seconds, defenses)
+                            seconds, audit.audit_wait_seconds, defenses,
+                            audit.backlog(settings.rounds) if settings.audit else None)
 
 
 def defense_summary(settings: FederationSettings, accounting: Accounting) -> tuple[DefenseRecord, ...]:
@@ -207,12 +252,17 @@ def defense_summary(settings: FederationSettings, accounting: Accounting) -> tup
 
 def summarize(result: FederationResult) -> list[str]:
     """One line per round: test accuracy, the mean certified-and-exact fraction over the clients audited and,
-    for updates nothing was certified in, the estimated PSNR of what the attack rebuilt and the route."""
+    for updates nothing was certified in, the estimated PSNR of what the attack rebuilt and the route; then the
+    membership inference's AUC per round, when the server scored candidates."""
     lines = []
+    if result.membership:
+        from fedleak.federation.membership import membership_lines
+
+        lines.extend(membership_lines(result.membership))
     for r in result.rounds:
         recs = [c for c in result.records if c.round == r.round and c.scores is not None]
         frac = np.mean([c.scores.recovered_fraction for c in recs]) if recs else float("nan")
-        skipped = [c for c in result.records if c.round == r.round and c.status not in ("ok",)]
+        skipped = [c for c in result.records if c.round == r.round and c.status not in ("ok", "not-audited")]
         extra = f", {len(skipped)} client(s) skipped" if skipped else ""
         multi = [c for c in recs if c.multi_step]
         if multi:
@@ -220,8 +270,14 @@ def summarize(result: FederationResult) -> list[str]:
             routes = sorted({c.attack for c in multi if c.attack})
             extra += (f"; {len(multi)} multi-step update(s), audited by {', '.join(routes)}"
                       + (f": estimated PSNR {np.mean(psnrs):.1f} dB (uncertified)" if psnrs else ""))
+        if r.audit is not None and r.audit.sampled:
+            extra += f"; {r.audit.text()}"
+        if r.round and len(r.sampled) < result.settings.get("clients", len(r.sampled)):
+            extra += f"; {len(r.sampled)} of {result.settings['clients']} clients sampled"
         lines.append(f"round {r.round}: test accuracy {r.test_accuracy:.3f}"
-                     + (f", certified and exact {frac:.1%} of the audited clients' samples{extra}" if r.round else ""))
+                     + ((f", certified and exact {frac:.1%} of the audited clients' samples{extra}" if recs
+                         else f", no update scored{extra}") if r.round else ""))
+    lines.extend(a.summary() for a in result.aggregates)  # secure aggregation: one audit per round's aggregate
     for d in result.defenses:
         aware = {c.defense_aware for c in result.records if c.status == "ok"}
         how = {True: "the attack modelled it", False: "the attack did not model it"}

@@ -30,6 +30,7 @@ from fedleak.federation.flower_native import wrap_strategy  # noqa: E402
 from fedleak.federation.hooks import get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
+from fedleak.nets.frontend import TRACE_LOCK  # noqa: E402
 
 
 class FederationStopped(RuntimeError):
@@ -66,7 +67,8 @@ class StoppableGrid:
 
 
 def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None,
-                   on_finding: Callable | None = None) -> tuple[Strategy, AuditFedAvg]:
+                   on_finding: Callable | None = None, on_update: Callable | None = None
+                   ) -> tuple[Strategy, AuditFedAvg]:
     """(strategy to run, the AuditFedAvg inside it) for ``settings``."""
     split = data_split(settings.data, settings.test_size, settings.public_size)
     threat = get_threat(settings.threat)
@@ -84,8 +86,10 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
                   multi_step_options={"budget": settings.attack_budget, "progress": False},
                   defense=stack if stack else None),
         tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, upload=settings.upload, audit=settings.audit,
-        declared=settings.declared_training(), on_finding=on_finding,
-        fraction_train=CLIENT_RATE, fraction_evaluate=0.0, min_train_nodes=settings.clients,
+        declared=settings.declared_training(), on_finding=on_finding, on_update=on_update,
+        audit_workers=settings.audit_workers, audit_backlog=settings.audit_backlog, audit_seed=settings.seed,
+        fraction_train=CLIENT_RATE * settings.fraction_train, fraction_evaluate=0.0,
+        min_train_nodes=settings.min_train_nodes if settings.fraction_train < 1 else settings.clients,
         min_available_nodes=settings.clients,
     )
     return wrap_strategy(stack, audit, settings), audit
@@ -96,7 +100,7 @@ def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord,
     """Test accuracy and loss of the global weights ``arrays`` (on the test inputs as the clients' defenses make
     the model see them: DisguisedNets' keyed transform)."""
     model.load_state_dict(arrays.to_torch_state_dict())
-    with torch.no_grad():
+    with TRACE_LOCK, torch.no_grad():  # an audit thread may be tracing a model (torch.fx patches every forward)
         logits = model(split.test_x if stack is None else stack.bind(data_range=split.value_range,
                                                                      num_classes=split.num_classes)
                        .at_inference(split.test_x))

@@ -10,7 +10,10 @@ import torch
 
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
+from fedleak.federation.audit_pool import check_pool_options
 from fedleak.federation.flower_native import check_native_order, needs_weight_upload
+from fedleak.federation.secagg_config import SecAggConfig, check_secagg
+from fedleak.federation.runtimes import get_runtime
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,12 @@ class FederationSettings:
     (:mod:`fedleak.federation.flower_native`, e.g. ``local-dp``, ``central-dp``) switches to ``"weights"``.
     ``inject_faults`` (testing): ``"fail:P@R"`` makes partition P raise in round R, ``"malformed:P@R"``
     makes it send NaN weights (``@R`` omitted: every round).
+    Scale: ``fraction_train`` and ``min_train_nodes`` are Flower's FedAvg sampling (each round it trains
+    ``max(int(clients * fraction_train), min_train_nodes)`` clients, drawn by Flower); ``audit_workers`` worker
+    processes attack the updates; ``audit_backlog`` bounds the audit jobs left pending, beyond which a seeded
+    sample of a round's updates is audited and the others recorded as not audited
+    (:mod:`fedleak.federation.audit_pool`); ``ray_address`` joins an existing Ray cluster for Flower's clients
+    (``ray_cpus`` is then the cluster's business; ``client_cpus`` still sets each client's share).
     """
 
     data: str = "fashion-mnist"
@@ -61,9 +70,31 @@ class FederationSettings:
     client_cpus: float = 1.0
     attack_budget: float = 30.0  # seconds per update for the optimisation route (multi-step updates)
     inject_faults: tuple[str, ...] = field(default=())
+    fraction_train: float = 1.0  # Flower's FedAvg: the fraction of clients sampled per round ...
+    min_train_nodes: int = 1  # ... but at least this many
+    audit_workers: int = 1  # audit worker processes
+    audit_backlog: int | None = None  # most audit jobs pending before updates are sampled (None: no bound)
+    ray_address: str | None = None  # join this Ray cluster (None: a private local Ray with ray_cpus CPUs)
+    runtime: str = "simulation"  # where it runs: a name of fedleak.federation.runtimes (simulation | deployment)
+    secagg: bool = False  # Flower's SecAgg+: the server sees only the aggregate (fedleak.federation.secagg)
+    secagg_shares: int | float = 1.0  # SecAggPlusWorkflow's num_shares (count > 2, or fraction of the sampled)
+    secagg_threshold: int | float = 0.5  # its reconstruction_threshold (count >= 2, or fraction of the shares)
+    secagg_clipping_range: float = 8.0  # its clipping_range (Flower's default)
+    secagg_quantization_range: int = 4194304  # its quantization_range (Flower's default, 2**22)
+    secagg_max_weight: float = 1000.0  # its max_weight (Flower's default)
+    secagg_upload_dtype: str = "float32"  # the dtype clients hand to Flower's SecAgg+ mod (it quantizes in it)
+    membership_targets: int = 0  # candidate records the server scores every update on (0: no membership scoring)
+    membership_ascent: float = 1.0  # the membership-active server's gradient-ascent step on the candidates
+    membership_rounds: tuple[int, ...] = ()  # rounds the membership-active server tampers with (none: every round)
+    membership_target_loss: float = 0.0  # > 0: line-search the ascent step to raise the candidates' mean loss to this
+    membership_max_drift: float = 0.5  # ... keeping the drift of its public-data predictions (nats) within this
+    membership_last_layers: int = 0  # ascend on the last this-many parameter tensors only (0: every parameter)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "membership_rounds", tuple(int(r) for r in self.membership_rounds))
+        if self.threat == "membership-active" and self.membership_targets == 0:
+            object.__setattr__(self, "membership_targets", 64)  # the active server needs candidates
         specs = (self.defenses,) if isinstance(self.defenses, str) else self.defenses
         object.__setattr__(self, "defenses", tuple(str(d) for d in specs))
         stack = self.stack  # OptionError on an unknown defense or a bad parameter, before anything starts
@@ -85,13 +116,40 @@ class FederationSettings:
             (self.upload in ("delta", "weights"), f"upload must be delta or weights, got '{self.upload}'"),
             (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
             (self.attack_budget > 0, f"attack_budget must be positive, got {self.attack_budget}"),
-            (0 < self.client_cpus <= self.ray_cpus, f"client_cpus must lie in (0, ray_cpus], got {self.client_cpus}"),
+            (0 < self.client_cpus <= self.ray_cpus or (self.ray_address is not None and self.client_cpus > 0),
+             f"client_cpus must lie in (0, ray_cpus], got {self.client_cpus}"),
+            (0 < self.fraction_train <= 1, f"fraction_train must lie in (0, 1], got {self.fraction_train}"),
+            (self.membership_targets == 0 or self.membership_targets >= 2 * self.clients,
+             f"membership_targets must be 0 (off) or at least 2 x clients = {2 * self.clients}, "
+             f"got {self.membership_targets}"),
+            (self.membership_ascent >= 0, f"membership_ascent must be 0 or more, got {self.membership_ascent}"),
+            (self.membership_target_loss >= 0,
+             f"membership_target_loss must be 0 (fixed step) or more, got {self.membership_target_loss}"),
+            (self.membership_max_drift > 0, f"membership_max_drift must be positive, got {self.membership_max_drift}"),
+            (self.membership_last_layers >= 0,
+             f"membership_last_layers must be 0 (every parameter) or more, got {self.membership_last_layers}"),
+            (all(1 <= r <= self.rounds for r in self.membership_rounds),
+             f"membership_rounds must lie in 1..{self.rounds}, got {list(self.membership_rounds)}"),
+            (1 <= self.min_train_nodes <= self.clients,
+             f"min_train_nodes must lie in [1, clients={self.clients}], got {self.min_train_nodes}"),
+            (self.ray_address is None or bool(str(self.ray_address).strip()),
+             "ray_address must name a Ray cluster (e.g. 'auto' or '10.0.0.5:6379') or be left out"),
         ]
         for ok, message in checks:
             if not ok:
                 raise FedleakError(message)
         for fault in self.inject_faults:
             parse_fault(fault)
+        check_pool_options(self.audit_mode, self.audit_workers, self.audit_backlog)
+        get_runtime(self.runtime)  # OptionError naming the runtimes
+        if self.secagg:
+            check_secagg(self)  # OptionError naming the bad SecAgg+ parameter
+
+    @property
+    def secagg_config(self) -> SecAggConfig:
+        """The SecAgg+ parameters (used when ``secagg`` is on)."""
+        return SecAggConfig(self.secagg_shares, self.secagg_threshold, self.secagg_clipping_range,
+                            self.secagg_quantization_range, self.secagg_max_weight, self.secagg_upload_dtype)
 
     @property
     def stack(self) -> DefenseStack:

@@ -30,15 +30,12 @@ that looks the batch up elsewhere (``fedleak federate`` uses the side channel of
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import multiprocessing
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import replace
 from typing import Any
@@ -55,14 +52,20 @@ from torch import nn  # noqa: E402
 
 from fedleak.attacks.registry import get_attack  # noqa: E402
 from fedleak.errors import FedleakError, UpdateError  # noqa: E402
+from fedleak.federation.audit_pool import (  # noqa: E402
+    AuditLedger,
+    RoundAudit,
+    check_pool_options,
+    choose_audited,
+    make_audit_executor,
+    pending_jobs,
+)
 from fedleak.federation.audit_worker import (  # noqa: E402
     AuditInput,
     AuditPlan,
     Scorer,
     audit_reply,
-    init_worker,
     run_audit,
-    set_round_model,
 )
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
@@ -88,25 +91,6 @@ def _state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in record.to_torch_state_dict().items()}
 
 
-@contextlib.contextmanager
-def _main_module_hidden():
-    """Spawned workers re-import the parent's ``__main__`` (its file or module name) unless it has none:
-    a user's script that calls ``run_federation`` without an ``if __name__ == "__main__"`` guard would run
-    again in the worker. The audit worker needs nothing from ``__main__``, so hide it while spawning."""
-    main = sys.modules.get("__main__")
-    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if main is not None and hasattr(main, k)}
-    try:
-        for k in saved:
-            if k == "__file__":
-                delattr(main, k)
-            else:
-                setattr(main, k, None)
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(main, k, v)
-
-
 class AuditFedAvg(FedAvg):
     """FedAvg plus a per-client leakage audit (see the module docstring).
 
@@ -120,7 +104,7 @@ class AuditFedAvg(FedAvg):
     run on a plain copy, which with ``"process"`` must pickle (else :class:`~fedleak.errors.FedleakError`).
     ``tamper(model, round) -> model``: a malicious server's change of the weights it sends, given a copy of
     your model with the round's weights (same architecture), or None for an honest server. ``audit_mode``:
-    ``"process"`` (default: attacks run in one worker process, so neither the GIL nor the attack's CPU
+    ``"process"`` (default: attacks run in ``audit_workers`` worker processes, so neither the GIL nor the attack's CPU
     time holds up Flower's server thread), ``"thread"`` (a background thread) or ``"sync"`` (inside
     ``aggregate_train``). ``scorer``: evaluation-only scoring (see module docstring); with
     ``"process"`` it must be picklable (e.g. :class:`~fedleak.federation.ground_truth.GroundTruthScorer`).
@@ -130,20 +114,33 @@ class AuditFedAvg(FedAvg):
     ``local-epochs``, ``batch-size``), which take precedence. Each record then says what kind of update it
     is (:func:`fedleak.update_kind.describe_update`): an update of several local steps goes to
     ``plan.multi_step_attack`` (``auto`` by default), not to the exact route.
-    ``on_finding``: called with each :class:`ClientRecord` as it completes. Other keywords go to FedAvg.
+    ``on_finding``: called with each :class:`ClientRecord` as it completes. ``audit_workers``: worker processes
+    (``"process"`` only; results are the same for any number). ``audit_backlog``: the most audit jobs left
+    pending (None: no bound); when a round's updates would exceed it, a sample drawn from ``audit_seed`` and the
+    round is audited and the rest get a ``"not-audited"`` record (:mod:`fedleak.federation.audit_pool`;
+    :meth:`audit_rounds` says per round how many were received and audited, and the audit's lag). Flower's
+    ``fraction_train`` / ``min_train_nodes`` sample the clients; :attr:`sampled` holds each round's node ids.
+    Other keywords go to FedAvg.
     """
 
     def __init__(self, model: nn.Module, plan: AuditPlan | None = None, *, tamper: Tamper | None = None,
                  scorer: Scorer | None = None, audit_mode: str = "process", audit: bool = True,
                  upload: str = "weights", declared: Mapping[str, Any] | None = None,
-                 on_finding: Callable[[ClientRecord], None] | None = None, **fedavg: Any) -> None:
+                 on_finding: Callable[[ClientRecord], None] | None = None, audit_workers: int = 1,
+                 audit_backlog: int | None = None, audit_seed: int = 0,
+                 on_update: Callable[[int, int, WeightUpdate], None] | None = None, **fedavg: Any) -> None:
         super().__init__(**fedavg)
+        self.on_update = on_update  # called with (round, partition, update) for every valid update (membership)
         self.declared = check_declared(declared)
         self.plan = plan or AuditPlan()
         if audit_mode not in AUDIT_MODES:
             raise FedleakError(f"unknown audit mode '{audit_mode}'; use one of {', '.join(AUDIT_MODES)}")
         if upload not in ("weights", "delta"):
             raise FedleakError(f"upload must be 'weights' or 'delta', got '{upload}'")
+        check_pool_options(audit_mode, audit_workers, audit_backlog)
+        self.audit_workers, self.audit_backlog, self.audit_seed = audit_workers, audit_backlog, int(audit_seed)
+        self._ledger = AuditLedger()
+        self.sampled: dict[int, tuple[int, ...]] = {}  # per round: the node ids the strategy sent a train message
         check_model(model)
         self.model = copy.deepcopy(model).cpu()  # the user's own class: what ``tamper`` is given
         if audit:
@@ -166,7 +163,6 @@ class AuditFedAvg(FedAvg):
         self.audit_mode = audit_mode
         self.upload = upload
         self._pool: Executor | None = None
-        self._shipped: set[int] = set()
         self._closing = False
         self._models_round: tuple[int, nn.Module | None] = (-1, None)
         self.round_seconds: dict[int, float] = {}
@@ -186,13 +182,16 @@ class AuditFedAvg(FedAvg):
             sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
             arrays = ArrayRecord(sent)
         self._sent[server_round] = sent
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = tuple(int(m.metadata.dst_node_id) for m in messages)
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         sent = self._sent.get(server_round)
         valid: list[Message] = []
+        jobs: list[tuple[int, int, WeightUpdate, dict[str, torch.Tensor] | None, dict[str, Any]]] = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
@@ -204,32 +203,51 @@ class AuditFedAvg(FedAvg):
                 self._add(ClientRecord.skipped(server_round, node, self._partition_of(msg), "malformed", str(exc)))
                 continue
             valid.append(msg)
-            if self.audit:
-                if self.audit_mode == "process":
-                    # one worker runs jobs in order: ship the round's model once, then only each reply's weights
-                    if server_round not in self._shipped:
-                        self._executor().submit(set_round_model, server_round, self._model(sent))
-                        self._shipped.add(server_round)
-                    fut = self._executor().submit(audit_reply, self.plan, server_round, node, partition,
-                                                  None if delta is not None else dict(update.after),
-                                                  int(update.num_examples), self.scorer, delta, declared)
-                elif self.audit_mode == "thread":
-                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
-                                     delta, declared)
-                    fut = self._executor().submit(run_audit, self.plan, job, self.scorer)
-                else:
-                    job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
-                                     delta, declared)
-                    self._add(run_audit(self.plan, job, self.scorer))
-                    continue
-                fut.add_done_callback(self._collect)
-                self._futures.append(fut)
+            if self.on_update is not None:
+                self.on_update(server_round, partition, update)
+            jobs.append((node, partition, update, delta, declared))
+        if self.audit:
+            self._audit_round(server_round, sent, jobs)
         out = super().aggregate_train(server_round, valid) if valid else (None, None)
+        self._ledger.aggregated(server_round, pending_jobs(self._futures))
         if server_round in self._round_start:
             self.round_seconds[server_round] = time.perf_counter() - self._round_start[server_round]
         return out
 
     # ---- audit -----------------------------------------------------------------------------------------
+    def _audit_round(self, server_round: int, sent: Mapping[str, torch.Tensor],
+                     jobs: list[tuple[int, int, WeightUpdate, dict[str, torch.Tensor] | None, dict[str, Any]]]) -> None:
+        """Hand the round's valid updates to the audit: all of them, or, when the backlog of pending jobs leaves
+        too little room under ``audit_backlog``, a seeded sample (:func:`~fedleak.federation.audit_pool.
+        choose_audited`); every update left out gets a ``"not-audited"`` record saying why."""
+        self._futures = [f for f in self._futures if not f.done()]
+        backlog = pending_jobs(self._futures)
+        chosen = set(choose_audited([(p, n) for n, p, *_ in jobs], backlog, self.audit_backlog, self.audit_seed,
+                                    server_round))
+        entry = RoundAudit(server_round, len(jobs), len(chosen), backlog, self.audit_backlog,
+                           self.audit_seed if len(chosen) < len(jobs) else None)
+        self._ledger.arrived(entry)
+        for i, (node, partition, update, delta, declared) in enumerate(jobs):
+            if i not in chosen:
+                self._add(ClientRecord.skipped(server_round, node, partition, "not-audited",
+                                               f"not audited: {entry.text()}", num_examples=int(update.num_examples)))
+                continue
+            if self.audit_mode == "process":  # the job carries the sent weights: any worker can take it
+                fut = self._executor().submit(audit_reply, self.plan, server_round, node, partition, sent,
+                                              None if delta is not None else dict(update.after),
+                                              int(update.num_examples), self.scorer, delta, declared)
+            else:
+                job = AuditInput(server_round, node, partition, self._round_model(server_round, sent), update,
+                                 delta, declared)
+                if self.audit_mode == "sync":
+                    record = run_audit(self.plan, job, self.scorer)
+                    self._ledger.finished(server_round)
+                    self._add(record)
+                    continue
+                fut = self._executor().submit(run_audit, self.plan, job, self.scorer)
+            fut.add_done_callback(self._collect)
+            self._futures.append(fut)
+
     def _round_model(self, server_round: int, state: Mapping[str, torch.Tensor]) -> nn.Module:
         """One copy of the sent model per round, shared by that round's attacks (they only read it)."""
         if self._models_round[0] != server_round:
@@ -295,13 +313,7 @@ class AuditFedAvg(FedAvg):
 
     def _executor(self) -> Executor:
         if self._pool is None:
-            if self.audit_mode == "process":
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=init_worker)
-                with _main_module_hidden():  # the worker is spawned by this first submit
-                    self._pool.submit(init_worker, 0)
-            else:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedleak-audit")
+            self._pool = make_audit_executor(self.audit_mode, self.audit_workers, self.template)
         return self._pool
 
     def _collect(self, fut: Future) -> None:
@@ -311,7 +323,9 @@ class AuditFedAvg(FedAvg):
         if exc is not None:  # the worker died (run_audit itself never raises)
             self._add(ClientRecord.skipped(-1, -1, -1, "attack-error", f"audit worker failed: {exc!r}"))
         else:
-            self._add(fut.result())
+            record = fut.result()
+            self._ledger.finished(record.round)
+            self._add(record)
 
     def _add(self, record: ClientRecord) -> None:
         with self._lock:
@@ -320,6 +334,15 @@ class AuditFedAvg(FedAvg):
             self.on_finding(record)
 
     # ---- results ---------------------------------------------------------------------------------------
+    def audit_rounds(self) -> tuple[RoundAudit, ...]:
+        """Per round: updates received and audited, the backlog they met, the sample's seed and the audit's lag
+        (complete once :meth:`findings` has waited for the pending attacks)."""
+        return self._ledger.rounds()
+
+    def backlog(self, server_round: int | None = None) -> int | None:
+        """Audit jobs not finished yet: now, or when ``server_round`` was aggregated (None: it was not)."""
+        return pending_jobs(self._futures) if server_round is None else self._ledger.backlog_after(server_round)
+
     def wait(self) -> float:
         """Wait for pending attacks; returns the seconds spent waiting."""
         start = time.perf_counter()

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from fedleak.errors import FedleakError, ModelError
+from fedleak.nets.frontend import TRACE_LOCK
 
 __all__ = ["audit_template", "check_shippable", "traced_copy"]
 
@@ -58,7 +59,8 @@ def traced_copy(model: nn.Module) -> fx.GraphModule:
     (set by fedleak's builders) is kept too. Raises whatever ``torch.fx`` raises for an untraceable model.
     """
     own = copy.deepcopy(model).cpu()
-    gm = fx.symbolic_trace(own)
+    with TRACE_LOCK:
+        gm = fx.symbolic_trace(own)
     # under ``from __future__ import annotations`` the forward's type hints are strings, which torch.fx
     # keeps as globals of the generated code and then cannot pickle; they are only hints, so drop them
     if any(isinstance(node.type, str) for node in gm.graph.nodes):

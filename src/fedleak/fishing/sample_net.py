@@ -26,26 +26,26 @@ from fedleak.nets import ConvBlock, Network, ReluMLP
 
 
 class HeadArrays:
-    """float64 numpy copies of the head's layers plus float32 copies for the client-side check."""
+    """The head's layers as numpy arrays: float64 (one copy, shared with every other float64 reader of the head
+    while it lives) and float32 for the client-side check (the model's own weights when it is float32: no copy).
+    Products ``a @ W.T`` read the row-major weights as they are (BLAS takes the transpose)."""
 
     def __init__(self, head: ReluMLP):
         self.W = [w.cpu().numpy() for w in head.weights()]
         self.b = [None if b is None else b.cpu().numpy() for b in head.biases()]
-        self.W32 = [w.astype(np.float32) for w in self.W]
-        self.WT = [np.ascontiguousarray(w.T) for w in self.W]
-        self.WT32 = [np.ascontiguousarray(w.T) for w in self.W32]
-        self.b32 = [None if b is None else b.astype(np.float32) for b in self.b]
+        self.W32 = [w.cpu().numpy() for w in head.weights(torch.float32)]
+        self.b32 = [None if b is None else b.cpu().numpy() for b in head.biases(torch.float32)]
         self.depth = len(self.W) - 1
         self.widths = [w.shape[0] for w in self.W[:-1]]
         self.input_dim = self.W[0].shape[1]
 
     def preacts(self, x: np.ndarray, f32: bool = False) -> list[np.ndarray]:
         """Pre-activations of every hidden layer for one input or a batch (rows) of head inputs."""
-        WT, b = (self.WT32, self.b32) if f32 else (self.WT, self.b)
+        W, b = (self.W32, self.b32) if f32 else (self.W, self.b)
         a = x.astype(np.float32) if f32 else x
         out = []
         for h in range(self.depth):
-            z = a @ WT[h]
+            z = a @ W[h].T
             if b[h] is not None:
                 z = z + b[h]
             out.append(z)

@@ -9,6 +9,8 @@ matrix, :meth:`ConvBlock.pool_windows` the max-pooling windows.
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -16,8 +18,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedleak.nets.cast import state as tensor_state
 from fedleak.nets.conv_gram import MAX_ENTRIES, ConvGram
 from fedleak.nets.layers import BatchNorm, Conv, Pool
+
+
+# the unrolled conv and its band assembly, per conv module: a model read again (every attack reads it anew) reuses
+# them while its conv and batch-norm tensors are unchanged
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,9 +79,29 @@ class ConvBlock:
         """The block's output (n x out_shape) for inputs ``x`` (n x in_shape)."""
         return self.apply_pool(torch.relu(self.preact(x, dtype)))
 
-    @cached_property
+    def state(self) -> tuple:
+        """What the block's linear maps depend on: shapes, conv geometry, and a fingerprint of every conv/BN
+        tensor (:func:`fedleak.nets.cast.state`)."""
+        mods = [self.conv.module] + ([self.bn.module] if self.bn is not None else [])
+        tensors = [t for m in mods for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        return (self.in_shape, self.conv_shape, self.conv.stride, self.conv.padding, tuple(map(tensor_state, tensors)))
+
+    def derived(self, name: str, build: Callable[[], object]):
+        """``build()``, computed once per conv module and state (see :meth:`state`)."""
+        key = self.state()
+        entry = _DERIVED.get(self.conv.module)
+        if entry is None or entry[0] != key:
+            entry = _DERIVED[self.conv.module] = (key, {})
+        if name not in entry[1]:
+            entry[1][name] = build()
+        return entry[1][name]
+
+    @property
     def affine(self) -> tuple[sp.csr_matrix, np.ndarray]:
         """The unrolled conv (BN folded) ``A`` (conv_dim x in_dim, CSR float64) and bias ``c`` (conv_dim)."""
+        return self.derived("affine", self.unrolled)
+
+    def unrolled(self) -> tuple[sp.csr_matrix, np.ndarray]:
         W, b = self.folded(torch.float64)
         W = W.cpu().numpy()
         co_n, ci_n, kh, kw = W.shape
@@ -93,10 +121,13 @@ class ConvBlock:
         c = np.repeat(b.cpu().numpy(), Ho * Wo)
         return A, c
 
-    @cached_property
+    @property
     def gram(self) -> ConvGram | None:
-        """Band assembly of ``A^T diag(w) A`` (:class:`~fedleak.models.conv_gram.ConvGram`), or None when its
-        index arrays would be too large (the caller then forms the product from ``affine``)."""
+        """Band assembly of ``A^T diag(w) A`` (:class:`~fedleak.nets.conv_gram.ConvGram`), or None for a layer
+        too large for it (the caller then forms the product from ``affine``)."""
+        return self.derived("gram", self.band_assembly)
+
+    def band_assembly(self) -> ConvGram | None:
         W, _ = self.folded(torch.float64)
         out_hw = self.conv_shape[1:]
         if ConvGram.entries(tuple(W.shape), out_hw) > MAX_ENTRIES:

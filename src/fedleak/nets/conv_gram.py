@@ -9,15 +9,18 @@ Cholesky factors in milliseconds.
 Forming ``N`` by a sparse product ``J^T J`` costs more than factoring it, so :class:`ConvGram` assembles it
 from the kernel instead: for every output position ``r`` and pair of kernel taps ``(t1, t2)``,
 ``N[in(r, t1), in(r, t2)] += sum_co w[co, r] K[co, t1] K[co, t2]`` -- one dense product
-``w^T (K ⊗ K)`` and one scatter-add whose indices depend on the layer only (computed once per block).
+``(K ⊗ K)^T w`` over the tap pairs of the lower triangle, then one strided add per pair of kernel positions
+(the band row of a tap pair does not depend on ``r``, so all its products land in one rectangle of pixels).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-# an assembly whose index arrays would exceed this many (output position, tap pair) entries is not built
-# (the caller falls back to a sparse product); 25x25 inputs with 6 channels and 3x3 kernels need 1.8M
+# a layer with more (output position, tap pair) products than this is not assembled (the caller falls back to a
+# sparse product); 28x28 outputs of 6 input channels and 3x3 kernels have 2.3M
 MAX_ENTRIES = 20_000_000
 
 
@@ -27,12 +30,38 @@ def pixel_major_order(shape: tuple[int, int, int]) -> np.ndarray:
     return np.arange(C * H * W).reshape(C, H, W).transpose(1, 2, 0).reshape(-1)
 
 
+def tap_window(k: int, size: int, out: int, stride: int, pad: int) -> tuple[int, int]:
+    """The output positions ``[lo, hi)`` along one axis whose kernel tap ``k`` falls inside an input of ``size``."""
+    inside = [o for o in range(out) if 0 <= o * stride - pad + k < size]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
+@dataclass(frozen=True)
+class TapPair:
+    """A pair of kernel positions ``(ky1, kx1) >= (ky2, kx2)`` (in pixel-major order) with the channel pairs it
+    contributes: columns ``cols`` of :attr:`ConvGram.pairs`, band rows ``diff`` and input channels ``c2``, for
+    the output positions ``oy``/``ox`` where both taps fall inside the input; ``y``/``x`` the first input
+    pixel of the second tap."""
+
+    cols: slice
+    diff: np.ndarray
+    c2: np.ndarray
+    oy: slice
+    ox: slice
+    y: int
+    x: int
+
+
 class ConvGram:
     """Band-storage assembly of ``A^T diag(w) A`` for one conv layer (BN folded into ``kernel``).
 
     ``order``: pixel-major order of the inputs (``x[order]`` is the input in band order); ``bandwidth``:
     the half-bandwidth of ``N`` in that order. :meth:`band` returns LAPACK's lower band storage
     (``ab[i - j, j] = N[i, j]``, shape ``(bandwidth + 1, n)``) for unit weights ``w``.
+
+    A tap pair's offset in the band does not depend on the output position, so for each pair of kernel
+    positions the products of all its channel pairs land in one rectangle of input pixels: one product
+    ``pairs^T w`` (lower-triangle pairs only) and one strided add per pair of kernel positions.
     """
 
     def __init__(self, kernel: np.ndarray, in_shape: tuple[int, int, int], out_hw: tuple[int, int],
@@ -41,26 +70,37 @@ class ConvGram:
         C, H, W = in_shape
         Ho, Wo = out_hw
         self.n = C * H * W
+        self.in_shape = in_shape
+        self.out_hw = out_hw
+        self.stride = stride
         self.channels_out = co_n
-        taps = ci_n * kh * kw
-        R = Ho * Wo
-        oy, ox, ci, ky, kx = np.meshgrid(np.arange(Ho), np.arange(Wo), np.arange(ci_n), np.arange(kh), np.arange(kw),
-                                         indexing="ij")
-        iy = oy * stride[0] - padding[0] + ky
-        ix = ox * stride[1] - padding[1] + kx
-        valid = ((iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)).reshape(R, taps)
-        pos = ((iy * W + ix) * C + ci).reshape(R, taps)  # pixel-major position of each tap's input
-        p1 = pos[:, :, None]
-        p2 = pos[:, None, :]
-        keep = valid[:, :, None] & valid[:, None, :] & (p1 >= p2)  # the lower triangle suffices
-        self.sel = np.flatnonzero(keep)
-        diff = np.broadcast_to(p1 - p2, keep.shape).reshape(-1)[self.sel]
-        col = np.broadcast_to(p2, keep.shape).reshape(-1)[self.sel]
-        self.bandwidth = int(diff.max(initial=0))
-        self.dest = diff * self.n + col
-        kf = kernel.reshape(co_n, taps)
-        self.pairs = (kf[:, :, None] * kf[:, None, :]).reshape(co_n, taps * taps)  # K ⊗ K per output channel
-        self.positions = R
+        kf = kernel.reshape(co_n, ci_n, kh * kw)
+        columns, self.groups, start = [], [], 0
+
+        for s1 in range(kh * kw):
+            for s2 in range(kh * kw):
+                (ky1, kx1), (ky2, kx2) = divmod(s1, kw), divmod(s2, kw)
+                base = ((ky1 - ky2) * W + (kx1 - kx2)) * C
+                if base < 0:
+                    continue
+                c1, c2 = (a.reshape(-1) for a in np.meshgrid(np.arange(ci_n), np.arange(ci_n), indexing="ij"))
+                if base == 0:
+                    c1, c2 = c1[c1 >= c2], c2[c1 >= c2]
+                ylo, yhi = tap_window(ky1, H, Ho, stride[0], padding[0])
+                ylo2, yhi2 = tap_window(ky2, H, Ho, stride[0], padding[0])
+                xlo, xhi = tap_window(kx1, W, Wo, stride[1], padding[1])
+                xlo2, xhi2 = tap_window(kx2, W, Wo, stride[1], padding[1])
+                oy, ox = slice(max(ylo, ylo2), min(yhi, yhi2)), slice(max(xlo, xlo2), min(xhi, xhi2))
+                if oy.start >= oy.stop or ox.start >= ox.stop:
+                    continue
+                columns.append(kf[:, c1, s1] * kf[:, c2, s2])
+                self.groups.append(TapPair(slice(start, start + len(c1)), base + c1 - c2, c2, oy, ox,
+                                           oy.start * stride[0] - padding[0] + ky2,
+                                           ox.start * stride[1] - padding[1] + kx2))
+                start += len(c1)
+        self.pairs = np.concatenate(columns, axis=1)  # K ⊗ K per output channel, lower-triangle pairs
+        self.bandwidth = int(max(int(g.diff.max()) for g in self.groups))
+        self.positions = Ho * Wo
         self.order = pixel_major_order(in_shape)
         self.max_terms = co_n * kh * kw  # at most this many products are summed into one entry of N
 
@@ -72,6 +112,12 @@ class ConvGram:
     def band(self, w: np.ndarray) -> np.ndarray:
         """Lower band storage of ``A^T diag(w) A`` (pixel-major order) for unit weights ``w`` (conv_dim,
         torch's ``(channel, y, x)`` order)."""
-        per_pos = w.reshape(self.channels_out, self.positions).T @ self.pairs  # R x taps^2
-        ab = np.bincount(self.dest, weights=per_pos.reshape(-1)[self.sel], minlength=(self.bandwidth + 1) * self.n)
+        C, H, W = self.in_shape
+        sy, sx = self.stride
+        per_pos = (self.pairs.T @ w.reshape(self.channels_out, self.positions)).reshape(-1, *self.out_hw)
+        ab = np.zeros((self.bandwidth + 1, H, W, C))
+        for g in self.groups:
+            ny, nx = g.oy.stop - g.oy.start, g.ox.stop - g.ox.start
+            rows, cols = slice(g.y, g.y + sy * (ny - 1) + 1, sy), slice(g.x, g.x + sx * (nx - 1) + 1, sx)
+            ab[g.diff, rows, cols, g.c2] += per_pos[g.cols, g.oy, g.ox]
         return ab.reshape(self.bandwidth + 1, self.n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -61,12 +62,19 @@ def sequential_graph(model: nn.Module) -> fx.GraphModule | None:
     return fx.GraphModule(model, graph)
 
 
+# torch.fx patches ``nn.Module.__call__`` process-wide while it traces: a forward pass run meanwhile in another
+# thread would be traced instead of computed. Tracing holds this lock; so does any forward pass that may run
+# beside an attack in a thread of the same process (the federation server's evaluation).
+TRACE_LOCK = threading.RLock()
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     direct = sequential_graph(model)
     if direct is not None:
         return direct
     try:
-        return fx.symbolic_trace(model)
+        with TRACE_LOCK:
+            return fx.symbolic_trace(model)
     except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from fedleak.nets.cast import cast
 from fedleak.nets.layers import Dense
 
 
@@ -19,6 +20,7 @@ class ReluMLP:
 
     dense: tuple[Dense, ...]
     input_shape: tuple[int, ...] | None
+    held: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # keeps its casts alive
 
     @property
     def depth(self) -> int:
@@ -46,10 +48,14 @@ class ReluMLP:
         return self.dense[0].module.weight.device
 
     def weights(self, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
-        return [d.module.weight.detach().to(dtype) for d in self.dense]
+        """The layers' weights in ``dtype`` (one shared copy per dtype while this head lives; do not modify)."""
+        self.held["weights", dtype] = out = [cast(d.module.weight, dtype) for d in self.dense]
+        return out
 
     def biases(self, dtype: torch.dtype = torch.float64) -> list[torch.Tensor | None]:
-        return [None if d.module.bias is None else d.module.bias.detach().to(dtype) for d in self.dense]
+        self.held["biases", dtype] = out = [None if d.module.bias is None else cast(d.module.bias, dtype)
+                                            for d in self.dense]
+        return out
 
     def parameter_names(self) -> list[str]:
         return [n for d in self.dense for n in d.parameter_names()]

@@ -96,7 +96,9 @@ ROUND_COLUMNS = (
 CLIENT_COLUMNS = (
     Column("round", "federated round", left=True),
     Column("client", "the client's partition id when it sends one, else Flower's node id", left=True),
-    Column("status", "ok; failed (client error); malformed (bad update, skipped); attack-error", left=True),
+    Column("status", "ok; failed (client error); malformed (bad update, skipped); attack-error; not-audited (the "
+                     "audit was behind its backlog bound: a seeded sample of the round's updates was audited)",
+           left=True),
     Column("update", "what the client's update is, as the server sees it", left=True),
     Column("route", "the attack (and route) that ran on it", left=True),
     Column("samples sent", "samples the update covers; withheld: those the client's defense left out"),
@@ -182,6 +184,10 @@ def _figures(result: FederationResult, records: list[ClientRecord]) -> tuple[Fig
         figures.append(Figure(uri, "leakage per client by round", "One panel per client: the share of its batch "
                                                                    "the server certified (solid) and rebuilt at all "
                                                                    "(dashed, uncertified included)."))
+    if result.membership:  # the server's membership inference: one ROC figure per round
+        from fedleak.federation.membership import membership_roc_uris
+
+        figures.extend(Figure(uri, "membership ROC", caption) for caption, uri in membership_roc_uris(result.membership))
     return tuple(figures)
 
 
@@ -234,6 +240,7 @@ def _verdict(result: FederationResult, rows: list[ClientRow]) -> Verdict:
     if skipped:
         findings.append(Finding("Skipped", f"{plural(len(skipped), 'client update')} not attacked: "
                                            + ", ".join(sorted({r.status for r in skipped})) + ".", "", "warn"))
+    findings.extend(_load_findings(result))
     if len(result.rounds) >= 2:
         a, b = result.rounds[0], result.rounds[-1]
         findings.append(Finding("Utility", f"test accuracy {percent(a.test_accuracy)} (round {a.round}) → "
@@ -241,7 +248,31 @@ def _verdict(result: FederationResult, rows: list[ClientRow]) -> Verdict:
     false_total = sum(r.false_certificates or 0 for r in rows)
     alarm = (f"{false_total} FALSE CERTIFICATE(S): certified samples that are not samples of the client's batch."
              if false_total else "")
+    if result.membership:  # the server's membership inference, per round and mode
+        from fedleak.federation.membership import membership_lines
+
+        findings.extend(Finding("Membership", line, "measured", "warn") for line in membership_lines(result.membership))
     return Verdict(headline, tuple(findings), level, alarm)
+
+
+def _load_findings(result: FederationResult) -> list[Finding]:
+    """Client sampling and an audit that fell behind its backlog bound, in numbers (nothing when neither)."""
+    out = []
+    trained = [r for r in result.rounds if r.round]
+    clients = result.settings.get("clients")
+    if isinstance(clients, int) and any(r.sampled and len(r.sampled) < clients for r in trained):
+        sizes = sorted({len(r.sampled) for r in trained})
+        out.append(Finding("Sampling", f"Flower sampled {'–'.join(map(str, sizes[::max(len(sizes) - 1, 1)]))} of "
+                                       f"{clients} clients per round.", "", ""))
+    loads = [r.audit for r in trained if r.audit is not None]
+    behind = [a for a in loads if a.sampled]
+    if behind:
+        out.append(Finding("Audit sampled", f"the audit fell behind its backlog bound of {behind[0].bound} in "
+                                            f"{plural(len(behind), 'round')}: it audited "
+                                            f"{sum(a.audited for a in loads)} of {sum(a.received for a in loads)} "
+                                            f"updates received (a sample drawn with seed {behind[0].seed}; the rest "
+                                            "are listed as not-audited).", "", "warn"))
+    return out
 
 
 def _settings(settings: dict) -> tuple[Setting, ...]:
@@ -255,6 +286,31 @@ def _settings(settings: dict) -> tuple[Setting, ...]:
     return tuple(Setting(str(k).replace("_", " "), text(v)) for k, v in settings.items())
 
 
+def _aggregate_text(result: FederationResult) -> str:
+    """Under secure aggregation: what the audit of each round's aggregate got (empty otherwise)."""
+    if not result.aggregates:
+        return ""
+    lines = [" Secure aggregation (Flower's SecAgg+): the server received no individual update, only each round's "
+             "aggregate, so one audit of the aggregate (as one update of the union of the clients' batches) replaces "
+             "the per-client audit; it is scored against every contributing client's samples."]
+    for a in result.aggregates:
+        if a.status != "ok":
+            lines.append(f" Round {a.round}: {a.status}: {a.detail}")
+            continue
+        q = a.quantization
+        quant = f"; SecAgg+ quantization bound {q.bound:.2g} per entry" if q is not None else ""
+        if q is not None and q.max_error is not None:
+            quant += f", measured max error {q.max_error:.2g}, {q.clipped} clipped entries"
+        if a.scores is None:
+            lines.append(f" Round {a.round}: {a.certified} of {a.num_examples} samples certified (not scored){quant}.")
+            continue
+        per = ", ".join(f"{s.recovered}/{s.num_examples}" for s in a.shares)
+        lines.append(f" Round {a.round}: {a.scores.recovered} of {a.num_examples} samples of the round certified & "
+                     f"exact ({percent(a.scores.recovered_fraction)}), from {a.clients_touched} of {len(a.shares)} "
+                     f"clients (per client {per}); {a.scores.false_certificates} false certificate(s){quant}.")
+    return "".join(lines)
+
+
 def build_federation_view(result: FederationResult) -> FederationView:
     s = result.settings
     records = sorted(result.records, key=lambda c: (c.round, c.client_id))
@@ -262,14 +318,15 @@ def build_federation_view(result: FederationResult) -> FederationView:
     round_rows = []
     for r in result.rounds:
         fr = [c.scores.recovered_fraction for c in records if c.round == r.round and c.scores is not None]
-        round_rows.append(RoundRow(r.round, r.test_accuracy, r.test_loss, r.clients_ok, r.clients_skipped,
+        audited = r.audit.audited if r.audit is not None else r.clients_ok
+        round_rows.append(RoundRow(r.round, r.test_accuracy, r.test_loss, audited, r.clients_skipped,
                                    float(np.mean(fr)) if fr else None, r.seconds))
     ranges = sorted({tuple(c.scores.value_range) for c in records if c.scores and c.scores.value_range})
     range_text = "; ".join(f"[{lo:g}, {hi:g}]" for lo, hi in ranges) or "the batch's own range"
     note = (f"Certified & exact: the server's attack certified the sample and it equals the client's sample (max abs "
             f"error ≤ {EXACT_TOL:g} of the data range, {range_text}; right label). Every certified sample is checked; "
             "one that is not a distinct sample of the client's batch is a false certificate. Scores come from an "
-            "evaluation-only side channel the attack never reads.")
+            "evaluation-only side channel the attack never reads.") + _aggregate_text(result)
     widths = s.get("widths", s.get("hidden"))
     parts = [str(s["data"]) if "data" in s else "",
              f"{s['clients']} clients × {s['rounds']} rounds" if "clients" in s and "rounds" in s else "",

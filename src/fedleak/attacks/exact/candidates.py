@@ -96,8 +96,9 @@ def group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[in
     """Group rows of R that coincide within ``tol`` (relative L2); rows are visited in ``order``.
 
     Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
-    other stay in one bucket), and only rows of a bucket are compared in full (leader clustering: the
-    first unassigned row, in ``order``, leads its group).
+    other stay in one bucket). Within a bucket, leader clustering: the first unassigned row, in ``order``,
+    leads its group, and its distances to the bucket's unassigned rows decide the members (one pass over the
+    bucket per group: a bucket is almost always one sample's rows, one group).
     """
     n = R.shape[0]
     if n == 0:
@@ -107,7 +108,7 @@ def group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[in
     gen = torch.Generator().manual_seed(GROUPING_SEED)  # drawn on the CPU: the same projections on every device
     V = torch.randn(R.shape[1], 4, generator=gen, dtype=R.dtype).to(dev)
     V /= V.norm(dim=0, keepdim=True)
-    proj = ((R / norms[:, None]) @ V).T.contiguous()
+    proj = ((R @ V) / norms[:, None]).T.contiguous()
     rank = torch.empty(n, dtype=torch.long, device=dev)
     rank[order] = torch.arange(n, device=dev)
     groups: list[list[int]] = []
@@ -115,21 +116,25 @@ def group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[in
         if len(run) == 1:
             groups.append([int(run[0])])
             continue
-        run = run[torch.argsort(rank[run])]
-        block, block_norms = R[run], norms[run]
-        near = near_pairs(block, block_norms, tol)
-        assigned = torch.zeros(len(run), dtype=torch.bool, device=dev)
-        for lead in range(len(run)):
-            if assigned[lead]:
-                continue
-            cand = torch.nonzero(near[lead] & ~assigned).flatten()
-            dist = (block[cand] - block[lead]).norm(dim=1)
-            members = cand[dist <= tol * torch.maximum(block_norms[cand], block_norms[lead])]
-            assigned[members] = True
-            groups.append(run[members].tolist())
+        rest = run[torch.argsort(rank[run])]  # unassigned rows of the bucket, in visiting order
+        while len(rest):
+            lead = rest[0]
+            dist = row_distances(R, rest, R[lead])
+            inside = dist <= tol * torch.maximum(norms[rest], norms[lead])
+            inside[0] = True
+            groups.append(rest[inside].tolist())
+            rest = rest[~inside]
     rank_of = rank.tolist()
     groups.sort(key=lambda grp: rank_of[grp[0]])
     return groups
+
+
+ROW_CHUNK = 1024  # rows per piece where a whole-layer temporary is not needed
+
+
+def row_distances(R: torch.Tensor, rows: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """``(R[rows] - point).norm(dim=1)``, a piece of rows at a time (no float64 copy of the whole layer)."""
+    return torch.cat([(R[rows[s : s + ROW_CHUNK]] - point).norm(dim=1) for s in range(0, len(rows), ROW_CHUNK)])
 
 
 def golden_min(cost, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -252,9 +257,11 @@ def top_candidates(attack) -> list[Candidate]:
     for k in torch.nonzero(sizes >= 3).flatten().tolist():
         block = R[groups[k]]
         pool = block[:64]  # the medoid is sought among (at most) the 64 strongest rows
-        medoid = pool[int(torch.cdist(pool, block).median(dim=1).values.argmin())]
-        core = (block - medoid).norm(dim=1) <= attack.tol(opts.core_tol) * medoid.norm()
-        reps[k] = block[core].mean(0)
+        medoid = pool[int(torch.cdist(pool, block).median(dim=1).values.argmin())].clone()
+        del block
+        grp = torch.as_tensor(groups[k], device=dev)
+        core = row_distances(R, grp, medoid) <= attack.tol(opts.core_tol) * medoid.norm()
+        reps[k] = R[grp[core]].mean(0)
         members[k] = members[k][core]
 
     def all_true(flags: torch.Tensor) -> torch.Tensor:
@@ -275,7 +282,8 @@ def top_candidates(attack) -> list[Candidate]:
         reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
     else:
         # the member neurons must fire for the implied input
-        z_rows = (W[t][idx] * reps[gid]).sum(1) + attack.b[t][idx]
+        z_rows = torch.cat([(W[t][idx[s : s + ROW_CHUNK]] * reps[gid[s : s + ROW_CHUNK]]).sum(1)
+                            for s in range(0, len(idx), ROW_CHUNK)]) + attack.b[t][idx]
         keep &= all_true(z_rows > 0)
     sel = torch.nonzero(keep).flatten().tolist()
     cands: list[Candidate] = []

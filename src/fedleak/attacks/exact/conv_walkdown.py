@@ -8,7 +8,8 @@ full column rank the input is unique and solved by least squares. With average o
 the activation pattern, and it is proven unique by a Gordan-type certificate: a strictly positive ``lambda``
 with ``J^T lambda = 0`` for the Jacobian (a subgradient) ``J`` at the solution, plus full column rank of ``J``
 (an LP and a Cholesky factorisation). Every solve comes with a rigorous 2-norm error bound from a *proven*
-lower bound on ``sigma_min`` (band Cholesky of ``J^T J - tau I``, :mod:`fedleak.attacks.normal_equations`) and
+lower bound on ``sigma_min`` (band Cholesky of ``J^T J - tau I``: one float32 factorisation per block and sample,
+:mod:`fedleak.nets.conv_solve`, float64 where float32 cannot prove it, :mod:`fedleak.attacks.normal_equations`) and
 the float32 noise of the known output; the bounds are chained down to the input (:func:`invert_chain`).
 
 Where a block is underdetermined, the input is rebuilt by :func:`feature_matching` (Adam with a
@@ -21,6 +22,7 @@ device.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +31,14 @@ import torch
 from scipy.optimize import linprog
 
 from fedleak.attacks.exact.options import ExclusivityOptions
-from fedleak.attacks.normal_equations import normal_equations
+from fedleak.attacks.normal_equations import BAND_WORK, normal_equations
 from fedleak.nets import ConvBlock, Network
 from fedleak.nets.conv_gram import pixel_major_order
+from fedleak.nets.conv_solve import conv_normal_product, one_blas_thread, proven_lstsq
 
 F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)
+POOL_WORK = 5e9  # band-Cholesky flops of a batch above which its chains are solved in worker processes (~0.3 s)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -47,7 +51,8 @@ class BlockSolve:
 
     ``x``: the block's input (flattened, float64) or None; ``unique``: uniqueness proven; ``bound``:
     proven 2-norm error bound of ``x`` (inf when not proven); ``sigma``: proven lower bound on the
-    smallest singular value of the system; ``rows``/``unknowns``: size of the system used.
+    smallest singular value of the system; ``rows``/``unknowns``: size of the system used; ``lam``: an estimate
+    of the system's smallest eigenvalue of ``J^T J`` (nan when none), the hint for the next sample's system.
     """
 
     x: np.ndarray | None
@@ -57,6 +62,7 @@ class BlockSolve:
     rows: int
     unknowns: int
     reason: str
+    lam: float = math.nan
 
 
 def rounding_bound(A: sp.csr_matrix, c: np.ndarray, x: np.ndarray, opts: ExclusivityOptions) -> np.ndarray:
@@ -80,13 +86,40 @@ def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
     return lam, float(np.linalg.norm(J.T @ lam))
 
 
+def solve_active(blk: ConvBlock, rows: np.ndarray, J: sp.csr_matrix, rhs: np.ndarray,
+                 hint: float | None, tight: bool = False) -> tuple[np.ndarray | None, float, float]:
+    """Least squares ``J x = rhs`` on the block's active rows with a proven lower bound on ``sigma_min(J)``:
+    one float32 factorisation (:func:`fedleak.nets.conv_solve.proven_lstsq`) where it gives the proof, float64
+    (:mod:`fedleak.attacks.normal_equations`) otherwise or when ``tight`` (its bound is tighter).
+    Returns ``(x, sigma, lambda_min estimate)``."""
+    gram = blk.gram
+    if gram is None or gram.n * gram.bandwidth ** 2 > BAND_WORK:
+        system = normal_equations(J, pixel_major_order(blk.in_shape))
+    else:
+        w = np.zeros(blk.conv_dim)
+        w[rows] = 1.0
+        with one_blas_thread():
+            ab = gram.band(w)
+        fast = None if tight else proven_lstsq(
+            ab, gram.order, gram.max_terms,
+            conv_normal_product(blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.stride, blk.conv.padding, w),
+            J.T @ rhs, hint)
+        if fast is not None:
+            return fast.x, fast.sigma, fast.lam
+        system = normal_equations(J, gram.order, ab, gram.max_terms)
+    x = system.lstsq(rhs)
+    return x, (system.sigma_lower() if x is not None else 0.0), math.nan
+
+
 def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions,
-                 out_err2: float = 0.0) -> BlockSolve:
+                 out_err2: float = 0.0, hint: float | None = None, tight: bool = False) -> BlockSolve:
     """Solve ``blk(x) = out`` for the block's input ``x`` when the observed units determine it.
 
     The error of ``out`` is bounded per unit by ``out_err`` (float32 noise) plus a vector of 2-norm at
     most ``out_err2`` (propagated from the block above). The result's ``bound`` is a 2-norm error bound
-    of ``x`` (rigorous given the float32 noise model of :class:`ExclusivityOptions`).
+    of ``x`` (rigorous given the float32 noise model of :class:`ExclusivityOptions`). ``hint``: the ``lam`` of
+    the same block's solve for another sample of the batch (it saves a factorisation; never changes the proof).
+    ``tight``: prove ``sigma_min`` in float64 (slower, a tighter bound: see :func:`solve_active`).
     """
     A, c = blk.affine
     n = blk.in_dim
@@ -101,17 +134,9 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
                               f"underdetermined: {len(rows)} equations (surely active units) for {n} unknowns")
         J = A[rows]
         rhs = out[rows] - c[rows]
-        gram = blk.gram
-        if gram is not None:
-            w = np.zeros(A.shape[0])
-            w[rows] = 1.0
-            system = normal_equations(J, gram.order, gram.band(w), gram.max_terms)
-        else:
-            system = normal_equations(J, pixel_major_order(blk.in_shape))
-        x = system.lstsq(rhs)
+        x, sigma, lam = solve_active(blk, rows, J, rhs, hint, tight)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
-        sigma = system.sigma_lower()
         noise = float(np.linalg.norm(out_err[rows] + rounding_bound(J, c[rows], x, opts))) + out_err2
         resid = float(np.linalg.norm(J @ x - rhs))
         # any input x* reproducing out satisfies J x* = rhs - noise; ||x - x*|| <= (resid + noise) / sigma
@@ -120,7 +145,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         reason = ("solved from the active units" if proven else
                   "no proven lower bound on sigma_min" if sigma <= 0 else
                   "solved, but the error from the layer above leaves the active set unproven")
-        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason)
+        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam)
     # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
     win = blk.pool_windows
     kh, kw = blk.pool.kernel
@@ -201,14 +226,30 @@ class ChainSolve:
         return self.x is not None and all(b.unique for b in self.blocks)
 
 
-def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions) -> ChainSolve:
-    """Invert every conv block of ``net`` from the flattened ``features`` (per-unit error ``feat_err``)."""
+def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions,
+                 previous: ChainSolve | None = None) -> ChainSolve:
+    """Invert every conv block of ``net`` from the flattened ``features`` (per-unit error ``feat_err``);
+    ``previous``: another sample's chain on the same network, whose spectra hint this one's. A chain the fast
+    float32 proofs leave unproven is solved once more with float64 proofs, whose tighter bounds on
+    ``sigma_min`` may carry the proof down to the input."""
+    chain = solve_chain(net, features, feat_err, opts, previous)
+    if chain.x is None or math.isfinite(chain.bound) or len(net.blocks) < 2:
+        return chain
+    tight = solve_chain(net, features, feat_err, opts, previous, tight=True)
+    return tight if math.isfinite(tight.bound) else chain
+
+
+def solve_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions,
+                previous: ChainSolve | None = None, tight: bool = False) -> ChainSolve:
+    """:func:`invert_chain`'s one pass over the blocks, top to bottom."""
     out, err, err2 = features, feat_err, 0.0
     solves: list[BlockSolve] = []
     bound = float(np.linalg.norm(feat_err))
     lowest, known = len(net.blocks), features
+    hints = [] if previous is None else [b.lam for b in previous.blocks]
     for i in range(len(net.blocks) - 1, -1, -1):
-        s = invert_block(net.blocks[i], out, err, opts, err2)
+        j = len(net.blocks) - 1 - i
+        s = invert_block(net.blocks[i], out, err, opts, err2, hints[j] if j < len(hints) else None, tight)
         solves.append(s)
         if s.x is None:
             return ChainSolve(None, tuple(solves), math.inf, lowest, known)
@@ -219,6 +260,29 @@ def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts:
         # blocks are still solved for the fallback, but nothing below can be proven)
         err, err2 = np.zeros(len(out)), (bound if np.isfinite(bound) else math.inf)
     return ChainSolve(out, tuple(solves), bound, 0, out)
+
+
+def invert_chains(net: Network, features: list[np.ndarray], errors: list[np.ndarray],
+                  opts: ExclusivityOptions) -> list[ChainSolve]:
+    """:func:`invert_chain` for every sample. The samples are split into contiguous runs (each sample's solves hint
+    the next one's) spread over ``opts.workers`` forked worker processes: on Linux, outside daemonic processes
+    (which may not fork), and when the band factorisations are worth it (``POOL_WORK`` flops); else in this
+    process."""
+    from fedleak.fishing.pool import parallel_map, resolve_workers  # the process pool fishing uses
+
+    workers = resolve_workers(opts.workers)
+    work = len(features) * sum(b.gram.n * b.gram.bandwidth ** 2 for b in net.blocks if b.pool is None and b.gram)
+    pool = workers > 1 and len(features) >= 4 * workers and work >= POOL_WORK and not mp.current_process().daemon
+    runs = 2 * workers if pool else 1
+    edges = np.linspace(0, len(features), runs + 1).round().astype(int)
+
+    def run(i: int) -> list[ChainSolve]:
+        out: list[ChainSolve] = []
+        for k in range(edges[i], edges[i + 1]):
+            out.append(invert_chain(net, features[k], errors[k], opts, out[-1] if out else None))
+        return out
+
+    return [chain for part in parallel_map(run, list(range(runs)), workers) for chain in part]
 
 
 # -------------------------------------------------------------------------------------------------------

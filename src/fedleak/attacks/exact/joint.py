@@ -14,6 +14,7 @@ docs/attacks.md ("The certificate") gives the argument and its assumption.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,25 @@ import torch
 from fedleak.nets import Trace
 
 F64 = torch.float64
+
+
+SKETCH_CACHE_BYTES = 32 * 2**20  # sketches up to this size (all layers) are kept for the next call
+
+
+def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int) -> tuple[torch.Tensor, ...]:
+    """Gaussian matrices ``rows[j] x k`` (float64, CPU, read only), drawn in turn from one generator seeded with
+    ``seed``. A model's layers ask for the same ones at every call: those up to ``SKETCH_CACHE_BYTES`` are cached."""
+    if 8 * k * sum(rows) <= SKETCH_CACHE_BYTES:
+        return cached_sketches(seed, rows, k)
+    return draw_sketches(seed, rows, k)
+
+
+def draw_sketches(seed: int, rows: tuple[int, ...], k: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(n, k, generator=gen, dtype=F64) for n in rows)
+
+
+cached_sketches = functools.lru_cache(maxsize=4)(draw_sketches)
 
 
 class JointTest:
@@ -45,31 +65,35 @@ class JointTest:
         self.weights = weights
         self.tol = attack.opts.batch_tol
         self._cache: dict[tuple[int, ...], list[tuple[float, float, float]]] = {}
-        gen = torch.Generator().manual_seed(seed)  # sketches drawn on the CPU: the same on every device
         dev = attack.device
         self.layers = []
         k_want = 2 * (slack + 1) + 8
+        sketched = tuple(attack.G[i].shape[1] + (attack.g[i] is not None) for i in range(net.depth + 1)
+                         if min(attack.G[i].shape[0], attack.G[i].shape[1] + (attack.g[i] is not None)) > k_want)
+        draws = iter(gaussian_sketches(seed, sketched, k_want))
         for i in range(net.depth + 1):
             delta = t64.loss_vectors if i == net.depth else t64.deltas[i]
             if corrections is not None:
                 eps, d_one, onehot = corrections
                 delta = delta + eps[:, None] * (onehot if i == net.depth else d_one[i])
-            O, A, U = attack.G[i], t64.activations[i], delta
+            G, A, U = attack.G[i], t64.activations[i], delta
             bias = attack.g[i] is not None
             if bias:
-                O = torch.cat([O, attack.g[i][:, None]], 1)
                 A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=dev)], 1)
             N = None
             if attack.noise is not None:
                 N = attack.noise[i] if not bias else torch.cat([attack.noise[i], attack.noise_b[i][:, None]], 1)
-            small = min(O.shape)
+            small = min(G.shape[0], A.shape[1])
             if small <= k_want:  # exact: the residual itself
-                omega = None
-                OS, AS, ref = O, A, float(O.norm())
+                OS = torch.cat([G, attack.g[i][:, None]], 1) if bias else G
+                AS, ref = A, float(OS.norm())
                 noise = 3 * float(N.norm()) if N is not None else 0.0
-            else:
-                omega = torch.randn(O.shape[1], k_want, generator=gen, dtype=F64).to(dev)
-                OS, AS = O @ omega, A @ omega
+            else:  # O @ omega with O = [G | g], without a copy of O
+                omega = next(draws).to(dev)
+                OS = G @ omega[: G.shape[1]]
+                if bias:
+                    OS.addr_(attack.g[i], omega[-1])
+                AS = A @ omega
                 ref = float(OS.norm())
                 noise = 3 * math.sqrt(k_want) * float(N.norm()) if N is not None else 0.0
             self.layers.append((OS, U, AS, ref, noise, small))
@@ -131,11 +155,10 @@ class IndependenceTest:
         if corrections is not None:
             eps, d_one, _ = corrections
             delta = delta + eps[:, None] * d_one[t]
-        O, A = attack.G[t], t64.activations[t]
+        A = t64.activations[t]
         if attack.g[t] is not None:
-            O = torch.cat([O, attack.g[t][:, None]], 1)
             A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=A.device)], 1)
-        self.O, self.A, self.U = O, A, delta
+        self.G, self.gb, self.A, self.U = attack.G[t], attack.g[t], A, delta  # O = [G | gb], never copied whole
         self.M, self.weights, self.min_distance = batch_size, weights, min_distance
         self.tested = set(tested)
         self.tol = attack.opts.batch_tol
@@ -155,13 +178,16 @@ class IndependenceTest:
             if r >= self.A.shape[1]:  # the samples left may span every input direction
                 self._cache[key] = torch.zeros(len(key), dtype=F64, device=dev)
                 return self._cache[key]
-            R = self.O - (self.U[idx].T * self.weights[idx]) @ self.A[idx]
+            R = self.observed()
+            R.addmm_(self.U[idx].T * self.weights[idx], self.A[idx], alpha=-1)  # O minus the members' terms
             k = 2 * r + 10
             if k >= R.shape[0]:
-                Y, ref = R, float(self.O.norm())
+                Y, ref = R, float(torch.stack([self.G.norm()] + ([self.gb.norm()] if self.gb is not None else [])).norm())
             else:
                 L = torch.randn(k, R.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64).to(dev)
-                Y, ref = L @ R, float((L @ self.O).norm())
+                LO = L @ self.G
+                ref = float(LO.norm() if self.gb is None else torch.stack([LO.norm(), (L @ self.gb).norm()]).norm())
+                Y = L @ R
             _, S, Vh = torch.linalg.svd(Y, full_matrices=False)
             basis = Vh[S > self.tol * ref]
             V = self.A[idx]
@@ -171,6 +197,15 @@ class IndependenceTest:
                 outside = V - (V @ basis.T) @ basis
                 self._cache[key] = outside.norm(dim=1) / V.norm(dim=1).clamp_min(1e-300)
         return self._cache[key]
+
+    def observed(self) -> torch.Tensor:
+        """A fresh copy of the layer's observed gradient ``O = [G | g]``."""
+        if self.gb is None:
+            return self.G.clone()
+        R = torch.empty(self.G.shape[0], self.G.shape[1] + 1, dtype=F64, device=self.G.device)
+        R[:, :-1] = self.G
+        R[:, -1] = self.gb
+        return R
 
     def possible(self, members: list[int]) -> bool:
         """Whether the residual of this set (or of any smaller one) can leave room outside its row space."""
@@ -249,10 +284,12 @@ def dead_row_contributions(attack, t64: Trace, weights: torch.Tensor) -> torch.T
     depth = attack.net.depth
     worst = torch.zeros(t64.logits.shape[0], dtype=F64, device=t64.logits.device)
     for i in range(depth):
-        O = attack.G[i] if attack.g[i] is None else torch.cat([attack.G[i], attack.g[i][:, None]], 1)
+        parts = [attack.G[i].norm(dim=1)]  # the norms of the rows [G | g | output column], without a copy
+        if attack.g[i] is not None:
+            parts.append(attack.g[i].abs())
         if i == depth - 1:
-            O = torch.cat([O, attack.G[-1].T], 1)
-        norms = O.norm(dim=1)
+            parts.append(attack.G[-1].norm(dim=0))
+        norms = torch.stack(parts, 1).norm(dim=1)
         dead = norms == 0
         if not bool(dead.any()) or bool(dead.all()):
             continue

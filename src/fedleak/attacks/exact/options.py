@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,11 @@ class ExclusivityOptions:
     ``"name:key=value"`` or a list; stored as a stack): where the certificate can model one it does (``dp-sgd``
     without noise sets ``clip_norm``; whole-update clipping an unknown common scale), else nothing is certified
     and every sample says why (:data:`fedleak.attacks.defense_aware.EXACT_RULES`).
+    ``threads``: torch's thread count while the attack runs (restored after; None keeps torch's own). One
+    thread by default: the attack's products are small, and on a machine whose other cores are busy more
+    threads made it several times slower. ``workers``: forked processes that share a CNN's per-sample conv
+    inversion (Linux, outside daemonic processes, large batches only; None: one per core; 1 by default: forking
+    inside a threaded server is unsafe and on 2 shared cores it did not pay off).
 
     **Conv blocks** (read only when the network has some):
 
@@ -96,6 +101,8 @@ class ExclusivityOptions:
     data_range: tuple[float, float] | None = None
     beyond_batch: bool = True
     defense: Any = None
+    threads: int | None = field(default=1, metadata={"low": 1})
+    workers: int | None = field(default=1, metadata={"low": 1})
     # conv blocks
     max_error: float = 1.0
     rounding: float = 1.0

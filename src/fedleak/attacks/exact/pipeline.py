@@ -32,9 +32,10 @@ from torch import nn
 
 from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
-from fedleak.attacks.exact.conv_walkdown import EPS32, ChainSolve, feature_matching, invert_chain
+from fedleak.attacks.exact.conv_walkdown import EPS32, ChainSolve, feature_matching, invert_chains
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
+from fedleak.attacks.exact.threads import torch_threads
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network, forward_trace
 from fedleak.reconstruction import Reconstruction, SampleRecovery
@@ -46,11 +47,20 @@ F64 = torch.float64
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
                     noise: dict[str, torch.Tensor] | None = None, name: str = "exclusivity") -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
-    ``model``, read as ``net``. ``noise``: the update's own rounding noise per entry, where it is known."""
+    ``model``, read as ``net``, with torch's threads pinned to ``opts.threads``. ``noise``: the update's own
+    rounding noise per entry, where it is known."""
+    with torch_threads(opts.threads):
+        return run_pinned(model, net, update, opts, noise, name)
+
+
+def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
+               noise: dict[str, torch.Tensor] | None, name: str) -> Reconstruction:
+    """:func:`run_exclusivity`, with the thread count already set."""
     start = time.perf_counter()
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
     opts, noise = plan.apply(opts), plan.rescale(noise)
-    update = replace(update, gradients=plan.rescale(update.gradients))
+    if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
+        update = replace(update, gradients=plan.rescale(update.gradients))
     head = net.head
     if head.depth == 0:
         raise ModelError("the exclusivity attack needs at least one hidden ReLU layer in the dense head")
@@ -240,10 +250,8 @@ def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions,
     """Walk each candidate's features down the conv blocks; the features of a sample whose chain reached the
     input become the rebuilt input's own (so the certificate reads what the input really gives)."""
     eps_obs = float(torch.finfo(obs_dtype).eps) if obs_dtype != F64 else EPS32
-    chains = []
-    for c in complete:
-        f = c.acts[0].cpu().numpy()
-        chains.append(invert_chain(net, f, opts.ratio_noise * eps_obs * np.abs(f), opts))
+    feats = [c.acts[0].cpu().numpy() for c in complete]
+    chains = invert_chains(net, feats, [opts.ratio_noise * eps_obs * np.abs(f) for f in feats], opts)
     X = torch.zeros(len(complete), *net.input_shape, dtype=F64)
     solved = [ch.x is not None for ch in chains]
     for k, ch in enumerate(chains):
@@ -308,12 +316,21 @@ def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, rec
     if not complete or batch_size is None or not len(exact) == batch_size == len(complete):
         return False
     dev = next(model.parameters()).device
-    obs = {k: v.to(device=dev, dtype=F64) for k, v in grads.items()}
     y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
     pred = full_gradient(model, walk.inputs.to(dev), y, F64)
-    factor = 1.0 / batch_size if opts.known_scale else float(
-        sum((pred[k] * obs[k]).sum() for k in obs) / sum((pred[k] * pred[k]).sum() for k in obs))
-    worst = max(float((factor * pred[k] - obs[k]).norm() / obs[k].norm().clamp_min(1e-300)) for k in obs)
+
+    def pieces(k: str):  # (recomputed, observed) in float64, 1M entries at a time: no float64 copy of the update
+        p, o = pred[k].reshape(-1), grads[k].to(dev).reshape(-1)
+        for i in range(0, len(o), 1 << 20):
+            yield p[i:i + (1 << 20)], o[i:i + (1 << 20)].to(F64)
+
+    def total(k: str, term) -> float:
+        return sum(float(term(p, o).sum()) for p, o in pieces(k))
+
+    factor = 1.0 / batch_size if opts.known_scale else (
+        sum(total(k, lambda p, o: p * o) for k in grads) / sum(float((pred[k] * pred[k]).sum()) for k in grads))
+    worst = max(float(np.sqrt(total(k, lambda p, o: (factor * p - o) ** 2))) /
+                max(float(np.sqrt(total(k, lambda p, o: o * o))), 1e-300) for k in grads)
     if worst > opts.batch_tol:
         notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
         return False
@@ -326,8 +343,10 @@ def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, rec
 
 def full_gradient(model: nn.Module, X: torch.Tensor, y: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
     """Sum over samples of the per-sample cross-entropy gradients (real autograd) in ``dtype``."""
+    from fedleak.nets.cast import cast as cast_tensor  # the head attack's float64 weights are shared, not copied
+
     params = dict(model.named_parameters())
-    cast = {k: v.detach().to(dtype).requires_grad_(True) for k, v in params.items()}
+    cast = {k: cast_tensor(v, dtype).detach().requires_grad_(True) for k, v in params.items()}
     buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.named_buffers()}
     logits = torch.func.functional_call(model, {**cast, **buffers}, (X.to(dtype),))
     loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")

@@ -10,6 +10,7 @@ condition), accepted only if the system is well conditioned.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +27,9 @@ def walk_down(attack, cands: list[Candidate]) -> None:
             return
         support = torch.stack([c.acts[level] > 0 for c in present])  # n x d
         counts = support.sum(0)
+        screens = Screens.of(attack, i, torch.stack([c.acts[level] for c in present]))
         for k, c in enumerate(present):
-            found = descend(attack, c, i, support[k], counts - 1)
+            found = descend(attack, c, i, support[k], counts - 1, screens, k)
             if found is None and attack.opts.forward_solve:
                 found = solve_layer(attack, c, i)
                 if found is not None:
@@ -37,48 +39,159 @@ def walk_down(attack, cands: list[Candidate]) -> None:
                 c.lowest = i
 
 
-def descend(attack, c: Candidate, i: int, active: torch.Tensor, shared_with: torch.Tensor) -> torch.Tensor | None:
+def descend(attack, c: Candidate, i: int, active: torch.Tensor, shared_with: torch.Tensor, screens: "Screens",
+            k: int) -> torch.Tensor | None:
     """Try the rows of neurons active for ``c`` as its exclusive rows; rows no other candidate uses
-    come first (candidates are unverified, so they only order the search; the forward check decides)."""
-    W, b, G, g, opts = attack.W, attack.b, attack.G, attack.g, attack.opts
+    come first (candidates are unverified, so they only order the search; the forward check decides).
+
+    Rows are tried in chunks of ``rows_per_try``; the first chunk with a row that passes the forward check
+    gives the input (the agreeing passing rows of that chunk are its witnesses). The layer's :class:`Screens`
+    (``c`` is its candidate ``k``) rule out rows that cannot pass, so the full forward check runs on the few
+    that can.
+    """
+    opts = attack.opts
     target = c.acts[i + 1]
     tnorm = target.norm().clamp_min(1e-300)
-    rows = torch.nonzero(active & (G[i].norm(dim=1) > 0)).flatten()
-    if g[i] is not None:
-        rows = rows[g[i][rows] != 0]
-        strength = g[i][rows].abs()
-    else:
-        strength = G[i][rows].norm(dim=1)
+    rows = torch.nonzero(active & screens.live).flatten()
+    strength = screens.strength[rows]
     # fewest other candidates first, then strongest signal (two stable sorts)
     rows = rows[torch.argsort(-strength, stable=True)]
     rows = rows[torch.argsort(shared_with[rows], stable=True)][: opts.max_rows]
-    for start in range(0, len(rows), opts.rows_per_try):
-        chunk = rows[start : start + opts.rows_per_try]
-        if g[i] is not None:
-            R = G[i][chunk] / g[i][chunk, None]
-            F = R @ W[i].T + b[i]
-            out = torch.relu(F)
-        else:
-            U = G[i][chunk]
-            F = U @ W[i].T
-            pos, neg = torch.relu(F), torch.relu(-F)
-            bp = (pos @ target) / (pos * pos).sum(1).clamp_min(1e-300)
-            bn = (neg @ target) / (neg * neg).sum(1).clamp_min(1e-300)
-            rp = (pos * bp[:, None] - target).norm(dim=1)
-            rn = (neg * bn[:, None] - target).norm(dim=1)
-            beta = torch.where(rp <= rn, bp, -bn)
-            R = U * beta[:, None]
-            out = torch.relu(R @ W[i].T)
-        res = (out - target).norm(dim=1) / tnorm
+    ok = screens.passes(k, rows)
+    per_try = opts.rows_per_try
+    for lo in range(0, len(rows), per_try):
+        pick = torch.nonzero(ok[lo : lo + per_try]).flatten() + lo  # the chunk's rows that may pass
+        if not len(pick):
+            continue
+        R, res = forward_check(attack, i, implied_rows(attack, i, rows[pick]), target, tnorm)
         good = torch.nonzero(res <= opts.forward_tol).flatten()
         if len(good):
             rep = R[good]
             # agreeing rows are witnesses; keep those that coincide with the best one
             best = rep[int(torch.argmin(res[good]))]
             agree = (rep - best).norm(dim=1) <= attack.tol(opts.group_tol) * best.norm().clamp_min(1e-300)
-            c.witnesses[i] = chunk[good[agree]].tolist()
+            c.witnesses[i] = rows[pick[good[agree]]].tolist()
             return rep[agree].mean(0)
     return None
+
+
+def implied_rows(attack, i: int, rows: torch.Tensor) -> torch.Tensor:
+    """The rows' implied inputs of dense layer ``i``: ``G_j / g_j`` with a bias, the rows themselves (a direction,
+    scaled in :func:`forward_check`) without one."""
+    if attack.g[i] is not None:
+        return attack.G[i][rows] / attack.g[i][rows, None]
+    return attack.G[i][rows]
+
+
+def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: torch.Tensor):
+    """Push the implied inputs ``X`` through dense layer ``i``: returns the inputs (scaled to fit ``target``
+    without a bias) and each one's relative residual against ``target``."""
+    W, b = attack.W, attack.b
+    if b[i] is not None:
+        R = X
+        out = torch.relu(R @ W[i].T + b[i])
+    else:
+        F = X @ W[i].T
+        pos, neg = torch.relu(F), torch.relu(-F)
+        bp = (pos @ target) / (pos * pos).sum(1).clamp_min(1e-300)
+        bn = (neg @ target) / (neg * neg).sum(1).clamp_min(1e-300)
+        rp = (pos * bp[:, None] - target).norm(dim=1)
+        rn = (neg * bn[:, None] - target).norm(dim=1)
+        beta = torch.where(rp <= rn, bp, -bn)
+        R = X * beta[:, None]
+        out = torch.relu(R @ W[i].T)
+    return R, (out - target).norm(dim=1) / tnorm
+
+
+SCREEN_DIRECTIONS = 2  # the target's direction and a random one orthogonal to it
+SCREEN_SEED = 20_261_203
+EPS64 = float(torch.finfo(torch.float64).eps)
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Screens:
+    """The rows of dense layer ``i`` a walk-down tries (``live``, ordered by ``strength``), and necessary
+    conditions for an implied input ``x`` (a row of layer ``i``'s gradient, see
+    :func:`implied_rows`) to pass :func:`forward_check` against each candidate's target ``t`` within
+    ``tau = forward_tol ||t||``, for every row and candidate of the layer from two products.
+
+    On the units ``S`` where ``t`` exceeds ``tau`` a passing ``x`` has ``relu(F_S) = F_S`` with ``F = W x + b``,
+    so ``||F_S - t_S|| <= tau``, and so has its projection on any orthonormal ``Q`` (``Q[:, 0] = t_S / ||t_S||``,
+    the others random and orthogonal to it). With a bias the screen is ``||Q^T F_S - Q^T t_S|| <= tau``. Without
+    one ``x`` is scaled by a fitted ``beta`` first; then ``||Q_rest^T F_S|| <= tau / |beta|`` and
+    ``|beta q_0^T F_S| >= ||t_S|| - tau``, so the screen is ``||Q_rest^T F_S|| <= tau |q_0^T F_S| / (||t_S|| - tau)``.
+    ``P[j, k]`` holds row ``j``'s projections ``Q_k^T W_S x_j`` (with ``Q_k^T b_S`` and ``-||t_S||`` folded in with
+    a bias); ``slack`` (per unit of ``||x||``) and ``slack0`` cover the rounding of both sides with a wide margin.
+    A candidate without a usable screen (``active`` False: fewer units above ``tau`` than directions, or a
+    target within ``2 tau`` of zero) lets every row through."""
+
+    P: torch.Tensor  # rows x candidates x directions
+    x_norm: torch.Tensor  # rows
+    live: torch.Tensor  # rows that can be a sample's: a nonzero gradient row (and bias entry)
+    strength: torch.Tensor  # rows: |g_j| with a bias, else ||G_j||
+    t_norm: torch.Tensor  # candidates
+    tau: torch.Tensor
+    slack: torch.Tensor
+    slack0: torch.Tensor
+    active: torch.Tensor
+    bias: bool
+
+    @classmethod
+    def of(cls, attack, i: int, targets: torch.Tensor) -> "Screens":
+        """The screens of dense layer ``i`` for the candidates' ``targets`` (n x the layer's outputs)."""
+        W, G, g = attack.W[i], attack.G[i], attack.g[i]
+        n, d_out = targets.shape
+        p = SCREEN_DIRECTIONS
+        dev = targets.device
+        tau = attack.opts.forward_tol * targets.norm(dim=1).clamp_min(1e-300)
+        S = targets > tau[:, None]  # n x d_out
+        t_s = torch.where(S, targets, torch.zeros_like(targets))
+        t_norm = t_s.norm(dim=1)
+        active = (S.sum(1) > p) & (t_norm > 2 * tau)
+        # orthonormal Q_k on S_k: the target's direction, then random directions (Gram-Schmidt, twice)
+        gen = torch.Generator().manual_seed(SCREEN_SEED + i)  # drawn on the CPU: the same on every device
+        Z = torch.randn(n, d_out, p - 1, generator=gen, dtype=F64).to(dev) * S[:, :, None]
+        cols = [t_s / t_norm.clamp_min(1e-300)[:, None]]
+        for j in range(p - 1):
+            z = Z[:, :, j]
+            for _ in range(2):
+                for q in cols:
+                    z = z - (z * q).sum(1, keepdim=True) * q
+            cols.append(z / z.norm(dim=1, keepdim=True).clamp_min(1e-300))
+        Q = torch.stack(cols, 2)  # n x d_out x p, zero off S_k
+        V = W.T @ Q.permute(1, 0, 2).reshape(d_out, n * p)  # d_in x (n p)
+        row_norm = G.norm(dim=1)
+        live = row_norm > 0
+        if g is not None:
+            live &= g != 0
+            P = (G @ V) / torch.where(g != 0, g, torch.ones_like(g))[:, None]
+            x_norm = row_norm / g.abs().clamp_min(1e-300)
+            strength = g.abs()
+        else:
+            P = G @ V
+            x_norm = strength = row_norm
+        P = P.reshape(d_out, n, p)
+        if attack.b[i] is not None:
+            P = P + torch.einsum("kop,o->kp", Q, attack.b[i])[None]
+            P[:, :, 0] -= t_norm[None, :]
+        gamma = 1e3 * (W.shape[1] + S.sum(1).to(F64) + 10) * EPS64
+        w_norm = (W.pow(2).sum(1)[None, :] * S).sum(1).sqrt()
+        b_norm = (attack.b[i][None, :] * S).norm(dim=1) if attack.b[i] is not None else torch.zeros_like(t_norm)
+        return cls(P, x_norm, live, strength, t_norm, tau, gamma * w_norm, gamma * (b_norm + t_norm), active,
+                   attack.b[i] is not None)
+
+    def passes(self, k: int, rows: torch.Tensor) -> torch.Tensor:
+        """Which of ``rows`` may pass candidate ``k``'s forward check."""
+        if not bool(self.active[k]):
+            return torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+        P = self.P[rows, k]
+        tau, t_norm = float(self.tau[k]), float(self.t_norm[k])
+        slack = float(self.slack[k]) * self.x_norm[rows] + float(self.slack0[k])
+        if self.bias:
+            return P.norm(dim=1) <= tau + slack
+        bound = tau * P[:, 0].abs() / (t_norm - tau)
+        return P[:, 1:].norm(dim=1) <= bound + slack * (1 + tau / (t_norm - tau))
 
 
 def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:

@@ -91,19 +91,21 @@ def resolve_options(options: MaliciousOptions | None, overrides: dict) -> Malici
 
 def update_as_delta(model: nn.Module, update) -> tuple[dict[str, torch.Tensor], int | None, dict[str, torch.Tensor]]:
     """The update as a gradient-like map (a WeightUpdate gives ``before - after``), num_examples, and
-    a bound on each entry's rounding error (half an ulp of each operand, or of the gradient)."""
+    a bound on each entry's error (half an ulp of each operand, or of the gradient, plus the update's ``error``)."""
     if isinstance(update, WeightUpdate):
-        grads, n = update.delta(), update.num_examples
+        grads, n, error = update.delta(), update.num_examples, update.error
         noise = {k: (half_ulp(update.before[k]) ** 2 + half_ulp(update.after[k]) ** 2).sqrt() for k in grads}
     elif isinstance(update, GradientUpdate):
-        grads, n = dict(update.gradients), update.num_examples
+        grads, n, error = dict(update.gradients), update.num_examples, update.error
         noise = {k: 8 * half_ulp(v) for k, v in grads.items()}  # the float sum over the batch
     elif isinstance(update, Mapping):
-        grads, n = dict(GradientUpdate(update).gradients), None
+        grads, n, error = dict(GradientUpdate(update).gradients), None, 0.0
         noise = {k: 8 * half_ulp(v) for k, v in grads.items()}
     else:
         raise UpdateError(f"an update must be a GradientUpdate, a WeightUpdate or a dict; got {type(update).__name__}")
     check_matches_model(model, grads, "update")
+    if error:  # a known transport error (e.g. secure aggregation's quantization) on every entry
+        noise = {k: v + error for k, v in noise.items()}
     return grads, n, noise
 
 

@@ -1,0 +1,386 @@
+"""Speed of the exact attack against the cost of reading the gradient, on Fashion-MNIST.
+
+For MLPs of one, two and three hidden layers and a CNN, at several batch sizes M, in one process per model
+(torch pinned to one thread):
+
+- **gradient**: the client's gradient as a client computes it, with plain torch autograd
+  (``torch.autograd.grad`` of the mean cross-entropy over the batch); the reference of every ratio;
+- **f64 copy**: one float64 copy of that gradient (the least any float64 attack must do);
+- **attack**: ``fedleak.reconstruct(model, update)`` with its defaults;
+- for the CNN also **fishing** (``fedleak.fish(model, x, y, solve_check=False)``, as docs/cnn.md runs it) and
+  the attack on the fished batch.
+
+Times are medians of ``--repeats`` interleaved repeats (gradient, copy, attack, ... in turn) after one warm-up.
+Memory: the process's peak RSS during the cell, and the attack's peak extra memory over the RSS just before it
+(the kernel's peak-RSS mark is reset before the attack; glibc's malloc returns large blocks to the system, see
+``MALLOC_MMAP_THRESHOLD_`` below), against the gradient's size. Every cell also records the recovered fraction
+and the false certificates (``fedleak.metrics.match`` on the data's range), so that a faster attack is seen
+to give the same results.
+
+    .venv/bin/python benchmarks/bench_speed.py                  # full table (about 5 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_speed.py --quick          # widths 256/1024, M 1 and 64, no CNN (~1 min)
+    .venv/bin/python benchmarks/bench_speed.py --out benchmarks/results/speed_before.json --no-doc
+    .venv/bin/python benchmarks/bench_speed.py --doc-only     # the docs table again, from speed.json
+
+Results go to ``benchmarks/results/speed.json`` (versions, seed, settings, machine, load average) and the
+markdown table to ``docs/benchmarks.md`` between the ``speed`` markers; where
+``benchmarks/results/speed_before.json`` exists (the same script run on the previous version of the attack), the
+table puts its attack times and ratios next to the new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
+BEFORE = ROOT / "benchmarks" / "results" / "speed_before.json"
+DOC = ROOT / "docs" / "benchmarks.md"
+MARKERS = ("<!-- speed:start -->", "<!-- speed:end -->")
+DATASET = "fashion-mnist"
+# a fixed mmap threshold (which also turns off glibc's dynamic one) hands every block of 128 KiB or more back to
+# the system when freed, so that the RSS measures what the attack holds, not what malloc kept from earlier work
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the table: an MLP (``conv`` empty) or a CNN (conv channels, kernel 3, padding 1, no pooling),
+    with its dense hidden ``widths`` and the batch sizes it is timed at."""
+
+    name: str
+    widths: tuple[int, ...]
+    batches: tuple[int, ...]
+    conv: tuple[int, ...] = ()
+
+
+FULL = (
+    ModelSpec("mlp-256", (256,), (1, 16, 64, 256)),
+    ModelSpec("mlp-1024", (1024,), (1, 16, 64, 256)),
+    ModelSpec("mlp-4096", (4096,), (1, 16, 64, 256)),
+    ModelSpec("mlp-1024-1024", (1024, 1024), (1, 64, 256)),
+    ModelSpec("mlp-1024-1024-1024", (1024, 1024, 1024), (1, 64, 256)),
+    ModelSpec("cnn-6-32", (1024,), (32,), conv=(6, 32)),
+)
+QUICK = (
+    ModelSpec("mlp-256", (256,), (1, 64)),
+    ModelSpec("mlp-1024", (1024,), (1, 64)),
+    ModelSpec("mlp-1024-1024", (1024, 1024), (1, 64)),
+)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Memory, read from the kernel
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak_extra_mb(fn) -> tuple[float, object]:
+    """Run ``fn`` once; returns its peak RSS over the RSS just before it (MB) and its result."""
+    gc.collect()
+    _reset_peak()
+    base = _status_kib("VmRSS")
+    out = fn()
+    return (_status_kib("VmHWM") - base) / 1024, out
+
+
+# -------------------------------------------------------------------------------------------------------
+# One model, in its own process
+
+
+def _timed(fn) -> tuple[float, float]:
+    """Wall-clock and CPU seconds of one call (CPU time: the process's, which other jobs disturb less)."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+class Cell:
+    """One cell: the model (seeded), a Fashion-MNIST batch of ``m``, the client's update and the steps timed."""
+
+    def __init__(self, spec: ModelSpec, m: int, data, seed: int):
+        import torch
+
+        import fedleak
+
+        self.spec, self.m, self.data = spec, m, data
+        if spec.conv:
+            self.model = fedleak.make_convnet(data.input_shape, data.num_classes, channels=spec.conv, kernel=3,
+                                              padding=1, pool=None, fc_widths=spec.widths, seed=seed)
+        else:
+            self.model = fedleak.make_mlp(data.input_shape, list(spec.widths), data.num_classes, seed=seed)
+        self.x, self.y = data.batch(m, seed=1000 * seed + m)
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.update = self.gradient()
+        self.fished = self.fished_update = None
+        if spec.conv:
+            self.fished = self.fish()
+            loss = torch.nn.functional.cross_entropy(self.model(self.fished.inputs), self.y)
+            self.fished_update = dict(zip(self.names, torch.autograd.grad(loss, self.params)))
+
+    def gradient(self) -> dict:
+        """What the client computes: plain autograd of the mean cross-entropy over the batch."""
+        import torch
+
+        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        return dict(zip(self.names, torch.autograd.grad(loss, self.params)))
+
+    def copy64(self) -> list:
+        import torch
+
+        return [g.to(torch.float64) for g in self.update.values()]
+
+    def attack(self):
+        import fedleak
+
+        return fedleak.reconstruct(self.model, self.update)
+
+    def fish(self):
+        import fedleak
+
+        return fedleak.fish(self.model, self.x, self.y, solve_check=False)
+
+    def fished_attack(self):
+        import fedleak
+
+        return fedleak.reconstruct(self.model, self.fished_update)
+
+    def steps(self) -> dict:
+        out = {"gradient": self.gradient, "f64_copy": self.copy64, "attack": self.attack}
+        if self.spec.conv:
+            out.update(fish=self.fish, fished_attack=self.fished_attack)
+        return out
+
+
+def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
+    """Every cell of one model: times (medians of interleaved repeats, ms) and results."""
+    import torch
+
+    import fedleak
+    from fedleak import metrics
+
+    torch.set_num_threads(1)
+    data = fedleak.load_dataset(DATASET)
+    rows = []
+    for m in spec.batches:
+        cell = Cell(spec, m, data, seed)
+        steps = cell.steps()
+        for fn in steps.values():  # warm-up (lazy imports, caches)
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        cpu: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(repeats):  # interleaved: the machine's load touches every step alike
+            for k, fn in steps.items():
+                wall, used = _timed(fn)
+                times[k].append(wall)
+                cpu[k].append(used)
+        rec = cell.attack()
+        scores = metrics.match(rec, cell.x, cell.y, data_range=data.value_range)
+        row = {
+            "model": spec.name, "widths": list(spec.widths), "conv": list(spec.conv), "batch_size": m,
+            "parameters": sum(p.numel() for p in cell.params),
+            "gradient_mb": sum(g.numel() * g.element_size() for g in cell.update.values()) / 2**20,
+            **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()},
+            **{f"{k}_all_ms": [1000 * s for s in v] for k, v in times.items()},
+            **{f"{k}_cpu_ms": 1000 * statistics.median(v) for k, v in cpu.items()},
+            "certified": rec.num_certified, "recovered": int(scores.recovered.sum()),
+            "recovered_fraction": float(scores.recovered.mean()),
+            "false_certificates": int(scores.false_certificates),
+        }
+        if spec.conv:
+            fished_rec = cell.fished_attack()
+            fs = metrics.match(fished_rec, cell.fished.inputs, cell.y, data_range=data.value_range)
+            row.update(fished_certified=fished_rec.num_certified, fished_recovered=int(fs.recovered.sum()),
+                       fished_recovered_fraction=float(fs.recovered.mean()),
+                       fished_false_certificates=int(fs.false_certificates))
+        rows.append(row)
+    return rows
+
+
+def memory_model(spec: ModelSpec, seed: int) -> list[dict]:
+    """Every cell of one model: the attack's peak extra memory over the RSS before it, and the cell's peak RSS
+    (run under ``MALLOC_ENV``, in a process of its own: the timings are taken without it)."""
+    import torch
+
+    import fedleak
+
+    torch.set_num_threads(1)
+    data = fedleak.load_dataset(DATASET)
+    rows = []
+    for m in spec.batches:
+        gc.collect()
+        _reset_peak()
+        cell = Cell(spec, m, data, seed)
+        cell.attack()  # warm-up: lazy imports are not the attack's memory
+        extra_mb, _ = _peak_extra_mb(cell.attack)
+        rows.append({"batch_size": m, "attack_peak_extra_mb": extra_mb, "cell_peak_rss_mb": _status_kib("VmHWM") / 1024,
+                     "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        del cell
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------------
+# The table
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.1f}" if a is not None and b else "—"
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _label(r: dict) -> str:
+    if r["conv"]:
+        return f"CNN {tuple(r['conv'])} + {r['widths'][0]} head, {r['parameters'] / 1e6:.1f}M params"
+    return ", ".join(map(str, r["widths"]))
+
+
+def table(rows: list[dict], before: list[dict]) -> str:
+    """The markdown speed table; the previous version's attack where ``before`` has the same cell."""
+    prev = {(b["model"], b["batch_size"]): b for b in before}
+    lines = ["| hidden widths | M | gradient ms | f64 copy ms | attack ms (before → now) | attack / gradient "
+             "(before → now) | same, CPU time | attack / f64 copy | attack's peak extra memory / gradient size | recovered | "
+             "false cert. |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = prev.get((r["model"], r["batch_size"]))
+        was = f"{_ms(b['attack_ms'])} → " if b else ""
+        was_ratio = f"{_ratio(b['attack_ms'], b['gradient_ms'])} → " if b else ""
+        was_cpu = f"{_ratio(b['attack_cpu_ms'], b['gradient_cpu_ms'])} → " if b else ""
+        rec = f"{r['recovered']}/{r['batch_size']}"
+        lines.append(
+            f"| {_label(r)} | {r['batch_size']} | {_ms(r['gradient_ms'])} | {_ms(r['f64_copy_ms'])} "
+            f"| {was}{_ms(r['attack_ms'])} | {was_ratio}{_ratio(r['attack_ms'], r['gradient_ms'])} "
+            f"| {was_cpu}{_ratio(r['attack_cpu_ms'], r['gradient_cpu_ms'])} "
+            f"| {_ratio(r['attack_ms'], r['f64_copy_ms'])} "
+            f"| {r['attack_peak_extra_mb']:.0f} MB / {r['gradient_mb']:.1f} MB = "
+            f"{r['attack_peak_extra_mb'] / r['gradient_mb']:.1f} | {rec} | {r['false_certificates']} |")
+    for r in rows:
+        if "fish_ms" not in r:
+            continue
+        b = prev.get((r["model"], r["batch_size"]))
+        lines.append("")
+        lines.append(f"{_label(r)}, M = {r['batch_size']}: fishing "
+                     f"{(_ms(b['fish_ms']) + ' → ') if b else ''}{_ms(r['fish_ms'])} ms; the attack on the fished "
+                     f"batch {(_ms(b['fished_attack_ms']) + ' → ') if b else ''}{_ms(r['fished_attack_ms'])} ms "
+                     f"({_ratio(r['fished_attack_ms'], r['gradient_ms'])}× the gradient), "
+                     f"{r['fished_recovered']}/{r['batch_size']} recovered, "
+                     f"{r['fished_false_certificates']} false certificates.")
+    return "\n".join(lines)
+
+
+def write_doc(rows: list[dict], before: list[dict], meta: dict) -> None:
+    start, end = MARKERS
+    load = ", ".join(f"{v:.1f}" for v in meta["machine"]["load_average_start"])
+    body = (f"{start}\n_Measured {meta['date']} on {meta['machine']['cpus']}-core {meta['machine']['arch']} CPU "
+            f"(load average {load} at the start), torch {meta['torch']} pinned to one thread; medians of "
+            f"{meta['repeats']} interleaved repeats; Fashion-MNIST, seed {meta['seed']}. Command: "
+            f"`{meta['command']}`._\n\n{table(rows, before)}\n{end}")
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
+    if start in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text += "\n## Speed of the exact attack\n\n" + body + "\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small grid (widths 256/1024 and 1024-1024, M 1 and 64)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats per cell (medians); default 5")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="", help="comma-separated model names to run (default: all of the grid)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
+    ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the docs table from the results file, run nothing")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    grid = QUICK if args.quick else FULL
+    if args.models:
+        wanted = args.models.split(",")
+        grid = tuple(s for s in grid if s.name in wanted)
+    if args.worker:
+        spec = next(s for s in grid if s.name == args.worker)
+        rows = time_model(spec, args.repeats, args.seed) if args.part == "time" else memory_model(spec, args.seed)
+        print(json.dumps(rows))
+        return
+    before = json.loads(BEFORE.read_text())["rows"] if BEFORE.exists() and args.out != BEFORE else []
+    if args.doc_only:
+        saved = json.loads(args.out.read_text())
+        write_doc(saved["rows"], before, saved["meta"])
+        print(table(saved["rows"], before))
+        return
+    import torch
+
+    from fedleak.report.output import environment_info, write_json
+
+    command = "python benchmarks/bench_speed.py" + " ".join(
+        [""] + (["--quick"] if args.quick else []) + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
+        + ([f"--models {args.models}"] if args.models else []))
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "command": command, "data": DATASET, "seed": args.seed,
+        "repeats": args.repeats, "torch": torch.__version__, "torch_threads": 1,
+        "models": [asdict(s) for s in grid],
+        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "processor": platform.processor(),
+                    "load_average_start": os.getloadavg()},
+        "malloc_env": MALLOC_ENV, "environment": environment_info(),
+        "fishing": "fedleak.fish(model, x, y, solve_check=False)",
+        "reference": "torch.autograd.grad of the mean cross-entropy over the batch (plain autograd, one thread)",
+    }
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for spec in grid:
+        parts = {}
+        for part, env in (("memory", MALLOC_ENV), ("time", {})):
+            cmd = [sys.executable, __file__, "--worker", spec.name, "--part", part, "--repeats", str(args.repeats),
+                   "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + (
+                      ["--models", args.models] if args.models else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+            if out.returncode:
+                sys.exit(f"{spec.name} ({part}) failed:\n{out.stderr[-3000:]}")
+            parts[part] = json.loads(out.stdout.strip().splitlines()[-1])
+        for timed, mem in zip(parts["time"], parts["memory"]):
+            rows.append({**timed, **mem})
+        # written after every model (``complete`` False until the last): a long run keeps what it measured
+        meta.update(seconds=time.perf_counter() - started, complete=spec is grid[-1])
+        meta["machine"]["load_average_end"] = os.getloadavg()
+        write_json(args.out, {"meta": meta, "rows": rows})
+        print(f"{spec.name}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if not before and BEFORE.exists() and args.out != BEFORE:
+        before = json.loads(BEFORE.read_text())["rows"]
+    if not args.no_doc:
+        write_doc(rows, before, meta)
+    print(table(rows, before))
+
+
+if __name__ == "__main__":
+    main()

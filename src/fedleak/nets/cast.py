@@ -1,0 +1,53 @@
+"""One copy of a model's tensor in another dtype (or on another device), shared by everyone who asks for it
+while anyone still holds it, and :func:`state`, which tells when a tensor's values may have changed.
+
+The exact attack reads a large head in float64 in several places (its own state, the certificate's forward
+passes, the whole-batch gradient); converting the weights each time cost a copy of the whole model per place.
+:func:`cast` hands out one copy per tensor, dtype and device. The cache holds it *weakly*: it lives as long as a
+caller keeps it (a :class:`~fedleak.nets.Network` keeps what its head converted), so nothing outlives the attack
+that made it. A tensor changed in any way (in place, through ``.data``, or replaced) gets a new copy. Callers must
+not modify what they get.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def state(tensor: torch.Tensor) -> tuple:
+    """A fingerprint of ``tensor``'s values: its storage, version and the integer sum of its bits (one pass; an
+    update through ``.data`` does not bump the version, but changes the sum)."""
+    t = tensor.detach()
+    flat = t.contiguous().reshape(-1)
+    bits = _BITS.get(flat.element_size())
+    total = int(flat.view(bits).sum()) if bits is not None else float(flat.double().sum())
+    return t.data_ptr(), t._version, t.dtype, str(t.device), tuple(t.shape), total
+
+
+# id(tensor) -> (weak reference to the tensor, {(dtype, device): (state, weak reference to the copy)}); keyed by id
+# because a tensor's == is elementwise (a weak-key dictionary would compare tensors)
+_COPIES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """``tensor.detach().to(device, dtype)``, shared with every other caller while it is alive."""
+    device = tensor.device if device is None else torch.device(device)
+    if tensor.dtype == dtype and tensor.device == device:
+        return tensor.detach()
+    entry = _COPIES.get(id(tensor))
+    if entry is None or entry[0]() is not tensor:
+        if len(_COPIES) > 256:  # forget tensors that are gone
+            for k in [k for k, (ref, _) in _COPIES.items() if ref() is None]:
+                del _COPIES[k]
+        entry = _COPIES[id(tensor)] = (weakref.ref(tensor), {})
+    now = state(tensor)
+    known = entry[1].get((dtype, device))
+    copy = known[1]() if known is not None and known[0] == now else None
+    if copy is None:
+        copy = tensor.detach().to(device=device, dtype=dtype)
+        entry[1][dtype, device] = (now, weakref.ref(copy))
+    return copy

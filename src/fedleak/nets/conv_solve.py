@@ -1,0 +1,261 @@
+"""Least squares on a conv block's known units with a *proven* lower bound on ``sigma_min``, from one float32
+band Cholesky factorisation.
+
+The system is ``J x = rhs``, ``J = A[rows]`` the rows of the block's unrolled conv whose units are known, and its
+normal matrix ``N = J^T J = A^T diag(w) A`` is given in band storage by :class:`~fedleak.nets.conv_gram.ConvGram`.
+
+**The proof.** ``fl32(N - tau I)`` is factored by LAPACK's float32 band Cholesky (``spbtrf``, half the time of
+float64). Success means ``L L^T = N - tau I + F + D + E`` is positive definite, where
+
+- ``F`` is the error of forming ``N`` in float64: ``||F||_2 <= gamma_{k+2} ||J||_F^2`` (``k`` the most products
+  summed into one entry; ``||J||_F^2 = trace(N)``);
+- ``D`` is the rounding of ``N - tau I`` to float32: ``|D| <= u32 |N - tau I|``, so
+  ``||D||_2 <= u32 ||N - tau I||_F <= u32 (||N||_F + tau sqrt(n))``;
+- ``E`` is the factorisation's backward error in float32 arithmetic: ``|E| <= gamma_{b+1} |L| |L^T|`` (Higham,
+  *Accuracy and Stability of Numerical Algorithms*, Thm 10.3; ``b`` the half-bandwidth, so no inner product has
+  more than ``b + 1`` terms), and ``|| |L| |L^T| ||_2`` is at most the largest entry of ``|L| (|L^T| 1)`` (the
+  2-norm of a symmetric non-negative matrix is at most its largest row sum).
+
+So ``sigma_min(J)^2 >= tau - slack``, ``slack`` the sum of those bounds, each rounded up: our own rounding cannot
+make the bound optimistic. Where float32 cannot give the proof (``slack > tau / 4``: an ill-conditioned block),
+or a factorisation fails twice, :func:`proven_lstsq` returns None and the caller uses float64
+(:mod:`fedleak.attacks.normal_equations`). A test checks the slack against the real error.
+
+**The solve.** Conjugate gradients on ``N x = J^T rhs`` in float64 (a product with ``N`` is a conv and a
+transposed conv), preconditioned by the float32 factor: for ``tau = lambda_min / 2`` the preconditioned spectrum
+``lambda / (lambda - tau)`` lies in ``[1, 2]`` (about a dozen iterations), and the largest Lanczos value of the
+run, ``lambda_min / (lambda_min - tau)``, gives ``lambda_min``. That estimate is the *hint* for the next system
+of the same block (the samples of a batch have alike spectra), so a block costs one factorisation per sample.
+Without a hint, or when the hint's ``tau`` is not below this system's ``lambda_min`` (the factorisation fails),
+``N`` itself is factored in float32 (CG then needs two or three iterations), a few Lanczos steps on ``N^{-1}``
+estimate ``lambda_min``, and ``N - tau I`` is factored for the proof. The hint only decides where the proof is
+tried; a wrong hint costs time, never soundness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sl
+import torch
+from threadpoolctl import ThreadpoolController
+
+EPS64 = float(np.finfo(np.float64).eps)
+U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
+SHIFT = 0.5  # tau as a fraction of the estimated lambda_min
+RETRY_SHIFT = 0.1  # a second try when the first shift is not below lambda_min
+MAX_SLACK = 0.25  # float32 proves nothing when its rounding slack exceeds this fraction of tau
+SUM_MARGIN = 1.01  # the slack's own sums of non-negative terms, some in float32 (relative error < 1e-4 here)
+CG_TOL = 1e-9  # relative preconditioned residual at which conjugate gradients stop (the bound uses the true
+# residual; 1e-9 of the right-hand side is far below the float32 noise the bound already carries)
+CG_MAX = 40
+LANCZOS_STEPS = 8
+
+_controller: ThreadpoolController | None = None
+
+
+def one_blas_thread():
+    """Band factorisations are too small to gain from a threaded BLAS (2x slower on 2 threads, and far slower
+    when another job holds the second core)."""
+    global _controller
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+def gamma(k: int, u: float) -> float:
+    return k * u / (1 - k * u)
+
+
+@dataclass(frozen=True)
+class ProvenSolve:
+    """A least-squares solution ``x`` (natural order, float64), a proven lower bound ``sigma`` on
+    ``sigma_min(J)`` and an estimate ``lam`` of ``lambda_min(J^T J)`` (the hint for the next system)."""
+
+    x: np.ndarray
+    sigma: float
+    lam: float
+
+
+def band_row_sums(ab: np.ndarray) -> np.ndarray:
+    """Upper bounds on the row sums of the non-negative lower triangular band matrix stored as
+    ``ab[d, j] = L[j + d, j]``, whose unused corner (``j + d >= n``) is zero: row ``i`` is the ``(n - 1)``-strided
+    diagonal ``flat[d * (n - 1) + i]``, ``d = 0..b`` (exact for ``i >= 1``; row 0 picks up entries of other rows)."""
+    rows, n = ab.shape
+    flat = np.ascontiguousarray(ab).reshape(-1)
+    return np.lib.stride_tricks.as_strided(flat, shape=(rows, n), strides=((n - 1) * flat.itemsize, flat.itemsize),
+                                           writeable=False).sum(0)
+
+
+def factor_slack(cb: np.ndarray) -> float:
+    """A bound on ``||E||_2`` for the float32 band Cholesky factor ``cb`` (lower band storage): ``gamma_{b+1}``
+    times the largest entry of ``|L| (|L^T| 1)`` (sums of non-negative float32 numbers, rounded up)."""
+    rows, n = cb.shape
+    a = np.abs(cb)
+    k = min(rows - 1, n)
+    if k > 0:  # zero LAPACK's unused corner of band storage (entries past the matrix)
+        corner = a[:, n - k:]
+        corner[np.arange(n - k, n)[None, :] + np.arange(rows)[:, None] >= n] = 0
+    a *= a.sum(axis=0)  # |L| diag(|L^T| 1): its row sums are |L| (|L^T| 1)
+    return gamma(rows, U32) * float(band_row_sums(a).max()) * SUM_MARGIN
+
+
+def factor32(ab: np.ndarray, tau: float) -> tuple[np.ndarray, float] | None:
+    """The float32 band Cholesky factor of ``N - tau I`` (``ab``: lower band storage of ``N``, float64) and a
+    bound on ``||D||_2 + ||E||_2`` (conversion and factorisation error), or None when the factorisation fails."""
+    a = ab.astype(np.float32)
+    if tau:
+        a[0] = (ab[0] - tau).astype(np.float32)
+    flat = ab.reshape(-1)
+    # ||N - tau I||_F <= ||N||_F + tau sqrt(n) (a float64 dot product, the diagonal counted twice)
+    frob = (math.sqrt(2 * float(flat @ flat)) + tau * math.sqrt(ab.shape[1])) * SUM_MARGIN
+    cb, info = sl.get_lapack_funcs("pbtrf", (a,))(a, lower=1, overwrite_ab=1)
+    if info != 0:  # not positive definite
+        return None
+    return cb, U32 * frob + factor_slack(cb)
+
+
+def band_solver(cb: np.ndarray, order: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``v -> (L L^T)^{-1} v`` in natural order, in float32 arithmetic (a preconditioner)."""
+    pbtrs = sl.get_lapack_funcs("pbtrs", (cb,))
+
+    def solve(v: np.ndarray) -> np.ndarray:
+        out = np.empty(len(v))
+        y, info = pbtrs(cb, v[order].astype(np.float32), lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"pbtrs failed (info {info})")
+        out[order] = y
+        return out
+
+    return solve
+
+
+def lanczos_max(solve: Callable[[np.ndarray], np.ndarray], n: int, steps: int = LANCZOS_STEPS) -> float:
+    """The largest Ritz value of the symmetric operator ``solve`` after a few Lanczos steps."""
+    v = np.random.default_rng(0).standard_normal(n)
+    v /= np.linalg.norm(v)
+    prev = np.zeros(n)
+    alphas, betas = [], []
+    beta = 0.0
+    for _ in range(steps):
+        w = solve(v) - beta * prev
+        alpha = float(v @ w)
+        w -= alpha * v
+        alphas.append(alpha)
+        beta = float(np.linalg.norm(w))
+        if beta <= 1e-12 * abs(alpha):
+            break
+        betas.append(beta)
+        prev, v = v, w / beta
+    return float(sl.eigvalsh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))[-1])
+
+
+@dataclass(frozen=True)
+class CGResult:
+    """The solution of a conjugate-gradient run and the largest Lanczos value of the preconditioned operator
+    (from the run's step lengths ``alpha`` and direction updates ``beta``)."""
+
+    x: np.ndarray
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+
+    def ritz_max(self) -> float:
+        a, b = self.alphas, self.betas
+        k = len(a)
+        if k == 0:
+            return 1.0
+        diag = np.array([1 / a[j] + (b[j - 1] / a[j - 1] if j else 0.0) for j in range(k)])
+        off = np.array([math.sqrt(b[j]) / a[j] for j in range(k - 1)])
+        return float(sl.eigvalsh_tridiagonal(diag, off)[-1]) if k > 1 else float(diag[0])
+
+
+def pcg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray,
+        precond: Callable[[np.ndarray], np.ndarray]) -> CGResult | None:
+    """Preconditioned conjugate gradients for ``N x = b`` from zero; None when it does not converge."""
+    x = np.zeros_like(b)
+    r = b.copy()
+    z = precond(r)
+    p = z.copy()
+    rz = rz0 = float(r @ z)
+    alphas, betas = [], []
+    for _ in range(CG_MAX):
+        if rz <= CG_TOL ** 2 * rz0:
+            return CGResult(x, tuple(alphas), tuple(betas))
+        q = matvec(p)
+        pq = float(p @ q)
+        if not pq > 0:
+            return None
+        alpha = rz / pq
+        x += alpha * p
+        r -= alpha * q
+        z = precond(r)
+        rz_new = float(r @ z)
+        alphas.append(alpha)
+        betas.append(rz_new / rz)
+        p = z + betas[-1] * p
+        rz = rz_new
+    return CGResult(x, tuple(alphas), tuple(betas)) if rz <= CG_TOL ** 2 * rz0 else None
+
+
+def conv_normal_product(weight: torch.Tensor, in_shape: tuple[int, int, int], stride: tuple[int, int],
+                        padding: tuple[int, int], w: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``v -> A^T diag(w) A v`` by a conv and a transposed conv (``weight``: the folded kernel, float64, CPU)."""
+    shape = (1, *in_shape)
+    wt = torch.from_numpy(w)
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        z = torch.nn.functional.conv2d(torch.from_numpy(v).reshape(shape), weight, None, stride, padding)
+        z = z * wt.reshape(z.shape)
+        return torch.nn.grad.conv2d_input(shape, weight, z, stride, padding).reshape(-1).numpy()
+
+    return apply
+
+
+def proof(ab: np.ndarray, tau: float, forming: float) -> tuple[np.ndarray, float] | None:
+    """The float32 factor of ``N - tau I`` and the proven ``sigma = sqrt(tau - slack)``; None when the
+    factorisation fails or float32's slack is too large a part of ``tau``."""
+    got = factor32(ab, tau)
+    if got is None:
+        return None
+    cb, err = got
+    slack = forming + err + EPS64 * (float(np.abs(ab[0]).max()) + tau)
+    return None if slack > MAX_SLACK * tau else (cb, math.sqrt(tau - slack))
+
+
+def proven_lstsq(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: Callable[[np.ndarray], np.ndarray],
+                 b: np.ndarray, hint: float | None = None) -> ProvenSolve | None:
+    """Solve ``N x = b`` (``b = J^T rhs``) with a proven ``sigma_min(J) >= sigma`` from a float32 factorisation of
+    ``N - tau I``; None when float32 cannot give the proof (the caller then uses float64).
+
+    ``ab``: ``N`` in lower band storage of the pixel-major order ``order``; ``matvec``: ``v -> N v`` in float64;
+    ``hint``: an estimate of ``lambda_min(N)`` (from the previous system of the block), or None."""
+    with one_blas_thread():
+        return solve_with_hint(ab, order, max_terms, matvec, b, hint)
+
+
+def solve_with_hint(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: Callable[[np.ndarray], np.ndarray],
+                    b: np.ndarray, hint: float | None) -> ProvenSolve | None:
+    forming = gamma(max_terms + 2, EPS64) * float(ab[0].sum()) * SUM_MARGIN  # ||J||_F^2 = trace(N)
+    if hint is not None and math.isfinite(hint) and hint > 0:
+        tau = SHIFT * hint
+        got = proof(ab, tau, forming)
+        cg = None if got is None else pcg(matvec, b, band_solver(got[0], order))
+        if cg is not None:
+            mu = cg.ritz_max()  # ~ lambda_min / (lambda_min - tau), the preconditioned operator's largest value
+            return ProvenSolve(cg.x, got[1], tau * mu / (mu - 1) if mu > 1 + 1e-6 else hint)
+    base = factor32(ab, 0.0)  # no hint, or it was above this system's lambda_min: estimate this one's
+    if base is None:
+        return None
+    precond = band_solver(base[0], order)
+    cg = pcg(matvec, b, precond)  # a float32 factor of N itself: two or three iterations
+    if cg is None:
+        return None
+    lam = 1.0 / lanczos_max(precond, ab.shape[1])
+    for frac in (SHIFT, RETRY_SHIFT):
+        got = proof(ab, frac * lam, forming)
+        if got is not None:
+            return ProvenSolve(cg.x, got[1], lam)
+    return None

@@ -1,0 +1,183 @@
+"""Scale: Flower's client sampling, a pool of audit workers, the audit's backlog bound, joining a Ray cluster."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from fedleak.errors import FedleakError
+from fedleak.federation import FederationSettings
+from fedleak.federation.audit_pool import choose_audited
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+HEAD = """
+import sys, ray
+ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+ray.shutdown()
+"""
+
+
+def test_choose_audited_is_seeded_bounded_and_independent_of_arrival_order():
+    keys = [(p, 1000 + p) for p in range(10)]
+    assert choose_audited(keys, backlog=0, bound=None, seed=0, server_round=1) == tuple(range(10))
+    assert choose_audited(keys, backlog=2, bound=12, seed=0, server_round=1) == tuple(range(10))  # fits exactly
+    picked = choose_audited(keys, backlog=5, bound=9, seed=3, server_round=2)
+    assert len(picked) == 4 and len(set(picked)) == 4
+    shuffled = keys[::-1]  # the same updates arriving in another order: the same ones are audited
+    assert {shuffled[i] for i in choose_audited(shuffled, 5, 9, 3, 2)} == {keys[i] for i in picked}
+    assert choose_audited(keys, backlog=9, bound=9, seed=3, server_round=2) == ()  # no room at all
+    draws = {tuple(keys[i] for i in choose_audited(keys, 5, 9, 3, r)) for r in range(1, 6)}
+    assert len(draws) > 1  # a new draw each round
+
+
+def test_scale_options_are_checked(tmp_path, capsys):
+    from fedleak.cli import main
+
+    for bad, word in [({"fraction_train": 0.0}, "fraction_train"), ({"fraction_train": 1.5}, "fraction_train"),
+                      ({"min_train_nodes": 5}, "min_train_nodes"), ({"audit_workers": 0}, "audit_workers"),
+                      ({"audit_backlog": -1}, "audit_backlog"),
+                      ({"audit_workers": 2, "audit_mode": "thread"}, "audit_workers")]:
+        with pytest.raises(FedleakError, match=word):
+            FederationSettings(clients=4, **bad)
+    s = FederationSettings(clients=4, fraction_train=0.5, audit_workers=3, audit_backlog=0, ray_address="auto")
+    assert FederationSettings.from_json(s.to_json()) == s
+    assert main(["federate", "--audit-workers", "0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "audit_workers" in err[0]
+
+
+def _jobs(settings, folder):
+    """Real client updates of two rounds (local_update: torch autograd), their true batches written for the scorer."""
+    from fedleak.federation.client import local_update
+    from fedleak.federation.ground_truth import TrueBatch, write_true_batch
+    from fedleak.federation.settings import data_split, make_model
+    from fedleak.updates import hard_labels
+
+    split = data_split(settings.data, settings.test_size, settings.public_size)
+    sent = {1: make_model(settings, split).state_dict()}
+    jobs = []
+    for rnd in (1, 2):
+        for pid in range(settings.clients):
+            model = make_model(settings, split)
+            model.load_state_dict(sent[rnd])
+            res = local_update(model, settings, pid, rnd)
+            write_true_batch(folder, rnd, 100 + pid, TrueBatch(res.inputs, res.original, hard_labels(res.labels), pid))
+            state = {k: v.clone() for k, v in sent[rnd].items()}
+            jobs.append((rnd, 100 + pid, pid, state, res.delta, res.num_examples))
+            sent.setdefault(rnd + 1, res.weights)  # round 2 starts from client 0's weights
+    return jobs
+
+
+def _fingerprint(record):
+    s = record.scores
+    return (record.round, record.client, record.status, record.attack, record.rebuilt, record.certified,
+            record.update_kind, s.recovered if s else None, s.false_certificates if s else None,
+            round(s.psnr, 6) if s and s.psnr is not None else None)
+
+
+def test_a_pool_of_workers_gives_the_single_worker_results(tmp_path):
+    from fedleak.federation.audit_pool import make_audit_executor
+    from fedleak.federation.audit_worker import audit_reply
+    from fedleak.federation.ground_truth import GroundTruthScorer
+    from fedleak.federation.server_app import build_strategy
+
+    settings = FederationSettings(clients=3, rounds=2, batch_size=8, hidden=(256,), seed=2)
+    jobs = _jobs(settings, tmp_path)
+    _, strategy = build_strategy(settings)
+    scorer = GroundTruthScorer(tmp_path)
+    results = {}
+    for workers in (1, 2):
+        pool = make_audit_executor("process", workers, strategy.template)
+        try:
+            futures = [pool.submit(audit_reply, strategy.plan, rnd, node, pid, sent, None, n, scorer, delta,
+                                   settings.declared_training()) for rnd, node, pid, sent, delta, n in jobs]
+            results[workers] = [_fingerprint(f.result(timeout=300)) for f in futures]
+            assert len(multiprocessing.active_children()) == workers  # the pool's worker processes
+        finally:
+            pool.shutdown(wait=True)
+    assert results[1] == results[2]
+    assert all(r[2] == "ok" and r[8] == 0 for r in results[1])  # attacked and scored; no false certificate
+    assert sum(r[7] for r in results[1]) > 0  # the attack certified samples: the comparison is not of empty results
+    assert not multiprocessing.active_children()
+
+
+def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_path, capsys):
+    """4 clients, half sampled per round, 2 audit workers, a backlog bound of 1, on a Ray cluster started here."""
+    import ray
+
+    from fedleak.cli import main
+    from fedleak.federation.audit_worker import AuditInput, run_audit
+    from fedleak.federation.client import local_update
+    from fedleak.federation.server_app import build_strategy
+    from fedleak.federation.settings import data_split, make_model
+    from fedleak.updates import WeightUpdate
+
+    ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([sys.executable, "-c", HEAD, ray_tmp], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        out = tmp_path / "run"
+        code = main(["federate", "--clients", "4", "--rounds", "2", "--batch-size", "8", "--widths", "256",
+                     "--seed", "1", "--fraction-train", "0.5", "--audit-workers", "2", "--audit-backlog", "1",
+                     "--ray-address", address, "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert code == 0
+        assert head.poll() is None  # the cluster it joined is still up: fedleak only disconnected
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the process group started above
+            head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not ray.is_initialized() and not multiprocessing.active_children()  # no driver, no audit worker left
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["audit_workers"] == 2 and res["settings"]["ray_address"] == address
+    records = res["records"]
+    for rnd in (1, 2):
+        info = res["rounds"][rnd]
+        assert len(info["sampled"]) == 2 and set(info["sampled"]) <= {0, 1, 2, 3}  # int(4 x 0.5) clients
+        here = [r for r in records if r["round"] == rnd]
+        assert sorted(r["client"] for r in here) == sorted(info["sampled"])  # one record per sampled client
+        audited = [r for r in here if r["status"] == "ok"]
+        skipped = [r for r in here if r["status"] == "not-audited"]
+        assert info["updates_received"] == 2 and info["updates_audited"] == len(audited)
+        assert len(audited) + len(skipped) == 2  # nothing dropped silently
+        assert info["audit_backlog"] + len(audited) <= 1  # the bound held
+        for r in skipped:
+            assert "seed 1" in r["detail"] and "not audited" in r["detail"]
+    first = res["rounds"][1]
+    assert first["audit_backlog"] == 0 and first["updates_audited"] == 1 and first["audit_sample_seed"] == 1
+    assert first["audit_lag_seconds"] is not None and first["audit_lag_seconds"] >= 0
+    assert "audited 1 of 2 updates" in printed and "2 of 4 clients sampled" in printed
+    report = (out / "report.html").read_text()
+    assert "Audit sampled" in report and "not-audited" in report  # the report says it too
+
+    # the audited round-1 update, attacked again here in-process, gives the worker pool's result
+    settings = FederationSettings(clients=4, rounds=2, batch_size=8, hidden=(256,), seed=1)
+    split = data_split(settings.data, settings.test_size, settings.public_size)
+    _, strategy = build_strategy(settings)
+    (rec,) = [r for r in records if r["round"] == 1 and r["status"] == "ok"]
+    model = make_model(settings, split)
+    sent = {k: v.clone() for k, v in model.state_dict().items()}
+    local = local_update(model, settings, rec["client"], 1)
+    update = WeightUpdate(sent, {k: sent[k] - local.delta[k] for k in sent}, num_examples=local.num_examples)
+    strategy.template.load_state_dict(sent)
+    again = run_audit(strategy.plan, AuditInput(1, rec["node_id"], rec["client"], strategy.template, update,
+                                                local.delta, settings.declared_training()), None)
+    assert (again.rebuilt, again.certified) == (rec["rebuilt"], rec["certified"]) and rec["certified"] > 0
+    assert rec["false_certificates"] == 0 and rec["recovered_fraction"] > 0

@@ -1,0 +1,115 @@
+"""Least squares with a proven sigma_min from one float32 band factorisation (fedleak.nets.conv_solve), on the real
+systems of conv layers: the bound must never exceed the true smallest singular value (checked against an SVD),
+the solution must be the float64 least-squares one, the float32 slack must bound the factorisation's real error,
+a hint above the system's lambda_min must not make the proof fail, and a rank-deficient system must not be
+proven. The conv block's caches must follow the model's weights."""
+
+import numpy as np
+import pytest
+import torch
+
+import fedleak
+from fedleak.attacks.normal_equations import normal_equations
+from fedleak.models.convnet import make_convnet
+from fedleak.nets import as_network
+from fedleak.nets.cast import cast
+from fedleak.nets.conv_solve import band_row_sums, conv_normal_product, factor32, proven_lstsq
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return fedleak.load_dataset("lfw").batch(8, seed=0)[0], as_network(
+        make_convnet((1, 25, 25), 2, channels=(6,), padding=1, fc_widths=(8,), seed=0)).blocks[0]
+
+
+def _system(faces, k: int, keep: float | None = None):
+    X, blk = faces
+    x = X[k]
+    A, c = blk.affine
+    z = A @ x.reshape(-1).double().numpy() + c
+    rows = np.flatnonzero(z > 0)
+    if keep is not None:
+        rows = rows[: int(keep * A.shape[1])]
+    w = np.zeros(A.shape[0])
+    w[rows] = 1.0
+    matvec = conv_normal_product(blk.folded()[0].cpu(), blk.in_shape, blk.conv.stride, blk.conv.padding, w)
+    return blk, A[rows], z[rows] - c[rows], w, matvec, x.reshape(-1).double().numpy()
+
+
+def _sigma_min(J) -> float:
+    return float(np.sqrt(np.linalg.eigvalsh((J.T @ J).toarray())[0]))  # well conditioned: no SVD needed
+
+
+@pytest.mark.parametrize("k", [4, 7])
+def test_bound_is_below_the_true_sigma_and_the_solution_is_least_squares(faces, k):
+    blk, J, rhs, w, matvec, x_true = _system(faces, k)
+    ab = blk.gram.band(w)
+    got = proven_lstsq(ab, blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs)
+    assert got is not None
+    true_sigma = _sigma_min(J)
+    assert 0.5 * true_sigma < got.sigma <= true_sigma
+    assert np.abs(got.x - x_true).max() < 1e-7
+    ref = normal_equations(J, blk.gram.order, ab, blk.gram.max_terms)
+    assert np.abs(got.x - ref.lstsq(rhs)).max() < 1e-7
+    assert got.lam >= true_sigma ** 2  # the estimate approaches lambda_min from above
+
+
+def test_a_hint_never_weakens_the_proof(faces):
+    blk, J, rhs, w, matvec, _ = _system(faces, 4)
+    ab = blk.gram.band(w)
+    true_sigma = _sigma_min(J)
+    for hint in (true_sigma ** 2 * 0.9, true_sigma ** 2 * 5.0, true_sigma ** 2 * 1e3):  # below, above, far above
+        got = proven_lstsq(ab, blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs, hint)
+        assert got is not None and 0.0 < got.sigma <= true_sigma
+
+
+def test_float32_slack_bounds_the_real_factorisation_error(faces):
+    blk, J, rhs, w, _, _ = _system(faces, 7)
+    ab = blk.gram.band(w)
+    n, b = ab.shape[1], ab.shape[0] - 1
+    N = np.zeros((n, n))
+    for d in range(b + 1):
+        N[np.arange(d, n), np.arange(n - d)] = ab[d, : n - d]
+        N[np.arange(n - d), np.arange(d, n)] = ab[d, : n - d]
+    tau = 0.3 * float(np.linalg.eigvalsh(N)[0])
+    cb, slack = factor32(ab, tau)
+    L = np.zeros((n, n))
+    for d in range(b + 1):
+        L[np.arange(d, n), np.arange(n - d)] = cb[d, : n - d]
+    err = np.linalg.norm(L @ L.T - (N - tau * np.eye(n)), 2)
+    assert err <= slack < 1e-3 * tau
+
+
+def test_band_row_sums():
+    rng = np.random.default_rng(0)
+    ab = rng.random((4, 9))
+    for d in range(4):
+        ab[d, 9 - d:] = 0  # the unused corner of band storage
+    L = np.zeros((9, 9))
+    for d in range(4):
+        L[np.arange(d, 9), np.arange(9 - d)] = ab[d, : 9 - d]
+    sums = band_row_sums(ab)
+    np.testing.assert_allclose(sums[1:], L.sum(1)[1:], rtol=1e-12)
+    assert sums[0] >= L[0].sum()
+
+
+def test_rank_deficient_system_is_not_proven(faces):
+    blk, J, rhs, w, matvec, _ = _system(faces, 4, keep=0.5)  # fewer equations than unknowns
+    got = proven_lstsq(blk.gram.band(w), blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs)
+    assert got is None
+
+
+def test_conv_caches_follow_the_weights():
+    model = make_convnet((1, 8, 8), 2, channels=(2,), fc_widths=(4,), seed=0)
+    blk = as_network(model).blocks[0]
+    A1 = blk.affine[0].toarray()
+    assert as_network(model).blocks[0].affine[0] is blk.affine[0]  # read again: reused
+    with torch.no_grad():
+        model[0].weight.data.mul_(2.0)  # through .data: torch's version counter does not move
+    np.testing.assert_allclose(as_network(model).blocks[0].affine[0].toarray(), 2 * A1, rtol=1e-12)
+    w = model[-1].weight
+    w64 = cast(w, torch.float64)
+    assert cast(w, torch.float64) is w64  # one copy while it is held
+    with torch.no_grad():
+        w.data.add_(1.0)
+    assert torch.equal(cast(w, torch.float64), w.detach().double())
