@@ -119,7 +119,8 @@ def federate(
     out: Path = typer.Option(default_out("federate"), help=OUT_HELP),
     verbose: bool = typer.Option(False, "--verbose", hidden=True, help="The same as 'fedleak --verbose federate'."),
 ) -> None:
-    """Run a federation on Flower's simulation engine and audit every client update.
+    """Run a federation on Flower's simulation engine (or its deployment runtime) and audit every client update
+    (under --secagg: each round's aggregate).
 
     Writes OUT/results.json (one record per round and client: recovered fraction, PSNR, label accuracy,
     attack time, next to the global model's test accuracy; the clients' defenses with their (epsilon, delta))
