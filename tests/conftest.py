@@ -36,3 +36,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+RAY_HEAD = """
+import sys, ray
+ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the session closes stdin
+ray.shutdown()
+"""
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session, in a process of its own: federations that join it
+    (``ray_address``) skip Ray's start-up, which costs more than a small federation's rounds. The tests of fedleak's
+    own Ray lifecycle start their own. Yields ``(address, head process)``."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    pytest.importorskip("ray")
+    folder = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD, folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = head.stdout.readline().strip()
+        if not address:
+            pytest.fail("the session's Ray head did not start")
+        yield address, head
+    finally:
+        head.stdin.close()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the process group started above
+            head.wait()
+        shutil.rmtree(folder, ignore_errors=True)

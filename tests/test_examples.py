@@ -22,7 +22,7 @@ def example_app(monkeypatch):
         del sys.modules[name]
 
 
-def test_the_example_app_runs_on_the_simulation_engine(example_app, tmp_path, monkeypatch):
+def test_the_example_app_runs_on_the_simulation_engine(example_app, tmp_path, monkeypatch, ray_cluster):
     from flwr.simulation import run_simulation
 
     from auditapp import client_app, server_app, task
@@ -34,7 +34,7 @@ def test_the_example_app_runs_on_the_simulation_engine(example_app, tmp_path, mo
         try:
             run_simulation(server_app=server_app.app, client_app=client_app.app, num_supernodes=2,
                            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}})
+                                           "init_args": {"address": ray_cluster[0]}})
         finally:
             shutdown_ray()
     findings = json.loads((tmp_path / "fedleak-out" / "findings.json").read_text())

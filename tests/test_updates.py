@@ -132,3 +132,25 @@ def test_empty_batch_and_nan_inputs_are_refused(digits):
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(fedleak.FedleakError, match="NaN"):
         fedleak.compute_gradient_update(model, x, digits.y[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_every_non_finite_entry_is_found_wherever_it_is(dtype):
+    # the one-pass finiteness check (least and largest entry) must see a NaN or inf at any position, in
+    # vectorised and scalar tails alike, and in a non-contiguous view; the number of bad entries is reported
+    from fedleak.validation import all_finite
+
+    assert all_finite(torch.zeros(0, 3, dtype=dtype))
+    for n in (1, 7, 33, 4099):
+        base = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        assert all_finite(base)
+        for pos in {0, n // 2, n - 1}:
+            for value in (float("nan"), float("inf"), -float("inf")):
+                bad = base.clone()
+                bad[pos] = value
+                assert not all_finite(bad)
+                with pytest.raises(fedleak.UpdateError, match="holds 1 non-finite"):
+                    fedleak.GradientUpdate({"w": bad})
+    view = torch.randn(5, 6).to(dtype).t()
+    view[4, 1] = float("nan")
+    assert not all_finite(view)

@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
+from fedleak.validation import all_finite
 
 if TYPE_CHECKING:
     from fedleak.data.dataset import Dataset
@@ -296,7 +297,7 @@ def match(
     orig = _as_images(originals)
     if orig.shape[0] == 0:
         raise FedleakError("no originals to match against")
-    if not torch.isfinite(orig).all():
+    if not all_finite(orig):
         raise FedleakError("the originals hold NaN or inf values")
     if normalization is not None:  # a claim in input units is at most max(std) times that in pixels
         claims = claims * max(normalization.std)

@@ -25,6 +25,7 @@ from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.report.output import write_bytes_atomic
 from fedleak.validation import (
     MAX_COUNT,
+    all_finite,
     check_batch,
     check_int,
     check_labels,
@@ -43,7 +44,7 @@ def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str) -> dict[st
             raise UpdateError(f"{what}['{name}'] is a {type(value).__name__}, not a torch.Tensor")
         if not value.is_floating_point():
             raise UpdateError(f"{what}['{name}'] has dtype {value.dtype}; a floating-point tensor is needed")
-        if not torch.isfinite(value).all():
+        if not all_finite(value):
             bad = int((~torch.isfinite(value)).sum())
             raise UpdateError(f"{what}['{name}'] holds {bad} non-finite value(s) (NaN or inf)")
         out[str(name)] = value.detach()

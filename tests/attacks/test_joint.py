@@ -116,3 +116,40 @@ def test_degenerate_loss_vectors():
     assert degenerate_loss_vectors(two).all()
     saturated = torch.tensor([[1.0, -1.0, 1e-9, 1e-9], [0.4, -0.7, 0.2, 0.1]], dtype=torch.float64)
     assert degenerate_loss_vectors(saturated).tolist() == [True, False]
+
+
+def test_witness_conflicts_match_their_definition():
+    """``Q[k, l]`` is the largest term of sample ``l`` on a witness row of ``k`` over that row's tolerance (built for
+    all samples at once; compared with the definition, one sample and row at a time)."""
+    import types
+
+    gen = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    for depth, n in [(1, 7), (2, 12), (3, 5)]:
+        widths = [30, 20, 10][:depth]
+        acts = [torch.rand(n, 15, generator=gen, dtype=f64)]
+        acts += [torch.relu(torch.randn(n, w, generator=gen, dtype=f64)) for w in widths]
+        deltas = [torch.randn(n, w, generator=gen, dtype=f64) for w in widths]
+        t64 = types.SimpleNamespace(activations=acts, deltas=deltas,
+                                    loss_vectors=torch.randn(n, 4, generator=gen, dtype=f64))
+        attack = types.SimpleNamespace(net=types.SimpleNamespace(depth=depth),
+                                       g=[None if i % 2 else torch.zeros(1) for i in range(depth + 1)])
+        def draw(high: int) -> int:
+            return int(torch.randint(high, (1,), generator=gen))
+
+        passing = [tuple((draw(depth), draw(10), float(torch.rand(1, generator=gen)) * 1e-3) for _ in range(draw(6)))
+                   for _ in range(n)]
+        weights = torch.rand(n, generator=gen, dtype=f64)
+        Q = WitnessConflicts(attack, t64, passing, weights).Q
+        expected = torch.zeros(n, n, dtype=f64)
+        for k, rows in enumerate(passing):
+            for layer, row, tol in rows:
+                size = (acts[layer] ** 2).sum(1) + (0.0 if attack.g[layer] is None else 1.0)
+                term = deltas[layer][:, row].abs() * size.sqrt()
+                if layer == depth - 1:
+                    term = term + acts[layer + 1][:, row] * t64.loss_vectors.norm(dim=1)
+                for m in range(n):
+                    if m != k:
+                        expected[k, m] = max(float(expected[k, m]), float(weights[m] * term[m] / tol))
+        assert torch.allclose(Q, expected, rtol=1e-12, atol=0)
+        assert float(Q.max()) > 0 and float(Q.diagonal().abs().max()) == 0.0

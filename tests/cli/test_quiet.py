@@ -32,7 +32,7 @@ sys.exit(main(sys.argv[1:]))
 
 def _audit(tmp_path, *root_options: str) -> subprocess.CompletedProcess[str]:
     args = [*root_options, "audit", "--data", "noisy-squares", "--widths", "16", "--batch-sizes", "1", "--quiet",
-            "--out", str(tmp_path / "out")]
+            "--attack", "exclusivity", "--out", str(tmp_path / "out")]
     return subprocess.run([sys.executable, "-c", _PLUGIN_AND_MAIN, *args], capture_output=True, text=True,
                           timeout=120)
 

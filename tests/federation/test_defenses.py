@@ -114,7 +114,7 @@ def _ray_running() -> bool:
     return ray.is_initialized()
 
 
-def test_federation_records_the_privacy_of_its_defenses(tmp_path):
+def test_federation_records_the_privacy_of_its_defenses(tmp_path, ray_cluster):
     """`fedleak federate --defense gaussian-noise:... --defense central-dp:...`: (ε, δ) of both in results.json,
     computed for the federation's training; Flower's wrapper ran; the attack was told the defenses."""
     from fedleak.cli import main
@@ -122,7 +122,7 @@ def test_federation_records_the_privacy_of_its_defenses(tmp_path):
     out = tmp_path / "run"
     code = main(["federate", "--clients", "2", "--rounds", "2", "--batch-size", "8", "--widths", "64", "--seed", "0",
                  "--defense", "gaussian-noise:sigma=0.05,clip=1.0", "--defense", "central-dp:noise_multiplier=0.7",
-                 "--out", str(out)])
+                 "--ray-address", ray_cluster[0], "--out", str(out)])
     assert code == 0 and not _ray_running()
     res = json.loads((out / "results.json").read_text())
     (stack,) = res["defenses"]
@@ -144,11 +144,12 @@ def test_federation_records_the_privacy_of_its_defenses(tmp_path):
         assert r["update_norm"] == pytest.approx(1.0, rel=1e-3) and r["false_certificates"] == 0
 
 
-def test_local_dp_runs_as_flowers_mod_in_the_simulation():
+def test_local_dp_runs_as_flowers_mod_in_the_simulation(ray_cluster):
     from fedleak.federation import run_federation
     from fedleak.federation.run import summarize
 
-    s = FederationSettings(**SMALL, clients=2, rounds=1, defenses=("local-dp:clip=0.01,epsilon=250",))
+    s = FederationSettings(**SMALL, clients=2, rounds=1, defenses=("local-dp:clip=0.01,epsilon=250",),
+                           ray_address=ray_cluster[0])
     result = run_federation(s)
     assert not _ray_running()
     d = s.stack.defenses[0]

@@ -102,12 +102,12 @@ def test_honest_federation_with_a_failing_and_a_malformed_client():
     assert "data:image/png;base64," in render_report(result)
 
 
-def test_cli_federate_imprint(tmp_path, capsys):
+def test_cli_federate_imprint(tmp_path, capsys, ray_cluster):
     from fedleak.cli import main
 
     out = tmp_path / "run"
     code = main(["federate", "--clients", "2", "--rounds", "1", "--threat", "imprint", "--batch-size", "16",
-                 "--hidden", "500", "--seed", "1", "--out", str(out)])
+                 "--hidden", "500", "--seed", "1", "--ray-address", ray_cluster[0], "--out", str(out)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json"]
     res = json.loads((out / "results.json").read_text())

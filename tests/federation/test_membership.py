@@ -94,13 +94,14 @@ def test_federate_cli_bad_membership_option_is_one_line(tmp_path, capsys):
     assert "membership_targets" in err and len(err.splitlines()) == 1
 
 
-def test_flower_federation_records_passive_and_active_rounds(tmp_path):
+def test_flower_federation_records_passive_and_active_rounds(tmp_path, ray_cluster):
     """A real Flower federation: round 1 passive, round 2 the server ascends on the candidates."""
     from fedleak.federation.report import write_report, write_results
     from fedleak.federation.run import run_federation
 
     settings = FederationSettings(**{**SMALL, "local_epochs": 1, "threat": "membership-active",
-                                     "membership_rounds": (2,), "membership_targets": 32})
+                                     "membership_rounds": (2,), "membership_targets": 32,
+                                     "ray_address": ray_cluster[0]})
     result = run_federation(settings)
     modes = {(r.round, r.mode) for r in result.membership}
     assert modes == {(1, "passive"), (2, "active")}

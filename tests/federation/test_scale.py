@@ -2,12 +2,6 @@
 
 import json
 import multiprocessing
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 
 import pytest
 
@@ -17,14 +11,6 @@ from fedleak.federation.audit_pool import choose_audited
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
-
-HEAD = """
-import sys, ray
-ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")
-print(ray.get_runtime_context().gcs_address, flush=True)
-sys.stdin.read()  # until the test closes stdin
-ray.shutdown()
-"""
 
 
 def test_choose_audited_is_seeded_bounded_and_independent_of_arrival_order():
@@ -111,8 +97,8 @@ def test_a_pool_of_workers_gives_the_single_worker_results(tmp_path):
     assert not multiprocessing.active_children()
 
 
-def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_path, capsys):
-    """4 clients, half sampled per round, 2 audit workers, a backlog bound of 1, on a Ray cluster started here."""
+def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_path, capsys, ray_cluster):
+    """4 clients, half sampled per round, 2 audit workers, a backlog bound of 1, on a Ray cluster of its own process."""
     import ray
 
     from fedleak.cli import main
@@ -122,27 +108,14 @@ def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_
     from fedleak.federation.settings import data_split, make_model
     from fedleak.updates import WeightUpdate
 
-    ray_tmp = tempfile.mkdtemp(prefix="fl-ray-", dir="/tmp")  # Ray's socket paths must stay short
-    head = subprocess.Popen([sys.executable, "-c", HEAD, ray_tmp], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        address = head.stdout.readline().strip()
-        assert address, "the Ray head did not start"
-        out = tmp_path / "run"
-        code = main(["federate", "--clients", "4", "--rounds", "2", "--batch-size", "8", "--widths", "256",
-                     "--seed", "1", "--fraction-train", "0.5", "--audit-workers", "2", "--audit-backlog", "1",
-                     "--ray-address", address, "--out", str(out)])
-        printed = capsys.readouterr().out
-        assert code == 0
-        assert head.poll() is None  # the cluster it joined is still up: fedleak only disconnected
-    finally:
-        head.stdin.close()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the process group started above
-            head.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    address, head = ray_cluster
+    out = tmp_path / "run"
+    code = main(["federate", "--clients", "4", "--rounds", "2", "--batch-size", "8", "--widths", "256",
+                 "--seed", "1", "--fraction-train", "0.5", "--audit-workers", "2", "--audit-backlog", "1",
+                 "--ray-address", address, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert head.poll() is None  # the cluster it joined is still up: fedleak only disconnected
     assert not ray.is_initialized() and not multiprocessing.active_children()  # no driver, no audit worker left
 
     res = json.loads((out / "results.json").read_text())

@@ -59,13 +59,14 @@ def test_quantization_bound_covers_flowers_quantizer():
     assert tight < loose / 50  # float32 uploads cap the quantizer's precision whatever the levels
 
 
-def test_imprint_under_secagg_recovers_samples_of_several_clients_from_the_aggregate():
+def test_imprint_under_secagg_recovers_samples_of_several_clients_from_the_aggregate(ray_cluster):
     """3 clients x 1 round of real SecAgg+: the server's Grid carries masked vectors only, the strategy gets one
     aggregate, and the imprint attack on it certifies samples of more than one client, every one true."""
     from fedleak.federation import run_federation
     from fedleak.federation.report import render_report
 
-    settings = FederationSettings(clients=3, rounds=1, threat="imprint", secagg=True, seed=0, **DIGITS, **TIGHT)
+    settings = FederationSettings(clients=3, rounds=1, threat="imprint", secagg=True, seed=0, **DIGITS, **TIGHT,
+                                  ray_address=ray_cluster[0])
     result = run_federation(settings)
     import ray
 

@@ -101,3 +101,32 @@ def test_fished_cnn_batch_is_certified_and_exact(name, batch, lfw, fashion):
     assert not scored.false_certificate.any()
     assert scored.recovered_fraction >= 0.9  # certified, right label and max abs error < 1e-4 vs the sent batch
     assert np.all(scored.max_abs_error[scored.certified] < 1e-4)
+
+
+@pytest.mark.parametrize("fc_widths", [(32,), (32, 16)])
+def test_checked_preacts_agree_with_the_full_passes_where_checks_read_them(lfw, fc_widths):
+    """The float64 last head layer is computed only near zero and on the units asked for that lie near their
+    level; there it equals the full float64 pass, elsewhere it has the full pass's sign and stays clear of
+    ``near``; every other layer and the float32 pass are the full passes."""
+    model = make_convnet(lfw.input_shape, 2, channels=(4, 8), kernel=3, padding=1, fc_widths=fc_widths, seed=2)
+    x, _ = lfw.batch(2, seed=3)
+    net = as_network(model, inputs=x)
+    sn = SampleNet(ConvStack(net), HeadArrays(net.head), x[0].reshape(-1).double().numpy())
+    rng = np.random.default_rng(0)
+    last = sn.shift + net.head.depth - 1
+    for _ in range(3):
+        xp = np.clip(sn.x + rng.normal(size=sn.x.shape) * 0.05, 0, 1)
+        full64, full32 = sn.preacts(xp), sn.preacts(xp.astype(np.float32), f32=True)
+        exact = np.array([0, 5, 7])
+        near = float(np.sort(np.abs(full64[last]))[3])  # a few units are within it
+        levels = full64[last][exact] + np.array([0.0, 1e-9, 1e3])  # the third is far from its level
+        z64, z32 = sn.checked_preacts(xp, exact, levels, near)
+        for h in range(len(full64)):
+            np.testing.assert_array_equal(z32[h], full32[h])
+            if h != last:
+                np.testing.assert_array_equal(z64[h], full64[h])
+        close = np.abs(full64[last]) <= near
+        asked = np.zeros(len(close), dtype=bool)
+        asked[exact[:2]] = True
+        np.testing.assert_allclose(z64[last][close | asked], full64[last][close | asked], rtol=0, atol=1e-12)
+        assert ((z64[last] > 0) == (full64[last] > 0)).all() and (np.abs(z64[last][~close]) > near).all()

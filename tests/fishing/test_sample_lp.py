@@ -6,7 +6,7 @@ import numpy as np
 
 import fedleak
 from fedleak.fishing.lp import LPSettings, Requirement
-from fedleak.fishing.sample_lp import SampleLP, solve_sample
+from fedleak.fishing.sample_lp import RequirementTable, SampleLP, solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.nets import as_network
 
@@ -27,7 +27,7 @@ def test_a_unit_held_then_required_on_the_other_side_drops_the_hold():
     lp = SampleLP(sn, x0, pattern, LPSettings(region_margin=1e-3))
     z = sn.preacts(x0)[0]
     j = int(np.argmax(z))  # an active unit of layer 0
-    lp.checked = []
+    lp.checked = RequirementTable()
     assert lp.hold(0, np.array([j]), z) == 1
     assert lp.pattern[0][j] == 1.0 and len(lp.problem.C) == 1
     off = Requirement(0, j, -1, 0.02)

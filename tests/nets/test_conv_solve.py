@@ -2,7 +2,8 @@
 systems of conv layers: the bound must never exceed the true smallest singular value (checked against an SVD),
 the solution must be the float64 least-squares one, the float32 slack must bound the factorisation's real error,
 a hint above the system's lambda_min must not make the proof fail, and a rank-deficient system must not be
-proven. The conv block's caches must follow the model's weights."""
+proven; the float64 re-proof is tighter and still below the truth. The conv block's caches must follow the model's
+weights."""
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from fedleak.attacks.normal_equations import normal_equations
 from fedleak.models.convnet import make_convnet
 from fedleak.nets import as_network
 from fedleak.nets.cast import cast
-from fedleak.nets.conv_solve import band_row_sums, conv_normal_product, factor32, proven_lstsq
+from fedleak.nets.conv_solve import conv_normal_product, factor, factor_slack, proven_lstsq, proven_sigma64
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +73,38 @@ def test_float32_slack_bounds_the_real_factorisation_error(faces):
         N[np.arange(d, n), np.arange(n - d)] = ab[d, : n - d]
         N[np.arange(n - d), np.arange(d, n)] = ab[d, : n - d]
     tau = 0.3 * float(np.linalg.eigvalsh(N)[0])
-    cb, slack = factor32(ab, tau)
-    L = np.zeros((n, n))
-    for d in range(b + 1):
-        L[np.arange(d, n), np.arange(n - d)] = cb[d, : n - d]
-    err = np.linalg.norm(L @ L.T - (N - tau * np.eye(n)), 2)
-    assert err <= slack < 1e-3 * tau
+    for dtype, most in ((np.float32, 1e-3), (np.float64, 1e-10)):
+        cb, slack = factor(ab, tau, dtype)
+        assert cb.dtype == dtype
+        L = np.zeros((n, n))
+        for d in range(b + 1):
+            L[np.arange(d, n), np.arange(n - d)] = cb[d, : n - d]
+        err = np.linalg.norm(L @ L.T - (N - tau * np.eye(n)), 2)
+        assert err <= slack < most * tau
 
 
-def test_band_row_sums():
+def test_factor_slack_reads_the_band_not_its_unused_corner():
+    """The bound is gamma_{b+1} times the largest row sum of |L| |L^T|, whatever LAPACK left in the corner."""
     rng = np.random.default_rng(0)
-    ab = rng.random((4, 9))
-    for d in range(4):
-        ab[d, 9 - d:] = 0  # the unused corner of band storage
-    L = np.zeros((9, 9))
-    for d in range(4):
-        L[np.arange(d, 9), np.arange(9 - d)] = ab[d, : 9 - d]
-    sums = band_row_sums(ab)
-    np.testing.assert_allclose(sums[1:], L.sum(1)[1:], rtol=1e-12)
-    assert sums[0] >= L[0].sum()
+    for dtype in (np.float32, np.float64):
+        cb = np.asfortranarray(rng.standard_normal((4, 9)).astype(dtype))
+        L = np.zeros((9, 9))
+        for d in range(4):
+            L[np.arange(d, 9), np.arange(9 - d)] = cb[d, : 9 - d]
+        cb[3, 8] = cb[2, 8] = 1e6  # past the matrix: never read
+        u = float(np.finfo(dtype).eps) / 2
+        expected = 4 * u / (1 - 4 * u) * float((np.abs(L) @ np.abs(L.T)).sum(1).max())
+        assert expected <= factor_slack(cb) <= 1.02 * expected
+
+
+@pytest.mark.parametrize("k", [4, 7])
+def test_float64_reproof_is_tighter_and_still_a_bound(faces, k):
+    blk, J, rhs, w, matvec, _ = _system(faces, k)
+    ab = blk.gram.band(w)
+    fast = proven_lstsq(ab, blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs)
+    tight = proven_sigma64(ab, blk.gram.max_terms, fast.lam)
+    assert tight is not None and fast.sigma < tight <= _sigma_min(J)
+    assert proven_sigma64(ab, blk.gram.max_terms, float("nan")) is None
 
 
 def test_rank_deficient_system_is_not_proven(faces):

@@ -10,6 +10,7 @@ import torch
 
 from fedleak.data.normalize import Normalization
 from fedleak.errors import DataError
+from fedleak.validation import all_finite
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Dataset:
             raise DataError(f"{self.name}: {self.x.shape[0]} images but labels of shape {tuple(self.y.shape)}")
         if self.x.shape[0] == 0:
             raise DataError(f"{self.name}: the data set is empty")
-        if not torch.isfinite(self.x).all():
+        if not all_finite(self.x):
             raise DataError(f"{self.name}: images hold NaN or inf values")
         x_lo, x_hi = float(self.x.min()), float(self.x.max())
         slack = 1e-6 * (hi - lo) if self.normalization is not None else 0.0  # float rounding of (x - m) / s

@@ -22,6 +22,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+
 import numpy as np
 from torch import nn
 
@@ -62,6 +64,13 @@ def choose_audited(keys: Sequence[tuple[int, int]], backlog: int, bound: int | N
 def pending_jobs(futures: Iterable[Future]) -> int:
     """Jobs submitted and not finished yet."""
     return sum(1 for f in futures if not f.done())
+
+
+def wait_for(futures: Iterable[Future]) -> float:
+    """Wait until every job in ``futures`` is finished; returns the seconds spent waiting."""
+    start = time.perf_counter()
+    futures_wait(list(futures))
+    return time.perf_counter() - start
 
 
 @contextlib.contextmanager

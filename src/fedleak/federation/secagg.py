@@ -34,7 +34,6 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Callable, Iterable  # noqa: E402
 from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
-from concurrent.futures import wait as futures_wait  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -50,6 +49,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedleak.federation.aggregate_audit import AggregateInput, AggregateScorer, run_aggregate_audit  # noqa: E402
 from fedleak.federation.aggregate_record import AggregateRecord, ClientShare, ServerView  # noqa: E402
+from fedleak.federation.audit_pool import pending_jobs, wait_for  # noqa: E402
 from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY  # noqa: E402
 from fedleak.federation.results import FederationResult, RoundAudit  # noqa: E402
 from fedleak.federation.secagg_client import DTYPE_KEY, NAMES_KEY, SEED_KEY, UPLOADS_KEY  # noqa: E402
@@ -226,9 +226,8 @@ class SecAggAudit(Strategy):
             self.on_aggregate(record)
 
     def wait(self) -> float:
-        start = time.perf_counter()
-        futures_wait(list(self._futures))
-        waited = time.perf_counter() - start
+        """Wait for the pending audits; returns the seconds spent waiting."""
+        waited = wait_for(self._futures)
         self.audit_wait_seconds += waited
         return waited
 
@@ -249,7 +248,7 @@ class SecAggAudit(Strategy):
                      for r in self.aggregates())
 
     def backlog(self, server_round: int | None = None) -> int:
-        return sum(1 for f in self._futures if not f.done())
+        return pending_jobs(self._futures)
 
     def close(self, force: bool = False) -> None:
         """Stop the audit thread (``force``: drop the jobs not started; a running attack finishes on its own)."""

@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import replace
 from typing import Any
 
@@ -59,6 +58,7 @@ from fedleak.federation.audit_pool import (  # noqa: E402
     choose_audited,
     make_audit_executor,
     pending_jobs,
+    wait_for,
 )
 from fedleak.federation.audit_worker import (  # noqa: E402
     AuditInput,
@@ -71,7 +71,7 @@ from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
 from fedleak.update_kind import check_declared  # noqa: E402
 from fedleak.updates import WeightUpdate  # noqa: E402
-from fedleak.validation import check_model  # noqa: E402
+from fedleak.validation import all_finite, check_model  # noqa: E402
 
 Tamper = Callable[[nn.Module, int], nn.Module]
 AUDIT_MODES = ("process", "thread", "sync")
@@ -298,7 +298,7 @@ class AuditFedAvg(FedAvg):
         delta = None
         if self.upload == "delta":
             delta = {k: v.to(sent[k].dtype) for k, v in after.items()}
-            if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+            if not all(all_finite(v) for v in delta.values()):
                 raise UpdateError("the uploaded change holds non-finite value(s) (NaN or inf)")
             after = {k: sent[k] - delta[k] for k in sent}
             content[next(iter(content.array_records))] = ArrayRecord(after)
@@ -345,9 +345,7 @@ class AuditFedAvg(FedAvg):
 
     def wait(self) -> float:
         """Wait for pending attacks; returns the seconds spent waiting."""
-        start = time.perf_counter()
-        futures_wait(list(self._futures))
-        waited = time.perf_counter() - start
+        waited = wait_for(self._futures)
         self.audit_wait_seconds += waited
         return waited
 

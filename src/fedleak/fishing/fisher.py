@@ -30,10 +30,11 @@ from fedleak.errors import FedleakError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
-from fedleak.fishing.sample_lp import solve_sample
+from fedleak.fishing.sample_lp import RequirementTable, solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
+from fedleak.nets.cast import unchanged
 
 CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
@@ -48,6 +49,10 @@ class Fisher:
         self.M = X.shape[0]
         self.k = [opts.targets_other] * (head.depth - 1) + [opts.targets_last]
         self.nets = [SampleNet(stack, head, X[m]) for m in range(self.M)]
+        self.features = stack.features(X)  # the head inputs of the clean batch
+        self.clean = head.preacts(self.features)  # one pass over the head for the whole batch, not one per sample
+        for m, net in enumerate(self.nets):
+            net.clean_head = [z[m] for z in self.clean]
         self.clear = opts.margin * CLEAR_FRACTION
         self.Xp = X.copy()
         self.fixed = np.zeros(self.M, dtype=bool)  # sent unperturbed
@@ -65,7 +70,7 @@ class Fisher:
         return self.head.preacts(self.stack.features(X, f32), f32=f32)
 
     # --- requirements of one sample given everyone's targets ---------------------------------------------
-    def requirements(self, m: int) -> tuple[list[Requirement], list[Requirement]]:
+    def requirements(self, m: int) -> tuple[list[Requirement], RequirementTable]:
         kap, s = self.o.margin, self.nets[m].shift
         own = [Requirement(s + h, int(j), +1, kap) for h, T in enumerate(self.targets[m]) for j in T if j >= 0]
         lazy = [
@@ -73,9 +78,9 @@ class Fisher:
             for n in range(self.M) if n != m and not self.fixed[n]
             for h, T in enumerate(self.targets[n]) for j in T if j >= 0
         ]
-        return own, lazy + self.solvability(m)
+        return own, RequirementTable.of(lazy, self.solvability(m))
 
-    def solvability(self, m: int) -> list[Requirement]:
+    def solvability(self, m: int) -> RequirementTable:
         """Rows that keep the lower conv blocks provably invertible: the attack solves a block from the
         units of its output that are active *beyond the error propagated from the block above*, and all
         units it uses must be proven active. A unit barely above zero breaks that proof, so every unit of
@@ -83,13 +88,12 @@ class Fisher:
         ``margin * CLEAR_FRACTION`` on its current side (lazy rows: written only near zero or when a
         forward pass shows a violation)."""
         net = self.nets[m]
-        reqs = []
+        parts = []
         for i in range(len(self.stack.blocks) - 1):
             z = net.clean[i]
-            near = (np.abs(z) < CLEAR_WATCH) & net.watched(net.conv_layer[i])
-            reqs += [Requirement(net.conv_layer[i], int(j), 1 if z[j] > 0 else -1, self.clear)
-                     for j in np.nonzero(near)[0]]
-        return reqs
+            near = np.nonzero((np.abs(z) < CLEAR_WATCH) & net.watched(net.conv_layer[i]))[0]
+            parts.append(RequirementTable.units(net.conv_layer[i], near, np.where(z[near] > 0, 1, -1), self.clear))
+        return RequirementTable.of(*parts)
 
     def solve(self, m: int) -> SampleOutcome:
         if any((T < 0).any() for T in self.targets[m]):
@@ -170,8 +174,8 @@ class Fisher:
 
     def assign(self) -> None:
         """Choose every sample's targets jointly and solve the LPs from the clean batch."""
-        asg = choose_targets(self.head, self.stack.features(self.X), self.y, self.k, self.o.margin,
-                             gamma=self.o.gamma, burden=self.o.burden, norm=self.o.norm)
+        asg = choose_targets(self.head, self.features, self.y, self.k, self.o.margin,
+                             gamma=self.o.gamma, burden=self.o.burden, norm=self.o.norm, preacts=self.clean)
         self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
         self.solve_many(list(range(self.M)))
@@ -273,6 +277,15 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     """
     start = time.perf_counter()
     opts = options.pop("options", None) or FishingOptions.from_kwargs(**options)
+    # many small products: a threaded BLAS only spins (far worse on a busy machine); the model is read, never
+    # changed, so its float64 copies are checked for changes once
+    with single_threaded_blas(), unchanged():
+        return fish_batch(model, inputs, labels, opts, start)
+
+
+def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, opts: FishingOptions,
+               start: float) -> FishingResult:
+    """:func:`fish` with its options read (``start``: when the call began, for the result's time)."""
     batch = read_batch(model, inputs, labels)
     net = batch.net
     if net.head.depth == 0:
@@ -284,8 +297,7 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
     fisher = Fisher(ConvStack(net), HeadArrays(net.head), X, batch.labels.numpy(), opts, opts.lp_settings(data_range))
-    with single_threaded_blas():
-        fisher.run()
+    fisher.run()
     lo, hi = data_range
     Xp = np.clip(fisher.Xp, lo, hi)
     out = torch.from_numpy(Xp).to(inputs.dtype).reshape(inputs.shape).clamp(lo, hi)

@@ -16,7 +16,7 @@ lower layers (the ``pattern``), so every LP solution is checked by a forward pas
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -28,6 +28,64 @@ def _key(r: Requirement) -> tuple[int, int]:
     return (r.layer, r.neuron)
 
 
+class RequirementTable:
+    """Requirements as one array (a row ``layer, neuron, sign, margin`` each), for the vectorised checks of every
+    LP round: a few thousand per sample on a CNN (the lower conv units kept clear of zero), checked after every
+    solve. :class:`~fedleak.fishing.lp.Requirement` objects are made only for the rows read."""
+
+    def __init__(self, fields: np.ndarray | None = None):
+        self.fields = np.zeros((0, 4)) if fields is None else fields
+
+    @classmethod
+    def of(cls, *parts: Iterable[Requirement] | RequirementTable) -> RequirementTable:
+        """The requirements of every part, in order (lists of requirements or tables)."""
+        return cls(np.concatenate([p.fields if isinstance(p, RequirementTable) else cls.table(list(p))
+                                   for p in parts] or [np.zeros((0, 4))]))
+
+    @classmethod
+    def units(cls, layer: int, neurons: np.ndarray, signs: np.ndarray, margin: float) -> RequirementTable:
+        """``signs[i] * z[layer][neurons[i]] >= margin`` for every ``i``."""
+        return cls(np.column_stack([np.full(len(neurons), layer), neurons, signs, np.full(len(neurons), margin)])
+                   .astype(np.float64).reshape(-1, 4))
+
+    @staticmethod
+    def table(reqs: list[Requirement]) -> np.ndarray:
+        return np.array([(r.layer, r.neuron, r.sign, r.margin) for r in reqs], dtype=np.float64).reshape(-1, 4)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __getitem__(self, i: int) -> Requirement:
+        layer, neuron, sign, margin = self.fields[i]
+        return Requirement(int(layer), int(neuron), int(sign), float(margin))
+
+    def __iter__(self) -> Iterator[Requirement]:
+        return (self[i] for i in range(len(self.fields)))
+
+    def extend(self, reqs: list[Requirement]) -> None:
+        self.fields = np.concatenate([self.fields, self.table(reqs)])
+
+    def levels(self, layer: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """The neurons of ``layer`` that requirements name and the levels :meth:`short` compares their
+        pre-activations with (``sign * fraction * margin``)."""
+        f = self.fields[self.fields[:, 0] == layer]
+        return f[:, 1].astype(np.int64), f[:, 2] * (fraction * f[:, 3])
+
+    def short(self, zs: list[list[np.ndarray]], fraction: float, start: int = 0) -> list[Requirement]:
+        """The requirements (from the ``start``-th on) with ``min_z sign * z[layer][neuron] < fraction * margin``
+        over the pre-activations ``zs`` (e.g. the float64 and float32 passes), in order; one vectorised pass
+        per layer."""
+        fields = self.fields[start:]
+        layer, neuron, sign = fields[:, 0].astype(np.int64), fields[:, 1].astype(np.int64), fields[:, 2]
+        need = fraction * fields[:, 3]
+        short = np.zeros(len(fields), dtype=bool)
+        for h in np.unique(layer):
+            at = layer == h
+            v = np.min([sign[at] * np.asarray(z[h], dtype=np.float64)[neuron[at]] for z in zs], axis=0)
+            short[at] = v < need[at]
+        return [self[start + i] for i in np.nonzero(short)[0]]
+
+
 class SampleLP:
     """The rows of one sample's LP, in the region ``pattern``; rebuilt when the region moves."""
 
@@ -35,7 +93,7 @@ class SampleLP:
         self.net, self.x, self.s = net, x, settings
         self.pattern = [p.copy() for p in pattern]
         self.written: dict[tuple[int, int], Requirement] = {}  # the strongest requirement written per unit
-        self.checked: list[Requirement] = []
+        self.checked = RequirementTable()
         self.solves, self.lp_seconds = 0, 0.0
         self.reopen()
 
@@ -70,7 +128,9 @@ class SampleLP:
         for r in new:
             old = self.written.get(_key(r))
             if old is not None and old.sign != r.sign:  # a unit held on one side is now required on the other
-                self.checked = [c for c in self.checked if not (_key(c) == _key(r) and c.sign != r.sign)]
+                f = self.checked.fields  # drop the unit's requirements of the other sign
+                other = (f[:, 0] == r.layer) & (f[:, 1] == r.neuron) & (f[:, 2] != r.sign)
+                self.checked = RequirementTable(f[~other])
                 moved = True  # its old row must go: rewrite them all
             self.written[_key(r)] = r
             side = 1.0 if r.sign > 0 else 0.0
@@ -142,7 +202,7 @@ def solve_sample(
     x: np.ndarray,
     pattern: list[np.ndarray],
     required: list[Requirement],
-    lazy: list[Requirement],
+    lazy: list[Requirement] | RequirementTable,
     settings: LPSettings,
 ) -> SampleOutcome:
     """Perturb ``x`` so that every requirement holds (``required`` are written up front, ``lazy`` only
@@ -154,10 +214,11 @@ def solve_sample(
     outcome with the perturbed input, or the unchanged input and the reason when the LP fails.
     """
     lp = SampleLP(net, x, pattern, settings)
-    lp.checked = list(required) + list(lazy)
-    z_clean = net.preacts(x)
-    near = [r for r in lazy if r.sign * z_clean[r.layer][r.neuron] < settings.screen * r.margin]
+    lp.checked = RequirementTable.of(required, lazy)
+    z_clean = net.clean_preacts(x)
+    near = lp.checked.short([z_clean], settings.screen, start=len(required))
     lp.write(list(required) + near)
+    last = net.shift + net.head.depth - 1  # the head's last hidden layer
     status, xp, radius, rounds, message = "error:no round", None, 0.0, 0, ""
     met = False
     for rounds in range(1, settings.max_rounds + 1):
@@ -165,17 +226,16 @@ def solve_sample(
         if status != "optimal" or xp is None:
             break
         xp = np.clip(xp, settings.lo, settings.hi)
-        z64 = net.preacts(xp)
-        z32 = net.preacts(xp.astype(np.float32), f32=True)
+        # float64 and the client's float32 pass; the float64 head's last layer only where a check reads it
+        z64, z32 = net.checked_preacts(xp, *lp.checked.levels(last, settings.check_fraction),
+                                       settings.check_fraction * settings.region_margin)
         new: list[Requirement] = []
         broken: set[int] = set()
-        for r in lp.checked:
-            v = min(r.sign * z64[r.layer][r.neuron], r.sign * float(z32[r.layer][r.neuron]))
-            if v < settings.check_fraction * r.margin:
-                if lp.is_written(r):
-                    broken.add(r.layer)
-                else:
-                    new.append(r)
+        for r in lp.checked.short([z64, z32], settings.check_fraction):
+            if lp.is_written(r):
+                broken.add(r.layer)
+            else:
+                new.append(r)
         # hidden units left (by chance) so close to zero that float32 and float64 may disagree on their sign:
         # the client's update and the attack's recomputation would then differ; hold them clear of zero
         near = 0

@@ -18,11 +18,15 @@ are numpy float64 on the CPU.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from fedleak.nets import ConvBlock, Network, ReluMLP
+
+U32 = float(np.finfo(np.float32).eps) / 2
 
 
 class HeadArrays:
@@ -38,13 +42,15 @@ class HeadArrays:
         self.depth = len(self.W) - 1
         self.widths = [w.shape[0] for w in self.W[:-1]]
         self.input_dim = self.W[0].shape[1]
+        self._norms: dict[tuple[int, int], np.ndarray] = {}
 
-    def preacts(self, x: np.ndarray, f32: bool = False) -> list[np.ndarray]:
-        """Pre-activations of every hidden layer for one input or a batch (rows) of head inputs."""
+    def preacts(self, x: np.ndarray, f32: bool = False, layers: int | None = None) -> list[np.ndarray]:
+        """Pre-activations of every hidden layer (the first ``layers`` ones) for one input or a batch (rows) of
+        head inputs."""
         W, b = (self.W32, self.b32) if f32 else (self.W, self.b)
         a = x.astype(np.float32) if f32 else x
         out = []
-        for h in range(self.depth):
+        for h in range(self.depth if layers is None else layers):
             z = a @ W[h].T
             if b[h] is not None:
                 z = z + b[h]
@@ -52,17 +58,44 @@ class HeadArrays:
             a = np.maximum(z, 0)
         return out
 
-    def offsets(self, pattern: list[np.ndarray], x0: np.ndarray | None = None) -> list[np.ndarray]:
+    def row_norms(self, layer: int, order: int = 2) -> np.ndarray:
+        """``||W_j||`` (``order`` 1 or 2) of a hidden layer's rows, computed once (workers forked after the first
+        call share it)."""
+        key = (layer, order)
+        if key not in self._norms:
+            self._norms[key] = np.linalg.norm(self.W[layer], ord=order, axis=1)
+        return self._norms[key]
+
+    def checked_preacts(self, x: np.ndarray, x32: np.ndarray, units: np.ndarray, levels: np.ndarray,
+                        near: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The float64 and float32 pre-activations of one head input (``x`` in float64, ``x32`` as the client's
+        float32 pass has it), the float64 last layer computed only where a check can tell it from the float32
+        one: where ``|z32| <= near + e_j`` and on the ``units`` whose ``|z32 - level| <= e_j`` (the checks compare
+        ``z`` with ``level``), ``e_j = ||W_j|| (8 sqrt(n) u32 ||a32|| + ||a - a32||)`` a generous bound on
+        ``|z64 - z32|`` (float32's rounding of the last layer in the sqrt(n) model, some 1000 times the errors
+        seen, plus its input's difference). Elsewhere it is the float32 value, on the same side of zero, of
+        ``+-near`` and of every level: the checks read the same. For a head of ``depth`` layers that saves one
+        float64 pass over the last layer's weights (all of a CNN's wide head)."""
+        z32 = self.preacts(x32, f32=True)
+        z64 = self.preacts(x, layers=self.depth - 1)
+        L = self.depth - 1
+        a = x if L == 0 else np.maximum(z64[-1], 0)
+        a32 = (x32 if L == 0 else np.maximum(z32[-2], 0)).astype(np.float64)
+        e = self.row_norms(L) * (8 * math.sqrt(len(a)) * U32 * float(np.linalg.norm(a32))
+                                   + float(np.linalg.norm(a - a32)))
+        last = z32[-1].astype(np.float64)
+        units = np.asarray(units, dtype=np.int64)
+        close = units[np.abs(last[units] - levels) <= e[units]]
+        rows = np.union1d(close, np.nonzero(np.abs(last) <= near + e)[0])
+        last[rows] = self.W[L][rows] @ a + (0.0 if self.b[L] is None else self.b[L][rows])
+        return z64 + [last], z32
+
+    def offsets(self, pattern: list[np.ndarray], x0: np.ndarray | None = None) -> list[HeadOffsets]:
         """Affine offsets ``c_h`` of every hidden layer inside the region ``pattern`` for the head input
-        ``x0`` (None: zero)."""
-        out = []
-        a = x0
+        ``x0`` (None: zero), computed when read (:class:`HeadOffsets`)."""
+        out: list[HeadOffsets] = []
         for h in range(self.depth):
-            c = np.zeros(self.widths[h]) if self.b[h] is None else self.b[h].copy()
-            if a is not None:
-                c = c + self.W[h] @ a
-            out.append(c)
-            a = pattern[h] * c
+            out.append(HeadOffsets(self, h, x0 if h == 0 else pattern[h - 1], out[-1] if out else None))
         return out
 
     def rows(self, layer: int, neurons: np.ndarray, pattern: list[np.ndarray]) -> np.ndarray:
@@ -71,6 +104,32 @@ class HeadArrays:
         for h in range(layer - 1, -1, -1):
             R = (R * pattern[h]) @ self.W[h]
         return R
+
+
+class HeadOffsets:
+    """The offsets of one hidden layer of the head inside a region, computed when read: ``offsets[idx]`` of the
+    first layer is ``b[idx] + W[idx] @ x0``, a product with the rows asked only (the LPs read a few dozen rows;
+    the whole layer of a CNN's 25088-wide head costs a pass over its weights), a deeper layer needs the whole
+    layer below (``below``, masked by its region ``mask``), computed once."""
+
+    def __init__(self, head: HeadArrays, layer: int, mask: np.ndarray | None, below: HeadOffsets | None):
+        self.head, self.layer, self.mask, self.below = head, layer, mask, below
+        self._all: np.ndarray | None = None
+
+    def values(self, idx=slice(None)) -> np.ndarray:
+        """The offsets of the units ``idx`` (all by default), computed now."""
+        W, b = self.head.W[self.layer], self.head.b[self.layer]
+        a = self.mask if self.below is None else self.mask * self.below.full()
+        c = np.zeros(W.shape[0])[idx] if b is None else b[idx].copy()
+        return c if a is None else c + W[idx] @ a
+
+    def full(self) -> np.ndarray:
+        if self._all is None:
+            self._all = self.values()
+        return self._all
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.values(idx) if self.below is None and self._all is None else self.full()[idx]
 
 
 class ConvStack:
@@ -124,7 +183,8 @@ class SampleNet:
     This is the interface :func:`fedleak.fishing.lp.solve_sample` uses."""
 
     def __init__(self, stack: ConvStack, head: HeadArrays, x: np.ndarray):
-        self.stack, self.head = stack, head
+        self.stack, self.head, self.x = stack, head, x
+        self.clean_head: list[np.ndarray] | None = None  # the head's float64 pre-activations of x, when known
         self.layers: list[tuple[str, int]] = []  # ("conv", block) or ("gap", block)
         self.conv_layer: list[int] = []  # layer index of each block's conv units
         self.clean: list[np.ndarray] = []  # the clean conv pre-activations of x, per block (flat)
@@ -151,6 +211,15 @@ class SampleNet:
                     self.gaps.append(None)
                     self._dev.append(None)
         self.shift = len(self.layers)  # the head's hidden layer h is layer shift + h
+
+    def clean_preacts(self, x: np.ndarray) -> list[np.ndarray]:
+        """:meth:`preacts` of ``x``, from what is known when ``x`` is this sample's own input (the conv
+        pre-activations and, when the caller set :attr:`clean_head` from a pass over the batch, the head's)."""
+        if self.clean_head is None or not np.array_equal(x, self.x):
+            return self.preacts(x)
+        conv = [self.clean[i] if kind == "conv" else self.clean[i][self.gaps[i][0]] - self.clean[i][self.gaps[i][1]]
+                for kind, i in self.layers]
+        return conv + list(self.clean_head)
 
     def stack_pattern(self) -> list[np.ndarray]:
         """The clean region of the conv layers: unit signs, and every window gap non-negative."""
@@ -185,6 +254,12 @@ class SampleNet:
     def preacts(self, x: np.ndarray, f32: bool = False) -> list[np.ndarray]:
         if not self.stack.blocks:
             return self.head.preacts(x, f32=f32)
+        out, f = self.conv_preacts(x, f32)
+        out += self.head.preacts(f, f32=f32)
+        return [z[0] for z in out] if np.ndim(x) == 1 else out
+
+    def conv_preacts(self, x: np.ndarray, f32: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+        """The conv layers' pre-activations (rows per input) and the head inputs (features)."""
         zs, f = self.stack.forward(x, f32)
         out = []
         for kind, i in self.layers:
@@ -193,8 +268,20 @@ class SampleNet:
                 _, hi, lo = self._dev[i]
                 z = z[:, hi] - z[:, lo]
             out.append(z.cpu().numpy())
-        out += self.head.preacts(f.cpu().numpy(), f32=f32)
-        return [z[0] for z in out] if np.ndim(x) == 1 else out
+        return out, f.cpu().numpy()
+
+    def checked_preacts(self, x: np.ndarray, units: np.ndarray, levels: np.ndarray,
+                        near: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """:meth:`preacts` of one input in float64 and float32 (the client's), the float64 values of the head's
+        last layer computed where the checks need them (:meth:`HeadArrays.checked_preacts`: the ``units`` near
+        their ``levels`` and those within ``near`` of zero)."""
+        x32 = x.astype(np.float32)
+        if not self.stack.blocks:
+            return self.head.checked_preacts(x, x32, units, levels, near)
+        c64, f64 = self.conv_preacts(x)
+        c32, f32 = self.conv_preacts(x32, True)
+        h64, h32 = self.head.checked_preacts(f64[0], f32[0], units, levels, near)
+        return [z[0] for z in c64] + h64, [z[0] for z in c32] + h32
 
     def _mask(self, pattern: list[np.ndarray], i: int) -> torch.Tensor:
         return torch.from_numpy(pattern[self.conv_layer[i]]).to(device=self.stack.device, dtype=torch.float64)
@@ -223,8 +310,9 @@ class SampleNet:
         full[:, :, : up.shape[2], : up.shape[3]] = up
         return full.reshape(g.shape[0], -1)
 
-    def offsets(self, pattern: list[np.ndarray]) -> list[np.ndarray]:
-        """Per layer, the affine offsets inside the region ``pattern`` (the pre-activations of a zero input)."""
+    def offsets(self, pattern: list[np.ndarray]) -> list:
+        """Per layer, the affine offsets inside the region ``pattern`` (the pre-activations of a zero input);
+        the head's layers are read by index (:class:`HeadOffsets`)."""
         if not self.stack.blocks:
             return self.head.offsets(pattern)
         out = []

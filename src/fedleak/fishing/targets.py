@@ -136,7 +136,11 @@ def sensitivities(net: HeadArrays, mean_patterns: list[np.ndarray], order: int =
     out = []
     J = None
     for h in range(net.depth):
-        J = net.W[h] if J is None else (net.W[h] * mean_patterns[h - 1][None, :]) @ J
+        if J is None:  # the first layer's Jacobian is its weights: their row norms are kept by the head
+            J = net.W[h]
+            out.append(net.row_norms(h, order))
+            continue
+        J = (net.W[h] * mean_patterns[h - 1][None, :]) @ J
         out.append(np.linalg.norm(J, ord=order, axis=1))
     return out
 
@@ -167,22 +171,26 @@ def choose_targets(
     fixed: np.ndarray | None = None,
     burden: float = 0.3,
     norm: str = "l2",
+    preacts: list[np.ndarray] | None = None,
 ) -> Assignment:
     """Assign ``k_per_layer[h]`` disjoint targets per sample and layer (spec §4.3 Steps A and B), priced for
     the LPs' ``norm`` (:data:`PRICING`). ``fixed`` samples will not move (they own nothing and block every
-    neuron they fire on)."""
+    neuron they fire on). ``preacts``: ``net.preacts(X)`` when the caller has it."""
     pricing = PRICING[norm]
     M = X.shape[0]
     fixed = np.zeros(M, dtype=bool) if fixed is None else fixed
-    Zs = net.preacts(X)
+    Zs = net.preacts(X) if preacts is None else preacts
     mean_pat = [(z > 0).mean(0) for z in Zs]
     sens = sensitivities(net, mean_pat, order=pricing.order)
     targets, patterns, costs = [], [], []
     a = X
     for h in range(net.depth):
-        Z = a @ net.W[h].T
-        if net.b[h] is not None:
-            Z = Z + net.b[h]
+        if h == 0:
+            Z = Zs[0]  # the same product: the region's extension starts at the input
+        else:
+            Z = a @ net.W[h].T
+            if net.b[h] is not None:
+                Z = Z + net.b[h]
         cost = pricing.costs(Z, sens[h], kappa, gamma, burden)
         if fixed.any():  # a neuron a fixed sample fires on (within the margin) can be owned by no one
             cost[:, (Z[fixed] > -gamma * kappa).any(0)] = np.inf

@@ -27,7 +27,7 @@ from torch import nn
 from fedleak.errors import FedleakError, OptionError
 from fedleak.membership.registry import membership_attack_class
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate
-from fedleak.validation import check_int, check_seed, options_from, validate_fields
+from fedleak.validation import all_finite, check_int, check_seed, options_from, validate_fields
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Records:
             raise FedleakError(f"Records: labels must be integer class indices, got {self.labels.dtype}")
         if self.inputs.shape[0] == 0:
             raise FedleakError("Records: no records given")
-        if not torch.isfinite(self.inputs).all():
+        if not all_finite(self.inputs):
             raise FedleakError("Records: inputs hold NaN or infinite values")
 
     def __len__(self) -> int:

@@ -101,6 +101,11 @@ class ConvBlock:
         """The unrolled conv (BN folded) ``A`` (conv_dim x in_dim, CSR float64) and bias ``c`` (conv_dim)."""
         return self.derived("affine", self.unrolled)
 
+    @property
+    def abs_affine(self) -> sp.csr_matrix:
+        """``|A|`` of :attr:`affine` (the rounding bounds of a solve read it)."""
+        return self.derived("abs_affine", lambda: abs(self.affine[0]))
+
     def unrolled(self) -> tuple[sp.csr_matrix, np.ndarray]:
         W, b = self.folded(torch.float64)
         W = W.cpu().numpy()

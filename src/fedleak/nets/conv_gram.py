@@ -41,8 +41,10 @@ class TapPair:
     """A pair of kernel positions ``(ky1, kx1) >= (ky2, kx2)`` (in pixel-major order) with the channel pairs it
     contributes: columns ``cols`` of :attr:`ConvGram.pairs`, band rows ``diff`` and input channels ``c2``, for
     the output positions ``oy``/``ox`` where both taps fall inside the input; ``y``/``x`` the first input
-    pixel of the second tap."""
+    pixel of the second tap; ``base``: the pixel offset of the two taps in the band (``diff`` without the
+    channels)."""
 
+    base: int
     cols: slice
     diff: np.ndarray
     c2: np.ndarray
@@ -61,7 +63,8 @@ class ConvGram:
 
     A tap pair's offset in the band does not depend on the output position, so for each pair of kernel
     positions the products of all its channel pairs land in one rectangle of input pixels: one product
-    ``pairs^T w`` (lower-triangle pairs only) and one strided add per pair of kernel positions.
+    ``w^T pairs`` (lower-triangle pairs only), one add of a rectangle per pair of kernel positions, and one
+    write to the band per pixel offset.
     """
 
     def __init__(self, kernel: np.ndarray, in_shape: tuple[int, int, int], out_hw: tuple[int, int],
@@ -94,11 +97,17 @@ class ConvGram:
                 if oy.start >= oy.stop or ox.start >= ox.stop:
                     continue
                 columns.append(kf[:, c1, s1] * kf[:, c2, s2])
-                self.groups.append(TapPair(slice(start, start + len(c1)), base + c1 - c2, c2, oy, ox,
+                self.groups.append(TapPair(base, slice(start, start + len(c1)), base + c1 - c2, c2, oy, ox,
                                            oy.start * stride[0] - padding[0] + ky2,
                                            ox.start * stride[1] - padding[1] + kx2))
                 start += len(c1)
         self.pairs = np.concatenate(columns, axis=1)  # K ⊗ K per output channel, lower-triangle pairs
+        # the tap pairs of one pixel offset have the same band entries: their products are summed per pixel, then
+        # written to the band in one step (an entry ``base + c1 - c2`` belongs to one offset only)
+        by_base: dict[int, list[TapPair]] = {}
+        for g in self.groups:
+            by_base.setdefault(g.base, []).append(g)
+        self.offsets = tuple(tuple(gs) for gs in by_base.values())
         self.bandwidth = int(max(int(g.diff.max()) for g in self.groups))
         self.positions = Ho * Wo
         self.order = pixel_major_order(in_shape)
@@ -111,13 +120,17 @@ class ConvGram:
 
     def band(self, w: np.ndarray) -> np.ndarray:
         """Lower band storage of ``A^T diag(w) A`` (pixel-major order) for unit weights ``w`` (conv_dim,
-        torch's ``(channel, y, x)`` order)."""
+        torch's ``(channel, y, x)`` order), Fortran-ordered (each column of ``N``'s band contiguous, the layout
+        LAPACK factors in place)."""
         C, H, W = self.in_shape
         sy, sx = self.stride
-        per_pos = (self.pairs.T @ w.reshape(self.channels_out, self.positions)).reshape(-1, *self.out_hw)
-        ab = np.zeros((self.bandwidth + 1, H, W, C))
-        for g in self.groups:
-            ny, nx = g.oy.stop - g.oy.start, g.ox.stop - g.ox.start
-            rows, cols = slice(g.y, g.y + sy * (ny - 1) + 1, sy), slice(g.x, g.x + sx * (nx - 1) + 1, sx)
-            ab[g.diff, rows, cols, g.c2] += per_pos[g.cols, g.oy, g.ox]
-        return ab.reshape(self.bandwidth + 1, self.n)
+        per_pos = (w.reshape(self.channels_out, self.positions).T @ self.pairs).reshape(*self.out_hw, -1)
+        ab = np.zeros((H, W, C, self.bandwidth + 1))
+        for groups in self.offsets:
+            acc = np.zeros((H, W, len(groups[0].c2)))
+            for g in groups:
+                ny, nx = g.oy.stop - g.oy.start, g.ox.stop - g.ox.start
+                rows, cols = slice(g.y, g.y + sy * (ny - 1) + 1, sy), slice(g.x, g.x + sx * (nx - 1) + 1, sx)
+                acc[rows, cols] += per_pos[g.oy, g.ox, g.cols]
+            ab[:, :, groups[0].c2, groups[0].diff] = acc
+        return ab.reshape(self.n, self.bandwidth + 1).T

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedleak.attacks.exact.float64 import rows64
 from fedleak.nets import ReluMLP
 
 F64 = torch.float64
@@ -129,12 +130,13 @@ def group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[in
     return groups
 
 
-ROW_CHUNK = 1024  # rows per piece where a whole-layer temporary is not needed
+ROW_CHUNK = 256  # rows per piece where a whole-layer temporary is not needed (a piece stays in cache)
 
 
 def row_distances(R: torch.Tensor, rows: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     """``(R[rows] - point).norm(dim=1)``, a piece of rows at a time (no float64 copy of the whole layer)."""
-    return torch.cat([(R[rows[s : s + ROW_CHUNK]] - point).norm(dim=1) for s in range(0, len(rows), ROW_CHUNK)])
+    return torch.cat([torch.linalg.vector_norm(R.index_select(0, rows[s : s + ROW_CHUNK]).sub_(point), dim=1)
+                      for s in range(0, len(rows), ROW_CHUNK)])
 
 
 def golden_min(cost, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -224,9 +226,9 @@ def top_candidates(attack) -> list[Candidate]:
     W, G, g, opts = attack.W, attack.G, attack.g, attack.opts
     dev = attack.device
     t = attack.net.depth - 1
-    col = G[-1]  # K x d_t
+    col = G[-1].to(F64)  # K x d_t
     col_norm = col.norm(dim=0)
-    row_norm = G[t].norm(dim=1)
+    row_norm = attack.row_norms(t)
     # a pure column is a positive multiple of a loss vector: exactly one negative entry (the label);
     # rows failing this cannot belong to any sample's group, so they are screened out first
     usable = (col_norm > 0) & (row_norm > 0) & ((col < 0).sum(0) == 1)
@@ -236,10 +238,10 @@ def top_candidates(attack) -> list[Candidate]:
     if len(idx) == 0:
         return []
     if g[t] is not None:
-        R = G[t][idx] / g[t][idx, None]
+        R = rows64(G[t], idx).div_(g[t][idx, None])
         order = torch.argsort(-g[t][idx].abs())
     else:
-        R = G[t][idx] / row_norm[idx, None]
+        R = rows64(G[t], idx).div_(row_norm[idx, None])
         flip = torch.sign(R.gather(1, R.abs().argmax(1, keepdim=True))).squeeze(1)
         R = R * flip[:, None]
         order = torch.argsort(-row_norm[idx])
@@ -249,17 +251,21 @@ def top_candidates(attack) -> list[Candidate]:
     for k, grp in enumerate(groups):
         gid[grp] = k
     sizes = torch.bincount(gid, minlength=n_groups)
-    reps = torch.zeros(n_groups, R.shape[1], dtype=F64, device=dev).index_add_(0, gid, R) / sizes[:, None]
+    # groups of one or two rows are represented by their mean, the others by their core (below)
+    few = torch.nonzero(sizes[gid] < 3).flatten()
+    reps = torch.zeros(n_groups, R.shape[1], dtype=F64, device=dev).index_add_(
+        0, gid[few], R.index_select(0, few)) / sizes[:, None]
     members = [idx[grp] for grp in groups]
     # a row shared with a sample whose backward signal is tiny (a confident one) is a blend that still
     # lies within group_tol of the loud sample's rows; the exclusive rows agree to float32 rounding, so
     # each group is represented by the tight core around its medoid, and only the core are witnesses
     for k in torch.nonzero(sizes >= 3).flatten().tolist():
-        block = R[groups[k]]
-        pool = block[:64]  # the medoid is sought among (at most) the 64 strongest rows
+        grp = torch.as_tensor(groups[k], device=dev)
+        pool = R.index_select(0, grp[:64])  # the medoid is sought among (at most) the 64 strongest rows
+        # its median distance to the group's rows, in any order (the whole of R when the group is all of it)
+        block = R if len(grp) == len(R) else R.index_select(0, grp)
         medoid = pool[int(torch.cdist(pool, block).median(dim=1).values.argmin())].clone()
         del block
-        grp = torch.as_tensor(groups[k], device=dev)
         core = row_distances(R, grp, medoid) <= attack.tol(opts.core_tol) * medoid.norm()
         reps[k] = R[grp[core]].mean(0)
         members[k] = members[k][core]
@@ -282,40 +288,63 @@ def top_candidates(attack) -> list[Candidate]:
         reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
     else:
         # the member neurons must fire for the implied input
-        z_rows = torch.cat([(W[t][idx[s : s + ROW_CHUNK]] * reps[gid[s : s + ROW_CHUNK]]).sum(1)
-                            for s in range(0, len(idx), ROW_CHUNK)]) + attack.b[t][idx]
-        keep &= all_true(z_rows > 0)
+        keep &= all_true(row_dots(W[t], idx, reps, gid) + attack.b[t][idx] > 0)
     sel = torch.nonzero(keep).flatten().tolist()
     cands: list[Candidate] = []
     for start in range(0, len(sel), 256):
         chunk = sel[start : start + 256]
         pres, acts, logits = tail_forward(attack.net, W, attack.b, t, reps[chunk])
-        for row, k in enumerate(chunk):
-            cand = check_top_group(attack, reps[k], members[k], pres[0][row], acts[0][row], logits[row])
-            if cand is not None:
-                cands.append(cand)
+        cands.extend(check_top_groups(attack, reps[chunk], [members[k] for k in chunk], pres[0], acts[0], logits))
     return cands
 
 
-def check_top_group(attack, r: torch.Tensor, members: torch.Tensor, z: torch.Tensor, a: torch.Tensor,
-                    logits: torch.Tensor) -> Candidate | None:
-    """The candidate of one group of rows with implied input ``r`` (None when the group fails the checks)."""
+def row_dots(W: torch.Tensor, idx: torch.Tensor, reps: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
+    """``W[idx[j]] . reps[gid[j]]`` for every ``j``: the rows of ``W`` are read once, a group's rows at a time
+    (one product of the group's rows with its representative; no temporary the size of the rows)."""
+    order = torch.argsort(gid, stable=True)
+    rows = W[idx[order]]  # grouped: each group's rows are one block
+    ends = torch.cumsum(torch.bincount(gid, minlength=len(reps)), 0).tolist()
+    out = torch.empty(len(idx), dtype=reps.dtype, device=reps.device)
+    out[order] = torch.cat([rows[s:e] @ reps[k] for k, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
+    return out
+
+
+def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,
+                     logits: torch.Tensor) -> list[Candidate]:
+    """The candidates of groups of rows with implied inputs ``reps`` (n x d), member rows ``members`` and their
+    forward pass (pre-activations ``z``, activations ``a``, ``logits``; one row per group); groups that fail
+    the checks give none. All groups are checked at once, on their members laid end to end."""
     t = attack.net.depth - 1
-    columns = attack.G[-1][:, members]
-    labels = columns.argmin(0)
-    label = int(torch.mode(labels).values)
-    e = loss_vectors(logits[None, :], torch.tensor([label], device=logits.device))[0]
+    dev = reps.device
+    if not members:
+        return []
+    sizes = torch.tensor([len(m) for m in members], device=dev)
+    rows = torch.cat(members)
+    owner = torch.repeat_interleave(torch.arange(len(members), device=dev), sizes)  # each member's group
+    columns = attack.G[-1][:, rows].T.to(F64)  # members x K
+    K = columns.shape[1]
+    labels = columns.argmin(1)
+    # the group's label: its members' most frequent one (the smallest on a tie)
+    votes = torch.zeros(len(members), K, dtype=torch.long, device=dev).index_put_(
+        (owner, labels), torch.ones_like(labels), accumulate=True)
+    label = votes.argmax(1)
+    e = loss_vectors(logits, label)
     # members must fire, carry the label, and have columns that are positive multiples of a_j * e; the
     # label entry is left out of the residual (float32 computes it as p_y - 1, with cancellation)
-    others = torch.arange(columns.shape[0], device=columns.device) != label
-    pred = (a[members][None, :] * e[:, None])[others]
-    cols = columns[others]
-    scale = (pred * cols).sum(0) / (pred * pred).sum(0).clamp_min(1e-300)
-    res = (cols - scale * pred).norm(dim=0) / cols.norm(dim=0).clamp_min(1e-300)
-    ok = (z[members] > 0) & (labels == label) & (scale > 0) & (res <= attack.opts.top_tol)
-    if not bool(ok.any()):
-        return None
-    return Candidate(label=label, acts={t: r}, witnesses={t: members[ok].tolist()}, lowest=t)
+    others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
+    pred = a[owner, rows][:, None] * e[owner] * others
+    cols = columns * others
+    scale = (pred * cols).sum(1) / (pred * pred).sum(1).clamp_min(1e-300)
+    res = (cols - scale[:, None] * pred).norm(dim=1) / cols.norm(dim=1).clamp_min(1e-300)
+    ok = (z[owner, rows] > 0) & (labels == label[owner]) & (scale > 0) & (res <= attack.opts.top_tol)
+    passing = rows[ok].tolist()
+    groups = owner[ok].tolist()
+    witnesses: dict[int, list[int]] = {}
+    for k, row in zip(groups, passing):
+        witnesses.setdefault(k, []).append(row)
+    labels_of = label.tolist()
+    return [Candidate(label=labels_of[k], acts={t: reps[k]}, witnesses={t: witnesses[k]}, lowest=t)
+            for k in sorted(witnesses)]
 
 
 def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[Candidate]:

@@ -120,13 +120,15 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
 class Certificate:
     """What :func:`certify` concludes: a record per complete candidate (in order), the batch size and the
     common scale factor it found, whether the certified samples are the whole batch and explain it, and the
-    joint test's residual for the certified set (relative to the layer's gradient, worst layer)."""
+    joint test's residual for the certified set (relative to the layer's gradient, worst layer), and the
+    complete candidates' logits (float64, one row per record; None without candidates)."""
 
     recoveries: tuple[SampleRecovery, ...]
     batch_size: int | None
     factor: float | None
     batch_certified: bool
     joint_residual: float = float("nan")
+    logits: torch.Tensor | None = None
 
 
 def certify(attack, cands: list, reported: int | None) -> Certificate:
@@ -259,7 +261,7 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
         recs.append(SampleRecovery(label=c.label, certified=ok, reason=reason, witnesses=f.counts,
                                    solved_layers=tuple(sorted(i + 1 for i in c.solved)), residual=f.residual,
                                    scale=f.scale))
-    return Certificate(tuple(recs), bs.batch_size, bs.factor, batch_ok, joint)
+    return Certificate(tuple(recs), bs.batch_size, bs.factor, batch_ok, joint, t64.logits)
 
 
 def check_invariants(complete: list, certified: list[int], batch_size: int | None, tol: float) -> bool:

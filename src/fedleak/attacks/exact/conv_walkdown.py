@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,10 +34,11 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.normal_equations import BAND_WORK, normal_equations
 from fedleak.nets import ConvBlock, Network
 from fedleak.nets.conv_gram import pixel_major_order
-from fedleak.nets.conv_solve import conv_normal_product, one_blas_thread, proven_lstsq
+from fedleak.nets.conv_solve import conv_normal_product, one_blas_thread, proven_lstsq, proven_sigma64
 
 F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)
+TIGHT_REACH = 0.5 * 1.25  # the float64 proof's sigma^2 as a fraction of the estimated lambda_min, generously
 POOL_WORK = 5e9  # band-Cholesky flops of a batch above which its chains are solved in worker processes (~0.3 s)
 
 
@@ -52,7 +53,11 @@ class BlockSolve:
     ``x``: the block's input (flattened, float64) or None; ``unique``: uniqueness proven; ``bound``:
     proven 2-norm error bound of ``x`` (inf when not proven); ``sigma``: proven lower bound on the
     smallest singular value of the system; ``rows``/``unknowns``: size of the system used; ``lam``: an estimate
-    of the system's smallest eigenvalue of ``J^T J`` (nan when none), the hint for the next sample's system.
+    of the system's smallest eigenvalue of ``J^T J`` (nan when none), the hint for the next sample's system;
+    ``active``: the units whose equations were used (unpooled blocks); ``residual``: the numerator of ``bound``
+    (``||J x - rhs||`` plus the noise), so that a tighter ``sigma`` gives ``bound = residual / sigma``;
+    ``margin``: how far the used units are above their noise, the propagated error below which they are all
+    proven active (unpooled blocks).
     """
 
     x: np.ndarray | None
@@ -63,13 +68,20 @@ class BlockSolve:
     unknowns: int
     reason: str
     lam: float = math.nan
+    active: np.ndarray | None = None
+    residual: float = math.inf
+    margin: float = 0.0
 
 
-def rounding_bound(A: sp.csr_matrix, c: np.ndarray, x: np.ndarray, opts: ExclusivityOptions) -> np.ndarray:
-    """Per-unit bound on the client's float32 rounding of ``A x + c`` (deterministic dot-product model)."""
-    fan_in = np.diff(A.indptr).max() if A.nnz else 1
+def rounding_bound(blk: ConvBlock, x: np.ndarray, opts: ExclusivityOptions, rows: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """Per-unit bound on the client's float32 rounding of ``A x + c`` (deterministic dot-product model), on the
+    units ``rows`` (all by default); ``|A|`` is kept per block."""
+    A, c = blk.affine
+    rows = slice(None) if rows is None else rows
+    fan_in = np.diff(A.indptr)[rows].max(initial=1) if A.nnz else 1
     gamma = opts.rounding * (math.sqrt(fan_in) + 2) * EPS32
-    return gamma * (abs(A) @ np.abs(x) + np.abs(c))
+    return gamma * ((blk.abs_affine @ np.abs(x))[rows] + np.abs(c[rows]))
 
 
 def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
@@ -137,7 +149,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         x, sigma, lam = solve_active(blk, rows, J, rhs, hint, tight)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
-        noise = float(np.linalg.norm(out_err[rows] + rounding_bound(J, c[rows], x, opts))) + out_err2
+        noise = float(np.linalg.norm(out_err[rows] + rounding_bound(blk, x, opts, rows))) + out_err2
         resid = float(np.linalg.norm(J @ x - rhs))
         # any input x* reproducing out satisfies J x* = rhs - noise; ||x - x*|| <= (resid + noise) / sigma
         proven = sigma > 0 and (sure or bool((out[rows] > out_err[rows] + out_err2).all()))
@@ -145,7 +157,8 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         reason = ("solved from the active units" if proven else
                   "no proven lower bound on sigma_min" if sigma <= 0 else
                   "solved, but the error from the layer above leaves the active set unproven")
-        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam)
+        margin = float((out[rows] - out_err[rows]).min(initial=math.inf))
+        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam, rows, resid + noise, margin)
     # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
     win = blk.pool_windows
     kh, kw = blk.pool.kernel
@@ -202,13 +215,31 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
     if lam is None or vnorm >= sigma:
         return BlockSolve(x, False, math.inf, sigma, len(q_idx), n,
                           "pooled block solved, but its rows do not positively span the input space (uniqueness unproven)")
-    rnd = rounding_bound(A, c, x, opts)
+    rnd = rounding_bound(blk, x, opts)
     rnd_q = (blk.pool_matrix[q_idx] @ rnd) if blk.pool.kind == "avg" else rnd[pick]
     rho = res_all[q_idx] + out_err[q_idx] + rnd_q
     # the propagated error (2-norm <= out_err2) enters through rows of the pooling map (norm <= 1)
     prop = (math.sqrt(len(rho)) + float(np.linalg.norm(lam))) * out_err2
     bound = (float(rho.sum()) + float(lam @ rho) + prop) / (sigma - vnorm)
     return BlockSolve(x, True, bound, sigma, len(q_idx), n, "pooled block solved; uniqueness proven (Gordan)")
+
+
+def reprove(blk: ConvBlock, solve: BlockSolve) -> BlockSolve | None:
+    """``solve`` (an unpooled block solved from its surely active units with a float32 proof) with ``sigma``
+    proven again in float64 (:func:`fedleak.nets.conv_solve.proven_sigma64`): the same system and solution, a
+    tighter error bound. None when there is nothing to re-prove or float64 does not prove more."""
+    gram = blk.gram
+    if (blk.pool is not None or gram is None or not solve.unique or solve.active is None
+            or not math.isfinite(solve.lam)):
+        return None
+    w = np.zeros(blk.conv_dim)
+    w[solve.active] = 1.0
+    with one_blas_thread():
+        ab = gram.band(w)
+    sigma = proven_sigma64(ab, gram.max_terms, solve.lam)
+    if sigma is None or sigma <= solve.sigma:
+        return None
+    return replace(solve, sigma=sigma, bound=solve.residual / sigma, lam=math.nan)
 
 
 @dataclass(frozen=True)
@@ -231,17 +262,25 @@ def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts:
     """Invert every conv block of ``net`` from the flattened ``features`` (per-unit error ``feat_err``);
     ``previous``: another sample's chain on the same network, whose spectra hint this one's. A chain the fast
     float32 proofs leave unproven is solved once more with float64 proofs, whose tighter bounds on
-    ``sigma_min`` may carry the proof down to the input."""
+    ``sigma_min`` may carry the proof down to the input (the top block's system is the same: its solution is
+    kept and only its ``sigma`` proven again, :func:`reprove`). It is not tried where it cannot help: when the
+    block below the top one is the unproven one and even ``sigma = sqrt(lambda_min / 2)`` (about the most the
+    float64 proof gives) would leave its error above that block's margin."""
     chain = solve_chain(net, features, feat_err, opts, previous)
     if chain.x is None or math.isfinite(chain.bound) or len(net.blocks) < 2:
         return chain
-    tight = solve_chain(net, features, feat_err, opts, previous, tight=True)
+    top, below = chain.blocks[0], chain.blocks[1]
+    if top.unique and not below.unique and math.isfinite(top.lam) and top.lam > 0 and \
+            top.residual / math.sqrt(TIGHT_REACH * top.lam) >= below.margin:
+        return chain
+    tight = solve_chain(net, features, feat_err, opts, previous, tight=True, top=chain.blocks[0])
     return tight if math.isfinite(tight.bound) else chain
 
 
 def solve_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions,
-                previous: ChainSolve | None = None, tight: bool = False) -> ChainSolve:
-    """:func:`invert_chain`'s one pass over the blocks, top to bottom."""
+                previous: ChainSolve | None = None, tight: bool = False, top: BlockSolve | None = None) -> ChainSolve:
+    """:func:`invert_chain`'s one pass over the blocks, top to bottom; ``top``: the top block's solve from the
+    fast pass, re-proven in float64 by the tight pass instead of solved again."""
     out, err, err2 = features, feat_err, 0.0
     solves: list[BlockSolve] = []
     bound = float(np.linalg.norm(feat_err))
@@ -249,7 +288,9 @@ def solve_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: 
     hints = [] if previous is None else [b.lam for b in previous.blocks]
     for i in range(len(net.blocks) - 1, -1, -1):
         j = len(net.blocks) - 1 - i
-        s = invert_block(net.blocks[i], out, err, opts, err2, hints[j] if j < len(hints) else None, tight)
+        s = reprove(net.blocks[i], top) if tight and j == 0 and top is not None else None
+        if s is None:
+            s = invert_block(net.blocks[i], out, err, opts, err2, hints[j] if j < len(hints) else None, tight)
         solves.append(s)
         if s.x is None:
             return ChainSolve(None, tuple(solves), math.inf, lowest, known)
@@ -282,7 +323,8 @@ def invert_chains(net: Network, features: list[np.ndarray], errors: list[np.ndar
             out.append(invert_chain(net, features[k], errors[k], opts, out[-1] if out else None))
         return out
 
-    return [chain for part in parallel_map(run, list(range(runs)), workers) for chain in part]
+    with one_blas_thread():  # thousands of small products: a threaded BLAS only spins (worse on a busy machine)
+        return [chain for part in parallel_map(run, list(range(runs)), workers) for chain in part]
 
 
 # -------------------------------------------------------------------------------------------------------

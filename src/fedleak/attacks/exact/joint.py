@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from fedleak.attacks.exact.float64 import PIECE_ENTRIES, row_norms64, times64
 from fedleak.nets import Trace
 
 F64 = torch.float64
@@ -57,7 +58,8 @@ class JointTest:
     def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, slack: int,
                  seed: int = 20_261_201, corrections: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None):
         """``weights`` are the samples' scales ``s_k``; ``slack`` how far below ``M`` the tested sets may shrink
-        (the sketch keeps ``2 (M - |set| + 1) + 8`` columns for the smallest); ``corrections`` = (``eps`` per sample, backward signals of the one-hot vectors, one-hot vectors):
+        (the sketch keeps ``2 (r + 1) + 8`` columns for the largest rank ``r = M - |set|`` tested, at most ``M``);
+        ``corrections`` = (``eps`` per sample, backward signals of the one-hot vectors, one-hot vectors):
         each sample's term then uses its loss vector with the fitted label-entry correction ``e + eps * onehot``
         (the client's float32 ``p_y - 1``), so that the certified samples' terms leave no cancellation noise."""
         net = attack.net
@@ -67,7 +69,8 @@ class JointTest:
         self._cache: dict[tuple[int, ...], list[tuple[float, float, float]]] = {}
         dev = attack.device
         self.layers = []
-        k_want = 2 * (slack + 1) + 8
+        # a tested set leaves room for rank r = M - |set| <= min(slack, M): the sketch keeps 2 (r + 1) + 8 columns
+        k_want = 2 * (min(slack, batch_size) + 1) + 8
         sketched = tuple(attack.G[i].shape[1] + (attack.g[i] is not None) for i in range(net.depth + 1)
                          if min(attack.G[i].shape[0], attack.G[i].shape[1] + (attack.g[i] is not None)) > k_want)
         draws = iter(gaussian_sketches(seed, sketched, k_want))
@@ -85,14 +88,12 @@ class JointTest:
                 N = attack.noise[i] if not bias else torch.cat([attack.noise[i], attack.noise_b[i][:, None]], 1)
             small = min(G.shape[0], A.shape[1])
             if small <= k_want:  # exact: the residual itself
-                OS = torch.cat([G, attack.g[i][:, None]], 1) if bias else G
+                OS = torch.cat([G.to(F64), attack.g[i][:, None]], 1) if bias else G.to(F64)
                 AS, ref = A, float(OS.norm())
                 noise = 3 * float(N.norm()) if N is not None else 0.0
             else:  # O @ omega with O = [G | g], without a copy of O
                 omega = next(draws).to(dev)
-                OS = G @ omega[: G.shape[1]]
-                if bias:
-                    OS.addr_(attack.g[i], omega[-1])
+                OS = attack.sketch(i, omega, seed)
                 AS = A @ omega
                 ref = float(OS.norm())
                 noise = 3 * math.sqrt(k_want) * float(N.norm()) if N is not None else 0.0
@@ -109,8 +110,7 @@ class JointTest:
             for OS, U, AS, ref, noise, small in self.layers:
                 if r >= small:
                     continue  # a residual of this layer can have any rank up to its size: no test
-                Y = OS - (U[idx].T * self.weights[idx]) @ AS[idx] if len(key) else OS
-                gram = Y.T @ Y if Y.shape[0] >= Y.shape[1] else Y @ Y.T
+                gram = residual_gram(OS, U[idx].T * self.weights[idx], AS[idx])
                 ev = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
                 out.append((float(ev[r:].sum().sqrt()), self.tol * ref + noise, ref))
             self._cache[key] = out
@@ -125,6 +125,22 @@ class JointTest:
     def residual(self, members: list[int]) -> float:
         """The worst layer's residual energy beyond rank ``M - |members|`` relative to the layer's gradient."""
         return max((tail / max(ref, 1e-300) for tail, _, ref in self._tails(members)), default=0.0)
+
+
+def residual_gram(OS: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of ``Y = OS - B C`` on its smaller side; a tall ``Y`` is formed a piece of rows at a time
+    (``Y^T Y`` summed over the pieces), never whole."""
+    if OS.shape[0] < OS.shape[1]:
+        Y = torch.addmm(OS, B, C, alpha=-1) if B.shape[1] else OS
+        return Y @ Y.T
+    if not B.shape[1]:
+        return OS.T @ OS
+    step = max(OS.shape[1], PIECE_ENTRIES // OS.shape[1])
+    gram = torch.zeros(OS.shape[1], OS.shape[1], dtype=OS.dtype, device=OS.device)
+    for s in range(0, OS.shape[0], step):
+        Y = torch.addmm(OS[s : s + step], B[s : s + step], C, alpha=-1)
+        gram.addmm_(Y.T, Y)
+    return gram
 
 
 class IndependenceTest:
@@ -182,10 +198,11 @@ class IndependenceTest:
             R.addmm_(self.U[idx].T * self.weights[idx], self.A[idx], alpha=-1)  # O minus the members' terms
             k = 2 * r + 10
             if k >= R.shape[0]:
-                Y, ref = R, float(torch.stack([self.G.norm()] + ([self.gb.norm()] if self.gb is not None else [])).norm())
+                g_norm = torch.linalg.vector_norm(self.G, dtype=F64)
+                Y, ref = R, float(torch.stack([g_norm] + ([self.gb.norm()] if self.gb is not None else [])).norm())
             else:
                 L = torch.randn(k, R.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64).to(dev)
-                LO = L @ self.G
+                LO = times64(self.G.T, L.T).T  # L @ G
                 ref = float(LO.norm() if self.gb is None else torch.stack([LO.norm(), (L @ self.gb).norm()]).norm())
                 Y = L @ R
             _, S, Vh = torch.linalg.svd(Y, full_matrices=False)
@@ -201,7 +218,7 @@ class IndependenceTest:
     def observed(self) -> torch.Tensor:
         """A fresh copy of the layer's observed gradient ``O = [G | g]``."""
         if self.gb is None:
-            return self.G.clone()
+            return self.G.to(F64, copy=True)
         R = torch.empty(self.G.shape[0], self.G.shape[1] + 1, dtype=F64, device=self.G.device)
         R[:, :-1] = self.G
         R[:, -1] = self.gb
@@ -252,18 +269,22 @@ class WitnessConflicts:
         vnorm = [(a**2).sum(1) + (1.0 if attack.g[i] is not None else 0.0) for i, a in enumerate(t64.activations[:depth])]
         enorm = t64.loss_vectors.norm(dim=1)
         w = weights.abs()
-        for k, rows_k in enumerate(passing):
-            for i in range(depth):
-                sel = [(row, tol) for layer, row, tol in rows_k if layer == i]
-                if not sel:
-                    continue
-                rows = torch.tensor([r for r, _ in sel], device=dev)
-                tols = torch.tensor([t for _, t in sel], dtype=F64, device=dev).clamp_min(1e-300)
+        for i in range(depth):  # every sample's witness rows of layer i at once, a piece of rows at a time
+            entries = [(k, row, tol) for k, rows_k in enumerate(passing) for layer, row, tol in rows_k if layer == i]
+            step = max(1, (1 << 21) // max(n, 1))
+            for s in range(0, len(entries), step):
+                piece = entries[s : s + step]
+                owner = torch.tensor([k for k, _, _ in piece], dtype=torch.long, device=dev)
+                rows = torch.tensor([r for _, r, _ in piece], dtype=torch.long, device=dev)
+                tols = torch.tensor([t for _, _, t in piece], dtype=F64, device=dev).clamp_min(1e-300)
                 term = t64.deltas[i][:, rows].abs() * vnorm[i].sqrt()[:, None]
                 if i == depth - 1:
                     term = term + t64.activations[i + 1][:, rows] * enorm[:, None]
-                self.Q[k] = torch.maximum(self.Q[k], (w[:, None] * term / tols).amax(1))
-            self.Q[k, k] = 0.0
+                # Q[k, l]: the largest term of sample l on k's rows, over their tolerances
+                worst = torch.zeros(n, n, dtype=F64, device=dev).scatter_reduce_(
+                    1, owner.expand(n, -1), w[:, None] * term / tols, "amax")
+                self.Q = torch.maximum(self.Q, worst.T)
+        self.Q.fill_diagonal_(0.0)
 
     def excess(self, members: list[int]) -> float:
         if len(members) < 2:
@@ -284,11 +305,11 @@ def dead_row_contributions(attack, t64: Trace, weights: torch.Tensor) -> torch.T
     depth = attack.net.depth
     worst = torch.zeros(t64.logits.shape[0], dtype=F64, device=t64.logits.device)
     for i in range(depth):
-        parts = [attack.G[i].norm(dim=1)]  # the norms of the rows [G | g | output column], without a copy
+        parts = [attack.row_norms(i)]  # the norms of the rows [G | g | output column], without a copy
         if attack.g[i] is not None:
             parts.append(attack.g[i].abs())
         if i == depth - 1:
-            parts.append(attack.G[-1].norm(dim=0))
+            parts.append(row_norms64(attack.G[-1], dim=0))
         norms = torch.stack(parts, 1).norm(dim=1)
         dead = norms == 0
         if not bool(dead.any()) or bool(dead.all()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,4 +135,12 @@ def resolve_options(options: ExclusivityOptions | None, overrides: dict) -> Excl
     if options is not None and not isinstance(options, ExclusivityOptions):
         raise FedleakError(f"options must be an ExclusivityOptions, got {type(options).__name__}; or pass the "
                            "options as keywords")
-    return options_from(ExclusivityOptions, overrides, error=FedleakError, defaults=options or ExclusivityOptions())
+    if not overrides:
+        return options or default_options()  # validated when built: nothing to check again
+    return options_from(ExclusivityOptions, overrides, error=FedleakError, defaults=options or default_options())
+
+
+@functools.lru_cache(maxsize=1)
+def default_options() -> ExclusivityOptions:
+    """The default options (frozen, so one instance serves every call)."""
+    return ExclusivityOptions()

@@ -37,7 +37,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.attacks.exact.threads import torch_threads
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets import Network, forward_trace
+from fedleak.nets import Network
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, check_matches_model
 
@@ -112,6 +112,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes.append(f"{len(records) - len(keep)} uncertified candidate(s) beyond the batch of {cert.batch_size} were "
                      "dropped (the least plausible: blends of samples, fewest witnesses)")
         complete, records, inputs = [complete[k] for k in keep], [records[k] for k in keep], inputs[keep]
+    logits = cert.logits[keep] if complete else None  # the certificate's forward pass of the features
 
     if opts.known_scale and reported is not None:
         strong = [r for r in cert.recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
@@ -131,8 +132,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     if opts.known_scale:
         probs = torch.empty(0, head.num_classes, dtype=F64)
         if complete:
-            feats = torch.stack([c.acts[0] for c in complete])
-            probs = torch.softmax(forward_trace(head, feats, dtype=F64, params=(attack.W, attack.b)).logits, 1).cpu()
+            probs = torch.softmax(logits, 1).cpu()
         counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, probs[certified], y[certified])
     return plan.finish(Reconstruction(
         inputs=inputs.cpu().to(head.dense[0].module.weight.dtype),

@@ -1,6 +1,6 @@
-"""The head attack's state on one update: the dense head's weights and observed gradient in float64 on the
-network's device, the update's rounding noise, and the steps that run on it (candidates, walk-down,
-certificate)."""
+"""The head attack's state on one update: the dense head's weights in float64 and observed gradient (in the dtype
+the client sent, read in float64 a piece at a time, :mod:`~fedleak.attacks.exact.float64`) on the network's
+device, the update's rounding noise, and the steps that run on it (candidates, walk-down, certificate)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from fedleak.attacks.exact.candidates import Candidate, top_candidates
 from fedleak.attacks.exact.certificate import Certificate, certify
+from fedleak.attacks.exact.float64 import row_norms64, times64
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
 from fedleak.nets import ReluMLP
@@ -30,13 +31,16 @@ class HeadAttack:
         self.device = net.device
         dev = self.device
         self.W, self.b = net.weights(F64), net.biases(F64)
-        self.G = [grads[d.weight_name].to(device=dev, dtype=F64) for d in net.dense]
+        # the weight gradients stay in the client's dtype (no float64 copy of a whole layer); the biases are small
+        self.G = [grads[d.weight_name].detach().to(device=dev) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
         self.noise = None if noise is None else [noise[d.weight_name].to(device=dev, dtype=F64) for d in net.dense]
         self.noise_b = None if noise is None else [
             None if d.bias_name is None else noise[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
         self.notes: list[str] = []
         self._W_obs: list[torch.Tensor] | None = None
+        self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._row_norms: dict[int, torch.Tensor] = {}
         self.tol_floor = self._noise_floor()
 
     def _noise_floor(self) -> float:
@@ -46,9 +50,10 @@ class HeadAttack:
         if self.noise is None:
             return 0.0
         t = self.net.depth - 1
-        rows = [self.G[t], self.noise[t]]
+        G = self.G[t].to(F64)
+        rows = [G, self.noise[t]]
         if self.g[t] is not None:
-            rows = [torch.cat([self.G[t], self.g[t][:, None]], 1), torch.cat([self.noise[t], self.noise_b[t][:, None]], 1)]
+            rows = [torch.cat([G, self.g[t][:, None]], 1), torch.cat([self.noise[t], self.noise_b[t][:, None]], 1)]
         norm = rows[0].norm(dim=1)
         live = norm > 0
         if not bool(live.any()):
@@ -62,10 +67,29 @@ class HeadAttack:
 
     @property
     def W_obs(self) -> list[torch.Tensor]:
-        """The weights in the observed gradient's dtype (the client's arithmetic), converted once."""
+        """The weights in the observed gradient's dtype (the client's arithmetic): the model's own tensors when
+        that is their dtype (the float64 copies are exact, so converting them back gives the same values)."""
         if self._W_obs is None:
-            self._W_obs = [w.to(self.obs_dtype) for w in self.W]
+            self._W_obs = self.net.weights(self.obs_dtype)
         return self._W_obs
+
+    def row_norms(self, i: int) -> torch.Tensor:
+        """The norms of the rows of dense layer ``i``'s weight gradient (float64; computed once)."""
+        if i not in self._row_norms:
+            self._row_norms[i] = row_norms64(self.G[i])
+        return self._row_norms[i]
+
+    def sketch(self, i: int, omega: torch.Tensor, seed: int) -> torch.Tensor:
+        """``[G_i | g_i] @ omega`` in float64 (``omega``: the Gaussian sketch drawn from ``seed`` for dense layer
+        ``i``), kept for the next certificate of this update: a CNN's head is certified twice."""
+        key = (i, omega.shape[1], seed)
+        if key not in self._sketches:
+            G = self.G[i]
+            sketch = times64(G, omega[: G.shape[1]])
+            if self.g[i] is not None:
+                sketch.addr_(self.g[i], omega[-1])
+            self._sketches[key] = sketch
+        return self._sketches[key]
 
     def top_candidates(self) -> list[Candidate]:
         """Step 1: candidates from the last ReLU layer (:mod:`fedleak.attacks.exact.candidates`)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.attacks.exact.candidates import Candidate
+from fedleak.attacks.exact.float64 import rows64, times64
 
 
 def walk_down(attack, cands: list[Candidate]) -> None:
@@ -79,8 +80,8 @@ def implied_rows(attack, i: int, rows: torch.Tensor) -> torch.Tensor:
     """The rows' implied inputs of dense layer ``i``: ``G_j / g_j`` with a bias, the rows themselves (a direction,
     scaled in :func:`forward_check`) without one."""
     if attack.g[i] is not None:
-        return attack.G[i][rows] / attack.g[i][rows, None]
-    return attack.G[i][rows]
+        return rows64(attack.G[i], rows) / attack.g[i][rows, None]
+    return rows64(attack.G[i], rows)
 
 
 def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: torch.Tensor):
@@ -161,15 +162,15 @@ class Screens:
             cols.append(z / z.norm(dim=1, keepdim=True).clamp_min(1e-300))
         Q = torch.stack(cols, 2)  # n x d_out x p, zero off S_k
         V = W.T @ Q.permute(1, 0, 2).reshape(d_out, n * p)  # d_in x (n p)
-        row_norm = G.norm(dim=1)
+        row_norm = attack.row_norms(i)
         live = row_norm > 0
         if g is not None:
             live &= g != 0
-            P = (G @ V) / torch.where(g != 0, g, torch.ones_like(g))[:, None]
+            P = times64(G, V) / torch.where(g != 0, g, torch.ones_like(g))[:, None]
             x_norm = row_norm / g.abs().clamp_min(1e-300)
             strength = g.abs()
         else:
-            P = G @ V
+            P = times64(G, V)
             x_norm = strength = row_norm
         P = P.reshape(d_out, n, p)
         if attack.b[i] is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.attacks.exact.float64 import rows64
 from fedleak.nets import Trace, forward_trace
 
 F64 = torch.float64
@@ -33,26 +34,28 @@ def backward_signals(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.T
 
 
 def witness_vectors(
-    acts: list[torch.Tensor], deltas: list[torch.Tensor], e: torch.Tensor, layer: int, rows: list[int],
-    has_bias: bool, top: bool,
+    acts: list[torch.Tensor], deltas: list[torch.Tensor], e: torch.Tensor, layer: int, own: torch.Tensor,
+    rows: torch.Tensor, has_bias: bool, top: bool,
 ) -> torch.Tensor:
-    """Per-sample predicted gradient entries of ``rows`` of dense layer ``layer`` (one sample):
-    the weight row, the bias entry and, for the top layer, the output layer's column."""
-    parts = [deltas[layer][rows, None] * acts[layer][None, :]]
+    """Per-sample predicted gradient entries of ``rows`` of dense layer ``layer``, row ``j`` for sample ``own[j]``
+    (``acts``, ``deltas``, ``e``: one row per sample): the weight row, the bias entry and, for the top layer,
+    the output layer's column."""
+    d = deltas[layer][own, rows][:, None]
+    parts = [d * acts[layer][own]]
     if has_bias:
-        parts.append(deltas[layer][rows, None])
+        parts.append(d)
     if top:
-        parts.append(acts[layer + 1][rows, None] * e[None, :])
+        parts.append(acts[layer + 1][own, rows][:, None] * e[own])
     return torch.cat(parts, dim=1)
 
 
 def observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
     """The observed entries matching :func:`witness_vectors` (``G``/``g``: weight and bias gradients)."""
-    parts = [G[layer][rows]]
+    parts = [rows64(G[layer], rows)]
     if g[layer] is not None:
         parts.append(g[layer][rows, None])
     if top:
-        parts.append(G[-1][:, rows].T)
+        parts.append(G[-1][:, rows].T.to(F64))
     return torch.cat(parts, dim=1)
 
 
@@ -111,75 +114,155 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     rows_k = torch.arange(len(y), device=X.device)
     e32[rows_k, y] = t64.loss_vectors[rows_k, y].to(attack.obs_dtype)
     d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
-    eps_bound = opts.label_eps_ulps * eps32
+    sig = Signals(t64, d_one, onehot, [a.to(F64) for a in t32.activations], [d.to(F64) for d in d32], e32.to(F64))
+    consistent = reproduces_activations(complete, t64, opts.forward_tol)
+    # samples are fitted together, a group at a time: at most WITNESS_ENTRIES entries of witness vectors at once
+    width = [attack.G[i].shape[1] + 1 + K for i in range(net.depth)]
     fits: list[WitnessFit] = []
+    group: list[int] = []
+    load = 0
     for k, c in enumerate(complete):
-        acts64 = [a[k] for a in t64.activations]
-        acts32 = [a[k].to(F64) for a in t32.activations]
-        consistent = all(
-            float((acts64[i] - c.acts[i]).norm()) <= opts.forward_tol * float(acts64[i].norm().clamp_min(1e-300))
-            for i in c.acts
-        )
-        obs, p0, p1, noise, layer_of, row_of, norm_of = [], [], [], [], [], [], []
-        for i, rows in c.witnesses.items():
-            rows = rows[: opts.max_witnesses]  # the strongest rows come first
-            top = i == net.depth - 1
-            has_bias = attack.g[i] is not None
-            o = observed_vectors(attack.G, attack.g, i, rows, top)
-            a0 = witness_vectors(acts64, [d[k] for d in t64.deltas], t64.loss_vectors[k], i, rows, has_bias, top)
-            a1 = witness_vectors(acts64, [d[k] for d in d_one], onehot[k], i, rows, has_bias, top)
-            a32 = witness_vectors(acts32, [d[k].to(F64) for d in d32], e32[k].to(F64), i, rows, has_bias, top)
-            scale = o.norm(dim=1, keepdim=True).clamp_min(1e-300)  # each witness weighs the same
-            obs.append(o / scale)
-            p0.append(a0 / scale)
-            p1.append(a1 / scale)
-            row_noise = (a32 - a0).norm(dim=1) / a0.norm(dim=1).clamp_min(1e-300) + 8 * eps32
-            if attack.noise is not None:  # the update's own rounding, relative to the row
-                row_noise = row_noise + observed_vectors(attack.noise, attack.noise_b, i, rows, top).norm(dim=1) / scale[:, 0]
-            noise.append(row_noise)
-            layer_of.extend([i] * len(rows))
-            row_of.extend(rows)
-            norm_of.append(scale[:, 0])
-        noise_t = torch.cat(noise)
-        layer_t = torch.tensor(layer_of, device=X.device)
-        tol = torch.maximum(torch.full_like(noise_t, opts.check_tol), opts.noise_factor * noise_t)
-        quiet = noise_t <= opts.max_noise
-        ok = quiet.clone()
-        s_fit, eps_fit, res = float("nan"), float("nan"), torch.full_like(noise_t, float("inf"))
-        for _ in range(3):  # fit on the rows that pass, re-test all rows
-            if not bool(ok.any()):
-                break
-            # least squares in (s, t = s * eps) through its 2x2 normal equations
-            parts = torch.split(ok, [len(o) for o in obs])
-            gram = torch.zeros(2, 2, dtype=F64, device=X.device)
-            rhs = torch.zeros(2, dtype=F64, device=X.device)
-            for o, a0, a1, m in zip(obs, p0, p1, parts):
-                o, a0, a1 = o[m], a0[m], a1[m]
-                gram += torch.stack([torch.stack([(a0 * a0).sum(), (a0 * a1).sum()]),
-                                     torch.stack([(a0 * a1).sum(), (a1 * a1).sum()])])
-                rhs += torch.stack([(a0 * o).sum(), (a1 * o).sum()])
-            coef = torch.linalg.lstsq(gram.cpu(), rhs[:, None].cpu()).solution[:, 0]  # CPU: rank-revealing driver
-            s_fit, t_fit = float(coef[0]), float(coef[1])
-            eps_fit = t_fit / s_fit if s_fit != 0 else float("inf")
-            if not abs(eps_fit) <= eps_bound:  # the best correction allowed: at the bound, refit the scale
-                eps_fit = math.copysign(eps_bound, eps_fit) if math.isfinite(eps_fit) else 0.0
-                cc = gram[0, 0] + 2 * eps_fit * gram[0, 1] + eps_fit**2 * gram[1, 1]
-                s_fit = float((rhs[0] + eps_fit * rhs[1]) / cc.clamp_min(1e-300))
-                t_fit = s_fit * eps_fit
-            res = torch.cat([(o - s_fit * a0 - t_fit * a1).norm(dim=1) for o, a0, a1 in zip(obs, p0, p1)])
-            new_ok = (res <= tol) & quiet
-            if torch.equal(new_ok, ok):
-                break
-            ok = new_ok
-        counts = tuple(int((ok & (layer_t == i)).sum()) for i in range(net.depth))
-        worst = float(res[ok].max()) if bool(ok.any()) else float("inf")
-        abs_tol = tol * torch.cat(norm_of)
-        passing = tuple((layer_of[r], row_of[r], float(abs_tol[r])) for r in torch.nonzero(ok).flatten().tolist())
-        n_ok = int(ok.sum())
-        precision = opts.noise_factor * float(noise_t[ok].median()) / math.sqrt(n_ok) if n_ok else opts.scale_tol
-        fits.append(WitnessFit(s_fit, eps_fit, worst, counts, int((~quiet).sum()), consistent, passing,
-                               min(opts.scale_tol, precision)))
+        entries = sum(min(len(rows), opts.max_witnesses) * width[i] for i, rows in c.witnesses.items())
+        if group and load + entries > WITNESS_ENTRIES:
+            fits.extend(fit_group(attack, complete, group, sig, consistent, eps32))
+            group, load = [], 0
+        group.append(k)
+        load += entries
+    if group:
+        fits.extend(fit_group(attack, complete, group, sig, consistent, eps32))
     return fits
+
+
+WITNESS_ENTRIES = 1 << 21  # float64 entries per witness matrix held at once (16 MiB)
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What the witness fit reads of the rebuilt samples: their float64 trace, the backward signals and vectors of
+    the label entry (``d_one``, ``onehot``), and the client's float32 replay in float64 (activations, backward
+    signals and loss vectors, the label entry exact)."""
+
+    t64: Trace
+    d_one: list[torch.Tensor]
+    onehot: torch.Tensor
+    acts32: list[torch.Tensor]
+    d32: list[torch.Tensor]
+    e32: torch.Tensor
+
+
+def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: list[bool],
+              eps32: float) -> list[WitnessFit]:
+    """:func:`fit_witnesses` for the candidates ``ks``, all at once: their witness rows laid end to end (each
+    sample's in its own order), one product per layer, and every sample's fit iterated together."""
+    net, opts = attack.net, attack.opts
+    t64 = sig.t64
+    dev = t64.logits.device
+    eps_bound = opts.label_eps_ulps * eps32
+    sample_of: list[int] = []
+    layer_of: list[int] = []
+    row_of: list[int] = []
+    ends: list[int] = []  # where each sample's rows end
+    for j, k in enumerate(ks):
+        for i, rows in complete[k].witnesses.items():
+            rows = rows[: opts.max_witnesses]  # the strongest rows come first
+            sample_of += [j] * len(rows)
+            layer_of += [i] * len(rows)
+            row_of += rows
+        ends.append(len(row_of))
+    n, n_rows = len(ks), len(row_of)
+    sample_t = torch.tensor(sample_of, dtype=torch.long, device=dev)
+    layer_t = torch.tensor(layer_of, dtype=torch.long, device=dev)
+    row_t = torch.tensor(row_of, dtype=torch.long, device=dev)
+    kidx = torch.tensor(ks, dtype=torch.long, device=dev)
+    noise = torch.zeros(n_rows, dtype=F64, device=dev)
+    norm = torch.zeros(n_rows, dtype=F64, device=dev)
+    dots = torch.zeros(5, n_rows, dtype=F64, device=dev)  # per row: p0.p0, p0.p1, p1.p1, p0.o, p1.o
+    blocks = []
+    for i in sorted(set(layer_of)):
+        pos = torch.nonzero(layer_t == i).flatten()
+        own, rows = kidx[sample_t[pos]], row_t[pos]
+        top, has_bias = i == net.depth - 1, attack.g[i] is not None
+        o = observed_vectors(attack.G, attack.g, i, rows, top)
+        a0 = witness_vectors(t64.activations, t64.deltas, t64.loss_vectors, i, own, rows, has_bias, top)
+        a1 = witness_vectors(t64.activations, sig.d_one, sig.onehot, i, own, rows, has_bias, top)
+        a32 = witness_vectors(sig.acts32, sig.d32, sig.e32, i, own, rows, has_bias, top)
+        scale = o.norm(dim=1, keepdim=True).clamp_min(1e-300)  # each witness weighs the same
+        row_noise = (a32 - a0).norm(dim=1) / a0.norm(dim=1).clamp_min(1e-300) + 8 * eps32
+        del a32
+        if attack.noise is not None:  # the update's own rounding, relative to the row
+            own_noise = observed_vectors(attack.noise, attack.noise_b, i, rows, top)
+            row_noise = row_noise + own_noise.norm(dim=1) / scale[:, 0]
+        o, a0, a1 = o / scale, a0 / scale, a1 / scale
+        noise[pos], norm[pos] = row_noise, scale[:, 0]
+        dots[:, pos] = torch.stack([(a0 * a0).sum(1), (a0 * a1).sum(1), (a1 * a1).sum(1), (a0 * o).sum(1),
+                                    (a1 * o).sum(1)])
+        blocks.append((pos, sample_t[pos], o, a0, a1))
+    tol = torch.maximum(torch.full_like(noise, opts.check_tol), opts.noise_factor * noise)
+    quiet = noise <= opts.max_noise
+    ok = quiet.clone()
+    s_fit = torch.full((n,), float("nan"), dtype=F64, device=dev)
+    t_fit, eps_fit = s_fit.clone(), s_fit.clone()
+    res = torch.full_like(noise, float("inf"))
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+
+    def per_sample(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(values.shape[:-1] + (n,), dtype=F64, device=dev).index_add_(-1, sample_t, values)
+
+    for _ in range(3):  # fit on the rows that pass, re-test all rows; a sample stops when its rows do not change
+        active &= per_sample(ok.to(F64)) > 0
+        if not bool(active.any()):
+            break
+        # least squares in (s, t = s * eps) through its 2x2 normal equations, one per sample
+        sums = per_sample(dots * ok.to(F64))[:, active]
+        gram = torch.stack([sums[0], sums[1], sums[1], sums[2]], 1).reshape(-1, 2, 2)
+        rhs = sums[3:].T
+        coef = torch.linalg.lstsq(gram.cpu(), rhs[:, :, None].cpu()).solution[:, :, 0].to(dev)  # CPU: rank-revealing
+        s, t = coef[:, 0], coef[:, 1]
+        eps = torch.where(s != 0, t / s, torch.full_like(s, float("inf")))
+        clamp = ~(eps.abs() <= eps_bound)  # the best correction allowed: at the bound, refit the scale
+        eps_c = torch.where(torch.isfinite(eps), torch.copysign(torch.full_like(eps, eps_bound), eps),
+                            torch.zeros_like(eps))
+        cc = gram[:, 0, 0] + 2 * eps_c * gram[:, 0, 1] + eps_c**2 * gram[:, 1, 1]
+        s_c = (rhs[:, 0] + eps_c * rhs[:, 1]) / cc.clamp_min(1e-300)
+        s_fit[active] = torch.where(clamp, s_c, s)
+        t_fit[active] = torch.where(clamp, s_c * eps_c, t)
+        eps_fit[active] = torch.where(clamp, eps_c, eps)
+        live = active[sample_t]
+        for pos, own, o, a0, a1 in blocks:
+            fresh = (o - s_fit[own, None] * a0 - t_fit[own, None] * a1).norm(dim=1)
+            res[pos] = torch.where(live[pos], fresh, res[pos])
+        new_ok = torch.where(live, (res <= tol) & quiet, ok)
+        active &= per_sample((new_ok != ok).to(F64)) > 0
+        ok = new_ok
+    counts = torch.zeros(n, net.depth, dtype=torch.long, device=dev).index_put_(
+        (sample_t, layer_t), ok.long(), accumulate=True).tolist()
+    worst = torch.full((n,), -float("inf"), dtype=F64, device=dev).scatter_reduce_(
+        0, sample_t, torch.where(ok, res, torch.full_like(res, -float("inf"))), "amax").tolist()
+    noisy = per_sample((~quiet).to(F64)).tolist()
+    abs_tol, noise_l, ok_l = (tol * norm).tolist(), noise.tolist(), ok.tolist()
+    s_l, eps_l = s_fit.tolist(), eps_fit.tolist()
+    fits = []
+    for j, (k, start, end) in enumerate(zip(ks, [0] + ends[:-1], ends)):
+        passing = tuple((layer_of[r], row_of[r], abs_tol[r]) for r in range(start, end) if ok_l[r])
+        quiet_noise = sorted(noise_l[r] for r in range(start, end) if ok_l[r])
+        n_ok = len(quiet_noise)
+        # torch's median of an even count is the lower middle value
+        precision = opts.noise_factor * quiet_noise[(n_ok - 1) // 2] / math.sqrt(n_ok) if n_ok else opts.scale_tol
+        fits.append(WitnessFit(s_l[j], eps_l[j], worst[j] if n_ok else float("inf"), tuple(counts[j]),
+                               int(noisy[j]), consistent[k], passing, min(opts.scale_tol, precision)))
+    return fits
+
+
+def reproduces_activations(complete: list, t64: Trace, tol: float) -> list[bool]:
+    """Whether each candidate's known activations are its rebuilt input's own (float64 forward pass ``t64``),
+    within ``tol`` relative, at every layer it knows: one comparison per layer for all candidates."""
+    ok = torch.ones(len(complete), dtype=torch.bool, device=t64.logits.device)
+    for i in {i for c in complete for i in c.acts}:
+        have = [k for k, c in enumerate(complete) if i in c.acts]
+        known = torch.stack([complete[k].acts[i] for k in have])
+        ref = t64.activations[i][have]
+        ok[have] &= (ref - known).norm(dim=1) <= tol * ref.norm(dim=1).clamp_min(1e-300)
+    return ok.tolist()
 
 
 def input_uncertainty(attack, fit: WitnessFit, x: torch.Tensor) -> float:
@@ -202,5 +285,5 @@ def input_uncertainty(attack, fit: WitnessFit, x: torch.Tensor) -> float:
     # the input itself may rest on more (and weaker) rows than its witnesses: it must agree with the witnesses'
     # own ratio (weighted by g^2, the inverse of each ratio's variance) within that spread too
     weights = g * g
-    ratio = (attack.G[0][rows] / g[:, None] * weights[:, None]).sum(0) / weights.sum()
+    ratio = (rows64(attack.G[0], rows) / g[:, None] * weights[:, None]).sum(0) / weights.sum()
     return spread + float((x - ratio).abs().max())
