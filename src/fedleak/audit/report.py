@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from fedleak.audit.run import AuditResult
-from fedleak.report.output import environment_info, staged_output, write_atomic, write_json
+from fedleak.report.output import RESULTS_AND_REPORT, environment_info, write_results_and_report
 
 
 def results_payload(result: AuditResult) -> dict[str, object]:
@@ -36,7 +36,7 @@ def render_html(result: AuditResult) -> str:
     return render_audit(result)
 
 
-OUTPUT_FILES = ("results.json", "report.html")
+OUTPUT_FILES = RESULTS_AND_REPORT
 
 
 def write_audit(result: AuditResult, out: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -44,8 +44,4 @@ def write_audit(result: AuditResult, out: str | os.PathLike[str]) -> tuple[Path,
     (a failure leaves ``out`` as it was, with no half-written pair and no empty folder)."""
     payload = results_payload(result)
     page = render_html(result)
-    with staged_output(out, OUTPUT_FILES) as stage:
-        write_atomic(stage / "report.html", page)
-        write_json(stage / "results.json", payload)
-    folder = Path(out)
-    return folder / "results.json", folder / "report.html"
+    return write_results_and_report(out, payload, page)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedleak.evaluation.run import Evaluation
-from fedleak.report.output import environment_info, staged_output, write_atomic, write_json
+from fedleak.report.output import RESULTS_AND_REPORT, environment_info, write_results_and_report
 from fedleak.report.views import Column, Figure, Provenance, provenance
 
-OUTPUT_FILES = ("results.json", "report.html")
+OUTPUT_FILES = RESULTS_AND_REPORT
 
 ROW_COLUMNS = (
     Column("defense", "the client's defense setting (none: the undefended baseline)", left=True),
@@ -105,8 +105,4 @@ def write_evaluation(ev: Evaluation, out: str | os.PathLike[str]) -> tuple[Path,
     """Write ``results.json`` and ``report.html`` into ``out``, all-or-nothing (``cells.jsonl`` stays)."""
     payload = results_payload(ev)
     page = render_html(ev)
-    with staged_output(out, OUTPUT_FILES) as stage:
-        write_atomic(stage / "report.html", page)
-        write_json(stage / "results.json", payload)
-    folder = Path(out)
-    return folder / "results.json", folder / "report.html"
+    return write_results_and_report(out, payload, page)

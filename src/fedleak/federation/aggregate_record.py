@@ -8,17 +8,9 @@ client's true batch: the fraction of the whole round's data recovered, and per c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from fedleak.federation.results import Scores
-
-
-def _num(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
+from fedleak.federation.results import Scores, json_float
 
 
 @dataclass(frozen=True)
@@ -55,8 +47,8 @@ class Quantization:
 
     def to_dict(self) -> dict[str, object]:
         return {"clipping_range": self.clipping_range, "quantization_range": self.quantization_range,
-                "max_weight": self.max_weight, "error_bound": _num(self.bound), "max_error": _num(self.max_error),
-                "relative_error": _num(self.relative_error), "clipped_entries": self.clipped}
+                "max_weight": self.max_weight, "error_bound": json_float(self.bound), "max_error": json_float(self.max_error),
+                "relative_error": json_float(self.relative_error), "clipped_entries": self.clipped}
 
 
 @dataclass(frozen=True)
@@ -142,18 +134,18 @@ class AggregateRecord:
             "rebuilt": self.rebuilt,
             "certified": self.certified,
             "recovered": s.recovered if s else None,
-            "recovered_fraction": _num(s.recovered_fraction) if s else None,
+            "recovered_fraction": json_float(s.recovered_fraction) if s else None,
             "clients_touched": self.clients_touched,
-            "psnr": _num(s.psnr) if s else None,
-            "ssim": _num(s.ssim) if s else None,
-            "label_accuracy": _num(s.label_accuracy) if s else None,
+            "psnr": json_float(s.psnr) if s else None,
+            "ssim": json_float(s.ssim) if s else None,
+            "label_accuracy": json_float(s.label_accuracy) if s else None,
             "false_certificates": s.false_certificates if s else None,
             "false_certificate_reasons": list(s.false_certificate_reasons) if s else None,
-            "attack_seconds": _num(self.attack_seconds),
-            "update_norm": _num(self.update_norm),
+            "attack_seconds": json_float(self.attack_seconds),
+            "update_norm": json_float(self.update_norm),
             "defense_aware": self.defense_aware,
             "quantization": self.quantization.to_dict() if self.quantization else None,
             "server_view": self.view.to_dict() if self.view else None,
-            "test_accuracy": _num(test_accuracy),
+            "test_accuracy": json_float(test_accuracy),
             "notes": list(self.notes),
         }

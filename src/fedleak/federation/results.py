@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from fedleak.federation.membership import MembershipRecord
 
 
-def _num(x: float | None) -> float | None:
+def json_float(x: float | None) -> float | None:
     """JSON-safe float: NaN/inf become None."""
     if x is None:
         return None
@@ -122,19 +122,19 @@ class ClientRecord:
             "rebuilt": self.rebuilt,
             "certified": self.certified,
             "recovered": s.recovered if s else None,
-            "recovered_fraction": _num(s.recovered_fraction) if s else None,
-            "psnr": _num(s.psnr) if s else None,
-            "ssim": _num(s.ssim) if s else None,
+            "recovered_fraction": json_float(s.recovered_fraction) if s else None,
+            "psnr": json_float(s.psnr) if s else None,
+            "ssim": json_float(s.ssim) if s else None,
             "scores_estimated": (s.recovered < s.batch_size) if s else None,
-            "psnr_vs_original": _num(s.psnr_original) if s else None,
-            "label_accuracy": _num(s.label_accuracy) if s else None,
+            "psnr_vs_original": json_float(s.psnr_original) if s else None,
+            "label_accuracy": json_float(s.label_accuracy) if s else None,
             "false_certificates": s.false_certificates if s else None,
             "false_certificate_reasons": list(s.false_certificate_reasons) if s else None,
             "value_range": list(s.value_range) if s and s.value_range is not None else None,
-            "attack_seconds": _num(self.attack_seconds),
+            "attack_seconds": json_float(self.attack_seconds),
             "defense_aware": self.defense_aware,
-            "update_norm": _num(self.update_norm),
-            "test_accuracy": _num(test_accuracy),
+            "update_norm": json_float(self.update_norm),
+            "test_accuracy": json_float(test_accuracy),
             "notes": list(self.notes),
         }
 
@@ -165,7 +165,7 @@ class RoundAudit:
     def to_dict(self) -> dict[str, object]:
         return {"updates_received": self.received, "updates_audited": self.audited, "audit_backlog": self.backlog,
                 "audit_backlog_bound": self.bound, "audit_sample_seed": self.seed,
-                "audit_lag_seconds": _num(self.lag_seconds)}
+                "audit_lag_seconds": json_float(self.lag_seconds)}
 
     def text(self) -> str:
         """"audited 3 of 10 updates (backlog 7 of bound 10; seeded sample)", or "audited all 10 updates"."""
@@ -194,8 +194,8 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
-            "round": self.round, "test_accuracy": _num(self.test_accuracy), "test_loss": _num(self.test_loss),
-            "seconds": _num(self.seconds), "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
+            "round": self.round, "test_accuracy": json_float(self.test_accuracy), "test_loss": json_float(self.test_loss),
+            "seconds": json_float(self.seconds), "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
         if self.round:
             out["sampled"] = list(self.sampled)
             out.update(self.audit.to_dict() if self.audit is not None else dict.fromkeys(ROUND_AUDIT_KEYS))
@@ -223,7 +223,7 @@ class DefenseRecord:
     def to_dict(self) -> dict[str, object]:
         return {"stack": self.stack, "specs": list(self.specs), "flower_native": list(self.flower_native),
                 "accounting": dict(self.accounting),
-                "privacy": [{**p, "epsilon": _num(p["epsilon"])} for p in self.privacy]}
+                "privacy": [{**p, "epsilon": json_float(p["epsilon"])} for p in self.privacy]}
 
 
 def _eps(value: object) -> str:
@@ -260,8 +260,8 @@ class FederationResult:
             "version": 1,
             "settings": self.settings,
             "versions": self.versions,
-            "seconds": _num(self.seconds),
-            "audit_wait_seconds": _num(self.audit_wait_seconds),
+            "seconds": json_float(self.seconds),
+            "audit_wait_seconds": json_float(self.audit_wait_seconds),
             "audit_backlog_at_end": self.audit_backlog_at_end,
             "rounds": [r.to_dict() for r in self.rounds],
             "records": [c.to_dict(self.test_accuracy(c.round)) for c in self.records],

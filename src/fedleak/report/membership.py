@@ -10,11 +10,11 @@ from pathlib import Path
 
 from fedleak.audit.membership import MembershipAudit, MembershipScenario
 from fedleak.membership.plots import roc_plot_uri
-from fedleak.report.output import environment_info, staged_output, write_atomic, write_json
+from fedleak.report.output import RESULTS_AND_REPORT, environment_info, write_results_and_report
 from fedleak.report.render import render
 from fedleak.report.views import Column, Figure, Provenance, Setting, provenance
 
-OUTPUT_FILES = ("results.json", "report.html")
+OUTPUT_FILES = RESULTS_AND_REPORT
 
 COLUMNS = (
     Column("attack", "the membership attack (see 'fedleak info')", left=True),
@@ -118,8 +118,4 @@ def write_membership_audit(audit: MembershipAudit, out: str | os.PathLike[str]) 
     """Write ``results.json`` and ``report.html`` into ``out``, both rendered first, then all-or-nothing."""
     payload = results_payload(audit)
     page = render_membership(audit)
-    with staged_output(out, OUTPUT_FILES) as stage:
-        write_atomic(stage / "report.html", page)
-        write_json(stage / "results.json", payload)
-    folder = Path(out)
-    return folder / "results.json", folder / "report.html"
+    return write_results_and_report(out, payload, page)

@@ -152,3 +152,16 @@ def _commit(stage: Path, target: Path, names: Sequence[str]) -> None:
         if created:
             shutil.rmtree(target, ignore_errors=True)
         raise OutputError(f"cannot write the outputs into {target}: {exc.strerror or exc}") from None
+
+
+RESULTS_AND_REPORT = ("results.json", "report.html")
+
+
+def write_results_and_report(out: str | os.PathLike[str], payload: dict[str, Any], page: str) -> tuple[Path, Path]:
+    """Write ``results.json`` (``payload``) and ``report.html`` (``page``, rendered already) into ``out``,
+    all-or-nothing (:func:`staged_output`); returns their paths."""
+    with staged_output(out, RESULTS_AND_REPORT) as stage:
+        write_atomic(stage / "report.html", page)
+        write_json(stage / "results.json", payload)
+    folder = Path(out)
+    return folder / "results.json", folder / "report.html"
