@@ -25,8 +25,9 @@ demo: setup
 	$(VENV)/bin/fedleak demo --out out/demo
 	@echo "open out/demo/report.html in a browser"
 
+# two workers, a file's tests on one of them (the federation tests start Flower, Ray and client processes)
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/bench_exclusivity.py

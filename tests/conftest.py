@@ -38,9 +38,24 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def private_tempdir(monkeypatch):
+    """A temp folder of this test's own as :mod:`tempfile`'s default, short enough for Ray's socket paths: what a run
+    leaves behind in it is this test's, whatever else runs at the same time (another test process included)."""
+    import multiprocessing.util
+    import shutil
+    import tempfile
+
+    multiprocessing.util.get_temp_dir()  # multiprocessing keeps its first temp folder for good: not this one
+    folder = tempfile.mkdtemp(prefix="fl-t-", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 RAY_HEAD = """
 import sys, ray
-ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")
+ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()  # until the session closes stdin
 ray.shutdown()
@@ -49,9 +64,11 @@ ray.shutdown()
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the whole session, in a process of its own: federations that join it
+    """One local Ray cluster for the whole session, in a process of its own: federations that join it
     (``ray_address``) skip Ray's start-up, which costs more than a small federation's rounds. The tests of fedleak's
-    own Ray lifecycle start their own. Yields ``(address, head process)``."""
+    own Ray lifecycle start their own. One CPU, as fedleak's own Ray has by default (``ray_cpus=1``): Flower runs the
+    clients on one actor, and each run starts one actor process (torch and all) instead of two. Yields
+    ``(address, head process)``."""
     import os
     import shutil
     import signal

@@ -304,30 +304,6 @@ def test_walkdown_screen_never_rules_out_a_passing_row(digits, bias):
     assert kept <= 2 * passed + len(targets)  # and the screen lets few others through
 
 
-def test_row_grouping_matches_leader_clustering_by_brute_force():
-    from fedleak.attacks.exact.candidates import group_rows
-
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(30, 12, generator=gen, dtype=torch.float64)
-    R = centres[torch.randint(0, 30, (400,), generator=gen)]
-    R = R * (1 + 1e-6 * torch.randn(400, 1, generator=gen, dtype=torch.float64))
-    R = R + 4e-6 * torch.randn(400, 12, generator=gen, dtype=torch.float64) * R.norm(dim=1, keepdim=True)
-    order = torch.randperm(400, generator=gen)
-    tol = 1e-5
-    norms = R.norm(dim=1)
-    expected, assigned = [], torch.zeros(400, dtype=torch.bool)
-    for lead in order.tolist():  # the definition: the first unassigned row leads, every row near it joins
-        if assigned[lead]:
-            continue
-        near = ((R - R[lead]).norm(dim=1) <= tol * torch.maximum(norms, norms[lead])) & ~assigned
-        near[lead] = True
-        assigned |= near
-        expected.append(sorted(torch.nonzero(near).flatten().tolist()))
-    got = group_rows(R, order, tol)
-    assert sorted(map(sorted, got)) == sorted(expected)
-    assert 30 <= len(got) < 400  # near rows were grouped, far ones were not
-
-
 def test_attack_pins_torch_threads_and_restores_them(digits):
     model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
     x, y = digits.batch(2, seed=0)

@@ -54,6 +54,21 @@ def test_joint_test_accepts_the_batch_and_rejects_a_blend(lfw):
     assert test.excess([0, 1, 2, 3, 4, 5]) > 1  # more samples than the batch
 
 
+def test_joint_test_sketches_a_layer_with_more_outputs_than_inputs_from_the_left(digits):
+    """A 64-input layer with 512 outputs is sketched on its output side (the residual's Gram is then the small
+    one); the true samples still pass and a blend still fails."""
+    first = [int(i) for i in torch.nonzero(digits.y == digits.y[0]).flatten()[:2]]
+    idx = [first[0], first[1]] + [i for i in range(1, 10) if digits.y[i] != digits.y[0]][:3]
+    attack, x, y = setup(digits, idx, width=512, seed=0)
+    blend = (x[0] + x[1]) / 2
+    t64 = trace(attack, torch.cat([x, blend[None]]), torch.cat([y, y[:1]]))
+    test = JointTest(attack, t64, batch_size=5, weights=torch.full((6,), 1 / 5, dtype=torch.float64), slack=5)
+    k = 2 * (5 + 1) + 8
+    assert test.layers[0][0].shape == (k, 65)  # Omega^T [G | g]: k x (inputs + bias)
+    assert test.excess([0, 1, 2, 3, 4]) <= 1e-2 and test.excess([0, 2, 3]) <= 1e-2
+    assert test.excess([0, 2, 3, 5]) > 1 and test.excess([5]) > 1
+
+
 def test_dead_rows_refute_a_signed_blend(digits):
     """``x1 + x2 - x0`` fires neurons where none of the three does; rows that are exactly zero show that no
     sample of the batch is there, so its term there refutes it. True samples have no term on dead rows."""

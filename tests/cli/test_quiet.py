@@ -9,7 +9,10 @@ import warnings
 
 from fedleak.cli import main
 
-# a user's plug-in data set whose loader warns twice: numpy's nanmean of nothing, and a warning of its own
+# a user's plug-in data set whose loader warns twice: numpy's nanmean of nothing, and a warning of its own. One fresh
+# interpreter runs the audit twice: first without --verbose (nothing was shown or recorded before it), then with it,
+# a marker line on stderr between the two.
+MARK = "--- now with --verbose ---"
 _PLUGIN_AND_MAIN = """
 import sys, warnings
 import numpy as np
@@ -26,29 +29,26 @@ def noisy_squares():
     x = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     return fedleak.Dataset("noisy-squares", x, torch.arange(16) % 2, ("a", "b"))
 
-sys.exit(main(sys.argv[1:]))
+out, mark = sys.argv[1:3]
+args = ["audit", "--data", "noisy-squares", "--widths", "16", "--batch-sizes", "1", "--quiet", "--attack",
+        "exclusivity", "--out"]
+quiet = main([*args, out + "-quiet"])
+print(mark, file=sys.stderr, flush=True)
+verbose = main(["--verbose", *args, out + "-verbose"])
+sys.exit(quiet or verbose)
 """
 
 
-def _audit(tmp_path, *root_options: str) -> subprocess.CompletedProcess[str]:
-    args = [*root_options, "audit", "--data", "noisy-squares", "--widths", "16", "--batch-sizes", "1", "--quiet",
-            "--attack", "exclusivity", "--out", str(tmp_path / "out")]
-    return subprocess.run([sys.executable, "-c", _PLUGIN_AND_MAIN, *args], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_a_run_without_verbose_prints_no_warning(tmp_path) -> None:
-    proc = _audit(tmp_path)
+def test_warnings_are_hidden_without_verbose_and_shown_with_it(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _PLUGIN_AND_MAIN, str(tmp_path / "out"), MARK], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
-    assert "recovered" in proc.stdout and (tmp_path / "out" / "results.json").exists()
-
-
-def test_verbose_shows_the_warnings(tmp_path) -> None:
-    proc = _audit(tmp_path, "--verbose")
-    assert proc.returncode == 0, proc.stderr
-    assert "RuntimeWarning: Mean of empty slice" in proc.stderr
-    assert "UserWarning: the plug-in's own warning" in proc.stderr
+    quiet, verbose = proc.stderr.split(MARK + "\n")
+    assert quiet == ""  # the run without --verbose
+    assert "recovered" in proc.stdout
+    assert all((tmp_path / f"out-{run}" / "results.json").exists() for run in ("quiet", "verbose"))
+    assert "RuntimeWarning: Mean of empty slice" in verbose
+    assert "UserWarning: the plug-in's own warning" in verbose
 
 
 def test_the_callers_warning_filters_are_restored(tmp_path, capsys) -> None:

@@ -122,7 +122,7 @@ def test_federation_records_the_privacy_of_its_defenses(tmp_path, ray_cluster):
     out = tmp_path / "run"
     code = main(["federate", "--clients", "2", "--rounds", "2", "--batch-size", "8", "--widths", "64", "--seed", "0",
                  "--defense", "gaussian-noise:sigma=0.05,clip=1.0", "--defense", "central-dp:noise_multiplier=0.7",
-                 "--ray-address", ray_cluster[0], "--out", str(out)])
+                 "--audit-mode", "thread", "--ray-address", ray_cluster[0], "--out", str(out)])
     assert code == 0 and not _ray_running()
     res = json.loads((out / "results.json").read_text())
     (stack,) = res["defenses"]
@@ -149,7 +149,7 @@ def test_local_dp_runs_as_flowers_mod_in_the_simulation(ray_cluster):
     from fedleak.federation.run import summarize
 
     s = FederationSettings(**SMALL, clients=2, rounds=1, defenses=("local-dp:clip=0.01,epsilon=250",),
-                           ray_address=ray_cluster[0])
+                           audit_mode="thread", ray_address=ray_cluster[0])
     result = run_federation(s)
     assert not _ray_running()
     d = s.stack.defenses[0]

@@ -71,18 +71,17 @@ def _ray_running() -> bool:
     return ray.is_initialized()
 
 
-def test_honest_federation_with_a_failing_and_a_malformed_client():
+def test_honest_federation_with_a_failing_and_a_malformed_client(private_tempdir):
     """3 clients x 2 rounds on Fashion-MNIST; client 1 raises in round 1, client 2 sends NaN in round 2."""
     from fedleak.federation import run_federation
     from fedleak.federation.report import render_report
 
-    tmp_before = set(os.listdir(tempfile.gettempdir()))
     settings = FederationSettings(clients=3, rounds=2, threat="honest", batch_size=8, hidden=(256,), lr=0.1,
                                   inject_faults=("fail:1@1", "malformed:2@2"))
     result = run_federation(settings)
     assert not _ray_running()
-    leftover = {p for p in set(os.listdir(tempfile.gettempdir())) - tmp_before if p.startswith("fedleak-fl-")}
-    assert not leftover
+    assert tempfile.gettempdir() == private_tempdir  # the run's folder was made here, and is gone
+    assert not [p for p in os.listdir(private_tempdir) if p.startswith("fedleak-fl-")]
     by = {(r.round, r.client): r for r in result.records}
     assert by[(1, 1)].status == "failed" and "injected failure" in by[(1, 1)].detail
     assert by[(2, 2)].status == "malformed" and "non-finite" in by[(2, 2)].detail

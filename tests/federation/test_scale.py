@@ -71,7 +71,24 @@ def _fingerprint(record):
             round(s.psnr, 6) if s and s.psnr is not None else None)
 
 
-def test_a_pool_of_workers_gives_the_single_worker_results(tmp_path):
+def _audit_here(strategy, job, scorer, declared):
+    """One job of :func:`_jobs` audited in this process, as the audit worker does it: the sent weights loaded into a
+    copy of the template, the update ``sent - delta`` with the uploaded change."""
+    import copy
+
+    from fedleak.federation.audit_worker import AuditInput, run_audit
+    from fedleak.updates import WeightUpdate
+
+    rnd, node, pid, sent, delta, n = job
+    model = copy.deepcopy(strategy.template)
+    model.load_state_dict(sent)
+    update = WeightUpdate(sent, {k: sent[k] - delta[k] for k in sent}, num_examples=n)
+    return run_audit(strategy.plan, AuditInput(rnd, node, pid, model, update, delta, declared), scorer)
+
+
+def test_a_pool_of_workers_gives_the_single_worker_results(tmp_path, one_thread):
+    """The same jobs through a pool of 2 worker processes and one after another in this process, on one torch
+    thread like a worker (what a single worker does with them): the same results, job by job."""
     from fedleak.federation.audit_pool import make_audit_executor
     from fedleak.federation.audit_worker import audit_reply
     from fedleak.federation.ground_truth import GroundTruthScorer
@@ -81,20 +98,22 @@ def test_a_pool_of_workers_gives_the_single_worker_results(tmp_path):
     jobs = _jobs(settings, tmp_path)
     _, strategy = build_strategy(settings)
     scorer = GroundTruthScorer(tmp_path)
+    args = [(strategy.plan, rnd, node, pid, sent, None, n, scorer, delta, settings.declared_training())
+            for rnd, node, pid, sent, delta, n in jobs]
     results = {}
-    for workers in (1, 2):
-        pool = make_audit_executor("process", workers, strategy.template)
-        try:
-            futures = [pool.submit(audit_reply, strategy.plan, rnd, node, pid, sent, None, n, scorer, delta,
-                                   settings.declared_training()) for rnd, node, pid, sent, delta, n in jobs]
-            results[workers] = [_fingerprint(f.result(timeout=300)) for f in futures]
-            assert len(multiprocessing.active_children()) == workers  # the pool's worker processes
-        finally:
-            pool.shutdown(wait=True)
+    before = set(multiprocessing.active_children())  # e.g. a solver's worker another test started in this process
+    pool = make_audit_executor("process", 2, strategy.template)
+    try:
+        futures = [pool.submit(audit_reply, *job) for job in args]
+        results[2] = [_fingerprint(f.result(timeout=300)) for f in futures]
+        assert len(set(multiprocessing.active_children()) - before) == 2  # the pool's worker processes
+    finally:
+        pool.shutdown(wait=True)
+    results[1] = [_fingerprint(_audit_here(strategy, job, scorer, settings.declared_training())) for job in jobs]
     assert results[1] == results[2]
     assert all(r[2] == "ok" and r[8] == 0 for r in results[1])  # attacked and scored; no false certificate
     assert sum(r[7] for r in results[1]) > 0  # the attack certified samples: the comparison is not of empty results
-    assert not multiprocessing.active_children()
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_path, capsys, ray_cluster):
@@ -102,13 +121,12 @@ def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_
     import ray
 
     from fedleak.cli import main
-    from fedleak.federation.audit_worker import AuditInput, run_audit
     from fedleak.federation.client import local_update
     from fedleak.federation.server_app import build_strategy
     from fedleak.federation.settings import data_split, make_model
-    from fedleak.updates import WeightUpdate
 
     address, head = ray_cluster
+    before = set(multiprocessing.active_children())  # e.g. a solver's worker another test started in this process
     out = tmp_path / "run"
     code = main(["federate", "--clients", "4", "--rounds", "2", "--batch-size", "8", "--widths", "256",
                  "--seed", "1", "--fraction-train", "0.5", "--audit-workers", "2", "--audit-backlog", "1",
@@ -116,7 +134,7 @@ def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_
     printed = capsys.readouterr().out
     assert code == 0
     assert head.poll() is None  # the cluster it joined is still up: fedleak only disconnected
-    assert not ray.is_initialized() and not multiprocessing.active_children()  # no driver, no audit worker left
+    assert not ray.is_initialized() and set(multiprocessing.active_children()) <= before  # no driver, no audit worker
 
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["audit_workers"] == 2 and res["settings"]["ray_address"] == address
@@ -148,9 +166,7 @@ def test_sampled_clients_worker_pool_backlog_bound_and_a_joined_ray_cluster(tmp_
     model = make_model(settings, split)
     sent = {k: v.clone() for k, v in model.state_dict().items()}
     local = local_update(model, settings, rec["client"], 1)
-    update = WeightUpdate(sent, {k: sent[k] - local.delta[k] for k in sent}, num_examples=local.num_examples)
-    strategy.template.load_state_dict(sent)
-    again = run_audit(strategy.plan, AuditInput(1, rec["node_id"], rec["client"], strategy.template, update,
-                                                local.delta, settings.declared_training()), None)
+    again = _audit_here(strategy, (1, rec["node_id"], rec["client"], sent, local.delta, local.num_examples), None,
+                        settings.declared_training())
     assert (again.rebuilt, again.certified) == (rec["rebuilt"], rec["certified"]) and rec["certified"] > 0
     assert rec["false_certificates"] == 0 and rec["recovered_fraction"] > 0

@@ -127,3 +127,21 @@ def test_conv_caches_follow_the_weights():
     with torch.no_grad():
         w.data.add_(1.0)
     assert torch.equal(cast(w, torch.float64), w.detach().double())
+
+
+def test_band_product_equals_the_conv_product_and_is_picked_for_small_bands(faces, monkeypatch):
+    """``normal_product`` multiplies by ``N`` through its band when the band is small and through convs otherwise;
+    both are ``A^T diag(w) A v``."""
+    from fedleak.nets import conv_solve
+
+    blk, J, _, w, matvec, _ = _system(faces, 4)
+    ab = blk.gram.band(w)
+    v = np.random.default_rng(0).standard_normal(blk.in_dim)
+    want = J.T @ (J @ v)
+    for prod in (conv_solve.band_product(ab, blk.gram.order), matvec):
+        np.testing.assert_allclose(prod(v), want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    args = (ab, blk.gram.order, blk.folded()[0].cpu(), blk.in_shape, blk.conv.stride, blk.conv.padding, w)
+    assert ab.size <= conv_solve.BAND_PRODUCT_MAX  # 625 unknowns, half-bandwidth 52
+    assert conv_solve.normal_product(*args).__qualname__.startswith("band_product")
+    monkeypatch.setattr(conv_solve, "BAND_PRODUCT_MAX", ab.size - 1)
+    assert conv_solve.normal_product(*args).__qualname__.startswith("conv_normal_product")

@@ -18,10 +18,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedleak.nets.cast import state as tensor_state
+from fedleak.nets.cast import fingerprint
 from fedleak.nets.conv_gram import MAX_ENTRIES, ConvGram
 from fedleak.nets.layers import BatchNorm, Conv, Pool
-
 
 # the unrolled conv and its band assembly, per conv module: a model read again (every attack reads it anew) reuses
 # them while its conv and batch-norm tensors are unchanged
@@ -81,10 +80,11 @@ class ConvBlock:
 
     def state(self) -> tuple:
         """What the block's linear maps depend on: shapes, conv geometry, and a fingerprint of every conv/BN
-        tensor (:func:`fedleak.nets.cast.state`)."""
+        tensor (:func:`fedleak.nets.cast.fingerprint`: taken once per tensor inside
+        :func:`fedleak.nets.cast.unchanged`)."""
         mods = [self.conv.module] + ([self.bn.module] if self.bn is not None else [])
         tensors = [t for m in mods for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
-        return (self.in_shape, self.conv_shape, self.conv.stride, self.conv.padding, tuple(map(tensor_state, tensors)))
+        return (self.in_shape, self.conv_shape, self.conv.stride, self.conv.padding, tuple(map(fingerprint, tensors)))
 
     def derived(self, name: str, build: Callable[[], object]):
         """``build()``, computed once per conv module and state (see :meth:`state`)."""
@@ -101,10 +101,20 @@ class ConvBlock:
         """The unrolled conv (BN folded) ``A`` (conv_dim x in_dim, CSR float64) and bias ``c`` (conv_dim)."""
         return self.derived("affine", self.unrolled)
 
-    @property
-    def abs_affine(self) -> sp.csr_matrix:
-        """``|A|`` of :attr:`affine` (the rounding bounds of a solve read it)."""
-        return self.derived("abs_affine", lambda: abs(self.affine[0]))
+    def unrolled_times(self, x: np.ndarray, absolute: bool = False) -> np.ndarray:
+        """``A x`` (``|A| x`` when ``absolute``) for one flattened input ``x`` (float64), ``A`` of :attr:`affine`,
+        by a float64 conv on the CPU (no sparse product)."""
+        W = self.folded(torch.float64)[0].cpu()
+        z = torch.nn.functional.conv2d(torch.from_numpy(x).reshape(1, *self.in_shape), W.abs() if absolute else W,
+                                       None, self.conv.stride, self.conv.padding)
+        return z.reshape(-1).numpy()
+
+    def unrolled_transpose_times(self, v: np.ndarray) -> np.ndarray:
+        """``A^T v`` for one flattened conv output ``v`` (float64), by a transposed float64 conv on the CPU."""
+        W = self.folded(torch.float64)[0].cpu()
+        z = torch.nn.grad.conv2d_input((1, *self.in_shape), W, torch.from_numpy(v).reshape(1, *self.conv_shape),
+                                       self.conv.stride, self.conv.padding)
+        return z.reshape(-1).numpy()
 
     def unrolled(self) -> tuple[sp.csr_matrix, np.ndarray]:
         W, b = self.folded(torch.float64)

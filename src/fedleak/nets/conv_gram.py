@@ -11,6 +11,8 @@ from the kernel instead: for every output position ``r`` and pair of kernel taps
 ``N[in(r, t1), in(r, t2)] += sum_co w[co, r] K[co, t1] K[co, t2]`` -- one dense product
 ``(K ⊗ K)^T w`` over the tap pairs of the lower triangle, then one strided add per pair of kernel positions
 (the band row of a tap pair does not depend on ``r``, so all its products land in one rectangle of pixels).
+The product is laid out tap pair by tap pair (each pair's products one contiguous image), so those adds read
+contiguous rows of pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from fedleak.nets.scratch import work_array
 
 # a layer with more (output position, tap pair) products than this is not assembled (the caller falls back to a
 # sparse product); 28x28 outputs of 6 input channels and 3x3 kernels have 2.3M
@@ -39,7 +43,7 @@ def tap_window(k: int, size: int, out: int, stride: int, pad: int) -> tuple[int,
 @dataclass(frozen=True)
 class TapPair:
     """A pair of kernel positions ``(ky1, kx1) >= (ky2, kx2)`` (in pixel-major order) with the channel pairs it
-    contributes: columns ``cols`` of :attr:`ConvGram.pairs`, band rows ``diff`` and input channels ``c2``, for
+    contributes: rows ``cols`` of :attr:`ConvGram.pairs`, band rows ``diff`` and input channels ``c2``, for
     the output positions ``oy``/``ox`` where both taps fall inside the input; ``y``/``x`` the first input
     pixel of the second tap; ``base``: the pixel offset of the two taps in the band (``diff`` without the
     channels)."""
@@ -63,7 +67,7 @@ class ConvGram:
 
     A tap pair's offset in the band does not depend on the output position, so for each pair of kernel
     positions the products of all its channel pairs land in one rectangle of input pixels: one product
-    ``w^T pairs`` (lower-triangle pairs only), one add of a rectangle per pair of kernel positions, and one
+    ``pairs w`` (lower-triangle pairs only), one add of a rectangle per pair of kernel positions, and one
     write to the band per pixel offset.
     """
 
@@ -101,7 +105,8 @@ class ConvGram:
                                            oy.start * stride[0] - padding[0] + ky2,
                                            ox.start * stride[1] - padding[1] + kx2))
                 start += len(c1)
-        self.pairs = np.concatenate(columns, axis=1)  # K ⊗ K per output channel, lower-triangle pairs
+        # K ⊗ K, lower-triangle pairs (rows) by output channel (columns): ``pairs @ w`` is pair-major
+        self.pairs = np.ascontiguousarray(np.concatenate(columns, axis=1).T)
         # the tap pairs of one pixel offset have the same band entries: their products are summed per pixel, then
         # written to the band in one step (an entry ``base + c1 - c2`` belongs to one offset only)
         by_base: dict[int, list[TapPair]] = {}
@@ -121,16 +126,20 @@ class ConvGram:
     def band(self, w: np.ndarray) -> np.ndarray:
         """Lower band storage of ``A^T diag(w) A`` (pixel-major order) for unit weights ``w`` (conv_dim,
         torch's ``(channel, y, x)`` order), Fortran-ordered (each column of ``N``'s band contiguous, the layout
-        LAPACK factors in place)."""
+        LAPACK factors in place). Inside :func:`fedleak.nets.scratch.reused_arrays` the array is reused by the
+        next call (it writes the same entries every time, so the band's structural zeros stay zero)."""
         C, H, W = self.in_shape
+        Ho, Wo = self.out_hw
         sy, sx = self.stride
-        per_pos = (w.reshape(self.channels_out, self.positions).T @ self.pairs).reshape(*self.out_hw, -1)
-        ab = np.zeros((H, W, C, self.bandwidth + 1))
+        per_pair = np.matmul(self.pairs, w.reshape(self.channels_out, self.positions),
+                             out=work_array(("band products", self), (len(self.pairs), self.positions)))
+        per_pair = per_pair.reshape(-1, Ho, Wo)
+        ab = work_array(("band", self), (H, W, C, self.bandwidth + 1))
         for groups in self.offsets:
-            acc = np.zeros((H, W, len(groups[0].c2)))
+            acc = np.zeros((len(groups[0].c2), H, W))
             for g in groups:
                 ny, nx = g.oy.stop - g.oy.start, g.ox.stop - g.ox.start
                 rows, cols = slice(g.y, g.y + sy * (ny - 1) + 1, sy), slice(g.x, g.x + sx * (nx - 1) + 1, sx)
-                acc[rows, cols] += per_pos[g.oy, g.ox, g.cols]
-            ab[:, :, groups[0].c2, groups[0].diff] = acc
+                acc[:, rows, cols] += per_pair[g.cols, g.oy, g.ox]
+            ab[:, :, groups[0].c2, groups[0].diff] = acc.transpose(1, 2, 0)
         return ab.reshape(self.n, self.bandwidth + 1).T

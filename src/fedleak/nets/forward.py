@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.nets.float64 import back64, linear64
 from fedleak.nets.head import ReluMLP
 
 
@@ -39,19 +40,22 @@ def forward_trace(
 ) -> Trace:
     """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given.
 
-    ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again.
+    ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again; in float64
+    the weights may also be the model's own float32 ones, read in float64 a piece at a time
+    (:mod:`fedleak.nets.float64`).
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
+    linear, back = (linear64, back64) if dtype == torch.float64 else (lambda x, W: x @ W.T, lambda x, W: x @ W)
     acts, pres = [a], []
     for W, b in zip(weights[:-1], biases[:-1]):
-        z = a @ W.T
+        z = linear(a, W)
         if b is not None:
             z = z + b
         pres.append(z)
         a = torch.relu(z)
         acts.append(a)
-    logits = a @ weights[-1].T
+    logits = linear(a, weights[-1])
     if biases[-1] is not None:
         logits = logits + biases[-1]
     if labels is None:
@@ -61,7 +65,7 @@ def forward_trace(
     deltas: list[torch.Tensor] = []
     d = e
     for W, z in zip(reversed(weights[1:]), reversed(pres)):
-        d = (d @ W) * (z > 0).to(dtype)
+        d = back(d, W) * (z > 0).to(dtype)
         deltas.append(d)
     deltas.reverse()
     return Trace(acts, pres, logits, e, deltas)

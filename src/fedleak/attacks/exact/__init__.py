@@ -2,7 +2,8 @@
 
 * :mod:`~fedleak.attacks.exact.options` -- :class:`ExclusivityOptions`.
 * :mod:`~fedleak.attacks.exact.state` -- :class:`HeadAttack`, the state on one update.
-* :mod:`~fedleak.attacks.exact.candidates` -- the head's top layer: grouping, candidates, scale fitting.
+* :mod:`~fedleak.attacks.exact.grouping` -- gradient rows grouped by the input they imply.
+* :mod:`~fedleak.attacks.exact.candidates` -- the head's top layer: candidates from the groups, scale fitting.
 * :mod:`~fedleak.attacks.exact.walkdown` -- the head's hidden layers.
 * :mod:`~fedleak.attacks.exact.conv_walkdown` -- the conv blocks: invert_block, invert_chain, feature matching.
 * :mod:`~fedleak.attacks.exact.witnesses`, :mod:`~fedleak.attacks.exact.certificate`,

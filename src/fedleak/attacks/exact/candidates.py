@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedleak.attacks.exact.float64 import rows64
+from fedleak.attacks.exact.grouping import ImpliedInputs, group_rows
 from fedleak.nets import ReluMLP
+from fedleak.nets.float64 import linear64
 
 F64 = torch.float64
-GROUPING_SEED = 12345
 
 
 @dataclass
@@ -47,16 +47,17 @@ class Candidate:
 
 
 def tail_forward(net: ReluMLP, W: list[torch.Tensor], b: list[torch.Tensor | None], start: int, a: torch.Tensor):
-    """Forward rows ``a`` (n x d_in of dense layer ``start``) to the logits; returns (pre-acts, acts, logits)."""
+    """Forward rows ``a`` (n x d_in of dense layer ``start``, float64) to the logits; returns (pre-acts, acts,
+    logits)."""
     pres, acts = [], []
     for i in range(start, net.depth):
-        z = a @ W[i].T
+        z = linear64(a, W[i])
         if b[i] is not None:
             z = z + b[i]
         a = torch.relu(z)
         pres.append(z)
         acts.append(a)
-    logits = a @ W[-1].T
+    logits = linear64(a, W[-1])
     if b[-1] is not None:
         logits = logits + b[-1]
     return pres, acts, logits
@@ -69,21 +70,6 @@ def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return e
 
 
-def split_runs(proj: torch.Tensor, members: torch.Tensor, gap: float, level: int) -> list[torch.Tensor]:
-    """Split ``members`` into runs whose projections ``proj[level]`` are chained within ``gap``;
-    split each run again on the next projection, so that long accidental chains break up."""
-    order = members[torch.argsort(proj[level][members])]
-    vals = proj[level][order]
-    cut = torch.nonzero(vals[1:] - vals[:-1] > gap).flatten() + 1
-    runs = torch.tensor_split(order, cut.tolist())
-    if level + 1 == proj.shape[0]:
-        return list(runs)
-    out: list[torch.Tensor] = []
-    for run in runs:
-        out.extend([run] if len(run) == 1 else split_runs(proj, run, gap, level + 1))
-    return out
-
-
 def near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Tensor:
     """A superset of the pairs of rows within ``tol * max(norms)`` of each other, from one Gram matrix (the
     squared distances' cancellation error, at most ``(d + 4) eps (|a|^2 + |b|^2)``, is added to the bound)."""
@@ -93,50 +79,7 @@ def near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Te
     return d2 <= (tol * torch.maximum(norms[:, None], norms[None, :])) ** 2 + slack
 
 
-def group_rows(R: torch.Tensor, order: torch.Tensor, tol: float) -> list[list[int]]:
-    """Group rows of R that coincide within ``tol`` (relative L2); rows are visited in ``order``.
-
-    Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
-    other stay in one bucket). Within a bucket, leader clustering: the first unassigned row, in ``order``,
-    leads its group, and its distances to the bucket's unassigned rows decide the members (one pass over the
-    bucket per group: a bucket is almost always one sample's rows, one group).
-    """
-    n = R.shape[0]
-    if n == 0:
-        return []
-    dev = R.device
-    norms = R.norm(dim=1).clamp_min(1e-300)
-    gen = torch.Generator().manual_seed(GROUPING_SEED)  # drawn on the CPU: the same projections on every device
-    V = torch.randn(R.shape[1], 4, generator=gen, dtype=R.dtype).to(dev)
-    V /= V.norm(dim=0, keepdim=True)
-    proj = ((R @ V) / norms[:, None]).T.contiguous()
-    rank = torch.empty(n, dtype=torch.long, device=dev)
-    rank[order] = torch.arange(n, device=dev)
-    groups: list[list[int]] = []
-    for run in split_runs(proj, torch.arange(n, device=dev), 4 * tol, 0):
-        if len(run) == 1:
-            groups.append([int(run[0])])
-            continue
-        rest = run[torch.argsort(rank[run])]  # unassigned rows of the bucket, in visiting order
-        while len(rest):
-            lead = rest[0]
-            dist = row_distances(R, rest, R[lead])
-            inside = dist <= tol * torch.maximum(norms[rest], norms[lead])
-            inside[0] = True
-            groups.append(rest[inside].tolist())
-            rest = rest[~inside]
-    rank_of = rank.tolist()
-    groups.sort(key=lambda grp: rank_of[grp[0]])
-    return groups
-
-
-ROW_CHUNK = 256  # rows per piece where a whole-layer temporary is not needed (a piece stays in cache)
-
-
-def row_distances(R: torch.Tensor, rows: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """``(R[rows] - point).norm(dim=1)``, a piece of rows at a time (no float64 copy of the whole layer)."""
-    return torch.cat([torch.linalg.vector_norm(R.index_select(0, rows[s : s + ROW_CHUNK]).sub_(point), dim=1)
-                      for s in range(0, len(rows), ROW_CHUNK)])
+CORE_MARGIN = 0.45  # a group within this fraction of the core radius of its leader is all core (0.5 and rounding)
 
 
 def golden_min(cost, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> torch.Tensor:
@@ -174,7 +117,7 @@ def fit_scales(
     if n == 0:
         return alphas
     homogeneous = all(bb is None for bb in b[layer:])
-    z = U @ W[layer].T  # n x d_t ; member neurons must fire for the chosen sign
+    z = linear64(U, W[layer])  # n x d_t ; member neurons must fire for the chosen sign
     sign = torch.zeros(n, dtype=F64, device=dev)
     for k, mem in enumerate(members):
         if bool((z[k, mem] > 0).all()):
@@ -238,14 +181,16 @@ def top_candidates(attack) -> list[Candidate]:
     if len(idx) == 0:
         return []
     if g[t] is not None:
-        R = rows64(G[t], idx).div_(g[t][idx, None])
+        R = ImpliedInputs(G[t], idx, g[t][idx])
         order = torch.argsort(-g[t][idx].abs())
-    else:
-        R = rows64(G[t], idx).div_(row_norm[idx, None])
-        flip = torch.sign(R.gather(1, R.abs().argmax(1, keepdim=True))).squeeze(1)
-        R = R * flip[:, None]
+    else:  # the unit row, signed so that its largest entry is positive
+        rows = [G[t][idx[s : s + 256]] for s in range(0, len(idx), 256)]
+        flip = torch.cat([torch.sign(r.gather(1, r.abs().argmax(1, keepdim=True))).squeeze(1) for r in rows])
+        R = ImpliedInputs(G[t], idx, row_norm[idx] * flip.to(F64))
         order = torch.argsort(-row_norm[idx])
-    groups = group_rows(R, order, attack.tol(opts.group_tol))
+    R = R.held()
+    row_groups = group_rows(R, order, attack.tol(opts.group_tol))
+    groups = [grp.rows for grp in row_groups]
     n_groups = len(groups)
     gid = torch.empty(len(idx), dtype=torch.long, device=dev)
     for k, grp in enumerate(groups):
@@ -253,25 +198,26 @@ def top_candidates(attack) -> list[Candidate]:
     sizes = torch.bincount(gid, minlength=n_groups)
     # groups of one or two rows are represented by their mean, the others by their core (below)
     few = torch.nonzero(sizes[gid] < 3).flatten()
-    reps = torch.zeros(n_groups, R.shape[1], dtype=F64, device=dev).index_add_(
-        0, gid[few], R.index_select(0, few)) / sizes[:, None]
+    reps = torch.zeros(n_groups, R.dim, dtype=F64, device=dev).index_add_(0, gid[few], R.rows(few)) / sizes[:, None]
     members = [idx[grp] for grp in groups]
+    rows_of = list(members)  # every row of each group (members keeps the core only)
     # a row shared with a sample whose backward signal is tiny (a confident one) is a blend that still
     # lies within group_tol of the loud sample's rows; the exclusive rows agree to float32 rounding, so
-    # each group is represented by the tight core around its medoid, and only the core are witnesses
+    # each group is represented by the tight core around its medoid, and only the core are witnesses.
+    # A group whose rows all lie within half the core's radius of its leader is its own core, whichever
+    # row is the medoid (any two rows are then within the radius): no medoid is needed
+    core_tol = attack.tol(opts.core_tol)
     for k in torch.nonzero(sizes >= 3).flatten().tolist():
         grp = torch.as_tensor(groups[k], device=dev)
-        pool = R.index_select(0, grp[:64])  # the medoid is sought among (at most) the 64 strongest rows
-        # its median distance to the group's rows, in any order (the whole of R when the group is all of it)
-        block = R if len(grp) == len(R) else R.index_select(0, grp)
-        medoid = pool[int(torch.cdist(pool, block).median(dim=1).values.argmin())].clone()
-        del block
-        core = row_distances(R, grp, medoid) <= attack.tol(opts.core_tol) * medoid.norm()
-        reps[k] = R[grp[core]].mean(0)
+        if row_groups[k].spread <= CORE_MARGIN * core_tol:
+            reps[k] = R.mean(grp)
+            continue
+        pool = R.rows(grp[:64])  # the medoid is sought among (at most) the 64 strongest rows
+        # its median distance to the group's rows
+        medoid = pool[int(torch.cdist(pool, R.rows(grp)).median(dim=1).values.argmin())].clone()
+        core = R.distances(grp, medoid) <= core_tol * medoid.norm()
+        reps[k] = R.mean(grp[core])
         members[k] = members[k][core]
-
-    def all_true(flags: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n_groups, dtype=torch.long, device=dev).index_add_(0, gid, (~flags).long()) == 0
 
     # every member of a group must carry the same label
     label_of = col[:, idx].argmin(0)
@@ -286,27 +232,27 @@ def top_candidates(attack) -> list[Candidate]:
         alphas = fit_scales(attack.net, W, attack.b, t, reps[sel], cdir, cdir.argmin(1), [members[k] for k in sel])
         keep[sel] = torch.isfinite(alphas)
         reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
-    else:
-        # the member neurons must fire for the implied input
-        keep &= all_true(row_dots(W[t], idx, reps, gid) + attack.b[t][idx] > 0)
     sel = torch.nonzero(keep).flatten().tolist()
     cands: list[Candidate] = []
     for start in range(0, len(sel), 256):
         chunk = sel[start : start + 256]
         pres, acts, logits = tail_forward(attack.net, W, attack.b, t, reps[chunk])
+        if g[t] is not None:  # every row of the group (core or not) must fire for the implied input
+            fire = torch.nonzero(all_fire(pres[0], [rows_of[k] for k in chunk])).flatten()
+            if len(fire) < len(chunk):
+                chunk = [chunk[j] for j in fire.tolist()]
+                pres, acts, logits = [pres[0][fire]], [acts[0][fire]], logits[fire]
         cands.extend(check_top_groups(attack, reps[chunk], [members[k] for k in chunk], pres[0], acts[0], logits))
     return cands
 
 
-def row_dots(W: torch.Tensor, idx: torch.Tensor, reps: torch.Tensor, gid: torch.Tensor) -> torch.Tensor:
-    """``W[idx[j]] . reps[gid[j]]`` for every ``j``: the rows of ``W`` are read once, a group's rows at a time
-    (one product of the group's rows with its representative; no temporary the size of the rows)."""
-    order = torch.argsort(gid, stable=True)
-    rows = W[idx[order]]  # grouped: each group's rows are one block
-    ends = torch.cumsum(torch.bincount(gid, minlength=len(reps)), 0).tolist()
-    out = torch.empty(len(idx), dtype=reps.dtype, device=reps.device)
-    out[order] = torch.cat([rows[s:e] @ reps[k] for k, (s, e) in enumerate(zip([0] + ends[:-1], ends))])
-    return out
+def all_fire(z: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every neuron ``rows[k]`` fires for group ``k``, from its pre-activations ``z[k]`` (one row per
+    group): one gather for all groups."""
+    sizes = torch.tensor([len(r) for r in rows], device=z.device)
+    owner = torch.repeat_interleave(torch.arange(len(rows), device=z.device), sizes)
+    silent = (z[owner, torch.cat(rows)] <= 0).long()
+    return torch.zeros(len(rows), dtype=torch.long, device=z.device).index_add_(0, owner, silent) == 0
 
 
 def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,

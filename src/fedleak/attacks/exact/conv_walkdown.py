@@ -28,13 +28,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.optimize import linprog
 
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.normal_equations import BAND_WORK, normal_equations
 from fedleak.nets import ConvBlock, Network
+from fedleak.nets.cast import unchanged
 from fedleak.nets.conv_gram import pixel_major_order
-from fedleak.nets.conv_solve import conv_normal_product, one_blas_thread, proven_lstsq, proven_sigma64
+from fedleak.nets.conv_solve import normal_product, one_blas_thread, proven_lstsq, proven_sigma64
+from fedleak.nets.scratch import reused_arrays
 
 F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)
@@ -76,18 +77,20 @@ class BlockSolve:
 def rounding_bound(blk: ConvBlock, x: np.ndarray, opts: ExclusivityOptions, rows: np.ndarray | None = None
                    ) -> np.ndarray:
     """Per-unit bound on the client's float32 rounding of ``A x + c`` (deterministic dot-product model), on the
-    units ``rows`` (all by default); ``|A|`` is kept per block."""
+    units ``rows`` (all by default); ``|A| |x|`` by a conv with the absolute kernel."""
     A, c = blk.affine
     rows = slice(None) if rows is None else rows
     fan_in = np.diff(A.indptr)[rows].max(initial=1) if A.nnz else 1
     gamma = opts.rounding * (math.sqrt(fan_in) + 2) * EPS32
-    return gamma * ((blk.abs_affine @ np.abs(x))[rows] + np.abs(c[rows]))
+    return gamma * (blk.unrolled_times(np.abs(x), absolute=True)[rows] + np.abs(c[rows]))
 
 
 def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
     """Find ``lambda >= 1`` with ``J^T lambda = 0`` (rows of J positively span the input space).
 
     Returns (lambda, ||J^T lambda||_2) or (None, inf) when the LP finds none."""
+    from scipy.optimize import linprog  # scipy.optimize takes half a second to import: only when a CNN needs it
+
     m, n = J.shape
     if m <= n:
         return None, float("inf")
@@ -98,27 +101,32 @@ def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
     return lam, float(np.linalg.norm(J.T @ lam))
 
 
-def solve_active(blk: ConvBlock, rows: np.ndarray, J: sp.csr_matrix, rhs: np.ndarray,
+def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray,
                  hint: float | None, tight: bool = False) -> tuple[np.ndarray | None, float, float]:
-    """Least squares ``J x = rhs`` on the block's active rows with a proven lower bound on ``sigma_min(J)``:
-    one float32 factorisation (:func:`fedleak.nets.conv_solve.proven_lstsq`) where it gives the proof, float64
-    (:mod:`fedleak.attacks.normal_equations`) otherwise or when ``tight`` (its bound is tighter).
-    Returns ``(x, sigma, lambda_min estimate)``."""
+    """Least squares ``J x = rhs``, ``J = A[rows]`` the block's active rows, with a proven lower bound on
+    ``sigma_min(J)``: one float32 factorisation (:func:`fedleak.nets.conv_solve.proven_lstsq`, products with ``J``
+    by convs) where it gives the proof, float64 (:mod:`fedleak.attacks.normal_equations`, ``J`` formed) otherwise
+    or when ``tight`` (its bound is tighter). Returns ``(x, sigma, lambda_min estimate)``."""
     gram = blk.gram
     if gram is None or gram.n * gram.bandwidth ** 2 > BAND_WORK:
-        system = normal_equations(J, pixel_major_order(blk.in_shape))
+        system = normal_equations(blk.affine[0][rows], pixel_major_order(blk.in_shape))
     else:
         w = np.zeros(blk.conv_dim)
         w[rows] = 1.0
         with one_blas_thread():
             ab = gram.band(w)
-        fast = None if tight else proven_lstsq(
-            ab, gram.order, gram.max_terms,
-            conv_normal_product(blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.stride, blk.conv.padding, w),
-            J.T @ rhs, hint)
+        fast = None
+        if not tight:
+            v = np.zeros(blk.conv_dim)
+            v[rows] = rhs
+            fast = proven_lstsq(
+                ab, gram.order, gram.max_terms,
+                normal_product(ab, gram.order, blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.stride,
+                               blk.conv.padding, w),
+                blk.unrolled_transpose_times(v), hint)
         if fast is not None:
             return fast.x, fast.sigma, fast.lam
-        system = normal_equations(J, gram.order, ab, gram.max_terms)
+        system = normal_equations(blk.affine[0][rows], gram.order, ab, gram.max_terms)
     x = system.lstsq(rhs)
     return x, (system.sigma_lower() if x is not None else 0.0), math.nan
 
@@ -144,13 +152,12 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         if len(rows) < n:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
                               f"underdetermined: {len(rows)} equations (surely active units) for {n} unknowns")
-        J = A[rows]
         rhs = out[rows] - c[rows]
-        x, sigma, lam = solve_active(blk, rows, J, rhs, hint, tight)
+        x, sigma, lam = solve_active(blk, rows, rhs, hint, tight)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
         noise = float(np.linalg.norm(out_err[rows] + rounding_bound(blk, x, opts, rows))) + out_err2
-        resid = float(np.linalg.norm(J @ x - rhs))
+        resid = float(np.linalg.norm(blk.unrolled_times(x)[rows] - rhs))
         # any input x* reproducing out satisfies J x* = rhs - noise; ||x - x*|| <= (resid + noise) / sigma
         proven = sigma > 0 and (sure or bool((out[rows] > out_err[rows] + out_err2).all()))
         bound = (resid + noise) / sigma if proven else math.inf
@@ -323,7 +330,10 @@ def invert_chains(net: Network, features: list[np.ndarray], errors: list[np.ndar
             out.append(invert_chain(net, features[k], errors[k], opts, out[-1] if out else None))
         return out
 
-    with one_blas_thread():  # thousands of small products: a threaded BLAS only spins (worse on a busy machine)
+    # thousands of small products: a threaded BLAS only spins (worse on a busy machine); the band arrays of one
+    # sample are reused by the next (fresh pages cost up to a third of a factorisation each); the model is not
+    # changed meanwhile, so the blocks' cached maps are checked against each tensor's fingerprint taken once
+    with one_blas_thread(), reused_arrays(), unchanged():
         return [chain for part in parallel_map(run, list(range(runs)), workers) for chain in part]
 
 

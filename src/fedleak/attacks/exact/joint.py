@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from fedleak.attacks.exact.float64 import PIECE_ENTRIES, row_norms64, times64
 from fedleak.nets import Trace
+from fedleak.nets.float64 import PIECE_ENTRIES, back64, row_norms64
 
 F64 = torch.float64
 
@@ -47,12 +47,14 @@ cached_sketches = functools.lru_cache(maxsize=4)(draw_sketches)
 class JointTest:
     """Whether a set of rebuilt samples, each at its scale, explains every layer's observed gradient jointly.
 
-    For each layer (hidden layers and the output layer) it keeps a Gaussian sketch ``O @ Omega`` of the
-    observed gradient ``O = [G | g]`` and of each candidate's rank-one term, so that testing a set costs one
-    ``d_out x |set| x k`` product per layer. The statistic is the residual's energy beyond rank ``r = M - |set|``
-    (``sqrt`` of the sum of its squared singular values past the ``r``-th), over a threshold
-    ``batch_tol * ||O Omega|| + 3 ||noise Omega||``; ``excess <= 1`` passes. Layers whose smaller side is
-    at most ``k`` are tested exactly, without a sketch.
+    For each layer (hidden layers and the output layer) it keeps a Gaussian sketch of the observed gradient
+    ``O = [G | g]`` and of each candidate's rank-one term ``delta [a, 1]``, on the layer's longer side:
+    ``O @ Omega`` (``d_out x k``), or ``Omega^T @ O`` (``k x (d_in + 1)``) for a layer with more outputs than
+    inputs. Testing a set then costs one product of the set's terms per layer and the Gram matrix of a
+    ``k``-wide residual. The statistic is the residual's energy beyond rank ``r = M - |set|`` (``sqrt`` of the sum
+    of its squared singular values past the ``r``-th), over a threshold ``batch_tol * ||sketch of O|| +
+    3 ||sketch of noise||``; ``excess <= 1`` passes. Layers whose smaller side is at most ``k`` are tested
+    exactly, without a sketch.
     """
 
     def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, slack: int,
@@ -71,7 +73,8 @@ class JointTest:
         self.layers = []
         # a tested set leaves room for rank r = M - |set| <= min(slack, M): the sketch keeps 2 (r + 1) + 8 columns
         k_want = 2 * (min(slack, batch_size) + 1) + 8
-        sketched = tuple(attack.G[i].shape[1] + (attack.g[i] is not None) for i in range(net.depth + 1)
+        sketched = tuple(max(attack.G[i].shape[0], attack.G[i].shape[1] + (attack.g[i] is not None))
+                         for i in range(net.depth + 1)
                          if min(attack.G[i].shape[0], attack.G[i].shape[1] + (attack.g[i] is not None)) > k_want)
         draws = iter(gaussian_sketches(seed, sketched, k_want))
         for i in range(net.depth + 1):
@@ -91,10 +94,14 @@ class JointTest:
                 OS = torch.cat([G.to(F64), attack.g[i][:, None]], 1) if bias else G.to(F64)
                 AS, ref = A, float(OS.norm())
                 noise = 3 * float(N.norm()) if N is not None else 0.0
-            else:  # O @ omega with O = [G | g], without a copy of O
+            else:  # O sketched on its longer side, without a copy of O
                 omega = next(draws).to(dev)
-                OS = attack.sketch(i, omega, seed)
-                AS = A @ omega
+                tall = G.shape[0] > A.shape[1]
+                OS = attack.sketch(i, omega, seed, left=tall)
+                if tall:  # Omega^T O: the terms' backward signals are sketched, their inputs kept whole
+                    U, AS = U @ omega, A
+                else:
+                    AS = A @ omega
                 ref = float(OS.norm())
                 noise = 3 * math.sqrt(k_want) * float(N.norm()) if N is not None else 0.0
             self.layers.append((OS, U, AS, ref, noise, small))
@@ -194,17 +201,20 @@ class IndependenceTest:
             if r >= self.A.shape[1]:  # the samples left may span every input direction
                 self._cache[key] = torch.zeros(len(key), dtype=F64, device=dev)
                 return self._cache[key]
-            R = self.observed()
-            R.addmm_(self.U[idx].T * self.weights[idx], self.A[idx], alpha=-1)  # O minus the members' terms
+            terms = self.U[idx].T * self.weights[idx]  # the members' terms are terms @ A[idx]
             k = 2 * r + 10
-            if k >= R.shape[0]:
+            if k >= self.G.shape[0]:  # a small layer: the residual itself
+                Y = self.observed().addmm_(terms, self.A[idx], alpha=-1)
                 g_norm = torch.linalg.vector_norm(self.G, dtype=F64)
-                Y, ref = R, float(torch.stack([g_norm] + ([self.gb.norm()] if self.gb is not None else [])).norm())
-            else:
-                L = torch.randn(k, R.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64).to(dev)
-                LO = times64(self.G.T, L.T).T  # L @ G
-                ref = float(LO.norm() if self.gb is None else torch.stack([LO.norm(), (L @ self.gb).norm()]).norm())
-                Y = L @ R
+                ref = float(torch.stack([g_norm] + ([self.gb.norm()] if self.gb is not None else [])).norm())
+            else:  # L @ (O - terms A), with L @ O read a piece of O's rows at a time (no copy of O)
+                L = torch.randn(k, self.G.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64)
+                L = L.to(dev)
+                LO = back64(L, self.G)
+                if self.gb is not None:
+                    LO = torch.cat([LO, (L @ self.gb)[:, None]], 1)
+                ref = float(LO.norm())
+                Y = LO.addmm_(L @ terms, self.A[idx], alpha=-1)
             _, S, Vh = torch.linalg.svd(Y, full_matrices=False)
             basis = Vh[S > self.tol * ref]
             V = self.A[idx]

@@ -324,13 +324,17 @@ def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, rec
         for i in range(0, len(o), 1 << 20):
             yield p[i:i + (1 << 20)], o[i:i + (1 << 20)].to(F64)
 
-    def total(k: str, term) -> float:
-        return sum(float(term(p, o).sum()) for p, o in pieces(k))
+    def totals(k: str, *terms) -> list[float]:  # each term summed over k's pieces, in one pass
+        out = [0.0] * len(terms)
+        for p, o in pieces(k):
+            for j, term in enumerate(terms):
+                out[j] += float(term(p, o).sum())
+        return out
 
     factor = 1.0 / batch_size if opts.known_scale else (
-        sum(total(k, lambda p, o: p * o) for k in grads) / sum(float((pred[k] * pred[k]).sum()) for k in grads))
-    worst = max(float(np.sqrt(total(k, lambda p, o: (factor * p - o) ** 2))) /
-                max(float(np.sqrt(total(k, lambda p, o: o * o))), 1e-300) for k in grads)
+        sum(totals(k, lambda p, o: p * o)[0] for k in grads) / sum(float((pred[k] * pred[k]).sum()) for k in grads))
+    worst = max(float(np.sqrt(res)) / max(float(np.sqrt(obs)), 1e-300) for res, obs in (
+        totals(k, lambda p, o: (factor * p - o) ** 2, lambda p, o: o * o) for k in grads))
     if worst > opts.batch_tol:
         notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
         return False

@@ -1,5 +1,5 @@
-"""The head attack's state on one update: the dense head's weights in float64 and observed gradient (in the dtype
-the client sent, read in float64 a piece at a time, :mod:`~fedleak.attacks.exact.float64`) on the network's
+"""The head attack's state on one update: the dense head's weights (in the model's dtype) and observed gradient (in
+the dtype the client sent), both read in float64 a piece at a time (:mod:`~fedleak.nets.float64`), on the network's
 device, the update's rounding noise, and the steps that run on it (candidates, walk-down, certificate)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 
 from fedleak.attacks.exact.candidates import Candidate, top_candidates
 from fedleak.attacks.exact.certificate import Certificate, certify
-from fedleak.attacks.exact.float64 import row_norms64, times64
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
 from fedleak.nets import ReluMLP
+from fedleak.nets.float64 import back64, row_norms64, times64
 
 F64 = torch.float64
 
@@ -30,7 +30,8 @@ class HeadAttack:
         self.net, self.opts, self.obs_dtype = net, opts, obs_dtype
         self.device = net.device
         dev = self.device
-        self.W, self.b = net.weights(F64), net.biases(F64)
+        # the weights stay in the model's dtype (read in float64 a piece at a time); the biases are small
+        self.W, self.b = net.weights(net.dense[0].module.weight.dtype), net.biases(F64)
         # the weight gradients stay in the client's dtype (no float64 copy of a whole layer); the biases are small
         self.G = [grads[d.weight_name].detach().to(device=dev) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
@@ -41,6 +42,7 @@ class HeadAttack:
         self._W_obs: list[torch.Tensor] | None = None
         self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
         self._row_norms: dict[int, torch.Tensor] = {}
+        self._layer64: tuple[int, torch.Tensor] | None = None
         self.tol_floor = self._noise_floor()
 
     def _noise_floor(self) -> float:
@@ -73,21 +75,37 @@ class HeadAttack:
             self._W_obs = self.net.weights(self.obs_dtype)
         return self._W_obs
 
+    def layer64(self, i: int) -> torch.Tensor:
+        """Dense layer ``i``'s weight in float64 (the model's own tensor when it is float64). The walk-down reads
+        one layer many times: the last layer asked for is held, until :meth:`release_layer64`."""
+        if self._layer64 is None or self._layer64[0] != i:
+            self._layer64 = (i, self.W[i].to(F64))
+        return self._layer64[1]
+
+    def release_layer64(self) -> None:
+        self._layer64 = None
+
     def row_norms(self, i: int) -> torch.Tensor:
         """The norms of the rows of dense layer ``i``'s weight gradient (float64; computed once)."""
         if i not in self._row_norms:
             self._row_norms[i] = row_norms64(self.G[i])
         return self._row_norms[i]
 
-    def sketch(self, i: int, omega: torch.Tensor, seed: int) -> torch.Tensor:
-        """``[G_i | g_i] @ omega`` in float64 (``omega``: the Gaussian sketch drawn from ``seed`` for dense layer
-        ``i``), kept for the next certificate of this update: a CNN's head is certified twice."""
-        key = (i, omega.shape[1], seed)
+    def sketch(self, i: int, omega: torch.Tensor, seed: int, left: bool = False) -> torch.Tensor:
+        """``[G_i | g_i] @ omega``, or ``omega^T @ [G_i | g_i]`` (``left``), in float64 (``omega``: the Gaussian
+        sketch drawn from ``seed`` for dense layer ``i``), kept for the next certificate of this update: a CNN's
+        head is certified twice."""
+        key = (i, omega.shape[1], seed, left)
         if key not in self._sketches:
-            G = self.G[i]
-            sketch = times64(G, omega[: G.shape[1]])
-            if self.g[i] is not None:
-                sketch.addr_(self.g[i], omega[-1])
+            G, g = self.G[i], self.g[i]
+            if left:
+                sketch = back64(omega.T, G)
+                if g is not None:
+                    sketch = torch.cat([sketch, (omega.T @ g)[:, None]], 1)
+            else:
+                sketch = times64(G, omega[: G.shape[1]])
+                if g is not None:
+                    sketch.addr_(g, omega[-1])
             self._sketches[key] = sketch
         return self._sketches[key]
 
@@ -97,7 +115,10 @@ class HeadAttack:
 
     def walk_down(self, cands: list[Candidate]) -> None:
         """Step 2: trace candidates down to the head's input (:mod:`fedleak.attacks.exact.walkdown`)."""
-        walk_down(self, cands)
+        try:
+            walk_down(self, cands)
+        finally:
+            self.release_layer64()
 
     def certify(self, cands: list[Candidate], reported: int | None) -> Certificate:
         """Step 3: the certificate of the complete candidates (:mod:`fedleak.attacks.exact.certificate`)."""

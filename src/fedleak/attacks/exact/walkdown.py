@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.attacks.exact.candidates import Candidate
-from fedleak.attacks.exact.float64 import rows64, times64
+from fedleak.nets.float64 import rows64, times64
 
 
 def walk_down(attack, cands: list[Candidate]) -> None:
@@ -87,12 +87,12 @@ def implied_rows(attack, i: int, rows: torch.Tensor) -> torch.Tensor:
 def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: torch.Tensor):
     """Push the implied inputs ``X`` through dense layer ``i``: returns the inputs (scaled to fit ``target``
     without a bias) and each one's relative residual against ``target``."""
-    W, b = attack.W, attack.b
+    W, b = attack.layer64(i), attack.b
     if b[i] is not None:
         R = X
-        out = torch.relu(R @ W[i].T + b[i])
+        out = torch.relu(R @ W.T + b[i])
     else:
-        F = X @ W[i].T
+        F = X @ W.T
         pos, neg = torch.relu(F), torch.relu(-F)
         bp = (pos @ target) / (pos * pos).sum(1).clamp_min(1e-300)
         bn = (neg @ target) / (neg * neg).sum(1).clamp_min(1e-300)
@@ -100,7 +100,7 @@ def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: 
         rn = (neg * bn[:, None] - target).norm(dim=1)
         beta = torch.where(rp <= rn, bp, -bn)
         R = X * beta[:, None]
-        out = torch.relu(R @ W[i].T)
+        out = torch.relu(R @ W.T)
     return R, (out - target).norm(dim=1) / tnorm
 
 
@@ -141,7 +141,7 @@ class Screens:
     @classmethod
     def of(cls, attack, i: int, targets: torch.Tensor) -> "Screens":
         """The screens of dense layer ``i`` for the candidates' ``targets`` (n x the layer's outputs)."""
-        W, G, g = attack.W[i], attack.G[i], attack.g[i]
+        W, G, g = attack.layer64(i), attack.G[i], attack.g[i]
         n, d_out = targets.shape
         p = SCREEN_DIRECTIONS
         dev = targets.device
@@ -197,13 +197,13 @@ class Screens:
 
 def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     """Solve ``W_A a + b_A = target_A`` for the input of dense layer i when it is determined."""
-    W, b, opts = attack.W, attack.b, attack.opts
+    W, b, opts = attack.layer64(i), attack.b, attack.opts
     target = c.acts[i + 1]
     A = target > 0
-    n_in = W[i].shape[1]
+    n_in = W.shape[1]
     if int(A.sum()) < n_in:
         return None
-    WA = W[i][A]
+    WA = W[A]
     rhs = target[A] - (b[i][A] if b[i] is not None else 0)
     # gelsd (the SVD, which gives the singular values) runs on the CPU only
     sol = torch.linalg.lstsq(WA.cpu(), rhs[:, None].cpu(), driver="gelsd")
@@ -214,7 +214,7 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     # float32 noise of the known output, amplified by the smallest singular value, bounds the error
     noise = float(torch.finfo(attack.obs_dtype).eps) * 4 * float(target.abs().max())
     bound = noise * math.sqrt(len(rhs)) / float(svals.min())
-    inactive_ok = bool(((W[i][~A] @ a + (b[i][~A] if b[i] is not None else 0)) <= noise * 10).all())
+    inactive_ok = bool(((W[~A] @ a + (b[i][~A] if b[i] is not None else 0)) <= noise * 10).all())
     resid = float((WA @ a - rhs).norm() / rhs.norm().clamp_min(1e-300))
     if bound > opts.solve_max_error * max(1.0, float(a.abs().max())) or not inactive_ok or resid > opts.forward_tol:
         return None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedleak.attacks.exact.float64 import rows64
 from fedleak.nets import Trace, forward_trace
+from fedleak.nets.float64 import back64, rows64
 
 F64 = torch.float64
 
@@ -25,10 +25,11 @@ F64 = torch.float64
 
 
 def backward_signals(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
-    """Backward signals of every hidden layer for loss vectors ``e`` (rows), given the pre-activations."""
+    """Backward signals of every hidden layer for loss vectors ``e`` (rows), given the pre-activations (float64
+    signals read the weights in float64 whatever their dtype)."""
     deltas, d = [], e
     for w, z in zip(reversed(W[1:]), reversed(pres)):
-        d = (d @ w) * (z > 0).to(d.dtype)
+        d = (back64(d, w) if d.dtype == F64 else d @ w) * (z > 0).to(d.dtype)
         deltas.append(d)
     return deltas[::-1]
 

@@ -114,25 +114,6 @@ def half_ulp(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().to(F64) * (0.5 * float(torch.finfo(t.dtype).eps))
 
 
-def group_rows(R: torch.Tensor, weight: torch.Tensor, tol: float) -> list[list[int]]:
-    """Leader clustering of the rows of ``R`` (relative L2 ``tol``), leaders taken by decreasing ``weight``."""
-    n = R.shape[0]
-    if n == 0:
-        return []
-    norms = R.norm(dim=1).clamp_min(1e-300)
-    order = torch.argsort(-weight)
-    close = torch.cdist(R, R) <= tol * norms[:, None]
-    assigned = torch.zeros(n, dtype=torch.bool, device=R.device)
-    groups: list[list[int]] = []
-    for i in order.tolist():
-        if assigned[i]:
-            continue
-        members = close[i] & ~assigned
-        assigned |= members
-        groups.append(torch.nonzero(members).flatten().tolist())
-    return groups
-
-
 def mode_scale(fits: np.ndarray, ok: np.ndarray, tol: float) -> tuple[float | None, int]:
     """The scale most candidates agree on (each candidate offers its ``fits[k, y]`` where ``ok``)."""
     ks, ys = np.nonzero(ok & (fits > 0))

@@ -10,6 +10,7 @@ import time
 import torch
 from torch import nn
 
+from fedleak.attacks.exact.grouping import group_rows
 from fedleak.attacks.malicious.certify import (
     Candidates,
     MaliciousOptions,
@@ -17,7 +18,6 @@ from fedleak.attacks.malicious.certify import (
     finish,
     first_layer,
     first_two_dense,
-    group_rows,
     ratio_bound,
     resolve_options,
 )
@@ -79,8 +79,8 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
     net, G, g, n_examples, (nG, ng), G_next = first_layer(model, update, "trap-weight", input_shape)
     usable = torch.nonzero(g.abs() > opts.min_bias * float(g.abs().max().clamp_min(1e-300))).flatten()
     R = G[usable] / g[usable, None]
-    groups = group_rows(R, g[usable].abs(), opts.group_tol)
-    rows = [usable[grp].tolist() for grp in groups]
+    groups = group_rows(R, torch.argsort(-g[usable].abs()), opts.group_tol)  # strongest rows lead
+    rows = [usable[grp.rows].tolist() for grp in groups]
     X = (torch.stack([G[r].sum(0) / g[r].sum() for r in rows]) if rows
          else torch.empty(0, G.shape[1], dtype=F64, device=G.device))
     den = torch.stack([g[r].sum() for r in rows]) if rows else torch.empty(0, dtype=F64, device=G.device)

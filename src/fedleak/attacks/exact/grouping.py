@@ -1,0 +1,145 @@
+"""Gradient rows grouped by the input they imply (step 1 of the head attack, algorithms spec §2).
+
+A neuron of the last ReLU layer that fires for one sample only has a gradient row that is a scaled copy of that
+sample's input to the layer, so rows that imply the same input belong to one sample. The implied inputs
+(:class:`ImpliedInputs`, a row over its bias entry, or over its norm without a bias) are read in float64 a piece
+at a time from the gradient as the client sent it: no float64 copy of the layer's rows is held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from fedleak.nets.float64 import rows64
+
+F64 = torch.float64
+GROUPING_SEED = 12345
+ROW_CHUNK = 256  # rows read at once (a piece stays in cache)
+HELD_BYTES = 4 << 20  # implied inputs up to this size (float64), or the layer's own, are converted once and held
+
+
+@dataclass(frozen=True)
+class ImpliedInputs:
+    """The inputs implied by rows ``idx`` of a layer's weight gradient ``G``: row ``k`` is
+    ``G[idx[k]] / divisor[k]`` in float64 (``divisor``: float64, one per row). Without a divisor (:meth:`of`)
+    they are the rows of a float64 matrix ``G`` as they are, ``idx`` all of them in order."""
+
+    G: torch.Tensor
+    idx: torch.Tensor
+    divisor: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, R: torch.Tensor) -> ImpliedInputs:
+        """The rows of a matrix as they are (in float64)."""
+        return cls(R.to(F64), torch.arange(R.shape[0], device=R.device))
+
+    def held(self) -> ImpliedInputs:
+        """The same inputs, converted once and held when they take at most ``HELD_BYTES`` or the layer's own size
+        (each later read is then a gather, not a conversion), else ``self``."""
+        if self.divisor is None or 8 * len(self) * self.dim > max(HELD_BYTES, self.G.numel() * self.G.element_size()):
+            return self
+        return ImpliedInputs.of(self.rows(torch.arange(len(self), device=self.idx.device)))
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def dim(self) -> int:
+        return self.G.shape[1]
+
+    def rows(self, sel: torch.Tensor) -> torch.Tensor:
+        """The implied inputs ``sel`` (indices into ``idx``), float64, a fresh tensor."""
+        rows = rows64(self.G, self.idx[sel])
+        return rows if self.divisor is None else rows.div_(self.divisor[sel, None])
+
+    def pieces(self, sel: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(indices, their rows)`` over ``sel`` (all rows by default), ``ROW_CHUNK`` rows at a time (read
+        only: the rows of a held matrix are views of it)."""
+        whole = sel is None
+        sel = torch.arange(len(self), device=self.idx.device) if whole else sel
+        for s in range(0, len(sel), ROW_CHUNK):
+            part = sel[s : s + ROW_CHUNK]
+            yield part, self.G[s : s + ROW_CHUNK] if whole and self.divisor is None else self.rows(part)
+
+    def distances(self, sel: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+        """``(rows(sel) - point).norm(dim=1)``, a piece at a time."""
+        return torch.cat([torch.linalg.vector_norm(rows - point, dim=1) for _, rows in self.pieces(sel)])
+
+    def mean(self, sel: torch.Tensor) -> torch.Tensor:
+        """The mean of ``rows(sel)``."""
+        total = torch.zeros(self.dim, dtype=F64, device=self.idx.device)
+        for _, rows in self.pieces(sel):
+            total += rows.sum(0)
+        return total / len(sel)
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows grouped by :func:`group_rows`: their indices, the leader first, then in visiting order, and their
+    ``spread``: the largest distance of a row from the leader over the smallest norm of the group's rows (0 for
+    a single row). Every two rows of a group lie within ``2 * spread`` of each other, relative to either."""
+
+    rows: list[int]
+    spread: float = 0.0
+
+
+def split_runs(proj: torch.Tensor, members: torch.Tensor, gap: float, level: int) -> list[torch.Tensor]:
+    """Split ``members`` into runs whose projections ``proj[level]`` are chained within ``gap``;
+    split each run again on the next projection, so that long accidental chains break up."""
+    order = members[torch.argsort(proj[level][members])]
+    vals = proj[level][order]
+    cut = torch.nonzero(vals[1:] - vals[:-1] > gap).flatten() + 1
+    runs = torch.tensor_split(order, cut.tolist())
+    if level + 1 == proj.shape[0]:
+        return list(runs)
+    out: list[torch.Tensor] = []
+    for run in runs:
+        out.extend([run] if len(run) == 1 else split_runs(proj, run, gap, level + 1))
+    return out
+
+
+def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float) -> list[RowGroup]:
+    """Group the implied inputs ``R`` (or the rows of a float64 matrix) that coincide within ``tol`` (relative
+    L2); rows are visited in ``order``.
+
+    Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
+    other stay in one bucket). Within a bucket, leader clustering: the first unassigned row, in ``order``,
+    leads its group, and its distances to the bucket's unassigned rows decide the members (one pass over the
+    bucket per group: a bucket is almost always one sample's rows, one group).
+    """
+    R = R if isinstance(R, ImpliedInputs) else ImpliedInputs.of(R)
+    n = len(R)
+    if n == 0:
+        return []
+    dev = R.idx.device
+    gen = torch.Generator().manual_seed(GROUPING_SEED)  # drawn on the CPU: the same projections on every device
+    V = torch.randn(R.dim, 4, generator=gen, dtype=F64).to(dev)
+    V /= V.norm(dim=0, keepdim=True)
+    norms = torch.empty(n, dtype=F64, device=dev)
+    proj = torch.empty(n, 4, dtype=F64, device=dev)
+    for part, rows in R.pieces():
+        norms[part] = rows.norm(dim=1).clamp_min(1e-300)
+        proj[part] = rows @ V
+    proj = (proj / norms[:, None]).T.contiguous()
+    rank = torch.empty(n, dtype=torch.long, device=dev)
+    rank[order] = torch.arange(n, device=dev)
+    groups: list[RowGroup] = []
+    for run in split_runs(proj, torch.arange(n, device=dev), 4 * tol, 0):
+        if len(run) == 1:
+            groups.append(RowGroup([int(run[0])]))
+            continue
+        rest = run[torch.argsort(rank[run])]  # unassigned rows of the bucket, in visiting order
+        while len(rest):
+            lead = rest[0]
+            dist = R.distances(rest, R.rows(lead[None])[0])
+            inside = dist <= tol * torch.maximum(norms[rest], norms[lead])
+            inside[0] = True
+            spread = float(dist[inside].max() / norms[rest[inside]].min()) if int(inside.sum()) > 1 else 0.0
+            groups.append(RowGroup(rest[inside].tolist(), spread))
+            rest = rest[~inside]
+    rank_of = rank.tolist()
+    groups.sort(key=lambda grp: rank_of[grp.rows[0]])
+    return groups

@@ -1,0 +1,83 @@
+"""A layer's matrix (an observed gradient, a model's weights) read in float64 a piece at a time.
+
+The exact attack keeps the observed gradient in the dtype the client sent and the model's weights in the model's
+own (float32, usually): a float64 copy of a whole layer would double the memory each takes. Every value is read in
+float64, which holds float32 values exactly: rows gathered from a layer are converted after the gather
+(:func:`rows64`), and whole-layer reductions and products (:func:`times64`, :func:`linear64`, :func:`back64`)
+convert a piece of rows at a time into one reused buffer (:func:`pieces64`; a fresh buffer per piece costs more
+in page faults than the conversion itself on a 25088-wide layer). A float64 matrix is used as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+F64 = torch.float64
+PIECE_ENTRIES = 1 << 19  # float64 entries of a layer converted at once (4 MiB), at most an eighth of the layer ...
+PIECE_ROWS = 128  # ... or this many rows of a wide layer (a product then reads its other factor fewer times)
+WIDE = PIECE_ENTRIES // PIECE_ROWS  # a layer this wide is read PIECE_ROWS rows at a time
+
+
+def rows64(G: torch.Tensor, rows) -> torch.Tensor:
+    """``G[rows]`` in float64."""
+    return G[rows].to(F64)
+
+
+def pieces64(G: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, G[start:start + n] in float64)`` over ``G``'s rows, a piece at a time (the pieces share one
+    buffer: use each before asking for the next)."""
+    if G.dtype == F64:
+        yield 0, G
+        return
+    step = piece_rows(*G.shape)
+    buffer = torch.empty(min(step, G.shape[0]), G.shape[1], dtype=F64, device=G.device)
+    for s in range(0, G.shape[0], step):
+        piece = buffer[: min(step, G.shape[0] - s)]
+        piece.copy_(G[s : s + step])
+        yield s, piece
+
+
+def piece_rows(rows: int, cols: int) -> int:
+    """How many rows of a ``rows x cols`` layer :func:`pieces64` converts at once: at most ``PIECE_ENTRIES``
+    entries and an eighth of the layer (the buffer stays small next to the layer itself), but ``PIECE_ROWS``
+    rows of a wide layer, and at least 16."""
+    if cols >= WIDE:
+        return PIECE_ROWS
+    return max(16, min(PIECE_ENTRIES // max(cols, 1), -(-rows // 8)))
+
+
+def row_norms64(G: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The norms of ``G``'s rows (``dim=1``) or columns (``dim=0``), in float64, without a float64 copy of G."""
+    if dim == 0:
+        return torch.linalg.vector_norm(G, dim=0, dtype=F64)
+    return torch.cat([piece.norm(dim=1) for _, piece in pieces64(G)])
+
+
+def times64(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``G @ B`` in float64 (``B`` float64), without a float64 copy of G."""
+    if G.dtype == F64:
+        return G @ B
+    out = torch.empty(G.shape[0], B.shape[1], dtype=F64, device=G.device)
+    for s, piece in pieces64(G):
+        torch.matmul(piece, B, out=out[s : s + len(piece)])
+    return out
+
+
+def linear64(a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``a @ W.T`` in float64 (``a`` float64; ``W`` a layer's weight, out x in, of any float dtype)."""
+    if W.dtype == F64:
+        return a @ W.T
+    return times64(W, a.T).T.contiguous()
+
+
+def back64(d: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``d @ W`` in float64 (``d`` float64, one row per sample; ``W`` out x in, of any float dtype): the
+    backward pass through the layer, summed over ``W``'s rows a piece at a time."""
+    if W.dtype == F64:
+        return d @ W
+    out = torch.zeros(d.shape[0], W.shape[1], dtype=F64, device=d.device)
+    for s, piece in pieces64(W):
+        out.addmm_(d[:, s : s + len(piece)], piece)
+    return out

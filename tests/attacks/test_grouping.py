@@ -1,0 +1,88 @@
+"""Gradient rows grouped by the input they imply: leader clustering, each group's spread, and the implied inputs
+read a piece at a time from the gradient as the client sent it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedleak
+from fedleak.attacks.exact.grouping import HELD_BYTES, ROW_CHUNK, ImpliedInputs, group_rows
+
+
+def clustered_rows(n: int = 400, centres: int = 30, dim: int = 12, noise: float = 4e-6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    C = torch.randn(centres, dim, generator=gen, dtype=torch.float64)
+    R = C[torch.randint(0, centres, (n,), generator=gen)]
+    R = R * (1 + 1e-6 * torch.randn(n, 1, generator=gen, dtype=torch.float64))
+    R = R + noise * torch.randn(n, dim, generator=gen, dtype=torch.float64) * R.norm(dim=1, keepdim=True)
+    return R, torch.randperm(n, generator=gen)
+
+
+def test_row_grouping_matches_leader_clustering_by_brute_force():
+    R, order = clustered_rows()
+    tol = 1e-5
+    norms = R.norm(dim=1)
+    expected, assigned = [], torch.zeros(len(R), dtype=torch.bool)
+    for lead in order.tolist():  # the definition: the first unassigned row leads, every row near it joins
+        if assigned[lead]:
+            continue
+        near = ((R - R[lead]).norm(dim=1) <= tol * torch.maximum(norms, norms[lead])) & ~assigned
+        near[lead] = True
+        assigned |= near
+        expected.append(sorted(torch.nonzero(near).flatten().tolist()))
+    got = [grp.rows for grp in group_rows(R, order, tol)]
+    assert sorted(map(sorted, got)) == sorted(expected)
+    assert 30 <= len(got) < 400  # near rows were grouped, far ones were not
+
+
+def test_spread_bounds_every_pair_of_a_group():
+    R, order = clustered_rows()
+    for grp in group_rows(R, order, 1e-5):
+        rows = R[grp.rows]
+        lead = rows[0]
+        assert grp.rows[0] == min(grp.rows, key=lambda r: int(torch.nonzero(order == r)))  # the leader comes first
+        if len(grp.rows) == 1:
+            assert grp.spread == 0.0
+            continue
+        smallest = float(rows.norm(dim=1).min())
+        assert abs(grp.spread - float((rows - lead).norm(dim=1).max()) / smallest) <= 1e-12 * grp.spread
+        pairs = torch.cdist(rows, rows)
+        assert float(pairs.max()) <= 2 * grp.spread * smallest * (1 + 1e-12)
+
+
+def test_implied_inputs_read_in_pieces_equal_the_float64_ratio():
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(3 * ROW_CHUNK + 11, 40, generator=gen)  # float32, as a client sends it
+    idx = torch.randperm(len(G), generator=gen)[: 2 * ROW_CHUNK + 5]
+    divisor = torch.randn(len(idx), generator=gen, dtype=torch.float64)
+    want = G.double()[idx] / divisor[:, None]
+    R = ImpliedInputs(G, idx, divisor)
+    sel = torch.arange(len(idx))
+    assert torch.equal(R.rows(sel), want)
+    assert torch.equal(torch.cat([rows for _, rows in R.pieces()]), want)
+    point = want[7]
+    assert torch.allclose(R.distances(sel, point), (want - point).norm(dim=1), rtol=1e-14, atol=0)
+    assert torch.allclose(R.mean(sel[3:]), want[3:].mean(0), rtol=1e-12, atol=1e-15)
+    held = R.held()  # small: converted once, the same values
+    assert held.divisor is None and torch.equal(held.rows(sel), want)
+    big = ImpliedInputs(torch.zeros(HELD_BYTES // 8 // 40 + 1, 40), torch.arange(HELD_BYTES // 8 // 40 + 1),
+                        torch.ones(HELD_BYTES // 8 // 40 + 1, dtype=torch.float64))
+    assert big.held() is big  # too large to hold: read a piece at a time
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_a_tight_group_skips_the_medoid_with_the_same_result(digits, monkeypatch, batch):
+    """A group whose rows all lie within half the core radius of its leader is all core whichever row is the
+    medoid: skipping the medoid changes nothing the attack returns."""
+    from fedleak.attacks.exact import candidates
+
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.batch(batch, seed=3)
+    update = fedleak.compute_gradient_update(model, x, y)
+    fast = fedleak.reconstruct(model, update)
+    monkeypatch.setattr(candidates, "CORE_MARGIN", -1.0)  # every group of three or more rows seeks its medoid
+    slow = fedleak.reconstruct(model, update)
+    assert int(fast.certified.sum()) >= 1
+    assert torch.equal(fast.inputs, slow.inputs) and torch.equal(fast.certified, slow.certified)
+    assert [s.witnesses for s in fast.samples] == [s.witnesses for s in slow.samples]

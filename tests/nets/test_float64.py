@@ -1,0 +1,59 @@
+"""A layer's matrix (an observed gradient, a model's weights) read in float64 a piece at a time, without a float64
+copy of the layer."""
+
+from __future__ import annotations
+
+import torch
+
+import fedleak
+from fedleak.nets import as_network, forward_trace
+from fedleak.nets.float64 import PIECE_ENTRIES, PIECE_ROWS, back64, linear64, piece_rows, row_norms64, rows64, times64
+
+
+def test_pieces_read_the_same_values_as_a_float64_copy():
+    gen = torch.Generator().manual_seed(0)
+    cols = 300
+    G = torch.randn(2 * max(PIECE_ENTRIES // cols, PIECE_ROWS) + 7, cols, generator=gen)  # three pieces, the last short
+    G64 = G.double()
+    B = torch.randn(cols, 9, generator=gen, dtype=torch.float64)
+    assert torch.allclose(times64(G, B), G64 @ B, rtol=1e-12, atol=1e-12)
+    L = torch.randn(3, G.shape[0], generator=gen, dtype=torch.float64)
+    assert torch.allclose(times64(G.T, L.T).T, L @ G64, rtol=1e-12, atol=1e-12)  # a product from the left
+    assert torch.equal(times64(G64, B), G64 @ B)  # a float64 layer is multiplied as it is
+    rows = torch.tensor([5, 0, G.shape[0] - 1])
+    assert torch.equal(rows64(G, rows), G64[rows])
+    assert torch.allclose(row_norms64(G), G64.norm(dim=1), rtol=1e-14, atol=0)
+    assert torch.allclose(row_norms64(G, dim=0), G64.norm(dim=0), rtol=1e-14, atol=0)
+    assert row_norms64(G).dtype == torch.float64
+
+
+def test_products_with_a_narrower_layer_equal_those_with_its_float64_copy():
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(2 * PIECE_ROWS + 5, 50, generator=gen)  # a layer's weight, out x in, float32
+    W64 = W.double()
+    a = torch.randn(6, 50, generator=gen, dtype=torch.float64)
+    d = torch.randn(6, W.shape[0], generator=gen, dtype=torch.float64)
+    assert torch.allclose(linear64(a, W), a @ W64.T, rtol=1e-13, atol=1e-13)
+    assert linear64(a, W).is_contiguous() and linear64(a, W).dtype == torch.float64
+    assert torch.allclose(back64(d, W), d @ W64, rtol=1e-13, atol=1e-13)
+    assert torch.equal(linear64(a, W64), a @ W64.T) and torch.equal(back64(d, W64), d @ W64)
+
+
+def test_pieces_are_small_next_to_the_layer_but_wide_layers_keep_their_rows():
+    assert piece_rows(1024, 784) == 128  # an eighth of the layer
+    assert piece_rows(256, 784) == 32
+    assert piece_rows(10, 784) == 16  # at least 16 rows
+    assert piece_rows(4096, 784) == min(PIECE_ENTRIES // 784, 512)
+    assert piece_rows(1024, 25088) == PIECE_ROWS  # a wide layer: its other factor is read fewer times
+
+
+def test_a_float64_trace_reads_float32_weights_exactly_as_their_float64_copy():
+    net = as_network(fedleak.make_mlp(20, [64, 32], 5, seed=0), input_shape=(20,)).head
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(7, 20, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,), generator=gen)
+    own = forward_trace(net, X, y, dtype=torch.float64, params=(net.weights(torch.float32), net.biases(torch.float64)))
+    copy = forward_trace(net, X, y, dtype=torch.float64)
+    for a, b in zip(own.activations + own.deltas + [own.logits], copy.activations + copy.deltas + [copy.logits]):
+        assert a.dtype == torch.float64
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
