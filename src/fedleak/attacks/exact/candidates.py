@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedleak.attacks.exact.grouping import ImpliedInputs, group_rows
+from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows
 from fedleak.nets import ReluMLP
 from fedleak.nets.float64 import linear64
 
@@ -184,7 +184,7 @@ def top_candidates(attack) -> list[Candidate]:
         R = ImpliedInputs(G[t], idx, g[t][idx])
         order = torch.argsort(-g[t][idx].abs())
     else:  # the unit row, signed so that its largest entry is positive
-        rows = [G[t][idx[s : s + 256]] for s in range(0, len(idx), 256)]
+        rows = [G[t][idx[s : s + ROW_CHUNK]] for s in range(0, len(idx), ROW_CHUNK)]
         flip = torch.cat([torch.sign(r.gather(1, r.abs().argmax(1, keepdim=True))).squeeze(1) for r in rows])
         R = ImpliedInputs(G[t], idx, row_norm[idx] * flip.to(F64))
         order = torch.argsort(-row_norm[idx])
@@ -246,12 +246,18 @@ def top_candidates(attack) -> list[Candidate]:
     return cands
 
 
+def end_to_end(groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups' rows laid end to end, and each row's group."""
+    dev = groups[0].device
+    sizes = torch.tensor([len(g) for g in groups], device=dev)
+    return torch.cat(groups), torch.repeat_interleave(torch.arange(len(groups), device=dev), sizes)
+
+
 def all_fire(z: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
     """Whether every neuron ``rows[k]`` fires for group ``k``, from its pre-activations ``z[k]`` (one row per
     group): one gather for all groups."""
-    sizes = torch.tensor([len(r) for r in rows], device=z.device)
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=z.device), sizes)
-    silent = (z[owner, torch.cat(rows)] <= 0).long()
+    flat, owner = end_to_end(rows)
+    silent = (z[owner, flat] <= 0).long()
     return torch.zeros(len(rows), dtype=torch.long, device=z.device).index_add_(0, owner, silent) == 0
 
 
@@ -264,9 +270,7 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     dev = reps.device
     if not members:
         return []
-    sizes = torch.tensor([len(m) for m in members], device=dev)
-    rows = torch.cat(members)
-    owner = torch.repeat_interleave(torch.arange(len(members), device=dev), sizes)  # each member's group
+    rows, owner = end_to_end(members)  # each member's group
     columns = attack.G[-1][:, rows].T.to(F64)  # members x K
     K = columns.shape[1]
     labels = columns.argmin(1)
