@@ -11,7 +11,8 @@ For MLPs of one, two and three hidden layers and a CNN, at several batch sizes M
   the attack on the fished batch.
 
 Times are medians of ``--repeats`` interleaved repeats (gradient, copy, attack, ... in turn) after one warm-up.
-Memory: the process's peak RSS during the cell, and the attack's peak extra memory over the RSS just before it
+Memory: the process's peak RSS during the cell, and the attack's (for the CNN also fishing's and the fished
+attack's) peak extra memory over the RSS just before it
 (the kernel's peak-RSS mark is reset before the attack; glibc's malloc returns large blocks to the system, see
 ``MALLOC_MMAP_THRESHOLD_`` below), against the gradient's size. Every cell also records the recovered fraction
 and the false certificates (``fedleak.metrics.match`` on the data's range), so that a faster attack is seen
@@ -235,9 +236,12 @@ def memory_model(spec: ModelSpec, seed: int) -> list[dict]:
         gc.collect()
         _reset_peak()
         cell = Cell(spec, m, data, seed)
-        cell.attack()  # warm-up: lazy imports are not the attack's memory
-        extra_mb, _ = _peak_extra_mb(cell.attack)
-        rows.append({"batch_size": m, "attack_peak_extra_mb": extra_mb, "cell_peak_rss_mb": _status_kib("VmHWM") / 1024,
+        row = {"batch_size": m}
+        for step in ("attack", "fish", "fished_attack") if spec.conv else ("attack",):
+            fn = getattr(cell, step)
+            fn()  # warm-up: lazy imports are not the step's memory
+            row[f"{step}_peak_extra_mb"], _ = _peak_extra_mb(fn)
+        rows.append({**row, "cell_peak_rss_mb": _status_kib("VmHWM") / 1024,
                      "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         del cell
     return rows
@@ -292,7 +296,11 @@ def table(rows: list[dict], before: list[dict]) -> str:
                      f"{(_ms(b['fish_ms']) + ' → ') if b else ''}{_ms(r['fish_ms'])} ms; the attack on the fished "
                      f"batch {(_ms(b['fished_attack_ms']) + ' → ') if b else ''}{_ms(r['fished_attack_ms'])} ms "
                      f"({_ratio(r['fished_attack_ms'], r['gradient_ms'])}× the gradient), "
-                     f"{r['fished_recovered']}/{r['batch_size']} recovered, "
+                     + "".join(f"{what}'s peak extra memory {r[key]:.0f} MB ({r[key] / r['gradient_mb']:.1f}× the "
+                               "gradient), " for what, key in (("fishing", "fish_peak_extra_mb"),
+                                                               ("the fished attack", "fished_attack_peak_extra_mb"))
+                               if key in r)
+                     + f"{r['fished_recovered']}/{r['batch_size']} recovered, "
                      f"{r['fished_false_certificates']} false certificates.")
     return "\n".join(lines)
 

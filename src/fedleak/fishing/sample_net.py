@@ -63,7 +63,10 @@ class HeadArrays:
         call share it)."""
         key = (layer, order)
         if key not in self._norms:
-            self._norms[key] = np.linalg.norm(self.W[layer], ord=order, axis=1)
+            W = self.W[layer]  # a piece of rows at a time: no temporary the size of the layer
+            step = max(1, (1 << 19) // max(W.shape[1], 1))
+            self._norms[key] = np.concatenate([np.linalg.norm(W[s : s + step], ord=order, axis=1)
+                                               for s in range(0, W.shape[0], step)] or [np.zeros(0)])
         return self._norms[key]
 
     def checked_preacts(self, x: np.ndarray, x32: np.ndarray, units: np.ndarray, levels: np.ndarray,

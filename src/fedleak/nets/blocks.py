@@ -13,14 +13,17 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from fedleak.nets.cast import fingerprint
 from fedleak.nets.conv_gram import MAX_ENTRIES, ConvGram
 from fedleak.nets.layers import BatchNorm, Conv, Pool
+
+if TYPE_CHECKING:  # scipy.sparse (0.2 s to import) is loaded by the methods that build sparse matrices
+    import scipy.sparse as sp
 
 # the unrolled conv and its band assembly, per conv module: a model read again (every attack reads it anew) reuses
 # them while its conv and batch-norm tensors are unchanged
@@ -132,6 +135,8 @@ class ConvBlock:
         rows = ((co * Ho + oy) * Wo + ox)[ok]
         cols = ((ci * H + iy) * Wd + ix)[ok]
         vals = W[co[ok], ci[ok], ky[ok], kx[ok]]
+        import scipy.sparse as sp
+
         A = sp.csr_matrix((vals, (rows, cols)), shape=(self.conv_dim, self.in_dim))
         c = np.repeat(b.cpu().numpy(), Ho * Wo)
         return A, c
@@ -170,6 +175,8 @@ class ConvBlock:
         win = self.pool_windows
         k = win.shape[1]
         rows = np.repeat(np.arange(win.shape[0]), k)
+        import scipy.sparse as sp
+
         return sp.csr_matrix((np.full(rows.shape, 1.0 / k), (rows, win.ravel())), shape=(win.shape[0], self.conv_dim))
 
     def parameter_names(self) -> list[str]:

@@ -12,9 +12,19 @@
 """
 
 from fedleak.attacks.exact.attack import conv_exclusivity_attack, exclusivity_attack, exclusivity_on_weights
-from fedleak.attacks.exact.conv_walkdown import EPS32, BlockSolve, ChainSolve, invert_block, invert_chain
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
+
+_CONV = ("EPS32", "BlockSolve", "ChainSolve", "invert_block", "invert_chain")
+
+
+def __getattr__(name: str):
+    """The conv walk-down's names, imported on first use (it loads scipy: 0.3 s an MLP attack need not pay)."""
+    if name in _CONV:
+        from fedleak.attacks.exact import conv_walkdown
+
+        return getattr(conv_walkdown, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["ExclusivityOptions", "HeadAttack", "exclusivity_attack", "conv_exclusivity_attack",
            "exclusivity_on_weights", "invert_block", "invert_chain", "BlockSolve", "ChainSolve", "EPS32"]

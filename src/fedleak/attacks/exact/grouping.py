@@ -41,7 +41,12 @@ class ImpliedInputs:
         (each later read is then a gather, not a conversion), else ``self``."""
         if self.divisor is None or 8 * len(self) * self.dim > max(HELD_BYTES, self.G.numel() * self.G.element_size()):
             return self
-        return ImpliedInputs.of(self.rows(torch.arange(len(self), device=self.idx.device)))
+        out = torch.empty(len(self), self.dim, dtype=F64, device=self.idx.device)
+        for s in range(0, len(self), ROW_CHUNK):  # gathered, converted and divided a piece at a time (in cache)
+            piece = out[s : s + ROW_CHUNK]
+            piece.copy_(self.G[self.idx[s : s + ROW_CHUNK]])
+            piece.div_(self.divisor[s : s + ROW_CHUNK, None])
+        return ImpliedInputs.of(out)
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -62,15 +67,32 @@ class ImpliedInputs:
         sel = torch.arange(len(self), device=self.idx.device) if whole else sel
         for s in range(0, len(sel), ROW_CHUNK):
             part = sel[s : s + ROW_CHUNK]
-            yield part, self.G[s : s + ROW_CHUNK] if whole and self.divisor is None else self.rows(part)
+            yield part, self.G[s : s + ROW_CHUNK] if whole and self.is_matrix else self.rows(part)
+
+    @property
+    def is_matrix(self) -> bool:
+        """Whether the inputs are the rows of a float64 matrix as they are, all of them in order (:meth:`of`):
+        read without a gather."""
+        return self.divisor is None and self.G.dtype == F64 and len(self) == self.G.shape[0]
 
     def distances(self, sel: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-        """``(rows(sel) - point).norm(dim=1)``, a piece at a time."""
+        """``(rows(sel) - point).norm(dim=1)``, a piece at a time. Of a matrix's rows, when ``sel`` is most of
+        them, every row's distance is taken (pieces are views, not gathers) and ``sel``'s picked out."""
+        if self.is_matrix and 2 * len(sel) >= len(self):
+            every = [torch.linalg.vector_norm(rows - point, dim=1) for _, rows in self.pieces()]
+            return torch.cat(every)[sel]
         return torch.cat([torch.linalg.vector_norm(rows - point, dim=1) for _, rows in self.pieces(sel)])
 
     def mean(self, sel: torch.Tensor) -> torch.Tensor:
-        """The mean of ``rows(sel)``."""
+        """The mean of ``rows(sel)`` (of a matrix's rows, when ``sel`` is most of them: a weighted sum of its
+        pieces, which are views, not gathers)."""
         total = torch.zeros(self.dim, dtype=F64, device=self.idx.device)
+        if self.is_matrix and 2 * len(sel) >= len(self):
+            weight = torch.zeros(len(self), dtype=F64, device=self.idx.device)
+            weight[sel] = 1.0
+            for part, rows in self.pieces():
+                total.addmv_(rows.T, weight[part])
+            return total / len(sel)
         for _, rows in self.pieces(sel):
             total += rows.sum(0)
         return total / len(sel)
@@ -117,13 +139,13 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float)
     dev = R.idx.device
     gen = torch.Generator().manual_seed(GROUPING_SEED)  # drawn on the CPU: the same projections on every device
     V = torch.randn(R.dim, 4, generator=gen, dtype=F64).to(dev)
-    V /= V.norm(dim=0, keepdim=True)
+    V = (V / V.norm(dim=0, keepdim=True)).T.contiguous()
     norms = torch.empty(n, dtype=F64, device=dev)
-    proj = torch.empty(n, 4, dtype=F64, device=dev)
+    proj = torch.empty(4, n, dtype=F64, device=dev)
     for part, rows in R.pieces():
         norms[part] = rows.norm(dim=1).clamp_min(1e-300)
-        proj[part] = rows @ V
-    proj = (proj / norms[:, None]).T.contiguous()
+        proj[:, part] = V @ rows.T  # 4 x rows: several times faster than rows @ V.T for BLAS
+    proj /= norms
     rank = torch.empty(n, dtype=torch.long, device=dev)
     rank[order] = torch.arange(n, device=dev)
     groups: list[RowGroup] = []

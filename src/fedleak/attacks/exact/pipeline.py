@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedleak.attacks.defense_aware import exact_plan
+from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
-from fedleak.attacks.exact.conv_walkdown import EPS32, ChainSolve, feature_matching, invert_chains
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.attacks.exact.threads import torch_threads
@@ -40,6 +41,9 @@ from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, check_matches_model
+
+if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by the networks that have conv blocks
+    from fedleak.attacks.exact.conv_walkdown import ChainSolve
 
 F64 = torch.float64
 
@@ -103,7 +107,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     else:
         inputs = walk.inputs
         records = conv_records(net, complete, walk, cert.recoveries, opts)
-        batch_ok = whole_batch(model, complete, walk, records, grads, cert.batch_size, opts, notes)
+        batch_ok = whole_batch(model, net, complete, walk, records, grads, cert.batch_size, opts, notes)
     rebuilt = [walk is None or walk.solved[k] or opts.fallback == "features" for k in range(len(complete))]
     records = [replace(r, route=f"{name} ({'certified' if r.certified else 'uncertified'})", rebuilt=ok)
                for r, ok in zip(records, rebuilt)]
@@ -249,6 +253,8 @@ def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int |
 def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions, obs_dtype) -> ConvWalk:
     """Walk each candidate's features down the conv blocks; the features of a sample whose chain reached the
     input become the rebuilt input's own (so the certificate reads what the input really gives)."""
+    from fedleak.attacks.exact.conv_walkdown import EPS32, feature_matching, invert_chains
+
     eps_obs = float(torch.finfo(obs_dtype).eps) if obs_dtype != F64 else EPS32
     feats = [c.acts[0].cpu().numpy() for c in complete]
     chains = invert_chains(net, feats, [opts.ratio_noise * eps_obs * np.abs(f) for f in feats], opts)
@@ -306,9 +312,9 @@ def conv_records(net: Network, complete: list[Candidate], walk: ConvWalk, head: 
     return records
 
 
-def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, records: list[SampleRecovery],
-                grads: dict[str, torch.Tensor], batch_size: int | None, opts: ExclusivityOptions,
-                notes: list[str]) -> bool:
+def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk: ConvWalk,
+                records: list[SampleRecovery], grads: dict[str, torch.Tensor], batch_size: int | None,
+                opts: ExclusivityOptions, notes: list[str]) -> bool:
     """When every sample of the batch was rebuilt with a proof, the rebuilt batch's whole gradient (every
     parameter) must reproduce the observed one; then every sample is certified (``records`` updated)."""
     exact = [k for k, ch in enumerate(walk.chains) if walk.solved[k] and ch.unique
@@ -317,22 +323,17 @@ def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, rec
         return False
     dev = next(model.parameters()).device
     y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
-    pred = full_gradient(model, walk.inputs.to(dev), y, F64)
-
-    def pieces(k: str):  # (recomputed, observed) in float64, 1M entries at a time: no float64 copy of the update
-        p, o = pred[k].reshape(-1), grads[k].to(dev).reshape(-1)
-        for i in range(0, len(o), 1 << 20):
-            yield p[i:i + (1 << 20)], o[i:i + (1 << 20)].to(F64)
+    pred = batch_gradient(model, net, walk.inputs.to(dev), y)
 
     def totals(k: str, *terms) -> list[float]:  # each term summed over k's pieces, in one pass
         out = [0.0] * len(terms)
-        for p, o in pieces(k):
+        for p, o in pred.pieces(k, grads[k].to(dev)):
             for j, term in enumerate(terms):
                 out[j] += float(term(p, o).sum())
         return out
 
     factor = 1.0 / batch_size if opts.known_scale else (
-        sum(totals(k, lambda p, o: p * o)[0] for k in grads) / sum(float((pred[k] * pred[k]).sum()) for k in grads))
+        sum(totals(k, lambda p, o: p * o)[0] for k in grads) / sum(totals(k, lambda p, o: p * p)[0] for k in grads))
     worst = max(float(np.sqrt(res)) / max(float(np.sqrt(obs)), 1e-300) for res, obs in (
         totals(k, lambda p, o: (factor * p - o) ** 2, lambda p, o: o * o) for k in grads))
     if worst > opts.batch_tol:
@@ -344,15 +345,3 @@ def whole_batch(model: nn.Module, complete: list[Candidate], walk: ConvWalk, rec
                                  f"gradient (conv layers solved uniquely; proven error bound {walk.chains[k].bound:.1e})")
     return True
 
-
-def full_gradient(model: nn.Module, X: torch.Tensor, y: torch.Tensor, dtype) -> dict[str, torch.Tensor]:
-    """Sum over samples of the per-sample cross-entropy gradients (real autograd) in ``dtype``."""
-    from fedleak.nets.cast import cast as cast_tensor  # the head attack's float64 weights are shared, not copied
-
-    params = dict(model.named_parameters())
-    cast = {k: cast_tensor(v, dtype).detach().requires_grad_(True) for k, v in params.items()}
-    buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.named_buffers()}
-    logits = torch.func.functional_call(model, {**cast, **buffers}, (X.to(dtype),))
-    loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-    grads = torch.autograd.grad(loss, list(cast.values()))
-    return {k: g.detach() for k, g in zip(cast, grads)}

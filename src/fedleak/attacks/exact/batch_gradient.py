@@ -1,0 +1,122 @@
+"""The rebuilt batch's whole gradient against the observed one (the CNN certificate's last step,
+:func:`fedleak.attacks.exact.pipeline.whole_batch`), by real autograd in float64, without a float64 copy of a dense
+layer.
+
+A wide dense layer's weights and gradient in float64 would each take twice the layer's own size (a CNN's
+25088 x 1024 head layer: 200 MB each, next to a 100 MB gradient). The recomputation holds neither: while the model
+runs, every dense layer of the head goes through :class:`Linear64`, a float64 linear layer that reads the layer's
+weights a piece at a time (:mod:`fedleak.nets.float64`); autograd hands it its output's gradient, and the layer's
+weight gradient, that signal's product with the layer's input summed over the samples, is formed and compared
+with the observed one a piece of rows at a time. Every other parameter (conv layers, biases) gets its float64
+gradient from autograd as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+
+from fedleak.nets import Network
+from fedleak.nets.cast import cast
+from fedleak.nets.float64 import back64, linear64, piece_rows
+
+F64 = torch.float64
+PIECE = 1 << 20  # entries of a parameter compared at once
+
+
+class Linear64(torch.autograd.Function):
+    """``x @ W.T`` in float64 for a weight ``W`` of any float dtype, read a piece of rows at a time; the backward
+    pass appends ``(output gradient, input)``, both flattened to rows, to ``sink`` and gives ``W`` no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, sink: list) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(flat)
+        ctx.W, ctx.sink, ctx.shape = W, sink, x.shape
+        return linear64(flat, W).reshape(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (flat,) = ctx.saved_tensors
+        d = grad.reshape(-1, grad.shape[-1])
+        ctx.sink.append((d.detach(), flat.detach()))
+        return back64(d, ctx.W).reshape(ctx.shape), None, None
+
+
+class DenseThrough64(TorchFunctionMode):
+    """While active, ``F.linear`` of a float64 input with one of ``sinks``' weights (by identity) runs through
+    :class:`Linear64` into that weight's sink; every other call runs as it is."""
+
+    def __init__(self, sinks: dict[int, tuple[torch.Tensor, list]]):
+        super().__init__()
+        self.sinks = sinks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and args[0].dtype == F64 and id(args[1]) in self.sinks:
+            W, sink = self.sinks[id(args[1])]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = Linear64.apply(args[0], W, sink)
+            return out if bias is None else out + bias
+        return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class BatchGradient:
+    """The rebuilt batch's gradient (sum over samples of the cross-entropy, float64), read a piece at a time:
+    ``grads`` holds autograd's gradient of every parameter but the streamed dense weights, whose ``(signal,
+    input)`` pairs ``sinks`` holds instead."""
+
+    grads: dict[str, torch.Tensor]
+    sinks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+    def names(self) -> list[str]:
+        return [*self.grads, *self.sinks]
+
+    def pieces(self, name: str, observed: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(recomputed, observed)`` pieces of parameter ``name``, both float64 (``observed``: its observed
+        gradient, of any float dtype, read a piece at a time)."""
+        if name in self.grads:
+            p, o = self.grads[name].reshape(-1), observed.reshape(-1)
+            for i in range(0, len(o), PIECE):
+                yield p[i : i + PIECE], o[i : i + PIECE].to(F64)
+            return
+        pairs = self.sinks[name]
+        step = piece_rows(*observed.shape)
+        for s in range(0, observed.shape[0], step):
+            p = sum(d[:, s : s + step].T @ x for d, x in pairs)
+            yield p.reshape(-1), observed[s : s + step].to(F64).reshape(-1)
+
+
+def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Tensor) -> BatchGradient:
+    """The gradient of the summed cross-entropy of ``(X, y)`` at ``model``'s parameters, in float64 by real
+    autograd (:class:`BatchGradient`); the head's dense weights in another dtype are streamed (never copied) where
+    the model reads them through ``F.linear`` (``nn.Linear`` does), else copied like the others."""
+    params = dict(model.named_parameters())
+    streamed = {d.weight_name for d in net.head.dense if params[d.weight_name].dtype != F64}
+    try:
+        out = recompute(model, params, streamed, X, y)
+    except RuntimeError:  # a weight read other than through F.linear meets a float64 input
+        out = None
+    if out is None or not all(out.sinks.values()):
+        out = recompute(model, params, set(), X, y)
+    return out
+
+
+def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[str], X: torch.Tensor,
+              y: torch.Tensor) -> BatchGradient:
+    """:func:`batch_gradient` with the weights ``streamed`` through :class:`Linear64`."""
+    weights = {k: params[k].detach() for k in streamed}
+    sinks: dict[str, list] = {k: [] for k in streamed}
+    leaves = {k: cast(v, F64).detach().requires_grad_(True) for k, v in params.items() if k not in streamed}
+    buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
+    with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
+        logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
+    loss = F.cross_entropy(logits, y, reduction="sum")
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return BatchGradient({k: g.detach() for k, g in zip(leaves, grads)}, sinks)

@@ -1,0 +1,71 @@
+"""The whole-batch gradient of the CNN certificate: float64 autograd, the head's dense weights streamed (no float64
+copy of them), equal to plain float64 autograd on models as users write them."""
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from user_models import FlowerNet
+
+from fedleak.attacks.exact.batch_gradient import batch_gradient
+from fedleak.nets import as_network
+
+
+def reference(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Plain autograd of a float64 copy of the model."""
+    m64 = copy.deepcopy(model).double()
+    loss = F.cross_entropy(m64(X.double()), y, reduction="sum")
+    return dict(zip([n for n, _ in m64.named_parameters()], torch.autograd.grad(loss, list(m64.parameters()))))
+
+
+def assembled(model: nn.Module, X: torch.Tensor, y: torch.Tensor, net=None):
+    params = dict(model.named_parameters())
+    out = batch_gradient(model, net or as_network(model), X, y)
+    whole = {}
+    for name in out.names():
+        pieces = list(out.pieces(name, params[name].detach()))
+        whole[name] = torch.cat([p for p, _ in pieces]).reshape(params[name].shape)
+        assert torch.equal(torch.cat([o for _, o in pieces]).reshape(params[name].shape), params[name].double())
+    return out, whole
+
+
+def test_flower_net_streams_its_dense_weights_and_matches_float64_autograd():
+    torch.manual_seed(0)
+    model = FlowerNet()
+    X, y = torch.rand(5, 3, 32, 32), torch.tensor([0, 3, 3, 7, 9])
+    out, whole = assembled(model, X, y)
+    assert set(out.sinks) == {"fc1.weight", "fc2.weight", "fc3.weight"}  # no float64 copy of these
+    assert not set(out.sinks) & set(out.grads) and all(out.sinks.values())
+    ref = reference(model, X, y)
+    assert set(whole) == set(ref)
+    for name, g in ref.items():
+        assert whole[name].dtype == torch.float64
+        assert torch.allclose(whole[name], g, rtol=1e-11, atol=1e-14), name
+
+
+class PlainMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class MatmulMLP(PlainMLP):
+    """The same layers, the first one's weight read with a matmul, not F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(x @ self.fc1.weight.T + self.fc1.bias))
+
+
+def test_a_weight_read_by_matmul_falls_back_to_a_float64_copy():
+    torch.manual_seed(1)
+    model = MatmulMLP()
+    X, y = torch.randn(6, 12), torch.tensor([0, 1, 2, 3, 0, 1])
+    out, whole = assembled(model, X, y, net=as_network(PlainMLP(), input_shape=(12,)))
+    assert not out.sinks  # the streamed run failed; every weight got a float64 leaf
+    for name, g in reference(model, X, y).items():
+        assert torch.allclose(whole[name], g, rtol=1e-11, atol=1e-14), name
