@@ -34,3 +34,24 @@ def test_a_float64_model_is_read_without_conversion(digits):
     assert int(rec.certified.sum()) >= 1
     matched = fedleak.metrics.match(rec, x.double(), y)
     assert matched.false_certificates == 0
+
+
+def test_the_top_layer_check_hands_its_forward_pass_to_the_certificate(digits):
+    """A head of one hidden layer: each candidate keeps the first layer's float64 pre-activations of its input,
+    equal to a fresh forward pass; they are dropped once its input is replaced (a CNN's rebuilt features)."""
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.batch(4, seed=2)
+    update = fedleak.compute_gradient_update(model, x, y)
+    head = as_network(model).head
+    attack = HeadAttack(head, dict(update.gradients), ExclusivityOptions(), torch.float32)
+    cands = attack.top_candidates()
+    assert cands
+    X = torch.stack([c.acts[0] for c in cands])
+    fresh = fedleak.nets.forward_trace(head, X, dtype=torch.float64, params=(attack.W, attack.b)).preactivations[0]
+    kept = torch.stack([c.first_pre for c in cands])
+    assert torch.allclose(kept, fresh, rtol=1e-13, atol=1e-13)
+    reused = fedleak.nets.forward_trace(head, X, dtype=torch.float64, params=(attack.W, attack.b), first=kept)
+    assert torch.equal(reused.preactivations[0], kept)
+    assert torch.allclose(reused.logits, fedleak.nets.forward_trace(head, X).logits, rtol=1e-12, atol=1e-12)
+    cands[0].acts[0] = cands[0].acts[0].clone()  # a replaced input: its pre-activations are no longer its own
+    assert cands[0].first_pre is None and cands[1].first_pre is not None

@@ -60,3 +60,13 @@ def test_pool_is_not_used_for_out_of_process_solvers():
     from fedleak.fishing.solvers import solves_in_process
 
     assert solves_in_process("highs") and not solves_in_process("pdlp") and not solves_in_process("glop")
+
+
+def test_head_row_norms_are_read_a_piece_at_a_time():
+    """The row norms the pricing reads (L1 and L2), a piece of rows at a time (no temporary the size of a wide
+    layer), equal numpy's over the whole layer."""
+    model = fedleak.make_mlp((3000,), [700], 4, seed=0)  # more rows than one piece holds
+    head = HeadArrays(as_network(model).head)
+    for order in (1, 2):
+        want = np.linalg.norm(head.W[0], ord=order, axis=1)
+        assert np.allclose(head.row_norms(0, order), want, rtol=1e-14, atol=0)

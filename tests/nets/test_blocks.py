@@ -74,3 +74,18 @@ def test_make_convnet_is_seeded_and_checks_arguments():
         make_convnet((1, 12, 12), 3, pool="median")
     with pytest.raises(ModelError, match="too small"):
         make_convnet((1, 4, 4), 3, channels=(2, 2, 2), kernel=3)
+
+
+def test_reading_a_network_does_not_load_scipy():
+    """An MLP attack (reading the model, the head's attack and certificate) loads no scipy: only conv blocks'
+    sparse matrices and the conv walk-down need it (0.3 s to import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fedleak\n"
+            "m = fedleak.make_mlp((20,), [32], 3, seed=0)\n"
+            "x, y = torch.rand(2, 20), torch.tensor([0, 2])\n"
+            "fedleak.reconstruct(m, fedleak.compute_gradient_update(m, x, y))\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'scipy'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

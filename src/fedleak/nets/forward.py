@@ -37,21 +37,26 @@ def forward_trace(
     labels: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     params: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None,
+    first: torch.Tensor | None = None,
 ) -> Trace:
     """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given.
 
     ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again; in float64
     the weights may also be the model's own float32 ones, read in float64 a piece at a time
-    (:mod:`fedleak.nets.float64`).
+    (:mod:`fedleak.nets.float64`). ``first``: the first layer's pre-activations of these inputs where the
+    caller computed them already (the same product, in ``dtype``): the pass starts from them.
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
     linear, back = (linear64, back64) if dtype == torch.float64 else (lambda x, W: x @ W.T, lambda x, W: x @ W)
     acts, pres = [a], []
-    for W, b in zip(weights[:-1], biases[:-1]):
-        z = linear(a, W)
-        if b is not None:
-            z = z + b
+    for i, (W, b) in enumerate(zip(weights[:-1], biases[:-1])):
+        if i == 0 and first is not None:
+            z = first.to(device=a.device, dtype=dtype)
+        else:
+            z = linear(a, W)
+            if b is not None:
+                z = z + b
         pres.append(z)
         a = torch.relu(z)
         acts.append(a)

@@ -36,10 +36,19 @@ class Candidate:
     witnesses: dict[int, list[int]]
     solved: set[int] = field(default_factory=set)
     lowest: int = 0  # lowest dense layer whose input is known
+    first: tuple[torch.Tensor, torch.Tensor] | None = None  # (acts[0], its first-layer pre-activations, float64)
 
     @property
     def complete(self) -> bool:
         return 0 in self.acts
+
+    @property
+    def first_pre(self) -> torch.Tensor | None:
+        """The head's first-layer pre-activations of ``acts[0]`` where the top-layer check computed them (a head
+        of one hidden layer) and ``acts[0]`` is still that input, else None."""
+        if self.first is None or self.acts.get(0) is not self.first[0]:
+            return None
+        return self.first[1]
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -293,8 +302,12 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     for k, row in zip(groups, passing):
         witnesses.setdefault(k, []).append(row)
     labels_of = label.tolist()
-    return [Candidate(label=labels_of[k], acts={t: reps[k]}, witnesses={t: witnesses[k]}, lowest=t)
-            for k in sorted(witnesses)]
+    cands = []
+    for k in sorted(witnesses):
+        x = reps[k]
+        cands.append(Candidate(label=labels_of[k], acts={t: x}, witnesses={t: witnesses[k]}, lowest=t,
+                               first=(x, z[k]) if t == 0 else None))
+    return cands
 
 
 def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[Candidate]:

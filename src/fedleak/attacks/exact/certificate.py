@@ -139,7 +139,9 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
         return Certificate((), reported, None, False)
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
-    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b))
+    firsts = [c.first_pre for c in complete]
+    first = torch.stack(firsts) if all(z is not None for z in firsts) else None  # the top-layer check's product
+    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first)
     onehot = torch.nn.functional.one_hot(y, net.num_classes).to(F64)
     d_one = backward_signals(attack.W, t64.preactivations, onehot)
     fits = fit_witnesses(attack, complete, t64, d_one)
