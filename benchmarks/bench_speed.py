@@ -20,12 +20,13 @@ to give the same results.
 
     .venv/bin/python benchmarks/bench_speed.py                  # full table (about 5 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_speed.py --quick          # widths 256/1024, M 1 and 64, no CNN (~1 min)
-    .venv/bin/python benchmarks/bench_speed.py --out benchmarks/results/speed_before.json --no-doc
+    .venv/bin/python benchmarks/bench_speed.py --before /tmp/previous/src    # and the previous version, in turn
     .venv/bin/python benchmarks/bench_speed.py --doc-only     # the docs table again, from speed.json
 
 Results go to ``benchmarks/results/speed.json`` (versions, seed, settings, machine, load average) and the
 markdown table to ``docs/benchmarks.md`` between the ``speed`` markers; where
-``benchmarks/results/speed_before.json`` exists (the same script run on the previous version of the attack), the
+``benchmarks/results/speed_before.json`` exists (the same script run on the previous version of the attack: with
+``--before``, model by model in turn with this version, so that the machine's drift touches both alike), the
 table puts its attack times and ratios next to the new ones.
 """
 
@@ -329,6 +330,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
     ap.add_argument("--no-doc", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the docs table from the results file, run nothing")
+    ap.add_argument("--before", type=Path, metavar="SRC",
+                    help="also time the previous version whose package source is SRC (e.g. a git worktree's src), "
+                         "model by model in turn with this one, into speed_before.json (machine drift touches both)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -353,7 +357,7 @@ def main() -> None:
 
     command = "python benchmarks/bench_speed.py" + " ".join(
         [""] + (["--quick"] if args.quick else []) + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
-        + ([f"--models {args.models}"] if args.models else []))
+        + ([f"--models {args.models}"] if args.models else []) + (["--before <previous version's src>"] if args.before else []))
     meta = {
         "date": time.strftime("%Y-%m-%d"), "command": command, "data": DATASET, "seed": args.seed,
         "repeats": args.repeats, "torch": torch.__version__, "torch_threads": 1,
@@ -364,30 +368,41 @@ def main() -> None:
         "fishing": "fedleak.fish(model, x, y, solve_check=False)",
         "reference": "torch.autograd.grad of the mean cross-entropy over the batch (plain autograd, one thread)",
     }
+    if args.before:
+        meta["before_source"] = str(args.before)
     started = time.perf_counter()
     rows: list[dict] = []
+    previous: list[dict] = []
+    versions = [(previous, BEFORE, {"PYTHONPATH": str(args.before.resolve())})] if args.before else []
     for spec in grid:
-        parts = {}
-        for part, env in (("memory", MALLOC_ENV), ("time", {})):
-            cmd = [sys.executable, __file__, "--worker", spec.name, "--part", part, "--repeats", str(args.repeats),
-                   "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + (
-                      ["--models", args.models] if args.models else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-            if out.returncode:
-                sys.exit(f"{spec.name} ({part}) failed:\n{out.stderr[-3000:]}")
-            parts[part] = json.loads(out.stdout.strip().splitlines()[-1])
-        for timed, mem in zip(parts["time"], parts["memory"]):
-            rows.append({**timed, **mem})
-        # written after every model (``complete`` False until the last): a long run keeps what it measured
-        meta.update(seconds=time.perf_counter() - started, complete=spec is grid[-1])
-        meta["machine"]["load_average_end"] = os.getloadavg()
-        write_json(args.out, {"meta": meta, "rows": rows})
+        for out_rows, path, env in versions + [(rows, args.out, {})]:
+            out_rows.extend(measure_model(spec, args, env))
+            # written after every model (``complete`` False until the last): a long run keeps what it measured
+            meta.update(seconds=time.perf_counter() - started, complete=spec is grid[-1])
+            meta["machine"]["load_average_end"] = os.getloadavg()
+            write_json(path, {"meta": meta, "rows": out_rows})
         print(f"{spec.name}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    if not before and BEFORE.exists() and args.out != BEFORE:
+    if args.before:
+        before = previous
+    elif not before and BEFORE.exists() and args.out != BEFORE:
         before = json.loads(BEFORE.read_text())["rows"]
     if not args.no_doc:
         write_doc(rows, before, meta)
     print(table(rows, before))
+
+
+def measure_model(spec: ModelSpec, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
+    """One model's cells: memory (under ``MALLOC_ENV``) and times, each in a fresh process with ``env`` added."""
+    parts = {}
+    for part, part_env in (("memory", MALLOC_ENV), ("time", {})):
+        cmd = [sys.executable, __file__, "--worker", spec.name, "--part", part, "--repeats", str(args.repeats),
+               "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + (
+                  ["--models", args.models] if args.models else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **part_env, **env})
+        if out.returncode:
+            sys.exit(f"{spec.name} ({part}) failed:\n{out.stderr[-3000:]}")
+        parts[part] = json.loads(out.stdout.strip().splitlines()[-1])
+    return [{**timed, **mem} for timed, mem in zip(parts["time"], parts["memory"])]
 
 
 if __name__ == "__main__":
