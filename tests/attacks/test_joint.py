@@ -168,3 +168,19 @@ def test_witness_conflicts_match_their_definition():
                         expected[k, m] = max(float(expected[k, m]), float(weights[m] * term[m] / tol))
         assert torch.allclose(Q, expected, rtol=1e-12, atol=0)
         assert float(Q.max()) > 0 and float(Q.diagonal().abs().max()) == 0.0
+
+
+def test_residual_spectrum_is_that_of_the_residual_on_either_side():
+    from fedleak.attacks.exact.joint import residual_spectrum
+
+    gen = torch.Generator().manual_seed(5)
+    for rows, cols in ((12, 300), (5000, 9)):  # wide: Y Y^T; tall: Y^T Y summed over pieces of rows
+        OS = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+        B = torch.randn(rows, 2, generator=gen, dtype=torch.float64)
+        C = torch.randn(2, cols, generator=gen, dtype=torch.float64)
+        Y = OS - B @ C
+        want = torch.linalg.svdvals(Y) ** 2
+        got = residual_spectrum(OS, B, C)
+        assert got.shape == (min(rows, cols),)
+        assert bool((got[:-1] >= got[1:]).all())  # largest first
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-9 * float(want[0]))

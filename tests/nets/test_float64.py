@@ -7,7 +7,18 @@ import torch
 
 import fedleak
 from fedleak.nets import as_network, forward_trace
-from fedleak.nets.float64 import PIECE_ENTRIES, PIECE_ROWS, back64, linear64, piece_rows, row_norms64, rows64, times64
+from fedleak.nets.float64 import (
+    PIECE_ENTRIES,
+    PIECE_ROWS,
+    back64,
+    linear64,
+    matmul64,
+    piece_rows,
+    row_norms64,
+    rows64,
+    through_numpy,
+    times64,
+)
 
 
 def test_pieces_read_the_same_values_as_a_float64_copy():
@@ -19,7 +30,7 @@ def test_pieces_read_the_same_values_as_a_float64_copy():
     assert torch.allclose(times64(G, B), G64 @ B, rtol=1e-12, atol=1e-12)
     L = torch.randn(3, G.shape[0], generator=gen, dtype=torch.float64)
     assert torch.allclose(times64(G.T, L.T).T, L @ G64, rtol=1e-12, atol=1e-12)  # a product from the left
-    assert torch.equal(times64(G64, B), G64 @ B)  # a float64 layer is multiplied as it is
+    assert torch.allclose(times64(G64, B), G64 @ B, rtol=1e-12, atol=1e-12)  # a float64 layer, as it is
     rows = torch.tensor([5, 0, G.shape[0] - 1])
     assert torch.equal(rows64(G, rows), G64[rows])
     assert torch.allclose(row_norms64(G), G64.norm(dim=1), rtol=1e-14, atol=0)
@@ -36,7 +47,8 @@ def test_products_with_a_narrower_layer_equal_those_with_its_float64_copy():
     assert torch.allclose(linear64(a, W), a @ W64.T, rtol=1e-13, atol=1e-13)
     assert linear64(a, W).is_contiguous() and linear64(a, W).dtype == torch.float64
     assert torch.allclose(back64(d, W), d @ W64, rtol=1e-13, atol=1e-13)
-    assert torch.equal(linear64(a, W64), a @ W64.T) and torch.equal(back64(d, W64), d @ W64)
+    assert torch.allclose(linear64(a, W64), a @ W64.T, rtol=1e-13, atol=1e-13)  # a float64 layer, as it is
+    assert torch.allclose(back64(d, W64), d @ W64, rtol=1e-13, atol=1e-13)
 
 
 def test_pieces_are_small_next_to_the_layer_but_wide_layers_keep_their_rows():
@@ -57,3 +69,23 @@ def test_a_float64_trace_reads_float32_weights_exactly_as_their_float64_copy():
     for a, b in zip(own.activations + own.deltas + [own.logits], copy.activations + copy.deltas + [copy.logits]):
         assert a.dtype == torch.float64
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+def test_products_on_numpy_equal_torchs_and_autograd_stays_with_torch():
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(40, 30, generator=gen, dtype=torch.float64)
+    B = torch.randn(30, 7, generator=gen, dtype=torch.float64)
+    assert through_numpy(A, B)
+    assert torch.allclose(matmul64(A, B), A @ B, rtol=1e-13, atol=1e-13)
+    out = torch.full((40, 7), float("nan"), dtype=torch.float64)
+    assert matmul64(A, B.T.contiguous().T, out) is out  # a transposed factor, written into ``out``
+    assert torch.allclose(out, A @ B, rtol=1e-13, atol=1e-13)
+    W = torch.randn(40, 9, generator=gen)  # float32, read in pieces: each piece's product summed in float64
+    assert torch.allclose(back64(A.T.contiguous(), W), A.T @ W.double(), rtol=1e-12, atol=1e-12)
+    # a tensor that autograd tracks is multiplied by torch, and its gradient flows
+    leaf = A.clone().requires_grad_(True)
+    assert not through_numpy(leaf, B)
+    matmul64(leaf, B).sum().backward()
+    assert torch.allclose(leaf.grad, B.sum(1).expand(40, -1))
+    with torch.no_grad():
+        assert through_numpy(leaf, B)

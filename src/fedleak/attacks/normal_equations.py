@@ -24,7 +24,8 @@ import numpy as np
 import scipy.linalg as sl
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from threadpoolctl import ThreadpoolController
+
+from fedleak.threads import blas_threads
 
 EPS64 = float(np.finfo(np.float64).eps)
 # band factorisation is used while n * bandwidth^2 (its flop count) stays below this (measured on one core:
@@ -32,17 +33,6 @@ EPS64 = float(np.finfo(np.float64).eps)
 BAND_WORK = 2e10
 _SHIFTS = (0.5, 0.1, 0.01)  # tau as fractions of the estimated lambda_min, tried in turn
 _INVERSE_ITERATIONS = 15
-
-
-_controller: ThreadpoolController | None = None
-
-
-def _one_blas_thread():
-    """Band factorisations are too small to gain from a threaded BLAS (measured 2x slower on 2 threads)."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
 
 
 def _gamma(k: int) -> float:
@@ -125,7 +115,7 @@ class BandedNormal(_NormalEquations):
         a = self.ab.copy()
         a[0] -= tau
         try:
-            with _one_blas_thread():
+            with blas_threads(1):  # band factorisations are too small to gain from threads (2x slower on 2)
                 return sl.cholesky_banded(a, lower=True, check_finite=False)
         except np.linalg.LinAlgError:  # not positive definite
             return None

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sl
 import torch
-from threadpoolctl import ThreadpoolController
 
 from fedleak.nets.scratch import work_array
+from fedleak.threads import blas_threads
 
 EPS64 = float(np.finfo(np.float64).eps)
 U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
@@ -62,18 +62,6 @@ LANCZOS_STEPS = 8
 # bands of at most this many entries multiply a vector faster than a conv and a transposed conv do (one core:
 # 25 us against 100 us for 46k entries, 700 us against 320 us for 1.7M)
 BAND_PRODUCT_MAX = 1 << 18
-
-_controller: ThreadpoolController | None = None
-
-
-def one_blas_thread():
-    """Band factorisations are too small to gain from a threaded BLAS (2x slower on 2 threads, and far slower
-    when another job holds the second core)."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
-
 
 def gamma(k: int, u: float) -> float:
     return k * u / (1 - k * u)
@@ -263,7 +251,7 @@ def proven_lstsq(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: Call
 
     ``ab``: ``N`` in lower band storage of the pixel-major order ``order``; ``matvec``: ``v -> N v`` in float64;
     ``hint``: an estimate of ``lambda_min(N)`` (from the previous system of the block), or None."""
-    with one_blas_thread():
+    with blas_threads(1):  # band factorisations are too small to gain from threads
         return solve_with_hint(ab, order, max_terms, matvec, b, hint)
 
 
@@ -280,7 +268,7 @@ def proven_sigma64(ab: np.ndarray, max_terms: int, lam: float) -> float | None:
     if not (math.isfinite(lam) and lam > 0):
         return None
     forming = forming_error(ab, max_terms)
-    with one_blas_thread():
+    with blas_threads(1):  # band factorisations are too small to gain from threads
         for frac in (SHIFT, RETRY_SHIFT):
             got = proof(ab, frac * lam, forming, np.float64)
             if got is not None:

@@ -34,8 +34,9 @@ from fedleak.attacks.normal_equations import BAND_WORK, normal_equations
 from fedleak.nets import ConvBlock, Network
 from fedleak.nets.cast import unchanged
 from fedleak.nets.conv_gram import pixel_major_order
-from fedleak.nets.conv_solve import normal_product, one_blas_thread, proven_lstsq, proven_sigma64
+from fedleak.nets.conv_solve import normal_product, proven_lstsq, proven_sigma64
 from fedleak.nets.scratch import reused_arrays
+from fedleak.threads import blas_threads
 
 F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)
@@ -113,7 +114,7 @@ def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray,
     else:
         w = np.zeros(blk.conv_dim)
         w[rows] = 1.0
-        with one_blas_thread():
+        with blas_threads(1):
             ab = gram.band(w)
         fast = None
         if not tight:
@@ -241,7 +242,7 @@ def reprove(blk: ConvBlock, solve: BlockSolve) -> BlockSolve | None:
         return None
     w = np.zeros(blk.conv_dim)
     w[solve.active] = 1.0
-    with one_blas_thread():
+    with blas_threads(1):
         ab = gram.band(w)
     sigma = proven_sigma64(ab, gram.max_terms, solve.lam)
     if sigma is None or sigma <= solve.sigma:
@@ -333,7 +334,7 @@ def invert_chains(net: Network, features: list[np.ndarray], errors: list[np.ndar
     # thousands of small products: a threaded BLAS only spins (worse on a busy machine); the band arrays of one
     # sample are reused by the next (fresh pages cost up to a third of a factorisation each); the model is not
     # changed meanwhile, so the blocks' cached maps are checked against each tensor's fingerprint taken once
-    with one_blas_thread(), reused_arrays(), unchanged():
+    with blas_threads(1), reused_arrays(), unchanged():
         return [chain for part in parallel_map(run, list(range(runs)), workers) for chain in part]
 
 

@@ -36,10 +36,10 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
-from fedleak.attacks.exact.threads import torch_threads
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network
 from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
 
 if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by the networks that have conv blocks
@@ -51,9 +51,9 @@ F64 = torch.float64
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
                     noise: dict[str, torch.Tensor] | None = None, name: str = "exclusivity") -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
-    ``model``, read as ``net``, with torch's threads pinned to ``opts.threads``. ``noise``: the update's own
+    ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``. ``noise``: the update's own
     rounding noise per entry, where it is known."""
-    with torch_threads(opts.threads):
+    with pinned_threads(opts.threads):
         return run_pinned(model, net, update, opts, noise, name)
 
 
