@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.attacks.exact.candidates import Candidate
-from fedleak.nets.float64 import rows64, times64
+from fedleak.nets.float64 import matmul64, rows64, times64
 
 
 def walk_down(attack, cands: list[Candidate]) -> None:
@@ -28,9 +28,10 @@ def walk_down(attack, cands: list[Candidate]) -> None:
             return
         support = torch.stack([c.acts[level] > 0 for c in present])  # n x d
         counts = support.sum(0)
-        screens = Screens.of(attack, i, torch.stack([c.acts[level] for c in present]))
-        for k, c in enumerate(present):
-            found = descend(attack, c, i, support[k], counts - 1, screens, k)
+        targets = torch.stack([c.acts[level] for c in present])
+        screens = Screens.of(attack, i, targets)
+        tries = [row_chunks(attack, support[k], counts - 1, screens, k) for k in range(len(present))]
+        for k, (c, found) in enumerate(zip(present, descend(attack, i, present, targets, tries))):
             if found is None and attack.opts.forward_solve:
                 found = solve_layer(attack, c, i)
                 if found is not None:
@@ -40,40 +41,58 @@ def walk_down(attack, cands: list[Candidate]) -> None:
                 c.lowest = i
 
 
-def descend(attack, c: Candidate, i: int, active: torch.Tensor, shared_with: torch.Tensor, screens: "Screens",
-            k: int) -> torch.Tensor | None:
-    """Try the rows of neurons active for ``c`` as its exclusive rows; rows no other candidate uses
-    come first (candidates are unverified, so they only order the search; the forward check decides).
-
-    Rows are tried in chunks of ``rows_per_try``; the first chunk with a row that passes the forward check
-    gives the input (the agreeing passing rows of that chunk are its witnesses). The layer's :class:`Screens`
-    (``c`` is its candidate ``k``) rule out rows that cannot pass, so the full forward check runs on the few
-    that can.
-    """
+def row_chunks(attack, active: torch.Tensor, shared_with: torch.Tensor, screens: "Screens",
+               k: int) -> list[torch.Tensor]:
+    """The rows of neurons active for candidate ``k`` to try as its exclusive rows, in chunks of ``rows_per_try``
+    (at most ``max_rows`` rows): rows no other candidate uses first, then the strongest (candidates are
+    unverified, so they only order the search; the forward check decides). Each chunk keeps only the rows the
+    layer's :class:`Screens` let through; chunks left empty are dropped."""
     opts = attack.opts
-    target = c.acts[i + 1]
-    tnorm = target.norm().clamp_min(1e-300)
     rows = torch.nonzero(active & screens.live).flatten()
     strength = screens.strength[rows]
     # fewest other candidates first, then strongest signal (two stable sorts)
     rows = rows[torch.argsort(-strength, stable=True)]
     rows = rows[torch.argsort(shared_with[rows], stable=True)][: opts.max_rows]
-    ok = screens.passes(k, rows)
-    per_try = opts.rows_per_try
-    for lo in range(0, len(rows), per_try):
-        pick = torch.nonzero(ok[lo : lo + per_try]).flatten() + lo  # the chunk's rows that may pass
-        if not len(pick):
-            continue
-        R, res = forward_check(attack, i, implied_rows(attack, i, rows[pick]), target, tnorm)
-        good = torch.nonzero(res <= opts.forward_tol).flatten()
-        if len(good):
-            rep = R[good]
-            # agreeing rows are witnesses; keep those that coincide with the best one
-            best = rep[int(torch.argmin(res[good]))]
-            agree = (rep - best).norm(dim=1) <= attack.tol(opts.group_tol) * best.norm().clamp_min(1e-300)
-            c.witnesses[i] = rows[pick[good[agree]]].tolist()
-            return rep[agree].mean(0)
-    return None
+    ok = torch.nonzero(screens.passes(k, rows)).flatten()  # the rows that may pass, in order
+    chunk = torch.div(ok, opts.rows_per_try, rounding_mode="floor").tolist()
+    starts = [j for j in range(len(ok)) if j == 0 or chunk[j] != chunk[j - 1]] + [len(ok)]
+    return [rows[ok[lo:hi]] for lo, hi in zip(starts[:-1], starts[1:])]
+
+
+CHECK_ROWS = 2048  # implied inputs pushed through a layer in one product
+
+
+def descend(attack, i: int, present: list[Candidate], targets: torch.Tensor,
+            tries: list[list[torch.Tensor]]) -> list[torch.Tensor | None]:
+    """Each candidate's input to dense layer ``i`` (None where none is found): its chunks of rows
+    (:func:`row_chunks`) are tried in turn, and the first chunk with a row that passes the forward check gives
+    the input, the agreeing passing rows of that chunk being its witnesses. Every candidate's next chunk is
+    checked in one forward pass (a pass reads the whole layer)."""
+    opts = attack.opts
+    tnorm = targets.norm(dim=1).clamp_min(1e-300)
+    found: list[torch.Tensor | None] = [None] * len(present)
+    step = 0
+    pending = [k for k, t in enumerate(tries) if t]
+    while pending:
+        for part in range(0, len(pending), max(1, CHECK_ROWS // opts.rows_per_try)):
+            ks = pending[part : part + max(1, CHECK_ROWS // opts.rows_per_try)]
+            picks = [tries[k][step] for k in ks]
+            sizes = [len(p) for p in picks]
+            owner = torch.repeat_interleave(torch.tensor(ks, device=targets.device),
+                                            torch.tensor(sizes, device=targets.device))
+            R, res = forward_check(attack, i, implied_rows(attack, i, torch.cat(picks)), targets[owner], tnorm[owner])
+            for k, pick, seg_R, seg_res in zip(ks, picks, R.split(sizes), res.split(sizes)):
+                good = torch.nonzero(seg_res <= opts.forward_tol).flatten()
+                if len(good):
+                    rep = seg_R[good]
+                    # agreeing rows are witnesses; keep those that coincide with the best one
+                    best = rep[int(torch.argmin(seg_res[good]))]
+                    agree = (rep - best).norm(dim=1) <= attack.tol(opts.group_tol) * best.norm().clamp_min(1e-300)
+                    present[k].witnesses[i] = pick[good[agree]].tolist()
+                    found[k] = rep[agree].mean(0)
+        step += 1
+        pending = [k for k in pending if found[k] is None and step < len(tries[k])]
+    return found
 
 
 def implied_rows(attack, i: int, rows: torch.Tensor) -> torch.Tensor:
@@ -85,22 +104,23 @@ def implied_rows(attack, i: int, rows: torch.Tensor) -> torch.Tensor:
 
 
 def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: torch.Tensor):
-    """Push the implied inputs ``X`` through dense layer ``i``: returns the inputs (scaled to fit ``target``
-    without a bias) and each one's relative residual against ``target``."""
+    """Push the implied inputs ``X`` through dense layer ``i``: returns the inputs (scaled to fit the target without
+    a bias) and each one's relative residual against the target (``target``: one for all rows, or one per row,
+    with its norm ``tnorm``)."""
     W, b = attack.layer64(i), attack.b
     if b[i] is not None:
         R = X
-        out = torch.relu(R @ W.T + b[i])
+        out = torch.relu(matmul64(R, W.T) + b[i])
     else:
-        F = X @ W.T
+        F = matmul64(X, W.T)
         pos, neg = torch.relu(F), torch.relu(-F)
-        bp = (pos @ target) / (pos * pos).sum(1).clamp_min(1e-300)
-        bn = (neg @ target) / (neg * neg).sum(1).clamp_min(1e-300)
+        bp = (pos * target).sum(1) / (pos * pos).sum(1).clamp_min(1e-300)
+        bn = (neg * target).sum(1) / (neg * neg).sum(1).clamp_min(1e-300)
         rp = (pos * bp[:, None] - target).norm(dim=1)
         rn = (neg * bn[:, None] - target).norm(dim=1)
         beta = torch.where(rp <= rn, bp, -bn)
         R = X * beta[:, None]
-        out = torch.relu(R @ W.T)
+        out = torch.relu(matmul64(R, W.T))
     return R, (out - target).norm(dim=1) / tnorm
 
 
@@ -161,7 +181,7 @@ class Screens:
                     z = z - (z * q).sum(1, keepdim=True) * q
             cols.append(z / z.norm(dim=1, keepdim=True).clamp_min(1e-300))
         Q = torch.stack(cols, 2)  # n x d_out x p, zero off S_k
-        V = W.T @ Q.permute(1, 0, 2).reshape(d_out, n * p)  # d_in x (n p)
+        V = matmul64(Q.permute(0, 2, 1).reshape(n * p, d_out), W).T  # d_in x (n p), column k p + j: Q_k's j-th
         row_norm = attack.row_norms(i)
         live = row_norm > 0
         if g is not None:
@@ -177,7 +197,7 @@ class Screens:
             P = P + torch.einsum("kop,o->kp", Q, attack.b[i])[None]
             P[:, :, 0] -= t_norm[None, :]
         gamma = 1e3 * (W.shape[1] + S.sum(1).to(F64) + 10) * EPS64
-        w_norm = (W.pow(2).sum(1)[None, :] * S).sum(1).sqrt()
+        w_norm = (torch.linalg.vector_norm(W, dim=1).square()[None, :] * S).sum(1).sqrt()
         b_norm = (attack.b[i][None, :] * S).norm(dim=1) if attack.b[i] is not None else torch.zeros_like(t_norm)
         return cls(P, x_norm, live, strength, t_norm, tau, gamma * w_norm, gamma * (b_norm + t_norm), active,
                    attack.b[i] is not None)
