@@ -3,6 +3,7 @@ of a layer), converting one hidden layer at a time only while the walk-down need
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fedleak
@@ -19,11 +20,24 @@ def test_the_weights_and_gradient_are_the_clients_own_tensors(digits):
     for d, W, G in zip(head.dense, attack.W, attack.G):
         assert W.dtype == torch.float32 and W.data_ptr() == d.module.weight.data_ptr()
         assert G.dtype == torch.float32 and G.data_ptr() == update.gradients[d.weight_name].data_ptr()
-    W64 = attack.layer64(1)
-    assert W64.dtype == torch.float64 and torch.equal(W64, head.dense[1].module.weight.double())
-    assert attack.layer64(1) is W64  # held while the walk-down reads it
-    attack.release_layer64()
-    assert attack.layer64(1) is not W64
+
+    # the walk-down reads the weights a piece at a time too: no float64 copy of a layer is made
+    made = []
+    real_to = torch.Tensor.to
+
+    def watch(tensor, *args, **kwargs):
+        out = real_to(tensor, *args, **kwargs)
+        if out.dtype == torch.float64 and out.numel() >= head.dense[1].module.weight.numel():
+            made.append(out.shape)
+        return out
+
+    cands = attack.top_candidates()
+    assert cands
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", watch)
+        attack.walk_down(cands)
+    assert any(0 in c.acts for c in cands)
+    assert made == []
 
 
 def test_a_float64_model_is_read_without_conversion(digits):

@@ -42,7 +42,6 @@ class HeadAttack:
         self._W_obs: list[torch.Tensor] | None = None
         self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
         self._row_norms: dict[int, torch.Tensor] = {}
-        self._layer64: tuple[int, torch.Tensor] | None = None
         self.tol_floor = self._noise_floor()
 
     def _noise_floor(self) -> float:
@@ -75,16 +74,6 @@ class HeadAttack:
             self._W_obs = self.net.weights(self.obs_dtype)
         return self._W_obs
 
-    def layer64(self, i: int) -> torch.Tensor:
-        """Dense layer ``i``'s weight in float64 (the model's own tensor when it is float64). The walk-down reads
-        one layer many times: the last layer asked for is held, until :meth:`release_layer64`."""
-        if self._layer64 is None or self._layer64[0] != i:
-            self._layer64 = (i, self.W[i].to(F64))
-        return self._layer64[1]
-
-    def release_layer64(self) -> None:
-        self._layer64 = None
-
     def row_norms(self, i: int) -> torch.Tensor:
         """The norms of the rows of dense layer ``i``'s weight gradient (float64; computed once)."""
         if i not in self._row_norms:
@@ -115,10 +104,7 @@ class HeadAttack:
 
     def walk_down(self, cands: list[Candidate]) -> None:
         """Step 2: trace candidates down to the head's input (:mod:`fedleak.attacks.exact.walkdown`)."""
-        try:
-            walk_down(self, cands)
-        finally:
-            self.release_layer64()
+        walk_down(self, cands)
 
     def certify(self, cands: list[Candidate], reported: int | None) -> Certificate:
         """Step 3: the certificate of the complete candidates (:mod:`fedleak.attacks.exact.certificate`)."""

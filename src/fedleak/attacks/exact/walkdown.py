@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.attacks.exact.candidates import Candidate
-from fedleak.nets.float64 import matmul64, rows64, times64
+from fedleak.nets.float64 import back64, linear64, row_norms64, rows64, times64
 
 
 def walk_down(attack, cands: list[Candidate]) -> None:
@@ -107,12 +107,12 @@ def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: 
     """Push the implied inputs ``X`` through dense layer ``i``: returns the inputs (scaled to fit the target without
     a bias) and each one's relative residual against the target (``target``: one for all rows, or one per row,
     with its norm ``tnorm``)."""
-    W, b = attack.layer64(i), attack.b
+    W, b = attack.W[i], attack.b
     if b[i] is not None:
         R = X
-        out = torch.relu(matmul64(R, W.T) + b[i])
+        out = torch.relu(linear64(R, W) + b[i])
     else:
-        F = matmul64(X, W.T)
+        F = linear64(X, W)
         pos, neg = torch.relu(F), torch.relu(-F)
         bp = (pos * target).sum(1) / (pos * pos).sum(1).clamp_min(1e-300)
         bn = (neg * target).sum(1) / (neg * neg).sum(1).clamp_min(1e-300)
@@ -120,7 +120,7 @@ def forward_check(attack, i: int, X: torch.Tensor, target: torch.Tensor, tnorm: 
         rn = (neg * bn[:, None] - target).norm(dim=1)
         beta = torch.where(rp <= rn, bp, -bn)
         R = X * beta[:, None]
-        out = torch.relu(matmul64(R, W.T))
+        out = torch.relu(linear64(R, W))
     return R, (out - target).norm(dim=1) / tnorm
 
 
@@ -161,7 +161,7 @@ class Screens:
     @classmethod
     def of(cls, attack, i: int, targets: torch.Tensor) -> "Screens":
         """The screens of dense layer ``i`` for the candidates' ``targets`` (n x the layer's outputs)."""
-        W, G, g = attack.layer64(i), attack.G[i], attack.g[i]
+        W, G, g = attack.W[i], attack.G[i], attack.g[i]
         n, d_out = targets.shape
         p = SCREEN_DIRECTIONS
         dev = targets.device
@@ -181,7 +181,7 @@ class Screens:
                     z = z - (z * q).sum(1, keepdim=True) * q
             cols.append(z / z.norm(dim=1, keepdim=True).clamp_min(1e-300))
         Q = torch.stack(cols, 2)  # n x d_out x p, zero off S_k
-        V = matmul64(Q.permute(0, 2, 1).reshape(n * p, d_out), W).T  # d_in x (n p), column k p + j: Q_k's j-th
+        V = back64(Q.permute(0, 2, 1).reshape(n * p, d_out), W).T  # d_in x (n p), column k p + j: Q_k's j-th
         row_norm = attack.row_norms(i)
         live = row_norm > 0
         if g is not None:
@@ -197,7 +197,7 @@ class Screens:
             P = P + torch.einsum("kop,o->kp", Q, attack.b[i])[None]
             P[:, :, 0] -= t_norm[None, :]
         gamma = 1e3 * (W.shape[1] + S.sum(1).to(F64) + 10) * EPS64
-        w_norm = (torch.linalg.vector_norm(W, dim=1).square()[None, :] * S).sum(1).sqrt()
+        w_norm = (row_norms64(W).square()[None, :] * S).sum(1).sqrt()
         b_norm = (attack.b[i][None, :] * S).norm(dim=1) if attack.b[i] is not None else torch.zeros_like(t_norm)
         return cls(P, x_norm, live, strength, t_norm, tau, gamma * w_norm, gamma * (b_norm + t_norm), active,
                    attack.b[i] is not None)
@@ -217,13 +217,13 @@ class Screens:
 
 def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     """Solve ``W_A a + b_A = target_A`` for the input of dense layer i when it is determined."""
-    W, b, opts = attack.layer64(i), attack.b, attack.opts
+    W, b, opts = attack.W[i], attack.b, attack.opts
     target = c.acts[i + 1]
     A = target > 0
     n_in = W.shape[1]
     if int(A.sum()) < n_in:
         return None
-    WA = W[A]
+    WA = rows64(W, A)
     rhs = target[A] - (b[i][A] if b[i] is not None else 0)
     # gelsd (the SVD, which gives the singular values) runs on the CPU only
     sol = torch.linalg.lstsq(WA.cpu(), rhs[:, None].cpu(), driver="gelsd")
@@ -234,7 +234,8 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     # float32 noise of the known output, amplified by the smallest singular value, bounds the error
     noise = float(torch.finfo(attack.obs_dtype).eps) * 4 * float(target.abs().max())
     bound = noise * math.sqrt(len(rhs)) / float(svals.min())
-    inactive_ok = bool(((W[~A] @ a + (b[i][~A] if b[i] is not None else 0)) <= noise * 10).all())
+    out = linear64(a[None], W)[0] + (b[i] if b[i] is not None else 0)
+    inactive_ok = bool((out[~A] <= noise * 10).all())
     resid = float((WA @ a - rhs).norm() / rhs.norm().clamp_min(1e-300))
     if bound > opts.solve_max_error * max(1.0, float(a.abs().max())) or not inactive_ok or resid > opts.forward_tol:
         return None
