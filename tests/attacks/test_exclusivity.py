@@ -297,7 +297,7 @@ def test_walkdown_screen_never_rules_out_a_passing_row(digits, bias):
     for k in range(len(targets)):
         _, res = forward_check(attack, 0, implied_rows(attack, 0, rows), targets[k], targets[k].norm())
         passing = res <= attack.opts.forward_tol
-        ok = screens.passes(k, rows)
+        ok = screens.passes()[rows, k]
         assert ok[passing].all(), "the screen ruled out a row that passes the forward check"
         kept, passed = kept + int(ok.sum()), passed + int(passing.sum())
     assert passed > 0  # some rows are exclusive: the check has something to keep

@@ -27,10 +27,9 @@ def walk_down(attack, cands: list[Candidate]) -> None:
         if not present:
             return
         support = torch.stack([c.acts[level] > 0 for c in present])  # n x d
-        counts = support.sum(0)
         targets = torch.stack([c.acts[level] for c in present])
         screens = Screens.of(attack, i, targets)
-        tries = [row_chunks(attack, support[k], counts - 1, screens, k) for k in range(len(present))]
+        tries = row_chunks(attack, support, screens)
         for k, (c, found) in enumerate(zip(present, descend(attack, i, present, targets, tries))):
             if found is None and attack.opts.forward_solve:
                 found = solve_layer(attack, c, i)
@@ -41,22 +40,28 @@ def walk_down(attack, cands: list[Candidate]) -> None:
                 c.lowest = i
 
 
-def row_chunks(attack, active: torch.Tensor, shared_with: torch.Tensor, screens: "Screens",
-               k: int) -> list[torch.Tensor]:
-    """The rows of neurons active for candidate ``k`` to try as its exclusive rows, in chunks of ``rows_per_try``
-    (at most ``max_rows`` rows): rows no other candidate uses first, then the strongest (candidates are
-    unverified, so they only order the search; the forward check decides). Each chunk keeps only the rows the
-    layer's :class:`Screens` let through; chunks left empty are dropped."""
+def row_chunks(attack, support: torch.Tensor, screens: "Screens") -> list[list[torch.Tensor]]:
+    """For each candidate (``support``: the neurons active for each, n x the layer's outputs), the rows of its
+    active neurons to try as its exclusive rows, in chunks of ``rows_per_try`` (at most ``max_rows`` rows): rows
+    fewer other candidates use first, then the strongest (candidates are unverified, so they only order the
+    search; the forward check decides). Each chunk keeps only the rows the layer's :class:`Screens` let
+    through; chunks left empty are dropped. Every candidate's list is read off one order of all rows."""
     opts = attack.opts
-    rows = torch.nonzero(active & screens.live).flatten()
-    strength = screens.strength[rows]
-    # fewest other candidates first, then strongest signal (two stable sorts)
-    rows = rows[torch.argsort(-strength, stable=True)]
-    rows = rows[torch.argsort(shared_with[rows], stable=True)][: opts.max_rows]
-    ok = torch.nonzero(screens.passes(k, rows)).flatten()  # the rows that may pass, in order
-    chunk = torch.div(ok, opts.rows_per_try, rounding_mode="floor").tolist()
-    starts = [j for j in range(len(ok)) if j == 0 or chunk[j] != chunk[j - 1]] + [len(ok)]
-    return [rows[ok[lo:hi]] for lo, hi in zip(starts[:-1], starts[1:])]
+    counts = support.sum(0)
+    order = torch.argsort(-screens.strength, stable=True)  # two stable sorts: by count, then by strength
+    order = order[torch.argsort(counts[order], stable=True)]
+    usable = (support & screens.live[None, :])[:, order]
+    place = usable.long().cumsum(1) - 1  # each row's place in its candidate's list
+    keep = usable & (place < opts.max_rows) & screens.passes()[order].T
+    cand, at = torch.nonzero(keep, as_tuple=True)  # by candidate, then in the order
+    chunk = cand * (opts.max_rows // opts.rows_per_try + 1) + torch.div(place[cand, at], opts.rows_per_try,
+                                                                          rounding_mode="floor")
+    key, sizes = torch.unique_consecutive(chunk, return_counts=True)
+    tries: list[list[torch.Tensor]] = [[] for _ in range(support.shape[0])]
+    owners = torch.div(key, opts.max_rows // opts.rows_per_try + 1, rounding_mode="floor").tolist()
+    for k, rows in zip(owners, order[at].split(sizes.tolist())):
+        tries[k].append(rows)
+    return tries
 
 
 CHECK_ROWS = 2048  # implied inputs pushed through a layer in one product
@@ -202,17 +207,17 @@ class Screens:
         return cls(P, x_norm, live, strength, t_norm, tau, gamma * w_norm, gamma * (b_norm + t_norm), active,
                    attack.b[i] is not None)
 
-    def passes(self, k: int, rows: torch.Tensor) -> torch.Tensor:
-        """Which of ``rows`` may pass candidate ``k``'s forward check."""
-        if not bool(self.active[k]):
-            return torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-        P = self.P[rows, k]
-        tau, t_norm = float(self.tau[k]), float(self.t_norm[k])
-        slack = float(self.slack[k]) * self.x_norm[rows] + float(self.slack0[k])
+    def passes(self) -> torch.Tensor:
+        """Which rows may pass which candidate's forward check (rows x candidates; every row for a candidate
+        without a usable screen)."""
+        tau, t_norm = self.tau[None, :], self.t_norm[None, :]
+        slack = self.slack[None, :] * self.x_norm[:, None] + self.slack0[None, :]
         if self.bias:
-            return P.norm(dim=1) <= tau + slack
-        bound = tau * P[:, 0].abs() / (t_norm - tau)
-        return P[:, 1:].norm(dim=1) <= bound + slack * (1 + tau / (t_norm - tau))
+            ok = self.P.norm(dim=2) <= tau + slack
+        else:
+            room = (t_norm - tau).clamp_min(1e-300)  # positive wherever the screen is active
+            ok = self.P[:, :, 1:].norm(dim=2) <= tau * self.P[:, :, 0].abs() / room + slack * (1 + tau / room)
+        return ok | ~self.active[None, :]
 
 
 def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
