@@ -64,8 +64,13 @@ def test_implied_inputs_read_in_pieces_equal_the_float64_ratio():
     point = want[7]
     assert torch.allclose(R.distances(sel, point), (want - point).norm(dim=1), rtol=1e-14, atol=0)
     assert torch.allclose(R.mean(sel[3:]), want[3:].mean(0), rtol=1e-12, atol=1e-15)
-    held = R.held()  # small: converted once, the same values
+    held, scan = R.held()  # small: converted once, the same values, scanned on the way
     assert held.divisor is None and held.is_matrix and torch.equal(held.rows(sel), want)
+    again = R.scan()
+    assert torch.equal(scan.norms, again.norms) and torch.equal(scan.proj, again.proj)
+    assert torch.allclose(scan.norms, want.norm(dim=1), rtol=1e-14, atol=0)
+    unit = want / want.norm(dim=1, keepdim=True)
+    assert torch.allclose(scan.proj, scan.V @ unit.T, rtol=1e-12, atol=1e-14)
     # a held matrix reads most of its rows as views (no gather): the same distances, the same mean to rounding
     most = torch.randperm(len(idx), generator=gen)[: len(idx) - 9]
     assert torch.equal(held.distances(most, point), (want[most] - point).norm(dim=1))
@@ -75,7 +80,7 @@ def test_implied_inputs_read_in_pieces_equal_the_float64_ratio():
     assert torch.allclose(held.mean(few), want[few].mean(0), rtol=1e-13, atol=1e-15)
     big = ImpliedInputs(torch.zeros(HELD_BYTES // 8 // 40 + 1, 40), torch.arange(HELD_BYTES // 8 // 40 + 1),
                         torch.ones(HELD_BYTES // 8 // 40 + 1, dtype=torch.float64))
-    assert big.held() is big  # too large to hold: read a piece at a time
+    assert big.held()[0] is big  # too large to hold: read a piece at a time
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])

@@ -197,8 +197,8 @@ def top_candidates(attack) -> list[Candidate]:
         flip = torch.cat([torch.sign(r.gather(1, r.abs().argmax(1, keepdim=True))).squeeze(1) for r in rows])
         R = ImpliedInputs(G[t], idx, row_norm[idx] * flip.to(F64))
         order = torch.argsort(-row_norm[idx])
-    R = R.held()
-    row_groups = group_rows(R, order, attack.tol(opts.group_tol))
+    R, scan = R.held()
+    row_groups = group_rows(R, order, attack.tol(opts.group_tol), scan)
     groups = [grp.rows for grp in row_groups]
     n_groups = len(groups)
     gid = torch.empty(len(idx), dtype=torch.long, device=dev)
@@ -296,16 +296,13 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     scale = (pred * cols).sum(1) / (pred * pred).sum(1).clamp_min(1e-300)
     res = (cols - scale[:, None] * pred).norm(dim=1) / cols.norm(dim=1).clamp_min(1e-300)
     ok = (z[owner, rows] > 0) & (labels == label[owner]) & (scale > 0) & (res <= attack.opts.top_tol)
-    passing = rows[ok].tolist()
-    groups = owner[ok].tolist()
-    witnesses: dict[int, list[int]] = {}
-    for k, row in zip(groups, passing):
-        witnesses.setdefault(k, []).append(row)
+    # each group's passing rows, in order (the members are laid end to end by group)
+    held, sizes = torch.unique_consecutive(owner[ok], return_counts=True)
     labels_of = label.tolist()
     cands = []
-    for k in sorted(witnesses):
+    for k, witnesses in zip(held.tolist(), rows[ok].split(sizes.tolist())):
         x = reps[k]
-        cands.append(Candidate(label=labels_of[k], acts={t: x}, witnesses={t: witnesses[k]}, lowest=t,
+        cands.append(Candidate(label=labels_of[k], acts={t: x}, witnesses={t: witnesses.tolist()}, lowest=t,
                                first=(x, z[k]) if t == 0 else None))
     return cands
 

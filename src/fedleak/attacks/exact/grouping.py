@@ -36,17 +36,27 @@ class ImpliedInputs:
         """The rows of a matrix as they are (in float64)."""
         return cls(R.to(F64), torch.arange(R.shape[0], device=R.device))
 
-    def held(self) -> ImpliedInputs:
+    def held(self) -> tuple[ImpliedInputs, Scan]:
         """The same inputs, converted once and held when they take at most ``HELD_BYTES`` or the layer's own size
-        (each later read is then a gather, not a conversion), else ``self``."""
+        (each later read is then a gather, not a conversion), else ``self``; with their :class:`Scan`, taken while
+        each piece is in cache (a held matrix is not read again for it)."""
         if self.divisor is None or 8 * len(self) * self.dim > max(HELD_BYTES, self.G.numel() * self.G.element_size()):
-            return self
+            return self, self.scan()
         out = torch.empty(len(self), self.dim, dtype=F64, device=self.idx.device)
+        scan = Scan.empty(len(self), self.dim, out.device)
         for s in range(0, len(self), ROW_CHUNK):  # gathered, converted and divided a piece at a time (in cache)
             piece = out[s : s + ROW_CHUNK]
             piece.copy_(self.G[self.idx[s : s + ROW_CHUNK]])
             piece.div_(self.divisor[s : s + ROW_CHUNK, None])
-        return ImpliedInputs.of(out)
+            scan.add(slice(s, s + len(piece)), piece)
+        return ImpliedInputs.of(out), scan.finish()
+
+    def scan(self) -> Scan:
+        """The :class:`Scan` of every row, a piece at a time."""
+        scan = Scan.empty(len(self), self.dim, self.idx.device)
+        for part, rows in self.pieces():
+            scan.add(part, rows)
+        return scan.finish()
 
     def __len__(self) -> int:
         return len(self.idx)
@@ -99,6 +109,33 @@ class ImpliedInputs:
 
 
 @dataclass(frozen=True)
+class Scan:
+    """What grouping reads of every implied input: its norm (at least ``1e-300``) and the projections of its unit
+    direction on four random directions (``4 x n``; drawn from ``GROUPING_SEED`` on the CPU, the same on every
+    device)."""
+
+    norms: torch.Tensor
+    proj: torch.Tensor
+    V: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, dim: int, device) -> Scan:
+        gen = torch.Generator().manual_seed(GROUPING_SEED)
+        V = torch.randn(dim, 4, generator=gen, dtype=F64).to(device)
+        V = (V / V.norm(dim=0, keepdim=True)).T.contiguous()
+        return cls(torch.empty(n, dtype=F64, device=device), torch.empty(4, n, dtype=F64, device=device), V)
+
+    def add(self, part, rows: torch.Tensor) -> None:
+        """Record the rows ``part`` (a slice or indices) from their values ``rows`` (float64)."""
+        self.norms[part] = rows.norm(dim=1).clamp_min(1e-300)
+        self.proj[:, part] = self.V @ rows.T  # 4 x rows: several times faster than rows @ V.T for BLAS
+
+    def finish(self) -> Scan:
+        self.proj.div_(self.norms)
+        return self
+
+
+@dataclass(frozen=True)
 class RowGroup:
     """Rows grouped by :func:`group_rows`: their indices, the leader first, then in visiting order, and their
     ``spread``: the largest distance of a row from the leader over the smallest norm of the group's rows (0 for
@@ -123,9 +160,10 @@ def split_runs(proj: torch.Tensor, members: torch.Tensor, gap: float, level: int
     return out
 
 
-def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float) -> list[RowGroup]:
+def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float, scan: Scan | None = None
+               ) -> list[RowGroup]:
     """Group the implied inputs ``R`` (or the rows of a float64 matrix) that coincide within ``tol`` (relative
-    L2); rows are visited in ``order``.
+    L2); rows are visited in ``order``. ``scan``: ``R``'s :class:`Scan` where it was taken already.
 
     Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
     other stay in one bucket). Within a bucket, leader clustering: the first unassigned row, in ``order``,
@@ -137,15 +175,8 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float)
     if n == 0:
         return []
     dev = R.idx.device
-    gen = torch.Generator().manual_seed(GROUPING_SEED)  # drawn on the CPU: the same projections on every device
-    V = torch.randn(R.dim, 4, generator=gen, dtype=F64).to(dev)
-    V = (V / V.norm(dim=0, keepdim=True)).T.contiguous()
-    norms = torch.empty(n, dtype=F64, device=dev)
-    proj = torch.empty(4, n, dtype=F64, device=dev)
-    for part, rows in R.pieces():
-        norms[part] = rows.norm(dim=1).clamp_min(1e-300)
-        proj[:, part] = V @ rows.T  # 4 x rows: several times faster than rows @ V.T for BLAS
-    proj /= norms
+    scan = R.scan() if scan is None else scan
+    norms, proj = scan.norms, scan.proj
     rank = torch.empty(n, dtype=torch.long, device=dev)
     rank[order] = torch.arange(n, device=dev)
     groups: list[RowGroup] = []
