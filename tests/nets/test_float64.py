@@ -87,5 +87,6 @@ def test_products_on_numpy_equal_torchs_and_autograd_stays_with_torch():
     assert not through_numpy(leaf, B)
     matmul64(leaf, B).sum().backward()
     assert torch.allclose(leaf.grad, B.sum(1).expand(40, -1))
-    with torch.no_grad():
+    with torch.no_grad():  # nothing to record: numpy's BLAS, also for a tensor that requires a gradient
         assert through_numpy(leaf, B)
+        assert torch.allclose(matmul64(leaf, B), A @ B, rtol=1e-13, atol=1e-13)

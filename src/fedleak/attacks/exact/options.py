@@ -58,11 +58,10 @@ class ExclusivityOptions:
     without noise sets ``clip_norm``; whole-update clipping an unknown common scale), else nothing is certified
     and every sample says why (:data:`fedleak.attacks.defense_aware.EXACT_RULES`).
     ``threads``: the thread count of torch and of numpy's and scipy's BLAS while the attack runs (restored
-    after; None keeps theirs). One
-    thread by default: the attack's products are small, and on a machine whose other cores are busy more
-    threads made it several times slower. ``workers``: forked processes that share a CNN's per-sample conv
-    inversion (Linux, outside daemonic processes, large batches only; None: one per core; 1 by default: forking
-    inside a threaded server is unsafe and on 2 shared cores it did not pay off).
+    after; None keeps theirs). One thread by default: the attack's products are small, and on a machine whose
+    other cores are busy more threads made it several times slower. ``workers``: forked processes that share a
+    CNN's per-sample conv inversion (Linux, outside daemonic processes, large batches only; None: one per core;
+    1 by default: forking inside a threaded server is unsafe and on 2 shared cores it did not pay off).
 
     **Conv blocks** (read only when the network has some):
 

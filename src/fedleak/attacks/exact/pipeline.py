@@ -51,8 +51,8 @@ F64 = torch.float64
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
                     noise: dict[str, torch.Tensor] | None = None, name: str = "exclusivity") -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
-    ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``. ``noise``: the update's own
-    rounding noise per entry, where it is known."""
+    ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
+    ``noise``: the update's own rounding noise per entry, where it is known."""
     with pinned_threads(opts.threads):
         return run_pinned(model, net, update, opts, noise, name)
 

@@ -30,7 +30,7 @@ def walk_down(attack, cands: list[Candidate]) -> None:
         targets = torch.stack([c.acts[level] for c in present])
         screens = Screens.of(attack, i, targets)
         tries = row_chunks(attack, support, screens)
-        for k, (c, found) in enumerate(zip(present, descend(attack, i, present, targets, tries))):
+        for c, found in zip(present, descend(attack, i, present, targets, tries)):
             if found is None and attack.opts.forward_solve:
                 found = solve_layer(attack, c, i)
                 if found is not None:
@@ -54,11 +54,11 @@ def row_chunks(attack, support: torch.Tensor, screens: "Screens") -> list[list[t
     place = usable.long().cumsum(1) - 1  # each row's place in its candidate's list
     keep = usable & (place < opts.max_rows) & screens.passes()[order].T
     cand, at = torch.nonzero(keep, as_tuple=True)  # by candidate, then in the order
-    chunk = cand * (opts.max_rows // opts.rows_per_try + 1) + torch.div(place[cand, at], opts.rows_per_try,
-                                                                          rounding_mode="floor")
+    slots = opts.max_rows // opts.rows_per_try + 1  # chunks a candidate can have: its chunk j is key slots k + j
+    chunk = cand * slots + torch.div(place[cand, at], opts.rows_per_try, rounding_mode="floor")
     key, sizes = torch.unique_consecutive(chunk, return_counts=True)
     tries: list[list[torch.Tensor]] = [[] for _ in range(support.shape[0])]
-    owners = torch.div(key, opts.max_rows // opts.rows_per_try + 1, rounding_mode="floor").tolist()
+    owners = torch.div(key, slots, rounding_mode="floor").tolist()
     for k, rows in zip(owners, order[at].split(sizes.tolist())):
         tries[k].append(rows)
     return tries
@@ -78,9 +78,10 @@ def descend(attack, i: int, present: list[Candidate], targets: torch.Tensor,
     found: list[torch.Tensor | None] = [None] * len(present)
     step = 0
     pending = [k for k, t in enumerate(tries) if t]
+    per_pass = max(1, CHECK_ROWS // opts.rows_per_try)  # candidates whose chunks share one pass
     while pending:
-        for part in range(0, len(pending), max(1, CHECK_ROWS // opts.rows_per_try)):
-            ks = pending[part : part + max(1, CHECK_ROWS // opts.rows_per_try)]
+        for part in range(0, len(pending), per_pass):
+            ks = pending[part : part + per_pass]
             picks = [tries[k][step] for k in ks]
             sizes = [len(p) for p in picks]
             owner = torch.repeat_interleave(torch.tensor(ks, device=targets.device),
