@@ -1,5 +1,5 @@
 """The head attack's state reads the model's own weights and the client's gradient as they are (no float64 copy
-of a layer), converting one hidden layer at a time only while the walk-down needs it."""
+of a layer, the walk-down's included)."""
 
 from __future__ import annotations
 
