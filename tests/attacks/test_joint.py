@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,9 +65,30 @@ def test_joint_test_sketches_a_layer_with_more_outputs_than_inputs_from_the_left
     t64 = trace(attack, torch.cat([x, blend[None]]), torch.cat([y, y[:1]]))
     test = JointTest(attack, t64, batch_size=5, weights=torch.full((6,), 1 / 5, dtype=torch.float64), slack=5)
     k = 2 * (5 + 1) + 8
-    assert test.layers[0][0].shape == (k, 65)  # Omega^T [G | g]: k x (inputs + bias)
     assert test.excess([0, 1, 2, 3, 4]) <= 1e-2 and test.excess([0, 2, 3]) <= 1e-2
     assert test.excess([0, 2, 3, 5]) > 1 and test.excess([5]) > 1
+    assert test.sketched(0)[0].shape == (k, 65)  # Omega^T [G | g]: k x (inputs + bias)
+
+
+def test_joint_test_of_the_whole_batch_is_exact_and_takes_no_sketch(lfw, monkeypatch):
+    """A set of M samples leaves rank 0: its statistic is the residual's own norm at every layer (no sketch is
+    taken), and a blend in place of a sample fails it."""
+    attack, x, y = setup(lfw, [0, 1, 2, 3, 4])
+    blend = (x[0] + x[1]) / 2  # put in place of sample 0, with its label
+    t64 = trace(attack, torch.cat([x, blend[None]]), torch.cat([y, y[:1]]))
+    weights = torch.full((6,), 1 / 5, dtype=torch.float64)
+    monkeypatch.setattr(attack, "sketch", lambda *a, **k: pytest.fail("the whole batch took a sketch"))
+    test = JointTest(attack, t64, batch_size=5, weights=weights, slack=5)
+    worst = 0.0
+    for i in range(attack.net.depth + 1):
+        delta = t64.loss_vectors if i == attack.net.depth else t64.deltas[i]
+        O = torch.cat([attack.G[i].double(), attack.g[i].double()[:, None]], 1)
+        A = torch.cat([t64.activations[i], torch.ones(6, 1, dtype=torch.float64)], 1)
+        R = O - (delta[:5].T * weights[:5]) @ A[:5]
+        worst = max(worst, float(R.norm() / O.norm()))
+    assert test.residual([0, 1, 2, 3, 4]) == pytest.approx(worst, rel=1e-6)
+    assert test.excess([0, 1, 2, 3, 4]) <= 1e-2
+    assert test.excess([1, 2, 3, 4, 5]) > 1
 
 
 def test_dead_rows_refute_a_signed_blend(digits):

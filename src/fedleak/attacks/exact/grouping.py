@@ -8,6 +8,7 @@ at a time from the gradient as the client sent it: no float64 copy of the layer'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -108,6 +109,15 @@ class ImpliedInputs:
         return total / len(sel)
 
 
+@functools.lru_cache(maxsize=8)
+def scan_directions(dim: int) -> torch.Tensor:
+    """Four random unit directions of dimension ``dim`` (rows; float64, CPU, read only), drawn from
+    ``GROUPING_SEED``: the same for every call on a model."""
+    gen = torch.Generator().manual_seed(GROUPING_SEED)
+    V = torch.randn(dim, 4, generator=gen, dtype=F64)
+    return (V / V.norm(dim=0, keepdim=True)).T.contiguous()
+
+
 @dataclass(frozen=True)
 class Scan:
     """What grouping reads of every implied input: its norm (at least ``1e-300``) and the projections of its unit
@@ -120,9 +130,7 @@ class Scan:
 
     @classmethod
     def empty(cls, n: int, dim: int, device) -> Scan:
-        gen = torch.Generator().manual_seed(GROUPING_SEED)
-        V = torch.randn(dim, 4, generator=gen, dtype=F64).to(device)
-        V = (V / V.norm(dim=0, keepdim=True)).T.contiguous()
+        V = scan_directions(dim).to(device)
         return cls(torch.empty(n, dtype=F64, device=device), torch.empty(4, n, dtype=F64, device=device), V)
 
     def add(self, part, rows: torch.Tensor) -> None:
@@ -145,19 +153,23 @@ class RowGroup:
     spread: float = 0.0
 
 
-def split_runs(proj: torch.Tensor, members: torch.Tensor, gap: float, level: int) -> list[torch.Tensor]:
-    """Split ``members`` into runs whose projections ``proj[level]`` are chained within ``gap``;
-    split each run again on the next projection, so that long accidental chains break up."""
-    order = members[torch.argsort(proj[level][members])]
-    vals = proj[level][order]
-    cut = torch.nonzero(vals[1:] - vals[:-1] > gap).flatten() + 1
-    runs = torch.tensor_split(order, cut.tolist())
-    if level + 1 == proj.shape[0]:
-        return list(runs)
-    out: list[torch.Tensor] = []
-    for run in runs:
-        out.extend([run] if len(run) == 1 else split_runs(proj, run, gap, level + 1))
-    return out
+def split_runs(proj: torch.Tensor, gap: float) -> list[torch.Tensor]:
+    """Bucket the rows by their projections ``proj`` (one row per projection): runs of rows whose ``proj[0]`` are
+    chained within ``gap``, each split again into runs chained within ``gap`` on ``proj[1]``, and so on, so that
+    long accidental chains break up. Every run of every level is split at once: rows sorted by (run, projection),
+    cut where the run changes or the gap is exceeded."""
+    n = proj.shape[1]
+    dev = proj.device
+    run = torch.zeros(n, dtype=torch.long, device=dev)
+    new = torch.ones(n, dtype=torch.bool, device=dev)
+    order = torch.arange(n, device=dev)
+    for values in proj:
+        order = torch.argsort(values, stable=True)
+        order = order[torch.argsort(run[order], stable=True)]
+        ranked, vals = run[order], values[order]
+        new[1:] = (ranked[1:] != ranked[:-1]) | (vals[1:] - vals[:-1] > gap)
+        run[order] = torch.cumsum(new, 0) - 1
+    return list(order.split(torch.bincount(run).tolist()))
 
 
 def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float, scan: Scan | None = None
@@ -180,9 +192,12 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
     rank = torch.empty(n, dtype=torch.long, device=dev)
     rank[order] = torch.arange(n, device=dev)
     groups: list[RowGroup] = []
-    for run in split_runs(proj, torch.arange(n, device=dev), 4 * tol, 0):
+    runs = split_runs(proj, 4 * tol)
+    single = [run for run in runs if len(run) == 1]
+    if single:
+        groups.extend(RowGroup([row]) for row in torch.cat(single).tolist())
+    for run in runs:
         if len(run) == 1:
-            groups.append(RowGroup([int(run[0])]))
             continue
         rest = run[torch.argsort(rank[run])]  # unassigned rows of the bucket, in visiting order
         while len(rest):

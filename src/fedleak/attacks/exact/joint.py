@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedleak.nets import Trace
-from fedleak.nets.float64 import PIECE_ENTRIES, back64, row_norms64
+from fedleak.nets.float64 import PIECE_ENTRIES, back64, pieces64, row_norms64
 
 F64 = torch.float64
 
@@ -45,17 +46,46 @@ def draw_sketches(seed: int, rows: tuple[int, ...], k: int) -> tuple[torch.Tenso
 cached_sketches = functools.lru_cache(maxsize=4)(draw_sketches)
 
 
+@dataclass(frozen=True)
+class JointLayer:
+    """One layer of the joint test: its observed gradient ``O = [G | g]`` as the client sent it (never copied
+    whole), every candidate's backward signal ``U`` and input ``A`` (one row each; ``A`` ends with a 1 where the
+    layer has a bias), the update's own rounding noise ``N`` on ``O`` (or None), and ``small``, ``O``'s smaller
+    side."""
+
+    index: int
+    G: torch.Tensor
+    g: torch.Tensor | None
+    U: torch.Tensor
+    A: torch.Tensor
+    N: torch.Tensor | None
+    small: int
+
+    def exact_residual(self, terms: torch.Tensor, inputs: torch.Tensor) -> float:
+        """``||O - terms @ inputs||_F``, formed a piece of ``O``'s rows at a time."""
+        sq = 0.0
+        d_in = self.G.shape[1]
+        for s, piece in pieces64(self.G):
+            rows = terms[s : s + len(piece)]
+            sq += float(torch.linalg.vector_norm(torch.addmm(piece, rows, inputs[:, :d_in], alpha=-1))) ** 2
+        if self.g is not None:
+            sq += float(torch.linalg.vector_norm(self.g.to(F64) - terms @ inputs[:, d_in])) ** 2
+        return math.sqrt(sq)
+
+
 class JointTest:
     """Whether a set of rebuilt samples, each at its scale, explains every layer's observed gradient jointly.
 
-    For each layer (hidden layers and the output layer) it keeps a Gaussian sketch of the observed gradient
-    ``O = [G | g]`` and of each candidate's rank-one term ``delta [a, 1]``, on the layer's longer side:
+    The statistic is the residual ``O - sum_set s_k delta_k [a_k, 1]`` 's energy beyond rank ``r = M - |set|``
+    (``sqrt`` of the sum of its squared singular values past the ``r``-th), over a threshold ``batch_tol * ||O|| +
+    3 ||noise||``; ``excess <= 1`` passes. A set of the whole batch (``r = 0``) of at most ``k / 2`` samples is
+    tested exactly: the residual's norm, one pass over the layer that costs less than the sketch of ``k`` columns
+    below (on a wide layer, the product of many samples' terms a piece at a time costs more). Otherwise each layer (hidden layers and the output layer) keeps a Gaussian
+    sketch of the observed gradient and of each candidate's rank-one term, on the layer's longer side:
     ``O @ Omega`` (``d_out x k``), or ``Omega^T @ O`` (``k x (d_in + 1)``) for a layer with more outputs than
-    inputs. Testing a set then costs one product of the set's terms per layer and the Gram matrix of a
-    ``k``-wide residual. The statistic is the residual's energy beyond rank ``r = M - |set|`` (``sqrt`` of the sum
-    of its squared singular values past the ``r``-th), over a threshold ``batch_tol * ||sketch of O|| +
-    3 ||sketch of noise||``; ``excess <= 1`` passes. Layers whose smaller side is at most ``k`` are tested
-    exactly, without a sketch.
+    inputs, taken when the first such set is tested; testing a set then costs one product of the set's terms per
+    layer and the Gram matrix of a ``k``-wide residual, and the norms in the threshold are the sketches' (the
+    noise's times ``sqrt(k)``). Layers whose smaller side is at most ``k`` are tested exactly, without a sketch.
     """
 
     def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, slack: int,
@@ -69,43 +99,54 @@ class JointTest:
         self.M = batch_size
         self.weights = weights
         self.tol = attack.opts.batch_tol
+        self.seed = seed
+        self.attack = attack
         self._cache: dict[tuple[int, ...], list[tuple[float, float, float]]] = {}
+        self._sketches: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = {}
         dev = attack.device
-        self.layers = []
         # a tested set leaves room for rank r = M - |set| <= min(slack, M): the sketch keeps 2 (r + 1) + 8 columns
-        k_want = 2 * (min(slack, batch_size) + 1) + 8
-        sketched = tuple(max(attack.G[i].shape[0], attack.G[i].shape[1] + (attack.g[i] is not None))
-                         for i in range(net.depth + 1)
-                         if min(attack.G[i].shape[0], attack.G[i].shape[1] + (attack.g[i] is not None)) > k_want)
-        draws = iter(gaussian_sketches(seed, sketched, k_want))
+        self.k = 2 * (min(slack, batch_size) + 1) + 8
+        self.layers: list[JointLayer] = []
         for i in range(net.depth + 1):
             delta = t64.loss_vectors if i == net.depth else t64.deltas[i]
             if corrections is not None:
                 eps, d_one, onehot = corrections
                 delta = delta + eps[:, None] * (onehot if i == net.depth else d_one[i])
-            G, A, U = attack.G[i], t64.activations[i], delta
-            bias = attack.g[i] is not None
-            if bias:
+            G, A, g = attack.G[i], t64.activations[i], attack.g[i]
+            if g is not None:
                 A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=dev)], 1)
             N = None
             if attack.noise is not None:
-                N = attack.noise[i] if not bias else torch.cat([attack.noise[i], attack.noise_b[i][:, None]], 1)
-            small = min(G.shape[0], A.shape[1])
-            if small <= k_want:  # exact: the residual itself
-                OS = torch.cat([G.to(F64), attack.g[i][:, None]], 1) if bias else G.to(F64)
-                AS, ref = A, float(OS.norm())
+                N = attack.noise[i] if g is None else torch.cat([attack.noise[i], attack.noise_b[i][:, None]], 1)
+            self.layers.append(JointLayer(i, G, g, delta, A, N, min(G.shape[0], A.shape[1])))
+        # the sketched layers draw their Gaussian matrices in turn from one generator seeded with ``seed``
+        self._sketched = [j for j, layer in enumerate(self.layers) if layer.small > self.k]
+        self._omegas: tuple[torch.Tensor, ...] | None = None
+
+    def sketched(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+        """Layer ``j``'s ``(O sketched, U, A, ||O sketched||, 3 ||noise sketched||)``, with ``U`` and ``A`` sketched
+        on the side ``O`` is (``O`` itself, in float64, for a layer whose smaller side is at most ``k``)."""
+        if j not in self._sketches:
+            layer = self.layers[j]
+            G, g, U, A, N = layer.G, layer.g, layer.U, layer.A, layer.N
+            if layer.small <= self.k:  # exact: the residual itself
+                OS = torch.cat([G.to(F64), g[:, None]], 1) if g is not None else G.to(F64)
+                AS = A
                 noise = 3 * float(N.norm()) if N is not None else 0.0
             else:  # O sketched on its longer side, without a copy of O
-                omega = next(draws).to(dev)
+                if self._omegas is None:
+                    shapes = tuple(max(self.layers[m].G.shape[0], self.layers[m].A.shape[1]) for m in self._sketched)
+                    self._omegas = gaussian_sketches(self.seed, shapes, self.k)
+                omega = self._omegas[self._sketched.index(j)].to(layer.U.device)
                 tall = G.shape[0] > A.shape[1]
-                OS = attack.sketch(i, omega, seed, left=tall)
+                OS = self.attack.sketch(layer.index, omega, self.seed, left=tall)
                 if tall:  # Omega^T O: the terms' backward signals are sketched, their inputs kept whole
                     U, AS = U @ omega, A
                 else:
                     AS = A @ omega
-                ref = float(OS.norm())
-                noise = 3 * math.sqrt(k_want) * float(N.norm()) if N is not None else 0.0
-            self.layers.append((OS, U, AS, ref, noise, small))
+                noise = 3 * math.sqrt(self.k) * float(N.norm()) if N is not None else 0.0
+            self._sketches[j] = (OS, U, AS, float(OS.norm()), noise)
+        return self._sketches[j]
 
     def _tails(self, members: list[int]) -> list[tuple[float, float, float]]:
         """Per tested layer: the residual energy beyond rank ``M - |members|``, its threshold, the layer's norm
@@ -115,9 +156,16 @@ class JointTest:
             r = max(self.M - len(members), 0)
             idx = torch.tensor(key, dtype=torch.long, device=self.weights.device)
             out = []
-            for OS, U, AS, ref, noise, small in self.layers:
-                if r >= small:
+            for j, layer in enumerate(self.layers):
+                if r >= layer.small:
                     continue  # a residual of this layer can have any rank up to its size: no test
+                if r == 0 and 2 * len(key) <= self.k:  # the whole batch, of a few samples: the residual's norm
+                    ref = self.attack.layer_norm(layer.index)
+                    noise = 3 * float(layer.N.norm()) if layer.N is not None else 0.0
+                    tail = layer.exact_residual(layer.U[idx].T * self.weights[idx], layer.A[idx])
+                    out.append((tail, self.tol * ref + noise, ref))
+                    continue
+                OS, U, AS, ref, noise = self.sketched(j)
                 ev = residual_spectrum(OS, U[idx].T * self.weights[idx], AS[idx])
                 out.append((float(ev[r:].sum().sqrt()), self.tol * ref + noise, ref))
             self._cache[key] = out

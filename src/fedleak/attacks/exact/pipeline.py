@@ -89,8 +89,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     attack.walk_down(cands)
     complete = [c for c in cands if c.complete]
     if len(cands) > len(complete):
-        notes.append(f"{len(cands) - len(complete)} sample(s) were found at the last ReLU layer but could not be "
-                     "traced down to the input of the first Linear layer")
+        notes.append(f"{len(cands) - len(complete)} candidate(s) read at the last ReLU layer could not be traced "
+                     "down to the input of the first Linear layer (a candidate is a sample, or a mixture of samples "
+                     "that share its neurons, which no input below reproduces)")
     found = Found(len(cands), len(complete))
     # 3. the conv blocks, top down
     walk = None

@@ -80,6 +80,13 @@ class HeadAttack:
             self._row_norms[i] = row_norms64(self.G[i])
         return self._row_norms[i]
 
+    def layer_norm(self, i: int) -> float:
+        """The norm of dense layer ``i``'s whole gradient ``[G_i | g_i]`` (float64)."""
+        sq = self.row_norms(i).square().sum()
+        if self.g[i] is not None:
+            sq = sq + self.g[i].to(F64).square().sum()
+        return float(sq.sqrt())
+
     def sketch(self, i: int, omega: torch.Tensor, seed: int, left: bool = False) -> torch.Tensor:
         """``[G_i | g_i] @ omega``, or ``omega^T @ [G_i | g_i]`` (``left``), in float64 (``omega``: the Gaussian
         sketch drawn from ``seed`` for dense layer ``i``), kept for the next certificate of this update: a CNN's
