@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fedleak
-from fedleak.attacks.exact.grouping import HELD_BYTES, ROW_CHUNK, ImpliedInputs, group_rows
+from fedleak.attacks.exact.grouping import HELD_BYTES, ROW_CHUNK, ImpliedInputs, group_rows, split_runs
 
 
 def clustered_rows(n: int = 400, centres: int = 30, dim: int = 12, noise: float = 4e-6, seed: int = 0):
@@ -34,6 +34,38 @@ def test_row_grouping_matches_leader_clustering_by_brute_force():
     got = [grp.rows for grp in group_rows(R, order, tol)]
     assert sorted(map(sorted, got)) == sorted(expected)
     assert 30 <= len(got) < 400  # near rows were grouped, far ones were not
+
+
+def chained_runs(proj: torch.Tensor, members: list[int], gap: float, level: int = 0) -> list[list[int]]:
+    """The buckets by definition, one run at a time: sort by this level's projection, cut at gaps, recurse."""
+    members = sorted(members, key=lambda r: float(proj[level, r]))
+    runs, run = [], [members[0]]
+    for a, b in zip(members, members[1:]):
+        if float(proj[level, b] - proj[level, a]) > gap:
+            runs.append(run)
+            run = []
+        run.append(b)
+    runs.append(run)
+    if level + 1 == proj.shape[0]:
+        return runs
+    return [sub for r in runs for sub in ([r] if len(r) == 1 else chained_runs(proj, r, gap, level + 1))]
+
+
+@pytest.mark.parametrize("gap", [1e-4, 0.05, 0.5])
+def test_runs_split_level_by_level_match_the_recursive_definition(gap):
+    """Every run of a level is split at once; the buckets are those of splitting each run in turn, and rows within
+    the gap at every level share a bucket."""
+    gen = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 15, generator=gen, dtype=torch.float64)
+    which = torch.randint(0, 15, (300,), generator=gen)
+    proj = centres[:, which] + 0.02 * torch.randn(4, 300, generator=gen, dtype=torch.float64)
+    got = sorted(sorted(run.tolist()) for run in split_runs(proj, gap))
+    assert got == sorted(sorted(run) for run in chained_runs(proj, list(range(300)), gap))
+    assert sorted(r for run in got for r in run) == list(range(300))
+    bucket = {r: k for k, run in enumerate(got) for r in run}
+    close = ((proj[:, :, None] - proj[:, None, :]).abs() <= gap).all(0)
+    pairs = torch.nonzero(close).tolist()
+    assert all(bucket[a] == bucket[b] for a, b in pairs)
 
 
 def test_spread_bounds_every_pair_of_a_group():
