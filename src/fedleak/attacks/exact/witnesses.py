@@ -34,24 +34,9 @@ def backward_signals(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.T
     return deltas[::-1]
 
 
-def witness_vectors(
-    acts: list[torch.Tensor], deltas: list[torch.Tensor], e: torch.Tensor, layer: int, own: torch.Tensor,
-    rows: torch.Tensor, has_bias: bool, top: bool,
-) -> torch.Tensor:
-    """Per-sample predicted gradient entries of ``rows`` of dense layer ``layer``, row ``j`` for sample ``own[j]``
-    (``acts``, ``deltas``, ``e``: one row per sample): the weight row, the bias entry and, for the top layer,
-    the output layer's column."""
-    d = deltas[layer][own, rows][:, None]
-    parts = [d * acts[layer][own]]
-    if has_bias:
-        parts.append(d)
-    if top:
-        parts.append(acts[layer + 1][own, rows][:, None] * e[own])
-    return torch.cat(parts, dim=1)
-
-
 def observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
-    """The observed entries matching :func:`witness_vectors` (``G``/``g``: weight and bias gradients)."""
+    """The observed entries of witness ``rows`` of dense layer ``layer`` (``G``/``g``: weight and bias gradients):
+    the weight row, the bias entry and, for the top layer, the output layer's column."""
     parts = [rows64(G[layer], rows)]
     if g[layer] is not None:
         parts.append(g[layer][rows, None])
@@ -117,7 +102,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
     sig = Signals(t64, d_one, onehot, [a.to(F64) for a in t32.activations], [d.to(F64) for d in d32], e32.to(F64))
     consistent = reproduces_activations(complete, t64, opts.forward_tol)
-    # samples are fitted together, a group at a time: at most WITNESS_ENTRIES entries of witness vectors at once
+    # samples are fitted together, a group at a time: at most WITNESS_ENTRIES entries of witness rows held at once
     width = [attack.G[i].shape[1] + 1 + K for i in range(net.depth)]
     fits: list[WitnessFit] = []
     group: list[int] = []
@@ -134,7 +119,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     return fits
 
 
-WITNESS_ENTRIES = 1 << 21  # float64 entries per witness matrix held at once (16 MiB)
+WITNESS_ENTRIES = 1 << 21  # float64 entries of the witness rows (and their inputs) held at once (16 MiB)
 
 
 @dataclass(frozen=True)
@@ -151,10 +136,81 @@ class Signals:
     e32: torch.Tensor
 
 
+@dataclass(frozen=True)
+class WitnessBlock:
+    """Witness rows of one dense layer, row ``j`` for sample ``own[j]``, as the fit reads them. A row's recomputed
+    per-sample gradient is rank one in its sample's input ``a``: ``p0 = [d0 a, d0, h e0]`` (the weight row, the bias
+    entry and, for the top layer, the output layer's column through the row's activation ``h``); ``p1`` is the same
+    with the label entry's signals ``d1``, ``e1``. So the dot products with the observed entries
+    ``o = [G_j, g_j, c_j]`` need only ``G_j`` and ``a`` (held: ``Gr``, ``A``) and per-row scalars: ``p00 = p0.p0``,
+    ``p01``, ``p11``, ``p0o``, ``p1o``, ``oo = o.o``; ``noise`` is ``|p32 - p0|``, the client's float32 replay's
+    difference."""
+
+    Gr: torch.Tensor
+    A: torch.Tensor
+    gb: torch.Tensor | None
+    col: torch.Tensor | None
+    d0: torch.Tensor
+    d1: torch.Tensor
+    h: torch.Tensor | None
+    e0: torch.Tensor | None
+    e1: torch.Tensor | None
+    p00: torch.Tensor
+    p01: torch.Tensor
+    p11: torch.Tensor
+    p0o: torch.Tensor
+    p1o: torch.Tensor
+    oo: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def of(cls, attack, sig: Signals, i: int, own: torch.Tensor, rows: torch.Tensor) -> WitnessBlock:
+        t64 = sig.t64
+        acts, acts32 = t64.activations[i], sig.acts32[i]
+        diff = acts32 - acts
+        bias = attack.g[i] is not None
+        aa = ((acts * acts).sum(1) + float(bias))[own]  # |[a, 1]|^2
+        dd, da = (diff * diff).sum(1)[own], (diff * acts).sum(1)[own]
+        d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows]
+        Gr, A = rows64(attack.G[i], rows), acts[own]
+        oa, oo = torch.linalg.vecdot(Gr, A), torch.linalg.vector_norm(Gr, dim=1) ** 2
+        gb = None
+        if bias:
+            gb = attack.g[i][rows].to(F64)
+            oa, oo = oa + gb, oo + gb * gb
+        c = d32 - d0  # p32 - p0 = [d32 (a32 - a) + c a, c, h32 e32 - h e0]
+        p00, p01, p11 = d0 * d0 * aa, d0 * d1 * aa, d1 * d1 * aa
+        p0o, p1o = d0 * oa, d1 * oa
+        sq_noise = d32 * d32 * dd + 2 * d32 * c * da + c * c * aa
+        col = h = e0 = e1 = None
+        if i == attack.net.depth - 1:
+            h, h32 = t64.activations[i + 1][own, rows], sig.acts32[i + 1][own, rows]
+            e0, e1 = t64.loss_vectors[own], sig.onehot[own]
+            col = attack.G[-1][:, rows].T.to(F64)
+            hh = h * h
+            p00, p01, p11 = p00 + hh * (e0 * e0).sum(1), p01 + hh * (e0 * e1).sum(1), p11 + hh * (e1 * e1).sum(1)
+            p0o, p1o = p0o + h * (col * e0).sum(1), p1o + h * (col * e1).sum(1)
+            oo = oo + (col * col).sum(1)
+            sq_noise = sq_noise + ((h32[:, None] * sig.e32[own] - h[:, None] * e0) ** 2).sum(1)
+        return cls(Gr, A, gb, col, d0, d1, h, e0, e1, p00, p01, p11, p0o, p1o, oo, sq_noise.clamp_min(0).sqrt())
+
+    def residuals(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``|o - s p0 - t p1|`` per row (``s``, ``t``: per row), formed entry by entry (no cancellation)."""
+        c = s * self.d0 + t * self.d1
+        sq = torch.linalg.vector_norm(torch.addcmul(self.Gr, self.A, c[:, None], value=-1), dim=1) ** 2
+        if self.gb is not None:
+            sq = sq + (self.gb - c) ** 2
+        if self.col is not None:
+            fitted = self.h[:, None] * (s[:, None] * self.e0 + t[:, None] * self.e1)
+            sq = sq + ((self.col - fitted) ** 2).sum(1)
+        return sq.sqrt()
+
+
 def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: list[bool],
               eps32: float) -> list[WitnessFit]:
     """:func:`fit_witnesses` for the candidates ``ks``, all at once: their witness rows laid end to end (each
-    sample's in its own order), one product per layer, and every sample's fit iterated together."""
+    sample's in its own order), read a layer at a time (:class:`WitnessBlock`), and every sample's fit iterated
+    together."""
     net, opts = attack.net, attack.opts
     t64 = sig.t64
     dev = t64.logits.device
@@ -177,27 +233,20 @@ def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: l
     kidx = torch.tensor(ks, dtype=torch.long, device=dev)
     noise = torch.zeros(n_rows, dtype=F64, device=dev)
     norm = torch.zeros(n_rows, dtype=F64, device=dev)
-    dots = torch.zeros(5, n_rows, dtype=F64, device=dev)  # per row: p0.p0, p0.p1, p1.p1, p0.o, p1.o
+    dots = torch.zeros(5, n_rows, dtype=F64, device=dev)  # per row: p0.p0, p0.p1, p1.p1, p0.o, p1.o (over o.o)
     blocks = []
     for i in sorted(set(layer_of)):
         pos = torch.nonzero(layer_t == i).flatten()
         own, rows = kidx[sample_t[pos]], row_t[pos]
-        top, has_bias = i == net.depth - 1, attack.g[i] is not None
-        o = observed_vectors(attack.G, attack.g, i, rows, top)
-        a0 = witness_vectors(t64.activations, t64.deltas, t64.loss_vectors, i, own, rows, has_bias, top)
-        a1 = witness_vectors(t64.activations, sig.d_one, sig.onehot, i, own, rows, has_bias, top)
-        a32 = witness_vectors(sig.acts32, sig.d32, sig.e32, i, own, rows, has_bias, top)
-        scale = o.norm(dim=1, keepdim=True).clamp_min(1e-300)  # each witness weighs the same
-        row_noise = (a32 - a0).norm(dim=1) / a0.norm(dim=1).clamp_min(1e-300) + 8 * eps32
-        del a32
+        block = WitnessBlock.of(attack, sig, i, own, rows)
+        oo = block.oo.clamp_min(1e-300)
+        noise[pos] = block.noise / block.p00.sqrt().clamp_min(1e-300) + 8 * eps32
+        norm[pos] = oo.sqrt()  # each witness weighs the same: its observed entries scaled to norm 1
         if attack.noise is not None:  # the update's own rounding, relative to the row
-            own_noise = observed_vectors(attack.noise, attack.noise_b, i, rows, top)
-            row_noise = row_noise + own_noise.norm(dim=1) / scale[:, 0]
-        o, a0, a1 = o / scale, a0 / scale, a1 / scale
-        noise[pos], norm[pos] = row_noise, scale[:, 0]
-        dots[:, pos] = torch.stack([(a0 * a0).sum(1), (a0 * a1).sum(1), (a1 * a1).sum(1), (a0 * o).sum(1),
-                                    (a1 * o).sum(1)])
-        blocks.append((pos, sample_t[pos], o, a0, a1))
+            own_noise = observed_vectors(attack.noise, attack.noise_b, i, rows, i == net.depth - 1)
+            noise[pos] += own_noise.norm(dim=1) / norm[pos]
+        dots[:, pos] = torch.stack([block.p00, block.p01, block.p11, block.p0o, block.p1o]) / oo
+        blocks.append((pos, block))
     tol = torch.maximum(torch.full_like(noise, opts.check_tol), opts.noise_factor * noise)
     quiet = noise <= opts.max_noise
     ok = quiet.clone()
@@ -229,8 +278,8 @@ def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: l
         t_fit[active] = torch.where(clamp, s_c * eps_c, t)
         eps_fit[active] = torch.where(clamp, eps_c, eps)
         live = active[sample_t]
-        for pos, own, o, a0, a1 in blocks:
-            fresh = (o - s_fit[own, None] * a0 - t_fit[own, None] * a1).norm(dim=1)
+        for pos, block in blocks:
+            fresh = block.residuals(s_fit[sample_t[pos]], t_fit[sample_t[pos]]) / norm[pos]
             res[pos] = torch.where(live[pos], fresh, res[pos])
         new_ok = torch.where(live, (res <= tol) & quiet, ok)
         active &= per_sample((new_ok != ok).to(F64)) > 0

@@ -1,0 +1,62 @@
+"""Step 1 of the certificate: a witness row's dot products and residual, read from per-row scalars and the
+observed row, equal those of the explicit per-sample gradient vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
+from fedleak.attacks.exact.witnesses import Signals, WitnessBlock
+from fedleak.nets import as_network, forward_trace
+
+F64 = torch.float64
+
+
+def explicit(t_acts, deltas, e, G, g, Gout, i, own, rows, top):
+    """The witness vectors [d a, d, h e] and observed rows [G_j, g_j, Gout[:, j]], one row per witness."""
+    d = deltas[i][own, rows][:, None]
+    p = [d * t_acts[i][own], d]
+    o = [G[rows].to(F64), g[rows, None].to(F64)]
+    if top:
+        p.append(t_acts[i + 1][own, rows][:, None] * e[own])
+        o.append(Gout[:, rows].T.to(F64))
+    return torch.cat(p, 1), torch.cat(o, 1)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_witness_block_equals_the_explicit_vectors(layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    x, y = torch.randn(6, 20), torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = F.cross_entropy(model(x), y)
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    attack = HeadAttack(as_network(model).head, grads, ExclusivityOptions(), torch.float32)
+    X, labels = x[:3].double(), y[:3]
+    t64 = forward_trace(attack.net, X, labels, dtype=F64, params=(attack.W, attack.b))
+    gen = torch.Generator().manual_seed(1)
+
+    def nudge(t):  # a stand-in for the label-entry signals and the float32 replay: any values will do
+        return t + 1e-3 * torch.randn(t.shape, generator=gen, dtype=F64)
+
+    onehot = F.one_hot(labels, 5).to(F64)
+    sig = Signals(t64, [nudge(d) for d in t64.deltas], onehot, [nudge(a) for a in t64.activations],
+                  [nudge(d) for d in t64.deltas], nudge(t64.loss_vectors))
+    own, rows = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([3, 7, 7, 1, 20])
+    top = layer == attack.net.depth - 1
+    block = WitnessBlock.of(attack, sig, layer, own, rows)
+    p0, o = explicit(t64.activations, t64.deltas, t64.loss_vectors, attack.G[layer], attack.g[layer], attack.G[-1],
+                     layer, own, rows, top)
+    p1, _ = explicit(t64.activations, sig.d_one, sig.onehot, attack.G[layer], attack.g[layer], attack.G[-1],
+                     layer, own, rows, top)
+    p32, _ = explicit(sig.acts32, sig.d32, sig.e32, attack.G[layer], attack.g[layer], attack.G[-1],
+                      layer, own, rows, top)
+    for got, want in [(block.p00, (p0 * p0).sum(1)), (block.p01, (p0 * p1).sum(1)), (block.p11, (p1 * p1).sum(1)),
+                      (block.p0o, (p0 * o).sum(1)), (block.p1o, (p1 * o).sum(1)), (block.oo, (o * o).sum(1)),
+                      (block.noise, (p32 - p0).norm(dim=1))]:
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14 * float(want.abs().max()))
+    s, t = torch.tensor([0.5, -1.0, 2.0, 0.1, 3.0], dtype=F64), torch.tensor([0.0, 1e-3, -2.0, 0.5, 1.0], dtype=F64)
+    want = (o - s[:, None] * p0 - t[:, None] * p1).norm(dim=1)
+    assert torch.allclose(block.residuals(s, t), want, rtol=1e-12)
