@@ -10,11 +10,11 @@ from torch import nn
 from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
 from fedleak.attacks.exact.joint import (
     IndependenceTest,
-    JointTest,
     WitnessConflicts,
     dead_row_contributions,
     degenerate_loss_vectors,
 )
+from fedleak.attacks.exact.rank_test import JointTest, residual_spectrum
 from fedleak.nets import as_network, forward_trace
 
 
@@ -193,8 +193,6 @@ def test_witness_conflicts_match_their_definition():
 
 
 def test_residual_spectrum_is_that_of_the_residual_on_either_side():
-    from fedleak.attacks.exact.joint import residual_spectrum
-
     gen = torch.Generator().manual_seed(5)
     for rows, cols in ((12, 300), (5000, 9)):  # wide: Y Y^T; tall: Y^T Y summed over pieces of rows
         OS = torch.randn(rows, cols, generator=gen, dtype=torch.float64)

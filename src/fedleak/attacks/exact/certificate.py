@@ -15,11 +15,12 @@ A certified sample must be one of the batch's inputs, with its label. Two checks
    subtracting their terms is the sum of the other ``M - |C|`` samples' terms, so its rank is at most
    ``M - |C|``. A blend is a combination of true samples' inputs whose backward signal is not theirs:
    subtracting it leaves one more independent direction, and the residual's rank exceeds ``M - |C|``.
-   The test measures the residual's energy beyond rank ``M - |C|`` (on a Gaussian sketch of the layer) and
-   the certified set is the largest set of witnessed samples that passes it, together with three more:
+   The test measures the residual's energy beyond rank ``M - |C|`` (on a Gaussian sketch of the layer, or
+   exactly) and the certified set is the largest set of witnessed samples that passes it, together with three more:
    no term on rows that are exactly zero, no term on another certified sample's witness rows, and, for loss
    vectors other samples can share, an input outside the span of the uncertified samples' inputs
-   (:mod:`fedleak.attacks.exact.joint`). Step 1 lives in :mod:`fedleak.attacks.exact.witnesses`.
+   (:mod:`fedleak.attacks.exact.joint`, :mod:`fedleak.attacks.exact.rank_test`). Step 1 lives in
+   :mod:`fedleak.attacks.exact.witnesses`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import torch
 
 from fedleak.attacks.exact.joint import (
     IndependenceTest,
-    JointTest,
     WitnessConflicts,
     dead_row_contributions,
     degenerate_loss_vectors,
     select_consistent,
 )
+from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.witnesses import (
     WitnessFit,
     backward_signals,
