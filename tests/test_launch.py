@@ -37,6 +37,22 @@ def test_ctrl_c_inside_an_import_is_raised_after_it(tmp_path, monkeypatch, defau
     sys.modules.pop("interrupted_module", None)
 
 
+def test_a_second_ctrl_c_inside_an_import_is_raised_at_once(tmp_path, monkeypatch, default_sigint):
+    """An import that runs long (a model file that trains when imported) can still be stopped: the second Ctrl-C
+    raises inside it."""
+    (tmp_path / "long_module.py").write_text(
+        "import signal, time\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+        "time.sleep(0.2)  # held: the checks find the import still running\n"
+        "signal.raise_signal(signal.SIGINT)\n"
+        "time.sleep(0.2)\n"
+        "DONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with HeldDuringImports(), pytest.raises(KeyboardInterrupt):
+        import long_module  # noqa: F401
+    assert "long_module" not in sys.modules  # the import did not finish
+
+
 def test_ctrl_c_outside_an_import_is_raised_at_once(default_sigint):
     with HeldDuringImports(), pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)

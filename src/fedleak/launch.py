@@ -34,27 +34,49 @@ def importing(frame: FrameType | None) -> bool:
 class HeldDuringImports:
     """While active, Ctrl-C (SIGINT) raises KeyboardInterrupt at once, as Python's own handler does, except
     inside an import: there it is held, and raised at the first check (every ``RECHECK_S``) that finds the
-    import done. Installed only in the main thread and only over Python's default handler (a SIGINT that the
-    process ignores, as a background job's, stays ignored)."""
+    import done. A second Ctrl-C while one is held raises at once (an import that runs long: a model file that
+    trains when it is imported). Installed only in the main thread and only over Python's default handler (a
+    SIGINT that the process ignores, as a background job's, stays ignored)."""
 
     def __enter__(self) -> HeldDuringImports:
         self.previous = signal.getsignal(signal.SIGINT)
         self.active = (threading.current_thread() is threading.main_thread()
                        and self.previous is signal.default_int_handler)
+        self.held = self.rechecking = False
+        self.check: threading.Timer | None = None
         if self.active:
             signal.signal(signal.SIGINT, self.handle)
         return self
 
     def __exit__(self, *exc) -> None:
+        self.held = False  # a check still under way finds nothing to deliver ...
+        if self.check is not None:
+            self.check.cancel()
+            self.check.join()
+        self.settle()  # ... and is taken here, while this handler is still installed
         if self.active:
             signal.signal(signal.SIGINT, self.previous)
 
+    def settle(self) -> None:
+        """A Python call: the interpreter runs pending signal handlers on entering it."""
+
     def handle(self, signum: int, frame: FrameType | None) -> None:
-        if not importing(frame):
+        recheck, self.rechecking = self.rechecking, False
+        if recheck and not self.held:
+            return  # a check of a Ctrl-C already delivered
+        if not importing(frame) or (self.held and not recheck):
+            self.held = False
             raise KeyboardInterrupt
-        check = threading.Timer(RECHECK_S, _thread.interrupt_main)  # calls this handler again, in the main thread
-        check.daemon = True
-        check.start()
+        self.held = True
+        self.check = threading.Timer(RECHECK_S, self.recheck)
+        self.check.daemon = True
+        self.check.start()
+
+    def recheck(self) -> None:
+        """Call :meth:`handle` again, in the main thread, marked as a check rather than a new Ctrl-C."""
+        if self.held:
+            self.rechecking = True
+            _thread.interrupt_main()
 
 
 def main(argv: list[str] | None = None) -> int:
