@@ -54,6 +54,7 @@ class IndependenceTest:
         if attack.g[t] is not None:
             A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=A.device)], 1)
         self.G, self.gb, self.A, self.U = attack.G[t], attack.g[t], A, delta  # O = [G | gb], never copied whole
+        self.layer_norm = attack.layer_norm(t)  # from the row norms the candidates' step took
         self.M, self.weights, self.min_distance = batch_size, weights, min_distance
         self.tested = set(tested)
         self.tol = attack.opts.batch_tol
@@ -77,8 +78,7 @@ class IndependenceTest:
             k = 2 * r + 10
             if k >= self.G.shape[0]:  # a small layer: the residual itself
                 Y = self.observed().addmm_(terms, self.A[idx], alpha=-1)
-                g_norm = torch.linalg.vector_norm(self.G, dtype=F64)
-                ref = float(torch.stack([g_norm] + ([self.gb.norm()] if self.gb is not None else [])).norm())
+                ref = self.layer_norm
             else:  # L @ (O - terms A), with L @ O read a piece of O's rows at a time (no copy of O)
                 L = torch.randn(k, self.G.shape[0], generator=torch.Generator().manual_seed(self.seed), dtype=F64)
                 L = L.to(dev)
