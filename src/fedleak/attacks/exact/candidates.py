@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows
+from fedleak.attacks.exact.span_screen import span_screen
+from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
 from fedleak.nets import ReluMLP
 from fedleak.nets.float64 import linear64
 
@@ -70,13 +72,6 @@ def tail_forward(net: ReluMLP, W: list[torch.Tensor], b: list[torch.Tensor | Non
     if b[-1] is not None:
         logits = logits + b[-1]
     return pres, acts, logits
-
-
-def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``softmax(logits) - onehot(labels)`` per row."""
-    e = torch.softmax(logits, dim=-1)
-    e[torch.arange(e.shape[0], device=e.device), labels] -= 1.0
-    return e
 
 
 def near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Tensor:
@@ -241,7 +236,12 @@ def top_candidates(attack) -> list[Candidate]:
         alphas = fit_scales(attack.net, W, attack.b, t, reps[sel], cdir, cdir.argmin(1), [members[k] for k in sel])
         keep[sel] = torch.isfinite(alphas)
         reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
-    sel = torch.nonzero(keep).flatten().tolist()
+    sel = torch.nonzero(keep).flatten()
+    # groups that surely fail the check are dropped before the forward pass, from one product with the span of
+    # the groups' inputs (:mod:`fedleak.attacks.exact.span_screen`)
+    hopeful = span_screen(attack, reps[sel], [members[k] for k in sel.tolist()],
+                          [rows_of[k] for k in sel.tolist()] if g[t] is not None else None)
+    sel = sel[hopeful].tolist()
     cands: list[Candidate] = []
     for start in range(0, len(sel), 256):
         chunk = sel[start : start + 256]
@@ -255,52 +255,22 @@ def top_candidates(attack) -> list[Candidate]:
     return cands
 
 
-def end_to_end(groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The groups' rows laid end to end, and each row's group."""
-    dev = groups[0].device
-    sizes = torch.tensor([len(g) for g in groups], device=dev)
-    return torch.cat(groups), torch.repeat_interleave(torch.arange(len(groups), device=dev), sizes)
-
-
-def all_fire(z: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
-    """Whether every neuron ``rows[k]`` fires for group ``k``, from its pre-activations ``z[k]`` (one row per
-    group): one gather for all groups."""
-    flat, owner = end_to_end(rows)
-    silent = (z[owner, flat] <= 0).long()
-    return torch.zeros(len(rows), dtype=torch.long, device=z.device).index_add_(0, owner, silent) == 0
-
-
 def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,
                      logits: torch.Tensor) -> list[Candidate]:
     """The candidates of groups of rows with implied inputs ``reps`` (n x d), member rows ``members`` and their
     forward pass (pre-activations ``z``, activations ``a``, ``logits``; one row per group); groups that fail
-    the checks give none. All groups are checked at once, on their members laid end to end."""
+    the checks give none. All groups are checked at once, on their members laid end to end
+    (:func:`~fedleak.attacks.exact.top_check.fit_top_rows`)."""
     t = attack.net.depth - 1
-    dev = reps.device
     if not members:
         return []
-    rows, owner = end_to_end(members)  # each member's group
-    columns = attack.G[-1][:, rows].T.to(F64)  # members x K
-    K = columns.shape[1]
-    labels = columns.argmin(1)
-    # the group's label: its members' most frequent one (the smallest on a tie)
-    votes = torch.zeros(len(members), K, dtype=torch.long, device=dev).index_put_(
-        (owner, labels), torch.ones_like(labels), accumulate=True)
-    label = votes.argmax(1)
-    e = loss_vectors(logits, label)
-    # members must fire, carry the label, and have columns that are positive multiples of a_j * e; the
-    # label entry is left out of the residual (float32 computes it as p_y - 1, with cancellation)
-    others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
-    pred = a[owner, rows][:, None] * e[owner] * others
-    cols = columns * others
-    scale = (pred * cols).sum(1) / (pred * pred).sum(1).clamp_min(1e-300)
-    res = (cols - scale[:, None] * pred).norm(dim=1) / cols.norm(dim=1).clamp_min(1e-300)
-    ok = (z[owner, rows] > 0) & (labels == label[owner]) & (scale > 0) & (res <= attack.opts.top_tol)
+    fit = fit_top_rows(attack, members, z, a, logits)
+    ok = fit.passing(attack.opts.top_tol)
     # each group's passing rows, in order (the members are laid end to end by group)
-    held, sizes = torch.unique_consecutive(owner[ok], return_counts=True)
-    labels_of = label.tolist()
+    held, sizes = torch.unique_consecutive(fit.owner[ok], return_counts=True)
+    labels_of = fit.label.tolist()
     cands = []
-    for k, witnesses in zip(held.tolist(), rows[ok].split(sizes.tolist())):
+    for k, witnesses in zip(held.tolist(), fit.rows[ok].split(sizes.tolist())):
         x = reps[k]
         cands.append(Candidate(label=labels_of[k], acts={t: x}, witnesses={t: witnesses.tolist()}, lowest=t,
                                first=(x, z[k]) if t == 0 else None))

@@ -1,0 +1,103 @@
+"""Groups of last-ReLU-layer rows that surely fail the candidate check, found without a forward pass per group.
+
+A row of the layer's gradient is a sum of the batch's inputs to the layer, each weighted by its sample's
+backward signal, so every group's implied input lies in the span of the batch's ``M`` inputs, up to the
+update's rounding. The groups' inputs ``X`` (``n x d``) then factor as ``X = C Q^T + R``: ``Q`` an orthonormal
+basis of ``r`` columns (from the Gram matrix of ``X``), ``C = X Q``, and a remainder ``R`` of the rounding's size.
+The layer's pre-activations are ``(W Q) C^T`` (one product with ``r`` columns instead of ``n``) up to
+``||W_o|| ||R_k||`` per unit ``o`` (Cauchy-Schwarz) and the float64 rounding of both sides. That bound is carried
+through the ReLU and the output layer to the logits, through the softmax to the loss vector (each entry off by
+a factor within ``exp(+-4L)``), and to the angle the check measures. A group is dropped only where every member
+row surely fails the check (a wrong label, a unit that surely stays silent, or a column whose angle to the loss
+vector surely exceeds the tolerance) or, with a bias, one of its rows surely stays silent. The exact float64
+pass (:func:`fedleak.attacks.exact.candidates.top_candidates`) runs on the others, so the candidates are the
+same. The screen runs where it pays: where the groups outnumber twice the basis's width by enough that the
+forward passes saved outweigh its fixed cost (``MIN_SAVING``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedleak.attacks.exact.top_check import end_to_end, fit_top_rows
+from fedleak.nets.float64 import linear64, times64
+
+F64 = torch.float64
+SIGNAL = 1e-5  # basis directions: singular values of X above this fraction of the largest (rounding: ~1e-7)
+MIN_SAVING = 50_000_000  # the screen runs where the forward passes it can save (n - 2 r groups) come to at
+# least this many multiply-adds (about 3 ms on one core), several times its own fixed cost
+TINY = 1e-9  # relative allowance for float64 rounding on either side (it is below 1e-11 for d <= 25088)
+
+
+def span_basis(X: torch.Tensor) -> torch.Tensor | None:
+    """An orthonormal basis (``d x r``, float64) of the directions of ``X``'s rows whose singular values exceed
+    ``SIGNAL`` times the largest; None for a zero ``X``."""
+    lam, V = torch.linalg.eigh(X @ X.T)
+    top = float(lam[-1])
+    if not top > 0:
+        return None
+    r = int((lam > SIGNAL**2 * top).sum())
+    Q, _ = torch.linalg.qr((V[:, -r:].T @ X).T)
+    return Q
+
+
+def upper_row_norms(W: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of the norms of ``W``'s rows (float64): the norms in ``W``'s own dtype, raised by their
+    rounding bound ``(d + 2) eps``."""
+    eps = float(torch.finfo(W.dtype).eps)
+    return torch.linalg.vector_norm(W, dim=1).to(F64) * (1 + (W.shape[1] + 2) * eps)
+
+
+def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
+                rows: list[torch.Tensor] | None) -> torch.Tensor:
+    """Which groups may pass the candidate check (one bool per group; False only where it surely fails) for
+    groups with inputs ``reps`` (``n x d``, float64), member rows ``members`` and, where every row of a group
+    must fire (a layer with a bias), all its rows ``rows``."""
+    n = reps.shape[0]
+    t = attack.net.depth - 1
+    W, b, Wo, bo = attack.W[t], attack.b[t], attack.W[-1], attack.b[-1]
+    keep = torch.ones(n, dtype=torch.bool, device=reps.device)
+    if n < 4 or W.shape[0] * W.shape[1] * (n - 2) < MIN_SAVING:
+        return keep
+    Q = span_basis(reps)
+    if Q is None or W.shape[0] * W.shape[1] * (n - 2 * Q.shape[1]) < MIN_SAVING:
+        return keep
+    C = reps @ Q
+    off = torch.linalg.vector_norm(reps - C @ Q.T, dim=1)
+    size = torch.linalg.vector_norm(reps, dim=1) + torch.linalg.vector_norm(C, dim=1)
+    WQ = times64(W, Q)
+    z = torch.addmm(b, C, WQ.T) if b is not None else C @ WQ.T  # n x d_out
+    # |z - z_exact| <= w_o s_k + TINY |b_o| at group k's unit o, where z_exact is the exact check's float64 pass
+    w = upper_row_norms(W)
+    s = (off + TINY * size) * (1 + TINY)
+    b_abs = b.abs() if b is not None else torch.zeros_like(w)
+    a = torch.relu(z)
+    logits = linear64(a, Wo)
+    if bo is not None:
+        logits = logits + bo
+    # the error's norm over the units (its terms are all non-negative: no cancellation)
+    err_norm = (s.square() * w.square().sum() + 2 * TINY * s * (w * b_abs).sum() + TINY**2 * b_abs.square().sum())
+    err_norm = err_norm.sqrt() * (1 + TINY)
+    spread = err_norm + TINY * (2 * torch.linalg.vector_norm(a, dim=1) + err_norm)
+    L = upper_row_norms(Wo)[None, :] * spread[:, None]
+    if bo is not None:
+        L = L + TINY * bo.abs()[None, :]
+    # each entry of the loss vector off its label is off by a factor within exp(+-4 max L); the angle between
+    # the loss vectors' lines is then at most asin(delta), and the check's residual (a sine) moves as much
+    delta = torch.expm1(4 * L.amax(1)) + 1e-12
+    margin = torch.where(delta < 1, torch.asin(delta.clamp(max=1.0)), torch.full_like(delta, 10.0)) + TINY
+    fit = fit_top_rows(attack, members, z, a, logits)
+    others = fit.e.abs().scatter(1, fit.label[:, None], 0.0).amax(1)
+    known = (others > 1e-200)[fit.owner]  # a loss vector that underflowed is left to the exact pass
+    row_err = (w[fit.rows] * s[fit.owner] + TINY * b_abs[fit.rows]) * (1 + TINY)
+    firing = fit.z > row_err
+    fails = (~fit.labelled | (fit.z + row_err <= 0)
+             | (firing & known & (fit.res - margin[fit.owner] > attack.opts.top_tol)))
+    alive = torch.zeros(n, dtype=torch.long, device=reps.device).index_add_(0, fit.owner, (~fails).long())
+    keep = alive > 0
+    if rows is not None:
+        flat, owner = end_to_end(rows)
+        bound = (w[flat] * s[owner] + TINY * b_abs[flat]) * (1 + TINY)
+        silent = (z[owner, flat] + bound <= 0).long()
+        keep &= torch.zeros(n, dtype=torch.long, device=reps.device).index_add_(0, owner, silent) == 0
+    return keep

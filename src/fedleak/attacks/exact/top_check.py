@@ -1,0 +1,80 @@
+"""The check a group of last-ReLU-layer rows passes to become a candidate: each member row must fire for the
+group's implied input, carry the group's label, and have an output-layer column that is a positive multiple of
+the input's loss vector (algorithms spec §2). :func:`fit_top_rows` computes what the check reads, from a
+forward pass of the groups' inputs; the exact check (:func:`fedleak.attacks.exact.candidates.check_top_groups`)
+and the span screen (:mod:`fedleak.attacks.exact.span_screen`) both decide from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+F64 = torch.float64
+
+
+def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits) - onehot(labels)`` per row."""
+    e = torch.softmax(logits, dim=-1)
+    e[torch.arange(e.shape[0], device=e.device), labels] -= 1.0
+    return e
+
+
+def end_to_end(groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups' rows laid end to end, and each row's group."""
+    dev = groups[0].device
+    sizes = torch.tensor([len(g) for g in groups], device=dev)
+    return torch.cat(groups), torch.repeat_interleave(torch.arange(len(groups), device=dev), sizes)
+
+
+def all_fire(z: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every neuron ``rows[k]`` fires for group ``k``, from its pre-activations ``z[k]`` (one row per
+    group): one gather for all groups."""
+    flat, owner = end_to_end(rows)
+    silent = (z[owner, flat] <= 0).long()
+    return torch.zeros(len(rows), dtype=torch.long, device=z.device).index_add_(0, owner, silent) == 0
+
+
+@dataclass(frozen=True)
+class TopRowFit:
+    """Every member row of a set of groups, laid end to end (``rows``, each one's group ``owner``): the group's
+    label (its members' most frequent one, the smallest on a tie), whether the row carries it (``labelled``),
+    the row's pre-activation ``z`` and activation ``a`` for the group's input, and the fit of its output-layer
+    column to ``a`` times the input's loss vector ``e``: the least-squares ``scale`` and the relative residual
+    ``res`` (the sine of the angle between the column and ``e``; 1 where ``a`` is 0). The label entry is left
+    out of the fit: float32 computes it as ``p_y - 1``, with cancellation."""
+
+    rows: torch.Tensor
+    owner: torch.Tensor
+    label: torch.Tensor
+    labelled: torch.Tensor
+    z: torch.Tensor
+    scale: torch.Tensor
+    res: torch.Tensor
+    e: torch.Tensor
+
+    def passing(self, top_tol: float) -> torch.Tensor:
+        """The rows that pass the check."""
+        return (self.z > 0) & self.labelled & (self.scale > 0) & (self.res <= top_tol)
+
+
+def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,
+                 logits: torch.Tensor) -> TopRowFit:
+    """:class:`TopRowFit` of groups with member rows ``members`` and their inputs' forward pass (pre-activations
+    ``z``, activations ``a``, ``logits``; one row per group)."""
+    dev = z.device
+    rows, owner = end_to_end(members)
+    columns = attack.G[-1][:, rows].T.to(F64)  # members x K
+    K = columns.shape[1]
+    labels = columns.argmin(1)
+    votes = torch.zeros(len(members), K, dtype=torch.long, device=dev).index_put_(
+        (owner, labels), torch.ones_like(labels), accumulate=True)
+    label = votes.argmax(1)
+    e = loss_vectors(logits, label)
+    others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
+    pred = a[owner, rows][:, None] * e[owner] * others
+    cols = columns * others
+    scale = (pred * cols).sum(1) / (pred * pred).sum(1).clamp_min(1e-300)
+    res = (cols - scale[:, None] * pred).norm(dim=1) / cols.norm(dim=1).clamp_min(1e-300)
+    return TopRowFit(rows, owner, label, labels == label[owner], z[owner, rows], scale, res, e)

@@ -1,0 +1,87 @@
+"""The span screen of the last ReLU layer's groups: it drops only groups the exact check rejects, so the attack's
+results are the same with it and without it, and it drops most of them where the groups outnumber the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedleak
+import fedleak.attacks.exact.candidates as candidates
+import fedleak.attacks.exact.span_screen as span
+from fedleak.attacks.exact.span_screen import span_basis, upper_row_norms
+
+F64 = torch.float64
+
+
+def outcome(result):
+    return ([(s.certified, s.reason, s.label, s.witnesses) for s in result.samples], result.batch_certified,
+            result.inputs.double())
+
+
+def with_and_without_screen(monkeypatch, attack):
+    """The attack's outcome with the screen, the groups it saw and kept, and the outcome without it."""
+    seen = []
+    screen = candidates.span_screen
+
+    def counted(*args):
+        keep = screen(*args)
+        seen.append((len(keep), int(keep.sum())))
+        return keep
+
+    monkeypatch.setattr(candidates, "span_screen", counted)
+    monkeypatch.setattr(span, "MIN_SAVING", 0)  # these layers are small: the screen runs wherever 2 r <= n
+    screened = outcome(attack())
+    monkeypatch.setattr(span, "MIN_SAVING", float("inf"))  # the screen never runs: every group is forwarded
+    plain = outcome(attack())
+    return screened, seen, plain
+
+
+@pytest.mark.parametrize("widths,batch,bias,step", [
+    ((1024,), 16, True, None),
+    ((256, 256), 8, True, None),
+    ((512,), 8, False, None),
+    ((1024,), 8, True, 0.5),  # a one-step weight delta: rounding noise in the update, an unknown scale
+])
+def test_the_screen_changes_no_result_and_drops_most_groups(monkeypatch, widths, batch, bias, step):
+    data = fedleak.load_dataset("digits")
+    model = fedleak.make_mlp(data.input_shape, list(widths), data.num_classes, seed=3)
+    if not bias:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.bias = None
+    x, y = data.batch(batch, seed=5)
+    if step is None:
+        names = [n for n, _ in model.named_parameters()]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        update = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+    else:
+        update = fedleak.fedavg_update(model, x, y, lr=step, local_steps=1)
+    screened, seen, plain = with_and_without_screen(monkeypatch, lambda: fedleak.reconstruct(model, update))
+    assert screened[:2] == plain[:2]
+    assert torch.equal(screened[2], plain[2])
+    assert sum(s[0] for s in screened[0]) > 0  # something was certified, so the comparison has teeth
+    groups, kept = seen[0]
+    assert groups >= 2 * batch and kept <= groups // 2, seen
+
+
+def test_span_basis_finds_the_rank_under_rounding_noise():
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.rand(5, 300, generator=gen, dtype=F64)
+    weights = torch.rand(40, 5, generator=gen, dtype=F64)
+    X = weights @ inputs
+    X = X + 1e-8 * X.abs().amax() * torch.randn(X.shape, generator=gen, dtype=F64)
+    Q = span_basis(X)
+    assert Q.shape == (300, 5)
+    assert torch.allclose(Q.T @ Q, torch.eye(5, dtype=F64), atol=1e-12)
+    assert float((X - X @ Q @ Q.T).norm() / X.norm()) < 1e-7
+    assert span_basis(torch.zeros(6, 10, dtype=F64)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_row_norms_bound_the_exact_norms(dtype):
+    gen = torch.Generator().manual_seed(1)
+    W = (torch.randn(50, 3000, generator=gen, dtype=F64) * torch.logspace(-3, 3, 3000, dtype=F64)).to(dtype)
+    exact = torch.tensor([sum(float(v) ** 2 for v in row.double().tolist()) ** 0.5 for row in W], dtype=F64)
+    upper = upper_row_norms(W)
+    assert bool((upper >= exact).all()) and bool((upper <= exact * 1.01).all())
