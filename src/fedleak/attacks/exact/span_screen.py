@@ -12,7 +12,8 @@ row surely fails the check (a wrong label, a unit that surely stays silent, or a
 vector surely exceeds the tolerance) or, with a bias, one of its rows surely stays silent. The exact float64
 pass (:func:`fedleak.attacks.exact.candidates.top_candidates`) runs on the others, so the candidates are the
 same. The screen runs where it pays: where the groups outnumber twice the basis's width by enough that the
-forward passes saved outweigh its fixed cost (``MIN_SAVING``).
+forward passes saved outweigh its fixed cost (``MIN_SAVING``), and where they are at most a quarter of the
+layer's units (their Gram matrix, ``n^2 d``, then costs at most a quarter of their forward passes).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ F64 = torch.float64
 SIGNAL = 1e-5  # basis directions: singular values of X above this fraction of the largest (rounding: ~1e-7)
 MIN_SAVING = 50_000_000  # the screen runs where the forward passes it can save (n - 2 r groups) come to at
 # least this many multiply-adds (about 3 ms on one core), several times its own fixed cost
-TINY = 1e-9  # relative allowance for float64 rounding on either side (it is below 1e-11 for d <= 25088)
+EPS64 = float(torch.finfo(F64).eps)
+
+
+def allowance(fan_in: int, r: int = 0) -> float:
+    """Relative allowance for the float64 rounding of a product of fan-in ``fan_in`` through a basis of ``r``
+    columns, on either side (the exact check's and the screen's): ten times ``(fan_in + r + 2) sqrt(r + 1) eps``."""
+    return 10 * (fan_in + r + 2) * (r + 1) ** 0.5 * EPS64
 
 
 def span_basis(X: torch.Tensor) -> torch.Tensor | None:
@@ -43,9 +50,12 @@ def span_basis(X: torch.Tensor) -> torch.Tensor | None:
 
 def upper_row_norms(W: torch.Tensor) -> torch.Tensor:
     """Upper bounds of the norms of ``W``'s rows (float64): the norms in ``W``'s own dtype, raised by their
-    rounding bound ``(d + 2) eps``."""
-    eps = float(torch.finfo(W.dtype).eps)
-    return torch.linalg.vector_norm(W, dim=1).to(F64) * (1 + (W.shape[1] + 2) * eps)
+    rounding bound ``(d + 2) eps`` and by ``d`` times the dtype's smallest normal number (a square below it
+    may be flushed to zero); a row whose squares overflow gets an infinite bound."""
+    info = torch.finfo(W.dtype)
+    d = W.shape[1]
+    norm = torch.linalg.vector_norm(W, dim=1).to(F64)
+    return (norm.square() + d * info.tiny).sqrt() * (1 + (d + 2) * info.eps)
 
 
 def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
@@ -57,39 +67,42 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     t = attack.net.depth - 1
     W, b, Wo, bo = attack.W[t], attack.b[t], attack.W[-1], attack.b[-1]
     keep = torch.ones(n, dtype=torch.bool, device=reps.device)
-    if n < 4 or W.shape[0] * W.shape[1] * (n - 2) < MIN_SAVING:
-        return keep
+    if n < 4 or 4 * n > W.shape[0] or W.shape[0] * W.shape[1] * (n - 2) < MIN_SAVING:
+        return keep  # too few groups to save a pass, or so many that their Gram matrix costs a pass
     Q = span_basis(reps)
     if Q is None or W.shape[0] * W.shape[1] * (n - 2 * Q.shape[1]) < MIN_SAVING:
         return keep
+    r = Q.shape[1]
+    tiny, tiny_out = allowance(W.shape[1], r), allowance(Wo.shape[1])
     C = reps @ Q
     off = torch.linalg.vector_norm(reps - C @ Q.T, dim=1)
     size = torch.linalg.vector_norm(reps, dim=1) + torch.linalg.vector_norm(C, dim=1)
     WQ = times64(W, Q)
     z = torch.addmm(b, C, WQ.T) if b is not None else C @ WQ.T  # n x d_out
-    # |z - z_exact| <= w_o s_k + TINY |b_o| at group k's unit o, where z_exact is the exact check's float64 pass
+    # |z - z_exact| <= w_o s_k + tiny |b_o| at group k's unit o, where z_exact is the exact check's float64 pass
     w = upper_row_norms(W)
-    s = (off + TINY * size) * (1 + TINY)
+    s = (off + tiny * size) * (1 + tiny)
     b_abs = b.abs() if b is not None else torch.zeros_like(w)
     a = torch.relu(z)
     logits = linear64(a, Wo)
     if bo is not None:
         logits = logits + bo
     # the error's norm over the units (its terms are all non-negative: no cancellation)
-    err_norm = (s.square() * w.square().sum() + 2 * TINY * s * (w * b_abs).sum() + TINY**2 * b_abs.square().sum())
-    err_norm = err_norm.sqrt() * (1 + TINY)
-    spread = err_norm + TINY * (2 * torch.linalg.vector_norm(a, dim=1) + err_norm)
+    err_norm = (s.square() * w.square().sum() + 2 * tiny * s * (w * b_abs).sum() + tiny**2 * b_abs.square().sum())
+    err_norm = err_norm.sqrt() * (1 + tiny)
+    spread = err_norm + tiny_out * (2 * torch.linalg.vector_norm(a, dim=1) + err_norm)
     L = upper_row_norms(Wo)[None, :] * spread[:, None]
     if bo is not None:
-        L = L + TINY * bo.abs()[None, :]
+        L = L + tiny_out * bo.abs()[None, :]
     # each entry of the loss vector off its label is off by a factor within exp(+-4 max L); the angle between
     # the loss vectors' lines is then at most asin(delta), and the check's residual (a sine) moves as much
-    delta = torch.expm1(4 * L.amax(1)) + 1e-12
-    margin = torch.where(delta < 1, torch.asin(delta.clamp(max=1.0)), torch.full_like(delta, 10.0)) + TINY
+    K = Wo.shape[0]
+    delta = torch.expm1(4 * L.amax(1)) + allowance(K)
+    margin = torch.where(delta < 1, torch.asin(delta.clamp(max=1.0)), torch.full_like(delta, 10.0)) + allowance(K)
     fit = fit_top_rows(attack, members, z, a, logits)
     others = fit.e.abs().scatter(1, fit.label[:, None], 0.0).amax(1)
     known = (others > 1e-200)[fit.owner]  # a loss vector that underflowed is left to the exact pass
-    row_err = (w[fit.rows] * s[fit.owner] + TINY * b_abs[fit.rows]) * (1 + TINY)
+    row_err = (w[fit.rows] * s[fit.owner] + tiny * b_abs[fit.rows]) * (1 + tiny)
     firing = fit.z > row_err
     fails = (~fit.labelled | (fit.z + row_err <= 0)
              | (firing & known & (fit.res - margin[fit.owner] > attack.opts.top_tol)))
@@ -97,7 +110,7 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     keep = alive > 0
     if rows is not None:
         flat, owner = end_to_end(rows)
-        bound = (w[flat] * s[owner] + TINY * b_abs[flat]) * (1 + TINY)
+        bound = (w[flat] * s[owner] + tiny * b_abs[flat]) * (1 + tiny)
         silent = (z[owner, flat] + bound <= 0).long()
         keep &= torch.zeros(n, dtype=torch.long, device=reps.device).index_add_(0, owner, silent) == 0
     return keep

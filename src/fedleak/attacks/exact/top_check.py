@@ -38,12 +38,12 @@ def all_fire(z: torch.Tensor, rows: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TopRowFit:
-    """Every member row of a set of groups, laid end to end (``rows``, each one's group ``owner``): the group's
-    label (its members' most frequent one, the smallest on a tie), whether the row carries it (``labelled``),
-    the row's pre-activation ``z`` and activation ``a`` for the group's input, and the fit of its output-layer
-    column to ``a`` times the input's loss vector ``e``: the least-squares ``scale`` and the relative residual
-    ``res`` (the sine of the angle between the column and ``e``; 1 where ``a`` is 0). The label entry is left
-    out of the fit: float32 computes it as ``p_y - 1``, with cancellation."""
+    """Every member row of a set of groups, laid end to end (``rows``, each one's group ``owner``): each group's
+    ``label`` (its members' most frequent one, the smallest on a tie) and loss vector ``e`` (one row per group),
+    whether the row carries the label (``labelled``), the row's pre-activation ``z`` for the group's input, and
+    the fit of its output-layer column to the row's activation times ``e``: the least-squares ``scale`` and the
+    relative residual ``res`` (the sine of the angle between the column and ``e``; 1 where the activation is 0).
+    The label entry is left out of the fit: float32 computes it as ``p_y - 1``, with cancellation."""
 
     rows: torch.Tensor
     owner: torch.Tensor
