@@ -11,6 +11,10 @@ For MLPs of one, two and three hidden layers and a CNN, at several batch sizes M
   the attack on the fished batch.
 
 Times are medians of ``--repeats`` interleaved repeats (gradient, copy, attack, ... in turn) after one warm-up.
+With ``--rounds N`` each model's timing process runs ``N`` times (with ``--before``, alternating with the previous
+version's): a cell's times are the medians over the rounds, and its ratios the medians of each round's ratios
+(a ratio is taken within one process; on a virtual machine whose speed drifts between processes the rounds
+keep one slow process from deciding a cell).
 Memory: the process's peak RSS during the cell, and the attack's (for the CNN also fishing's and the fished
 attack's) peak extra memory over the RSS just before it
 (the kernel's peak-RSS mark is reset before the attack; glibc's malloc returns large blocks to the system, see
@@ -21,6 +25,7 @@ to give the same results.
     .venv/bin/python benchmarks/bench_speed.py                  # full table (about 5 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_speed.py --quick          # widths 256/1024, M 1 and 64, no CNN (~1 min)
     .venv/bin/python benchmarks/bench_speed.py --before /tmp/previous/src    # and the previous version, in turn
+    .venv/bin/python benchmarks/bench_speed.py --rounds 3 --before /tmp/previous/src   # as docs/benchmarks.md
     .venv/bin/python benchmarks/bench_speed.py --doc-only     # the docs table again, from speed.json
 
 Results go to ``benchmarks/results/speed.json`` (versions, seed, settings, machine, load average) and the
@@ -256,6 +261,15 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.1f}" if a is not None and b else "—"
 
 
+def _per_gradient(r: dict, step: str, cpu: bool = False) -> str:
+    """``step``'s time over the gradient's in cell ``r``: the median of the rounds' ratios where the cell has
+    them, else the ratio of its times."""
+    if "ratios" in r:
+        return f"{r['ratios'][step]['cpu' if cpu else 'wall']:.1f}"
+    suffix = "_cpu_ms" if cpu else "_ms"
+    return _ratio(r[step + suffix], r["gradient" + suffix])
+
+
 def _ms(v: float | None) -> str:
     if v is None:
         return "—"
@@ -278,13 +292,13 @@ def table(rows: list[dict], before: list[dict]) -> str:
     for r in rows:
         b = prev.get((r["model"], r["batch_size"]))
         was = f"{_ms(b['attack_ms'])} → " if b else ""
-        was_ratio = f"{_ratio(b['attack_ms'], b['gradient_ms'])} → " if b else ""
-        was_cpu = f"{_ratio(b['attack_cpu_ms'], b['gradient_cpu_ms'])} → " if b else ""
+        was_ratio = f"{_per_gradient(b, 'attack')} → " if b else ""
+        was_cpu = f"{_per_gradient(b, 'attack', cpu=True)} → " if b else ""
         rec = f"{r['recovered']}/{r['batch_size']}"
         lines.append(
             f"| {_label(r)} | {r['batch_size']} | {_ms(r['gradient_ms'])} | {_ms(r['f64_copy_ms'])} "
-            f"| {was}{_ms(r['attack_ms'])} | {was_ratio}{_ratio(r['attack_ms'], r['gradient_ms'])} "
-            f"| {was_cpu}{_ratio(r['attack_cpu_ms'], r['gradient_cpu_ms'])} "
+            f"| {was}{_ms(r['attack_ms'])} | {was_ratio}{_per_gradient(r, 'attack')} "
+            f"| {was_cpu}{_per_gradient(r, 'attack', cpu=True)} "
             f"| {_ratio(r['attack_ms'], r['f64_copy_ms'])} "
             f"| {r['attack_peak_extra_mb']:.0f} MB / {r['gradient_mb']:.1f} MB = "
             f"{r['attack_peak_extra_mb'] / r['gradient_mb']:.1f} | {rec} | {r['false_certificates']} |")
@@ -296,7 +310,7 @@ def table(rows: list[dict], before: list[dict]) -> str:
         lines.append(f"{_label(r)}, M = {r['batch_size']}: fishing "
                      f"{(_ms(b['fish_ms']) + ' → ') if b else ''}{_ms(r['fish_ms'])} ms; the attack on the fished "
                      f"batch {(_ms(b['fished_attack_ms']) + ' → ') if b else ''}{_ms(r['fished_attack_ms'])} ms "
-                     f"({_ratio(r['fished_attack_ms'], r['gradient_ms'])}× the gradient), "
+                     f"({_per_gradient(r, 'fished_attack')}× the gradient), "
                      + "".join(f"{what}'s peak extra memory {r[key]:.0f} MB ({r[key] / r['gradient_mb']:.1f}× the "
                                "gradient), " for what, key in (("fishing", "fish_peak_extra_mb"),
                                                                ("the fished attack", "fished_attack_peak_extra_mb"))
@@ -309,9 +323,12 @@ def table(rows: list[dict], before: list[dict]) -> str:
 def write_doc(rows: list[dict], before: list[dict], meta: dict) -> None:
     start, end = MARKERS
     load = ", ".join(f"{v:.1f}" for v in meta["machine"]["load_average_start"])
+    n = meta.get("rounds", 1)
+    rounds = (f" in each of {n} processes per model and version, taken in turn (times: medians over them; "
+              "ratios: medians of each process's ratios)") if n > 1 else ""
     body = (f"{start}\n_Measured {meta['date']} on {meta['machine']['cpus']}-core {meta['machine']['arch']} CPU "
             f"(load average {load} at the start), torch {meta['torch']} pinned to one thread; medians of "
-            f"{meta['repeats']} interleaved repeats; Fashion-MNIST, seed {meta['seed']}. Command: "
+            f"{meta['repeats']} interleaved repeats{rounds}; Fashion-MNIST, seed {meta['seed']}. Command: "
             f"`{meta['command']}`._\n\n{table(rows, before)}\n{end}")
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
     if start in text:
@@ -325,6 +342,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small grid (widths 256/1024 and 1024-1024, M 1 and 64)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats per cell (medians); default 5")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="timing processes per model (alternating with --before's); medians over them; default 1")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default="", help="comma-separated model names to run (default: all of the grid)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS.relative_to(ROOT)})")
@@ -357,10 +376,11 @@ def main() -> None:
 
     command = "python benchmarks/bench_speed.py" + " ".join(
         [""] + (["--quick"] if args.quick else []) + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
+        + ([f"--rounds {args.rounds}"] if args.rounds != 1 else [])
         + ([f"--models {args.models}"] if args.models else []) + (["--before <previous version's src>"] if args.before else []))
     meta = {
         "date": time.strftime("%Y-%m-%d"), "command": command, "data": DATASET, "seed": args.seed,
-        "repeats": args.repeats, "torch": torch.__version__, "torch_threads": 1,
+        "repeats": args.repeats, "rounds": args.rounds, "torch": torch.__version__, "torch_threads": 1,
         "models": [asdict(s) for s in grid],
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "processor": platform.processor(),
                     "load_average_start": os.getloadavg()},
@@ -375,8 +395,13 @@ def main() -> None:
     previous: list[dict] = []
     versions = [(previous, BEFORE, {"PYTHONPATH": str(args.before.resolve())})] if args.before else []
     for spec in grid:
+        memory = {path: run_part(spec, args, "memory", env) for _, path, env in versions + [(rows, args.out, {})]}
+        timed: dict[Path, list[list[dict]]] = {path: [] for path in memory}
+        for _ in range(args.rounds):  # alternating: the machine's drift touches every version alike
+            for _, path, env in versions + [(rows, args.out, {})]:
+                timed[path].append(run_part(spec, args, "time", env))
         for out_rows, path, env in versions + [(rows, args.out, {})]:
-            out_rows.extend(measure_model(spec, args, env))
+            out_rows.extend({**t, **m} for t, m in zip(merge_rounds(timed[path]), memory[path]))
             # written after every model (``complete`` False until the last): a long run keeps what it measured
             meta.update(seconds=time.perf_counter() - started, complete=spec is grid[-1])
             meta["machine"]["load_average_end"] = os.getloadavg()
@@ -391,18 +416,37 @@ def main() -> None:
     print(table(rows, before))
 
 
-def measure_model(spec: ModelSpec, args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
-    """One model's cells: memory (under ``MALLOC_ENV``) and times, each in a fresh process with ``env`` added."""
-    parts = {}
-    for part, part_env in (("memory", MALLOC_ENV), ("time", {})):
-        cmd = [sys.executable, __file__, "--worker", spec.name, "--part", part, "--repeats", str(args.repeats),
-               "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + (
-                  ["--models", args.models] if args.models else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **part_env, **env})
-        if out.returncode:
-            sys.exit(f"{spec.name} ({part}) failed:\n{out.stderr[-3000:]}")
-        parts[part] = json.loads(out.stdout.strip().splitlines()[-1])
-    return [{**timed, **mem} for timed, mem in zip(parts["time"], parts["memory"])]
+def run_part(spec: ModelSpec, args: argparse.Namespace, part: str, env: dict[str, str]) -> list[dict]:
+    """One model's cells, ``part`` "time" or "memory" (the latter under ``MALLOC_ENV``), in a fresh process with
+    ``env`` added."""
+    cmd = [sys.executable, __file__, "--worker", spec.name, "--part", part, "--repeats", str(args.repeats),
+           "--seed", str(args.seed)] + (["--quick"] if args.quick else []) + (
+              ["--models", args.models] if args.models else [])
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, **(MALLOC_ENV if part == "memory" else {}), **env})
+    if out.returncode:
+        sys.exit(f"{spec.name} ({part}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """Each cell over the rounds: its times are the medians over them (every repeat kept in ``*_all_ms``), and
+    ``ratios`` holds, for each step, the median of the rounds' step / gradient ratios (wall clock and CPU)."""
+    merged = []
+    for cells in zip(*rounds):
+        row = dict(cells[0])
+        for key in cells[0]:
+            if key.endswith("_all_ms"):
+                row[key] = [v for c in cells for v in c[key]]
+            elif key.endswith("_ms"):
+                row[key] = statistics.median(c[key] for c in cells)
+        steps = [k[: -len("_all_ms")] for k in cells[0] if k.endswith("_all_ms")]
+        row["ratios"] = {step: {"wall": statistics.median(c[f"{step}_ms"] / c["gradient_ms"] for c in cells),
+                                "cpu": statistics.median(c[f"{step}_cpu_ms"] / c["gradient_cpu_ms"] for c in cells)}
+                         for step in steps}
+        row["rounds"] = len(cells)
+        merged.append(row)
+    return merged
 
 
 if __name__ == "__main__":
