@@ -89,3 +89,20 @@ def test_upper_row_norms_bound_the_exact_norms(dtype):
     upper = upper_row_norms(W)
     assert bool((upper >= exact).all())
     assert bool((upper[:-1] <= exact[:-1] * 1.01).all())  # tight where nothing underflows
+
+
+@pytest.mark.parametrize("top_tol", [0.003, 0.01, 0.03, 0.1, 0.3])
+def test_groups_near_a_looser_tolerance_are_kept(monkeypatch, top_tol):
+    """With the check's tolerance among the blends' residuals (1e-3 to 0.3 here), some groups pass or fail by a
+    little; the screen's bound must keep every group that passes."""
+    data = fedleak.load_dataset("digits")
+    model = fedleak.make_mlp(data.input_shape, [1024], data.num_classes, seed=3)
+    x, y = data.batch(16, seed=5)
+    names = [n for n, _ in model.named_parameters()]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    update = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+    screened, seen, plain = with_and_without_screen(
+        monkeypatch, lambda: fedleak.reconstruct(model, update, top_tol=top_tol))
+    assert screened[:2] == plain[:2]
+    assert torch.equal(screened[2], plain[2])
+    assert seen and seen[0][1] < seen[0][0]  # the screen ran and dropped some
