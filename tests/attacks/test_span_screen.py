@@ -78,6 +78,7 @@ def test_span_basis_finds_the_rank_under_rounding_noise():
     assert torch.allclose(Q.T @ Q, torch.eye(5, dtype=F64), atol=1e-12)
     assert float((X - X @ Q @ Q.T).norm() / X.norm()) < 1e-7
     assert span_basis(torch.zeros(6, 10, dtype=F64)) is None
+    assert span_basis(torch.full((6, 10), 1e200, dtype=F64)) is None  # its Gram matrix overflows: no screen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -38,8 +38,14 @@ def allowance(fan_in: int, r: int = 0) -> float:
 
 def span_basis(X: torch.Tensor) -> torch.Tensor | None:
     """An orthonormal basis (``d x r``, float64) of the directions of ``X``'s rows whose singular values exceed
-    ``SIGNAL`` times the largest; None for a zero ``X``."""
-    lam, V = torch.linalg.eigh(X @ X.T)
+    ``SIGNAL`` times the largest; None for a zero ``X``, or one whose Gram matrix overflows (no screen then)."""
+    gram = X @ X.T
+    if not bool(torch.isfinite(gram).all()):
+        return None
+    try:
+        lam, V = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:
+        return None
     top = float(lam[-1])
     if not top > 0:
         return None
