@@ -65,8 +65,7 @@ def forward_trace(
         logits = logits + biases[-1]
     if labels is None:
         return Trace(acts, pres, logits, None, None)
-    e = torch.softmax(logits, dim=1)
-    e[torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()] -= 1.0
+    e = loss_vectors(logits, labels)
     deltas: list[torch.Tensor] = []
     d = e
     for W, z in zip(reversed(weights[1:]), reversed(pres)):
@@ -74,3 +73,10 @@ def forward_trace(
         deltas.append(d)
     deltas.reverse()
     return Trace(acts, pres, logits, e, deltas)
+
+
+def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits) - onehot(labels)`` per row: the cross-entropy's gradient with respect to the logits."""
+    e = torch.softmax(logits, dim=-1)
+    e[torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()] -= 1.0
+    return e

@@ -11,14 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.nets.forward import loss_vectors
+
 F64 = torch.float64
-
-
-def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``softmax(logits) - onehot(labels)`` per row."""
-    e = torch.softmax(logits, dim=-1)
-    e[torch.arange(e.shape[0], device=e.device), labels] -= 1.0
-    return e
 
 
 def end_to_end(groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
