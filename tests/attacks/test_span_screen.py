@@ -34,9 +34,11 @@ def with_and_without_screen(monkeypatch, attack):
     monkeypatch.setattr(candidates, "span_screen", counted)
     monkeypatch.setattr(span, "MIN_SAVING", 0)  # these layers are small: the screen runs wherever 2 r <= n
     screened = outcome(attack())
-    monkeypatch.setattr(span, "MIN_SAVING", float("inf"))  # the screen never runs: every group is forwarded
+    monkeypatch.setattr(span, "MIN_SAVING", 10**30)  # the screen never runs: every group is forwarded
+    mark = len(seen)
     plain = outcome(attack())
-    return screened, seen, plain
+    assert all(groups == kept for groups, kept in seen[mark:])
+    return screened, seen[:mark], plain
 
 
 @pytest.mark.parametrize("widths,batch,bias,step", [
@@ -73,12 +75,16 @@ def test_span_basis_finds_the_rank_under_rounding_noise():
     weights = torch.rand(40, 5, generator=gen, dtype=F64)
     X = weights @ inputs
     X = X + 1e-8 * X.abs().amax() * torch.randn(X.shape, generator=gen, dtype=F64)
-    Q = span_basis(X)
+    Q = span_basis(X, max_rank=20)
     assert Q.shape == (300, 5)
     assert torch.allclose(Q.T @ Q, torch.eye(5, dtype=F64), atol=1e-12)
     assert float((X - X @ Q @ Q.T).norm() / X.norm()) < 1e-7
-    assert span_basis(torch.zeros(6, 10, dtype=F64)) is None
-    assert span_basis(torch.full((6, 10), 1e200, dtype=F64)) is None  # its Gram matrix overflows: no screen
+    wide = torch.rand(80, 40, generator=gen, dtype=F64) @ torch.rand(40, 300, generator=gen, dtype=F64)
+    Q = span_basis(wide, max_rank=64)  # rank 40: the sketch of 32 rows is widened to 64
+    assert Q.shape == (300, 40) and float((wide - wide @ Q @ Q.T).norm() / wide.norm()) < 1e-10
+    assert span_basis(wide, max_rank=20) is None  # wider than the screen can use
+    assert span_basis(torch.zeros(6, 10, dtype=F64), max_rank=3) is None
+    assert span_basis(torch.full((6, 10), 1e200, dtype=F64), max_rank=3) is None  # its Gram overflows: no screen
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -3,7 +3,8 @@
 A row of the layer's gradient is a sum of the batch's inputs to the layer, each weighted by its sample's
 backward signal, so every group's implied input lies in the span of the batch's ``M`` inputs, up to the
 update's rounding. The groups' inputs ``X`` (``n x d``) then factor as ``X = C Q^T + R``: ``Q`` an orthonormal
-basis of ``r`` columns (from the Gram matrix of ``X``), ``C = X Q``, and a remainder ``R`` of the rounding's size.
+basis of ``r`` columns (from a Gaussian sketch of ``X``'s rows), ``C = X Q``, and a remainder ``R`` of the
+rounding's size (any ``Q`` is sound: the bound reads the ``R`` it leaves).
 The layer's pre-activations are ``(W Q) C^T`` (one product with ``r`` columns instead of ``n``) up to
 ``||W_o|| ||R_k||`` per unit ``o`` (Cauchy-Schwarz) and the float64 rounding of both sides. That bound is carried
 through the ReLU and the output layer to the logits, through the softmax to the loss vector (each entry off by
@@ -12,11 +13,13 @@ row surely fails the check (a wrong label, a unit that surely stays silent, or a
 vector surely exceeds the tolerance) or, with a bias, one of its rows surely stays silent. The exact float64
 pass (:func:`fedleak.attacks.exact.candidates.top_candidates`) runs on the others, so the candidates are the
 same. The screen runs where it pays: where the groups outnumber twice the basis's width by enough that the
-forward passes saved outweigh its fixed cost (``MIN_SAVING``), and where they are at most a quarter of the
-layer's units (their Gram matrix, ``n^2 d``, then costs at most a quarter of their forward passes).
+forward passes saved outweigh its fixed cost (``MIN_SAVING``); the sketch is widened only as far as that and
+an eighth of the passes' cost allow. Groups are screened ``CHUNK`` at a time, as the exact pass forwards them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +28,8 @@ from fedleak.nets.float64 import linear64, times64
 
 F64 = torch.float64
 SIGNAL = 1e-5  # basis directions: singular values of X above this fraction of the largest (rounding: ~1e-7)
+BASIS_SEED = 20_261_202
+CHUNK = 256  # groups screened at once (their pre-activations are held: CHUNK x the layer's outputs)
 MIN_SAVING = 50_000_000  # the screen runs where the forward passes it can save (n - 2 r groups) come to at
 # least this many multiply-adds (about 3 ms on one core), several times its own fixed cost
 EPS64 = float(torch.finfo(F64).eps)
@@ -36,22 +41,34 @@ def allowance(fan_in: int, r: int = 0) -> float:
     return 10 * (fan_in + r + 2) * (r + 1) ** 0.5 * EPS64
 
 
-def span_basis(X: torch.Tensor) -> torch.Tensor | None:
+def span_basis(X: torch.Tensor, max_rank: int, seed: int = BASIS_SEED) -> torch.Tensor | None:
     """An orthonormal basis (``d x r``, float64) of the directions of ``X``'s rows whose singular values exceed
-    ``SIGNAL`` times the largest; None for a zero ``X``, or one whose Gram matrix overflows (no screen then)."""
-    gram = X @ X.T
-    if not bool(torch.isfinite(gram).all()):
-        return None
-    try:
-        lam, V = torch.linalg.eigh(gram)
-    except torch.linalg.LinAlgError:
-        return None
-    top = float(lam[-1])
-    if not top > 0:
-        return None
-    r = int((lam > SIGNAL**2 * top).sum())
-    Q, _ = torch.linalg.qr((V[:, -r:].T @ X).T)
-    return Q
+    ``SIGNAL`` times the largest, from a Gaussian sketch ``Omega X`` of ``k`` rows (``k`` doubled from 32 while
+    the sketch is of full rank, up to ``max_rank + 1``); None where ``X`` is zero, its rank exceeds ``max_rank``
+    (the screen would not pay) or the sketch's Gram matrix overflows."""
+    n = X.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    k = min(32, n, max_rank + 1)  # a sketch of max_rank + 1 rows can show that the rank is at most max_rank
+    while k >= 1:
+        Y = X if k == n else torch.randn(k, n, generator=gen, dtype=F64).to(X.device) @ X
+        gram = Y @ Y.T
+        if not bool(torch.isfinite(gram).all()):
+            return None
+        try:
+            lam, V = torch.linalg.eigh(gram)
+        except torch.linalg.LinAlgError:
+            return None
+        top = float(lam[-1])
+        if not top > 0:
+            return None
+        r = int((lam > SIGNAL**2 * top).sum())
+        if r > max_rank:
+            return None
+        if r < k or k == n:
+            Q, _ = torch.linalg.qr((V[:, -r:].T @ Y).T)
+            return Q
+        k = min(2 * k, n, max_rank + 1)
+    return None
 
 
 def upper_row_norms(W: torch.Tensor) -> torch.Tensor:
@@ -71,52 +88,83 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     must fire (a layer with a bias), all its rows ``rows``."""
     n = reps.shape[0]
     t = attack.net.depth - 1
-    W, b, Wo, bo = attack.W[t], attack.b[t], attack.W[-1], attack.b[-1]
+    W = attack.W[t]
     keep = torch.ones(n, dtype=torch.bool, device=reps.device)
-    if n < 4 or 4 * n > W.shape[0] or W.shape[0] * W.shape[1] * (n - 2) < MIN_SAVING:
-        return keep  # too few groups to save a pass, or so many that their Gram matrix costs a pass
-    Q = span_basis(reps)
-    if Q is None or W.shape[0] * W.shape[1] * (n - 2 * Q.shape[1]) < MIN_SAVING:
+    # the basis may be as wide as still saves MIN_SAVING, and its sketch costs at most an eighth of the passes
+    max_rank = min((n - -(-int(MIN_SAVING) // (W.shape[0] * W.shape[1]))) // 2, W.shape[0] // 8)
+    if n < 4 or max_rank < 1:
         return keep
-    r = Q.shape[1]
-    tiny, tiny_out = allowance(W.shape[1], r), allowance(Wo.shape[1])
-    C = reps @ Q
-    off = torch.linalg.vector_norm(reps - C @ Q.T, dim=1)
-    size = torch.linalg.vector_norm(reps, dim=1) + torch.linalg.vector_norm(C, dim=1)
-    WQ = times64(W, Q)
-    z = torch.addmm(b, C, WQ.T) if b is not None else C @ WQ.T  # n x d_out
-    # |z - z_exact| <= w_o s_k + tiny |b_o| at group k's unit o, where z_exact is the exact check's float64 pass
-    w = upper_row_norms(W)
-    s = (off + tiny * size) * (1 + tiny)
-    b_abs = b.abs() if b is not None else torch.zeros_like(w)
-    a = torch.relu(z)
-    logits = linear64(a, Wo)
-    if bo is not None:
-        logits = logits + bo
-    # the error's norm over the units (its terms are all non-negative: no cancellation)
-    err_norm = (s.square() * w.square().sum() + 2 * tiny * s * (w * b_abs).sum() + tiny**2 * b_abs.square().sum())
-    err_norm = err_norm.sqrt() * (1 + tiny)
-    spread = err_norm + tiny_out * (2 * torch.linalg.vector_norm(a, dim=1) + err_norm)
-    L = upper_row_norms(Wo)[None, :] * spread[:, None]
-    if bo is not None:
-        L = L + tiny_out * bo.abs()[None, :]
-    # each entry of the loss vector off its label is off by a factor within exp(+-4 max L); the angle between
-    # the loss vectors' lines is then at most asin(delta), and the check's residual (a sine) moves as much
-    K = Wo.shape[0]
-    delta = torch.expm1(4 * L.amax(1)) + allowance(K)
-    margin = torch.where(delta < 1, torch.asin(delta.clamp(max=1.0)), torch.full_like(delta, 10.0)) + allowance(K)
-    fit = fit_top_rows(attack, members, z, a, logits)
-    others = fit.e.abs().scatter(1, fit.label[:, None], 0.0).amax(1)
-    known = (others > 1e-200)[fit.owner]  # a loss vector that underflowed is left to the exact pass
-    row_err = (w[fit.rows] * s[fit.owner] + tiny * b_abs[fit.rows]) * (1 + tiny)
-    firing = fit.z > row_err
-    fails = (~fit.labelled | (fit.z + row_err <= 0)
-             | (firing & known & (fit.res - margin[fit.owner] > attack.opts.top_tol)))
-    alive = torch.zeros(n, dtype=torch.long, device=reps.device).index_add_(0, fit.owner, (~fails).long())
-    keep = alive > 0
-    if rows is not None:
-        flat, owner = end_to_end(rows)
-        bound = (w[flat] * s[owner] + tiny * b_abs[flat]) * (1 + tiny)
-        silent = (z[owner, flat] + bound <= 0).long()
-        keep &= torch.zeros(n, dtype=torch.long, device=reps.device).index_add_(0, owner, silent) == 0
+    Q = span_basis(reps, max_rank)
+    if Q is None:
+        return keep
+    basis = Basis.of(attack, reps, Q)
+    for s in range(0, n, CHUNK):
+        part = slice(s, s + CHUNK)
+        keep[part] = basis.screen(attack, part, members[part], rows[part] if rows is not None else None)
     return keep
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The groups' inputs on the basis ``Q``: the layer's weights times ``Q`` (``WQ``), the coordinates ``C``,
+    ``s_k`` such that ``|z - z_exact| <= w_o s_k + tiny |b_o|`` at group ``k``'s unit ``o`` (``z_exact``: the exact
+    check's float64 pass; ``w``: upper bounds of ``W``'s row norms), and the allowances ``tiny`` (this layer) and
+    ``tiny_out`` (the output layer) for float64 rounding."""
+
+    WQ: torch.Tensor
+    C: torch.Tensor
+    s: torch.Tensor
+    w: torch.Tensor
+    w_out: torch.Tensor
+    tiny: float
+    tiny_out: float
+
+    @classmethod
+    def of(cls, attack, reps: torch.Tensor, Q: torch.Tensor) -> Basis:
+        t = attack.net.depth - 1
+        W, Wo = attack.W[t], attack.W[-1]
+        tiny = allowance(W.shape[1], Q.shape[1])
+        C = reps @ Q
+        off = torch.linalg.vector_norm(reps - C @ Q.T, dim=1)
+        size = torch.linalg.vector_norm(reps, dim=1) + torch.linalg.vector_norm(C, dim=1)
+        return cls(times64(W, Q), C, (off + tiny * size) * (1 + tiny), upper_row_norms(W), upper_row_norms(Wo),
+                   tiny, allowance(Wo.shape[1]))
+
+    def screen(self, attack, part: slice, members: list[torch.Tensor], rows: list[torch.Tensor] | None) -> torch.Tensor:
+        """:func:`span_screen` for the groups ``part``."""
+        t = attack.net.depth - 1
+        b, Wo, bo = attack.b[t], attack.W[-1], attack.b[-1]
+        C, s, w, tiny, tiny_out = self.C[part], self.s[part], self.w, self.tiny, self.tiny_out
+        z = torch.addmm(b, C, self.WQ.T) if b is not None else C @ self.WQ.T  # groups x d_out
+        b_abs = b.abs() if b is not None else torch.zeros_like(w)
+        a = torch.relu(z)
+        logits = linear64(a, Wo)
+        if bo is not None:
+            logits = logits + bo
+        # the error's norm over the units (its terms are all non-negative: no cancellation)
+        err_norm = (s.square() * w.square().sum() + 2 * tiny * s * (w * b_abs).sum()
+                    + tiny**2 * b_abs.square().sum()).sqrt() * (1 + tiny)
+        spread = err_norm + tiny_out * (2 * torch.linalg.vector_norm(a, dim=1) + err_norm)
+        L = self.w_out[None, :] * spread[:, None]
+        if bo is not None:
+            L = L + tiny_out * bo.abs()[None, :]
+        # each entry of the loss vector off its label is off by a factor within exp(+-4 max L); the angle between
+        # the loss vectors' lines is then at most asin(delta), and the check's residual (a sine) moves as much
+        K = Wo.shape[0]
+        delta = torch.expm1(4 * L.amax(1)) + allowance(K)
+        margin = torch.where(delta < 1, torch.asin(delta.clamp(max=1.0)), torch.full_like(delta, 10.0)) + allowance(K)
+        fit = fit_top_rows(attack, members, z, a, logits)
+        others = fit.e.abs().scatter(1, fit.label[:, None], 0.0).amax(1)
+        known = (others > 1e-200)[fit.owner]  # a loss vector that underflowed is left to the exact pass
+        row_err = (w[fit.rows] * s[fit.owner] + tiny * b_abs[fit.rows]) * (1 + tiny)
+        firing = fit.z > row_err
+        fails = (~fit.labelled | (fit.z + row_err <= 0)
+                 | (firing & known & (fit.res - margin[fit.owner] > attack.opts.top_tol)))
+        n = len(members)
+        keep = torch.zeros(n, dtype=torch.long, device=z.device).index_add_(0, fit.owner, (~fails).long()) > 0
+        if rows is not None:
+            flat, owner = end_to_end(rows)
+            bound = (w[flat] * s[owner] + tiny * b_abs[flat]) * (1 + tiny)
+            silent = (z[owner, flat] + bound <= 0).long()
+            keep &= torch.zeros(n, dtype=torch.long, device=z.device).index_add_(0, owner, silent) == 0
+        return keep
