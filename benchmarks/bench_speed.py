@@ -1,7 +1,9 @@
-"""Speed of the exact attack against the cost of reading the gradient, on Fashion-MNIST.
+"""Speed of the exact attack against the cost of reading the gradient.
 
-For MLPs of one, two and three hidden layers and a CNN, at several batch sizes M, in one process per model
-(torch pinned to one thread):
+For MLPs of one, two and three hidden layers and a CNN on Fashion-MNIST, at several batch sizes M, and for a
+user's own ``nn.Module`` (``x.view``, ``F.relu``, Dropout) on the other built-in data (two-class LFW, MNI152
+slices, retina; some batches normalised to zero mean and unit variance), in one process per model (torch
+pinned to one thread):
 
 - **gradient**: the client's gradient as a client computes it, with plain torch autograd
   (``torch.autograd.grad`` of the mean cross-entropy over the batch); the reference of every ratio;
@@ -50,11 +52,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from speed_table import table, write_doc
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 BEFORE = ROOT / "benchmarks" / "results" / "speed_before.json"
 DOC = ROOT / "docs" / "benchmarks.md"
-MARKERS = ("<!-- speed:start -->", "<!-- speed:end -->")
 DATASET = "fashion-mnist"
 # a fixed mmap threshold (which also turns off glibc's dynamic one) hands every block of 128 KiB or more back to
 # the system when freed, so that the RSS measures what the attack holds, not what malloc kept from earlier work
@@ -64,12 +67,17 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 @dataclass(frozen=True)
 class ModelSpec:
     """One model of the table: an MLP (``conv`` empty) or a CNN (conv channels, kernel 3, padding 1, no pooling),
-    with its dense hidden ``widths`` and the batch sizes it is timed at."""
+    with its dense hidden ``widths`` and the batch sizes it is timed at; or (``user``) a user's own ``nn.Module``
+    of one hidden layer (:class:`UserNet`); on ``dataset``, its batches ``normalise``d to zero mean and unit
+    variance where asked."""
 
     name: str
     widths: tuple[int, ...]
     batches: tuple[int, ...]
     conv: tuple[int, ...] = ()
+    dataset: str = DATASET
+    user: bool = False
+    normalise: bool = False
 
 
 FULL = (
@@ -79,6 +87,13 @@ FULL = (
     ModelSpec("mlp-1024-1024", (1024, 1024), (1, 64, 256)),
     ModelSpec("mlp-1024-1024-1024", (1024, 1024, 1024), (1, 64, 256)),
     ModelSpec("cnn-6-32", (1024,), (32,), conv=(6, 32)),
+    # users' models on data the attack was not tuned on: two classes (every blend of samples passes the top
+    # layer's check), wider inputs, inputs normalised as users do
+    ModelSpec("user-fashion", (2048,), (16,), user=True),
+    ModelSpec("user-lfw", (2048,), (16,), dataset="lfw", user=True),
+    ModelSpec("user-lfw-normalised", (2048,), (16,), dataset="lfw", user=True, normalise=True),
+    ModelSpec("user-mni152", (2048,), (16,), dataset="mni152", user=True),
+    ModelSpec("user-retina-normalised", (2048,), (16,), dataset="retina", user=True, normalise=True),
 )
 QUICK = (
     ModelSpec("mlp-256", (256,), (1, 64)),
@@ -125,10 +140,32 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
+def user_net(in_features: int, width: int, classes: int):
+    """A model as users write it: an ``nn.Module`` class with ``x.view``, ``F.relu`` and Dropout (in eval mode)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class UserNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(in_features, width)
+            self.drop = nn.Dropout(0.2)
+            self.fc2 = nn.Linear(width, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.drop(F.relu(self.fc1(x.view(x.shape[0], -1)))))
+
+    return UserNet().eval()
+
+
 class Cell:
-    """One cell: the model (seeded), a Fashion-MNIST batch of ``m``, the client's update and the steps timed."""
+    """One cell: the model (seeded), a batch of ``m`` from the model's data, the client's update and the steps
+    timed."""
 
     def __init__(self, spec: ModelSpec, m: int, data, seed: int):
+        import math
+
         import torch
 
         import fedleak
@@ -137,9 +174,16 @@ class Cell:
         if spec.conv:
             self.model = fedleak.make_convnet(data.input_shape, data.num_classes, channels=spec.conv, kernel=3,
                                               padding=1, pool=None, fc_widths=spec.widths, seed=seed)
+        elif spec.user:
+            torch.manual_seed(seed)
+            self.model = user_net(math.prod(data.input_shape), spec.widths[0], data.num_classes)
         else:
             self.model = fedleak.make_mlp(data.input_shape, list(spec.widths), data.num_classes, seed=seed)
         self.x, self.y = data.batch(m, seed=1000 * seed + m)
+        self.value_range = data.value_range
+        if spec.normalise:
+            self.x = (self.x - self.x.mean()) / self.x.std()
+            self.value_range = (float(self.x.min()), float(self.x.max()))
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.update = self.gradient()
@@ -191,7 +235,7 @@ def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
     from fedleak import metrics
 
     torch.set_num_threads(1)
-    data = fedleak.load_dataset(DATASET)
+    data = fedleak.load_dataset(spec.dataset)
     rows = []
     for m in spec.batches:
         cell = Cell(spec, m, data, seed)
@@ -206,9 +250,10 @@ def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
                 times[k].append(wall)
                 cpu[k].append(used)
         rec = cell.attack()
-        scores = metrics.match(rec, cell.x, cell.y, data_range=data.value_range)
+        scores = metrics.match(rec, cell.x, cell.y, data_range=cell.value_range)
         row = {
             "model": spec.name, "widths": list(spec.widths), "conv": list(spec.conv), "batch_size": m,
+            "dataset": spec.dataset, "user": spec.user, "normalise": spec.normalise, "rebuilt": len(rec.samples),
             "parameters": sum(p.numel() for p in cell.params),
             "gradient_mb": sum(g.numel() * g.element_size() for g in cell.update.values()) / 2**20,
             **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()},
@@ -220,7 +265,7 @@ def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
         }
         if spec.conv:
             fished_rec = cell.fished_attack()
-            fs = metrics.match(fished_rec, cell.fished.inputs, cell.y, data_range=data.value_range)
+            fs = metrics.match(fished_rec, cell.fished.inputs, cell.y, data_range=cell.value_range)
             row.update(fished_certified=fished_rec.num_certified, fished_recovered=int(fs.recovered.sum()),
                        fished_recovered_fraction=float(fs.recovered.mean()),
                        fished_false_certificates=int(fs.false_certificates))
@@ -236,7 +281,7 @@ def memory_model(spec: ModelSpec, seed: int) -> list[dict]:
     import fedleak
 
     torch.set_num_threads(1)
-    data = fedleak.load_dataset(DATASET)
+    data = fedleak.load_dataset(spec.dataset)
     rows = []
     for m in spec.batches:
         gc.collect()
@@ -255,87 +300,6 @@ def memory_model(spec: ModelSpec, seed: int) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------------
 # The table
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.1f}" if a is not None and b else "—"
-
-
-def _per_gradient(r: dict, step: str, cpu: bool = False) -> str:
-    """``step``'s time over the gradient's in cell ``r``: the median of the rounds' ratios where the cell has
-    them, else the ratio of its times."""
-    if "ratios" in r:
-        return f"{r['ratios'][step]['cpu' if cpu else 'wall']:.1f}"
-    suffix = "_cpu_ms" if cpu else "_ms"
-    return _ratio(r[step + suffix], r["gradient" + suffix])
-
-
-def _ms(v: float | None) -> str:
-    if v is None:
-        return "—"
-    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
-
-
-def _label(r: dict) -> str:
-    if r["conv"]:
-        return f"CNN {tuple(r['conv'])} + {r['widths'][0]} head, {r['parameters'] / 1e6:.1f}M params"
-    return ", ".join(map(str, r["widths"]))
-
-
-def table(rows: list[dict], before: list[dict]) -> str:
-    """The markdown speed table; the previous version's attack where ``before`` has the same cell."""
-    prev = {(b["model"], b["batch_size"]): b for b in before}
-    lines = ["| hidden widths | M | gradient ms | f64 copy ms | attack ms (before → now) | attack / gradient "
-             "(before → now) | same, CPU time | attack / f64 copy | attack's peak extra memory / gradient size | recovered | "
-             "false cert. |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        b = prev.get((r["model"], r["batch_size"]))
-        was = f"{_ms(b['attack_ms'])} → " if b else ""
-        was_ratio = f"{_per_gradient(b, 'attack')} → " if b else ""
-        was_cpu = f"{_per_gradient(b, 'attack', cpu=True)} → " if b else ""
-        rec = f"{r['recovered']}/{r['batch_size']}"
-        lines.append(
-            f"| {_label(r)} | {r['batch_size']} | {_ms(r['gradient_ms'])} | {_ms(r['f64_copy_ms'])} "
-            f"| {was}{_ms(r['attack_ms'])} | {was_ratio}{_per_gradient(r, 'attack')} "
-            f"| {was_cpu}{_per_gradient(r, 'attack', cpu=True)} "
-            f"| {_ratio(r['attack_ms'], r['f64_copy_ms'])} "
-            f"| {r['attack_peak_extra_mb']:.0f} MB / {r['gradient_mb']:.1f} MB = "
-            f"{r['attack_peak_extra_mb'] / r['gradient_mb']:.1f} | {rec} | {r['false_certificates']} |")
-    for r in rows:
-        if "fish_ms" not in r:
-            continue
-        b = prev.get((r["model"], r["batch_size"]))
-        lines.append("")
-        lines.append(f"{_label(r)}, M = {r['batch_size']}: fishing "
-                     f"{(_ms(b['fish_ms']) + ' → ') if b else ''}{_ms(r['fish_ms'])} ms; the attack on the fished "
-                     f"batch {(_ms(b['fished_attack_ms']) + ' → ') if b else ''}{_ms(r['fished_attack_ms'])} ms "
-                     f"({_per_gradient(r, 'fished_attack')}× the gradient), "
-                     + "".join(f"{what}'s peak extra memory {r[key]:.0f} MB ({r[key] / r['gradient_mb']:.1f}× the "
-                               "gradient), " for what, key in (("fishing", "fish_peak_extra_mb"),
-                                                               ("the fished attack", "fished_attack_peak_extra_mb"))
-                               if key in r)
-                     + f"{r['fished_recovered']}/{r['batch_size']} recovered, "
-                     f"{r['fished_false_certificates']} false certificates.")
-    return "\n".join(lines)
-
-
-def write_doc(rows: list[dict], before: list[dict], meta: dict) -> None:
-    start, end = MARKERS
-    load = ", ".join(f"{v:.1f}" for v in meta["machine"]["load_average_start"])
-    n = meta.get("rounds", 1)
-    rounds = (f" in each of {n} processes per model and version, taken in turn (times: medians over them; "
-              "ratios: medians of each process's ratios)") if n > 1 else ""
-    body = (f"{start}\n_Measured {meta['date']} on {meta['machine']['cpus']}-core {meta['machine']['arch']} CPU "
-            f"(load average {load} at the start), torch {meta['torch']} pinned to one thread; medians of "
-            f"{meta['repeats']} interleaved repeats{rounds}; Fashion-MNIST, seed {meta['seed']}. Command: "
-            f"`{meta['command']}`._\n\n{table(rows, before)}\n{end}")
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
-    else:
-        text += "\n## Speed of the exact attack\n\n" + body + "\n"
-    DOC.write_text(text)
 
 
 def main() -> None:
@@ -367,7 +331,7 @@ def main() -> None:
     before = json.loads(BEFORE.read_text())["rows"] if BEFORE.exists() and args.out != BEFORE else []
     if args.doc_only:
         saved = json.loads(args.out.read_text())
-        write_doc(saved["rows"], before, saved["meta"])
+        write_doc(saved["rows"], before, saved["meta"], DOC)
         print(table(saved["rows"], before))
         return
     import torch
@@ -379,7 +343,8 @@ def main() -> None:
         + ([f"--rounds {args.rounds}"] if args.rounds != 1 else [])
         + ([f"--models {args.models}"] if args.models else []) + (["--before <previous version's src>"] if args.before else []))
     meta = {
-        "date": time.strftime("%Y-%m-%d"), "command": command, "data": DATASET, "seed": args.seed,
+        "date": time.strftime("%Y-%m-%d"), "command": command, "data": f"{DATASET} unless a row names its dataset",
+        "seed": args.seed,
         "repeats": args.repeats, "rounds": args.rounds, "torch": torch.__version__, "torch_threads": 1,
         "models": [asdict(s) for s in grid],
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "processor": platform.processor(),
@@ -412,7 +377,7 @@ def main() -> None:
     elif not before and BEFORE.exists() and args.out != BEFORE:
         before = json.loads(BEFORE.read_text())["rows"]
     if not args.no_doc:
-        write_doc(rows, before, meta)
+        write_doc(rows, before, meta, DOC)
     print(table(rows, before))
 
 

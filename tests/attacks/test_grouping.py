@@ -19,8 +19,11 @@ def clustered_rows(n: int = 400, centres: int = 30, dim: int = 12, noise: float 
     return R, torch.randperm(n, generator=gen)
 
 
-def test_row_grouping_matches_leader_clustering_by_brute_force():
-    R, order = clustered_rows()
+@pytest.mark.parametrize("centres,dim", [(30, 12), (300, 2)])
+def test_row_grouping_matches_leader_clustering_by_brute_force(centres, dim):
+    """In two dimensions the random projections cannot tell most centres apart, so buckets hold many groups
+    and are split over several rounds of leaders."""
+    R, order = clustered_rows(n=400 if centres == 30 else 1200, centres=centres, dim=dim)
     tol = 1e-5
     norms = R.norm(dim=1)
     expected, assigned = [], torch.zeros(len(R), dtype=torch.bool)
@@ -33,7 +36,13 @@ def test_row_grouping_matches_leader_clustering_by_brute_force():
         expected.append(sorted(torch.nonzero(near).flatten().tolist()))
     got = [grp.rows for grp in group_rows(R, order, tol)]
     assert sorted(map(sorted, got)) == sorted(expected)
-    assert 30 <= len(got) < 400  # near rows were grouped, far ones were not
+    assert centres <= len(got) < len(R)  # near rows were grouped, far ones were not
+    scan = ImpliedInputs.of(R).scan()
+    assert len(split_runs(scan.proj, 4 * tol)) < len(got) or centres == 30  # buckets of several groups
+    first = [grp[0] for grp in got]  # each group led by its first row in visiting order, groups in that order
+    rank = {row: k for k, row in enumerate(order.tolist())}
+    assert all([rank[r] for r in grp] == sorted(rank[r] for r in grp) for grp in got)
+    assert [rank[r] for r in first] == sorted(rank[r] for r in first)
 
 
 def chained_runs(proj: torch.Tensor, members: list[int], gap: float, level: int = 0) -> list[list[int]]:

@@ -190,6 +190,12 @@ def test_witness_conflicts_match_their_definition():
                         expected[k, m] = max(float(expected[k, m]), float(weights[m] * term[m] / tol))
         assert torch.allclose(Q, expected, rtol=1e-12, atol=0)
         assert float(Q.max()) > 0 and float(Q.diagonal().abs().max()) == 0.0
+        among = sorted(torch.randperm(n, generator=gen)[: n // 2].tolist())
+        part = WitnessConflicts(attack, t64, passing, weights, among=among).Q
+        asked = torch.zeros(n, dtype=torch.bool)
+        asked[among] = True
+        pairs = asked[:, None] | asked[None, :]  # computed where k or l is asked for, 0 elsewhere
+        assert torch.equal(part[pairs], Q[pairs]) and float(part[~pairs].abs().sum()) == 0.0
 
 
 def test_residual_spectrum_is_that_of_the_residual_on_either_side():

@@ -113,3 +113,35 @@ def test_groups_near_a_looser_tolerance_are_kept(monkeypatch, top_tol):
     assert screened[:2] == plain[:2]
     assert torch.equal(screened[2], plain[2])
     assert seen and seen[0][1] < seen[0][0]  # the screen ran and dropped some
+
+
+@pytest.mark.parametrize("dataset,width,more", [("lfw", 512, False), ("digits", 2048, True)])
+def test_the_screen_goes_on_only_while_it_drops_groups(monkeypatch, dataset, width, more):
+    """Two classes put every loss vector on one line, so nearly every blend of samples passes the check and the
+    screen stops after its first probe of groups; where it drops most groups it screens them all. The results
+    are the same as without it either way."""
+    data = fedleak.load_dataset(dataset)
+    model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=3)
+    x, y = data.batch(16, seed=5)
+    names = [n for n, _ in model.named_parameters()]
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    update = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+    pieces = []
+    screen = span.Basis.screen
+
+    def recorded(self, attack, part, *args):
+        keep = screen(self, attack, part, *args)
+        pieces.append((len(keep), int(keep.sum())))
+        return keep
+
+    monkeypatch.setattr(span.Basis, "screen", recorded)
+    screened, seen, plain = with_and_without_screen(monkeypatch, lambda: fedleak.reconstruct(model, update))
+    assert screened[:2] == plain[:2]
+    assert torch.equal(screened[2], plain[2])
+    assert sum(s[0] for s in screened[0]) > 0
+    (groups, kept), = seen
+    assert groups > span.PROBE and pieces[0][0] == span.PROBE
+    if more:  # every group screened, most dropped
+        assert sum(n for n, _ in pieces) == groups and kept <= groups // 2, pieces
+    else:  # the probe dropped under a third: the rest were kept unscreened
+        assert len(pieces) == 1 and pieces[0][1] > (1 - span.MIN_DROPPED) * span.PROBE, pieces

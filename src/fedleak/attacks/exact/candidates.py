@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows
@@ -285,14 +286,16 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
         return []
     X = torch.stack([c.acts[t] for c in ordered])
     norms = X.norm(dim=1)
-    # one Gram matrix shortlists the near pairs (a superset); the exact norm decides
-    labels = torch.tensor([c.label for c in ordered], device=X.device)
-    near = (near_pairs(X, norms, group_tol * 10) & (labels[:, None] == labels[None, :])).cpu().numpy()
+    # a Gram matrix per label shortlists the near pairs (a superset); the exact norm decides
+    labels = np.array([c.label for c in ordered])
+    near = np.zeros((len(ordered), len(ordered)), dtype=bool)
+    for label in np.unique(labels).tolist():
+        ids = np.flatnonzero(labels == label)
+        at = torch.from_numpy(ids).to(X.device)
+        near[np.ix_(ids, ids)] = near_pairs(X[at], norms[at], group_tol * 10).cpu().numpy()
     norm_list = norms.clamp_min(1e-300).tolist()
-    kept: list[int] = []
+    kept = np.zeros(len(ordered), dtype=bool)
     for k in range(len(ordered)):
         tol = group_tol * 10 * norm_list[k]
-        close = [u for u in kept if near[k, u]]
-        if not any(float((X[u] - X[k]).norm()) <= tol for u in close):
-            kept.append(k)
-    return [ordered[k] for k in kept]
+        kept[k] = not any(float((X[u] - X[k]).norm()) <= tol for u in np.flatnonzero(near[k] & kept).tolist())
+    return [c for c, keep in zip(ordered, kept) if keep]

@@ -214,7 +214,7 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
         slack = max(bs.batch_size - len(at_scale), 0) + 16
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64, device=X.device)
         test = JointTest(attack, t64, bs.batch_size, weights, slack, corrections=(eps, d_one, onehot))
-        conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights)
+        conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights, among=at_scale + weak)
         degenerate = torch.nonzero(degenerate_loss_vectors(t64.loss_vectors)).flatten().tolist()
         independent = IndependenceTest(attack, t64, bs.batch_size, weights, opts.min_distance, degenerate,
                                        corrections=(eps, d_one, onehot))

@@ -9,6 +9,7 @@ at a time from the gradient as the client sent it: no float64 copy of the layer'
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -45,9 +46,10 @@ class ImpliedInputs:
             return self, self.scan()
         out = torch.empty(len(self), self.dim, dtype=F64, device=self.idx.device)
         scan = Scan.empty(len(self), self.dim, out.device)
+        gathered = torch.empty(min(ROW_CHUNK, len(self)), self.dim, dtype=self.G.dtype, device=out.device)
         for s in range(0, len(self), ROW_CHUNK):  # gathered, converted and divided a piece at a time (in cache)
             piece = out[s : s + ROW_CHUNK]
-            piece.copy_(self.G[self.idx[s : s + ROW_CHUNK]])
+            piece.copy_(torch.index_select(self.G, 0, self.idx[s : s + ROW_CHUNK], out=gathered[: len(piece)]))
             piece.div_(self.divisor[s : s + ROW_CHUNK, None])
             scan.add(slice(s, s + len(piece)), piece)
         return ImpliedInputs.of(out), scan.finish()
@@ -86,13 +88,22 @@ class ImpliedInputs:
         read without a gather."""
         return self.divisor is None and self.G.dtype == F64 and len(self) == self.G.shape[0]
 
-    def distances(self, sel: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-        """``(rows(sel) - point).norm(dim=1)``, a piece at a time. Of a matrix's rows, when ``sel`` is most of
-        them, every row's distance is taken (pieces are views, not gathers) and ``sel``'s picked out."""
-        if self.is_matrix and 2 * len(sel) >= len(self):
-            every = [torch.linalg.vector_norm(rows - point, dim=1) for _, rows in self.pieces()]
+    def distances(self, sel: torch.Tensor, point: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
+        """``(rows(sel) - point).norm(dim=1)``, a piece at a time; with ``which``, ``point`` holds several points
+        (one per row) and row ``k`` is measured from ``point[which[k]]``. Of a matrix's rows, when ``sel`` is most
+        of them and the point is one, every row's distance is taken (pieces are views, not gathers) and
+        ``sel``'s picked out."""
+        if which is None and self.is_matrix and 2 * len(sel) >= len(self):
+            diff = torch.empty(min(ROW_CHUNK, len(self)), self.dim, dtype=F64, device=point.device)
+            every = [torch.linalg.vector_norm(torch.sub(rows, point, out=diff[: len(rows)]), dim=1)
+                     for _, rows in self.pieces()]
             return torch.cat(every)[sel]
-        return torch.cat([torch.linalg.vector_norm(rows - point, dim=1) for _, rows in self.pieces(sel)])
+        out = []
+        for s in range(0, len(sel), ROW_CHUNK):
+            rows = self.rows(sel[s : s + ROW_CHUNK])  # a fresh gather
+            out.append(torch.linalg.vector_norm(rows.sub_(point if which is None else point[which[s : s + ROW_CHUNK]]),
+                                                dim=1))
+        return torch.cat(out)
 
     def mean(self, sel: torch.Tensor) -> torch.Tensor:
         """The mean of ``rows(sel)`` (of a matrix's rows, when ``sel`` is most of them: a weighted sum of its
@@ -196,18 +207,40 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
     single = [run for run in runs if len(run) == 1]
     if single:
         groups.extend(RowGroup([row]) for row in torch.cat(single).tolist())
-    for run in runs:
-        if len(run) == 1:
-            continue
-        rest = run[torch.argsort(rank[run])]  # unassigned rows of the bucket, in visiting order
-        while len(rest):
-            lead = rest[0]
-            dist = R.distances(rest, R.rows(lead[None])[0])
-            inside = dist <= tol * torch.maximum(norms[rest], norms[lead])
-            inside[0] = True
-            spread = float(dist[inside].max() / norms[rest[inside]].min()) if int(inside.sum()) > 1 else 0.0
-            groups.append(RowGroup(rest[inside].tolist(), spread))
-            rest = rest[~inside]
+    multi = [run[torch.argsort(rank[run])] for run in runs if len(run) > 1]  # each in visiting order
+    if not multi:
+        return sort_groups(groups, rank)
+    # the unassigned rows of every bucket, bucket by bucket; each round, every bucket's first unassigned row
+    # leads a group of the rows within tol of it
+    rest = torch.cat(multi)
+    bucket = torch.repeat_interleave(torch.arange(len(multi), device=dev),
+                                     torch.tensor([len(run) for run in multi], device=dev))
+    while len(rest):
+        first = torch.ones(len(rest), dtype=torch.bool, device=dev)
+        first[1:] = bucket[1:] != bucket[:-1]
+        starts = torch.nonzero(first).flatten()
+        pos = torch.cumsum(first, 0) - 1  # each row's bucket among this round's
+        leads = rest[starts]
+        if len(starts) == 1:
+            dist = R.distances(rest, R.rows(leads)[0])
+        else:
+            dist = R.distances(rest, R.rows(leads), pos)
+        lead_of = leads[pos]
+        inside = dist <= tol * torch.maximum(norms[rest], norms[lead_of])
+        inside[starts] = True
+        owner = pos[inside]
+        sizes = torch.bincount(owner, minlength=len(starts))
+        far = torch.zeros(len(starts), dtype=F64, device=dev).scatter_reduce_(0, owner, dist[inside], "amax")
+        low = torch.full((len(starts),), math.inf, dtype=F64, device=dev).scatter_reduce_(
+            0, owner, norms[rest[inside]], "amin")
+        spread = torch.where(sizes > 1, far / low, torch.zeros_like(far)).tolist()
+        members = rest[inside].split(sizes.tolist())
+        groups.extend(RowGroup(rows.tolist(), sp) for rows, sp in zip(members, spread))
+        rest, bucket = rest[~inside], bucket[~inside]
+    return sort_groups(groups, rank)
+
+
+def sort_groups(groups: list[RowGroup], rank: torch.Tensor) -> list[RowGroup]:
+    """The groups in the visiting order of their leaders."""
     rank_of = rank.tolist()
-    groups.sort(key=lambda grp: rank_of[grp.rows[0]])
-    return groups
+    return sorted(groups, key=lambda grp: rank_of[grp.rows[0]])

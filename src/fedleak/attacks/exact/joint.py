@@ -142,8 +142,11 @@ class WitnessConflicts:
     A set passes when, for each member, the terms of all other members add up to at most the tolerance.
     """
 
-    def __init__(self, attack, t64: Trace, passing: list[tuple[tuple[int, int, float], ...]], weights: torch.Tensor):
-        """``passing``: each sample's witness rows as ``(layer, row, absolute tolerance)``."""
+    def __init__(self, attack, t64: Trace, passing: list[tuple[tuple[int, int, float], ...]], weights: torch.Tensor,
+                 among: list[int] | None = None):
+        """``passing``: each sample's witness rows as ``(layer, row, absolute tolerance)``; ``among``: the samples
+        whose conflicts are asked for (all by default): ``Q[k, l]`` is computed where ``k`` or ``l`` is among them
+        (so their :meth:`pressure` and the :meth:`excess` of sets of them are exact) and left 0 elsewhere."""
         n = len(passing)
         depth = attack.net.depth
         dev = weights.device
@@ -151,21 +154,28 @@ class WitnessConflicts:
         vnorm = [(a**2).sum(1) + (1.0 if attack.g[i] is not None else 0.0) for i, a in enumerate(t64.activations[:depth])]
         enorm = t64.loss_vectors.norm(dim=1)
         w = weights.abs()
-        for i in range(depth):  # every sample's witness rows of layer i at once, a piece of rows at a time
-            entries = [(k, row, tol) for k, rows_k in enumerate(passing) for layer, row, tol in rows_k if layer == i]
-            step = max(1, (1 << 21) // max(n, 1))
-            for s in range(0, len(entries), step):
-                piece = entries[s : s + step]
-                owner = torch.tensor([k for k, _, _ in piece], dtype=torch.long, device=dev)
-                rows = torch.tensor([r for _, r, _ in piece], dtype=torch.long, device=dev)
-                tols = torch.tensor([t for _, _, t in piece], dtype=F64, device=dev).clamp_min(1e-300)
-                term = t64.deltas[i][:, rows].abs() * vnorm[i].sqrt()[:, None]
-                if i == depth - 1:
-                    term = term + t64.activations[i + 1][:, rows] * enorm[:, None]
-                # Q[k, l]: the largest term of sample l on k's rows, over their tolerances
-                worst = torch.zeros(n, n, dtype=F64, device=dev).scatter_reduce_(
-                    1, owner.expand(n, -1), w[:, None] * term / tols, "amax")
-                self.Q = torch.maximum(self.Q, worst.T)
+        inside = sorted(set(range(n)) if among is None else set(among))
+        others = sorted(set(range(n)) - set(inside))
+        # the rows of the samples asked for against every sample, the others' rows against those asked for
+        for owners, samples in ((inside, list(range(n))), (others, inside)):
+            if not owners or not samples:
+                continue
+            cols = torch.tensor(samples, dtype=torch.long, device=dev)
+            for i in range(depth):  # the owners' witness rows of layer i at once, a piece of rows at a time
+                entries = [(k, row, tol) for k in owners for layer, row, tol in passing[k] if layer == i]
+                step = max(1, (1 << 21) // len(samples))
+                for s in range(0, len(entries), step):
+                    piece = entries[s : s + step]
+                    owner = torch.tensor([k for k, _, _ in piece], dtype=torch.long, device=dev)
+                    rows = torch.tensor([r for _, r, _ in piece], dtype=torch.long, device=dev)
+                    tols = torch.tensor([t for _, _, t in piece], dtype=F64, device=dev).clamp_min(1e-300)
+                    at = (cols[:, None], rows[None, :])  # samples x entries
+                    term = t64.deltas[i][at].abs() * vnorm[i][cols].sqrt()[:, None]
+                    if i == depth - 1:
+                        term = term + t64.activations[i + 1][at] * enorm[cols, None]
+                    # Q[k, l]: the largest term of sample l on k's rows, over their tolerances
+                    self.Q.view(-1).scatter_reduce_(0, (owner[None, :] * n + cols[:, None]).flatten(),
+                                                    (w[cols, None] * term / tols).flatten(), "amax")
         self.Q.fill_diagonal_(0.0)
 
     def excess(self, members: list[int]) -> float:
