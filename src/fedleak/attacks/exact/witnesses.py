@@ -100,7 +100,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     rows_k = torch.arange(len(y), device=X.device)
     e32[rows_k, y] = t64.loss_vectors[rows_k, y].to(attack.obs_dtype)
     d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
-    sig = Signals(t64, d_one, onehot, [a.to(F64) for a in t32.activations], [d.to(F64) for d in d32], e32.to(F64))
+    sig = Signals(t64, d_one, onehot, t32.activations, d32, e32.to(F64))
     consistent = reproduces_activations(complete, t64, opts.forward_tol)
     # samples are fitted together, a group at a time: at most WITNESS_ENTRIES entries of witness rows held at once
     width = [attack.G[i].shape[1] + 1 + K for i in range(net.depth)]
@@ -125,8 +125,9 @@ WITNESS_ENTRIES = 1 << 21  # float64 entries of the witness rows (and their inpu
 @dataclass(frozen=True)
 class Signals:
     """What the witness fit reads of the rebuilt samples: their float64 trace, the backward signals and vectors of
-    the label entry (``d_one``, ``onehot``), and the client's float32 replay in float64 (activations, backward
-    signals and loss vectors, the label entry exact)."""
+    the label entry (``d_one``, ``onehot``), and the client's float32 replay: its activations and backward signals
+    as it computed them (read in float64 where used: a float64 copy would be as large as the trace, one row per
+    candidate, and there can be hundreds), its loss vectors in float64, the label entry exact."""
 
     t64: Trace
     d_one: list[torch.Tensor]
@@ -166,12 +167,12 @@ class WitnessBlock:
     @classmethod
     def of(cls, attack, sig: Signals, i: int, own: torch.Tensor, rows: torch.Tensor) -> WitnessBlock:
         t64 = sig.t64
-        acts, acts32 = t64.activations[i], sig.acts32[i]
-        diff = acts32 - acts
+        acts = t64.activations[i]
+        diff = sig.acts32[i].to(F64) - acts
         bias = attack.g[i] is not None
         aa = ((acts * acts).sum(1) + float(bias))[own]  # |[a, 1]|^2
         dd, da = (diff * diff).sum(1)[own], (diff * acts).sum(1)[own]
-        d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows]
+        d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows].to(F64)
         Gr, A = rows64(attack.G[i], rows), acts[own]
         oa, oo = torch.linalg.vecdot(Gr, A), torch.linalg.vector_norm(Gr, dim=1) ** 2
         gb = None
@@ -184,7 +185,7 @@ class WitnessBlock:
         sq_noise = d32 * d32 * dd + 2 * d32 * c * da + c * c * aa
         col = h = e0 = e1 = None
         if i == attack.net.depth - 1:
-            h, h32 = t64.activations[i + 1][own, rows], sig.acts32[i + 1][own, rows]
+            h, h32 = t64.activations[i + 1][own, rows], sig.acts32[i + 1][own, rows].to(F64)
             e0, e1 = t64.loss_vectors[own], sig.onehot[own]
             col = attack.G[-1][:, rows].T.to(F64)
             hh = h * h
