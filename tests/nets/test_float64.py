@@ -71,6 +71,21 @@ def test_a_float64_trace_reads_float32_weights_exactly_as_their_float64_copy():
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
+def test_a_trace_of_some_samples_is_theirs_in_the_whole_trace():
+    net = as_network(fedleak.make_mlp(20, [64, 32], 5, seed=0), input_shape=(20,)).head
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(9, 20, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (9,), generator=gen)
+    whole = forward_trace(net, X, y)
+    idx = torch.tensor([1, 4, 8])
+    part, alone = whole.samples(idx), forward_trace(net, X[idx], y[idx])
+    for a, b, c in zip(part.activations + part.preactivations + part.deltas + [part.logits, part.loss_vectors],
+                       whole.activations + whole.preactivations + whole.deltas + [whole.logits, whole.loss_vectors],
+                       alone.activations + alone.preactivations + alone.deltas + [alone.logits, alone.loss_vectors]):
+        assert torch.equal(a, b[idx]) and torch.allclose(a, c, rtol=1e-12, atol=1e-14)
+    assert forward_trace(net, X).samples(idx).deltas is None
+
+
 def test_products_on_numpy_equal_torchs_and_autograd_stays_with_torch():
     gen = torch.Generator().manual_seed(3)
     A = torch.randn(40, 30, generator=gen, dtype=torch.float64)

@@ -30,6 +30,12 @@ class Trace:
     loss_vectors: torch.Tensor | None
     deltas: list[torch.Tensor] | None
 
+    def samples(self, idx: torch.Tensor) -> Trace:
+        """The trace of the samples ``idx`` only."""
+        return Trace([a[idx] for a in self.activations], [z[idx] for z in self.preactivations], self.logits[idx],
+                     None if self.loss_vectors is None else self.loss_vectors[idx],
+                     None if self.deltas is None else [d[idx] for d in self.deltas])
+
 
 def forward_trace(
     net: ReluMLP,

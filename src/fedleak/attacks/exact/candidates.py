@@ -84,6 +84,7 @@ def near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Te
     return d2 <= (tol * torch.maximum(norms[:, None], norms[None, :])) ** 2 + slack
 
 
+PER_LABEL_GRAM = 128  # more candidates than this are paired one label at a time
 CORE_MARGIN = 0.45  # a group within this fraction of the core radius of its leader is all core (0.5 and rounding)
 
 
@@ -286,13 +287,18 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
         return []
     X = torch.stack([c.acts[t] for c in ordered])
     norms = X.norm(dim=1)
-    # a Gram matrix per label shortlists the near pairs (a superset); the exact norm decides
+    # a Gram matrix shortlists the near pairs of one label (a superset); the exact norm decides. Many candidates
+    # (hundreds of blends on two-class data) get one Gram matrix per label, a few one for all
     labels = np.array([c.label for c in ordered])
-    near = np.zeros((len(ordered), len(ordered)), dtype=bool)
-    for label in np.unique(labels).tolist():
-        ids = np.flatnonzero(labels == label)
-        at = torch.from_numpy(ids).to(X.device)
-        near[np.ix_(ids, ids)] = near_pairs(X[at], norms[at], group_tol * 10).cpu().numpy()
+    if len(ordered) <= PER_LABEL_GRAM:
+        same = torch.from_numpy(labels[:, None] == labels[None, :]).to(X.device)
+        near = (near_pairs(X, norms, group_tol * 10) & same).cpu().numpy()
+    else:
+        near = np.zeros((len(ordered), len(ordered)), dtype=bool)
+        for label in np.unique(labels).tolist():
+            ids = np.flatnonzero(labels == label)
+            at = torch.from_numpy(ids).to(X.device)
+            near[np.ix_(ids, ids)] = near_pairs(X[at], norms[at], group_tol * 10).cpu().numpy()
     norm_list = norms.clamp_min(1e-300).tolist()
     kept = np.zeros(len(ordered), dtype=bool)
     for k in range(len(ordered)):

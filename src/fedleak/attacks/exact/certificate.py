@@ -213,20 +213,28 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
                 and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol and vague[k] is None]
         slack = max(bs.batch_size - len(at_scale), 0) + 16
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64, device=X.device)
-        test = JointTest(attack, t64, bs.batch_size, weights, slack, corrections=(eps, d_one, onehot))
         conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights, among=at_scale + weak)
-        degenerate = torch.nonzero(degenerate_loss_vectors(t64.loss_vectors)).flatten().tolist()
-        independent = IndependenceTest(attack, t64, bs.batch_size, weights, opts.min_distance, degenerate,
-                                       corrections=(eps, d_one, onehot))
+        # the joint tests see only the samples a certified set can hold (hundreds of candidates on two-class data
+        # are blends at other scales): ``local`` numbers them among those
+        among = sorted(at_scale + weak)
+        local = {k: j for j, k in enumerate(among)}
+        sub = torch.tensor(among, dtype=torch.long, device=X.device)
+        t_sub, w_sub = t64.samples(sub), weights[sub]
+        corrections = (eps[sub], [d[sub] for d in d_one], onehot[sub])
+        test = JointTest(attack, t_sub, bs.batch_size, w_sub, slack, corrections=corrections)
+        degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors)).flatten().tolist()
+        independent = IndependenceTest(attack, t_sub, bs.batch_size, w_sub, opts.min_distance, degenerate,
+                                       corrections=corrections)
         if not independent.possible(at_scale):
-            for k in [k for k in at_scale if k in independent.tested]:
+            for k in [k for k in at_scale if local[k] in independent.tested]:
                 at_scale.remove(k)
                 reasons[k] = ("cannot be told from a blend of other samples: its loss vector is one other samples "
                               "share, and the samples not rebuilt are too many for their inputs to leave room "
                               "outside their span")
 
         def excess(members: list[int]) -> float:
-            return max(test.excess(members), conflicts.excess(members), independent.excess(members))
+            mine = [local[k] for k in members]
+            return max(test.excess(mine), conflicts.excess(members), independent.excess(mine))
 
         whole = sorted(at_scale + weak)
         if len(whole) == bs.batch_size and (weak or bs.whole_batch_only) and excess(whole) <= 1.0:
@@ -248,7 +256,7 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
                                   "the rebuilt samples do not jointly explain the observed gradient, and no subset "
                                   "was found that does")
         if certified:
-            joint = test.residual(sorted(certified))
+            joint = test.residual(sorted(local[k] for k in certified))
         if not check_invariants(complete, sorted(certified), bs.batch_size, opts.group_tol):
             attack.notes.append("internal check failed (certified samples not distinct or more than the batch): "
                                 "nothing certified")
