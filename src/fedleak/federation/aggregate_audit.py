@@ -19,7 +19,6 @@ message; the attack never reads them).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 import traceback
 from collections.abc import Callable, Mapping
