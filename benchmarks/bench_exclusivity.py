@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from doc_section import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "exclusivity.json"
-DOC = ROOT / "docs" / "benchmarks.md"
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 WIDTHS = [256, 512, 1024, 2048, 4096]
 DATASETS = ["digits", "fashion-mnist"]
@@ -96,16 +97,10 @@ def _table(rows: list[dict]) -> str:
 
 
 def _write_doc(rows: list[dict], meta: dict) -> None:
-    start, end = "<!-- exclusivity:start -->", "<!-- exclusivity:end -->"
-    body = (f"{start}\n_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, "
+    body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, "
             f"{meta['trials']} batch(es) per cell, times are medians of {meta['repeats']} runs. "
-            f"Command: `{meta['command']}`._\n\n{_table(rows)}\n{end}")
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
-    if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
-    else:
-        text += "\n## Exclusivity attack (FedSGD, fully connected ReLU nets)\n\n" + body + "\n"
-    DOC.write_text(text)
+            f"Command: `{meta['command']}`._\n\n{_table(rows)}")
+    write_section("exclusivity", body, "Exclusivity attack (FedSGD, fully connected ReLU nets)")
 
 
 def main() -> None:

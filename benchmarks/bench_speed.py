@@ -57,7 +57,6 @@ from speed_table import table, write_doc
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 BEFORE = ROOT / "benchmarks" / "results" / "speed_before.json"
-DOC = ROOT / "docs" / "benchmarks.md"
 DATASET = "fashion-mnist"
 # a fixed mmap threshold (which also turns off glibc's dynamic one) hands every block of 128 KiB or more back to
 # the system when freed, so that the RSS measures what the attack holds, not what malloc kept from earlier work
@@ -331,7 +330,7 @@ def main() -> None:
     before = json.loads(BEFORE.read_text())["rows"] if BEFORE.exists() and args.out != BEFORE else []
     if args.doc_only:
         saved = json.loads(args.out.read_text())
-        write_doc(saved["rows"], before, saved["meta"], DOC)
+        write_doc(saved["rows"], before, saved["meta"])
         print(table(saved["rows"], before))
         return
     import torch
@@ -377,7 +376,7 @@ def main() -> None:
     elif not before and BEFORE.exists() and args.out != BEFORE:
         before = json.loads(BEFORE.read_text())["rows"]
     if not args.no_doc:
-        write_doc(rows, before, meta, DOC)
+        write_doc(rows, before, meta)
     print(table(rows, before))
 
 

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from doc_section import write_section
 from torch import nn
 
 import fedleak
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "certificate_hunt.json"
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- hunt:start -->", "<!-- hunt:end -->"
 
 
 @dataclass(frozen=True)
@@ -149,16 +148,11 @@ def render(files: list[Path]) -> None:
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "
                          f"| {r['certifiable_recovered']}/{r['certifiable']} ({100 * share:.1f}%) |")
     versions = record["versions"]
-    body = (f"{START}\n_Batches of 2-8 random samples, one fresh default-init model each (`nn.Sequential`, seeded); "
+    body = (f"_Batches of 2-8 random samples, one fresh default-init model each (`nn.Sequential`, seeded); "
             f"gradients report the batch size for every other batch, FedAvg updates always (as Flower clients do); "
             f"{record['machine']}; torch {versions['torch']}. "
-            f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines) + f"\n{END}")
-    text = DOC.read_text()
-    if START in text:
-        text = text[: text.index(START)] + body + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Certificate hunt: two-class data, shifted biases, saturated networks\n\n" + body + "\n"
-    DOC.write_text(text)
+            f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines))
+    write_section("hunt", body, "Certificate hunt: two-class data, shifted biases, saturated networks")
     print("\n".join(lines))
 
 

@@ -3,9 +3,8 @@ their ratios to the client's gradient, before and now, memory and results, one r
 
 from __future__ import annotations
 
-from pathlib import Path
+from doc_section import write_section
 
-MARKERS = ("<!-- speed:start -->", "<!-- speed:end -->")
 DATA_NAMES = {"lfw": "LFW (two classes)", "retina": "retina", "mni152": "MNI152 slices",
               "fashion-mnist": "Fashion-MNIST", "digits": "digits"}
 
@@ -77,21 +76,14 @@ def table(rows: list[dict], before: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(rows: list[dict], before: list[dict], meta: dict, doc: Path) -> None:
-    """The table, with how it was measured, between the ``speed`` markers of ``doc``."""
-    start, end = MARKERS
+def write_doc(rows: list[dict], before: list[dict], meta: dict) -> None:
+    """The table, with how it was measured, in the ``speed`` section of docs/benchmarks.md."""
     load = ", ".join(f"{v:.1f}" for v in meta["machine"]["load_average_start"])
     n = meta.get("rounds", 1)
     rounds = (f" in each of {n} processes per model and version, taken in turn (times: medians over them; "
               "ratios: medians of each process's ratios)") if n > 1 else ""
-    body = (f"{start}\n_Measured {meta['date']} on {meta['machine']['cpus']}-core {meta['machine']['arch']} CPU "
+    body = (f"_Measured {meta['date']} on {meta['machine']['cpus']}-core {meta['machine']['arch']} CPU "
             f"(load average {load} at the start), torch {meta['torch']} pinned to one thread; medians of "
             f"{meta['repeats']} interleaved repeats{rounds}; Fashion-MNIST unless a row names its data, seed "
-            f"{meta['seed']}. Command: "
-            f"`{meta['command']}`._\n\n{table(rows, before)}\n{end}")
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-    if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
-    else:
-        text += "\n## Speed of the exact attack\n\n" + body + "\n"
-    doc.write_text(text)
+            f"{meta['seed']}. Command: `{meta['command']}`._\n\n{table(rows, before)}")
+    write_section("speed", body, "Speed of the exact attack")

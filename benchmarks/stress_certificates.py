@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import torch
+from doc_section import write_section
 from torch import nn
 
 import fedleak
 from fedleak import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results" / "stress_certificates.json"
 
 CONFIGS = [
@@ -93,15 +93,10 @@ def main() -> None:
                      f"| {r['samples']} | {r['certifiable']} | {r['certified']} | {r['recovered']} | {r['exact']} "
                      f"| {r['false']} | {r['missed']} |")
     total = sum(r["samples"] for r in rows)
-    body = (f"<!-- stress:start -->\n_{args.seeds} seeds x batch sizes {BATCHES} per configuration, {total} samples, "
+    body = (f"_{args.seeds} seeds x batch sizes {BATCHES} per configuration, {total} samples, "
             f"{time.time() - start:.0f} s; command `python benchmarks/stress_certificates.py --seeds {args.seeds}`._\n\n"
-            + "\n".join(lines) + "\n<!-- stress:end -->")
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if "<!-- stress:start -->" in text:
-        text = text[: text.index("<!-- stress:start -->")] + body + text[text.index("<!-- stress:end -->") + 19:]
-    else:
-        text += "\n## Certificate stress test\n\n" + body + "\n"
-    DOC.write_text(text)
+            + "\n".join(lines))
+    write_section("stress", body, "Certificate stress test")
     print("\n".join(lines))
 
 
