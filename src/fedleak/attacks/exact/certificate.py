@@ -213,11 +213,11 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
                 and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol and vague[k] is None]
         slack = max(bs.batch_size - len(at_scale), 0) + 16
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64, device=X.device)
-        conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights, among=at_scale + weak)
-        # the joint tests see only the samples a certified set can hold (hundreds of candidates on two-class data
-        # are blends at other scales): ``local`` numbers them among those
+        # the samples a certified set can hold (hundreds of candidates on two-class data are blends at other
+        # scales): the conflicts are taken where one of them is involved, the joint tests see them alone
         among = sorted(at_scale + weak)
-        local = {k: j for j, k in enumerate(among)}
+        conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights, among=among)
+        local = {k: j for j, k in enumerate(among)}  # their numbers in the joint tests
         sub = torch.tensor(among, dtype=torch.long, device=X.device)
         t_sub, w_sub = t64.samples(sub), weights[sub]
         corrections = (eps[sub], [d[sub] for d in d_one], onehot[sub])
