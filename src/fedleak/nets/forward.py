@@ -54,7 +54,7 @@ def forward_trace(
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
-    linear, back = (linear64, back64) if dtype == torch.float64 else (lambda x, W: x @ W.T, lambda x, W: x @ W)
+    linear = linear64 if dtype == torch.float64 else (lambda x, W: x @ W.T)
     acts, pres = [a], []
     for i, (W, b) in enumerate(zip(weights[:-1], biases[:-1])):
         if i == 0 and first is not None:
@@ -72,13 +72,18 @@ def forward_trace(
     if labels is None:
         return Trace(acts, pres, logits, None, None)
     e = loss_vectors(logits, labels)
-    deltas: list[torch.Tensor] = []
-    d = e
+    return Trace(acts, pres, logits, e, backward_signals(weights, pres, e))
+
+
+def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
+    """The backward signal of every hidden layer for loss vectors ``e`` (one row per sample), given its
+    pre-activations ``pres``; float64 signals read the weights in float64 whatever their dtype."""
+    deltas, d = [], e
     for W, z in zip(reversed(weights[1:]), reversed(pres)):
-        d = back(d, W) * (z > 0).to(dtype)
+        d = back64(d, W) if d.dtype == torch.float64 else d @ W
+        d.mul_(z > 0)  # a fresh product: the ReLU's derivative in place
         deltas.append(d)
-    deltas.reverse()
-    return Trace(acts, pres, logits, e, deltas)
+    return deltas[::-1]
 
 
 def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,12 @@ from fedleak.attacks.exact.joint import (
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.witnesses import (
     WitnessFit,
-    backward_signals,
     fit_witnesses,
     input_uncertainty,
     per_sample_norms,
 )
 from fedleak.nets import forward_trace
+from fedleak.nets.forward import backward_signals
 from fedleak.reconstruction import SampleRecovery
 
 F64 = torch.float64

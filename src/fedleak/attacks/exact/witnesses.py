@@ -15,23 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.nets import Trace, forward_trace
-from fedleak.nets.float64 import back64, rows64
+from fedleak.nets.float64 import rows64
+from fedleak.nets.forward import backward_signals
 
 F64 = torch.float64
 
 
 # -------------------------------------------------------------------------------------------------------
 # Per-sample gradient pieces
-
-
-def backward_signals(W: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
-    """Backward signals of every hidden layer for loss vectors ``e`` (rows), given the pre-activations (float64
-    signals read the weights in float64 whatever their dtype)."""
-    deltas, d = [], e
-    for w, z in zip(reversed(W[1:]), reversed(pres)):
-        d = (back64(d, w) if d.dtype == F64 else d @ w) * (z > 0).to(d.dtype)
-        deltas.append(d)
-    return deltas[::-1]
 
 
 def observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
