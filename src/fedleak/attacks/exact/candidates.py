@@ -198,14 +198,15 @@ def top_candidates(attack) -> list[Candidate]:
     row_groups = group_rows(R, order, attack.tol(opts.group_tol), scan)
     groups = [grp.rows for grp in row_groups]
     n_groups = len(groups)
+    lengths = [len(grp) for grp in groups]
+    laid = torch.tensor([row for grp in groups for row in grp], dtype=torch.long, device=dev)  # group by group
     gid = torch.empty(len(idx), dtype=torch.long, device=dev)
-    for k, grp in enumerate(groups):
-        gid[grp] = k
+    gid[laid] = torch.repeat_interleave(torch.arange(n_groups, device=dev), torch.tensor(lengths, device=dev))
     sizes = torch.bincount(gid, minlength=n_groups)
     # groups of one or two rows are represented by their mean, the others by their core (below)
     few = torch.nonzero(sizes[gid] < 3).flatten()
     reps = torch.zeros(n_groups, R.dim, dtype=F64, device=dev).index_add_(0, gid[few], R.rows(few)) / sizes[:, None]
-    members = [idx[grp] for grp in groups]
+    members = list(idx[laid].split(lengths))
     rows_of = list(members)  # every row of each group (members keeps the core only)
     # a row shared with a sample whose backward signal is tiny (a confident one) is a blend that still
     # lies within group_tol of the loud sample's rows; the exclusive rows agree to float32 rounding, so
@@ -270,12 +271,13 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     ok = fit.passing(attack.opts.top_tol)
     # each group's passing rows, in order (the members are laid end to end by group)
     held, sizes = torch.unique_consecutive(fit.owner[ok], return_counts=True)
-    labels_of = fit.label.tolist()
+    labels_of, rows, xs, zs = fit.label.tolist(), fit.rows[ok].tolist(), reps.unbind(0), z.unbind(0)
     cands = []
-    for k, witnesses in zip(held.tolist(), fit.rows[ok].split(sizes.tolist())):
-        x = reps[k]
-        cands.append(Candidate(label=labels_of[k], acts={t: x}, witnesses={t: witnesses.tolist()}, lowest=t,
-                               first=(x, z[k]) if t == 0 else None))
+    end = 0
+    for k, size in zip(held.tolist(), sizes.tolist()):
+        cands.append(Candidate(label=labels_of[k], acts={t: xs[k]}, witnesses={t: rows[end : end + size]}, lowest=t,
+                               first=(xs[k], zs[k]) if t == 0 else None))
+        end += size
     return cands
 
 
