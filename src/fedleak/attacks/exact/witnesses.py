@@ -16,7 +16,7 @@ import torch
 
 from fedleak.nets import Trace, forward_trace
 from fedleak.nets.float64 import rows64
-from fedleak.nets.forward import backward_signals
+from fedleak.nets.forward import backward_signals, loss_vectors
 
 F64 = torch.float64
 
@@ -83,11 +83,11 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
     K = net.num_classes
-    t32 = forward_trace(net, X.to(attack.obs_dtype), y, dtype=attack.obs_dtype)
+    t32 = forward_trace(net, X.to(attack.obs_dtype), dtype=attack.obs_dtype)  # forward only: its own backward is below
     eps32 = float(torch.finfo(attack.obs_dtype).eps)
     onehot = torch.nn.functional.one_hot(y, K).to(F64)
     # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
-    e32 = t32.loss_vectors.clone()
+    e32 = loss_vectors(t32.logits, y)
     rows_k = torch.arange(len(y), device=X.device)
     e32[rows_k, y] = t64.loss_vectors[rows_k, y].to(attack.obs_dtype)
     d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
