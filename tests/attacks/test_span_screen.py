@@ -21,8 +21,9 @@ def outcome(result):
             result.inputs.double())
 
 
-def with_and_without_screen(monkeypatch, attack):
-    """The attack's outcome with the screen, the groups it saw and kept, and the outcome without it."""
+def with_and_without_screen(monkeypatch, attack, every_group: bool = True):
+    """The attack's outcome with the screen, the groups it saw and kept, and the outcome without it; with
+    ``every_group`` the screen looks at every group, whatever its probe dropped."""
     seen = []
     screen = candidates.span_screen
 
@@ -33,6 +34,8 @@ def with_and_without_screen(monkeypatch, attack):
 
     monkeypatch.setattr(candidates, "span_screen", counted)
     monkeypatch.setattr(span, "MIN_SAVING", 0)  # these layers are small: the screen runs wherever 2 r <= n
+    if every_group:
+        monkeypatch.setattr(span, "SCREEN_COST", 0)
     screened = outcome(attack())
     monkeypatch.setattr(span, "MIN_SAVING", 10**30)  # the screen never runs: every group is forwarded
     mark = len(seen)
@@ -115,11 +118,11 @@ def test_groups_near_a_looser_tolerance_are_kept(monkeypatch, top_tol):
     assert seen and seen[0][1] < seen[0][0]  # the screen ran and dropped some
 
 
-@pytest.mark.parametrize("dataset,width,more", [("lfw", 512, False), ("digits", 2048, True)])
-def test_the_screen_goes_on_only_while_it_drops_groups(monkeypatch, dataset, width, more):
-    """Two classes put every loss vector on one line, so nearly every blend of samples passes the check and the
-    screen stops after its first probe of groups; where it drops most groups it screens them all. The results
-    are the same as without it either way."""
+@pytest.mark.parametrize("dataset,width,more", [("lfw", 512, False), ("fashion-mnist", 4096, True)])
+def test_the_screen_goes_on_only_where_its_probe_dropped_enough(monkeypatch, dataset, width, more):
+    """Two classes put every loss vector on one line, so most blends of samples pass the check and the screen
+    stops after its probe; where it drops most groups of a wide input it screens them all. The results are the
+    same as without it either way."""
     data = fedleak.load_dataset(dataset)
     model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=3)
     x, y = data.batch(16, seed=5)
@@ -131,17 +134,23 @@ def test_the_screen_goes_on_only_while_it_drops_groups(monkeypatch, dataset, wid
 
     def recorded(self, attack, part, *args):
         keep = screen(self, attack, part, *args)
-        pieces.append((len(keep), int(keep.sum())))
+        pieces.append((part.tolist(), int(keep.sum())))
         return keep
 
     monkeypatch.setattr(span.Basis, "screen", recorded)
-    screened, seen, plain = with_and_without_screen(monkeypatch, lambda: fedleak.reconstruct(model, update))
+    screened, seen, plain = with_and_without_screen(
+        monkeypatch, lambda: fedleak.reconstruct(model, update), every_group=False)
     assert screened[:2] == plain[:2]
     assert torch.equal(screened[2], plain[2])
     assert sum(s[0] for s in screened[0]) > 0
     (groups, kept), = seen
-    assert groups > span.PROBE and pieces[0][0] == span.PROBE
+    probe, probe_kept = pieces[0]
+    assert groups > span.PROBE and len(probe) == span.PROBE
+    assert probe[0] == 0 and probe[-1] == groups - 1  # spread over all the groups
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    needed = span.SCREEN_COST / first.in_features * span.PROBE  # dropped groups that pay for the rest
     if more:  # every group screened, most dropped
-        assert sum(n for n, _ in pieces) == groups and kept <= groups // 2, pieces
-    else:  # the probe dropped under a third: the rest were kept unscreened
-        assert len(pieces) == 1 and pieces[0][1] > (1 - span.MIN_DROPPED) * span.PROBE, pieces
+        assert sorted(r for part, _ in pieces for r in part) == list(range(groups)) and kept <= groups // 2
+    else:  # the probe dropped too few to pay for screening the rest, which are kept unscreened
+        assert len(pieces) == 1 and kept == groups - (span.PROBE - probe_kept)
+    assert (span.PROBE - probe_kept >= needed) == more

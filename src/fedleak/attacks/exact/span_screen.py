@@ -14,10 +14,11 @@ vector surely exceeds the tolerance) or, with a bias, one of its rows surely sta
 pass (:func:`fedleak.attacks.exact.candidates.top_candidates`) runs on the others, so the candidates are the
 same. The screen runs where it pays: where the groups outnumber twice the basis's width by enough that the
 forward passes saved outweigh its fixed cost (``MIN_SAVING``); the sketch is widened only as far as that and
-an eighth of the passes' cost allow. Groups are screened ``CHUNK`` at a time, as the exact pass forwards them,
-after a first probe of ``PROBE`` groups, and only while a piece drops at least ``MIN_DROPPED`` of its groups:
-where nearly every group passes (two classes, whose loss vectors all lie on one line, pass every blend of
-samples) the rest go to the exact pass unscreened.
+an eighth of the passes' cost allow. A probe of ``PROBE`` groups spread over all of them is screened first; the
+others are screened (``CHUNK`` at a time, as the exact pass forwards them) only where the probe dropped enough
+of its groups to pay for screening them, a share that falls with the layer's input size (``SCREEN_COST``):
+where most groups pass (two classes, whose loss vectors all lie on one line, pass most blends of samples) the
+rest go to the exact pass unscreened.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from fedleak.nets.float64 import linear64, times64
 F64 = torch.float64
 SIGNAL = 1e-5  # basis directions: singular values of X above this fraction of the largest (rounding: ~1e-7)
 BASIS_SEED = 20_261_202
-CHUNK = 256  # groups screened at once (their pre-activations are held: CHUNK x the layer's outputs) ...
-PROBE = 64  # ... after the first PROBE groups; the screen goes on while a piece drops at least MIN_DROPPED of its
-MIN_DROPPED = 1 / 3  # groups (per group, screening costs 0.15-0.4x the exact pass it can save)
+CHUNK = 256  # groups screened at once (their pre-activations are held: CHUNK x the layer's outputs)
+PROBE = 64  # groups screened first, spread over all of them: the rest are screened where the probe dropped ...
+SCREEN_COST = 200  # ... at least SCREEN_COST / d_in of its groups: per group and unit, the screen costs about what
+# this many multiply-adds of the exact pass do (20 us against 63 us per group on a 2048 x 625 layer, one core)
 MIN_SAVING = 50_000_000  # the screen runs where the forward passes it can save (n - 2 r groups) come to at
 # least this many multiply-adds (about 3 ms on one core), several times its own fixed cost
 EPS64 = float(torch.finfo(F64).eps)
@@ -103,14 +105,21 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     if Q is None:
         return keep
     basis = Basis.of(attack, reps, Q)
-    start, size = 0, PROBE
-    while start < n:
-        part = slice(start, start + size)
-        kept = basis.screen(attack, part, members[part], rows[part] if rows is not None else None)
-        keep[part] = kept
-        if int(kept.sum()) > (1 - MIN_DROPPED) * len(kept):  # the screen no longer pays: the rest keep
-            break
-        start, size = start + size, CHUNK
+
+    def screen(part: torch.Tensor) -> None:
+        at = part.tolist()
+        keep[part] = basis.screen(attack, part, [members[k] for k in at],
+                                  [rows[k] for k in at] if rows is not None else None)
+
+    # a probe spread over the groups (the strongest come first, and pass most often) says whether the rest pay
+    every = torch.arange(n, device=reps.device)
+    probe = torch.linspace(0, n - 1, min(PROBE, n), device=reps.device).round().long().unique()
+    screen(probe)
+    if int((~keep[probe]).sum()) < SCREEN_COST / W.shape[1] * len(probe):
+        return keep
+    rest = every[torch.ones(n, dtype=torch.bool, device=reps.device).index_fill_(0, probe, False)]
+    for start in range(0, len(rest), CHUNK):
+        screen(rest[start : start + CHUNK])
     return keep
 
 
@@ -140,8 +149,9 @@ class Basis:
         return cls(times64(W, Q), C, (off + tiny * size) * (1 + tiny), upper_row_norms(W), upper_row_norms(Wo),
                    tiny, allowance(Wo.shape[1]))
 
-    def screen(self, attack, part: slice, members: list[torch.Tensor], rows: list[torch.Tensor] | None) -> torch.Tensor:
-        """:func:`span_screen` for the groups ``part``."""
+    def screen(self, attack, part: torch.Tensor, members: list[torch.Tensor], rows: list[torch.Tensor] | None
+               ) -> torch.Tensor:
+        """:func:`span_screen` for the groups ``part`` (indices)."""
         t = attack.net.depth - 1
         b, Wo, bo = attack.b[t], attack.W[-1], attack.b[-1]
         C, s, w, tiny, tiny_out = self.C[part], self.s[part], self.w, self.tiny, self.tiny_out
