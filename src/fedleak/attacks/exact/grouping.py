@@ -46,10 +46,9 @@ class ImpliedInputs:
             return self, self.scan()
         out = torch.empty(len(self), self.dim, dtype=F64, device=self.idx.device)
         scan = Scan.empty(len(self), self.dim, out.device)
-        gathered = torch.empty(min(ROW_CHUNK, len(self)), self.dim, dtype=self.G.dtype, device=out.device)
         for s in range(0, len(self), ROW_CHUNK):  # gathered, converted and divided a piece at a time (in cache)
             piece = out[s : s + ROW_CHUNK]
-            piece.copy_(torch.index_select(self.G, 0, self.idx[s : s + ROW_CHUNK], out=gathered[: len(piece)]))
+            piece.copy_(self.G[self.idx[s : s + ROW_CHUNK]])
             piece.div_(self.divisor[s : s + ROW_CHUNK, None])
             scan.add(slice(s, s + len(piece)), piece)
         return ImpliedInputs.of(out), scan.finish()
@@ -94,13 +93,10 @@ class ImpliedInputs:
         of them and the point is one, every row's distance is taken (pieces are views, not gathers) and
         ``sel``'s picked out."""
         if which is None and self.is_matrix and 2 * len(sel) >= len(self):
-            diff = torch.empty(min(ROW_CHUNK, len(self)), self.dim, dtype=F64, device=point.device)
-            every = [torch.linalg.vector_norm(torch.sub(rows, point, out=diff[: len(rows)]), dim=1)
-                     for _, rows in self.pieces()]
+            every = [torch.linalg.vector_norm(rows - point, dim=1) for _, rows in self.pieces()]
             return torch.cat(every)[sel]
         out = []
-        for s in range(0, len(sel), ROW_CHUNK):
-            rows = self.rows(sel[s : s + ROW_CHUNK])  # a fresh gather
+        for s, (_, rows) in zip(range(0, len(sel), ROW_CHUNK), self.pieces(sel)):  # fresh gathers: subtract in place
             out.append(torch.linalg.vector_norm(rows.sub_(point if which is None else point[which[s : s + ROW_CHUNK]]),
                                                 dim=1))
         return torch.cat(out)
