@@ -32,7 +32,9 @@ F64 = torch.float64
 @dataclass
 class Candidate:
     """A sample being rebuilt: its known layer inputs (``acts[i]`` is the input of dense layer i of the head;
-    ``acts[0]`` the head's input, i.e. the network's features), its label and witness rows per layer."""
+    ``acts[0]`` the head's input, i.e. the network's features), its label and witness rows per layer; its
+    ``scale`` and ``logits`` as the top layer's check read them (the least-squares scale of its witness rows'
+    output-layer columns; the float64 logits of its input there)."""
 
     label: int
     acts: dict[int, torch.Tensor]
@@ -40,6 +42,8 @@ class Candidate:
     solved: set[int] = field(default_factory=set)
     lowest: int = 0  # lowest dense layer whose input is known
     first: tuple[torch.Tensor, torch.Tensor] | None = None  # (acts[0], its first-layer pre-activations, float64)
+    scale: float = float("nan")
+    logits: torch.Tensor | None = None
 
     @property
     def complete(self) -> bool:
@@ -272,11 +276,12 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     # each group's passing rows, in order (the members are laid end to end by group)
     held, sizes = torch.unique_consecutive(fit.owner[ok], return_counts=True)
     labels_of, rows, xs, zs = fit.label.tolist(), fit.rows[ok].tolist(), reps.unbind(0), z.unbind(0)
+    scales, outs = fit.group_scales(ok).tolist(), logits.unbind(0)
     cands = []
     end = 0
     for k, size in zip(held.tolist(), sizes.tolist()):
         cands.append(Candidate(label=labels_of[k], acts={t: xs[k]}, witnesses={t: rows[end : end + size]}, lowest=t,
-                               first=(xs[k], zs[k]) if t == 0 else None))
+                               first=(xs[k], zs[k]) if t == 0 else None, scale=scales[k], logits=outs[k]))
         end += size
     return cands
 

@@ -26,7 +26,7 @@ A certified sample must be one of the batch's inputs, with its label. Two checks
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from fedleak.attacks.exact.joint import (
     select_consistent,
 )
 from fedleak.attacks.exact.rank_test import JointTest
+from fedleak.attacks.exact.settle import settled_by_scale
 from fedleak.attacks.exact.witnesses import (
     WitnessFit,
     fit_witnesses,
@@ -133,9 +134,32 @@ class Certificate:
 
 
 def certify(attack, cands: list, reported: int | None) -> Certificate:
+    """Certify the complete candidates: those the top layer's check already rules out are settled first
+    (:func:`fedleak.attacks.exact.settle.settled_by_scale`), the others get the certificate
+    (:func:`certify_open`)."""
+    complete = [c for c in cands if c.complete]
+    settled = settled_by_scale(attack, complete, reported)
+    if not settled:
+        return certify_open(attack, complete, reported)
+    open_ = [k for k in range(len(complete)) if k not in settled]
+    cert = certify_open(attack, [complete[k] for k in open_], reported)
+    recs: list[SampleRecovery | None] = [None] * len(complete)
+    logits = torch.empty(len(complete), attack.net.num_classes, dtype=F64, device=complete[0].acts[0].device)
+    for j, k in enumerate(open_):
+        recs[k], logits[k] = cert.recoveries[j], cert.logits[j]
+    depth = attack.net.depth
+    for k, why in settled.items():
+        c = complete[k]
+        counts = tuple(min(len(c.witnesses.get(i, ())), attack.opts.max_witnesses) for i in range(depth))
+        recs[k] = SampleRecovery(label=c.label, certified=False, reason=why, witnesses=counts,
+                                 solved_layers=tuple(sorted(i + 1 for i in c.solved)), scale=c.scale)
+        logits[k] = c.logits
+    return replace(cert, recoveries=tuple(recs), logits=logits)
+
+
+def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     """Certify the complete candidates: per-sample witnesses, the batch scale, then the joint test."""
     net, opts = attack.net, attack.opts
-    complete = [c for c in cands if c.complete]
     if not complete:
         return Certificate((), reported, None, False)
     X = torch.stack([c.acts[0] for c in complete])

@@ -36,7 +36,8 @@ class TopRowFit:
     """Every member row of a set of groups, laid end to end (``rows``, each one's group ``owner``): each group's
     ``label`` (its members' most frequent one, the smallest on a tie) and loss vector ``e`` (one row per group),
     whether the row carries the label (``labelled``), the row's pre-activation ``z`` for the group's input, and
-    the fit of its output-layer column to the row's activation times ``e``: the least-squares ``scale`` and the
+    the fit of its output-layer column to the row's activation times ``e``: the least-squares ``scale``, the
+    squared norm ``weight`` of what it is fitted to (which weighs the rows of one group in its scale), and the
     relative residual ``res`` (the sine of the angle between the column and ``e``; 1 where the activation is 0).
     The label entry is left out of the fit: float32 computes it as ``p_y - 1``, with cancellation."""
 
@@ -46,12 +47,22 @@ class TopRowFit:
     labelled: torch.Tensor
     z: torch.Tensor
     scale: torch.Tensor
+    weight: torch.Tensor
     res: torch.Tensor
     e: torch.Tensor
 
     def passing(self, top_tol: float) -> torch.Tensor:
         """The rows that pass the check."""
         return (self.z > 0) & self.labelled & (self.scale > 0) & (self.res <= top_tol)
+
+    def group_scales(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each group's scale fitted over its rows selected by the mask ``rows`` (least squares: the rows' scales
+        weighted by ``weight``; NaN for a group with none)."""
+        n = len(self.label)
+        w = torch.where(rows, self.weight, torch.zeros_like(self.weight))
+        num = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, self.owner, w * self.scale)
+        den = torch.zeros(n, dtype=w.dtype, device=w.device).index_add_(0, self.owner, w)
+        return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
 
 
 def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,
@@ -70,6 +81,7 @@ def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, a: torch.
     others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
     pred = a[owner, rows][:, None] * e[owner] * others
     cols = columns * others
-    scale = (pred * cols).sum(1) / (pred * pred).sum(1).clamp_min(1e-300)
+    weight = (pred * pred).sum(1)
+    scale = (pred * cols).sum(1) / weight.clamp_min(1e-300)
     res = (cols - scale[:, None] * pred).norm(dim=1) / cols.norm(dim=1).clamp_min(1e-300)
-    return TopRowFit(rows, owner, label, labels == label[owner], z[owner, rows], scale, res, e)
+    return TopRowFit(rows, owner, label, labels == label[owner], z[owner, rows], scale, weight, res, e)
