@@ -18,7 +18,9 @@ class SampleRecovery:
     rows the sample explains on its own; ``solved_layers`` lists layers whose input was instead solved
     from the layer's active outputs. ``residual`` is the worst relative mismatch between the observed
     gradient and the sample's recomputed gradient on those rows; ``scale`` is observed/recomputed
-    (``1/M`` for an exact sample of a batch of M).
+    (``1/M`` for an exact sample of a batch of M). A candidate the exact attack settled before its
+    certificate (a blend of samples, by its scale; the ``reason`` says so) has the rows and the scale its
+    last ReLU layer's check read (the fit of their output-layer columns), and no residual.
 
     ``error_bound`` is what a certificate claims beyond identity: the rebuilt input is within this max abs
     error (data units) of the sample. NaN means the standard claim, exactness to

@@ -9,6 +9,7 @@ from user_models import DropoutMLP, FlowerNet
 
 import fedleak
 from fedleak import metrics
+from fedleak.attacks.exact import settle
 
 
 def _attack(model, x, y, **options):
@@ -177,21 +178,32 @@ def test_bad_updates_raise_fedleak_errors(digits):
 
 
 @pytest.mark.parametrize("reported", [True, False])
-def test_two_class_ghost_blends_are_never_certified(reported):
+def test_two_class_ghost_blends_are_never_certified(monkeypatch, reported):
     """With two classes every same-label loss vector is parallel, so neurons shared by the same samples imply
-    one self-consistent blended 'ghost' input; only the common scale 1/M tells it from a real sample."""
+    one self-consistent blended 'ghost' input; only the common scale 1/M tells it from a real sample. The
+    certificate alone refuses the ghosts (settling turned off), and settled by the scale the top layer's
+    check reads, they never reach it: the same samples are certified either way."""
     data = fedleak.load_dataset("lfw")
     model = fedleak.make_mlp(data.input_shape, [1024], data.num_classes, seed=0)
     x, y = data.batch(256, seed=256)
     update = fedleak.compute_gradient_update(model, x, y)
-    rec = fedleak.reconstruct(model, update if reported else dict(update.gradients))
-    scores = metrics.match(rec, x, y)
-    ghosts = [s for s in rec.samples if s.witnesses[-1] >= 2 and not s.certified and s.residual < 1e-5]
+    given = update if reported else dict(update.gradients)
+    rec = fedleak.reconstruct(model, given)
+    with monkeypatch.context() as m:
+        m.setattr(settle, "SETTLE", float("inf"))
+        full = fedleak.reconstruct(model, given)
+    ghosts = [s for s in full.samples if s.witnesses[-1] >= 2 and not s.certified and s.residual < 1e-5]
     assert ghosts, "this batch is expected to contain self-consistent ghost candidates"
-    assert not scores.false_certificate.any()
+    assert torch.equal(rec.certified, full.certified) and torch.equal(rec.inputs, full.inputs)
+    # settled: at a scale no sample of the batch has, or (no batch size reported, and no two candidates agree
+    # on one) where the batch's scale is unknown
+    assert any("output-layer columns" in s.reason or "no two candidates with the witnesses" in s.reason
+               for s in rec.samples)
+    for r in (rec, full):
+        assert not metrics.match(r, x, y).false_certificate.any()
     report = fedleak.analyze_exclusivity(model, x, y)
     if reported:
-        assert scores.recovered[report.certifiable].all()
+        assert metrics.match(rec, x, y).recovered[report.certifiable].all()
 
 
 # ---- models as users write them: nn.Module classes, no input shape ----------------------------------------

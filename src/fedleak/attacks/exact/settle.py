@@ -21,26 +21,23 @@ def settled_by_scale(attack, complete: list, reported: int | None) -> dict[int, 
     """The candidates no certificate can take, told from what the top layer's check read, with the reason
     for each (by index).
 
-    A candidate with fewer witness rows at the last ReLU layer than a certificate needs joins a certified set
-    only as part of the whole batch, and only at the batch's common scale (:func:`~fedleak.attacks.exact.certificate.batch_scale`): ``1/M`` when
-    the batch size ``M`` of a mean-loss gradient is reported; else the scale two candidates that have the
-    witnesses share (or 1, for a lone sample); for a weight delta, the scale of one of them. The check's scale
-    of a candidate (its witness rows' output-layer columns) agrees with the certificate's fit to within 1e-4
-    on the candidates near the batch's scale, so one more than ``SETTLE`` (or 100 ``scale_tol``) away from every
-    scale the batch can take is settled (on two-class data, most of the hundreds of blends of samples), and the
-    certificate sees only the others. Under per-sample clipping each sample has a scale of its own, and
-    nothing is settled."""
+    Every certified sample sits at the batch's common scale (:func:`~fedleak.attacks.exact.certificate.
+    batch_scale`): ``1/M`` when the batch size ``M`` of a mean-loss gradient is reported; else ``1/M`` with
+    ``M`` whole that two candidates with the witnesses a certificate needs share (or 1, for a lone sample); for
+    a weight delta, the scale of one of those candidates. The check's scale of a candidate (the least-squares
+    fit of its witness rows' output-layer columns) agrees with the certificate's fit to within 1e-4 on the
+    candidates near the batch's scale, so a candidate more than ``SETTLE`` (or 100 ``scale_tol``) away from
+    every scale the batch can take is settled (on two-class data, most of the hundreds of blends of samples),
+    and the certificate sees only the others. Under per-sample clipping each sample has a scale of its own,
+    and nothing is settled."""
     opts = attack.opts
     if opts.clip_norm is not None or not complete:
         return {}
     t = attack.net.depth - 1
-    tops = [min(len(c.witnesses.get(t, ())), opts.max_witnesses) for c in complete]
+    tops = np.array([min(len(c.witnesses.get(t, ())), opts.max_witnesses) for c in complete])
     scales = np.array([c.scale for c in complete], dtype=float)
     read = np.isfinite(scales) & (scales > 0)  # the check's scale, where it read one
-    few = [k for k, n in enumerate(tops) if n < opts.min_last and read[k]]
-    if not few:
-        return {}
-    able = np.sort(scales[read & (np.array(tops) >= opts.min_last)])
+    able = np.sort(scales[read & (tops >= opts.min_last)])
     if opts.known_scale and reported is not None:
         shared, what = np.array([1.0 / reported]), f"the batch's common scale 1/{reported}"
     elif opts.known_scale:  # 1/M with M whole, from two samples that agree on it, or a lone one at scale 1
@@ -53,18 +50,24 @@ def settled_by_scale(attack, complete: list, reported: int | None) -> dict[int, 
         what = "the nearest scale the batch's samples can share"
     else:
         shared, what = able, "the nearest scale the batch's samples can share"
-    need = f"a certificate needs {opts.min_last}"
-    if len(shared) == 0:
-        return {k: f"only {tops[k]} exclusive neuron(s) at the last ReLU layer ({need}), and no candidates with "
-                   "the witnesses fix the batch's common scale" for k in few}
+    unknown = ("no batch size was reported, and no two candidates with the witnesses a certificate needs share a "
+               "scale 1/M with M whole (nor is a lone one at scale 1)" if opts.known_scale else
+               "no candidate has the witnesses a certificate needs, which would fix the batch's common scale")
     tol = max(SETTLE, 100 * opts.scale_tol)
+    ks = np.flatnonzero(read)
+    ratios = np.full(len(ks), np.inf)  # each candidate's scale over the nearest shared one (none: infinitely far)
+    if len(shared):  # the nearest shared scale: the one just below the candidate's or the one at or above it
+        at = np.searchsorted(shared, scales[ks])
+        below, above = shared[np.maximum(at - 1, 0)], shared[np.minimum(at, len(shared) - 1)]
+        ratios = scales[ks] / np.where(np.abs(scales[ks] / below - 1) <= np.abs(scales[ks] / above - 1), below, above)
+    far = np.abs(ratios - 1) > tol
+    ks, ratios = ks[far], ratios[far]
     settled = {}
-    for k in few:
-        s = float(scales[k])
-        at = int(np.searchsorted(shared, s))  # the nearest shared scales are just below and at ``at``
-        near = min(shared[max(at - 1, 0) : at + 1].tolist(), key=lambda v: abs(s / v - 1))
-        if abs(s / near - 1) > tol:
-            settled[k] = (f"only {tops[k]} exclusive neuron(s) at the last ReLU layer ({need}), and its scale, read "
-                          f"from their output-layer columns, is {s / near:.3g} times {what} (a blend of samples, "
-                          "not a sample)")
+    for j, k in enumerate(ks.tolist()):
+        why = (f"its scale, read from its witness rows' output-layer columns, is {ratios[j]:.3g} times {what} "
+               "(a blend of samples, not a sample)" if len(shared) else unknown)
+        if tops[k] < opts.min_last:
+            why = (f"only {tops[k]} exclusive neuron(s) at the last ReLU layer (a certificate needs "
+                   f"{opts.min_last}), and {why}")
+        settled[k] = why
     return settled
