@@ -229,6 +229,7 @@ def top_candidates(attack) -> list[Candidate]:
         core = R.distances(grp, medoid) <= core_tol * medoid.norm()
         reps[k] = R.mean(grp[core])
         members[k] = members[k][core]
+    del R, scan  # the implied inputs (as large as the layer) are read no more: freed before the forward passes
 
     # every member of a group must carry the same label
     label_of = col[:, idx].argmin(0)
@@ -281,7 +282,7 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     end = 0
     for k, size in zip(held.tolist(), sizes.tolist()):
         cands.append(Candidate(label=labels_of[k], acts={t: xs[k]}, witnesses={t: rows[end : end + size]}, lowest=t,
-                               first=(xs[k], zs[k]) if t == 0 else None, scale=scales[k], logits=outs[k]))
+                               first=(xs[k], zs[k].clone()) if t == 0 else None, scale=scales[k], logits=outs[k]))
         end += size
     return cands
 

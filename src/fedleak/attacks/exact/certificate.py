@@ -150,6 +150,7 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
     depth = attack.net.depth
     for k, why in settled.items():
         c = complete[k]
+        c.first = None  # its pre-activations (one float64 row of the layer's width) are read no more
         counts = tuple(min(len(c.witnesses.get(i, ())), attack.opts.max_witnesses) for i in range(depth))
         recs[k] = SampleRecovery(label=c.label, certified=False, reason=why, witnesses=counts,
                                  solved_layers=tuple(sorted(i + 1 for i in c.solved)), scale=c.scale)
