@@ -115,3 +115,20 @@ def test_without_candidates_that_fix_the_scale_every_candidate_is_settled(lfw):
     assert sorted(settled) == list(range(len(cands)))
     assert all("no two candidates with the witnesses a certificate needs share a scale" in why
                for why in settled.values())
+
+
+def test_single_witness_samples_of_a_whole_batch_are_not_settled(monkeypatch, lfw):
+    """Samples with one exclusive neuron sit at the batch's scale and are certified as part of the whole batch
+    (which then reproduces the whole gradient): settling leaves them to the certificate, among 80 blends."""
+    torch.manual_seed(0)
+    model = UserNet(625, 512, 2).eval()
+    x, y = lfw.batch(8, seed=8)
+    grads = gradient(model, x, y)
+    rec = fedleak.reconstruct(model, grads)
+    full = without_settling(monkeypatch, lambda: fedleak.reconstruct(model, grads))
+    same_results(rec, full)
+    assert rec.batch_certified and rec.num_certified == 8 and len(rec.samples) > 40
+    weak = [r for r in rec.samples if r.certified and r.witnesses[-1] < 2]
+    assert weak and all("reproduces the whole observed gradient" in r.reason for r in weak)
+    assert len(settled_records(rec)) > len(rec.samples) // 2
+    assert fedleak.metrics.match(rec, x, y).false_certificates == 0
