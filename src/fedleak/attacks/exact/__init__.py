@@ -6,6 +6,7 @@
 * :mod:`~fedleak.attacks.exact.candidates` -- the head's top layer: candidates from the groups, scale fitting.
 * :mod:`~fedleak.attacks.exact.walkdown` -- the head's hidden layers.
 * :mod:`~fedleak.attacks.exact.conv_walkdown` -- the conv blocks: invert_block, invert_chain, feature matching.
+* :mod:`~fedleak.attacks.exact.settle` -- candidates ruled out by the scale the top layer's check read.
 * :mod:`~fedleak.attacks.exact.witnesses`, :mod:`~fedleak.attacks.exact.certificate`,
   :mod:`~fedleak.attacks.exact.joint` -- the certificate.
 * :mod:`~fedleak.attacks.exact.attack` -- the registered attack and its entry points.

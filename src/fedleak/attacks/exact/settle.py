@@ -2,11 +2,11 @@
 
 On two-class data every blend of samples whose rows are shared by the same samples passes the top layer's check,
 so the attack reads hundreds of candidates for a batch of 16, most with a single witness row. The certificate
-fits each one's witnesses, replays it in float32 and weighs it against the others; a candidate with fewer
-witness rows than a certificate needs can only join the certified set as part of the whole batch, and only at
-the batch's common scale. Its scale is already known from the check (:class:`~fedleak.attacks.exact.top_check.
-TopRowFit`), so the ones far from every scale the batch can take are settled here, with their reason, and the
-certificate sees only the others.
+fits each one's witnesses, replays it in float32 and weighs it against the others, yet a certified sample can
+only sit at the batch's common scale, and a blend's scale is a ratio of its constituents' loss magnitudes. Each
+candidate's scale is already known from the check (:class:`~fedleak.attacks.exact.top_check.TopRowFit`), and so
+are the scales the batch can take, so the candidates far from all of them are settled here, with their reason,
+and the certificate sees only the others.
 """
 
 from __future__ import annotations
