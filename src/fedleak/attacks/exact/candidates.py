@@ -24,7 +24,7 @@ from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows
 from fedleak.attacks.exact.span_screen import span_screen
 from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
 from fedleak.nets import ReluMLP
-from fedleak.nets.float64 import linear64
+from fedleak.nets.float64 import linear64, matmul64
 
 F64 = torch.float64
 
@@ -83,7 +83,7 @@ def near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Te
     """A superset of the pairs of rows within ``tol * max(norms)`` of each other, from one Gram matrix (the
     squared distances' cancellation error, at most ``(d + 4) eps (|a|^2 + |b|^2)``, is added to the bound)."""
     sq = norms * norms
-    d2 = sq[:, None] + sq[None, :] - 2 * (block @ block.T)
+    d2 = sq[:, None] + sq[None, :] - 2 * matmul64(block, block.T)  # numpy's BLAS takes ``A A^T`` as one syrk
     slack = 2 * (block.shape[1] + 4) * float(torch.finfo(block.dtype).eps) * (sq[:, None] + sq[None, :])
     return d2 <= (tol * torch.maximum(norms[:, None], norms[None, :])) ** 2 + slack
 
@@ -307,9 +307,14 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
             ids = np.flatnonzero(labels == label)
             at = torch.from_numpy(ids).to(X.device)
             near[np.ix_(ids, ids)] = near_pairs(X[at], norms[at], group_tol * 10).cpu().numpy()
+    # a candidate is dropped when an earlier kept one is within its tolerance: the exact distances of the
+    # shortlisted pairs first (few), then one pass in order over the candidates that have such a pair
     norm_list = norms.clamp_min(1e-300).tolist()
-    kept = np.zeros(len(ordered), dtype=bool)
-    for k in range(len(ordered)):
-        tol = group_tol * 10 * norm_list[k]
-        kept[k] = not any(float((X[u] - X[k]).norm()) <= tol for u in np.flatnonzero(near[k] & kept).tolist())
+    close: dict[int, list[int]] = {}
+    for k, u in np.argwhere(np.tril(near, -1)).tolist():  # u comes before k
+        if float((X[u] - X[k]).norm()) <= group_tol * 10 * norm_list[k]:
+            close.setdefault(k, []).append(u)
+    kept = np.ones(len(ordered), dtype=bool)
+    for k in sorted(close):
+        kept[k] = not kept[close[k]].any()
     return [c for c, keep in zip(ordered, kept) if keep]
