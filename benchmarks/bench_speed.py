@@ -93,6 +93,8 @@ FULL = (
     ModelSpec("user-lfw-normalised", (2048,), (16,), dataset="lfw", user=True, normalise=True),
     ModelSpec("user-mni152", (2048,), (16,), dataset="mni152", user=True),
     ModelSpec("user-retina-normalised", (2048,), (16,), dataset="retina", user=True, normalise=True),
+    # two hidden layers on two classes: hundreds of blends that find no exclusive row in the layer below
+    ModelSpec("mlp-1024-1024-lfw", (1024, 1024), (16,), dataset="lfw"),
 )
 QUICK = (
     ModelSpec("mlp-256", (256,), (1, 64)),

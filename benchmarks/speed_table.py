@@ -35,7 +35,9 @@ def label(r: dict) -> str:
     if r.get("user"):
         return (f"user's `nn.Module`, {r['widths'][0]} hidden, on {DATA_NAMES.get(r['dataset'], r['dataset'])}"
                 f"{', normalised' if r.get('normalise') else ''}")
-    return ", ".join(map(str, r["widths"]))
+    widths = ", ".join(map(str, r["widths"]))
+    data = r.get("dataset", "fashion-mnist")
+    return widths if data == "fashion-mnist" else f"{widths}, on {DATA_NAMES.get(data, data)}"
 
 
 def table(rows: list[dict], before: list[dict]) -> str:

@@ -86,7 +86,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
 
     # 1-2. the head, on the features
     cands = unique_candidates(attack.top_candidates(), head.depth - 1, attack.tol(opts.group_tol))
-    attack.walk_down(cands)
+    attack.walk_down(cands, reported)
     complete = [c for c in cands if c.complete]
     if len(cands) > len(complete):
         notes.append(f"{len(cands) - len(complete)} candidate(s) read at the last ReLU layer could not be traced "

@@ -109,9 +109,10 @@ class HeadAttack:
         """Step 1: candidates from the last ReLU layer (:mod:`fedleak.attacks.exact.candidates`)."""
         return top_candidates(self)
 
-    def walk_down(self, cands: list[Candidate]) -> None:
-        """Step 2: trace candidates down to the head's input (:mod:`fedleak.attacks.exact.walkdown`)."""
-        walk_down(self, cands)
+    def walk_down(self, cands: list[Candidate], reported: int | None = None) -> None:
+        """Step 2: trace candidates down to the head's input (:mod:`fedleak.attacks.exact.walkdown`; ``reported``:
+        the update's number of examples)."""
+        walk_down(self, cands, reported)
 
     def certify(self, cands: list[Candidate], reported: int | None) -> Certificate:
         """Step 3: the certificate of the complete candidates (:mod:`fedleak.attacks.exact.certificate`)."""

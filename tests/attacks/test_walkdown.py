@@ -1,0 +1,65 @@
+"""The walk-down's least-squares solve of a layer (``forward_solve``): it rebuilds an input its layer's active
+outputs determine, refuses an inconsistent system cheaply, and is not run for candidates whose scale already
+rules them out (two-class blends), with the same results."""
+
+from __future__ import annotations
+
+import torch
+
+import fedleak
+from fedleak.attacks.exact import ExclusivityOptions, HeadAttack, settle, walkdown
+from fedleak.attacks.exact.candidates import Candidate
+from fedleak.nets import as_network
+
+
+def one_sample_layer(lfw):
+    """A 625-2048-256-2 MLP, one LFW face, and its attack state: the face's input is what the first layer's
+    ~1,000 active outputs (of 2048) determine. The proven error bound of a float32 output through this layer
+    is 4e-5 of the input, so the solve is allowed that much (``solve_max_error``; 1e-6 by default)."""
+    model = fedleak.make_mlp(lfw.input_shape, [2048, 256], 2, seed=0)
+    x, y = lfw.batch(1, seed=3)
+    grads = dict(fedleak.compute_gradient_update(model, x, y).gradients)
+    attack = HeadAttack(as_network(model).head, grads, ExclusivityOptions(solve_max_error=1e-4), torch.float32)
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        h = torch.relu(x.flatten(1).double() @ first.weight.double().T + first.bias.double())[0]
+    return attack, x.flatten().double(), int(y), h
+
+
+def test_a_determined_input_is_solved_and_an_inconsistent_one_refused(lfw):
+    attack, x, label, h = one_sample_layer(lfw)
+    assert int((h > 0).sum()) >= x.numel()
+    c = Candidate(label=label, acts={1: h}, witnesses={1: []}, lowest=1)
+    a = walkdown.solve_layer(attack, c, 0)
+    assert a is not None and float((a - x).abs().max()) <= 1e-6 * float(x.abs().max())
+    # the same active outputs, 1% off: no input reproduces them, and the solve says so
+    noisy = h * (1 + 0.01 * torch.randn(h.shape, generator=torch.Generator().manual_seed(0), dtype=h.dtype))
+    c = Candidate(label=label, acts={1: noisy}, witnesses={1: []}, lowest=1)
+    assert walkdown.solve_layer(attack, c, 0) is None
+
+
+def test_blends_ruled_out_by_their_scale_are_not_solved_for(monkeypatch, lfw):
+    """Two-class LFW, two hidden layers: most blends of samples at the top layer find no exclusive row below,
+    and each was solved for (an SVD of the layer) and failed. Settled by their scale first, they are not; the
+    results are the same."""
+    model = fedleak.make_mlp(lfw.input_shape, [768, 512], 2, seed=0)
+    x, y = lfw.batch(8, seed=8)
+    grads = dict(fedleak.compute_gradient_update(model, x, y).gradients)
+    calls = []
+    real = walkdown.solve_layer
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(walkdown, "solve_layer", counted)
+    rec = fedleak.reconstruct(model, grads)
+    fewer = len(calls)
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(settle, "SETTLE", float("inf"))
+        full = fedleak.reconstruct(model, grads)
+    assert fewer < len(calls) / 2
+    assert torch.equal(rec.certified, full.certified) and torch.equal(rec.inputs, full.inputs)
+    assert any("were not solved for" in n for n in rec.notes)
+    assert fedleak.metrics.match(rec, x, y).false_certificates == 0
