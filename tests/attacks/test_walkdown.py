@@ -1,6 +1,6 @@
 """The walk-down's least-squares solve of a layer (``forward_solve``): it rebuilds an input its layer's active
-outputs determine, refuses an inconsistent system cheaply, and is not run for candidates whose scale already
-rules them out (two-class blends), with the same results."""
+outputs determine, refuses an inconsistent system cheaply (a lower bound on its residual from one LU), and is
+not run for candidates whose scale already rules them out (two-class blends), with the same results."""
 
 from __future__ import annotations
 
@@ -63,3 +63,22 @@ def test_blends_ruled_out_by_their_scale_are_not_solved_for(monkeypatch, lfw):
     assert torch.equal(rec.certified, full.certified) and torch.equal(rec.inputs, full.inputs)
     assert any("were not solved for" in n for n in rec.notes)
     assert fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
+def test_residual_floor_bounds_the_least_squares_residual_from_below():
+    """The LU bound that refuses inconsistent systems before the SVD: never above the least-squares residual
+    (so a system the SVD would accept is never refused), about zero for a consistent system, rank-deficient
+    ones included, and far from zero for a random right-hand side."""
+    gen = torch.Generator().manual_seed(0)
+    for m, n in [(650, 625), (80, 20), (50, 49)]:
+        A = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        a = torch.randn(n, generator=gen, dtype=torch.float64)
+        assert walkdown.residual_floor(A, A @ a) <= 1e-12
+        r = torch.randn(m, generator=gen, dtype=torch.float64)
+        floor = walkdown.residual_floor(A, r)
+        sol = torch.linalg.lstsq(A, r[:, None], driver="gelsd").solution[:, 0]
+        assert 1e-3 < floor <= float((A @ sol - r).norm() / r.norm()) * (1 + 1e-9)
+        A[:, -1] = A[:, 0]  # rank-deficient: the bound still holds whatever U is
+        assert walkdown.residual_floor(A, A @ a) <= 1e-12
+    square = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    assert walkdown.residual_floor(square, torch.randn(30, generator=gen, dtype=torch.float64)) == 0.0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg as sl
 import torch
 
 from fedleak.attacks.exact.candidates import Candidate
@@ -247,10 +249,9 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     WA = rows64(W, A)
     rhs = target[A] - (b[i][A] if b[i] is not None else 0)
     # most systems are inconsistent (the rows of a blend of samples, or of a sample whose own rows were not
-    # exclusive): their least-squares residual, the same whichever way it is solved, is far above forward_tol.
-    # A QR solve (gelsy) tells them at a fifth of the cost of the SVD that the accepted ones need
-    quick = torch.linalg.lstsq(WA.cpu(), rhs[:, None].cpu(), driver="gelsy").solution[:, 0].to(target.device)
-    if float((WA @ quick - rhs).norm() / rhs.norm().clamp_min(1e-300)) > 2 * opts.forward_tol:
+    # exclusive): a lower bound on their least-squares residual far above forward_tol rules them out at a
+    # tenth of the cost of the SVD that the accepted ones need (an accepted one's residual is below forward_tol)
+    if residual_floor(WA, rhs) > 2 * opts.forward_tol:
         return None
     # gelsd (the SVD, which gives the singular values) runs on the CPU only
     sol = torch.linalg.lstsq(WA.cpu(), rhs[:, None].cpu(), driver="gelsd")
@@ -267,3 +268,33 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     if bound > opts.solve_max_error * max(1.0, float(a.abs().max())) or not inactive_ok or resid > opts.forward_tol:
         return None
     return a
+
+
+FLOOR_ROWS = 16  # rows of a tall system whose complement vectors bound its residual
+
+
+def residual_floor(A: torch.Tensor, r: torch.Tensor) -> float:
+    """A lower bound on ``min_a ||A a - r|| / ||r||`` for a float64 ``A`` of ``m >= n`` rows, from one LU
+    factorisation with partial pivoting, ``P A = [L1; L2] U`` (LAPACK's getrf; half a QR's cost): for a row
+    ``i`` of ``L2``, ``z_i = e_i - L1^{-T} l_i`` (over the first ``n`` pivoted rows) has ``z_i^T P A = l_i^T U -
+    l_i^T L1^{-1} L1 U = 0`` whatever ``U`` is (a rank-deficient ``A`` too), so ``|z_i^T P r| / ||z_i||`` is at
+    most the residual. ``z_i^T P r`` is row ``i``'s residual after the first ``n`` rows are solved; the
+    ``FLOOR_ROWS`` rows with the largest are weighed. 0 for a square ``A``."""
+    a, b = A.cpu().numpy(), r.cpu().numpy()
+    m, n = a.shape
+    norm = float(np.linalg.norm(b))
+    if m <= n or norm == 0:
+        return 0.0
+    lu, piv, info = sl.lapack.dgetrf(a)
+    if info < 0:
+        return 0.0
+    order = np.arange(m)
+    for k, p in enumerate(piv.tolist()):  # getrf's row interchanges, in turn (0-based)
+        order[k], order[p] = order[p], order[k]
+    b = b[order]
+    L1, L2 = lu[:n], lu[n:]
+    c = sl.solve_triangular(L1, b[:n], lower=True, unit_diagonal=True, check_finite=False)
+    res = b[n:] - L2 @ c
+    top = np.argsort(-np.abs(res))[:FLOOR_ROWS]
+    X = sl.solve_triangular(L1, L2[top].T, trans="T", lower=True, unit_diagonal=True, check_finite=False)
+    return float((np.abs(res[top]) / np.sqrt(1 + np.square(X).sum(0))).max() / norm)
