@@ -132,3 +132,25 @@ def test_single_witness_samples_of_a_whole_batch_are_not_settled(monkeypatch, lf
     assert weak and all("reproduces the whole observed gradient" in r.reason for r in weak)
     assert len(settled_records(rec)) > len(rec.samples) // 2
     assert fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
+def test_open_candidates_without_kept_pre_activations_are_recomputed_alike(monkeypatch, lfw):
+    """Only candidates with the witness rows a certificate of their own needs keep the top check's
+    pre-activations (the hundreds of one-witness blends would hold ten times the gradient); the certificate
+    recomputes the others' and gets the results of recomputing them all."""
+    from fedleak.attacks.exact import certificate
+
+    model, x, y = user_batch(lfw, 16, 1024, 0)
+    grads = gradient(model, x, y)
+    seen = []
+    real = certificate.first_layer
+
+    def recorded(attack, X, complete):
+        seen.append(sum(c.first_pre is None for c in complete) / len(complete))
+        return real(attack, X, complete)
+
+    monkeypatch.setattr(certificate, "first_layer", recorded)
+    rec = fedleak.reconstruct(model, grads)
+    assert seen and 0 < seen[0] < 1  # both kinds among the open candidates
+    monkeypatch.setattr(certificate, "first_layer", lambda attack, X, complete: None)  # the pass computes all
+    same_results(rec, fedleak.reconstruct(model, grads))

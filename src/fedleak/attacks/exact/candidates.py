@@ -174,6 +174,9 @@ def fit_scales(
 # The candidates
 
 
+CHECK_ENTRIES = 1 << 18  # float64 entries of the groups' pre-activations (and of their activations) held at once
+
+
 def top_candidates(attack) -> list[Candidate]:
     """Candidates read from the last ReLU layer's rows (grouped by implied input, checked by a forward pass)."""
     W, G, g, opts = attack.W, attack.G, attack.g, attack.opts
@@ -251,8 +254,9 @@ def top_candidates(attack) -> list[Candidate]:
                           [rows_of[k] for k in sel.tolist()] if g[t] is not None else None)
     sel = sel[hopeful].tolist()
     cands: list[Candidate] = []
-    for start in range(0, len(sel), 256):
-        chunk = sel[start : start + 256]
+    step = max(1, CHECK_ENTRIES // W[t].shape[0])  # groups whose forward pass is held at once
+    for start in range(0, len(sel), step):
+        chunk = sel[start : start + step]
         pres, acts, logits = tail_forward(attack.net, W, attack.b, t, reps[chunk])
         if g[t] is not None:  # every row of the group (core or not) must fire for the implied input
             fire = torch.nonzero(all_fire(pres[0], [rows_of[k] for k in chunk])).flatten()
@@ -280,9 +284,14 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     scales, outs = fit.group_scales(ok).tolist(), logits.unbind(0)
     cands = []
     end = 0
+    # the pre-activations (a float64 row of the layer's width each) are kept for the certificate's forward pass
+    # where a certificate can be had on the sample's own witnesses; the hundreds of one-witness blends of
+    # two-class data would hold ten times the gradient's size, and the few of them left open are recomputed
+    strong = attack.opts.min_last
     for k, size in zip(held.tolist(), sizes.tolist()):
+        first = (xs[k], zs[k].clone()) if t == 0 and size >= strong else None
         cands.append(Candidate(label=labels_of[k], acts={t: xs[k]}, witnesses={t: rows[end : end + size]}, lowest=t,
-                               first=(xs[k], zs[k].clone()) if t == 0 else None, scale=scales[k], logits=outs[k]))
+                               first=first, scale=scales[k], logits=outs[k]))
         end += size
     return cands
 

@@ -47,6 +47,7 @@ from fedleak.attacks.exact.witnesses import (
     per_sample_norms,
 )
 from fedleak.nets import forward_trace
+from fedleak.nets.float64 import linear64
 from fedleak.nets.forward import backward_signals
 from fedleak.reconstruction import SampleRecovery
 
@@ -158,6 +159,22 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
     return replace(cert, recoveries=tuple(recs), logits=logits)
 
 
+def first_layer(attack, X: torch.Tensor, complete: list) -> torch.Tensor | None:
+    """The first layer's float64 pre-activations of the candidates' inputs ``X``: the top-layer check's where
+    it kept them (:attr:`~fedleak.attacks.exact.candidates.Candidate.first_pre`), the others computed here
+    (None when it kept none: the forward pass computes them all)."""
+    firsts = [c.first_pre for c in complete]
+    missing = [k for k, z in enumerate(firsts) if z is None]
+    if len(missing) == len(firsts):
+        return None
+    if missing:
+        b = attack.b[0]
+        z = linear64(X[missing], attack.W[0])
+        for k, row in zip(missing, (z + b if b is not None else z).unbind(0)):
+            firsts[k] = row
+    return torch.stack(firsts)
+
+
 def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     """Certify the complete candidates: per-sample witnesses, the batch scale, then the joint test."""
     net, opts = attack.net, attack.opts
@@ -165,9 +182,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         return Certificate((), reported, None, False)
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
-    firsts = [c.first_pre for c in complete]
-    first = torch.stack(firsts) if all(z is not None for z in firsts) else None  # the top-layer check's product
-    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first)
+    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete))
     onehot = torch.nn.functional.one_hot(y, net.num_classes).to(F64)
     d_one = backward_signals(attack.W, t64.preactivations, onehot)
     fits = fit_witnesses(attack, complete, t64, d_one)

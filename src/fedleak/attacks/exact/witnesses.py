@@ -110,7 +110,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     return fits
 
 
-WITNESS_ENTRIES = 1 << 21  # float64 entries of the witness rows (and their inputs) held at once (16 MiB)
+WITNESS_ENTRIES = 1 << 17  # float64 entries of the witness rows held at once (1 MiB; with their inputs and a residual, 3)
 
 
 @dataclass(frozen=True)
