@@ -93,14 +93,16 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
     sig = Signals(t64, d_one, onehot, t32.activations, d32, e32.to(F64))
     consistent = reproduces_activations(complete, t64, opts.forward_tol)
-    # samples are fitted together, a group at a time: at most WITNESS_ENTRIES entries of witness rows held at once
+    # samples are fitted together, a group at a time: at most a sixteenth of the largest layer's entries (and at least
+    # WITNESS_ENTRIES) of witness rows held at once, in float64 with their inputs and a residual: 3/8 of its size
+    budget = max(WITNESS_ENTRIES, max(G.numel() for G in attack.G) // 16)
     width = [attack.G[i].shape[1] + 1 + K for i in range(net.depth)]
     fits: list[WitnessFit] = []
     group: list[int] = []
     load = 0
     for k, c in enumerate(complete):
         entries = sum(min(len(rows), opts.max_witnesses) * width[i] for i, rows in c.witnesses.items())
-        if group and load + entries > WITNESS_ENTRIES:
+        if group and load + entries > budget:
             fits.extend(fit_group(attack, complete, group, sig, consistent, eps32))
             group, load = [], 0
         group.append(k)
@@ -110,7 +112,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     return fits
 
 
-WITNESS_ENTRIES = 1 << 17  # float64 entries of the witness rows held at once (1 MiB; with their inputs and a residual, 3)
+WITNESS_ENTRIES = 1 << 17  # float64 entries of witness rows a group may always hold (1 MiB)
 
 
 @dataclass(frozen=True)
