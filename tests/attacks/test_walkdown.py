@@ -68,9 +68,9 @@ def test_blends_ruled_out_by_their_scale_are_not_solved_for(monkeypatch, lfw):
 def test_residual_floor_bounds_the_least_squares_residual_from_below():
     """The LU bound that refuses inconsistent systems before the SVD: never above the least-squares residual
     (so a system the SVD would accept is never refused), about zero for a consistent system, rank-deficient
-    ones included, and far from zero for a random right-hand side."""
+    ones included, and far from zero for a random right-hand side, on a subsystem of a much taller one too."""
     gen = torch.Generator().manual_seed(0)
-    for m, n in [(650, 625), (80, 20), (50, 49)]:
+    for m, n in [(650, 625), (80, 20), (50, 49), (400, 50)]:  # the last bounded on a subsystem
         A = torch.randn(m, n, generator=gen, dtype=torch.float64)
         a = torch.randn(n, generator=gen, dtype=torch.float64)
         assert walkdown.residual_floor(A, A @ a) <= 1e-12

@@ -271,6 +271,7 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
 
 
 FLOOR_ROWS = 16  # rows of a tall system whose complement vectors bound its residual
+FLOOR_SPARE = 64  # rows beyond its unknowns a system is bounded on (evenly spaced): the factorisation's cost
 
 
 def residual_floor(A: torch.Tensor, r: torch.Tensor) -> float:
@@ -279,12 +280,16 @@ def residual_floor(A: torch.Tensor, r: torch.Tensor) -> float:
     ``i`` of ``L2``, ``z_i = e_i - L1^{-T} l_i`` (over the first ``n`` pivoted rows) has ``z_i^T P A = l_i^T U -
     l_i^T L1^{-1} L1 U = 0`` whatever ``U`` is (a rank-deficient ``A`` too), so ``|z_i^T P r| / ||z_i||`` is at
     most the residual. ``z_i^T P r`` is row ``i``'s residual after the first ``n`` rows are solved; the
-    ``FLOOR_ROWS`` rows with the largest are weighed. 0 for a square ``A``."""
+    ``FLOOR_ROWS`` rows with the largest are weighed. A taller ``A`` is bounded on ``n + FLOOR_SPARE`` of its
+    rows, evenly spaced (a subsystem's residual is at most the whole one's). 0 for a square ``A``."""
     a, b = A.cpu().numpy(), r.cpu().numpy()
     m, n = a.shape
     norm = float(np.linalg.norm(b))
     if m <= n or norm == 0:
         return 0.0
+    if m > n + FLOOR_SPARE:  # a subsystem's least-squares residual is at most the whole one's
+        keep = np.linspace(0, m - 1, n + FLOOR_SPARE).round().astype(np.int64)
+        a, b, m = a[keep], b[keep], n + FLOOR_SPARE
     lu, piv, info = sl.lapack.dgetrf(a)
     if info < 0:
         return 0.0
