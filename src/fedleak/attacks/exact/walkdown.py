@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.linalg as sl
 import torch
 
 from fedleak.attacks.exact.candidates import Candidate
@@ -282,24 +280,22 @@ def residual_floor(A: torch.Tensor, r: torch.Tensor) -> float:
     most the residual. ``z_i^T P r`` is row ``i``'s residual after the first ``n`` rows are solved; the
     ``FLOOR_ROWS`` rows with the largest are weighed. A taller ``A`` is bounded on ``n + FLOOR_SPARE`` of its
     rows, evenly spaced (a subsystem's residual is at most the whole one's). 0 for a square ``A``."""
-    a, b = A.cpu().numpy(), r.cpu().numpy()
+    a, b = A.cpu(), r.cpu()
     m, n = a.shape
-    norm = float(np.linalg.norm(b))
+    norm = float(b.norm())
     if m <= n or norm == 0:
         return 0.0
     if m > n + FLOOR_SPARE:  # a subsystem's least-squares residual is at most the whole one's
-        keep = np.linspace(0, m - 1, n + FLOOR_SPARE).round().astype(np.int64)
+        keep = torch.linspace(0, m - 1, n + FLOOR_SPARE, dtype=F64).round().long()
         a, b, m = a[keep], b[keep], n + FLOOR_SPARE
-    lu, piv, info = sl.lapack.dgetrf(a)
-    if info < 0:
-        return 0.0
-    order = np.arange(m)
-    for k, p in enumerate(piv.tolist()):  # getrf's row interchanges, in turn (0-based)
+    lu, piv = torch.linalg.lu_factor(a)
+    order = list(range(m))
+    for k, p in enumerate((piv - 1).tolist()):  # getrf's row interchanges, in turn
         order[k], order[p] = order[p], order[k]
     b = b[order]
     L1, L2 = lu[:n], lu[n:]
-    c = sl.solve_triangular(L1, b[:n], lower=True, unit_diagonal=True, check_finite=False)
+    c = torch.linalg.solve_triangular(L1, b[:n, None], upper=False, unitriangular=True)[:, 0]
     res = b[n:] - L2 @ c
-    top = np.argsort(-np.abs(res))[:FLOOR_ROWS]
-    X = sl.solve_triangular(L1, L2[top].T, trans="T", lower=True, unit_diagonal=True, check_finite=False)
-    return float((np.abs(res[top]) / np.sqrt(1 + np.square(X).sum(0))).max() / norm)
+    top = torch.argsort(-res.abs())[:FLOOR_ROWS]
+    X = torch.linalg.solve_triangular(L1.mT, L2[top].mT, upper=True, unitriangular=True)
+    return float((res[top].abs() / (1 + X.square().sum(0)).sqrt()).max() / norm)
