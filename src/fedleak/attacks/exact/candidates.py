@@ -174,7 +174,7 @@ def fit_scales(
 # The candidates
 
 
-CHECK_ENTRIES = 1 << 18  # float64 entries of the groups' pre-activations (and of their activations) held at once
+CHECK_ENTRIES = 1 << 18  # float64 entries of the groups' pre-activations (and, in the pass, activations) held at once
 
 
 def top_candidates(attack) -> list[Candidate]:
@@ -258,25 +258,27 @@ def top_candidates(attack) -> list[Candidate]:
     for start in range(0, len(sel), step):
         chunk = sel[start : start + step]
         pres, acts, logits = tail_forward(attack.net, W, attack.b, t, reps[chunk])
+        z = pres[0]
+        del pres, acts  # the check reads the pre-activations and the logits: the activations are freed
         if g[t] is not None:  # every row of the group (core or not) must fire for the implied input
-            fire = torch.nonzero(all_fire(pres[0], [rows_of[k] for k in chunk])).flatten()
+            fire = torch.nonzero(all_fire(z, [rows_of[k] for k in chunk])).flatten()
             if len(fire) < len(chunk):
                 chunk = [chunk[j] for j in fire.tolist()]
-                pres, acts, logits = [pres[0][fire]], [acts[0][fire]], logits[fire]
-        cands.extend(check_top_groups(attack, reps[chunk], [members[k] for k in chunk], pres[0], acts[0], logits))
+                z, logits = z[fire], logits[fire]
+        cands.extend(check_top_groups(attack, reps[chunk], [members[k] for k in chunk], z, logits))
     return cands
 
 
-def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,
+def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor,
                      logits: torch.Tensor) -> list[Candidate]:
     """The candidates of groups of rows with implied inputs ``reps`` (n x d), member rows ``members`` and their
-    forward pass (pre-activations ``z``, activations ``a``, ``logits``; one row per group); groups that fail
-    the checks give none. All groups are checked at once, on their members laid end to end
+    forward pass (pre-activations ``z``, ``logits``; one row per group); groups that fail the checks give none.
+    All groups are checked at once, on their members laid end to end
     (:func:`~fedleak.attacks.exact.top_check.fit_top_rows`)."""
     t = attack.net.depth - 1
     if not members:
         return []
-    fit = fit_top_rows(attack, members, z, a, logits)
+    fit = fit_top_rows(attack, members, z, logits)
     ok = fit.passing(attack.opts.top_tol)
     # each group's passing rows, in order (the members are laid end to end by group)
     held, sizes = torch.unique_consecutive(fit.owner[ok], return_counts=True)

@@ -173,7 +173,7 @@ class Basis:
         K = Wo.shape[0]
         delta = torch.expm1(4 * L.amax(1)) + allowance(K)
         margin = torch.where(delta < 1, torch.asin(delta.clamp(max=1.0)), torch.full_like(delta, 10.0)) + allowance(K)
-        fit = fit_top_rows(attack, members, z, a, logits)
+        fit = fit_top_rows(attack, members, z, logits)
         others = fit.e.abs().scatter(1, fit.label[:, None], 0.0).amax(1)
         known = (others > 1e-200)[fit.owner]  # a loss vector that underflowed is left to the exact pass
         row_err = (w[fit.rows] * s[fit.owner] + tiny * b_abs[fit.rows]) * (1 + tiny)

@@ -65,10 +65,9 @@ class TopRowFit:
         return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
 
 
-def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, a: torch.Tensor,
-                 logits: torch.Tensor) -> TopRowFit:
+def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, logits: torch.Tensor) -> TopRowFit:
     """:class:`TopRowFit` of groups with member rows ``members`` and their inputs' forward pass (pre-activations
-    ``z``, activations ``a``, ``logits``; one row per group)."""
+    ``z``, ``logits``; one row per group)."""
     dev = z.device
     rows, owner = end_to_end(members)
     columns = attack.G[-1][:, rows].T.to(F64)  # members x K
@@ -79,7 +78,7 @@ def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, a: torch.
     label = votes.argmax(1)
     e = loss_vectors(logits, label)
     others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
-    pred = a[owner, rows][:, None] * e[owner] * others
+    pred = torch.relu(z[owner, rows])[:, None] * e[owner] * others
     cols = columns * others
     weight = (pred * pred).sum(1)
     scale = (pred * cols).sum(1) / weight.clamp_min(1e-300)

@@ -112,7 +112,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     return fits
 
 
-WITNESS_ENTRIES = 1 << 17  # float64 entries of witness rows a group may always hold (1 MiB)
+WITNESS_ENTRIES = 1 << 16  # float64 entries of witness rows a group may always hold (512 KiB)
 
 
 @dataclass(frozen=True)
