@@ -47,7 +47,6 @@ from fedleak.attacks.exact.witnesses import (
     per_sample_norms,
 )
 from fedleak.nets import forward_trace
-from fedleak.nets.float64 import linear64
 from fedleak.nets.forward import backward_signals
 from fedleak.reconstruction import SampleRecovery
 
@@ -167,10 +166,9 @@ def first_layer(attack, X: torch.Tensor, complete: list) -> torch.Tensor | None:
     missing = [k for k, z in enumerate(firsts) if z is None]
     if len(missing) == len(firsts):
         return None
-    if missing:
-        b = attack.b[0]
-        z = linear64(X[missing], attack.W[0])
-        for k, row in zip(missing, (z + b if b is not None else z).unbind(0)):
+    if missing:  # kept only for heads of one hidden layer: this pass is that layer and the logits
+        rest = forward_trace(attack.net, X[missing], dtype=F64, params=(attack.W, attack.b))
+        for k, row in zip(missing, rest.preactivations[0].unbind(0)):
             firsts[k] = row
     return torch.stack(firsts)
 

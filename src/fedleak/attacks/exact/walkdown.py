@@ -247,8 +247,8 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     WA = rows64(W, A)
     rhs = target[A] - (b[i][A] if b[i] is not None else 0)
     # most systems are inconsistent (the rows of a blend of samples, or of a sample whose own rows were not
-    # exclusive): a lower bound on their least-squares residual far above forward_tol rules them out at a
-    # tenth of the cost of the SVD that the accepted ones need (an accepted one's residual is below forward_tol)
+    # exclusive): a lower bound on their least-squares residual far above forward_tol rules them out at an
+    # eighth of the cost of the SVD that the accepted ones need (an accepted one's residual is below forward_tol)
     if residual_floor(WA, rhs) > 2 * opts.forward_tol:
         return None
     # gelsd (the SVD, which gives the singular values) runs on the CPU only
@@ -285,7 +285,7 @@ def residual_floor(A: torch.Tensor, r: torch.Tensor) -> float:
     norm = float(b.norm())
     if m <= n or norm == 0:
         return 0.0
-    if m > n + FLOOR_SPARE:  # a subsystem's least-squares residual is at most the whole one's
+    if m > n + FLOOR_SPARE:
         keep = torch.linspace(0, m - 1, n + FLOOR_SPARE, dtype=F64).round().long()
         a, b, m = a[keep], b[keep], n + FLOOR_SPARE
     lu, piv = torch.linalg.lu_factor(a)
