@@ -7,15 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
+from fedleak.attacks.exact import ExclusivityOptions, HeadAttack, state
 from fedleak.attacks.exact.joint import (
     IndependenceTest,
     WitnessConflicts,
     dead_row_contributions,
     degenerate_loss_vectors,
 )
-from fedleak.attacks.exact.rank_test import JointTest, residual_spectrum
+from fedleak.attacks.exact.rank_test import JointTest, residual_spectrum, sketch_dtype
 from fedleak.nets import as_network, forward_trace
+from fedleak.nets.float64 import product32
 
 
 def mlp(d_in: int, width: int, k: int, seed: int) -> nn.Sequential:
@@ -68,6 +69,35 @@ def test_joint_test_sketches_a_layer_with_more_outputs_than_inputs_from_the_left
     assert test.excess([0, 1, 2, 3, 4]) <= 1e-2 and test.excess([0, 2, 3]) <= 1e-2
     assert test.excess([0, 2, 3, 5]) > 1 and test.excess([5]) > 1
     assert test.sketched(0)[0].shape == (k, 65)  # Omega^T [G | g]: k x (inputs + bias)
+
+
+def test_a_float32_gradient_is_sketched_in_float32_with_the_float64_sketchs_verdicts(lfw, monkeypatch):
+    """A float32 gradient on the CPU is sketched in float32 (by the Gaussian matrix rounded to float32), a float64
+    one in float64; the two statistics agree to a small fraction of the threshold, and the same sets pass."""
+    attack, x, y = setup(lfw, list(range(12)), width=512)
+    dense = attack.net.dense
+    grads64 = {d.weight_name: G.double() for d, G in zip(dense, attack.G)}
+    grads64.update({d.bias_name: g for d, g in zip(dense, attack.g)})
+    attack64 = HeadAttack(attack.net, grads64, ExclusivityOptions(), torch.float64)
+    calls = []
+    monkeypatch.setattr(state, "product32", lambda A, B: calls.append(A.shape) or product32(A, B))
+    assert sketch_dtype(attack.G[0]) == torch.float32 and sketch_dtype(attack64.G[0]) == torch.float64
+    same = [i for i in range(12) if y[i] == y[0]]
+    blend = (x[same[0]] + x[same[1]]) / 2
+    X, labels = torch.cat([x, blend[None]]).double(), torch.cat([y, y[same[0]:same[0] + 1]])
+    weights = torch.full((13,), 1 / 12, dtype=torch.float64)
+    tests = [JointTest(a, trace(a, X, labels), batch_size=12, weights=weights, slack=12) for a in (attack, attack64)]
+    sets = [[0, 1, 2], list(range(8)), [0, 1, 2, 12], [12], list(range(6)) + [12]]
+    for members in sets:
+        e32, e64 = (t.excess(members) for t in tests)
+        assert (e32 <= 1) == (e64 <= 1)
+        assert abs(e32 - e64) <= 1e-2 * max(1.0, e64)
+    assert tests[0].excess([0, 1, 2]) <= 1e-2 and tests[0].excess([0, 1, 2, 12]) > 1
+    assert tests[0].sketched(0)[0].dtype == torch.float64  # the sketch is returned in float64
+    n32 = len(calls)
+    assert n32 >= 1  # the float32 gradient's sketch was taken in float32 ...
+    tests[1].excess([0, 1, 2])
+    assert len(calls) == n32  # ... and the float64 one's was not
 
 
 def test_joint_test_of_the_whole_batch_is_exact_and_takes_no_sketch(lfw, monkeypatch):

@@ -3,6 +3,7 @@ copy of the layer."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fedleak
@@ -14,6 +15,7 @@ from fedleak.nets.float64 import (
     linear64,
     matmul64,
     piece_rows,
+    product32,
     row_norms64,
     rows64,
     through_numpy,
@@ -105,3 +107,18 @@ def test_products_on_numpy_equal_torchs_and_autograd_stays_with_torch():
     with torch.no_grad():  # nothing to record: numpy's BLAS, also for a tensor that requires a gradient
         assert through_numpy(leaf, B)
         assert torch.allclose(matmul64(leaf, B), A @ B, rtol=1e-13, atol=1e-13)
+
+
+def test_a_float32_product_is_within_float32_rounding_of_the_exact_one(monkeypatch):
+    """``product32`` takes the product in IEEE float32 (numpy's BLAS) and returns it in float64: within the
+    deterministic bound ``n u |A| |B|`` of the exact product, whatever torch's own float32 matmul is set to do."""
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(50, 600, generator=gen).T  # a transposed factor, as a left sketch takes it
+    B = torch.randn(50, 33, generator=gen)
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: pytest.fail("torch's matmul was used"))
+    P = product32(A, B)
+    exact = A.double() @ B.double()
+    assert P.dtype == torch.float64 and P.shape == (600, 33)
+    bound = 50 * torch.finfo(torch.float32).eps / 2 * (A.double().abs() @ B.double().abs())
+    assert bool(((P - exact).abs() <= bound).all())
+    assert float((P - exact).abs().max()) > 0  # the sum was taken in float32, not in float64

@@ -2,7 +2,8 @@
 
 The exact attack keeps the observed gradient in the dtype the client sent and the model's weights in the model's
 own (float32, usually): a float64 copy of a whole layer would double the memory each takes. Every value is read in
-float64, which holds float32 values exactly: rows gathered from a layer are converted after the gather
+float64, which holds float32 values exactly (one exception: the joint test's random sketch of a float32 layer,
+:func:`product32`): rows gathered from a layer are converted after the gather
 (:func:`rows64`), and whole-layer reductions and products (:func:`times64`, :func:`linear64`, :func:`back64`)
 convert a piece of rows at a time into one reused buffer (:func:`pieces64`; a fresh buffer per piece costs more
 in page faults than the conversion itself on a 25088-wide layer). A float64 matrix is used as it is.
@@ -105,3 +106,10 @@ def back64(d: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         else:
             out.addmm_(d[:, s : s + len(piece)], piece)
     return out
+
+
+def product32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` of two float32 CPU matrices, taken in float32 on numpy's BLAS (plain IEEE arithmetic, whatever
+    torch's own float32 matmul precision is set to), returned in float64. Each entry carries the rounding of a
+    float32 sum of ``A.shape[1]`` products: for a random sketch of a layer only (:mod:`fedleak.attacks.exact.rank_test`)."""
+    return torch.from_numpy(np.matmul(A.detach().numpy(), B.detach().numpy())).to(F64)

@@ -21,20 +21,27 @@ F64 = torch.float64
 SKETCH_CACHE_BYTES = 32 * 2**20  # sketches up to this size (all layers) are kept for the next call
 
 
-def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int) -> tuple[torch.Tensor, ...]:
-    """Gaussian matrices ``rows[j] x k`` (float64, CPU, read only), drawn in turn from one generator seeded with
-    ``seed``. A model's layers ask for the same ones at every call: those up to ``SKETCH_CACHE_BYTES`` are cached."""
-    if 8 * k * sum(rows) <= SKETCH_CACHE_BYTES:
-        return cached_sketches(seed, rows, k)
-    return draw_sketches(seed, rows, k)
+def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
+    """Gaussian matrices ``rows[j] x k`` (CPU, read only), drawn in float64 in turn from one generator seeded with
+    ``seed`` and rounded to ``dtype``. A model's layers ask for the same ones at every call: those up to
+    ``SKETCH_CACHE_BYTES`` are cached."""
+    if dtype.itemsize * k * sum(rows) <= SKETCH_CACHE_BYTES:
+        return cached_sketches(seed, rows, k, dtype)
+    return draw_sketches(seed, rows, k, dtype)
 
 
-def draw_sketches(seed: int, rows: tuple[int, ...], k: int) -> tuple[torch.Tensor, ...]:
+def draw_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(n, k, generator=gen, dtype=F64) for n in rows)
+    return tuple(torch.randn(n, k, generator=gen, dtype=F64).to(dtype) for n in rows)
 
 
 cached_sketches = functools.lru_cache(maxsize=4)(draw_sketches)
+
+
+def sketch_dtype(G: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's gradient ``G`` is sketched in: float32 for a float32 gradient on the CPU (numpy's BLAS
+    takes the product at twice float64's speed, in plain IEEE float32 arithmetic), else float64."""
+    return torch.float32 if G.dtype == torch.float32 and G.device.type == "cpu" else F64
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,9 @@ class JointTest:
     inputs, taken when the first such set is tested. Testing a set then costs one product of the set's terms per
     layer and the Gram matrix of a ``k``-wide residual, and the norms in the threshold are the sketches' (the
     noise's times ``sqrt(k)``). Layers whose smaller side is at most ``k`` are tested exactly, without a sketch.
+    A float32 gradient on the CPU is sketched in float32 (:func:`sketch_dtype`), by the Gaussian matrix rounded to
+    float32; the terms are sketched by the same matrix in float64. The product's rounding is noise in the residual:
+    at most 3e-3 of the threshold on the batches measured (docs/attacks.md, check 5).
     """
 
     def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, slack: int,
@@ -129,10 +139,12 @@ class JointTest:
             else:  # O sketched on its longer side, without a copy of O
                 if self._omegas is None:
                     shapes = tuple(max(self.layers[m].G.shape[0], self.layers[m].A.shape[1]) for m in self._sketched)
-                    self._omegas = gaussian_sketches(self.seed, shapes, self.k)
+                    dtypes = {sketch_dtype(self.layers[m].G) for m in self._sketched}
+                    self._omegas = gaussian_sketches(self.seed, shapes, self.k, F64 if F64 in dtypes else dtypes.pop())
                 omega = self._omegas[self._sketched.index(j)].to(layer.U.device)
                 tall = G.shape[0] > A.shape[1]
                 OS = self.attack.sketch(layer.index, omega, self.seed, left=tall)
+                omega = omega.to(F64)  # the terms are sketched in float64, by the same (rounded) matrix
                 if tall:  # Omega^T O: the terms' backward signals are sketched, their inputs kept whole
                     U, AS = U @ omega, A
                 else:

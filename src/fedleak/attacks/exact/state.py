@@ -11,7 +11,7 @@ from fedleak.attacks.exact.certificate import Certificate, certify
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
 from fedleak.nets import ReluMLP
-from fedleak.nets.float64 import back64, row_norms64, times64
+from fedleak.nets.float64 import back64, product32, row_norms64, times64
 
 F64 = torch.float64
 
@@ -88,20 +88,23 @@ class HeadAttack:
         return float(sq.sqrt())
 
     def sketch(self, i: int, omega: torch.Tensor, seed: int, left: bool = False) -> torch.Tensor:
-        """``[G_i | g_i] @ omega``, or ``omega^T @ [G_i | g_i]`` (``left``), in float64 (``omega``: the Gaussian
-        sketch drawn from ``seed`` for dense layer ``i``), kept for the next certificate of this update: a CNN's
-        head is certified twice."""
-        key = (i, omega.shape[1], seed, left)
+        """``[G_i | g_i] @ omega``, or ``omega^T @ [G_i | g_i]`` (``left``), returned in float64 (``omega``: the
+        Gaussian sketch drawn from ``seed`` for dense layer ``i``; float32 for a float32 gradient on the CPU, and
+        the product is then taken in float32, :func:`~fedleak.nets.float64.product32`), kept for the next
+        certificate of this update: a CNN's head is certified twice."""
+        key = (i, omega.shape[1], seed, left, omega.dtype)
         if key not in self._sketches:
             G, g = self.G[i], self.g[i]
+            f32 = omega.dtype == torch.float32
             if left:
-                sketch = back64(omega.T, G)
+                sketch = product32(omega.T, G) if f32 else back64(omega.T, G)
                 if g is not None:
-                    sketch = torch.cat([sketch, (omega.T @ g)[:, None]], 1)
+                    gs = product32(omega.T, g[:, None].to(omega.dtype)) if f32 else (omega.T @ g)[:, None]
+                    sketch = torch.cat([sketch, gs], 1)
             else:
-                sketch = times64(G, omega[: G.shape[1]])
+                sketch = product32(G, omega[: G.shape[1]]) if f32 else times64(G, omega[: G.shape[1]])
                 if g is not None:
-                    sketch.addr_(g, omega[-1])
+                    sketch.addr_(g, omega[-1].to(F64))
             self._sketches[key] = sketch
         return self._sketches[key]
 
