@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedleak.nets import Trace
-from fedleak.nets.float64 import PIECE_ENTRIES, pieces64
+from fedleak.nets.float64 import PIECE_ENTRIES, back64, pieces64
 
 F64 = torch.float64
 
@@ -144,11 +144,11 @@ class JointTest:
                 omega = self._omegas[self._sketched.index(j)].to(layer.U.device)
                 tall = G.shape[0] > A.shape[1]
                 OS = self.attack.sketch(layer.index, omega, self.seed, left=tall)
-                omega = omega.to(F64)  # the terms are sketched in float64, by the same (rounded) matrix
+                # the terms are sketched in float64 by the same (rounded) matrix, read a piece at a time
                 if tall:  # Omega^T O: the terms' backward signals are sketched, their inputs kept whole
-                    U, AS = U @ omega, A
+                    U, AS = back64(U, omega), A
                 else:
-                    AS = A @ omega
+                    AS = back64(A, omega)
                 noise = 3 * math.sqrt(self.k) * float(N.norm()) if N is not None else 0.0
             self._sketches[j] = (OS, U, AS, float(OS.norm()), noise)
         return self._sketches[j]
