@@ -316,7 +316,8 @@ def main() -> None:
     ap.add_argument("--doc-only", action="store_true", help="rewrite the docs table from the results file, run nothing")
     ap.add_argument("--before", type=Path, metavar="SRC",
                     help="also time the previous version whose package source is SRC (e.g. a git worktree's src), "
-                         "model by model in turn with this one, into speed_before.json (machine drift touches both)")
+                         "model by model in turn with this one, into speed_before.json, or beside --out's file with "
+                         "_before added to its name (machine drift touches both)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -329,7 +330,8 @@ def main() -> None:
         rows = time_model(spec, args.repeats, args.seed) if args.part == "time" else memory_model(spec, args.seed)
         print(json.dumps(rows))
         return
-    before = json.loads(BEFORE.read_text())["rows"] if BEFORE.exists() and args.out != BEFORE else []
+    before_file = BEFORE if args.out == RESULTS else args.out.with_name(args.out.stem + "_before.json")
+    before = json.loads(before_file.read_text())["rows"] if before_file.exists() and args.out != before_file else []
     if args.doc_only:
         saved = json.loads(args.out.read_text())
         write_doc(saved["rows"], before, saved["meta"])
@@ -359,7 +361,7 @@ def main() -> None:
     started = time.perf_counter()
     rows: list[dict] = []
     previous: list[dict] = []
-    versions = [(previous, BEFORE, {"PYTHONPATH": str(args.before.resolve())})] if args.before else []
+    versions = [(previous, before_file, {"PYTHONPATH": str(args.before.resolve())})] if args.before else []
     for spec in grid:
         memory = {path: run_part(spec, args, "memory", env) for _, path, env in versions + [(rows, args.out, {})]}
         timed: dict[Path, list[list[dict]]] = {path: [] for path in memory}
@@ -375,8 +377,6 @@ def main() -> None:
         print(f"{spec.name}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.before:
         before = previous
-    elif not before and BEFORE.exists() and args.out != BEFORE:
-        before = json.loads(BEFORE.read_text())["rows"]
     if not args.no_doc:
         write_doc(rows, before, meta)
     print(table(rows, before))

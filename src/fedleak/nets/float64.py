@@ -111,5 +111,6 @@ def back64(d: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 def product32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` of two float32 CPU matrices, taken in float32 on numpy's BLAS (plain IEEE arithmetic, whatever
     torch's own float32 matmul precision is set to), returned in float64. Each entry carries the rounding of a
-    float32 sum of ``A.shape[1]`` products: for a random sketch of a layer only (:mod:`fedleak.attacks.exact.rank_test`)."""
+    float32 sum of ``A.shape[1]`` products: for a random sketch of a layer only
+    (:mod:`fedleak.attacks.exact.rank_test`)."""
     return torch.from_numpy(np.matmul(A.detach().numpy(), B.detach().numpy())).to(F64)
