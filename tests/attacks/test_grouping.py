@@ -45,6 +45,32 @@ def test_row_grouping_matches_leader_clustering_by_brute_force(centres, dim):
     assert [rank[r] for r in first] == sorted(rank[r] for r in first)
 
 
+def test_rows_far_from_a_leader_in_projection_are_not_measured(monkeypatch):
+    """Inputs along a line, 2 tol apart: their projections chain into one bucket of 200 groups. A row within tol
+    of its leader has projections within 2 tol of the leader's, so only the rows within 4 tol are measured, not
+    every row left in the bucket once per group; the groups are the leader clustering's."""
+    tol, n_groups = 1e-5, 200
+    gen = torch.Generator().manual_seed(1)
+    base, step = torch.randn(2, 12, generator=gen, dtype=torch.float64)
+    base, step = base / base.norm(), step / step.norm()
+    centres = base + 2.5 * tol * torch.arange(n_groups, dtype=torch.float64)[:, None] * step
+    R = centres.repeat_interleave(3, 0) * (1 + 1e-7 * torch.randn(3 * n_groups, 1, generator=gen, dtype=torch.float64))
+    order = torch.arange(len(R))
+    measured = []
+    distances = ImpliedInputs.distances
+
+    def counted(self, sel, point, which=None):
+        measured.append(len(sel))
+        return distances(self, sel, point, which)
+
+    monkeypatch.setattr(ImpliedInputs, "distances", counted)
+    groups = group_rows(R, order, tol)
+    assert sorted(grp.rows for grp in groups) == [[3 * k, 3 * k + 1, 3 * k + 2] for k in range(n_groups)]
+    assert len(split_runs(ImpliedInputs.of(R).scan().proj, 4 * tol)) == 1  # one bucket ...
+    assert len(measured) == n_groups  # ... of 200 rounds of leaders,
+    assert sum(measured) <= 10 * len(R)  # each measuring the rows near its leader, not the ~300 left on average
+
+
 def chained_runs(proj: torch.Tensor, members: list[int], gap: float, level: int = 0) -> list[list[int]]:
     """The buckets by definition, one run at a time: sort by this level's projection, cut at gaps, recurse."""
     members = sorted(members, key=lambda r: float(proj[level, r]))

@@ -186,8 +186,9 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
 
     Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
     other stay in one bucket). Within a bucket, leader clustering: the first unassigned row, in ``order``,
-    leads its group, and its distances to the bucket's unassigned rows decide the members (one pass over the
-    bucket per group: a bucket is almost always one sample's rows, one group).
+    leads its group, and its distances to the bucket's unassigned rows decide the members: to those whose
+    projections lie within ``4 tol`` of its own, as every member's do (a bucket is almost always one sample's
+    rows, one group; a multi-step weight update's rows can chain into buckets of hundreds).
     """
     R = R if isinstance(R, ImpliedInputs) else ImpliedInputs.of(R)
     n = len(R)
@@ -217,11 +218,16 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
         starts = torch.nonzero(first).flatten()
         pos = torch.cumsum(first, 0) - 1  # each row's bucket among this round's
         leads = rest[starts]
-        if len(starts) == 1:
-            dist = R.distances(rest, R.rows(leads)[0])
-        else:
-            dist = R.distances(rest, R.rows(leads), pos)
         lead_of = leads[pos]
+        # a row within tol of its leader has a unit direction within 2 tol of the leader's, and so has each of its
+        # projections: the others are not measured (a bucket of many groups, say of a multi-step weight update's
+        # rows, would read all its rows once per group)
+        near = torch.nonzero(((proj[:, rest] - proj[:, lead_of]).abs() <= 4 * tol).all(0)).flatten()
+        dist = torch.full((len(rest),), math.inf, dtype=F64, device=dev)
+        if len(starts) == 1:
+            dist[near] = R.distances(rest[near], R.rows(leads)[0])
+        else:
+            dist[near] = R.distances(rest[near], R.rows(leads), pos[near])
         inside = dist <= tol * torch.maximum(norms[rest], norms[lead_of])
         inside[starts] = True
         owner = pos[inside]

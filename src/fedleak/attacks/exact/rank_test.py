@@ -139,8 +139,9 @@ class JointTest:
             else:  # O sketched on its longer side, without a copy of O
                 if self._omegas is None:
                     shapes = tuple(max(self.layers[m].G.shape[0], self.layers[m].A.shape[1]) for m in self._sketched)
-                    dtypes = {sketch_dtype(self.layers[m].G) for m in self._sketched}
-                    self._omegas = gaussian_sketches(self.seed, shapes, self.k, F64 if F64 in dtypes else dtypes.pop())
+                    dtypes = {sketch_dtype(self.layers[m].G) for m in self._sketched}  # one for all: float32 or not
+                    dtype = torch.float32 if dtypes == {torch.float32} else F64
+                    self._omegas = gaussian_sketches(self.seed, shapes, self.k, dtype)
                 omega = self._omegas[self._sketched.index(j)].to(layer.U.device)
                 tall = G.shape[0] > A.shape[1]
                 OS = self.attack.sketch(layer.index, omega, self.seed, left=tall)
