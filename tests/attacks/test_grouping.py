@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fedleak
+from fedleak.attacks.exact import grouping
 from fedleak.attacks.exact.grouping import HELD_BYTES, ROW_CHUNK, ImpliedInputs, group_rows, split_runs
 
 
@@ -19,10 +20,13 @@ def clustered_rows(n: int = 400, centres: int = 30, dim: int = 12, noise: float 
     return R, torch.randperm(n, generator=gen)
 
 
-@pytest.mark.parametrize("centres,dim", [(30, 12), (300, 2)])
-def test_row_grouping_matches_leader_clustering_by_brute_force(centres, dim):
+@pytest.mark.parametrize("centres,dim,shortlist", [(30, 12, False), (300, 2, False), (300, 2, True)])
+def test_row_grouping_matches_leader_clustering_by_brute_force(centres, dim, shortlist, monkeypatch):
     """In two dimensions the random projections cannot tell most centres apart, so buckets hold many groups
-    and are split over several rounds of leaders."""
+    and are split over several rounds of leaders, or (``shortlist``) clustered from a Gram shortlist after
+    their first group."""
+    if shortlist:
+        monkeypatch.setattr(grouping, "MANY", 0)
     R, order = clustered_rows(n=400 if centres == 30 else 1200, centres=centres, dim=dim)
     tol = 1e-5
     norms = R.norm(dim=1)
@@ -46,9 +50,9 @@ def test_row_grouping_matches_leader_clustering_by_brute_force(centres, dim):
 
 
 def test_rows_far_from_a_leader_in_projection_are_not_measured(monkeypatch):
-    """Inputs along a line, 2 tol apart: their projections chain into one bucket of 200 groups. A row within tol
-    of its leader has projections within 2 tol of the leader's, so only the rows within 4 tol are measured, not
-    every row left in the bucket once per group; the groups are the leader clustering's."""
+    """Inputs along a line, 2.5 tol apart: their projections chain into one bucket of 200 groups. After its first
+    group the bucket is clustered from a Gram shortlist: each leader measures only the rows that may lie within
+    tol, not every row left in the bucket; the groups and spreads are the leader clustering's."""
     tol, n_groups = 1e-5, 200
     gen = torch.Generator().manual_seed(1)
     base, step = torch.randn(2, 12, generator=gen, dtype=torch.float64)
@@ -66,6 +70,10 @@ def test_rows_far_from_a_leader_in_projection_are_not_measured(monkeypatch):
     monkeypatch.setattr(ImpliedInputs, "distances", counted)
     groups = group_rows(R, order, tol)
     assert sorted(grp.rows for grp in groups) == [[3 * k, 3 * k + 1, 3 * k + 2] for k in range(n_groups)]
+    for grp in groups:  # each spread as defined: the farthest member from the leader over the smallest norm
+        rows = torch.tensor(grp.rows)
+        far = float((R[rows] - R[rows[0]]).norm(dim=1).max())
+        assert grp.spread == pytest.approx(far / float(R[rows].norm(dim=1).min()), rel=1e-9)
     assert len(split_runs(ImpliedInputs.of(R).scan().proj, 4 * tol)) == 1  # one bucket ...
     assert len(measured) == n_groups  # ... of 200 rounds of leaders,
     assert sum(measured) <= 10 * len(R)  # each measuring the rows near its leader, not the ~300 left on average

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows
+from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows, near_pairs
 from fedleak.attacks.exact.span_screen import span_screen
 from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
 from fedleak.nets import ReluMLP
-from fedleak.nets.float64 import linear64, matmul64
+from fedleak.nets.float64 import linear64
 
 F64 = torch.float64
 
@@ -77,15 +77,6 @@ def tail_forward(net: ReluMLP, W: list[torch.Tensor], b: list[torch.Tensor | Non
     if b[-1] is not None:
         logits = logits + b[-1]
     return pres, acts, logits
-
-
-def near_pairs(block: torch.Tensor, norms: torch.Tensor, tol: float) -> torch.Tensor:
-    """A superset of the pairs of rows within ``tol * max(norms)`` of each other, from one Gram matrix (the
-    squared distances' cancellation error, at most ``(d + 4) eps (|a|^2 + |b|^2)``, is added to the bound)."""
-    sq = norms * norms
-    d2 = sq[:, None] + sq[None, :] - 2 * matmul64(block, block.T)  # numpy's BLAS takes ``A A^T`` as one syrk
-    slack = 2 * (block.shape[1] + 4) * float(torch.finfo(block.dtype).eps) * (sq[:, None] + sq[None, :])
-    return d2 <= (tol * torch.maximum(norms[:, None], norms[None, :])) ** 2 + slack
 
 
 PER_LABEL_GRAM = 128  # more candidates than this are paired one label at a time

@@ -13,14 +13,16 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from fedleak.nets.float64 import rows64
+from fedleak.nets.float64 import matmul64, rows64
 
 F64 = torch.float64
 GROUPING_SEED = 12345
 ROW_CHUNK = 256  # rows read at once (a piece stays in cache)
 HELD_BYTES = 4 << 20  # implied inputs up to this size (float64), or the layer's own, are converted once and held
+MANY = 64  # a bucket with more rows than this left after its first group is clustered from a Gram shortlist
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,64 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
         members = rest[inside].split(sizes.tolist())
         groups.extend(RowGroup(rows.tolist(), sp) for rows, sp in zip(members, spread))
         rest, bucket = rest[~inside], bucket[~inside]
+        # buckets that still hold many rows hold many groups (a gradient's bucket is one sample's rows): each is
+        # clustered on its own, its leaders measuring only the rows a Gram matrix shortlists
+        left = torch.unique_consecutive(bucket, return_counts=True)
+        many = left[0][left[1] > MANY]
+        for b in many.tolist():
+            groups.extend(cluster_bucket(R, rest[bucket == b], norms, tol))
+        if len(many):
+            keep = ~torch.isin(bucket, many)
+            rest, bucket = rest[keep], bucket[keep]
     return sort_groups(groups, rank)
+
+
+def cluster_bucket(R: ImpliedInputs, run: torch.Tensor, norms: torch.Tensor, tol: float) -> list[RowGroup]:
+    """Leader clustering of one bucket's rows ``run`` (in visiting order), as :func:`group_rows` does it, for a
+    bucket of many groups: the pairs that may lie within ``tol`` are shortlisted from a Gram matrix taken a piece
+    of rows at a time (:func:`near_pairs`, a superset), and each leader measures its shortlisted unassigned rows
+    only."""
+    b = len(run)
+    near = torch.zeros(b, b, dtype=torch.bool)
+    for s in range(0, b, ROW_CHUNK):
+        A = R.rows(run[s : s + ROW_CHUNK])
+        for t in range(0, s + 1, ROW_CHUNK):  # the blocks on and below the diagonal, mirrored above it
+            B = A if t == s else R.rows(run[t : t + ROW_CHUNK])
+            block = near_pairs(A, norms[run[s : s + ROW_CHUNK]], tol, B, norms[run[t : t + ROW_CHUNK]]).cpu()
+            near[s : s + len(A), t : t + len(B)] = block
+            near[t : t + len(B), s : s + len(A)] = block.T
+    near = near.numpy()
+    free = np.ones(b, dtype=bool)
+    groups = []
+    for k in range(b):
+        if not free[k]:
+            continue
+        others = np.flatnonzero(near[k] & free)
+        others = torch.from_numpy(others[others != k]).to(run.device)
+        rows, far, low = run[k : k + 1], 0.0, float(norms[run[k]])
+        if len(others):
+            dist = R.distances(run[others], R.rows(run[k : k + 1])[0])
+            inside = dist <= tol * torch.maximum(norms[run[others]], norms[run[k]])
+            if bool(inside.any()):
+                joined = others[inside]
+                free[joined.cpu().numpy()] = False
+                rows = torch.cat([rows, run[joined]])
+                far, low = float(dist[inside].max()), min(low, float(norms[run[joined]].min()))
+        free[k] = False
+        groups.append(RowGroup(rows.tolist(), far / low if len(rows) > 1 else 0.0))
+    return groups
+
+
+def near_pairs(A: torch.Tensor, a_norms: torch.Tensor, tol: float, B: torch.Tensor | None = None,
+               b_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """A superset of the pairs of rows of ``A`` and ``B`` (``A`` itself by default; their norms given) within
+    ``tol`` times the larger norm of each other, from one product (the squared distances' cancellation error, at
+    most ``(d + 4) eps (|a|^2 + |b|^2)``, is added to the bound)."""
+    B, b_norms = (A, a_norms) if B is None else (B, b_norms)
+    sa, sb = a_norms * a_norms, b_norms * b_norms
+    d2 = sa[:, None] + sb[None, :] - 2 * matmul64(A, B.T)  # numpy's BLAS takes ``A A^T`` as one syrk
+    slack = 2 * (A.shape[1] + 4) * float(torch.finfo(A.dtype).eps) * (sa[:, None] + sb[None, :])
+    return d2 <= (tol * torch.maximum(a_norms[:, None], b_norms[None, :])) ** 2 + slack
 
 
 def sort_groups(groups: list[RowGroup], rank: torch.Tensor) -> list[RowGroup]:
