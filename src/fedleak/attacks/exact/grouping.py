@@ -189,8 +189,9 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
     Rows are bucketed by four random projections of their unit directions (rows within ``tol`` of each
     other stay in one bucket). Within a bucket, leader clustering: the first unassigned row, in ``order``,
     leads its group, and its distances to the bucket's unassigned rows decide the members: to those whose
-    projections lie within ``4 tol`` of its own, as every member's do (a bucket is almost always one sample's
-    rows, one group; a multi-step weight update's rows can chain into buckets of hundreds).
+    projections lie within ``4 tol`` of its own, as every member's do. A bucket is almost always one sample's
+    rows, one group; one that still holds more than ``MANY`` rows after its first group (a multi-step weight
+    update's rows chain into buckets of hundreds of groups) is clustered by :func:`cluster_bucket`.
     """
     R = R if isinstance(R, ImpliedInputs) else ImpliedInputs.of(R)
     n = len(R)
