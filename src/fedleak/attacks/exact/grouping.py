@@ -215,6 +215,7 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
     rest = torch.cat(multi)
     bucket = torch.repeat_interleave(torch.arange(len(multi), device=dev),
                                      torch.tensor([len(run) for run in multi], device=dev))
+    first_round = True
     while len(rest):
         first = torch.ones(len(rest), dtype=torch.bool, device=dev)
         first[1:] = bucket[1:] != bucket[:-1]
@@ -242,15 +243,18 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
         members = rest[inside].split(sizes.tolist())
         groups.extend(RowGroup(rows.tolist(), sp) for rows, sp in zip(members, spread))
         rest, bucket = rest[~inside], bucket[~inside]
-        # buckets that still hold many rows hold many groups (a gradient's bucket is one sample's rows): each is
-        # clustered on its own, its leaders measuring only the rows a Gram matrix shortlists
-        left = torch.unique_consecutive(bucket, return_counts=True)
-        many = left[0][left[1] > MANY]
-        for b in many.tolist():
-            groups.extend(cluster_bucket(R, rest[bucket == b], norms, tol))
-        if len(many):
-            keep = ~torch.isin(bucket, many)
-            rest, bucket = rest[keep], bucket[keep]
+        if first_round and len(rest):
+            # buckets that still hold many rows hold many groups (a gradient's bucket is one sample's rows): each is
+            # clustered on its own, its leaders measuring only the rows a Gram matrix shortlists (the buckets left
+            # only shrink, so once is enough)
+            left = torch.unique_consecutive(bucket, return_counts=True)
+            many = left[0][left[1] > MANY]
+            for b in many.tolist():
+                groups.extend(cluster_bucket(R, rest[bucket == b], norms, tol))
+            if len(many):
+                keep = ~torch.isin(bucket, many)
+                rest, bucket = rest[keep], bucket[keep]
+        first_round = False
     return sort_groups(groups, rank)
 
 
