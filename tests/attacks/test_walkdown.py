@@ -1,6 +1,7 @@
 """The walk-down's least-squares solve of a layer (``forward_solve``): it rebuilds an input its layer's active
-outputs determine, refuses an inconsistent system cheaply (a lower bound on its residual from one LU), and is
-not run for candidates whose scale already rules them out (two-class blends), with the same results."""
+outputs determine, refuses an inconsistent system cheaply (a lower bound on its residual from one LU, then, near
+the tolerance, the residual of a QR solve), and is not run for candidates whose scale already rules them out
+(two-class blends), with the same results."""
 
 from __future__ import annotations
 
@@ -36,6 +37,30 @@ def test_a_determined_input_is_solved_and_an_inconsistent_one_refused(lfw):
     noisy = h * (1 + 0.01 * torch.randn(h.shape, generator=torch.Generator().manual_seed(0), dtype=h.dtype))
     c = Candidate(label=label, acts={1: noisy}, witnesses={1: []}, lowest=1)
     assert walkdown.solve_layer(attack, c, 0) is None
+
+
+def test_a_system_near_the_tolerance_is_refused_by_its_whole_residual_before_the_svd(lfw, monkeypatch):
+    """Outputs 5e-5 off (relative, random): the LU floor on 64 spare rows stays below twice the tolerance, but
+    the whole system's least-squares residual (3e-5) exceeds it: a QR solve refuses the system, and the SVD that
+    an accepted system needs is not taken. The exact outputs are still solved (through the SVD)."""
+    attack, x, label, h = one_sample_layer(lfw)
+    drivers = []
+    lstsq = torch.linalg.lstsq
+
+    def logged(A, B, driver=None):
+        drivers.append(driver)
+        return lstsq(A, B, driver=driver)
+
+    monkeypatch.setattr(torch.linalg, "lstsq", logged)
+    noisy = h * (1 + 5e-5 * torch.randn(h.shape, generator=torch.Generator().manual_seed(0), dtype=h.dtype))
+    active = noisy > 0
+    floor = walkdown.residual_floor(attack.W[0][active].double(), noisy[active] - attack.b[0][active])
+    assert attack.opts.forward_tol / 4 < floor <= 2 * attack.opts.forward_tol  # the floor alone cannot refuse it
+    assert walkdown.solve_layer(attack, Candidate(label=label, acts={1: noisy}, witnesses={1: []}, lowest=1), 0) is None
+    assert drivers == ["gels"]
+    drivers.clear()
+    assert walkdown.solve_layer(attack, Candidate(label=label, acts={1: h}, witnesses={1: []}, lowest=1), 0) is not None
+    assert drivers[-1] == "gelsd"
 
 
 def test_blends_ruled_out_by_their_scale_are_not_solved_for(monkeypatch, lfw):

@@ -249,10 +249,17 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     # most systems are inconsistent (the rows of a blend of samples, or of a sample whose own rows were not
     # exclusive): a lower bound on their least-squares residual far above forward_tol rules them out at an
     # eighth of the cost of the SVD that the accepted ones need (an accepted one's residual is below forward_tol)
-    if residual_floor(WA, rhs) > 2 * opts.forward_tol:
+    floor = residual_floor(WA, rhs)
+    if floor > 2 * opts.forward_tol:
         return None
+    A_cpu, rhs_cpu = WA.cpu(), rhs[:, None].cpu()
+    if floor > opts.forward_tol / 4:  # the floor reads a subsystem: one near the tolerance (a weight delta's
+        # blends, say) gets the whole system's residual from a QR solve, a quarter of the SVD's cost
+        qr = torch.linalg.lstsq(A_cpu, rhs_cpu, driver="gels").solution
+        if float((A_cpu @ qr - rhs_cpu).norm() / rhs_cpu.norm().clamp_min(1e-300)) > opts.forward_tol * (1 + 1e-9):
+            return None
     # gelsd (the SVD, which gives the singular values) runs on the CPU only
-    sol = torch.linalg.lstsq(WA.cpu(), rhs[:, None].cpu(), driver="gelsd")
+    sol = torch.linalg.lstsq(A_cpu, rhs_cpu, driver="gelsd")
     svals = sol.singular_values
     if svals is None or len(svals) < n_in or float(svals.min()) <= 0:
         return None
