@@ -50,8 +50,7 @@ def exclusivity_attack(
     update = as_gradient_update(update)
     noise = None
     if update.error:  # a known transport error widens the tolerances beyond the gradient's own float32 noise
-        noise = {n: 4 * float(torch.finfo(g.dtype).eps) * g.to(F64).abs() + update.error
-                 for n, g in update.gradients.items()}
+        noise = {n: rounding_noise(g, 4, update.error) for n, g in update.gradients.items()}
     return within_error(run_exclusivity(model, net, update, opts, noise=noise), net, update.error)
 
 
@@ -94,8 +93,7 @@ def exclusivity_on_weights(
             if n in update.before:
                 p.copy_(update.before[n].to(p.dtype))
     grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
-    noise = {n: float(torch.finfo(update.after[n].dtype).eps) * update.after[n].to(F64).abs() + update.error
-             for n in names}
+    noise = {n: rounding_noise(update.after[n], 1, update.error) for n in names}
     net = as_network(at_before, input_shape=input_shape)
     return within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
 
@@ -107,3 +105,11 @@ def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:
         return rec.withdraw(f"the update carries a known error of {error:.2e} per entry, which the conv "
                             "inversion's certificate does not model: nothing is certified")
     return rec
+
+
+def rounding_noise(values: torch.Tensor, epsilons: float, error: float) -> torch.Tensor:
+    """``|values|`` times ``epsilons`` machine epsilons of their dtype, plus a known transport ``error``, in
+    float64: one float64 pass (the absolute values are taken in the values' own dtype, where they are exact, and
+    scaled in place by a power of two)."""
+    out = values.abs().to(F64).mul_(epsilons * float(torch.finfo(values.dtype).eps))
+    return out.add_(error) if error else out

@@ -25,6 +25,7 @@ A certified sample must be one of the batch's inputs, with its label. Two checks
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -221,8 +222,10 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                     "the learning rate")
         return None
 
-    vague = [imprecise(f, c) for f, c in zip(fits, complete)]
-    short = [witnessed(f, c) or vague[k] for k, (f, c) in enumerate(zip(fits, complete))]
+    # how precisely the input is known is asked only of the candidates whose witnesses suffice (on two-class data
+    # most of the hundreds of blends have one witness row) and of those that could join as part of the whole batch
+    vague = functools.cache(lambda k: imprecise(fits[k], complete[k]))
+    short = [witnessed(f, c) or vague(k) for k, (f, c) in enumerate(zip(fits, complete))]
     strong = [k for k, why in enumerate(short) if why is None]
     bs = batch_scale(fits, strong, clip, reported, opts)
     reasons: list[str | None] = list(short)
@@ -248,7 +251,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                               "active (a blend of samples, not a sample)")
         # samples with a single witness at the common scale join only as part of the whole batch
         weak = [k for k, f in enumerate(fits) if k not in at_scale and f.consistent and f.counts[-1] >= 1
-                and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol and vague[k] is None]
+                and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol and vague(k) is None]
         slack = max(bs.batch_size - len(at_scale), 0) + 16
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64, device=X.device)
         # the samples a certified set can hold (hundreds of candidates on two-class data are blends at other

@@ -51,15 +51,14 @@ class HeadAttack:
         if self.noise is None:
             return 0.0
         t = self.net.depth - 1
-        G = self.G[t].to(F64)
-        rows = [G, self.noise[t]]
+        # the norms of the rows [G_t | g_t] and of their noise, from the weight rows' norms (no copy of the layer)
+        norm, noise = self.row_norms(t), self.noise[t].norm(dim=1)
         if self.g[t] is not None:
-            rows = [torch.cat([G, self.g[t][:, None]], 1), torch.cat([self.noise[t], self.noise_b[t][:, None]], 1)]
-        norm = rows[0].norm(dim=1)
+            norm, noise = torch.hypot(norm, self.g[t]), torch.hypot(noise, self.noise_b[t])
         live = norm > 0
         if not bool(live.any()):
             return 0.0
-        rel = rows[1].norm(dim=1)[live] / norm[live]
+        rel = noise[live] / norm[live]
         return 4.0 * float(torch.quantile(rel, 0.9))
 
     def tol(self, value: float) -> float:
