@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows, near_pairs
+from fedleak.attacks.exact.row_span import near_in_span, span_coordinates, whole
 from fedleak.attacks.exact.span_screen import span_screen
 from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
 from fedleak.nets import ReluMLP
@@ -303,12 +304,14 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
     if len(ordered) <= PER_LABEL_GRAM:
         same = torch.from_numpy(labels[:, None] == labels[None, :]).to(X.device)
         near = (near_pairs(X, norms, group_tol * 10) & same).cpu().numpy()
-    else:
+    else:  # from their coordinates on their span, where it is narrow (:mod:`~fedleak.attacks.exact.row_span`)
+        coords = span_coordinates(whole(X), len(X), X.shape[1], max_rank=min(X.shape) // 8)
         near = np.zeros((len(ordered), len(ordered)), dtype=bool)
         for label in np.unique(labels).tolist():
             ids = np.flatnonzero(labels == label)
             at = torch.from_numpy(ids).to(X.device)
-            near[np.ix_(ids, ids)] = near_pairs(X[at], norms[at], group_tol * 10).cpu().numpy()
+            near[np.ix_(ids, ids)] = (near_pairs(X[at], norms[at], group_tol * 10) if coords is None else
+                                      near_in_span(coords, norms[at], group_tol * 10, at)).cpu().numpy()
     # a candidate is dropped when an earlier kept one is within its tolerance: the exact distances of the
     # shortlisted pairs first (few), then one pass in order over the candidates that have such a pair
     norm_list = norms.clamp_min(1e-300).tolist()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedleak.attacks.exact.row_span import near_in_span, span_coordinates
 from fedleak.nets.float64 import matmul64, rows64
 
 F64 = torch.float64
@@ -23,6 +24,7 @@ GROUPING_SEED = 12345
 ROW_CHUNK = 256  # rows read at once (a piece stays in cache)
 HELD_BYTES = 4 << 20  # implied inputs up to this size (float64), or the layer's own, are converted once and held
 MANY = 64  # a bucket with more rows than this left after its first group is clustered from a Gram shortlist
+SPAN_ROWS = 256  # ... and one of more rows than this from its rows' coordinates on their span, where it is narrow
 
 
 @dataclass(frozen=True)
@@ -260,10 +262,51 @@ def group_rows(R: ImpliedInputs | torch.Tensor, order: torch.Tensor, tol: float,
 
 def cluster_bucket(R: ImpliedInputs, run: torch.Tensor, norms: torch.Tensor, tol: float) -> list[RowGroup]:
     """Leader clustering of one bucket's rows ``run`` (in visiting order), as :func:`group_rows` does it, for a
-    bucket of many groups: the pairs that may lie within ``tol`` are shortlisted from a Gram matrix taken a piece
-    of rows at a time (:func:`near_pairs`, a superset), and each leader measures its shortlisted unassigned rows
-    only."""
+    bucket of many groups: the pairs that may lie within ``tol`` are shortlisted (:func:`bucket_shortlist`, a
+    superset), and each leader measures its shortlisted unassigned rows only."""
     b = len(run)
+    near = bucket_shortlist(R, run, norms, tol)
+    np.fill_diagonal(near, False)
+    pair_of, partner = np.nonzero(near)  # each row's shortlisted partners, in order
+    first = np.searchsorted(pair_of, np.arange(b + 1))
+    run_list = run.tolist()
+    free = np.ones(b, dtype=bool)
+    groups = []
+    for k in range(b):
+        if not free[k]:
+            continue
+        others = partner[first[k] : first[k + 1]]
+        others = others[free[others]]
+        if not len(others):  # no partner left: a group of one row (most rows of a bucket of blends)
+            free[k] = False
+            groups.append(RowGroup([run_list[k]], 0.0))
+            continue
+        others = torch.from_numpy(others).to(run.device)
+        rows, far, low = run[k : k + 1], 0.0, float(norms[run[k]])
+        dist = R.distances(run[others], R.rows(run[k : k + 1])[0])
+        inside = dist <= tol * torch.maximum(norms[run[others]], norms[run[k]])
+        if bool(inside.any()):
+            joined = others[inside]
+            free[joined.cpu().numpy()] = False
+            rows = torch.cat([rows, run[joined]])
+            far, low = float(dist[inside].max()), min(low, float(norms[run[joined]].min()))
+        free[k] = False
+        groups.append(RowGroup(rows.tolist(), far / low if len(rows) > 1 else 0.0))
+    return groups
+
+
+def bucket_shortlist(R: ImpliedInputs, run: torch.Tensor, norms: torch.Tensor, tol: float) -> np.ndarray:
+    """A superset of the pairs of rows ``run`` within ``tol`` of each other (:func:`cluster_bucket`): from their
+    coordinates on their span (:func:`~fedleak.attacks.exact.row_span.near_in_span`) for a bucket of more than
+    ``SPAN_ROWS`` rows whose span is narrow, else from a Gram matrix of the rows, a piece at a time."""
+    b = len(run)
+    if b > SPAN_ROWS:
+        def pieces():
+            return ((s, R.rows(run[s : s + ROW_CHUNK])) for s in range(0, b, ROW_CHUNK))
+
+        coords = span_coordinates(pieces, b, R.dim, max_rank=min(b, R.dim) // 8)
+        if coords is not None:
+            return near_in_span(coords, norms[run], tol).cpu().numpy()
     near = torch.zeros(b, b, dtype=torch.bool)
     for s in range(0, b, ROW_CHUNK):
         A = R.rows(run[s : s + ROW_CHUNK])
@@ -272,26 +315,7 @@ def cluster_bucket(R: ImpliedInputs, run: torch.Tensor, norms: torch.Tensor, tol
             block = near_pairs(A, norms[run[s : s + ROW_CHUNK]], tol, B, norms[run[t : t + ROW_CHUNK]]).cpu()
             near[s : s + len(A), t : t + len(B)] = block
             near[t : t + len(B), s : s + len(A)] = block.T
-    near = near.numpy()
-    free = np.ones(b, dtype=bool)
-    groups = []
-    for k in range(b):
-        if not free[k]:
-            continue
-        others = np.flatnonzero(near[k] & free)
-        others = torch.from_numpy(others[others != k]).to(run.device)
-        rows, far, low = run[k : k + 1], 0.0, float(norms[run[k]])
-        if len(others):
-            dist = R.distances(run[others], R.rows(run[k : k + 1])[0])
-            inside = dist <= tol * torch.maximum(norms[run[others]], norms[run[k]])
-            if bool(inside.any()):
-                joined = others[inside]
-                free[joined.cpu().numpy()] = False
-                rows = torch.cat([rows, run[joined]])
-                far, low = float(dist[inside].max()), min(low, float(norms[run[joined]].min()))
-        free[k] = False
-        groups.append(RowGroup(rows.tolist(), far / low if len(rows) > 1 else 0.0))
-    return groups
+    return near.numpy()
 
 
 def near_pairs(A: torch.Tensor, a_norms: torch.Tensor, tol: float, B: torch.Tensor | None = None,

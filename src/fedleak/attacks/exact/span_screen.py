@@ -27,12 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.attacks.exact.row_span import span_basis, whole
 from fedleak.attacks.exact.top_check import end_to_end, fit_top_rows
 from fedleak.nets.float64 import linear64, times64
 
 F64 = torch.float64
-SIGNAL = 1e-5  # basis directions: singular values of X above this fraction of the largest (rounding: ~1e-7)
-BASIS_SEED = 20_261_202
 CHUNK = 256  # groups screened at once (their pre-activations are held: CHUNK x the layer's outputs)
 PROBE = 64  # groups screened first, spread over all of them: the rest are screened where the probe dropped ...
 SCREEN_COST = 200  # ... at least SCREEN_COST / d_in of its groups: per group and unit, the screen costs about what
@@ -46,36 +45,6 @@ def allowance(fan_in: int, r: int = 0) -> float:
     """Relative allowance for the float64 rounding of a product of fan-in ``fan_in`` through a basis of ``r``
     columns, on either side (the exact check's and the screen's): ten times ``(fan_in + r + 2) sqrt(r + 1) eps``."""
     return 10 * (fan_in + r + 2) * (r + 1) ** 0.5 * EPS64
-
-
-def span_basis(X: torch.Tensor, max_rank: int, seed: int = BASIS_SEED) -> torch.Tensor | None:
-    """An orthonormal basis (``d x r``, float64) of the directions of ``X``'s rows whose singular values exceed
-    ``SIGNAL`` times the largest, from a Gaussian sketch ``Omega X`` of ``k`` rows (``k`` doubled from 32 while
-    the sketch is of full rank, up to ``max_rank + 1``); None where ``X`` is zero, its rank exceeds ``max_rank``
-    (the screen would not pay) or the sketch's Gram matrix overflows."""
-    n = X.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    k = min(32, n, max_rank + 1)  # a sketch of max_rank + 1 rows can show that the rank is at most max_rank
-    while k >= 1:
-        Y = X if k == n else torch.randn(k, n, generator=gen, dtype=F64).to(X.device) @ X
-        gram = Y @ Y.T
-        if not bool(torch.isfinite(gram).all()):
-            return None
-        try:
-            lam, V = torch.linalg.eigh(gram)
-        except torch.linalg.LinAlgError:
-            return None
-        top = float(lam[-1])
-        if not top > 0:
-            return None
-        r = int((lam > SIGNAL**2 * top).sum())
-        if r > max_rank:
-            return None
-        if r < k or k == n:
-            Q, _ = torch.linalg.qr((V[:, -r:].T @ Y).T)
-            return Q
-        k = min(2 * k, n, max_rank + 1)
-    return None
 
 
 def upper_row_norms(W: torch.Tensor) -> torch.Tensor:
@@ -101,7 +70,7 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     max_rank = min((n - -(-int(MIN_SAVING) // (W.shape[0] * W.shape[1]))) // 2, W.shape[0] // 8)
     if n < 4 or max_rank < 1:
         return keep
-    Q = span_basis(reps, max_rank)
+    Q = span_basis(whole(reps), n, max_rank)
     if Q is None:
         return keep
     basis = Basis.of(attack, reps, Q)
