@@ -171,6 +171,29 @@ def test_weight_delta_too_noisy_says_why(fashion):
     assert not any("no batch size was reported" in s.reason for s in rec.samples)
 
 
+def test_a_weight_update_is_read_at_its_before_weights(fashion, monkeypatch):
+    """The server's own model at the round's weights is read as it is (no copy of it); a model holding other
+    weights is read at the update's ``before`` weights, with the same result; neither model is changed."""
+    from fedleak.attacks.exact import attack as exact_attack
+
+    model = mlp(784, (1024,), 10, seed=0)
+    x, y = fashion.x[:8], fashion.y[:8]
+    update = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)
+    other = mlp(784, (1024,), 10, seed=1)
+    kept = {k: v.clone() for k, v in other.state_dict().items()}
+    copies = []
+    deepcopy = exact_attack.copy.deepcopy
+    monkeypatch.setattr(exact_attack.copy, "deepcopy", lambda m: copies.append(m) or deepcopy(m))
+    own = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert copies == [] and own.num_certified > 0
+    assert all(torch.equal(v, update.before[k]) for k, v in model.state_dict().items())
+    read = fedleak.reconstruct(other, update, attack="exclusivity")
+    assert copies == [other]
+    assert all(torch.equal(v, kept[k]) for k, v in other.state_dict().items())
+    assert torch.equal(read.certified, own.certified) and torch.equal(read.inputs, own.inputs)
+    assert false_certificates(own, x, y) == 0
+
+
 def test_per_sample_clipping_is_certified_with_its_bound(fashion):
     """Opacus-style clipping without noise: each sample's gradient scaled by min(1, C/||g||) before the mean.
     Without the bound the scales differ and nothing is certified; with it every sample is."""

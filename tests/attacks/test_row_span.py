@@ -9,13 +9,9 @@ import torch
 from fedleak.attacks.exact import candidates, grouping
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.grouping import ImpliedInputs, cluster_bucket
-from fedleak.attacks.exact.row_span import BLOCK, near_in_span, span_basis, span_coordinates, whole
+from fedleak.attacks.exact.row_span import BLOCK, in_pieces, near_in_span, span_basis, span_coordinates, whole
 
 F64 = torch.float64
-
-
-def in_pieces(X: torch.Tensor, size: int):
-    return lambda: ((s, X[s : s + size]) for s in range(0, len(X), size))
 
 
 def span_rows(n: int, rank: int, dim: int, noise: float, seed: int = 0) -> torch.Tensor:
@@ -54,8 +50,7 @@ def test_coordinates_bound_every_pairs_distance_from_below():
     X[::37] += 1e-3 * torch.randn(len(X[::37]), 200, generator=gen, dtype=F64)  # off the span
     coords = span_coordinates(in_pieces(X, 64), len(X), X.shape[1], max_rank=40)
     assert coords is not None and coords.C.shape[1] < 40 and 0.999 < coords.shrink <= 1.0
-    Q = span_basis(in_pieces(X, 64), len(X), max_rank=40)
-    assert bool(((X - coords.C @ Q.T).norm(dim=1) <= coords.rho).all())
+    assert bool(((X - coords.C @ coords.Q.T).norm(dim=1) <= coords.rho).all())
     assert float(coords.rho[1]) < 1e-5 * float(X[1].norm())  # on the span: a remainder of the noise's size
     low = coords.shrink * torch.cdist(coords.C, coords.C) - coords.rho[:, None] - coords.rho[None, :]
     assert bool((low <= torch.cdist(X, X) * (1 + 1e-12)).all())

@@ -87,11 +87,17 @@ def exclusivity_on_weights(
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     check_matches_model(model, {k: v for k, v in update.before.items() if k in set(names)}, "weight update")
     delta = update.delta()
-    at_before = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in at_before.named_parameters():
-            if n in update.before:
-                p.copy_(update.before[n].to(p.dtype))
+    at_before = model
+    params = dict(model.named_parameters())
+    if not all(torch.equal(params[n].detach(), update.before[n].to(device=params[n].device, dtype=params[n].dtype))
+               for n in names):
+        # the update was taken from other weights than the model's: a copy of the model at them (a server's own
+        # model at the round's global weights, as usual, is read as it is)
+        at_before = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in at_before.named_parameters():
+                if n in update.before:
+                    p.copy_(update.before[n].to(p.dtype))
     grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
     noise = {n: rounding_noise(update.after[n], 1, update.error) for n in names}
     net = as_network(at_before, input_shape=input_shape)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows, near_pairs
-from fedleak.attacks.exact.row_span import near_in_span, span_coordinates, whole
+from fedleak.attacks.exact.row_span import in_pieces, near_in_span, span_coordinates
 from fedleak.attacks.exact.span_screen import span_screen
 from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
 from fedleak.nets import ReluMLP
@@ -204,7 +204,10 @@ def top_candidates(attack) -> list[Candidate]:
     sizes = torch.bincount(gid, minlength=n_groups)
     # groups of one or two rows are represented by their mean, the others by their core (below)
     few = torch.nonzero(sizes[gid] < 3).flatten()
-    reps = torch.zeros(n_groups, R.dim, dtype=F64, device=dev).index_add_(0, gid[few], R.rows(few)) / sizes[:, None]
+    reps = torch.zeros(n_groups, R.dim, dtype=F64, device=dev)
+    for part, rows in R.pieces(few):  # a piece of rows at a time: no float64 copy of them all
+        reps.index_add_(0, gid[part], rows)
+    reps.div_(sizes[:, None])
     members = list(idx[laid].split(lengths))
     rows_of = list(members)  # every row of each group (members keeps the core only)
     # a row shared with a sample whose backward signal is tiny (a confident one) is a blend that still
@@ -240,11 +243,12 @@ def top_candidates(attack) -> list[Candidate]:
         keep[sel] = torch.isfinite(alphas)
         reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
     sel = torch.nonzero(keep).flatten()
+    if len(sel) < n_groups:  # the groups kept, in place of all (the screen and the check read them as they are)
+        reps, members, rows_of = reps[sel], [members[k] for k in sel.tolist()], [rows_of[k] for k in sel.tolist()]
     # groups that surely fail the check are dropped before the forward pass, from one product with the span of
     # the groups' inputs (:mod:`fedleak.attacks.exact.span_screen`)
-    hopeful = span_screen(attack, reps[sel], [members[k] for k in sel.tolist()],
-                          [rows_of[k] for k in sel.tolist()] if g[t] is not None else None)
-    sel = sel[hopeful].tolist()
+    hopeful = span_screen(attack, reps, members, rows_of if g[t] is not None else None)
+    sel = torch.nonzero(hopeful).flatten().tolist()
     cands: list[Candidate] = []
     step = max(1, CHECK_ENTRIES // W[t].shape[0])  # groups whose forward pass is held at once
     for start in range(0, len(sel), step):
@@ -305,7 +309,7 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
         same = torch.from_numpy(labels[:, None] == labels[None, :]).to(X.device)
         near = (near_pairs(X, norms, group_tol * 10) & same).cpu().numpy()
     else:  # from their coordinates on their span, where it is narrow (:mod:`~fedleak.attacks.exact.row_span`)
-        coords = span_coordinates(whole(X), len(X), X.shape[1], max_rank=min(X.shape) // 8)
+        coords = span_coordinates(in_pieces(X, ROW_CHUNK), len(X), X.shape[1], max_rank=min(X.shape) // 8)
         near = np.zeros((len(ordered), len(ordered)), dtype=bool)
         for label in np.unique(labels).tolist():
             ids = np.flatnonzero(labels == label)

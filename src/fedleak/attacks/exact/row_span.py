@@ -38,6 +38,11 @@ def whole(X: torch.Tensor) -> Pieces:
     return lambda: ((0, X),)
 
 
+def in_pieces(X: torch.Tensor, rows: int) -> Pieces:
+    """The rows of ``X`` (float64), ``rows`` at a time (a product with them then needs no temporary of X's size)."""
+    return lambda: ((s, X[s : s + rows]) for s in range(0, len(X), rows))
+
+
 def span_basis(pieces: Pieces, n: int, max_rank: int, seed: int = BASIS_SEED) -> torch.Tensor | None:
     """An orthonormal basis (``d x r``, float64) of the directions of the ``n`` rows ``X`` whose singular values
     exceed ``SIGNAL`` times the largest, from a Gaussian sketch ``Omega X`` of ``k`` rows (``k`` doubled from 32
@@ -84,6 +89,7 @@ class SpanCoordinates:
     ``shrink``, a lower bound of ``Q``'s smallest singular value, so that
     ``||x_a - x_b|| >= shrink ||c_a - c_b|| - rho_a - rho_b``; ``dim``: the rows' length."""
 
+    Q: torch.Tensor
     C: torch.Tensor
     rho: torch.Tensor
     shrink: float
@@ -106,7 +112,7 @@ def span_coordinates(pieces: Pieces, n: int, d: int, max_rank: int) -> SpanCoord
         # each computed entry of x - Q c is off by at most (r + 2) eps (|x| + |Q| |c|) entrywise
         size = torch.linalg.vector_norm(rows, dim=1) + math.sqrt(r) * (1 + off) * torch.linalg.vector_norm(c, dim=1)
         rho[start : start + len(rows)] = e * (1 + (d + 2) * EPS64) + 2 * (r + 2) * EPS64 * size
-    return SpanCoordinates(C, rho, max(0.0, 1.0 - off), d)
+    return SpanCoordinates(Q, C, rho, max(0.0, 1.0 - off), d)
 
 
 def near_in_span(coords: SpanCoordinates, norms: torch.Tensor, tol: float, sel: torch.Tensor | None = None

@@ -4,7 +4,8 @@ A row of the layer's gradient is a sum of the batch's inputs to the layer, each 
 backward signal, so every group's implied input lies in the span of the batch's ``M`` inputs, up to the
 update's rounding. The groups' inputs ``X`` (``n x d``) then factor as ``X = C Q^T + R``: ``Q`` an orthonormal
 basis of ``r`` columns (from a Gaussian sketch of ``X``'s rows), ``C = X Q``, and a remainder ``R`` of the
-rounding's size (any ``Q`` is sound: the bound reads the ``R`` it leaves).
+rounding's size, bounded row by row (:mod:`~fedleak.attacks.exact.row_span`; any ``Q`` is sound: the bound reads
+the ``R`` it leaves).
 The layer's pre-activations are ``(W Q) C^T`` (one product with ``r`` columns instead of ``n``) up to
 ``||W_o|| ||R_k||`` per unit ``o`` (Cauchy-Schwarz) and the float64 rounding of both sides. That bound is carried
 through the ReLU and the output layer to the logits, through the softmax to the loss vector (each entry off by
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedleak.attacks.exact.row_span import span_basis, whole
+from fedleak.attacks.exact.row_span import SpanCoordinates, in_pieces, span_coordinates
 from fedleak.attacks.exact.top_check import end_to_end, fit_top_rows
 from fedleak.nets.float64 import linear64, times64
 
@@ -70,10 +71,10 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     max_rank = min((n - -(-int(MIN_SAVING) // (W.shape[0] * W.shape[1]))) // 2, W.shape[0] // 8)
     if n < 4 or max_rank < 1:
         return keep
-    Q = span_basis(whole(reps), n, max_rank)
-    if Q is None:
+    coords = span_coordinates(in_pieces(reps, CHUNK), n, reps.shape[1], max_rank)
+    if coords is None:
         return keep
-    basis = Basis.of(attack, reps, Q)
+    basis = Basis.of(attack, reps, coords)
 
     def screen(part: torch.Tensor) -> None:
         at = part.tolist()
@@ -108,15 +109,14 @@ class Basis:
     tiny_out: float
 
     @classmethod
-    def of(cls, attack, reps: torch.Tensor, Q: torch.Tensor) -> Basis:
+    def of(cls, attack, reps: torch.Tensor, coords: SpanCoordinates) -> Basis:
         t = attack.net.depth - 1
         W, Wo = attack.W[t], attack.W[-1]
+        Q, C = coords.Q, coords.C
         tiny = allowance(W.shape[1], Q.shape[1])
-        C = reps @ Q
-        off = torch.linalg.vector_norm(reps - C @ Q.T, dim=1)
         size = torch.linalg.vector_norm(reps, dim=1) + torch.linalg.vector_norm(C, dim=1)
-        return cls(times64(W, Q), C, (off + tiny * size) * (1 + tiny), upper_row_norms(W), upper_row_norms(Wo),
-                   tiny, allowance(Wo.shape[1]))
+        return cls(times64(W, Q), C, (coords.rho + tiny * size) * (1 + tiny), upper_row_norms(W),
+                   upper_row_norms(Wo), tiny, allowance(Wo.shape[1]))
 
     def screen(self, attack, part: torch.Tensor, members: list[torch.Tensor], rows: list[torch.Tensor] | None
                ) -> torch.Tensor:
