@@ -2,12 +2,13 @@
 
 For MLPs of one, two and three hidden layers and a CNN on Fashion-MNIST, at several batch sizes M, and for a
 user's own ``nn.Module`` (``x.view``, ``F.relu``, Dropout) on the other built-in data (two-class LFW, MNI152
-slices, retina; some batches normalised to zero mean and unit variance), in one process per model (torch
-pinned to one thread):
+slices, retina; some batches normalised to zero mean and unit variance), its clients sending gradients or
+FedAvg weight updates, in one process per model (torch pinned to one thread; the models: ``speed_cells.py``):
 
 - **gradient**: the client's gradient as a client computes it, with plain torch autograd
-  (``torch.autograd.grad`` of the mean cross-entropy over the batch); the reference of every ratio;
-- **f64 copy**: one float64 copy of that gradient (the least any float64 attack must do);
+  (``torch.autograd.grad`` of the mean cross-entropy over the batch); the reference of every ratio. For a FedAvg
+  client, its local training instead: that many plain-autograd SGD steps on a copy of the weights;
+- **f64 copy**: one float64 copy of what the client sends (the least any float64 attack must do);
 - **attack**: ``fedleak.reconstruct(model, update)`` with its defaults;
 - for the CNN also **fishing** (``fedleak.fish(model, x, y, solve_check=False)``, as docs/cnn.md runs it) and
   the attack on the fished batch.
@@ -49,58 +50,18 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from speed_cells import DATASET, FULL, QUICK, Cell, ModelSpec
 from speed_table import table, write_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speed.json"
 BEFORE = ROOT / "benchmarks" / "results" / "speed_before.json"
-DATASET = "fashion-mnist"
 # a fixed mmap threshold (which also turns off glibc's dynamic one) hands every block of 128 KiB or more back to
 # the system when freed, so that the RSS measures what the attack holds, not what malloc kept from earlier work
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model of the table: an MLP (``conv`` empty) or a CNN (conv channels, kernel 3, padding 1, no pooling),
-    with its dense hidden ``widths`` and the batch sizes it is timed at; or (``user``) a user's own ``nn.Module``
-    of one hidden layer (:class:`UserNet`); on ``dataset``, its batches ``normalise``d to zero mean and unit
-    variance where asked."""
-
-    name: str
-    widths: tuple[int, ...]
-    batches: tuple[int, ...]
-    conv: tuple[int, ...] = ()
-    dataset: str = DATASET
-    user: bool = False
-    normalise: bool = False
-
-
-FULL = (
-    ModelSpec("mlp-256", (256,), (1, 16, 64, 256)),
-    ModelSpec("mlp-1024", (1024,), (1, 16, 64, 256)),
-    ModelSpec("mlp-4096", (4096,), (1, 16, 64, 256)),
-    ModelSpec("mlp-1024-1024", (1024, 1024), (1, 64, 256)),
-    ModelSpec("mlp-1024-1024-1024", (1024, 1024, 1024), (1, 64, 256)),
-    ModelSpec("cnn-6-32", (1024,), (32,), conv=(6, 32)),
-    # users' models on data the attack was not tuned on: two classes (every blend of samples passes the top
-    # layer's check), wider inputs, inputs normalised as users do
-    ModelSpec("user-fashion", (2048,), (16,), user=True),
-    ModelSpec("user-lfw", (2048,), (16,), dataset="lfw", user=True),
-    ModelSpec("user-lfw-normalised", (2048,), (16,), dataset="lfw", user=True, normalise=True),
-    ModelSpec("user-mni152", (2048,), (16,), dataset="mni152", user=True),
-    ModelSpec("user-retina-normalised", (2048,), (16,), dataset="retina", user=True, normalise=True),
-    # two hidden layers on two classes: hundreds of blends that find no exclusive row in the layer below
-    ModelSpec("mlp-1024-1024-lfw", (1024, 1024), (16,), dataset="lfw"),
-)
-QUICK = (
-    ModelSpec("mlp-256", (256,), (1, 64)),
-    ModelSpec("mlp-1024", (1024,), (1, 64)),
-    ModelSpec("mlp-1024-1024", (1024, 1024), (1, 64)),
-)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -141,93 +102,6 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def user_net(in_features: int, width: int, classes: int):
-    """A model as users write it: an ``nn.Module`` class with ``x.view``, ``F.relu`` and Dropout (in eval mode)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class UserNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(in_features, width)
-            self.drop = nn.Dropout(0.2)
-            self.fc2 = nn.Linear(width, classes)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(self.drop(F.relu(self.fc1(x.view(x.shape[0], -1)))))
-
-    return UserNet().eval()
-
-
-class Cell:
-    """One cell: the model (seeded), a batch of ``m`` from the model's data, the client's update and the steps
-    timed."""
-
-    def __init__(self, spec: ModelSpec, m: int, data, seed: int):
-        import math
-
-        import torch
-
-        import fedleak
-
-        self.spec, self.m, self.data = spec, m, data
-        if spec.conv:
-            self.model = fedleak.make_convnet(data.input_shape, data.num_classes, channels=spec.conv, kernel=3,
-                                              padding=1, pool=None, fc_widths=spec.widths, seed=seed)
-        elif spec.user:
-            torch.manual_seed(seed)
-            self.model = user_net(math.prod(data.input_shape), spec.widths[0], data.num_classes)
-        else:
-            self.model = fedleak.make_mlp(data.input_shape, list(spec.widths), data.num_classes, seed=seed)
-        self.x, self.y = data.batch(m, seed=1000 * seed + m)
-        self.value_range = data.value_range
-        if spec.normalise:
-            self.x = (self.x - self.x.mean()) / self.x.std()
-            self.value_range = (float(self.x.min()), float(self.x.max()))
-        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.update = self.gradient()
-        self.fished = self.fished_update = None
-        if spec.conv:
-            self.fished = self.fish()
-            loss = torch.nn.functional.cross_entropy(self.model(self.fished.inputs), self.y)
-            self.fished_update = dict(zip(self.names, torch.autograd.grad(loss, self.params)))
-
-    def gradient(self) -> dict:
-        """What the client computes: plain autograd of the mean cross-entropy over the batch."""
-        import torch
-
-        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
-        return dict(zip(self.names, torch.autograd.grad(loss, self.params)))
-
-    def copy64(self) -> list:
-        import torch
-
-        return [g.to(torch.float64) for g in self.update.values()]
-
-    def attack(self):
-        import fedleak
-
-        return fedleak.reconstruct(self.model, self.update)
-
-    def fish(self):
-        import fedleak
-
-        return fedleak.fish(self.model, self.x, self.y, solve_check=False)
-
-    def fished_attack(self):
-        import fedleak
-
-        return fedleak.reconstruct(self.model, self.fished_update)
-
-    def steps(self) -> dict:
-        out = {"gradient": self.gradient, "f64_copy": self.copy64, "attack": self.attack}
-        if self.spec.conv:
-            out.update(fish=self.fish, fished_attack=self.fished_attack)
-        return out
-
-
 def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
     """Every cell of one model: times (medians of interleaved repeats, ms) and results."""
     import torch
@@ -256,7 +130,8 @@ def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
             "model": spec.name, "widths": list(spec.widths), "conv": list(spec.conv), "batch_size": m,
             "dataset": spec.dataset, "user": spec.user, "normalise": spec.normalise, "rebuilt": len(rec.samples),
             "parameters": sum(p.numel() for p in cell.params),
-            "gradient_mb": sum(g.numel() * g.element_size() for g in cell.update.values()) / 2**20,
+            "local_steps": spec.local_steps,
+            "gradient_mb": sum(g.numel() * g.element_size() for g in cell.sent.values()) / 2**20,
             **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()},
             **{f"{k}_all_ms": [1000 * s for s in v] for k, v in times.items()},
             **{f"{k}_cpu_ms": 1000 * statistics.median(v) for k, v in cpu.items()},

@@ -33,8 +33,11 @@ def label(r: dict) -> str:
     if r["conv"]:
         return f"CNN {tuple(r['conv'])} + {r['widths'][0]} head, {r['parameters'] / 1e6:.1f}M params"
     if r.get("user"):
+        steps = r.get("local_steps", 0)
         return (f"user's `nn.Module`, {r['widths'][0]} hidden, on {DATA_NAMES.get(r['dataset'], r['dataset'])}"
-                f"{', normalised' if r.get('normalise') else ''}")
+                f"{', normalised' if r.get('normalise') else ''}"
+                + (f", FedAvg update of {steps} local step{'s' if steps > 1 else ''} (gradient: the client's "
+                   "local training)" if steps else ""))
     widths = ", ".join(map(str, r["widths"]))
     data = r.get("dataset", "fashion-mnist")
     return widths if data == "fashion-mnist" else f"{widths}, on {DATA_NAMES.get(data, data)}"
