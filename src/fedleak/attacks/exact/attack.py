@@ -114,8 +114,12 @@ def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:
 
 
 def rounding_noise(values: torch.Tensor, epsilons: float, error: float) -> torch.Tensor:
-    """``|values|`` times ``epsilons`` machine epsilons of their dtype, plus a known transport ``error``, in
-    float64: one float64 pass (the absolute values are taken in the values' own dtype, where they are exact, and
-    scaled in place by a power of two)."""
-    out = values.abs().to(F64).mul_(epsilons * float(torch.finfo(values.dtype).eps))
-    return out.add_(error) if error else out
+    """``|values|`` times ``epsilons`` machine epsilons of their dtype (a power of two), plus a known transport
+    ``error``. Without an error it is exact in the values' own dtype (no float64 copy of the model), unless a
+    product falls below that dtype's normal range; else it is taken in float64."""
+    info = torch.finfo(values.dtype)
+    scale = epsilons * float(info.eps)
+    size = values.abs()
+    if not error and not bool(((size > 0) & (size < info.tiny / scale)).any()):
+        return size.mul_(scale)
+    return size.to(F64).mul_(scale).add_(error)

@@ -62,7 +62,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     """:func:`run_exclusivity`, with the thread count already set."""
     start = time.perf_counter()
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
-    opts, noise = plan.apply(opts), plan.rescale(noise)
+    # a defense's factors scale the noise in float64 (in the update's dtype they would round it)
+    opts, noise = plan.apply(opts), plan.rescale(noise if noise is None or not plan.factors else
+                                                 {k: v.to(F64) for k, v in noise.items()})
     if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
         update = replace(update, gradients=plan.rescale(update.gradients))
     head = net.head

@@ -48,15 +48,15 @@ def sketch_dtype(G: torch.Tensor) -> torch.dtype:
 class JointLayer:
     """One layer of the joint test: its observed gradient ``O = [G | g]`` as the client sent it (never copied
     whole), every candidate's backward signal ``U`` and input ``A`` (one row each; ``A`` ends with a 1 where the
-    layer has a bias), the update's own rounding noise ``N`` on ``O`` (or None), and ``small``, ``O``'s smaller
-    side."""
+    layer has a bias), the Frobenius norm ``noise`` of the update's own rounding noise on ``O`` (0 where the
+    update carries none beyond the gradient's), and ``small``, ``O``'s smaller side."""
 
     index: int
     G: torch.Tensor
     g: torch.Tensor | None
     U: torch.Tensor
     A: torch.Tensor
-    N: torch.Tensor | None
+    noise: float
     small: int
 
     def exact_residual(self, terms: torch.Tensor, inputs: torch.Tensor) -> float:
@@ -118,10 +118,8 @@ class JointTest:
             G, A, g = attack.G[i], t64.activations[i], attack.g[i]
             if g is not None:
                 A = torch.cat([A, torch.ones(A.shape[0], 1, dtype=F64, device=dev)], 1)
-            N = None
-            if attack.noise is not None:
-                N = attack.noise[i] if g is None else torch.cat([attack.noise[i], attack.noise_b[i][:, None]], 1)
-            self.layers.append(JointLayer(i, G, g, delta, A, N, min(G.shape[0], A.shape[1])))
+            noise = 0.0 if attack.noise is None else float(torch.linalg.vector_norm(attack.noise_norms(i)))
+            self.layers.append(JointLayer(i, G, g, delta, A, noise, min(G.shape[0], A.shape[1])))
         # the sketched layers draw their Gaussian matrices in turn from one generator seeded with ``seed``
         self._sketched = [j for j, layer in enumerate(self.layers) if layer.small > self.k]
         self._omegas: tuple[torch.Tensor, ...] | None = None
@@ -131,11 +129,11 @@ class JointTest:
         on the side ``O`` is (``O`` itself, in float64, for a layer whose smaller side is at most ``k``)."""
         if j not in self._sketches:
             layer = self.layers[j]
-            G, g, U, A, N = layer.G, layer.g, layer.U, layer.A, layer.N
+            G, g, U, A = layer.G, layer.g, layer.U, layer.A
             if layer.small <= self.k:  # exact: the residual itself
                 OS = torch.cat([G.to(F64), g[:, None]], 1) if g is not None else G.to(F64)
                 AS = A
-                noise = 3 * float(N.norm()) if N is not None else 0.0
+                noise = 3 * layer.noise
             else:  # O sketched on its longer side, without a copy of O
                 if self._omegas is None:
                     shapes = tuple(max(self.layers[m].G.shape[0], self.layers[m].A.shape[1]) for m in self._sketched)
@@ -150,7 +148,7 @@ class JointTest:
                     U, AS = back64(U, omega), A
                 else:
                     AS = back64(A, omega)
-                noise = 3 * math.sqrt(self.k) * float(N.norm()) if N is not None else 0.0
+                noise = 3 * math.sqrt(self.k) * layer.noise
             self._sketches[j] = (OS, U, AS, float(OS.norm()), noise)
         return self._sketches[j]
 
@@ -167,7 +165,7 @@ class JointTest:
                     continue  # a residual of this layer can have any rank up to its size: no test
                 if r == 0 and 2 * len(key) <= self.k:  # the whole batch of a few samples: the residual's norm
                     ref = self.attack.layer_norm(layer.index)
-                    noise = 3 * float(layer.N.norm()) if layer.N is not None else 0.0
+                    noise = 3 * layer.noise
                     tail = layer.exact_residual(layer.U[idx].T * self.weights[idx], layer.A[idx])
                     out.append((tail, self.tol * ref + noise, ref))
                     continue

@@ -20,9 +20,10 @@ class HeadAttack:
     """The exclusivity attack on the dense ReLU head of a network, from the head's gradient.
 
     ``grads`` is the observed update keyed like ``model.named_parameters()`` (only the head's entries are
-    read), ``obs_dtype`` the dtype the client computed it in. ``noise`` (the same keys) is the absolute rounding
-    noise of the observed values where the update carries more than the gradient's own float32 noise (a weight
-    delta: the client rounded ``before - lr * g``); None otherwise. Every tensor lives on ``net.device``.
+    read), ``obs_dtype`` the dtype the client computed it in. ``noise`` (the same keys, in any float dtype) is the
+    absolute rounding noise of the observed values where the update carries more than the gradient's own float32
+    noise (a weight delta: the client rounded ``before - lr * g``); None otherwise. Every tensor lives on
+    ``net.device``.
     """
 
     def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype,
@@ -35,13 +36,15 @@ class HeadAttack:
         # the weight gradients stay in the client's dtype (no float64 copy of a whole layer); the biases are small
         self.G = [grads[d.weight_name].detach().to(device=dev) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
-        self.noise = None if noise is None else [noise[d.weight_name].to(device=dev, dtype=F64) for d in net.dense]
+        # the weights' noise stays in the dtype it came in (read in float64 a piece at a time); the biases' is small
+        self.noise = None if noise is None else [noise[d.weight_name].to(device=dev) for d in net.dense]
         self.noise_b = None if noise is None else [
             None if d.bias_name is None else noise[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
         self.notes: list[str] = []
         self._W_obs: list[torch.Tensor] | None = None
         self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
         self._row_norms: dict[int, torch.Tensor] = {}
+        self._noise_norms: dict[int, torch.Tensor] = {}
         self.tol_floor = self._noise_floor()
 
     def _noise_floor(self) -> float:
@@ -52,9 +55,9 @@ class HeadAttack:
             return 0.0
         t = self.net.depth - 1
         # the norms of the rows [G_t | g_t] and of their noise, from the weight rows' norms (no copy of the layer)
-        norm, noise = self.row_norms(t), self.noise[t].norm(dim=1)
+        norm, noise = self.row_norms(t), self.noise_norms(t)
         if self.g[t] is not None:
-            norm, noise = torch.hypot(norm, self.g[t]), torch.hypot(noise, self.noise_b[t])
+            norm = torch.hypot(norm, self.g[t])
         live = norm > 0
         if not bool(live.any()):
             return 0.0
@@ -78,6 +81,14 @@ class HeadAttack:
         if i not in self._row_norms:
             self._row_norms[i] = row_norms64(self.G[i])
         return self._row_norms[i]
+
+    def noise_norms(self, i: int) -> torch.Tensor:
+        """The norms of the rows of dense layer ``i``'s rounding noise ``[N_i | n_i]`` (float64; computed once;
+        only where the update carries a noise, :attr:`noise`)."""
+        if i not in self._noise_norms:
+            norm = row_norms64(self.noise[i])
+            self._noise_norms[i] = norm if self.noise_b[i] is None else torch.hypot(norm, self.noise_b[i])
+        return self._noise_norms[i]
 
     def layer_norm(self, i: int) -> float:
         """The norm of dense layer ``i``'s whole gradient ``[G_i | g_i]`` (float64)."""

@@ -113,6 +113,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
 
 
 WITNESS_ENTRIES = 1 << 16  # float64 entries of witness rows a group may always hold (512 KiB)
+COMPARED = 64  # candidates whose activations are compared with the trace's at once
 
 
 @dataclass(frozen=True)
@@ -160,13 +161,13 @@ class WitnessBlock:
     @classmethod
     def of(cls, attack, sig: Signals, i: int, own: torch.Tensor, rows: torch.Tensor) -> WitnessBlock:
         t64 = sig.t64
-        acts = t64.activations[i]
-        diff = sig.acts32[i].to(F64) - acts
+        A = t64.activations[i][own]  # the rows' samples' inputs (of these rows' samples only)
+        diff = sig.acts32[i][own].to(F64) - A
         bias = attack.g[i] is not None
-        aa = ((acts * acts).sum(1) + float(bias))[own]  # |[a, 1]|^2
-        dd, da = (diff * diff).sum(1)[own], (diff * acts).sum(1)[own]
+        aa = (A * A).sum(1) + float(bias)  # |[a, 1]|^2
+        dd, da = (diff * diff).sum(1), (diff * A).sum(1)
         d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows].to(F64)
-        Gr, A = rows64(attack.G[i], rows), acts[own]
+        Gr = rows64(attack.G[i], rows)
         oa, oo = torch.linalg.vecdot(Gr, A), torch.linalg.vector_norm(Gr, dim=1) ** 2
         gb = None
         if bias:
@@ -303,9 +304,11 @@ def reproduces_activations(complete: list, t64: Trace, tol: float) -> list[bool]
     ok = torch.ones(len(complete), dtype=torch.bool, device=t64.logits.device)
     for i in {i for c in complete for i in c.acts}:
         have = [k for k, c in enumerate(complete) if i in c.acts]
-        known = torch.stack([complete[k].acts[i] for k in have])
-        ref = t64.activations[i][have]
-        ok[have] &= (ref - known).norm(dim=1) <= tol * ref.norm(dim=1).clamp_min(1e-300)
+        for s in range(0, len(have), COMPARED):  # a piece of candidates at a time (hundreds, on two-class data)
+            part = have[s : s + COMPARED]
+            ref = t64.activations[i][part]
+            off = ref - torch.stack([complete[k].acts[i] for k in part])
+            ok[part] &= off.norm(dim=1) <= tol * ref.norm(dim=1).clamp_min(1e-300)
     return ok.tolist()
 
 
