@@ -81,6 +81,7 @@ def tail_forward(net: ReluMLP, W: list[torch.Tensor], b: list[torch.Tensor | Non
 
 
 PER_LABEL_GRAM = 128  # more candidates than this are paired one label at a time
+PAIR_ENTRIES = 1 << 18  # float64 entries of shortlisted pairs' differences measured at once
 CORE_MARGIN = 0.45  # a group within this fraction of the core radius of its leader is all core (0.5 and rounding)
 
 
@@ -317,11 +318,16 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
             near[np.ix_(ids, ids)] = (near_pairs(X[at], norms[at], group_tol * 10) if coords is None else
                                       near_in_span(coords, norms[at], group_tol * 10, at)).cpu().numpy()
     # a candidate is dropped when an earlier kept one is within its tolerance: the exact distances of the
-    # shortlisted pairs first (few), then one pass in order over the candidates that have such a pair
-    norm_list = norms.clamp_min(1e-300).tolist()
+    # shortlisted pairs first (a piece of pairs at a time: a weight update's tolerance, raised to its rounding,
+    # can shortlist tens of thousands of blends' pairs), then one pass in order over the candidates with a pair
+    reach = group_tol * 10 * norms.clamp_min(1e-300)
+    pairs = np.argwhere(np.tril(near, -1))  # (k, u): u comes before k
     close: dict[int, list[int]] = {}
-    for k, u in np.argwhere(np.tril(near, -1)).tolist():  # u comes before k
-        if float((X[u] - X[k]).norm()) <= group_tol * 10 * norm_list[k]:
+    step = max(1, PAIR_ENTRIES // X.shape[1])
+    for s in range(0, len(pairs), step):
+        ks, us = (torch.from_numpy(pairs[s : s + step, j]).to(X.device) for j in (0, 1))
+        inside = (torch.linalg.vector_norm(X[us] - X[ks], dim=1) <= reach[ks]).cpu().numpy()
+        for k, u in pairs[s : s + step][inside].tolist():
             close.setdefault(k, []).append(u)
     kept = np.ones(len(ordered), dtype=bool)
     for k in sorted(close):
