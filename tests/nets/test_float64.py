@@ -9,6 +9,7 @@ import torch
 import fedleak
 from fedleak.nets import as_network, forward_trace
 from fedleak.nets.float64 import (
+    NARROW_ENTRIES,
     PIECE_ENTRIES,
     PIECE_ROWS,
     back64,
@@ -30,6 +31,9 @@ def test_pieces_read_the_same_values_as_a_float64_copy():
     G64 = G.double()
     B = torch.randn(cols, 9, generator=gen, dtype=torch.float64)
     assert torch.allclose(times64(G, B), G64 @ B, rtol=1e-12, atol=1e-12)
+    for width in (1, 4, 16, 17):  # a narrow product reads smaller pieces (many of them), a wider one larger
+        B = torch.randn(cols, width, generator=gen, dtype=torch.float64)
+        assert torch.allclose(times64(G, B), G64 @ B, rtol=1e-12, atol=1e-12)
     L = torch.randn(3, G.shape[0], generator=gen, dtype=torch.float64)
     assert torch.allclose(times64(G.T, L.T).T, L @ G64, rtol=1e-12, atol=1e-12)  # a product from the left
     assert torch.allclose(times64(G64, B), G64 @ B, rtol=1e-12, atol=1e-12)  # a float64 layer, as it is
@@ -59,6 +63,12 @@ def test_pieces_are_small_next_to_the_layer_but_wide_layers_keep_their_rows():
     assert piece_rows(10, 784) == 16  # at least 16 rows
     assert piece_rows(4096, 784) == min(PIECE_ENTRIES // 784, 512)
     assert piece_rows(1024, 25088) == PIECE_ROWS  # a wide layer: its other factor is read fewer times
+    # a reduction or a narrow product reads pieces that stay in cache, the narrower the product the larger
+    assert piece_rows(4096, 784, 0) == piece_rows(4096, 784, 8) == NARROW_ENTRIES // 784
+    assert piece_rows(4096, 784, 16) == PIECE_ENTRIES // 16 // 784
+    assert piece_rows(4096, 784, 17) == piece_rows(4096, 784)
+    assert piece_rows(16, 784, 0) == 8  # at least 8 rows, at most an eighth of the layer
+    assert piece_rows(1024, 25088, 0) == PIECE_ROWS  # a row of a wide layer alone fills the cache
 
 
 def test_a_float64_trace_reads_float32_weights_exactly_as_their_float64_copy():

@@ -60,12 +60,16 @@ class JointLayer:
     small: int
 
     def exact_residual(self, terms: torch.Tensor, inputs: torch.Tensor) -> float:
-        """``||O - terms @ inputs||_F``, formed a piece of ``O``'s rows at a time."""
+        """``||O - terms @ inputs||_F``, formed a piece of ``O``'s rows at a time (in the converted piece itself,
+        which is read no more, where ``O`` is not float64)."""
         sq = 0.0
         d_in = self.G.shape[1]
-        for s, piece in pieces64(self.G):
+        converted = self.G.dtype != F64
+        for s, piece in pieces64(self.G, terms.shape[1]):
             rows = terms[s : s + len(piece)]
-            sq += float(torch.linalg.vector_norm(torch.addmm(piece, rows, inputs[:, :d_in], alpha=-1))) ** 2
+            diff = (piece.addmm_(rows, inputs[:, :d_in], alpha=-1) if converted else
+                    torch.addmm(piece, rows, inputs[:, :d_in], alpha=-1))
+            sq += float(torch.linalg.vector_norm(diff)) ** 2
         if self.g is not None:
             sq += float(torch.linalg.vector_norm(self.g.to(F64) - terms @ inputs[:, d_in])) ** 2
         return math.sqrt(sq)

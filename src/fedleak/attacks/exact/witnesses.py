@@ -162,10 +162,13 @@ class WitnessBlock:
     def of(cls, attack, sig: Signals, i: int, own: torch.Tensor, rows: torch.Tensor) -> WitnessBlock:
         t64 = sig.t64
         A = t64.activations[i][own]  # the rows' samples' inputs (of these rows' samples only)
-        diff = sig.acts32[i][own].to(F64) - A
         bias = attack.g[i] is not None
         aa = (A * A).sum(1) + float(bias)  # |[a, 1]|^2
-        dd, da = (diff * diff).sum(1), (diff * A).sum(1)
+        # the float32 replay's differences are per sample: taken once for each of the rows' samples
+        samples, at = torch.unique(own, return_inverse=True)
+        a = t64.activations[i][samples]
+        diff = sig.acts32[i][samples].to(F64) - a
+        dd, da = (diff * diff).sum(1)[at], (diff * a).sum(1)[at]
         d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows].to(F64)
         Gr = rows64(attack.G[i], rows)
         oa, oo = torch.linalg.vecdot(Gr, A), torch.linalg.vector_norm(Gr, dim=1) ** 2
