@@ -71,41 +71,49 @@ def test_the_top_layer_check_hands_its_forward_pass_to_the_certificate(digits):
     assert cands[0].first_pre is None and cands[1].first_pre is not None
 
 
-def test_a_weight_updates_rounding_noise_is_exact_in_its_own_dtype():
-    """The noise of a weight delta, ``eps |after|``, is a power-of-two multiple of each value: exact in float32
-    (no float64 copy of the model), except where it falls below float32's normal range, or a transport error is
-    added, where it is taken in float64."""
-    from fedleak.attacks.exact.attack import rounding_noise
+def test_a_weight_updates_rounding_noise_is_read_from_the_update_as_its_float64_value():
+    """The noise of a weight delta, ``eps |after|`` (plus a transport error, times a defense's factor), is read
+    from ``after`` where it is used, in float64: rows, columns, a bias whole and row norms a piece at a time,
+    each the value a float64 copy of the noise would hold (none is made)."""
+    from fedleak.attacks.exact.noise import RoundingNoise
 
     gen = torch.Generator().manual_seed(0)
     after = torch.randn(300, 40, generator=gen) * 0.05
     after[0, :3] = 0.0
+    after[1, 1] = 1e-33  # eps times it is subnormal in float32, not in float64
     eps = float(torch.finfo(torch.float32).eps)
-    noise = rounding_noise(after, 1, 0.0)
-    assert noise.dtype == torch.float32
-    assert torch.equal(noise.double(), eps * after.double().abs())
-    tiny = after.clone()
-    tiny[1, 1] = 1e-33  # eps times it is subnormal in float32
-    low = rounding_noise(tiny, 1, 0.0)
-    assert low.dtype == torch.float64 and torch.equal(low, eps * tiny.double().abs())
-    err = rounding_noise(after, 4, 1e-7)
-    assert err.dtype == torch.float64 and torch.equal(err, 4 * eps * after.double().abs() + 1e-7)
+    full = eps * after.double().abs()
+    noise = RoundingNoise.of(after, 1)
+    assert noise.values.data_ptr() == after.data_ptr()  # the update's own tensor, not a copy
+    rows = [5, 1, 299]
+    assert noise.rows(rows).dtype == torch.float64 and torch.equal(noise.rows(rows), full[rows])
+    assert torch.equal(noise.columns(rows[:2]), full[:, rows[:2]])
+    assert torch.equal(noise.whole(), full) and noise.rows([1])[0, 1] > 0
+    assert torch.equal(noise.row_norms(), full.norm(dim=1))
+    err = RoundingNoise.of(after, 4, 1e-7) * 0.5  # a transport error, and a defense's factor
+    assert torch.equal(err.whole(), (4 * eps * after.double().abs() + 1e-7) * 0.5)
+    assert torch.equal(err.row_norms(), err.whole().norm(dim=1))
 
 
-def test_a_weight_updates_noise_is_held_in_float32_and_read_in_float64(digits):
-    """A weight delta's noise stays float32 in the attack's state; its row norms (float64, a piece of rows at a
-    time) are the norms of the rows of ``[N | n_b]``, from which the grouping's tolerance floor is read."""
+def test_a_weight_updates_noise_norms_are_those_of_its_rows(digits):
+    """A weight delta's noise row norms (float64, a piece of rows at a time) are the norms of the rows of
+    ``[N | n_b]``, from which the grouping's tolerance floor is read."""
     model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
     x, y = digits.batch(4, seed=0)
     update = fedleak.fedavg_update(model, x, y, lr=0.1)
-    from fedleak.attacks.exact.attack import rounding_noise
+    from fedleak.attacks.exact.noise import RoundingNoise
 
-    noise = {k: rounding_noise(v, 1, 0.0) for k, v in update.after.items()}
+    noise = {k: RoundingNoise.of(v, 1) for k, v in update.after.items()}
     head = as_network(model).head
     delta = update.delta()
     attack = HeadAttack(head, dict(delta), ExclusivityOptions(known_scale=False), torch.float32, noise)
     d = head.dense[0]
-    assert attack.noise[0].dtype == torch.float32
-    whole = torch.cat([noise[d.weight_name].double(), noise[d.bias_name].double()[:, None]], 1)
+    eps = float(torch.finfo(torch.float32).eps)
+    after = update.after
+    whole = eps * torch.cat([after[d.weight_name].double(), after[d.bias_name].double()[:, None]], 1).abs()
     assert torch.allclose(attack.noise_norms(0), whole.norm(dim=1), rtol=1e-14, atol=0)
+    rows = [3, 0]
+    top = attack.noise_vectors(0, rows)  # the top layer's rows: weight row, bias entry, output-layer column
+    column = eps * update.after[head.dense[1].weight_name].double().abs()[:, rows].T
+    assert torch.equal(top, torch.cat([whole[rows], column], 1))
     assert attack.tol_floor > 0

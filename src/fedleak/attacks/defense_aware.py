@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +37,7 @@ from fedleak.registry import Registry
 from fedleak.validation import describe
 
 Tensors = Mapping[str, torch.Tensor]
+Scalable = TypeVar("Scalable")  # a tensor, or what scales like one (an update's rounding noise)
 
 #: a clipped group's observed norm lies this close (relative) to the bound: float32 rounding of the scaling
 CLIPPED_TOL = 1e-4
@@ -135,7 +136,7 @@ class ExactPlan:
         """``options`` (an options dataclass) with the overrides applied."""
         return dataclasses.replace(options, **dict(self.overrides)) if self.overrides else options
 
-    def rescale(self, tensors: Tensors | None) -> dict[str, torch.Tensor] | None:
+    def rescale(self, tensors: Mapping[str, Scalable] | None) -> dict[str, Scalable] | None:
         """``tensors`` (the observed update, or its rounding noise) times the plan's factors."""
         if tensors is None:
             return None

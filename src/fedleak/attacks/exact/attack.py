@@ -14,14 +14,13 @@ import copy
 import torch
 from torch import nn
 
+from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.registry import register_attack
 from fedleak.nets import as_network
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
-
-F64 = torch.float64
 
 
 @register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True, takes_defense=True,
@@ -50,7 +49,7 @@ def exclusivity_attack(
     update = as_gradient_update(update)
     noise = None
     if update.error:  # a known transport error widens the tolerances beyond the gradient's own float32 noise
-        noise = {n: rounding_noise(g, 4, update.error) for n, g in update.gradients.items()}
+        noise = {n: RoundingNoise.of(g, 4, update.error) for n, g in update.gradients.items()}
     return within_error(run_exclusivity(model, net, update, opts, noise=noise), net, update.error)
 
 
@@ -99,7 +98,7 @@ def exclusivity_on_weights(
                 if n in update.before:
                     p.copy_(update.before[n].to(p.dtype))
     grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
-    noise = {n: rounding_noise(update.after[n], 1, update.error) for n in names}
+    noise = {n: RoundingNoise.of(update.after[n], 1, update.error) for n in names}
     net = as_network(at_before, input_shape=input_shape)
     return within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
 
@@ -111,15 +110,3 @@ def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:
         return rec.withdraw(f"the update carries a known error of {error:.2e} per entry, which the conv "
                             "inversion's certificate does not model: nothing is certified")
     return rec
-
-
-def rounding_noise(values: torch.Tensor, epsilons: float, error: float) -> torch.Tensor:
-    """``|values|`` times ``epsilons`` machine epsilons of their dtype (a power of two), plus a known transport
-    ``error``. Without an error it is exact in the values' own dtype (no float64 copy of the model), unless a
-    product falls below that dtype's normal range; else it is taken in float64."""
-    info = torch.finfo(values.dtype)
-    scale = epsilons * float(info.eps)
-    size = values.abs()
-    if not error and not bool(((size > 0) & (size < info.tiny / scale)).any()):
-        return size.mul_(scale)
-    return size.to(F64).mul_(scale).add_(error)

@@ -34,6 +34,7 @@ from torch import nn
 from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
+from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
@@ -49,7 +50,7 @@ F64 = torch.float64
 
 
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
-                    noise: dict[str, torch.Tensor] | None = None, name: str = "exclusivity") -> Reconstruction:
+                    noise: dict[str, RoundingNoise] | None = None, name: str = "exclusivity") -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
     ``noise``: the update's own rounding noise per entry, where it is known."""
@@ -58,13 +59,11 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
-               noise: dict[str, torch.Tensor] | None, name: str) -> Reconstruction:
+               noise: dict[str, RoundingNoise] | None, name: str) -> Reconstruction:
     """:func:`run_exclusivity`, with the thread count already set."""
     start = time.perf_counter()
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
-    # a defense's factors scale the noise in float64 (in the update's dtype they would round it)
-    opts, noise = plan.apply(opts), plan.rescale(noise if noise is None or not plan.factors else
-                                                 {k: v.to(F64) for k, v in noise.items()})
+    opts, noise = plan.apply(opts), plan.rescale(noise)  # a defense's factors scale the noise as it is read
     if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
         update = replace(update, gradients=plan.rescale(update.gradients))
     head = net.head

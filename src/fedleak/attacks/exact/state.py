@@ -8,6 +8,7 @@ import torch
 
 from fedleak.attacks.exact.candidates import Candidate, top_candidates
 from fedleak.attacks.exact.certificate import Certificate, certify
+from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
 from fedleak.nets import ReluMLP
@@ -20,14 +21,14 @@ class HeadAttack:
     """The exclusivity attack on the dense ReLU head of a network, from the head's gradient.
 
     ``grads`` is the observed update keyed like ``model.named_parameters()`` (only the head's entries are
-    read), ``obs_dtype`` the dtype the client computed it in. ``noise`` (the same keys, in any float dtype) is the
-    absolute rounding noise of the observed values where the update carries more than the gradient's own float32
-    noise (a weight delta: the client rounded ``before - lr * g``); None otherwise. Every tensor lives on
-    ``net.device``.
+    read), ``obs_dtype`` the dtype the client computed it in. ``noise`` (the same keys) is the absolute rounding
+    noise of the observed values where the update carries more than the gradient's own float32 noise (a weight
+    delta: the client rounded ``before - lr * g``), read from the update's values where it is used
+    (:class:`~fedleak.attacks.exact.noise.RoundingNoise`); None otherwise. Every tensor lives on ``net.device``.
     """
 
     def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype,
-                 noise: dict[str, torch.Tensor] | None = None):
+                 noise: dict[str, RoundingNoise] | None = None):
         self.net, self.opts, self.obs_dtype = net, opts, obs_dtype
         self.device = net.device
         dev = self.device
@@ -36,10 +37,10 @@ class HeadAttack:
         # the weight gradients stay in the client's dtype (no float64 copy of a whole layer); the biases are small
         self.G = [grads[d.weight_name].detach().to(device=dev) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
-        # the weights' noise stays in the dtype it came in (read in float64 a piece at a time); the biases' is small
-        self.noise = None if noise is None else [noise[d.weight_name].to(device=dev) for d in net.dense]
+        # the weights' noise is read from the update where it is used (a piece at a time); the biases' is small
+        self.noise = None if noise is None else [noise[d.weight_name].on(dev) for d in net.dense]
         self.noise_b = None if noise is None else [
-            None if d.bias_name is None else noise[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]
+            None if d.bias_name is None else noise[d.bias_name].on(dev).whole() for d in net.dense]
         self.notes: list[str] = []
         self._W_obs: list[torch.Tensor] | None = None
         self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
@@ -86,9 +87,20 @@ class HeadAttack:
         """The norms of the rows of dense layer ``i``'s rounding noise ``[N_i | n_i]`` (float64; computed once;
         only where the update carries a noise, :attr:`noise`)."""
         if i not in self._noise_norms:
-            norm = row_norms64(self.noise[i])
+            norm = self.noise[i].row_norms()
             self._noise_norms[i] = norm if self.noise_b[i] is None else torch.hypot(norm, self.noise_b[i])
         return self._noise_norms[i]
+
+    def noise_vectors(self, i: int, rows: list[int]) -> torch.Tensor:
+        """The rounding noise of the observed entries of rows ``rows`` of dense layer ``i`` (float64; only where
+        the update carries a noise): the weight row, the bias entry and, for the top layer, the output layer's
+        column, as the witness fit reads the observed entries."""
+        parts = [self.noise[i].rows(rows)]
+        if self.noise_b[i] is not None:
+            parts.append(self.noise_b[i][rows, None])
+        if i == self.net.depth - 1:
+            parts.append(self.noise[-1].columns(rows).T)
+        return torch.cat(parts, dim=1)
 
     def layer_norm(self, i: int) -> float:
         """The norm of dense layer ``i``'s whole gradient ``[G_i | g_i]`` (float64)."""

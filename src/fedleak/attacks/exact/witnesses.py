@@ -25,17 +25,6 @@ F64 = torch.float64
 # Per-sample gradient pieces
 
 
-def observed_vectors(G, g, layer: int, rows: list[int], top: bool) -> torch.Tensor:
-    """The observed entries of witness ``rows`` of dense layer ``layer`` (``G``/``g``: weight and bias gradients):
-    the weight row, the bias entry and, for the top layer, the output layer's column."""
-    parts = [rows64(G[layer], rows)]
-    if g[layer] is not None:
-        parts.append(g[layer][rows, None])
-    if top:
-        parts.append(G[-1][:, rows].T.to(F64))
-    return torch.cat(parts, dim=1)
-
-
 def per_sample_norms(trace: Trace, has_bias: list[bool]) -> torch.Tensor:
     """The norm of each sample's own (unscaled) gradient over all layers, from its trace."""
     sq = torch.zeros(trace.logits.shape[0], dtype=F64, device=trace.logits.device)
@@ -241,7 +230,7 @@ def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: l
         noise[pos] = block.noise / block.p00.sqrt().clamp_min(1e-300) + 8 * eps32
         norm[pos] = oo.sqrt()  # each witness weighs the same: its observed entries scaled to norm 1
         if attack.noise is not None:  # the update's own rounding, relative to the row
-            own_noise = observed_vectors(attack.noise, attack.noise_b, i, rows, i == net.depth - 1)
+            own_noise = attack.noise_vectors(i, rows)
             noise[pos] += own_noise.norm(dim=1) / norm[pos]
         dots[:, pos] = torch.stack([block.p00, block.p01, block.p11, block.p0o, block.p1o]) / oo
         blocks.append((pos, block))
@@ -329,8 +318,8 @@ def input_uncertainty(attack, fit: WitnessFit, x: torch.Tensor) -> float:
     if not rows:
         return 0.0
     g = attack.g[0][rows]
-    per_row = (attack.noise[0][rows] + x.abs()[None, :] * attack.noise_b[0][rows, None]) / g.abs()[:, None].clamp_min(
-        1e-300) / math.sqrt(12)
+    per_row = ((attack.noise[0].rows(rows) + x.abs()[None, :] * attack.noise_b[0][rows, None])
+               / g.abs()[:, None].clamp_min(1e-300) / math.sqrt(12))
     spread = float(5 * (per_row.pow(2).sum(0).sqrt() / len(rows)).max())
     # the input itself may rest on more (and weaker) rows than its witnesses: it must agree with the witnesses'
     # own ratio (weighted by g^2, the inverse of each ratio's variance) within that spread too
