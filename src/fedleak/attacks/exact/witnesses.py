@@ -152,11 +152,12 @@ class WitnessBlock:
         t64 = sig.t64
         A = t64.activations[i][own]  # the rows' samples' inputs (of these rows' samples only)
         bias = attack.g[i] is not None
-        aa = (A * A).sum(1) + float(bias)  # |[a, 1]|^2
-        # the float32 replay's differences are per sample: taken once for each of the rows' samples
+        # what depends on the sample only is taken once for each of the rows' samples: |[a, 1]|^2 and the float32
+        # replay's differences
         samples, at = torch.unique(own, return_inverse=True)
         a = t64.activations[i][samples]
         diff = sig.acts32[i][samples].to(F64) - a
+        aa = (a * a).sum(1)[at] + float(bias)
         dd, da = (diff * diff).sum(1)[at], (diff * a).sum(1)[at]
         d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows].to(F64)
         Gr = rows64(attack.G[i], rows)
