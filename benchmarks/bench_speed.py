@@ -68,6 +68,19 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 # Memory, read from the kernel
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; ``platform.processor()`` elsewhere, often empty): the speed
+    ratios depend on it (a float32 gradient gains more from wide vector units than float64 work does)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -219,13 +232,15 @@ def main() -> None:
     command = "python benchmarks/bench_speed.py" + " ".join(
         [""] + (["--quick"] if args.quick else []) + ([f"--repeats {args.repeats}"] if args.repeats != 5 else [])
         + ([f"--rounds {args.rounds}"] if args.rounds != 1 else [])
-        + ([f"--models {args.models}"] if args.models else []) + (["--before <previous version's src>"] if args.before else []))
+        + ([f"--models {args.models}"] if args.models else [])
+        + (["--before <previous version's src>"] if args.before else []))
     meta = {
         "date": time.strftime("%Y-%m-%d"), "command": command, "data": f"{DATASET} unless a row names its dataset",
         "seed": args.seed,
         "repeats": args.repeats, "rounds": args.rounds, "torch": torch.__version__, "torch_threads": 1,
         "models": [asdict(s) for s in grid],
-        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "processor": platform.processor(),
+        "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "processor": cpu_model(),
+                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "load_average_start": os.getloadavg()},
         "malloc_env": MALLOC_ENV, "environment": environment_info(),
         "fishing": "fedleak.fish(model, x, y, solve_check=False)",

@@ -47,8 +47,8 @@ def table(rows: list[dict], before: list[dict]) -> str:
     """The markdown speed table; the previous version's attack where ``before`` has the same cell."""
     prev = {(b["model"], b["batch_size"]): b for b in before}
     lines = ["| hidden widths | M | gradient ms | f64 copy ms | attack ms (before → now) | attack / gradient "
-             "(before → now) | same, CPU time | attack / f64 copy | attack's peak extra memory / gradient size | recovered | "
-             "false cert. |",
+             "(before → now) | same, CPU time | attack / f64 copy | attack's peak extra memory / gradient size | "
+             "recovered | false cert. |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = prev.get((r["model"], r["batch_size"]))
@@ -87,7 +87,10 @@ def write_doc(rows: list[dict], before: list[dict], meta: dict) -> None:
     n = meta.get("rounds", 1)
     rounds = (f" in each of {n} processes per model and version, taken in turn (times: medians over them; "
               "ratios: medians of each process's ratios)") if n > 1 else ""
-    body = (f"_Measured {meta['date']} on {meta['machine']['cpus']}-core {meta['machine']['arch']} CPU "
+    machine = meta["machine"]
+    cpu = ", ".join(str(v) for v in (machine.get("processor") or "CPU", machine["arch"],
+                                     machine.get("torch_cpu_capability")) if v)
+    body = (f"_Measured {meta['date']} on {machine['cpus']} cores of an {cpu} CPU "
             f"(load average {load} at the start), torch {meta['torch']} pinned to one thread; medians of "
             f"{meta['repeats']} interleaved repeats{rounds}; Fashion-MNIST unless a row names its data, seed "
             f"{meta['seed']}. Command: `{meta['command']}`._\n\n{table(rows, before)}")

@@ -57,8 +57,8 @@ def piece_rows(rows: int, cols: int, width: int = NARROW + 1) -> int:
     of at most ``NARROW`` columns reads at most ``NARROW_ENTRIES`` and ``PIECE_ENTRIES / width`` entries at a time
     (at least 8 rows): converted and read while in cache, the pieces cost up to half as much as larger ones (a
     4096 x 784 float32 layer's row norms: 1.5 against 2.8 ms; its product with 16 columns: 3.6 against 5.0 ms;
-    one thread, AMD EPYC, torch 2.13.0, numpy's OpenBLAS), where a wider product gains from reading its other
-    factor fewer times."""
+    one thread, Intel Xeon with AVX-512, torch 2.13.0, numpy's OpenBLAS), where a wider product gains from
+    reading its other factor fewer times."""
     if width <= NARROW and cols <= NARROW_COLS:
         entries = min(NARROW_ENTRIES, PIECE_ENTRIES // max(width, 1))
         return max(8, min(entries // max(cols, 1), -(-rows // 8)))
