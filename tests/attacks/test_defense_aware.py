@@ -163,6 +163,24 @@ def test_exact_attack_undoes_clipping(fashion, per):
         assert blind.num_certified == 0 and blind_res.false_certificates == 0
 
 
+def test_a_known_transport_error_is_scaled_with_the_clipped_layers(fashion):
+    """Under per-layer clipping the observed layers are scaled by recovered factors; an update's known transport
+    error is scaled with them (it is read from the update where it is used, times the factor): a tiny error keeps
+    every certificate, a large one certifies less, never wrongly."""
+    spec = "clipping:bound=0.1,per=layer"
+    model = fedleak.make_mlp(*FMNIST_MLP, seed=0)
+    x, y = fashion.batch(4, seed=101)
+    update = defended_gradient(model, x, y, spec, seed=101).update
+    largest = max(float(v.abs().max()) for v in update.gradients.values())
+    certified = []
+    for error in (1e-12, 1e-3 * largest):
+        noisy = fedleak.GradientUpdate(dict(update.gradients), num_examples=update.num_examples, error=error)
+        rec = fedleak.reconstruct(model, noisy, defense=spec)
+        assert fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0)).false_certificates == 0
+        certified.append(rec.num_certified)
+    assert certified[0] == 4 and certified[1] < 4
+
+
 def test_layer_scales_recover_per_layer_factors(fashion):
     model = fedleak.make_mlp((1, 28, 28), [64, 32], 10, seed=0)
     x, y = fashion.batch(3, seed=5)
