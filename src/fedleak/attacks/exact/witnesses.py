@@ -150,12 +150,12 @@ class WitnessBlock:
     @classmethod
     def of(cls, attack, sig: Signals, i: int, own: torch.Tensor, rows: torch.Tensor) -> WitnessBlock:
         t64 = sig.t64
-        A = t64.activations[i][own]  # the rows' samples' inputs (of these rows' samples only)
         bias = attack.g[i] is not None
-        # what depends on the sample only is taken once for each of the rows' samples: |[a, 1]|^2 and the float32
-        # replay's differences
+        # what depends on the sample only is taken once for each of the rows' samples (``a``, their inputs): |[a, 1]|^2
+        # and the float32 replay's differences
         samples, at = torch.unique(own, return_inverse=True)
         a = t64.activations[i][samples]
+        A = a[at]  # each row's sample's input
         diff = sig.acts32[i][samples].to(F64) - a
         aa = (a * a).sum(1)[at] + float(bias)
         dd, da = (diff * diff).sum(1)[at], (diff * a).sum(1)[at]
