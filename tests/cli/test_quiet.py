@@ -85,3 +85,27 @@ def test_processes_a_quiet_federation_starts_ignore_warnings() -> None:
     with isolated_environment(quiet=False):
         loud = subprocess.run(child, capture_output=True, text=True, timeout=60)
     assert quiet.stderr == "" and "UserWarning: from a worker" in loud.stderr
+
+
+def test_a_progress_bar_shows_only_on_a_terminal(monkeypatch, capsys) -> None:
+    """In a pipe or a log file the bar's redrawn lines would be noise: none there, one on a terminal, none with
+    --quiet."""
+    from fedleak.cli.app import progress_bar, shows_progress
+
+    for terminal, quiet, shown in ((False, False, False), (True, True, False), (True, False, True)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
+        assert shows_progress(quiet) is shown
+        bar = progress_bar(quiet, 3, "auditing", "batch")
+        assert (bar is not None) is shown
+        if bar is not None:
+            assert list(bar(range(3))) == [0, 1, 2]
+            assert "auditing" in capsys.readouterr().err
+
+
+def test_a_piped_audit_writes_no_progress_bar(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fedleak", "audit", "--data", "digits", "--widths", "16",
+                           "--batch-sizes", "1", "--attack", "exclusivity", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "recovered" in proc.stdout

@@ -4,7 +4,8 @@
   Ray's log lines reach the console only with it; without it they are hidden for the whole command
   (:class:`Console`, read by sub-commands through :func:`is_verbose`).
 * One spelling and one description per shared option (``--data``, ``--widths``, ``--out``,
-  ``--quiet``): the help texts below, :func:`default_out` (``fedleak-<command>``) and :func:`int_list`.
+  ``--quiet``): the help texts below, :func:`default_out` (``fedleak-<command>``), :func:`int_list` and
+  :func:`progress_bar` (a bar only on a terminal).
 
 This module must stay cheap to import (``fedleak --help``): it imports no torch or numpy, and of fedleak only the
 errors and the built-in model catalog.
@@ -33,7 +34,7 @@ VERBOSE_HELP = "Show Python warnings and Flower's and Ray's log lines (hidden wi
 DATA_HELP = "Built-in data set name (see 'fedleak info') or a path to your data."
 WIDTHS_HELP = "Hidden layer widths of the fully connected ReLU model, comma-separated, e.g. 1024,512."
 OUT_HELP = "Folder for results.json and report.html (created when they are written)."
-QUIET_HELP = "No progress bar."
+QUIET_HELP = "No progress bar (one shows only when the console is a terminal)."
 WEIGHTS_HELP = ("Weights for the class or built-in model: a state dict as .safetensors, or a torch file of tensors "
                 "(read with weights_only; nothing is unpickled).")
 
@@ -101,6 +102,22 @@ def is_verbose(alias: bool = False) -> bool:
     if alias and current is not None:
         current.show_everything()
     return alias or (current is not None and current.verbose)
+
+
+def shows_progress(quiet: bool) -> bool:
+    """A progress bar only on a terminal: in a pipe or a log file its redrawn lines would be noise."""
+    import sys
+
+    return not quiet and sys.stderr.isatty()
+
+
+def progress_bar(quiet: bool, total: int, desc: str, unit: str):
+    """Wraps an iterable in a tqdm bar on stderr when :func:`shows_progress`, else None (no bar)."""
+    if not shows_progress(quiet):
+        return None
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, total=total, desc=desc, unit=unit, leave=False)
 
 
 def default_out(command: str) -> Path:

@@ -17,6 +17,7 @@ from fedleak.cli.app import (
     app,
     default_out,
     int_list,
+    progress_bar,
 )
 from fedleak.defenses.registry import defense_names
 from fedleak.errors import FedleakError
@@ -26,14 +27,6 @@ from fedleak.validation import check_output_dir, check_seed
 DEFENSE_HELP = ("Also audit clients running a defense: NAME or NAME:key=value,... (e.g. top-k:ratio=0.1; '+' combines "
                 "several into one client); repeatable, each one scenario named by its label. Defenses: "
                 f"{', '.join(defense_names())} ('fedleak info' says what each does).")
-
-
-def _progress(quiet: bool, total: int, desc: str):
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    return lambda it: tqdm(it, total=total, desc=desc, unit="batch", leave=False)
 
 
 def _print_summary(result, out_dir: Path) -> None:
@@ -83,7 +76,7 @@ def _run(settings, out: Path, quiet: bool) -> None:
 
     check_output_dir(out, OUTPUT_FILES)  # fail early on an unusable output folder; it is created only when writing
     total = len(settings.scenario_names) * len(settings.batch_sizes) * settings.trials
-    result = run_audit(settings, progress=_progress(quiet, total, f"auditing {settings.data}"))
+    result = run_audit(settings, progress=progress_bar(quiet, total, f"auditing {settings.data}", "batch"))
     write_audit(result, out)  # both files or neither
     _print_summary(result, out)
     sizes = result.reconstructable_batch_size()
@@ -156,7 +149,8 @@ def audit(
             raise FedleakError("--membership trains an MLP (--widths) or --model; drop --conv, --fishing and --split")
         from fedleak.audit.membership import MembershipAuditSettings
 
-        chosen = {} if membership_attacks is None else {"attacks": tuple(membership_attacks.replace(" ", "").split(","))}
+        chosen = ({} if membership_attacks is None
+                  else {"attacks": tuple(membership_attacks.replace(" ", "").split(","))})
         _run_membership(MembershipAuditSettings(**chosen,
             data=data, model=model, weights=None if weights is None else str(weights),
             widths=int_list(widths, "--widths", MAX_WIDTH), members=members, non_members=non_members,
@@ -169,7 +163,8 @@ def audit(
         batch_sizes=int_list(batch_sizes, "--batch-sizes"), trials=trials, seed=check_seed("--seed", seed),
         attack=attack, split=split,
         scenarios=("plain",) + (("fished",) if fishing else ()), defenses=tuple(defense or ()),
-        model=model, weights=None if weights is None else str(weights), budget=budget, conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
+        model=model, weights=None if weights is None else str(weights), budget=budget,
+        conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
     )
     _run(settings, out, quiet)
 

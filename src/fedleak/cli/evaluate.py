@@ -16,6 +16,7 @@ from fedleak.cli.app import (
     app,
     default_out,
     int_list,
+    progress_bar,
 )
 from fedleak.validation import check_output_dir, check_seed
 
@@ -61,11 +62,7 @@ def evaluate(
     )
     check_output_dir(out, OUTPUT_FILES)
     grid = settings.grid()
-    progress = None
-    if not quiet:
-        from tqdm import tqdm
-
-        progress = (lambda it: tqdm(it, total=2 * len(grid), desc="evaluating", unit="cell", leave=False))
+    progress = progress_bar(quiet, 2 * len(grid), "evaluating", "cell")
     result = evaluate(settings, out=out, progress=progress)
     write_evaluation(result, out)
     from fedleak.report.render import number, percent

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from fedleak.cli.app import MODEL_HELP, OUT_HELP, QUIET_HELP, WEIGHTS_HELP, app, default_out, int_list
+from fedleak.cli.app import (
+    MODEL_HELP,
+    OUT_HELP,
+    QUIET_HELP,
+    WEIGHTS_HELP,
+    app,
+    default_out,
+    int_list,
+    shows_progress,
+)
 from fedleak.validation import check_output_dir, check_seed
 
 OUTPUTS = ("reconstruction.npz", "results.json", "report.html")
@@ -25,7 +33,7 @@ def reconstruct_command(
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
-    quiet: bool = typer.Option(False, help=QUIET_HELP + " (It shows only on a terminal.)"),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Rebuild what a client's update reveals: reconstruction.npz, results.json and report.html."""
     import torch
@@ -38,10 +46,11 @@ def reconstruct_command(
     seed = check_seed("--seed", seed)
     torch.manual_seed(seed)
     loaded = load_model(model, weights=weights, seed=seed)
-    shape = (int_list(input_shape, "--input-shape") if input_shape else None) or loaded.input_shape or getattr(loaded.module, "input_shape", None)
+    shape = ((int_list(input_shape, "--input-shape") if input_shape else None) or loaded.input_shape
+             or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
     if attack == "auto":
-        options.update(budget=budget, progress=not quiet and sys.stderr.isatty(),
+        options.update(budget=budget, progress=shows_progress(quiet),
                        seed=seed)
     rec = fedleak.reconstruct(loaded.module, fedleak.load_update(update), attack=attack, **options)
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed)
