@@ -68,19 +68,6 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 # Memory, read from the kernel
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo; ``platform.processor()`` elsewhere, often empty): the speed
-    ratios depend on it (a float32 gradient gains more from wide vector units than float64 work does)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -227,6 +214,7 @@ def main() -> None:
         return
     import torch
 
+    from fedleak.nets.blas import cpu_model, torch_blas_preferred
     from fedleak.report.output import environment_info, write_json
 
     command = "python benchmarks/bench_speed.py" + " ".join(
@@ -241,6 +229,7 @@ def main() -> None:
         "models": [asdict(s) for s in grid],
         "machine": {"cpus": os.cpu_count(), "arch": platform.machine(), "processor": cpu_model(),
                     "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "float64_products": "torch's BLAS" if torch_blas_preferred() else "numpy's BLAS",
                     "load_average_start": os.getloadavg()},
         "malloc_env": MALLOC_ENV, "environment": environment_info(),
         "fishing": "fedleak.fish(model, x, y, solve_check=False)",

@@ -90,8 +90,10 @@ def write_doc(rows: list[dict], before: list[dict], meta: dict) -> None:
     machine = meta["machine"]
     cpu = ", ".join(str(v) for v in (machine.get("processor") or "CPU", machine["arch"],
                                      machine.get("torch_cpu_capability")) if v)
+    products = f", the float64 products on {machine['float64_products']}" if "float64_products" in machine else ""
     body = (f"_Measured {meta['date']} on {machine['cpus']} cores of an {cpu} CPU "
-            f"(load average {load} at the start), torch {meta['torch']} pinned to one thread; medians of "
+            f"(load average {load} at the start), torch {meta['torch']} pinned to one thread"
+            f"{products}; medians of "
             f"{meta['repeats']} interleaved repeats{rounds}; Fashion-MNIST unless a row names its data, seed "
             f"{meta['seed']}. Command: `{meta['command']}`._\n\n{table(rows, before)}")
     write_section("speed", body, "Speed of the exact attack")

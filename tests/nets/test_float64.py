@@ -7,12 +7,15 @@ import pytest
 import torch
 
 import fedleak
+import fedleak.nets.float64 as float64_module
 from fedleak.nets import as_network, forward_trace
 from fedleak.nets.float64 import (
     NARROW_ENTRIES,
     PIECE_ENTRIES,
     PIECE_ROWS,
+    TORCH_PIECE_ENTRIES,
     back64,
+    is_gram,
     linear64,
     matmul64,
     piece_rows,
@@ -57,7 +60,8 @@ def test_products_with_a_narrower_layer_equal_those_with_its_float64_copy():
     assert torch.allclose(back64(d, W64), d @ W64, rtol=1e-13, atol=1e-13)
 
 
-def test_pieces_are_small_next_to_the_layer_but_wide_layers_keep_their_rows():
+def test_pieces_are_small_next_to_the_layer_but_wide_layers_keep_their_rows(monkeypatch):
+    monkeypatch.setattr(float64_module, "torch_blas_preferred", lambda: False)
     assert piece_rows(1024, 784) == 128  # an eighth of the layer
     assert piece_rows(256, 784) == 32
     assert piece_rows(10, 784) == 16  # at least 16 rows
@@ -69,6 +73,16 @@ def test_pieces_are_small_next_to_the_layer_but_wide_layers_keep_their_rows():
     assert piece_rows(4096, 784, 17) == piece_rows(4096, 784)
     assert piece_rows(16, 784, 0) == 8  # at least 8 rows, at most an eighth of the layer
     assert piece_rows(1024, 25088, 0) == PIECE_ROWS  # a row of a wide layer alone fills the cache
+
+
+def test_products_on_torchs_blas_read_larger_pieces_whatever_their_width(monkeypatch):
+    monkeypatch.setattr(float64_module, "torch_blas_preferred", lambda: True)
+    for width in (1, 16, 17, 256):
+        assert piece_rows(4096, 784, width) == TORCH_PIECE_ENTRIES // 784
+        assert piece_rows(256, 784, width) == 32  # at most an eighth of the layer
+        assert piece_rows(16, 784, width) == 8
+        assert piece_rows(1024, 25088, width) == PIECE_ROWS  # a wide layer as on numpy's BLAS
+    assert piece_rows(4096, 784, 0) == NARROW_ENTRIES // 784  # a reduction: no BLAS, the same pieces
 
 
 def test_a_float64_trace_reads_float32_weights_exactly_as_their_float64_copy():
@@ -98,25 +112,53 @@ def test_a_trace_of_some_samples_is_theirs_in_the_whole_trace():
     assert forward_trace(net, X).samples(idx).deltas is None
 
 
-def test_products_on_numpy_equal_torchs_and_autograd_stays_with_torch():
+@pytest.mark.parametrize("torch_preferred", [False, True])
+def test_products_on_either_blas_are_equal_and_autograd_stays_with_torch(monkeypatch, torch_preferred):
+    """Whichever BLAS this CPU prefers takes the product (a Gram product ``A A^T`` always numpy's, which takes it as
+    one syrk); the values agree to rounding either way, and autograd's tensors stay with torch."""
+    monkeypatch.setattr(float64_module, "torch_blas_preferred", lambda: torch_preferred)
     gen = torch.Generator().manual_seed(3)
     A = torch.randn(40, 30, generator=gen, dtype=torch.float64)
     B = torch.randn(30, 7, generator=gen, dtype=torch.float64)
-    assert through_numpy(A, B)
+    assert through_numpy(A, B) is not torch_preferred
     assert torch.allclose(matmul64(A, B), A @ B, rtol=1e-13, atol=1e-13)
     out = torch.full((40, 7), float("nan"), dtype=torch.float64)
     assert matmul64(A, B.T.contiguous().T, out) is out  # a transposed factor, written into ``out``
     assert torch.allclose(out, A @ B, rtol=1e-13, atol=1e-13)
     W = torch.randn(40, 9, generator=gen)  # float32, read in pieces: each piece's product summed in float64
     assert torch.allclose(back64(A.T.contiguous(), W), A.T @ W.double(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(times64(W, B[:9]), W.double() @ B[:9], rtol=1e-13, atol=1e-13)
+    # a Gram product: numpy's syrk on either CPU, also for a row slice; B.T of another matrix is no Gram product
+    assert is_gram(A, A.T) and is_gram(A[5:20], A[5:20].T)
+    assert not is_gram(A, A.T.contiguous()) and not is_gram(A[:20], A[5:25].T) and not is_gram(A, B)
+    assert through_numpy(A, A.T, gram=True)
+    assert torch.allclose(matmul64(A, A.T), A @ A.T, rtol=1e-13, atol=1e-13)
     # a tensor that autograd tracks is multiplied by torch, and its gradient flows
     leaf = A.clone().requires_grad_(True)
-    assert not through_numpy(leaf, B)
+    assert not through_numpy(leaf, B) and not through_numpy(leaf, leaf.T, gram=True)
     matmul64(leaf, B).sum().backward()
     assert torch.allclose(leaf.grad, B.sum(1).expand(40, -1))
-    with torch.no_grad():  # nothing to record: numpy's BLAS, also for a tensor that requires a gradient
-        assert through_numpy(leaf, B)
+    with torch.no_grad():  # nothing to record: the preferred BLAS, also for a tensor that requires a gradient
+        assert through_numpy(leaf, B) is not torch_preferred
         assert torch.allclose(matmul64(leaf, B), A @ B, rtol=1e-13, atol=1e-13)
+
+
+def test_the_blas_choice_follows_the_cpu(monkeypatch):
+    """torch's BLAS (MKL) on an Intel CPU, numpy's elsewhere; the CPU read from /proc/cpuinfo where there is one."""
+    import os
+
+    from fedleak.nets import blas
+
+    if os.path.exists("/proc/cpuinfo"):
+        assert blas.cpu_field("vendor_id") and blas.cpu_model()
+    assert blas.cpu_field("no such field") == ""
+    for vendor, mkl, preferred in (("GenuineIntel", True, True), ("AuthenticAMD", True, False),
+                                   ("GenuineIntel", False, False)):
+        monkeypatch.setattr(blas, "cpu_field", lambda name, v=vendor: v if name == "vendor_id" else "")
+        monkeypatch.setattr(torch.backends.mkl, "is_available", lambda m=mkl: m)
+        blas.torch_blas_preferred.cache_clear()
+        assert blas.torch_blas_preferred() is preferred
+    blas.torch_blas_preferred.cache_clear()
 
 
 def test_a_float32_product_is_within_float32_rounding_of_the_exact_one(monkeypatch):

@@ -8,9 +8,9 @@ float64, which holds float32 values exactly (one exception: the joint test's ran
 convert a piece of rows at a time into one reused buffer (:func:`pieces64`; a fresh buffer per piece costs more
 in page faults than the conversion itself on a 25088-wide layer). A float64 matrix is used as it is.
 
-On the CPU the float64 products go through numpy's BLAS: for the narrow products of a layer with a few inputs
-(the pieces times 1 to 32 columns) it ran 1.2-2.5x faster than torch's (one thread, AMD EPYC; torch 2.13.0 with
-MKL, numpy 2 with OpenBLAS), and no slower on wider ones. Tensors that take part in autograd stay with torch.
+On the CPU a float64 product goes through numpy's BLAS or torch's, whichever :mod:`fedleak.nets.blas` found faster
+on this CPU (a Gram product ``A A^T`` always through numpy's, which takes it as one ``syrk``). Tensors that take
+part in autograd stay with torch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fedleak.nets.blas import torch_blas_preferred
+
 F64 = torch.float64
 PIECE_ENTRIES = 1 << 19  # float64 entries of a layer converted at once (4 MiB), at most an eighth of the layer ...
 PIECE_ROWS = 128  # ... or this many rows of a wide layer (a product then reads its other factor fewer times)
@@ -28,6 +30,7 @@ NARROW = 16  # a reduction, or a product with at most this many columns, reads p
 NARROW_ENTRIES = 1 << 16  # ... at most this many float64 entries (512 KiB) and PIECE_ENTRIES / columns: the piece
 # is still in cache when it is read ...
 NARROW_COLS = 2 * WIDE  # ... of a layer at most this wide (a row of a wider one is most of that already)
+TORCH_PIECE_ENTRIES = 1 << 17  # float64 entries of a layer in one product on torch's BLAS (1 MiB)
 
 
 def rows64(G: torch.Tensor, rows) -> torch.Tensor:
@@ -53,12 +56,16 @@ def pieces64(G: torch.Tensor, width: int = 0) -> Iterator[tuple[int, torch.Tenso
 def piece_rows(rows: int, cols: int, width: int = NARROW + 1) -> int:
     """How many rows of a ``rows x cols`` layer :func:`pieces64` converts at once for a product with ``width``
     columns (0: a reduction): at most ``PIECE_ENTRIES`` entries and an eighth of the layer (the buffer stays small
-    next to the layer itself), but ``PIECE_ROWS`` rows of a wide layer, and at least 16. A reduction or a product
-    of at most ``NARROW`` columns reads at most ``NARROW_ENTRIES`` and ``PIECE_ENTRIES / width`` entries at a time
-    (at least 8 rows): converted and read while in cache, the pieces cost up to half as much as larger ones (a
-    4096 x 784 float32 layer's row norms: 1.5 against 2.8 ms; its product with 16 columns: 3.6 against 5.0 ms;
-    one thread, Intel Xeon with AVX-512, torch 2.13.0, numpy's OpenBLAS), where a wider product gains from
-    reading its other factor fewer times."""
+    next to the layer itself), but ``PIECE_ROWS`` rows of a wide layer, and at least 16. A reduction, or a product
+    of at most ``NARROW`` columns on numpy's BLAS, reads at most ``NARROW_ENTRIES`` and ``PIECE_ENTRIES / width``
+    entries at a time (at least 8 rows): converted and read while in cache, the pieces cost up to half as much as
+    larger ones (a 4096 x 784 float32 layer's row norms: 1.5 against 2.8 ms; its product with 16 columns: 3.6
+    against 5.0 ms; one thread, Intel Xeon with AVX-512, torch 2.13.0, numpy's OpenBLAS), where a wider product
+    gains from reading its other factor fewer times. A product on torch's BLAS (MKL, which costs more per call)
+    reads ``TORCH_PIECE_ENTRIES`` at a time, whatever its width (that layer times 16 columns: 2.5 against 3.1 ms
+    in the pieces for numpy's BLAS; times 1 to 256 columns no slower)."""
+    if 0 < width and cols < WIDE and torch_blas_preferred():
+        return max(8, min(TORCH_PIECE_ENTRIES // max(cols, 1), -(-rows // 8)))
     if width <= NARROW and cols <= NARROW_COLS:
         entries = min(NARROW_ENTRIES, PIECE_ENTRIES // max(width, 1))
         return max(8, min(entries // max(cols, 1), -(-rows // 8)))
@@ -74,14 +81,22 @@ def row_norms64(G: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return torch.cat([piece.norm(dim=1) for _, piece in pieces64(G, 0)])
 
 
-def through_numpy(*tensors: torch.Tensor) -> bool:
-    """Whether a product of these tensors runs on numpy's BLAS: on the CPU, outside autograd."""
-    return all(t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
+def through_numpy(*tensors: torch.Tensor, gram: bool = False) -> bool:
+    """Whether a product of these tensors runs on numpy's BLAS: on the CPU, outside autograd, where numpy's BLAS is
+    the faster one (:func:`~fedleak.nets.blas.torch_blas_preferred`) or the product is a Gram product."""
+    return (gram or not torch_blas_preferred()) and all(
+        t.device.type == "cpu" and not (t.requires_grad and torch.is_grad_enabled()) for t in tensors)
+
+
+def is_gram(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether ``B`` is ``A.T`` (the same memory, transposed): ``A @ B`` is then a Gram product."""
+    return (A.dim() == B.dim() == 2 and A.data_ptr() == B.data_ptr() and A.shape == B.T.shape
+            and A.stride() == B.T.stride())
 
 
 def matmul64(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``A @ B`` (float64), into ``out`` where given: on numpy's BLAS where :func:`through_numpy` allows."""
-    if not through_numpy(A, B):
+    """``A @ B`` (float64), into ``out`` where given: on numpy's BLAS where :func:`through_numpy` says so."""
+    if not through_numpy(A, B, gram=is_gram(A, B)):
         return torch.matmul(A, B, out=out) if out is not None else A @ B
     a, b = A.detach().numpy(), B.detach().numpy()  # outside autograd: nothing to record
     if out is None:
