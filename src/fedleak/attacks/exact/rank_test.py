@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fedleak.nets import Trace
-from fedleak.nets.float64 import PIECE_ENTRIES, back64, pieces64
+from fedleak.nets.float64 import PIECE_ENTRIES, back64, matmul64, pieces64
 
 F64 = torch.float64
 
@@ -218,8 +218,5 @@ def residual_gram(OS: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.T
 
 
 def symmetric_product(Y: torch.Tensor) -> torch.Tensor:
-    """``Y^T Y``; on the CPU by numpy, whose BLAS call for it is a symmetric rank-k update (half the work)."""
-    if Y.device.type != "cpu":
-        return Y.T @ Y
-    Yn = Y.numpy()
-    return torch.from_numpy(Yn.T @ Yn)
+    """``Y^T Y``; on the CPU a Gram product on numpy's BLAS, a symmetric rank-k update (half the work)."""
+    return matmul64(Y.T, Y)
