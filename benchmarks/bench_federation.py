@@ -36,7 +36,6 @@ from collections.abc import Iterator
 
 from fedleak.federation import FederationSettings, run_federation
 
-
 HEAD = """
 import sys, ray
 ray.init(num_cpus=int(sys.argv[2]), num_gpus=0, include_dashboard=False, _temp_dir=sys.argv[1], logging_level="ERROR")

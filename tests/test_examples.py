@@ -23,9 +23,9 @@ def example_app(monkeypatch):
 
 
 def test_the_example_app_runs_on_the_simulation_engine(example_app, tmp_path, monkeypatch, ray_cluster):
+    from auditapp import client_app, server_app, task
     from flwr.simulation import run_simulation
 
-    from auditapp import client_app, server_app, task
     from fedleak.federation.run import isolated_environment, shutdown_ray
 
     assert "AuditFedAvg(" in (APP / "auditapp" / "server_app.py").read_text()  # the one line

@@ -38,7 +38,9 @@ def reconstruct(
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
     if kind not in info.update_kinds:
-        raise FedleakError(f"attack '{attack}' does not run on {kind} updates (it takes: {', '.join(info.update_kinds)})")
+        raise FedleakError(
+            f"attack '{attack}' does not run on {kind} updates (it takes: {', '.join(info.update_kinds)})"
+        )
     start = time.perf_counter()
     result = info.run(model, update, **options)
     return replace(result, seconds=time.perf_counter() - start)

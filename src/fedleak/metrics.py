@@ -264,8 +264,8 @@ def match(
     assignment that maximises the number of (exact, right label) pairs and then minimises MSE, so that
     neither an uncertified candidate nor a wrong certified one can push a sound certified sample off its
     original; then the uncertified ones, by MSE, to the originals left. Samples the attack found but could
-    not rebuild (``SampleRecovery.rebuilt`` False: their rows hold zeros) are never paired. Unmatched originals (the attack
-    found fewer samples) get NaN scores and ``matched = -1``.
+    not rebuild (``SampleRecovery.rebuilt`` False: their rows hold zeros) are never paired. Unmatched originals
+    (the attack found fewer samples) get NaN scores and ``matched = -1``.
 
     Certificates: each certified reconstruction is credited with the original it is paired with when it
     is exact to it with the right label; every other certified reconstruction (more certified than
@@ -406,8 +406,8 @@ def match(
                            f"(max abs error {err_c[k, i]:.3g}) has label {int(true_y[i])}")
         else:
             i = int(np.nonzero(valid_c[k])[0][0])
-            reasons.append(f"certified reconstruction #{j} is a second certified copy of original #{i}, already claimed "
-                           f"by certified reconstruction #{claimed_by.get(i, -1)}")
+            reasons.append(f"certified reconstruction #{j} is a second certified copy of original #{i}, "
+                           f"already claimed by certified reconstruction #{claimed_by.get(i, -1)}")
     return MatchResult(
         matched, out_mse, out_psnr, out_ssim, out_max, label_ok, certified, acc, out_allowed,
         data_range=(lo, hi), exact_tol=tol, n_certified=n_cert, false_certificates=int(false_c.sum()),

@@ -22,12 +22,16 @@ class BatchTransform(Protocol):
     the model. The server's attack never sees what a transform returns, only the resulting update.
     """
 
-    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
 class Identity:
     """The transform of an honest client: the batch as it is."""
 
-    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return inputs, labels

@@ -163,7 +163,8 @@ def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> G
         raise UpdateError("expected a gradient update, got a WeightUpdate")
     if isinstance(update, Mapping):
         return GradientUpdate(update)
-    raise UpdateError(f"an update must be a GradientUpdate, a WeightUpdate or a dict of tensors; got {type(update).__name__}")
+    raise UpdateError("an update must be a GradientUpdate, a WeightUpdate or a dict of tensors; "
+                      f"got {type(update).__name__}")
 
 
 def is_soft(labels: torch.Tensor) -> bool:

@@ -47,13 +47,16 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
         BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
-        ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)", takes_defense=True)),
+        ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)",
+        takes_defense=True)),
     CatalogEntry("dlm+", "fedleak.attacks.dlm", AttackSpec(
-        ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)", takes_defense=True)),
+        ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)",
+        takes_defense=True)),
     CatalogEntry("dlg", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS", takes_defense=True)),
     CatalogEntry("idlg", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS", takes_defense=True)),
     CatalogEntry("ig", "fedleak.attacks.inversion.attacks", AttackSpec(
-        BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts", takes_defense=True)),
+        BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts",
+        takes_defense=True)),
 )

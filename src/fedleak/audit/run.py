@@ -245,8 +245,8 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
     if settings.conv:
         from fedleak.models.convnet import make_convnet
 
-        return make_convnet(data.input_shape, data.num_classes, channels=settings.conv, fc_widths=settings.widths, padding=1,
-                            bias=settings.bias, seed=settings.seed)
+        return make_convnet(data.input_shape, data.num_classes, channels=settings.conv, fc_widths=settings.widths,
+                            padding=1, bias=settings.bias, seed=settings.seed)
     return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
 
 

@@ -40,7 +40,9 @@ class Dataset:
         try:
             lo, hi = (float(v) for v in self.value_range)
         except (TypeError, ValueError):
-            raise DataError(f"{self.name}: value_range must be two numbers (low, high), got {self.value_range!r}") from None
+            raise DataError(
+                f"{self.name}: value_range must be two numbers (low, high), got {self.value_range!r}"
+            ) from None
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise DataError(f"{self.name}: value_range must be finite with low < high, got ({lo:g}, {hi:g})")
         object.__setattr__(self, "value_range", (lo, hi))

@@ -132,7 +132,9 @@ def _upload_path(folder: str | Path, server_round: int, node_id: int) -> Path:
     return Path(folder) / UPLOADS / f"r{int(server_round)}-n{int(node_id)}.safetensors"
 
 
-def write_exact_upload(folder: str | Path, server_round: int, node_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
+def write_exact_upload(
+    folder: str | Path, server_round: int, node_id: int, tensors: Mapping[str, torch.Tensor]
+) -> None:
     """Client side (evaluation only): store the upload before SecAgg+ quantizes and masks it."""
     from safetensors.torch import save
 

@@ -47,8 +47,9 @@ class Quantization:
 
     def to_dict(self) -> dict[str, object]:
         return {"clipping_range": self.clipping_range, "quantization_range": self.quantization_range,
-                "max_weight": self.max_weight, "error_bound": json_float(self.bound), "max_error": json_float(self.max_error),
-                "relative_error": json_float(self.relative_error), "clipped_entries": self.clipped}
+                "max_weight": self.max_weight, "error_bound": json_float(self.bound),
+                "max_error": json_float(self.max_error), "relative_error": json_float(self.relative_error),
+                "clipped_entries": self.clipped}
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 Each train message carries the global (or server-modified) weights under ``"arrays"`` and, under
 ``"config"``, the run's :class:`~fedleak.federation.settings.FederationSettings` as JSON
-(``"fedleak-settings"``) plus ``"server-round"``. The reply holds the new weights (``upload="weights"``, FedAvg) or the change
-``before - after`` (``upload="delta"``, FedSGD-style, the default) under ``"arrays"``, and ``"metrics"``
-with ``"num-examples"``.
+(``"fedleak-settings"``) plus ``"server-round"``. The reply holds the new weights (``upload="weights"``,
+FedAvg) or the change ``before - after`` (``upload="delta"``, FedSGD-style, the default) under ``"arrays"``,
+and ``"metrics"`` with ``"num-examples"``.
 
 Defenses Flower realises itself (``local-dp``: ``LocalDpMod``; ``central-dp``: ``fixedclipping_mod``; the
 registry :mod:`fedleak.federation.flower_native`) run as those Flower mods: :func:`defense_mods`, the first mod

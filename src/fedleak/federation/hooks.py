@@ -88,7 +88,8 @@ def _imprint(model: nn.Module, server_round: int, settings: FederationSettings, 
 
     if len(split.public_x) < 2:
         raise FedleakError("the imprint threat needs public data for its quantiles (public_size >= 2)")
-    return imprint_weights(model, split.public_x, settings.imprint_bins or None, seed=settings.seed * 1000 + server_round)
+    return imprint_weights(model, split.public_x, settings.imprint_bins or None,
+                           seed=settings.seed * 1000 + server_round)
 
 
 register_threat(Threat("honest", "honest-but-curious server: only looks at the updates (exclusivity attack)",

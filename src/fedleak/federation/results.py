@@ -194,8 +194,9 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
-            "round": self.round, "test_accuracy": json_float(self.test_accuracy), "test_loss": json_float(self.test_loss),
-            "seconds": json_float(self.seconds), "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
+            "round": self.round, "test_accuracy": json_float(self.test_accuracy),
+            "test_loss": json_float(self.test_loss), "seconds": json_float(self.seconds),
+            "clients_ok": self.clients_ok, "clients_skipped": self.clients_skipped}
         if self.round:
             out["sampled"] = list(self.sampled)
             out.update(self.audit.to_dict() if self.audit is not None else dict.fromkeys(ROUND_AUDIT_KEYS))

@@ -305,6 +305,7 @@ def with_aggregates(result: FederationResult, audit: SecAggAudit) -> FederationR
     records = tuple(audit.aggregates())
     by_round = {r.round: r for r in records}
     rounds = tuple(dataclasses.replace(r, clients_ok=len(by_round[r.round].shares),
-                                       clients_skipped=len(audit.sampled.get(r.round, ())) - len(by_round[r.round].shares))
+                                       clients_skipped=(len(audit.sampled.get(r.round, ()))
+                                                        - len(by_round[r.round].shares)))
                    if r.round in by_round else r for r in result.rounds)
     return dataclasses.replace(result, rounds=rounds, aggregates=records)

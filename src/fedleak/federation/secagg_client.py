@@ -9,10 +9,11 @@ of the reply; any other message goes straight to the app. Flower's SecAgg+ workf
 mods of the run's defenses) then act on the upload before it is masked.
 
 The server puts into each client's fit config the parameter names (``"secagg-names"``, the legacy format has none),
-the dtype to upload in (``"secagg-dtype"``: Flower quantizes in it) and a seed (``"secagg-seed"``) for numpy's global generator, which Flower's stochastic rounding draws from, so a
-run is reproducible. Evaluation only: when the config names a folder (``"secagg-eval-only-dir"``, ``fedleak
-federate``'s private temp folder), the client also writes its exact upload there, before it is quantized, so the
-scorer can measure SecAgg+'s error (:mod:`fedleak.federation.aggregate_audit`); it never enters a Flower message.
+the dtype to upload in (``"secagg-dtype"``: Flower quantizes in it) and a seed (``"secagg-seed"``) for numpy's
+global generator, which Flower's stochastic rounding draws from, so a run is reproducible. Evaluation only: when
+the config names a folder (``"secagg-eval-only-dir"``, ``fedleak federate``'s private temp folder), the client
+also writes its exact upload there, before it is quantized, so the scorer can measure SecAgg+'s error
+(:mod:`fedleak.federation.aggregate_audit`); it never enters a Flower message.
 """
 
 from __future__ import annotations

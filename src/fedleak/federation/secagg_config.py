@@ -16,8 +16,9 @@ of the weights. So the aggregate the server sees carries two errors on top of fl
 Flower's defaults (``clipping_range`` 8, ``T = 2**22``, ``max_weight`` 1000) are made for weights of order 1; on
 a one-step change of a few 1e-3 they leave a relative error of about 1e-2, which is far above what an exact
 reconstruction tolerates. Flower quantizes in the upload's dtype: with float32 uploads the error per entry is at
-least about ``3e-7 * clipping_range`` whatever ``T`` is (``upload_dtype`` float64 lifts that floor). The sum must not wrap around the modulus: ``n * T * max(1, num_examples / max_weight)
-< 2**32`` for ``n`` clients (checked here for one-step rounds, where ``num_examples`` is the batch size).
+least about ``3e-7 * clipping_range`` whatever ``T`` is (``upload_dtype`` float64 lifts that floor). The sum
+must not wrap around the modulus: ``n * T * max(1, num_examples / max_weight) < 2**32`` for ``n`` clients
+(checked here for one-step rounds, where ``num_examples`` is the batch size).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class SecAggConfig:
         if not (isinstance(self.max_weight, (int, float)) and math.isfinite(self.max_weight) and self.max_weight > 0):
             raise OptionError(f"secagg max_weight must be a positive number, got {self.max_weight!r}")
         if self.upload_dtype not in UPLOAD_DTYPES:
-            raise OptionError(f"secagg upload dtype must be one of {', '.join(UPLOAD_DTYPES)}, got {self.upload_dtype!r}")
+            raise OptionError(f"secagg upload dtype must be one of {', '.join(UPLOAD_DTYPES)}, "
+                              f"got {self.upload_dtype!r}")
         q = self.quantization_range
         if not _is_int(q) or not 0 < q <= INT32_LIMIT:
             raise OptionError(f"secagg quantization_range must be a whole number in [1, {INT32_LIMIT}] "

@@ -3,8 +3,9 @@
 :func:`build_strategy` makes the :class:`~fedleak.federation.strategy.AuditFedAvg` for a run's
 settings (threat model: what the server sends and which attack it runs, given the clients' defenses so that a
 defense-aware attack can model them; wrapped in the server wrappers of the Flower-native defenses, e.g.
-``DifferentialPrivacyClientSideFixedClipping`` for ``central-dp``: :mod:`fedleak.federation.flower_native`). :func:`make_server_app`
-wraps it in a ServerApp whose ``main`` evaluates the global model on the held-out test set each round.
+``DifferentialPrivacyClientSideFixedClipping`` for ``central-dp``: :mod:`fedleak.federation.flower_native`).
+:func:`make_server_app` wraps it in a ServerApp whose ``main`` evaluates the global model on the held-out test
+set each round.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.federation.audit_pool import check_pool_options
 from fedleak.federation.flower_native import check_native_order, needs_weight_upload
-from fedleak.federation.secagg_config import SecAggConfig, check_secagg
 from fedleak.federation.runtimes import get_runtime
+from fedleak.federation.secagg_config import SecAggConfig, check_secagg
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ class FederationSettings:
         if needs_weight_upload(stack):
             object.__setattr__(self, "upload", "weights")
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
-        object.__setattr__(self, "transform_options", tuple((str(k), v) for k, v in dict(self.transform_options).items()))
+        object.__setattr__(self, "transform_options",
+                           tuple((str(k), v) for k, v in dict(self.transform_options).items()))
         checks = [
             (self.clients >= 1, f"clients must be at least 1, got {self.clients}"),
             (self.rounds >= 1, f"rounds must be at least 1, got {self.rounds}"),

@@ -27,7 +27,9 @@ class FishingTransform:
         self.options = FishingOptions.from_kwargs(**options)
         self.last_result: FishingResult | None = None
 
-    def __call__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         result = fish(model, inputs, labels, options=self.options)
         self.last_result = result
         return result.inputs, labels

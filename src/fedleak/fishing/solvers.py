@@ -187,7 +187,8 @@ def _ortools_solve(engine, lb, ub, cost, maximize, A, row_lo, row_hi, time_limit
     solver.set_time_limit_in_seconds(time_limit)
     if engine == "pdlp":
         solver.set_solver_specific_parameters(
-            "termination_criteria { simple_optimality_criteria { eps_optimal_relative: 1e-9 eps_optimal_absolute: 1e-10 } }")
+            "termination_criteria { simple_optimality_criteria { "
+            "eps_optimal_relative: 1e-9 eps_optimal_absolute: 1e-10 } }")
     st = solver.solve(model)
     secs = time.perf_counter() - start
     if st == mb.SolveStatus.OPTIMAL:

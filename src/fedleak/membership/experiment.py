@@ -35,8 +35,8 @@ class MembershipSettings:
     (each on ``members`` of them drawn at random, or on half when there are no more than ``members``), all
     disjoint and drawn at random from ``seed``; the target's training (an MLP of
     hidden ``widths``, or the user's ``model`` spec starting from ``weights`` when given, see
-    :class:`~fedleak.membership.training.TrainingRecipe`; ``epochs`` of SGD at ``lr`` in mini-batches of ``batch_size``, each step through
-    ``defense``); and the ``attacks`` (names, or attacks built with options)."""
+    :class:`~fedleak.membership.training.TrainingRecipe`; ``epochs`` of SGD at ``lr`` in mini-batches of
+    ``batch_size``, each step through ``defense``); and the ``attacks`` (names, or attacks built with options)."""
 
     data: str = "fashion-mnist-train"
     members: int = 500

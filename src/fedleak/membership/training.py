@@ -22,8 +22,9 @@ from fedleak.validation import check_seed, output_features, validate_fields
 class TrainingRecipe:
     """A model and how it is trained: an MLP of hidden ``widths`` on inputs of ``input_shape`` with
     ``num_classes`` outputs, or the user's ``model`` (a spec :func:`fedleak.models.zoo.load_model` reads: a
-    built-in name or ``path/to/file.py:Class``, starting from ``weights`` when given), ``epochs`` passes of plain SGD at ``lr`` over shuffled mini-batches of
-    ``batch_size``, each step's gradient through ``defense`` (a defense spec such as
+    built-in name or ``path/to/file.py:Class``, starting from ``weights`` when given), ``epochs`` passes of
+    plain SGD at ``lr`` over shuffled mini-batches of ``batch_size``, each step's gradient through ``defense``
+    (a defense spec such as
     ``"dp-sgd:noise_multiplier=1.0,max_grad_norm=1.0"``; ``"none"``: plain autograd), and ``delta`` for the
     privacy accountant."""
 

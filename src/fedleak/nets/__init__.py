@@ -14,5 +14,5 @@ from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Resha
 from fedleak.nets.network import Network, Step
 from fedleak.nets.ops import CONVERTERS, Op, converts
 
-__all__ = ["as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace", "forward_trace", "Layer", "Dense",
-           "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Op", "CONVERTERS", "converts"]
+__all__ = ["as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace", "forward_trace",
+           "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Op", "CONVERTERS", "converts"]

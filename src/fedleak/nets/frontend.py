@@ -157,7 +157,8 @@ def _what(node: fx.Node, module: nn.Module | None) -> str:
         return f".{node.target}()"
     fn = node.target
     mod = getattr(fn, "__module__", None) or ""
-    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator."}.get(mod, f"{mod}." if mod else "")
+    prefix = {"torch.nn.functional": "F.", "torch": "torch.", "_operator": "operator."}.get(
+        mod, f"{mod}." if mod else "")
     return f"{prefix}{getattr(fn, '__name__', str(fn))}"
 
 
@@ -183,7 +184,8 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
         raise ModelError(f"the model's forward takes {len(placeholders)} inputs; fedleak's exact methods need one "
                          "(the batch)")
     # ops that compute tensors; shape queries (x.size(0), x.shape[0]) only feed the arguments of a reshape
-    ops = [n for n in nodes if n.op in ("call_module", "call_function", "call_method") and n.meta.get("shape") is not None]
+    ops = [n for n in nodes
+           if n.op in ("call_module", "call_function", "call_method") and n.meta.get("shape") is not None]
     output = next(n for n in nodes if n.op == "output")
     steps: list[Step] = []
     previous = placeholders[0]

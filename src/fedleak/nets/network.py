@@ -159,7 +159,8 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
         raise ModelError("the model has no Linear layer after its last conv block; fedleak's exact methods read "
                          "the logits from a Linear layer")
     if expect_dense:
-        raise ModelError(f"the model must end with a Linear layer (the logits); it ends with node '{steps[-1].layer.name}'")
+        raise ModelError("the model must end with a Linear layer (the logits); "
+                         f"it ends with node '{steps[-1].layer.name}'")
     check_num_classes(dense[-1].out_features, f"the output layer '{dense[-1].name}'")
     head = ReluMLP(tuple(dense), None if blocks else input_shape)
     return Network(input_shape, tuple(steps), tuple(blocks), head, notes)

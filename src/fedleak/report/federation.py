@@ -187,7 +187,8 @@ def _figures(result: FederationResult, records: list[ClientRecord]) -> tuple[Fig
     if result.membership:  # the server's membership inference: one ROC figure per round
         from fedleak.federation.membership import membership_roc_uris
 
-        figures.extend(Figure(uri, "membership ROC", caption) for caption, uri in membership_roc_uris(result.membership))
+        figures.extend(Figure(uri, "membership ROC", caption)
+                       for caption, uri in membership_roc_uris(result.membership))
     return tuple(figures)
 
 

@@ -107,7 +107,8 @@ def direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tenso
 
 
 def fit_scales(
-    net: ReluMLP, W, b, layer: int, U: torch.Tensor, cdir: torch.Tensor, labels: torch.Tensor, members: list[torch.Tensor]
+    net: ReluMLP, W, b, layer: int, U: torch.Tensor, cdir: torch.Tensor, labels: torch.Tensor,
+    members: list[torch.Tensor],
 ) -> torch.Tensor:
     """Bias-free layer: for each candidate direction ``U[k]`` find ``alpha`` so that the loss vector of
     ``alpha * U[k]`` is parallel to the output-layer column direction ``cdir[k]``. NaN where none fits.

@@ -307,7 +307,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         ok = k in certified
         if ok:
             reason = ("the rebuilt batch reproduces the whole observed gradient" if batch_ok and short[k] is not None
-                      else "explains its exclusive gradient rows at every layer, jointly with the other certified samples")
+                      else "explains its exclusive gradient rows at every layer, jointly with the other certified "
+                      "samples")
         else:
             reason = reasons[k] or "left out of the certified set"
         recs.append(SampleRecovery(label=c.label, certified=ok, reason=reason, witnesses=f.counts,

@@ -214,15 +214,18 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the activation pattern did not settle")
     fwd = blk.forward(torch.from_numpy(x)[None].to(blk.conv.module.weight.device), F64).reshape(-1).cpu().numpy()
     res_all = np.abs(fwd - out)
-    if float(res_all.max()) > opts.forward_tol * max(float(np.abs(out).max()), 1e-300) + float(out_err.max()) + min(out_err2, practical):
-        return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the solved input does not reproduce the block output")
+    if float(res_all.max()) > (opts.forward_tol * max(float(np.abs(out).max()), 1e-300) + float(out_err.max())
+                               + min(out_err2, practical)):
+        return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n,
+                          "the solved input does not reproduce the block output")
     sigma = system.sigma_lower()
     if not opts.gordan or sigma <= 0 or not np.isfinite(out_err2):
         return BlockSolve(x, False, math.inf, sigma, len(q_idx), n, "pooled block solved, uniqueness not proven")
     lam, vnorm = gordan(system.J)
     if lam is None or vnorm >= sigma:
         return BlockSolve(x, False, math.inf, sigma, len(q_idx), n,
-                          "pooled block solved, but its rows do not positively span the input space (uniqueness unproven)")
+                          "pooled block solved, but its rows do not positively span the input space "
+                          "(uniqueness unproven)")
     rnd = rounding_bound(blk, x, opts)
     rnd_q = (blk.pool_matrix[q_idx] @ rnd) if blk.pool.kind == "avg" else rnd[pick]
     rho = res_all[q_idx] + out_err[q_idx] + rnd_q

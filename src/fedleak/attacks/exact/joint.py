@@ -151,7 +151,8 @@ class WitnessConflicts:
         depth = attack.net.depth
         dev = weights.device
         self.Q = torch.zeros(n, n, dtype=F64, device=dev)
-        vnorm = [(a**2).sum(1) + (1.0 if attack.g[i] is not None else 0.0) for i, a in enumerate(t64.activations[:depth])]
+        vnorm = [(a**2).sum(1) + (1.0 if attack.g[i] is not None else 0.0)
+                 for i, a in enumerate(t64.activations[:depth])]
         enorm = t64.loss_vectors.norm(dim=1)
         w = weights.abs()
         inside = sorted(set(range(n)) if among is None else set(among))

@@ -12,9 +12,10 @@ A network is conv blocks (none for an MLP) followed by a dense ReLU head. The st
    Where a block is underdetermined the input is rebuilt by feature matching, uncertified.
 4. **Certificate** (:mod:`~fedleak.attacks.exact.certificate`), on the features. Below conv blocks a sample is
    certified only when, in addition, every block was solved uniquely with a chained error bound of at most
-   ``max_error`` of the data range (the certificate states that bound) and the rebuilt input reproduces the features; when every sample of the batch is rebuilt and
-   uniquely solved, the whole recomputed gradient (every parameter, real autograd) must reproduce the observed
-   one, which also certifies samples with a single witness in the head.
+   ``max_error`` of the data range (the certificate states that bound) and the rebuilt input reproduces the
+   features; when every sample of the batch is rebuilt and uniquely solved, the whole recomputed gradient
+   (every parameter, real autograd) must reproduce the observed one, which also certifies samples with a single
+   witness in the head.
 
 Under a client defense (option ``defense``) the certificate models what it can (per-sample clipping with a known
 bound, a common unknown scale) and otherwise certifies nothing and says why
@@ -344,6 +345,7 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
     for k in exact:
         if not records[k].certified:
             records[k] = replace(records[k], certified=True, reason="the rebuilt batch reproduces the whole observed "
-                                 f"gradient (conv layers solved uniquely; proven error bound {walk.chains[k].bound:.1e})")
+                                 "gradient (conv layers solved uniquely; proven error bound "
+                                 f"{walk.chains[k].bound:.1e})")
     return True
 

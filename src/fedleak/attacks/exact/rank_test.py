@@ -96,7 +96,8 @@ class JointTest:
     """
 
     def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, slack: int,
-                 seed: int = 20_261_201, corrections: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None):
+                 seed: int = 20_261_201,
+                 corrections: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None):
         """``weights`` are the samples' scales ``s_k``; ``slack`` how far below ``M`` the tested sets may shrink
         (the sketch keeps ``2 (r + 1) + 8`` columns for the largest rank ``r = M - |set|`` tested, at most ``M``);
         ``corrections`` = (``eps`` per sample, backward signals of the one-hot vectors, one-hot vectors):

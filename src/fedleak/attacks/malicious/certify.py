@@ -188,7 +188,8 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts
         r = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, (o - s[owner] * p) ** 2)
         r = r / oo
         if oc is not None:  # both parts must fit, each relative to its own size
-            rc = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, ((oc - s[owner, None] * pc) ** 2).sum(1)) / cc
+            rc = torch.zeros(n, dtype=F64, device=dev).index_add_(
+                0, owner, ((oc - s[owner, None] * pc) ** 2).sum(1)) / cc
             r = torch.maximum(r, rc)
         valid = (pp > 0).cpu()
         fits[valid.numpy(), y] = s.cpu()[valid].numpy()

@@ -101,7 +101,8 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
         same = (W0 - W0[0]).abs().amax(1) <= 1e-7 * float(W0[0].abs().max().clamp_min(1e-300))
         bins = int(same.int().cumprod(0).sum())
     if not 2 <= bins <= W0.shape[0]:
-        raise ModelError("the model's first layer holds no imprint bins (see fedleak.attacks.malicious.imprint_weights)")
+        raise ModelError("the model's first layer holds no imprint bins "
+                         "(see fedleak.attacks.malicious.imprint_weights)")
     order = torch.argsort(-b0[:bins])  # thresholds c_i = -b_i ascending
     G, g, nG, ng = G[:bins][order], g[:bins][order], nG[:bins][order], ng[:bins][order]
     idx = order.tolist()
