@@ -114,7 +114,7 @@ class ConvGram:
         by_base: dict[int, list[TapPair]] = {}
         for g in self.groups:
             by_base.setdefault(g.base, []).append(g)
-        self.offsets = tuple(tuple(gs) for gs in by_base.values())
+        self.offsets = tuple(PixelOffset(tuple(gs), band_writes(gs[0])) for gs in by_base.values())
         self.bandwidth = int(max(int(g.diff.max()) for g in self.groups))
         self.positions = Ho * Wo
         self.order = pixel_major_order(in_shape)
@@ -138,11 +138,47 @@ class ConvGram:
                  torch.from_numpy(per_pair))  # on the CPU's faster BLAS (fedleak.nets.blas)
         per_pair = per_pair.reshape(-1, Ho, Wo)
         ab = work_array(("band", self), (H, W, C, self.bandwidth + 1))
-        for groups in self.offsets:
-            acc = np.zeros((len(groups[0].c2), H, W))
-            for g in groups:
+        for offset in self.offsets:
+            acc = work_array(("band offset", self), (len(offset.pairs[0].c2), H, W))
+            acc.fill(0.0)
+            for g in offset.pairs:
                 ny, nx = g.oy.stop - g.oy.start, g.ox.stop - g.ox.start
                 rows, cols = slice(g.y, g.y + sy * (ny - 1) + 1, sy), slice(g.x, g.x + sx * (nx - 1) + 1, sx)
                 acc[:, rows, cols] += per_pair[g.cols, g.oy, g.ox]
-            ab[:, :, groups[0].c2, groups[0].diff] = acc.transpose(1, 2, 0)
+            for write in offset.writes:
+                ab[:, :, write.channel, write.band] = acc[write.rows].transpose(1, 2, 0)
         return ab.reshape(self.n, self.bandwidth + 1).T
+
+
+@dataclass(frozen=True)
+class BandWrite:
+    """The rows ``rows`` of a pixel offset's summed products (one per channel pair) that land in the band rows
+    ``band`` (a contiguous run) of input channel ``channel``'s column: a slice write to the band, where one fancy-
+    indexed write of every channel pair at once costs several times as much."""
+
+    rows: slice | np.ndarray
+    channel: int
+    band: slice
+
+
+@dataclass(frozen=True)
+class PixelOffset:
+    """The tap pairs of one pixel offset (their products are summed per pixel) and the band writes of the sum."""
+
+    pairs: tuple[TapPair, ...]
+    writes: tuple[BandWrite, ...]
+
+
+def band_writes(pair: TapPair) -> tuple[BandWrite, ...]:
+    """The band writes of a pixel offset whose channel pairs are ``pair``'s (every tap pair of an offset has the
+    same): for each second channel ``c2``, its pairs' band rows ``base + c1 - c2`` are consecutive in ``c1``."""
+    writes = []
+    for c2 in np.unique(pair.c2).tolist():
+        sel = np.flatnonzero(pair.c2 == c2)
+        diff = pair.diff[sel]
+        if not np.array_equal(diff, np.arange(diff[0], diff[0] + len(diff))):
+            raise AssertionError("a channel's band rows are not consecutive")  # pragma: no cover - by construction
+        steps = np.unique(np.diff(sel))
+        rows = slice(int(sel[0]), int(sel[-1]) + 1, int(steps[0])) if len(steps) == 1 else sel
+        writes.append(BandWrite(rows, c2, slice(int(diff[0]), int(diff[0]) + len(diff))))
+    return tuple(writes)
