@@ -3,12 +3,14 @@ copy of the layer."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import fedleak
 import fedleak.nets.float64 as float64_module
-from fedleak.nets import as_network, forward_trace
+from fedleak.nets import as_network, blas, forward_trace
 from fedleak.nets.float64 import (
     NARROW_ENTRIES,
     PIECE_ENTRIES,
@@ -161,16 +163,45 @@ def test_the_blas_choice_follows_the_cpu(monkeypatch):
     blas.torch_blas_preferred.cache_clear()
 
 
-def test_a_float32_product_is_within_float32_rounding_of_the_exact_one(monkeypatch):
-    """``product32`` takes the product in IEEE float32 (numpy's BLAS) and returns it in float64: within the
-    deterministic bound ``n u |A| |B|`` of the exact product, whatever torch's own float32 matmul is set to do."""
+@pytest.mark.parametrize("torch_preferred", [False, True])
+def test_a_float32_product_is_within_float32_rounding_of_the_exact_one(monkeypatch, torch_preferred):
+    """``product32`` takes the product in IEEE float32 and returns it in float64: within the deterministic bound
+    ``n u |A| |B|`` of the exact product, on either BLAS; on torch's only where its float32 matmul is IEEE."""
     gen = torch.Generator().manual_seed(5)
     A = torch.randn(50, 600, generator=gen).T  # a transposed factor, as a left sketch takes it
     B = torch.randn(50, 33, generator=gen)
-    monkeypatch.setattr(torch, "matmul", lambda *a, **k: pytest.fail("torch's matmul was used"))
+    monkeypatch.setattr(float64_module, "torch_blas_preferred", lambda: torch_preferred)
+    used = []
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: used.append(a.shape) or matmul(a, b))
     P = product32(A, B)
+    assert bool(used) is torch_preferred
     exact = A.double() @ B.double()
     assert P.dtype == torch.float64 and P.shape == (600, 33)
     bound = 50 * torch.finfo(torch.float32).eps / 2 * (A.double().abs() @ B.double().abs())
     assert bool(((P - exact).abs() <= bound).all())
     assert float((P - exact).abs().max()) > 0  # the sum was taken in float32, not in float64
+    used.clear()
+    with fp32_precision(torch.backends.mkldnn.matmul, "bf16"):  # torch's float32 matmul rounds to bfloat16 ...
+        P = product32(A, B)
+    assert torch.equal(P, torch.from_numpy((A.numpy() @ B.numpy())).double()) and not used  # ... numpy's BLAS
+
+
+@contextlib.contextmanager
+def fp32_precision(backend, setting: str):
+    """torch's ``fp32_precision`` setting of ``backend`` (a property: set and restored, not monkeypatched)."""
+    before = backend.fp32_precision
+    backend.fp32_precision = setting
+    try:
+        yield
+    finally:
+        backend.fp32_precision = before
+
+
+def test_ieee_float32_matmul_reads_torchs_settings():
+    assert blas.ieee_float32_matmul()  # torch's default
+    for setting, ieee in (("ieee", True), ("bf16", False), ("tf32", False)):
+        with fp32_precision(torch.backends.mkldnn.matmul, setting):
+            assert blas.ieee_float32_matmul() is ieee
+    with fp32_precision(torch.backends, "bf16"):  # the global setting decides where the backend's is "none"
+        assert not blas.ieee_float32_matmul()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fedleak.nets.blas import torch_blas_preferred
+from fedleak.nets.blas import ieee_float32_matmul, torch_blas_preferred
 
 F64 = torch.float64
 PIECE_ENTRIES = 1 << 19  # float64 entries of a layer converted at once (4 MiB), at most an eighth of the layer ...
@@ -137,8 +137,10 @@ def back64(d: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
 
 
 def product32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B`` of two float32 CPU matrices, taken in float32 on numpy's BLAS (plain IEEE arithmetic, whatever
-    torch's own float32 matmul precision is set to), returned in float64. Each entry carries the rounding of a
-    float32 sum of ``A.shape[1]`` products: for a random sketch of a layer only
-    (:mod:`fedleak.attacks.exact.rank_test`)."""
+    """``A @ B`` of two float32 CPU matrices, taken in plain IEEE float32 arithmetic, returned in float64: on torch's
+    BLAS where it is the faster one and torch's float32 matmul is IEEE (:mod:`fedleak.nets.blas`), else on numpy's.
+    Each entry carries the rounding of a float32 sum of ``A.shape[1]`` products: for a random sketch of a layer
+    only (:mod:`fedleak.attacks.exact.rank_test`)."""
+    if torch_blas_preferred() and ieee_float32_matmul():
+        return (A.detach() @ B.detach()).to(F64)
     return torch.from_numpy(np.matmul(A.detach().numpy(), B.detach().numpy())).to(F64)
