@@ -135,22 +135,30 @@ def test_single_witness_samples_of_a_whole_batch_are_not_settled(monkeypatch, lf
 
 
 def test_open_candidates_without_kept_pre_activations_are_recomputed_alike(monkeypatch, lfw):
-    """Only candidates with the witness rows a certificate of their own needs keep the top check's
-    pre-activations (the hundreds of one-witness blends would hold ten times the gradient); the certificate
-    recomputes the others' and gets the results of recomputing them all."""
-    from fedleak.attacks.exact import certificate
+    """Candidates with the witness rows a certificate of their own needs keep the top check's pre-activations,
+    and the others while they take at most ``WEAK_FIRSTS`` of the layer's gradient (the hundreds of one-witness
+    blends would hold ten times the gradient); the certificate recomputes the rest and gets the results of
+    recomputing them all, whatever that share."""
+    from fedleak.attacks.exact import candidates, certificate
 
     model, x, y = user_batch(lfw, 16, 1024, 0)
     grads = gradient(model, x, y)
-    seen = []
     real = certificate.first_layer
+    recomputed = {}
+    for share in (0.0, candidates.WEAK_FIRSTS, 1.0):
+        seen = []
 
-    def recorded(attack, X, complete):
-        seen.append(sum(c.first_pre is None for c in complete) / len(complete))
-        return real(attack, X, complete)
+        def recorded(attack, X, complete, seen=seen):
+            seen.append(sum(c.first_pre is None for c in complete))
+            return real(attack, X, complete)
 
-    monkeypatch.setattr(certificate, "first_layer", recorded)
-    rec = fedleak.reconstruct(model, grads)
-    assert seen and 0 < seen[0] < 1  # both kinds among the open candidates
-    monkeypatch.setattr(certificate, "first_layer", lambda attack, X, complete: None)  # the pass computes all
-    same_results(rec, fedleak.reconstruct(model, grads))
+        monkeypatch.setattr(certificate, "first_layer", recorded)
+        monkeypatch.setattr(candidates, "WEAK_FIRSTS", share)
+        rec = fedleak.reconstruct(model, grads)
+        assert seen
+        recomputed[share] = seen[0]
+        monkeypatch.setattr(certificate, "first_layer", lambda attack, X, complete: None)  # the pass computes all
+        same_results(rec, fedleak.reconstruct(model, grads))
+    # none kept: every open weak one is recomputed; the default share keeps the first ones read (here none of those
+    # left open); a share as large as the layer keeps them all
+    assert recomputed[0.0] >= recomputed[candidates.WEAK_FIRSTS] >= recomputed[1.0] == 0 < recomputed[0.0]

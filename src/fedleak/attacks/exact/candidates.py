@@ -169,6 +169,7 @@ def fit_scales(
 
 
 CHECK_ENTRIES = 1 << 18  # float64 entries of the groups' pre-activations (and, in the pass, activations) held at once
+WEAK_FIRSTS = 1 / 16  # the part of the top layer's gradient entries the pre-activations of weak candidates may take
 
 
 def top_candidates(attack) -> list[Candidate]:
@@ -253,6 +254,7 @@ def top_candidates(attack) -> list[Candidate]:
     sel = torch.nonzero(hopeful).flatten().tolist()
     cands: list[Candidate] = []
     step = max(1, CHECK_ENTRIES // W[t].shape[0])  # groups whose forward pass is held at once
+    weak = weak_firsts(attack) if t == 0 else 0
     for start in range(0, len(sel), step):
         chunk = sel[start : start + step]
         pres, acts, logits = tail_forward(attack.net, W, attack.b, t, reps[chunk])
@@ -263,16 +265,28 @@ def top_candidates(attack) -> list[Candidate]:
             if len(fire) < len(chunk):
                 chunk = [chunk[j] for j in fire.tolist()]
                 z, logits = z[fire], logits[fire]
-        cands.extend(check_top_groups(attack, reps[chunk], [members[k] for k in chunk], z, logits))
+        found = check_top_groups(attack, reps[chunk], [members[k] for k in chunk], z, logits, weak)
+        weak -= sum(c.first is not None and len(c.witnesses[t]) < opts.min_last for c in found)
+        cands.extend(found)
     return cands
 
 
+def weak_firsts(attack) -> int:
+    """How many candidates with fewer than ``min_last`` witnesses (blends, mostly) keep their first-layer
+    pre-activations (one float64 row of the layer's width each; :attr:`Candidate.first`): as many as take
+    ``WEAK_FIRSTS`` of the layer's gradient entries. The certificate's forward pass then starts from them instead
+    of a second pass through the layer (a CNN's 25088-wide head: 34 ms); hundreds of blends of two-class data
+    would hold ten times the gradient's size: the ones beyond are recomputed."""
+    return int(attack.G[0].numel() * WEAK_FIRSTS) // attack.W[0].shape[0]
+
+
 def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor,
-                     logits: torch.Tensor) -> list[Candidate]:
+                     logits: torch.Tensor, weak: int = 0) -> list[Candidate]:
     """The candidates of groups of rows with implied inputs ``reps`` (n x d), member rows ``members`` and their
     forward pass (pre-activations ``z``, ``logits``; one row per group); groups that fail the checks give none.
     All groups are checked at once, on their members laid end to end
-    (:func:`~fedleak.attacks.exact.top_check.fit_top_rows`)."""
+    (:func:`~fedleak.attacks.exact.top_check.fit_top_rows`). A head of one hidden layer keeps the pre-activations
+    of the candidates with at least ``min_last`` witnesses, and of the first ``weak`` others."""
     t = attack.net.depth - 1
     if not members:
         return []
@@ -285,11 +299,13 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     cands = []
     end = 0
     # the pre-activations (a float64 row of the layer's width each) are kept for the certificate's forward pass
-    # where a certificate can be had on the sample's own witnesses; the hundreds of one-witness blends of
-    # two-class data would hold ten times the gradient's size, and the few of them left open are recomputed
+    # where a certificate can be had on the sample's own witnesses, and for ``weak`` others (:func:`weak_firsts`)
     strong = attack.opts.min_last
     for k, size in zip(held.tolist(), sizes.tolist()):
-        first = (xs[k], zs[k].clone()) if t == 0 and size >= strong else None
+        keep = t == 0 and (size >= strong or weak > 0)
+        if keep and size < strong:
+            weak -= 1
+        first = (xs[k], zs[k].clone()) if keep else None
         cands.append(Candidate(label=labels_of[k], acts={t: xs[k]}, witnesses={t: rows[end : end + size]}, lowest=t,
                                first=first, scale=scales[k], logits=outs[k]))
         end += size
