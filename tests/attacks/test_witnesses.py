@@ -41,18 +41,28 @@ def test_witness_block_equals_the_explicit_vectors(layer):
     def nudge(t):  # a stand-in for the label-entry signals and the float32 replay: any values will do
         return t + 1e-3 * torch.randn(t.shape, generator=gen, dtype=F64)
 
-    onehot = F.one_hot(labels, 5).to(F64)
-    sig = Signals(t64, [nudge(d) for d in t64.deltas], onehot, [nudge(a) for a in t64.activations],
-                  [nudge(d) for d in t64.deltas], nudge(t64.loss_vectors))
-    own, rows = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([3, 7, 7, 1, 20])
+    # the group: samples 2 and 0 of the trace, in that order; its signals have one row per member
+    members = torch.tensor([2, 0])
+    onehot = F.one_hot(labels[members], 5).to(F64)
+    sig = Signals(t64, members, [nudge(d[members]) for d in t64.deltas], onehot,
+                  [nudge(a[members]) for a in t64.activations], [nudge(d[members]) for d in t64.deltas],
+                  nudge(t64.loss_vectors[members]))
+
+    def whole(part):  # the group's rows of a signal, laid out as the trace's (zeros elsewhere)
+        full = torch.zeros(len(X), *part.shape[1:], dtype=part.dtype)
+        full[members] = part
+        return full
+
+    own, rows = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([3, 7, 7, 1, 20])  # by place in the group
     top = layer == attack.net.depth - 1
     block = WitnessBlock.of(attack, sig, layer, own, rows)
+    at = members[own]  # by the trace's numbering
     p0, o = explicit(t64.activations, t64.deltas, t64.loss_vectors, attack.G[layer], attack.g[layer], attack.G[-1],
-                     layer, own, rows, top)
-    p1, _ = explicit(t64.activations, sig.d_one, sig.onehot, attack.G[layer], attack.g[layer], attack.G[-1],
-                     layer, own, rows, top)
-    p32, _ = explicit(sig.acts32, sig.d32, sig.e32, attack.G[layer], attack.g[layer], attack.G[-1],
-                      layer, own, rows, top)
+                     layer, at, rows, top)
+    p1, _ = explicit(t64.activations, [whole(d) for d in sig.d_one], whole(sig.onehot), attack.G[layer],
+                     attack.g[layer], attack.G[-1], layer, at, rows, top)
+    p32, _ = explicit([whole(a) for a in sig.acts32], [whole(d) for d in sig.d32], whole(sig.e32), attack.G[layer],
+                      attack.g[layer], attack.G[-1], layer, at, rows, top)
     for got, want in [(block.p00, (p0 * p0).sum(1)), (block.p01, (p0 * p1).sum(1)), (block.p11, (p1 * p1).sum(1)),
                       (block.p0o, (p0 * o).sum(1)), (block.p1o, (p1 * o).sum(1)), (block.oo, (o * o).sum(1)),
                       (block.noise, (p32 - p0).norm(dim=1))]:

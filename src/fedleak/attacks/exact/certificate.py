@@ -45,10 +45,10 @@ from fedleak.attacks.exact.witnesses import (
     WitnessFit,
     fit_witnesses,
     input_uncertainty,
+    label_signals,
     per_sample_norms,
 )
 from fedleak.nets import forward_trace
-from fedleak.nets.forward import backward_signals
 from fedleak.reconstruction import SampleRecovery
 
 F64 = torch.float64
@@ -182,9 +182,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
     t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete))
-    onehot = torch.nn.functional.one_hot(y, net.num_classes).to(F64)
-    d_one = backward_signals(attack.W, t64.preactivations, onehot)
-    fits = fit_witnesses(attack, complete, t64, d_one)
+    fits = fit_witnesses(attack, complete, t64)
     has_bias = [gb is not None for gb in attack.g]
     if opts.clip_norm is not None:
         clip = (opts.clip_norm / per_sample_norms(t64, has_bias)).clamp(max=1.0).cpu().numpy()
@@ -261,7 +259,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         local = {k: j for j, k in enumerate(among)}  # their numbers in the joint tests
         sub = torch.tensor(among, dtype=torch.long, device=X.device)
         t_sub, w_sub = t64.samples(sub), weights[sub]
-        corrections = (eps[sub], [d[sub] for d in d_one], onehot[sub])
+        corrections = (eps[sub], *label_signals(attack, t_sub.preactivations, y[sub]))
         test = JointTest(attack, t_sub, bs.batch_size, w_sub, slack, corrections=corrections)
         degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors)).flatten().tolist()
         independent = IndependenceTest(attack, t_sub, bs.batch_size, w_sub, opts.min_distance, degenerate,

@@ -58,8 +58,8 @@ class WitnessFit:
     scale_tol: float = float("nan")
 
 
-def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor]) -> list[WitnessFit]:
-    """Fit each complete candidate's witness rows (see :class:`WitnessFit`).
+def fit_witnesses(attack, complete: list, t64: Trace) -> list[WitnessFit]:
+    """Fit each complete candidate's witness rows (see :class:`WitnessFit`), ``t64`` their float64 trace.
 
     The model for a witness's observed entries is ``s * (p0 + eps * p1)``: ``p0`` is the recomputed
     per-sample gradient (float64) and ``p1`` its derivative with respect to the label entry of the loss
@@ -69,36 +69,61 @@ def fit_witnesses(attack, complete: list, t64: Trace, d_one: list[torch.Tensor])
     own rounding noise where the update is known to carry more (a weight delta ``before - after``).
     """
     net, opts = attack.net, attack.opts
-    X = torch.stack([c.acts[0] for c in complete])
-    y = torch.tensor([c.label for c in complete], device=X.device)
-    K = net.num_classes
-    t32 = forward_trace(net, X.to(attack.obs_dtype), dtype=attack.obs_dtype)  # forward only: its own backward is below
-    eps32 = float(torch.finfo(attack.obs_dtype).eps)
-    onehot = torch.nn.functional.one_hot(y, K).to(F64)
-    # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
-    e32 = loss_vectors(t32.logits, y)
-    rows_k = torch.arange(len(y), device=X.device)
-    e32[rows_k, y] = t64.loss_vectors[rows_k, y].to(attack.obs_dtype)
-    d32 = backward_signals(attack.W_obs, t32.preactivations, e32)
-    sig = Signals(t64, d_one, onehot, t32.activations, d32, e32.to(F64))
     consistent = reproduces_activations(complete, t64, opts.forward_tol)
-    # samples are fitted together, a group at a time: at most a sixteenth of the largest layer's entries (and at least
-    # WITNESS_ENTRIES) of witness rows held at once, in float64 with their inputs and a residual: 3/8 of its size
-    budget = max(WITNESS_ENTRIES, max(G.numel() for G in attack.G) // 16)
-    width = [attack.G[i].shape[1] + 1 + K for i in range(net.depth)]
+    # samples are fitted together, a group at a time: at most a 32nd of the largest layer's entries (and at least
+    # WITNESS_ENTRIES) of witness rows held at once, in float64 with their inputs and residuals (about 4.5 arrays of
+    # that size: a quarter of the float32 gradient's size). Each group's label-entry signals and the client's float32
+    # backward pass are made for it alone: hundreds of blends on two-class data would hold several times the
+    # gradient's size in them
+    budget = max(WITNESS_ENTRIES, max(G.numel() for G in attack.G) // 32)
+    width = [attack.G[i].shape[1] + 1 + net.num_classes for i in range(net.depth)]
+    labels = torch.tensor([c.label for c in complete], device=t64.logits.device)
+    replay = client_forward(attack, t64)
     fits: list[WitnessFit] = []
     group: list[int] = []
     load = 0
     for k, c in enumerate(complete):
         entries = sum(min(len(rows), opts.max_witnesses) * width[i] for i, rows in c.witnesses.items())
         if group and load + entries > budget:
-            fits.extend(fit_group(attack, complete, group, sig, consistent, eps32))
+            fits.extend(fit_group(attack, complete, group, signals(attack, t64, replay, labels, group), consistent))
             group, load = [], 0
         group.append(k)
         load += entries
     if group:
-        fits.extend(fit_group(attack, complete, group, sig, consistent, eps32))
+        fits.extend(fit_group(attack, complete, group, signals(attack, t64, replay, labels, group), consistent))
     return fits
+
+
+def label_signals(attack, pres: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The backward signals of the label entry of the loss vector (``d_one``, float64, one row per sample) for
+    samples with hidden pre-activations ``pres`` and labels ``labels``, and its one-hot vectors."""
+    onehot = torch.nn.functional.one_hot(labels, attack.net.num_classes).to(F64)
+    return backward_signals(attack.W, pres, onehot), onehot
+
+
+def client_forward(attack, t64: Trace) -> Trace:
+    """The client's float32 forward pass of all candidates of ``t64`` at once (one product per layer: each
+    candidate's rounding is the same however the witness fit groups them), without its pre-activations (the
+    activations give the same ReLU masks) or inputs (each group converts its own): they would be as large as the
+    float32 trace itself."""
+    t32 = forward_trace(attack.net, t64.activations[0].to(attack.obs_dtype), dtype=attack.obs_dtype)
+    return Trace([t32.activations[0][:0], *t32.activations[1:]], [], t32.logits, None, None)
+
+
+def signals(attack, t64: Trace, replay: Trace, labels: torch.Tensor, ks: list[int]) -> Signals:
+    """What the witness fit of the candidates ``ks`` reads (:class:`Signals`), from the float64 trace ``t64`` of
+    all candidates (``labels`` theirs) and their float32 forward pass ``replay`` (:func:`client_forward`): their
+    label-entry signals and the client's float32 backward pass, made for them alone."""
+    idx = torch.tensor(ks, dtype=torch.long, device=labels.device)
+    y = labels[idx]
+    d_one, onehot = label_signals(attack, [z[idx] for z in t64.preactivations], y)
+    acts32 = [t64.activations[0][idx].to(attack.obs_dtype)] + [a[idx] for a in replay.activations[1:]]
+    # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
+    e32 = loss_vectors(replay.logits[idx], y)
+    rows_k = torch.arange(len(ks), device=labels.device)
+    e32[rows_k, y] = t64.loss_vectors[idx, y].to(attack.obs_dtype)
+    d32 = backward_signals(attack.W_obs, acts32[1:], e32)  # a ReLU's mask from its output: z > 0 iff relu(z) > 0
+    return Signals(t64, idx, d_one, onehot, acts32, d32, e32.to(F64))
 
 
 WITNESS_ENTRIES = 1 << 16  # float64 entries of witness rows a group may always hold (512 KiB)
@@ -107,12 +132,14 @@ COMPARED = 64  # candidates whose activations are compared with the trace's at o
 
 @dataclass(frozen=True)
 class Signals:
-    """What the witness fit reads of the rebuilt samples: their float64 trace, the backward signals and vectors of
-    the label entry (``d_one``, ``onehot``), and the client's float32 replay: its activations and backward signals
-    as it computed them (read in float64 where used: a float64 copy would be as large as the trace, one row per
-    candidate, and there can be hundreds), its loss vectors in float64, the label entry exact."""
+    """What the witness fit reads of a group of rebuilt samples (one row per sample of the group, in its order):
+    their float64 trace, the backward signals and vectors of the label entry (``d_one``, ``onehot``), and the
+    client's float32 replay: its activations and backward signals as it computed them (read in float64 where
+    used: a float64 copy would be as large as the trace), its loss vectors in float64, the label entry exact.
+    ``t64`` is the trace of all candidates: the group's samples are its rows ``members``."""
 
     t64: Trace
+    members: torch.Tensor
     d_one: list[torch.Tensor]
     onehot: torch.Tensor
     acts32: list[torch.Tensor]
@@ -149,17 +176,19 @@ class WitnessBlock:
 
     @classmethod
     def of(cls, attack, sig: Signals, i: int, own: torch.Tensor, rows: torch.Tensor) -> WitnessBlock:
-        t64 = sig.t64
+        """The witness rows ``rows`` of dense layer ``i``, row ``j`` of the group's sample ``own[j]`` (its place in
+        the group of ``sig``)."""
+        t64, mine = sig.t64, sig.members[own]
         bias = attack.g[i] is not None
         # what depends on the sample only is taken once for each of the rows' samples (``a``, their inputs): |[a, 1]|^2
         # and the float32 replay's differences
         samples, at = torch.unique(own, return_inverse=True)
-        a = t64.activations[i][samples]
+        a = t64.activations[i][sig.members[samples]]
         A = a[at]  # each row's sample's input
         diff = sig.acts32[i][samples].to(F64) - a
         aa = (a * a).sum(1)[at] + float(bias)
         dd, da = (diff * diff).sum(1)[at], (diff * a).sum(1)[at]
-        d0, d1, d32 = t64.deltas[i][own, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows].to(F64)
+        d0, d1, d32 = t64.deltas[i][mine, rows], sig.d_one[i][own, rows], sig.d32[i][own, rows].to(F64)
         Gr = rows64(attack.G[i], rows)
         oa, oo = torch.linalg.vecdot(Gr, A), torch.linalg.vector_norm(Gr, dim=1) ** 2
         gb = None
@@ -172,8 +201,8 @@ class WitnessBlock:
         sq_noise = d32 * d32 * dd + 2 * d32 * c * da + c * c * aa
         col = h = e0 = e1 = None
         if i == attack.net.depth - 1:
-            h, h32 = t64.activations[i + 1][own, rows], sig.acts32[i + 1][own, rows].to(F64)
-            e0, e1 = t64.loss_vectors[own], sig.onehot[own]
+            h, h32 = t64.activations[i + 1][mine, rows], sig.acts32[i + 1][own, rows].to(F64)
+            e0, e1 = t64.loss_vectors[mine], sig.onehot[own]
             col = attack.G[-1][:, rows].T.to(F64)
             hh = h * h
             p00, p01, p11 = p00 + hh * (e0 * e0).sum(1), p01 + hh * (e0 * e1).sum(1), p11 + hh * (e1 * e1).sum(1)
@@ -194,14 +223,13 @@ class WitnessBlock:
         return sq.sqrt()
 
 
-def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: list[bool],
-              eps32: float) -> list[WitnessFit]:
-    """:func:`fit_witnesses` for the candidates ``ks``, all at once: their witness rows laid end to end (each
-    sample's in its own order), read a layer at a time (:class:`WitnessBlock`), and every sample's fit iterated
-    together."""
+def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: list[bool]) -> list[WitnessFit]:
+    """:func:`fit_witnesses` for the candidates ``ks`` (``sig``: their signals, :func:`signals`), all at once:
+    their witness rows laid end to end (each sample's in its own order), read a layer at a time
+    (:class:`WitnessBlock`), and every sample's fit iterated together."""
     net, opts = attack.net, attack.opts
-    t64 = sig.t64
-    dev = t64.logits.device
+    dev = sig.t64.logits.device
+    eps32 = float(torch.finfo(attack.obs_dtype).eps)
     eps_bound = opts.label_eps_ulps * eps32
     sample_of: list[int] = []
     layer_of: list[int] = []
@@ -218,14 +246,13 @@ def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: l
     sample_t = torch.tensor(sample_of, dtype=torch.long, device=dev)
     layer_t = torch.tensor(layer_of, dtype=torch.long, device=dev)
     row_t = torch.tensor(row_of, dtype=torch.long, device=dev)
-    kidx = torch.tensor(ks, dtype=torch.long, device=dev)
     noise = torch.zeros(n_rows, dtype=F64, device=dev)
     norm = torch.zeros(n_rows, dtype=F64, device=dev)
     dots = torch.zeros(5, n_rows, dtype=F64, device=dev)  # per row: p0.p0, p0.p1, p1.p1, p0.o, p1.o (over o.o)
     blocks = []
     for i in sorted(set(layer_of)):
         pos = torch.nonzero(layer_t == i).flatten()
-        own, rows = kidx[sample_t[pos]], row_t[pos]
+        own, rows = sample_t[pos], row_t[pos]  # the rows' samples, by their place in the group (as ``sig``'s rows)
         block = WitnessBlock.of(attack, sig, i, own, rows)
         oo = block.oo.clamp_min(1e-300)
         noise[pos] = block.noise / block.p00.sqrt().clamp_min(1e-300) + 8 * eps32
