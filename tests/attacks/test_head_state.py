@@ -67,6 +67,9 @@ def test_the_top_layer_check_hands_its_forward_pass_to_the_certificate(digits):
     reused = fedleak.nets.forward_trace(head, X, dtype=torch.float64, params=(attack.W, attack.b), first=kept)
     assert torch.equal(reused.preactivations[0], kept)
     assert torch.allclose(reused.logits, fedleak.nets.forward_trace(head, X).logits, rtol=1e-12, atol=1e-12)
+    for c in cands:  # each holds its own input and pre-activations, not views of a chunk of groups
+        assert c.acts[0].untyped_storage().nbytes() == c.acts[0].numel() * c.acts[0].element_size()
+        assert c.first_pre.untyped_storage().nbytes() == c.first_pre.numel() * c.first_pre.element_size()
     cands[0].acts[0] = cands[0].acts[0].clone()  # a replaced input: its pre-activations are no longer its own
     assert cands[0].first_pre is None and cands[1].first_pre is not None
 

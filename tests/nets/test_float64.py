@@ -27,6 +27,7 @@ from fedleak.nets.float64 import (
     through_numpy,
     times64,
 )
+from fedleak.nets.forward import backward_signals
 
 
 def test_pieces_read_the_same_values_as_a_float64_copy():
@@ -112,6 +113,23 @@ def test_a_trace_of_some_samples_is_theirs_in_the_whole_trace():
                        alone.activations + alone.preactivations + alone.deltas + [alone.logits, alone.loss_vectors]):
         assert torch.equal(a, b[idx]) and torch.allclose(a, c, rtol=1e-12, atol=1e-14)
     assert forward_trace(net, X).samples(idx).deltas is None
+
+
+def test_backward_signals_read_the_relu_masks_alike_from_pre_activations_or_activations():
+    """The certificate frees a trace's pre-activations and takes the ReLU masks from the activations: the
+    backward signals are the same to the bit (float64 and float32)."""
+    net = as_network(fedleak.make_mlp(20, [64, 32], 5, seed=0), input_shape=(20,)).head
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(9, 20, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (9,), generator=gen)
+    e = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        t = forward_trace(net, X.to(dtype), y, dtype=dtype)
+        weights = net.weights(dtype)
+        by_pre = backward_signals(weights, t.preactivations, e.to(dtype))
+        by_act = backward_signals(weights, t.activations[1:], e.to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(by_pre, by_act))
+        assert any(bool((z == 0).any()) or bool((z < 0).any()) for z in t.preactivations)  # masks that cut
 
 
 @pytest.mark.parametrize("torch_preferred", [False, True])

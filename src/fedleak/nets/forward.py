@@ -77,7 +77,8 @@ def forward_trace(
 
 def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
     """The backward signal of every hidden layer for loss vectors ``e`` (one row per sample), given its
-    pre-activations ``pres``; float64 signals read the weights in float64 whatever their dtype."""
+    pre-activations ``pres`` (or its activations: only the ReLU's mask ``z > 0`` is read, and ``relu(z) > 0`` is
+    the same); float64 signals read the weights in float64 whatever their dtype."""
     deltas, d = [], e
     for W, z in zip(reversed(weights[1:]), reversed(pres)):
         d = back64(d, W) if d.dtype == torch.float64 else d @ W

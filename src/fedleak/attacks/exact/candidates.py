@@ -305,8 +305,9 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
         keep = t == 0 and (size >= strong or weak > 0)
         if keep and size < strong:
             weak -= 1
-        first = (xs[k], zs[k].clone()) if keep else None
-        cands.append(Candidate(label=labels_of[k], acts={t: xs[k]}, witnesses={t: rows[end : end + size]}, lowest=t,
+        x = xs[k].clone()  # its own copy: a view would keep the chunk's groups that fail the check alive
+        first = (x, zs[k].clone()) if keep else None
+        cands.append(Candidate(label=labels_of[k], acts={t: x}, witnesses={t: rows[end : end + size]}, lowest=t,
                                first=first, scale=scales[k], logits=outs[k]))
         end += size
     return cands

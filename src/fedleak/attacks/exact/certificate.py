@@ -182,6 +182,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
     t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete))
+    # the pre-activations are read no more (the activations give the same ReLU masks): freed for the witness fit
+    t64 = replace(t64, preactivations=[])
     fits = fit_witnesses(attack, complete, t64)
     has_bias = [gb is not None for gb in attack.g]
     if opts.clip_norm is not None:
@@ -259,7 +261,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         local = {k: j for j, k in enumerate(among)}  # their numbers in the joint tests
         sub = torch.tensor(among, dtype=torch.long, device=X.device)
         t_sub, w_sub = t64.samples(sub), weights[sub]
-        corrections = (eps[sub], *label_signals(attack, t_sub.preactivations, y[sub]))
+        corrections = (eps[sub], *label_signals(attack, t_sub.activations[1:], y[sub]))
         test = JointTest(attack, t_sub, bs.batch_size, w_sub, slack, corrections=corrections)
         degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors)).flatten().tolist()
         independent = IndependenceTest(attack, t_sub, bs.batch_size, w_sub, opts.min_distance, degenerate,

@@ -94,11 +94,12 @@ def fit_witnesses(attack, complete: list, t64: Trace) -> list[WitnessFit]:
     return fits
 
 
-def label_signals(attack, pres: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def label_signals(attack, hidden: list[torch.Tensor], labels: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The backward signals of the label entry of the loss vector (``d_one``, float64, one row per sample) for
-    samples with hidden pre-activations ``pres`` and labels ``labels``, and its one-hot vectors."""
+    samples with hidden activations ``hidden`` (a ReLU's mask read from its output: ``z > 0`` iff ``relu(z) > 0``)
+    and labels ``labels``, and its one-hot vectors."""
     onehot = torch.nn.functional.one_hot(labels, attack.net.num_classes).to(F64)
-    return backward_signals(attack.W, pres, onehot), onehot
+    return backward_signals(attack.W, hidden, onehot), onehot
 
 
 def client_forward(attack, t64: Trace) -> Trace:
@@ -116,7 +117,7 @@ def signals(attack, t64: Trace, replay: Trace, labels: torch.Tensor, ks: list[in
     label-entry signals and the client's float32 backward pass, made for them alone."""
     idx = torch.tensor(ks, dtype=torch.long, device=labels.device)
     y = labels[idx]
-    d_one, onehot = label_signals(attack, [z[idx] for z in t64.preactivations], y)
+    d_one, onehot = label_signals(attack, [a[idx] for a in t64.activations[1:]], y)
     acts32 = [t64.activations[0][idx].to(attack.obs_dtype)] + [a[idx] for a in replay.activations[1:]]
     # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
     e32 = loss_vectors(replay.logits[idx], y)
