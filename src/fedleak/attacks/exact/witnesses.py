@@ -108,7 +108,8 @@ def client_forward(attack, t64: Trace) -> Trace:
     activations give the same ReLU masks) or inputs (each group converts its own): they would be as large as the
     float32 trace itself."""
     t32 = forward_trace(attack.net, t64.activations[0].to(attack.obs_dtype), dtype=attack.obs_dtype)
-    return Trace([t32.activations[0][:0], *t32.activations[1:]], [], t32.logits, None, None)
+    inputs = t32.activations[0].new_empty((0, t32.activations[0].shape[1]))  # not a view: the inputs are freed
+    return Trace([inputs, *t32.activations[1:]], [], t32.logits, None, None)
 
 
 def signals(attack, t64: Trace, replay: Trace, labels: torch.Tensor, ks: list[int]) -> Signals:
