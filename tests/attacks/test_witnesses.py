@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
-from fedleak.attacks.exact.witnesses import Signals, WitnessBlock
+from fedleak.attacks.exact.witnesses import LabelSignals, Signals, WitnessBlock
 from fedleak.nets import as_network, forward_trace
+from fedleak.nets.forward import backward_signals
 
 F64 = torch.float64
 
@@ -70,3 +71,26 @@ def test_witness_block_equals_the_explicit_vectors(layer):
     s, t = torch.tensor([0.5, -1.0, 2.0, 0.1, 3.0], dtype=F64), torch.tensor([0.0, 1e-3, -2.0, 0.5, 1.0], dtype=F64)
     want = (o - s[:, None] * p0 - t[:, None] * p1).norm(dim=1)
     assert torch.allclose(block.residuals(s, t), want, rtol=1e-12)
+
+
+def test_label_signals_are_the_same_made_once_or_per_set(monkeypatch):
+    """The label entry's backward signals are made once for all candidates where they are small next to the
+    gradient, else for each set asked for: the same values to the bit either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    x, y = torch.randn(6, 20), torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = F.cross_entropy(model(x), y)
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    attack = HeadAttack(as_network(model).head, grads, ExclusivityOptions(), torch.float32)
+    t64 = forward_trace(attack.net, x.double(), y, dtype=F64, params=(attack.W, attack.b))
+    monkeypatch.setattr(attack, "update_size", lambda: 1 << 30)  # a large gradient: made once for all
+    once = LabelSignals(attack, t64, y)
+    monkeypatch.setattr(attack, "update_size", lambda: 0)  # every set is then made on its own
+    per_set = LabelSignals(attack, t64, y)
+    assert once.whole is not None and per_set.whole is None
+    idx = torch.tensor([4, 1, 2])
+    (d_a, h_a), (d_b, h_b) = once.of(idx), per_set.of(idx)
+    assert torch.equal(h_a, h_b) and torch.equal(h_a, F.one_hot(y[idx], 5).to(F64))
+    assert all(torch.equal(a, b) for a, b in zip(d_a, d_b))
+    assert all(torch.equal(a, d[idx]) for a, d in zip(d_a, backward_signals(attack.W, t64.preactivations,
+                                                                             F.one_hot(y, 5).to(F64))))

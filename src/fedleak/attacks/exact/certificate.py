@@ -42,10 +42,10 @@ from fedleak.attacks.exact.joint import (
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
 from fedleak.attacks.exact.witnesses import (
+    LabelSignals,
     WitnessFit,
     fit_witnesses,
     input_uncertainty,
-    label_signals,
     per_sample_norms,
 )
 from fedleak.nets import forward_trace
@@ -184,7 +184,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete))
     # the pre-activations are read no more (the activations give the same ReLU masks): freed for the witness fit
     t64 = replace(t64, preactivations=[])
-    fits = fit_witnesses(attack, complete, t64)
+    label = LabelSignals(attack, t64, y)
+    fits = fit_witnesses(attack, complete, t64, label)
     has_bias = [gb is not None for gb in attack.g]
     if opts.clip_norm is not None:
         clip = (opts.clip_norm / per_sample_norms(t64, has_bias)).clamp(max=1.0).cpu().numpy()
@@ -261,7 +262,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         local = {k: j for j, k in enumerate(among)}  # their numbers in the joint tests
         sub = torch.tensor(among, dtype=torch.long, device=X.device)
         t_sub, w_sub = t64.samples(sub), weights[sub]
-        corrections = (eps[sub], *label_signals(attack, t_sub.activations[1:], y[sub]))
+        corrections = (eps[sub], *label.of(sub))
         test = JointTest(attack, t_sub, bs.batch_size, w_sub, slack, corrections=corrections)
         degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors)).flatten().tolist()
         independent = IndependenceTest(attack, t_sub, bs.batch_size, w_sub, opts.min_distance, degenerate,

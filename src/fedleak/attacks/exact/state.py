@@ -65,6 +65,11 @@ class HeadAttack:
         rel = noise[live] / norm[live]
         return 4.0 * float(torch.quantile(rel, 0.9))
 
+    def update_size(self) -> int:
+        """The head's observed gradient's size in bytes (its weight and bias gradients as the client sent them)."""
+        return sum(G.numel() * G.element_size() for G in self.G) + sum(
+            g.numel() * self.obs_dtype.itemsize for g in self.g if g is not None)
+
     def tol(self, value: float) -> float:
         """A grouping tolerance, raised to the update's rounding-noise floor."""
         return max(value, self.tol_floor)

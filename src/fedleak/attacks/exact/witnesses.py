@@ -58,8 +58,9 @@ class WitnessFit:
     scale_tol: float = float("nan")
 
 
-def fit_witnesses(attack, complete: list, t64: Trace) -> list[WitnessFit]:
-    """Fit each complete candidate's witness rows (see :class:`WitnessFit`), ``t64`` their float64 trace.
+def fit_witnesses(attack, complete: list, t64: Trace, label: LabelSignals) -> list[WitnessFit]:
+    """Fit each complete candidate's witness rows (see :class:`WitnessFit`), ``t64`` their float64 trace and
+    ``label`` their label entry's backward signals.
 
     The model for a witness's observed entries is ``s * (p0 + eps * p1)``: ``p0`` is the recomputed
     per-sample gradient (float64) and ``p1`` its derivative with respect to the label entry of the loss
@@ -77,7 +78,6 @@ def fit_witnesses(attack, complete: list, t64: Trace) -> list[WitnessFit]:
     # gradient's size in them
     budget = max(WITNESS_ENTRIES, max(G.numel() for G in attack.G) // 32)
     width = [attack.G[i].shape[1] + 1 + net.num_classes for i in range(net.depth)]
-    labels = torch.tensor([c.label for c in complete], device=t64.logits.device)
     replay = client_forward(attack, t64)
     fits: list[WitnessFit] = []
     group: list[int] = []
@@ -85,12 +85,12 @@ def fit_witnesses(attack, complete: list, t64: Trace) -> list[WitnessFit]:
     for k, c in enumerate(complete):
         entries = sum(min(len(rows), opts.max_witnesses) * width[i] for i, rows in c.witnesses.items())
         if group and load + entries > budget:
-            fits.extend(fit_group(attack, complete, group, signals(attack, t64, replay, labels, group), consistent))
+            fits.extend(fit_group(attack, complete, group, signals(attack, t64, replay, label, group), consistent))
             group, load = [], 0
         group.append(k)
         load += entries
     if group:
-        fits.extend(fit_group(attack, complete, group, signals(attack, t64, replay, labels, group), consistent))
+        fits.extend(fit_group(attack, complete, group, signals(attack, t64, replay, label, group), consistent))
     return fits
 
 
@@ -100,6 +100,26 @@ def label_signals(attack, hidden: list[torch.Tensor], labels: torch.Tensor) -> t
     and labels ``labels``, and its one-hot vectors."""
     onehot = torch.nn.functional.one_hot(labels, attack.net.num_classes).to(F64)
     return backward_signals(attack.W, hidden, onehot), onehot
+
+
+class LabelSignals:
+    """The label entry's backward signals (:func:`label_signals`) of the candidates of the float64 trace ``t64``
+    (``labels`` theirs), for any set of them: made once for all where they take at most a quarter of the
+    gradient's size (in float64), else for each set asked for (a backward pass each: the hundreds of blends of
+    two-class data would hold several times the gradient's size in them)."""
+
+    def __init__(self, attack, t64: Trace, labels: torch.Tensor):
+        self.attack, self.t64, self.labels = attack, t64, labels
+        size = len(labels) * sum(a.shape[1] for a in t64.activations[1:])
+        small = 8 * size <= attack.update_size() // 4  # float64 bytes: at most a quarter of the gradient's
+        self.whole = label_signals(attack, t64.activations[1:], labels) if small else None
+
+    def of(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(d_one, onehot)`` of the candidates ``idx``, one row each."""
+        if self.whole is not None:
+            d_one, onehot = self.whole
+            return [d[idx] for d in d_one], onehot[idx]
+        return label_signals(self.attack, [a[idx] for a in self.t64.activations[1:]], self.labels[idx])
 
 
 def client_forward(attack, t64: Trace) -> Trace:
@@ -112,17 +132,17 @@ def client_forward(attack, t64: Trace) -> Trace:
     return Trace([inputs, *t32.activations[1:]], [], t32.logits, None, None)
 
 
-def signals(attack, t64: Trace, replay: Trace, labels: torch.Tensor, ks: list[int]) -> Signals:
+def signals(attack, t64: Trace, replay: Trace, label: LabelSignals, ks: list[int]) -> Signals:
     """What the witness fit of the candidates ``ks`` reads (:class:`Signals`), from the float64 trace ``t64`` of
-    all candidates (``labels`` theirs) and their float32 forward pass ``replay`` (:func:`client_forward`): their
-    label-entry signals and the client's float32 backward pass, made for them alone."""
-    idx = torch.tensor(ks, dtype=torch.long, device=labels.device)
-    y = labels[idx]
-    d_one, onehot = label_signals(attack, [a[idx] for a in t64.activations[1:]], y)
+    all candidates, their label entry's signals ``label`` and their float32 forward pass ``replay``
+    (:func:`client_forward`): the client's float32 backward pass is made for them alone."""
+    idx = torch.tensor(ks, dtype=torch.long, device=t64.logits.device)
+    y = label.labels[idx]
+    d_one, onehot = label.of(idx)
     acts32 = [t64.activations[0][idx].to(attack.obs_dtype)] + [a[idx] for a in replay.activations[1:]]
     # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
     e32 = loss_vectors(replay.logits[idx], y)
-    rows_k = torch.arange(len(ks), device=labels.device)
+    rows_k = torch.arange(len(ks), device=idx.device)
     e32[rows_k, y] = t64.loss_vectors[idx, y].to(attack.obs_dtype)
     d32 = backward_signals(attack.W_obs, acts32[1:], e32)  # a ReLU's mask from its output: z > 0 iff relu(z) > 0
     return Signals(t64, idx, d_one, onehot, acts32, d32, e32.to(F64))
