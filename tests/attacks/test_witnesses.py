@@ -27,14 +27,19 @@ def explicit(t_acts, deltas, e, G, g, Gout, i, own, rows, top):
     return torch.cat(p, 1), torch.cat(o, 1)
 
 
-@pytest.mark.parametrize("layer", [0, 1])
-def test_witness_block_equals_the_explicit_vectors(layer):
+def two_layer_attack() -> tuple[HeadAttack, torch.Tensor, torch.Tensor]:
+    """The head attack's state on a batch of 6 through an MLP of two hidden layers, with the batch."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
     x, y = torch.randn(6, 20), torch.tensor([0, 1, 2, 3, 4, 0])
     loss = F.cross_entropy(model(x), y)
     grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
-    attack = HeadAttack(as_network(model).head, grads, ExclusivityOptions(), torch.float32)
+    return HeadAttack(as_network(model).head, grads, ExclusivityOptions(), torch.float32), x, y
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_witness_block_equals_the_explicit_vectors(layer):
+    attack, x, y = two_layer_attack()
     X, labels = x[:3].double(), y[:3]
     t64 = forward_trace(attack.net, X, labels, dtype=F64, params=(attack.W, attack.b))
     gen = torch.Generator().manual_seed(1)
@@ -76,12 +81,7 @@ def test_witness_block_equals_the_explicit_vectors(layer):
 def test_label_signals_are_the_same_made_once_or_per_set(monkeypatch):
     """The label entry's backward signals are made once for all candidates where they are small next to the
     gradient, else for each set asked for: the same values to the bit either way."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
-    x, y = torch.randn(6, 20), torch.tensor([0, 1, 2, 3, 4, 0])
-    loss = F.cross_entropy(model(x), y)
-    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
-    attack = HeadAttack(as_network(model).head, grads, ExclusivityOptions(), torch.float32)
+    attack, x, y = two_layer_attack()
     t64 = forward_trace(attack.net, x.double(), y, dtype=F64, params=(attack.W, attack.b))
     monkeypatch.setattr(attack, "update_size", lambda: 1 << 30)  # a large gradient: made once for all
     once = LabelSignals(attack, t64, y)
