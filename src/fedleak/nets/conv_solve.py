@@ -11,10 +11,13 @@ float64). Success means ``L L^T = N - tau I + F + D + E`` is positive definite, 
   summed into one entry; ``||J||_F^2 = trace(N)``);
 - ``D`` is the rounding of ``N - tau I`` to float32: ``|D| <= u32 |N - tau I|``, so
   ``||D||_2 <= u32 ||N - tau I||_F <= u32 (||N||_F + tau sqrt(n))``;
-- ``E`` is the factorisation's backward error in float32 arithmetic: ``|E| <= gamma_{b+1} |L| |L^T|`` (Higham,
-  *Accuracy and Stability of Numerical Algorithms*, Thm 10.3; ``b`` the half-bandwidth, so no inner product has
-  more than ``b + 1`` terms), and ``|| |L| |L^T| ||_2`` is at most the largest entry of ``|L| (|L^T| 1)`` (the
-  2-norm of a symmetric non-negative matrix is at most its largest row sum; two triangular band products).
+- ``E`` is the factorisation's backward error in float32 arithmetic: ``|E| <= gamma_{b+2} |L| |L^T|`` (Higham,
+  *Accuracy and Stability of Numerical Algorithms*, Thm 10.3, whose ``gamma_{n+1}`` counts ``n - 1`` products
+  and the square root's two roundings; ``b`` the half-bandwidth, so a diagonal entry sums at most ``b``
+  products, and an entry below it at most ``b - 1`` before its division, or its scaling by a rounded
+  reciprocal as LAPACK's ``xPOTF2`` and OpenBLAS's triangular solves do: two roundings), and
+  ``|| |L| |L^T| ||_2`` is at most the largest entry of ``|L| (|L^T| 1)`` (the 2-norm of a symmetric
+  non-negative matrix is at most its largest row sum; two triangular band products).
 
 So ``sigma_min(J)^2 >= tau - slack``, ``slack`` the sum of those bounds, each rounded up: our own rounding cannot
 make the bound optimistic. Where float32 cannot give the proof (``slack > tau / 4``: an ill-conditioned block),
@@ -79,7 +82,7 @@ class ProvenSolve:
 
 def factor_slack(cb: np.ndarray) -> float:
     """A bound on ``||E||_2`` for the band Cholesky factor ``cb`` (lower band storage, float32 or float64):
-    ``gamma_{b+1}`` (in ``cb``'s precision) times the largest entry of ``|L| (|L^T| 1)``, two triangular band
+    ``gamma_{b+2}`` (in ``cb``'s precision, ``b = rows - 1`` the half-bandwidth) times the largest entry of ``|L| (|L^T| 1)``, two triangular band
     products of non-negative numbers (BLAS ``tbmv``, which never reads the unused corner of band storage; their
     rounding is covered by ``SUM_MARGIN``)."""
     rows, n = cb.shape
@@ -88,7 +91,7 @@ def factor_slack(cb: np.ndarray) -> float:
     col = tbmv(rows - 1, a, np.ones(n, dtype=a.dtype), lower=1, trans=1)  # |L^T| 1
     row = tbmv(rows - 1, a, col, lower=1, overwrite_x=1)  # |L| (|L^T| 1)
     u = float(np.finfo(cb.dtype).eps) / 2
-    return gamma(rows, u) * float(row.max()) * SUM_MARGIN
+    return gamma(rows + 1, u) * float(row.max()) * SUM_MARGIN
 
 
 def factor(ab: np.ndarray, tau: float, dtype=np.float32) -> tuple[np.ndarray, float] | None:
