@@ -53,7 +53,6 @@ from fedleak.nets.scratch import work_array
 from fedleak.threads import blas_threads
 
 EPS64 = float(np.finfo(np.float64).eps)
-U32 = float(np.finfo(np.float32).eps) / 2  # unit roundoff of float32
 SHIFT = 0.5  # tau as a fraction of the estimated lambda_min
 RETRY_SHIFT = 0.1  # a second try when the first shift is not below lambda_min
 MAX_SLACK = 0.25  # float32 proves nothing when its rounding slack exceeds this fraction of tau
