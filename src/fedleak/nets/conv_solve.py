@@ -81,9 +81,9 @@ class ProvenSolve:
 
 def factor_slack(cb: np.ndarray) -> float:
     """A bound on ``||E||_2`` for the band Cholesky factor ``cb`` (lower band storage, float32 or float64):
-    ``gamma_{b+2}`` (in ``cb``'s precision, ``b = rows - 1`` the half-bandwidth) times the largest entry of ``|L| (|L^T| 1)``, two triangular band
-    products of non-negative numbers (BLAS ``tbmv``, which never reads the unused corner of band storage; their
-    rounding is covered by ``SUM_MARGIN``)."""
+    ``gamma_{b+2}`` (in ``cb``'s precision, ``b = rows - 1`` the half-bandwidth) times the largest entry of
+    ``|L| (|L^T| 1)``, two triangular band products of non-negative numbers (BLAS ``tbmv``, which never reads the
+    unused corner of band storage; their rounding is covered by ``SUM_MARGIN``)."""
     rows, n = cb.shape
     a = np.abs(cb, out=work_array("band factor, absolute", cb.shape, cb.dtype, order="F"))
     tbmv = sl.get_blas_funcs("tbmv", (a,))
