@@ -35,6 +35,25 @@ def test_unrolled_blocks_match_torch(pool):
     assert net.head.depth == 1 and net.num_classes == 2 and net.is_conv
 
 
+@pytest.mark.parametrize("conv", [dict(kernel_size=5, stride=2, padding=2), dict(kernel_size=3, stride=2, padding=0),
+                                  dict(kernel_size=(3, 5), stride=(1, 2), padding=(0, 2))])
+def test_unrolled_conv_matches_torch_for_strides_and_paddings(conv):
+    """The unrolled conv, built row by row, is the conv for any stride and padding: ``A x + c`` is torch's output,
+    and each row holds exactly the taps inside the input, in increasing column order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, **conv), nn.ReLU(), nn.Flatten(), nn.LazyLinear(8), nn.ReLU(),
+                          nn.Linear(8, 2))
+    x = torch.rand(2, 3, 13, 11, dtype=torch.float64)
+    model(x.float())
+    blk = as_network(model, input_shape=(3, 13, 11)).blocks[0]
+    A, c = blk.affine
+    z = (A @ x.reshape(2, -1).numpy().T).T + c
+    assert np.abs(z - blk.preact(x).reshape(2, -1).numpy()).max() < 1e-12
+    assert A.has_sorted_indices and A.nnz == int((torch.nn.functional.conv2d(
+        torch.ones(1, 3, 13, 11), torch.ones(4, 3, *model[0].kernel_size), None, model[0].stride,
+        model[0].padding)).sum())  # every tap inside the input, once
+
+
 def test_users_sequential_with_names():
     model = nn.Sequential(
         nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.AvgPool2d(2)),

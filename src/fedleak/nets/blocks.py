@@ -120,24 +120,28 @@ class ConvBlock:
         return z.reshape(-1).numpy()
 
     def unrolled(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """:attr:`affine`, built row by row in CSR order: an output unit's taps ``(ci, ky, kx)`` that fall inside the
+        input are its columns, in increasing order; every output channel has the same pattern (no sort, no COO)."""
+        import scipy.sparse as sp
+
         W, b = self.folded(torch.float64)
         W = W.cpu().numpy()
         co_n, ci_n, kh, kw = W.shape
         _, H, Wd = self.in_shape
         _, Ho, Wo = self.conv_shape
-        sy, sx = self.conv.stride
-        py, px = self.conv.padding
-        co, oy, ox, ci, ky, kx = np.meshgrid(np.arange(co_n), np.arange(Ho), np.arange(Wo), np.arange(ci_n),
-                                             np.arange(kh), np.arange(kw), indexing="ij")
-        iy = oy * sy - py + ky
-        ix = ox * sx - px + kx
-        ok = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < Wd)
-        rows = ((co * Ho + oy) * Wo + ox)[ok]
-        cols = ((ci * H + iy) * Wd + ix)[ok]
-        vals = W[co[ok], ci[ok], ky[ok], kx[ok]]
-        import scipy.sparse as sp
-
-        A = sp.csr_matrix((vals, (rows, cols)), shape=(self.conv_dim, self.in_dim))
+        (sy, sx), (py, px) = self.conv.stride, self.conv.padding
+        iy = np.arange(Ho)[:, None] * sy - py + np.arange(kh)[None, :]  # (oy, ky) -> input row
+        ix = np.arange(Wo)[:, None] * sx - px + np.arange(kw)[None, :]  # (ox, kx) -> input column
+        shape = (Ho, Wo, ci_n, kh, kw)
+        ok = np.broadcast_to((((iy >= 0) & (iy < H))[:, None, None, :, None]
+                              & ((ix >= 0) & (ix < Wd))[None, :, None, None, :]), shape)
+        cols = (np.arange(ci_n)[None, None, :, None, None] * H + iy[:, None, None, :, None]) * Wd \
+            + ix[None, :, None, None, :]
+        cols = np.broadcast_to(cols, shape)[ok]  # one output channel's columns, unit by unit
+        per_unit = ok.reshape(Ho * Wo, -1).sum(1)
+        vals = np.broadcast_to(W[:, None, None], (co_n, *shape))[:, ok]  # (co, taps of one channel)
+        indptr = np.concatenate([[0], np.cumsum(np.tile(per_unit, co_n))])
+        A = sp.csr_matrix((vals.ravel(), np.tile(cols, co_n), indptr), shape=(self.conv_dim, self.in_dim))
         c = np.repeat(b.cpu().numpy(), Ho * Wo)
         return A, c
 
