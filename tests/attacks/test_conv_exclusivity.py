@@ -177,3 +177,23 @@ def test_certificate_states_its_proven_bound_and_the_metric_holds_it_to_it():
     loose = [s for s in strict.samples if not s.certified]
     assert loose and any("exceeds max_error" in s.reason for s in loose)
     assert fedleak.metrics.match(strict, x, y).false_certificates == 0
+
+
+def test_colour_images_are_proven_in_float64_where_float32_cannot(monkeypatch):
+    """A 12-channel first layer on 32x32 colour images makes the top block's system (12,288 unknowns) too
+    ill-conditioned for float32's proof: the float32 solve is proven by one float64 factorisation instead (which
+    the chain's tight pass keeps), and the certified samples are exact (a fished retina batch)."""
+    from fedleak.attacks.exact import conv_walkdown
+
+    data = fedleak.load_dataset("retina")
+    x, y = data.batch(3, seed=0)
+    model = make_convnet(data.input_shape, data.num_classes, channels=(12, 32), padding=1, fc_widths=(64,), seed=0)
+    fished = fedleak.fish(model, x, y, solve_check=False).inputs
+    solves, invert = [], conv_walkdown.invert_block
+    monkeypatch.setattr(conv_walkdown, "invert_block", lambda *a, **k: solves.append(invert(*a, **k)) or solves[-1])
+    rec = fedleak.reconstruct(model, compute_gradient_update(model, fished, y), fallback="none")
+    top = [s for s in solves if s.unknowns == 12 * 32 * 32]
+    assert top and all(s.float64 and s.unique and s.sigma > 0 for s in top)
+    assert rec.num_certified >= 2
+    _check_no_false_certificate(fished, y, rec)
+    assert conv_walkdown.reprove(as_network(model).blocks[1], top[0]) is top[0]  # the tight pass keeps it as it is

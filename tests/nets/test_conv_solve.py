@@ -2,8 +2,8 @@
 systems of conv layers: the bound must never exceed the true smallest singular value (checked against an SVD),
 the solution must be the float64 least-squares one, the float32 slack must bound the factorisation's real error,
 a hint above the system's lambda_min must not make the proof fail, and a rank-deficient system must not be
-proven; the float64 re-proof is tighter and still below the truth. The conv block's caches must follow the model's
-weights."""
+proven; the float64 re-proof is tighter and still below the truth, and proves what float32 cannot. The conv
+block's caches must follow the model's weights."""
 
 import numpy as np
 import pytest
@@ -14,7 +14,16 @@ from fedleak.attacks.normal_equations import normal_equations
 from fedleak.models.convnet import make_convnet
 from fedleak.nets import as_network
 from fedleak.nets.cast import cast
-from fedleak.nets.conv_solve import conv_normal_product, factor, factor_slack, proven_lstsq, proven_sigma64
+from fedleak.nets.conv_solve import (
+    SHIFT,
+    conv_normal_product,
+    factor,
+    factor_slack,
+    forming_error,
+    proof,
+    proven_lstsq,
+    proven_sigma64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +114,24 @@ def test_float64_reproof_is_tighter_and_still_a_bound(faces, k):
     tight = proven_sigma64(ab, blk.gram.max_terms, fast.lam)
     assert tight is not None and fast.sigma < tight <= _sigma_min(J)
     assert proven_sigma64(ab, blk.gram.max_terms, float("nan")) is None
+
+
+@pytest.mark.parametrize("k, keep", [(4, 1.05), (7, 1.2)])
+def test_float32_too_coarse_is_proven_in_float64(faces, k, keep):
+    """Barely overdetermined systems (condition 200-7,000): float32's rounding slack exceeds what the proof
+    allows, so the float32 solve is kept and sigma proven by one float64 factorisation, still below the truth,
+    with or without a hint."""
+    blk, J, rhs, w, matvec, _ = _system(faces, k, keep)
+    ab = blk.gram.band(w)
+    true_sigma = _sigma_min(J)
+    got = proven_lstsq(ab, blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs)
+    assert got is not None and got.float64
+    assert proof(ab, SHIFT * got.lam, forming_error(ab, blk.gram.max_terms)) is None  # float32 cannot prove it
+    assert 0.0 < got.sigma <= true_sigma
+    ref = normal_equations(J, blk.gram.order, ab, blk.gram.max_terms).lstsq(rhs)
+    assert np.linalg.norm(J @ got.x - rhs) <= np.linalg.norm(J @ ref - rhs) + 1e-9 * np.linalg.norm(rhs)
+    hinted = proven_lstsq(ab, blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs, got.lam)
+    assert hinted is not None and hinted.float64 and 0.0 < hinted.sigma <= true_sigma
 
 
 def test_rank_deficient_system_is_not_proven(faces):

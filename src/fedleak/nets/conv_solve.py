@@ -20,8 +20,10 @@ float64). Success means ``L L^T = N - tau I + F + D + E`` is positive definite, 
   non-negative matrix is at most its largest row sum; two triangular band products).
 
 So ``sigma_min(J)^2 >= tau - slack``, ``slack`` the sum of those bounds, each rounded up: our own rounding cannot
-make the bound optimistic. Where float32 cannot give the proof (``slack > tau / 4``: an ill-conditioned block),
-or a factorisation fails twice, :func:`proven_lstsq` returns None and the caller uses float64
+make the bound optimistic. Where float32 cannot give the proof (``slack > tau / 4``: an ill-conditioned block, such
+as a 12-channel layer on 32x32 colour images), the float32 solve is kept and ``sigma`` is proven by one float64
+factorisation of ``N - tau I`` (:func:`sigma64`: the same bound with ``D = 0``); only where that fails too, or a
+float32 factorisation fails twice, :func:`proven_lstsq` returns None and the caller solves in float64 throughout
 (:mod:`fedleak.attacks.normal_equations`). A test checks the slack against the real error.
 
 **The solve.** Conjugate gradients on ``N x = J^T rhs`` in float64 (a product with ``N`` is a conv and a
@@ -29,10 +31,17 @@ transposed conv), preconditioned by the float32 factor: for ``tau = lambda_min /
 ``lambda / (lambda - tau)`` lies in ``[1, 2]`` (about a dozen iterations), and the largest Lanczos value of the
 run, ``lambda_min / (lambda_min - tau)``, gives ``lambda_min``. That estimate is the *hint* for the next system
 of the same block (the samples of a batch have alike spectra), so a block costs one factorisation per sample.
-Without a hint, or when the hint's ``tau`` is not below this system's ``lambda_min`` (the factorisation fails),
-``N`` itself is factored in float32 (CG then needs two or three iterations), a few Lanczos steps on ``N^{-1}``
-estimate ``lambda_min``, and ``N - tau I`` is factored for the proof. The hint only decides where the proof is
-tried; a wrong hint costs time, never soundness.
+Where that factor solves the system but its slack is too large for the proof at the hint's ``tau``, this run's
+estimate of ``lambda_min`` picks the proof's shift (:func:`prove_solved`). Without a hint, when the hint's ``tau``
+is not below this system's ``lambda_min`` (the factorisation fails) or far below it (the run's largest value under
+``INFORMATIVE``: it tells little), ``N`` itself is factored in float32 (CG then needs two or three iterations), a
+few Lanczos steps on ``N^{-1}`` estimate ``lambda_min``, and :func:`prove_solved` factors ``N - tau I`` for the
+proof: in float32 unless the slack of a float32 factor of ``N`` is already twice what the proof allows (a shifted
+factor's is about the same), else in float64. The hint only decides where the proof is tried; a wrong hint costs
+time, never soundness. On the retina model of docs/cnn.md
+(``make_convnet((3, 32, 32), channels=(12, 32))``, 12,288 unknowns, half-bandwidth 803) float32 never proves the top
+block: its float32 factor's slack is 0.0016 against ``tau / 4 < 0.0006``, and one float64 factorisation proves
+``sigma`` instead (0.35-0.45 s per sample where the float64 solver took 1.2-2.2 s; one thread, Intel Xeon).
 
 **A tighter proof.** The same bound in float64 (:func:`proven_sigma64`: ``D = 0`` and ``E`` a float64 backward
 error) is nearly ``sqrt(tau)``; the attack asks for it, for a system already solved, only where float32's looser
@@ -56,6 +65,8 @@ EPS64 = float(np.finfo(np.float64).eps)
 SHIFT = 0.5  # tau as a fraction of the estimated lambda_min
 RETRY_SHIFT = 0.1  # a second try when the first shift is not below lambda_min
 MAX_SLACK = 0.25  # float32 proves nothing when its rounding slack exceeds this fraction of tau
+INFORMATIVE = 1.01  # a hinted run's largest Lanczos value from which its lambda_min estimate picks the proof's tau
+# (the hint's tau at least ~1% of lambda_min); below it the hint was far too low, and lambda_min is estimated anew
 SUM_MARGIN = 1.01  # the slack's own sums of non-negative terms, some in float32 (relative error < 1e-4 here)
 CG_TOL = 1e-9  # relative preconditioned residual at which conjugate gradients stop (the bound uses the true
 # residual; 1e-9 of the right-hand side is far below the float32 noise the bound already carries)
@@ -72,11 +83,13 @@ def gamma(k: int, u: float) -> float:
 @dataclass(frozen=True)
 class ProvenSolve:
     """A least-squares solution ``x`` (natural order, float64), a proven lower bound ``sigma`` on
-    ``sigma_min(J)`` and an estimate ``lam`` of ``lambda_min(J^T J)`` (the hint for the next system)."""
+    ``sigma_min(J)``, an estimate ``lam`` of ``lambda_min(J^T J)`` (the hint for the next system), and whether
+    ``sigma`` was proven in float64 (:func:`proven_sigma64`'s proof: float32's rounding was too coarse)."""
 
     x: np.ndarray
     sigma: float
     lam: float
+    float64: bool = False
 
 
 def factor_slack(cb: np.ndarray) -> float:
@@ -241,15 +254,22 @@ def proof(ab: np.ndarray, tau: float, forming: float, dtype=np.float32) -> tuple
     got = factor(ab, tau, dtype)
     if got is None:
         return None
-    cb, err = got
+    sigma = proven_sigma(ab, tau, forming, got[1])
+    return None if sigma is None else (got[0], sigma)
+
+
+def proven_sigma(ab: np.ndarray, tau: float, forming: float, err: float) -> float | None:
+    """``sqrt(tau - slack)`` for a factorisation of ``N - tau I`` whose rounding (to its dtype, and its backward
+    error) is bounded by ``err``; None when the slack is too large a part of ``tau``."""
     slack = forming + err + EPS64 * (float(np.abs(ab[0]).max()) + tau)
-    return None if slack > MAX_SLACK * tau else (cb, math.sqrt(tau - slack))
+    return None if slack > MAX_SLACK * tau else math.sqrt(tau - slack)
 
 
 def proven_lstsq(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: Callable[[np.ndarray], np.ndarray],
                  b: np.ndarray, hint: float | None = None) -> ProvenSolve | None:
     """Solve ``N x = b`` (``b = J^T rhs``) with a proven ``sigma_min(J) >= sigma`` from a float32 factorisation of
-    ``N - tau I``; None when float32 cannot give the proof (the caller then uses float64).
+    ``N - tau I``, or from a float64 one where float32's rounding is too coarse for the proof; None when neither
+    gives it (the caller then solves in float64 throughout).
 
     ``ab``: ``N`` in lower band storage of the pixel-major order ``order``; ``matvec``: ``v -> N v`` in float64;
     ``hint``: an estimate of ``lambda_min(N)`` (from the previous system of the block), or None."""
@@ -267,15 +287,33 @@ def proven_sigma64(ab: np.ndarray, max_terms: int, lam: float) -> float | None:
     """A tighter proven lower bound on ``sigma_min(J)`` than float32 gives, from one float64 factorisation of
     ``N - tau I`` for ``tau`` a fraction of ``lam`` (an estimate of ``lambda_min(N)``, e.g. a solve's
     :attr:`ProvenSolve.lam`); None when neither shift gives the proof. ``lam`` only picks ``tau``."""
+    with blas_threads(1):  # band factorisations are too small to gain from threads
+        return sigma64(ab, lam, forming_error(ab, max_terms))
+
+
+def sigma64(ab: np.ndarray, lam: float, forming: float) -> float | None:
+    """:func:`proven_sigma64` with ``||F||`` bounded already (``forming``)."""
     if not (math.isfinite(lam) and lam > 0):
         return None
-    forming = forming_error(ab, max_terms)
-    with blas_threads(1):  # band factorisations are too small to gain from threads
-        for frac in (SHIFT, RETRY_SHIFT):
-            got = proof(ab, frac * lam, forming, np.float64)
-            if got is not None:
-                return got[1]
+    for frac in (SHIFT, RETRY_SHIFT):
+        got = proof(ab, frac * lam, forming, np.float64)
+        if got is not None:
+            return got[1]
     return None
+
+
+def prove_solved(x: np.ndarray, ab: np.ndarray, lam: float, forming: float, err32: float) -> ProvenSolve | None:
+    """The solve ``x`` of a system whose ``lambda_min`` is estimated as ``lam``, proven by a float32 factorisation
+    of ``N - tau I`` at the shifts where float32's slack may allow it (``err32``: the slack of a float32 factor of
+    this ``N`` made already; a shifted factor's is about the same), else by a float64 one (:func:`sigma64`: an
+    ill-conditioned system, float32's rounding too coarse for the proof); None when neither gives it."""
+    for frac in (SHIFT, RETRY_SHIFT):
+        if err32 <= 2 * MAX_SLACK * frac * lam:
+            got = proof(ab, frac * lam, forming)
+            if got is not None:
+                return ProvenSolve(x, got[1], lam)
+    sigma = sigma64(ab, lam, forming)
+    return None if sigma is None else ProvenSolve(x, sigma, lam, float64=True)
 
 
 def solve_with_hint(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: Callable[[np.ndarray], np.ndarray],
@@ -283,12 +321,17 @@ def solve_with_hint(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: C
     forming = forming_error(ab, max_terms)
     if hint is not None and math.isfinite(hint) and hint > 0:
         tau = SHIFT * hint
-        got = proof(ab, tau, forming)
+        got = factor(ab, tau)
         cg = None if got is None else pcg(matvec, b, band_solver(got[0], order))
         if cg is not None:
             mu = cg.ritz_max()  # ~ lambda_min / (lambda_min - tau), the preconditioned operator's largest value
-            return ProvenSolve(cg.x, got[1], tau * mu / (mu - 1) if mu > 1 + 1e-6 else hint)
-    base = factor(ab, 0.0)  # no hint, or it was above this system's lambda_min: estimate this one's
+            lam = tau * mu / (mu - 1) if mu > 1 + 1e-6 else hint
+            sigma = proven_sigma(ab, tau, forming, got[1])
+            fast = ProvenSolve(cg.x, sigma, lam) if sigma is not None else (
+                prove_solved(cg.x, ab, lam, forming, got[1]) if mu >= INFORMATIVE else None)
+            if fast is not None:
+                return fast
+    base = factor(ab, 0.0)  # no hint, or it was above this system's lambda_min or far below: estimate this one's
     if base is None:
         return None
     precond = band_solver(base[0], order)
@@ -296,8 +339,4 @@ def solve_with_hint(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: C
     if cg is None:
         return None
     lam = 1.0 / lanczos_max(precond, ab.shape[1])
-    for frac in (SHIFT, RETRY_SHIFT):
-        got = proof(ab, frac * lam, forming)
-        if got is not None:
-            return ProvenSolve(cg.x, got[1], lam)
-    return None
+    return prove_solved(cg.x, ab, lam, forming, base[1])

@@ -59,7 +59,7 @@ class BlockSolve:
     ``active``: the units whose equations were used (unpooled blocks); ``residual``: the numerator of ``bound``
     (``||J x - rhs||`` plus the noise), so that a tighter ``sigma`` gives ``bound = residual / sigma``;
     ``margin``: how far the used units are above their noise, the propagated error below which they are all
-    proven active (unpooled blocks).
+    proven active (unpooled blocks); ``float64``: ``sigma`` was proven in float64 (no tighter proof to try).
     """
 
     x: np.ndarray | None
@@ -73,6 +73,7 @@ class BlockSolve:
     active: np.ndarray | None = None
     residual: float = math.inf
     margin: float = 0.0
+    float64: bool = False
 
 
 def rounding_bound(blk: ConvBlock, x: np.ndarray, opts: ExclusivityOptions, rows: np.ndarray | None = None
@@ -103,11 +104,12 @@ def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
 
 
 def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray,
-                 hint: float | None, tight: bool = False) -> tuple[np.ndarray | None, float, float]:
+                 hint: float | None, tight: bool = False) -> tuple[np.ndarray | None, float, float, bool]:
     """Least squares ``J x = rhs``, ``J = A[rows]`` the block's active rows, with a proven lower bound on
     ``sigma_min(J)``: one float32 factorisation (:func:`fedleak.nets.conv_solve.proven_lstsq`, products with ``J``
-    by convs) where it gives the proof, float64 (:mod:`fedleak.attacks.normal_equations`, ``J`` formed) otherwise
-    or when ``tight`` (its bound is tighter). Returns ``(x, sigma, lambda_min estimate)``."""
+    by convs) where it gives the proof, or the float32 solve proven in float64; float64 throughout
+    (:mod:`fedleak.attacks.normal_equations`, ``J`` formed) where neither works or when ``tight`` (its bound is
+    tighter). Returns ``(x, sigma, lambda_min estimate, whether sigma was proven in float64)``."""
     gram = blk.gram
     if gram is None or gram.n * gram.bandwidth ** 2 > BAND_WORK:
         system = normal_equations(blk.affine[0][rows], pixel_major_order(blk.in_shape))
@@ -126,10 +128,10 @@ def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray,
                                blk.conv.padding, w),
                 blk.unrolled_transpose_times(v), hint)
         if fast is not None:
-            return fast.x, fast.sigma, fast.lam
+            return fast.x, fast.sigma, fast.lam, fast.float64
         system = normal_equations(blk.affine[0][rows], gram.order, ab, gram.max_terms)
     x = system.lstsq(rhs)
-    return x, (system.sigma_lower() if x is not None else 0.0), math.nan
+    return x, (system.sigma_lower() if x is not None else 0.0), math.nan, True
 
 
 def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions,
@@ -154,7 +156,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
                               f"underdetermined: {len(rows)} equations (surely active units) for {n} unknowns")
         rhs = out[rows] - c[rows]
-        x, sigma, lam = solve_active(blk, rows, rhs, hint, tight)
+        x, sigma, lam, precise = solve_active(blk, rows, rhs, hint, tight)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
         noise = float(np.linalg.norm(out_err[rows] + rounding_bound(blk, x, opts, rows))) + out_err2
@@ -166,7 +168,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
                   "no proven lower bound on sigma_min" if sigma <= 0 else
                   "solved, but the error from the layer above leaves the active set unproven")
         margin = float((out[rows] - out_err[rows]).min(initial=math.inf))
-        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam, rows, resid + noise, margin)
+        return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam, rows, resid + noise, margin, precise)
     # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
     win = blk.pool_windows
     kh, kw = blk.pool.kernel
@@ -238,7 +240,10 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
 def reprove(blk: ConvBlock, solve: BlockSolve) -> BlockSolve | None:
     """``solve`` (an unpooled block solved from its surely active units with a float32 proof) with ``sigma``
     proven again in float64 (:func:`fedleak.nets.conv_solve.proven_sigma64`): the same system and solution, a
-    tighter error bound. None when there is nothing to re-prove or float64 does not prove more."""
+    tighter error bound; ``solve`` itself where its ``sigma`` was proven in float64 already. None when there is
+    nothing to re-prove or float64 does not prove more."""
+    if solve.float64:
+        return solve
     gram = blk.gram
     if (blk.pool is not None or gram is None or not solve.unique or solve.active is None
             or not math.isfinite(solve.lam)):
