@@ -132,3 +132,39 @@ def test_checked_preacts_agree_with_the_full_passes_where_checks_read_them(lfw, 
         asked[exact[:2]] = True
         np.testing.assert_allclose(z64[last][close | asked], full64[last][close | asked], rtol=0, atol=1e-12)
         assert ((z64[last] > 0) == (full64[last] > 0)).all() and (np.abs(z64[last][~close]) > near).all()
+
+
+class UsersNet(nn.Module):
+    """A CNN as users write it: two 3x3 convs with ``F.relu``, ``x.view``, Dropout, torch's default init."""
+
+    def __init__(self, side: int, classes: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 12, 3, padding=1), nn.Conv2d(12, 32, 3, padding=1)
+        self.fc1, self.drop, self.fc2 = nn.Linear(32 * side * side, 512), nn.Dropout(0.2), nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = nn.functional.relu(self.conv2(nn.functional.relu(self.conv1(x))))
+        return self.fc2(self.drop(nn.functional.relu(self.fc1(x.view(x.shape[0], -1)))))
+
+
+def test_users_cnn_on_normalised_faces_is_fished_with_the_clearance_its_attack_needs(lfw):
+    """On inputs normalised to zero mean and unit variance, the error the attack propagates into the lower conv
+    block (4-7e-3 here) exceeds the fixed floor of the units' clearance (0.004, enough for make_convnet's models
+    on inputs in [0, 1]); read from the attack's own chain, the clearance grows with it, and the fished batch is
+    certified (2/8 with the floor alone)."""
+    from fedleak.fishing.clearance import clearances
+
+    x, y = lfw.batch(8, seed=11)
+    x = (x - x.mean()) / x.std()
+    torch.manual_seed(7)
+    model = UsersNet(lfw.input_shape[1], lfw.num_classes).eval()
+    net = as_network(model, input_shape=tuple(lfw.input_shape))
+    feats = net.features(x.double(), torch.float64).numpy()
+    assert clearances(net, feats, 0.004).min() > 0.004
+    plain = as_network(make_convnet(lfw.input_shape, lfw.num_classes, **CONFIG))
+    raw = lfw.batch(8, seed=11)[0]
+    assert np.all(clearances(plain, plain.features(raw.double(), torch.float64).numpy(), 0.004) == 0.004)
+    xf = fedleak.fish(model, x, y, solve_check=False).inputs
+    scored = fedleak.metrics.match(_attack(model, xf, y), xf, y)
+    assert not scored.false_certificate.any()
+    assert scored.recovered.sum() >= 7

@@ -27,6 +27,7 @@ from torch import nn
 from fedleak.analysis.batch import Batch, predictions, read_batch
 from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.errors import FedleakError
+from fedleak.fishing.clearance import clearances
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
@@ -36,7 +37,8 @@ from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
 from fedleak.nets.cast import unchanged
 
-CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero
+CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero, or more
+# where the attack's propagated error needs it (:mod:`fedleak.fishing.clearance`)
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
 
 
@@ -53,7 +55,7 @@ class Fisher:
         self.clean = head.preacts(self.features)  # one pass over the head for the whole batch, not one per sample
         for m, net in enumerate(self.nets):
             net.clean_head = [z[m] for z in self.clean]
-        self.clear = opts.margin * CLEAR_FRACTION
+        self.clear = clearances(stack.net, self.features, opts.margin * CLEAR_FRACTION)  # (M, lower blocks)
         self.Xp = X.copy()
         self.fixed = np.zeros(self.M, dtype=bool)  # sent unperturbed
         self.owner = np.ones(self.M, dtype=bool)  # may own targets
@@ -84,15 +86,17 @@ class Fisher:
         """Rows that keep the lower conv blocks provably invertible: the attack solves a block from the
         units of its output that are active *beyond the error propagated from the block above*, and all
         units it uses must be proven active. A unit barely above zero breaks that proof, so every unit of
-        a lower block (a max-pooled block: every window max) must stay clear of zero by
-        ``margin * CLEAR_FRACTION`` on its current side (lazy rows: written only near zero or when a
-        forward pass shows a violation)."""
+        a lower block (a max-pooled block: every window max) must stay clear of zero on its current side, by
+        twice the error the attack will propagate into the block and at least ``margin * CLEAR_FRACTION``
+        (:func:`~fedleak.fishing.clearance.clearances`; lazy rows: written only near zero or when a forward pass
+        shows a violation)."""
         net = self.nets[m]
         parts = []
         for i in range(len(self.stack.blocks) - 1):
             z = net.clean[i]
             near = np.nonzero((np.abs(z) < CLEAR_WATCH) & net.watched(net.conv_layer[i]))[0]
-            parts.append(RequirementTable.units(net.conv_layer[i], near, np.where(z[near] > 0, 1, -1), self.clear))
+            parts.append(RequirementTable.units(net.conv_layer[i], near, np.where(z[near] > 0, 1, -1),
+                                                 float(self.clear[m, i])))
         return RequirementTable.of(*parts)
 
     def solve(self, m: int) -> SampleOutcome:
