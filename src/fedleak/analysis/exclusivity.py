@@ -155,7 +155,7 @@ def _solvability(net: Network, acts: list[torch.Tensor], opts) -> tuple[np.ndarr
     host = [a.to(torch.float64).reshape(M, -1).cpu().numpy() for a in acts]
     for m in range(M):
         err2 = 0.0
-        err = opts.ratio_noise * EPS32 * np.abs(host[-1][m])
+        err = opts.feature_error(host[-1][m], EPS32)
         ok = True
         for i in range(nb - 1, -1, -1):
             out = host[i + 1][m]

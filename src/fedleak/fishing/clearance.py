@@ -34,7 +34,7 @@ def clearances(net: Network, features: np.ndarray, floor: float) -> np.ndarray:
         return out
     opts = ExclusivityOptions()
     f0 = features[0]
-    chain = invert_chain(net, f0, opts.ratio_noise * EPS32 * np.abs(f0), opts)
+    chain = invert_chain(net, f0, opts.feature_error(f0, EPS32), opts)
     # chain.blocks[j] solves block lower - j (top first); block i's output carries the error of block i + 1's solve
     bounds = np.array([chain.blocks[lower - 1 - i].bound if lower - 1 - i < len(chain.blocks) else math.inf
                        for i in range(lower)])

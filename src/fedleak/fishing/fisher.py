@@ -87,7 +87,7 @@ class Fisher:
         units of its output that are active *beyond the error propagated from the block above*, and all
         units it uses must be proven active. A unit barely above zero breaks that proof, so every unit of
         a lower block (a max-pooled block: every window max) must stay clear of zero on its current side, by
-        twice the error the attack will propagate into the block and at least ``margin * CLEAR_FRACTION``
+        a multiple of the error the attack will propagate into the block and at least ``margin * CLEAR_FRACTION``
         (:func:`~fedleak.fishing.clearance.clearances`; lazy rows: written only near zero or when a forward pass
         shows a violation)."""
         net = self.nets[m]

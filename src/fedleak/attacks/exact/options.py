@@ -121,6 +121,12 @@ class ExclusivityOptions:
         lo, hi = self.data_range if self.data_range is not None else (float(x.min()), float(x.max()))
         return max(hi - lo, 1e-300)
 
+    def feature_error(self, features: np.ndarray, eps: float) -> np.ndarray:
+        """The per-unit error bound of ``features`` recovered from the head as gradient ratios (``eps``: the
+        observed gradient's machine epsilon): ``ratio_noise * eps * |features|``, what the conv blocks' inversion
+        starts from."""
+        return self.ratio_noise * eps * np.abs(features)
+
     def __post_init__(self) -> None:
         validate_fields(self)  # types and signs first, then the checks below
         object.__setattr__(self, "defense", defense_stack(self.defense))

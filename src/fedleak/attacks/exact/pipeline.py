@@ -260,7 +260,7 @@ def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions,
 
     eps_obs = float(torch.finfo(obs_dtype).eps) if obs_dtype != F64 else EPS32
     feats = [c.acts[0].cpu().numpy() for c in complete]
-    chains = invert_chains(net, feats, [opts.ratio_noise * eps_obs * np.abs(f) for f in feats], opts)
+    chains = invert_chains(net, feats, [opts.feature_error(f, eps_obs) for f in feats], opts)
     X = torch.zeros(len(complete), *net.input_shape, dtype=F64)
     solved = [ch.x is not None for ch in chains]
     for k, ch in enumerate(chains):
