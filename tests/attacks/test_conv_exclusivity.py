@@ -197,3 +197,50 @@ def test_colour_images_are_proven_in_float64_where_float32_cannot(monkeypatch):
     assert rec.num_certified >= 2
     _check_no_false_certificate(fished, y, rec)
     assert conv_walkdown.reprove(as_network(model).blocks[1], top[0]) is top[0]  # the tight pass keeps it as it is
+
+
+def test_samples_nothing_can_certify_are_solved_without_proofs(monkeypatch):
+    """Seven candidates for a batch of eight: those with one witness in the head can be certified only with the
+    whole batch, so their conv blocks are solved without proofs. Same certificates and the same rebuilt inputs
+    (to 1e-5, well within the 1e-4 of an exact sample) as when every chain is proven (the batch size hidden from
+    the walk)."""
+    from fedleak.attacks.exact import pipeline
+
+    x, y = fedleak.load_dataset("lfw").batch(8, seed=1)
+    model = make_convnet((1, 25, 25), 2, channels=(6, 32), fc_widths=(128,), seed=0)
+    upd = compute_gradient_update(model, x, y)
+    rec = exclusivity_attack(model, upd, fallback="none")
+    unproven = [k for k, s in enumerate(rec.samples) if "without proofs" in s.reason]
+    assert len(rec) < 8 and len(unproven) >= 2 and rec.num_certified >= 1
+    for k in unproven:
+        s = rec.samples[k]
+        assert not s.certified and s.rebuilt and s.witnesses[-1] < 2 and s.solved_layers == ()
+    _check_no_false_certificate(x, y, rec)
+
+    drop = pipeline.drop_mixtures
+    monkeypatch.setattr(pipeline, "drop_mixtures", lambda *a: (drop(*a)[0], None))  # batch unknown: prove all
+    every = exclusivity_attack(model, upd, fallback="none")
+    assert torch.equal(every.certified, rec.certified) and torch.equal(every.labels, rec.labels)
+    assert float((every.inputs - rec.inputs).abs().max()) < 1e-5
+    assert not any("without proofs" in s.reason for s in every.samples)
+    assert [s.reason for k, s in enumerate(rec.samples) if k not in unproven] == \
+        [s.reason for k, s in enumerate(every.samples) if k not in unproven]
+
+
+def test_chains_are_proven_again_where_the_batch_turns_out_whole(lfw_case, monkeypatch):
+    """The head certificate read one batch size too many (a weak candidate's chain left unproven) where the
+    rebuilt features give the true one: the walk is made again with every proof, and the outcome is the same as
+    the attack's own."""
+    from fedleak.attacks.exact import pipeline
+
+    _, _, model, upd, rec = lfw_case
+    assert any(s.witnesses[-1] < 2 for s in rec.samples) and len(rec) == rec.batch_size == 4
+    drop = pipeline.drop_mixtures
+    walks = []
+    monkeypatch.setattr(pipeline, "drop_mixtures", lambda *a: (drop(*a)[0], 5))
+    walk = pipeline.walk_conv
+    monkeypatch.setattr(pipeline, "walk_conv", lambda *a: walks.append(a[4] if len(a) > 4 else None) or walk(*a))
+    again = exclusivity_attack(model, upd, fallback="none")
+    assert len(walks) == 2 and not all(walks[0]) and walks[1] is None
+    assert torch.equal(again.inputs, rec.inputs) and torch.equal(again.certified, rec.certified)
+    assert [s.reason for s in again.samples] == [s.reason for s in rec.samples]

@@ -20,6 +20,7 @@ from fedleak.nets.conv_solve import (
     factor,
     factor_slack,
     forming_error,
+    plain_lstsq,
     proof,
     proven_lstsq,
     proven_sigma64,
@@ -62,6 +63,20 @@ def test_bound_is_below_the_true_sigma_and_the_solution_is_least_squares(faces, 
     ref = normal_equations(J, blk.gram.order, ab, blk.gram.max_terms)
     assert np.abs(got.x - ref.lstsq(rhs)).max() < 1e-7
     assert got.lam >= true_sigma ** 2  # the estimate approaches lambda_min from above
+
+
+@pytest.mark.parametrize("k", [4, 7])
+def test_plain_solve_is_the_proven_solve_without_its_proof(faces, k):
+    blk, J, rhs, w, matvec, x_true = _system(faces, k)
+    ab = blk.gram.band(w)
+    proven = proven_lstsq(ab, blk.gram.order, blk.gram.max_terms, matvec, J.T @ rhs)
+    plain = plain_lstsq(ab, blk.gram.order, matvec, J.T @ rhs)
+    assert proven is not None and plain is not None
+    assert np.abs(plain - x_true).max() < 1e-7
+    assert np.abs(plain - proven.x).max() < 1e-8
+    singular = ab.copy()
+    singular[0] = -1.0  # not positive definite: no float32 factor, no solve
+    assert plain_lstsq(singular, blk.gram.order, matvec, J.T @ rhs) is None
 
 
 def test_a_hint_never_weakens_the_proof(faces):

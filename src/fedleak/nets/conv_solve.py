@@ -106,24 +106,27 @@ def factor_slack(cb: np.ndarray) -> float:
     return gamma(rows + 1, u) * float(row.max()) * SUM_MARGIN
 
 
-def factor(ab: np.ndarray, tau: float, dtype=np.float32) -> tuple[np.ndarray, float] | None:
+def factor(ab: np.ndarray, tau: float, dtype=np.float32, bound: bool = True) -> tuple[np.ndarray, float] | None:
     """The band Cholesky factor of ``N - tau I`` in ``dtype`` (``ab``: lower band storage of ``N``, float64,
     best Fortran-ordered as :meth:`~fedleak.nets.conv_gram.ConvGram.band` gives it: LAPACK then factors it in
-    place) and a bound on ``||D||_2 + ||E||_2`` (rounding to ``dtype`` and factorisation error), or None when
-    the factorisation fails. Inside :func:`fedleak.nets.scratch.reused_arrays` the factor is overwritten by the next
-    call for the same shape and ``dtype``."""
+    place) and a bound on ``||D||_2 + ||E||_2`` (rounding to ``dtype`` and factorisation error; ``inf`` without
+    ``bound``: a preconditioner only), or None when the factorisation fails. Inside
+    :func:`fedleak.nets.scratch.reused_arrays` the factor is overwritten by the next call for the same shape and
+    ``dtype``."""
     a = work_array("band factor", ab.shape, dtype, order="F")
     np.copyto(a, ab)
     if tau:
         a[0] = (ab[0] - tau).astype(dtype)
+    cb, info = sl.get_lapack_funcs("pbtrf", (a,))(a, lower=1, overwrite_ab=1)
+    if info != 0:  # not positive definite
+        return None
+    if not bound:
+        return cb, math.inf
     err = 0.0
     if a.dtype != ab.dtype:  # ||D|| <= u ||N - tau I||_F <= u (||N||_F + tau sqrt(n)) (the diagonal counted twice)
         flat = ab.ravel(order="K")
         err = float(np.finfo(dtype).eps) / 2 * (math.sqrt(2 * float(flat @ flat)) + tau * math.sqrt(ab.shape[1])) \
             * SUM_MARGIN
-    cb, info = sl.get_lapack_funcs("pbtrf", (a,))(a, lower=1, overwrite_ab=1)
-    if info != 0:  # not positive definite
-        return None
     return cb, err + factor_slack(cb)
 
 
@@ -275,6 +278,18 @@ def proven_lstsq(ab: np.ndarray, order: np.ndarray, max_terms: int, matvec: Call
     ``hint``: an estimate of ``lambda_min(N)`` (from the previous system of the block), or None."""
     with blas_threads(1):  # band factorisations are too small to gain from threads
         return solve_with_hint(ab, order, max_terms, matvec, b, hint)
+
+
+def plain_lstsq(ab: np.ndarray, order: np.ndarray, matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
+                ) -> np.ndarray | None:
+    """Solve ``N x = b`` (the arguments of :func:`proven_lstsq`) without a proof of ``sigma_min``, for a sample
+    nothing can certify: conjugate gradients preconditioned by a float32 factor of ``N`` itself (two or three
+    iterations, where the proof's shifted factor needs about a dozen), to the same tolerance. None where that
+    factorisation or the iteration fails (the caller then solves in float64)."""
+    with blas_threads(1):  # band factorisations are too small to gain from threads
+        got = factor(ab, 0.0, bound=False)
+        cg = None if got is None else pcg(matvec, b, band_solver(got[0], order))
+    return None if cg is None else cg.x
 
 
 def forming_error(ab: np.ndarray, max_terms: int) -> float:

@@ -34,7 +34,7 @@ from fedleak.attacks.normal_equations import BAND_WORK, normal_equations
 from fedleak.nets import ConvBlock, Network
 from fedleak.nets.cast import unchanged
 from fedleak.nets.conv_gram import pixel_major_order
-from fedleak.nets.conv_solve import normal_product, proven_lstsq, proven_sigma64
+from fedleak.nets.conv_solve import normal_product, plain_lstsq, proven_lstsq, proven_sigma64
 from fedleak.nets.scratch import reused_arrays
 from fedleak.threads import blas_threads
 
@@ -42,6 +42,7 @@ F64 = torch.float64
 EPS32 = float(np.finfo(np.float32).eps)
 TIGHT_REACH = 0.5 * 1.25  # the float64 proof's sigma^2 as a fraction of the estimated lambda_min, generously
 POOL_WORK = 5e9  # band-Cholesky flops of a batch above which its chains are solved in worker processes (~0.3 s)
+UNASKED = "solved without a proof (none was asked for)"
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -103,13 +104,14 @@ def gordan(J: sp.csr_matrix) -> tuple[np.ndarray | None, float]:
     return lam, float(np.linalg.norm(J.T @ lam))
 
 
-def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray,
-                 hint: float | None, tight: bool = False) -> tuple[np.ndarray | None, float, float, bool]:
+def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray, hint: float | None, tight: bool = False,
+                 prove: bool = True) -> tuple[np.ndarray | None, float, float, bool]:
     """Least squares ``J x = rhs``, ``J = A[rows]`` the block's active rows, with a proven lower bound on
     ``sigma_min(J)``: one float32 factorisation (:func:`fedleak.nets.conv_solve.proven_lstsq`, products with ``J``
     by convs) where it gives the proof, or the float32 solve proven in float64; float64 throughout
     (:mod:`fedleak.attacks.normal_equations`, ``J`` formed) where neither works or when ``tight`` (its bound is
-    tighter). Returns ``(x, sigma, lambda_min estimate, whether sigma was proven in float64)``."""
+    tighter). Without ``prove`` the system is only solved (:func:`fedleak.nets.conv_solve.plain_lstsq`) and
+    ``sigma`` is 0. Returns ``(x, sigma, lambda_min estimate, whether sigma was proven in float64)``."""
     gram = blk.gram
     if gram is None or gram.n * gram.bandwidth ** 2 > BAND_WORK:
         system = normal_equations(blk.affine[0][rows], pixel_major_order(blk.in_shape))
@@ -122,27 +124,32 @@ def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray,
         if not tight:
             v = np.zeros(blk.conv_dim)
             v[rows] = rhs
-            fast = proven_lstsq(
-                ab, gram.order, gram.max_terms,
-                normal_product(ab, gram.order, blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.stride,
-                               blk.conv.padding, w),
-                blk.unrolled_transpose_times(v), hint)
+            matvec = normal_product(ab, gram.order, blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.stride,
+                                    blk.conv.padding, w)
+            if not prove:
+                x = plain_lstsq(ab, gram.order, matvec, blk.unrolled_transpose_times(v))
+                if x is not None:
+                    return x, 0.0, math.nan, False
+            else:
+                fast = proven_lstsq(ab, gram.order, gram.max_terms, matvec, blk.unrolled_transpose_times(v), hint)
         if fast is not None:
             return fast.x, fast.sigma, fast.lam, fast.float64
         system = normal_equations(blk.affine[0][rows], gram.order, ab, gram.max_terms)
     x = system.lstsq(rhs)
-    return x, (system.sigma_lower() if x is not None else 0.0), math.nan, True
+    return x, (system.sigma_lower() if x is not None and prove else 0.0), math.nan, prove
 
 
 def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions,
-                 out_err2: float = 0.0, hint: float | None = None, tight: bool = False) -> BlockSolve:
+                 out_err2: float = 0.0, hint: float | None = None, tight: bool = False, prove: bool = True
+                 ) -> BlockSolve:
     """Solve ``blk(x) = out`` for the block's input ``x`` when the observed units determine it.
 
     The error of ``out`` is bounded per unit by ``out_err`` (float32 noise) plus a vector of 2-norm at
     most ``out_err2`` (propagated from the block above). The result's ``bound`` is a 2-norm error bound
     of ``x`` (rigorous given the float32 noise model of :class:`ExclusivityOptions`). ``hint``: the ``lam`` of
     the same block's solve for another sample of the batch (it saves a factorisation; never changes the proof).
-    ``tight``: prove ``sigma_min`` in float64 (slower, a tighter bound: see :func:`solve_active`).
+    ``tight``: prove ``sigma_min`` in float64 (slower, a tighter bound: see :func:`solve_active`). Without
+    ``prove`` the input is solved for (the same least squares, the same active units) but nothing is proven.
     """
     A, c = blk.affine
     n = blk.in_dim
@@ -156,7 +163,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
                               f"underdetermined: {len(rows)} equations (surely active units) for {n} unknowns")
         rhs = out[rows] - c[rows]
-        x, sigma, lam, precise = solve_active(blk, rows, rhs, hint, tight)
+        x, sigma, lam, precise = solve_active(blk, rows, rhs, hint, tight, prove)
         if x is None:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n, "the active units are rank deficient")
         noise = float(np.linalg.norm(out_err[rows] + rounding_bound(blk, x, opts, rows))) + out_err2
@@ -164,7 +171,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         # any input x* reproducing out satisfies J x* = rhs - noise; ||x - x*|| <= (resid + noise) / sigma
         proven = sigma > 0 and (sure or bool((out[rows] > out_err[rows] + out_err2).all()))
         bound = (resid + noise) / sigma if proven else math.inf
-        reason = ("solved from the active units" if proven else
+        reason = ("solved from the active units" if proven else UNASKED if not prove else
                   "no proven lower bound on sigma_min" if sigma <= 0 else
                   "solved, but the error from the layer above leaves the active set unproven")
         margin = float((out[rows] - out_err[rows]).min(initial=math.inf))
@@ -220,6 +227,8 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
                                + min(out_err2, practical)):
         return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n,
                           "the solved input does not reproduce the block output")
+    if not prove:
+        return BlockSolve(x, False, math.inf, 0.0, len(q_idx), n, f"pooled block {UNASKED}")
     sigma = system.sigma_lower()
     if not opts.gordan or sigma <= 0 or not np.isfinite(out_err2):
         return BlockSolve(x, False, math.inf, sigma, len(q_idx), n, "pooled block solved, uniqueness not proven")
@@ -267,6 +276,7 @@ class ChainSolve:
     bound: float
     lowest_known: int  # index of the lowest block whose *input* is known (len(blocks) if none)
     known: np.ndarray  # that input (or the features)
+    prove: bool = True  # whether proofs were sought (False: solved only, see :func:`invert_chain`)
 
     @property
     def unique(self) -> bool:
@@ -274,14 +284,17 @@ class ChainSolve:
 
 
 def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions,
-                 previous: ChainSolve | None = None) -> ChainSolve:
+                 previous: ChainSolve | None = None, prove: bool = True) -> ChainSolve:
     """Invert every conv block of ``net`` from the flattened ``features`` (per-unit error ``feat_err``);
-    ``previous``: another sample's chain on the same network, whose spectra hint this one's. A chain the fast
+    ``previous``: another sample's chain on the same network, whose spectra hint this one's. Without ``prove``
+    (a sample nothing can certify) every block is solved as it would be, without its proof. A chain the fast
     float32 proofs leave unproven is solved once more with float64 proofs, whose tighter bounds on
     ``sigma_min`` may carry the proof down to the input (the top block's system is the same: its solution is
     kept and only its ``sigma`` proven again, :func:`reprove`). It is not tried where it cannot help: when the
     block below the top one is the unproven one and even ``sigma = sqrt(lambda_min / 2)`` (about the most the
     float64 proof gives) would leave its error above that block's margin."""
+    if not prove:
+        return solve_chain(net, features, feat_err, opts, prove=False)
     chain = solve_chain(net, features, feat_err, opts, previous)
     if chain.x is None or math.isfinite(chain.bound) or len(net.blocks) < 2:
         return chain
@@ -294,7 +307,8 @@ def invert_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts:
 
 
 def solve_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: ExclusivityOptions,
-                previous: ChainSolve | None = None, tight: bool = False, top: BlockSolve | None = None) -> ChainSolve:
+                previous: ChainSolve | None = None, tight: bool = False, top: BlockSolve | None = None,
+                prove: bool = True) -> ChainSolve:
     """:func:`invert_chain`'s one pass over the blocks, top to bottom; ``top``: the top block's solve from the
     fast pass, re-proven in float64 by the tight pass instead of solved again."""
     out, err, err2 = features, feat_err, 0.0
@@ -306,25 +320,26 @@ def solve_chain(net: Network, features: np.ndarray, feat_err: np.ndarray, opts: 
         j = len(net.blocks) - 1 - i
         s = reprove(net.blocks[i], top) if tight and j == 0 and top is not None else None
         if s is None:
-            s = invert_block(net.blocks[i], out, err, opts, err2, hints[j] if j < len(hints) else None, tight)
+            s = invert_block(net.blocks[i], out, err, opts, err2, hints[j] if j < len(hints) else None, tight,
+                             prove)
         solves.append(s)
         if s.x is None:
-            return ChainSolve(None, tuple(solves), math.inf, lowest, known)
+            return ChainSolve(None, tuple(solves), math.inf, lowest, known, prove)
         lowest, known = i, s.x
         bound = s.bound if s.unique else math.inf
         out = s.x
         # below, the known output carries the proven 2-norm error of this solve (when unproven, the lower
         # blocks are still solved for the fallback, but nothing below can be proven)
         err, err2 = np.zeros(len(out)), (bound if np.isfinite(bound) else math.inf)
-    return ChainSolve(out, tuple(solves), bound, 0, out)
+    return ChainSolve(out, tuple(solves), bound, 0, out, prove)
 
 
 def invert_chains(net: Network, features: list[np.ndarray], errors: list[np.ndarray],
-                  opts: ExclusivityOptions) -> list[ChainSolve]:
-    """:func:`invert_chain` for every sample. The samples are split into contiguous runs (each sample's solves hint
-    the next one's) spread over ``opts.workers`` forked worker processes: on Linux, outside daemonic processes
-    (which may not fork), and when the band factorisations are worth it (``POOL_WORK`` flops); else in this
-    process."""
+                  opts: ExclusivityOptions, prove: list[bool] | None = None) -> list[ChainSolve]:
+    """:func:`invert_chain` for every sample (``prove``: whether to prove each one's, all by default). The samples
+    are split into contiguous runs (each proven sample's solves hint the next one's) spread over ``opts.workers``
+    forked worker processes: on Linux, outside daemonic processes (which may not fork), and when the band
+    factorisations are worth it (``POOL_WORK`` flops); else in this process."""
     from fedleak.fishing.pool import parallel_map, resolve_workers  # the process pool fishing uses
 
     workers = resolve_workers(opts.workers)
@@ -333,10 +348,14 @@ def invert_chains(net: Network, features: list[np.ndarray], errors: list[np.ndar
     runs = 2 * workers if pool else 1
     edges = np.linspace(0, len(features), runs + 1).round().astype(int)
 
+    asked = [True] * len(features) if prove is None else prove
+
     def run(i: int) -> list[ChainSolve]:
         out: list[ChainSolve] = []
+        hint = None
         for k in range(edges[i], edges[i + 1]):
-            out.append(invert_chain(net, features[k], errors[k], opts, out[-1] if out else None))
+            out.append(invert_chain(net, features[k], errors[k], opts, hint, asked[k]))
+            hint = out[-1] if asked[k] else hint
         return out
 
     # thousands of small products: a threaded BLAS only spins (worse on a busy machine); the band arrays of one

@@ -45,6 +45,7 @@ from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
 
 if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by the networks that have conv blocks
+    from fedleak.attacks.exact.certificate import Certificate
     from fedleak.attacks.exact.conv_walkdown import ChainSolve
 
 F64 = torch.float64
@@ -95,14 +96,14 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
                      "down to the input of the first Linear layer (a candidate is a sample, or a mixture of samples "
                      "that share its neurons, which no input below reproduces)")
     found = Found(len(cands), len(complete))
-    # 3. the conv blocks, top down
+    # 3. the conv blocks, top down, and 4. the certificate, on the (rebuilt) features
     walk = None
     if net.blocks:
-        complete = drop_mixtures(attack, complete, reported)
+        complete, batch = drop_mixtures(attack, complete, reported)
         found = replace(found, mixtures=found.traced - len(complete))
-        walk = walk_conv(net, complete, opts, obs_dtype)
-    # 4. the certificate, on the (rebuilt) features
-    cert = attack.certify(complete, reported)
+        walk, cert = walk_and_certify(attack, net, complete, batch, reported, obs_dtype)
+    else:
+        cert = attack.certify(complete, reported)
     records, batch_ok = list(cert.recoveries), cert.batch_certified
     if walk is None:
         inputs = (torch.stack([c.acts[0] for c in complete]) if complete
@@ -238,11 +239,13 @@ class ConvWalk:
     forward_ok: list[bool]
 
 
-def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int | None) -> list[Candidate]:
+def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int | None
+                  ) -> tuple[list[Candidate], int | None]:
     """Keep the candidates the head certificate accepts, or whose witnesses sit at the batch's common scale
-    (single-witness samples the whole-batch certificate may still certify); mixtures of samples are dropped."""
+    (single-witness samples the whole-batch certificate may still certify); mixtures of samples are dropped.
+    Returns them and the batch size the head certificate found (None: none)."""
     if not complete:
-        return complete
+        return complete, reported
     pre = attack.certify(complete, reported)
     keep = [c for c, r in zip(complete, pre.recoveries) if r.certified or (
         pre.factor is not None and r.witnesses[-1] >= 1 and np.isfinite(r.scale)
@@ -250,17 +253,43 @@ def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int |
     if len(keep) < len(complete):
         attack.notes.append(f"{len(complete) - len(keep)} head candidate(s) failed the head certificate (mixtures) "
                             "and were dropped")
-    return keep
+    return keep, pre.batch_size
 
 
-def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions, obs_dtype) -> ConvWalk:
-    """Walk each candidate's features down the conv blocks; the features of a sample whose chain reached the
-    input become the rebuilt input's own (so the certificate reads what the input really gives)."""
+def walk_and_certify(attack: HeadAttack, net: Network, complete: list[Candidate], batch: int | None,
+                     reported: int | None, obs_dtype) -> tuple[ConvWalk, Certificate]:
+    """Walk the candidates down the conv blocks (:func:`walk_conv`) and certify them on their rebuilt features.
+
+    A candidate with fewer than ``min_last`` witnesses in the head is certified only as part of the whole batch,
+    which needs at least as many candidates as the batch's ``batch`` samples: where there are fewer, its conv
+    blocks are solved without proofs (the same solutions; nothing is proven that nothing could use). Should the
+    certificate on the rebuilt features find a batch size that does admit the whole batch, the walk is made again
+    with every proof."""
+    opts = attack.opts
+    t = net.head.depth - 1
+    whole = batch is None or len(complete) >= batch
+    prove = [whole or len(c.witnesses[t]) >= opts.min_last for c in complete]
+    features = [c.acts[0] for c in complete]
+    walk = walk_conv(net, complete, opts, obs_dtype, prove)
+    cert = attack.certify(complete, reported)
+    if not all(prove) and cert.batch_size is not None and len(complete) >= cert.batch_size:
+        for c, f in zip(complete, features):
+            c.acts[0] = f
+        walk = walk_conv(net, complete, opts, obs_dtype)
+        cert = attack.certify(complete, reported)
+    return walk, cert
+
+
+def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions, obs_dtype,
+              prove: list[bool] | None = None) -> ConvWalk:
+    """Walk each candidate's features down the conv blocks (``prove``: whether to prove each one's chain, all by
+    default); the features of a sample whose chain reached the input become the rebuilt input's own (so the
+    certificate reads what the input really gives)."""
     from fedleak.attacks.exact.conv_walkdown import EPS32, feature_matching, invert_chains
 
     eps_obs = float(torch.finfo(obs_dtype).eps) if obs_dtype != F64 else EPS32
     feats = [c.acts[0].cpu().numpy() for c in complete]
-    chains = invert_chains(net, feats, [opts.feature_error(f, eps_obs) for f in feats], opts)
+    chains = invert_chains(net, feats, [opts.feature_error(f, eps_obs) for f in feats], opts, prove)
     X = torch.zeros(len(complete), *net.input_shape, dtype=F64)
     solved = [ch.x is not None for ch in chains]
     for k, ch in enumerate(chains):
@@ -293,12 +322,17 @@ def conv_records(net: Network, complete: list[Candidate], walk: ConvWalk, head: 
     n_blocks = len(net.blocks)
     for k, (c, ch, hr) in enumerate(zip(complete, walk.chains, head)):
         conv_solved = tuple(n_blocks - i for i, b in enumerate(ch.blocks) if b.unique)
-        failing = next((i for i, b in enumerate(ch.blocks) if not b.unique), None)
-        if failing is not None:  # the chain is solved top block first
+        # the chain is solved top block first; one solved without proofs fails where a block is not solved
+        failing = next((i for i, b in enumerate(ch.blocks) if not b.unique and (ch.prove or b.x is None)), None)
+        if failing is not None:
             how = ("rebuilt analytically (uncertified)" if walk.solved[k] else
                    "rebuilt by feature matching (uncertified)" if opts.fallback == "features" else "not rebuilt")
             layer = net.blocks[n_blocks - 1 - failing].name
             ok, reason = False, f"conv layer '{layer}': {ch.blocks[failing].reason}; {how}"
+        elif not ch.prove:  # a sample the head cannot certify alone, in a batch that cannot be certified whole
+            ok, reason = False, (f"FC head: {hr.reason}; with fewer candidates than the batch holds it cannot be "
+                                 "certified as part of the whole batch either, so its conv layers were solved "
+                                 "without proofs; rebuilt analytically (uncertified)")
         elif ch.bound > opts.max_error * opts.range_width(walk.inputs):
             ok, reason = False, (f"conv layers solved uniquely, but the proven error bound {ch.bound:.1e} of the "
                                  f"rebuilt input exceeds max_error ({opts.max_error:g} of the data range)")
