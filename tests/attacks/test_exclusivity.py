@@ -330,3 +330,28 @@ def test_attack_pins_torch_threads_and_restores_them(digits):
         torch.set_num_threads(before)
     with pytest.raises(fedleak.FedleakError, match="threads"):
         fedleak.reconstruct(model, update, threads=0)
+
+
+def test_an_mlp_result_takes_part_in_autograd_like_any_tensor(digits):
+    # the MLP attack runs in inference mode: what it returns must still be ordinary tensors
+    model = fedleak.make_mlp(digits.input_shape, [128], 10, seed=0)
+    x, y = digits.batch(2, seed=0)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    assert rec.num_certified == 2
+    assert not torch.is_inference_mode_enabled()
+    for t in (rec.inputs, rec.labels, rec.certified):
+        assert not t.is_inference()
+    inputs = rec.inputs.clone().requires_grad_(True)
+    F.cross_entropy(model(inputs), rec.labels).backward()
+    assert inputs.grad is not None and torch.isfinite(inputs.grad).all()
+    rec.inputs.mul_(1.0)  # in place, outside inference mode: an inference tensor would refuse
+    # the caches the attack filled in inference mode serve an attack that runs on autograd after it
+    conv = fedleak.make_convnet(digits.input_shape, channels=(4,), kernel=3, padding=1, pool=None,
+                                fc_widths=(64,), num_classes=10, seed=0)
+    after = fedleak.reconstruct(conv, fedleak.compute_gradient_update(conv, x, y))
+    assert not after.inputs.is_inference()
+    # a model built in inference mode (its parameters keep no version counter) is read like any other
+    with torch.inference_mode():
+        frozen = fedleak.make_mlp(digits.input_shape, [128], 10, seed=0)
+    again = fedleak.reconstruct(frozen, fedleak.compute_gradient_update(model, x, y))
+    assert again.num_certified == 2 and torch.equal(again.inputs, rec.inputs)

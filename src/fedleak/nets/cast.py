@@ -29,7 +29,13 @@ def state(tensor: torch.Tensor) -> tuple:
     update through ``.data`` does not bump the version, but changes the sum)."""
     t = tensor.detach()
     flat = t.contiguous().reshape(-1)
-    return t.data_ptr(), t._version, t.dtype, str(t.device), tuple(t.shape), bit_sum(flat)
+    return t.data_ptr(), version(t), t.dtype, str(t.device), tuple(t.shape), bit_sum(flat)
+
+
+def version(tensor: torch.Tensor) -> int:
+    """The tensor's version counter; -1 for an inference tensor (a tensor made in ``torch.inference_mode``, a
+    model built there for one), which has none: its bits' sum still tells a change."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def bit_sum(flat: torch.Tensor) -> int | float:
@@ -70,7 +76,7 @@ def fingerprint(tensor: torch.Tensor) -> tuple:
     if trusted is None:
         return state(tensor)
     t = tensor.detach()
-    quick = (t.data_ptr(), t._version)
+    quick = (t.data_ptr(), version(t))
     known = trusted.get(id(tensor))
     if known is not None and known[0]() is tensor and known[1] == quick:
         return known[2]

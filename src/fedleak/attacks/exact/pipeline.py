@@ -56,8 +56,15 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
     ``noise``: the update's own rounding noise per entry, where it is known."""
-    with pinned_threads(opts.threads):
-        return run_pinned(model, net, update, opts, noise, name)
+    if net.blocks:  # the conv walk-down and the whole batch's gradient run on autograd
+        with pinned_threads(opts.threads):
+            return run_pinned(model, net, update, opts, noise, name)
+    # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping its many small operations cost
+    # less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs). What it returns is copied out
+    # of inference mode, so that it can take part in autograd
+    with pinned_threads(opts.threads), torch.inference_mode():
+        rec = run_pinned(model, net, update, opts, noise, name)
+    return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
