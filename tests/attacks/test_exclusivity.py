@@ -332,7 +332,7 @@ def test_attack_pins_torch_threads_and_restores_them(digits):
         fedleak.reconstruct(model, update, threads=0)
 
 
-def test_an_mlp_result_takes_part_in_autograd_like_any_tensor(digits):
+def test_results_take_part_in_autograd_whatever_the_mode(digits):
     # the MLP attack runs in inference mode: what it returns must still be ordinary tensors
     model = fedleak.make_mlp(digits.input_shape, [128], 10, seed=0)
     x, y = digits.batch(2, seed=0)
@@ -348,8 +348,12 @@ def test_an_mlp_result_takes_part_in_autograd_like_any_tensor(digits):
     # the caches the attack filled in inference mode serve an attack that runs on autograd after it
     conv = fedleak.make_convnet(digits.input_shape, channels=(4,), kernel=3, padding=1, pool=None,
                                 fc_widths=(64,), num_classes=10, seed=0)
-    after = fedleak.reconstruct(conv, fedleak.compute_gradient_update(conv, x, y))
-    assert not after.inputs.is_inference()
+    conv_update = fedleak.compute_gradient_update(conv, x, y)
+    after = fedleak.reconstruct(conv, conv_update)
+    assert not after.inputs.is_inference() and after.num_certified == 2
+    with torch.inference_mode():  # a caller in inference mode: the CNN's autograd parts still run
+        inside = fedleak.reconstruct(conv, conv_update)
+    assert inside.num_certified == 2 and torch.equal(inside.inputs, after.inputs)
     # a model built in inference mode (its parameters keep no version counter) is read like any other
     with torch.inference_mode():
         frozen = fedleak.make_mlp(digits.input_shape, [128], 10, seed=0)

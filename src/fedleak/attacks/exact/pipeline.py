@@ -56,13 +56,11 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
     ``noise``: the update's own rounding noise per entry, where it is known."""
-    if net.blocks:  # the conv walk-down and the whole batch's gradient run on autograd
-        with pinned_threads(opts.threads):
-            return run_pinned(model, net, update, opts, noise, name)
-    # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping its many small operations cost
-    # less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs). What it returns is copied out
-    # of inference mode, so that it can take part in autograd
-    with pinned_threads(opts.threads), torch.inference_mode():
+    # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
+    # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
+    # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
+    # attack returns is copied out of inference mode, so that it can take part in autograd
+    with pinned_threads(opts.threads), torch.inference_mode(not net.blocks):
         rec = run_pinned(model, net, update, opts, noise, name)
     return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
 
