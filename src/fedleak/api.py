@@ -42,5 +42,8 @@ def reconstruct(
             f"attack '{attack}' does not run on {kind} updates (it takes: {', '.join(info.update_kinds)})"
         )
     start = time.perf_counter()
-    result = info.run(model, update, **options)
+    # an attack that optimises or recomputes a gradient needs autograd: it runs the same under the caller's
+    # torch.no_grad() or torch.inference_mode() (the exact attack on an MLP turns inference mode on by itself)
+    with torch.inference_mode(False), torch.enable_grad():
+        result = info.run(model, update, **options)
     return replace(result, seconds=time.perf_counter() - start)

@@ -1,0 +1,56 @@
+"""The entry point every attack runs through: an attack's outcome does not depend on the caller's autograd mode."""
+
+import contextlib
+
+import pytest
+import torch
+
+import fedleak
+from fedleak.errors import FedleakError
+
+MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+QUICK = {"iterations": 3}  # the optimisation attacks' budget, kept small; the others refuse the option
+
+
+@pytest.fixture(scope="module")
+def setting():
+    data = fedleak.load_dataset("digits")
+    x, y = data.batch(2, seed=0)
+    model = fedleak.make_mlp(data.input_shape, [64], 10, seed=0)
+    return model, {"gradient": fedleak.compute_gradient_update(model, x, y),
+                   "weights": fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)}
+
+
+def attempt(model, update, attack, mode, options):
+    """The attack's result, or the message of the FedleakError it raised."""
+    try:
+        with mode():
+            return fedleak.reconstruct(model, update, attack, **options)
+    except FedleakError as err:
+        return str(err)
+
+
+def outcome(model, update, attack, mode=contextlib.nullcontext):
+    """The attack's rebuilt inputs and certificates (plain tensors, whatever the mode), or its error's message."""
+    rec = attempt(model, update, attack, mode, QUICK)
+    if isinstance(rec, str) and "unknown option" in rec:
+        rec = attempt(model, update, attack, mode, {})
+    if isinstance(rec, str):
+        return rec
+    assert not any(t.is_inference() for t in (rec.inputs, rec.labels, rec.certified))
+    return rec.inputs, rec.certified
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("attack", sorted(fedleak.available_attacks()))
+def test_every_attack_runs_the_same_under_the_callers_autograd_mode(setting, attack, mode):
+    model, updates = setting
+    kinds = fedleak.available_attacks()[attack].update_kinds
+    for kind in kinds:
+        plain = outcome(model, updates[kind], attack)
+        inside = outcome(model, updates[kind], attack, MODES[mode])
+        if isinstance(plain, str):
+            assert inside == plain
+        else:
+            assert torch.equal(inside[0], plain[0]) and torch.equal(inside[1], plain[1])
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
