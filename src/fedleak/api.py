@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from fedleak.attacks.registry import get_attack
+from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate
 from fedleak.validation import check_model, check_shape, check_trainable
 
 
-def reconstruct(
+@with_autograd  # the same under the caller's no_grad or inference mode (the exact attack on an MLP enters
+def reconstruct(  # inference mode again by itself)
     model: nn.Module,
     update: GradientUpdate | WeightUpdate | Mapping[str, torch.Tensor],
     attack: str = "exclusivity",
@@ -42,8 +44,5 @@ def reconstruct(
             f"attack '{attack}' does not run on {kind} updates (it takes: {', '.join(info.update_kinds)})"
         )
     start = time.perf_counter()
-    # an attack that optimises or recomputes a gradient needs autograd: it runs the same under the caller's
-    # torch.no_grad() or torch.inference_mode() (the exact attack on an MLP turns inference mode on by itself)
-    with torch.inference_mode(False), torch.enable_grad():
-        result = info.run(model, update, **options)
+    result = info.run(model, update, **options)
     return replace(result, seconds=time.perf_counter() - start)

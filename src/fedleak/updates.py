@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.report.output import write_bytes_atomic
 from fedleak.validation import (
@@ -220,6 +221,7 @@ def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, red
     return nn.functional.cross_entropy(logits, target, reduction=reduction)
 
 
+@with_autograd
 def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> GradientUpdate:
     """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss.
 

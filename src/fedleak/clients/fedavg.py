@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError
 from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
@@ -53,6 +54,7 @@ def _batches(n: int, batch_size: int | None, steps: int, shuffle: bool, gen: tor
     return out[:steps]
 
 
+@with_autograd
 def local_training(
     model: nn.Module,
     inputs: torch.Tensor,

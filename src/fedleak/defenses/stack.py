@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedleak.autograd_mode import with_autograd
 from fedleak.defenses.base import (
     Accounting,
     BatchDefense,
@@ -164,6 +165,7 @@ class DefendedUpdate:
     sent_bytes: int
 
 
+@with_autograd
 def defended_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                       defenses: DefenseStack | Sequence[Defense | str] | Defense | str | None = None,
                       *, seed: int = 0) -> DefendedUpdate:
