@@ -1,5 +1,5 @@
-"""The client's computations run the same under the caller's torch.no_grad() or torch.inference_mode(), also on
-data made inside inference mode, and what they return are ordinary tensors."""
+"""The client's and the server's computations run the same under the caller's torch.no_grad() or
+torch.inference_mode(), also on data made inside inference mode, and what they return are ordinary tensors."""
 
 import pytest
 import torch
@@ -52,3 +52,20 @@ def test_with_autograd_turns_autograd_on_and_copies_inference_tensors():
     assert not out.is_inference() and torch.equal(out, t)
     plain = torch.ones(2)
     assert ordinary(plain) is plain and ordinary("x") == "x"
+
+
+SERVER = {  # the server's analyses that differentiate the model, and what of their result is compared
+    "fish": lambda m, x, y: [fedleak.fish(m, x, y).inputs],
+    "analyze_exclusivity": lambda m, x, y: [torch.from_numpy(fedleak.analyze_exclusivity(m, x, y).certifiable)],
+}
+
+
+@pytest.mark.parametrize("analysis", sorted(SERVER))
+def test_the_servers_analyses_do_not_depend_on_the_callers_mode(digits, analysis):
+    model = fedleak.make_convnet(digits.input_shape, 10, channels=(4,), kernel=3, padding=1, pool=None,
+                                 fc_widths=(64,), seed=0)
+    x, y = digits.batch(2, seed=0)
+    plain = SERVER[analysis](model, x, y)
+    with torch.inference_mode():
+        inside = SERVER[analysis](model, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(inside, plain))

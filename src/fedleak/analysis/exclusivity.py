@@ -23,10 +23,12 @@ from torch import nn
 
 from fedleak.analysis.batch import Batch, read_batch
 from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, LayerExclusivity
+from fedleak.autograd_mode import with_autograd
 from fedleak.errors import ModelError
 from fedleak.nets import Network, Trace, forward_trace
 
 
+@with_autograd
 def analyze_exclusivity(
     model: nn.Module,
     inputs: torch.Tensor,

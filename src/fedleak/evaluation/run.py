@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.autograd_mode import with_autograd
 from fedleak.clients.defended import defended_local_round
 from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
@@ -263,6 +264,7 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
 # ---------------------------------------------------------------------------------------------------------
 
 
+@with_autograd
 def evaluate(
     settings: EvaluationSettings | None = None,
     *,

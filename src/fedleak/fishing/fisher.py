@@ -26,6 +26,7 @@ from torch import nn
 
 from fedleak.analysis.batch import Batch, predictions, read_batch
 from fedleak.analysis.exclusivity import batch_exclusivity
+from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
 from fedleak.fishing.clearance import clearances
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
@@ -269,6 +270,7 @@ class Fisher:
                 self.messages[m] = "a sample sent unperturbed fires on one of its target neurons"
 
 
+@with_autograd
 def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None, **options) -> FishingResult:
     """Perturb ``inputs`` (a batch, M x ...) so that every sample can be rebuilt exactly from the update.
 

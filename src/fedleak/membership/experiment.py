@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fedleak.autograd_mode import with_autograd
 from fedleak.data import load_dataset
 from fedleak.defenses.base import Privacy
 from fedleak.errors import OptionError
@@ -141,6 +142,7 @@ def draw_records(settings: MembershipSettings) -> tuple[Records, Records, Record
     return Records(data.x[pick[0]], data.y[pick[0]]), Records(data.x[pick[1]], data.y[pick[1]]), reference
 
 
+@with_autograd
 def run_membership(settings: MembershipSettings | None = None) -> MembershipResult:
     """Run one membership experiment (see :class:`MembershipSettings`) and score every attack."""
     settings = settings or MembershipSettings()
