@@ -18,8 +18,8 @@ from fedleak.updates import GradientUpdate, WeightUpdate
 from fedleak.validation import check_model, check_shape, check_trainable
 
 
-@with_autograd  # the same under the caller's no_grad or inference mode (the exact attack on an MLP enters
-def reconstruct(  # inference mode again by itself)
+@with_autograd
+def reconstruct(
     model: nn.Module,
     update: GradientUpdate | WeightUpdate | Mapping[str, torch.Tensor],
     attack: str = "exclusivity",
@@ -30,7 +30,8 @@ def reconstruct(  # inference mode again by itself)
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
     from parameter name to gradient. ``options`` go to the attack (see ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights, at least 2 output classes and no frozen
-    parameters; otherwise :class:`~fedleak.errors.ModelError` says which.
+    parameters; otherwise :class:`~fedleak.errors.ModelError` says which. The attack runs the same inside the
+    caller's ``torch.no_grad()`` or ``torch.inference_mode()`` (:func:`~fedleak.autograd_mode.with_autograd`).
     """
     if not isinstance(attack, str):
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
