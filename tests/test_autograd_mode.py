@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fedleak
-from fedleak.autograd_mode import ordinary, with_autograd
+from fedleak.autograd_mode import autograd_on, ordinary, with_autograd
 
 MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
 
@@ -52,6 +52,10 @@ def test_with_autograd_turns_autograd_on_and_copies_inference_tensors():
     assert not out.is_inference() and torch.equal(out, t)
     plain = torch.ones(2)
     assert ordinary(plain) is plain and ordinary("x") == "x"
+    with torch.inference_mode():
+        with autograd_on():
+            assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()  # the caller's modes, restored
 
 
 SERVER = {  # the server's analyses that differentiate the model, and what of their result is compared

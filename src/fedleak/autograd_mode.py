@@ -4,13 +4,15 @@ Users often run their evaluation code inside ``torch.no_grad()`` or ``torch.infe
 gradient, its local training and the attacks that optimise or recompute a gradient need autograd: the public
 functions that compute one run under :func:`with_autograd`, which turns it on for them and copies the inference
 tensors among their arguments (data made inside ``torch.inference_mode()``) into ordinary ones, which autograd
-can save for its backward pass.
+can save for its backward pass; the steps inside that differentiate run under :func:`autograd_on`
+(``torch.enable_grad()`` alone leaves inference mode on).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
 
 import torch
@@ -19,13 +21,20 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+@contextmanager
+def autograd_on() -> Iterator[None]:
+    """A block with autograd on: outside inference mode, gradients enabled (the caller's modes restored after)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
 def with_autograd(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn``, run with autograd on (outside inference mode, gradients enabled) and its inference-tensor
     arguments copied into ordinary tensors."""
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        with torch.inference_mode(False), torch.enable_grad():
+        with autograd_on():
             return fn(*(ordinary(a) for a in args), **{k: ordinary(v) for k, v in kwargs.items()})
 
     return run

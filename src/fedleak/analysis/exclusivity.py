@@ -23,7 +23,7 @@ from torch import nn
 
 from fedleak.analysis.batch import Batch, read_batch
 from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, LayerExclusivity
-from fedleak.autograd_mode import with_autograd
+from fedleak.autograd_mode import autograd_on, with_autograd
 from fedleak.errors import ModelError
 from fedleak.nets import Network, Trace, forward_trace
 
@@ -133,7 +133,7 @@ def _conv_pass(net: Network, x: torch.Tensor, labels: torch.Tensor, dtype: torch
                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Conv pre-activations, their per-sample backward signals (autograd: the samples are independent,
     BN is in eval mode) and the activations (input, then each block's output)."""
-    with torch.enable_grad():
+    with autograd_on():
         a = x.detach().to(dtype).requires_grad_(True)
         run = net.conv_pass(a, dtype)
         out = forward_trace(net.head, run.features, dtype=dtype).logits

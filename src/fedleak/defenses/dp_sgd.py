@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedleak.autograd_mode import autograd_on
 from fedleak.defenses.accounting import ACCOUNTANTS, gaussian_epsilon
 from fedleak.defenses.base import Accounting, Privacy, StepDefense, check_choice, check_open_range, register_defense
 from fedleak.errors import ModelError, OptionError
@@ -70,7 +71,7 @@ class DPSGD(StepDefense):
             raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
         check_opacus_supports(model)
         device = next(iter(params.values())).device
-        with _quiet(), opacus_attached(model), torch.enable_grad():
+        with _quiet(), opacus_attached(model), autograd_on():
             optimizer = DPOptimizer(
                 torch.optim.SGD(list(params.values()), lr=0.0),
                 noise_multiplier=float(self.noise_multiplier),

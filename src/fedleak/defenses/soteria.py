@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedleak.autograd_mode import autograd_on
 from fedleak.defenses.base import (
     ClientBatch,
     Tensors,
@@ -142,10 +143,10 @@ def jacobian_row_norms_reverse(fn: Callable[[torch.Tensor], torch.Tensor], x: to
         features = int(fn(x).shape[1])
     norms = []
     for idx in chunks(features, chunk):
-        xs = x.detach().repeat(len(idx), *([1] * (x.ndim - 1))).requires_grad_(True)
-        with torch.enable_grad():
+        with autograd_on():
+            xs = x.detach().repeat(len(idx), *([1] * (x.ndim - 1))).requires_grad_(True)
             r = fn(xs)
-        (grads,) = torch.autograd.grad(r, xs, selectors(idx, batch, features, r))
+            (grads,) = torch.autograd.grad(r, xs, selectors(idx, batch, features, r))
         norms.append(torch.linalg.vector_norm(grads.flatten(1).double(), dim=1).reshape(len(idx), batch))
     return torch.cat(norms).T.cpu()
 
