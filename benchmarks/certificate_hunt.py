@@ -37,7 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "certificate_hunt.json"
 
 @dataclass(frozen=True)
 class Config:
-    """One hunting ground: a data set, the hidden widths, the output-bias shift range, the input scale."""
+    """One hunting ground: a data set, the hidden widths, the output-bias shift range, the input scale (or
+    standardisation), the update (gradient or FedAvg)."""
 
     data: str
     widths: tuple[int, ...]
@@ -46,6 +47,7 @@ class Config:
     max_batch: int = 8
     lr: float | None = None  # a FedAvg weight update (unknown lr to the attack) instead of the gradient
     steps: int = 1  # local SGD steps of that update
+    standardise: bool = False  # inputs standardised with the data set's mean and standard deviation, as users do
 
 
 CONFIGS = {
@@ -62,6 +64,10 @@ CONFIGS = {
     "lfw-2-fedavg-lr1": Config("lfw", (1024,), lr=1.0),
     "lfw-2-fedavg-3steps": Config("lfw", (1024,), lr=0.1, steps=3),
     "fashion-10-fedavg": Config("fashion-mnist", (1024,), lr=0.1),
+    "lfw-2-standardised": Config("lfw", (1024,), standardise=True),
+    "retina-2-standardised": Config("retina", (1024,), standardise=True),
+    "fashion-10-standardised": Config("fashion-mnist", (1024,), standardise=True),
+    "lfw-2-standardised-fedavg-lr1": Config("lfw", (1024,), lr=1.0, standardise=True),
     "digits-10-fedavg-lr0.03": Config("digits", (256,), lr=0.03),
 }
 
@@ -86,14 +92,16 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     gen = np.random.default_rng(seed)
     k = data.num_classes
     d_in = int(np.prod(data.input_shape))
-    lo, hi = (v * cfg.scale for v in data.value_range)
+    # the inputs as the model sees them: scaled, or standardised (x - mean) / std with the data set's statistics
+    mean, std = (float(data.x.mean()), float(data.x.std())) if cfg.standardise else (0.0, 1.0)
+    lo, hi = ((v - mean) / std * cfg.scale for v in data.value_range)
     out = dict(batches=0, samples=0, certified=0, false_certificates=0, certifiable=0, certifiable_recovered=0,
                recovered=0, worst_certified_error=0.0, seconds=0.0, failures=[])
     start = time.perf_counter()
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
-        x, y = data.x[idx] * cfg.scale, data.y[idx]
+        x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
         model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen)
         if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
             update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=cfg.steps)
@@ -129,8 +137,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
 
 def render(files: list[Path]) -> None:
     """Write the results of ``files`` as one table into docs/benchmarks.md (between the hunt markers)."""
-    lines = ["| ground | data | hidden widths | update | output-bias shift | input scale | batches | samples | certified "
-             "| false certificates | worst certified error (of the range) | certifiable recovered |",
+    lines = ["| ground | data | hidden widths | update | output-bias shift | inputs | batches | samples "
+             "| certified | false certificates | worst certified error (of the range) | certifiable recovered |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     runs = []
     for f in files:
@@ -143,8 +151,10 @@ def render(files: list[Path]) -> None:
             share = r["certifiable_recovered"] / max(r["certifiable"], 1)
             update = ("gradient" if cfg.get("lr") is None else
                       f"FedAvg, lr {cfg['lr']:g}, {cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}")
-            lines.append(f"| {name} | {cfg['data']} | {'-'.join(map(str, cfg['widths']))} | {update} | ±{cfg['shift'] / 2:g} "
-                         f"| {cfg['scale']:g} | {r['batches']} | {r['samples']} | {r['certified']} "
+            inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
+            widths = "-".join(map(str, cfg["widths"]))
+            lines.append(f"| {name} | {cfg['data']} | {widths} | {update} | ±{cfg['shift'] / 2:g} | {inputs} "
+                         f"| {r['batches']} | {r['samples']} | {r['certified']} "
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "
                          f"| {r['certifiable_recovered']}/{r['certifiable']} ({100 * share:.1f}%) |")
     versions = record["versions"]
@@ -152,7 +162,8 @@ def render(files: list[Path]) -> None:
             f"gradients report the batch size for every other batch, FedAvg updates always (as Flower clients do); "
             f"{record['machine']}; torch {versions['torch']}. "
             f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines))
-    write_section("hunt", body, "Certificate hunt: two-class data, shifted biases, saturated networks")
+    write_section("hunt", body, "Certificate hunt: two-class data, shifted biases, saturated networks, "
+                  "standardised inputs, FedAvg updates")
     print("\n".join(lines))
 
 
