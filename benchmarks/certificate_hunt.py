@@ -64,11 +64,11 @@ CONFIGS = {
     "lfw-2-fedavg-lr1": Config("lfw", (1024,), lr=1.0),
     "lfw-2-fedavg-3steps": Config("lfw", (1024,), lr=0.1, steps=3),
     "fashion-10-fedavg": Config("fashion-mnist", (1024,), lr=0.1),
+    "digits-10-fedavg-lr0.03": Config("digits", (256,), lr=0.03),
     "lfw-2-standardised": Config("lfw", (1024,), standardise=True),
     "retina-2-standardised": Config("retina", (1024,), standardise=True),
     "fashion-10-standardised": Config("fashion-mnist", (1024,), standardise=True),
     "lfw-2-standardised-fedavg-lr1": Config("lfw", (1024,), lr=1.0, standardise=True),
-    "digits-10-fedavg-lr0.03": Config("digits", (256,), lr=0.03),
 }
 
 
