@@ -1,12 +1,15 @@
 """Benchmark of the exclusivity attack.
 
 For batch sizes 1, 2, 4, ..., 256 and first-layer widths 256 to 4096 on digits and Fashion-MNIST:
-the time of the attack and of the client's own gradient computation, the certifiable / recovered /
-exact fractions, false certificates and PSNR. Each (data set, width) runs in its own process so that
-its peak memory (max RSS) is recorded. Results go to ``benchmarks/results/exclusivity.json`` and the
-markdown table to ``docs/benchmarks.md`` (between the ``exclusivity`` markers).
+the certifiable / recovered / exact fractions, false certificates and PSNR, and the time of the attack
+(``fedleak.reconstruct`` of ``fedleak.compute_gradient_update``'s update, which reports the batch size as a
+Flower client does) against the client's own gradient computation (plain autograd of the mean cross-entropy, as
+a client computes it), both with torch pinned to one thread and timed interleaved. Each (data set, width) runs in
+its own process so that its peak memory (max RSS) is recorded. Results go to
+``benchmarks/results/exclusivity.json`` and the markdown table to ``docs/benchmarks.md`` (between the
+``exclusivity`` markers).
 
-    python benchmarks/bench_exclusivity.py                 # full grid (about 10 minutes on 2 cores)
+    python benchmarks/bench_exclusivity.py                 # full grid (about 4 minutes on 2 cores)
     python benchmarks/bench_exclusivity.py --quick         # a small grid for a smoke run
 """
 
@@ -30,13 +33,17 @@ WIDTHS = [256, 512, 1024, 2048, 4096]
 DATASETS = ["digits", "fashion-mnist"]
 
 
-def _median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def _interleaved(fns, repeats: int) -> tuple[list[float], list[object]]:
+    """Each function's median time over ``repeats`` rounds in which they run in turn (the machine's load touches
+    them alike), and its last result."""
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[object] = [None for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for j, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[j] = fn()
+            times[j].append(time.perf_counter() - t)
+    return [statistics.median(ts) for ts in times], outs
 
 
 def worker(dataset: str, width: int, trials: int, repeats: int, seed: int) -> list[dict]:
@@ -45,16 +52,25 @@ def worker(dataset: str, width: int, trials: int, repeats: int, seed: int) -> li
     import fedleak
     from fedleak import metrics
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as the attack pins itself: the ratio compares like with like
     data = fedleak.load_dataset(dataset)
     rows = []
     for m in BATCHES:
         for trial in range(trials):
             model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=seed + trial)
             x, y = data.batch(m, seed=seed * 1000 + 17 * m + trial)
-            fedleak.compute_gradient_update(model, x, y)  # warm-up
-            grad_s, update = _median_time(lambda: fedleak.compute_gradient_update(model, x, y), repeats)
-            attack_s, rec = _median_time(lambda: fedleak.reconstruct(model, update), repeats)
+            names = [n for n, _ in model.named_parameters()]
+            params = list(model.parameters())
+
+            def client() -> dict:  # the client's gradient: plain autograd, as a client computes it
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                return dict(zip(names, torch.autograd.grad(loss, params)))
+
+            client()  # warm-up
+            update = fedleak.compute_gradient_update(model, x, y)  # the gradient and the batch size, as sent
+            fedleak.reconstruct(model, update)  # warm-up (the model is read once)
+            (grad_s, attack_s), (_, rec) = _interleaved([client, lambda: fedleak.reconstruct(model, update)],
+                                                        repeats)
             report = fedleak.analyze_exclusivity(model, x, y)
             scores = metrics.match(rec, x, y, data_range=data.value_range)
             rec_psnr = scores.psnr[scores.recovered]
@@ -77,7 +93,7 @@ def worker(dataset: str, width: int, trials: int, repeats: int, seed: int) -> li
 def _table(rows: list[dict]) -> str:
     lines = [
         "| data | width | batch | certifiable | recovered (certified, exact) | exact incl. uncertified | false cert. "
-        "| missed certifiable | gradient ms | attack ms | attack / gradient | peak RSS MB |",
+        "| missed certifiable | client gradient ms | attack ms | attack / gradient | peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     keys = sorted({(r["dataset"], r["width"], r["batch_size"]) for r in rows},
@@ -97,8 +113,11 @@ def _table(rows: list[dict]) -> str:
 
 
 def _write_doc(rows: list[dict], meta: dict) -> None:
-    body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']}, "
-            f"{meta['trials']} batch(es) per cell, times are medians of {meta['repeats']} runs. "
+    body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread, "
+            f"{meta['trials']} batch(es) per cell; times are medians of {meta['repeats']} interleaved runs of the "
+            "client's gradient (plain autograd of the mean cross-entropy) and the attack (`fedleak.reconstruct` of "
+            "`compute_gradient_update`'s update, which reports the batch size; after one warm-up call that reads "
+            "the model), and a cell's the median over its batches. "
             f"Command: `{meta['command']}`._\n\n{_table(rows)}")
     write_section("exclusivity", body, "Exclusivity attack (FedSGD, fully connected ReLU nets)")
 
@@ -107,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small grid: widths 256,1024; batches up to 64")
     ap.add_argument("--trials", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", nargs=2, metavar=("DATASET", "WIDTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -125,12 +144,18 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.extend(json.loads(out.strip().splitlines()[-1]))
             print(f"{ds} width {w}: done", file=sys.stderr)
+    import os
     import platform
 
     import torch
 
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "trials": args.trials, "repeats": args.repeats, "seed": args.seed,
+    from fedleak.federation.run import package_versions
+    from fedleak.nets.blas import cpu_model
+
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
+            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1,
+            "trials": args.trials, "repeats": args.repeats, "seed": args.seed,
             "command": "python benchmarks/bench_exclusivity.py" + (" --quick" if args.quick else "")}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
