@@ -21,7 +21,7 @@ def test_gradient_is_clean(setting):
     kind = describe_update(fedleak.compute_gradient_update(model, x[:8], y[:8]), model)
     assert kind.kind == "gradient" and kind.is_gradient and kind.exact_route_possible
     assert kind.noised is False and kind.sparsified is None and kind.quantised is None
-    assert kind.summary().startswith("FedSGD gradient")
+    assert kind.summary().startswith("FedSGD gradient") and kind.summed is False
 
 
 def test_noise_sparsification_and_quantisation_are_detected(setting):
@@ -35,6 +35,19 @@ def test_noise_sparsification_and_quantisation_are_detected(setting):
     assert sparse.sparsified is not None and sparse.sparsified > 0.8 and not sparse.noised
     quant = describe_update({k: torch.round(v * 100) / 100 for k, v in grads.items()}, model)
     assert quant.quantised is not None and quant.quantised <= 256 and "quantised" in quant.summary()
+
+
+def test_a_summed_loss_is_detected(setting):
+    model, x, y = setting
+    loss = torch.nn.functional.cross_entropy(model(x[:8]), y[:8], reduction="sum")
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    kind = describe_update(fedleak.GradientUpdate(grads, num_examples=8), model)
+    assert kind.summed and not kind.noised and kind.exact_route_possible
+    assert "loss summed over the batch" in kind.summary()
+    assert any("loss_reduction='sum'" in e for e in kind.evidence)
+    # the mean over any batch never adds up to more than 2: the same batch's mean loss is not flagged
+    mean = describe_update(fedleak.compute_gradient_update(model, x, y), model)
+    assert mean.summed is False and describe_update(grads).summed is None  # without the model: not looked for
 
 
 def test_local_steps_declared_implied_or_unknown(setting):

@@ -13,6 +13,10 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
   outside the columns of silent penultimate units, mean entries were dropped.
 * **quantisation** — a large tensor holding only a few hundred distinct values (among up to 65,536 of its
   entries).
+* **summed loss** (gradients) — a sample's ``p - onehot(y)`` has entries adding up to at most 2 in absolute
+  value, and so does their mean: an output-bias gradient whose entries add up to more was taken of the batch's
+  summed loss (``reduction="sum"``) or scaled up. A summed loss over a batch the model fits well can stay below 2,
+  so its absence proves nothing.
 
 Clipping leaves no signature of its own; it is reported when declared (``clip_norm``).
 """
@@ -33,6 +37,8 @@ SPARSE_ZERO_FRACTION = 0.2  # exact zeros among the output layer's live entries
 QUANTISED_LEVELS = 256  # at most this many distinct values ...
 QUANTISED_MIN_SIZE = 4096  # ... in a tensor at least this large
 QUANTISED_SAMPLE = 1 << 16  # entries looked at
+MEAN_BIAS_L1 = 2.0  # a mean cross-entropy gradient's output-bias entries add up to at most this in absolute value
+SUMMED_TOL = 1e-3  # ... beyond float rounding (relative)
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,9 @@ class UpdateKind:
     implied by declared epochs and batch size), or ``"weights"`` (FedAvg, local steps unknown).
     ``noised`` / ``sparsified`` (fraction of zeros) / ``quantised`` (distinct values): detected or declared,
     ``None`` when not; ``noise_declared`` tells declared noise from the detected signature (which weight decay
-    or Adam also leave). ``evidence``: one sentence per finding, with its numbers.
+    or Adam also leave). ``summed``: a gradient whose output-bias entries add up to more than a mean-loss
+    gradient's can (its loss summed over the batch, or scaled up); ``None`` when not looked for. ``evidence``:
+    one sentence per finding, with its numbers.
     """
 
     kind: str
@@ -56,6 +64,7 @@ class UpdateKind:
     clip_norm: float | None = None
     evidence: tuple[str, ...] = field(default_factory=tuple)
     noise_declared: bool = False
+    summed: bool | None = None
 
     @property
     def multi_step(self) -> bool:
@@ -86,7 +95,8 @@ class UpdateKind:
             step = f"{self.local_steps} local step{'s' if self.local_steps != 1 else ''}"
             parts.append(f"in {step}" + (f" of {self.local_batch_size}" if self.local_batch_size else ""))
         noise = "noised" if self.noise_declared else "noised or not plain SGD"
-        flags = [f for f, on in ((noise, self.noised), ("clipped", self.clip_norm is not None),
+        flags = [f for f, on in ((noise, self.noised), ("loss summed over the batch", self.summed),
+                                 ("clipped", self.clip_norm is not None),
                                  ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
                  if on]
         text = what + (": " + " ".join(parts) if parts else "")
@@ -96,7 +106,7 @@ class UpdateKind:
         return {"kind": self.kind, "summary": self.summary(), "num_examples": self.num_examples,
                 "local_steps": self.local_steps, "local_batch_size": self.local_batch_size, "noised": self.noised,
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
-                "noise_declared": self.noise_declared,
+                "noise_declared": self.noise_declared, "summed": self.summed,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -190,6 +200,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
     noised, sparsified, quantised = _signatures(tensors, model, evidence)
+    summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0
     if noise_declared:
         noised = True
@@ -198,7 +209,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     if clip is not None:
         evidence.append(f"the client declares clipping at norm {clip:g}")
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
-                      noise_declared)
+                      noise_declared, summed)
 
 
 def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]
@@ -248,3 +259,20 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]
                                 "update sums to 0: noise was added (or the client used weight decay, Adam or "
                                 "another loss)")
     return noised, sparsified, quantised
+
+
+def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str]) -> bool:
+    """The summed-loss signature of a gradient whose output-layer bias the noise signature read (module
+    docstring)."""
+    import torch
+
+    from fedleak.attacks.labels import output_layer_names
+
+    total = float(tensors[output_layer_names(model)[1]].detach().to(torch.float64).abs().sum())
+    if total <= MEAN_BIAS_L1 * (1 + SUMMED_TOL):
+        return False
+    evidence.append(f"the output-layer bias gradient's entries add up to {total:.3g} in absolute value, more than a "
+                    f"mean cross-entropy gradient's at most {MEAN_BIAS_L1:g}: the client's loss sums over its batch "
+                    "(reduction='sum'; the exclusivity attack then takes loss_reduction='sum') or the gradient was "
+                    "scaled up")
+    return True

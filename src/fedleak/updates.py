@@ -59,7 +59,8 @@ def _check_count(name: str, value: object) -> int | None:
 
 @dataclass(frozen=True)
 class GradientUpdate:
-    """A FedSGD client update: the averaged gradient of the batch's mean cross-entropy loss.
+    """A FedSGD client update: the averaged gradient of the batch's mean cross-entropy loss (for a summed loss
+    the exclusivity attack takes ``loss_reduction="sum"``).
 
     ``num_examples`` is what the client reveals about its batch size, if anything (``None``: nothing).
     ``error``: a known bound on every entry's absolute error on its way to the server, beyond the client's own

@@ -73,6 +73,27 @@ def test_reconstruct_command_from_captured_files(tmp_path, capsys, fashion):
     assert payload["summary"]["inferred_batch_size"] == 4 and len(payload["samples"]) == 4
 
 
+def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
+    import torch.nn.functional as F
+
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=0)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    fedleak.save_mlp(model, tmp_path / "model.safetensors")
+    fedleak.save_update(fedleak.GradientUpdate(grads, num_examples=4), tmp_path / "update.safetensors")
+    args = ["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
+            str(tmp_path / "update.safetensors"), "--attack", "exclusivity"]
+    assert main([*args, "--out", str(tmp_path / "as-mean")]) == 0
+    assert "0 certified" in capsys.readouterr().out
+    assert main([*args, "--loss-reduction", "sum", "--out", str(tmp_path / "as-sum")]) == 0
+    assert "4 certified" in capsys.readouterr().out
+    assert main([*args, "--loss-reduction", "max", "--out", str(tmp_path / "bad")]) == 2
+    assert "loss_reduction must be 'mean' or 'sum'" in capsys.readouterr().err
+
+
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
     import fedleak
 

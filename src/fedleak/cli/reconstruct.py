@@ -30,6 +30,10 @@ def reconstruct_command(
                                             "certifies samples, then the best optimisation attack for the rest."),
     budget: float = typer.Option(60.0, help="Seconds auto may spend in all (exact route and optimisation)."),
     input_shape: str = typer.Option(None, help="Shape of one input, e.g. 1,28,28 (default: from the model file)."),
+    loss_reduction: str = typer.Option(None, help="How the client's loss reduces over its batch, for the exact "
+                                                   "route: mean (the default, as F.cross_entropy) or sum "
+                                                   "(reduction='sum'; the update must then report its number of "
+                                                   "examples)."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -49,9 +53,11 @@ def reconstruct_command(
     shape = ((int_list(input_shape, "--input-shape") if input_shape else None) or loaded.input_shape
              or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
+    exact = {} if loss_reduction is None else {"loss_reduction": loss_reduction}
     if attack == "auto":
-        options.update(budget=budget, progress=shows_progress(quiet),
-                       seed=seed)
+        options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact)
+    else:
+        options.update(exact)
     rec = fedleak.reconstruct(loaded.module, fedleak.load_update(update), attack=attack, **options)
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed)
     write_reconstruction(run, out)  # all three files or none

@@ -39,6 +39,7 @@ from fedleak.attacks.exact.joint import (
     degenerate_loss_vectors,
     select_consistent,
 )
+from fedleak.attacks.exact.options import NO_SIZE_FROM_SUM, REDUCTIONS
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
 from fedleak.attacks.exact.witnesses import (
@@ -63,12 +64,14 @@ class BatchScale:
     """The batch size ``M`` and the common factor of every sample's scale (``1/M`` for a mean-loss
     gradient; ``lr/M`` for a one-step weight delta), or ``None`` with the ``reason`` they are unknown.
     ``whole_batch_only``: the factor rests on one sample's own scale, so only a set that explains the whole
-    gradient (all ``M`` samples, no room left) may be certified with it."""
+    gradient (all ``M`` samples, no room left) may be certified with it. ``inferred``: the batch size was read
+    from the samples' common scale ``1/M``, not reported."""
 
     batch_size: int | None
     factor: float | None
     reason: str = ""
     whole_batch_only: bool = False
+    inferred: bool = False
 
 
 def agreeing_groups(values: np.ndarray, tol: float) -> list[np.ndarray]:
@@ -82,15 +85,18 @@ def agreeing_groups(values: np.ndarray, tol: float) -> list[np.ndarray]:
 
 
 def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, reported: int | None, opts) -> BatchScale:
-    """The batch's scale. With a mean-loss gradient (``known_scale``) a reported batch size fixes it;
-    otherwise the batch size ``M = clip_k / s_k`` that at least two strong samples agree on, or ``M = 1``
-    for a lone sample whose scale is 1 (the joint test then asks it to explain the whole gradient). With an
-    unknown factor (a weight delta) the batch size must be reported; the factor is the one the most strong
-    samples share (at least two, or the set certified must be the whole batch)."""
+    """The batch's scale. With a known scale (``known_scale``) a reported batch size fixes it (``1/M`` for a
+    mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = clip_k / s_k`` that at
+    least two strong samples agree on (``inferred``), or ``M = 1`` for a lone sample whose scale is 1 (the
+    joint test then asks it to explain the whole gradient). With an unknown factor (a weight delta) the batch
+    size must be reported; the factor is the one the most strong samples share (at least two, or the set
+    certified must be the whole batch)."""
     scales = np.array([fits[k].scale / clip[k] for k in strong], dtype=float)
     if opts.known_scale:
         if reported is not None:
-            return BatchScale(reported, 1.0 / reported)
+            return BatchScale(reported, opts.common_scale(reported))
+        if not opts.reduction.reveals_batch_size:
+            return BatchScale(None, None, NO_SIZE_FROM_SUM)
         if len(strong) == 0:
             return BatchScale(None, None, "no rebuilt sample has the witnesses a certificate needs")
         sizes = 1.0 / scales
@@ -98,7 +104,7 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
         for grp in agreeing_groups(scales, opts.scale_tol):
             m = float(np.median(sizes[grp]))
             if round(m) >= 1 and abs(m - round(m)) <= opts.scale_tol * m and (len(grp) >= 2 or round(m) == 1):
-                return BatchScale(int(round(m)), 1.0 / round(m))
+                return BatchScale(int(round(m)), 1.0 / round(m), inferred=True)
         why = ("no batch size was reported, and no two rebuilt samples share a scale 1/M with M whole"
                if not whole.any() or len(strong) > 1 else
                "no batch size was reported, and a lone rebuilt sample proves its scale only when it is 1")
@@ -299,6 +305,10 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                                   "was found that does")
         if certified:
             joint = test.residual(sorted(local[k] for k in certified))
+        elif bs.inferred and len(at_scale) > bs.batch_size:  # more samples at 1/M than M, none consistent
+            bs = BatchScale(None, None, crowded(len(at_scale), bs.factor))
+            for k in at_scale:
+                reasons[k] = bs.reason
         if not check_invariants(complete, sorted(certified), bs.batch_size, opts.group_tol):
             attack.notes.append("internal check failed (certified samples not distinct or more than the batch): "
                                 "nothing certified")
@@ -316,6 +326,40 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                                    solved_layers=tuple(sorted(i + 1 for i in c.solved)), residual=f.residual,
                                    scale=f.scale))
     return Certificate(tuple(recs), bs.batch_size, bs.factor, batch_ok, joint, t64.logits)
+
+
+def crowded(count: int, scale: float) -> str:
+    """Why ``count`` samples sharing the scale ``scale`` of a batch smaller than them certify nothing."""
+    return (f"{count} rebuilt samples share the scale {scale:.3g}, more than a mean-loss gradient with that scale has "
+            "samples, and no set of them explains the gradient: the update is not a mean-loss gradient. For a summed "
+            "loss (reduction='sum': every sample at scale 1) pass loss_reduction='sum', for another factor "
+            "known_scale=False, and report the batch size (num_examples)")
+
+
+OFF_SCALE_FIT = 0.01  # a loss reduction whose scale is this close (relative) to the samples' is suggested
+
+
+def off_scale_note(recoveries, reported: int, opts) -> str:
+    """A note when nothing is certified and no strongly witnessed sample sits at the common scale the reported
+    batch size implies (the update is not the gradient the options describe), with the scale they share and
+    what to pass instead; empty otherwise."""
+    strong = [r for r in recoveries if strongly_witnessed(r, opts) and np.isfinite(r.scale) and r.scale > 0]
+    common = opts.common_scale(reported)
+    if not strong or any(r.certified for r in recoveries) or any(abs(r.scale / common - 1) <= opts.scale_tol
+                                                                 for r in strong):
+        return ""
+    shared = float(np.median([r.scale for r in strong]))
+    fits = [name for name, red in REDUCTIONS.items() if abs(shared / red.scale(reported) - 1) <= OFF_SCALE_FIT]
+    hint = (f"pass loss_reduction='{fits[0]}'" if fits else
+            "a gradient times another common factor needs known_scale=False")
+    return (f"no rebuilt sample has the scale {opts.reduction.written(reported)} that {reported} examples give each "
+            f"sample of a {opts.loss_reduction}-loss gradient (the strongly witnessed ones have a median scale of "
+            f"{shared:.3g}): {hint}")
+
+
+def strongly_witnessed(record: SampleRecovery, opts) -> bool:
+    """Whether an uncertified sample has the witnesses at the last ReLU layer a certificate needs."""
+    return not record.certified and bool(record.witnesses) and record.witnesses[-1] >= opts.min_last
 
 
 def check_invariants(complete: list, certified: list[int], batch_size: int | None, tol: float) -> bool:

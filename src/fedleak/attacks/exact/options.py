@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,23 @@ from fedleak.errors import FedleakError
 from fedleak.validation import options_from, validate_fields
 
 FALLBACKS = ("features", "none")
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How a client's loss reduces over its batch: every sample's scale in the gradient of a batch of ``M``,
+    the same in words, and whether that scale reveals ``M``."""
+
+    scale: Callable[[int], float]
+    written: Callable[[int], str]
+    reveals_batch_size: bool
+
+
+NO_SIZE_FROM_SUM = ("the update reports no number of examples, which a summed loss's gradient does not reveal "
+                    "(every sample has the scale 1); without the batch size the rebuilt samples cannot be checked "
+                    "jointly")
+REDUCTIONS = {"mean": Reduction(lambda batch_size: 1.0 / batch_size, lambda batch_size: f"1/{batch_size}", True),
+              "sum": Reduction(lambda batch_size: 1.0, lambda batch_size: "1", False)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,9 @@ class ExclusivityOptions:
     ``known_scale``: the update is the mean-loss gradient, so its common scale is ``1/M`` and reveals the
     batch size. Set it to False for a scaled gradient (e.g. a one-step FedAvg weight delta, scale
     ``lr/M``): the batch size then comes from ``num_examples`` and the batch certificate fits the factor.
+    ``loss_reduction``: how the client's loss reduces over the batch, with ``known_scale``: ``"mean"`` (the
+    default, as ``F.cross_entropy`` does: each sample's scale is ``1/M``) or ``"sum"`` (``reduction="sum"``:
+    each sample's scale is 1, which does not reveal the batch size, so ``num_examples`` must be reported).
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
@@ -94,6 +115,7 @@ class ExclusivityOptions:
     min_last: int = 2
     min_other: int = 1
     known_scale: bool = True
+    loss_reduction: str = "mean"
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
     clip_norm: float | None = None
@@ -134,6 +156,19 @@ class ExclusivityOptions:
             raise FedleakError(f"max_error is a fraction of the data range in (0, 1], got {self.max_error}")
         if self.fallback not in FALLBACKS:
             raise FedleakError(f"fallback must be 'features' or 'none', got {self.fallback!r}")
+        if self.loss_reduction not in REDUCTIONS:
+            raise FedleakError(f"loss_reduction must be 'mean' or 'sum' (how the client's loss reduces over its "
+                               f"batch), got {self.loss_reduction!r}")
+
+    @property
+    def reduction(self) -> Reduction:
+        """How the client's loss reduces over its batch (``loss_reduction``)."""
+        return REDUCTIONS[self.loss_reduction]
+
+    def common_scale(self, batch_size: int) -> float:
+        """Every sample's scale in a gradient of ``batch_size`` samples whose scale is known (``known_scale``):
+        ``1/M`` for a mean loss, 1 for a summed one."""
+        return self.reduction.scale(batch_size)
 
 
 def resolve_options(options: ExclusivityOptions | None, overrides: dict) -> ExclusivityOptions:

@@ -35,6 +35,7 @@ from torch import nn
 from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
+from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
@@ -127,16 +128,14 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         complete, records, inputs = [complete[k] for k in keep], [records[k] for k in keep], inputs[keep]
     logits = cert.logits[keep] if complete else None  # the certificate's forward pass of the features
 
-    if opts.known_scale and reported is not None:
-        strong = [r for r in cert.recoveries if r.witnesses and r.witnesses[-1] >= opts.min_last]
-        if strong and not any(r.certified for r in strong) and not any(
-                abs(r.scale * reported - 1) <= opts.scale_tol for r in strong):
-            notes.append(f"no rebuilt sample has the scale 1/{reported} implied by the reported number of examples; "
-                         "is the update a mean-loss gradient?")
+    off_scale = opts.known_scale and reported is not None and off_scale_note(cert.recoveries, reported, opts)
+    if off_scale:  # the strongly witnessed samples' scales tell that the update is not what the options say
+        notes.append(off_scale)
+        records = [replace(r, reason=off_scale) if strongly_witnessed(r, opts) else r for r in records]
     if batch_ok:
         notes.append("the certified samples are the whole batch and reproduce the whole observed gradient")
     blends = [r for r in records if not r.certified and "blend" in r.reason]
-    if blends:
+    if blends and not off_scale:  # at a wrong common scale, the samples' scales do not tell blends
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
@@ -146,7 +145,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         probs = torch.empty(0, head.num_classes, dtype=F64)
         if complete:
             probs = torch.softmax(logits, 1).cpu()
-        counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, probs[certified], y[certified])
+        counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, cert.factor, probs[certified],
+                                       y[certified])
     return plan.finish(Reconstruction(
         inputs=inputs.cpu().to(head.dense[0].module.weight.dtype),
         labels=y,
@@ -212,17 +212,19 @@ def within_batch(records: list[SampleRecovery], batch_size: int | None, factor: 
 
 
 def estimate_label_counts(num_classes: int, out_bias_grad: torch.Tensor | None, batch_size: int | None,
-                          recovered_probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray | None:
+                          scale: float | None, recovered_probs: torch.Tensor,
+                          labels: torch.Tensor) -> np.ndarray | None:
     """The whole batch's label histogram from the output layer's bias gradient (None without one or without
-    the batch size); ``recovered_probs`` / ``labels``: predicted probabilities and labels of the samples known."""
-    if out_bias_grad is None or batch_size is None:
+    the batch size and every sample's ``scale`` in it); ``recovered_probs`` / ``labels``: predicted probabilities
+    and labels of the samples known."""
+    if out_bias_grad is None or batch_size is None or scale is None:
         return None
     K = num_classes
     known = torch.bincount(labels, minlength=K).to(F64) if len(labels) else torch.zeros(K, dtype=F64)
     n_rec = len(labels)
     p_sum = recovered_probs.sum(0) if n_rec else torch.zeros(K, dtype=F64)
     p_rest = (recovered_probs.mean(0) if n_rec else torch.full((K,), 1.0 / K, dtype=F64)) * (batch_size - n_rec)
-    counts = (p_sum + p_rest) - batch_size * out_bias_grad.cpu()
+    counts = (p_sum + p_rest) - out_bias_grad.cpu() / scale
     est = torch.clamp(torch.round(counts), min=0)
     est = torch.maximum(est, known)
     return est.to(torch.int64).numpy()
@@ -374,7 +376,7 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
                 out[j] += float(term(p, o).sum())
         return out
 
-    factor = 1.0 / batch_size if opts.known_scale else (
+    factor = opts.common_scale(batch_size) if opts.known_scale else (
         sum(totals(k, lambda p, o: p * o)[0] for k in grads) / sum(totals(k, lambda p, o: p * p)[0] for k in grads))
     worst = max(float(np.sqrt(res)) / max(float(np.sqrt(obs)), 1e-300) for res, obs in (
         totals(k, lambda p, o: (factor * p - o) ** 2, lambda p, o: o * o) for k in grads))

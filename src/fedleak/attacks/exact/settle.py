@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedleak.attacks.exact.options import NO_SIZE_FROM_SUM
+
 SETTLE = 0.01  # a candidate's scale this far (relative) from every scale the batch's samples can share settles it
 PAIR_TOL = 1e-3  # two candidates' scales, as the top layer's check reads them, that may agree in the certificate
 
@@ -22,7 +24,7 @@ def settled_by_scale(attack, complete: list, reported: int | None) -> dict[int, 
     for each (by index).
 
     Every certified sample sits at the batch's common scale (:func:`~fedleak.attacks.exact.certificate.
-    batch_scale`): ``1/M`` when the batch size ``M`` of a mean-loss gradient is reported; else ``1/M`` with
+    batch_scale`): ``1/M`` (1 for a summed loss) when the batch size ``M`` is reported; else ``1/M`` with
     ``M`` whole that two candidates with the witnesses a certificate needs share (or 1, for a lone sample); for
     a weight delta, the scale of one of those candidates. The check's scale of a candidate (the least-squares
     fit of its witness rows' output-layer columns) agrees with the certificate's fit to within 1e-4 on the
@@ -39,7 +41,10 @@ def settled_by_scale(attack, complete: list, reported: int | None) -> dict[int, 
     read = np.isfinite(scales) & (scales > 0)  # the check's scale, where it read one
     able = np.sort(scales[read & (tops >= opts.min_last)])
     if opts.known_scale and reported is not None:
-        shared, what = np.array([1.0 / reported]), f"the batch's common scale 1/{reported}"
+        shared = np.array([opts.common_scale(reported)])
+        what = f"the batch's common scale {opts.reduction.written(reported)}"
+    elif opts.known_scale and not opts.reduction.reveals_batch_size:  # the batch size is needed, and unknown
+        shared, what = np.array([]), ""
     elif opts.known_scale:  # 1/M with M whole, from two samples that agree on it, or a lone one at scale 1
         pair = np.zeros(len(able), dtype=bool)
         close = able[1:] / able[:-1] - 1 <= PAIR_TOL
@@ -50,9 +55,13 @@ def settled_by_scale(attack, complete: list, reported: int | None) -> dict[int, 
         what = "the nearest scale the batch's samples can share"
     else:
         shared, what = able, "the nearest scale the batch's samples can share"
-    unknown = ("no batch size was reported, and no two candidates with the witnesses a certificate needs share a "
-               "scale 1/M with M whole (nor is a lone one at scale 1)" if opts.known_scale else
-               "no candidate has the witnesses a certificate needs, which would fix the batch's common scale")
+    if not opts.known_scale:
+        unknown = "no candidate has the witnesses a certificate needs, which would fix the batch's common scale"
+    elif opts.reduction.reveals_batch_size:
+        unknown = ("no batch size was reported, and no two candidates with the witnesses a certificate needs share "
+                   "a scale 1/M with M whole (nor is a lone one at scale 1)")
+    else:
+        unknown = NO_SIZE_FROM_SUM
     tol = max(SETTLE, 100 * opts.scale_tol)
     ks = np.flatnonzero(read)
     ratios = np.full(len(ks), np.inf)  # each candidate's scale over the nearest shared one (none: infinitely far)

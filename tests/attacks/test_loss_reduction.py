@@ -1,0 +1,66 @@
+"""A client whose loss sums over its batch (``reduction="sum"``) sends every sample at the scale 1, not 1/M: the
+exclusivity attack certifies it with ``loss_reduction="sum"`` and the reported batch size, and otherwise
+certifies nothing and says what the update is, never calling its samples blends."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedleak
+from fedleak import metrics
+
+M = 8
+
+
+@pytest.fixture(scope="module")
+def batch(fashion):
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=3)
+    x, y = fashion.batch(M, seed=3)
+    names = [n for n, _ in model.named_parameters()]
+
+    def gradient(reduction: str) -> dict:
+        loss = F.cross_entropy(model(x), y, reduction=reduction)
+        return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+
+    return model, x, y, gradient("mean"), gradient("sum")
+
+
+def test_a_summed_loss_is_certified_as_the_mean_one(batch):
+    model, x, y, mean, total = batch
+    as_mean = fedleak.reconstruct(model, fedleak.GradientUpdate(mean, num_examples=M))
+    as_sum = fedleak.reconstruct(model, fedleak.GradientUpdate(total, num_examples=M), loss_reduction="sum")
+    scores = metrics.match(as_sum, x, y)
+    assert not scores.false_certificate.any()
+    assert as_sum.num_certified == as_mean.num_certified >= M // 2
+    assert (scores.max_abs_error[scores.certified] < 1e-4).all()
+    assert as_sum.batch_size == M
+    assert as_sum.label_counts.tolist() == torch.bincount(y, minlength=10).tolist()
+
+
+def test_a_summed_loss_read_as_a_mean_one_says_so(batch):
+    model, _, _, _, total = batch
+    bare = fedleak.reconstruct(model, total)
+    assert bare.num_certified == 0 and bare.batch_size is None  # not "a batch of 1"
+    why = bare.why_uncertified()
+    assert "not a mean-loss gradient" in why and "loss_reduction='sum'" in why
+    reported = fedleak.reconstruct(model, fedleak.GradientUpdate(total, num_examples=M))
+    assert reported.num_certified == 0
+    assert "pass loss_reduction='sum'" in reported.why_uncertified()
+    assert not any("blend" in note for note in reported.notes)
+
+
+def test_the_other_way_round_and_without_the_batch_size(batch):
+    model, _, _, mean, total = batch
+    wrong = fedleak.reconstruct(model, fedleak.GradientUpdate(mean, num_examples=M), loss_reduction="sum")
+    assert wrong.num_certified == 0 and "pass loss_reduction='mean'" in wrong.why_uncertified()
+    scaled = fedleak.reconstruct(model, fedleak.GradientUpdate({k: 3.7 * g for k, g in mean.items()}, num_examples=M))
+    assert scaled.num_certified == 0 and "known_scale=False" in scaled.why_uncertified()
+    unknown = fedleak.reconstruct(model, total, loss_reduction="sum")  # a summed loss does not reveal M
+    assert unknown.num_certified == 0 and unknown.batch_size is None
+    assert "number of examples" in unknown.why_uncertified()
+
+
+def test_bad_loss_reduction(batch):
+    model, _, _, mean, _ = batch
+    with pytest.raises(fedleak.FedleakError, match="loss_reduction must be 'mean' or 'sum'"):
+        fedleak.reconstruct(model, mean, loss_reduction="max")
