@@ -175,12 +175,14 @@ class Found:
     def missing(self, head, records: list[SampleRecovery], batch_size: int | None) -> str:
         """Why fewer samples than ``batch_size`` were rebuilt, in words (empty when none is missing)."""
         rebuilt = sum(r.rebuilt for r in records)
+        layer = f"the head's last ReLU layer (after '{head.dense[-2].name}')" if head.depth else "the head"
+        if self.candidates == 0:  # whether or not the batch size is known
+            return (f"no exclusively activated neuron was found at {layer}: no group of its gradient rows implies one "
+                    "consistent input (every neuron there fires for several samples, or the update is noised or not "
+                    "the gradient of a plain cross-entropy loss: label smoothing, class weights, another loss or a "
+                    "regulariser)")
         if batch_size is None or rebuilt >= batch_size:
             return ""
-        layer = f"the head's last ReLU layer (after '{head.dense[-2].name}')" if head.depth else "the head"
-        if self.candidates == 0:
-            return (f"no exclusively activated neuron was found at {layer}: no group of its gradient rows implies one "
-                    "consistent input (every neuron there fires for several samples, or the update is noised)")
         why = []
         if self.candidates < batch_size:
             short = batch_size - self.candidates
