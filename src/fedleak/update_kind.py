@@ -13,6 +13,9 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
   outside the columns of silent penultimate units, mean entries were dropped.
 * **quantisation** — a large tensor holding only a few hundred distinct values (among up to 65,536 of its
   entries).
+* **weight decay** (weight changes, with the model) — SGD's decay moves every weight by a common factor times
+  itself; the units no sample activated show it alone (:mod:`fedleak.attacks.exact.decay`). It is reported, and the
+  signatures above are read on the change without it.
 * **summed loss** (gradients) — a sample's ``p - onehot(y)`` has entries adding up to at most 2 in absolute
   value, and so does their mean: an output-bias gradient whose entries add up to more was taken of the batch's
   summed loss (``reduction="sum"``) or scaled up. A summed loss over a batch the model fits well can stay below 2,
@@ -49,7 +52,8 @@ class UpdateKind:
     implied by declared epochs and batch size), or ``"weights"`` (FedAvg, local steps unknown).
     ``noised`` / ``sparsified`` (fraction of zeros) / ``quantised`` (distinct values): detected or declared,
     ``None`` when not; ``noise_declared`` tells declared noise from the detected signature (which weight decay
-    or Adam also leave). ``summed``: a gradient whose output-bias entries add up to more than a mean-loss
+    or Adam also leave). ``weight_decay``: SGD's weight decay read off a weight change (the signatures are then
+    read without it). ``summed``: a gradient whose output-bias entries add up to more than a mean-loss
     gradient's can (its loss summed over the batch, or scaled up); ``None`` when not looked for. ``evidence``:
     one sentence per finding, with its numbers.
     """
@@ -65,6 +69,7 @@ class UpdateKind:
     evidence: tuple[str, ...] = field(default_factory=tuple)
     noise_declared: bool = False
     summed: bool | None = None
+    weight_decay: bool = False
 
     @property
     def multi_step(self) -> bool:
@@ -96,6 +101,7 @@ class UpdateKind:
             parts.append(f"in {step}" + (f" of {self.local_batch_size}" if self.local_batch_size else ""))
         noise = "noised" if self.noise_declared else "noised or not plain SGD"
         flags = [f for f, on in ((noise, self.noised), ("loss summed over the batch", self.summed),
+                                 ("SGD weight decay", self.weight_decay),
                                  ("clipped", self.clip_norm is not None),
                                  ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
                  if on]
@@ -106,7 +112,7 @@ class UpdateKind:
         return {"kind": self.kind, "summary": self.summary(), "num_examples": self.num_examples,
                 "local_steps": self.local_steps, "local_batch_size": self.local_batch_size, "noised": self.noised,
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
-                "noise_declared": self.noise_declared, "summed": self.summed,
+                "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -196,9 +202,17 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         else:
             evidence.append("the number of local steps is not declared: the exact route applies only if the client "
                             "took one step (its certificates reject anything else)")
+        decay = _weight_decay(update, tensors, model) if kind != "multi-step" else None
+        decayed = decay is not None
+        if decay is not None:  # the signatures below are read on the change without its decay
+            tensors = decay
+            evidence.append("SGD's weight decay: every weight moved by a common factor times itself, read off the "
+                            "units no sample activated; the exact route peels it off (the signatures below are read "
+                            "on the change without it)")
     else:
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
+        decayed = False
     noised, sparsified, quantised = _signatures(tensors, model, evidence)
     summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0
@@ -209,7 +223,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     if clip is not None:
         evidence.append(f"the client declares clipping at norm {clip:g}")
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
-                      noise_declared, summed)
+                      noise_declared, summed, decayed)
 
 
 def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]
@@ -276,3 +290,23 @@ def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str]) -> bool
                     "(reduction='sum'; the exclusivity attack then takes loss_reduction='sum') or the gradient was "
                     "scaled up")
     return True
+
+
+def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str, Any] | None:
+    """The weight change without SGD's weight decay, where the model's silent units show one
+    (:mod:`fedleak.attacks.exact.decay`); None without a model the exact methods read, or without decay."""
+    if model is None:
+        return None
+    from fedleak.attacks.exact.decay import peel_decay, read_decay
+    from fedleak.errors import FedleakError
+    from fedleak.nets import as_network
+
+    try:
+        net = as_network(model)
+    except FedleakError:
+        return None
+    names = [n for n in delta if n in update.before and n in update.after]
+    decay = read_decay(net, update.before, update.after, {n: delta[n] for n in names})
+    if decay is None or not decay.found:
+        return None
+    return peel_decay(decay, update.before, update.after, {n: delta[n] for n in names})[0]

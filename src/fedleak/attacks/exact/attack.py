@@ -10,10 +10,12 @@ down them to the input.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from fedleak.attacks.exact.decay import peel_decay, read_decay
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
@@ -76,7 +78,9 @@ def exclusivity_on_weights(
 
     For one local SGD step ``before - after = lr * gradient``; the learning rate cancels in every
     ``dW_i / db_i`` ratio, so the attack runs on the delta at the ``before`` weights with
-    ``known_scale=False`` and takes the batch size from ``num_examples``. The client rounded
+    ``known_scale=False`` and takes the batch size from ``num_examples``. SGD's weight decay (``lr lambda w`` on
+    every weight) is read off the units no sample activated and peeled first
+    (:mod:`fedleak.attacks.exact.decay`). The client rounded
     ``before - lr * g`` to its dtype, an error of up to one unit in the last place of ``after``: at a small
     learning rate that is large relative to ``lr * g``, and the certificate's tolerances grow with it. Several
     local steps mix the samples' contributions over changing weights: the certificate then fails rather than
@@ -97,10 +101,17 @@ def exclusivity_on_weights(
             for n, p in at_before.named_parameters():
                 if n in update.before:
                     p.copy_(update.before[n].to(p.dtype))
-    grads = GradientUpdate({n: delta[n] for n in names}, num_examples=update.num_examples)
-    noise = {n: RoundingNoise.of(update.after[n], 1, update.error) for n in names}
     net = as_network(at_before, input_shape=input_shape)
-    return within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
+    delta = {n: delta[n] for n in names}
+    decay = read_decay(net, update.before, update.after, delta)
+    if decay is not None and decay.found:  # SGD's weight decay, peeled off with its bound in the noise
+        peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
+        grads = GradientUpdate(peeled, num_examples=update.num_examples)
+    else:
+        grads = GradientUpdate(delta, num_examples=update.num_examples)
+        noise = {n: RoundingNoise.of(update.after[n], 1, update.error) for n in names}
+    rec = within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
+    return replace(rec, notes=(*rec.notes, decay.describe())) if decay is not None and decay.found else rec
 
 
 def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:
