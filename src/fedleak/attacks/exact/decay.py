@@ -61,9 +61,11 @@ class Decay:
         return self.weight.value != 0.0 or (self.bias is not None and self.bias.value != 0.0)
 
     def factor(self, is_weight: bool) -> Interval:
+        """The factor of a weight tensor, or of a bias."""
         return self.weight if is_weight or self.bias is None else self.bias
 
     def describe(self) -> str:
+        """The attack's note on the decay it peeled."""
         bias = ("biases as the weights" if self.bias is None else "biases not decayed" if self.bias.value == 0.0
                 else f"biases {self.bias.value:.4g}")
         return (f"weight decay read off {self.units} unit(s) no sample activated: every weight moved by "
