@@ -91,3 +91,14 @@ def test_layers_decayed_differently_certify_nothing_wrong(setting):
                                   {n: p.detach().clone() for n, p in local.named_parameters()}, num_examples=M)
     rec = fedleak.reconstruct(model, update)
     assert not metrics.match(rec, x, y).false_certificate.any()
+
+
+def test_a_simulated_client_with_weight_decay(setting):
+    model, x, y = setting
+    plain = fedleak.reconstruct(model, fedleak.fedavg_update(model, x, y, lr=LR, optimizer="momentum"))
+    decayed = fedleak.fedavg_update(model, x, y, lr=LR, optimizer="momentum", weight_decay=5e-4)
+    rec = fedleak.reconstruct(model, decayed)
+    assert not metrics.match(rec, x, y).false_certificate.any()
+    assert rec.num_certified >= plain.num_certified >= M // 2
+    with pytest.raises(fedleak.FedleakError, match="weight_decay"):
+        fedleak.fedavg_update(model, x, y, lr=LR, weight_decay=-1.0)

@@ -23,16 +23,16 @@ from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
 
 
-def _sgd(params, lr: float, momentum: float, **_):
-    return torch.optim.SGD(params, lr=lr)
+def _sgd(params, lr: float, momentum: float, weight_decay: float, **_):
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
 
-def _momentum(params, lr: float, momentum: float, **_):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+def _momentum(params, lr: float, momentum: float, weight_decay: float, **_):
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **_):
-    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
+def _adam(params, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **_):
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 #: the local optimizers a simulated client can use (name -> torch optimizer factory)
@@ -65,6 +65,7 @@ def local_training(
     optimizer: str = "sgd",
     batch_size: int | None = None,
     momentum: float = 0.9,
+    weight_decay: float = 0.0,
     shuffle: bool = True,
     seed: int = 0,
 ) -> nn.Module:
@@ -72,6 +73,7 @@ def local_training(
 
     ``batch_size=None`` uses the whole local data set at every step (E full-batch steps); otherwise
     each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
+    ``weight_decay``: the optimizer's (torch's ``weight_decay``: ``lr * weight_decay * w`` more per step).
     """
     check_client_batch(model, inputs, labels)
     if optimizer not in LOCAL_OPTIMIZERS:
@@ -82,13 +84,14 @@ def local_training(
     if batch_size is not None:
         check_int("batch_size", batch_size, low=1)
     check_float("momentum", momentum, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
     client = copy.deepcopy(model)
     client.train()
     params = [p for p in client.parameters() if p.requires_grad]
     if not params:
         raise FedleakError("the model has no trainable parameters")
     dtype = params[0].dtype
-    opt = LOCAL_OPTIMIZERS[optimizer](params, lr=float(lr), momentum=float(momentum))
+    opt = LOCAL_OPTIMIZERS[optimizer](params, lr=float(lr), momentum=float(momentum), weight_decay=float(weight_decay))
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
     x = inputs.to(dtype)
     for step, idx in enumerate(_batches(x.shape[0], batch_size, steps, shuffle, gen)):
@@ -112,6 +115,7 @@ def fedavg_update(
     optimizer: str = "sgd",
     batch_size: int | None = None,
     momentum: float = 0.9,
+    weight_decay: float = 0.0,
     shuffle: bool = True,
     seed: int = 0,
     reveal_local_steps: bool = False,
@@ -119,11 +123,11 @@ def fedavg_update(
     """The FedAvg update of a client holding ``(inputs, labels)``: weights before and after local training.
 
     The update carries ``num_examples`` (clients report it for weighted averaging) and, only when
-    ``reveal_local_steps`` is set, ``local_steps``. The learning rate and optimizer are not revealed.
+    ``reveal_local_steps`` is set, ``local_steps``. The learning rate, optimizer and weight decay are not revealed.
     """
     trained = local_training(
         model, inputs, labels, lr=lr, local_steps=local_steps, optimizer=optimizer, batch_size=batch_size,
-        momentum=momentum, shuffle=shuffle, seed=seed,
+        momentum=momentum, weight_decay=weight_decay, shuffle=shuffle, seed=seed,
     )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     after = {k: v.detach().clone() for k, v in trained.state_dict().items()}
