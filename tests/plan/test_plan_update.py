@@ -43,6 +43,21 @@ def test_one_step_weight_update_keeps_the_exact_route(setting, digits):
     assert advice["dlg"].recommended is False and advice["dlm"].why
 
 
+def test_summed_loss_and_weight_decay_are_named_in_the_advice(setting, digits):
+    import torch
+    import torch.nn.functional as F
+
+    model, x, y = setting
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    summed = fedleak.plan(model, fedleak.GradientUpdate(grads, num_examples=4), digits, max_samples=300)
+    advice = {a.name: a for a in summed.attacks}["exclusivity"]
+    assert summed.update.summed and "loss_reduction='sum'" in advice.why
+    decayed = fedleak.plan(model, fedleak.fedavg_update(model, x, y, lr=0.1, optimizer="momentum", weight_decay=1e-2),
+                           digits, max_samples=300)
+    assert decayed.update.weight_decay and not decayed.update.noised and "SGD weight decay" in decayed.to_text()
+
+
 def test_a_model_the_route_cannot_read_still_gets_a_plan():
     from user_models import ResidualMLP
 

@@ -82,16 +82,18 @@ def _exclusivity(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
     if not facts.exact_possible:
         return AttackAdvice(info.name, False, True, _update_blocks(facts))
     pct = f"{100 * facts.fraction:.0f}%"
+    summed = ("; the loss is summed over the batch: pass loss_reduction='sum' (and the number of examples)"
+              if facts.update is not None and facts.update.summed else "")
     if facts.route == ROUTE_APPLIES:
         why = (f"certified and exact: the route applies up to batch {facts.max_batch_size} (about {pct} of the samples "
                f"of a batch of {facts.batch_size})")
-        return AttackAdvice(info.name, True, True, why)
+        return AttackAdvice(info.name, True, True, why + summed)
     if facts.route == ROUTE_UNPROVEN:
         return AttackAdvice(info.name, facts.fraction > 0, True,
                             f"certifies a sample only where the attack proves its conv blocks: {facts.blocker}")
     if facts.exact_useful:
         return AttackAdvice(info.name, True, True, f"certifies about {pct} of a batch of {facts.batch_size} (the route "
-                                                   f"applies in full up to batch {facts.max_batch_size})")
+                                                   f"applies in full up to batch {facts.max_batch_size}){summed}")
     return AttackAdvice(info.name, False, True, f"cannot apply: {facts.blocker}")
 
 
