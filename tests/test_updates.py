@@ -106,6 +106,14 @@ def test_bad_updates_are_named(digits):
         check_matches_model(model, {**grads, "extra": torch.zeros(1)})
     with pytest.raises(fedleak.UpdateError, match="'1.weight' has shape"):
         check_matches_model(model, {**grads, "1.weight": torch.zeros(3, 3)})
+    # a DataParallel / DDP wrapper's names, either way round: the message says which prefix to strip
+    with pytest.raises(fedleak.UpdateError, match="the update's names carry the prefix 'module.'"):
+        check_matches_model(model, {"module." + k: v for k, v in grads.items()})
+    with pytest.raises(fedleak.UpdateError, match="the model's names carry the prefix 'module.'"):
+        check_matches_model(nn.DataParallel(model), grads)
+    with pytest.raises(fedleak.UpdateError) as plain:
+        check_matches_model(model, {**{k: v for k, v in grads.items() if k != "3.bias"}, "extra": torch.zeros(1)})
+    assert "prefix" not in str(plain.value)
     nan = grads["1.bias"].clone()
     nan[0] = float("nan")
     with pytest.raises(fedleak.UpdateError, match="non-finite"):

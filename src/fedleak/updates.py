@@ -148,13 +148,27 @@ def check_matches_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], w
             parts.append(f"missing {missing}")
         if extra:
             parts.append(f"unexpected {extra}")
-        raise UpdateError(f"the {what} does not match the model's parameters: " + "; ".join(parts))
+        hint = renaming_hint(missing, extra)
+        raise UpdateError(f"the {what} does not match the model's parameters: " + "; ".join(parts) + hint)
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):
             raise UpdateError(
                 f"the {what}'s '{name}' has shape {tuple(tensors[name].shape)} but the model's parameter "
                 f"has shape {tuple(p.shape)}"
             )
+
+
+def renaming_hint(missing: list[str], extra: list[str]) -> str:
+    """What to do when the update's names are the model's with one prefix added or removed (a model wrapped in
+    ``DataParallel``/``DistributedDataParallel`` names its parameters ``module.<name>``), else empty."""
+    if not missing or len(missing) != len(extra):
+        return ""
+    for longer, shorter, side in ((extra, missing, "the update's"), (missing, extra, "the model's")):
+        prefix = longer[0][: len(longer[0]) - len(shorter[0])] if longer[0].endswith(shorter[0]) else ""
+        if prefix and sorted(n[len(prefix):] for n in longer if n.startswith(prefix)) == shorter:
+            return (f" ({side} names carry the prefix '{prefix}', as a DataParallel or DistributedDataParallel "
+                    "wrapper names them: strip it, or pass the model the update was taken from)")
+    return ""
 
 
 def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> GradientUpdate:
