@@ -92,6 +92,16 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
     assert "4 certified" in capsys.readouterr().out
     assert main([*args, "--loss-reduction", "max", "--out", str(tmp_path / "bad")]) == 2
     assert "loss_reduction must be 'mean' or 'sum'" in capsys.readouterr().err
+    # a bare gradient file records no number of examples: the command line gives it
+    torch.save(grads, tmp_path / "bare.pt")
+    bare = ["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update", str(tmp_path / "bare.pt"),
+            "--attack", "exclusivity", "--loss-reduction", "sum"]
+    assert main([*bare, "--out", str(tmp_path / "no-size")]) == 0
+    assert "0 certified" in capsys.readouterr().out
+    assert main([*bare, "--num-examples", "4", "--out", str(tmp_path / "sized")]) == 0
+    assert "4 certified" in capsys.readouterr().out
+    assert main([*bare, "--num-examples", "0", "--out", str(tmp_path / "zero")]) == 2
+    assert "num_examples" in capsys.readouterr().err
 
 
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):

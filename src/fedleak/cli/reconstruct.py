@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -30,6 +31,8 @@ def reconstruct_command(
                                             "certifies samples, then the best optimisation attack for the rest."),
     budget: float = typer.Option(60.0, help="Seconds auto may spend in all (exact route and optimisation)."),
     input_shape: str = typer.Option(None, help="Shape of one input, e.g. 1,28,28 (default: from the model file)."),
+    num_examples: int = typer.Option(None, help="The number of examples the client reported, where the update file "
+                                               "does not record it (a summed loss's gradient needs it)."),
     loss_reduction: str = typer.Option(None, help="How the client's loss reduces over its batch, for the exact "
                                                    "route: mean (the default, as F.cross_entropy) or sum "
                                                    "(reduction='sum'; the update must then report its number of "
@@ -58,7 +61,10 @@ def reconstruct_command(
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact)
     else:
         options.update(exact)
-    rec = fedleak.reconstruct(loaded.module, fedleak.load_update(update), attack=attack, **options)
+    captured = fedleak.load_update(update)
+    if num_examples is not None:
+        captured = replace(captured, num_examples=num_examples)  # validated as the update is rebuilt
+    rec = fedleak.reconstruct(loaded.module, captured, attack=attack, **options)
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed)
     write_reconstruction(run, out)  # all three files or none
     typer.echo(rec.summary())
