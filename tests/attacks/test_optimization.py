@@ -53,6 +53,17 @@ def test_ig_reconstructs_a_digit_from_its_gradient(digits):
     assert _psnr(rec, x, y) > 25 > guess + 10
 
 
+def test_an_unknown_batch_size_is_at_least_the_classes_the_update_shows(digits):
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    x, y = digits.batch(8, seed=7)
+    bare = dict(fedleak.compute_gradient_update(model, x, y).gradients)  # no num_examples
+    rec = fedleak.reconstruct(model, bare, attack="ig", iterations=5)
+    shown = int((bare["3.bias"] < 0).sum())
+    assert 1 < shown <= len(set(y.tolist())) and len(rec) == rec.batch_size == shown
+    assert any(f"assumed {shown}, the number of classes" in note for note in rec.notes)
+    assert set(rec.labels.tolist()) <= set(y.tolist())
+
+
 @pytest.mark.parametrize("attack", ["dlg", "idlg"])
 def test_dlg_and_idlg_on_sigmoid_lenet(digits, attack):
     x, y = digits.batch(1, seed=32)

@@ -99,7 +99,7 @@ def run_optimization_attack(
         else:
             notes.append(f"{steps} local {settings.client_optimizer} step(s) unrolled differentiably "
                          "(learning rate learned)")
-    m = batch_size_of(target, batch_size, notes)
+    m = batch_size_of(model, target, batch_size, notes)
     n_known = 0 if fixed_inputs is None else len(fixed_inputs)
     if n_known >= m:
         raise FedleakError(f"{n_known} known sample(s) already fill the batch of {m}")

@@ -99,16 +99,20 @@ def prepare_target(
     return Target("gradient", names, tensors, params, buffers, grads.num_examples, None, shape)
 
 
-def batch_size_of(target: Target, requested: int | None, notes: list[str]) -> int:
-    """The batch size to reconstruct: requested, else the update's ``num_examples``, else 1 (noted)."""
+def batch_size_of(model: nn.Module, target: Target, requested: int | None, notes: list[str]) -> int:
+    """The batch size to reconstruct: requested, else the update's ``num_examples``, else the number of classes
+    the output layer shows (its negative entries: a class absent from the batch has a positive one), at least 1
+    (noted: the batch holds at least that many samples)."""
     if requested is not None:
         if int(requested) < 1:
             raise FedleakError(f"batch_size must be at least 1, got {requested}")
         return int(requested)
     if target.batch_size is not None:
         return int(target.batch_size)
-    notes.append("the update does not reveal its batch size: assumed 1 (pass batch_size=...)")
-    return 1
+    shown = max(int((class_signal(model, target.mapping) < 0).sum()), 1)
+    notes.append(f"the update does not reveal its batch size: assumed {shown}, the number of classes its output "
+                 "layer shows (the batch holds at least one sample of each; pass batch_size=...)")
+    return shown
 
 
 def resolve_labels(
