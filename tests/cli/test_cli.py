@@ -84,24 +84,24 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
     grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
     fedleak.save_mlp(model, tmp_path / "model.safetensors")
     fedleak.save_update(fedleak.GradientUpdate(grads, num_examples=4), tmp_path / "update.safetensors")
-    args = ["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
-            str(tmp_path / "update.safetensors"), "--attack", "exclusivity"]
-    assert main([*args, "--out", str(tmp_path / "as-mean")]) == 0
-    assert "0 certified" in capsys.readouterr().out
-    assert main([*args, "--loss-reduction", "sum", "--out", str(tmp_path / "as-sum")]) == 0
-    assert "4 certified" in capsys.readouterr().out
-    assert main([*args, "--loss-reduction", "max", "--out", str(tmp_path / "bad")]) == 2
-    assert "loss_reduction must be 'mean' or 'sum'" in capsys.readouterr().err
-    # a bare gradient file records no number of examples: the command line gives it
-    torch.save(grads, tmp_path / "bare.pt")
-    bare = ["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update", str(tmp_path / "bare.pt"),
-            "--attack", "exclusivity", "--loss-reduction", "sum"]
-    assert main([*bare, "--out", str(tmp_path / "no-size")]) == 0
-    assert "0 certified" in capsys.readouterr().out
-    assert main([*bare, "--num-examples", "4", "--out", str(tmp_path / "sized")]) == 0
-    assert "4 certified" in capsys.readouterr().out
-    assert main([*bare, "--num-examples", "0", "--out", str(tmp_path / "zero")]) == 2
-    assert "num_examples" in capsys.readouterr().err
+    torch.save(grads, tmp_path / "bare.pt")  # a bare gradient file records no number of examples
+
+    def run(update: str, *extra: str) -> tuple[int, str]:
+        code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update", str(tmp_path / update),
+                     "--attack", "exclusivity", *extra, "--out", str(tmp_path / "-".join(("out", update, *extra)))])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    for update, extra, code, said in [
+        ("update.safetensors", (), 0, "0 certified"),  # read as a mean loss
+        ("update.safetensors", ("--loss-reduction", "sum"), 0, "4 certified"),
+        ("update.safetensors", ("--loss-reduction", "max"), 2, "loss_reduction must be 'mean' or 'sum'"),
+        ("bare.pt", ("--loss-reduction", "sum"), 0, "0 certified"),  # the batch size is unknown
+        ("bare.pt", ("--loss-reduction", "sum", "--num-examples", "4"), 0, "4 certified"),
+        ("bare.pt", ("--num-examples", "0"), 2, "num_examples"),
+    ]:
+        got = run(update, *extra)
+        assert got[0] == code and said in got[1], (update, extra, got)
 
 
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
