@@ -80,9 +80,9 @@ def exclusivity_on_weights(
     ``dW_i / db_i`` ratio, so the attack runs on the delta at the ``before`` weights with
     ``known_scale=False`` and takes the batch size from ``num_examples``. SGD's weight decay (``lr lambda w`` on
     every weight) is read off the units no sample activated and peeled first
-    (:mod:`fedleak.attacks.exact.decay`). The client rounded
-    ``before - lr * g`` to its dtype, an error of up to one unit in the last place of ``after``: at a small
-    learning rate that is large relative to ``lr * g``, and the certificate's tolerances grow with it. Several
+    (:mod:`fedleak.attacks.exact.decay`). The client rounded ``before - lr * g`` to its dtype, an error of up to
+    ``eps/2 |after| + eps |delta|`` per entry (:meth:`~fedleak.attacks.exact.noise.RoundingNoise.of_step`): at a
+    small learning rate that is large relative to ``lr * g``, and the certificate's tolerances grow with it. Several
     local steps mix the samples' contributions over changing weights: the certificate then fails rather than
     mislead.
     """
@@ -109,7 +109,7 @@ def exclusivity_on_weights(
         grads = GradientUpdate(peeled, num_examples=update.num_examples)
     else:
         grads = GradientUpdate(delta, num_examples=update.num_examples)
-        noise = {n: RoundingNoise.of(update.after[n], 1, update.error) for n in names}
+        noise = {n: RoundingNoise.of_step(update.after[n], delta[n], update.error) for n in names}
     rec = within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
     return replace(rec, notes=(*rec.notes, decay.describe())) if decay is not None and decay.found else rec
 

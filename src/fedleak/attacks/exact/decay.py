@@ -73,9 +73,9 @@ class Decay:
 
 
 def rounding(after: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Each entry's bound on the client's rounding of ``before - after`` (float64; module docstring)."""
-    eps = float(torch.finfo(after.dtype).eps)
-    return after.to(F64).abs().mul_(eps / 2).add_(delta.to(F64).abs(), alpha=eps)
+    """Each entry's bound on the client's rounding of ``before - after`` (float64;
+    :meth:`RoundingNoise.of_step`)."""
+    return RoundingNoise.of_step(after, delta).whole()
 
 
 def intervals(delta: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +141,7 @@ def peel_decay(decay: Decay, before: Mapping[str, torch.Tensor], after: Mapping[
         eps = float(torch.finfo(d.dtype).eps)
         decayed = w * factor.value
         peeled = d - decayed
-        bound = after[name].to(d.dtype).abs().mul_(eps / 2).add_(d.abs(), alpha=eps)
+        bound = RoundingNoise.of_step(after[name], d).whole().to(d.dtype)
         bound.add_(w.abs(), alpha=factor.bound).add_(decayed.abs_(), alpha=eps / 2)
         dropped = peeled.abs()
         bound.add_(dropped, alpha=eps / 2).mul_(BOUND_ROUND_UP)
