@@ -305,8 +305,6 @@ def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str
         net = as_network(model)
     except FedleakError:
         return None
-    names = [n for n in delta if n in update.before and n in update.after]
-    decay = read_decay(net, update.before, update.after, {n: delta[n] for n in names})
-    if decay is None or not decay.found:
-        return None
-    return peel_decay(decay, update.before, update.after, {n: delta[n] for n in names})[0]
+    change = {n: d for n, d in delta.items() if n in update.before and n in update.after}
+    decay = read_decay(net, update.before, update.after, change)
+    return None if decay is None else peel_decay(decay, update.before, update.after, change)[0]

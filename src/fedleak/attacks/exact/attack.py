@@ -104,14 +104,14 @@ def exclusivity_on_weights(
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
     decay = read_decay(net, update.before, update.after, delta)
-    if decay is not None and decay.found:  # SGD's weight decay, peeled off with its bound in the noise
-        peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
-        grads = GradientUpdate(peeled, num_examples=update.num_examples)
-    else:
+    if decay is None:
         grads = GradientUpdate(delta, num_examples=update.num_examples)
         noise = {n: RoundingNoise.of_step(update.after[n], delta[n], update.error) for n in names}
+    else:  # SGD's weight decay, peeled off with its bound in the noise
+        peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
+        grads = GradientUpdate(peeled, num_examples=update.num_examples)
     rec = within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
-    return replace(rec, notes=(*rec.notes, decay.describe())) if decay is not None and decay.found else rec
+    return rec if decay is None else replace(rec, notes=(*rec.notes, decay.describe()))
 
 
 def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:

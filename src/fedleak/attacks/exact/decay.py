@@ -72,12 +72,6 @@ class Decay:
                 f"{self.weight.value:.4g} (lr x weight_decay) times itself ({bias}); peeled before the attack")
 
 
-def rounding(after: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Each entry's bound on the client's rounding of ``before - after`` (float64;
-    :meth:`RoundingNoise.of_step`)."""
-    return RoundingNoise.of_step(after, delta).whole()
-
-
 def intervals(delta: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the bounds of ``c`` with ``|delta - c weight| <= noise`` on every entry (float64 inputs); entries
     whose weight is 0 must have ``|delta| <= noise`` (else the row allows no ``c``: ``lo > hi``)."""
@@ -93,14 +87,15 @@ def intervals(delta: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor) ->
 def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
                delta: Mapping[str, torch.Tensor]) -> Decay | None:
     """The weight decay of a one-step update, from the silent units of the head's last ReLU layer; None when no
-    unit there is silent (none to read it from), the silent ones are unchanged (no decay) or they disagree."""
+    unit there is silent (none to read it from), the silent ones show no decay or they disagree."""
     head = net.head
     if head.depth == 0:
         return None
     inner, out = head.dense[-2], head.dense[-1]
     w_out = before[out.weight_name].to(F64)
     d_out = delta[out.weight_name].to(F64)
-    lo, hi = intervals(d_out.T, w_out.T, rounding(after[out.weight_name], delta[out.weight_name]).T)
+    noise_out = RoundingNoise.of_step(after[out.weight_name], delta[out.weight_name]).whole()
+    lo, hi = intervals(d_out.T, w_out.T, noise_out.T)
     cand = torch.nonzero(lo <= hi).flatten()  # outgoing columns parallel to their weights
     if len(cand) == 0 or not bool(d_out[:, cand].any()):
         return None  # none, or only unchanged ones: no decay to read (plain SGD leaves silent units as they were)
@@ -109,7 +104,7 @@ def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torc
     # the common factor: the median of the candidates' least-squares ratios (silent units agree on it)
     ratios = (d_in * w_in).sum(1) / (w_in * w_in).sum(1).clamp_min(1e-300)
     c = float(ratios.median())
-    noise_in = rounding(after[inner.weight_name][cand], delta[inner.weight_name][cand])
+    noise_in = RoundingNoise.of_step(after[inner.weight_name], delta[inner.weight_name]).rows(cand)
     silent = ((d_in - c * w_in).abs() <= noise_in).all(1)
     if not silent.any():
         return None
@@ -119,11 +114,12 @@ def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torc
     bias = None
     if inner.bias_name is not None:
         b, db, ab = (t[inner.bias_name][units] for t in (before, delta, after))
-        blo, bhi = intervals(db.to(F64)[None], b.to(F64)[None], rounding(ab, db)[None])
+        blo, bhi = intervals(db.to(F64)[None], b.to(F64)[None], RoundingNoise.of_step(ab, db).whole()[None])
         bias = Interval(float(blo[0]), float(bhi[0]))
     if weight.lo > weight.hi or (bias is not None and bias.lo > bias.hi):
         return None  # the units read disagree: no one factor explains them
-    return Decay(weight, bias, len(units))
+    decay = Decay(weight, bias, len(units))
+    return decay if decay.found else None  # factors within rounding of 0: no decay seen
 
 
 def peel_decay(decay: Decay, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
