@@ -50,6 +50,18 @@ def test_dropout_mlp_in_eval_mode_is_its_sequential_twin():
     assert as_network(model, inputs=torch.zeros(4, 1, 8, 8)).input_shape == (1, 8, 8)
 
 
+def test_eval_mode_dropout_is_noted_by_name_and_rate():
+    """Eval-mode Dropout is the identity in the chain; the network keeps it aside and its notes say that a client
+    in training mode sends an update the exact methods cannot certify. A rate of 0 is no dropout at all."""
+    net = as_network(DropoutMLP(64, 32, 10, p=0.3).eval())
+    assert [(d.name, d.p) for d in net.dropout] == [("dropout", 0.3)]
+    assert all(not isinstance(s.layer, fedleak.nets.Dropout) for s in net.steps)
+    note = next(n for n in net.notes if "Dropout" in n)
+    assert "'dropout' (p = 0.3)" in note and "training mode" in note and "eval mode" in note
+    bare = as_network(DropoutMLP(64, 32, 10, p=0.0).eval())
+    assert bare.dropout == () and not any("Dropout" in n for n in bare.notes)
+
+
 def test_dropout_in_training_mode_is_refused_by_name():
     with pytest.raises(ModelError, match=r"node 'dropout' \(Dropout\): dropout in training mode.*model.eval\(\)"):
         as_network(DropoutMLP(64, 32, 10).train())

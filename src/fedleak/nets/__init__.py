@@ -10,9 +10,9 @@ from fedleak.nets.blocks import ConvBlock
 from fedleak.nets.forward import Trace, forward_trace
 from fedleak.nets.frontend import as_network, input_shape_of
 from fedleak.nets.head import ReluMLP
-from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Reshape
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
 from fedleak.nets.network import Network, Step
 from fedleak.nets.ops import CONVERTERS, Op, converts
 
 __all__ = ["as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace", "forward_trace",
-           "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Op", "CONVERTERS", "converts"]
+           "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Dropout", "Op", "CONVERTERS", "converts"]

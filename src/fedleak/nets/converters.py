@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Reshape
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
 from fedleak.nets.ops import Op, converts
 
 
@@ -131,13 +131,14 @@ def reshape(op: Op) -> Reshape | None:
 
 
 @converts(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)
-def dropout(op: Op) -> None:
-    active = op.module.training and op.module.p > 0 if op.module is not None else (
-        op.arg(1, "training", True) and op.arg(0, "p", 0.5) > 0)
-    if active:
+def dropout(op: Op) -> Dropout | None:
+    """Eval-mode dropout is the identity; the network notes it when its rate is not 0 (:func:`dropout_note`)."""
+    p = float(op.module.p if op.module is not None else op.arg(0, "p", 0.5))
+    training = op.module.training if op.module is not None else op.arg(1, "training", True)
+    if training and p > 0:
         raise op.refuse("dropout in training mode drops random units of every sample; fedleak models the network "
                         "in eval mode, where dropout is the identity (call model.eval())")
-    return None
+    return Dropout(op.node, p) if p > 0 else None
 
 
 @converts(nn.Identity, ("method", "contiguous"))

@@ -116,4 +116,16 @@ class Relu:
         return []
 
 
-Layer = Dense | Conv | BatchNorm | Pool | Reshape | Relu
+@dataclass(frozen=True)
+class Dropout:
+    """An eval-mode Dropout of rate ``p`` > 0: the identity in the chain. The network notes it (a client that runs
+    it in training mode drops random units of every sample, which no exact method models)."""
+
+    name: str
+    p: float
+
+    def parameter_names(self) -> list[str]:
+        return []
+
+
+Layer = Dense | Conv | BatchNorm | Pool | Reshape | Relu | Dropout

@@ -15,7 +15,7 @@ import torch
 from fedleak.errors import ModelError
 from fedleak.nets.blocks import ConvBlock
 from fedleak.nets.head import ReluMLP
-from fedleak.nets.layers import BatchNorm, Conv, Dense, Layer, Pool, Relu, Reshape
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
 from fedleak.validation import check_num_classes
 
 
@@ -42,8 +42,10 @@ class ConvPass:
 class Network:
     """The user's model as a chain: ``blocks`` (conv, possibly none) then the ReLU ``head``.
 
-    ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to get it (empty when
-    it came from the inputs, the caller or the model).
+    ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to read the model: how the
+    input shape was found (nothing when it came from the inputs, the caller or the model) and that its Dropout
+    is read in eval mode (:func:`dropout_note`). ``dropout``: the model's eval-mode Dropout layers (rate > 0),
+    which are not in ``steps``.
     """
 
     input_shape: tuple[int, ...]
@@ -51,6 +53,7 @@ class Network:
     blocks: tuple[ConvBlock, ...]
     head: ReluMLP
     notes: tuple[str, ...] = ()
+    dropout: tuple[Dropout, ...] = ()
 
     @property
     def is_conv(self) -> bool:
@@ -138,8 +141,25 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
                              "this layer does not fit")
 
 
+def dropout_cause(dropout: tuple[Dropout, ...]) -> str:
+    """Why an update of a model with these Dropout layers may certify nothing, in words."""
+    names = ", ".join(f"'{d.name}' (p = {d.p:g})" for d in dropout)
+    return (f"a client that runs the model's Dropout {names} in training mode (model.train(), as training loops "
+            "do) drops random units of every sample, which the exact methods do not model: they certify nothing "
+            "from its update")
+
+
+def dropout_note(dropout: tuple[Dropout, ...]) -> str:
+    """What an update of a model with these eval-mode Dropout layers is read as, in words."""
+    return f"Dropout is read in eval mode, where it is the identity; {dropout_cause(dropout)}"
+
+
 def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, ...] = ()) -> Network:
     """Group the traced chain into conv blocks and a ReLU head (raises :class:`ModelError` naming the node)."""
+    dropout = tuple(s.layer for s in steps if isinstance(s.layer, Dropout))
+    steps = [s for s in steps if not isinstance(s.layer, Dropout)]
+    if dropout:
+        notes = (*notes, dropout_note(dropout))
     blocks, i = _group_blocks(steps)
     dense: list[Dense] = []
     expect_dense = True
@@ -163,4 +183,4 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
                          f"it ends with node '{steps[-1].layer.name}'")
     check_num_classes(dense[-1].out_features, f"the output layer '{dense[-1].name}'")
     head = ReluMLP(tuple(dense), None if blocks else input_shape)
-    return Network(input_shape, tuple(steps), tuple(blocks), head, notes)
+    return Network(input_shape, tuple(steps), tuple(blocks), head, notes, dropout)

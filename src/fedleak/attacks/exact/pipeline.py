@@ -41,6 +41,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network
+from fedleak.nets.network import dropout_cause
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
@@ -138,6 +139,11 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     if blends and not off_scale:  # at a wrong common scale, the samples' scales do not tell blends
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
+    missing = found.missing(head, records, cert.batch_size)
+    if net.dropout and not any(r.certified for r in records):  # the first cause to rule out
+        cause = dropout_cause(net.dropout)
+        missing = f"{missing}; or {cause}" if missing else ""
+        records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
     counts = None
@@ -159,7 +165,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         joint_residual=cert.joint_residual,
         seconds=time.perf_counter() - start,
         notes=tuple(notes),
-        missing_reason=found.missing(head, records, cert.batch_size),
+        missing_reason=missing,
     ))
 
 
