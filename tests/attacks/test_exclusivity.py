@@ -64,6 +64,22 @@ def test_bias_free_networks(digits, widths):
     assert found >= 8
 
 
+@pytest.mark.parametrize("widths", [[1024], [512, 256]])
+def test_bias_free_first_layer_under_biased_layers(fashion, widths):
+    """``nn.Linear(..., bias=False)`` at the bottom, biases above it (the homogeneous part of the scale search
+    is forwarded once): the batch is certified, exactly."""
+    torch.manual_seed(0)
+    layers, d = [nn.Flatten()], 784
+    for k, w in enumerate(widths):
+        layers += [nn.Linear(d, w, bias=k > 0), nn.ReLU()]
+        d = w
+    model = nn.Sequential(*layers, nn.Linear(d, 10)).eval()
+    x, y = fashion.batch(4, seed=2)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    scores = metrics.match(rec, x, y)
+    assert rec.num_certified == 4 and scores.recovered.all() and not scores.false_certificate.any()
+
+
 def test_gradient_from_plain_torch_code_and_a_user_model():
     """A user's own Sequential (no Flatten, no fedleak code) and a gradient computed with plain torch."""
     data = fedleak.load_dataset("digits")

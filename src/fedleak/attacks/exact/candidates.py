@@ -113,14 +113,15 @@ def fit_scales(
     """Bias-free layer: for each candidate direction ``U[k]`` find ``alpha`` so that the loss vector of
     ``alpha * U[k]`` is parallel to the output-layer column direction ``cdir[k]``. NaN where none fits.
 
-    When no layer from ``layer`` up has a bias the network is positively homogeneous, so the logits of
-    ``alpha * u`` are ``|alpha|`` times those of ``sign(alpha) * u`` and the search costs no forward pass.
+    The layers from ``layer`` up to the first one with a bias are positively homogeneous: their pre-activations
+    for ``alpha * u`` (``alpha > 0``) are ``alpha`` times those for ``u``. That part of the forward pass is taken
+    once, at unit scale, and the search forwards only the layers above it (none when no layer from ``layer`` up
+    has a bias: the logits of ``alpha * u`` are then ``alpha`` times those of ``u``).
     """
     n, dev = U.shape[0], U.device
     alphas = torch.full((n,), float("nan"), dtype=F64, device=dev)
     if n == 0:
         return alphas
-    homogeneous = all(bb is None for bb in b[layer:])
     z = linear64(U, W[layer])  # n x d_t ; member neurons must fire for the chosen sign
     sign = torch.zeros(n, dtype=F64, device=dev)
     for k, mem in enumerate(members):
@@ -132,27 +133,28 @@ def fit_scales(
     if not bool(ok.any()):
         return alphas
     idx = torch.nonzero(ok).flatten()
-    Us = U[idx] * sign[idx, None]
     grid = torch.logspace(-4, 4, 161, dtype=F64, device=dev)
-    if homogeneous:
-        _, _, base = tail_forward(net, W, b, layer, Us)  # logits of the unit-scale input
+    # the first layer with a bias (the output layer is ``net.depth``; ``layer`` itself has one only where it is
+    # frozen), and its pre-activations before the bias for the unit-scale inputs, through the bias-free layers
+    # below it (layer ``layer``'s product is ``z``)
+    biased = next((i for i in range(layer, net.depth + 1) if b[i] is not None), None)
+    top = net.depth if biased is None else biased
+    base = z[idx] * sign[idx, None]
+    for i in range(layer + 1, top + 1):
+        base = linear64(torch.relu(base), W[i])
 
-        def cost(log_a: torch.Tensor) -> torch.Tensor:  # log_a: (n,) or (n, A)
-            a = torch.exp(log_a)
-            lg = base[:, None, :] * a[..., None] if a.ndim == 2 else base * a[:, None]
-            lab = labels[idx][:, None] if a.ndim == 2 else labels[idx]
-            cd = cdir[idx][:, None, :] if a.ndim == 2 else cdir[idx]
-            return direction_cost(lg, lab.expand(lg.shape[:-1]), cd.expand(lg.shape))
-    else:
-
-        def cost(log_a: torch.Tensor) -> torch.Tensor:
-            a = torch.exp(log_a)
-            flat = a.reshape(len(idx), -1)
-            X = (flat[..., None] * Us[:, None, :]).reshape(-1, Us.shape[1])
-            _, _, lg = tail_forward(net, W, b, layer, X)
-            lg = lg.reshape(*flat.shape, -1)
-            c = direction_cost(lg, labels[idx][:, None].expand(flat.shape), cdir[idx][:, None, :].expand(lg.shape))
-            return c.reshape(a.shape)
+    def cost(log_a: torch.Tensor) -> torch.Tensor:  # log_a: (n,) or (n, A)
+        a = torch.exp(log_a)
+        grid_shape = a.ndim == 2
+        pre = base[:, None, :] * a[..., None] if grid_shape else base * a[:, None]
+        if biased is not None:
+            pre = pre + b[biased]
+            if biased < net.depth:  # a hidden layer: the layers above it, for every scale
+                _, _, lg = tail_forward(net, W, b, biased + 1, torch.relu(pre).reshape(-1, pre.shape[-1]))
+                pre = lg.reshape(*pre.shape[:-1], -1)
+        lab = labels[idx][:, None] if grid_shape else labels[idx]
+        cd = cdir[idx][:, None, :] if grid_shape else cdir[idx]
+        return direction_cost(pre, lab.expand(pre.shape[:-1]), cd.expand(pre.shape))
 
     log_grid = torch.log(grid)[None, :].expand(len(idx), -1)
     costs = cost(log_grid)
