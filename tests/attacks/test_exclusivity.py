@@ -318,6 +318,24 @@ def test_client_in_training_mode_with_dropout_certifies_nothing_and_says_why(fas
     assert ok.num_certified == 4 and all("Dropout" not in s.reason for s in ok.samples)
 
 
+def test_cnn_whose_inferred_input_shape_is_wrong_says_so(digits):
+    """A strided convolution fits 7x7 and 8x8 images; with no shape given the attack assumes 7x7 and certifies
+    nothing from 8x8 digits: its reasons name the inferred shape and the sizes that fit. Given the shape, it
+    certifies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 512),
+                          nn.ReLU(), nn.Linear(512, 10))
+    x, y = digits.batch(4, seed=2)
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, update)
+    assert rec.num_certified == 0 and rec.inputs.shape[1:] == (1, 7, 7)
+    assert "not the (1, 7, 7) inferred for the model: square images of 7 to 8 pixels" in rec.why_uncertified()
+    given = fedleak.reconstruct(model, update, input_shape=(1, 8, 8))
+    scores = metrics.match(given, x, y)
+    assert given.num_certified >= 1 and not scores.false_certificate.any()
+    assert all("inferred" not in s.reason for s in given.samples)
+
+
 def test_sequential_cnn_without_input_shape(digits):
     """A plain nn.Sequential CNN records no input shape: the one that fits its layers (1x8x8) is found, and the
     samples are rebuilt through the conv layer and certified as with the shape given."""

@@ -58,8 +58,34 @@ def test_eval_mode_dropout_is_noted_by_name_and_rate():
     assert all(not isinstance(s.layer, fedleak.nets.Dropout) for s in net.steps)
     note = next(n for n in net.notes if "Dropout" in n)
     assert "'dropout' (p = 0.3)" in note and "training mode" in note and "eval mode" in note
+    assert net.caveats and "training mode" in net.caveats[0]
     bare = as_network(DropoutMLP(64, 32, 10, p=0.0).eval())
-    assert bare.dropout == () and not any("Dropout" in n for n in bare.notes)
+    assert bare.dropout == () and bare.caveats == () and not any("Dropout" in n for n in bare.notes)
+
+
+class StridedNet(nn.Module):
+    """A strided convolution rounds down: 7x7 and 8x8 images both give 4x4 maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1))))
+
+
+def test_an_inferred_input_shape_says_which_sizes_fit():
+    """The smallest square that fits is assumed; when larger ones fit too, the note says which, and the
+    network's caveats (its reasons when nothing is certified) name them. A shape that is given has none."""
+    net = as_network(StridedNet())
+    assert net.input_shape == (1, 7, 7) and "(7 to 8 pixels a side fit)" in net.notes[0]
+    assert net.caveats == ("your images are not the (1, 7, 7) inferred for the model: square images of 7 to 8 "
+                           "pixels a side fit its layers (pass input_shape=)",)
+    assert as_network(StridedNet(), input_shape=(1, 8, 8)).caveats == ()
+    exact = as_network(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)))
+    assert exact.input_shape == (1, 8, 8) and exact.caveats == () and "pixels a side fit" not in exact.notes[0]
 
 
 def test_dropout_in_training_mode_is_refused_by_name():

@@ -27,6 +27,7 @@ from fedleak.validation import check_module, check_shape
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
 PROBE_BATCH = 2  # the probe batch has two samples, so an op that mixes samples shows in its shapes
 MAX_SIDE = 512  # the largest square image side tried when the input shape must be inferred
+MAX_ALSO_FITS = 64  # how many larger sides are tried after the smallest that fits
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -133,18 +134,27 @@ def _first_layer(gm: fx.GraphModule) -> nn.Module | None:
     return None
 
 
-def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """The input shape from the layer shapes when nothing gives it, and the assumption made to get it."""
+def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+    """The input shape from the layer shapes when nothing gives it, the assumption made to get it, and (where
+    larger images fit the layers too, as when pooling or a stride rounds down) how that assumption may keep the
+    exact methods from certifying anything."""
     first = _first_layer(gm)
     if isinstance(first, nn.Linear):
-        return (first.in_features,), ()
+        return (first.in_features,), (), ()
     if isinstance(first, nn.Conv2d):
         c = first.in_channels
         for side in range(1, MAX_SIDE + 1):  # plain forwards: a failing fx run is slow (seconds, the first time)
             if _probe(model, None, (c, side, side)) is None:
+                top = side  # the sizes that fit are consecutive: a larger image gives larger maps, until none fits
+                while top < min(side + MAX_ALSO_FITS, MAX_SIDE) and _probe(model, None, (c, top + 1, top + 1)) is None:
+                    top += 1
+                also = "" if top == side else f" ({side} to {top} pixels a side fit)"
                 note = (f"input shape ({c}, {side}, {side}) inferred from the layer shapes, assuming square images "
-                        "of the smallest size that fits; pass input_shape= (or inputs) if yours differ")
-                return (c, side, side), (note,)
+                        f"of the smallest size that fits{also}; pass input_shape= (or inputs) if yours differ")
+                caveats = () if top == side else (
+                    f"your images are not the ({c}, {side}, {side}) inferred for the model: square images of {side} "
+                    f"to {top} pixels a side fit its layers (pass input_shape=)",)
+                return (c, side, side), (note,), caveats
         raise ModelError(f"no square input of {c} channels up to {MAX_SIDE}x{MAX_SIDE} fits the model; pass "
                          "input_shape=(C, H, W)")
     raise ModelError("the model has no Linear or Conv2d layer; fedleak's exact methods need one")
@@ -223,12 +233,15 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     optimisation attacks share it.
     """
     model = check_module(model)
-    return _resolved_shape(model, _trace(model), input_shape, inputs)
+    shape, notes, _ = _resolved_shape(model, _trace(model), input_shape, inputs)
+    return shape, notes
 
 
 def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[int] | None,
-                    inputs: torch.Tensor | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+                    inputs: torch.Tensor | None) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
+    """The input shape, what was assumed to get it and how that may keep the exact methods from certifying."""
     notes: tuple[str, ...] = ()
+    caveats: tuple[str, ...] = ()
     if input_shape is not None:
         shape = check_shape("input_shape", input_shape)
     elif inputs is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
@@ -236,12 +249,12 @@ def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[
     elif getattr(model, "input_shape", None) is not None:
         shape = check_shape("input_shape", model.input_shape)
     else:
-        shape, notes = _input_shape(model, gm)
+        shape, notes, caveats = _input_shape(model, gm)
     why = _probe(model, gm, shape)
     # a model that flattens nothing itself takes the same values as flat rows; its inputs keep their shape
     if why is not None and (len(shape) == 1 or _probe(model, gm, (math.prod(shape),)) is not None):
         raise ModelError(f"the model does not run on inputs of shape {shape} ({why}); pass the right input_shape=")
-    return shape, notes
+    return shape, notes, caveats
 
 
 # what tracing found, per model: it costs a few milliseconds, which matters for small models. Only the
@@ -276,10 +289,10 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     known = {k: v for k, v in _TRACED.get(model, {}).items() if k[1] == key[1]}  # another structure: forget
     if key not in known:
         gm = _trace(model)
-        shape, notes = _resolved_shape(model, gm, input_shape, inputs)
+        shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if len(known) >= CACHED_SHAPES:
             known.pop(next(iter(known)))
-        known[key] = (_steps(gm), shape, notes)
+        known[key] = (_steps(gm), shape, notes, caveats)
     _TRACED[model] = known
-    steps, shape, notes = known[key]
-    return assemble(list(steps), shape, notes)
+    steps, shape, notes, caveats = known[key]
+    return assemble(list(steps), shape, notes, caveats)

@@ -45,7 +45,9 @@ class Network:
     ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to read the model: how the
     input shape was found (nothing when it came from the inputs, the caller or the model) and that its Dropout
     is read in eval mode (:func:`dropout_note`). ``dropout``: the model's eval-mode Dropout layers (rate > 0),
-    which are not in ``steps``.
+    which are not in ``steps``. ``caveats``: how the way the model was read may keep the exact methods from
+    certifying anything (a client running the Dropout in training mode; images larger than the inferred input
+    shape that fit the layers too), in words, for their reasons when nothing is certified.
     """
 
     input_shape: tuple[int, ...]
@@ -54,6 +56,7 @@ class Network:
     head: ReluMLP
     notes: tuple[str, ...] = ()
     dropout: tuple[Dropout, ...] = ()
+    caveats: tuple[str, ...] = ()
 
     @property
     def is_conv(self) -> bool:
@@ -142,7 +145,7 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
 
 
 def dropout_cause(dropout: tuple[Dropout, ...]) -> str:
-    """Why an update of a model with these Dropout layers may certify nothing, in words."""
+    """Why an update of a model with these Dropout layers may certify nothing, in words (a caveat)."""
     names = ", ".join(f"'{d.name}' (p = {d.p:g})" for d in dropout)
     return (f"a client that runs the model's Dropout {names} in training mode (model.train(), as training loops "
             "do) drops random units of every sample, which the exact methods do not model: they certify nothing "
@@ -154,12 +157,13 @@ def dropout_note(dropout: tuple[Dropout, ...]) -> str:
     return f"Dropout is read in eval mode, where it is the identity; {dropout_cause(dropout)}"
 
 
-def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, ...] = ()) -> Network:
+def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, ...] = (),
+             caveats: tuple[str, ...] = ()) -> Network:
     """Group the traced chain into conv blocks and a ReLU head (raises :class:`ModelError` naming the node)."""
     dropout = tuple(s.layer for s in steps if isinstance(s.layer, Dropout))
     steps = [s for s in steps if not isinstance(s.layer, Dropout)]
     if dropout:
-        notes = (*notes, dropout_note(dropout))
+        notes, caveats = (*notes, dropout_note(dropout)), (*caveats, dropout_cause(dropout))
     blocks, i = _group_blocks(steps)
     dense: list[Dense] = []
     expect_dense = True
@@ -183,4 +187,4 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
                          f"it ends with node '{steps[-1].layer.name}'")
     check_num_classes(dense[-1].out_features, f"the output layer '{dense[-1].name}'")
     head = ReluMLP(tuple(dense), None if blocks else input_shape)
-    return Network(input_shape, tuple(steps), tuple(blocks), head, notes, dropout)
+    return Network(input_shape, tuple(steps), tuple(blocks), head, notes, dropout, caveats)

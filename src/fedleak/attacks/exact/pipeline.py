@@ -41,7 +41,6 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network
-from fedleak.nets.network import dropout_cause
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
@@ -140,8 +139,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
     missing = found.missing(head, records, cert.batch_size)
-    if net.dropout and not any(r.certified for r in records):  # the first cause to rule out
-        cause = dropout_cause(net.dropout)
+    if net.caveats and not any(r.certified for r in records):  # how the model was read may be the cause
+        cause = "; or ".join(net.caveats)
         missing = f"{missing}; or {cause}" if missing else ""
         records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
