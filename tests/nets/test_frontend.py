@@ -113,6 +113,29 @@ def test_unsupported_models_get_one_line_naming_the_node(model, needle):
     assert "\n" not in str(info.value)
 
 
+class InputArithmetic(nn.Module):
+    """A normalisation inside forward, or any arithmetic with constants on the input (``op``)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.op(x))))
+
+
+@pytest.mark.parametrize("op, node", [(lambda x: (x - 0.5) / 0.25, "sub"), (lambda x: x + 1.0, "add"),
+                                      (lambda x: x.mul(2.0), "mul")])
+def test_arithmetic_on_the_input_says_to_normalise_the_data_instead(op, node):
+    """``(x - mean) / std`` in forward: one line naming the node, which says what to do (not "joins 2 branches":
+    a constant is not a branch)."""
+    with pytest.raises(ModelError, match=rf"node '{node}' .*: arithmetic on the model's input .*normalise the data "
+                                         r"instead \(fedleak.Dataset.normalized\(mean, std\)"):
+        as_network(InputArithmetic(op))
+
+
 def test_functional_twins_and_log_softmax_logits():
     class Functional(nn.Module):
         def __init__(self):

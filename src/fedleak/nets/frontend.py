@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.validation import check_module, check_shape
@@ -160,6 +161,14 @@ def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...],
     raise ModelError("the model has no Linear or Conv2d layer; fedleak's exact methods need one")
 
 
+# arithmetic with constants, which a normalisation inside forward does to the input: ``(x - mean) / std``
+INPUT_ARITHMETIC = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+    *(("method", m) for m in ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_")),
+})
+
+
 def _what(node: fx.Node, module: nn.Module | None) -> str:
     if module is not None:
         return type(module).__name__
@@ -202,7 +211,7 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
     for k, node in enumerate(ops):
         module = modules[node.target] if node.op == "call_module" else None
         inputs = _tensor_inputs(node)
-        if node.target in (operator.add, torch.add, operator.iadd, torch.cat) or len(inputs) > 1:
+        if len(inputs) > 1:
             raise ModelError(f"node '{node.name}' ({_what(node, module)}) joins {len(inputs)} branches (a residual or "
                              f"skip connection); {EXACT_SCOPE}")
         if inputs != [previous]:
@@ -215,6 +224,11 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
         keys = [_key(node)] if module is None else list(type(module).__mro__)
         key = next((k for k in keys if k in CONVERTERS), None)
         if key is None:
+            if not any(isinstance(st.layer, (Dense, Conv)) for st in steps) and _key(node) in INPUT_ARITHMETIC:
+                raise op.refuse("arithmetic on the model's input (a normalisation inside forward?) is not supported: "
+                                "fedleak's exact methods read the first layer's input as it is; normalise the data "
+                                "instead (fedleak.Dataset.normalized(mean, std) keeps the map to score in pixels) and "
+                                f"pass the model without it; {EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
         if layer is not None:
