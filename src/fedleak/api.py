@@ -15,7 +15,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate
-from fedleak.validation import check_model, check_shape, check_trainable
+from fedleak.validation import check_model, check_shape
 
 
 @with_autograd
@@ -29,14 +29,17 @@ def reconstruct(
 
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
     from parameter name to gradient. ``options`` go to the attack (see ``fedleak.available_attacks()``).
-    The model must be a ``torch.nn.Module`` with finite weights, at least 2 output classes and no frozen
-    parameters; otherwise :class:`~fedleak.errors.ModelError` says which. The attack runs the same inside the
-    caller's ``torch.no_grad()`` or ``torch.inference_mode()`` (:func:`~fedleak.autograd_mode.with_autograd`).
+    The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes; otherwise
+    :class:`~fedleak.errors.ModelError` says which. A client that trains only some layers sends an update of its
+    trainable parameters: the optimisation attacks take it, and so do the exact ones where the frozen layers are
+    conv layers (a fine-tuned head on a frozen backbone: they are inverted from their weights). The attack runs
+    the same inside the caller's ``torch.no_grad()`` or ``torch.inference_mode()``
+    (:func:`~fedleak.autograd_mode.with_autograd`).
     """
     if not isinstance(attack, str):
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
-    check_trainable(check_model(model))
+    check_model(model)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"

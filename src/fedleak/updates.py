@@ -148,7 +148,9 @@ def check_matches_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], w
             parts.append(f"missing {missing}")
         if extra:
             parts.append(f"unexpected {extra}")
-        hint = renaming_hint(missing, extra)
+        hint = renaming_hint(missing, extra) or (
+            " (a client that trains only some layers sends only theirs: freeze the same ones in the model, "
+            "requires_grad_(False))" if missing and not extra else "")
         raise UpdateError(f"the {what} does not match the model's parameters: " + "; ".join(parts) + hint)
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):

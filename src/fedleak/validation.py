@@ -231,16 +231,6 @@ def check_model(model: object) -> nn.Module:
     return model
 
 
-def check_trainable(model: nn.Module) -> None:
-    """Every parameter requires a gradient: an update holds nothing for a frozen one, so no attack can read it."""
-    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
-    if frozen:
-        shown = ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else "")
-        raise ModelError(f"the model has {len(frozen)} frozen parameter(s) (requires_grad=False: {shown}), so a "
-                         "client update holds no gradient for them; fedleak's attacks need every parameter's "
-                         "update: call model.requires_grad_(True) before computing the update")
-
-
 # --- output files -------------------------------------------------------------------------------------------------
 
 

@@ -336,6 +336,25 @@ def test_cnn_whose_inferred_input_shape_is_wrong_says_so(digits):
     assert all("inferred" not in s.reason for s in given.samples)
 
 
+def test_fine_tuned_head_on_a_frozen_conv_backbone(digits):
+    """A client that freezes its conv layers sends the head's gradient only: the head is attacked as usual and
+    the features are inverted through the frozen convolution from its weights, certified as with every layer
+    trained. The same model read without the freeze says which gradients the update lacks, and what to do."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(216, 256), nn.ReLU(),
+                          nn.Linear(256, 10))
+    model[0].requires_grad_(False)
+    x, y = digits.batch(4, seed=4)
+    update = fedleak.compute_gradient_update(model, x, y)
+    assert sorted(update.gradients) == ["3.bias", "3.weight", "5.bias", "5.weight"]
+    rec = fedleak.reconstruct(model, update, input_shape=(1, 8, 8))
+    scores = metrics.match(rec, x, y)
+    assert rec.num_certified == 4 and scores.recovered.all() and not scores.false_certificate.any()
+    with pytest.raises(fedleak.UpdateError, match=r"missing \['0.bias', '0.weight'\] \(a client that trains only some "
+                                                  r"layers .*requires_grad_\(False\)"):
+        fedleak.reconstruct(model.requires_grad_(True), update, input_shape=(1, 8, 8))
+
+
 def test_sequential_cnn_without_input_shape(digits):
     """A plain nn.Sequential CNN records no input shape: the one that fits its layers (1x8x8) is found, and the
     samples are rebuilt through the conv layer and certified as with the shape given."""

@@ -144,6 +144,19 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
                              "this layer does not fit")
 
 
+def check_head_trainable(model: torch.nn.Module, net: Network) -> None:
+    """Raise :class:`ModelError` when a parameter of ``net``'s dense head is frozen (``requires_grad=False``): the
+    exact methods read every head layer's gradient, which an update holds only for trainable parameters. Frozen
+    conv layers (a fine-tuned head on a frozen backbone) are fine: they are inverted from their weights."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n in set(net.head.parameter_names())]
+    if frozen:
+        shown = ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else "")
+        raise ModelError(f"the model's dense layers have {len(frozen)} frozen parameter(s) (requires_grad=False: "
+                         f"{shown}), so a client update holds no gradient for them; the exact methods read the "
+                         "gradient of every Linear layer (frozen conv layers are inverted from their weights); the "
+                         "optimisation attacks (dlg, idlg, ig, dlm, dlm+) take the update of the trainable ones")
+
+
 def dropout_cause(dropout: tuple[Dropout, ...]) -> str:
     """Why an update of a model with these Dropout layers may certify nothing, in words (a caveat)."""
     names = ", ".join(f"'{d.name}' (p = {d.p:g})" for d in dropout)

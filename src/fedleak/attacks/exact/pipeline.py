@@ -41,6 +41,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network
+from fedleak.nets.network import check_head_trainable
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
@@ -80,6 +81,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     if opts.clip_norm is not None and net.blocks:
         raise FedleakError("clip_norm is supported for MLPs only: a CNN sample's gradient norm includes its conv "
                            "layers, which the head's certificate does not recompute")
+    check_head_trainable(model, net)
     check_matches_model(model, update.gradients, "gradient")
     grads = dict(update.gradients)
     obs_dtype = next(iter(grads.values())).dtype

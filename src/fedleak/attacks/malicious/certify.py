@@ -14,6 +14,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
+from fedleak.nets.network import check_head_trainable
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, WeightUpdate, check_matches_model
 from fedleak.validation import validate_fields
@@ -27,6 +28,7 @@ def fully_connected(model: nn.Module, input_shape: tuple[int, ...] | None = None
     if net.blocks:
         raise ModelError(f"trap and imprint weights go into a first Linear layer on the inputs; this model starts "
                          f"with conv layer '{net.blocks[0].name}'")
+    check_head_trainable(model, net)
     return net
 
 
