@@ -54,3 +54,18 @@ def test_every_attack_runs_the_same_under_the_callers_autograd_mode(setting, att
         else:
             assert torch.equal(inside[0], plain[0]) and torch.equal(inside[1], plain[1])
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+
+
+def test_a_list_of_gradients_in_parameter_order(setting):
+    """``[p.grad for p in model.parameters()]`` or ``torch.autograd.grad``'s tuple is keyed by the model's names;
+    a list of the wrong length, or in another order, is refused saying what to pass."""
+    model, updates = setting
+    grads = list(updates["gradient"].gradients.values())
+    keyed = fedleak.reconstruct(model, dict(updates["gradient"].gradients))
+    for listed in (grads, tuple(grads)):
+        rec = fedleak.reconstruct(model, listed)
+        assert torch.equal(rec.inputs, keyed.inputs) and torch.equal(rec.certified, keyed.certified)
+    with pytest.raises(fedleak.UpdateError, match=r"list of 3 tensor\(s\), but the model has 4 trainable"):
+        fedleak.reconstruct(model, grads[:3])
+    with pytest.raises(fedleak.UpdateError, match=r"entry 0 \(shape \(64,\)\) does not fit .*parameters\(\) order"):
+        fedleak.reconstruct(model, [grads[1], grads[0], *grads[2:]])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -14,21 +14,22 @@ from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate
+from fedleak.updates import GradientUpdate, WeightUpdate, named_like
 from fedleak.validation import check_model, check_shape
 
 
 @with_autograd
 def reconstruct(
     model: nn.Module,
-    update: GradientUpdate | WeightUpdate | Mapping[str, torch.Tensor],
+    update: GradientUpdate | WeightUpdate | Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     attack: str = "exclusivity",
     **options: Any,
 ) -> Reconstruction:
     """Rebuild a client's batch from its update with the named attack.
 
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
-    from parameter name to gradient. ``options`` go to the attack (see ``fedleak.available_attacks()``).
+    from parameter name to gradient, or a list of gradients in ``model.parameters()`` order. ``options`` go to
+    the attack (see ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes; otherwise
     :class:`~fedleak.errors.ModelError` says which. A client that trains only some layers sends an update of its
     trainable parameters: the optimisation attacks take it, and so do the exact ones where the frozen layers are
@@ -40,6 +41,8 @@ def reconstruct(
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
     check_model(model)
+    if isinstance(update, (list, tuple)):  # [p.grad for p in model.parameters()], torch.autograd.grad's tuple
+        update = named_like(model, update)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"

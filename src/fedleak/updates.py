@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +171,25 @@ def renaming_hint(missing: list[str], extra: list[str]) -> str:
             return (f" ({side} names carry the prefix '{prefix}', as a DataParallel or DistributedDataParallel "
                     "wrapper names them: strip it, or pass the model the update was taken from)")
     return ""
+
+
+def named_like(model: nn.Module, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A list of gradients in ``model.parameters()`` order (``[p.grad for p in model.parameters()]``, or
+    ``torch.autograd.grad``'s tuple), keyed by the trainable parameters' names; raises :class:`UpdateError` when
+    the count or a shape does not match."""
+    params = trainable_parameters(model)
+    if len(tensors) != len(params):
+        raise UpdateError(f"the update is a list of {len(tensors)} tensor(s), but the model has {len(params)} "
+                          "trainable parameter(s): pass one gradient per parameter, in model.parameters() order, "
+                          "or a dict keyed by model.named_parameters()")
+    out = {}
+    for k, (t, (name, p)) in enumerate(zip(tensors, params.items())):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise UpdateError(f"the update's entry {k} ({got}) does not fit the model's parameter '{name}' (shape "
+                              f"{tuple(p.shape)}): pass the gradients in model.parameters() order")
+        out[name] = t
+    return out
 
 
 def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> GradientUpdate:
