@@ -69,6 +69,20 @@ def test_corrupt_and_missing_update_files(tmp_path):
         fedleak.load_update(pt)
 
 
+def test_a_torch_file_of_a_gradient_list_is_keyed_by_the_model(tmp_path, digits):
+    model = fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)
+    update = fedleak.compute_gradient_update(model, digits.x[:2], digits.y[:2])
+    torch.save(list(update.gradients.values()), tmp_path / "list.pt")
+    with pytest.raises(fedleak.UpdateError, match=r"holds a list of tensors, which only the model can name"):
+        fedleak.load_update(tmp_path / "list.pt")
+    loaded = fedleak.load_update(tmp_path / "list.pt", model)
+    assert list(loaded.gradients) == list(update.gradients) and loaded.num_examples is None
+    assert all(torch.equal(loaded.gradients[k], v) for k, v in update.gradients.items())
+    torch.save(list(update.gradients.values())[::-1], tmp_path / "reversed.pt")
+    with pytest.raises(fedleak.UpdateError, match=r"does not fit the model's parameter"):
+        fedleak.load_update(tmp_path / "reversed.pt", model)
+
+
 def test_pickled_code_in_a_torch_file_is_not_executed(tmp_path):
     import pickle
 

@@ -295,13 +295,17 @@ def _torch_load_error(path: Path, what: str, exc: Exception) -> str:
     return f"cannot read {what} file {path}: {first or type(exc).__name__ + ' (corrupt or truncated file)'}"
 
 
+LISTED = "listed"  # the metadata key of a .pt file that held a list of tensors (keyed "0", "1", ... in order)
+
+
 def read_tensor_file(
-    path: str | os.PathLike[str], what: str, error: type[FedleakError]
+    path: str | os.PathLike[str], what: str, error: type[FedleakError], *, lists: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and string metadata of a ``.safetensors`` file, or the tensor dict of a ``.pt``/``.pth`` file.
 
     ``.pt`` files are read with ``torch.load(weights_only=True)`` (no metadata). Anything missing, empty,
-    unreadable or not a dict of tensors raises ``error`` naming the file.
+    unreadable or not a dict of tensors raises ``error`` naming the file; with ``lists``, a list of tensors is
+    read too, keyed by position, with the metadata ``LISTED``.
     """
     path = Path(path)
     if not path.is_file():
@@ -313,8 +317,11 @@ def read_tensor_file(
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
             raise error(_torch_load_error(path, what, exc)) from None
+        if lists and isinstance(obj, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in obj):
+            return {str(k): v for k, v in enumerate(obj)}, {LISTED: "1"}
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise error(f"{what} file {path} must hold a dict of tensors, got {type(obj).__name__}")
+            kinds = "a dict of tensors" + (" or a list of them" if lists else "")
+            raise error(f"{what} file {path} must hold {kinds}, got {type(obj).__name__}")
         return {str(k): v for k, v in obj.items()}, {}
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -357,14 +364,21 @@ def _split(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_update(path: str | os.PathLike[str]) -> ClientUpdate:
+def load_update(path: str | os.PathLike[str], model: nn.Module | None = None) -> ClientUpdate:
     """Read an update written by :func:`save_update`, or a plain tensor dict.
 
     ``.safetensors`` files are read with safetensors; ``.pt``/``.pth`` files with
-    ``torch.load(weights_only=True)`` and must hold a dict of tensors (a gradient). Anything unreadable
-    raises :class:`UpdateError` naming the file.
+    ``torch.load(weights_only=True)`` and must hold a dict of tensors (a gradient), or a list of gradients in
+    ``model.parameters()`` order, which ``model`` keys (:func:`named_like`). Anything unreadable raises
+    :class:`UpdateError` naming the file.
     """
-    tensors, meta = read_tensor_file(path, "update", UpdateError)
+    tensors, meta = read_tensor_file(path, "update", UpdateError, lists=True)
+    if LISTED in meta:
+        if model is None:
+            raise UpdateError(f"update file {path} holds a list of tensors, which only the model can name: pass it "
+                              "(load_update(path, model)), or save a dict keyed by model.named_parameters()")
+        tensors = named_like(model, list(tensors.values()))
+        return GradientUpdate(tensors)
 
     def count(key: str) -> int | None:
         if key not in meta:

@@ -85,6 +85,7 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
     fedleak.save_mlp(model, tmp_path / "model.safetensors")
     fedleak.save_update(fedleak.GradientUpdate(grads, num_examples=4), tmp_path / "update.safetensors")
     torch.save(grads, tmp_path / "bare.pt")  # a bare gradient file records no number of examples
+    torch.save(list(grads.values()), tmp_path / "list.pt")  # a list in model.parameters() order, keyed by the model
 
     def run(update: str, *extra: str) -> tuple[int, str]:
         code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update", str(tmp_path / update),
@@ -99,6 +100,7 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
         ("bare.pt", ("--loss-reduction", "sum"), 0, "0 certified"),  # the batch size is unknown
         ("bare.pt", ("--loss-reduction", "sum", "--num-examples", "4"), 0, "4 certified"),
         ("bare.pt", ("--num-examples", "0"), 2, "num_examples"),
+        ("list.pt", ("--loss-reduction", "sum", "--num-examples", "4"), 0, "4 certified"),
     ]:
         got = run(update, *extra)
         assert got[0] == code and said in got[1], (update, extra, got)

@@ -22,8 +22,9 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 def check_command(
     model: str = typer.Option(..., help=MODEL_HELP),
     weights: Path = typer.Option(None, help=WEIGHTS_HELP),
-    update: Path = typer.Option(None, help="A captured client update (.safetensors from fedleak, or a .pt dict of "
-                                           "gradients): its kind and batch size join the plan."),
+    update: Path = typer.Option(None, help="A captured client update (.safetensors from fedleak, a .pt dict of "
+                                           "gradients, or a .pt list in model.parameters() order): its kind and "
+                                           "batch size join the plan."),
     data: str = typer.Option(None, help=DATA_HELP + " The inputs activations are measured on; default: a built-in "
                                         "model's own data set, else synthetic inputs (the plan says so)."),
     batch_size: int = typer.Option(None, help="The batch size your clients train with."),
@@ -51,7 +52,7 @@ def check_command(
             raise FedleakError(f"--batch-size must lie in [1, {MAX_BATCH:,}], got {batch_size}")
         sizes.append(batch_size)
     loaded = load_model(model, weights=weights, seed=seed)
-    captured = None if update is None else fedleak.load_update(update)
+    captured = None if update is None else fedleak.load_update(update, loaded.module)
     data_name = data or loaded.data
     inputs = None if data_name is None else fedleak.load_dataset(data_name)
     shape = _shape(input_shape) or (None if inputs is not None else loaded.input_shape)
