@@ -318,6 +318,27 @@ def test_client_in_training_mode_with_dropout_certifies_nothing_and_says_why(fas
     assert ok.num_certified == 4 and all("Dropout" not in s.reason for s in ok.samples)
 
 
+def test_client_in_training_mode_with_batch_norm_certifies_nothing_and_says_why(digits):
+    """A client in training mode normalises its batch by the batch's own statistics, not the running ones the
+    server's eval-mode model uses: nothing is certified, and the reason names the BatchNorm and training mode
+    (the same batch from a client in eval mode: all 4 certified)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10)).eval()
+    with torch.no_grad():  # running statistics as a trained model has them
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x, y = digits.batch(4, seed=1)
+    client = copy.deepcopy(model).train()  # its running statistics move; the server keeps the round's
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(client, x, y), input_shape=(1, 8, 8))
+    assert rec.num_certified == 0 and not metrics.match(rec, x, y).false_certificate.any()
+    assert "BatchNorm '1' in training mode" in rec.why_uncertified()
+    ok = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), input_shape=(1, 8, 8))
+    assert ok.num_certified == 4 and not metrics.match(ok, x, y).false_certificate.any()
+
+
 def test_cnn_whose_inferred_input_shape_is_wrong_says_so(digits):
     """A strided convolution fits 7x7 and 8x8 images; with no shape given the attack assumes 7x7 and certifies
     nothing from 8x8 digits: its reasons name the inferred shape and the sizes that fit. Given the shape, it

@@ -132,7 +132,8 @@ def reshape(op: Op) -> Reshape | None:
 
 @converts(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)
 def dropout(op: Op) -> Dropout | None:
-    """Eval-mode dropout is the identity; the network notes it when its rate is not 0 (:func:`dropout_note`)."""
+    """Eval-mode dropout is the identity; the network notes it when its rate is not 0
+    (:func:`~fedleak.nets.network.training_mode_note`)."""
     p = float(op.module.p if op.module is not None else op.arg(0, "p", 0.5))
     training = op.module.training if op.module is not None else op.arg(1, "training", True)
     if training and p > 0:

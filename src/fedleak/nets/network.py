@@ -44,10 +44,10 @@ class Network:
 
     ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to read the model: how the
     input shape was found (nothing when it came from the inputs, the caller or the model) and that its Dropout
-    is read in eval mode (:func:`dropout_note`). ``dropout``: the model's eval-mode Dropout layers (rate > 0),
+    is read in eval mode (:func:`training_mode_note`). ``dropout``: the model's eval-mode Dropout layers (rate > 0),
     which are not in ``steps``. ``caveats``: how the way the model was read may keep the exact methods from
-    certifying anything (a client running the Dropout in training mode; images larger than the inferred input
-    shape that fit the layers too), in words, for their reasons when nothing is certified.
+    certifying anything (a client running its Dropout or BatchNorm in training mode; images larger than the
+    inferred input shape that fit the layers too), in words, for their reasons when nothing is certified.
     """
 
     input_shape: tuple[int, ...]
@@ -157,17 +157,22 @@ def check_head_trainable(model: torch.nn.Module, net: Network) -> None:
                          "optimisation attacks (dlg, idlg, ig, dlm, dlm+) take the update of the trainable ones")
 
 
-def dropout_cause(dropout: tuple[Dropout, ...]) -> str:
-    """Why an update of a model with these Dropout layers may certify nothing, in words (a caveat)."""
-    names = ", ".join(f"'{d.name}' (p = {d.p:g})" for d in dropout)
-    return (f"a client that runs the model's Dropout {names} in training mode (model.train(), as training loops "
-            "do) drops random units of every sample, which the exact methods do not model: they certify nothing "
-            "from its update")
+def training_mode_cause(dropout: tuple[Dropout, ...], norms: tuple[BatchNorm, ...]) -> str:
+    """Why an update of a model with these Dropout and BatchNorm layers may certify nothing, in words (a
+    caveat): its client may have run them in training mode."""
+    layers = [f"Dropout '{d.name}' (p = {d.p:g})" for d in dropout] + [f"BatchNorm '{b.name}'" for b in norms]
+    effects = (["drops random units of every sample"] if dropout else []) + (
+        ["normalises by each batch's own statistics instead of the running ones"] if norms else [])
+    return (f"a client that runs the model's {', '.join(layers)} in training mode (model.train(), as training "
+            f"loops do) {' and '.join(effects)}, which the exact methods do not model: they certify nothing from "
+            "its update")
 
 
-def dropout_note(dropout: tuple[Dropout, ...]) -> str:
-    """What an update of a model with these eval-mode Dropout layers is read as, in words."""
-    return f"Dropout is read in eval mode, where it is the identity; {dropout_cause(dropout)}"
+def training_mode_note(dropout: tuple[Dropout, ...], norms: tuple[BatchNorm, ...]) -> str:
+    """How a model with these Dropout and BatchNorm layers is read, in words (a note)."""
+    read = (["Dropout is read in eval mode, where it is the identity"] if dropout else []) + (
+        ["BatchNorm is read in eval mode, with its running statistics"] if norms else [])
+    return f"{'; '.join(read)}; {training_mode_cause(dropout, norms)}"
 
 
 def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, ...] = (),
@@ -175,9 +180,11 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
     """Group the traced chain into conv blocks and a ReLU head (raises :class:`ModelError` naming the node)."""
     dropout = tuple(s.layer for s in steps if isinstance(s.layer, Dropout))
     steps = [s for s in steps if not isinstance(s.layer, Dropout)]
-    if dropout:
-        notes, caveats = (*notes, dropout_note(dropout)), (*caveats, dropout_cause(dropout))
     blocks, i = _group_blocks(steps)
+    norms = tuple(blk.bn for blk in blocks if blk.bn is not None)
+    if dropout or norms:
+        notes = (*notes, training_mode_note(dropout, norms))
+        caveats = (*caveats, training_mode_cause(dropout, norms))
     dense: list[Dense] = []
     expect_dense = True
     for step in steps[i:]:
