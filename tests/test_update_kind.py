@@ -72,3 +72,28 @@ def test_declared_facts_are_checked():
         check_declared({"epochs": 1})
     with pytest.raises(UpdateError, match="local_steps"):
         check_declared({"local_steps": 0})
+
+
+def test_a_batch_norm_model_s_state_dict_update(digits):
+    """A FedAvg client of a model with BatchNorm sends its state dict: the running statistics and the integer
+    counter ``num_batches_tracked``, which moves by one per local step, so it tells the steps."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    x, y = digits.batch(4, seed=1)
+    for steps, kind in ((1, "one-step"), (3, "multi-step")):
+        update = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=steps)
+        assert update.before["1.num_batches_tracked"].dtype == torch.int64
+        assert "1.num_batches_tracked" not in update.delta() and "1.running_mean" in update.delta()
+        described = describe_update(update, model)
+        assert described.kind == kind
+        assert f"'1.num_batches_tracked' moved by {steps}: {steps} local step(s)" in described.evidence[0]
+        assert set(update.parameters_of(model)) == {n for n, _ in model.named_parameters()}
+    rec = fedleak.reconstruct(model, fedleak.fedavg_update(model, x, y, lr=0.1), input_shape=(1, 8, 8))
+    assert rec.num_certified == 0 and "BatchNorm '1' in training mode" in rec.why_uncertified()
+    stranger = fedleak.WeightUpdate({**update.before, "extra.weight": torch.zeros(2)},
+                                    {**update.after, "extra.weight": torch.ones(2)})
+    with pytest.raises(UpdateError, match=r"unexpected \['extra.weight'\]"):
+        stranger.parameters_of(model)

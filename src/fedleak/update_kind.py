@@ -161,10 +161,27 @@ def _number(name: str, value: Any, kind: type) -> Any:
         raise UpdateError(f"{name} must be a number, got {value!r}") from None
 
 
-def _steps(num_examples: int | None, facts: Mapping[str, Any]) -> tuple[int | None, str | None]:
-    """Local steps: declared, or epochs x batches per epoch, or at least ``ceil(n / batch)`` (with why)."""
+def _counted_steps(update: Any) -> tuple[int | None, str | None]:
+    """Local steps read off a weight update's BatchNorm counters (``num_batches_tracked`` moves by one per
+    training-mode forward pass, so by one per local step), when they all moved alike (with why)."""
+    names = [k for k, v in update.before.items() if k.endswith("num_batches_tracked") and not v.is_floating_point()]
+    moved = {int(update.after[k].sum() - update.before[k].sum()) for k in names}
+    if len(moved) != 1 or min(moved) < 1:
+        return None, None
+    steps = moved.pop()
+    return steps, (f"the BatchNorm counter '{names[0]}' moved by {steps}: {steps} local step(s) (one per training-mode "
+                   "forward pass)")
+
+
+def _steps(update: Any, facts: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """Local steps: declared, or counted by the update's BatchNorm counters, or epochs x batches per epoch, or at
+    least ``ceil(n / batch)`` (with why)."""
     if "local_steps" in facts:
         return facts["local_steps"], f"the client declares {facts['local_steps']} local step(s)"
+    counted = _counted_steps(update)
+    if counted[0] is not None:
+        return counted
+    num_examples = update.num_examples
     batch = facts.get("batch_size")
     if batch is None or num_examples is None:
         return None, None
@@ -194,7 +211,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     if isinstance(update, WeightUpdate):
         tensors = update.delta()
         n = update.num_examples
-        steps, why = _steps(n, facts)
+        steps, why = _steps(update, facts)
         kind = "weights" if steps is None else ("one-step" if steps == 1 else "multi-step")
         if why:
             evidence.append(why + ("; ΔW is then no longer a scaled gradient, so the exact route does not apply"

@@ -36,16 +36,20 @@ from fedleak.validation import (
 )
 
 
-def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str, *,
+                      counters: bool = False) -> dict[str, torch.Tensor]:
+    """Finite floating-point tensors by name; with ``counters``, integer tensors too (a state dict's counters,
+    such as BatchNorm's ``num_batches_tracked``)."""
     if not isinstance(tensors, Mapping) or not tensors:
         raise UpdateError(f"{what} must be a non-empty mapping from parameter name to tensor")
     out: dict[str, torch.Tensor] = {}
     for name, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             raise UpdateError(f"{what}['{name}'] is a {type(value).__name__}, not a torch.Tensor")
-        if not value.is_floating_point():
+        counter = counters and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
+        if not value.is_floating_point() and not counter:
             raise UpdateError(f"{what}['{name}'] has dtype {value.dtype}; a floating-point tensor is needed")
-        if not all_finite(value):
+        if not counter and not all_finite(value):
             bad = int((~torch.isfinite(value)).sum())
             raise UpdateError(f"{what}['{name}'] holds {bad} non-finite value(s) (NaN or inf)")
         out[str(name)] = value.detach()
@@ -96,8 +100,8 @@ class WeightUpdate:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "error", check_error(self.error))
-        before = _check_tensor_map(self.before, "before")
-        after = _check_tensor_map(self.after, "after")
+        before = _check_tensor_map(self.before, "before", counters=True)
+        after = _check_tensor_map(self.after, "after", counters=True)
         if set(before) != set(after):
             missing = sorted(set(before) - set(after))
             extra = sorted(set(after) - set(before))
@@ -115,8 +119,24 @@ class WeightUpdate:
         object.__setattr__(self, "local_steps", _check_count("local_steps", self.local_steps))
 
     def delta(self) -> dict[str, torch.Tensor]:
-        """``before - after``: for one plain SGD step this is the learning rate times the gradient."""
-        return {name: self.before[name] - self.after[name] for name in self.before}
+        """``before - after`` of every floating-point entry: for one plain SGD step this is the learning rate
+        times the gradient (a state dict's integer counters are left out)."""
+        return {name: self.before[name] - self.after[name] for name in self.before
+                if self.before[name].is_floating_point()}
+
+    def parameters_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``before`` of ``model``'s trainable parameters, checked against them (:func:`check_matches_model`);
+        the other entries must be the model's own buffers or frozen parameters (a state dict, as Flower's clients
+        send it)."""
+        params = trainable_parameters(model)
+        known = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        unknown = sorted(set(self.before) - known)
+        if unknown:
+            raise UpdateError(f"the weight update does not match the model: unexpected {unknown}"
+                              + renaming_hint(sorted(set(params) - set(self.before)), unknown))
+        chosen = {k: v for k, v in self.before.items() if k in params}
+        check_matches_model(model, chosen, "weight update")
+        return chosen
 
 
 ClientUpdate = GradientUpdate | WeightUpdate

@@ -209,7 +209,7 @@ def defend_update(update: GradientUpdate | WeightUpdate,
     if isinstance(update, WeightUpdate):
         delta = update.delta()
         sent = stack.filter(delta, batch, generator)
-        after = {k: update.before[k] - sent[k] for k in update.before}
+        after = {k: update.before[k] - sent[k] if k in sent else update.after[k] for k in update.before}
         meta = {**dict(update.metadata), "defense": stack.label}
         return dataclasses.replace(update, after=after, metadata=meta)
     if not isinstance(update, GradientUpdate):

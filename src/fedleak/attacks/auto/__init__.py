@@ -76,7 +76,10 @@ def auto_attack(
     if not isinstance(update, WeightUpdate):
         update = as_gradient_update(update)
     # a mismatched update is bad input: said before any route starts or any progress bar is drawn
-    check_matches_model(model, update.before if isinstance(update, WeightUpdate) else update.gradients)
+    if isinstance(update, WeightUpdate):
+        update.parameters_of(model)
+    else:
+        check_matches_model(model, update.gradients)
     exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **(exclusivity_options or {})})
     with RunClock(budget, progress=progress, label="auto") as clock:
         plan = plan_route(model, update, input_shape)

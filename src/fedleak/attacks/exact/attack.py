@@ -22,7 +22,7 @@ from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.registry import register_attack
 from fedleak.nets import as_network
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
+from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 
 
 @register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True, takes_defense=True,
@@ -87,20 +87,19 @@ def exclusivity_on_weights(
     mislead.
     """
     opts = resolve_options(options, {**overrides, "known_scale": False})
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    check_matches_model(model, {k: v for k, v in update.before.items() if k in set(names)}, "weight update")
+    names = list(update.parameters_of(model))
     delta = update.delta()
     at_before = model
-    params = dict(model.named_parameters())
-    if not all(torch.equal(params[n].detach(), update.before[n].to(device=params[n].device, dtype=params[n].dtype))
-               for n in names):
-        # the update was taken from other weights than the model's: a copy of the model at them (a server's own
-        # model at the round's global weights, as usual, is read as it is)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    if not all(torch.equal(state[n].detach(), v.to(device=state[n].device, dtype=state[n].dtype))
+               for n, v in update.before.items()):
+        # the update was taken from other weights (or BatchNorm statistics) than the model's: a copy of the model
+        # at them (a server's own model at the round's global weights, as usual, is read as it is)
         at_before = copy.deepcopy(model)
         with torch.no_grad():
-            for n, p in at_before.named_parameters():
+            for n, t in (*at_before.named_parameters(), *at_before.named_buffers()):
                 if n in update.before:
-                    p.copy_(update.before[n].to(p.dtype))
+                    t.copy_(update.before[n].to(t.dtype))
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
     decay = read_decay(net, update.before, update.after, delta)
