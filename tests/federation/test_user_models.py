@@ -302,3 +302,44 @@ def test_flower_quickstart_clients_multi_step_updates_are_named_and_scored(tmp_p
         assert r.scores is not None and r.scores.psnr is not None and r.scores.label_accuracy is not None
         assert d["scores_estimated"] and d["psnr"] is not None
         assert d["client_id"] == r.node_id and d["client_id"] != -1
+
+
+def bn_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+
+
+def test_a_batch_norm_model_s_state_dicts_are_audited(digits, server_identity):
+    """Clients of a model with BatchNorm send their state dicts (running statistics and the integer counter
+    ``num_batches_tracked``) after a step in training mode, as Flower's quickstart does: every reply is audited
+    (none 'malformed', as they were), its local steps read off the counter, and the reason for certifying
+    nothing names the BatchNorm run in training mode."""
+    batches = [(digits.x[k * 8:(k + 1) * 8], digits.y[k * 8:(k + 1) * 8]) for k in range(2)]
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        model = bn_cnn()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model.train()
+        x, y = batches[int(context.node_config["partition-id"])]
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        return Message(content=RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                           "metrics": MetricRecord({"num-examples": len(x)})}), reply_to=msg)
+
+    model = bn_cnn()
+    strategy = AuditFedAvg(model, AuditPlan("exclusivity", {"input_shape": (1, 8, 8)}), audit_mode="sync",
+                           fraction_evaluate=0.0, min_available_nodes=2)
+    try:
+        result = strategy.start(grid=LoopbackGrid(app, 2), initial_arrays=ArrayRecord(model.state_dict()),
+                                num_rounds=1)
+        records = strategy.findings()
+    finally:
+        strategy.close()
+    assert result.arrays is not None and [r.status for r in records] == ["ok", "ok"], records
+    assert all("in 1 local step" in r.update_kind for r in records)
+    assert all(r.certified == 0 and "BatchNorm '1' in training mode" in r.reason for r in records)

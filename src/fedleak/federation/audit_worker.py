@@ -103,10 +103,10 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
             attack = plan.multi_step_attack
         if attack != plan.attack or plan.update_kind == "weights":
             attacked: Any = replace(job.update, local_steps=kind.local_steps)
-        elif job.delta is not None:  # an uploaded change: exact, no before - after cancellation
-            attacked = GradientUpdate(dict(job.delta), num_examples=job.update.num_examples)
-        else:
-            attacked = GradientUpdate(job.update.delta(), num_examples=job.update.num_examples)
+        else:  # the trainable parameters' change (a state dict also holds buffers: BatchNorm's statistics)
+            change = job.delta if job.delta is not None else job.update.delta()  # uploaded: exact, no cancellation
+            attacked = GradientUpdate({k: change[k] for k in job.update.parameters_of(job.model)},
+                                      num_examples=job.update.num_examples)
         options = dict(plan.options) if attack == plan.attack else dict(plan.multi_step_options)
         rec, aware = reconstruct_aware(job.model, attacked, attack=attack, defense=plan.defense, **options)
         seconds = time.perf_counter() - start

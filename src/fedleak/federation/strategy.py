@@ -293,12 +293,12 @@ class AuditFedAvg(FedAvg):
         for k, v in after.items():
             if tuple(v.shape) != tuple(sent[k].shape):
                 raise UpdateError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(sent[k].shape)}")
-            if not v.is_floating_point():
-                raise UpdateError(f"'{k}' has dtype {v.dtype}")
+            if not v.is_floating_point() and (sent[k].is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+                raise UpdateError(f"'{k}' has dtype {v.dtype}")  # integers only where the model counts (BatchNorm)
         delta = None
         if self.upload == "delta":
             delta = {k: v.to(sent[k].dtype) for k, v in after.items()}
-            if not all(all_finite(v) for v in delta.values()):
+            if not all(all_finite(v) for v in delta.values() if v.is_floating_point()):
                 raise UpdateError("the uploaded change holds non-finite value(s) (NaN or inf)")
             after = {k: sent[k] - delta[k] for k in sent}
             content[next(iter(content.array_records))] = ArrayRecord(after)
