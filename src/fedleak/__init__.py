@@ -25,6 +25,8 @@ _EXPORTS = {
     "ExclusivityReport": "fedleak.analysis",
     "analyze_exclusivity": "fedleak.analysis",
     "reconstruct": "fedleak.api",
+    "BinaryTwin": "fedleak.binary",
+    "binary_twin": "fedleak.binary",
     "ExclusivityOptions": "fedleak.attacks",
     "available_attacks": "fedleak.attacks",
     "imprint_weights": "fedleak.attacks.malicious",
@@ -91,6 +93,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.api import reconstruct
     from fedleak.attacks import ExclusivityOptions, available_attacks
     from fedleak.attacks.malicious import imprint_weights, trap_weights
+    from fedleak.binary import BinaryTwin, binary_twin
     from fedleak.clients import fedavg_update, local_training
     from fedleak.data import Dataset, Normalization, available_datasets, load_dataset, normalization
     from fedleak.defenses import available_defenses, defend_update, defended_gradient, make_defense, parse_defense

@@ -12,10 +12,11 @@ from torch import nn
 
 from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
+from fedleak.binary import as_two_class
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, named_like
-from fedleak.validation import check_model, check_shape
+from fedleak.validation import check_model, check_module, check_shape
 
 
 @with_autograd
@@ -30,7 +31,8 @@ def reconstruct(
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
     from parameter name to gradient, or a list of gradients in ``model.parameters()`` order. ``options`` go to
     the attack (see ``fedleak.available_attacks()``).
-    The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes; otherwise
+    The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
+    trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
     :class:`~fedleak.errors.ModelError` says which. A client that trains only some layers sends an update of its
     trainable parameters: the optimisation attacks take it, and so do the exact ones where the frozen layers are
     conv layers (a fine-tuned head on a frozen backbone: they are inverted from their weights). The attack runs
@@ -40,9 +42,11 @@ def reconstruct(
     if not isinstance(attack, str):
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
-    check_model(model)
     if isinstance(update, (list, tuple)):  # [p.grad for p in model.parameters()], torch.autograd.grad's tuple
-        update = named_like(model, update)
+        update = named_like(check_module(model), update)
+    # one logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
+    model, update, read_as = as_two_class(check_module(model), update)
+    check_model(model)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
@@ -52,4 +56,4 @@ def reconstruct(
         )
     start = time.perf_counter()
     result = info.run(model, update, **options)
-    return replace(result, seconds=time.perf_counter() - start)
+    return replace(result, seconds=time.perf_counter() - start, notes=(*result.notes, *read_as))

@@ -165,6 +165,10 @@ def check_batch(inputs: object, labels: object = None) -> torch.Tensor:
 
 def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelError) -> int:
     """A classifier's number of outputs: at least 2 (a one-output model has no cross-entropy gradient)."""
+    if num_classes == 1:
+        raise error(f"{where} gives 1 output; a classifier needs at least 2 classes (a binary classifier with one "
+                    "logit trained with BCEWithLogitsLoss: fedleak.reconstruct attacks it as its two-class softmax "
+                    "twin, and the other functions take that twin, fedleak.binary_twin(model).model)")
     if num_classes < 2:
         raise error(f"{where} gives {num_classes} output(s); a classifier needs at least 2 classes")
     return num_classes

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fedleak.plan.verdict as verdict
+from fedleak.binary import as_two_class
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network, as_network, input_shape_of
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
@@ -131,7 +132,8 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     judge (default: the update's, else 1, 8 and 32); the largest is the one the verdict and the proposed change
     are for. ``target``: the fraction of a batch's samples the route must certify to count as applying.
     """
-    model = check_module(model)
+    parameters = sum(p.numel() for p in check_module(model).parameters())
+    model, update, read_as = as_two_class(model, update)  # one logit: its two-class twin
     target = check_float("target", target, low=0.5, high=1.0)
     max_samples = check_int("max_samples", max_samples, low=2, high=1 << 20)
     seed = check_seed("seed", seed)
@@ -146,7 +148,6 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     samples = user_samples(inputs, max_samples, seed) if inputs is not None else None
     shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
     label = name or type(model).__name__
-    parameters = sum(p.numel() for p in model.parameters())
     try:
         net = as_network(model, input_shape=shape)
     except ModelError as exc:
@@ -155,7 +156,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {samples.x[0].numel()} values but the model takes {net.input_shape}")
-    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, (*shape_notes,))
+    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, (*shape_notes, *read_as))
 
 
 def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,
