@@ -42,10 +42,11 @@ def reconstruct(
     if not isinstance(attack, str):
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
+    model = check_module(model)
     if isinstance(update, (list, tuple)):  # [p.grad for p in model.parameters()], torch.autograd.grad's tuple
-        update = named_like(check_module(model), update)
+        update = named_like(model, update)
     # one logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
-    model, update, read_as = as_two_class(check_module(model), update)
+    model, update, read_as = as_two_class(model, update)
     check_model(model)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])

@@ -44,10 +44,11 @@ class Network:
 
     ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to read the model: how the
     input shape was found (nothing when it came from the inputs, the caller or the model) and that its Dropout
-    is read in eval mode (:func:`training_mode_note`). ``dropout``: the model's eval-mode Dropout layers (rate > 0),
-    which are not in ``steps``. ``caveats``: how the way the model was read may keep the exact methods from
-    certifying anything (a client running its Dropout or BatchNorm in training mode; images larger than the
-    inferred input shape that fit the layers too), in words, for their reasons when nothing is certified.
+    and BatchNorm are read in eval mode (:func:`training_mode_note`). ``dropout``: the model's eval-mode Dropout
+    layers (rate > 0), which are not in ``steps``. ``caveats``: how the way the model was read may keep the
+    exact methods from certifying anything (a client running its Dropout or BatchNorm in training mode; images
+    larger than the inferred input shape that fit the layers too), in words, for their reasons when nothing is
+    certified.
     """
 
     input_shape: tuple[int, ...]
@@ -148,7 +149,8 @@ def check_head_trainable(model: torch.nn.Module, net: Network) -> None:
     """Raise :class:`ModelError` when a parameter of ``net``'s dense head is frozen (``requires_grad=False``): the
     exact methods read every head layer's gradient, which an update holds only for trainable parameters. Frozen
     conv layers (a fine-tuned head on a frozen backbone) are fine: they are inverted from their weights."""
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n in set(net.head.parameter_names())]
+    head = set(net.head.parameter_names())
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n in head]
     if frozen:
         shown = ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else "")
         raise ModelError(f"the model's dense layers have {len(frozen)} frozen parameter(s) (requires_grad=False: "
