@@ -247,11 +247,13 @@ class TestModels:
         _raises(fedleak.ModelError, ("'1.weight'", "non-finite"), fedleak.compute_gradient_update, model, *batch)
 
     def test_one_output_class(self, batch):
-        """A single logit has no cross-entropy gradient: simulating a client says so and names the binary twin
-        (reconstruct reads one logit as binary cross-entropy, tests/test_binary.py)."""
+        """A single logit is a binary classifier (tests/test_binary.py): its labels are 0 or 1, and the functions
+        that need classes say to pass its two-class twin."""
         one = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+        _raises(fedleak.DataError, ("labels must lie in [0, 1]",), fedleak.compute_gradient_update, one, batch[0],
+                torch.full((4,), 2))
         _raises(fedleak.ModelError, ("1 output", "at least 2 classes", "fedleak.binary_twin(model).model"),
-                fedleak.compute_gradient_update, one, batch[0], torch.zeros(4, dtype=torch.long))
+                fedleak.as_network, one, input_shape=(16,))
 
     def test_inputs_the_model_cannot_take(self, model):
         _raises(fedleak.ModelError, ("cannot take inputs of shape (2, 5)",), fedleak.compute_gradient_update, model,

@@ -67,6 +67,21 @@ def test_a_single_logit_model_s_updates_are_certified(lfw):
     assert rec.num_certified >= 1 and not metrics.match(rec, x, y).false_certificate.any()
 
 
+def test_simulated_clients_of_a_single_logit_model_train_with_binary_cross_entropy(lfw):
+    torch.manual_seed(0)
+    model = BinaryNet(625, 64).eval()
+    x, y = lfw.batch(6, seed=1)
+    update = fedleak.compute_gradient_update(model, x, y)
+    assert all(torch.equal(update.gradients[k], g) for k, g in bce_gradient(model, x, y).items())
+    client = copy.deepcopy(model)
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    opt.zero_grad()
+    F.binary_cross_entropy_with_logits(client(x).squeeze(1), y.float()).backward()
+    opt.step()
+    trained = fedleak.fedavg_update(model, x, y, lr=0.1, momentum=0.0)
+    assert all(torch.allclose(trained.after[k], v) for k, v in client.state_dict().items())
+
+
 def test_the_plan_reads_a_single_logit_model(lfw):
     torch.manual_seed(0)
     model = BinaryNet(625, 256).eval()
@@ -75,3 +90,18 @@ def test_the_plan_reads_a_single_logit_model(lfw):
     text = result.to_text()
     assert "cannot apply" not in text.splitlines()[0] and "noised" not in text
     assert "binary cross-entropy" in text and f"{sum(p.numel() for p in model.parameters()):,} parameters" in text
+
+
+def test_analysis_fishing_and_the_audit_read_a_single_logit_model(lfw):
+    """The exclusivity analysis and fishing read the twin too: the same activations, and its cross-entropy is the
+    model's binary cross-entropy."""
+    torch.manual_seed(0)
+    model = BinaryNet(625, 512).eval()
+    x, y = lfw.batch(16, seed=3)
+    report = fedleak.analyze_exclusivity(model, x, y)
+    twin_report = fedleak.analyze_exclusivity(fedleak.binary_twin(model).model, x, y)
+    assert torch.equal(torch.as_tensor(report.certifiable), torch.as_tensor(twin_report.certifiable))
+    fished = fedleak.fish(model, x, y)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, fished.inputs, y))
+    scores = metrics.match(rec, fished.inputs, y)
+    assert rec.num_certified >= 12 and not scores.false_certificate.any()

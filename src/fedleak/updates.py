@@ -236,8 +236,9 @@ def hard_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
     """A usable model and a non-empty, finite batch with one label per sample (checked against the logits
-    by :func:`forward_logits`); soft labels must be rows of class probabilities."""
-    check_model(model)
+    by :func:`forward_logits`); soft labels must be rows of class probabilities. A model with one logit is a
+    binary classifier (:func:`client_loss`)."""
+    check_model(model, binary=True)
     if is_soft(labels):
         check_batch(inputs, None)
         if labels.shape[0] != inputs.shape[0]:
@@ -260,26 +261,37 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"the model must return logits of shape ({inputs.shape[0]}, K), got {shape}")
-    check_num_classes(int(logits.shape[1]), "the model")
+    classes = int(logits.shape[1])
+    if classes != 1:  # one logit: a binary classifier (client_loss), whose labels are 0 or 1
+        check_num_classes(classes, "the model")
     if is_soft(labels):
-        if labels.shape[1] != logits.shape[1]:
-            raise DataError(f"soft labels have {labels.shape[1]} classes but the model {logits.shape[1]} outputs")
+        if labels.shape[1] != classes or classes == 1:
+            raise DataError(f"soft labels have {labels.shape[1]} classes but the model {classes} outputs")
     else:
-        check_labels(labels, int(logits.shape[1]), error=DataError)
+        check_labels(labels, max(classes, 2), error=DataError)
     return logits
 
 
-def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The cross-entropy of the model on a checked batch, with class indices or soft labels."""
-    dtype = next(model.parameters()).dtype
-    logits = forward_logits(model, inputs.to(dtype), labels)
+def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels; for a
+    single logit, the binary cross-entropy of it (``BCEWithLogitsLoss``, labels 0 or 1)."""
+    if logits.shape[1] == 1:
+        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype),
+                                                              reduction=reduction)
     target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
     return nn.functional.cross_entropy(logits, target, reduction=reduction)
 
 
+def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The client's loss (:func:`client_loss`) of the model on a checked batch."""
+    dtype = next(model.parameters()).dtype
+    return client_loss(forward_logits(model, inputs.to(dtype), labels), labels, reduction)
+
+
 @with_autograd
 def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> GradientUpdate:
-    """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss.
+    """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss (binary cross-entropy for a
+    model with one logit).
 
     ``labels`` are class indices, or soft labels (an ``M x K`` float tensor of class probabilities, what MixUp
     and InstaHide send). The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded

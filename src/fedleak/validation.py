@@ -167,8 +167,9 @@ def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelE
     """A classifier's number of outputs: at least 2 (a one-output model has no cross-entropy gradient)."""
     if num_classes == 1:
         raise error(f"{where} gives 1 output; a classifier needs at least 2 classes (a binary classifier with one "
-                    "logit trained with BCEWithLogitsLoss: fedleak.reconstruct attacks it as its two-class softmax "
-                    "twin, and the other functions take that twin, fedleak.binary_twin(model).model)")
+                    "logit trained with BCEWithLogitsLoss is read as its two-class twin by reconstruct, plan, "
+                    "analyze_exclusivity, fish and the simulated clients; elsewhere pass the twin, "
+                    "fedleak.binary_twin(model).model)")
     if num_classes < 2:
         raise error(f"{where} gives {num_classes} output(s); a classifier needs at least 2 classes")
     return num_classes
@@ -225,12 +226,13 @@ def check_module(model: object) -> nn.Module:
     return model
 
 
-def check_model(model: object) -> nn.Module:
-    """A ``torch.nn.Module`` with finite parameters and, if it ends with a Linear layer, at least 2 outputs."""
+def check_model(model: object, *, binary: bool = False) -> nn.Module:
+    """A ``torch.nn.Module`` with finite parameters and, if it ends with a Linear layer, at least 2 outputs (or,
+    where ``binary``, one: a binary classifier's logit)."""
     check_module(model)
     check_finite_tensors(model.named_parameters(), "the model's parameter")
     outputs = output_features(model)
-    if outputs is not None:
+    if outputs is not None and not (binary and outputs == 1):
         check_num_classes(outputs, "the model's last Linear layer")
     return model
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedleak.binary import as_two_class
 from fedleak.errors import FedleakError
 from fedleak.nets import Network, as_network, forward_trace
 from fedleak.validation import check_batch, check_labels
@@ -49,11 +50,13 @@ def predictions(net: Network, x: torch.Tensor) -> torch.Tensor:
 def read_batch(model: nn.Module | Network, inputs: object, labels: object = None) -> Batch:
     """Check ``inputs`` and ``labels`` against ``model`` (read with ``as_network(model, inputs=inputs)``).
 
-    ``labels`` default to the model's predictions. Raises :class:`~fedleak.errors.FedleakError` (a
+    ``labels`` default to the model's predictions. A model with one logit is read as its two-class twin
+    (:mod:`fedleak.binary`). Raises :class:`~fedleak.errors.FedleakError` (a
     :class:`~fedleak.errors.ModelError` when the model does not fit) naming the problem.
     """
     inputs = check_batch(inputs)
-    net = model if isinstance(model, Network) else as_network(model, inputs=inputs)
+    # a model with one logit is read as its two-class twin (fedleak.binary), whose cross-entropy is its BCE
+    net = model if isinstance(model, Network) else as_network(as_two_class(model)[0], inputs=inputs)
     if inputs[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {inputs[0].numel()} values but the model takes {net.input_shape}")
     x = inputs.detach().reshape(inputs.shape[0], *net.input_shape).to(device=net.device, dtype=net.dtype)

@@ -239,7 +239,8 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
 
         model = load_model(settings.model, weights=settings.weights, seed=settings.seed).module
         out = output_features(model)
-        if out is not None and out < data.num_classes:  # more outputs than classes is fine: labels index them
+        # more outputs than classes is fine (labels index them), and so is one logit for two classes (binary)
+        if out is not None and out < data.num_classes and not (out == 1 and data.num_classes == 2):
             raise FedleakError(f"the model has {out} outputs but {data.name} has {data.num_classes} classes")
         return model
     if settings.conv:

@@ -19,7 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError
-from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
+from fedleak.updates import WeightUpdate, check_client_batch, client_loss, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
 
 
@@ -69,7 +69,8 @@ def local_training(
     shuffle: bool = True,
     seed: int = 0,
 ) -> nn.Module:
-    """Train a copy of ``model`` for ``local_steps`` steps of mean cross-entropy and return the copy.
+    """Train a copy of ``model`` for ``local_steps`` steps of its mean loss (cross-entropy; binary cross-entropy
+    for a model with one logit) and return the copy.
 
     ``batch_size=None`` uses the whole local data set at every step (E full-batch steps); otherwise
     each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
@@ -98,8 +99,8 @@ def local_training(
         opt.zero_grad(set_to_none=True)
         logits = forward_logits(client, x[idx], labels[idx])
         if step == 0:  # every label, not only this mini-batch's, must be one of the model's classes
-            check_labels(labels, int(logits.shape[1]), error=DataError)
-        loss = nn.functional.cross_entropy(logits, labels[idx].long())
+            check_labels(labels, max(int(logits.shape[1]), 2), error=DataError)
+        loss = client_loss(logits, labels[idx])
         loss.backward()
         opt.step()
     return client
