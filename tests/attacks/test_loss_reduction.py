@@ -1,6 +1,8 @@
 """A client whose loss sums over its batch (``reduction="sum"``) sends every sample at the scale 1, not 1/M: the
-exclusivity attack certifies it with ``loss_reduction="sum"`` and the reported batch size, and otherwise
-certifies nothing and says what the update is, never calling its samples blends."""
+exclusivity attack certifies it with ``loss_reduction="sum"`` and the reported batch size; read as a mean-loss
+gradient of the reported batch, the samples' common scale tells it is not one, and it is read as a gradient times
+an unknown common factor (``known_scale=False``), saying so; without the batch size it certifies nothing and says
+what the update is, never calling its samples blends."""
 
 import pytest
 import torch
@@ -38,23 +40,25 @@ def test_a_summed_loss_is_certified_as_the_mean_one(batch):
 
 
 def test_a_summed_loss_read_as_a_mean_one_says_so(batch):
-    model, _, _, _, total = batch
+    model, x, y, _, total = batch
     bare = fedleak.reconstruct(model, total)
     assert bare.num_certified == 0 and bare.batch_size is None  # not "a batch of 1"
     why = bare.why_uncertified()
     assert "not a mean-loss gradient" in why and "loss_reduction='sum'" in why
     reported = fedleak.reconstruct(model, fedleak.GradientUpdate(total, num_examples=M))
-    assert reported.num_certified == 0
-    assert "pass loss_reduction='sum'" in reported.why_uncertified()
-    assert not any("blend" in note for note in reported.notes)
+    assert reported.num_certified >= M // 2 and not metrics.match(reported, x, y).false_certificate.any()
+    note = next(n for n in reported.notes if "unknown common factor" in n)
+    assert "known_scale=False" in note and "pass loss_reduction='sum'" in note
 
 
 def test_the_other_way_round_and_without_the_batch_size(batch):
-    model, _, _, mean, total = batch
+    model, x, y, mean, total = batch
     wrong = fedleak.reconstruct(model, fedleak.GradientUpdate(mean, num_examples=M), loss_reduction="sum")
-    assert wrong.num_certified == 0 and "pass loss_reduction='mean'" in wrong.why_uncertified()
+    assert wrong.num_certified >= M // 2 and any("pass loss_reduction='mean'" in n for n in wrong.notes)
     scaled = fedleak.reconstruct(model, fedleak.GradientUpdate({k: 3.7 * g for k, g in mean.items()}, num_examples=M))
-    assert scaled.num_certified == 0 and "known_scale=False" in scaled.why_uncertified()
+    assert scaled.num_certified >= M // 2 and any("unknown common factor" in n for n in scaled.notes)
+    assert not metrics.match(scaled, x, y).false_certificate.any()
+    assert not metrics.match(wrong, x, y).false_certificate.any()
     unknown = fedleak.reconstruct(model, total, loss_reduction="sum")  # a summed loss does not reveal M
     assert unknown.num_certified == 0 and unknown.batch_size is None
     assert "number of examples" in unknown.why_uncertified()

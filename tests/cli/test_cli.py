@@ -94,7 +94,7 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
         return code, out.out + out.err
 
     for update, extra, code, said in [
-        ("update.safetensors", (), 0, "0 certified"),  # read as a mean loss
+        ("update.safetensors", (), 0, "4 certified"),  # read as a mean loss: its samples' scale tells otherwise
         ("update.safetensors", ("--loss-reduction", "sum"), 0, "4 certified"),
         ("update.safetensors", ("--loss-reduction", "max"), 2, "loss_reduction must be 'mean' or 'sum'"),
         ("bare.pt", ("--loss-reduction", "sum"), 0, "0 certified"),  # the batch size is unknown

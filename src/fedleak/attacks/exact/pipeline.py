@@ -63,13 +63,21 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
     # attack returns is copied out of inference mode, so that it can take part in autograd
     with pinned_threads(opts.threads), torch.inference_mode(not net.blocks):
-        rec = run_pinned(model, net, update, opts, noise, name)
+        rec, off_scale = run_pinned(model, net, update, opts, noise, name)
+        if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
+            again, _ = run_pinned(model, net, update, replace(opts, known_scale=False), noise, name)
+            if again.num_certified:
+                rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
+                                            f"(known_scale=False; a clipped, accumulated or summed gradient), as "
+                                            f"the samples' scales tell: {off_scale}"))
     return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
-               noise: dict[str, RoundingNoise] | None, name: str) -> Reconstruction:
-    """:func:`run_exclusivity`, with the thread count already set."""
+               noise: dict[str, RoundingNoise] | None, name: str) -> tuple[Reconstruction, str]:
+    """:func:`run_exclusivity`, with the thread count already set; and, when nothing is certified and the
+    strongly witnessed samples share a scale other than the reported batch's, the note saying so
+    (:func:`~fedleak.attacks.exact.certificate.off_scale_note`), else empty."""
     start = time.perf_counter()
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
     opts, noise = plan.apply(opts), plan.rescale(noise)  # a defense's factors scale the noise as it is read
@@ -154,7 +162,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
             probs = torch.softmax(logits, 1).cpu()
         counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, cert.factor, probs[certified],
                                        y[certified])
-    return plan.finish(Reconstruction(
+    rec = plan.finish(Reconstruction(
         inputs=inputs.cpu().to(head.dense[0].module.weight.dtype),
         labels=y,
         certified=certified,
@@ -168,6 +176,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes=tuple(notes),
         missing_reason=missing,
     ))
+    return rec, off_scale or ""
 
 
 @dataclass(frozen=True)
