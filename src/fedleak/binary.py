@@ -18,6 +18,7 @@ from torch import nn
 
 from fedleak.errors import ModelError
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
+from fedleak.validation import output_features
 
 NOTE = ("a model with one logit is read as trained with binary cross-entropy on it (BCEWithLogitsLoss), as its "
         "two-class softmax twin (logits 0 and z), whose cross-entropy gradient is the same")
@@ -73,8 +74,7 @@ def as_two_class(model: nn.Module, update: object = None) -> tuple[nn.Module, ob
 
 def single_logit(model: nn.Module) -> bool:
     """Whether ``model``'s last Linear layer gives one output (a binary classifier's logit)."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return bool(last) and last[-1].out_features == 1
+    return output_features(model) == 1
 
 
 def binary_twin(model: nn.Module) -> BinaryTwin:

@@ -167,9 +167,8 @@ def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelE
     """A classifier's number of outputs: at least 2 (a one-output model has no cross-entropy gradient)."""
     if num_classes == 1:
         raise error(f"{where} gives 1 output; a classifier needs at least 2 classes (a binary classifier with one "
-                    "logit trained with BCEWithLogitsLoss is read as its two-class twin by reconstruct, plan, "
-                    "analyze_exclusivity, fish and the simulated clients; elsewhere pass the twin, "
-                    "fedleak.binary_twin(model).model)")
+                    "logit trained with BCEWithLogitsLoss is taken by reconstruct, plan, analyze_exclusivity, fish "
+                    "and the simulated clients; elsewhere pass its two-class twin, fedleak.binary_twin(model).model)")
     if num_classes < 2:
         raise error(f"{where} gives {num_classes} output(s); a classifier needs at least 2 classes")
     return num_classes
