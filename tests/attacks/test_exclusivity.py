@@ -339,6 +339,18 @@ def test_client_in_training_mode_with_batch_norm_certifies_nothing_and_says_why(
     assert ok.num_certified == 4 and not metrics.match(ok, x, y).false_certificate.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_update_certifies_nothing_and_says_why(fashion, dtype):
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=2)
+    update = fedleak.compute_gradient_update(model, x, y)
+    half = fedleak.GradientUpdate({k: v.to(dtype) for k, v in update.gradients.items()}, num_examples=4)
+    rec = fedleak.reconstruct(model, half)
+    assert rec.num_certified == 0 and not metrics.match(rec, x, y).false_certificate.any()
+    assert f"the update is in {str(dtype)[6:]}, whose rounding" in rec.why_uncertified()
+    assert fedleak.reconstruct(model, update).num_certified == 4  # the same update in float32
+
+
 def test_cnn_whose_inferred_input_shape_is_wrong_says_so(digits):
     """A strided convolution fits 7x7 and 8x8 images; with no shape given the attack assumes 7x7 and certifies
     nothing from 8x8 digits: its reasons name the inferred shape and the sizes that fit. Given the shape, it

@@ -198,6 +198,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     else:
         clip = np.ones(len(complete))
     n_layers = net.depth
+    rounding = f"the update's {str(attack.obs_dtype).removeprefix('torch.')} rounding"
 
     def witnessed(f: WitnessFit, c) -> str | None:
         """Why the sample's own witnesses fall short (None when they suffice)."""
@@ -208,7 +209,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                    f"needs {opts.min_last})")
             if f.noisy_rows:
                 why += (f"; {f.noisy_rows} witness row(s) are noisier than max_noise={opts.max_noise:g} relative "
-                        "(the update's float32 rounding)")
+                        f"({rounding})")
             return why
         missing = [i + 1 for i in range(n_layers - 1) if f.counts[i] < opts.min_other and i not in c.solved]
         if missing:

@@ -149,8 +149,12 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
     missing = found.missing(head, records, cert.batch_size)
-    if net.caveats and not any(r.certified for r in records):  # how the model was read may be the cause
-        cause = "; or ".join(net.caveats)
+    half_ulp = torch.finfo(obs_dtype).eps / 2  # a half-precision update's rounding alone exceeds max_noise
+    caveats = net.caveats + ((f"the update is in {str(obs_dtype).removeprefix('torch.')}, whose rounding "
+                              f"({half_ulp:.1e} relative) alone exceeds max_noise={opts.max_noise:g}: an update in "
+                              "this dtype is not certified",) if half_ulp > opts.max_noise else ())
+    if caveats and not any(r.certified for r in records):  # how the model or the update was read may be the cause
+        cause = "; or ".join(caveats)
         missing = f"{missing}; or {cause}" if missing else ""
         records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
