@@ -105,3 +105,26 @@ def test_analysis_fishing_and_the_audit_read_a_single_logit_model(lfw):
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, fished.inputs, y))
     scores = metrics.match(rec, fished.inputs, y)
     assert rec.num_certified >= 12 and not scores.false_certificate.any()
+
+
+class SigmoidNet(BinaryNet):
+    """The other way users write a binary classifier: a sigmoid at the end, trained with ``BCELoss``."""
+
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x))
+
+
+def test_a_model_ending_with_a_sigmoid_is_read_at_its_logit(lfw):
+    """``BCELoss(sigmoid(z), y)`` has the gradient of ``BCEWithLogitsLoss(z, y)`` at ``z``: the simulated client
+    trains the model as written, and the attacks read it without its final sigmoid."""
+    torch.manual_seed(0)
+    model = SigmoidNet(625).eval()
+    x, y = lfw.batch(8, seed=15)
+    loss = F.binary_cross_entropy(model(x)[:, 0], y.float())
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    simulated = fedleak.compute_gradient_update(model, x, y)
+    assert all(torch.allclose(simulated.gradients[k], g, atol=1e-8) for k, g in grads.items())
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=8))
+    assert rec.num_certified >= 6 and not metrics.match(rec, x, y).false_certificate.any()
+    assert any("ends with a sigmoid" in n for n in rec.notes)
+    assert "SigmoidNet" in fedleak.plan(model, simulated, lfw).to_text().splitlines()[0]

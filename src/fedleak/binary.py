@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from fedleak.errors import ModelError
+from fedleak.sigmoid_output import logit_model
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 from fedleak.validation import output_features
 
 NOTE = ("a model with one logit is read as trained with binary cross-entropy on it (BCEWithLogitsLoss), as its "
         "two-class softmax twin (logits 0 and z), whose cross-entropy gradient is the same")
+SIGMOID_NOTE = ("its forward ends with a sigmoid, read as trained with BCELoss on the probability it gives: the "
+                "gradient at the logit z is sigmoid(z) - y, as with BCEWithLogitsLoss on z")
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,13 @@ def as_two_class(model: nn.Module, update: object = None) -> tuple[nn.Module, ob
     with the note saying so."""
     if not single_logit(model):
         return model, update, ()
-    twin = binary_twin(model)
+    logit = logit_model(model)  # a forward ending with a sigmoid (BCELoss): the same gradient at the logit
+    twin = binary_twin(model if logit is None else logit)
     if isinstance(update, WeightUpdate):
         update = twin.weights(update)
     elif update is not None:
         update = twin.gradient(as_gradient_update(update))
-    return twin.model, update, (NOTE,)
+    return twin.model, update, (NOTE,) if logit is None else (NOTE, SIGMOID_NOTE)
 
 
 def single_logit(model: nn.Module) -> bool:

@@ -272,12 +272,16 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     return logits
 
 
-def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
+                probability: bool = False) -> torch.Tensor:
     """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels; for a
-    single logit, the binary cross-entropy of it (``BCEWithLogitsLoss``, labels 0 or 1)."""
+    single output, the binary cross-entropy of it (labels 0 or 1): of the logit (``BCEWithLogitsLoss``), or, for
+    a model whose forward ends with a sigmoid (``probability``), of the probability it gives (``BCELoss``)."""
     if logits.shape[1] == 1:
-        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype),
-                                                              reduction=reduction)
+        target = labels.to(logits.dtype)
+        if probability:
+            return nn.functional.binary_cross_entropy(logits[:, 0], target, reduction=reduction)
+        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction=reduction)
     target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
     return nn.functional.cross_entropy(logits, target, reduction=reduction)
 
@@ -285,7 +289,15 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "me
 def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The client's loss (:func:`client_loss`) of the model on a checked batch."""
     dtype = next(model.parameters()).dtype
-    return client_loss(forward_logits(model, inputs.to(dtype), labels), labels, reduction)
+    outputs = forward_logits(model, inputs.to(dtype), labels)
+    return client_loss(outputs, labels, reduction, probability=ends_in_sigmoid(model, outputs))
+
+
+def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
+    """Whether a single-output ``model`` gives a probability: its forward ends with a sigmoid."""
+    from fedleak.sigmoid_output import logit_model
+
+    return outputs.shape[1] == 1 and logit_model(model) is not None
 
 
 @with_autograd

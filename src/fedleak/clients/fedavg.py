@@ -19,7 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError
-from fedleak.updates import WeightUpdate, check_client_batch, client_loss, forward_logits
+from fedleak.updates import WeightUpdate, check_client_batch, client_loss, ends_in_sigmoid, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
 
 
@@ -100,7 +100,8 @@ def local_training(
         logits = forward_logits(client, x[idx], labels[idx])
         if step == 0:  # every label, not only this mini-batch's, must be one of the model's classes
             check_labels(labels, max(int(logits.shape[1]), 2), error=DataError)
-        loss = client_loss(logits, labels[idx])
+            probability = ends_in_sigmoid(client, logits)
+        loss = client_loss(logits, labels[idx], probability=probability)
         loss.backward()
         opt.step()
     return client

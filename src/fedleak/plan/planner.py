@@ -133,6 +133,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     are for. ``target``: the fraction of a batch's samples the route must certify to count as applying.
     """
     parameters = sum(p.numel() for p in check_module(model).parameters())
+    label = name or type(model).__name__
     model, update, read_as = as_two_class(model, update)  # one logit: its two-class twin
     target = check_float("target", target, low=0.5, high=1.0)
     max_samples = check_int("max_samples", max_samples, low=2, high=1 << 20)
@@ -147,7 +148,6 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     sizes = _batch_sizes(batch_sizes, kind)
     samples = user_samples(inputs, max_samples, seed) if inputs is not None else None
     shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
-    label = name or type(model).__name__
     try:
         net = as_network(model, input_shape=shape)
     except ModelError as exc:

@@ -1,0 +1,41 @@
+"""Binary classifiers whose forward ends with a sigmoid, trained with ``BCELoss`` on the probability it gives.
+
+The gradient of ``BCELoss(sigmoid(z), y)`` at the logit ``z`` is ``sigmoid(z) - y``, that of
+``BCEWithLogitsLoss(z, y)``: such a model is read as the same model without its final sigmoid
+(:mod:`fedleak.binary`), and its simulated clients train it as it is written, with ``BCELoss`` on its output.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+SIGMOIDS = (torch.sigmoid, F.sigmoid)
+
+
+def logit_model(model: nn.Module) -> fx.GraphModule | None:
+    """A copy of ``model`` whose forward returns the input of its final sigmoid (its logit), or None when its
+    forward does not end with a sigmoid (or cannot be traced)."""
+    try:
+        gm = fx.symbolic_trace(copy.deepcopy(model))
+    except Exception:  # noqa: BLE001 - torch.fx raises many kinds; an untraceable model is read as it is
+        return None
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    last = out.args[0]
+    if not isinstance(last, fx.Node) or not _is_sigmoid(gm, last):
+        return None
+    out.args = (last.args[0],)
+    gm.graph.erase_node(last)
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _is_sigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), nn.Sigmoid)
+    return (node.op == "call_function" and node.target in SIGMOIDS) or (
+        node.op == "call_method" and node.target == "sigmoid")
