@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from user_models import DropoutMLP
 
 import fedleak
 
@@ -65,3 +66,13 @@ def test_a_model_the_route_cannot_read_still_gets_a_plan():
     assert p.route == "cannot" and not p.layers and "joins 2 branches" in p.verdict
     assert "ig" in p.recommended and "exclusivity" not in p.recommended
     assert p.to_text().startswith("VERDICT: the exact route cannot apply to ResidualMLP")
+
+
+def test_a_model_with_dropout_is_judged_for_eval_mode_clients(digits):
+    """The counts are those of the eval-mode network; the verdict says that clients training with Dropout active
+    get nothing certified (and says nothing of it for a model without Dropout)."""
+    x, y = digits.batch(4, seed=3)
+    with_dropout = fedleak.plan(DropoutMLP(64, 256, 10).eval(), None, (x, y), batch_sizes=4)
+    assert "clients that train with the model's Dropout or BatchNorm active" in with_dropout.verdict
+    plain = fedleak.plan(fedleak.make_mlp((1, 8, 8), [256], 10, seed=0), None, (x, y), batch_sizes=4)
+    assert "eval mode" not in plain.verdict

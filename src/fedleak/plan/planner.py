@@ -195,9 +195,13 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
 
     facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
                        any(b.pool_kind == "max" for b in shapes), kind)
+    said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target)
+    if net.dropout or any(blk.bn is not None for blk in net.blocks):  # counted as an eval-mode client computes
+        said += ("; this holds for clients that compute their updates in eval mode: from clients that train with "
+                 "the model's Dropout or BatchNorm active, the exact route certifies nothing")
     return Plan(
         model=label, input_shape=tuple(net.input_shape), parameters=parameters,
-        verdict=verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target),
+        verdict=said,
         route=route, target=target, batch_size=batch, max_batch_size=best, capped=capped, evidence=evidence,
         update=kind, blocks=blocks, dense=dense, estimates=estimates, proposal=proposal,
         attacks=advise(facts, available_attacks()), notes=notes + tuple(net.notes),
