@@ -7,8 +7,6 @@ The gradient of ``BCELoss(sigmoid(z), y)`` at the logit ``z`` is ``sigmoid(z) - 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
@@ -17,10 +15,11 @@ SIGMOIDS = (torch.sigmoid, F.sigmoid)
 
 
 def logit_model(model: nn.Module) -> fx.GraphModule | None:
-    """A copy of ``model`` whose forward returns the input of its final sigmoid (its logit), or None when its
-    forward does not end with a sigmoid (or cannot be traced)."""
+    """``model`` traced, its forward returning the input of its final sigmoid (its logit), or None when its
+    forward does not end with a sigmoid (or cannot be traced). The graph module shares ``model``'s layers (nothing
+    is copied; ``model`` itself is unchanged): copy it before changing them."""
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
+        gm = fx.symbolic_trace(model)
     except Exception:  # noqa: BLE001 - torch.fx raises many kinds; an untraceable model is read as it is
         return None
     out = next(n for n in gm.graph.nodes if n.op == "output")

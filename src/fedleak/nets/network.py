@@ -60,6 +60,11 @@ class Network:
     caveats: tuple[str, ...] = ()
 
     @property
+    def mode_dependent(self) -> bool:
+        """Whether the model computes otherwise in training mode (it has Dropout or BatchNorm)."""
+        return bool(self.dropout or batch_norms(self.blocks))
+
+    @property
     def is_conv(self) -> bool:
         return bool(self.blocks)
 
@@ -159,6 +164,11 @@ def check_head_trainable(model: torch.nn.Module, net: Network) -> None:
                          "optimisation attacks (dlg, idlg, ig, dlm, dlm+) take the update of the trainable ones")
 
 
+def batch_norms(blocks: tuple[ConvBlock, ...] | list[ConvBlock]) -> tuple[BatchNorm, ...]:
+    """The eval-mode BatchNorm layers folded into ``blocks``."""
+    return tuple(blk.bn for blk in blocks if blk.bn is not None)
+
+
 def training_mode_cause(dropout: tuple[Dropout, ...], norms: tuple[BatchNorm, ...]) -> str:
     """Why an update of a model with these Dropout and BatchNorm layers may certify nothing, in words (a
     caveat): its client may have run them in training mode."""
@@ -183,7 +193,7 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
     dropout = tuple(s.layer for s in steps if isinstance(s.layer, Dropout))
     steps = [s for s in steps if not isinstance(s.layer, Dropout)]
     blocks, i = _group_blocks(steps)
-    norms = tuple(blk.bn for blk in blocks if blk.bn is not None)
+    norms = batch_norms(blocks)
     if dropout or norms:
         notes = (*notes, training_mode_note(dropout, norms))
         caveats = (*caveats, training_mode_cause(dropout, norms))

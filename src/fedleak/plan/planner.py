@@ -196,7 +196,7 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
                        any(b.pool_kind == "max" for b in shapes), kind)
     said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target)
-    if net.dropout or any(blk.bn is not None for blk in net.blocks):  # counted as an eval-mode client computes
+    if net.mode_dependent:  # counted as an eval-mode client computes
         said += ("; this holds for clients that compute their updates in eval mode: from clients that train with "
                  "the model's Dropout or BatchNorm active, the exact route certifies nothing")
     return Plan(
