@@ -67,5 +67,6 @@ def test_a_list_of_gradients_in_parameter_order(setting):
         assert torch.equal(rec.inputs, keyed.inputs) and torch.equal(rec.certified, keyed.certified)
     with pytest.raises(fedleak.UpdateError, match=r"list of 3 tensor\(s\), but the model has 4 trainable"):
         fedleak.reconstruct(model, grads[:3])
-    with pytest.raises(fedleak.UpdateError, match=r"entry 0 \(shape \(64,\)\) does not fit .*parameters\(\) order"):
+    with pytest.raises(fedleak.UpdateError,
+                       match=r"entry 0 \(shape \(64,\)\) does not fit .*parameters\(\) or model.state_dict\(\) order"):
         fedleak.reconstruct(model, [grads[1], grads[0], *grads[2:]])

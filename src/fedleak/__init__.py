@@ -83,8 +83,9 @@ _EXPORTS = {
     "GradientUpdate": "fedleak.updates",
     "WeightUpdate": "fedleak.updates",
     "compute_gradient_update": "fedleak.updates",
-    "load_update": "fedleak.updates",
-    "save_update": "fedleak.updates",
+    "load_update": "fedleak.update_files",
+    "read_update": "fedleak.captured",
+    "save_update": "fedleak.update_files",
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
@@ -94,6 +95,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.attacks import ExclusivityOptions, available_attacks
     from fedleak.attacks.malicious import imprint_weights, trap_weights
     from fedleak.binary import BinaryTwin, binary_twin
+    from fedleak.captured import read_update
     from fedleak.clients import fedavg_update, local_training
     from fedleak.data import Dataset, Normalization, available_datasets, load_dataset, normalization
     from fedleak.defenses import available_defenses, defend_update, defended_gradient, make_defense, parse_defense
@@ -118,14 +120,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.plan import Plan
     from fedleak.plan.planner import plan
     from fedleak.reconstruction import Reconstruction, SampleRecovery
-    from fedleak.updates import (
-        ClientUpdate,
-        GradientUpdate,
-        WeightUpdate,
-        compute_gradient_update,
-        load_update,
-        save_update,
-    )
+    from fedleak.update_files import load_update, save_update
+    from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, compute_gradient_update
 
 
 __getattr__ = lazy_attributes("fedleak", _EXPORTS, globals(), submodules=True)

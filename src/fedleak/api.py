@@ -13,9 +13,10 @@ from torch import nn
 from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
 from fedleak.binary import as_two_class
+from fedleak.captured import read_captured
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, named_like
+from fedleak.updates import GradientUpdate, WeightUpdate
 from fedleak.validation import check_model, check_module, check_shape
 
 
@@ -29,7 +30,9 @@ def reconstruct(
     """Rebuild a client's batch from its update with the named attack.
 
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
-    from parameter name to gradient, or a list of gradients in ``model.parameters()`` order. ``options`` go to
+    from parameter name to gradient, or a list of gradients in ``model.parameters()`` order; a dict or list of the
+    client's weights after local training (a FedAvg reply) is read as a :class:`WeightUpdate` from ``model``'s
+    weights, the round's (:func:`~fedleak.captured.read_captured`; the result's notes say so). ``options`` go to
     the attack (see ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
     trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
@@ -43,10 +46,11 @@ def reconstruct(
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
     model = check_module(model)
-    if isinstance(update, (list, tuple)):  # [p.grad for p in model.parameters()], torch.autograd.grad's tuple
-        update = named_like(model, update)
+    # a list keyed by the model; a dict of the client's weights (FedAvg) read from the model's, the round's
+    update, captured = read_captured(model, update)
     # one logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
     model, update, read_as = as_two_class(model, update)
+    read_as = (*captured, *read_as)
     check_model(model)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])

@@ -1,29 +1,24 @@
-"""What a federated client sends: typed updates, how to compute them, and how to store them.
+"""What a federated client sends: typed updates, and how to compute them.
 
 * :class:`GradientUpdate` is a FedSGD update: the gradient of the batch's *mean* cross-entropy loss,
   keyed like ``model.named_parameters()``.
 * :class:`WeightUpdate` is a FedAvg update: the weights before and after the client's local training.
 
-Stored updates are safetensors files (or torch files read with ``weights_only=True``): fedleak never
-unpickles untrusted data.
+:mod:`fedleak.update_files` stores and reads them; :mod:`fedleak.captured` reads what a server captured as it
+comes (a list of tensors, a client's weights).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
-from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
-from fedleak.report.output import write_bytes_atomic
+from fedleak.errors import DataError, ModelError, UpdateError
 from fedleak.validation import (
     MAX_COUNT,
     all_finite,
@@ -32,7 +27,6 @@ from fedleak.validation import (
     check_labels,
     check_model,
     check_num_classes,
-    parse_int,
 )
 
 
@@ -193,25 +187,6 @@ def renaming_hint(missing: list[str], extra: list[str]) -> str:
     return ""
 
 
-def named_like(model: nn.Module, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A list of gradients in ``model.parameters()`` order (``[p.grad for p in model.parameters()]``, or
-    ``torch.autograd.grad``'s tuple), keyed by the trainable parameters' names; raises :class:`UpdateError` when
-    the count or a shape does not match."""
-    params = trainable_parameters(model)
-    if len(tensors) != len(params):
-        raise UpdateError(f"the update is a list of {len(tensors)} tensor(s), but the model has {len(params)} "
-                          "trainable parameter(s): pass one gradient per parameter, in model.parameters() order, "
-                          "or a dict keyed by model.named_parameters()")
-    out = {}
-    for k, (t, (name, p)) in enumerate(zip(tensors, params.items())):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
-            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise UpdateError(f"the update's entry {k} ({got}) does not fit the model's parameter '{name}' (shape "
-                              f"{tuple(p.shape)}): pass the gradients in model.parameters() order")
-        out[name] = t
-    return out
-
-
 def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> GradientUpdate:
     """Accept a :class:`GradientUpdate` or a plain mapping from parameter name to gradient."""
     if isinstance(update, GradientUpdate):
@@ -316,127 +291,3 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
     grads = torch.autograd.grad(batch_loss(model, inputs, labels), list(params.values()))
     return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Storage
-
-
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
-def _torch_load_error(path: Path, what: str, exc: Exception) -> str:
-    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to unpickle it anyway."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        unsafe = _UNSAFE_GLOBAL.search(text)
-        reason = (f"it holds pickled Python objects (it asks for '{unsafe.group(1)}')" if unsafe
-                  else "it is corrupt or not a torch file of tensors")
-        return (f"cannot read {what} file {path}: {reason}. fedleak never unpickles untrusted files; save the "
-                f"{what} as a .safetensors file (safetensors.torch.save_file) or as a torch file holding only a "
-                "dict of tensors (torch.save(model.state_dict(), ...))")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return f"cannot read {what} file {path}: {first or type(exc).__name__ + ' (corrupt or truncated file)'}"
-
-
-LISTED = "listed"  # the metadata key of a .pt file that held a list of tensors (keyed "0", "1", ... in order)
-
-
-def read_tensor_file(
-    path: str | os.PathLike[str], what: str, error: type[FedleakError], *, lists: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and string metadata of a ``.safetensors`` file, or the tensor dict of a ``.pt``/``.pth`` file.
-
-    ``.pt`` files are read with ``torch.load(weights_only=True)`` (no metadata). Anything missing, empty,
-    unreadable or not a dict of tensors raises ``error`` naming the file; with ``lists``, a list of tensors is
-    read too, keyed by position, with the metadata ``LISTED``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} file not found: {path}")
-    if path.stat().st_size == 0:
-        raise error(f"{what} file {path} is empty")
-    if path.suffix in {".pt", ".pth"}:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise error(_torch_load_error(path, what, exc)) from None
-        if lists and isinstance(obj, (list, tuple)) and all(isinstance(v, torch.Tensor) for v in obj):
-            return {str(k): v for k, v in enumerate(obj)}, {LISTED: "1"}
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            kinds = "a dict of tensors" + (" or a list of them" if lists else "")
-            raise error(f"{what} file {path} must hold {kinds}, got {type(obj).__name__}")
-        return {str(k): v for k, v in obj.items()}, {}
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        data = path.read_bytes()
-        tensors = load(data)
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-    except (SafetensorError, ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
-        raise error(f"cannot read {what} file {path}: {exc}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
-def save_update(update: ClientUpdate, path: str | os.PathLike[str]) -> Path:
-    """Write an update to a safetensors file (atomically: an existing file is replaced only on success)."""
-    from safetensors.torch import save
-
-    path = Path(path)
-    meta: dict[str, str] = {"format": "fedleak-update", "version": "1"}
-    if isinstance(update, GradientUpdate):
-        tensors = {f"grad/{k}": v.contiguous() for k, v in update.gradients.items()}
-        meta["kind"] = "gradient"
-    elif isinstance(update, WeightUpdate):
-        tensors = {f"before/{k}": v.contiguous() for k, v in update.before.items()}
-        tensors.update({f"after/{k}": v.contiguous() for k, v in update.after.items()})
-        meta["kind"] = "weights"
-        if update.local_steps is not None:
-            meta["local_steps"] = str(int(update.local_steps))
-    else:
-        raise UpdateError(f"cannot save a {type(update).__name__}")
-    if update.num_examples is not None:
-        meta["num_examples"] = str(int(update.num_examples))
-    if update.error:
-        meta["error"] = repr(float(update.error))
-    return write_bytes_atomic(path, save(tensors, metadata=meta))
-
-
-def _split(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def load_update(path: str | os.PathLike[str], model: nn.Module | None = None) -> ClientUpdate:
-    """Read an update written by :func:`save_update`, or a plain tensor dict.
-
-    ``.safetensors`` files are read with safetensors; ``.pt``/``.pth`` files with
-    ``torch.load(weights_only=True)`` and must hold a dict of tensors (a gradient), or a list of gradients in
-    ``model.parameters()`` order, which ``model`` keys (:func:`named_like`). Anything unreadable raises
-    :class:`UpdateError` naming the file.
-    """
-    tensors, meta = read_tensor_file(path, "update", UpdateError, lists=True)
-    if LISTED in meta:
-        if model is None:
-            raise UpdateError(f"update file {path} holds a list of tensors, which only the model can name: pass it "
-                              "(load_update(path, model)), or save a dict keyed by model.named_parameters()")
-        tensors = named_like(model, list(tensors.values()))
-        return GradientUpdate(tensors)
-
-    def count(key: str) -> int | None:
-        if key not in meta:
-            return None
-        return parse_int(f"update file {path}: metadata {key}", meta[key], low=1, high=MAX_COUNT, error=UpdateError)
-
-    num = count("num_examples")
-    try:
-        error = float(meta.get("error", "0"))
-    except ValueError:
-        raise UpdateError(f"update file {path}: metadata error must be a number, got {meta['error']!r}") from None
-    if meta.get("kind") == "weights":
-        return WeightUpdate(_split(tensors, "before/"), _split(tensors, "after/"), num_examples=num,
-                            local_steps=count("local_steps"), error=error)
-    if meta.get("kind") == "gradient":
-        tensors = _split(tensors, "grad/")
-    return GradientUpdate(tensors, num_examples=num, error=error)

@@ -35,8 +35,17 @@ DATA_HELP = "Built-in data set name (see 'fedleak info') or a path to your data.
 WIDTHS_HELP = "Hidden layer widths of the fully connected ReLU model, comma-separated, e.g. 1024,512."
 OUT_HELP = "Folder for results.json and report.html (created when they are written)."
 QUIET_HELP = "No progress bar (one shows only when the console is a terminal)."
-WEIGHTS_HELP = ("Weights for the class or built-in model: a state dict as .safetensors, or a torch file of tensors "
-                "(read with weights_only; nothing is unpickled).")
+WEIGHTS_HELP = ("Weights for the class or built-in model (for a FedAvg update: the round's, which the server "
+                "sent): a state dict as .safetensors, a torch file of tensors (read with weights_only), or a numpy "
+                ".npz, by name or as a list in state_dict() order (Flower's NDArrays); nothing is unpickled.")
+
+UPDATE_HELP = ("The captured client update: a .safetensors from fedleak, or a plain .safetensors, .pt/.pth or .npz "
+               "of tensors by name or as a list (model.parameters() or state_dict() order); a plain file of the "
+               "client's weights after local training (a FedAvg reply) is read against the model's --weights, the "
+               "round's.")
+
+UPDATE_KIND_HELP = ("What a plain update file holds: gradient, weights (the client's after local training) or auto "
+                    "(weights when within half their norm of the model's, else a gradient).")
 
 
 def _model_help() -> str:

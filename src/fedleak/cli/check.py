@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedleak.cli.app import DATA_HELP, MODEL_HELP, WEIGHTS_HELP, app, int_list
+from fedleak.cli.app import DATA_HELP, MODEL_HELP, UPDATE_HELP, UPDATE_KIND_HELP, WEIGHTS_HELP, app, int_list
 from fedleak.errors import FedleakError
 
 MAX_BATCH = 1 << 16
@@ -22,9 +22,8 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 def check_command(
     model: str = typer.Option(..., help=MODEL_HELP),
     weights: Path = typer.Option(None, help=WEIGHTS_HELP),
-    update: Path = typer.Option(None, help="A captured client update (.safetensors from fedleak, a .pt dict of "
-                                           "gradients, or a .pt list in model.parameters() order): its kind and "
-                                           "batch size join the plan."),
+    update: Path = typer.Option(None, help=UPDATE_HELP + " Its kind and batch size join the plan."),
+    update_kind: str = typer.Option("auto", help=UPDATE_KIND_HELP),
     data: str = typer.Option(None, help=DATA_HELP + " The inputs activations are measured on; default: a built-in "
                                         "model's own data set, else synthetic inputs (the plan says so)."),
     batch_size: int = typer.Option(None, help="The batch size your clients train with."),
@@ -52,7 +51,7 @@ def check_command(
             raise FedleakError(f"--batch-size must lie in [1, {MAX_BATCH:,}], got {batch_size}")
         sizes.append(batch_size)
     loaded = load_model(model, weights=weights, seed=seed)
-    captured = None if update is None else fedleak.load_update(update, loaded.module)
+    captured = None if update is None else fedleak.load_update(update, loaded.module, update_kind)
     data_name = data or loaded.data
     inputs = None if data_name is None else fedleak.load_dataset(data_name)
     shape = _shape(input_shape) or (None if inputs is not None else loaded.input_shape)

@@ -11,6 +11,8 @@ from fedleak.cli.app import (
     MODEL_HELP,
     OUT_HELP,
     QUIET_HELP,
+    UPDATE_HELP,
+    UPDATE_KIND_HELP,
     WEIGHTS_HELP,
     app,
     default_out,
@@ -26,8 +28,8 @@ OUTPUTS = ("reconstruction.npz", "results.json", "report.html")
 def reconstruct_command(
     model: str = typer.Option(..., help=MODEL_HELP),
     weights: Path = typer.Option(None, help=WEIGHTS_HELP),
-    update: Path = typer.Option(..., help="The captured client update (.safetensors from fedleak, a .pt dict, or a "
-                                          ".pt list in model.parameters() order)."),
+    update: Path = typer.Option(..., help=UPDATE_HELP),
+    update_kind: str = typer.Option("auto", help=UPDATE_KIND_HELP),
     attack: str = typer.Option("auto", help="Attack to run (see 'fedleak info'); auto takes the exact route where it "
                                             "certifies samples, then the best optimisation attack for the rest."),
     budget: float = typer.Option(60.0, help="Seconds auto may spend in all (exact route and optimisation)."),
@@ -62,7 +64,7 @@ def reconstruct_command(
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact)
     else:
         options.update(exact)
-    captured = fedleak.load_update(update, loaded.module)
+    captured = fedleak.load_update(update, loaded.module, update_kind)
     if num_examples is not None:
         captured = replace(captured, num_examples=num_examples)  # validated as the update is rebuilt
     rec = fedleak.reconstruct(loaded.module, captured, attack=attack, **options)

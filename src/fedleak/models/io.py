@@ -21,7 +21,7 @@ from torch import nn
 from fedleak.errors import ModelError
 from fedleak.models.mlp import MLP
 from fedleak.report.output import write_bytes_atomic
-from fedleak.updates import read_tensor_file
+from fedleak.tensor_files import read_tensor_file
 from fedleak.validation import check_finite_tensors, check_num_classes, check_shape
 
 _KEY = re.compile(r"^(\d+)\.(weight|bias)$")

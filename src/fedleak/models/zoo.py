@@ -10,7 +10,8 @@ model *sources*, tried in the order they are registered (:data:`MODEL_SOURCES`):
   certifiable CNNs ``convnet`` / ``convnet-digits`` built by fedleak's own builders, each seeded.
 
 Weights for a class or a built-in come from a state-dict file read without unpickling anything
-(:func:`fedleak.updates.read_tensor_file`: safetensors, or a torch file of tensors read with ``weights_only``).
+(:func:`fedleak.tensor_files.read_tensor_file`: safetensors, a torch file of tensors read with ``weights_only``, or
+a numpy ``.npz``; by name, or a list in ``state_dict()`` order as Flower's NDArrays).
 """
 
 from __future__ import annotations
@@ -218,11 +219,18 @@ def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] 
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a state-dict file into ``model`` (every key and shape must match); returns the model."""
-    from fedleak.updates import read_tensor_file
+    """Load a state-dict file into ``model`` (every key and shape must match), or a list of tensors in
+    ``model.state_dict()`` order (Flower's NDArrays saved with ``numpy.savez``); returns the model."""
+    from fedleak.tensor_files import LISTED, read_tensor_file
     from fedleak.validation import check_finite_tensors
 
-    state, _ = read_tensor_file(path, "weights", ModelError)
+    state, meta = read_tensor_file(path, "weights", ModelError, lists=True)
+    if LISTED in meta:  # Flower's NDArrays: the state dict's values, in order
+        own = model.state_dict()
+        if len(state) != len(own):
+            raise ModelError(f"weights {path} hold a list of {len(state)} arrays, but {type(model).__name__}'s state "
+                             f"dict has {len(own)} entries: save them in model.state_dict() order, or by name")
+        state = dict(zip(own, state.values()))
     check_finite_tensors(state.items(), f"{path}: parameter")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

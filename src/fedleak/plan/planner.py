@@ -19,6 +19,7 @@ from torch import nn
 
 import fedleak.plan.verdict as verdict
 from fedleak.binary import as_two_class
+from fedleak.captured import read_captured
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import Network, as_network, input_shape_of
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
@@ -124,8 +125,9 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
          seed: int = 0) -> Plan:
     """Say, before any attack, which attacks apply to ``model`` and ``update`` and why (a :class:`Plan`).
 
-    ``update``: the client's update (:class:`~fedleak.GradientUpdate`, :class:`~fedleak.WeightUpdate` or a dict of
-    gradients), optional; its kind is described by :func:`fedleak.update_kind.describe_update` and its
+    ``update``: the client's update (:class:`~fedleak.GradientUpdate`, :class:`~fedleak.WeightUpdate`, a dict of
+    gradients or of the client's weights, or a list of them: :func:`fedleak.captured.read_captured`), optional;
+    its kind is described by :func:`fedleak.update_kind.describe_update` and its
     ``num_examples`` joins the batch sizes. ``inputs``: the user's data to measure activations on (a
     :class:`~fedleak.Dataset`, a batch tensor, or ``(inputs, labels)``; at most ``max_samples`` are used); without
     them, synthetic inputs uniform in [0, 1] stand in, and the plan says so. ``batch_sizes``: the batch sizes to
@@ -134,7 +136,9 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     """
     parameters = sum(p.numel() for p in check_module(model).parameters())
     label = name or type(model).__name__
+    update, captured = read_captured(model, update)  # a list, or a dict of the client's weights
     model, update, read_as = as_two_class(model, update)  # one logit: its two-class twin
+    read_as = (*captured, *read_as)
     target = check_float("target", target, low=0.5, high=1.0)
     max_samples = check_int("max_samples", max_samples, low=2, high=1 << 20)
     seed = check_seed("seed", seed)

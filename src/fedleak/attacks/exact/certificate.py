@@ -111,7 +111,8 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
         return BatchScale(None, None, why)
     if reported is None:
         return BatchScale(None, None, "the update's scale is unknown (a weight delta) and it reports no number of "
-                          "examples; without the batch size the rebuilt samples cannot be checked jointly")
+                          "examples; without the batch size the rebuilt samples cannot be checked jointly (give "
+                          "the update the number of examples its client reported: num_examples)")
     if len(strong) == 0:
         return BatchScale(reported, None, "no rebuilt sample has the witnesses a certificate needs")
     best = max(agreeing_groups(scales, opts.scale_tol),

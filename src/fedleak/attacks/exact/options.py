@@ -29,7 +29,7 @@ class Reduction:
 
 NO_SIZE_FROM_SUM = ("the update reports no number of examples, which a summed loss's gradient does not reveal "
                     "(every sample has the scale 1); without the batch size the rebuilt samples cannot be checked "
-                    "jointly")
+                    "jointly (give the update the number of examples its client reported: num_examples)")
 REDUCTIONS = {"mean": Reduction(lambda batch_size: 1.0 / batch_size, lambda batch_size: f"1/{batch_size}", True),
               "sum": Reduction(lambda batch_size: 1.0, lambda batch_size: "1", False)}
 

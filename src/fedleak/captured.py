@@ -1,0 +1,151 @@
+"""What a server captured from a client, read as it comes rather than as a fedleak update.
+
+* A **list of tensors** (or numpy arrays) is named by the model: a list of gradients in ``model.parameters()`` order
+  (``[p.grad for p in model.parameters()]``, ``torch.autograd.grad``'s tuple), or of weights in
+  ``model.state_dict()`` order (what Flower's clients send: ``[v.cpu().numpy() for v in state_dict().values()]``).
+* A **dict that holds the client's weights** after local training (a FedAvg client sends its new weights, not a
+  gradient) is read as a :class:`~fedleak.updates.WeightUpdate` whose weights before are the model's own (the
+  round's weights, which the server sent). What tells weights from a gradient (:class:`WeightsEvidence`): the
+  model's buffers (running statistics) among the entries, which no gradient has; entries within
+  :data:`WEIGHTS_DISTANCE` of the model's weights (relative, over all of them), where a gradient is about as far
+  from the weights as they are from zero; or :data:`MIN_UNCHANGED` of the model's nonzero weights kept bit for bit,
+  as local training keeps those its data gave no gradient (a gradient is 0 there). A client that moved its weights
+  further, with no such entries (Adam at a large learning rate on natural images, say), is told by ``kind``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from fedleak.errors import UpdateError
+from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, trainable_parameters
+
+WEIGHTS_DISTANCE = 0.5  # ||T - W|| / ||W|| at most this: T is the model's weights moved by local training
+MIN_UNCHANGED = 16  # this many nonzero weights kept bit for bit: T is weights (a gradient equals one by chance only)
+KINDS = ("auto", "gradient", "weights")  # what a plain dict or list of tensors holds
+READ_AS = "read_as"  # the metadata key of a WeightUpdate read from a client's weights: how it was read
+
+
+def named_like(model: nn.Module, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A list of tensors keyed by the model's names: its trainable parameters' (gradients, in
+    ``model.parameters()`` order), all its parameters', or its state dict's (weights, as Flower's clients send
+    them), whichever has as many entries; raises :class:`UpdateError` when none has, or a shape does not fit."""
+    orders = {"trainable parameter(s)": trainable_parameters(model), "parameter(s)": dict(model.named_parameters()),
+              "state dict entries": model.state_dict()}
+    order = next((named for named in orders.values() if len(named) == len(tensors)), None)
+    if order is None:
+        counts = ", ".join(f"{len(named)} {what}" for what, named in orders.items())
+        raise UpdateError(f"the update is a list of {len(tensors)} tensor(s), but the model has {counts}: pass one "
+                          "gradient per trainable parameter in model.parameters() order, the weights in "
+                          "model.state_dict() order, or a dict keyed by their names")
+    out = {}
+    for k, (t, (name, p)) in enumerate(zip(map(as_tensor, tensors), order.items())):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise UpdateError(f"the update's entry {k} ({got}) does not fit the model's '{name}' (shape "
+                              f"{tuple(p.shape)}): pass the tensors in model.parameters() or model.state_dict() "
+                              "order")
+        out[name] = t
+    return out
+
+
+def read_update(model: nn.Module, captured: object, *, num_examples: int | None = None,
+                kind: str = "auto") -> ClientUpdate:
+    """What a server captured from a client, as an update of ``model``: a :class:`GradientUpdate` or
+    :class:`WeightUpdate` as it is, a dict or list of gradients, or of the client's weights after local training
+    (a FedAvg reply as Flower delivers it: ``parameters_to_ndarrays(fit_res.parameters)``), read as a
+    :class:`WeightUpdate` from ``model``'s weights, the round's (:func:`read_captured`; ``kind`` as there).
+    ``num_examples``: the number of examples the client reported (Flower's ``fit_res.num_examples``), which
+    the exact route needs to check a weight update's samples jointly."""
+    update, _ = read_captured(model, captured, kind)
+    if isinstance(update, Mapping):
+        update = GradientUpdate(update)
+    if not isinstance(update, (GradientUpdate, WeightUpdate)):
+        raise UpdateError("an update must be a GradientUpdate, a WeightUpdate, or a dict or list of tensors; got "
+                          f"{type(update).__name__}")
+    return update if num_examples is None else replace(update, num_examples=num_examples)
+
+
+def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple[object, tuple[str, ...]]:
+    """``update`` as fedleak reads it, and a note on how where it was not a fedleak update: a list keyed by
+    :func:`named_like`, and a dict of the client's weights read as a :class:`WeightUpdate` from the model's
+    weights (its metadata :data:`READ_AS` keeps the note, also when :func:`~fedleak.update_files.load_update` read
+    it). ``kind``: what a plain dict or list holds, ``"gradient"``, ``"weights"`` or ``"auto"`` (weights where
+    :func:`weights_evidence` says so). Anything else is returned as it is, for the caller to validate."""
+    kind = check_kind(kind)
+    if isinstance(update, (list, tuple)):
+        update = named_like(model, update)
+    if isinstance(update, Mapping) and kind != "gradient":
+        update = {name: as_tensor(value) for name, value in update.items()}
+        own = model.state_dict()
+        unknown = sorted(set(update) - set(own))
+        evidence = None if unknown else weights_evidence(model, update)
+        if kind == "weights" and unknown:
+            raise UpdateError(f"the client's weights do not match the model: unexpected {unknown[:5]}")
+        found = evidence is not None and evidence.holds_weights
+        if kind == "weights" or found:
+            how = (f"the update holds the client's weights ({evidence.said()}), not a gradient" if found else
+                   "the update holds the client's weights, as told")
+            how += ": read as a FedAvg update from the model's weights (the round's)"
+            before = {k: own[k].detach().clone() for k in update}
+            update = WeightUpdate(before=before, after=dict(update), metadata={READ_AS: how})
+    read_as = update.metadata.get(READ_AS) if isinstance(update, WeightUpdate) else None
+    return update, (read_as,) if isinstance(read_as, str) else ()
+
+
+def check_kind(kind: object) -> str:
+    """``kind`` if it is one of :data:`KINDS`, else :class:`UpdateError` listing them."""
+    if kind not in KINDS:
+        raise UpdateError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    return kind
+
+
+def as_tensor(value: object) -> object:
+    """A numpy array (Flower's NDArrays) as a tensor of its own copy; anything else as it is."""
+    import numpy as np
+
+    return torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
+
+
+@dataclass(frozen=True)
+class WeightsEvidence:
+    """What tells a dict of tensors to be a client's weights rather than a gradient, measured against the model's
+    weights ``W``: ``distance`` ``||T - W|| / ||W||``; ``unchanged``, how many nonzero entries of ``W`` it holds
+    bit for bit (a client's weights keep them where its data gave no gradient: inputs always 0, units that never
+    fire; a gradient is 0 there); ``buffers``, the model's buffers among its entries (running statistics, which no
+    gradient has)."""
+
+    distance: float
+    unchanged: int
+    buffers: tuple[str, ...]
+
+    @property
+    def holds_weights(self) -> bool:
+        return bool(self.buffers) or self.distance <= WEIGHTS_DISTANCE or self.unchanged >= MIN_UNCHANGED
+
+    def said(self) -> str:
+        why = [f"within {self.distance:.2g} of the model's, relative"] if self.distance <= WEIGHTS_DISTANCE else []
+        if self.unchanged >= MIN_UNCHANGED:
+            why.append(f"{self.unchanged:,} entries exactly the model's")
+        if self.buffers:
+            why.append(f"with its buffers ({', '.join(self.buffers[:3])})")
+        return "; ".join(why)
+
+
+def weights_evidence(model: nn.Module, tensors: Mapping[str, object]) -> WeightsEvidence | None:
+    """The :class:`WeightsEvidence` of ``tensors`` over the model's floating-point entries it names with their
+    shapes; ``None`` where it names none."""
+    own = model.state_dict()
+    common = [k for k, v in tensors.items() if k in own and isinstance(v, torch.Tensor) and own[k].is_floating_point()
+              and v.is_floating_point() and tuple(v.shape) == tuple(own[k].shape)]
+    if not common:
+        return None
+    moved = sum(float((tensors[k].double() - own[k].double()).pow(2).sum()) for k in common) ** 0.5
+    size = sum(float(own[k].double().pow(2).sum()) for k in common) ** 0.5
+    unchanged = sum(int(((tensors[k] == own[k]) & (own[k] != 0)).sum()) for k in common)
+    buffers = tuple(name for name, _ in model.named_buffers() if name in tensors)
+    return WeightsEvidence(moved / size if size > 0 else float("inf"), unchanged, buffers)

@@ -1,0 +1,120 @@
+"""Tensor files a user hands fedleak (model weights, captured updates), read without unpickling anything:
+safetensors files (with their string metadata), torch files of tensors (``torch.load(weights_only=True)``) and
+numpy ``.npz`` archives (``numpy.load(allow_pickle=False)``: what ``numpy.savez`` writes of Flower's NDArrays).
+
+A file may hold a dict of tensors, or (where the caller takes ``lists``) a list of them in order: ``torch.save``
+of a list or tuple, or ``numpy.savez(path, *arrays)``; a list comes back keyed ``"0"``, ``"1"``, ... with the
+metadata key :data:`LISTED`, for the model to name (:func:`fedleak.captured.named_like`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from fedleak.errors import FedleakError
+
+LISTED = "listed"  # the metadata key of a file that held a list of tensors (keyed "0", "1", ... in order)
+FORMATS = ".safetensors, .pt/.pth (a dict or list of tensors) or .npz (numpy.savez)"
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_POSITIONAL = re.compile(r"arr_(\d+)")  # the names numpy.savez gives arrays passed by position
+
+
+def read_tensor_file(
+    path: str | os.PathLike[str], what: str, error: type[FedleakError], *, lists: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and string metadata of a ``.safetensors`` file, or the tensors of a ``.pt``/``.pth`` or
+    ``.npz`` file (no metadata).
+
+    Anything missing, empty, unreadable, pickled or not a dict of tensors raises ``error`` naming the file; with
+    ``lists``, a list of tensors is read too, keyed by position, with the metadata :data:`LISTED`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{what} file {path} is empty")
+    if path.suffix in {".pt", ".pth"}:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt or unsafe files
+            raise error(_torch_load_error(path, what, exc)) from None
+        if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, torch.Tensor) for v in obj):
+            return _listed(path, what, error, list(obj), lists)
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            kinds = "a dict of tensors" + (" or a list of them" if lists else "")
+            raise error(f"{what} file {path} must hold {kinds}, got {type(obj).__name__}")
+        return {str(k): v for k, v in obj.items()}, {}
+    if path.suffix == ".npz":
+        return _read_npz(path, what, error, lists)
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = path.read_bytes()
+        tensors = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+        known = "" if path.suffix == ".safetensors" else f" (fedleak reads {FORMATS})"
+        raise error(f"cannot read {what} file {path} as safetensors: {exc}{known}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _listed(path: Path, what: str, error: type[FedleakError], tensors: list[torch.Tensor],
+            lists: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A list of tensors keyed by position, where the caller reads lists."""
+    if not lists:
+        raise error(f"{what} file {path} holds a list of {len(tensors)} tensors, not a dict: save a state dict "
+                    "(names to tensors)")
+    return {str(k): v for k, v in enumerate(tensors)}, {LISTED: "1"}
+
+
+def _read_npz(path: Path, what: str, error: type[FedleakError],
+              lists: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The arrays of a ``.npz`` archive as tensors: by name, or by position where ``numpy.savez`` named them
+    ``arr_0``, ``arr_1``, ...; object arrays are refused (nothing is unpickled)."""
+    import zipfile
+
+    import numpy as np
+
+    with path.open("rb") as fh:
+        if not fh.read(4).startswith(b"PK"):  # np.load would take anything else for a pickle
+            raise error(f"cannot read {what} file {path}: it is not a .npz archive (numpy.savez writes one)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        reason = ("it holds pickled Python objects; fedleak never unpickles untrusted files: save numeric arrays "
+                  "only" if "allow_pickle" in str(exc) else str(exc) or type(exc).__name__)
+        raise error(f"cannot read {what} file {path}: {reason}") from None
+    if not arrays:
+        raise error(f"{what} file {path} holds no arrays")
+    tensors = {}
+    for name, array in arrays.items():
+        if array.dtype.kind not in "fiub":
+            raise error(f"{what} file {path}: array '{name}' has dtype {array.dtype}; numeric arrays are needed")
+        tensors[name] = torch.from_numpy(np.array(array))
+    positions = [_POSITIONAL.fullmatch(name) for name in tensors]
+    if all(positions) and sorted(int(m.group(1)) for m in positions) == list(range(len(tensors))):
+        return _listed(path, what, error, [tensors[f"arr_{k}"] for k in range(len(tensors))], lists)
+    return tensors, {}
+
+
+def _torch_load_error(path: Path, what: str, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to unpickle it anyway."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        unsafe = _UNSAFE_GLOBAL.search(text)
+        reason = (f"it holds pickled Python objects (it asks for '{unsafe.group(1)}')" if unsafe
+                  else "it is corrupt or not a torch file of tensors")
+        return (f"cannot read {what} file {path}: {reason}. fedleak never unpickles untrusted files; save the "
+                f"{what} as a .safetensors file (safetensors.torch.save_file) or as a torch file holding only a "
+                "dict of tensors (torch.save(model.state_dict(), ...))")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"cannot read {what} file {path}: {first or type(exc).__name__ + ' (corrupt or truncated file)'}"
