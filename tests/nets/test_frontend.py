@@ -176,6 +176,24 @@ def test_adaptive_pool_with_dividing_output_is_a_pool():
         as_network(model, input_shape=(1, 7, 7))
 
 
+def test_a_model_of_any_input_size_asks_for_it():
+    """Adaptive pooling fixes no size: the smallest that runs (1x1) is no guess, so the shape is asked for."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(),
+                          nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ModelError, match=r"any size from 1 pixel a side up .*pass input_shape=\(1, H, W\)"):
+        as_network(model)
+    assert as_network(model, input_shape=(1, 8, 8)).input_shape == (1, 8, 8)
+
+
+def test_a_final_softmax_says_what_to_pass():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(dim=1))
+    with pytest.raises(ModelError, match="ends with softmax.*NLLLoss of their log.*without its final softmax"):
+        as_network(model)
+    inner = nn.Sequential(nn.Linear(8, 16), nn.Softmax(dim=1), nn.Linear(16, 3))
+    with pytest.raises(ModelError, match="not supported"):
+        as_network(inner)
+
+
 def test_probe_leaves_batch_norm_statistics_alone():
     from fedleak.models.convnet import make_convnet
 

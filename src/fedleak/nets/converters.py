@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
-from fedleak.nets.ops import Op, converts
+from fedleak.nets.ops import EXACT_SCOPE, Op, converts, unsupported
 
 
 def _pair(op: Op, value: object, what: str) -> tuple[int, int]:
@@ -155,3 +155,14 @@ def log_softmax(op: Op) -> Layer | None:
     if not op.last or dim not in (1, -1) or len(op.in_shape) != 1:
         raise op.refuse("log_softmax is supported only on the logits, as the model's last op")
     return None
+
+
+@converts(nn.Softmax, F.softmax, torch.softmax, ("method", "softmax"))
+def softmax(op: Op) -> Layer | None:
+    """A final ``softmax`` gives probabilities, and the gradient depends on the loss the client puts on them,
+    which the model does not say: refused, saying what to pass instead."""
+    if op.last:
+        raise op.refuse("the model's forward ends with softmax, and the loss a client applies to probabilities is "
+                        "not known. If it is NLLLoss of their log (the cross-entropy of the logits), pass the model "
+                        f"without its final softmax, or end it with log_softmax; {EXACT_SCOPE}")
+    raise unsupported(op)

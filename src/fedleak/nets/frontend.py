@@ -149,6 +149,11 @@ def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...],
                 top = side  # the sizes that fit are consecutive: a larger image gives larger maps, until none fits
                 while top < min(side + MAX_ALSO_FITS, MAX_SIDE) and _probe(model, None, (c, top + 1, top + 1)) is None:
                     top += 1
+                if top == side + MAX_ALSO_FITS:  # no layer fixes the size (adaptive or global pooling)
+                    pixels = "pixel" if side == 1 else "pixels"
+                    raise ModelError(f"the model takes square images of any size from {side} {pixels} a side up "
+                                     "(no layer fixes the size: adaptive or global pooling), so their size cannot be "
+                                     f"inferred; pass input_shape=({c}, H, W) or the inputs")
                 also = "" if top == side else f" ({side} to {top} pixels a side fit)"
                 note = (f"input shape ({c}, {side}, {side}) inferred from the layer shapes, assuming square images "
                         f"of the smallest size that fits{also}; pass input_shape= (or inputs) if yours differ")
