@@ -59,3 +59,19 @@ def test_weights_as_flowers_ndarrays(tmp_path, digits):
     np.savez(tmp_path / "short.npz", *[v.numpy() for v in source.state_dict().values()][:2])
     with pytest.raises(ModelError, match="list of 2 arrays, but MLP's state dict has 4 entries"):
         load_weights(model, tmp_path / "short.npz")
+
+
+def test_a_training_checkpoint_gives_its_state_dict(tmp_path, digits):
+    model = fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)
+    source = fedleak.make_mlp(digits.input_shape, [16], 10, seed=1)
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model_state_dict": source.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 3},
+               tmp_path / "ckpt.pt")
+    load_weights(model, tmp_path / "ckpt.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
+    torch.save({"a": source.state_dict(), "b": model.state_dict()}, tmp_path / "two.pt")
+    with pytest.raises(ModelError, match=r"2 dicts of tensors \('a', 'b'\), so which one is meant is not clear"):
+        load_weights(model, tmp_path / "two.pt")
+    torch.save({"epoch": 3, "loss": 0.5}, tmp_path / "none.pt")
+    with pytest.raises(ModelError, match=r"holds 'epoch' \(int\), 'loss' \(float\): no dict of tensors"):
+        load_weights(model, tmp_path / "none.pt")

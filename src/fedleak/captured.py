@@ -105,9 +105,12 @@ def check_kind(kind: object) -> str:
 
 
 def as_tensor(value: object) -> object:
-    """A numpy array (Flower's NDArrays) as a tensor of its own copy; anything else as it is."""
+    """A numpy array (Flower's NDArrays) as a tensor of its own copy, a tensor without its autograd history
+    (``torch.autograd.grad(..., create_graph=True)``'s); anything else as it is."""
     import numpy as np
 
+    if isinstance(value, torch.Tensor):
+        return value.detach()
     return torch.from_numpy(np.array(value)) if isinstance(value, np.ndarray) else value
 
 

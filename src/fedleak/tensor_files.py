@@ -2,9 +2,10 @@
 safetensors files (with their string metadata), torch files of tensors (``torch.load(weights_only=True)``) and
 numpy ``.npz`` archives (``numpy.load(allow_pickle=False)``: what ``numpy.savez`` writes of Flower's NDArrays).
 
-A file may hold a dict of tensors, or (where the caller takes ``lists``) a list of them in order: ``torch.save``
-of a list or tuple, or ``numpy.savez(path, *arrays)``; a list comes back keyed ``"0"``, ``"1"``, ... with the
-metadata key :data:`LISTED`, for the model to name (:func:`fedleak.captured.named_like`).
+A file may hold a dict of tensors (or a training checkpoint with one such dict among its entries, such as
+``{"model_state_dict": ..., "epoch": 3}``), or (where the caller takes ``lists``) a list of them in order:
+``torch.save`` of a list or tuple, or ``numpy.savez(path, *arrays)``; a list comes back keyed ``"0"``, ``"1"``,
+... with the metadata key :data:`LISTED`, for the model to name (:func:`fedleak.captured.named_like`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def read_tensor_file(
             raise error(_torch_load_error(path, what, exc)) from None
         if isinstance(obj, (list, tuple)) and obj and all(isinstance(v, torch.Tensor) for v in obj):
             return _listed(path, what, error, list(obj), lists)
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            obj = _state_of_checkpoint(path, what, error, obj)
+        if not isinstance(obj, Mapping) or not obj:
             kinds = "a dict of tensors" + (" or a list of them" if lists else "")
             raise error(f"{what} file {path} must hold {kinds}, got {type(obj).__name__}")
         return {str(k): v for k, v in obj.items()}, {}
@@ -64,6 +67,20 @@ def read_tensor_file(
         raise error(f"cannot read {what} file {path} as safetensors: {exc}{known}") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _state_of_checkpoint(path: Path, what: str, error: type[FedleakError], obj: Mapping) -> Mapping:
+    """The one dict of tensors inside a training checkpoint (``{"model_state_dict": ..., "epoch": 3}``, or a
+    Lightning checkpoint's ``state_dict``); else ``error`` naming what the file holds."""
+    nested = [k for k, v in obj.items() if isinstance(v, Mapping) and v
+              and all(isinstance(t, torch.Tensor) for t in v.values())]
+    if len(nested) == 1:
+        return obj[nested[0]]
+    held = ", ".join(f"'{k}' ({type(v).__name__})" for k, v in list(obj.items())[:6])
+    which = (f"{len(nested)} dicts of tensors ({', '.join(map(repr, nested[:4]))}), so which one is meant is not "
+             "clear" if nested else "no dict of tensors")
+    raise error(f"{what} file {path} holds {held}{', ...' if len(obj) > 6 else ''}: {which}; save the state dict "
+                "alone (torch.save(model.state_dict(), ...))")
 
 
 def _listed(path: Path, what: str, error: type[FedleakError], tensors: list[torch.Tensor],
