@@ -36,8 +36,9 @@ WIDTHS_HELP = "Hidden layer widths of the fully connected ReLU model, comma-sepa
 OUT_HELP = "Folder for results.json and report.html (created when they are written)."
 QUIET_HELP = "No progress bar (one shows only when the console is a terminal)."
 WEIGHTS_HELP = ("Weights for the class or built-in model (for a FedAvg update: the round's, which the server "
-                "sent): a state dict as .safetensors, a torch file of tensors (read with weights_only), or a numpy "
-                ".npz, by name or as a list in state_dict() order (Flower's NDArrays); nothing is unpickled.")
+                "sent): a state dict as .safetensors, a torch file of tensors (read with weights_only; a training "
+                "checkpoint holding one state dict too), or a numpy .npz, by name or as a list in state_dict() order "
+                "(Flower's NDArrays); nothing is unpickled.")
 
 UPDATE_HELP = ("The captured client update: a .safetensors from fedleak, or a plain .safetensors, .pt/.pth or .npz "
                "of tensors by name or as a list (model.parameters() or state_dict() order); a plain file of the "
