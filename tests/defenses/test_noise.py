@@ -99,8 +99,11 @@ def test_bad_parameters(name, params, bad):
 def test_bad_parameters_from_a_spec():
     with pytest.raises(OptionError, match="clip"):
         parse_defense("gaussian-noise:sigma=0.1,clip=0")
-    with pytest.raises(OptionError, match="sigma"):
+    with pytest.raises(OptionError, match="defense 'gaussian-noise' needs sigma"):
         parse_defense("gaussian-noise:clip=1")  # sigma is required
+    with pytest.raises(OptionError, match=r"defense 'dp-sgd' needs max_grad_norm \(required: noise_multiplier, "
+                                          r"max_grad_norm; e.g. noise_multiplier=0.5, max_grad_norm=1.0\)"):
+        parse_defense("dp-sgd:noise_multiplier=1.0")
     d = parse_defense("laplace-noise:scale=0.01,clip=none")
     assert d.clip is None and d.scale == 0.01
 

@@ -1,11 +1,12 @@
 """The membership audit: train a target on some records of the audited data, hold others out, and measure how
 well each membership attack tells them apart, for an honest client and for each client defense.
 
-One scenario per training: ``plain`` (no defense) and one per defense spec (``"dp-sgd:noise_multiplier=1.0"``,
-named by its stack's label, as in the reconstruction audit). Each scenario is one
-:func:`fedleak.membership.run_membership` experiment on the built-in data or the user's data (a path). A user's
-model (``settings.model``: a built-in name or ``path/to/file.py:Class``, optionally starting from ``weights``) is
-trained by :class:`~fedleak.membership.TrainingRecipe` like its MLP and attacked by the same attacks.
+One scenario per training: ``plain`` (no defense) and one per defense spec
+(``"dp-sgd:noise_multiplier=1.0,max_grad_norm=1.0"``, named by its stack's label, as in the reconstruction audit).
+Each scenario is one :func:`fedleak.membership.run_membership` experiment on the built-in data or the user's data
+(a path). A user's model (``settings.model``: a built-in name or ``path/to/file.py:Class``, optionally starting
+from ``weights``) is trained by :class:`~fedleak.membership.TrainingRecipe` like its MLP and attacked by the same
+attacks.
 """
 
 from __future__ import annotations

@@ -226,10 +226,14 @@ def make_defense(name: str, **params: object) -> Defense:
     unknown = sorted(k for k in params if k not in known)
     if unknown:
         raise OptionError(f"defense '{name}' has no parameter(s) {unknown}; its parameters: {known or 'none'}")
-    try:
-        return cls(**params)
-    except TypeError as exc:  # a required parameter missing
-        raise OptionError(f"defense '{name}': {exc}") from None
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in params]
+    if missing:
+        example = ", ".join(f"{k}={v}" for k, v in cls.strengths[0].items()) if cls.strengths else ""
+        raise OptionError(f"defense '{name}' needs {', '.join(missing)} (required: {', '.join(required)}"
+                          + (f"; e.g. {example}" if example else "") + ")")
+    return cls(**params)
 
 
 def parse_defense(spec: str | Defense) -> Defense:
