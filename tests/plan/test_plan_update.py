@@ -68,6 +68,25 @@ def test_a_model_the_route_cannot_read_still_gets_a_plan():
     assert p.to_text().startswith("VERDICT: the exact route cannot apply to ResidualMLP")
 
 
+def test_a_model_without_a_hidden_dense_relu_gets_a_plan_saying_so(digits):
+    """conv -> ReLU -> Linear: the route reads the model but has no exclusively activated neurons to read; the
+    plan says so (it was an error), and keeps what it noted of the update (a FedAvg reply read as weights)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10)).eval()
+    client = copy.deepcopy(model)
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    torch.nn.functional.cross_entropy(client(digits.x[:4]), digits.y[:4]).backward()
+    opt.step()
+    p = fedleak.plan(model, list(client.state_dict().values()), batch_sizes=[2])
+    assert p.route == "cannot" and "no hidden ReLU layer in its dense head" in p.verdict
+    assert "dlm+" in p.recommended and "exclusivity" not in p.recommended  # a weight update's optimisation attack
+    assert any("the client's weights" in note for note in p.notes) and p.update.kind == "weights"
+
+
 def test_a_model_with_dropout_is_judged_for_eval_mode_clients(digits):
     """The counts are those of the eval-mode network; the verdict says that clients training with Dropout active
     get nothing certified (and says nothing of it for a model without Dropout)."""

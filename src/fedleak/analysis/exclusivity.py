@@ -25,7 +25,7 @@ from fedleak.analysis.batch import Batch, read_batch
 from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, LayerExclusivity
 from fedleak.autograd_mode import autograd_on, with_autograd
 from fedleak.errors import ModelError
-from fedleak.nets import Network, Trace, forward_trace
+from fedleak.nets import NO_HIDDEN_RELU, Network, Trace, forward_trace
 
 
 @with_autograd
@@ -60,7 +60,7 @@ def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, so
     """:func:`analyze_exclusivity` of a batch already read (:func:`fedleak.analysis.batch.read_batch`)."""
     net = batch.net
     if net.head.depth == 0:
-        raise ModelError("the model has no hidden ReLU layer, so exclusivity is undefined")
+        raise ModelError(NO_HIDDEN_RELU)
     opts = None
     if (net.blocks and solve) or attack_options:
         from fedleak.attacks.exact import ExclusivityOptions  # the attack's noise model (heavy: imported here)

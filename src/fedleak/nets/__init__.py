@@ -11,8 +11,9 @@ from fedleak.nets.forward import Trace, forward_trace
 from fedleak.nets.frontend import as_network, input_shape_of
 from fedleak.nets.head import ReluMLP
 from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
-from fedleak.nets.network import Network, Step
+from fedleak.nets.network import NO_HIDDEN_RELU, Network, Step
 from fedleak.nets.ops import CONVERTERS, Op, converts
 
-__all__ = ["as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace", "forward_trace",
-           "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Dropout", "Op", "CONVERTERS", "converts"]
+__all__ = ["NO_HIDDEN_RELU", "as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace",
+           "forward_trace", "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Dropout", "Op",
+           "CONVERTERS", "converts"]

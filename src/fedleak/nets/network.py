@@ -18,6 +18,10 @@ from fedleak.nets.head import ReluMLP
 from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
 from fedleak.validation import check_num_classes
 
+# why the exact methods have nothing to read in a model whose dense head has no hidden ReLU layer
+NO_HIDDEN_RELU = ("the model has no hidden ReLU layer in its dense head (a Linear layer and a ReLU before the output "
+                  "layer), so the exact methods have no exclusively activated neurons to read")
+
 
 @dataclass(frozen=True)
 class Step:

@@ -21,7 +21,7 @@ import fedleak.plan.verdict as verdict
 from fedleak.binary import as_two_class
 from fedleak.captured import read_captured
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets import Network, as_network, input_shape_of
+from fedleak.nets import NO_HIDDEN_RELU, Network, as_network, input_shape_of
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
 from fedleak.plan.advice import RouteFacts, advise
 from fedleak.plan.conv import block_shape
@@ -152,22 +152,23 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     sizes = _batch_sizes(batch_sizes, kind)
     samples = user_samples(inputs, max_samples, seed) if inputs is not None else None
     shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
+    notes = (*shape_notes, *read_as)
     try:
         net = as_network(model, input_shape=shape)
     except ModelError as exc:
-        return verdict.unreadable(label, shape, parameters, str(exc), kind, sizes, target)
+        return verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind, sizes, target,
+                                  notes)
+    if net.head.depth == 0:
+        return verdict.unreadable(label, shape, parameters, NO_HIDDEN_RELU, kind, sizes, target, notes)
     if samples is None:
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {samples.x[0].numel()} values but the model takes {net.input_shape}")
-    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, (*shape_notes, *read_as))
+    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes)
 
 
 def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,
           proofs: int | None, seed: int, notes: tuple[str, ...]) -> Plan:
-    if net.head.depth == 0:
-        raise ModelError("the model has no hidden ReLU layer, so the exact route has no exclusively activated "
-                         "neurons to read")
     x = samples.x.reshape(samples.x.shape[0], *net.input_shape).to(torch.float32)
     if samples.labels is not None and int(samples.labels.max()) >= net.num_classes:
         raise FedleakError(f"the labels go up to {int(samples.labels.max())} but the model has {net.num_classes} "

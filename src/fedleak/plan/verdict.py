@@ -76,12 +76,11 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     return f"the exact route cannot apply to {model}: {blocker}"
 
 
-def unreadable(model: str, shape: tuple[int, ...], parameters: int, message: str, kind, sizes: tuple[int, ...],
-               target: float) -> Plan:
-    """The plan of a model the exact route cannot read (``message``: which node, from :func:`fedleak.as_network`)."""
+def unreadable(model: str, shape: tuple[int, ...], parameters: int, blocker: str, kind, sizes: tuple[int, ...],
+               target: float, notes: tuple[str, ...] = ()) -> Plan:
+    """The plan of a model the exact route cannot read or finds nothing in (``blocker``: why, a clause)."""
     from fedleak import available_attacks
 
-    blocker = f"it cannot read the model ({message})"
     batch = sizes[-1]
     facts = RouteFacts(ROUTE_CANNOT, batch, 0.0, 0, blocker, False, False, kind)
     return Plan(
@@ -89,5 +88,5 @@ def unreadable(model: str, shape: tuple[int, ...], parameters: int, message: str
         verdict=f"the exact route cannot apply to {model}: {blocker}", route=ROUTE_CANNOT, target=target,
         batch_size=batch, max_batch_size=0, capped=False,
         evidence=Evidence(False, 0, "nothing measured: the exact route does not read this model"), update=kind,
-        blocks=(), dense=(), estimates=(), proposal=None, attacks=advise(facts, available_attacks()),
+        blocks=(), dense=(), estimates=(), proposal=None, attacks=advise(facts, available_attacks()), notes=notes,
     )

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fedleak.errors import FedleakError
-from fedleak.nets import as_network
+from fedleak.nets import NO_HIDDEN_RELU, as_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
 
@@ -53,7 +53,7 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     except FedleakError as exc:
         return f"the model is not a ReLU network the exact attack reads ({exc})"
     if net.depth == 0:
-        return "the model has no hidden ReLU layer"
+        return NO_HIDDEN_RELU
     if not net.has_all_biases and not kind.is_gradient:
         return "the network has layers without bias, so a weight change's learning rate does not cancel row by row"
     return None

@@ -40,7 +40,7 @@ from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets import Network
+from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.network import check_head_trainable
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.threads import pinned_threads
@@ -85,7 +85,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         update = replace(update, gradients=plan.rescale(update.gradients))
     head = net.head
     if head.depth == 0:
-        raise ModelError("the exclusivity attack needs at least one hidden ReLU layer in the dense head")
+        raise ModelError(NO_HIDDEN_RELU)
     if opts.clip_norm is not None and net.blocks:
         raise FedleakError("clip_norm is supported for MLPs only: a CNN sample's gradient norm includes its conv "
                            "layers, which the head's certificate does not recompute")
