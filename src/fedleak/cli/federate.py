@@ -9,7 +9,18 @@ from pathlib import Path
 import typer
 from click.core import ParameterSource
 
-from fedleak.cli.app import DATA_HELP, MAX_WIDTH, OUT_HELP, WIDTHS_HELP, app, default_out, int_list, is_verbose
+from fedleak.cli.app import (
+    DATA_HELP,
+    MAX_WIDTH,
+    MODEL_HELP,
+    OUT_HELP,
+    WEIGHTS_HELP,
+    WIDTHS_HELP,
+    app,
+    default_out,
+    int_list,
+    is_verbose,
+)
 from fedleak.defenses.registry import defense_names
 from fedleak.errors import FedleakError
 from fedleak.validation import check_output_dir, check_seed
@@ -56,7 +67,12 @@ def federate(
     local_steps: int = typer.Option(1, help="Local SGD steps per round (1: the exact attacks apply)."),
     local_epochs: int = typer.Option(0, help="Local epochs over the partition (0: use --local-steps)."),
     lr: float = typer.Option(0.1, help="Clients' SGD learning rate (the server's attack does not know it)."),
-    widths: str = typer.Option("1000", help=WIDTHS_HELP),
+    widths: str = typer.Option("1000", help=WIDTHS_HELP + " Not with --model."),
+    model: str = typer.Option(None, help="The clients' model instead of the MLP of --widths: " + MODEL_HELP),
+    weights: Path = typer.Option(None, help="Initial weights of --model (the first round's): " + WEIGHTS_HELP),
+    client_mode: str = typer.Option("train", help="How the clients run the model as they train: train "
+                                                  "(model.train(), as training loops do: Dropout drops units, "
+                                                  "BatchNorm uses the batch's statistics) or eval."),
     hidden: str = typer.Option(None, hidden=True, help="Old name of --widths."),
     partition: str = typer.Option("iid", help="How the data is split among clients: iid | label-skew."),
     alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition."),
@@ -135,11 +151,14 @@ def federate(
         if loud:
             typer.echo("fedleak: --hidden is deprecated; use --widths", err=True)
         widths = hidden
+    if model is not None and ctx.get_parameter_source("widths") is not ParameterSource.DEFAULT:
+        raise FedleakError("--widths sets the MLP fedleak builds; with --model your model is used: give one of them")
     sizes = int_list(widths, "--widths", MAX_WIDTH)
     settings = FederationSettings(
         data=data, clients=clients, rounds=rounds, threat=threat, defenses=tuple(defense or ()),
         seed=check_seed("--seed", seed),
         batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=sizes,
+        model=model, weights=None if weights is None else str(weights), client_mode=client_mode,
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
         trap_scale=trap_scale, imprint_bins=imprint_bins, transform_options=_parse_options(transform_options),
         ray_cpus=ray_cpus,

@@ -85,13 +85,15 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
                  data: NodeData | None = None) -> LocalResult:
     """Train ``model`` (the weights the server sent, changed in place) on the client's partition.
 
-    Plain SGD at ``lr`` through :func:`~fedleak.clients.defended.defended_local_round`: per batch the
+    Plain SGD at ``lr`` through :func:`~fedleak.clients.defended.defended_local_round`, the model in training
+    mode or, with ``settings.client_mode == "eval"``, in eval mode: per batch the
     server-shipped transform (threat) runs first, then the client's batch defenses and its step defense; its
     update filters run on the round's change. Defenses that Flower realises itself (``local-dp``,
     ``central-dp``: :mod:`fedleak.federation.flower_native`) are left to the ClientApp's mods. Randomised
     defenses are seeded from the run's seed, the round and the partition. ``data``: the node's own samples (a
     SuperNode's folder, :mod:`fedleak.federation.node_data`) instead of its split of the shared data set.
     """
+    model.train(settings.client_mode == "train")  # as the clients' training loops run it (Dropout, BatchNorm)
     fault = _fault(settings, partition_id, server_round)
     if fault == "fail":
         raise RuntimeError(f"injected failure of partition {partition_id} in round {server_round}")

@@ -143,20 +143,19 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
         return runner(settings, verbose=verbose, on_finding=on_finding)
     require_flwr()
     from fedleak.federation.client import federation_accounting
-    from fedleak.federation.hooks import get_threat
+    from fedleak.federation.hooks import check_threat_applies
+    from fedleak.federation.settings import data_split
 
-    # fail fast, before Ray starts, on anything the clients could not build (the defenses were checked when the
-    # settings were built)
-    get_threat(settings.threat).transform(settings)
+    # fail fast, before Ray starts, on anything the parties could not build: the data, the clients' model and
+    # shipped transform, what the threat's server does (the defenses were checked when the settings were built)
+    split = data_split(settings.data, settings.test_size, settings.public_size)
+    check_threat_applies(settings, split)
     defenses = defense_summary(settings, federation_accounting(settings))
 
     from flwr.simulation import run_simulation
 
     from fedleak.federation.client_app import make_client_app
     from fedleak.federation.server_app import build_strategy, make_server_app
-    from fedleak.federation.settings import data_split
-
-    split = data_split(settings.data, settings.test_size, settings.public_size)  # DataError before Ray starts
     evaluations: dict[int, tuple[float, float]] = {}
     membership = None
     if settings.membership_targets:  # the server scores every update on its candidate records

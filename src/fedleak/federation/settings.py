@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -56,6 +57,9 @@ class FederationSettings:
     local_epochs: int = 0
     lr: float = 0.1
     hidden: tuple[int, ...] = (1000,)
+    model: str | None = None  # the clients' model instead of the MLP of ``hidden``: a built-in name or file.py:Class
+    weights: str | None = None  # its initial weights (a state-dict file); None: its seeded initialisation
+    client_mode: str = "train"  # clients train in model.train() (Dropout, BatchNorm active) or model.eval() mode
     partition: str = "iid"
     alpha: float = 0.5
     test_size: int = 1000
@@ -91,7 +95,12 @@ class FederationSettings:
     membership_last_layers: int = 0  # ascend on the last this-many parameter tensors only (0: every parameter)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "hidden", () if self.model is not None else tuple(int(h) for h in self.hidden))
+        if self.weights is not None and self.model is None:
+            raise FedleakError("weights are the initial weights of a model given by name or file (model=...)")
+        # every party builds the model, in processes of their own (Ray's, a SuperNode's): files by absolute path
+        object.__setattr__(self, "model", _absolute(self.model))
+        object.__setattr__(self, "weights", _absolute(self.weights))
         object.__setattr__(self, "membership_rounds", tuple(int(r) for r in self.membership_rounds))
         if self.threat == "membership-active" and self.membership_targets == 0:
             object.__setattr__(self, "membership_targets", 64)  # the active server needs candidates
@@ -111,10 +120,12 @@ class FederationSettings:
             (self.local_steps >= 1, f"local_steps must be positive, got {self.local_steps}"),
             (self.local_epochs >= 0, f"local_epochs must be 0 or more, got {self.local_epochs}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (len(self.hidden) >= 1 and min(self.hidden) >= 1, f"hidden needs positive widths, got {self.hidden}"),
+            (self.model is not None or (len(self.hidden) >= 1 and min(self.hidden) >= 1),
+             f"hidden needs positive widths, got {self.hidden}"),
             (self.audit_mode in ("process", "thread", "sync"),
              f"audit mode must be process, thread or sync, got '{self.audit_mode}'"),
             (self.upload in ("delta", "weights"), f"upload must be delta or weights, got '{self.upload}'"),
+            (self.client_mode in ("train", "eval"), f"client_mode must be train or eval, got '{self.client_mode}'"),
             (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
             (self.attack_budget > 0, f"attack_budget must be positive, got {self.attack_budget}"),
             (0 < self.client_cpus <= self.ray_cpus or (self.ray_address is not None and self.client_cpus > 0),
@@ -190,6 +201,17 @@ class FederationSettings:
         return cls(**raw)
 
 
+def _absolute(spec: str | None) -> str | None:
+    """A model spec or weights path with its file made absolute where it names an existing file (``net.py:Net``,
+    ``weights.pt``); a built-in name, or anything else, as it is."""
+    if spec is None:
+        return None
+    file, _, cls = str(spec).partition(".py:")
+    if cls and Path(file + ".py").is_file():
+        return f"{Path(file + '.py').resolve()}:{cls}"
+    return str(Path(spec).resolve()) if Path(spec).is_file() else str(spec)
+
+
 def parse_fault(text: str) -> tuple[str, int, int | None]:
     """``"fail:2@1"`` -> ("fail", 2, 1); ``"malformed:0"`` -> ("malformed", 0, None)."""
     try:
@@ -231,6 +253,24 @@ def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
 
 
 def make_model(settings: FederationSettings, split: DataSplit):
-    from fedleak.models import make_mlp
+    """The round's model as every party builds it: the MLP of ``settings.hidden``, or ``settings.model`` (a
+    built-in name or the user's ``file.py:Class``, seeded, from ``settings.weights`` where given), checked to
+    take the data's inputs and give one output per class."""
+    if settings.model is None:
+        from fedleak.models import make_mlp
 
-    return make_mlp(split.input_shape, list(settings.hidden), split.num_classes, seed=settings.seed)
+        return make_mlp(split.input_shape, list(settings.hidden), split.num_classes, seed=settings.seed)
+    from fedleak.errors import ModelError
+    from fedleak.models.zoo import load_model
+
+    model = load_model(settings.model, weights=settings.weights, seed=settings.seed).module
+    try:
+        with torch.no_grad():
+            outputs = model(torch.zeros(2, *split.input_shape)).shape
+    except Exception as exc:  # noqa: BLE001 - any error of the user's forward is reported as one line
+        raise ModelError(f"model {settings.model} does not run on the data's inputs {tuple(split.input_shape)}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if tuple(outputs) != (2, split.num_classes):
+        raise ModelError(f"model {settings.model} gives outputs of shape {tuple(outputs)} for a batch of 2, but the "
+                         f"data has {split.num_classes} classes: it needs one output per class")
+    return model

@@ -36,6 +36,7 @@ from fedleak.fishing.sample_lp import RequirementTable, solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
+from fedleak.nets import NO_HIDDEN_RELU
 from fedleak.nets.cast import unchanged
 
 CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero, or more
@@ -295,7 +296,7 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     batch = read_batch(model, inputs, labels)
     net = batch.net
     if net.head.depth == 0:
-        raise FedleakError("fishing needs at least one hidden ReLU layer")
+        raise FedleakError(f"fishing: {NO_HIDDEN_RELU}")
     data_range = resolve_data_range(inputs, opts.data_range, "fishing")
     M = batch.size
     certified = (lambda r: r.certifiable) if opts.solve_check else (lambda r: r.head_certifiable)

@@ -332,6 +332,7 @@ def build_federation_view(result: FederationResult) -> FederationView:
     parts = [str(s["data"]) if "data" in s else "",
              f"{s['clients']} clients × {s['rounds']} rounds" if "clients" in s and "rounds" in s else "",
              f"batch {s['batch_size']}" if "batch_size" in s else "",
+             f"model {s['model']}" if s.get("model") else
              f"hidden widths {', '.join(map(str, widths))}" if isinstance(widths, (list, tuple)) else "",
              f"upload {s['upload']}" if "upload" in s else "", f"seed {s['seed']}" if "seed" in s else ""]
     subtitle = ", ".join(p for p in parts if p)

@@ -1,0 +1,103 @@
+"""`fedleak federate --model file.py:Class`: a federation of the user's own model class on Flower's simulation
+engine, its clients training it as training loops do (model.train()) or in eval mode."""
+
+import dataclasses
+import json
+
+import pytest
+
+from fedleak.cli import main
+from fedleak.errors import FedleakError, ModelError
+from fedleak.federation.hooks import check_threat_applies
+from fedleak.federation.settings import FederationSettings, data_split, make_model
+
+pytest.importorskip("flwr")
+
+NET = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 512)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.fc1(torch.flatten(x, 1)))))
+
+
+class Conv(nn.Module):  # no hidden dense ReLU: nothing for the exact attack, nor for trap weights
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+class Three(Net):
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(512, 3)
+'''
+
+
+@pytest.fixture()
+def net_file(tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text(NET)
+    return path
+
+
+def _federate(tmp_path, ray_cluster, net_file, mode):
+    out = tmp_path / f"run-{mode}"
+    code = main(["federate", "--model", f"{net_file}:Net", "--data", "digits", "--clients", "2", "--rounds", "1",
+                 "--batch-size", "4", "--test-size", "200", "--public-size", "100", "--client-mode", mode,
+                 "--ray-address", ray_cluster[0], "--out", str(out)])
+    assert code == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_federation_of_the_users_model(tmp_path, ray_cluster, net_file):
+    evaluated = _federate(tmp_path, ray_cluster, net_file, "eval")
+    assert evaluated["settings"]["model"] == f"{net_file}:Net" and evaluated["settings"]["hidden"] == []
+    recs = evaluated["records"]
+    assert len(recs) == 2 and all(r["status"] == "ok" and r["false_certificates"] == 0 for r in recs)
+    assert sum(r["recovered_fraction"] for r in recs) > 0  # eval-mode clients: Dropout is the identity
+    trained = _federate(tmp_path, ray_cluster, net_file, "train")
+    recs = trained["records"]
+    assert all(r["status"] == "ok" and r["recovered_fraction"] == 0 and r["false_certificates"] == 0 for r in recs)
+    assert all("Dropout 'drop'" in r["reason"] for r in recs)  # the reason names what the clients did
+
+
+def test_a_model_that_does_not_fit_fails_before_anything_starts(tmp_path, net_file, capsys):
+    split = data_split("digits", 200, 100)
+    with pytest.raises(ModelError, match=r"outputs of shape \(2, 3\) .* the data has 10 classes"):
+        make_model(FederationSettings(data="digits", model=f"{net_file}:Three"), split)
+    conv = FederationSettings(data="digits", model=f"{net_file}:Conv", test_size=200, public_size=100)
+    check_threat_applies(conv, split)  # an honest server: anything that runs
+    with pytest.raises(ModelError, match="trap and imprint weights go into a first Linear layer"):
+        check_threat_applies(dataclasses.replace(conv, threat="trap-weights"), split)
+    with pytest.raises(FedleakError, match="fishing: the model has no hidden ReLU layer in its dense head"):
+        check_threat_applies(dataclasses.replace(conv, threat="fishing"), split)
+    with pytest.raises(FedleakError, match="weights are the initial weights of a model"):
+        FederationSettings(weights="w.pt")
+    assert main(["federate", "--model", f"{net_file}:Net", "--widths", "64", "--out", str(tmp_path / "o")]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main(["federate", "--model", f"{net_file}:Three", "--data", "digits", "--test-size", "200",
+                 "--public-size", "100", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedleak: error: model") and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_relative_model_file_is_kept_absolute(tmp_path, net_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = FederationSettings(model="net.py:Net", data="digits")
+    assert settings.model == f"{net_file.resolve()}:Net"
+    assert FederationSettings.from_json(settings.to_json()) == settings
+    assert FederationSettings(model="flower-cnn").model == "flower-cnn"
