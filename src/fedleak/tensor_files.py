@@ -49,7 +49,7 @@ def read_tensor_file(
             return _listed(path, what, error, list(obj), lists)
         if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
             obj = _state_of_checkpoint(path, what, error, obj)
-        if not isinstance(obj, Mapping) or not obj:
+        if not isinstance(obj, Mapping):
             kinds = "a dict of tensors" + (" or a list of them" if lists else "")
             raise error(f"{what} file {path} must hold {kinds}, got {type(obj).__name__}")
         return {str(k): v for k, v in obj.items()}, {}
