@@ -150,6 +150,8 @@ def test_numpy_arrays_are_copied(digits):
     grads = {k: v.numpy().copy() for k, v in fedleak.compute_gradient_update(model, digits.x[:2],
                                                                              digits.y[:2]).gradients.items()}
     read, _ = read_captured(model, grads)
+    told, _ = read_captured(model, grads, kind="gradient")
+    assert all(isinstance(v, torch.Tensor) for v in told.values())
     first = next(iter(grads))
     grads[first][...] = np.nan
     assert torch.isfinite(read[first]).all()

@@ -79,8 +79,9 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
     kind = check_kind(kind)
     if isinstance(update, (list, tuple)):
         update = named_like(model, update)
-    if isinstance(update, Mapping) and kind != "gradient":
+    if isinstance(update, Mapping):
         update = {name: as_tensor(value) for name, value in update.items()}
+    if isinstance(update, Mapping) and kind != "gradient":
         own = model.state_dict()
         unknown = sorted(set(update) - set(own))
         evidence = None if unknown else weights_evidence(model, update)

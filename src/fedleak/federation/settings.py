@@ -255,22 +255,12 @@ def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
 def make_model(settings: FederationSettings, split: DataSplit):
     """The round's model as every party builds it: the MLP of ``settings.hidden``, or ``settings.model`` (a
     built-in name or the user's ``file.py:Class``, seeded, from ``settings.weights`` where given), checked to
-    take the data's inputs and give one output per class."""
+    take the data's inputs and give an output per class."""
     if settings.model is None:
         from fedleak.models import make_mlp
 
         return make_mlp(split.input_shape, list(settings.hidden), split.num_classes, seed=settings.seed)
-    from fedleak.errors import ModelError
-    from fedleak.models.zoo import load_model
+    from fedleak.models.zoo import load_model_for
 
-    model = load_model(settings.model, weights=settings.weights, seed=settings.seed).module
-    try:
-        with torch.no_grad():
-            outputs = model(torch.zeros(2, *split.input_shape)).shape
-    except Exception as exc:  # noqa: BLE001 - any error of the user's forward is reported as one line
-        raise ModelError(f"model {settings.model} does not run on the data's inputs {tuple(split.input_shape)}: "
-                         f"{type(exc).__name__}: {exc}") from None
-    if tuple(outputs) != (2, split.num_classes):
-        raise ModelError(f"model {settings.model} gives outputs of shape {tuple(outputs)} for a batch of 2, but the "
-                         f"data has {split.num_classes} classes: it needs one output per class")
-    return model
+    return load_model_for(settings.model, split.input_shape, split.num_classes, weights=settings.weights,
+                          seed=settings.seed)

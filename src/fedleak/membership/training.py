@@ -15,7 +15,7 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import OptionError
 from fedleak.membership.base import Records
 from fedleak.models import make_mlp
-from fedleak.validation import check_seed, output_features, validate_fields
+from fedleak.validation import check_seed, validate_fields
 
 
 @dataclass(frozen=True)
@@ -51,16 +51,13 @@ class TrainingRecipe:
 
     def build(self, seed: int) -> nn.Module:
         """The untrained model: the MLP initialised from ``seed``, or the user's model (from ``weights`` when
-        given); :class:`OptionError` when it has fewer outputs than the data has classes."""
+        given); :class:`~fedleak.errors.ModelError` when it does not run on the data's inputs or has fewer outputs
+        than the data has classes."""
         if self.model is None:
             return make_mlp(self.input_shape, list(self.widths), self.num_classes, seed=seed)
-        from fedleak.models.zoo import load_model
+        from fedleak.models.zoo import load_model_for
 
-        model = load_model(self.model, weights=self.weights, seed=seed).module
-        outputs = output_features(model)
-        if outputs is not None and outputs < self.num_classes:
-            raise OptionError(f"the model has {outputs} outputs but the data has {self.num_classes} classes")
-        return model
+        return load_model_for(self.model, self.input_shape, self.num_classes, weights=self.weights, seed=seed)
 
     def stack(self) -> DefenseStack:
         return DefenseStack.of(self.defense)

@@ -218,6 +218,24 @@ def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] 
                      "path/to/file.py:ClassName, or a .safetensors/.pt state dict of a Sequential MLP")
 
 
+def load_model_for(spec: str | os.PathLike[str], input_shape: tuple[int, ...], num_classes: int, *,
+                   weights: str | os.PathLike[str] | None = None, seed: int = 0) -> nn.Module:
+    """:func:`load_model`'s module, checked to run on inputs of ``input_shape`` and to give at least
+    ``num_classes`` outputs per sample (the data's classes), for what trains it on a data set; else
+    :class:`ModelError` saying which."""
+    model = load_model(spec, weights=weights, seed=seed).module
+    try:
+        with torch.no_grad():
+            shape = tuple(model(torch.zeros(2, *input_shape)).shape)
+    except Exception as exc:  # noqa: BLE001 - any error of the user's forward is reported as one line
+        raise ModelError(f"model {spec} does not run on the data's inputs {tuple(input_shape)}: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if len(shape) != 2 or shape[1] < num_classes:
+        raise ModelError(f"model {spec} gives outputs of shape {shape} for a batch of 2, but the data has "
+                         f"{num_classes} classes: it needs an output per class")
+    return model
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a state-dict file into ``model`` (every key and shape must match), or a list of tensors in
     ``model.state_dict()`` order (Flower's NDArrays saved with ``numpy.savez``); returns the model."""
