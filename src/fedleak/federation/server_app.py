@@ -82,9 +82,11 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
     stack = settings.stack.bind(data_range=split.value_range, num_classes=split.num_classes)
     audit = AuditFedAvg(
         make_model(settings, split),
-        AuditPlan(threat.attack, threat.attack_options(settings), threat.update_kind,
-                  multi_step_attack="auto" if threat.update_kind == "gradient" else None,
-                  multi_step_options={"budget": settings.attack_budget, "progress": False},
+        # the data's input shape: the attacks need not infer it from the layers (a CNN fits larger images too)
+        AuditPlan(threat.attack, {**threat.attack_options(settings), "input_shape": tuple(split.input_shape)},
+                  threat.update_kind, multi_step_attack="auto" if threat.update_kind == "gradient" else None,
+                  multi_step_options={"budget": settings.attack_budget, "progress": False,
+                                      "input_shape": tuple(split.input_shape)},
                   defense=stack if stack else None),
         tamper=tamper, scorer=scorer, audit_mode=settings.audit_mode, upload=settings.upload, audit=settings.audit,
         declared=settings.declared_training(), on_finding=on_finding, on_update=on_update,
