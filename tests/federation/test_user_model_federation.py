@@ -40,6 +40,16 @@ class Conv(nn.Module):  # no hidden dense ReLU: nothing for the exact attack, no
         return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
 
 
+class Binary(nn.Module):  # one logit, trained with binary cross-entropy
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(625, 1024)
+        self.fc2 = nn.Linear(1024, 1)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
 class Three(Net):
     def __init__(self):
         super().__init__()
@@ -101,3 +111,21 @@ def test_a_relative_model_file_is_kept_absolute(tmp_path, net_file, monkeypatch)
     assert settings.model == f"{net_file.resolve()}:Net"
     assert FederationSettings.from_json(settings.to_json()) == settings
     assert FederationSettings(model="flower-cnn").model == "flower-cnn"
+
+
+def test_a_federation_of_a_binary_classifier_on_data_sorted_by_class(tmp_path, ray_cluster, net_file):
+    """One logit on LFW (faces first, then non-faces): the clients train it with binary cross-entropy, the audit
+    attacks its two-class twin, and the test set holds both classes."""
+    split = data_split("lfw", 50, 50)
+    assert set(split.test_y.tolist()) == {0, 1} and set(split.train_y.tolist()) == {0, 1}
+    tail = data_split("digits", 200, 100)  # interleaved classes: the last samples are the test set, as they were
+    assert set(tail.test_y.tolist()) == set(range(10))
+    out = tmp_path / "binary"
+    assert main(["federate", "--model", f"{net_file}:Binary", "--data", "lfw", "--clients", "2", "--rounds", "1",
+                 "--batch-size", "8", "--test-size", "50", "--public-size", "50", "--ray-address", ray_cluster[0],
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    recs = result["records"]
+    assert all(r["status"] == "ok" and r["false_certificates"] == 0 for r in recs)
+    assert sum(r["recovered_fraction"] for r in recs) > 0
+    assert all(0 < r["test_accuracy"] < 1 for r in result["rounds"])

@@ -241,6 +241,10 @@ class DataSplit:
 
 @lru_cache(maxsize=4)
 def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
+    """The clients' pool, the server's public set and its test set: the data set's last ``test_size`` samples
+    are the test set, the ``public_size`` before them the public set, the rest the pool; where the last samples
+    miss a class (a data set sorted by class: LFW, retina, MNI152, an image folder), all three are cut from a
+    fixed shuffle of the data set (seed 0) instead, the same for every party."""
     from fedleak.data import load_dataset
 
     ds = load_dataset(data)
@@ -248,14 +252,20 @@ def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
     n_train = n - test_size - public_size
     if test_size < 1 or public_size < 0 or n_train < 1:
         raise FedleakError(f"{ds.name} has {n} samples: too few for test_size={test_size}, public_size={public_size}")
-    return DataSplit(ds.x[:n_train], ds.y[:n_train], ds.x[n_train : n_train + public_size],
-                     ds.x[n - test_size :], ds.y[n - test_size :], ds.input_shape, ds.num_classes, ds.value_range)
+    x, y = ds.x, ds.y
+    if len(set(y[n - test_size :].tolist())) < ds.num_classes:  # sorted by class: the last samples miss some
+        import numpy as np
+
+        order = torch.from_numpy(np.random.default_rng(0).permutation(n))
+        x, y = x[order], y[order]
+    return DataSplit(x[:n_train], y[:n_train], x[n_train : n_train + public_size],
+                     x[n - test_size :], y[n - test_size :], ds.input_shape, ds.num_classes, ds.value_range)
 
 
 def make_model(settings: FederationSettings, split: DataSplit):
     """The round's model as every party builds it: the MLP of ``settings.hidden``, or ``settings.model`` (a
     built-in name or the user's ``file.py:Class``, seeded, from ``settings.weights`` where given), checked to
-    take the data's inputs and give an output per class."""
+    take the data's inputs and give an output per class (or one logit for two classes: a binary classifier)."""
     if settings.model is None:
         from fedleak.models import make_mlp
 
@@ -263,4 +273,4 @@ def make_model(settings: FederationSettings, split: DataSplit):
     from fedleak.models.zoo import load_model_for
 
     return load_model_for(settings.model, split.input_shape, split.num_classes, weights=settings.weights,
-                          seed=settings.seed)
+                          seed=settings.seed, binary=True)

@@ -141,7 +141,7 @@ class AuditFedAvg(FedAvg):
         self.audit_workers, self.audit_backlog, self.audit_seed = audit_workers, audit_backlog, int(audit_seed)
         self._ledger = AuditLedger()
         self.sampled: dict[int, tuple[int, ...]] = {}  # per round: the node ids the strategy sent a train message
-        check_model(model)
+        check_model(model, binary=True)  # one logit: a binary classifier, attacked as its two-class twin
         self.model = copy.deepcopy(model).cpu()  # the user's own class: what ``tamper`` is given
         if audit:
             self.template = audit_template(model, attack=self.plan.attack,

@@ -219,10 +219,10 @@ def load_model(spec: str | os.PathLike[str], *, weights: str | os.PathLike[str] 
 
 
 def load_model_for(spec: str | os.PathLike[str], input_shape: tuple[int, ...], num_classes: int, *,
-                   weights: str | os.PathLike[str] | None = None, seed: int = 0) -> nn.Module:
+                   weights: str | os.PathLike[str] | None = None, seed: int = 0, binary: bool = False) -> nn.Module:
     """:func:`load_model`'s module, checked to run on inputs of ``input_shape`` and to give at least
-    ``num_classes`` outputs per sample (the data's classes), for what trains it on a data set; else
-    :class:`ModelError` saying which."""
+    ``num_classes`` outputs per sample (the data's classes) or, where ``binary``, one for two classes (a binary
+    classifier's logit), for what trains it on a data set; else :class:`ModelError` saying which."""
     model = load_model(spec, weights=weights, seed=seed).module
     try:
         with torch.no_grad():
@@ -230,7 +230,7 @@ def load_model_for(spec: str | os.PathLike[str], input_shape: tuple[int, ...], n
     except Exception as exc:  # noqa: BLE001 - any error of the user's forward is reported as one line
         raise ModelError(f"model {spec} does not run on the data's inputs {tuple(input_shape)}: "
                          f"{type(exc).__name__}: {exc}") from None
-    if len(shape) != 2 or shape[1] < num_classes:
+    if len(shape) != 2 or not (shape[1] >= num_classes or (binary and shape[1] == 1 and num_classes == 2)):
         raise ModelError(f"model {spec} gives outputs of shape {shape} for a batch of 2, but the data has "
                          f"{num_classes} classes: it needs an output per class")
     return model
