@@ -21,6 +21,7 @@ from torch import nn
 from fedleak.autograd_mode import with_autograd
 from fedleak.clients.defended import defended_local_round
 from fedleak.data import Dataset, load_dataset
+from fedleak.data.holdout import split_order
 from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import DataError, FedleakError
@@ -69,13 +70,18 @@ def _prepare(settings: EvaluationSettings, model: nn.Module | None) -> Federatio
         if len(train) < need + settings.test_size:
             raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "
                             f"{settings.client_size} and {settings.test_size} held-out test samples")
+        order = split_order(train.y, settings.test_size)  # a data set sorted by class: a fixed shuffle
+        if order is not None:
+            train = replace(train, x=train.x[order], y=train.y[order])
         test_x, test_y = train.x[-settings.test_size:], train.y[-settings.test_size:]
         pool = len(train) - settings.test_size
     else:
         test = load_dataset(settings.test_data)
         if test.input_shape != train.input_shape or test.num_classes != train.num_classes:
             raise DataError(f"{test.name} does not match {train.name} (input shape or classes)")
-        test_x, test_y = test.x[: settings.test_size], test.y[: settings.test_size]
+        order = split_order(test.y, settings.test_size, at_end=False)
+        held = slice(settings.test_size) if order is None else order[: settings.test_size]
+        test_x, test_y = test.x[held], test.y[held]
         pool = len(train)
         if len(train) < need:
             raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "

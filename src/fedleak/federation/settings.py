@@ -243,21 +243,18 @@ class DataSplit:
 def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
     """The clients' pool, the server's public set and its test set: the data set's last ``test_size`` samples
     are the test set, the ``public_size`` before them the public set, the rest the pool; where the last samples
-    miss a class (a data set sorted by class: LFW, retina, MNI152, an image folder), all three are cut from a
-    fixed shuffle of the data set (seed 0) instead, the same for every party."""
+    miss a class, all three are cut from a fixed shuffle of the data set (:func:`fedleak.data.holdout.split_order`),
+    the same for every party."""
     from fedleak.data import load_dataset
+    from fedleak.data.holdout import split_order
 
     ds = load_dataset(data)
     n = len(ds)
     n_train = n - test_size - public_size
     if test_size < 1 or public_size < 0 or n_train < 1:
         raise FedleakError(f"{ds.name} has {n} samples: too few for test_size={test_size}, public_size={public_size}")
-    x, y = ds.x, ds.y
-    if len(set(y[n - test_size :].tolist())) < ds.num_classes:  # sorted by class: the last samples miss some
-        import numpy as np
-
-        order = torch.from_numpy(np.random.default_rng(0).permutation(n))
-        x, y = x[order], y[order]
+    order = split_order(ds.y, test_size)  # a data set sorted by class: a fixed shuffle (fedleak.data.holdout)
+    x, y = (ds.x, ds.y) if order is None else (ds.x[order], ds.y[order])
     return DataSplit(x[:n_train], y[:n_train], x[n_train : n_train + public_size],
                      x[n - test_size :], y[n - test_size :], ds.input_shape, ds.num_classes, ds.value_range)
 
