@@ -102,3 +102,13 @@ def test_cli_evaluate_writes_results_and_rejects_a_bad_defense_in_one_line(tmp_p
     code = main([*args, "--defense", "qsgd:levels=0"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "levels" in err and "Traceback" not in err
+
+
+def test_the_test_data_follows_the_training_data():
+    """A built-in training set is tested on its own test split; any other data set on samples held out of it
+    (the default used to test every data set on Fashion-MNIST, and refused any other shape)."""
+    from fedleak.evaluation.settings import EvaluationSettings
+
+    assert EvaluationSettings().test_data == "fashion-mnist"
+    assert EvaluationSettings(data="lfw").test_data is None
+    assert EvaluationSettings(data="lfw", test_data="lfw-faces").test_data == "lfw-faces"

@@ -28,8 +28,8 @@ DEFENSE_HELP = ("A defense setting to evaluate (repeatable): a name stands for e
 @app.command()
 def evaluate(
     data: str = typer.Option("fashion-mnist-train", help=DATA_HELP + " The clients' training data."),
-    test_data: str = typer.Option("fashion-mnist", help="Test data for utility ('none': hold out the end of "
-                                                        "--data)."),
+    test_data: str = typer.Option("auto", help="Test data for utility ('none': hold out the end of --data; "
+                                               "'auto': fashion-mnist for fashion-mnist-train, else 'none')."),
     test_size: int = typer.Option(2000, min=1, help="Test samples used for utility."),
     widths: str = typer.Option("256", help=WIDTHS_HELP),
     conv: str = typer.Option(None, help="Evaluate a CNN: conv channels, e.g. 6,32, then an FC head of --widths."),

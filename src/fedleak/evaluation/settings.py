@@ -19,6 +19,7 @@ from fedleak.validation import validate_fields
 # a grid that runs in a few minutes on 2 cores (Fashion-MNIST, the default MLP)
 DEFAULT_DEFENSES = ("gaussian-noise", "top-k", "quantize", "sign", "dp-sgd", "mixup")
 DEFAULT_ATTACKS = ("exclusivity", "ig")
+TEST_SPLITS = {"fashion-mnist-train": "fashion-mnist"}  # test_data="auto": a built-in training set's test split
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class EvaluationSettings:
 
     Data: clients train on ``data`` (``clients`` partitions of ``client_size`` samples, IID); utility is the test
     accuracy on the first ``test_size`` samples of ``test_data`` (``None``: the last ``test_size`` samples of
-    ``data``, held out). Model: ``model`` (a spec :func:`fedleak.load_model` reads) or an MLP of ``widths`` (with
+    ``data``, held out; ``"auto"``: the test split of a built-in training set, :data:`TEST_SPLITS`, else held
+    out of ``data``). Model: ``model`` (a spec :func:`fedleak.load_model` reads) or an MLP of ``widths`` (with
     ``conv`` channels: a CNN).
 
     Training (utility and cost): ``rounds`` of FedSGD-style federated training; each client takes one SGD step of
@@ -41,7 +43,7 @@ class EvaluationSettings:
     """
 
     data: str = "fashion-mnist-train"
-    test_data: str | None = "fashion-mnist"
+    test_data: str | None = "auto"
     test_size: int = 2000
     model: str | None = None
     widths: tuple[int, ...] = (256,)
@@ -61,6 +63,8 @@ class EvaluationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.test_data == "auto":
+            object.__setattr__(self, "test_data", TEST_SPLITS.get(self.data))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         object.__setattr__(self, "conv", tuple(int(c) for c in self.conv))
         object.__setattr__(self, "defenses", tuple(str(d) for d in self.defenses))
