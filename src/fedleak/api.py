@@ -12,8 +12,7 @@ from torch import nn
 
 from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
-from fedleak.binary import as_two_class
-from fedleak.captured import read_captured
+from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate
@@ -46,11 +45,9 @@ def reconstruct(
         raise FedleakError(f"attack must be the name of an attack (a str), got {type(attack).__name__}")
     info = get_attack(attack)
     model = check_module(model)
-    # a list keyed by the model; a dict of the client's weights (FedAvg) read from the model's, the round's
-    update, captured = read_captured(model, update)
-    # one logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
-    model, update, read_as = as_two_class(model, update)
-    read_as = (*captured, *read_as)
+    # a list keyed by the model, a dict of the client's weights (FedAvg) read from the model's (the round's); one
+    # logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
+    model, update, read_as = as_attacked(model, update)
     check_model(model)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])

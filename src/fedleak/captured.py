@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from fedleak.binary import as_two_class
 from fedleak.errors import UpdateError
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, trainable_parameters
 
@@ -68,6 +69,14 @@ def read_update(model: nn.Module, captured: object, *, num_examples: int | None 
         raise UpdateError("an update must be a GradientUpdate, a WeightUpdate, or a dict or list of tensors; got "
                           f"{type(update).__name__}")
     return update if num_examples is None else replace(update, num_examples=num_examples)
+
+
+def as_attacked(model: nn.Module, update: object) -> tuple[nn.Module, object, tuple[str, ...]]:
+    """The model and update as the attacks and the plan read them, and notes on how: the update read as it came
+    (:func:`read_captured`), and a single-logit model as its two-class twin (:func:`fedleak.binary.as_two_class`)."""
+    update, captured = read_captured(model, update)
+    model, update, twin = as_two_class(model, update)
+    return model, update, (*captured, *twin)
 
 
 def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple[object, tuple[str, ...]]:

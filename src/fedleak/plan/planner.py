@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 import fedleak.plan.verdict as verdict
-from fedleak.binary import as_two_class
-from fedleak.captured import read_captured
+from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, as_network, input_shape_of
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
@@ -136,9 +135,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     """
     parameters = sum(p.numel() for p in check_module(model).parameters())
     label = name or type(model).__name__
-    update, captured = read_captured(model, update)  # a list, or a dict of the client's weights
-    model, update, read_as = as_two_class(model, update)  # one logit: its two-class twin
-    read_as = (*captured, *read_as)
+    model, update, read_as = as_attacked(model, update)  # a list, a client's weights; one logit: its twin
     target = check_float("target", target, low=0.5, high=1.0)
     max_samples = check_int("max_samples", max_samples, low=2, high=1 << 20)
     seed = check_seed("seed", seed)
