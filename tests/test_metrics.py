@@ -327,3 +327,19 @@ def test_samples_found_but_not_rebuilt_are_never_paired():
     rec = Reconstruction(inputs, torch.tensor([0, 1]), torch.tensor([False, False]), "x", samples)
     m = fedleak.metrics.match(rec, originals, torch.tensor([0, 1]), data_range=(0.0, 1.0))
     assert m.matched.tolist() == [0, -1] and np.isnan(m.psnr[1])
+
+
+def test_soft_labels_are_scored_as_their_top_class(digits):
+    """What a MixUp client trains on (soft labels): match takes them as the evaluation does (it raised numpy's
+    broadcast error)."""
+    import fedleak
+
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.batch(4, seed=2)
+    sent = fedleak.defended_gradient(model, x, y, "mixup", seed=0)
+    assert sent.labels.ndim == 2
+    rec = fedleak.reconstruct(model, sent.update)
+    soft = fedleak.metrics.match(rec, sent.inputs, sent.labels, data_range=digits.value_range)
+    hard = fedleak.metrics.match(rec, sent.inputs, sent.labels.argmax(1), data_range=digits.value_range)
+    assert soft.false_certificates == hard.false_certificates == 0
+    assert (soft.recovered == hard.recovered).all() and soft.label_accuracy == hard.label_accuracy

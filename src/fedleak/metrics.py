@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
+from fedleak.updates import hard_labels
 from fedleak.validation import all_finite
 
 if TYPE_CHECKING:
@@ -253,7 +254,8 @@ def match(
     ``y`` when ``labels`` is not given). ``data_range`` is the data's (lo, hi) value range; when it is
     ``None`` it is the originals' ``Dataset.value_range`` if ``originals`` is a Dataset, else the
     originals' min and max (so pass the data set's range when scoring a small batch whose pixels may not
-    span it). Neither side is clamped. Exact means max abs error ``<= EXACT_TOL * (hi - lo)``; PSNR and
+    span it). ``labels`` are class indices, or soft labels (an N x K tensor, what MixUp trains on), scored as
+    their most probable class. Neither side is clamped. Exact means max abs error ``<= EXACT_TOL * (hi - lo)``; PSNR and
     SSIM use the data range ``hi - lo``.
 
     ``normalization`` (or the Dataset's): the data is mean/std-normalised as the model expects; both sides
@@ -317,6 +319,8 @@ def match(
             f"reconstructions have {rec_x[0].numel()} values per sample but originals have {orig[0].numel()}"
         )
     rec = _as_images(rec_x, orig) if n_rec else orig[:0]
+    if labels is not None:  # soft labels (MixUp): scored as their top class
+        labels = hard_labels(torch.as_tensor(labels))
     true_y = torch.as_tensor(labels).numpy().astype(np.int64) if labels is not None else None
     pred_y = rec_y.numpy().astype(np.int64) if rec_y is not None else None
     if true_y is not None and len(true_y) != n_orig:

@@ -28,7 +28,7 @@ from fedleak.errors import DataError, FedleakError
 from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell, pareto_front
 from fedleak.evaluation.settings import EvaluationSettings
 from fedleak.evaluation.store import FILE, CellStore
-from fedleak.updates import GradientUpdate, hard_labels
+from fedleak.updates import GradientUpdate
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
             continue
         seconds += rec.seconds
         scores = match(rec, trial.x, trial.y, data_range=data.pixel_range, normalization=data.normalization)
-        sent = match(rec, trial.sent_x, hard_labels(trial.sent_y), data_range=data.pixel_range,
+        sent = match(rec, trial.sent_x, trial.sent_y, data_range=data.pixel_range,
                      normalization=data.normalization)
         sel = scores.matched >= 0
         recovered += int(scores.recovered.sum())
