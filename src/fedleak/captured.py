@@ -27,6 +27,8 @@ from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, trainabl
 
 WEIGHTS_DISTANCE = 0.5  # ||T - W|| / ||W|| at most this: T is the model's weights moved by local training
 MIN_UNCHANGED = 16  # this many nonzero weights kept bit for bit: T is weights (a gradient equals one by chance only)
+SCREEN = 4096  # values a gradient is told on (spread over its largest entry)
+SCREEN_DISTANCE = 0.75  # ... when they are at least this far from the weights (a gradient: about 1) and none is kept
 KINDS = ("auto", "gradient", "weights")  # what a plain dict or list of tensors holds
 READ_AS = "read_as"  # the metadata key of a WeightUpdate read from a client's weights: how it was read
 
@@ -151,14 +153,31 @@ class WeightsEvidence:
 
 def weights_evidence(model: nn.Module, tensors: Mapping[str, object]) -> WeightsEvidence | None:
     """The :class:`WeightsEvidence` of ``tensors`` over the model's floating-point entries it names with their
-    shapes; ``None`` where it names none."""
+    shapes; ``None`` where it names none. A gradient is told on :data:`SCREEN` values spread over its largest
+    entry (as far from the weights as they are from zero, none kept: a full pass over a large model's gradient
+    would cost a good part of the attack); anything else on every entry."""
     own = model.state_dict()
     common = [k for k, v in tensors.items() if k in own and isinstance(v, torch.Tensor) and own[k].is_floating_point()
               and v.is_floating_point() and tuple(v.shape) == tuple(own[k].shape)]
     if not common:
         return None
-    moved = sum(float((tensors[k].double() - own[k].double()).pow(2).sum()) for k in common) ** 0.5
-    size = sum(float(own[k].double().pow(2).sum()) for k in common) ** 0.5
-    unchanged = sum(int(((tensors[k] == own[k]) & (own[k] != 0)).sum()) for k in common)
     buffers = tuple(name for name, _ in model.named_buffers() if name in tensors)
-    return WeightsEvidence(moved / size if size > 0 else float("inf"), unchanged, buffers)
+    pairs = [(tensors[k].reshape(-1), own[k].reshape(-1)) for k in common]
+    if not buffers:  # the screen: the largest entry, SCREEN of its values spread over it
+        t, w = max(pairs, key=lambda pair: len(pair[1]))
+        stride = max(1, len(w) // SCREEN)
+        screen = _evidence([(t[::stride], w[::stride])], buffers)
+        if screen.distance > SCREEN_DISTANCE and not screen.unchanged:
+            return screen
+    return _evidence(pairs, buffers)
+
+
+def _evidence(pairs: list[tuple[torch.Tensor, torch.Tensor]], buffers: tuple[str, ...]) -> WeightsEvidence:
+    moved = size = 0.0
+    unchanged = 0
+    for t, w in pairs:
+        diff = t.to(w.dtype) - w
+        moved += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
+        size += float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+        unchanged += int(((diff == 0) & (w != 0)).sum())
+    return WeightsEvidence(moved ** 0.5 / size ** 0.5 if size > 0 else float("inf"), unchanged, buffers)
