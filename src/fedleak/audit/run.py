@@ -58,6 +58,7 @@ class AuditSettings:
     budget: float = 20.0  # seconds per batch for attack="auto"
     conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
     defenses: tuple[str, ...] = ()
+    client_mode: str = "train"  # the client computes its update in model.train() (Dropout, BatchNorm active) or eval
 
     def __post_init__(self) -> None:
         specs = (self.defenses,) if isinstance(self.defenses, str) else self.defenses
@@ -71,6 +72,8 @@ class AuditSettings:
             raise FedleakError(f"trials must be positive, got {self.trials}")
         if not self.budget > 0:
             raise FedleakError(f"budget must be positive seconds, got {self.budget}")
+        if self.client_mode not in ("train", "eval"):
+            raise FedleakError(f"client_mode must be train or eval, got {self.client_mode!r}")
         if not self.scenarios and not self.defenses:
             raise FedleakError("at least one scenario is needed")
         names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
@@ -88,7 +91,7 @@ class AuditSettings:
             "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
             "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
             "split": self.split, "model": self.model, "weights": self.weights, "budget": self.budget,
-            "conv": list(self.conv), "defenses": list(self.defenses),
+            "conv": list(self.conv), "defenses": list(self.defenses), "client_mode": self.client_mode,
         }
 
 
@@ -234,21 +237,38 @@ def _kept(x: torch.Tensor, xs: torch.Tensor) -> np.ndarray:
 
 def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
     if settings.model is not None:  # a built-in, the user's class (file.py:Class) or an MLP state dict
-        from fedleak.models.zoo import load_model
-        from fedleak.validation import output_features
+        from fedleak.models.zoo import load_model_for
 
-        model = load_model(settings.model, weights=settings.weights, seed=settings.seed).module
-        out = output_features(model)
         # more outputs than classes is fine (labels index them), and so is one logit for two classes (binary)
-        if out is not None and out < data.num_classes and not (out == 1 and data.num_classes == 2):
-            raise FedleakError(f"the model has {out} outputs but {data.name} has {data.num_classes} classes")
-        return model
+        return load_model_for(settings.model, data.input_shape, data.num_classes, weights=settings.weights,
+                              seed=settings.seed, binary=True)
     if settings.conv:
         from fedleak.models.convnet import make_convnet
 
         return make_convnet(data.input_shape, data.num_classes, channels=settings.conv, fc_widths=settings.widths,
                             padding=1, bias=settings.bias, seed=settings.seed)
     return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
+
+
+def _client_mode_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple[str, ...]:
+    """What clients in training mode change, for a model with Dropout or BatchNorm: the exact methods model its
+    eval-mode network, which such clients do not run (nothing is certifiable); else nothing."""
+    if client_mode != "train":
+        return ()
+    from fedleak.binary import as_two_class
+    from fedleak.nets import as_network
+    from fedleak.nets.network import batch_norms, training_mode_cause
+
+    try:
+        read = as_network(as_two_class(net)[0], input_shape=data.input_shape)
+    except FedleakError:  # a model the exact methods do not read: nothing they would count
+        return ()
+    if not read.mode_dependent:
+        return ()
+    cause = training_mode_cause(read.dropout, batch_norms(read.blocks))
+    return (f"the clients compute their updates in training mode: {cause}; no sample is counted "
+            "certifiable (the exact condition is that of the eval-mode network); client_mode='eval' audits "
+            "clients that compute in eval mode",)
 
 
 def _jobs(settings: AuditSettings) -> Iterator[tuple[str, int, int]]:
@@ -278,6 +298,7 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
+    notes = _client_mode_notes(net, data, settings.client_mode)
     scenarios = audited_scenarios(settings, data)
     shown = set(settings.batch_sizes if showcase_sizes is None else showcase_sizes)
     jobs = list(_jobs(settings))
@@ -293,7 +314,7 @@ def run_audit(
         t0 = time.perf_counter()
         xt, yt = scenario.transform(net, x, y) if scenario.transform is not None else (x, y)
         t1 = time.perf_counter()
-        client = _client_update(net, xt, yt, scenario, batch_seed)
+        client = _client_update(net, xt, yt, scenario, batch_seed, settings.client_mode == "train")
         if client is None:  # the client withheld the whole batch: nothing is sent, nothing leaks
             batches.append(_withheld(name, size, trial, t1 - t0, net))
             continue
@@ -316,7 +337,7 @@ def run_audit(
             pert_psnr = float(psnr(data.pixels(xs), data.pixels(xk), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(
             scenario=name, batch_size=size, trial=trial,
-            certifiable=int(report.certifiable.sum()),
+            certifiable=0 if notes else int(report.certifiable.sum()),  # not the network the client ran
             exan_counts=[layer.effective_exans.tolist() for layer in report.layers],
             rebuilt=len(rec), certified=rec.num_certified, recovered=int(scores.recovered.sum()),
             exact=int(scores.exact.sum()), false_certificates=scores.false_certificates,
@@ -335,20 +356,25 @@ def run_audit(
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
-        value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()},
+        value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()}, notes=notes,
     )
 
 
 def _client_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, scenario: AuditedScenario,
-                   seed: int) -> DefendedUpdate | None:
-    """The update the scenario's client sends for ``(x, y)``; None when it sends nothing (every sample withheld,
-    by the registered transform or by a batch defense)."""
+                   seed: int, training: bool) -> DefendedUpdate | None:
+    """The update the scenario's client sends for ``(x, y)``, computed with the model in training mode where
+    ``training`` (as training loops run it: Dropout and BatchNorm active) and back in eval mode for the server;
+    None when it sends nothing (every sample withheld, by the registered transform or by a batch defense)."""
     if x.shape[0] == 0:
         return None
+    mode = net.training
+    net.train(training)
     try:
         return defended_gradient(net, x, y, scenario.bound, seed=seed)
     except WithheldBatch:
         return None
+    finally:
+        net.train(mode)
 
 
 def _accounting(batch_size: int, dataset_size: int) -> Accounting:

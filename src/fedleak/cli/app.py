@@ -45,6 +45,8 @@ UPDATE_HELP = ("The captured client update: a .safetensors from fedleak, or a pl
                "client's weights after local training (a FedAvg reply) is read against the model's --weights, the "
                "round's.")
 
+CLIENT_MODE_HELP = ("How the clients run the model as they compute their updates: train (model.train(), as training "
+                    "loops do: Dropout drops units, BatchNorm uses the batch's statistics) or eval.")
 UPDATE_KIND_HELP = ("What a plain update file holds: gradient, weights (the client's after local training) or auto "
                     "(weights when within half their norm of the model's, else a gradient).")
 

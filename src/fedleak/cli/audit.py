@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedleak.cli.app import (
+    CLIENT_MODE_HELP,
     DATA_HELP,
     MAX_WIDTH,
     MODEL_HELP,
@@ -81,6 +82,8 @@ def _run(settings, out: Path, quiet: bool) -> None:
     _print_summary(result, out)
     sizes = result.reconstructable_batch_size()
     typer.echo("largest batch size with >= 99% recovered: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    for note in result.notes:
+        typer.echo(f"note: {note}")
 
 
 MEMBERSHIP_HELP = ("Audit membership inference instead of reconstruction: train the target (an MLP of --widths, or "
@@ -137,6 +140,7 @@ def audit(
     lr: float = typer.Option(0.1, help="--membership: the target's SGD learning rate."),
     train_batch: int = typer.Option(50, help="--membership: the target's mini-batch size."),
     out: Path = typer.Option(default_out("audit"), help=OUT_HELP),
+    client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient (and through each
@@ -164,7 +168,7 @@ def audit(
         attack=attack, split=split,
         scenarios=("plain",) + (("fished",) if fishing else ()), defenses=tuple(defense or ()),
         model=model, weights=None if weights is None else str(weights), budget=budget,
-        conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
+        conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (), client_mode=client_mode,
     )
     _run(settings, out, quiet)
 

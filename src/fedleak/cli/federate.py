@@ -10,6 +10,7 @@ import typer
 from click.core import ParameterSource
 
 from fedleak.cli.app import (
+    CLIENT_MODE_HELP,
     DATA_HELP,
     MAX_WIDTH,
     MODEL_HELP,
@@ -70,9 +71,7 @@ def federate(
     widths: str = typer.Option("1000", help=WIDTHS_HELP + " Not with --model."),
     model: str = typer.Option(None, help="The clients' model instead of the MLP of --widths: " + MODEL_HELP),
     weights: Path = typer.Option(None, help="Initial weights of --model (the first round's): " + WEIGHTS_HELP),
-    client_mode: str = typer.Option("train", help="How the clients run the model as they train: train "
-                                                  "(model.train(), as training loops do: Dropout drops units, "
-                                                  "BatchNorm uses the batch's statistics) or eval."),
+    client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
     hidden: str = typer.Option(None, hidden=True, help="Old name of --widths."),
     partition: str = typer.Option("iid", help="How the data is split among clients: iid | label-skew."),
     alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition."),

@@ -231,8 +231,9 @@ def load_model_for(spec: str | os.PathLike[str], input_shape: tuple[int, ...], n
         raise ModelError(f"model {spec} does not run on the data's inputs {tuple(input_shape)}: "
                          f"{type(exc).__name__}: {exc}") from None
     if len(shape) != 2 or not (shape[1] >= num_classes or (binary and shape[1] == 1 and num_classes == 2)):
-        raise ModelError(f"model {spec} gives outputs of shape {shape} for a batch of 2, but the data has "
-                         f"{num_classes} classes: it needs an output per class")
+        gives = f"{shape[1]} outputs per sample" if len(shape) == 2 else f"outputs of shape {shape} for 2 samples"
+        raise ModelError(f"model {spec} gives {gives}, but the data has {num_classes} classes: it needs an output "
+                         "per class")
     return model
 
 

@@ -278,7 +278,7 @@ def build_audit_view(result: AuditResult) -> AuditView:
             f"[{lo:g}, {hi:g}]; right label; no two claiming one original): {len(false_rows)} false certificate(s) "
             f"among {certified} "
             "certified samples. Uncertified reconstructions are estimates: the server has them but cannot tell "
-            "right from wrong.")
+            "right from wrong." + "".join(f" Note: {n[:1].upper()}{n[1:]}." for n in result.notes))
     net = f"model {s.model}" if s.model else (f"a CNN {list(s.conv)} + FC {widths}" if s.conv else f"width {widths}")
     model = f"with {net}" if s.model or s.conv else f"at {net}"  # a phrase: "leaks at width 1024"
     return AuditView(
