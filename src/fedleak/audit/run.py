@@ -22,6 +22,7 @@ from fedleak.analysis import analyze_exclusivity
 from fedleak.audit.aware import reconstruct_aware
 from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
 from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
+from fedleak.clients.mode import check_client_mode, client_mode
 from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefendedUpdate, WithheldBatch, defended_gradient
@@ -72,8 +73,7 @@ class AuditSettings:
             raise FedleakError(f"trials must be positive, got {self.trials}")
         if not self.budget > 0:
             raise FedleakError(f"budget must be positive seconds, got {self.budget}")
-        if self.client_mode not in ("train", "eval"):
-            raise FedleakError(f"client_mode must be train or eval, got {self.client_mode!r}")
+        check_client_mode(self.client_mode)
         if not self.scenarios and not self.defenses:
             raise FedleakError("at least one scenario is needed")
         names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
@@ -314,7 +314,8 @@ def run_audit(
         t0 = time.perf_counter()
         xt, yt = scenario.transform(net, x, y) if scenario.transform is not None else (x, y)
         t1 = time.perf_counter()
-        client = _client_update(net, xt, yt, scenario, batch_seed, settings.client_mode == "train")
+        with client_mode(net, settings.client_mode):  # back in eval mode for the server's attack
+            client = _client_update(net, xt, yt, scenario, batch_seed)
         if client is None:  # the client withheld the whole batch: nothing is sent, nothing leaks
             batches.append(_withheld(name, size, trial, t1 - t0, net))
             continue
@@ -361,20 +362,15 @@ def run_audit(
 
 
 def _client_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, scenario: AuditedScenario,
-                   seed: int, training: bool) -> DefendedUpdate | None:
-    """The update the scenario's client sends for ``(x, y)``, computed with the model in training mode where
-    ``training`` (as training loops run it: Dropout and BatchNorm active) and back in eval mode for the server;
-    None when it sends nothing (every sample withheld, by the registered transform or by a batch defense)."""
+                   seed: int) -> DefendedUpdate | None:
+    """The update the scenario's client sends for ``(x, y)``; None when it sends nothing (every sample withheld,
+    by the registered transform or by a batch defense)."""
     if x.shape[0] == 0:
         return None
-    mode = net.training
-    net.train(training)
     try:
         return defended_gradient(net, x, y, scenario.bound, seed=seed)
     except WithheldBatch:
         return None
-    finally:
-        net.train(mode)
 
 
 def _accounting(batch_size: int, dataset_size: int) -> Accounting:

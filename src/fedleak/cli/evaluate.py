@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedleak.cli.app import (
+    CLIENT_MODE_HELP,
     DATA_HELP,
     MAX_WIDTH,
     MODEL_HELP,
@@ -31,6 +32,7 @@ def evaluate(
     test_data: str = typer.Option("auto", help="Test data for utility ('none': hold out the end of --data; "
                                                "'auto': fashion-mnist for fashion-mnist-train, else 'none')."),
     test_size: int = typer.Option(2000, min=1, help="Test samples used for utility."),
+    client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
     widths: str = typer.Option("256", help=WIDTHS_HELP),
     conv: str = typer.Option(None, help="Evaluate a CNN: conv channels, e.g. 6,32, then an FC head of --widths."),
     model: str = typer.Option(None, help=MODEL_HELP),
@@ -55,6 +57,7 @@ def evaluate(
 
     settings = EvaluationSettings(
         data=data, test_data=None if test_data == "none" else test_data, test_size=test_size, model=model,
+        client_mode=client_mode,
         widths=int_list(widths, "--widths", MAX_WIDTH), conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
         defenses=tuple(defense) if defense else DEFAULT_DEFENSES, attacks=tuple(attack) if attack else DEFAULT_ATTACKS,
         attack_batch=attack_batch, trials=trials, attack_iterations=iterations, rounds=rounds, clients=clients,

@@ -20,6 +20,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.clients.defended import defended_local_round
+from fedleak.clients.mode import client_mode
 from fedleak.data import Dataset, load_dataset
 from fedleak.data.holdout import split_order
 from fedleak.defenses.base import Accounting
@@ -134,7 +135,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
             idx = torch.from_numpy(part[rng.choice(len(part), size=settings.batch_size, replace=False)])
             client = copy.deepcopy(global_model)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
                 local = defended_local_round(client, [(fed.train.x[idx], fed.train.y[idx])], stack, lr=settings.lr,
                                              generator=gen)
@@ -190,10 +191,10 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
         x, y = fed.train.x[idx], fed.train.y[idx]
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         try:
-            with torch.random.fork_rng(devices=[]):
+            client = copy.deepcopy(fed.model)
+            with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
-                local = defended_local_round(copy.deepcopy(fed.model), [(x, y)], stack, lr=settings.lr,
-                                             generator=gen)
+                local = defended_local_round(client, [(x, y)], stack, lr=settings.lr, generator=gen)
             grads = {n: v / settings.lr for n, v in local.sent.items()}
             out.append(Trial(x, y, local.inputs, local.labels,
                              GradientUpdate(grads, num_examples=int(local.inputs.shape[0]))))

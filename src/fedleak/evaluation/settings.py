@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from fedleak.clients.mode import check_client_mode
 from fedleak.defenses.base import defense_class, make_defense
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import OptionError
@@ -44,6 +45,7 @@ class EvaluationSettings:
 
     data: str = "fashion-mnist-train"
     test_data: str | None = "auto"
+    client_mode: str = "train"  # clients compute in model.train() (Dropout, BatchNorm active) or eval mode
     test_size: int = 2000
     model: str | None = None
     widths: tuple[int, ...] = (256,)
@@ -63,6 +65,7 @@ class EvaluationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_client_mode(self.client_mode)
         if self.test_data == "auto":
             object.__setattr__(self, "test_data", TEST_SPLITS.get(self.data))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fedleak.clients.defended import defended_local_round
+from fedleak.clients.mode import client_mode
 from fedleak.defenses.base import Accounting
 from fedleak.errors import FedleakError
 from fedleak.federation.flower_native import client_side
@@ -93,7 +94,6 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     defenses are seeded from the run's seed, the round and the partition. ``data``: the node's own samples (a
     SuperNode's folder, :mod:`fedleak.federation.node_data`) instead of its split of the shared data set.
     """
-    model.train(settings.client_mode == "train")  # as the clients' training loops run it (Dropout, BatchNorm)
     fault = _fault(settings, partition_id, server_round)
     if fault == "fail":
         raise RuntimeError(f"injected failure of partition {partition_id} in round {server_round}")
@@ -107,7 +107,8 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     seed = int(gen.integers(2**62))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     pairs = ((x_all[torch.from_numpy(np.asarray(b))], y_all[torch.from_numpy(np.asarray(b))]) for b in batches)
-    with torch.random.fork_rng(devices=[]):  # batch defenses (MixUp, ...) draw from torch's global generator
+    # batch defenses (MixUp, ...) draw from torch's global generator; the model runs as the client's loop runs it
+    with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
         torch.manual_seed(seed)
         done = defended_local_round(model, pairs, stack, lr=settings.lr,
                                     generator=torch.Generator().manual_seed(seed), shipped=shipped)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fedleak.clients.mode import check_client_mode
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.federation.audit_pool import check_pool_options
@@ -101,6 +102,7 @@ class FederationSettings:
         # every party builds the model, in processes of their own (Ray's, a SuperNode's): files by absolute path
         object.__setattr__(self, "model", _absolute(self.model))
         object.__setattr__(self, "weights", _absolute(self.weights))
+        check_client_mode(self.client_mode)
         object.__setattr__(self, "membership_rounds", tuple(int(r) for r in self.membership_rounds))
         if self.threat == "membership-active" and self.membership_targets == 0:
             object.__setattr__(self, "membership_targets", 64)  # the active server needs candidates
@@ -125,7 +127,6 @@ class FederationSettings:
             (self.audit_mode in ("process", "thread", "sync"),
              f"audit mode must be process, thread or sync, got '{self.audit_mode}'"),
             (self.upload in ("delta", "weights"), f"upload must be delta or weights, got '{self.upload}'"),
-            (self.client_mode in ("train", "eval"), f"client_mode must be train or eval, got '{self.client_mode}'"),
             (self.ray_cpus >= 1, f"ray_cpus must be at least 1, got {self.ray_cpus}"),
             (self.attack_budget > 0, f"attack_budget must be positive, got {self.attack_budget}"),
             (0 < self.client_cpus <= self.ray_cpus or (self.ray_address is not None and self.client_cpus > 0),

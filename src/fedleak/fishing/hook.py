@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedleak.clients.mode import client_mode
 from fedleak.fishing.fisher import fish
 from fedleak.fishing.perturb import FishingOptions, FishingResult
 
@@ -30,7 +31,8 @@ class FishingTransform:
     def __call__(
         self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        result = fish(model, inputs, labels, options=self.options)
+        with client_mode(model, "eval"):  # the server's code reads the network it sent, in eval mode
+            result = fish(model, inputs, labels, options=self.options)
         self.last_result = result
         return result.inputs, labels
 

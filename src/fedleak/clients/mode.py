@@ -1,0 +1,33 @@
+"""How a simulated client runs the model as it computes its update: in training mode (``model.train()``), as
+training loops do, so that Dropout drops units and BatchNorm normalises by each batch's statistics; or in eval
+mode. The exact methods model the eval-mode network, so from clients in training mode they certify nothing for a
+model with Dropout or BatchNorm (:func:`fedleak.nets.network.training_mode_cause`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from fedleak.errors import OptionError
+
+CLIENT_MODES = ("train", "eval")
+
+
+def check_client_mode(mode: object) -> str:
+    """``mode`` if it is one of :data:`CLIENT_MODES`, else :class:`OptionError` saying which are."""
+    if mode not in CLIENT_MODES:
+        raise OptionError(f"client_mode must be train or eval, got {mode!r}")
+    return str(mode)
+
+
+@contextmanager
+def client_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """``model`` in the client's ``mode`` for the block, and back in the mode it was in after it."""
+    was = model.training
+    model.train(check_client_mode(mode) == "train")
+    try:
+        yield model
+    finally:
+        model.train(was)
