@@ -313,8 +313,9 @@ def bn_cnn() -> nn.Module:
 def test_a_batch_norm_model_s_state_dicts_are_audited(digits, server_identity):
     """Clients of a model with BatchNorm send their state dicts (running statistics and the integer counter
     ``num_batches_tracked``) after a step in training mode, as Flower's quickstart does: every reply is audited
-    (none 'malformed', as they were), its local steps read off the counter, and the reason for certifying
-    nothing names the BatchNorm run in training mode."""
+    (none 'malformed', as they were, in the first round and, with the averaged counter, in later ones), its local
+    steps read off the counter, and the reason for certifying nothing names the BatchNorm run in training
+    mode."""
     batches = [(digits.x[k * 8:(k + 1) * 8], digits.y[k * 8:(k + 1) * 8]) for k in range(2)]
     app = ClientApp()
 
@@ -336,10 +337,12 @@ def test_a_batch_norm_model_s_state_dicts_are_audited(digits, server_identity):
                            fraction_evaluate=0.0, min_available_nodes=2)
     try:
         result = strategy.start(grid=LoopbackGrid(app, 2), initial_arrays=ArrayRecord(model.state_dict()),
-                                num_rounds=1)
+                                num_rounds=3)
         records = strategy.findings()
     finally:
         strategy.close()
-    assert result.arrays is not None and [r.status for r in records] == ["ok", "ok"], records
+    # every round: the average keeps the counter an integer (a float one sent on made every reply 'malformed')
+    assert result.arrays is not None and [r.status for r in records] == ["ok"] * 6, records
+    assert result.arrays.to_torch_state_dict()["1.num_batches_tracked"].dtype == torch.int64
     assert all("in 1 local step" in r.update_kind for r in records)
     assert all(r.certified == 0 and "BatchNorm '1' in training mode" in r.reason for r in records)

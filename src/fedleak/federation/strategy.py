@@ -208,11 +208,26 @@ class AuditFedAvg(FedAvg):
             jobs.append((node, partition, update, delta, declared))
         if self.audit:
             self._audit_round(server_round, sent, jobs)
-        out = super().aggregate_train(server_round, valid) if valid else (None, None)
+        arrays, metrics = super().aggregate_train(server_round, valid) if valid else (None, None)
+        out = (None if arrays is None else self._counters_as_counters(arrays), metrics)
         self._ledger.aggregated(server_round, pending_jobs(self._futures))
         if server_round in self._round_start:
             self.round_seconds[server_round] = time.perf_counter() - self._round_start[server_round]
         return out
+
+    def _counters_as_counters(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The average with the model's integer entries (BatchNorm's ``num_batches_tracked``) back in their dtype:
+        FedAvg averages them as floats, and a float counter sent in the next round does not match the integer one
+        every client replies with."""
+        own = self.model.state_dict()
+        state = arrays.to_torch_state_dict()
+        counters = [k for k, v in own.items() if not v.is_floating_point() and k in state
+                    and state[k].is_floating_point()]
+        if not counters:
+            return arrays
+        for k in counters:
+            state[k] = state[k].round().to(own[k].dtype)
+        return ArrayRecord(state)
 
     # ---- audit -----------------------------------------------------------------------------------------
     def _audit_round(self, server_round: int, sent: Mapping[str, torch.Tensor],
