@@ -142,3 +142,30 @@ def test_honest_but_curious_attack_on_a_secagg_aggregate_reports_its_figures():
     out = rec.to_dict()
     for key in ("recovered_fraction", "clients_touched", "psnr", "quantization"):
         assert key in out
+
+
+def test_the_aggregate_of_a_batch_norm_model_is_attacked_on_its_parameters():
+    """A state dict's integer counter (BatchNorm's num_batches_tracked) is in the aggregate SecAgg+ returns: the
+    attack takes the parameters (it was an 'attack-error' every round: an integer entry is no gradient)."""
+    from torch import nn
+
+    from fedleak.federation.aggregate_audit import AggregateInput, run_aggregate_audit
+    from fedleak.federation.aggregate_record import ClientShare
+    from fedleak.federation.audit_worker import AuditPlan
+    from fedleak.federation.secagg_config import SecAggConfig
+
+    data = fedleak.load_dataset("digits")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    x, y = data.batch(4, seed=0)
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    delta = {k: 0.1 * grads[k] if k in grads else torch.zeros_like(v, dtype=torch.float32)
+             for k, v in model.state_dict().items()}
+    delta["1.num_batches_tracked"] = torch.tensor(1.0)
+    job = AggregateInput(1, model, delta, (ClientShare(100, 0, 4),), SecAggConfig(), "delta",
+                         {k: v.double() for k, v in delta.items()}, {"local_steps": 1}, data.value_range)
+    rec = run_aggregate_audit(AuditPlan("exclusivity", {"input_shape": (1, 8, 8)}), job, None)
+    # attacked (it was an error); a conv model's certificate does not model SecAgg+'s quantization: none certified
+    assert rec.status == "ok" and rec.attack == "exclusivity", rec.detail
+    assert rec.certified == 0 and "dtype" not in rec.detail

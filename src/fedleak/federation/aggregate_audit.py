@@ -35,7 +35,7 @@ from fedleak.federation.audit_worker import AuditPlan
 from fedleak.federation.results import Scores
 from fedleak.federation.secagg_config import SecAggConfig
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate
+from fedleak.updates import GradientUpdate, WeightUpdate, trainable_parameters
 
 UPLOADS = "secagg-uploads"  # subfolder of the ground-truth folder: the clients' exact uploads (evaluation only)
 UNION = "secagg-union"  # subfolder: each round's union batch, as the per-client scorer reads batches
@@ -105,7 +105,8 @@ def run_aggregate_audit(plan: AuditPlan, job: AggregateInput, scorer: AggregateS
         delta32 = {k: job.delta[k].to(sent[k].dtype) for k in sent}
         update: Any = (WeightUpdate(sent, {k: sent[k] - delta32[k] for k in sent}, num_examples=job.num_examples,
                                     local_steps=kind.local_steps, error=job.bound) if as_weights
-                       else GradientUpdate(delta32, num_examples=job.num_examples, error=job.bound))
+                       else GradientUpdate({k: delta32[k] for k in trainable_parameters(job.model)},  # no buffers
+                                           num_examples=job.num_examples, error=job.bound))
         rec, aware = reconstruct_aware(job.model, update, attack=attack, defense=plan.defense, **options)
         seconds = time.perf_counter() - start
         scored = scorer(job, rec) if scorer is not None else None
