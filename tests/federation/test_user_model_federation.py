@@ -8,7 +8,7 @@ import pytest
 
 from fedleak.cli import main
 from fedleak.errors import FedleakError, ModelError
-from fedleak.federation.hooks import check_threat_applies
+from fedleak.federation.client import check_before_start
 from fedleak.federation.settings import FederationSettings, data_split, make_model
 
 pytest.importorskip("flwr")
@@ -48,6 +48,18 @@ class Binary(nn.Module):  # one logit, trained with binary cross-entropy
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+class Normed(nn.Module):  # BatchNorm: Opacus (DP-SGD) cannot give it per-sample gradients
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc1 = nn.Linear(2 * 8 * 8, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(torch.flatten(F.relu(self.bn(self.conv(x))), 1))))
 
 
 class Three(Net):
@@ -90,11 +102,15 @@ def test_a_model_that_does_not_fit_fails_before_anything_starts(tmp_path, net_fi
     with pytest.raises(ModelError, match=r"gives 3 outputs per sample, but the data has 10 classes"):
         make_model(FederationSettings(data="digits", model=f"{net_file}:Three"), split)
     conv = FederationSettings(data="digits", model=f"{net_file}:Conv", test_size=200, public_size=100)
-    check_threat_applies(conv, split)  # an honest server: anything that runs
+    check_before_start(conv, split)  # an honest server: anything that runs
     with pytest.raises(ModelError, match="trap and imprint weights go into a first Linear layer"):
-        check_threat_applies(dataclasses.replace(conv, threat="trap-weights"), split)
+        check_before_start(dataclasses.replace(conv, threat="trap-weights"), split)
     with pytest.raises(FedleakError, match="fishing: the model has no hidden ReLU layer in its dense head"):
-        check_threat_applies(dataclasses.replace(conv, threat="fishing"), split)
+        check_before_start(dataclasses.replace(conv, threat="fishing"), split)
+    normed = dataclasses.replace(conv, model=f"{net_file}:Normed",
+                                 defenses=("dp-sgd:noise_multiplier=1,max_grad_norm=1",))
+    with pytest.raises(FedleakError, match="cannot compute per-sample gradients .* replace BatchNorm by GroupNorm"):
+        check_before_start(normed, split)  # every client would fail in every round
     with pytest.raises(FedleakError, match="weights are the initial weights of a model"):
         FederationSettings(weights="w.pt")
     assert main(["federate", "--model", f"{net_file}:Net", "--widths", "64", "--out", str(tmp_path / "o")]) == 2

@@ -22,7 +22,7 @@ from fedleak.federation.flower_native import client_side
 from fedleak.federation.hooks import get_threat
 from fedleak.federation.node_data import NodeData
 from fedleak.federation.partition import partition_indices
-from fedleak.federation.settings import FederationSettings, data_split, parse_fault
+from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model, parse_fault
 
 CLIENT_RATE = 1.0  # the fraction of clients the server samples per round (every client, every round)
 
@@ -120,6 +120,27 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     num = settings.batch_size if settings.local_epochs == 0 else n
     return LocalResult(after, delta, int(num), done.steps, done.loss, done.inputs, done.original, done.labels,
                        done.seconds, done.sent_bytes)
+
+
+def check_before_start(settings: FederationSettings, split: DataSplit) -> None:
+    """Before anything starts, what every round would do: the clients' model builds and runs on the data
+    (:func:`make_model`); the threat's server can do to it what it does (a malicious server's weights, on a copy,
+    for round 1; the transform it ships, on two test samples); and a client takes one step on ``batch_size``
+    training samples through its own defenses, in its mode. Else the one-line error of the first that fails (DP-SGD
+    on a model with BatchNorm, say), instead of a failed client in every round."""
+    import copy
+
+    threat = get_threat(settings.threat)
+    shipped = threat.transform(settings)
+    model = make_model(settings, split)
+    if threat.tamper is not None:
+        threat.tamper(copy.deepcopy(model), 1, settings, split)
+    if shipped is not None:
+        shipped(copy.deepcopy(model), split.test_x[:2], split.test_y[:2])
+    stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes)
+    batch = (split.train_x[: settings.batch_size], split.train_y[: settings.batch_size])
+    with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
+        defended_local_round(model, [batch], stack, lr=settings.lr, generator=torch.Generator().manual_seed(0))
 
 
 def federation_accounting(settings: FederationSettings) -> Accounting:

@@ -76,8 +76,7 @@ def run_deployment(settings: FederationSettings, *, verbose: bool = False,
     :class:`FedleakError`; every process is stopped first.
     """
     require_flwr()
-    from fedleak.federation.client import federation_accounting
-    from fedleak.federation.hooks import check_threat_applies
+    from fedleak.federation.client import check_before_start, federation_accounting
     from fedleak.federation.run import isolated_environment, sigterm_as_interrupt
     from fedleak.federation.settings import data_split
 
@@ -85,8 +84,8 @@ def run_deployment(settings: FederationSettings, *, verbose: bool = False,
     if options.node_ports is not None and len(options.node_ports) != settings.clients:
         raise OptionError(f"node_ports gives {len(options.node_ports)} port(s) for {settings.clients} clients")
     federation_accounting(settings)
-    # fail fast, before anything starts: the data, the model, what the threat's server does
-    check_threat_applies(settings, data_split(settings.data, settings.test_size, settings.public_size))
+    # fail fast, before anything starts: the data, the model, what the threat's server does, a client's step
+    check_before_start(settings, data_split(settings.data, settings.test_size, settings.public_size))
     start = time.perf_counter()
     with isolated_environment(prefix="fedleak-dep-", quiet=not verbose) as folder, sigterm_as_interrupt():
         group = ProcessGroup()

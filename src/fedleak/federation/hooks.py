@@ -60,23 +60,6 @@ def available_threats() -> dict[str, str]:
     return {n: t.description for n, t in _THREATS.items()}
 
 
-def check_threat_applies(settings: FederationSettings, split: DataSplit) -> None:
-    """Before anything starts: the clients' model builds and runs on the data (:func:`make_model`), and the
-    threat's server can do to it what it does (a malicious server's weights, on a copy, for round 1; the
-    transform it ships, on two test samples); else the one-line error of the first that fails."""
-    import copy
-
-    from fedleak.federation.settings import make_model
-
-    threat = get_threat(settings.threat)
-    shipped = threat.transform(settings)
-    model = make_model(settings, split)
-    if threat.tamper is not None:
-        threat.tamper(copy.deepcopy(model), 1, settings, split)
-    if shipped is not None:
-        shipped(copy.deepcopy(model), split.test_x[:2], split.test_y[:2])
-
-
 def _no_transform(settings: FederationSettings) -> None:
     return None
 

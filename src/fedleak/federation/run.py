@@ -142,14 +142,13 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     if runner is not run_federation:
         return runner(settings, verbose=verbose, on_finding=on_finding)
     require_flwr()
-    from fedleak.federation.client import federation_accounting
-    from fedleak.federation.hooks import check_threat_applies
+    from fedleak.federation.client import check_before_start, federation_accounting
     from fedleak.federation.settings import data_split
 
-    # fail fast, before Ray starts, on anything the parties could not build: the data, the clients' model and
-    # shipped transform, what the threat's server does (the defenses were checked when the settings were built)
+    # fail fast, before Ray starts, on anything every round would fail on: the data, the clients' model, what the
+    # threat's server does, a client's step through its defenses (their settings were checked with the settings)
     split = data_split(settings.data, settings.test_size, settings.public_size)
-    check_threat_applies(settings, split)
+    check_before_start(settings, split)
     defenses = defense_summary(settings, federation_accounting(settings))
 
     from flwr.simulation import run_simulation
