@@ -123,3 +123,20 @@ def test_user_module_without_input_shape(data):
     rec = fedleak.reconstruct(model, one_step(model, x, y), attack="trap-weights")
     m = fedleak.metrics.match(rec, x, y)
     assert rec.inputs.shape[1:] == (784,) and m.recovered_fraction >= 0.5 and int(m.false_certificate.sum()) == 0
+
+
+def test_a_client_training_with_dropout_is_named_in_the_reasons(digits):
+    """An imprinted model with Dropout, its client in training mode: nothing certified, and every reason says that
+    the client's Dropout may be why (the reasons said only "the rebuilt input does not open the neurons")."""
+    from user_models import DropoutMLP
+
+    torch.manual_seed(0)
+    model = imprint_weights(DropoutMLP(64, 256, 10, p=0.2).eval(), digits.x[-500:], bins=128, seed=2)
+    x, y = digits.batch(8, seed=3)
+    rec_eval = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="imprint")
+    model.train()
+    grad = fedleak.compute_gradient_update(model, x, y)
+    model.eval()
+    rec = fedleak.reconstruct(model, grad, attack="imprint")
+    assert rec_eval.num_certified >= 4 and rec.num_certified == 0
+    assert rec.samples and all("Dropout 'dropout' (p = 0.2) in training mode" in s.reason for s in rec.samples)

@@ -267,6 +267,9 @@ def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, s
     kept = [k for k in kept if certified[k]] + [k for k in kept if not certified[k]][: max(0, limit - n_cert)]
     if n and len(kept) < n:
         notes.append(f"{n - len(kept)} candidate(s) dropped as noisy copies or beyond the batch size")
+    if net.caveats and not any(certified[k] for k in kept):  # how the model was read may be the cause
+        cause = "; or ".join(net.caveats)
+        reasons = [f"{r}; or {cause}" if r else cause for r in reasons]
     out_dtype = net.head.dense[0].module.weight.dtype
     X = X_all[kept] if kept else torch.empty(0, net.input_dim, dtype=F64)
     return Reconstruction(
