@@ -261,6 +261,14 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "me
     return nn.functional.cross_entropy(logits, target, reduction=reduction)
 
 
+def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> torch.Tensor:
+    """The classes the outputs :func:`client_loss` is taken on predict: the largest logit; for a single output,
+    class 1 where the logit is above 0 (or, ``probability``, the sigmoid's output above 1/2)."""
+    if logits.shape[1] > 1:
+        return logits.argmax(1)
+    return (logits[:, 0] > (0.5 if probability else 0.0)).long()
+
+
 def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The client's loss (:func:`client_loss`) of the model on a checked batch."""
     dtype = next(model.parameters()).dtype

@@ -298,7 +298,7 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
-    notes = _client_mode_notes(net, data, settings.client_mode)
+    mode_notes = _client_mode_notes(net, data, settings.client_mode)  # clients the exact condition misreads
     scenarios = audited_scenarios(settings, data)
     shown = set(settings.batch_sizes if showcase_sizes is None else showcase_sizes)
     jobs = list(_jobs(settings))
@@ -338,7 +338,7 @@ def run_audit(
             pert_psnr = float(psnr(data.pixels(xs), data.pixels(xk), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(
             scenario=name, batch_size=size, trial=trial,
-            certifiable=0 if notes else int(report.certifiable.sum()),  # not the network the client ran
+            certifiable=0 if mode_notes else int(report.certifiable.sum()),  # not the network the client ran
             exan_counts=[layer.effective_exans.tolist() for layer in report.layers],
             rebuilt=len(rec), certified=rec.num_certified, recovered=int(scores.recovered.sum()),
             exact=int(scores.exact.sum()), false_certificates=scores.false_certificates,
@@ -357,7 +357,8 @@ def run_audit(
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
-        value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()}, notes=notes,
+        value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()},
+        notes=mode_notes,
     )
 
 

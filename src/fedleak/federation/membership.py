@@ -36,7 +36,7 @@ from fedleak.federation.settings import DataSplit, FederationSettings, data_spli
 from fedleak.membership.base import Observation, Records, make_membership_attack
 from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import parameter_names, per_record_gradients, record_logits, record_losses
-from fedleak.updates import WeightUpdate
+from fedleak.updates import WeightUpdate, ends_in_sigmoid, predicted_classes
 
 PASSIVE_SCORES = ("loss-drop", "loss", "update-alignment")
 CALIBRATED = "loss-drop-vs-others"
@@ -350,7 +350,8 @@ def _train_round(model: nn.Module, settings: FederationSettings, server_round: i
 
 def _accuracy(model: nn.Module, split: DataSplit) -> float:
     logits = record_logits(model, Records(split.test_x, split.test_y))
-    return float((logits.argmax(1) == split.test_y).double().mean())
+    predicted = predicted_classes(logits, probability=ends_in_sigmoid(model, logits))  # a binary classifier too
+    return float((predicted == split.test_y).double().mean())
 
 
 def paired_round(settings: FederationSettings, attacked_round: int) -> PairedRound:

@@ -32,7 +32,7 @@ from fedleak.federation.hooks import get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
 from fedleak.nets.frontend import TRACE_LOCK  # noqa: E402
-from fedleak.updates import client_loss, ends_in_sigmoid  # noqa: E402
+from fedleak.updates import client_loss, ends_in_sigmoid, predicted_classes  # noqa: E402
 
 
 class FederationStopped(RuntimeError):
@@ -110,9 +110,7 @@ def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord,
                        .at_inference(split.test_x))
         probability = ends_in_sigmoid(model, logits)  # a binary classifier whose forward ends with a sigmoid
         loss = float(client_loss(logits, split.test_y, probability=probability))
-        predicted = (logits.argmax(1) if logits.shape[1] > 1 else  # one logit (or probability): class 1 above 0 (1/2)
-                     (logits[:, 0] > (0.5 if probability else 0.0)).long())
-        acc = float((predicted == split.test_y).float().mean())
+        acc = float((predicted_classes(logits, probability=probability) == split.test_y).float().mean())
     return acc, loss
 
 
