@@ -273,6 +273,10 @@ def test_flower_quickstart_net_without_input_shape(fashion):
     # 16 pooled 5x5 maps cannot determine conv2's 6x14x14 input: rebuilt by feature matching, never certified
     assert rec.num_certified == 0
     assert all("conv layer 'conv2'" in s.reason and "feature matching" in s.reason for s in rec.samples)
+    # ... and says first that no batch size can change that: both pooled layers have fewer outputs than inputs
+    never = "no input of this model can be certified at any batch size: conv layer 'conv1' gives at most 1176"
+    assert all(s.reason.startswith(never) for s in rec.samples)
+    assert rec.missing_reason == "" or rec.missing_reason.startswith(never)
     assert not metrics.match(rec, x, y).false_certificate.any()
 
     twin = _twin(model, nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2, 2), nn.Conv2d(6, 16, 5),

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import fedleak
 from fedleak.audit import AuditSettings, run_audit, write_audit
@@ -108,3 +109,18 @@ def test_a_false_certificate_is_counted_and_shown_in_red(tmp_path, monkeypatch):
     assert "1 FALSE CERTIFICATE(S)" in page and "False certificates</h2>" in page and "matches no original" in page
     payload = json.loads(results.read_text())
     assert payload["batches"][0]["false_certificates"] == 1 and payload["data"]["value_range"] == [0.0, 1.0]
+
+
+def test_a_scenario_that_cannot_work_on_the_model_is_refused_before_any_batch(monkeypatch):
+    """Fishing Flower's Net (whose max-pooled conv layers have fewer outputs than inputs) cannot certify anything:
+    the audit says so before its plain batches run, not after them."""
+    from fedleak.audit import run as audit_run
+    from fedleak.models.flower import FlowerNet
+
+    attacked = []
+    monkeypatch.setattr(audit_run, "reconstruct_aware", lambda *a, **k: attacked.append(1))
+    torch.manual_seed(0)
+    settings = AuditSettings(data="retina", batch_sizes=(1, 2), scenarios=("plain", "fished"))
+    with pytest.raises(fedleak.FedleakError, match="fishing cannot make any sample of this model certifiable"):
+        run_audit(settings, model=FlowerNet().eval())
+    assert not attacked

@@ -112,3 +112,23 @@ def test_the_test_data_follows_the_training_data():
     assert EvaluationSettings().test_data == "fashion-mnist"
     assert EvaluationSettings(data="lfw").test_data is None
     assert EvaluationSettings(data="lfw", test_data="lfw-faces").test_data == "lfw-faces"
+
+
+
+@pytest.mark.parametrize("data,test,client", [("lfw", 80, 80), ("digits", 359, 359)])
+def test_unset_sizes_fit_the_data(data, test, client):
+    """Left unset, the test set and the clients' shares fit the data (a data set of a few hundred samples, such
+    as LFW, was refused: 4 clients x 500 and 2000 test samples); the run records what it used."""
+    tiny = dict(widths=(16,), defenses=(), attacks=("exclusivity",), attack_batch=1, trials=1, rounds=1)
+    result = evaluate(EvaluationSettings(data=data, **tiny))
+    assert (result.test_size, result.client_size) == (test, client)
+    assert result.to_dict()["test_size"] == test and result.to_dict()["settings"]["client_size"] is None
+    assert (evaluate(EvaluationSettings(widths=(16,), rounds=1, defenses=(), attacks=("exclusivity",), attack_batch=1,
+                                        trials=1)).client_size == 500)  # Fashion-MNIST's training split: 4 x 500
+
+
+def test_sizes_too_large_for_the_data_say_what_the_defaults_do():
+    with pytest.raises(FedleakError, match=r"lfw has 400 samples: too few for 4 clients x 500.*left unset"):
+        evaluate(EvaluationSettings(data="lfw", client_size=500, widths=(16,)))
+    with pytest.raises(FedleakError, match="too few for test_size=20000"):
+        evaluate(EvaluationSettings(test_size=20000, widths=(16,)))

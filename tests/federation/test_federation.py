@@ -125,3 +125,18 @@ def test_cli_rejects_unknown_threat(tmp_path, capsys):
 
     assert main(["federate", "--threat", "psychic", "--out", str(tmp_path)]) == 2
     assert "unknown threat 'psychic'" in capsys.readouterr().err
+
+
+def test_unset_held_out_sizes_fit_the_data():
+    """Left unset, the server's test and public sets are a fifth of the data each, at most 1000: digits (1,797
+    samples) and LFW (400) federate with the defaults (both were refused for 1000 + 1000); set sizes that do not
+    fit say what unset ones would do."""
+    from fedleak.federation.settings import data_split
+
+    for name, n, held in (("digits", 1797, 359), ("lfw", 400, 80), ("fashion-mnist", 10000, 1000)):
+        split = data_split(name, None, None)
+        assert (len(split.test_y), len(split.public_x), len(split.train_y)) == (held, held, n - 2 * held)
+    assert len(data_split("digits", 100, 0).test_y) == 100
+    with pytest.raises(fedleak.FedleakError, match=r"digits has 1797 samples: too few for test_size=1000, "
+                                                   r"public_size=1000 \(left unset, each is a fifth"):
+        data_split("digits", 1000, 1000)

@@ -4,6 +4,7 @@ results of their nn.Sequential twins with the same weights."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from user_models import DropoutMLP, FlowerNet, flower_net_twin
@@ -59,3 +60,18 @@ def test_dropout_mlp_class_is_fished_and_reduced_like_its_twin(fashion):
     red, red_twin = reduce_exclusivity(model, x[:8], y[:8]), reduce_exclusivity(twin, x[:8], y[:8])
     _same(red, red_twin)
     assert red.protected and (red.kept == red_twin.kept).all()
+
+
+def test_a_model_no_perturbation_can_certify_is_refused_before_any_lp():
+    """Flower's Net: each 2x2 max-pooled conv layer has fewer outputs than inputs, so no batch, fished or not, can
+    be certified; fishing for the full condition says so at once, naming both layers and what to do."""
+    torch.manual_seed(0)
+    net = FlowerNet()
+    x, y = fedleak.load_dataset("retina").batch(4, seed=0)
+    with pytest.raises(fedleak.FedleakError) as err:
+        fish(net, x, y)
+    text = str(err.value)
+    assert "conv layer 'conv1' gives at most 1176 equations (6 x 14 x 14 after 2x2 max pooling) for 3072" in text
+    assert "conv layer 'conv2' gives at most 400 equations" in text and "solve_check=False" in text
+    with pytest.raises(fedleak.FedleakError, match="conv1"):  # the shipped client hook too
+        fedleak.FishingTransform()(net, x, y)

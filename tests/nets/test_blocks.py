@@ -108,3 +108,19 @@ def test_reading_a_network_does_not_load_scipy():
             "print(sorted(k for k in sys.modules if k.split('.')[0] == 'scipy'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("channels,pool,short", [
+    ((6, 16), "max", ("3",)),  # 1 x 28 x 28 -> 6 x 14 x 14 (1176 >= 785), -> 16 x 7 x 7 = 784 < 1177
+    ((4,), "max", ("0",)),     # 784 unknowns, 4 x 14 x 14 = 784 outputs: one short of what pooling needs
+    ((4,), "avg", ("0",)),
+    ((4,), None, ()),          # 4 x 28 x 28 outputs for 784 unknowns: enough (proofs decide the rest)
+    ((1,), None, ()),          # exactly as many outputs as unknowns
+])
+def test_blocks_whose_outputs_can_never_determine_their_inputs(channels, pool, short):
+    model = make_convnet((1, 28, 28), 10, channels=channels, kernel=3, padding=1, pool=pool, fc_widths=(32,))
+    net = as_network(model)
+    assert [b.name for b in net.blocks if b.never_determined] == list(short)
+    assert bool(net.uncertifiable) == bool(short)
+    for name in short:
+        assert f"conv layer '{name}' gives at most" in net.uncertifiable

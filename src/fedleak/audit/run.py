@@ -300,6 +300,10 @@ def run_audit(
     net = model if model is not None else _model_for(settings, data)
     mode_notes = _client_mode_notes(net, data, settings.client_mode)  # clients the exact condition misreads
     scenarios = audited_scenarios(settings, data)
+    for scenario in scenarios.values():  # a client hook that cannot work on this model says so before any batch runs
+        if scenario.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                scenario.transform(net, *data.batch(1, seed=settings.seed))
     shown = set(settings.batch_sizes if showcase_sizes is None else showcase_sizes)
     jobs = list(_jobs(settings))
     iterator = progress(iter(jobs)) if progress else iter(jobs)

@@ -31,7 +31,8 @@ def evaluate(
     data: str = typer.Option("fashion-mnist-train", help=DATA_HELP + " The clients' training data."),
     test_data: str = typer.Option("auto", help="Test data for utility ('none': hold out the end of --data; "
                                                "'auto': fashion-mnist for fashion-mnist-train, else 'none')."),
-    test_size: int = typer.Option(2000, min=1, help="Test samples used for utility."),
+    test_size: int = typer.Option(None, min=1, help="Test samples used for utility (default: a fifth of --data "
+                                  "when held out of it, else all of --test-data; at most 2000)."),
     client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
     widths: str = typer.Option("256", help=WIDTHS_HELP),
     conv: str = typer.Option(None, help="Evaluate a CNN: conv channels, e.g. 6,32, then an FC head of --widths."),
@@ -43,7 +44,8 @@ def evaluate(
     iterations: int = typer.Option(200, min=1, help="Iterations of the optimisation attacks."),
     rounds: int = typer.Option(30, min=1, help="Federated training rounds for utility."),
     clients: int = typer.Option(4, min=1, help="Clients in the training federation."),
-    client_size: int = typer.Option(500, min=1, help="Training samples per client."),
+    client_size: int = typer.Option(None, min=1, help="Training samples per client (default: an equal share of "
+                                    "the training data, at most 500)."),
     batch_size: int = typer.Option(32, min=1, help="Samples per client step."),
     lr: float = typer.Option(0.1, help="The clients' SGD learning rate."),
     seed: int = typer.Option(0, help="Seed of the model, the partitions, the batches and the defenses' noise."),

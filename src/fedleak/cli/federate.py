@@ -129,8 +129,10 @@ def federate(
                                                          "the model's predictions on the public data (nats)."),
     membership_last_layers: int = typer.Option(0, help="--threat membership-active: ascend on the last N parameter "
                                                        "tensors only (0: every parameter)."),
-    test_size: int = typer.Option(1000, help="The server's held-out test records (the data set's last ones)."),
-    public_size: int = typer.Option(1000, help="The server's public records (before the test set)."),
+    test_size: int = typer.Option(None, help="The server's held-out test records (the data set's last ones; "
+                                  "default: a fifth of the data, at most 1000)."),
+    public_size: int = typer.Option(None, help="The server's public records (before the test set; default: a "
+                                    "fifth of the data, at most 1000)."),
     out: Path = typer.Option(default_out("federate"), help=OUT_HELP),
     verbose: bool = typer.Option(False, "--verbose", hidden=True, help="The same as 'fedleak --verbose federate'."),
 ) -> None:

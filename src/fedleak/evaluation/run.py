@@ -27,7 +27,7 @@ from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import DataError, FedleakError
 from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell, pareto_front
-from fedleak.evaluation.settings import EvaluationSettings
+from fedleak.evaluation.settings import CLIENT_SIZE, TEST_SIZE, EvaluationSettings
 from fedleak.evaluation.store import FILE, CellStore
 from fedleak.updates import GradientUpdate
 
@@ -45,9 +45,12 @@ class Evaluation:
     pareto: tuple[str, ...]
     seconds: float
     resumed: int = 0  # cells reused from an interrupted run
+    test_size: int = 0  # the test samples and ...
+    client_size: int = 0  # ... each client's samples it ran with (the settings' own, or what fit the data)
 
     def to_dict(self) -> dict[str, object]:
         return {"settings": self.settings.to_dict(), "dataset": self.dataset, "model": self.model,
+                "test_size": self.test_size, "client_size": self.client_size,
                 "rows": [r.to_dict() for r in self.rows], "cells": [c.to_dict() for c in self.cells],
                 "pareto": list(self.pareto), "seconds": self.seconds, "resumed_cells": self.resumed}
 
@@ -66,29 +69,36 @@ class Federation:
 
 def _prepare(settings: EvaluationSettings, model: nn.Module | None) -> Federation:
     train = load_dataset(settings.data)
-    need = settings.clients * settings.client_size
+    unset = (f"left unset, the test set is a fifth of the data held out (at most {TEST_SIZE}) and each client gets "
+             f"an equal share of the rest (at most {CLIENT_SIZE})")
     if settings.test_data is None:
-        if len(train) < need + settings.test_size:
-            raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "
-                            f"{settings.client_size} and {settings.test_size} held-out test samples")
-        order = split_order(train.y, settings.test_size)  # a data set sorted by class: a fixed shuffle
-        if order is not None:
-            train = replace(train, x=train.x[order], y=train.y[order])
-        test_x, test_y = train.x[-settings.test_size:], train.y[-settings.test_size:]
-        pool = len(train) - settings.test_size
+        test_size = min(TEST_SIZE, len(train) // 5) if settings.test_size is None else settings.test_size
+        pool = len(train) - test_size
     else:
         test = load_dataset(settings.test_data)
         if test.input_shape != train.input_shape or test.num_classes != train.num_classes:
             raise DataError(f"{test.name} does not match {train.name} (input shape or classes)")
-        order = split_order(test.y, settings.test_size, at_end=False)
-        held = slice(settings.test_size) if order is None else order[: settings.test_size]
-        test_x, test_y = test.x[held], test.y[held]
+        test_size = min(TEST_SIZE, len(test)) if settings.test_size is None else settings.test_size
+        if test_size > len(test):
+            raise DataError(f"{test.name} has {len(test)} samples: too few for test_size={test_size}")
         pool = len(train)
-        if len(train) < need:
-            raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "
-                            f"{settings.client_size}")
+    client_size = min(CLIENT_SIZE, pool // settings.clients) if settings.client_size is None else settings.client_size
+    held = f" and {test_size} held-out test samples" if settings.test_data is None else ""
+    if test_size < 1 or client_size < settings.batch_size or pool < settings.clients * client_size:
+        raise DataError(f"{train.name} has {len(train)} samples: too few for {settings.clients} clients x "
+                        f"{client_size} (batches of {settings.batch_size}){held} ({unset})")
+    if settings.test_data is None:
+        order = split_order(train.y, test_size)  # a data set sorted by class: a fixed shuffle
+        if order is not None:
+            train = replace(train, x=train.x[order], y=train.y[order])
+        test_x, test_y = train.x[-test_size:], train.y[-test_size:]
+    else:
+        order = split_order(test.y, test_size, at_end=False)
+        chosen = slice(test_size) if order is None else order[:test_size]
+        test_x, test_y = test.x[chosen], test.y[chosen]
+    need = settings.clients * client_size
     order = np.random.default_rng([settings.seed, 7]).permutation(pool)[:need]
-    parts = tuple(order[i * settings.client_size:(i + 1) * settings.client_size] for i in range(settings.clients))
+    parts = tuple(order[i * client_size:(i + 1) * client_size] for i in range(settings.clients))
     net, name = _model(settings, train, model)
     return Federation(train, test_x, test_y, parts, net, name)
 
@@ -156,7 +166,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
         pred = global_model(stack.at_inference(fed.test_x)).argmax(1)
     accuracy = float((pred == fed.test_y).float().mean())
     accounting = Accounting(rounds=settings.rounds, local_steps=1, batch_size=settings.batch_size,
-                            dataset_size=settings.client_size, client_rate=1.0, delta=settings.delta)
+                            dataset_size=len(fed.parts[0]), client_rate=1.0, delta=settings.delta)
     privacy = tuple(p.to_dict() for p in stack.privacy(accounting))
     tail = losses[-len(fed.parts):]
     return UtilityCell(label, accuracy, float(np.mean(tail)), float(np.median(seconds)), float(np.mean(sizes)),
@@ -321,7 +331,7 @@ def evaluate(
     baseline = utilities["none"]
     table = tuple(DefenseRow(label, leak, utilities[label], baseline) for label, leak in rows)  # type: ignore[arg-type]
     return Evaluation(settings, fed.train.name, fed.model_name, table, tuple(cells), tuple(pareto_front(table)),
-                      time.perf_counter() - start, resumed)
+                      time.perf_counter() - start, resumed, len(fed.test_y), len(fed.parts[0]))
 
 
 def _cached(store: CellStore | None, key: tuple[str, str, str], compute: Callable[[], Cell]) -> Cell:

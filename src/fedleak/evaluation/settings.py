@@ -21,6 +21,7 @@ from fedleak.validation import validate_fields
 DEFAULT_DEFENSES = ("gaussian-noise", "top-k", "quantize", "sign", "dp-sgd", "mixup")
 DEFAULT_ATTACKS = ("exclusivity", "ig")
 TEST_SPLITS = {"fashion-mnist-train": "fashion-mnist"}  # test_data="auto": a built-in training set's test split
+TEST_SIZE, CLIENT_SIZE = 2000, 500  # the most test samples and samples per client an evaluation takes unless told
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class EvaluationSettings:
     Data: clients train on ``data`` (``clients`` partitions of ``client_size`` samples, IID); utility is the test
     accuracy on the first ``test_size`` samples of ``test_data`` (``None``: the last ``test_size`` samples of
     ``data``, held out; ``"auto"``: the test split of a built-in training set, :data:`TEST_SPLITS`, else held
-    out of ``data``). Model: ``model`` (a spec :func:`fedleak.load_model` reads) or an MLP of ``widths`` (with
+    out of ``data``). Unset, ``test_size`` is a fifth of ``data`` when held out of it (else all of ``test_data``),
+    at most :data:`TEST_SIZE`, and ``client_size`` an equal share of the clients' data, at most :data:`CLIENT_SIZE`.
+    Model: ``model`` (a spec :func:`fedleak.load_model` reads) or an MLP of ``widths`` (with
     ``conv`` channels: a CNN).
 
     Training (utility and cost): ``rounds`` of FedSGD-style federated training; each client takes one SGD step of
@@ -46,7 +49,7 @@ class EvaluationSettings:
     data: str = "fashion-mnist-train"
     test_data: str | None = "auto"
     client_mode: str = "train"  # clients compute in model.train() (Dropout, BatchNorm active) or eval mode
-    test_size: int = 2000
+    test_size: int | None = None
     model: str | None = None
     widths: tuple[int, ...] = (256,)
     conv: tuple[int, ...] = ()
@@ -58,7 +61,7 @@ class EvaluationSettings:
     leak_psnr: float = 20.0
     rounds: int = 30
     clients: int = 4
-    client_size: int = 500
+    client_size: int | None = None
     batch_size: int = 32
     lr: float = 0.1
     delta: float = 1e-5
@@ -74,9 +77,9 @@ class EvaluationSettings:
         object.__setattr__(self, "attacks", tuple(str(a) for a in self.attacks))
         validate_fields(self)
         for name in ("test_size", "attack_batch", "trials", "rounds", "clients", "client_size", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size > self.client_size:
+        if self.client_size is not None and self.batch_size > self.client_size:
             raise OptionError(f"batch_size ({self.batch_size}) cannot exceed client_size ({self.client_size})")
         if not self.lr > 0:
             raise OptionError(f"lr must be positive, got {self.lr}")

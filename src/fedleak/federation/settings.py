@@ -24,9 +24,10 @@ class FederationSettings:
 
     Clients train on disjoint partitions of the data set's first ``N - test_size - public_size``
     samples; ``public_size`` samples are the server's public data (imprint quantiles), the last
-    ``test_size`` its test set. With ``local_epochs == 0`` every client takes ``local_steps`` SGD steps
-    on batches of ``batch_size`` (one step: the update is ``lr`` times one batch gradient, which the
-    exact attacks can invert); with ``local_epochs > 0`` it runs that many passes over its partition.
+    ``test_size`` its test set (unset: a fifth of the data set each, at most 1,000). With ``local_epochs == 0``
+    every client takes ``local_steps`` SGD steps on batches of ``batch_size`` (one step: the update is ``lr``
+    times one batch gradient, which the exact attacks can invert); with ``local_epochs > 0`` it runs that many
+    passes over its partition.
     ``transform_options`` go to the server-shipped batch transform (fishing).
     ``defenses``: what every client runs, as specs (``"top-k:ratio=0.1"``, ``"mixup"``; a ``"+"`` inside one spec
     combines, and all specs together form one :class:`~fedleak.defenses.DefenseStack`), checked when the
@@ -63,8 +64,8 @@ class FederationSettings:
     client_mode: str = "train"  # clients train in model.train() (Dropout, BatchNorm active) or model.eval() mode
     partition: str = "iid"
     alpha: float = 0.5
-    test_size: int = 1000
-    public_size: int = 1000
+    test_size: int | None = None  # None: a fifth of the data set, at most HELD_OUT (data_split)
+    public_size: int | None = None  # None: the same
     audit: bool = True
     audit_mode: str = "process"
     upload: str = "delta"
@@ -240,20 +241,26 @@ class DataSplit:
     value_range: tuple[float, float] = (0.0, 1.0)
 
 
+HELD_OUT = 1000  # the most test (and public) samples a federation holds out unless told
+
+
 @lru_cache(maxsize=4)
-def data_split(data: str, test_size: int, public_size: int) -> DataSplit:
+def data_split(data: str, test_size: int | None, public_size: int | None) -> DataSplit:
     """The clients' pool, the server's public set and its test set: the data set's last ``test_size`` samples
     are the test set, the ``public_size`` before them the public set, the rest the pool; where the last samples
     miss a class, all three are cut from a fixed shuffle of the data set (:func:`fedleak.data.holdout.split_order`),
-    the same for every party."""
+    the same for every party. A size left ``None`` is a fifth of the data set, at most :data:`HELD_OUT`."""
     from fedleak.data import load_dataset
     from fedleak.data.holdout import split_order
 
     ds = load_dataset(data)
     n = len(ds)
+    asked = f"test_size={test_size}, public_size={public_size}"
+    test_size, public_size = (min(HELD_OUT, n // 5) if size is None else size for size in (test_size, public_size))
     n_train = n - test_size - public_size
     if test_size < 1 or public_size < 0 or n_train < 1:
-        raise FedleakError(f"{ds.name} has {n} samples: too few for test_size={test_size}, public_size={public_size}")
+        raise FedleakError(f"{ds.name} has {n} samples: too few for {asked} (left unset, each is a fifth of the "
+                           f"data set, at most {HELD_OUT})")
     order = split_order(ds.y, test_size)  # a data set sorted by class: a fixed shuffle (fedleak.data.holdout)
     x, y = (ds.x, ds.y) if order is None else (ds.x[order], ds.y[order])
     return DataSplit(x[:n_train], y[:n_train], x[n_train : n_train + public_size],

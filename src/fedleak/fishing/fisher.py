@@ -297,6 +297,11 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     net = batch.net
     if net.head.depth == 0:
         raise FedleakError(f"fishing: {NO_HIDDEN_RELU}")
+    if opts.solve_check and net.uncertifiable:  # no perturbation can give a block the equations it lacks
+        raise FedleakError(f"fishing cannot make any sample of this model certifiable: {net.uncertifiable}; "
+                           "fedleak.plan(model) shows which changes would give enough (fewer pooling layers, more "
+                           "channels); solve_check=False fishes the dense head's condition alone (the images are "
+                           "then rebuilt uncertified)")
     data_range = resolve_data_range(inputs, opts.data_range, "fishing")
     M = batch.size
     certified = (lambda r: r.certifiable) if opts.solve_check else (lambda r: r.head_certifiable)

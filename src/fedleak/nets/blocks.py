@@ -30,6 +30,12 @@ if TYPE_CHECKING:  # scipy.sparse (0.2 s to import) is loaded by the methods tha
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def equations_needed(unknowns: int, pooled: bool) -> int:
+    """Equations (non-zero output units) a sample must give before a block's input can be determined: as many as
+    its unknowns (rows of full column rank), one more when it pools (the rows must also positively span them)."""
+    return unknowns + (1 if pooled else 0)
+
+
 @dataclass(frozen=True, eq=False)
 class ConvBlock:
     """``pool(relu(bn(conv(x))))`` with the shapes (C, H, W) of its input, conv output and output."""
@@ -56,6 +62,19 @@ class ConvBlock:
     @property
     def out_dim(self) -> int:
         return math.prod(self.out_shape)
+
+    @property
+    def never_determined(self) -> bool:
+        """Whether the block's output determines its input for no input at all: it has fewer output units (the
+        most equations a sample can give) than :func:`equations_needed`."""
+        return self.out_dim < equations_needed(self.in_dim, self.pool is not None)
+
+    def shortfall(self) -> str:
+        """The block's most equations against its unknowns, in words."""
+        after = "" if self.pool is None else f" after {self.pool.text}"
+        out, given = (" x ".join(map(str, shape)) for shape in (self.out_shape, self.in_shape))
+        return (f"conv layer '{self.name}' gives at most {self.out_dim} equations ({out}{after}) for {self.in_dim} "
+                f"unknowns ({given})")
 
     def folded(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight (C_out x C_in x kh x kw) and bias (C_out) of conv with eval-mode BN folded in."""

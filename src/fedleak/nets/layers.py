@@ -83,6 +83,11 @@ class Pool:
     kind: str  # "max" or "avg"
     kernel: tuple[int, int]
 
+    @property
+    def text(self) -> str:
+        """``"2x2 max pooling"``."""
+        return f"{self.kernel[0]}x{self.kernel[1]} {self.kind} pooling"
+
     def apply(self, a: torch.Tensor) -> torch.Tensor:
         fn = F.max_pool2d if self.kind == "max" else F.avg_pool2d
         return fn(a, self.kernel, self.kernel)

@@ -69,6 +69,14 @@ class Network:
         return bool(self.dropout or batch_norms(self.blocks))
 
     @property
+    def uncertifiable(self) -> str:
+        """Why no input of this model can be certified at any batch size, in words (empty when no conv block
+        stands in the way): blocks whose output cannot determine their input (:attr:`ConvBlock.never_determined`),
+        such as Flower's quickstart ``Net``, whose pooled conv layers have fewer outputs than inputs."""
+        short = [b.shortfall() for b in self.blocks if b.never_determined]
+        return f"no input of this model can be certified at any batch size: {'; '.join(short)}" if short else ""
+
+    @property
     def is_conv(self) -> bool:
         return bool(self.blocks)
 

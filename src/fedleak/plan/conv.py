@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, replace
 
 from fedleak.nets import ConvBlock
+from fedleak.nets.blocks import equations_needed
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class BlockShape:
     @property
     def needed(self) -> int:
         """Equations a sample needs before the attack tries: as many as unknowns, more than that when pooled."""
-        return self.unknowns + (1 if self.pool is not None else 0)
+        return equations_needed(self.unknowns, self.pool is not None)
 
     @property
     def parameters(self) -> int:

@@ -178,12 +178,11 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam, rows, resid + noise, margin, precise)
     # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
     win = blk.pool_windows
-    kh, kw = blk.pool.kernel
     practical = 1e-6 * float(np.abs(out).max(initial=0.0))
     pos = out > out_err + min(out_err2, practical)
     if int(pos.sum()) <= n:
         return BlockSolve(None, False, math.inf, 0.0, int(pos.sum()), n,
-                          f"underdetermined after {kh}x{kw} {blk.pool.kind} pooling: {int(pos.sum())} equations "
+                          f"underdetermined after {blk.pool.text}: {int(pos.sum())} equations "
                           f"(non-zero pooled units) for {n} unknowns")
     q_idx = np.nonzero(pos)[0]
     x = None

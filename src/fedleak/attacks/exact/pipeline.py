@@ -157,6 +157,10 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         cause = "; or ".join(caveats)
         missing = f"{missing}; or {cause}" if missing else ""
         records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
+    if net.uncertifiable:  # first, what no batch size or perturbation can change
+        missing = f"{net.uncertifiable}; and {missing}" if missing else ""
+        records = [replace(r, reason=f"{net.uncertifiable}; and {r.reason}" if r.reason else net.uncertifiable)
+                   for r in records]
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
     counts = None
