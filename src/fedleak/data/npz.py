@@ -79,13 +79,28 @@ def _load_npz(path: Path, split: Split | None) -> Dataset:
         raise DataError(f"{path}: corrupt or truncated .npz ({type(exc).__name__}: {exc})") from None
     if y.ndim != 1:
         raise DataError(f"{path}: 'y' must be one-dimensional (N labels), got shape {y.shape}")
-    if x.ndim not in (3, 4) or x.shape[0] != y.shape[0]:
-        raise DataError(f"{path}: 'x' of shape {x.shape} does not hold one image per label of 'y' ({y.shape[0]})")
+    if x.ndim not in (2, 3, 4) or x.shape[0] != y.shape[0]:
+        raise DataError(f"{path}: 'x' of shape {x.shape} does not hold one image (or record) per label of 'y' "
+                        f"({y.shape[0]})")
     if x.dtype.kind not in "uif":
         raise DataError(f"{path}: 'x' must hold numbers, got dtype {x.dtype}")
+    if x.ndim == 2:
+        x = _records(path, x, extras)
     labels, names = _npz_labels(y, classes, path)
     yt = check_label_array(labels, x.shape[0], len(names), str(path))
     return _npz_dataset(path, x, yt, names, extras)
+
+
+def _records(path: Path, x: np.ndarray, extras: dict[str, np.ndarray]) -> np.ndarray:
+    """N records of D features (tabular data) as N x 1 x 1 x D float32 images, their values as they are (no
+    8-bit scaling: a feature is not a pixel); outside [0, 1] the file states the range they lie in."""
+    records = np.asarray(x, dtype=np.float32)[:, None, None, :]
+    if "value_range" not in extras and "mean" not in extras and np.isfinite(records).all():
+        lo, hi = float(records.min()), float(records.max())
+        if lo < 0 or hi > 1:
+            raise DataError(f"{path}: records (N x D) with values in [{lo:g}, {hi:g}] need the range they lie in: "
+                            "store 'value_range' (low, high) in the file, or scale them to [0, 1]")
+    return records
 
 
 def _npz_dataset(path: Path, x: np.ndarray, y: torch.Tensor, names: tuple[str, ...],
