@@ -141,3 +141,29 @@ def test_random_start_is_not_the_users_seeded_data():
     rec = fedleak.reconstruct(model, update, attack="ig", iterations=1, seed=0, progress=False)
     scores = fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
     assert float(scores.psnr.max()) < 40.0
+
+
+class _SkipNet(torch.nn.Module):
+    """A residual MLP whose skip layer is registered after the output layer (the last Linear registered)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.out = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+        self.skip = torch.nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.out(torch.relu(self.fc1(x)) + self.skip(x))
+
+
+def test_labels_are_read_from_the_layer_the_model_returns(digits):
+    """The output layer is the Linear the forward returns, not the last one registered (here a 64 -> 32 skip layer,
+    whose gradient rows were read as 32 'classes' and crashed IG with torch's IndexError)."""
+    from fedleak.attacks.labels import output_layer_names
+
+    torch.manual_seed(0)
+    model = _SkipNet()
+    assert output_layer_names(model) == ("out.weight", "out.bias")
+    x, y = digits.batch(1, seed=0)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="idlg", iterations=5)
+    assert rec.labels.tolist() == y.tolist()

@@ -24,19 +24,20 @@ import torch
 from torch import nn
 
 from fedleak.errors import FedleakError
+from fedleak.nets.frontend import output_linear
 
 
 def output_layer_names(model: nn.Module) -> tuple[str, str | None]:
-    """Names of the last ``nn.Linear`` layer's weight and bias (``None`` without a bias)."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last = (name, module)
-    if last is None:
+    """Names of the output layer's weight and bias (``None`` without a bias): the ``nn.Linear`` layer the traced
+    forward returns the output of (:func:`fedleak.nets.frontend.output_linear`), or, for a forward that does not
+    trace, the last ``nn.Linear`` registered."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
         raise FedleakError("label inference needs a model whose last layer is an nn.Linear (the logits)")
-    name, module = last
+    traced = output_linear(model)
+    name = traced if traced in linears else list(linears)[-1]
     prefix = f"{name}." if name else ""
-    return f"{prefix}weight", (f"{prefix}bias" if module.bias is not None else None)
+    return f"{prefix}weight", (f"{prefix}bias" if linears[name].bias is not None else None)
 
 
 def class_signal(model: nn.Module, update: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -127,6 +127,27 @@ def _probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) 
     return None
 
 
+def output_linear(model: nn.Module) -> str | None:
+    """The name of the ``nn.Linear`` layer whose output the model returns (its logits), read back from the output
+    of the traced forward through whatever follows it (a sigmoid, a scaling); None where the forward does not
+    trace or no Linear layer leads to the output."""
+    try:
+        gm = _trace(model)
+    except ModelError:
+        return None
+    modules = dict(gm.named_modules())
+    queue = [n for n in gm.graph.nodes if n.op == "output"]
+    seen: set[fx.Node] = set()
+    while queue:
+        node = queue.pop(0)
+        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Linear):
+            return str(node.target)
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), found.append)
+        queue.extend(n for n in found if n not in seen and not seen.add(n))
+    return None
+
+
 def _first_layer(gm: fx.GraphModule) -> nn.Module | None:
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:

@@ -165,6 +165,19 @@ def _dlg(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
                                                  "(uncertified)")
 
 
+@ADVISORS.decorator("first-layer")
+def _first_layer(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
+    if facts.batch_size != 1:
+        return AttackAdvice(info.name, False, True, f"reads one sample's gradient only (this batch is "
+                                                    f"{facts.batch_size}): every row of the first layer mixes samples")
+    if facts.is_conv:
+        return AttackAdvice(info.name, False, True, "needs the input to enter a Linear layer; here it enters a conv")
+    useful = not (facts.exact_useful and facts.route == ROUTE_APPLIES)
+    return AttackAdvice(info.name, useful, True, "at batch 1 the first Linear layer that reads the input (with a "
+                                                 "bias) holds it exactly, whatever follows; certified where the "
+                                                 "model's gradient at it reproduces the whole update")
+
+
 def _malicious(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
     return AttackAdvice(info.name, False, True, "a malicious server's attack: it needs a first layer the server "
                                                 "crafted, so it tells nothing about an honest server's view of this "

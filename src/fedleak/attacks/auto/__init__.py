@@ -6,7 +6,8 @@ time budget.
    a FedSGD gradient or a one-step FedAvg weight change (local steps 1 or not declared: for one step
    ``ΔW = η ∇W`` and the unknown learning rate cancels in every ratio ``ΔW_i / Δb_i``; its certificate rejects
    what several steps would corrupt). Otherwise (several local steps declared, a residual or LayerNorm model,
-   no hidden ReLU layer, ...) it is skipped and the notes say why.
+   no hidden ReLU layer, ...) it is skipped and the notes say why; a gradient of one sample is then read from
+   the model's first Linear layer (:mod:`fedleak.attacks.first_layer`), which settles the run where it certifies.
 2. **Optimisation for the rest** (:mod:`~fedleak.attacks.auto.assemble`). The certified samples are kept
    exactly and held fixed; DLM+ (weight updates, local steps unrolled) or Inverting Gradients (gradients)
    searches the others, starting from what the exact route knows: their labels discounted from its label
@@ -28,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from fedleak.attacks.auto.route import OPTIMISATION_ROUTES, RoutePlan, exact_route_reason, plan_route
-from fedleak.attacks.auto.stages import finish, run_exact
+from fedleak.attacks.auto.stages import finish, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
 from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import RunClock
@@ -89,6 +90,10 @@ def auto_attack(
             clock.stage("exclusivity")
             exact = run_exact(model, update, input_shape, exact_opts, notes)
             clock.advance()
+        else:
+            one = run_first_layer(model, update, input_shape, notes)
+            if one is not None:
+                return one
         return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -32,6 +33,27 @@ def run_exact(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None
     except FedleakError as exc:
         notes.append(f"auto: the exclusivity attack could not run ({exc})")
         return None
+
+
+def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None, notes: list[str],
+                    ) -> Reconstruction | None:
+    """Where the exact route cannot read the model, a one-sample gradient's first Linear layer: its result when it
+    certifies the sample (the run is then settled), else None and a note saying why."""
+    if isinstance(update, WeightUpdate) or update.num_examples != 1:
+        return None
+    try:
+        one = get_attack("first-layer").run(model, update, input_shape=input_shape)
+    except (UpdateError, OptionError):
+        raise
+    except FedleakError as exc:
+        notes.append(f"auto: the first-layer attack could not run ({exc})")
+        return None
+    if not one.batch_certified:
+        why = one.samples[0].reason if one.samples else one.missing_reason
+        notes.append(f"auto: the first-layer attack certified nothing ({why})")
+        return None
+    notes.append("auto: a one-sample gradient; its first Linear layer gives the sample, certified by the whole update")
+    return replace(one, attack="auto:first-layer", notes=(*notes, *one.notes))
 
 
 def search_rest(name: str, model: nn.Module, update: Any, **kwargs: Any) -> Reconstruction:

@@ -1,0 +1,150 @@
+"""Benchmark of the first-layer attack on models the exact exclusivity route cannot read.
+
+Models as users write them, none of which :func:`fedleak.nets.as_network` reads: GELU, tanh and leaky-ReLU MLPs,
+a residual MLP and a LayerNorm MLP (784 -> 512 -> 10 on Fashion-MNIST, 625 -> 512 -> 2 on LFW faces), plus a
+Dropout MLP its clients run in training mode. For ``--samples`` one-sample gradients of each: certified, exact
+(max abs error <= 1e-4 of the data range) and false certificates, the attack's time against the client's own
+gradient (plain autograd, one thread, interleaved), and what ``auto`` returned before this route existed for the
+same update: Inverting Gradients within its 60 s budget (``--ig`` samples, PSNR). Batches of two: certified
+(none may be). Results go to ``benchmarks/results/first_layer.json`` and the table to ``docs/benchmarks.md``.
+
+    python benchmarks/bench_first_layer.py               # 20 samples per model and data set (about 4 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from doc_section import write_section
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.federation.run import package_versions
+from fedleak.nets.blas import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "first_layer.json"
+
+
+class Net(nn.Module):
+    """One hidden layer of ``width`` with the activation ``act``, optionally LayerNorm, a residual path, Dropout."""
+
+    def __init__(self, d: int, width: int, classes: int, act: str, norm: bool = False, residual: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, width), nn.Linear(width, classes)
+        self.skip = nn.Linear(d, width, bias=False) if residual else None
+        self.norm = nn.LayerNorm(width) if norm else None
+        self.drop = nn.Dropout(dropout)
+        self.act = act
+
+    def forward(self, x):
+        x = x.flatten(1)
+        h = self.fc1(x)
+        h = self.norm(h) if self.norm is not None else h
+        h = {"gelu": F.gelu, "tanh": torch.tanh, "leaky": F.leaky_relu, "relu": F.relu}[self.act](h)
+        h = h + self.skip(x) if self.skip is not None else h
+        return self.fc2(self.drop(h))
+
+
+MODELS = {
+    "gelu": dict(act="gelu"),
+    "tanh": dict(act="tanh"),
+    "leaky-relu": dict(act="leaky"),
+    "layernorm + relu": dict(act="relu", norm=True),
+    "residual (relu + skip)": dict(act="relu", residual=True),
+    "dropout 0.2, training mode": dict(act="relu", dropout=0.2),
+}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def run(data_name: str, samples: int, ig_samples: int, seed: int) -> list[dict]:
+    data = fedleak.load_dataset(data_name)
+    rows = []
+    for name, kw in MODELS.items():
+        torch.manual_seed(seed)
+        model = Net(data.x[0].numel(), 512, data.num_classes, **kw)
+        model.train(kw.get("dropout", 0) > 0)
+        cert = exact = false = 0
+        ratios, psnr_ig, ig_s = [], [], []
+        for k in range(samples):
+            x, y = data.batch(1, seed=seed * 1000 + k)
+            update = fedleak.compute_gradient_update(model, x, y)
+            rec = fedleak.reconstruct(model, update, attack="first-layer")
+            s = fedleak.metrics.match(rec, x, y, data_range=data.value_range)
+            cert += rec.num_certified
+            exact += int(s.recovered_fraction == 1.0)
+            false += int(s.false_certificate.sum())
+            grad_ms = _median_ms(lambda: fedleak.compute_gradient_update(model, x, y), 5)
+            att_ms = _median_ms(lambda: fedleak.reconstruct(model, update, attack="first-layer"), 3)
+            ratios.append(att_ms / grad_ms)
+            if k < ig_samples:  # what auto gave this update before: Inverting Gradients in its budget
+                t = time.perf_counter()
+                ig = fedleak.reconstruct(model, update, attack="ig", seed=0, time_budget=60.0, progress=False)
+                ig_s.append(time.perf_counter() - t)
+                psnr_ig.append(float(fedleak.metrics.match(ig, x, y, data_range=data.value_range).psnr[0]))
+        x2, y2 = data.batch(2, seed=seed)
+        two = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x2, y2), attack="first-layer")
+        rows.append({"data": data.name, "model": name, "samples": samples, "certified": cert, "exact": exact,
+                     "false_certificates": false, "attack_over_gradient": statistics.median(ratios),
+                     "ig_psnr_median": statistics.median(psnr_ig) if psnr_ig else None,
+                     "ig_seconds_median": statistics.median(ig_s) if ig_s else None,
+                     "batch_of_two_certified": two.num_certified})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| data | model | samples | certified | exact | false cert. | attack / gradient | IG before: PSNR, s "
+             "| batch of 2 certified |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ig = (f"{r['ig_psnr_median']:.1f} dB, {r['ig_seconds_median']:.0f} s" if r["ig_psnr_median"] is not None
+              else "-")
+        lines.append(f"| {r['data']} | {r['model']} | {r['samples']} | {r['certified']} | {r['exact']} "
+                     f"| {r['false_certificates']} | {r['attack_over_gradient']:.0f}x | {ig} "
+                     f"| {r['batch_of_two_certified']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--ig", type=int, default=1, help="samples per model also attacked by IG (60 s each)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = [r for d in ("fashion-mnist", "lfw") for r in run(d, args.samples, args.ig, args.seed)]
+    meta = {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
+            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
+            "samples": args.samples, "ig": args.ig,
+            "command": f"python benchmarks/bench_first_layer.py --samples {args.samples} --ig {args.ig}"}
+    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; one-sample "
+            "FedSGD gradients of models written as `nn.Module` classes with one hidden layer of 512 (none of which "
+            "the exclusivity attack reads); \"attack / gradient\": the median ratio of the attack's time to the "
+            "client's gradient; \"IG before\": Inverting Gradients within `auto`'s 60 s budget on the first "
+            f"sample, what `auto` returned for these updates before. Command: `{meta['command']}`._\n\n"
+            f"{_table(rows)}")
+    write_section("first-layer", body, "First-layer attack (one-sample gradients of any model)")
+    print(_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The first layer of a one-sample gradient (Phong et al., 2017): any model whose input enters a Linear layer with a
+bias gives that input away, whatever the layers after it compute.
+
+For one sample, a Linear layer ``z = W x + b`` has ``dL/dW = (dL/dz) x^T`` and ``dL/db = dL/dz``: every row with
+``dL/db_i != 0`` is the input times ``dL/db_i``, through GELU, tanh or leaky ReLU activations, LayerNorm, residual
+connections or attention after it, none of which the exact exclusivity route reads. The attack takes the input
+from the row with the largest bias gradient (the client's float32 product ``dL/dz_i * x_j`` is rounded once, so
+the row gives every ``x_j`` to within two units in the last place) and certifies it when
+
+1. the update is the gradient of **one** sample (``num_examples`` 1): for two, each row is ``d_ai x_a + d_bi x_b``,
+   and rows can agree on a blend of them;
+2. the layer reads the sample as it is (flattened), and its weight and bias serve no other layer: a forward pass
+   of a probe input checks that the layer's input is the probe and that the layer runs once, and the parameters
+   are registered once;
+3. the model's gradient at the rebuilt input, for one of its classes (each is tried), reproduces every tensor of
+   the update to :data:`RESIDUAL_TOL` relative. This rejects updates that are not the plain gradient whose first
+   layer still looks like one sample's (a sign-compressed gradient's rows give ``sign(x)``), and it rejects a
+   client whose model computes otherwise (Dropout in training mode, another loss).
+
+Then every single sample with this gradient is the rebuilt one, to rounding: the certificate's claim is the
+standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedleak.attacks.registry import register_attack
+from fedleak.errors import ModelError, OptionError
+from fedleak.nets import input_shape_of
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.updates import as_gradient_update, check_matches_model, compute_gradient_update
+from fedleak.validation import check_module, options_from, validate_fields
+
+F64 = torch.float64
+RESIDUAL_TOL = 1e-5  # the most relative mismatch, per tensor, between the update and the rebuilt sample's gradient
+ROUTE = "first-layer"
+
+
+@dataclass(frozen=True)
+class FirstLayerOptions:
+    """``tolerance``: the most relative mismatch, per tensor, between the update and the gradient of the rebuilt
+    sample for a certificate."""
+
+    tolerance: float = RESIDUAL_TOL
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if not 0 < self.tolerance < 1:
+            raise OptionError(f"tolerance must lie in (0, 1), got {self.tolerance}")
+
+
+@dataclass(frozen=True)
+class FirstLinear:
+    """The Linear layer the sample enters: its module name and the names of its weight and bias."""
+
+    name: str
+    weight: str
+    bias: str
+
+
+def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
+    """The Linear layer with a bias that reads the flattened sample, runs once and shares no parameter, found by a
+    probe forward pass; :class:`~fedleak.errors.ModelError` saying what is missing where there is none."""
+    names = {id(m): n for n, m in model.named_modules()}
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((names[id(mod)], args[0].detach())))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    first = next(model.parameters())
+    probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
+    try:
+        with torch.no_grad():
+            model(probe)
+    except RuntimeError as exc:
+        raise ModelError(f"the model does not run on one input of shape {input_shape} ({exc}); pass input_shape="
+                         ) from None
+    finally:
+        for h in hooks:
+            h.remove()
+    reading = [n for n, a in calls if a.numel() == probe.numel() and torch.equal(a.reshape(-1), probe.reshape(-1))]
+    if not reading:
+        raise ModelError("the first-layer attack needs a Linear layer that reads the sample as it is (flattened); "
+                         "in this model the input passes through other layers first (a conv, a normalisation)")
+    name = reading[0]
+    module = model.get_submodule(name)
+    if module.bias is None:
+        raise ModelError(f"the first-layer attack needs a bias in the Linear layer '{name}' that reads the sample")
+    shared = [t for t in (module.weight, module.bias)
+              if sum(p is t for _, p in model.named_parameters(remove_duplicate=False)) > 1]
+    if sum(n == name for n, _ in calls) > 1 or shared:
+        raise ModelError(f"the Linear layer '{name}' that reads the sample runs more than once or shares its "
+                         "parameters, so its gradient is not one product of the sample")
+    prefix = f"{name}." if name else ""
+    return FirstLinear(name, prefix + "weight", prefix + "bias")
+
+
+def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    if input_shape is not None:
+        return tuple(int(s) for s in input_shape), ()
+    try:
+        return input_shape_of(model)
+    except ModelError:
+        width = next((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), None)
+        if width is None:
+            raise ModelError("the first-layer attack needs a Linear layer; this model has none") from None
+        return (width,), (f"input shape not found: read as a vector of {width} (pass input_shape=)",)
+
+
+def _residual(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor]) -> float:
+    """The largest relative mismatch, over the update's tensors, of the model's gradient at ``(x, label)``."""
+    grads = compute_gradient_update(model, x, torch.tensor([label], device=x.device)).gradients
+    worst = 0.0
+    for n, g in observed.items():
+        ref = g.to(F64)
+        scale = float(ref.norm())
+        diff = float((grads[n].to(device=ref.device, dtype=F64) - ref).norm())
+        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+    return worst
+
+
+@register_attack(ROUTE, update_kinds=("gradient",),
+                 description="one sample's gradient: x = dW_i/db_i from the first Linear layer of any model "
+                             "(Phong et al. 2017), certified by reproducing the whole update")
+def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...] | None = None,
+                       **options) -> Reconstruction:
+    """Rebuild the one sample of a FedSGD gradient from the first Linear layer of any model (see the module).
+
+    ``update``: a :class:`~fedleak.GradientUpdate` or a dict of gradients; its ``num_examples`` must be 1 for a
+    certificate. ``input_shape``: one sample's shape (default: what fedleak infers from the model).
+    ``options``: the fields of :class:`FirstLayerOptions`.
+    """
+    start = time.perf_counter()
+    opts = options_from(FirstLayerOptions, options, what="first-layer option")
+    model = check_module(model)
+    update = as_gradient_update(update)
+    check_matches_model(model, update.gradients)
+    shape, notes = _sample_shape(model, input_shape)
+    layer = first_linear(model, shape)
+    G, g = update.gradients[layer.weight].to(F64), update.gradients[layer.bias].to(F64)
+    if G.shape[1] != math.prod(shape):
+        raise ModelError(f"the Linear layer '{layer.name}' reads {G.shape[1]} values, not one input of shape {shape}")
+    row = int(g.abs().argmax())
+    if float(g[row]) == 0.0:
+        return _result(model, shape, None, 0, False, "every bias gradient of the first layer is zero: the sample "
+                       "left no trace there", update.num_examples, notes, start)
+    x = (G[row] / g[row]).reshape(1, *shape).to(next(model.parameters()).dtype)
+    observed = {n: t for n, t in update.gradients.items()}
+    fits = {c: _residual(model, x, c, observed) for c in range(_classes(model, x))}
+    label = min(fits, key=fits.get)
+    residual = fits[label]
+    if update.num_examples != 1:
+        why = ("the batch size is not known: pass num_examples=1 if the client sent one sample's gradient"
+               if update.num_examples is None else
+               f"a batch of {update.num_examples}: every row mixes the samples, so the rebuilt input may be a blend")
+    elif residual > opts.tolerance:
+        why = (f"the model's gradient at the rebuilt input differs from the update (relative residual "
+               f"{residual:.1e} > {opts.tolerance:g}): it is not one plain gradient of this model as given (a defense, "
+               "Dropout or BatchNorm in training mode, another loss)")
+    else:
+        why = ""
+    return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, residual)
+
+
+def _classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        out = model(x)
+    return 2 if out.shape[1] == 1 else int(out.shape[1])
+
+
+def _result(model: nn.Module, shape: tuple[int, ...], x: torch.Tensor | None, label: int, certified: bool,
+            reason: str, batch_size: int | None, notes: tuple[str, ...], start: float,
+            residual: float = math.nan) -> Reconstruction:
+    rebuilt = x is not None
+    inputs = x.detach().cpu() if rebuilt else torch.zeros((0, *shape))
+    route = f"{ROUTE} ({'certified' if certified else 'uncertified'})"
+    samples = (SampleRecovery(label, certified, reason, residual=residual, scale=1.0, route=route),) if rebuilt \
+        else ()
+    return Reconstruction(
+        inputs=inputs, labels=torch.tensor([label] if rebuilt else [], dtype=torch.long),
+        certified=torch.tensor([certified] if rebuilt else [], dtype=torch.bool), attack=ROUTE, samples=samples,
+        batch_size=batch_size, batch_certified=certified, seconds=time.perf_counter() - start, notes=notes,
+        missing_reason="" if rebuilt else reason)

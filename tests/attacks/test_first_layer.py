@@ -1,0 +1,89 @@
+"""The first-layer attack: one sample's gradient gives the sample away in the first Linear layer of any model
+(activations, LayerNorm or residual connections after it that the exact route does not read), certified only
+when it is one sample's plain gradient of that model."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from user_models import DropoutMLP, FlowerNet, LayerNormMLP, ResidualMLP
+
+import fedleak
+from fedleak.errors import FedleakError, ModelError
+
+
+class GeluNet(nn.Module):
+    def __init__(self, width: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(784, width)
+        self.fc2 = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x.flatten(1))))
+
+
+def _attack(model, x, y, **kwargs):
+    return fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="first-layer", **kwargs)
+
+
+@pytest.mark.parametrize("make", [GeluNet, ResidualMLP, LayerNormMLP])
+def test_one_sample_is_certified_and_exact_through_layers_the_exact_route_cannot_read(make, fashion):
+    torch.manual_seed(0)
+    model = make().eval()
+    x, y = fashion.batch(1, seed=3) if make is GeluNet else (torch.rand(1, 16), torch.tensor([2]))
+    with pytest.raises(FedleakError):
+        fedleak.as_network(model)  # not a network the exclusivity attack reads
+    rec = _attack(model, x, y)
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == 1 and rec.labels.tolist() == y.tolist()
+    assert scores.recovered_fraction == 1.0 and float(scores.max_abs_error[0]) < 1e-6
+    assert rec.samples[0].residual < 1e-5 and rec.samples[0].route == "first-layer (certified)"
+
+
+def test_what_is_not_one_plain_gradient_is_not_certified(fashion):
+    """Two samples (each row a sum of both), an unknown count, a sign-compressed gradient (whose rows all give
+    sign(x), one consistent but wrong input) and a model computing with Dropout active: no certificate."""
+    torch.manual_seed(0)
+    model = GeluNet().eval()
+    x2, y2 = fashion.batch(2, seed=4)
+    rec = _attack(model, x2, y2)
+    assert rec.num_certified == 0 and "a batch of 2" in rec.samples[0].reason
+    x, y = fashion.batch(1, seed=3)
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, dict(update.gradients), attack="first-layer")
+    assert rec.num_certified == 0 and "num_examples=1" in rec.samples[0].reason
+    signed = fedleak.defended_gradient(model, x, y, "sign", seed=0).update
+    rec = fedleak.reconstruct(model, signed, attack="first-layer")
+    assert rec.num_certified == 0 and "relative residual" in rec.samples[0].reason
+    dropout = DropoutMLP(784, 256, 10).train()
+    rec = _attack(dropout, x, y)
+    assert rec.num_certified == 0 and "not one plain gradient" in rec.samples[0].reason
+    assert not fedleak.metrics.match(rec, x, y).false_certificate.any()
+
+
+def test_models_whose_input_does_not_enter_a_linear_layer_are_refused(fashion):
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ModelError, match="reads the sample as it is"):
+        _attack(FlowerNet(), x, torch.tensor([1]))
+    shared = nn.Sequential(nn.Flatten(), nn.Linear(784, 784), nn.Tanh())
+    shared.append(shared[1]).append(nn.Linear(784, 10))  # the first Linear runs twice
+    with pytest.raises(ModelError, match="runs more than once"):
+        _attack(shared, *fashion.batch(1, seed=0))
+    with pytest.raises(FedleakError, match="unknown first-layer option"):
+        _attack(GeluNet(), *fashion.batch(1, seed=0), iterations=3)
+
+
+def test_auto_takes_the_first_layer_where_the_exact_route_cannot_read_the_model(fashion):
+    """A one-sample gradient of a model the exclusivity attack refuses: auto certifies it from the first layer
+    instead of handing it to IG; of two samples, IG as before."""
+    torch.manual_seed(0)
+    model = GeluNet().eval()
+    x, y = fashion.batch(1, seed=3)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="auto", progress=False)
+    assert rec.attack == "auto:first-layer" and rec.num_certified == 1
+    assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
+    x2, y2 = fashion.batch(2, seed=4)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x2, y2), attack="auto", progress=False,
+                              iterations=2)
+    assert rec.attack == "auto:ig" and rec.num_certified == 0
