@@ -12,10 +12,11 @@ the row gives every ``x_j`` to within two units in the last place) and certifies
 2. the layer reads the sample as it is (flattened), and its weight and bias serve no other layer: a forward pass
    of a probe input checks that the layer's input is the probe and that the layer runs once, and the parameters
    are registered once;
-3. the model's gradient at the rebuilt input, for one of its classes (each is tried), reproduces every tensor of
-   the update to :data:`RESIDUAL_TOL` relative. This rejects updates that are not the plain gradient whose first
-   layer still looks like one sample's (a sign-compressed gradient's rows give ``sign(x)``), and it rejects a
-   client whose model computes otherwise (Dropout in training mode, another loss).
+3. the model's gradient at the rebuilt input, for one of its classes (the one its output layer's bias gradient
+   marks, else each in turn), reproduces every tensor of the update to :data:`RESIDUAL_TOL` relative. This
+   rejects updates that are not the plain gradient but whose first layer still looks like one sample's (the
+   rows of a sign-compressed gradient give ``sign(x)``), and a client whose model computes otherwise (Dropout in
+   training mode, another loss).
 
 Then every single sample with this gradient is the rebuilt one, to rounding: the certificate's claim is the
 standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedleak.attacks.labels import class_signal
 from fedleak.attacks.registry import register_attack
-from fedleak.errors import ModelError, OptionError
+from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.nets import input_shape_of
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import as_gradient_update, check_matches_model, compute_gradient_update
@@ -149,8 +151,11 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
         return _result(model, shape, None, 0, False, "every bias gradient of the first layer is zero: the sample "
                        "left no trace there", update.num_examples, notes, start)
     x = (G[row] / g[row]).reshape(1, *shape).to(next(model.parameters()).dtype)
-    observed = {n: t for n, t in update.gradients.items()}
-    fits = {c: _residual(model, x, c, observed) for c in range(_classes(model, x))}
+    observed = dict(update.gradients)
+    label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
+    fits = {label: _residual(model, x, label, observed)}
+    if fits[label] > opts.tolerance:  # no bias, or another loss: every class is tried
+        fits.update({c: _residual(model, x, c, observed) for c in range(_classes(model, x)) if c != label})
     label = min(fits, key=fits.get)
     residual = fits[label]
     if update.num_examples != 1:
@@ -164,6 +169,13 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
     else:
         why = ""
     return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, residual)
+
+
+def _label(model: nn.Module, observed: dict[str, torch.Tensor]) -> int:
+    try:
+        return int(class_signal(model, observed).argmin())
+    except FedleakError:
+        return 0
 
 
 def _classes(model: nn.Module, x: torch.Tensor) -> int:
