@@ -144,7 +144,10 @@ def output_linear(model: nn.Module) -> str | None:
             return str(node.target)
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), found.append)
-        queue.extend(n for n in found if n not in seen and not seen.add(n))
+        for n in found:
+            if n not in seen:
+                seen.add(n)
+                queue.append(n)
     return None
 
 
