@@ -70,6 +70,10 @@ def test_models_whose_input_does_not_enter_a_linear_layer_are_refused(fashion):
     shared.append(shared[1]).append(nn.Linear(784, 10))  # the first Linear runs twice
     with pytest.raises(ModelError, match="runs more than once"):
         _attack(shared, *fashion.batch(1, seed=0))
+    frozen = GeluNet()
+    frozen.fc1.requires_grad_(False)
+    with pytest.raises(ModelError, match="frozen on the client"):
+        _attack(frozen, *fashion.batch(1, seed=0))
     with pytest.raises(FedleakError, match="unknown first-layer option"):
         _attack(GeluNet(), *fashion.batch(1, seed=0), iterations=3)
 

@@ -143,6 +143,9 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
     check_matches_model(model, update.gradients)
     shape, notes = _sample_shape(model, input_shape)
     layer = first_linear(model, shape)
+    if layer.weight not in update.gradients or layer.bias not in update.gradients:
+        raise ModelError(f"the update holds no gradient of the Linear layer '{layer.name}' that reads the sample "
+                         "(frozen on the client), which is all this attack reads")
     G, g = update.gradients[layer.weight].to(F64), update.gradients[layer.bias].to(F64)
     if G.shape[1] != math.prod(shape):
         raise ModelError(f"the Linear layer '{layer.name}' reads {G.shape[1]} values, not one input of shape {shape}")
