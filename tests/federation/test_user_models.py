@@ -346,3 +346,21 @@ def test_a_batch_norm_model_s_state_dicts_are_audited(digits, server_identity):
     assert result.arrays.to_torch_state_dict()["1.num_batches_tracked"].dtype == torch.int64
     assert all("in 1 local step" in r.update_kind for r in records)
     assert all(r.certified == 0 and "BatchNorm '1' in training mode" in r.reason for r in records)
+
+
+def test_the_honest_server_audits_a_model_the_exact_attack_cannot_read_with_auto():
+    """A LayerNorm or residual model is federated and audited (it was refused): the honest server runs auto,
+    whose first-layer route certifies one-sample updates and whose IG searches the rest within attack_budget;
+    a ReLU MLP keeps the exclusivity attack, and a malicious server its own."""
+    from fedleak.federation import FederationSettings
+    from fedleak.federation.hooks import audit_attack, get_threat
+
+    settings = FederationSettings(attack_budget=7.0)
+    honest = get_threat("honest")
+    for model in (LayerNormMLP(), ResidualMLP()):
+        chosen = audit_attack(honest, settings, model, (16,))
+        assert chosen.name == "auto" and chosen.options == {"budget": 7.0, "progress": False, "input_shape": (16,)}
+        AuditFedAvg(model, AuditPlan(chosen.name, chosen.options), audit_mode="sync")  # not refused
+    mlp = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert audit_attack(honest, settings, mlp, (16,)).name == "exclusivity"
+    assert audit_attack(get_threat("trap-weights"), settings, LayerNormMLP(), (16,)).name == "trap-weights"

@@ -13,13 +13,14 @@ the row gives every ``x_j`` to within two units in the last place) and certifies
    of a probe input checks that the layer's input is the probe and that the layer runs once, and the parameters
    are registered once;
 3. the model's gradient at the rebuilt input, for one of its classes (the one its output layer's bias gradient
-   marks, else each in turn), reproduces every tensor of the update to :data:`RESIDUAL_TOL` relative. This
+   marks, else each in turn), times one positive scale (1 for a client's gradient, the learning rate for the
+   change of one SGD step), reproduces every tensor of the update to :data:`RESIDUAL_TOL` relative. This
    rejects updates that are not the plain gradient but whose first layer still looks like one sample's (the
    rows of a sign-compressed gradient give ``sign(x)``), and a client whose model computes otherwise (Dropout in
    training mode, another loss).
 
-Then every single sample with this gradient is the rebuilt one, to rounding: the certificate's claim is the
-standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
+Then every single sample with this gradient (at any scale) is the rebuilt one, to rounding: the certificate's
+claim is the standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
 """
 
 from __future__ import annotations
@@ -113,16 +114,27 @@ def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tupl
         return (width,), (f"input shape not found: read as a vector of {width} (pass input_shape=)",)
 
 
-def _residual(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor]) -> float:
-    """The largest relative mismatch, over the update's tensors, of the model's gradient at ``(x, label)``."""
+@dataclass(frozen=True)
+class Fit:
+    """How the gradient of the rebuilt input and one label matches the update: ``scale`` (update over gradient:
+    1 for a client's gradient, its learning rate for an update of one SGD step) and ``residual``, the largest
+    relative mismatch over the update's tensors after that scale."""
+
+    scale: float
+    residual: float
+
+
+def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor]) -> Fit:
     grads = compute_gradient_update(model, x, torch.tensor([label], device=x.device)).gradients
+    pairs = [(grads[n].to(device=t.device, dtype=F64), t.to(F64)) for n, t in observed.items()]
+    scale = sum(float((g * t).sum()) for g, t in pairs) / max(sum(float((g * g).sum()) for g, _ in pairs), 1e-300)
+    if not scale > 0:
+        return Fit(scale, math.inf)
     worst = 0.0
-    for n, g in observed.items():
-        ref = g.to(F64)
-        scale = float(ref.norm())
-        diff = float((grads[n].to(device=ref.device, dtype=F64) - ref).norm())
-        worst = max(worst, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
-    return worst
+    for g, t in pairs:
+        ref, diff = float(t.norm()), float((t - scale * g).norm())
+        worst = max(worst, diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf))
+    return Fit(scale, worst)
 
 
 @register_attack(ROUTE, update_kinds=("gradient",),
@@ -156,22 +168,22 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
     x = (G[row] / g[row]).reshape(1, *shape).to(next(model.parameters()).dtype)
     observed = dict(update.gradients)
     label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
-    fits = {label: _residual(model, x, label, observed)}
-    if fits[label] > opts.tolerance:  # no bias, or another loss: every class is tried
-        fits.update({c: _residual(model, x, c, observed) for c in range(_classes(model, x)) if c != label})
-    label = min(fits, key=fits.get)
-    residual = fits[label]
+    fits = {label: _fit(model, x, label, observed)}
+    if fits[label].residual > opts.tolerance:  # no bias, or another loss: every class is tried
+        fits.update({c: _fit(model, x, c, observed) for c in range(_classes(model, x)) if c != label})
+    label = min(fits, key=lambda c: fits[c].residual)
+    fit = fits[label]
     if update.num_examples != 1:
         why = ("the batch size is not known: pass num_examples=1 if the client sent one sample's gradient"
                if update.num_examples is None else
                f"a batch of {update.num_examples}: every row mixes the samples, so the rebuilt input may be a blend")
-    elif residual > opts.tolerance:
+    elif fit.residual > opts.tolerance:
         why = (f"the model's gradient at the rebuilt input differs from the update (relative residual "
-               f"{residual:.1e} > {opts.tolerance:g}): it is not one plain gradient of this model as given (a defense, "
-               "Dropout or BatchNorm in training mode, another loss)")
+               f"{fit.residual:.1e} > {opts.tolerance:g}, at any positive scale): it is not one plain gradient of "
+               "this model as given (a defense, Dropout or BatchNorm in training mode, another loss)")
     else:
         why = ""
-    return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, residual)
+    return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, fit)
 
 
 def _label(model: nn.Module, observed: dict[str, torch.Tensor]) -> int:
@@ -189,12 +201,13 @@ def _classes(model: nn.Module, x: torch.Tensor) -> int:
 
 def _result(model: nn.Module, shape: tuple[int, ...], x: torch.Tensor | None, label: int, certified: bool,
             reason: str, batch_size: int | None, notes: tuple[str, ...], start: float,
-            residual: float = math.nan) -> Reconstruction:
+            fit: Fit | None = None) -> Reconstruction:
     rebuilt = x is not None
     inputs = x.detach().cpu() if rebuilt else torch.zeros((0, *shape))
     route = f"{ROUTE} ({'certified' if certified else 'uncertified'})"
-    samples = (SampleRecovery(label, certified, reason, residual=residual, scale=1.0, route=route),) if rebuilt \
-        else ()
+    fit = fit or Fit(math.nan, math.nan)
+    samples = ((SampleRecovery(label, certified, reason, residual=fit.residual, scale=fit.scale, route=route),)
+               if rebuilt else ())
     return Reconstruction(
         inputs=inputs, labels=torch.tensor([label] if rebuilt else [], dtype=torch.long),
         certified=torch.tensor([certified] if rebuilt else [], dtype=torch.bool), attack=ROUTE, samples=samples,

@@ -28,7 +28,7 @@ from fedleak.defenses.stack import DefenseStack  # noqa: E402
 from fedleak.federation.client import CLIENT_RATE  # noqa: E402
 from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY  # noqa: E402
 from fedleak.federation.flower_native import wrap_strategy  # noqa: E402
-from fedleak.federation.hooks import get_threat  # noqa: E402
+from fedleak.federation.hooks import audit_attack, get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
 from fedleak.nets.frontend import TRACE_LOCK  # noqa: E402
@@ -81,11 +81,13 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
 
         tamper = _tamper
     stack = settings.stack.bind(data_range=split.value_range, num_classes=split.num_classes)
+    model = make_model(settings, split)
+    # the data's input shape: the attacks need not infer it from the layers (a CNN fits larger images too)
+    attack = audit_attack(threat, settings, model, tuple(split.input_shape))
     audit = AuditFedAvg(
-        make_model(settings, split),
-        # the data's input shape: the attacks need not infer it from the layers (a CNN fits larger images too)
-        AuditPlan(threat.attack, {**threat.attack_options(settings), "input_shape": tuple(split.input_shape)},
-                  threat.update_kind, multi_step_attack="auto" if threat.update_kind == "gradient" else None,
+        model,
+        AuditPlan(attack.name, attack.options, threat.update_kind,
+                  multi_step_attack="auto" if threat.update_kind == "gradient" else None,
                   multi_step_options={"budget": settings.attack_budget, "progress": False,
                                       "input_shape": tuple(split.input_shape)},
                   defense=stack if stack else None),
