@@ -91,3 +91,29 @@ def test_auto_takes_the_first_layer_where_the_exact_route_cannot_read_the_model(
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x2, y2), attack="auto", progress=False,
                               iterations=2)
     assert rec.attack == "auto:ig" and rec.num_certified == 0
+
+
+def test_the_users_model_is_left_as_it_was(fashion):
+    """The attack runs the model several times; its buffers (here a counter of forward passes, as BatchNorm's
+    statistics in training mode) are as they were after it."""
+
+    class Counting(GeluNet):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("passes", torch.zeros(()))
+
+        def forward(self, x):
+            self.passes += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = Counting()
+    x, y = fashion.batch(1, seed=0)
+    update = fedleak.compute_gradient_update(model, x, y)
+    rec = fedleak.reconstruct(model, update, attack="first-layer", input_shape=(1, 28, 28))
+    assert rec.num_certified == 1 and float(model.passes) == 1.0
+    model.fc1 = nn.Sequential(nn.Linear(784, 64), nn.BatchNorm1d(64))  # training mode: one sample cannot pass
+    model.fc2 = nn.Linear(64, 10)
+    with pytest.raises(ModelError, match="Expected more than 1 value per channel when training"):
+        fedleak.reconstruct(model, fedleak.compute_gradient_update(model, *fashion.batch(2, seed=0)),
+                            attack="first-layer", input_shape=(1, 28, 28))

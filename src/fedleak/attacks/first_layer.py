@@ -36,8 +36,9 @@ from fedleak.attacks.labels import class_signal
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.nets import input_shape_of
+from fedleak.nets.buffers import buffers_kept
 from fedleak.reconstruction import Reconstruction, SampleRecovery
-from fedleak.updates import as_gradient_update, check_matches_model, compute_gradient_update
+from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model, compute_gradient_update
 from fedleak.validation import check_module, options_from, validate_fields
 
 F64 = torch.float64
@@ -79,9 +80,9 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     try:
         with torch.no_grad():
             model(probe)
-    except RuntimeError as exc:
-        raise ModelError(f"the model does not run on one input of shape {input_shape} ({exc}); pass input_shape="
-                         ) from None
+    except (RuntimeError, ValueError) as exc:  # torch raises either (BatchNorm in training mode: ValueError)
+        raise ModelError(f"the model does not run on one input of shape {input_shape} ({exc}); a model that "
+                         "cannot, cannot have sent one sample's gradient; else pass input_shape=") from None
     finally:
         for h in hooks:
             h.remove()
@@ -153,6 +154,12 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
     model = check_module(model)
     update = as_gradient_update(update)
     check_matches_model(model, update.gradients)
+    with buffers_kept(model):  # a model in training mode moves its BatchNorm statistics in every pass
+        return _attack(model, update, input_shape, opts, start)
+
+
+def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ...] | None, opts: FirstLayerOptions,
+            start: float) -> Reconstruction:
     shape, notes = _sample_shape(model, input_shape)
     layer = first_linear(model, shape)
     if layer.weight not in update.gradients or layer.bias not in update.gradients:

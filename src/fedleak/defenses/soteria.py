@@ -39,6 +39,7 @@ from fedleak.defenses.base import (
     register_defense,
 )
 from fedleak.errors import ModelError, OptionError
+from fedleak.nets.buffers import buffers_kept
 
 CHUNK_ELEMENTS = 2**23  # per chunk: at most ~this many numbers in each activation of the stacked copies
 FORWARD_PASS_COST = 2  # a forward-mode pass costs about this many reverse-mode passes (measured on CPU)
@@ -180,8 +181,7 @@ def feature_scores(model: nn.Module, layer: nn.Linear, inputs: torch.Tensor) -> 
     """
     dtype = next(model.parameters()).dtype
     x = inputs.detach().to(dtype)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
+    with buffers_kept(model):
         with torch.no_grad():
             r = representation(model, layer, x)
             widest = widest_activation(model, x)
@@ -198,10 +198,6 @@ def feature_scores(model: nn.Module, layer: nn.Linear, inputs: torch.Tensor) -> 
                 norms = None
         if norms is None:
             norms = jacobian_row_norms_reverse(fn, x, chunk)
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
     magnitude = r.abs().double().cpu()
     # a sample whose feature is 0 (an inactive ReLU) adds nothing to that column's gradient, so nothing to the
     # score; a feature inactive for the whole batch has a zero column already: +inf, never spent a pruning slot on

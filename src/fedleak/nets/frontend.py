@@ -14,12 +14,12 @@ import operator
 import threading
 import weakref
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
@@ -84,19 +84,6 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                          "(dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
 
 
-@contextmanager
-def _buffers_kept(model: nn.Module):
-    """Run the model without changing it: buffers (BatchNorm statistics) are restored, no autograd."""
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
-
-
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -116,7 +103,7 @@ def _probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) 
     forward that records nothing, for a quick yes or no); why the model cannot take it, or None."""
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.zeros(PROBE_BATCH, *shape, dtype=dtype, device=_device(model))
-    with _buffers_kept(model), torch.no_grad():
+    with buffers_kept(model), torch.no_grad():
         try:
             out = model(x) if gm is None else _ShapeRecorder(gm).run(x)
         except Exception as err:  # a wrong shape fails anywhere in the user's forward
