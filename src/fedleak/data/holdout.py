@@ -14,6 +14,11 @@ import torch
 SHUFFLE_SEED = 0
 
 
+def held_out_size(samples: int, most: int) -> int:
+    """How many of ``samples`` a run holds out (a test set, a public set) unless told: a fifth, at most ``most``."""
+    return min(most, samples // 5)
+
+
 def split_order(labels: torch.Tensor, size: int, *, at_end: bool = True) -> torch.Tensor | None:
     """The order to take the data set's samples in before holding out ``size`` of them at its end (or, with
     ``at_end=False``, its start): ``None`` (as they are) where those hold every class of ``labels`` (or ``size``

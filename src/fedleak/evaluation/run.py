@@ -22,7 +22,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.clients.defended import defended_local_round
 from fedleak.clients.mode import client_mode
 from fedleak.data import Dataset, load_dataset
-from fedleak.data.holdout import split_order
+from fedleak.data.holdout import held_out_size, split_order
 from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import DataError, FedleakError
@@ -72,7 +72,7 @@ def _prepare(settings: EvaluationSettings, model: nn.Module | None) -> Federatio
     unset = (f"left unset, the test set is a fifth of the data held out (at most {TEST_SIZE}) and each client gets "
              f"an equal share of the rest (at most {CLIENT_SIZE})")
     if settings.test_data is None:
-        test_size = min(TEST_SIZE, len(train) // 5) if settings.test_size is None else settings.test_size
+        test_size = held_out_size(len(train), TEST_SIZE) if settings.test_size is None else settings.test_size
         pool = len(train) - test_size
     else:
         test = load_dataset(settings.test_data)

@@ -251,12 +251,12 @@ def data_split(data: str, test_size: int | None, public_size: int | None) -> Dat
     miss a class, all three are cut from a fixed shuffle of the data set (:func:`fedleak.data.holdout.split_order`),
     the same for every party. A size left ``None`` is a fifth of the data set, at most :data:`HELD_OUT`."""
     from fedleak.data import load_dataset
-    from fedleak.data.holdout import split_order
+    from fedleak.data.holdout import held_out_size, split_order
 
     ds = load_dataset(data)
     n = len(ds)
     asked = f"test_size={test_size}, public_size={public_size}"
-    test_size, public_size = (min(HELD_OUT, n // 5) if size is None else size for size in (test_size, public_size))
+    test_size, public_size = (held_out_size(n, HELD_OUT) if size is None else size for size in (test_size, public_size))
     n_train = n - test_size - public_size
     if test_size < 1 or public_size < 0 or n_train < 1:
         raise FedleakError(f"{ds.name} has {n} samples: too few for {asked} (left unset, each is a fifth of the "
