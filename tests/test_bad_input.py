@@ -487,6 +487,18 @@ class TestCommandLine:
         assert capsys.readouterr().err == "fedleak: interrupted\n"
 
 
+def _catches_sigint(pid: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for SIGINT (Linux's /proc; elsewhere assumed so)."""
+    import signal
+
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next((line.split()[1] for line in status if line.startswith("SigCgt:")), None)
+    except OSError:
+        return True
+    return caught is None or bool(int(caught, 16) >> (signal.SIGINT - 1) & 1)
+
+
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     """A real SIGINT while the script is still starting (importing torch) or already auditing: one line, exit code
     130, no traceback, no output folder. The audit of a real data set takes seconds, so the signal always arrives
@@ -500,6 +512,11 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fedleak", "audit", "--data", "digits", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # a SIGINT before the interpreter has installed its handler kills any Python process: on a loaded machine its
+    # start can take longer than the wait below, so the signal is sent only once a handler is in place
+    deadline = time.monotonic() + 30
+    while not _catches_sigint(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -5,32 +5,21 @@ when it is one sample's plain gradient of that model."""
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
-from user_models import DropoutMLP, FlowerNet, LayerNormMLP, ResidualMLP
+from user_models import DropoutMLP, FlowerNet, GeluMLP, LayerNormMLP, ResidualMLP
 
 import fedleak
 from fedleak.errors import FedleakError, ModelError
-
-
-class GeluNet(nn.Module):
-    def __init__(self, width: int = 256):
-        super().__init__()
-        self.fc1 = nn.Linear(784, width)
-        self.fc2 = nn.Linear(width, 10)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x.flatten(1))))
 
 
 def _attack(model, x, y, **kwargs):
     return fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="first-layer", **kwargs)
 
 
-@pytest.mark.parametrize("make", [GeluNet, ResidualMLP, LayerNormMLP])
+@pytest.mark.parametrize("make", [GeluMLP, ResidualMLP, LayerNormMLP])
 def test_one_sample_is_certified_and_exact_through_layers_the_exact_route_cannot_read(make, fashion):
     torch.manual_seed(0)
     model = make().eval()
-    x, y = fashion.batch(1, seed=3) if make is GeluNet else (torch.rand(1, 16), torch.tensor([2]))
+    x, y = fashion.batch(1, seed=3) if make is GeluMLP else (torch.rand(1, 16), torch.tensor([2]))
     with pytest.raises(FedleakError):
         fedleak.as_network(model)  # not a network the exclusivity attack reads
     rec = _attack(model, x, y)
@@ -44,7 +33,7 @@ def test_what_is_not_one_plain_gradient_is_not_certified(fashion):
     """Two samples (each row a sum of both), an unknown count, a sign-compressed gradient (whose rows all give
     sign(x), one consistent but wrong input) and a model computing with Dropout active: no certificate."""
     torch.manual_seed(0)
-    model = GeluNet().eval()
+    model = GeluMLP().eval()
     x2, y2 = fashion.batch(2, seed=4)
     rec = _attack(model, x2, y2)
     assert rec.num_certified == 0 and "a batch of 2" in rec.samples[0].reason
@@ -70,19 +59,19 @@ def test_models_whose_input_does_not_enter_a_linear_layer_are_refused(fashion):
     shared.append(shared[1]).append(nn.Linear(784, 10))  # the first Linear runs twice
     with pytest.raises(ModelError, match="runs more than once"):
         _attack(shared, *fashion.batch(1, seed=0))
-    frozen = GeluNet()
+    frozen = GeluMLP()
     frozen.fc1.requires_grad_(False)
     with pytest.raises(ModelError, match="frozen on the client"):
         _attack(frozen, *fashion.batch(1, seed=0))
     with pytest.raises(FedleakError, match="unknown first-layer option"):
-        _attack(GeluNet(), *fashion.batch(1, seed=0), iterations=3)
+        _attack(GeluMLP(), *fashion.batch(1, seed=0), iterations=3)
 
 
 def test_auto_takes_the_first_layer_where_the_exact_route_cannot_read_the_model(fashion):
     """A one-sample gradient of a model the exclusivity attack refuses: auto certifies it from the first layer
     instead of handing it to IG; of two samples, IG as before."""
     torch.manual_seed(0)
-    model = GeluNet().eval()
+    model = GeluMLP().eval()
     x, y = fashion.batch(1, seed=3)
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="auto", progress=False)
     assert rec.attack == "auto:first-layer" and rec.num_certified == 1
@@ -97,7 +86,7 @@ def test_the_users_model_is_left_as_it_was(fashion):
     """The attack runs the model several times; its buffers (here a counter of forward passes, as BatchNorm's
     statistics in training mode) are as they were after it."""
 
-    class Counting(GeluNet):
+    class Counting(GeluMLP):
         def __init__(self):
             super().__init__()
             self.register_buffer("passes", torch.zeros(()))

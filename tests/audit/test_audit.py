@@ -124,3 +124,28 @@ def test_a_scenario_that_cannot_work_on_the_model_is_refused_before_any_batch(mo
     with pytest.raises(fedleak.FedleakError, match="fishing cannot make any sample of this model certifiable"):
         run_audit(settings, model=FlowerNet().eval())
     assert not attacked
+
+
+def test_a_model_the_exclusivity_analysis_does_not_read_is_audited_by_the_other_attacks(tmp_path):
+    """A GELU model: the ExAN condition is not counted (None, "n/a" in the report, a note saying why, not a count
+    of 0); the audit's default, the exclusivity attack, gives way to 'auto' (as a federation's honest server does),
+    and 'first-layer' audits it as asked."""
+    from user_models import GeluMLP
+
+    model = GeluMLP(64, 256, 10).eval()
+    by_default = run_audit(AuditSettings(data="digits", batch_sizes=(1,), trials=1, budget=2), model=model)
+    assert by_default.batches[0].recovered == 1 and by_default.batches[0].certifiable is None
+    assert any("the audit ran 'auto'" in n for n in by_default.notes)
+    settings = AuditSettings(data="digits", batch_sizes=(1, 2), trials=2, attack="first-layer")
+    result = run_audit(settings, model=model)
+    by_size = {r["batch_size"]: r for r in result.summary_rows()}
+    assert by_size[1]["recovered_fraction"] == 1.0 and by_size[2]["recovered_fraction"] == 0.0
+    assert by_size[1]["certifiable_fraction"] is None
+    assert all(b.certifiable is None and b.exan_counts == [] for b in result.batches)
+    assert any("does not read this model" in n and "gelu" in n for n in result.notes)
+    assert not any("the audit ran 'auto'" in n for n in result.notes)
+    assert all(b.false_certificates == 0 for b in result.batches)
+    write_audit(result, tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    assert "n/a" in html and "The ExAN condition was not counted" in html
+    assert "certified 100% (2 of 2) at batch 1" in html

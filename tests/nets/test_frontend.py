@@ -81,7 +81,7 @@ def test_an_inferred_input_shape_says_which_sizes_fit():
     network's caveats (its reasons when nothing is certified) name them. A shape that is given has none."""
     net = as_network(StridedNet())
     assert net.input_shape == (1, 7, 7) and "(7 to 8 pixels a side fit)" in net.notes[0]
-    assert net.caveats == ("your images are not the (1, 7, 7) inferred for the model: square images of 7 to 8 "
+    assert net.caveats == ("your inputs are not the (1, 7, 7) inferred for the model: square images of 7 to 8 "
                            "pixels a side fit its layers (pass input_shape=)",)
     assert as_network(StridedNet(), input_shape=(1, 8, 8)).caveats == ()
     exact = as_network(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)))
@@ -295,3 +295,60 @@ def test_sequential_is_read_without_the_tracer_and_the_same_as_traced():
 
     assert sequential_graph(nn.Sequential(nn.Linear(4, 4), Custom(), nn.Linear(4, 2))) is None
     assert as_network(nn.Sequential(nn.Linear(4, 4), Custom(), nn.Linear(4, 2))).head.depth == 1
+
+
+class Signal1d(nn.Module):
+    """A 1-D CNN of the kind time-series clients train (ECG, activity): Conv1d, F.relu, flatten, Linear."""
+
+    def __init__(self, length=64):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 5, padding=2)
+        self.fc = nn.Linear(4 * length, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_input_shape_of_one_and_three_dimensional_convolutions():
+    """A Conv1d model takes (C, L) signals and a Conv3d model (C, D, H, W) volumes: the shortest that fits is
+    inferred, as the smallest square image is for a Conv2d model (a later Linear layer's width is not the input's)."""
+    from fedleak.nets import input_shape_of
+
+    shape, notes = input_shape_of(Signal1d())
+    assert shape == (2, 64) and "signals of the smallest length that fits" in notes[0]
+    cube = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 ** 3, 2))
+    assert input_shape_of(cube)[0] == (1, 6, 6, 6)
+    assert input_shape_of(nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 2)))[0] == (12,)
+
+
+def test_a_first_layer_that_does_not_say_the_input_shape_is_named():
+    """A recurrent (or embedding) first layer does not give the input's shape: one line names it; a Linear layer
+    after it is not read as the input's width."""
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 8, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    from fedleak.nets import input_shape_of
+
+    with pytest.raises(ModelError, match=r"first layer with weights, 'rnn' \(GRU\), does not say the shape"):
+        input_shape_of(Recurrent())
+    x, y = torch.rand(2, 10, 4), torch.tensor([0, 2])
+    update = fedleak.compute_gradient_update(Recurrent(), x, y)
+    with pytest.raises(ModelError, match="could not derive it from the layer shapes: .*'rnn' .*pass input_shape="):
+        fedleak.reconstruct(Recurrent(), update, attack="ig")
+
+
+def test_a_conv1d_model_is_refused_by_name_by_the_exact_methods_and_rebuilt_by_the_others():
+    torch.manual_seed(0)
+    model = Signal1d()
+    x, y = torch.rand(1, 2, 64), torch.tensor([1])
+    update = fedleak.compute_gradient_update(model, x, y)
+    with pytest.raises(ModelError, match=r"node 'conv' \(Conv1d\): not supported.*'auto' and the optimisation"):
+        fedleak.reconstruct(model, update)
+    rec = fedleak.reconstruct(model, update, attack="dlg", iterations=2)  # the shape inferred, no input_shape=
+    assert rec.inputs.shape == (1, 2, 64)

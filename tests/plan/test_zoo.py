@@ -90,3 +90,27 @@ def test_weights_must_fit_and_are_never_unpickled(tmp_path):
     with pytest.raises(fedleak.ModelError, match="already holds"):
         fedleak.load_model(tmp_path / "m.safetensors", weights=tmp_path / "other.pt")
     assert fedleak.load_model(tmp_path / "m.safetensors").module[1].out_features == 16
+
+
+def test_a_model_that_takes_the_datas_values_laid_out_otherwise_is_told_how_to_read_them(tmp_path):
+    """A data set holds C x H x W images: a file of N x 1 x L signals is read as N x 1 x 1 x L. A Conv1d model
+    taking (1, L) is refused in one line that says which view of the sample it needs."""
+    from fedleak.models.zoo import load_model_for
+
+    source = tmp_path / "signal.py"
+    source.write_text(
+        "import torch.nn as nn, torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv1d(1, 4, 5, padding=2)\n"
+        "        self.fc = nn.Linear(4 * 64, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(F.relu(self.conv(x)).flatten(1))\n")
+    view = r"x = x\.view\(x\.size\(0\), 1, 64\)"
+    with pytest.raises(fedleak.FedleakError, match=r"takes inputs of shape \(1, 64\).*" + view):
+        load_model_for(f"{source}:Net", (1, 1, 64), 3)
+    assert load_model_for(f"{source}:Net", (1, 64), 3) is not None
+    with pytest.raises(fedleak.FedleakError, match=r"does not run on the data's inputs \(1, 1, 32\)") as info:
+        load_model_for(f"{source}:Net", (1, 1, 32), 3)
+    assert "laid out otherwise" not in str(info.value)

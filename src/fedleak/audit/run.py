@@ -102,7 +102,7 @@ class BatchResult:
     scenario: str
     batch_size: int
     trial: int
-    certifiable: int
+    certifiable: int | None  # None: the exclusivity analysis does not read the model (AuditResult.notes says why)
     exan_counts: list[list[int]]  # per layer, per sample
     rebuilt: int
     certified: int
@@ -168,7 +168,7 @@ class AuditResult:
                 "scenario": scenario,
                 "batch_size": size,
                 "trials": len(group),
-                "certifiable_fraction": sum(b.certifiable for b in group) / n,
+                "certifiable_fraction": _certifiable(group, n),
                 "recovered_fraction": sum(b.recovered for b in group) / n,
                 "exact_fraction": sum(b.exact for b in group) / n,
                 "certified": sum(b.certified for b in group),
@@ -201,6 +201,12 @@ class AuditResult:
         return out
 
 
+def _certifiable(group: Sequence[BatchResult], n: int) -> float | None:
+    """The certifiable fraction of ``n`` samples over ``group``'s batches; None where it was not counted."""
+    counts = [b.certifiable for b in group]
+    return None if None in counts else sum(counts) / n
+
+
 def _nanmean(values: Sequence[float]) -> float | None:
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
@@ -209,10 +215,12 @@ def _nanmean(values: Sequence[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _withheld(scenario: str, size: int, trial: int, transform_seconds: float, net: nn.Module) -> BatchResult:
-    depth = sum(isinstance(m, nn.ReLU) for m in net.modules())
+def _withheld(scenario: str, size: int, trial: int, transform_seconds: float, net: nn.Module,
+              analysed: bool) -> BatchResult:
+    depth = sum(isinstance(m, nn.ReLU) for m in net.modules()) if analysed else 0
     return BatchResult(
-        scenario=scenario, batch_size=size, trial=trial, certifiable=0, exan_counts=[[] for _ in range(depth)],
+        scenario=scenario, batch_size=size, trial=trial, certifiable=0 if analysed else None,
+        exan_counts=[[] for _ in range(depth)],
         rebuilt=0, certified=0, recovered=0, exact=0, false_certificates=0, inferred_batch_size=None,
         batch_certified=False, label_accuracy=float("nan"), mean_psnr=float("nan"), mean_ssim=float("nan"),
         client_seconds=0.0, transform_seconds=transform_seconds, attack_seconds=0.0, per_sample={}, sent=0,
@@ -250,25 +258,26 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
     return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
 
 
-def _client_mode_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple[str, ...]:
-    """What clients in training mode change, for a model with Dropout or BatchNorm: the exact methods model its
-    eval-mode network, which such clients do not run (nothing is certifiable); else nothing."""
-    if client_mode != "train":
-        return ()
+def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple[bool, tuple[str, ...]]:
+    """Whether the exclusivity analysis reads ``net``, and what keeps its count of certifiable samples from
+    applying: a model it does not read (GELU, a residual path, a Conv1d: the other attacks still audit it), or
+    clients in training mode with Dropout or BatchNorm (the exact methods model the eval-mode network, which such
+    clients do not run: nothing is certifiable)."""
     from fedleak.binary import as_two_class
     from fedleak.nets import as_network
     from fedleak.nets.network import batch_norms, training_mode_cause
 
     try:
         read = as_network(as_two_class(net)[0], input_shape=data.input_shape)
-    except FedleakError:  # a model the exact methods do not read: nothing they would count
-        return ()
-    if not read.mode_dependent:
-        return ()
+    except FedleakError as exc:
+        return False, (f"the exclusivity analysis does not read this model ({exc}): which samples meet the ExAN "
+                       "condition is not counted, and the exclusivity attack does not apply",)
+    if client_mode != "train" or not read.mode_dependent:
+        return True, ()
     cause = training_mode_cause(read.dropout, batch_norms(read.blocks))
-    return (f"the clients compute their updates in training mode: {cause}; no sample is counted "
-            "certifiable (the exact condition is that of the eval-mode network); client_mode='eval' audits "
-            "clients that compute in eval mode",)
+    return True, (f"the clients compute their updates in training mode: {cause}; no sample is counted "
+                  "certifiable (the exact condition is that of the eval-mode network); client_mode='eval' audits "
+                  "clients that compute in eval mode",)
 
 
 def _jobs(settings: AuditSettings) -> Iterator[tuple[str, int, int]]:
@@ -298,7 +307,12 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
-    mode_notes = _client_mode_notes(net, data, settings.client_mode)  # clients the exact condition misreads
+    analysed, notes = _exclusivity_notes(net, data, settings.client_mode)  # what its count of certifiable misses
+    attack = settings.attack
+    if not analysed and attack == "exclusivity":  # as a federation's honest server does: see the note
+        attack = "auto"
+        notes += (f"the exclusivity attack does not read this model either: the audit ran 'auto' (the first-layer "
+                  f"attack on one-sample updates, else IG within {settings.budget:g} s per batch)",)
     scenarios = audited_scenarios(settings, data)
     for scenario in scenarios.values():  # a client hook that cannot work on this model says so before any batch runs
         if scenario.transform is not None:
@@ -321,15 +335,15 @@ def run_audit(
         with client_mode(net, settings.client_mode):  # back in eval mode for the server's attack
             client = _client_update(net, xt, yt, scenario, batch_seed)
         if client is None:  # the client withheld the whole batch: nothing is sent, nothing leaks
-            batches.append(_withheld(name, size, trial, t1 - t0, net))
+            batches.append(_withheld(name, size, trial, t1 - t0, net, analysed))
             continue
         if (name, size) not in guarantees:
             guarantees[(name, size)] = [p.to_dict() for p in scenario.stack.privacy(_accounting(size, len(data)))]
         xs, ys = client.inputs, hard_labels(client.labels)  # soft labels (MixUp) scored as their top class
-        options = {"budget": settings.budget, "progress": False} if settings.attack == "auto" else {}
-        rec, aware = reconstruct_aware(net, client.update, attack=settings.attack, defense=scenario.stack or None,
+        options = {"budget": settings.budget, "progress": False} if attack == "auto" else {}
+        rec, aware = reconstruct_aware(net, client.update, attack=attack, defense=scenario.stack or None,
                                        **options)
-        report = analyze_exclusivity(net, xs, ys)
+        report = analyze_exclusivity(net, xs, ys) if analysed else None
         scores = match(rec, xs, ys, data_range=data.pixel_range, normalization=data.normalization)
         kept = _kept(x, xs)
         dropped = sorted(set(range(size)) - set(kept.tolist()))
@@ -342,8 +356,9 @@ def run_audit(
             pert_psnr = float(psnr(data.pixels(xs), data.pixels(xk), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(
             scenario=name, batch_size=size, trial=trial,
-            certifiable=0 if mode_notes else int(report.certifiable.sum()),  # not the network the client ran
-            exan_counts=[layer.effective_exans.tolist() for layer in report.layers],
+            # None: not analysed; 0 with notes: the clients ran another network (training mode) than the one analysed
+            certifiable=None if report is None else 0 if notes else int(report.certifiable.sum()),
+            exan_counts=[] if report is None else [layer.effective_exans.tolist() for layer in report.layers],
             rebuilt=len(rec), certified=rec.num_certified, recovered=int(scores.recovered.sum()),
             exact=int(scores.exact.sum()), false_certificates=scores.false_certificates,
             inferred_batch_size=rec.batch_size, batch_certified=rec.batch_certified,
@@ -362,7 +377,7 @@ def run_audit(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
         value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()},
-        notes=mode_notes,
+        notes=notes,
     )
 
 

@@ -48,7 +48,8 @@ def _print_summary(result, out_dir: Path) -> None:
         total = r["batch_size"] * r["trials"]
         psnr = psnr_text(r["mean_psnr"], sent) or "–"
         sent_of = f"{sent}/{total}"
-        typer.echo(f"{r['scenario']:<{width}}{r['batch_size']:>6}{sent_of:>9}{percent(r['certifiable_fraction']):>13}"
+        certifiable = percent(r["certifiable_fraction"]) or "n/a"  # None: the model was not analysed
+        typer.echo(f"{r['scenario']:<{width}}{r['batch_size']:>6}{sent_of:>9}{certifiable:>13}"
                    f"{percent(r['recovered_fraction']):>11}{r['false_certificates']:>11}{psnr:>9}"
                    f"{r['attack_ms']:>11.1f}")
     for line in _privacy_lines(result):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -229,12 +230,29 @@ def load_model_for(spec: str | os.PathLike[str], input_shape: tuple[int, ...], n
             shape = tuple(model(torch.zeros(2, *input_shape)).shape)
     except Exception as exc:  # noqa: BLE001 - any error of the user's forward is reported as one line
         raise ModelError(f"model {spec} does not run on the data's inputs {tuple(input_shape)}: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{type(exc).__name__}: {exc}{_layout_hint(model, tuple(input_shape))}") from None
     if len(shape) != 2 or not (shape[1] >= num_classes or (binary and shape[1] == 1 and num_classes == 2)):
         gives = f"{shape[1]} outputs per sample" if len(shape) == 2 else f"outputs of shape {shape} for 2 samples"
         raise ModelError(f"model {spec} gives {gives}, but the data has {num_classes} classes: it needs an output "
                          "per class")
     return model
+
+
+def _layout_hint(model: nn.Module, data_shape: tuple[int, ...]) -> str:
+    """What to do when the model takes as many values per sample as the data holds, laid out otherwise (a data set
+    holds images, C x H x W: a file of N x C x L signals is read as N x 1 x C x L)."""
+    from fedleak.nets import input_shape_of
+
+    try:
+        own = input_shape_of(model)[0]
+    except ModelError:
+        return ""
+    if own == data_shape or math.prod(own) != math.prod(data_shape):
+        return ""
+    view = ", ".join(["x.size(0)", *(str(s) for s in own)])
+    return (f". The model takes inputs of shape {own}, the same {math.prod(own)} values per sample laid out otherwise "
+            f"(fedleak's data sets hold C x H x W images; N x C x L signals are read as N x 1 x C x L): begin its "
+            f"forward with x = x.view({view})")
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:

@@ -80,8 +80,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
-                         "methods need a forward without data-dependent control flow; the optimisation attacks "
-                         "(dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
+                         "methods need a forward without data-dependent control flow; 'auto' and the optimisation "
+                         "attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -138,43 +138,75 @@ def output_linear(model: nn.Module) -> str | None:
     return None
 
 
-def _first_layer(gm: fx.GraphModule) -> nn.Module | None:
+def _first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
+    """The first module the traced forward calls that holds weights of its own (its name and the module)."""
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], (nn.Linear, nn.Conv2d)):
-            return modules[node.target]
+        if node.op == "call_module" and next(modules[node.target].parameters(recurse=False), None) is not None:
+            return node.target, modules[node.target]
     return None
 
 
+# where the input's last dimensions are not fixed by the first layer: the most of each tried (signals, images,
+# volumes), a side at a time, when the input shape must be inferred
+MAX_SIDES = {1: 4096, 2: MAX_SIDE, 3: 64}
+KINDS = {1: ("signals", "sample{} long", "length", "L"), 2: ("square images", "pixel{} a side", "size", "H, W"),
+         3: ("cubic volumes", "voxel{} a side", "size", "D, H, W")}
+
+
 def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-    """The input shape from the layer shapes when nothing gives it, the assumption made to get it, and (where
-    larger images fit the layers too, as when pooling or a stride rounds down) how that assumption may keep the
-    exact methods from certifying anything."""
+    """The input shape from the first layer with weights when nothing gives it, the assumption made to get it, and
+    (where larger inputs fit the layers too, as when pooling or a stride rounds down) how that assumption may
+    keep the exact methods from certifying anything. A Linear (or a first LayerNorm or BatchNorm1d) layer gives
+    it; a convolution gives its channels, and the smallest signal, square image or cube that fits the layers
+    after it gives the rest."""
     first = _first_layer(gm)
-    if isinstance(first, nn.Linear):
-        return (first.in_features,), (), ()
-    if isinstance(first, nn.Conv2d):
-        c = first.in_channels
-        for side in range(1, MAX_SIDE + 1):  # plain forwards: a failing fx run is slow (seconds, the first time)
-            if _probe(model, None, (c, side, side)) is None:
-                top = side  # the sizes that fit are consecutive: a larger image gives larger maps, until none fits
-                while top < min(side + MAX_ALSO_FITS, MAX_SIDE) and _probe(model, None, (c, top + 1, top + 1)) is None:
-                    top += 1
-                if top == side + MAX_ALSO_FITS:  # no layer fixes the size (adaptive or global pooling)
-                    pixels = "pixel" if side == 1 else "pixels"
-                    raise ModelError(f"the model takes square images of any size from {side} {pixels} a side up "
-                                     "(no layer fixes the size: adaptive or global pooling), so their size cannot be "
-                                     f"inferred; pass input_shape=({c}, H, W) or the inputs")
-                also = "" if top == side else f" ({side} to {top} pixels a side fit)"
-                note = (f"input shape ({c}, {side}, {side}) inferred from the layer shapes, assuming square images "
-                        f"of the smallest size that fits{also}; pass input_shape= (or inputs) if yours differ")
-                caveats = () if top == side else (
-                    f"your images are not the ({c}, {side}, {side}) inferred for the model: square images of {side} "
-                    f"to {top} pixels a side fit its layers (pass input_shape=)",)
-                return (c, side, side), (note,), caveats
-        raise ModelError(f"no square input of {c} channels up to {MAX_SIDE}x{MAX_SIDE} fits the model; pass "
-                         "input_shape=(C, H, W)")
-    raise ModelError("the model has no Linear or Conv2d layer; fedleak's exact methods need one")
+    if first is None:
+        raise ModelError("the model has no layer with weights; pass input_shape= (the shape of one input)")
+    name, layer = first
+    if isinstance(layer, nn.Linear):
+        return (layer.in_features,), (), ()
+    if isinstance(layer, nn.LayerNorm):
+        return tuple(int(s) for s in layer.normalized_shape), (), ()
+    if isinstance(layer, nn.BatchNorm1d):
+        return (layer.num_features,), (), ()
+    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
+        return _conv_input_shape(model, layer.in_channels, len(layer.kernel_size))
+    raise ModelError(f"the model's first layer with weights, '{name}' ({type(layer).__name__}), does not say the "
+                     "shape of the model's input (a Linear or a convolution does); pass input_shape= (the shape of "
+                     "one input)")
+
+
+def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, ...], tuple[str, ...],
+                                                                    tuple[str, ...]]:
+    """``(c, side, ...)`` of the smallest side (``dims`` of them) that fits the model, and the notes."""
+    kind, units, size, sides = KINDS[dims]
+    most = MAX_SIDES[dims]
+
+    def unit(n: int) -> str:
+        return units.format("" if n == 1 else "s")
+
+    def shape(side: int) -> tuple[int, ...]:
+        return (c, *(side,) * dims)
+
+    for side in range(1, most + 1):  # plain forwards: a failing fx run is slow (seconds, the first time)
+        if _probe(model, None, shape(side)) is None:
+            top = side  # the sizes that fit are consecutive: a larger input gives larger maps, until none fits
+            while top < min(side + MAX_ALSO_FITS, most) and _probe(model, None, shape(top + 1)) is None:
+                top += 1
+            if top == side + MAX_ALSO_FITS:  # no layer fixes the size (adaptive or global pooling)
+                raise ModelError(f"the model takes {kind} of any {size} from {side} {unit(side)} up (no layer "
+                                 f"fixes the {size}: adaptive or global pooling), so their {size} cannot be "
+                                 f"inferred; pass input_shape=({c}, {sides}) or the inputs")
+            also = "" if top == side else f" ({side} to {top} {unit(top)} fit)"
+            note = (f"input shape {shape(side)} inferred from the layer shapes, assuming {kind} of the smallest "
+                    f"{size} that fits{also}; pass input_shape= (or inputs) if yours differ")
+            caveats = () if top == side else (
+                f"your inputs are not the {shape(side)} inferred for the model: {kind} of {side} to {top} {unit(top)} "
+                "fit its layers (pass input_shape=)",)
+            return shape(side), (note,), caveats
+    raise ModelError(f"no {kind.removesuffix('s')} of {c} channel(s) up to {most} {unit(most)} fits the model; pass "
+                     f"input_shape=({c}, {sides})")
 
 
 # arithmetic with constants, which a normalisation inside forward does to the input: ``(x - mean) / std``

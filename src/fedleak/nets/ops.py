@@ -23,7 +23,7 @@ from fedleak.registry import Registry
 EXACT_SCOPE = (
     "fedleak's exact methods (exclusivity analysis, the exact attack, fishing, exclusivity reduction) need a chain "
     "of Linear, Conv2d, eval-mode BatchNorm2d, ReLU, max/avg pooling, flatten/view/reshape and eval-mode Dropout; "
-    "the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply"
+    "'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply"
 )
 
 

@@ -107,7 +107,8 @@ def _row(group: list[BatchResult]) -> AuditRow:
     sent = sum(b.sent if b.sent is not None else b.batch_size for b in group)
     return AuditRow(
         batch_size=group[0].batch_size, trials=len(group), total=sum(b.batch_size for b in group), sent=sent,
-        certifiable=sum(b.certifiable for b in group), recovered=sum(b.recovered for b in group),
+        certifiable=None if any(b.certifiable is None for b in group) else sum(b.certifiable for b in group),
+        recovered=sum(b.recovered for b in group),
         uncertified=len(unc), uncertified_exact=sum(exact[i] for i in unc),
         uncertified_psnr=_mean([psnr[i] for i in unc]), missing=status.count("missing"),
         false_certificates=sum(b.false_certificates for b in group),
@@ -227,8 +228,10 @@ def _curve(rows: dict[str, list[AuditRow]], defenses: tuple[str, ...]) -> Figure
         sent = [r for r in sub if r.sent]
         series.append(Series(f"{name}: certified & exact", tuple(r.batch_size for r in sent),
                              tuple(r.recovered_fraction for r in sent), group=scenario))
-        series.append(Series(f"{name}: certifiable (ExAN condition)", tuple(r.batch_size for r in sent),
-                             tuple(r.certifiable_fraction for r in sent), group=scenario, style="predicted"))
+        counted = [r for r in sent if r.certifiable is not None]  # a model the analysis reads
+        if counted:
+            series.append(Series(f"{name}: certifiable (ExAN condition)", tuple(r.batch_size for r in counted),
+                                 tuple(r.certifiable_fraction for r in counted), group=scenario, style="predicted"))
         gone = [r for r in sub if not r.sent]
         if gone:
             series.append(Series(f"{name}: batch withheld (nothing sent)", tuple(r.batch_size for r in gone),

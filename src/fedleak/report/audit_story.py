@@ -30,7 +30,7 @@ class AuditRow:
     trials: int
     total: int  # samples drawn: batch size x trials
     sent: int  # samples the client's updates cover
-    certifiable: int
+    certifiable: int | None  # None: not counted (the exclusivity analysis does not read the model)
     recovered: int  # certified, and verified equal to the sample sent (label too)
     uncertified: int  # rebuilt and matched, without a certificate
     uncertified_exact: int  # of those, within the exactness tolerance of their original
@@ -51,8 +51,8 @@ class AuditRow:
         return self.recovered / self.total
 
     @property
-    def certifiable_fraction(self) -> float:
-        return self.certifiable / self.total
+    def certifiable_fraction(self) -> float | None:
+        return None if self.certifiable is None else self.certifiable / self.total
 
     @property
     def state(self) -> str:
@@ -180,6 +180,22 @@ def verdict(stories: Sequence[ScenarioRows], false_certificates: Sequence[str], 
     return Verdict(headline, findings, "bad", alarm)
 
 
+def _uncounted(plain: ScenarioRows, model: str) -> str:
+    """The batch-size advice where the ExAN condition was not counted (a model the exclusivity analysis does not
+    read): what the attack certified, which proves no batch size safe."""
+    rows = [r for r in plain.rows if r.sent and r.certifiable is None]
+    if not rows:
+        return ""
+    text = (f"The ExAN condition was not counted {model} (the exclusivity analysis does not read it), so no batch "
+            "size is shown to stay outside the exact route. ")
+    leaked = [r for r in rows if r.recovered]
+    if leaked:
+        return text + "The attack certified " + "; ".join(
+            f"{_share(r, r.recovered)} at batch {r.batch_size}" for r in leaked) + "."
+    return text + ("The attack certified none at the audited batch sizes: a measurement of this attack, not a "
+                   "proof that nothing leaks.")
+
+
 def advice(stories: Sequence[ScenarioRows], model: str) -> tuple[Advice, ...]:
     """What to do, from the audit's own measurements: the batch size from which the exact route stops at this
     model, the measured defense and its cost (or that it was not measured), and what fishing means for both."""
@@ -187,7 +203,7 @@ def advice(stories: Sequence[ScenarioRows], model: str) -> tuple[Advice, ...]:
     out = []
     plain = by.get("plain")
     if plain is not None:
-        sent = [r for r in plain.rows if r.sent]
+        sent = [r for r in plain.rows if r.sent and r.certifiable is not None]  # where the condition was counted
         safe = next((r for r in sent if r.certifiable_fraction < SAFE_FRACTION), None)
         if sent and safe is sent[0] and all(r.certifiable_fraction < SAFE_FRACTION for r in sent):
             # the exact route never applied: no batch size to advise; say what the estimates show instead
@@ -211,7 +227,7 @@ def advice(stories: Sequence[ScenarioRows], model: str) -> tuple[Advice, ...]:
                     f"{_share(last, last.certifiable)} of the batch of {last.batch_size} were still certifiable. "
                     "Audit larger batch sizes to find where it stops.")
         else:
-            text = ""
+            text = _uncounted(plain, model)
         if text:
             out.append(Advice("Batch size", text))
     defended = [sc for sc in stories if sc.defense]

@@ -8,8 +8,11 @@ from fedleak.metrics import MatchResult
 from fedleak.reconstruction import Reconstruction
 
 
-def why_not_rebuilt(report: ExclusivityReport, i: int) -> str:
-    """Why the attack found nothing for sent sample ``i``, from the batch's exclusivity analysis."""
+def why_not_rebuilt(report: ExclusivityReport | None, i: int) -> str:
+    """Why the attack found nothing for sent sample ``i``, from the batch's exclusivity analysis (None: the model
+    was not analysed)."""
+    if report is None:
+        return "not rebuilt: the attack returned no sample for it"
     layers = report.layers
     last = int(layers[-1].effective_exans[i]) if layers else 0
     if layers and last < report.min_last:
@@ -24,7 +27,8 @@ def why_not_rebuilt(report: ExclusivityReport, i: int) -> str:
     return "not rebuilt: it meets the ExAN condition, but the attack returned no sample for it"
 
 
-def sample_reasons(report: ExclusivityReport, rec: Reconstruction, scores: MatchResult) -> tuple[list[str], list[str]]:
+def sample_reasons(report: ExclusivityReport | None, rec: Reconstruction,
+                   scores: MatchResult) -> tuple[list[str], list[str]]:
     """Per sent sample: its status ("certified", "false", "uncertified", "missing") and why."""
     false_reason = dict(scores.false_reasons())
     records = rec.samples if len(rec.samples) == len(rec) else ()

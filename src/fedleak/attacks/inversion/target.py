@@ -51,9 +51,9 @@ def model_input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> 
         return tuple(int(s) for s in shape)
     try:
         return input_shape_of(model)[0]
-    except ModelError:
-        raise ModelError("the model does not record its input shape and fedleak could not derive it from the layer "
-                         "shapes; pass input_shape=(C, H, W) to the attack") from None
+    except ModelError as exc:
+        raise ModelError(f"the model does not record its input shape, and fedleak could not derive it from the layer "
+                         f"shapes: {exc}" + ("" if "input_shape=" in str(exc) else "; pass input_shape=")) from None
 
 
 def prepare_target(
