@@ -132,3 +132,18 @@ def test_sizes_too_large_for_the_data_say_what_the_defaults_do():
         evaluate(EvaluationSettings(data="lfw", client_size=500, widths=(16,)))
     with pytest.raises(FedleakError, match="too few for test_size=20000"):
         evaluate(EvaluationSettings(test_size=20000, widths=(16,)))
+
+
+def test_an_attack_that_cannot_read_the_model_says_so_instead_of_a_silent_zero(capsys):
+    """A GELU model: the exclusivity attack gives up on every batch; the evaluation says so (and why) next to the
+    table, where its 'exact' column alone would read 0%. The first-layer attack certifies the one-sample batches."""
+    from user_models import GeluMLP
+
+    settings = EvaluationSettings(data="digits", test_data=None, test_size=100, widths=(16,), defenses=(),
+                                  attacks=("exclusivity", "first-layer"), attack_batch=1, trials=2, rounds=1,
+                                  clients=2, client_size=50, batch_size=8)
+    result = evaluate(settings, model=GeluMLP(64, 64, 10))
+    assert result.problems() == ("exclusivity: no result on 2 of 2 attacked batches (node 'gelu' "
+                                 "(torch._C._nn.gelu): not supported; " + result.problems()[0].split("; ", 1)[1],)
+    first = next(c for c in result.cells if isinstance(c, LeakageCell) and c.attack == "first-layer")
+    assert first.recovered == 2 and not first.errors and first.false_certificates == 0

@@ -343,12 +343,43 @@ def test_a_first_layer_that_does_not_say_the_input_shape_is_named():
         fedleak.reconstruct(Recurrent(), update, attack="ig")
 
 
-def test_a_conv1d_model_is_refused_by_name_by_the_exact_methods_and_rebuilt_by_the_others():
+def test_a_conv1d_model_is_read_as_a_cnn_of_one_row_maps_and_rebuilt_exactly(digits):
+    """A Conv1d network on (C, L) signals (here each 8 x 8 digit as one 64-sample signal) is read as a CNN of (C, 1, L)
+    maps with 1 x k kernels: the exact attack rebuilds and certifies its samples exactly, and its 1-D pools and
+    BatchNorm1d convert; BatchNorm1d on a dense layer's features is refused by name."""
     torch.manual_seed(0)
-    model = Signal1d()
-    x, y = torch.rand(1, 2, 64), torch.tensor([1])
-    update = fedleak.compute_gradient_update(model, x, y)
-    with pytest.raises(ModelError, match=r"node 'conv' \(Conv1d\): not supported.*'auto' and the optimisation"):
-        fedleak.reconstruct(model, update)
-    rec = fedleak.reconstruct(model, update, attack="dlg", iterations=2)  # the shape inferred, no input_shape=
-    assert rec.inputs.shape == (1, 2, 64)
+    model = nn.Sequential(nn.Conv1d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(512, 1024), nn.ReLU(),
+                          nn.Linear(1024, 10))
+    net = as_network(model)
+    assert net.input_shape == (1, 64) and [(b.in_shape, b.out_shape) for b in net.blocks] == [((1, 1, 64), (8, 1, 64))]
+    x, y = digits.batch(4, seed=0)
+    x = x.reshape(4, 1, 64)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.inputs.shape == (4, 1, 64) and rec.num_certified == 4
+    assert int(scores.recovered.sum()) == 4 and scores.false_certificates == 0
+    plan = fedleak.plan(model, None, x, batch_sizes=[4])
+    assert [(b.name, b.unknowns, b.max_equations, b.status) for b in plan.blocks] == [("0", 64, 512, "determined")]
+    pooled = as_network(nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding="valid"), nn.BatchNorm1d(4).eval(),
+                                      nn.ReLU(), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(28, 8), nn.ReLU(),
+                                      nn.Linear(8, 2)), input_shape=(2, 32))
+    block = pooled.blocks[0]
+    assert block.conv.stride == (1, 2) and block.pool.kernel == (1, 2) and block.bn is not None
+    assert block.out_shape == (4, 1, 7) and pooled.input_shape == (2, 32)
+    with pytest.raises(ModelError, match=r"BatchNorm1d is read only after a Conv1d"):
+        as_network(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8).eval(), nn.ReLU(), nn.Linear(8, 2)))
+
+
+def test_inferring_the_shape_of_a_traced_model_prints_nothing(capsys):
+    """A federation's audit template is torch.fx's GraphModule, which prints its generated code to stderr when a
+    forward fails: the shapes tried while inferring the input's (here 63 signal lengths that the view refuses)
+    are answers, and print nothing."""
+    from torch import fx
+
+    class Viewed(Signal1d):
+        def forward(self, x):
+            return super().forward(x.view(x.size(0), 2, 64))
+
+    traced = fx.symbolic_trace(Viewed())
+    assert as_network(traced).input_shape == (2, 64)
+    assert capsys.readouterr().err == ""

@@ -22,12 +22,14 @@ class AttackSpec:
     ``update_kinds``: ``"gradient"`` and/or ``"weights"``. ``needs_relu_network``: an exact attack, which runs only
     on a network :func:`fedleak.nets.as_network` reads; the optimisation attacks, which need only autograd, do not.
     ``takes_defense``: the attack accepts the client's defenses as its ``defense`` option (a defense-aware attack).
+    ``optimises``: an optimisation attack (or one that ends in one), which takes ``iterations`` and ``seed``.
     """
 
     update_kinds: tuple[str, ...]
     description: str
     needs_relu_network: bool = False
     takes_defense: bool = False
+    optimises: bool = False
 
 
 BOTH = ("gradient", "weights")
@@ -48,18 +50,20 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
         ("gradient",), "one sample's gradient: x = dW_i/db_i from the first Linear layer of any model "
                        "(Phong et al. 2017), certified by reproducing the whole update")),
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
-        BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")),
+        BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)", optimises=True)),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)",
-        takes_defense=True)),
+        takes_defense=True, optimises=True)),
     CatalogEntry("dlm+", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)",
-        takes_defense=True)),
+        takes_defense=True, optimises=True)),
     CatalogEntry("dlg", "fedleak.attacks.inversion.attacks", AttackSpec(
-        BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS", takes_defense=True)),
+        BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS", takes_defense=True,
+        optimises=True)),
     CatalogEntry("idlg", "fedleak.attacks.inversion.attacks", AttackSpec(
-        BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS", takes_defense=True)),
+        BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS", takes_defense=True,
+        optimises=True)),
     CatalogEntry("ig", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts",
-        takes_defense=True)),
+        takes_defense=True, optimises=True)),
 )

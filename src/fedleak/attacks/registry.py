@@ -39,11 +39,13 @@ class AttackInfo:
     description: str
     needs_relu_network: bool = False
     takes_defense: bool = False  # accepts the client's defenses as its ``defense`` option
+    optimises: bool = False  # an optimisation attack: takes ``iterations`` and ``seed``
 
     @property
     def spec(self) -> AttackSpec:
         """What the attack says about itself, as :mod:`fedleak.attacks.catalog` records it."""
-        return AttackSpec(self.update_kinds, self.description, self.needs_relu_network, self.takes_defense)
+        return AttackSpec(self.update_kinds, self.description, self.needs_relu_network, self.takes_defense,
+                          self.optimises)
 
 
 _ATTACKS: LazyRegistry[AttackInfo, AttackSpec] = LazyRegistry("attack", ATTACK_CATALOG, describe=lambda a: a.spec)
@@ -51,13 +53,13 @@ _ATTACKS: LazyRegistry[AttackInfo, AttackSpec] = LazyRegistry("attack", ATTACK_C
 
 def register_attack(
     name: str, *, update_kinds: tuple[str, ...] = ("gradient",), description: str = "",
-    needs_relu_network: bool = False, takes_defense: bool = False,
+    needs_relu_network: bool = False, takes_defense: bool = False, optimises: bool = False,
 ) -> Callable[[AttackFn], AttackFn]:
     """Decorator that registers ``fn`` under ``name``."""
 
     def make(fn: AttackFn) -> AttackInfo:
         return AttackInfo(name, fn, tuple(update_kinds), description or (fn.__doc__ or "").strip().split("\n")[0],
-                          needs_relu_network=needs_relu_network, takes_defense=takes_defense)
+                          needs_relu_network=needs_relu_network, takes_defense=takes_defense, optimises=optimises)
 
     return _ATTACKS.decorator(name, make)
 

@@ -260,7 +260,7 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
 
 def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple[bool, tuple[str, ...]]:
     """Whether the exclusivity analysis reads ``net``, and what keeps its count of certifiable samples from
-    applying: a model it does not read (GELU, a residual path, a Conv1d: the other attacks still audit it), or
+    applying: a model it does not read (GELU, a residual path, a Conv3d: the other attacks still audit it), or
     clients in training mode with Dropout or BatchNorm (the exact methods model the eval-mode network, which such
     clients do not run: nothing is certifiable)."""
     from fedleak.binary import as_two_class

@@ -79,6 +79,8 @@ def evaluate(
         typer.echo(f"{r.defense[:39]:<40}{percent(d['leaked_fraction']):>8}{percent(d['recovered_fraction']):>7}"
                    f"{percent(d['accuracy']):>10}{number(d['time_ratio'], 1):>8}{number(d['bytes_ratio'], 2):>9}"
                    f"{eps:>10}")
+    for line in result.problems():
+        typer.echo(f"note: {line}")
     if result.resumed:
         typer.echo(f"resumed: {result.resumed} finished cell(s) reused from {out / 'cells.jsonl'}")
     typer.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")

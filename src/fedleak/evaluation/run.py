@@ -48,6 +48,18 @@ class Evaluation:
     test_size: int = 0  # the test samples and ...
     client_size: int = 0  # ... each client's samples it ran with (the settings' own, or what fit the data)
 
+    def problems(self) -> tuple[str, ...]:
+        """Per attack that gave up on some attacked batches: on how many, and its first reason (the leakage
+        numbers leave those batches out: an attack that cannot read the model rebuilt nothing, and says why)."""
+        given_up: dict[str, tuple[int, int, str]] = {}
+        for cell in self.cells:
+            if isinstance(cell, LeakageCell):
+                failed, tried, why = given_up.get(cell.attack, (0, 0, ""))
+                given_up[cell.attack] = (failed + len(cell.errors), tried + self.settings.trials,
+                                         why or next(iter(cell.errors), ""))
+        return tuple(f"{attack}: no result on {failed} of {tried} attacked batches ({why})"
+                     for attack, (failed, tried, why) in given_up.items() if failed)
+
     def to_dict(self) -> dict[str, object]:
         return {"settings": self.settings.to_dict(), "dataset": self.dataset, "model": self.model,
                 "test_size": self.test_size, "client_size": self.client_size,
@@ -245,8 +257,8 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
     from fedleak.metrics import match
 
     info = get_attack(attack)
-    options: dict[str, object] = {} if info.needs_relu_network else \
-        {"iterations": settings.attack_iterations, "seed": settings.seed}
+    options: dict[str, object] = {"iterations": settings.attack_iterations, "seed": settings.seed} \
+        if info.optimises else {}
     if aware:
         options["defense"] = _bound(stack, fed)
     recovered = leaked = false = samples = 0

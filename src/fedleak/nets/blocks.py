@@ -78,7 +78,7 @@ class ConvBlock:
 
     def folded(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight (C_out x C_in x kh x kw) and bias (C_out) of conv with eval-mode BN folded in."""
-        W = self.conv.module.weight.detach().to(dtype)
+        W = self.conv.weight(dtype)
         b = (torch.zeros(W.shape[0], dtype=dtype, device=W.device) if self.conv.module.bias is None
              else self.conv.module.bias.detach().to(dtype))
         if self.bn is not None:

@@ -33,30 +33,45 @@ def linear(op: Op) -> Dense:
     return Dense(op.node, op.module, op.parameter("weight"), op.parameter("bias"))
 
 
-@converts(nn.Conv2d)
-def conv2d(op: Op) -> Conv:
+def _sizes(op: Op, value: object, what: str, along: int = 1) -> tuple[int, int]:
+    """A conv's or pool's 2-D size, stride, padding or dilation; over (C, L) signals, a 1-D one's ``k`` as
+    ``(along, k)`` of (C, 1, L) maps (``along``: 1, or 0 for padding)."""
+    if len(op.in_shape) != 2:
+        return _pair(op, value, what)
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, int):
+        return (along, int(value))
+    raise op.refuse(f"unsupported {what} {value!r}")
+
+
+@converts(nn.Conv2d, nn.Conv1d)
+def conv(op: Op) -> Conv:
+    """A 2-D convolution, or a 1-D one read as a 2-D convolution of (C, 1, L) maps with 1 x k kernels."""
     m = op.module
     if m.groups != 1:
         raise op.refuse(f"grouped convolutions (groups={m.groups}) are not supported")
-    if tuple(m.dilation) != (1, 1):
+    if set(m.dilation) != {1}:
         raise op.refuse(f"dilation {tuple(m.dilation)} is not supported")
     if m.padding_mode != "zeros":
         raise op.refuse(f"padding_mode '{m.padding_mode}' is not supported (zero padding only)")
     if m.padding == "valid":
         pad = (0, 0)
     elif m.padding == "same":
-        kh, kw = m.kernel_size
-        if kh % 2 == 0 or kw % 2 == 0:
+        if any(k % 2 == 0 for k in m.kernel_size):
             raise op.refuse("padding='same' with an even kernel is not supported")
-        pad = (kh // 2, kw // 2)
+        pad = _sizes(op, tuple(k // 2 for k in m.kernel_size), "padding", along=0)
     else:
-        pad = _pair(op, tuple(m.padding), "padding")
-    return Conv(op.node, m, op.parameter("weight"), op.parameter("bias"), pad, _pair(op, tuple(m.stride), "stride"))
+        pad = _sizes(op, tuple(m.padding), "padding", along=0)
+    return Conv(op.node, m, op.parameter("weight"), op.parameter("bias"), pad, _sizes(op, tuple(m.stride), "stride"))
 
 
-@converts(nn.BatchNorm2d)
+@converts(nn.BatchNorm2d, nn.BatchNorm1d)
 def batch_norm(op: Op) -> BatchNorm:
     m = op.module
+    if isinstance(m, nn.BatchNorm1d) and len(op.in_shape) != 2:
+        raise op.refuse("BatchNorm1d is read only after a Conv1d, on (C, L) maps; on the features of a dense layer "
+                        f"it is not supported; {EXACT_SCOPE}")
     if m.training or not m.track_running_stats or m.running_mean is None:
         raise op.refuse("batch norm in training mode couples the samples of a batch; only eval-mode batch norm "
                         "with running statistics is supported (call model.eval())")
@@ -70,36 +85,36 @@ def relu(op: Op) -> Relu:
 
 def _pool(op: Op, kind: str, kernel: object, stride: object, padding: object, ceil_mode: bool,
           dilation: object = 1, extra: bool = False) -> Pool:
-    k = _pair(op, kernel, "kernel_size")
-    if _pair(op, stride if stride not in (None, []) else kernel, "stride") != k:
+    k = _sizes(op, kernel, "kernel_size")
+    if _sizes(op, stride if stride not in (None, []) else kernel, "stride") != k:
         raise op.refuse("only non-overlapping pooling (stride == kernel_size) is supported")
-    if _pair(op, padding, "padding") != (0, 0) or ceil_mode:
+    if _sizes(op, padding, "padding", along=0) != (0, 0) or ceil_mode:
         raise op.refuse("padding and ceil_mode are not supported in pooling")
-    if _pair(op, dilation, "dilation") != (1, 1) or extra:
+    if _sizes(op, dilation, "dilation") != (1, 1) or extra:
         raise op.refuse("dilation, return_indices and divisor_override are not supported in pooling")
     return Pool(op.node, kind, k)
 
 
-@converts(nn.MaxPool2d)
+@converts(nn.MaxPool2d, nn.MaxPool1d)
 def max_pool_module(op: Op) -> Pool:
     m = op.module
     return _pool(op, "max", m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation, m.return_indices)
 
 
-@converts(nn.AvgPool2d)
+@converts(nn.AvgPool2d, nn.AvgPool1d)
 def avg_pool_module(op: Op) -> Pool:
     m = op.module
     return _pool(op, "avg", m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                 extra=m.divisor_override is not None or not m.count_include_pad and m.padding != 0)
+                 extra=getattr(m, "divisor_override", None) is not None or not m.count_include_pad and m.padding != 0)
 
 
-@converts(F.max_pool2d, torch.max_pool2d)
+@converts(F.max_pool2d, torch.max_pool2d, F.max_pool1d, torch.max_pool1d)
 def max_pool_function(op: Op) -> Pool:
     return _pool(op, "max", op.arg(0, "kernel_size"), op.arg(1, "stride"), op.arg(2, "padding", 0),
                  op.arg(4, "ceil_mode", False), op.arg(3, "dilation", 1), op.arg(5, "return_indices", False))
 
 
-@converts(F.avg_pool2d)
+@converts(F.avg_pool2d, F.avg_pool1d)
 def avg_pool_function(op: Op) -> Pool:
     return _pool(op, "avg", op.arg(0, "kernel_size"), op.arg(1, "stride"), op.arg(2, "padding", 0),
                  op.arg(3, "ceil_mode", False), extra=op.arg(5, "divisor_override") is not None)

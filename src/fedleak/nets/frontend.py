@@ -9,6 +9,8 @@ refused by name.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 import threading
@@ -103,7 +105,9 @@ def _probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) 
     forward that records nothing, for a quick yes or no); why the model cannot take it, or None."""
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.zeros(PROBE_BATCH, *shape, dtype=dtype, device=_device(model))
-    with buffers_kept(model), torch.no_grad():
+    # a traced model (torch.fx's GraphModule, as a federation's audit template is) prints its generated code to
+    # stderr when it fails: a wrong shape tried here is an answer, not an error to show
+    with buffers_kept(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         try:
             out = model(x) if gm is None else _ShapeRecorder(gm).run(x)
         except Exception as err:  # a wrong shape fails anywhere in the user's forward

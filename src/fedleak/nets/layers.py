@@ -38,14 +38,26 @@ class Dense:
 
 @dataclass(frozen=True, eq=False)
 class Conv:
-    """An ``nn.Conv2d`` (groups 1, dilation 1, zero padding) with its resolved padding and stride."""
+    """An ``nn.Conv2d`` or ``nn.Conv1d`` (groups 1, dilation 1, zero padding) with its resolved padding and stride,
+    as a 2-D convolution: a ``Conv1d`` over (C, L) signals is one over (C, 1, L) maps with a 1 x k kernel."""
 
     name: str
-    module: nn.Conv2d
+    module: nn.Conv2d | nn.Conv1d
     weight_name: str
     bias_name: str | None
     padding: tuple[int, int]
     stride: tuple[int, int]
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        """The kernel's (kh, kw): (1, k) for a ``Conv1d``."""
+        size = tuple(int(k) for k in self.module.kernel_size)
+        return (1, size[0]) if len(size) == 1 else size
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kernel, C_out x C_in x kh x kw (a ``Conv1d``'s with kh = 1), detached, in ``dtype``."""
+        w = self.module.weight.detach().to(dtype)
+        return w[:, :, None, :] if w.dim() == 3 else w
 
     def parameter_names(self) -> list[str]:
         return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
@@ -53,10 +65,11 @@ class Conv:
 
 @dataclass(frozen=True, eq=False)
 class BatchNorm:
-    """An eval-mode ``nn.BatchNorm2d`` (running statistics); folded into the convolution before it."""
+    """An eval-mode ``nn.BatchNorm2d`` (or ``nn.BatchNorm1d`` after a ``Conv1d``; running statistics); folded into
+    the convolution before it."""
 
     name: str
-    module: nn.BatchNorm2d
+    module: nn.BatchNorm2d | nn.BatchNorm1d
     weight_name: str | None
     bias_name: str | None
 

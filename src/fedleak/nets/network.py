@@ -125,6 +125,11 @@ class Network:
         return [n for blk in self.blocks for n in blk.parameter_names()] + self.head.parameter_names()
 
 
+def _maps(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A block's (C, H, W) maps; (C, L) signals (a ``Conv1d``'s) as (C, 1, L)."""
+    return (shape[0], 1, shape[1]) if len(shape) == 2 else shape
+
+
 def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
     """Conv blocks from the front of ``steps``; returns them and the index of the first step after them."""
     blocks: list[ConvBlock] = []
@@ -156,7 +161,7 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
             pool = body[i].layer
             i += 1
         out_shape = body[i - 1].out_shape
-        blocks.append(ConvBlock(conv, bn, pool, conv_step.in_shape, conv_step.out_shape, out_shape))
+        blocks.append(ConvBlock(conv, bn, pool, *map(_maps, (conv_step.in_shape, conv_step.out_shape, out_shape))))
         if i < len(body) and isinstance(body[i].layer, (Pool, Relu, BatchNorm)):
             raise ModelError(f"node '{body[i].layer.name}': a conv block is Conv2d [BatchNorm2d] ReLU [one pool]; "
                              "this layer does not fit")

@@ -43,7 +43,7 @@ from fedleak.validation import check_float, check_int
 DEFAULT_BUDGET = 60.0
 
 
-@register_attack("auto", update_kinds=("gradient", "weights"),
+@register_attack("auto", update_kinds=("gradient", "weights"), optimises=True,
                  description="exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")
 def auto_attack(
     model: nn.Module,
