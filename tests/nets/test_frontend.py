@@ -383,3 +383,25 @@ def test_inferring_the_shape_of_a_traced_model_prints_nothing(capsys):
     traced = fx.symbolic_trace(Viewed())
     assert as_network(traced).input_shape == (2, 64)
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_that_adds_the_channel_axis_itself_takes_flat_signals(digits):
+    """``x.unsqueeze(1)`` before a Conv1d (flat signals in, the channel axis added in forward) is a reshape: the
+    input shape (64,) is inferred and the batch is rebuilt exactly."""
+    class Unsqueezed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(1, 8, 5, padding=2)
+            self.fc1 = nn.Linear(512, 1024)
+            self.fc2 = nn.Linear(1024, 10)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(F.relu(self.conv(x.unsqueeze(1))).flatten(1))))
+
+    torch.manual_seed(0)
+    model = Unsqueezed()
+    assert as_network(model).input_shape == (64,)
+    x, y = digits.batch(4, seed=0)
+    x = x.reshape(4, 64)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    assert rec.num_certified == 4 and int(fedleak.metrics.match(rec, x, y).recovered.sum()) == 4

@@ -136,8 +136,9 @@ def adaptive_pool(op: Op) -> Pool | None:
     return Pool(op.node, "max" if is_max else "avg", (h // ho, w // wo))
 
 
-@converts(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, ("method", "view"), ("method", "reshape"),
-          ("method", "flatten"))
+@converts(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze,
+          ("method", "view"), ("method", "reshape"), ("method", "flatten"), ("method", "unsqueeze"),
+          ("method", "squeeze"))
 def reshape(op: Op) -> Reshape | None:
     if math.prod(op.out_shape) != math.prod(op.in_shape):
         raise op.refuse(f"reshapes each {op.in_shape} sample to {op.out_shape}, which mixes samples of the batch; "

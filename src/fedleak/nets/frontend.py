@@ -183,7 +183,8 @@ def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...],
 
 def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, ...], tuple[str, ...],
                                                                     tuple[str, ...]]:
-    """``(c, side, ...)`` of the smallest side (``dims`` of them) that fits the model, and the notes."""
+    """``(c, side, ...)`` of the smallest side (``dims`` of them) that fits the model, and the notes; with one
+    channel, ``(side, ...)`` where only that fits (a model that adds the channel axis itself, ``x.unsqueeze(1)``)."""
     kind, units, size, sides = KINDS[dims]
     most = MAX_SIDES[dims]
 
@@ -191,9 +192,11 @@ def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, .
         return units.format("" if n == 1 else "s")
 
     def shape(side: int) -> tuple[int, ...]:
-        return (c, *(side,) * dims)
+        return (*lead, *(side,) * dims)
 
-    for side in range(1, most + 1):  # plain forwards: a failing fx run is slow (seconds, the first time)
+    # plain forwards: a failing fx run is slow (seconds, the first time)
+    tried = ((lead, side) for side in range(1, most + 1) for lead in ((c,), ()) if lead or c == 1)
+    for lead, side in tried:
         if _probe(model, None, shape(side)) is None:
             top = side  # the sizes that fit are consecutive: a larger input gives larger maps, until none fits
             while top < min(side + MAX_ALSO_FITS, most) and _probe(model, None, shape(top + 1)) is None:
