@@ -174,7 +174,7 @@ def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...],
         return tuple(int(s) for s in layer.normalized_shape), (), ()
     if isinstance(layer, nn.BatchNorm1d):
         return (layer.num_features,), (), ()
-    if isinstance(layer, nn.modules.conv._ConvNd) and not layer.transposed:
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return _conv_input_shape(model, layer.in_channels, len(layer.kernel_size))
     raise ModelError(f"the model's first layer with weights, '{name}' ({type(layer).__name__}), does not say the "
                      "shape of the model's input (a Linear or a convolution does); pass input_shape= (the shape of "
@@ -204,7 +204,7 @@ def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, .
             if top == side + MAX_ALSO_FITS:  # no layer fixes the size (adaptive or global pooling)
                 raise ModelError(f"the model takes {kind} of any {size} from {side} {unit(side)} up (no layer "
                                  f"fixes the {size}: adaptive or global pooling), so their {size} cannot be "
-                                 f"inferred; pass input_shape=({c}, {sides}) or the inputs")
+                                 f"inferred; pass input_shape=({', '.join([*map(str, lead), sides])}) or the inputs")
             also = "" if top == side else f" ({side} to {top} {unit(top)} fit)"
             note = (f"input shape {shape(side)} inferred from the layer shapes, assuming {kind} of the smallest "
                     f"{size} that fits{also}; pass input_shape= (or inputs) if yours differ")
