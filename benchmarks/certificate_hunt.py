@@ -2,7 +2,8 @@
 default initialisation, output biases shifted by the size of that initialisation, small batches.
 
 Every batch: a random draw of M samples (M uniform in 2..8 unless set), a model built with plain torch
-(``nn.Sequential`` of Linear/ReLU, default init, seeded), the mean cross-entropy gradient by plain autograd,
+(``nn.Sequential`` of Linear/ReLU, default init, seeded; on the ``conv1d`` grounds each sample is read as one
+signal by a ``Conv1d`` + ReLU before them), the mean cross-entropy gradient by plain autograd,
 ``fedleak.reconstruct`` with and without the reported batch size (alternating). Every certified
 reconstruction is scored against every original by ``fedleak.metrics.match``: it must be within ``1e-4`` of
 the data's range (max abs error) of an original with its label, and no two certified reconstructions may claim
@@ -48,6 +49,7 @@ class Config:
     lr: float | None = None  # a FedAvg weight update (unknown lr to the attack) instead of the gradient
     steps: int = 1  # local SGD steps of that update
     standardise: bool = False  # inputs standardised with the data set's mean and standard deviation, as users do
+    conv1d: tuple[int, int] | None = None  # (channels, kernel) of a Conv1d reading each sample as one signal
 
 
 CONFIGS = {
@@ -69,13 +71,21 @@ CONFIGS = {
     "retina-2-standardised": Config("retina", (1024,), standardise=True),
     "fashion-10-standardised": Config("fashion-mnist", (1024,), standardise=True),
     "lfw-2-standardised-fedavg-lr1": Config("lfw", (1024,), lr=1.0, standardise=True),
+    "lfw-2-conv1d": Config("lfw", (1024,), conv1d=(4, 5)),
+    "digits-10-conv1d": Config("digits", (512,), conv1d=(8, 5)),
 }
 
 
-def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator) -> nn.Module:
+def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
+          conv1d: tuple[int, int] | None = None) -> nn.Module:
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
     prev = d_in
+    if conv1d is not None:  # each sample as one signal of d_in values, read by a Conv1d ("same" padding)
+        channels, kernel = conv1d
+        layers += [nn.Unflatten(1, (1, d_in)), nn.Conv1d(1, channels, kernel, padding=kernel // 2), nn.ReLU(),
+                   nn.Flatten()]
+        prev = channels * d_in
     for w in widths:
         layers += [nn.Linear(prev, w), nn.ReLU()]
         prev = w
@@ -102,7 +112,7 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
-        model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen)
+        model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen, cfg.conv1d)
         if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
             update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=cfg.steps)
         else:
@@ -110,7 +120,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             grads = dict(zip([n for n, _ in model.named_parameters()],
                              [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
             update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 else grads
-        rec = fedleak.reconstruct(model, update)
+        # a Conv1d model reads each sample through an unflatten: its input shape is the data's, not inferred
+        rec = fedleak.reconstruct(model, update, **({"input_shape": data.input_shape} if cfg.conv1d else {}))
         scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
         certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
         out["batches"] += 1
@@ -153,6 +164,8 @@ def render(files: list[Path]) -> None:
                       f"FedAvg, lr {cfg['lr']:g}, {cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}")
             inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
+            if cfg.get("conv1d"):
+                widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
             lines.append(f"| {name} | {cfg['data']} | {widths} | {update} | ±{cfg['shift'] / 2:g} | {inputs} "
                          f"| {r['batches']} | {r['samples']} | {r['certified']} "
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "

@@ -405,3 +405,25 @@ def test_a_model_that_adds_the_channel_axis_itself_takes_flat_signals(digits):
     x = x.reshape(4, 64)
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
     assert rec.num_certified == 4 and int(fedleak.metrics.match(rec, x, y).recovered.sum()) == 4
+
+
+def test_several_reshapes_before_a_conv_are_one():
+    """``nn.Flatten`` then ``nn.Unflatten`` into (1, L) signals before a Conv1d (an image read as one signal):
+    the run of reshapes leads into the conv block (it was read as the head, which refused the conv)."""
+    model = nn.Sequential(nn.Flatten(), nn.Unflatten(1, (1, 64)), nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10))
+    net = as_network(model, input_shape=(1, 8, 8))
+    assert [b.in_shape for b in net.blocks] == [(1, 1, 64)] and net.head.widths == (32,)
+
+
+def test_inferring_a_shape_stops_trying_after_its_time(monkeypatch):
+    """Every size tried fails in an unflatten, slowly: inference gives up after ``INFER_SECONDS`` and asks for the
+    shape instead of trying thousands of lengths."""
+    from fedleak.nets import frontend, input_shape_of
+
+    monkeypatch.setattr(frontend, "INFER_SECONDS", 0.0)
+    model = nn.Sequential(nn.Flatten(), nn.Unflatten(1, (1, 64)), nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(256, 10))
+    with pytest.raises(ModelError, match=r"trying more takes too long; pass input_shape=\(1, L\)"):
+        input_shape_of(model)
+    assert input_shape_of(model, input_shape=(1, 8, 8))[0] == (1, 8, 8)

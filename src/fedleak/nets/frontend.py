@@ -14,6 +14,7 @@ import io
 import math
 import operator
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -154,6 +155,7 @@ def _first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
 # where the input's last dimensions are not fixed by the first layer: the most of each tried (signals, images,
 # volumes), a side at a time, when the input shape must be inferred
 MAX_SIDES = {1: 4096, 2: MAX_SIDE, 3: 64}
+INFER_SECONDS = 10.0  # ... for at most this long (a forward that fails slowly, e.g. in an unflatten, costs ms)
 KINDS = {1: ("signals", "sample{} long", "length", "L"), 2: ("square images", "pixel{} a side", "size", "H, W"),
          3: ("cubic volumes", "voxel{} a side", "size", "D, H, W")}
 
@@ -196,7 +198,11 @@ def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, .
 
     # plain forwards: a failing fx run is slow (seconds, the first time)
     tried = ((lead, side) for side in range(1, most + 1) for lead in ((c,), ()) if lead or c == 1)
+    deadline = time.monotonic() + INFER_SECONDS
     for lead, side in tried:
+        if time.monotonic() > deadline:
+            raise ModelError(f"no {kind.removesuffix('s')} of {c} channel(s) up to {side - 1} {unit(side - 1)} fits "
+                             f"the model, and trying more takes too long; pass input_shape=({c}, {sides})")
         if _probe(model, None, shape(side)) is None:
             top = side  # the sizes that fit are consecutive: a larger input gives larger maps, until none fits
             while top < min(side + MAX_ALSO_FITS, most) and _probe(model, None, shape(top + 1)) is None:

@@ -136,9 +136,9 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
     i = 0
     body = [s for s in steps]
     while True:
-        while i < len(body) and isinstance(body[i].layer, Reshape) and any(
-                isinstance(s.layer, Conv) for s in body[i + 1:i + 2]):
-            i += 1  # a reshape of the input into (C, H, W) maps
+        after = next((j for j in range(i, len(body)) if not isinstance(body[j].layer, Reshape)), len(body))
+        if after < len(body) and isinstance(body[after].layer, Conv):
+            i = after  # reshapes of the input (or of a block's output) into (C, H, W) maps
         if i >= len(body) or not isinstance(body[i].layer, Conv):
             return blocks, i
         conv_step = body[i]
