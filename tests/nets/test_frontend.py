@@ -427,3 +427,19 @@ def test_inferring_a_shape_stops_trying_after_its_time(monkeypatch):
     with pytest.raises(ModelError, match=r"trying more takes too long; pass input_shape=\(1, L\)"):
         input_shape_of(model)
     assert input_shape_of(model, input_shape=(1, 8, 8))[0] == (1, 8, 8)
+
+
+def test_a_change_of_layout_is_refused_saying_what_to_do():
+    """Time series stored N x T x C and transposed in forward: one line that says to store them as the conv reads
+    them; 'auto' still applies."""
+    class Transposed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 32, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x.transpose(1, 2))).flatten(1))
+
+    with pytest.raises(ModelError, match=r"node 'transpose' .*change of layout .*N x C x T.*'auto'"):
+        as_network(Transposed(), input_shape=(32, 3))
