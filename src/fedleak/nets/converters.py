@@ -146,6 +146,15 @@ def reshape(op: Op) -> Reshape | None:
     return None if op.out_shape == op.in_shape else Reshape(op.node, op.out_shape)
 
 
+@converts(torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
+          *(("method", m) for m in ("permute", "transpose", "swapaxes", "movedim")))
+def layout_change(op: Op) -> Layer:
+    """A change of the order of each sample's values (time series stored N x T x C, read N x C x T): refused,
+    saying how to do without it."""
+    raise op.refuse("a change of layout (permute, transpose) is not supported: store the data as the layer after it "
+                    f"reads it (e.g. N x C x T) and pass the model without it; {EXACT_SCOPE}")
+
+
 @converts(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)
 def dropout(op: Op) -> Dropout | None:
     """Eval-mode dropout is the identity; the network notes it when its rate is not 0

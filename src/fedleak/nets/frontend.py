@@ -222,10 +222,6 @@ def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, .
                      f"input_shape=({c}, {sides})")
 
 
-# a change of the order of each sample's values (time series stored N x T x C, read N x C x T)
-LAYOUT_CHANGES = frozenset({torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
-                            *(("method", m) for m in ("permute", "transpose", "swapaxes", "movedim"))})
-
 # arithmetic with constants, which a normalisation inside forward does to the input: ``(x - mean) / std``
 INPUT_ARITHMETIC = frozenset({
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
@@ -294,10 +290,6 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
                                 "fedleak's exact methods read the first layer's input as it is; normalise the data "
                                 "instead (fedleak.Dataset.normalized(mean, std) keeps the map to score in pixels) and "
                                 f"pass the model without it; {EXACT_SCOPE}")
-            if _key(node) in LAYOUT_CHANGES:
-                raise op.refuse("a change of layout (permute, transpose) is not supported: store the data as the "
-                                "layer after it reads it (e.g. N x C x T) and pass the model without it; "
-                                f"{EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
         if layer is not None:
