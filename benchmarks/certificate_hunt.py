@@ -48,6 +48,8 @@ class Config:
     max_batch: int = 8
     lr: float | None = None  # a FedAvg weight update (unknown lr to the attack) instead of the gradient
     steps: int = 1  # local SGD steps of that update
+    local_batch: int | None = None  # those steps over mini-batches of this size (one epoch = M / local_batch steps)
+    momentum: bool = False  # SGD with momentum 0.9 instead of plain SGD
     standardise: bool = False  # inputs standardised with the data set's mean and standard deviation, as users do
     conv1d: tuple[int, int] | None = None  # (channels, kernel) of a Conv1d reading each sample as one signal
 
@@ -65,6 +67,9 @@ CONFIGS = {
     "lfw-2-fedavg": Config("lfw", (1024,), lr=0.1),
     "lfw-2-fedavg-lr1": Config("lfw", (1024,), lr=1.0),
     "lfw-2-fedavg-3steps": Config("lfw", (1024,), lr=0.1, steps=3),
+    "lfw-2-fedavg-epoch": Config("lfw", (1024,), lr=0.1, local_batch=2),
+    "fashion-10-fedavg-epoch-momentum": Config("fashion-mnist", (1024,), lr=0.05, local_batch=2, momentum=True),
+    "digits-10-fedavg-epoch": Config("digits", (256,), lr=0.1, local_batch=2),
     "fashion-10-fedavg": Config("fashion-mnist", (1024,), lr=0.1),
     "digits-10-fedavg-lr0.03": Config("digits", (256,), lr=0.03),
     "lfw-2-standardised": Config("lfw", (1024,), standardise=True),
@@ -114,7 +119,10 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
         model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen, cfg.conv1d)
         if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
-            update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=cfg.steps)
+            steps = cfg.steps if cfg.local_batch is None else -(-M // cfg.local_batch)
+            update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=steps, batch_size=cfg.local_batch,
+                                           optimizer="momentum" if cfg.momentum else "sgd",
+                                           seed=int(gen.integers(0, 2**31)))
         else:
             loss = nn.functional.cross_entropy(model(x), y)
             grads = dict(zip([n for n, _ in model.named_parameters()],
@@ -160,8 +168,9 @@ def render(files: list[Path]) -> None:
         for name, r in record["results"].items():
             cfg = settings["configs"][name]
             share = r["certifiable_recovered"] / max(r["certifiable"], 1)
-            update = ("gradient" if cfg.get("lr") is None else
-                      f"FedAvg, lr {cfg['lr']:g}, {cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}")
+            update = "gradient" if cfg.get("lr") is None else f"FedAvg, lr {cfg['lr']:g}, " + (
+                f"{cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}" if not cfg.get("local_batch") else
+                f"one epoch in mini-batches of {cfg['local_batch']}" + (", momentum 0.9" if cfg.get("momentum") else ""))
             inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):

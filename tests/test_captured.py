@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedleak
-from fedleak.captured import WEIGHTS_DISTANCE, named_like, read_captured, weights_evidence
+from fedleak.captured import READ_AS, WEIGHTS_DISTANCE, named_like, read_captured, weights_evidence
 from fedleak.models.flower import FlowerNet
 from tests.user_models import DropoutMLP
 
@@ -143,6 +143,25 @@ def test_reconstruct_and_plan_read_a_flower_reply(digits):
     assert any("the client's weights" in note for note in planned.notes)
     with pytest.raises(fedleak.UpdateError, match="the weight update is zero"):
         fedleak.reconstruct(net, [v.numpy() for v in net.state_dict().values()], attack="dlm")
+
+
+def test_names_saved_through_a_wrapper_are_read_as_the_models(digits):
+    """A client that trains under DataParallel/DDP or torch.compile sends its tensors named ``module.<name>`` or
+    ``_orig_mod.<name>``: read with the model's names, said in a note, and certified as the plain update is."""
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.x[:3], digits.y[:3]
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        rec = fedleak.reconstruct(model, {prefix + k: v for k, v in grads.items()})
+        assert rec.certified.all() and any(f"carry the prefix '{prefix}'" in note for note in rec.notes)
+    reply = {"module." + k: v for k, v in fedleak.fedavg_update(model, x, y, lr=0.5).after.items()}
+    update = fedleak.read_update(model, reply, num_examples=3)
+    assert isinstance(update, fedleak.WeightUpdate) and "module." in update.metadata[READ_AS]
+    assert fedleak.reconstruct(model, update, attack="exclusivity").certified.all()
+    # names that do not differ by one common prefix are not guessed at
+    mixed = {("module." if k.startswith("1.") else "") + k: v for k, v in grads.items()}
+    with pytest.raises(fedleak.UpdateError, match="unexpected"):
+        fedleak.reconstruct(model, mixed)
 
 
 def test_numpy_arrays_are_copied(digits):

@@ -45,8 +45,11 @@ def test_what_an_npz_may_not_hold(tmp_path):
 
 
 def test_an_unknown_format_names_the_ones_read(tmp_path):
-    (tmp_path / "update.bin").write_bytes(b"\x00" * 64)
-    with pytest.raises(UpdateError, match=r"as safetensors: .*fedleak reads .safetensors, .pt/.pth .* or .npz"):
+    (tmp_path / "update.dat").write_bytes(b"\x00" * 64)
+    with pytest.raises(UpdateError, match=r"as safetensors: .*fedleak reads .safetensors, a torch file .* or .npz"):
+        read_tensor_file(tmp_path / "update.dat", "update", UpdateError)
+    (tmp_path / "update.bin").write_bytes(b"\x00" * 64)  # a torch suffix: read as one, and refused as one
+    with pytest.raises(UpdateError, match="corrupt or not a torch file of tensors"):
         read_tensor_file(tmp_path / "update.bin", "update", UpdateError)
 
 
@@ -75,3 +78,31 @@ def test_a_training_checkpoint_gives_its_state_dict(tmp_path, digits):
     torch.save({"epoch": 3, "loss": 0.5}, tmp_path / "none.pt")
     with pytest.raises(ModelError, match=r"holds 'epoch' \(int\), 'loss' \(float\): no dict of tensors"):
         load_weights(model, tmp_path / "none.pt")
+
+
+def test_torch_files_as_trainers_name_them_and_files_without_a_suffix(tmp_path):
+    """Lightning's ``.ckpt``, Hugging Face's ``pytorch_model.bin``, ``checkpoint.pth.tar`` are torch files; a file
+    with no suffix is read by what its first bytes say it is. Pickled objects stay unread in every one."""
+    state = {"w": torch.ones(2, 3), "b": torch.zeros(2)}
+    for name in ("model.ckpt", "pytorch_model.bin", "checkpoint.pth.tar", "no_suffix"):
+        torch.save({"state_dict": state, "epoch": 3, "global_step": 10}, tmp_path / name)
+        tensors, _ = read_tensor_file(tmp_path / name, "weights", ModelError)
+        assert set(tensors) == {"w", "b"}
+    np.savez(tmp_path / "arrays.npz", *[v.numpy() for v in state.values()])
+    (tmp_path / "arrays.npz").rename(tmp_path / "arrays")
+    listed, meta = read_tensor_file(tmp_path / "arrays", "weights", ModelError, lists=True)
+    assert LISTED in meta and torch.equal(listed["0"], state["w"])
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("evil.ckpt", "evil"):
+        torch.save({"w": Evil()}, tmp_path / name)
+        with pytest.raises(ModelError, match="never unpickles"):
+            read_tensor_file(tmp_path / name, "weights", ModelError)
+        torch.save({"w": Evil()}, tmp_path / name, _use_new_zipfile_serialization=False)
+        with pytest.raises(ModelError, match="never unpickles"):
+            read_tensor_file(tmp_path / name, "weights", ModelError)
+    assert not marker.exists()

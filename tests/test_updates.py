@@ -40,7 +40,7 @@ def test_bad_updates_are_named(digits):
     # a DataParallel / DDP wrapper's names, either way round: the message says which prefix to strip
     with pytest.raises(fedleak.UpdateError, match="the update's names carry the prefix 'module.'"):
         check_matches_model(model, {"module." + k: v for k, v in grads.items()})
-    with pytest.raises(fedleak.UpdateError, match="the model's names carry the prefix 'module.'"):
+    with pytest.raises(fedleak.UpdateError, match="the model's names carry the prefix 'module.', which the update's lack"):
         check_matches_model(nn.DataParallel(model), grads)
     with pytest.raises(fedleak.UpdateError) as plain:
         check_matches_model(model, {**{k: v for k, v in grads.items() if k != "3.bias"}, "extra": torch.zeros(1)})

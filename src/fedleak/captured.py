@@ -23,6 +23,7 @@ from torch import nn
 
 from fedleak.binary import as_two_class
 from fedleak.errors import UpdateError
+from fedleak.state_names import renamed
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, trainable_parameters
 
 WEIGHTS_DISTANCE = 0.5  # ||T - W|| / ||W|| at most this: T is the model's weights moved by local training
@@ -90,8 +91,10 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
     kind = check_kind(kind)
     if isinstance(update, (list, tuple)):
         update = named_like(model, update)
+    renaming = ""
     if isinstance(update, Mapping):
-        update = {name: as_tensor(value) for name, value in update.items()}
+        update, change = renamed({name: as_tensor(value) for name, value in update.items()}, model.state_dict())
+        renaming = "" if change is None else "read with the model's names: " + change.said("the update's")
     if isinstance(update, Mapping) and kind != "gradient":
         own = model.state_dict()
         unknown = sorted(set(update) - set(own))
@@ -102,11 +105,12 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
         if kind == "weights" or found:
             how = (f"the update holds the client's weights ({evidence.said()}), not a gradient" if found else
                    "the update holds the client's weights, as told")
-            how += ": read as a FedAvg update from the model's weights (the round's)"
+            how += ": read as a FedAvg update from the model's weights (the round's)" + (renaming and "; " + renaming)
+            renaming = ""  # the weight update's metadata keeps it
             before = {k: own[k].detach().clone() for k in update}
             update = WeightUpdate(before=before, after=dict(update), metadata={READ_AS: how})
     read_as = update.metadata.get(READ_AS) if isinstance(update, WeightUpdate) else None
-    return update, (read_as,) if isinstance(read_as, str) else ()
+    return update, tuple(filter(None, (renaming, read_as if isinstance(read_as, str) else "")))
 
 
 def check_kind(kind: object) -> str:

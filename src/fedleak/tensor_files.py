@@ -21,7 +21,8 @@ import torch
 from fedleak.errors import FedleakError
 
 LISTED = "listed"  # the metadata key of a file that held a list of tensors (keyed "0", "1", ... in order)
-FORMATS = ".safetensors, .pt/.pth (a dict or list of tensors) or .npz (numpy.savez)"
+FORMATS = ".safetensors, a torch file (.pt/.pth/.ckpt/.bin: a dict or list of tensors) or .npz (numpy.savez)"
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")  # torch.save's files, as trainers name them
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _POSITIONAL = re.compile(r"arr_(\d+)")  # the names numpy.savez gives arrays passed by position
 
@@ -40,7 +41,8 @@ def read_tensor_file(
         raise error(f"{what} file not found: {path}")
     if path.stat().st_size == 0:
         raise error(f"{what} file {path} is empty")
-    if path.suffix in {".pt", ".pth"}:
+    kind = _format(path)
+    if kind == "torch":
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
@@ -53,7 +55,7 @@ def read_tensor_file(
             kinds = "a dict of tensors" + (" or a list of them" if lists else "")
             raise error(f"{what} file {path} must hold {kinds}, got {type(obj).__name__}")
         return {str(k): v for k, v in obj.items()}, {}
-    if path.suffix == ".npz":
+    if kind == "npz":
         return _read_npz(path, what, error, lists)
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -67,6 +69,25 @@ def read_tensor_file(
         raise error(f"cannot read {what} file {path} as safetensors: {exc}{known}") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return tensors, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _format(path: Path) -> str:
+    """``"torch"``, ``"npz"`` or ``"safetensors"``: by the file's suffix, else by its first bytes (``torch.save``
+    writes a zip archive holding a ``data.pkl``, or an old-style pickle; ``numpy.savez`` a zip of ``.npy`` files)."""
+    if path.suffix in TORCH_SUFFIXES:
+        return "torch"
+    if path.suffix in {".npz", ".safetensors"}:
+        return path.suffix[1:]
+    import zipfile
+
+    with path.open("rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80":  # a pickle's protocol byte: torch's legacy format, which weights_only reads safely
+        return "torch"
+    if head == b"PK" and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return "torch" if any(n.endswith("data.pkl") for n in archive.namelist()) else "npz"
+    return "safetensors"
 
 
 def _state_of_checkpoint(path: Path, what: str, error: type[FedleakError], obj: Mapping) -> Mapping:

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, ModelError, UpdateError
+from fedleak.state_names import renaming
 from fedleak.validation import (
     MAX_COUNT,
     all_finite,
@@ -177,14 +178,11 @@ def check_matches_model(model: nn.Module, tensors: Mapping[str, torch.Tensor], w
 def renaming_hint(missing: list[str], extra: list[str]) -> str:
     """What to do when the update's names are the model's with one prefix added or removed (a model wrapped in
     ``DataParallel``/``DistributedDataParallel`` names its parameters ``module.<name>``), else empty."""
-    if not missing or len(missing) != len(extra):
+    change = renaming(extra, missing) if missing and len(missing) == len(extra) else None
+    if change is None:
         return ""
-    for longer, shorter, side in ((extra, missing, "the update's"), (missing, extra, "the model's")):
-        prefix = longer[0][: len(longer[0]) - len(shorter[0])] if longer[0].endswith(shorter[0]) else ""
-        if prefix and sorted(n[len(prefix):] for n in longer if n.startswith(prefix)) == shorter:
-            return (f" ({side} names carry the prefix '{prefix}', as a DataParallel or DistributedDataParallel "
-                    "wrapper names them: strip it, or pass the model the update was taken from)")
-    return ""
+    return (" (" + change.said("the update's") + ": pass the update as a plain dict or file, which fedleak reads "
+            "with the model's names, or rename it)")
 
 
 def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> GradientUpdate:

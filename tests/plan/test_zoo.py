@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -62,20 +63,80 @@ def test_a_users_class_file_with_weights(tmp_path):
     assert torch.all(with_weights.module.fc1.weight == 0.01)
 
 
+def test_a_model_function_or_a_model_the_file_builds(tmp_path):
+    """Users' files often build the model in a function (``get_model()``) or at module level (``model = Net()``):
+    both are models, seeded like a class (the file runs under the seed)."""
+    source = tmp_path / "task.py"
+    source.write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        def get_model(width=16):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
+
+        model = get_model(8)
+
+        if __name__ == "__main__":
+            raise SystemExit("training would start here")
+        """))
+    made = fedleak.load_model(f"{source}:get_model", seed=3)
+    built = fedleak.load_model(f"{source}:model", seed=3)
+    assert made.module[1].out_features == 16 and built.module[1].out_features == 8
+    assert "function get_model" in made.source and "module model" in built.source
+    assert not made.module.training and not built.module.training
+    again, other = (fedleak.load_model(f"{source}:model", seed=s).module for s in (3, 4))
+    assert torch.equal(again[1].weight, built.module[1].weight)
+    assert not torch.equal(other[1].weight, built.module[1].weight)
+    assert torch.equal(fedleak.load_model(f"{source}:get_model", seed=3).module[1].weight, made.module[1].weight)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no-such-model", "unknown model 'no-such-model'"),
     ("/no/such/file.py:Net", "model file not found"),
     ("{tmp}/bad.py:Net", "running"),
-    ("{tmp}/ok.py:Missing", "defines no nn.Module class 'Missing'; it defines NeedsArgs, Net"),
-    ("{tmp}/ok.py:NeedsArgs", "cannot be built without arguments"),
+    ("{tmp}/ok.py:Missing", "defines no nn.Module class, model function or module 'Missing'; it defines "
+                            "NeedsArgs, Net, factory, not_a_model"),
+    ("{tmp}/ok.py:NeedsArgs", "cannot be built without arguments (it needs n)"),
+    ("{tmp}/ok.py:factory", "cannot be built without arguments (it needs width)"),
+    ("{tmp}/ok.py:not_a_model", "not_a_model() returned int, not an nn.Module"),
+    ("{tmp}/ok.py:WIDTH", "defines no nn.Module class, model function or module 'WIDTH'"),
 ])
 def test_bad_model_specs_are_one_clear_error(tmp_path, spec, message):
     (tmp_path / "bad.py").write_text("raise RuntimeError('boom')\n")
     (tmp_path / "ok.py").write_text("import torch.nn as nn\nclass Net(nn.Module):\n    pass\n"
                                     "class NeedsArgs(nn.Module):\n    def __init__(self, n):\n"
-                                    "        super().__init__()\n")
-    with pytest.raises(fedleak.ModelError, match=message.replace("(", r"\(")):
+                                    "        super().__init__()\n"
+                                    "WIDTH = 3\n"
+                                    "def factory(width):\n    return nn.Linear(width, 2)\n"
+                                    "def not_a_model():\n    return 3\n")
+    with pytest.raises(fedleak.ModelError, match=re.escape(message)):
         fedleak.load_model(spec.format(tmp=tmp_path))
+
+
+def test_weights_saved_through_a_wrapper_fit_the_model(tmp_path):
+    """State dicts as trainers save them: DataParallel/DDP's ``module.``, torch.compile's ``_orig_mod.``, a
+    Lightning checkpoint's ``model.`` inside ``state_dict``; and a class holding the saved network as an attribute.
+    A mismatch that no one common prefix explains is still refused."""
+    state = fedleak.make_mlp((1, 8, 8), [1024], 10, seed=1).state_dict()  # the built-in "mlp"'s shapes
+    for name, saved in [("dp.pt", {"module." + k: v for k, v in state.items()}),
+                        ("compiled.pth", {"_orig_mod." + k: v for k, v in state.items()}),
+                        ("lightning.ckpt", {"state_dict": {"model." + k: v for k, v in state.items()}, "epoch": 3})]:
+        torch.save(saved, tmp_path / name)
+        model = fedleak.load_model("mlp", weights=tmp_path / name).module
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items()), name
+    holder = tmp_path / "holder.py"
+    holder.write_text("import fedleak, torch.nn as nn\n"
+                      "class Holder(nn.Module):\n"
+                      "    def __init__(self):\n"
+                      "        super().__init__()\n"
+                      "        self.net = fedleak.make_mlp((1, 8, 8), [1024], 10)\n"
+                      "    def forward(self, x):\n"
+                      "        return self.net(x)\n")
+    torch.save(state, tmp_path / "inner.pt")
+    held = fedleak.load_model(f"{holder}:Holder", weights=tmp_path / "inner.pt").module
+    assert torch.equal(held.net[1].weight, state["1.weight"])
+    torch.save({("module." if k.startswith("1.") else "") + k: v for k, v in state.items()}, tmp_path / "mixed.pt")
+    with pytest.raises(fedleak.ModelError, match="do not fit"):
+        fedleak.load_model("mlp", weights=tmp_path / "mixed.pt")
 
 
 def test_weights_must_fit_and_are_never_unpickled(tmp_path):

@@ -55,7 +55,8 @@ def _model_help() -> str:
     from fedleak.models.catalog import available_models  # a catalog: no torch
 
     return (f"The model: a built-in name ({', '.join(available_models())}); path/to/file.py:ClassName, your own "
-            "nn.Module class -- this RUNS that Python file and builds the class with no arguments; or a "
+            "nn.Module class -- this RUNS that Python file and builds the class with no arguments (or NAME is a "
+            "function returning the model, or a model the file builds); or a "
             ".safetensors/.pt state dict of a Sequential MLP.")
 
 

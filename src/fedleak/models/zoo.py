@@ -4,7 +4,8 @@
 model *sources*, tried in the order they are registered (:data:`MODEL_SOURCES`):
 
 * ``path/to/file.py:ClassName`` -- the user's own ``nn.Module`` class. **This runs the user's Python file**
-  (as ``python file.py`` would, without ``__main__``) and builds the class with no arguments;
+  (as ``python file.py`` would, without ``__main__``, under the seed) and builds the class with no arguments; the
+  name may also be a function called with none that returns the model, or a module the file built;
 * ``model.safetensors`` / ``model.pt`` -- the state dict of a Sequential MLP, as :func:`fedleak.load_mlp` reads it;
 * a built-in name (:data:`BUILTIN_MODELS`): ``flower-cnn`` (Flower's quickstart ``Net``), ``mlp`` and the
   certifiable CNNs ``convnet`` / ``convnet-digits`` built by fedleak's own builders, each seeded.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -151,25 +153,47 @@ def _run_user_file(path: Path) -> object:
 
 
 def _load_class(spec: str, weights: Path | None, seed: int) -> LoadedModel:
-    file, _, cls_name = spec.rpartition(":")
+    file, _, name = spec.rpartition(":")
     path = Path(file)
-    module = _run_user_file(path)
-    cls = getattr(module, cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        found = sorted(n for n, v in vars(module).items()
-                       if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__)
-        raise ModelError(f"{path} defines no nn.Module class '{cls_name}'"
-                         + (f"; it defines {', '.join(found)}" if found else ""))
-    try:
-        model = _seeded(cls, seed)
-    except TypeError as exc:
-        raise ModelError(f"{cls_name}() cannot be built without arguments ({exc}); give its arguments defaults, "
-                         "or write a subclass that passes them") from None
-    except Exception as exc:  # the user's constructor may raise anything
-        raise ModelError(f"{cls_name}() raised {type(exc).__name__}: {exc}") from None
+    module = _seeded(lambda: _run_user_file(path), seed)  # a module-level instance is seeded too
+    model, kind = _user_model(path, module, name, seed)
     if weights is not None:
         load_weights(model, weights)
-    return LoadedModel(model.eval(), cls_name, f"class {cls_name} of {path}" + _with(weights))
+    return LoadedModel(model.eval(), name, f"{kind} of {path}" + _with(weights))
+
+
+def _user_model(path: Path, module: object, name: str, seed: int) -> tuple[nn.Module, str]:
+    """What ``name`` in the user's file gives: an ``nn.Module`` class built with no arguments, a function called with
+    none that returns a module (a factory, ``get_model()``), or a module built when the file ran; and its kind."""
+    obj = getattr(module, name, None)
+    if isinstance(obj, nn.Module):
+        return obj, f"module {name}"
+    is_class = isinstance(obj, type) and issubclass(obj, nn.Module)
+    if not is_class and not inspect.isfunction(obj):
+        found = sorted(n for n, v in vars(module).items() if _offers_model(v, module))
+        raise ModelError(f"{path} defines no nn.Module class, model function or module '{name}'"
+                         + (f"; it defines {', '.join(found)}" if found else ""))
+    required = [p.name for p in inspect.signature(obj).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise ModelError(f"{name}() cannot be built without arguments (it needs {', '.join(required)}); give its "
+                         f"arguments defaults, or write a {'subclass' if is_class else 'function'} that passes them")
+    try:
+        model = _seeded(obj, seed)
+    except Exception as exc:  # the user's constructor may raise anything
+        raise ModelError(f"{name}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{name}() returned {type(model).__name__}, not an nn.Module")
+    return model, f"{'class' if is_class else 'function'} {name}"
+
+
+def _offers_model(value: object, module: object) -> bool:
+    """Whether a name of the user's file can be given as its model: a class or function the file defines, or a
+    module it built."""
+    if isinstance(value, nn.Module):
+        return True
+    own = getattr(value, "__module__", None) == getattr(module, "__name__", None)
+    return own and (inspect.isfunction(value) or (isinstance(value, type) and issubclass(value, nn.Module)))
 
 
 def _with(weights: Path | None) -> str:
@@ -256,8 +280,10 @@ def _layout_hint(model: nn.Module, data_shape: tuple[int, ...]) -> str:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a state-dict file into ``model`` (every key and shape must match), or a list of tensors in
-    ``model.state_dict()`` order (Flower's NDArrays saved with ``numpy.savez``); returns the model."""
+    """Load a state-dict file into ``model`` (every key and shape must match, but for one prefix common to all
+    of them: a wrapper's, :mod:`fedleak.state_names`), or a list of tensors in ``model.state_dict()`` order
+    (Flower's NDArrays saved with ``numpy.savez``); returns the model."""
+    from fedleak.state_names import renamed
     from fedleak.tensor_files import LISTED, read_tensor_file
     from fedleak.validation import check_finite_tensors
 
@@ -270,6 +296,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         state = dict(zip(own, state.values()))
     check_finite_tensors(state.items(), f"{path}: parameter")
     own = model.state_dict()
+    state, _ = renamed(state, own)
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
