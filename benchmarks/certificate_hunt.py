@@ -168,9 +168,10 @@ def render(files: list[Path]) -> None:
         for name, r in record["results"].items():
             cfg = settings["configs"][name]
             share = r["certifiable_recovered"] / max(r["certifiable"], 1)
-            update = "gradient" if cfg.get("lr") is None else f"FedAvg, lr {cfg['lr']:g}, " + (
-                f"{cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}" if not cfg.get("local_batch") else
-                f"one epoch in mini-batches of {cfg['local_batch']}" + (", momentum 0.9" if cfg.get("momentum") else ""))
+            steps = f"{cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}"
+            if cfg.get("local_batch"):
+                steps = f"one epoch in mini-batches of {cfg['local_batch']}" + (", momentum 0.9" * cfg["momentum"])
+            update = "gradient" if cfg.get("lr") is None else f"FedAvg, lr {cfg['lr']:g}, {steps}"
             inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):
