@@ -168,7 +168,7 @@ def render(files: list[Path]) -> None:
         for name, r in record["results"].items():
             cfg = settings["configs"][name]
             share = r["certifiable_recovered"] / max(r["certifiable"], 1)
-            steps = f"{cfg['steps']} step{'s' if cfg['steps'] > 1 else ''}"
+            steps = f"{cfg.get('steps', 1)} step{'s' if cfg.get('steps', 1) > 1 else ''}"
             if cfg.get("local_batch"):
                 steps = f"one epoch in mini-batches of {cfg['local_batch']}" + (", momentum 0.9" * cfg["momentum"])
             update = "gradient" if cfg.get("lr") is None else f"FedAvg, lr {cfg['lr']:g}, {steps}"
