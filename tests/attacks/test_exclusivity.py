@@ -1,6 +1,8 @@
 """The exclusivity attack on real data: every certifiable sample is rebuilt exactly, and a certificate
 is never wrong — also when the gradient is tampered with, noisy, or the batch holds duplicates."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,6 +355,28 @@ def test_a_half_precision_update_certifies_nothing_and_says_why(fashion, dtype):
     assert rec.num_certified == 0 and not metrics.match(rec, x, y).false_certificate.any()
     assert f"the update is in {str(dtype)[6:]}, whose rounding" in rec.why_uncertified()
     assert fedleak.reconstruct(model, update).num_certified == 4  # the same update in float32
+
+
+def test_a_float32_models_update_sent_as_float64_is_read_in_float32(fashion):
+    """A client of a float32 model computes in float32; its gradient or weights sent as float64 (numpy's default,
+    a serialiser's) carry float32 rounding, which the attack allows for, not float64's: they certify as the
+    float32 update does. A float16 reply still certifies nothing and says why."""
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=2)
+    update = fedleak.compute_gradient_update(model, x, y)
+    wide = {k: v.double() for k, v in update.gradients.items()}
+    rec = fedleak.reconstruct(model, wide)
+    assert rec.num_certified == 4 and not metrics.match(rec, x, y).false_certificate.any()
+    step = fedleak.fedavg_update(model, x, y, lr=0.1)
+    for dtype, certified in (("float64", 4), ("float16", 0)):
+        reply = fedleak.read_update(model, {k: v.numpy().astype(dtype) for k, v in step.after.items()},
+                                    num_examples=4)
+        rec = fedleak.reconstruct(model, reply, attack="exclusivity")
+        assert rec.num_certified == certified and not metrics.match(rec, x, y).false_certificate.any()
+    assert "the update is in float16, whose rounding" in rec.why_uncertified()
+    double = copy.deepcopy(model).double()  # a float64 model's own float64 gradient: read in float64
+    rec = fedleak.reconstruct(double, fedleak.compute_gradient_update(double, x.double(), y))
+    assert rec.num_certified == 4
 
 
 def test_cnn_whose_inferred_input_shape_is_wrong_says_so(digits):

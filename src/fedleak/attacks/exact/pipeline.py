@@ -36,7 +36,7 @@ from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
-from fedleak.attacks.exact.noise import RoundingNoise
+from fedleak.attacks.exact.noise import RoundingNoise, coarsest, in_client_dtype
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
@@ -91,7 +91,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
                            "layers, which the head's certificate does not recompute")
     check_head_trainable(model, net)
     check_matches_model(model, update.gradients, "gradient")
-    grads = dict(update.gradients)
+    grads = in_client_dtype(dict(update.gradients), model)
     obs_dtype = next(iter(grads.values())).dtype
     reported = update.num_examples
     if net.blocks:
@@ -149,8 +149,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
     missing = found.missing(head, records, cert.batch_size)
-    half_ulp = torch.finfo(obs_dtype).eps / 2  # a half-precision update's rounding alone exceeds max_noise
-    caveats = net.caveats + ((f"the update is in {str(obs_dtype).removeprefix('torch.')}, whose rounding "
+    rounded = coarsest([obs_dtype, *(n.values.dtype for n in (noise or {}).values())])  # a reply in float16 too
+    half_ulp = torch.finfo(rounded).eps / 2  # a half-precision update's rounding alone exceeds max_noise
+    caveats = net.caveats + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
                               f"({half_ulp:.1e} relative) alone exceeds max_noise={opts.max_noise:g}: an update in "
                               "this dtype is not certified",) if half_ulp > opts.max_noise else ())
     if caveats and not any(r.certified for r in records):  # how the model or the update was read may be the cause
