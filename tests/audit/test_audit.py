@@ -126,6 +126,20 @@ def test_a_scenario_that_cannot_work_on_the_model_is_refused_before_any_batch(mo
     assert not attacked
 
 
+def test_a_model_whose_updates_the_exact_attack_never_certifies_is_audited_by_auto():
+    """Flower's quickstart Net: its max-pooled conv layers have fewer outputs than inputs, so no sample is ever
+    certifiable. The audit's default attack certifies nothing there ("nothing rebuilt" would read as no
+    leakage): it runs 'auto', whose IG estimates say what the update shows, and its note says why."""
+    from fedleak.models.flower import FlowerNet
+
+    torch.manual_seed(0)
+    result = run_audit(AuditSettings(data="retina", batch_sizes=(1,), trials=1, budget=1), model=FlowerNet().eval())
+    (note,) = result.notes
+    assert "no input of this model can be certified at any batch size" in note and "the audit ran 'auto'" in note
+    (batch,) = result.batches
+    assert batch.certifiable == 0 and batch.certified == 0 and batch.rebuilt == 1 and np.isfinite(batch.mean_psnr)
+
+
 def test_a_model_the_exclusivity_analysis_does_not_read_is_audited_by_the_other_attacks(tmp_path):
     """A GELU model: the ExAN condition is not counted (None, "n/a" in the report, a note saying why, not a count
     of 0); the audit's default, the exclusivity attack, gives way to 'auto' (as a federation's honest server does),

@@ -363,4 +363,11 @@ def test_the_honest_server_audits_a_model_the_exact_attack_cannot_read_with_auto
         AuditFedAvg(model, AuditPlan(chosen.name, chosen.options), audit_mode="sync")  # not refused
     mlp = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     assert audit_attack(honest, settings, mlp, (16,)).name == "exclusivity"
+    # the exact attack reads these but certifies nothing from their updates: max-pooled conv layers (Flower's
+    # quickstart Net), Dropout in clients that train in training mode (not in eval mode)
+    assert audit_attack(honest, settings, FlowerNet().eval(), (3, 32, 32)).name == "auto"
+    dropout = DropoutMLP(16, 32, 3).eval()
+    assert audit_attack(honest, settings, dropout, (16,)).name == "auto"
+    evaluated = FederationSettings(attack_budget=7.0, client_mode="eval")
+    assert audit_attack(honest, evaluated, dropout, (16,)).name == "exclusivity"
     assert audit_attack(get_threat("trap-weights"), settings, LayerNormMLP(), (16,)).name == "trap-weights"

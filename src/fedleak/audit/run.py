@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from fedleak.analysis import analyze_exclusivity
+from fedleak.attacks.auto import exact_route_barrier
 from fedleak.audit.aware import reconstruct_aware
 from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
 from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
+from fedleak.binary import as_two_class
 from fedleak.clients.mode import check_client_mode, client_mode
 from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
@@ -263,7 +265,6 @@ def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple
     applying: a model it does not read (GELU, a residual path, a Conv3d: the other attacks still audit it), or
     clients in training mode with Dropout or BatchNorm (the exact methods model the eval-mode network, which such
     clients do not run: nothing is certifiable)."""
-    from fedleak.binary import as_two_class
     from fedleak.nets import as_network
     from fedleak.nets.network import batch_norms, training_mode_cause
 
@@ -309,10 +310,13 @@ def run_audit(
     net = model if model is not None else _model_for(settings, data)
     analysed, notes = _exclusivity_notes(net, data, settings.client_mode)  # what its count of certifiable misses
     attack = settings.attack
-    if not analysed and attack == "exclusivity":  # as a federation's honest server does: see the note
+    barrier = exact_route_barrier(as_two_class(net)[0], data.input_shape, training=settings.client_mode == "train")
+    if barrier and attack == "exclusivity":  # as a federation's honest server does: see the note
         attack = "auto"
-        notes += (f"the exclusivity attack does not read this model either: the audit ran 'auto' (the first-layer "
-                  f"attack on one-sample updates, else IG within {settings.budget:g} s per batch)",)
+        said = not analysed or any(barrier in note for note in notes)  # the note above gives the reason
+        why = "certifies nothing from this model's updates" + ("" if said else f" ({barrier})")
+        notes += (f"the exclusivity attack {why}: the audit ran 'auto' (the first-layer attack on one-sample "
+                  f"updates, else IG within {settings.budget:g} s per batch)",)
     scenarios = audited_scenarios(settings, data)
     for scenario in scenarios.values():  # a client hook that cannot work on this model says so before any batch runs
         if scenario.transform is not None:

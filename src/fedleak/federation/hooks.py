@@ -70,21 +70,20 @@ class AuditAttack:
 
 def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
                  input_shape: tuple[int, ...]) -> AuditAttack:
-    """The threat's attack, or, where that is the exact exclusivity attack and the model is not a ReLU network it
-    reads (GELU, LayerNorm, residual paths, ...), ``auto`` within ``settings.attack_budget`` seconds: a one-sample
+    """The threat's attack, or, where that is the exact exclusivity attack and it certifies nothing from this
+    model's updates (:func:`~fedleak.attacks.auto.exact_route_barrier`: GELU, LayerNorm, residual paths, max-pooled
+    conv layers, Dropout in training mode, ...), ``auto`` within ``settings.attack_budget`` seconds: a one-sample
     update is read from its first Linear layer, certified, and others are searched by IG, uncertified."""
     options = {**threat.attack_options(settings), "input_shape": input_shape}
     if threat.update_kind != "gradient" or threat.attack != "exclusivity":
         return AuditAttack(threat.attack, options)
+    from fedleak.attacks.auto import exact_route_barrier
     from fedleak.binary import as_two_class
-    from fedleak.errors import ModelError
-    from fedleak.nets import as_network
 
-    try:  # one logit: the attacks read its two-class twin
-        as_network(as_two_class(model)[0], input_shape=input_shape)
+    # one logit: the attacks read its two-class twin
+    if not exact_route_barrier(as_two_class(model)[0], input_shape, training=settings.client_mode == "train"):
         return AuditAttack(threat.attack, options)
-    except ModelError:
-        return AuditAttack("auto", {"budget": settings.attack_budget, "progress": False, "input_shape": input_shape})
+    return AuditAttack("auto", {"budget": settings.attack_budget, "progress": False, "input_shape": input_shape})
 
 
 def _no_transform(settings: FederationSettings) -> None:

@@ -28,7 +28,13 @@ from typing import Any
 
 from torch import nn
 
-from fedleak.attacks.auto.route import OPTIMISATION_ROUTES, RoutePlan, exact_route_reason, plan_route
+from fedleak.attacks.auto.route import (
+    OPTIMISATION_ROUTES,
+    RoutePlan,
+    exact_route_barrier,
+    exact_route_reason,
+    plan_route,
+)
 from fedleak.attacks.auto.stages import finish, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
 from fedleak.attacks.exact.options import resolve_options
@@ -97,5 +103,5 @@ def auto_attack(
         return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
 
 
-__all__ = ["DEFAULT_BUDGET", "OPTIMISATION_ROUTES", "RoutePlan", "auto_attack", "exact_route_reason",
-           "exclusivity_on_weights", "plan_route", "run_exact"]
+__all__ = ["DEFAULT_BUDGET", "OPTIMISATION_ROUTES", "RoutePlan", "auto_attack", "exact_route_barrier",
+           "exact_route_reason", "exclusivity_on_weights", "plan_route", "run_exact"]

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from fedleak.errors import FedleakError
-from fedleak.nets import NO_HIDDEN_RELU, as_network
+from fedleak.nets import NO_HIDDEN_RELU, Network, as_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
 
@@ -48,15 +48,40 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     if kind.multi_step:
         return (f"the client took {kind.local_steps} local steps: ΔW is no longer a scaled gradient, so no sample "
                 "can be certified from it")
-    try:
-        net = as_network(model, input_shape=input_shape).head
-    except FedleakError as exc:
-        return f"the model is not a ReLU network the exact attack reads ({exc})"
-    if net.depth == 0:
-        return NO_HIDDEN_RELU
-    if not net.has_all_biases and not kind.is_gradient:
+    net, unread = _read(model, input_shape)
+    if unread:
+        return unread
+    if not net.head.has_all_biases and not kind.is_gradient:
         return "the network has layers without bias, so a weight change's learning rate does not cancel row by row"
     return None
+
+
+def exact_route_barrier(model: nn.Module, input_shape: tuple[int, ...] | None = None, *,
+                        training: bool = False) -> str:
+    """Why the exclusivity attack certifies nothing from any update of ``model``, whatever the batch, in words
+    (empty where it can certify): a model it does not read, conv blocks whose outputs cannot determine their
+    inputs (:attr:`~fedleak.nets.Network.uncertifiable`: max pooling, as in Flower's quickstart ``Net``), or, for
+    clients that compute in training mode (``training``), Dropout or BatchNorm. An audit that would run the
+    exclusivity attack runs ``auto`` instead, whose other attacks estimate what the update still shows."""
+    from fedleak.nets.network import batch_norms, training_mode_cause
+
+    net, unread = _read(model, input_shape)
+    if unread:
+        return unread
+    if net.uncertifiable:
+        return net.uncertifiable
+    if training and net.mode_dependent:
+        return training_mode_cause(net.dropout, batch_norms(net.blocks))
+    return ""
+
+
+def _read(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[Network | None, str]:
+    """The model as the exact attack reads it, or why it does not."""
+    try:
+        net = as_network(model, input_shape=input_shape)
+    except FedleakError as exc:
+        return None, f"the model is not a ReLU network the exact attack reads ({exc})"
+    return (None, NO_HIDDEN_RELU) if net.head.depth == 0 else (net, "")
 
 
 def plan_route(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None = None) -> RoutePlan:
