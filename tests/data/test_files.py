@@ -284,7 +284,7 @@ def test_corrupt_npz(tmp_path: Path, fashion_small: tuple[np.ndarray, np.ndarray
         ({"x": np.full((2, 8, 8), np.nan, np.float32), "y": np.zeros(2, np.int64)}, "NaN"),
         ({"x": np.full((2, 8, 8), 3.5, np.float32), "y": np.zeros(2, np.int64)}, r"must lie in \[0, 1\]"),
         ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.array([0, -1])}, "must not be negative"),
-        ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.array([0.5, 1.0])}, "non-integer float labels"),
+        ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.array([0.5, 1.0])}, "the labels hold non-integer numbers"),
         ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.array([0, 3]), "classes": np.array(["a", "b"])},
          r"labels must lie in \[0, 1\]"),
         ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.array(["a", "c"]), "classes": np.array(["a", "b"])},

@@ -33,9 +33,10 @@ _LAZY = {
 }
 
 
-def _register_npz(module: str) -> None:
-    if module == _FILES:
-        importlib.import_module("fedleak.data.npz")  # registers the .npz format next to the built-in ones
+def _register_formats(module: str) -> None:
+    if module == _FILES:  # registers the .npz and .csv formats next to the built-in ones
+        importlib.import_module("fedleak.data.npz")
+        importlib.import_module("fedleak.data.csv_table")
 
 
-__getattr__ = lazy_attributes("fedleak.data", _LAZY, globals(), before=_register_npz)
+__getattr__ = lazy_attributes("fedleak.data", _LAZY, globals(), before=_register_formats)

@@ -6,6 +6,7 @@ Formats (tried in registration order; the first whose ``detect`` accepts the pat
   ``test``, ``meta``) python-batch folder, read with a restricted unpickler;
 * ``idx``: an MNIST-style folder of IDX files (``train-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte`` ...);
 * ``npz``: a numpy ``.npz`` file (:mod:`fedleak.data.npz`);
+* ``csv``: a ``.csv``/``.tsv`` table of records (:mod:`fedleak.data.csv_table`);
 * ``image-folder``: a folder with one sub-folder of images per class.
 """
 

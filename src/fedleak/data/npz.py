@@ -27,8 +27,9 @@ def _detect_npz(path: Path) -> bool:
         return False
 
 
-def _npz_labels(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Integer labels and class names from ``y`` (ints or strings) and the optional ``classes`` array."""
+def labels_and_classes(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Integer labels and class names from ``y`` (ints, integral floats, booleans or strings) and the optional
+    ``classes`` array (an ``.npz`` file's; a table's labels come without one)."""
     names = None if classes is None else tuple(str(c) for c in classes.reshape(-1))
     if names is not None and len(set(names)) != len(names):
         raise DataError(f"{path}: 'classes' names a class twice")
@@ -45,10 +46,10 @@ def _npz_labels(y: np.ndarray, classes: np.ndarray | None, path: Path) -> tuple[
         y = y.astype(np.int64)
     if y.dtype.kind == "f":
         if not np.isfinite(y).all() or not np.array_equal(y, np.round(y)):
-            raise DataError(f"{path}: 'y' holds non-integer float labels")
+            raise DataError(f"{path}: the labels hold non-integer numbers")
         y = y.astype(np.int64)
     if y.dtype.kind not in "iu":
-        raise DataError(f"{path}: 'y' must hold integer or string labels, got dtype {y.dtype}")
+        raise DataError(f"{path}: labels must be integers or strings, got dtype {y.dtype}")
     labels = y.astype(np.int64)
     if names is None:
         names = class_names(labels, str(path))
@@ -86,7 +87,7 @@ def _load_npz(path: Path, split: Split | None) -> Dataset:
         raise DataError(f"{path}: 'x' must hold numbers, got dtype {x.dtype}")
     if x.ndim == 2:
         x = _records(path, x, extras)
-    labels, names = _npz_labels(y, classes, path)
+    labels, names = labels_and_classes(y, classes, path)
     yt = check_label_array(labels, x.shape[0], len(names), str(path))
     return _npz_dataset(path, x, yt, names, extras)
 

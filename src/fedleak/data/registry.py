@@ -70,8 +70,8 @@ def available_datasets() -> dict[str, str]:
 def load_dataset(name_or_path: str | os.PathLike[str], *, split: str | None = None) -> Dataset:
     """A built-in data set by name (see :func:`available_datasets`), or the user's data at a path.
 
-    Paths may be an ``.npz`` file (``x``, ``y``), an image folder with one sub-folder per class, a
-    CIFAR-10/100 python-batch folder, or an MNIST-style IDX folder (see :mod:`fedleak.data.files`).
+    Paths may be an ``.npz`` file (``x``, ``y``), a ``.csv``/``.tsv`` table, an image folder with one sub-folder
+    per class, a CIFAR-10/100 python-batch folder, or an MNIST-style IDX folder (see :mod:`fedleak.data.files`).
     ``split`` (``"train"`` or ``"test"``) picks the split of a CIFAR or IDX folder; built-in sets have
     fixed splits and take none (Fashion-MNIST's train split is the built-in ``fashion-mnist-train``).
     """
