@@ -38,7 +38,7 @@ def retina_small() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_formats_are_registered_in_order() -> None:
-    assert list(available_formats()) == ["cifar", "idx", "image-folder", "npz"]
+    assert list(available_formats()) == ["cifar", "idx", "image-folder", "npz", "csv"]
 
 
 # --- npz -----------------------------------------------------------------------------------------------------
@@ -256,9 +256,9 @@ def test_folder_without_class_folders(tmp_path: Path, fashion_small: tuple[np.nd
 
 
 def test_unknown_format(tmp_path: Path) -> None:
-    (tmp_path / "data.csv").write_text("1,2,3\n")
-    err = _raises(tmp_path / "data.csv", "cannot tell the format")
-    assert "data.csv" in str(err) and "npz" in str(err)
+    (tmp_path / "data.json").write_text("[1, 2, 3]\n")
+    err = _raises(tmp_path / "data.json", "cannot tell the format")
+    assert "data.json" in str(err) and "npz" in str(err) and "csv" in str(err)
 
 
 def test_bad_split(tmp_path: Path, fashion_small: tuple[np.ndarray, np.ndarray]) -> None:
