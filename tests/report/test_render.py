@@ -125,6 +125,28 @@ def test_reconstruction_report_counts_certified_of_inferred_and_says_why(tmp_pat
     assert page.count('class="frame uncertified"') == len(rec) - rec.num_certified
 
 
+def test_a_record_of_features_shows_its_values(tmp_path):
+    """Tabular data: each card's record is drawn as a strip, and pointing at it reads its feature values, the
+    original's and the rebuilt one's; images get no such text."""
+    from fedleak.report.grid import record_values
+    from fedleak.report.reconstruction import ReconstructionRun, render_reconstruction
+
+    assert record_values(np.array([[[39.0, 0.25, -1.5]]])) == "39, 0.25, -1.5"
+    assert record_values(np.arange(20.0)).endswith("15, ... (20 features)")
+    assert record_values(np.zeros((1, 8, 8))) == "" and record_values(None) == ""
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,c,label\n" + "".join(f"{i / 10},{1 - i / 10},{(i % 3) / 4},{i % 2}\n" for i in range(9)))
+    data = fedleak.load_dataset(table)
+    model = fedleak.make_mlp(data.input_shape, [64], 2, seed=0)
+    x, y = data.batch(1, seed=0)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    assert rec.num_certified == 1
+    page = render_reconstruction(ReconstructionRun(rec, tuple(model.input_shape), "m.safetensors", "u.safetensors",
+                                                   "exclusivity"))
+    values = ", ".join(f"{v:.6g}" for v in rec.inputs[0].flatten().tolist())
+    assert f'title="rebuilt by the server: {values}"' in page and "point at it to read their values" in page
+
+
 def _scores(batch: int, recovered: int, preview) -> Scores:
     return Scores(batch, recovered, recovered / batch, 100.0, 100.0, 0.9, 0, tuple(preview), value_range=(0.0, 1.0))
 

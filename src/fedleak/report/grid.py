@@ -57,6 +57,19 @@ def image_uri(img: np.ndarray | None, value_range: tuple[float, float] = (0.0, 1
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def record_values(img: np.ndarray | None, limit: int = 16) -> str:
+    """A record's feature values in words ("39, 0.25, ..."), for a sample that is a vector of features (tabular
+    data: 1 x 1 x D, or D); "" for an image or a missing sample."""
+    if img is None:
+        return ""
+    arr = np.asarray(img, dtype=np.float64)
+    if arr.ndim == 0 or arr.size == 0 or sum(d > 1 for d in arr.shape) != 1 or arr.shape[-1] != arr.size:
+        return ""
+    flat = arr.reshape(-1)
+    text = ", ".join(f"{v:.6g}" for v in flat[:limit])
+    return text + (f", ... ({flat.size} features)" if flat.size > limit else "")
+
+
 def sample_list(numbers: Sequence[int], limit: int = 40) -> str:
     """Sample numbers as "#0, #3-#7, #9" (runs joined), cut after ``limit`` runs with a count of the rest."""
     runs: list[tuple[int, int]] = []
@@ -114,9 +127,12 @@ def image_grid(title: str, rows: Sequence[tuple[str, np.ndarray]], statuses: Seq
     for c in sorted(order):
         cards.append(Card(f"#{c}" if c < size else f"#{c} extra", tuple(image_uri(images[c], value_range)
                                                                          for _, images in rows),
-                          statuses[c], captions[c], keys.get(c, "")))
+                          statuses[c], captions[c], keys.get(c, ""),
+                          tuple(record_values(images[c]) for _, images in rows)))
     lo, hi = value_range
     text = f"Images are drawn on the data's range [{lo:g}, {hi:g}]"
+    if any(any(c.values) for c in cards):
+        text += " (a record as a strip of its features; point at it to read their values)"
     if n > len(cards):
         text += f"; {n - len(cards)} of {n} samples not drawn (their reasons are all listed)"
     return ImageGrid(title, tuple(name for name, _ in rows), tuple(cards), groups,

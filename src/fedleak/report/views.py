@@ -73,13 +73,15 @@ class Setting:
 @dataclass(frozen=True)
 class Card:
     """One sample of an image grid: its images (data URIs, one per grid row; "" blank), the frame's status
-    (a key of :data:`STATUS_TEXT`), a caption (labels) and the key of its reason in the grid's legend."""
+    (a key of :data:`STATUS_TEXT`), a caption (labels), the key of its reason in the grid's legend and, for a
+    record of features, their values (shown when the image is pointed at)."""
 
     number: str  # "#3", or "extra" for a certified sample beyond the batch
     images: tuple[str, ...]
     status: str
     caption: str
     key: str = ""
+    values: tuple[str, ...] = ()  # per image, a record's feature values in words (tabular data); else empty
 
 
 @dataclass(frozen=True)
