@@ -83,12 +83,15 @@ def exclusivity_on_weights(
     (:mod:`fedleak.attacks.exact.decay`). The client rounded ``before - lr * g`` to its dtype, an error of up to
     ``eps/2 |after| + eps |delta|`` per entry (:meth:`~fedleak.attacks.exact.noise.RoundingNoise.of_step`): at a
     small learning rate that is large relative to ``lr * g``, and the certificate's tolerances grow with it. Several
-    local steps mix the samples' contributions over changing weights: the certificate then fails rather than
-    mislead.
+    local steps mix the samples' contributions over changing weights: the samples of later mini-batches, whose
+    gradients were taken at other weights than ``before``, fail the certificate rather than mislead; those of the
+    first mini-batch, taken at ``before``, may pass.
     """
     opts = resolve_options(options, {**overrides, "known_scale": False})
     names = list(update.parameters_of(model))
-    update = replace(update, after=in_client_dtype(dict(update.after), model))  # float64 on the way: read as sent
+    after = in_client_dtype(dict(update.after), model)  # float64 on the way: read in the dtype it was computed in
+    if any(after[n] is not update.after[n] for n in after):
+        update = replace(update, after=after)
     delta = update.delta()
     at_before = model
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
