@@ -24,7 +24,7 @@ from torch import nn
 from fedleak.binary import as_two_class
 from fedleak.errors import UpdateError
 from fedleak.state_names import renamed
-from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, trainable_parameters
+from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, in_model_dtype, trainable_parameters
 
 WEIGHTS_DISTANCE = 0.5  # ||T - W|| / ||W|| at most this: T is the model's weights moved by local training
 MIN_UNCHANGED = 16  # this many nonzero weights kept bit for bit: T is weights (a gradient equals one by chance only)
@@ -76,8 +76,10 @@ def read_update(model: nn.Module, captured: object, *, num_examples: int | None 
 
 def as_attacked(model: nn.Module, update: object) -> tuple[nn.Module, object, tuple[str, ...]]:
     """The model and update as the attacks and the plan read them, and notes on how: the update read as it came
-    (:func:`read_captured`), and a single-logit model as its two-class twin (:func:`fedleak.binary.as_two_class`)."""
+    (:func:`read_captured`) in the model's dtype where it came in a finer one (:func:`~fedleak.updates.in_model_dtype`),
+    and a single-logit model as its two-class twin (:func:`fedleak.binary.as_two_class`)."""
     update, captured = read_captured(model, update)
+    update = in_model_dtype(model, update)  # float64 from a float32 model: read in the dtype it was computed in
     model, update, twin = as_two_class(model, update)
     return model, update, (*captured, *twin)
 

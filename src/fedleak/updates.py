@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -183,6 +183,38 @@ def renaming_hint(missing: list[str], extra: list[str]) -> str:
         return ""
     return (" (" + change.said("the update's") + ": pass the update as a plain dict or file, which fedleak reads "
             "with the model's names, or rename it)")
+
+
+def in_model_dtype(model: nn.Module, update: object) -> object:
+    """``update`` (a :class:`GradientUpdate`, a :class:`WeightUpdate` or a dict of tensors) with every entry in a
+    finer floating-point dtype than its parameter's read back in the parameter's dtype, the one its client computed
+    in: a float32 model's update sent as float64 (numpy's default, a serialiser's) was rounded in float32, exactly
+    so where it was only cast, and the attacks then allow for float32's rounding, not float64's. An entry in a
+    coarser dtype (float16 on the way) keeps it: its rounding is the update's. Anything else is returned as it is."""
+    dtypes = {name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())}
+
+    def narrowed(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        def finer(name: str, t: object) -> bool:
+            own = dtypes.get(name)
+            return (isinstance(t, torch.Tensor) and own is not None and t.is_floating_point()
+                    and own.is_floating_point and torch.finfo(t.dtype).eps < torch.finfo(own).eps)
+
+        return {name: t.to(dtypes[name]) if finer(name, t) else t for name, t in tensors.items()}
+
+    def changed(old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> bool:
+        return any(new[name] is not old[name] for name in new)
+
+    if isinstance(update, GradientUpdate):
+        grads = narrowed(update.gradients)
+        return replace(update, gradients=grads) if changed(update.gradients, grads) else update
+    if isinstance(update, WeightUpdate):
+        before, after = narrowed(update.before), narrowed(update.after)
+        if changed(update.before, before) or changed(update.after, after):
+            return replace(update, before=before, after=after)
+        return update
+    if isinstance(update, Mapping):
+        return narrowed(update)
+    return update
 
 
 def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> GradientUpdate:

@@ -63,6 +63,17 @@ def test_trap_weights_attack_on_a_gradient_with_known_scale(data, base):
     assert m.recovered_fraction >= 0.5 and int(m.false_certificate.sum()) == 0
 
 
+def test_an_update_sent_as_float64_is_read_as_the_float32_one(data, base):
+    """A float32 model's update in float64 carries float32's rounding: the malicious attacks allow for that one,
+    as every attack does (fedleak.updates.in_model_dtype), and certify what the float32 update certifies."""
+    x, y = data.batch(8, seed=2)
+    trapped = trap_weights(base, seed=4, scale=0.9)
+    grad = fedleak.compute_gradient_update(trapped, x, y)
+    wide = fedleak.GradientUpdate({k: v.double() for k, v in grad.gradients.items()}, num_examples=8)
+    runs = [fedleak.reconstruct(trapped, u, attack="trap-weights", known_scale=True) for u in (grad, wide)]
+    assert runs[0].num_certified > 0 and runs[1].certified.tolist() == runs[0].certified.tolist()
+
+
 def test_imprint_weights_bins_and_attack(data, base):
     public = data.x[-1000:]
     model = imprint_weights(base, public, bins=500, seed=2)

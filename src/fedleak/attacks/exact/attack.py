@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fedleak.attacks.exact.decay import peel_decay, read_decay
-from fedleak.attacks.exact.noise import RoundingNoise, in_client_dtype
+from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.registry import register_attack
@@ -89,9 +89,6 @@ def exclusivity_on_weights(
     """
     opts = resolve_options(options, {**overrides, "known_scale": False})
     names = list(update.parameters_of(model))
-    after = in_client_dtype(dict(update.after), model)  # float64 on the way: read in the dtype it was computed in
-    if any(after[n] is not update.after[n] for n in after):
-        update = replace(update, after=after)
     delta = update.delta()
     at_before = model
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -90,21 +90,6 @@ class RoundingNoise:
         return torch.cat([piece.norm(dim=1) for piece in self.pieces()])
 
 
-def in_client_dtype(values: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``values`` (a gradient, or a client's weights) in the dtype the client computed them in, its model's: an
-    entry in a finer dtype than its parameter's (a float32 model's update sent as float64) was rounded in the
-    parameter's dtype and is read back in it, exactly where it was only cast, so that the noise the attack allows
-    is that dtype's. An entry in a coarser dtype (float16 on the way) keeps it: its rounding is the noise."""
-    dtypes = {name: p.dtype for name, p in (*model.named_parameters(), *model.named_buffers())}
-
-    def finer(v: torch.Tensor, name: str) -> bool:
-        own = dtypes.get(name)
-        return (own is not None and v.is_floating_point() and own.is_floating_point
-                and torch.finfo(v.dtype).eps < torch.finfo(own).eps)
-
-    return {name: v.to(dtypes[name]) if finer(v, name) else v for name, v in values.items()}
-
-
 def coarsest(dtypes: list[torch.dtype]) -> torch.dtype:
     """The floating-point dtype of the largest machine epsilon among ``dtypes``."""
     return max(dtypes, key=lambda d: torch.finfo(d).eps)

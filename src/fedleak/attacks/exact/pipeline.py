@@ -36,7 +36,7 @@ from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
-from fedleak.attacks.exact.noise import RoundingNoise, coarsest, in_client_dtype
+from fedleak.attacks.exact.noise import RoundingNoise, coarsest
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
@@ -91,7 +91,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
                            "layers, which the head's certificate does not recompute")
     check_head_trainable(model, net)
     check_matches_model(model, update.gradients, "gradient")
-    grads = in_client_dtype(dict(update.gradients), model)
+    grads = dict(update.gradients)
     obs_dtype = next(iter(grads.values())).dtype
     reported = update.num_examples
     if net.blocks:
