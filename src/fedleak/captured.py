@@ -94,11 +94,11 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
     if isinstance(update, (list, tuple)):
         update = named_like(model, update)
     renaming = ""
+    own = model.state_dict() if isinstance(update, Mapping) else {}
     if isinstance(update, Mapping):
-        update, change = renamed({name: as_tensor(value) for name, value in update.items()}, model.state_dict())
+        update, change = renamed({name: as_tensor(value) for name, value in update.items()}, own)
         renaming = "" if change is None else "read with the model's names: " + change.said("the update's")
     if isinstance(update, Mapping) and kind != "gradient":
-        own = model.state_dict()
         unknown = sorted(set(update) - set(own))
         evidence = None if unknown else weights_evidence(model, update)
         if kind == "weights" and unknown:

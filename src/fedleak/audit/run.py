@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fedleak.analysis import analyze_exclusivity
-from fedleak.attacks.auto import exact_route_barrier
+from fedleak.attacks.auto import network_barrier
 from fedleak.audit.aware import reconstruct_aware
 from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
 from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
@@ -260,25 +260,29 @@ def _model_for(settings: AuditSettings, data: Dataset) -> nn.Module:
     return make_mlp(data.input_shape, settings.widths, data.num_classes, bias=settings.bias, seed=settings.seed)
 
 
-def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple[bool, tuple[str, ...]]:
-    """Whether the exclusivity analysis reads ``net``, and what keeps its count of certifiable samples from
-    applying: a model it does not read (GELU, a residual path, a Conv3d: the other attacks still audit it), or
-    clients in training mode with Dropout or BatchNorm (the exact methods model the eval-mode network, which such
-    clients do not run: nothing is certifiable)."""
+def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple[bool, str, tuple[str, ...]]:
+    """Whether the exclusivity analysis reads ``net``; why the exclusivity attack certifies nothing from its
+    updates (:func:`~fedleak.attacks.auto.network_barrier`; empty where it can); and what keeps the analysis's
+    count of certifiable samples from applying: a model it does not read (GELU, a residual path, a Conv3d: the other
+    attacks still audit it), or clients in training mode with Dropout or BatchNorm (the exact methods model the
+    eval-mode network, which such clients do not run: nothing is certifiable)."""
     from fedleak.nets import as_network
     from fedleak.nets.network import batch_norms, training_mode_cause
 
     try:
         read = as_network(as_two_class(net)[0], input_shape=data.input_shape)
     except FedleakError as exc:
-        return False, (f"the exclusivity analysis does not read this model ({exc}): which samples meet the ExAN "
-                       "condition is not counted, and the exclusivity attack does not apply",)
-    if client_mode != "train" or not read.mode_dependent:
-        return True, ()
+        return False, f"the model is not a ReLU network the exact attack reads ({exc})", (
+            f"the exclusivity analysis does not read this model ({exc}): which samples meet the ExAN condition is "
+            "not counted, and the exclusivity attack does not apply",)
+    training = client_mode == "train"
+    barrier = network_barrier(read, training=training)
+    if not training or not read.mode_dependent:
+        return True, barrier, ()
     cause = training_mode_cause(read.dropout, batch_norms(read.blocks))
-    return True, (f"the clients compute their updates in training mode: {cause}; no sample is counted "
-                  "certifiable (the exact condition is that of the eval-mode network); client_mode='eval' audits "
-                  "clients that compute in eval mode",)
+    return True, barrier, (f"the clients compute their updates in training mode: {cause}; no sample is counted "
+                           "certifiable (the exact condition is that of the eval-mode network); client_mode='eval' "
+                           "audits clients that compute in eval mode",)
 
 
 def _jobs(settings: AuditSettings) -> Iterator[tuple[str, int, int]]:
@@ -308,9 +312,8 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
-    analysed, notes = _exclusivity_notes(net, data, settings.client_mode)  # what its count of certifiable misses
+    analysed, barrier, notes = _exclusivity_notes(net, data, settings.client_mode)  # what its count misses
     attack = settings.attack
-    barrier = exact_route_barrier(as_two_class(net)[0], data.input_shape, training=settings.client_mode == "train")
     if barrier and attack == "exclusivity":  # as a federation's honest server does: see the note
         attack = "auto"
         said = not analysed or any(barrier in note for note in notes)  # the note above gives the reason

@@ -10,6 +10,7 @@ the smallest and largest value of the file (metrics measure errors on it).
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def _load_csv(path: Path, split: Split | None) -> Dataset:
     x = np.empty((len(body), len(features)), dtype=np.float32)
     for j, k in enumerate(features):
         column = cells[:, k]
-        bad = next((r for r, c in enumerate(column) if not _number(c) or c.lower() in {"nan", "inf", "-inf"}), None)
+        bad = next((r for r, c in enumerate(column) if not (_number(c) and math.isfinite(float(c)))), None)
         if bad is not None:
             what = "is empty" if not column[bad] else f"holds {str(column[bad])!r}"
             raise DataError(f"{path}: {names[k]!r}, line {bad + 1 + (header is not None)}, {what}: every feature "

@@ -33,6 +33,7 @@ from fedleak.attacks.auto.route import (
     RoutePlan,
     exact_route_barrier,
     exact_route_reason,
+    network_barrier,
     plan_route,
 )
 from fedleak.attacks.auto.stages import finish, run_exact, run_first_layer
@@ -104,4 +105,4 @@ def auto_attack(
 
 
 __all__ = ["DEFAULT_BUDGET", "OPTIMISATION_ROUTES", "RoutePlan", "auto_attack", "exact_route_barrier",
-           "exact_route_reason", "exclusivity_on_weights", "plan_route", "run_exact"]
+           "exact_route_reason", "exclusivity_on_weights", "network_barrier", "plan_route", "run_exact"]

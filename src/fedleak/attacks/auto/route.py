@@ -51,6 +51,8 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     net, unread = _read(model, input_shape)
     if unread:
         return unread
+    if net.uncertifiable:  # no batch certifies: the budget goes to the optimisation attack
+        return net.uncertifiable
     if not net.head.has_all_biases and not kind.is_gradient:
         return "the network has layers without bias, so a weight change's learning rate does not cancel row by row"
     return None
@@ -59,15 +61,22 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
 def exact_route_barrier(model: nn.Module, input_shape: tuple[int, ...] | None = None, *,
                         training: bool = False) -> str:
     """Why the exclusivity attack certifies nothing from any update of ``model``, whatever the batch, in words
-    (empty where it can certify): a model it does not read, conv blocks whose outputs cannot determine their
-    inputs (:attr:`~fedleak.nets.Network.uncertifiable`: max pooling, as in Flower's quickstart ``Net``), or, for
-    clients that compute in training mode (``training``), Dropout or BatchNorm. An audit that would run the
-    exclusivity attack runs ``auto`` instead, whose other attacks estimate what the update still shows."""
+    (empty where it can certify): a model it does not read, or what :func:`network_barrier` finds in the model it
+    reads. An audit that would run the exclusivity attack runs ``auto`` instead, whose other attacks estimate what
+    the update still shows."""
+    net, unread = _read(model, input_shape)
+    return unread or network_barrier(net, training=training)
+
+
+def network_barrier(net: Network, *, training: bool = False) -> str:
+    """Why the exclusivity attack certifies nothing from any update of the network ``net`` (as
+    :func:`~fedleak.nets.as_network` read it), in words, or empty: no hidden ReLU layer, conv blocks whose outputs
+    cannot determine their inputs (:attr:`~fedleak.nets.Network.uncertifiable`: max pooling, as in Flower's
+    quickstart ``Net``), or, for clients that compute in training mode (``training``), Dropout or BatchNorm."""
     from fedleak.nets.network import batch_norms, training_mode_cause
 
-    net, unread = _read(model, input_shape)
-    if unread:
-        return unread
+    if net.head.depth == 0:
+        return NO_HIDDEN_RELU
     if net.uncertifiable:
         return net.uncertifiable
     if training and net.mode_dependent:
