@@ -52,6 +52,8 @@ class Config:
     momentum: bool = False  # SGD with momentum 0.9 instead of plain SGD
     standardise: bool = False  # inputs standardised with the data set's mean and standard deviation, as users do
     conv1d: tuple[int, int] | None = None  # (channels, kernel) of a Conv1d reading each sample as one signal
+    smoothing: float = 0.0  # the client's cross-entropy's label smoothing ...
+    told: bool = True  # ... which the attack is told, or reads off the update
 
 
 CONFIGS = {
@@ -78,6 +80,19 @@ CONFIGS = {
     "lfw-2-standardised-fedavg-lr1": Config("lfw", (1024,), lr=1.0, standardise=True),
     "lfw-2-conv1d": Config("lfw", (1024,), conv1d=(4, 5)),
     "digits-10-conv1d": Config("digits", (512,), conv1d=(8, 5)),
+    # label smoothing: off its label a loss vector is p - s/K (no sign to read the label from), and a confident
+    # sample's is nearly onehot(prediction) - target, shared by every confident sample of its label and prediction
+    "fashion-10-smooth0.1": Config("fashion-mnist", (1024,), smoothing=0.1),
+    "fashion-10-raw255-smooth0.1": Config("fashion-mnist", (1024,), scale=255.0, smoothing=0.1),
+    "lfw-2-smooth0.1": Config("lfw", (1024,), smoothing=0.1),
+    "mni152-3-smooth0.2": Config("mni152", (1024,), smoothing=0.2),
+    "digits-10-shift-smooth0.1": Config("digits", (256,), shift=0.3, smoothing=0.1),
+    "lfw-2-fedavg-smooth0.1": Config("lfw", (1024,), lr=0.1, smoothing=0.1),
+    "fashion-10-smooth0.1-read": Config("fashion-mnist", (1024,), smoothing=0.1, told=False),
+    "fashion-10-raw255-smooth0.1-read": Config("fashion-mnist", (1024,), scale=255.0, smoothing=0.1, told=False),
+    "mni152-3-smooth0.2-read": Config("mni152", (1024,), smoothing=0.2, told=False),
+    "digits-10-shift-smooth0.05-read": Config("digits", (256,), shift=0.3, smoothing=0.05, told=False),
+    "fashion-10-deep-smooth0.1-read": Config("fashion-mnist", (512, 256), smoothing=0.1, told=False),
 }
 
 
@@ -122,14 +137,15 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             steps = cfg.steps if cfg.local_batch is None else -(-M // cfg.local_batch)
             update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=steps, batch_size=cfg.local_batch,
                                            optimizer="momentum" if cfg.momentum else "sgd",
-                                           seed=int(gen.integers(0, 2**31)))
+                                           seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing)
         else:
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.smoothing)
             grads = dict(zip([n for n, _ in model.named_parameters()],
                              [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
             update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 else grads
         # a Conv1d model reads each sample through an unflatten: its input shape is the data's, not inferred
-        rec = fedleak.reconstruct(model, update, **({"input_shape": data.input_shape} if cfg.conv1d else {}))
+        rec = fedleak.reconstruct(model, update, label_smoothing=cfg.smoothing if cfg.told else None,
+                                  **({"input_shape": data.input_shape} if cfg.conv1d else {}))
         scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
         certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
         out["batches"] += 1
@@ -172,6 +188,9 @@ def render(files: list[Path]) -> None:
             if cfg.get("local_batch"):
                 steps = f"one epoch in mini-batches of {cfg['local_batch']}" + (", momentum 0.9" * cfg["momentum"])
             update = "gradient" if cfg.get("lr") is None else f"FedAvg, lr {cfg['lr']:g}, {steps}"
+            if cfg.get("smoothing"):
+                update += (f"; label smoothing {cfg['smoothing']:g}, "
+                           f"{'told' if cfg.get('told', True) else 'read off the update'}")
             inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
-from fedleak.errors import DataError, ModelError, UpdateError
+from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.state_names import renaming
 from fedleak.validation import (
     MAX_COUNT,
     all_finite,
     check_batch,
+    check_float,
     check_int,
     check_labels,
     check_model,
@@ -277,18 +278,31 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     return logits
 
 
+def check_label_smoothing(value: object) -> float:
+    """A cross-entropy's label smoothing (``F.cross_entropy(..., label_smoothing=s)``): a number in [0, 1)."""
+    smoothing = check_float("label_smoothing", value, low=0.0)
+    if smoothing >= 1:
+        raise FedleakError(f"label_smoothing must be below 1 (the weight of the uniform target, as in "
+                           f"F.cross_entropy(label_smoothing=...)), got {smoothing}")
+    return smoothing
+
+
 def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
-                probability: bool = False) -> torch.Tensor:
-    """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels; for a
-    single output, the binary cross-entropy of it (labels 0 or 1): of the logit (``BCEWithLogitsLoss``), or, for
-    a model whose forward ends with a sigmoid (``probability``), of the probability it gives (``BCELoss``)."""
+                probability: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels, and
+    ``label_smoothing`` as ``F.cross_entropy`` takes it; for a single output, the binary cross-entropy of it
+    (labels 0 or 1): of the logit (``BCEWithLogitsLoss``), or, for a model whose forward ends with a sigmoid
+    (``probability``), of the probability it gives (``BCELoss``), which takes no label smoothing."""
     if logits.shape[1] == 1:
+        if label_smoothing:
+            raise FedleakError("label_smoothing applies to a cross-entropy over K >= 2 outputs; this model has one "
+                               "output (binary cross-entropy)")
         target = labels.to(logits.dtype)
         if probability:
             return nn.functional.binary_cross_entropy(logits[:, 0], target, reduction=reduction)
         return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction=reduction)
     target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
-    return nn.functional.cross_entropy(logits, target, reduction=reduction)
+    return nn.functional.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
 
 
 def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> torch.Tensor:
@@ -299,11 +313,13 @@ def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> tor
     return (logits[:, 0] > (0.5 if probability else 0.0)).long()
 
 
-def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
+               label_smoothing: float = 0.0) -> torch.Tensor:
     """The client's loss (:func:`client_loss`) of the model on a checked batch."""
     dtype = next(model.parameters()).dtype
     outputs = forward_logits(model, inputs.to(dtype), labels)
-    return client_loss(outputs, labels, reduction, probability=ends_in_sigmoid(model, outputs))
+    return client_loss(outputs, labels, reduction, probability=ends_in_sigmoid(model, outputs),
+                       label_smoothing=label_smoothing)
 
 
 def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
@@ -314,9 +330,11 @@ def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
 
 
 @with_autograd
-def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> GradientUpdate:
+def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
+                            label_smoothing: float = 0.0) -> GradientUpdate:
     """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss (binary cross-entropy for a
-    model with one logit).
+    model with one logit), with ``label_smoothing`` as ``F.cross_entropy`` takes it (the exclusivity attack then
+    takes the same ``label_smoothing``).
 
     ``labels`` are class indices, or soft labels (an ``M x K`` float tensor of class probabilities, what MixUp
     and InstaHide send). The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded
@@ -327,5 +345,6 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     params = trainable_parameters(model)
     if not params:
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    grads = torch.autograd.grad(batch_loss(model, inputs, labels), list(params.values()))
+    loss = batch_loss(model, inputs, labels, label_smoothing=check_label_smoothing(label_smoothing))
+    grads = torch.autograd.grad(loss, list(params.values()))
     return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))

@@ -129,14 +129,15 @@ def test_noisy_gradient_certifies_nothing(fashion):
 
 
 def test_another_loss_certifies_nothing_and_says_why(fashion):
-    # label smoothing changes every sample's loss vector: no candidate, and the reason says so also for a bare
-    # gradient, whose batch size is unknown
+    # a loss the attack is told is not the client's (label smoothing, told 0: a plain cross-entropy) changes every
+    # sample's loss vector: no candidate, and the reason says so also for a bare gradient, whose batch size is
+    # unknown
     model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=1)
     x, y = fashion.batch(8, seed=1)
     loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
     grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
     for update in (grads, fedleak.GradientUpdate(grads, num_examples=8)):
-        rec = fedleak.reconstruct(model, update)
+        rec = fedleak.reconstruct(model, update, label_smoothing=0)
         assert rec.num_certified == 0 and not metrics.match(rec, x, y).false_certificate.any()
         assert "not the gradient of a plain cross-entropy loss" in rec.summary()
 

@@ -180,9 +180,26 @@ def test_independence_gives_up_when_the_rest_can_span_everything(digits):
 
 def test_degenerate_loss_vectors():
     two = torch.tensor([[0.3, -0.3], [-0.9, 0.9]], dtype=torch.float64)
-    assert degenerate_loss_vectors(two).all()
-    saturated = torch.tensor([[1.0, -1.0, 1e-9, 1e-9], [0.4, -0.7, 0.2, 0.1]], dtype=torch.float64)
-    assert degenerate_loss_vectors(saturated).tolist() == [True, False]
+    assert degenerate_loss_vectors(two, torch.zeros(2, 2, dtype=torch.float64)).all()
+    # a plain cross-entropy: p - onehot(1), p saturated at class 0, and p = (0.4, 0.3, 0.2, 0.1)
+    logits = torch.tensor([[40.0, 0, 0, 0], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    logits[1] = logits[1].log()
+    p = torch.softmax(logits, 1)
+    plain = p - torch.nn.functional.one_hot(torch.tensor([1, 1]), 4).to(p.dtype)
+    assert degenerate_loss_vectors(plain, logits).tolist() == [True, False]
+
+
+def test_degenerate_loss_vectors_under_label_smoothing():
+    """Smoothed (s = 0.1), a confident sample's loss vector ``onehot(prediction) - target`` is shared by every
+    confident sample of its label and prediction, though its two largest entries hold little of its norm."""
+    logits = torch.tensor([[0, 0, 40.0, 0], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    logits[1] = logits[1].log()
+    p = torch.softmax(logits, 1)
+    target = 0.9 * torch.nn.functional.one_hot(torch.tensor([2, 1]), 4).to(p.dtype) + 0.1 / 4
+    smoothed = p - target
+    mags = smoothed[0].abs().sort(descending=True).values
+    assert mags[2:].norm() > 1e-3 * smoothed[0].norm()  # not two entries: only the prediction tells
+    assert degenerate_loss_vectors(smoothed, logits).tolist() == [True, False]
 
 
 def test_witness_conflicts_match_their_definition():

@@ -106,6 +106,37 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
         assert got[0] == code and said in got[1], (update, extra, got)
 
 
+def test_reconstruct_command_with_label_smoothing(tmp_path, capsys, fashion):
+    import torch.nn.functional as F
+
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=0)
+    loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    fedleak.save_mlp(model, tmp_path / "model.safetensors")
+    fedleak.save_update(fedleak.GradientUpdate(grads, num_examples=4), tmp_path / "update.safetensors")
+
+    def run(*extra: str) -> tuple[int, str]:
+        code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
+                     str(tmp_path / "update.safetensors"), "--attack", "exclusivity", *extra,
+                     "--out", str(tmp_path / "-".join(("out", *extra)))])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    for extra, code, said in [
+        ((), 0, "4 certified"),  # read off the update
+        (("--label-smoothing", "0.1"), 0, "4 certified"),
+        (("--label-smoothing", "0"), 0, "0 certified"),  # told a plain cross-entropy
+        (("--label-smoothing", "1.5"), 2, "label_smoothing must be below 1"),
+    ]:
+        got = run(*extra)
+        assert got[0] == code and said in got[1] and "Traceback" not in got[1], (extra, got)
+    notes = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["notes"]
+    assert any("label smoothing 0.1" in n for n in notes)
+
+
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
     import fedleak
 

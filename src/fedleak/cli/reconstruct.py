@@ -40,6 +40,9 @@ def reconstruct_command(
                                                    "route: mean (the default, as F.cross_entropy) or sum "
                                                    "(reduction='sum'; the update must then report its number of "
                                                    "examples)."),
+    label_smoothing: float = typer.Option(None, help="The client's label smoothing, for the exact route: s of "
+                                                     "F.cross_entropy(..., label_smoothing=s), in [0, 1) "
+                                                     "(default 0)."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -59,7 +62,8 @@ def reconstruct_command(
     shape = ((int_list(input_shape, "--input-shape") if input_shape else None) or loaded.input_shape
              or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
-    exact = {} if loss_reduction is None else {"loss_reduction": loss_reduction}
+    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("label_smoothing", label_smoothing))
+             if v is not None}
     if attack == "auto":
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact)
     else:

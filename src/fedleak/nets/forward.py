@@ -44,13 +44,15 @@ def forward_trace(
     dtype: torch.dtype = torch.float64,
     params: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None,
     first: torch.Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> Trace:
     """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given.
 
     ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again; in float64
     the weights may also be the model's own float32 ones, read in float64 a piece at a time
     (:mod:`fedleak.nets.float64`). ``first``: the first layer's pre-activations of these inputs where the
-    caller computed them already (the same product, in ``dtype``): the pass starts from them.
+    caller computed them already (the same product, in ``dtype``): the pass starts from them. ``smoothing``: the
+    loss's label smoothing (:func:`loss_vectors`).
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
@@ -71,7 +73,7 @@ def forward_trace(
         logits = logits + biases[-1]
     if labels is None:
         return Trace(acts, pres, logits, None, None)
-    e = loss_vectors(logits, labels)
+    e = loss_vectors(logits, labels, smoothing)
     return Trace(acts, pres, logits, e, backward_signals(weights, pres, e))
 
 
@@ -87,8 +89,12 @@ def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: t
     return deltas[::-1]
 
 
-def loss_vectors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``softmax(logits) - onehot(labels)`` per row: the cross-entropy's gradient with respect to the logits."""
+def loss_vectors(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """``softmax(logits) - target(labels)`` per row: the cross-entropy's gradient with respect to the logits; the
+    target is ``onehot(labels)``, or, with label ``smoothing`` ``s`` (``F.cross_entropy(..., label_smoothing=s)``),
+    ``(1 - s) onehot(labels) + s / K``."""
     e = torch.softmax(logits, dim=-1)
-    e[torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()] -= 1.0
+    if smoothing:
+        e -= smoothing / e.shape[-1]
+    e[torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()] -= 1.0 - smoothing
     return e

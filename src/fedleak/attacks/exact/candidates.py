@@ -64,19 +64,20 @@ class Candidate:
 
 
 def tail_forward(net: ReluMLP, W: list[torch.Tensor], b: list[torch.Tensor | None], start: int, a: torch.Tensor):
-    """Forward rows ``a`` (n x d_in of dense layer ``start``, float64) to the logits; returns (pre-acts, acts,
-    logits)."""
+    """Forward rows ``a`` (n x d_in of dense layer ``start``, float64; or in the weights' own dtype, a cheaper
+    pass in it) to the logits; returns (pre-acts, acts, logits)."""
+    linear = linear64 if a.dtype == F64 else (lambda x, w: x @ w.T)
     pres, acts = [], []
     for i in range(start, net.depth):
-        z = linear64(a, W[i])
+        z = linear(a, W[i])
         if b[i] is not None:
-            z = z + b[i]
+            z = z + b[i].to(z.dtype)
         a = torch.relu(z)
         pres.append(z)
         acts.append(a)
-    logits = linear64(a, W[-1])
+    logits = linear(a, W[-1])
     if b[-1] is not None:
-        logits = logits + b[-1]
+        logits = logits + b[-1].to(logits.dtype)
     return pres, acts, logits
 
 
@@ -96,10 +97,13 @@ def golden_min(cost, lo: torch.Tensor, hi: torch.Tensor, iters: int = 60) -> tor
     return (lo + hi) / 2
 
 
-def direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tensor) -> torch.Tensor:
-    """1 - cos between loss vectors of ``logits`` (... x K) and unit directions ``cdir`` (... x K)."""
-    e = torch.softmax(logits, dim=-1)
-    e = e - torch.nn.functional.one_hot(labels, e.shape[-1]).to(e.dtype)
+def direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tensor, smoothing: float = 0.0
+                   ) -> torch.Tensor:
+    """1 - cos between loss vectors of ``logits`` (... x K) and unit directions ``cdir`` (... x K), with label
+    ``smoothing`` (:func:`~fedleak.nets.forward.loss_vectors`)."""
+    K = logits.shape[-1]
+    e = torch.softmax(logits, dim=-1) - smoothing / K
+    e = e - (1 - smoothing) * torch.nn.functional.one_hot(labels, K).to(e.dtype)
     norm = e.norm(dim=-1)
     cost = 1 - (e * cdir).sum(-1) / norm.clamp_min(1e-300)
     # a loss vector that underflowed (saturated softmax) carries no direction: worst cost
@@ -108,7 +112,7 @@ def direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tenso
 
 def fit_scales(
     net: ReluMLP, W, b, layer: int, U: torch.Tensor, cdir: torch.Tensor, labels: torch.Tensor,
-    members: list[torch.Tensor],
+    members: list[torch.Tensor], smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Bias-free layer: for each candidate direction ``U[k]`` find ``alpha`` so that the loss vector of
     ``alpha * U[k]`` is parallel to the output-layer column direction ``cdir[k]``. NaN where none fits.
@@ -154,7 +158,7 @@ def fit_scales(
                 pre = lg.reshape(*pre.shape[:-1], -1)
         lab = labels[idx][:, None] if grid_shape else labels[idx]
         cd = cdir[idx][:, None, :] if grid_shape else cdir[idx]
-        return direction_cost(pre, lab.expand(pre.shape[:-1]), cd.expand(pre.shape))
+        return direction_cost(pre, lab.expand(pre.shape[:-1]), cd.expand(pre.shape), smoothing)
 
     log_grid = torch.log(grid)[None, :].expand(len(idx), -1)
     costs = cost(log_grid)
@@ -183,8 +187,12 @@ def top_candidates(attack) -> list[Candidate]:
     col_norm = col.norm(dim=0)
     row_norm = attack.row_norms(t)
     # a pure column is a positive multiple of a loss vector: exactly one negative entry (the label);
-    # rows failing this cannot belong to any sample's group, so they are screened out first
-    usable = (col_norm > 0) & (row_norm > 0) & ((col < 0).sum(0) == 1)
+    # rows failing this cannot belong to any sample's group, so they are screened out first. Under label
+    # smoothing every entry off the label is p_c - s/K, negative where p_c < s/K: no sign screen then
+    smoothing = attack.opts.smoothing
+    usable = (col_norm > 0) & (row_norm > 0)
+    if not smoothing:
+        usable &= (col < 0).sum(0) == 1
     if g[t] is not None:
         usable &= g[t] != 0
     idx = torch.nonzero(usable).flatten()
@@ -234,8 +242,10 @@ def top_candidates(attack) -> list[Candidate]:
         members[k] = members[k][core]
     del R, scan  # the implied inputs (as large as the layer) are read no more: freed before the forward passes
 
-    # every member of a group must carry the same label
-    label_of = col[:, idx].argmin(0)
+    # every member of a group must carry the same label (its column's least entry; under label smoothing the
+    # check reads each row's label, :func:`~fedleak.attacks.exact.top_check.smoothed_labels`: entries of
+    # confident samples tie at about -s/K)
+    label_of = col[:, idx].argmin(0) if not smoothing else torch.zeros(len(idx), dtype=torch.long, device=dev)
     lo = torch.full((n_groups,), 10**9, dtype=torch.long, device=dev).scatter_reduce_(0, gid, label_of, "amin")
     hi = torch.full((n_groups,), -1, dtype=torch.long, device=dev).scatter_reduce_(0, gid, label_of, "amax")
     keep = lo == hi
@@ -244,7 +254,8 @@ def top_candidates(attack) -> list[Candidate]:
         unit = col[:, idx] / col_norm[idx]
         cdir = torch.zeros(n_groups, col.shape[0], dtype=F64, device=dev).index_add_(0, gid, unit.T)[sel]
         cdir = cdir / cdir.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        alphas = fit_scales(attack.net, W, attack.b, t, reps[sel], cdir, cdir.argmin(1), [members[k] for k in sel])
+        alphas = fit_scales(attack.net, W, attack.b, t, reps[sel], cdir, cdir.argmin(1), [members[k] for k in sel],
+                            smoothing)
         keep[sel] = torch.isfinite(alphas)
         reps[sel] = reps[sel] * torch.nan_to_num(alphas)[:, None]
     sel = torch.nonzero(keep).flatten()

@@ -188,7 +188,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         return Certificate((), reported, None, False)
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
-    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete))
+    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete),
+                        smoothing=opts.smoothing)
     # the pre-activations are read no more (the activations give the same ReLU masks): freed for the witness fit
     t64 = replace(t64, preactivations=[])
     label = LabelSignals(attack, t64, y)
@@ -272,7 +273,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         t_sub, w_sub = t64.samples(sub), weights[sub]
         corrections = (eps[sub], *label.of(sub))
         test = JointTest(attack, t_sub, bs.batch_size, w_sub, slack, corrections=corrections)
-        degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors)).flatten().tolist()
+        degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors, t_sub.logits)).flatten().tolist()
         independent = IndependenceTest(attack, t_sub, bs.batch_size, w_sub, opts.min_distance, degenerate,
                                        corrections=corrections)
         if not independent.possible(at_scale):

@@ -119,17 +119,22 @@ class IndependenceTest:
         return self.min_distance / max(worst, 1e-300)
 
 
-def degenerate_loss_vectors(loss_vectors: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+def degenerate_loss_vectors(loss_vectors: torch.Tensor, logits: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
     """Which samples' loss vectors a blend of other samples could share: with two classes every loss vector
     is a multiple of ``(1, -1)``; with more, a saturated one (all but ``tol`` of its norm in two entries,
     ``+1`` at the predicted class and ``-1`` at the label) is shared by every sample with the same label and
-    prediction. A blend's rows then agree as a sample's would, so only :class:`IndependenceTest` refutes it.
-    Other loss vectors differ between samples, and so do the output columns of a blend's neurons."""
+    prediction, and so, under label smoothing, is one whose predicted probabilities (of ``logits``) lie within
+    ``tol`` of its norm from a one-hot vector (``onehot(prediction) - target``, the same for them all). A blend's
+    rows then agree as a sample's would, so only :class:`IndependenceTest` refutes it. Other loss vectors differ
+    between samples, and so do the output columns of a blend's neurons."""
     if loss_vectors.shape[1] <= 2:
         return torch.ones(loss_vectors.shape[0], dtype=torch.bool, device=loss_vectors.device)
     mags = loss_vectors.abs().sort(dim=1, descending=True).values
     rest = mags[:, 2:].norm(dim=1)
-    return rest <= tol * loss_vectors.norm(dim=1)
+    p = torch.softmax(logits, dim=1)
+    off_one_hot = (p - torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(p.dtype)).norm(dim=1)
+    norm = loss_vectors.norm(dim=1)
+    return (rest <= tol * norm) | (off_one_hot <= tol * norm)
 
 
 class WitnessConflicts:

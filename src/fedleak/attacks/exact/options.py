@@ -12,6 +12,7 @@ import torch
 
 from fedleak.attacks.defense_aware import defense_stack
 from fedleak.errors import FedleakError
+from fedleak.updates import check_label_smoothing
 from fedleak.validation import options_from, validate_fields
 
 FALLBACKS = ("features", "none")
@@ -59,6 +60,11 @@ class ExclusivityOptions:
     ``loss_reduction``: how the client's loss reduces over the batch, with ``known_scale``: ``"mean"`` (the
     default, as ``F.cross_entropy`` does: each sample's scale is ``1/M``) or ``"sum"`` (``reduction="sum"``:
     each sample's scale is 1, which does not reveal the batch size, so ``num_examples`` must be reported).
+    ``label_smoothing``: the client's loss's label smoothing ``s`` in [0, 1), as in
+    ``F.cross_entropy(..., label_smoothing=s)`` (its target is ``(1 - s) onehot(y) + s / K``): every loss vector
+    the attack computes, the labels it reads and the gradient the certificate recomputes take it. None (the
+    default): 0, unless no row passes the check of a plain cross-entropy and the rows agree on another ``s``
+    (:mod:`fedleak.attacks.exact.smoothing`): the attack then runs with it and notes so.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
@@ -116,6 +122,7 @@ class ExclusivityOptions:
     min_other: int = 1
     known_scale: bool = True
     loss_reduction: str = "mean"
+    label_smoothing: float | None = None
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
     clip_norm: float | None = None
@@ -159,11 +166,18 @@ class ExclusivityOptions:
         if self.loss_reduction not in REDUCTIONS:
             raise FedleakError(f"loss_reduction must be 'mean' or 'sum' (how the client's loss reduces over its "
                                f"batch), got {self.loss_reduction!r}")
+        if self.label_smoothing is not None:
+            check_label_smoothing(self.label_smoothing)
 
     @property
     def reduction(self) -> Reduction:
         """How the client's loss reduces over its batch (``loss_reduction``)."""
         return REDUCTIONS[self.loss_reduction]
+
+    @property
+    def smoothing(self) -> float:
+        """The label smoothing the attack reads with: ``label_smoothing``, 0 where it is None (not yet read)."""
+        return self.label_smoothing or 0.0
 
     def common_scale(self, batch_size: int) -> float:
         """Every sample's scale in a gradient of ``batch_size`` samples whose scale is known (``known_scale``):

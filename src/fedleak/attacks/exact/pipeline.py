@@ -38,6 +38,8 @@ from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.noise import RoundingNoise, coarsest
 from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
+from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
@@ -51,21 +53,32 @@ if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by th
     from fedleak.attacks.exact.conv_walkdown import ChainSolve
 
 F64 = torch.float64
+FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four classes cannot be read off the update "
+                       "(pass label_smoothing)")
 
 
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
                     noise: dict[str, RoundingNoise] | None = None, name: str = "exclusivity") -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
-    ``noise``: the update's own rounding noise per entry, where it is known."""
+    ``noise``: the update's own rounding noise per entry, where it is known. Where nothing is certified and
+    ``label_smoothing`` was not given, the label smoothing the update shows
+    (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`) is tried once."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
     # attack returns is copied out of inference mode, so that it can take part in autograd
     with pinned_threads(opts.threads), torch.inference_mode(not net.blocks):
-        rec, off_scale = run_pinned(model, net, update, opts, noise, name)
+        rec, off_scale, smoothing = run_pinned(model, net, update, opts, noise, name)
+        if smoothing is not None:  # the output layer's columns tell a label-smoothed cross-entropy: read with it
+            smoothed = replace(opts, label_smoothing=smoothing.value)
+            again, again_off, _ = run_pinned(model, net, update, smoothed, noise, name)
+            if again.num_certified:
+                rec, off_scale, opts = replace(again, notes=(*again.notes, smoothing.note())), again_off, smoothed
+            else:
+                rec = replace(rec, notes=(*rec.notes, smoothing.note(certified=False)))
         if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
-            again, _ = run_pinned(model, net, update, replace(opts, known_scale=False), noise, name)
+            again, _, _ = run_pinned(model, net, update, replace(opts, known_scale=False), noise, name)
             if again.num_certified:
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
                                             f"(known_scale=False; a clipped, accumulated or summed gradient), as "
@@ -74,11 +87,15 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
-               noise: dict[str, RoundingNoise] | None, name: str) -> tuple[Reconstruction, str]:
+               noise: dict[str, RoundingNoise] | None, name: str
+               ) -> tuple[Reconstruction, str, SmoothingReading | None]:
     """:func:`run_exclusivity`, with the thread count already set; and, when nothing is certified and the
     strongly witnessed samples share a scale other than the reported batch's, the note saying so
-    (:func:`~fedleak.attacks.exact.certificate.off_scale_note`), else empty."""
+    (:func:`~fedleak.attacks.exact.certificate.off_scale_note`), else empty; and, where ``label_smoothing`` is
+    None and nothing was certified as the gradient of a plain cross-entropy, the label smoothing read off the update
+    (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`; None where none is)."""
     start = time.perf_counter()
+    readable = opts.label_smoothing is None
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
     opts, noise = plan.apply(opts), plan.rescale(noise)  # a defense's factors scale the noise as it is read
     if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
@@ -154,6 +171,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     caveats = net.caveats + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
                               f"({half_ulp:.1e} relative) alone exceeds max_noise={opts.max_noise:g}: an update in "
                               "this dtype is not certified",) if half_ulp > opts.max_noise else ())
+    if readable and head.num_classes < 4:  # (:mod:`fedleak.attacks.exact.smoothing`)
+        caveats += (FEW_CLASS_SMOOTHING,)
     if caveats and not any(r.certified for r in records):  # how the model or the update was read may be the cause
         cause = "; or ".join(caveats)
         missing = f"{missing}; or {cause}" if missing else ""
@@ -170,7 +189,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         if complete:
             probs = torch.softmax(logits, 1).cpu()
         counts = estimate_label_counts(head.num_classes, attack.g[-1], cert.batch_size, cert.factor, probs[certified],
-                                       y[certified])
+                                       y[certified], opts.smoothing)
     rec = plan.finish(Reconstruction(
         inputs=inputs.cpu().to(head.dense[0].module.weight.dtype),
         labels=y,
@@ -185,76 +204,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes=tuple(notes),
         missing_reason=missing,
     ))
-    return rec, off_scale or ""
-
-
-@dataclass(frozen=True)
-class Found:
-    """How many candidates each step of the pipeline kept: found at the head's last ReLU layer, traced down the
-    head, and (CNNs) dropped as mixtures of samples before the conv blocks."""
-
-    candidates: int
-    traced: int
-    mixtures: int = 0
-
-    def missing(self, head, records: list[SampleRecovery], batch_size: int | None) -> str:
-        """Why fewer samples than ``batch_size`` were rebuilt, in words (empty when none is missing)."""
-        rebuilt = sum(r.rebuilt for r in records)
-        layer = f"the head's last ReLU layer (after '{head.dense[-2].name}')" if head.depth else "the head"
-        if self.candidates == 0:  # whether or not the batch size is known
-            return (f"no exclusively activated neuron was found at {layer}: no group of its gradient rows implies one "
-                    "consistent input (every neuron there fires for several samples, or the update is noised or not "
-                    "the gradient of a plain cross-entropy loss: label smoothing, class weights, another loss or a "
-                    "regulariser)")
-        if batch_size is None or rebuilt >= batch_size:
-            return ""
-        why = []
-        if self.candidates < batch_size:
-            short = batch_size - self.candidates
-            own = ("has no exclusively activated neuron of its own" if short == 1 else
-                   "have no exclusively activated neurons of their own")
-            why.append(f"{short} of the {batch_size} samples {own} at {layer}")
-        if self.traced < self.candidates:
-            why.append(f"{self.candidates - self.traced} found there could not be traced down to the head's input")
-        if self.mixtures:
-            why.append(f"{self.mixtures} candidate(s) were mixtures of samples")
-        lost = [r.reason for r in records if not r.rebuilt]
-        if lost:
-            why.append(f"{len(lost)} could not be rebuilt through the conv layers ({lost[0]})")
-        return "; ".join(why) or f"{batch_size - rebuilt} sample(s) were not found"
-
-
-def within_batch(records: list[SampleRecovery], batch_size: int | None, factor: float | None) -> list[int]:
-    """Indices (in order) of the records to return: all of them, or, when there are more than the batch holds,
-    the certified ones and the most plausible others (rebuilt, at the batch's common scale, most witnesses)."""
-    if batch_size is None or len(records) <= batch_size:
-        return list(range(len(records)))
-
-    def doubt(k: int) -> tuple:
-        r = records[k]
-        off = abs(r.scale / factor - 1) if factor and np.isfinite(r.scale) else float("inf")
-        return (not r.certified, not r.rebuilt, off, -sum(r.witnesses))
-
-    return sorted(sorted(range(len(records)), key=doubt)[:batch_size])
-
-
-def estimate_label_counts(num_classes: int, out_bias_grad: torch.Tensor | None, batch_size: int | None,
-                          scale: float | None, recovered_probs: torch.Tensor,
-                          labels: torch.Tensor) -> np.ndarray | None:
-    """The whole batch's label histogram from the output layer's bias gradient (None without one or without
-    the batch size and every sample's ``scale`` in it); ``recovered_probs`` / ``labels``: predicted probabilities
-    and labels of the samples known."""
-    if out_bias_grad is None or batch_size is None or scale is None:
-        return None
-    K = num_classes
-    known = torch.bincount(labels, minlength=K).to(F64) if len(labels) else torch.zeros(K, dtype=F64)
-    n_rec = len(labels)
-    p_sum = recovered_probs.sum(0) if n_rec else torch.zeros(K, dtype=F64)
-    p_rest = (recovered_probs.mean(0) if n_rec else torch.full((K,), 1.0 / K, dtype=F64)) * (batch_size - n_rec)
-    counts = (p_sum + p_rest) - out_bias_grad.cpu() / scale
-    est = torch.clamp(torch.round(counts), min=0)
-    est = torch.maximum(est, known)
-    return est.to(torch.int64).numpy()
+    smoothing = read_label_smoothing(attack) if readable and not rec.num_certified else None
+    return rec, off_scale or "", smoothing
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -394,7 +345,7 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
         return False
     dev = next(model.parameters()).device
     y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
-    pred = batch_gradient(model, net, walk.inputs.to(dev), y)
+    pred = batch_gradient(model, net, walk.inputs.to(dev), y, opts.smoothing)
 
     def totals(k: str, *terms) -> list[float]:  # each term summed over k's pieces, in one pass
         out = [0.0] * len(terms)

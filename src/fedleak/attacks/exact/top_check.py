@@ -39,7 +39,8 @@ class TopRowFit:
     the fit of its output-layer column to the row's activation times ``e``: the least-squares ``scale``, the
     squared norm ``weight`` of what it is fitted to (which weighs the rows of one group in its scale), and the
     relative residual ``res`` (the sine of the angle between the column and ``e``; 1 where the activation is 0).
-    The label entry is left out of the fit: float32 computes it as ``p_y - 1``, with cancellation."""
+    The label entry is left out of the fit: float32 computes it as ``p_y - 1``, with cancellation. A row's label
+    is its column's only negative entry; with label smoothing, :func:`smoothed_labels`."""
 
     rows: torch.Tensor
     owner: torch.Tensor
@@ -72,11 +73,15 @@ def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, logits: t
     rows, owner = end_to_end(members)
     columns = attack.G[-1][:, rows].T.to(F64)  # members x K
     K = columns.shape[1]
-    labels = columns.argmin(1)
+    smoothing = attack.opts.smoothing
+    if smoothing:
+        labels = smoothed_labels(columns, torch.softmax(logits, 1)[owner] - smoothing / K)
+    else:
+        labels = columns.argmin(1)
     votes = torch.zeros(len(members), K, dtype=torch.long, device=dev).index_put_(
         (owner, labels), torch.ones_like(labels), accumulate=True)
     label = votes.argmax(1)
-    e = loss_vectors(logits, label)
+    e = loss_vectors(logits, label, smoothing)
     others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
     pred = torch.relu(z[owner, rows])[:, None] * e[owner] * others
     cols = columns * others
@@ -84,3 +89,17 @@ def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, logits: t
     scale = (pred * cols).sum(1) / weight.clamp_min(1e-300)
     res = (cols - scale[:, None] * pred).norm(dim=1) / cols.norm(dim=1).clamp_min(1e-300)
     return TopRowFit(rows, owner, label, labels == label[owner], z[owner, rows], scale, weight, res, e)
+
+
+def smoothed_labels(columns: torch.Tensor, off_label: torch.Tensor) -> torch.Tensor:
+    """Each row's label under label smoothing ``s``: off its label, a sample's loss vector is ``p - s/K``
+    (``off_label``, one row per column), so its output-layer column is a positive multiple of ``off_label`` on
+    every entry but the label's. The label is the entry whose omission leaves the best such fit (least relative
+    residual); its column's most negative entry is not (a confident sample's label entry ``p_y - 1 + s - s/K``
+    may be above the others' ``p_c - s/K``)."""
+    c, v = columns, off_label
+    cc, cv, vv = (c * c).sum(1, keepdim=True), (c * v).sum(1, keepdim=True), (v * v).sum(1, keepdim=True)
+    num, den, rest = cv - c * v, vv - v * v, cc - c * c  # each entry omitted in turn
+    res = (rest - num.square() / den.clamp_min(1e-300)) / rest.clamp_min(1e-300)
+    res = torch.where((num > 0) & (den > 0), res, torch.full_like(res, float("inf")))
+    return res.argmin(1)
