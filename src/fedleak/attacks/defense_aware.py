@@ -17,7 +17,9 @@ the server knows, so an attacker can simulate them. Two uses here:
   - ``clipping`` of the whole update (and ``central-dp``, noise-free ``gaussian-noise``/``laplace-noise`` with
     ``clip``): one unknown common factor, fitted by the certificate (``known_scale=False``);
   - ``clipping`` per layer (MLPs): each layer's unknown factor follows from the ReLU homogeneity of the gradient
-    (:func:`layer_scales`) and is undone before the attack.
+    (:func:`layer_scales`) and is undone before the attack;
+  - ``label-smoothing``: the inputs are unchanged, the certificate recomputes the smoothed loss
+    (``label_smoothing``).
 """
 
 from __future__ import annotations
@@ -347,6 +349,16 @@ def dp_sgd_rule(defense: Defense, context: ExactContext) -> ExactPlan:
     return ExactPlan(overrides={"clip_norm": bound},
                      note=f"{defense.label}: no noise; each sample's gradient was clipped to norm {bound:g}, which the "
                           "certificate recomputes from the rebuilt sample (clip_norm)")
+
+
+@EXACT_RULES.decorator("label-smoothing")
+def label_smoothing_rule(defense: Defense, context: ExactContext) -> ExactPlan:
+    """Label smoothing leaves the inputs as they are and changes every loss vector: the certificate recomputes the
+    smoothed loss (option ``label_smoothing``)."""
+    smoothing = float(getattr(defense, "smoothing"))
+    return ExactPlan(overrides={"label_smoothing": smoothing},
+                     note=f"{defense.label}: the client's loss is a cross-entropy with label smoothing {smoothing:g}, "
+                          "which the certificate recomputes (label_smoothing)")
 
 
 def exact_rule(defense: Defense) -> ExactRule:

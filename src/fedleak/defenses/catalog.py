@@ -66,6 +66,9 @@ DEFENSE_CATALOG: tuple[CatalogEntry[DefenseSpec], ...] = (
     CatalogEntry('instahide', 'fedleak.defenses.mixing', DefenseSpec(
         'batch', 'Dirichlet mixture of k batch samples (soft labels), then a random sign per value',
         'Huang, Song, Li, Arora, ICML 2020 (InstaHide, inside-dataset)')),
+    CatalogEntry('label-smoothing', 'fedleak.defenses.label_smoothing', DefenseSpec(
+        'batch', "train on (1 - smoothing) onehot(y) + smoothing / K (F.cross_entropy's label_smoothing)",
+        "Szegedy et al. CVPR 2016 (Inception-v3); torch's CrossEntropyLoss(label_smoothing=...)")),
     CatalogEntry('disguisednets', 'fedleak.defenses.disguise', DefenseSpec(
         'batch', 'secret block permutation and per-block orthogonal projection of every image (keyed)',
         'Sharma & Chen 2019 (DisguisedNets)')),
