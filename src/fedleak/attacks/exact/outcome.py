@@ -30,8 +30,8 @@ class Found:
         if self.candidates == 0:  # whether or not the batch size is known
             return (f"no exclusively activated neuron was found at {layer}: no group of its gradient rows implies one "
                     "consistent input (every neuron there fires for several samples, or the update is noised or not "
-                    "the gradient of a plain cross-entropy loss: label smoothing, class weights, another loss or a "
-                    "regulariser)")
+                    "the gradient of the cross-entropy it was read as: another label smoothing than the one given "
+                    "or read, class weights, another loss or a regulariser)")
         if batch_size is None or rebuilt >= batch_size:
             return ""
         why = []
