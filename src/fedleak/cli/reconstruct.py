@@ -42,7 +42,8 @@ def reconstruct_command(
                                                    "examples)."),
     label_smoothing: float = typer.Option(None, help="The client's label smoothing, for the exact route: s of "
                                                      "F.cross_entropy(..., label_smoothing=s), in [0, 1) "
-                                                     "(default 0)."),
+                                                     "(default: read off the update with four classes or "
+                                                     "more, else 0)."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),

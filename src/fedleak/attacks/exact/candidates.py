@@ -26,6 +26,7 @@ from fedleak.attacks.exact.span_screen import span_screen
 from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
 from fedleak.nets import ReluMLP
 from fedleak.nets.float64 import linear64
+from fedleak.nets.forward import loss_vectors
 
 F64 = torch.float64
 
@@ -102,8 +103,7 @@ def direction_cost(logits: torch.Tensor, labels: torch.Tensor, cdir: torch.Tenso
     """1 - cos between loss vectors of ``logits`` (... x K) and unit directions ``cdir`` (... x K), with label
     ``smoothing`` (:func:`~fedleak.nets.forward.loss_vectors`)."""
     K = logits.shape[-1]
-    e = torch.softmax(logits, dim=-1) - smoothing / K
-    e = e - (1 - smoothing) * torch.nn.functional.one_hot(labels, K).to(e.dtype)
+    e = loss_vectors(logits.reshape(-1, K), labels.reshape(-1), smoothing).reshape(logits.shape)
     norm = e.norm(dim=-1)
     cost = 1 - (e * cdir).sum(-1) / norm.clamp_min(1e-300)
     # a loss vector that underflowed (saturated softmax) carries no direction: worst cost
