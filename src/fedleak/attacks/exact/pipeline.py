@@ -78,7 +78,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             else:
                 rec = replace(rec, notes=(*rec.notes, smoothing.note(certified=False)))
         if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
-            again, _, _ = run_pinned(model, net, update, replace(opts, known_scale=False), noise, name)
+            # the label smoothing as the first reading left it (given, read, or 0): it is not read a second time
+            scaled = replace(opts, known_scale=False, label_smoothing=opts.smoothing)
+            again, _, _ = run_pinned(model, net, update, scaled, noise, name)
             if again.num_certified:
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
                                             f"(known_scale=False; a clipped, accumulated or summed gradient), as "
