@@ -53,7 +53,8 @@ class Config:
     standardise: bool = False  # inputs standardised with the data set's mean and standard deviation, as users do
     conv1d: tuple[int, int] | None = None  # (channels, kernel) of a Conv1d reading each sample as one signal
     smoothing: float = 0.0  # the client's cross-entropy's label smoothing ...
-    told: bool = True  # ... which the attack is told, or reads off the update
+    told: bool = True  # ... which the attack is told, or reads off the update (class weights: or is not told)
+    weighted: bool = False  # class weights F.cross_entropy(weight=w), w log-uniform in [1/4, 4] per batch
 
 
 CONFIGS = {
@@ -93,6 +94,14 @@ CONFIGS = {
     "mni152-3-smooth0.2-read": Config("mni152", (1024,), smoothing=0.2, told=False),
     "digits-10-shift-smooth0.05-read": Config("digits", (256,), shift=0.3, smoothing=0.05, told=False),
     "fashion-10-deep-smooth0.1-read": Config("fashion-mnist", (512, 256), smoothing=0.1, told=False),
+    # class weights: each sample's scale is its label's weight over the batch's sum of weights
+    "lfw-2-weighted": Config("lfw", (1024,), weighted=True),
+    "fashion-10-weighted": Config("fashion-mnist", (1024,), weighted=True),
+    "digits-10-shift-weighted": Config("digits", (256,), shift=0.3, weighted=True),
+    "fashion-10-standardised-weighted": Config("fashion-mnist", (1024,), standardise=True, weighted=True),
+    "lfw-2-fedavg-weighted": Config("lfw", (1024,), lr=0.1, weighted=True),
+    "lfw-2-weighted-untold": Config("lfw", (1024,), weighted=True, told=False),
+    "fashion-10-weighted-untold": Config("fashion-mnist", (1024,), weighted=True, told=False),
 }
 
 
@@ -133,18 +142,23 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
         model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen, cfg.conv1d)
+        weights = tuple(float(w) for w in np.exp(gen.uniform(-np.log(4), np.log(4), size=k))) if cfg.weighted else None
         if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
             steps = cfg.steps if cfg.local_batch is None else -(-M // cfg.local_batch)
             update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=steps, batch_size=cfg.local_batch,
                                            optimizer="momentum" if cfg.momentum else "sgd",
-                                           seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing)
+                                           seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing,
+                                           class_weights=weights)
         else:
-            loss = nn.functional.cross_entropy(model(x), y, label_smoothing=cfg.smoothing)
+            weight = None if weights is None else torch.tensor(weights)
+            loss = nn.functional.cross_entropy(model(x), y, weight=weight, label_smoothing=cfg.smoothing)
             grads = dict(zip([n for n, _ in model.named_parameters()],
                              [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
-            update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 else grads
+            # a class-weighted mean loss does not reveal the batch size: its clients report it
+            update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 or cfg.weighted else grads
         # a Conv1d model reads each sample through an unflatten: its input shape is the data's, not inferred
-        rec = fedleak.reconstruct(model, update, label_smoothing=cfg.smoothing if cfg.told else None,
+        told = {"label_smoothing": cfg.smoothing} if not cfg.weighted else {"class_weights": weights}
+        rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}),
                                   **({"input_shape": data.input_shape} if cfg.conv1d else {}))
         scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
         certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
@@ -191,6 +205,9 @@ def render(files: list[Path]) -> None:
             if cfg.get("smoothing"):
                 update += (f"; label smoothing {cfg['smoothing']:g}, "
                            f"{'told' if cfg.get('told', True) else 'read off the update'}")
+            if cfg.get("weighted"):
+                update += (f"; class weights in [1/4, 4], "
+                           f"{'told' if cfg.get('told', True) else 'not told'}")
             inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):
@@ -205,7 +222,7 @@ def render(files: list[Path]) -> None:
             f"{record['machine']}; torch {versions['torch']}. "
             f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines))
     write_section("hunt", body, "Certificate hunt: two-class data, shifted biases, saturated networks, "
-                  "standardised inputs, FedAvg updates")
+                  "standardised inputs, FedAvg updates, label smoothing, class weights")
     print("\n".join(lines))
 
 

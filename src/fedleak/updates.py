@@ -11,7 +11,7 @@ comes (a list of tensors, a client's weights).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -287,22 +287,57 @@ def check_label_smoothing(value: object) -> float:
     return smoothing
 
 
+def check_class_weights(value: object, *, label_smoothing: float | None = 0.0) -> tuple[float, ...] | None:
+    """A cross-entropy's class weights (``F.cross_entropy(..., weight=w)``, one positive finite number per
+    class), as a tuple of floats, or None. With a ``label_smoothing`` above 0 they are refused: the loss
+    vectors of a weighted smoothed cross-entropy are not a sample's ``p - target`` times one factor."""
+    if value is None:
+        return None
+    weights = None
+    if not isinstance(value, (str, bytes)):
+        try:
+            weights = tuple(float(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
+        except (TypeError, ValueError):
+            pass
+    if weights is None or len(weights) < 2 or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise FedleakError(f"class_weights must be one positive finite number per class (at least 2), got "
+                           f"{value!r}")
+    if label_smoothing:
+        raise FedleakError("class_weights with label_smoothing is not supported (the weighted smoothed "
+                           "cross-entropy's loss vectors are not p - target times one factor per sample): pass one")
+    return weights
+
+
 def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
-                probability: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels, and
-    ``label_smoothing`` as ``F.cross_entropy`` takes it; for a single output, the binary cross-entropy of it
-    (labels 0 or 1): of the logit (``BCEWithLogitsLoss``), or, for a model whose forward ends with a sigmoid
-    (``probability``), of the probability it gives (``BCELoss``), which takes no label smoothing."""
+                probability: bool = False, label_smoothing: float = 0.0,
+                class_weights: tuple[float, ...] | None = None) -> torch.Tensor:
+    """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels,
+    ``label_smoothing`` and ``class_weights`` as ``F.cross_entropy`` takes them (``label_smoothing`` and
+    ``weight``); for a single output, the binary cross-entropy of it (labels 0 or 1): of the logit
+    (``BCEWithLogitsLoss``), or, for a model whose forward ends with a sigmoid (``probability``), of the
+    probability it gives (``BCELoss``), which takes neither."""
     if logits.shape[1] == 1:
-        if label_smoothing:
-            raise FedleakError("label_smoothing applies to a cross-entropy over K >= 2 outputs; this model has one "
-                               "output (binary cross-entropy)")
+        if label_smoothing or class_weights is not None:
+            raise FedleakError("label_smoothing and class_weights apply to a cross-entropy over K >= 2 outputs; this "
+                               "model has one output (binary cross-entropy)")
         target = labels.to(logits.dtype)
         if probability:
             return nn.functional.binary_cross_entropy(logits[:, 0], target, reduction=reduction)
         return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction=reduction)
     target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
-    return nn.functional.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
+    return nn.functional.cross_entropy(logits, target, weight=class_weight_tensor(class_weights, logits),
+                                       reduction=reduction, label_smoothing=label_smoothing)
+
+
+def class_weight_tensor(class_weights: tuple[float, ...] | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """``class_weights`` as ``F.cross_entropy``'s ``weight`` for ``logits`` (their dtype and device), checked
+    against the number of classes; None stays None."""
+    if class_weights is None:
+        return None
+    if len(class_weights) != logits.shape[-1]:
+        raise FedleakError(f"class_weights has {len(class_weights)} entries, but the model has {logits.shape[-1]} "
+                           "classes: give one weight per class")
+    return torch.tensor(class_weights, dtype=logits.dtype, device=logits.device)
 
 
 def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> torch.Tensor:
@@ -314,12 +349,12 @@ def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> tor
 
 
 def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
-               label_smoothing: float = 0.0) -> torch.Tensor:
+               label_smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """The client's loss (:func:`client_loss`) of the model on a checked batch."""
     dtype = next(model.parameters()).dtype
     outputs = forward_logits(model, inputs.to(dtype), labels)
     return client_loss(outputs, labels, reduction, probability=ends_in_sigmoid(model, outputs),
-                       label_smoothing=label_smoothing)
+                       label_smoothing=label_smoothing, class_weights=class_weights)
 
 
 def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
@@ -331,10 +366,11 @@ def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
 
 @with_autograd
 def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
-                            label_smoothing: float = 0.0) -> GradientUpdate:
+                            label_smoothing: float = 0.0,
+                            class_weights: Sequence[float] | None = None) -> GradientUpdate:
     """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss (binary cross-entropy for a
-    model with one logit), with ``label_smoothing`` as ``F.cross_entropy`` takes it (the exclusivity attack then
-    takes the same ``label_smoothing``).
+    model with one logit), with ``label_smoothing`` and ``class_weights`` as ``F.cross_entropy`` takes them
+    (``label_smoothing``, ``weight``; the exclusivity attack then takes the same options).
 
     ``labels`` are class indices, or soft labels (an ``M x K`` float tensor of class probabilities, what MixUp
     and InstaHide send). The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded
@@ -345,6 +381,8 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     params = trainable_parameters(model)
     if not params:
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    loss = batch_loss(model, inputs, labels, label_smoothing=check_label_smoothing(label_smoothing))
+    smoothing = check_label_smoothing(label_smoothing)
+    loss = batch_loss(model, inputs, labels, label_smoothing=smoothing,
+                      class_weights=check_class_weights(class_weights, label_smoothing=smoothing))
     grads = torch.autograd.grad(loss, list(params.values()))
     return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))

@@ -137,6 +137,33 @@ def test_reconstruct_command_with_label_smoothing(tmp_path, capsys, fashion):
     assert any("label smoothing 0.1" in n for n in notes)
 
 
+def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=0)
+    weights = ",".join(str(w) for w in range(1, 11))
+    update = fedleak.compute_gradient_update(model, x, y, class_weights=tuple(range(1, 11)))
+    fedleak.save_mlp(model, tmp_path / "model.safetensors")
+    fedleak.save_update(update, tmp_path / "update.safetensors")
+
+    def run(*extra: str) -> tuple[int, str]:
+        code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
+                     str(tmp_path / "update.safetensors"), "--attack", "exclusivity", *extra,
+                     "--out", str(tmp_path / "-".join(("out", *extra)))])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    for extra, code, said in [
+        (("--class-weights", weights), 0, "4 certified"),
+        (("--class-weights", "1,2"), 2, "has 2 entries, but the model has 10"),
+        (("--class-weights", "a,b"), 2, "--class-weights must be comma-separated numbers"),
+        (("--class-weights", weights, "--label-smoothing", "0.1"), 2, "with label_smoothing is not supported"),
+    ]:
+        got = run(*extra)
+        assert got[0] == code and said in got[1] and "Traceback" not in got[1], (extra, got)
+
+
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
     import fedleak
 

@@ -138,6 +138,18 @@ def default_out(command: str) -> Path:
     return Path(f"fedleak-{command}")
 
 
+def float_list(text: str, what: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. ``--class-weights 1,2.5,4`` (their values are checked where they are used)."""
+    items = [v for v in text.replace(" ", "").split(",") if v]
+    try:
+        values = tuple(float(item) for item in items)
+    except ValueError:
+        values = ()
+    if not values:
+        raise FedleakError(f"{what} must be comma-separated numbers, got '{text}'")
+    return values
+
+
 def int_list(text: str, what: str, high: int | None = None) -> tuple[int, ...]:
     """Comma-separated whole numbers in [1, high], e.g. ``--widths 1024,512``."""
     from fedleak.validation import parse_int

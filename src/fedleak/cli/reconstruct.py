@@ -16,6 +16,7 @@ from fedleak.cli.app import (
     WEIGHTS_HELP,
     app,
     default_out,
+    float_list,
     int_list,
     shows_progress,
 )
@@ -44,6 +45,9 @@ def reconstruct_command(
                                                      "F.cross_entropy(..., label_smoothing=s), in [0, 1) "
                                                      "(default: read off the update with four classes or "
                                                      "more, else 0)."),
+    class_weights: str = typer.Option(None, help="The client's class weights, for the exact route: w of "
+                                                 "F.cross_entropy(..., weight=w), one per class, comma-separated "
+                                                 "(e.g. 1,4.5); the update must report its number of examples."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -63,8 +67,9 @@ def reconstruct_command(
     shape = ((int_list(input_shape, "--input-shape") if input_shape else None) or loaded.input_shape
              or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
-    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("label_smoothing", label_smoothing))
-             if v is not None}
+    weighted = float_list(class_weights, "--class-weights") if class_weights is not None else None
+    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("label_smoothing", label_smoothing),
+                               ("class_weights", weighted)) if v is not None}
     if attack == "auto":
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact)
     else:

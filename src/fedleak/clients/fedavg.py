@@ -12,7 +12,7 @@ reproducibly from ``seed``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError
 from fedleak.updates import (
     WeightUpdate,
+    check_class_weights,
     check_client_batch,
     check_label_smoothing,
     client_loss,
@@ -76,6 +77,7 @@ def local_training(
     shuffle: bool = True,
     seed: int = 0,
     label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
 ) -> nn.Module:
     """Train a copy of ``model`` for ``local_steps`` steps of its mean loss (cross-entropy; binary cross-entropy
     for a model with one logit) and return the copy.
@@ -83,7 +85,8 @@ def local_training(
     ``batch_size=None`` uses the whole local data set at every step (E full-batch steps); otherwise
     each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
     ``weight_decay``: the optimizer's (torch's ``weight_decay``: ``lr * weight_decay * w`` more per step).
-    ``label_smoothing``: the cross-entropy's, as ``F.cross_entropy`` takes it.
+    ``label_smoothing``, ``class_weights``: the cross-entropy's, as ``F.cross_entropy`` takes them
+    (``label_smoothing``, ``weight``).
     """
     check_client_batch(model, inputs, labels)
     if optimizer not in LOCAL_OPTIMIZERS:
@@ -96,6 +99,7 @@ def local_training(
     check_float("momentum", momentum, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
     smoothing = check_label_smoothing(label_smoothing)
+    weights = check_class_weights(class_weights, label_smoothing=smoothing)
     client = copy.deepcopy(model)
     client.train()
     params = [p for p in client.parameters() if p.requires_grad]
@@ -111,7 +115,8 @@ def local_training(
         if step == 0:  # every label, not only this mini-batch's, must be one of the model's classes
             check_labels(labels, max(int(logits.shape[1]), 2), error=DataError)
             probability = ends_in_sigmoid(client, logits)
-        loss = client_loss(logits, labels[idx], probability=probability, label_smoothing=smoothing)
+        loss = client_loss(logits, labels[idx], probability=probability, label_smoothing=smoothing,
+                           class_weights=weights)
         loss.backward()
         opt.step()
     return client
@@ -132,16 +137,18 @@ def fedavg_update(
     seed: int = 0,
     reveal_local_steps: bool = False,
     label_smoothing: float = 0.0,
+    class_weights: Sequence[float] | None = None,
 ) -> WeightUpdate:
     """The FedAvg update of a client holding ``(inputs, labels)``: weights before and after local training.
 
     The update carries ``num_examples`` (clients report it for weighted averaging) and, only when
     ``reveal_local_steps`` is set, ``local_steps``. The learning rate, optimizer and weight decay are not revealed.
-    ``label_smoothing``: the cross-entropy's (:func:`local_training`).
+    ``label_smoothing``, ``class_weights``: the cross-entropy's (:func:`local_training`).
     """
     trained = local_training(
         model, inputs, labels, lr=lr, local_steps=local_steps, optimizer=optimizer, batch_size=batch_size,
         momentum=momentum, weight_decay=weight_decay, shuffle=shuffle, seed=seed, label_smoothing=label_smoothing,
+        class_weights=class_weights,
     )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     after = {k: v.detach().clone() for k, v in trained.state_dict().items()}

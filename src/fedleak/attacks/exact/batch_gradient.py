@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from fedleak.nets import Network
 from fedleak.nets.cast import cast
 from fedleak.nets.float64 import back64, linear64, piece_rows
+from fedleak.updates import class_weight_tensor
 
 F64 = torch.float64
 PIECE = 1 << 20  # entries of a parameter compared at once
@@ -93,25 +94,26 @@ class BatchGradient:
             yield p.reshape(-1), observed[s : s + step].to(F64).reshape(-1)
 
 
-def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0
-                   ) -> BatchGradient:
+def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0,
+                   class_weights: tuple[float, ...] | None = None) -> BatchGradient:
     """The gradient of the summed cross-entropy of ``(X, y)`` at ``model``'s parameters, in float64 by real
-    autograd (:class:`BatchGradient`), with the loss's label ``smoothing``; the head's dense weights in another
-    dtype are streamed (never copied) where the model reads them through ``F.linear`` (``nn.Linear`` does), else
-    copied like the others."""
+    autograd (:class:`BatchGradient`), with the loss's label ``smoothing`` and ``class_weights``; the head's
+    dense weights in another dtype are streamed (never copied) where the model reads them through ``F.linear``
+    (``nn.Linear`` does), else copied like the others."""
     params = dict(model.named_parameters())
     streamed = {d.weight_name for d in net.head.dense if params[d.weight_name].dtype != F64}
     try:
-        out = recompute(model, params, streamed, X, y, smoothing)
+        out = recompute(model, params, streamed, X, y, smoothing, class_weights)
     except RuntimeError:  # a weight read other than through F.linear meets a float64 input
         out = None
     if out is None or not all(out.sinks.values()):
-        out = recompute(model, params, set(), X, y, smoothing)
+        out = recompute(model, params, set(), X, y, smoothing, class_weights)
     return out
 
 
 def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[str], X: torch.Tensor,
-              y: torch.Tensor, smoothing: float = 0.0) -> BatchGradient:
+              y: torch.Tensor, smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None
+              ) -> BatchGradient:
     """:func:`batch_gradient` with the weights ``streamed`` through :class:`Linear64`."""
     weights = {k: params[k].detach() for k in streamed}
     sinks: dict[str, list] = {k: [] for k in streamed}
@@ -119,6 +121,7 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
     with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
-    loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=smoothing)
+    loss = F.cross_entropy(logits, y, weight=class_weight_tensor(class_weights, logits), reduction="sum",
+                           label_smoothing=smoothing)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return BatchGradient({k: g.detach() for k, g in zip(leaves, grads)}, sinks)

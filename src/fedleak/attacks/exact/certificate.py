@@ -86,7 +86,8 @@ def agreeing_groups(values: np.ndarray, tol: float) -> list[np.ndarray]:
 
 def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, reported: int | None, opts) -> BatchScale:
     """The batch's scale. With a known scale (``known_scale``) a reported batch size fixes it (``1/M`` for a
-    mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = clip_k / s_k`` that at
+    mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = clip_k / s_k`` (``clip_k``:
+    sample ``k``'s own factor, its clipping times its label's class weight) that at
     least two strong samples agree on (``inferred``), or ``M = 1`` for a lone sample whose scale is 1 (the
     joint test then asks it to explain the whole gradient). With an unknown factor (a weight delta) the batch
     size must be reported; the factor is the one the most strong samples share (at least two, or the set
@@ -110,16 +111,19 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
                "no batch size was reported, and a lone rebuilt sample proves its scale only when it is 1")
         return BatchScale(None, None, why)
     if reported is None:
-        return BatchScale(None, None, "the update's scale is unknown (a weight delta) and it reports no number of "
-                          "examples; without the batch size the rebuilt samples cannot be checked jointly (give "
-                          "the update the number of examples its client reported: num_examples)")
+        unknown = ("the update's scale is unknown (a class-weighted mean loss: 1 / the sum of the batch's weights)"
+                   if opts.weighted_mean else "the update's scale is unknown (a weight delta)")
+        return BatchScale(None, None, f"{unknown} and it reports no number of examples; without the batch size the "
+                          "rebuilt samples cannot be checked jointly (give the update the number of examples its "
+                          "client reported: num_examples)")
     if len(strong) == 0:
         return BatchScale(reported, None, "no rebuilt sample has the witnesses a certificate needs")
     best = max(agreeing_groups(scales, opts.scale_tol),
                key=lambda grp: (len(grp), sum(sum(fits[strong[k]].counts) for k in grp)))
     return BatchScale(reported, float(np.median(scales[best])), whole_batch_only=len(best) < 2 and reported > 1,
-                      reason="no two rebuilt samples share the update's common scale (lr/M), and the rebuilt samples "
-                             "are not the whole batch")
+                      reason=f"no two rebuilt samples share the update's common scale "
+                             f"({'1 / the sum of the weights' if opts.weighted_mean else 'lr/M'}), and the rebuilt "
+                             "samples are not the whole batch")
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -199,6 +203,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         clip = (opts.clip_norm / per_sample_norms(t64, has_bias)).clamp(max=1.0).cpu().numpy()
     else:
         clip = np.ones(len(complete))
+    clip = clip * opts.class_factors(y)  # each sample's own factor: its clipping and its label's class weight
     n_layers = net.depth
     rounding = f"the update's {str(attack.obs_dtype).removeprefix('torch.')} rounding"
 

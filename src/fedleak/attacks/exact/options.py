@@ -12,7 +12,7 @@ import torch
 
 from fedleak.attacks.defense_aware import defense_stack
 from fedleak.errors import FedleakError
-from fedleak.updates import check_label_smoothing
+from fedleak.updates import check_class_weights, check_label_smoothing
 from fedleak.validation import options_from, validate_fields
 
 FALLBACKS = ("features", "none")
@@ -65,6 +65,10 @@ class ExclusivityOptions:
     the attack computes, the labels it reads and the gradient the certificate recomputes take it. None (the
     default): 0, unless no row passes the check of a plain cross-entropy and the rows agree on another ``s``
     (:mod:`fedleak.attacks.exact.smoothing`): the attack then runs with it and notes so.
+    ``class_weights``: the client's cross-entropy's class weights (``F.cross_entropy(..., weight=w)``, one per
+    class; not with a label smoothing above 0): each sample's scale is its label's weight times the batch's
+    common one, ``1 / (the sum of the batch's weights)`` for a mean loss, which the batch size does not give: the
+    certificate fits it, and the batch size comes from ``num_examples``.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
@@ -123,6 +127,7 @@ class ExclusivityOptions:
     known_scale: bool = True
     loss_reduction: str = "mean"
     label_smoothing: float | None = None
+    class_weights: tuple[float, ...] | None = None
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
     clip_norm: float | None = None
@@ -168,6 +173,8 @@ class ExclusivityOptions:
                                f"batch), got {self.loss_reduction!r}")
         if self.label_smoothing is not None:
             check_label_smoothing(self.label_smoothing)
+        object.__setattr__(self, "class_weights",
+                           check_class_weights(self.class_weights, label_smoothing=self.label_smoothing))
 
     @property
     def reduction(self) -> Reduction:
@@ -178,6 +185,20 @@ class ExclusivityOptions:
     def smoothing(self) -> float:
         """The label smoothing the attack reads with: ``label_smoothing``, 0 where it is None (not yet read)."""
         return self.label_smoothing or 0.0
+
+    def class_factors(self, labels: torch.Tensor) -> np.ndarray:
+        """Each sample's factor from its label's class weight (``class_weights``; 1 without them): the sample's
+        scale in the gradient is this times the batch's common one."""
+        if self.class_weights is None:
+            return np.ones(len(labels))
+        return np.asarray(self.class_weights, dtype=float)[labels.cpu().numpy()]
+
+    @property
+    def weighted_mean(self) -> bool:
+        """A mean loss with class weights: its common scale is ``1 / sum of the batch's weights``, which the
+        batch size does not give (:func:`~fedleak.attacks.exact.pipeline.run_exclusivity` fits it, as for an
+        unknown factor)."""
+        return self.class_weights is not None and self.loss_reduction == "mean"
 
     def common_scale(self, batch_size: int) -> float:
         """Every sample's scale in a gradient of ``batch_size`` samples whose scale is known (``known_scale``):

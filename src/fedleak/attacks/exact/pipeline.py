@@ -36,6 +36,7 @@ from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
+from fedleak.attacks.exact.class_weights import class_scale_note
 from fedleak.attacks.exact.noise import RoundingNoise, coarsest
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
@@ -68,6 +69,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
     # attack returns is copied out of inference mode, so that it can take part in autograd
+    if opts.weighted_mean and opts.known_scale:  # its common scale 1 / (sum of the batch's weights) is fitted
+        opts = replace(opts, known_scale=False)
     with pinned_threads(opts.threads), torch.inference_mode(not net.blocks):
         rec, off_scale, smoothing = run_pinned(model, net, update, opts, noise, name)
         if smoothing is not None:  # the output layer's columns tell a label-smoothed cross-entropy: read with it
@@ -85,6 +88,11 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
                                             f"(known_scale=False; a clipped, accumulated or summed gradient), as "
                                             f"the samples' scales tell: {off_scale}"))
+        weighted = class_scale_note(rec.samples, opts)
+        if weighted:  # the samples' scales tell a class-weighted loss, which the options did not give
+            samples = tuple(replace(r, reason=f"{r.reason}; or a class-weighted loss (pass class_weights)")
+                            if strongly_witnessed(r, opts) else r for r in rec.samples)
+            rec = replace(rec, samples=samples, notes=(*rec.notes, weighted))
     return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
 
 
@@ -97,7 +105,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     None and nothing was certified as the gradient of a plain cross-entropy, the label smoothing read off the update
     (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`; None where none is)."""
     start = time.perf_counter()
-    readable = opts.label_smoothing is None
+    readable = opts.label_smoothing is None and opts.class_weights is None
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
     opts, noise = plan.apply(opts), plan.rescale(noise)  # a defense's factors scale the noise as it is read
     if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
@@ -105,6 +113,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     head = net.head
     if head.depth == 0:
         raise ModelError(NO_HIDDEN_RELU)
+    if opts.class_weights is not None and len(opts.class_weights) != head.num_classes:
+        raise FedleakError(f"class_weights has {len(opts.class_weights)} entries, but the model has "
+                           f"{head.num_classes} output(s): give one weight per class of a cross-entropy")
     if opts.clip_norm is not None and net.blocks:
         raise FedleakError("clip_norm is supported for MLPs only: a CNN sample's gradient norm includes its conv "
                            "layers, which the head's certificate does not recompute")
@@ -150,14 +161,16 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     rebuilt = [walk is None or walk.solved[k] or opts.fallback == "features" for k in range(len(complete))]
     records = [replace(r, route=f"{name} ({'certified' if r.certified else 'uncertified'})", rebuilt=ok)
                for r, ok in zip(records, rebuilt)]
-    keep = list(range(len(records))) if opts.beyond_batch else within_batch(records, cert.batch_size, cert.factor)
+    keep = list(range(len(records))) if opts.beyond_batch else within_batch(records, cert.batch_size, cert.factor,
+                                                                               opts.class_weights)
     if len(keep) < len(records):
         notes.append(f"{len(records) - len(keep)} uncertified candidate(s) beyond the batch of {cert.batch_size} were "
                      "dropped (the least plausible: blends of samples, fewest witnesses)")
         complete, records, inputs = [complete[k] for k in keep], [records[k] for k in keep], inputs[keep]
     logits = cert.logits[keep] if complete else None  # the certificate's forward pass of the features
 
-    off_scale = opts.known_scale and reported is not None and off_scale_note(cert.recoveries, reported, opts)
+    off_scale = (opts.known_scale and opts.class_weights is None and reported is not None
+                 and off_scale_note(cert.recoveries, reported, opts))
     if off_scale:  # the strongly witnessed samples' scales tell that the update is not what the options say
         notes.append(off_scale)
         records = [replace(r, reason=off_scale) if strongly_witnessed(r, opts) else r for r in records]
@@ -186,7 +199,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
     counts = None
-    if opts.known_scale:
+    if opts.known_scale and opts.class_weights is None:  # (with class weights the bias gradient weighs each label)
         probs = torch.empty(0, head.num_classes, dtype=F64)
         if complete:
             probs = torch.softmax(logits, 1).cpu()
@@ -234,9 +247,10 @@ def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int |
     if not complete:
         return complete, reported
     pre = attack.certify(complete, reported)
-    keep = [c for c, r in zip(complete, pre.recoveries) if r.certified or (
+    own = attack.opts.class_factors(torch.tensor([c.label for c in complete]))  # the labels' class weights
+    keep = [c for c, r, w in zip(complete, pre.recoveries, own) if r.certified or (
         pre.factor is not None and r.witnesses[-1] >= 1 and np.isfinite(r.scale)
-        and abs(r.scale / pre.factor - 1) <= attack.opts.scale_tol)]
+        and abs(r.scale / (pre.factor * w) - 1) <= attack.opts.scale_tol)]
     if len(keep) < len(complete):
         attack.notes.append(f"{len(complete) - len(keep)} head candidate(s) failed the head certificate (mixtures) "
                             "and were dropped")
@@ -347,7 +361,7 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
         return False
     dev = next(model.parameters()).device
     y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
-    pred = batch_gradient(model, net, walk.inputs.to(dev), y, opts.smoothing)
+    pred = batch_gradient(model, net, walk.inputs.to(dev), y, opts.smoothing, opts.class_weights)
 
     def totals(k: str, *terms) -> list[float]:  # each term summed over k's pieces, in one pass
         out = [0.0] * len(terms)

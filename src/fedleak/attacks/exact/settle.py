@@ -30,10 +30,10 @@ def settled_by_scale(attack, complete: list, reported: int | None) -> dict[int, 
     fit of its witness rows' output-layer columns) agrees with the certificate's fit to within 1e-4 on the
     candidates near the batch's scale, so a candidate more than ``SETTLE`` (or 100 ``scale_tol``) away from
     every scale the batch can take is settled (on two-class data, most of the hundreds of blends of samples),
-    and the certificate sees only the others. Under per-sample clipping each sample has a scale of its own,
-    and nothing is settled."""
+    and the certificate sees only the others. Under per-sample clipping or class weights each sample has a
+    scale of its own, and nothing is settled."""
     opts = attack.opts
-    if opts.clip_norm is not None or not complete:
+    if opts.clip_norm is not None or opts.class_weights is not None or not complete:
         return {}
     t = attack.net.depth - 1
     tops = np.array([min(len(c.witnesses.get(t, ())), opts.max_witnesses) for c in complete])

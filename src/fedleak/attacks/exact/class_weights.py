@@ -1,0 +1,43 @@
+"""Telling a class-weighted cross-entropy from the rebuilt samples' scales.
+
+Under ``F.cross_entropy(..., weight=w)`` with a mean reduction, sample ``k``'s term in the gradient is its own
+gradient times ``w[y_k] / W`` (``W``: the sum of the batch's weights), so the samples of one label share a scale
+and those of different labels do not. Read as a plain cross-entropy, most of them sit off the batch's common
+scale and are taken for blends of samples. The attack is told the weights (option ``class_weights``); it does
+not read them off the update, since a scale per label would weaken the check that tells a sample from a blend.
+What it does is say so: where samples are left uncertified and the strongly witnessed samples' scales agree within
+a label and differ across labels, a note gives the scales per label and asks for ``class_weights``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DIFFER = 0.01  # two labels' scales this far apart (relative) differ
+
+
+def class_scale_note(records, opts) -> str:
+    """The note when the strongly witnessed samples' scales (certified or not) agree within a label (at least
+    one label with two of them, within ``scale_tol``) and differ across labels (by more than ``DIFFER``), and a
+    sample is left uncertified; else empty. Nothing when ``class_weights`` is given."""
+    if opts.class_weights is not None or all(r.certified for r in records):
+        return ""
+    by_label: dict[int, list[float]] = {}
+    for r in records:
+        if r.witnesses and r.witnesses[-1] >= opts.min_last and np.isfinite(r.scale) and r.scale > 0:
+            by_label.setdefault(int(r.label), []).append(float(r.scale))
+    if len(by_label) < 2:
+        return ""
+    medians = {c: float(np.median(s)) for c, s in by_label.items()}
+    if any(abs(s / medians[c] - 1) > opts.scale_tol for c, s_all in by_label.items() for s in s_all):
+        return ""  # a label whose samples do not share a scale: not the signature of class weights
+    if not any(len(s) >= 2 for s in by_label.values()):
+        return ""
+    ordered = sorted(medians.values())
+    if all(b / a - 1 <= DIFFER for a, b in zip(ordered, ordered[1:])):
+        return ""
+    top = max(medians.values())
+    scales = ", ".join(f"{c}: {medians[c] / top:.4g}" for c in sorted(medians))
+    return (f"the rebuilt samples' scales agree within each label and differ across labels (relative to the "
+            f"largest, by label: {scales}), as a class-weighted cross-entropy's do: if the client's loss weighs "
+            "classes (F.cross_entropy(..., weight=w)), pass class_weights")
