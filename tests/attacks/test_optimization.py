@@ -167,3 +167,25 @@ def test_labels_are_read_from_the_layer_the_model_returns(digits):
     x, y = digits.batch(1, seed=0)
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="idlg", iterations=5)
     assert rec.labels.tolist() == y.tolist()
+
+
+@pytest.mark.parametrize("loss", [{"label_smoothing": 0.2}, {"class_weights": tuple(range(1, 11))}])
+def test_the_simulated_client_takes_the_clients_loss(digits, loss):
+    """Told the client's label smoothing or class weights, the optimisation attacks simulate the gradient of that
+    loss: at the true batch it is the client's own, which the plain cross-entropy's is not."""
+    from fedleak.attacks.inversion import FunctionalModel, prepare_target
+
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    x, y = digits.batch(4, seed=1)
+    update = fedleak.compute_gradient_update(model, x, y, **loss)
+    target = prepare_target(model, update)
+    told = FunctionalModel(model, target, **loss).simulate(x, y, kind="gradient")
+    plain = FunctionalModel(model, target).simulate(x, y, kind="gradient")
+    for t, s in zip(target.tensors, told):
+        torch.testing.assert_close(s.detach(), t, rtol=1e-5, atol=1e-7)
+    assert max(float((s.detach() - t).abs().max()) for t, s in zip(target.tensors, plain)) > 1e-3
+    rec = fedleak.reconstruct(model, update, attack="ig", iterations=5, labels=y, **loss)
+    assert rec.inputs.shape == x.shape
+    with pytest.raises(fedleak.FedleakError, match="with label_smoothing is not supported"):
+        fedleak.reconstruct(model, update, attack="ig", iterations=5, label_smoothing=0.1,
+                            class_weights=tuple(range(1, 11)))

@@ -162,6 +162,8 @@ def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
     ]:
         got = run(*extra)
         assert got[0] == code and said in got[1] and "Traceback" not in got[1], (extra, got)
+    told = json.loads((tmp_path / f"out---class-weights-{weights}" / "results.json").read_text())["settings"]
+    assert told["options"]["class_weights"] == list(range(1, 11))  # what the attack was told is recorded
 
 
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):

@@ -41,13 +41,16 @@ def reconstruct_command(
                                                    "route: mean (the default, as F.cross_entropy) or sum "
                                                    "(reduction='sum'; the update must then report its number of "
                                                    "examples)."),
-    label_smoothing: float = typer.Option(None, help="The client's label smoothing, for the exact route: s of "
-                                                     "F.cross_entropy(..., label_smoothing=s), in [0, 1) "
-                                                     "(default: read off the update with four classes or "
-                                                     "more, else 0)."),
-    class_weights: str = typer.Option(None, help="The client's class weights, for the exact route: w of "
+    label_smoothing: float = typer.Option(None, help="The client's label smoothing, for the exact and "
+                                                     "optimisation attacks: s of F.cross_entropy(..., "
+                                                     "label_smoothing=s), in [0, 1) (default: the exact route "
+                                                     "reads it off the update with four classes or more, "
+                                                     "else 0)."),
+    class_weights: str = typer.Option(None, help="The client's class weights, for the exact and "
+                                                 "optimisation attacks: w of "
                                                  "F.cross_entropy(..., weight=w), one per class, comma-separated "
-                                                 "(e.g. 1,4.5); the update must report its number of examples."),
+                                                 "(e.g. 1,4.5); the exact route then needs the number of "
+                                                 "examples the update reports."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -68,17 +71,20 @@ def reconstruct_command(
              or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
     weighted = float_list(class_weights, "--class-weights") if class_weights is not None else None
-    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("label_smoothing", label_smoothing),
-                               ("class_weights", weighted)) if v is not None}
+    # the client's loss: every route that simulates or recomputes its gradient takes it
+    loss = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted)) if v is not None}
+    exact = {"loss_reduction": loss_reduction} if loss_reduction is not None else {}
     if attack == "auto":
-        options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact)
+        options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **loss)
     else:
-        options.update(exact)
+        options.update(exact, **loss)
     captured = fedleak.load_update(update, loaded.module, update_kind)
     if num_examples is not None:
         captured = replace(captured, num_examples=num_examples)  # validated as the update is rebuilt
     rec = fedleak.reconstruct(loaded.module, captured, attack=attack, **options)
-    run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed)
+    told = {k: v for k, v in {**options, "num_examples": num_examples}.items()
+            if v not in (None, {}) and k not in ("progress", "seed", "input_shape")}
+    run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed, told)
     write_reconstruction(run, out)  # all three files or none
     typer.echo(rec.summary())
     typer.echo(f"wrote {out / 'reconstruction.npz'}, {out / 'results.json'} and {out / 'report.html'}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ class ReconstructionRun:
     update: str
     attack: str
     seed: int = 0
+    options: Mapping[str, object] = field(default_factory=dict)  # what the attack was told (budget, the loss, ...)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def build_reconstruction_view(run: ReconstructionRun) -> ReconstructionView:
                 Setting("input shape", "×".join(map(str, run.input_shape))),
                 Setting("inferred batch size", "unknown" if rec.batch_size is None else str(rec.batch_size)),
                 Setting("whole batch certified", "yes" if rec.batch_certified else "no"),
-                Setting("attack time", f"{1000 * rec.seconds:.1f} ms"), Setting("seed", str(run.seed)))
+                Setting("attack time", f"{1000 * rec.seconds:.1f} ms"), Setting("seed", str(run.seed)),
+                *(Setting(name.replace("_", " "), str(value)) for name, value in run.options.items()))
     return ReconstructionView(
         "What this update reveals", f"attack {run.attack} on {Path(run.update).name}, model {Path(run.model).name}",
         _verdict(rec, routes), columns, rows, grid, tuple(rec.notes), settings,
@@ -138,7 +141,7 @@ def reconstruction_payload(run: ReconstructionRun) -> dict[str, object]:
         "kind": "fedleak-reconstruction",
         "seed": run.seed,
         "settings": {"model": run.model, "update": run.update, "attack": run.attack,
-                     "input_shape": list(run.input_shape)},
+                     "input_shape": list(run.input_shape), "options": dict(run.options)},
         "environment": environment_info(),
         "summary": {"rebuilt": len(rec), "certified": rec.num_certified, "inferred_batch_size": rec.batch_size,
                     "batch_certified": rec.batch_certified, "label_counts": rec.label_counts, "seconds": rec.seconds,

@@ -48,6 +48,7 @@ from fedleak.validation import check_float, check_int
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0
+LOSS_OPTIONS = ("label_smoothing", "class_weights")  # the client's cross-entropy, as both routes read it
 
 
 @register_attack("auto", update_kinds=("gradient", "weights"), optimises=True,
@@ -71,7 +72,8 @@ def auto_attack(
     gradients: ``iterations``, ``time_budget`` (a further limit on that stage), ``seed``, ...);
     ``exclusivity_options`` to the exclusivity attack (unless they say otherwise it skips feature matching,
     ``fallback="none"``, as the optimisation searches those samples instead, and returns at most the batch
-    size, ``beyond_batch=False``).
+    size, ``beyond_batch=False``). The client's loss, ``label_smoothing`` and ``class_weights`` among
+    ``options``, goes to both routes.
     """
     if budget is not None:
         budget = check_float("budget", budget, low=0.0, error=OptionError)
@@ -88,7 +90,9 @@ def auto_attack(
         update.parameters_of(model)
     else:
         check_matches_model(model, update.gradients)
-    exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **(exclusivity_options or {})})
+    loss = {k: options[k] for k in LOSS_OPTIONS if k in options}  # the client's loss: both routes take it
+    exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **loss,
+                                        **(exclusivity_options or {})})
     with RunClock(budget, progress=progress, label="auto") as clock:
         plan = plan_route(model, update, input_shape)
         notes = list(plan.notes)

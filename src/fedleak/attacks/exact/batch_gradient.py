@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from fedleak.nets import Network
 from fedleak.nets.cast import cast
 from fedleak.nets.float64 import back64, linear64, piece_rows
-from fedleak.updates import class_weight_tensor
+from fedleak.updates import client_loss
 
 F64 = torch.float64
 PIECE = 1 << 20  # entries of a parameter compared at once
@@ -121,7 +121,6 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
     with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
-    loss = F.cross_entropy(logits, y, weight=class_weight_tensor(class_weights, logits), reduction="sum",
-                           label_smoothing=smoothing)
+    loss = client_loss(logits, y, "sum", label_smoothing=smoothing, class_weights=class_weights)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return BatchGradient({k: g.detach() for k, g in zip(leaves, grads)}, sinks)

@@ -24,6 +24,7 @@ from fedleak.attacks.inversion.objectives import OBJECTIVES, total_variation
 from fedleak.attacks.inversion.target import Target
 from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel, lr_refresher
 from fedleak.errors import FedleakError
+from fedleak.updates import check_class_weights, check_label_smoothing
 from fedleak.validation import options_from, validate_fields
 
 
@@ -42,6 +43,8 @@ class InversionSettings:
     exact route rebuilt but did not certify there: they should move little). ``stop_below``: stop once the
     matching objective (without TV) falls below this value (0: never; ``auto`` stops at 1e-9, where the
     simulated update matches the observed one to about float32 precision and more iterations change nothing).
+    ``label_smoothing`` / ``class_weights``: the client's cross-entropy's (``F.cross_entropy``'s ``label_smoothing``
+    and ``weight``), which the simulated update takes.
     """
 
     objective: str = "l2"
@@ -67,6 +70,8 @@ class InversionSettings:
     momentum: float = 0.9
     warm_lr: float = 0.01
     stop_below: float = 0.0
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self)  # types and signs first, then the checks below
@@ -102,6 +107,9 @@ class InversionSettings:
             raise FedleakError(f"local_steps must be at least 1, got {self.local_steps}")
         if self.box is not None and not self.box[0] < self.box[1]:
             raise FedleakError(f"box must be (low, high) with low < high, got {self.box}")
+        check_label_smoothing(self.label_smoothing)
+        object.__setattr__(self, "class_weights",
+                           check_class_weights(self.class_weights, label_smoothing=self.label_smoothing))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -181,7 +189,8 @@ def invert(
 def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_labels, warm_start, name,
             clock: RunClock, stage_limit: float | None, forward=None) -> InversionResult:
     dtype = settings.torch_dtype
-    fm = FunctionalModel(model, replace(target, params=[p.to(dtype) for p in target.params]))
+    fm = FunctionalModel(model, replace(target, params=[p.to(dtype) for p in target.params]),
+                         label_smoothing=settings.label_smoothing, class_weights=settings.class_weights)
     tgt = [t.to(dtype) for t in target.tensors]
     objective = OBJECTIVES[settings.objective](tgt)
     n_fixed = 0 if fixed_inputs is None else int(fixed_inputs.shape[0])

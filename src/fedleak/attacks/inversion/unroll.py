@@ -1,6 +1,7 @@
 """The simulated client: gradients and unrolled local training, differentiable w.r.t. the dummy data.
 
-* the simulated update of a FedSGD client is the mean cross-entropy gradient at the model's weights;
+* the simulated update of a FedSGD client is the mean cross-entropy gradient at the model's weights (with the
+  client's label smoothing and class weights, where the attack is told them);
 * the simulated update of a FedAvg client is ``W_0 - W_E``, obtained by unrolling E local steps
   differentiably from the global weights ``W_0`` (``update.before``) with a *learned* learning rate,
   because the server does not know it. When E is not known it is assumed to be 1 (the whole weight
@@ -22,6 +23,7 @@ from torch.func import functional_call
 
 from fedleak.attacks.inversion.target import Target
 from fedleak.errors import FedleakError
+from fedleak.updates import client_loss
 
 #: unrolled local optimizers the attacker can assume (the client's real optimizer is private)
 UNROLL_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -30,18 +32,22 @@ UNROLL_OPTIMIZERS = ("sgd", "momentum", "adam")
 class FunctionalModel:
     """Evaluate ``model`` at given weights (never its own) and differentiate through its gradient."""
 
-    def __init__(self, model: nn.Module, target: Target):
+    def __init__(self, model: nn.Module, target: Target, *, label_smoothing: float = 0.0,
+                 class_weights: tuple[float, ...] | None = None):
         self.model = model
         self.names = target.names
         self.buffers = target.buffers
         self.params = [p.detach().clone().requires_grad_(True) for p in target.params]
+        self.label_smoothing, self.class_weights = label_smoothing, class_weights
 
     def logits(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, {**dict(zip(self.names, params)), **self.buffers}, (x,))
 
     def grads(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """Mean cross-entropy gradient; ``y`` holds class indices or (soft) probabilities."""
-        loss = nn.functional.cross_entropy(self.logits(params, x), y)
+        """The gradient of the client's mean cross-entropy (with its label smoothing and class weights, as
+        :func:`~fedleak.updates.client_loss` takes them); ``y`` holds class indices or (soft) probabilities."""
+        loss = client_loss(self.logits(params, x), y, label_smoothing=self.label_smoothing,
+                           class_weights=self.class_weights)
         return list(torch.autograd.grad(loss, params, create_graph=True))
 
     def simulate(
