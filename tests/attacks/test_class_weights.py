@@ -128,3 +128,16 @@ def test_class_weights_are_refused_with_label_smoothing_and_for_one_output(digit
     binary = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     with pytest.raises(fedleak.FedleakError, match="one output"):
         fedleak.compute_gradient_update(binary, x, (y % 2), class_weights=(1.0, 2.0))
+
+
+def test_auto_gives_the_class_weights_to_both_routes(fashion):
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(16, seed=16)
+    update = fedleak.compute_gradient_update(model, x, y, class_weights=WEIGHTS)
+    exact = fedleak.reconstruct(model, update, class_weights=WEIGHTS)
+    assert 0 < exact.num_certified < 16  # the optimisation route has samples to search
+    rec = fedleak.reconstruct(model, update, attack="auto", class_weights=WEIGHTS, iterations=3, budget=30,
+                              progress=False)
+    assert rec.num_certified == exact.num_certified and "ig" in rec.routes
+    assert any("the client's label smoothing or class weights may shift it" in n for n in rec.notes)  # IG has them
+    assert not metrics.match(rec, x, y).false_certificate.any()

@@ -106,6 +106,24 @@ def test_reconstruct_command_with_a_summed_loss(tmp_path, capsys, fashion):
         assert got[0] == code and said in got[1], (update, extra, got)
 
 
+def _exact_reconstruct(tmp_path, capsys, model, update):
+    """``fedleak reconstruct --attack exclusivity`` of ``update`` (saved with ``model``), with extra arguments:
+    its exit code and what it printed; each run writes to its own folder, named by the arguments."""
+    import fedleak
+
+    fedleak.save_mlp(model, tmp_path / "model.safetensors")
+    fedleak.save_update(update, tmp_path / "update.safetensors")
+
+    def run(*extra: str) -> tuple[int, str]:
+        code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
+                     str(tmp_path / "update.safetensors"), "--attack", "exclusivity", *extra,
+                     "--out", str(tmp_path / "-".join(("out", *extra)))])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    return run
+
+
 def test_reconstruct_command_with_label_smoothing(tmp_path, capsys, fashion):
     import torch.nn.functional as F
 
@@ -115,16 +133,7 @@ def test_reconstruct_command_with_label_smoothing(tmp_path, capsys, fashion):
     x, y = fashion.batch(4, seed=0)
     loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
     grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
-    fedleak.save_mlp(model, tmp_path / "model.safetensors")
-    fedleak.save_update(fedleak.GradientUpdate(grads, num_examples=4), tmp_path / "update.safetensors")
-
-    def run(*extra: str) -> tuple[int, str]:
-        code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
-                     str(tmp_path / "update.safetensors"), "--attack", "exclusivity", *extra,
-                     "--out", str(tmp_path / "-".join(("out", *extra)))])
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
+    run = _exact_reconstruct(tmp_path, capsys, model, fedleak.GradientUpdate(grads, num_examples=4))
     for extra, code, said in [
         ((), 0, "4 certified"),  # read off the update
         (("--label-smoothing", "0.1"), 0, "4 certified"),
@@ -144,16 +153,7 @@ def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
     x, y = fashion.batch(4, seed=0)
     weights = ",".join(str(w) for w in range(1, 11))
     update = fedleak.compute_gradient_update(model, x, y, class_weights=tuple(range(1, 11)))
-    fedleak.save_mlp(model, tmp_path / "model.safetensors")
-    fedleak.save_update(update, tmp_path / "update.safetensors")
-
-    def run(*extra: str) -> tuple[int, str]:
-        code = main(["reconstruct", "--model", str(tmp_path / "model.safetensors"), "--update",
-                     str(tmp_path / "update.safetensors"), "--attack", "exclusivity", *extra,
-                     "--out", str(tmp_path / "-".join(("out", *extra)))])
-        out = capsys.readouterr()
-        return code, out.out + out.err
-
+    run = _exact_reconstruct(tmp_path, capsys, model, update)
     for extra, code, said in [
         (("--class-weights", weights), 0, "4 certified"),
         (("--class-weights", "1,2"), 2, "has 2 entries, but the model has 10"),

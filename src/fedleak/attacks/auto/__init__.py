@@ -90,6 +90,8 @@ def auto_attack(
         update.parameters_of(model)
     else:
         check_matches_model(model, update.gradients)
+    for k in [k for k in LOSS_OPTIONS if k in options and options[k] is None]:
+        del options[k]  # not given: the exact route's default (label smoothing read off the update), the search's 0
     loss = {k: options[k] for k in LOSS_OPTIONS if k in options}  # the client's loss: both routes take it
     exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **loss,
                                         **(exclusivity_options or {})})
