@@ -2,13 +2,14 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fedleak
 from fedleak import metrics
-from fedleak.attacks.exact.class_weights import class_scale_note
+from fedleak.attacks.exact.class_weights import admissible_factors, class_scale_note
 
 WEIGHTS = tuple(float(w) for w in torch.linspace(0.5, 3.0, 10))
 
@@ -141,3 +142,25 @@ def test_auto_gives_the_class_weights_to_both_routes(fashion):
     assert rec.num_certified == exact.num_certified and "ig" in rec.routes
     assert any("the client's label smoothing or class weights may shift it" in n for n in rec.notes)  # IG has them
     assert not metrics.match(rec, x, y).false_certificate.any()
+
+
+def test_admissible_factors_are_the_sums_of_the_batchs_weights():
+    got = admissible_factors((0.5, 2.0), 3)  # W = 0.5 n + 2 (3 - n), n = 0..3
+    assert got.tolist() == pytest.approx(sorted(1 / np.array([6.0, 4.5, 3.0, 1.5])))
+    assert admissible_factors(WEIGHTS, 3) is not None and admissible_factors(WEIGHTS, 16) is None  # too many
+
+
+def test_a_lone_two_class_sample_fixes_the_factor_as_an_unweighted_one_does(lfw):
+    """Two classes: the batch's ``1 / W`` is one of ``M + 1`` values, so one sample at one of them fixes it (a
+    fitted factor would need two samples agreeing, or the whole batch)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(625, 2048), torch.nn.ReLU(),
+                                torch.nn.Linear(2048, 2))
+    x, y = lfw.batch(16, seed=5)
+    x = (x - x.mean()) / x.std()
+    weights = (0.5, 3.0)
+    plain = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y, class_weights=weights),
+                              class_weights=weights)
+    assert rec.num_certified == plain.num_certified >= 1
+    assert not metrics.match(rec, x, y, data_range=(float(x.min()), float(x.max()))).false_certificate.any()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from fedleak.attacks.exact.class_weights import admissible_factors
 from fedleak.attacks.exact.joint import (
     IndependenceTest,
     WitnessConflicts,
@@ -89,11 +90,13 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
     mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = clip_k / s_k`` (``clip_k``:
     sample ``k``'s own factor, its clipping times its label's class weight) that at
     least two strong samples agree on (``inferred``), or ``M = 1`` for a lone sample whose scale is 1 (the
-    joint test then asks it to explain the whole gradient). With an unknown factor (a weight delta) the batch
-    size must be reported; the factor is the one the most strong samples share (at least two, or the set
-    certified must be the whole batch)."""
+    joint test then asks it to explain the whole gradient). With an unknown factor (a weight delta, or a
+    class-weighted mean loss, ``1 / W``) the batch size must be reported; the factor is, for a class-weighted
+    gradient whose label histograms allow few values of ``W``, the allowed value the most strong samples sit at
+    (:func:`~fedleak.attacks.exact.class_weights.admissible_factors`), else the one the most strong samples share
+    (at least two, or the set certified must be the whole batch)."""
     scales = np.array([fits[k].scale / clip[k] for k in strong], dtype=float)
-    if opts.known_scale:
+    if opts.known_scale and not opts.weighted_mean:
         if reported is not None:
             return BatchScale(reported, opts.common_scale(reported))
         if not opts.reduction.reveals_batch_size:
@@ -118,6 +121,15 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
                           "client reported: num_examples)")
     if len(strong) == 0:
         return BatchScale(reported, None, "no rebuilt sample has the witnesses a certificate needs")
+    allowed = admissible_factors(opts.class_weights, reported) if opts.known_scale and opts.weighted_mean else None
+    if allowed is not None:  # 1 / W is one of few values (two classes: M + 1), as 1/M is for an unweighted loss
+        near = allowed[np.abs(scales[:, None] / allowed[None, :] - 1).argmin(1)]
+        at = np.abs(scales / near - 1) <= np.array([fits[k].scale_tol for k in strong])
+        if not at.any():
+            return BatchScale(reported, None, f"no rebuilt sample's scale is its label's weight over a sum of "
+                              f"{reported} class weights (1 / W for one of the batch's label histograms)")
+        values, support = np.unique(near[at], return_counts=True)
+        return BatchScale(reported, float(values[support.argmax()]))
     best = max(agreeing_groups(scales, opts.scale_tol),
                key=lambda grp: (len(grp), sum(sum(fits[strong[k]].counts) for k in grp)))
     return BatchScale(reported, float(np.median(scales[best])), whole_batch_only=len(best) < 2 and reported > 1,

@@ -7,13 +7,35 @@ scale and are taken for blends of samples. The attack is told the weights (optio
 not read them off the update, since a scale per label would weaken the check that tells a sample from a blend.
 What it does is say so: where samples are left uncertified and the strongly witnessed samples' scales agree within
 a label and differ across labels, a note gives the scales per label and asks for ``class_weights``.
+
+Told the weights and the batch size ``M``, the common factor ``1 / W`` is one of the values the batch's label
+histograms allow (:func:`admissible_factors`); where they are few (two classes: ``M + 1``) a sample at one of them
+fixes it, as ``1/M`` does for an unweighted loss; where they are many, the certificate fits it from the samples.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 
 DIFFER = 0.01  # two labels' scales this far apart (relative) differ
+MAX_SUMS = 1000  # label histograms enumerated at most, for the common factors a weighted batch can have
+
+
+def admissible_factors(class_weights: tuple[float, ...], batch_size: int) -> np.ndarray | None:
+    """Every common factor ``1 / W`` a class-weighted mean loss over ``batch_size`` samples can have: ``W`` is
+    ``sum_c n_c w_c`` over the label histograms ``n`` of the batch (sorted, distinct); None where there are
+    more than ``MAX_SUMS`` histograms (ten classes beyond a batch of 2), too many for the set to pin the factor
+    down. With two classes, ``M + 1`` values: like ``1/M`` for an unweighted loss, one of them is the batch's."""
+    k = len(class_weights)
+    if math.comb(batch_size + k - 1, k - 1) > MAX_SUMS:
+        return None
+    w = np.asarray(class_weights, dtype=float)
+    sums = [float(np.dot(w, np.bincount(labels, minlength=k)))
+            for labels in itertools.combinations_with_replacement(range(k), batch_size)]
+    return np.unique(1.0 / np.asarray(sums))
 
 
 def class_scale_note(records, opts) -> str:

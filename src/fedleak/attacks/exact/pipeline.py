@@ -69,8 +69,6 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
     # attack returns is copied out of inference mode, so that it can take part in autograd
-    if opts.weighted_mean and opts.known_scale:  # its common scale 1 / (sum of the batch's weights) is fitted
-        opts = replace(opts, known_scale=False)
     with pinned_threads(opts.threads), torch.inference_mode(not net.blocks):
         rec, off_scale, smoothing = run_pinned(model, net, update, opts, noise, name)
         if smoothing is not None:  # the output layer's columns tell a label-smoothed cross-entropy: read with it
@@ -370,7 +368,7 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
                 out[j] += float(term(p, o).sum())
         return out
 
-    factor = opts.common_scale(batch_size) if opts.known_scale else (
+    factor = opts.common_scale(batch_size) if opts.known_scale and not opts.weighted_mean else (
         sum(totals(k, lambda p, o: p * o)[0] for k in grads) / sum(totals(k, lambda p, o: p * p)[0] for k in grads))
     worst = max(float(np.sqrt(res)) / max(float(np.sqrt(obs)), 1e-300) for res, obs in (
         totals(k, lambda p, o: (factor * p - o) ** 2, lambda p, o: o * o) for k in grads))
