@@ -15,6 +15,7 @@ fixes it, as ``1/M`` does for an unweighted loss; where they are many, the certi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -24,6 +25,7 @@ DIFFER = 0.01  # two labels' scales this far apart (relative) differ
 MAX_SUMS = 1000  # label histograms enumerated at most, for the common factors a weighted batch can have
 
 
+@functools.lru_cache(maxsize=16)
 def admissible_factors(class_weights: tuple[float, ...], batch_size: int) -> np.ndarray | None:
     """Every common factor ``1 / W`` a class-weighted mean loss over ``batch_size`` samples can have: ``W`` is
     ``sum_c n_c w_c`` over the label histograms ``n`` of the batch (sorted, distinct); None where there are
@@ -35,7 +37,9 @@ def admissible_factors(class_weights: tuple[float, ...], batch_size: int) -> np.
     w = np.asarray(class_weights, dtype=float)
     sums = [float(np.dot(w, np.bincount(labels, minlength=k)))
             for labels in itertools.combinations_with_replacement(range(k), batch_size)]
-    return np.unique(1.0 / np.asarray(sums))
+    values = np.unique(1.0 / np.asarray(sums))
+    values.flags.writeable = False  # cached: shared by every call with these weights and batch size
+    return values
 
 
 def class_scale_note(records, opts) -> str:

@@ -68,7 +68,8 @@ class ExclusivityOptions:
     ``class_weights``: the client's cross-entropy's class weights (``F.cross_entropy(..., weight=w)``, one per
     class; not with a label smoothing above 0): each sample's scale is its label's weight times the batch's
     common one, ``1 / (the sum of the batch's weights)`` for a mean loss, which the batch size does not give: the
-    certificate fits it, and the batch size comes from ``num_examples``.
+    certificate takes it from the few values the label histograms allow (two classes), or fits it; the batch size
+    comes from ``num_examples``.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
@@ -196,8 +197,8 @@ class ExclusivityOptions:
     @property
     def weighted_mean(self) -> bool:
         """A mean loss with class weights: its common scale is ``1 / sum of the batch's weights``, which the
-        batch size does not give (:func:`~fedleak.attacks.exact.pipeline.run_exclusivity` fits it, as for an
-        unknown factor)."""
+        batch size does not give (:func:`~fedleak.attacks.exact.certificate.batch_scale` takes it from the values
+        the batch's label histograms allow, or fits it as an unknown factor)."""
         return self.class_weights is not None and self.loss_reduction == "mean"
 
     def common_scale(self, batch_size: int) -> float:
