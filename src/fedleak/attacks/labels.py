@@ -12,7 +12,9 @@ network's predictions are roughly the same for every class it does not see (true
 lightly trained network), the mean of the positive entries ``u`` estimates ``s * sum_i p_ic`` and
 ``n_c`` is proportional to ``u - d_c``. The counts are normalised to ``M`` (largest remainders), and
 every class with a negative entry gets at least one sample. Nothing here depends on ``s``, so the same
-rule serves gradients and weight deltas of unknown learning rate.
+rule serves gradients and weight deltas of unknown learning rate. Under class weights ``w``
+(``F.cross_entropy(..., weight=w)``) every sample's term is weighed by its label's weight, so ``u - d_c`` is
+proportional to ``w_c n_c`` and the rule divides it by ``w_c``.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ def class_signal(model: nn.Module, update: Mapping[str, torch.Tensor]) -> torch.
     return update[w_name].detach().to(torch.float64).sum(1)
 
 
-def infer_label_counts(signal: torch.Tensor, batch_size: int, known: torch.Tensor | None = None) -> np.ndarray:
+def infer_label_counts(signal: torch.Tensor, batch_size: int, known: torch.Tensor | None = None,
+                       class_weights: tuple[float, ...] | None = None) -> np.ndarray:
     """Label histogram (K,) of a batch of ``batch_size`` from the per-class signal (see module doc).
 
     ``known``: labels already established (e.g. certified by the exclusivity attack); their counts are
-    lower bounds.
+    lower bounds. ``class_weights``: the client's cross-entropy's, which weigh every class's signal.
     """
     if batch_size < 1:
         raise FedleakError(f"batch_size must be at least 1, got {batch_size}")
@@ -64,6 +67,8 @@ def infer_label_counts(signal: torch.Tensor, batch_size: int, known: torch.Tenso
     pos = d[d > 0]
     u = float(pos.mean()) if pos.size else 0.0
     weight = np.clip(u - d, 0.0, None)
+    if class_weights is not None:
+        weight = weight / np.asarray(class_weights, dtype=np.float64)[:K]
     floor_counts = np.zeros(K, dtype=np.int64)
     if known is not None and len(known):
         floor_counts = np.maximum(floor_counts, np.bincount(known.numpy().astype(np.int64), minlength=K)[:K])
@@ -85,11 +90,13 @@ def infer_label_counts(signal: torch.Tensor, batch_size: int, known: torch.Tenso
 
 
 def infer_labels(
-    model: nn.Module, update: Mapping[str, torch.Tensor], batch_size: int, known: torch.Tensor | None = None
+    model: nn.Module, update: Mapping[str, torch.Tensor], batch_size: int, known: torch.Tensor | None = None,
+    class_weights: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """Labels (sorted by class) of a batch: iDLG's rule for one sample, the count rule for a batch."""
+    """Labels (sorted by class) of a batch: iDLG's rule for one sample, the count rule for a batch (with the
+    client's ``class_weights``)."""
     signal = class_signal(model, update)
     if batch_size == 1 and (known is None or len(known) == 0):
         return torch.tensor([int(torch.argmin(signal))], dtype=torch.long)
-    counts = infer_label_counts(signal, batch_size, known)
+    counts = infer_label_counts(signal, batch_size, known, class_weights)
     return torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts)).long()

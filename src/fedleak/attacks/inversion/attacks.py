@@ -113,10 +113,11 @@ def run_optimization_attack(
                 and int(prior.label_counts.sum()) == m:
             given = torch.repeat_interleave(torch.arange(len(prior.label_counts)),
                                             torch.as_tensor(prior.label_counts, dtype=torch.long))
-        y, counts = resolve_labels(model, target, m, given, notes, known=fixed_labels)
-        if labels is None and given is None and (settings.label_smoothing or settings.class_weights is not None):
+        y, counts = resolve_labels(model, target, m, given, notes, known=fixed_labels,
+                                   class_weights=settings.class_weights)
+        if labels is None and given is None and settings.label_smoothing:
             notes.append("the label rule reads the update as a plain cross-entropy's; the client's label smoothing "
-                         "or class weights may shift it (pass labels where they are known)")
+                         "may shift it (pass labels where they are known)")
         if given is not None and labels is None:
             notes[-1] = f"labels from the label counts known beforehand (the prior): {y.tolist()}"
         if fixed_labels is not None and len(fixed_labels):

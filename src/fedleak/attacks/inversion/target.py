@@ -117,9 +117,10 @@ def batch_size_of(model: nn.Module, target: Target, requested: int | None, notes
 
 def resolve_labels(
     model: nn.Module, target: Target, batch_size: int, labels: Any, notes: list[str],
-    known: torch.Tensor | None = None,
+    known: torch.Tensor | None = None, class_weights: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Labels to use for the whole batch (given, or inferred from the output layer) and their counts."""
+    """Labels to use for the whole batch (given, or inferred from the output layer, with the client's
+    ``class_weights``) and their counts."""
     K = None
     if labels is not None and not isinstance(labels, str):
         y = torch.as_tensor(labels).long().flatten()
@@ -129,9 +130,9 @@ def resolve_labels(
         K = int(y.max()) + 1
         return y, np.bincount(y.numpy(), minlength=K)
     signal = class_signal(model, target.mapping)
-    y = infer_labels(model, target.mapping, batch_size, known)
-    counts = infer_label_counts(signal, batch_size, known) if batch_size > 1 or known is not None else \
-        np.bincount(y.numpy(), minlength=signal.numel())
+    y = infer_labels(model, target.mapping, batch_size, known, class_weights)
+    counts = (infer_label_counts(signal, batch_size, known, class_weights) if batch_size > 1 or known is not None
+              else np.bincount(y.numpy(), minlength=signal.numel()))
     rule = "iDLG's rule (the single negative output-bias entry)" if batch_size == 1 else \
         "output-layer sign/count rule"
     notes.append(f"labels inferred from the update by {rule}: {y.tolist()}")
