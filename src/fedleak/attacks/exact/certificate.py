@@ -85,9 +85,9 @@ def agreeing_groups(values: np.ndarray, tol: float) -> list[np.ndarray]:
     return groups
 
 
-def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, reported: int | None, opts) -> BatchScale:
+def batch_scale(fits: list[WitnessFit], strong: list[int], own: np.ndarray, reported: int | None, opts) -> BatchScale:
     """The batch's scale. With a known scale (``known_scale``) a reported batch size fixes it (``1/M`` for a
-    mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = clip_k / s_k`` (``clip_k``:
+    mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = own_k / s_k`` (``own_k``:
     sample ``k``'s own factor, its clipping times its label's class weight) that at
     least two strong samples agree on (``inferred``), or ``M = 1`` for a lone sample whose scale is 1 (the
     joint test then asks it to explain the whole gradient). With an unknown factor (a weight delta, or a
@@ -95,7 +95,7 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], clip: np.ndarray, rep
     gradient whose label histograms allow few values of ``W``, the allowed value the most strong samples sit at
     (:func:`~fedleak.attacks.exact.class_weights.admissible_factors`), else the one the most strong samples share
     (at least two, or the set certified must be the whole batch)."""
-    scales = np.array([fits[k].scale / clip[k] for k in strong], dtype=float)
+    scales = np.array([fits[k].scale / own[k] for k in strong], dtype=float)
     if opts.known_scale and not opts.weighted_mean:
         if reported is not None:
             return BatchScale(reported, opts.common_scale(reported))
@@ -215,7 +215,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         clip = (opts.clip_norm / per_sample_norms(t64, has_bias)).clamp(max=1.0).cpu().numpy()
     else:
         clip = np.ones(len(complete))
-    clip = clip * opts.class_factors(y)  # each sample's own factor: its clipping and its label's class weight
+    own = clip * opts.class_factors(y)  # each sample's own factor: its clipping and its label's class weight
     n_layers = net.depth
     rounding = f"the update's {str(attack.obs_dtype).removeprefix('torch.')} rounding"
 
@@ -254,7 +254,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     vague = functools.cache(lambda k: imprecise(fits[k], complete[k]))
     short = [witnessed(f, c) or vague(k) for k, (f, c) in enumerate(zip(fits, complete))]
     strong = [k for k, why in enumerate(short) if why is None]
-    bs = batch_scale(fits, strong, clip, reported, opts)
+    bs = batch_scale(fits, strong, own, reported, opts)
     reasons: list[str | None] = list(short)
     certified: set[int] = set()
     batch_ok = False
@@ -263,7 +263,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         for k in strong:
             reasons[k] = bs.reason
     else:
-        expected = bs.factor * clip
+        expected = bs.factor * own
         off = np.array([abs(f.scale / e - 1) if e > 0 else np.inf for f, e in zip(fits, expected)])
         at_scale = [k for k in strong if off[k] <= fits[k].scale_tol]
         for k in strong:

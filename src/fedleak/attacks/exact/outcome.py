@@ -51,17 +51,16 @@ class Found:
 
 
 def within_batch(records: list[SampleRecovery], batch_size: int | None, factor: float | None,
-                 class_weights: tuple[float, ...] | None = None) -> list[int]:
+                 own: np.ndarray) -> list[int]:
     """Indices (in order) of the records to return: all of them, or, when there are more than the batch holds,
-    the certified ones and the most plausible others (rebuilt, at the batch's common scale times their label's
-    class weight, most witnesses)."""
+    the certified ones and the most plausible others (rebuilt, at the batch's common scale times their ``own``
+    factor, their label's class weight, most witnesses)."""
     if batch_size is None or len(records) <= batch_size:
         return list(range(len(records)))
 
     def doubt(k: int) -> tuple:
         r = records[k]
-        own = factor * (class_weights[r.label] if class_weights is not None else 1.0) if factor else None
-        off = abs(r.scale / own - 1) if own and np.isfinite(r.scale) else float("inf")
+        off = abs(r.scale / (factor * own[k]) - 1) if factor and np.isfinite(r.scale) else float("inf")
         return (not r.certified, not r.rebuilt, off, -sum(r.witnesses))
 
     return sorted(sorted(range(len(records)), key=doubt)[:batch_size])

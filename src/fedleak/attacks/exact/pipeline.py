@@ -159,8 +159,10 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     rebuilt = [walk is None or walk.solved[k] or opts.fallback == "features" for k in range(len(complete))]
     records = [replace(r, route=f"{name} ({'certified' if r.certified else 'uncertified'})", rebuilt=ok)
                for r, ok in zip(records, rebuilt)]
-    keep = list(range(len(records))) if opts.beyond_batch else within_batch(records, cert.batch_size, cert.factor,
-                                                                               opts.class_weights)
+    keep = list(range(len(records)))
+    if not opts.beyond_batch:  # each record's own factor: its label's class weight
+        own = opts.class_factors(torch.tensor([r.label for r in records], dtype=torch.long))
+        keep = within_batch(records, cert.batch_size, cert.factor, own)
     if len(keep) < len(records):
         notes.append(f"{len(records) - len(keep)} uncertified candidate(s) beyond the batch of {cert.batch_size} were "
                      "dropped (the least plausible: blends of samples, fewest witnesses)")
