@@ -310,17 +310,23 @@ def test_mlp_class_with_dropout_without_input_shape(fashion):
 def test_client_in_training_mode_with_dropout_certifies_nothing_and_says_why(fashion):
     """A client that computes its gradient in training mode drops random hidden units of every sample: the
     server's eval-mode model no longer explains the update. Nothing is certified, nothing falsely, and the
-    reason names the model's Dropout and training mode (where the same batch in eval mode certifies all 4)."""
+    reason names the model's Dropout and training mode (where the same batch in eval mode certifies all 4); read
+    in training mode (the default where eval mode certifies nothing) the 4 inputs are rebuilt exactly,
+    uncertified."""
     torch.manual_seed(1)
     model = DropoutMLP(784, 1024, 10, p=0.5)
     x, y = fashion.batch(4, seed=7)
     torch.manual_seed(3)
     update = fedleak.compute_gradient_update(model.train(), x, y)
-    rec = fedleak.reconstruct(model.eval(), update, attack="exclusivity")
+    rec = fedleak.reconstruct(model.eval(), update, attack="exclusivity", train_dropout=False)
     assert rec.num_certified == 0 and not metrics.match(rec, x, y).false_certificate.any()
     why = rec.why_uncertified()
     assert "Dropout 'dropout' (p = 0.5)" in why and "training mode" in why
     assert any("Dropout is read in eval mode" in n for n in rec.notes)
+    read = fedleak.reconstruct(model, update, attack="exclusivity")
+    scores = metrics.match(read, x, y)
+    assert read.num_certified == 0 and len(read) == 4 and scores.exact.all() and scores.label_correct.all()
+    assert all("Dropout 'dropout' (p = 0.5) in training mode" in s.reason for s in read.samples)
     ok = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="exclusivity")
     assert ok.num_certified == 4 and all("Dropout" not in s.reason for s in ok.samples)
 

@@ -84,9 +84,9 @@ def test_weight_delta_blends_are_settled_and_the_certificate_is_unchanged(monkey
     """A one-step FedAvg update: the common scale (lr/M) is unknown, so only candidates far from every
     scale a candidate with two witnesses has are settled."""
     model, x, y = user_batch(lfw, 16, 1024, 3)
-    update = fedleak.fedavg_update(model, x, y, lr=0.01, local_steps=1)
-    rec = fedleak.reconstruct(model, update)
-    full = without_settling(monkeypatch, lambda: fedleak.reconstruct(model, update))
+    update = fedleak.fedavg_update(model, x, y, lr=0.01, local_steps=1)  # trained with the Dropout active: the
+    rec = fedleak.reconstruct(model, update, train_dropout=False)  # eval-mode reading is the one settled here
+    full = without_settling(monkeypatch, lambda: fedleak.reconstruct(model, update, train_dropout=False))
     same_results(rec, full)
     assert settled_records(rec)
     assert fedleak.metrics.match(rec, x, y).false_certificates == 0

@@ -166,6 +166,22 @@ def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
     assert told["options"]["class_weights"] == list(range(1, 11))  # what the attack was told is recorded
 
 
+def test_reconstruct_command_with_train_dropout(tmp_path, capsys, fashion):
+    """``--train-dropout`` reads the update as a training-mode client's (uncertified), ``--eval-dropout`` in eval
+    mode only; what the attack was told is recorded."""
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=0)
+    run = _exact_reconstruct(tmp_path, capsys, model, fedleak.compute_gradient_update(model, x, y))
+    for extra, said in [(("--train-dropout",), "4 sample(s) rebuilt, 0 certified"), (("--eval-dropout",), "4 certified")]:
+        got = run(*extra)
+        assert got[0] == 0 and said in got[1] and "Traceback" not in got[1], (extra, got)
+    told = json.loads((tmp_path / "out---train-dropout" / "results.json").read_text())
+    assert told["settings"]["options"]["train_dropout"] is True
+    assert all("train-mode dropout" in s["route"] for s in told["samples"])
+
+
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
     import fedleak
 

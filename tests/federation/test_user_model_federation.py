@@ -95,6 +95,8 @@ def test_a_federation_of_the_users_model(tmp_path, ray_cluster, net_file):
     recs = trained["records"]
     assert all(r["status"] == "ok" and r["recovered_fraction"] == 0 and r["false_certificates"] == 0 for r in recs)
     assert all("Dropout 'drop'" in r["reason"] for r in recs)  # the reason names what the clients did
+    # read as a training-mode client's, the exclusive rows still give the inputs: rebuilt exactly, uncertified
+    assert all(r["rebuilt"] > 0 and r["psnr_vs_original"] >= 80 for r in recs)
 
 
 def test_a_model_that_does_not_fit_fails_before_anything_starts(tmp_path, net_file, capsys):

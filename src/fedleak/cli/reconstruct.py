@@ -51,6 +51,12 @@ def reconstruct_command(
                                                  "F.cross_entropy(..., weight=w), one per class, comma-separated "
                                                  "(e.g. 1,4.5); the exact route then needs the number of "
                                                  "examples the update reports."),
+    train_dropout: bool = typer.Option(None, "--train-dropout/--eval-dropout",
+                                       help="Whether the client ran the model's Dropout in training mode "
+                                            "(model.train()), for the exact route: --train-dropout rebuilds what "
+                                            "the exclusive rows give, without a certificate; --eval-dropout reads "
+                                            "the update in eval mode only (default: eval mode, and where that "
+                                            "certifies nothing, the training-mode reading too)."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -73,7 +79,7 @@ def reconstruct_command(
     weighted = float_list(class_weights, "--class-weights") if class_weights is not None else None
     # the client's loss: every route that simulates or recomputes its gradient takes it
     loss = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted)) if v is not None}
-    exact = {"loss_reduction": loss_reduction} if loss_reduction is not None else {}
+    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("train_dropout", train_dropout)) if v is not None}
     if attack == "auto":
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **loss)
     else:

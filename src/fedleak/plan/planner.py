@@ -201,6 +201,11 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     if net.mode_dependent:  # counted as an eval-mode client computes
         said += ("; this holds for clients that compute their updates in eval mode: from clients that train with "
                  "the model's Dropout or BatchNorm active, the exact route certifies nothing")
+        if net.dropout and not net.blocks:  # (:mod:`fedleak.attacks.exact.dropout`)
+            said += " (from an MLP's Dropout it rebuilds what the exclusive rows give, uncertified)"
+    if net.input_dropout:  # (:mod:`fedleak.attacks.masked_input`)
+        said += ("; with Dropout on the input, the attacks certify only when told that the client computes in eval "
+                 "mode (train_dropout=False)")
     return Plan(
         model=label, input_shape=tuple(net.input_shape), parameters=parameters,
         verdict=said,

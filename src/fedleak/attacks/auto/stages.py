@@ -10,6 +10,7 @@ from torch import nn
 from fedleak.attacks.auto.assemble import certified_indices, exact_part, merge, prior_from
 from fedleak.attacks.auto.route import RoutePlan
 from fedleak.attacks.exact import exclusivity_attack, exclusivity_on_weights
+from fedleak.attacks.exact.dropout import read_in_training_mode
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.inversion import RunClock
 from fedleak.attacks.registry import get_attack
@@ -88,6 +89,11 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
             return exact_part(exact, m, notes, certified_only=True)
         if clock.spent():
             why = f"the time budget of {budget:g} s was spent by the exact route"
+            notes.append(f"auto: {why}")
+            return exact_part(exact, m, notes, why)
+        if read_in_training_mode(exact):  # the search's simulated client would run the model in eval mode
+            why = ("the exact route read the update as a client's that ran the model's Dropout in training mode, "
+                   f"which {name}'s simulated client does not model (it would move the inputs rebuilt exactly)")
             notes.append(f"auto: {why}")
             return exact_part(exact, m, notes, why)
     prior = prior_from(exact, plan.exact_skipped)

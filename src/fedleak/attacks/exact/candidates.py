@@ -198,6 +198,9 @@ def top_candidates(attack) -> list[Candidate]:
     idx = torch.nonzero(usable).flatten()
     if len(idx) == 0:
         return []
+    if g[t] is None and opts.train_dropout:  # the scale of a row's implied input comes from the eval-mode forward
+        attack.notes.append("train_dropout reads a last ReLU layer with a bias only: nothing was rebuilt")
+        return []
     if g[t] is not None:
         R = ImpliedInputs(G[t], idx, g[t][idx])
         order = torch.argsort(-g[t][idx].abs())
@@ -249,6 +252,8 @@ def top_candidates(attack) -> list[Candidate]:
     lo = torch.full((n_groups,), 10**9, dtype=torch.long, device=dev).scatter_reduce_(0, gid, label_of, "amin")
     hi = torch.full((n_groups,), -1, dtype=torch.long, device=dev).scatter_reduce_(0, gid, label_of, "amax")
     keep = lo == hi
+    if opts.train_dropout:  # a lone row passes the training-mode check whatever it holds (:func:`check_top_groups`)
+        keep &= sizes >= 2
     if g[t] is None:
         sel = torch.nonzero(keep).flatten()
         unit = col[:, idx] / col_norm[idx]
@@ -314,7 +319,13 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     # the pre-activations (a float64 row of the layer's width each) are kept for the certificate's forward pass
     # where a certificate can be had on the sample's own witnesses, and for ``weak`` others (:func:`weak_firsts`)
     strong = attack.opts.min_last
+    # read with train_dropout, a group's loss vector is its own columns' (:mod:`fedleak.attacks.exact.dropout`):
+    # a lone row passes that check whatever it holds, so a group needs two
+    fewest = 2 if attack.opts.train_dropout else 1
     for k, size in zip(held.tolist(), sizes.tolist()):
+        if size < fewest:
+            end += size
+            continue
         keep = t == 0 and (size >= strong or weak > 0)
         if keep and size < strong:
             weak -= 1

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fedleak.attacks.exact.class_weights import admissible_factors
+from fedleak.attacks.exact.dropout import settle_all
 from fedleak.attacks.exact.joint import (
     IndependenceTest,
     WitnessConflicts,
@@ -159,10 +160,11 @@ class Certificate:
 
 def certify(attack, cands: list, reported: int | None) -> Certificate:
     """Certify the complete candidates: those the top layer's check already rules out are settled first
-    (:func:`fedleak.attacks.exact.settle.settled_by_scale`), the others get the certificate
-    (:func:`certify_open`)."""
+    (:func:`fedleak.attacks.exact.settle.settled_by_scale`; with ``train_dropout`` all of them), the others get the
+    certificate (:func:`certify_open`)."""
     complete = [c for c in cands if c.complete]
-    settled = settled_by_scale(attack, complete, reported)
+    # read as a client in training mode, nothing can be certified (:mod:`fedleak.attacks.exact.dropout`)
+    settled = settle_all(complete) if attack.opts.train_dropout else settled_by_scale(attack, complete, reported)
     if not settled:
         return certify_open(attack, complete, reported)
     open_ = [k for k in range(len(complete)) if k not in settled]

@@ -70,6 +70,14 @@ class ExclusivityOptions:
     common one, ``1 / (the sum of the batch's weights)`` for a mean loss, which the batch size does not give: the
     certificate takes it from the few values the label histograms allow (two classes), or fits it; the batch size
     comes from ``num_examples``.
+    ``train_dropout``: the client ran the model's Dropout in training mode (``model.train()``, as training loops
+    do), dropping random units of every sample. True: each group of rows is checked against the loss vector its
+    own output-layer columns show, not the one the eval-mode forward pass computes (the dropped units are
+    unknown), and the inputs are rebuilt **without a certificate** (:mod:`fedleak.attacks.exact.dropout`; MLPs
+    only). None (the default): read in eval mode, and where that certifies nothing and the model has Dropout and
+    more than two classes, also read so, keeping what rebuilds more samples, with a note. False: in eval mode only,
+    and the client is known to run the model in eval mode: a Dropout on the model's input, which otherwise withholds
+    every certificate (:mod:`fedleak.attacks.masked_input`), is then the identity.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.
@@ -129,6 +137,7 @@ class ExclusivityOptions:
     loss_reduction: str = "mean"
     label_smoothing: float | None = None
     class_weights: tuple[float, ...] | None = None
+    train_dropout: bool | None = None
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
     clip_norm: float | None = None

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fedleak.attacks.defense_aware import exact_plan
+from fedleak.attacks.exact import dropout
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
@@ -42,6 +43,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
+from fedleak.attacks.masked_input import withheld
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.network import check_head_trainable
@@ -64,7 +66,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
     ``noise``: the update's own rounding noise per entry, where it is known. Where nothing is certified and
     ``label_smoothing`` was not given, the label smoothing the update shows
-    (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`) is tried once."""
+    (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`) is tried once; for a model with Dropout, the
+    reading of a client that ran it in training mode (:mod:`~fedleak.attacks.exact.dropout`)."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
@@ -91,6 +94,10 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             samples = tuple(replace(r, reason=f"{r.reason}; or a class-weighted loss (pass class_weights)")
                             if strongly_witnessed(r, opts) else r for r in rec.samples)
             rec = replace(rec, samples=samples, notes=(*rec.notes, weighted))
+        if dropout.worth_rereading(net, opts, rec):  # the client may have run the model's Dropout in training mode
+            again, _, _ = run_pinned(model, net, update, replace(opts, train_dropout=True), noise, name)
+            if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
+                rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
     return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
 
 
@@ -103,7 +110,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     None and nothing was certified as the gradient of a plain cross-entropy, the label smoothing read off the update
     (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`; None where none is)."""
     start = time.perf_counter()
-    readable = opts.label_smoothing is None and opts.class_weights is None
+    readable = opts.label_smoothing is None and opts.class_weights is None and not opts.train_dropout
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
     opts, noise = plan.apply(opts), plan.rescale(noise)  # a defense's factors scale the noise as it is read
     if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
@@ -114,6 +121,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     if opts.class_weights is not None and len(opts.class_weights) != head.num_classes:
         raise FedleakError(f"class_weights has {len(opts.class_weights)} entries, but the model has "
                            f"{head.num_classes} output(s): give one weight per class of a cross-entropy")
+    if opts.train_dropout and net.blocks:
+        raise FedleakError("train_dropout is supported for MLPs only: a CNN's conv inversion and whole-batch "
+                           "certificate recompute the samples' gradients, which the unknown dropped units change")
     if opts.clip_norm is not None and net.blocks:
         raise FedleakError("clip_norm is supported for MLPs only: a CNN sample's gradient norm includes its conv "
                            "layers, which the head's certificate does not recompute")
@@ -129,7 +139,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         noise = None
     attack = HeadAttack(head, grads, opts, obs_dtype, noise)
     notes = attack.notes
-    notes.extend(net.notes)  # what was assumed to read the model (an inferred input shape)
+    notes.extend(dropout.readings(net, opts))  # what was assumed to read the model (an inferred input shape)
 
     # 1-2. the head, on the features
     cands = unique_candidates(attack.top_candidates(), head.depth - 1, attack.tol(opts.group_tol))
@@ -157,8 +167,15 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         records = conv_records(net, complete, walk, cert.recoveries, opts)
         batch_ok = whole_batch(model, net, complete, walk, records, grads, cert.batch_size, opts, notes)
     rebuilt = [walk is None or walk.solved[k] or opts.fallback == "features" for k in range(len(complete))]
-    records = [replace(r, route=f"{name} ({'certified' if r.certified else 'uncertified'})", rebuilt=ok)
-               for r, ok in zip(records, rebuilt)]
+    records = [replace(r, route=dropout.route(name, r.certified, opts), rebuilt=ok) for r, ok in zip(records, rebuilt)]
+    if opts.train_dropout:  # every record was settled uncertified: its reason names the model's Dropout layers
+        records = [replace(r, reason=dropout.reason(net.dropout)) for r in records]
+    masked = withheld(bool(net.input_dropout), net.input_dropout, opts.train_dropout)
+    if masked and any(r.certified for r in records):  # a certificate proves the input the model read: masked?
+        records = [replace(r, certified=False, reason=masked, route=dropout.route(name, False, opts))
+                   if r.certified else r for r in records]
+        batch_ok = False
+        notes.append(f"certificates withheld: {masked}")
     keep = list(range(len(records)))
     if not opts.beyond_batch:  # each record's own factor: its label's class weight
         own = opts.class_factors(torch.tensor([r.label for r in records], dtype=torch.long))
@@ -169,21 +186,21 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         complete, records, inputs = [complete[k] for k in keep], [records[k] for k in keep], inputs[keep]
     logits = cert.logits[keep] if complete else None  # the certificate's forward pass of the features
 
-    off_scale = (opts.known_scale and opts.class_weights is None and reported is not None
+    off_scale = (opts.known_scale and opts.class_weights is None and not opts.train_dropout and reported is not None
                  and off_scale_note(cert.recoveries, reported, opts))
     if off_scale:  # the strongly witnessed samples' scales tell that the update is not what the options say
         notes.append(off_scale)
         records = [replace(r, reason=off_scale) if strongly_witnessed(r, opts) else r for r in records]
     if batch_ok:
         notes.append("the certified samples are the whole batch and reproduce the whole observed gradient")
-    blends = [r for r in records if not r.certified and "blend" in r.reason]
+    blends = [r for r in records if not r.certified and "blend" in r.reason and not opts.train_dropout]
     if blends and not off_scale:  # at a wrong common scale, the samples' scales do not tell blends
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
     missing = found.missing(head, records, cert.batch_size)
     rounded = coarsest([obs_dtype, *(n.values.dtype for n in (noise or {}).values())])  # a reply in float16 too
     half_ulp = torch.finfo(rounded).eps / 2  # a half-precision update's rounding alone exceeds max_noise
-    caveats = net.caveats + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
+    caveats = dropout.caveats(net, opts) + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
                               f"({half_ulp:.1e} relative) alone exceeds max_noise={opts.max_noise:g}: an update in "
                               "this dtype is not certified",) if half_ulp > opts.max_noise else ())
     if readable and head.num_classes < 4:  # (:mod:`fedleak.attacks.exact.smoothing`)
@@ -199,7 +216,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
     counts = None
-    if opts.known_scale and opts.class_weights is None:  # (with class weights the bias gradient weighs each label)
+    # with class weights the bias gradient weighs each label; with dropout in training mode the logits are unknown
+    if opts.known_scale and opts.class_weights is None and not opts.train_dropout:
         probs = torch.empty(0, head.num_classes, dtype=F64)
         if complete:
             probs = torch.softmax(logits, 1).cpu()

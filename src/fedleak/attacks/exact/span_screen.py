@@ -20,7 +20,8 @@ others are screened (``CHUNK`` at a time, as the exact pass forwards them) only 
 of its groups to pay for screening them, a share that falls with the layer's input size (``SCREEN_COST``):
 where most groups pass (two classes, whose loss vectors all lie on one line, pass most blends of samples) the
 rest go to the exact pass unscreened. Under label smoothing it does not run: its bound holds for the softmax's
-entries ``p_c``, not for the loss vector's ``p_c - s/K``, which can cancel.
+entries ``p_c``, not for the loss vector's ``p_c - s/K``, which can cancel; nor with ``train_dropout``, whose
+loss vectors are read off the columns.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     keep = torch.ones(n, dtype=torch.bool, device=reps.device)
     # the basis may be as wide as still saves MIN_SAVING, and its sketch costs at most an eighth of the passes
     max_rank = min((n - -(-int(MIN_SAVING) // (W.shape[0] * W.shape[1]))) // 2, W.shape[0] // 8)
-    if n < 4 or max_rank < 1 or attack.opts.smoothing:  # its bound holds for p_c, not for p_c - s/K
+    # its bound holds for p_c, not for p_c - s/K, nor for loss vectors read off the columns (train_dropout)
+    if n < 4 or max_rank < 1 or attack.opts.smoothing or attack.opts.train_dropout:
         return keep
     coords = span_coordinates(in_pieces(reps, CHUNK), n, reps.shape[1], max_rank)
     if coords is None:

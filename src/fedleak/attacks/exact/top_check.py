@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.attacks.exact.dropout import read_loss_vectors
 from fedleak.nets.forward import loss_vectors
 
 F64 = torch.float64
@@ -40,7 +41,8 @@ class TopRowFit:
     squared norm ``weight`` of what it is fitted to (which weighs the rows of one group in its scale), and the
     relative residual ``res`` (the sine of the angle between the column and ``e``; 1 where the activation is 0).
     The label entry is left out of the fit: float32 computes it as ``p_y - 1``, with cancellation. A row's label
-    is its column's only negative entry; with label smoothing, :func:`smoothed_labels`."""
+    is its column's only negative entry; with label smoothing, :func:`smoothed_labels`. With ``train_dropout``
+    ``e`` is read off the group's columns instead (:func:`~fedleak.attacks.exact.dropout.read_loss_vectors`)."""
 
     rows: torch.Tensor
     owner: torch.Tensor
@@ -74,14 +76,18 @@ def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, logits: t
     columns = attack.G[-1][:, rows].T.to(F64)  # members x K
     K = columns.shape[1]
     smoothing = attack.opts.smoothing
-    if smoothing:
+    masked = attack.opts.train_dropout  # the loss vectors are read off the columns (:mod:`...exact.dropout`)
+    if smoothing and not masked:
         labels = smoothed_labels(columns, torch.softmax(logits, 1)[owner] - smoothing / K)
     else:
         labels = columns.argmin(1)
     votes = torch.zeros(len(members), K, dtype=torch.long, device=dev).index_put_(
         (owner, labels), torch.ones_like(labels), accumulate=True)
     label = votes.argmax(1)
-    e = loss_vectors(logits, label, smoothing)
+    if masked:
+        e = read_loss_vectors(columns, torch.relu(z[owner, rows]), owner, len(members))
+    else:
+        e = loss_vectors(logits, label, smoothing)
     others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
     pred = torch.relu(z[owner, rows])[:, None] * e[owner] * others
     cols = columns * others

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.attacks.masked_input import withheld
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
 from fedleak.nets.network import check_head_trainable
@@ -64,6 +65,8 @@ class MaliciousOptions:
     ``scale``: the common scale if the server knows it (e.g. ``lr / num_examples`` when it dictates the
     learning rate); by default it is the value most candidates agree on, and it counts only when at
     least ``min_support`` candidates agree on it (one candidate always agrees with itself).
+    ``train_dropout``: whether the client ran the model's Dropout in training mode; where a Dropout acts on the
+    input, nothing is certified unless told False (:mod:`fedleak.attacks.masked_input`).
     """
 
     group_tol: float = 1e-3
@@ -76,6 +79,7 @@ class MaliciousOptions:
     known_scale: bool = False
     scale: float | None = None
     min_support: int = 2
+    train_dropout: bool | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -245,6 +249,11 @@ def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, s
            n_examples: int | None, opts: MaliciousOptions, start: float, notes: list[str]) -> Reconstruction:
     """Merge noisy copies of certified samples, keep at most ``num_examples`` candidates, and package."""
     n = len(labels)
+    masked = withheld(bool(net.input_dropout), net.input_dropout, opts.train_dropout)
+    if masked and any(certified):  # the rows prove the input the first layer read, which Dropout may have masked
+        reasons = [masked if ok else why for ok, why in zip(certified, reasons)]
+        certified = [False] * n
+        notes.append(f"certificates withheld: {masked}")
     X_all = c.X.cpu()
     cert = torch.tensor(certified, dtype=torch.bool) if n else torch.zeros(0, dtype=torch.bool)
     lab = torch.tensor(labels, dtype=torch.long) if n else torch.zeros(0, dtype=torch.long)
