@@ -8,7 +8,7 @@ from torch import nn
 import fedleak
 from fedleak import metrics
 
-WITHHELD = "acts on its input"
+WITHHELD = "changes its input in training mode"
 
 
 class InputDropoutMLP(nn.Module):
@@ -89,12 +89,49 @@ def test_trap_weights_on_a_masked_input(fashion):
     assert told.num_certified >= 1 and metrics.match(told, x, y).false_certificates == 0
 
 
-def test_dropout_after_the_first_layer_is_not_on_the_input():
-    net = fedleak.nets.as_network(InputDropoutMLP(784, 64, 10).eval())
-    assert [d.name for d in net.input_dropout] == ["drop"]
+class NoisyInput(nn.Module):
+    """A model that adds noise to its input while it trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(784, 1024), nn.Linear(1024, 10)
+
+    def forward(self, x):
+        x = x.view(x.size(0), -1)
+        if self.training:
+            x = x + 0.05 * torch.randn_like(x)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_input_masking_is_probed_in_training_mode():
+    """The probe names a Dropout on the input, sees what no hook or trace sees (noise added in training mode only),
+    and finds nothing for a Dropout after the first layer; the model stays as it was."""
+    from fedleak.attacks.masked_input import first_module, input_masking
     from tests.user_models import DropoutMLP
 
-    assert fedleak.nets.as_network(DropoutMLP(784, 64, 10).eval()).input_dropout == ()
+    for model, changed, names in [(InputDropoutMLP(784, 64, 10), True, ["drop"]), (NoisyInput(), True, []),
+                                  (DropoutMLP(784, 64, 10), False, [])]:
+        model.eval()
+        net = fedleak.nets.as_network(model)
+        state = torch.random.get_rng_state()
+        masking = input_masking(model, first_module(net), net.input_shape)
+        assert masking.changed == changed and [d.name for d in masking.dropout] == names
+        assert not model.training and torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_noise_added_in_training_mode_certifies_nothing(fashion):
+    """A model that adds noise to its input in training mode (an ``if self.training`` branch the eval-mode trace
+    never sees): the update is the gradient of the noisy input, which the exclusivity attack certified (8 of 8, all
+    false) before it probed the model in training mode."""
+    torch.manual_seed(0)
+    model = NoisyInput()
+    x, y = fashion.batch(8, seed=1)
+    update = _client(model, x, y, train=True)
+    for attack, options in [("exclusivity", {}), ("auto", {"budget": 5, "progress": False})]:
+        rec = fedleak.reconstruct(model, update, attack=attack, **options)
+        assert rec.num_certified == 0 and metrics.match(rec, x, y).false_certificates == 0
+    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert all(WITHHELD in s.reason for s in rec.samples) and len(rec) == 8
 
 
 class FunctionalInputDropout(nn.Module):
@@ -117,7 +154,7 @@ def test_a_functional_dropout_on_the_input_is_seen_too(fashion):
     state = torch.random.get_rng_state()
     rec = fedleak.reconstruct(model, update, attack="first-layer")
     assert torch.equal(torch.random.get_rng_state(), state) and not model.training
-    assert rec.num_certified == 0 and "runs only in training mode acts on its input" in rec.samples[0].reason
+    assert rec.num_certified == 0 and "something the model runs only in training mode" in rec.samples[0].reason
     assert metrics.match(rec, x, y).false_certificates == 0
     assert fedleak.reconstruct(model, update, attack="exclusivity").num_certified == 0
     told = fedleak.reconstruct(model, _client(model, x, y, train=False), attack="first-layer", train_dropout=False)

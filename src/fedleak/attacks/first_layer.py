@@ -18,10 +18,10 @@ the row gives every ``x_j`` to within two units in the last place) and certifies
    rejects updates that are not the plain gradient but whose first layer still looks like one sample's (the
    rows of a sign-compressed gradient give ``sign(x)``), and a client whose model computes otherwise (Dropout in
    training mode, another loss);
-4. in training mode the layer reads the sample as it is too (a second probe pass, the model's mode, buffers and
-   random state restored), unless the client is known to run the model in eval mode (``train_dropout=False``): a
-   Dropout on the input (a module or a functional one) masks it there, and the update is exactly the gradient of
-   the masked copy, which check 3 cannot tell from the sample.
+4. in training mode the layer reads the sample as it is too (:func:`fedleak.attacks.masked_input.input_masking`),
+   unless the client is known to run the model in eval mode (``train_dropout=False``): a Dropout on the input (a
+   module or a functional one), or noise the model adds while it trains, changes it there, and the update is
+   exactly the gradient of the changed copy, which check 3 cannot tell from the sample.
 
 Then every single sample with this gradient (at any scale) is the rebuilt one, to rounding: the certificate's
 claim is the standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
@@ -37,18 +37,16 @@ import torch
 from torch import nn
 
 from fedleak.attacks.labels import class_signal
-from fedleak.attacks.masked_input import withheld
+from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
-from fedleak.clients.mode import client_mode
 from fedleak.errors import FedleakError, ModelError, OptionError
-from fedleak.nets import Dropout, input_shape_of
+from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model, compute_gradient_update
 from fedleak.validation import check_module, options_from, validate_fields
 
 F64 = torch.float64
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 RESIDUAL_TOL = 1e-5  # the most relative mismatch, per tensor, between the update and the rebuilt sample's gradient
 ROUTE = "first-layer"
 
@@ -71,15 +69,13 @@ class FirstLayerOptions:
 
 @dataclass(frozen=True)
 class FirstLinear:
-    """The Linear layer the sample enters: its module name and the names of its weight and bias; whether it reads
-    the sample otherwise in training mode (``input_masked``: a Dropout on the input, or anything else the model runs
-    only in training mode) and the Dropout modules that ran before it there (``input_dropout``)."""
+    """The Linear layer the sample enters: its module name and the names of its weight and bias; what the model does
+    to the sample before it in training mode only (``masking``)."""
 
     name: str
     weight: str
     bias: str
-    input_masked: bool = False
-    input_dropout: tuple[Dropout, ...] = ()
+    masking: InputMasking = InputMasking()
 
 
 def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
@@ -114,35 +110,7 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
         raise ModelError(f"the Linear layer '{name}' that reads the sample runs more than once or shares its "
                          "parameters, so its gradient is not one product of the sample")
     prefix = f"{name}." if name else ""
-    masked, dropout = read_in_training(model, module, probe, names)
-    return FirstLinear(name, prefix + "weight", prefix + "bias", masked, dropout)
-
-
-def read_in_training(model: nn.Module, layer: nn.Linear, probe: torch.Tensor, names: dict[int, str]
-                     ) -> tuple[bool, tuple[Dropout, ...]]:
-    """Whether ``layer`` reads ``probe`` otherwise with the model in training mode (a Dropout on the input, a
-    functional one too, or anything else the model runs only then), and the Dropout modules that ran before it
-    there. The model's mode, buffers and random state are left as they were."""
-    seen: list[Dropout] = []
-    got: list[torch.Tensor] = []
-
-    def ran(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if not got:
-            seen.append(Dropout(names[id(mod)], float(mod.p)))
-
-    hooks = [layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
-    hooks += [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
-    devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
-    try:
-        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), client_mode(model, "train"):
-            model(probe)
-    except (RuntimeError, ValueError):  # a layer after it cannot run one sample in training mode (BatchNorm)
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    masked = bool(got) and not torch.equal(got[0].reshape(-1), probe.reshape(-1))
-    return masked, tuple(seen) if masked else ()
+    return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape))
 
 
 def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -222,7 +190,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
         fits.update({c: _fit(model, x, c, observed) for c in range(_classes(model, x)) if c != label})
     label = min(fits, key=lambda c: fits[c].residual)
     fit = fits[label]
-    masked = withheld(layer.input_masked, layer.input_dropout, opts.train_dropout)  # e.g. Dropout on the input
+    masked = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
     if update.num_examples != 1:
         why = ("the batch size is not known: pass num_examples=1 if the client sent one sample's gradient"
                if update.num_examples is None else

@@ -1,14 +1,74 @@
-"""Dropout on a model's input, and why the certificates of the attacks that read the input stop there.
+"""What a model does to its input only in training mode, and why the certificates of the attacks that read the
+input stop there.
 
-In training mode a Dropout before the first Linear or conv layer zeroes random values of each input and scales the
-others by ``1 / (1 - p)``. The client's update is then exactly the eval-mode network's gradient at that masked copy
-of the input: every check an exact attack makes (a first layer's row ratios, a recomputed gradient, the joint test)
-is passed by the masked copy as exactly as by the sample in eval mode, so no certificate can say which of the two
-was rebuilt. The exclusivity, first-layer, trap-weight and imprint attacks withhold their certificates there unless
-told that the client ran the model in eval mode (``train_dropout=False``).
+In training mode a Dropout before the first layer with weights zeroes random values of each input and scales the
+others by ``1 / (1 - p)``; a model may also add noise to its input while it trains (``if self.training: ...``).
+The client's update is then exactly the eval-mode network's gradient at that changed copy of the input: every
+check an exact attack makes (a first layer's row ratios, a recomputed gradient, the joint test) is passed by the
+copy as exactly as by the sample in eval mode, so no certificate can say which of the two was rebuilt. The
+exclusivity, first-layer, trap-weight and imprint attacks probe the model in training mode
+(:func:`input_masking`: one input, the model's mode, buffers and random state restored) and withhold their
+certificates where its first layer with weights reads the input otherwise, unless told that the client ran the
+model in eval mode (``train_dropout=False``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedleak.clients.mode import client_mode
+from fedleak.nets.buffers import buffers_kept
+from fedleak.nets.layers import Dropout
+
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass(frozen=True)
+class InputMasking:
+    """Whether the model's first layer with weights reads an input otherwise in training mode (``changed``), and
+    the Dropout modules that ran before it there (``dropout``; none where something else changed it: a functional
+    dropout, added noise)."""
+
+    changed: bool = False
+    dropout: tuple[Dropout, ...] = ()
+
+
+def first_module(net) -> nn.Module:
+    """The first layer with weights of a network read by :func:`fedleak.nets.as_network`: its first conv layer, or
+    the first Linear layer of its head."""
+    return net.blocks[0].conv.module if net.blocks else net.head.dense[0].module
+
+
+def input_masking(model: nn.Module, layer: nn.Module, input_shape: tuple[int, ...]) -> InputMasking:
+    """:class:`InputMasking` of ``model``, whose first layer with weights is ``layer``, found by one probe input of
+    ``input_shape`` run in training mode; the model's mode, buffers and random state are left as they were."""
+    names = {id(m): n for n, m in model.named_modules()}
+    first = next(model.parameters())
+    probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
+    seen: list[Dropout] = []
+    got: list[torch.Tensor] = []
+
+    def ran(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if not got:
+            seen.append(Dropout(names[id(mod)], float(mod.p)))
+
+    hooks = [layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
+    hooks += [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
+    devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), client_mode(model, "train"):
+            model(probe)
+    except (RuntimeError, ValueError):  # a layer after it cannot run one sample in training mode (BatchNorm)
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    changed = bool(got) and not (got[0].numel() == probe.numel()
+                                 and torch.equal(got[0].reshape(-1), probe.reshape(-1)))
+    return InputMasking(changed, tuple(seen) if changed else ())
 
 
 def named(layers: tuple) -> str:
@@ -16,17 +76,14 @@ def named(layers: tuple) -> str:
     return ", ".join(dict.fromkeys(f"Dropout '{d.name}' (p = {d.p:g})" for d in layers)) or "Dropout"
 
 
-def masked_input(layers: tuple) -> str:
-    """Why an input read through Dropout ``layers`` on the model's input (none named: something else the model
-    runs only in training mode) is not certified, in words."""
-    what = f"the model's {named(layers)}" if layers else "something the model runs only in training mode"
-    return (f"{what} acts on its input: a client that runs it in training mode sends the gradient of its input with "
-            "random values zeroed and the others scaled by 1/(1 - p), which reproduces the update as exactly as the "
-            "sample would, so the rebuilt input may be that masked copy (pass train_dropout=False if the client ran "
-            "the model in eval mode)")
-
-
-def withheld(masked: bool, layers: tuple, train_dropout: bool | None) -> str:
-    """:func:`masked_input` of ``layers`` where the model's input is ``masked`` in training mode and the client is not
-    known to run the model in eval mode (``train_dropout`` False); else empty."""
-    return masked_input(layers) if masked and train_dropout is not False else ""
+def withheld(masking: InputMasking, train_dropout: bool | None) -> str:
+    """Why an input of a model whose first layer reads it otherwise in training mode is not certified, in words,
+    unless the client is known to run the model in eval mode (``train_dropout`` False); else empty."""
+    if not masking.changed or train_dropout is False:
+        return ""
+    what = (f"the model's {named(masking.dropout)}" if masking.dropout
+            else "something the model runs only in training mode (a functional dropout, added noise)")
+    return (f"{what} changes its input in training mode: a client that runs the model so sends the gradient of a "
+            "changed copy of its input (Dropout zeroes random values and scales the others by 1/(1 - p)), which "
+            "reproduces the update as exactly as the sample would, so the rebuilt input may be that copy (pass "
+            "train_dropout=False if the client ran the model in eval mode)")

@@ -52,9 +52,7 @@ class Network:
     layers (rate > 0), which are not in ``steps``. ``caveats``: how the way the model was read may keep the
     exact methods from certifying anything (a client running its Dropout or BatchNorm in training mode; images
     larger than the inferred input shape that fit the layers too), in words, for their reasons when nothing is
-    certified. ``input_dropout``: those of ``dropout`` that act on the input, before the first Linear or conv
-    layer: in training mode they zero random values of each input (and scale the others), and the gradient is the
-    eval-mode network's at that masked input, so the input it reproduces is the masked one.
+    certified.
     """
 
     input_shape: tuple[int, ...]
@@ -64,7 +62,6 @@ class Network:
     notes: tuple[str, ...] = ()
     dropout: tuple[Dropout, ...] = ()
     caveats: tuple[str, ...] = ()
-    input_dropout: tuple[Dropout, ...] = ()
 
     @property
     def mode_dependent(self) -> bool:
@@ -211,8 +208,6 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
              caveats: tuple[str, ...] = ()) -> Network:
     """Group the traced chain into conv blocks and a ReLU head (raises :class:`ModelError` naming the node)."""
     dropout = tuple(s.layer for s in steps if isinstance(s.layer, Dropout))
-    first = next((k for k, s in enumerate(steps) if isinstance(s.layer, (Dense, Conv))), len(steps))
-    on_input = tuple(s.layer for s in steps[:first] if isinstance(s.layer, Dropout))
     steps = [s for s in steps if not isinstance(s.layer, Dropout)]
     blocks, i = _group_blocks(steps)
     norms = batch_norms(blocks)
@@ -241,4 +236,4 @@ def assemble(steps: list[Step], input_shape: tuple[int, ...], notes: tuple[str, 
                          f"it ends with node '{steps[-1].layer.name}'")
     check_num_classes(dense[-1].out_features, f"the output layer '{dense[-1].name}'")
     head = ReluMLP(tuple(dense), None if blocks else input_shape)
-    return Network(input_shape, tuple(steps), tuple(blocks), head, notes, dropout, caveats, on_input)
+    return Network(input_shape, tuple(steps), tuple(blocks), head, notes, dropout, caveats)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fedleak.plan.verdict as verdict
+from fedleak.attacks.masked_input import InputMasking, first_module, input_masking
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, as_network, input_shape_of
@@ -161,11 +162,12 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {samples.x[0].numel()} values but the model takes {net.input_shape}")
-    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes)
+    masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
+    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking)
 
 
 def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,
-          proofs: int | None, seed: int, notes: tuple[str, ...]) -> Plan:
+          proofs: int | None, seed: int, notes: tuple[str, ...], masking: InputMasking) -> Plan:
     x = samples.x.reshape(samples.x.shape[0], *net.input_shape).to(torch.float32)
     if samples.labels is not None and int(samples.labels.max()) >= net.num_classes:
         raise FedleakError(f"the labels go up to {int(samples.labels.max())} but the model has {net.num_classes} "
@@ -203,9 +205,9 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
                  "the model's Dropout or BatchNorm active, the exact route certifies nothing")
         if net.dropout and not net.blocks:  # (:mod:`fedleak.attacks.exact.dropout`)
             said += " (from an MLP's Dropout it rebuilds what the exclusive rows give, uncertified)"
-    if net.input_dropout:  # (:mod:`fedleak.attacks.masked_input`)
-        said += ("; with Dropout on the input, the attacks certify only when told that the client computes in eval "
-                 "mode (train_dropout=False)")
+    if masking.changed:
+        said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
+                 "told that the client computes in eval mode (train_dropout=False)")
     return Plan(
         model=label, input_shape=tuple(net.input_shape), parameters=parameters,
         verdict=said,

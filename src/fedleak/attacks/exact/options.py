@@ -76,8 +76,9 @@ class ExclusivityOptions:
     unknown), and the inputs are rebuilt **without a certificate** (:mod:`fedleak.attacks.exact.dropout`; MLPs
     only). None (the default): read in eval mode, and where that certifies nothing and the model has Dropout and
     more than two classes, also read so, keeping what rebuilds more samples, with a note. False: in eval mode only,
-    and the client is known to run the model in eval mode: a Dropout on the model's input, which otherwise withholds
-    every certificate (:mod:`fedleak.attacks.masked_input`), is then the identity.
+    and the client is known to run the model in eval mode: what the model does to its input only in training mode
+    (a Dropout on it), which otherwise withholds every certificate (:mod:`fedleak.attacks.masked_input`), did not
+    happen.
     ``min_last`` / ``min_other``: witnesses a certified sample needs at the last / other ReLU layers.
     ``batch_tol``: the joint test's tolerance: the residual of the observed gradient after the certified
     samples' terms, beyond the rank the other samples can fill, relative to the layer's gradient.

@@ -43,7 +43,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
-from fedleak.attacks.masked_input import withheld
+from fedleak.attacks.masked_input import first_module, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.network import check_head_trainable
@@ -170,8 +170,10 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     records = [replace(r, route=dropout.route(name, r.certified, opts), rebuilt=ok) for r, ok in zip(records, rebuilt)]
     if opts.train_dropout:  # every record was settled uncertified: its reason names the model's Dropout layers
         records = [replace(r, reason=dropout.reason(net.dropout)) for r in records]
-    masked = withheld(bool(net.input_dropout), net.input_dropout, opts.train_dropout)
-    if masked and any(r.certified for r in records):  # a certificate proves the input the model read: masked?
+    # a certificate proves the input the model's first layer read, which the model may change in training mode
+    masked = withheld(input_masking(model, first_module(net), net.input_shape), opts.train_dropout) if any(
+        r.certified for r in records) else ""
+    if masked:
         records = [replace(r, certified=False, reason=masked, route=dropout.route(name, False, opts))
                    if r.certified else r for r in records]
         batch_ok = False

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.attacks.masked_input import withheld
+from fedleak.attacks.masked_input import InputMasking, withheld
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
 from fedleak.nets.network import check_head_trainable
@@ -65,8 +65,9 @@ class MaliciousOptions:
     ``scale``: the common scale if the server knows it (e.g. ``lr / num_examples`` when it dictates the
     learning rate); by default it is the value most candidates agree on, and it counts only when at
     least ``min_support`` candidates agree on it (one candidate always agrees with itself).
-    ``train_dropout``: whether the client ran the model's Dropout in training mode; where a Dropout acts on the
-    input, nothing is certified unless told False (:mod:`fedleak.attacks.masked_input`).
+    ``train_dropout``: whether the client ran the model's Dropout in training mode; where the model changes its
+    input in training mode (a Dropout on it), nothing is certified unless told False
+    (:mod:`fedleak.attacks.masked_input`).
     """
 
     group_tol: float = 1e-3
@@ -246,11 +247,14 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts
 
 
 def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, scales, residuals,
-           n_examples: int | None, opts: MaliciousOptions, start: float, notes: list[str]) -> Reconstruction:
-    """Merge noisy copies of certified samples, keep at most ``num_examples`` candidates, and package."""
+           n_examples: int | None, opts: MaliciousOptions, start: float, notes: list[str],
+           masking: InputMasking) -> Reconstruction:
+    """Merge noisy copies of certified samples, keep at most ``num_examples`` candidates, and package; no
+    certificate where the model changes its input in training mode (``masking``,
+    :mod:`fedleak.attacks.masked_input`)."""
     n = len(labels)
-    masked = withheld(bool(net.input_dropout), net.input_dropout, opts.train_dropout)
-    if masked and any(certified):  # the rows prove the input the first layer read, which Dropout may have masked
+    masked = withheld(masking, opts.train_dropout) if any(certified) else ""
+    if masked:  # the rows prove the input the first layer read, which the model may change in training mode
         reasons = [masked if ok else why for ok, why in zip(certified, reasons)]
         certified = [False] * n
         notes.append(f"certificates withheld: {masked}")

@@ -19,6 +19,7 @@ from fedleak.attacks.malicious.certify import (
     ratio_bound,
     resolve_options,
 )
+from fedleak.attacks.masked_input import first_module, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.reconstruction import Reconstruction
@@ -117,5 +118,6 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
                        bound=ratio_bound(X, dnG[keep], dng[keep], dg[keep]))
     labels, certified, reasons, scales, residuals, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not keep else ["no common scale: no candidate could be certified"]
+    masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     return finish(net, "imprint", cands, labels, certified, reasons, scales, residuals, n_examples, opts,
-                  start, notes)
+                  start, notes, masking)

@@ -21,6 +21,7 @@ from fedleak.attacks.malicious.certify import (
     ratio_bound,
     resolve_options,
 )
+from fedleak.attacks.masked_input import first_module, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
@@ -89,6 +90,7 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
     cands = Candidates(X, rows, [g[r] for r in rows], [[] for _ in rows], [G_next[:, r].T for r in rows], bound)
     labels, certified, reasons, scales, residuals, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not rows else ["no common scale: no candidate could be certified"]
+    masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     return finish(net, "trap-weights", cands, labels, certified, reasons, scales, residuals, n_examples, opts,
-                  start, notes)
+                  start, notes, masking)
 
