@@ -151,7 +151,8 @@ def main() -> None:
             "error <= 1e-4 of the data range, each original counted once; \"blends\": returned inputs that are "
             "none of the batch's (MNI152 holds identical slices, 366 distinct of 433: one input can be exact for "
             "two); \"attack / gradient\": the median ratio of the attack's time (default reading) "
-            f"to the client's own gradient. No certificate was false. Command: `{meta['command']}`._\n\n"
+            f"to the client's own gradient. False certificates: {sum(r['false'] for r in rows)}. Command: "
+            f"`{meta['command']}`._\n\n"
             f"{_table(rows)}")
     write_section("train-dropout", body, "Clients that run Dropout in training mode")
     print(_table(rows))

@@ -104,6 +104,23 @@ def test_auto_keeps_the_rebuilt_inputs(fashion):
     assert any("simulated client does not model" in n for n in rec.notes)
 
 
+def test_auto_searches_the_rest_with_the_rebuilt_inputs_held(fashion):
+    """Where the training-mode reading rebuilds part of the batch (a 3-step FedAvg update), `auto` holds those
+    inputs as they are and searches the rest with DLM+."""
+    torch.manual_seed(0)
+    model = DropoutMLP(784, 1024, 10, p=0.2).eval()
+    x, y = fashion.batch(8, seed=5)
+    update = fedleak.fedavg_update(model, x, y, lr=0.01, local_steps=3)
+    exact = fedleak.reconstruct(model, update, attack="exclusivity")
+    held = [k for k, s in enumerate(exact.samples) if TRAINING in s.route]
+    assert 1 <= len(held) < 8
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=8, progress=False)
+    assert rec.attack == "auto:exclusivity+dlm+" and len(rec) == 8 and rec.num_certified == 0
+    assert torch.equal(rec.inputs[: len(held)], exact.inputs[held])
+    assert all(TRAINING in s.route for s in rec.samples[: len(held)])
+    assert all(s.route == "dlm+" for s in rec.samples[len(held):])
+
+
 def test_train_dropout_is_refused_for_cnns_and_checked(digits):
     model = fedleak.make_convnet(digits.input_shape, 10, channels=(4,), fc_widths=(256,), seed=0)
     x, y = digits.batch(4, seed=0)

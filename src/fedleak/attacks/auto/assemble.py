@@ -1,9 +1,11 @@
 """From the exact route's result to ``auto``'s: what the search starts from, and the merged reconstruction.
 
-The exact route's certified samples are held fixed in the search and returned as they are; its uncertified
-samples become :class:`~fedleak.attacks.inversion.prior.Estimate` s (a rebuilt input starts the search of a
-sample of its label; a sample found but not rebuilt lends its label and its reason); the batch's label counts it
-inferred are the search's. Every returned sample says which route produced it and, uncertified, why.
+The exact route's certified samples are held fixed in the search and returned as they are, and so are the inputs
+it rebuilt reading the client as one that ran the model's Dropout in training mode (the search simulates an
+eval-mode client, which would move them); its other uncertified samples become
+:class:`~fedleak.attacks.inversion.prior.Estimate` s (a rebuilt input starts the search of a sample of its label;
+a sample found but not rebuilt lends its label and its reason); the batch's label counts it inferred are the
+search's. Every returned sample says which route produced it and, uncertified, why.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from fedleak.attacks.exact.dropout import read_in_training_mode
 from fedleak.attacks.inversion import Estimate, Prior
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
@@ -20,13 +23,21 @@ def certified_indices(exact: Reconstruction) -> list[int]:
     return exact.certified.nonzero().flatten().tolist()
 
 
+def held_indices(exact: Reconstruction) -> list[int]:
+    """The exact route's samples the search holds fixed: the certified ones, then the inputs rebuilt reading the
+    client in training mode (:func:`fedleak.attacks.exact.dropout.read_in_training_mode`)."""
+    trained = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt and read_in_training_mode(r)]
+    return certified_indices(exact) + trained
+
+
 def prior_from(exact: Reconstruction | None, skipped: str) -> Prior:
     """What the search knows from the exact route (or, when it was skipped, why nothing is known)."""
     if exact is None:
         return Prior(reason=f"exact route skipped: {skipped}")
     estimates = []
+    held = set(held_indices(exact))
     for k, r in enumerate(exact.samples):
-        if r.certified:
+        if k in held:
             continue
         if r.rebuilt:
             estimates.append(Estimate(r.label, f"the exact route rebuilt it but did not certify it: {r.reason}",
@@ -38,11 +49,12 @@ def prior_from(exact: Reconstruction | None, skipped: str) -> Prior:
 
 
 def exact_part(exact: Reconstruction, batch_size: int | None, notes: list[str], why_not_searched: str = "",
-               certified_only: bool = False) -> Reconstruction:
-    """The exact route's result as ``auto``'s: its certified samples and (unless ``certified_only``) the inputs it
-    rebuilt uncertified, at most ``batch_size``; ``why_not_searched`` is added to the uncertified ones' reasons."""
-    keep = [k for k, r in enumerate(exact.samples) if r.certified or (r.rebuilt and not certified_only)]
-    keep.sort(key=lambda k: not exact.samples[k].certified)
+               held_only: bool = False) -> Reconstruction:
+    """The exact route's result as ``auto``'s: the samples a search holds fixed (:func:`held_indices`) and (unless
+    ``held_only``) the other inputs it rebuilt uncertified, at most ``batch_size``; ``why_not_searched`` is added
+    to the uncertified ones' reasons."""
+    held = held_indices(exact)
+    keep = held + ([] if held_only else [k for k, r in enumerate(exact.samples) if r.rebuilt and k not in held])
     if batch_size is not None:
         keep = keep[:batch_size]
     samples = []
@@ -61,18 +73,18 @@ def exact_part(exact: Reconstruction, batch_size: int | None, notes: list[str], 
 
 
 def merge(exact: Reconstruction | None, rest: Reconstruction, optimiser: str, notes: list[str]) -> Reconstruction:
-    """The search's result with the exact route's certified samples (held fixed, so first in ``rest``) restored
-    exactly, as they were certified."""
-    fixed = certified_indices(exact) if exact is not None else []
+    """The search's result with the exact route's held samples (:func:`held_indices`: held fixed, so first in
+    ``rest``) restored exactly, as the exact route returned them."""
+    fixed = held_indices(exact) if exact is not None else []
     n = len(fixed)
     inputs = rest.inputs.clone()
     samples: tuple[SampleRecovery, ...] = rest.samples
+    certified = torch.zeros(len(rest), dtype=torch.bool)
     if n:
         inputs[:n] = exact.inputs[fixed].to(inputs.dtype)
         samples = tuple(exact.samples[k] for k in fixed) + rest.samples[n:]
-    certified = torch.zeros(len(rest), dtype=torch.bool)
-    certified[:n] = True
+        certified[:n] = exact.certified[fixed]
     return replace(rest, attack=f"auto:exclusivity+{optimiser}" if n else f"auto:{optimiser}", inputs=inputs,
                    certified=certified, samples=samples,
-                   joint_residual=exact.joint_residual if n else float("nan"),
+                   joint_residual=exact.joint_residual if bool(certified.any()) else float("nan"),
                    notes=tuple(notes + list(rest.notes)))

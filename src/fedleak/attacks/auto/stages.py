@@ -7,10 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from fedleak.attacks.auto.assemble import certified_indices, exact_part, merge, prior_from
+from fedleak.attacks.auto.assemble import certified_indices, exact_part, held_indices, merge, prior_from
 from fedleak.attacks.auto.route import RoutePlan
 from fedleak.attacks.exact import exclusivity_attack, exclusivity_on_weights
-from fedleak.attacks.exact.dropout import read_in_training_mode
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.inversion import RunClock
 from fedleak.attacks.registry import get_attack
@@ -72,28 +71,31 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
         m = exact.batch_size
     if m is None:
         m = update.num_examples
-    fixed = certified_indices(exact) if exact is not None else []
+    fixed = held_indices(exact) if exact is not None else []  # certified, or rebuilt read in training mode
+    sure = len(certified_indices(exact)) if exact is not None else 0
+    trained = len(fixed) - sure
     if exact is not None:
         unit = "one-step weight change (learning rate cancels in ΔW_i/Δb_i)" if isinstance(update, WeightUpdate) \
             else "gradient"
-        notes.append(f"auto: exclusivity attack on the {unit} in {exact.seconds:.2f} s: {len(fixed)} sample(s) "
+        notes.append(f"auto: exclusivity attack on the {unit} in {exact.seconds:.2f} s: {sure} sample(s) "
                      "certified exact" + (f" of a batch of {m}" if m is not None else " (batch size unknown)"))
         notes.extend(f"exclusivity: {n}" for n in exact.notes)
-        whole = bool(fixed) and (exact.batch_certified or (m is not None and len(fixed) >= m))
+        if trained:  # the search's simulated client runs the model in eval mode: it would move these inputs
+            notes.append(f"auto: {trained} input(s) rebuilt reading the client as one that ran the model's Dropout "
+                         f"in training mode, which {name}'s simulated client does not model: held as they are")
+        whole = bool(fixed) and ((exact.batch_certified and not trained) or (m is not None and len(fixed) >= m))
         if whole:
-            notes.append("auto: every sample certified by the exclusivity attack; no optimisation needed")
-            return exact_part(exact, m, notes, certified_only=True)
+            notes.append("auto: every sample certified by the exclusivity attack; no optimisation needed" if not trained
+                         else "auto: every sample of the batch comes from the exclusivity attack; no optimisation "
+                         "needed")
+            return exact_part(exact, m, notes, held_only=True)
         if fixed and m is None:
+            which = "the certified samples" if not trained else "the exclusivity attack's samples"
             notes.append("auto: the batch size is unknown, so it is unknown whether samples are missing: returning "
-                         "the certified samples only (pass batch_size=... to search for the rest)")
-            return exact_part(exact, m, notes, certified_only=True)
+                         f"{which} only (pass batch_size=... to search for the rest)")
+            return exact_part(exact, m, notes, held_only=True)
         if clock.spent():
             why = f"the time budget of {budget:g} s was spent by the exact route"
-            notes.append(f"auto: {why}")
-            return exact_part(exact, m, notes, why)
-        if read_in_training_mode(exact):  # the search's simulated client would run the model in eval mode
-            why = ("the exact route read the update as a client's that ran the model's Dropout in training mode, "
-                   f"which {name}'s simulated client does not model (it would move the inputs rebuilt exactly)")
             notes.append(f"auto: {why}")
             return exact_part(exact, m, notes, why)
     prior = prior_from(exact, plan.exact_skipped)
@@ -110,8 +112,9 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
         notes.append(f"auto: {why}")
         return exact_part(exact, m, notes, why)
     if fixed:
-        notes.append(f"auto: {len(fixed)} sample(s) come from the exclusivity attack (certified exact); "
-                     f"{len(rest) - len(fixed)} more from {name}, optimised with the certified ones held fixed")
+        held = "certified exact" if not trained else f"{sure} certified exact, {trained} read in training mode"
+        notes.append(f"auto: {len(fixed)} sample(s) come from the exclusivity attack ({held}); "
+                     f"{len(rest) - len(fixed)} more from {name}, optimised with those held fixed")
     elif exact is not None:
         notes.append(f"auto: nothing certified; every sample comes from {name}")
     return merge(exact, rest, name, notes)

@@ -52,9 +52,10 @@ def route(name: str, certified: bool, opts) -> str:
     return f"{name} ({'certified' if certified else 'uncertified'}{', ' + TRAINING if opts.train_dropout else ''})"
 
 
-def read_in_training_mode(rec) -> bool:
-    """Whether the exclusivity attack's reconstruction ``rec`` was read as a client's in training mode."""
-    return any(r.route.endswith(f", {TRAINING})") for r in rec.samples)
+def read_in_training_mode(record) -> bool:
+    """Whether the exclusivity attack rebuilt this sample (a :class:`~fedleak.SampleRecovery`) reading the client as
+    one in training mode."""
+    return record.route.endswith(f", {TRAINING})")
 
 
 def settle_all(complete: list) -> dict[int, str]:
