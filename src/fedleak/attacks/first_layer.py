@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedleak.attacks.first_layer_rows import rebuild_rows
 from fedleak.attacks.labels import class_signal
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
@@ -56,15 +57,22 @@ class FirstLayerOptions:
     """``tolerance``: the most relative mismatch, per tensor, between the update and the gradient of the rebuilt
     sample for a certificate. ``train_dropout``: whether the client ran the model's Dropout in training mode; where
     a Dropout acts on the input before the Linear layer, the input is certified only when told False (the client
-    ran the model in eval mode): in training mode the update is that of a masked copy of the input."""
+    ran the model in eval mode): in training mode the update is that of a masked copy of the input. For a batch
+    (``num_examples`` other than 1): rows whose implied inputs agree within ``group_tol`` (relative) are one
+    candidate, kept where a class's recomputed gradient fits its rows' bias gradients within ``fit_tol`` at the
+    batch's common scale within ``scale_tol`` (:mod:`fedleak.attacks.first_layer_rows`; uncertified)."""
 
     tolerance: float = RESIDUAL_TOL
     train_dropout: bool | None = None
+    group_tol: float = 1e-4
+    fit_tol: float = 1e-3
+    scale_tol: float = 1e-4
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        if not 0 < self.tolerance < 1:
-            raise OptionError(f"tolerance must lie in (0, 1), got {self.tolerance}")
+        for name in ("tolerance", "group_tol", "fit_tol", "scale_tol"):
+            if not 0 < getattr(self, name) < 1:
+                raise OptionError(f"{name} must lie in (0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,9 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     G, g = update.gradients[layer.weight].to(F64), update.gradients[layer.bias].to(F64)
     if G.shape[1] != math.prod(shape):
         raise ModelError(f"the Linear layer '{layer.name}' reads {G.shape[1]} values, not one input of shape {shape}")
+    if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
+        return rebuild_rows(model, model.get_submodule(layer.name), G, g, shape, update.num_examples, opts, notes,
+                            start)
     row = int(g.abs().argmax())
     if float(g[row]) == 0.0:
         return _result(model, shape, None, 0, False, "every bias gradient of the first layer is zero: the sample "
@@ -191,11 +202,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     label = min(fits, key=lambda c: fits[c].residual)
     fit = fits[label]
     masked = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
-    if update.num_examples != 1:
-        why = ("the batch size is not known: pass num_examples=1 if the client sent one sample's gradient"
-               if update.num_examples is None else
-               f"a batch of {update.num_examples}: every row mixes the samples, so the rebuilt input may be a blend")
-    elif masked:
+    if masked:
         why = masked
     elif fit.residual > opts.tolerance:
         why = (f"the model's gradient at the rebuilt input differs from the update (relative residual "

@@ -7,7 +7,8 @@ time budget.
    ``ΔW = η ∇W`` and the unknown learning rate cancels in every ratio ``ΔW_i / Δb_i``; its certificate rejects
    what several steps would corrupt). Otherwise (several local steps declared, a residual or LayerNorm model,
    no hidden ReLU layer, ...) it is skipped and the notes say why; a gradient of one sample is then read from
-   the model's first Linear layer (:mod:`fedleak.attacks.first_layer`), which settles the run where it certifies.
+   the model's first Linear layer (:mod:`fedleak.attacks.first_layer`), which settles the run where it certifies;
+   of a batch, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held.
 2. **Optimisation for the rest** (:mod:`~fedleak.attacks.auto.assemble`). The certified samples are kept
    exactly and held fixed; DLM+ (weight updates, local steps unrolled) or Inverting Gradients (gradients)
    searches the others, starting from what the exact route knows: their labels discounted from its label
@@ -105,8 +106,9 @@ def auto_attack(
             clock.advance()
         else:
             one = run_first_layer(model, update, input_shape, notes)
-            if one is not None:
+            if one is not None and one.batch_certified:
                 return one
+            exact = one  # a batch's first-layer rows (uncertified), held in the search
         return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
 
 

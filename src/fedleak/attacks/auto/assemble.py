@@ -1,8 +1,8 @@
 """From the exact route's result to ``auto``'s: what the search starts from, and the merged reconstruction.
 
 The exact route's certified samples are held fixed in the search and returned as they are, and so are the inputs
-it rebuilt reading the client as one that ran the model's Dropout in training mode (the search simulates an
-eval-mode client, which would move them); its other uncertified samples become
+it read exactly off the update's rows without a certificate (:func:`held_indices`); its other uncertified samples
+become
 :class:`~fedleak.attacks.inversion.prior.Estimate` s (a rebuilt input starts the search of a sample of its label;
 a sample found but not rebuilt lends its label and its reason); the batch's label counts it inferred are the
 search's. Every returned sample says which route produced it and, uncertified, why.
@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from fedleak.attacks.exact.dropout import read_in_training_mode
+from fedleak.attacks.first_layer_rows import ROUTE as ROWS_ROUTE
 from fedleak.attacks.inversion import Estimate, Prior
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
@@ -24,10 +25,13 @@ def certified_indices(exact: Reconstruction) -> list[int]:
 
 
 def held_indices(exact: Reconstruction) -> list[int]:
-    """The exact route's samples the search holds fixed: the certified ones, then the inputs rebuilt reading the
-    client in training mode (:func:`fedleak.attacks.exact.dropout.read_in_training_mode`)."""
-    trained = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt and read_in_training_mode(r)]
-    return certified_indices(exact) + trained
+    """The exact route's samples the search holds fixed: the certified ones, then the inputs read exactly off the
+    update's rows without a certificate: read as a client's in training mode
+    (:func:`fedleak.attacks.exact.dropout.read_in_training_mode`: the search simulates an eval-mode client, which
+    would move them) or off a batch's first-layer rows (:mod:`fedleak.attacks.first_layer_rows`)."""
+    read = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt
+            and (read_in_training_mode(r) or r.route == ROWS_ROUTE)]
+    return certified_indices(exact) + read
 
 
 def prior_from(exact: Reconstruction | None, skipped: str) -> Prior:
@@ -67,7 +71,7 @@ def exact_part(exact: Reconstruction, batch_size: int | None, notes: list[str], 
     missing = exact.missing_reason
     if why_not_searched and batch_size is not None and len(keep) < batch_size:
         missing = "; ".join(w for w in (missing, f"not searched: {why_not_searched}") if w)
-    return replace(exact, attack="auto:exclusivity", inputs=exact.inputs[index], labels=exact.labels[index],
+    return replace(exact, attack=f"auto:{exact.attack}", inputs=exact.inputs[index], labels=exact.labels[index],
                    certified=exact.certified[index], samples=tuple(samples), notes=tuple(notes),
                    missing_reason=missing)
 
@@ -84,7 +88,7 @@ def merge(exact: Reconstruction | None, rest: Reconstruction, optimiser: str, no
         inputs[:n] = exact.inputs[fixed].to(inputs.dtype)
         samples = tuple(exact.samples[k] for k in fixed) + rest.samples[n:]
         certified[:n] = exact.certified[fixed]
-    return replace(rest, attack=f"auto:exclusivity+{optimiser}" if n else f"auto:{optimiser}", inputs=inputs,
+    return replace(rest, attack=f"auto:{exact.attack}+{optimiser}" if n else f"auto:{optimiser}", inputs=inputs,
                    certified=certified, samples=samples,
                    joint_residual=exact.joint_residual if bool(certified.any()) else float("nan"),
                    notes=tuple(notes + list(rest.notes)))

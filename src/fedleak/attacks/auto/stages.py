@@ -37,9 +37,11 @@ def run_exact(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None
 
 def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None, notes: list[str],
                     ) -> Reconstruction | None:
-    """Where the exact route cannot read the model, a one-sample gradient's first Linear layer: its result when it
-    certifies the sample (the run is then settled), else None and a note saying why."""
-    if isinstance(update, WeightUpdate) or update.num_examples != 1:
+    """Where the exact route cannot read the model, a gradient's first Linear layer: for one sample, its result
+    when it certifies the sample (the run is then settled: ``batch_certified``); for a batch, the inputs its rows
+    give (uncertified, :mod:`fedleak.attacks.first_layer_rows`) where it gives any; else None and a note saying
+    why."""
+    if isinstance(update, WeightUpdate):
         return None
     try:
         one = get_attack("first-layer").run(model, update, input_shape=input_shape)
@@ -48,9 +50,12 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
     except FedleakError as exc:
         notes.append(f"auto: the first-layer attack could not run ({exc})")
         return None
+    if update.num_examples != 1 and len(one):
+        return one  # a batch's rows: held as they are, the rest searched
     if not one.batch_certified:
         why = one.samples[0].reason if one.samples else one.missing_reason
-        notes.append(f"auto: the first-layer attack certified nothing ({why})")
+        notes.append(f"auto: the first-layer attack {'certified' if update.num_examples == 1 else 'rebuilt'} "
+                     f"nothing ({why})")
         return None
     notes.append("auto: a one-sample gradient; its first Linear layer gives the sample, certified by the whole update")
     return replace(one, attack="auto:first-layer", notes=(*notes, *one.notes))
@@ -77,20 +82,20 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
     if exact is not None:
         unit = "one-step weight change (learning rate cancels in ΔW_i/Δb_i)" if isinstance(update, WeightUpdate) \
             else "gradient"
-        notes.append(f"auto: exclusivity attack on the {unit} in {exact.seconds:.2f} s: {sure} sample(s) "
+        notes.append(f"auto: {exact.attack} attack on the {unit} in {exact.seconds:.2f} s: {sure} sample(s) "
                      "certified exact" + (f" of a batch of {m}" if m is not None else " (batch size unknown)"))
-        notes.extend(f"exclusivity: {n}" for n in exact.notes)
-        if trained:  # the search's simulated client runs the model in eval mode: it would move these inputs
-            notes.append(f"auto: {trained} input(s) rebuilt reading the client as one that ran the model's Dropout "
-                         f"in training mode, which {name}'s simulated client does not model: held as they are")
+        notes.extend(f"{exact.attack}: {n}" for n in exact.notes)
+        if trained:  # read exactly off the update's rows (:func:`~fedleak.attacks.auto.assemble.held_indices`)
+            notes.append(f"auto: {trained} input(s) the {exact.attack} attack read exactly off the update's rows "
+                         "without a certificate (their reasons say why) are held as they are")
         whole = bool(fixed) and ((exact.batch_certified and not trained) or (m is not None and len(fixed) >= m))
         if whole:
             notes.append("auto: every sample certified by the exclusivity attack; no optimisation needed" if not trained
-                         else "auto: every sample of the batch comes from the exclusivity attack; no optimisation "
-                         "needed")
+                         else f"auto: every sample of the batch comes from the {exact.attack} attack; no "
+                         "optimisation needed")
             return exact_part(exact, m, notes, held_only=True)
         if fixed and m is None:
-            which = "the certified samples" if not trained else "the exclusivity attack's samples"
+            which = "the certified samples" if not trained else f"the {exact.attack} attack's samples"
             notes.append("auto: the batch size is unknown, so it is unknown whether samples are missing: returning "
                          f"{which} only (pass batch_size=... to search for the rest)")
             return exact_part(exact, m, notes, held_only=True)
@@ -112,8 +117,8 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
         notes.append(f"auto: {why}")
         return exact_part(exact, m, notes, why)
     if fixed:
-        held = "certified exact" if not trained else f"{sure} certified exact, {trained} read in training mode"
-        notes.append(f"auto: {len(fixed)} sample(s) come from the exclusivity attack ({held}); "
+        held = "certified exact" if not trained else f"{sure} certified exact, {trained} read off its rows"
+        notes.append(f"auto: {len(fixed)} sample(s) come from the {exact.attack} attack ({held}); "
                      f"{len(rest) - len(fixed)} more from {name}, optimised with those held fixed")
     elif exact is not None:
         notes.append(f"auto: nothing certified; every sample comes from {name}")
