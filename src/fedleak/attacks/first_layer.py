@@ -158,7 +158,8 @@ def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torc
 
 @register_attack(ROUTE, update_kinds=("gradient",),
                  description="one sample's gradient: x = dW_i/db_i from the first Linear layer of any model "
-                             "(Phong et al. 2017), certified by reproducing the whole update")
+                             "(Phong et al. 2017), certified by reproducing the whole update; a batch's agreeing "
+                             "rows, uncertified")
 def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...] | None = None,
                        **options) -> Reconstruction:
     """Rebuild the one sample of a FedSGD gradient from the first Linear layer of any model (see the module).

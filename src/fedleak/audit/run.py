@@ -318,8 +318,8 @@ def run_audit(
         attack = "auto"
         said = not analysed or any(barrier in note for note in notes)  # the note above gives the reason
         why = "certifies nothing from this model's updates" + ("" if said else f" ({barrier})")
-        notes += (f"the exclusivity attack {why}: the audit ran 'auto' (the first-layer attack on one-sample "
-                  f"updates, else IG within {settings.budget:g} s per batch)",)
+        notes += (f"the exclusivity attack {why}: the audit ran 'auto' (the first-layer attack, then IG within "
+                  f"{settings.budget:g} s per batch for what it did not certify)",)
     scenarios = audited_scenarios(settings, data)
     for scenario in scenarios.values():  # a client hook that cannot work on this model says so before any batch runs
         if scenario.transform is not None:

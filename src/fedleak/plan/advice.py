@@ -168,8 +168,11 @@ def _dlg(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
 @ADVISORS.decorator("first-layer")
 def _first_layer(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
     if facts.batch_size != 1:
-        return AttackAdvice(info.name, False, True, f"reads one sample's gradient only (this batch is "
-                                                    f"{facts.batch_size}): every row of the first layer mixes samples")
+        return AttackAdvice(info.name, False, True, f"certifies one sample's gradient only (this batch is "
+                                                    f"{facts.batch_size}); of a batch it rebuilds, uncertified, the "
+                                                    "samples of first-layer units that fire for one sample only "
+                                                    "(where a ReLU follows), as auto does where the exact route "
+                                                    "cannot read the model")
     if facts.is_conv:
         return AttackAdvice(info.name, False, True, "needs the input to enter a Linear layer; here it enters a conv")
     useful = not (facts.exact_useful and facts.route == ROUTE_APPLIES)
