@@ -32,8 +32,8 @@ ROUTE = "first-layer (uncertified, batch rows)"
 def rebuild_rows(model: nn.Module, layer: nn.Linear, G: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...],
                  batch_size: int | None, opts, notes: tuple[str, ...], start: float) -> Reconstruction:
     """The inputs a batch's first-layer rows give (see the module), at most ``batch_size`` (those of most rows
-    first); ``G``, ``g``: the layer's weight and bias gradients (float64); ``opts``: ``group_tol`` and ``fit_tol``
-    (:class:`~fedleak.attacks.first_layer.FirstLayerOptions`)."""
+    first); ``G``, ``g``: the layer's weight and bias gradients (float64); ``opts``: ``group_tol``, ``fit_tol`` and
+    ``scale_tol`` (:class:`~fedleak.attacks.first_layer.FirstLayerOptions`)."""
     idx = torch.nonzero(g != 0).flatten()
     rows = ImpliedInputs(G, idx, g[idx])
     held, scan = rows.held()

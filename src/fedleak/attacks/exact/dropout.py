@@ -77,20 +77,13 @@ def worth_rereading(net, opts, rec) -> bool:
             and not rec.num_certified)
 
 
-def caveats(net, opts) -> tuple[str, ...]:
-    """The network's caveats (why nothing may be certified), less the one of a client in training mode where the
-    update is read as one."""
+def as_read(net, opts) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The network's notes (how it was read) and caveats (why nothing may be certified), less the two that say its
+    Dropout is read in eval mode where the update is read as a client's in training mode."""
     if not opts.train_dropout:
-        return net.caveats
-    return tuple(c for c in net.caveats if c != training_mode_cause(net.dropout, ()))
-
-
-def readings(net, opts) -> tuple[str, ...]:
-    """The network's notes (how it was read), less the one that says its Dropout is read in eval mode where the
-    update is read as a client's in training mode."""
-    if not opts.train_dropout:
-        return net.notes
-    return tuple(n for n in net.notes if n != training_mode_note(net.dropout, ()))
+        return net.notes, net.caveats
+    note, cause = training_mode_note(net.dropout, ()), training_mode_cause(net.dropout, ())
+    return tuple(n for n in net.notes if n != note), tuple(c for c in net.caveats if c != cause)
 
 
 def note(rec, min_last: int) -> str:

@@ -139,7 +139,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         noise = None
     attack = HeadAttack(head, grads, opts, obs_dtype, noise)
     notes = attack.notes
-    notes.extend(dropout.readings(net, opts))  # what was assumed to read the model (an inferred input shape)
+    read_as, read_caveats = dropout.as_read(net, opts)
+    notes.extend(read_as)  # what was assumed to read the model (an inferred input shape)
 
     # 1-2. the head, on the features
     cands = unique_candidates(attack.top_candidates(), head.depth - 1, attack.tol(opts.group_tol))
@@ -202,7 +203,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     missing = found.missing(head, records, cert.batch_size)
     rounded = coarsest([obs_dtype, *(n.values.dtype for n in (noise or {}).values())])  # a reply in float16 too
     half_ulp = torch.finfo(rounded).eps / 2  # a half-precision update's rounding alone exceeds max_noise
-    caveats = dropout.caveats(net, opts) + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
+    caveats = read_caveats + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
                               f"({half_ulp:.1e} relative) alone exceeds max_noise={opts.max_noise:g}: an update in "
                               "this dtype is not certified",) if half_ulp > opts.max_noise else ())
     if readable and head.num_classes < 4:  # (:mod:`fedleak.attacks.exact.smoothing`)
