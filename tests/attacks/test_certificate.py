@@ -174,7 +174,7 @@ def test_weight_delta_too_noisy_says_why(fashion):
 def test_a_weight_update_is_read_at_its_before_weights(fashion, monkeypatch):
     """The server's own model at the round's weights is read as it is (no copy of it); a model holding other
     weights is read at the update's ``before`` weights, with the same result; neither model is changed."""
-    from fedleak.attacks.exact import attack as exact_attack
+    from fedleak.attacks import at_before
 
     model = mlp(784, (1024,), 10, seed=0)
     x, y = fashion.x[:8], fashion.y[:8]
@@ -182,8 +182,8 @@ def test_a_weight_update_is_read_at_its_before_weights(fashion, monkeypatch):
     other = mlp(784, (1024,), 10, seed=1)
     kept = {k: v.clone() for k, v in other.state_dict().items()}
     copies = []
-    deepcopy = exact_attack.copy.deepcopy
-    monkeypatch.setattr(exact_attack.copy, "deepcopy", lambda m: copies.append(m) or deepcopy(m))
+    deepcopy = at_before.copy.deepcopy
+    monkeypatch.setattr(at_before.copy, "deepcopy", lambda m: copies.append(m) or deepcopy(m))
     own = fedleak.reconstruct(model, update, attack="exclusivity")
     assert copies == [] and own.num_certified > 0
     assert all(torch.equal(v, update.before[k]) for k, v in model.state_dict().items())

@@ -30,6 +30,16 @@ class Net(nn.Module):
         return self.fc2(self.drop(F.relu(self.fc1(torch.flatten(x, 1)))))
 
 
+class Plain(nn.Module):  # Net without its Dropout
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 512)
+        self.fc2 = nn.Linear(512, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
 class Conv(nn.Module):  # no hidden dense ReLU: nothing for the exact attack, nor for trap weights
     def __init__(self):
         super().__init__()
@@ -97,6 +107,20 @@ def test_a_federation_of_the_users_model(tmp_path, ray_cluster, net_file):
     assert all("Dropout 'drop'" in r["reason"] for r in recs)  # the reason names what the clients did
     # read as a training-mode client's, the exclusive rows still give the inputs: rebuilt exactly, uncertified
     assert all(r["rebuilt"] > 0 and r["psnr_vs_original"] >= 80 for r in recs)
+
+
+def test_clients_of_several_local_steps_are_read_off_the_first_layer(tmp_path, ray_cluster, net_file):
+    """Clients that train 3 local steps send no scaled gradient: nothing is certified, and the audit's ``auto``
+    holds the inputs the first Linear layer's rows give, exactly, instead of DLM+'s guesses."""
+    out = tmp_path / "steps"
+    code = main(["federate", "--model", f"{net_file}:Plain", "--data", "digits", "--clients", "2", "--rounds", "1",
+                 "--batch-size", "4", "--local-steps", "3", "--lr", "0.05", "--test-size", "200", "--public-size",
+                 "100", "--attack-budget", "3", "--ray-address", ray_cluster[0], "--out", str(out)])
+    assert code == 0
+    recs = json.loads((out / "results.json").read_text())["records"]
+    assert len(recs) == 2 and all(r["status"] == "ok" and r["false_certificates"] == 0 for r in recs)
+    assert all(r["multi_step"] and r["route"].startswith("auto:first-layer") for r in recs)
+    assert all(r["psnr_vs_original"] >= 80 for r in recs)
 
 
 def test_a_model_that_does_not_fit_fails_before_anything_starts(tmp_path, net_file, capsys):

@@ -27,6 +27,11 @@ def test_gradient_and_multi_step_weight_updates_are_told_apart(setting, digits):
     assert g.route == "applies" and w.route == "cannot"
     assert "exclusivity" in g.recommended and "exclusivity" not in w.recommended
     assert "dlm+" in w.recommended and "dlm+" not in g.recommended
+    # the first Linear layer's rows still give inputs over several steps: recommended, uncertified, and auto says so
+    advice = {a.name: a for a in w.attacks}
+    assert "first-layer" in w.recommended and not advice["first-layer"].certified
+    assert "any number of local steps" in advice["first-layer"].why
+    assert "first Linear layer's rows" in advice["auto"].why
     assert w.proposal is None  # no change of the model makes a multi-step update certifiable
     assert g.to_text().splitlines()[2:5] != w.to_text().splitlines()[2:5]
     assert "update    FedSGD gradient: 4 examples" in g.to_text()

@@ -47,9 +47,9 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
         BOTH, "malicious imprint bins in the first layer (Robbing the Fed): certified bin differences",
         needs_relu_network=True)),
     CatalogEntry("first-layer", "fedleak.attacks.first_layer", AttackSpec(
-        ("gradient",), "one sample's gradient: x = dW_i/db_i from the first Linear layer of any model "
-                       "(Phong et al. 2017), certified by reproducing the whole update; a batch's agreeing rows, "
-                       "uncertified")),
+        BOTH, "one sample's gradient: x = dW_i/db_i from the first Linear layer of any model (Phong et al. "
+              "2017), certified by reproducing the whole update; a batch's agreeing rows (gradients, and FedAvg "
+              "weight changes of any number of local steps), uncertified")),
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
         BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)", optimises=True)),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(

@@ -25,6 +25,9 @@ the row gives every ``x_j`` to within two units in the last place) and certifies
 
 Then every single sample with this gradient (at any scale) is the rebuilt one, to rounding: the certificate's
 claim is the standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
+
+A batch's gradient, and a FedAvg client's weight change (one local step or several, at any learning rate), are
+read row by row instead, uncertified (:mod:`fedleak.attacks.first_layer_rows`).
 """
 
 from __future__ import annotations
@@ -36,15 +39,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedleak.attacks.first_layer_rows import rebuild_rows
+from fedleak.attacks.at_before import model_at_before
+from fedleak.attacks.first_layer_rows import LayerRows, rebuild_rows
 from fedleak.attacks.labels import class_signal
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
+from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.reconstruction import Reconstruction, SampleRecovery
-from fedleak.updates import GradientUpdate, as_gradient_update, check_matches_model, compute_gradient_update
+from fedleak.updates import (
+    GradientUpdate,
+    WeightUpdate,
+    as_gradient_update,
+    check_matches_model,
+    compute_gradient_update,
+)
 from fedleak.validation import check_module, options_from, validate_fields
 
 F64 = torch.float64
@@ -156,40 +167,68 @@ def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torc
     return Fit(scale, worst)
 
 
-@register_attack(ROUTE, update_kinds=("gradient",),
-                 description="one sample's gradient: x = dW_i/db_i from the first Linear layer of any model "
-                             "(Phong et al. 2017), certified by reproducing the whole update; a batch's agreeing "
-                             "rows, uncertified")
+@register_attack(ROUTE, update_kinds=("gradient", "weights"),
+                 description="one sample's gradient: x = dW_i/db_i from the first Linear layer of any model (Phong "
+                             "et al. 2017), certified by reproducing the whole update; a batch's agreeing rows "
+                             "(gradients, and FedAvg weight changes of any number of local steps), uncertified")
 def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...] | None = None,
                        **options) -> Reconstruction:
     """Rebuild the one sample of a FedSGD gradient from the first Linear layer of any model (see the module).
 
     ``update``: a :class:`~fedleak.GradientUpdate` or a dict of gradients; its ``num_examples`` must be 1 for a
-    certificate. ``input_shape``: one sample's shape (default: what fedleak infers from the model).
+    certificate. A :class:`~fedleak.WeightUpdate` is read row by row, uncertified, at its ``before`` weights.
+    ``input_shape``: one sample's shape (default: what fedleak infers from the model).
     ``options``: the fields of :class:`FirstLayerOptions`.
     """
     start = time.perf_counter()
     opts = options_from(FirstLayerOptions, options, what="first-layer option")
     model = check_module(model)
+    if isinstance(update, WeightUpdate):
+        update.parameters_of(model)
+        model = model_at_before(model, update)
+        with buffers_kept(model):
+            return _weight_rows(model, update, input_shape, opts, start)
     update = as_gradient_update(update)
     check_matches_model(model, update.gradients)
     with buffers_kept(model):  # a model in training mode moves its BatchNorm statistics in every pass
         return _attack(model, update, input_shape, opts, start)
 
 
-def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ...] | None, opts: FirstLayerOptions,
-            start: float) -> Reconstruction:
+def _layer_rows(model: nn.Module, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None, what: str
+                ) -> tuple[FirstLinear, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[str, ...]]:
+    """The first Linear layer, its weight and bias entries of ``tensors`` (float64), the sample's shape and notes."""
     shape, notes = _sample_shape(model, input_shape)
     layer = first_linear(model, shape)
-    if layer.weight not in update.gradients or layer.bias not in update.gradients:
-        raise ModelError(f"the update holds no gradient of the Linear layer '{layer.name}' that reads the sample "
+    if layer.weight not in tensors or layer.bias not in tensors:
+        raise ModelError(f"the update holds no {what} of the Linear layer '{layer.name}' that reads the sample "
                          "(frozen on the client), which is all this attack reads")
-    G, g = update.gradients[layer.weight].to(F64), update.gradients[layer.bias].to(F64)
+    G, g = tensors[layer.weight].to(F64), tensors[layer.bias].to(F64)
     if G.shape[1] != math.prod(shape):
         raise ModelError(f"the Linear layer '{layer.name}' reads {G.shape[1]} values, not one input of shape {shape}")
+    return layer, G, g, shape, notes
+
+
+def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, ...] | None,
+                 opts: FirstLayerOptions, start: float) -> Reconstruction:
+    """A weight change's first-layer rows: the learning rate, unknown, leaves no scale to check; several local steps
+    (or an unknown number) leave no exact class fit either (:class:`~fedleak.attacks.first_layer_rows.LayerRows`)."""
+    layer, G, g, shape, notes = _layer_rows(model, update.delta(), input_shape, "change")
+    W, b = update.before[layer.weight].to(F64), update.before[layer.bias].to(F64)
+    decay = read_row_decay(G, g, W, b)  # SGD's weight decay, over any number of steps
+    if decay is not None:
+        G, g = peel_row_decay(decay, G, g, W, b)
+        notes = (*notes, decay.describe())
+    rows = LayerRows(G, g, update.num_examples, None, drifted=update.local_steps != 1)
+    return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
+
+
+def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ...] | None, opts: FirstLayerOptions,
+            start: float) -> Reconstruction:
+    layer, G, g, shape, notes = _layer_rows(model, dict(update.gradients), input_shape, "gradient")
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
-        return rebuild_rows(model, model.get_submodule(layer.name), G, g, shape, update.num_examples, opts, notes,
-                            start)
+        m = update.num_examples
+        rows = LayerRows(G, g, m, None if m is None else 1.0 / m)
+        return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
     row = int(g.abs().argmax())
     if float(g[row]) == 0.0:
         return _result(model, shape, None, 0, False, "every bias gradient of the first layer is zero: the sample "

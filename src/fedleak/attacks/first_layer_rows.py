@@ -1,4 +1,4 @@
-"""The first Linear layer of a batch's gradient, read row by row: inputs rebuilt exactly, without a certificate.
+"""The first Linear layer of a batch's update, read row by row: inputs rebuilt exactly, without a certificate.
 
 For a batch, row ``i`` of the first Linear layer's weight gradient is ``sum_n d_ni [x_n]`` and its bias gradient
 ``sum_n d_ni`` (``d_ni`` sample ``n``'s gradient at the layer's unit ``i``). Where the activation after the
@@ -8,15 +8,26 @@ LayerNorm, attention: what the exclusivity attack cannot read). Rows whose ratio
 grouped; a group of two rows or more is a candidate. Its label is the class whose gradient, recomputed by
 autograd at the candidate (the model in the mode it was passed), is parallel on the group's rows to their bias
 gradients (``fit_tol``; at a positive scale); a candidate that no class fits is dropped, and so is one whose
-scale is not the batch's common one (``1/M`` for the mean loss of a reported batch of ``M``, ``scale_tol``):
-that removes the blends of samples that agree on rows (on two classes every blend of samples sharing their
-units does). Nothing is certified: the batch's other rows are not checked, and a blend may still fit.
+scale is not the batch's common one (``1/M`` for the mean loss of a reported batch of ``M``, else the one most
+candidates share; ``scale_tol``): that removes the blends of samples that agree on rows (on two classes every
+blend of samples sharing their units does). Nothing is certified: the batch's other rows are not checked, and a
+blend may still fit.
+
+A FedAvg client's weight change reads the same way: the input stays the same over its local steps, so a unit
+that fires for one sample only at every step moves its row by a multiple of that sample's input and its bias by
+the same multiple, whatever the learning rate, the number of steps or the momentum. Over several steps (or an
+unknown number: ``drifted``) the gradients were taken at moving weights, so no class fits the rows exactly and
+no scale is common: the label is the class whose gradient at the weights before fits best, and nothing else is
+checked. That is safe with more than two classes, where the rows of a blend of samples do not agree (each unit
+weighs the samples by its own output weights); on two classes (one logit, or two) they agree as often as a
+sample's do, and nothing is returned. SGD's weight decay is peeled first (:mod:`fedleak.attacks.row_decay`).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,54 +40,105 @@ F64 = torch.float64
 ROUTE = "first-layer (uncertified, batch rows)"
 
 
-def rebuild_rows(model: nn.Module, layer: nn.Linear, G: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...],
-                 batch_size: int | None, opts, notes: tuple[str, ...], start: float) -> Reconstruction:
-    """The inputs a batch's first-layer rows give (see the module), at most ``batch_size`` (those of most rows
-    first); ``G``, ``g``: the layer's weight and bias gradients (float64); ``opts``: ``group_tol``, ``fit_tol`` and
-    ``scale_tol`` (:class:`~fedleak.attacks.first_layer.FirstLayerOptions`)."""
+@dataclass(frozen=True)
+class LayerRows:
+    """The first Linear layer's rows as an update shows them: ``G`` and ``g``, its weight and bias change (float64;
+    for a weight update, ``before - after``), and how to read them: ``batch_size`` (None when not reported),
+    ``scale`` the batch's common scale of a sample's rows (``1/M`` for the mean loss of a reported batch; None when
+    not known: a learning rate, or no batch size) and ``drifted``, whether the update spans several local steps or
+    an unknown number (its gradients taken at moving weights)."""
+
+    G: torch.Tensor
+    g: torch.Tensor
+    batch_size: int | None
+    scale: float | None
+    drifted: bool = False
+
+
+def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int, ...], opts,
+                 notes: tuple[str, ...], start: float) -> Reconstruction:
+    """The inputs a batch's ``rows`` of the first Linear layer (named ``layer``) give (see the module), at most their
+    batch size (those of most rows first); ``model``: at the weights the update was taken from; ``opts``:
+    ``group_tol``, ``fit_tol`` and ``scale_tol`` (:class:`~fedleak.attacks.first_layer.FirstLayerOptions`)."""
+    G, g, batch_size = rows.G, rows.g, rows.batch_size
     idx = torch.nonzero(g != 0).flatten()
-    rows = ImpliedInputs(G, idx, g[idx])
-    held, scan = rows.held()
+    implied = ImpliedInputs(G, idx, g[idx])
+    held, scan = implied.held()
     groups = [torch.as_tensor(grp.rows, device=idx.device)
               for grp in group_rows(held, torch.argsort(-g[idx].abs()), opts.group_tol, scan) if len(grp.rows) >= 2]
     groups.sort(key=len, reverse=True)
-    X = torch.stack([held.mean(grp) for grp in groups]) if groups else torch.zeros(0, G.shape[1], dtype=F64)
-    labels, residuals, scales = class_fits(model, layer, X.reshape(len(X), *shape), [idx[grp] for grp in groups], g)
-    keep = [k for k in range(len(groups)) if residuals[k] <= opts.fit_tol]
-    keep = at_common_scale(keep, scales, batch_size, opts.scale_tol)
+    X = torch.stack([least_squares(G, g, idx[grp]) for grp in groups]) if groups else G.new_zeros(0, G.shape[1])
+    fits = class_fits(model, layer, X.reshape(len(X), *shape), [idx[grp] for grp in groups], g)
+    found = [k for k in range(len(groups)) if math.isfinite(fits.residuals[k])]
+    if not rows.drifted:
+        keep = at_common_scale([k for k in found if fits.residuals[k] <= opts.fit_tol], fits.scales, rows.scale,
+                               opts.scale_tol)
+        why = ("rebuilt from first-layer rows that agree on this input, its label the class whose recomputed "
+               "gradient fits them; a batch's rows can agree on a blend of samples, so it is not certified")
+    elif fits.classes > 2:
+        keep = found
+        why = ("rebuilt from first-layer rows of a weight update that agree on this input, its label the class whose "
+               "gradient at the weights before fits them best (over several local steps, or an unknown number, the "
+               "gradients were taken at moving weights: no class fits exactly); not certified")
+    else:  # two classes: blends agree on rows as often as samples do
+        keep, why = [], ""
     keep = distinct(X, keep, opts.group_tol)
     if batch_size is not None:
         keep = keep[:batch_size]
-    why = ("rebuilt from first-layer rows that agree on this input, its label the class whose recomputed gradient "
-           "fits them; a batch's rows can agree on a blend of samples, so it is not certified")
-    if batch_size is None:
+    if batch_size is None and not rows.drifted:
         why += " (the batch size is not known: pass num_examples=1 if the client sent one sample's gradient)"
     dtype = next(model.parameters()).dtype
-    samples = tuple(SampleRecovery(labels[k], False, why, witnesses=(len(groups[k]),), residual=residuals[k],
-                                   scale=scales[k], route=ROUTE) for k in keep)
-    missing = "" if keep else ("no two rows of the first Linear layer agree on an input that a class's gradient "
-                               "fits (every unit fires for several samples, or its activation is not a ReLU)")
+    samples = tuple(SampleRecovery(fits.labels[k], False, why, witnesses=(len(groups[k]),),
+                                   residual=fits.residuals[k], scale=fits.scales[k], route=ROUTE) for k in keep)
+    if keep:
+        missing = ""
+    elif rows.drifted and fits.classes <= 2 and found:
+        missing = ("on two classes the first-layer rows of a weight update of several local steps (or an unknown "
+                   "number) agree on blends of samples as often as on samples, and nothing tells them apart: nothing "
+                   "returned (if the client took one step, say so: WeightUpdate(..., local_steps=1))")
+    else:
+        missing = ("no two rows of the first Linear layer agree on an input that a class's gradient fits (every "
+                   "unit fires for several samples, or its activation is not a ReLU)")
     return Reconstruction(
-        inputs=X[keep].reshape(len(keep), *shape).to(dtype).cpu(), labels=torch.tensor([labels[k] for k in keep]),
+        inputs=X[keep].reshape(len(keep), *shape).to(dtype).cpu(), labels=torch.tensor([fits.labels[k] for k in keep]),
         certified=torch.zeros(len(keep), dtype=torch.bool), attack="first-layer", samples=samples,
         batch_size=batch_size, seconds=time.perf_counter() - start, notes=notes, missing_reason=missing)
 
 
-def class_fits(model: nn.Module, layer: nn.Linear, X: torch.Tensor, rows: list[torch.Tensor], g: torch.Tensor
-               ) -> tuple[list[int], list[float], list[float]]:
-    """Per candidate input (``X``, one per row of ``rows``): the class whose recomputed gradient at ``layer``'s
-    output best fits the observed bias gradients ``g`` on its rows, that fit's relative residual and scale (inf,
-    nan where no class fits at a positive scale). One forward and backward pass per class over all candidates."""
+def least_squares(G: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The input ``x`` that best explains ``rows`` of the layer as ``G[i] = g[i] x`` (least squares): each row's
+    ratio weighted by its bias change squared, so that the rows a sample moved most, whose entries the client's
+    rounding disturbs least relative to them, count most (for a weight change; a gradient's rows agree anyway)."""
+    w = g[rows]
+    return (w @ G[rows]) / (w @ w)
+
+
+@dataclass(frozen=True)
+class ClassFits:
+    """Per candidate: the best-fitting class (``labels``), that fit's relative residual (inf where no class fits at
+    a positive scale) and scale (nan there); ``classes``: how many classes the model tells apart."""
+
+    labels: list[int]
+    residuals: list[float]
+    scales: list[float]
+    classes: int
+
+
+def class_fits(model: nn.Module, layer: str, X: torch.Tensor, rows: list[torch.Tensor], g: torch.Tensor
+               ) -> ClassFits:
+    """Per candidate input (``X``, one per row of ``rows``): the class whose recomputed gradient at the output of
+    the Linear layer ``layer`` best fits the observed bias gradients ``g`` on its rows, that fit's relative
+    residual and scale (:class:`ClassFits`). One forward and backward pass per class over all candidates."""
     n = len(X)
     if n == 0:
-        return [], [], []
+        return ClassFits([], [], [], 0)
     first = next(model.parameters())
     x = X.to(first.device, first.dtype)
     best = torch.full((n,), math.inf, dtype=F64)
     label = torch.zeros(n, dtype=torch.long)
     scale = torch.full((n,), math.nan, dtype=F64)
     caught: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda mod, args, out: caught.append(out))
+    hook = model.get_submodule(layer).register_forward_hook(lambda mod, args, out: caught.append(out))
     try:
         with torch.enable_grad():
             logits = model(x)
@@ -95,19 +157,17 @@ def class_fits(model: nn.Module, layer: nn.Linear, X: torch.Tensor, rows: list[t
             res = float((obs - s * pred).norm()) / max(float(obs.norm()), 1e-300) if s > 0 else math.inf
             if res < best[k]:
                 best[k], label[k], scale[k] = res, c, s
-    return label.tolist(), best.tolist(), scale.tolist()
+    return ClassFits(label.tolist(), best.tolist(), scale.tolist(), classes)
 
 
-def at_common_scale(keep: list[int], scales: list[float], batch_size: int | None, tol: float) -> list[int]:
-    """The candidates of ``keep`` whose fitted scale is the batch's common one (within ``tol``, relative): ``1/M``
-    for the mean loss of a reported batch of ``M``, else the scale most of them share. On two classes every loss
-    vector lies on one line, so a blend of samples that share their units fits a class on those rows too, but at
-    a scale of its own (its loss vector is not the sum of theirs)."""
+def at_common_scale(keep: list[int], scales: list[float], common: float | None, tol: float) -> list[int]:
+    """The candidates of ``keep`` whose fitted scale is the batch's ``common`` one (within ``tol``, relative): ``1/M``
+    for the mean loss of a reported batch of ``M``; where it is not known (None), the scale most of them share.
+    On two classes every loss vector lies on one line, so a blend of samples that share their units fits a class
+    on those rows too, but at a scale of its own (its loss vector is not the sum of theirs)."""
     if not keep:
         return keep
-    if batch_size is not None:
-        common = 1.0 / batch_size
-    else:
+    if common is None:
         values = sorted(scales[k] for k in keep)
         common = max(values, key=lambda v: sum(abs(w / v - 1) <= tol for w in values))
     return [k for k in keep if abs(scales[k] / common - 1) <= tol]

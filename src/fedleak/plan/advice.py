@@ -109,8 +109,10 @@ def _auto(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
         return AttackAdvice(info.name, False, False, "would run the exact route, which applies here; run "
                                                      "exclusivity directly")
     if not facts.exact_possible:
-        return AttackAdvice(info.name, True, False, f"its exact step cannot certify this update, so it comes down to "
-                                                    f"{fallback} (uncertified)")
+        rows = ("holds the inputs its first Linear layer's rows give (uncertified) and " if facts.update_kind ==
+                "weights" and facts.update.multi_step and not facts.is_conv else "")
+        why = f"its exact step cannot certify this update, so it {rows}comes down to {fallback} (uncertified)"
+        return AttackAdvice(info.name, True, False, why)
     return AttackAdvice(info.name, True, False, f"runs the exact route where it certifies samples, then {fallback} "
                                                 "(uncertified) for the rest")
 
@@ -167,14 +169,20 @@ def _dlg(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
 
 @ADVISORS.decorator("first-layer")
 def _first_layer(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
+    if facts.is_conv:
+        return AttackAdvice(info.name, False, True, "needs the input to enter a Linear layer; here it enters a conv")
+    if facts.update_kind == "weights":
+        several = facts.update is not None and facts.update.kind != "one-step"
+        return AttackAdvice(info.name, several, False, "reads a weight change of any number of local steps off its "
+                                                       "first Linear layer's rows (where a ReLU follows): the inputs "
+                                                       "of units that fire for one sample only, exactly, uncertified "
+                                                       "(nothing on two classes unless the steps are declared as one)")
     if facts.batch_size != 1:
         return AttackAdvice(info.name, False, True, f"certifies one sample's gradient only (this batch is "
                                                     f"{facts.batch_size}); of a batch it rebuilds, uncertified, the "
                                                     "samples of first-layer units that fire for one sample only "
                                                     "(where a ReLU follows), as auto does where the exact route "
                                                     "cannot read the model")
-    if facts.is_conv:
-        return AttackAdvice(info.name, False, True, "needs the input to enter a Linear layer; here it enters a conv")
     useful = not (facts.exact_useful and facts.route == ROUTE_APPLIES)
     return AttackAdvice(info.name, useful, True, "at batch 1 the first Linear layer that reads the input (with a "
                                                  "bias) holds it exactly, whatever follows; certified where the "

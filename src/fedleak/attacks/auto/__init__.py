@@ -8,7 +8,8 @@ time budget.
    what several steps would corrupt). Otherwise (several local steps declared, a residual or LayerNorm model,
    no hidden ReLU layer, ...) it is skipped and the notes say why; a gradient of one sample is then read from
    the model's first Linear layer (:mod:`fedleak.attacks.first_layer`), which settles the run where it certifies;
-   of a batch, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held.
+   of a batch, and of a weight change of several (or undeclared) local steps where the exact route certified
+   nothing, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held.
 2. **Optimisation for the rest** (:mod:`~fedleak.attacks.auto.assemble`). The certified samples are kept
    exactly and held fixed; DLM+ (weight updates, local steps unrolled) or Inverting Gradients (gradients)
    searches the others, starting from what the exact route knows: their labels discounted from its label
@@ -37,7 +38,7 @@ from fedleak.attacks.auto.route import (
     network_barrier,
     plan_route,
 )
-from fedleak.attacks.auto.stages import finish, run_exact, run_first_layer
+from fedleak.attacks.auto.stages import finish, rows_of_weights, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
 from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import RunClock
@@ -103,6 +104,7 @@ def auto_attack(
         if plan.runs_exact:
             clock.stage("exclusivity")
             exact = run_exact(model, update, input_shape, exact_opts, notes)
+            exact = rows_of_weights(model, update, exact, input_shape, notes)
             clock.advance()
         else:
             one = run_first_layer(model, update, input_shape, notes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedleak.attacks.auto.assemble import certified_indices, exact_part, held_indices, merge, prior_from
@@ -37,12 +38,9 @@ def run_exact(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None
 
 def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] | None, notes: list[str],
                     ) -> Reconstruction | None:
-    """Where the exact route cannot read the model, a gradient's first Linear layer: for one sample, its result
-    when it certifies the sample (the run is then settled: ``batch_certified``); for a batch, the inputs its rows
-    give (uncertified, :mod:`fedleak.attacks.first_layer_rows`) where it gives any; else None and a note saying
-    why."""
-    if isinstance(update, WeightUpdate):
-        return None
+    """The first Linear layer's reading: of a one-sample gradient, its result when it certifies the sample (the run
+    is then settled: ``batch_certified``); of a batch's gradient or of a weight change, the inputs its rows give
+    (uncertified, :mod:`fedleak.attacks.first_layer_rows`) where it gives any; else None and a note saying why."""
     try:
         one = get_attack("first-layer").run(model, update, input_shape=input_shape)
     except (UpdateError, OptionError):
@@ -50,15 +48,39 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
     except FedleakError as exc:
         notes.append(f"auto: the first-layer attack could not run ({exc})")
         return None
-    if update.num_examples != 1 and len(one):
+    batch = isinstance(update, WeightUpdate) or update.num_examples != 1
+    if batch and len(one):
         return one  # a batch's rows: held as they are, the rest searched
     if not one.batch_certified:
         why = one.samples[0].reason if one.samples else one.missing_reason
-        notes.append(f"auto: the first-layer attack {'certified' if update.num_examples == 1 else 'rebuilt'} "
-                     f"nothing ({why})")
+        notes.append(f"auto: the first-layer attack {'rebuilt' if batch else 'certified'} nothing ({why})")
         return None
     notes.append("auto: a one-sample gradient; its first Linear layer gives the sample, certified by the whole update")
     return replace(one, attack="auto:first-layer", notes=(*notes, *one.notes))
+
+
+def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
+                    input_shape: tuple[int, ...] | None, notes: list[str]) -> Reconstruction | None:
+    """Where the exact route held nothing of a weight change that may span several local steps (their number not
+    declared), the first Linear layer's rows, which give inputs over any number of steps; else ``exact``."""
+    if not isinstance(update, WeightUpdate) or update.local_steps == 1 or (exact is not None and held_indices(exact)):
+        return exact
+    rows = run_first_layer(model, update, input_shape, notes)
+    if rows is None:
+        return exact
+    notes.append(f"auto: the exact route certified nothing; the first Linear layer's rows of the weight change, which "
+                 f"over several local steps still give inputs, gave {len(rows)} (uncertified), held in the search")
+    if exact is None or not len(exact):
+        return rows
+    # the exact route's other samples still start the search (an input it rebuilt, a label it found)
+    flat, ours = exact.inputs.reshape(len(exact), -1).double(), rows.inputs.reshape(len(rows), -1).double()
+    near = torch.cdist(flat, ours) <= 1e-4 * ours.norm(dim=1)[None, :] if len(rows) else torch.zeros(len(exact), 0) > 0
+    others = [k for k in range(len(exact)) if not bool(near[k].any())]
+    index = torch.tensor(others, dtype=torch.long)
+    return replace(rows, inputs=torch.cat([rows.inputs, exact.inputs[index].to(rows.inputs.dtype)]),
+                   labels=torch.cat([rows.labels, exact.labels[index]]),
+                   certified=torch.cat([rows.certified, exact.certified[index]]),
+                   samples=rows.samples + tuple(exact.samples[k] for k in others), label_counts=exact.label_counts)
 
 
 def search_rest(name: str, model: nn.Module, update: Any, **kwargs: Any) -> Reconstruction:
@@ -80,8 +102,8 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
     sure = len(certified_indices(exact)) if exact is not None else 0
     trained = len(fixed) - sure
     if exact is not None:
-        unit = "one-step weight change (learning rate cancels in ΔW_i/Δb_i)" if isinstance(update, WeightUpdate) \
-            else "gradient"
+        unit = "gradient" if not isinstance(update, WeightUpdate) else "weight change (learning rate cancels in " \
+            f"ΔW_i/Δb_i{', over any number of local steps' if exact.attack == 'first-layer' else ''})"
         notes.append(f"auto: {exact.attack} attack on the {unit} in {exact.seconds:.2f} s: {sure} sample(s) "
                      "certified exact" + (f" of a batch of {m}" if m is not None else " (batch size unknown)"))
         notes.extend(f"{exact.attack}: {n}" for n in exact.notes)

@@ -9,12 +9,12 @@ down them to the input.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.exact.decay import peel_decay, read_decay
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
@@ -23,6 +23,12 @@ from fedleak.attacks.registry import register_attack
 from fedleak.nets import as_network
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
+
+#: the note of a weight update that certified nothing and may be of several local steps
+SEVERAL_STEPS = ("nothing was certified; if the client took several local steps (the update does not say), its "
+                 "gradients were taken at moving weights, no certificate applies and a 'blend' in a sample's reason "
+                 "may be a sample of such an update: attack='first-layer' (or 'auto') reads the inputs the first "
+                 "Linear layer's rows still give")
 
 
 @register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True, takes_defense=True,
@@ -90,17 +96,7 @@ def exclusivity_on_weights(
     opts = resolve_options(options, {**overrides, "known_scale": False})
     names = list(update.parameters_of(model))
     delta = update.delta()
-    at_before = model
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    if not all(torch.equal(state[n].detach(), v.to(device=state[n].device, dtype=state[n].dtype))
-               for n, v in update.before.items()):
-        # the update was taken from other weights (or BatchNorm statistics) than the model's: a copy of the model
-        # at them (a server's own model at the round's global weights, as usual, is read as it is)
-        at_before = copy.deepcopy(model)
-        with torch.no_grad():
-            for n, t in (*at_before.named_parameters(), *at_before.named_buffers()):
-                if n in update.before:
-                    t.copy_(update.before[n].to(t.dtype))
+    at_before = model_at_before(model, update)
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
     decay = read_decay(net, update.before, update.after, delta)
@@ -111,7 +107,10 @@ def exclusivity_on_weights(
         peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
         grads = GradientUpdate(peeled, num_examples=update.num_examples)
     rec = within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
-    return rec if decay is None else replace(rec, notes=(*rec.notes, decay.describe()))
+    notes = (decay.describe(),) if decay is not None else ()
+    if not rec.num_certified and update.local_steps != 1:
+        notes += (SEVERAL_STEPS,)
+    return replace(rec, notes=(*rec.notes, *notes)) if notes else rec
 
 
 def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:
