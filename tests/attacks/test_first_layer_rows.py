@@ -134,3 +134,17 @@ def test_auto_reads_a_several_step_change_from_its_rows(fashion):
         rec = fedleak.reconstruct(model, update, attack="auto", budget=30, progress=False, iterations=2)
         assert rec.attack == "auto:first-layer+dlm+" and len(rec) == 16
         assert torch.equal(rec.inputs[: len(rows)], rows.inputs) and metrics.match(rows, x, y).exact.sum() == len(rows)
+
+
+def test_an_adam_clients_rows_give_signs_and_are_not_returned(fashion):
+    """Adam divides each entry's step by its own running magnitude: a unit exclusive to one sample moves its row by
+    ``sign(x)`` times a step, so its rows agree on a sign pattern, not on the input. Nothing is returned, the reason
+    says why, and ``auto`` searches the whole batch."""
+    torch.manual_seed(0)
+    model = UserNet(784, 512, 10)
+    x, y = fashion.batch(8, seed=0)
+    update = fedleak.fedavg_update(model, x, y, lr=1e-3, local_steps=3, optimizer="adam")
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    assert len(rec) == 0 and "sign patterns" in rec.missing_reason
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=5, progress=False, iterations=2)
+    assert rec.attack == "auto:dlm+"

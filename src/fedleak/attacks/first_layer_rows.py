@@ -20,7 +20,10 @@ unknown number: ``drifted``) the gradients were taken at moving weights, so no c
 no scale is common: the label is the class whose gradient at the weights before fits best, and nothing else is
 checked. That is safe with more than two classes, where the rows of a blend of samples do not agree (each unit
 weighs the samples by its own output weights); on two classes (one logit, or two) they agree as often as a
-sample's do, and nothing is returned. SGD's weight decay is peeled first (:mod:`fedleak.attacks.row_decay`).
+sample's do, and nothing is returned. SGD's weight decay is peeled first (:mod:`fedleak.attacks.row_decay`). Adam
+(and signSGD, or a sign-compressed update) moves each entry by its sign times a step of its own normalisation, so
+the rows agree on ``sign(x)``: over several steps, where no fit checks a candidate, sign patterns are not returned
+(:func:`sign_patterns`; one step of a plain gradient's rows fits no class on them).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 F64 = torch.float64
 ROUTE = "first-layer (uncertified, batch rows)"
+SIGN_TOL, SIGN_SHARE = 0.05, 0.95  # a candidate with this share of entries within this of -1, 0 or 1: a sign pattern
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,14 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
     X = torch.stack([least_squares(G, g, idx[grp]) for grp in groups]) if groups else G.new_zeros(0, G.shape[1])
     fits = class_fits(model, layer, X.reshape(len(X), *shape), [idx[grp] for grp in groups], g)
     found = [k for k in range(len(groups)) if math.isfinite(fits.residuals[k])]
+    signs = sign_patterns(X) if rows.drifted else torch.zeros(len(X), dtype=torch.bool)
     if not rows.drifted:
         keep = at_common_scale([k for k in found if fits.residuals[k] <= opts.fit_tol], fits.scales, rows.scale,
                                opts.scale_tol)
         why = ("rebuilt from first-layer rows that agree on this input, its label the class whose recomputed "
                "gradient fits them; a batch's rows can agree on a blend of samples, so it is not certified")
     elif fits.classes > 2:
-        keep = found
+        keep = [k for k in found if not signs[k]]  # what Adam's steps leave of an input (no fit checks them here)
         why = ("rebuilt from first-layer rows of a weight update that agree on this input, its label the class whose "
                "gradient at the weights before fits them best (over several local steps, or an unknown number, the "
                "gradients were taken at moving weights: no class fits exactly); not certified")
@@ -92,6 +97,10 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
                                    residual=fits.residuals[k], scale=fits.scales[k], route=ROUTE) for k in keep)
     if keep:
         missing = ""
+    elif signs[found].any():
+        missing = ("the rows agree only on sign patterns (nearly every entry -1, 0 or 1): what the steps of a "
+                   "sign-based optimizer (Adam, signSGD) or a sign-compressed update leave of any input, not the input "
+                   "itself (unless the data are such patterns); nothing returned")
     elif rows.drifted and fits.classes <= 2 and found:
         missing = ("on two classes the first-layer rows of a weight update of several local steps (or an unknown "
                    "number) agree on blends of samples as often as on samples, and nothing tells them apart: nothing "
@@ -103,6 +112,17 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         inputs=X[keep].reshape(len(keep), *shape).to(dtype).cpu(), labels=torch.tensor([fits.labels[k] for k in keep]),
         certified=torch.zeros(len(keep), dtype=torch.bool), attack="first-layer", samples=samples,
         batch_size=batch_size, seconds=time.perf_counter() - start, notes=notes, missing_reason=missing)
+
+
+def sign_patterns(X: torch.Tensor, tol: float = SIGN_TOL) -> torch.Tensor:
+    """Which candidate inputs (rows of ``X``) are sign patterns: nearly all (:data:`SIGN_SHARE`) entries within
+    ``tol`` of -1, 0 or 1, some of them at 1 or -1. Adam divides each entry's step by its own running magnitude, so
+    a unit that fired for one sample moves its row by ``sign(x)`` times one step size (less where ``|x|`` is so small
+    that Adam's ``eps`` counts), and its rows agree on ``sign(x)``, not on ``x``."""
+    if not len(X):
+        return torch.zeros(0, dtype=torch.bool)
+    near = ((X - X.round().clamp(-1, 1)).abs() <= tol).to(X.dtype).mean(1) >= SIGN_SHARE
+    return (near & ((X.abs() - 1).abs() <= tol).any(1)).cpu()
 
 
 def least_squares(G: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
