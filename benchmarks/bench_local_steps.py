@@ -13,8 +13,8 @@ of local steps is not declared to the attack. Per cell (``--batches`` batches, b
 - **first-layer rows**: inputs returned, originals rebuilt exactly (max abs error <= 1e-4 of the data range, each
   counted once), their labels right, returned inputs that are none of the batch's, the attack's median time.
 
-Then ``auto`` on declared 3-step updates against what it did before for them (DLM+ over the whole batch, within the
-same budget). Results go to ``benchmarks/results/local_steps.json`` and the tables to ``docs/benchmarks.md``.
+Then ``auto`` on declared 3-step updates against DLM+ searching the whole batch within the same budget. Results go
+to ``benchmarks/results/local_steps.json`` and the tables to ``docs/benchmarks.md``.
 
     python benchmarks/bench_local_steps.py            # 3 batches per cell (about 5 minutes)
 """
@@ -176,8 +176,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _auto_table(rows: list[dict]) -> str:
-    lines = ["| data | batch | budget | auto now: exact, median PSNR | "
-             "before (DLM+ over the batch): exact, median PSNR |",
+    lines = ["| data | batch | budget | auto: exact, median PSNR | "
+             "DLM+ searching the whole batch: exact, median PSNR |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         n = r["batch"] * r["batches"]
