@@ -10,7 +10,7 @@ from torch import nn
 
 import fedleak
 from fedleak import metrics
-from fedleak.attacks.first_layer_rows import ROUTE
+from fedleak.attacks.first_layer_rows import ROUTE, convex_blends
 
 
 class ResidualNormMLP(nn.Module):
@@ -148,3 +148,16 @@ def test_an_adam_clients_rows_give_signs_and_are_not_returned(fashion):
     assert len(rec) == 0 and "sign patterns" in rec.missing_reason
     rec = fedleak.reconstruct(model, update, attack="auto", budget=5, progress=False, iterations=2)
     assert rec.attack == "auto:dlm+"
+
+
+def test_convex_blends_are_told_from_samples():
+    """A point between samples (what the rows of units firing for samples of one label agree on) is a blend; the
+    samples are not, not even with blends of themselves among the others. A point beyond a sample (coefficients of
+    both signs) is not caught, and puts that sample between it and another: the sample is left out with it."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 50, dtype=torch.float64)
+    X = torch.cat([x, (0.3 * x[0] + 0.7 * x[1])[None], (0.2 * x[1] + 0.5 * x[2] + 0.3 * x[3])[None],
+                   (1.5 * x[0] - 0.5 * x[2])[None]])
+    assert convex_blends(X, list(range(6))) == {4, 5}
+    assert convex_blends(X, [0, 1, 4]) == {4} and convex_blends(X, [0, 4]) == set()
+    assert convex_blends(X, list(range(7))) == {0, 4, 5}

@@ -62,6 +62,13 @@ def test_summed_loss_and_weight_decay_are_named_in_the_advice(setting, digits):
     decayed = fedleak.plan(model, fedleak.fedavg_update(model, x, y, lr=0.1, optimizer="momentum", weight_decay=1e-2),
                            digits, max_samples=300)
     assert decayed.update.weight_decay and not decayed.update.noised and "SGD weight decay" in decayed.to_text()
+    # a batch the route does not cover, steps not declared: auto reads the first layer's rows where the exact route
+    # certifies nothing (for a gradient there is nothing of the kind to say)
+    xs, ys = digits.batch(32, seed=3)
+    big = fedleak.plan(model, fedleak.fedavg_update(model, xs, ys, lr=0.1), digits, max_samples=300)
+    assert big.route != "applies" and "first Linear layer's rows" in {a.name: a for a in big.attacks}["auto"].why
+    grad = fedleak.plan(model, fedleak.compute_gradient_update(model, xs, ys), digits, max_samples=300)
+    assert "first Linear layer's rows" not in {a.name: a for a in grad.attacks}["auto"].why
 
 
 def test_a_model_the_route_cannot_read_still_gets_a_plan():

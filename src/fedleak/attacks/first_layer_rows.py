@@ -17,9 +17,10 @@ A FedAvg client's weight change reads the same way: the input stays the same ove
 that fires for one sample only at every step moves its row by a multiple of that sample's input and its bias by
 the same multiple, whatever the learning rate, the number of steps or the momentum. Over several steps (or an
 unknown number: ``drifted``) the gradients were taken at moving weights, so no class fits the rows exactly and
-no scale is common: the label is the class whose gradient at the weights before fits best, and nothing else is
-checked. That is safe with more than two classes, where the rows of a blend of samples do not agree (each unit
-weighs the samples by its own output weights); on two classes (one logit, or two) they agree as often as a
+no scale is common: the label is the class whose gradient at the weights before fits best, with no tolerance
+and no scale checked. That is safe with more than two classes, where the rows of a blend of samples rarely agree (each unit
+weighs the samples by its own output weights; where they do, on samples of one label, the blend lies between them
+and is left out: :func:`convex_blends`); on two classes (one logit, or two) they agree as often as a
 sample's do, and nothing is returned. SGD's weight decay is peeled first (:mod:`fedleak.attacks.row_decay`). Adam
 (and signSGD, or a sign-compressed update) moves each entry by its sign times a step of its own normalisation, so
 the rows agree on ``sign(x)``: over several steps, where no fit checks a candidate, sign patterns are not returned
@@ -32,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -42,6 +44,7 @@ from fedleak.reconstruction import Reconstruction, SampleRecovery
 F64 = torch.float64
 ROUTE = "first-layer (uncertified, batch rows)"
 SIGN_TOL, SIGN_SHARE = 0.05, 0.95  # a candidate with this share of entries within this of -1, 0 or 1: a sign pattern
+BLEND_TOL = 1e-4  # a candidate within this (relative) of a convex combination of the others is a blend of them
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,11 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
                "gradient fits them; a batch's rows can agree on a blend of samples, so it is not certified")
     elif fits.classes > 2:
         keep = [k for k in found if not signs[k]]  # what Adam's steps leave of an input (no fit checks them here)
+        blends = convex_blends(X, keep)
+        keep = [k for k in keep if k not in blends]
+        if blends:
+            notes = (*notes, f"{len(blends)} candidate(s) whose rows agree on a convex combination of other "
+                             "candidates (blends of samples of one label) were left out")
         why = ("rebuilt from first-layer rows of a weight update that agree on this input, its label the class whose "
                "gradient at the weights before fits them best (over several local steps, or an unknown number, the "
                "gradients were taken at moving weights: no class fits exactly); not certified")
@@ -123,6 +131,29 @@ def sign_patterns(X: torch.Tensor, tol: float = SIGN_TOL) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.bool)
     near = ((X - X.round().clamp(-1, 1)).abs() <= tol).to(X.dtype).mean(1) >= SIGN_SHARE
     return (near & ((X.abs() - 1).abs() <= tol).any(1)).cpu()
+
+
+def convex_blends(X: torch.Tensor, keep: list[int], tol: float = BLEND_TOL) -> set[int]:
+    """The candidates of ``keep`` (rows of ``X``) within ``tol`` (relative) of a convex combination of the others.
+    A unit that fires for several samples of one label weighs them with coefficients of one sign, so where its rows
+    agree they agree on a point of the samples' convex hull. A sample is no convex combination of other samples and
+    such blends (a blend holding it would need a negative weight on its other part); it is one only where another
+    candidate lies beyond it, a blend with coefficients of both signs (samples of different labels, whose rows
+    rarely agree with more than two classes): then it is left out too, a sample lost, never a blend returned."""
+    from scipy.optimize import nnls  # loaded here: scipy's import costs an attack that never gets here 0.3 s
+
+    out: set[int] = set()
+    if len(keep) < 3:
+        return out
+    A = X[keep].double().cpu().numpy()
+    stiff = 100.0 * float(np.linalg.norm(A, axis=1).max())  # the weights' sum held to 1 (a row of this weight)
+    for pos, k in enumerate(keep):
+        others = np.delete(A, pos, axis=0)
+        system = np.vstack([others.T, np.full((1, len(others)), stiff)])
+        w, _ = nnls(system, np.append(A[pos], stiff))
+        if np.linalg.norm(others.T @ w - A[pos]) <= tol * np.linalg.norm(A[pos]) and abs(w.sum() - 1) <= 1e-3:
+            out.add(k)
+    return out
 
 
 def least_squares(G: torch.Tensor, g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,11 @@ def _auto(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
                 "weights" and facts.update.multi_step and not facts.is_conv else "")
         why = f"its exact step cannot certify this update, so it {rows}comes down to {fallback} (uncertified)"
         return AttackAdvice(info.name, True, False, why)
-    return AttackAdvice(info.name, True, False, f"runs the exact route where it certifies samples, then {fallback} "
-                                                "(uncertified) for the rest")
+    steps_unknown = facts.update_kind == "weights" and facts.update.kind != "one-step" and not facts.is_conv
+    rows = ("; where it certifies nothing of this weight change (several local steps?), it holds the inputs its "
+            "first Linear layer's rows give (uncertified)" if steps_unknown else "")
+    return AttackAdvice(info.name, True, False, f"runs the exact route where it certifies samples{rows}, then "
+                                                f"{fallback} (uncertified) for the rest")
 
 
 @ADVISORS.decorator("dlm+")
