@@ -58,6 +58,19 @@ def test_a_masked_input_is_never_certified(fashion, attack, m):
     assert (rec.inputs.reshape(len(rec), -1) == 0).float().mean() > (x == 0).float().mean()
 
 
+def test_the_rows_of_a_masked_input_say_so(fashion):
+    """A batch's first-layer rows, of a gradient or of a weight change of several steps, agree on what the client's
+    layer read: a masked copy of the input, or over several steps a blend of copies masked anew at every step.
+    Neither is the input; each sample's reason says why."""
+    torch.manual_seed(0)
+    model = InputDropoutMLP(784, 1024, 10)
+    x, y = fashion.batch(8, seed=1)
+    for update in (_client(model, x, y, train=True), fedleak.fedavg_update(model, x, y, lr=0.05, local_steps=3)):
+        rec = fedleak.reconstruct(model.eval(), update, attack="first-layer")
+        assert len(rec) >= 4 and all(WITHHELD in s.reason for s in rec.samples)
+        assert metrics.match(rec, x, y).exact.sum() == 0  # copies, not the inputs
+
+
 def test_told_eval_mode_certifies_as_before(fashion, digits):
     torch.manual_seed(0)
     model = InputDropoutMLP(784, 1024, 10)

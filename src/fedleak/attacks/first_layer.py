@@ -218,7 +218,8 @@ def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int,
     if decay is not None:
         G, g = peel_row_decay(decay, G, g, W, b)
         notes = (*notes, decay.describe())
-    rows = LayerRows(G, g, update.num_examples, None, drifted=update.local_steps != 1)
+    caveat = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
+    rows = LayerRows(G, g, update.num_examples, None, update.local_steps != 1, caveat)
     return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
 
 
@@ -227,7 +228,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     layer, G, g, shape, notes = _layer_rows(model, dict(update.gradients), input_shape, "gradient")
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
         m = update.num_examples
-        rows = LayerRows(G, g, m, None if m is None else 1.0 / m)
+        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=withheld(layer.masking, opts.train_dropout))
         return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
     row = int(g.abs().argmax())
     if float(g[row]) == 0.0:

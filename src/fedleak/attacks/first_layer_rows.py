@@ -18,9 +18,9 @@ that fires for one sample only at every step moves its row by a multiple of that
 the same multiple, whatever the learning rate, the number of steps or the momentum. Over several steps (or an
 unknown number: ``drifted``) the gradients were taken at moving weights, so no class fits the rows exactly and
 no scale is common: the label is the class whose gradient at the weights before fits best, with no tolerance
-and no scale checked. That is safe with more than two classes, where the rows of a blend of samples rarely agree (each unit
-weighs the samples by its own output weights; where they do, on samples of one label, the blend lies between them
-and is left out: :func:`convex_blends`); on two classes (one logit, or two) they agree as often as a
+and no scale checked. That is safe with more than two classes, where the rows of a blend of samples rarely agree
+(each unit weighs the samples by its own output weights; where they do, on samples of one label, the blend lies
+between them and is left out: :func:`convex_blends`); on two classes (one logit, or two) they agree as often as a
 sample's do, and nothing is returned. SGD's weight decay is peeled first (:mod:`fedleak.attacks.row_decay`). Adam
 (and signSGD, or a sign-compressed update) moves each entry by its sign times a step of its own normalisation, so
 the rows agree on ``sign(x)``: over several steps, where no fit checks a candidate, sign patterns are not returned
@@ -53,13 +53,15 @@ class LayerRows:
     for a weight update, ``before - after``), and how to read them: ``batch_size`` (None when not reported),
     ``scale`` the batch's common scale of a sample's rows (``1/M`` for the mean loss of a reported batch; None when
     not known: a learning rate, or no batch size) and ``drifted``, whether the update spans several local steps or
-    an unknown number (its gradients taken at moving weights)."""
+    an unknown number (its gradients taken at moving weights); ``caveat``: why an input the rows agree on may not
+    be the sample's (the model changes its input in training mode: :func:`~fedleak.attacks.masked_input.withheld`)."""
 
     G: torch.Tensor
     g: torch.Tensor
     batch_size: int | None
     scale: float | None
     drifted: bool = False
+    caveat: str = ""
 
 
 def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int, ...], opts,
@@ -100,6 +102,8 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         keep = keep[:batch_size]
     if batch_size is None and not rows.drifted:
         why += " (the batch size is not known: pass num_examples=1 if the client sent one sample's gradient)"
+    if rows.caveat:
+        why += f"; {rows.caveat}"
     dtype = next(model.parameters()).dtype
     samples = tuple(SampleRecovery(fits.labels[k], False, why, witnesses=(len(groups[k]),),
                                    residual=fits.residuals[k], scale=fits.scales[k], route=ROUTE) for k in keep)
