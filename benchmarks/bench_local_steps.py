@@ -13,10 +13,11 @@ of local steps is not declared to the attack. Per cell (``--batches`` batches, b
 - **first-layer rows**: inputs returned, originals rebuilt exactly (max abs error <= 1e-4 of the data range, each
   counted once), their labels right, returned inputs that are none of the batch's, the attack's median time.
 
-Then ``auto`` on declared 3-step updates, against DLM+ searching the whole batch within the same budget. Results go
+Then ``auto`` on undeclared one-step updates, declared 3-step updates and undeclared local epochs of mini-batches,
+against DLM+ searching the whole batch within the same budget. Results go
 to ``benchmarks/results/local_steps.json`` and the tables to ``docs/benchmarks.md``.
 
-    python benchmarks/bench_local_steps.py            # 3 batches per cell (about 8 minutes)
+    python benchmarks/bench_local_steps.py            # 3 batches per cell (about 13 minutes)
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ def cell(data, kind: str, name: str, m: int, batches: int, seed: int) -> dict:
 
 
 AUTO_CLIENTS = {  # name: fedleak.fedavg_update's keywords, for the auto table
+    "1 step, lr 0.1, not declared": {"lr": 0.1, "local_steps": 1},
     "3 steps, lr 0.05, declared": {"lr": 0.05, "local_steps": 3, "reveal_local_steps": True},
+    "1 epoch of mini-batches of 4, lr 0.05, not declared": {"lr": 0.05, "local_steps": 4, "batch_size": 4},
 }
 
 

@@ -82,7 +82,29 @@ def test_extra_candidates_come_from_blends_and_stay_out_of_the_batch(digits):
     assert set(capped.routes) <= {"exclusivity (certified)", "exclusivity (uncertified)"}
 
 
-def test_one_step_fedavg_update_within_budget_with_progress(digits, capsys):
+@pytest.fixture
+def no_rows(monkeypatch):
+    """The first Linear layer's rows give nothing more: the search stage alone fills the batch."""
+    monkeypatch.setattr("fedleak.attacks.auto.stages.run_first_layer", lambda *args, **kwargs: None)
+
+
+def test_one_step_fedavg_update_fills_the_batch_from_the_first_layers_rows(digits):
+    """The exact route certifies part of a one-step update (steps not declared); the first layer's rows give the
+    others exactly, uncertified, so no search is needed."""
+    model, update, x, y = _lr01_update(digits)
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=4, progress=False)
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.attack == "auto:exclusivity+first-layer" and 1 <= rec.num_certified < 8 and len(rec) == 8
+    assert scores.exact.all() and scores.recovered.sum() == rec.num_certified and not scores.false_certificate.any()
+    assert sorted(rec.labels.tolist()) == sorted(y.tolist())
+    n_cert = rec.num_certified
+    assert set(rec.routes[:n_cert]) == {"exclusivity (certified)"}
+    assert set(rec.routes[n_cert:]) == {"first-layer (uncertified, batch rows)"}
+    assert any("no optimisation needed" in n for n in rec.notes)
+    _every_sample_explained(rec)
+
+
+def test_one_step_fedavg_update_within_budget_with_progress(digits, capsys, no_rows):
     model, update, x, y = _lr01_update(digits)
     start = time.perf_counter()
     rec = fedleak.reconstruct(model, update, attack="auto", budget=4)
@@ -115,8 +137,9 @@ def test_multi_step_skips_the_exact_route_within_budget(digits):
     assert rec.iterations == 500 or any("stopped by the time budget" in n or "converged" in n for n in rec.notes)
 
 
-def test_partial_certification_keeps_certified_samples_fixed(digits):
-    """Where only some samples are certified, they are kept exactly and DLM+ searches the rest."""
+def test_partial_certification_keeps_certified_samples_fixed(digits, no_rows):
+    """Where only some samples are certified (and the rows give no more), they are kept exactly and DLM+ searches
+    the rest."""
     x, y = digits.batch(8, seed=0)
     model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
     update = fedavg_update(model, x, y, lr=0.1, local_steps=1)
@@ -139,7 +162,7 @@ def _plain_mlp_weight_update(digits):
     return model, fedavg_update(model, x, y, lr=0.1, local_steps=1), x, y
 
 
-def test_plain_sequential_weight_update_keeps_certified_samples_and_adds_the_rest(digits):
+def test_plain_sequential_weight_update_keeps_certified_samples_and_adds_the_rest(digits, no_rows):
     """No input shape anywhere: the exact route's certified samples come back exactly, plus DLM+'s for the rest
     (searched in the shape the exact route rebuilt)."""
     model, update, x, y = _plain_mlp_weight_update(digits)
@@ -153,7 +176,7 @@ def test_plain_sequential_weight_update_keeps_certified_samples_and_adds_the_res
     assert scores.recovered.sum() >= exact.num_certified and not scores.false_certificate.any()
 
 
-def test_certified_samples_survive_a_failing_fallback(digits, monkeypatch):
+def test_certified_samples_survive_a_failing_fallback(digits, monkeypatch, no_rows):
     """Should the optimisation refuse the model, the exact route's samples are still returned, within the batch."""
 
     def refuse(*args, **kwargs):

@@ -2,6 +2,7 @@
 that fire for one sample, uncertified, through layers the exclusivity attack cannot read."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import fedleak
 from fedleak import metrics
-from fedleak.attacks.first_layer_rows import ROUTE, convex_blends
+from fedleak.attacks.first_layer_rows import COMPRESSED_ROUTE, ROUTE, convex_blends
 
 
 class ResidualNormMLP(nn.Module):
@@ -162,3 +163,36 @@ def test_convex_blends_are_told_from_samples():
     assert convex_blends(X, [0, 1, 4]) == {4} and convex_blends(X, [0, 4]) == set()
     assert convex_blends(X, list(range(7))) == {0, 4, 5}
 
+
+def test_auto_adds_the_rows_to_what_the_exact_route_certified(fashion):
+    """A local epoch of mini-batches, its steps not declared: the exact route certifies the first mini-batch's
+    samples (their gradients were taken at the weights sent); the first layer's rows give more, held after them."""
+    torch.manual_seed(0)
+    model = UserNet(784, 1024, 10)
+    x, y = fashion.batch(16, seed=0)
+    update = fedleak.fedavg_update(model, x, y, lr=0.05, local_steps=4, batch_size=4)
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=10, progress=False, iterations=2)
+    scores = metrics.match(rec, x, y)
+    assert rec.attack == "auto:exclusivity+first-layer+dlm+" and scores.false_certificates == 0
+    assert 1 <= rec.num_certified and rec.routes.count(ROUTE) >= 3
+    held = rec.num_certified + rec.routes.count(ROUTE)
+    assert metrics.match(replace(rec, inputs=rec.inputs[:held], labels=rec.labels[:held],
+                                 certified=rec.certified[:held], samples=rec.samples[:held]), x, y).exact.sum() == held
+
+
+def test_rows_of_a_sparsified_update_start_the_search_instead_of_being_held(digits):
+    """Pruning drops entries of the rows themselves: their inputs are near the samples, not exact. The first-layer
+    attack says so in every reason and names another route; auto starts DLM+ from them instead of holding them."""
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.batch(4, seed=77)
+    clean = fedleak.fedavg_update(model, x, y, lr=0.5, local_steps=1)
+    pruned = fedleak.defend_update(clean, fedleak.make_defense("gradient-pruning", ratio=0.75), seed=0)
+    rows = fedleak.reconstruct(model, pruned, attack="first-layer")
+    assert len(rows) >= 1 and set(rows.routes) == {COMPRESSED_ROUTE}
+    assert all("looks sparsified" in s.reason for s in rows.samples)
+    assert not metrics.match(rows, x, y).exact.all()  # dropped entries read as 0: not the samples
+    rec = fedleak.reconstruct(model, pruned, attack="auto", iterations=20, budget=None, progress=False)
+    assert ROUTE not in rec.routes and COMPRESSED_ROUTE not in rec.routes and len(rec) == 4
+    assert any("starting the search" in n for n in rec.notes)
+    # the clean update's rows are the samples' and are held
+    assert set(fedleak.reconstruct(model, clean, attack="first-layer").routes) == {ROUTE}

@@ -49,6 +49,7 @@ from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.reconstruction import Reconstruction, SampleRecovery
+from fedleak.update_kind import describe_update
 from fedleak.updates import (
     GradientUpdate,
     WeightUpdate,
@@ -219,8 +220,22 @@ def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int,
         G, g = peel_row_decay(decay, G, g, W, b)
         notes = (*notes, decay.describe())
     caveat = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
-    rows = LayerRows(G, g, update.num_examples, None, update.local_steps != 1, caveat)
+    rows = LayerRows(G, g, update.num_examples, None, update.local_steps != 1, caveat, _compressed(model, update))
     return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
+
+
+def _compressed(model: nn.Module, update: GradientUpdate | WeightUpdate) -> str:
+    """Why a batch's rows are not the client's, in words: the update looks sparsified (dropped entries read as 0)
+    or quantised (:func:`~fedleak.update_kind.describe_update`); else empty."""
+    kind = describe_update(update, model)
+    if kind.sparsified is not None:
+        return (f"the update looks sparsified ({kind.sparsified:.0%} of its entries are exactly 0): entries the "
+                "client dropped read as 0 in these rows, so the input differs from the sample wherever its rows' "
+                "smallest entries were dropped")
+    if kind.quantised is not None:
+        return (f"the update looks quantised ({kind.quantised} distinct values in its largest tensor): the rows "
+                "carry that rounding, so the input is the sample's only to within it")
+    return ""
 
 
 def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ...] | None, opts: FirstLayerOptions,
@@ -228,7 +243,8 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     layer, G, g, shape, notes = _layer_rows(model, dict(update.gradients), input_shape, "gradient")
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
         m = update.num_examples
-        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=withheld(layer.masking, opts.train_dropout))
+        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=withheld(layer.masking, opts.train_dropout),
+                         compressed=_compressed(model, update))
         return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
     row = int(g.abs().argmax())
     if float(g[row]) == 0.0:

@@ -43,6 +43,8 @@ from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 F64 = torch.float64
 ROUTE = "first-layer (uncertified, batch rows)"
+#: the route of inputs read off the rows of an update that looks sparsified or quantised: near the samples, not exact
+COMPRESSED_ROUTE = "first-layer (uncertified, rows of a compressed update)"
 SIGN_TOL, SIGN_SHARE = 0.05, 0.95  # a candidate with this share of entries within this of -1, 0 or 1: a sign pattern
 BLEND_TOL = 1e-4  # a candidate within this (relative) of a convex combination of the others is a blend of them
 
@@ -54,7 +56,9 @@ class LayerRows:
     ``scale`` the batch's common scale of a sample's rows (``1/M`` for the mean loss of a reported batch; None when
     not known: a learning rate, or no batch size) and ``drifted``, whether the update spans several local steps or
     an unknown number (its gradients taken at moving weights); ``caveat``: why an input the rows agree on may not
-    be the sample's (the model changes its input in training mode: :func:`~fedleak.attacks.masked_input.withheld`)."""
+    be the sample's (the model changes its input in training mode: :func:`~fedleak.attacks.masked_input.withheld`);
+    ``compressed``: why the rows themselves are not the client's (the update looks sparsified or quantised), which
+    makes the inputs approximations (:data:`COMPRESSED_ROUTE`)."""
 
     G: torch.Tensor
     g: torch.Tensor
@@ -62,6 +66,7 @@ class LayerRows:
     scale: float | None
     drifted: bool = False
     caveat: str = ""
+    compressed: str = ""
 
 
 def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int, ...], opts,
@@ -102,11 +107,11 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         keep = keep[:batch_size]
     if batch_size is None and not rows.drifted:
         why += " (the batch size is not known: pass num_examples=1 if the client sent one sample's gradient)"
-    if rows.caveat:
-        why += f"; {rows.caveat}"
+    why += "".join(f"; {c}" for c in (rows.caveat, rows.compressed) if c)
+    route = COMPRESSED_ROUTE if rows.compressed else ROUTE
     dtype = next(model.parameters()).dtype
     samples = tuple(SampleRecovery(fits.labels[k], False, why, witnesses=(len(groups[k]),),
-                                   residual=fits.residuals[k], scale=fits.scales[k], route=ROUTE) for k in keep)
+                                   residual=fits.residuals[k], scale=fits.scales[k], route=route) for k in keep)
     if keep:
         missing = ""
     elif signs[found].any():

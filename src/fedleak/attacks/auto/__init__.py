@@ -8,8 +8,8 @@ time budget.
    what several steps would corrupt). Otherwise (several local steps declared, a residual or LayerNorm model,
    no hidden ReLU layer, ...) it is skipped and the notes say why; a gradient of one sample is then read from
    the model's first Linear layer (:mod:`fedleak.attacks.first_layer`), which settles the run where it certifies;
-   of a batch, and of a weight change of several (or undeclared) local steps where the exact route certified
-   nothing, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held.
+   of a batch, and of a weight change (one local step or several) where the exact route certified only part of
+   it, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held.
 2. **Optimisation for the rest** (:mod:`~fedleak.attacks.auto.assemble`). The certified samples are kept
    exactly and held fixed; DLM+ (weight updates, local steps unrolled) or Inverting Gradients (gradients)
    searches the others, starting from what the exact route knows: their labels discounted from its label

@@ -28,7 +28,9 @@ def held_indices(exact: Reconstruction) -> list[int]:
     """The exact route's samples the search holds fixed: the certified ones, then the inputs read exactly off the
     update's rows without a certificate: read as a client's in training mode
     (:func:`fedleak.attacks.exact.dropout.read_in_training_mode`: the search simulates an eval-mode client, which
-    would move them) or off a batch's first-layer rows (:mod:`fedleak.attacks.first_layer_rows`)."""
+    would move them) or off a batch's first-layer rows (:mod:`fedleak.attacks.first_layer_rows`; not those of an
+    update that looks sparsified or quantised, :data:`~fedleak.attacks.first_layer_rows.COMPRESSED_ROUTE`, which
+    start the search instead)."""
     read = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt
             and (read_in_training_mode(r) or r.route == ROWS_ROUTE)]
     return certified_indices(exact) + read

@@ -61,26 +61,49 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
 
 def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
                     input_shape: tuple[int, ...] | None, notes: list[str]) -> Reconstruction | None:
-    """Where the exact route held nothing of a weight change that may span several local steps (their number not
-    declared), the first Linear layer's rows, which give inputs over any number of steps; else ``exact``."""
-    if not isinstance(update, WeightUpdate) or update.local_steps == 1 or (exact is not None and held_indices(exact)):
+    """Of a weight change (one local step or several, declared or not), where the exact route certified only part
+    of the batch and held nothing else, the first Linear layer's rows, which give inputs over any number of steps:
+    held after the certified samples (those they repeat left out), the exact route's other inputs still starting the
+    search; else ``exact``. (Of a gradient the rows gave no sample the exact route had not certified, measured.)"""
+    if not isinstance(update, WeightUpdate):
+        return exact
+    sure = certified_indices(exact) if exact is not None else []
+    m = update.num_examples
+    if exact is not None and (len(held_indices(exact)) > len(sure) or exact.batch_certified
+                              or (m is not None and len(sure) >= m)):
         return exact
     rows = run_first_layer(model, update, input_shape, notes)
     if rows is None:
         return exact
-    notes.append(f"auto: the exact route certified nothing; the first Linear layer's rows of the weight change, which "
-                 f"over several local steps still give inputs, gave {len(rows)} (uncertified), held in the search")
+    which = "" if update.local_steps == 1 else ", which over several local steps still give inputs,"
+    # inputs read off the rows of a compressed update are not exact: they start the search instead of being held
+    how = "held" if len(held_indices(rows)) == len(rows) else "starting the search (their reasons say why)"
     if exact is None or not len(exact):
+        notes.append(f"auto: the exact route certified nothing; the first Linear layer's rows of the weight "
+                     f"change{which} gave {len(rows)} (uncertified), {how}")
+        notes.extend(f"{exact.attack}: {n}" for n in (exact.notes if exact is not None else ()))
         return rows
-    # the exact route's other samples still start the search (an input it rebuilt, a label it found)
-    flat, ours = exact.inputs.reshape(len(exact), -1).double(), rows.inputs.reshape(len(rows), -1).double()
-    near = torch.cdist(flat, ours) <= 1e-4 * ours.norm(dim=1)[None, :] if len(rows) else torch.zeros(len(exact), 0) > 0
-    others = [k for k in range(len(exact)) if not bool(near[k].any())]
-    index = torch.tensor(others, dtype=torch.long)
-    return replace(rows, inputs=torch.cat([rows.inputs, exact.inputs[index].to(rows.inputs.dtype)]),
-                   labels=torch.cat([rows.labels, exact.labels[index]]),
-                   certified=torch.cat([rows.certified, exact.certified[index]]),
-                   samples=rows.samples + tuple(exact.samples[k] for k in others), label_counts=exact.label_counts)
+    new = [k for k in range(len(rows)) if not _near(rows.inputs[k:k + 1], exact.inputs[sure]).any()]
+    others = [k for k in range(len(exact)) if k not in sure and not _near(exact.inputs[k:k + 1], rows.inputs).any()]
+    notes.append(f"auto: the exact route certified {len(sure) or 'nothing'}; the first Linear layer's rows of the "
+                 f"weight change{which} gave {len(new)}"
+                 f"{' more' if sure else ''} (uncertified), {how}")
+    notes.extend(f"{r.attack}: {n}" for r in (exact, rows) for n in r.notes)  # each under its own name
+    parts = [(exact, sure), (rows, new), (exact, others)]
+    index = [torch.tensor(k, dtype=torch.long) for _, k in parts]
+    return replace(exact, attack="exclusivity+first-layer" if sure else rows.attack, notes=(),
+                   inputs=torch.cat([r.inputs[i].to(exact.inputs.dtype) for (r, _), i in zip(parts, index)]),
+                   labels=torch.cat([r.labels[i] for (r, _), i in zip(parts, index)]),
+                   certified=torch.cat([r.certified[i] for (r, _), i in zip(parts, index)]),
+                   samples=tuple(r.samples[k] for r, ks in parts for k in ks))
+
+
+def _near(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row of ``a``, whether it is within 1e-4 (relative) of a row of ``b``: the same input read twice."""
+    if not len(a) or not len(b):
+        return torch.zeros(len(a), dtype=torch.bool)
+    fa, fb = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
+    return (torch.cdist(fa, fb) <= 1e-4 * fb.norm(dim=1)[None, :]).any(1)
 
 
 def search_rest(name: str, model: nn.Module, update: Any, **kwargs: Any) -> Reconstruction:
