@@ -1,7 +1,7 @@
 """Hunt for false certificates where they were found before: natural two-class data, models with PyTorch's
 default initialisation, output biases shifted by the size of that initialisation, small batches.
 
-Every batch: a random draw of M samples (M uniform in 2..8 unless set), a model built with plain torch
+Every batch: a random draw of M samples (M uniform in 2..8, or 2..64 on the -large grounds), a model built with plain torch
 (``nn.Sequential`` of Linear/ReLU, default init, seeded; on the ``conv1d`` grounds each sample is read as one
 signal by a ``Conv1d`` + ReLU before them), the mean cross-entropy gradient by plain autograd,
 ``fedleak.reconstruct`` with and without the reported batch size (alternating). Every certified
@@ -69,6 +69,8 @@ CONFIGS = {
     "fashion-10-raw255": Config("fashion-mnist", (1024,), scale=255.0),
     "lfw-2-fedavg": Config("lfw", (1024,), lr=0.1),
     "lfw-2-fedavg-lr1": Config("lfw", (1024,), lr=1.0),
+    "lfw-2-fedavg-large": Config("lfw", (1024,), max_batch=64, lr=0.1),
+    "retina-2-fedavg-large": Config("retina", (1024,), max_batch=64, lr=0.1),
     "lfw-2-fedavg-3steps": Config("lfw", (1024,), lr=0.1, steps=3),
     "lfw-2-fedavg-epoch": Config("lfw", (1024,), lr=0.1, local_batch=2),
     "fashion-10-fedavg-epoch-momentum": Config("fashion-mnist", (1024,), lr=0.05, local_batch=2, momentum=True),
@@ -217,7 +219,8 @@ def render(files: list[Path]) -> None:
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "
                          f"| {r['certifiable_recovered']}/{r['certifiable']} ({100 * share:.1f}%) |")
     versions = record["versions"]
-    body = (f"_Batches of 2-8 random samples, one fresh default-init model each (`nn.Sequential`, seeded); "
+    body = (f"_Batches of 2-8 random samples (2-64 on the grounds named -large), one fresh default-init model "
+            f"each (`nn.Sequential`, seeded); "
             f"gradients report the batch size for every other batch, FedAvg updates always (as Flower clients do); "
             f"{record['machine']}; torch {versions['torch']}. "
             f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines))

@@ -225,3 +225,37 @@ def test_weight_delta_input_known_only_as_well_as_its_rounding_allows(lfw):
     assert scores.false_certificates == 0
     assert rec.num_certified >= 5
     assert any("rounding" in s.reason for s in rec.samples if not s.certified)
+
+
+def test_two_blends_sharing_a_scale_do_not_fix_a_weight_deltas_factor():
+    """One SGD step at lr 0.1 on 64 retina patches (3072-1024-2, the user's module): two blends of nearly the
+    same label-1 patches sat at one scale, 8.6 times lr/M, and were the only candidates strong enough to vote,
+    so a blend was certified. Every true sample sits at lr/M, witnessed once or rebuilt too roughly alike: the
+    factor is the scale most rebuilt inputs share, and the blends' scale is refused."""
+    retina = fedleak.load_dataset("retina")
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 2))
+    x, y = retina.batch(64, seed=2)
+    update = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1, seed=2)
+    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert fedleak.metrics.match(rec, x, y, data_range=retina.value_range).false_certificates == 0
+    factor = 0.1 / 64  # lr / M
+    blends = [s for s in rec.samples if abs(s.scale / factor - 1) > 0.05 and s.witnesses and s.witnesses[-1] >= 2]
+    assert blends and all(not s.certified for s in blends)
+
+
+def test_blends_of_five_samples_do_not_outvote_the_true_samples(lfw):
+    """One SGD step at lr 0.1 on 49 LFW faces, a default-init 625-1024-2 model: near initialisation every face's
+    loss is about the same, so blends of k faces sit at about k times lr/M; four blends of about five faces
+    (4.97 lr/M) outvoted the three true samples at lr/M and one was certified. A factor that is a whole multiple
+    of another shared scale certifies nothing short of the whole batch."""
+    idx = [341, 50, 335, 242, 66, 36, 169, 357, 124, 92, 362, 145, 287, 207, 168, 58, 233, 267, 7, 117, 366, 262,
+           53, 143, 35, 374, 205, 45, 391, 97, 309, 162, 6, 37, 140, 175, 360, 149, 389, 301, 125, 31, 65, 96, 3, 23,
+           191, 372, 351]
+    x, y = lfw.x[idx], lfw.y[idx]
+    torch.manual_seed(2060763764)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(625, 1024), nn.ReLU(), nn.Linear(1024, 2))
+    update = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1, seed=586593278)
+    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert fedleak.metrics.match(rec, x, y, data_range=lfw.value_range).false_certificates == 0
+    assert any("times another scale several share" in s.reason for s in rec.samples)

@@ -73,6 +73,8 @@ def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
                               or (m is not None and len(sure) >= m)):
         return exact
     rows = run_first_layer(model, update, input_shape, notes)
+    if rows is None and sure and update.local_steps is None:
+        rows = run_first_layer(model, replace(update, local_steps=1), input_shape, notes)
     if rows is None:
         return exact
     which = "" if update.local_steps == 1 else ", which over several local steps still give inputs,"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from fedleak.attacks.exact.class_weights import admissible_factors
+from fedleak.attacks.exact.batch_scale import BatchScale, batch_scale
 from fedleak.attacks.exact.dropout import settle_all
 from fedleak.attacks.exact.joint import (
     IndependenceTest,
@@ -41,7 +41,7 @@ from fedleak.attacks.exact.joint import (
     degenerate_loss_vectors,
     select_consistent,
 )
-from fedleak.attacks.exact.options import NO_SIZE_FROM_SUM, REDUCTIONS
+from fedleak.attacks.exact.options import REDUCTIONS
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
 from fedleak.attacks.exact.witnesses import (
@@ -55,88 +55,6 @@ from fedleak.nets import forward_trace
 from fedleak.reconstruction import SampleRecovery
 
 F64 = torch.float64
-
-
-# -------------------------------------------------------------------------------------------------------
-# Step 2: the batch's scale
-
-
-@dataclass(frozen=True)
-class BatchScale:
-    """The batch size ``M`` and the common factor of every sample's scale (``1/M`` for a mean-loss
-    gradient; ``lr/M`` for a one-step weight delta), or ``None`` with the ``reason`` they are unknown.
-    ``whole_batch_only``: the factor rests on one sample's own scale, so only a set that explains the whole
-    gradient (all ``M`` samples, no room left) may be certified with it. ``inferred``: the batch size was read
-    from the samples' common scale ``1/M``, not reported."""
-
-    batch_size: int | None
-    factor: float | None
-    reason: str = ""
-    whole_batch_only: bool = False
-    inferred: bool = False
-
-
-def agreeing_groups(values: np.ndarray, tol: float) -> list[np.ndarray]:
-    """Indices of values that agree within ``tol`` (relative) with some value, largest group first."""
-    groups = []
-    for v in values:
-        members = np.nonzero(np.abs(values / v - 1) <= tol)[0]
-        groups.append(members)
-    groups.sort(key=len, reverse=True)
-    return groups
-
-
-def batch_scale(fits: list[WitnessFit], strong: list[int], own: np.ndarray, reported: int | None, opts) -> BatchScale:
-    """The batch's scale. With a known scale (``known_scale``) a reported batch size fixes it (``1/M`` for a
-    mean loss, 1 for a summed one); otherwise, for a mean loss, the batch size ``M = own_k / s_k`` (``own_k``:
-    sample ``k``'s own factor, its clipping times its label's class weight) that at
-    least two strong samples agree on (``inferred``), or ``M = 1`` for a lone sample whose scale is 1 (the
-    joint test then asks it to explain the whole gradient). With an unknown factor (a weight delta, or a
-    class-weighted mean loss, ``1 / W``) the batch size must be reported; the factor is, for a class-weighted
-    gradient whose label histograms allow few values of ``W``, the allowed value the most strong samples sit at
-    (:func:`~fedleak.attacks.exact.class_weights.admissible_factors`), else the one the most strong samples share
-    (at least two, or the set certified must be the whole batch)."""
-    scales = np.array([fits[k].scale / own[k] for k in strong], dtype=float)
-    if opts.known_scale and not opts.weighted_mean:
-        if reported is not None:
-            return BatchScale(reported, opts.common_scale(reported))
-        if not opts.reduction.reveals_batch_size:
-            return BatchScale(None, None, NO_SIZE_FROM_SUM)
-        if len(strong) == 0:
-            return BatchScale(None, None, "no rebuilt sample has the witnesses a certificate needs")
-        sizes = 1.0 / scales
-        whole = np.abs(sizes - np.round(sizes)) <= opts.scale_tol * sizes
-        for grp in agreeing_groups(scales, opts.scale_tol):
-            m = float(np.median(sizes[grp]))
-            if round(m) >= 1 and abs(m - round(m)) <= opts.scale_tol * m and (len(grp) >= 2 or round(m) == 1):
-                return BatchScale(int(round(m)), 1.0 / round(m), inferred=True)
-        why = ("no batch size was reported, and no two rebuilt samples share a scale 1/M with M whole"
-               if not whole.any() or len(strong) > 1 else
-               "no batch size was reported, and a lone rebuilt sample proves its scale only when it is 1")
-        return BatchScale(None, None, why)
-    if reported is None:
-        unknown = ("the update's scale is unknown (a class-weighted mean loss: 1 / the sum of the batch's weights)"
-                   if opts.weighted_mean else "the update's scale is unknown (a weight delta)")
-        return BatchScale(None, None, f"{unknown} and it reports no number of examples; without the batch size the "
-                          "rebuilt samples cannot be checked jointly (give the update the number of examples its "
-                          "client reported: num_examples)")
-    if len(strong) == 0:
-        return BatchScale(reported, None, "no rebuilt sample has the witnesses a certificate needs")
-    allowed = admissible_factors(opts.class_weights, reported) if opts.known_scale and opts.weighted_mean else None
-    if allowed is not None:  # 1 / W is one of few values (two classes: M + 1), as 1/M is for an unweighted loss
-        near = allowed[np.abs(scales[:, None] / allowed[None, :] - 1).argmin(1)]
-        at = np.abs(scales / near - 1) <= np.array([fits[k].scale_tol for k in strong])
-        if not at.any():
-            return BatchScale(reported, None, f"no rebuilt sample's scale is its label's weight over a sum of "
-                              f"{reported} class weights (1 / W for one of the batch's label histograms)")
-        values, support = np.unique(near[at], return_counts=True)
-        return BatchScale(reported, float(values[support.argmax()]))
-    best = max(agreeing_groups(scales, opts.scale_tol),
-               key=lambda grp: (len(grp), sum(sum(fits[strong[k]].counts) for k in grp)))
-    return BatchScale(reported, float(np.median(scales[best])), whole_batch_only=len(best) < 2 and reported > 1,
-                      reason=f"no two rebuilt samples share the update's common scale "
-                             f"({'1 / the sum of the weights' if opts.weighted_mean else 'lr/M'}), and the rebuilt "
-                             "samples are not the whole batch")
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -256,7 +174,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     vague = functools.cache(lambda k: imprecise(fits[k], complete[k]))
     short = [witnessed(f, c) or vague(k) for k, (f, c) in enumerate(zip(fits, complete))]
     strong = [k for k, why in enumerate(short) if why is None]
-    bs = batch_scale(fits, strong, own, reported, opts)
+    voters = [k for k, f in enumerate(fits) if f.consistent and f.counts[-1] >= 1 and math.isfinite(f.scale)]
+    bs = batch_scale(fits, strong, own, reported, opts, voters)
     reasons: list[str | None] = list(short)
     certified: set[int] = set()
     batch_ok = False
