@@ -64,7 +64,10 @@ def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
     """Of a weight change (one local step or several, declared or not), where the exact route certified only part
     of the batch and held nothing else, the first Linear layer's rows, which give inputs over any number of steps:
     held after the certified samples (those they repeat left out), the exact route's other inputs still starting the
-    search; else ``exact``. (Of a gradient the rows gave no sample the exact route had not certified, measured.)"""
+    search; else ``exact``. Where they give nothing of an undeclared change (on two classes, read as several steps)
+    and the exact route certified part of it, which a gradient at the weights sent explains, they are read as one
+    step's (class fit and common scale). (Of a gradient the rows gave no sample the exact route had not certified,
+    measured.)"""
     if not isinstance(update, WeightUpdate):
         return exact
     sure = certified_indices(exact) if exact is not None else []

@@ -54,7 +54,7 @@ def batch_scale(fits: list[WitnessFit], strong: list[int], own: np.ndarray, repo
     own, so the strong samples alone may all be blends. At least two strong samples must sit at the factor, and it
     must not be a whole multiple ``k >= 2`` of another scale that two or more rebuilt inputs share (near a model's
     initialisation every input's loss is about the same, so a blend of ``k`` samples sits at about ``k`` times the
-    factor, and ``k``-blends agree with each other); else the set certified must be the whole batch.""" 
+    factor, and ``k``-blends agree with each other); else the set certified must be the whole batch."""
     scales = np.array([fits[k].scale / own[k] for k in strong], dtype=float)
     if opts.known_scale and not opts.weighted_mean:
         if reported is not None:
