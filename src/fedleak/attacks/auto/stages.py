@@ -77,7 +77,11 @@ def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
         return exact
     rows = run_first_layer(model, update, input_shape, notes)
     if rows is None and sure and update.local_steps is None:
-        rows = run_first_layer(model, replace(update, local_steps=1), input_shape, notes)
+        update = replace(update, local_steps=1)  # what the certified samples show of it: one step at the weights sent
+        rows = run_first_layer(model, update, input_shape, notes)
+        if rows is not None:
+            notes.append(f"auto: the first Linear layer's rows read as one local step's, since the exact route "
+                         f"certified {len(sure)} sample(s) of the change as one step's gradient")
     if rows is None:
         return exact
     which = "" if update.local_steps == 1 else ", which over several local steps still give inputs,"
@@ -88,8 +92,9 @@ def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
                      f"change{which} gave {len(rows)} (uncertified), {how}")
         notes.extend(f"{exact.attack}: {n}" for n in (exact.notes if exact is not None else ()))
         return rows
-    new = [k for k in range(len(rows)) if not _near(rows.inputs[k:k + 1], exact.inputs[sure]).any()]
-    others = [k for k in range(len(exact)) if k not in sure and not _near(exact.inputs[k:k + 1], rows.inputs).any()]
+    repeated, read = _near(rows.inputs, exact.inputs[sure]), _near(exact.inputs, rows.inputs)
+    new = [k for k in range(len(rows)) if not repeated[k]]
+    others = [k for k in range(len(exact)) if k not in sure and not read[k]]
     notes.append(f"auto: the exact route certified {len(sure) or 'nothing'}; the first Linear layer's rows of the "
                  f"weight change{which} gave {len(new)}"
                  f"{' more' if sure else ''} (uncertified), {how}")
@@ -103,12 +108,12 @@ def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
                    samples=tuple(r.samples[k] for r, ks in parts for k in ks))
 
 
-def _near(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _near(a: torch.Tensor, b: torch.Tensor) -> list[bool]:
     """Per row of ``a``, whether it is within 1e-4 (relative) of a row of ``b``: the same input read twice."""
     if not len(a) or not len(b):
-        return torch.zeros(len(a), dtype=torch.bool)
+        return [False] * len(a)
     fa, fb = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
-    return (torch.cdist(fa, fb) <= 1e-4 * fb.norm(dim=1)[None, :]).any(1)
+    return (torch.cdist(fa, fb) <= 1e-4 * fb.norm(dim=1)[None, :]).any(1).tolist()
 
 
 def search_rest(name: str, model: nn.Module, update: Any, **kwargs: Any) -> Reconstruction:
