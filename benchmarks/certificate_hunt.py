@@ -1,11 +1,12 @@
 """Hunt for false certificates where they were found before: natural two-class data, models with PyTorch's
 default initialisation, output biases shifted by the size of that initialisation, small batches.
 
-Every batch: a random draw of M samples (M uniform in 2..8, or 2..64 on the -large grounds), a model built with plain torch
-(``nn.Sequential`` of Linear/ReLU, default init, seeded; on the ``conv1d`` grounds each sample is read as one
-signal by a ``Conv1d`` + ReLU before them), the mean cross-entropy gradient by plain autograd,
-``fedleak.reconstruct`` with and without the reported batch size (alternating). Every certified
-reconstruction is scored against every original by ``fedleak.metrics.match``: it must be within ``1e-4`` of
+Every batch: a random draw of M samples (M uniform in 2..8, or 2..64 on the -large grounds, 2..256 on -256), a
+model built with plain torch (``nn.Sequential`` of Linear/ReLU, default init, seeded; on the ``conv1d`` grounds each
+sample is read as one signal by a ``Conv1d`` + ReLU before them; on the trap-weights and imprint grounds with
+that malicious server's first layer), the mean cross-entropy gradient by plain autograd,
+``fedleak.reconstruct`` with and without the reported batch size (alternating), with the ground's attack. Every
+certified reconstruction is scored against every original by ``fedleak.metrics.match``: it must be within ``1e-4`` of
 the data's range (max abs error) of an original with its label, and no two certified reconstructions may claim
 the same original. The worst certified error (relative to the range) is recorded too.
 
@@ -55,6 +56,7 @@ class Config:
     smoothing: float = 0.0  # the client's cross-entropy's label smoothing ...
     told: bool = True  # ... which the attack is told, or reads off the update (class weights: or is not told)
     weighted: bool = False  # class weights F.cross_entropy(weight=w), w log-uniform in [1/4, 4] per batch
+    attack: str = "auto"  # or a malicious server's: "trap-weights" / "imprint" (bins from 500 other samples)
 
 
 CONFIGS = {
@@ -104,7 +106,26 @@ CONFIGS = {
     "lfw-2-fedavg-weighted": Config("lfw", (1024,), lr=0.1, weighted=True),
     "lfw-2-weighted-untold": Config("lfw", (1024,), weighted=True, told=False),
     "fashion-10-weighted-untold": Config("fashion-mnist", (1024,), weighted=True, told=False),
+    # malicious servers: a blend of samples may fit a trap row or an imprint bin up to the batch's scale
+    "lfw-2-trap-fedavg-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="trap-weights"),
+    "lfw-2-trap-large": Config("lfw", (1024,), max_batch=64, attack="trap-weights"),
+    "retina-2-trap-fedavg-large": Config("retina", (1024,), max_batch=64, lr=0.1, attack="trap-weights"),
+    "retina-2-trap-large": Config("retina", (1024,), max_batch=64, attack="trap-weights"),
+    "lfw-2-deep-trap-fedavg-large": Config("lfw", (1024, 256), max_batch=64, lr=0.1, attack="trap-weights"),
+    "mni152-3-trap-fedavg-large": Config("mni152", (1024,), max_batch=64, lr=0.1, attack="trap-weights"),
+    "fashion-10-trap-fedavg-large": Config("fashion-mnist", (1024,), max_batch=64, lr=0.1, attack="trap-weights"),
+    "lfw-2-imprint-fedavg-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="imprint"),
+    "retina-2-imprint-fedavg-large": Config("retina", (1024,), max_batch=64, lr=0.1, attack="imprint"),
+    "fashion-10-imprint-fedavg-large": Config("fashion-mnist", (1024,), max_batch=64, lr=0.1, attack="imprint"),
+    "fashion-10-imprint-fedavg-256": Config("fashion-mnist", (1024,), max_batch=256, lr=0.1, attack="imprint"),
 }
+
+
+def malicious(model: nn.Module, cfg: Config, public: torch.Tensor, seed: int) -> nn.Module:
+    """``model`` with the malicious server's first layer of ``cfg.attack`` (imprint bins from ``public``)."""
+    if cfg.attack == "trap-weights":
+        return fedleak.trap_weights(model, seed=seed)
+    return fedleak.imprint_weights(model, public.reshape(len(public), -1), seed=seed)
 
 
 def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
@@ -144,6 +165,9 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
         model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen, cfg.conv1d)
+        if cfg.attack != "auto":
+            others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
+            model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
         weights = tuple(float(w) for w in np.exp(gen.uniform(-np.log(4), np.log(4), size=k))) if cfg.weighted else None
         if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
             steps = cfg.steps if cfg.local_batch is None else -(-M // cfg.local_batch)
@@ -160,10 +184,14 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 or cfg.weighted else grads
         # a Conv1d model reads each sample through an unflatten: its input shape is the data's, not inferred
         told = {"label_smoothing": cfg.smoothing} if not cfg.weighted else {"class_weights": weights}
-        rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}),
-                                  **({"input_shape": data.input_shape} if cfg.conv1d else {}))
+        if cfg.attack == "auto":
+            rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}),
+                                      **({"input_shape": data.input_shape} if cfg.conv1d else {}))
+            certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
+        else:  # every sample counts: which ones a trap row or a bin isolates is the server's luck
+            rec = fedleak.reconstruct(model, update, attack=cfg.attack)
+            certifiable = np.ones(M, dtype=bool)
         scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
-        certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
         out["batches"] += 1
         out["samples"] += M
         out["certified"] += scores.n_certified
@@ -204,6 +232,8 @@ def render(files: list[Path]) -> None:
             if cfg.get("local_batch"):
                 steps = f"one epoch in mini-batches of {cfg['local_batch']}" + (", momentum 0.9" * cfg["momentum"])
             update = "gradient" if cfg.get("lr") is None else f"FedAvg, lr {cfg['lr']:g}, {steps}"
+            if cfg.get("attack", "auto") != "auto":
+                update = f"{cfg['attack']} (every sample counts as certifiable); {update}"
             if cfg.get("smoothing"):
                 update += (f"; label smoothing {cfg['smoothing']:g}, "
                            f"{'told' if cfg.get('told', True) else 'read off the update'}")
@@ -219,8 +249,9 @@ def render(files: list[Path]) -> None:
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "
                          f"| {r['certifiable_recovered']}/{r['certifiable']} ({100 * share:.1f}%) |")
     versions = record["versions"]
-    body = (f"_Batches of 2-8 random samples (2-64 on the grounds named -large), one fresh default-init model "
-            f"each (`nn.Sequential`, seeded); "
+    body = (f"_Batches of 2-8 random samples (2-64 on the grounds named -large, 2-256 on -256), one fresh "
+            f"default-init model each (`nn.Sequential`, seeded; on the trap-weights and imprint grounds with that "
+            f"malicious first layer, imprint bins from 500 samples outside the batch); "
             f"gradients report the batch size for every other batch, FedAvg updates always (as Flower clients do); "
             f"{record['machine']}; torch {versions['torch']}. "
             f"Commands: {'; '.join(runs)}._\n\n" + "\n".join(lines))

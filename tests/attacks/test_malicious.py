@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,102 @@ def test_a_client_training_with_dropout_is_named_in_the_reasons(digits):
     rec = fedleak.reconstruct(model, grad, attack="imprint")
     assert rec_eval.num_certified >= 4 and rec.num_certified == 0
     assert rec.samples and all("Dropout 'dropout' (p = 0.2) in training mode" in s.reason for s in rec.samples)
+
+
+def two_class_trap(lfw, seed: int) -> torch.nn.Module:
+    """A user's two-class MLP on LFW faces (one hidden layer, default init) with trap weights."""
+    torch.manual_seed(seed)
+    d = int(torch.tensor(lfw.input_shape).prod())
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 2))
+    return trap_weights(net, seed=seed)
+
+
+def test_a_two_class_blend_at_the_batch_scale_is_not_certified(lfw):
+    """On a two-class model with one hidden layer a trap row fits a blend of the samples that open it as well as one
+    sample: only the batch's scale tells them apart. Here (58 faces, one step at lr 0.1) a blend of 11 faces matched
+    the scale to 5e-7 and was certified; the certificate now needs the whole batch."""
+    idx = [34, 358, 352, 364, 96, 334, 224, 286, 83, 82, 124, 103, 159, 256, 354, 79, 233, 111, 97, 81, 247, 337, 56,
+           178, 193, 301, 98, 234, 222, 155, 395, 214, 146, 59, 336, 319, 223, 29, 114, 4, 148, 282, 53, 90, 239, 137,
+           255, 38, 389, 3, 88, 12, 173, 61, 341, 122, 87, 129]
+    x, y = lfw.x[idx], lfw.y[idx]
+    torch.manual_seed(1324529688)
+    d = int(torch.tensor(lfw.input_shape).prod())
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 2))
+    model = trap_weights(net, seed=2019507073)
+    rec = fedleak.reconstruct(model, fedleak.fedavg_update(model, x, y, lr=0.1, seed=2019507073),
+                              attack="trap-weights")
+    m = fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
+    assert int(m.false_certificate.sum()) == 0 and rec.num_certified == 0
+    assert any("a blend of samples may match" in s.reason and "do not add up to the update's first layer" in s.reason
+               for s in rec.samples)
+
+
+@pytest.mark.parametrize("seed, certified, peeled", [(1, 4, 0), (0, 3, 0), (9, 3, 1)])
+def test_a_two_class_batch_is_certified_when_it_explains_the_whole_first_layer(lfw, seed, certified, peeled):
+    """Four faces. Seed 1: each is read alone from a row, and the four add up to every row of the update's first
+    layer. Seed 0: one face opens no trap neuron (it adds nothing to the first layer), and the other three add up
+    to all of it. Seed 9: one face opens no row alone; subtracting the other three from the rows it shares with
+    them reads it, and the four add up to the whole layer (the three read alone are certified)."""
+    x, y = lfw.batch(4, seed=seed)
+    model = two_class_trap(lfw, seed)
+    update = fedleak.fedavg_update(model, x, y, lr=0.1, seed=seed)
+    rec = fedleak.reconstruct(model, update, attack="trap-weights")
+    m = fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
+    assert int(m.false_certificate.sum()) == 0 and rec.num_certified == certified
+    assert int(m.recovered.sum()) == certified
+    W = model[1].weight.detach().double()
+    silent = ((x.reshape(4, -1).double() @ W.T) > 0).sum(1) == 0
+    assert int(silent.sum()) == 4 - certified - peeled
+    by = "more read by subtracting them" in rec.samples[0].reason
+    assert by == bool(peeled) and "add up to every row of the update's first layer" in rec.samples[0].reason
+
+
+def test_imprint_counts_its_bins(data, base):
+    """Imprint bins carry one number per candidate, which a blend may match by chance: the certificate counts the
+    bins. 16 samples in 100 bins share some; every shared bin is refuted as one sample, so the rest are proven
+    single. Without the number of examples nothing can be counted, and nothing is certified."""
+    model = imprint_weights(base, data.x[-1000:], bins=100, seed=2)
+    x, y = data.batch(16, seed=0)
+    rec = fedleak.reconstruct(model, one_step(model, x, y), attack="imprint")
+    m = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified >= 10 and int(m.false_certificate.sum()) == 0
+    assert any("does not open" in s.reason or "no label explains" in s.reason for s in rec.samples)
+    grad = fedleak.compute_gradient_update(model, x, y)
+    bare = fedleak.reconstruct(model, dict(grad.gradients), attack="imprint")
+    assert bare.num_certified == 0
+    assert any("reports no number of examples" in s.reason for s in bare.samples)
+
+
+def test_a_scale_that_blends_of_two_share_is_refused():
+    """60 MNI152 slices (three classes, near-identical neighbours), trap weights, one step at lr 0.1. Blends of two
+    near-identical slices fit their rows on every label check and sit at twice ``lr/M``; they outnumbered the true
+    samples at ``lr/M``, so that was the voted scale and 10 blends were certified. A voted scale that is a whole
+    multiple of a scale others share is now refused."""
+    data = fedleak.load_dataset("mni152")
+    idx = [22, 329, 332, 247, 109, 162, 143, 201, 237, 65, 198, 200, 122, 147, 387, 267, 300, 380, 173, 168, 77, 211,
+           189, 49, 312, 263, 374, 394, 45, 54, 397, 308, 343, 157, 196, 19, 353, 26, 307, 288, 172, 134, 159, 324, 214,
+           274, 194, 209, 258, 295, 293, 229, 47, 347, 230, 176, 218, 299, 178, 18]
+    x, y = data.x[idx], data.y[idx]
+    torch.manual_seed(782131106)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                              torch.nn.Linear(1024, 3))
+    model = trap_weights(net, seed=1092411825)
+    rec = fedleak.reconstruct(model, fedleak.fedavg_update(model, x, y, lr=0.1, seed=798302648),
+                              attack="trap-weights")
+    m = fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
+    assert int(m.false_certificate.sum()) == 0 and rec.num_certified == 0
+    assert any("2 times a scale that others share" in s.reason for s in rec.samples)
+
+
+def test_counting_proof_counts_only_bins_that_hold_a_sample():
+    """Counting: with E = M - N shared bins, exactly E refuted candidates prove the rest single. A candidate read
+    from an empty bin's rounding is refuted too, but holds no sample: counting it would let a shared bin pass."""
+    from fedleak.attacks.malicious.proofs import BinCount, counting_proof
+
+    refuted = np.array([True, True, False, False])  # the first from an empty bin, the second a shared one
+    assert counting_proof(refuted, BinCount(nonempty=8, strays=0, filled=(True, True, True, True)), 10).holds
+    one_shared = counting_proof(refuted, BinCount(nonempty=9, strays=0, filled=(False, True, True, True)), 10)
+    assert one_shared.holds
+    two_shared = counting_proof(refuted, BinCount(nonempty=8, strays=0, filled=(False, True, True, True)), 10)
+    assert not two_shared.holds and "2 bin(s) hold several, and 1 are refuted" in two_shared.why
+    assert not counting_proof(refuted, BinCount(9, 0, (True,) * 4), None).holds

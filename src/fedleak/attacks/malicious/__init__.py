@@ -17,9 +17,14 @@ Both attacks run on a FedSGD gradient or on a weight update whose scale is unkno
 ``num_examples``. Each candidate is **certified** before it counts: the candidate is pushed through the
 whole network (float64), its first-layer gradient is recomputed for every possible label, and it is
 kept only when (a) every neuron it claims fires for it, (b) for one label the recomputed gradient
-explains the observed bias entries it claims (all of them, at one scale) and (c) that scale is the
-batch's common scale (``lr/M``, or ``1/M`` for a mean-loss gradient), found as the value most candidates
-agree on. A mixture of several samples fails (c): its entries are sums of several samples' gradients.
+explains the observed bias entries it claims (all of them, at one scale; trap weights: also the next
+layer's gradient columns of its rows), (c) that scale is the batch's common scale (``lr/M``, or ``1/M``
+for a mean-loss gradient), found as the value most candidates agree on, and (trap weights) (d) no other
+candidate at that scale opens a neuron it claims alone (a row claimed alone holds one sample). A blend of
+samples fails (b) where its rows carry more than the scale; where they carry only the scale (every imprint
+bin; trap weights on a two-class model with one hidden layer) it passes whenever its scale matches by
+chance, so there a certificate also needs a proof that covers the whole batch
+(:mod:`fedleak.attacks.malicious.proofs`).
 """
 
 from fedleak.attacks.malicious.certify import MaliciousOptions

@@ -3,7 +3,6 @@ certificate of a candidate (see :mod:`fedleak.attacks.malicious`)."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,6 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.attacks.malicious.peel import FirstLayer
+from fedleak.attacks.malicious.proofs import (
+    BinCount,
+    Proof,
+    counting_proof,
+    refuted_as_one,
+    shared_rows,
+    whole_batch_proof,
+)
+from fedleak.attacks.malicious.scale_vote import mode_scale, shared_fraction
 from fedleak.attacks.masked_input import InputMasking, withheld
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
@@ -121,25 +130,6 @@ def half_ulp(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().to(F64) * (0.5 * float(torch.finfo(t.dtype).eps))
 
 
-def mode_scale(fits: np.ndarray, ok: np.ndarray, tol: float) -> tuple[float | None, int]:
-    """The scale most candidates agree on (each candidate offers its ``fits[k, y]`` where ``ok``)."""
-    ks, ys = np.nonzero(ok & (fits > 0))
-    if len(ks) == 0:
-        return None, 0
-    logs = np.log(fits[ks, ys])
-    order = np.argsort(logs)
-    logs, ks = logs[order], ks[order]
-    width = math.log1p(tol)
-    best, best_at, hi = 0, None, 0
-    for lo in range(len(logs)):
-        while hi < len(logs) and logs[hi] - logs[lo] <= width:
-            hi += 1
-        count = len(np.unique(ks[lo:hi]))
-        if count > best:
-            best, best_at = count, float(np.median(logs[lo:hi]))
-    return (math.exp(best_at) if best_at is not None else None), best
-
-
 @dataclass
 class Candidates:
     """Candidates: ``X`` (n x D), the first-layer rows each claims, its observed bias entries there,
@@ -153,6 +143,9 @@ class Candidates:
     silent: list[list[int]]
     cols: list[torch.Tensor] | None = None
     bound: torch.Tensor | None = None  # per candidate: bound on the max abs error of X from rounding
+    alone: bool = False  # each claimed row is one no other sample of the batch opens (trap weights)
+    bins: BinCount | None = None  # imprint: the bins that hold a sample
+    layer: FirstLayer | None = None  # the update's first layer, for the whole-batch proof
 
 
 def flat_index(lists: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +155,25 @@ def flat_index(lists: list[list[int]], device: torch.device) -> tuple[torch.Tens
     return owner, idx
 
 
-def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts: MaliciousOptions):
-    """Label, certificate, reason, scale and residual of every candidate; and the batch's common scale."""
+@dataclass(frozen=True)
+class Verdict:
+    """One candidate's label, whether it is certified and why (or why not), and its fitted scale and residual at
+    that label. ``standing``: it passed every check of its own (a proof that covers the batch may still be missing)."""
+
+    label: int
+    certified: bool
+    reason: str
+    scale: float
+    residual: float
+    standing: bool
+
+
+def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None,
+                       opts: MaliciousOptions) -> tuple[list[Verdict], float | None]:
+    """Every candidate's verdict, and the batch's common scale."""
     n, K, dev = c.X.shape[0], net.num_classes, c.X.device
+    one_number = c.cols is None or (net.depth == 1 and K == 2)  # the rows check only the scale
+    refused = ""
     owner, idx = flat_index(c.rows, dev)
     o = torch.cat(c.obs) if c.obs else torch.empty(0, dtype=F64, device=dev)
     pre = forward_trace(net, c.X).preactivations[0]
@@ -216,10 +225,19 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts
             batch_scale, support = mode_scale(fits, fit_ok, opts.scale_tol)
         if support < opts.min_support:  # one candidate alone always agrees with itself
             batch_scale = None
+        elif not one_number:  # (where the rows check only the scale, the whole-batch proofs rule a wrong one out)
+            k = shared_fraction(batch_scale, fits, fit_ok, opts.scale_tol, n_examples or 64)
+            if k:
+                batch_scale = None
+                refused = (f"the scale most candidates agree on is {k} times a scale that others share, where a blend "
+                           f"of {k} samples would sit near a model's initialisation: no common scale is certain")
     if batch_scale is None:
         scale_ok = np.zeros_like(fit_ok)
     else:
         scale_ok = fit_ok & (np.abs(fits / batch_scale - 1) <= opts.scale_tol)
+    row_l1 = net.weights()[0].abs().sum(1)
+    consistent = np.any(scale_ok, axis=1)
+    shared = shared_rows(pre, row_l1, c.X, c.rows, c.bound, consistent, opts.merge_tol) if c.alone else {}
     labels, certified, reasons, scales, residuals = [], [], [], [], []
     for k in range(n):
         ok_y = np.nonzero(scale_ok[k])[0].tolist()
@@ -229,10 +247,15 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts
             cert, why = False, "the rebuilt input does not open (or close) the neurons it was read from"
         elif len(ok_y) > 1:
             cert, why = False, f"labels {ok_y} explain its rows equally well"
+        elif refused and bool(fit_ok[k].any()):
+            cert, why = False, refused
         elif not ok_y:
             cert, why = False, "no label explains its rows at the batch's common scale (a mixture of samples)"
         elif len(c.rows[k]) < opts.min_rows:
             cert, why = False, f"only {len(c.rows[k])} witness row(s) (need {opts.min_rows})"
+        elif k in shared:
+            cert, why = False, (f"another candidate consistent at the batch's scale opens neuron {shared[k]}, which "
+                                f"one of the two claims alone: at most one of them is a sample")
         elif c.bound is not None and float(c.bound[k]) > opts.exact_tol:
             cert, why = False, (f"consistent, but rounding in the update may put an error of "
                                 f"{float(c.bound[k]):.1e} (> {opts.exact_tol:g})")
@@ -243,16 +266,51 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None, opts
         reasons.append(why)
         scales.append(float(fits[k, y]))
         residuals.append(float(resid[k, y]))
-    return labels, certified, reasons, scales, residuals, batch_scale
+    standing = list(certified)
+    if any(certified) and one_number:  # a certificate needs a proof that covers the batch
+        proof = one_number_proof(net, c, pre, labels, certified, batch_scale, n_examples, opts)
+        if proof.holds:
+            reasons = [f"{why}; its rows check only the scale, and {proof.why}" if ok else why
+                       for ok, why in zip(certified, reasons)]
+        else:
+            reasons = [f"its rows check only the batch's scale, which a blend of samples may match by chance, and "
+                       f"{proof.why}" if ok else why for ok, why in zip(certified, reasons)]
+            certified = [False] * n
+    verdicts = [Verdict(*v) for v in zip(labels, certified, reasons, scales, residuals, standing)]
+    return verdicts, batch_scale
 
 
-def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, scales, residuals,
-           n_examples: int | None, opts: MaliciousOptions, start: float, notes: list[str],
-           masking: InputMasking) -> Reconstruction:
-    """Merge noisy copies of certified samples, keep at most ``num_examples`` candidates, and package; no
-    certificate where the model changes its input in training mode (``masking``,
-    :mod:`fedleak.attacks.masked_input`)."""
-    n = len(labels)
+def one_number_proof(net: ReluMLP, c: Candidates, pre: torch.Tensor, labels: list[int], certified: list[bool],
+                     batch_scale: float, n_examples: int | None, opts: MaliciousOptions) -> Proof:
+    """The proof that covers the whole batch (:mod:`fedleak.attacks.malicious.proofs`): counting the bins (imprint)
+    or the whole first layer explained (trap weights)."""
+    if c.bins is not None and c.bound is not None:
+        refuted = refuted_as_one(net, c.X, pre, c.rows, c.silent, c.obs, c.bound, batch_scale, 10 * opts.scale_tol)
+        return counting_proof(refuted, c.bins, n_examples)
+    if c.layer is not None:
+        chosen = distinct(c.X, [k for k, ok in enumerate(certified) if ok], opts.merge_tol)
+        return whole_batch_proof(net, c.X, labels, chosen, batch_scale, c.layer, n_examples, opts.group_tol,
+                                 opts.fit_tol)
+    return Proof(False, "no proof covers the whole batch")
+
+
+def distinct(X: torch.Tensor, idx: list[int], merge_tol: float) -> list[int]:
+    """``idx`` without copies of one sample (within ``merge_tol`` of an earlier one)."""
+    kept: list[int] = []
+    for k in idx:
+        if all(float((X[k] - X[j]).norm()) > merge_tol * float(X[j].norm()) for j in kept):
+            kept.append(k)
+    return kept
+
+
+def finish(net: Network, name: str, c: Candidates, verdicts: list[Verdict], n_examples: int | None,
+           opts: MaliciousOptions, start: float, notes: list[str], masking: InputMasking) -> Reconstruction:
+    """Merge noisy copies of certified samples, keep at most ``num_examples`` candidates (certified, then standing,
+    then by their number of rows), and package; no certificate where the model changes its input in training mode
+    (``masking``, :mod:`fedleak.attacks.masked_input`)."""
+    n = len(verdicts)
+    labels, certified = [v.label for v in verdicts], [v.certified for v in verdicts]
+    reasons = [v.reason for v in verdicts]
     masked = withheld(masking, opts.train_dropout) if any(certified) else ""
     if masked:  # the rows prove the input the first layer read, which the model may change in training mode
         reasons = [masked if ok else why for ok, why in zip(certified, reasons)]
@@ -262,8 +320,8 @@ def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, s
     cert = torch.tensor(certified, dtype=torch.bool) if n else torch.zeros(0, dtype=torch.bool)
     lab = torch.tensor(labels, dtype=torch.long) if n else torch.zeros(0, dtype=torch.long)
     strength = torch.tensor([len(r) for r in c.rows], dtype=F64) if n else torch.zeros(0, dtype=F64)
-    # certified first, then by number of rows: a copy within merge_tol of a kept sample is dropped
-    order = sorted(range(n), key=lambda k: (not certified[k], -float(strength[k])))
+    # certified first, then standing, then by number of rows: a copy within merge_tol of a kept sample is dropped
+    order = sorted(range(n), key=lambda k: (not certified[k], not verdicts[k].standing, -float(strength[k])))
     kept: list[int] = []
     if n:
         norms = X_all.norm(dim=1).clamp_min(1e-300)
@@ -292,7 +350,7 @@ def finish(net: Network, name: str, c: Candidates, labels, certified, reasons, s
         attack=name,
         samples=tuple(
             SampleRecovery(label=labels[k], certified=certified[k], reason=reasons[k], witnesses=(len(c.rows[k]),),
-                           residual=residuals[k], scale=scales[k])
+                           residual=verdicts[k].residual, scale=verdicts[k].scale)
             for k in kept
         ),
         batch_size=n_examples,

@@ -19,6 +19,7 @@ from fedleak.attacks.malicious.certify import (
     ratio_bound,
     resolve_options,
 )
+from fedleak.attacks.malicious.proofs import BinCount
 from fedleak.attacks.masked_input import first_module, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError
@@ -113,11 +114,12 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
     X = dG[keep] / dg[keep, None] if keep else torch.empty(0, G.shape[1], dtype=F64, device=G.device)
     dnG = torch.cat([(nG[:-1] ** 2 + nG[1:] ** 2).sqrt(), nG[-1:]])
     dng = torch.cat([(ng[:-1] ** 2 + ng[1:] ** 2).sqrt(), ng[-1:]])
+    filled = (dg.abs() > 4 * dng) | ((dG.abs() > 4 * dnG[:, None]).any(1))  # each holds a sample (or more)
+    count = BinCount(int(filled.sum()), int(filled.sum()) - int(filled[keep].sum()), tuple(filled[keep].tolist()))
     cands = Candidates(X, [[idx[k]] for k in keep], [dg[k : k + 1] for k in keep],
                        [[idx[k + 1]] if k + 1 < bins else [] for k in keep],
-                       bound=ratio_bound(X, dnG[keep], dng[keep], dg[keep]))
-    labels, certified, reasons, scales, residuals, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
+                       bound=ratio_bound(X, dnG[keep], dng[keep], dg[keep]), bins=count)
+    verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not keep else ["no common scale: no candidate could be certified"]
     masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
-    return finish(net, "imprint", cands, labels, certified, reasons, scales, residuals, n_examples, opts,
-                  start, notes, masking)
+    return finish(net, "imprint", cands, verdicts, n_examples, opts, start, notes, masking)

@@ -21,6 +21,7 @@ from fedleak.attacks.malicious.certify import (
     ratio_bound,
     resolve_options,
 )
+from fedleak.attacks.malicious.peel import FirstLayer
 from fedleak.attacks.masked_input import first_module, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
@@ -87,10 +88,11 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
     den = torch.stack([g[r].sum() for r in rows]) if rows else torch.empty(0, dtype=F64, device=G.device)
     bound = ratio_bound(X, torch.stack([nG[r].square().sum().sqrt() for r in rows]) if rows else den,
                         torch.stack([ng[r].square().sum().sqrt() for r in rows]) if rows else den, den)
-    cands = Candidates(X, rows, [g[r] for r in rows], [[] for _ in rows], [G_next[:, r].T for r in rows], bound)
-    labels, certified, reasons, scales, residuals, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
+    layer = FirstLayer(G, g, torch.maximum(nG, ng))
+    cands = Candidates(X, rows, [g[r] for r in rows], [[] for _ in rows], [G_next[:, r].T for r in rows], bound,
+                       alone=True, layer=layer)
+    verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not rows else ["no common scale: no candidate could be certified"]
     masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
-    return finish(net, "trap-weights", cands, labels, certified, reasons, scales, residuals, n_examples, opts,
-                  start, notes, masking)
+    return finish(net, "trap-weights", cands, verdicts, n_examples, opts, start, notes, masking)
 

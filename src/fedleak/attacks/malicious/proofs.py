@@ -1,0 +1,172 @@
+"""What a malicious-server candidate needs beyond its own fit to be certified (see :mod:`fedleak.attacks.malicious`).
+
+A candidate's own check recomputes its gradient and asks it to explain the rows it was read from at the batch's
+scale. Where the rows carry more than that one number (trap weights on a model with three or more classes, or a
+second hidden layer: the next layer's gradient columns), a blend of samples fails it. Where they carry only the
+scale, a blend passes whenever its scale happens to match, and a batch offers hundreds of blends: an imprint bin
+difference is one bias entry, and on a two-class model with one hidden layer a trap row's next-layer columns follow
+from its bias entry and the rebuilt input (the loss vector is one number times ``(1, -1)``). There the candidates are
+certified only with a proof that covers the whole batch:
+
+* **Counting** (imprint): every bin difference that is non-zero beyond its rounding holds at least one sample. With
+  ``M`` samples in ``N`` such bins, at most ``E = M - N`` bins hold several. A candidate refuted as one sample
+  (whatever its rounding, no label puts its scale within ten scale tolerances of the batch's, which precise samples
+  voted for) is such a bin; when exactly ``E`` are refuted they are all of them, and every other bin holds one
+  sample. With ``E < N / 2`` this also rules out a wrong batch scale: at a wrong scale the true samples would be
+  refuted, and they are more than ``E``. (Explaining every row proves nothing here: a blend whose scale matches
+  explains its bin exactly as its samples do.)
+* **The whole batch** (trap weights): at most ``M`` distinct samples whose recomputed gradients add up to every row
+  of the update's first layer (a sample that opens no neuron adds nothing to it): the candidates consistent at the
+  batch's scale, and the samples peeled off the rows they share with them (:mod:`fedleak.attacks.malicious.peel`).
+  Only the candidates read alone are certified (a peeled input carries the rounding of every sample subtracted
+  before it). A blend cannot stand in for its samples here: it opens other rows than they do, and on each row
+  that one of them opens alone it adds another vector. Certified candidates must also not **share a row**: of two
+  candidates consistent at the batch's scale, one may not open a neuron the other claims alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedleak.attacks.malicious.peel import FirstLayer, contributions, peel
+from fedleak.nets import ReluMLP, forward_trace
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Whether a proof that covers the whole batch holds, and what it found, or why it fails."""
+
+    holds: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class BinCount:
+    """Imprint bins: the bin differences that are non-zero beyond their rounding (each holds at least one sample),
+    how many of those gave no candidate (their bias entries cancel: several samples), and for each candidate whether
+    its bin is one of them (a candidate read from rounding alone is refuted, but holds no sample to count)."""
+
+    nonempty: int
+    strays: int
+    filled: tuple[bool, ...]
+
+
+def shared_rows(pre: torch.Tensor, row_l1: torch.Tensor, X: torch.Tensor, rows: list[list[int]],
+                bound: torch.Tensor | None, consistent: np.ndarray, merge_tol: float) -> dict[int, int]:
+    """Candidates that refute each other, each with a neuron where they do: of two candidates consistent at the
+    batch's scale, one opens (beyond its rounding) a neuron the other claims alone. A row claimed alone holds one
+    sample's gradient, and a sample that opens it would add its own, so at most one of the two is a sample and
+    neither is certified. Copies of one sample (within ``merge_tol``) do not count."""
+    idx = np.nonzero(consistent)[0]
+    if len(idx) < 2:
+        return {}
+    sel = torch.as_tensor(idx, device=pre.device)
+    margin = bound[sel, None] * row_l1[None, :] if bound is not None else 0.0  # the sign may be rounding's
+    opens = (pre[sel] > margin).cpu().numpy()
+    owner = np.full(pre.shape[1], -1)
+    for j, k in enumerate(idx):
+        owner[rows[k]] = j
+    Xs = X[sel]
+    norms = Xs.norm(dim=1).clamp_min(1e-300)
+    copies = (torch.cdist(Xs, Xs) <= merge_tol * torch.minimum(norms[:, None], norms[None, :])).cpu().numpy()
+    out: dict[int, int] = {}
+    for a in range(len(idx)):
+        for r in np.nonzero(opens[a] & (owner >= 0))[0]:
+            b = int(owner[r])
+            if b != a and not copies[a, b]:
+                out.setdefault(int(idx[a]), int(r))
+                out.setdefault(int(idx[b]), int(r))
+    return out
+
+
+def refuted_as_one(net: ReluMLP, c_X: torch.Tensor, pre: torch.Tensor, rows: list[list[int]],
+                   silent: list[list[int]], obs: list[torch.Tensor], bound: torch.Tensor,
+                   batch_scale: float, slack: float) -> np.ndarray:
+    """Candidates that are surely not one sample, whatever their rounding (``bound``: the max abs error of each
+    rebuilt input): a neuron they claim stays shut (or one that must stay shut opens) beyond it, or, on a head with
+    one hidden layer, no label puts the batch's scale within ``slack`` (relative) of the interval the rows allow. Were
+    the candidate one sample ``x`` (within ``bound`` of it), ``x`` opens its rows, so each row's bias entry is the
+    scale times ``W2[:, r] . e_y(x)``; ReLU is 1-Lipschitz and softmax 1/2-Lipschitz in the max norm, so ``e_y``
+    moves by at most half the logits' bound ``|W2|_inf |W1|_inf bound``."""
+    W1 = net.weights()[0]
+    margin = (bound[:, None] * W1.abs().sum(1)[None, :]).cpu()
+    z = pre.cpu()
+    shut = np.array([bool((z[k, r] < -margin[k, r]).any()) or bool((z[k, s] > margin[k, s]).any())
+                     for k, (r, s) in enumerate(zip(rows, silent))], dtype=bool)
+    if net.depth != 1 or len(rows) == 0:
+        return shut
+    W2 = net.weights()[1]
+    lip = 0.5 * float(W2.abs().sum(1).max()) * float(W1.abs().sum(1).max())
+    owner = torch.tensor([k for k, r in enumerate(rows) for _ in r], device=c_X.device)
+    idx = torch.tensor([i for r in rows for i in r], device=c_X.device)
+    o = torch.cat(obs)
+    wide = W2[:, idx].abs().sum(0) * lip * bound[owner]
+    rel = (bound / c_X.abs().amax(1).clamp_min(1e-300))[owner]  # bounds the entries' own rounding
+    p = torch.softmax(forward_trace(net, c_X).logits, 1)
+    near = torch.zeros(len(rows), dtype=torch.bool, device=c_X.device)
+    for y in range(net.num_classes):
+        e = p.clone()
+        e[:, y] -= 1
+        d = (e[owner] * W2[:, idx].T).sum(1)  # each row's bias entry per unit scale, ungated
+        lo, hi = d - wide, d + wide
+        ends = torch.stack([o / lo, o / hi])
+        s_lo = torch.full((len(rows),), -torch.inf, dtype=o.dtype, device=o.device).scatter_reduce_(
+            0, owner, ends.amin(0) * (1 - rel), "amax")
+        s_hi = torch.full((len(rows),), torch.inf, dtype=o.dtype, device=o.device).scatter_reduce_(
+            0, owner, ends.amax(0) * (1 + rel), "amin")
+        zero = torch.zeros(len(rows), dtype=torch.bool, device=o.device).index_put_(
+            (owner,), (lo <= 0) & (hi >= 0), accumulate=True)  # a row's entry may be 0: no scale follows
+        near |= zero | ((s_lo * (1 - slack) <= batch_scale) & (batch_scale <= s_hi * (1 + slack)))
+    off = (~near).cpu().numpy()
+    return shut | off
+
+
+def counting_proof(refuted: np.ndarray, bins: BinCount, n_examples: int | None) -> Proof:
+    """Whether every candidate not ``refuted`` is proven one sample by counting the bins (module docstring)."""
+    if not n_examples:
+        return Proof(False, "the update reports no number of examples, so its bins cannot be counted")
+    extra = n_examples - bins.nonempty
+    failed = int((refuted & np.array(bins.filled, dtype=bool)).sum()) + bins.strays
+    if extra < 0:
+        return Proof(False, f"{bins.nonempty} bins hold a sample, more than the {n_examples} examples the update "
+                     f"reports")
+    if 2 * extra >= bins.nonempty:
+        return Proof(False, f"{n_examples} samples fill only {bins.nonempty} bins: with {extra} bins that may hold "
+                     f"several, counting cannot tell the batch's scale from a blend's")
+    if failed != extra:
+        return Proof(False, f"{n_examples} samples fill {bins.nonempty} bins, so {extra} bin(s) hold several, and "
+                     f"{failed} are refuted as one sample: a blend among the rest may match the batch's scale by "
+                     f"chance")
+    return Proof(True, f"counting proves it alone in its bin ({n_examples} samples fill {bins.nonempty} bins, and "
+                 f"all {extra} that hold several are refuted as one sample)")
+
+
+def whole_batch_proof(net: ReluMLP, X: torch.Tensor, labels: list[int], chosen: list[int], scale: float,
+                      layer: FirstLayer, n_examples: int | None, group_tol: float, fit_tol: float) -> Proof:
+    """Whether the ``chosen`` candidates, with the samples peeled off the rows they share with others
+    (:func:`~fedleak.attacks.malicious.peel.peel`), are at most ``n_examples`` samples whose recomputed first-layer
+    gradients at ``scale`` add up to every row of the update's first layer (within ``fit_tol`` of each row, beyond
+    its rounding). Fewer than ``n_examples`` may do: a sample that opens no neuron of the first layer
+    adds nothing to it."""
+    limit = n_examples or layer.g.shape[0]
+    if len(chosen) > limit:
+        return Proof(False, f"{len(chosen)} candidates are consistent at the batch's scale, more than the "
+                     f"{n_examples} examples the update reports")
+    sel = torch.as_tensor(chosen, dtype=torch.long, device=X.device)
+    whole, whole_labels = peel(net, layer, X[sel], [labels[k] for k in chosen], scale, limit, group_tol, fit_tol)
+    G_hat, g_hat = contributions(net, whole, whole_labels, scale)
+    obs, fit = torch.cat([layer.G, layer.g[:, None]], 1), torch.cat([G_hat, g_hat[:, None]], 1)
+    gap = (obs - fit).norm(dim=1)
+    off = gap > fit_tol * torch.maximum(obs.norm(dim=1), fit.norm(dim=1)) + 4 * layer.noise * obs.shape[1] ** 0.5
+    peeled = len(whole_labels) - len(chosen)
+    by = f" and {peeled} more read by subtracting them from the rows they share" if peeled else ""
+    if bool(off.any()):
+        return Proof(False, f"the {len(chosen)} candidate(s) consistent at the batch's scale{by} do not add up to "
+                     f"the update's first layer ({int(off.sum())} of its {len(off)} rows differ)")
+    return Proof(True, f"the {len(chosen)} candidate(s) consistent at the batch's scale{by} add up to every row of "
+                 f"the update's first layer")
