@@ -244,10 +244,13 @@ def test_counting_proof_counts_only_bins_that_hold_a_sample():
     from an empty bin's rounding is refuted too, but holds no sample: counting it would let a shared bin pass."""
     from fedleak.attacks.malicious.proofs import BinCount, counting_proof
 
-    refuted = np.array([True, True, False, False])  # the first from an empty bin, the second a shared one
-    assert counting_proof(refuted, BinCount(nonempty=8, strays=0, filled=(True, True, True, True)), 10).holds
-    one_shared = counting_proof(refuted, BinCount(nonempty=9, strays=0, filled=(False, True, True, True)), 10)
-    assert one_shared.holds
-    two_shared = counting_proof(refuted, BinCount(nonempty=8, strays=0, filled=(False, True, True, True)), 10)
+    refuted = np.array([True, True, False, False, False])  # the first from an empty bin, the second a shared one
+    standing = ~refuted  # three candidates sit at the batch's scale
+    empty_first = (False, True, True, True, True)
+    assert counting_proof(refuted, standing, BinCount(nonempty=8, strays=0, filled=(True,) * 5), 10).holds
+    assert counting_proof(refuted, standing, BinCount(nonempty=9, strays=0, filled=empty_first), 10).holds
+    two_shared = counting_proof(refuted, standing, BinCount(nonempty=8, strays=0, filled=empty_first), 10)
     assert not two_shared.holds and "2 bin(s) hold several, and 1 are refuted" in two_shared.why
-    assert not counting_proof(refuted, BinCount(9, 0, (True,) * 4), None).holds
+    few = counting_proof(refuted, standing, BinCount(nonempty=7, strays=0, filled=(True,) * 5), 10)
+    assert not few.holds and "only 3 candidate(s) sit at the batch's scale" in few.why
+    assert not counting_proof(refuted, standing, BinCount(9, 0, (True,) * 5), None).holds

@@ -286,7 +286,7 @@ def one_number_proof(net: ReluMLP, c: Candidates, pre: torch.Tensor, labels: lis
     or the whole first layer explained (trap weights)."""
     if c.bins is not None and c.bound is not None:
         refuted = refuted_as_one(net, c.X, pre, c.rows, c.silent, c.obs, c.bound, batch_scale, 10 * opts.scale_tol)
-        return counting_proof(refuted, c.bins, n_examples)
+        return counting_proof(refuted, np.array(certified, dtype=bool), c.bins, n_examples)
     if c.layer is not None:
         chosen = distinct(c.X, [k for k, ok in enumerate(certified) if ok], opts.merge_tol)
         return whole_batch_proof(net, c.X, labels, chosen, batch_scale, c.layer, n_examples, opts.group_tol,

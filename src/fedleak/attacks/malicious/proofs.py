@@ -10,11 +10,13 @@ certified only with a proof that covers the whole batch:
 
 * **Counting** (imprint): every bin difference that is non-zero beyond its rounding holds at least one sample. With
   ``M`` samples in ``N`` such bins, at most ``E = M - N`` bins hold several. A candidate refuted as one sample
-  (whatever its rounding, no label puts its scale within ten scale tolerances of the batch's, which precise samples
-  voted for) is such a bin; when exactly ``E`` are refuted they are all of them, and every other bin holds one
-  sample. With ``E < N / 2`` this also rules out a wrong batch scale: at a wrong scale the true samples would be
-  refuted, and they are more than ``E``. (Explaining every row proves nothing here: a blend whose scale matches
-  explains its bin exactly as its samples do.)
+  (whatever its rounding: a neuron provably shut, or no label puts its scale within ten scale tolerances of the
+  batch's) is such a bin; when exactly ``E`` are refuted they are all of them, and every other bin holds one
+  sample. That needs the batch's scale right: more than ``E`` candidates must sit at it (within the scale
+  tolerance, rebuilt to within the exactness tolerance). Were it wrong, each would be a blend (at most ``E`` bins
+  hold one) or a sample whose scale at a label not its own matches by chance; that second case is the one thing
+  the count assumes away. (Explaining every row proves nothing here: a blend whose scale matches explains its bin
+  exactly as its samples do.)
 * **The whole batch** (trap weights): at most ``M`` distinct samples whose recomputed gradients add up to every row
   of the update's first layer (a sample that opens no neuron adds nothing to it): the candidates consistent at the
   batch's scale, and the samples peeled off the rows they share with them (:mod:`fedleak.attacks.malicious.peel`).
@@ -33,8 +35,6 @@ import torch
 
 from fedleak.attacks.malicious.peel import FirstLayer, contributions, peel
 from fedleak.nets import ReluMLP, forward_trace
-
-F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ def shared_rows(pre: torch.Tensor, row_l1: torch.Tensor, X: torch.Tensor, rows: 
 
 
 def refuted_as_one(net: ReluMLP, c_X: torch.Tensor, pre: torch.Tensor, rows: list[list[int]],
-                   silent: list[list[int]], obs: list[torch.Tensor], bound: torch.Tensor,
-                   batch_scale: float, slack: float) -> np.ndarray:
+                   silent: list[list[int]], obs: list[torch.Tensor], bound: torch.Tensor, batch_scale: float,
+                   slack: float) -> np.ndarray:
     """Candidates that are surely not one sample, whatever their rounding (``bound``: the max abs error of each
     rebuilt input): a neuron they claim stays shut (or one that must stay shut opens) beyond it, or, on a head with
-    one hidden layer, no label puts the batch's scale within ``slack`` (relative) of the interval the rows allow. Were
-    the candidate one sample ``x`` (within ``bound`` of it), ``x`` opens its rows, so each row's bias entry is the
-    scale times ``W2[:, r] . e_y(x)``; ReLU is 1-Lipschitz and softmax 1/2-Lipschitz in the max norm, so ``e_y``
-    moves by at most half the logits' bound ``|W2|_inf |W1|_inf bound``."""
+    one hidden layer, no label puts the batch's scale within ``slack`` (relative) of the interval of scales the rows
+    allow. Were the candidate one sample ``x`` (within ``bound`` of it), ``x`` opens its rows, so each row's bias
+    entry is the scale times ``W2[:, r] . e_y(x)``; ReLU is 1-Lipschitz and softmax 1/2-Lipschitz in the max norm,
+    so ``e_y`` moves by at most half the logits' bound, ``max_c sum_j |W2[c, j]| |W1[j]|_1 bound``."""
     W1 = net.weights()[0]
     margin = (bound[:, None] * W1.abs().sum(1)[None, :]).cpu()
     z = pre.cpu()
@@ -101,7 +101,7 @@ def refuted_as_one(net: ReluMLP, c_X: torch.Tensor, pre: torch.Tensor, rows: lis
     if net.depth != 1 or len(rows) == 0:
         return shut
     W2 = net.weights()[1]
-    lip = 0.5 * float(W2.abs().sum(1).max()) * float(W1.abs().sum(1).max())
+    lip = 0.5 * float((W2.abs() @ W1.abs().sum(1)).max())
     owner = torch.tensor([k for k, r in enumerate(rows) for _ in r], device=c_X.device)
     idx = torch.tensor([i for r in rows for i in r], device=c_X.device)
     o = torch.cat(obs)
@@ -122,22 +122,25 @@ def refuted_as_one(net: ReluMLP, c_X: torch.Tensor, pre: torch.Tensor, rows: lis
         zero = torch.zeros(len(rows), dtype=torch.bool, device=o.device).index_put_(
             (owner,), (lo <= 0) & (hi >= 0), accumulate=True)  # a row's entry may be 0: no scale follows
         near |= zero | ((s_lo * (1 - slack) <= batch_scale) & (batch_scale <= s_hi * (1 + slack)))
-    off = (~near).cpu().numpy()
-    return shut | off
+    return shut | (~near).cpu().numpy()
 
 
-def counting_proof(refuted: np.ndarray, bins: BinCount, n_examples: int | None) -> Proof:
-    """Whether every candidate not ``refuted`` is proven one sample by counting the bins (module docstring)."""
+def counting_proof(refuted: np.ndarray, standing: np.ndarray, bins: BinCount, n_examples: int | None) -> Proof:
+    """Whether every candidate not ``refuted`` is proven one sample by counting the bins (module docstring);
+    ``standing``: the candidates that passed their own checks at the batch's scale."""
     if not n_examples:
         return Proof(False, "the update reports no number of examples, so its bins cannot be counted")
     extra = n_examples - bins.nonempty
-    failed = int((refuted & np.array(bins.filled, dtype=bool)).sum()) + bins.strays
+    filled = np.array(bins.filled, dtype=bool)
+    failed = int((refuted & filled).sum()) + bins.strays
     if extra < 0:
         return Proof(False, f"{bins.nonempty} bins hold a sample, more than the {n_examples} examples the update "
                      f"reports")
-    if 2 * extra >= bins.nonempty:
-        return Proof(False, f"{n_examples} samples fill only {bins.nonempty} bins: with {extra} bins that may hold "
-                     f"several, counting cannot tell the batch's scale from a blend's")
+    pinning = int((standing & filled).sum())
+    if pinning <= extra:
+        return Proof(False, f"{n_examples} samples fill {bins.nonempty} bins, and only {pinning} candidate(s) sit at "
+                     f"the batch's scale, not more than the {extra} bin(s) that may hold several: the scale may be a "
+                     f"blend's")
     if failed != extra:
         return Proof(False, f"{n_examples} samples fill {bins.nonempty} bins, so {extra} bin(s) hold several, and "
                      f"{failed} are refuted as one sample: a blend among the rest may match the batch's scale by "
