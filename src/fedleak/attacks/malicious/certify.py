@@ -15,6 +15,7 @@ from fedleak.attacks.malicious.peel import FirstLayer
 from fedleak.attacks.malicious.proofs import (
     BinCount,
     Proof,
+    copies,
     counting_proof,
     refuted_as_one,
     shared_rows,
@@ -176,7 +177,8 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None,
     refused = ""
     owner, idx = flat_index(c.rows, dev)
     o = torch.cat(c.obs) if c.obs else torch.empty(0, dtype=F64, device=dev)
-    pre = forward_trace(net, c.X).preactivations[0]
+    trace = forward_trace(net, c.X)
+    pre = trace.preactivations[0]
     bad = torch.zeros(n, dtype=F64, device=dev)
     if len(owner):
         bad.index_add_(0, owner, (pre[owner, idx] <= 0).to(F64))
@@ -268,7 +270,9 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None,
         residuals.append(float(resid[k, y]))
     standing = list(certified)
     if any(certified) and one_number:  # a certificate needs a proof that covers the batch
-        proof = one_number_proof(net, c, pre, labels, certified, batch_scale, n_examples, opts)
+        refuted = (refuted_as_one(net, trace, row_l1, owner, idx, c.silent, c.obs, c.bound, batch_scale,
+                                  10 * opts.scale_tol) if c.bins is not None and c.bound is not None else None)
+        proof = one_number_proof(net, c, refuted, labels, certified, batch_scale, n_examples, opts)
         if proof.holds:
             reasons = [f"{why}; its rows check only the scale, and {proof.why}" if ok else why
                        for ok, why in zip(certified, reasons)]
@@ -280,12 +284,12 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None,
     return verdicts, batch_scale
 
 
-def one_number_proof(net: ReluMLP, c: Candidates, pre: torch.Tensor, labels: list[int], certified: list[bool],
-                     batch_scale: float, n_examples: int | None, opts: MaliciousOptions) -> Proof:
-    """The proof that covers the whole batch (:mod:`fedleak.attacks.malicious.proofs`): counting the bins (imprint)
-    or the whole first layer explained (trap weights)."""
-    if c.bins is not None and c.bound is not None:
-        refuted = refuted_as_one(net, c.X, pre, c.rows, c.silent, c.obs, c.bound, batch_scale, 10 * opts.scale_tol)
+def one_number_proof(net: ReluMLP, c: Candidates, refuted: np.ndarray | None, labels: list[int],
+                     certified: list[bool], batch_scale: float, n_examples: int | None,
+                     opts: MaliciousOptions) -> Proof:
+    """The proof that covers the whole batch (:mod:`fedleak.attacks.malicious.proofs`): counting the bins (imprint;
+    ``refuted``: the candidates surely not one sample) or the whole first layer explained (trap weights)."""
+    if c.bins is not None and refuted is not None:
         return counting_proof(refuted, np.array(certified, dtype=bool), c.bins, n_examples)
     if c.layer is not None:
         chosen = distinct(c.X, [k for k, ok in enumerate(certified) if ok], opts.merge_tol)
@@ -295,12 +299,14 @@ def one_number_proof(net: ReluMLP, c: Candidates, pre: torch.Tensor, labels: lis
 
 
 def distinct(X: torch.Tensor, idx: list[int], merge_tol: float) -> list[int]:
-    """``idx`` without copies of one sample (within ``merge_tol`` of an earlier one)."""
-    kept: list[int] = []
-    for k in idx:
-        if all(float((X[k] - X[j]).norm()) > merge_tol * float(X[j].norm()) for j in kept):
-            kept.append(k)
-    return kept
+    """``idx`` without copies of one sample (:func:`~fedleak.attacks.malicious.proofs.copies` of an earlier one)."""
+    if not idx:
+        return []
+    same, kept = copies(X[idx], merge_tol), []
+    for a in range(len(idx)):
+        if not bool(same[a, kept].any()):
+            kept.append(a)
+    return [idx[a] for a in kept]
 
 
 def finish(net: Network, name: str, c: Candidates, verdicts: list[Verdict], n_examples: int | None,
@@ -324,8 +330,7 @@ def finish(net: Network, name: str, c: Candidates, verdicts: list[Verdict], n_ex
     order = sorted(range(n), key=lambda k: (not certified[k], not verdicts[k].standing, -float(strength[k])))
     kept: list[int] = []
     if n:
-        norms = X_all.norm(dim=1).clamp_min(1e-300)
-        dist = torch.cdist(X_all, X_all) <= opts.merge_tol * norms[:, None]
+        dist = copies(X_all, opts.merge_tol)
         dropped = torch.zeros(n, dtype=torch.bool)
         for k in order:
             if dropped[k]:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fedleak.attacks.malicious.peel import FirstLayer, contributions, peel
-from fedleak.nets import ReluMLP, forward_trace
+from fedleak.nets import ReluMLP, Trace
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,12 @@ class BinCount:
     filled: tuple[bool, ...]
 
 
+def copies(X: torch.Tensor, tol: float) -> torch.Tensor:
+    """``[i, j]``: inputs ``i`` and ``j`` are copies of one sample (within ``tol`` of the smaller one's norm)."""
+    norms = X.norm(dim=1).clamp_min(1e-300)
+    return torch.cdist(X, X) <= tol * torch.minimum(norms[:, None], norms[None, :])
+
+
 def shared_rows(pre: torch.Tensor, row_l1: torch.Tensor, X: torch.Tensor, rows: list[list[int]],
                 bound: torch.Tensor | None, consistent: np.ndarray, merge_tol: float) -> dict[int, int]:
     """Candidates that refute each other, each with a neuron where they do: of two candidates consistent at the
@@ -71,55 +77,59 @@ def shared_rows(pre: torch.Tensor, row_l1: torch.Tensor, X: torch.Tensor, rows: 
     owner = np.full(pre.shape[1], -1)
     for j, k in enumerate(idx):
         owner[rows[k]] = j
-    Xs = X[sel]
-    norms = Xs.norm(dim=1).clamp_min(1e-300)
-    copies = (torch.cdist(Xs, Xs) <= merge_tol * torch.minimum(norms[:, None], norms[None, :])).cpu().numpy()
+    same = copies(X[sel], merge_tol).cpu().numpy()
     out: dict[int, int] = {}
     for a in range(len(idx)):
         for r in np.nonzero(opens[a] & (owner >= 0))[0]:
             b = int(owner[r])
-            if b != a and not copies[a, b]:
+            if b != a and not same[a, b]:
                 out.setdefault(int(idx[a]), int(r))
                 out.setdefault(int(idx[b]), int(r))
     return out
 
 
-def refuted_as_one(net: ReluMLP, c_X: torch.Tensor, pre: torch.Tensor, rows: list[list[int]],
+def refuted_as_one(net: ReluMLP, trace: Trace, row_l1: torch.Tensor, owner: torch.Tensor, idx: torch.Tensor,
                    silent: list[list[int]], obs: list[torch.Tensor], bound: torch.Tensor, batch_scale: float,
                    slack: float) -> np.ndarray:
     """Candidates that are surely not one sample, whatever their rounding (``bound``: the max abs error of each
-    rebuilt input): a neuron they claim stays shut (or one that must stay shut opens) beyond it, or, on a head with
-    one hidden layer, no label puts the batch's scale within ``slack`` (relative) of the interval of scales the rows
-    allow. Were the candidate one sample ``x`` (within ``bound`` of it), ``x`` opens its rows, so each row's bias
-    entry is the scale times ``W2[:, r] . e_y(x)``; ReLU is 1-Lipschitz and softmax 1/2-Lipschitz in the max norm,
-    so ``e_y`` moves by at most half the logits' bound, ``max_c sum_j |W2[c, j]| |W1[j]|_1 bound``."""
-    W1 = net.weights()[0]
-    margin = (bound[:, None] * W1.abs().sum(1)[None, :]).cpu()
-    z = pre.cpu()
-    shut = np.array([bool((z[k, r] < -margin[k, r]).any()) or bool((z[k, s] > margin[k, s]).any())
-                     for k, (r, s) in enumerate(zip(rows, silent))], dtype=bool)
-    if net.depth != 1 or len(rows) == 0:
+    rebuilt input; ``trace``: their forward pass; ``owner``, ``idx``: each claimed row's candidate and neuron;
+    ``row_l1``: the first layer's row norms): a neuron they claim stays shut (or one that must stay shut opens)
+    beyond it, or, on a head with one hidden layer, no label puts the batch's scale within ``slack`` (relative) of
+    the interval of scales the rows allow. Were the candidate one sample ``x`` (within ``bound`` of it), ``x`` opens
+    its rows, so each row's bias entry is the scale times ``W2[:, r] . e_y(x)``; ReLU is 1-Lipschitz and softmax
+    1/2-Lipschitz in the max norm, so ``e_y`` moves by at most half the logits' bound,
+    ``max_c sum_j |W2[c, j]| |W1[j]|_1 bound``."""
+    n = len(silent)
+    z = trace.preactivations[0]
+    margin = bound[:, None] * row_l1[None, :]
+    shut = torch.zeros(n, dtype=torch.bool, device=z.device)
+    if len(owner):
+        shut.index_put_((owner,), z[owner, idx] < -margin[owner, idx], accumulate=True)
+    s_owner = torch.tensor([k for k, r in enumerate(silent) for _ in r], dtype=torch.long, device=z.device)
+    s_idx = torch.tensor([i for r in silent for i in r], dtype=torch.long, device=z.device)
+    if len(s_owner):
+        shut.index_put_((s_owner,), z[s_owner, s_idx] > margin[s_owner, s_idx], accumulate=True)
+    shut = shut.cpu().numpy()
+    if net.depth != 1 or n == 0:
         return shut
     W2 = net.weights()[1]
-    lip = 0.5 * float((W2.abs() @ W1.abs().sum(1)).max())
-    owner = torch.tensor([k for k, r in enumerate(rows) for _ in r], device=c_X.device)
-    idx = torch.tensor([i for r in rows for i in r], device=c_X.device)
+    lip = 0.5 * float((W2.abs() @ row_l1).max())
     o = torch.cat(obs)
     wide = W2[:, idx].abs().sum(0) * lip * bound[owner]
-    rel = (bound / c_X.abs().amax(1).clamp_min(1e-300))[owner]  # bounds the entries' own rounding
-    p = torch.softmax(forward_trace(net, c_X).logits, 1)
-    near = torch.zeros(len(rows), dtype=torch.bool, device=c_X.device)
+    rel = (bound / trace.activations[0].abs().amax(1).clamp_min(1e-300))[owner]  # bounds the entries' own rounding
+    p = torch.softmax(trace.logits, 1)
+    near = torch.zeros(n, dtype=torch.bool, device=z.device)
     for y in range(net.num_classes):
         e = p.clone()
         e[:, y] -= 1
         d = (e[owner] * W2[:, idx].T).sum(1)  # each row's bias entry per unit scale, ungated
         lo, hi = d - wide, d + wide
         ends = torch.stack([o / lo, o / hi])
-        s_lo = torch.full((len(rows),), -torch.inf, dtype=o.dtype, device=o.device).scatter_reduce_(
+        s_lo = torch.full((n,), -torch.inf, dtype=o.dtype, device=o.device).scatter_reduce_(
             0, owner, ends.amin(0) * (1 - rel), "amax")
-        s_hi = torch.full((len(rows),), torch.inf, dtype=o.dtype, device=o.device).scatter_reduce_(
+        s_hi = torch.full((n,), torch.inf, dtype=o.dtype, device=o.device).scatter_reduce_(
             0, owner, ends.amax(0) * (1 + rel), "amin")
-        zero = torch.zeros(len(rows), dtype=torch.bool, device=o.device).index_put_(
+        zero = torch.zeros(n, dtype=torch.bool, device=o.device).index_put_(
             (owner,), (lo <= 0) & (hi >= 0), accumulate=True)  # a row's entry may be 0: no scale follows
         near |= zero | ((s_lo * (1 - slack) <= batch_scale) & (batch_scale <= s_hi * (1 + slack)))
     return shut | (~near).cpu().numpy()
