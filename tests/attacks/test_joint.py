@@ -129,7 +129,7 @@ def test_dead_rows_refute_a_signed_blend(digits):
     blend = x[1] + x[2] - x[0]
     X = torch.cat([x, blend[None]])
     t64 = trace(attack, X, torch.cat([y, y[1:2]]))
-    dead = dead_row_contributions(attack, t64, torch.full((7,), 1 / 6, dtype=torch.float64))
+    dead = dead_row_contributions(attack, t64) / 6  # each at the batch's scale, 1/6
     assert float(dead[:6].max()) == 0.0
     assert float(dead[6]) > 1e-5
 
@@ -146,7 +146,8 @@ def test_witness_conflicts_between_a_blend_and_its_constituents(lfw):
             for k in range(4)]  # each true sample's exclusive rows (among the four)
     rows.append(torch.nonzero(z[4] > 0).flatten().tolist()[:8])  # the blend claims rows it fires on
     passing = [tuple((0, r, 1e-6) for r in rr) for rr in rows]
-    conflicts = WitnessConflicts(attack, t64, passing, torch.full((5,), 1 / 4, dtype=torch.float64))
+    conflicts = WitnessConflicts(attack, passing, torch.full((5,), 1 / 4, dtype=torch.float64))
+    conflicts.add(t64, range(5))
     assert conflicts.excess([0, 1, 2, 3]) <= 1.0  # exclusive rows: no other true sample fires there
     assert conflicts.excess([same[0], 4]) > 1.0
 
@@ -224,7 +225,9 @@ def test_witness_conflicts_match_their_definition():
         passing = [tuple((draw(depth), draw(10), float(torch.rand(1, generator=gen)) * 1e-3) for _ in range(draw(6)))
                    for _ in range(n)]
         weights = torch.rand(n, generator=gen, dtype=f64)
-        Q = WitnessConflicts(attack, t64, passing, weights).Q
+        whole = WitnessConflicts(attack, passing, weights)
+        whole.add(t64, range(n))
+        Q = whole.Q
         expected = torch.zeros(n, n, dtype=f64)
         for k, rows in enumerate(passing):
             for layer, row, tol in rows:
@@ -238,7 +241,13 @@ def test_witness_conflicts_match_their_definition():
         assert torch.allclose(Q, expected, rtol=1e-12, atol=0)
         assert float(Q.max()) > 0 and float(Q.diagonal().abs().max()) == 0.0
         among = sorted(torch.randperm(n, generator=gen)[: n // 2].tolist())
-        part = WitnessConflicts(attack, t64, passing, weights, among=among).Q
+        blocks = WitnessConflicts(attack, passing, weights, among=among)
+        for s in range(0, n, 3):  # the samples' traces a block at a time, as the certificate reads hundreds
+            block = range(s, min(s + 3, n))
+            blocks.add(types.SimpleNamespace(activations=[a[s : block.stop] for a in acts],
+                                             deltas=[d[s : block.stop] for d in deltas],
+                                             loss_vectors=t64.loss_vectors[s : block.stop]), block)
+        part = blocks.Q
         asked = torch.zeros(n, dtype=torch.bool)
         asked[among] = True
         pairs = asked[:, None] | asked[None, :]  # computed where k or l is asked for, 0 elsewhere

@@ -139,11 +139,11 @@ def test_open_candidates_without_kept_pre_activations_are_recomputed_alike(monke
     and the others while they take at most ``WEAK_FIRSTS`` of the layer's gradient (the hundreds of one-witness
     blends would hold ten times the gradient); the certificate recomputes the rest and gets the results of
     recomputing them all, whatever that share."""
-    from fedleak.attacks.exact import candidates, certificate
+    from fedleak.attacks.exact import candidates, traces
 
     model, x, y = user_batch(lfw, 16, 1024, 0)
     grads = gradient(model, x, y)
-    real = certificate.first_layer
+    real = traces.first_layer
     recomputed = {}
     for share in (0.0, candidates.WEAK_FIRSTS, 1.0):
         seen = []
@@ -152,12 +152,12 @@ def test_open_candidates_without_kept_pre_activations_are_recomputed_alike(monke
             seen.append(sum(c.first_pre is None for c in complete))
             return real(attack, X, complete)
 
-        monkeypatch.setattr(certificate, "first_layer", recorded)
+        monkeypatch.setattr(traces, "first_layer", recorded)
         monkeypatch.setattr(candidates, "WEAK_FIRSTS", share)
         rec = fedleak.reconstruct(model, grads)
         assert seen
         recomputed[share] = seen[0]
-        monkeypatch.setattr(certificate, "first_layer", lambda attack, X, complete: None)  # the pass computes all
+        monkeypatch.setattr(traces, "first_layer", lambda attack, X, complete: None)  # the pass computes all
         same_results(rec, fedleak.reconstruct(model, grads))
     # none kept: every open weak one is recomputed; the default share keeps the first ones read (here none of those
     # left open); a share as large as the layer keeps them all

@@ -119,7 +119,12 @@ def linear64(a: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``a @ W.T`` in float64 (``a`` float64; ``W`` a layer's weight, out x in, of any float dtype)."""
     if W.dtype == F64:
         return matmul64(a, W.T)
-    return times64(W, a.T).T.contiguous()
+    if a.shape[0] * W.shape[0] <= PIECE_ENTRIES:  # a small result: products of whole pieces, then one transposed copy
+        return times64(W, a.T).T.contiguous()
+    out = torch.empty(a.shape[0], W.shape[0], dtype=F64, device=a.device)
+    for s, piece in pieces64(W, a.shape[0]):  # a large one is written a block of columns at a time: no second copy
+        out[:, s : s + len(piece)] = matmul64(a, piece.T)
+    return out
 
 
 def back64(d: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -127,13 +132,16 @@ def back64(d: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     backward pass through the layer, summed over ``W``'s rows a piece at a time."""
     if W.dtype == F64:
         return matmul64(d, W)
-    out = torch.zeros(d.shape[0], W.shape[1], dtype=F64, device=d.device)
+    out = part = None
     for s, piece in pieces64(W, d.shape[0]):
-        if through_numpy(d):
-            out += matmul64(d[:, s : s + len(piece)], piece)
+        if out is None:  # the first piece's product is the sum so far; the others go through one reused buffer
+            out = matmul64(d[:, s : s + len(piece)], piece)
+        elif through_numpy(d):
+            part = matmul64(d[:, s : s + len(piece)], piece, out=part)
+            out += part
         else:
             out.addmm_(d[:, s : s + len(piece)], piece)
-    return out
+    return out if out is not None else torch.zeros(d.shape[0], W.shape[1], dtype=F64, device=d.device)
 
 
 def product32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

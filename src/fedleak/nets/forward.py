@@ -14,6 +14,8 @@ import torch
 from fedleak.nets.float64 import back64, linear64
 from fedleak.nets.head import ReluMLP
 
+MASK_ROWS = 64  # rows of a layer whose ReLU mask is taken at once
+
 
 @dataclass(frozen=True)
 class Trace:
@@ -45,6 +47,7 @@ def forward_trace(
     params: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None = None,
     first: torch.Tensor | None = None,
     smoothing: float = 0.0,
+    keep_pre: bool = True,
 ) -> Trace:
     """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given.
 
@@ -52,7 +55,9 @@ def forward_trace(
     the weights may also be the model's own float32 ones, read in float64 a piece at a time
     (:mod:`fedleak.nets.float64`). ``first``: the first layer's pre-activations of these inputs where the
     caller computed them already (the same product, in ``dtype``): the pass starts from them. ``smoothing``: the
-    loss's label smoothing (:func:`loss_vectors`).
+    loss's label smoothing (:func:`loss_vectors`). ``keep_pre=False``: the pre-activations are not kept (the
+    trace's list is empty), each layer's ReLU is taken in place, also on ``first``, which the caller hands over:
+    one float64 array of the layer's size fewer per layer.
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
@@ -65,16 +70,17 @@ def forward_trace(
             z = linear(a, W)
             if b is not None:
                 z = z + b
-        pres.append(z)
-        a = torch.relu(z)
+        a = torch.relu(z) if keep_pre else z.relu_()
+        pres.append(z if keep_pre else a)  # without keep_pre, the activations: the same ReLU masks
         acts.append(a)
     logits = linear(a, weights[-1])
     if biases[-1] is not None:
         logits = logits + biases[-1]
+    kept = pres if keep_pre else []
     if labels is None:
-        return Trace(acts, pres, logits, None, None)
+        return Trace(acts, kept, logits, None, None)
     e = loss_vectors(logits, labels, smoothing)
-    return Trace(acts, pres, logits, e, backward_signals(weights, pres, e))
+    return Trace(acts, kept, logits, e, backward_signals(weights, pres, e))
 
 
 def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: torch.Tensor) -> list[torch.Tensor]:
@@ -84,7 +90,8 @@ def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: t
     deltas, d = [], e
     for W, z in zip(reversed(weights[1:]), reversed(pres)):
         d = back64(d, W) if d.dtype == torch.float64 else d @ W
-        d.mul_(z > 0)  # a fresh product: the ReLU's derivative in place
+        for s in range(0, len(d), MASK_ROWS):  # a fresh product: the ReLU's derivative in place, a block of rows
+            d[s : s + MASK_ROWS].mul_(z[s : s + MASK_ROWS] > 0)  # at a time (no mask of the whole layer)
         deltas.append(d)
     return deltas[::-1]
 

@@ -44,14 +44,16 @@ from fedleak.attacks.exact.joint import (
 from fedleak.attacks.exact.options import REDUCTIONS
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
+from fedleak.attacks.exact.traces import CandidateTraces, join
 from fedleak.attacks.exact.witnesses import (
     LabelSignals,
     WitnessFit,
     fit_witnesses,
     input_uncertainty,
+    label_signals,
     per_sample_norms,
 )
-from fedleak.nets import forward_trace
+from fedleak.nets import Trace
 from fedleak.reconstruction import SampleRecovery
 
 F64 = torch.float64
@@ -102,21 +104,6 @@ def certify(attack, cands: list, reported: int | None) -> Certificate:
     return replace(cert, recoveries=tuple(recs), logits=logits)
 
 
-def first_layer(attack, X: torch.Tensor, complete: list) -> torch.Tensor | None:
-    """The first layer's float64 pre-activations of the candidates' inputs ``X``: the top-layer check's where
-    it kept them (:attr:`~fedleak.attacks.exact.candidates.Candidate.first_pre`), the others computed here
-    (None when it kept none: the forward pass computes them all)."""
-    firsts = [c.first_pre for c in complete]
-    missing = [k for k, z in enumerate(firsts) if z is None]
-    if len(missing) == len(firsts):
-        return None
-    if missing:  # kept only for heads of one hidden layer: this pass is that layer and the logits
-        rest = forward_trace(attack.net, X[missing], dtype=F64, params=(attack.W, attack.b))
-        for k, row in zip(missing, rest.preactivations[0].unbind(0)):
-            firsts[k] = row
-    return torch.stack(firsts)
-
-
 def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     """Certify the complete candidates: per-sample witnesses, the batch scale, then the joint test."""
     net, opts = attack.net, attack.opts
@@ -124,15 +111,25 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         return Certificate((), reported, None, False)
     X = torch.stack([c.acts[0] for c in complete])
     y = torch.tensor([c.label for c in complete], device=X.device)
-    t64 = forward_trace(net, X, y, dtype=F64, params=(attack.W, attack.b), first=first_layer(attack, X, complete),
-                        smoothing=opts.smoothing)
-    # the pre-activations are read no more (the activations give the same ReLU masks): freed for the witness fit
-    t64 = replace(t64, preactivations=[])
-    label = LabelSignals(attack, t64, y)
-    fits = fit_witnesses(attack, complete, t64, label)
+    traces = CandidateTraces(attack, complete, X, y)
     has_bias = [gb is not None for gb in attack.g]
+
+    kept: list[LabelSignals] = []  # the label entry's signals, kept with the trace where there is one block
+
+    def read(block: range, t: Trace) -> tuple[list[WitnessFit], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A block's witness fits, logits, terms on rows no sample opens and (under clipping) gradient norms."""
+        label = LabelSignals(attack, t, y[block.start : block.stop])
+        if t is traces.kept:
+            kept.append(label)
+        fits = fit_witnesses(attack, complete[block.start : block.stop], t, label)
+        norms = per_sample_norms(t, has_bias) if opts.clip_norm is not None else None
+        return fits, t.logits, dead_row_contributions(attack, t), norms
+
+    fits_of, logits_of, dead_of, norms_of = zip(*traces.read(read))
+    fits: list[WitnessFit] = [f for part in fits_of for f in part]
+    logits = torch.cat(logits_of)
     if opts.clip_norm is not None:
-        clip = (opts.clip_norm / per_sample_norms(t64, has_bias)).clamp(max=1.0).cpu().numpy()
+        clip = (opts.clip_norm / torch.cat(norms_of)).clamp(max=1.0).cpu().numpy()
     else:
         clip = np.ones(len(complete))
     own = clip * opts.class_factors(y)  # each sample's own factor: its clipping and its label's class weight
@@ -191,7 +188,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
             if k not in at_scale:
                 reasons[k] = "scale differs from the batch's common scale (a blend of samples, not a sample)"
         weights = torch.from_numpy(expected).to(device=X.device, dtype=F64)
-        dead = dead_row_contributions(attack, t64, weights)
+        dead = weights.abs() * torch.cat(dead_of)
         for k in list(at_scale):
             if float(dead[k]) > opts.check_tol:
                 at_scale.remove(k)
@@ -205,11 +202,20 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         # the samples a certified set can hold (hundreds of candidates on two-class data are blends at other
         # scales): the conflicts are taken where one of them is involved, the joint tests see them alone
         among = sorted(at_scale + weak)
-        conflicts = WitnessConflicts(attack, t64, [f.passing for f in fits], weights, among=among)
+        conflicts = WitnessConflicts(attack, [f.passing for f in fits], weights, among=among)
+
+        def gather(block: range, t: Trace) -> Trace:
+            """The block's conflicts, and the trace of its candidates among those the joint tests take."""
+            conflicts.add(t, block)
+            return t.samples(torch.tensor([k - block.start for k in among if k in block], dtype=torch.long,
+                                          device=X.device))
+
+        t_sub = join(traces.read(gather))
         local = {k: j for j, k in enumerate(among)}  # their numbers in the joint tests
         sub = torch.tensor(among, dtype=torch.long, device=X.device)
-        t_sub, w_sub = t64.samples(sub), weights[sub]
-        corrections = (eps[sub], *label.of(sub))
+        w_sub = weights[sub]
+        signals = kept[0].of(sub) if kept else label_signals(attack, t_sub.activations[1:], y[sub])
+        corrections = (eps[sub], *signals)
         test = JointTest(attack, t_sub, bs.batch_size, w_sub, slack, corrections=corrections)
         degenerate = torch.nonzero(degenerate_loss_vectors(t_sub.loss_vectors, t_sub.logits)).flatten().tolist()
         independent = IndependenceTest(attack, t_sub, bs.batch_size, w_sub, opts.min_distance, degenerate,
@@ -266,7 +272,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         recs.append(SampleRecovery(label=c.label, certified=ok, reason=reason, witnesses=f.counts,
                                    solved_layers=tuple(sorted(i + 1 for i in c.solved)), residual=f.residual,
                                    scale=f.scale))
-    return Certificate(tuple(recs), bs.batch_size, bs.factor, batch_ok, joint, t64.logits)
+    return Certificate(tuple(recs), bs.batch_size, bs.factor, batch_ok, joint, logits)
 
 
 def crowded(count: int, scale: float) -> str:

@@ -145,28 +145,37 @@ class WitnessConflicts:
     row's tolerance. ``Q[k, l]`` is the largest such term of ``l`` on ``k``'s witness rows over the row's
     absolute tolerance (``|s_l delta_l| ||[a_l, 1]||``, plus ``s_l a_l ||e_l||`` on the output column).
     A set passes when, for each member, the terms of all other members add up to at most the tolerance.
+    ``Q`` is filled from the samples' traces, a block of samples at a time (:meth:`add`).
     """
 
-    def __init__(self, attack, t64: Trace, passing: list[tuple[tuple[int, int, float], ...]], weights: torch.Tensor,
+    def __init__(self, attack, passing: list[tuple[tuple[int, int, float], ...]], weights: torch.Tensor,
                  among: list[int] | None = None):
-        """``passing``: each sample's witness rows as ``(layer, row, absolute tolerance)``; ``among``: the samples
-        whose conflicts are asked for (all by default): ``Q[k, l]`` is computed where ``k`` or ``l`` is among them
-        (so their :meth:`pressure` and the :meth:`excess` of sets of them are exact) and left 0 elsewhere."""
+        """``passing``: each sample's witness rows as ``(layer, row, absolute tolerance)``; ``weights``: each
+        sample's scale in the batch; ``among``: the samples whose conflicts are asked for (all by default):
+        ``Q[k, l]`` is computed where ``k`` or ``l`` is among them (so their :meth:`pressure` and the
+        :meth:`excess` of sets of them are exact) and left 0 elsewhere."""
         n = len(passing)
+        self.attack, self.passing, self.w = attack, passing, weights.abs()
+        self.Q = torch.zeros(n, n, dtype=F64, device=weights.device)
+        self.inside = sorted(set(range(n)) if among is None else set(among))
+        self.others = sorted(set(range(n)) - set(self.inside))
+
+    def add(self, t64: Trace, block: range) -> None:
+        """Add the terms of the samples ``block`` (numbers of ``passing``), ``t64`` their trace (row ``l`` of it
+        is sample ``block.start + l``)."""
+        attack, passing, w, n = self.attack, self.passing, self.w, len(self.passing)
         depth = attack.net.depth
-        dev = weights.device
-        self.Q = torch.zeros(n, n, dtype=F64, device=dev)
+        dev = w.device
         vnorm = [(a**2).sum(1) + (1.0 if attack.g[i] is not None else 0.0)
                  for i, a in enumerate(t64.activations[:depth])]
         enorm = t64.loss_vectors.norm(dim=1)
-        w = weights.abs()
-        inside = sorted(set(range(n)) if among is None else set(among))
-        others = sorted(set(range(n)) - set(inside))
         # the rows of the samples asked for against every sample, the others' rows against those asked for
-        for owners, samples in ((inside, list(range(n))), (others, inside)):
+        inside = [k for k in self.inside if k in block]
+        for owners, samples in ((self.inside, list(block)), (self.others, inside)):
             if not owners or not samples:
                 continue
             cols = torch.tensor(samples, dtype=torch.long, device=dev)
+            mine = cols - block.start  # their rows in the trace
             for i in range(depth):  # the owners' witness rows of layer i at once, a piece of rows at a time
                 entries = [(k, row, tol) for k in owners for layer, row, tol in passing[k] if layer == i]
                 step = max(1, (1 << 21) // len(samples))
@@ -175,10 +184,10 @@ class WitnessConflicts:
                     owner = torch.tensor([k for k, _, _ in piece], dtype=torch.long, device=dev)
                     rows = torch.tensor([r for _, r, _ in piece], dtype=torch.long, device=dev)
                     tols = torch.tensor([t for _, _, t in piece], dtype=F64, device=dev).clamp_min(1e-300)
-                    at = (cols[:, None], rows[None, :])  # samples x entries
-                    term = t64.deltas[i][at].abs() * vnorm[i][cols].sqrt()[:, None]
+                    at = (mine[:, None], rows[None, :])  # samples x entries
+                    term = t64.deltas[i][at].abs() * vnorm[i][mine].sqrt()[:, None]
                     if i == depth - 1:
-                        term = term + t64.activations[i + 1][at] * enorm[cols, None]
+                        term = term + t64.activations[i + 1][at] * enorm[mine, None]
                     # Q[k, l]: the largest term of sample l on k's rows, over their tolerances
                     self.Q.view(-1).scatter_reduce_(0, (owner[None, :] * n + cols[:, None]).flatten(),
                                                     (w[cols, None] * term / tols).flatten(), "amax")
@@ -195,11 +204,12 @@ class WitnessConflicts:
         return self.Q.sum(1) + self.Q.sum(0)
 
 
-def dead_row_contributions(attack, t64: Trace, weights: torch.Tensor) -> torch.Tensor:
+def dead_row_contributions(attack, t64: Trace) -> torch.Tensor:
     """For each rebuilt sample, its largest term on a row whose observed gradient is exactly zero, relative to
-    the layer's median live row norm. No sample of the batch contributes to such a row, so a sample of the
-    batch has a term there only at the level of its own rounding (a confident sample whose float32 loss vector
-    underflowed); a larger term shows the rebuilt input is not one of the batch's samples."""
+    the layer's median live row norm, at scale 1 (times its scale in the batch: what it adds there). No sample
+    of the batch contributes to such a row, so a sample of the batch has a term there only at the level of its
+    own rounding (a confident sample whose float32 loss vector underflowed); a larger term shows the rebuilt
+    input is not one of the batch's samples."""
     depth = attack.net.depth
     worst = torch.zeros(t64.logits.shape[0], dtype=F64, device=t64.logits.device)
     for i in range(depth):
@@ -217,7 +227,7 @@ def dead_row_contributions(attack, t64: Trace, weights: torch.Tensor) -> torch.T
         term = t64.deltas[i][:, dead].abs() * v[:, None]
         if i == depth - 1:
             term = term + t64.activations[i + 1][:, dead] * t64.loss_vectors.norm(dim=1)[:, None]
-        worst = torch.maximum(worst, weights.abs() * term.amax(1) / ref)
+        worst = torch.maximum(worst, term.amax(1) / ref)
     return worst
 
 

@@ -127,7 +127,7 @@ def client_forward(attack, t64: Trace) -> Trace:
     candidate's rounding is the same however the witness fit groups them), without its pre-activations (the
     activations give the same ReLU masks) or inputs (each group converts its own): they would be as large as the
     float32 trace itself."""
-    t32 = forward_trace(attack.net, t64.activations[0].to(attack.obs_dtype), dtype=attack.obs_dtype)
+    t32 = forward_trace(attack.net, t64.activations[0].to(attack.obs_dtype), dtype=attack.obs_dtype, keep_pre=False)
     inputs = t32.activations[0].new_empty((0, t32.activations[0].shape[1]))  # not a view: the inputs are freed
     return Trace([inputs, *t32.activations[1:]], [], t32.logits, None, None)
 
