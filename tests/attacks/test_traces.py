@@ -38,19 +38,24 @@ def reconstruct(model, update, share: float, min_block: int) -> tuple[fedleak.Re
         return fedleak.reconstruct(model, update, attack="exclusivity"), blocks
 
 
-@pytest.mark.parametrize("data, fedavg, certifies",
-                         [("lfw", False, True), ("lfw", True, False), ("digits", False, True)])
-def test_blocks_of_candidates_give_the_results_of_all_at_once(request, data, fedavg, certifies):
-    """Two-class faces (hundreds of blend candidates; a gradient, and a FedAvg step, where nothing is certified)
-    and digits (a gradient): read in blocks of 3 candidates, the certified samples, labels, inputs, scales and
-    reasons are those of reading all at once."""
+@pytest.mark.parametrize("data, widths, m, fedavg, certifies", [
+    ("lfw", (512,), 12, False, True), ("lfw", (512,), 12, True, False), ("digits", (512,), 12, False, True),
+    ("lfw", (512, 256), 16, False, True), ("digits", (1024, 512), 32, False, True)])
+def test_blocks_of_candidates_give_the_results_of_all_at_once(request, data, widths, m, fedavg, certifies):
+    """Two-class faces (a gradient, and a FedAvg step, where nothing is certified; with one hidden layer, hundreds
+    of blend candidates) and digits (a gradient), with one hidden layer (a user's module) and two (fedleak's MLP):
+    read in blocks of 2 candidates, the certified samples, labels, inputs, scales and reasons are those of
+    reading all at once."""
     dataset = request.getfixturevalue(data)
     torch.manual_seed(0)
-    model = DropoutMLP(int(torch.tensor(dataset.input_shape).prod()), 512, dataset.num_classes).eval()
-    x, y = dataset.batch(12, seed=3)
+    if len(widths) == 1:
+        model = DropoutMLP(int(torch.tensor(dataset.input_shape).prod()), widths[0], dataset.num_classes).eval()
+    else:
+        model = fedleak.make_mlp(dataset.input_shape, list(widths), dataset.num_classes, seed=0)
+    x, y = dataset.batch(m, seed=3)
     update = update_of(model, x, y, fedavg)
     whole, whole_blocks = reconstruct(model, update, 1e9, 1)
-    split, split_blocks = reconstruct(model, update, 0.0, 3)
+    split, split_blocks = reconstruct(model, update, 0.0, 2)
     assert all(len(b) == 1 for b in whole_blocks) and max(len(b) for b in split_blocks) >= 3
     assert (whole.num_certified > 0) == certifies
     assert torch.equal(whole.certified, split.certified) and torch.equal(whole.labels, split.labels)
