@@ -135,30 +135,34 @@ def test_single_witness_samples_of_a_whole_batch_are_not_settled(monkeypatch, lf
 
 
 def test_open_candidates_without_kept_pre_activations_are_recomputed_alike(monkeypatch, lfw):
-    """Candidates with the witness rows a certificate of their own needs keep the top check's pre-activations,
-    and the others while they take at most ``WEAK_FIRSTS`` of the layer's gradient (the hundreds of one-witness
-    blends would hold ten times the gradient); the certificate recomputes the rest and gets the results of
-    recomputing them all, whatever that share."""
+    """Candidates keep the top check's pre-activations while all kept take at most ``FIRSTS`` of the layer's
+    gradient, those without the witness rows a certificate of their own needs at most ``WEAK_FIRSTS`` (the
+    hundreds of one-witness blends would hold ten times the gradient); the certificate recomputes the rest and
+    gets the results of recomputing them all, whatever those shares."""
     from fedleak.attacks.exact import candidates, traces
 
     model, x, y = user_batch(lfw, 16, 1024, 0)
     grads = gradient(model, x, y)
     real = traces.first_layer
-    recomputed = {}
-    for share in (0.0, candidates.WEAK_FIRSTS, 1.0):
+    recomputed, open_ = {}, {}
+    shares = ((candidates.FIRSTS, 0.0), (candidates.FIRSTS, candidates.WEAK_FIRSTS), (1.0, 1.0), (0.0, 1.0))
+    for share in shares:
         seen = []
 
         def recorded(attack, X, complete, seen=seen):
-            seen.append(sum(c.first_pre is None for c in complete))
+            seen.append((sum(c.first_pre is None for c in complete), len(complete)))
             return real(attack, X, complete)
 
         monkeypatch.setattr(traces, "first_layer", recorded)
-        monkeypatch.setattr(candidates, "WEAK_FIRSTS", share)
+        monkeypatch.setattr(candidates, "FIRSTS", share[0])
+        monkeypatch.setattr(candidates, "WEAK_FIRSTS", share[1])
         rec = fedleak.reconstruct(model, grads)
         assert seen
-        recomputed[share] = seen[0]
+        recomputed[share], open_[share] = seen[0]
         monkeypatch.setattr(traces, "first_layer", lambda attack, X, complete: None)  # the pass computes all
         same_results(rec, fedleak.reconstruct(model, grads))
-    # none kept: every open weak one is recomputed; the default share keeps the first ones read (here none of those
-    # left open); a share as large as the layer keeps them all
-    assert recomputed[0.0] >= recomputed[candidates.WEAK_FIRSTS] >= recomputed[1.0] == 0 < recomputed[0.0]
+    # no weak one kept: every open weak one is recomputed; the default shares keep the first ones read (here none
+    # of those left open); shares as large as the layer keep them all; none at all: every open one is recomputed
+    none, default, whole, nothing = shares
+    assert recomputed[none] >= recomputed[default] >= recomputed[whole] == 0 < recomputed[none]
+    assert recomputed[nothing] == open_[nothing] > recomputed[none]

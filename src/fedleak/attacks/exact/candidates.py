@@ -175,7 +175,9 @@ def fit_scales(
 
 
 CHECK_ENTRIES = 1 << 18  # float64 entries of the groups' pre-activations (and, in the pass, activations) held at once
-WEAK_FIRSTS = 1 / 16  # the part of the top layer's gradient entries the pre-activations of weak candidates may take
+FIRSTS = 1 / 2  # the part of the top layer's gradient entries the kept pre-activations may take (in float64: the
+# float32 layer's size), ...
+WEAK_FIRSTS = 1 / 16  # ... and those of weak candidates
 
 
 def top_candidates(attack) -> list[Candidate]:
@@ -272,7 +274,7 @@ def top_candidates(attack) -> list[Candidate]:
     sel = torch.nonzero(hopeful).flatten().tolist()
     cands: list[Candidate] = []
     step = max(1, CHECK_ENTRIES // W[t].shape[0])  # groups whose forward pass is held at once
-    weak = weak_firsts(attack) if t == 0 else 0
+    room, weak = (firsts(attack, FIRSTS), firsts(attack, WEAK_FIRSTS)) if t == 0 else (0, 0)
     for start in range(0, len(sel), step):
         chunk = sel[start : start + step]
         pres, acts, logits = tail_forward(attack.net, W, attack.b, t, reps[chunk])
@@ -283,28 +285,30 @@ def top_candidates(attack) -> list[Candidate]:
             if len(fire) < len(chunk):
                 chunk = [chunk[j] for j in fire.tolist()]
                 z, logits = z[fire], logits[fire]
-        found = check_top_groups(attack, reps[chunk], [members[k] for k in chunk], z, logits, weak)
+        found = check_top_groups(attack, reps[chunk], [members[k] for k in chunk], z, logits, room, weak)
+        room -= sum(c.first is not None for c in found)
         weak -= sum(c.first is not None and len(c.witnesses[t]) < opts.min_last for c in found)
         cands.extend(found)
     return cands
 
 
-def weak_firsts(attack) -> int:
-    """How many candidates with fewer than ``min_last`` witnesses (blends, mostly) keep their first-layer
-    pre-activations (one float64 row of the layer's width each; :attr:`Candidate.first`): as many as take
-    ``WEAK_FIRSTS`` of the layer's gradient entries. The certificate's forward pass then starts from them instead
-    of a second pass through the layer (a CNN's 25088-wide head: 34 ms); hundreds of blends of two-class data
-    would hold ten times the gradient's size: the ones beyond are recomputed."""
-    return int(attack.G[0].numel() * WEAK_FIRSTS) // attack.W[0].shape[0]
+def firsts(attack, share: float) -> int:
+    """How many candidates keep their first-layer pre-activations (one float64 row of the layer's width each;
+    :attr:`Candidate.first`) in ``share`` of the layer's gradient entries: :data:`FIRSTS` for all, of which
+    :data:`WEAK_FIRSTS` for those with fewer than ``min_last`` witnesses (blends, mostly). The certificate's
+    forward pass then starts from them instead of a second pass through the layer (a CNN's 25088-wide head: 34
+    ms); the hundreds or thousands of blends of two-class data would hold ten times the gradient's size: the
+    ones beyond are recomputed."""
+    return int(attack.G[0].numel() * share) // attack.W[0].shape[0]
 
 
 def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z: torch.Tensor,
-                     logits: torch.Tensor, weak: int = 0) -> list[Candidate]:
+                     logits: torch.Tensor, room: int = 0, weak: int = 0) -> list[Candidate]:
     """The candidates of groups of rows with implied inputs ``reps`` (n x d), member rows ``members`` and their
     forward pass (pre-activations ``z``, ``logits``; one row per group); groups that fail the checks give none.
     All groups are checked at once, on their members laid end to end
     (:func:`~fedleak.attacks.exact.top_check.fit_top_rows`). A head of one hidden layer keeps the pre-activations
-    of the candidates with at least ``min_last`` witnesses, and of the first ``weak`` others."""
+    of the first ``room`` candidates, of which at most ``weak`` with fewer than ``min_last`` witnesses."""
     t = attack.net.depth - 1
     if not members:
         return []
@@ -317,7 +321,8 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     cands = []
     end = 0
     # the pre-activations (a float64 row of the layer's width each) are kept for the certificate's forward pass
-    # where a certificate can be had on the sample's own witnesses, and for ``weak`` others (:func:`weak_firsts`)
+    # where a certificate can be had on the sample's own witnesses, and for ``weak`` others, ``room`` in all
+    # (:func:`firsts`)
     strong = attack.opts.min_last
     # read with train_dropout, a group's loss vector is its own columns' (:mod:`fedleak.attacks.exact.dropout`):
     # a lone row passes that check whatever it holds, so a group needs two
@@ -326,7 +331,8 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
         if size < fewest:
             end += size
             continue
-        keep = t == 0 and (size >= strong or weak > 0)
+        keep = t == 0 and room > 0 and (size >= strong or weak > 0)
+        room -= keep
         if keep and size < strong:
             weak -= 1
         x = xs[k].clone()  # its own copy: a view would keep the chunk's groups that fail the check alive
@@ -363,7 +369,9 @@ def unique_candidates(cands: list[Candidate], t: int, group_tol: float) -> list[
     # shortlisted pairs first (a piece of pairs at a time: a weight update's tolerance, raised to its rounding,
     # can shortlist tens of thousands of blends' pairs), then one pass in order over the candidates with a pair
     reach = group_tol * 10 * norms.clamp_min(1e-300)
-    pairs = np.argwhere(np.tril(near, -1))  # (k, u): u comes before k
+    rows = max(1, PAIR_ENTRIES // len(ordered))  # (k, u): u comes before k, a block of k at a time (no n x n copy)
+    pairs = np.concatenate([np.argwhere(np.tril(near[s : s + rows], s - 1)) + (s, 0)
+                            for s in range(0, len(ordered), rows)])
     close: dict[int, list[int]] = {}
     step = max(1, PAIR_ENTRIES // X.shape[1])
     for s in range(0, len(pairs), step):
