@@ -13,7 +13,7 @@ the same original. The worst certified error (relative to the range) is recorded
     python benchmarks/certificate_hunt.py [--batches 1000] [--configs lfw-2:2500,lfw-2-shift,...] [--seed 0]
     python benchmarks/certificate_hunt.py --render benchmarks/results/certificate_hunt_a.json ...
 
-Writes benchmarks/results/certificate_hunt.json (versions, seed, settings, per-config counts); ``--render``
+Writes benchmarks/results/certificate_hunt.json (versions, seed, settings, the machine, per-config counts); ``--render``
 writes the table of one or more result files into docs/benchmarks.md.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from doc_section import write_section
 from torch import nn
 
 import fedleak
+from fedleak.nets.blas import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "certificate_hunt.json"
@@ -287,6 +289,7 @@ def main() -> None:
         versions=dict(fedleak=fedleak.__version__, torch=torch.__version__, numpy=np.__version__,
                       python=platform.python_version()),
         machine=f"{platform.machine()}, {torch.get_num_threads()} thread",
+        cpu=f"{os.cpu_count()} cores of an {cpu_model()}",
         results=results,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
