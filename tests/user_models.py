@@ -45,6 +45,48 @@ class ResidualMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)) + x)
 
 
+class TiedMLP(nn.Module):
+    """One hidden Linear module called twice (shared weights), one ReLU module reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.fc1(x))
+        return self.fc2(self.relu(self.hidden(self.relu(self.hidden(x)))))
+
+
+class ReusedReluMLP(nn.Module):
+    """Two hidden layers sharing one ``nn.ReLU`` module (no weights shared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.relu = nn.ReLU()
+        self.fc3 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+
+class BatchNormMLP(nn.Module):
+    """BatchNorm1d on a dense layer's features: the client trains it on its batch's statistics."""
+
+    def __init__(self, in_features: int = 64, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.fc2 = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.bn(self.fc1(x.flatten(1)))))
+
+
 class LayerNormMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

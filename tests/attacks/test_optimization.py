@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from user_models import BatchNormMLP
 
 import fedleak
 from fedleak.attacks.labels import infer_label_counts, infer_labels
@@ -62,6 +63,24 @@ def test_an_unknown_batch_size_is_at_least_the_classes_the_update_shows(digits):
     assert 1 < shown <= len(set(y.tolist())) and len(rec) == rec.batch_size == shown
     assert any(f"assumed {shown}, the number of classes" in note for note in rec.notes)
     assert set(rec.labels.tolist()) <= set(y.tolist())
+
+
+def test_batchnorm_in_training_mode_is_simulated_on_the_dummy_batch(digits):
+    """A client that trains BatchNorm on its batch's statistics: the search runs the model in the mode it is given;
+    a batch of one, which such a model cannot run, is refused in one line that says what to do."""
+    torch.manual_seed(0)
+    model = BatchNormMLP().train()
+    x, y = digits.batch(6, seed=3)
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    named = dict(zip([n for n, _ in model.named_parameters()], grads))
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(named, num_examples=6), attack="ig", iterations=3)
+    assert len(rec) == 6 and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running statistics untouched
+    with pytest.raises(fedleak.FedleakError, match=r"dummy batch of 1 input.*BatchNorm layer in training mode needs a "
+                                                   r"batch of at least 2: pass batch_size") as info:
+        fedleak.reconstruct(model, list(grads), attack="ig", iterations=3, batch_size=1)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("attack", ["dlg", "idlg"])

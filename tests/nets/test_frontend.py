@@ -5,7 +5,16 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from user_models import DropoutMLP, FlowerNet, LayerNormMLP, ResidualMLP, dropout_mlp_twin, flower_net_twin
+from user_models import (
+    DropoutMLP,
+    FlowerNet,
+    LayerNormMLP,
+    ResidualMLP,
+    ReusedReluMLP,
+    TiedMLP,
+    dropout_mlp_twin,
+    flower_net_twin,
+)
 
 import fedleak
 from fedleak.errors import ModelError
@@ -97,6 +106,7 @@ def test_dropout_in_training_mode_is_refused_by_name():
 @pytest.mark.parametrize("model, needle", [
     (ResidualMLP(), r"node 'add' \(operator.add\) joins 2 branches .*optimisation attacks"),
     (LayerNormMLP(), r"node 'norm' \(LayerNorm\): not supported.*optimisation attacks \(dlg, idlg, ig"),
+    (TiedMLP(), r"module 'hidden' \(Linear\) is called 2 times in forward \(shared weights\).*optimisation attacks"),
     (nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)), r"node '1' \(GELU\)"),
     (nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)), r"node '1' \(Tanh\)"),
     (nn.Sequential(nn.Linear(8, 8), nn.LeakyReLU(), nn.Linear(8, 2)), r"node '1' \(LeakyReLU\)"),
@@ -111,6 +121,14 @@ def test_unsupported_models_get_one_line_naming_the_node(model, needle):
         as_network(model, input_shape=(1, 8, 8) if isinstance(model[0] if isinstance(model, nn.Sequential) else None,
                                                                nn.Conv2d) else None)
     assert "\n" not in str(info.value)
+
+
+def test_a_relu_module_reused_is_read_as_one_relu_per_layer():
+    """Only weights shared between calls are refused; one ``nn.ReLU`` called after every layer is the usual way."""
+    model = ReusedReluMLP()
+    net = as_network(model)
+    assert net.head.widths == (16, 16) and net.parameter_names() == [n for n, _ in model.named_parameters()]
+    _same_structure(net, as_network(nn.Sequential(model.fc1, nn.ReLU(), model.fc2, nn.ReLU(), model.fc3)))
 
 
 class InputArithmetic(nn.Module):

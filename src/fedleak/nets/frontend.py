@@ -16,6 +16,7 @@ import operator
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -267,6 +268,13 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
     ops = [n for n in nodes
            if n.op in ("call_module", "call_function", "call_method") and n.meta.get("shape") is not None]
     output = next(n for n in nodes if n.op == "output")
+    calls = Counter(n.target for n in ops
+                    if n.op == "call_module" and next(modules[n.target].parameters(), None) is not None)
+    shared = next((t for t, c in calls.items() if c > 1), None)
+    if shared is not None:
+        raise ModelError(f"module '{shared}' ({type(modules[shared]).__name__}) is called {calls[shared]} times in "
+                         "forward (shared weights): a client's gradient for its weights is the sum over its calls, "
+                         f"which no layer-by-layer reading separates; {EXACT_SCOPE}")
     steps: list[Step] = []
     previous = placeholders[0]
     for k, node in enumerate(ops):

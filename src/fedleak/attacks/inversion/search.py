@@ -204,7 +204,7 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
         warm = warm_start.detach().to(dtype).reshape(-1, *target.input_shape)[:n_free]
         if settings.box is not None:
             warm = warm.clamp(*settings.box)
-    K = int(fm.logits(fm.params, torch.zeros(1, *target.input_shape, dtype=dtype)).shape[-1])
+    K = int(fm.logits(fm.params, torch.zeros(2, *target.input_shape, dtype=dtype)).shape[-1])
     steps = 1
     if target.kind == "weights":
         steps = int(settings.local_steps or target.local_steps or 1)
