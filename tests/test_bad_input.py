@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from user_models import BatchNormMLP
 
 import fedleak
 from fedleak.cli import main
@@ -258,6 +259,18 @@ class TestModels:
     def test_inputs_the_model_cannot_take(self, model):
         _raises(fedleak.ModelError, ("cannot take inputs of shape (2, 5)",), fedleak.compute_gradient_update, model,
                 torch.rand(2, 5), torch.tensor([0, 1]))
+
+    def test_one_input_through_batchnorm_in_training_mode(self):
+        """torch raises a ValueError there: the client simulators say it in one line, with the cause."""
+        torch.manual_seed(0)
+        model = BatchNormMLP(16, 8, 3).train()
+        x, y = torch.rand(4, 16), torch.tensor([0, 1, 2, 0])
+        cause = "a BatchNorm layer in training mode needs at least 2 inputs per batch"
+        _raises(fedleak.ModelError, ("cannot take inputs of shape (1, 16)", cause), fedleak.compute_gradient_update,
+                model, x[:1], y[:1])
+        _raises(fedleak.ModelError, ("cannot take inputs of shape (1, 16)", cause), fedleak.fedavg_update, model, x, y,
+                lr=0.1, batch_size=1)
+        assert fedleak.compute_gradient_update(model.eval(), x[:1], y[:1]).num_examples == 1
 
     @pytest.mark.parametrize(
         "change, metadata, fragments",

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
+from fedleak.forward_failure import forward_failure
 from fedleak.state_names import renaming
 from fedleak.validation import (
     MAX_COUNT,
@@ -261,9 +262,10 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     labels with K columns)."""
     try:
         logits = model(inputs)
-    except RuntimeError as exc:  # a shape or dtype mismatch between the model and the batch
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ModelError(f"the model cannot take inputs of shape {tuple(inputs.shape)}: {first}") from None
+    except (RuntimeError, ValueError) as exc:  # a shape or dtype mismatch; BatchNorm in training mode on one input
+        if isinstance(exc, FedleakError):
+            raise
+        raise ModelError(forward_failure(model, inputs, exc)) from None
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"the model must return logits of shape ({inputs.shape[0]}, K), got {shape}")

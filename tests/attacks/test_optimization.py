@@ -77,8 +77,9 @@ def test_batchnorm_in_training_mode_is_simulated_on_the_dummy_batch(digits):
     rec = fedleak.reconstruct(model, fedleak.GradientUpdate(named, num_examples=6), attack="ig", iterations=3)
     assert len(rec) == 6 and model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # running statistics untouched
-    with pytest.raises(fedleak.FedleakError, match=r"dummy batch of 1 input.*BatchNorm layer in training mode needs a "
-                                                   r"batch of at least 2: pass batch_size") as info:
+    with pytest.raises(fedleak.FedleakError, match=r"dummy batch: the model cannot take inputs of shape \(1, 64\).*"
+                                                   r"BatchNorm layer in training mode needs at least 2 inputs per "
+                                                   r"batch: pass batch_size") as info:
         fedleak.reconstruct(model, list(grads), attack="ig", iterations=3, batch_size=1)
     assert "\n" not in str(info.value)
 

@@ -46,6 +46,7 @@ from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
 from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
 from fedleak.errors import FedleakError, ModelError, OptionError
+from fedleak.forward_failure import forward_failure
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.reconstruction import Reconstruction, SampleRecovery
@@ -111,8 +112,8 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
         with torch.no_grad():
             model(probe)
     except (RuntimeError, ValueError) as exc:  # torch raises either (BatchNorm in training mode: ValueError)
-        raise ModelError(f"the model does not run on one input of shape {input_shape} ({exc}); a model that "
-                         "cannot, cannot have sent one sample's gradient; else pass input_shape=") from None
+        raise ModelError(f"{forward_failure(model, probe, exc)}; a model that cannot run one input cannot have sent "
+                         "one sample's gradient; else pass input_shape=") from None
     finally:
         for h in hooks:
             h.remove()

@@ -23,12 +23,11 @@ from torch.func import functional_call
 
 from fedleak.attacks.inversion.target import Target
 from fedleak.errors import FedleakError, ModelError
+from fedleak.forward_failure import forward_failure, in_training_mode_with_batch_norm
 from fedleak.updates import client_loss
 
 #: unrolled local optimizers the attacker can assume (the client's real optimizer is private)
 UNROLL_OPTIMIZERS = ("sgd", "momentum", "adam")
-#: layers whose training-mode forward reads the batch's statistics
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class FunctionalModel:
@@ -48,18 +47,10 @@ class FunctionalModel:
         except (ValueError, RuntimeError) as exc:
             if isinstance(exc, FedleakError):
                 raise
-            raise ModelError(self.forward_failure(x, exc)) from None
-
-    def forward_failure(self, x: torch.Tensor, exc: Exception) -> str:
-        """What to say when the model's own forward refuses the attack's dummy batch ``x``."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        msg = (f"the model's forward failed on the attack's dummy batch of {x.shape[0]} input(s) of shape "
-               f"{tuple(x.shape[1:])} ({type(exc).__name__}: {first})")
-        if x.shape[0] == 1 and any(isinstance(m, BATCH_NORMS) and m.training
-                                   for m in self.model.modules()):
-            msg += ("; a BatchNorm layer in training mode needs a batch of at least 2: pass batch_size (or an "
-                    "update that reports its num_examples), or the model in eval mode if the client trained in it")
-        return msg
+            why = forward_failure(self.model, x, exc)
+            if x.shape[0] == 1 and in_training_mode_with_batch_norm(self.model):
+                why += ": pass batch_size (or an update that reports its num_examples), or the model in eval mode"
+            raise ModelError(f"the attack's dummy batch: {why}") from None
 
     def grads(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The gradient of the client's mean cross-entropy (with its label smoothing and class weights, as

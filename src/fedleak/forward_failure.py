@@ -1,0 +1,25 @@
+"""Why a user's model refused a batch, in one line: what the client simulators and the attacks' searches say when
+the model's own forward raises."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: layers whose training-mode forward reads the batch's statistics (and so cannot run one input of a dense layer)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def in_training_mode_with_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm layer in training mode."""
+    return any(isinstance(m, BATCH_NORMS) and m.training for m in model.modules())
+
+
+def forward_failure(model: nn.Module, inputs: torch.Tensor, exc: Exception) -> str:
+    """Why ``model(inputs)`` raised ``exc``: torch's first line, and where a batch of one went through BatchNorm in
+    training mode, that this is the cause."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    msg = f"the model cannot take inputs of shape {tuple(inputs.shape)}: {first}"
+    if inputs.shape[0] == 1 and in_training_mode_with_batch_norm(model):
+        msg += "; a BatchNorm layer in training mode needs at least 2 inputs per batch"
+    return msg
