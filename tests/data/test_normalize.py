@@ -1,5 +1,6 @@
 """Mean/std-normalised data: the map, the data set that remembers it, and scores in pixel space."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +34,18 @@ def test_dataset_normalized_keeps_the_map(digits):
         data.normalized([0.5], [0.5])
     with pytest.raises(fedleak.DataError, match="channel"):
         digits.normalized([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+
+
+def test_one_number_normalises_every_channel(digits):
+    """``normalized(0.1307, 0.3081)``, as MNIST tutorials write it, is ``normalized((0.1307,), (0.3081,))``;
+    text is a DataError, not a TypeError."""
+    one = digits.normalized(0.1307, 0.3081)
+    assert one.normalization == digits.normalized((0.1307,), (0.3081,)).normalization
+    assert torch.equal(one.x, digits.normalized([0.1307], [0.3081]).x)
+    assert normalization(0.5, 0.5).input_range == (-1.0, 1.0)
+    assert normalization(np.float32(0.5), torch.tensor(0.5)).input_range == (-1.0, 1.0)
+    with pytest.raises(fedleak.DataError, match="or one number for every channel"):
+        digits.normalized("mean", 0.5)
 
 
 def test_match_scores_normalised_data_in_pixel_space(digits):

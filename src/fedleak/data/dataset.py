@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +63,9 @@ class Dataset:
         if int(self.y.min()) < 0 or int(self.y.max()) >= len(self.classes):
             raise DataError(f"{self.name}: labels must lie in [0, {len(self.classes) - 1}]")
 
-    def normalized(self, mean: tuple[float, ...] | list[float], std: tuple[float, ...] | list[float]) -> Dataset:
-        """This data normalised per channel as a model expects it: ``(x - mean) / std``.
+    def normalized(self, mean: float | Sequence[float], std: float | Sequence[float]) -> Dataset:
+        """This data normalised per channel as a model expects it: ``(x - mean) / std`` (one number, or one per
+        channel).
 
         Flower's quickstart uses ``mean = std = (0.5, 0.5, 0.5)`` (pixels in [0, 1] become [-1, 1]); ImageNet
         models use ``(0.485, 0.456, 0.406)`` / ``(0.229, 0.224, 0.225)``. The result's ``value_range`` is the
@@ -71,7 +73,7 @@ class Dataset:
         """
         if self.normalization is not None:
             raise DataError(f"{self.name} is already normalised")
-        norm = Normalization(tuple(mean), tuple(std), self.value_range)
+        norm = Normalization(mean, std, self.value_range)  # type: ignore[arg-type]
         if len(norm.mean) not in (1, self.input_shape[0]):
             raise DataError(f"{self.name} has {self.input_shape[0]} channel(s); got {len(norm.mean)} means")
         return Dataset(self.name, norm.apply(self.x), self.y, self.classes, self.source, norm.input_range, norm)

@@ -8,6 +8,7 @@ the reports map both the originals and the reconstructions back with :meth:`Norm
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,11 +27,11 @@ class Normalization:
 
     def __post_init__(self) -> None:
         try:
-            mean = tuple(float(m) for m in self.mean)
-            std = tuple(float(s) for s in self.std)
+            mean, std = _per_channel(self.mean), _per_channel(self.std)
             lo, hi = (float(v) for v in self.pixel_range)
         except (TypeError, ValueError):
-            raise DataError("normalisation needs numbers: mean and std per channel, pixel_range (low, high)") from None
+            raise DataError("normalisation needs numbers: mean and std per channel (or one number for every "
+                            "channel), pixel_range (low, high)") from None
         if not mean or len(mean) != len(std):
             raise DataError(f"normalisation needs one mean and one std per channel, got {len(mean)} and {len(std)}")
         if not all(math.isfinite(v) for v in mean + std + (lo, hi)) or min(std) <= 0 or not lo < hi:
@@ -68,7 +69,15 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std), "pixel_range": list(self.pixel_range)}
 
 
-def normalization(mean: Sequence[float], std: Sequence[float],
+def normalization(mean: float | Sequence[float], std: float | Sequence[float],
                   pixel_range: Sequence[float] = (0.0, 1.0)) -> Normalization:
-    """A :class:`Normalization` (checked), e.g. ``normalization((0.5,) * 3, (0.5,) * 3)`` maps [0, 1] to [-1, 1]."""
-    return Normalization(tuple(mean), tuple(std), tuple(pixel_range))  # type: ignore[arg-type]
+    """A :class:`Normalization` (checked), e.g. ``normalization((0.5,) * 3, (0.5,) * 3)`` maps [0, 1] to [-1, 1];
+    one number stands for every channel."""
+    return Normalization(mean, std, pixel_range)  # type: ignore[arg-type]
+
+
+def _per_channel(value: object) -> tuple[float, ...]:
+    """Per-channel numbers: a sequence of them, or one number (numpy's, a 0-d tensor) for every channel."""
+    if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return (float(value),)
+    return tuple(float(v) for v in value)  # type: ignore[union-attr]
