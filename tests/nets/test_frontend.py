@@ -172,6 +172,52 @@ def test_functional_twins_and_log_softmax_logits():
     assert net.blocks[0].pool.kind == "max" and net.blocks[0].out_shape == (4, 4, 4) and net.head.depth == 1
 
 
+class InplaceRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act = nn.Linear(64, 48), nn.ReLU(inplace=True)
+        self.fc2, self.fc3 = nn.Linear(48, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(self.act(self.fc1(x.view(x.size(0), -1)))), inplace=True))
+
+
+class LayerList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(64, 48), nn.Linear(48, 48), nn.Linear(48, 10)])
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def _ordered_dict_mlp():
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict(flat=nn.Flatten(), fc1=nn.Linear(64, 48), relu1=nn.ReLU(), fc2=nn.Linear(48, 48),
+                                     relu2=nn.ReLU(), out=nn.Linear(48, 10)))
+
+
+@pytest.mark.parametrize("make", [InplaceRelu, LayerList, _ordered_dict_mlp])
+def test_mlps_as_users_write_them_attack_as_their_sequential_twin(make, digits):
+    """In-place ReLUs, a ModuleList walked in a loop, a Sequential of named layers: the same network, weights
+    read by the model's own names, and the same certified samples as its nn.Sequential twin."""
+    torch.manual_seed(0)
+    model = make().eval()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    twin = nn.Sequential(nn.Flatten(), linears[0], nn.ReLU(), linears[1], nn.ReLU(), linears[2])
+    net = as_network(model, input_shape=(1, 8, 8))
+    assert net.head.widths == (48, 48) and net.parameter_names() == [n for n, _ in model.named_parameters()]
+    x, y = digits.batch(4, seed=5)
+    recs = [fedleak.reconstruct(m, fedleak.compute_gradient_update(m, x, y)) for m in (model, twin)]
+    assert recs[0].certified.sum() >= 1 and recs[0].certified.tolist() == recs[1].certified.tolist()
+    assert torch.equal(recs[0].inputs, recs[1].inputs)
+    assert not fedleak.metrics.match(recs[0], x, y).false_certificate.any()
+
+
 def test_view_that_mixes_samples_is_refused():
     class Mixer(nn.Module):
         def __init__(self):
