@@ -245,5 +245,25 @@ def test_the_registry_says_which_attacks_take_the_clients_defenses():
     from fedleak.attacks import attack_specs
 
     specs = attack_specs()  # the catalog: no attack module imported
-    assert all(specs[name].takes_defense for name in ("exclusivity", "conv-exclusivity", "dlg", "idlg", "ig", "dlm"))
-    assert not any(specs[name].takes_defense for name in ("trap-weights", "imprint", "auto"))
+    assert all(specs[name].takes_defense for name in ("exclusivity", "conv-exclusivity", "dlg", "idlg", "ig", "dlm",
+                                                      "auto"))
+    assert not any(specs[name].takes_defense for name in ("trap-weights", "imprint", "first-layer"))
+
+
+def test_auto_gives_the_clients_defense_to_its_exact_route(fashion):
+    """Per-sample clipping of a known bound: ``auto`` told of it certifies what the exclusivity attack told of it
+    certifies (its exact route rescales each sample as the defense did); not told, nothing is certified and the
+    search runs."""
+    torch.manual_seed(0)
+    model = fedleak.make_mlp(fashion.input_shape, [256], 10, seed=0)
+    x, y = fashion.batch(4, seed=11)
+    spec = "clipping:bound=0.1"
+    sent = fedleak.defended_gradient(model, x, y, spec, seed=0)
+    exact = fedleak.reconstruct(model, sent.update, attack="exclusivity", defense=spec)
+    told = fedleak.reconstruct(model, sent.update, attack="auto", defense=spec, budget=30, progress=False,
+                               iterations=2)
+    assert int(exact.certified.sum()) >= 3 and told.attack.startswith("auto:exclusivity")
+    assert int(told.certified.sum()) == int(exact.certified.sum())
+    assert not fedleak.metrics.match(told, sent.inputs, sent.labels).false_certificate.any()
+    blind = fedleak.reconstruct(model, sent.update, attack="auto", budget=30, progress=False, iterations=2)
+    assert int(blind.certified.sum()) == 0

@@ -166,6 +166,28 @@ def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
     assert told["options"]["class_weights"] == list(range(1, 11))  # what the attack was told is recorded
 
 
+def test_reconstruct_command_with_the_clients_defense(tmp_path, capsys, fashion):
+    """``--defense``: a per-sample clipped gradient certifies when the attack is told the bound; a defense the
+    attack cannot take, or an unknown one, is one line and exit 2."""
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=0)
+    sent = fedleak.defended_gradient(model, x, y, "clipping:bound=0.5", seed=0)
+    run = _exact_reconstruct(tmp_path, capsys, model, sent.update)
+    for extra, code, said in [
+        ((), 0, "0 certified"),
+        (("--defense", "clipping:bound=0.5"), 0, "4 certified"),
+        (("--defense", "clipping:bound=0.5", "--attack", "first-layer"), 2,
+         "unknown first-layer option(s): ['defense']"),
+        (("--defense", "nonsense"), 2, "unknown defense 'nonsense'"),
+    ]:
+        got = run(*extra)
+        assert got[0] == code and said in got[1] and "Traceback" not in got[1], (extra, got)
+    told = json.loads((tmp_path / "out---defense-clipping:bound=0.5" / "results.json").read_text())["settings"]
+    assert told["options"]["defense"] == "clipping:bound=0.5"
+
+
 def test_reconstruct_command_with_train_dropout(tmp_path, capsys, fashion):
     """``--train-dropout`` reads the update as a training-mode client's (uncertified), ``--eval-dropout`` in eval
     mode only; what the attack was told is recorded."""

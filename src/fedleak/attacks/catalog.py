@@ -51,7 +51,8 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
               "2017), certified by reproducing the whole update; a batch's agreeing rows (gradients, and FedAvg "
               "weight changes of any number of local steps), uncertified")),
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
-        BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)", optimises=True)),
+        BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)", takes_defense=True,
+        optimises=True)),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)",
         takes_defense=True, optimises=True)),

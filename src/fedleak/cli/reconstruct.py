@@ -57,6 +57,11 @@ def reconstruct_command(
                                             "the exclusive rows give, without a certificate; --eval-dropout reads "
                                             "the update in eval mode only (default: eval mode, and where that "
                                             "certifies nothing, the training-mode reading too)."),
+    defense: str = typer.Option(None, help="The client's defenses, for the attacks that take them (exclusivity, auto "
+                                           "and the optimisation attacks; 'fedleak info' lists them): NAME or "
+                                           "NAME:key=value,... (e.g. clipping:bound=1.0); '+' combines several. "
+                                           "Under per-sample clipping of a known bound the exact route still "
+                                           "certifies."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -77,8 +82,9 @@ def reconstruct_command(
              or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
     weighted = float_list(class_weights, "--class-weights") if class_weights is not None else None
-    # the client's loss: every route that simulates or recomputes its gradient takes it
-    loss = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted)) if v is not None}
+    # the client's loss and defenses: every route that simulates or recomputes its gradient takes them
+    loss = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted), ("defense", defense))
+            if v is not None}
     exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("train_dropout", train_dropout)) if v is not None}
     if attack == "auto":
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **loss)

@@ -50,10 +50,11 @@ from fedleak.validation import check_float, check_int
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0
-LOSS_OPTIONS = ("label_smoothing", "class_weights")  # the client's cross-entropy, as both routes read it
+#: what the client did, as both routes read it: its loss (label smoothing, class weights) and its defenses
+CLIENT_OPTIONS = ("label_smoothing", "class_weights", "defense")
 
 
-@register_attack("auto", update_kinds=("gradient", "weights"), optimises=True,
+@register_attack("auto", update_kinds=("gradient", "weights"), optimises=True, takes_defense=True,
                  description="exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")
 def auto_attack(
     model: nn.Module,
@@ -74,8 +75,9 @@ def auto_attack(
     gradients: ``iterations``, ``time_budget`` (a further limit on that stage), ``seed``, ...);
     ``exclusivity_options`` to the exclusivity attack (unless they say otherwise it skips feature matching,
     ``fallback="none"``, as the optimisation searches those samples instead, and returns at most the batch
-    size, ``beyond_batch=False``). The client's loss, ``label_smoothing`` and ``class_weights`` among
-    ``options``, goes to both routes.
+    size, ``beyond_batch=False``). What the client did goes to both routes: its loss (``label_smoothing``,
+    ``class_weights``) and its defenses (``defense``: under per-sample clipping of a known bound the exact route
+    still certifies).
     """
     if budget is not None:
         budget = check_float("budget", budget, low=0.0, error=OptionError)
@@ -92,10 +94,10 @@ def auto_attack(
         update.parameters_of(model)
     else:
         check_matches_model(model, update.gradients)
-    for k in [k for k in LOSS_OPTIONS if k in options and options[k] is None]:
+    for k in [k for k in CLIENT_OPTIONS if k in options and options[k] is None]:
         del options[k]  # not given: the exact route's default (label smoothing read off the update), the search's 0
-    loss = {k: options[k] for k in LOSS_OPTIONS if k in options}  # the client's loss: both routes take it
-    exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **loss,
+    client = {k: options[k] for k in CLIENT_OPTIONS if k in options}  # both routes take them
+    exact_opts = resolve_options(None, {"fallback": "none", "beyond_batch": False, **client,
                                         **(exclusivity_options or {})})
     with RunClock(budget, progress=progress, label="auto") as clock:
         plan = plan_route(model, update, input_shape)
