@@ -65,6 +65,16 @@ def test_an_unknown_batch_size_is_at_least_the_classes_the_update_shows(digits):
     assert set(rec.labels.tolist()) <= set(y.tolist())
 
 
+def test_label_counts_have_one_entry_per_class_when_labels_are_given(digits):
+    """Labels given (or fixed by auto's exact route) that miss the last classes still count every class."""
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    x, y = digits.batch(3, seed=2)
+    labels = torch.tensor([0, 1, 1])
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, labels), attack="ig", iterations=2,
+                              labels=labels)
+    assert rec.label_counts.tolist() == [1, 2] + [0] * 8
+
+
 def test_batchnorm_in_training_mode_is_simulated_on_the_dummy_batch(digits):
     """A client that trains BatchNorm on its batch's statistics: the search runs the model in the mode it is given;
     a batch of one, which such a model cannot run, is refused in one line that says what to do."""

@@ -121,15 +121,13 @@ def resolve_labels(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Labels to use for the whole batch (given, or inferred from the output layer, with the client's
     ``class_weights``) and their counts."""
-    K = None
+    signal = class_signal(model, target.mapping)
     if labels is not None and not isinstance(labels, str):
         y = torch.as_tensor(labels).long().flatten()
         if y.numel() != batch_size:
             raise FedleakError(f"labels has {y.numel()} entries but the batch size is {batch_size}")
         notes.append("labels given by the caller")
-        K = int(y.max()) + 1
-        return y, np.bincount(y.numpy(), minlength=K)
-    signal = class_signal(model, target.mapping)
+        return y, np.bincount(y.numpy(), minlength=max(int(y.max()) + 1, signal.numel()))  # one count per class
     y = infer_labels(model, target.mapping, batch_size, known, class_weights)
     counts = (infer_label_counts(signal, batch_size, known, class_weights) if batch_size > 1 or known is not None
               else np.bincount(y.numpy(), minlength=signal.numel()))
