@@ -87,8 +87,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             again, _, _ = run_pinned(model, net, update, scaled, noise, name)
             if again.num_certified:
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
-                                            f"(known_scale=False; a clipped, accumulated or summed gradient), as "
-                                            f"the samples' scales tell: {off_scale}"))
+                                            f"(known_scale=False; a clipped, accumulated or summed gradient, or a "
+                                            f"batch that holds each sample the same number of times), as the "
+                                            f"samples' scales tell: {off_scale}"))
         weighted = class_scale_note(rec.samples, opts)
         if weighted:  # the samples' scales tell a class-weighted loss, which the options did not give
             samples = tuple(replace(r, reason=f"{r.reason}; or a class-weighted loss (pass class_weights)")
