@@ -163,3 +163,16 @@ def test_a_model_the_exclusivity_analysis_does_not_read_is_audited_by_the_other_
     html = (tmp_path / "report.html").read_text()
     assert "n/a" in html and "The ExAN condition was not counted" in html
     assert "certified 100% (2 of 2) at batch 1" in html
+
+
+def test_normalised_data_is_audited_as_its_model_sees_it_and_said_so(digits):
+    """Data stated normalised (a folder's normalization.json, an .npz's mean/std): the note names the map, the
+    certified samples are exact in pixel space, and the counts are those of the data as the model sees it."""
+    seen = digits.normalized(0.5, 0.25)
+    result = run_audit(AuditSettings(data="digits", widths=(256,), batch_sizes=(2,), seed=4), dataset=seen)
+    assert any("(x - mean) / std with mean [0.5] and std [0.25]" in n for n in result.notes)
+    assert result.value_range == (0.0, 1.0)  # scores on the pixels
+    row = result.summary_rows()[0]
+    assert row["recovered_fraction"] == 1.0 and row["false_certificates"] == 0
+    plain = run_audit(AuditSettings(data="digits", widths=(256,), batch_sizes=(2,), seed=4))
+    assert not any("(x - mean) / std" in n for n in plain.notes)

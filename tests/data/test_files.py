@@ -428,3 +428,24 @@ def test_npz_with_normalisation_or_its_own_range(tmp_path):
     np.savez(tmp_path / "out.npz", x=pixels * 3, y=y, value_range=np.array([0, 1.0]))
     with pytest.raises(fedleak.DataError, match="value range"):
         fedleak.load_dataset(tmp_path / "out.npz")
+
+
+def test_a_folder_states_its_normalisation(tmp_path: Path, retina_small: tuple[np.ndarray, np.ndarray]) -> None:
+    """A data folder (image folder, CIFAR) with normalization.json is loaded as its model sees it, as an .npz with
+    mean/std is: the images normalised, the map kept for scores in pixel space; a bad file is one DataError."""
+    x, y = retina_small
+    _write_folder(tmp_path / "rgb", x, y)
+    plain = load_path(tmp_path / "rgb")
+    (tmp_path / "rgb" / "normalization.json").write_text('{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}')
+    seen = load_path(tmp_path / "rgb")
+    assert seen.value_range == (-1.0, 1.0) and seen.pixel_range == (0.0, 1.0) and len(seen) == len(plain)
+    assert torch.allclose(seen.pixels(seen.x), plain.x, atol=1e-6) and torch.equal(seen.y, plain.y)
+    _write_cifar10(tmp_path / "cifar", x, y)
+    (tmp_path / "cifar" / "normalization.json").write_text('{"mean": 0.5, "std": 0.25}')
+    assert fedleak.load_dataset(tmp_path / "cifar", split="train").value_range == (-2.0, 2.0)
+    for text, problem in [("[0.5]", 'keys "mean" and "std"'), ('{"mean": 0.5}', 'keys "mean" and "std"'),
+                          ("{mean: 1}", "cannot read it as JSON"),
+                          ('{"mean": [0.5, 0.5], "std": [1, 1]}', "got 2 means"),
+                          ('{"mean": 0.5, "std": -1}', "positive stds")]:
+        (tmp_path / "rgb" / "normalization.json").write_text(text)
+        _raises(tmp_path / "rgb", problem)

@@ -380,11 +380,13 @@ def run_audit(
         ))
         if trial == 0 and size in shown:
             showcases.append(build_showcase(name, x, y, xs, rec, scores, data, kept, status, reasons))
+    read = () if data.normalization is None else (
+        f"the data is read as its model sees it, {data.normalization.describe()}; scores and pictures are in pixels",)
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
         value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()},
-        notes=notes,
+        notes=notes + read,
     )
 
 

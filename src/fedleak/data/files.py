@@ -8,6 +8,9 @@ Formats (tried in registration order; the first whose ``detect`` accepts the pat
 * ``npz``: a numpy ``.npz`` file (:mod:`fedleak.data.npz`);
 * ``csv``: a ``.csv``/``.tsv`` table of records (:mod:`fedleak.data.csv_table`);
 * ``image-folder``: a folder with one sub-folder of images per class.
+
+A data folder that holds ``normalization.json`` (``{"mean": [...], "std": [...]}``) is normalised as its model sees
+it (:func:`fedleak.data.normalize.folder_normalization`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 from fedleak.data.dataset import Dataset, to_nchw_unit
 from fedleak.data.idx import read_idx
+from fedleak.data.normalize import NORMALIZATION_FILE, folder_normalization
 from fedleak.data.safe_pickle import load_restricted
 from fedleak.errors import DataError
 from fedleak.registry import Registry
@@ -76,7 +80,14 @@ def load_path(path: str | os.PathLike[str], split: str | None = None) -> Dataset
         if reader.detect(path):
             if split is not None and not reader.has_splits:
                 raise DataError(f"{path} is {reader.description}, which has no train/test splits; drop split=")
-            return reader.load(path, split)  # type: ignore[arg-type]
+            data = reader.load(path, split)  # type: ignore[arg-type]
+            stated = folder_normalization(path)  # a folder's normalization.json: how its model sees the images
+            if stated is None:
+                return data
+            try:
+                return data.normalized(*stated)  # type: ignore[arg-type]
+            except DataError as exc:
+                raise DataError(f"{path / NORMALIZATION_FILE}: {exc}") from None
     formats = "; ".join(f"{r.name}: {r.description}" for r in readers)
     raise DataError(f"cannot tell the format of {path}; fedleak reads {formats}")
 

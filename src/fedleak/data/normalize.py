@@ -7,10 +7,12 @@ the reports map both the originals and the reconstructions back with :meth:`Norm
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,6 +67,10 @@ class Normalization:
         ends = [(v - m) / s for m, s in zip(self.mean, self.std) for v in (lo, hi)]
         return min(ends), max(ends)
 
+    def describe(self) -> str:
+        """In words, e.g. ``(x - mean) / std with mean [0.5] and std [0.25]``."""
+        return f"(x - mean) / std with mean {list(self.mean)} and std {list(self.std)}"
+
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std), "pixel_range": list(self.pixel_range)}
 
@@ -81,3 +87,23 @@ def _per_channel(value: object) -> tuple[float, ...]:
     if isinstance(value, numbers.Real) or (isinstance(value, torch.Tensor) and value.dim() == 0):
         return (float(value),)
     return tuple(float(v) for v in value)  # type: ignore[union-attr]
+
+
+#: a data folder's own statement of how its model sees it: ``{"mean": [...], "std": [...]}`` (JSON)
+NORMALIZATION_FILE = "normalization.json"
+
+
+def folder_normalization(folder: Path) -> tuple[object, object] | None:
+    """The ``(mean, std)`` that ``folder``'s :data:`NORMALIZATION_FILE` states, or None without one (checked
+    where the data set applies them, :meth:`~fedleak.data.Dataset.normalized`)."""
+    path = folder / NORMALIZATION_FILE
+    if not folder.is_dir() or not path.is_file():
+        return None
+    try:
+        stated = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(stated, dict) or set(stated) != {"mean", "std"}:
+        raise DataError(f'{path} must hold one JSON object with keys "mean" and "std" (one number per channel, '
+                        'or one for all), e.g. {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}')
+    return stated["mean"], stated["std"]
