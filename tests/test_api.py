@@ -70,3 +70,21 @@ def test_a_list_of_gradients_in_parameter_order(setting):
     with pytest.raises(fedleak.UpdateError,
                        match=r"entry 0 \(shape \(64,\)\) does not fit .*parameters\(\) or model.state_dict\(\) order"):
         fedleak.reconstruct(model, [grads[1], grads[0], *grads[2:]])
+
+
+def test_num_examples_for_an_update_that_does_not_carry_it(digits):
+    """A FedAvg reply as Flower delivers it (NDArrays) carries no batch size, which the weight route needs:
+    ``num_examples=`` (the client's reported ``num-examples``) certifies it; a number that contradicts the update's
+    own, or that is not a count, is refused."""
+    x, y = digits.batch(4, seed=1)
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    reply = [v.numpy() for v in fedleak.fedavg_update(model, x, y, lr=0.1).after.values()]
+    blind = fedleak.reconstruct(model, reply)
+    assert not blind.certified.any() and "num_examples" in blind.samples[0].reason
+    told = fedleak.reconstruct(model, reply, num_examples=4)
+    assert told.certified.all() and len(told) == 4
+    assert fedleak.metrics.match(told, x, y).recovered_fraction == 1.0
+    with pytest.raises(fedleak.UpdateError, match="reports 4 examples, but num_examples=3"):
+        fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), num_examples=3)
+    with pytest.raises(fedleak.UpdateError, match="num_examples must be a whole number"):
+        fedleak.reconstruct(model, reply, num_examples="4")

@@ -13,9 +13,9 @@ from torch import nn
 from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
 from fedleak.captured import as_attacked
-from fedleak.errors import FedleakError
+from fedleak.errors import FedleakError, UpdateError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate
+from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 from fedleak.validation import check_model, check_module, check_shape
 
 
@@ -24,6 +24,8 @@ def reconstruct(
     model: nn.Module,
     update: GradientUpdate | WeightUpdate | Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
     attack: str = "exclusivity",
+    *,
+    num_examples: int | None = None,
     **options: Any,
 ) -> Reconstruction:
     """Rebuild a client's batch from its update with the named attack.
@@ -31,8 +33,10 @@ def reconstruct(
     ``update`` is a :class:`GradientUpdate` (FedSGD), a :class:`WeightUpdate` (FedAvg), or simply a dict
     from parameter name to gradient, or a list of gradients in ``model.parameters()`` order; a dict or list of the
     client's weights after local training (a FedAvg reply) is read as a :class:`WeightUpdate` from ``model``'s
-    weights, the round's (:func:`~fedleak.captured.read_captured`; the result's notes say so). ``options`` go to
-    the attack (see ``fedleak.available_attacks()``).
+    weights, the round's (:func:`~fedleak.captured.read_captured`; the result's notes say so). ``num_examples``:
+    the number of examples the client reported (Flower's ``num-examples``), for an update that does not carry it
+    (a plain dict or list, a reply); one that carries another number is refused. ``options`` go to the attack
+    (see ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
     trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
     :class:`~fedleak.errors.ModelError` says which. A client that trains only some layers sends an update of its
@@ -49,6 +53,8 @@ def reconstruct(
     # logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
     model, update, read_as = as_attacked(model, update)
     check_model(model)
+    if num_examples is not None:
+        update = _reported(update, num_examples)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
@@ -59,3 +65,13 @@ def reconstruct(
     start = time.perf_counter()
     result = info.run(model, update, **options)
     return replace(result, seconds=time.perf_counter() - start, notes=(*result.notes, *read_as))
+
+
+def _reported(update: object, num_examples: int) -> GradientUpdate | WeightUpdate:
+    """``update`` with the number of examples its client reported (checked as the update checks it)."""
+    if not isinstance(update, (GradientUpdate, WeightUpdate)):
+        update = as_gradient_update(update)
+    if update.num_examples is not None and update.num_examples != num_examples:
+        raise UpdateError(f"the update reports {update.num_examples} examples, but num_examples={num_examples!r}; "
+                          "pass num_examples only for an update that does not carry it")
+    return replace(update, num_examples=num_examples)

@@ -286,6 +286,13 @@ def test_bad_options(digits):
         fedleak.reconstruct(model, update, attack="auto", progress="yes")
     with pytest.raises(fedleak.FedleakError, match="unknown option"):
         fedleak.reconstruct(model, update, attack="auto", exclusivity_options={"group_tl": 1e-5})
+    # a typo for the search is refused before any route runs, even where the exact route settles the batch
+    gradient = fedleak.compute_gradient_update(model, x[:1], y[:1])
+    assert fedleak.reconstruct(model, gradient, attack="auto", progress=False).attack == "auto:exclusivity"
+    for typo, needle in [({"iteration": 5}, r"unknown auto option\(s\): \['iteration'\]"),
+                         ({"iterations": -5}, "iterations .* must be at least 0")]:
+        with pytest.raises(fedleak.FedleakError, match=needle):
+            fedleak.reconstruct(model, gradient, attack="auto", progress=False, **typo)
 
 
 def test_bad_weight_updates(digits):

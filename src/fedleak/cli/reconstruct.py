@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -91,9 +90,7 @@ def reconstruct_command(
     else:
         options.update(exact, **loss)
     captured = fedleak.load_update(update, loaded.module, update_kind)
-    if num_examples is not None:
-        captured = replace(captured, num_examples=num_examples)  # validated as the update is rebuilt
-    rec = fedleak.reconstruct(loaded.module, captured, attack=attack, **options)
+    rec = fedleak.reconstruct(loaded.module, captured, attack=attack, num_examples=num_examples, **options)
     told = {k: v for k, v in {**options, "num_examples": num_examples}.items()
             if v not in (None, {}) and k not in ("progress", "seed", "input_shape")}
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed, told)

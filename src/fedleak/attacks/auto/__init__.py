@@ -26,6 +26,7 @@ Every sample says which route produced it (``SampleRecovery.route``: ``"exclusiv
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
@@ -41,12 +42,12 @@ from fedleak.attacks.auto.route import (
 from fedleak.attacks.auto.stages import finish, rows_of_weights, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
 from fedleak.attacks.exact.options import resolve_options
-from fedleak.attacks.inversion import RunClock
+from fedleak.attacks.inversion import InversionSettings, RunClock
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import OptionError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate, as_gradient_update, check_matches_model
-from fedleak.validation import check_float, check_int
+from fedleak.validation import check_float, check_int, options_from
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0
@@ -87,6 +88,7 @@ def auto_attack(
         raise OptionError(f"progress must be True or False, got {progress!r}")
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, low=1, error=OptionError)
+    check_search_options(options)
     if not isinstance(update, WeightUpdate):
         update = as_gradient_update(update)
     # a mismatched update is bad input: said before any route starts or any progress bar is drawn
@@ -114,6 +116,24 @@ def auto_attack(
                 return one
             exact = one  # a batch's first-layer rows (uncertified), held in the search
         return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
+
+
+#: what the search takes beside its settings (:class:`~fedleak.attacks.inversion.InversionSettings`)
+SEARCH_ARGUMENTS = ("labels", "defense")
+#: auto's own options, beside the search's
+OWN_OPTIONS = ("batch_size", "budget", "exclusivity_options", "input_shape", "progress")
+
+
+def check_search_options(options: dict[str, Any]) -> None:
+    """The options for the search, checked before any route runs: a typo (or an option of another attack, such as
+    ``num_examples``, which the update carries) is refused even where the exact route settles the batch and the
+    search never starts."""
+    known = sorted({f.name for f in fields(InversionSettings)} | set(SEARCH_ARGUMENTS) | set(OWN_OPTIONS))
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise OptionError(f"unknown auto option(s): {unknown}; known: {known}")
+    options_from(InversionSettings, {k: v for k, v in options.items() if k not in SEARCH_ARGUMENTS},
+                 error=OptionError, what="auto option")
 
 
 __all__ = ["DEFAULT_BUDGET", "OPTIMISATION_ROUTES", "RoutePlan", "auto_attack", "exact_route_barrier",
