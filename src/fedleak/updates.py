@@ -241,11 +241,11 @@ def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.argmax(1) if is_soft(labels) else labels
 
 
-def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-    """A usable model and a non-empty, finite batch with one label per sample (checked against the logits
-    by :func:`forward_logits`); soft labels must be rows of class probabilities. A model with one logit is a
-    binary classifier (:func:`client_loss`)."""
-    check_model(model, binary=True)
+def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> nn.Module:
+    """A usable model (returned unwrapped: :func:`~fedleak.validation.check_module`) and a non-empty, finite batch
+    with one label per sample (checked against the logits by :func:`forward_logits`); soft labels must be rows of
+    class probabilities. A model with one logit is a binary classifier (:func:`client_loss`)."""
+    model = check_model(model, binary=True)
     if is_soft(labels):
         check_batch(inputs, None)
         if labels.shape[0] != inputs.shape[0]:
@@ -253,8 +253,9 @@ def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
         if not torch.isfinite(labels).all() or bool((labels < 0).any()) or \
                 not torch.allclose(labels.sum(1), torch.ones(len(labels), dtype=labels.dtype), atol=1e-4):
             raise DataError("soft labels must be finite, non-negative rows that sum to 1")
-        return
+        return model
     check_batch(inputs, labels)
+    return model
 
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -379,7 +380,7 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     because real clients report it; attacks that should not know it simply ignore it. Frozen parameters
     (``requires_grad=False``) get no gradient, as on a real client.
     """
-    check_client_batch(model, inputs, labels)
+    model = check_client_batch(model, inputs, labels)
     params = trainable_parameters(model)
     if not params:
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")

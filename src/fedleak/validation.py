@@ -217,18 +217,25 @@ def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str,
 
 
 def check_module(model: object) -> nn.Module:
-    """``model`` if it is a ``torch.nn.Module``."""
+    """``model`` if it is a ``torch.nn.Module``; the model inside a wrapper that computes the same function
+    (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``), whose names carry a prefix the updates'
+    readers drop."""
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise ModelError(f"the model must be a torch.nn.Module, got {describe(model)}")
-    return model
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        inner = model.module if isinstance(model, wrappers) else getattr(model, "_orig_mod", None)  # torch.compile's
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def check_model(model: object, *, binary: bool = False) -> nn.Module:
     """A ``torch.nn.Module`` with finite parameters and, if it ends with a Linear layer, at least 2 outputs (or,
-    where ``binary``, one: a binary classifier's logit)."""
-    check_module(model)
+    where ``binary``, one: a binary classifier's logit); returned unwrapped (:func:`check_module`)."""
+    model = check_module(model)
     check_finite_tensors(model.named_parameters(), "the model's parameter")
     outputs = output_features(model)
     if outputs is not None and not (binary and outputs == 1):

@@ -28,7 +28,7 @@ from fedleak.updates import (
     ends_in_sigmoid,
     forward_logits,
 )
-from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_seed
+from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_module, check_seed
 
 
 def _sgd(params, lr: float, momentum: float, weight_decay: float, **_):
@@ -88,7 +88,7 @@ def local_training(
     ``label_smoothing``, ``class_weights``: the cross-entropy's, as ``F.cross_entropy`` takes them
     (``label_smoothing``, ``weight``).
     """
-    check_client_batch(model, inputs, labels)
+    model = check_client_batch(model, inputs, labels)
     if optimizer not in LOCAL_OPTIMIZERS:
         raise FedleakError(f"unknown local optimizer '{optimizer}'; available: {', '.join(LOCAL_OPTIMIZERS)}")
     if check_float("the learning rate lr", lr) <= 0:
@@ -145,6 +145,7 @@ def fedavg_update(
     ``reveal_local_steps`` is set, ``local_steps``. The learning rate, optimizer and weight decay are not revealed.
     ``label_smoothing``, ``class_weights``: the cross-entropy's (:func:`local_training`).
     """
+    model = check_module(model)  # the model inside a wrapper (DataParallel, torch.compile): its names
     trained = local_training(
         model, inputs, labels, lr=lr, local_steps=local_steps, optimizer=optimizer, batch_size=batch_size,
         momentum=momentum, weight_decay=weight_decay, shuffle=shuffle, seed=seed, label_smoothing=label_smoothing,

@@ -175,7 +175,7 @@ def defended_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
     raises :class:`WithheldBatch` (nothing would be sent).
     """
     stack = DefenseStack.of(defenses)
-    check_client_batch(model, inputs, labels)
+    model = check_client_batch(model, inputs, labels)
     generator = torch.Generator().manual_seed(int(seed))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
