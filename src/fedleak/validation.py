@@ -152,8 +152,10 @@ def check_batch(inputs: object, labels: object = None) -> torch.Tensor:
     with one entry per sample (their values are checked against the model by :func:`check_labels`)."""
     import torch
 
-    if not isinstance(inputs, torch.Tensor) or (labels is not None and not isinstance(labels, torch.Tensor)):
-        raise FedleakError("inputs and labels must be torch tensors")
+    for what, value in (("inputs", inputs), ("labels", labels)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise FedleakError(f"{what} must be a torch tensor, got {type(value).__name__} (torch.as_tensor converts "
+                               "numpy arrays and lists)")
     if inputs.ndim < 2 or inputs.shape[0] == 0:
         raise FedleakError(f"the batch is empty or has no batch dimension (inputs of shape {tuple(inputs.shape)})")
     if labels is not None and (labels.ndim != 1 or labels.shape[0] != inputs.shape[0]):

@@ -69,7 +69,7 @@ def test_fedleak_plan_is_the_function_whichever_import_comes_first():
 @pytest.mark.parametrize("kwargs, message", [
     ({"batch_sizes": [0]}, r"batch size must lie in \[1, 65,536\], got 0"),
     ({"target": 0.2}, "target must lie in"),
-    ({"inputs": "x"}, "must be torch tensors"),
+    ({"inputs": "x"}, "inputs must be a torch tensor, got str"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(fedleak.FedleakError, match=message):
