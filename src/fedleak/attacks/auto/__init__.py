@@ -125,9 +125,8 @@ OWN_OPTIONS = ("batch_size", "budget", "exclusivity_options", "input_shape", "pr
 
 
 def check_search_options(options: dict[str, Any]) -> None:
-    """The options for the search, checked before any route runs: a typo (or an option of another attack, such as
-    ``num_examples``, which the update carries) is refused even where the exact route settles the batch and the
-    search never starts."""
+    """The options for the search, checked before any route runs: a typo, or a value the search would refuse, is
+    refused even where the exact route settles the batch and the search never starts."""
     known = sorted({f.name for f in fields(InversionSettings)} | set(SEARCH_ARGUMENTS) | set(OWN_OPTIONS))
     unknown = sorted(k for k in options if k not in known)
     if unknown:
