@@ -282,7 +282,7 @@ def _settings(settings: dict) -> tuple[Setting, ...]:
             return ", ".join(map(str, v)) or "none"
         if isinstance(v, dict):
             return ", ".join(f"{k}: {x}" for k, x in v.items()) or "none"
-        return str(v)
+        return "none" if v is None else str(v)
 
     return tuple(Setting(str(k).replace("_", " "), text(v)) for k, v in settings.items())
 
