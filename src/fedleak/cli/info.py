@@ -29,8 +29,10 @@ def info() -> None:
     _table(fedleak.available_datasets())
     typer.echo("built-in models (--model):")
     _table(fedleak.available_models())
-    typer.echo("attacks (update kinds they run on):")
-    _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]" for name, spec in attack_specs().items()})
+    typer.echo("attacks (update kinds they run on; which take the client's defenses, --defense):")
+    aware = {True: " (takes --defense)", False: ""}
+    _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]{aware[spec.takes_defense]}"
+            for name, spec in attack_specs().items()})
     typer.echo("defenses (--defense NAME[:key=value,...]; stage: what it does (source)):")
     _table(available_defenses())
     from fedleak.membership import available_membership_attacks
