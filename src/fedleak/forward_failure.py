@@ -8,6 +8,8 @@ from torch import nn
 
 #: layers whose training-mode forward reads the batch's statistics (and so cannot run one input of a dense layer)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: layers that read token indices
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
 def in_training_mode_with_batch_norm(model: nn.Module) -> bool:
@@ -22,4 +24,7 @@ def forward_failure(model: nn.Module, inputs: torch.Tensor, exc: Exception) -> s
     msg = f"the model cannot take inputs of shape {tuple(inputs.shape)}: {first}"
     if inputs.shape[0] == 1 and in_training_mode_with_batch_norm(model):
         msg += "; a BatchNorm layer in training mode needs at least 2 inputs per batch"
+    if any(isinstance(m, EMBEDDINGS) for m in model.modules()):
+        msg += ("; if the model reads token indices (an embedding), fedleak cannot rebuild them: it rebuilds "
+                "continuous inputs (images, signals, records)")
     return msg

@@ -507,3 +507,32 @@ def test_a_change_of_layout_is_refused_saying_what_to_do():
 
     with pytest.raises(ModelError, match=r"node 'transpose' .*change of layout .*N x C x T.*'auto'"):
         as_network(Transposed(), input_shape=(32, 3))
+
+
+class TokenMLP(nn.Module):
+    """A text classifier: an embedding of 8 token indices, then a ReLU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 16)
+        self.fc1 = nn.Linear(16 * 8, 64)
+        self.fc2 = nn.Linear(64, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.emb(x).flatten(1))))
+
+
+def test_a_model_that_reads_token_indices_is_refused_by_every_attack_saying_what_leaks():
+    """No attack rebuilds token indices; each says so in one line (not "pass input_shape=", which cannot help),
+    and names what the update gives away anyway: the embedding's gradient rows that are not zero are the tokens."""
+    torch.manual_seed(0)
+    model = TokenMLP()
+    x, y = torch.randint(0, 100, (4, 8)), torch.tensor([0, 1, 0, 1])
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    assert set((grads[0].abs().sum(1) > 0).nonzero().flatten().tolist()) == set(x.flatten().tolist())
+    for attack in ("exclusivity", "first-layer", "auto", "ig"):
+        with pytest.raises(ModelError, match=r"'emb' \(Embedding\), reads token indices.*rows of 'emb.weight''s "
+                                             r"gradient that are not zero$"):
+            fedleak.reconstruct(model, list(grads), attack=attack)
+    with pytest.raises(ModelError, match="if the model reads token indices"):  # a shape given: the forward says
+        fedleak.reconstruct(model, list(grads), attack="ig", input_shape=(8,), iterations=2)

@@ -49,6 +49,7 @@ from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
+from fedleak.nets.token_inputs import TokenInputs
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.update_kind import describe_update
 from fedleak.updates import (
@@ -139,6 +140,8 @@ def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tupl
         return tuple(int(s) for s in input_shape), ()
     try:
         return input_shape_of(model)
+    except TokenInputs:
+        raise
     except ModelError:
         width = next((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), None)
         if width is None:

@@ -27,6 +27,7 @@ from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
+from fedleak.nets.token_inputs import TokenInputs, token_reader
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
@@ -325,6 +326,9 @@ def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[
     """The input shape, what was assumed to get it and how that may keep the exact methods from certifying."""
     notes: tuple[str, ...] = ()
     caveats: tuple[str, ...] = ()
+    tokens = token_reader(_first_layer(gm))
+    if tokens:
+        raise TokenInputs(tokens)
     if input_shape is not None:
         shape = check_shape("input_shape", input_shape)
     elif inputs is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:

@@ -17,6 +17,7 @@ from torch import nn
 from fedleak.attacks.labels import class_signal, infer_label_counts, infer_labels
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import input_shape_of
+from fedleak.nets.token_inputs import TokenInputs
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
 
 
@@ -51,6 +52,8 @@ def model_input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> 
         return tuple(int(s) for s in shape)
     try:
         return input_shape_of(model)[0]
+    except TokenInputs:
+        raise
     except ModelError as exc:
         raise ModelError(f"the model does not record its input shape, and fedleak could not derive it from the layer "
                          f"shapes: {exc}" + ("" if "input_shape=" in str(exc) else "; pass input_shape=")) from None
