@@ -64,6 +64,9 @@ def test_a_wrong_certified_sample_is_flagged(digits):
 def test_match_rejects_mismatched_shapes(digits):
     with pytest.raises(fedleak.FedleakError, match="values per sample"):
         metrics.match(torch.zeros(2, 10), digits.x[:2])
+    normalised = digits.normalized(0.5, 0.5)  # checked before the normalisation is inverted, not after
+    with pytest.raises(fedleak.FedleakError, match="3072 values per sample but originals have 64"):
+        metrics.match(torch.zeros(2, 3, 32, 32), normalised)
 
 
 def test_certified_samples_are_matched_before_uncertified_blends(digits):

@@ -301,6 +301,11 @@ def match(
         raise FedleakError("no originals to match against")
     if not all_finite(orig):
         raise FedleakError("the originals hold NaN or inf values")
+    n_rec = int(rec_x.shape[0])
+    if n_rec and rec_x[0].numel() != orig[0].numel():
+        raise FedleakError(
+            f"reconstructions have {rec_x[0].numel()} values per sample but originals have {orig[0].numel()}"
+        )
     if normalization is not None:  # a claim in input units is at most max(std) times that in pixels
         claims = claims * max(normalization.std)
     if normalization is not None:
@@ -313,11 +318,6 @@ def match(
     width = hi - lo
     tol = EXACT_TOL * width
     n_orig = orig.shape[0]
-    n_rec = int(rec_x.shape[0])
-    if n_rec and rec_x[0].numel() != orig[0].numel():
-        raise FedleakError(
-            f"reconstructions have {rec_x[0].numel()} values per sample but originals have {orig[0].numel()}"
-        )
     rec = _as_images(rec_x, orig) if n_rec else orig[:0]
     if labels is not None:  # soft labels (MixUp): scored as their top class
         labels = hard_labels(torch.as_tensor(labels))

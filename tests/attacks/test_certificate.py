@@ -64,7 +64,9 @@ def test_two_class_blends_are_not_certified(lfw, seed, idx, beta):
         assert scores.false_certificates == 0
         assert rec.num_certified == 3 and scores.recovered_fraction == 1.0  # the true samples still come back
         assert rec.label_counts.tolist() == torch.bincount(y, minlength=2).tolist()  # blends' labels not counted
-        assert any("blend" in s.reason for s in rec.samples if not s.certified)
+        # the three certified are the whole batch: the blends are proven not to be samples and are not returned
+        assert len(rec) == 3 and rec.batch_certified
+        assert any("candidate(s) were dropped: the certified samples are the whole batch" in n for n in rec.notes)
 
 
 # ---- a property-based hunt ------------------------------------------------------------------------------

@@ -93,7 +93,9 @@ class ExclusivityOptions:
     sample's gradient norm includes its conv layers).
     ``beyond_batch``: return every rebuilt candidate, also those beyond the batch size (blends of samples,
     uncertified, as the notes say); False: at most the batch size, the certified ones and the most plausible
-    others (rebuilt, at the batch's common scale, most witnesses), as ``auto`` asks.
+    others (rebuilt, at the batch's common scale, most witnesses), as ``auto`` asks. Either way, where the
+    certified samples are the whole batch (and reproduce the whole update) the other candidates are proven not to
+    be samples and are dropped; the notes count them.
     ``defense``: the client's defenses (a :class:`~fedleak.defenses.DefenseStack`, a defense, a spec
     ``"name:key=value"`` or a list; stored as a stack): where the certificate can model one it does (``dp-sgd``
     without noise sets ``clip_norm``; whole-update clipping an unknown common scale), else nothing is certified

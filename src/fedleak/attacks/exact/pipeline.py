@@ -187,6 +187,12 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     if len(keep) < len(records):
         notes.append(f"{len(records) - len(keep)} uncertified candidate(s) beyond the batch of {cert.batch_size} were "
                      "dropped (the least plausible: blends of samples, fewest witnesses)")
+    if batch_ok and len(keep) > sum(records[k].certified for k in keep):  # the rest are proven not to be samples
+        notes.append(f"{len(keep) - sum(records[k].certified for k in keep)} uncertified candidate(s) were dropped: "
+                     "the certified samples are the whole batch, so they are no samples (blends of samples that "
+                     "share neurons, or the update's rounding)")
+        keep = [k for k in keep if records[k].certified]
+    if len(keep) < len(records):
         complete, records, inputs = [complete[k] for k in keep], [records[k] for k in keep], inputs[keep]
     logits = cert.logits[keep] if complete else None  # the certificate's forward pass of the features
 
