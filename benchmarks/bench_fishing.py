@@ -1,6 +1,6 @@
 """Fishing benchmark: recovered fraction before and after fishing, perturbation PSNR, and time as multiples of the
 client's own gradient time and of the LP floor, per data set, batch size and depth/widths; the trade-off curve
-under a PSNR floor; optional LP solver, formulation and defense-utility studies.
+under a PSNR floor; optional LP solver and formulation studies (the defense: bench_reduction.py).
 
     .venv/bin/python benchmarks/bench_fishing.py --out benchmarks/results/fishing_depth.json   # default grid
     .venv/bin/python benchmarks/bench_fishing.py --quick                                        # smoke run
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 import fedleak
-from fedleak.defenses import reduce_exclusivity
 from fedleak.fishing import fish
 from fedleak.fishing.lp import LPSettings, RadiusLP
 from fedleak.fishing.sample_net import HeadArrays
@@ -85,23 +84,6 @@ def run_cell(name, data, batch, widths, seed, min_psnr=None, workers=None):
     )
 
 
-def defense_cell(name, data, batch, width, seed):
-    """Exclusivity reduction on a clean batch: certificates left, perturbation, time."""
-    model = fedleak.make_mlp(data.input_shape, [width], data.num_classes, seed=seed)
-    x, y = data.batch(batch, seed=seed + 1)
-    t0 = time.perf_counter()
-    d = reduce_exclusivity(model, x, y)
-    row = dict(dataset=name, batch=batch, width=width, defense_s=time.perf_counter() - t0)
-    kept = [s for s in d.samples if s.status != "dropped"]
-    row["defense_dropped"] = len(d.samples) - len(kept)
-    row["defense_linf_mean"] = float(np.mean([s.linf for s in kept])) if kept else float("nan")
-    if len(kept):
-        rec, sent, _, _ = attack_scores(model, d.inputs, d.labels, None)
-        row["defended_certified"] = int(rec.num_certified)
-        row["defended_false_certificates"] = int(sent.false_certificate.sum())
-    return row
-
-
 def solver_comparison(data, batch=16, width=1024, seed=0):
     """Same batch, each registered backend; plus the 2·d-row L-inf formulation on the final rows."""
     out = []
@@ -151,32 +133,6 @@ def formulation_comparison(data, batch=64, width=1024, seed=0, samples=4):
             entry[f"{method}_t"] = float(r.fun) if r.status == 0 else float("nan")
         rows.append(entry)
     return rows
-
-
-def utility(data_train, data_test, defend: bool, steps=60, batch=32, width=256, lr=0.1, seed=0):
-    """Test accuracy after ``steps`` SGD steps of batch ``batch`` (FedSGD-style single client) with and
-    without the defense on the same batches."""
-    model = fedleak.make_mlp(data_train.input_shape, [width], data_train.num_classes, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    linf, dropped, secs = [], 0, 0.0
-    for step in range(steps):
-        x, y = data_train.batch(batch, seed=seed * 100000 + step)
-        if defend:
-            t0 = time.perf_counter()
-            d = reduce_exclusivity(model, x, y)
-            secs += time.perf_counter() - t0
-            dropped += batch - len(d.kept)
-            linf.extend(s.linf for s in d.samples if s.status != "dropped")
-            x, y = d.inputs, d.labels
-            if len(x) == 0:
-                continue
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    with torch.no_grad():
-        acc = float((model(data_test.x).argmax(1) == data_test.y).float().mean())
-    return dict(defend=defend, steps=steps, batch=batch, width=width, lr=lr, test_accuracy=acc,
-                linf_mean=float(np.mean(linf)) if linf else 0.0, dropped=dropped, defense_s=secs)
 
 
 def write_atomic(path: Path, payload) -> None:
@@ -234,7 +190,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cells", default=None, help="comma-separated data:M:widths[:min_psnr] cells instead of the grid")
     ap.add_argument("--workers", type=int, default=None, help="fishing processes (default: one per core)")
-    ap.add_argument("--extra", action="store_true", help="also the solver, formulation and defense studies")
+    ap.add_argument("--extra", action="store_true", help="also the solver and formulation studies")
     args = ap.parse_args(argv)
     cells = args.cells.split(",") if args.cells else (QUICK_GRID if args.quick else DEFAULT_GRID)
     grid = [parse_cell(c) for c in cells]
@@ -274,9 +230,6 @@ def main(argv=None):
         fm = sets.get("fashion-mnist") or fedleak.load_dataset("fashion-mnist")
         extra["solvers"] = solver_comparison(fm, seed=args.seed)
         extra["formulation"] = formulation_comparison(fm, seed=args.seed)
-        extra["defense"] = [defense_cell("fashion-mnist", fm, b, 1024, args.seed) for b in (32, 64, 128)]
-        train = fedleak.load_dataset("fashion-mnist-train")
-        extra["utility"] = [utility(train, fm, d, seed=args.seed) for d in (False, True)]
         print(json.dumps(extra, indent=1), flush=True)
     save(rows, extra)
     print(table(rows))

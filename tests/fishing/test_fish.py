@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -129,6 +131,17 @@ def test_transform_hook_is_a_batch_transform(fashion):
     assert hook.last_result is not None and hook.last_result.options.margin == 0.03
     rec = _attack(model, xp, yp)  # the server sees the update only
     assert fedleak.metrics.match(rec, xp, y).recovered_fraction == 1.0
+
+
+def test_a_batch_that_already_meets_the_condition_is_sent_unmoved(digits):
+    model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
+    x, y = digits.batch(2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" behind the summary
+        res = fish(model, x, y)
+        text = res.summary()
+    assert torch.equal(res.inputs, x) and "2/2 samples meet" in text and "no sample moved" in text
+    assert "nan" not in text
 
 
 def test_labels_default_to_predictions(digits):

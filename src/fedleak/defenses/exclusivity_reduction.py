@@ -2,11 +2,15 @@
 the exclusively activated neurons (ExANs) of its batch before it computes its update.
 
 The exclusivity attack starts from gradient rows of the last ReLU layer that belong to one sample only;
-without them it has nothing to divide. For every ExAN ``j`` of sample ``m`` at the last ReLU layer the
+without them it has nothing to divide. A row belongs to one sample when no other sample fires there, and also
+when the others that fire add less than ``share`` of its term (``|delta| ||[a, 1]||``, the backward signal
+times the layer's input): after training, a confidently classified sample's loss gradient is about zero, and
+the neurons it fires are its partners' rows all the same. Such samples add almost nothing to the update and are
+dropped first (with ``drop_unprotected``). For every ExAN ``j`` of sample ``m`` at the last ReLU layer the
 defense takes the cheaper of two linearised moves (spec §3 D3), priced like the fishing targets:
 
 * switch it **off** for its owner: ``z_mj <= -kappa``, or
-* switch it **on** for the other sample closest to firing: ``z_m'j >= kappa``,
+* switch it **on** for the other sample closest to firing whose term covers ``m``'s: ``z_m'j >= kappa``,
 
 and solves one small LP per affected sample (the same machinery as fishing: minimal L-infinity radius by
 dual Newton, L1 polish, lazy rows, float32 check). A perturbation can itself create new ExANs (a
@@ -61,6 +65,10 @@ class ReductionOptions:
     ``data_range``: ``(low, high)`` the perturbed values stay in (LP box, final clamp, PSNR peak
     ``high - low``); None: [0, 1] when the batch lies in it, else the batch's own [min, max] (stated in
     :attr:`ReductionResult.data_range`).
+    ``share``: a neuron's gradient row counts as shared only where the other samples' terms in it make up at least
+    this fraction of the owner's (a row 99% one sample's is that sample's copy at about 40 dB); a sample whose whole
+    loss gradient is below this fraction of the batch's median (a confidently classified one) is dropped with
+    ``drop_unprotected``: it adds almost nothing to the update. Larger values leave fewer near copies and drop more.
     """
 
     max_exans: int = 0
@@ -74,9 +82,12 @@ class ReductionOptions:
     polish: bool = True
     polish_slack: float = 0.25
     data_range: tuple[float, float] | None = None
+    share: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_range", check_data_range(self.data_range))
+        if not (0 < self.share <= 1):
+            raise SolverError(f"share must lie in (0, 1] (a fraction of a gradient row's owner's term), got {self.share}")
         if self.max_exans < 0:
             raise SolverError(f"max_exans must be >= 0, got {self.max_exans}")
         if not (self.margin > 0 and math.isfinite(self.margin)):
@@ -166,14 +177,36 @@ class ReductionResult:
         }
 
 
-def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float) -> np.ndarray:
-    """(M x d) robust ExAN mask among ``alive`` samples: the sample fires (float32) and no other alive
-    sample reaches half the margin (a partner that barely fires does not count as sharing)."""
-    active = (Z32 > 0) & alive[:, None]
-    sure = (Z32 >= 0.5 * kappa) & alive[:, None]
-    n_sure = sure.sum(0)
-    others_sure = n_sure[None, :] - sure.astype(np.int64)
-    return active & (others_sure == 0)
+def _terms(head: HeadArrays, pre: list[np.ndarray], feats: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """(M x d) each sample's term in each gradient row of the head's last ReLU layer, ``|delta_mj| ||[a_m, 1]||``
+    (``delta``: the cross-entropy's backward signal at the neuron's pre-activation, ``a_m``: the layer's input), and
+    the term it would have where it does not fire. ``pre``: the float32 pre-activations, as the client's pass has
+    them; the loss's signal ``softmax - onehot`` is taken in float32 too, as the client's autograd takes it: a
+    confident sample's is then about zero (exactly zero at its label once its probability rounds to 1), and its
+    terms are lost in every row it shares."""
+    z = pre[-1]
+    a = (feats if len(pre) == 1 else np.maximum(pre[-2], 0)).astype(np.float64)
+    logits = np.maximum(z, 0).astype(np.float32) @ head.W32[-1].T
+    if head.b32[-1] is not None:
+        logits = logits + head.b32[-1]
+    e = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), 1).exp().numpy()
+    e[np.arange(len(e)), labels] -= np.float32(1.0)
+    potential = np.abs(e.astype(np.float64) @ head.W[-1]) * np.sqrt((a**2).sum(1) + 1.0)[:, None]
+    return np.where(z > 0, potential, 0.0), potential
+
+
+def _covered(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray) -> np.ndarray:
+    """(M x d) the other alive samples' summed terms in each sample's rows (:func:`_terms`), counting only those that
+    fire by at least half the margin (a partner that barely fires may not fire on the client's machine)."""
+    sure = np.where((Z32 >= 0.5 * kappa) & alive[:, None], terms, 0.0)
+    return sure.sum(0)[None, :] - sure
+
+
+def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray, share: float) -> np.ndarray:
+    """(M x d) robust ExAN mask among ``alive`` samples: the sample fires (float32) and the other samples' terms in
+    the row (:func:`_covered`) sum to less than ``share`` of its own: the row is the sample's alone, or nearly."""
+    return (Z32 > 0) & alive[:, None] & (_covered(Z32, alive, kappa, terms) < share * terms)
 
 
 def reduce_exclusivity(
@@ -199,11 +232,14 @@ def reduce_exclusivity(
                           time_limit=opts.time_limit, lo=lo, hi=hi)
     nets: dict[int, SampleNet] = {}  # each sample's linearised network, built when it first needs an LP
 
-    def last_layer(X: np.ndarray, f32: bool = True) -> np.ndarray:
-        """Pre-activations of the head's last ReLU layer for a batch of flat inputs (float32: as the client)."""
-        if f32:
-            X = X.astype(np.float32)
-        return head.preacts(stack.features(X, f32), f32=f32)[H]
+    y = labels.cpu().numpy()
+
+    def last_layer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pre-activations of the head's last ReLU layer for a batch of flat inputs (float32, as the client's), the
+        samples' terms in its gradient rows and the terms they would have where they do not fire (:func:`_terms`)."""
+        feats = stack.features(X.astype(np.float32), True)
+        pre = head.preacts(feats, f32=True)
+        return (pre[H], *_terms(head, pre, feats, y))
 
     clean_pat = [(z > 0).astype(np.float64) for z in head.preacts(stack.features(X))]
     sens = sensitivities(head, [p.mean(0) for p in clean_pat])[H]
@@ -216,11 +252,19 @@ def reduce_exclusivity(
     lp_solves = np.zeros(M, dtype=np.int64)
     messages = [""] * M
     with single_threaded_blas():
-        Z0 = last_layer(X)
-        before = _exans(Z0, np.ones(M, dtype=bool), kap).sum(1)
+        Z0, terms0, potential0 = last_layer(X)
+        before = _exans(Z0, np.ones(M, dtype=bool), kap, terms0, opts.share).sum(1)
+        if opts.drop_unprotected:  # a sample whose loss is all but zero adds nothing to the update but its rows
+            weight = np.linalg.norm(potential0, axis=1)
+            for m in np.nonzero(weight < opts.share * np.median(weight))[0]:
+                alive[m] = False
+                messages[m] = (f"its loss gradient is {weight[m] / np.median(weight):.1e} of the batch's median "
+                               "(a confidently classified sample): it adds almost nothing to the update, and the rows "
+                               "where no other sample's term is as small give it away")
         for _ in range(opts.rounds):
-            Z = last_layer(Xp).astype(np.float64)
-            ex = _exans(Z, alive, kap)
+            Z, terms, potential = last_layer(Xp)
+            Z = Z.astype(np.float64)
+            ex = _exans(Z, alive, kap, terms, opts.share)
             counts = ex.sum(1)
             over = [m for m in range(M) if alive[m] and counts[m] > opts.max_exans and not failed[m]]
             if not over:
@@ -232,7 +276,9 @@ def reduce_exclusivity(
                 off_cost = (Z[m, js] + kap) / sens[js]
                 js = js[np.argsort(off_cost)][: len(js) - opts.max_exans]
                 for j in js:
-                    others = np.nonzero(alive & (np.arange(M) != m) & ~failed)[0]
+                    # a partner switched on must share the row: its term there not lost beside m's
+                    others = np.nonzero(alive & (np.arange(M) != m) & ~failed
+                                        & (potential[:, j] >= opts.share * terms[m, j]))[0]
                     c_off = (Z[m, j] + kap) / sens[j]
                     if len(others):
                         partner = others[np.argmax(Z[others, j])]
@@ -254,9 +300,9 @@ def reduce_exclusivity(
                 for j, s in reqs[m].items():
                     pattern[last][j] = 1.0 if s > 0 else 0.0
                 required = [Requirement(last, j, s, kap) for j, s in reqs[m].items()]
-                # no new ExAN: neurons no other alive sample fires must not start firing for m
-                others_on = ((Z > 0) & alive[:, None]).sum(0) - (Z[m] > 0)
-                quiet = np.nonzero((others_on == 0) & (pattern[last] == 0))[0]
+                # no new ExAN: where the others' terms would not cover m's, m must not start firing
+                covered = _covered(Z, alive, kap, terms)[m] >= opts.share * potential[m]
+                quiet = np.nonzero(~covered & (pattern[last] == 0))[0]
                 lazy = [Requirement(last, int(j), -1, kap) for j in quiet if int(j) not in reqs[m]]
                 try:
                     out = solve_sample(net_m, X[m], pattern, required, lazy, settings)
@@ -273,8 +319,8 @@ def reduce_exclusivity(
                     Xp[m] = X[m]
                     if opts.drop_unprotected:
                         alive[m] = False
-        Zf = last_layer(Xp)
-        after = _exans(Zf, alive, kap).sum(1)
+        Zf, terms_f, _ = last_layer(Xp)
+        after = _exans(Zf, alive, kap, terms_f, opts.share).sum(1)
         if opts.drop_unprotected:
             # batch composition: what still carries ExANs after the rounds is not sent
             for m in range(M):
@@ -282,7 +328,7 @@ def reduce_exclusivity(
                     alive[m] = False
                     messages[m] = messages[m] or f"still {after[m]} ExAN(s) after {opts.rounds} rounds"
             for _ in range(M):  # dropping can expose partners; repeat until stable
-                after = _exans(last_layer(Xp), alive, kap).sum(1)
+                after = _exans(Zf, alive, kap, terms_f, opts.share).sum(1)
                 bad = alive & (after > opts.max_exans)
                 if not bad.any():
                     break
@@ -318,7 +364,7 @@ class ExclusivityReduction(BatchDefense):
     ``ExclusivityReduction(**knobs)(model, x, y) -> (x', y')`` runs :func:`reduce_exclusivity`.
 
     The fields are the user-facing knobs of :class:`ReductionOptions` (``max_exans``, ``margin``, ``budget``,
-    ``rounds``, ``drop_unprotected``, ``data_range``, with its meanings and defaults); the others (``norm``,
+    ``rounds``, ``drop_unprotected``, ``data_range``, ``share``, with its meanings and defaults); the others (``norm``,
     ``solver``, ``time_limit``, ``polish``, ``polish_slack``) keep ReductionOptions's defaults. Bad values fail at
     construction with :class:`~fedleak.errors.OptionError`. The transform may return fewer samples than it was
     given (``drop_unprotected``). Soft labels (after MixUp, say) are kept: the ExAN analysis uses their most
@@ -342,6 +388,7 @@ class ExclusivityReduction(BatchDefense):
     rounds: int = 8
     drop_unprotected: bool = True
     data_range: tuple[float, float] | None = None
+    share: float = 0.01
 
     def check(self) -> None:
         options = self.options  # ReductionOptions validates every value
@@ -353,7 +400,7 @@ class ExclusivityReduction(BatchDefense):
         try:
             return ReductionOptions(max_exans=self.max_exans, margin=self.margin, budget=self.budget,
                                     rounds=self.rounds, drop_unprotected=self.drop_unprotected,
-                                    data_range=self.data_range)
+                                    data_range=self.data_range, share=self.share)
         except SolverError as exc:
             raise OptionError(f"defense '{self.name}': {exc}") from None
 

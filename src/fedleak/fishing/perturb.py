@@ -226,14 +226,14 @@ class FishingResult:
 
     def summary(self) -> str:
         pert = [s for s in self.samples if s.perturbed]
-        linf = np.array([s.linf for s in pert]) if pert else np.zeros(1)
-        ps = np.array([s.psnr for s in pert]) if pert else np.full(1, np.nan)
+        linf = np.array([s.linf for s in pert])
+        moves = (f"L-inf mean {linf.mean():.4f} / max {linf.max():.4f}; PSNR vs original mean "
+                 f"{np.mean([s.psnr for s in pert]):.1f} dB" if pert else "no sample moved")
         failed = [s for s in self.samples if s.status != "fished"]
         moved = sum(s.perturbed for s in failed)
         return (
             f"fishing: {int(self.certifiable_after.sum())}/{self.batch_size} samples meet the exclusivity "
-            f"condition (before: {int(self.certifiable_before.sum())}); L-inf mean {linf.mean():.4f} / max "
-            f"{linf.max():.4f}; PSNR vs original mean {np.nanmean(ps):.1f} dB; {len(failed)} not fished "
+            f"condition (before: {int(self.certifiable_before.sum())}); {moves}; {len(failed)} not fished "
             f"({moved} moved only to stay off the others' targets, {len(failed) - moved} unperturbed); "
             f"{self.seconds:.1f} s"
         )
