@@ -26,6 +26,29 @@ def test_counts_on_a_hand_computed_batch():
     assert report.certifiable.tolist() == [True, True] and report.insecure
 
 
+def test_a_sample_classified_with_probability_one_has_no_effective_exan(digits):
+    """In float32 a saturated sample's probability of its label rounds to 1: its loss vector has no negative entry,
+    its exclusive rows read as no sample's, and the attack rebuilds none of them; the analysis said certifiable."""
+    model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
+    with torch.no_grad():
+        model[-1].weight.mul_(3000.0)  # confident everywhere
+    x, _ = digits.batch(8, seed=0)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    y = pred.clone()
+    y[4:] = (pred[4:] + 1) % 10  # the last four labelled wrong: loss vectors with a -1 at the label
+    with torch.no_grad():
+        p_label = torch.softmax(model(x), 1)[torch.arange(8), y]
+    assert (p_label[:4] == 1.0).all()
+    report = fedleak.analyze_exclusivity(model, x, y)
+    layer = report.layers[-1]
+    assert (layer.exans[:4] >= 2).all() and (layer.effective_exans[:4] == 0).all()
+    assert not report.certifiable[:4].any() and report.certifiable[4:].sum() >= 2
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    scores = fedleak.metrics.match(rec, x, y)
+    assert not scores.recovered[:4].any() and scores.false_certificates == 0
+
+
 def test_adding_a_sample_that_covers_the_exans_makes_the_batch_secure():
     x = torch.tensor([[1.0, 0], [0, 1], [1, 1]])  # the third sample activates every neuron
     report = fedleak.analyze_exclusivity(_hand_model(), x, torch.tensor([0, 2, 1]))

@@ -104,11 +104,14 @@ def _head_layers(net: Network, trace: Trace, min_last: int, min_other: int
     M = trace.logits.shape[0]
     depth = net.head.depth
     counts_ok = torch.ones(M, dtype=torch.bool, device=trace.logits.device)
+    # a sample whose probability of its label rounds to 1 in the model's dtype has a loss vector without a negative
+    # entry: its rows' output-layer columns read as no sample's, whatever its other entries (about 1e-12) leave
+    readable = (trace.loss_vectors < 0).any(1)[:, None]
     for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
         active = z > 0
         per_neuron = active.sum(0)
         exclusive = active & (per_neuron == 1)
-        effective = exclusive & (delta != 0)
+        effective = exclusive & (delta != 0) & readable
         need = min_last if h == depth - 1 else min_other
         # slack: how far the neuron is from losing exclusivity (own activation vs. the others' highest)
         if M > 1:

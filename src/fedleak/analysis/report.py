@@ -19,7 +19,8 @@ class LayerExclusivity:
     width: int
     active: np.ndarray  # (M,) number of active neurons per sample
     exans: np.ndarray  # (M,) exclusively activated neurons per sample
-    effective_exans: np.ndarray  # (M,) ExANs whose backward signal is non-zero
+    effective_exans: np.ndarray  # (M,) ExANs whose backward signal is non-zero, of a sample whose loss vector has
+    # a negative entry (its label's probability below 1 in the model's dtype)
     margin: np.ndarray  # (M,) exclusivity slack of the weakest ExAN the condition needs (0 if missing)
     dead_fraction: float  # neurons active for no sample
     shared_fraction: float  # neurons active for two or more samples
