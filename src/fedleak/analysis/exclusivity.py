@@ -25,7 +25,7 @@ from fedleak.analysis.batch import Batch, read_batch
 from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, LayerExclusivity
 from fedleak.autograd_mode import autograd_on, with_autograd
 from fedleak.errors import ModelError
-from fedleak.nets import NO_HIDDEN_RELU, Network, Trace, forward_trace
+from fedleak.nets import NO_HIDDEN_RELU, Network, Trace, forward_trace, readable_losses
 
 
 @with_autograd
@@ -104,9 +104,7 @@ def _head_layers(net: Network, trace: Trace, min_last: int, min_other: int
     M = trace.logits.shape[0]
     depth = net.head.depth
     counts_ok = torch.ones(M, dtype=torch.bool, device=trace.logits.device)
-    # a sample whose probability of its label rounds to 1 in the model's dtype has a loss vector without a negative
-    # entry: its rows' output-layer columns read as no sample's, whatever its other entries (about 1e-12) leave
-    readable = (trace.loss_vectors < 0).any(1)[:, None]
+    readable = readable_losses(trace.loss_vectors)[:, None]  # a sample classified with probability 1 has no ExAN
     for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
         active = z > 0
         per_neuron = active.sum(0)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.analysis.batch import Batch, predictions, read_batch
+from fedleak.analysis.batch import Batch, predictions, read_batch, saturated
 from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
@@ -42,15 +42,20 @@ from fedleak.nets.cast import unchanged
 CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero, or more
 # where the attack's propagated error needs it (:mod:`fedleak.fishing.clearance`)
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
+SATURATED = ("its label's probability rounds to 1 in the model's dtype: its loss vector has no negative entry, so no "
+             "gradient row of it reads as a sample's, whatever exclusive neurons it is given")
 
 
 class Fisher:
     """The batch loop: targets on the head, one LP per sample on its :class:`SampleNet`, then repairs."""
 
     def __init__(self, stack: ConvStack, head: HeadArrays, X: np.ndarray, y: np.ndarray, opts: FishingOptions,
-                 settings: LPSettings):
+                 settings: LPSettings, saturated: np.ndarray | None = None):
         self.stack, self.head, self.X, self.y, self.o, self.settings = stack, head, X, y, opts, settings
         self.M = X.shape[0]
+        # samples classified with probability 1 (:func:`fedleak.analysis.batch.saturated`): no ExAN makes them
+        # readable, so they own no targets and only stay off the others'
+        self.saturated = np.zeros(self.M, dtype=bool) if saturated is None else saturated
         self.k = [opts.targets_other] * (head.depth - 1) + [opts.targets_last]
         self.nets = [SampleNet(stack, head, X[m]) for m in range(self.M)]
         self.features = stack.features(X)  # the head inputs of the clean batch
@@ -184,6 +189,9 @@ class Fisher:
                              gamma=self.o.gamma, burden=self.o.burden, norm=self.o.norm, preacts=self.clean)
         self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
+        for m in np.nonzero(self.saturated)[0]:
+            self.status[m], self.messages[m] = "saturated", SATURATED
+            self.give_up(m)
         self.solve_many(list(range(self.M)))
 
     def repair(self) -> bool:
@@ -308,7 +316,8 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     min_other = min(1, opts.targets_other)
     before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
-    fisher = Fisher(ConvStack(net), HeadArrays(net.head), X, batch.labels.numpy(), opts, opts.lp_settings(data_range))
+    fisher = Fisher(ConvStack(net), HeadArrays(net.head), X, batch.labels.numpy(), opts, opts.lp_settings(data_range),
+                    saturated(batch))
     fisher.run()
     lo, hi = data_range
     Xp = np.clip(fisher.Xp, lo, hi)

@@ -148,7 +148,8 @@ class FishingOptions:
 @dataclass(frozen=True)
 class SampleFishing:
     """Per-sample outcome. ``status``: "fished" (LP solved, targets verified in float32), or why the
-    sample was left unperturbed ("infeasible", "budget", "time_limit", "no_target", "unsatisfied", ...)."""
+    sample was left unperturbed ("infeasible", "budget", "time_limit", "no_target", "unsatisfied", ...;
+    "saturated": classified with probability 1, no row of it can be read)."""
 
     index: int
     status: str

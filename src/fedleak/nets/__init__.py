@@ -7,7 +7,7 @@ ReLU head. Exclusivity analysis, the exact attack, fishing and exclusivity reduc
 
 from fedleak.nets import converters as _converters  # noqa: F401  (registers the built-in converters)
 from fedleak.nets.blocks import ConvBlock
-from fedleak.nets.forward import Trace, forward_trace
+from fedleak.nets.forward import Trace, forward_trace, readable_losses
 from fedleak.nets.frontend import as_network, input_shape_of
 from fedleak.nets.head import ReluMLP
 from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
@@ -15,5 +15,5 @@ from fedleak.nets.network import NO_HIDDEN_RELU, Network, Step
 from fedleak.nets.ops import CONVERTERS, Op, converts
 
 __all__ = ["NO_HIDDEN_RELU", "as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace",
-           "forward_trace", "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Dropout", "Op",
+           "forward_trace", "readable_losses", "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Dropout", "Op",
            "CONVERTERS", "converts"]

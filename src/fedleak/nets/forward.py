@@ -96,6 +96,13 @@ def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: t
     return deltas[::-1]
 
 
+def readable_losses(e: torch.Tensor) -> torch.Tensor:
+    """Per row of loss vectors ``e``: whether it has a negative entry (its label's, without label smoothing). A
+    sample whose probability of its label rounds to 1 in the model's dtype has none: the output-layer columns of
+    its gradient rows then read as no sample's, and the exact attack cannot rebuild it, whatever its ExANs."""
+    return (e < 0).any(1)
+
+
 def loss_vectors(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     """``softmax(logits) - target(labels)`` per row: the cross-entropy's gradient with respect to the logits; the
     target is ``onehot(labels)``, or, with label ``smoothing`` ``s`` (``F.cross_entropy(..., label_smoothing=s)``),
