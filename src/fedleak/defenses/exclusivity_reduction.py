@@ -87,7 +87,7 @@ class ReductionOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_range", check_data_range(self.data_range))
         if not (0 < self.share <= 1):
-            raise SolverError(f"share must lie in (0, 1] (a fraction of a gradient row's owner's term), got {self.share}")
+            raise SolverError(f"share must lie in (0, 1] (a fraction of the term of a row's owner), got {self.share}")
         if self.max_exans < 0:
             raise SolverError(f"max_exans must be >= 0, got {self.max_exans}")
         if not (self.margin > 0 and math.isfinite(self.margin)):

@@ -15,5 +15,5 @@ from fedleak.nets.network import NO_HIDDEN_RELU, Network, Step
 from fedleak.nets.ops import CONVERTERS, Op, converts
 
 __all__ = ["NO_HIDDEN_RELU", "as_network", "input_shape_of", "Network", "Step", "ConvBlock", "ReluMLP", "Trace",
-           "forward_trace", "readable_losses", "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape", "Dropout", "Op",
-           "CONVERTERS", "converts"]
+           "forward_trace", "readable_losses", "Layer", "Dense", "Conv", "BatchNorm", "Pool", "Relu", "Reshape",
+           "Dropout", "Op", "CONVERTERS", "converts"]
