@@ -89,3 +89,24 @@ def test_wider_layers_are_predicted_as_real_wider_models_measure(digits):
         assert abs(predicted.mean_exans / wide.layer(0, m).mean_exans - 1) < 0.15
     fractions = [narrow.layer(0, 16, w).fraction for w in (512, 700, 1024, 2048)]
     assert fractions == sorted(fractions) and fractions[0] < fractions[-1]
+
+
+def test_samples_classified_with_probability_one_are_counted_out(digits):
+    """A model that classifies some samples with probability 1 (float32): no batch size or width rebuilds those,
+    and the plan said every sample was certifiable alone."""
+    import torch
+
+    model = fedleak.make_mlp((1, 8, 8), [1024], 10, seed=0)
+    with torch.no_grad():
+        model[-1].weight.mul_(3000.0)
+        x = digits.x[:200]
+        pred = model(x).argmax(1)
+        y = pred.clone()
+        y[100:] = (pred[100:] + 1) % 10  # half labelled as predicted: probability 1
+        saturated = int((torch.softmax(model(x), 1)[torch.arange(200), y] == 1).sum())
+    assert saturated >= 90
+    plan = fedleak.plan(model, None, (x, y), batch_sizes=[1])
+    assert plan.estimates[0].fraction <= 1 - saturated / 200 + 1e-9
+    assert f"{saturated} of the 200 samples measured are classified with probability 1" in plan.verdict
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x[:1], y[:1]))  # one saturated sample
+    assert len(rec) == 0 and "the batch's samples are classified with probability 1" in rec.summary()

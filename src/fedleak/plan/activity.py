@@ -4,7 +4,8 @@ and how many units of each conv block are non-zero -- measured on the user's inp
 The counts are the attack's own (:mod:`fedleak.attacks.exact`): a conv block's equations are its non-zero output
 units (after pooling when it pools), as :func:`fedleak.attacks.exact.invert_block` counts them on the top
 block; a dense neuron is an *effective* ExAN of a sample when it fires for that sample alone and its backward
-signal is non-zero (:func:`fedleak.analyze_exclusivity`). Activations are computed in the model's own dtype, as
+signal is non-zero, of a sample not classified with probability 1 (:func:`fedleak.analyze_exclusivity`).
+Activations are computed in the model's own dtype, as
 the client computes them.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedleak.nets import Network, forward_trace
+from fedleak.nets import Network, forward_trace, readable_losses
 from fedleak.plan.widen import Widening, widening
 
 CHUNK = 256  # samples per forward pass
@@ -58,6 +59,7 @@ class Activity:
     description: str
     dense: tuple[DenseActivity, ...]
     blocks: tuple[BlockActivity, ...]
+    saturated: int = 0  # samples classified with probability 1 in the model's dtype: no ExAN makes them readable
 
 
 def synthetic_inputs(shape: tuple[int, ...], n: int = SYNTHETIC_SAMPLES, seed: int = 0) -> torch.Tensor:
@@ -75,6 +77,7 @@ def measure(net: Network, x: torch.Tensor, labels: torch.Tensor | None, *, measu
     inputs: list[list[torch.Tensor]] = [[] for _ in range(depth)]
     active: list[list[torch.Tensor]] = [[] for _ in range(depth)]
     effective: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+    saturated = 0
     nonzero: list[list[np.ndarray]] = [[] for _ in net.blocks]
     units: list[list[np.ndarray]] = [[] for _ in net.blocks]
     with torch.no_grad():
@@ -89,14 +92,16 @@ def measure(net: Network, x: torch.Tensor, labels: torch.Tensor | None, *, measu
             else:
                 yc = labels[start:start + CHUNK].to(net.device)
             trace = forward_trace(net.head, run.features, yc, dtype=dtype)
+            readable = readable_losses(trace.loss_vectors)[:, None]  # classified with probability 1: no ExAN
+            saturated += int((~readable).sum())
             for h, (z, d) in enumerate(zip(trace.preactivations, trace.deltas)):
                 inputs[h].append(trace.activations[h].to(torch.float32).cpu())
                 on = z > 0
                 active[h].append(on.cpu())
-                effective[h].append((on & (d != 0)).cpu())
+                effective[h].append((on & (d != 0) & readable).cpu())
     dense = tuple(DenseActivity(layer.name, torch.cat(active[h]), torch.cat(effective[h]),
                                 widening(torch.cat(inputs[h]), layer.module.weight, layer.module.bias, seed=h))
                   for h, layer in enumerate(net.head.dense[:depth]))
     blocks = tuple(BlockActivity(blk.name, np.concatenate(nonzero[i]), np.concatenate(units[i]))
                    for i, blk in enumerate(net.blocks))
-    return Activity(measured, int(x.shape[0]), description, dense, blocks)
+    return Activity(measured, int(x.shape[0]), description, dense, blocks, saturated)

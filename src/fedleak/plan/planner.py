@@ -205,6 +205,10 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
                  "the model's Dropout or BatchNorm active, the exact route certifies nothing")
         if net.dropout and not net.blocks:  # (:mod:`fedleak.attacks.exact.dropout`)
             said += " (from an MLP's Dropout it rebuilds what the exclusive rows give, uncertified)"
+    if act.saturated:  # (:func:`fedleak.nets.readable_losses`)
+        said += (f"; {act.saturated} of the {act.samples} samples measured are classified with probability 1 in the "
+                 "model's dtype (their loss vectors have no negative entry): no batch size or width lets the exact "
+                 "route rebuild them")
     if masking.changed:
         said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
                  "told that the client computes in eval mode (train_dropout=False)")

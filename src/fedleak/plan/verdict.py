@@ -69,8 +69,9 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     if verdict == ROUTE_UNPROVEN:
         return (f"the exact route may apply to {model} up to batch {up_to}, unproven: {blocker}")
     if verdict == ROUTE_PARTIAL:
+        full = f"up to batch {up_to}" if best > 0 else "at no batch size"
         return (f"the exact route certifies only part of a batch of {batch} on {model}: {blocker}; it applies in full "
-                f"(at least {share} of the samples) up to batch {up_to}")
+                f"(at least {share} of the samples) {full}")
     if best > 0:
         return f"the exact route cannot apply to {model} at batch {batch}: {blocker}; it applies up to batch {up_to}"
     return f"the exact route cannot apply to {model}: {blocker}"

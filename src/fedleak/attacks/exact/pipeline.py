@@ -56,6 +56,9 @@ if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by th
     from fedleak.attacks.exact.conv_walkdown import ChainSolve
 
 F64 = torch.float64
+SATURATED = ("the output layer's bias gradient has no negative entry: the batch's samples are classified with "
+             "probability 1 (the probability of each label rounds to 1 in the client's dtype, so no loss vector has "
+             "a negative entry), and no gradient row of them reads as a sample's at any batch size")
 FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four classes cannot be read off the update "
                        "(pass label_smoothing)")
 
@@ -219,6 +222,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         cause = "; or ".join(caveats)
         missing = f"{missing}; or {cause}" if missing else ""
         records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
+    out_bias = attack.g[-1]
+    if missing and not records and out_bias is not None and not opts.smoothing and bool((out_bias >= 0).all()):
+        missing = f"{SATURATED}; and {missing}"  # no sample's loss vector has its negative entry
     if net.uncertifiable:  # first, what no batch size or perturbation can change
         missing = f"{net.uncertifiable}; and {missing}" if missing else ""
         records = [replace(r, reason=f"{net.uncertifiable}; and {r.reason}" if r.reason else net.uncertifiable)
