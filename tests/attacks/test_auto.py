@@ -43,6 +43,23 @@ def test_one_step_unknown_lr_is_recovered_exactly(digits):
     assert set(rec.routes) == {"exclusivity (certified)"}
 
 
+def test_a_lone_sample_classified_with_probability_one_is_read_off_the_first_layer(digits):
+    """Its loss vector has no negative entry in float32: the exact route reads none of its rows and says why; auto
+    used to search it with IG for its whole budget (garbage); the first Linear layer gives it, certified."""
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    with torch.no_grad():
+        model[-1].weight.mul_(300.0)  # confident: the probability rounds to 1, the gradient is not zero
+        x = digits.x[:1]
+        y = model(x).argmax(1)
+        assert float(torch.softmax(model(x), 1)[0, y]) == 1.0
+    update = fedleak.compute_gradient_update(model, x, y)
+    exact = fedleak.reconstruct(model, update)
+    assert len(exact) == 0 and "classified with probability 1" in exact.summary()
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=30, progress=False)
+    assert rec.attack == "auto:first-layer" and rec.num_certified == 1
+    assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
+
+
 def test_cnn_certifies_what_exclusivity_certifies(lfw):
     """fedleak's own certifiable CNN: auto takes the exact CNN route, keeps every certified sample, and IG
     searches the one the exact route could not certify."""

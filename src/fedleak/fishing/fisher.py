@@ -42,8 +42,8 @@ from fedleak.nets.cast import unchanged
 CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero, or more
 # where the attack's propagated error needs it (:mod:`fedleak.fishing.clearance`)
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
-SATURATED = ("its label's probability rounds to 1 in the model's dtype: its loss vector has no negative entry, so no "
-             "gradient row of it reads as a sample's, whatever exclusive neurons it is given")
+SATURATED = ("its label's probability rounds to 1 in the model's dtype: its loss vector has no negative entry, so the "
+             "exclusivity attack reads none of its gradient rows, whatever exclusive neurons it is given")
 
 
 class Fisher:

@@ -149,7 +149,7 @@ class FishingOptions:
 class SampleFishing:
     """Per-sample outcome. ``status``: "fished" (LP solved, targets verified in float32), or why the
     sample was left unperturbed ("infeasible", "budget", "time_limit", "no_target", "unsatisfied", ...;
-    "saturated": classified with probability 1, no row of it can be read)."""
+    "saturated": classified with probability 1, the exclusivity attack reads none of its rows)."""
 
     index: int
     status: str

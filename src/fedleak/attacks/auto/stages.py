@@ -59,6 +59,17 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
     return replace(one, attack="auto:first-layer", notes=(*notes, *one.notes))
 
 
+def lone_sample(model: nn.Module, update: Any, exact: Reconstruction | None, input_shape: tuple[int, ...] | None,
+                notes: list[str]) -> Reconstruction | None:
+    """Of a one-sample gradient the exact route did not certify (a sample classified with probability 1, whose rows
+    it cannot read, say), the first Linear layer's reading where it certifies the sample by the whole update; else
+    ``exact``."""
+    if isinstance(update, WeightUpdate) or update.num_examples != 1 or (exact is not None and exact.num_certified):
+        return exact
+    one = run_first_layer(model, update, input_shape, notes)
+    return exact if one is None else one
+
+
 def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
                     input_shape: tuple[int, ...] | None, notes: list[str]) -> Reconstruction | None:
     """Of a weight change (one local step or several, declared or not), where the exact route certified only part

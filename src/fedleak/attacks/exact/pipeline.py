@@ -58,7 +58,8 @@ if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by th
 F64 = torch.float64
 SATURATED = ("the output layer's bias gradient has no negative entry: the batch's samples are classified with "
              "probability 1 (the probability of each label rounds to 1 in the client's dtype, so no loss vector has "
-             "a negative entry), and no gradient row of them reads as a sample's at any batch size")
+             "a negative entry, by which this attack tells a sample's rows), at any batch size; of a one-sample "
+             "gradient, attack='first-layer' (or 'auto') reads the first Linear layer instead")
 FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four classes cannot be read off the update "
                        "(pass label_smoothing)")
 
