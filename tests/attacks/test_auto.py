@@ -58,6 +58,18 @@ def test_a_lone_sample_classified_with_probability_one_is_read_off_the_first_lay
     rec = fedleak.reconstruct(model, update, attack="auto", budget=30, progress=False)
     assert rec.attack == "auto:first-layer" and rec.num_certified == 1
     assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
+    # in a batch, the first layer's rows give such samples exactly (uncertified) beside the certified others
+    x = digits.x[[0, 1, 2, 5, 20, 21, 22, 23]]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        y[4:] = (y[4:] + 1) % 10  # the last four labelled wrong: readable, certified by the exact route
+        assert (torch.softmax(model(x), 1)[torch.arange(8), y][:4] == 1).all()
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="auto", budget=20,
+                              progress=False)
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == 4 and scores.recovered[4:].all() and scores.false_certificates == 0
+    assert "first-layer (uncertified, batch rows)" in rec.routes
+    assert (scores.max_abs_error[:4] <= 1e-4).sum() >= 2  # saturated samples, read exactly off the rows
 
 
 def test_cnn_certifies_what_exclusivity_certifies(lfw):

@@ -9,9 +9,9 @@ time budget.
    no hidden ReLU layer, ...) it is skipped and the notes say why; a gradient of one sample is then read from
    the model's first Linear layer (:mod:`fedleak.attacks.first_layer`), which settles the run where it certifies;
    of a batch, and of a weight change (one local step or several) where the exact route certified only part of
-   it, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held. A
-   one-sample gradient the exact route did not certify (a sample classified with probability 1, whose rows it
-   cannot read) is read from the first Linear layer too.
+   it, the inputs that layer's rows give (:mod:`fedleak.attacks.first_layer_rows`, uncertified) are held; so are
+   they of a gradient the exact route certified only part of (a trained model's samples classified with probability
+   1, whose rows it cannot read), and a one-sample gradient it did not certify is read from that layer, certified.
 2. **Optimisation for the rest** (:mod:`~fedleak.attacks.auto.assemble`). The certified samples are kept
    exactly and held fixed; DLM+ (weight updates, local steps unrolled) or Inverting Gradients (gradients)
    searches the others, starting from what the exact route knows: their labels discounted from its label
@@ -41,7 +41,7 @@ from fedleak.attacks.auto.route import (
     network_barrier,
     plan_route,
 )
-from fedleak.attacks.auto.stages import finish, lone_sample, rows_of_weights, run_exact, run_first_layer
+from fedleak.attacks.auto.stages import finish, first_layer_rows, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
 from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import InversionSettings, RunClock
@@ -110,10 +110,9 @@ def auto_attack(
         if plan.runs_exact:
             clock.stage("exclusivity")
             exact = run_exact(model, update, input_shape, exact_opts, notes)
-            exact = rows_of_weights(model, update, exact, input_shape, notes)
-            one = lone_sample(model, update, exact, input_shape, notes)
-            if one is not exact and one.batch_certified:
-                return one
+            exact = first_layer_rows(model, update, exact, input_shape, notes)
+            if exact is not None and exact.attack == "auto:first-layer":  # a one-sample gradient, settled
+                return exact
             clock.advance()
         else:
             one = run_first_layer(model, update, input_shape, notes)

@@ -59,35 +59,28 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
     return replace(one, attack="auto:first-layer", notes=(*notes, *one.notes))
 
 
-def lone_sample(model: nn.Module, update: Any, exact: Reconstruction | None, input_shape: tuple[int, ...] | None,
-                notes: list[str]) -> Reconstruction | None:
-    """Of a one-sample gradient the exact route did not certify (a sample classified with probability 1, whose rows
-    it cannot read, say), the first Linear layer's reading where it certifies the sample by the whole update; else
-    ``exact``."""
-    if isinstance(update, WeightUpdate) or update.num_examples != 1 or (exact is not None and exact.num_certified):
-        return exact
-    one = run_first_layer(model, update, input_shape, notes)
-    return exact if one is None else one
-
-
-def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
-                    input_shape: tuple[int, ...] | None, notes: list[str]) -> Reconstruction | None:
-    """Of a weight change (one local step or several, declared or not), where the exact route certified only part
-    of the batch and held nothing else, the first Linear layer's rows, which give inputs over any number of steps:
-    held after the certified samples (those they repeat left out), the exact route's other inputs still starting the
-    search; else ``exact``. Where they give nothing of an undeclared change (on two classes, read as several steps)
-    and the exact route certified part of it, which a gradient at the weights sent explains, they are read as one
-    step's (class fit and common scale). (Of a gradient the rows gave no sample the exact route had not certified,
-    measured.)"""
-    if not isinstance(update, WeightUpdate):
-        return exact
+def first_layer_rows(model: nn.Module, update: Any, exact: Reconstruction | None,
+                     input_shape: tuple[int, ...] | None, notes: list[str]) -> Reconstruction | None:
+    """Where the exact route certified only part of the batch and held nothing else, the first Linear layer's
+    reading: of a one-sample gradient, the sample certified by the whole update (a sample classified with
+    probability 1, whose rows the exact route cannot read, say); of a batch's gradient or of a weight change (one
+    local step or several, declared or not), the inputs its rows give, held after the certified samples (those they
+    repeat left out), the exact route's other inputs still starting the search; else ``exact``. Where they give
+    nothing of an undeclared weight change (on two classes, read as several steps) and the exact route certified
+    part of it, which a gradient at the weights sent explains, they are read as one step's (class fit and common
+    scale). (Of a gradient at initialisation the rows gave no sample the exact route had not certified; of a trained
+    model's, they give the samples it classifies with probability 1: on an MLP trained on LFW, 55 of 140 samples in
+    batches of 4-16, each exactly, in about 0.1 s.)"""
+    weights = isinstance(update, WeightUpdate)
     sure = certified_indices(exact) if exact is not None else []
     m = update.num_examples
     if exact is not None and (len(held_indices(exact)) > len(sure) or exact.batch_certified
                               or (m is not None and len(sure) >= m)):
         return exact
     rows = run_first_layer(model, update, input_shape, notes)
-    if rows is None and sure and update.local_steps is None:
+    if rows is not None and rows.batch_certified:
+        return rows  # a one-sample gradient, settled
+    if rows is None and sure and weights and update.local_steps is None:
         update = replace(update, local_steps=1)  # what the certified samples show of it: one step at the weights sent
         rows = run_first_layer(model, update, input_shape, notes)
         if rows is not None:
@@ -95,20 +88,20 @@ def rows_of_weights(model: nn.Module, update: Any, exact: Reconstruction | None,
                          f"certified {len(sure)} sample(s) of the change as one step's gradient")
     if rows is None:
         return exact
-    which = "" if update.local_steps == 1 else ", which over several local steps still give inputs,"
+    what = ("weight change" + ("" if update.local_steps == 1 else ", which over several local steps still give "
+                               "inputs,")) if weights else "gradient"
     # inputs read off the rows of a compressed update are not exact: they start the search instead of being held
     how = "held" if len(held_indices(rows)) == len(rows) else "starting the search (their reasons say why)"
     if exact is None or not len(exact):
-        notes.append(f"auto: the exact route certified nothing; the first Linear layer's rows of the weight "
-                     f"change{which} gave {len(rows)} (uncertified), {how}")
+        notes.append(f"auto: the exact route certified nothing; the first Linear layer's rows of the {what} gave "
+                     f"{len(rows)} (uncertified), {how}")
         notes.extend(f"{exact.attack}: {n}" for n in (exact.notes if exact is not None else ()))
         return rows
     repeated, read = _near(rows.inputs, exact.inputs[sure]), _near(exact.inputs, rows.inputs)
     new = [k for k in range(len(rows)) if not repeated[k]]
     others = [k for k in range(len(exact)) if k not in sure and not read[k]]
     notes.append(f"auto: the exact route certified {len(sure) or 'nothing'}; the first Linear layer's rows of the "
-                 f"weight change{which} gave {len(new)}"
-                 f"{' more' if sure else ''} (uncertified), {how}")
+                 f"{what} gave {len(new)}{' more' if sure else ''} (uncertified), {how}")
     notes.extend(f"{r.attack}: {n}" for r in (exact, rows) for n in r.notes)  # each under its own name
     parts = [(exact, sure), (rows, new), (exact, others)]
     index = [torch.tensor(k, dtype=torch.long) for _, k in parts]
