@@ -1,5 +1,6 @@
 """Hunt for false certificates where they were found before: natural two-class data, models with PyTorch's
-default initialisation, output biases shifted by the size of that initialisation, small batches.
+default initialisation, output biases shifted by the size of that initialisation, small batches; and models trained
+to confidence first (the -trained grounds), where many samples are classified with probability 1.
 
 Every batch: a random draw of M samples (M uniform in 2..8, or 2..64 on the -large grounds, 2..256 on -256), a
 model built with plain torch (``nn.Sequential`` of Linear/ReLU, default init, seeded; on the ``conv1d`` grounds each
@@ -59,6 +60,7 @@ class Config:
     told: bool = True  # ... which the attack is told, or reads off the update (class weights: or is not told)
     weighted: bool = False  # class weights F.cross_entropy(weight=w), w log-uniform in [1/4, 4] per batch
     attack: str = "auto"  # or a malicious server's: "trap-weights" / "imprint" (bins from 500 other samples)
+    trained: int = 0  # SGD steps (batch 64, lr 0.05, momentum 0.9) on the data set first: one of 4 trained models
 
 
 CONFIGS = {
@@ -101,6 +103,13 @@ CONFIGS = {
     "digits-10-shift-smooth0.05-read": Config("digits", (256,), shift=0.3, smoothing=0.05, told=False),
     "fashion-10-deep-smooth0.1-read": Config("fashion-mnist", (512, 256), smoothing=0.1, told=False),
     # class weights: each sample's scale is its label's weight over the batch's sum of weights
+    # models trained to confidence: many samples classified with probability 1 in float32, saturated loss vectors
+    "lfw-2-trained": Config("lfw", (1024,), trained=1000),
+    "lfw-2-deep-trained": Config("lfw", (512, 256), trained=500),
+    "digits-10-trained": Config("digits", (256,), trained=1000),
+    "fashion-10-trained": Config("fashion-mnist", (1024,), trained=1000),
+    "lfw-2-trained-fedavg": Config("lfw", (1024,), lr=0.05, trained=1000),
+    "fashion-10-trained-fedavg": Config("fashion-mnist", (1024,), lr=0.05, trained=1000),
     "lfw-2-weighted": Config("lfw", (1024,), weighted=True),
     "fashion-10-weighted": Config("fashion-mnist", (1024,), weighted=True),
     "digits-10-shift-weighted": Config("digits", (256,), shift=0.3, weighted=True),
@@ -151,6 +160,18 @@ def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, g
     return model
 
 
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> nn.Module:
+    """``model`` after ``steps`` SGD steps (batch 64, lr 0.05, momentum 0.9) on ``(x, y)``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.requires_grad_(True)
+
+
 def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     data = fedleak.load_dataset(cfg.data)
     gen = np.random.default_rng(seed)
@@ -162,11 +183,14 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     out = dict(batches=0, samples=0, certified=0, false_certificates=0, certifiable=0, certifiable_recovered=0,
                recovered=0, worst_certified_error=0.0, seconds=0.0, failures=[])
     start = time.perf_counter()
+    trained = [train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d), (data.x - mean) / std * cfg.scale,
+                     data.y, cfg.trained, s) for s in range(4)] if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
-        model = build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen, cfg.conv1d)
+        model = trained[b % 4] if trained else build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen,
+                                                     cfg.conv1d)
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -242,6 +266,8 @@ def render(files: list[Path]) -> None:
             if cfg.get("weighted"):
                 update += (f"; class weights in [1/4, 4], "
                            f"{'told' if cfg.get('told', True) else 'not told'}")
+            if cfg.get("trained"):
+                update += f"; on 4 models trained {cfg['trained']} SGD steps (momentum 0.9, lr 0.05) first"
             inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):

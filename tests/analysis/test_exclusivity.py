@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torch import nn
+from user_models import confident_mlp
 
 import fedleak
 
@@ -29,9 +30,7 @@ def test_counts_on_a_hand_computed_batch():
 def test_a_sample_classified_with_probability_one_has_no_effective_exan(digits):
     """In float32 a saturated sample's probability of its label rounds to 1: its loss vector has no negative entry,
     its exclusive rows read as no sample's, and the attack rebuilds none of them; the analysis said certifiable."""
-    model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
-    with torch.no_grad():
-        model[-1].weight.mul_(3000.0)  # confident everywhere
+    model = confident_mlp()
     x, _ = digits.batch(8, seed=0)
     with torch.no_grad():
         pred = model(x).argmax(1)
@@ -44,6 +43,8 @@ def test_a_sample_classified_with_probability_one_has_no_effective_exan(digits):
     layer = report.layers[-1]
     assert (layer.exans[:4] >= 2).all() and (layer.effective_exans[:4] == 0).all()
     assert not report.certifiable[:4].any() and report.certifiable[4:].sum() >= 2
+    assert report.saturated.tolist() == [True] * 4 + [False] * 4
+    assert "4 classified with probability 1" in report.summary() and report.to_dict()["saturated"][0]
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
     scores = fedleak.metrics.match(rec, x, y)
     assert not scores.recovered[:4].any() and scores.false_certificates == 0

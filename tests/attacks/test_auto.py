@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 from torch import nn
-from user_models import FlowerNet
+from user_models import FlowerNet, confident_mlp
 
 import fedleak
 from fedleak.attacks.exact import exclusivity_on_weights
@@ -46,9 +46,8 @@ def test_one_step_unknown_lr_is_recovered_exactly(digits):
 def test_a_lone_sample_classified_with_probability_one_is_read_off_the_first_layer(digits):
     """Its loss vector has no negative entry in float32: the exact route reads none of its rows and says why; auto
     used to search it with IG for its whole budget (garbage); the first Linear layer gives it, certified."""
-    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    model = confident_mlp(width=256, scale=300.0)  # the probability rounds to 1, the gradient is not zero
     with torch.no_grad():
-        model[-1].weight.mul_(300.0)  # confident: the probability rounds to 1, the gradient is not zero
         x = digits.x[:1]
         y = model(x).argmax(1)
         assert float(torch.softmax(model(x), 1)[0, y]) == 1.0

@@ -71,11 +71,13 @@ def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, so
     feats = acts[-1].reshape(batch.size, -1) if net.blocks else net.features(batch.x, dtype)
     with torch.no_grad():
         trace = forward_trace(net.head, feats, labels, dtype=dtype)
-    layers, head_ok = _head_layers(net, trace, min_last, min_other)
+    readable = readable_losses(trace.loss_vectors)  # a sample classified with probability 1 has no effective ExAN
+    layers, head_ok = _head_layers(net, trace, readable, min_last, min_other)
     labels_np = batch.labels.numpy()
+    saturated = (~readable).cpu().numpy()
     if not net.blocks:
         return ExclusivityReport(layers=layers, labels=labels_np, certifiable=head_ok, min_last=min_last,
-                                 min_other=min_other, head_certifiable=head_ok)
+                                 min_other=min_other, head_certifiable=head_ok, saturated=saturated)
     solvable, bounds, chain = _solvability(net, acts, opts) if solve else _unsolved(len(net.blocks), batch.size)
     conv_layers = tuple(_conv_layer(blk, z, d, solvable[i], bounds[i])
                         for i, (blk, z, d) in enumerate(zip(net.blocks, pres, deltas)))
@@ -85,6 +87,7 @@ def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, so
     return ExclusivityReport(
         layers=layers, labels=labels_np, certifiable=cert, min_last=min_last, min_other=min_other,
         conv_layers=conv_layers, head_certifiable=head_ok, error_bound=chain, allowed_error=allowed,
+        saturated=saturated,
     )
 
 
@@ -97,14 +100,15 @@ def _kth_largest(values: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tens
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
-def _head_layers(net: Network, trace: Trace, min_last: int, min_other: int
+def _head_layers(net: Network, trace: Trace, readable: torch.Tensor, min_last: int, min_other: int
                  ) -> tuple[tuple[LayerExclusivity, ...], np.ndarray]:
-    """ExAN statistics of the head's ReLU layers and the head condition per sample."""
+    """ExAN statistics of the head's ReLU layers and the head condition per sample (``readable``: the samples whose
+    loss vector has a negative entry, :func:`fedleak.nets.readable_losses`)."""
     layers = []
     M = trace.logits.shape[0]
     depth = net.head.depth
     counts_ok = torch.ones(M, dtype=torch.bool, device=trace.logits.device)
-    readable = readable_losses(trace.loss_vectors)[:, None]  # a sample classified with probability 1 has no ExAN
+    readable = readable[:, None]
     for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
         active = z > 0
         per_neuron = active.sum(0)

@@ -81,7 +81,8 @@ class ExclusivityReport:
     other ones, and, for a network with conv blocks, every block solvable with a proof and the chained
     error bound ``error_bound`` at most ``allowed_error`` (what the attack allows a certified input).
     ``head_certifiable`` is the head condition alone (equal to ``certifiable`` without conv blocks).
-    ``conv_layers`` is empty for an MLP.
+    ``conv_layers`` is empty for an MLP. ``saturated``: per sample, whether the model classifies it with probability 1
+    in its dtype (its loss vector then has no negative entry, and none of its ExANs is effective).
     """
 
     layers: tuple[LayerExclusivity, ...]
@@ -93,6 +94,7 @@ class ExclusivityReport:
     head_certifiable: np.ndarray | None = None
     error_bound: np.ndarray | None = None  # (M,) chained bound on the input (inf where unsolvable); conv only
     allowed_error: float | None = None  # largest bound a certified input may have (data units); conv only
+    saturated: np.ndarray | None = None  # (M,) bool: classified with probability 1
 
     @property
     def batch_size(self) -> int:
@@ -127,10 +129,14 @@ class ExclusivityReport:
             )
             head = int(self.head_certifiable.sum()) if self.head_certifiable is not None else 0
             return (f"{int(self.certifiable.sum())}/{self.batch_size} samples certifiable (FC head alone: {head}); "
-                    f"{conv}; head: {self._head_summary()}")
+                    f"{conv}; head: {self._head_summary()}{self._saturated_summary()}")
         verdict = "insecure (every sample reconstructable)" if self.insecure else "not fully reconstructable"
         return (f"{int(self.certifiable.sum())}/{self.batch_size} samples certifiable; batch {verdict}; "
-                f"{self._head_summary()}")
+                f"{self._head_summary()}{self._saturated_summary()}")
+
+    def _saturated_summary(self) -> str:
+        n = 0 if self.saturated is None else int(self.saturated.sum())
+        return f"; {n} classified with probability 1 (no effective ExAN)" if n else ""
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -140,6 +146,7 @@ class ExclusivityReport:
             "insecure": self.insecure,
             "condition": {"min_exans_last_layer": self.min_last, "min_exans_other_layers": self.min_other},
             "layers": [layer.to_dict() for layer in self.layers],
+            "saturated": None if self.saturated is None else self.saturated.tolist(),
         }
         if self.conv_layers:
             d["condition"] = {"min_exans_last_layer": self.min_last, "min_exans_other_layers": self.min_other,

@@ -38,12 +38,11 @@ from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
 from fedleak.nets import NO_HIDDEN_RELU
 from fedleak.nets.cast import unchanged
+from fedleak.nets.forward import SATURATED_SAMPLE
 
 CLEAR_FRACTION = 0.2  # units of lower conv blocks stay at least margin*CLEAR_FRACTION away from zero, or more
 # where the attack's propagated error needs it (:mod:`fedleak.fishing.clearance`)
 CLEAR_WATCH = 0.5  # ... watched when their clean pre-activation is within this of zero
-SATURATED = ("its label's probability rounds to 1 in the model's dtype: its loss vector has no negative entry, so the "
-             "exclusivity attack reads none of its gradient rows, whatever exclusive neurons it is given")
 
 
 class Fisher:
@@ -190,7 +189,7 @@ class Fisher:
         self.targets = [[T[m] for T in asg.targets] for m in range(self.M)]
         self.patterns = [[P[m] for P in asg.patterns] for m in range(self.M)]
         for m in np.nonzero(self.saturated)[0]:
-            self.status[m], self.messages[m] = "saturated", SATURATED
+            self.status[m], self.messages[m] = "saturated", f"{SATURATED_SAMPLE}, whatever exclusive neurons it gets"
             self.give_up(m)
         self.solve_many(list(range(self.M)))
 

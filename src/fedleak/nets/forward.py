@@ -96,6 +96,11 @@ def backward_signals(weights: list[torch.Tensor], pres: list[torch.Tensor], e: t
     return deltas[::-1]
 
 
+#: why a sample that :func:`readable_losses` finds unreadable cannot be rebuilt by the exclusivity attack
+SATURATED_SAMPLE = ("the model classifies it with probability 1 (in its dtype), so its loss vector has no negative "
+                    "entry and the exclusivity attack reads none of its gradient rows")
+
+
 def readable_losses(e: torch.Tensor) -> torch.Tensor:
     """Per row of loss vectors ``e``: whether it has a negative entry (its label's, without label smoothing). A
     sample whose probability of its label rounds to 1 in the model's dtype has none: the output-layer columns of

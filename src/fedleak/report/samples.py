@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from fedleak.analysis.report import ExclusivityReport
 from fedleak.metrics import MatchResult
+from fedleak.nets.forward import SATURATED_SAMPLE
 from fedleak.reconstruction import Reconstruction
+
+
+
+def saturated(report: ExclusivityReport | None, i: int) -> bool:
+    """Whether the analysis found sent sample ``i`` classified with probability 1."""
+    return report is not None and report.saturated is not None and bool(report.saturated[i])
 
 
 def why_not_rebuilt(report: ExclusivityReport | None, i: int) -> str:
@@ -13,6 +20,8 @@ def why_not_rebuilt(report: ExclusivityReport | None, i: int) -> str:
     was not analysed)."""
     if report is None:
         return "not rebuilt: the attack returned no sample for it"
+    if saturated(report, i):
+        return f"not rebuilt: {SATURATED_SAMPLE}"
     layers = report.layers
     last = int(layers[-1].effective_exans[i]) if layers else 0
     if layers and last < report.min_last:
@@ -42,5 +51,6 @@ def sample_reasons(report: ExclusivityReport | None, rec: Reconstruction,
             reasons.append(false_reason.get(j, records[j].reason if records else ""))
         else:
             status.append("uncertified")
-            reasons.append(records[j].reason if records and records[j].reason else "the attack gave no certificate")
+            own = records[j].reason if records and records[j].reason else "the attack gave no certificate"
+            reasons.append(f"{SATURATED_SAMPLE}; the input paired with it: {own}" if saturated(report, i) else own)
     return status, reasons
