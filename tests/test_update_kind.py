@@ -97,3 +97,18 @@ def test_a_batch_norm_model_s_state_dict_update(digits):
                                     {**update.after, "extra.weight": torch.ones(2)})
     with pytest.raises(UpdateError, match=r"unexpected \['extra.weight'\]"):
         stranger.parameters_of(model)
+
+
+def test_a_weight_change_finer_than_the_client_s_rounding_is_said_to_be(setting):
+    """One small step: most rows of the change are below the float32 rounding of the client's new weights, which
+    no witness row of a certificate may exceed (the exact attack's max_noise, 1e-4); the attack certifies nothing."""
+    model, x, y = setting
+    coarse = describe_update(fedleak.fedavg_update(model, x[:8], y[:8], lr=0.1), model)
+    assert coarse.rounding < 1e-4 and not coarse.too_fine
+    fine_update = fedleak.fedavg_update(model, x[:8], y[:8], lr=1e-4)
+    fine = describe_update(fine_update, model)
+    assert fine.rounding > 1e-4 and fine.too_fine and "finer than the rounding" in fine.summary()
+    assert any("the exact route certifies few samples of it or none" in e for e in fine.evidence)
+    assert fedleak.reconstruct(model, fine_update).num_certified == 0
+    plan = fedleak.plan(model, fine_update, (x, y), batch_sizes=[8])
+    assert "finer than the rounding of the client's weights" in plan.verdict

@@ -42,6 +42,7 @@ QUANTISED_MIN_SIZE = 4096  # ... in a tensor at least this large
 QUANTISED_SAMPLE = 1 << 16  # entries looked at
 MEAN_BIAS_L1 = 2.0  # a mean cross-entropy gradient's output-bias entries add up to at most this in absolute value
 SUMMED_TOL = 1e-3  # ... beyond float rounding (relative)
+ROUNDING_LIMIT = 1e-4  # the exact attack's max_noise: a witness row must be known to this relative precision
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class UpdateKind:
     noise_declared: bool = False
     summed: bool | None = None
     weight_decay: bool = False
+    rounding: float | None = None  # a weight change's rows known to this relative precision (float32 rounding)
 
     @property
     def multi_step(self) -> bool:
@@ -84,6 +86,12 @@ class UpdateKind:
         """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change,
         not noised, sparsified or quantised."""
         return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None)
+
+    @property
+    def too_fine(self) -> bool:
+        """A weight change whose median row the float32 rounding of the client's weights leaves coarser than the
+        exact attack's ``max_noise`` (1e-4): such rows are no witnesses, and few samples, or none, are certified."""
+        return self.rounding is not None and self.rounding > ROUNDING_LIMIT
 
     def summary(self) -> str:
         """One line, e.g. ``multi-step FedAvg update: 400 examples in 13 local steps of 32 (declared)``."""
@@ -103,6 +111,7 @@ class UpdateKind:
         flags = [f for f, on in ((noise, self.noised), ("loss summed over the batch", self.summed),
                                  ("SGD weight decay", self.weight_decay),
                                  ("clipped", self.clip_norm is not None),
+                                 ("most rows finer than the rounding of the client's weights", self.too_fine),
                                  ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
                  if on]
         text = what + (": " + " ".join(parts) if parts else "")
@@ -113,6 +122,7 @@ class UpdateKind:
                 "local_steps": self.local_steps, "local_batch_size": self.local_batch_size, "noised": self.noised,
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
                 "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
+                "rounding": self.rounding,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -219,6 +229,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         else:
             evidence.append("the number of local steps is not declared: the exact route applies only if the client "
                             "took one step (its certificates reject anything else)")
+        rounding = _rounding(update, tensors, evidence) if kind != "multi-step" else None
         decay = _weight_decay(update, tensors, model) if kind != "multi-step" else None
         decayed = decay is not None
         if decay is not None:  # the signatures below are read on the change without its decay
@@ -229,7 +240,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     else:
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
-        decayed = False
+        decayed, rounding = False, None
     noised, sparsified, quantised = _signatures(tensors, model, evidence)
     summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0
@@ -240,7 +251,37 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     if clip is not None:
         evidence.append(f"the client declares clipping at norm {clip:g}")
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
-                      noise_declared, summed, decayed)
+                      noise_declared, summed, decayed, rounding)
+
+
+def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> float | None:
+    """The relative precision of a one-step weight change's rows: per weight matrix, the median over its rows of
+    ``||eps/2 |after| + eps |delta| || / ||delta||`` (the client's rounding of its new weights,
+    :meth:`fedleak.attacks.exact.noise.RoundingNoise.of_step`); the coarsest matrix's. Said in the evidence where it
+    is coarser than :data:`ROUNDING_LIMIT`."""
+    import torch
+
+    worst, where = None, ""
+    for name, d in delta.items():
+        after = update.after[name]
+        if d.ndim != 2 or not after.is_floating_point():
+            continue
+        eps = float(torch.finfo(after.dtype).eps)
+        size = d.double().norm(dim=1)
+        moved = size > 0
+        if not bool(moved.any()):
+            continue
+        noise = (eps / 2 * after.double().abs() + eps * d.double().abs()).norm(dim=1)
+        median = float((noise[moved] / size[moved]).median())
+        if worst is None or median > worst:
+            worst, where = median, name
+    if worst is not None and worst > ROUNDING_LIMIT:
+        evidence.append(f"the weight change is small against the client's weights: the median row of '{where}' is "
+                        f"known to {worst:.1e} of its size (the rounding of the client's new weights), coarser than "
+                        f"the {ROUNDING_LIMIT:g} a witness row of a certificate needs: the exact route certifies few "
+                        "samples of it or none (a larger learning rate, or a client computing in float64, would "
+                        "certify more)")
+    return worst
 
 
 def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]

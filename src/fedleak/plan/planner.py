@@ -209,6 +209,9 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
         said += (f"; {act.saturated} of the {act.samples} samples measured are classified with probability 1 in the "
                  "model's dtype (their loss vectors have no negative entry): no batch size or width lets the exact "
                  "route rebuild them")
+    if kind is not None and kind.too_fine:  # (:func:`fedleak.update_kind.describe_update`)
+        said += (f"; but most rows of this weight change are finer than the rounding of the client's weights (the "
+                 f"median row known to {kind.rounding:.1e} of its size): expect few certified samples or none")
     if masking.changed:
         said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
                  "told that the client computes in eval mode (train_dropout=False)")
