@@ -267,12 +267,17 @@ def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> flo
         if d.ndim != 2 or not after.is_floating_point():
             continue
         eps = float(torch.finfo(after.dtype).eps)
-        size = d.double().norm(dim=1)
-        moved = size > 0
-        if not bool(moved.any()):
+        step = max(1, (1 << 20) // max(d.shape[1], 1))  # a block of rows at a time: no copy of a whole layer
+        ratios = []
+        for s in range(0, d.shape[0], step):
+            rows, new = d[s : s + step], after[s : s + step]
+            size = rows.norm(dim=1)
+            moved = size > 0
+            ratios.append((new.abs() * (eps / 2) + rows.abs() * eps).norm(dim=1)[moved] / size[moved])
+        ratios = torch.cat(ratios)
+        if not len(ratios):
             continue
-        noise = (eps / 2 * after.double().abs() + eps * d.double().abs()).norm(dim=1)
-        median = float((noise[moved] / size[moved]).median())
+        median = float(ratios.median())
         if worst is None or median > worst:
             worst, where = median, name
     if worst is not None and worst > ROUNDING_LIMIT:
