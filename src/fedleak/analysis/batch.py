@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from fedleak.binary import as_two_class
 from fedleak.errors import FedleakError
-from fedleak.nets import Network, as_network, forward_trace, readable_losses
-from fedleak.nets.forward import loss_vectors
+from fedleak.nets import Network, as_network, forward_trace
 from fedleak.validation import check_batch, check_labels
 
 
@@ -42,13 +40,6 @@ def logits(net: Network, x: torch.Tensor, dtype: torch.dtype | None = None) -> t
     dtype = dtype or net.dtype
     with torch.no_grad():
         return forward_trace(net.head, net.features(x, dtype), dtype=dtype).logits
-
-
-def saturated(batch: Batch) -> np.ndarray:
-    """Per sample (bool): its label's probability rounds to 1 in the model's dtype, so no gradient row of it reads as
-    a sample's (:func:`fedleak.nets.readable_losses`)."""
-    e = loss_vectors(logits(batch.net, batch.x), batch.labels.to(batch.x.device))
-    return (~readable_losses(e)).cpu().numpy()
 
 
 def predictions(net: Network, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.analysis.batch import Batch, predictions, read_batch, saturated
+from fedleak.analysis.batch import Batch, predictions, read_batch
 from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
@@ -52,7 +52,7 @@ class Fisher:
                  settings: LPSettings, saturated: np.ndarray | None = None):
         self.stack, self.head, self.X, self.y, self.o, self.settings = stack, head, X, y, opts, settings
         self.M = X.shape[0]
-        # samples classified with probability 1 (:func:`fedleak.analysis.batch.saturated`): no ExAN makes them
+        # samples classified with probability 1 (:attr:`fedleak.ExclusivityReport.saturated`): no ExAN makes them
         # readable, so they own no targets and only stay off the others'
         self.saturated = np.zeros(self.M, dtype=bool) if saturated is None else saturated
         self.k = [opts.targets_other] * (head.depth - 1) + [opts.targets_last]
@@ -316,7 +316,7 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
     fisher = Fisher(ConvStack(net), HeadArrays(net.head), X, batch.labels.numpy(), opts, opts.lp_settings(data_range),
-                    saturated(batch))
+                    before.saturated)
     fisher.run()
     lo, hi = data_range
     Xp = np.clip(fisher.Xp, lo, hi)

@@ -5,8 +5,7 @@ The counts are the attack's own (:mod:`fedleak.attacks.exact`): a conv block's e
 units (after pooling when it pools), as :func:`fedleak.attacks.exact.invert_block` counts them on the top
 block; a dense neuron is an *effective* ExAN of a sample when it fires for that sample alone and its backward
 signal is non-zero, of a sample not classified with probability 1 (:func:`fedleak.analyze_exclusivity`).
-Activations are computed in the model's own dtype, as
-the client computes them.
+Activations are computed in the model's own dtype, as the client computes them.
 """
 
 from __future__ import annotations
