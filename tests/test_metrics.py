@@ -346,3 +346,12 @@ def test_soft_labels_are_scored_as_their_top_class(digits):
     hard = fedleak.metrics.match(rec, sent.inputs, sent.labels.argmax(1), data_range=digits.value_range)
     assert soft.false_certificates == hard.false_certificates == 0
     assert (soft.recovered == hard.recovered).all() and soft.label_accuracy == hard.label_accuracy
+
+
+def test_a_near_copy_is_never_given_up_for_a_smaller_total_mse():
+    """Uncertified reconstructions: r0 is an exact copy of o0, r1 is far from both originals. The least total MSE
+    pairs o0 with r1 and o1 with r0 (0.25 + 0.25 < 0 + 1) and reported o0 rebuilt at 6 dB; near copies come first."""
+    o = torch.stack([torch.full((1, 4, 4), 0.5), torch.full((1, 4, 4), 1.0)])
+    r = torch.stack([o[0].clone(), torch.zeros(1, 4, 4)])
+    scores = metrics.match(r, o, data_range=(0.0, 1.0))
+    assert scores.matched.tolist() == [0, 1] and scores.psnr[0] == metrics.PSNR_CAP and bool(scores.exact[0])

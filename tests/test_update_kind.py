@@ -112,3 +112,24 @@ def test_a_weight_change_finer_than_the_client_s_rounding_is_said_to_be(setting)
     assert fedleak.reconstruct(model, fine_update).num_certified == 0
     plan = fedleak.plan(model, fine_update, (x, y), batch_sizes=[8])
     assert "finer than the rounding of the client's weights" in plan.verdict
+
+
+@pytest.mark.parametrize("how", ["bfloat16", "autocast"])
+def test_a_rounded_gradient_is_said_to_be_and_not_read_as_noised(setting, how):
+    """A gradient in bfloat16 (sent so, or computed under autocast): its precision is named, the exact route cannot
+    certify, and the bias's rounding (its entries sum to about 1e-3 of its norm) is not taken for noise."""
+    from user_models import mixed_precision_gradient
+
+    model, x, y = setting
+    if how == "autocast":
+        update = fedleak.read_update(model, mixed_precision_gradient(model, x, y, torch.bfloat16), num_examples=32)
+    else:
+        plain = fedleak.compute_gradient_update(model, x, y)
+        update = fedleak.GradientUpdate({k: v.bfloat16() for k, v in plain.gradients.items()}, num_examples=32)
+    kind = describe_update(update, model)
+    assert kind.precision == "bfloat16" and not kind.noised and kind.only_rounded
+    assert not kind.exact_route_possible and "values rounded to bfloat16" in kind.summary()
+    assert kind.to_dict()["precision"] == "bfloat16"
+    assert describe_update(fedleak.compute_gradient_update(model, x, y), model).precision is None
+    verdict = fedleak.plan(model, update, (x, y)).verdict
+    assert verdict.startswith("the exact route cannot certify") and "to within that rounding" in verdict

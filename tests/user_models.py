@@ -119,3 +119,12 @@ def confident_mlp(width: int = 1024, scale: float = 3000.0, seed: int = 0) -> nn
     with torch.no_grad():
         model[-1].weight.mul_(scale)
     return model
+
+
+def mixed_precision_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+                             ) -> list[torch.Tensor]:
+    """The gradient a client computes under ``torch.autocast`` (CPU, ``dtype``), as ``model.parameters()`` lists it:
+    float32 tensors whose values are products in ``dtype``."""
+    with torch.autocast("cpu", dtype=dtype):
+        logits = model(x)
+    return list(torch.autograd.grad(F.cross_entropy(logits.float(), y), list(model.parameters())))

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 PSNR_CAP = 100.0
 EXACT_TOL = 1e-4  # max abs error, as a fraction of the data range (hi - lo), up to which a sample is exact
+NEAR_DB = 40.0  # a reconstruction within this PSNR of an original is a near copy of it ...
+NEAR_MSE = 10 ** (-NEAR_DB / 10)  # ... its MSE at most this times the data range squared
 
 
 def _as_images(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -265,7 +267,9 @@ def match(
     Pairing (one reconstruction per original): certified reconstructions first, by a Hungarian
     assignment that maximises the number of (exact, right label) pairs and then minimises MSE, so that
     neither an uncertified candidate nor a wrong certified one can push a sound certified sample off its
-    original; then the uncertified ones, by MSE, to the originals left. Samples the attack found but could
+    original; then the uncertified ones to the originals left, by an assignment that maximises the number of near
+    copies (PSNR at least :data:`NEAR_DB`) and then minimises MSE (the least total MSE alone gave up near copies for
+    a smaller sum over poor pairs). Samples the attack found but could
     not rebuild (``SampleRecovery.rebuilt`` False: their rows hold zeros) are never paired. Unmatched originals
     (the attack found fewer samples) get NaN scores and ``matched = -1``.
 
@@ -369,7 +373,10 @@ def match(
         rest = np.nonzero(~cert_mask & built)[0]
         free = np.nonzero(matched < 0)[0]
         if len(rest) and len(free):
-            r, c = linear_sum_assignment(cost[np.ix_(free, rest)])
+            # near copies first: the least total MSE would give up a near copy for a smaller sum over poor pairs
+            sub = cost[np.ix_(free, rest)]
+            near = sub <= NEAR_MSE * width**2
+            r, c = linear_sum_assignment(sub + (float(sub.sum()) + 1.0) * ~near)
             matched[free[r]] = rest[c]
         rows = np.nonzero(matched >= 0)[0]
         cols = matched[rows]

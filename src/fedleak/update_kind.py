@@ -16,6 +16,9 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
 * **weight decay** (weight changes, with the model) — SGD's decay moves every weight by a common factor times
   itself; the units no sample activated show it alone (:mod:`fedleak.attacks.exact.decay`). It is reported, and the
   signatures above are read on the change without it.
+* **precision** — values that carry a format coarser than float32 (:mod:`fedleak.precision`: sent in float16 or
+  bfloat16, or computed under mixed precision): rounded beyond what a certificate's witness rows may be; the noise
+  signature then allows for that rounding of the output-layer bias.
 * **summed loss** (gradients) — a sample's ``p - onehot(y)`` has entries adding up to at most 2 in absolute
   value, and so does their mean: an output-bias gradient whose entries add up to more was taken of the batch's
   summed loss (``reduction="sum"``) or scaled up. A summed loss over a batch the model fits well can stay below 2,
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier")
@@ -72,6 +75,7 @@ class UpdateKind:
     summed: bool | None = None
     weight_decay: bool = False
     rounding: float | None = None  # a weight change's rows known to this relative precision (float32 rounding)
+    precision: str | None = None  # the format coarser than float32 the values carry (float16, bfloat16), if any
 
     @property
     def multi_step(self) -> bool:
@@ -85,7 +89,14 @@ class UpdateKind:
     def exact_route_possible(self) -> bool:
         """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change,
         not noised, sparsified or quantised."""
-        return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None)
+        return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None
+                and self.precision is None)
+
+    @property
+    def only_rounded(self) -> bool:
+        """Whether all that keeps the exact route from certifying is the values' coarse format (:attr:`precision`):
+        it still rebuilds the samples, to within that rounding."""
+        return self.precision is not None and replace(self, precision=None).exact_route_possible
 
     @property
     def too_fine(self) -> bool:
@@ -112,6 +123,7 @@ class UpdateKind:
                                  ("SGD weight decay", self.weight_decay),
                                  ("clipped", self.clip_norm is not None),
                                  ("most rows finer than the rounding of the client's weights", self.too_fine),
+                                 (f"values rounded to {self.precision}", self.precision is not None),
                                  ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
                  if on]
         text = what + (": " + " ".join(parts) if parts else "")
@@ -122,7 +134,7 @@ class UpdateKind:
                 "local_steps": self.local_steps, "local_batch_size": self.local_batch_size, "noised": self.noised,
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
                 "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
-                "rounding": self.rounding,
+                "rounding": self.rounding, "precision": self.precision,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -214,6 +226,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     the noise and sparsification signatures. ``declared``: facts the server knows from its run configuration
     (keys :data:`DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
     """
+    from fedleak.precision import update_precision
     from fedleak.updates import WeightUpdate, as_gradient_update
 
     evidence: list[str] = []
@@ -241,7 +254,13 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
         decayed, rounding = False, None
-    noised, sparsified, quantised = _signatures(tensors, model, evidence)
+    precision = update_precision(update.after if isinstance(update, WeightUpdate) else tensors)
+    if precision.coarse:
+        evidence.append(f"{precision.describe()}: every value is rounded to {precision.roundoff:.1e} relative, coarser "
+                        f"than the {ROUNDING_LIMIT:g} a witness row of a certificate needs: the exact route certifies "
+                        "nothing; the inputs it and the first-layer attack rebuild are the samples' to within that "
+                        "rounding")
+    noised, sparsified, quantised = _signatures(tensors, model, evidence, precision.roundoff)
     summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0
     if noise_declared:
@@ -251,7 +270,8 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     if clip is not None:
         evidence.append(f"the client declares clipping at norm {clip:g}")
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
-                      noise_declared, summed, decayed, rounding)
+                      noise_declared, summed, decayed, rounding,
+                      str(precision.dtype).removeprefix("torch.") if precision.coarse else None)
 
 
 def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> float | None:
@@ -289,19 +309,22 @@ def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> flo
     return worst
 
 
-def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]
+def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], roundoff: float
                 ) -> tuple[bool | None, float | None, int | None]:
-    """Noise, sparsification and quantisation signatures (module docstring)."""
+    """Noise, sparsification and quantisation signatures (module docstring); ``roundoff``: the relative rounding of
+    the update's values (its rounding of the K output-bias entries moves their sum by up to ``roundoff sqrt(K)``
+    of their norm)."""
     import torch
+
+    from fedleak.precision import sample_entries
 
     noised: bool | None = None
     sparsified: float | None = None
     quantised: int | None = None
     largest = max(tensors.items(), key=lambda kv: kv[1].numel())
     if largest[1].numel() >= QUANTISED_MIN_SIZE:
-        flat = largest[1].detach().flatten()
         # a strided sample keeps this cheap on large updates: a continuous tensor shows thousands of values in it
-        levels = int(torch.unique(flat[:: max(1, flat.numel() // QUANTISED_SAMPLE)]).numel())
+        levels = int(torch.unique(sample_entries(largest[1], QUANTISED_SAMPLE)).numel())
         if levels <= QUANTISED_LEVELS:
             quantised = levels
             evidence.append(f"'{largest[0]}' ({largest[1].numel()} entries) holds only {levels} distinct values: "
@@ -330,7 +353,7 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str]
         norm = float(bias.norm())
         if norm > 0:
             rel = abs(float(bias.sum())) / norm
-            noised = rel > NOISE_SUM_TOL
+            noised = rel > max(NOISE_SUM_TOL, 2 * roundoff * math.sqrt(bias.numel()))
             if noised:
                 evidence.append(f"the output-layer bias change sums to {rel:.2g} of its norm where a cross-entropy "
                                 "update sums to 0: noise was added (or the client used weight decay, Adam or "

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from user_models import DropoutMLP, FlowerNet
+from user_models import DropoutMLP, FlowerNet, mixed_precision_gradient
 
 import fedleak
 from fedleak import metrics
@@ -362,6 +362,24 @@ def test_a_half_precision_update_certifies_nothing_and_says_why(fashion, dtype):
     assert rec.num_certified == 0 and not metrics.match(rec, x, y).false_certificate.any()
     assert f"the update is in {str(dtype)[6:]}, whose rounding" in rec.why_uncertified()
     assert fedleak.reconstruct(model, update).num_certified == 4  # the same update in float32
+    # its rows are grouped to its rounding: the samples come back near, not as a hundred one-row candidates
+    scores = metrics.match(rec, x, y)
+    assert len(rec) <= 5 and (scores.matched >= 0).sum() >= 3
+    assert float(scores.max_abs_error[scores.matched >= 0].max()) <= 4 * torch.finfo(dtype).eps
+
+
+def test_an_autocast_update_is_read_at_its_precision_and_says_so(fashion):
+    """A client under torch.autocast sends float32 tensors of bfloat16 products: read as bfloat16 (before, as float32:
+    no row agreed with another, nothing was rebuilt, and the reason blamed noise or another loss)."""
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=2)
+    update = fedleak.read_update(model, mixed_precision_gradient(model, x, y, torch.bfloat16), num_examples=4)
+    rec = fedleak.reconstruct(model, update)
+    scores = metrics.match(rec, x, y)
+    assert rec.num_certified == 0 and (scores.matched >= 0).sum() >= 3
+    assert float(scores.max_abs_error[scores.matched >= 0].max()) <= 4 * torch.finfo(torch.bfloat16).eps
+    assert "fits bfloat16 (computed under mixed precision, torch.autocast" in rec.why_uncertified()
+    assert "the update's bfloat16 rounding" in rec.why_uncertified()
 
 
 def test_a_float32_models_update_sent_as_float64_is_read_in_float32(fashion):

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from user_models import DropoutMLP, mixed_precision_gradient
 
 import fedleak
 from fedleak import metrics
-from fedleak.attacks.first_layer_rows import COMPRESSED_ROUTE, ROUTE, convex_blends
+from fedleak.attacks.first_layer_rows import COMPRESSED_ROUTE, ROUNDED_ROUTE, ROUTE, convex_blends
 
 
 class ResidualNormMLP(nn.Module):
@@ -196,3 +197,43 @@ def test_rows_of_a_sparsified_update_start_the_search_instead_of_being_held(digi
     assert any("starting the search" in n for n in rec.notes)
     # the clean update's rows are the samples' and are held
     assert set(fedleak.reconstruct(model, clean, attack="first-layer").routes) == {ROUTE}
+
+
+def _rounded_gradient(model, x, y, how: str) -> list[torch.Tensor]:
+    """The client's gradient as ``model.parameters()`` lists it: sent in float16 or bfloat16, or computed under
+    autocast (bfloat16)."""
+    if how == "autocast":
+        return mixed_precision_gradient(model, x, y, torch.bfloat16)
+    return [g.to(getattr(torch, how)) for g in fedleak.compute_gradient_update(model, x, y).gradients.values()]
+
+
+@pytest.mark.parametrize("how", ["float16", "bfloat16", "autocast"])
+def test_rows_of_a_rounded_update_give_the_samples_to_its_rounding(fashion, how):
+    """A gradient sent in half precision, or computed under autocast, is known to that format's rounding only: its
+    rows agree to it, not to float32's 1e-4 (before, no two rows agreed and nothing came back). Every sample comes
+    back within a few of the format's epsilons, uncertified, with its label, and the reasons say why."""
+    torch.manual_seed(0)
+    model = DropoutMLP(784, 1024, 10).eval()
+    x, y = fashion.batch(4, seed=4)
+    eps = torch.finfo(torch.float16 if how == "float16" else torch.bfloat16).eps
+    for reported in (4, None):
+        update = fedleak.read_update(model, _rounded_gradient(model, x, y, how), num_examples=reported)
+        rec = fedleak.reconstruct(model, update, attack="first-layer")
+        scores = metrics.match(rec, x, y)
+        assert len(rec) == 4 and rec.num_certified == 0 and (scores.matched >= 0).all()
+        assert float(scores.max_abs_error.max()) <= 4 * eps and scores.label_correct.all()
+        assert all(s.route == ROUNDED_ROUTE and "known to its rounding only" in s.reason for s in rec.samples)
+
+
+@pytest.mark.parametrize("how", ["bfloat16", "autocast"])
+def test_one_sample_of_a_rounded_update_is_read_off_all_its_rows(fashion, how):
+    """One sample's gradient in a coarse format: its input is every row's, weighed together, to the rounding; the
+    whole gradient fits it to that rounding, which is no certificate of an exact input."""
+    torch.manual_seed(0)
+    model = DropoutMLP(784, 1024, 10).eval()
+    x, y = fashion.batch(1, seed=5)
+    update = fedleak.read_update(model, _rounded_gradient(model, x, y, how), num_examples=1)
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    assert len(rec) == 1 and rec.num_certified == 0 and rec.samples[0].route == ROUNDED_ROUTE
+    assert float((rec.inputs.reshape(x.shape) - x).abs().max()) <= 2 * torch.finfo(torch.bfloat16).eps
+    assert "fits the update to within it" in rec.samples[0].reason

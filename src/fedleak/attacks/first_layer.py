@@ -28,19 +28,24 @@ claim is the standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the dat
 
 A batch's gradient, and a FedAvg client's weight change (one local step or several, at any learning rate), are
 read row by row instead, uncertified (:mod:`fedleak.attacks.first_layer_rows`).
+
+A gradient whose values carry a format coarser than float32 (sent in float16 or bfloat16, or computed under
+autocast: :mod:`fedleak.precision`) is known to that rounding only: every tolerance grows with it
+(:func:`within_rounding`), one sample's input is read off all its rows weighed together (their roundings average
+out), and nothing is certified: the input is the sample's to within the rounding, not exactly.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from fedleak.attacks.at_before import model_at_before
-from fedleak.attacks.first_layer_rows import LayerRows, rebuild_rows
+from fedleak.attacks.first_layer_rows import ROUNDED_ROUTE, LayerRows, least_squares, rebuild_rows
 from fedleak.attacks.labels import class_signal
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
@@ -50,6 +55,7 @@ from fedleak.forward_failure import forward_failure
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.token_inputs import TokenInputs
+from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.update_kind import describe_update
 from fedleak.updates import (
@@ -63,6 +69,9 @@ from fedleak.validation import check_module, options_from, validate_fields
 
 F64 = torch.float64
 RESIDUAL_TOL = 1e-5  # the most relative mismatch, per tensor, between the update and the rebuilt sample's gradient
+ROUNDING_TOL = 4.0  # an update's epsilons the tolerances allow where it carries a format coarser than float32
+#: ... and a class's fit: computed in that format (autocast), the client's loss vector is off by several of them
+FIT_ROUNDING_TOL = 16.0
 ROUTE = "first-layer"
 
 
@@ -228,6 +237,17 @@ def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int,
     return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
 
 
+def within_rounding(opts: FirstLayerOptions, precision: Precision) -> FirstLayerOptions:
+    """``opts`` with every tolerance raised to :data:`ROUNDING_TOL` (a gradient's fit: :data:`FIT_ROUNDING_TOL`)
+    times the update's epsilon where its values carry a format coarser than float32
+    (:class:`~fedleak.precision.Precision`): a row's ratios, a class's fit and a scale are known to that rounding
+    only."""
+    eps = 2 * precision.roundoff
+    floors = {"group_tol": ROUNDING_TOL * eps, "scale_tol": ROUNDING_TOL * eps, "fit_tol": FIT_ROUNDING_TOL * eps,
+              "tolerance": FIT_ROUNDING_TOL * eps}
+    return replace(opts, **{name: max(getattr(opts, name), floor) for name, floor in floors.items()})
+
+
 def _compressed(model: nn.Module, update: GradientUpdate | WeightUpdate) -> str:
     """Why a batch's rows are not the client's, in words: the update looks sparsified (dropped entries read as 0)
     or quantised (:func:`~fedleak.update_kind.describe_update`); else empty."""
@@ -245,16 +265,24 @@ def _compressed(model: nn.Module, update: GradientUpdate | WeightUpdate) -> str:
 def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ...] | None, opts: FirstLayerOptions,
             start: float) -> Reconstruction:
     layer, G, g, shape, notes = _layer_rows(model, dict(update.gradients), input_shape, "gradient")
+    precision = update_precision(update.gradients)
+    rounded = ""
+    if precision.coarse:  # sent in half precision, or computed under autocast: the rows agree to its rounding only
+        opts = within_rounding(opts, precision)
+        rounded = (f"{precision.describe()}: the rows, and so the input, are known to its rounding only "
+                   f"({precision.roundoff:.1e} relative)")
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
         m = update.num_examples
         rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=withheld(layer.masking, opts.train_dropout),
-                         compressed=_compressed(model, update))
+                         compressed=_compressed(model, update), rounded=rounded)
         return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
     row = int(g.abs().argmax())
     if float(g[row]) == 0.0:
         return _result(model, shape, None, 0, False, "every bias gradient of the first layer is zero: the sample "
                        "left no trace there", update.num_examples, notes, start)
-    x = (G[row] / g[row]).reshape(1, *shape).to(next(model.parameters()).dtype)
+    # every row is the sample times its bias gradient: a rounded update's rows, weighed together, round out
+    x = least_squares(G, g, torch.nonzero(g).flatten()) if rounded else G[row] / g[row]
+    x = x.reshape(1, *shape).to(next(model.parameters()).dtype)
     observed = dict(update.gradients)
     label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
     fits = {label: _fit(model, x, label, observed)}
@@ -265,6 +293,10 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     masked = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
     if masked:
         why = masked
+    elif rounded and fit.residual <= opts.tolerance:  # the gradient fits, to the rounding the input carries too
+        why = (f"{rounded}; the rebuilt input's gradient fits the update to within it (relative residual "
+               f"{fit.residual:.1e}), but the input is not known exactly, so it is not certified")
+        return _result(model, shape, x, label, False, why, update.num_examples, notes, start, fit, ROUNDED_ROUTE)
     elif fit.residual > opts.tolerance:
         why = (f"the model's gradient at the rebuilt input differs from the update (relative residual "
                f"{fit.residual:.1e} > {opts.tolerance:g}, at any positive scale): it is not one plain gradient of "
@@ -289,10 +321,10 @@ def _classes(model: nn.Module, x: torch.Tensor) -> int:
 
 def _result(model: nn.Module, shape: tuple[int, ...], x: torch.Tensor | None, label: int, certified: bool,
             reason: str, batch_size: int | None, notes: tuple[str, ...], start: float,
-            fit: Fit | None = None) -> Reconstruction:
+            fit: Fit | None = None, route: str = "") -> Reconstruction:
     rebuilt = x is not None
     inputs = x.detach().cpu() if rebuilt else torch.zeros((0, *shape))
-    route = f"{ROUTE} ({'certified' if certified else 'uncertified'})"
+    route = route or f"{ROUTE} ({'certified' if certified else 'uncertified'})"
     fit = fit or Fit(math.nan, math.nan)
     samples = ((SampleRecovery(label, certified, reason, residual=fit.residual, scale=fit.scale, route=route),)
                if rebuilt else ())

@@ -45,6 +45,9 @@ F64 = torch.float64
 ROUTE = "first-layer (uncertified, batch rows)"
 #: the route of inputs read off the rows of an update that looks sparsified or quantised: near the samples, not exact
 COMPRESSED_ROUTE = "first-layer (uncertified, rows of a compressed update)"
+#: the route of inputs read off the rows of an update in a format coarser than float32: the samples to its rounding
+ROUNDED_ROUTE = "first-layer (uncertified, rows of a rounded update)"
+HELD_ROUTES = (ROUTE, ROUNDED_ROUTE)  # inputs read off rows as well as the update's values tell them
 SIGN_TOL, SIGN_SHARE = 0.05, 0.95  # a candidate with this share of entries within this of -1, 0 or 1: a sign pattern
 BLEND_TOL = 1e-4  # a candidate within this (relative) of a convex combination of the others is a blend of them
 
@@ -58,7 +61,9 @@ class LayerRows:
     an unknown number (its gradients taken at moving weights); ``caveat``: why an input the rows agree on may not
     be the sample's (the model changes its input in training mode: :func:`~fedleak.attacks.masked_input.withheld`);
     ``compressed``: why the rows themselves are not the client's (the update looks sparsified or quantised), which
-    makes the inputs approximations (:data:`COMPRESSED_ROUTE`)."""
+    makes the inputs approximations (:data:`COMPRESSED_ROUTE`); ``rounded``: how the update's values are rounded
+    where they carry a format coarser than float32 (half precision, autocast): the inputs are the samples' to within
+    that rounding (:mod:`fedleak.precision`)."""
 
     G: torch.Tensor
     g: torch.Tensor
@@ -67,6 +72,7 @@ class LayerRows:
     drifted: bool = False
     caveat: str = ""
     compressed: str = ""
+    rounded: str = ""
 
 
 def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int, ...], opts,
@@ -87,7 +93,13 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
     signs = sign_patterns(X) if rows.drifted else torch.zeros(len(X), dtype=torch.bool)
     if not rows.drifted:
         keep = at_common_scale([k for k in found if fits.residuals[k] <= opts.fit_tol], fits.scales, rows.scale,
-                               opts.scale_tol)
+                               opts.scale_tol, [len(grp) for grp in groups])
+        if rows.rounded:  # a tolerance as loose as the rounding lets a blend of samples of one label through
+            blends = convex_blends(X, keep, opts.group_tol)
+            keep = [k for k in keep if k not in blends]
+            if blends:
+                notes = (*notes, f"{len(blends)} candidate(s) within the update's rounding of a convex combination of "
+                                 "other candidates (blends of samples of one label) were left out")
         why = ("rebuilt from first-layer rows that agree on this input, its label the class whose recomputed "
                "gradient fits them; a batch's rows can agree on a blend of samples, so it is not certified")
     elif fits.classes > 2:
@@ -107,8 +119,8 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         keep = keep[:batch_size]
     if batch_size is None and not rows.drifted:
         why += " (the batch size is not known: pass num_examples=1 if the client sent one sample's gradient)"
-    why += "".join(f"; {c}" for c in (rows.caveat, rows.compressed) if c)
-    route = COMPRESSED_ROUTE if rows.compressed else ROUTE
+    why += "".join(f"; {c}" for c in (rows.caveat, rows.compressed, rows.rounded) if c)
+    route = COMPRESSED_ROUTE if rows.compressed else ROUNDED_ROUTE if rows.rounded else ROUTE
     dtype = next(model.parameters()).dtype
     samples = tuple(SampleRecovery(fits.labels[k], False, why, witnesses=(len(groups[k]),),
                                    residual=fits.residuals[k], scale=fits.scales[k], route=route) for k in keep)
@@ -220,16 +232,19 @@ def class_fits(model: nn.Module, layer: str, X: torch.Tensor, rows: list[torch.T
     return ClassFits(label.tolist(), best.tolist(), scale.tolist(), classes)
 
 
-def at_common_scale(keep: list[int], scales: list[float], common: float | None, tol: float) -> list[int]:
+def at_common_scale(keep: list[int], scales: list[float], common: float | None, tol: float,
+                    rows: list[int]) -> list[int]:
     """The candidates of ``keep`` whose fitted scale is the batch's ``common`` one (within ``tol``, relative): ``1/M``
-    for the mean loss of a reported batch of ``M``; where it is not known (None), the scale most of them share.
+    for the mean loss of a reported batch of ``M``; where it is not known (None), the scale that the candidates of
+    most rows share (``rows``: each candidate's; a sample's scale is borne by all its exclusive rows, while the many
+    small groups of blends, at a tolerance as loose as a half-precision update needs, can share one of their own).
     On two classes every loss vector lies on one line, so a blend of samples that share their units fits a class
     on those rows too, but at a scale of its own (its loss vector is not the sum of theirs)."""
     if not keep:
         return keep
     if common is None:
-        values = sorted(scales[k] for k in keep)
-        common = max(values, key=lambda v: sum(abs(w / v - 1) <= tol for w in values))
+        common = max((scales[k] for k in keep),
+                     key=lambda v: sum(rows[j] for j in keep if abs(scales[j] / v - 1) <= tol))
     return [k for k in keep if abs(scales[k] / common - 1) <= tol]
 
 

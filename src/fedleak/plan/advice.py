@@ -77,8 +77,17 @@ def _update_blocks(facts: RouteFacts) -> str:
     return f"the update is a {u.summary()}, on which the exact route's certificates fail" if u is not None else ""
 
 
+def _rounded(facts: RouteFacts) -> bool:
+    """Whether all that keeps the exact route from certifying is the update's coarse format (float16, bfloat16)."""
+    return facts.update is not None and facts.update.only_rounded
+
+
 @ADVISORS.decorator("exclusivity")
 def _exclusivity(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
+    if _rounded(facts) and not facts.is_conv:
+        return AttackAdvice(info.name, False, True, f"{_update_blocks(facts)}; it still rebuilds the samples whose "
+                                                    "rows its condition gives, to that rounding (auto holds the first "
+                                                    "Linear layer's rows)")
     if not facts.exact_possible:
         return AttackAdvice(info.name, False, True, _update_blocks(facts))
     pct = f"{100 * facts.fraction:.0f}%"
@@ -108,6 +117,11 @@ def _auto(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
     if facts.route == ROUTE_APPLIES and facts.exact_possible:
         return AttackAdvice(info.name, False, False, "would run the exact route, which applies here; run "
                                                      "exclusivity directly")
+    if _rounded(facts) and not facts.is_conv:
+        return AttackAdvice(info.name, True, False, f"its exact step cannot certify this update (values rounded to "
+                                                    f"{facts.update.precision}); it holds the inputs the first Linear "
+                                                    "layer's rows give to that rounding (uncertified) and searches "
+                                                    f"with {fallback} for the rest")
     if not facts.exact_possible:
         rows = ("holds the inputs its first Linear layer's rows give (uncertified) and " if facts.update_kind ==
                 "weights" and facts.update.multi_step and not facts.is_conv else "")

@@ -59,6 +59,10 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     """The verdict line ``fedleak check`` prints first."""
     up_to = f"{'at least ' if capped else ''}{best}"
     share = f"{100 * target:.0f}%"
+    if kind is not None and kind.only_rounded:
+        return (f"the exact route cannot certify: {blocker} (the model alone would allow batches up to {up_to}); its "
+                "attack and the first-layer attack still rebuild the samples to within that rounding, uncertified "
+                "(auto runs both)")
     if kind is not None and not kind.exact_route_possible:
         return (f"the exact route cannot apply: {blocker} (the model alone would allow batches up to {up_to}); run the "
                 "optimisation attacks below")

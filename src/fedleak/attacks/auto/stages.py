@@ -49,8 +49,8 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
         notes.append(f"auto: the first-layer attack could not run ({exc})")
         return None
     batch = isinstance(update, WeightUpdate) or update.num_examples != 1
-    if batch and len(one):
-        return one  # a batch's rows: held as they are, the rest searched
+    if len(one) and (batch or (not one.batch_certified and held_indices(one))):
+        return one  # a batch's rows, or one sample's to a rounded update's precision: held as they are
     if not one.batch_certified:
         why = one.samples[0].reason if one.samples else one.missing_reason
         notes.append(f"auto: the first-layer attack {'rebuilt' if batch else 'certified'} nothing ({why})")

@@ -21,6 +21,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.registry import register_attack
 from fedleak.nets import as_network
+from fedleak.precision import EPS32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 
@@ -56,9 +57,32 @@ def exclusivity_attack(
     net = as_network(model, input_shape=input_shape)
     update = as_gradient_update(update)
     noise = None
-    if update.error:  # a known transport error widens the tolerances beyond the gradient's own float32 noise
-        noise = {n: RoundingNoise.of(g, 4, update.error) for n, g in update.gradients.items()}
-    return within_error(run_exclusivity(model, net, update, opts, noise=noise), net, update.error)
+    precision = update_precision(update.gradients)
+    if update.error or precision.coarse:  # the tolerances grow beyond the gradient's own float32 noise
+        noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()}
+    rec = within_error(run_exclusivity(model, net, update, opts, noise=noise), net, update.error)
+    return within_precision(rec, net, precision)
+
+
+def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:
+    """A gradient's noise per entry: 4 epsilons of its dtype (the client's arithmetic), plus, where its values carry a
+    format coarser than float32 (:func:`fedleak.precision.carried_dtype`: sent in float16, computed under autocast),
+    one epsilon of that format and its underflow, plus a known transport ``error``."""
+    noise = RoundingNoise.of(g, 4, error)
+    carried = carried_dtype(g)
+    if float(torch.finfo(carried).eps) <= EPS32:
+        return noise
+    own = 4 * float(torch.finfo(g.dtype).eps)
+    return replace(noise, scale=own + float(torch.finfo(carried).eps), error=noise.error + underflow(carried))
+
+
+def within_precision(rec: Reconstruction, net, precision: Precision) -> Reconstruction:
+    """``rec``, with its certificates withdrawn where the update's values carry a format coarser than float32 and the
+    network has conv blocks, whose inversion's error bound models float32 rounding only."""
+    if precision.coarse and net.blocks:
+        return rec.withdraw(f"{precision.describe()}, whose rounding ({precision.roundoff:.1e} relative) the conv "
+                            "inversion's certificate does not model: nothing is certified")
+    return rec
 
 
 @register_attack("conv-exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,

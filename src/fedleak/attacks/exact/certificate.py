@@ -134,7 +134,6 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         clip = np.ones(len(complete))
     own = clip * opts.class_factors(y)  # each sample's own factor: its clipping and its label's class weight
     n_layers = net.depth
-    rounding = f"the update's {str(attack.obs_dtype).removeprefix('torch.')} rounding"
 
     def witnessed(f: WitnessFit, c) -> str | None:
         """Why the sample's own witnesses fall short (None when they suffice)."""
@@ -145,7 +144,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                    f"needs {opts.min_last})")
             if f.noisy_rows:
                 why += (f"; {f.noisy_rows} witness row(s) are noisier than max_noise={opts.max_noise:g} relative "
-                        f"({rounding})")
+                        f"(the update's {str(attack.rounding_dtype).removeprefix('torch.')} rounding)")
             return why
         missing = [i + 1 for i in range(n_layers - 1) if f.counts[i] < opts.min_other and i not in c.solved]
         if missing:

@@ -89,7 +89,3 @@ class RoundingNoise:
         """The norms of a matrix's rows of noise (float64), a piece of rows at a time."""
         return torch.cat([piece.norm(dim=1) for piece in self.pieces()])
 
-
-def coarsest(dtypes: list[torch.dtype]) -> torch.dtype:
-    """The floating-point dtype of the largest machine epsilon among ``dtypes``."""
-    return max(dtypes, key=lambda d: torch.finfo(d).eps)

@@ -38,7 +38,7 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.class_weights import class_scale_note
-from fedleak.attacks.exact.noise import RoundingNoise, coarsest
+from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
@@ -47,6 +47,7 @@ from fedleak.attacks.masked_input import first_module, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.network import check_head_trainable
+from fedleak.precision import update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
@@ -71,7 +72,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     ``noise``: the update's own rounding noise per entry, where it is known. Where nothing is certified and
     ``label_smoothing`` was not given, the label smoothing the update shows
     (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`) is tried once; for a model with Dropout, the
-    reading of a client that ran it in training mode (:mod:`~fedleak.attacks.exact.dropout`)."""
+    reading of a client that ran it in training mode (:mod:`~fedleak.attacks.exact.dropout`), unless the update's
+    values carry a format coarser than float32 (:mod:`fedleak.precision`), which no reading certifies."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
@@ -99,7 +101,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             samples = tuple(replace(r, reason=f"{r.reason}; or a class-weighted loss (pass class_weights)")
                             if strongly_witnessed(r, opts) else r for r in rec.samples)
             rec = replace(rec, samples=samples, notes=(*rec.notes, weighted))
-        if dropout.worth_rereading(net, opts, rec):  # the client may have run the model's Dropout in training mode
+        # the client may have run the model's Dropout in training mode (not told by a rounded update, of which no
+        # reading certifies anything)
+        if dropout.worth_rereading(net, opts, rec) and not update_precision(update.gradients).coarse:
             again, _, _ = run_pinned(model, net, update, replace(opts, train_dropout=True), noise, name)
             if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
@@ -212,11 +216,12 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
                      "them out); they are returned uncertified")
     missing = found.missing(head, records, cert.batch_size)
-    rounded = coarsest([obs_dtype, *(n.values.dtype for n in (noise or {}).values())])  # a reply in float16 too
-    half_ulp = torch.finfo(rounded).eps / 2  # a half-precision update's rounding alone exceeds max_noise
-    caveats = read_caveats + ((f"the update is in {str(rounded).removeprefix('torch.')}, whose rounding "
-                              f"({half_ulp:.1e} relative) alone exceeds max_noise={opts.max_noise:g}: an update in "
-                              "this dtype is not certified",) if half_ulp > opts.max_noise else ())
+    caveats = read_caveats
+    if not any(r.certified for r in records):  # a reply in float16, or values computed under autocast?
+        rounded = update_precision({**grads, **{f"{k} (the weights sent)": n.values for k, n in (noise or {}).items()}})
+        if rounded.roundoff > opts.max_noise:  # its rounding alone exceeds max_noise
+            caveats += (f"{rounded.describe()}, whose rounding ({rounded.roundoff:.1e} relative) alone exceeds "
+                        f"max_noise={opts.max_noise:g}: an update in this precision is not certified",)
     if readable and head.num_classes < 4:  # (:mod:`fedleak.attacks.exact.smoothing`)
         caveats += (FEW_CLASS_SMOOTHING,)
     if caveats and not any(r.certified for r in records):  # how the model or the update was read may be the cause

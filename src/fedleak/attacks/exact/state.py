@@ -13,6 +13,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
 from fedleak.nets import ReluMLP
 from fedleak.nets.float64 import back64, product32, row_norms64, times64
+from fedleak.precision import update_precision
 
 F64 = torch.float64
 
@@ -69,6 +70,15 @@ class HeadAttack:
         """The head's observed gradient's size in bytes (its weight and bias gradients as the client sent them)."""
         return sum(G.numel() * G.element_size() for G in self.G) + sum(
             g.numel() * self.obs_dtype.itemsize for g in self.g if g is not None)
+
+    @property
+    def rounding_dtype(self) -> torch.dtype:
+        """The format the top layer's rows are rounded to: a coarser one than float32 that its gradient's values or
+        (a weight delta) the weights sent carry (:func:`fedleak.precision.update_precision`), else the client's."""
+        t = self.net.depth - 1
+        rows = {"gradient": self.G[t], **({"weights": self.noise[t].values} if self.noise is not None else {})}
+        precision = update_precision(rows)
+        return precision.dtype if precision.coarse else self.obs_dtype
 
     def tol(self, value: float) -> float:
         """A grouping tolerance, raised to the update's rounding-noise floor."""
