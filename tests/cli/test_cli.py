@@ -266,3 +266,14 @@ def test_verbose_is_a_root_option(capsys):
     assert "exclusivity" in capsys.readouterr().out
     assert main(["info", "--verbose"]) == 2  # not a sub-command's option (federate keeps its old one)
     assert "No such option '--verbose'" in capsys.readouterr().err
+
+
+def test_the_audit_table_shows_what_a_defense_leaks_without_certificates(tmp_path, capsys):
+    """Half-precision uploads withhold every certificate: "recovered" reads 0%, and "exact" shows the samples the
+    attack still rebuilt exactly (at batch 1, all of them)."""
+    code = main(["audit", "--data", "digits", "--widths", "256", "--batch-sizes", "1", "--seed", "1", "--defense",
+                 "half-precision", "--out", str(tmp_path / "audit"), "--quiet"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and lines[0].split()[4:6] == ["recovered", "exact"]
+    half = next(line.split() for line in lines if line.startswith("half-precision "))
+    assert half[4:6] == ["0%", "100%"]

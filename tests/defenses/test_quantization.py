@@ -1,4 +1,4 @@
-"""QSGD, deterministic uniform quantisation and sign compression."""
+"""QSGD, deterministic uniform quantisation, half precision and sign compression."""
 
 from __future__ import annotations
 
@@ -99,10 +99,42 @@ def test_sign_compression_and_its_observe():
     assert d.encoded_bytes({"w": torch.zeros(10), "b": torch.zeros(3)}) == (2 + 4) + (1 + 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rounds_every_entry_and_sends_half_the_bytes(dtype):
+    d = parse_defense(f"half-precision:dtype={str(dtype)[6:]}")
+    x = torch.randn(1000, generator=gen(2))
+    out = d.apply({"w": x, "steps": torch.tensor(3)}, None, gen())
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], x.to(dtype).float())
+    assert torch.equal(out["steps"], torch.tensor(3))  # integers pass unchanged
+    assert float(((out["w"] - x) / x).abs().max()) <= torch.finfo(dtype).eps / 2
+    sim = x.clone().requires_grad_(True)
+    seen = d.observe({"w": sim}, out)["w"]
+    torch.testing.assert_close(seen.detach(), out["w"])
+    seen.sum().backward()
+    torch.testing.assert_close(sim.grad, torch.ones(1000))  # straight through
+    assert d.encoded_bytes({"w": torch.zeros(10), "b": torch.zeros(3)}) == 26
+
+
+def test_a_half_precision_upload_still_gives_the_samples_away(fashion):
+    """The exact attack certifies nothing of a float16 upload, and says why; auto rebuilds every sample of the
+    batch from the first Linear layer's rows to the rounding: half the bytes, no protection."""
+    import fedleak
+    from fedleak import metrics
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(4, seed=3)
+    update = fedleak.defended_gradient(model, x, y, "half-precision").update
+    exact = fedleak.reconstruct(model, update, defense="half-precision")
+    assert exact.num_certified == 0 and "went through half-precision: every entry is rounded" in exact.why_uncertified()
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=3, progress=False)
+    scores = metrics.match(rec, x, y)
+    assert rec.num_certified == 0 and (scores.matched >= 0).all() and float(scores.psnr.min()) >= 60
+
+
 @pytest.mark.parametrize("name, params, bad", [
     ("qsgd", dict(levels=0), "levels"), ("qsgd", dict(levels=2.5), "levels"),
     ("quantize", dict(bits=1), "bits"), ("quantize", dict(bits=17), "bits"),
-    ("sign", dict(scale="max"), "scale"),
+    ("sign", dict(scale="max"), "scale"), ("half-precision", dict(dtype="float8"), "dtype"),
 ])
 def test_bad_parameters(name, params, bad):
     with pytest.raises(OptionError, match=bad):

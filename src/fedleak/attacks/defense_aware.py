@@ -200,6 +200,8 @@ for _name, _why in {
     "qsgd": "its rows are stochastically rounded to a few levels per tensor, so their ratios are no longer a "
             "sample's input",
     "sign": "only signs are sent, so no row carries a sample's values",
+    "half-precision": "every entry is rounded to half precision, so a row gives its sample's input only to that "
+                      "rounding (rebuilt, uncertified)",
     "top-k": "most entries are dropped, so the rows no longer carry whole inputs and zero rows prove nothing",
     "gradient-pruning": "its smallest entries are dropped, so the rows no longer carry whole inputs and zero rows "
                         "prove nothing",

@@ -32,7 +32,9 @@ DEFENSE_HELP = ("Also audit clients running a defense: NAME or NAME:key=value,..
 
 def _print_summary(result, out_dir: Path) -> None:
     """The audit's table on the console, in the report's number formats ("<1%", blank PSNR when nothing was
-    matched); batches a defense withheld show how many samples were sent; then each defense's privacy."""
+    matched): "recovered" is certified and exact, "exact" within the exactness tolerance, certified or not (what a
+    defense that withholds certificates still leaks); batches a defense withheld show how many samples were sent;
+    then each defense's privacy."""
     from fedleak.report.render import percent, psnr_text
 
     sent_by_row: dict[tuple[str, int], int] = {}
@@ -41,8 +43,8 @@ def _print_summary(result, out_dir: Path) -> None:
         sent_by_row[key] = sent_by_row.get(key, 0) + (b.batch_size if b.sent is None else b.sent)
     rows = result.summary_rows()
     width = max([10] + [len(str(r["scenario"])) + 2 for r in rows])
-    typer.echo(f"{'scenario':<{width}}{'batch':>6}{'sent':>9}{'certifiable':>13}{'recovered':>11}{'false cert':>11}"
-               f"{'PSNR dB':>9}{'attack ms':>11}")
+    typer.echo(f"{'scenario':<{width}}{'batch':>6}{'sent':>9}{'certifiable':>13}{'recovered':>11}{'exact':>7}"
+               f"{'false cert':>11}{'PSNR dB':>9}{'attack ms':>11}")
     for r in rows:
         sent = sent_by_row[(r["scenario"], r["batch_size"])]
         total = r["batch_size"] * r["trials"]
@@ -50,7 +52,8 @@ def _print_summary(result, out_dir: Path) -> None:
         sent_of = f"{sent}/{total}"
         certifiable = percent(r["certifiable_fraction"]) or "n/a"  # None: the model was not analysed
         typer.echo(f"{r['scenario']:<{width}}{r['batch_size']:>6}{sent_of:>9}{certifiable:>13}"
-                   f"{percent(r['recovered_fraction']):>11}{r['false_certificates']:>11}{psnr:>9}"
+                   f"{percent(r['recovered_fraction']):>11}{percent(r['exact_fraction']):>7}"
+                   f"{r['false_certificates']:>11}{psnr:>9}"
                    f"{r['attack_ms']:>11.1f}")
     for line in _privacy_lines(result):
         typer.echo(line)

@@ -53,6 +53,9 @@ DEFENSE_CATALOG: tuple[CatalogEntry[DefenseSpec], ...] = (
     CatalogEntry('quantize', 'fedleak.defenses.quantization', DefenseSpec(
         'update', 'per tensor, round to `bits`-bit symmetric uniform levels (scale max|v|/(2^(bits-1)-1))',
         "symmetric per-tensor uniform (int8 / int4) quantisation, QSGD's deterministic counterpart")),
+    CatalogEntry('half-precision', 'fedleak.defenses.quantization', DefenseSpec(
+        'update', 'round every entry to float16 or bfloat16 (`dtype`): half the bytes',
+        'half-precision uploads, as mixed-precision training (torch.autocast) computes them')),
     CatalogEntry('sign', 'fedleak.defenses.quantization', DefenseSpec(
         'update', "sign of every entry, times the tensor's mean |v| (scale=mean) or 1 (scale=none)",
         'signSGD, Bernstein et al. 2018; scaled sign, Karimireddy et al. 2019')),

@@ -1,4 +1,4 @@
-"""Quantisation of what a client sends: QSGD, deterministic uniform quantisation and sign compression.
+"""Quantisation of what a client sends: QSGD, deterministic uniform quantisation, half precision and sign compression.
 
 * ``qsgd``: QSGD (Alistarh et al., "QSGD: communication-efficient SGD via gradient quantization and encoding",
   NeurIPS 2017): per tensor ``v``, entry ``i`` is sent as ``‖v‖₂ · sign(v_i) · ξ_i`` with ``ξ_i`` one of the
@@ -6,6 +6,8 @@
   ``|v_i| s / ‖v‖₂ - l``: unbiased, ``E[sent] = v``.
 * ``quantize``: deterministic symmetric uniform quantisation to ``bits`` bits per tensor (scale
   ``max|v| / (2^(bits-1) - 1)``, round to nearest), as in low-precision federated updates.
+* ``half-precision``: every entry rounded to ``float16`` or ``bfloat16`` (a compressed upload, or what a client
+  computing under ``torch.autocast`` sends).
 * ``sign``: signSGD (Bernstein et al., "signSGD: compressed optimisation for non-convex problems", ICML 2018),
   with ``scale="mean"`` the scaled sign of Karimireddy et al. ("Error feedback fixes SignSGD", ICML 2019):
   ``sign(v) · mean|v|`` per tensor, so that averaging clients keeps the update's scale.
@@ -131,6 +133,42 @@ class Quantize(UpdateFilter):
 
     def encoded_bytes(self, sent: Tensors) -> int | None:
         return packed_bytes(sent, self.bits)
+
+
+HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rounded_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` (round to nearest even) and read back in its own dtype."""
+    return t.detach().to(dtype).to(t.dtype)
+
+
+@register_defense
+@dataclass(frozen=True)
+class HalfPrecision(UpdateFilter):
+    """Every entry rounded to ``float16`` or ``bfloat16``: half the bytes, as a compressed upload sends it. What the
+    server reads back (float32 tensors of half-precision values) is what a client computing under ``torch.autocast``
+    sends too (:mod:`fedleak.precision` tells both)."""
+
+    name: ClassVar[str] = "half-precision"
+    summary: ClassVar[str] = "round every entry to float16 or bfloat16 (`dtype`): half the bytes"
+    source: ClassVar[str] = "half-precision uploads, as mixed-precision training (torch.autocast) computes them"
+    strengths: ClassVar[tuple[dict[str, object], ...]] = ({"dtype": "float16"}, {"dtype": "bfloat16"})
+
+    dtype: str = "float16"
+
+    def check(self) -> None:
+        check_choice(self, "dtype", tuple(HALF_DTYPES))
+
+    def apply(self, update: Tensors, batch: ClientBatch | None, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return each_float(update, lambda _, t: rounded_to(t, HALF_DTYPES[self.dtype]))
+
+    def observe(self, simulated: Tensors, observed: Tensors) -> dict[str, torch.Tensor]:
+        """Straight-through rounding of ``simulated`` to the dtype."""
+        return each_float(simulated, lambda _, t: straight_through(t, rounded_to(t, HALF_DTYPES[self.dtype])))
+
+    def encoded_bytes(self, sent: Tensors) -> int | None:
+        return sum(2 * int(t.numel()) for t in sent.values())
 
 
 SIGN_SCALES: dict[str, Callable[[torch.Tensor], torch.Tensor | float]] = {
