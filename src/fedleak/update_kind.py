@@ -16,9 +16,10 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
 * **weight decay** (weight changes, with the model) — SGD's decay moves every weight by a common factor times
   itself; the units no sample activated show it alone (:mod:`fedleak.attacks.exact.decay`). It is reported, and the
   signatures above are read on the change without it.
-* **precision** — values that carry a format coarser than float32 (:mod:`fedleak.precision`: sent in float16 or
-  bfloat16, or computed under mixed precision): rounded beyond what a certificate's witness rows may be; the noise
-  signature then allows for that rounding of the output-layer bias.
+* **precision** (gradients) — values that carry a format coarser than float32 (:mod:`fedleak.precision`: sent in
+  float16 or bfloat16, or computed under mixed precision): rounded beyond what a certificate's witness rows may be;
+  the noise signature then allows for that rounding of the output-layer bias. (A weight change's rounding is read
+  off the weights sent: :attr:`UpdateKind.rounding`.)
 * **summed loss** (gradients) — a sample's ``p - onehot(y)`` has entries adding up to at most 2 in absolute
   value, and so does their mean: an output-bias gradient whose entries add up to more was taken of the batch's
   summed loss (``reduction="sum"``) or scaled up. A summed loss over a batch the model fits well can stay below 2,
@@ -254,7 +255,8 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
         decayed, rounding = False, None
-    precision = update_precision(update.after if isinstance(update, WeightUpdate) else tensors)
+    # a gradient's values; a weight change's rounding is read off the weights sent instead (``rounding``)
+    precision = update_precision(tensors if kind == "gradient" else {})
     if precision.coarse:
         evidence.append(f"{precision.describe()}: every value is rounded to {precision.roundoff:.1e} relative, coarser "
                         f"than the {ROUNDING_LIMIT:g} a witness row of a certificate needs: the exact route certifies "
