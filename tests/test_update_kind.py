@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from user_models import mixed_precision_gradient
 
 import fedleak
 from fedleak.errors import UpdateError
@@ -118,8 +119,6 @@ def test_a_weight_change_finer_than_the_client_s_rounding_is_said_to_be(setting)
 def test_a_rounded_gradient_is_said_to_be_and_not_read_as_noised(setting, how):
     """A gradient in bfloat16 (sent so, or computed under autocast): its precision is named, the exact route cannot
     certify, and the bias's rounding (its entries sum to about 1e-3 of its norm) is not taken for noise."""
-    from user_models import mixed_precision_gradient
-
     model, x, y = setting
     if how == "autocast":
         update = fedleak.read_update(model, mixed_precision_gradient(model, x, y, torch.bfloat16), num_examples=32)
