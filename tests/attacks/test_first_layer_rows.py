@@ -237,3 +237,16 @@ def test_one_sample_of_a_rounded_update_is_read_off_all_its_rows(fashion, how):
     assert len(rec) == 1 and rec.num_certified == 0 and rec.samples[0].route == ROUNDED_ROUTE
     assert float((rec.inputs.reshape(x.shape) - x).abs().max()) <= 2 * torch.finfo(torch.bfloat16).eps
     assert "fits the update to within it" in rec.samples[0].reason
+
+
+def test_rows_of_a_rounded_two_class_update_return_nothing(lfw):
+    """On two classes a blend of samples fits a class on its rows at a scale of its own, and only the scale test
+    tells it from a sample; a bfloat16 update loosens that test to its rounding (a third of the inputs it let
+    through on these faces were blends), so the rows return nothing and say why."""
+    torch.manual_seed(0)
+    model = DropoutMLP(625, 1024, 2).eval()
+    x, y = lfw.batch(8, seed=101)
+    update = fedleak.read_update(model, _rounded_gradient(model, x, y, "bfloat16"), num_examples=8)
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    assert len(rec) == 0 and "on two classes a blend of samples" in rec.missing_reason
+    assert "the update is in bfloat16" in rec.missing_reason

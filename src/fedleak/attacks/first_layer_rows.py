@@ -9,9 +9,11 @@ grouped; a group of two rows or more is a candidate. Its label is the class whos
 autograd at the candidate (the model in the mode it was passed), is parallel on the group's rows to their bias
 gradients (``fit_tol``; at a positive scale); a candidate that no class fits is dropped, and so is one whose
 scale is not the batch's common one (``1/M`` for the mean loss of a reported batch of ``M``, else the one most
-candidates share; ``scale_tol``): that removes the blends of samples that agree on rows (on two classes every
-blend of samples sharing their units does). Nothing is certified: the batch's other rows are not checked, and a
-blend may still fit.
+candidates' rows share; ``scale_tol``): that removes the blends of samples that agree on rows (on two classes every
+blend of samples sharing their units does). An update rounded to a coarser format than float32 (``rounded``) loosens
+every tolerance to its rounding; on two classes the scale test then lets blends through (a third of the inputs
+returned on two-class faces in bfloat16), so nothing is returned there. Nothing is certified: the batch's other
+rows are not checked, and a blend may still fit.
 
 A FedAvg client's weight change reads the same way: the input stays the same over its local steps, so a unit
 that fires for one sample only at every step moves its row by a multiple of that sample's input and its bias by
@@ -91,7 +93,9 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
     fits = class_fits(model, layer, X.reshape(len(X), *shape), [idx[grp] for grp in groups], g)
     found = [k for k in range(len(groups)) if math.isfinite(fits.residuals[k])]
     signs = sign_patterns(X) if rows.drifted else torch.zeros(len(X), dtype=torch.bool)
-    if not rows.drifted:
+    if not rows.drifted and rows.rounded and fits.classes <= 2:  # blends pass a scale test as loose as the rounding
+        keep, why = [], ""
+    elif not rows.drifted:
         keep = at_common_scale([k for k in found if fits.residuals[k] <= opts.fit_tol], fits.scales, rows.scale,
                                opts.scale_tol, [len(grp) for grp in groups])
         if rows.rounded:  # a tolerance as loose as the rounding lets a blend of samples of one label through
@@ -130,6 +134,11 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         missing = ("the rows agree only on sign patterns (nearly every entry -1, 0 or 1): what the steps of a "
                    "sign-based optimizer (Adam, signSGD) or a sign-compressed update leave of any input, not the input "
                    "itself (unless the data are such patterns); nothing returned")
+    elif rows.rounded and not rows.drifted and fits.classes <= 2 and found:
+        missing = ("on two classes a blend of samples that share their units fits a class on its rows too, at a scale "
+                   f"of its own, and only the scale tells it from a sample; {rows.rounded}, which makes that test too "
+                   "loose (on two-class faces in bfloat16 a third of the inputs it let through were blends), so "
+                   "nothing is returned")
     elif rows.drifted and fits.classes <= 2 and found:
         missing = ("on two classes the first-layer rows of a weight update of several local steps (or an unknown "
                    "number) agree on blends of samples as often as on samples, and nothing tells them apart: nothing "
