@@ -97,8 +97,9 @@ class Precision:
         fmt = str(self.dtype).removeprefix("torch.")
         if self.stored == self.dtype:
             return f"the update is in {fmt}"
-        return (f"the update is stored in {str(self.stored).removeprefix('torch.')}, but every value of '{self.name}' "
-                f"fits {fmt} (computed under mixed precision, torch.autocast, or sent in {fmt} and read back)")
+        stored = str(self.stored).removeprefix("torch.")
+        return (f"the update is stored in {stored}, but every value read of '{self.name}' fits {fmt} (computed under "
+                f"mixed precision, torch.autocast, or sent in {fmt} and read back)")
 
 
 def update_precision(tensors: Mapping[str, torch.Tensor]) -> Precision:
