@@ -313,7 +313,7 @@ def check_top_groups(attack, reps: torch.Tensor, members: list[torch.Tensor], z:
     if not members:
         return []
     fit = fit_top_rows(attack, members, z, logits)
-    ok = fit.passing(attack.tol(attack.opts.top_tol))
+    ok = fit.passing(attack.top_tol)
     # each group's passing rows, in order (the members are laid end to end by group)
     held, sizes = torch.unique_consecutive(fit.owner[ok], return_counts=True)
     labels_of, rows, xs, zs = fit.label.tolist(), fit.rows[ok].tolist(), reps.unbind(0), z.unbind(0)

@@ -151,7 +151,7 @@ class Basis:
         row_err = (w[fit.rows] * s[fit.owner] + tiny * b_abs[fit.rows]) * (1 + tiny)
         firing = fit.z > row_err
         fails = (~fit.labelled | (fit.z + row_err <= 0)
-                 | (firing & known & (fit.res - margin[fit.owner] > attack.tol(attack.opts.top_tol))))
+                 | (firing & known & (fit.res - margin[fit.owner] > attack.top_tol)))
         n = len(members)
         keep = torch.zeros(n, dtype=torch.long, device=z.device).index_add_(0, fit.owner, (~fails).long()) > 0
         if rows is not None:

@@ -48,6 +48,10 @@ class HeadAttack:
         self._row_norms: dict[int, torch.Tensor] = {}
         self._noise_norms: dict[int, torch.Tensor] = {}
         self.tol_floor = self._noise_floor()
+        # the top check's loose screen rises to it for a gradient rounded to a coarser format (float16, autocast)
+        # only: a weight delta's own rounding leaves its loss-vector columns as exact as a gradient's
+        rounded = noise is not None and update_precision({"top": self.G[net.depth - 1]}).coarse
+        self.top_tol = self.tol(opts.top_tol) if rounded else opts.top_tol
 
     def _noise_floor(self) -> float:
         """How far apart the update's own rounding can push two rows of one sample (relative): the grouping
