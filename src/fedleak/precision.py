@@ -102,11 +102,14 @@ class Precision:
                 f"mixed precision, torch.autocast, or sent in {fmt} and read back)")
 
 
+FLOAT32 = Precision(torch.float32)  # values that carry no coarser format than float32's
+
+
 def update_precision(tensors: Mapping[str, torch.Tensor]) -> Precision:
     """The coarsest format among ``tensors``': a dtype coarser than float32, else the format the largest float32
     tensor's values carry (:func:`carried_dtype`; a client computing under autocast rounds every layer's gradient
     alike, so one tensor tells, at a tenth of a millisecond); float32 when there is none."""
-    out = Precision(torch.float32)
+    out = FLOAT32
     floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
     for name, t in floats.items():
         if float(torch.finfo(t.dtype).eps) > float(torch.finfo(out.dtype).eps):

@@ -60,7 +60,8 @@ def exclusivity_attack(
     precision = update_precision(update.gradients)
     if update.error or precision.coarse:  # the tolerances grow beyond the gradient's own float32 noise
         noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()}
-    rec = within_error(run_exclusivity(model, net, update, opts, noise=noise), net, update.error)
+    rec = within_error(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
+                       update.error)
     return within_precision(rec, net, precision)
 
 

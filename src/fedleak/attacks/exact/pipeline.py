@@ -47,7 +47,7 @@ from fedleak.attacks.masked_input import first_module, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.network import check_head_trainable
-from fedleak.precision import update_precision
+from fedleak.precision import FLOAT32, Precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.threads import pinned_threads
 from fedleak.updates import GradientUpdate, check_matches_model
@@ -66,10 +66,13 @@ FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four
 
 
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
-                    noise: dict[str, RoundingNoise] | None = None, name: str = "exclusivity") -> Reconstruction:
+                    noise: dict[str, RoundingNoise] | None = None, name: str = "exclusivity",
+                    precision: Precision = FLOAT32) -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
-    ``noise``: the update's own rounding noise per entry, where it is known. Where nothing is certified and
+    ``noise``: the update's own rounding noise per entry, where it is known; ``precision``: the format a gradient's
+    values carry (:func:`fedleak.precision.update_precision`; float32 for a weight delta, whose rounding ``noise``
+    holds). Where nothing is certified and
     ``label_smoothing`` was not given, the label smoothing the update shows
     (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`) is tried once; for a model with Dropout, the
     reading of a client that ran it in training mode (:mod:`~fedleak.attacks.exact.dropout`), unless the update's
@@ -79,10 +82,10 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
     # attack returns is copied out of inference mode, so that it can take part in autograd
     with pinned_threads(opts.threads), torch.inference_mode(not net.blocks):
-        rec, off_scale, smoothing = run_pinned(model, net, update, opts, noise, name)
+        rec, off_scale, smoothing = run_pinned(model, net, update, opts, noise, name, precision)
         if smoothing is not None:  # the output layer's columns tell a label-smoothed cross-entropy: read with it
             smoothed = replace(opts, label_smoothing=smoothing.value)
-            again, again_off, _ = run_pinned(model, net, update, smoothed, noise, name)
+            again, again_off, _ = run_pinned(model, net, update, smoothed, noise, name, precision)
             if again.num_certified:
                 rec, off_scale, opts = replace(again, notes=(*again.notes, smoothing.note())), again_off, smoothed
             else:
@@ -90,7 +93,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
         if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
             # the label smoothing as the first reading left it (given, read, or 0): it is not read a second time
             scaled = replace(opts, known_scale=False, label_smoothing=opts.smoothing)
-            again, _, _ = run_pinned(model, net, update, scaled, noise, name)
+            again, _, _ = run_pinned(model, net, update, scaled, noise, name, precision)
             if again.num_certified:
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
                                             f"(known_scale=False; a clipped, accumulated or summed gradient, or a "
@@ -103,15 +106,16 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             rec = replace(rec, samples=samples, notes=(*rec.notes, weighted))
         # the client may have run the model's Dropout in training mode (not told by a rounded update, of which no
         # reading certifies anything)
-        if dropout.worth_rereading(net, opts, rec) and not update_precision(update.gradients).coarse:
-            again, _, _ = run_pinned(model, net, update, replace(opts, train_dropout=True), noise, name)
+        if dropout.worth_rereading(net, opts, rec) and not precision.coarse:
+            again, _, _ = run_pinned(model, net, update, replace(opts, train_dropout=True), noise, name,
+                                     precision)
             if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
     return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
-               noise: dict[str, RoundingNoise] | None, name: str
+               noise: dict[str, RoundingNoise] | None, name: str, precision: Precision = FLOAT32
                ) -> tuple[Reconstruction, str, SmoothingReading | None]:
     """:func:`run_exclusivity`, with the thread count already set; and, when nothing is certified and the
     strongly witnessed samples share a scale other than the reported batch's, the note saying so
@@ -146,7 +150,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         # rounding, let into the head's tolerances, would be amplified through the blocks unaccounted for. So
         # the head keeps the gradient's tolerances: features a weight delta rounds more coarsely are not certified
         noise = None
-    attack = HeadAttack(head, grads, opts, obs_dtype, noise)
+    attack = HeadAttack(head, grads, opts, obs_dtype, noise, precision)
     notes = attack.notes
     read_as, read_caveats = dropout.as_read(net, opts)
     notes.extend(read_as)  # what was assumed to read the model (an inferred input shape)
@@ -217,11 +221,13 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
                      "them out); they are returned uncertified")
     missing = found.missing(head, records, cert.batch_size)
     caveats = read_caveats
-    if not any(r.certified for r in records):  # a reply in float16, or values computed under autocast?
-        rounded = update_precision({**grads, **{f"{k} (the weights sent)": n.values for k, n in (noise or {}).items()}})
-        if rounded.roundoff > opts.max_noise:  # its rounding alone exceeds max_noise
-            caveats += (f"{rounded.describe()}, whose rounding ({rounded.roundoff:.1e} relative) alone exceeds "
-                        f"max_noise={opts.max_noise:g}: an update in this precision is not certified",)
+    # a gradient computed under autocast or sent in float16, or weights sent in float16: its rounding alone exceeds
+    # max_noise (the weights' dtype; their values carry a weight delta's own rounding, which the noise bounds)
+    sent = max([precision, *(Precision(n.values.dtype, stored=n.values.dtype) for n in (noise or {}).values())],
+               key=lambda p: p.roundoff)
+    if sent.roundoff > opts.max_noise:
+        caveats += (f"{sent.describe()}, whose rounding ({sent.roundoff:.1e} relative) alone exceeds "
+                    f"max_noise={opts.max_noise:g}: an update in this precision is not certified",)
     if readable and head.num_classes < 4:  # (:mod:`fedleak.attacks.exact.smoothing`)
         caveats += (FEW_CLASS_SMOOTHING,)
     if caveats and not any(r.certified for r in records):  # how the model or the update was read may be the cause

@@ -13,7 +13,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
 from fedleak.nets import ReluMLP
 from fedleak.nets.float64 import back64, product32, row_norms64, times64
-from fedleak.precision import update_precision
+from fedleak.precision import FLOAT32, Precision
 
 F64 = torch.float64
 
@@ -25,12 +25,14 @@ class HeadAttack:
     read), ``obs_dtype`` the dtype the client computed it in. ``noise`` (the same keys) is the absolute rounding
     noise of the observed values where the update carries more than the gradient's own float32 noise (a weight
     delta: the client rounded ``before - lr * g``), read from the update's values where it is used
-    (:class:`~fedleak.attacks.exact.noise.RoundingNoise`); None otherwise. Every tensor lives on ``net.device``.
+    (:class:`~fedleak.attacks.exact.noise.RoundingNoise`); None otherwise. ``precision``: the format a gradient's
+    values carry (a coarser one than float32: sent in float16, computed under autocast; :mod:`fedleak.precision`).
+    Every tensor lives on ``net.device``.
     """
 
     def __init__(self, net: ReluMLP, grads: dict[str, torch.Tensor], opts: ExclusivityOptions, obs_dtype,
-                 noise: dict[str, RoundingNoise] | None = None):
-        self.net, self.opts, self.obs_dtype = net, opts, obs_dtype
+                 noise: dict[str, RoundingNoise] | None = None, precision: Precision = FLOAT32):
+        self.net, self.opts, self.obs_dtype, self.precision = net, opts, obs_dtype, precision
         self.device = net.device
         dev = self.device
         # the weights stay in the model's dtype (read in float64 a piece at a time); the biases are small
@@ -49,9 +51,8 @@ class HeadAttack:
         self._noise_norms: dict[int, torch.Tensor] = {}
         self.tol_floor = self._noise_floor()
         # the top check's loose screen rises to it for a gradient rounded to a coarser format (float16, autocast)
-        # only: a weight delta's own rounding leaves its loss-vector columns as exact as a gradient's
-        rounded = noise is not None and update_precision({"top": self.G[net.depth - 1]}).coarse
-        self.top_tol = self.tol(opts.top_tol) if rounded else opts.top_tol
+        # only: a weight delta's own rounding leaves its loss-vector columns as exact as a float32 gradient's
+        self.top_tol = self.tol(opts.top_tol) if precision.coarse else opts.top_tol
 
     def _noise_floor(self) -> float:
         """How far apart the update's own rounding can push two rows of one sample (relative): the grouping
@@ -77,12 +78,9 @@ class HeadAttack:
 
     @property
     def rounding_dtype(self) -> torch.dtype:
-        """The format the top layer's rows are rounded to: a coarser one than float32 that its gradient's values or
-        (a weight delta) the weights sent carry (:func:`fedleak.precision.update_precision`), else the client's."""
-        t = self.net.depth - 1
-        rows = {"gradient": self.G[t], **({"weights": self.noise[t].values} if self.noise is not None else {})}
-        precision = update_precision(rows)
-        return precision.dtype if precision.coarse else self.obs_dtype
+        """The format the rows are rounded to: a coarser one than float32 that a gradient's values carry
+        (:attr:`precision`), else the client's."""
+        return self.precision.dtype if self.precision.coarse else self.obs_dtype
 
     def tol(self, value: float) -> float:
         """A grouping tolerance, raised to the update's rounding-noise floor."""
