@@ -163,3 +163,17 @@ def test_local_dp_runs_as_flowers_mod_in_the_simulation(ray_cluster):
     (p,) = stack.privacy
     assert (p["epsilon"], p["delta"]) == (250.0, 1e-5)
     assert any(line.startswith("defense local-dp(") and "epsilon 250" in line for line in summarize(result))
+
+
+def test_a_federation_says_what_a_defense_without_certificates_still_leaks(tmp_path, ray_cluster, capsys):
+    """Half-precision uploads: nothing certified, and the round's line says what was rebuilt all the same (before it
+    read "certified and exact 0.0%" alone)."""
+    from fedleak.cli import main
+
+    code = main(["federate", "--data", "digits", "--clients", "2", "--rounds", "1", "--widths", "256", "--seed", "0",
+                 "--local-steps", "1", "--defense", "half-precision", "--audit-mode", "thread", "--ray-address",
+                 ray_cluster[0], "--out", str(tmp_path / "run")])
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("round 1:"))
+    assert code == 0 and "certified and exact 0.0%" in line
+    assert "2 update(s) with nothing certified rebuilt uncertified at an estimated" in line
+    assert float(line.split("estimated ")[1].split(" dB")[0]) >= 40

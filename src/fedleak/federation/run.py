@@ -269,6 +269,11 @@ def summarize(result: FederationResult) -> list[str]:
             routes = sorted({c.attack for c in multi if c.attack})
             extra += (f"; {len(multi)} multi-step update(s), audited by {', '.join(routes)}"
                       + (f": estimated PSNR {np.mean(psnrs):.1f} dB (uncertified)" if psnrs else ""))
+        blind = [c.scores.psnr for c in recs if not c.multi_step and c.scores.recovered_fraction == 0
+                 and c.scores.psnr is not None]  # nothing certified, yet rebuilt (a defense withholds certificates)
+        if blind:
+            extra += (f"; {len(blind)} update(s) with nothing certified rebuilt uncertified at an estimated "
+                      f"{np.mean(blind):.1f} dB PSNR")
         if r.audit is not None and r.audit.sampled:
             extra += f"; {r.audit.text()}"
         if r.round and len(r.sampled) < result.settings.get("clients", len(r.sampled)):
