@@ -21,7 +21,7 @@ from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.registry import register_attack
 from fedleak.nets import as_network
-from fedleak.precision import EPS32, Precision, carried_dtype, underflow, update_precision
+from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 
@@ -60,9 +60,8 @@ def exclusivity_attack(
     precision = update_precision(update.gradients)
     if update.error or precision.coarse:  # the tolerances grow beyond the gradient's own float32 noise
         noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()}
-    rec = within_error(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
-                       update.error)
-    return within_precision(rec, net, precision)
+    return within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
+                             update.error, precision)
 
 
 def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:
@@ -75,15 +74,6 @@ def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:
         return noise
     own = 4 * float(torch.finfo(g.dtype).eps)
     return replace(noise, scale=own + float(torch.finfo(carried).eps), error=noise.error + underflow(carried))
-
-
-def within_precision(rec: Reconstruction, net, precision: Precision) -> Reconstruction:
-    """``rec``, with its certificates withdrawn where the update's values carry a format coarser than float32 and the
-    network has conv blocks, whose inversion's error bound models float32 rounding only."""
-    if precision.coarse and net.blocks:
-        return rec.withdraw(f"{precision.describe()}, whose rounding ({precision.roundoff:.1e} relative) the conv "
-                            "inversion's certificate does not model: nothing is certified")
-    return rec
 
 
 @register_attack("conv-exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
@@ -131,17 +121,23 @@ def exclusivity_on_weights(
     else:  # SGD's weight decay, peeled off with its bound in the noise
         peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
         grads = GradientUpdate(peeled, num_examples=update.num_examples)
-    rec = within_error(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
+    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
     notes = (decay.describe(),) if decay is not None else ()
     if not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)
     return replace(rec, notes=(*rec.notes, *notes)) if notes else rec
 
 
-def within_error(rec: Reconstruction, net, error: float) -> Reconstruction:
-    """``rec``, with its certificates withdrawn when the update carries a transport ``error`` the certificate
-    cannot bound: a CNN's conv inversion models the gradient's own float rounding only."""
-    if error and net.blocks:
+def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32) -> Reconstruction:
+    """``rec``, with its certificates withdrawn where the network has conv blocks, whose inversion's error bound
+    models the gradient's own float32 rounding only, and the update carries more: a known transport ``error``, or
+    values of a coarser format (``precision``: sent in float16, computed under autocast)."""
+    if not net.blocks:
+        return rec
+    if error:
         return rec.withdraw(f"the update carries a known error of {error:.2e} per entry, which the conv "
+                            "inversion's certificate does not model: nothing is certified")
+    if precision.coarse:
+        return rec.withdraw(f"{precision.describe()}, whose rounding ({precision.roundoff:.1e} relative) the conv "
                             "inversion's certificate does not model: nothing is certified")
     return rec
