@@ -132,3 +132,12 @@ def test_a_rounded_gradient_is_said_to_be_and_not_read_as_noised(setting, how):
     assert describe_update(fedleak.compute_gradient_update(model, x, y), model).precision is None
     verdict = fedleak.plan(model, update, (x, y)).verdict
     assert verdict.startswith("the exact route cannot certify") and "to within that rounding" in verdict
+
+
+def test_clipping_by_value_is_detected_and_not_read_as_noise(setting):
+    model, x, y = setting
+    grads = fedleak.compute_gradient_update(model, x[:8], y[:8]).gradients
+    kind = describe_update({k: v.clamp(-1e-3, 1e-3) for k, v in grads.items()}, model)
+    assert kind.value_clip == pytest.approx(1e-3) and not kind.exact_route_possible and not kind.noised
+    assert "clipped by value at ±0.001" in kind.summary() and "clip_grad_value_" in kind.evidence[0]
+    assert describe_update(grads, model).value_clip is None

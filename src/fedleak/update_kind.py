@@ -25,7 +25,10 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
   summed loss (``reduction="sum"``) or scaled up. A summed loss over a batch the model fits well can stay below 2,
   so its absence proves nothing.
 
-Clipping leaves no signature of its own; it is reported when declared (``clip_norm``).
+* **clipping by value** (gradients) — ``clip_grad_value_`` leaves the update's largest magnitude on the entries of
+  several units (:mod:`fedleak.clipped_values`).
+
+Clipping by norm leaves no signature of its own; it is reported when declared (``clip_norm``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class UpdateKind:
     weight_decay: bool = False
     rounding: float | None = None  # a weight change's rows known to this relative precision (float32 rounding)
     precision: str | None = None  # the format coarser than float32 the values carry (float16, bfloat16), if any
+    value_clip: float | None = None  # the bound a gradient was clipped to by value (clip_grad_value_), if it shows
 
     @property
     def multi_step(self) -> bool:
@@ -91,7 +95,7 @@ class UpdateKind:
         """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change,
         not noised, sparsified or quantised."""
         return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None
-                and self.precision is None)
+                and self.precision is None and self.value_clip is None)
 
     @property
     def only_rounded(self) -> bool:
@@ -125,6 +129,7 @@ class UpdateKind:
                                  ("clipped", self.clip_norm is not None),
                                  ("most rows finer than the rounding of the client's weights", self.too_fine),
                                  (f"values rounded to {self.precision}", self.precision is not None),
+                                 (f"clipped by value at ±{self.value_clip or 0:.4g}", self.value_clip is not None),
                                  ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
                  if on]
         text = what + (": " + " ".join(parts) if parts else "")
@@ -135,7 +140,7 @@ class UpdateKind:
                 "local_steps": self.local_steps, "local_batch_size": self.local_batch_size, "noised": self.noised,
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
                 "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
-                "rounding": self.rounding, "precision": self.precision,
+                "rounding": self.rounding, "precision": self.precision, "value_clip": self.value_clip,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -227,6 +232,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     the noise and sparsification signatures. ``declared``: facts the server knows from its run configuration
     (keys :data:`DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
     """
+    from fedleak.clipped_values import read_value_clip
     from fedleak.precision import update_precision
     from fedleak.updates import WeightUpdate, as_gradient_update
 
@@ -262,7 +268,12 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
                         f"than the {ROUNDING_LIMIT:g} a witness row of a certificate needs: the exact route certifies "
                         "nothing; the inputs it and the first-layer attack rebuild are the samples' to within that "
                         "rounding")
-    noised, sparsified, quantised = _signatures(tensors, model, evidence, precision.roundoff)
+    cut = read_value_clip(tensors) if kind == "gradient" else None
+    if cut is not None:
+        evidence.append(f"{cut.describe()}: the exact route certifies none of a batch; a one-sample gradient's "
+                        "first Linear layer still gives its input, certified, and a batch's first-layer rows the "
+                        "inputs no entry at the bound touches, uncertified (auto holds them)")
+    noised, sparsified, quantised = _signatures(tensors, model, evidence, precision.roundoff, cut is not None)
     summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0
     if noise_declared:
@@ -273,7 +284,8 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         evidence.append(f"the client declares clipping at norm {clip:g}")
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
                       noise_declared, summed, decayed, rounding,
-                      str(precision.dtype).removeprefix("torch.") if precision.coarse else None)
+                      str(precision.dtype).removeprefix("torch.") if precision.coarse else None,
+                      None if cut is None else cut.bound)
 
 
 def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> float | None:
@@ -311,11 +323,11 @@ def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> flo
     return worst
 
 
-def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], roundoff: float
+def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], roundoff: float, cut: bool = False
                 ) -> tuple[bool | None, float | None, int | None]:
     """Noise, sparsification and quantisation signatures (module docstring); ``roundoff``: the relative rounding of
     the update's values (its rounding of the K output-bias entries moves their sum by up to ``roundoff sqrt(K)``
-    of their norm)."""
+    of their norm); ``cut``: the update was clipped by value, which breaks the zero sum of the output bias too."""
     import torch
 
     from fedleak.precision import sample_entries
@@ -349,8 +361,8 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
                 sparsified = float((torch.cat([t.detach().flatten() for t in tensors.values()]) == 0).double().mean())
                 evidence.append(f"{zeros:.0%} of the output layer's live entries are exactly 0 where a cross-entropy "
                                 f"update is dense: the update was sparsified ({sparsified:.0%} zeros overall)")
-    # sparsification and quantisation break the zero sum too: look for noise only without them
-    if b_name is not None and b_name in tensors and sparsified is None and quantised is None:
+    # sparsification, quantisation and clipping by value break the zero sum too: look for noise only without them
+    if b_name is not None and b_name in tensors and sparsified is None and quantised is None and not cut:
         bias = tensors[b_name].detach().to(torch.float64).flatten()
         norm = float(bias.norm())
         if norm > 0:

@@ -267,3 +267,39 @@ def test_auto_gives_the_clients_defense_to_its_exact_route(fashion):
     assert not fedleak.metrics.match(told, sent.inputs, sent.labels).false_certificate.any()
     blind = fedleak.reconstruct(model, sent.update, attack="auto", budget=30, progress=False, iterations=2)
     assert int(blind.certified.sum()) == 0
+
+
+def test_the_exact_attack_under_clipping_by_value(fashion):
+    """Declared and reaching the bound, or read off the update: nothing certified, every reason says so; declared
+    but reaching nothing: the plain attack."""
+    model = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=0)
+    x, y = fashion.batch(4, seed=2)
+    update = fedleak.compute_gradient_update(model, x, y)
+    top = max(float(g.abs().max()) for g in update.gradients.values())
+    plain = fedleak.reconstruct(model, update)
+    assert plain.num_certified >= 1
+    above = fedleak.reconstruct(model, update, defense=f"value-clipping:bound={2 * top}")
+    assert above.certified.tolist() == plain.certified.tolist() and any("sent unchanged" in n for n in above.notes)
+    clipped = fedleak.GradientUpdate({n: g.clamp(-0.1 * top, 0.1 * top) for n, g in update.gradients.items()},
+                                     num_examples=4)
+    for told, says in ((f"value-clipping:bound={0.1 * top}", "the update went through value-clipping"),
+                       (None, "the update was clipped by value at")):
+        rec = fedleak.reconstruct(model, clipped, defense=told)
+        assert rec.num_certified == 0 and not fedleak.metrics.match(rec, x, y).false_certificate.any()
+        assert all(says in s.reason and "no certificate is possible" in s.reason for s in rec.samples)
+
+
+def test_auto_reads_clipping_by_value(fashion):
+    """One sample: the first layer certifies it. A batch: the search clips its simulated gradients alike."""
+    torch.manual_seed(0)
+    model = fedleak.make_mlp(fashion.input_shape, [256], 10, seed=0)
+    for m in (1, 4):
+        x, y = fashion.batch(m, seed=7)
+        update = defended_gradient(model, x, y, "value-clipping:bound=0.003", seed=0).update
+        rec = fedleak.reconstruct(model, update, attack="auto", budget=2, progress=False)
+        scores = fedleak.metrics.match(rec, x, y)
+        assert not scores.false_certificate.any()
+        if m == 1:
+            assert rec.num_certified == 1 and float(scores.max_abs_error[0]) < 1e-6
+        else:
+            assert rec.num_certified == 0 and any("clips its simulated gradients alike" in n for n in rec.notes)

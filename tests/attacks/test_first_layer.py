@@ -106,3 +106,34 @@ def test_the_users_model_is_left_as_it_was(fashion):
     with pytest.raises(ModelError, match="Expected more than 1 value per channel when training"):
         fedleak.reconstruct(model, fedleak.compute_gradient_update(model, *fashion.batch(2, seed=0)),
                             attack="first-layer", input_shape=(1, 28, 28))
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.3, 0.01])
+def test_a_gradient_clipped_by_value_still_certifies_its_one_sample(fashion, fraction):
+    """``clip_grad_value_`` cuts the largest entries (at 0.9 of the top, one unit's only, which no value shows): the
+    input is read off a row none of whose entries reach the bound, and the model's gradient there, clipped alike,
+    reproduces the update. Before, the whole-update check failed and nothing was certified."""
+    torch.manual_seed(0)
+    model = DropoutMLP(784, 256, 10).eval()
+    x, y = fashion.batch(1, seed=5)
+    update = fedleak.compute_gradient_update(model, x, y)
+    bound = fraction * max(float(g.abs().max()) for g in update.gradients.values())
+    grads = {n: g.clamp(-bound, bound) for n, g in update.gradients.items()}
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=1), attack="first-layer")
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == 1 and rec.labels.tolist() == y.tolist()
+    assert float(scores.max_abs_error[0]) < 1e-6 and not scores.false_certificate.any()
+    assert any("clip_grad_value_" in n for n in rec.notes)
+
+
+def test_a_batch_clipped_by_value_leaves_out_the_rows_at_the_bound(fashion):
+    torch.manual_seed(0)
+    model = DropoutMLP(784, 1024, 10).eval()
+    x, y = fashion.batch(4, seed=0)
+    update = fedleak.compute_gradient_update(model, x, y)
+    grads = {n: g.clamp(-1e-3, 1e-3) for n, g in update.gradients.items()}
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=4), attack="first-layer")
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == 0 and len(rec) >= 3
+    assert float(scores.max_abs_error[scores.matched >= 0].max()) < 1e-5  # every input it gives is a sample's
+    assert any("rows that hold an entry at it are left out" in n for n in rec.notes)

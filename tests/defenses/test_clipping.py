@@ -73,3 +73,28 @@ def test_bad_parameters_from_a_spec():
     with pytest.raises(OptionError, match="per"):
         parse_defense("clipping:bound=1,per=neuron")
     assert parse_defense("clipping:bound=0.5,per=tensor").bound == 0.5
+
+
+def test_value_clipping_is_torch_s_clip_grad_value():
+    """What ``torch.nn.utils.clip_grad_value_`` leaves in a model's gradients, entry for entry."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    torch.nn.functional.cross_entropy(model(torch.rand(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    bound = 0.5 * max(float(g.abs().max()) for g in grads.values())
+    torch.nn.utils.clip_grad_value_(model.parameters(), bound)
+    out = make_defense("value-clipping", bound=bound).apply(grads, None, torch.Generator())
+    assert all(torch.equal(out[n], p.grad) for n, p in model.named_parameters())
+    assert any(bool((grads[n] != out[n]).any()) for n in grads)  # the bound cut something
+
+
+def test_value_clipping_forward_model_is_the_same_cut():
+    d = parse_defense("value-clipping:bound=0.5")
+    sim = {k: t.clone().requires_grad_(True) for k, t in update().items()}
+    out = d.observe(sim, {})
+    assert torch.equal(out["fc1.bias"].detach(), torch.tensor([0.5]))
+    assert torch.equal(out["fc2.weight"].detach(), torch.tensor([[0.3, 0.4]]))
+    out["fc2.weight"].sum().backward()
+    assert torch.equal(sim["fc2.weight"].grad, torch.ones(1, 2))
+    with pytest.raises(OptionError, match="bound"):
+        make_defense("value-clipping", bound=0.0)

@@ -107,3 +107,14 @@ def test_a_model_with_dropout_is_judged_for_eval_mode_clients(digits):
     assert "clients that train with the model's Dropout or BatchNorm active" in with_dropout.verdict
     plain = fedleak.plan(fedleak.make_mlp((1, 8, 8), [256], 10, seed=0), None, (x, y), batch_sizes=4)
     assert "eval mode" not in plain.verdict
+
+
+def test_a_gradient_clipped_by_value_gets_its_own_verdict(setting, digits):
+    model, x, y = setting
+    update = fedleak.defended_gradient(model, x, y, "value-clipping:bound=0.001", seed=0).update
+    p = fedleak.plan(model, update, digits, max_samples=300)
+    assert p.route == "cannot" and "clipped by value at ±0.001" in p.verdict
+    assert "first-layer attack still certifies a one-sample gradient" in p.verdict
+    advice = {a.name: a for a in p.attacks}
+    assert advice["auto"].recommended and "clipping its simulated gradients alike" in advice["auto"].why
+    assert not advice["exclusivity"].recommended

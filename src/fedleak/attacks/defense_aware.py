@@ -314,6 +314,28 @@ def clipping_rule(defense: Defense, context: ExactContext) -> ExactPlan:
     return clipping_plan(defense, context, bound, GROUPINGS[per])
 
 
+#: why a value-clipped update certifies nothing
+VALUE_CLIPPED = ("the entries beyond the bound were cut to it, so the rows holding them no longer carry whole inputs "
+                 "and the update is not the gradient the certificate recomputes")
+
+
+@EXACT_RULES.decorator("value-clipping")
+def value_clipping_rule(defense: Defense, context: ExactContext) -> ExactPlan:
+    """Clipping by value: the plain attack when no entry reached the bound (the update was sent unchanged), else
+    refused (the rows of a one-sample gradient's first layer still give its input: ``first-layer``)."""
+    bound = float(getattr(defense, "bound"))
+    reached = sum(int((t.detach().abs() >= bound * (1 - CLIPPED_TOL)).sum())
+                  for t in context.observed.values() if t.is_floating_point())
+    if not reached:
+        return ExactPlan(note=f"{defense.label}: no entry of the update reaches the bound, so it was sent unchanged")
+    return refused(defense, f"{VALUE_CLIPPED} ({reached} entries at it)")
+
+
+def value_clip_plan(clip: Any) -> ExactPlan:
+    """The plan for value clipping read off the update (:class:`fedleak.clipped_values.ValueClip`), not declared."""
+    return ExactPlan(refusal=f"{clip.describe()}: {VALUE_CLIPPED}, so no certificate is possible")
+
+
 def noise_rule(p: float, scale_field: str, kind: str) -> ExactRule:
     """A noise filter's rule: refused with noise; without it (scale 0) only its whole-update clipping remains."""
     def rule(defense: Defense, context: ExactContext) -> ExactPlan:

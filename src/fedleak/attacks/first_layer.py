@@ -50,6 +50,7 @@ from fedleak.attacks.labels import class_signal
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
 from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
+from fedleak.clipped_values import ValueClip, read_value_clip
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
 from fedleak.nets import input_shape_of
@@ -168,15 +169,20 @@ class Fit:
     residual: float
 
 
-def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor]) -> Fit:
+def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor],
+         clip: ValueClip | None = None) -> Fit:
+    """The gradient at ``x`` for ``label`` against ``observed``; with ``clip`` the scale is fitted on the entries below
+    the bound and the scaled gradient is clipped alike before it is compared."""
     grads = compute_gradient_update(model, x, torch.tensor([label], device=x.device)).gradients
     pairs = [(grads[n].to(device=t.device, dtype=F64), t.to(F64)) for n, t in observed.items()]
-    scale = sum(float((g * t).sum()) for g, t in pairs) / max(sum(float((g * g).sum()) for g, _ in pairs), 1e-300)
+    free = [torch.ones_like(t, dtype=torch.bool) if clip is None else ~clip.censored(t) for _, t in pairs]
+    scale = (sum(float((g * t)[k].sum()) for (g, t), k in zip(pairs, free))
+             / max(sum(float((g * g)[k].sum()) for (g, _), k in zip(pairs, free)), 1e-300))
     if not scale > 0:
         return Fit(scale, math.inf)
     worst = 0.0
     for g, t in pairs:
-        ref, diff = float(t.norm()), float((t - scale * g).norm())
+        ref, diff = float(t.norm()), float((t - (scale * g if clip is None else clip.cut(scale * g))).norm())
         worst = max(worst, diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf))
     return Fit(scale, worst)
 
@@ -271,23 +277,27 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
         opts = within_rounding(opts, precision)
         rounded = (f"{precision.describe()}: the rows, and so the input, are known to its rounding only "
                    f"({precision.roundoff:.1e} relative)")
+    observed = dict(update.gradients)
+    clip = read_value_clip(observed)  # clip_grad_value_: rows with an entry at the bound are not the sample's
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
+        if clip is not None:  # read as silent: the rows no entry at the bound touches stay exact
+            whole = ~(clip.censored(G).any(1) | clip.censored(g))
+            G, g = G * whole[:, None], g * whole
+            notes = (*notes, f"{clip.describe()}: the first layer's rows that hold an entry at it are left out")
         m = update.num_examples
         rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=withheld(layer.masking, opts.train_dropout),
                          compressed=_compressed(model, update), rounded=rounded)
         return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
-    row = int(g.abs().argmax())
-    if float(g[row]) == 0.0:
-        return _result(model, shape, None, 0, False, "every bias gradient of the first layer is zero: the sample "
-                       "left no trace there", update.num_examples, notes, start)
-    # every row is the sample times its bias gradient: a rounded update's rows, weighed together, round out
-    x = least_squares(G, g, torch.nonzero(g).flatten()) if rounded else G[row] / g[row]
-    x = x.reshape(1, *shape).to(next(model.parameters()).dtype)
-    observed = dict(update.gradients)
-    label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
-    fits = {label: _fit(model, x, label, observed)}
-    if fits[label].residual > opts.tolerance:  # no bias, or another loss: every class is tried
-        fits.update({c: _fit(model, x, c, observed) for c in range(_classes(model, x)) if c != label})
+    read = _read_one(model, G, g, shape, observed, opts, rounded, clip)
+    if clip is None and isinstance(read, tuple) and min(f.residual for f in read[1].values()) > opts.tolerance:
+        # a clip that cut one unit's entries does not show in the values: tried as the hypothesis it is
+        top = read_value_clip(observed, min_units=1)
+        again = _read_one(model, G, g, shape, observed, opts, rounded, top) if top is not None else ""
+        if isinstance(again, tuple) and min(f.residual for f in again[1].values()) <= opts.tolerance:
+            read, clip = again, top
+    if isinstance(read, str):
+        return _result(model, shape, None, 0, False, read, update.num_examples, notes, start)
+    x, fits = read
     label = min(fits, key=lambda c: fits[c].residual)
     fit = fits[label]
     masked = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
@@ -303,7 +313,32 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
                "this model as given (a defense, Dropout or BatchNorm in training mode, another loss)")
     else:
         why = ""
+        if clip is not None:
+            notes = (*notes, f"{clip.describe()}: the input is read off a row none of whose entries reaches it, and "
+                             "the model's gradient at it, clipped alike, reproduces the update")
     return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, fit)
+
+
+def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...],
+              observed: dict[str, torch.Tensor], opts: FirstLayerOptions, rounded: str, clip: ValueClip | None
+              ) -> tuple[torch.Tensor, dict[int, Fit]] | str:
+    """One sample's input read off the first layer's rows (the row with the largest bias gradient; a rounded update's
+    rows weighed together; with ``clip``, rows none of whose entries reach the bound), and each class's fit; or why
+    no row gives it."""
+    whole = g.abs() if clip is None else g.abs() * ~(clip.censored(G).any(1) | clip.censored(g))
+    row = int(whole.argmax())
+    if float(whole[row]) == 0.0:
+        return ("every bias gradient of the first layer is zero: the sample left no trace there" if clip is None else
+                f"{clip.describe()}, and every row of the first layer with a bias gradient holds an entry at it: no "
+                "row gives the sample whole")
+    # every row is the sample times its bias gradient: a rounded update's rows, weighed together, round out
+    x = least_squares(G, g, torch.nonzero(whole).flatten()) if rounded else G[row] / g[row]
+    x = x.reshape(1, *shape).to(next(model.parameters()).dtype)
+    label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
+    fits = {label: _fit(model, x, label, observed, clip)}
+    if fits[label].residual > opts.tolerance:  # no bias, or another loss: every class is tried
+        fits.update({c: _fit(model, x, c, observed, clip) for c in range(_classes(model, x)) if c != label})
+    return x, fits
 
 
 def _label(model: nn.Module, observed: dict[str, torch.Tensor]) -> int:

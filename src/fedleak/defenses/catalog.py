@@ -41,6 +41,9 @@ DEFENSE_CATALOG: tuple[CatalogEntry[DefenseSpec], ...] = (
     CatalogEntry('clipping', 'fedleak.defenses.clipping', DefenseSpec(
         'update', 'scale each layer / tensor / the whole update down to L2 norm <= bound',
         'per-layer clipping, McMahan et al. 2018; Abadi et al. 2016')),
+    CatalogEntry('value-clipping', 'fedleak.defenses.clipping', DefenseSpec(
+        'update', 'cut every entry to [-bound, bound] (torch.nn.utils.clip_grad_value_)',
+        'gradient clipping by value, as torch.nn.utils.clip_grad_value_ applies it')),
     CatalogEntry('top-k', 'fedleak.defenses.sparsification', DefenseSpec(
         'update', 'keep the `ratio` fraction of largest-magnitude entries of the whole update',
         "Deep Gradient Compression, Lin et al. 2018 (OLIVE's side channel, Kato et al.)")),

@@ -1,4 +1,4 @@
-"""Norm clipping of what a client sends, per layer, per tensor or of the whole update.
+"""Clipping of what a client sends: by norm (per layer, per tensor or of the whole update), or by value.
 
 ``clipping`` scales each group of the update down to L2 norm at most ``bound`` (a group under the bound is
 left as it is). The groups (``per``):
@@ -13,6 +13,11 @@ left as it is). The groups (``per``):
 Clipping alone adds no noise and gives no privacy guarantee; it is what the noise mechanisms are calibrated
 to (:mod:`fedleak.defenses.noise`), and on its own it only rescales. Its forward model for a defense-aware
 attack is the same clipping, differentiable in the simulated update.
+
+``value-clipping`` cuts every entry to ``[-bound, bound]``, as ``torch.nn.utils.clip_grad_value_`` does to a
+gradient before it is sent: the entries beyond the bound become exactly ``±bound`` (what
+:mod:`fedleak.clipped_values` reads off an update), the others are sent as they are. Its forward model is the same
+cut.
 """
 
 from __future__ import annotations
@@ -80,3 +85,25 @@ class Clipping(UpdateFilter):
 
     def observe(self, simulated: Tensors, observed: Tensors) -> dict[str, torch.Tensor]:
         return clip_groups(simulated, self.bound, GROUPINGS[self.per])
+
+
+@register_defense
+@dataclass(frozen=True)
+class ValueClipping(UpdateFilter):
+    """Cut every entry of the update to ``[-bound, bound]`` (``torch.nn.utils.clip_grad_value_``)."""
+
+    name: ClassVar[str] = "value-clipping"
+    summary: ClassVar[str] = "cut every entry to [-bound, bound] (torch.nn.utils.clip_grad_value_)"
+    source: ClassVar[str] = "gradient clipping by value, as torch.nn.utils.clip_grad_value_ applies it"
+    strengths: ClassVar[tuple[dict[str, object], ...]] = ({"bound": 0.1}, {"bound": 0.01}, {"bound": 0.001})
+
+    bound: float
+
+    def check(self) -> None:
+        check_open_range(self, "bound", 0.0, float("inf"))
+
+    def apply(self, update: Tensors, batch: ClientBatch | None, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.observe(update, update)
+
+    def observe(self, simulated: Tensors, observed: Tensors) -> dict[str, torch.Tensor]:
+        return {n: t.clamp(-self.bound, self.bound) if t.is_floating_point() else t for n, t in simulated.items()}

@@ -122,6 +122,11 @@ def _auto(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
                                                     f"{facts.update.precision}); it holds the inputs the first Linear "
                                                     "layer's rows give to that rounding (uncertified) and searches "
                                                     f"with {fallback} for the rest")
+    if not facts.exact_possible and facts.update.value_clip is not None:
+        return AttackAdvice(info.name, True, False, f"its exact step cannot certify this update (clipped by value); "
+                                                    "it reads the first Linear layer (a one-sample gradient certified, "
+                                                    f"a batch's rows uncertified) and searches with {fallback} for the "
+                                                    "rest, clipping its simulated gradients alike")
     if not facts.exact_possible:
         rows = ("holds the inputs its first Linear layer's rows give (uncertified) and " if facts.update_kind ==
                 "weights" and facts.update.multi_step and not facts.is_conv else "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedleak.plan.advice import RouteFacts, advise
 from fedleak.plan.proof import ProofCheck
 from fedleak.plan.result import (
@@ -63,6 +65,11 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
         return (f"the exact route cannot certify: {blocker} (the model alone would allow batches up to {up_to}); its "
                 "attack and the first-layer attack still rebuild the samples to within that rounding, uncertified "
                 "(auto runs both)")
+    if kind is not None and kind.value_clip is not None and replace(kind, value_clip=None).exact_route_possible:
+        return (f"the exact route cannot certify: {blocker} (the model alone would allow batches up to {up_to}); the "
+                "first-layer attack still certifies a one-sample gradient's input, and of a batch the inputs of rows "
+                "no entry at the bound touches, uncertified (auto holds them and searches, clipping alike, for the "
+                "rest)")
     if kind is not None and not kind.exact_route_possible:
         return (f"the exact route cannot apply: {blocker} (the model alone would allow batches up to {up_to}); run the "
                 "optimisation attacks below")

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from fedleak.attacks.at_before import model_at_before
+from fedleak.attacks.defense_aware import value_clip_plan
 from fedleak.attacks.exact.decay import peel_decay, read_decay
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.registry import register_attack
+from fedleak.clipped_values import read_value_clip
 from fedleak.nets import as_network
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
@@ -60,8 +62,16 @@ def exclusivity_attack(
     precision = update_precision(update.gradients)
     if update.error or precision.coarse:  # the tolerances grow beyond the gradient's own float32 noise
         noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()}
-    return within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
-                             update.error, precision)
+    rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
+                            update.error, precision)
+    return rec if rec.batch_certified or opts.defense else within_value_clip(rec, update)
+
+
+def within_value_clip(rec: Reconstruction, update: GradientUpdate) -> Reconstruction:
+    """``rec``, every certificate withdrawn and every reason naming it, where the gradient shows clipping by value
+    (:func:`fedleak.clipped_values.read_value_clip`) that the client did not declare."""
+    clip = read_value_clip(update.gradients)
+    return rec if clip is None else value_clip_plan(clip).finish(rec)
 
 
 def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:
