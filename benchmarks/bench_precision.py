@@ -40,11 +40,11 @@ BATCHES = (1, 4, 16)
 
 
 class UserMLP(nn.Module):
-    def __init__(self, hidden: tuple[int, ...]):
+    def __init__(self, hidden: tuple[int, ...], in_features: int = 784, classes: int = 10):
         super().__init__()
-        dims = (784, *hidden)
+        dims = (in_features, *hidden)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = nn.Linear(dims[-1], 10)
+        self.out = nn.Linear(dims[-1], classes)
 
     def forward(self, x):
         x = x.view(x.size(0), -1)
@@ -67,7 +67,7 @@ def client_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fmt: str
 def score(model, update, x, y, attack: str, budget: float) -> dict:
     start = time.perf_counter()
     extra = {"budget": budget, "progress": False} if attack == "auto" else {}
-    rec = fedleak.reconstruct(model, update, attack=attack, input_shape=(1, 28, 28), **extra)
+    rec = fedleak.reconstruct(model, update, attack=attack, input_shape=tuple(x.shape[1:]), **extra)
     seconds = time.perf_counter() - start
     m = fedleak.metrics.match(rec, x, y)
     psnr = np.where(m.matched >= 0, np.nan_to_num(np.asarray(m.psnr, dtype=float), nan=0.0), 0.0)

@@ -23,10 +23,11 @@ import torch
 from fedleak.precision import sample_entries
 
 MIN_UNITS = 2  # units whose largest entries sit at the same magnitude: a clipped update
-#: a clipped gradient keeps thousands of distinct values below its bound; a quantised or sign-compressed one holds a
-#: few levels (as many as :data:`fedleak.update_kind.QUANTISED_LEVELS`), whose top one is no clip
+#: a clipped gradient's largest tensor keeps thousands of distinct values below the bound; a quantised or
+#: sign-compressed one holds a few levels (as many as :data:`fedleak.update_kind.QUANTISED_LEVELS`), whose top one is
+#: no clip
 MIN_LEVELS = 257
-LEVELS_SAMPLE = 1 << 14  # entries of the tensor holding the most entries at the bound that are looked at
+LEVELS_SAMPLE = 1 << 14  # entries of the largest tensor looked at
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def read_value_clip(tensors: Mapping[str, torch.Tensor], min_units: int = MIN_UN
         units.update((layer, int(i)) for i in torch.nonzero(rows).flatten().tolist())
     if len(units) < min_units:
         return None
-    most = max(names, key=lambda n: int((floats[n].abs() == top).sum()))
-    if int(torch.unique(sample_entries(floats[most], LEVELS_SAMPLE)).numel()) < min(MIN_LEVELS, floats[most].numel()):
+    largest = max(floats.values(), key=lambda t: t.numel())
+    if int(torch.unique(sample_entries(largest, LEVELS_SAMPLE)).numel()) < min(MIN_LEVELS, largest.numel()):
         return None
     return ValueClip(top, entries, len(units), tuple(names))

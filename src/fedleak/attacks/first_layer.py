@@ -29,6 +29,12 @@ claim is the standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the dat
 A batch's gradient, and a FedAvg client's weight change (one local step or several, at any learning rate), are
 read row by row instead, uncertified (:mod:`fedleak.attacks.first_layer_rows`).
 
+A gradient clipped by value (``torch.nn.utils.clip_grad_value_``, read off the update: :mod:`fedleak.clipped_values`)
+holds entries cut to the bound: the input is read off a row none of whose entries reach it, and check 3 compares the
+update with the model's gradient clipped alike (the scale fitted on the entries below the bound); where the plain
+check fails and no clipping shows (a clip that cut one unit's entries only), the update's largest magnitude is tried
+as the bound. A batch's rows that hold an entry at the bound are left out.
+
 A gradient whose values carry a format coarser than float32 (sent in float16 or bfloat16, or computed under
 autocast: :mod:`fedleak.precision`) is known to that rounding only: every tolerance grows with it
 (:func:`within_rounding`), one sample's input is read off all its rows weighed together (their roundings average

@@ -185,7 +185,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         at_scale = [k for k in strong if off[k] <= fits[k].scale_tol]
         for k in strong:
             if k not in at_scale:
-                reasons[k] = "scale differs from the batch's common scale (a blend of samples, not a sample)"
+                reasons[k] = ("scale differs from the batch's common scale: a blend of samples, or a sample the "
+                              "client weighed apart from the rest (micro-batches of unequal sizes accumulated)")
         weights = torch.from_numpy(expected).to(device=X.device, dtype=F64)
         dead = weights.abs() * torch.cat(dead_of)
         for k in list(at_scale):
