@@ -5,8 +5,8 @@ A client that calls ``clip_grad_value_(model.parameters(), c)`` before it sends 
 magnitude belongs to one unit (a row of a weight matrix with its bias entry: ``dL/dW_i = dL/dz_i x``, and a sample's
 pixels at the data's top value repeat ``dL/db_i`` along the row); two units whose largest entries agree to the last
 bit do not occur by chance, except the two rows of a two-class output layer, which are each other's negatives
-(``p - onehot(y)`` sums to 0), and count as one. So an update whose largest magnitude is held by entries of two or more units was clipped
-at that magnitude (:func:`read_value_clip`).
+(``p - onehot(y)`` sums to 0), and count as one. So an update whose largest magnitude is held by entries of two or
+more units was clipped at that magnitude (:func:`read_value_clip`).
 
 An entry at the bound is *censored*: the client's true value is at least ``c`` in magnitude, of the same sign. Every
 other entry is as the client computed it. The attacks use this: a row without censored entries is a sample's input
@@ -53,8 +53,8 @@ class ValueClip:
         if self.units < MIN_UNITS:  # a hypothesis an attack confirmed, not what the values show by themselves
             return (f"the update's largest magnitude, {self.bound:.4g} ({self.entries} entries of one unit, in "
                     f"{names}), read as the bound of a clipping by value (torch.nn.utils.clip_grad_value_)")
-        return (f"the update was clipped by value at ±{self.bound:.4g} (torch.nn.utils.clip_grad_value_): {self.entries} "
-                f"entries of {self.units} units ({names}) sit exactly at that magnitude")
+        return (f"the update was clipped by value at ±{self.bound:.4g} (torch.nn.utils.clip_grad_value_): "
+                f"{self.entries} entries of {self.units} units ({names}) sit exactly at that magnitude")
 
 
 def read_value_clip(tensors: Mapping[str, torch.Tensor], min_units: int = MIN_UNITS) -> ValueClip | None:

@@ -126,8 +126,9 @@ def auto_attack(
 
 
 def with_read_clip(update: Any, options: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """The search's options, with the clipping by value a gradient shows (:func:`fedleak.clipped_values.read_value_clip`)
-    as its defense where the client declared none: the search then clips its simulated gradients alike."""
+    """The search's options, with the clipping by value a gradient shows
+    (:func:`fedleak.clipped_values.read_value_clip`) as its defense where the client declared none: the search then
+    clips its simulated gradients alike."""
     if options.get("defense") is not None or isinstance(update, WeightUpdate):
         return options
     clip = read_value_clip(update.gradients)
