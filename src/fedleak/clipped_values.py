@@ -23,11 +23,10 @@ import torch
 from fedleak.precision import sample_entries
 
 MIN_UNITS = 2  # units whose largest entries sit at the same magnitude: a clipped update
-#: a clipped gradient's largest tensor keeps thousands of distinct values below the bound; a quantised or
-#: sign-compressed one holds a few levels (as many as :data:`fedleak.update_kind.QUANTISED_LEVELS`), whose top one is
-#: no clip
-MIN_LEVELS = 257
-LEVELS_SAMPLE = 1 << 14  # entries of the largest tensor looked at
+#: a quantised or sign-compressed update's values are whole multiples of one step, its top one no clip; a clipped
+#: gradient's largest tensor is not on such a grid (its values, sampled, divided by the smallest, are no integers)
+GRID_SAMPLE = 1 << 14
+GRID_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,17 @@ def read_value_clip(tensors: Mapping[str, torch.Tensor], min_units: int = MIN_UN
         units.update((layer, int(i)) for i in torch.nonzero(rows).flatten().tolist())
     if len(units) < min_units:
         return None
-    largest = max(floats.values(), key=lambda t: t.numel())
-    if int(torch.unique(sample_entries(largest, LEVELS_SAMPLE)).numel()) < min(MIN_LEVELS, largest.numel()):
+    if on_grid(max(floats.values(), key=lambda t: t.numel())):
         return None
     return ValueClip(top, entries, len(units), tuple(names))
+
+
+def on_grid(t: torch.Tensor) -> bool:
+    """Whether ``t``'s nonzero values (a strided sample) are whole multiples of the smallest one: a quantised or
+    sign-compressed tensor's are."""
+    v = sample_entries(t, GRID_SAMPLE).abs().double()
+    v = v[v > 0]
+    if not v.numel():
+        return True
+    k = v / v.min()
+    return bool(((k - k.round()).abs() <= GRID_TOL).all())

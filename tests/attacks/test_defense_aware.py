@@ -302,4 +302,19 @@ def test_auto_reads_clipping_by_value(fashion):
         if m == 1:
             assert rec.num_certified == 1 and float(scores.max_abs_error[0]) < 1e-6
         else:
-            assert rec.num_certified == 0 and any("clips its simulated gradients alike" in n for n in rec.notes)
+            assert rec.num_certified == 0 and any("simulated gradients are clipped alike" in n for n in rec.notes)
+
+
+def test_optimisation_attacks_read_clipping_by_value(digits):
+    """Not declared, a clip that shows in the gradient goes into the search's forward model; declared, the client's
+    own defense is used as given."""
+    model = fedleak.make_mlp((1, 8, 8), [64], 10, seed=0)
+    x, y = digits.batch(2, seed=1)
+    update = defended_gradient(model, x, y, "value-clipping:bound=0.002", seed=0).update
+    read = fedleak.reconstruct(model, update, attack="ig", iterations=5, seed=0)
+    assert any("clip_grad_value_" in n and "clipped alike" in n for n in read.notes)
+    told = fedleak.reconstruct(model, update, attack="ig", iterations=5, seed=0, defense="value-clipping:bound=0.002")
+    assert not any("clip_grad_value_" in n for n in told.notes)
+    assert any("value-clipping(bound=0.002)" in n for n in told.notes)
+    plain = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="ig", iterations=5, seed=0)
+    assert not any("forward model" in n for n in plain.notes)

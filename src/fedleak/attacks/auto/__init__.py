@@ -46,8 +46,6 @@ from fedleak.attacks.exact import exclusivity_on_weights
 from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import InversionSettings, RunClock
 from fedleak.attacks.registry import register_attack
-from fedleak.clipped_values import read_value_clip
-from fedleak.defenses.clipping import ValueClipping
 from fedleak.errors import OptionError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate, as_gradient_update, check_matches_model
@@ -121,21 +119,8 @@ def auto_attack(
             if one is not None and one.batch_certified:
                 return one
             exact = one  # a batch's first-layer rows (uncertified), held in the search
-        return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget,
-                      with_read_clip(update, options, notes))
+        return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
 
-
-def with_read_clip(update: Any, options: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    """The search's options, with the clipping by value a gradient shows
-    (:func:`fedleak.clipped_values.read_value_clip`) as its defense where the client declared none: the search then
-    clips its simulated gradients alike."""
-    if options.get("defense") is not None or isinstance(update, WeightUpdate):
-        return options
-    clip = read_value_clip(update.gradients)
-    if clip is None:
-        return options
-    notes.append(f"auto: {clip.describe()}: the search clips its simulated gradients alike (defense-aware)")
-    return {**options, "defense": ValueClipping(bound=clip.bound)}
 
 
 #: what the search takes beside its settings (:class:`~fedleak.attacks.inversion.InversionSettings`)

@@ -19,6 +19,9 @@ from fedleak.attacks.inversion.prior import Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
 from fedleak.attacks.inversion.target import Target, batch_size_of, prepare_target, resolve_labels
 from fedleak.attacks.registry import register_attack
+from fedleak.clipped_values import read_value_clip
+from fedleak.defenses.clipping import ValueClipping
+from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
@@ -91,6 +94,8 @@ def run_optimization_attack(
     settings = settings_from(defaults, options, name)
     target = prepare_target(model, update, input_shape=input_shape, dtype=settings.torch_dtype)
     notes: list[str] = []
+    if not stack and target.kind == "gradient":
+        stack = read_clip_stack(target.mapping, notes)
     if target.kind == "weights":
         steps = settings.local_steps or target.local_steps
         if steps is None:
@@ -146,6 +151,16 @@ def run_optimization_attack(
     why = ("",) * n_known + (place.reasons if place is not None else
                              ((prior.reason if prior is not None else ""),) * (m - n_known))
     return to_reconstruction(name, result, target, m, counts, notes, reasons=why)
+
+
+def read_clip_stack(observed: dict[str, torch.Tensor], notes: list[str]) -> DefenseStack:
+    """The clipping by value a gradient shows (:func:`fedleak.clipped_values.read_value_clip`), as the defense of a
+    client that declared none (a note says so); else no defense."""
+    clip = read_value_clip(observed)
+    if clip is None:
+        return DefenseStack.of(None)
+    notes.append(f"{clip.describe()}: the simulated gradients are clipped alike (defense-aware)")
+    return DefenseStack.of(ValueClipping(bound=clip.bound))
 
 
 # ----------------------------------------------------------------------------------------------------------
