@@ -64,12 +64,15 @@ def read_value_clip(tensors: Mapping[str, torch.Tensor], min_units: int = MIN_UN
     floats = {n: t.detach() for n, t in tensors.items() if t.is_floating_point() and t.numel()}
     if not floats:
         return None
-    top = max(float(t.abs().max()) for t in floats.values())
+    peaks = {n: max(-float(lo), float(hi)) for n, (lo, hi) in ((n, torch.aminmax(t)) for n, t in floats.items())}
+    top = max(peaks.values())  # one pass over the update, no copy: it runs after attacks that certified little
     if not top > 0 or top == float("inf"):
         return None
     units: set[tuple[str, int]] = set()
     entries, names = 0, []
     for name, t in floats.items():
+        if peaks[name] != top:
+            continue
         at = t.abs() == top
         count = int(at.sum())
         if not count:
