@@ -93,7 +93,7 @@ class UpdateKind:
     @property
     def exact_route_possible(self) -> bool:
         """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change,
-        not noised, sparsified or quantised."""
+        not noised, sparsified, quantised, rounded to a coarser format or clipped by value."""
         return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None
                 and self.precision is None and self.value_clip is None)
 

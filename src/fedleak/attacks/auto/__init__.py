@@ -122,7 +122,6 @@ def auto_attack(
         return finish(model, update, plan, exact, clock, notes, input_shape, batch_size, budget, options)
 
 
-
 #: what the search takes beside its settings (:class:`~fedleak.attacks.inversion.InversionSettings`)
 SEARCH_ARGUMENTS = ("labels", "defense")
 #: auto's own options, beside the search's
