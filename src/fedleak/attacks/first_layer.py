@@ -286,13 +286,15 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     observed = dict(update.gradients)
     clip = read_value_clip(observed)  # clip_grad_value_: rows with an entry at the bound are not the sample's
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
+        caveat = withheld(layer.masking, opts.train_dropout)
         if clip is not None:  # read as silent: the rows no entry at the bound touches stay exact
             whole = ~(clip.censored(G).any(1) | clip.censored(g))
             G, g = G * whole[:, None], g * whole
-            notes = (*notes, f"{clip.describe()}: the first layer's rows that hold an entry at it are left out")
+            caveat = "; ".join(c for c in (caveat, f"{clip.describe()}: the rows holding an entry at it were left "
+                                                   "out, and no certificate covers a batch clipped so") if c)
         m = update.num_examples
-        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=withheld(layer.masking, opts.train_dropout),
-                         compressed=_compressed(model, update), rounded=rounded)
+        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=caveat, compressed=_compressed(model, update),
+                         rounded=rounded)
         return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
     read = _read_one(model, G, g, shape, observed, opts, rounded, clip)
     if clip is None and isinstance(read, tuple) and min(f.residual for f in read[1].values()) > opts.tolerance:
