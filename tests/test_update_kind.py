@@ -141,3 +141,11 @@ def test_clipping_by_value_is_detected_and_not_read_as_noise(setting):
     assert kind.value_clip == pytest.approx(1e-3) and not kind.exact_route_possible and not kind.noised
     assert "clipped by value at ±0.001" in kind.summary() and "clip_grad_value_" in kind.evidence[0]
     assert describe_update(grads, model).value_clip is None
+
+
+def test_a_negated_gradient_is_said_to_read_so(setting):
+    model, x, y = setting
+    grads = fedleak.compute_gradient_update(model, x[:4], y[:4]).gradients
+    assert not any("negative of a cross-entropy gradient" in e for e in describe_update(grads, model).evidence)
+    kind = describe_update({k: -v for k, v in grads.items()}, model)
+    assert any("negative of a cross-entropy gradient" in e and "WeightUpdate" in e for e in kind.evidence)

@@ -273,6 +273,10 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         evidence.append(f"{cut.describe()}: the exact route certifies none of a batch; a one-sample gradient's "
                         "first Linear layer still gives its input, certified, and a batch's first-layer rows the "
                         "inputs no entry at the bound touches, uncertified (auto holds them)")
+    if kind == "gradient" and model is not None:
+        from fedleak.attacks.labels import negated_columns
+
+        evidence.extend(filter(None, [negated_columns(model, tensors)]))
     noised, sparsified, quantised = _signatures(tensors, model, evidence, precision.roundoff, cut is not None)
     summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0

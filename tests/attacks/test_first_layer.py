@@ -138,3 +138,25 @@ def test_a_batch_clipped_by_value_leaves_out_the_rows_at_the_bound(fashion):
     assert float(scores.max_abs_error[scores.matched >= 0].max()) < 1e-5  # every input it gives is a sample's
     assert all("clip_grad_value_" in s.reason and "holding an entry at it were left out" in s.reason
                for s in rec.samples)
+
+
+def test_a_negated_gradient_is_read_and_said(fashion):
+    """A weight change new - old passed as a gradient is the gradient's negative: one sample is still certified (its
+    input is the row over its bias entry whatever the sign), and a batch the attacks rebuild nothing of says what
+    the update reads as."""
+    torch.manual_seed(0)
+    model = DropoutMLP(784, 256, 10).eval()
+    x, y = fashion.batch(1, seed=5)
+    update = fedleak.compute_gradient_update(model, x, y)
+    negated = fedleak.GradientUpdate({n: -g for n, g in update.gradients.items()}, num_examples=1)
+    rec = fedleak.reconstruct(model, negated, attack="first-layer")
+    assert rec.num_certified == 1 and rec.labels.tolist() == y.tolist() and rec.samples[0].scale < 0
+    assert float(fedleak.metrics.match(rec, x, y).max_abs_error[0]) < 1e-6
+    assert any("the gradient's negative" in n for n in rec.notes)
+    x, y = fashion.batch(4, seed=5)
+    update = fedleak.compute_gradient_update(model, x, y)
+    negated = fedleak.GradientUpdate({n: -g for n, g in update.gradients.items()}, num_examples=4)
+    for attack in ("exclusivity", "first-layer"):
+        rec = fedleak.reconstruct(model, negated, attack=attack)
+        assert len(rec) == 0 and "reads as the negative of a cross-entropy gradient" in rec.why_uncertified()
+    assert "negative of a cross-entropy gradient" not in fedleak.reconstruct(model, update).why_uncertified()

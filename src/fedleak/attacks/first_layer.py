@@ -52,7 +52,7 @@ from torch import nn
 
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.first_layer_rows import ROUNDED_ROUTE, LayerRows, least_squares, rebuild_rows
-from fedleak.attacks.labels import class_signal
+from fedleak.attacks.labels import class_signal, with_negated_hint
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
 from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
@@ -184,7 +184,7 @@ def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torc
     free = [torch.ones_like(t, dtype=torch.bool) if clip is None else ~clip.censored(t) for _, t in pairs]
     scale = (sum(float((g * t)[k].sum()) for (g, t), k in zip(pairs, free))
              / max(sum(float((g * g)[k].sum()) for (g, _), k in zip(pairs, free)), 1e-300))
-    if not scale > 0:
+    if not (scale != 0 and math.isfinite(scale)):  # negative: the update is the gradient's negative
         return Fit(scale, math.inf)
     worst = 0.0
     for g, t in pairs:
@@ -295,7 +295,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
         m = update.num_examples
         rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=caveat, compressed=_compressed(model, update),
                          rounded=rounded)
-        return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
+        return with_negated_hint(model, observed, rebuild_rows(model, layer.name, rows, shape, opts, notes, start))
     read = _read_one(model, G, g, shape, observed, opts, rounded, clip)
     if clip is None and isinstance(read, tuple) and min(f.residual for f in read[1].values()) > opts.tolerance:
         # a clip that cut one unit's entries does not show in the values: tried as the hypothesis it is
@@ -324,6 +324,10 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
         if clip is not None:
             notes = (*notes, f"{clip.describe()}: the input is read off a row none of whose entries reaches it, and "
                              "the model's gradient at it, clipped alike, reproduces the update")
+        if fit.scale < 0:
+            notes = (*notes, f"the update is the gradient's negative (scale {fit.scale:.4g}): a weight change new - "
+                             "old (minus the learning rate times the gradient) reads so; the input is the sample's all "
+                             "the same")
     return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, fit)
 
 

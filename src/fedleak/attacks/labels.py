@@ -20,6 +20,7 @@ proportional to ``w_c n_c`` and the rule divides it by ``w_c``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.nets.frontend import output_linear
+from fedleak.reconstruction import Reconstruction
 
 
 def output_layer_names(model: nn.Module) -> tuple[str, str | None]:
@@ -100,3 +102,47 @@ def infer_labels(
         return torch.tensor([int(torch.argmin(signal))], dtype=torch.long)
     counts = infer_label_counts(signal, batch_size, known, class_weights)
     return torch.repeat_interleave(torch.arange(len(counts)), torch.from_numpy(counts)).long()
+
+
+NEGATED_MIN_CLASSES = 4  # fewer, and a column shared by samples of the other labels has one positive entry by nature
+#: what an update that reads as a gradient's negative is said to be, and what to do with it
+NEGATED_HINT = ("the update reads as the negative of a cross-entropy gradient: {evidence}; a weight change new - old "
+                "(minus the learning rate times the gradient, as FedOpt-style code computes its pseudo-gradient) reads "
+                "so: pass it as a WeightUpdate (before and after) or negated (a confident model trained with label "
+                "smoothing can read so too)")
+
+
+def negated_columns(model: nn.Module, update: Mapping[str, torch.Tensor]) -> str:
+    """Why ``update`` reads as the negative of a cross-entropy gradient, in words, or empty (at least
+    :data:`NEGATED_MIN_CLASSES` classes).
+
+    A penultimate unit that fires for one sample has the output-weight column ``s a (p - onehot(y))``: one negative
+    entry, the others positive. Negated, it has one positive entry and the others negative. A gradient whose output
+    layer holds more columns of the second kind than of the first reads as negated. Measured at initialisation
+    (fedleak's MLPs of one and two hidden layers and a CNN, three seeds, batches of 1-64, raw and standardised
+    inputs): on digits and Fashion-MNIST (ten classes) every one of 216 gradients had more of the first kind and
+    every negated one more of the second; on three classes (MNI152) 5 of 108 gradients had more of the second kind
+    (a column two samples of two other labels share has one positive entry there too), so three classes are not
+    read."""
+    try:
+        w_name, _ = output_layer_names(model)
+    except FedleakError:
+        return ""
+    G = update.get(w_name)
+    if G is None or G.ndim != 2 or G.shape[0] < NEGATED_MIN_CLASSES:
+        return ""
+    G = G.detach()
+    neg, pos = (G < 0).sum(0), (G > 0).sum(0)
+    k = G.shape[0]
+    one_neg, one_pos = int(((neg == 1) & (pos == k - 1)).sum()), int(((pos == 1) & (neg == k - 1)).sum())
+    if one_pos <= one_neg:
+        return ""
+    return NEGATED_HINT.format(evidence=f"{one_pos} of its output layer's columns have one positive entry, "
+                                        f"{one_neg} one negative entry, where a gradient's have one negative entry")
+
+
+def with_negated_hint(model: nn.Module, observed: dict[str, torch.Tensor], rec: Reconstruction) -> Reconstruction:
+    """``rec``, where it rebuilt nothing and the gradient reads as a gradient's negative
+    (:func:`negated_columns`), with that reading in its missing reason."""
+    hint = negated_columns(model, observed) if not len(rec) else ""
+    return replace(rec, missing_reason="; ".join(filter(None, (rec.missing_reason, hint)))) if hint else rec

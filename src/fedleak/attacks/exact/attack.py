@@ -20,6 +20,7 @@ from fedleak.attacks.exact.decay import peel_decay, read_decay
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
+from fedleak.attacks.labels import with_negated_hint
 from fedleak.attacks.registry import register_attack
 from fedleak.clipped_values import read_value_clip
 from fedleak.nets import as_network
@@ -64,6 +65,7 @@ def exclusivity_attack(
         noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()}
     rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
                             update.error, precision)
+    rec = with_negated_hint(model, update.gradients, rec)
     return rec if rec.batch_certified or opts.defense else within_value_clip(rec, update)
 
 
