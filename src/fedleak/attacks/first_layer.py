@@ -176,15 +176,17 @@ class Fit:
 
 
 def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor],
-         clip: ValueClip | None = None) -> Fit:
+         clip: ValueClip | None = None, signed: bool = False) -> Fit:
     """The gradient at ``x`` for ``label`` against ``observed``; with ``clip`` the scale is fitted on the entries below
-    the bound and the scaled gradient is clipped alike before it is compared."""
+    the bound and the scaled gradient is clipped alike before it is compared. ``signed``: a negative scale (the
+    update is the gradient's negative) may fit; with two classes it may not, since ``-(p - onehot(y))`` is then
+    parallel to the other label's ``p - onehot(y')`` and the label could not be told."""
     grads = compute_gradient_update(model, x, torch.tensor([label], device=x.device)).gradients
     pairs = [(grads[n].to(device=t.device, dtype=F64), t.to(F64)) for n, t in observed.items()]
     free = [torch.ones_like(t, dtype=torch.bool) if clip is None else ~clip.censored(t) for _, t in pairs]
     scale = (sum(float((g * t)[k].sum()) for (g, t), k in zip(pairs, free))
              / max(sum(float((g * g)[k].sum()) for (g, _), k in zip(pairs, free)), 1e-300))
-    if not (scale != 0 and math.isfinite(scale)):  # negative: the update is the gradient's negative
+    if not (scale > 0 or (signed and scale < 0)) or not math.isfinite(scale):
         return Fit(scale, math.inf)
     worst = 0.0
     for g, t in pairs:
@@ -347,9 +349,11 @@ def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[i
     x = least_squares(G, g, torch.nonzero(whole).flatten()) if rounded else G[row] / g[row]
     x = x.reshape(1, *shape).to(next(model.parameters()).dtype)
     label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
-    fits = {label: _fit(model, x, label, observed, clip)}
+    classes = _classes(model, x)
+    signed = classes >= 3  # a gradient's negative (a weight change new - old) tells its label from three classes on
+    fits = {label: _fit(model, x, label, observed, clip, signed)}
     if fits[label].residual > opts.tolerance:  # no bias, or another loss: every class is tried
-        fits.update({c: _fit(model, x, c, observed, clip) for c in range(_classes(model, x)) if c != label})
+        fits.update({c: _fit(model, x, c, observed, clip, signed) for c in range(classes) if c != label})
     return x, fits
 
 
