@@ -90,7 +90,8 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%d"),
             "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
             "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seeds": args.seeds,
-            "fractions": list(FRACTIONS), "command": f"python benchmarks/hunt_clipped_one_sample.py --seeds {args.seeds}"}
+            "fractions": list(FRACTIONS),
+            "command": f"python benchmarks/hunt_clipped_one_sample.py --seeds {args.seeds}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     total = {k: sum(r[k] for r in rows) for k in ("gradients", "certified", "false")}
