@@ -232,6 +232,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     the noise and sparsification signatures. ``declared``: facts the server knows from its run configuration
     (keys :data:`DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
     """
+    from fedleak.clipped_norms import read_layer_clip
     from fedleak.clipped_values import read_value_clip
     from fedleak.precision import update_precision
     from fedleak.updates import WeightUpdate, as_gradient_update
@@ -277,6 +278,10 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         from fedleak.attacks.labels import negated_columns
 
         evidence.extend(filter(None, [negated_columns(model, tensors)]))
+    layers = read_layer_clip(tensors) if kind == "gradient" and cut is None else None
+    if layers is not None:
+        evidence.append(f"{layers.describe()}: the exclusivity attack undoes the layers' unknown factors (as for a "
+                        "declared clipping per layer), and the searches clip alike")
     noised, sparsified, quantised = _signatures(tensors, model, evidence, precision.roundoff, cut is not None)
     summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
     noise_declared = facts.get("noise_multiplier", 0) > 0

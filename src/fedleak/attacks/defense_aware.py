@@ -331,11 +331,6 @@ def value_clipping_rule(defense: Defense, context: ExactContext) -> ExactPlan:
     return refused(defense, f"{VALUE_CLIPPED} ({reached} entries at it)")
 
 
-def value_clip_plan(clip: Any) -> ExactPlan:
-    """The plan for value clipping read off the update (:class:`fedleak.clipped_values.ValueClip`), not declared."""
-    return ExactPlan(refusal=f"{clip.describe()}: {VALUE_CLIPPED}, so no certificate is possible")
-
-
 def noise_rule(p: float, scale_field: str, kind: str) -> ExactRule:
     """A noise filter's rule: refused with noise; without it (scale 0) only its whole-update clipping remains."""
     def rule(defense: Defense, context: ExactContext) -> ExactPlan:

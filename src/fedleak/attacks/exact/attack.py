@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from fedleak.attacks.at_before import model_at_before
-from fedleak.attacks.defense_aware import value_clip_plan
+from fedleak.attacks.defense_aware import ExactPlan, exact_plan
 from fedleak.attacks.exact.decay import peel_decay, read_decay
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.labels import with_negated_hint
+from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
-from fedleak.clipped_values import read_value_clip
+from fedleak.defenses.stack import DefenseStack
 from fedleak.nets import as_network
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
@@ -66,14 +67,20 @@ def exclusivity_attack(
     rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
                             update.error, precision)
     rec = with_negated_hint(model, update.gradients, rec)
-    return rec if rec.batch_certified or opts.defense else within_value_clip(rec, update)
-
-
-def within_value_clip(rec: Reconstruction, update: GradientUpdate) -> Reconstruction:
-    """``rec``, every certificate withdrawn and every reason naming it, where the gradient shows clipping by value
-    (:func:`fedleak.clipped_values.read_value_clip`) that the client did not declare."""
-    clip = read_value_clip(update.gradients)
-    return rec if clip is None else value_clip_plan(clip).finish(rec)
+    if rec.batch_certified or opts.defense:
+        return rec
+    read = read_defense(update.gradients)  # a defense the client did not declare, which the update shows
+    if read is None:
+        return rec
+    plan = exact_plan(DefenseStack.of(read.defense), update.gradients, net)
+    if plan.refusal:  # withdrawn where the values prove the defense; a mere hypothesis leaves the result as it is
+        return ExactPlan(refusal=f"{read.evidence}; {plan.refusal}").finish(rec) if read.certain else rec
+    again = within_conv_model(run_exclusivity(model, net, update, replace(opts, defense=DefenseStack.of(read.defense)),
+                                              noise=noise, precision=precision), net, update.error, precision)
+    if again.num_certified <= rec.num_certified:
+        return rec
+    return replace(again, notes=(*again.notes, f"{read.evidence}: read as {read.defense.label}, which the client did "
+                                               "not declare"))
 
 
 def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:

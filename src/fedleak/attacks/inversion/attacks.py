@@ -18,9 +18,8 @@ from fedleak.attacks.inversion.clock import RunClock
 from fedleak.attacks.inversion.prior import Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
 from fedleak.attacks.inversion.target import Target, batch_size_of, prepare_target, resolve_labels
+from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
-from fedleak.clipped_values import read_value_clip
-from fedleak.defenses.clipping import ValueClipping
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction, SampleRecovery
@@ -88,13 +87,15 @@ def run_optimization_attack(
     counts, why the rest is unknown). ``clock``: the run's :class:`~fedleak.attacks.inversion.clock.RunClock`
     when this search is one stage of a longer run (``auto``). Option ``defense``: the client's defenses (a
     :class:`~fedleak.defenses.DefenseStack`, a defense, a spec ``"top-k:ratio=0.1"`` or a list): the simulated
-    update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_aware`).
+    update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_aware`); not given,
+    the clipping a gradient shows is modelled (:mod:`fedleak.attacks.read_defense`), and ``"none"`` models nothing.
     """
-    stack = defense_stack(options.pop("defense", None))
+    declared = options.pop("defense", None)
+    stack = defense_stack(declared)
     settings = settings_from(defaults, options, name)
     target = prepare_target(model, update, input_shape=input_shape, dtype=settings.torch_dtype)
     notes: list[str] = []
-    if not stack and target.kind == "gradient":
+    if declared is None and target.kind == "gradient":  # not declared (defense="none" declares no defense)
         stack = read_clip_stack(target.mapping, notes)
     if target.kind == "weights":
         steps = settings.local_steps or target.local_steps
@@ -154,13 +155,13 @@ def run_optimization_attack(
 
 
 def read_clip_stack(observed: dict[str, torch.Tensor], notes: list[str]) -> DefenseStack:
-    """The clipping by value a gradient shows (:func:`fedleak.clipped_values.read_value_clip`), as the defense of a
-    client that declared none (a note says so); else no defense."""
-    clip = read_value_clip(observed)
-    if clip is None:
+    """The clipping a gradient shows (:func:`fedleak.attacks.read_defense.read_defense`), as the defense of a client
+    that declared none (a note says so); else no defense."""
+    read = read_defense(observed)
+    if read is None:
         return DefenseStack.of(None)
-    notes.append(f"{clip.describe()}: the simulated gradients are clipped alike (defense-aware)")
-    return DefenseStack.of(ValueClipping(bound=clip.bound))
+    notes.append(f"{read.evidence}: the simulated gradients go through {read.defense.label} alike (defense-aware)")
+    return DefenseStack.of(read.defense)
 
 
 # ----------------------------------------------------------------------------------------------------------
