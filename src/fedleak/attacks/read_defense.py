@@ -6,8 +6,9 @@
   ``clipping(per="layer")`` at that norm, a hypothesis the exclusivity attack's certificate tests (a chance agreement
   of two layers' norms makes it measure factors of 1).
 
-The exclusivity attack reads them after a run that certified less than the whole batch; the optimisation attacks
-before they search (their forward model). A client's declared defense always comes first.
+The exclusivity attack reads them after a run that certified less than the whole batch (clipping per layer after
+one that certified nothing: the layers' different factors break every certificate); the optimisation attacks before
+they search (their forward model). A client's declared defense always comes first.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ class ReadDefense:
     certain: bool
 
 
-def read_defense(tensors: Mapping[str, torch.Tensor]) -> ReadDefense | None:
-    """The defense a gradient (name -> tensor) shows, or None."""
+def read_defense(tensors: Mapping[str, torch.Tensor], per_layer: bool = True) -> ReadDefense | None:
+    """The defense a gradient (name -> tensor) shows, or None; ``per_layer=False`` looks for clipping by value only
+    (one pass over the update instead of two)."""
     clip = read_value_clip(tensors)
     if clip is not None:
         return ReadDefense(ValueClipping(bound=clip.bound), clip.describe(), True)
-    layers = read_layer_clip(tensors)
+    layers = read_layer_clip(tensors) if per_layer else None
     if layers is not None:
         return ReadDefense(Clipping(bound=layers.bound, per="layer"), layers.describe(), False)
     return None

@@ -69,7 +69,8 @@ def exclusivity_attack(
     rec = with_negated_hint(model, update.gradients, rec)
     if rec.batch_certified or opts.defense:
         return rec
-    read = read_defense(update.gradients)  # a defense the client did not declare, which the update shows
+    # a defense the client did not declare, which the update shows (per-layer clipping leaves nothing certified)
+    read = read_defense(update.gradients, per_layer=not rec.num_certified)
     if read is None:
         return rec
     plan = exact_plan(DefenseStack.of(read.defense), update.gradients, net)
