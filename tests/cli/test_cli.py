@@ -167,8 +167,9 @@ def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
 
 
 def test_reconstruct_command_with_the_clients_defense(tmp_path, capsys, fashion):
-    """``--defense``: a per-sample clipped gradient certifies when the attack is told the bound; a defense the
-    attack cannot take, or an unknown one, is one line and exit 2."""
+    """``--defense``: a per-layer clipped gradient certifies when the attack is told the bound, and when it is not
+    (read off the layers' equal norms, and said); a defense the attack cannot take, or an unknown one, is one line and
+    exit 2."""
     import fedleak
 
     model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
@@ -176,7 +177,7 @@ def test_reconstruct_command_with_the_clients_defense(tmp_path, capsys, fashion)
     sent = fedleak.defended_gradient(model, x, y, "clipping:bound=0.5", seed=0)
     run = _exact_reconstruct(tmp_path, capsys, model, sent.update)
     for extra, code, said in [
-        ((), 0, "0 certified"),
+        ((), 0, "4 certified"),
         (("--defense", "clipping:bound=0.5"), 0, "4 certified"),
         (("--defense", "clipping:bound=0.5", "--attack", "first-layer"), 2,
          "unknown first-layer option(s): ['defense']"),
