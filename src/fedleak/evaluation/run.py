@@ -261,6 +261,8 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
         if info.optimises else {}
     if aware:
         options["defense"] = _bound(stack, fed)
+    elif info.takes_defense and info.optimises:  # as published: no forward model, none read off the update either
+        options["defense"] = "none"
     if attack == "auto":
         options["progress"] = False  # one progress bar: the evaluation's own (as an audit's)
     recovered = leaked = false = samples = 0
