@@ -87,12 +87,17 @@ def cell(data: fedleak.Dataset, hidden: tuple[int, ...], fmt: str, batch: int, s
         out["samples"] += batch
         for attack in runs:
             runs[attack].append(score(model, update, x, y, attack, budget))
-    for attack, rs in runs.items():
-        psnr = [p for r in rs for p in r["psnr"] if p > 0]
-        out[attack] = {"certified": sum(r["certified"] for r in rs), "false": sum(r["false"] for r in rs),
-                       "near": sum(r["near"] for r in rs), "median_psnr": float(np.median(psnr)) if psnr else 0.0,
-                       "seconds": float(np.median([r["seconds"] for r in rs]))}
+    out.update({attack: summarise(rs) for attack, rs in runs.items()})
     return out
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One attack's :func:`score` over a cell's batches: counts summed, the matched samples' median PSNR, the median
+    seconds."""
+    psnr = [p for r in runs for p in r["psnr"] if p > 0]
+    return {"certified": sum(r["certified"] for r in runs), "false": sum(r["false"] for r in runs),
+            "near": sum(r["near"] for r in runs), "median_psnr": float(np.median(psnr)) if psnr else 0.0,
+            "seconds": float(np.median([r["seconds"] for r in runs]))}
 
 
 def _table(rows: list[dict]) -> str:

@@ -22,9 +22,8 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from bench_precision import UserMLP, score
+from bench_precision import UserMLP, score, summarise
 from doc_section import write_section
 from torch.nn import functional as F
 
@@ -64,10 +63,7 @@ def cell(data: fedleak.Dataset, bound: float | None, batch: int, seeds: int, see
         for attack in ATTACKS:
             runs[attack].append(score(model, update, x, y, attack, budget))
     out["clipped_entries"] /= seeds
-    for attack, rs in runs.items():
-        psnr = [p for r in rs for p in r["psnr"] if p > 0]
-        out[attack] = {"certified": sum(r["certified"] for r in rs), "false": sum(r["false"] for r in rs),
-                       "near": sum(r["near"] for r in rs), "median_psnr": float(np.median(psnr)) if psnr else 0.0}
+    out.update({attack: summarise(rs) for attack, rs in runs.items()})
     return out
 
 
