@@ -36,6 +36,13 @@ SEVERAL_STEPS = ("nothing was certified; if the client took several local steps 
                  "Linear layer's rows still give")
 
 
+#: the note of a batch size read off the samples' common scale, not reported
+INFERRED_SIZE = ("the batch size {m} is read off the samples' common scale 1/{m}, a mean-loss gradient's: an update "
+                 "scaled otherwise (a weight change old - new passed as a gradient, whose scale is the learning rate "
+                 "over the batch size; a gradient divided further) reads as another size, which only the count the "
+                 "client reports settles (num_examples)")
+
+
 @register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True, takes_defense=True,
                  description="deterministic, certified reconstruction from exclusively activated neurons "
                              "(MLPs, and CNNs through their conv layers)")
@@ -67,6 +74,8 @@ def exclusivity_attack(
     rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
                             update.error, precision)
     rec = with_negated_hint(model, update.gradients, rec)
+    if update.num_examples is None and rec.batch_size is not None and opts.known_scale and opts.class_weights is None:
+        rec = replace(rec, notes=(*rec.notes, INFERRED_SIZE.format(m=rec.batch_size)))
     if rec.batch_certified or opts.defense:
         return rec
     # a defense the client did not declare, which the update shows (per-layer clipping leaves nothing certified)
