@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -117,10 +118,37 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     """:func:`batch_gradient` with the weights ``streamed`` through :class:`Linear64`."""
     weights = {k: params[k].detach() for k in streamed}
     sinks: dict[str, list] = {k: [] for k in streamed}
-    leaves = {k: cast(v, F64).detach().requires_grad_(True) for k, v in params.items() if k not in streamed}
+    leaves = {k: leaf(cast(v, F64)) for k, v in params.items() if k not in streamed}
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
     with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
     loss = client_loss(logits, y, "sum", label_smoothing=smoothing, class_weights=class_weights)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return BatchGradient({k: g.detach() for k, g in zip(leaves, grads)}, sinks)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a leaf autograd differentiates by: detached, and copied where it was made in inference mode (the
+    float64 copy an MLP's attack cached there)."""
+    return (t.clone() if t.is_inference() else t.detach()).requires_grad_(True)
+
+
+def gradient_residual(pred: BatchGradient, grads: dict[str, torch.Tensor], factor: float | None = None
+                      ) -> tuple[float, float]:
+    """How far ``factor`` times the rebuilt batch's gradient ``pred`` is from the observed ``grads`` (every parameter
+    they hold): the worst parameter's residual relative to its observed gradient, and the factor (where None, the
+    least-squares fit over every parameter: an update's unknown common scale)."""
+
+    def totals(k: str, *terms) -> list[float]:  # each term summed over k's pieces, in one pass
+        out = [0.0] * len(terms)
+        for p, o in pred.pieces(k, grads[k]):
+            for j, term in enumerate(terms):
+                out[j] += float(term(p, o).sum())
+        return out
+
+    if factor is None:
+        fits = [totals(k, lambda p, o: p * o, lambda p, o: p * p) for k in grads]
+        factor = sum(f[0] for f in fits) / max(sum(f[1] for f in fits), 1e-300)
+    worst = max(float(np.sqrt(res)) / max(float(np.sqrt(obs)), 1e-300) for res, obs in (
+        totals(k, lambda p, o: (factor * p - o) ** 2, lambda p, o: o * o) for k in grads))
+    return worst, factor

@@ -58,6 +58,10 @@ from fedleak.reconstruction import SampleRecovery
 
 F64 = torch.float64
 
+#: the note on the candidates the certificate ruled out as blends (after their count)
+BLENDS = ("rebuilt candidate(s) are blends of samples (their scale or the joint test rules them out); they are returned "
+          "uncertified")
+
 
 # -------------------------------------------------------------------------------------------------------
 # The certificate

@@ -34,13 +34,14 @@ from torch import nn
 
 from fedleak.attacks.defense_aware import exact_plan
 from fedleak.attacks.exact import dropout
-from fedleak.attacks.exact.batch_gradient import batch_gradient
+from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residual
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
-from fedleak.attacks.exact.certificate import off_scale_note, strongly_witnessed
+from fedleak.attacks.exact.certificate import BLENDS, off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.class_weights import class_scale_note
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
+from fedleak.attacks.exact.repeats import with_repeats
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.attacks.masked_input import first_module, input_masking, withheld
@@ -90,11 +91,13 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 rec, off_scale, opts = replace(again, notes=(*again.notes, smoothing.note())), again_off, smoothed
             else:
                 rec = replace(rec, notes=(*rec.notes, smoothing.note(certified=False)))
+        used = opts  # the reading the result is of
         if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
             # the label smoothing as the first reading left it (given, read, or 0): it is not read a second time
             scaled = replace(opts, known_scale=False, label_smoothing=opts.smoothing)
             again, _, _ = run_pinned(model, net, update, scaled, noise, name, precision)
             if again.num_certified:
+                used = scaled
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
                                             f"(known_scale=False; a clipped, accumulated or summed gradient, or a "
                                             f"batch that holds each sample the same number of times), as the "
@@ -111,7 +114,10 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                                      precision)
             if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
-    return replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
+                used = replace(used, train_dropout=True)
+    rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
+    # samples the batch holds more than once (read by the whole gradient, on autograd: out of inference mode)
+    return with_repeats(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
@@ -217,8 +223,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         notes.append("the certified samples are the whole batch and reproduce the whole observed gradient")
     blends = [r for r in records if not r.certified and "blend" in r.reason and not opts.train_dropout]
     if blends and not off_scale:  # at a wrong common scale, the samples' scales do not tell blends
-        notes.append(f"{len(blends)} rebuilt candidate(s) are blends of samples (their scale or the joint test rules "
-                     "them out); they are returned uncertified")
+        notes.append(f"{len(blends)} {BLENDS}")
     missing = found.missing(head, records, cert.batch_size)
     caveats = read_caveats
     # a gradient computed under autocast or sent in float16, or weights sent in float16: its rounding alone exceeds
@@ -408,18 +413,8 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
     dev = next(model.parameters()).device
     y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
     pred = batch_gradient(model, net, walk.inputs.to(dev), y, opts.smoothing, opts.class_weights)
-
-    def totals(k: str, *terms) -> list[float]:  # each term summed over k's pieces, in one pass
-        out = [0.0] * len(terms)
-        for p, o in pred.pieces(k, grads[k].to(dev)):
-            for j, term in enumerate(terms):
-                out[j] += float(term(p, o).sum())
-        return out
-
-    factor = opts.common_scale(batch_size) if opts.known_scale and not opts.weighted_mean else (
-        sum(totals(k, lambda p, o: p * o)[0] for k in grads) / sum(totals(k, lambda p, o: p * p)[0] for k in grads))
-    worst = max(float(np.sqrt(res)) / max(float(np.sqrt(obs)), 1e-300) for res, obs in (
-        totals(k, lambda p, o: (factor * p - o) ** 2, lambda p, o: o * o) for k in grads))
+    known = opts.common_scale(batch_size) if opts.known_scale and not opts.weighted_mean else None
+    worst, _ = gradient_residual(pred, {k: g.to(dev) for k, g in grads.items()}, known)
     if worst > opts.batch_tol:
         notes.append(f"the rebuilt batch leaves a relative gradient residual of {worst:.2e}")
         return False

@@ -1,0 +1,127 @@
+"""Samples a batch holds more than once (drawn with replacement: a weighted sampler, oversampling a rare class),
+read off the rebuilt samples' scales.
+
+A sample the batch holds ``k`` times enters the gradient ``k`` times over the same rows: those rows give its input
+exactly, as one copy's would, at ``k`` times the batch's common scale (``k/M`` of a mean-loss gradient of ``M``
+examples). The certificate takes no such sample (a blend of samples can sit at a whole multiple of the scale too),
+so, unread, it is returned as "a blend", and the batch as missing ``k - 1`` samples. Here the multiplicity is read:
+
+* with the batch's common scale known (``1/M``, the batch size reported or read off the certified samples), an
+  uncertified rebuilt sample whose scale is ``k`` times it, ``k`` whole (to within :data:`REPEAT_TOL`);
+* with the scale unknown (``known_scale=False``, the size reported), the certified samples' scales, when they add
+  up to ``M`` whole multiples of one unit (every sample found; a batch that holds each sample twice, say).
+
+Where the certified samples and ``k`` copies of each repeated one fill the batch and their whole gradient (real
+autograd, float64, every parameter) reproduces the observed one to the joint test's tolerance, the copies are
+returned (uncertified, :func:`read_as_repeated`), the reasons say so, and candidates beyond them are left out: the
+batch is whole without them. Else the repeated samples' reasons name both readings. Nothing is certified here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residual
+from fedleak.attacks.exact.certificate import BLENDS
+from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.nets import Network
+from fedleak.reconstruction import Reconstruction, SampleRecovery
+
+REPEAT_TOL = 1e-3  # a scale this close (relative) to a whole multiple of the batch's common scale reads as one
+REPEATED = "repeated"
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A rebuilt sample (``index`` in the reconstruction) that the batch holds ``times`` times."""
+
+    index: int
+    times: int
+
+
+def read_as_repeated(record: SampleRecovery) -> bool:
+    """Whether this sample of the exclusivity attack is a copy of an input the batch holds more than once, read off
+    its scale and checked by the whole gradient (its record's route says so)."""
+    return record.route.endswith(f", {REPEATED})")
+
+
+def with_repeats(model: nn.Module, net: Network, grads: dict[str, torch.Tensor], rec: Reconstruction,
+                 opts: ExclusivityOptions, batch_size: int | None) -> Reconstruction:
+    """``rec`` with the samples the batch holds more than once read (module docstring); ``grads``: the update
+    the attack read, ``batch_size``: reported, or read off the certified samples' common scale."""
+    if (rec.batch_certified or batch_size is None or opts.class_weights is not None or opts.clip_norm is not None
+            or opts.train_dropout or opts.defense or len(rec.samples) != len(rec)):
+        return rec
+    sure = rec.certified.nonzero().flatten().tolist()
+    if opts.known_scale:
+        unit = opts.common_scale(batch_size)
+        others = [k for k, r in enumerate(rec.samples) if not r.certified and r.rebuilt]
+        repeats, single = whole_multiples(rec.samples, unit, others), sure
+    else:
+        unit = sum(rec.samples[k].scale for k in sure) / batch_size if sure else float("nan")
+        repeats = whole_multiples(rec.samples, unit, sure)
+        single = [k for k in sure if k not in {r.index for r in repeats}]
+    if not repeats:
+        return rec
+    why = "not all of the batch is rebuilt, so its whole gradient cannot confirm it"
+    if len(single) + sum(r.times for r in repeats) == batch_size:
+        index = single + [r.index for r in repeats for _ in range(r.times)]
+        dev = next(model.parameters()).device
+        pred = batch_gradient(model, net, rec.inputs[index].to(dev), rec.labels[index].to(dev), opts.smoothing)
+        residual, _ = gradient_residual(pred, {k: g.to(dev) for k, g in grads.items()},
+                                        unit if opts.known_scale else None)
+        if residual <= opts.batch_tol:
+            return whole(rec, single, repeats, residual, batch_size)
+        why = (f"but the batch rebuilt with its copies leaves a relative gradient residual of {residual:.1e} (more "
+               f"than {opts.batch_tol:g}): a blend of samples")
+    samples = list(rec.samples)
+    for r in repeats:
+        s = samples[r.index]
+        samples[r.index] = replace(s, reason=f"{s.reason}; its scale is {r.times} times the batch's common scale, as "
+                                             f"an input the batch holds {r.times} times (drawn with replacement) "
+                                             f"would have, {why}")
+    return replace(rec, samples=tuple(samples))
+
+
+def whole_multiples(samples: tuple[SampleRecovery, ...], unit: float, among: list[int]) -> list[Repeat]:
+    """The samples of ``among`` whose scale is a whole multiple ``k >= 2`` of ``unit`` (to :data:`REPEAT_TOL`)."""
+    out = []
+    for k in among:
+        ratio = samples[k].scale / unit
+        if not math.isfinite(ratio):
+            continue
+        times = round(ratio)
+        if times >= 2 and abs(ratio - times) <= REPEAT_TOL * times:
+            out.append(Repeat(k, times))
+    return out
+
+
+def whole(rec: Reconstruction, single: list[int], repeats: list[Repeat], residual: float,
+          batch_size: int) -> Reconstruction:
+    """The batch as ``single`` (held once) and ``repeats`` fill it, whose whole gradient left ``residual``."""
+    rows, samples = list(single), [rec.samples[k] for k in single]
+    for r in repeats:
+        s = rec.samples[r.index]
+        said = (f"read as an input the batch holds {r.times} times (drawn with replacement): its scale is {r.times} "
+                f"times the batch's common scale, and the batch rebuilt with {r.times} copies of it reproduces the "
+                f"whole observed gradient (relative residual {residual:.1e})")
+        copy = replace(s, certified=False, route=f"{s.route.split(' (')[0]} (uncertified, {REPEATED})",
+                       reason=f"{said}; a copy is not certified: a blend of samples that fire the same neurons can "
+                              "sit at a whole multiple of the scale and reproduce the gradient too")
+        first = replace(s, reason=f"certified; {said}") if s.certified else copy
+        rows += [r.index] * r.times
+        samples += [first] + [copy] * (r.times - 1)
+    left = len(rec) - len(set(rows))
+    index = torch.tensor(rows, dtype=torch.long)
+    certified = torch.tensor([s.certified for s in samples], dtype=torch.bool)
+    copies = sum(r.times for r in repeats)
+    note = (f"{len(repeats)} input(s) the batch holds more than once ({copies} of its {batch_size} examples), read "
+            f"off their scales and checked by the whole gradient (relative residual {residual:.1e}); the copies are "
+            "not certified" + (f"; {left} other candidate(s) left out: the batch is whole without them" if left else ""))
+    notes = tuple(n for n in rec.notes if not n.endswith(BLENDS))  # the repeated samples were counted as blends
+    return replace(rec, inputs=rec.inputs[index], labels=rec.labels[index], certified=certified,
+                   samples=tuple(samples), batch_size=batch_size, missing_reason="", notes=(*notes, note))

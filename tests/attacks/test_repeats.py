@@ -1,0 +1,101 @@
+"""Samples a batch holds more than once (drawn with replacement), read off their scales: returned as copies, never
+certified, and held by ``auto`` instead of being moved by its search."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.attacks.exact.repeats import REPEAT_TOL, whole_multiples
+from fedleak.reconstruction import SampleRecovery
+
+
+class UserMLP(nn.Module):
+    """An MLP as users write it."""
+
+    def __init__(self, width: int = 1024):
+        super().__init__()
+        self.fc1 = nn.Linear(64, width)
+        self.fc2 = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return fedleak.load_dataset("digits")
+
+
+def gradient(model, x, y):
+    return list(torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))
+
+
+def copies(rec, x):
+    """Per original row, how many returned inputs are it (max abs error 1e-4)."""
+    flat = rec.inputs.reshape(len(rec), -1)
+    return [int(((flat - row.reshape(1, -1)).abs().amax(1) < 1e-4).sum()) for row in x]
+
+
+def batch(digits, seed, index):
+    torch.manual_seed(seed)
+    model = UserMLP().eval()
+    x, y = digits.batch(8, seed=seed)
+    return model, x, y, x[index], y[index]
+
+
+@pytest.mark.parametrize("reported", [True, False])
+def test_a_sample_drawn_twice_is_returned_twice_uncertified(digits, reported):
+    model, x, y, xb, yb = batch(digits, 0, [0, 0, 1, 2, 3, 4, 5, 6])
+    update = fedleak.read_update(model, gradient(model, xb, yb), num_examples=8 if reported else None)
+    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert len(rec) == 8 and rec.batch_size == 8 and not rec.batch_certified
+    assert copies(rec, x[:7]) == [2, 1, 1, 1, 1, 1, 1]
+    twice = [k for k, r in enumerate(rec.samples) if "repeated" in r.route]
+    assert len(twice) == 2 and not rec.certified[twice].any()
+    assert "holds 2 times" in rec.samples[twice[0]].reason and "not certified" in rec.samples[twice[0]].reason
+    assert rec.num_certified == 6 and not rec.missing_reason
+    assert not any("blends of samples" in n for n in rec.notes)
+
+
+def test_auto_holds_the_copies_instead_of_searching(digits):
+    model, x, _, xb, yb = batch(digits, 1, [0, 0, 0, 1, 2, 3, 4, 5])
+    update = fedleak.read_update(model, gradient(model, xb, yb), num_examples=8)
+    rec = fedleak.reconstruct(model, update, attack="auto", progress=False)
+    assert copies(rec, x[:6]) == [3, 1, 1, 1, 1, 1]
+    assert any("no optimisation needed" in n for n in rec.notes)
+    assert rec.num_certified == 5
+
+
+def test_a_batch_holding_every_sample_twice_reported_as_eight(digits):
+    """Every sample twice, 8 reported: the samples certified at one unknown common scale are each held twice."""
+    model, x, _, xb, yb = batch(digits, 2, [0, 0, 1, 1, 2, 2, 3, 3])
+    update = fedleak.read_update(model, gradient(model, xb, yb), num_examples=8)
+    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert copies(rec, x[:4]) == [2, 2, 2, 2]
+    assert rec.num_certified == 4  # one certified copy of each; the second copy is not certified
+    assert "no exclusively activated" not in rec.why_uncertified()
+
+
+def test_a_repeat_the_rest_of_the_batch_cannot_confirm_is_only_named(digits):
+    """A sample drawn twice in a batch whose other samples are not all rebuilt: its reason names the reading, and
+    no copy is made."""
+    torch.manual_seed(0)
+    model = UserMLP().eval()
+    x, y = digits.batch(32, seed=0)
+    index = [0, 0, *range(1, 31)]
+    update = fedleak.read_update(model, gradient(model, x[index], y[index]), num_examples=32)
+    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert not any("repeated" in r.route for r in rec.samples) and len(rec) < 32
+    named = [k for k, r in enumerate(rec.samples) if "as an input the batch holds 2 times" in r.reason]
+    assert len(named) == 1 and not rec.certified[named].any()
+    assert "cannot confirm" in rec.samples[named[0]].reason
+    assert copies(rec, x[:1]) == [1]
+
+
+def test_whole_multiples_read_only_whole_ratios():
+    samples = tuple(SampleRecovery(0, False, "", scale=s) for s in (0.25, 0.125 * 2.5, 0.125 * 3 * (1 + REPEAT_TOL / 2),
+                                                                    0.125, float("nan")))
+    found = whole_multiples(samples, 0.125, list(range(len(samples))))
+    assert [(r.index, r.times) for r in found] == [(0, 2), (2, 3)]
