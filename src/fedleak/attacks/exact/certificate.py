@@ -59,8 +59,8 @@ from fedleak.reconstruction import SampleRecovery
 F64 = torch.float64
 
 #: the note on the candidates the certificate ruled out as blends (after their count)
-BLENDS = ("rebuilt candidate(s) are blends of samples (their scale or the joint test rules them out); they are returned "
-          "uncertified")
+BLENDS = ("rebuilt candidate(s) are blends of samples (their scale or the joint test rules them out); they are "
+          "returned uncertified")
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def whole(rec: Reconstruction, single: list[int], repeats: list[Repeat], residua
     copies = sum(r.times for r in repeats)
     note = (f"{len(repeats)} input(s) the batch holds more than once ({copies} of its {batch_size} examples), read "
             f"off their scales and checked by the whole gradient (relative residual {residual:.1e}); the copies are "
-            "not certified" + (f"; {left} other candidate(s) left out: the batch is whole without them" if left else ""))
+            "not certified" + (f"; {left} other candidate(s) left out: the batch is whole without them" if left
+                               else ""))
     notes = tuple(n for n in rec.notes if not n.endswith(BLENDS))  # the repeated samples were counted as blends
     return replace(rec, inputs=rec.inputs[index], labels=rec.labels[index], certified=certified,
                    samples=tuple(samples), batch_size=batch_size, missing_reason="", notes=(*notes, note))
