@@ -34,6 +34,7 @@ from doc_section import write_section
 from torch import nn
 
 import fedleak
+from fedleak.attacks.exact.multiplicity import read_off_scale
 from fedleak.nets.blas import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     mean, std = (float(data.x.mean()), float(data.x.std())) if cfg.standardise else (0.0, 1.0)
     lo, hi = ((v - mean) / std * cfg.scale for v in data.value_range)
     out = dict(batches=0, samples=0, certified=0, false_certificates=0, certifiable=0, certifiable_recovered=0,
-               recovered=0, worst_certified_error=0.0, seconds=0.0, failures=[])
+               recovered=0, worst_certified_error=0.0, read_off_scale=0, read_off_scale_not_exact=0, seconds=0.0,
+               failures=[])
     start = time.perf_counter()
     trained = [train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d), (data.x - mean) / std * cfg.scale,
                      data.y, cfg.trained, s) for s in range(4)] if cfg.trained else []
@@ -225,6 +227,10 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         out["false_certificates"] += scores.false_certificates
         out["certifiable"] += int(certifiable.sum())
         out["certifiable_recovered"] += int((scores.recovered & certifiable).sum())
+        off_scale = [k for k, s in enumerate(rec.samples) if read_off_scale(s)]  # held by auto, uncertified
+        out["read_off_scale"] += len(off_scale)
+        out["read_off_scale_not_exact"] += sum(not exact_copy(rec.inputs[k], int(rec.labels[k]), x, y, hi - lo)
+                                               for k in off_scale)
         if scores.n_certified:
             worst = float(np.max(scores.certified_error)) / (hi - lo)
             out["worst_certified_error"] = max(out["worst_certified_error"], worst)
@@ -236,8 +242,15 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     print(f"{name}: {out['batches']} batches, {out['samples']} samples, {out['certified']} certified, "
           f"{out['false_certificates']} false (worst certified error {out['worst_certified_error']:.1e} of the "
           f"range); certifiable recovered {out['certifiable_recovered']}/"
-          f"{out['certifiable']} ({100 * share:.1f}%); {out['seconds']:.0f} s", flush=True)
+          f"{out['certifiable']} ({100 * share:.1f}%); read off the scale {out['read_off_scale']} "
+          f"({out['read_off_scale_not_exact']} not exact); {out['seconds']:.0f} s", flush=True)
     return out
+
+
+def exact_copy(rebuilt: torch.Tensor, label: int, x: torch.Tensor, y: torch.Tensor, width: float) -> bool:
+    """Whether ``rebuilt`` is within 1e-4 of the range (max abs error) of a sample of ``x`` with ``label``."""
+    err = (x.reshape(len(x), -1) - rebuilt.reshape(1, -1)).abs().amax(1)
+    return bool(((err <= 1e-4 * width) & (y == label)).any())
 
 
 def render(files: list[Path]) -> None:

@@ -39,9 +39,9 @@ from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import BLENDS, off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.class_weights import class_scale_note
 from fedleak.attacks.exact.noise import RoundingNoise
+from fedleak.attacks.exact.multiplicity import with_multiplicity
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
-from fedleak.attacks.exact.repeats import with_repeats
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.attacks.masked_input import first_module, input_masking, withheld
@@ -116,8 +116,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
                 used = replace(used, train_dropout=True)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
-    # samples the batch holds more than once (read by the whole gradient, on autograd: out of inference mode)
-    return with_repeats(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
+    # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
+    return with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size,
+                             exact_values=noise is None and not precision.coarse)
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,

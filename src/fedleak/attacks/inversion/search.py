@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedleak.attacks.inversion.clock import RunClock, StepDecay
+from fedleak.attacks.inversion.estimates import restore_estimates
 from fedleak.attacks.inversion.objectives import OBJECTIVES, total_variation
 from fedleak.attacks.inversion.target import Target
 from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel, lr_refresher
@@ -422,6 +423,20 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
                      + ("; one step takes longer than the budget left, so the result is the random starting point"
                         if total_iters == 0 else ""))
     loss_value, xb, y_hard, lrb = best
+    if warm is not None:  # the exact route's estimates, where they explain the update better than the search's point
+
+        def evaluate(x_free: torch.Tensor) -> float:
+            log_lr = None if lrb is None else torch.log(torch.tensor(lrb, dtype=dtype))
+            loss = objective(simulate(x_free, y_hard, log_lr))
+            if settings.tv > 0:
+                loss = loss + settings.tv * total_variation(x_free, settings.tv_boundary)
+            return float(loss.detach())
+
+        restored_x, restored_value, restored = restore_estimates(xb, warm, evaluate)
+        if restored:
+            xb, loss_value = restored_x, restored_value
+            notes.append(f"{restored} warm-started sample(s) set back to the estimate they started from, which explains "
+                         "the update better than where the search had moved them")
     if settings.box is not None:
         xb = xb.clamp(*settings.box)
     x_all = xb if fx is None else torch.cat([fx, xb])

@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.attacks.exact.repeats import REPEAT_TOL, whole_multiples
+from fedleak.attacks.exact.multiplicity import REPEAT_TOL, whole_multiples
 from fedleak.reconstruction import SampleRecovery
 
 
@@ -99,3 +99,21 @@ def test_whole_multiples_read_only_whole_ratios():
                                                                     0.125, float("nan")))
     found = whole_multiples(samples, 0.125, list(range(len(samples))))
     assert [(r.index, r.times) for r in found] == [(0, 2), (2, 3)]
+
+
+def test_inputs_at_the_batch_scale_are_held_by_auto(digits):
+    """Inputs the certificate did not take (one witness) whose scale is the batch's: returned uncertified, marked,
+    exact; ``auto`` returns them as they are instead of moving them in its search."""
+    torch.manual_seed(0)
+    model = UserMLP(width=256).eval()
+    x, y = digits.batch(16, seed=0)
+    update = fedleak.read_update(model, gradient(model, x, y), num_examples=16)
+    exact = fedleak.reconstruct(model, update, attack="exclusivity", beyond_batch=False)
+    once = [k for k, r in enumerate(exact.samples) if r.route == "exclusivity (uncertified, at the batch's scale)"]
+    assert len(once) >= 2 and not exact.certified[once].any()
+    assert all("auto holds it" in exact.samples[k].reason for k in once)
+    assert [c for c in copies(exact, x) if c] == [1] * (exact.num_certified + len(once))  # each exact, once
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=3, progress=False)
+    held = [k for k, r in enumerate(rec.samples) if r.route == "exclusivity (uncertified, at the batch's scale)"]
+    assert len(held) == len(once)
+    assert fedleak.metrics.match(rec, x, y).exact.sum() >= exact.num_certified + len(once)

@@ -1,20 +1,23 @@
-"""Samples a batch holds more than once (drawn with replacement: a weighted sampler, oversampling a rare class),
-read off the rebuilt samples' scales.
+"""How many times the batch holds a rebuilt input the certificate did not take, read off its scale.
 
-A sample the batch holds ``k`` times enters the gradient ``k`` times over the same rows: those rows give its input
-exactly, as one copy's would, at ``k`` times the batch's common scale (``k/M`` of a mean-loss gradient of ``M``
-examples). The certificate takes no such sample (a blend of samples can sit at a whole multiple of the scale too),
-so, unread, it is returned as "a blend", and the batch as missing ``k - 1`` samples. Here the multiplicity is read:
+An input the batch holds ``k`` times enters a mean-loss gradient of ``M`` examples at ``k/M``: its exclusive rows
+give it exactly, at ``k`` times the batch's common scale, while a blend of samples sits at a ratio of its
+constituents' loss magnitudes. Two readings, with the batch's common scale known (``1/M``: the batch size reported,
+or read off the certified samples):
 
-* with the batch's common scale known (``1/M``, the batch size reported or read off the certified samples), an
-  uncertified rebuilt sample whose scale is ``k`` times it, ``k`` whole (to within :data:`REPEAT_TOL`);
-* with the scale unknown (``known_scale=False``, the size reported), the certified samples' scales, when they add
-  up to ``M`` whole multiples of one unit (every sample found; a batch that holds each sample twice, say).
+* **once** (``k = 1``): an uncertified rebuilt input (too few witnesses, say) whose scale is the batch's to within
+  ``scale_tol``. It is returned uncertified, marked so that ``auto`` holds it instead of moving it in its search (on
+  LFW, retina patches, digits and Fashion-MNIST, every such input was exact: docs/attacks.md).
+* **repeated** (``k >= 2``, drawn with replacement: a weighted sampler, oversampling a rare class): an uncertified
+  rebuilt input at ``k`` times the scale, ``k`` whole (to :data:`REPEAT_TOL`); with the scale unknown
+  (``known_scale=False``, the size reported), the certified samples' scales, when they add up to ``M`` whole
+  multiples of one unit (every sample found; a batch that holds each sample twice, say). Near a model's
+  initialisation a blend of ``k`` samples of one class sits at about ``k`` times the scale, so a repeated input is
+  returned as ``k`` copies only where the inputs held once and the copies fill the batch and their whole gradient
+  (real autograd, float64, every parameter) reproduces the observed one to the joint test's tolerance; the other
+  candidates are then left out (the batch is whole without them). Else its reason names both readings.
 
-Where the certified samples and ``k`` copies of each repeated one fill the batch and their whole gradient (real
-autograd, float64, every parameter) reproduces the observed one to the joint test's tolerance, the copies are
-returned (uncertified, :func:`read_as_repeated`), the reasons say so, and candidates beyond them are left out: the
-batch is whole without them. Else the repeated samples' reasons name both readings. Nothing is certified here.
+Nothing is certified here: a blend of samples that fire the same neurons can sit at the scale too.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 REPEAT_TOL = 1e-3  # a scale this close (relative) to a whole multiple of the batch's common scale reads as one
 REPEATED = "repeated"
+ONCE = "at the batch's scale"
 
 
 @dataclass(frozen=True)
@@ -43,28 +47,43 @@ class Repeat:
     times: int
 
 
-def read_as_repeated(record: SampleRecovery) -> bool:
-    """Whether this sample of the exclusivity attack is a copy of an input the batch holds more than once, read off
-    its scale and checked by the whole gradient (its record's route says so)."""
-    return record.route.endswith(f", {REPEATED})")
+def read_off_scale(record: SampleRecovery) -> bool:
+    """Whether this uncertified sample of the exclusivity attack is an input read off its scale (module docstring):
+    held once at the batch's scale, or a copy of a repeated input; its record's route says so."""
+    return record.route.endswith((f", {REPEATED})", f", {ONCE})"))
 
 
-def with_repeats(model: nn.Module, net: Network, grads: dict[str, torch.Tensor], rec: Reconstruction,
-                 opts: ExclusivityOptions, batch_size: int | None) -> Reconstruction:
-    """``rec`` with the samples the batch holds more than once read (module docstring); ``grads``: the update
-    the attack read, ``batch_size``: reported, or read off the certified samples' common scale."""
+def marked(record: SampleRecovery, mark: str, reason: str) -> SampleRecovery:
+    """``record``, uncertified, its route marked ``mark`` and its reason ``reason``."""
+    return replace(record, certified=False, route=f"{record.route.split(' (')[0]} (uncertified, {mark})", reason=reason)
+
+
+def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Tensor], rec: Reconstruction,
+                      opts: ExclusivityOptions, batch_size: int | None, exact_values: bool = True) -> Reconstruction:
+    """``rec`` with how many times the batch holds its uncertified inputs read (module docstring); ``grads``: the
+    update the attack read, ``batch_size``: reported, or read off the certified samples' common scale;
+    ``exact_values``: the update's values are the client's float32 arithmetic (no known error, not a coarser
+    format), so a scale read to ``scale_tol`` means what it says."""
     if (rec.batch_certified or batch_size is None or opts.class_weights is not None or opts.clip_norm is not None
             or opts.train_dropout or opts.defense or len(rec.samples) != len(rec)):
         return rec
     sure = rec.certified.nonzero().flatten().tolist()
+    samples = list(rec.samples)
     if opts.known_scale:
         unit = opts.common_scale(batch_size)
-        others = [k for k, r in enumerate(rec.samples) if not r.certified and r.rebuilt]
-        repeats, single = whole_multiples(rec.samples, unit, others), sure
+        others = [k for k, r in enumerate(samples) if not r.certified and r.rebuilt]
+        once = [k for k in others if exact_values and witnessed(samples[k])
+                and abs(samples[k].scale / unit - 1) <= opts.scale_tol]
+        for k in once:
+            samples[k] = marked(samples[k], ONCE, f"{samples[k].reason}; its scale is the batch's common scale to "
+                                f"within {opts.scale_tol:g}, as a sample's is and a blend's seldom is: auto holds it")
+        repeats = whole_multiples(samples, unit, [k for k in others if k not in once])
+        single = sure + once
     else:
-        unit = sum(rec.samples[k].scale for k in sure) / batch_size if sure else float("nan")
-        repeats = whole_multiples(rec.samples, unit, sure)
+        unit = sum(samples[k].scale for k in sure) / batch_size if sure else float("nan")
+        repeats = whole_multiples(samples, unit, sure)
         single = [k for k in sure if k not in {r.index for r in repeats}]
+    rec = replace(rec, samples=tuple(samples))
     if not repeats:
         return rec
     why = "not all of the batch is rebuilt, so its whole gradient cannot confirm it"
@@ -78,13 +97,17 @@ def with_repeats(model: nn.Module, net: Network, grads: dict[str, torch.Tensor],
             return whole(rec, single, repeats, residual, batch_size)
         why = (f"but the batch rebuilt with its copies leaves a relative gradient residual of {residual:.1e} (more "
                f"than {opts.batch_tol:g}): a blend of samples")
-    samples = list(rec.samples)
     for r in repeats:
         s = samples[r.index]
         samples[r.index] = replace(s, reason=f"{s.reason}; its scale is {r.times} times the batch's common scale, as "
                                              f"an input the batch holds {r.times} times (drawn with replacement) "
                                              f"would have, {why}")
     return replace(rec, samples=tuple(samples))
+
+
+def witnessed(record: SampleRecovery) -> bool:
+    """Whether the sample has a witness row at the last ReLU layer (its scale was read off one)."""
+    return bool(record.witnesses) and record.witnesses[-1] >= 1
 
 
 def whole_multiples(samples: tuple[SampleRecovery, ...], unit: float, among: list[int]) -> list[Repeat]:
@@ -109,9 +132,8 @@ def whole(rec: Reconstruction, single: list[int], repeats: list[Repeat], residua
         said = (f"read as an input the batch holds {r.times} times (drawn with replacement): its scale is {r.times} "
                 f"times the batch's common scale, and the batch rebuilt with {r.times} copies of it reproduces the "
                 f"whole observed gradient (relative residual {residual:.1e})")
-        copy = replace(s, certified=False, route=f"{s.route.split(' (')[0]} (uncertified, {REPEATED})",
-                       reason=f"{said}; a copy is not certified: a blend of samples that fire the same neurons can "
-                              "sit at a whole multiple of the scale and reproduce the gradient too")
+        copy = marked(s, REPEATED, f"{said}; a copy is not certified: a blend of samples that fire the same neurons "
+                                   "can sit at a whole multiple of the scale and reproduce the gradient too")
         first = replace(s, reason=f"certified; {said}") if s.certified else copy
         rows += [r.index] * r.times
         samples += [first] + [copy] * (r.times - 1)
