@@ -30,8 +30,8 @@ def held_indices(exact: Reconstruction) -> list[int]:
     update's rows without a certificate: read as a client's in training mode
     (:func:`fedleak.attacks.exact.dropout.read_in_training_mode`: the search simulates an eval-mode client, which
     would move them), read off their scale (:func:`fedleak.attacks.exact.multiplicity.read_off_scale`: at the
-    batch's common scale, or copies of an input the batch holds more than once), or off the first-layer rows of a batch, or of an
-    update in a coarser format than float32
+    batch's common scale, or copies of an input the batch holds more than once), or off the first-layer rows of a
+    batch, or of an update in a coarser format than float32
     (:data:`~fedleak.attacks.first_layer_rows.HELD_ROUTES`; not those of an update that looks sparsified or
     quantised, :data:`~fedleak.attacks.first_layer_rows.COMPRESSED_ROUTE`, which start the search instead)."""
     read = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt

@@ -38,8 +38,8 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residu
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import BLENDS, off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.class_weights import class_scale_note
-from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.multiplicity import with_multiplicity
+from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing

@@ -435,8 +435,8 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
         restored_x, restored_value, restored = restore_estimates(xb, warm, evaluate)
         if restored:
             xb, loss_value = restored_x, restored_value
-            notes.append(f"{restored} warm-started sample(s) set back to the estimate they started from, which explains "
-                         "the update better than where the search had moved them")
+            notes.append(f"{restored} warm-started sample(s) set back to the estimate they started from, which "
+                         "explains the update better than where the search had moved them")
     if settings.box is not None:
         xb = xb.clamp(*settings.box)
     x_all = xb if fx is None else torch.cat([fx, xb])
