@@ -117,3 +117,14 @@ def test_inputs_at_the_batch_scale_are_held_by_auto(digits):
     held = [k for k, r in enumerate(rec.samples) if r.route == "exclusivity (uncertified, at the batch's scale)"]
     assert len(held) == len(once)
     assert fedleak.metrics.match(rec, x, y).exact.sum() >= exact.num_certified + len(once)
+
+
+def test_a_sample_drawn_twice_in_a_one_step_fedavg_update(digits):
+    """A weight update's scale is unknown (the learning rate): the certified inputs' shared factor is the unit, and
+    the input at twice it comes back twice; ``auto`` then searches nothing."""
+    model, x, _, xb, yb = batch(digits, 4, [0, 0, 1, 2, 3, 4, 5, 6])
+    update = fedleak.fedavg_update(model, xb, yb, lr=0.1, local_steps=1)
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=3, progress=False)
+    assert copies(rec, x[:7]) == [2, 1, 1, 1, 1, 1, 1] and rec.num_certified == 5
+    assert rec.attack == "auto:exclusivity" and sum("repeated" in r for r in rec.routes) == 2
+    assert rec.routes.count("exclusivity (uncertified, at the batch's scale)") == 1  # confirmed by the whole gradient

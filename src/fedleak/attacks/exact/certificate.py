@@ -41,6 +41,7 @@ from fedleak.attacks.exact.joint import (
     degenerate_loss_vectors,
     select_consistent,
 )
+from fedleak.attacks.exact.ambiguity import AT_SCALE, ambiguous
 from fedleak.attacks.exact.options import REDUCTIONS
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
@@ -254,6 +255,14 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                                   "(a blend of samples, not a sample)" if within else
                                   "the rebuilt samples do not jointly explain the observed gradient, and no subset "
                                   "was found that does")
+        if certified and not batch_ok:  # a sample the update cannot tell from a nearby blend to the tolerance
+            xs = [c.acts[0].reshape(-1) for c in complete]
+            near = [j for j in range(len(complete)) if off[j] <= AT_SCALE]
+            doubt = ambiguous(xs, [c.label for c in complete], sorted(certified), near, opts.exact_tol,
+                              opts.range_width(torch.stack([xs[j] for j in near])))
+            for k, why in doubt.items():
+                certified.discard(k)
+                reasons[k] = why
         if certified:
             joint = test.residual(sorted(local[k] for k in certified))
         elif bs.inferred and len(at_scale) > bs.batch_size:  # more samples at 1/M than M, none consistent

@@ -6,12 +6,15 @@ constituents' loss magnitudes. Two readings, with the batch's common scale known
 or read off the certified samples):
 
 * **once** (``k = 1``): an uncertified rebuilt input (too few witnesses, say) whose scale is the batch's to within
-  ``scale_tol``. It is returned uncertified, marked so that ``auto`` holds it instead of moving it in its search (on
-  LFW, retina patches, digits and Fashion-MNIST, every such input was exact: docs/attacks.md).
+  ``scale_tol``, of an MLP (below conv blocks an input is solved from its features, not read off rows), which the
+  model does not classify with near certainty (:data:`SATURATED`: a saturated softmax gives blends of samples the
+  batch's scale too; raw 0-255 LFW crops). It is returned uncertified, marked so that ``auto`` holds it instead of
+  moving it in its search (measured in docs/attacks.md).
 * **repeated** (``k >= 2``, drawn with replacement: a weighted sampler, oversampling a rare class): an uncertified
-  rebuilt input at ``k`` times the scale, ``k`` whole (to :data:`REPEAT_TOL`); with the scale unknown
-  (``known_scale=False``, the size reported), the certified samples' scales, when they add up to ``M`` whole
-  multiples of one unit (every sample found; a batch that holds each sample twice, say). Near a model's
+  rebuilt input at ``k`` times the scale, ``k`` whole (to :data:`REPEAT_TOL`). With the scale unknown
+  (``known_scale=False``, the size reported: a weight update's scale holds the learning rate), the unit is the
+  factor the certified inputs share (uncertified inputs at once or ``k`` times it), else ``M``-th of their scales'
+  sum (every input certified; a batch that holds each of its samples twice, say). Near a model's
   initialisation a blend of ``k`` samples of one class sits at about ``k`` times the scale, so a repeated input is
   returned as ``k`` copies only where the inputs held once and the copies fill the batch and their whole gradient
   (real autograd, float64, every parameter) reproduces the observed one to the joint test's tolerance; the other
@@ -32,9 +35,11 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residu
 from fedleak.attacks.exact.certificate import BLENDS
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.nets import Network
+from fedleak.nets.forward import forward_trace
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 REPEAT_TOL = 1e-3  # a scale this close (relative) to a whole multiple of the batch's common scale reads as one
+SATURATED = 1e-3  # an input the model classifies with probability above 1 - this is not held at the batch's scale
 REPEATED = "repeated"
 ONCE = "at the batch's scale"
 
@@ -69,25 +74,31 @@ def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Ten
         return rec
     sure = rec.certified.nonzero().flatten().tolist()
     samples = list(rec.samples)
+    others = [k for k, r in enumerate(samples) if not r.certified and r.rebuilt]
     if opts.known_scale:
         unit = opts.common_scale(batch_size)
-        others = [k for k, r in enumerate(samples) if not r.certified and r.rebuilt]
-        once = [k for k in others if exact_values and witnessed(samples[k])
+        once = [k for k in others if exact_values and not net.blocks and witnessed(samples[k])
                 and abs(samples[k].scale / unit - 1) <= opts.scale_tol]
+        once = [k for k, sure_of in zip(once, certainty(net, rec.inputs[once])) if sure_of <= 1 - SATURATED]
         for k in once:
             samples[k] = marked(samples[k], ONCE, f"{samples[k].reason}; its scale is the batch's common scale to "
                                 f"within {opts.scale_tol:g}, as a sample's is and a blend's seldom is: auto holds it")
-        repeats = whole_multiples(samples, unit, [k for k in others if k not in once])
-        single = sure + once
+        readings = [(unit, sure + once, [k for k in others if k not in once])]
+    elif sure:  # the factor the certified samples share (a repeat uncertified), or M units among them (all found)
+        scales = sorted(samples[k].scale for k in sure)
+        readings = [(scales[len(scales) // 2], [], sure + others), (sum(scales) / batch_size, [], sure)]
     else:
-        unit = sum(samples[k].scale for k in sure) / batch_size if sure else float("nan")
-        repeats = whole_multiples(samples, unit, sure)
-        single = [k for k in sure if k not in {r.index for r in repeats}]
-    rec = replace(rec, samples=tuple(samples))
-    if not repeats:
         return rec
+    rec = replace(rec, samples=tuple(samples))
+    named: list[Repeat] = []
     why = "not all of the batch is rebuilt, so its whole gradient cannot confirm it"
-    if len(single) + sum(r.times for r in repeats) == batch_size:
+    for unit, held, pool in readings:
+        repeats = whole_multiples(samples, unit, pool)
+        ones = [] if opts.known_scale else [k for k in others if abs(samples[k].scale / unit - 1) <= REPEAT_TOL]
+        single = held + ones + [k for k in sure if k not in held and k not in {r.index for r in repeats}]
+        named = named or [r for r in repeats if not samples[r.index].certified]
+        if not repeats or len(single) + sum(r.times for r in repeats) != batch_size:
+            continue
         index = single + [r.index for r in repeats for _ in range(r.times)]
         dev = next(model.parameters()).device
         pred = batch_gradient(model, net, rec.inputs[index].to(dev), rec.labels[index].to(dev), opts.smoothing)
@@ -97,12 +108,19 @@ def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Ten
             return whole(rec, single, repeats, residual, batch_size)
         why = (f"but the batch rebuilt with its copies leaves a relative gradient residual of {residual:.1e} (more "
                f"than {opts.batch_tol:g}): a blend of samples")
-    for r in repeats:
+    for r in named:
         s = samples[r.index]
         samples[r.index] = replace(s, reason=f"{s.reason}; its scale is {r.times} times the batch's common scale, as "
                                              f"an input the batch holds {r.times} times (drawn with replacement) "
                                              f"would have, {why}")
     return replace(rec, samples=tuple(samples))
+
+
+def certainty(net: Network, inputs: torch.Tensor) -> list[float]:
+    """Per input, the largest probability the model's head gives it (float64)."""
+    if not len(inputs):
+        return []
+    return torch.softmax(forward_trace(net.head, inputs, keep_pre=False).logits, 1).amax(1).tolist()
 
 
 def witnessed(record: SampleRecovery) -> bool:
@@ -126,7 +144,10 @@ def whole_multiples(samples: tuple[SampleRecovery, ...], unit: float, among: lis
 def whole(rec: Reconstruction, single: list[int], repeats: list[Repeat], residual: float,
           batch_size: int) -> Reconstruction:
     """The batch as ``single`` (held once) and ``repeats`` fill it, whose whole gradient left ``residual``."""
-    rows, samples = list(single), [rec.samples[k] for k in single]
+    rows = list(single)
+    samples = [marked(s, ONCE, f"{s.reason}; at the batch's common scale, and the batch rebuilt with it reproduces "
+                               f"the whole observed gradient (relative residual {residual:.1e}): auto holds it")
+               if not s.certified and not read_off_scale(s) else s for s in (rec.samples[k] for k in single)]
     for r in repeats:
         s = rec.samples[r.index]
         said = (f"read as an input the batch holds {r.times} times (drawn with replacement): its scale is {r.times} "

@@ -54,13 +54,15 @@ def within_batch(records: list[SampleRecovery], batch_size: int | None, factor: 
                  own: np.ndarray) -> list[int]:
     """Indices (in order) of the records to return: all of them, or, when there are more than the batch holds,
     the certified ones and the most plausible others (rebuilt, at the batch's common scale times their ``own``
-    factor, their label's class weight, most witnesses)."""
+    factor, their label's class weight, or at a whole multiple of it, as an input the batch holds several times;
+    most witnesses)."""
     if batch_size is None or len(records) <= batch_size:
         return list(range(len(records)))
 
     def doubt(k: int) -> tuple:
         r = records[k]
-        off = abs(r.scale / (factor * own[k]) - 1) if factor and np.isfinite(r.scale) else float("inf")
+        ratio = r.scale / (factor * own[k]) if factor and np.isfinite(r.scale) else float("inf")
+        off = abs(ratio / max(round(ratio), 1) - 1) if np.isfinite(ratio) else float("inf")
         return (not r.certified, not r.rebuilt, off, -sum(r.witnesses))
 
     return sorted(sorted(range(len(records)), key=doubt)[:batch_size])
