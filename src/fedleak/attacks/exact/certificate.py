@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from fedleak.attacks.exact.ambiguity import AT_SCALE, ambiguous
 from fedleak.attacks.exact.batch_scale import BatchScale, batch_scale
 from fedleak.attacks.exact.dropout import settle_all
 from fedleak.attacks.exact.joint import (
@@ -41,7 +42,6 @@ from fedleak.attacks.exact.joint import (
     degenerate_loss_vectors,
     select_consistent,
 )
-from fedleak.attacks.exact.ambiguity import AT_SCALE, ambiguous
 from fedleak.attacks.exact.options import REDUCTIONS
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
