@@ -11,12 +11,12 @@ from fedleak.attacks.exact.ambiguity import NEAR, ambiguous
 
 def test_only_inputs_between_the_tolerance_and_near_are_ambiguous():
     base = torch.zeros(4)
-    inputs = [base, base + 5e-4, base + 5e-6, base + 0.5, base + 5e-4]
+    inputs = torch.stack([base, base + 5e-4, base + 5e-6, base + 0.5, base + 5e-4])
     labels = [0, 0, 0, 0, 1]
     doubt = ambiguous(inputs, labels, [0, 3], list(range(5)), exact_tol=1e-4, width=1.0)
     assert set(doubt) == {0} and "5.0e-04 of the data range" in doubt[0]  # not #2 (exact), #3 (far), #4 (label)
     assert ambiguous(inputs, labels, [0], [0, 3], exact_tol=1e-4, width=1.0) == {}
-    assert ambiguous([base, base + 2 * NEAR], [0, 0], [0], [0, 1], exact_tol=1e-4, width=1.0) == {}
+    assert ambiguous(torch.stack([base, base + 2 * NEAR]), [0, 0], [0], [0, 1], exact_tol=1e-4, width=1.0) == {}
 
 
 def test_a_blend_with_a_near_certain_sample_is_not_certified(lfw):

@@ -256,10 +256,13 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                                   "the rebuilt samples do not jointly explain the observed gradient, and no subset "
                                   "was found that does")
         if certified and not batch_ok:  # a sample the update cannot tell from a nearby blend to the tolerance
-            xs = [c.acts[0].reshape(-1) for c in complete]
-            near = [j for j in range(len(complete)) if off[j] <= AT_SCALE]
-            doubt = ambiguous(xs, [c.label for c in complete], sorted(certified), near, opts.exact_tol,
-                              opts.range_width(torch.stack([xs[j] for j in near])))
+            near = [j for j in range(len(complete)) if off[j] <= AT_SCALE and fits[j].counts[-1] >= 1]
+            rows = sorted(certified | set(near))  # only these inputs are stacked (a CNN's features are wide)
+            at = {j: i for i, j in enumerate(rows)}
+            xs = torch.stack([complete[j].acts[0].reshape(-1) for j in rows])
+            doubt = ambiguous(xs, [complete[j].label for j in rows], [at[k] for k in sorted(certified)],
+                              [at[j] for j in near], opts.exact_tol, opts.range_width(xs[[at[j] for j in near]]))
+            doubt = {rows[i]: why for i, why in doubt.items()}
             for k, why in doubt.items():
                 certified.discard(k)
                 reasons[k] = why
