@@ -21,17 +21,19 @@ AT_SCALE = 1e-3  # the candidates compared: those whose scale is within this (re
 
 
 def ambiguous(inputs: torch.Tensor, labels: list[int], certified: list[int], near_scale: list[int],
-              exact_tol: float, width: float) -> dict[int, str]:
+              exact_tol: float, width: float, spread: list[float] | None = None) -> dict[int, str]:
     """Which of the ``certified`` candidates another candidate of ``near_scale`` (rebuilt inputs ``inputs``, one
     flattened row each, and ``labels``, by index) with its label lies within ``NEAR * width`` of (max abs) but not
-    within ``exact_tol * width``, with the reason for each."""
+    within ``exact_tol * width`` plus both inputs' ``spread`` (how far the update's own rounding can move each:
+    a weight delta's; none for a gradient), with the reason for each."""
     if not certified or len(near_scale) < 2:
         return {}
+    spread = spread or [0.0] * len(inputs)
     gaps = torch.cdist(inputs[certified], inputs[near_scale], p=float("inf")).tolist()
     out: dict[int, str] = {}
     for k, row in zip(certified, gaps):
-        close = [(d, j) for d, j in zip(row, near_scale)
-                 if j != k and labels[j] == labels[k] and exact_tol * width < d <= NEAR * width]
+        close = [(d, j) for d, j in zip(row, near_scale) if j != k and labels[j] == labels[k]
+                 and exact_tol * width + spread[k] + spread[j] < d <= NEAR * width]
         if close:
             d = min(close)[0]
             out[k] = (f"another rebuilt input of its label lies {d / width:.1e} of the data range from it, more than "

@@ -260,8 +260,10 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
             rows = sorted(certified | set(near))  # only these inputs are stacked (a CNN's features are wide)
             at = {j: i for i, j in enumerate(rows)}
             xs = torch.stack([complete[j].acts[0].reshape(-1) for j in rows])
+            spread = [input_uncertainty(attack, fits[j], complete[j].acts[0]) for j in rows]  # a weight delta's
             doubt = ambiguous(xs, [complete[j].label for j in rows], [at[k] for k in sorted(certified)],
-                              [at[j] for j in near], opts.exact_tol, opts.range_width(xs[[at[j] for j in near]]))
+                              [at[j] for j in near], opts.exact_tol, opts.range_width(xs[[at[j] for j in near]]),
+                              spread)
             doubt = {rows[i]: why for i, why in doubt.items()}
             for k, why in doubt.items():
                 certified.discard(k)
