@@ -35,7 +35,6 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residu
 from fedleak.attacks.exact.certificate import BLENDS
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.nets import Network
-from fedleak.nets.forward import forward_trace
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 REPEAT_TOL = 1e-3  # a scale this close (relative) to a whole multiple of the batch's common scale reads as one
@@ -66,12 +65,28 @@ def marked(record: SampleRecovery, mark: str, reason: str) -> SampleRecovery:
     return replace(record, certified=False, route=f"{record.route.split(' (')[0]} (uncertified, {mark})", reason=reason)
 
 
+def held_once(records: list[SampleRecovery], logits: torch.Tensor, batch_size: int, opts: ExclusivityOptions,
+              exact_values: bool) -> list[SampleRecovery]:
+    """``records`` with the uncertified inputs held once at the batch's scale marked (module docstring); ``logits``:
+    the certificate's forward pass of them (one row each); ``exact_values``: an MLP's update whose values are the
+    client's float32 arithmetic (no known error, not a coarser format), so a scale read to :data:`ONCE_TOL` means
+    what it says."""
+    if (not exact_values or not opts.known_scale or opts.class_weights is not None or opts.clip_norm is not None
+            or opts.train_dropout or opts.defense):
+        return records
+    unit = opts.common_scale(batch_size)
+    sure_of = torch.softmax(logits.double(), 1).amax(1).tolist()
+    return [marked(r, ONCE, f"{r.reason}; its scale is the batch's common scale to within {ONCE_TOL:g}, as a "
+                            "sample's is and a blend's seldom is: auto holds it")
+            if not r.certified and r.rebuilt and witnessed(r) and abs(r.scale / unit - 1) <= ONCE_TOL
+            and sure_of[k] <= 1 - SATURATED else r for k, r in enumerate(records)]
+
+
 def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Tensor], rec: Reconstruction,
-                      opts: ExclusivityOptions, batch_size: int | None, exact_values: bool = True) -> Reconstruction:
-    """``rec`` with how many times the batch holds its uncertified inputs read (module docstring); ``grads``: the
-    update the attack read, ``batch_size``: reported, or read off the certified samples' common scale;
-    ``exact_values``: the update's values are the client's float32 arithmetic (no known error, not a coarser
-    format), so a scale read to :data:`ONCE_TOL` means what it says."""
+                      opts: ExclusivityOptions, batch_size: int | None) -> Reconstruction:
+    """``rec`` with how many times the batch holds its uncertified inputs read (module docstring; those held once
+    at the batch's scale are marked already, :func:`held_once`); ``grads``: the update the attack read,
+    ``batch_size``: reported, or read off the certified samples' common scale."""
     if (rec.batch_certified or batch_size is None or opts.class_weights is not None or opts.clip_norm is not None
             or opts.train_dropout or opts.defense or len(rec.samples) != len(rec)):
         return rec
@@ -80,12 +95,7 @@ def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Ten
     others = [k for k, r in enumerate(samples) if not r.certified and r.rebuilt]
     if opts.known_scale:
         unit = opts.common_scale(batch_size)
-        once = [k for k in others if exact_values and not net.blocks and witnessed(samples[k])
-                and abs(samples[k].scale / unit - 1) <= ONCE_TOL]
-        once = [k for k, sure_of in zip(once, certainty(net, rec.inputs[once])) if sure_of <= 1 - SATURATED]
-        for k in once:
-            samples[k] = marked(samples[k], ONCE, f"{samples[k].reason}; its scale is the batch's common scale to "
-                                f"within {ONCE_TOL:g}, as a sample's is and a blend's seldom is: auto holds it")
+        once = [k for k in others if read_off_scale(samples[k])]
         readings = [(unit, sure + once, [k for k in others if k not in once])]
     elif sure:  # the factor the certified samples share (a repeat uncertified), or M units among them (all found)
         scales = sorted(samples[k].scale for k in sure)
@@ -117,13 +127,6 @@ def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Ten
                                              f"an input the batch holds {r.times} times (drawn with replacement) "
                                              f"would have, {why}")
     return replace(rec, samples=tuple(samples))
-
-
-def certainty(net: Network, inputs: torch.Tensor) -> list[float]:
-    """Per input, the largest probability the model's head gives it (float64)."""
-    if not len(inputs):
-        return []
-    return torch.softmax(forward_trace(net.head, inputs, keep_pre=False).logits, 1).amax(1).tolist()
 
 
 def witnessed(record: SampleRecovery) -> bool:

@@ -38,7 +38,7 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residu
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import BLENDS, off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.class_weights import class_scale_note
-from fedleak.attacks.exact.multiplicity import with_multiplicity
+from fedleak.attacks.exact.multiplicity import held_once, with_multiplicity
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
@@ -117,8 +117,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 used = replace(used, train_dropout=True)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
-    return with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size,
-                             exact_values=noise is None and not precision.coarse)
+    return with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
@@ -247,6 +246,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         missing = f"{net.uncertifiable}; and {missing}" if missing else ""
         records = [replace(r, reason=f"{net.uncertifiable}; and {r.reason}" if r.reason else net.uncertifiable)
                    for r in records]
+    if logits is not None and cert.batch_size is not None:  # inputs held at the batch's scale (auto holds them)
+        records = held_once(records, logits, cert.batch_size, opts, noise is None and not precision.coarse
+                            and not net.blocks)
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
     counts = None
