@@ -149,3 +149,18 @@ def test_a_negated_gradient_is_said_to_read_so(setting):
     assert not any("negative of a cross-entropy gradient" in e for e in describe_update(grads, model).evidence)
     kind = describe_update({k: -v for k, v in grads.items()}, model)
     assert any("negative of a cross-entropy gradient" in e and "WeightUpdate" in e for e in kind.evidence)
+
+
+def test_a_gradient_scaled_beyond_a_summed_loss_is_not_read_as_one(setting):
+    """A gradient sent with its mixed-precision loss scale (GradScaler's 65,536, no unscale_): with the count
+    reported, more than a summed loss over it can give; not flagged as a summed loss, and the exclusivity attack
+    certifies it as a gradient times a common factor."""
+    model, x, y = setting
+    grads = fedleak.compute_gradient_update(model, x[:8], y[:8]).gradients
+    scaled = fedleak.GradientUpdate({k: v * 65536.0 for k, v in grads.items()}, num_examples=8)
+    kind = describe_update(scaled, model)
+    assert kind.scaled_up and not kind.summed and "scaled up beyond a summed loss" in kind.summary()
+    assert any("GradScaler" in e for e in kind.evidence)
+    assert fedleak.reconstruct(model, scaled).num_certified >= 1
+    summed = describe_update(fedleak.GradientUpdate({k: v * 8 for k, v in grads.items()}, num_examples=8), model)
+    assert summed.summed is True and not summed.scaled_up

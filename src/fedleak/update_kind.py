@@ -23,7 +23,9 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
 * **summed loss** (gradients) — a sample's ``p - onehot(y)`` has entries adding up to at most 2 in absolute
   value, and so does their mean: an output-bias gradient whose entries add up to more was taken of the batch's
   summed loss (``reduction="sum"``) or scaled up. A summed loss over a batch the model fits well can stay below 2,
-  so its absence proves nothing.
+  so its absence proves nothing. With the number of examples ``M`` reported, entries adding up to more than ``2 M``
+  are more than a summed loss can give: the gradient was scaled up (a loss scaled for mixed precision and sent
+  without ``unscale_``, a learning rate), :attr:`UpdateKind.scaled_up`.
 
 * **clipping by value** (gradients) — ``clip_grad_value_`` leaves the update's largest magnitude on the entries of
   several units (:mod:`fedleak.clipped_values`).
@@ -49,6 +51,7 @@ QUANTISED_MIN_SIZE = 4096  # ... in a tensor at least this large
 QUANTISED_SAMPLE = 1 << 16  # entries looked at
 MEAN_BIAS_L1 = 2.0  # a mean cross-entropy gradient's output-bias entries add up to at most this in absolute value
 SUMMED_TOL = 1e-3  # ... beyond float rounding (relative)
+SCALED_UP = "scaled up"  # what :func:`_summed` returns for more than a summed loss over the reported examples
 ROUNDING_LIMIT = 1e-4  # the exact attack's max_noise: a witness row must be known to this relative precision
 
 
@@ -81,6 +84,7 @@ class UpdateKind:
     rounding: float | None = None  # a weight change's rows known to this relative precision (float32 rounding)
     precision: str | None = None  # the format coarser than float32 the values carry (float16, bfloat16), if any
     value_clip: float | None = None  # the bound a gradient was clipped to by value (clip_grad_value_), if it shows
+    scaled_up: bool = False  # a gradient scaled by more than a summed loss over the reported examples can be
 
     @property
     def multi_step(self) -> bool:
@@ -125,6 +129,7 @@ class UpdateKind:
             parts.append(f"in {step}" + (f" of {self.local_batch_size}" if self.local_batch_size else ""))
         noise = "noised" if self.noise_declared else "noised or not plain SGD"
         flags = [f for f, on in ((noise, self.noised), ("loss summed over the batch", self.summed),
+                                 ("scaled up beyond a summed loss", self.scaled_up),
                                  ("SGD weight decay", self.weight_decay),
                                  ("clipped", self.clip_norm is not None),
                                  ("most rows finer than the rounding of the client's weights", self.too_fine),
@@ -141,6 +146,7 @@ class UpdateKind:
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
                 "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
                 "rounding": self.rounding, "precision": self.precision, "value_clip": self.value_clip,
+                "scaled_up": self.scaled_up,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -283,7 +289,9 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         evidence.append(f"{layers.describe()}: the exclusivity attack undoes the layers' unknown factors (as for a "
                         "declared clipping per layer), and the searches clip alike")
     noised, sparsified, quantised = _signatures(tensors, model, evidence, precision.roundoff, cut is not None)
-    summed = _summed(tensors, model, evidence) if kind == "gradient" and noised is False else None
+    summed = _summed(tensors, model, evidence, n) if kind == "gradient" and noised is False else None
+    scaled_up = summed == SCALED_UP
+    summed = None if summed is None else summed is True
     noise_declared = facts.get("noise_multiplier", 0) > 0
     if noise_declared:
         noised = True
@@ -294,7 +302,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
                       noise_declared, summed, decayed, rounding,
                       str(precision.dtype).removeprefix("torch.") if precision.coarse else None,
-                      None if cut is None else cut.bound)
+                      None if cut is None else cut.bound, scaled_up)
 
 
 def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> float | None:
@@ -384,9 +392,9 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
     return noised, sparsified, quantised
 
 
-def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str]) -> bool:
+def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str], n: int | None) -> bool | str:
     """The summed-loss signature of a gradient whose output-layer bias the noise signature read (module
-    docstring)."""
+    docstring); :data:`SCALED_UP` where ``n`` examples are reported and a summed loss over them cannot reach it."""
     import torch
 
     from fedleak.attacks.labels import output_layer_names
@@ -394,6 +402,13 @@ def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str]) -> bool
     total = float(tensors[output_layer_names(model)[1]].detach().to(torch.float64).abs().sum())
     if total <= MEAN_BIAS_L1 * (1 + SUMMED_TOL):
         return False
+    if n is not None and total > MEAN_BIAS_L1 * n * (1 + SUMMED_TOL):
+        evidence.append(f"the output-layer bias gradient's entries add up to {total:.3g} in absolute value, more "
+                        f"than a cross-entropy summed over the {n} examples reported can ({MEAN_BIAS_L1 * n:g}): the "
+                        "gradient was scaled up (a loss scaled for mixed precision and sent without unscale_, as "
+                        "torch.amp.GradScaler leaves it; a learning rate); the exclusivity attack reads it as a "
+                        "gradient times an unknown common factor, with the count")
+        return SCALED_UP
     evidence.append(f"the output-layer bias gradient's entries add up to {total:.3g} in absolute value, more than a "
                     f"mean cross-entropy gradient's at most {MEAN_BIAS_L1:g}: the client's loss sums over its batch "
                     "(reduction='sum'; the exclusivity attack then takes loss_reduction='sum') or the gradient was "

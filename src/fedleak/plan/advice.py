@@ -92,7 +92,9 @@ def _exclusivity(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
         return AttackAdvice(info.name, False, True, _update_blocks(facts))
     pct = f"{100 * facts.fraction:.0f}%"
     summed = ("; the loss is summed over the batch: pass loss_reduction='sum' (and the number of examples)"
-              if facts.update is not None and facts.update.summed else "")
+              if facts.update is not None and facts.update.summed else
+              "; the gradient is scaled up (read as a gradient times a common factor)"
+              if facts.update is not None and facts.update.scaled_up else "")
     if facts.route == ROUTE_APPLIES:
         why = (f"certified and exact: the route applies up to batch {facts.max_batch_size} (about {pct} of the samples "
                f"of a batch of {facts.batch_size})")
