@@ -42,6 +42,7 @@ from fedleak.attacks.exact.multiplicity import held_once, with_multiplicity
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
+from fedleak.attacks.exact.sample_clip import read_sample_clip
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.attacks.masked_input import first_module, input_masking, withheld
@@ -117,7 +118,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 used = replace(used, train_dropout=True)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
-    return with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
+    rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
+    return read_sample_clip(net, rec, used, update.num_examples or rec.batch_size)  # per-sample clipping undeclared
 
 
 def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
