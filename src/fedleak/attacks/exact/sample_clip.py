@@ -47,7 +47,7 @@ def read_sample_clip(net: Network, rec: Reconstruction, opts: ExclusivityOptions
     sure = rec.certified.nonzero().flatten().tolist()
     index = torch.tensor(below + sure, dtype=torch.long)
     trace = forward_trace(net.head, rec.inputs[index], rec.labels[index].to(net.device), smoothing=opts.smoothing)
-    norms = per_sample_norms(trace, [b is not None for b in net.head.biases()]).tolist()
+    norms = per_sample_norms(trace, [d.bias_name is not None for d in net.head.dense]).tolist()
     sure_of = torch.softmax(trace.logits[: len(below)], 1).amax(1).tolist()  # a saturated softmax: no reading
     bounds = sorted((rec.samples[k].scale / unit * n, k) for k, n, p in zip(below, norms, sure_of)
                     if p <= 1 - SATURATED)
@@ -64,7 +64,7 @@ def read_sample_clip(net: Network, rec: Reconstruction, opts: ExclusivityOptions
     for _, k in agree:
         samples[k] = replace(samples[k], reason=f"{samples[k].reason}; or {said}")
     note = (f"{len(agree)} strongly witnessed samples sit below the batch's scale by factors that put their own "
-            f"gradients at one norm, {clip:.6g}: the client clipped each sample's gradient (per-sample clipping, as "
-            f"DP-SGD's max_grad_norm), which it did not declare; pass clip_norm={clip:.6g} (or the dp-sgd defense "
-            "with that max_grad_norm) to certify under it")
+            f"gradients at one norm, {clip:.6g}, as a client that clips each sample's gradient would leave them "
+            f"(per-sample clipping, DP-SGD's max_grad_norm), which it did not declare; pass clip_norm={clip:.6g} "
+            "(or the dp-sgd defense with that max_grad_norm) to certify under it")
     return replace(rec, samples=tuple(samples), notes=(*rec.notes, note))
