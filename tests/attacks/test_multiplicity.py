@@ -128,3 +128,17 @@ def test_a_sample_drawn_twice_in_a_one_step_fedavg_update(digits):
     assert copies(rec, x[:7]) == [2, 1, 1, 1, 1, 1, 1] and rec.num_certified == 5
     assert rec.attack == "auto:exclusivity" and sum("repeated" in r for r in rec.routes) == 2
     assert rec.routes.count("exclusivity (uncertified, at the batch's scale)") == 1  # confirmed by the whole gradient
+
+
+def test_the_batch_cut_keeps_an_input_at_a_whole_multiple_of_the_scale():
+    """An input drawn five times sits at 5/M: ``auto``'s cut to the batch size (``beyond_batch=False``) ranks it as
+    plausible as one at 1/M, above blends 2% off, so the repeat read still sees it."""
+    import numpy as np
+
+    from fedleak.attacks.exact.outcome import within_batch
+
+    records = [SampleRecovery(0, True, "", witnesses=(9,), scale=1 / 8),
+               *(SampleRecovery(0, False, "", witnesses=(3,), scale=1.02 / 8) for _ in range(7)),
+               SampleRecovery(1, False, "", witnesses=(2,), scale=5 / 8 * (1 + 1e-7))]
+    kept = within_batch(records, 4, 1 / 8, np.ones(len(records)))
+    assert 0 in kept and 8 in kept and len(kept) == 4
