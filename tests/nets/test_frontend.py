@@ -536,3 +536,39 @@ def test_a_model_that_reads_token_indices_is_refused_by_every_attack_saying_what
             fedleak.reconstruct(model, list(grads), attack=attack)
     with pytest.raises(ModelError, match="if the model reads token indices"):  # a shape given: the forward says
         fedleak.reconstruct(model, list(grads), attack="ig", input_shape=(8,), iterations=2)
+
+
+@pytest.mark.parametrize("op", [lambda z: z.clamp(min=0), lambda z: torch.clamp(z, 0), lambda z: z.clamp_min(0)])
+def test_clamp_at_zero_is_refused_with_why_it_is_not_a_relu(op):
+    """``clamp(min=0)`` has a ReLU's values but passes gradient at exactly 0 (torch keeps the boundary): refused,
+    saying to write F.relu; other clamps are unsupported as before."""
+
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(op(self.fc1(x)))
+
+    z = torch.tensor([0.0, 1.0], requires_grad=True)
+    op(z).sum().backward()
+    assert z.grad.tolist() == [1.0, 1.0]  # what the refusal says: a ReLU's would be [0, 1]
+    with pytest.raises(ModelError, match=r"clamp\(min=0\) is a ReLU whose gradient also passes where its input is "
+                                         r"exactly 0 .*write F.relu"):
+        as_network(Clamped())
+
+
+def test_a_clamp_to_a_range_is_not_supported():
+    class Bounded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(8, 8)
+            self.fc2 = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).clamp(0, 6))
+
+    with pytest.raises(ModelError, match=r"node 'clamp' \(.clamp\(\)\): not supported"):
+        as_network(Bounded())

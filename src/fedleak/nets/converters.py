@@ -83,6 +83,19 @@ def relu(op: Op) -> Relu:
     return Relu(op.node)
 
 
+@converts(torch.clamp, torch.clamp_min, torch.clip, *(("method", m) for m in ("clamp", "clamp_", "clamp_min",
+                                                                           "clamp_min_", "clip", "clip_")))
+def clamp(op: Op) -> Layer:
+    """``x.clamp(min=0)`` computes a ReLU but differentiates otherwise: its gradient passes where the input is exactly
+    0 (a zero bias on a black border does it), which the exact methods' ReLU model does not: refused, saying so."""
+    low, high = op.arg(0, "min"), op.arg(1, "max")
+    if isinstance(low, (int, float)) and low == 0 and high is None:
+        raise op.refuse("clamp(min=0) is a ReLU whose gradient also passes where its input is exactly 0 (torch's "
+                        "clamp keeps the boundary), which fedleak's exact methods do not model: write F.relu (or "
+                        f"nn.ReLU), which computes the same values; {EXACT_SCOPE}")
+    raise unsupported(op)
+
+
 def _pool(op: Op, kind: str, kernel: object, stride: object, padding: object, ceil_mode: bool,
           dilation: object = 1, extra: bool = False) -> Pool:
     k = _sizes(op, kernel, "kernel_size")
