@@ -423,10 +423,10 @@ def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str
         return None
     from fedleak.attacks.exact.decay import peel_decay, read_decay
     from fedleak.errors import FedleakError
-    from fedleak.nets import as_network
+    from fedleak.nets.input_map import exact_network
 
     try:
-        net = as_network(model)
+        net = exact_network(model)
     except FedleakError:
         return None
     change = {n: d for n, d in delta.items() if n in update.before and n in update.after}

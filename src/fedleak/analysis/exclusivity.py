@@ -26,6 +26,8 @@ from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, Lay
 from fedleak.autograd_mode import autograd_on, with_autograd
 from fedleak.errors import ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, Trace, forward_trace, readable_losses
+from fedleak.nets.input_map import first_layer_view
+from fedleak.validation import check_batch
 
 
 @with_autograd
@@ -51,6 +53,14 @@ def analyze_exclusivity(
     ``attack_options`` are fields of :class:`~fedleak.attacks.exact.ExclusivityOptions` (its conv-block
     noise model and exactness: ``ratio_noise``, ``rounding``, ``max_error``, ``data_range``, ...).
     """
+    if not isinstance(model, Network):  # a normalisation inside forward: what its first layer reads is counted
+        model, inputs, input_map = first_layer_view(model, check_batch(inputs))
+        if input_map is not None and attack_options.get("data_range") is not None:
+            from fedleak.attacks.exact import ExclusivityOptions  # (heavy: imported here)
+
+            lo, hi, tol = input_map.range_in_first_layer(*attack_options["data_range"],
+                                                         attack_options.get("exact_tol", ExclusivityOptions.exact_tol))
+            attack_options = {**attack_options, "data_range": (lo, hi), "exact_tol": tol}
     return batch_exclusivity(read_batch(model, inputs, labels), min_last=min_last, min_other=min_other,
                              solve=solve, **attack_options)
 

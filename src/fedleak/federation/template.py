@@ -116,10 +116,10 @@ def audit_template(model: nn.Module, *, attack: str, needs_relu_network: bool, p
     """
     if needs_relu_network:
         from fedleak.binary import as_two_class
-        from fedleak.nets import as_network
+        from fedleak.nets.input_map import exact_network
 
         try:  # one logit: the attacks read its two-class twin (fedleak.reconstruct does)
-            as_network(as_two_class(model)[0], input_shape=input_shape)
+            exact_network(as_two_class(model)[0], input_shape=input_shape)
         except ModelError as err:
             raise ModelError(f"the '{attack}' attack cannot run on this model: {_first_line(err)}") from None
     try:

@@ -75,7 +75,9 @@ def sequential_graph(model: nn.Module) -> fx.GraphModule | None:
 TRACE_LOCK = threading.RLock()
 
 
-def _trace(model: nn.Module) -> fx.GraphModule:
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """``model``'s forward as a fresh ``torch.fx`` graph (its modules and attributes shared with ``model``), or the
+    :class:`~fedleak.errors.ModelError` saying why it does not trace."""
     direct = sequential_graph(model)
     if direct is not None:
         return direct
@@ -126,7 +128,7 @@ def output_linear(model: nn.Module) -> str | None:
     of the traced forward through whatever follows it (a sigmoid, a scaling); None where the forward does not
     trace or no Linear layer leads to the output."""
     try:
-        gm = _trace(model)
+        gm = trace_model(model)
     except ModelError:
         return None
     modules = dict(gm.named_modules())
@@ -250,7 +252,8 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in found if n.op != "get_attr" and n.meta.get("shape") is not None]
 
 
-def _key(node: fx.Node) -> object:
+def op_key(node: fx.Node) -> object:
+    """What a converter is registered by for a function or method node: the function, or ``("method", name)``."""
     return ("method", node.target) if node.op == "call_method" else node.target
 
 
@@ -291,14 +294,15 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
                 target=node.target if module is not None else "", module=module,
                 args=tuple(node.args[1:]), kwargs=dict(node.kwargs), in_shape=_shape(previous),
                 out_shape=_shape(node), last=k == len(ops) - 1)
-        keys = [_key(node)] if module is None else list(type(module).__mro__)
+        keys = [op_key(node)] if module is None else list(type(module).__mro__)
         key = next((k for k in keys if k in CONVERTERS), None)
         if key is None:
-            if not any(isinstance(st.layer, (Dense, Conv)) for st in steps) and _key(node) in INPUT_ARITHMETIC:
-                raise op.refuse("arithmetic on the model's input (a normalisation inside forward?) is not supported: "
-                                "fedleak's exact methods read the first layer's input as it is; normalise the data "
-                                "instead (fedleak.Dataset.normalized(mean, std) keeps the map to score in pixels) and "
-                                f"pass the model without it; {EXACT_SCOPE}")
+            if not any(isinstance(st.layer, (Dense, Conv)) for st in steps) and op_key(node) in INPUT_ARITHMETIC:
+                raise op.refuse("arithmetic on the model's input (a normalisation inside forward?): the exact "
+                                "attack, exclusivity analysis and the plan read it as a map they invert; fishing, "
+                                "exclusivity reduction and the attacks on the first layer's rows do not: normalise "
+                                "the data instead (fedleak.Dataset.normalized(mean, std) keeps the map to score in "
+                                f"pixels) and pass the model without it; {EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
         if layer is not None:
@@ -317,7 +321,7 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     optimisation attacks share it.
     """
     model = check_module(model)
-    shape, notes, _ = _resolved_shape(model, _trace(model), input_shape, inputs)
+    shape, notes, _ = _resolved_shape(model, trace_model(model), input_shape, inputs)
     return shape, notes
 
 
@@ -351,7 +355,7 @@ _TRACED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[list[Step], tupl
     weakref.WeakKeyDictionary())
 
 
-def _structure(model: nn.Module) -> tuple:
+def model_structure(model: nn.Module) -> tuple:
     """What tracing depends on: the modules (identity, type, mode) and every tensor's shape, dtype and device."""
     mods = tuple((name, id(m), type(m), m.training) for name, m in model.named_modules())
     tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
@@ -372,10 +376,10 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     model = check_module(model)
     asked = (None if input_shape is None else tuple(input_shape),
              None if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 else tuple(inputs.shape[1:]))
-    key = (asked, _structure(model))
+    key = (asked, model_structure(model))
     known = {k: v for k, v in _TRACED.get(model, {}).items() if k[1] == key[1]}  # another structure: forget
     if key not in known:
-        gm = _trace(model)
+        gm = trace_model(model)
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if len(known) >= CACHED_SHAPES:
             known.pop(next(iter(known)))

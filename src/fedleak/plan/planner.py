@@ -12,6 +12,7 @@ at all, and which other attacks are worth running (:mod:`fedleak.plan.advice`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from fedleak.attacks.masked_input import InputMasking, first_module, input_maski
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, as_network, input_shape_of
+from fedleak.nets.input_map import peel_input_map
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
 from fedleak.plan.advice import RouteFacts, advise
 from fedleak.plan.conv import block_shape
@@ -152,6 +154,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
     notes = (*shape_notes, *read_as)
     try:
+        model, input_map = peel_input_map(model, input_shape=shape)  # a normalisation inside forward
         net = as_network(model, input_shape=shape)
     except ModelError as exc:
         return verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind, sizes, target,
@@ -162,6 +165,10 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {samples.x[0].numel()} values but the model takes {net.input_shape}")
+    if input_map is not None:  # measured on what the first layer reads
+        x = samples.x.reshape(len(samples.x), *net.input_shape).to(net.dtype)
+        samples = replace(samples, x=input_map.to_first_layer(x))
+        notes += (input_map.note(),)
     masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking)
 

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from fedleak.errors import FedleakError
-from fedleak.nets import NO_HIDDEN_RELU, Network, as_network
+from fedleak.nets import NO_HIDDEN_RELU, Network
+from fedleak.nets.input_map import exact_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
 
@@ -87,7 +88,7 @@ def network_barrier(net: Network, *, training: bool = False) -> str:
 def _read(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[Network | None, str]:
     """The model as the exact attack reads it, or why it does not."""
     try:
-        net = as_network(model, input_shape=input_shape)
+        net = exact_network(model, input_shape=input_shape)
     except FedleakError as exc:
         return None, f"the model is not a ReLU network the exact attack reads ({exc})"
     return (None, NO_HIDDEN_RELU) if net.head.depth == 0 else (net, "")

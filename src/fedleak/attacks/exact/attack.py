@@ -24,7 +24,8 @@ from fedleak.attacks.labels import with_negated_hint
 from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
 from fedleak.defenses.stack import DefenseStack
-from fedleak.nets import as_network
+from fedleak.nets import Network, as_network
+from fedleak.nets.input_map import InputMap, peel_input_map
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
@@ -64,9 +65,14 @@ def exclusivity_attack(
     """
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
-    opts = resolve_options(options, overrides)
-    net = as_network(model, input_shape=input_shape)
-    update = as_gradient_update(update)
+    model, input_map = peel_input_map(model, input_shape=input_shape)
+    opts = in_first_layer(resolve_options(options, overrides), input_map)
+    rec = _on_gradient(model, as_network(model, input_shape=input_shape), as_gradient_update(update), opts)
+    return input_map.restore(rec, opts.exact_tol) if input_map is not None else rec
+
+
+def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions) -> Reconstruction:
+    """The attack on a gradient of ``model`` (read as ``net``), every input the first layer's."""
     noise = None
     precision = update_precision(update.gradients)
     if update.error or precision.coarse:  # the tolerances grow beyond the gradient's own float32 noise
@@ -137,10 +143,10 @@ def exclusivity_on_weights(
     gradients were taken at other weights than ``before``, fail the certificate rather than mislead; those of the
     first mini-batch, taken at ``before``, may pass.
     """
-    opts = resolve_options(options, {**overrides, "known_scale": False})
     names = list(update.parameters_of(model))
     delta = update.delta()
-    at_before = model_at_before(model, update)
+    at_before, input_map = peel_input_map(model_at_before(model, update), input_shape=input_shape)
+    opts = in_first_layer(resolve_options(options, {**overrides, "known_scale": False}), input_map)
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
     decay = read_decay(net, update.before, update.after, delta)
@@ -154,7 +160,17 @@ def exclusivity_on_weights(
     notes = (decay.describe(),) if decay is not None else ()
     if not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)
-    return replace(rec, notes=(*rec.notes, *notes)) if notes else rec
+    rec = replace(rec, notes=(*rec.notes, *notes)) if notes else rec
+    return input_map.restore(rec, opts.exact_tol) if input_map is not None else rec
+
+
+def in_first_layer(opts: ExclusivityOptions, input_map: InputMap | None) -> ExclusivityOptions:
+    """``opts`` for the first layer's inputs: a ``data_range`` of the model's inputs taken through the model's
+    arithmetic on them, with ``exact_tol`` narrowed so that it still bounds every input value's error."""
+    if input_map is None or opts.data_range is None:
+        return opts
+    lo, hi, tol = input_map.range_in_first_layer(*opts.data_range, opts.exact_tol)
+    return replace(opts, data_range=(lo, hi), exact_tol=tol)
 
 
 def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32) -> Reconstruction:
