@@ -167,15 +167,29 @@ class Learned(nn.Module):
         return self.fc2(F.relu(self.fc1((x * self.scale).flatten(1))))
 
 
+class Broadcast(nn.Module):
+    """A mean of 3 channels subtracted from flat inputs (its first layer says 192 values): 192 values become 576."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1))
+        self.fc1 = nn.Linear(192, 16)
+        self.fc2 = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(torch.flatten(x - self.mean, 1))))
+
+
 @pytest.mark.parametrize("model, needle", [
     (Learned(), r"node 'mul' scales or shifts the model's input by the trainable parameter 'scale'.*register_buffer"),
     (Normalised(lambda x: 2.0 / x), r"node 'truediv' divides by the model's input"),
     (Normalised(lambda x: x * 0.0), r"not invertible \(a scale of 0"),
+    (Broadcast(), r"turns 192 values into 576 \(a constant broadcast beyond the input's shape\)"),
 ])
-def test_arithmetic_that_is_not_an_invertible_map_with_constants_is_refused_by_name(digits, model, needle):
-    x, y = digits.batch(2, seed=0)
+def test_arithmetic_that_is_not_an_invertible_map_with_constants_is_refused_by_name(model, needle):
+    update = {n: torch.zeros_like(p) for n, p in model.named_parameters()}  # refused before it is read
     with pytest.raises(ModelError, match=needle):
-        fedleak.reconstruct(model.eval(), _gradient(model, x, y))
+        fedleak.reconstruct(model.eval(), update)
 
 
 def test_rounding_the_arithmetic_loses_is_not_certified(digits):
@@ -197,3 +211,14 @@ def test_fishing_says_it_does_not_read_the_arithmetic(digits):
     with pytest.raises(ModelError, match=r"arithmetic on the model's input .*fishing, exclusivity reduction and the "
                                          r"attacks on the first layer's rows do not"):
         fedleak.fish(model, x, y)
+
+
+def test_an_in_place_normalisation_leaves_the_caller_s_inputs_alone(digits):
+    torch.manual_seed(3)
+    model = Normalised(lambda x: x.sub_(0.5).div_(0.25)).eval()
+    x, y = digits.batch(4, seed=6)
+    kept = x.clone()
+    report = fedleak.analyze_exclusivity(model, x, y)
+    assert torch.equal(x, kept) and len(report.certifiable) == 4
+    rec = fedleak.reconstruct(model, _gradient(model, x.clone(), y))
+    assert rec.num_certified >= 3 and fedleak.metrics.match(rec, x, y).false_certificates == 0

@@ -66,7 +66,7 @@ class InputMap:
     def to_first_layer(self, x: torch.Tensor) -> torch.Tensor:
         """What the model's first layer reads for inputs ``x`` (a batch): the forward's own arithmetic, in ``x``'s
         dtype, in the input's shape."""
-        return self.apply(x).reshape(x.shape)
+        return self.apply(x.clone()).reshape(x.shape)  # a copy: an in-place x.sub_(mean) keeps the caller's
 
     def to_inputs(self, z: torch.Tensor) -> torch.Tensor:
         """The model's inputs whose first-layer input is ``z`` (a batch), in float64 then ``z``'s dtype."""
@@ -270,7 +270,7 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
             for node in peeled.nodes:
                 _constants(interp, node, peeled)
                 interp.env[node] = interp.run_node(node)
-                values[node] = interp.env[node]
+                values[node] = interp.env[node].clone()  # a later in-place op (x.div_) would change it
         return values
 
     def apply(x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +281,7 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
     probes = [torch.zeros(probe_shape, dtype=F64), torch.ones(probe_shape, dtype=F64),
               torch.rand(probe_shape, dtype=F64, generator=gen) * 2 - 0.5]
     try:
-        runs = [run(p.to(device)) for p in probes]
+        runs = [run(p.to(device, copy=True)) for p in probes]
     except RuntimeError as err:  # a per-pixel mean on flat inputs: the shape read off the first layer is not it
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelError(f"the model's arithmetic on its input does not run on inputs of shape {shape} ({first}); "
@@ -290,6 +290,10 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
     z0, z1, zr = (r[last].to(F64).reshape(len(probes[0]), -1)[0] for r in runs)
     a, b = z1 - z0, z0
     xr = probes[2].reshape(len(probes[2]), -1)[0].to(a.device)
+    if len(a) != len(xr):
+        raise ModelError(f"node '{last.name}': the model's arithmetic on its input turns {len(xr)} values into "
+                         f"{len(a)} (a constant broadcast beyond the input's shape), so what its first layer reads is "
+                         "not a map of each input value")
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())) or bool((a == 0).any()):
         raise ModelError(f"node '{last.name}': the model's arithmetic on its input is not invertible (a scale of 0 "
                          "or not finite), so what its first layer reads does not give the input")
