@@ -222,3 +222,26 @@ def test_an_in_place_normalisation_leaves_the_caller_s_inputs_alone(digits):
     assert torch.equal(x, kept) and len(report.certifiable) == 4
     rec = fedleak.reconstruct(model, _gradient(model, x.clone(), y))
     assert rec.num_certified >= 3 and fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
+def test_a_near_uniform_image_is_held_to_the_data_range_when_given(digits):
+    """An image whose values span 0.01 (0.9 + 0.01 x) in a batch: the rounding of ``(x - 0.5) / 0.25`` is more
+    than its share of 1e-4 of that span, so it is not certified, and its reason names data_range=; given the
+    data's range, the rounding is within its share of it and the certificate stands."""
+    torch.manual_seed(4)
+    model = Normalised(lambda x: (x - 0.5) / 0.25).eval()
+    x, y = digits.batch(4, seed=7)
+    x[0] = 0.9 + 0.01 * x[0]
+    update = _gradient(model, x, y)
+    flat = x.flatten(1)
+
+    def uniform(rec):  # the rebuilt image of the near-uniform one
+        return next(i for i in range(len(rec)) if float((rec.inputs[i] - flat[0]).abs().max()) < 1e-6)
+
+    own = fedleak.reconstruct(model, update)
+    k = uniform(own)
+    assert not own.certified[k] and "data_range= (the data's)" in own.samples[k].reason
+    assert own.num_certified >= 2
+    held = fedleak.reconstruct(model, update, data_range=(0.0, 1.0))
+    assert held.certified[uniform(held)] and held.num_certified == own.num_certified + 1
+    assert fedleak.metrics.match(held, x, y, data_range=(0.0, 1.0)).false_certificates == 0

@@ -58,9 +58,9 @@ def analyze_exclusivity(
         if input_map is not None and attack_options.get("data_range") is not None:
             from fedleak.attacks.exact import ExclusivityOptions  # (heavy: imported here)
 
-            lo, hi, tol = input_map.range_in_first_layer(*attack_options["data_range"],
-                                                         attack_options.get("exact_tol", ExclusivityOptions.exact_tol))
-            attack_options = {**attack_options, "data_range": (lo, hi), "exact_tol": tol}
+            tol, data_range = input_map.tolerance_in_first_layer(
+                attack_options.get("exact_tol", ExclusivityOptions.exact_tol), attack_options["data_range"])
+            attack_options = {**attack_options, "data_range": data_range, "exact_tol": tol}
     return batch_exclusivity(read_batch(model, inputs, labels), min_last=min_last, min_other=min_other,
                              solve=solve, **attack_options)
 

@@ -30,7 +30,10 @@ from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
 AFFINE_TOL = 1e-9  # relative: the arithmetic must give a x + b on a random probe to this (it is elementwise affine)
-NEGLIGIBLE = 0.1  # of the exactness tolerance: the rounding the arithmetic adds that leaves a certificate standing
+# of the exactness tolerance: the most the client's rounding of the arithmetic may take from it (the first layer's
+# input is held to the rest). A normalisation's rounding is ~1e-7 of an input value: 5% of 1e-4 of a sample's own
+# range covers it down to ranges of ~0.07 of the values' size
+ROUNDING_SHARE = 0.05
 # the ops whose input operand may only be the first one: c / x is not affine in x
 FIRST_ONLY = frozenset({"truediv", "div", "div_", "itruediv"})
 
@@ -82,34 +85,45 @@ class InputMap:
         per_value = self.eps * (len(self.written) * flat + self.offsets.to(flat.device)) + 4e-16 * flat
         return per_value.amax(dim=1)
 
-    def range_in_first_layer(self, lo: float, hi: float, exact_tol: float) -> tuple[float, float, float]:
-        """A data range ``(lo, hi)`` of the model's inputs as one of the first layer's (the hull of every value's
-        image), and the exactness tolerance there that keeps every input value's error within
-        ``exact_tol * (hi - lo)``."""
+    def tolerance_in_first_layer(self, exact_tol: float, data_range: tuple[float, float] | None
+                                 ) -> tuple[float, tuple[float, float] | None]:
+        """The exactness tolerance and data range (None: each input's own) for the first layer's inputs that keep
+        every input value's error within ``exact_tol`` of ``data_range`` (or of its own range) once the client's
+        rounding of the arithmetic (up to :data:`ROUNDING_SHARE` of it, :meth:`restore`) is added: a data range is
+        taken through the map (the hull of every value's image)."""
+        tol = exact_tol * (1 - ROUNDING_SHARE)
+        if data_range is None:
+            return tol, None
+        lo, hi = data_range
         ends = torch.stack([self.scale * lo + self.shift, self.scale * hi + self.shift])
         z_lo, z_hi = float(ends.min()), float(ends.max())
-        return z_lo, z_hi, exact_tol * (hi - lo) * float(self.scale.abs().min()) / max(z_hi - z_lo, 1e-300)
+        return tol * (hi - lo) * float(self.scale.abs().min()) / max(z_hi - z_lo, 1e-300), (z_lo, z_hi)
 
-    def restore(self, rec: Reconstruction, exact_tol: float) -> Reconstruction:
-        """``rec`` (rebuilt first-layer inputs) in the model's inputs: each input mapped back, a stated error bound
-        taken back to input units (over the smallest ``|a|``) plus the arithmetic's rounding, and a certificate
-        kept where that rounding is below a tenth of ``exact_tol`` of the sample's own range (else withdrawn,
-        saying so); a note says what was read."""
+    def restore(self, rec: Reconstruction, exact_tol: float, data_range: tuple[float, float] | None = None
+                ) -> Reconstruction:
+        """``rec`` (rebuilt first-layer inputs, held to :meth:`tolerance_in_first_layer`) in the model's inputs: each
+        input mapped back, a stated error bound taken back to input units (over the smallest ``|a|``) plus the
+        arithmetic's rounding, and a certificate kept where that rounding is within :data:`ROUNDING_SHARE` of
+        ``exact_tol`` of ``data_range`` (None: of the sample's own range), else withdrawn, saying so; a note says
+        what was read."""
         if len(rec) == 0:
             return replace(rec, notes=(*rec.notes, self.note()))
         x = self.to_inputs(rec.inputs)
         bound = self.rounding(x).cpu().numpy()
         flat = x.detach().to(F64).reshape(len(x), -1)
-        spread = (flat.amax(dim=1) - flat.amin(dim=1)).cpu().numpy()
+        spread = ((flat.amax(dim=1) - flat.amin(dim=1)).cpu().numpy() if data_range is None else
+                  np.full(len(x), data_range[1] - data_range[0]))
         smallest = float(self.scale.abs().min())
         samples, certified = [], rec.certified.clone()
         for i, s in enumerate(rec.samples):
             eb = s.error_bound / smallest + bound[i] if np.isfinite(s.error_bound) else s.error_bound
             s = replace(s, error_bound=eb)
-            if s.certified and not bound[i] <= NEGLIGIBLE * exact_tol * spread[i]:
+            if s.certified and not bound[i] <= ROUNDING_SHARE * exact_tol * spread[i]:
                 why = (f"the model's arithmetic on its input ({self.describe()}) rounds it by up to {bound[i]:.2e} in "
-                       "float32, more than the exactness tolerance allows: the first layer's input is certified, "
-                       "this input is not")
+                       f"float32, more than {ROUNDING_SHARE:g} of the exactness tolerance of "
+                       f"{'the data range' if data_range is not None else 'its own range'} ({spread[i]:.3g}) allows: "
+                       "the first layer's input is certified, this input is not"
+                       + ("" if data_range is not None else "; data_range= (the data's) holds it to that range"))
                 s = replace(s, certified=False, reason=why)
                 certified[i] = False
             samples.append(s)

@@ -66,9 +66,10 @@ def exclusivity_attack(
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
     model, input_map = peel_input_map(model, input_shape=input_shape)
-    opts = in_first_layer(resolve_options(options, overrides), input_map)
-    rec = _on_gradient(model, as_network(model, input_shape=input_shape), as_gradient_update(update), opts)
-    return input_map.restore(rec, opts.exact_tol) if input_map is not None else rec
+    asked = resolve_options(options, overrides)
+    rec = _on_gradient(model, as_network(model, input_shape=input_shape), as_gradient_update(update),
+                       in_first_layer(asked, input_map))
+    return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
 
 
 def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions) -> Reconstruction:
@@ -146,7 +147,8 @@ def exclusivity_on_weights(
     names = list(update.parameters_of(model))
     delta = update.delta()
     at_before, input_map = peel_input_map(model_at_before(model, update), input_shape=input_shape)
-    opts = in_first_layer(resolve_options(options, {**overrides, "known_scale": False}), input_map)
+    asked = resolve_options(options, {**overrides, "known_scale": False})
+    opts = in_first_layer(asked, input_map)
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
     decay = read_decay(net, update.before, update.after, delta)
@@ -161,16 +163,16 @@ def exclusivity_on_weights(
     if not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)
     rec = replace(rec, notes=(*rec.notes, *notes)) if notes else rec
-    return input_map.restore(rec, opts.exact_tol) if input_map is not None else rec
+    return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
 
 
 def in_first_layer(opts: ExclusivityOptions, input_map: InputMap | None) -> ExclusivityOptions:
-    """``opts`` for the first layer's inputs: a ``data_range`` of the model's inputs taken through the model's
-    arithmetic on them, with ``exact_tol`` narrowed so that it still bounds every input value's error."""
-    if input_map is None or opts.data_range is None:
+    """``opts`` for the first layer's inputs (:meth:`~fedleak.nets.input_map.InputMap.tolerance_in_first_layer`):
+    ``exact_tol`` and ``data_range`` that leave room for the client's rounding of the model's arithmetic."""
+    if input_map is None:
         return opts
-    lo, hi, tol = input_map.range_in_first_layer(*opts.data_range, opts.exact_tol)
-    return replace(opts, data_range=(lo, hi), exact_tol=tol)
+    tol, data_range = input_map.tolerance_in_first_layer(opts.exact_tol, opts.data_range)
+    return replace(opts, exact_tol=tol, data_range=data_range)
 
 
 def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32) -> Reconstruction:
