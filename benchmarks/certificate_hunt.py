@@ -62,6 +62,7 @@ class Config:
     weighted: bool = False  # class weights F.cross_entropy(weight=w), w log-uniform in [1/4, 4] per batch
     attack: str = "auto"  # or a malicious server's: "trap-weights" / "imprint" (bins from 500 other samples)
     trained: int = 0  # SGD steps (batch 64, lr 0.05, momentum 0.9) on the data set first: one of 4 trained models
+    inside: bool = False  # the standardisation inside the model's forward (buffers); the client sends its pixels
 
 
 CONFIGS = {
@@ -88,6 +89,13 @@ CONFIGS = {
     "retina-2-standardised": Config("retina", (1024,), standardise=True),
     "fashion-10-standardised": Config("fashion-mnist", (1024,), standardise=True),
     "lfw-2-standardised-fedavg-lr1": Config("lfw", (1024,), lr=1.0, standardise=True),
+    # ... or standardised inside the model's forward, where the exact attack reads the map and inverts it
+    "lfw-2-standardised-inside": Config("lfw", (1024,), standardise=True, inside=True),
+    "retina-2-standardised-inside": Config("retina", (1024,), standardise=True, inside=True),
+    "fashion-10-standardised-inside": Config("fashion-mnist", (1024,), standardise=True, inside=True),
+    "lfw-2-standardised-inside-fedavg-lr1": Config("lfw", (1024,), lr=1.0, standardise=True, inside=True),
+    "lfw-2-trained-standardised-inside": Config("lfw", (1024,), standardise=True, inside=True, trained=1000),
+    "lfw-2-trained-standardised": Config("lfw", (1024,), standardise=True, trained=1000),
     "lfw-2-conv1d": Config("lfw", (1024,), conv1d=(4, 5)),
     "digits-10-conv1d": Config("digits", (512,), conv1d=(8, 5)),
     # label smoothing: off its label a loss vector is p - s/K (no sign to read the label from), and a confident
@@ -161,6 +169,19 @@ def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, g
     return model
 
 
+class StandardisingInside(nn.Module):
+    """``net`` behind ``(x - mean) / std`` in its own forward (buffers), as users write a normalisation."""
+
+    def __init__(self, net: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> nn.Module:
     """``model`` after ``steps`` SGD steps (batch 64, lr 0.05, momentum 0.9) on ``(x, y)``."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -181,18 +202,24 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     # the inputs as the model sees them: scaled, or standardised (x - mean) / std with the data set's statistics
     mean, std = (float(data.x.mean()), float(data.x.std())) if cfg.standardise else (0.0, 1.0)
     lo, hi = ((v - mean) / std * cfg.scale for v in data.value_range)
+    if cfg.inside:  # the client's inputs are its pixels; the model standardises them
+        lo, hi = data.value_range
+
+    def inside(net: nn.Module) -> nn.Module:
+        return StandardisingInside(net, mean, std) if cfg.inside else net
     out = dict(batches=0, samples=0, certified=0, false_certificates=0, certifiable=0, certifiable_recovered=0,
                recovered=0, worst_certified_error=0.0, read_off_scale=0, read_off_scale_not_exact=0, seconds=0.0,
                failures=[])
     start = time.perf_counter()
-    trained = [train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d), (data.x - mean) / std * cfg.scale,
-                     data.y, cfg.trained, s) for s in range(4)] if cfg.trained else []
+    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d),
+                            (data.x - mean) / std * cfg.scale, data.y, cfg.trained, s)) for s in range(4)
+               ] if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
-        x, y = (data.x[idx] - mean) / std * cfg.scale, data.y[idx]
-        model = trained[b % 4] if trained else build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)), cfg.shift, gen,
-                                                     cfg.conv1d)
+        x, y = (data.x[idx] if cfg.inside else (data.x[idx] - mean) / std * cfg.scale), data.y[idx]
+        model = trained[b % 4] if trained else inside(build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)),
+                                                            cfg.shift, gen, cfg.conv1d))
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -281,7 +308,8 @@ def render(files: list[Path]) -> None:
                            f"{'told' if cfg.get('told', True) else 'not told'}")
             if cfg.get("trained"):
                 update += f"; on 4 models trained {cfg['trained']} SGD steps (momentum 0.9, lr 0.05) first"
-            inputs = "standardised" if cfg.get("standardise") else f"scaled ×{cfg['scale']:g}"
+            inputs = ("standardised inside forward" if cfg.get("inside") else "standardised") if cfg.get(
+                "standardise") else f"scaled ×{cfg['scale']:g}"
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):
                 widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
