@@ -209,7 +209,7 @@ def test_fishing_says_it_does_not_read_the_arithmetic(digits):
     model = _models()["buffers"]
     x, y = digits.batch(4, seed=0)
     with pytest.raises(ModelError, match=r"arithmetic on the model's input .*fishing, exclusivity reduction and the "
-                                         r"attacks on the first layer's rows do not"):
+                                         r"malicious first layers do not"):
         fedleak.fish(model, x, y)
 
 
@@ -245,3 +245,41 @@ def test_a_near_uniform_image_is_held_to_the_data_range_when_given(digits):
     held = fedleak.reconstruct(model, update, data_range=(0.0, 1.0))
     assert held.certified[uniform(held)] and held.num_certified == own.num_certified + 1
     assert fedleak.metrics.match(held, x, y, data_range=(0.0, 1.0)).false_certificates == 0
+
+
+def test_the_first_layer_attack_reads_through_a_normalisation(digits):
+    """One sample's gradient: certified and the sent image in pixels; a FedAvg change of 3 local steps: its first
+    layer's rows, uncertified, exact in pixels."""
+    torch.manual_seed(5)
+    model = _models()["buffers"]
+    x, y = digits.batch(1, seed=8)
+    rec = fedleak.reconstruct(model, _gradient(model, x, y), attack="first-layer", num_examples=1)
+    assert rec.num_certified == 1 and float((rec.inputs.reshape(1, -1) - x.reshape(1, -1)).abs().max()) < 1e-5
+    x, y = digits.batch(6, seed=9)
+    update = fedleak.fedavg_update(model, x, y, lr=0.05, local_steps=3, optimizer="momentum")
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    score = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
+    assert score.false_certificates == 0 and int(score.exact.sum()) >= 3
+
+
+def test_a_model_the_exact_methods_do_not_read_is_peeled_for_the_first_layer_attack(digits):
+    """A GELU MLP that normalises inside forward: the exact route refuses its GELU, the first-layer attack reads the
+    one sample through the normalisation."""
+    torch.manual_seed(6)
+
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(64, 32)
+            self.fc2 = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(((x - 0.5) / 0.25).flatten(1))))
+
+    model = Gelu().eval()
+    x, y = digits.batch(1, seed=10)
+    grads = _gradient(model, x, y)
+    with pytest.raises(ModelError, match="gelu"):
+        fedleak.reconstruct(model, grads)
+    rec = fedleak.reconstruct(model, grads, attack="first-layer", num_examples=1)
+    assert rec.num_certified == 1 and float((rec.inputs.reshape(1, -1) - x.reshape(1, -1)).abs().max()) < 1e-5

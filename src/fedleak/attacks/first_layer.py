@@ -61,6 +61,7 @@ from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
+from fedleak.nets.input_map import peel_input_map
 from fedleak.nets.token_inputs import TokenInputs
 from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
@@ -137,7 +138,7 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     reading = [n for n, a in calls if a.numel() == probe.numel() and torch.equal(a.reshape(-1), probe.reshape(-1))]
     if not reading:
         raise ModelError("the first-layer attack needs a Linear layer that reads the sample as it is (flattened); "
-                         "in this model the input passes through other layers first (a conv, a normalisation)")
+                         "in this model the input passes through other layers first (a conv, a LayerNorm)")
     name = reading[0]
     module = model.get_submodule(name)
     if module.bias is None:
@@ -214,12 +215,20 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
     if isinstance(update, WeightUpdate):
         update.parameters_of(model)
         model = model_at_before(model, update)
-        with buffers_kept(model):
-            return _weight_rows(model, update, input_shape, opts, start)
-    update = as_gradient_update(update)
-    check_matches_model(model, update.gradients)
+    # a normalisation inside forward: the layer reads what it makes of the sample, mapped back after
+    model, input_map = peel_input_map(model, input_shape=input_shape)
     with buffers_kept(model):  # a model in training mode moves its BatchNorm statistics in every pass
-        return _attack(model, update, input_shape, opts, start)
+        if isinstance(update, WeightUpdate):
+            rec = _weight_rows(model, update, input_shape, opts, start)
+        else:
+            update = as_gradient_update(update)
+            check_matches_model(model, update.gradients)
+            rec = _attack(model, update, input_shape, opts, start)
+    if input_map is None:
+        return rec
+    from fedleak.metrics import EXACT_TOL  # (scipy: imported only here)
+
+    return input_map.restore(rec, EXACT_TOL)
 
 
 def _layer_rows(model: nn.Module, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None, what: str

@@ -22,8 +22,9 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import reshape
-from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, model_structure, op_key, trace_model
+from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key, trace_model
 from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
 from fedleak.reconstruction import Reconstruction
@@ -168,7 +169,10 @@ def peel_input_map(model: nn.Module, *, input_shape: Sequence[int] | None = None
     peeled = known[1]
     if peeled is None:
         return model, None
-    shape = as_network(peeled.stripped, input_shape=input_shape, inputs=inputs).input_shape
+    try:
+        shape = as_network(peeled.stripped, input_shape=input_shape, inputs=inputs).input_shape
+    except ModelError:  # a model the exact methods do not read (a GELU): its shape as the first-layer attack finds it
+        shape = input_shape_of(peeled.stripped, input_shape=input_shape, inputs=inputs)[0]
     return peeled.stripped, _read_map(model, peeled, shape)
 
 
@@ -177,6 +181,11 @@ def _reshape_keys() -> frozenset:
 
 
 def _peel(model: nn.Module) -> _Peeled | None:
+    with buffers_kept(model):  # tracing runs forward: a buffer it changes (a pass counter) is put back
+        return _peel_traced(model)
+
+
+def _peel_traced(model: nn.Module) -> _Peeled | None:
     try:
         gm = trace_model(model)
     except ModelError:
