@@ -205,12 +205,11 @@ def test_rounding_the_arithmetic_loses_is_not_certified(digits):
     assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0
 
 
-def test_fishing_says_it_does_not_read_the_arithmetic(digits):
+def test_a_malicious_first_layer_says_it_does_not_read_the_arithmetic(digits):
     model = _models()["buffers"]
-    x, y = digits.batch(4, seed=0)
-    with pytest.raises(ModelError, match=r"arithmetic on the model's input .*fishing, exclusivity reduction and the "
-                                         r"malicious first layers do not"):
-        fedleak.fish(model, x, y)
+    with pytest.raises(ModelError, match=r"arithmetic on the model's input .*is not read here .*a malicious server's "
+                                         r"first layer does not\): normalise the data instead"):
+        fedleak.trap_weights(model)
 
 
 def test_an_in_place_normalisation_leaves_the_caller_s_inputs_alone(digits):

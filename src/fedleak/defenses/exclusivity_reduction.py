@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -49,6 +49,7 @@ from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
+from fedleak.fishing.through_map import first_layer_batch
 from fedleak.updates import hard_labels, is_soft
 from fedleak.validation import options_from
 
@@ -217,6 +218,9 @@ def reduce_exclusivity(
     opts = options or ReductionOptions.from_kwargs(**kwargs)
     if labels is None:
         raise FedleakError("exclusivity reduction needs the batch's labels")
+    first = first_layer_batch(model, inputs, opts.data_range, "exclusivity reduction")  # normalised inside forward
+    asked, model, inputs = opts, first.model, first.inputs
+    opts = replace(opts, data_range=first.data_range)
     batch = read_batch(model, inputs, labels)
     net, labels = batch.net, batch.labels
     if net.head.depth == 0:
@@ -352,8 +356,8 @@ def reduce_exclusivity(
             psnr=psnr(Xp[m], X[m], hi - lo),
             lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
         ))
-    return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
-                           time.perf_counter() - start, data_range)
+    return first.restore(ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
+                                         time.perf_counter() - start, data_range), asked)
 
 
 @register_defense

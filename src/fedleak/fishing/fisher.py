@@ -19,6 +19,7 @@ The perturbed batch is checked by a float32 forward pass, the precision the clie
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from fedleak.fishing.sample_lp import RequirementTable, solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
+from fedleak.fishing.through_map import first_layer_batch
 from fedleak.nets import NO_HIDDEN_RELU
 from fedleak.nets.cast import unchanged
 from fedleak.nets.forward import SATURATED_SAMPLE
@@ -300,6 +302,9 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
 def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, opts: FishingOptions,
                start: float) -> FishingResult:
     """:func:`fish` with its options read (``start``: when the call began, for the result's time)."""
+    first = first_layer_batch(model, inputs, opts.data_range, "fishing")  # a normalisation inside forward
+    asked, model, inputs = opts, first.model, first.inputs
+    opts = replace(opts, data_range=first.data_range)
     batch = read_batch(model, inputs, labels)
     net = batch.net
     if net.head.depth == 0:
@@ -325,4 +330,5 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     after = batch_exclusivity(sent, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     samples = sample_records(fisher, X, Xp, out, certified(before), certified(after), predictions(net, batch.x),
                              predictions(net, sent.x), peak=hi - lo)
-    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range)
+    return first.restore(FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range),
+                         asked)

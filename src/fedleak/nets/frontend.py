@@ -298,11 +298,11 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
         key = next((k for k in keys if k in CONVERTERS), None)
         if key is None:
             if not any(isinstance(st.layer, (Dense, Conv)) for st in steps) and op_key(node) in INPUT_ARITHMETIC:
-                raise op.refuse("arithmetic on the model's input (a normalisation inside forward?): the exact "
-                                "and first-layer attacks, exclusivity analysis and the plan read it as a map they "
-                                "invert; fishing, exclusivity reduction and the malicious first layers do not: "
-                                "normalise the data instead (fedleak.Dataset.normalized(mean, std) keeps the map to "
-                                f"score in pixels) and pass the model without it; {EXACT_SCOPE}")
+                raise op.refuse("arithmetic on the model's input (a normalisation inside forward?) is not read "
+                                "here (the exact and first-layer attacks, exclusivity analysis, the plan, fishing and "
+                                "exclusivity reduction read it; a malicious server's first layer does not): normalise "
+                                "the data instead (fedleak.Dataset.normalized(mean, std) keeps the map to score in "
+                                f"pixels) and pass the model without it; {EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
         if layer is not None:

@@ -1,0 +1,78 @@
+"""Fishing and exclusivity reduction of a model that normalises its input inside ``forward``
+(fedleak.fishing.through_map): they perturb what the first layer reads and hand back the model's inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
+from fedleak.errors import ModelError
+from fedleak.fishing.through_map import first_layer_batch
+
+
+class Normalising(nn.Module):
+    """A user's MLP on 8 x 8 images that computes ``(x - mean) / std`` first (buffers: one number, or per pixel)."""
+
+    def __init__(self, per_pixel: bool = False) -> None:
+        super().__init__()
+        shape = (1, 8, 8) if per_pixel else ()
+        self.register_buffer("mean", torch.full(shape, 0.3) + (torch.linspace(0, 0.1, 64).view(shape)
+                                                               if per_pixel else 0.0))
+        self.register_buffer("std", torch.full(shape, 0.35))
+        self.fc1 = nn.Linear(64, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def _gradient(model, x, y):
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+
+
+def test_fishing_a_normalising_model_moves_its_pixels_and_every_sample_is_certified(digits):
+    """The fished batch is in pixels, inside [0, 1]; the client's own gradient of it (through the model's
+    normalisation) certifies every sample, each the fished image; the perturbation is the one fishing finds on the
+    normalised batch with the model without its normalisation, mapped back (sizes over 1 / 0.35)."""
+    torch.manual_seed(0)
+    model = Normalising().eval()
+    x, y = digits.batch(12, seed=2)
+    result = fedleak.fish(model, x, y)
+    assert result.data_range == (0.0, 1.0) and result.inputs.shape == x.shape
+    assert float(result.inputs.min()) >= 0.0 and float(result.inputs.max()) <= 1.0
+    assert result.certifiable_after.all()
+    rec = fedleak.reconstruct(model, _gradient(model, result.inputs, y))
+    score = fedleak.metrics.match(rec, result.inputs, y, data_range=(0.0, 1.0))
+    assert rec.num_certified == 12 and score.false_certificates == 0 and int(score.exact.sum()) == 12
+    first = first_layer_batch(model, x, None, "fishing")  # (-0.3 / 0.35, 0.7 / 0.35), widened by float32's ends
+    assert first.data_range == pytest.approx((-0.3 / 0.35, 0.7 / 0.35), abs=1e-5)
+    input_map = first.input_map
+    twin = fedleak.fish(first.model, first.inputs, y, data_range=first.data_range)
+    assert torch.allclose(result.inputs, input_map.to_inputs(twin.inputs).clamp(0, 1), atol=1e-5)
+    assert [s.linf for s in result.samples] == pytest.approx([s.linf * 0.35 for s in twin.samples], rel=1e-4, abs=1e-6)
+    assert [s.psnr for s in result.samples] == pytest.approx([s.psnr for s in twin.samples], rel=1e-4)
+
+
+def test_reducing_a_normalising_model_s_exclusivity_leaves_nothing_certified(digits):
+    torch.manual_seed(1)
+    model = Normalising().eval()
+    x, y = digits.batch(8, seed=3)
+    assert fedleak.reconstruct(model, _gradient(model, x, y)).num_certified > 0
+    result = reduce_exclusivity(model, x, y)
+    assert result.protected and result.data_range == (0.0, 1.0)
+    assert float(result.inputs.min()) >= 0.0 and float(result.inputs.max()) <= 1.0
+    assert fedleak.reconstruct(model, _gradient(model, result.inputs, result.labels)).num_certified == 0
+
+
+def test_a_normalisation_per_pixel_is_refused_by_fishing_saying_what_to_do(digits):
+    model = Normalising(per_pixel=True).eval()
+    x, y = digits.batch(4, seed=0)
+    with pytest.raises(ModelError, match=r"fishing reads a normalisation inside forward only where one number scales "
+                                         r"and one shifts every value.*normalise the data instead"):
+        fedleak.fish(model, x, y)
