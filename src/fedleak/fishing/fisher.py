@@ -289,7 +289,8 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     predictions (they decide which neurons carry a backward signal). Returns a :class:`FishingResult` whose
     ``inputs`` is the perturbed batch (same shape and dtype, on the CPU, inside ``data_range``); samples
     whose LP failed are unchanged and say why. Works for any depth, with or without biases; conv blocks
-    may pool by max, by average or not at all.
+    may pool by max, by average or not at all. A model that normalises its input inside ``forward`` with one
+    scale and one shift is fished through that map (:mod:`fedleak.fishing.through_map`).
     """
     start = time.perf_counter()
     opts = options.pop("options", None) or FishingOptions.from_kwargs(**options)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 import operator
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -52,7 +52,7 @@ class InputMap:
     offsets: torch.Tensor
     eps: float
     written: tuple[str, ...]
-    apply: object
+    apply: Callable[[torch.Tensor], torch.Tensor]
 
     @property
     def uniform(self) -> bool:
@@ -121,7 +121,7 @@ class InputMap:
             s = replace(s, error_bound=eb)
             if s.certified and not bound[i] <= ROUNDING_SHARE * exact_tol * spread[i]:
                 why = (f"the model's arithmetic on its input ({self.describe()}) rounds it by up to {bound[i]:.2e} in "
-                       f"float32, more than {ROUNDING_SHARE:g} of the exactness tolerance of "
+                       f"the client's dtype, more than {ROUNDING_SHARE:g} of the exactness tolerance of "
                        f"{'the data range' if data_range is not None else 'its own range'} ({spread[i]:.3g}) allows: "
                        "the first layer's input is certified, this input is not"
                        + ("" if data_range is not None else "; data_range= (the data's) holds it to that range"))
@@ -285,13 +285,14 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
+
     def run(x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
         interp = fx.Interpreter(model, graph=peeled.graph)
         interp.env = {peeled.input: x}
         values = {}
         with torch.no_grad():
             for node in peeled.nodes:
-                _constants(interp, node, peeled)
+                _constants(interp, node)
                 interp.env[node] = interp.run_node(node)
                 values[node] = interp.env[node].clone()  # a later in-place op (x.div_) would change it
         return values
@@ -332,14 +333,14 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
                     tuple(n.name for n in peeled.arithmetic), apply)
 
 
-def _constants(interp: fx.Interpreter, node: fx.Node, peeled: _Peeled) -> None:
+def _constants(interp: fx.Interpreter, node: fx.Node) -> None:
     """Compute the constant operands of ``node`` (buffers, and what forward computes from them) into the
     interpreter's environment, from the live model."""
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), found.append)
     for n in found:
         if n not in interp.env:
-            _constants(interp, n, peeled)
+            _constants(interp, n)
             interp.env[n] = interp.run_node(n)
 
 
