@@ -26,12 +26,9 @@ from fedleak.validation import check_batch
 ENDS_ULPS = 4.0
 
 
-class Sample(Protocol):
-    linf: float
-    l2: float
-
-
 class Perturbed(Protocol):
+    """A fishing or reduction result: the perturbed batch and per-sample records with ``linf`` and ``l2``."""
+
     inputs: torch.Tensor
     samples: tuple
     options: object
