@@ -58,6 +58,7 @@ _EXPORTS = {
     "FishingTransform": "fedleak.fishing",
     "SampleFishing": "fedleak.fishing",
     "fish": "fedleak.fishing",
+    "LogitsOf": "fedleak.logits_of",
     "MembershipMetrics": "fedleak.membership",
     "MembershipResult": "fedleak.membership",
     "MembershipSettings": "fedleak.membership",
@@ -102,6 +103,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.errors import DataError, FedleakError, ModelError, OptionError, OutputError, SolverError, UpdateError
     from fedleak.evaluation import Evaluation, EvaluationSettings, evaluate
     from fedleak.fishing import FishingOptions, FishingResult, FishingTransform, SampleFishing, fish
+    from fedleak.logits_of import LogitsOf
     from fedleak.membership import (
         MembershipMetrics,
         MembershipResult,

@@ -20,6 +20,7 @@ from torch import nn
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.forward_failure import forward_failure
+from fedleak.logits_of import logits_only
 from fedleak.state_names import renaming
 from fedleak.validation import (
     MAX_COUNT,
@@ -262,7 +263,7 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     """``model(inputs)``, checked to be N x K logits (K >= 2) with every label a class index below K (or soft
     labels with K columns)."""
     try:
-        logits = model(inputs)
+        logits = logits_only(model(inputs))
     except (RuntimeError, ValueError) as exc:  # a shape or dtype mismatch; BatchNorm in training mode on one input
         if isinstance(exc, FedleakError):
             raise

@@ -59,6 +59,7 @@ from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
 from fedleak.clipped_values import ValueClip, read_value_clip
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
+from fedleak.logits_of import NotLogits, logits_only
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
@@ -157,7 +158,7 @@ def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tupl
         return tuple(int(s) for s in input_shape), ()
     try:
         return input_shape_of(model)
-    except TokenInputs:
+    except (TokenInputs, NotLogits):  # no input shape changes them
         raise
     except ModelError:
         width = next((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), None)
@@ -375,7 +376,7 @@ def _label(model: nn.Module, observed: dict[str, torch.Tensor]) -> int:
 
 def _classes(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad():
-        out = model(x)
+        out = logits_only(model(x))
     return 2 if out.shape[1] == 1 else int(out.shape[1])
 
 

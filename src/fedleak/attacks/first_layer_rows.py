@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedleak.attacks.exact.grouping import ImpliedInputs, group_rows
+from fedleak.logits_of import logits_only
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 F64 = torch.float64
@@ -222,7 +223,7 @@ def class_fits(model: nn.Module, layer: str, X: torch.Tensor, rows: list[torch.T
     hook = model.get_submodule(layer).register_forward_hook(lambda mod, args, out: caught.append(out))
     try:
         with torch.enable_grad():
-            logits = model(x)
+            logits = logits_only(model(x))
     finally:
         hook.remove()
     z = caught[0]

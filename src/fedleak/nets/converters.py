@@ -185,6 +185,21 @@ def identity(op: Op) -> None:
     return None
 
 
+CASTS = ("float", "double", "half", "bfloat16", "to", "type", "type_as")
+
+
+@converts(*(("method", m) for m in CASTS))
+def cast(op: Op) -> None:
+    """``x.float()``, ``x.to(torch.float32)``, ``x.to(device)``, ``x.type(torch.float32)``: the identity where the
+    values keep the model's dtype (the probe runs in it; a client's uint8 pixels reach the model as the same
+    numbers); a cast to another dtype rounds every value, which the exact methods do not model: refused."""
+    if op.in_dtype != op.out_dtype:
+        raise op.refuse(f"casts the values from {op.in_dtype} to {op.out_dtype}, rounding each one, which fedleak's "
+                        "exact methods do not model (they read the model in one dtype: that of its parameters); "
+                        f"{EXACT_SCOPE}")
+    return None
+
+
 @converts(nn.LogSoftmax, F.log_softmax, torch.log_softmax, ("method", "log_softmax"))
 def log_softmax(op: Op) -> Layer | None:
     """``log_softmax`` of the logits, as the last op, leaves the cross-entropy gradient unchanged (with

@@ -23,11 +23,13 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.logits_of import logits_only
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
+from fedleak.nets.traced_len import len_recorded
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
@@ -82,7 +84,7 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
     if direct is not None:
         return direct
     try:
-        with TRACE_LOCK:
+        with TRACE_LOCK, len_recorded():
             return fx.symbolic_trace(model)
     except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -97,11 +99,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph and records every tensor node's shape in ``node.meta["shape"]``."""
+    """Runs the graph and records every tensor node's shape and dtype in ``node.meta["shape"]``, ``["dtype"]``."""
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        n.meta["shape"] = tuple(int(s) for s in result.shape) if isinstance(result, torch.Tensor) else None
+        tensor = isinstance(result, torch.Tensor)
+        n.meta["shape"] = tuple(int(s) for s in result.shape) if tensor else None
+        n.meta["dtype"] = result.dtype if tensor else None
         return result
 
 
@@ -117,9 +121,9 @@ def _probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) 
             out = model(x) if gm is None else _ShapeRecorder(gm).run(x)
         except Exception as err:  # a wrong shape fails anywhere in the user's forward
             return (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != PROBE_BATCH:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        return f"for a batch of {PROBE_BATCH} it returns {got}, not {PROBE_BATCH} x classes logits"
+    out = logits_only(out)
+    if out.dim() != 2 or out.shape[0] != PROBE_BATCH:
+        return f"for a batch of {PROBE_BATCH} it returns {tuple(out.shape)}, not {PROBE_BATCH} x classes logits"
     return None
 
 
@@ -293,7 +297,8 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
         op = Op(node=node.target if module is not None else node.name, what=_what(node, module),
                 target=node.target if module is not None else "", module=module,
                 args=tuple(node.args[1:]), kwargs=dict(node.kwargs), in_shape=_shape(previous),
-                out_shape=_shape(node), last=k == len(ops) - 1)
+                out_shape=_shape(node), in_dtype=previous.meta.get("dtype"), out_dtype=node.meta.get("dtype"),
+                last=k == len(ops) - 1)
         keys = [op_key(node)] if module is None else list(type(module).__mro__)
         key = next((k for k in keys if k in CONVERTERS), None)
         if key is None:

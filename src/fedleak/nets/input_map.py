@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
-from fedleak.nets.converters import reshape
+from fedleak.nets.converters import cast, reshape
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key, trace_model
 from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
@@ -176,8 +176,8 @@ def peel_input_map(model: nn.Module, *, input_shape: Sequence[int] | None = None
     return peeled.stripped, _read_map(model, peeled, shape)
 
 
-def _reshape_keys() -> frozenset:
-    return frozenset(k for k, fn in CONVERTERS.items() if fn is reshape)
+def _keys_of(converter: Callable) -> frozenset:
+    return frozenset(k for k, fn in CONVERTERS.items() if fn is converter)
 
 
 def _peel(model: nn.Module) -> _Peeled | None:
@@ -196,7 +196,8 @@ def _peel_traced(model: nn.Module) -> _Peeled | None:
         return None
     dependent = {placeholders[0]}
     chain: list[fx.Node] = []
-    reshapes = _reshape_keys()
+    passing = _keys_of(reshape) | _keys_of(cast)  # among the arithmetic: reshapes and casts (as_network checks
+    # that a cast keeps the model's dtype; the map is read through it as the identity)
     for node in nodes:
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), found.append)
@@ -205,7 +206,7 @@ def _peel_traced(model: nn.Module) -> _Peeled | None:
             continue
         dependent.add(node)
         key = op_key(node) if node.op != "call_module" else None
-        if key not in INPUT_ARITHMETIC and key not in reshapes:
+        if key not in INPUT_ARITHMETIC and key not in passing:
             break
         if len(inputs) != 1 or inputs[0] is not (chain[-1] if chain else placeholders[0]):
             return None  # x - x.mean(), x * x: not a constant map (as_network refuses it)
@@ -286,12 +287,18 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
 
+    casts = _keys_of(cast)
+
     def run(x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
         interp = fx.Interpreter(model, graph=peeled.graph)
         interp.env = {peeled.input: x}
         values = {}
         with torch.no_grad():
             for node in peeled.nodes:
+                if op_key(node) in casts:  # one that keeps the model's dtype (as_network checks): the identity
+                    interp.env[node] = interp.env[node.args[0]]
+                    values[node] = interp.env[node]
+                    continue
                 _constants(interp, node)
                 interp.env[node] = interp.run_node(node)
                 values[node] = interp.env[node].clone()  # a later in-place op (x.div_) would change it

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from fedleak.errors import ModelError
@@ -33,8 +34,8 @@ class Op:
     """A node of the traced model: ``what`` names the op for people (``Conv2d``, ``F.relu``, ``.view``).
 
     ``module`` is the called submodule (None for functions and methods) and ``target`` its qualified name in
-    the model (``conv1``); ``args``/``kwargs`` are the call's arguments after the input tensor; shapes are
-    per sample, measured by running the model on a probe batch.
+    the model (``conv1``); ``args``/``kwargs`` are the call's arguments after the input tensor; shapes (per
+    sample) and dtypes are measured by running the model on a probe batch in its parameters' dtype.
     """
 
     node: str
@@ -45,6 +46,8 @@ class Op:
     kwargs: dict[str, Any] = field(default_factory=dict)
     in_shape: tuple[int, ...] = ()
     out_shape: tuple[int, ...] = ()
+    in_dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
     last: bool = False
 
     def refuse(self, reason: str) -> ModelError:

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedleak.attacks.labels import class_signal, infer_label_counts, infer_labels
 from fedleak.errors import FedleakError, ModelError, UpdateError
+from fedleak.logits_of import NotLogits
 from fedleak.nets import input_shape_of
 from fedleak.nets.token_inputs import TokenInputs
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
@@ -52,7 +53,7 @@ def model_input_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> 
         return tuple(int(s) for s in shape)
     try:
         return input_shape_of(model)[0]
-    except TokenInputs:
+    except (TokenInputs, NotLogits):  # no input shape changes them
         raise
     except ModelError as exc:
         raise ModelError(f"the model does not record its input shape, and fedleak could not derive it from the layer "
