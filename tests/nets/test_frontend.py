@@ -343,7 +343,7 @@ def test_sequential_is_read_without_the_tracer_and_the_same_as_traced():
     from torch import fx
 
     from fedleak.models.convnet import make_convnet
-    from fedleak.nets.frontend import sequential_graph
+    from fedleak.nets.tracing import sequential_graph
 
     model = make_convnet((1, 12, 12), 3, channels=(2, 4), pool="max", fc_widths=(8,), batch_norm=True)
     direct = sequential_graph(model)

@@ -31,7 +31,7 @@ from fedleak.federation.flower_native import wrap_strategy  # noqa: E402
 from fedleak.federation.hooks import audit_attack, get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
-from fedleak.nets.frontend import TRACE_LOCK  # noqa: E402
+from fedleak.nets.tracing import TRACE_LOCK  # noqa: E402
 from fedleak.updates import client_loss, ends_in_sigmoid, predicted_classes  # noqa: E402
 
 

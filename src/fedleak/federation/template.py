@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets.frontend import TRACE_LOCK
+from fedleak.nets.tracing import TRACE_LOCK
 
 __all__ = ["audit_template", "check_shippable", "traced_copy"]
 

@@ -13,7 +13,6 @@ import contextlib
 import io
 import math
 import operator
-import threading
 import time
 import weakref
 from collections import Counter
@@ -29,68 +28,13 @@ from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
-from fedleak.nets.traced_len import len_recorded
+from fedleak.nets.tracing import trace_model
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
 PROBE_BATCH = 2  # the probe batch has two samples, so an op that mixes samples shows in its shapes
 MAX_SIDE = 512  # the largest square image side tried when the input shape must be inferred
 MAX_ALSO_FITS = 64  # how many larger sides are tried after the smallest that fits
-
-
-def _is_plain_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-
-
-def sequential_graph(model: nn.Module) -> fx.GraphModule | None:
-    """The graph ``torch.fx`` would trace for an ``nn.Sequential`` of torch's own layers, built directly (the
-    tracer's patching costs milliseconds); None for anything else."""
-    if not _is_plain_sequential(model):
-        return None
-    leaves: list[str] = []
-
-    def walk(module: nn.Module, prefix: str) -> bool:
-        for name, child in module.named_children():
-            qualified = f"{prefix}.{name}" if prefix else name
-            if _is_plain_sequential(child):
-                if not walk(child, qualified):
-                    return False
-            elif type(child).__module__.startswith("torch.nn."):
-                leaves.append(qualified)
-            else:  # a user's own module: fx traces through it
-                return False
-        return True
-
-    if not walk(model, ""):
-        return None
-    graph = fx.Graph()
-    x = graph.placeholder("input")
-    for qualified in leaves:
-        x = graph.call_module(qualified, (x,))
-    graph.output(x)
-    return fx.GraphModule(model, graph)
-
-
-# torch.fx patches ``nn.Module.__call__`` process-wide while it traces: a forward pass run meanwhile in another
-# thread would be traced instead of computed. Tracing holds this lock; so does any forward pass that may run
-# beside an attack in a thread of the same process (the federation server's evaluation).
-TRACE_LOCK = threading.RLock()
-
-
-def trace_model(model: nn.Module) -> fx.GraphModule:
-    """``model``'s forward as a fresh ``torch.fx`` graph (its modules and attributes shared with ``model``), or the
-    :class:`~fedleak.errors.ModelError` saying why it does not trace."""
-    direct = sequential_graph(model)
-    if direct is not None:
-        return direct
-    try:
-        with TRACE_LOCK, len_recorded():
-            return fx.symbolic_trace(model)
-    except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
-                         "methods need a forward without data-dependent control flow; 'auto' and the optimisation "
-                         "attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -268,10 +212,7 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 def _steps(gm: fx.GraphModule) -> list[Step]:
     modules = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes]
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise ModelError(f"the model's forward takes {len(placeholders)} inputs; fedleak's exact methods need one "
-                         "(the batch)")
+    placeholders = [n for n in nodes if n.op == "placeholder"]  # one: trace_model sees to it
     # ops that compute tensors; shape queries (x.size(0), x.shape[0]) only feed the arguments of a reshape
     ops = [n for n in nodes
            if n.op in ("call_module", "call_function", "call_method") and n.meta.get("shape") is not None]

@@ -24,9 +24,10 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
-from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key, trace_model
+from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key
 from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
+from fedleak.nets.tracing import trace_model
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -191,9 +192,7 @@ def _peel_traced(model: nn.Module) -> _Peeled | None:
     except ModelError:
         return None  # as_network says why
     nodes = list(gm.graph.nodes)
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return None
+    placeholders = [n for n in nodes if n.op == "placeholder"]  # one: trace_model sees to it
     dependent = {placeholders[0]}
     chain: list[fx.Node] = []
     passing = _keys_of(reshape) | _keys_of(cast)  # among the arithmetic: reshapes and casts (as_network checks

@@ -1,0 +1,145 @@
+"""A user's ``forward`` as a ``torch.fx`` graph, traced as users write it.
+
+:func:`trace_model` traces any ``nn.Module`` (an ``nn.Sequential`` of torch's own layers is built directly, which
+costs no tracing). Two things users write that ``torch.fx`` refuses by itself are read while it traces:
+
+- ``len(x)`` of the input (``x.view(len(x), -1)``), which only reads the batch size as ``x.size(0)`` does: while
+  tracing, ``len`` records such a call as a node (a shape query), as ``torch.fx`` itself patches
+  ``nn.Module.__call__`` while it traces; it is the builtin again afterwards;
+- inputs of ``forward`` after the first that have defaults (``forward(self, x, labels=None)``): traced at their
+  defaults (what a call with the batch alone computes), and the checks ``torch.fx`` adds for them dropped, so the
+  graph takes the batch alone.
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import fx, nn
+
+from fedleak.errors import ModelError
+
+# torch.fx patches ``nn.Module.__call__`` process-wide while it traces: a forward pass run meanwhile in another
+# thread would be traced instead of computed. Tracing holds this lock; so does any forward pass that may run
+# beside an attack in a thread of the same process (the federation server's evaluation).
+TRACE_LOCK = threading.RLock()
+
+_BUILTIN_LEN = builtins.len
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def sequential_graph(model: nn.Module) -> fx.GraphModule | None:
+    """The graph ``torch.fx`` would trace for an ``nn.Sequential`` of torch's own layers, built directly (the
+    tracer's patching costs milliseconds); None for anything else."""
+    if not _is_plain_sequential(model):
+        return None
+    leaves: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        for name, child in module.named_children():
+            qualified = f"{prefix}.{name}" if prefix else name
+            if _is_plain_sequential(child):
+                if not walk(child, qualified):
+                    return False
+            elif type(child).__module__.startswith("torch.nn."):
+                leaves.append(qualified)
+            else:  # a user's own module: fx traces through it
+                return False
+        return True
+
+    if not walk(model, ""):
+        return None
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    for qualified in leaves:
+        x = graph.call_module(qualified, (x,))
+    graph.output(x)
+    return fx.GraphModule(model, graph)
+
+
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    """``model``'s forward as a fresh ``torch.fx`` graph of the batch alone (its modules and attributes shared with
+    ``model``), or the :class:`~fedleak.errors.ModelError` saying why it does not trace."""
+    direct = sequential_graph(model)
+    if direct is not None:
+        return direct
+    defaults = _defaults(model)
+    try:
+        with TRACE_LOCK, _len_recorded():
+            gm = fx.symbolic_trace(model, concrete_args=defaults or None)
+    except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
+                         "methods need a forward without data-dependent control flow; 'auto' and the optimisation "
+                         "attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
+    if defaults:
+        _drop_specialised(gm)
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ModelError(f"the model's forward takes {len(inputs)} inputs ({', '.join(inputs)}); fedleak needs one, the "
+                         "batch: give the others defaults (forward(self, x, mask=None)), which it traces the model at")
+    return gm
+
+
+def _defaults(model: nn.Module) -> dict[str, Any]:
+    """The inputs of ``model``'s forward after the first that have defaults, at their defaults (empty where it
+    has none, or where one has no default: the frontend then says how many inputs it takes)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    named = [p for p in params[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not params or any(p.default is p.empty for p in named):
+        return {}
+    return {p.name: p.default for p in named}
+
+
+def _drop_specialised(gm: fx.GraphModule) -> None:
+    """Erase the placeholders of the inputs traced at their defaults, with the checks ``torch.fx`` made of them,
+    where nothing else reads them (the batch's placeholder is the first)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        reads = _readers(node)
+        if any(n.op == "output" for n in reads):
+            continue
+        for n in sorted(reads, key=lambda n: -list(gm.graph.nodes).index(n)):
+            gm.graph.erase_node(n)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _readers(node: fx.Node) -> set[fx.Node]:
+    """Every node that reads ``node``, directly or through others."""
+    found: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        n = stack.pop()
+        if n not in found:
+            found.add(n)
+            stack.extend(n.users)
+    return found
+
+
+def _len(obj: Any) -> Any:
+    """``len`` that records itself on a traced value, else the builtin."""
+    if isinstance(obj, fx.Proxy):
+        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
+    return _BUILTIN_LEN(obj)
+
+
+@contextmanager
+def _len_recorded() -> Iterator[None]:
+    """While tracing: ``len`` of a traced value is recorded (callers hold the tracing lock)."""
+    builtins.len = _len
+    try:
+        yield
+    finally:
+        builtins.len = _BUILTIN_LEN

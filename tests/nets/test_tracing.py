@@ -1,0 +1,73 @@
+"""Tracing a user's forward as written: ``len(x)``, inputs with defaults, plain Sequentials built directly."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.errors import ModelError
+from fedleak.nets.tracing import trace_model
+from tests.user_models import PrefixedMLP, certified_exactly
+
+
+@pytest.mark.parametrize("flat", [lambda x: x.view(len(x), -1), lambda x: x.reshape(len(x), 64)])
+def test_len_of_the_input_is_read_as_its_batch_size(digits, flat):
+    torch.manual_seed(0)
+    certified_exactly(PrefixedMLP(lambda x: x, flat).eval(), digits)
+    assert builtins.len is len and len([1, 2]) == 2  # the builtin again after tracing
+
+
+def test_len_is_the_builtin_again_after_a_trace_that_fails():
+    class Branching(PrefixedMLP):
+        def forward(self, x):
+            if len(x) > 1:  # data-dependent control flow: not traceable
+                x = x * 1
+            return super().forward(x)
+
+    with pytest.raises(ModelError, match="could not trace"):
+        fedleak.as_network(Branching(lambda x: x))
+    assert builtins.len([1, 2, 3]) == 3 and "Proxy" not in repr(builtins.len)
+
+
+class OptionalInputs(nn.Module):
+    """``forward(self, x, labels=None, *, temperature=1.0)``: the loss when labels are given, else the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x, labels=None, *, temperature: float = 1.0):
+        logits = self.fc2(F.relu(self.fc1(x.flatten(1))))
+        if labels is not None:
+            return F.cross_entropy(logits, labels)
+        return logits if temperature == 1.0 else logits / temperature
+
+
+def test_inputs_with_defaults_are_traced_at_them(digits):
+    """The graph takes the batch alone and computes what a call with the batch alone computes."""
+    torch.manual_seed(0)
+    model = OptionalInputs().eval()
+    gm = trace_model(model)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    x, _ = digits.batch(3, seed=0)
+    assert torch.equal(gm(x), model(x))
+    certified_exactly(model, digits)
+
+
+def test_an_input_without_a_default_is_refused_by_count():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x, mask):
+            return self.fc(x.flatten(1) * mask)
+
+    with pytest.raises(ModelError, match=r"takes 2 inputs \(x, mask\).*give the others defaults"):
+        fedleak.as_network(TwoInputs())
