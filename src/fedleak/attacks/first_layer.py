@@ -60,6 +60,7 @@ from fedleak.clipped_values import ValueClip, read_value_clip
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
 from fedleak.logits_of import NotLogits, logits_only
+from fedleak.loose_parameters import loose_parameters
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
@@ -121,6 +122,8 @@ class FirstLinear:
 def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     """The Linear layer with a bias that reads the flattened sample, runs once and shares no parameter, found by a
     probe forward pass; :class:`~fedleak.errors.ModelError` saying what is missing where there is none."""
+    if loose_parameters(model):
+        raise ModelError(loose_parameters(model))
     names = {id(m): n for n, m in model.named_modules()}
     calls: list[tuple[str, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((names[id(mod)], args[0].detach())))
@@ -163,7 +166,8 @@ def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tupl
     except ModelError:
         width = next((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), None)
         if width is None:
-            raise ModelError("the first-layer attack needs a Linear layer; this model has none") from None
+            raise ModelError(loose_parameters(model) or "the first-layer attack needs a Linear layer; this model has "
+                             "none") from None
         return (width,), (f"input shape not found: read as a vector of {width} (pass input_shape=)",)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fedleak.errors import FedleakError
+from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.frontend import output_linear
 from fedleak.reconstruction import Reconstruction
 
@@ -37,7 +38,8 @@ def output_layer_names(model: nn.Module) -> tuple[str, str | None]:
     trace, the last ``nn.Linear`` registered."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if not linears:
-        raise FedleakError("label inference needs a model whose last layer is an nn.Linear (the logits)")
+        raise FedleakError(loose_parameters(model)
+                           or "label inference needs a model whose last layer is an nn.Linear (the logits)")
     traced = output_linear(model)
     name = traced if traced in linears else list(linears)[-1]
     prefix = f"{name}." if name else ""

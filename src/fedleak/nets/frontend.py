@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from fedleak.errors import ModelError
 from fedleak.logits_of import logits_only
+from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
@@ -120,7 +121,8 @@ def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...],
     after it gives the rest."""
     first = _first_layer(gm)
     if first is None:
-        raise ModelError("the model has no layer with weights; pass input_shape= (the shape of one input)")
+        raise ModelError(loose_parameters(model)
+                         or "the model has no layer with weights; pass input_shape= (the shape of one input)")
     name, layer = first
     if isinstance(layer, nn.Linear):
         return (layer.in_features,), (), ()
@@ -325,6 +327,8 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     key = (asked, model_structure(model))
     known = {k: v for k, v in _TRACED.get(model, {}).items() if k[1] == key[1]}  # another structure: forget
     if key not in known:
+        if loose_parameters(model):
+            raise ModelError(f"{loose_parameters(model)}; {EXACT_SCOPE}")
         gm = trace_model(model)
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if len(known) >= CACHED_SHAPES:
