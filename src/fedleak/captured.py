@@ -23,6 +23,7 @@ from torch import nn
 
 from fedleak.binary import as_two_class
 from fedleak.errors import UpdateError
+from fedleak.nets.unused import unused_parameters
 from fedleak.state_names import renamed
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, in_model_dtype, trainable_parameters
 
@@ -48,6 +49,9 @@ def named_like(model: nn.Module, tensors: Sequence[torch.Tensor]) -> dict[str, t
                           "model.state_dict() order, or a dict keyed by their names")
     out = {}
     for k, (t, (name, p)) in enumerate(zip(map(as_tensor, tensors), order.items())):
+        if t is None:  # a parameter's .grad where no gradient reached it (see with_unused_gradients)
+            out[name] = None
+            continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
             got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise UpdateError(f"the update's entry {k} ({got}) does not fit the model's '{name}' (shape "
@@ -79,9 +83,36 @@ def as_attacked(model: nn.Module, update: object) -> tuple[nn.Module, object, tu
     (:func:`read_captured`) in the model's dtype where it came in a finer one (:func:`~fedleak.updates.in_model_dtype`),
     and a single-logit model as its two-class twin (:func:`fedleak.binary.as_two_class`)."""
     update, captured = read_captured(model, update)
+    update, unused = with_unused_gradients(model, update)
     update = in_model_dtype(model, update)  # float64 from a float32 model: read in the dtype it was computed in
     model, update, twin = as_two_class(model, update)
-    return model, update, (*captured, *twin)
+    return model, update, (*captured, *unused, *twin)
+
+
+def with_unused_gradients(model: nn.Module, update: object) -> tuple[object, tuple[str, ...]]:
+    """A gradient (a :class:`GradientUpdate` or a dict) with zeros for the trainable parameters it holds no gradient
+    for (None, or absent) that ``model``'s forward never reads (:func:`~fedleak.nets.unused.unused_parameters`: a
+    client's ``.grad`` stays None there), and a note naming them; anything else as it is. A used parameter without
+    a gradient is left for the update's check to report."""
+    tensors = update.gradients if isinstance(update, GradientUpdate) else update
+    if not isinstance(tensors, Mapping) or isinstance(update, WeightUpdate):
+        return update, ()
+    given = {k: v for k, v in tensors.items() if v is not None}
+    params = trainable_parameters(model)
+    absent = [name for name in params if name not in given]
+    unused = unused_parameters(model) if absent else frozenset()
+    filled = [name for name in absent if name in unused]
+    if not filled and len(given) == len(tensors):
+        return update, ()
+    like = next((v for v in given.values() if isinstance(v, torch.Tensor)), None)
+    zeros = {name: torch.zeros(params[name].shape, dtype=like.dtype if like is not None else params[name].dtype,
+                               device=like.device if like is not None else params[name].device) for name in filled}
+    gradients = {name: given.get(name, zeros.get(name)) for name in params if name in given or name in zeros}
+    gradients.update({k: v for k, v in given.items() if k not in params})  # names the update's check reports
+    note = (f"the update holds no gradient for {', '.join(filled)} (None or absent): the model's forward does not "
+            "use them, so none reaches them; read as 0") if filled else ""
+    out = replace(update, gradients=gradients) if isinstance(update, GradientUpdate) else gradients
+    return out, (note,) if note else ()
 
 
 def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple[object, tuple[str, ...]]:

@@ -41,7 +41,11 @@ def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str, *,
     if not isinstance(tensors, Mapping) or not tensors:
         raise UpdateError(f"{what} must be a non-empty mapping from parameter name to tensor")
     out: dict[str, torch.Tensor] = {}
+    if all(v is None for v in tensors.values()):
+        raise UpdateError(f"{what} holds no tensor (every entry is None)")
     for name, value in tensors.items():
+        if value is None and not counters:  # a parameter's .grad where no gradient reached it: none sent
+            continue
         if not isinstance(value, torch.Tensor):
             raise UpdateError(f"{what}['{name}'] is a {type(value).__name__}, not a torch.Tensor")
         counter = counters and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
@@ -388,5 +392,5 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     smoothing = check_label_smoothing(label_smoothing)
     loss = batch_loss(model, inputs, labels, label_smoothing=smoothing,
                       class_weights=check_class_weights(class_weights, label_smoothing=smoothing))
-    grads = torch.autograd.grad(loss, list(params.values()))
+    grads = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)  # 0 where forward reads none
     return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))

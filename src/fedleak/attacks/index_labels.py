@@ -201,7 +201,8 @@ def build_index_profiles(
                               f"batch_size={batch_size} of every class")
         for _ in range(batches):
             pick = torch.from_numpy(rng.choice(pool, size=batch_size, replace=False))
-            grads = torch.autograd.grad(batch_loss(model, public_x[pick], labels[pick]), list(params.values()))
+            grads = torch.autograd.grad(batch_loss(model, public_x[pick], labels[pick]), list(params.values()),
+                                        materialize_grads=True)
             largest = torch.topk(torch.cat([g.detach().flatten().abs() for g in grads]), max(kept.values())).indices
             for r, k in kept.items():  # sorted by magnitude: each ratio's top-k is a prefix
                 counts[r][c, largest[:k]] += 1

@@ -114,7 +114,7 @@ class DefenseStack:
         if self.step is not None:
             return self.step.gradient(model, inputs, labels, generator)
         params = trainable_parameters(model)
-        grads = torch.autograd.grad(batch_loss(model, inputs, labels), list(params.values()))
+        grads = torch.autograd.grad(batch_loss(model, inputs, labels), list(params.values()), materialize_grads=True)
         return {n: g.detach() for n, g in zip(params, grads)}
 
     def filter(self, update: Mapping[str, torch.Tensor], batch: ClientBatch | None,

@@ -58,7 +58,7 @@ class FunctionalModel:
         :func:`~fedleak.updates.client_loss` takes them); ``y`` holds class indices or (soft) probabilities."""
         loss = client_loss(self.logits(params, x), y, label_smoothing=self.label_smoothing,
                            class_weights=self.class_weights)
-        return list(torch.autograd.grad(loss, params, create_graph=True))
+        return list(torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True))
 
     def simulate(
         self,
