@@ -133,3 +133,28 @@ def test_a_user_file_whose_class_returns_a_tuple_is_refused_with_the_way_out(tmp
     with pytest.raises(NotLogits, match="a function NAME in the file that returns it"):
         load_model_for(f"{tmp_path / 'net.py'}:Net", (1, 8, 8), 10)
     assert isinstance(load_model_for(f"{tmp_path / 'net.py'}:wrapped", (1, 8, 8), 10), fedleak.LogitsOf)
+
+
+def test_an_output_object_is_read_by_attribute(digits):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Output:
+        logits: torch.Tensor
+        hidden: torch.Tensor
+
+    class ObjectOut(WithFeatures):
+        def forward(self, x):
+            f = self.features(x)
+            return Output(self.fc2(f), f)
+
+    torch.manual_seed(0)
+    model = ObjectOut().eval()
+    with pytest.raises(NotLogits, match=r"returns a Output.*LogitsOf\(model, 'logits'\)"):
+        fedleak.as_network(model)
+    wrapped = fedleak.LogitsOf(model, "logits")
+    x, y = digits.batch(6, seed=2)
+    grads = torch.autograd.grad(F.cross_entropy(model(x).logits, y), list(model.parameters()))
+    rec = fedleak.reconstruct(wrapped, list(grads))
+    assert rec.num_certified >= 4
+    assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0

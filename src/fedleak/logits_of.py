@@ -36,15 +36,15 @@ def logits_only(out: Any) -> torch.Tensor:
     is and what to pass instead."""
     if isinstance(out, torch.Tensor):
         return out
-    which = "'logits'" if isinstance(out, dict) else "0"
+    which = "0" if isinstance(out, (tuple, list)) and not hasattr(out, "_fields") else "'logits'"
     raise NotLogits(f"the model's forward returns {_what(out)}, not one tensor of logits: pass "
                     f"fedleak.LogitsOf(model, {which}) with the position or key of the logits the client's loss reads "
                     f"(for --model file.py:NAME, a function NAME in the file that returns it)")
 
 
 class LogitsOf(nn.Module):
-    """``model``, returning only ``which`` of what its forward returns: a position (tuple, list) or a key (dict, or an
-    output object indexed by key).
+    """``model``, returning only ``which`` of what its forward returns: a position (tuple, list) or a key (dict) or
+    attribute name (an output object's ``.logits``, a named tuple's field).
 
     The same computation under the same names: ``model``'s own submodules, parameters and buffers are this
     module's (shared, not copied), and ``model``'s forward runs with this module as ``self``, so updates and state
@@ -73,8 +73,10 @@ class LogitsOf(nn.Module):
         try:
             return out[self.which]
         except (IndexError, KeyError, TypeError):
-            raise ModelError(f"LogitsOf: the model's forward returns {_what(out)}, which has no "
-                             f"{self.which!r}") from None
+            pass
+        if isinstance(self.which, str) and hasattr(out, self.which):  # an output object (.logits), a named tuple
+            return getattr(out, self.which)
+        raise ModelError(f"LogitsOf: the model's forward returns {_what(out)}, which has no {self.which!r}")
 
     def __getattr__(self, name: str) -> Any:
         try:
