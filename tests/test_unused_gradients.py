@@ -68,3 +68,20 @@ def test_fedleak_s_client_and_the_searches_differentiate_such_a_model(digits):
     assert torch.isfinite(rec.inputs).all()
     defended = fedleak.defended_gradient(model, x, y, "gradient-pruning:ratio=0.5")
     assert torch.count_nonzero(defended.update.gradients["aux.bias"]) == 0
+
+
+def test_an_unused_layer_in_a_model_that_normalises_inside_forward(digits):
+    """The exact methods read such a model without its input arithmetic (a graph module traced from it, which holds
+    only what forward reads): the unused layer's parameters are kept under their names."""
+
+    class Normalising(WithSpare):
+        def forward(self, x):
+            return super().forward((x.float() - 0.3) / 0.35)
+
+    torch.manual_seed(0)
+    model = Normalising().eval()
+    x, y = digits.batch(6, seed=1)
+    for update in (_grads(model, x, y), fedleak.compute_gradient_update(model, x, y)):
+        rec = fedleak.reconstruct(model, update)
+        assert rec.num_certified >= 4
+        assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0

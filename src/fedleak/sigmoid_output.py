@@ -11,6 +11,9 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from fedleak.errors import ModelError
+from fedleak.nets.tracing import trace_model
+
 SIGMOIDS = (torch.sigmoid, F.sigmoid)
 
 
@@ -19,8 +22,8 @@ def logit_model(model: nn.Module) -> fx.GraphModule | None:
     forward does not end with a sigmoid (or cannot be traced). The graph module shares ``model``'s layers (nothing
     is copied; ``model`` itself is unchanged): copy it before changing them."""
     try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001 - torch.fx raises many kinds; an untraceable model is read as it is
+        gm = trace_model(model)
+    except ModelError:  # an untraceable model is read as it is
         return None
     out = next(n for n in gm.graph.nodes if n.op == "output")
     last = out.args[0]

@@ -71,3 +71,10 @@ def test_an_input_without_a_default_is_refused_by_count():
 
     with pytest.raises(ModelError, match=r"takes 2 inputs \(x, mask\).*give the others defaults"):
         fedleak.as_network(TwoInputs())
+
+
+def test_len_is_read_again_in_a_model_whose_input_arithmetic_was_peeled(digits):
+    """The peeled model is a graph module traced again: its len node must record itself again."""
+    torch.manual_seed(0)
+    rec = certified_exactly(PrefixedMLP(lambda x: (x - 0.5) / 0.25, lambda x: x.view(len(x), -1)).eval(), digits)
+    assert any("maps its input before its first layer" in n for n in rec.notes)

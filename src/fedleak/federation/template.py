@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets.tracing import TRACE_LOCK
+from fedleak.nets.tracing import TRACE_LOCK, keep_every_tensor
 
 __all__ = ["audit_template", "check_shippable", "traced_copy"]
 
@@ -33,22 +33,6 @@ __all__ = ["audit_template", "check_shippable", "traced_copy"]
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _attach(gm: nn.Module, name: str, value) -> None:
-    """Put the parameter or buffer ``name`` (dotted) on ``gm``, creating plain parent modules as needed."""
-    *path, leaf = name.split(".")
-    owner = gm
-    for part in path:
-        child = getattr(owner, part, None)
-        if not isinstance(child, nn.Module):
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
-    if isinstance(value, nn.Parameter):
-        owner.register_parameter(leaf, value)
-    else:
-        owner.register_buffer(leaf, value)
 
 
 def traced_copy(model: nn.Module) -> fx.GraphModule:
@@ -68,10 +52,7 @@ def traced_copy(model: nn.Module) -> fx.GraphModule:
             if isinstance(node.type, str):
                 node.type = None
         gm.recompile()
-    present = gm.state_dict(keep_vars=True)
-    for name, value in own.state_dict(keep_vars=True).items():
-        if name not in present:
-            _attach(gm, name, value)
+    keep_every_tensor(gm, own)
     shape = getattr(model, "input_shape", None)
     if shape is not None:
         gm.input_shape = tuple(shape)

@@ -27,7 +27,7 @@ from fedleak.nets.converters import cast, reshape
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key
 from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
-from fedleak.nets.tracing import trace_model
+from fedleak.nets.tracing import keep_every_tensor, recorded_len, trace_model
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -221,7 +221,7 @@ def _peel_traced(model: nn.Module) -> _Peeled | None:
             raise ModelError(f"node '{node.name}' divides by the model's input: not an affine map of it, which is all "
                              "the exact methods read before the first layer")
         _check_constants(model, node, dependent)
-    stripped = trace_model(model)  # a second copy, whose graph loses the arithmetic
+    stripped = keep_every_tensor(trace_model(model), model)  # a second copy, whose graph loses the arithmetic
     by_name = {n.name: n for n in stripped.graph.nodes}
     for node in reversed(arithmetic):
         own = by_name[node.name]
@@ -242,7 +242,7 @@ def _operand(node: fx.Node, members: set[str]) -> tuple[int, fx.Node]:
     return next((i, a) for i, a in enumerate(operands) if isinstance(a, fx.Node) and a.name in members)
 
 
-SHAPE_QUERIES = frozenset({("method", "size"), ("method", "dim"), builtins.getattr, builtins.len})
+SHAPE_QUERIES = frozenset({("method", "size"), ("method", "dim"), builtins.getattr, recorded_len})
 
 
 def _shape_query(node: fx.Node) -> bool:

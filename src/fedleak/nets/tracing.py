@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
@@ -84,9 +85,37 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
         _drop_specialised(gm)
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
-        raise ModelError(f"the model's forward takes {len(inputs)} inputs ({', '.join(inputs)}); fedleak needs one, the "
-                         "batch: give the others defaults (forward(self, x, mask=None)), which it traces the model at")
+        raise ModelError(f"the model's forward takes {len(inputs)} inputs ({', '.join(inputs)}); fedleak needs one, "
+                         "the batch: give the others defaults (forward(self, x, mask=None)), which it traces the model "
+                         "at")
     return gm
+
+
+def keep_every_tensor(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """``gm`` (traced from ``model``, which keeps only what ``forward`` reads) with every other parameter and buffer
+    of ``model``'s state dict put back under its own name (the same tensors), so that updates and state dicts keyed
+    like ``model``'s fit it."""
+    present = gm.state_dict(keep_vars=True)
+    for name, value in model.state_dict(keep_vars=True).items():
+        if name not in present:
+            _attach(gm, name, value)
+    return gm
+
+
+def _attach(gm: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put the parameter or buffer ``name`` (dotted) on ``gm``, creating plain parent modules as needed."""
+    *path, leaf = name.split(".")
+    owner = gm
+    for part in path:
+        child = getattr(owner, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if isinstance(value, nn.Parameter):
+        owner.register_parameter(leaf, value)
+    else:
+        owner.register_buffer(leaf, value)
 
 
 def _defaults(model: nn.Module) -> dict[str, Any]:
@@ -128,17 +157,18 @@ def _readers(node: fx.Node) -> set[fx.Node]:
     return found
 
 
-def _len(obj: Any) -> Any:
-    """``len`` that records itself on a traced value, else the builtin."""
+def recorded_len(obj: Any) -> Any:
+    """``len`` that records itself on a traced value, else the builtin. The node calls this function, so a graph
+    module traced again (a model with its input arithmetic peeled) records it again."""
     if isinstance(obj, fx.Proxy):
-        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
+        return obj.tracer.create_proxy("call_function", recorded_len, (obj,), {})
     return _BUILTIN_LEN(obj)
 
 
 @contextmanager
 def _len_recorded() -> Iterator[None]:
     """While tracing: ``len`` of a traced value is recorded (callers hold the tracing lock)."""
-    builtins.len = _len
+    builtins.len = recorded_len
     try:
         yield
     finally:
