@@ -122,8 +122,8 @@ class FirstLinear:
 def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     """The Linear layer with a bias that reads the flattened sample, runs once and shares no parameter, found by a
     probe forward pass; :class:`~fedleak.errors.ModelError` saying what is missing where there is none."""
-    if loose_parameters(model):
-        raise ModelError(loose_parameters(model))
+    if loose := loose_parameters(model):
+        raise ModelError(loose)
     names = {id(m): n for n, m in model.named_modules()}
     calls: list[tuple[str, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((names[id(mod)], args[0].detach())))

@@ -327,8 +327,8 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     key = (asked, model_structure(model))
     known = {k: v for k, v in _TRACED.get(model, {}).items() if k[1] == key[1]}  # another structure: forget
     if key not in known:
-        if loose_parameters(model):
-            raise ModelError(f"{loose_parameters(model)}; {EXACT_SCOPE}")
+        if loose := loose_parameters(model):
+            raise ModelError(f"{loose}; {EXACT_SCOPE}")
         gm = trace_model(model)
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if len(known) >= CACHED_SHAPES:
