@@ -371,3 +371,28 @@ def test_the_honest_server_audits_a_model_the_exact_attack_cannot_read_with_auto
     evaluated = FederationSettings(attack_budget=7.0, client_mode="eval")
     assert audit_attack(honest, evaluated, dropout, (16,)).name == "exclusivity"
     assert audit_attack(get_threat("trap-weights"), settings, LayerNormMLP(), (16,)).name == "trap-weights"
+
+
+class WrittenFreely(nn.Module):
+    """``x.float()``, ``len(x)``, ``forward(self, x, labels=None)`` and a head the forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+        self.aux = nn.Linear(32, 2)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.relu(self.fc1(x.float().view(len(x), -1))))
+        return logits if labels is None else F.cross_entropy(logits, labels)
+
+
+def test_the_template_traces_forwards_as_the_exact_methods_read_them():
+    """The template is the traced graph (not the plain-copy fallback), ships to the worker, and computes the same."""
+    model = WrittenFreely().eval()
+    strategy = AuditFedAvg(model, AuditPlan("exclusivity", {}), audit_mode="process")
+    assert isinstance(strategy.template, fx.GraphModule)
+    strategy.template.load_state_dict(model.state_dict())  # strict: the unused head's weights are there
+    shipped = pickle.loads(pickle.dumps(strategy.template))
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(shipped(x), model(x))

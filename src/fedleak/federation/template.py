@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets.tracing import TRACE_LOCK, keep_every_tensor
+from fedleak.nets.tracing import keep_every_tensor, trace_model
 
 __all__ = ["audit_template", "check_shippable", "traced_copy"]
 
@@ -40,11 +40,12 @@ def traced_copy(model: nn.Module) -> fx.GraphModule:
 
     Tracing keeps only what ``forward`` reads; parameters and buffers it never reads are put back, so that
     the state dicts a federation sends (all of the model's) load into the copy. The model's ``input_shape``
-    (set by fedleak's builders) is kept too. Raises whatever ``torch.fx`` raises for an untraceable model.
+    (set by fedleak's builders) is kept too. Traced as the exact methods trace it
+    (:func:`~fedleak.nets.tracing.trace_model`: ``len(x)``, inputs with defaults); raises its
+    :class:`~fedleak.errors.ModelError` for an untraceable model.
     """
     own = copy.deepcopy(model).cpu()
-    with TRACE_LOCK:
-        gm = fx.symbolic_trace(own)
+    gm = trace_model(own)
     # under ``from __future__ import annotations`` the forward's type hints are strings, which torch.fx
     # keeps as globals of the generated code and then cannot pickle; they are only hints, so drop them
     if any(isinstance(node.type, str) for node in gm.graph.nodes):
