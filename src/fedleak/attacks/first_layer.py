@@ -142,7 +142,8 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     reading = [n for n, a in calls if a.numel() == probe.numel() and torch.equal(a.reshape(-1), probe.reshape(-1))]
     if not reading:
         raise ModelError("the first-layer attack needs a Linear layer that reads the sample as it is (flattened); "
-                         "in this model the input passes through other layers first (a conv, a LayerNorm)")
+                         "in this model the input passes through other layers first (a conv, a LayerNorm, a cast to "
+                         "another dtype)")
     name = reading[0]
     module = model.get_submodule(name)
     if module.bias is None:
