@@ -162,12 +162,19 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         """Why the rebuilt input is not known to the exactness tolerance (None when it is); applies to every
         path to a certificate, the whole-batch one included."""
         x = c.acts[0]
-        allowed = opts.exact_tol * opts.range_width(x)
+        width = opts.range_width(x)
+        allowed = opts.exact_tol * width
         spread = input_uncertainty(attack, f, x)
         if spread > allowed:
             return (f"the update's rounding leaves the rebuilt input uncertain by up to {spread:.1e}, more than "
                     f"{opts.exact_tol:g} of the data range ({allowed:.1e}): too few or too weak witness rows for "
                     "the learning rate")
+        rows = attack.near_rows()
+        shared = 0.0 if rows is None else rows.rival(x, width, allowed - spread)
+        if shared:
+            return (f"first-layer rows that read almost this input disagree with it by up to {shared:.1e} beyond the "
+                    f"update's rounding, which leaves it uncertain by more than {opts.exact_tol:g} of the data range "
+                    f"({allowed:.1e}): a sample of near-zero loss shares some of its rows")
         return None
 
     # how precisely the input is known is asked only of the candidates whose witnesses suffice (on two-class data

@@ -8,6 +8,7 @@ import torch
 
 from fedleak.attacks.exact.candidates import Candidate, top_candidates
 from fedleak.attacks.exact.certificate import Certificate, certify
+from fedleak.attacks.exact.near_rows import NearRows
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.walkdown import walk_down
@@ -49,6 +50,7 @@ class HeadAttack:
         self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
         self._row_norms: dict[int, torch.Tensor] = {}
         self._noise_norms: dict[int, torch.Tensor] = {}
+        self._near_rows: NearRows | None = None
         self.tol_floor = self._noise_floor()
         # the top check's loose screen rises to it for a gradient rounded to a coarser format (float16, autocast)
         # only: a weight delta's own rounding leaves its loss-vector columns as exact as a float32 gradient's
@@ -118,6 +120,13 @@ class HeadAttack:
         if i == self.net.depth - 1:
             parts.append(self.noise[-1].columns(rows).T)
         return torch.cat(parts, dim=1)
+
+    def near_rows(self) -> NearRows | None:
+        """The first dense layer as the certificate's test of rival rows reads it (computed once; None for a
+        gradient, :class:`~fedleak.attacks.exact.near_rows.NearRows`)."""
+        if self._near_rows is None:
+            self._near_rows = NearRows.of(self)
+        return self._near_rows
 
     def layer_norm(self, i: int) -> float:
         """The norm of dense layer ``i``'s whole gradient ``[G_i | g_i]`` (float64)."""

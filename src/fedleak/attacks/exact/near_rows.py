@@ -1,0 +1,83 @@
+"""First-layer rows that read almost a rebuilt input: where they disagree with it beyond the update's rounding, the
+input is not known to that rounding.
+
+A weight update's certificate bounds how far the client's rounding can have moved a rebuilt input from the ratio
+``G_j / g_j`` of its witness rows. That bound assumes the rows are the sample's alone. On a trained model, a sample
+the model classifies with near certainty has a near-zero loss vector: a row it shares with another sample reads
+that sample's input, off by its own tiny share, passes the witness fit within the rounding, and can pull the rebuilt
+input off the true one by more than the exactness tolerance, while the rows the sample does hold alone disagree
+with it. Those rows agree with each other within their rounding, as a shared row whose other sample's share differs
+from row to row does not: every row whose ratio lies within :data:`NEAR` of the data range's width from the rebuilt
+input is read, and where two of them disagree with it beyond their rounding bounds but agree with each other, the
+input is uncertain by at least their disagreement (which of the two is the sample's cannot be told).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedleak.attacks.exact.noise import RoundingNoise
+from fedleak.nets.float64 import rows64
+
+F64 = torch.float64
+NEAR = 0.01  # rows whose ratio is this close to the rebuilt input (max abs, of the range's width) are read
+# the client's own float32 rounding of the gradient (a few operations per entry), in epsilons of |x|
+GRADIENT_EPSILONS = 16
+MAX_RIVAL_ROWS = 128  # disagreeing rows compared pairwise, the largest bias changes first
+
+
+@dataclass(frozen=True, eq=False)
+class NearRows:
+    """What the test reads of a weight update's first dense layer, once per attack: the weight rows ``G`` (the
+    client's dtype), the bias changes ``g`` and their rounding ``nb`` (float64), the weights' rounding ``noise``,
+    each row's ratio norm ``||G_j|| / |g_j|`` and the ``live`` rows (a bias change beyond its rounding)."""
+
+    G: torch.Tensor
+    g: torch.Tensor
+    nb: torch.Tensor
+    noise: RoundingNoise
+    scale: torch.Tensor
+    live: torch.Tensor
+
+    @classmethod
+    def of(cls, attack) -> NearRows | None:
+        """The attack's first layer as the test reads it; None where no rounding bound is known (a gradient) or
+        the first layer has no bias."""
+        if attack.noise is None or attack.g[0] is None:
+            return None
+        g, nb = attack.g[0], attack.noise_b[0]
+        return cls(attack.G[0], g, nb, attack.noise[0], attack.row_norms(0) / g.abs().clamp_min(1e-300),
+                   g.abs() > nb)
+
+    def rival(self, x: torch.Tensor, width: float, limit: float) -> float:
+        """How far a rival to the rebuilt input ``x`` (flat) lies from it beyond the rounding, where that is more
+        than ``limit`` (else 0): two or more rows within ``NEAR * width`` of ``x`` that disagree with it beyond their
+        rounding bound and agree with each other within theirs (max abs over the values where both disagree)."""
+        G, g, nb = self.G, self.g, self.nb
+        x = x.to(device=g.device, dtype=F64).reshape(-1)
+        # the rows within NEAR (max abs) are within NEAR sqrt(D) in L2: screened by one product in the gradient's
+        # dtype, whose rounding (at most D eps ||G_j|| ||x|| per dot) widens the screen
+        d, eps, norm = x.numel(), float(torch.finfo(G.dtype).eps), float(x.norm())
+        sq = self.scale.square() - 2 * torch.mv(G, x.to(G.dtype)).to(F64) / g + norm * norm
+        rows = torch.nonzero(self.live & (sq <= (NEAR * width) ** 2 * d + 4 * d * eps * self.scale * norm)).flatten()
+        if not len(rows):
+            return 0.0
+        ratios = rows64(G, rows) / g[rows, None]
+        near = (ratios - x).abs().amax(1) <= NEAR * width
+        rows, ratios = rows[near], ratios[near]
+        slack = GRADIENT_EPSILONS * float(torch.finfo(torch.float32).eps) * x.abs()
+        bound = (self.noise.rows(rows) + x.abs()[None] * nb[rows, None]) / (g[rows].abs() - nb[rows])[:, None] + slack
+        excess = (ratios - x).abs() - bound  # > 0 where a row disagrees with x beyond its rounding
+        off = excess.amax(1) > limit  # a pair of rows disagrees by more than limit only where each row does
+        if int(off.sum()) < 2:
+            return 0.0
+        keep = torch.argsort(g[rows[off]].abs(), descending=True)[:MAX_RIVAL_ROWS]  # the most precise rows first
+        ratios, bound, excess = ratios[off][keep], bound[off][keep], excess[off][keep]
+        worst = 0.0
+        for j in range(len(ratios) - 1):
+            agree = ((ratios[j + 1:] - ratios[j]).abs() <= bound[j + 1:] + bound[j]).all(1)
+            if bool(agree.any()):
+                worst = max(worst, float(torch.minimum(excess[j + 1:][agree], excess[j][None]).max()))
+        return worst if worst > limit else 0.0
