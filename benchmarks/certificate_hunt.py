@@ -63,6 +63,7 @@ class Config:
     attack: str = "auto"  # or a malicious server's: "trap-weights" / "imprint" (bins from 500 other samples)
     trained: int = 0  # SGD steps (batch 64, lr 0.05, momentum 0.9) on the data set first: one of 4 trained models
     inside: bool = False  # the standardisation inside the model's forward (buffers); the client sends its pixels
+    norm: bool = False  # an eval-mode BatchNorm1d on every hidden Linear layer (its statistics from 512 samples)
 
 
 CONFIGS = {
@@ -117,6 +118,12 @@ CONFIGS = {
     "lfw-2-deep-trained": Config("lfw", (512, 256), trained=500),
     "digits-10-trained": Config("digits", (256,), trained=1000),
     "fashion-10-trained": Config("fashion-mnist", (1024,), trained=1000),
+    # an eval-mode BatchNorm1d on each hidden Linear layer's features, folded into it by the exact methods
+    "lfw-2-norm": Config("lfw", (1024,), norm=True),
+    "lfw-2-deep-norm": Config("lfw", (512, 256), norm=True),
+    "fashion-10-norm": Config("fashion-mnist", (1024,), norm=True),
+    "lfw-2-trained-norm": Config("lfw", (1024,), trained=1000, norm=True),
+    "fashion-10-trained-norm": Config("fashion-mnist", (1024,), trained=1000, norm=True),
     "lfw-2-trained-fedavg": Config("lfw", (1024,), lr=0.05, trained=1000),
     "fashion-10-trained-fedavg": Config("fashion-mnist", (1024,), lr=0.05, trained=1000),
     "lfw-2-weighted": Config("lfw", (1024,), weighted=True),
@@ -149,7 +156,9 @@ def malicious(model: nn.Module, cfg: Config, public: torch.Tensor, seed: int) ->
 
 
 def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
-          conv1d: tuple[int, int] | None = None) -> nn.Module:
+          conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None) -> nn.Module:
+    """The ground's MLP; with ``norm`` (a sample of the data as the model sees it), an eval-mode BatchNorm1d on every
+    hidden Linear layer, its running statistics those of ``norm`` and its gamma, beta drawn around 1 and 0."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten()]
     prev = d_in
@@ -159,10 +168,17 @@ def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, g
                    nn.Flatten()]
         prev = channels * d_in
     for w in widths:
-        layers += [nn.Linear(prev, w), nn.ReLU()]
+        layers += [nn.Linear(prev, w), *([nn.BatchNorm1d(w, momentum=None)] if norm is not None else []), nn.ReLU()]
         prev = w
     layers.append(nn.Linear(prev, k))
     model = nn.Sequential(*layers)
+    if norm is not None:
+        with torch.no_grad():
+            model.train()(norm)  # momentum None: the running statistics are this sample's
+            for bn in (m for m in model if isinstance(m, nn.BatchNorm1d)):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.normal_(0.0, 0.1)
+        model.eval()
     if shift:
         with torch.no_grad():
             model[-1].bias += torch.as_tensor(gen.uniform(-shift / 2, shift / 2, size=k), dtype=torch.float32)
@@ -186,12 +202,13 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, seed: 
     """``model`` after ``steps`` SGD steps (batch 64, lr 0.05, momentum 0.9) on ``(x, y)``."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
+    model.train()  # a BatchNorm1d normalises by each batch's statistics while it trains, as training loops run it
     for _ in range(steps):
         idx = torch.randint(0, len(y), (64,), generator=gen)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    return model.requires_grad_(True)
+    return model.eval().requires_grad_(True)
 
 
 def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
@@ -211,15 +228,16 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
                recovered=0, worst_certified_error=0.0, read_off_scale=0, read_off_scale_not_exact=0, seconds=0.0,
                failures=[])
     start = time.perf_counter()
-    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d),
-                            (data.x - mean) / std * cfg.scale, data.y, cfg.trained, s)) for s in range(4)
-               ] if cfg.trained else []
+    seen = (data.x - mean) / std * cfg.scale  # the inputs as the model sees them
+    norm = seen[torch.as_tensor(gen.choice(len(data), size=512))] if cfg.norm else None
+    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm), seen, data.y,
+                            cfg.trained, s)) for s in range(4)] if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] if cfg.inside else (data.x[idx] - mean) / std * cfg.scale), data.y[idx]
         model = trained[b % 4] if trained else inside(build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)),
-                                                            cfg.shift, gen, cfg.conv1d))
+                                                            cfg.shift, gen, cfg.conv1d, norm))
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -313,6 +331,8 @@ def render(files: list[Path]) -> None:
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):
                 widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
+            if cfg.get("norm"):
+                widths += ", each with an eval-mode BatchNorm1d"
             lines.append(f"| {name} | {cfg['data']} | {widths} | {update} | ±{cfg['shift'] / 2:g} | {inputs} "
                          f"| {r['batches']} | {r['samples']} | {r['certified']} "
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "

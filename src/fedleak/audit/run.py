@@ -267,7 +267,7 @@ def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple
     attacks still audit it), or clients in training mode with Dropout or BatchNorm (the exact methods model the
     eval-mode network, which such clients do not run: nothing is certifiable)."""
     from fedleak.nets.input_map import exact_network
-    from fedleak.nets.network import batch_norms, training_mode_cause
+    from fedleak.nets.network import training_mode_cause
 
     try:
         read = exact_network(as_two_class(net)[0], input_shape=data.input_shape)
@@ -279,7 +279,7 @@ def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple
     barrier = network_barrier(read, training=training)
     if not training or not read.mode_dependent:
         return True, barrier, ()
-    cause = training_mode_cause(read.dropout, batch_norms(read.blocks))
+    cause = training_mode_cause(read.dropout, read.norms)
     return True, barrier, (f"the clients compute their updates in training mode: {cause}; no sample is counted "
                            "certifiable (the exact condition is that of the eval-mode network); client_mode='eval' "
                            "audits clients that compute in eval mode",)

@@ -68,8 +68,8 @@ def first_layer_batch(model: nn.Module, inputs: torch.Tensor, data_range: tuple[
     them, where the model normalises inside ``forward`` (see the module), else as they are."""
     inputs = check_batch(inputs)
     stripped, first, input_map = first_layer_view(model, inputs)
-    if input_map is None:
-        return FirstLayerBatch(model, inputs, data_range)
+    if input_map is None:  # (``stripped``: the model, its BatchNorm1d on Linear features folded in)
+        return FirstLayerBatch(stripped, inputs, data_range)
     if not input_map.uniform:
         raise ModelError(f"{what} reads a normalisation inside forward only where one number scales and one shifts "
                          f"every value; this model's differs per channel or per value ({input_map.describe()}): "

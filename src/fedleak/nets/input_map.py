@@ -24,6 +24,7 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
+from fedleak.nets.dense_norms import fold_dense_norms, folded
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key
 from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
@@ -353,14 +354,19 @@ def _constants(interp: fx.Interpreter, node: fx.Node) -> None:
 def exact_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
                   inputs: torch.Tensor | None = None) -> Network:
     """The network the exact methods read in ``model``: :func:`~fedleak.nets.as_network` of ``model`` without the
-    arithmetic its forward does to its input (:func:`peel_input_map`)."""
-    stripped, _ = peel_input_map(model, input_shape=input_shape, inputs=inputs)
-    return as_network(stripped, input_shape=input_shape, inputs=inputs)
+    arithmetic its forward does to its input (:func:`peel_input_map`), a ``BatchNorm1d`` on a ``Linear`` layer's
+    features folded into it (:func:`~fedleak.nets.dense_norms.folded`)."""
+    fold = fold_dense_norms(model)
+    stripped, _ = peel_input_map(model if fold is None else fold.model, input_shape=input_shape, inputs=inputs)
+    net = as_network(stripped, input_shape=input_shape, inputs=inputs)
+    return net if fold is None else fold.read_into(net)
 
 
 def first_layer_view(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor, InputMap | None]:
     """``model`` without its input arithmetic, ``inputs`` (a batch) as its first layer reads them, and the map
-    (``model``, ``inputs`` and None where the forward does no arithmetic on its input)."""
+    (``model``, ``inputs`` and None where the forward does no arithmetic on its input); a ``BatchNorm1d`` on a
+    ``Linear`` layer's features folded into it (:func:`~fedleak.nets.dense_norms.folded`)."""
+    model = folded(model)
     stripped, input_map = peel_input_map(model, inputs=inputs)
     if input_map is None:
         return model, inputs, None

@@ -49,10 +49,11 @@ class Network:
     ``input_shape`` is the shape of one input sample; ``notes`` say what was assumed to read the model: how the
     input shape was found (nothing when it came from the inputs, the caller or the model) and that its Dropout
     and BatchNorm are read in eval mode (:func:`training_mode_note`). ``dropout``: the model's eval-mode Dropout
-    layers (rate > 0), which are not in ``steps``. ``caveats``: how the way the model was read may keep the
-    exact methods from certifying anything (a client running its Dropout or BatchNorm in training mode; images
-    larger than the inferred input shape that fit the layers too), in words, for their reasons when nothing is
-    certified.
+    layers (rate > 0), which are not in ``steps``; ``folded_norms``: its eval-mode BatchNorm1d layers on Linear
+    features, folded into those layers before it was read (not in ``steps`` either). ``caveats``: how the way the
+    model was read may keep the exact methods from certifying anything (a client running its Dropout or BatchNorm
+    in training mode; images larger than the inferred input shape that fit the layers too), in words, for their
+    reasons when nothing is certified.
     """
 
     input_shape: tuple[int, ...]
@@ -62,11 +63,18 @@ class Network:
     notes: tuple[str, ...] = ()
     dropout: tuple[Dropout, ...] = ()
     caveats: tuple[str, ...] = ()
+    folded_norms: tuple[BatchNorm, ...] = ()
+
+    @property
+    def norms(self) -> tuple[BatchNorm, ...]:
+        """The model's eval-mode BatchNorm layers: in its conv blocks, and on its Linear layers' features (folded
+        into them, :mod:`fedleak.nets.dense_norms`)."""
+        return (*batch_norms(self.blocks), *self.folded_norms)
 
     @property
     def mode_dependent(self) -> bool:
         """Whether the model computes otherwise in training mode (it has Dropout or BatchNorm)."""
-        return bool(self.dropout or batch_norms(self.blocks))
+        return bool(self.dropout or self.norms)
 
     @property
     def uncertifiable(self) -> str:

@@ -91,13 +91,13 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def keep_every_tensor(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+def keep_every_tensor(gm: fx.GraphModule, model: nn.Module, skip: frozenset[str] = frozenset()) -> fx.GraphModule:
     """``gm`` (traced from ``model``, which keeps only what ``forward`` reads) with every other parameter and buffer
     of ``model``'s state dict put back under its own name (the same tensors), so that updates and state dicts keyed
-    like ``model``'s fit it."""
+    like ``model``'s fit it; the names in ``skip`` are left out."""
     present = gm.state_dict(keep_vars=True)
     for name, value in model.state_dict(keep_vars=True).items():
-        if name not in present:
+        if name not in present and name not in skip:
             _attach(gm, name, value)
     return gm
 

@@ -42,7 +42,7 @@ def held_indices(exact: Reconstruction) -> list[int]:
 def prior_from(exact: Reconstruction | None, skipped: str) -> Prior:
     """What the search knows from the exact route (or, when it was skipped, why nothing is known)."""
     if exact is None:
-        return Prior(reason=f"exact route skipped: {skipped}")
+        return Prior(reason=f"exact route skipped: {skipped}" if skipped else "the exact route could not run")
     estimates = []
     held = set(held_indices(exact))
     for k, r in enumerate(exact.samples):

@@ -17,6 +17,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.nets import NO_HIDDEN_RELU, Network
+from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
 from fedleak.nets.input_map import exact_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
@@ -52,6 +53,8 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     net, unread = _read(model, input_shape)
     if unread:
         return unread
+    if not kind.is_gradient and fold_dense_norms(model) is not None:
+        return WEIGHTS_UNREAD
     if net.uncertifiable:  # no batch certifies: the budget goes to the optimisation attack
         return net.uncertifiable
     if not net.head.has_all_biases and not kind.is_gradient:
@@ -74,14 +77,14 @@ def network_barrier(net: Network, *, training: bool = False) -> str:
     :func:`~fedleak.nets.as_network` read it), in words, or empty: no hidden ReLU layer, conv blocks whose outputs
     cannot determine their inputs (:attr:`~fedleak.nets.Network.uncertifiable`: max pooling, as in Flower's
     quickstart ``Net``), or, for clients that compute in training mode (``training``), Dropout or BatchNorm."""
-    from fedleak.nets.network import batch_norms, training_mode_cause
+    from fedleak.nets.network import training_mode_cause
 
     if net.head.depth == 0:
         return NO_HIDDEN_RELU
     if net.uncertifiable:
         return net.uncertifiable
     if training and net.mode_dependent:
-        return training_mode_cause(net.dropout, batch_norms(net.blocks))
+        return training_mode_cause(net.dropout, net.norms)
     return ""
 
 

@@ -24,7 +24,9 @@ from fedleak.attacks.labels import with_negated_hint
 from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
 from fedleak.defenses.stack import DefenseStack
+from fedleak.errors import ModelError
 from fedleak.nets import Network, as_network
+from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
 from fedleak.nets.input_map import InputMap, peel_input_map
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
@@ -61,14 +63,25 @@ def exclusivity_attack(
     :class:`~fedleak.GradientUpdate` or a plain dict), or a one-step :class:`~fedleak.WeightUpdate`
     (:func:`exclusivity_on_weights`). Options are the fields of :class:`ExclusivityOptions`, passed as keywords
     or as an ``options`` object. ``input_shape`` (one sample, no batch dimension) defaults to what
-    :func:`fedleak.nets.as_network` finds.
+    :func:`fedleak.nets.as_network` finds. An eval-mode ``BatchNorm1d`` on a ``Linear`` layer's features is read
+    folded into that layer, the gradient with it (:mod:`fedleak.nets.dense_norms`); a gradient that shows the norm
+    ran in training mode certifies nothing.
     """
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
+    update = as_gradient_update(update)
+    fold = fold_dense_norms(model)  # BatchNorm1d on a Linear layer's features: read as one Linear layer
+    misfit = ""
+    if fold is not None:
+        model = fold.model
+        update, misfit = fold.gradient(update)
     model, input_map = peel_input_map(model, input_shape=input_shape)
     asked = resolve_options(options, overrides)
-    rec = _on_gradient(model, as_network(model, input_shape=input_shape), as_gradient_update(update),
-                       in_first_layer(asked, input_map))
+    net = as_network(model, input_shape=input_shape)
+    rec = _on_gradient(model, net if fold is None else fold.read_into(net), update, in_first_layer(asked, input_map))
+    if misfit:  # the update itself shows a norm run in training mode
+        rec = replace(rec.withdraw(misfit), missing_reason=misfit if not rec.missing_reason else
+                      f"{misfit} ({rec.missing_reason})")
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
 
 
@@ -144,6 +157,8 @@ def exclusivity_on_weights(
     gradients were taken at other weights than ``before``, fail the certificate rather than mislead; those of the
     first mini-batch, taken at ``before``, may pass.
     """
+    if fold_dense_norms(model) is not None:
+        raise ModelError(WEIGHTS_UNREAD)
     names = list(update.parameters_of(model))
     delta = update.delta()
     at_before, input_map = peel_input_map(model_at_before(model, update), input_shape=input_shape)

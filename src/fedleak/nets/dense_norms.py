@@ -1,0 +1,266 @@
+"""An eval-mode ``BatchNorm1d`` on a ``Linear`` layer's features, folded into that layer.
+
+In eval mode a ``BatchNorm1d`` is an affine map per unit, ``u = a z + c`` with ``a = gamma / sqrt(var + eps)`` and
+``c = beta - a mean`` (its running statistics), so ``Linear`` then ``BatchNorm1d`` is one ``Linear`` layer with
+weight ``a W`` and bias ``a b + c`` (``b = 0`` where the ``Linear`` has no bias). The exact methods read that twin:
+:func:`fold_dense_norms` builds it (the user's model is not changed), and :meth:`FoldedModel.gradient` turns the
+client's gradient into the twin's:
+
+- the folded weight's gradient is the ``Linear``'s, row ``j`` divided by ``a_j``: ``dL/d(aW)_j = dL/du_j x =
+  (dL/dW_j) / a_j``;
+- the folded bias's is ``beta``'s, ``dL/dbeta_j = dL/du_j`` (or ``dL/db_j / a_j`` where ``BatchNorm1d`` has no
+  ``beta``);
+- ``gamma``'s adds nothing about the batch: in eval mode it is fixed by the others,
+  ``dL/dgamma_j = (W_j . dL/d(aW)_j + (b_j - mean_j) dL/du_j) / sqrt(var_j + eps)``. The fold checks that identity
+  (and ``dL/db = a dL/dbeta`` where both are sent): a client that ran the layer in training mode, normalising by
+  each batch's own statistics, does not meet it, and the attack then certifies nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx, nn
+
+from fedleak.errors import ModelError
+from fedleak.nets.frontend import model_structure
+from fedleak.nets.layers import BatchNorm
+from fedleak.nets.network import Network, training_mode_cause, training_mode_note
+from fedleak.nets.tracing import keep_every_tensor, trace_model
+from fedleak.updates import GradientUpdate, check_matches_model
+
+F64 = torch.float64
+
+# the twin of each model read, while its structure and values are unchanged
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FoldedModel | None]] = weakref.WeakKeyDictionary()
+
+#: why the exact route does not read a weight update of a model with such a norm
+WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear layer's features from its gradients "
+                  "(FedSGD) only: a FedAvg weight change moves the norm's parameters with the layer's, which its "
+                  "folded layer does not follow (and clients that train run the norm in training mode, which "
+                  "certifies nothing)")
+
+# how far gamma's (and b's) gradient may stray from what eval mode fixes it to, relative to the sums it is made of:
+# the client's float32 sums carry a few epsilons of them per sample; a batch normalised by its own statistics
+# misses by a share of the whole
+IDENTITY_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """One ``Linear`` (module path ``linear``) and the eval-mode ``BatchNorm1d`` (``norm``) on its features.
+
+    ``scale``, ``shift``: the norm's ``a`` and ``c`` per unit; ``mean``, ``std``: its running mean and
+    ``sqrt(var + eps)`` (float64). The parameter names of the ``Linear``'s weight and bias (None without one) and
+    of the norm's ``gamma`` and ``beta`` (None without one)."""
+
+    linear: str
+    norm: str
+    scale: torch.Tensor
+    shift: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: str
+    bias: str | None
+    gamma: str | None
+    beta: str | None
+
+    @property
+    def folded_bias(self) -> str:
+        """The twin's bias of the folded layer."""
+        return self.bias or f"{self.linear}.bias"
+
+    def describe(self) -> str:
+        return f"BatchNorm1d '{self.norm}' on Linear '{self.linear}'"
+
+
+@dataclass(frozen=True, eq=False)
+class FoldedModel:
+    """The user's ``model`` read with its ``folds``: ``model`` is the twin (a ``torch.fx`` graph module sharing every
+    other module with the user's), in which each folded ``Linear`` computes ``Linear`` then ``BatchNorm1d``."""
+
+    model: nn.Module
+    folds: tuple[NormFold, ...]
+    source: nn.Module
+
+    def read_into(self, net: Network) -> Network:
+        """``net`` (read from the twin) with the notes and caveats of the norms folded into it: read in eval mode,
+        and a client that runs them in training mode certifies nothing."""
+        norms = tuple(BatchNorm(f.norm, self.source.get_submodule(f.norm), f.gamma, f.beta) for f in self.folds)
+        pairs = ", ".join(f.describe() for f in self.folds)
+        note = (f"{pairs} folded into the Linear layer (weight a W, bias a b + c, from the norm's running "
+                f"statistics), the gradient read as that layer's; {training_mode_note((), norms)}")
+        return replace(net, notes=(*net.notes, note), caveats=(*net.caveats, training_mode_cause((), norms)),
+                       folded_norms=(*net.folded_norms, *norms))
+
+    def gradient(self, update: GradientUpdate) -> tuple[GradientUpdate, str]:
+        """The twin's gradient, and why the client's does not fit eval mode (empty where it does)."""
+        check_matches_model(self.source, update.gradients)
+        grads = dict(update.gradients)
+        misfits: list[str] = []
+        for fold in self.folds:
+            misfit = _fold_gradient(fold, self.source, grads)
+            if misfit:
+                misfits.append(misfit)
+        reason = ""
+        if misfits:
+            reason = (f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client "
+                      "that runs it in training mode, model.train(), normalises by each batch's own statistics, "
+                      "which the exact methods do not model): nothing is certified")
+        return GradientUpdate(grads, num_examples=update.num_examples, error=update.error), reason
+
+
+def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
+    """Replace ``fold``'s entries of ``grads`` by the folded layer's, in place; returns how the gradient misses eval
+    mode's identities (empty where it does not)."""
+    G = grads.pop(fold.weight)
+    a = fold.scale.to(G.device)
+    Gf = (G.to(F64) / a[:, None]).to(G.dtype)  # divided in float64, rounded once
+    g_beta = grads.pop(fold.beta) if fold.beta is not None else None
+    g_b = grads.pop(fold.bias) if fold.bias is not None else None
+    g_gamma = grads.pop(fold.gamma) if fold.gamma is not None else None
+    if g_beta is not None:
+        gf = g_beta.to(F64)
+    elif g_b is not None:
+        gf = g_b.to(F64) / a
+    else:
+        raise ModelError(f"{fold.describe()}: the Linear layer has no bias and the BatchNorm1d no trainable shift "
+                         "(beta), so the folded layer's bias has no gradient for the exact methods to read; "
+                         "'first-layer', 'auto' and the optimisation attacks still apply")
+    grads[fold.weight] = Gf
+    grads[fold.folded_bias] = gf.to(G.dtype)
+    misses: list[str] = []
+    if g_beta is not None and g_b is not None:
+        off = (g_b.to(F64) - a * gf).abs()
+        size = g_b.to(F64).abs() + (a * gf).abs()
+        if missed(off, size):
+            misses.append(f"{fold.describe()}: the Linear bias's gradient is not its scale a times beta's "
+                          f"(off by up to {worst(off, size):.1e} relative)")
+    if g_gamma is not None:  # (the row products in the gradient's dtype: the identity is checked to 1e-3)
+        lin = model.get_submodule(fold.linear)
+        W = lin.weight.detach().to(device=G.device, dtype=G.dtype)
+        b = (lin.bias.detach().to(device=G.device, dtype=F64) if lin.bias is not None
+             else torch.zeros(W.shape[0], dtype=F64, device=G.device))
+        centred = b - fold.mean.to(G.device)
+        std = fold.std.to(G.device)
+        expected = (torch.linalg.vecdot(W, Gf).to(F64) + centred * gf) / std
+        magnitude = (torch.linalg.vecdot(W.abs(), Gf.abs()).to(F64) + centred.abs() * gf.abs()) / std
+        off = (g_gamma.to(F64) - expected).abs()
+        size = magnitude + g_gamma.to(F64).abs()
+        if missed(off, size):
+            misses.append(f"{fold.describe()}: gamma's gradient is not the one eval mode fixes it to (off by up to "
+                          f"{worst(off, size):.1e} relative)")
+    return "; ".join(misses)
+
+
+def missed(off: torch.Tensor, size: torch.Tensor) -> bool:
+    """Whether a unit's identity misses by more than the client's rounding can: :data:`IDENTITY_TOL` of the
+    unit's terms, or of the layer's mean (a sum that cancels is off by a share of its terms, not of itself)."""
+    return bool((off > IDENTITY_TOL * (size + size.mean()) + 1e-30).any())
+
+
+def worst(off: torch.Tensor, size: torch.Tensor) -> float:
+    return float((off / (size + size.mean() + 1e-30)).max())
+
+
+def fold_dense_norms(model: nn.Module) -> FoldedModel | None:
+    """``model`` with every ``BatchNorm1d`` that reads a ``Linear`` layer's features (and nothing else reads them)
+    folded into that layer, or None where it has none. Raises :class:`ModelError` where a norm cannot be folded
+    (a unit with ``gamma = 0``). The twin is kept while the model's structure and every tensor's values are
+    unchanged (an in-place change, an optimizer's step or ``load_state_dict``, makes a new one), so that the
+    frontend reads it once."""
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        return None
+    key = (model_structure(model), tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers())))
+    kept = _FOLDED.get(model)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    fold = _fold(model)
+    _FOLDED[model] = (key, fold)
+    return fold
+
+
+def _fold(model: nn.Module) -> FoldedModel | None:
+    gm = trace_model(model)
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if (isinstance(modules.get(node.target), nn.BatchNorm1d) and isinstance(src, fx.Node)
+                and src.op == "call_module" and isinstance(modules.get(src.target), nn.Linear)
+                and len(src.users) == 1 and calls[node.target] == 1 and calls[src.target] == 1
+                and modules[node.target].running_mean is not None):
+            pairs.append((src, node))
+    if not pairs:
+        return None
+    params = {id(p): n for n, p in model.named_parameters()}
+    folds, twins = [], {}
+    for src, node in pairs:
+        lin, bn = modules[src.target], modules[node.target]
+        fold = _fold_of(src.target, node.target, lin, bn, params)
+        folds.append(fold)
+        twins[src.target] = _folded_linear(lin, fold)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    root = {n.target: twins.get(n.target, modules[n.target]) for n in gm.graph.nodes if n.op == "call_module"}
+    root.update({n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"})
+    twin = fx.GraphModule(root, gm.graph)
+    folded_names = {name for f in folds for name in (f.weight, f.bias, f.gamma, f.beta) if name}
+    norm_state = {f"{f.norm}.{k}" for f in folds for k in modules[f.norm].state_dict()}
+    keep_every_tensor(twin, model, skip=frozenset(folded_names | norm_state))
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        twin.input_shape = tuple(shape)
+    twin.training = model.training  # its modules are the user's: their own modes stay
+    return FoldedModel(twin, tuple(folds), model)
+
+
+def folded(model: nn.Module) -> nn.Module:
+    """``model`` as the exact methods' forward-only reads take it (analysis, fishing, plans): its
+    ``BatchNorm1d`` on ``Linear`` features folded in (:func:`fold_dense_norms`), else as it is."""
+    fold = fold_dense_norms(model)
+    return model if fold is None else fold.model
+
+
+def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:
+    std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
+    scale = (bn.weight.detach().to(F64) if bn.weight is not None else torch.ones_like(std)) / std
+    if bool((scale == 0).any()):
+        units = torch.nonzero(scale == 0).flatten().tolist()[:5]
+        raise ModelError(f"BatchNorm1d '{norm}' has gamma = 0 on unit(s) {units}: their Linear rows' gradient is 0 "
+                         "whatever the input, so the layer cannot be read through them; 'first-layer', 'auto' and the "
+                         "optimisation attacks still apply")
+    mean = bn.running_mean.detach().to(F64)
+    shift = -scale * mean + (bn.bias.detach().to(F64) if bn.bias is not None else 0.0)
+
+    def trainable(p: torch.Tensor | None) -> str | None:
+        return params.get(id(p)) if p is not None and p.requires_grad else None
+
+    return NormFold(linear, norm, scale, shift, mean, std, params[id(lin.weight)], trainable(lin.bias),
+                    trainable(bn.weight), trainable(bn.bias))
+
+
+def _folded_linear(lin: nn.Linear, fold: NormFold) -> nn.Linear:
+    """The ``Linear`` layer that computes ``lin`` then the norm (float64 products, rounded once to its dtype)."""
+    out = nn.Linear(lin.in_features, lin.out_features, bias=True, device=lin.weight.device, dtype=lin.weight.dtype)
+    b = lin.bias.detach().to(F64) if lin.bias is not None else 0.0
+    scale, shift = fold.scale.to(lin.weight.device), fold.shift.to(lin.weight.device)
+    with torch.no_grad():
+        out.weight.copy_(scale[:, None] * lin.weight.detach().to(F64))
+        out.bias.copy_(scale * b + shift)
+    out.weight.requires_grad_(lin.weight.requires_grad)
+    out.bias.requires_grad_(fold.bias is not None or fold.beta is not None)
+    return out
+
+
+def _attr(module: nn.Module, target: str) -> object:
+    obj: object = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,173 @@
+"""An eval-mode BatchNorm1d on a Linear layer's features, folded into that layer for the exact methods."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
+from fedleak.errors import ModelError
+from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
+
+
+class NormedMLP(nn.Module):
+    """Linear (no bias) -> BatchNorm1d -> ReLU, twice, as users write a normalised MLP."""
+
+    def __init__(self, d_in: int, k: int, bias: bool = False, affine: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, 512, bias=bias)
+        self.bn1 = nn.BatchNorm1d(512, affine=affine)
+        self.fc2 = nn.Linear(512, 256, bias=bias)
+        self.bn2 = nn.BatchNorm1d(256, affine=affine)
+        self.out = nn.Linear(256, k)
+
+    def forward(self, x):
+        x = x.view(x.size(0), -1)
+        x = F.relu(self.bn1(self.fc1(x)))
+        return self.out(F.relu(self.bn2(self.fc2(x))))
+
+
+def warmed(model: nn.Module, data: fedleak.Dataset, seed: int = 0) -> nn.Module:
+    """``model`` in eval mode, its norms' statistics those of 256 samples and their gamma, beta moved off 1, 0."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = None
+            if m.affine:
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.1)
+    with torch.no_grad():
+        model.train()(data.batch(256, seed=seed + 100)[0])
+    return model.eval()
+
+
+def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "eval") -> dict[str, torch.Tensor]:
+    getattr(model, mode)()
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    model.eval()
+    return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+
+
+@pytest.mark.parametrize("bias,affine", [(False, True), (True, True), (True, False)])
+def test_the_twin_computes_the_model_and_its_gradient_is_the_folded_one(digits, bias, affine):
+    model = warmed(NormedMLP(64, 10, bias=bias, affine=affine), digits)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    fold = fold_dense_norms(model)
+    assert [f.norm for f in fold.folds] == ["bn1", "bn2"]
+    x, y = digits.batch(8, seed=1)
+    assert torch.allclose(fold.model(x), model(x), atol=1e-5)
+    twin_grad, misfit = fold.gradient(fedleak.GradientUpdate(gradient(model, x, y)))
+    assert misfit == ""
+    direct = gradient(fold.model, x, y)
+    assert set(twin_grad.gradients) == set(direct)
+    for name, g in direct.items():
+        assert torch.allclose(twin_grad.gradients[name], g, rtol=1e-4, atol=1e-7), name
+    # the user's model is as it was: its norms in place, its parameters untouched
+    assert isinstance(model.bn1, nn.BatchNorm1d) and (model.fc1.bias is not None) == bias
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_a_normalised_mlp_is_certified_exactly(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    x, y = digits.batch(4, seed=2)
+    rec = fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == 4 and scores.recovered_fraction == 1.0 and scores.false_certificates == 0
+    assert any("BatchNorm1d 'bn1' on Linear 'fc1'" in n and "folded" in n for n in rec.notes)
+
+
+def test_a_sequential_with_a_norm_is_read_too(digits):
+    torch.manual_seed(0)
+    model = warmed(nn.Sequential(nn.Flatten(), nn.Linear(64, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+                                 nn.Linear(512, 10)), digits)
+    x, y = digits.batch(4, seed=3)
+    rec = fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+    assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
+
+
+def test_a_gradient_taken_in_training_mode_certifies_nothing_and_says_why(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    x, y = digits.batch(4, seed=2)
+    rec = fedleak.reconstruct(model, gradient(model, x, y, mode="train"), attack="exclusivity")
+    assert rec.num_certified == 0
+    why = rec.why_uncertified()
+    assert "gamma's gradient is not the one eval mode fixes it to" in why and "training mode" in why
+
+
+def test_a_weight_update_is_left_to_the_other_attacks(digits):
+    model = warmed(NormedMLP(64, 10, bias=True), digits)
+    x, y = digits.batch(4, seed=2)
+    update = fedleak.fedavg_update(model, x, y, lr=0.05, local_steps=1)
+    with pytest.raises(ModelError, match="from its gradients"):
+        fedleak.reconstruct(model, update, attack="exclusivity")
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=2, progress=False)
+    assert any(WEIGHTS_UNREAD in n for n in rec.notes)
+
+
+def test_the_analysis_and_fishing_read_the_folded_model(lfw):
+    torch.manual_seed(1)
+    model = warmed(nn.Sequential(nn.Flatten(), nn.Linear(625, 1024, bias=False), nn.BatchNorm1d(1024), nn.ReLU(),
+                                 nn.Linear(1024, 2)), lfw)
+    x, y = lfw.batch(8, seed=4)
+    report = fedleak.analyze_exclusivity(model, x, y)
+    fished = fedleak.fish(model, x, y)
+    assert fished.certifiable_after.all()
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, fished.inputs, y), attack="exclusivity")
+    scores = fedleak.metrics.match(rec, fished.inputs, y)
+    assert scores.recovered_fraction == 1.0 and scores.false_certificates == 0
+    assert report.certifiable.sum() < 8  # fishing made the difference
+    reduced = reduce_exclusivity(model, fished.inputs, y)  # the reverse LP reads the folded model too
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, reduced.inputs, y), attack="exclusivity")
+    assert rec.num_certified == 0
+    assert fedleak.plan(model, None, x).max_batch_size >= 1
+
+
+def test_a_norm_whose_features_are_read_elsewhere_is_not_folded(digits):
+    class Shortcut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.bn, self.out = nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            z = self.fc1(x.flatten(1))
+            return self.out(F.relu(self.bn(z)) + z)
+
+    assert fold_dense_norms(Shortcut().eval()) is None
+
+
+def test_what_cannot_be_folded_is_refused_by_name(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    with torch.no_grad():
+        model.bn1.weight[3] = 0.0
+    with pytest.raises(ModelError, match=r"'bn1' has gamma = 0 on unit\(s\) \[3\]"):
+        fold_dense_norms(model)
+    bare = warmed(NormedMLP(64, 10, bias=False, affine=False), digits)
+    x, y = digits.batch(4, seed=2)
+    with pytest.raises(ModelError, match="no bias and the BatchNorm1d no trainable shift"):
+        fedleak.reconstruct(bare, gradient(bare, x, y), attack="exclusivity")
+
+
+def test_a_model_without_a_norm_is_not_traced(digits):
+    model = fedleak.make_mlp(digits.input_shape, [64], digits.num_classes, seed=0)
+    assert fold_dense_norms(model) is None
+    assert fold_dense_norms(copy.deepcopy(model)) is None
+
+
+def test_the_twin_is_kept_until_the_model_changes(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    x = digits.batch(4, seed=5)[0]
+    first = fold_dense_norms(model)
+    assert fold_dense_norms(model) is first  # read once
+    with torch.no_grad():
+        model.fc1.weight.mul_(1.5)  # an optimizer's step, in place
+        model.bn2.running_var.mul_(2.0)
+    again = fold_dense_norms(model)
+    assert again is not first and torch.allclose(again.model(x), model(x), atol=1e-5)
+    model.load_state_dict(warmed(NormedMLP(64, 10), digits, seed=7).state_dict())
+    assert torch.allclose(fold_dense_norms(model).model(x), model(x), atol=1e-5)
