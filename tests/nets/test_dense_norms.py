@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from user_models import mixed_precision_gradient
 
 import fedleak
 from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
@@ -171,3 +172,19 @@ def test_the_twin_is_kept_until_the_model_changes(digits):
     assert again is not first and torch.allclose(again.model(x), model(x), atol=1e-5)
     model.load_state_dict(warmed(NormedMLP(64, 10), digits, seed=7).state_dict())
     assert torch.allclose(fold_dense_norms(model).model(x), model(x), atol=1e-5)
+
+
+def test_a_gradient_in_half_precision_is_not_certified_through_the_fold(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    x, y = digits.batch(4, seed=2)
+    rec = fedleak.reconstruct(model, mixed_precision_gradient(model, x, y, torch.bfloat16), attack="exclusivity")
+    assert rec.num_certified == 0 and "no longer show" in rec.why_uncertified()
+
+
+def test_a_known_error_grows_with_the_rows_it_divides(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    fold = fold_dense_norms(model)
+    x, y = digits.batch(4, seed=2)
+    folded, _ = fold.gradient(fedleak.GradientUpdate(gradient(model, x, y), error=1e-6))
+    smallest = min(float(f.scale.abs().min()) for f in fold.folds)
+    assert folded.error == pytest.approx(1e-6 * max(1.0, 1 / smallest))

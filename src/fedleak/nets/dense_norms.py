@@ -29,6 +29,7 @@ from fedleak.nets.frontend import model_structure
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
 from fedleak.nets.tracing import keep_every_tensor, trace_model
+from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
 
 F64 = torch.float64
@@ -96,8 +97,12 @@ class FoldedModel:
                        folded_norms=(*net.folded_norms, *norms))
 
     def gradient(self, update: GradientUpdate) -> tuple[GradientUpdate, str]:
-        """The twin's gradient, and why the client's does not fit eval mode (empty where it does)."""
+        """The twin's gradient, and why nothing can be certified from it (empty where something can): the client's
+        does not fit eval mode, or its values carry a format coarser than float32 (a gradient computed under
+        autocast), whose grid the division by the norm's scale leaves. A known transport error per entry grows by
+        the largest ``1 / |a|`` with the rows."""
         check_matches_model(self.source, update.gradients)
+        precision = update_precision(update.gradients)
         grads = dict(update.gradients)
         misfits: list[str] = []
         for fold in self.folds:
@@ -109,7 +114,11 @@ class FoldedModel:
             reason = (f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client "
                       "that runs it in training mode, model.train(), normalises by each batch's own statistics, "
                       "which the exact methods do not model): nothing is certified")
-        return GradientUpdate(grads, num_examples=update.num_examples, error=update.error), reason
+        elif precision.coarse:
+            reason = (f"{precision.describe()}, whose rounding the folded BatchNorm1d's rows (divided by its scale) "
+                      "no longer show: nothing is certified")
+        error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
+        return GradientUpdate(grads, num_examples=update.num_examples, error=error), reason
 
 
 def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:

@@ -79,7 +79,7 @@ def exclusivity_attack(
     asked = resolve_options(options, overrides)
     net = as_network(model, input_shape=input_shape)
     rec = _on_gradient(model, net if fold is None else fold.read_into(net), update, in_first_layer(asked, input_map))
-    if misfit:  # the update itself shows a norm run in training mode
+    if misfit:  # the update shows a norm run in training mode, or carries a format the fold hides
         rec = replace(rec.withdraw(misfit), missing_reason=misfit if not rec.missing_reason else
                       f"{misfit} ({rec.missing_reason})")
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
