@@ -67,8 +67,8 @@ def test_the_twin_computes_the_model_and_its_gradient_is_the_folded_one(digits, 
     assert misfit == ""
     direct = gradient(fold.model, x, y)
     assert set(twin_grad.gradients) == set(direct)
-    for name, g in direct.items():
-        assert torch.allclose(twin_grad.gradients[name], g, rtol=1e-4, atol=1e-7), name
+    for name, g in direct.items():  # two float32 paths to one gradient: within a few epsilons of its largest entry
+        assert float((twin_grad.gradients[name] - g).abs().max()) <= 1e-5 * float(g.abs().max()), name
     # the user's model is as it was: its norms in place, its parameters untouched
     assert isinstance(model.bn1, nn.BatchNorm1d) and (model.fc1.bias is not None) == bias
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())

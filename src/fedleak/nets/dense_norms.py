@@ -110,13 +110,13 @@ class FoldedModel:
             if misfit:
                 misfits.append(misfit)
         reason = ""
-        if misfits:
+        if precision.coarse:  # (its rounding also blurs the identities, to its own epsilon)
+            reason = (f"{precision.describe()}, whose rounding the folded BatchNorm1d's rows (divided by its scale) "
+                      "no longer show: nothing is certified")
+        elif misfits:
             reason = (f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client "
                       "that runs it in training mode, model.train(), normalises by each batch's own statistics, "
                       "which the exact methods do not model): nothing is certified")
-        elif precision.coarse:
-            reason = (f"{precision.describe()}, whose rounding the folded BatchNorm1d's rows (divided by its scale) "
-                      "no longer show: nothing is certified")
         error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
         return GradientUpdate(grads, num_examples=update.num_examples, error=error), reason
 
