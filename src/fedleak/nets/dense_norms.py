@@ -116,7 +116,8 @@ class FoldedModel:
         elif misfits:
             reason = (f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client "
                       "that runs it in training mode, model.train(), normalises by each batch's own statistics, "
-                      "which the exact methods do not model): nothing is certified")
+                      "which the exact methods do not model; so does one that changed the norm's tensors apart from "
+                      "the layer's: clipping each tensor to a norm, noise, sparsification): nothing is certified")
         error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
         return GradientUpdate(grads, num_examples=update.num_examples, error=error), reason
 
