@@ -142,6 +142,15 @@ def test_a_norm_whose_features_are_read_elsewhere_is_not_folded(digits):
     assert fold_dense_norms(Shortcut().eval()) is None
 
 
+def test_a_norm_after_the_relu_is_refused_saying_what_is_folded(digits):
+    torch.manual_seed(0)
+    model = warmed(nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.BatchNorm1d(128), nn.Linear(128, 10)),
+                   digits)
+    x, y = digits.batch(4, seed=2)
+    with pytest.raises(ModelError, match="reads a Linear layer's output alone into that layer.*not one after the ReLU"):
+        fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+
+
 def test_what_cannot_be_folded_is_refused_by_name(digits):
     model = warmed(NormedMLP(64, 10), digits)
     with torch.no_grad():
