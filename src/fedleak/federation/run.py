@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 
@@ -151,6 +151,10 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
     check_before_start(settings, split)
     defenses = defense_summary(settings, federation_accounting(settings))
 
+    # Ray whole before Flower's threads start: two threads importing its modules at once can meet one half
+    # initialised ("partially initialized module 'ray'", seen once in a federation run)
+    with suppress(ImportError):  # (without Ray, Flower's simulation says what to install)
+        import ray  # noqa: F401
     from flwr.simulation import run_simulation
 
     from fedleak.federation.client_app import make_client_app
