@@ -183,3 +183,16 @@ def test_fishing_a_conv1d_network_makes_its_batch_certifiable():
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, fished.inputs, fished.labels))
     scores = fedleak.metrics.match(rec, fished.inputs, fished.labels)
     assert rec.num_certified == 16 and int(scores.recovered.sum()) == 16 and scores.false_certificates == 0
+
+
+def test_a_conv_layer_fishing_cannot_help_is_named_per_sample():
+    """Colour patches under a 6-channel first layer: the head's targets are met, the first conv layer's active
+    outputs barely match its unknowns and no proof holds; each sample says so, and the summary counts them."""
+    data = fedleak.load_dataset("retina")
+    model = fedleak.make_convnet(data.input_shape, data.num_classes, channels=(6, 32), padding=1, fc_widths=(256,),
+                                 seed=5)
+    x, y = data.batch(2, seed=11)
+    result = fedleak.fish(model, x, y)
+    short = [s for s in result.samples if s.status == "fished" and not s.certifiable_after]
+    assert short and all("conv layer '0' is not proven to determine its input" in s.message for s in short)
+    assert f"{len(short)} fished whose other layers still do not meet it" in result.summary()

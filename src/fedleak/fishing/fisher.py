@@ -300,6 +300,18 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
         return fish_batch(model, inputs, labels, opts, start)
 
 
+def _undetermined(net, report, k: int) -> str:
+    """Why sample ``k``, its head's targets met, is still not certifiable: the first conv block whose output does
+    not determine its input for it (fishing moves the head's neurons, not a block's active units)."""
+    for blk, layer in zip(net.blocks, report.conv_layers):
+        if not layer.solvable[k]:
+            return (f"its head's targets are met, but conv layer '{blk.name}' is not proven to determine its input "
+                    f"({int(layer.active_units[k])} active outputs, the equations, for {blk.in_dim} unknowns); "
+                    "fishing moves the head's neurons, not a conv layer's (more channels in that layer give it more "
+                    "equations: fedleak.plan(model))")
+    return ""
+
+
 def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, opts: FishingOptions,
                start: float) -> FishingResult:
     """:func:`fish` with its options read (``start``: when the call began, for the result's time)."""
@@ -331,5 +343,8 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     after = batch_exclusivity(sent, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     samples = sample_records(fisher, X, Xp, out, certified(before), certified(after), predictions(net, batch.x),
                              predictions(net, sent.x), peak=hi - lo)
+    if opts.solve_check and net.blocks:  # the head's targets met, a conv block still short of equations
+        samples = tuple(replace(s, message=_undetermined(net, after, s.index)) if s.status == "fished"
+                        and not s.certifiable_after and not s.message else s for s in samples)
     return first.restore(FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range),
                          asked)

@@ -232,11 +232,13 @@ class FishingResult:
                  f"{np.mean([s.psnr for s in pert]):.1f} dB" if pert else "no sample moved")
         failed = [s for s in self.samples if s.status != "fished"]
         moved = sum(s.perturbed for s in failed)
+        short = sum(s.status == "fished" and not s.certifiable_after for s in self.samples)
         return (
             f"fishing: {int(self.certifiable_after.sum())}/{self.batch_size} samples meet the exclusivity "
             f"condition (before: {int(self.certifiable_before.sum())}); {moves}; {len(failed)} not fished "
-            f"({moved} moved only to stay off the others' targets, {len(failed) - moved} unperturbed); "
-            f"{self.seconds:.1f} s"
+            f"({moved} moved only to stay off the others' targets, {len(failed) - moved} unperturbed)"
+            + (f"; {short} fished whose other layers still do not meet it (their messages say why)" if short else "")
+            + f"; {self.seconds:.1f} s"
         )
 
     def to_dict(self) -> dict[str, object]:
