@@ -197,3 +197,13 @@ def test_a_known_error_grows_with_the_rows_it_divides(digits):
     folded, _ = fold.gradient(fedleak.GradientUpdate(gradient(model, x, y), error=1e-6))
     smallest = min(float(f.scale.abs().min()) for f in fold.folds)
     assert folded.error == pytest.approx(1e-6 * max(1.0, 1 / smallest))
+
+
+def test_a_frozen_layer_under_a_norm_is_refused_as_frozen_layers_are(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    model.fc1.weight.requires_grad_(False)
+    x, y = digits.batch(4, seed=2)
+    sent = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = dict(zip(sent, torch.autograd.grad(F.cross_entropy(model(x), y), list(sent.values()))))
+    with pytest.raises(ModelError, match="frozen parameter"):
+        fedleak.reconstruct(model, grads, attack="exclusivity")

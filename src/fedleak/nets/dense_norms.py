@@ -125,6 +125,10 @@ class FoldedModel:
 def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
     """Replace ``fold``'s entries of ``grads`` by the folded layer's, in place; returns how the gradient misses eval
     mode's identities (empty where it does not)."""
+    if fold.weight not in grads:  # a frozen layer sends none: the frontend's check of the head says so
+        for name in (fold.bias, fold.gamma, fold.beta):
+            grads.pop(name, None)
+        return ""
     G = grads.pop(fold.weight)
     a = fold.scale.to(G.device)
     Gf = (G.to(F64) / a[:, None]).to(G.dtype)  # divided in float64, rounded once
