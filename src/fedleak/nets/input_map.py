@@ -24,7 +24,7 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
-from fedleak.nets.dense_norms import fold_dense_norms, folded
+from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms, folded
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key
 from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
@@ -351,15 +351,32 @@ def _constants(interp: fx.Interpreter, node: fx.Node) -> None:
             interp.env[n] = interp.run_node(n)
 
 
+@dataclass(frozen=True, eq=False)
+class ExactView:
+    """A model as the exact methods read it: ``model``, the user's with each ``BatchNorm1d`` on a ``Linear`` layer's
+    features folded into it (``fold``, :mod:`fedleak.nets.dense_norms`; None without one) and the arithmetic its
+    forward does to its input peeled off (``input_map``, None without any), and ``net``, that model read."""
+
+    model: nn.Module
+    input_map: InputMap | None
+    net: Network
+    fold: FoldedModel | None
+
+
+def exact_view(model: nn.Module, *, input_shape: Sequence[int] | None = None,
+               inputs: torch.Tensor | None = None) -> ExactView:
+    """``model`` as the exact methods read it (:class:`ExactView`)."""
+    fold = fold_dense_norms(model)
+    stripped, input_map = peel_input_map(model if fold is None else fold.model, input_shape=input_shape,
+                                         inputs=inputs)
+    net = as_network(stripped, input_shape=input_shape, inputs=inputs)
+    return ExactView(stripped, input_map, net if fold is None else fold.read_into(net), fold)
+
+
 def exact_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
                   inputs: torch.Tensor | None = None) -> Network:
-    """The network the exact methods read in ``model``: :func:`~fedleak.nets.as_network` of ``model`` without the
-    arithmetic its forward does to its input (:func:`peel_input_map`), a ``BatchNorm1d`` on a ``Linear`` layer's
-    features folded into it (:func:`~fedleak.nets.dense_norms.folded`)."""
-    fold = fold_dense_norms(model)
-    stripped, _ = peel_input_map(model if fold is None else fold.model, input_shape=input_shape, inputs=inputs)
-    net = as_network(stripped, input_shape=input_shape, inputs=inputs)
-    return net if fold is None else fold.read_into(net)
+    """The network the exact methods read in ``model`` (:func:`exact_view`)."""
+    return exact_view(model, input_shape=input_shape, inputs=inputs).net
 
 
 def first_layer_view(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor, InputMap | None]:

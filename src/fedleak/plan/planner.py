@@ -22,9 +22,8 @@ import fedleak.plan.verdict as verdict
 from fedleak.attacks.masked_input import InputMasking, first_module, input_masking
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets import NO_HIDDEN_RELU, Network, as_network, input_shape_of
-from fedleak.nets.dense_norms import fold_dense_norms
-from fedleak.nets.input_map import peel_input_map
+from fedleak.nets import NO_HIDDEN_RELU, Network, input_shape_of
+from fedleak.nets.input_map import exact_view
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
 from fedleak.plan.advice import RouteFacts, advise
 from fedleak.plan.conv import block_shape
@@ -155,10 +154,8 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
     notes = (*shape_notes, *read_as)
     try:
-        fold = fold_dense_norms(model)  # BatchNorm1d on a Linear layer's features, read in eval mode
-        model, input_map = peel_input_map(model if fold is None else fold.model, input_shape=shape)
-        net = as_network(model, input_shape=shape)  # (peeled: a normalisation inside forward)
-        net = net if fold is None else fold.read_into(net)
+        view = exact_view(model, input_shape=shape)  # a normalisation inside forward peeled, BatchNorm1d folded
+        model, input_map, net = view.model, view.input_map, view.net
     except ModelError as exc:
         return verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind, sizes, target,
                                   notes)

@@ -27,7 +27,7 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import ModelError
 from fedleak.nets import Network, as_network
 from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
-from fedleak.nets.input_map import InputMap, peel_input_map
+from fedleak.nets.input_map import InputMap, exact_view, peel_input_map
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
@@ -69,16 +69,13 @@ def exclusivity_attack(
     """
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
-    update = as_gradient_update(update)
-    fold = fold_dense_norms(model)  # BatchNorm1d on a Linear layer's features: read as one Linear layer
-    misfit = ""
-    if fold is not None:
-        model = fold.model
-        update, misfit = fold.gradient(update)
-    model, input_map = peel_input_map(model, input_shape=input_shape)
+    view = exact_view(model, input_shape=input_shape)
+    update, misfit = as_gradient_update(update), ""
+    if view.fold is not None:  # BatchNorm1d on a Linear layer's features: read as one Linear layer, and the gradient
+        update, misfit = view.fold.gradient(update)
     asked = resolve_options(options, overrides)
-    net = as_network(model, input_shape=input_shape)
-    rec = _on_gradient(model, net if fold is None else fold.read_into(net), update, in_first_layer(asked, input_map))
+    input_map = view.input_map
+    rec = _on_gradient(view.model, view.net, update, in_first_layer(asked, input_map))
     if misfit:  # the update shows a norm run in training mode, or carries a format the fold hides
         rec = replace(rec.withdraw(misfit), missing_reason=misfit if not rec.missing_reason else
                       f"{misfit} ({rec.missing_reason})")
