@@ -101,6 +101,14 @@ def test_a_gradient_taken_in_training_mode_certifies_nothing_and_says_why(digits
     assert "gamma's gradient is not the one eval mode fixes it to" in why and "training mode" in why
 
 
+def test_the_plan_says_a_gradient_shows_a_norm_in_training_mode(digits):
+    model = warmed(NormedMLP(64, 10), digits)
+    x, y = digits.batch(4, seed=2)
+    trained = fedleak.plan(model, gradient(model, x, y, mode="train"), x)
+    assert any(n.startswith("the update: BatchNorm1d 'bn1'") for n in trained.notes)
+    assert not any(n.startswith("the update:") for n in fedleak.plan(model, gradient(model, x, y), x).notes)
+
+
 def test_a_weight_update_is_left_to_the_other_attacks(digits):
     model = warmed(NormedMLP(64, 10, bias=True), digits)
     x, y = digits.batch(4, seed=2)

@@ -44,6 +44,7 @@ from fedleak.plan.result import (
     Plan,
 )
 from fedleak.plan.samples import Samples, synthetic_samples, user_samples
+from fedleak.updates import as_gradient_update
 from fedleak.validation import check_float, check_int, check_module, check_seed
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
@@ -169,6 +170,12 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         x = samples.x.reshape(len(samples.x), *net.input_shape).to(net.dtype)
         samples = replace(samples, x=input_map.to_first_layer(x))
         notes += (input_map.note(),)
+    if view.fold is not None and kind is not None and kind.is_gradient:  # a norm run in training mode shows
+        try:
+            _, misfit = view.fold.gradient(as_gradient_update(update))
+        except FedleakError as exc:
+            misfit = str(exc)
+        notes += (f"the update: {misfit}",) if misfit else ()
     masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking)
 
