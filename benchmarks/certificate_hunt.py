@@ -64,6 +64,9 @@ class Config:
     trained: int = 0  # SGD steps (batch 64, lr 0.05, momentum 0.9) on the data set first: one of 4 trained models
     inside: bool = False  # the standardisation inside the model's forward (buffers); the client sends its pixels
     norm: bool = False  # an eval-mode BatchNorm1d on every hidden Linear layer (its statistics from 512 samples)
+    norm_input: bool = False  # ... and one on the model's input (a tabular model's normalisation)
+    client_train: bool = False  # the client computes its gradient in training mode (its norms on its batch's own
+    #                             statistics), which the attack is not told
 
 
 CONFIGS = {
@@ -124,6 +127,11 @@ CONFIGS = {
     "fashion-10-norm": Config("fashion-mnist", (1024,), norm=True),
     "lfw-2-trained-norm": Config("lfw", (1024,), trained=1000, norm=True),
     "fashion-10-trained-norm": Config("fashion-mnist", (1024,), trained=1000, norm=True),
+    "lfw-2-input-norm": Config("lfw", (1024,), norm=True, norm_input=True),
+    "fashion-10-input-norm": Config("fashion-mnist", (1024,), norm=True, norm_input=True),
+    "lfw-2-norm-train": Config("lfw", (1024,), norm=True, client_train=True),
+    "lfw-2-input-norm-train": Config("lfw", (1024,), norm=True, norm_input=True, client_train=True),
+    "fashion-10-input-norm-train": Config("fashion-mnist", (1024,), norm=True, norm_input=True, client_train=True),
     "lfw-2-trained-fedavg": Config("lfw", (1024,), lr=0.05, trained=1000),
     "fashion-10-trained-fedavg": Config("fashion-mnist", (1024,), lr=0.05, trained=1000),
     "lfw-2-weighted": Config("lfw", (1024,), weighted=True),
@@ -156,11 +164,13 @@ def malicious(model: nn.Module, cfg: Config, public: torch.Tensor, seed: int) ->
 
 
 def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
-          conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None) -> nn.Module:
+          conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None, norm_input: bool = False
+          ) -> nn.Module:
     """The ground's MLP; with ``norm`` (a sample of the data as the model sees it), an eval-mode BatchNorm1d on every
-    hidden Linear layer, its running statistics those of ``norm`` and its gamma, beta drawn around 1 and 0."""
+    hidden Linear layer (and, with ``norm_input``, on the input), its running statistics those of ``norm`` and its
+    gamma, beta drawn around 1 and 0."""
     torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
+    layers: list[nn.Module] = [nn.Flatten(), *([nn.BatchNorm1d(d_in, momentum=None)] if norm_input else [])]
     prev = d_in
     if conv1d is not None:  # each sample as one signal of d_in values, read by a Conv1d ("same" padding)
         channels, kernel = conv1d
@@ -230,14 +240,14 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     start = time.perf_counter()
     seen = (data.x - mean) / std * cfg.scale  # the inputs as the model sees them
     norm = seen[torch.as_tensor(gen.choice(len(data), size=512))] if cfg.norm else None
-    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm), seen, data.y,
-                            cfg.trained, s)) for s in range(4)] if cfg.trained else []
+    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input), seen,
+                            data.y, cfg.trained, s)) for s in range(4)] if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] if cfg.inside else (data.x[idx] - mean) / std * cfg.scale), data.y[idx]
         model = trained[b % 4] if trained else inside(build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)),
-                                                            cfg.shift, gen, cfg.conv1d, norm))
+                                                            cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input))
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -250,7 +260,9 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
                                            class_weights=weights)
         else:
             weight = None if weights is None else torch.tensor(weights)
+            model.train(cfg.client_train)  # (a client in training mode: its norms on the batch's statistics)
             loss = nn.functional.cross_entropy(model(x), y, weight=weight, label_smoothing=cfg.smoothing)
+            model.eval()
             grads = dict(zip([n for n, _ in model.named_parameters()],
                              [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
             # a class-weighted mean loss does not reveal the batch size: its clients report it
@@ -332,7 +344,9 @@ def render(files: list[Path]) -> None:
             if cfg.get("conv1d"):
                 widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
             if cfg.get("norm"):
-                widths += ", each with an eval-mode BatchNorm1d"
+                widths += ", each with an eval-mode BatchNorm1d" + (" and one on the input" * cfg.get("norm_input", 0))
+            if cfg.get("client_train"):
+                update += " computed in training mode"
             lines.append(f"| {name} | {cfg['data']} | {widths} | {update} | ±{cfg['shift'] / 2:g} | {inputs} "
                          f"| {r['batches']} | {r['samples']} | {r['certified']} "
                          f"| {r['false_certificates']} | {r['worst_certified_error']:.1e} "

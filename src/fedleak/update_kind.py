@@ -423,7 +423,7 @@ def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str
         return None
     from fedleak.attacks.exact.decay import peel_decay, read_decay
     from fedleak.errors import FedleakError
-    from fedleak.nets.input_map import exact_network
+    from fedleak.nets.exact_view import exact_network
 
     try:
         net = exact_network(model)

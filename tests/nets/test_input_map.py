@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 import fedleak
 from fedleak.errors import ModelError
-from fedleak.nets.input_map import _PEELED, exact_network, first_layer_view, peel_input_map
+from fedleak.nets.exact_view import exact_network, first_layer_view
+from fedleak.nets.input_map import _PEELED, peel_input_map
 
 
 class Normalised(nn.Module):

@@ -26,7 +26,7 @@ from fedleak.analysis.report import ConvLayerExclusivity, ExclusivityReport, Lay
 from fedleak.autograd_mode import autograd_on, with_autograd
 from fedleak.errors import ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, Trace, forward_trace, readable_losses
-from fedleak.nets.input_map import first_layer_view
+from fedleak.nets.exact_view import first_layer_view
 from fedleak.validation import check_batch
 
 

@@ -266,7 +266,7 @@ def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple
     count of certifiable samples from applying: a model it does not read (GELU, a residual path, a Conv3d: the other
     attacks still audit it), or clients in training mode with Dropout or BatchNorm (the exact methods model the
     eval-mode network, which such clients do not run: nothing is certifiable)."""
-    from fedleak.nets.input_map import exact_network
+    from fedleak.nets.exact_view import exact_network
     from fedleak.nets.network import training_mode_cause
 
     try:

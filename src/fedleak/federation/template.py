@@ -98,7 +98,7 @@ def audit_template(model: nn.Module, *, attack: str, needs_relu_network: bool, p
     """
     if needs_relu_network:
         from fedleak.binary import as_two_class
-        from fedleak.nets.input_map import exact_network
+        from fedleak.nets.exact_view import exact_network
 
         try:  # one logit: the attacks read its two-class twin (fedleak.reconstruct does)
             exact_network(as_two_class(model)[0], input_shape=input_shape)

@@ -18,7 +18,8 @@ from torch import nn
 
 from fedleak.errors import ModelError
 from fedleak.fishing.perturb import resolve_data_range
-from fedleak.nets.input_map import InputMap, first_layer_view
+from fedleak.nets.exact_view import first_layer_view
+from fedleak.nets.input_map import InputMap
 from fedleak.validation import check_batch
 
 # the first layer's values at the data range's ends are computed in float32 by the client: its range is widened by

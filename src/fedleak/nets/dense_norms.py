@@ -14,6 +14,9 @@ client's gradient into the twin's:
   ``dL/dgamma_j = (W_j . dL/d(aW)_j + (b_j - mean_j) dL/du_j) / sqrt(var_j + eps)``. The fold checks that identity
   (and ``dL/db = a dL/dbeta`` where both are sent): a client that ran the layer in training mode, normalising by
   each batch's own statistics, does not meet it, and the attack then certifies nothing.
+
+The same twin takes out an eval-mode ``BatchNorm1d`` on the model's input, which the exact methods read as a map of
+the input (:mod:`fedleak.nets.input_norm`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import fx, nn
 
 from fedleak.errors import ModelError
 from fedleak.nets.frontend import model_structure
+from fedleak.nets.input_norm import InputNorm, find_input_norm
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
 from fedleak.nets.tracing import keep_every_tensor, trace_model
@@ -85,14 +89,21 @@ class FoldedModel:
     model: nn.Module
     folds: tuple[NormFold, ...]
     source: nn.Module
+    input_norm: InputNorm | None = None
 
     def read_into(self, net: Network) -> Network:
-        """``net`` (read from the twin) with the notes and caveats of the norms folded into it: read in eval mode,
+        """``net`` (read from the twin) with the notes and caveats of the norms taken out of it: read in eval mode,
         and a client that runs them in training mode certifies nothing."""
         norms = tuple(BatchNorm(f.norm, self.source.get_submodule(f.norm), f.gamma, f.beta) for f in self.folds)
-        pairs = ", ".join(f.describe() for f in self.folds)
-        note = (f"{pairs} folded into the Linear layer (weight a W, bias a b + c, from the norm's running "
-                f"statistics), the gradient read as that layer's; {training_mode_note((), norms)}")
+        if self.input_norm is not None:
+            norms += (BatchNorm(self.input_norm.name, self.input_norm.module, self.input_norm.gamma,
+                                self.input_norm.beta),)
+        read = [f"{f.describe()} folded into the Linear layer (weight a W, bias a b + c, from the norm's running "
+                "statistics), the gradient read as that layer's" for f in self.folds]
+        if self.input_norm is not None:
+            read.append(f"BatchNorm1d '{self.input_norm.name}' on the model's input read as a map of it (its running "
+                        "statistics), the inputs rebuilt through its inverse")
+        note = f"{'; '.join(read)}; {training_mode_note((), norms)}"
         return replace(net, notes=(*net.notes, note), caveats=(*net.caveats, training_mode_cause((), norms)),
                        folded_norms=(*net.folded_norms, *norms))
 
@@ -105,6 +116,10 @@ class FoldedModel:
         precision = update_precision(update.gradients)
         grads = dict(update.gradients)
         misfits: list[str] = []
+        if self.input_norm is not None:  # (read on the client's own first-layer gradient, before any fold)
+            misfits += [m for m in (self.input_norm.misfit(grads),) if m]
+            for name in self.input_norm.names():
+                grads.pop(name, None)
         for fold in self.folds:
             misfit = _fold_gradient(fold, self.source, grads)
             if misfit:
@@ -211,9 +226,10 @@ def _fold(model: nn.Module) -> FoldedModel | None:
                 and len(src.users) == 1 and calls[node.target] == 1 and calls[src.target] == 1
                 and modules[node.target].running_mean is not None):
             pairs.append((src, node))
-    if not pairs:
-        return None
     params = {id(p): n for n, p in model.named_parameters()}
+    on_input = find_input_norm(gm, modules, calls, params)
+    if not pairs and on_input is None:
+        return None
     folds, twins = [], {}
     for src, node in pairs:
         lin, bn = modules[src.target], modules[node.target]
@@ -222,24 +238,22 @@ def _fold(model: nn.Module) -> FoldedModel | None:
         twins[src.target] = _folded_linear(lin, fold)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
+    if on_input is not None:  # the first layer reads the norm's input; the map takes its place
+        node, norm = on_input
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
     root = {n.target: twins.get(n.target, modules[n.target]) for n in gm.graph.nodes if n.op == "call_module"}
     root.update({n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"})
     twin = fx.GraphModule(root, gm.graph)
     folded_names = {name for f in folds for name in (f.weight, f.bias, f.gamma, f.beta) if name}
-    norm_state = {f"{f.norm}.{k}" for f in folds for k in modules[f.norm].state_dict()}
+    taken = [f.norm for f in folds] + ([on_input[1].name] if on_input is not None else [])
+    norm_state = {f"{name}.{k}" for name in taken for k in modules[name].state_dict()}
     keep_every_tensor(twin, model, skip=frozenset(folded_names | norm_state))
     shape = getattr(model, "input_shape", None)
     if shape is not None:
         twin.input_shape = tuple(shape)
     twin.training = model.training  # its modules are the user's: their own modes stay
-    return FoldedModel(twin, tuple(folds), model)
-
-
-def folded(model: nn.Module) -> nn.Module:
-    """``model`` as the exact methods' forward-only reads take it (analysis, fishing, plans): its
-    ``BatchNorm1d`` on ``Linear`` features folded in (:func:`fold_dense_norms`), else as it is."""
-    fold = fold_dense_norms(model)
-    return model if fold is None else fold.model
+    return FoldedModel(twin, tuple(folds), model, None if on_input is None else on_input[1])
 
 
 def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:

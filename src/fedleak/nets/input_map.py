@@ -24,9 +24,7 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
-from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms, folded
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key
-from fedleak.nets.network import Network
 from fedleak.nets.ops import CONVERTERS
 from fedleak.nets.tracing import keep_every_tensor, recorded_len, trace_model
 from fedleak.reconstruction import Reconstruction
@@ -349,42 +347,3 @@ def _constants(interp: fx.Interpreter, node: fx.Node) -> None:
         if n not in interp.env:
             _constants(interp, n)
             interp.env[n] = interp.run_node(n)
-
-
-@dataclass(frozen=True, eq=False)
-class ExactView:
-    """A model as the exact methods read it: ``model``, the user's with each ``BatchNorm1d`` on a ``Linear`` layer's
-    features folded into it (``fold``, :mod:`fedleak.nets.dense_norms`; None without one) and the arithmetic its
-    forward does to its input peeled off (``input_map``, None without any), and ``net``, that model read."""
-
-    model: nn.Module
-    input_map: InputMap | None
-    net: Network
-    fold: FoldedModel | None
-
-
-def exact_view(model: nn.Module, *, input_shape: Sequence[int] | None = None,
-               inputs: torch.Tensor | None = None) -> ExactView:
-    """``model`` as the exact methods read it (:class:`ExactView`)."""
-    fold = fold_dense_norms(model)
-    stripped, input_map = peel_input_map(model if fold is None else fold.model, input_shape=input_shape,
-                                         inputs=inputs)
-    net = as_network(stripped, input_shape=input_shape, inputs=inputs)
-    return ExactView(stripped, input_map, net if fold is None else fold.read_into(net), fold)
-
-
-def exact_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
-                  inputs: torch.Tensor | None = None) -> Network:
-    """The network the exact methods read in ``model`` (:func:`exact_view`)."""
-    return exact_view(model, input_shape=input_shape, inputs=inputs).net
-
-
-def first_layer_view(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor, InputMap | None]:
-    """``model`` without its input arithmetic, ``inputs`` (a batch) as its first layer reads them, and the map
-    (``model``, ``inputs`` and None where the forward does no arithmetic on its input); a ``BatchNorm1d`` on a
-    ``Linear`` layer's features folded into it (:func:`~fedleak.nets.dense_norms.folded`)."""
-    model = folded(model)
-    stripped, input_map = peel_input_map(model, inputs=inputs)
-    if input_map is None:
-        return model, inputs, None
-    return stripped, input_map.to_first_layer(inputs), input_map

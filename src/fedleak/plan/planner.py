@@ -23,7 +23,7 @@ from fedleak.attacks.masked_input import InputMasking, first_module, input_maski
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, input_shape_of
-from fedleak.nets.input_map import exact_view
+from fedleak.nets.exact_view import exact_view
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
 from fedleak.plan.advice import RouteFacts, advise
 from fedleak.plan.conv import block_shape

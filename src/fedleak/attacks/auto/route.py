@@ -18,7 +18,7 @@ from torch import nn
 from fedleak.errors import FedleakError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
-from fedleak.nets.input_map import exact_network
+from fedleak.nets.exact_view import exact_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
 

@@ -27,7 +27,8 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import ModelError
 from fedleak.nets import Network, as_network
 from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
-from fedleak.nets.input_map import InputMap, exact_view, peel_input_map
+from fedleak.nets.exact_view import exact_view
+from fedleak.nets.input_map import InputMap, peel_input_map
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
@@ -79,6 +80,8 @@ def exclusivity_attack(
     if misfit:  # the update shows a norm run in training mode, or carries a format the fold hides
         rec = replace(rec.withdraw(misfit), missing_reason=misfit if not rec.missing_reason else
                       f"{misfit} ({rec.missing_reason})")
+    unproven = "" if view.fold is None or view.fold.input_norm is None else view.fold.input_norm.unproven(rec)
+    rec = rec.withdraw(unproven) if unproven else rec
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
 
 

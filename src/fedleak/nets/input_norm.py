@@ -1,0 +1,163 @@
+"""An eval-mode ``BatchNorm1d`` on the model's input (tabular models normalise their features so), read as a map.
+
+In eval mode such a norm is ``u = a x + c`` per input value (``a = gamma / sqrt(running_var + eps)``,
+``c = beta - a running_mean``): the model's first ``Linear`` layer reads ``u``. The exact methods read the model
+without it and rebuild ``u``, which the norm's :class:`~fedleak.nets.input_map.InputMap` takes back to the inputs,
+as they read a normalisation written inside ``forward``. The norm's own parameters add nothing about the batch:
+``dL/dbeta = W^T g`` (``g`` the first layer's bias gradient) and ``gamma dL/dgamma + beta dL/dbeta`` is, per input
+value, the column sums of ``W * G`` (``G`` its weight gradient); :func:`input_norm_misfit` checks them, and a
+client that ran the norm in training mode (each batch normalised by its own statistics) does not meet them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from fedleak.errors import ModelError
+from fedleak.nets.input_map import InputMap
+from fedleak.reconstruction import Reconstruction
+
+F64 = torch.float64
+
+# a batch normalised by its own statistics has a mean first-layer input of beta to the rounding of its values; one
+# normalised by the running statistics is off by a (batch mean - running mean), far more on some value
+TRAINING_MEAN_TOL = 1e-5
+
+# the reshapes that may stand between the input and the norm (a flatten of images or of (N, 1, D) tables)
+RESHAPES = frozenset({nn.Flatten, "flatten", "view", "reshape", torch.flatten})
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """The norm ``module`` (path ``name``) on the model's input, read by the first Linear layer ``linear``
+    (``weight``, ``bias``: its parameter names, ``bias`` None without one); ``gamma``, ``beta``: the norm's
+    trainable parameter names (None without)."""
+
+    name: str
+    module: nn.BatchNorm1d
+    linear: nn.Linear
+    weight: str
+    bias: str | None
+    gamma: str | None
+    beta: str | None
+
+    def input_map(self, eps: float) -> InputMap:
+        """The norm as the map of the model's input values (float64 ``a``, ``c``) with what bounds the client's
+        rounding of it (torch computes ``x * (gamma * invstd) + (beta - mean * gamma * invstd)``: two roundings of
+        the value, two of the folded constants), ``eps`` its dtype's epsilon."""
+        bn = self.module
+        std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
+        gamma = bn.weight.detach().to(F64) if bn.weight is not None else torch.ones_like(std)
+        beta = bn.bias.detach().to(F64) if bn.bias is not None else torch.zeros_like(std)
+        a = gamma / std
+        if bool((a == 0).any()):
+            units = torch.nonzero(a == 0).flatten().tolist()[:5]
+            raise ModelError(f"BatchNorm1d '{self.name}' on the model's input has gamma = 0 on value(s) {units}: the "
+                             "first layer never sees them, so no input can be rebuilt whole; 'auto' and the "
+                             "optimisation attacks still apply")
+        c = beta - a * bn.running_mean.detach().to(F64)
+        offsets = 2 * (c / a).abs() + (beta / a).abs() + bn.running_mean.detach().to(F64).abs()
+        module = bn
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(x.shape[0], -1)
+            return F.batch_norm(flat, module.running_mean, module.running_var, module.weight, module.bias,
+                                training=False, eps=module.eps)
+
+        return InputMap(a.cpu(), c.cpu(), offsets.cpu(), eps, (self.name, self.name), apply)
+
+    def misfit(self, grads: dict[str, torch.Tensor]) -> str:
+        """How the client's gradient misses what eval mode fixes the norm's own gradient to (empty where it does
+        not; where its first layer sends no gradient, nothing is checked)."""
+        if self.weight not in grads:
+            return ""
+        W = self.linear.weight.detach()
+        G = grads[self.weight].to(W.dtype)
+        misses = []
+        if self.beta is not None and self.bias is not None and self.beta in grads and self.bias in grads:
+            g = grads[self.bias].to(W.dtype)
+            want, size = W.T @ g, W.abs().T @ g.abs()
+            off = (grads[self.beta].to(F64) - want.to(F64)).abs()
+            if _missed(off, size.to(F64) + grads[self.beta].to(F64).abs()):
+                misses.append("beta's gradient is not W^T times the first layer's bias gradient")
+        if self.gamma is not None and self.gamma in grads:
+            bn = self.module
+            want = (W * G).sum(0).to(F64)
+            size = (W.abs() * G.abs()).sum(0).to(F64)
+            have = bn.weight.detach().to(F64) * grads[self.gamma].to(F64)
+            if self.beta is not None and self.beta in grads:
+                have = have + bn.bias.detach().to(F64) * grads[self.beta].to(F64)
+            if _missed((have - want).abs(), size + have.abs()):
+                misses.append("gamma's and beta's gradients are not the ones eval mode fixes them to")
+        if not misses:
+            return ""
+        return (f"BatchNorm1d '{self.name}' on the model's input: {'; '.join(misses)} (a client that runs it in "
+                "training mode normalises by each batch's own statistics, which the exact methods do not model)")
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.gamma, self.beta) if n)
+
+    def unproven(self, rec: Reconstruction) -> str:
+        """Why ``rec``'s certificates (of the inputs as the first layer reads them) do not carry through the norm's
+        map, or empty. A client that runs the norm in training mode normalises each batch by its own statistics: its
+        gradient fits them as well (the identities hold in both modes), its first-layer inputs are certified as they
+        are, and the running statistics then map them to wrong inputs. One sample cannot be normalised in training
+        mode (torch refuses); a whole batch rebuilt shows its mode, since in training mode its mean first-layer input
+        is the norm's ``beta`` on every value, and in eval mode ``a (batch mean - running mean) + beta``."""
+        if rec.num_certified == 0 or (len(rec) == 1 and rec.batch_certified):
+            return ""
+        why = (f"the BatchNorm1d '{self.name}' on the model's input may have run in training mode, normalising the "
+               "batch by its own statistics, which its gradient does not tell from eval mode")
+        if not rec.batch_certified:
+            return (f"{why}; only a whole batch rebuilt shows which (its mean input): the first layer's inputs are "
+                    "certified, not these inputs")
+        u = rec.inputs.detach().reshape(len(rec), -1).to(F64).cpu()
+        bn = self.module
+        beta = bn.bias.detach().to(F64).cpu() if bn.bias is not None else torch.zeros(u.shape[1], dtype=F64)
+        off = (u.mean(0) - beta).abs()
+        if bool((off <= TRAINING_MEAN_TOL * (u.abs().mean(0) + beta.abs() + 1e-30)).all()):
+            return (f"{why}; this batch's mean first-layer input is the norm's beta on every value, as in training "
+                    "mode, where its inputs' own mean and spread are lost: the first layer's inputs are certified, "
+                    "not these inputs")
+        return ""
+
+
+def _missed(off: torch.Tensor, size: torch.Tensor, tol: float = 1e-3) -> bool:
+    return bool((off > tol * (size + size.mean()) + 1e-30).any())
+
+
+def find_input_norm(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[str, int],
+                    params: dict[int, str]) -> tuple[fx.Node, InputNorm] | None:
+    """The eval-mode ``BatchNorm1d`` node that reads the model's input (through reshapes only) and that only the
+    first ``Linear`` layer reads, with what reading it needs; None where there is none."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    node = placeholder
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        kind = (type(modules.get(user.target)) if user.op == "call_module" else user.target)
+        if isinstance(modules.get(user.target), nn.BatchNorm1d) and user.op == "call_module":
+            return _read(user, modules, calls, params)
+        if kind not in RESHAPES:
+            return None
+        node = user
+    return None
+
+
+def _read(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
+          params: dict[int, str]) -> tuple[fx.Node, InputNorm] | None:
+    bn = modules[node.target]
+    after = next(iter(node.users)) if len(node.users) == 1 else None
+    if (bn.running_mean is None or calls[node.target] != 1 or after is None or after.op != "call_module"
+            or not isinstance(modules.get(after.target), nn.Linear) or calls[after.target] != 1):
+        return None
+    lin = modules[after.target]
+
+    def trainable(p: torch.Tensor | None) -> str | None:
+        return params.get(id(p)) if p is not None and p.requires_grad else None
+
+    return node, InputNorm(node.target, bn, lin, params[id(lin.weight)], trainable(lin.bias), trainable(bn.weight),
+                           trainable(bn.bias))

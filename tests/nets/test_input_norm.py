@@ -1,0 +1,92 @@
+"""An eval-mode BatchNorm1d on the model's input, read as a map of it: certified only where the mode is shown."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.errors import FedleakError, ModelError
+from fedleak.nets.dense_norms import fold_dense_norms
+
+
+def normed(data: fedleak.Dataset, seed: int = 0, hidden_norm: bool = True) -> nn.Sequential:
+    """Flatten, BatchNorm1d on the input, Linear, [BatchNorm1d], ReLU, Linear: its norms' statistics those of 256
+    samples, their gamma and beta moved off 1 and 0; in eval mode."""
+    torch.manual_seed(seed)
+    d = data.x[0].numel()
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(d, momentum=None), nn.Linear(d, 512),
+                          *([nn.BatchNorm1d(512, momentum=None)] if hidden_norm else []), nn.ReLU(),
+                          nn.Linear(512, data.num_classes))
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+        model.train()(data.batch(256, seed=seed + 100)[0])
+    return model.eval()
+
+
+def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "eval") -> dict[str, torch.Tensor]:
+    getattr(model, mode)()
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    model.eval()
+    return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_batch_from_a_client_in_eval_mode_is_certified_in_its_own_values(fashion, batch):
+    model = normed(fashion)
+    x, y = fashion.batch(batch, seed=batch)
+    rec = fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == batch and scores.recovered_fraction == 1.0 and scores.false_certificates == 0
+    assert any("BatchNorm1d '1' on the model's input read as a map" in n for n in rec.notes)
+
+
+def test_a_batch_normalised_by_its_own_statistics_is_not_certified(fashion):
+    """A client in training mode: its gradient fits the first layer's inputs of its own normalisation, which the
+    running statistics would map to wrong inputs (four false certificates before the mode was checked)."""
+    model = normed(fashion, hidden_norm=False)
+    x, y = fashion.batch(4, seed=4)
+    rec = fedleak.reconstruct(model, gradient(model, x, y, mode="train"), attack="exclusivity")
+    assert rec.num_certified == 0 and fedleak.metrics.match(rec, x, y).false_certificates == 0
+    assert "may have run in training mode" in rec.why_uncertified()
+
+
+def test_tampered_norm_gradients_are_noticed(fashion):
+    model = normed(fashion, hidden_norm=False)
+    x, y = fashion.batch(4, seed=4)
+    grads = gradient(model, x, y)
+    grads["1.bias"] = grads["1.bias"] * 2
+    rec = fedleak.reconstruct(model, grads, attack="exclusivity")
+    assert rec.num_certified == 0 and "beta's gradient is not W^T" in rec.why_uncertified()
+
+
+def test_the_twin_reads_the_input_norm_out_and_the_analysis_reads_it(fashion):
+    model = normed(fashion)
+    fold = fold_dense_norms(model)
+    assert fold.input_norm.name == "1" and [f.norm for f in fold.folds] == ["3"]
+    x, y = fashion.batch(8, seed=3)
+    assert torch.allclose(fold.model(fold.input_norm.input_map(1e-7).apply(x)), model(x), atol=1e-5)
+    report = fedleak.analyze_exclusivity(model, x, y)
+    assert report.certifiable.sum() >= 1
+    with pytest.raises(FedleakError, match="differs per channel or per value"):
+        fedleak.fish(model, x, y)  # fishing reads one scale and one shift for every value
+
+
+def test_a_norm_after_arithmetic_on_the_input_is_refused(fashion):
+    class Scaled(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x / 255)
+
+    model = Scaled(normed(fashion, hidden_norm=False))
+    x, y = fashion.batch(4, seed=4)
+    with pytest.raises(ModelError, match="not one after the ReLU or after arithmetic on the input"):
+        fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
