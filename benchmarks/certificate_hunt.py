@@ -132,6 +132,9 @@ CONFIGS = {
     "lfw-2-norm-train": Config("lfw", (1024,), norm=True, client_train=True),
     "lfw-2-input-norm-train": Config("lfw", (1024,), norm=True, norm_input=True, client_train=True),
     "fashion-10-input-norm-train": Config("fashion-mnist", (1024,), norm=True, norm_input=True, client_train=True),
+    "lfw-2-input-norm-only": Config("lfw", (1024,), norm_input=True),
+    "fashion-10-input-norm-only-train": Config("fashion-mnist", (1024,), norm_input=True, client_train=True),
+    "lfw-2-input-norm-only-train": Config("lfw", (1024,), norm_input=True, client_train=True),
     "lfw-2-trained-fedavg": Config("lfw", (1024,), lr=0.05, trained=1000),
     "fashion-10-trained-fedavg": Config("fashion-mnist", (1024,), lr=0.05, trained=1000),
     "lfw-2-weighted": Config("lfw", (1024,), weighted=True),
@@ -164,11 +167,11 @@ def malicious(model: nn.Module, cfg: Config, public: torch.Tensor, seed: int) ->
 
 
 def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
-          conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None, norm_input: bool = False
-          ) -> nn.Module:
+          conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None, norm_input: bool = False,
+          norm_hidden: bool = True) -> nn.Module:
     """The ground's MLP; with ``norm`` (a sample of the data as the model sees it), an eval-mode BatchNorm1d on every
-    hidden Linear layer (and, with ``norm_input``, on the input), its running statistics those of ``norm`` and its
-    gamma, beta drawn around 1 and 0."""
+    hidden Linear layer (``norm_hidden``) and on the input (``norm_input``), its running statistics those of ``norm``
+    and its gamma, beta drawn around 1 and 0."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten(), *([nn.BatchNorm1d(d_in, momentum=None)] if norm_input else [])]
     prev = d_in
@@ -178,7 +181,8 @@ def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, g
                    nn.Flatten()]
         prev = channels * d_in
     for w in widths:
-        layers += [nn.Linear(prev, w), *([nn.BatchNorm1d(w, momentum=None)] if norm is not None else []), nn.ReLU()]
+        layers += [nn.Linear(prev, w), *([nn.BatchNorm1d(w, momentum=None)] if norm is not None and norm_hidden
+                                         else []), nn.ReLU()]
         prev = w
     layers.append(nn.Linear(prev, k))
     model = nn.Sequential(*layers)
@@ -239,15 +243,15 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
                failures=[])
     start = time.perf_counter()
     seen = (data.x - mean) / std * cfg.scale  # the inputs as the model sees them
-    norm = seen[torch.as_tensor(gen.choice(len(data), size=512))] if cfg.norm else None
-    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input), seen,
-                            data.y, cfg.trained, s)) for s in range(4)] if cfg.trained else []
+    norm = seen[torch.as_tensor(gen.choice(len(data), size=512))] if cfg.norm or cfg.norm_input else None
+    trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input,
+                                  cfg.norm), seen, data.y, cfg.trained, s)) for s in range(4)] if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] if cfg.inside else (data.x[idx] - mean) / std * cfg.scale), data.y[idx]
         model = trained[b % 4] if trained else inside(build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)),
-                                                            cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input))
+                                                            cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input, cfg.norm))
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -345,6 +349,8 @@ def render(files: list[Path]) -> None:
                 widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
             if cfg.get("norm"):
                 widths += ", each with an eval-mode BatchNorm1d" + (" and one on the input" * cfg.get("norm_input", 0))
+            elif cfg.get("norm_input"):
+                widths += ", an eval-mode BatchNorm1d on the input"
             if cfg.get("client_train"):
                 update += " computed in training mode"
             lines.append(f"| {name} | {cfg['data']} | {widths} | {update} | ±{cfg['shift'] / 2:g} | {inputs} "

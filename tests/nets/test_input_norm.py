@@ -90,3 +90,16 @@ def test_a_norm_after_arithmetic_on_the_input_is_refused(fashion):
     x, y = fashion.batch(4, seed=4)
     with pytest.raises(ModelError, match="not one after the ReLU or after arithmetic on the input"):
         fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_two_samples_normalised_in_training_mode_are_not_certified(fashion, copies):
+    """Two samples (or two copies of one, which training mode maps to beta and which read as one sample there) in
+    training mode: the first layer's inputs are consistent and certified, mapped by the running statistics they
+    are wrong."""
+    model = normed(fashion, hidden_norm=False)
+    x, y = fashion.batch(2, seed=6)
+    if copies:
+        x, y = x[:1].repeat(2, 1, 1, 1), y[:1].repeat(2)
+    rec = fedleak.reconstruct(model, gradient(model, x, y, mode="train"), attack="exclusivity")
+    assert fedleak.metrics.match(rec, x, y).false_certificates == 0 and rec.num_certified == 0
