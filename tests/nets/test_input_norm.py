@@ -103,3 +103,24 @@ def test_two_samples_normalised_in_training_mode_are_not_certified(fashion, copi
         x, y = x[:1].repeat(2, 1, 1, 1), y[:1].repeat(2)
     rec = fedleak.reconstruct(model, gradient(model, x, y, mode="train"), attack="exclusivity")
     assert fedleak.metrics.match(rec, x, y).false_certificates == 0 and rec.num_certified == 0
+
+
+def test_a_class_that_views_its_input_by_its_size_is_read(digits):
+    class Tabular(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(64, momentum=None)
+            self.body = nn.Sequential(nn.Linear(64, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+
+        def forward(self, x):
+            return self.body(self.norm(x.view(x.size(0), -1)))  # x.size(0): a shape query beside the values
+
+    torch.manual_seed(0)
+    model = Tabular()
+    with torch.no_grad():
+        model.train()(digits.batch(256, seed=1)[0])
+    model.eval()
+    x, y = digits.batch(3, seed=5)
+    rec = fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+    scores = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == 3 and scores.recovered_fraction == 1.0 and scores.false_certificates == 0

@@ -200,7 +200,7 @@ def _peel_traced(model: nn.Module) -> _Peeled | None:
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), found.append)
         inputs = [n for n in found if n in dependent]
-        if not inputs or node.op == "output" or _shape_query(node):
+        if not inputs or node.op == "output" or shape_query(node):
             continue
         dependent.add(node)
         key = op_key(node) if node.op != "call_module" else None
@@ -244,14 +244,14 @@ def _operand(node: fx.Node, members: set[str]) -> tuple[int, fx.Node]:
 SHAPE_QUERIES = frozenset({("method", "size"), ("method", "dim"), builtins.getattr, recorded_len})
 
 
-def _shape_query(node: fx.Node) -> bool:
+def shape_query(node: fx.Node) -> bool:
     """Whether ``node`` reads the input's shape (``x.size(0)``, ``x.shape[0]``), not its values."""
     if node.op == "call_method" or node.op == "call_function":
         key = op_key(node)
         if key in SHAPE_QUERIES:
             return True
         if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            return _shape_query(node.args[0])
+            return shape_query(node.args[0])
     return False
 
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from fedleak.errors import ModelError
-from fedleak.nets.input_map import InputMap
+from fedleak.nets.input_map import InputMap, shape_query
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -140,8 +140,8 @@ def find_input_norm(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: di
     first ``Linear`` layer reads, with what reading it needs; None where there is none."""
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     node = placeholder
-    while len(node.users) == 1:
-        user = next(iter(node.users))
+    while len(users := [u for u in node.users if not shape_query(u)]) == 1:  # (x.size(0) reads no value)
+        user = users[0]
         kind = (type(modules.get(user.target)) if user.op == "call_module" else user.target)
         if isinstance(modules.get(user.target), nn.BatchNorm1d) and user.op == "call_module":
             return _read(user, modules, calls, params)
