@@ -110,7 +110,8 @@ def test_a_class_that_views_its_input_by_its_size_is_read(digits):
         def __init__(self) -> None:
             super().__init__()
             self.norm = nn.BatchNorm1d(64, momentum=None)
-            self.body = nn.Sequential(nn.Linear(64, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+            self.body = nn.Sequential(nn.Linear(64, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(),
+                                      nn.Linear(256, 10))
 
         def forward(self, x):
             return self.body(self.norm(x.view(x.size(0), -1)))  # x.size(0): a shape query beside the values
