@@ -144,9 +144,28 @@ class PrefixedMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(self.flat(self.prefix(x)))))
 
 
-def named_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def named_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "eval") -> dict[str, torch.Tensor]:
+    """The gradient of the mean cross-entropy by parameter name, computed in ``mode`` ("train": the model's norms on
+    the batch's own statistics); the model is left in eval mode."""
+    model.train(mode == "train")
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    model.eval()
     return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+
+
+def warmed_norms(model: nn.Module, data: fedleak.Dataset, seed: int = 0) -> nn.Module:
+    """``model`` in eval mode, its BatchNorm1d layers' statistics those of 256 samples and their gamma, beta drawn
+    around 1 and 0 (as a trained model's are, away from the initial 1 and 0)."""
+    torch.manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    with torch.no_grad():
+        for m in norms:
+            m.momentum = None
+            if m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+        model.train()(data.batch(256, seed=seed + 100)[0])
+    return model.eval()
 
 
 def certified_exactly(model: nn.Module, digits: fedleak.Dataset, seed: int = 3) -> fedleak.Reconstruction:

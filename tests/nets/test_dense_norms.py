@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from user_models import mixed_precision_gradient
+from user_models import mixed_precision_gradient, named_gradient, warmed_norms
 
 import fedleak
 from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
@@ -33,39 +33,17 @@ class NormedMLP(nn.Module):
         return self.out(F.relu(self.bn2(self.fc2(x))))
 
 
-def warmed(model: nn.Module, data: fedleak.Dataset, seed: int = 0) -> nn.Module:
-    """``model`` in eval mode, its norms' statistics those of 256 samples and their gamma, beta moved off 1, 0."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm1d):
-            m.momentum = None
-            if m.affine:
-                with torch.no_grad():
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.normal_(0.0, 0.1)
-    with torch.no_grad():
-        model.train()(data.batch(256, seed=seed + 100)[0])
-    return model.eval()
-
-
-def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "eval") -> dict[str, torch.Tensor]:
-    getattr(model, mode)()
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    model.eval()
-    return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
-
-
 @pytest.mark.parametrize("bias,affine", [(False, True), (True, True), (True, False)])
 def test_the_twin_computes_the_model_and_its_gradient_is_the_folded_one(digits, bias, affine):
-    model = warmed(NormedMLP(64, 10, bias=bias, affine=affine), digits)
+    model = warmed_norms(NormedMLP(64, 10, bias=bias, affine=affine), digits)
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     fold = fold_dense_norms(model)
     assert [f.norm for f in fold.folds] == ["bn1", "bn2"]
     x, y = digits.batch(8, seed=1)
     assert torch.allclose(fold.model(x), model(x), atol=1e-5)
-    twin_grad, misfit = fold.gradient(fedleak.GradientUpdate(gradient(model, x, y)))
+    twin_grad, misfit = fold.gradient(fedleak.GradientUpdate(named_gradient(model, x, y)))
     assert misfit == ""
-    direct = gradient(fold.model, x, y)
+    direct = named_gradient(fold.model, x, y)
     assert set(twin_grad.gradients) == set(direct)
     for name, g in direct.items():  # two float32 paths to one gradient: within a few epsilons of its largest entry
         assert float((twin_grad.gradients[name] - g).abs().max()) <= 1e-5 * float(g.abs().max()), name
@@ -75,9 +53,9 @@ def test_the_twin_computes_the_model_and_its_gradient_is_the_folded_one(digits, 
 
 
 def test_a_normalised_mlp_is_certified_exactly(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     x, y = digits.batch(4, seed=2)
-    rec = fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+    rec = fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
     scores = fedleak.metrics.match(rec, x, y)
     assert rec.num_certified == 4 and scores.recovered_fraction == 1.0 and scores.false_certificates == 0
     assert any("BatchNorm1d 'bn1' on Linear 'fc1'" in n and "folded" in n for n in rec.notes)
@@ -85,32 +63,32 @@ def test_a_normalised_mlp_is_certified_exactly(digits):
 
 def test_a_sequential_with_a_norm_is_read_too(digits):
     torch.manual_seed(0)
-    model = warmed(nn.Sequential(nn.Flatten(), nn.Linear(64, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+    model = warmed_norms(nn.Sequential(nn.Flatten(), nn.Linear(64, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
                                  nn.Linear(512, 10)), digits)
     x, y = digits.batch(4, seed=3)
-    rec = fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+    rec = fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
     assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
 
 
 def test_a_gradient_taken_in_training_mode_certifies_nothing_and_says_why(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     x, y = digits.batch(4, seed=2)
-    rec = fedleak.reconstruct(model, gradient(model, x, y, mode="train"), attack="exclusivity")
+    rec = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert rec.num_certified == 0
     why = rec.why_uncertified()
     assert "gamma's gradient is not the one eval mode fixes it to" in why and "training mode" in why
 
 
 def test_the_plan_says_a_gradient_shows_a_norm_in_training_mode(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     x, y = digits.batch(4, seed=2)
-    trained = fedleak.plan(model, gradient(model, x, y, mode="train"), x)
+    trained = fedleak.plan(model, named_gradient(model, x, y, mode="train"), x)
     assert any(n.startswith("the update: BatchNorm1d 'bn1'") for n in trained.notes)
-    assert not any(n.startswith("the update:") for n in fedleak.plan(model, gradient(model, x, y), x).notes)
+    assert not any(n.startswith("the update:") for n in fedleak.plan(model, named_gradient(model, x, y), x).notes)
 
 
 def test_a_weight_update_is_left_to_the_other_attacks(digits):
-    model = warmed(NormedMLP(64, 10, bias=True), digits)
+    model = warmed_norms(NormedMLP(64, 10, bias=True), digits)
     x, y = digits.batch(4, seed=2)
     update = fedleak.fedavg_update(model, x, y, lr=0.05, local_steps=1)
     with pytest.raises(ModelError, match="from its gradients"):
@@ -121,7 +99,7 @@ def test_a_weight_update_is_left_to_the_other_attacks(digits):
 
 def test_the_analysis_and_fishing_read_the_folded_model(lfw):
     torch.manual_seed(1)
-    model = warmed(nn.Sequential(nn.Flatten(), nn.Linear(625, 1024, bias=False), nn.BatchNorm1d(1024), nn.ReLU(),
+    model = warmed_norms(nn.Sequential(nn.Flatten(), nn.Linear(625, 1024, bias=False), nn.BatchNorm1d(1024), nn.ReLU(),
                                  nn.Linear(1024, 2)), lfw)
     x, y = lfw.batch(8, seed=4)
     report = fedleak.analyze_exclusivity(model, x, y)
@@ -152,23 +130,23 @@ def test_a_norm_whose_features_are_read_elsewhere_is_not_folded(digits):
 
 def test_a_norm_after_the_relu_is_refused_saying_what_is_folded(digits):
     torch.manual_seed(0)
-    model = warmed(nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.BatchNorm1d(128), nn.Linear(128, 10)),
-                   digits)
+    model = warmed_norms(nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.BatchNorm1d(128),
+                                       nn.Linear(128, 10)), digits)
     x, y = digits.batch(4, seed=2)
     with pytest.raises(ModelError, match="reads a Linear layer's output alone.*not one after the ReLU"):
-        fedleak.reconstruct(model, gradient(model, x, y), attack="exclusivity")
+        fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
 
 
 def test_what_cannot_be_folded_is_refused_by_name(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     with torch.no_grad():
         model.bn1.weight[3] = 0.0
     with pytest.raises(ModelError, match=r"'bn1' has gamma = 0 on unit\(s\) \[3\]"):
         fold_dense_norms(model)
-    bare = warmed(NormedMLP(64, 10, bias=False, affine=False), digits)
+    bare = warmed_norms(NormedMLP(64, 10, bias=False, affine=False), digits)
     x, y = digits.batch(4, seed=2)
     with pytest.raises(ModelError, match="no bias and the BatchNorm1d no trainable shift"):
-        fedleak.reconstruct(bare, gradient(bare, x, y), attack="exclusivity")
+        fedleak.reconstruct(bare, named_gradient(bare, x, y), attack="exclusivity")
 
 
 def test_a_model_without_a_norm_is_not_traced(digits):
@@ -178,7 +156,7 @@ def test_a_model_without_a_norm_is_not_traced(digits):
 
 
 def test_the_twin_is_kept_until_the_model_changes(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     x = digits.batch(4, seed=5)[0]
     first = fold_dense_norms(model)
     assert fold_dense_norms(model) is first  # read once
@@ -187,28 +165,28 @@ def test_the_twin_is_kept_until_the_model_changes(digits):
         model.bn2.running_var.mul_(2.0)
     again = fold_dense_norms(model)
     assert again is not first and torch.allclose(again.model(x), model(x), atol=1e-5)
-    model.load_state_dict(warmed(NormedMLP(64, 10), digits, seed=7).state_dict())
+    model.load_state_dict(warmed_norms(NormedMLP(64, 10), digits, seed=7).state_dict())
     assert torch.allclose(fold_dense_norms(model).model(x), model(x), atol=1e-5)
 
 
 def test_a_gradient_in_half_precision_is_not_certified_through_the_fold(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     x, y = digits.batch(4, seed=2)
     rec = fedleak.reconstruct(model, mixed_precision_gradient(model, x, y, torch.bfloat16), attack="exclusivity")
     assert rec.num_certified == 0 and "no longer show" in rec.why_uncertified()
 
 
 def test_a_known_error_grows_with_the_rows_it_divides(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     fold = fold_dense_norms(model)
     x, y = digits.batch(4, seed=2)
-    folded, _ = fold.gradient(fedleak.GradientUpdate(gradient(model, x, y), error=1e-6))
+    folded, _ = fold.gradient(fedleak.GradientUpdate(named_gradient(model, x, y), error=1e-6))
     smallest = min(float(f.scale.abs().min()) for f in fold.folds)
     assert folded.error == pytest.approx(1e-6 * max(1.0, 1 / smallest))
 
 
 def test_a_frozen_layer_under_a_norm_is_refused_as_frozen_layers_are(digits):
-    model = warmed(NormedMLP(64, 10), digits)
+    model = warmed_norms(NormedMLP(64, 10), digits)
     model.fc1.weight.requires_grad_(False)
     x, y = digits.batch(4, seed=2)
     sent = {n: p for n, p in model.named_parameters() if p.requires_grad}
