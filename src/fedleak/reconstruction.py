@@ -102,6 +102,13 @@ class Reconstruction:
         return dataclasses.replace(self, certified=torch.zeros(len(self), dtype=torch.bool), samples=samples,
                                    batch_certified=False, joint_residual=float("nan"), notes=(*self.notes, reason))
 
+    def without_samples(self, reason: str) -> Reconstruction:
+        """This result with none of its samples (none is one of the batch's inputs: what the attack read mixes
+        them), ``reason`` saying why (the reason for the missing samples, and a note)."""
+        return dataclasses.replace(self, inputs=self.inputs[:0], labels=self.labels[:0], certified=self.certified[:0],
+                                   samples=(), batch_certified=False, joint_residual=float("nan"),
+                                   notes=(*self.notes, reason), missing_reason=reason)
+
     def why_uncertified(self) -> str:
         """Why nothing (more) is certified, in words: the first uncertified sample's reason, else why samples
         are missing; empty when every sample of the batch is rebuilt and certified."""

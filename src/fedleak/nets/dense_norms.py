@@ -52,6 +52,11 @@ WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear la
 # misses by a share of the whole
 IDENTITY_TOL = 1e-3
 
+# a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the
+# batch: at most this share of the weights' largest entry is rounding (in eval mode it is about their size over the
+# inputs' values)
+ZERO_BIAS = 1e-5
+
 
 @dataclass(frozen=True)
 class NormFold:
@@ -81,6 +86,21 @@ class NormFold:
         return f"BatchNorm1d '{self.norm}' on Linear '{self.linear}'"
 
 
+@dataclass(frozen=True)
+class FoldedGradient:
+    """A client's gradient read as the twin's (``update``), and why nothing is certified from it, where so: it does
+    not fit eval mode (``misfit``: a norm run in training mode mixes the batch's samples in every row), or its values
+    carry a coarser format than float32 (``coarse``)."""
+
+    update: GradientUpdate
+    misfit: str = ""
+    coarse: str = ""
+
+    @property
+    def reason(self) -> str:
+        return self.misfit or self.coarse
+
+
 @dataclass(frozen=True, eq=False)
 class FoldedModel:
     """The user's ``model`` read with its ``folds``: ``model`` is the twin (a ``torch.fx`` graph module sharing every
@@ -107,11 +127,11 @@ class FoldedModel:
         return replace(net, notes=(*net.notes, note), caveats=(*net.caveats, training_mode_cause((), norms)),
                        folded_norms=(*net.folded_norms, *norms))
 
-    def gradient(self, update: GradientUpdate) -> tuple[GradientUpdate, str]:
+    def gradient(self, update: GradientUpdate) -> FoldedGradient:
         """The twin's gradient, and why nothing can be certified from it (empty where something can): the client's
-        does not fit eval mode, or its values carry a format coarser than float32 (a gradient computed under
-        autocast), whose grid the division by the norm's scale leaves. A known transport error per entry grows by
-        the largest ``1 / |a|`` with the rows."""
+        does not fit eval mode (``misfit``), or its values carry a format coarser than float32 (a gradient computed
+        under autocast), whose grid the division by the norm's scale leaves (``coarse``). A known transport error
+        per entry grows by the largest ``1 / |a|`` with the rows."""
         check_matches_model(self.source, update.gradients)
         precision = update_precision(update.gradients)
         grads = dict(update.gradients)
@@ -124,17 +144,19 @@ class FoldedModel:
             misfit = _fold_gradient(fold, self.source, grads)
             if misfit:
                 misfits.append(misfit)
-        reason = ""
-        if precision.coarse:  # (its rounding also blurs the identities, to its own epsilon)
-            reason = (f"{precision.describe()}, whose rounding the folded BatchNorm1d's rows (divided by its scale) "
-                      "no longer show: nothing is certified")
-        elif misfits:
-            reason = (f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client "
-                      "that runs it in training mode, model.train(), normalises by each batch's own statistics, "
-                      "which the exact methods do not model; so does one that changed the norm's tensors apart from "
-                      "the layer's: clipping each tensor to a norm, noise, sparsification): nothing is certified")
         error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
-        return GradientUpdate(grads, num_examples=update.num_examples, error=error), reason
+        folded = GradientUpdate(grads, num_examples=update.num_examples, error=error)
+        if precision.coarse:  # (its rounding also blurs the identities, to its own epsilon)
+            return FoldedGradient(folded, coarse=f"{precision.describe()}, whose rounding the folded BatchNorm1d's "
+                                                 "rows (divided by its scale) no longer show: nothing is certified")
+        if misfits:
+            return FoldedGradient(folded, misfit=(
+                f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client that "
+                "runs it in training mode, model.train(), normalises by each batch's own statistics, which the exact "
+                "methods do not model; so does one that changed the norm's tensors apart from the layer's: clipping "
+                "each tensor to a norm, noise, sparsification): nothing is certified, and no input is read off its "
+                "rows, which mix the batch's samples"))
+        return FoldedGradient(folded)
 
 
 def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
@@ -161,6 +183,10 @@ def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tens
     grads[fold.weight] = Gf
     grads[fold.folded_bias] = gf.to(G.dtype)
     misses: list[str] = []
+    if g_b is not None and float(G.abs().max()) > 0 and float(g_b.abs().max()) <= ZERO_BIAS * float(G.abs().max()):
+        misses.append(f"{fold.describe()}: the Linear bias's gradient is zero to rounding "
+                      f"({float(g_b.abs().max()):.1e} where its weights' reaches {float(G.abs().max()):.1e}), as a "
+                      "norm that subtracts each batch's own mean makes it")
     if g_beta is not None and g_b is not None:
         off = (g_b.to(F64) - a * gf).abs()
         size = g_b.to(F64).abs() + (a * gf).abs()

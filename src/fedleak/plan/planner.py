@@ -172,7 +172,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         notes += (input_map.note(),)
     if view.fold is not None and kind is not None and kind.is_gradient:  # a norm run in training mode shows
         try:
-            _, misfit = view.fold.gradient(as_gradient_update(update))
+            misfit = view.fold.gradient(as_gradient_update(update)).reason
         except FedleakError as exc:
             misfit = str(exc)
         notes += (f"the update: {misfit}",) if misfit else ()

@@ -71,15 +71,17 @@ def exclusivity_attack(
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
     view = exact_view(model, input_shape=input_shape)
-    update, misfit = as_gradient_update(update), ""
+    update, folded = as_gradient_update(update), None
     if view.fold is not None:  # BatchNorm1d on a Linear layer's features: read as one Linear layer, and the gradient
-        update, misfit = view.fold.gradient(update)
+        folded = view.fold.gradient(update)
+        update = folded.update
     asked = resolve_options(options, overrides)
     input_map = view.input_map
     rec = _on_gradient(view.model, view.net, update, in_first_layer(asked, input_map))
-    if misfit:  # the update shows a norm run in training mode, or carries a format the fold hides
-        rec = replace(rec.withdraw(misfit), missing_reason=misfit if not rec.missing_reason else
-                      f"{misfit} ({rec.missing_reason})")
+    if folded is not None and folded.misfit:  # a norm run in training mode: rows mix the samples, none is one
+        rec = rec.without_samples(folded.misfit)
+    elif folded is not None and folded.coarse:  # a format the fold hides: the inputs as read, uncertified
+        rec = rec.withdraw(folded.coarse)
     unproven = "" if view.fold is None or view.fold.input_norm is None else view.fold.input_norm.unproven(rec)
     rec = rec.withdraw(unproven) if unproven else rec
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
