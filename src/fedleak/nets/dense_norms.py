@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from fedleak.errors import ModelError
 from fedleak.nets.frontend import model_structure
-from fedleak.nets.input_norm import InputNorm, find_input_norm
+from fedleak.nets.input_norm import InputNorm, find_input_norm, missed
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
 from fedleak.nets.tracing import keep_every_tensor, trace_model
@@ -47,10 +47,6 @@ WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear la
                   "folded layer does not follow (and clients that train run the norm in training mode, which "
                   "certifies nothing)")
 
-# how far gamma's (and b's) gradient may stray from what eval mode fixes it to, relative to the sums it is made of:
-# the client's float32 sums carry a few epsilons of them per sample; a batch normalised by its own statistics
-# misses by a share of the whole
-IDENTITY_TOL = 1e-3
 
 # a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the
 # batch: at most this share of the weights' largest entry is rounding (in eval mode it is about their size over the
@@ -208,12 +204,6 @@ def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tens
             misses.append(f"{fold.describe()}: gamma's gradient is not the one eval mode fixes it to (off by up to "
                           f"{worst(off, size):.1e} relative)")
     return "; ".join(misses)
-
-
-def missed(off: torch.Tensor, size: torch.Tensor) -> bool:
-    """Whether a unit's identity misses by more than the client's rounding can: :data:`IDENTITY_TOL` of the
-    unit's terms, or of the layer's mean (a sum that cancels is off by a share of its terms, not of itself)."""
-    return bool((off > IDENTITY_TOL * (size + size.mean()) + 1e-30).any())
 
 
 def worst(off: torch.Tensor, size: torch.Tensor) -> float:

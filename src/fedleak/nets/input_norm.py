@@ -84,7 +84,7 @@ class InputNorm:
             g = grads[self.bias].to(W.dtype)
             want, size = W.T @ g, W.abs().T @ g.abs()
             off = (grads[self.beta].to(F64) - want.to(F64)).abs()
-            if _missed(off, size.to(F64) + grads[self.beta].to(F64).abs()):
+            if missed(off, size.to(F64) + grads[self.beta].to(F64).abs()):
                 misses.append("beta's gradient is not W^T times the first layer's bias gradient")
         if self.gamma is not None and self.gamma in grads:
             bn = self.module
@@ -93,7 +93,7 @@ class InputNorm:
             have = bn.weight.detach().to(F64) * grads[self.gamma].to(F64)
             if self.beta is not None and self.beta in grads:
                 have = have + bn.bias.detach().to(F64) * grads[self.beta].to(F64)
-            if _missed((have - want).abs(), size + have.abs()):
+            if missed((have - want).abs(), size + have.abs()):
                 misses.append("gamma's and beta's gradients are not the ones eval mode fixes them to")
         if not misses:
             return ""
@@ -130,8 +130,16 @@ class InputNorm:
         return ""
 
 
-def _missed(off: torch.Tensor, size: torch.Tensor, tol: float = 1e-3) -> bool:
-    return bool((off > tol * (size + size.mean()) + 1e-30).any())
+# how far a norm's parameter gradient may stray from what eval mode fixes it to, relative to the sums it is made of:
+# the client's float32 sums carry a few epsilons of them per sample; a batch normalised by its own statistics misses
+# by a share of the whole
+IDENTITY_TOL = 1e-3
+
+
+def missed(off: torch.Tensor, size: torch.Tensor) -> bool:
+    """Whether an identity misses by more than the client's rounding can: :data:`IDENTITY_TOL` of each entry's terms
+    (``size``), or of their mean over the layer (a sum that cancels is off by a share of its terms, not of itself)."""
+    return bool((off > IDENTITY_TOL * (size + size.mean()) + 1e-30).any())
 
 
 def find_input_norm(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: dict[str, int],
@@ -155,10 +163,10 @@ def _read(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
           params: dict[int, str]) -> tuple[fx.Node, InputNorm] | None:
     bn = modules[node.target]
     after = next(iter(node.users)) if len(node.users) == 1 else None
-    if (bn.running_mean is None or calls[node.target] != 1 or after is None or after.op != "call_module"
-            or not isinstance(modules.get(after.target), nn.Linear) or calls[after.target] != 1):
+    lin = modules.get(after.target) if after is not None and after.op == "call_module" else None
+    if (bn.running_mean is None or calls[node.target] != 1 or not isinstance(lin, nn.Linear)
+            or calls[after.target] != 1 or bn.num_features != lin.in_features):  # (per feature of flat inputs)
         return None
-    lin = modules[after.target]
 
     def trainable(p: torch.Tensor | None) -> str | None:
         return params.get(id(p)) if p is not None and p.requires_grad else None
