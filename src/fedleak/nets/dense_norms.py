@@ -42,10 +42,10 @@ F64 = torch.float64
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FoldedModel | None]] = weakref.WeakKeyDictionary()
 
 #: why the exact route does not read a weight update of a model with such a norm
-WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear layer's features from its gradients "
-                  "(FedSGD) only: a FedAvg weight change moves the norm's parameters with the layer's, which its "
-                  "folded layer does not follow (and clients that train run the norm in training mode, which "
-                  "certifies nothing)")
+WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear layer's features or on its input from "
+                  "its gradients (FedSGD) only: a FedAvg weight change moves the norm's parameters with the layers', "
+                  "which the norm's reading does not follow (and clients that train run the norm in training mode, "
+                  "which certifies nothing)")
 
 
 # a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the

@@ -65,8 +65,9 @@ def exclusivity_attack(
     (:func:`exclusivity_on_weights`). Options are the fields of :class:`ExclusivityOptions`, passed as keywords
     or as an ``options`` object. ``input_shape`` (one sample, no batch dimension) defaults to what
     :func:`fedleak.nets.as_network` finds. An eval-mode ``BatchNorm1d`` on a ``Linear`` layer's features is read
-    folded into that layer, the gradient with it (:mod:`fedleak.nets.dense_norms`); a gradient that shows the norm
-    ran in training mode certifies nothing.
+    folded into that layer, the gradient with it (:mod:`fedleak.nets.dense_norms`): a gradient that shows the norm
+    ran in training mode gives no input. One on the input is read as a map of it (:mod:`fedleak.nets.input_norm`),
+    its inputs certified where the rebuilt batch shows eval mode.
     """
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
