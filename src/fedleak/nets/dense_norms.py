@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from fedleak.errors import ModelError
 from fedleak.nets.frontend import model_structure
-from fedleak.nets.input_norm import InputNorm, find_input_norm, missed
+from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
 from fedleak.nets.tracing import keep_every_tensor, trace_model
@@ -273,21 +273,15 @@ def _fold(model: nn.Module) -> FoldedModel | None:
 
 
 def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:
-    std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
-    scale = (bn.weight.detach().to(F64) if bn.weight is not None else torch.ones_like(std)) / std
+    scale, shift = BatchNorm(norm, bn, None, None).affine(F64)
     if bool((scale == 0).any()):
         units = torch.nonzero(scale == 0).flatten().tolist()[:5]
         raise ModelError(f"BatchNorm1d '{norm}' has gamma = 0 on unit(s) {units}: their Linear rows' gradient is 0 "
                          "whatever the input, so the layer cannot be read through them; 'first-layer', 'auto' and the "
                          "optimisation attacks still apply")
-    mean = bn.running_mean.detach().to(F64)
-    shift = -scale * mean + (bn.bias.detach().to(F64) if bn.bias is not None else 0.0)
-
-    def trainable(p: torch.Tensor | None) -> str | None:
-        return params.get(id(p)) if p is not None and p.requires_grad else None
-
-    return NormFold(linear, norm, scale, shift, mean, std, params[id(lin.weight)], trainable(lin.bias),
-                    trainable(bn.weight), trainable(bn.bias))
+    std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
+    names = (trainable_name(p, params) for p in (lin.bias, bn.weight, bn.bias))
+    return NormFold(linear, norm, scale, shift, bn.running_mean.detach().to(F64), std, params[id(lin.weight)], *names)
 
 
 def _folded_linear(lin: nn.Linear, fold: NormFold) -> nn.Linear:

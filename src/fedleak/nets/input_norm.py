@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from fedleak.errors import ModelError
 from fedleak.nets.input_map import InputMap, shape_query
+from fedleak.nets.layers import BatchNorm
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -52,16 +53,13 @@ class InputNorm:
         rounding of it (torch computes ``x * (gamma * invstd) + (beta - mean * gamma * invstd)``: two roundings of
         the value, two of the folded constants), ``eps`` its dtype's epsilon."""
         bn = self.module
-        std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
-        gamma = bn.weight.detach().to(F64) if bn.weight is not None else torch.ones_like(std)
-        beta = bn.bias.detach().to(F64) if bn.bias is not None else torch.zeros_like(std)
-        a = gamma / std
+        a, c = BatchNorm(self.name, bn, None, None).affine(F64)
         if bool((a == 0).any()):
             units = torch.nonzero(a == 0).flatten().tolist()[:5]
             raise ModelError(f"BatchNorm1d '{self.name}' on the model's input has gamma = 0 on value(s) {units}: the "
                              "first layer never sees them, so no input can be rebuilt whole; 'auto' and the "
                              "optimisation attacks still apply")
-        c = beta - a * bn.running_mean.detach().to(F64)
+        beta = bn.bias.detach().to(F64) if bn.bias is not None else torch.zeros_like(a)
         offsets = 2 * (c / a).abs() + (beta / a).abs() + bn.running_mean.detach().to(F64).abs()
         module = bn
 
@@ -167,9 +165,10 @@ def _read(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int],
     if (bn.running_mean is None or calls[node.target] != 1 or not isinstance(lin, nn.Linear)
             or calls[after.target] != 1 or bn.num_features != lin.in_features):  # (per feature of flat inputs)
         return None
+    return node, InputNorm(node.target, bn, lin, params[id(lin.weight)], trainable_name(lin.bias, params),
+                           trainable_name(bn.weight, params), trainable_name(bn.bias, params))
 
-    def trainable(p: torch.Tensor | None) -> str | None:
-        return params.get(id(p)) if p is not None and p.requires_grad else None
 
-    return node, InputNorm(node.target, bn, lin, params[id(lin.weight)], trainable(lin.bias), trainable(bn.weight),
-                           trainable(bn.bias))
+def trainable_name(p: torch.Tensor | None, params: dict[int, str]) -> str | None:
+    """The name of parameter ``p`` (``params``: names by ``id``) where it exists and is trained, else None."""
+    return params.get(id(p)) if p is not None and p.requires_grad else None
