@@ -207,6 +207,13 @@ def op_key(node: fx.Node) -> object:
     return ("method", node.target) if node.op == "call_method" else node.target
 
 
+def converter_key(node: fx.Node, module: nn.Module | None) -> object:
+    """The key the converter of ``node`` is registered by (``module``: the module it calls, None for a function or
+    method): the module's class or a base of it, else the function or ``("method", name)``; None where none is."""
+    keys = [op_key(node)] if module is None else list(type(module).__mro__)
+    return next((k for k in keys if k in CONVERTERS), None)
+
+
 def _shape(node: fx.Node) -> tuple[int, ...]:
     return node.meta["shape"][1:]
 
@@ -242,8 +249,7 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
                 args=tuple(node.args[1:]), kwargs=dict(node.kwargs), in_shape=_shape(previous),
                 out_shape=_shape(node), in_dtype=previous.meta.get("dtype"), out_dtype=node.meta.get("dtype"),
                 last=k == len(ops) - 1)
-        keys = [op_key(node)] if module is None else list(type(module).__mro__)
-        key = next((k for k in keys if k in CONVERTERS), None)
+        key = converter_key(node, module)
         if key is None:
             if not any(isinstance(st.layer, (Dense, Conv)) for st in steps) and op_key(node) in INPUT_ARITHMETIC:
                 raise op.refuse("arithmetic on the model's input (a normalisation inside forward?) is not read "

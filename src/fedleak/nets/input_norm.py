@@ -18,8 +18,11 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from fedleak.errors import ModelError
+from fedleak.nets.converters import reshape
+from fedleak.nets.frontend import converter_key
 from fedleak.nets.input_map import InputMap, shape_query
 from fedleak.nets.layers import BatchNorm
+from fedleak.nets.ops import CONVERTERS
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -29,10 +32,6 @@ F64 = torch.float64
 # a (batch mean - running mean), about gamma / sqrt(M) of the spread, on its most distant value far more than this
 # share of the range
 TRAINING_MEAN_TOL = 1e-3
-
-# the reshapes that may stand between the input and the norm (a flatten of images or of (N, 1, D) tables)
-RESHAPES = frozenset({nn.Flatten, "flatten", "view", "reshape", torch.flatten})
-
 
 @dataclass(frozen=True)
 class InputNorm:
@@ -148,10 +147,11 @@ def find_input_norm(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: di
     node = placeholder
     while len(users := [u for u in node.users if not shape_query(u)]) == 1:  # (x.size(0) reads no value)
         user = users[0]
-        kind = (type(modules.get(user.target)) if user.op == "call_module" else user.target)
-        if isinstance(modules.get(user.target), nn.BatchNorm1d) and user.op == "call_module":
+        module = modules.get(user.target) if user.op == "call_module" else None
+        if isinstance(module, nn.BatchNorm1d):
             return _read(user, modules, calls, params)
-        if kind not in RESHAPES:
+        key = converter_key(user, module)
+        if key is None or CONVERTERS.get(key) is not reshape:  # (a flatten of images or tables, as the frontend reads)
             return None
         node = user
     return None
