@@ -148,17 +148,25 @@ def test_bad_gradient_input(digits):
     rec = fedleak.reconstruct(bare, fedleak.compute_gradient_update(bare, x, y), attack="ig", iterations=2)
     assert rec.inputs.shape == (1, 64)
 
-    class Branchy(torch.nn.Module):  # fx cannot trace it, so nothing derives its input shape
-        def __init__(self):
+    class Branchy(torch.nn.Module):  # fx cannot trace it: its input shape is found by running it
+        def __init__(self, side: int = 0):
             super().__init__()
             self.fc = torch.nn.Linear(64, 10)
+            self.side = side
 
         def forward(self, x):
+            assert not self.side or x.shape[-1] == self.side, "wants square images"
             return self.fc(x.flatten(1)) if x.sum() > 0 else -self.fc(x.flatten(1))
 
     branchy = Branchy()
-    with pytest.raises(fedleak.ModelError, match="input_shape"):
-        fedleak.reconstruct(branchy, fedleak.compute_gradient_update(branchy, x, y), attack="ig")
+    rec = fedleak.reconstruct(branchy, fedleak.compute_gradient_update(branchy, x, y), attack="ig", iterations=2)
+    assert rec.inputs.shape == (1, 64)
+    square = Branchy(side=8)  # its first layer's width does not run it: the message asks for the shape
+    with pytest.raises(fedleak.ModelError, match=r"shape \(64,\).*wants square images.*pass input_shape="):
+        fedleak.reconstruct(square, fedleak.compute_gradient_update(square, x, y), attack="ig")
+    rec = fedleak.reconstruct(square, fedleak.compute_gradient_update(square, x, y), attack="ig", iterations=2,
+                              input_shape=(1, 8, 8))
+    assert rec.inputs.shape == (1, 1, 8, 8)
 
 
 def test_random_start_is_not_the_users_seeded_data():

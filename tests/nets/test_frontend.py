@@ -483,9 +483,9 @@ def test_several_reshapes_before_a_conv_are_one():
 def test_inferring_a_shape_stops_trying_after_its_time(monkeypatch):
     """Every size tried fails in an unflatten, slowly: inference gives up after ``INFER_SECONDS`` and asks for the
     shape instead of trying thousands of lengths."""
-    from fedleak.nets import frontend, input_shape_of
+    from fedleak.nets import input_shape_of, input_shapes
 
-    monkeypatch.setattr(frontend, "INFER_SECONDS", 0.0)
+    monkeypatch.setattr(input_shapes, "INFER_SECONDS", 0.0)
     model = nn.Sequential(nn.Flatten(), nn.Unflatten(1, (1, 64)), nn.Conv1d(1, 4, 5, padding=2), nn.ReLU(),
                           nn.Flatten(), nn.Linear(256, 10))
     with pytest.raises(ModelError, match=r"trying more takes too long; pass input_shape=\(1, L\)"):

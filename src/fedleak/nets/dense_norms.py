@@ -28,11 +28,10 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
-from fedleak.nets.frontend import model_structure
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
-from fedleak.nets.tracing import keep_every_tensor, trace_model
+from fedleak.nets.tracing import keep_every_tensor, model_structure, trace_model
 from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
 

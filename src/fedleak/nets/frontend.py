@@ -9,11 +9,8 @@ refused by name.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import operator
-import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -22,54 +19,16 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
-from fedleak.logits_of import logits_only
 from fedleak.loose_parameters import loose_parameters
-from fedleak.nets.buffers import buffers_kept
+from fedleak.nets.input_shapes import first_layer, held_first_layer, layer_input_shape, probe, untraced_input_shape
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
-from fedleak.nets.tracing import trace_model
+from fedleak.nets.tracing import model_structure, trace_model, traced_shape
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
-PROBE_BATCH = 2  # the probe batch has two samples, so an op that mixes samples shows in its shapes
-MAX_SIDE = 512  # the largest square image side tried when the input shape must be inferred
-MAX_ALSO_FITS = 64  # how many larger sides are tried after the smallest that fits
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph and records every tensor node's shape and dtype in ``node.meta["shape"]``, ``["dtype"]``."""
-
-    def run_node(self, n: fx.Node):
-        result = super().run_node(n)
-        tensor = isinstance(result, torch.Tensor)
-        n.meta["shape"] = tuple(int(s) for s in result.shape) if tensor else None
-        n.meta["dtype"] = result.dtype if tensor else None
-        return result
-
-
-def _probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) -> str | None:
-    """Run a probe batch of ``shape``, recording every node's shape (through ``gm``; with ``gm`` None, a plain
-    forward that records nothing, for a quick yes or no); why the model cannot take it, or None."""
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
-    x = torch.zeros(PROBE_BATCH, *shape, dtype=dtype, device=_device(model))
-    # a traced model (torch.fx's GraphModule, as a federation's audit template is) prints its generated code to
-    # stderr when it fails: a wrong shape tried here is an answer, not an error to show
-    with buffers_kept(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            out = model(x) if gm is None else _ShapeRecorder(gm).run(x)
-        except Exception as err:  # a wrong shape fails anywhere in the user's forward
-            return (str(err).strip().splitlines() or [type(err).__name__])[0]
-    out = logits_only(out)
-    if out.dim() != 2 or out.shape[0] != PROBE_BATCH:
-        return f"for a batch of {PROBE_BATCH} it returns {tuple(out.shape)}, not {PROBE_BATCH} x classes logits"
-    return None
 
 
 def output_linear(model: nn.Module) -> str | None:
@@ -94,86 +53,6 @@ def output_linear(model: nn.Module) -> str | None:
                 seen.add(n)
                 queue.append(n)
     return None
-
-
-def _first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
-    """The first module the traced forward calls that holds weights of its own (its name and the module)."""
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and next(modules[node.target].parameters(recurse=False), None) is not None:
-            return node.target, modules[node.target]
-    return None
-
-
-# where the input's last dimensions are not fixed by the first layer: the most of each tried (signals, images,
-# volumes), a side at a time, when the input shape must be inferred
-MAX_SIDES = {1: 4096, 2: MAX_SIDE, 3: 64}
-INFER_SECONDS = 10.0  # ... for at most this long (a forward that fails slowly, e.g. in an unflatten, costs ms)
-KINDS = {1: ("signals", "sample{} long", "length", "L"), 2: ("square images", "pixel{} a side", "size", "H, W"),
-         3: ("cubic volumes", "voxel{} a side", "size", "D, H, W")}
-
-
-def _input_shape(model: nn.Module, gm: fx.GraphModule) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-    """The input shape from the first layer with weights when nothing gives it, the assumption made to get it, and
-    (where larger inputs fit the layers too, as when pooling or a stride rounds down) how that assumption may
-    keep the exact methods from certifying anything. A Linear (or a first LayerNorm or BatchNorm1d) layer gives
-    it; a convolution gives its channels, and the smallest signal, square image or cube that fits the layers
-    after it gives the rest."""
-    first = _first_layer(gm)
-    if first is None:
-        raise ModelError(loose_parameters(model)
-                         or "the model has no layer with weights; pass input_shape= (the shape of one input)")
-    name, layer = first
-    if isinstance(layer, nn.Linear):
-        return (layer.in_features,), (), ()
-    if isinstance(layer, nn.LayerNorm):
-        return tuple(int(s) for s in layer.normalized_shape), (), ()
-    if isinstance(layer, nn.BatchNorm1d):
-        return (layer.num_features,), (), ()
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return _conv_input_shape(model, layer.in_channels, len(layer.kernel_size))
-    raise ModelError(f"the model's first layer with weights, '{name}' ({type(layer).__name__}), does not say the "
-                     "shape of the model's input (a Linear or a convolution does); pass input_shape= (the shape of "
-                     "one input)")
-
-
-def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, ...], tuple[str, ...],
-                                                                    tuple[str, ...]]:
-    """``(c, side, ...)`` of the smallest side (``dims`` of them) that fits the model, and the notes; with one
-    channel, ``(side, ...)`` where only that fits (a model that adds the channel axis itself, ``x.unsqueeze(1)``)."""
-    kind, units, size, sides = KINDS[dims]
-    most = MAX_SIDES[dims]
-
-    def unit(n: int) -> str:
-        return units.format("" if n == 1 else "s")
-
-    def shape(side: int) -> tuple[int, ...]:
-        return (*lead, *(side,) * dims)
-
-    # plain forwards: a failing fx run is slow (seconds, the first time)
-    tried = ((lead, side) for side in range(1, most + 1) for lead in ((c,), ()) if lead or c == 1)
-    deadline = time.monotonic() + INFER_SECONDS
-    for lead, side in tried:
-        if time.monotonic() > deadline:
-            raise ModelError(f"no {kind.removesuffix('s')} of {c} channel(s) up to {side - 1} {unit(side - 1)} fits "
-                             f"the model, and trying more takes too long; pass input_shape=({c}, {sides})")
-        if _probe(model, None, shape(side)) is None:
-            top = side  # the sizes that fit are consecutive: a larger input gives larger maps, until none fits
-            while top < min(side + MAX_ALSO_FITS, most) and _probe(model, None, shape(top + 1)) is None:
-                top += 1
-            if top == side + MAX_ALSO_FITS:  # no layer fixes the size (adaptive or global pooling)
-                raise ModelError(f"the model takes {kind} of any {size} from {side} {unit(side)} up (no layer "
-                                 f"fixes the {size}: adaptive or global pooling), so their {size} cannot be "
-                                 f"inferred; pass input_shape=({', '.join([*map(str, lead), sides])}) or the inputs")
-            also = "" if top == side else f" ({side} to {top} {unit(top)} fit)"
-            note = (f"input shape {shape(side)} inferred from the layer shapes, assuming {kind} of the smallest "
-                    f"{size} that fits{also}; pass input_shape= (or inputs) if yours differ")
-            caveats = () if top == side else (
-                f"your inputs are not the {shape(side)} inferred for the model: {kind} of {side} to {top} {unit(top)} "
-                "fit its layers (pass input_shape=)",)
-            return shape(side), (note,), caveats
-    raise ModelError(f"no {kind.removesuffix('s')} of {c} channel(s) up to {most} {unit(most)} fits the model; pass "
-                     f"input_shape=({c}, {sides})")
 
 
 # arithmetic with constants, which a normalisation inside forward does to the input: ``(x - mean) / std``
@@ -271,33 +150,51 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
                    inputs: torch.Tensor | None = None) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """The shape of one input of ``model`` and what was assumed to get it (see :func:`as_network`).
 
-    Works for any traceable model (also those the exact methods refuse, e.g. LeNet with sigmoids), so the
-    optimisation attacks share it.
+    Works for any model that runs (also those the exact methods refuse, e.g. LeNet with sigmoids, or a forward
+    that branches on its input's values, whose shape is then found by running it), so the optimisation attacks
+    share it.
     """
     model = check_module(model)
-    shape, notes, _ = _resolved_shape(model, trace_model(model), input_shape, inputs)
+    try:
+        gm = trace_model(model, _asked_shape(input_shape, inputs))
+    except TokenInputs:
+        raise
+    except ModelError:  # a forward that does not trace: its input shape is read by running it
+        gm = None
+    shape, notes, _ = _resolved_shape(model, gm, input_shape, inputs)
     return shape, notes
 
 
-def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[int] | None,
+def _asked_shape(input_shape: Sequence[int] | None, inputs: torch.Tensor | None) -> tuple[int, ...] | None:
+    """The input shape the caller gives, as ``input_shape`` or as a batch of ``inputs``; None where neither does."""
+    if input_shape is not None:
+        return check_shape("input_shape", input_shape)
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
+        return tuple(int(s) for s in inputs.shape[1:])
+    return None
+
+
+def _resolved_shape(model: nn.Module, gm: fx.GraphModule | None, input_shape: Sequence[int] | None,
                     inputs: torch.Tensor | None) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-    """The input shape, what was assumed to get it and how that may keep the exact methods from certifying."""
+    """The input shape, what was assumed to get it and how that may keep the exact methods from certifying
+    (``gm`` None: a forward that does not trace, read by running the model)."""
     notes: tuple[str, ...] = ()
     caveats: tuple[str, ...] = ()
-    tokens = token_reader(_first_layer(gm))
+    tokens = token_reader(first_layer(gm) if gm is not None else held_first_layer(model))
     if tokens:
         raise TokenInputs(tokens)
-    if input_shape is not None:
-        shape = check_shape("input_shape", input_shape)
-    elif inputs is not None and isinstance(inputs, torch.Tensor) and inputs.dim() >= 2:
-        shape = tuple(int(s) for s in inputs.shape[1:])
+    asked = _asked_shape(input_shape, inputs)
+    if asked is not None:
+        shape = asked
     elif getattr(model, "input_shape", None) is not None:
         shape = check_shape("input_shape", model.input_shape)
+    elif gm is None:
+        return untraced_input_shape(model)
     else:
-        shape, notes, caveats = _input_shape(model, gm)
-    why = _probe(model, gm, shape)
+        shape, notes, caveats = layer_input_shape(model, first_layer(gm))
+    why = probe(model, gm, shape)
     # a model that flattens nothing itself takes the same values as flat rows; its inputs keep their shape
-    if why is not None and (len(shape) == 1 or _probe(model, gm, (math.prod(shape),)) is not None):
+    if why is not None and (len(shape) == 1 or probe(model, gm, (math.prod(shape),)) is not None):
         raise ModelError(f"the model does not run on inputs of shape {shape} ({why}); pass the right input_shape=")
     return shape, notes, caveats
 
@@ -307,14 +204,6 @@ def _resolved_shape(model: nn.Module, gm: fx.GraphModule, input_shape: Sequence[
 # Network, so nothing computed from the weights (unrolled conv maps) outlives a change of the weights.
 _TRACED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[list[Step], tuple[int, ...], tuple[str, ...]]]] = (
     weakref.WeakKeyDictionary())
-
-
-def model_structure(model: nn.Module) -> tuple:
-    """What tracing depends on: the modules (identity, type, mode) and every tensor's shape, dtype and device."""
-    mods = tuple((name, id(m), type(m), m.training) for name, m in model.named_modules())
-    tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
-                    for name, t in (*model.named_parameters(), *model.named_buffers()))
-    return mods, tensors, getattr(model, "input_shape", None)
 
 
 def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
@@ -335,8 +224,11 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     if key not in known:
         if loose := loose_parameters(model):
             raise ModelError(f"{loose}; {EXACT_SCOPE}")
-        gm = trace_model(model)
+        gm = trace_model(model, _asked_shape(input_shape, inputs))
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
+        if (fixed := traced_shape(gm)) is not None:
+            notes = (*notes, f"the forward computes with its input's shape (x.size()[1:], x.dim(), ...): read for "
+                             f"inputs of shape {fixed}, any batch size")
         if len(known) >= CACHED_SHAPES:
             known.pop(next(iter(known)))
         known[key] = (_steps(gm), shape, notes, caveats)

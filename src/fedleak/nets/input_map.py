@@ -24,9 +24,9 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
-from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, model_structure, op_key
+from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, op_key
 from fedleak.nets.ops import CONVERTERS
-from fedleak.nets.tracing import keep_every_tensor, recorded_len, trace_model
+from fedleak.nets.tracing import keep_every_tensor, model_structure, recorded_len, trace_model
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64

@@ -9,6 +9,11 @@ costs no tracing). Two things users write that ``torch.fx`` refuses by itself ar
 - inputs of ``forward`` after the first that have defaults (``forward(self, x, labels=None)``): traced at their
   defaults (what a call with the batch alone computes), and the checks ``torch.fx`` adds for them dropped, so the
   graph takes the batch alone.
+
+A forward that computes with its input's shape in Python (``x.size()[1:]`` in a loop, ``if x.dim() == 3``), which
+``torch.fx`` refuses, is traced for inputs of one shape (:mod:`fedleak.nets.shaped_tracing`): the one asked for,
+else the one the model records (``model.input_shape``), else the one its first layer gives
+(:func:`~fedleak.nets.input_shapes.untraced_input_shape`). :func:`traced_shape` says which.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import builtins
 import inspect
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +30,8 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.nets.input_shapes import untraced_input_shape
+from fedleak.nets.shaped_tracing import shaped_trace
 
 # torch.fx patches ``nn.Module.__call__`` process-wide while it traces: a forward pass run meanwhile in another
 # thread would be traced instead of computed. Tracing holds this lock; so does any forward pass that may run
@@ -31,6 +39,9 @@ from fedleak.errors import ModelError
 TRACE_LOCK = threading.RLock()
 
 _BUILTIN_LEN = builtins.len
+_SHAPE_KEY = "fedleak_traced_shape"  # in GraphModule.meta: the input shape a forward that reads it was traced for
+# per model: its structure and the input shape its first layer gives, found by running it (which may take seconds)
+_UNTRACED_SHAPES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -66,9 +77,10 @@ def sequential_graph(model: nn.Module) -> fx.GraphModule | None:
     return fx.GraphModule(model, graph)
 
 
-def trace_model(model: nn.Module) -> fx.GraphModule:
+def trace_model(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.GraphModule:
     """``model``'s forward as a fresh ``torch.fx`` graph of the batch alone (its modules and attributes shared with
-    ``model``), or the :class:`~fedleak.errors.ModelError` saying why it does not trace."""
+    ``model``), or the :class:`~fedleak.errors.ModelError` saying why it does not trace. ``shape`` (one input's)
+    is the shape to trace a forward that computes with its input's shape for; it is found where not given."""
     direct = sequential_graph(model)
     if direct is not None:
         return direct
@@ -77,10 +89,7 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
         with TRACE_LOCK, _len_recorded():
             gm = fx.symbolic_trace(model, concrete_args=defaults or None)
     except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
-                         "methods need a forward without data-dependent control flow; 'auto' and the optimisation "
-                         "attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply") from None
+        gm = _traced_for_shape(model, shape, defaults, err)
     if defaults:
         _drop_specialised(gm)
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -89,6 +98,55 @@ def trace_model(model: nn.Module) -> fx.GraphModule:
                          "the batch: give the others defaults (forward(self, x, mask=None)), which it traces the model "
                          "at")
     return gm
+
+
+def traced_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
+    """The one input shape ``gm`` was traced for (a forward that computes with its input's shape), else None."""
+    return gm.meta.get(_SHAPE_KEY)
+
+
+def _traced_for_shape(model: nn.Module, shape: tuple[int, ...] | None, defaults: dict[str, Any],
+                      err: Exception) -> fx.GraphModule:
+    """``model``'s forward traced for inputs of one shape, where ``torch.fx`` refused it with ``err``; the
+    :class:`~fedleak.errors.ModelError` of ``err`` where it still does not trace (it depends on the values)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    refusal = ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
+                         "methods need a forward whose control flow does not depend on its input's values (its shape "
+                         "may); 'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and "
+                         "still apply")
+    try:
+        shape = shape or _model_shape(model)
+    except ModelError as why:  # a forward that reads only its input's shape traces for one, which is not known
+        raise ModelError(f"{refusal} (if it computes with its input's shape only, fedleak traces it for one input "
+                         f"shape, which it could not find: {why})") from None
+    try:
+        with TRACE_LOCK, _len_recorded():
+            gm = shaped_trace(model, shape, defaults or None)
+    except Exception:  # what torch.fx raises: the forward reads the values
+        raise refusal from None
+    gm.meta[_SHAPE_KEY] = shape
+    return gm
+
+
+def _model_shape(model: nn.Module) -> tuple[int, ...]:
+    """The input shape ``model`` records, else the one its first layer gives (kept per model structure)."""
+    recorded = getattr(model, "input_shape", None)
+    if recorded is not None:
+        return tuple(int(s) for s in recorded)
+    key = model_structure(model)
+    known = _UNTRACED_SHAPES.get(model)
+    if known is None or known[0] != key:
+        known = (key, untraced_input_shape(model)[0])
+        _UNTRACED_SHAPES[model] = known
+    return known[1]
+
+
+def model_structure(model: nn.Module) -> tuple:
+    """What tracing depends on: the modules (identity, type, mode) and every tensor's shape, dtype and device."""
+    mods = tuple((name, id(m), type(m), m.training) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
+                    for name, t in (*model.named_parameters(), *model.named_buffers()))
+    return mods, tensors, getattr(model, "input_shape", None)
 
 
 def keep_every_tensor(gm: fx.GraphModule, model: nn.Module, skip: frozenset[str] = frozenset()) -> fx.GraphModule:
