@@ -120,17 +120,26 @@ def test_tracing_leaves_the_models_buffers_as_they_were():
 
 
 class ValueBranch(nn.Module):
-    def __init__(self, side: int = 0) -> None:
+    def __init__(self, branch) -> None:
         super().__init__()
         self.fc = nn.Linear(64, 10)
+        self.branch = branch
 
     def forward(self, x):
-        x = x.view(-1, num_flat_features(x))
-        return self.fc(x if x.max() <= 1 else x / 255)  # on the values: no graph holds it
+        return self.fc(self.branch(x.view(-1, num_flat_features(x))))
 
 
-def test_a_forward_that_branches_on_values_is_still_refused_and_still_attacked(digits):
-    model = ValueBranch().eval()
+# what the client's batch, not a probe, settles: no graph holds it
+BRANCHES = {
+    "on the values": lambda x: x if x.max() <= 1 else x / 255,
+    "on the dtype": lambda x: x.float() / 255 if x.dtype == torch.uint8 else x,
+    "on the batch size": lambda x: x if x.size(0) > 1 else x * 1.0,
+}
+
+
+@pytest.mark.parametrize("branch", list(BRANCHES.values()), ids=list(BRANCHES))
+def test_a_forward_that_branches_on_the_batch_is_still_refused_and_still_attacked(digits, branch):
+    model = ValueBranch(branch).eval()
     with pytest.raises(ModelError, match=r"does not depend on its input's values \(its shape may\).*'auto'"):
         fedleak.as_network(model)
     x, y = digits.batch(1, seed=0)

@@ -9,8 +9,9 @@ to trace, although nothing in it depends on the values:
 :class:`ShapedTracer` traces such a forward for inputs of one given shape. Alongside the graph it runs a probe batch
 of that shape (zeros, without autograd, buffers restored afterwards) through each op, and answers shape queries
 of a value computed from the input from it: every dimension but the batch's (the first) is a number, the batch size
-stays a node of the graph, so the graph takes any batch. The number of dimensions (``x.dim()``, ``x.ndim``) and the
-dtype are numbers too. A forward that branches on the values themselves (``if x.max() > 1``) still does not trace.
+stays a node of the graph, so the graph takes any batch. The number of dimensions (``x.dim()``, ``x.ndim``) is a
+number too. A forward that branches on the values (``if x.max() > 1``), the batch size or the dtype (which the
+client's data, not the probe, would settle) still does not trace.
 """
 
 from __future__ import annotations
@@ -65,11 +66,6 @@ class _ShapedProxy(fx.Proxy):
     @property
     def ndim(self) -> Any:
         return self.dim()
-
-    @property
-    def dtype(self) -> Any:
-        t = self._known()
-        return t.dtype if t is not None else self.tracer.create_proxy("call_function", getattr, (self, "dtype"), {})
 
 
 class ShapedTracer(fx.Tracer):

@@ -1,0 +1,56 @@
+"""One input's shape, found by running the model: its first layer with weights gives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedleak.errors import ModelError
+from fedleak.nets.input_shapes import held_first_layer, probe, untraced_input_shape
+
+
+class HeadFirst(nn.Module):
+    """Its head is set before its conv, so the first layer it holds is not the first it calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+        self.conv = nn.Conv2d(2, 4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # no graph holds it
+            x = x * 1.0
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+class ConvFirst(HeadFirst):
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+
+def test_a_conv_first_gives_its_channels_and_the_smallest_image_that_runs():
+    shape, notes, caveats = untraced_input_shape(ConvFirst())
+    assert shape == (2, 8, 8) and "smallest" in notes[0] and caveats == ()
+    assert probe(ConvFirst(), None, shape) is None and probe(ConvFirst(), None, (2, 9, 9)) is not None
+
+
+def test_the_first_layer_held_is_checked_by_running_the_model():
+    model = HeadFirst()
+    assert held_first_layer(model)[0] == "fc"
+    with pytest.raises(ModelError, match=r"shape \(144,\), which its first layer 'fc' suggests .*pass input_shape="):
+        untraced_input_shape(model)
+
+
+def test_a_model_without_weights_asks_for_the_shape():
+    with pytest.raises(ModelError, match="no layer with weights; pass input_shape="):
+        untraced_input_shape(nn.Sequential(nn.ReLU()))
+
+
+def test_probing_leaves_batch_norm_statistics_as_they_were():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).train()
+    before = model[1].running_mean.clone()
+    assert probe(model, None, (4,)) is None and torch.equal(model[1].running_mean, before)
