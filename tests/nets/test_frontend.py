@@ -240,6 +240,47 @@ def test_adaptive_pool_with_dividing_output_is_a_pool():
         as_network(model, input_shape=(1, 7, 7))
 
 
+class GlobalPool(nn.Module):
+    """Global pooling written as a reduction over the maps, as modern CNN code does."""
+
+    def __init__(self, reduce, maps: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1) if maps == 2 else nn.Conv1d(1, 4, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.reduce = reduce
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.reduce(F.relu(self.conv(x))))))
+
+
+@pytest.mark.parametrize("reduce, maps, kind", [
+    (lambda a: a.mean((2, 3)), 2, "avg"), (lambda a: a.mean(dim=[-1, -2]), 2, "avg"),
+    (lambda a: torch.mean(a, (2, 3), keepdim=True).flatten(1), 2, "avg"), (lambda a: a.amax((2, 3)), 2, "max"),
+    (lambda a: a.mean(-1), 1, "avg")])
+def test_a_mean_over_the_maps_is_global_pooling(reduce, maps, kind):
+    torch.manual_seed(0)
+    model = GlobalPool(reduce, maps).eval()
+    shape = (1, 6, 6) if maps == 2 else (1, 12)
+    net = as_network(model, input_shape=shape)
+    pool = net.blocks[0].pool
+    assert pool.kind == kind and pool.kernel == ((6, 6) if maps == 2 else (1, 12))
+    x = torch.rand(3, *shape)
+    assert torch.allclose(net.features(x), reduce(F.relu(model.conv(x))).double().flatten(1))
+    # 4 pooled values cannot pin down an input: read, and certifiable nowhere
+    report = fedleak.analyze_exclusivity(model, x, torch.tensor([0, 1, 0]))
+    assert not report.certifiable.any()
+
+
+@pytest.mark.parametrize("reduce, match", [
+    (lambda a: a.mean(2), r"reduces dimensions \(2,\).*every position of each map at once"),
+    (lambda a: a.mean((2, 3), dtype=torch.float64).float(), "without a dtype"),
+    (lambda a: a.sum((2, 3)), r"\.sum\(\)\): not supported")])
+def test_other_reductions_are_refused_saying_what_is_read(reduce, match):
+    model = GlobalPool(lambda a: reduce(a).reshape(len(a), -1)[:, :4]).eval()
+    with pytest.raises(ModelError, match=match):
+        as_network(model, input_shape=(1, 6, 6))
+
+
 def test_a_model_of_any_input_size_asks_for_it():
     """Adaptive pooling fixes no size: the smallest that runs (1x1) is no guess, so the shape is asked for."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((4, 4)), nn.Flatten(),

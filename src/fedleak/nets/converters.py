@@ -153,6 +153,24 @@ def adaptive_pool(op: Op) -> Pool | None:
     return Pool(op.node, "max" if is_max else "avg", (h // ho, w // wo))
 
 
+@converts(torch.mean, torch.amax, ("method", "mean"), ("method", "amax"))
+def global_pool(op: Op) -> Pool:
+    """A mean (or a max) over every position of each map at once, ``x.mean((2, 3))``: global pooling, the pool
+    of one window the size of the map (``nn.AdaptiveAvgPool2d(1)``)."""
+    dims = op.arg(0, "dim")
+    maps = len(op.in_shape) - 1  # (C, H, W) maps, or (C, L) signals
+    if op.arg(2, "dtype") is not None or maps not in (1, 2):
+        raise op.refuse(f"a reduction of a {op.in_shape} input is read only as global pooling of (C, H, W) maps "
+                        "or (C, L) signals (x.mean((2, 3)), x.mean(-1)), without a dtype")
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    rank = len(op.in_shape) + 1
+    if not all(isinstance(d, int) for d in dims) or sorted(d % rank for d in dims) != list(range(2, rank)):
+        raise op.refuse(f"reduces dimensions {dims} of a batch of {op.in_shape} inputs; only a reduction over every "
+                        f"position of each map at once is read, global pooling ({tuple(range(2, rank))})")
+    window = (1, op.in_shape[1]) if maps == 1 else (op.in_shape[1], op.in_shape[2])
+    return Pool(op.node, "max" if "amax" in op.what else "avg", window)
+
+
 @converts(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze,
           ("method", "view"), ("method", "reshape"), ("method", "flatten"), ("method", "unsqueeze"),
           ("method", "squeeze"))

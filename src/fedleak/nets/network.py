@@ -168,8 +168,9 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
         if pool is None and i < len(body) and isinstance(body[i].layer, Pool):
             pool = body[i].layer
             i += 1
-        out_shape = body[i - 1].out_shape
-        blocks.append(ConvBlock(conv, bn, pool, *map(_maps, (conv_step.in_shape, conv_step.out_shape, out_shape))))
+        c, h, w = _maps(conv_step.out_shape)  # the pool's maps (a global pool written x.mean((2, 3)) gives (C,))
+        out_shape = (c, h, w) if pool is None else (c, h // pool.kernel[0], w // pool.kernel[1])
+        blocks.append(ConvBlock(conv, bn, pool, _maps(conv_step.in_shape), (c, h, w), out_shape))
         if i < len(body) and isinstance(body[i].layer, (Pool, Relu, BatchNorm)):
             raise ModelError(f"node '{body[i].layer.name}': a conv block is Conv2d [BatchNorm2d] ReLU [one pool]; "
                              "this layer does not fit")
