@@ -164,3 +164,18 @@ def test_a_shape_that_cannot_be_found_is_asked_for():
     with pytest.raises(ModelError, match=r"could not find: .*\(64,\).*expects 8 x 8 images.*pass input_shape="):
         fedleak.as_network(model)
     assert fedleak.as_network(model, input_shape=(1, 8, 8)).input_shape == (1, 8, 8)
+
+
+def test_a_traced_copy_survives_the_trip_to_an_audit_worker():
+    """A federation's audit worker gets a pickled traced copy, rebuilt there by torch.fx's own tracer."""
+    import pickle
+
+    from fedleak.federation.template import traced_copy
+
+    torch.manual_seed(0)
+    model = BlitzLeNet().eval()
+    copy = traced_copy(model)
+    assert copy.input_shape == (1, 8, 8)  # the shape it was traced for travels with it
+    shipped = pickle.loads(pickle.dumps(copy))
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(shipped(x), model(x))

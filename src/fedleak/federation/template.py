@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from torch import fx, nn
 
 from fedleak.errors import FedleakError, ModelError
-from fedleak.nets.tracing import keep_every_tensor, trace_model
+from fedleak.nets.tracing import keep_every_tensor, trace_model, traced_shape
 
 __all__ = ["audit_template", "check_shippable", "traced_copy"]
 
@@ -54,7 +54,7 @@ def traced_copy(model: nn.Module) -> fx.GraphModule:
                 node.type = None
         gm.recompile()
     keep_every_tensor(gm, own)
-    shape = getattr(model, "input_shape", None)
+    shape = getattr(model, "input_shape", None) or traced_shape(gm)  # a forward reading its shape: the one traced
     if shape is not None:
         gm.input_shape = tuple(shape)
     return gm  # submodules are the copy's own, in their own mode (eval-mode Dropout stays in eval)

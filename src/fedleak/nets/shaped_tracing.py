@@ -165,4 +165,8 @@ def shaped_trace(model: nn.Module, shape: tuple[int, ...], concrete_args: dict[s
         graph = tracer.trace(model, concrete_args=concrete_args)
     for node in tracer.unused_batch_sizes():
         graph.erase_node(node)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # a graph of torch.fx's own, whose code holds the shapes as numbers: a GraphModule rebuilt from it elsewhere
+    # (unpickled in an audit worker) is traced again by torch.fx's tracer, not by one that needs a probe
+    plain = fx.Graph()
+    plain.output(plain.graph_copy(graph, {}))
+    return fx.GraphModule(tracer.root, plain, type(model).__name__)
