@@ -172,6 +172,32 @@ def test_functional_twins_and_log_softmax_logits():
     assert net.blocks[0].pool.kind == "max" and net.blocks[0].out_shape == (4, 4, 4) and net.head.depth == 1
 
 
+class LogSoftmaxOut(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2, self.dim = nn.Linear(64, 256), nn.Linear(256, 10), dim
+
+    def forward(self, x):
+        logits = self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return F.log_softmax(logits) if self.dim == "none" else F.log_softmax(logits, dim=self.dim)
+
+
+def test_log_softmax_without_a_dim_is_over_the_classes(digits):
+    """Older code writes F.log_softmax(x): torch takes dimension 1 of the logits; dimension 0 mixes samples."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = LogSoftmaxOut("none").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "implicit dimension choice" warning
+        x, y = digits.batch(4, seed=0)
+        grads = torch.autograd.grad(F.nll_loss(model(x), y), list(model.parameters()))
+        rec = fedleak.reconstruct(model, list(grads))
+    assert rec.num_certified == 4 and fedleak.metrics.match(rec, x, y, data_range=(0, 1)).false_certificates == 0
+    with pytest.raises(ModelError, match="over dimension 0 of the logits mixes the samples"):
+        as_network(LogSoftmaxOut(0))
+
+
 class InplaceRelu(nn.Module):
     def __init__(self):
         super().__init__()

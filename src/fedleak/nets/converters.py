@@ -227,8 +227,12 @@ def log_softmax(op: Op) -> Layer | None:
     """``log_softmax`` of the logits, as the last op, leaves the cross-entropy gradient unchanged (with
     ``NLLLoss``); anywhere else it is not a ReLU network."""
     dim = op.module.dim if op.module is not None else op.arg(0, "dim")
-    if not op.last or dim not in (1, -1) or len(op.in_shape) != 1:
+    # without a dim (older code: F.log_softmax(x)), torch takes dimension 1 of a batch of logits
+    if not op.last or len(op.in_shape) != 1:
         raise op.refuse("log_softmax is supported only on the logits, as the model's last op")
+    if dim not in (1, -1, None):
+        raise op.refuse(f"log_softmax over dimension {dim} of the logits mixes the samples of a batch; take it over "
+                        "the classes (dim=1)")
     return None
 
 
