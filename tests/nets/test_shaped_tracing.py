@@ -179,3 +179,8 @@ def test_a_traced_copy_survives_the_trip_to_an_audit_worker():
     shipped = pickle.loads(pickle.dumps(copy))
     x = torch.rand(3, 1, 8, 8)
     assert torch.equal(shipped(x), model(x))
+
+
+def test_a_shape_the_model_does_not_take_is_named():
+    with pytest.raises(ModelError, match=r"does not run on inputs of shape \(3, 8, 8\) \(.*channels.*pass the right"):
+        fedleak.as_network(BlitzLeNet(), input_shape=(3, 8, 8))

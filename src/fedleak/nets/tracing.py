@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
-from fedleak.nets.input_shapes import untraced_input_shape
+from fedleak.nets.input_shapes import probe, untraced_input_shape
 from fedleak.nets.shaped_tracing import shaped_trace
 
 # torch.fx patches ``nn.Module.__call__`` process-wide while it traces: a forward pass run meanwhile in another
@@ -122,7 +122,11 @@ def _traced_for_shape(model: nn.Module, shape: tuple[int, ...] | None, defaults:
     try:
         with TRACE_LOCK, _len_recorded():
             gm = shaped_trace(model, shape, defaults or None)
-    except Exception:  # what torch.fx raises: the forward reads the values
+    except Exception:  # what torch.fx raises: the forward reads the values, or the shape does not suit it
+        why = probe(model, None, shape)
+        if why is not None:
+            raise ModelError(f"the model does not run on inputs of shape {shape} ({why}); pass the right "
+                             "input_shape=") from None
         raise refusal from None
     gm.meta[_SHAPE_KEY] = shape
     return gm
