@@ -32,6 +32,8 @@ FLATTENS = {
     "math.prod, batch size": lambda x: x.reshape(x.shape[0], math.prod(s for s in x.shape[1:])),
     "branch on dim": lambda x: x.flatten(1) if x.dim() > 2 else x,
     "branch on ndim and shape": lambda x: x.view(len(x), -1) if x.ndim == 4 and x.shape[1:] == (1, 8, 8) else x,
+    "branch on len(x.shape)": lambda x: x.reshape(x.size(0), -1) if len(x.shape) == 4 else x,
+    "branch on ndimension()": lambda x: torch.flatten(x, 1) if x.ndimension() > 2 else x,
 }
 
 

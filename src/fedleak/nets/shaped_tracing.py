@@ -63,6 +63,9 @@ class _ShapedProxy(fx.Proxy):
         t = self._known()
         return t.dim() if t is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
 
+    def ndimension(self) -> Any:
+        return self.dim()
+
     @property
     def ndim(self) -> Any:
         return self.dim()
