@@ -50,6 +50,54 @@ def test_what_is_not_one_plain_gradient_is_not_certified(fashion):
     assert not fedleak.metrics.match(rec, x, y).false_certificate.any()
 
 
+class Before(nn.Module):
+    """``pre`` of the sample, flattened, then a ReLU MLP: what the first Linear layer reads is ``pre(x)``."""
+
+    def __init__(self, pre) -> None:
+        super().__init__()
+        self.pre = pre
+        self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.pre(x).flatten(1))))
+
+
+def _rescaled(x):
+    if x.max() > 1:  # raw 0..16 digits: control flow on the values
+        x = x / 16
+    return x
+
+
+# each gives another sample the same first-layer input, and is the identity on a probe in [0, 1)
+MANY_TO_ONE = {"clamp": lambda x: x.clamp(0, 1), "relu": torch.relu, "abs": torch.abs, "branch": _rescaled}
+
+
+@pytest.mark.parametrize("pre", list(MANY_TO_ONE.values()), ids=list(MANY_TO_ONE))
+def test_a_sample_changed_before_the_first_layer_is_not_certified(digits, pre):
+    """The rebuilt values are what the layer read; the client's sample (raw 0..16, or centred to [-1, 1]) is
+    another one that gives the same, so the gradient at the rebuilt values reproduces the update all the same."""
+    torch.manual_seed(0)
+    model = Before(pre).eval()
+    x, y = digits.batch(1, seed=3)
+    x = x * 16 if pre is _rescaled else 2 * x - 1
+    for attack in ("first-layer", "auto"):
+        update = fedleak.compute_gradient_update(model, x, y)
+        rec = fedleak.reconstruct(model, update, attack=attack, **({"budget": 0.5} if attack == "auto" else {}))
+        scores = fedleak.metrics.match(rec, x, y, data_range=(float(x.min()), float(x.max())))
+        assert rec.num_certified == 0 and scores.false_certificates == 0
+        assert "not certified as the client's sample" in rec.samples[0].reason or attack == "auto"
+
+
+@pytest.mark.parametrize("pre", [nn.Identity(), nn.Dropout(0.3).eval(), lambda x: x.float().contiguous(),
+                                 lambda x: x.view(len(x), 1, 8, 8)], ids=["Identity", "Dropout", "cast", "view"])
+def test_ops_that_pass_the_sample_on_as_it_is_still_certify(digits, pre):
+    torch.manual_seed(0)
+    model = Before(pre).eval()
+    x, y = digits.batch(1, seed=3)
+    rec = _attack(model, x, y, train_dropout=False)
+    assert rec.num_certified == 1 and fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
 def test_models_whose_input_does_not_enter_a_linear_layer_are_refused(fashion):
     torch.manual_seed(0)
     x = torch.rand(1, 3, 32, 32)

@@ -64,6 +64,7 @@ from fedleak.loose_parameters import loose_parameters
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.sample_path import changed_before
 from fedleak.nets.token_inputs import TokenInputs
 from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
@@ -111,12 +112,14 @@ class FirstLayerOptions:
 @dataclass(frozen=True)
 class FirstLinear:
     """The Linear layer the sample enters: its module name and the names of its weight and bias; what the model does
-    to the sample before it in training mode only (``masking``)."""
+    to the sample before it in training mode only (``masking``), and why it may read something else than the sample
+    (``changed``: :func:`~fedleak.nets.sample_path.changed_before`)."""
 
     name: str
     weight: str
     bias: str
     masking: InputMasking = InputMasking()
+    changed: str = ""  # why the layer may not read the sample as it is (empty where the traced forward shows it does)
 
 
 def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
@@ -133,7 +136,7 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     try:
         with torch.no_grad():
             model(probe)
-    except (RuntimeError, ValueError) as exc:  # torch raises either (BatchNorm in training mode: ValueError)
+    except Exception as exc:  # a wrong shape fails anywhere in the user's forward (IndexError, AssertionError, ...)
         raise ModelError(f"{forward_failure(model, probe, exc)}; a model that cannot run one input cannot have sent "
                          "one sample's gradient; else pass input_shape=") from None
     finally:
@@ -154,7 +157,8 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
         raise ModelError(f"the Linear layer '{name}' that reads the sample runs more than once or shares its "
                          "parameters, so its gradient is not one product of the sample")
     prefix = f"{name}." if name else ""
-    return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape))
+    return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape),
+                       changed_before(model, name, input_shape))
 
 
 def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -261,9 +265,18 @@ def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int,
     if decay is not None:
         G, g = peel_row_decay(decay, G, g, W, b)
         notes = (*notes, decay.describe())
-    caveat = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
+    caveat = _caveat(layer, opts)
     rows = LayerRows(G, g, update.num_examples, None, update.local_steps != 1, caveat, _compressed(model, update))
     return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
+
+
+def _caveat(layer: FirstLinear, opts: FirstLayerOptions) -> str:
+    """Why the input the layer reads may not be the client's sample, in words (empty where it is): the model changes
+    it in training mode (a Dropout on it), or computes it from the sample by ops that may give other samples the same
+    one (a clamp, a ReLU, a branch on the values)."""
+    changed = (f"{layer.changed}: the rebuilt values are what '{layer.name}' read, not certified as the client's "
+               "sample") if layer.changed else ""
+    return "; ".join(c for c in (withheld(layer.masking, opts.train_dropout), changed) if c)
 
 
 def within_rounding(opts: FirstLayerOptions, precision: Precision) -> FirstLayerOptions:
@@ -303,7 +316,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     observed = dict(update.gradients)
     clip = read_value_clip(observed)  # clip_grad_value_: rows with an entry at the bound are not the sample's
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
-        caveat = withheld(layer.masking, opts.train_dropout)
+        caveat = _caveat(layer, opts)
         if clip is not None:  # read as silent: the rows no entry at the bound touches stay exact
             whole = ~(clip.censored(G).any(1) | clip.censored(g))
             G, g = G * whole[:, None], g * whole
@@ -325,7 +338,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     x, fits = read
     label = min(fits, key=lambda c: fits[c].residual)
     fit = fits[label]
-    masked = withheld(layer.masking, opts.train_dropout)  # the input changed in training mode (a Dropout on it)
+    masked = _caveat(layer, opts)
     if masked:
         why = masked
     elif rounded and fit.residual <= opts.tolerance:  # the gradient fits, to the rounding the input carries too

@@ -61,7 +61,7 @@ def input_masking(model: nn.Module, layer: nn.Module, input_shape: tuple[int, ..
     try:
         with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), client_mode(model, "train"):
             model(probe)
-    except (RuntimeError, ValueError):  # a layer after it cannot run one sample in training mode (BatchNorm)
+    except Exception:  # a layer after it cannot run one sample in training mode (BatchNorm), or fails otherwise
         pass
     finally:
         for h in hooks:

@@ -1,0 +1,50 @@
+"""Whether a layer reads the model's input as it is: what the traced forward does to the sample before the layer.
+
+The first-layer attack reads a layer's input off its gradient. That input is the client's sample only where nothing
+before the layer could have given two samples the same input there: a reshape, a cast that keeps the values'
+dtype, ``nn.Identity`` or a Dropout (whose training-mode masking is read apart:
+:mod:`fedleak.attacks.masked_input`). A clamp, a ReLU, an absolute value or a branch on the values maps many
+samples to one, and a probe forward pass cannot tell: on values inside ``[0, 1]`` each of ``x.clamp(0, 1)``,
+``F.relu(x)`` and ``x.abs()`` is the identity. So the path is read from the traced graph, op by op, and a
+forward that does not trace (control flow on the values) shows nothing.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from fedleak.errors import ModelError
+from fedleak.nets.converters import cast, dropout, identity, reshape
+from fedleak.nets.frontend import converter_key
+from fedleak.nets.ops import CONVERTERS
+from fedleak.nets.tracing import trace_model
+
+# the converters of ops that pass every value of the sample on unchanged (a Dropout in eval mode)
+AS_IS = frozenset({reshape, identity, cast, dropout})
+
+
+def changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str:
+    """Why the module ``layer`` of ``model`` may not read the sample as it is, in words; empty where the traced
+    forward shows it does (only reshapes, identities, casts and Dropout lie between the input and its first call).
+    ``shape``: one input's (the shape a forward that computes with it is traced for)."""
+    try:
+        gm = trace_model(model, shape)
+    except ModelError as err:
+        return (f"what the forward does to the sample before '{layer}' is not known ({err}); a clamp, an absolute "
+                "value or a branch on the values there would give other samples the same input to that layer")
+    modules = dict(gm.named_modules())
+    call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer), None)
+    if call is None or not call.args:
+        return f"the traced forward does not call '{layer}' on the sample"
+    node = call.args[0]
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        module = modules.get(node.target) if node.op == "call_module" else None
+        key = converter_key(node, module) if node.op in ("call_module", "call_function", "call_method") else None
+        if key is None or CONVERTERS.get(key) not in AS_IS:
+            what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+            return (f"the forward computes '{node.name}' ({what}) from the sample before '{layer}' reads it, which "
+                    "may give other samples the same input to that layer")
+        node = node.args[0] if node.args else None
+    if not isinstance(node, fx.Node):
+        return f"the input of '{layer}' is not computed from the sample alone"
+    return ""
