@@ -193,10 +193,9 @@ def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torc
     update is the gradient's negative) may fit; with two classes it may not, since ``-(p - onehot(y))`` is then
     parallel to the other label's ``p - onehot(y')`` and the label could not be told."""
     grads = compute_gradient_update(model, x, torch.tensor([label], device=x.device)).gradients
-    pairs = [(grads[n].to(device=t.device, dtype=F64), t.to(F64)) for n, t in observed.items()]
-    free = [torch.ones_like(t, dtype=torch.bool) if clip is None else ~clip.censored(t) for _, t in pairs]
-    scale = (sum(float((g * t)[k].sum()) for (g, t), k in zip(pairs, free))
-             / max(sum(float((g * g)[k].sum()) for (g, _), k in zip(pairs, free)), 1e-300))
+    pairs = [(grads[n].to(device=t.device, dtype=F64).flatten(), t.to(F64).flatten()) for n, t in observed.items()]
+    free = pairs if clip is None else [_below(clip, g, t) for g, t in pairs]
+    scale = (sum(float(torch.dot(g, t)) for g, t in free) / max(sum(float(torch.dot(g, g)) for g, _ in free), 1e-300))
     if not (scale > 0 or (signed and scale < 0)) or not math.isfinite(scale):
         return Fit(scale, math.inf)
     worst = 0.0
@@ -204,6 +203,12 @@ def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torc
         ref, diff = float(t.norm()), float((t - (scale * g if clip is None else clip.cut(scale * g))).norm())
         worst = max(worst, diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf))
     return Fit(scale, worst)
+
+
+def _below(clip: ValueClip, g: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The entries of ``g`` and ``t`` where ``t`` is below the clip's bound."""
+    free = ~clip.censored(t)
+    return g[free], t[free]
 
 
 @register_attack(ROUTE, update_kinds=("gradient", "weights"),

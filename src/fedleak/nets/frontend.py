@@ -31,10 +31,26 @@ from fedleak.validation import check_module, check_shape
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
 
 
+# per model, what output_linear and input_shape_of found: each traces the forward (milliseconds), and both depend
+# on the model's structure only
+_OUTPUT_LINEAR: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str | None]] = weakref.WeakKeyDictionary()
+_INPUT_SHAPES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple[int, ...], tuple[str, ...]]]] = (
+    weakref.WeakKeyDictionary())
+
+
 def output_linear(model: nn.Module) -> str | None:
     """The name of the ``nn.Linear`` layer whose output the model returns (its logits), read back from the output
     of the traced forward through whatever follows it (a sigmoid, a scaling); None where the forward does not
     trace or no Linear layer leads to the output."""
+    key = model_structure(model)
+    known = _OUTPUT_LINEAR.get(model)
+    if known is None or known[0] != key:
+        known = (key, _output_linear(model))
+        _OUTPUT_LINEAR[model] = known
+    return known[1]
+
+
+def _output_linear(model: nn.Module) -> str | None:
     try:
         gm = trace_model(model)
     except ModelError:
@@ -155,14 +171,19 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     share it.
     """
     model = check_module(model)
-    try:
-        gm = trace_model(model, _asked_shape(input_shape, inputs))
-    except TokenInputs:
-        raise
-    except ModelError:  # a forward that does not trace: its input shape is read by running it
-        gm = None
-    shape, notes, _ = _resolved_shape(model, gm, input_shape, inputs)
-    return shape, notes
+    asked = _asked_shape(input_shape, inputs)
+    key = (model_structure(model), asked)
+    known = {k: v for k, v in _INPUT_SHAPES.get(model, {}).items() if k[0] == key[0]}  # another structure: forget
+    if key not in known:
+        try:
+            gm = trace_model(model, asked)
+        except TokenInputs:
+            raise
+        except ModelError:  # a forward that does not trace: its input shape is read by running it
+            gm = None
+        known[key] = _resolved_shape(model, gm, input_shape, inputs)[:2]
+    _INPUT_SHAPES[model] = known
+    return known[key]
 
 
 def _asked_shape(input_shape: Sequence[int] | None, inputs: torch.Tensor | None) -> tuple[int, ...] | None:

@@ -93,7 +93,7 @@ class ShapedTracer(fx.Tracer):
             node = proxy.node
             sources: list[fx.Node] = []
             fx.node.map_arg((node.args, node.kwargs), sources.append)
-            first_input = kind == "placeholder" and not any(n.op == "placeholder" for n in self._values)
+            first_input = kind == "placeholder" and not self._from_input  # the batch: forward's first input
             if first_input or any(n in self._from_input for n in sources):
                 self._from_input.add(node)
             self._values[node] = self._probe if first_input else self._evaluate(node)
