@@ -2,7 +2,7 @@
 
 The first-layer attack reads a layer's input off its gradient. That input is the client's sample only where nothing
 before the layer could have given two samples the same input there: a reshape, a cast that keeps the values'
-dtype, ``nn.Identity`` or a Dropout (whose training-mode masking is read apart:
+dtype (read off a probe run: ``x.half()`` rounds), ``nn.Identity`` or a Dropout (whose training-mode masking is read apart:
 :mod:`fedleak.attacks.masked_input`). A clamp, a ReLU, an absolute value or a branch on the values maps many
 samples to one, and a probe forward pass cannot tell: on values inside ``[0, 1]`` each of ``x.clamp(0, 1)``,
 ``F.relu(x)`` and ``x.abs()`` is the identity. So the path is read from the traced graph, op by op, and a
@@ -18,6 +18,7 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.converters import cast, dropout, identity, reshape
 from fedleak.nets.frontend import converter_key
+from fedleak.nets.input_shapes import probe
 from fedleak.nets.ops import CONVERTERS
 from fedleak.nets.tracing import model_structure, trace_model
 
@@ -45,19 +46,26 @@ def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str
     except ModelError as err:
         return (f"what the forward does to the sample before '{layer}' is not known ({err}); a clamp, an absolute "
                 "value or a branch on the values there would give other samples the same input to that layer")
+    why = probe(model, gm, shape)  # records each node's dtype: a cast that changes it rounds the values
+    if why is not None:
+        return f"the model does not run on inputs of shape {shape} ({why})"
     modules = dict(gm.named_modules())
     call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer), None)
     if call is None or not call.args:
         return f"the traced forward does not call '{layer}' on the sample"
+    path: list[fx.Node] = []  # the ops between the input and the layer, from the layer back
     node = call.args[0]
     while isinstance(node, fx.Node) and node.op != "placeholder":
-        module = modules.get(node.target) if node.op == "call_module" else None
-        key = converter_key(node, module) if node.op in ("call_module", "call_function", "call_method") else None
-        if key is None or CONVERTERS.get(key) not in AS_IS:
-            what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
-            return (f"the forward computes '{node.name}' ({what}) from the sample before '{layer}' reads it, which "
-                    "may give other samples the same input to that layer")
+        path.append(node)
         node = node.args[0] if node.args else None
     if not isinstance(node, fx.Node):
         return f"the input of '{layer}' is not computed from the sample alone"
+    for node in reversed(path):  # the first op from the input that may change the values is named
+        module = modules.get(node.target) if node.op == "call_module" else None
+        key = converter_key(node, module) if node.op in ("call_module", "call_function", "call_method") else None
+        kept = node.meta.get("dtype") == node.args[0].meta.get("dtype")
+        if key is None or CONVERTERS.get(key) not in AS_IS or not kept:
+            what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+            return (f"the forward computes '{node.name}' ({what}) from the sample before '{layer}' reads it, which "
+                    "may give other samples the same input to that layer")
     return ""
