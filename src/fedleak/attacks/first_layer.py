@@ -80,6 +80,7 @@ from fedleak.validation import check_module, options_from, validate_fields
 
 F64 = torch.float64
 RESIDUAL_TOL = 1e-5  # the most relative mismatch, per tensor, between the update and the rebuilt sample's gradient
+SCREEN_RESIDUAL = 1e-3  # a fit whose residual, read off its products, is above this is not computed entry by entry
 ROUNDING_TOL = 4.0  # an update's epsilons the tolerances allow where it carries a format coarser than float32
 #: ... and a class's fit: computed in that format (autocast), the client's loss vector is off by several of them
 FIT_ROUNDING_TOL = 16.0
@@ -186,29 +187,88 @@ class Fit:
     residual: float
 
 
-def _fit(model: nn.Module, x: torch.Tensor, label: int, observed: dict[str, torch.Tensor],
-         clip: ValueClip | None = None, signed: bool = False) -> Fit:
-    """The gradient at ``x`` for ``label`` against ``observed``; with ``clip`` the scale is fitted on the entries below
-    the bound and the scaled gradient is clipped alike before it is compared. ``signed``: a negative scale (the
-    update is the gradient's negative) may fit; with two classes it may not, since ``-(p - onehot(y))`` is then
-    parallel to the other label's ``p - onehot(y')`` and the label could not be told."""
-    grads = compute_gradient_update(model, x, torch.tensor([label], device=x.device)).gradients
-    pairs = [(grads[n].to(device=t.device, dtype=F64).flatten(), t.to(F64).flatten()) for n, t in observed.items()]
-    free = pairs if clip is None else [_below(clip, g, t) for g, t in pairs]
-    scale = (sum(float(torch.dot(g, t)) for g, t in free) / max(sum(float(torch.dot(g, g)) for g, _ in free), 1e-300))
+@dataclass(frozen=True)
+class Observed:
+    """The update's tensors as every class's fit reads them, made once per reading: float64 and flat (``flat``), their
+    squared norms (``norms2``), and where the update was clipped by value (``clip``), its entries at the bound zeroed
+    (``free``, and their squared norms ``free_norms2``: the tensors themselves without a clip) and where they are
+    (``censored``)."""
+
+    names: tuple[str, ...]
+    flat: tuple[torch.Tensor, ...]
+    norms2: tuple[float, ...]
+    clip: ValueClip | None = None
+    free: tuple[torch.Tensor, ...] = ()
+    censored: tuple[torch.Tensor, ...] = ()
+    free_norms2: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, observed: dict[str, torch.Tensor], clip: ValueClip | None) -> Observed:
+        names = tuple(observed)
+        flat = tuple(observed[n].to(F64).flatten() for n in names)
+        norms2 = tuple(float(torch.dot(t, t)) for t in flat)
+        if clip is None:
+            return cls(names, flat, norms2, free=flat, free_norms2=norms2)
+        censored = tuple(clip.censored(t) for t in flat)
+        free = tuple(t.masked_fill(c, 0.0) for t, c in zip(flat, censored))
+        return cls(names, flat, norms2, clip, free, censored, tuple(float(torch.dot(t, t)) for t in free))
+
+
+class ClassGradients:
+    """The model's gradient at one input ``x`` for each class asked for (float64 and flat, in the order of
+    ``names``), each computed once: a second reading of the same input (under a clip's hypothesis) reuses them."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> None:
+        self.model, self.x, self.names = model, x, names
+        self._known: dict[int, list[torch.Tensor]] = {}
+
+    def reads(self, x: torch.Tensor, names: tuple[str, ...]) -> bool:
+        """Whether these are the gradients at ``x`` of the tensors ``names``."""
+        return names == self.names and x.shape == self.x.shape and bool(torch.equal(x, self.x))
+
+    def of(self, label: int) -> list[torch.Tensor]:
+        if label not in self._known:
+            grads = compute_gradient_update(self.model, self.x, torch.tensor([label], device=self.x.device)).gradients
+            self._known[label] = [grads[n].to(F64).flatten() for n in self.names]
+        return self._known[label]
+
+
+def _fit(gradients: ClassGradients, label: int, observed: Observed, signed: bool = False) -> Fit:
+    """The gradient at ``x`` (``gradients``) for ``label`` against ``observed``; where it was clipped by value the
+    scale is fitted on the entries below the bound and the scaled gradient is clipped alike before it is compared.
+    ``signed``: a negative scale (the update is the gradient's negative) may fit; with two classes it may not, since
+    ``-(p - onehot(y))`` is then parallel to the other label's ``p - onehot(y')`` and the label could not be told.
+
+    Each tensor's residual over the entries the scale was fitted on is first read off the products the scale took,
+    ``||t - s g||^2 = ||t||^2 - 2 s t.g + s^2 g.g`` (float64: to about 1e-8 of ``||t||``; with a clip, a lower bound
+    of the whole residual), and the residual is computed entry by entry only where that leaves it near the
+    tolerances (below :data:`SCREEN_RESIDUAL`): a class that does not fit costs no pass over the update."""
+    ours = [g.to(t.device) for g, t in zip(gradients.of(label), observed.flat)]
+    clip = observed.clip
+    if clip is None:
+        tg = [float(torch.dot(g, t)) for g, t in zip(ours, observed.flat)]
+        gg = [float(torch.dot(g, g)) for g in ours]
+    else:  # the entries below the bound only
+        tg = [float(torch.dot(g, t)) for g, t in zip(ours, observed.free)]
+        gg = [float(torch.dot(g, g.masked_fill(c, 0.0))) for g, c in zip(ours, observed.censored)]
+    scale = sum(tg) / max(sum(gg), 1e-300)
     if not (scale > 0 or (signed and scale < 0)) or not math.isfinite(scale):
         return Fit(scale, math.inf)
+    # the residual over the entries the scale was fitted on, read off the products: all of it without a clip, a
+    # lower bound with one (the entries at the bound only add to it)
+    screened = max(_relative(math.sqrt(max(ff - 2 * scale * a + scale * scale * b, 0.0)), math.sqrt(tt))
+                   for ff, tt, a, b in zip(observed.free_norms2, observed.norms2, tg, gg))
+    if screened > SCREEN_RESIDUAL:
+        return Fit(scale, screened)
     worst = 0.0
-    for g, t in pairs:
-        ref, diff = float(t.norm()), float((t - (scale * g if clip is None else clip.cut(scale * g))).norm())
-        worst = max(worst, diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf))
+    for g, t in zip(ours, observed.flat):
+        worst = max(worst, _relative(float((t - (scale * g if clip is None else clip.cut(scale * g))).norm()),
+                                     float(t.norm())))
     return Fit(scale, worst)
 
 
-def _below(clip: ValueClip, g: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The entries of ``g`` and ``t`` where ``t`` is below the clip's bound."""
-    free = ~clip.censored(t)
-    return g[free], t[free]
+def _relative(diff: float, ref: float) -> float:
+    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
 
 
 @register_attack(ROUTE, update_kinds=("gradient", "weights"),
@@ -335,12 +395,12 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     if clip is None and isinstance(read, tuple) and min(f.residual for f in read[1].values()) > opts.tolerance:
         # a clip that cut one unit's entries does not show in the values: tried as the hypothesis it is
         top = read_value_clip(observed, min_units=1)
-        again = _read_one(model, G, g, shape, observed, opts, rounded, top) if top is not None else ""
+        again = _read_one(model, G, g, shape, observed, opts, rounded, top, read[2]) if top is not None else ""
         if isinstance(again, tuple) and min(f.residual for f in again[1].values()) <= opts.tolerance:
             read, clip = again, top
     if isinstance(read, str):
         return _result(model, shape, None, 0, False, read, update.num_examples, notes, start)
-    x, fits = read
+    x, fits, _ = read
     label = min(fits, key=lambda c: fits[c].residual)
     fit = fits[label]
     masked = _caveat(layer, opts)
@@ -367,10 +427,11 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
 
 
 def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...],
-              observed: dict[str, torch.Tensor], opts: FirstLayerOptions, rounded: str, clip: ValueClip | None
-              ) -> tuple[torch.Tensor, dict[int, Fit]] | str:
+              observed: dict[str, torch.Tensor], opts: FirstLayerOptions, rounded: str, clip: ValueClip | None,
+              known: ClassGradients | None = None) -> tuple[torch.Tensor, dict[int, Fit], ClassGradients] | str:
     """One sample's input read off the first layer's rows (the row with the largest bias gradient; a rounded update's
-    rows weighed together; with ``clip``, rows none of whose entries reach the bound), and each class's fit; or why
+    rows weighed together; with ``clip``, rows none of whose entries reach the bound), each class's fit and the
+    class gradients they took (``known``: those of an earlier reading, reused where the input is the same); or why
     no row gives it."""
     whole = g.abs() if clip is None else g.abs() * ~(clip.censored(G).any(1) | clip.censored(g))
     row = int(whole.argmax())
@@ -384,10 +445,12 @@ def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[i
     label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
     classes = _classes(model, x)
     signed = classes >= 3  # a gradient's negative (a weight change new - old) tells its label from three classes on
-    fits = {label: _fit(model, x, label, observed, clip, signed)}
+    read = Observed.of(observed, clip)
+    gradients = known if known is not None and known.reads(x, read.names) else ClassGradients(model, x, read.names)
+    fits = {label: _fit(gradients, label, read, signed)}
     if fits[label].residual > opts.tolerance:  # no bias, or another loss: every class is tried
-        fits.update({c: _fit(model, x, c, observed, clip, signed) for c in range(classes) if c != label})
-    return x, fits
+        fits.update({c: _fit(gradients, c, read, signed) for c in range(classes) if c != label})
+    return x, fits, gradients
 
 
 def _label(model: nn.Module, observed: dict[str, torch.Tensor]) -> int:
