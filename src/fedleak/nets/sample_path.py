@@ -2,11 +2,11 @@
 
 The first-layer attack reads a layer's input off its gradient. That input is the client's sample only where nothing
 before the layer could have given two samples the same input there: a reshape, a cast that keeps the values'
-dtype (read off a probe run: ``x.half()`` rounds), ``nn.Identity`` or a Dropout (whose training-mode masking is read apart:
-:mod:`fedleak.attacks.masked_input`). A clamp, a ReLU, an absolute value or a branch on the values maps many
-samples to one, and a probe forward pass cannot tell: on values inside ``[0, 1]`` each of ``x.clamp(0, 1)``,
-``F.relu(x)`` and ``x.abs()`` is the identity. So the path is read from the traced graph, op by op, and a
-forward that does not trace (control flow on the values) shows nothing.
+dtype (read off a probe run: ``x.half()`` rounds), ``nn.Identity`` or a Dropout (whose training-mode masking is
+read apart: :mod:`fedleak.attacks.masked_input`). A clamp, a ReLU, an absolute value or a branch on the values
+maps many samples to one, and a probe forward pass cannot tell: on values inside ``[0, 1]`` each of
+``x.clamp(0, 1)``, ``F.relu(x)`` and ``x.abs()`` is the identity. So the path is read from the traced graph, op by
+op, and a forward that does not trace (control flow on the values) shows nothing.
 """
 
 from __future__ import annotations
