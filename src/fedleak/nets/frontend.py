@@ -25,7 +25,7 @@ from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
-from fedleak.nets.tracing import model_structure, trace_model, traced_shape
+from fedleak.nets.tracing import model_structure, shared_trace, trace_model, traced_shape
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
@@ -52,7 +52,7 @@ def output_linear(model: nn.Module) -> str | None:
 
 def _output_linear(model: nn.Module) -> str | None:
     try:
-        gm = trace_model(model)
+        gm = shared_trace(model)
     except ModelError:
         return None
     modules = dict(gm.named_modules())
@@ -176,7 +176,7 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     known = {k: v for k, v in _INPUT_SHAPES.get(model, {}).items() if k[0] == key[0]}  # another structure: forget
     if key not in known:
         try:
-            gm = trace_model(model, asked)
+            gm = shared_trace(model, asked)
         except TokenInputs:
             raise
         except ModelError:  # a forward that does not trace: its input shape is read by running it

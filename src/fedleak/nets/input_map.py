@@ -26,7 +26,7 @@ from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, op_key
 from fedleak.nets.ops import CONVERTERS
-from fedleak.nets.tracing import keep_every_tensor, model_structure, recorded_len, trace_model
+from fedleak.nets.tracing import keep_every_tensor, model_structure, recorded_len, shared_trace, trace_model
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -187,7 +187,7 @@ def _peel(model: nn.Module) -> _Peeled | None:
 
 def _peel_traced(model: nn.Module) -> _Peeled | None:
     try:
-        gm = trace_model(model)
+        gm = shared_trace(model)
     except ModelError:
         return None  # as_network says why
     nodes = list(gm.graph.nodes)

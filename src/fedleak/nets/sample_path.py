@@ -20,7 +20,7 @@ from fedleak.nets.converters import cast, dropout, identity, reshape
 from fedleak.nets.frontend import converter_key
 from fedleak.nets.input_shapes import probe
 from fedleak.nets.ops import CONVERTERS
-from fedleak.nets.tracing import model_structure, trace_model
+from fedleak.nets.tracing import model_structure, shared_trace
 
 # the converters of ops that pass every value of the sample on unchanged (a Dropout in eval mode)
 AS_IS = frozenset({reshape, identity, cast, dropout})
@@ -42,13 +42,10 @@ def changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str:
 
 def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str:
     try:
-        gm = trace_model(model, shape)
+        gm = shared_trace(model, shape)
     except ModelError as err:
         return (f"what the forward does to the sample before '{layer}' is not known ({err}); a clamp, an absolute "
                 "value or a branch on the values there would give other samples the same input to that layer")
-    why = probe(model, gm, shape)  # records each node's dtype: a cast that changes it rounds the values
-    if why is not None:
-        return f"the model does not run on inputs of shape {shape} ({why})"
     modules = dict(gm.named_modules())
     call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer), None)
     if call is None or not call.args:
@@ -60,11 +57,18 @@ def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str
         node = node.args[0] if node.args else None
     if not isinstance(node, fx.Node):
         return f"the input of '{layer}' is not computed from the sample alone"
-    for node in reversed(path):  # the first op from the input that may change the values is named
+    converters = []
+    for node in path:
         module = modules.get(node.target) if node.op == "call_module" else None
         key = converter_key(node, module) if node.op in ("call_module", "call_function", "call_method") else None
-        kept = node.meta.get("dtype") == node.args[0].meta.get("dtype")
-        if key is None or CONVERTERS.get(key) not in AS_IS or not kept:
+        converters.append((node, module, None if key is None else CONVERTERS.get(key)))
+    if any(c is cast for _, _, c in converters):  # a probe run records each node's dtype: a cast may round
+        why = probe(model, gm, shape)
+        if why is not None:
+            return f"the model does not run on inputs of shape {shape} ({why})"
+    for node, module, converter in reversed(converters):  # the first op from the input that may change the values
+        kept = converter is not cast or node.meta.get("dtype") == node.args[0].meta.get("dtype")
+        if converter not in AS_IS or not kept:
             what = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
             return (f"the forward computes '{node.name}' ({what}) from the sample before '{layer}' reads it, which "
                     "may give other samples the same input to that layer")

@@ -42,6 +42,8 @@ _BUILTIN_LEN = builtins.len
 _SHAPE_KEY = "fedleak_traced_shape"  # in GraphModule.meta: the input shape a forward that reads it was traced for
 # per model: its structure and the input shape its first layer gives, found by running it (which may take seconds)
 _UNTRACED_SHAPES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+# per model: its shared traces (or why it does not trace), by structure and input shape
+_SHARED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, fx.GraphModule | str]] = weakref.WeakKeyDictionary()
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -98,6 +100,27 @@ def trace_model(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.Gr
                          "the batch: give the others defaults (forward(self, x, mask=None)), which it traces the model "
                          "at")
     return gm
+
+
+def shared_trace(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.GraphModule:
+    """:func:`trace_model`'s graph of ``model``, traced once per model structure and ``shape`` and shared by the
+    readers that do not change it (they may write its nodes' ``meta``, as a probe run does): a trace costs
+    milliseconds, and one attack's reading of a model asks for it several times. Raises the same
+    :class:`~fedleak.errors.ModelError` as :func:`trace_model`, every time."""
+    structure = model_structure(model)
+    plain, key = (structure, "any shape"), (structure, None if shape is None else tuple(shape))
+    known = {k: v for k, v in _SHARED.get(model, {}).items() if k[0] == structure}  # another structure: forget
+    if plain not in known and key not in known:
+        try:
+            gm = trace_model(model, shape)
+            known[plain if traced_shape(gm) is None else key] = gm  # traced as is: for every shape
+        except ModelError as err:
+            known[key] = str(err)
+    _SHARED[model] = known
+    found = known.get(plain, known.get(key))
+    if isinstance(found, str):
+        raise ModelError(found)
+    return found
 
 
 def traced_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:

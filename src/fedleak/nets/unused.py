@@ -9,14 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from fedleak.errors import ModelError
-from fedleak.nets.tracing import trace_model
+from fedleak.nets.tracing import shared_trace
 
 
 def unused_parameters(model: nn.Module) -> frozenset[str]:
     """The names (as ``model.named_parameters()`` gives them) of the trainable parameters ``model``'s forward never
     reads: no module holding them is called and no op reads them. Empty where the forward does not trace."""
     try:
-        gm = trace_model(model)
+        gm = shared_trace(model)
     except ModelError:
         return frozenset()
     read: set[int] = set()
