@@ -316,6 +316,26 @@ def test_a_model_of_any_input_size_asks_for_it():
     assert as_network(model, input_shape=(1, 8, 8)).input_shape == (1, 8, 8)
 
 
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "legacy weight_norm"])
+def test_a_parametrized_weight_is_refused_by_name_and_auto_still_runs(digits, wrap):
+    """The update holds the gradients of what computes the weight (g and v), not the weight's: no KeyError, one
+    line naming the layer, and auto falls back."""
+    from torch.nn.utils import parametrizations, weight_norm
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 256)
+    layer = (weight_norm(layer) if wrap.startswith("legacy") else getattr(parametrizations, wrap)(layer))
+    model = nn.Sequential(nn.Flatten(), layer, nn.ReLU(), nn.Linear(256, 10)).eval()
+    x, y = digits.batch(1, seed=0)
+    update = fedleak.compute_gradient_update(model, x, y)
+    with pytest.raises(ModelError, match=r"node '1' .*its weight is computed from '.*weight.*'.*'auto'"):
+        fedleak.reconstruct(model, update)
+    with pytest.raises(ModelError, match=r"'1' that reads the sample: its weight is computed"):
+        fedleak.reconstruct(model, update, attack="first-layer")
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=0.3, progress=False)
+    assert rec.num_certified == 0 and "its weight is computed" in rec.samples[0].reason
+
+
 def test_a_final_softmax_says_what_to_pass():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(dim=1))
     with pytest.raises(ModelError, match="ends with softmax.*NLLLoss of their log.*without its final softmax"):

@@ -64,6 +64,7 @@ from fedleak.loose_parameters import loose_parameters
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.ops import computed_parameter
 from fedleak.nets.sample_path import changed_before
 from fedleak.nets.token_inputs import TokenInputs
 from fedleak.precision import Precision, update_precision
@@ -150,6 +151,9 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
                          "another dtype)")
     name = reading[0]
     module = model.get_submodule(name)
+    if why := computed_parameter(module, "weight"):
+        raise ModelError(f"the Linear layer '{name}' that reads the sample: {why}; the optimisation attacks (dlg, "
+                         "idlg, ig) need only autograd and still apply")
     if module.bias is None:
         raise ModelError(f"the first-layer attack needs a bias in the Linear layer '{name}' that reads the sample")
     shared = [t for t in (module.weight, module.bias)

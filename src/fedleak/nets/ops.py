@@ -61,9 +61,12 @@ class Op:
         return self.args[position] if position < len(self.args) else default
 
     def parameter(self, attribute: str) -> str | None:
-        """The ``named_parameters()`` name of the module's parameter ``attribute`` (None if it has none)."""
+        """The ``named_parameters()`` name of the module's parameter ``attribute`` (None if it has none); refused
+        where the module computes it from other parameters (:func:`computed_parameter`)."""
         if self.module is None or getattr(self.module, attribute, None) is None:
             return None
+        if why := computed_parameter(self.module, attribute):
+            raise self.refuse(f"{why}; {EXACT_SCOPE}")
         return f"{self.target}.{attribute}" if self.target else attribute
 
 
@@ -87,3 +90,17 @@ def converts(*keys: object) -> Callable[[Converter], Converter]:
 def unsupported(op: Op) -> ModelError:
     """The error for an op no converter handles."""
     return op.refuse(f"not supported; {EXACT_SCOPE}")
+
+
+def computed_parameter(module: nn.Module, attribute: str) -> str:
+    """Why ``module``'s ``attribute`` (its weight) is not a parameter of its own, in words: a parametrization
+    (``weight_norm``, ``spectral_norm``) computes it from the ones a client's update holds the gradients of, which
+    are not the weight's; empty where it is a parameter."""
+    value = getattr(module, attribute, None)
+    if value is None or isinstance(value, nn.Parameter):
+        return ""
+    own = [n for n, _ in module.named_parameters() if attribute in n]  # weight_g, parametrizations.weight.original0
+    return (f"its {attribute} is computed from {', '.join(repr(n) for n in own) or 'other tensors'} (weight_norm, "
+            f"spectral_norm or another parametrization), so a client's update holds their gradients, not the "
+            f"{attribute}'s the exact methods read (remove it before training: "
+            "torch.nn.utils.parametrize.remove_parametrizations, or remove_weight_norm)")
