@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from user_models import DropoutMLP
 
 import fedleak
@@ -118,3 +119,27 @@ def test_a_gradient_clipped_by_value_gets_its_own_verdict(setting, digits):
     advice = {a.name: a for a in p.attacks}
     assert advice["auto"].recommended and "clipping its simulated gradients alike" in advice["auto"].why
     assert not advice["exclusivity"].recommended
+
+
+class Clamped(torch.nn.Module):
+    """A GELU MLP (which the exact route does not read) that clamps its input first."""
+
+    def __init__(self, clamp: bool) -> None:
+        super().__init__()
+        self.clamp = clamp
+        self.fc1, self.fc2 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = x.clamp(0, 1) if self.clamp else x
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x.flatten(1))))
+
+
+def test_the_first_layer_advice_says_when_an_op_before_the_layer_keeps_it_uncertified(digits):
+    x, y = digits.batch(1, seed=3)
+    advice = {}
+    for clamp in (False, True):
+        model = Clamped(clamp).eval()
+        plan = fedleak.plan(model, fedleak.compute_gradient_update(model, x, y), (x, y))
+        advice[clamp] = {a.name: a for a in plan.attacks}["first-layer"]
+    assert advice[False].certified and "holds it exactly" in advice[False].why
+    assert not advice[True].certified and "'clamp'" in advice[True].why

@@ -166,6 +166,17 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
                        changed_before(model, name, input_shape))
 
 
+def first_layer_changed(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """Why the first-layer attack would not certify the sample that ``model``'s first Linear layer reads (its
+    :attr:`FirstLinear.changed`, after a normalisation inside forward is peeled); empty where that layer reads the
+    sample as it is, or where the attack finds no such layer (it then says why when it runs)."""
+    try:
+        peeled, _ = peel_input_map(model, input_shape=input_shape)
+        return first_linear(peeled, tuple(input_shape)).changed
+    except ModelError:
+        return ""
+
+
 def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
     if input_shape is not None:
         return tuple(int(s) for s in input_shape), ()

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 class RouteFacts:
     """What advisors read: the exact route's verdict at ``batch_size`` (``fraction`` of samples meeting its
     condition there; ``max_batch_size`` where at least the target does), ``blocker`` (why it does not apply, one
-    clause; empty when it does), the network (``is_conv``, ``max_pooled``) and the update's kind (None: no update)."""
+    clause; empty when it does), the network (``is_conv``, ``max_pooled``), the update's kind (None: no update) and
+    why the first-layer attack would not certify what the first Linear layer reads (``first_layer_changed``)."""
 
     route: str
     batch_size: int
@@ -33,6 +34,7 @@ class RouteFacts:
     is_conv: bool
     max_pooled: bool
     update: UpdateKind | None
+    first_layer_changed: str = ""  # why the first Linear layer may not read the sample as it is (empty: it does)
 
     @property
     def update_kind(self) -> str | None:
@@ -208,6 +210,9 @@ def _first_layer(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
                                                     "(where a ReLU follows), as auto does where the exact route "
                                                     "cannot read the model")
     useful = not (facts.exact_useful and facts.route == ROUTE_APPLIES)
+    if facts.first_layer_changed:
+        return AttackAdvice(info.name, useful, False, "at batch 1 it rebuilds what the first Linear layer reads, "
+                                                      f"uncertified: {facts.first_layer_changed}")
     return AttackAdvice(info.name, useful, True, "at batch 1 the first Linear layer that reads the input (with a "
                                                  "bias) holds it exactly, whatever follows; certified where the "
                                                  "model's gradient at it reproduces the whole update")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import fedleak.plan.verdict as verdict
+from fedleak.attacks.first_layer import first_layer_changed
 from fedleak.attacks.masked_input import InputMasking, first_module, input_masking
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError
@@ -159,9 +160,10 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         model, input_map, net = view.model, view.input_map, view.net
     except ModelError as exc:
         return verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind, sizes, target,
-                                  notes)
+                                  notes, first_layer_changed(model, shape))
     if net.head.depth == 0:
-        return verdict.unreadable(label, shape, parameters, NO_HIDDEN_RELU, kind, sizes, target, notes)
+        return verdict.unreadable(label, shape, parameters, NO_HIDDEN_RELU, kind, sizes, target, notes,
+                                  first_layer_changed(model, shape))
     if samples is None:
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:

@@ -89,12 +89,13 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
 
 
 def unreadable(model: str, shape: tuple[int, ...], parameters: int, blocker: str, kind, sizes: tuple[int, ...],
-               target: float, notes: tuple[str, ...] = ()) -> Plan:
-    """The plan of a model the exact route cannot read or finds nothing in (``blocker``: why, a clause)."""
+               target: float, notes: tuple[str, ...] = (), first_layer_changed: str = "") -> Plan:
+    """The plan of a model the exact route cannot read or finds nothing in (``blocker``: why, a clause;
+    ``first_layer_changed``: why the first-layer attack would not certify what its first Linear layer reads)."""
     from fedleak import available_attacks
 
     batch = sizes[-1]
-    facts = RouteFacts(ROUTE_CANNOT, batch, 0.0, 0, blocker, False, False, kind)
+    facts = RouteFacts(ROUTE_CANNOT, batch, 0.0, 0, blocker, False, False, kind, first_layer_changed)
     return Plan(
         model=model, input_shape=tuple(shape), parameters=parameters,
         verdict=f"the exact route cannot apply to {model}: {blocker}", route=ROUTE_CANNOT, target=target,
