@@ -54,6 +54,9 @@ def run_first_layer(model: nn.Module, update: Any, input_shape: tuple[int, ...] 
     if not one.batch_certified:
         why = one.samples[0].reason if one.samples else one.missing_reason
         notes.append(f"auto: the first-layer attack {'rebuilt' if batch else 'certified'} nothing ({why})")
+        if not batch and len(one):  # what the layer read: where the search starts that sample
+            notes.append("auto: the search starts from the input the first Linear layer read")
+            return one
         return None
     notes.append("auto: a one-sample gradient; its first Linear layer gives the sample, certified by the whole update")
     return replace(one, attack="auto:first-layer", notes=(*notes, *one.notes))
