@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from fedleak.attacks.at_before import model_at_before
+from fedleak.attacks.class_fit import ClassGradients, Fit, Observed, class_fit
 from fedleak.attacks.first_layer_rows import ROUNDED_ROUTE, LayerRows, least_squares, rebuild_rows
 from fedleak.attacks.labels import class_signal, with_negated_hint
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
@@ -75,13 +76,11 @@ from fedleak.updates import (
     WeightUpdate,
     as_gradient_update,
     check_matches_model,
-    compute_gradient_update,
 )
 from fedleak.validation import check_module, options_from, validate_fields
 
 F64 = torch.float64
 RESIDUAL_TOL = 1e-5  # the most relative mismatch, per tensor, between the update and the rebuilt sample's gradient
-SCREEN_RESIDUAL = 1e-3  # a fit whose residual, read off its products, is above this is not computed entry by entry
 ROUNDING_TOL = 4.0  # an update's epsilons the tolerances allow where it carries a format coarser than float32
 #: ... and a class's fit: computed in that format (autocast), the client's loss vector is off by several of them
 FIT_ROUNDING_TOL = 16.0
@@ -190,100 +189,6 @@ def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tupl
             raise ModelError(loose_parameters(model) or "the first-layer attack needs a Linear layer; this model has "
                              "none") from None
         return (width,), (f"input shape not found: read as a vector of {width} (pass input_shape=)",)
-
-
-@dataclass(frozen=True)
-class Fit:
-    """How the gradient of the rebuilt input and one label matches the update: ``scale`` (update over gradient:
-    1 for a client's gradient, its learning rate for an update of one SGD step) and ``residual``, the largest
-    relative mismatch over the update's tensors after that scale."""
-
-    scale: float
-    residual: float
-
-
-@dataclass(frozen=True)
-class Observed:
-    """The update's tensors as every class's fit reads them, made once per reading: float64 and flat (``flat``), their
-    squared norms (``norms2``), and where the update was clipped by value (``clip``), its entries at the bound zeroed
-    (``free``, and their squared norms ``free_norms2``: the tensors themselves without a clip) and where they are
-    (``censored``)."""
-
-    names: tuple[str, ...]
-    flat: tuple[torch.Tensor, ...]
-    norms2: tuple[float, ...]
-    clip: ValueClip | None = None
-    free: tuple[torch.Tensor, ...] = ()
-    censored: tuple[torch.Tensor, ...] = ()
-    free_norms2: tuple[float, ...] = ()
-
-    @classmethod
-    def of(cls, observed: dict[str, torch.Tensor], clip: ValueClip | None) -> Observed:
-        names = tuple(observed)
-        flat = tuple(observed[n].to(F64).flatten() for n in names)
-        norms2 = tuple(float(torch.dot(t, t)) for t in flat)
-        if clip is None:
-            return cls(names, flat, norms2, free=flat, free_norms2=norms2)
-        censored = tuple(clip.censored(t) for t in flat)
-        free = tuple(t.masked_fill(c, 0.0) for t, c in zip(flat, censored))
-        return cls(names, flat, norms2, clip, free, censored, tuple(float(torch.dot(t, t)) for t in free))
-
-
-class ClassGradients:
-    """The model's gradient at one input ``x`` for each class asked for (float64 and flat, in the order of
-    ``names``), each computed once: a second reading of the same input (under a clip's hypothesis) reuses them."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> None:
-        self.model, self.x, self.names = model, x, names
-        self._known: dict[int, list[torch.Tensor]] = {}
-
-    def reads(self, x: torch.Tensor, names: tuple[str, ...]) -> bool:
-        """Whether these are the gradients at ``x`` of the tensors ``names``."""
-        return names == self.names and x.shape == self.x.shape and bool(torch.equal(x, self.x))
-
-    def of(self, label: int) -> list[torch.Tensor]:
-        if label not in self._known:
-            grads = compute_gradient_update(self.model, self.x, torch.tensor([label], device=self.x.device)).gradients
-            self._known[label] = [grads[n].to(F64).flatten() for n in self.names]
-        return self._known[label]
-
-
-def _fit(gradients: ClassGradients, label: int, observed: Observed, signed: bool = False) -> Fit:
-    """The gradient at ``x`` (``gradients``) for ``label`` against ``observed``; where it was clipped by value the
-    scale is fitted on the entries below the bound and the scaled gradient is clipped alike before it is compared.
-    ``signed``: a negative scale (the update is the gradient's negative) may fit; with two classes it may not, since
-    ``-(p - onehot(y))`` is then parallel to the other label's ``p - onehot(y')`` and the label could not be told.
-
-    Each tensor's residual over the entries the scale was fitted on is first read off the products the scale took,
-    ``||t - s g||^2 = ||t||^2 - 2 s t.g + s^2 g.g`` (float64: to about 1e-8 of ``||t||``; with a clip, a lower bound
-    of the whole residual), and the residual is computed entry by entry only where that leaves it near the
-    tolerances (below :data:`SCREEN_RESIDUAL`): a class that does not fit costs no pass over the update."""
-    ours = [g.to(t.device) for g, t in zip(gradients.of(label), observed.flat)]
-    clip = observed.clip
-    if clip is None:
-        tg = [float(torch.dot(g, t)) for g, t in zip(ours, observed.flat)]
-        gg = [float(torch.dot(g, g)) for g in ours]
-    else:  # the entries below the bound only
-        tg = [float(torch.dot(g, t)) for g, t in zip(ours, observed.free)]
-        gg = [float(torch.dot(g, g.masked_fill(c, 0.0))) for g, c in zip(ours, observed.censored)]
-    scale = sum(tg) / max(sum(gg), 1e-300)
-    if not (scale > 0 or (signed and scale < 0)) or not math.isfinite(scale):
-        return Fit(scale, math.inf)
-    # the residual over the entries the scale was fitted on, read off the products: all of it without a clip, a
-    # lower bound with one (the entries at the bound only add to it)
-    screened = max(_relative(math.sqrt(max(ff - 2 * scale * a + scale * scale * b, 0.0)), math.sqrt(tt))
-                   for ff, tt, a, b in zip(observed.free_norms2, observed.norms2, tg, gg))
-    if screened > SCREEN_RESIDUAL:
-        return Fit(scale, screened)
-    worst = 0.0
-    for g, t in zip(ours, observed.flat):
-        worst = max(worst, _relative(float((t - (scale * g if clip is None else clip.cut(scale * g))).norm()),
-                                     float(t.norm())))
-    return Fit(scale, worst)
-
-
-def _relative(diff: float, ref: float) -> float:
-    return diff / ref if ref > 0 else (0.0 if diff == 0 else math.inf)
 
 
 @register_attack(ROUTE, update_kinds=("gradient", "weights"),
@@ -462,9 +367,9 @@ def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[i
     signed = classes >= 3  # a gradient's negative (a weight change new - old) tells its label from three classes on
     read = Observed.of(observed, clip)
     gradients = known if known is not None and known.reads(x, read.names) else ClassGradients(model, x, read.names)
-    fits = {label: _fit(gradients, label, read, signed)}
+    fits = {label: class_fit(gradients, label, read, signed)}
     if fits[label].residual > opts.tolerance:  # no bias, or another loss: every class is tried
-        fits.update({c: _fit(gradients, c, read, signed) for c in range(classes) if c != label})
+        fits.update({c: class_fit(gradients, c, read, signed) for c in range(classes) if c != label})
     return x, fits, gradients
 
 
