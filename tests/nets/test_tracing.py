@@ -78,3 +78,23 @@ def test_len_is_read_again_in_a_model_whose_input_arithmetic_was_peeled(digits):
     torch.manual_seed(0)
     rec = certified_exactly(PrefixedMLP(lambda x: (x - 0.5) / 0.25, lambda x: x.view(len(x), -1)).eval(), digits)
     assert any("maps its input before its first layer" in n for n in rec.notes)
+
+
+def test_what_is_kept_per_structure_goes_with_the_model_and_its_structure():
+    import gc
+    import weakref
+
+    from fedleak.nets.tracing import PerStructure, shared_trace
+
+    kept: PerStructure[int] = PerStructure()
+    calls = []
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert kept.get(model, "k", lambda: calls.append(1) or len(calls)) == 1
+    assert kept.get(model, "k", lambda: calls.append(1) or len(calls)) == 1 and model in kept  # kept
+    model.eval()  # a mode is part of the structure: computed again
+    assert kept.get(model, "k", lambda: calls.append(1) or len(calls)) == 2
+    assert shared_trace(model) is shared_trace(model)  # one trace per structure
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # nothing kept holds the model

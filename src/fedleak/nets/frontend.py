@@ -25,29 +25,21 @@ from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
-from fedleak.nets.tracing import model_structure, shared_trace, trace_model, traced_shape
+from fedleak.nets.tracing import PerStructure, model_structure, shared_trace, trace_model, traced_shape
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
 
 
-# per model, what output_linear and input_shape_of found: each traces the forward (milliseconds), and both depend
-# on the model's structure only
-_OUTPUT_LINEAR: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str | None]] = weakref.WeakKeyDictionary()
-_INPUT_SHAPES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple[int, ...], tuple[str, ...]]]] = (
-    weakref.WeakKeyDictionary())
+_OUTPUT_LINEAR: PerStructure[str | None] = PerStructure()  # what output_linear found, per model
+_INPUT_SHAPES: PerStructure[tuple[tuple[int, ...], tuple[str, ...]]] = PerStructure()  # ... and input_shape_of
 
 
 def output_linear(model: nn.Module) -> str | None:
     """The name of the ``nn.Linear`` layer whose output the model returns (its logits), read back from the output
     of the traced forward through whatever follows it (a sigmoid, a scaling); None where the forward does not
     trace or no Linear layer leads to the output."""
-    key = model_structure(model)
-    known = _OUTPUT_LINEAR.get(model)
-    if known is None or known[0] != key:
-        known = (key, _output_linear(model))
-        _OUTPUT_LINEAR[model] = known
-    return known[1]
+    return _OUTPUT_LINEAR.get(model, None, lambda: _output_linear(model))
 
 
 def _output_linear(model: nn.Module) -> str | None:
@@ -172,18 +164,15 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     """
     model = check_module(model)
     asked = _asked_shape(input_shape, inputs)
-    key = (model_structure(model), asked)
-    known = {k: v for k, v in _INPUT_SHAPES.get(model, {}).items() if k[0] == key[0]}  # another structure: forget
-    if key not in known:
+
+    def resolve() -> tuple[tuple[int, ...], tuple[str, ...]]:
         try:
             gm = shared_trace(model, asked)
-        except TokenInputs:
-            raise
         except ModelError:  # a forward that does not trace: its input shape is read by running it
             gm = None
-        known[key] = _resolved_shape(model, gm, input_shape, inputs)[:2]
-    _INPUT_SHAPES[model] = known
-    return known[key]
+        return _resolved_shape(model, gm, input_shape, inputs)[:2]
+
+    return _INPUT_SHAPES.get(model, asked, resolve)
 
 
 def _asked_shape(input_shape: Sequence[int] | None, inputs: torch.Tensor | None) -> tuple[int, ...] | None:

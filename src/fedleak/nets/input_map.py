@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import builtins
 import operator
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -26,7 +25,7 @@ from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, op_key
 from fedleak.nets.ops import CONVERTERS
-from fedleak.nets.tracing import keep_every_tensor, model_structure, recorded_len, shared_trace, trace_model
+from fedleak.nets.tracing import PerStructure, keep_every_tensor, recorded_len, shared_trace, trace_model
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -151,7 +150,7 @@ class _Peeled:
     arithmetic: tuple[fx.Node, ...]
 
 
-_PEELED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, _Peeled | None]] = weakref.WeakKeyDictionary()
+_PEELED: PerStructure[_Peeled | None] = PerStructure()
 
 
 def peel_input_map(model: nn.Module, *, input_shape: Sequence[int] | None = None,
@@ -161,12 +160,7 @@ def peel_input_map(model: nn.Module, *, input_shape: Sequence[int] | None = None
     :func:`~fedleak.nets.as_network` finds with ``input_shape`` / ``inputs``); ``(model, None)`` where it does none.
     Raises :class:`~fedleak.errors.ModelError` where the arithmetic is not an elementwise affine map of the input
     with constants (a learned scale; ``1 / x``; a zero scale)."""
-    key = model_structure(model)
-    known = _PEELED.get(model)
-    if known is None or known[0] != key:
-        known = (key, _peel(model))
-        _PEELED[model] = known
-    peeled = known[1]
+    peeled = _PEELED.get(model, None, lambda: _peel(model))
     if peeled is None:
         return model, None
     try:

@@ -11,8 +11,6 @@ op, and a forward that does not trace (control flow on the values) shows nothing
 
 from __future__ import annotations
 
-import weakref
-
 from torch import fx, nn
 
 from fedleak.errors import ModelError
@@ -20,24 +18,18 @@ from fedleak.nets.converters import cast, dropout, identity, reshape
 from fedleak.nets.frontend import converter_key
 from fedleak.nets.input_shapes import probe
 from fedleak.nets.ops import CONVERTERS
-from fedleak.nets.tracing import model_structure, shared_trace
+from fedleak.nets.tracing import PerStructure, shared_trace
 
 # the converters of ops that pass every value of the sample on unchanged (a Dropout in eval mode)
 AS_IS = frozenset({reshape, identity, cast, dropout})
-# what was found, per model: it depends on the model's structure only (a trace costs milliseconds)
-_FOUND: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+_FOUND: PerStructure[str] = PerStructure()  # what was found, per model: it depends on its structure only
 
 
 def changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str:
     """Why the module ``layer`` of ``model`` may not read the sample as it is, in words; empty where the traced
     forward shows it does (only reshapes, identities, casts and Dropout lie between the input and its first call).
     ``shape``: one input's (the shape a forward that computes with it is traced for)."""
-    key = (model_structure(model), layer, tuple(shape))
-    found = {k: v for k, v in _FOUND.get(model, {}).items() if k[0] == key[0]}  # another structure: forget
-    if key not in found:
-        found[key] = _changed_before(model, layer, shape)
-    _FOUND[model] = found
-    return found[key]
+    return _FOUND.get(model, (layer, tuple(shape)), lambda: _changed_before(model, layer, shape))
 
 
 def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str:

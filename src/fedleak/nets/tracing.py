@@ -22,9 +22,9 @@ import builtins
 import inspect
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import fx, nn
@@ -41,9 +41,36 @@ TRACE_LOCK = threading.RLock()
 _BUILTIN_LEN = builtins.len
 _SHAPE_KEY = "fedleak_traced_shape"  # in GraphModule.meta: the input shape a forward that reads it was traced for
 # per model: its structure and the input shape its first layer gives, found by running it (which may take seconds)
-_UNTRACED_SHAPES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[int, ...]]] = weakref.WeakKeyDictionary()
-# per model: its shared traces (or why it does not trace), by structure and input shape
-_SHARED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, fx.GraphModule | str]] = weakref.WeakKeyDictionary()
+T = TypeVar("T")
+
+
+class PerStructure(Generic[T]):
+    """What was computed from a model and depends on its structure only (:func:`model_structure`), kept per model
+    (weakly: it goes with the model) and per key, and forgotten when the structure changes: tracing a forward, or
+    running it to learn a shape, costs milliseconds, and one attack asks the same of a model several times."""
+
+    def __init__(self) -> None:
+        self._kept: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[Hashable, T]]] = (
+            weakref.WeakKeyDictionary())
+
+    def __contains__(self, model: object) -> bool:
+        """Whether anything is kept for ``model``."""
+        return isinstance(model, nn.Module) and model in self._kept
+
+    def get(self, model: nn.Module, key: Hashable, compute: Callable[[], T]) -> T:
+        """The value kept for ``model`` and ``key``, else ``compute()``'s (kept where it returns)."""
+        structure = model_structure(model)
+        kept = self._kept.get(model)
+        if kept is None or kept[0] != structure:
+            kept = (structure, {})
+            self._kept[model] = kept
+        if key not in kept[1]:
+            kept[1][key] = compute()
+        return kept[1][key]
+
+
+_UNTRACED_SHAPES: PerStructure[tuple[int, ...]] = PerStructure()  # the input shape a first layer gives, by running
+_SHARED: PerStructure[fx.GraphModule | str] = PerStructure()  # shared traces, or why the forward does not trace
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
@@ -103,24 +130,23 @@ def trace_model(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.Gr
 
 
 def shared_trace(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.GraphModule:
-    """:func:`trace_model`'s graph of ``model``, traced once per model structure and ``shape`` and shared by the
-    readers that do not change it (they may write its nodes' ``meta``, as a probe run does): a trace costs
-    milliseconds, and one attack's reading of a model asks for it several times. Raises the same
-    :class:`~fedleak.errors.ModelError` as :func:`trace_model`, every time."""
-    structure = model_structure(model)
-    plain, key = (structure, "any shape"), (structure, None if shape is None else tuple(shape))
-    known = {k: v for k, v in _SHARED.get(model, {}).items() if k[0] == structure}  # another structure: forget
-    if plain not in known and key not in known:
-        try:
-            gm = trace_model(model, shape)
-            known[plain if traced_shape(gm) is None else key] = gm  # traced as is: for every shape
-        except ModelError as err:
-            known[key] = str(err)
-    _SHARED[model] = known
-    found = known.get(plain, known.get(key))
+    """:func:`trace_model`'s graph of ``model``, traced once per model structure (and, for a forward that computes
+    with its input's shape, per ``shape``) and shared by the readers that do not change it (they may write its
+    nodes' ``meta``, as a probe run does). Raises the same :class:`~fedleak.errors.ModelError` as
+    :func:`trace_model`, every time."""
+    found = _SHARED.get(model, None, lambda: _traced_or_why(model, None))
+    if shape is not None and (isinstance(found, str) or traced_shape(found) is not None):  # traced for one shape
+        found = _SHARED.get(model, tuple(shape), lambda: _traced_or_why(model, tuple(shape)))
     if isinstance(found, str):
         raise ModelError(found)
     return found
+
+
+def _traced_or_why(model: nn.Module, shape: tuple[int, ...] | None) -> fx.GraphModule | str:
+    try:
+        return trace_model(model, shape)
+    except ModelError as err:
+        return str(err)
 
 
 def traced_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
@@ -160,12 +186,7 @@ def _model_shape(model: nn.Module) -> tuple[int, ...]:
     recorded = getattr(model, "input_shape", None)
     if recorded is not None:
         return tuple(int(s) for s in recorded)
-    key = model_structure(model)
-    known = _UNTRACED_SHAPES.get(model)
-    if known is None or known[0] != key:
-        known = (key, untraced_input_shape(model)[0])
-        _UNTRACED_SHAPES[model] = known
-    return known[1]
+    return _UNTRACED_SHAPES.get(model, None, lambda: untraced_input_shape(model)[0])
 
 
 def model_structure(model: nn.Module) -> tuple:
