@@ -278,3 +278,17 @@ def test_the_audit_table_shows_what_a_defense_leaks_without_certificates(tmp_pat
     assert code == 0 and lines[0].split()[4:6] == ["recovered", "exact"]
     half = next(line.split() for line in lines if line.startswith("half-precision "))
     assert half[4:6] == ["0%", "100%"]
+
+
+def test_an_error_names_the_command_lines_options_not_the_librarys_arguments(tmp_path, capsys):
+    """A global-pooling CNN fixes no input size: the one line says to pass --input-shape, as the command spells it."""
+    (tmp_path / "gap.py").write_text(
+        "import torch.nn as nn\nimport torch.nn.functional as F\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(1, 4, 3, padding=1)\n"
+        "        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)\n\n"
+        "    def forward(self, x):\n        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).mean((2, 3)))))\n")
+    code = main(["check", "--model", f"{tmp_path / 'gap.py'}:Net"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "pass --input-shape 1,H,W" in err and "input_shape=" not in err
+    assert main(["check", "--model", f"{tmp_path / 'gap.py'}:Net", "--input-shape", "1,6,6"]) == 0
