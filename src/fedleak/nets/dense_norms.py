@@ -21,7 +21,6 @@ the input (:mod:`fedleak.nets.input_norm`).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,14 +30,13 @@ from fedleak.errors import ModelError
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
-from fedleak.nets.tracing import keep_every_tensor, model_structure, trace_model
+from fedleak.nets.tracing import PerStructure, keep_every_tensor, trace_model
 from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
 
 F64 = torch.float64
 
-# the twin of each model read, while its structure and values are unchanged
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FoldedModel | None]] = weakref.WeakKeyDictionary()
+_FOLDED: PerStructure[FoldedModel | None] = PerStructure(most=1)  # each model's twin, while its values stay
 
 #: why the exact route does not read a weight update of a model with such a norm
 WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear layer's features or on its input from "
@@ -217,13 +215,8 @@ def fold_dense_norms(model: nn.Module) -> FoldedModel | None:
     frontend reads it once."""
     if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
         return None
-    key = (model_structure(model), tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers())))
-    kept = _FOLDED.get(model)
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    fold = _fold(model)
-    _FOLDED[model] = (key, fold)
-    return fold
+    values = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+    return _FOLDED.get(model, values, lambda: _fold(model))
 
 
 def _fold(model: nn.Module) -> FoldedModel | None:

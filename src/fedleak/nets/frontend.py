@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from collections import Counter
 from collections.abc import Sequence
 
@@ -25,7 +24,7 @@ from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
-from fedleak.nets.tracing import PerStructure, model_structure, shared_trace, trace_model, traced_shape
+from fedleak.nets.tracing import PerStructure, shared_trace, trace_model, traced_shape
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
@@ -209,11 +208,11 @@ def _resolved_shape(model: nn.Module, gm: fx.GraphModule | None, input_shape: Se
     return shape, notes, caveats
 
 
-# what tracing found, per model: it costs a few milliseconds, which matters for small models. Only the
-# structure is kept (typed steps holding the live modules, shapes, notes); every call assembles a fresh
-# Network, so nothing computed from the weights (unrolled conv maps) outlives a change of the weights.
-_TRACED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[list[Step], tuple[int, ...], tuple[str, ...]]]] = (
-    weakref.WeakKeyDictionary())
+# what tracing found, per model and input shape asked for: it costs a few milliseconds, which matters for small
+# models. Only the structure is kept (typed steps holding the live modules, shapes, notes); every call assembles a
+# fresh Network, so nothing computed from the weights (unrolled conv maps) outlives a change of the weights.
+_TRACED: PerStructure[tuple[list[Step], tuple[int, ...], tuple[str, ...], tuple[str, ...]]] = PerStructure(
+    most=CACHED_SHAPES)
 
 
 def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
@@ -229,9 +228,8 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
     model = check_module(model)
     asked = (None if input_shape is None else tuple(input_shape),
              None if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 else tuple(inputs.shape[1:]))
-    key = (asked, model_structure(model))
-    known = {k: v for k, v in _TRACED.get(model, {}).items() if k[1] == key[1]}  # another structure: forget
-    if key not in known:
+
+    def read() -> tuple[list[Step], tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
         if loose := loose_parameters(model):
             raise ModelError(f"{loose}; {EXACT_SCOPE}")
         gm = trace_model(model, _asked_shape(input_shape, inputs))
@@ -239,9 +237,7 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
         if (fixed := traced_shape(gm)) is not None:
             notes = (*notes, f"the forward computes with its input's shape (x.size()[1:], x.dim(), ...): read for "
                              f"inputs of shape {fixed}, any batch size")
-        if len(known) >= CACHED_SHAPES:
-            known.pop(next(iter(known)))
-        known[key] = (_steps(gm), shape, notes, caveats)
-    _TRACED[model] = known
-    steps, shape, notes, caveats = known[key]
+        return _steps(gm), shape, notes, caveats
+
+    steps, shape, notes, caveats = _TRACED.get(model, asked, read)
     return assemble(list(steps), shape, notes, caveats)

@@ -40,16 +40,17 @@ TRACE_LOCK = threading.RLock()
 
 _BUILTIN_LEN = builtins.len
 _SHAPE_KEY = "fedleak_traced_shape"  # in GraphModule.meta: the input shape a forward that reads it was traced for
-# per model: its structure and the input shape its first layer gives, found by running it (which may take seconds)
 T = TypeVar("T")
 
 
 class PerStructure(Generic[T]):
     """What was computed from a model and depends on its structure only (:func:`model_structure`), kept per model
     (weakly: it goes with the model) and per key, and forgotten when the structure changes: tracing a forward, or
-    running it to learn a shape, costs milliseconds, and one attack asks the same of a model several times."""
+    running it to learn a shape, costs milliseconds, and one attack asks the same of a model several times.
+    ``most``: the keys kept per model (the oldest forgotten first; None: all)."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int | None = None) -> None:
+        self.most = most
         self._kept: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, dict[Hashable, T]]] = (
             weakref.WeakKeyDictionary())
 
@@ -64,9 +65,13 @@ class PerStructure(Generic[T]):
         if kept is None or kept[0] != structure:
             kept = (structure, {})
             self._kept[model] = kept
-        if key not in kept[1]:
-            kept[1][key] = compute()
-        return kept[1][key]
+        values = kept[1]
+        if key not in values:
+            value = compute()
+            if self.most is not None and len(values) >= self.most:
+                values.pop(next(iter(values)))
+            values[key] = value
+        return values[key]
 
 
 _UNTRACED_SHAPES: PerStructure[tuple[int, ...]] = PerStructure()  # the input shape a first layer gives, by running
