@@ -205,3 +205,17 @@ def test_a_norm_without_parameters_in_training_mode_leaves_no_input(lfw):
     x, y = lfw.batch(3, seed=7)
     rec = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert len(rec) == 0 and "the Linear bias's gradient is zero to rounding" in rec.why_uncertified()
+
+
+def test_the_kept_twin_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    from fedleak.nets.exact_view import exact_view
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    assert fold_dense_norms(model) is not None and exact_view(model).fold is not None
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -21,6 +21,7 @@ the input (:mod:`fedleak.nets.input_norm`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -96,13 +97,19 @@ class FoldedGradient:
 
 @dataclass(frozen=True, eq=False)
 class FoldedModel:
-    """The user's ``model`` read with its ``folds``: ``model`` is the twin (a ``torch.fx`` graph module sharing every
-    other module with the user's), in which each folded ``Linear`` computes ``Linear`` then ``BatchNorm1d``."""
+    """The user's model (``source``) read with its ``folds``: ``model`` is the twin (a ``torch.fx`` graph module sharing
+    every other module with the user's), in which each folded ``Linear`` computes ``Linear`` then ``BatchNorm1d``.
+    The user's model is held weakly (``of``): the twin is kept per model, and would otherwise keep it alive."""
 
     model: nn.Module
     folds: tuple[NormFold, ...]
-    source: nn.Module
+    of: weakref.ref
     input_norm: InputNorm | None = None
+
+    @property
+    def source(self) -> nn.Module:
+        """The user's model."""
+        return self.of()
 
     def read_into(self, net: Network) -> Network:
         """``net`` (read from the twin) with the notes and caveats of the norms taken out of it: read in eval mode,
@@ -261,7 +268,7 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     if shape is not None:
         twin.input_shape = tuple(shape)
     twin.training = model.training  # its modules are the user's: their own modes stay
-    return FoldedModel(twin, tuple(folds), model, None if on_input is None else on_input[1])
+    return FoldedModel(twin, tuple(folds), weakref.ref(model), None if on_input is None else on_input[1])
 
 
 def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:
