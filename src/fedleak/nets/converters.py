@@ -153,10 +153,20 @@ def adaptive_pool(op: Op) -> Pool | None:
     return Pool(op.node, "max" if is_max else "avg", (h // ho, w // wo))
 
 
-@converts(torch.mean, torch.amax, ("method", "mean"), ("method", "amax"))
-def global_pool(op: Op) -> Pool:
-    """A mean (or a max) over every position of each map at once, ``x.mean((2, 3))``: global pooling, the pool
-    of one window the size of the map (``nn.AdaptiveAvgPool2d(1)``)."""
+@converts(torch.mean, ("method", "mean"))
+def global_avg_pool(op: Op) -> Pool:
+    """A mean over every position of each map at once, ``x.mean((2, 3))``: global average pooling, the pool of one
+    window the size of the map (``nn.AdaptiveAvgPool2d(1)``)."""
+    return _global_pool(op, "avg")
+
+
+@converts(torch.amax, ("method", "amax"))
+def global_max_pool(op: Op) -> Pool:
+    """``x.amax((2, 3))``: global max pooling (``nn.AdaptiveMaxPool2d(1)``)."""
+    return _global_pool(op, "max")
+
+
+def _global_pool(op: Op, kind: str) -> Pool:
     dims = op.arg(0, "dim")
     maps = len(op.in_shape) - 1  # (C, H, W) maps, or (C, L) signals
     if op.arg(2, "dtype") is not None or maps not in (1, 2):
@@ -168,7 +178,7 @@ def global_pool(op: Op) -> Pool:
         raise op.refuse(f"reduces dimensions {dims} of a batch of {op.in_shape} inputs; only a reduction over every "
                         f"position of each map at once is read, global pooling ({tuple(range(2, rank))})")
     window = (1, op.in_shape[1]) if maps == 1 else (op.in_shape[1], op.in_shape[2])
-    return Pool(op.node, "max" if "amax" in op.what else "avg", window)
+    return Pool(op.node, kind, window)
 
 
 @converts(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze,
