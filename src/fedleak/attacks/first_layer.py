@@ -53,6 +53,7 @@ from torch import nn
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.class_fit import ClassGradients, Fit, Observed, class_fit
 from fedleak.attacks.first_layer_rows import ROUNDED_ROUTE, LayerRows, least_squares, rebuild_rows
+from fedleak.attacks.label_sign import without_unsigned_labels
 from fedleak.attacks.labels import class_signal, with_negated_hint
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
@@ -343,7 +344,8 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
             notes = (*notes, f"the update is the gradient's negative (scale {fit.scale:.4g}): a weight change new - "
                              "old (minus the learning rate times the gradient) reads so; the input is the sample's all "
                              "the same")
-    return _result(model, shape, x, label, not why, why, update.num_examples, notes, start, fit)
+    rec = _result(model, shape, x, label, not why, why, update.num_examples, notes, start, fit)
+    return without_unsigned_labels(model, rec, 1, own_scale=1.0)  # two classes: the factor's sign tells the label
 
 
 def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[int, ...],

@@ -176,7 +176,8 @@ def exclusivity_on_weights(
     else:  # SGD's weight decay, peeled off with its bound in the noise
         peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
         grads = GradientUpdate(peeled, num_examples=update.num_examples)
-    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise), net, update.error)
+    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=True), net,
+                           update.error)
     notes = (decay.describe(),) if decay is not None else ()
     if not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)

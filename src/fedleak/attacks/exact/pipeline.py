@@ -45,6 +45,7 @@ from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_b
 from fedleak.attacks.exact.sample_clip import read_sample_clip
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
+from fedleak.attacks.label_sign import without_unsigned_labels
 from fedleak.attacks.masked_input import first_module, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
@@ -69,7 +70,7 @@ FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four
 
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
                     noise: dict[str, RoundingNoise] | None = None, name: str = "exclusivity",
-                    precision: Precision = FLOAT32) -> Reconstruction:
+                    precision: Precision = FLOAT32, positive: bool = False) -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
     ``noise``: the update's own rounding noise per entry, where it is known; ``precision``: the format a gradient's
@@ -78,7 +79,10 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     ``label_smoothing`` was not given, the label smoothing the update shows
     (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`) is tried once; for a model with Dropout, the
     reading of a client that ran it in training mode (:mod:`~fedleak.attacks.exact.dropout`), unless the update's
-    values carry a format coarser than float32 (:mod:`fedleak.precision`), which no reading certifies."""
+    values carry a format coarser than float32 (:mod:`fedleak.precision`), which no reading certifies. Read with an
+    unknown factor that is not known to be ``positive`` (a weight delta ``before - after`` is) and no declared
+    defense, a two-class model's certificates stand only where the update's negative has no reading with the other
+    labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`)."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
@@ -116,6 +120,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
                 used = replace(used, train_dropout=True)
+        if not (positive or used.known_scale or used.defense):
+            rec = without_unsigned_labels(model, rec, update.num_examples or rec.batch_size, used.smoothing,
+                                          used.class_weights)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
     rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.attacks.label_sign import without_unsigned_labels
 from fedleak.attacks.malicious.peel import FirstLayer
 from fedleak.attacks.malicious.proofs import (
     BinCount,
@@ -362,6 +363,17 @@ def finish(net: Network, name: str, c: Candidates, verdicts: list[Verdict], n_ex
         seconds=time.perf_counter() - start,
         notes=tuple(notes),
     )
+
+
+def with_sign_read(model: nn.Module, update, opts: MaliciousOptions, rec: Reconstruction) -> Reconstruction:
+    """``rec``, with a two-class model's certificates withdrawn where the update's common scale is neither given
+    (``scale``, ``known_scale``) nor known to be positive (a weight update's ``before - after`` is; a gradient's
+    own scale ``1/num_examples``, which its certified samples share), and the update's negative has a reading with
+    the other labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`)."""
+    if isinstance(update, WeightUpdate) or opts.known_scale or opts.scale is not None:
+        return rec
+    own = 1.0 / rec.batch_size if rec.batch_size else None  # a gradient of the reported batch, at its own scale
+    return without_unsigned_labels(model, rec, rec.batch_size, own_scale=own)
 
 
 def first_layer(model: nn.Module, update, what: str, input_shape: tuple[int, ...] | None = None):

@@ -20,6 +20,7 @@ from fedleak.attacks.malicious.certify import (
     first_two_dense,
     ratio_bound,
     resolve_options,
+    with_sign_read,
 )
 from fedleak.attacks.malicious.peel import FirstLayer
 from fedleak.attacks.masked_input import first_module, input_masking
@@ -94,5 +95,6 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
     verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not rows else ["no common scale: no candidate could be certified"]
     masking = input_masking(model, first_module(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
-    return finish(net, "trap-weights", cands, verdicts, n_examples, opts, start, notes, masking)
+    rec = finish(net, "trap-weights", cands, verdicts, n_examples, opts, start, notes, masking)
+    return with_sign_read(model, update, opts, rec)
 

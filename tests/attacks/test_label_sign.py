@@ -1,0 +1,95 @@
+"""Two-class labels rest on the sign of the update's factor: an update read with an unknown factor (a weight change
+new - old passed as a gradient is minus the learning rate times it) certifies no label its negative explains with
+the other label."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.attacks.label_sign import flipped_factors, shared_factor
+
+
+def two_class(seed: int = 0, d: int = 48) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, 256), nn.ReLU(), nn.Linear(256, 2))
+
+
+def batch(m: int, seed: int = 1, d: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(m, d, generator=g), torch.arange(m) % 2
+
+
+def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 0.1) -> dict[str, torch.Tensor]:
+    local = copy.deepcopy(model)
+    opt = torch.optim.SGD(local.parameters(), lr=lr)
+    opt.zero_grad()
+    F.cross_entropy(local(x), y).backward()
+    opt.step()
+    return {n: p.detach() for n, p in local.named_parameters()}
+
+
+def test_shared_factor_reads_counts_within_the_batch():
+    assert shared_factor(np.array([0.3]), 1) == pytest.approx(0.3)
+    assert shared_factor(np.array([0.2, 0.4]), 3) == pytest.approx(0.2)  # counts 1 and 2
+    assert shared_factor(np.array([0.2, 0.4]), 2) is None  # 1 + 2 samples: more than the batch holds
+    assert shared_factor(np.array([0.2, 0.3]), 5) == pytest.approx(0.1)  # counts 2 and 3
+    assert shared_factor(np.array([0.2, 0.3]), 4) is None
+    assert shared_factor(np.array([0.2, -0.3]), 64) is None  # no positive reading takes the second sample
+
+
+def test_flipped_factor_is_the_other_labels_scale():
+    model = two_class()
+    x, y = batch(1)
+    f = flipped_factors(model, x, y, np.array([1.0]))
+    g = fedleak.compute_gradient_update(model, x, y).gradients
+    other = fedleak.compute_gradient_update(model, x, 1 - y).gradients
+    for name in g:  # the negated gradient is f times the other label's
+        torch.testing.assert_close(-g[name], float(f[0]) * other[name], rtol=1e-4, atol=1e-7)
+    assert flipped_factors(nn.Sequential(nn.Linear(48, 3)), x, y, np.array([1.0])) is None
+
+
+@pytest.mark.parametrize("attack", ["exclusivity", "first-layer", "auto"])
+def test_a_negated_one_sample_update_certifies_no_label(attack):
+    model = two_class()
+    x, y = batch(1)
+    old = {n: p.detach() for n, p in model.named_parameters()}
+    new = step(model, x, y)
+    change = {n: new[n] - old[n] for n in old}  # new - old: minus the learning rate times the gradient
+    rec = fedleak.reconstruct(model, change, attack=attack, num_examples=1)
+    assert rec.num_certified == 0
+    assert "label is not proven" in rec.why_uncertified()
+    assert torch.allclose(rec.inputs[0].reshape(-1), x[0], atol=1e-4)  # the input is read all the same
+    # the gradient itself, and the weights after the step, still certify the sample with its label
+    for update in (fedleak.compute_gradient_update(model, x, y), new):
+        rec = fedleak.reconstruct(model, update, attack="exclusivity", num_examples=1)
+        assert rec.num_certified == 1 and int(rec.labels[0]) == int(y[0])
+
+
+def test_imprint_certifies_no_label_of_a_negated_batch():
+    data = fedleak.load_dataset("lfw")  # two classes; before this check, both samples certified with the other label
+    X, Y = data.x.flatten(1).float(), data.y
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(X.shape[1], 256), nn.ReLU(), nn.Linear(256, 2))
+    model = fedleak.imprint_weights(net, X[-100:], seed=0)
+    idx = torch.randperm(len(X) - 100, generator=torch.Generator().manual_seed(11))[:2]
+    x, y = X[idx], Y[idx]
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    rec = fedleak.reconstruct(model, {n: -g for n, g in grads.items()}, attack="imprint", num_examples=2)
+    assert rec.num_certified == 0 and "label is not proven" in rec.why_uncertified()
+    rec = fedleak.reconstruct(model, grads, attack="imprint", num_examples=2)  # the gradient: labels as they are
+    assert rec.num_certified == 2
+    for i in range(2):
+        assert int(rec.labels[i]) == int(y[int((x - rec.inputs[i].reshape(1, -1)).abs().amax(1).argmin())])
+
+
+def test_ten_classes_are_not_affected():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 256), nn.ReLU(), nn.Linear(256, 10))
+    x, y = batch(1)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="first-layer")
+    assert rec.num_certified == 1 and int(rec.labels[0]) == int(y[0])
