@@ -72,22 +72,24 @@ def read_tensor_file(
 
 
 def _format(path: Path) -> str:
-    """``"torch"``, ``"npz"`` or ``"safetensors"``: by the file's suffix, else by its first bytes (``torch.save``
-    writes a zip archive holding a ``data.pkl``, or an old-style pickle; ``numpy.savez`` a zip of ``.npy`` files)."""
-    if path.suffix in TORCH_SUFFIXES:
-        return "torch"
-    if path.suffix in {".npz", ".safetensors"}:
-        return path.suffix[1:]
+    """``"torch"``, ``"npz"`` or ``"safetensors"``: by the file's first bytes (``torch.save`` writes a zip archive
+    holding a ``data.pkl``, or an old-style pickle; ``numpy.savez`` a zip of ``.npy`` files; safetensors an 8-byte
+    header length, then the JSON header), whatever its suffix says (``save_mlp(model, "net.pt")`` writes
+    safetensors); else by the suffix, for that format's own error."""
     import zipfile
 
     with path.open("rb") as fh:
-        head = fh.read(2)
+        head = fh.read(9)
+    if head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:  # its header fits
+        return "safetensors"
     if head[:1] == b"\x80":  # a pickle's protocol byte: torch's legacy format, which weights_only reads safely
         return "torch"
-    if head == b"PK" and zipfile.is_zipfile(path):
+    if head[:2] == b"PK" and zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             return "torch" if any(n.endswith("data.pkl") for n in archive.namelist()) else "npz"
-    return "safetensors"
+    if path.suffix in TORCH_SUFFIXES:
+        return "torch"
+    return "npz" if path.suffix == ".npz" else "safetensors"
 
 
 def _state_of_checkpoint(path: Path, what: str, error: type[FedleakError], obj: Mapping) -> Mapping:

@@ -5,9 +5,10 @@ from torch import nn
 import fedleak
 
 
-def test_round_trip_keeps_names_shape_and_outputs(tmp_path, digits):
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "m"])  # safetensors, read by content whatever the suffix
+def test_round_trip_keeps_names_shape_and_outputs(tmp_path, digits, name):
     model = fedleak.make_mlp(digits.input_shape, [32, 16], 10, seed=2)
-    path = fedleak.save_mlp(model, tmp_path / "m.safetensors")
+    path = fedleak.save_mlp(model, tmp_path / name)
     loaded = fedleak.load_mlp(path)
     assert loaded.input_shape == (1, 8, 8)
     assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in model.named_parameters()]
