@@ -11,6 +11,9 @@
   from the weights as they are from zero; or :data:`MIN_UNCHANGED` of the model's nonzero weights kept bit for bit,
   as local training keeps those its data gave no gradient (a gradient is 0 there). A client that moved its weights
   further, with no such entries (Adam at a large learning rate on natural images, say), is told by ``kind``.
+* A **dict that holds the client's weight change** (``new - old``, or ``old - new``: frameworks that send deltas)
+  is read as a :class:`~fedleak.updates.WeightUpdate` from the model's weights too, told by its entries lying on the
+  float spacing of the weights (:mod:`fedleak.weight_change`), or by ``kind="change"``.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from fedleak.errors import UpdateError
 from fedleak.nets.unused import unused_parameters
 from fedleak.state_names import renamed
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, in_model_dtype, trainable_parameters
+from fedleak.weight_change import UNSIGNED, GridEvidence, as_weights_after, change_sign, grid_evidence
 
 WEIGHTS_DISTANCE = 0.5  # ||T - W|| / ||W|| at most this: T is the model's weights moved by local training
 MIN_UNCHANGED = 16  # this many nonzero weights kept bit for bit: T is weights (a gradient equals one by chance only)
 SCREEN = 4096  # values a gradient is told on (spread over its largest entry)
 SCREEN_DISTANCE = 0.75  # ... when they are at least this far from the weights (a gradient: about 1) and none is kept
-KINDS = ("auto", "gradient", "weights")  # what a plain dict or list of tensors holds
+KINDS = ("auto", "gradient", "weights", "change")  # what a plain dict or list of tensors holds
 READ_AS = "read_as"  # the metadata key of a WeightUpdate read from a client's weights: how it was read
 
 
@@ -119,8 +123,10 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
     """``update`` as fedleak reads it, and a note on how where it was not a fedleak update: a list keyed by
     :func:`named_like`, and a dict of the client's weights read as a :class:`WeightUpdate` from the model's
     weights (its metadata :data:`READ_AS` keeps the note, also when :func:`~fedleak.update_files.load_update` read
-    it). ``kind``: what a plain dict or list holds, ``"gradient"``, ``"weights"`` or ``"auto"`` (weights where
-    :func:`weights_evidence` says so). Anything else is returned as it is, for the caller to validate."""
+    it). ``kind``: what a plain dict or list holds, ``"gradient"``, ``"weights"``, ``"change"`` (a weight change,
+    :func:`read_change`) or ``"auto"`` (weights where :func:`weights_evidence` says so, a change where
+    :func:`~fedleak.weight_change.grid_evidence` does). Anything else is returned as it is, for the caller to
+    validate."""
     kind = check_kind(kind)
     if isinstance(update, (list, tuple)):
         update = named_like(model, update)
@@ -131,11 +137,15 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
         renaming = "" if change is None else "read with the model's names: " + change.said("the update's")
     if isinstance(update, Mapping) and kind != "gradient":
         unknown = sorted(set(update) - set(own))
-        evidence = None if unknown else weights_evidence(model, update)
-        if kind == "weights" and unknown:
-            raise UpdateError(f"the client's weights do not match the model: unexpected {unknown[:5]}")
+        evidence = None if unknown or kind == "change" else weights_evidence(model, update)
+        if kind in ("weights", "change") and unknown:
+            raise UpdateError(f"the client's {kind} do not match the model: unexpected {unknown[:5]}")
         found = evidence is not None and evidence.holds_weights
-        if kind == "weights" or found:
+        grid = None if unknown or found or kind == "weights" else grid_evidence(model, update)
+        if kind == "change" or (grid is not None and grid.holds_change):
+            update = read_change(model, update, own, grid, renaming)
+            renaming = ""  # the weight update's metadata keeps it
+        elif kind == "weights" or found:
             how = (f"the update holds the client's weights ({evidence.said()}), not a gradient" if found else
                    "the update holds the client's weights, as told")
             how += ": read as a FedAvg update from the model's weights (the round's)" + (renaming and "; " + renaming)
@@ -144,6 +154,23 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
             update = WeightUpdate(before=before, after=dict(update), metadata={READ_AS: how})
     read_as = update.metadata.get(READ_AS) if isinstance(update, WeightUpdate) else None
     return update, tuple(filter(None, (renaming, read_as if isinstance(read_as, str) else "")))
+
+
+def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
+                grid: GridEvidence | None, renaming: str) -> WeightUpdate:
+    """A client's weight change as a :class:`WeightUpdate` from the model's weights (the round's): ``new - old``
+    where the output layer reads it so, ``old - new`` where it reads the other way, else ``new - old`` with the
+    sign marked unread (:data:`~fedleak.weight_change.UNSIGNED`)."""
+    sign = change_sign(model, change)
+    before = {k: own[k].detach().clone() for k in change}
+    after = as_weights_after(before, change, sign or 1)
+    why = f"({grid.said()})" if grid is not None and grid.holds_change else "(as told)"
+    how = (f"the update holds the client's weight change {why}, not a gradient: read as "
+           f"{'old - new' if sign == -1 else 'new - old'} from the model's weights (the round's)")
+    how += (", as its output layer's columns read" if sign else
+            "; with fewer than four classes its sign is not read (the exact route reads both)")
+    how += renaming and "; " + renaming
+    return WeightUpdate(before=before, after=after, metadata={READ_AS: how, UNSIGNED: sign is None})
 
 
 def check_kind(kind: object) -> str:

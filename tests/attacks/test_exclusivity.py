@@ -532,13 +532,17 @@ def test_results_take_part_in_autograd_whatever_the_mode(digits):
 
 
 def test_a_batch_size_read_off_the_scale_says_so(digits):
-    """A weight change old - new of one step passed as a plain gradient (lr 0.5, batch of 2, no count reported):
-    the samples' scale is 0.5/2, read as a batch of 4; the note says where the size came from and what settles it."""
+    """A gradient divided further, passed without a count (halved, batch of 2): the samples' scale is 0.5/2, read as
+    a batch of 4; the note says where the size came from and what settles it. A weight change old - new of one step
+    (lr 0.5) is no longer read so: the weights' float spacing tells it, and it is read as a weight update."""
     model = fedleak.make_mlp(digits.input_shape, (512,), 10, seed=3)
     x, y = digits.batch(2, seed=23)
-    delta = fedleak.fedavg_update(model, x, y, lr=0.5, local_steps=1).delta()
-    rec = fedleak.reconstruct(model, delta, attack="exclusivity")
+    halved = {n: 0.5 * g for n, g in fedleak.compute_gradient_update(model, x, y).gradients.items()}
+    rec = fedleak.reconstruct(model, halved, attack="exclusivity")
     assert rec.batch_size == 4 and not fedleak.metrics.match(rec, x, y).false_certificate.any()
+    delta = fedleak.fedavg_update(model, x, y, lr=0.5, local_steps=1).delta()
+    change = fedleak.reconstruct(model, delta, attack="exclusivity")
+    assert any("weight change" in n for n in change.notes) and change.batch_size != 4
     assert any("read off the samples' common scale 1/4" in n and "num_examples" in n for n in rec.notes)
     told = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="exclusivity")
     assert not any("common scale" in n for n in told.notes)

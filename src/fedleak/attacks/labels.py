@@ -109,8 +109,8 @@ def infer_labels(
 NEGATED_MIN_CLASSES = 4  # fewer, and a column shared by samples of the other labels has one positive entry by nature
 #: what an update that reads as a gradient's negative is said to be, and what to do with it
 NEGATED_HINT = ("the update reads as the negative of a cross-entropy gradient: {evidence}; a weight change new - old "
-                "(minus the learning rate times the gradient, as FedOpt-style code computes its pseudo-gradient) reads "
-                "so: pass it as a WeightUpdate (before and after) or negated (a confident model trained with label "
+                "(minus the learning rate times the gradient) reads so: pass it as a WeightUpdate (before and after), "
+                "read it as a weight change (kind='change'), or negate it (a confident model trained with label "
                 "smoothing can read so too)")
 
 

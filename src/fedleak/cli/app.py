@@ -47,8 +47,9 @@ UPDATE_HELP = ("The captured client update: a .safetensors from fedleak, or a pl
 
 CLIENT_MODE_HELP = ("How the clients run the model as they compute their updates: train (model.train(), as training "
                     "loops do: Dropout drops units, BatchNorm uses the batch's statistics) or eval.")
-UPDATE_KIND_HELP = ("What a plain update file holds: gradient, weights (the client's after local training) or auto "
-                    "(weights when within half their norm of the model's, else a gradient).")
+UPDATE_KIND_HELP = ("What a plain update file holds: gradient, weights (the client's after local training), change "
+                    "(new - old or old - new) or auto (weights when within half their norm of the model's, a change "
+                    "when its entries lie on the weights' float spacing, else a gradient).")
 
 
 def _model_help() -> str:

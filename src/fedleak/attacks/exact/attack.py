@@ -32,6 +32,7 @@ from fedleak.nets.input_map import InputMap, peel_input_map
 from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
+from fedleak.weight_change import UNSIGNED, other_sign
 
 #: the note of a weight update that certified nothing and may be of several local steps
 SEVERAL_STEPS = ("nothing was certified; if the client took several local steps (the update does not say), its "
@@ -162,6 +163,19 @@ def exclusivity_on_weights(
     """
     if fold_dense_norms(model) is not None:
         raise ModelError(WEIGHTS_UNREAD)
+    rec = _on_weights(model, update, input_shape, options, overrides)
+    other = other_sign(update) if not rec.num_certified else None
+    if other is not None:  # a change whose sign was not read: the other sign, where this one certified nothing
+        again = _on_weights(model, other, input_shape, options, overrides)
+        if again.num_certified:
+            return replace(again, notes=(*again.notes, "read with the other sign (old - new): nothing was certified "
+                                                       "as new - old"))
+    return rec
+
+
+def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, ...] | None,
+                options: ExclusivityOptions | None, overrides: dict) -> Reconstruction:
+    """:func:`exclusivity_on_weights` on ``update`` as it is."""
     names = list(update.parameters_of(model))
     delta = update.delta()
     at_before, input_map = peel_input_map(model_at_before(model, update), input_shape=input_shape)
@@ -176,8 +190,9 @@ def exclusivity_on_weights(
     else:  # SGD's weight decay, peeled off with its bound in the noise
         peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
         grads = GradientUpdate(peeled, num_examples=update.num_examples)
-    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=True), net,
-                           update.error)
+    positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
+    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive), net,
+                            update.error)
     notes = (decay.describe(),) if decay is not None else ()
     if not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)

@@ -30,6 +30,7 @@ from fedleak.nets.network import check_head_trainable
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, WeightUpdate, check_matches_model
 from fedleak.validation import validate_fields
+from fedleak.weight_change import UNSIGNED
 
 F64 = torch.float64
 
@@ -367,12 +368,14 @@ def finish(net: Network, name: str, c: Candidates, verdicts: list[Verdict], n_ex
 
 def with_sign_read(model: nn.Module, update, opts: MaliciousOptions, rec: Reconstruction) -> Reconstruction:
     """``rec``, with a two-class model's certificates withdrawn where the update's common scale is neither given
-    (``scale``, ``known_scale``) nor known to be positive (a weight update's ``before - after`` is; a gradient's
-    own scale ``1/num_examples``, which its certified samples share), and the update's negative has a reading with
-    the other labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`)."""
-    if isinstance(update, WeightUpdate) or opts.known_scale or opts.scale is not None:
+    (``scale``, ``known_scale``) nor known to be positive (a weight update's ``before - after`` is, unless it was
+    read from a change whose sign was not read; so is a gradient's own scale ``1/num_examples``, where its certified
+    samples share it), and the update's negative has a reading with the other labels
+    (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`)."""
+    weights = isinstance(update, WeightUpdate)
+    if (weights and not update.metadata.get(UNSIGNED)) or opts.known_scale or opts.scale is not None:
         return rec
-    own = 1.0 / rec.batch_size if rec.batch_size else None  # a gradient of the reported batch, at its own scale
+    own = 1.0 / rec.batch_size if rec.batch_size and not weights else None  # a gradient's, at its own scale
     return without_unsigned_labels(model, rec, rec.batch_size, own_scale=own)
 
 

@@ -1,0 +1,117 @@
+"""A client's weight change (``new - old``, or ``old - new``), told from a gradient and read as a weight update.
+
+Frameworks that send deltas instead of weights (and people who subtract the round's weights themselves) give a
+server ``new - old`` (minus the learning rate times the gradient, after one SGD step) or ``old - new`` (FedOpt's
+pseudo-gradient). Read as a gradient, such a change carries the rounding of the weights it is the difference of,
+far more than a gradient's own, and its sign may be negative; read as a :class:`~fedleak.updates.WeightUpdate` from
+the model's weights (the round's), it is modelled as it is.
+
+What tells it (:class:`GridEvidence`): both weights are floats of the model's dtype, so the difference of a weight
+moved by less than 1/64 of itself is a whole multiple of the spacing of floats (one unit in the last place) near
+it, exactly (Sterbenz), with random low bits: about half of them are multiples of twice it. A gradient's entry that
+small beside its weight has six or more bits of its own below that spacing and lies on it about once in 64 or less;
+one carried in a coarser format (float16, bfloat16, quantised) may lie on it, but then on twice it too.
+
+Its sign: with four classes or more the output layer's columns read it (:func:`fedleak.attacks.labels.
+negated_columns`, measured on 216 gradients); with two or three classes it is not read (:data:`UNSIGNED`), and
+the exact route tries both (:func:`other_sign`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from fedleak.attacks.labels import NEGATED_MIN_CLASSES, negated_columns, output_layer_names
+from fedleak.errors import FedleakError
+from fedleak.updates import WeightUpdate
+
+SMALL = 2.0 ** -6  # entries moved by less than this fraction of their weight are read
+SCREEN = 4096  # entries read per tensor (spread over it); 64 times as many where that finds too few
+MIN_ENTRIES = 64  # fewer small entries tell nothing
+ON_GRID = 0.99  # this share of them on the spacing: a change (a gradient: about 1/64 or less)
+ON_TWICE = 0.75  # ... and at most this share on twice it (a change: about half; a coarser format: all)
+UNSIGNED = "sign_unread"  # a WeightUpdate's metadata key: its change's sign was not read (True)
+
+
+@dataclass(frozen=True)
+class GridEvidence:
+    """How many small entries (``entries``) of a map of tensors lie on the spacing of the model's weights
+    (``on_grid``), and on twice it (``on_twice``)."""
+
+    entries: int
+    on_grid: int
+    on_twice: int
+
+    @property
+    def holds_change(self) -> bool:
+        return (self.entries >= MIN_ENTRIES and self.on_grid >= ON_GRID * self.entries
+                and self.on_twice <= ON_TWICE * self.entries)
+
+    def said(self) -> str:
+        return (f"{self.on_grid:,} of {self.entries:,} entries small beside their weights are whole multiples of "
+                "the weights' float spacing, as differences of two weights are and a gradient's are not")
+
+
+def grid_evidence(model: nn.Module, tensors: Mapping[str, object]) -> GridEvidence | None:
+    """The :class:`GridEvidence` of ``tensors`` against the model's floating-point parameters they name with their
+    shapes (:data:`SCREEN` entries of each, spread over it; 64 times as many where that finds fewer than
+    :data:`MIN_ENTRIES` small ones); None where they name none."""
+    own = dict(model.named_parameters())
+    pairs = [(t.detach().reshape(-1), own[name].detach().reshape(-1)) for name, t in tensors.items()
+             if name in own and isinstance(t, torch.Tensor) and t.is_floating_point()
+             and tuple(t.shape) == tuple(own[name].shape)]
+    if not pairs:
+        return None
+    screen = _counted(pairs, SCREEN)
+    return screen if screen.entries >= MIN_ENTRIES else _counted(pairs, 64 * SCREEN)
+
+
+def _counted(pairs: list[tuple[torch.Tensor, torch.Tensor]], most: int) -> GridEvidence:
+    entries = on_grid = on_twice = 0
+    for t, w in pairs:
+        stride = max(1, w.numel() // most)
+        w, d = w[::stride], t[::stride].to(w.dtype)
+        small = (d != 0) & (d.abs() < SMALL * w.abs())
+        low = (w.abs() - d.abs())[small]  # the smaller of the two weights' magnitudes at most: its spacing is finer
+        spacing = torch.nextafter(low, torch.full_like(low, float("inf"))) - low
+        q = d[small] / spacing  # exact: a power of two divides
+        whole = q == torch.round(q)
+        entries += int(small.sum())
+        on_grid += int(whole.sum())
+        on_twice += int((whole & (torch.remainder(q, 2) == 0)).sum())
+    return GridEvidence(entries, on_grid, on_twice)
+
+
+def change_sign(model: nn.Module, change: Mapping[str, torch.Tensor]) -> int | None:
+    """+1 where ``change`` reads as ``new - old`` (a gradient's negative), -1 as ``old - new``, None where its sign
+    is not read (fewer than four classes, or no output layer found)."""
+    try:
+        w_name, _ = output_layer_names(model)
+    except FedleakError:
+        return None
+    out = change.get(w_name)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] < NEGATED_MIN_CLASSES:
+        return None
+    return 1 if negated_columns(model, change) else -1
+
+
+def as_weights_after(before: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tensor],
+                     sign: int) -> dict[str, torch.Tensor]:
+    """The client's weights after: ``before + sign * change`` of every floating-point entry (``sign`` +1 for
+    ``new - old``), the others (counters) as they were."""
+    return {k: (before[k] + sign * change[k].to(before[k].dtype)) if before[k].is_floating_point() else before[k]
+            for k in before}
+
+
+def other_sign(update: object) -> WeightUpdate | None:
+    """A weight update read from a change whose sign was not read (:data:`UNSIGNED`), with the other sign; None for
+    any other update."""
+    if not isinstance(update, WeightUpdate) or not update.metadata.get(UNSIGNED):
+        return None
+    flipped = {k: (2 * b - update.after[k]) if b.is_floating_point() else update.after[k]
+               for k, b in update.before.items()}
+    return replace(update, after=flipped)

@@ -1,0 +1,100 @@
+"""A client's weight change (new - old, old - new) told from a gradient by the float spacing of the model's weights,
+read as a weight update from them, with its sign read off the output layer or tried both ways."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedleak
+from fedleak.captured import READ_AS, read_captured
+from fedleak.updates import WeightUpdate
+from fedleak.weight_change import UNSIGNED, grid_evidence, other_sign
+from tests.test_captured import _models
+
+
+def _step(model, x, y, lr=0.1, steps=1, momentum=0.0):
+    client = copy.deepcopy(model)
+    opt = torch.optim.SGD(client.parameters(), lr=lr, momentum=momentum)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(client(x), y).backward()
+        opt.step()
+    return {n: p.detach() for n, p in client.named_parameters()}
+
+
+def test_gradients_in_any_format_are_not_read_as_changes(digits):
+    x, y = digits.x[:8], digits.y[:8]
+    for model in _models(digits):
+        g = dict(fedleak.compute_gradient_update(model, x, y).gradients)
+        for variant in (g, {k: -v for k, v in g.items()}, {k: 8 * v for k, v in g.items()},
+                        {k: v.half().float() for k, v in g.items()}, {k: v.bfloat16().float() for k, v in g.items()}):
+            evidence = grid_evidence(model, variant)
+            assert not evidence.holds_change, evidence
+            read, notes = read_captured(model, variant)
+            assert isinstance(read, dict) and notes == ()
+
+
+@pytest.mark.parametrize("lr,steps,momentum", [(0.01, 1, 0.0), (0.1, 1, 0.0), (0.05, 3, 0.9)])
+def test_a_weight_change_of_either_sign_is_read_as_a_weight_update(digits, lr, steps, momentum):
+    x, y = digits.x[:4], digits.y[:4]
+    for model in _models(digits):
+        new = _step(model, x, y, lr, steps, momentum)
+        old = {n: p.detach() for n, p in model.named_parameters()}
+        for sign in (1, -1):
+            change = {n: sign * (new[n] - old[n]) for n in old}
+            assert grid_evidence(model, change).holds_change
+            read, notes = read_captured(model, change)
+            assert isinstance(read, WeightUpdate) and "weight change" in notes[0] and notes[0] == read.metadata[READ_AS]
+            assert not read.metadata[UNSIGNED]  # ten classes: the sign is read off the output layer
+            for n in old:  # the weights after are the client's (exactly, but where new - old itself rounded)
+                moved = (new[n] - old[n]).abs()
+                assert bool(((read.after[n] - new[n]).abs() <= 1.2e-7 * moved).all()), n
+
+
+def test_reconstruct_certifies_a_change_as_it_certifies_the_weights(digits):
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.x[:4], digits.y[:4]
+    new = _step(model, x, y)
+    old = {n: p.detach() for n, p in model.named_parameters()}
+    as_weights = fedleak.reconstruct(model, new, num_examples=4)
+    assert as_weights.num_certified == 4
+    for sign in (1, -1):
+        rec = fedleak.reconstruct(model, {n: sign * (new[n] - old[n]) for n in old}, num_examples=4)
+        assert rec.num_certified == 4
+        assert torch.equal(rec.inputs, as_weights.inputs) and torch.equal(rec.labels, as_weights.labels)
+
+
+def test_two_classes_read_both_signs_and_certify_no_label_the_sign_leaves_open(lfw):
+    torch.manual_seed(0)
+    model = fedleak.make_mlp(lfw.input_shape, [256], 2, seed=0)
+    old = {n: p.detach() for n, p in model.named_parameters()}
+    for m in (1, 4):
+        x, y = lfw.x[:m], lfw.y[:m]
+        new = _step(model, x, y)
+        reply = fedleak.reconstruct(model, new, num_examples=m)
+        for sign in (1, -1):
+            change = {n: sign * (new[n] - old[n]) for n in old}
+            read, _ = read_captured(model, change)
+            assert read.metadata[UNSIGNED] and other_sign(read) is not None
+            rec = fedleak.reconstruct(model, change, num_examples=m)
+            for i in range(len(rec)):
+                if bool(rec.certified[i]):  # a certified sample carries its own label
+                    j = int((x.flatten(1) - rec.inputs[i].reshape(1, -1)).abs().amax(1).argmin())
+                    assert int(rec.labels[i]) == int(y[j])
+            if m == 1:  # one sample: its label rests on the sign, which a change does not give
+                assert rec.num_certified == 0 and "label is not proven" in rec.why_uncertified()
+            else:
+                assert rec.num_certified == reply.num_certified > 0
+
+
+def test_kind_change_is_read_as_told_and_refuses_other_names(digits):
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    new = _step(model, digits.x[:2], digits.y[:2])
+    change = {n: new[n] - p.detach() for n, p in model.named_parameters()}
+    read, notes = read_captured(model, change, "change")
+    assert isinstance(read, WeightUpdate) and "weight change" in notes[0]
+    with pytest.raises(fedleak.UpdateError, match="change"):
+        read_captured(model, {**change, "extra": torch.zeros(1)}, "change")
+    assert other_sign(fedleak.compute_gradient_update(model, digits.x[:2], digits.y[:2])) is None
