@@ -67,6 +67,8 @@ class Config:
     norm_input: bool = False  # ... and one on the model's input (a tabular model's normalisation)
     client_train: bool = False  # the client computes its gradient in training mode (its norms on its batch's own
     #                             statistics), which the attack is not told
+    change: int = 0  # the FedAvg update passed as a plain dict of its weight change: +1 new - old, -1 old - new
+    negated: bool = False  # the gradient passed negated (as a change new - old reads): its labels rest on the sign
 
 
 CONFIGS = {
@@ -156,6 +158,18 @@ CONFIGS = {
     "retina-2-imprint-fedavg-large": Config("retina", (1024,), max_batch=64, lr=0.1, attack="imprint"),
     "fashion-10-imprint-fedavg-large": Config("fashion-mnist", (1024,), max_batch=64, lr=0.1, attack="imprint"),
     "fashion-10-imprint-fedavg-256": Config("fashion-mnist", (1024,), max_batch=256, lr=0.1, attack="imprint"),
+    # a weight change passed as a plain dict (new - old: minus the learning rate times the gradient), or a negated
+    # gradient: with two classes the other labels explain the update's negative, so a label rests on the sign
+    "lfw-2-change": Config("lfw", (1024,), lr=0.1, change=1),
+    "lfw-2-change-pseudo": Config("lfw", (1024,), lr=0.1, change=-1),
+    "retina-2-change": Config("retina", (1024,), lr=0.1, change=1),
+    "mni152-3-change": Config("mni152", (1024,), lr=0.1, change=1),
+    "fashion-10-change": Config("fashion-mnist", (1024,), lr=0.1, change=1),
+    "lfw-2-negated": Config("lfw", (1024,), negated=True),
+    "retina-2-negated": Config("retina", (1024,), negated=True),
+    "lfw-2-trap-change-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="trap-weights", change=1),
+    "lfw-2-imprint-change-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="imprint", change=1),
+    "lfw-2-imprint-negated-large": Config("lfw", (1024,), max_batch=64, attack="imprint", negated=True),
 }
 
 
@@ -262,6 +276,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
                                            optimizer="momentum" if cfg.momentum else "sgd",
                                            seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing,
                                            class_weights=weights)
+            if cfg.change:  # before - after is lr times the gradient: new - old is its negative
+                update = {k: -cfg.change * v for k, v in update.delta().items()}
         else:
             weight = None if weights is None else torch.tensor(weights)
             model.train(cfg.client_train)  # (a client in training mode: its norms on the batch's statistics)
@@ -270,15 +286,17 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             grads = dict(zip([n for n, _ in model.named_parameters()],
                              [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
             # a class-weighted mean loss does not reveal the batch size: its clients report it
+            grads = {k: -g for k, g in grads.items()} if cfg.negated else grads
             update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 or cfg.weighted else grads
         # a Conv1d model reads each sample through an unflatten: its input shape is the data's, not inferred
         told = {"label_smoothing": cfg.smoothing} if not cfg.weighted else {"class_weights": weights}
+        count = {"num_examples": M} if cfg.change else {}  # a plain dict: the count the client reports
         if cfg.attack == "auto":
-            rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}),
+            rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}), **count,
                                       **({"input_shape": data.input_shape} if cfg.conv1d else {}))
             certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
         else:  # every sample counts: which ones a trap row or a bin isolates is the server's luck
-            rec = fedleak.reconstruct(model, update, attack=cfg.attack)
+            rec = fedleak.reconstruct(model, update, attack=cfg.attack, **count)
             certifiable = np.ones(M, dtype=bool)
         scores = fedleak.metrics.match(rec, x, y, data_range=(lo, hi))
         out["batches"] += 1
@@ -340,6 +358,10 @@ def render(files: list[Path]) -> None:
             if cfg.get("weighted"):
                 update += (f"; class weights in [1/4, 4], "
                            f"{'told' if cfg.get('told', True) else 'not told'}")
+            if cfg.get("change"):
+                update += f"; passed as its change {'new - old' if cfg['change'] > 0 else 'old - new'} (a plain dict)"
+            if cfg.get("negated"):
+                update += "; negated (as a change new - old reads)"
             if cfg.get("trained"):
                 update += f"; on 4 models trained {cfg['trained']} SGD steps (momentum 0.9, lr 0.05) first"
             inputs = ("standardised inside forward" if cfg.get("inside") else "standardised") if cfg.get(
