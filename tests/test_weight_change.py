@@ -97,4 +97,8 @@ def test_kind_change_is_read_as_told_and_refuses_other_names(digits):
     assert isinstance(read, WeightUpdate) and "weight change" in notes[0]
     with pytest.raises(fedleak.UpdateError, match="change"):
         read_captured(model, {**change, "extra": torch.zeros(1)}, "change")
+    name = next(iter(change))
+    for bad in (torch.zeros(1), None):  # a wrong shape (which would broadcast), or no tensor
+        with pytest.raises(fedleak.UpdateError, match=f"change of '{name}'"):
+            read_captured(model, {**change, name: bad}, "change")
     assert other_sign(fedleak.compute_gradient_update(model, digits.x[:2], digits.y[:2])) is None

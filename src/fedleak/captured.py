@@ -161,6 +161,11 @@ def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mappi
     """A client's weight change as a :class:`WeightUpdate` from the model's weights (the round's): ``new - old``
     where the output layer reads it so, ``old - new`` where it reads the other way, else ``new - old`` with the
     sign marked unread (:data:`~fedleak.weight_change.UNSIGNED`)."""
+    for name, value in change.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(own[name].shape):
+            got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UpdateError(f"the client's change of '{name}' ({got}) does not fit the model's (shape "
+                              f"{tuple(own[name].shape)})")
     sign = change_sign(model, change)
     before = {k: own[k].detach().clone() for k in change}
     after = as_weights_after(before, change, sign or 1)

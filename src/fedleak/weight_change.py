@@ -32,6 +32,7 @@ from fedleak.updates import WeightUpdate
 SMALL = 2.0 ** -6  # entries moved by less than this fraction of their weight are read
 SCREEN = 4096  # entries read per tensor (spread over it); 64 times as many where that finds too few
 MIN_ENTRIES = 64  # fewer small entries tell nothing
+GLANCE = 512  # entries of the largest tensor read first: a gradient shows in a few of them
 ON_GRID = 0.99  # this share of them on the spacing: a change (a gradient: about 1/64 or less)
 ON_TWICE = 0.75  # ... and at most this share on twice it (a change: about half; a coarser format: all)
 UNSIGNED = "sign_unread"  # a WeightUpdate's metadata key: its change's sign was not read (True)
@@ -59,31 +60,36 @@ class GridEvidence:
 def grid_evidence(model: nn.Module, tensors: Mapping[str, object]) -> GridEvidence | None:
     """The :class:`GridEvidence` of ``tensors`` against the model's floating-point parameters they name with their
     shapes (:data:`SCREEN` entries of each, spread over it; 64 times as many where that finds fewer than
-    :data:`MIN_ENTRIES` small ones); None where they name none."""
+    :data:`MIN_ENTRIES` small ones), after a glance at :data:`GLANCE` entries of the largest, which tells most
+    gradients (and is what is returned for them); None where they name none."""
     own = dict(model.named_parameters())
     pairs = [(t.detach().reshape(-1), own[name].detach().reshape(-1)) for name, t in tensors.items()
              if name in own and isinstance(t, torch.Tensor) and t.is_floating_point()
              and tuple(t.shape) == tuple(own[name].shape)]
     if not pairs:
         return None
-    screen = _counted(pairs, SCREEN)
-    return screen if screen.entries >= MIN_ENTRIES else _counted(pairs, 64 * SCREEN)
+    largest = [max(pairs, key=lambda pair: pair[1].numel())]
+    for read, most in ((largest, GLANCE), (pairs, SCREEN), (pairs, 64 * SCREEN)):
+        evidence = _counted(read, most)
+        # enough entries to tell; or a few, half of them off the spacing, which no change has a single one of
+        if evidence.entries >= MIN_ENTRIES or (evidence.entries >= 8 and 2 * evidence.on_grid <= evidence.entries):
+            return evidence
+    return evidence
 
 
 def _counted(pairs: list[tuple[torch.Tensor, torch.Tensor]], most: int) -> GridEvidence:
-    entries = on_grid = on_twice = 0
-    for t, w in pairs:
-        stride = max(1, w.numel() // most)
-        w, d = w[::stride], t[::stride].to(w.dtype)
-        small = (d != 0) & (d.abs() < SMALL * w.abs())
-        low = (w.abs() - d.abs())[small]  # the smaller of the two weights' magnitudes at most: its spacing is finer
-        spacing = torch.nextafter(low, torch.full_like(low, float("inf"))) - low
-        q = d[small] / spacing  # exact: a power of two divides
-        whole = q == torch.round(q)
-        entries += int(small.sum())
-        on_grid += int(whole.sum())
-        on_twice += int((whole & (torch.remainder(q, 2) == 0)).sum())
-    return GridEvidence(entries, on_grid, on_twice)
+    """The evidence of up to ``most`` entries of each pair (spread over it), read together."""
+    dtype = max(pairs, key=lambda pair: pair[1].numel())[1].dtype  # the weights' (the largest tensor's)
+    strided = [(t[:: max(1, w.numel() // most)], w[:: max(1, w.numel() // most)]) for t, w in pairs
+               if w.dtype == dtype]
+    w = torch.cat([w for _, w in strided])
+    d = torch.cat([t.to(device=w.device, dtype=dtype) for t, _ in strided])
+    small = (d != 0) & (d.abs() < SMALL * w.abs())
+    d = d[small]
+    low = w[small].abs() - d.abs()  # the smaller of the two weights' magnitudes at most: its spacing is finer
+    q = d / (torch.nextafter(low, torch.full_like(low, float("inf"))) - low)  # exact: a power of two divides
+    whole = q == torch.round(q)
+    return GridEvidence(int(small.sum()), int(whole.sum()), int((whole & (torch.remainder(q, 2) == 0)).sum()))
 
 
 def change_sign(model: nn.Module, change: Mapping[str, torch.Tensor]) -> int | None:
