@@ -43,6 +43,7 @@ from fedleak.attacks.auto.route import (
 )
 from fedleak.attacks.auto.stages import finish, first_layer_rows, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
+from fedleak.attacks.exact.attack import OTHER_SIGN
 from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import InversionSettings, RunClock
 from fedleak.attacks.registry import register_attack
@@ -50,6 +51,7 @@ from fedleak.errors import OptionError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate, as_gradient_update, check_matches_model
 from fedleak.validation import check_float, check_int, options_from
+from fedleak.weight_change import other_sign
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0
@@ -110,6 +112,8 @@ def auto_attack(
         if plan.runs_exact:
             clock.stage("exclusivity")
             exact = run_exact(model, update, input_shape, exact_opts, notes)
+            if exact is not None and OTHER_SIGN in exact.notes:  # its certificates settled a change's sign
+                update = other_sign(update)
             exact = first_layer_rows(model, update, exact, input_shape, notes)
             if exact is not None and exact.attack == "auto:first-layer":  # a one-sample gradient, settled
                 return exact

@@ -41,6 +41,10 @@ SEVERAL_STEPS = ("nothing was certified; if the client took several local steps 
                  "Linear layer's rows still give")
 
 
+#: the note of a weight change whose sign was not read, certified with the other sign than the one it was read with
+OTHER_SIGN = "read with the other sign (old - new): nothing was certified as new - old"
+
+
 #: the note of a batch size read off the samples' common scale, not reported
 INFERRED_SIZE = ("the batch size {m} is read off the samples' common scale 1/{m}, a mean-loss gradient's: an update "
                  "scaled otherwise (a weight change old - new passed as a gradient, whose scale is the learning rate "
@@ -168,8 +172,7 @@ def exclusivity_on_weights(
     if other is not None:  # a change whose sign was not read: the other sign, where this one certified nothing
         again = _on_weights(model, other, input_shape, options, overrides)
         if again.num_certified:
-            return replace(again, notes=(*again.notes, "read with the other sign (old - new): nothing was certified "
-                                                       "as new - old"))
+            return replace(again, notes=(*again.notes, OTHER_SIGN))
     return rec
 
 
