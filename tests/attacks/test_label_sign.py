@@ -92,3 +92,18 @@ def test_ten_classes_are_not_affected():
     x, y = batch(1)
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), attack="first-layer")
     assert rec.num_certified == 1 and int(rec.labels[0]) == int(y[0])
+
+
+def test_a_one_logit_model_is_read_as_its_two_class_twin(lfw):
+    """Binary cross-entropy on one logit: its gradient is the two-class twin's, and so is the sign's ambiguity (the
+    version before certified every negated one-sample gradient with the wrong label)."""
+    X, Y = lfw.x.flatten(1).float(), lfw.y
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(X.shape[1], 256), nn.ReLU(), nn.Linear(256, 1))
+    x, y = X[5:6], Y[5:6]
+    loss = F.binary_cross_entropy_with_logits(model(x).squeeze(1), y.float())
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    told = fedleak.reconstruct(model, grads, attack="exclusivity", num_examples=1)
+    assert told.num_certified == 1 and int(told.labels[0]) == int(y[0])
+    negated = fedleak.reconstruct(model, {n: -g for n, g in grads.items()}, attack="exclusivity", num_examples=1)
+    assert negated.num_certified == 0 and "label is not proven" in negated.why_uncertified()
