@@ -69,6 +69,7 @@ class Config:
     #                             statistics), which the attack is not told
     change: int = 0  # the FedAvg update passed as a plain dict of its weight change: +1 new - old, -1 old - new
     negated: bool = False  # the gradient passed negated (as a change new - old reads): its labels rest on the sign
+    after_relu: bool = False  # the hidden layers' BatchNorm1d (norm=True) after their ReLU, before the next Linear
 
 
 CONFIGS = {
@@ -170,6 +171,15 @@ CONFIGS = {
     "lfw-2-trap-change-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="trap-weights", change=1),
     "lfw-2-imprint-change-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="imprint", change=1),
     "lfw-2-imprint-negated-large": Config("lfw", (1024,), max_batch=64, attack="imprint", negated=True),
+    # an eval-mode BatchNorm1d after each hidden ReLU (Linear, ReLU, BatchNorm1d: tabular MLPs), folded into the next
+    # Linear layer; a client in training mode normalises by its batch's statistics, which the fold's checks catch
+    "lfw-2-relu-norm": Config("lfw", (1024,), norm=True, after_relu=True),
+    "lfw-2-deep-relu-norm": Config("lfw", (512, 256), norm=True, after_relu=True),
+    "fashion-10-relu-norm": Config("fashion-mnist", (1024,), norm=True, after_relu=True),
+    "fashion-10-trained-relu-norm": Config("fashion-mnist", (1024,), trained=1000, norm=True, after_relu=True),
+    "lfw-2-relu-norm-train": Config("lfw", (1024,), norm=True, after_relu=True, client_train=True),
+    "fashion-10-deep-relu-norm-train": Config("fashion-mnist", (512, 256), norm=True, after_relu=True,
+                                              client_train=True),
 }
 
 
@@ -182,10 +192,10 @@ def malicious(model: nn.Module, cfg: Config, public: torch.Tensor, seed: int) ->
 
 def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
           conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None, norm_input: bool = False,
-          norm_hidden: bool = True) -> nn.Module:
+          norm_hidden: bool = True, after_relu: bool = False) -> nn.Module:
     """The ground's MLP; with ``norm`` (a sample of the data as the model sees it), an eval-mode BatchNorm1d on every
-    hidden Linear layer (``norm_hidden``) and on the input (``norm_input``), its running statistics those of ``norm``
-    and its gamma, beta drawn around 1 and 0."""
+    hidden Linear layer (``norm_hidden``; after its ReLU where ``after_relu``) and on the input (``norm_input``), its
+    running statistics those of ``norm`` and its gamma, beta drawn around 1 and 0."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Flatten(), *([nn.BatchNorm1d(d_in, momentum=None)] if norm_input else [])]
     prev = d_in
@@ -195,8 +205,8 @@ def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, g
                    nn.Flatten()]
         prev = channels * d_in
     for w in widths:
-        layers += [nn.Linear(prev, w), *([nn.BatchNorm1d(w, momentum=None)] if norm is not None and norm_hidden
-                                         else []), nn.ReLU()]
+        bn = [nn.BatchNorm1d(w, momentum=None)] if norm is not None and norm_hidden else []
+        layers += [nn.Linear(prev, w), nn.ReLU(), *bn] if after_relu else [nn.Linear(prev, w), *bn, nn.ReLU()]
         prev = w
     layers.append(nn.Linear(prev, k))
     model = nn.Sequential(*layers)
@@ -259,13 +269,15 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     seen = (data.x - mean) / std * cfg.scale  # the inputs as the model sees them
     norm = seen[torch.as_tensor(gen.choice(len(data), size=512))] if cfg.norm or cfg.norm_input else None
     trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input,
-                                  cfg.norm), seen, data.y, cfg.trained, s)) for s in range(4)] if cfg.trained else []
+                                  cfg.norm, cfg.after_relu), seen, data.y, cfg.trained, s)) for s in range(4)] \
+        if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
         idx = torch.as_tensor(gen.choice(len(data), size=M, replace=False))
         x, y = (data.x[idx] if cfg.inside else (data.x[idx] - mean) / std * cfg.scale), data.y[idx]
         model = trained[b % 4] if trained else inside(build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)),
-                                                            cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input, cfg.norm))
+                                                            cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input, cfg.norm,
+                                                            cfg.after_relu))
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -370,7 +382,8 @@ def render(files: list[Path]) -> None:
             if cfg.get("conv1d"):
                 widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
             if cfg.get("norm"):
-                widths += ", each with an eval-mode BatchNorm1d" + (" and one on the input" * cfg.get("norm_input", 0))
+                widths += (", each with an eval-mode BatchNorm1d" + (" after its ReLU" * cfg.get("after_relu", 0))
+                           + (" and one on the input" * cfg.get("norm_input", 0)))
             elif cfg.get("norm_input"):
                 widths += ", an eval-mode BatchNorm1d on the input"
             if cfg.get("client_train"):

@@ -129,12 +129,12 @@ def test_a_norm_whose_features_are_read_elsewhere_is_not_folded(digits):
     assert fold_dense_norms(Shortcut().eval()) is None
 
 
-def test_a_norm_after_the_relu_is_refused_saying_what_is_folded(digits):
+def test_a_norm_after_the_relu_is_refused_where_no_linear_layer_with_a_bias_reads_it(digits):
     torch.manual_seed(0)
     model = warmed_norms(nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.BatchNorm1d(128),
-                                       nn.Linear(128, 10)), digits)
+                                       nn.Linear(128, 10, bias=False)), digits)
     x, y = digits.batch(4, seed=2)
-    with pytest.raises(ModelError, match="reads a Linear layer's output alone.*not one after the ReLU"):
+    with pytest.raises(ModelError, match="reads a Linear layer.s output alone.*after a ReLU.*with a bias"):
         fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
 
 

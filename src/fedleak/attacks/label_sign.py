@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.clients.mode import client_mode
 from fedleak.logits_of import logits_only
 from fedleak.reconstruction import Reconstruction
 
@@ -39,8 +40,9 @@ UNSIGNED = ("its input is exact, but its label is not proven: the update's facto
 def flipped_factors(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, scales: np.ndarray,
                     label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> np.ndarray | None:
     """Each sample's factor in the reading of the update's negative with the other label (per unit class weight,
-    where the loss weighs classes), or None where the model does not have two classes."""
-    with torch.no_grad():
+    where the loss weighs classes), or None where the model does not have two classes. The model runs in eval mode,
+    as the attacks read it."""
+    with torch.no_grad(), client_mode(model, "eval"):
         logits = logits_only(model(inputs.to(next(model.parameters()).dtype)))
     if logits.ndim != 2 or logits.shape[1] != 2:
         return None

@@ -72,10 +72,11 @@ def batch_norm(op: Op) -> BatchNorm:
     if isinstance(m, nn.BatchNorm1d) and len(op.in_shape) != 2:
         raise op.refuse("BatchNorm1d is a layer of this chain only after a Conv1d, on (C, L) maps; on flat features "
                         "the exact methods take out an eval-mode one with running statistics that reads a Linear "
-                        "layer's output alone (folded into that layer) or the model's input through reshapes only, "
-                        "read by the first Linear layer alone (read as a map of it; "
-                        "fedleak.nets.dense_norms.fold_dense_norms(model).model is what they read), not one after the "
-                        f"ReLU or after arithmetic on the input; {EXACT_SCOPE}")
+                        "layer's output alone (folded into that layer), one after a ReLU that only a Linear layer "
+                        "with a bias reads (through eval-mode Dropout at most; folded into that layer), or the "
+                        "model's input through reshapes only, read by the first Linear layer alone (read as a map of "
+                        "it; fedleak.nets.dense_norms.fold_dense_norms(model).model is what they read), not one "
+                        f"after arithmetic on the input; {EXACT_SCOPE}")
     if m.training or not m.track_running_stats or m.running_mean is None:
         raise op.refuse("batch norm in training mode couples the samples of a batch; only eval-mode batch norm "
                         "with running statistics is supported (call model.eval())")

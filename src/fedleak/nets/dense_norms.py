@@ -1,4 +1,5 @@
-"""An eval-mode ``BatchNorm1d`` on a ``Linear`` layer's features, folded into that layer.
+"""An eval-mode ``BatchNorm1d`` on a ``Linear`` layer's features, folded into that layer (and, through
+:mod:`fedleak.nets.relu_norms`, one after a ReLU, folded into the ``Linear`` layer that reads it).
 
 In eval mode a ``BatchNorm1d`` is an affine map per unit, ``u = a z + c`` with ``a = gamma / sqrt(var + eps)`` and
 ``c = beta - a mean`` (its running statistics), so ``Linear`` then ``BatchNorm1d`` is one ``Linear`` layer with
@@ -31,6 +32,7 @@ from fedleak.errors import ModelError
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
+from fedleak.nets.relu_norms import ReluNormFold, relu_norm_fold, relu_norm_pairs
 from fedleak.nets.tracing import PerStructure, keep_every_tensor, trace_model
 from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
@@ -40,10 +42,10 @@ F64 = torch.float64
 _FOLDED: PerStructure[FoldedModel | None] = PerStructure(most=1)  # each model's twin, while its values stay
 
 #: why the exact route does not read a weight update of a model with such a norm
-WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear layer's features or on its input from "
-                  "its gradients (FedSGD) only: a FedAvg weight change moves the norm's parameters with the layers', "
-                  "which the norm's reading does not follow (and clients that train run the norm in training mode, "
-                  "which certifies nothing)")
+WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear layer's features, after a ReLU or on "
+                  "its input from its gradients (FedSGD) only: a FedAvg weight change moves the norm's parameters "
+                  "with the layers', which the norm's reading does not follow (and clients that train run the norm "
+                  "in training mode, which certifies nothing)")
 
 
 # a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the
@@ -79,6 +81,23 @@ class NormFold:
     def describe(self) -> str:
         return f"BatchNorm1d '{self.norm}' on Linear '{self.linear}'"
 
+    def folded(self) -> str:
+        """How the norm is read, in words."""
+        return (f"{self.describe()} folded into the Linear layer (weight a W, bias a b + c, from the norm's running "
+                "statistics), the gradient read as that layer's")
+
+    def twin(self, lin: nn.Linear) -> nn.Linear:
+        """The ``Linear`` layer that computes ``lin`` then the norm."""
+        return _folded_linear(lin, self)
+
+    def read(self, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
+        """Replace this fold's entries of ``grads`` by the folded layer's, in place; how the gradient misses eval
+        mode's identities (empty where it does not)."""
+        return _fold_gradient(self, model, grads)
+
+
+Fold = NormFold | ReluNormFold
+
 
 @dataclass(frozen=True)
 class FoldedGradient:
@@ -102,7 +121,7 @@ class FoldedModel:
     The user's model is held weakly (``of``): the twin is kept per model, and would otherwise keep it alive."""
 
     model: nn.Module
-    folds: tuple[NormFold, ...]
+    folds: tuple[Fold, ...]
     of: weakref.ref
     input_norm: InputNorm | None = None
 
@@ -118,8 +137,7 @@ class FoldedModel:
         if self.input_norm is not None:
             norms += (BatchNorm(self.input_norm.name, self.input_norm.module, self.input_norm.gamma,
                                 self.input_norm.beta),)
-        read = [f"{f.describe()} folded into the Linear layer (weight a W, bias a b + c, from the norm's running "
-                "statistics), the gradient read as that layer's" for f in self.folds]
+        read = [f.folded() for f in self.folds]
         if self.input_norm is not None:
             read.append(f"BatchNorm1d '{self.input_norm.name}' on the model's input read as a map of it (its running "
                         "statistics), the inputs rebuilt through its inverse")
@@ -141,7 +159,7 @@ class FoldedModel:
             for name in self.input_norm.names():
                 grads.pop(name, None)
         for fold in self.folds:
-            misfit = _fold_gradient(fold, self.source, grads)
+            misfit = fold.read(self.source, grads)
             if misfit:
                 misfits.append(misfit)
         error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
@@ -243,15 +261,23 @@ def _fold(model: nn.Module) -> FoldedModel | None:
             pairs.append((src, node))
     params = {id(p): n for n, p in model.named_parameters()}
     on_input = find_input_norm(gm, modules, calls, params)
-    if not pairs and on_input is None:
+    taken = {src.target for src, _ in pairs}  # a Linear with a norm on its features and one before it: not read
+    after = [(node, lin) for node, lin in relu_norm_pairs(gm, modules, calls) if lin.target not in taken]
+    if not pairs and not after and on_input is None:
         return None
-    folds, twins = [], {}
+    folds: list[Fold] = []
+    twins = {}
     for src, node in pairs:
-        lin, bn = modules[src.target], modules[node.target]
-        fold = _fold_of(src.target, node.target, lin, bn, params)
+        fold = _fold_of(src.target, node.target, modules[src.target], modules[node.target], params)
         folds.append(fold)
-        twins[src.target] = _folded_linear(lin, fold)
+        twins[src.target] = fold.twin(modules[src.target])
         node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    for node, lin in after:  # the norm's input (the ReLU's output) takes its place
+        fold = relu_norm_fold(node.target, lin.target, modules[node.target], modules[lin.target], params)
+        folds.append(fold)
+        twins[lin.target] = fold.twin(modules[lin.target])
+        node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
     if on_input is not None:  # the first layer reads the norm's input; the map takes its place
         node, norm = on_input
