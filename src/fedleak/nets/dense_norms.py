@@ -32,6 +32,7 @@ from fedleak.errors import ModelError
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
+from fedleak.nets.norm_fold import linear_twin, norm_affine
 from fedleak.nets.relu_norms import ReluNormFold, relu_norm_fold, relu_norm_pairs
 from fedleak.nets.tracing import PerStructure, keep_every_tensor, trace_model
 from fedleak.precision import update_precision
@@ -298,28 +299,18 @@ def _fold(model: nn.Module) -> FoldedModel | None:
 
 
 def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:
-    scale, shift = BatchNorm(norm, bn, None, None).affine(F64)
-    if bool((scale == 0).any()):
-        units = torch.nonzero(scale == 0).flatten().tolist()[:5]
-        raise ModelError(f"BatchNorm1d '{norm}' has gamma = 0 on unit(s) {units}: their Linear rows' gradient is 0 "
-                         "whatever the input, so the layer cannot be read through them; 'first-layer', 'auto' and the "
-                         "optimisation attacks still apply")
-    std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
+    affine = norm_affine(norm, bn, "their Linear rows' gradient is 0 whatever the input, so the layer cannot be read "
+                                   "through them")
     names = (trainable_name(p, params) for p in (lin.bias, bn.weight, bn.bias))
-    return NormFold(linear, norm, scale, shift, bn.running_mean.detach().to(F64), std, params[id(lin.weight)], *names)
+    return NormFold(linear, norm, affine.scale, affine.shift, affine.mean, affine.std, params[id(lin.weight)], *names)
 
 
 def _folded_linear(lin: nn.Linear, fold: NormFold) -> nn.Linear:
     """The ``Linear`` layer that computes ``lin`` then the norm (float64 products, rounded once to its dtype)."""
-    out = nn.Linear(lin.in_features, lin.out_features, bias=True, device=lin.weight.device, dtype=lin.weight.dtype)
     b = lin.bias.detach().to(F64) if lin.bias is not None else 0.0
     scale, shift = fold.scale.to(lin.weight.device), fold.shift.to(lin.weight.device)
-    with torch.no_grad():
-        out.weight.copy_(scale[:, None] * lin.weight.detach().to(F64))
-        out.bias.copy_(scale * b + shift)
-    out.weight.requires_grad_(lin.weight.requires_grad)
-    out.bias.requires_grad_(fold.bias is not None or fold.beta is not None)
-    return out
+    return linear_twin(lin, scale[:, None] * lin.weight.detach().to(F64), scale * b + shift,
+                       fold.bias is not None or fold.beta is not None)
 
 
 def _attr(module: nn.Module, target: str) -> object:

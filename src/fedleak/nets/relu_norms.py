@@ -23,9 +23,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from fedleak.errors import ModelError
 from fedleak.nets.input_norm import missed, trainable_name
-from fedleak.nets.layers import BatchNorm
+from fedleak.nets.norm_fold import linear_twin, norm_affine
 
 F64 = torch.float64
 RELUS = (F.relu, torch.relu)  # the functions, beside nn.ReLU and x.relu(), that compute a ReLU
@@ -63,15 +62,9 @@ class ReluNormFold:
 
     def twin(self, lin: nn.Linear) -> nn.Linear:
         """The ``Linear`` layer that computes the norm then ``lin`` (float64 products, rounded once to its dtype)."""
-        out = nn.Linear(lin.in_features, lin.out_features, bias=True, device=lin.weight.device, dtype=lin.weight.dtype)
         W = lin.weight.detach().to(F64)
         scale, shift = self.scale.to(W.device), self.shift.to(W.device)
-        with torch.no_grad():
-            out.weight.copy_(W * scale[None, :])
-            out.bias.copy_(W @ shift + lin.bias.detach().to(F64))
-        out.weight.requires_grad_(lin.weight.requires_grad)
-        out.bias.requires_grad_(lin.bias.requires_grad)
-        return out
+        return linear_twin(lin, W * scale[None, :], W @ shift + lin.bias.detach().to(F64), lin.bias.requires_grad)
 
     def read(self, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
         """Replace the ``Linear``'s and the norm's entries of ``grads`` by the folded layer's, in place; returns how
@@ -136,14 +129,8 @@ def _is_relu(node: object, modules: dict[str, nn.Module]) -> bool:
 
 def relu_norm_fold(norm: str, linear: str, bn: nn.BatchNorm1d, lin: nn.Linear,
                    params: dict[int, str]) -> ReluNormFold:
-    """The fold of ``bn`` into ``lin``; :class:`ModelError` where a unit has ``gamma = 0`` (its column of the twin
-    is 0 whatever the input, and the fold divides by it)."""
-    scale, shift = BatchNorm(norm, bn, None, None).affine(F64)
-    if bool((scale == 0).any()):
-        units = torch.nonzero(scale == 0).flatten().tolist()[:5]
-        raise ModelError(f"BatchNorm1d '{norm}' has gamma = 0 on unit(s) {units}: the Linear layer after it reads "
-                         "nothing of them, so the fold cannot divide by their scale; 'first-layer', 'auto' and the "
-                         "optimisation attacks still apply")
-    std = torch.sqrt(bn.running_var.detach().to(F64) + bn.eps)
-    return ReluNormFold(linear, norm, scale, shift, bn.running_mean.detach().to(F64), std, params[id(lin.weight)],
+    """The fold of ``bn`` into ``lin``; :class:`ModelError` where a unit has ``gamma = 0``."""
+    affine = norm_affine(norm, bn, "the Linear layer after it reads nothing of them, so the fold cannot divide by "
+                                   "their scale")
+    return ReluNormFold(linear, norm, affine.scale, affine.shift, affine.mean, affine.std, params[id(lin.weight)],
                         params[id(lin.bias)], trainable_name(bn.weight, params), trainable_name(bn.bias, params))
