@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
+from fedleak.nets.converters import relu
+from fedleak.nets.frontend import converter_key
 from fedleak.nets.input_norm import missed, trainable_name
 from fedleak.nets.norm_fold import linear_twin, norm_affine
+from fedleak.nets.ops import CONVERTERS
 
 F64 = torch.float64
-RELUS = (F.relu, torch.relu)  # the functions, beside nn.ReLU and x.relu(), that compute a ReLU
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,11 @@ def relu_norm_pairs(gm: fx.GraphModule, modules: dict[str, nn.Module], calls: di
 
 
 def _is_relu(node: object, modules: dict[str, nn.Module]) -> bool:
-    if not isinstance(node, fx.Node):
+    """Whether ``node`` computes a ReLU: its converter is the ReLU's (``nn.ReLU``, ``F.relu``, ``x.relu_()``...)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_module", "call_function", "call_method"):
         return False
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.ReLU)
-    return (node.op == "call_function" and node.target in RELUS) or (node.op == "call_method"
-                                                                     and node.target in ("relu", "relu_"))
+    key = converter_key(node, modules.get(node.target) if node.op == "call_module" else None)
+    return key is not None and CONVERTERS.get(key) is relu
 
 
 def relu_norm_fold(norm: str, linear: str, bn: nn.BatchNorm1d, lin: nn.Linear,
