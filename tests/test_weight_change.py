@@ -85,6 +85,10 @@ def test_two_classes_read_both_signs_and_certify_no_label_the_sign_leaves_open(l
                     assert int(rec.labels[i]) == int(y[j])
             if m == 1:  # one sample: its label rests on the sign, which a change does not give
                 assert rec.num_certified == 0 and "label is not proven" in rec.why_uncertified()
+                searched = fedleak.reconstruct(model, change, attack="auto", num_examples=1, iterations=20,
+                                               progress=False)  # the exact input is held, not searched away
+                assert searched.num_certified == 0 and torch.allclose(searched.inputs[0], x[0], atol=1e-4)
+                assert searched.routes[0].endswith("label unproven)")
             else:
                 assert rec.num_certified == reply.num_certified > 0
 

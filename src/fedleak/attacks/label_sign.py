@@ -23,11 +23,12 @@ from torch import nn
 
 from fedleak.clients.mode import client_mode
 from fedleak.logits_of import logits_only
-from fedleak.reconstruction import Reconstruction
+from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 AGREE = 0.01  # flipped factors this close (relative) to k_i c are taken to agree: 100 times the certificate's own
 PINNED = 1e-3  # a fitted scale this close (relative) to the one a gradient has pins its sign
 MOST = 64  # the most times a sample may be held where the batch's size is not known
+LABEL_UNPROVEN = "input exact, label unproven"  # the route's mark of a sample whose label rests on the sign
 
 #: why a certified two-class sample's label is not proven; {what}: which samples, {factor}: the other reading's
 UNSIGNED = ("its input is exact, but its label is not proven: the update's factor is unknown and may be negative "
@@ -35,6 +36,12 @@ UNSIGNED = ("its input is exact, but its label is not proven: the update's facto
             "classes the update's negative is explained by {what} with the other label{s} at a positive factor "
             "({factor}); pass the client's weights before and after (a WeightUpdate), or the gradient at its own "
             "scale with num_examples")
+
+
+def label_unproven(record: SampleRecovery) -> bool:
+    """Whether this uncertified sample's input is exact and only its label rests on the update's sign (its route
+    says so): a search that follows holds it."""
+    return record.route.endswith(f", {LABEL_UNPROVEN})")
 
 
 def flipped_factors(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, scales: np.ndarray,
@@ -92,6 +99,8 @@ def without_unsigned_labels(model: nn.Module, rec: Reconstruction, batch_size: i
     many = len(certified) > 1
     why = UNSIGNED.format(what="the same inputs" if many else "the same input", s="s" if many else "",
                           factor=f"{common:.4g}")
-    samples = tuple(replace(s, certified=False, reason=why) if s.certified else s for s in rec.samples)
+    samples = tuple(replace(s, certified=False, reason=why, route=f"{s.route.split(' (')[0]} (uncertified, "
+                                                                 f"{LABEL_UNPROVEN})") if s.certified else s
+                    for s in rec.samples)
     return replace(rec, samples=samples, certified=torch.zeros(len(rec), dtype=torch.bool), batch_certified=False,
                    joint_residual=float("nan"), notes=(*rec.notes, why))

@@ -18,6 +18,7 @@ from fedleak.attacks.exact.dropout import read_in_training_mode
 from fedleak.attacks.exact.multiplicity import read_off_scale
 from fedleak.attacks.first_layer_rows import HELD_ROUTES
 from fedleak.attacks.inversion import Estimate, Prior
+from fedleak.attacks.label_sign import label_unproven
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 
@@ -31,11 +32,12 @@ def held_indices(exact: Reconstruction) -> list[int]:
     (:func:`fedleak.attacks.exact.dropout.read_in_training_mode`: the search simulates an eval-mode client, which
     would move them), read off their scale (:func:`fedleak.attacks.exact.multiplicity.read_off_scale`: at the
     batch's common scale, or copies of an input the batch holds more than once), or off the first-layer rows of a
-    batch, or of an update in a coarser format than float32
-    (:data:`~fedleak.attacks.first_layer_rows.HELD_ROUTES`; not those of an update that looks sparsified or
-    quantised, :data:`~fedleak.attacks.first_layer_rows.COMPRESSED_ROUTE`, which start the search instead)."""
+    batch, or of an update in a coarser format than float32 (:data:`~fedleak.attacks.first_layer_rows.HELD_ROUTES`;
+    not those of an update that looks sparsified or quantised, :data:`~fedleak.attacks.first_layer_rows.
+    COMPRESSED_ROUTE`, which start the search instead), or exact inputs whose two-class label rests on the update's
+    sign (:func:`fedleak.attacks.label_sign.label_unproven`)."""
     read = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt
-            and (read_in_training_mode(r) or read_off_scale(r) or r.route in HELD_ROUTES)]
+            and (read_in_training_mode(r) or read_off_scale(r) or label_unproven(r) or r.route in HELD_ROUTES)]
     return certified_indices(exact) + read
 
 
