@@ -13,7 +13,7 @@ small beside its weight has six or more bits of its own below that spacing and l
 one carried in a coarser format (float16, bfloat16, quantised) may lie on it, but then on twice it too.
 
 Its sign: with four classes or more the output layer's columns read it (:func:`fedleak.attacks.labels.
-negated_columns`, measured on 216 gradients); with two or three classes it is not read (:data:`UNSIGNED`), and
+column_signs`, measured on 216 gradients); with two or three classes it is not read (:data:`UNSIGNED`), and
 the exact route tries both (:func:`other_sign`).
 """
 
@@ -25,8 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from fedleak.attacks.labels import NEGATED_MIN_CLASSES, negated_columns, output_layer_names
-from fedleak.errors import FedleakError
+from fedleak.attacks.labels import column_signs
 from fedleak.updates import WeightUpdate
 
 SMALL = 2.0 ** -6  # entries moved by less than this fraction of their weight are read
@@ -94,15 +93,9 @@ def _counted(pairs: list[tuple[torch.Tensor, torch.Tensor]], most: int) -> GridE
 
 def change_sign(model: nn.Module, change: Mapping[str, torch.Tensor]) -> int | None:
     """+1 where ``change`` reads as ``new - old`` (a gradient's negative), -1 as ``old - new``, None where its sign
-    is not read (fewer than four classes, or no output layer found)."""
-    try:
-        w_name, _ = output_layer_names(model)
-    except FedleakError:
-        return None
-    out = change.get(w_name)
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] < NEGATED_MIN_CLASSES:
-        return None
-    return 1 if negated_columns(model, change) else -1
+    is not read (:func:`~fedleak.attacks.labels.column_signs`: fewer than four classes, or no output layer)."""
+    signs = column_signs(model, change)
+    return None if signs is None else (1 if signs.negated else -1)
 
 
 def as_weights_after(before: Mapping[str, torch.Tensor], change: Mapping[str, torch.Tensor],

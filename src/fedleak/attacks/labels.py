@@ -20,7 +20,7 @@ proportional to ``w_c n_c`` and the rule divides it by ``w_c``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -114,9 +114,22 @@ NEGATED_HINT = ("the update reads as the negative of a cross-entropy gradient: {
                 "smoothing can read so too)")
 
 
-def negated_columns(model: nn.Module, update: Mapping[str, torch.Tensor]) -> str:
-    """Why ``update`` reads as the negative of a cross-entropy gradient, in words, or empty (at least
-    :data:`NEGATED_MIN_CLASSES` classes).
+@dataclass(frozen=True)
+class ColumnSigns:
+    """The output layer's columns of single-sample units: ``one_negative`` of them with one negative entry (a
+    gradient's), ``one_positive`` with one positive entry (its negative's)."""
+
+    one_negative: int
+    one_positive: int
+
+    @property
+    def negated(self) -> bool:
+        return self.one_positive > self.one_negative
+
+
+def column_signs(model: nn.Module, update: Mapping[str, torch.Tensor]) -> ColumnSigns | None:
+    """The :class:`ColumnSigns` of ``update``'s output layer, or None where they are not read (fewer than
+    :data:`NEGATED_MIN_CLASSES` classes, or no output layer found).
 
     A penultimate unit that fires for one sample has the output-weight column ``s a (p - onehot(y))``: one negative
     entry, the others positive. Negated, it has one positive entry and the others negative. A gradient whose output
@@ -129,18 +142,24 @@ def negated_columns(model: nn.Module, update: Mapping[str, torch.Tensor]) -> str
     try:
         w_name, _ = output_layer_names(model)
     except FedleakError:
-        return ""
+        return None
     G = update.get(w_name)
-    if G is None or G.ndim != 2 or G.shape[0] < NEGATED_MIN_CLASSES:
-        return ""
+    if not isinstance(G, torch.Tensor) or G.ndim != 2 or G.shape[0] < NEGATED_MIN_CLASSES:
+        return None
     G = G.detach()
     neg, pos = (G < 0).sum(0), (G > 0).sum(0)
     k = G.shape[0]
-    one_neg, one_pos = int(((neg == 1) & (pos == k - 1)).sum()), int(((pos == 1) & (neg == k - 1)).sum())
-    if one_pos <= one_neg:
+    return ColumnSigns(int(((neg == 1) & (pos == k - 1)).sum()), int(((pos == 1) & (neg == k - 1)).sum()))
+
+
+def negated_columns(model: nn.Module, update: Mapping[str, torch.Tensor]) -> str:
+    """Why ``update`` reads as the negative of a cross-entropy gradient, in words (:func:`column_signs`), or empty."""
+    signs = column_signs(model, update)
+    if signs is None or not signs.negated:
         return ""
-    return NEGATED_HINT.format(evidence=f"{one_pos} of its output layer's columns have one positive entry, "
-                                        f"{one_neg} one negative entry, where a gradient's have one negative entry")
+    return NEGATED_HINT.format(evidence=f"{signs.one_positive} of its output layer's columns have one positive "
+                                        f"entry, {signs.one_negative} one negative entry, where a gradient's have one "
+                                        "negative entry")
 
 
 def with_negated_hint(model: nn.Module, observed: dict[str, torch.Tensor], rec: Reconstruction) -> Reconstruction:
