@@ -70,6 +70,7 @@ class Config:
     change: int = 0  # the FedAvg update passed as a plain dict of its weight change: +1 new - old, -1 old - new
     negated: bool = False  # the gradient passed negated (as a change new - old reads): its labels rest on the sign
     after_relu: bool = False  # the hidden layers' BatchNorm1d (norm=True) after their ReLU, before the next Linear
+    penalty: float = 0.0  # an L2 penalty in the client's loss, loss + penalty * sum of every parameter squared
 
 
 CONFIGS = {
@@ -171,6 +172,11 @@ CONFIGS = {
     "lfw-2-trap-change-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="trap-weights", change=1),
     "lfw-2-imprint-change-large": Config("lfw", (1024,), max_batch=64, lr=0.1, attack="imprint", change=1),
     "lfw-2-imprint-negated-large": Config("lfw", (1024,), max_batch=64, attack="imprint", negated=True),
+    # an L2 penalty in the client's loss, read off the units no sample activated and peeled
+    "lfw-2-penalty": Config("lfw", (1024,), penalty=1e-3),
+    "fashion-10-penalty": Config("fashion-mnist", (1024,), penalty=1e-4),
+    "digits-10-deep-penalty": Config("digits", (256, 256), penalty=1e-2),
+    "retina-2-penalty-trained": Config("retina", (1024,), penalty=1e-4, trained=200),
     # an eval-mode BatchNorm1d after each hidden ReLU (Linear, ReLU, BatchNorm1d: tabular MLPs), folded into the next
     # Linear layer; a client in training mode normalises by its batch's statistics, which the fold's checks catch
     "lfw-2-relu-norm": Config("lfw", (1024,), norm=True, after_relu=True),
@@ -294,6 +300,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             weight = None if weights is None else torch.tensor(weights)
             model.train(cfg.client_train)  # (a client in training mode: its norms on the batch's statistics)
             loss = nn.functional.cross_entropy(model(x), y, weight=weight, label_smoothing=cfg.smoothing)
+            if cfg.penalty:
+                loss = loss + cfg.penalty * sum((p * p).sum() for p in model.parameters())
             model.eval()
             grads = dict(zip([n for n, _ in model.named_parameters()],
                              [g.detach() for g in torch.autograd.grad(loss, list(model.parameters()))]))
@@ -374,6 +382,8 @@ def render(files: list[Path]) -> None:
                 update += f"; passed as its change {'new - old' if cfg['change'] > 0 else 'old - new'} (a plain dict)"
             if cfg.get("negated"):
                 update += "; negated (as a change new - old reads)"
+            if cfg.get("penalty"):
+                update += f"; L2 penalty {cfg['penalty']:g} x sum of squares in the loss"
             if cfg.get("trained"):
                 update += f"; on 4 models trained {cfg['trained']} SGD steps (momentum 0.9, lr 0.05) first"
             inputs = ("standardised inside forward" if cfg.get("inside") else "standardised") if cfg.get(

@@ -57,14 +57,17 @@ def test_a_single_logit_model_s_updates_are_certified(lfw):
     assert rec.num_certified >= 6 and not scores.false_certificate.any()
     assert scores.recovered.sum() == rec.num_certified
     assert any("binary cross-entropy" in n for n in rec.notes)
-    client = copy.deepcopy(model)
-    opt = torch.optim.SGD(client.parameters(), lr=0.1)
-    opt.zero_grad()
-    F.binary_cross_entropy_with_logits(client(x).squeeze(1), y.float()).backward()
-    opt.step()
-    weights = fedleak.WeightUpdate(model.state_dict(), client.state_dict(), num_examples=8)
-    rec = fedleak.reconstruct(model, weights)
-    assert rec.num_certified >= 1 and not metrics.match(rec, x, y).false_certificate.any()
+    for batch, certified in ((4, 4), (8, 0)):  # at an unknown learning rate, more than half of the batch certifies
+        x, y = lfw.batch(batch, seed=15)
+        client = copy.deepcopy(model)
+        opt = torch.optim.SGD(client.parameters(), lr=0.1)
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(client(x).squeeze(1), y.float()).backward()
+        opt.step()
+        weights = fedleak.WeightUpdate(model.state_dict(), client.state_dict(), num_examples=batch)
+        rec = fedleak.reconstruct(model, weights)
+        assert rec.num_certified == certified and not metrics.match(rec, x, y).false_certificate.any()
+    assert any("a certificate needs more than half of the batch at one factor" in n for n in rec.notes)
 
 
 def test_simulated_clients_of_a_single_logit_model_train_with_binary_cross_entropy(lfw):

@@ -112,10 +112,10 @@ def test_auto_searches_with_the_sign_the_certificates_settled(lfw):
     """A two-class change old - new: the exact route certifies it with the other sign, and the search that follows
     runs on that sign, as on new - old (read with the wrong sign, its images lost 5-7 dB: LFW, 16 samples)."""
     model = fedleak.make_mlp(lfw.input_shape, [256], 2, seed=0)
-    x, y = lfw.x[:16], lfw.y[:16]
+    x, y = lfw.x[:6], lfw.y[:6]  # more than half of the batch certifies (two classes, an unknown learning rate)
     new = _step(model, x, y)
     old = {n: p.detach() for n, p in model.named_parameters()}
-    runs = [fedleak.reconstruct(model, {n: sign * (new[n] - old[n]) for n in old}, attack="auto", num_examples=16,
+    runs = [fedleak.reconstruct(model, {n: sign * (new[n] - old[n]) for n in old}, attack="auto", num_examples=6,
                                 iterations=50, progress=False) for sign in (1, -1)]
     assert runs[0].num_certified == runs[1].num_certified > 0
     assert any("other sign" in n for n in runs[1].notes)

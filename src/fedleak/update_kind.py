@@ -43,8 +43,6 @@ from typing import Any
 DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier")
 REAL_KEYS = ("clip_norm", "noise_multiplier")
 
-# an un-noised cross-entropy update's output-bias entries sum to 0 up to float rounding (~1e-7 relative)
-NOISE_SUM_TOL = 1e-3
 SPARSE_ZERO_FRACTION = 0.2  # exact zeros among the output layer's live entries
 QUANTISED_LEVELS = 256  # at most this many distinct values ...
 QUANTISED_MIN_SIZE = 4096  # ... in a tensor at least this large
@@ -64,10 +62,10 @@ class UpdateKind:
     implied by declared epochs and batch size), or ``"weights"`` (FedAvg, local steps unknown).
     ``noised`` / ``sparsified`` (fraction of zeros) / ``quantised`` (distinct values): detected or declared,
     ``None`` when not; ``noise_declared`` tells declared noise from the detected signature (which weight decay
-    or Adam also leave). ``weight_decay``: SGD's weight decay read off a weight change (the signatures are then
-    read without it). ``summed``: a gradient whose output-bias entries add up to more than a mean-loss
-    gradient's can (its loss summed over the batch, or scaled up); ``None`` when not looked for. ``evidence``:
-    one sentence per finding, with its numbers.
+    or Adam also leave). ``weight_decay``: SGD's weight decay read off a weight change, or an L2 penalty in the loss
+    read off a gradient (the signatures are then read without it). ``summed``: a gradient whose output-bias entries
+    add up to more than a mean-loss gradient's can (its loss summed over the batch, or scaled up); ``None`` when not
+    looked for. ``evidence``: one sentence per finding, with its numbers.
     """
 
     kind: str
@@ -131,7 +129,8 @@ class UpdateKind:
         noise = "noised" if self.noise_declared else "noised or not plain SGD"
         flags = [f for f, on in ((noise, self.noised), ("loss summed over the batch", self.summed),
                                  ("scaled up beyond a summed loss", self.scaled_up),
-                                 ("SGD weight decay", self.weight_decay),
+                                 ("L2 penalty in the loss" if self.kind == "gradient" else "SGD weight decay",
+                                  self.weight_decay),
                                  ("clipped", self.clip_norm is not None),
                                  ("most rows finer than the rounding of the client's weights", self.too_fine),
                                  (f"values rounded to {self.precision}", self.precision is not None),
@@ -268,7 +267,14 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     else:
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
-        decayed, rounding = False, None
+        rounding = None
+        penalised = _weight_decay(update, tensors, model)
+        decayed = penalised is not None
+        if penalised is not None:  # the signatures below are read on the gradient without its penalty
+            tensors = penalised
+            evidence.append("an L2 penalty in the client's loss: every weight's gradient holds a common factor times "
+                            "the weight, read off the units no sample activated; the exact route peels it off (the "
+                            "signatures below are read on the gradient without it)")
     # a gradient's values; a weight change's rounding is read off the weights sent instead (``rounding``)
     precision = update_precision(tensors if kind == "gradient" else {})
     if precision.coarse:
@@ -367,6 +373,7 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
     if model is None:
         return noised, sparsified, quantised
     from fedleak.attacks.labels import output_layer_names
+    from fedleak.attacks.zero_sum import SUM_TOL, relative_sum
     from fedleak.errors import FedleakError
 
     try:
@@ -384,11 +391,10 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
                                 f"update is dense: the update was sparsified ({sparsified:.0%} zeros overall)")
     # sparsification, quantisation and clipping by value break the zero sum too: look for noise only without them
     if b_name is not None and b_name in tensors and sparsified is None and quantised is None and not cut:
-        bias = tensors[b_name].detach().to(torch.float64).flatten()
-        norm = float(bias.norm())
-        if norm > 0:
-            rel = abs(float(bias.sum())) / norm
-            noised = rel > max(NOISE_SUM_TOL, 2 * roundoff * math.sqrt(bias.numel()))
+        bias = tensors[b_name]
+        if bool(bias.detach().any()):
+            rel = abs(relative_sum(bias))
+            noised = rel > max(SUM_TOL, 2 * roundoff * math.sqrt(bias.numel()))
             if noised:
                 evidence.append(f"the output-layer bias change sums to {rel:.2g} of its norm where a cross-entropy "
                                 "update sums to 0: noise was added (or the client used weight decay, Adam or "
@@ -421,18 +427,29 @@ def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str], n: int 
 
 
 def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str, Any] | None:
-    """The weight change without SGD's weight decay, where the model's silent units show one
-    (:mod:`fedleak.attacks.exact.decay`); None without a model the exact methods read, or without decay."""
+    """The weight change without SGD's weight decay, or the gradient without an L2 penalty in the loss, where the
+    model's silent units show one (:mod:`fedleak.attacks.exact.decay`, :mod:`fedleak.attacks.exact.penalty`); None
+    without a model the exact methods read, or without decay."""
     if model is None:
         return None
     from fedleak.attacks.exact.decay import peel_decay, read_decay
+    from fedleak.attacks.exact.noise import step_noises
+    from fedleak.attacks.exact.penalty import read_penalty
     from fedleak.errors import FedleakError
     from fedleak.nets.exact_view import exact_network
+    from fedleak.updates import GradientUpdate
 
     try:
         net = exact_network(model)
     except FedleakError:
         return None
+    if isinstance(update, GradientUpdate):
+        try:
+            penalty = read_penalty(model, net, update, None)
+        except FedleakError:
+            return None
+        return None if penalty is None else dict(penalty.update.gradients)
     change = {n: d for n, d in delta.items() if n in update.before and n in update.after}
-    decay = read_decay(net, update.before, update.after, change)
-    return None if decay is None else peel_decay(decay, update.before, update.after, change)[0]
+    noise = step_noises(update.after, change)
+    decay = read_decay(net, update.before, change, noise)
+    return None if decay is None else peel_decay(decay, update.before, change, noise)[0]

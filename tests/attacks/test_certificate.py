@@ -58,15 +58,18 @@ def test_two_class_blends_are_not_certified(lfw, seed, idx, beta):
     with torch.no_grad():
         model[3].bias += torch.tensor([beta / 2, -beta / 2])
     grads = grads_of(model, x, y)
-    for update in (grads, fedleak.GradientUpdate(grads, num_examples=3)):
-        rec = fedleak.reconstruct(model, update)
-        scores = fedleak.metrics.match(rec, x, y)
-        assert scores.false_certificates == 0
-        assert rec.num_certified == 3 and scores.recovered_fraction == 1.0  # the true samples still come back
-        assert rec.label_counts.tolist() == torch.bincount(y, minlength=2).tolist()  # blends' labels not counted
-        # the three certified are the whole batch: the blends are proven not to be samples and are not returned
-        assert len(rec) == 3 and rec.batch_certified
-        assert any("candidate(s) were dropped: the certified samples are the whole batch" in n for n in rec.notes)
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=3))
+    scores = fedleak.metrics.match(rec, x, y)
+    assert scores.false_certificates == 0
+    assert rec.num_certified == 3 and scores.recovered_fraction == 1.0  # the true samples still come back
+    assert rec.label_counts.tolist() == torch.bincount(y, minlength=2).tolist()  # blends' labels not counted
+    # the three certified are the whole batch: the blends are proven not to be samples and are not returned
+    assert len(rec) == 3 and rec.batch_certified
+    assert any("candidate(s) were dropped: the certified samples are the whole batch" in n for n in rec.notes)
+    # without the batch size, a blend of like samples would read as one: the same inputs, uncertified
+    unreported = fedleak.reconstruct(model, grads)
+    assert unreported.num_certified == 0 and "pass num_examples" in unreported.why_uncertified()
+    assert (fedleak.metrics.match(unreported, x, y).mse < 1e-12).sum() == 3
 
 
 # ---- a property-based hunt ------------------------------------------------------------------------------

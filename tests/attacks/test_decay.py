@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fedleak
 from fedleak import metrics
 from fedleak.attacks.exact.decay import peel_decay, read_decay
+from fedleak.attacks.exact.noise import step_noises
 from fedleak.nets import as_network
 from fedleak.update_kind import describe_update
 
@@ -43,12 +44,12 @@ def test_the_decay_is_read_within_its_interval_and_peeled_within_its_noise(setti
     model, x, y = setting
     update = one_step(model, x, y, 5e-4)
     delta = update.delta()
-    decay = read_decay(as_network(model), update.before, update.after, delta)
+    decay = read_decay(as_network(model), update.before, delta, step_noises(update.after, delta))
     assert decay.found and decay.units > 10
     assert decay.weight.lo <= LR * 5e-4 <= decay.weight.hi and decay.bias.lo <= LR * 5e-4 <= decay.bias.hi
     assert decay.weight.bound < 1e-3 * LR * 5e-4
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    peeled, noise = peel_decay(decay, update.before, update.after, delta)
+    peeled, noise = peel_decay(decay, update.before, delta, step_noises(update.after, delta))
     for (name, _), g in zip(model.named_parameters(), grads):
         err = (peeled[name].double() - LR * g.double()).abs()
         assert (err <= noise[name].whole()).all(), name  # every entry within its bound
@@ -57,9 +58,11 @@ def test_the_decay_is_read_within_its_interval_and_peeled_within_its_noise(setti
 def test_no_decay_and_undecayed_biases(setting):
     model, x, y = setting
     plain = one_step(model, x, y, 0.0)
-    assert read_decay(as_network(model), plain.before, plain.after, plain.delta()) is None  # silent units unchanged
+    delta = plain.delta()
+    assert read_decay(as_network(model), plain.before, delta, step_noises(plain.after, delta)) is None  # silent
     weights_only = one_step(model, x, y, 5e-4, bias_decay=0.0)
-    decay = read_decay(as_network(model), weights_only.before, weights_only.after, weights_only.delta())
+    decay = read_decay(as_network(model), weights_only.before, weights_only.delta(),
+                       step_noises(weights_only.after, weights_only.delta()))
     assert decay.found and decay.bias.value == 0.0
 
 

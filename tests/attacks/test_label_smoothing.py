@@ -97,7 +97,7 @@ def test_fewer_than_four_classes_take_label_smoothing_told_only(name, smoothing,
     model = fedleak.make_mlp(data.input_shape, [1024], data.num_classes, seed=0)
     x, y = data.batch(batch, seed=3)
     grads = fedleak.GradientUpdate(_gradient(model, x, y, smoothing), num_examples=batch)
-    plain = fedleak.reconstruct(model, _gradient(model, x, y, 0.0))
+    plain = fedleak.reconstruct(model, fedleak.GradientUpdate(_gradient(model, x, y, 0.0), num_examples=batch))
     read = fedleak.reconstruct(model, grads)
     assert read.num_certified == 0 and not metrics.match(read, x, y).false_certificate.any()
     assert "with fewer than four classes cannot be read off the update (pass label_smoothing)" in read.summary()

@@ -123,7 +123,7 @@ def test_single_witness_samples_of_a_whole_batch_are_not_settled(monkeypatch, lf
     torch.manual_seed(0)
     model = UserNet(625, 512, 2).eval()
     x, y = lfw.batch(8, seed=8)
-    grads = gradient(model, x, y)
+    grads = fedleak.GradientUpdate(gradient(model, x, y), num_examples=8)  # two classes: the size reported
     from fedleak.attacks.exact import certificate
 
     settled = []

@@ -228,6 +228,10 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     if kind is not None and kind.too_fine:  # (:func:`fedleak.update_kind.describe_update`)
         said += (f"; but most rows of this weight change are finer than the rounding of the client's weights (the "
                  f"median row known to {kind.rounding:.1e} of its size): expect few certified samples or none")
+    if net.num_classes == 2 and kind is not None and kind.is_gradient and kind.num_examples is None:
+        said += ("; with two classes this update certifies nothing without the batch size the client reported (a "
+                 "blend of samples that share all their active units reads as one sample without it): pass "
+                 "num_examples")
     if masking.changed:
         said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
                  "told that the client computes in eval mode (train_dropout=False)")

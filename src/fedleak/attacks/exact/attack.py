@@ -17,8 +17,9 @@ from torch import nn
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.defense_aware import ExactPlan, exact_plan
 from fedleak.attacks.exact.decay import peel_decay, read_decay
-from fedleak.attacks.exact.noise import RoundingNoise
+from fedleak.attacks.exact.noise import gradient_noise, step_noises
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
+from fedleak.attacks.exact.penalty import read_penalty
 from fedleak.attacks.exact.pipeline import run_exclusivity
 from fedleak.attacks.labels import with_negated_hint
 from fedleak.attacks.read_defense import read_defense
@@ -29,7 +30,7 @@ from fedleak.nets import Network, as_network
 from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
 from fedleak.nets.exact_view import exact_view
 from fedleak.nets.input_map import InputMap, peel_input_map
-from fedleak.precision import EPS32, FLOAT32, Precision, carried_dtype, underflow, update_precision
+from fedleak.precision import FLOAT32, Precision, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 from fedleak.weight_change import UNSIGNED, other_sign
@@ -106,6 +107,12 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
         rec = replace(rec, notes=(*rec.notes, INFERRED_SIZE.format(m=rec.batch_size)))
     if rec.batch_certified or opts.defense:
         return rec
+    penalty = read_penalty(model, net, update, noise)
+    if penalty is not None:  # an L2 penalty in the client's loss: every weight's gradient holds a multiple of it
+        again = within_conv_model(run_exclusivity(model, net, penalty.update, opts, noise=penalty.noise,
+                                                  precision=precision), net, update.error, precision)
+        if (again.num_certified, len(again)) > (rec.num_certified, len(rec)):
+            return replace(again, notes=(*again.notes, penalty.describe()))
     # a defense the client did not declare, which the update shows (per-layer clipping leaves nothing certified)
     read = read_defense(update.gradients, per_layer=not rec.num_certified)
     if read is None:
@@ -119,18 +126,6 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
         return rec
     return replace(again, notes=(*again.notes, f"{read.evidence}: read as {read.defense.label}, which the client did "
                                                "not declare"))
-
-
-def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:
-    """A gradient's noise per entry: 4 epsilons of its dtype (the client's arithmetic), plus, where its values carry a
-    format coarser than float32 (:func:`fedleak.precision.carried_dtype`: sent in float16, computed under autocast),
-    one epsilon of that format and its underflow, plus a known transport ``error``."""
-    noise = RoundingNoise.of(g, 4, error)
-    carried = carried_dtype(g)
-    if float(torch.finfo(carried).eps) <= EPS32:
-        return noise
-    own = 4 * float(torch.finfo(g.dtype).eps)
-    return replace(noise, scale=own + float(torch.finfo(carried).eps), error=noise.error + underflow(carried))
 
 
 @register_attack("conv-exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
@@ -186,12 +181,12 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     opts = in_first_layer(asked, input_map)
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
-    decay = read_decay(net, update.before, update.after, delta)
+    noise = step_noises(update.after, delta, update.error)
+    decay = read_decay(net, update.before, delta, noise)
     if decay is None:
         grads = GradientUpdate(delta, num_examples=update.num_examples)
-        noise = {n: RoundingNoise.of_step(update.after[n], delta[n], update.error) for n in names}
     else:  # SGD's weight decay, peeled off with its bound in the noise
-        peeled, noise = peel_decay(decay, update.before, update.after, delta, update.error)
+        peeled, noise = peel_decay(decay, update.before, delta, noise)
         grads = GradientUpdate(peeled, num_examples=update.num_examples)
     positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
     rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive), net,

@@ -8,10 +8,16 @@ layer (outgoing column and incoming row parallel to their weights, within the cl
 the intervals of ``c`` that every entry of them allows; :func:`peel_decay` subtracts ``c w`` from every weight
 (and ``c_b b`` from every bias, where the biases were decayed) and bounds each entry's noise.
 
-Rounding model: the client computes ``after = fl(w - fl(lr * buf))`` with ``buf = fl(g + λ w)``, so each entry of
-``before - after`` is off by at most ``eps/2 |after| + eps |Δ|`` (``eps`` of the weights' dtype). The intervals are
-a proof under that model and the assumption that the units read are silent (no sample's term in their rows); the
-certificate then checks the peeled update as it checks any other.
+A gradient with an L2 penalty in the loss (``loss + λ Σ w²``, a regulariser written into the training loop, or a
+weight change after one step of ``SGD(weight_decay=λ)`` divided by the learning rate) is ``g + c w`` too (``c = 2λ``,
+or ``λ``), and reads the same way.
+
+Rounding model: each entry's noise is given (:class:`~fedleak.attacks.exact.noise.RoundingNoise`). For a weight
+change the client computes ``after = fl(w - fl(lr * buf))`` with ``buf = fl(g + λ w)``, so each entry of
+``before - after`` is off by at most ``eps/2 |after| + eps |Δ|`` (``eps`` of the weights' dtype); a gradient's
+entries by a few epsilons of themselves and of the penalty's term. The intervals are a proof under that model and the
+assumption that the units read are silent (no sample's term in their rows); the certificate then checks the peeled
+update as it checks any other.
 """
 
 from __future__ import annotations
@@ -84,17 +90,18 @@ def intervals(delta: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor) ->
     return lo.where(zero_ok, math.inf), hi.where(zero_ok, -math.inf)
 
 
-def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
-               delta: Mapping[str, torch.Tensor]) -> Decay | None:
-    """The weight decay of a one-step update, from the silent units of the head's last ReLU layer; None when no
-    unit there is silent (none to read it from), the silent ones show no decay or they disagree."""
+def read_decay(net, before: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+               noise: Mapping[str, RoundingNoise]) -> Decay | None:
+    """The weight decay of a one-step update ``delta`` (or a gradient's L2 penalty) at weights ``before``, each
+    entry off by up to its ``noise``, from the silent units of the head's last ReLU layer; None when no unit there
+    is silent (none to read it from), the silent ones show no decay or they disagree."""
     head = net.head
     if head.depth == 0:
         return None
     inner, out = head.dense[-2], head.dense[-1]
     w_out = before[out.weight_name].to(F64)
     d_out = delta[out.weight_name].to(F64)
-    noise_out = RoundingNoise.of_step(after[out.weight_name], delta[out.weight_name]).whole()
+    noise_out = noise[out.weight_name].whole()
     lo, hi = intervals(d_out.T, w_out.T, noise_out.T)
     cand = torch.nonzero(lo <= hi).flatten()  # outgoing columns parallel to their weights
     if len(cand) == 0 or not bool(d_out[:, cand].any()):
@@ -104,7 +111,7 @@ def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torc
     # the common factor: the median of the candidates' least-squares ratios (silent units agree on it)
     ratios = (d_in * w_in).sum(1) / (w_in * w_in).sum(1).clamp_min(1e-300)
     c = float(ratios.median())
-    noise_in = RoundingNoise.of_step(after[inner.weight_name], delta[inner.weight_name]).rows(cand)
+    noise_in = noise[inner.weight_name].rows(cand)
     silent = ((d_in - c * w_in).abs() <= noise_in).all(1)
     if not silent.any():
         return None
@@ -113,8 +120,8 @@ def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torc
     weight = Interval(max(float(lo[units].max()), float(rlo.max())), min(float(hi[units].min()), float(rhi.min())))
     bias = None
     if inner.bias_name is not None:
-        b, db, ab = (t[inner.bias_name][units] for t in (before, delta, after))
-        blo, bhi = intervals(db.to(F64)[None], b.to(F64)[None], RoundingNoise.of_step(ab, db).whole()[None])
+        b, db = (t[inner.bias_name][units] for t in (before, delta))
+        blo, bhi = intervals(db.to(F64)[None], b.to(F64)[None], noise[inner.bias_name].whole()[units][None])
         bias = Interval(float(blo[0]), float(bhi[0]))
     if weight.lo > weight.hi or (bias is not None and bias.lo > bias.hi):
         return None  # the units read disagree: no one factor explains them
@@ -122,27 +129,27 @@ def read_decay(net, before: Mapping[str, torch.Tensor], after: Mapping[str, torc
     return decay if decay.found else None  # factors within rounding of 0: no decay seen
 
 
-def peel_decay(decay: Decay, before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor],
-               delta: Mapping[str, torch.Tensor], error: float = 0.0
-               ) -> tuple[dict[str, torch.Tensor], dict[str, RoundingNoise]]:
-    """The update without its decay, ``delta - c w``, and each entry's noise: the client's rounding, the factor's
-    bound times ``|w|`` and the peel's own rounding, plus the transport ``error``. Computed in the update's dtype:
+def peel_decay(decay: Decay, before: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+               noise: Mapping[str, RoundingNoise]) -> tuple[dict[str, torch.Tensor], dict[str, RoundingNoise]]:
+    """The update without its decay, ``delta - c w``, and each entry's noise: its own ``noise`` (the client's
+    rounding and any transport error), the factor's bound times ``|w|`` and the peel's own rounding. Computed in the
+    update's dtype:
     ``fl(delta - fl(c w))`` is off by at most ``eps/2 (|c w| + |peeled|)``, and the bound, a sum of non-negative
     terms, is rounded up by ``BOUND_ROUND_UP``. An entry the peel leaves within its bound of zero is set to zero
     (its bound grows by what was dropped): a silent unit's rows are then exactly zero, as without decay."""
-    grads, noise = {}, {}
+    grads, peeled_noise = {}, {}
     for name, d in delta.items():
         factor = decay.factor(before[name].dim() > 1)
         w = before[name].to(d.dtype)
         eps = float(torch.finfo(d.dtype).eps)
         decayed = w * factor.value
         peeled = d - decayed
-        bound = RoundingNoise.of_step(after[name], d).whole().to(d.dtype)
+        bound = noise[name].whole().to(d.dtype)
         bound.add_(w.abs(), alpha=factor.bound).add_(decayed.abs_(), alpha=eps / 2)
         dropped = peeled.abs()
         bound.add_(dropped, alpha=eps / 2).mul_(BOUND_ROUND_UP)
         small = dropped <= bound
         bound = torch.where(small, bound.add(dropped).mul_(BOUND_ROUND_UP), bound)
         grads[name] = peeled.masked_fill_(small, 0.0)
-        noise[name] = RoundingNoise(bound, 1.0, float(error))
-    return grads, noise
+        peeled_noise[name] = RoundingNoise(bound, 1.0)
+    return grads, peeled_noise

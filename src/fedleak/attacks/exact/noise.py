@@ -8,12 +8,13 @@ it from them, a piece at a time, in float64 (:class:`RoundingNoise`): a copy of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 
 from fedleak.nets.float64 import piece_rows
+from fedleak.precision import EPS32, carried_dtype, underflow
 
 F64 = torch.float64
 
@@ -89,3 +90,22 @@ class RoundingNoise:
         """The norms of a matrix's rows of noise (float64), a piece of rows at a time."""
         return torch.cat([piece.norm(dim=1) for piece in self.pieces()])
 
+
+
+def step_noises(after: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], error: float = 0.0
+                ) -> dict[str, RoundingNoise]:
+    """Each tensor of a one-step weight change ``delta`` (``before - after``): its rounding noise
+    (:meth:`RoundingNoise.of_step`), plus a known transport ``error``."""
+    return {n: RoundingNoise.of_step(after[n], d, error) for n, d in delta.items()}
+
+
+def gradient_noise(g: torch.Tensor, error: float) -> RoundingNoise:
+    """A gradient's noise per entry: 4 epsilons of its dtype (the client's arithmetic), plus, where its values carry a
+    format coarser than float32 (:func:`fedleak.precision.carried_dtype`: sent in float16, computed under autocast),
+    one epsilon of that format and its underflow, plus a known transport ``error``."""
+    noise = RoundingNoise.of(g, 4, error)
+    carried = carried_dtype(g)
+    if float(torch.finfo(carried).eps) <= EPS32:
+        return noise
+    own = 4 * float(torch.finfo(g.dtype).eps)
+    return replace(noise, scale=own + float(torch.finfo(carried).eps), error=noise.error + underflow(carried))

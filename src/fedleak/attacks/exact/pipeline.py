@@ -42,9 +42,11 @@ from fedleak.attacks.exact.multiplicity import held_once, with_multiplicity
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
+from fedleak.attacks.exact.output_bias import output_bias_cause
 from fedleak.attacks.exact.sample_clip import read_sample_clip
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
+from fedleak.attacks.exact.two_class_blends import without_unexcluded_blends
 from fedleak.attacks.label_sign import without_unsigned_labels
 from fedleak.attacks.masked_input import first_module, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
@@ -60,10 +62,6 @@ if TYPE_CHECKING:  # the conv walk-down (scipy, 0.3 s to import) is loaded by th
     from fedleak.attacks.exact.conv_walkdown import ChainSolve
 
 F64 = torch.float64
-SATURATED = ("the output layer's bias gradient has no negative entry: the batch's samples are classified with "
-             "probability 1 (the probability of each label rounds to 1 in the client's dtype, so no loss vector has "
-             "a negative entry, by which this attack tells a sample's rows), at any batch size; of a one-sample "
-             "gradient, attack='first-layer' (or 'auto') reads the first Linear layer instead")
 FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four classes cannot be read off the update "
                        "(pass label_smoothing)")
 
@@ -82,7 +80,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     values carry a format coarser than float32 (:mod:`fedleak.precision`), which no reading certifies. Read with an
     unknown factor that is not known to be ``positive`` (a weight delta ``before - after`` is) and no declared
     defense, a two-class model's certificates stand only where the update's negative has no reading with the other
-    labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`)."""
+    labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`), and only where a blend of like samples
+    would show at its scale (:mod:`~fedleak.attacks.exact.two_class_blends`)."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
@@ -123,6 +122,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
         if not (positive or used.known_scale or used.defense):
             rec = without_unsigned_labels(model, rec, update.num_examples or rec.batch_size, used.smoothing,
                                           used.class_weights)
+        rec = without_unexcluded_blends(rec, net.num_classes, update.num_examples, used.known_scale)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
     rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
@@ -248,9 +248,10 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         cause = "; or ".join(caveats)
         missing = f"{missing}; or {cause}" if missing else ""
         records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
-    out_bias = attack.g[-1]
-    if missing and not records and out_bias is not None and not opts.smoothing and bool((out_bias >= 0).all()):
-        missing = f"{SATURATED}; and {missing}"  # no sample's loss vector has its negative entry
+    cause = output_bias_cause(net, grads, opts, noise, reported, bool(records)) if missing or records else ""
+    if cause and not any(r.certified for r in records):  # what the output bias says about the loss read
+        missing = f"{cause}; and {missing}" if missing else ""
+        records = [replace(r, reason=f"{cause}; and {r.reason}" if r.reason else cause) for r in records]
     if net.uncertifiable:  # first, what no batch size or perturbation can change
         missing = f"{net.uncertifiable}; and {missing}" if missing else ""
         records = [replace(r, reason=f"{net.uncertifiable}; and {r.reason}" if r.reason else net.uncertifiable)

@@ -1,0 +1,103 @@
+"""Two classes: samples that share every active unit and their label read as one blend of them. Certified only where
+the scale tells a blend (a reported batch size at a pinned scale; more than half of the batch at an unknown factor).
+Real data (digits, two of its classes), real autograd, a model with few live units (as a dying-ReLU model has)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.attacks.exact.two_class_blends import FEW, MARK, UNREPORTED, unexcluded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _few_live_units(x: torch.Tensor, groups: list[list[int]], seed: int = 0, gain: float = 1e-3) -> nn.Sequential:
+    """A 64-256-2 MLP whose units all stay silent but two per group, which fire for that group's samples only and
+    move the logits by ``gain`` times what they would (the samples' predictions then agree closely, as on a model
+    trained into few live units)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 2))
+    flat = x.flatten(1)
+    with torch.no_grad():
+        model[1].bias.fill_(-1e3)
+        for g, members in enumerate(groups):
+            others = [k for k in range(len(x)) if k not in members]
+            direction = flat[members].mean(0) - (flat[others].mean(0) if others else 0)
+            for unit in (2 * g, 2 * g + 1):
+                w = direction + 0.05 * torch.randn(64)
+                inside, outside = (flat[members] @ w).min(), (flat[others] @ w).max() if others else -1e9
+                model[1].weight[unit] = w
+                model[1].bias[unit] = -(inside + max(outside, inside - 10.0)) / 2
+                model[3].weight[:, unit] *= gain  # the live units barely move the logits: like predictions
+    return model.eval()
+
+
+def _batch(digits, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = (digits.y == 0).nonzero().flatten()[:count]
+    return digits.x[keep], torch.zeros(count, dtype=torch.long)
+
+
+def _gradient(model, x, y) -> dict[str, torch.Tensor]:
+    loss = F.cross_entropy(model(x), y)
+    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+
+
+def test_a_blend_of_like_samples_is_not_certified_without_the_batch_size(digits):
+    """Three samples sharing their two live units and their label: read without the batch size, their gradient was
+    certified as one sample (the blend of the three); two such pairs as two samples."""
+    x, y = _batch(digits, 3)
+    model = _few_live_units(x, [[0, 1, 2]])
+    h = F.relu(model[1](x.flatten(1)))
+    assert ((h > 0).sum(1) == 2).all() and (h > 0).any(0).sum() == 2  # one shared pattern of two live units
+    grads = _gradient(model, x, y)
+    rec = fedleak.reconstruct(model, grads)
+    assert rec.num_certified == 0 and UNREPORTED in rec.why_uncertified()
+    assert len(rec) == 1 and rec.samples[0].route.endswith(f", {MARK})")
+    assert float((rec.inputs[0].flatten() - x.flatten(1)).abs().amax(1).min()) > 1e-2  # a blend, not a sample
+    told = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=3))
+    assert told.num_certified == 0  # at the reported size its scale shows: about 3 samples' worth
+    x, y = _batch(digits, 4)  # two pairs, each sharing its live units: read as two samples of a batch of 2
+    model = _few_live_units(x, [[0, 1], [2, 3]])
+    rec = fedleak.reconstruct(model, _gradient(model, x, y))
+    assert rec.num_certified == 0 and len(rec) == 2 and not fedleak.metrics.match(rec, x, y).false_certificate.any()
+    auto = fedleak.reconstruct(model, grads, attack="auto", budget=5, progress=False)
+    assert auto.num_certified == 0 and not fedleak.metrics.match(auto, x, y).false_certificate.any()
+
+
+def test_blends_at_an_unknown_factor_need_more_than_half_of_the_batch(digits):
+    """Two pairs, each sharing its live units: a one-step weight update of the four, at an unknown learning rate,
+    reads as two samples at one factor (two blends of two), which were certified (and read as held twice each): not
+    now, as 2 x 2 <= 4."""
+    x, y = _batch(digits, 4)
+    model = _few_live_units(x, [[0, 1], [2, 3]], gain=1e-2)
+    client = copy.deepcopy(model)
+    opt = torch.optim.SGD(client.parameters(), lr=100.0)  # rows well above the rounding of the client's weights
+    opt.zero_grad()
+    F.cross_entropy(client(x), y).backward()
+    opt.step()
+    rec = fedleak.reconstruct(model, fedleak.WeightUpdate(model.state_dict(), client.state_dict(), num_examples=4))
+    assert rec.num_certified == 0 and not fedleak.metrics.match(rec, x, y).false_certificate.any()
+    assert any(FEW.format(n=2, m=4) == n for n in rec.notes)
+
+
+def test_the_rule():
+    assert unexcluded(10, 3, None, True) == ""  # more classes: a blend's loss vectors are not alike
+    assert unexcluded(2, 0, None, True) == ""
+    assert unexcluded(2, 1, None, True) == UNREPORTED
+    assert unexcluded(2, 1, 1, True) == ""  # a pinned scale shows a blend of k at k times a sample's
+    assert unexcluded(2, 2, 4, False) == FEW.format(n=2, m=4)
+    assert unexcluded(2, 3, 5, False) == ""  # three blends of two would need six samples
+
+
+def test_the_plan_asks_for_the_batch_size(lfw):
+    model = fedleak.make_mlp(lfw.input_shape, [256], 2, seed=0)
+    x, y = lfw.batch(4, seed=0)
+    grads = _gradient(model, x, y)
+    assert "pass num_examples" in fedleak.plan(model, grads).verdict
+    assert "pass num_examples" not in fedleak.plan(model, fedleak.GradientUpdate(grads, num_examples=4)).verdict
