@@ -2,9 +2,10 @@
 which data, and what one cell runs: the client's own work (the reference of every ratio), one float64 copy of
 its update, the attack, and, for the CNN, fishing and the attack on the fished batch.
 
-A client sends its gradient (FedSGD), or (``local_steps``) a FedAvg weight update of that many local SGD steps
-on its batch at learning rate ``LR``; the reference is then its local training, timed the way a client runs it
-(plain autograd and an SGD step per local step, on a copy of the weights it received).
+A client sends its gradient (FedSGD) with the number of examples it reports, or (``local_steps``) a FedAvg weight
+update of that many local SGD steps on its batch at learning rate ``LR``; the reference is then its local training,
+timed the way a client runs it (plain autograd and an SGD step per local step, on a copy of the weights it
+received).
 """
 
 from __future__ import annotations
@@ -112,14 +113,17 @@ class Cell:
         self.local = copy.deepcopy(self.model)  # a FedAvg client's own copy, trained locally
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.update = self.client() if not spec.local_steps else fedleak.fedavg_update(
-            self.model, self.x, self.y, lr=LR, local_steps=spec.local_steps)
-        self.sent = self.update.after if spec.local_steps else self.update  # what the client sends, by name
+        # what the client sends: its gradient and the number of examples it reports, as Flower's clients do (two
+        # classes certify only at a reported batch size), or its weights after local training
+        self.update = fedleak.GradientUpdate(self.client(), num_examples=m) if not spec.local_steps else \
+            fedleak.fedavg_update(self.model, self.x, self.y, lr=LR, local_steps=spec.local_steps)
+        self.sent = self.update.after if spec.local_steps else self.update.gradients  # what the client sends, by name
         self.fished = self.fished_update = None
         if spec.conv:
             self.fished = self.fish()
             loss = torch.nn.functional.cross_entropy(self.model(self.fished.inputs), self.y)
-            self.fished_update = dict(zip(self.names, torch.autograd.grad(loss, self.params)))
+            self.fished_update = fedleak.GradientUpdate(dict(zip(self.names, torch.autograd.grad(loss, self.params))),
+                                                        num_examples=m)
 
     def client(self) -> dict:
         """What the client computes: plain autograd of the mean cross-entropy over the batch (its gradient), or,

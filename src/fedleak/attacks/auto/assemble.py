@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 
 from fedleak.attacks.exact.dropout import read_in_training_mode
+from fedleak.attacks.exact.like_blends import blend_unexcluded
 from fedleak.attacks.exact.multiplicity import read_off_scale
-from fedleak.attacks.exact.two_class_blends import blend_unexcluded
 from fedleak.attacks.first_layer_rows import HELD_ROUTES
 from fedleak.attacks.inversion import Estimate, Prior
 from fedleak.attacks.label_sign import label_unproven
@@ -37,7 +37,7 @@ def held_indices(exact: Reconstruction) -> list[int]:
     not those of an update that looks sparsified or quantised, :data:`~fedleak.attacks.first_layer_rows.
     COMPRESSED_ROUTE`, which start the search instead), or exact inputs whose two-class label rests on the update's
     sign (:func:`fedleak.attacks.label_sign.label_unproven`), or that a blend of like samples would give as well
-    (:func:`fedleak.attacks.exact.two_class_blends.blend_unexcluded`: a search cannot tell them apart either)."""
+    (:func:`fedleak.attacks.exact.like_blends.blend_unexcluded`: a search cannot tell them apart either)."""
     read = [k for k, r in enumerate(exact.samples) if not r.certified and r.rebuilt
             and (read_in_training_mode(r) or read_off_scale(r) or label_unproven(r) or blend_unexcluded(r)
                  or r.route in HELD_ROUTES)]

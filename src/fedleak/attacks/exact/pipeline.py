@@ -38,6 +38,7 @@ from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residu
 from fedleak.attacks.exact.candidates import Candidate, unique_candidates
 from fedleak.attacks.exact.certificate import BLENDS, off_scale_note, strongly_witnessed
 from fedleak.attacks.exact.class_weights import class_scale_note
+from fedleak.attacks.exact.like_blends import without_unexcluded_blends
 from fedleak.attacks.exact.multiplicity import held_once, with_multiplicity
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
@@ -46,7 +47,6 @@ from fedleak.attacks.exact.output_bias import output_bias_cause
 from fedleak.attacks.exact.sample_clip import read_sample_clip
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
-from fedleak.attacks.exact.two_class_blends import without_unexcluded_blends
 from fedleak.attacks.label_sign import without_unsigned_labels
 from fedleak.attacks.masked_input import first_module, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
@@ -81,7 +81,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     unknown factor that is not known to be ``positive`` (a weight delta ``before - after`` is) and no declared
     defense, a two-class model's certificates stand only where the update's negative has no reading with the other
     labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`), and only where a blend of like samples
-    would show at its scale (:mod:`~fedleak.attacks.exact.two_class_blends`)."""
+    would show at its scale (:mod:`~fedleak.attacks.exact.like_blends`)."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
     # walk-down and whole-batch gradient run on autograd, also when the caller is in inference mode. What the
@@ -122,8 +122,9 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
         if not (positive or used.known_scale or used.defense):
             rec = without_unsigned_labels(model, rec, update.num_examples or rec.batch_size, used.smoothing,
                                           used.class_weights)
-        rec = without_unexcluded_blends(rec, net.num_classes, update.num_examples, used.known_scale)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
+    rec = without_unexcluded_blends(model, rec, net.num_classes, update.num_examples, used.known_scale,
+                                    used.range_width(rec.inputs) if len(rec) else 1.0)
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
     rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
     return read_sample_clip(net, rec, used, update.num_examples or rec.batch_size)  # per-sample clipping undeclared

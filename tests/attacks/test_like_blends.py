@@ -12,17 +12,18 @@ from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.attacks.exact.two_class_blends import FEW, MARK, UNREPORTED, unexcluded
+from fedleak.attacks.exact.like_blends import ALIKE_TWO, FEW, MARK, UNREPORTED, logit_spread, unexcluded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _few_live_units(x: torch.Tensor, groups: list[list[int]], seed: int = 0, gain: float = 1e-3) -> nn.Sequential:
-    """A 64-256-2 MLP whose units all stay silent but two per group, which fire for that group's samples only and
-    move the logits by ``gain`` times what they would (the samples' predictions then agree closely, as on a model
-    trained into few live units)."""
+def _few_live_units(x: torch.Tensor, groups: list[list[int]], seed: int = 0, gain: float = 1e-3,
+                    classes: int = 2) -> nn.Sequential:
+    """A 64-256-``classes`` MLP whose units all stay silent but two per group, which fire for that group's samples
+    only and move the logits by ``gain`` times what they would (the samples' predictions then agree closely, as on a
+    model trained into few live units)."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 2))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, classes))
     flat = x.flatten(1)
     with torch.no_grad():
         model[1].bias.fill_(-1e3)
@@ -57,7 +58,7 @@ def test_a_blend_of_like_samples_is_not_certified_without_the_batch_size(digits)
     assert ((h > 0).sum(1) == 2).all() and (h > 0).any(0).sum() == 2  # one shared pattern of two live units
     grads = _gradient(model, x, y)
     rec = fedleak.reconstruct(model, grads)
-    assert rec.num_certified == 0 and UNREPORTED in rec.why_uncertified()
+    assert rec.num_certified == 0 and UNREPORTED.format(alike=ALIKE_TWO) in rec.why_uncertified()
     assert len(rec) == 1 and rec.samples[0].route.endswith(f", {MARK})")
     assert float((rec.inputs[0].flatten() - x.flatten(1)).abs().amax(1).min()) > 1e-2  # a blend, not a sample
     told = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=3))
@@ -83,16 +84,16 @@ def test_blends_at_an_unknown_factor_need_more_than_half_of_the_batch(digits):
     opt.step()
     rec = fedleak.reconstruct(model, fedleak.WeightUpdate(model.state_dict(), client.state_dict(), num_examples=4))
     assert rec.num_certified == 0 and not fedleak.metrics.match(rec, x, y).false_certificate.any()
-    assert any(FEW.format(n=2, m=4) == n for n in rec.notes)
+    assert any(FEW.format(alike=ALIKE_TWO, n=2, m=4) == n for n in rec.notes)
 
 
 def test_the_rule():
-    assert unexcluded(10, 3, None, True) == ""  # more classes: a blend's loss vectors are not alike
-    assert unexcluded(2, 0, None, True) == ""
-    assert unexcluded(2, 1, None, True) == UNREPORTED
-    assert unexcluded(2, 1, 1, True) == ""  # a pinned scale shows a blend of k at k times a sample's
-    assert unexcluded(2, 2, 4, False) == FEW.format(n=2, m=4)
-    assert unexcluded(2, 3, 5, False) == ""  # three blends of two would need six samples
+    assert unexcluded("", 3, None, True) == ""  # loss vectors not alike: a blend's witness rows disagree
+    assert unexcluded(ALIKE_TWO, 0, None, True) == ""
+    assert unexcluded(ALIKE_TWO, 1, None, True) == UNREPORTED.format(alike=ALIKE_TWO)
+    assert unexcluded(ALIKE_TWO, 1, 1, True) == ""  # a pinned scale shows a blend of k at k times a sample's
+    assert unexcluded(ALIKE_TWO, 2, 4, False) == FEW.format(alike=ALIKE_TWO, n=2, m=4)
+    assert unexcluded(ALIKE_TWO, 3, 5, False) == ""  # three blends of two would need six samples
 
 
 def test_the_plan_asks_for_the_batch_size(lfw):
@@ -101,3 +102,20 @@ def test_the_plan_asks_for_the_batch_size(lfw):
     grads = _gradient(model, x, y)
     assert "pass num_examples" in fedleak.plan(model, grads).verdict
     assert "pass num_examples" not in fedleak.plan(model, fedleak.GradientUpdate(grads, num_examples=4)).verdict
+
+
+def test_ten_classes_on_a_model_whose_logits_barely_move(digits):
+    """Ten classes, but the live units move the logits by 1e-4 of what they would: every prediction is about the
+    same, the loss vectors alike, and three samples read as one (certified before). A model whose logits move keeps
+    its certificates without the batch size."""
+    x, y = _batch(digits, 3)
+    model = _few_live_units(x, [[0, 1, 2]], gain=1e-4, classes=10)
+    rec = fedleak.reconstruct(model, _gradient(model, x, y))
+    assert rec.num_certified == 0 and "barely depend on its input" in rec.why_uncertified()
+    assert logit_spread(model, x, 1.0) < 1e-2
+    healthy = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.batch(6, seed=3)
+    assert logit_spread(healthy, x, 1.0) > 0.5
+    plain = fedleak.reconstruct(healthy, _gradient(healthy, x, y))
+    told = fedleak.reconstruct(healthy, fedleak.GradientUpdate(_gradient(healthy, x, y), num_examples=6))
+    assert plain.num_certified == told.num_certified >= 4
