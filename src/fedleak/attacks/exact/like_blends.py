@@ -36,7 +36,6 @@ MARK = "sample or blend"  # the route's mark of a sample a blend of like samples
 #: a model whose difference of two logits moves by less than this over the data's range, in any direction probed, has
 #: like loss vectors for every input (witness rows agree to about 1e-5 relative, a blend's by the loss vectors' spread)
 FLAT = 1e-2
-PROBES = 2  # random zero-sum combinations of the logits probed
 
 ALIKE_TWO = "with two classes a blend of samples that share all its active units and its label"
 ALIKE_FLAT = ("the model's logits barely depend on its input (a difference of two of them moves by at most {flat:.1e} "
@@ -62,19 +61,18 @@ def unexcluded(alike: str, certified: int, reported: int | None, known_scale: bo
 
 
 def logit_spread(model: nn.Module, inputs: torch.Tensor, width: float, seed: int = 0, most: bool = False) -> float:
-    """The least (``most``: the greatest), over ``inputs`` (a batch the model reads), of the most that a zero-sum
-    combination of its logits (of unit norm; :data:`PROBES` of them, drawn with ``seed``) can move over a box of
-    ``width`` around each input, at the input's own local linear map: ``sum_i |d(v . z)/dx_i| width``."""
+    """The least (``most``: the greatest), over ``inputs`` (a batch the model reads), of the most that a random
+    zero-sum combination ``v`` of its logits (of unit norm, drawn with ``seed``) can move over a box of ``width``
+    around each input, at the input's own local linear map: ``sum_i |d(v . z)/dx_i| width``. Where the logits do
+    move, a random ``v`` moves too (it would have to be orthogonal to every row of the Jacobian's zero-sum part)."""
     x = inputs.detach().clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         z = model(x)
-    gen = torch.Generator().manual_seed(seed)
-    spread = torch.zeros(len(x), dtype=torch.float64)
-    for _ in range(PROBES):
         v = torch.randn(z.shape[-1], generator=gen, dtype=torch.float64)
         v = (v - v.mean()) / (v - v.mean()).norm()
-        g, = torch.autograd.grad((z @ v.to(z.dtype)).sum(), x, retain_graph=True)  # samples apart: eval mode
-        spread = torch.maximum(spread, g.detach().flatten(1).abs().sum(1).double() * width)
+        g, = torch.autograd.grad((z @ v.to(z.dtype)).sum(), x)  # the samples apart: the model runs in eval mode
+    spread = g.detach().flatten(1).abs().sum(1).double() * width
     return float(spread.max() if most else spread.min())
 
 
