@@ -434,21 +434,18 @@ def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str
         return None
     from fedleak.attacks.exact.decay import peel_decay, read_decay
     from fedleak.attacks.exact.noise import step_noises
-    from fedleak.attacks.exact.penalty import read_penalty
+    from fedleak.attacks.exact.penalty import without_penalty
     from fedleak.errors import FedleakError
     from fedleak.nets.exact_view import exact_network
     from fedleak.updates import GradientUpdate
 
+    if isinstance(update, GradientUpdate):
+        peeled = without_penalty(model, update)
+        return None if peeled is None else dict(peeled.gradients)
     try:
         net = exact_network(model)
     except FedleakError:
         return None
-    if isinstance(update, GradientUpdate):
-        try:
-            penalty = read_penalty(model, net, update, None)
-        except FedleakError:
-            return None
-        return None if penalty is None else dict(penalty.update.gradients)
     change = {n: d for n, d in delta.items() if n in update.before and n in update.after}
     noise = step_noises(update.after, change)
     decay = read_decay(net, update.before, change, noise)

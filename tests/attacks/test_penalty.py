@@ -11,6 +11,7 @@ from user_models import DropoutMLP
 import fedleak
 from fedleak.attacks.exact.penalty import read_penalty
 from fedleak.nets import as_network
+from fedleak.update_kind import describe_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,3 +53,12 @@ def test_the_factor_is_read_within_its_interval_and_undecayed_biases_are_told(di
     for name, peeled in penalty.update.gradients.items():  # every entry of the peeled gradient within its bound
         assert ((peeled.double() - g[name].double()).abs() <= penalty.noise[name].whole()).all(), name
     assert read_penalty(model, net, fedleak.GradientUpdate(g, num_examples=8), None) is None
+
+
+def test_the_update_s_kind_names_the_penalty(digits):
+    x, y = digits.batch(8, seed=3)
+    model = _model(3)
+    kind = describe_update(fedleak.GradientUpdate(_gradient(model, x, y, 1e-3), num_examples=8), model)
+    assert kind.weight_decay and "L2 penalty in the loss" in kind.summary() and not kind.noised
+    plain = describe_update(fedleak.GradientUpdate(_gradient(model, x, y, 0.0), num_examples=8), model)
+    assert not plain.weight_decay and "L2 penalty" not in plain.summary()

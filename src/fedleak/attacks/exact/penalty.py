@@ -18,6 +18,8 @@ from torch import nn
 
 from fedleak.attacks.exact.decay import Decay, peel_decay, read_decay
 from fedleak.attacks.exact.noise import RoundingNoise, gradient_noise
+from fedleak.errors import FedleakError
+from fedleak.nets.exact_view import exact_view
 from fedleak.updates import GradientUpdate
 
 TERM_EPSILONS = 4  # epsilons of |c w| by which the client's separately rounded data term can be off
@@ -63,3 +65,15 @@ def read_penalty(model: nn.Module, net, update: GradientUpdate, noise: dict[str,
                        * abs(decay.factor(g.dim() > 1).value)) for n, g in grads.items()}
     peeled, peeled_noise = peel_decay(decay, weights, grads, wide)
     return Penalty(decay, replace(update, gradients=peeled), peeled_noise)
+
+
+def without_penalty(model: nn.Module, update: GradientUpdate) -> GradientUpdate | None:
+    """``update`` without the L2 penalty its silent units show, for what reads a gradient as a cross-entropy's (the
+    update's description); None without one, or where the exact methods do not read ``model`` (or read it with
+    BatchNorm folded in, whose gradient is another's)."""
+    try:
+        view = exact_view(model)
+        penalty = None if view.fold is not None else read_penalty(view.model, view.net, update, None)
+    except FedleakError:
+        return None
+    return None if penalty is None else penalty.update
