@@ -30,19 +30,18 @@ def zero_sum_breach(bias: torch.Tensor, mass: float | None, *, samples: int = 1,
     the batch size for a summed one), which bounds the rounding a saturated softmax leaves (every sample classified
     with probability 1: the bias is then all tiny positive entries); None where it is unknown and ``bound`` is not
     given: nothing is claimed. ``samples``: the batch size, or an upper bound on it; ``bound``: a bound on each
-    entry's rounding (a weight change's), used instead of ``mass``."""
+    entry's rounding (a weight change's; a gradient's sent in a coarser format), allowed on top of ``mass``'s."""
     b = bias.detach().to(torch.float64).flatten()
     norm = float(b.norm())
     if norm == 0.0 or not bool(torch.isfinite(b).all()):
         return ""
     total = relative_sum(b) * norm
-    if bound is not None:
-        allowed = float(bound.detach().to(torch.float64).sum())
-    elif mass is not None:
-        eps = float(torch.finfo(bias.dtype).eps) if bias.dtype.is_floating_point else 0.0
-        allowed = ROUNDING_EPSILONS * eps * mass * (b.numel() + 2 * max(1, samples))
-    else:
+    if bound is None and mass is None:
         return ""
+    allowed = 0.0 if bound is None else float(bound.detach().to(torch.float64).sum())
+    if mass is not None:
+        eps = float(torch.finfo(bias.dtype).eps) if bias.dtype.is_floating_point else 0.0
+        allowed += ROUNDING_EPSILONS * eps * mass * (b.numel() + 2 * max(1, samples))
     if abs(total) <= max(SUM_TOL * norm, allowed):
         return ""
     return (f"the output layer's bias gradient sums to {total / norm:.3g} of its norm, where a softmax "

@@ -249,7 +249,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
         cause = "; or ".join(caveats)
         missing = f"{missing}; or {cause}" if missing else ""
         records = [replace(r, reason=f"{r.reason}; or {cause}" if r.reason else cause) for r in records]
-    cause = output_bias_cause(net, grads, opts, noise, reported, bool(records)) if missing or records else ""
+    cause = output_bias_cause(net, grads, opts, noise, reported, bool(records), precision) if missing or records else ""
     if cause and not any(r.certified for r in records):  # what the output bias says about the loss read
         missing = f"{cause}; and {missing}" if missing else ""
         records = [replace(r, reason=f"{cause}; and {r.reason}" if r.reason else cause) for r in records]
