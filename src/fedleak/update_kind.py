@@ -258,23 +258,17 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
                             "took one step (its certificates reject anything else)")
         rounding = _rounding(update, tensors, evidence) if kind != "multi-step" else None
         decay = _weight_decay(update, tensors, model) if kind != "multi-step" else None
-        decayed = decay is not None
-        if decay is not None:  # the signatures below are read on the change without its decay
-            tensors = decay
-            evidence.append("SGD's weight decay: every weight moved by a common factor times itself, read off the "
-                            "units no sample activated; the exact route peels it off (the signatures below are read "
-                            "on the change without it)")
     else:
         update = as_gradient_update(update)
         tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
-        rounding = None
-        penalised = _weight_decay(update, tensors, model)
-        decayed = penalised is not None
-        if penalised is not None:  # the signatures below are read on the gradient without its penalty
-            tensors = penalised
-            evidence.append("an L2 penalty in the client's loss: every weight's gradient holds a common factor times "
-                            "the weight, read off the units no sample activated; the exact route peels it off (the "
-                            "signatures below are read on the gradient without it)")
+        rounding, decay = None, _weight_decay(update, tensors, model)
+    decayed = decay is not None
+    if decay is not None:  # the signatures below are read on the update without it
+        tensors = decay
+        evidence.append(("an L2 penalty in the client's loss: every weight's gradient holds" if kind == "gradient"
+                         else "SGD's weight decay: every weight moved by") + " a common factor times the weight, read "
+                        "off the units no sample activated; the exact route peels it off (the signatures below are "
+                        "read on the update without it)")
     # a gradient's values; a weight change's rounding is read off the weights sent instead (``rounding``)
     precision = update_precision(tensors if kind == "gradient" else {})
     if precision.coarse:
