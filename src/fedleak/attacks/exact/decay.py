@@ -8,9 +8,8 @@ layer (outgoing column and incoming row parallel to their weights, within the cl
 the intervals of ``c`` that every entry of them allows; :func:`peel_decay` subtracts ``c w`` from every weight
 (and ``c_b b`` from every bias, where the biases were decayed) and bounds each entry's noise.
 
-A gradient with an L2 penalty in the loss (``loss + λ Σ w²``, a regulariser written into the training loop, or a
-weight change after one step of ``SGD(weight_decay=λ)`` divided by the learning rate) is ``g + c w`` too (``c = 2λ``,
-or ``λ``), and reads the same way.
+A gradient with an L2 penalty in the loss (``loss + λ Σ w²``, a regulariser written into the training loop) is
+``g + c w`` too (``c = 2λ``), and reads the same way (:mod:`fedleak.attacks.exact.penalty`).
 
 Rounding model: each entry's noise is given (:class:`~fedleak.attacks.exact.noise.RoundingNoise`). For a weight
 change the client computes ``after = fl(w - fl(lr * buf))`` with ``buf = fl(g + λ w)``, so each entry of

@@ -1,12 +1,11 @@
 """An L2 penalty in the client's loss, read off a gradient's silent units and peeled before the attack.
 
-A client whose loss adds ``λ Σ w²`` (a regulariser written into its training loop), or that sends the change of one
-step of ``SGD(weight_decay=λ)`` divided by its learning rate, sends ``g + c w`` (``c = 2λ``, or ``λ``): no unit's rows
-then give an input. A unit that no sample activated has rows ``c w`` alone, and its outgoing column too, which gives
-``c`` within the gradient's rounding (:func:`fedleak.attacks.exact.decay.read_decay`, the reading of a weight
-update's decay); subtracting ``c w`` leaves the cross-entropy's gradient, each entry off by a bound the certificate
-takes in (:func:`~fedleak.attacks.exact.decay.peel_decay`). The bound adds a few epsilons of ``|c w|``: the client
-rounded the data term and the penalty's term apart before adding them.
+A client whose loss adds ``λ Σ w²`` (a regulariser written into its training loop) sends ``g + c w`` (``c = 2λ``):
+no unit's rows then give an input. A unit that no sample activated has rows ``c w`` alone, and its outgoing column
+too, which gives ``c`` within the gradient's rounding (:func:`fedleak.attacks.exact.decay.read_decay`, the reading
+of a weight update's decay); subtracting ``c w`` leaves the cross-entropy's gradient, each entry off by a bound the
+certificate takes in (:func:`~fedleak.attacks.exact.decay.peel_decay`). The bound adds a few epsilons of ``|c w|``:
+the client rounded the data term and the penalty's term apart before adding them.
 """
 
 from __future__ import annotations
