@@ -26,6 +26,7 @@ def reconstruct(
     attack: str = "exclusivity",
     *,
     num_examples: int | None = None,
+    learning_rate: float | None = None,
     **options: Any,
 ) -> Reconstruction:
     """Rebuild a client's batch from its update with the named attack.
@@ -35,8 +36,10 @@ def reconstruct(
     client's weights after local training (a FedAvg reply) is read as a :class:`WeightUpdate` from ``model``'s
     weights, the round's (:func:`~fedleak.captured.read_captured`; the result's notes say so). ``num_examples``:
     the number of examples the client reported (Flower's ``num-examples``), for an update that does not carry it
-    (a plain dict or list, a reply); one that carries another number is refused. ``options`` go to the attack
-    (see ``fedleak.available_attacks()``).
+    (a plain dict or list, a reply); one that carries another number is refused. ``learning_rate``: the learning
+    rate of a FedAvg client's local SGD, where the server knows it (it sets it in the round's configuration), for a
+    weight update (:attr:`WeightUpdate.learning_rate`). ``options`` go to the attack (see
+    ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
     trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
     :class:`~fedleak.errors.ModelError` says which. A client that trains only some layers sends an update of its
@@ -55,6 +58,8 @@ def reconstruct(
     check_model(model)
     if num_examples is not None:
         update = _reported(update, num_examples)
+    if learning_rate is not None:
+        update = _with_learning_rate(update, learning_rate)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
@@ -75,3 +80,14 @@ def _reported(update: object, num_examples: int) -> GradientUpdate | WeightUpdat
         raise UpdateError(f"the update reports {update.num_examples} examples, but num_examples={num_examples!r}; "
                           "pass num_examples only for an update that does not carry it")
     return replace(update, num_examples=num_examples)
+
+
+def _with_learning_rate(update: object, learning_rate: float) -> WeightUpdate:
+    """``update``, a weight update, with the learning rate the server knows (checked as the update checks it)."""
+    if not isinstance(update, WeightUpdate):
+        raise UpdateError("learning_rate is the step size of a FedAvg client's local SGD: pass it with a weight update "
+                          "(the client's new weights, or a WeightUpdate), not with a gradient")
+    if update.learning_rate is not None and update.learning_rate != learning_rate:
+        raise UpdateError(f"the update carries learning_rate {update.learning_rate!r}, but learning_rate="
+                          f"{learning_rate!r}; pass learning_rate only for an update that does not carry it")
+    return replace(update, learning_rate=learning_rate)

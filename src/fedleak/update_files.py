@@ -35,6 +35,8 @@ def save_update(update: ClientUpdate, path: str | os.PathLike[str]) -> Path:
         meta["kind"] = "weights"
         if update.local_steps is not None:
             meta["local_steps"] = str(int(update.local_steps))
+        if update.learning_rate is not None:
+            meta["learning_rate"] = repr(float(update.learning_rate))
     else:
         raise UpdateError(f"cannot save a {type(update).__name__}")
     if update.num_examples is not None:
@@ -81,14 +83,17 @@ def load_update(path: str | os.PathLike[str], model: nn.Module | None = None, ki
             return None
         return parse_int(f"update file {path}: metadata {key}", meta[key], low=1, high=MAX_COUNT, error=UpdateError)
 
+    def number(key: str) -> float | None:
+        try:
+            return float(meta[key]) if key in meta else None
+        except ValueError:
+            raise UpdateError(f"update file {path}: metadata {key} must be a number, got {meta[key]!r}") from None
+
     num = count("num_examples")
-    try:
-        error = float(meta.get("error", "0"))
-    except ValueError:
-        raise UpdateError(f"update file {path}: metadata error must be a number, got {meta['error']!r}") from None
+    error = number("error") or 0.0
     if meta.get("kind") == "weights":
         return WeightUpdate(_split(tensors, "before/"), _split(tensors, "after/"), num_examples=num,
-                            local_steps=count("local_steps"), error=error)
+                            local_steps=count("local_steps"), error=error, learning_rate=number("learning_rate"))
     if meta.get("kind") == "gradient":
         tensors = _split(tensors, "grad/")
     return GradientUpdate(tensors, num_examples=num, error=error)

@@ -91,6 +91,8 @@ class WeightUpdate:
     What a real client reveals: its new weights and, usually, its number of examples. ``local_steps``
     is only set when the threat model grants the server that knowledge. ``error``: a known bound on the absolute
     error of every entry of ``before - after`` beyond float rounding (see :class:`GradientUpdate`).
+    ``learning_rate``: the learning rate of the client's local SGD, where the server knows it (it sets it in the
+    round's configuration); the exact route then reads one step's change at the gradient's own scale.
     """
 
     before: Mapping[str, torch.Tensor]
@@ -99,9 +101,16 @@ class WeightUpdate:
     local_steps: int | None = None
     metadata: Mapping[str, object] = field(default_factory=dict)
     error: float = 0.0
+    learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "error", check_error(self.error))
+        if self.learning_rate is not None:
+            lr = check_float("learning_rate", self.learning_rate, error=UpdateError)
+            if lr <= 0:
+                raise UpdateError(f"learning_rate must be a positive number (the client's SGD step size), got "
+                                  f"{self.learning_rate!r}")
+            object.__setattr__(self, "learning_rate", lr)
         before = _check_tensor_map(self.before, "before", counters=True)
         after = _check_tensor_map(self.after, "after", counters=True)
         if set(before) != set(after):

@@ -77,3 +77,14 @@ def test_check_reads_the_reply(tmp_path, capsys, digits):
                  "--update", str(tmp_path / "reply.npz")])
     out = capsys.readouterr().out
     assert code == 0 and "FedAvg update" in out and "the client's weights" in out
+
+
+def test_the_learning_rate_the_server_set(tmp_path, capsys, digits):
+    _round(tmp_path, digits)
+    assert _reconstruct(tmp_path, "--learning-rate", "0.1") == 0
+    results = json.loads((tmp_path / "rec" / "results.json").read_text())
+    assert any("learning rate given (0.1)" in note for note in results["summary"]["notes"])
+    capsys.readouterr()
+    assert _reconstruct(tmp_path, "--learning-rate", "-1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedleak: error: --learning-rate must be a positive number") and err.count("\n") == 1

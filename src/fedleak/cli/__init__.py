@@ -28,6 +28,8 @@ _OPTIONS = (
     (re.compile(r"\bloss_reduction='(\w+)'"), lambda m: f"--loss-reduction {m.group(1)}"),
     (re.compile(r"\blabel_smoothing=(?=\S)"), lambda m: "--label-smoothing "),
     (re.compile(r"\bnum_examples=(?=\d)"), lambda m: "--num-examples "),
+    (re.compile(r"\blearning_rate=(?=\d)"), lambda m: "--learning-rate "),
+    (re.compile(r"\blearning_rate\b"), lambda m: "--learning-rate"),
     (re.compile(r"\bkind='(\w+)'"), lambda m: f"--update-kind {m.group(1)}"),
 )
 

@@ -36,6 +36,10 @@ def reconstruct_command(
     input_shape: str = typer.Option(None, help="Shape of one input, e.g. 1,28,28 (default: from the model file)."),
     num_examples: int = typer.Option(None, help="The number of examples the client reported, where the update file "
                                                "does not record it (a summed loss's gradient needs it)."),
+    learning_rate: float = typer.Option(None, help="The learning rate of a FedAvg client's local SGD, where the "
+                                                   "server knows it (it sets it in the round's configuration): the "
+                                                   "exact route then reads a one-step weight update at the "
+                                                   "gradient's own scale."),
     loss_reduction: str = typer.Option(None, help="How the client's loss reduces over its batch, for the exact "
                                                    "route: mean (the default, as F.cross_entropy) or sum "
                                                    "(reduction='sum'; the update must then report its number of "
@@ -90,8 +94,9 @@ def reconstruct_command(
     else:
         options.update(exact, **loss)
     captured = fedleak.load_update(update, loaded.module, update_kind)
-    rec = fedleak.reconstruct(loaded.module, captured, attack=attack, num_examples=num_examples, **options)
-    told = {k: v for k, v in {**options, "num_examples": num_examples}.items()
+    rec = fedleak.reconstruct(loaded.module, captured, attack=attack, num_examples=num_examples,
+                              learning_rate=learning_rate, **options)
+    told = {k: v for k, v in {**options, "num_examples": num_examples, "learning_rate": learning_rate}.items()
             if v not in (None, {}) and k not in ("progress", "seed", "input_shape")}
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed, told)
     write_reconstruction(run, out)  # all three files or none

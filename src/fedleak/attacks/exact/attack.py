@@ -17,7 +17,7 @@ from torch import nn
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.defense_aware import ExactPlan, exact_plan
 from fedleak.attacks.exact.decay import peel_decay, read_decay
-from fedleak.attacks.exact.noise import gradient_noise, step_noises
+from fedleak.attacks.exact.noise import RoundingNoise, gradient_noise, step_noises
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.penalty import read_penalty
 from fedleak.attacks.exact.pipeline import run_exclusivity
@@ -44,6 +44,11 @@ SEVERAL_STEPS = ("nothing was certified; if the client took several local steps 
 
 #: the note of a weight change whose sign was not read, certified with the other sign than the one it was read with
 OTHER_SIGN = "read with the other sign (old - new): nothing was certified as new - old"
+
+
+#: the note of a weight update read with the learning rate the server knows
+LEARNING_RATE = ("read with the learning rate given ({lr:g}): the change as that rate times the gradient, at the "
+                 "gradient's own scale (1/M per sample)")
 
 
 #: the note of a batch size read off the samples' common scale, not reported
@@ -177,25 +182,41 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     names = list(update.parameters_of(model))
     delta = update.delta()
     at_before, input_map = peel_input_map(model_at_before(model, update), input_shape=input_shape)
-    asked = resolve_options(options, {**overrides, "known_scale": False})
+    lr = update.learning_rate  # known: the change is lr times the gradient at its own scale, 1/M per sample
+    asked = resolve_options(options, {**overrides, "known_scale": lr is not None})
     opts = in_first_layer(asked, input_map)
     net = as_network(at_before, input_shape=input_shape)
     delta = {n: delta[n] for n in names}
     noise = step_noises(update.after, delta, update.error)
     decay = read_decay(net, update.before, delta, noise)
-    if decay is None:
-        grads = GradientUpdate(delta, num_examples=update.num_examples)
-    else:  # SGD's weight decay, peeled off with its bound in the noise
-        peeled, noise = peel_decay(decay, update.before, delta, noise)
-        grads = GradientUpdate(peeled, num_examples=update.num_examples)
+    if decay is not None:  # SGD's weight decay, peeled off with its bound in the noise
+        delta, noise = peel_decay(decay, update.before, delta, noise)
+    if lr is not None:
+        delta, noise = at_learning_rate(delta, noise, lr)
+    grads = GradientUpdate(delta, num_examples=update.num_examples)
     positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
     rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive), net,
                             update.error)
     notes = (decay.describe(),) if decay is not None else ()
+    if lr is not None:
+        notes += (LEARNING_RATE.format(lr=lr),)
     if not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)
     rec = replace(rec, notes=(*rec.notes, *notes)) if notes else rec
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
+
+
+def at_learning_rate(delta: dict[str, torch.Tensor], noise: dict[str, RoundingNoise], lr: float
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, RoundingNoise]]:
+    """A one-step change divided by the learning rate the server knows: the gradient, in the change's dtype (the
+    quotient rounded once, ``eps/2`` of it, added to each entry's bound), and its noise."""
+    grads, bounds = {}, {}
+    for name, d in delta.items():
+        half = float(torch.finfo(d.dtype).eps) / 2
+        e = noise[name]
+        e = replace(e, plus=d, plus_scale=half) if e.plus is None else replace(e, plus_scale=e.plus_scale + half)
+        grads[name], bounds[name] = (d.double() / lr).to(d.dtype), e * (1 / lr)
+    return grads, bounds
 
 
 def in_first_layer(opts: ExclusivityOptions, input_map: InputMap | None) -> ExclusivityOptions:
