@@ -11,7 +11,7 @@ client's batch. Labels are the twin's classes: 1 where the binary label is 1.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -54,8 +54,7 @@ class BinaryTwin:
             if name in before:
                 b, a = before[name], after[name]
                 before[name], after[name] = torch.cat([torch.zeros_like(b), b], 0), torch.cat([b - a, a], 0)
-        return WeightUpdate(before, after, num_examples=update.num_examples, local_steps=update.local_steps,
-                            metadata=update.metadata, error=update.error)
+        return replace(update, before=before, after=after)
 
     def output_names(self) -> list[str]:
         return [self.weight] + ([self.bias] if self.bias else [])
