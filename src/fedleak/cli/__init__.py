@@ -9,39 +9,22 @@ is given (:class:`fedleak.cli.app.Console`).
 
 from __future__ import annotations
 
-import re
 import sys
 
 import typer
 
 from fedleak.cli import commands  # noqa: F401  (sub-commands register themselves on `app`)
 from fedleak.cli.app import app
+from fedleak.cli.words import as_options
 from fedleak.errors import FedleakError
 from fedleak.exit_codes import BAD_INPUT, INTERRUPTED
-
-
-# the library's messages name its keyword arguments; on the command line they are options
-_OPTIONS = (
-    (re.compile(r"input_shape=\(([^)]*)\)"), lambda m: "--input-shape " + m.group(1).replace(" ", "")),
-    (re.compile(r"\binput_shape="), lambda m: "--input-shape "),
-    (re.compile(r"\btrain_dropout=False\b"), lambda m: "--eval-dropout"),
-    (re.compile(r"\bloss_reduction='(\w+)'"), lambda m: f"--loss-reduction {m.group(1)}"),
-    (re.compile(r"\blabel_smoothing=(?=\S)"), lambda m: "--label-smoothing "),
-    (re.compile(r"\bnum_examples=(?=\d)"), lambda m: "--num-examples "),
-    (re.compile(r"\blearning_rate=(?=\d)"), lambda m: "--learning-rate "),
-    (re.compile(r"\blearning_rate\b"), lambda m: "--learning-rate"),
-    (re.compile(r"\bkind='(\w+)'"), lambda m: f"--update-kind {m.group(1)}"),
-)
 
 
 def fail(message: object) -> None:
     """Print ``fedleak: error: <message>`` on one line of stderr, the library's keyword arguments named as the
     command line's options (``input_shape=(1, H, W)`` as ``--input-shape 1,H,W``)."""
     lines = (line.strip() for line in str(message).splitlines())
-    text = " ".join(line for line in lines if line)
-    for pattern, option in _OPTIONS:
-        text = pattern.sub(option, text)
-    print("fedleak: error: " + text, file=sys.stderr)
+    print("fedleak: error: " + as_options(" ".join(line for line in lines if line)), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedleak.cli.app import DATA_HELP, MODEL_HELP, UPDATE_HELP, UPDATE_KIND_HELP, WEIGHTS_HELP, app, int_list
+from fedleak.cli.words import as_options
 from fedleak.errors import FedleakError
 
 MAX_BATCH = 1 << 16
@@ -57,7 +58,7 @@ def check_command(
     shape = _shape(input_shape) or (None if inputs is not None else loaded.input_shape)
     result = fedleak.plan(loaded.module, captured, inputs, input_shape=shape, batch_sizes=sizes or None,
                           proofs=proofs, name=loaded.name, seed=seed)
-    typer.echo(result.to_text())
+    typer.echo(as_options(result.to_text()))
     if json_path is not None:
         payload = {"kind": "fedleak-plan", "model": loaded.source, "data": data_name,
                    "update": None if update is None else str(update), "plan": result.to_dict()}

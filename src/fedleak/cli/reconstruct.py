@@ -19,6 +19,7 @@ from fedleak.cli.app import (
     int_list,
     shows_progress,
 )
+from fedleak.cli.words import as_options
 from fedleak.validation import check_output_dir, check_seed
 
 OUTPUTS = ("reconstruction.npz", "results.json", "report.html")
@@ -100,5 +101,5 @@ def reconstruct_command(
             if v not in (None, {}) and k not in ("progress", "seed", "input_shape")}
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed, told)
     write_reconstruction(run, out)  # all three files or none
-    typer.echo(rec.summary())
+    typer.echo(as_options(rec.summary()))
     typer.echo(f"wrote {out / 'reconstruction.npz'}, {out / 'results.json'} and {out / 'report.html'}")

@@ -1,0 +1,27 @@
+"""The library's messages name its keyword arguments (``num_examples=4``); on the command line they are options
+(``--num-examples 4``). :func:`as_options` says them the command line's way."""
+
+from __future__ import annotations
+
+import re
+
+_OPTIONS = (  # (pattern, replacement), in turn
+    (re.compile(r"input_shape=\(([^)]*)\)"), lambda m: "--input-shape " + m.group(1).replace(" ", "")),
+    (re.compile(r"\binput_shape="), lambda m: "--input-shape "),
+    (re.compile(r"\btrain_dropout=False\b"), lambda m: "--eval-dropout"),
+    (re.compile(r"\bloss_reduction='(\w+)'"), lambda m: f"--loss-reduction {m.group(1)}"),
+    (re.compile(r"\blabel_smoothing=(?=\S)"), lambda m: "--label-smoothing "),
+    (re.compile(r"\bnum_examples=(?=\d)"), lambda m: "--num-examples "),
+    (re.compile(r"\bpass (num_examples|label_smoothing|class_weights)\b"),
+     lambda m: "pass --" + m.group(1).replace("_", "-")),
+    (re.compile(r"\blearning_rate=(?=\d)"), lambda m: "--learning-rate "),
+    (re.compile(r"\blearning_rate\b"), lambda m: "--learning-rate"),
+    (re.compile(r"\bkind='(\w+)'"), lambda m: f"--update-kind {m.group(1)}"),
+)
+
+
+def as_options(text: str) -> str:
+    """``text`` with the library's keyword arguments named as the command line's options."""
+    for pattern, option in _OPTIONS:
+        text = pattern.sub(option, text)
+    return text
