@@ -40,8 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier")
-REAL_KEYS = ("clip_norm", "noise_multiplier")
+DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier", "learning_rate")
+REAL_KEYS = ("clip_norm", "noise_multiplier", "learning_rate")
+POSITIVE_KEYS = ("learning_rate",)  # real facts that must be above 0
 
 SPARSE_ZERO_FRACTION = 0.2  # exact zeros among the output layer's live entries
 QUANTISED_LEVELS = 256  # at most this many distinct values ...
@@ -167,6 +168,8 @@ def check_declared(declared: Mapping[str, Any] | None) -> dict[str, Any]:
         name = f"declared {key}"
         if key in REAL_KEYS:
             out[key] = check_float(name, _number(name, value, float), low=0.0, error=UpdateError)
+            if key in POSITIVE_KEYS and out[key] == 0:
+                raise UpdateError(f"{name} must be above 0, got {value!r}")
         else:
             out[key] = check_int(name, _number(name, value, int), low=1, error=UpdateError)
     return out

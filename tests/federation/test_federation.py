@@ -106,7 +106,7 @@ def test_cli_federate_imprint(tmp_path, capsys, ray_cluster):
 
     out = tmp_path / "run"
     code = main(["federate", "--clients", "2", "--rounds", "1", "--threat", "imprint", "--batch-size", "16",
-                 "--hidden", "500", "--seed", "1", "--ray-address", ray_cluster[0], "--out", str(out)])
+                 "--hidden", "500", "--seed", "1", "--lr-unknown", "--ray-address", ray_cluster[0], "--out", str(out)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.json"]
     res = json.loads((out / "results.json").read_text())
@@ -115,6 +115,7 @@ def test_cli_federate_imprint(tmp_path, capsys, ray_cluster):
     for r in recs:
         assert r["recovered_fraction"] >= 0.5 and r["false_certificates"] == 0
     assert res["settings"]["threat"] == "imprint" and res["versions"]["flwr"].startswith("1.41")
+    assert res["settings"]["lr_known"] is False  # --lr-unknown: the server's attack does not take the rate
     html = (out / "report.html").read_text()
     assert "<img src=\"data:image/png;base64," in html and "://" not in html.split("<body>")[1]  # offline: no links (base64 has no colon)
     assert not _ray_running()

@@ -68,10 +68,11 @@ class LoopbackGrid(Grid):
         return [self.client_app(msg, self.contexts[msg.metadata.dst_node_id]) for msg in messages]
 
 
-def one_step_client(make_model, batches, truth_dir) -> ClientApp:
+def one_step_client(make_model, batches, truth_dir, *, weights: bool = False, report_lr: bool = False) -> ClientApp:
     """A ClientApp as a user writes one: load the sent weights into its own model class, take one SGD step on
-    its batch and reply with the change (``lr * gradient``) and ``num-examples``. For evaluation only it
-    also writes the batch to ``truth_dir`` (never in a message; the attack does not read it)."""
+    its batch and reply with the change (``lr * gradient``; ``weights``: its new weights, as Flower's quickstart
+    does, from ``torch.optim.SGD``) and ``num-examples`` (``report_lr``: and ``learning-rate``). For evaluation only
+    it also writes the batch to ``truth_dir`` (never in a message; the attack does not read it)."""
     app = ClientApp()
 
     @app.train()
@@ -83,10 +84,14 @@ def one_step_client(make_model, batches, truth_dir) -> ClientApp:
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
         delta = {name: (LR * p.grad).detach() for name, p in model.named_parameters()}
+        if weights:
+            torch.optim.SGD(model.parameters(), lr=LR).step()
         server_round = int(msg.content["config"]["server-round"])
         write_true_batch(truth_dir, server_round, context.node_id, TrueBatch(x, x, y, pid, (0.0, 1.0)))
-        metrics = MetricRecord({"num-examples": len(x), "partition-id": pid})
-        return Message(content=RecordDict({"arrays": ArrayRecord(delta), "metrics": metrics}), reply_to=msg)
+        metrics = MetricRecord({"num-examples": len(x), "partition-id": pid, **({"learning-rate": LR} if report_lr
+                                                                                 else {})})
+        arrays = ArrayRecord(model.state_dict() if weights else delta)
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
     return app
 
@@ -107,12 +112,12 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-def run_audited(model_fn, batches, audit_mode, tmp_path):
+def run_audited(model_fn, batches, audit_mode, tmp_path, **client):
     model = model_fn()
     strategy = AuditFedAvg(model, AuditPlan("exclusivity", {"known_scale": False}), audit_mode=audit_mode,
-                           upload="delta", scorer=GroundTruthScorer(tmp_path), fraction_evaluate=0.0,
-                           min_available_nodes=len(batches))
-    grid = LoopbackGrid(one_step_client(model_fn, batches, str(tmp_path)), len(batches))
+                           upload="weights" if client.get("weights") else "delta", scorer=GroundTruthScorer(tmp_path),
+                           fraction_evaluate=0.0, min_available_nodes=len(batches))
+    grid = LoopbackGrid(one_step_client(model_fn, batches, str(tmp_path), **client), len(batches))
     try:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1)
         records = strategy.findings()
@@ -140,6 +145,27 @@ def test_dropout_mlp_class_is_audited_and_samples_certified(digits, audit_mode, 
         assert r.attack == "exclusivity" and r.num_examples == 8
         assert r.certified >= 1 and r.scores is not None and r.scores.recovered >= 1
         assert r.scores.false_certificates == 0
+
+
+def test_new_weights_of_two_classes_are_read_at_the_learning_rate_the_client_reports(lfw, tmp_path, server_identity):
+    """Clients reply with their new weights, as Flower's quickstart does, on two classes: at an unknown learning rate
+    a sample and a blend of like samples read alike and nothing is certified; with the rate the clients report in
+    their metrics (``learning-rate``) the weight changes are read at the gradient's own scale, and samples certify,
+    none false."""
+    batches = [lfw.batch(16, seed=k) for k in range(2)]  # faces and non-faces
+
+    def model_fn():
+        torch.manual_seed(0)
+        return DropoutMLP(625, 1000, 2).eval()
+
+    certified = {}
+    for report_lr in (False, True):
+        _, records = run_audited(model_fn, batches, "sync", tmp_path / str(report_lr), weights=True,
+                                 report_lr=report_lr)
+        assert [r.status for r in records] == ["ok", "ok"], records
+        assert all(r.scores is not None and r.scores.false_certificates == 0 for r in records)
+        certified[report_lr] = sum(r.certified for r in records)
+    assert certified == {False: 0, True: certified[True]} and certified[True] >= 2, certified
 
 
 def test_flower_quickstart_net_is_audited_in_the_worker_process(tmp_path, monkeypatch, server_identity):

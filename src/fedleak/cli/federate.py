@@ -67,7 +67,10 @@ def federate(
     batch_size: int = typer.Option(16, help="Clients' local batch size."),
     local_steps: int = typer.Option(1, help="Local SGD steps per round (1: the exact attacks apply)."),
     local_epochs: int = typer.Option(0, help="Local epochs over the partition (0: use --local-steps)."),
-    lr: float = typer.Option(0.1, help="Clients' SGD learning rate (the server's attack does not know it)."),
+    lr: float = typer.Option(0.1, help="Clients' SGD learning rate, which the server sends them and its attack "
+                                       "takes (one-step updates read at the gradient's own scale)."),
+    lr_unknown: bool = typer.Option(False, "--lr-unknown", help="The server's attack ignores the learning rate (a "
+                                                                "client that may use its own)."),
     widths: str = typer.Option("1000", help=WIDTHS_HELP + " Not with --model."),
     model: str = typer.Option(None, help="The clients' model instead of the MLP of --widths: " + MODEL_HELP),
     weights: Path = typer.Option(None, help="Initial weights of --model (the first round's): " + WEIGHTS_HELP),
@@ -158,7 +161,8 @@ def federate(
     settings = FederationSettings(
         data=data, clients=clients, rounds=rounds, threat=threat, defenses=tuple(defense or ()),
         seed=check_seed("--seed", seed),
-        batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, hidden=sizes,
+        batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, lr_known=not lr_unknown,
+        hidden=sizes,
         model=model, weights=None if weights is None else str(weights), client_mode=client_mode,
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
         trap_scale=trap_scale, imprint_bins=imprint_bins, transform_options=_parse_options(transform_options),

@@ -31,11 +31,11 @@ from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.federation.aggregate_record import AggregateRecord, ClientShare, Quantization, ServerView
-from fedleak.federation.audit_worker import AuditPlan
+from fedleak.federation.audit_worker import AuditPlan, uploaded_change
 from fedleak.federation.results import Scores
 from fedleak.federation.secagg_config import SecAggConfig
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, trainable_parameters
+from fedleak.updates import WeightUpdate, trainable_parameters
 
 UPLOADS = "secagg-uploads"  # subfolder of the ground-truth folder: the clients' exact uploads (evaluation only)
 UNION = "secagg-union"  # subfolder: each round's union batch, as the per-client scorer reads batches
@@ -95,18 +95,19 @@ def run_aggregate_audit(plan: AuditPlan, job: AggregateInput, scorer: AggregateS
     kind = None
     try:
         sent = {k: v.detach() for k, v in job.model.state_dict().items()}
-        weights = WeightUpdate(sent, {k: sent[k] - job.delta[k].to(sent[k].dtype) for k in sent},
-                               num_examples=job.num_examples)
+        delta32 = {k: job.delta[k].to(sent[k].dtype) for k in sent}
+        lr = job.declared.get("learning_rate")  # the learning rate the server set, where its attack takes it
+        weights = WeightUpdate(sent, {k: sent[k] - delta32[k] for k in sent}, num_examples=job.num_examples,
+                               learning_rate=lr)
         kind = describe_update(weights, job.model, declared=job.declared)
         attack = plan.multi_step_attack if kind.multi_step and plan.multi_step_attack is not None else plan.attack
         options = dict(plan.options) if attack == plan.attack else dict(plan.multi_step_options)
         as_weights = attack != plan.attack or plan.update_kind == "weights"
 
-        delta32 = {k: job.delta[k].to(sent[k].dtype) for k in sent}
-        update: Any = (WeightUpdate(sent, {k: sent[k] - delta32[k] for k in sent}, num_examples=job.num_examples,
-                                    local_steps=kind.local_steps, error=job.bound) if as_weights
-                       else GradientUpdate({k: delta32[k] for k in trainable_parameters(job.model)},  # no buffers
-                                           num_examples=job.num_examples, error=job.bound))
+        update: Any = dataclasses.replace(weights, local_steps=kind.local_steps, error=job.bound)
+        if not as_weights:  # the change of the trainable parameters (no buffers), as a gradient
+            update, scale = uploaded_change(delta32, trainable_parameters(job.model), job.num_examples, lr, job.bound)
+            options.update(scale if "known_scale" in options else {})
         rec, aware = reconstruct_aware(job.model, update, attack=attack, defense=plan.defense, **options)
         seconds = time.perf_counter() - start
         scored = scorer(job, rec) if scorer is not None else None

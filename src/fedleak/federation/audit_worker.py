@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,10 +26,12 @@ from fedleak.updates import GradientUpdate, WeightUpdate
 class AuditPlan:
     """Which attack to run on each update and how.
 
-    ``update_kind``: ``"gradient"`` gives the attack the weight delta ``before - after`` as a gradient
-    with ``num_examples`` (for the exclusivity attack with ``known_scale=False``: a one-step delta is
-    ``lr/M`` times the mean-loss gradient); ``"weights"`` gives it the :class:`WeightUpdate` itself, with
-    the local steps the server knows of (``declared``, see :func:`fedleak.update_kind.describe_update`).
+    ``update_kind``: ``"gradient"`` gives the attack a change the client uploaded as a gradient with
+    ``num_examples``: divided by the learning rate the server set where it is declared (``learning_rate``), at the
+    gradient's own scale ``1/M``; else as it is (for the exclusivity attack with ``known_scale=False``: a one-step
+    change is ``lr/M`` times the mean-loss gradient); returned weights, whose difference carries their rounding, as
+    the :class:`WeightUpdate` itself. ``"weights"`` always gives it the :class:`WeightUpdate`, with the local steps
+    and the learning rate the server knows of (``declared``, see :func:`fedleak.update_kind.describe_update`).
     ``multi_step_attack``: the attack for updates known to come from several local steps (the exact
     route does not apply to them); it is given the :class:`WeightUpdate` and ``multi_step_options`` (e.g.
     ``{"budget": 30}``: seconds per update). ``None``: ``attack`` runs on every update.
@@ -101,13 +103,15 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
         attack = plan.attack
         if kind.multi_step and plan.multi_step_attack is not None:
             attack = plan.multi_step_attack
-        if attack != plan.attack or plan.update_kind == "weights":
-            attacked: Any = replace(job.update, local_steps=kind.local_steps)
-        else:  # the trainable parameters' change (a state dict also holds buffers: BatchNorm's statistics)
-            change = job.delta if job.delta is not None else job.update.delta()  # uploaded: exact, no cancellation
-            attacked = GradientUpdate({k: change[k] for k in job.update.parameters_of(job.model)},
-                                      num_examples=job.update.num_examples)
         options = dict(plan.options) if attack == plan.attack else dict(plan.multi_step_options)
+        lr = job.declared.get("learning_rate")  # the learning rate the server set, where its attack takes it
+        if attack != plan.attack or plan.update_kind == "weights" or job.delta is None:
+            # the returned weights: their difference carries their rounding, which the weight route bounds
+            attacked: Any = replace(job.update, local_steps=kind.local_steps, learning_rate=lr)
+        else:  # the trainable parameters' uploaded change (exact; a state dict also holds buffers)
+            attacked, scale = uploaded_change(job.delta, job.update.parameters_of(job.model),
+                                              job.update.num_examples, lr)
+            options.update(scale if "known_scale" in options else {})
         rec, aware = reconstruct_aware(job.model, attacked, attack=attack, defense=plan.defense, **options)
         seconds = time.perf_counter() - start
         scores = scorer(job, rec) if scorer is not None else None
@@ -122,6 +126,18 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
                                     num_examples=job.update.num_examples,
                                     update_kind=kind.summary() if kind is not None else "",
                                     multi_step=bool(kind is not None and kind.multi_step))
+
+
+def uploaded_change(change: Mapping[str, Any], names: Iterable[str], num_examples: int | None,
+                    learning_rate: float | None, error: float = 0.0) -> tuple[GradientUpdate, dict[str, Any]]:
+    """(the attack's input, the exact attack's scale option) for a client's exact uploaded change ``lr`` times its
+    gradient (one step): the change itself, at the unknown scale ``lr/M``, where the learning rate is not known;
+    else divided by it (in float64, rounded once more to the change's dtype, far inside the certificate's
+    tolerance), at the gradient's own scale ``1/M``, and a known transport ``error`` with it."""
+    if learning_rate is None:
+        return GradientUpdate({k: change[k] for k in names}, num_examples=num_examples, error=error), {}
+    grads = {k: (change[k].double() / learning_rate).to(change[k].dtype) for k in names}
+    return GradientUpdate(grads, num_examples=num_examples, error=error / learning_rate), {"known_scale": True}
 
 
 def _norm(job: AuditInput) -> float:

@@ -196,12 +196,12 @@ class SecAggAudit(Strategy):
         return loss, {"accuracy": acc}
 
     # ---- audit -------------------------------------------------------------------------------------------
-    def _declared(self) -> dict[str, int]:
+    def _declared(self) -> dict[str, int | float]:
         """What the server knows of the training behind the aggregate: each client's local steps (the aggregate
-        covers the union of the batches, so the per-client batch size does not describe it); with local epochs,
-        the run's declaration (a multi-step update either way)."""
-        s = self.settings
-        return {"local_steps": s.local_steps} if s.local_epochs == 0 else s.declared_training()
+        covers the union of the batches, so the per-client batch size does not describe it) and the learning rate
+        it sets; with local epochs, the run's declaration (a multi-step update either way)."""
+        s, declared = self.settings, self.settings.declared_training()
+        return {k: v for k, v in declared.items() if k != "batch_size"} if s.local_epochs == 0 else declared
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -58,6 +58,7 @@ class FederationSettings:
     local_steps: int = 1
     local_epochs: int = 0
     lr: float = 0.1
+    lr_known: bool = True  # the server's attack takes the learning rate it sends its clients (False: it ignores it)
     hidden: tuple[int, ...] = (1000,)
     model: str | None = None  # the clients' model instead of the MLP of ``hidden``: a built-in name or file.py:Class
     weights: str | None = None  # its initial weights (a state-dict file); None: its seeded initialisation
@@ -175,12 +176,14 @@ class FederationSettings:
         """True when each client uploads a single SGD step (the exact attacks' setting)."""
         return self.local_epochs == 0 and self.local_steps == 1
 
-    def declared_training(self) -> dict[str, int]:
+    def declared_training(self) -> dict[str, int | float]:
         """What the server knows of the clients' local training from this run configuration (the facts of
-        :func:`fedleak.update_kind.describe_update`): steps, or epochs and batch size."""
+        :func:`fedleak.update_kind.describe_update`): steps, or epochs and batch size; the learning rate, unless
+        ``lr_known`` is False."""
+        rate = {"learning_rate": self.lr} if self.lr_known else {}
         if self.local_epochs == 0:
-            return {"local_steps": self.local_steps, "batch_size": self.batch_size}
-        return {"local_epochs": self.local_epochs, "batch_size": self.batch_size}
+            return {"local_steps": self.local_steps, "batch_size": self.batch_size, **rate}
+        return {"local_epochs": self.local_epochs, "batch_size": self.batch_size, **rate}
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)

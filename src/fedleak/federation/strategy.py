@@ -76,7 +76,8 @@ from fedleak.validation import all_finite, check_model  # noqa: E402
 Tamper = Callable[[nn.Module, int], nn.Module]
 AUDIT_MODES = ("process", "thread", "sync")
 # metric names a client may report its local training under (Flower's kebab-case), and the fact each declares
-REPORTED_FACTS = {"local-steps": "local_steps", "local-epochs": "local_epochs", "batch-size": "batch_size"}
+REPORTED_FACTS = {"local-steps": "local_steps", "local-epochs": "local_epochs", "batch-size": "batch_size",
+                  "learning-rate": "learning_rate"}
 __all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer", "needs_relu_network"]
 
 
@@ -110,8 +111,9 @@ class AuditFedAvg(FedAvg):
     ``"process"`` it must be picklable (e.g. :class:`~fedleak.federation.ground_truth.GroundTruthScorer`).
     ``declared``: what the server knows of the clients' local training from the run configuration it shares
     with them (keys of :data:`fedleak.update_kind.DECLARED_KEYS`, e.g. ``{"local_epochs": 1, "batch_size": 32}``
-    for Flower's quickstart); a client may also report its own in its metrics (``local-steps``,
-    ``local-epochs``, ``batch-size``), which take precedence. Each record then says what kind of update it
+    for Flower's quickstart, and ``learning_rate``, the rate it sends: one-step updates are then read at the
+    gradient's own scale); a client may also report its own in its metrics (``local-steps``, ``local-epochs``,
+    ``batch-size``, ``learning-rate``), which take precedence. Each record then says what kind of update it
     is (:func:`fedleak.update_kind.describe_update`): an update of several local steps goes to
     ``plan.multi_step_attack`` (``auto`` by default), not to the exact route.
     ``on_finding``: called with each :class:`ClientRecord` as it completes. ``audit_workers``: worker processes
