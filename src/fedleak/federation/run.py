@@ -269,12 +269,12 @@ def summarize(result: FederationResult) -> list[str]:
         extra = f", {len(skipped)} client(s) skipped" if skipped else ""
         multi = [c for c in recs if c.multi_step]
         if multi:
-            psnrs = [c.scores.psnr for c in multi if c.scores.psnr is not None]
+            psnrs = [c.scores.psnr for c in multi if _finite(c.scores.psnr)]
             routes = sorted({c.attack for c in multi if c.attack})
             extra += (f"; {len(multi)} multi-step update(s), audited by {', '.join(routes)}"
                       + (f": estimated PSNR {np.mean(psnrs):.1f} dB (uncertified)" if psnrs else ""))
         blind = [c.scores.psnr for c in recs if not c.multi_step and c.scores.recovered_fraction == 0
-                 and c.scores.psnr is not None]  # nothing certified, yet rebuilt (a defense withholds certificates)
+                 and _finite(c.scores.psnr)]  # nothing certified, yet rebuilt (a defense withholds certificates)
         if blind:
             extra += (f"; {len(blind)} update(s) with nothing certified rebuilt uncertified at an estimated "
                       f"{np.mean(blind):.1f} dB PSNR")
@@ -292,3 +292,8 @@ def summarize(result: FederationResult) -> list[str]:
         lines.append(f"defense {d.stack}: {d.privacy_text()}"
                      + "".join(f"; {how[a]}" for a in sorted(aware - {None})))
     return lines
+
+
+def _finite(psnr: float | None) -> bool:
+    """A PSNR that was measured (an update whose attack rebuilt nothing scores NaN)."""
+    return psnr is not None and bool(np.isfinite(psnr))
