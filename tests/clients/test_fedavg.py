@@ -26,6 +26,9 @@ def test_one_sgd_step_is_learning_rate_times_gradient(small):
     for name, d in upd.delta().items():
         torch.testing.assert_close(d, 0.3 * grads[name], rtol=1e-4, atol=1e-7)
     assert upd.num_examples == 4 and upd.local_steps is None  # steps stay private by default
+    assert upd.learning_rate is None  # and so does the rate, unless the server is to know it
+    told = fedavg_update(model, x, y, lr=0.3, local_steps=1, reveal_learning_rate=True)
+    assert told.learning_rate == 0.3 and all(torch.equal(told.after[k], upd.after[k]) for k in upd.after)
 
 
 def test_model_untouched_and_seeded(small):

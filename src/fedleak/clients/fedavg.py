@@ -138,11 +138,13 @@ def fedavg_update(
     reveal_local_steps: bool = False,
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | None = None,
+    reveal_learning_rate: bool = False,
 ) -> WeightUpdate:
     """The FedAvg update of a client holding ``(inputs, labels)``: weights before and after local training.
 
     The update carries ``num_examples`` (clients report it for weighted averaging) and, only when
-    ``reveal_local_steps`` is set, ``local_steps``. The learning rate, optimizer and weight decay are not revealed.
+    ``reveal_local_steps`` is set, ``local_steps``; only when ``reveal_learning_rate`` is set (a server that sets its
+    clients' rate knows it), ``learning_rate``. The optimizer and weight decay are not revealed.
     ``label_smoothing``, ``class_weights``: the cross-entropy's (:func:`local_training`).
     """
     model = check_module(model)  # the model inside a wrapper (DataParallel, torch.compile): its names
@@ -158,4 +160,5 @@ def fedavg_update(
         after=after,
         num_examples=int(inputs.shape[0]),
         local_steps=int(local_steps) if reveal_local_steps else None,
+        learning_rate=lr if reveal_learning_rate else None,
     )
