@@ -52,6 +52,7 @@ class Config:
     scale: float = 1.0  # inputs multiplied by this (255: raw 0..255 pixels)
     max_batch: int = 8
     lr: float | None = None  # a FedAvg weight update (unknown lr to the attack) instead of the gradient
+    lr_known: bool = False  # ... whose learning rate the server knows (it set it): the update carries it
     steps: int = 1  # local SGD steps of that update
     local_batch: int | None = None  # those steps over mini-batches of this size (one epoch = M / local_batch steps)
     momentum: bool = False  # SGD with momentum 0.9 instead of plain SGD
@@ -146,6 +147,16 @@ CONFIGS = {
     "digits-10-shift-weighted": Config("digits", (256,), shift=0.3, weighted=True),
     "fashion-10-standardised-weighted": Config("fashion-mnist", (1024,), standardise=True, weighted=True),
     "lfw-2-fedavg-weighted": Config("lfw", (1024,), lr=0.1, weighted=True),
+    # the server knows the learning rate it set: one step read at the gradient's own scale; several steps must not
+    # certify a blend at it
+    "lfw-2-fedavg-lr-known": Config("lfw", (1024,), lr=0.1, lr_known=True),
+    "retina-2-fedavg-large-lr-known": Config("retina", (1024,), max_batch=64, lr=0.1, lr_known=True),
+    "lfw-2-trained-fedavg-lr-known": Config("lfw", (1024,), lr=0.05, trained=1000, lr_known=True),
+    "fashion-10-fedavg-lr-known": Config("fashion-mnist", (1024,), lr=0.1, lr_known=True),
+    "lfw-2-fedavg-3steps-lr-known": Config("lfw", (1024,), lr=0.1, steps=3, lr_known=True),
+    "lfw-2-fedavg-epoch-lr-known": Config("lfw", (1024,), lr=0.1, local_batch=2, lr_known=True),
+    "fashion-10-fedavg-epoch-momentum-lr-known": Config("fashion-mnist", (1024,), lr=0.05, local_batch=2,
+                                                        momentum=True, lr_known=True),
     "lfw-2-weighted-untold": Config("lfw", (1024,), weighted=True, told=False),
     "fashion-10-weighted-untold": Config("fashion-mnist", (1024,), weighted=True, told=False),
     # malicious servers: a blend of samples may fit a trap row or an imprint bin up to the batch's scale
@@ -293,7 +304,7 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=steps, batch_size=cfg.local_batch,
                                            optimizer="momentum" if cfg.momentum else "sgd",
                                            seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing,
-                                           class_weights=weights)
+                                           class_weights=weights, reveal_learning_rate=cfg.lr_known)
             if cfg.change:  # before - after is lr times the gradient: new - old is its negative
                 update = {k: -cfg.change * v for k, v in update.delta().items()}
         else:
