@@ -6,7 +6,7 @@ from user_models import mixed_precision_gradient
 
 import fedleak
 from fedleak.errors import UpdateError
-from fedleak.update_kind import check_declared, describe_update
+from fedleak.update_kind import describe_update
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,6 @@ def test_local_steps_declared_implied_or_unknown(setting):
     assert implied.multi_step and implied.local_steps == 4 and "4 local steps of 8" in implied.summary()
     # momentum SGD over several steps keeps the zero-sum signature: not mistaken for noise
     assert implied.noised is False
-
-
-def test_declared_facts_are_checked():
-    assert check_declared({"local_epochs": "2", "batch_size": 32.0, "clip_norm": 1}) == {
-        "local_epochs": 2, "batch_size": 32, "clip_norm": 1.0}
-    with pytest.raises(UpdateError, match="unknown declared"):
-        check_declared({"epochs": 1})
-    with pytest.raises(UpdateError, match="local_steps"):
-        check_declared({"local_steps": 0})
 
 
 def test_a_batch_norm_model_s_state_dict_update(digits):
@@ -164,3 +155,19 @@ def test_a_gradient_scaled_beyond_a_summed_loss_is_not_read_as_one(setting):
     assert fedleak.reconstruct(model, scaled).num_certified >= 1
     summed = describe_update(fedleak.GradientUpdate({k: v * 8 for k, v in grads.items()}, num_examples=8), model)
     assert summed.summed is True and not summed.scaled_up
+
+
+def test_the_learning_rate_the_server_knows(digits):
+    """A weight change's learning rate, carried by the update or declared, is part of what the update is; a gradient
+    has none."""
+    model = fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)
+    x, y = digits.batch(4, seed=0)
+    plain = fedleak.fedavg_update(model, x, y, lr=0.1)
+    assert describe_update(plain, model).learning_rate is None
+    told = describe_update(fedleak.fedavg_update(model, x, y, lr=0.1, reveal_learning_rate=True), model)
+    assert told.learning_rate == 0.1 and "at learning rate 0.1" in told.summary()
+    declared = describe_update(plain, model, declared={"learning_rate": "0.05", "local_steps": 1})
+    assert declared.learning_rate == 0.05 and declared.to_dict()["learning_rate"] == 0.05
+    assert "1 local step at learning rate 0.05" in declared.summary()
+    assert describe_update(fedleak.compute_gradient_update(model, x, y), model,
+                           declared={"learning_rate": 0.1}).learning_rate is None

@@ -4,7 +4,7 @@ A FedSGD gradient, a FedAvg weight change from one local step (the exact route a
 cancels in every ratio ``ΔW_i / Δb_i``), or one from several local steps (it does not: the change mixes
 gradients taken at different weights). Declared facts come from :class:`~fedleak.updates.WeightUpdate`
 (``local_steps``, ``num_examples``, ``metadata``) or the ``declared`` mapping; the keys are
-:data:`DECLARED_KEYS`. Where the numbers show more, it says so:
+:data:`fedleak.declared.DECLARED_KEYS`. Where the numbers show more, it says so:
 
 * **noise** — with cross-entropy, the output layer's bias gradient of every sample is ``p - onehot(y)``,
   whose entries sum to 0. So does a sum of such steps (SGD, momentum). An update whose output-bias change
@@ -40,9 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier", "learning_rate")
-REAL_KEYS = ("clip_norm", "noise_multiplier", "learning_rate")
-POSITIVE_KEYS = ("learning_rate",)  # real facts that must be above 0
+from fedleak.declared import declared_facts, local_steps
 
 SPARSE_ZERO_FRACTION = 0.2  # exact zeros among the output layer's live entries
 QUANTISED_LEVELS = 256  # at most this many distinct values ...
@@ -85,6 +83,7 @@ class UpdateKind:
     precision: str | None = None  # the format coarser than float32 the values carry (float16, bfloat16), if any
     value_clip: float | None = None  # the bound a gradient was clipped to by value (clip_grad_value_), if it shows
     scaled_up: bool = False  # a gradient scaled by more than a summed loss over the reported examples can be
+    learning_rate: float | None = None  # a weight change's learning rate, where the server knows it
 
     @property
     def multi_step(self) -> bool:
@@ -127,6 +126,8 @@ class UpdateKind:
         if self.local_steps is not None and self.kind != "gradient":
             step = f"{self.local_steps} local step{'s' if self.local_steps != 1 else ''}"
             parts.append(f"in {step}" + (f" of {self.local_batch_size}" if self.local_batch_size else ""))
+        if self.learning_rate is not None:
+            parts.append(f"at learning rate {self.learning_rate:g}")
         noise = "noised" if self.noise_declared else "noised or not plain SGD"
         flags = [f for f, on in ((noise, self.noised), ("loss summed over the batch", self.summed),
                                  ("scaled up beyond a summed loss", self.scaled_up),
@@ -147,90 +148,9 @@ class UpdateKind:
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
                 "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
                 "rounding": self.rounding, "precision": self.precision, "value_clip": self.value_clip,
-                "scaled_up": self.scaled_up,
+                "scaled_up": self.scaled_up, "learning_rate": self.learning_rate,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
-
-
-def check_declared(declared: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Declared facts (keys :data:`DECLARED_KEYS`; ``None`` values dropped) as checked numbers; numbers
-    written as text (file metadata, Flower configs) are read. :class:`~fedleak.errors.UpdateError` names a
-    bad key or value."""
-    from fedleak.errors import UpdateError
-    from fedleak.validation import check_float, check_int
-
-    facts = {k: v for k, v in (declared or {}).items() if v is not None}
-    unknown = sorted(set(facts) - set(DECLARED_KEYS))
-    if unknown:
-        raise UpdateError(f"unknown declared fact(s) {unknown}; use {', '.join(DECLARED_KEYS)}")
-    out: dict[str, Any] = {}
-    for key, value in facts.items():
-        name = f"declared {key}"
-        if key in REAL_KEYS:
-            out[key] = check_float(name, _number(name, value, float), low=0.0, error=UpdateError)
-            if key in POSITIVE_KEYS and out[key] == 0:
-                raise UpdateError(f"{name} must be above 0, got {value!r}")
-        else:
-            out[key] = check_int(name, _number(name, value, int), low=1, error=UpdateError)
-    return out
-
-
-def _declared(update: Any, declared: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Declared facts: the update's own ``local_steps`` and metadata, overridden by ``declared``."""
-    meta = getattr(update, "metadata", None) or {}
-    facts = {k: meta[k] for k in DECLARED_KEYS if k in meta}
-    if getattr(update, "local_steps", None) is not None:
-        facts["local_steps"] = update.local_steps
-    return check_declared({**facts, **(declared or {})})
-
-
-def _number(name: str, value: Any, kind: type) -> Any:
-    """A declared number as given, or read from text (file metadata and Flower configs carry strings)."""
-    from fedleak.errors import UpdateError
-
-    if isinstance(value, float) and kind is int and value.is_integer():
-        return int(value)  # Flower metrics may carry whole numbers as floats
-    if not isinstance(value, str):
-        return value
-    try:
-        return kind(value.strip())
-    except ValueError:
-        raise UpdateError(f"{name} must be a number, got {value!r}") from None
-
-
-def _counted_steps(update: Any) -> tuple[int | None, str | None]:
-    """Local steps read off a weight update's BatchNorm counters (``num_batches_tracked`` moves by one per
-    training-mode forward pass, so by one per local step), when they all moved alike (with why)."""
-    names = [k for k, v in update.before.items() if k.endswith("num_batches_tracked") and not v.is_floating_point()]
-    moved = {int(update.after[k].sum() - update.before[k].sum()) for k in names}
-    if len(moved) != 1 or min(moved) < 1:
-        return None, None
-    steps = moved.pop()
-    return steps, (f"the BatchNorm counter '{names[0]}' moved by {steps}: {steps} local step(s) (one per training-mode "
-                   "forward pass)")
-
-
-def _steps(update: Any, facts: Mapping[str, Any]) -> tuple[int | None, str | None]:
-    """Local steps: declared, or counted by the update's BatchNorm counters, or epochs x batches per epoch, or at
-    least ``ceil(n / batch)`` (with why)."""
-    if "local_steps" in facts:
-        return facts["local_steps"], f"the client declares {facts['local_steps']} local step(s)"
-    counted = _counted_steps(update)
-    if counted[0] is not None:
-        return counted
-    num_examples = update.num_examples
-    batch = facts.get("batch_size")
-    if batch is None or num_examples is None:
-        return None, None
-    per_epoch = math.ceil(num_examples / batch)
-    if "local_epochs" in facts:
-        steps = facts["local_epochs"] * per_epoch
-        return steps, (f"{facts['local_epochs']} declared local epoch(s) over {num_examples} examples in batches of "
-                       f"{batch}: {steps} step(s)")
-    if per_epoch > 1:
-        return per_epoch, (f"{num_examples} examples and a declared batch size of {batch}: at least {per_epoch} "
-                           "steps if every example was used")
-    return None, None
 
 
 def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, Any] | None = None) -> UpdateKind:
@@ -239,7 +159,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     ``update``: a :class:`~fedleak.updates.GradientUpdate`, a :class:`~fedleak.updates.WeightUpdate` or a
     mapping of gradients. ``model`` (optional): the model the update is for; it locates the output layer for
     the noise and sparsification signatures. ``declared``: facts the server knows from its run configuration
-    (keys :data:`DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
+    (keys :data:`fedleak.declared.DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
     """
     from fedleak.clipped_norms import read_layer_clip
     from fedleak.clipped_values import read_value_clip
@@ -247,11 +167,11 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     from fedleak.updates import WeightUpdate, as_gradient_update
 
     evidence: list[str] = []
-    facts = _declared(update, declared)
+    facts = declared_facts(update, declared)
     if isinstance(update, WeightUpdate):
         tensors = update.delta()
-        n = update.num_examples
-        steps, why = _steps(update, facts)
+        n, lr = update.num_examples, update.learning_rate or facts.get("learning_rate")
+        steps, why = local_steps(update, facts)
         kind = "weights" if steps is None else ("one-step" if steps == 1 else "multi-step")
         if why:
             evidence.append(why + ("; ΔW is then no longer a scaled gradient, so the exact route does not apply"
@@ -263,7 +183,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         decay = _weight_decay(update, tensors, model) if kind != "multi-step" else None
     else:
         update = as_gradient_update(update)
-        tensors, n, steps, kind = dict(update.gradients), update.num_examples, None, "gradient"
+        tensors, n, steps, kind, lr = dict(update.gradients), update.num_examples, None, "gradient", None
         rounding, decay = None, _weight_decay(update, tensors, model)
     decayed = decay is not None
     if decay is not None:  # the signatures below are read on the update without it
@@ -306,7 +226,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
                       noise_declared, summed, decayed, rounding,
                       str(precision.dtype).removeprefix("torch.") if precision.coarse else None,
-                      None if cut is None else cut.bound, scaled_up)
+                      None if cut is None else cut.bound, scaled_up, lr)
 
 
 def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> float | None:

@@ -104,6 +104,19 @@ def test_the_plan_asks_for_the_batch_size(lfw):
     assert "pass num_examples" not in fedleak.plan(model, fedleak.GradientUpdate(grads, num_examples=4)).verdict
 
 
+def test_the_plan_asks_for_the_learning_rate_of_a_weight_change(lfw):
+    """A two-class weight change at an unknown rate certifies only where more than half of the batch does: the plan
+    says to pass the rate; a change that carries it, and one of several declared steps, are not asked for it."""
+    model = fedleak.make_mlp(lfw.input_shape, [256], 2, seed=0)
+    x, y = lfw.batch(8, seed=0)
+    update = fedleak.fedavg_update(model, x, y, lr=0.1)
+    assert "pass learning_rate" in fedleak.plan(model, update).verdict
+    told = fedleak.fedavg_update(model, x, y, lr=0.1, reveal_learning_rate=True)
+    assert "pass learning_rate" not in fedleak.plan(model, told).verdict
+    several = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=3, reveal_local_steps=True)
+    assert "pass learning_rate" not in fedleak.plan(model, several).verdict
+
+
 def test_ten_classes_on_a_model_whose_logits_barely_move(digits):
     """Ten classes, but the live units move the logits by 1e-4 of what they would: every prediction is about the
     same, the loss vectors alike, and three samples read as one (certified before). A model whose logits move keeps

@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fedleak.attacks.registry import get_attack  # noqa: E402
+from fedleak.declared import check_declared  # noqa: E402
 from fedleak.errors import FedleakError, UpdateError  # noqa: E402
 from fedleak.federation.audit_pool import (  # noqa: E402
     AuditLedger,
@@ -69,7 +70,6 @@ from fedleak.federation.audit_worker import (  # noqa: E402
 )
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
-from fedleak.update_kind import check_declared  # noqa: E402
 from fedleak.updates import WeightUpdate  # noqa: E402
 from fedleak.validation import all_finite, check_model  # noqa: E402
 
@@ -110,7 +110,7 @@ class AuditFedAvg(FedAvg):
     ``aggregate_train``). ``scorer``: evaluation-only scoring (see module docstring); with
     ``"process"`` it must be picklable (e.g. :class:`~fedleak.federation.ground_truth.GroundTruthScorer`).
     ``declared``: what the server knows of the clients' local training from the run configuration it shares
-    with them (keys of :data:`fedleak.update_kind.DECLARED_KEYS`, e.g. ``{"local_epochs": 1, "batch_size": 32}``
+    with them (keys of :data:`fedleak.declared.DECLARED_KEYS`, e.g. ``{"local_epochs": 1, "batch_size": 32}``
     for Flower's quickstart, and ``learning_rate``, the rate it sends: one-step updates are then read at the
     gradient's own scale); a client may also report its own in its metrics (``local-steps``, ``local-epochs``,
     ``batch-size``, ``learning-rate``), which take precedence. Each record then says what kind of update it

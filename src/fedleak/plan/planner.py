@@ -232,6 +232,11 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
         said += ("; with two classes this update certifies nothing without the batch size the client reported (a "
                  "blend of samples that share all their active units reads as one sample without it): pass "
                  "num_examples")
+    elif (net.num_classes == 2 and kind is not None and kind.kind in ("weights", "one-step")
+          and kind.learning_rate is None):
+        said += ("; with two classes a weight change at an unknown learning rate certifies only where more than half "
+                 "of its batch certifies at one factor (a blend of samples that share all their active units reads "
+                 "as one sample at a multiple of it): pass learning_rate, the rate the server set")
     if masking.changed:
         said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
                  "told that the client computes in eval mode (train_dropout=False)")

@@ -44,7 +44,8 @@ UNREPORTED = ("rebuilt as the update's rows give it, but not certified: {alike} 
               "and only the batch size the client reports tells them apart; pass num_examples")
 FEW = ("rebuilt as the update's rows give it, but not certified: {alike} gives the same update as one sample at a "
        "multiple of its scale, and the update's factor is unknown: {n} certified sample(s) at one factor could be "
-       "blends of 2 or more each in a batch of {m}; a certificate needs more than half of the batch at one factor")
+       "blends of 2 or more each in a batch of {m}; a certificate needs more than half of the batch at one factor, "
+       "or the scale pinned: pass learning_rate, the rate the server set, with a one-step weight change")
 
 
 def unexcluded(alike: str, certified: int, reported: int | None, known_scale: bool) -> str:
