@@ -121,3 +121,38 @@ def test_auto_searches_with_the_sign_the_certificates_settled(lfw):
     assert any("other sign" in n for n in runs[1].notes)
     assert torch.equal(runs[0].labels, runs[1].labels)  # and the same inputs, to the change's own rounding
     assert float((runs[0].inputs - runs[1].inputs).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("lr", [0.1, 0.03])
+def test_a_change_divided_by_the_learning_rate_is_read_with_it(lfw, digits, lr):
+    """A pseudo-gradient ``(old - new) / lr`` passed with the rate is read as the change it was divided from: it
+    certifies what the weights certify with the rate (the version before refused the rate with a gradient, and read
+    as a gradient without it, such an update certifies less); a gradient, or the pseudo-gradient with a rate that
+    does not put it back on the weights' spacing, is refused with what to pass."""
+    for data, classes in ((lfw, 2), (digits, 10)):
+        certified = {"pseudo": 0, "rate": 0, "weights": 0}
+        for seed in range(3):
+            model = fedleak.make_mlp(data.input_shape, [512], classes, seed=seed)
+            x, y = data.batch(8, seed=seed)
+            new, old = _step(model, x, y, lr), {n: p.detach() for n, p in model.named_parameters()}
+            pseudo = fedleak.GradientUpdate({n: (old[n] - new[n]) / lr for n in old}, num_examples=8)
+            read = fedleak.reconstruct(model, pseudo, learning_rate=lr)
+            assert any("divided by the learning rate given" in note for note in read.notes)
+            weights = fedleak.reconstruct(model, WeightUpdate(old, new, num_examples=8, learning_rate=lr))
+            assert read.num_certified == weights.num_certified
+            torch.testing.assert_close(read.inputs[read.certified], weights.inputs[weights.certified], rtol=0,
+                                       atol=1e-4)  # the same samples, each to its certificate's precision (1e-4)
+            as_gradient = fedleak.reconstruct(model, pseudo)
+            for rec in (read, as_gradient):
+                assert fedleak.metrics.match(rec, x, y).false_certificates == 0
+            certified["pseudo"] += as_gradient.num_certified
+            certified["rate"] += read.num_certified
+        assert certified["rate"] > certified["pseudo"], certified
+        assert grid_evidence(model, pseudo.gradients, lr).holds_change
+        for wrong in (lr / 2, 2 * lr):  # off the spacing; on twice it everywhere
+            assert not grid_evidence(model, pseudo.gradients, wrong).holds_change
+            with pytest.raises(fedleak.FedleakError, match="this gradient's do not"):
+                fedleak.reconstruct(model, pseudo, learning_rate=wrong)
+        gradient = fedleak.compute_gradient_update(model, x, y)
+        with pytest.raises(fedleak.FedleakError, match="a FedSGD gradient needs no learning rate"):
+            fedleak.reconstruct(model, gradient, learning_rate=lr)

@@ -12,10 +12,10 @@ from torch import nn
 
 from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
-from fedleak.captured import as_attacked
+from fedleak.captured import READ_AS, as_attacked, read_rate_scaled_change
 from fedleak.errors import FedleakError, UpdateError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
+from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_learning_rate
 from fedleak.validation import check_model, check_module, check_shape
 
 
@@ -38,7 +38,9 @@ def reconstruct(
     the number of examples the client reported (Flower's ``num-examples``), for an update that does not carry it
     (a plain dict or list, a reply); one that carries another number is refused. ``learning_rate``: the learning
     rate of a FedAvg client's local SGD, where the server knows it (it sets it in the round's configuration), for a
-    weight update (:attr:`WeightUpdate.learning_rate`). ``options`` go to the attack (see
+    weight update (:attr:`WeightUpdate.learning_rate`), or for a one-step weight change divided by it, passed as a
+    gradient (a pseudo-gradient ``(old - new) / lr``: read as that change, where times the rate its entries lie on
+    the float spacing of ``model``'s weights; another gradient is refused). ``options`` go to the attack (see
     ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
     trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
@@ -58,7 +60,10 @@ def reconstruct(
     check_model(model)
     if num_examples is not None:
         update = _reported(update, num_examples)
-    if learning_rate is not None:
+    if learning_rate is not None and not isinstance(update, WeightUpdate):  # a weight change divided by the rate?
+        update = read_rate_scaled_change(model, update, check_learning_rate(learning_rate))
+        read_as = (*read_as, str(update.metadata[READ_AS]))
+    elif learning_rate is not None:
         update = _with_learning_rate(update, learning_rate)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
@@ -82,11 +87,8 @@ def _reported(update: object, num_examples: int) -> GradientUpdate | WeightUpdat
     return replace(update, num_examples=num_examples)
 
 
-def _with_learning_rate(update: object, learning_rate: float) -> WeightUpdate:
-    """``update``, a weight update, with the learning rate the server knows (checked as the update checks it)."""
-    if not isinstance(update, WeightUpdate):
-        raise UpdateError("learning_rate is the step size of a FedAvg client's local SGD: pass it with a weight update "
-                          "(the client's new weights, or a WeightUpdate), not with a gradient")
+def _with_learning_rate(update: WeightUpdate, learning_rate: float) -> WeightUpdate:
+    """``update`` with the learning rate the server knows (checked as the update checks it)."""
     if update.learning_rate is not None and update.learning_rate != learning_rate:
         raise UpdateError(f"the update carries learning_rate {update.learning_rate!r}, but learning_rate="
                           f"{learning_rate!r}; pass learning_rate only for an update that does not carry it")

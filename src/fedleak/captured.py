@@ -28,8 +28,15 @@ from fedleak.binary import as_two_class
 from fedleak.errors import UpdateError
 from fedleak.nets.unused import unused_parameters
 from fedleak.state_names import renamed
-from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate, in_model_dtype, trainable_parameters
-from fedleak.weight_change import UNSIGNED, GridEvidence, as_weights_after, change_sign, grid_evidence
+from fedleak.updates import (
+    ClientUpdate,
+    GradientUpdate,
+    WeightUpdate,
+    as_gradient_update,
+    in_model_dtype,
+    trainable_parameters,
+)
+from fedleak.weight_change import NEAR, UNSIGNED, as_weights_after, change_sign, grid_evidence
 
 WEIGHTS_DISTANCE = 0.5  # ||T - W|| / ||W|| at most this: T is the model's weights moved by local training
 MIN_UNCHANGED = 16  # this many nonzero weights kept bit for bit: T is weights (a gradient equals one by chance only)
@@ -143,7 +150,8 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
         found = evidence is not None and evidence.holds_weights
         grid = None if unknown or found or kind == "weights" else grid_evidence(model, update)
         if kind == "change" or (grid is not None and grid.holds_change):
-            update = read_change(model, update, own, grid, renaming)
+            update = read_change(model, update, own, f"({grid.said()})" if grid is not None and grid.holds_change
+                                 else "(as told)", renaming)
             renaming = ""  # the weight update's metadata keeps it
         elif kind == "weights" or found:
             how = (f"the update holds the client's weights ({evidence.said()}), not a gradient" if found else
@@ -156,11 +164,11 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
     return update, tuple(filter(None, (renaming, read_as if isinstance(read_as, str) else "")))
 
 
-def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor],
-                grid: GridEvidence | None, renaming: str) -> WeightUpdate:
+def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], why: str,
+                renaming: str = "") -> WeightUpdate:
     """A client's weight change as a :class:`WeightUpdate` from the model's weights (the round's): ``new - old``
     where the output layer reads it so, ``old - new`` where it reads the other way, else ``new - old`` with the
-    sign marked unread (:data:`~fedleak.weight_change.UNSIGNED`)."""
+    sign marked unread (:data:`~fedleak.weight_change.UNSIGNED`). ``why``: what tells it a change, for the note."""
     for name, value in change.items():
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(own[name].shape):
             got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
@@ -169,13 +177,35 @@ def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mappi
     sign = change_sign(model, change)
     before = {k: own[k].detach().clone() for k in change}
     after = as_weights_after(before, change, sign or 1)
-    why = f"({grid.said()})" if grid is not None and grid.holds_change else "(as told)"
     how = (f"the update holds the client's weight change {why}, not a gradient: read as "
            f"{'old - new' if sign == -1 else 'new - old'} from the model's weights (the round's)")
     how += (", as its output layer's columns read" if sign else
             "; with fewer than four classes its sign is not read (the exact route reads both)")
     how += renaming and "; " + renaming
     return WeightUpdate(before=before, after=after, metadata={READ_AS: how, UNSIGNED: sign is None})
+
+
+def read_rate_scaled_change(model: nn.Module, update: object, learning_rate: float) -> WeightUpdate:
+    """A gradient that is a one-step weight change divided by the client's ``learning_rate`` (``(old - new) / lr``,
+    as a FedSGD-style pseudo-gradient is computed from two rounds' weights), read as that change from the model's
+    weights (the round's) with the rate, where times the rate its small entries lie on the weights' float spacing
+    (:func:`~fedleak.weight_change.grid_evidence`); else :class:`UpdateError` says what ``learning_rate`` is for."""
+    grads = as_gradient_update(update)
+    own = model.state_dict()
+    known = {k: g for k, g in grads.gradients.items() if k in own}
+    grid = grid_evidence(model, known, learning_rate) if len(known) == len(grads.gradients) else None
+    if grid is None or not grid.holds_change:
+        seen = "" if grid is None else f" ({grid.on_grid:,} of {grid.entries:,} small entries times it lie there)"
+        raise UpdateError("learning_rate is the step size of a FedAvg client's local SGD: pass it with a weight update "
+                          "(the client's new weights, or a WeightUpdate), or with a weight change divided by it, whose "
+                          "entries times it lie on the float spacing of the model's weights; this gradient's do not"
+                          f"{seen}: a FedSGD gradient needs no learning rate")
+    change = {k: (g.double() * learning_rate).to(g.dtype) for k, g in known.items()}
+    why = (f"(divided by the learning rate given: times it, {grid.on_grid:,} of {grid.entries:,} entries small "
+           f"beside their weights lie within {NEAR:g} of whole multiples of the weights' float spacing)")
+    read = read_change(model, change, own, why)
+    return replace(read, num_examples=grads.num_examples, error=grads.error * learning_rate,
+                   learning_rate=learning_rate)
 
 
 def check_kind(kind: object) -> str:

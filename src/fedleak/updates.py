@@ -106,11 +106,7 @@ class WeightUpdate:
     def __post_init__(self) -> None:
         object.__setattr__(self, "error", check_error(self.error))
         if self.learning_rate is not None:
-            lr = check_float("learning_rate", self.learning_rate, error=UpdateError)
-            if lr <= 0:
-                raise UpdateError(f"learning_rate must be a positive number (the client's SGD step size), got "
-                                  f"{self.learning_rate!r}")
-            object.__setattr__(self, "learning_rate", lr)
+            object.__setattr__(self, "learning_rate", check_learning_rate(self.learning_rate))
         before = _check_tensor_map(self.before, "before", counters=True)
         after = _check_tensor_map(self.after, "after", counters=True)
         if set(before) != set(after):
@@ -151,6 +147,14 @@ class WeightUpdate:
 
 
 ClientUpdate = GradientUpdate | WeightUpdate
+
+
+def check_learning_rate(value: object) -> float:
+    """A client's learning rate: a positive finite number (:class:`UpdateError` otherwise)."""
+    lr = check_float("learning_rate", value, error=UpdateError)
+    if lr <= 0:
+        raise UpdateError(f"learning_rate must be a positive number (the client's SGD step size), got {value!r}")
+    return lr
 
 
 def check_error(error: float) -> float:

@@ -35,6 +35,8 @@ GLANCE = 512  # entries of the largest tensor read first: a gradient shows in a 
 ON_GRID = 0.99  # this share of them on the spacing: a change (a gradient: about 1/64 or less)
 ON_TWICE = 0.75  # ... and at most this share on twice it (a change: about half; a coarser format: all)
 UNSIGNED = "sign_unread"  # a WeightUpdate's metadata key: its change's sign was not read (True)
+NEAR = 1e-3  # a change divided by a learning rate, times it again: within this many spacings of the spacing ...
+NEAR_MOST = 2.0 ** 10  # ... read where it is at most this many spacings (the quotient's rounding stays below 2**-14)
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,14 @@ class GridEvidence:
                 "the weights' float spacing, as differences of two weights are and a gradient's are not")
 
 
-def grid_evidence(model: nn.Module, tensors: Mapping[str, object]) -> GridEvidence | None:
+def grid_evidence(model: nn.Module, tensors: Mapping[str, object], factor: float | None = None
+                  ) -> GridEvidence | None:
     """The :class:`GridEvidence` of ``tensors`` against the model's floating-point parameters they name with their
     shapes (:data:`SCREEN` entries of each, spread over it; 64 times as many where that finds fewer than
     :data:`MIN_ENTRIES` small ones), after a glance at :data:`GLANCE` entries of the largest, which tells most
-    gradients (and is what is returned for them); None where they name none."""
+    gradients (and is what is returned for them); None where they name none. ``factor``: the tensors times it (in
+    float64), read near the spacing (:data:`NEAR`) rather than on it: a weight change divided by a learning rate
+    and rounded to its dtype, times the rate again."""
     own = dict(model.named_parameters())
     pairs = [(t.detach().reshape(-1), own[name].detach().reshape(-1)) for name, t in tensors.items()
              if name in own and isinstance(t, torch.Tensor) and t.is_floating_point()
@@ -69,26 +74,31 @@ def grid_evidence(model: nn.Module, tensors: Mapping[str, object]) -> GridEviden
         return None
     largest = [max(pairs, key=lambda pair: pair[1].numel())]
     for read, most in ((largest, GLANCE), (pairs, SCREEN), (pairs, 64 * SCREEN)):
-        evidence = _counted(read, most)
+        evidence = _counted(read, most, factor)
         # enough entries to tell; or a few, half of them off the spacing, which no change has a single one of
         if evidence.entries >= MIN_ENTRIES or (evidence.entries >= 8 and 2 * evidence.on_grid <= evidence.entries):
             return evidence
     return evidence
 
 
-def _counted(pairs: list[tuple[torch.Tensor, torch.Tensor]], most: int) -> GridEvidence:
-    """The evidence of up to ``most`` entries of each pair (spread over it), read together."""
+def _counted(pairs: list[tuple[torch.Tensor, torch.Tensor]], most: int, factor: float | None) -> GridEvidence:
+    """The evidence of up to ``most`` entries of each pair (spread over it), read together (times ``factor``)."""
     dtype = max(pairs, key=lambda pair: pair[1].numel())[1].dtype  # the weights' (the largest tensor's)
     strided = [(t[:: max(1, w.numel() // most)], w[:: max(1, w.numel() // most)]) for t, w in pairs
                if w.dtype == dtype]
     w = torch.cat([w for _, w in strided])
-    d = torch.cat([t.to(device=w.device, dtype=dtype) for t, _ in strided])
+    d = torch.cat([t.to(device=w.device, dtype=dtype if factor is None else torch.float64) for t, _ in strided])
+    d = d if factor is None else d * factor
     small = (d != 0) & (d.abs() < SMALL * w.abs())
-    d = d[small]
-    low = w[small].abs() - d.abs()  # the smaller of the two weights' magnitudes at most: its spacing is finer
-    q = d / (torch.nextafter(low, torch.full_like(low, float("inf"))) - low)  # exact: a power of two divides
-    whole = q == torch.round(q)
-    return GridEvidence(int(small.sum()), int(whole.sum()), int((whole & (torch.remainder(q, 2) == 0)).sum()))
+    d, w = d[small], w[small]
+    low = w.abs() - d.abs().to(dtype)  # the smaller of the two weights' magnitudes at most: its spacing is finer
+    q = d / (torch.nextafter(low, torch.full_like(low, float("inf"))) - low).to(d.dtype)  # a power of two divides
+    if factor is not None:  # rounded once to the change's dtype: near the spacing, where a few spacings
+        read = q.abs() <= NEAR_MOST
+        q, small = q[read], read
+    whole = q == torch.round(q) if factor is None else (q - torch.round(q)).abs() <= NEAR
+    even = torch.remainder(torch.round(q), 2) == 0
+    return GridEvidence(int(small.sum()), int(whole.sum()), int((whole & even).sum()))
 
 
 def change_sign(model: nn.Module, change: Mapping[str, torch.Tensor]) -> int | None:
