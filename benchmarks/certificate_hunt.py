@@ -69,6 +69,7 @@ class Config:
     client_train: bool = False  # the client computes its gradient in training mode (its norms on its batch's own
     #                             statistics), which the attack is not told
     change: int = 0  # the FedAvg update passed as a plain dict of its weight change: +1 new - old, -1 old - new
+    pseudo: bool = False  # ... old - new divided by the learning rate, passed as a gradient with the rate
     negated: bool = False  # the gradient passed negated (as a change new - old reads): its labels rest on the sign
     after_relu: bool = False  # the hidden layers' BatchNorm1d (norm=True) after their ReLU, before the next Linear
     penalty: float = 0.0  # an L2 penalty in the client's loss, loss + penalty * sum of every parameter squared
@@ -157,6 +158,11 @@ CONFIGS = {
     "lfw-2-fedavg-epoch-lr-known": Config("lfw", (1024,), lr=0.1, local_batch=2, lr_known=True),
     "fashion-10-fedavg-epoch-momentum-lr-known": Config("fashion-mnist", (1024,), lr=0.05, local_batch=2,
                                                         momentum=True, lr_known=True),
+    # a pseudo-gradient (old - new) / lr passed with the rate: read as the change it was divided from
+    "lfw-2-pseudo": Config("lfw", (1024,), lr=0.1, pseudo=True),
+    "retina-2-pseudo-large": Config("retina", (1024,), max_batch=64, lr=0.1, pseudo=True),
+    "fashion-10-pseudo": Config("fashion-mnist", (1024,), lr=0.1, pseudo=True),
+    "lfw-2-pseudo-3steps": Config("lfw", (1024,), lr=0.1, steps=3, pseudo=True),
     "lfw-2-weighted-untold": Config("lfw", (1024,), weighted=True, told=False),
     "fashion-10-weighted-untold": Config("fashion-mnist", (1024,), weighted=True, told=False),
     # malicious servers: a blend of samples may fit a trap row or an imprint bin up to the batch's scale
@@ -307,6 +313,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
                                            class_weights=weights, reveal_learning_rate=cfg.lr_known)
             if cfg.change:  # before - after is lr times the gradient: new - old is its negative
                 update = {k: -cfg.change * v for k, v in update.delta().items()}
+            if cfg.pseudo:  # a pseudo-gradient (old - new) / lr, computed from the two rounds' weights
+                update = {k: v / cfg.lr for k, v in update.delta().items()}
         else:
             weight = None if weights is None else torch.tensor(weights)
             model.train(cfg.client_train)  # (a client in training mode: its norms on the batch's statistics)
@@ -321,7 +329,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
             update = fedleak.GradientUpdate(grads, num_examples=M) if b % 2 or cfg.weighted else grads
         # a Conv1d model reads each sample through an unflatten: its input shape is the data's, not inferred
         told = {"label_smoothing": cfg.smoothing} if not cfg.weighted else {"class_weights": weights}
-        count = {"num_examples": M} if cfg.change else {}  # a plain dict: the count the client reports
+        count = {"num_examples": M} if cfg.change or cfg.pseudo else {}  # a plain dict: the count it reports
+        count.update({"learning_rate": cfg.lr} if cfg.pseudo else {})
         if cfg.attack == "auto":
             rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}), **count,
                                       **({"input_shape": data.input_shape} if cfg.conv1d else {}))

@@ -83,3 +83,28 @@ def test_the_learning_rate_is_a_declared_fact_unless_the_server_ignores_it():
     assert "learning_rate" not in ignored.declared_training()
     assert FederationSettings.from_json(ignored.to_json()) == ignored
 
+
+
+def test_returned_weights_of_a_model_with_batchnorm_on_a_linear_layer_are_still_attacked(digits):
+    """The weight route does not read a BatchNorm1d on a Linear layer's features: such a model's returned weights
+    are read as before (their difference as a gradient), not refused."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fedleak.federation.audit_worker import AuditInput, AuditPlan, run_audit
+    from fedleak.updates import WeightUpdate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():
+        model.train()(digits.x[:256])  # its running statistics
+    model.eval()
+    x, y = digits.batch(8, seed=0)
+    client = copy.deepcopy(model)
+    torch.optim.SGD(client.parameters(), lr=0.1).zero_grad()
+    F.cross_entropy(client(x), y).backward()
+    torch.optim.SGD(client.parameters(), lr=0.1).step()
+    update = WeightUpdate(model.state_dict(), client.state_dict(), num_examples=8)
+    record = run_audit(AuditPlan(), AuditInput(1, 100, 0, model, update, None, {"learning_rate": 0.1}), None)
+    assert record.status == "ok" and record.attack == "exclusivity", record.detail

@@ -94,6 +94,7 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
     """Attack ``job.update`` with ``plan`` (the attack sees the sent model and the update only), then
     let ``scorer`` (evaluation only) compare with the client's true batch. Never raises."""
     from fedleak.audit.aware import reconstruct_aware
+    from fedleak.nets.dense_norms import fold_dense_norms
     from fedleak.update_kind import describe_update
 
     start = time.perf_counter()
@@ -105,12 +106,15 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
             attack = plan.multi_step_attack
         options = dict(plan.options) if attack == plan.attack else dict(plan.multi_step_options)
         lr = job.declared.get("learning_rate")  # the learning rate the server set, where its attack takes it
-        if attack != plan.attack or plan.update_kind == "weights" or job.delta is None:
-            # the returned weights: their difference carries their rounding, which the weight route bounds
+        # returned weights: their difference carries their rounding, which the weight route bounds (it does not read
+        # a BatchNorm1d on a Linear layer's features: such a model's difference is read as a gradient, unbounded)
+        returned = job.delta is None and fold_dense_norms(job.model) is None
+        if attack != plan.attack or plan.update_kind == "weights" or returned:
             attacked: Any = replace(job.update, local_steps=kind.local_steps, learning_rate=lr)
-        else:  # the trainable parameters' uploaded change (exact; a state dict also holds buffers)
-            attacked, scale = uploaded_change(job.delta, job.update.parameters_of(job.model),
-                                              job.update.num_examples, lr)
+        else:  # the trainable parameters' change (uploaded: exact; a state dict also holds buffers)
+            change = job.delta if job.delta is not None else job.update.delta()
+            attacked, scale = uploaded_change(change, job.update.parameters_of(job.model), job.update.num_examples,
+                                              lr if job.delta is not None else None)
             options.update(scale if "known_scale" in options else {})
         rec, aware = reconstruct_aware(job.model, attacked, attack=attack, defense=plan.defense, **options)
         seconds = time.perf_counter() - start
