@@ -88,3 +88,25 @@ def test_the_learning_rate_the_server_set(tmp_path, capsys, digits):
     assert _reconstruct(tmp_path, "--learning-rate", "-1") == 2
     err = capsys.readouterr().err
     assert err.startswith("fedleak: error: --learning-rate must be a positive number") and err.count("\n") == 1
+
+
+def test_a_stored_pseudo_gradient_with_the_learning_rate(tmp_path, capsys, digits):
+    """A server that stores ``(old - new) / lr`` (a pseudo-gradient): with --learning-rate it is read as the change,
+    and certified; a true gradient with --learning-rate fails in one line that names the option."""
+    x, _ = _round(tmp_path, digits)
+    old, new = np.load(tmp_path / "round.npz"), np.load(tmp_path / "reply.npz")
+    np.savez(tmp_path / "reply.npz", *[(old[k] - new[k]) / np.float32(0.1) for k in old.files])
+    assert _reconstruct(tmp_path, "--learning-rate", "0.1", "--update-kind", "gradient") == 0
+    saved = np.load(tmp_path / "rec" / "reconstruction.npz")
+    assert saved["certified"].sum() >= 2
+    for r in torch.from_numpy(saved["x"])[torch.from_numpy(saved["certified"])]:
+        assert min(float((r.flatten() - s.flatten()).abs().max()) for s in x) < 1e-4
+    notes = json.loads((tmp_path / "rec" / "results.json").read_text())["summary"]["notes"]
+    assert any("divided by the learning rate given" in note for note in notes)
+    model = fedleak.load_model(f"{tmp_path / 'net.py'}:Net", seed=0).module
+    grads = fedleak.compute_gradient_update(model, *digits.batch(4, seed=1)).gradients
+    np.savez(tmp_path / "reply.npz", *[grads[n].numpy() for n, _ in model.named_parameters()])
+    capsys.readouterr()
+    assert _reconstruct(tmp_path, "--learning-rate", "0.1", "--update-kind", "gradient") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedleak: error: --learning-rate is the step size") and err.count("\n") == 1
