@@ -16,9 +16,25 @@ from typing import Any
 from fedleak.errors import UpdateError
 from fedleak.validation import check_float, check_int
 
-DECLARED_KEYS = ("local_steps", "local_epochs", "batch_size", "clip_norm", "noise_multiplier", "learning_rate")
-REAL_KEYS = ("clip_norm", "noise_multiplier", "learning_rate")
-POSITIVE_KEYS = ("learning_rate",)  # real facts that must be above 0
+
+def _count(name: str, value: Any) -> int:
+    return check_int(name, _number(name, value, int), low=1, error=UpdateError)
+
+
+def _real(name: str, value: Any) -> float:
+    return check_float(name, _number(name, value, float), low=0.0, error=UpdateError)
+
+
+def _rate(name: str, value: Any) -> float:
+    from fedleak.updates import check_learning_rate  # (torch: imported where a rate is declared)
+
+    return check_learning_rate(_number(name, value, float))
+
+
+#: each declared fact's check: a count (at least 1), a real number (0 or more), a learning rate (above 0)
+CHECKS = {"local_steps": _count, "local_epochs": _count, "batch_size": _count, "clip_norm": _real,
+          "noise_multiplier": _real, "learning_rate": _rate}
+DECLARED_KEYS = tuple(CHECKS)
 
 
 def check_declared(declared: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -29,16 +45,7 @@ def check_declared(declared: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(facts) - set(DECLARED_KEYS))
     if unknown:
         raise UpdateError(f"unknown declared fact(s) {unknown}; use {', '.join(DECLARED_KEYS)}")
-    out: dict[str, Any] = {}
-    for key, value in facts.items():
-        name = f"declared {key}"
-        if key in REAL_KEYS:
-            out[key] = check_float(name, _number(name, value, float), low=0.0, error=UpdateError)
-            if key in POSITIVE_KEYS and out[key] == 0:
-                raise UpdateError(f"{name} must be above 0, got {value!r}")
-        else:
-            out[key] = check_int(name, _number(name, value, int), low=1, error=UpdateError)
-    return out
+    return {key: CHECKS[key](f"declared {key}", value) for key, value in facts.items()}
 
 
 def declared_facts(update: Any, declared: Mapping[str, Any] | None) -> dict[str, Any]:
