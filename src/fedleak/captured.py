@@ -199,7 +199,8 @@ def read_rate_scaled_change(model: nn.Module, update: object, learning_rate: flo
         raise UpdateError("learning_rate is the step size of a FedAvg client's local SGD: pass it with a weight update "
                           "(the client's new weights, or a WeightUpdate), or with a weight change divided by it, whose "
                           "entries times it lie on the float spacing of the model's weights; this gradient's do not"
-                          f"{seen}: a FedSGD gradient needs no learning rate")
+                          f"{seen}: a FedSGD gradient needs no learning rate (a change the client computed as the "
+                          "rate times its gradient: divide it by the rate and pass that as the gradient)")
     change = {k: (g.double() * learning_rate).to(g.dtype) for k, g in known.items()}
     why = (f"(divided by the learning rate given: times it, {grid.on_grid:,} of {grid.entries:,} entries small "
            f"beside their weights lie within {NEAR:g} of whole multiples of the weights' float spacing)")
