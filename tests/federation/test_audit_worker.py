@@ -26,7 +26,7 @@ def _replies(settings):
     return out
 
 
-def _audit(settings, reply, *, uploaded, declared):
+def _audit(reply, *, uploaded, declared):
     """run_audit of one reply: the exact change uploaded with the weights, or the returned weights only."""
     import fedleak
     from fedleak.federation.audit_worker import AuditInput, AuditPlan, run_audit
@@ -56,10 +56,10 @@ def test_the_learning_rate_the_server_set_and_the_returned_weights_are_read(data
     unknown = {k: v for k, v in declared.items() if k != "learning_rate"}
     totals = dict.fromkeys(("delta", "delta-lr", "weights", "weights-lr", "as-gradient"), 0)
     for reply in _replies(settings):
-        runs = {"delta": _audit(settings, reply, uploaded=True, declared=unknown),
-                "delta-lr": _audit(settings, reply, uploaded=True, declared=declared),
-                "weights": _audit(settings, reply, uploaded=False, declared=unknown),
-                "weights-lr": _audit(settings, reply, uploaded=False, declared=declared)}
+        runs = {"delta": _audit(reply, uploaded=True, declared=unknown),
+                "delta-lr": _audit(reply, uploaded=True, declared=declared),
+                "weights": _audit(reply, uploaded=False, declared=unknown),
+                "weights-lr": _audit(reply, uploaded=False, declared=declared)}
         assert all(r.status == "ok" for r in runs.values()), [r.detail for r in runs.values()]
         assert runs["delta-lr"].certified >= runs["delta"].certified
         for key, record in runs.items():
