@@ -15,7 +15,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.captured import READ_AS, as_attacked, read_rate_scaled_change
 from fedleak.errors import FedleakError, UpdateError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_learning_rate
+from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_count, check_learning_rate
 from fedleak.validation import check_model, check_module, check_shape
 
 
@@ -27,6 +27,7 @@ def reconstruct(
     *,
     num_examples: int | None = None,
     learning_rate: float | None = None,
+    local_steps: int | None = None,
     **options: Any,
 ) -> Reconstruction:
     """Rebuild a client's batch from its update with the named attack.
@@ -40,7 +41,10 @@ def reconstruct(
     rate of a FedAvg client's local SGD, where the server knows it (it sets it in the round's configuration), for a
     weight update (:attr:`WeightUpdate.learning_rate`), or for a one-step weight change divided by it, passed as a
     gradient (a pseudo-gradient ``(old - new) / lr``: read as that change, where times the rate its entries lie on
-    the float spacing of ``model``'s weights; another gradient is refused). ``options`` go to the attack (see
+    the float spacing of ``model``'s weights; another gradient is refused). ``local_steps``: the number of local SGD
+    steps of a FedAvg client, where the server knows it, for a weight update (:attr:`WeightUpdate.local_steps`: one
+    step is the exact route's; several go to the first-layer rows and the searches that unroll them). An update that
+    carries another rate or step count than given is refused. ``options`` go to the attack (see
     ``fedleak.available_attacks()``).
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
     trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
@@ -64,7 +68,9 @@ def reconstruct(
         update = read_rate_scaled_change(model, update, check_learning_rate(learning_rate))
         read_as = (*read_as, str(update.metadata[READ_AS]))
     elif learning_rate is not None:
-        update = _with_learning_rate(update, learning_rate)
+        update = _told(update, "learning_rate", check_learning_rate(learning_rate))
+    if local_steps is not None:
+        update = _told(update, "local_steps", check_count("local_steps", local_steps))
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
@@ -87,9 +93,14 @@ def _reported(update: object, num_examples: int) -> GradientUpdate | WeightUpdat
     return replace(update, num_examples=num_examples)
 
 
-def _with_learning_rate(update: WeightUpdate, learning_rate: float) -> WeightUpdate:
-    """``update`` with the learning rate the server knows (checked as the update checks it)."""
-    if update.learning_rate is not None and update.learning_rate != learning_rate:
-        raise UpdateError(f"the update carries learning_rate {update.learning_rate!r}, but learning_rate="
-                          f"{learning_rate!r}; pass learning_rate only for an update that does not carry it")
-    return replace(update, learning_rate=learning_rate)
+def _told(update: object, name: str, value: float | int) -> WeightUpdate:
+    """``update``, a weight update, with a fact of its client's local training that the server knows (``name``:
+    ``learning_rate`` or ``local_steps``, ``value`` checked as the update checks it)."""
+    if not isinstance(update, WeightUpdate):
+        raise UpdateError(f"{name} is a fact of a FedAvg client's local training: pass it with a weight update (the "
+                          "client's new weights, or a WeightUpdate), not with a gradient")
+    held = getattr(update, name)
+    if held is not None and held != value:
+        raise UpdateError(f"the update carries {name} {held!r}, but {name}={value!r}; pass {name} only for an update "
+                          "that does not carry it")
+    return replace(update, **{name: value})

@@ -58,7 +58,7 @@ def _check_tensor_map(tensors: Mapping[str, torch.Tensor], what: str, *,
     return out
 
 
-def _check_count(name: str, value: object) -> int | None:
+def check_count(name: str, value: object) -> int | None:
     """A count a client reports (``num_examples``, ``local_steps``): ``None`` or a whole number in [1, MAX_COUNT]."""
     return None if value is None else check_int(name, value, low=1, high=MAX_COUNT, error=UpdateError)
 
@@ -80,7 +80,7 @@ class GradientUpdate:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gradients", _check_tensor_map(self.gradients, "gradient"))
-        object.__setattr__(self, "num_examples", _check_count("num_examples", self.num_examples))
+        object.__setattr__(self, "num_examples", check_count("num_examples", self.num_examples))
         object.__setattr__(self, "error", check_error(self.error))
 
 
@@ -122,8 +122,8 @@ class WeightUpdate:
             raise UpdateError("the weight update is zero: before and after weights are identical")
         object.__setattr__(self, "before", before)
         object.__setattr__(self, "after", after)
-        object.__setattr__(self, "num_examples", _check_count("num_examples", self.num_examples))
-        object.__setattr__(self, "local_steps", _check_count("local_steps", self.local_steps))
+        object.__setattr__(self, "num_examples", check_count("num_examples", self.num_examples))
+        object.__setattr__(self, "local_steps", check_count("local_steps", self.local_steps))
 
     def delta(self) -> dict[str, torch.Tensor]:
         """``before - after`` of every floating-point entry: for one plain SGD step this is the learning rate

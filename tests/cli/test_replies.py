@@ -5,6 +5,7 @@ import copy
 import json
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -110,3 +111,41 @@ def test_a_stored_pseudo_gradient_with_the_learning_rate(tmp_path, capsys, digit
     assert _reconstruct(tmp_path, "--learning-rate", "0.1", "--update-kind", "gradient") == 2
     err = capsys.readouterr().err
     assert err.startswith("fedleak: error: --learning-rate is the step size") and err.count("\n") == 1
+
+
+def test_the_local_steps_the_server_set(tmp_path, capsys, digits):
+    """A stored reply of three local steps, declared with --local-steps: read as a multi-step update (the first-layer
+    rows, then the search with the steps unrolled), which the results say; a gradient with --local-steps, or a count
+    other than the one the update carries, fails in one line that names the option."""
+    (tmp_path / "net.py").write_text(NET)
+    model = fedleak.load_model(f"{tmp_path / 'net.py'}:Net", seed=0).module
+    x, y = digits.batch(4, seed=1)
+    client = copy.deepcopy(model)
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(client(x), y).backward()
+        opt.step()
+    np.savez(tmp_path / "round.npz", *[v.numpy() for v in model.state_dict().values()])
+    np.savez(tmp_path / "reply.npz", *[v.numpy() for v in client.state_dict().values()])
+    code = main(["reconstruct", "--model", f"{tmp_path / 'net.py'}:Net", "--weights", str(tmp_path / "round.npz"),
+                 "--update", str(tmp_path / "reply.npz"), "--num-examples", "4", "--local-steps", "3",
+                 "--budget", "3", "--out", str(tmp_path / "rec"), "--quiet"])
+    assert code == 0
+    results = json.loads((tmp_path / "rec" / "results.json").read_text())
+    assert results["settings"]["options"]["local_steps"] == 3  # recorded with the run
+    notes = results["summary"]["notes"]
+    assert "auto: multi-step FedAvg update: 4 examples in 3 local steps" in notes
+    assert any("exact route skipped: the client took 3 local steps" in note for note in notes)
+    saved = np.load(tmp_path / "rec" / "reconstruction.npz")
+    for r in torch.from_numpy(saved["x"]):  # the first-layer rows give the inputs, exactly (uncertified)
+        assert min(float((r.flatten() - s.flatten()).abs().max()) for s in x) < 1e-4
+    capsys.readouterr()
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    np.savez(tmp_path / "reply.npz", *[grads[n].numpy() for n, _ in model.named_parameters()])
+    assert _reconstruct(tmp_path, "--local-steps", "3", "--update-kind", "gradient") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedleak: error: --local-steps is a fact of a FedAvg client") and err.count("\n") == 1
+    update = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=3, reveal_local_steps=True)
+    with pytest.raises(fedleak.FedleakError, match=r"carries local_steps 3, but local_steps=1"):
+        fedleak.reconstruct(model, update, local_steps=1)

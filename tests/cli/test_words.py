@@ -9,6 +9,7 @@ def test_keyword_arguments_read_as_options():
     assert as_options("(pass label_smoothing)") == "(pass --label-smoothing)"
     assert as_options("label_smoothing=0.1") == "--label-smoothing 0.1"
     assert as_options("learning_rate must be positive") == "--learning-rate must be positive"
+    assert as_options("but local_steps=3; pass local_steps only") == "but --local-steps 3; pass --local-steps only"
     assert as_options("(pass class_weights)") == "(pass --class-weights)"
     assert as_options("num_examples must lie in [1, 9]") == "num_examples must lie in [1, 9]"  # as the CLI has said
     assert as_options("input_shape=(1, 28, 28)") == "--input-shape 1,28,28"

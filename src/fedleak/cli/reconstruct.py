@@ -41,6 +41,10 @@ def reconstruct_command(
                                                    "server knows it (it sets it in the round's configuration): the "
                                                    "exact route then reads a one-step weight update at the "
                                                    "gradient's own scale."),
+    local_steps: int = typer.Option(None, help="The number of local SGD steps of a FedAvg client, where the server "
+                                               "knows it (its run configuration): one step is the exact route's; "
+                                               "several go to the first-layer rows and the searches that unroll "
+                                               "them."),
     loss_reduction: str = typer.Option(None, help="How the client's loss reduces over its batch, for the exact "
                                                    "route: mean (the default, as F.cross_entropy) or sum "
                                                    "(reduction='sum'; the update must then report its number of "
@@ -96,8 +100,9 @@ def reconstruct_command(
         options.update(exact, **loss)
     captured = fedleak.load_update(update, loaded.module, update_kind)
     rec = fedleak.reconstruct(loaded.module, captured, attack=attack, num_examples=num_examples,
-                              learning_rate=learning_rate, **options)
-    told = {k: v for k, v in {**options, "num_examples": num_examples, "learning_rate": learning_rate}.items()
+                              learning_rate=learning_rate, local_steps=local_steps, **options)
+    told = {k: v for k, v in {**options, "num_examples": num_examples, "learning_rate": learning_rate,
+                              "local_steps": local_steps}.items()
             if v not in (None, {}) and k not in ("progress", "seed", "input_shape")}
     run = ReconstructionRun(rec, tuple(rec.inputs.shape[1:]), str(model), str(update), attack, seed, told)
     write_reconstruction(run, out)  # all three files or none

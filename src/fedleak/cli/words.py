@@ -16,6 +16,8 @@ _OPTIONS = (  # (pattern, replacement), in turn
      lambda m: "pass --" + m.group(1).replace("_", "-")),
     (re.compile(r"\blearning_rate=(?=\d)"), lambda m: "--learning-rate "),
     (re.compile(r"\blearning_rate\b"), lambda m: "--learning-rate"),
+    (re.compile(r"\blocal_steps=(?=\d)"), lambda m: "--local-steps "),
+    (re.compile(r"\blocal_steps\b"), lambda m: "--local-steps"),
     (re.compile(r"\bkind='(\w+)'"), lambda m: f"--update-kind {m.group(1)}"),
 )
 
