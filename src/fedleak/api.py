@@ -12,10 +12,11 @@ from torch import nn
 
 from fedleak.attacks.registry import get_attack
 from fedleak.autograd_mode import with_autograd
-from fedleak.captured import READ_AS, as_attacked, read_rate_scaled_change
-from fedleak.errors import FedleakError, UpdateError
+from fedleak.captured import as_attacked
+from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_count, check_learning_rate
+from fedleak.update_facts import with_facts
+from fedleak.updates import GradientUpdate, WeightUpdate
 from fedleak.validation import check_model, check_module, check_shape
 
 
@@ -62,15 +63,8 @@ def reconstruct(
     # logit and binary cross-entropy: its two-class softmax twin, whose gradient is the same
     model, update, read_as = as_attacked(model, update)
     check_model(model)
-    if num_examples is not None:
-        update = _reported(update, num_examples)
-    if learning_rate is not None and not isinstance(update, WeightUpdate):  # a weight change divided by the rate?
-        update = read_rate_scaled_change(model, update, check_learning_rate(learning_rate))
-        read_as = (*read_as, str(update.metadata[READ_AS]))
-    elif learning_rate is not None:
-        update = _told(update, "learning_rate", check_learning_rate(learning_rate))
-    if local_steps is not None:
-        update = _told(update, "local_steps", check_count("local_steps", local_steps))
+    update, told = with_facts(model, update, num_examples=num_examples, learning_rate=learning_rate,
+                              local_steps=local_steps)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
@@ -80,27 +74,5 @@ def reconstruct(
         )
     start = time.perf_counter()
     result = info.run(model, update, **options)
-    return replace(result, seconds=time.perf_counter() - start, notes=(*result.notes, *read_as))
+    return replace(result, seconds=time.perf_counter() - start, notes=(*result.notes, *read_as, *told))
 
-
-def _reported(update: object, num_examples: int) -> GradientUpdate | WeightUpdate:
-    """``update`` with the number of examples its client reported (checked as the update checks it)."""
-    if not isinstance(update, (GradientUpdate, WeightUpdate)):
-        update = as_gradient_update(update)
-    if update.num_examples is not None and update.num_examples != num_examples:
-        raise UpdateError(f"the update reports {update.num_examples} examples, but num_examples={num_examples!r}; "
-                          "pass num_examples only for an update that does not carry it")
-    return replace(update, num_examples=num_examples)
-
-
-def _told(update: object, name: str, value: float | int) -> WeightUpdate:
-    """``update``, a weight update, with a fact of its client's local training that the server knows (``name``:
-    ``learning_rate`` or ``local_steps``, ``value`` checked as the update checks it)."""
-    if not isinstance(update, WeightUpdate):
-        raise UpdateError(f"{name} is a fact of a FedAvg client's local training: pass it with a weight update (the "
-                          "client's new weights, or a WeightUpdate), not with a gradient")
-    held = getattr(update, name)
-    if held is not None and held != value:
-        raise UpdateError(f"the update carries {name} {held!r}, but {name}={value!r}; pass {name} only for an update "
-                          "that does not carry it")
-    return replace(update, **{name: value})

@@ -149,3 +149,28 @@ def test_the_local_steps_the_server_set(tmp_path, capsys, digits):
     update = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=3, reveal_local_steps=True)
     with pytest.raises(fedleak.FedleakError, match=r"carries local_steps 3, but local_steps=1"):
         fedleak.reconstruct(model, update, local_steps=1)
+
+
+def test_check_takes_what_the_server_knows_of_a_two_class_reply(tmp_path, capsys, lfw):
+    """`fedleak check` on a two-class reply says to pass the learning rate, and takes it (and the count and steps),
+    as `fedleak reconstruct` does."""
+    (tmp_path / "net2.py").write_text(NET.replace("nn.Linear(64, 1024)", "nn.Linear(625, 1024)")
+                                      .replace("nn.Linear(1024, 10)", "nn.Linear(1024, 2)"))
+    model = fedleak.load_model(f"{tmp_path / 'net2.py'}:Net", seed=0).module
+    x, y = lfw.batch(8, seed=0)
+    client = copy.deepcopy(model)
+    opt = torch.optim.SGD(client.parameters(), lr=0.1)
+    opt.zero_grad()
+    F.cross_entropy(client(x), y).backward()
+    opt.step()
+    np.savez(tmp_path / "round.npz", *[v.numpy() for v in model.state_dict().values()])
+    np.savez(tmp_path / "reply.npz", *[v.numpy() for v in client.state_dict().values()])
+    base = ["check", "--model", f"{tmp_path / 'net2.py'}:Net", "--weights", str(tmp_path / "round.npz"),
+            "--update", str(tmp_path / "reply.npz"), "--num-examples", "8"]
+    assert main(base) == 0
+    assert "pass --learning-rate, the rate the server set" in capsys.readouterr().out
+    assert main([*base, "--learning-rate", "0.1", "--local-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pass --learning-rate" not in out and "1 local step at learning rate 0.1" in out
+    with pytest.raises(fedleak.FedleakError, match="pass the update too"):
+        fedleak.plan(model, None, learning_rate=0.1)

@@ -28,6 +28,12 @@ def check_command(
     data: str = typer.Option(None, help=DATA_HELP + " The inputs activations are measured on; default: a built-in "
                                         "model's own data set, else synthetic inputs (the plan says so)."),
     batch_size: int = typer.Option(None, help="The batch size your clients train with."),
+    num_examples: int = typer.Option(None, help="The number of examples the client reported, where the update file "
+                                               "does not record it."),
+    learning_rate: float = typer.Option(None, help="The learning rate of a FedAvg client's local SGD, where the "
+                                                   "server knows it (its run configuration)."),
+    local_steps: int = typer.Option(None, help="The number of local SGD steps of a FedAvg client, where the server "
+                                               "knows it."),
     batch_sizes: str = typer.Option(None, help="Batch sizes to judge, comma-separated (default: the update's, else "
                                                "1,8,32); the largest is the one the verdict is for."),
     input_shape: str = typer.Option(None, help="Shape of one input, e.g. 3,32,32 (default: from the data or the "
@@ -57,7 +63,8 @@ def check_command(
     inputs = None if data_name is None else fedleak.load_dataset(data_name)
     shape = _shape(input_shape) or (None if inputs is not None else loaded.input_shape)
     result = fedleak.plan(loaded.module, captured, inputs, input_shape=shape, batch_sizes=sizes or None,
-                          proofs=proofs, name=loaded.name, seed=seed)
+                          proofs=proofs, name=loaded.name, seed=seed, num_examples=num_examples,
+                          learning_rate=learning_rate, local_steps=local_steps)
     typer.echo(as_options(result.to_text()))
     if json_path is not None:
         payload = {"kind": "fedleak-plan", "model": loaded.source, "data": data_name,

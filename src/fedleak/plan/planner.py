@@ -22,7 +22,7 @@ import fedleak.plan.verdict as verdict
 from fedleak.attacks.first_layer import first_layer_changed
 from fedleak.attacks.masked_input import InputMasking, first_module, input_masking
 from fedleak.captured import as_attacked
-from fedleak.errors import FedleakError, ModelError
+from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import NO_HIDDEN_RELU, Network, input_shape_of
 from fedleak.nets.exact_view import exact_view
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
@@ -45,6 +45,7 @@ from fedleak.plan.result import (
     Plan,
 )
 from fedleak.plan.samples import Samples, synthetic_samples, user_samples
+from fedleak.update_facts import with_facts
 from fedleak.updates import as_gradient_update
 from fedleak.validation import check_float, check_int, check_module, check_seed
 
@@ -126,7 +127,8 @@ def _estimate(head: HeadModel, m: int, blocks: tuple[ConvBlockPlan, ...]) -> Bat
 def plan(model: nn.Module, update: object = None, inputs: object = None, *, input_shape=None,
          batch_sizes: Iterable[int] | int | None = None, target: float = DEFAULT_TARGET,
          max_samples: int = DEFAULT_MAX_SAMPLES, proofs: int | None = None, name: str | None = None,
-         seed: int = 0) -> Plan:
+         seed: int = 0, num_examples: int | None = None, learning_rate: float | None = None,
+         local_steps: int | None = None) -> Plan:
     """Say, before any attack, which attacks apply to ``model`` and ``update`` and why (a :class:`Plan`).
 
     ``update``: the client's update (:class:`~fedleak.GradientUpdate`, :class:`~fedleak.WeightUpdate`, a dict of
@@ -137,10 +139,18 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     them, synthetic inputs uniform in [0, 1] stand in, and the plan says so. ``batch_sizes``: the batch sizes to
     judge (default: the update's, else 1, 8 and 32); the largest is the one the verdict and the proposed change
     are for. ``target``: the fraction of a batch's samples the route must certify to count as applying.
+    ``num_examples``, ``learning_rate``, ``local_steps``: what the server knows of the update, as
+    :func:`fedleak.reconstruct` takes them (:func:`fedleak.update_facts.with_facts`).
     """
     parameters = sum(p.numel() for p in check_module(model).parameters())
     label = name or type(model).__name__
     model, update, read_as = as_attacked(model, update)  # a list, a client's weights; one logit: its twin
+    told: tuple[str, ...] = ()
+    if update is not None:
+        update, told = with_facts(model, update, num_examples=num_examples, learning_rate=learning_rate,
+                                  local_steps=local_steps)
+    elif (num_examples, learning_rate, local_steps) != (None, None, None):
+        raise UpdateError("num_examples, learning_rate and local_steps describe an update: pass the update too")
     target = check_float("target", target, low=0.5, high=1.0)
     max_samples = check_int("max_samples", max_samples, low=2, high=1 << 20)
     seed = check_seed("seed", seed)
@@ -154,7 +164,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     sizes = _batch_sizes(batch_sizes, kind)
     samples = user_samples(inputs, max_samples, seed) if inputs is not None else None
     shape, shape_notes = input_shape_of(model, input_shape=input_shape, inputs=None if samples is None else samples.x)
-    notes = (*shape_notes, *read_as)
+    notes = (*shape_notes, *read_as, *told)
     try:
         view = exact_view(model, input_shape=shape)  # a normalisation inside forward peeled, BatchNorm1d folded
         model, input_map, net = view.model, view.input_map, view.net
