@@ -28,19 +28,21 @@ class Net(nn.Module):
 '''
 
 
-def _round(tmp_path, digits):
-    (tmp_path / "net.py").write_text(NET)
-    loaded = fedleak.load_model(f"{tmp_path / 'net.py'}:Net", seed=0)
-    model = loaded.module
-    x, y = digits.batch(4, seed=1)
+def _round(tmp_path, data, net=NET, batch=4, seed=1, steps=1):
+    """The user's class in ``net.py``, the round's weights in round.npz and a client's reply after ``steps`` SGD
+    steps at lr 0.1 on a batch of ``data`` in reply.npz, as a server stores them: (x, y, the round's model)."""
+    (tmp_path / "net.py").write_text(net)
+    model = fedleak.load_model(f"{tmp_path / 'net.py'}:Net", seed=0).module
+    x, y = data.batch(batch, seed=seed)
     client = copy.deepcopy(model)
     opt = torch.optim.SGD(client.parameters(), lr=0.1)
-    opt.zero_grad()
-    F.cross_entropy(client(x), y).backward()
-    opt.step()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(client(x), y).backward()
+        opt.step()
     np.savez(tmp_path / "round.npz", *[v.numpy() for v in model.state_dict().values()])
     np.savez(tmp_path / "reply.npz", *[v.numpy() for v in client.state_dict().values()])
-    return x, y
+    return x, y, model
 
 
 def _reconstruct(tmp_path, *extra):
@@ -50,7 +52,7 @@ def _reconstruct(tmp_path, *extra):
 
 
 def test_a_stored_reply_is_read_as_weights_and_certified(tmp_path, capsys, digits):
-    x, y = _round(tmp_path, digits)
+    x, y, _ = _round(tmp_path, digits)
     assert _reconstruct(tmp_path) == 0
     saved = np.load(tmp_path / "rec" / "reconstruction.npz")
     rec_x = torch.from_numpy(saved["x"])[torch.from_numpy(saved["certified"])]
@@ -94,7 +96,7 @@ def test_the_learning_rate_the_server_set(tmp_path, capsys, digits):
 def test_a_stored_pseudo_gradient_with_the_learning_rate(tmp_path, capsys, digits):
     """A server that stores ``(old - new) / lr`` (a pseudo-gradient): with --learning-rate it is read as the change,
     and certified; a true gradient with --learning-rate fails in one line that names the option."""
-    x, _ = _round(tmp_path, digits)
+    x, _, _ = _round(tmp_path, digits)
     old, new = np.load(tmp_path / "round.npz"), np.load(tmp_path / "reply.npz")
     np.savez(tmp_path / "reply.npz", *[(old[k] - new[k]) / np.float32(0.1) for k in old.files])
     assert _reconstruct(tmp_path, "--learning-rate", "0.1", "--update-kind", "gradient") == 0
@@ -117,17 +119,7 @@ def test_the_local_steps_the_server_set(tmp_path, capsys, digits):
     """A stored reply of three local steps, declared with --local-steps: read as a multi-step update (the first-layer
     rows, then the search with the steps unrolled), which the results say; a gradient with --local-steps, or a count
     other than the one the update carries, fails in one line that names the option."""
-    (tmp_path / "net.py").write_text(NET)
-    model = fedleak.load_model(f"{tmp_path / 'net.py'}:Net", seed=0).module
-    x, y = digits.batch(4, seed=1)
-    client = copy.deepcopy(model)
-    opt = torch.optim.SGD(client.parameters(), lr=0.1)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(client(x), y).backward()
-        opt.step()
-    np.savez(tmp_path / "round.npz", *[v.numpy() for v in model.state_dict().values()])
-    np.savez(tmp_path / "reply.npz", *[v.numpy() for v in client.state_dict().values()])
+    x, y, model = _round(tmp_path, digits, steps=3)
     code = main(["reconstruct", "--model", f"{tmp_path / 'net.py'}:Net", "--weights", str(tmp_path / "round.npz"),
                  "--update", str(tmp_path / "reply.npz"), "--num-examples", "4", "--local-steps", "3",
                  "--budget", "3", "--out", str(tmp_path / "rec"), "--quiet"])
@@ -154,18 +146,9 @@ def test_the_local_steps_the_server_set(tmp_path, capsys, digits):
 def test_check_takes_what_the_server_knows_of_a_two_class_reply(tmp_path, capsys, lfw):
     """`fedleak check` on a two-class reply says to pass the learning rate, and takes it (and the count and steps),
     as `fedleak reconstruct` does."""
-    (tmp_path / "net2.py").write_text(NET.replace("nn.Linear(64, 1024)", "nn.Linear(625, 1024)")
-                                      .replace("nn.Linear(1024, 10)", "nn.Linear(1024, 2)"))
-    model = fedleak.load_model(f"{tmp_path / 'net2.py'}:Net", seed=0).module
-    x, y = lfw.batch(8, seed=0)
-    client = copy.deepcopy(model)
-    opt = torch.optim.SGD(client.parameters(), lr=0.1)
-    opt.zero_grad()
-    F.cross_entropy(client(x), y).backward()
-    opt.step()
-    np.savez(tmp_path / "round.npz", *[v.numpy() for v in model.state_dict().values()])
-    np.savez(tmp_path / "reply.npz", *[v.numpy() for v in client.state_dict().values()])
-    base = ["check", "--model", f"{tmp_path / 'net2.py'}:Net", "--weights", str(tmp_path / "round.npz"),
+    two = NET.replace("nn.Linear(64, 1024)", "nn.Linear(625, 1024)").replace("(1024, 10)", "(1024, 2)")  # LFW
+    _, _, model = _round(tmp_path, lfw, net=two, batch=8, seed=0)
+    base = ["check", "--model", f"{tmp_path / 'net.py'}:Net", "--weights", str(tmp_path / "round.npz"),
             "--update", str(tmp_path / "reply.npz"), "--num-examples", "8"]
     assert main(base) == 0
     assert "pass --learning-rate, the rate the server set" in capsys.readouterr().out

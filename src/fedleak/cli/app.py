@@ -45,6 +45,15 @@ UPDATE_HELP = ("The captured client update: a .safetensors from fedleak, or a pl
                "client's weights after local training (a FedAvg reply) is read against the model's --weights, the "
                "round's.")
 
+NUM_EXAMPLES_HELP = ("The number of examples the client reported, where the update file does not record it (a "
+                     "summed loss's gradient needs it).")
+LEARNING_RATE_HELP = ("The learning rate of a FedAvg client's local SGD, where the server knows it (it sets it in the "
+                      "round's configuration): the exact route then reads a one-step weight update at the gradient's "
+                      "own scale.")
+LOCAL_STEPS_HELP = ("The number of local SGD steps of a FedAvg client, where the server knows it (its run "
+                    "configuration): one step is the exact route's; several go to the first-layer rows and the "
+                    "searches that unroll them.")
+
 CLIENT_MODE_HELP = ("How the clients run the model as they compute their updates: train (model.train(), as training "
                     "loops do: Dropout drops units, BatchNorm uses the batch's statistics) or eval.")
 UPDATE_KIND_HELP = ("What a plain update file holds: gradient, weights (the client's after local training), change "

@@ -6,7 +6,18 @@ from pathlib import Path
 
 import typer
 
-from fedleak.cli.app import DATA_HELP, MODEL_HELP, UPDATE_HELP, UPDATE_KIND_HELP, WEIGHTS_HELP, app, int_list
+from fedleak.cli.app import (
+    DATA_HELP,
+    LEARNING_RATE_HELP,
+    LOCAL_STEPS_HELP,
+    MODEL_HELP,
+    NUM_EXAMPLES_HELP,
+    UPDATE_HELP,
+    UPDATE_KIND_HELP,
+    WEIGHTS_HELP,
+    app,
+    int_list,
+)
 from fedleak.cli.words import as_options
 from fedleak.errors import FedleakError
 
@@ -28,12 +39,9 @@ def check_command(
     data: str = typer.Option(None, help=DATA_HELP + " The inputs activations are measured on; default: a built-in "
                                         "model's own data set, else synthetic inputs (the plan says so)."),
     batch_size: int = typer.Option(None, help="The batch size your clients train with."),
-    num_examples: int = typer.Option(None, help="The number of examples the client reported, where the update file "
-                                               "does not record it."),
-    learning_rate: float = typer.Option(None, help="The learning rate of a FedAvg client's local SGD, where the "
-                                                   "server knows it (its run configuration)."),
-    local_steps: int = typer.Option(None, help="The number of local SGD steps of a FedAvg client, where the server "
-                                               "knows it."),
+    num_examples: int = typer.Option(None, help=NUM_EXAMPLES_HELP),
+    learning_rate: float = typer.Option(None, help=LEARNING_RATE_HELP),
+    local_steps: int = typer.Option(None, help=LOCAL_STEPS_HELP),
     batch_sizes: str = typer.Option(None, help="Batch sizes to judge, comma-separated (default: the update's, else "
                                                "1,8,32); the largest is the one the verdict is for."),
     input_shape: str = typer.Option(None, help="Shape of one input, e.g. 3,32,32 (default: from the data or the "

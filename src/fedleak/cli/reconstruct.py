@@ -7,7 +7,10 @@ from pathlib import Path
 import typer
 
 from fedleak.cli.app import (
+    LEARNING_RATE_HELP,
+    LOCAL_STEPS_HELP,
     MODEL_HELP,
+    NUM_EXAMPLES_HELP,
     OUT_HELP,
     QUIET_HELP,
     UPDATE_HELP,
@@ -35,16 +38,9 @@ def reconstruct_command(
                                             "certifies samples, then the best optimisation attack for the rest."),
     budget: float = typer.Option(60.0, help="Seconds auto may spend in all (exact route and optimisation)."),
     input_shape: str = typer.Option(None, help="Shape of one input, e.g. 1,28,28 (default: from the model file)."),
-    num_examples: int = typer.Option(None, help="The number of examples the client reported, where the update file "
-                                               "does not record it (a summed loss's gradient needs it)."),
-    learning_rate: float = typer.Option(None, help="The learning rate of a FedAvg client's local SGD, where the "
-                                                   "server knows it (it sets it in the round's configuration): the "
-                                                   "exact route then reads a one-step weight update at the "
-                                                   "gradient's own scale."),
-    local_steps: int = typer.Option(None, help="The number of local SGD steps of a FedAvg client, where the server "
-                                               "knows it (its run configuration): one step is the exact route's; "
-                                               "several go to the first-layer rows and the searches that unroll "
-                                               "them."),
+    num_examples: int = typer.Option(None, help=NUM_EXAMPLES_HELP),
+    learning_rate: float = typer.Option(None, help=LEARNING_RATE_HELP),
+    local_steps: int = typer.Option(None, help=LOCAL_STEPS_HELP),
     loss_reduction: str = typer.Option(None, help="How the client's loss reduces over its batch, for the exact "
                                                    "route: mean (the default, as F.cross_entropy) or sum "
                                                    "(reduction='sum'; the update must then report its number of "
