@@ -44,3 +44,5 @@ def test_the_example_app_runs_on_the_simulation_engine(example_app, tmp_path, mo
     for f in findings:  # every update of every round attacked by the exact route (one local step, reported)
         assert f["status"] == "ok" and f["attack"] == "exclusivity" and f["multi_step"] is False
         assert 0 <= f["certified"] <= f["rebuilt"]
+        lr = float(task.run_config(type("C", (), {"run_config": {}})())["lr"])
+        assert f"at learning rate {lr:g}" in f["update_kind"]  # the rate the server sent in its train config

@@ -20,7 +20,7 @@ from fedleak.errors import FedleakError, ModelError
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
@@ -112,14 +112,15 @@ def server_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-def run_audited(model_fn, batches, audit_mode, tmp_path, **client):
+def run_audited(model_fn, batches, audit_mode, tmp_path, train_config=None, **client):
     model = model_fn()
     strategy = AuditFedAvg(model, AuditPlan("exclusivity", {"known_scale": False}), audit_mode=audit_mode,
                            upload="weights" if client.get("weights") else "delta", scorer=GroundTruthScorer(tmp_path),
                            fraction_evaluate=0.0, min_available_nodes=len(batches))
     grid = LoopbackGrid(one_step_client(model_fn, batches, str(tmp_path), **client), len(batches))
     try:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1,
+                                train_config=train_config)
         records = strategy.findings()
     finally:
         strategy.close()
@@ -150,8 +151,8 @@ def test_dropout_mlp_class_is_audited_and_samples_certified(digits, audit_mode, 
 def test_new_weights_of_two_classes_are_read_at_the_learning_rate_the_client_reports(lfw, tmp_path, server_identity):
     """Clients reply with their new weights, as Flower's quickstart does, on two classes: at an unknown learning rate
     a sample and a blend of like samples read alike and nothing is certified; with the rate the clients report in
-    their metrics (``learning-rate``) the weight changes are read at the gradient's own scale, and samples certify,
-    none false."""
+    their metrics (``learning-rate``), or the one the server sends in its train config (``lr``, as Flower's
+    quickstart does), the weight changes are read at the gradient's own scale, and samples certify, none false."""
     batches = [lfw.batch(16, seed=k) for k in range(2)]  # faces and non-faces
 
     def model_fn():
@@ -159,13 +160,14 @@ def test_new_weights_of_two_classes_are_read_at_the_learning_rate_the_client_rep
         return DropoutMLP(625, 1000, 2).eval()
 
     certified = {}
-    for report_lr in (False, True):
-        _, records = run_audited(model_fn, batches, "sync", tmp_path / str(report_lr), weights=True,
-                                 report_lr=report_lr)
+    for how in ("none", "reported", "sent"):  # the rate: not known; in the clients' metrics; in the train config
+        config = ConfigRecord({"lr": LR}) if how == "sent" else None
+        _, records = run_audited(model_fn, batches, "sync", tmp_path / how, config, weights=True,
+                                 report_lr=how == "reported")
         assert [r.status for r in records] == ["ok", "ok"], records
         assert all(r.scores is not None and r.scores.false_certificates == 0 for r in records)
-        certified[report_lr] = sum(r.certified for r in records)
-    assert certified == {False: 0, True: certified[True]} and certified[True] >= 2, certified
+        certified[how] = sum(r.certified for r in records)
+    assert certified["none"] == 0 and certified["reported"] >= 2 and certified["sent"] == certified["reported"]
 
 
 def test_flower_quickstart_net_is_audited_in_the_worker_process(tmp_path, monkeypatch, server_identity):

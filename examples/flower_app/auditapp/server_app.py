@@ -19,12 +19,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = run_config(context)
     model = Net().eval()
-    nodes, lr = int(cfg["min-nodes"]), float(cfg["lr"])  # the clients' learning rate, sent in the train config
+    nodes = int(cfg["min-nodes"])
     # strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=nodes)
-    # the audit: this line (the server knows the learning rate it sends: declared)
-    strategy = AuditFedAvg(model, declared={"learning_rate": lr}, min_available_nodes=nodes, fraction_evaluate=0.0)
+    strategy = AuditFedAvg(model, min_available_nodes=nodes, fraction_evaluate=0.0)  # <- the audit: this line
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=int(cfg["num-server-rounds"]),
-                   train_config=ConfigRecord({"lr": lr}))
+                   train_config=ConfigRecord({"lr": float(cfg["lr"])}))  # the audit reads the rate it sends
     if isinstance(strategy, AuditFedAvg):
         findings = [f.to_dict() for f in strategy.findings()]  # waits for the background attacks
         strategy.close()

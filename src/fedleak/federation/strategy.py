@@ -78,6 +78,8 @@ AUDIT_MODES = ("process", "thread", "sync")
 # metric names a client may report its local training under (Flower's kebab-case), and the fact each declares
 REPORTED_FACTS = {"local-steps": "local_steps", "local-epochs": "local_epochs", "batch-size": "batch_size",
                   "learning-rate": "learning_rate"}
+# the keys a server's train config sends its clients' learning rate under (Flower's quickstart: "lr")
+SENT_RATE_KEYS = ("lr", "learning-rate", "learning_rate")
 __all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer", "needs_relu_network"]
 
 
@@ -112,7 +114,8 @@ class AuditFedAvg(FedAvg):
     ``declared``: what the server knows of the clients' local training from the run configuration it shares
     with them (keys of :data:`fedleak.declared.DECLARED_KEYS`, e.g. ``{"local_epochs": 1, "batch_size": 32}``
     for Flower's quickstart, and ``learning_rate``, the rate it sends: one-step updates are then read at the
-    gradient's own scale); a client may also report its own in its metrics (``local-steps``, ``local-epochs``,
+    gradient's own scale; a rate the round's train config sends under :data:`SENT_RATE_KEYS` is read from it where
+    ``declared`` gives none); a client may also report its own in its metrics (``local-steps``, ``local-epochs``,
     ``batch-size``, ``learning-rate``), which take precedence. Each record then says what kind of update it
     is (:func:`fedleak.update_kind.describe_update`): an update of several local steps goes to
     ``plan.multi_step_attack`` (``auto`` by default), not to the exact route.
@@ -159,6 +162,7 @@ class AuditFedAvg(FedAvg):
         self.audit = audit
         self.on_finding = on_finding
         self._sent: dict[int, dict[str, torch.Tensor]] = {}
+        self._sent_facts: dict[int, dict[str, Any]] = {}  # what each round's train config told the clients
         self._records: list[ClientRecord] = []
         self._futures: list[Future] = []
         self._lock = threading.Lock()
@@ -184,6 +188,7 @@ class AuditFedAvg(FedAvg):
             sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
             arrays = ArrayRecord(sent)
         self._sent[server_round] = sent
+        self._sent_facts[server_round] = _sent_rate(config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = tuple(int(m.metadata.dst_node_id) for m in messages)
         return messages
@@ -201,6 +206,7 @@ class AuditFedAvg(FedAvg):
                 continue
             try:
                 update, partition, delta, declared = self._parse(msg, sent)
+                declared = {**self._sent_facts.get(server_round, {}), **declared}  # declared and reported go first
             except FedleakError as exc:
                 self._add(ClientRecord.skipped(server_round, node, self._partition_of(msg), "malformed", str(exc)))
                 continue
@@ -389,3 +395,15 @@ class AuditFedAvg(FedAvg):
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
         pool.shutdown(wait=not force, cancel_futures=True)
+
+
+def _sent_rate(config: ConfigRecord | None) -> dict[str, Any]:
+    """The learning rate a round's train config sends the clients (under :data:`SENT_RATE_KEYS`), as a declared
+    fact; nothing where it sends none, or no positive number."""
+    for key in SENT_RATE_KEYS:
+        if config is not None and key in config:
+            try:
+                return check_declared({"learning_rate": config[key]})
+            except FedleakError:
+                return {}
+    return {}
