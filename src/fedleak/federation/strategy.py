@@ -400,10 +400,8 @@ class AuditFedAvg(FedAvg):
 def _sent_rate(config: ConfigRecord | None) -> dict[str, Any]:
     """The learning rate a round's train config sends the clients (under :data:`SENT_RATE_KEYS`), as a declared
     fact; nothing where it sends none, or no positive number."""
-    for key in SENT_RATE_KEYS:
-        if config is not None and key in config:
-            try:
-                return check_declared({"learning_rate": config[key]})
-            except FedleakError:
-                return {}
-    return {}
+    key = next((k for k in SENT_RATE_KEYS if config is not None and k in config), None)
+    try:
+        return {} if key is None else check_declared({"learning_rate": config[key]})
+    except FedleakError:
+        return {}
