@@ -22,6 +22,33 @@ def test_gradient_update_is_torch_autograd_of_mean_cross_entropy(digits):
     assert update.num_examples == 4
 
 
+def test_every_gradient_is_a_tensor_of_its_own():
+    """Autograd hands one tensor to parameters added together, and an expanded (stride-0) one for a plain sum: each
+    gradient of the update is still a contiguous tensor of its own, which changing in place changes alone."""
+    from fedleak.updates import owned
+
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x * 0 + self.a + self.b)
+
+    model = Sum()
+    grads = torch.autograd.grad((model.a + model.b).sum(), [model.a, model.b])
+    assert grads[0].untyped_storage().data_ptr() == grads[1].untyped_storage().data_ptr()  # what autograd gives
+    mine = owned(grads)
+    assert all(g.is_contiguous() for g in mine) and torch.equal(mine[0], grads[0])
+    assert len({g.untyped_storage().data_ptr() for g in mine}) == 2
+    update = fedleak.compute_gradient_update(model, torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    a, b = update.gradients["a"], update.gradients["b"]
+    assert torch.equal(a, b) and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    a.add_(1.0)
+    assert not torch.equal(a, b)
+
+
 def test_gradient_update_leaves_model_grads_alone(digits):
     model = fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)
     fedleak.compute_gradient_update(model, *_batch(digits))

@@ -406,4 +406,17 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     loss = batch_loss(model, inputs, labels, label_smoothing=smoothing,
                       class_weights=check_class_weights(class_weights, label_smoothing=smoothing))
     grads = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)  # 0 where forward reads none
-    return GradientUpdate({n: g.detach().clone() for n, g in zip(params, grads)}, num_examples=int(inputs.shape[0]))
+    return GradientUpdate(dict(zip(params, owned(grads))), num_examples=int(inputs.shape[0]))
+
+
+def owned(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` as tensors of their own: autograd's results are fresh, except one passed on to several parameters
+    (the same tensor) or expanded from a scalar (a stride-0 view), which are copied."""
+    seen: set[int] = set()
+    out = []
+    for g in grads:
+        storage = g.untyped_storage().data_ptr()
+        out.append(g.detach().clone(memory_format=torch.contiguous_format)
+                   if storage in seen or not g.is_contiguous() else g.detach())
+        seen.add(storage)
+    return out

@@ -12,14 +12,17 @@ import fedleak
 import fedleak.nets.float64 as float64_module
 from fedleak.nets import as_network, blas, forward_trace
 from fedleak.nets.float64 import (
+    FLAT_PIECE,
     NARROW_ENTRIES,
     PIECE_ENTRIES,
     PIECE_ROWS,
     TORCH_PIECE_ENTRIES,
     back64,
+    dot64,
     is_gram,
     linear64,
     matmul64,
+    misfit64,
     piece_rows,
     product32,
     row_norms64,
@@ -223,3 +226,18 @@ def test_ieee_float32_matmul_reads_torchs_settings():
             assert blas.ieee_float32_matmul() is ieee
     with fp32_precision(torch.backends, "bf16"):  # the global setting decides where the backend's is "none"
         assert not blas.ieee_float32_matmul()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_flat_products_read_piece_by_piece_equal_those_of_float64_copies(dtype):
+    gen = torch.Generator().manual_seed(3)
+    n = 2 * FLAT_PIECE + 17  # pieces of every length, the last one short
+    t = torch.randn(n, generator=gen).to(dtype)
+    g = (t.double() * 1.01 + 1e-3 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype)
+    T, G = t.double(), g.double()
+    assert dot64(t, g) == pytest.approx(float(T @ G), rel=1e-13)
+    assert dot64(t, t) == pytest.approx(float(T @ T), rel=1e-13)
+    assert misfit64(t, g, 0.99) == pytest.approx(float((T - 0.99 * G).norm()), rel=1e-12)
+    cut = lambda q: q.clamp(-0.5, 0.5)  # noqa: E731 (a clip, applied to the scaled piece)
+    assert misfit64(t, g, 0.99, cut) == pytest.approx(float((T - (0.99 * G).clamp(-0.5, 0.5)).norm()), rel=1e-12)
+    assert torch.equal(t, T.to(dtype)) and torch.equal(g, G.to(dtype))  # the vectors themselves are left as they were

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from fedleak.clipped_values import ValueClip
+from fedleak.nets.float64 import dot64, misfit64
 from fedleak.updates import compute_gradient_update
 
-F64 = torch.float64
 SCREEN_RESIDUAL = 1e-3  # a fit whose residual, read off its products, is above this is not computed entry by entry
 
 
@@ -34,10 +34,10 @@ class Fit:
 
 @dataclass(frozen=True)
 class Observed:
-    """The update's tensors as every class's fit reads them, made once per reading: float64 and flat (``flat``), their
-    squared norms (``norms2``), and where the update was clipped by value (``clip``), its entries at the bound zeroed
-    (``free``, and their squared norms ``free_norms2``: the tensors themselves without a clip) and where they are
-    (``censored``)."""
+    """The update's tensors as every class's fit reads them, made once per reading: flat, in their own dtype
+    (``flat``; every product of them is taken in float64 a piece at a time), their squared norms (``norms2``), and
+    where the update was clipped by value (``clip``), its entries at the bound zeroed (``free``, and their squared
+    norms ``free_norms2``: the tensors themselves without a clip) and where they are (``censored``)."""
 
     names: tuple[str, ...]
     flat: tuple[torch.Tensor, ...]
@@ -50,18 +50,18 @@ class Observed:
     @classmethod
     def of(cls, observed: dict[str, torch.Tensor], clip: ValueClip | None) -> Observed:
         names = tuple(observed)
-        flat = tuple(observed[n].to(F64).flatten() for n in names)
-        norms2 = tuple(float(torch.dot(t, t)) for t in flat)
+        flat = tuple(observed[n].detach().flatten() for n in names)
+        norms2 = tuple(dot64(t, t) for t in flat)
         if clip is None:
             return cls(names, flat, norms2, free=flat, free_norms2=norms2)
         censored = tuple(clip.censored(t) for t in flat)
         free = tuple(t.masked_fill(c, 0.0) for t, c in zip(flat, censored))
-        return cls(names, flat, norms2, clip, free, censored, tuple(float(torch.dot(t, t)) for t in free))
+        return cls(names, flat, norms2, clip, free, censored, tuple(dot64(t, t) for t in free))
 
 
 class ClassGradients:
-    """The model's gradient at one input ``x`` for each class asked for (float64 and flat, in the order of
-    ``names``), each computed once: a second reading of the same input (under a clip's hypothesis) reuses them."""
+    """The model's gradient at one input ``x`` for each class asked for (flat, in the order of ``names``), each
+    computed once: a second reading of the same input (under a clip's hypothesis) reuses them."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, names: tuple[str, ...]) -> None:
         self.model, self.x, self.names = model, x, names
@@ -74,7 +74,7 @@ class ClassGradients:
     def of(self, label: int) -> list[torch.Tensor]:
         if label not in self._known:
             grads = compute_gradient_update(self.model, self.x, torch.tensor([label], device=self.x.device)).gradients
-            self._known[label] = [grads[n].to(F64).flatten() for n in self.names]
+            self._known[label] = [grads[n].flatten() for n in self.names]
         return self._known[label]
 
 
@@ -91,11 +91,11 @@ def class_fit(gradients: ClassGradients, label: int, observed: Observed, signed:
     ours = [g.to(t.device) for g, t in zip(gradients.of(label), observed.flat)]
     clip = observed.clip
     if clip is None:
-        tg = [float(torch.dot(g, t)) for g, t in zip(ours, observed.flat)]
-        gg = [float(torch.dot(g, g)) for g in ours]
+        tg = [dot64(g, t) for g, t in zip(ours, observed.flat)]
+        gg = [dot64(g, g) for g in ours]
     else:  # the entries below the bound only
-        tg = [float(torch.dot(g, t)) for g, t in zip(ours, observed.free)]
-        gg = [float(torch.dot(g, g.masked_fill(c, 0.0))) for g, c in zip(ours, observed.censored)]
+        tg = [dot64(g, t) for g, t in zip(ours, observed.free)]
+        gg = [dot64(g, g.masked_fill(c, 0.0)) for g, c in zip(ours, observed.censored)]
     scale = sum(tg) / max(sum(gg), 1e-300)
     if not (scale > 0 or (signed and scale < 0)) or not math.isfinite(scale):
         return Fit(scale, math.inf)
@@ -106,9 +106,8 @@ def class_fit(gradients: ClassGradients, label: int, observed: Observed, signed:
     if screened > SCREEN_RESIDUAL:
         return Fit(scale, screened)
     worst = 0.0
-    for g, t in zip(ours, observed.flat):
-        worst = max(worst, _relative(float((t - (scale * g if clip is None else clip.cut(scale * g))).norm()),
-                                     float(t.norm())))
+    for g, t, tt in zip(ours, observed.flat, observed.norms2):
+        worst = max(worst, _relative(misfit64(t, g, scale, None if clip is None else clip.cut), math.sqrt(tt)))
     return Fit(scale, worst)
 
 

@@ -229,13 +229,14 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
 
 def _layer_rows(model: nn.Module, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None, what: str
                 ) -> tuple[FirstLinear, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[str, ...]]:
-    """The first Linear layer, its weight and bias entries of ``tensors`` (float64), the sample's shape and notes."""
+    """The first Linear layer, its weight and bias entries of ``tensors`` (in their dtype: a one-sample read converts
+    the one row it reads), the sample's shape and notes."""
     shape, notes = _sample_shape(model, input_shape)
     layer = first_linear(model, shape)
     if layer.weight not in tensors or layer.bias not in tensors:
         raise ModelError(f"the update holds no {what} of the Linear layer '{layer.name}' that reads the sample "
                          "(frozen on the client), which is all this attack reads")
-    G, g = tensors[layer.weight].to(F64), tensors[layer.bias].to(F64)
+    G, g = tensors[layer.weight].detach(), tensors[layer.bias].detach()
     if G.shape[1] != math.prod(shape):
         raise ModelError(f"the Linear layer '{layer.name}' reads {G.shape[1]} values, not one input of shape {shape}")
     return layer, G, g, shape, notes
@@ -246,6 +247,7 @@ def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int,
     """A weight change's first-layer rows: the learning rate, unknown, leaves no scale to check; several local steps
     (or an unknown number) leave no exact class fit either (:class:`~fedleak.attacks.first_layer_rows.LayerRows`)."""
     layer, G, g, shape, notes = _layer_rows(model, update.delta(), input_shape, "change")
+    G, g = G.to(F64), g.to(F64)
     W, b = update.before[layer.weight].to(F64), update.before[layer.bias].to(F64)
     decay = read_row_decay(G, g, W, b)  # SGD's weight decay, over any number of steps
     if decay is not None:
@@ -302,7 +304,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
     observed = dict(update.gradients)
     clip = read_value_clip(observed)  # clip_grad_value_: rows with an entry at the bound are not the sample's
     if update.num_examples != 1:  # a batch (or a count not reported): the rows that agree, uncertified
-        caveat = _caveat(layer, opts)
+        caveat, G, g = _caveat(layer, opts), G.to(F64), g.to(F64)
         if clip is not None:  # read as silent: the rows no entry at the bound touches stay exact
             whole = ~(clip.censored(G).any(1) | clip.censored(g))
             G, g = G * whole[:, None], g * whole
@@ -362,7 +364,10 @@ def _read_one(model: nn.Module, G: torch.Tensor, g: torch.Tensor, shape: tuple[i
                 f"{clip.describe()}, and every row of the first layer with a bias gradient holds an entry at it: no "
                 "row gives the sample whole")
     # every row is the sample times its bias gradient: a rounded update's rows, weighed together, round out
-    x = least_squares(G, g, torch.nonzero(whole).flatten()) if rounded else G[row] / g[row]
+    if rounded:
+        x = least_squares(G.to(F64), g.to(F64), torch.nonzero(whole).flatten())
+    else:
+        x = G[row].to(F64) / float(g[row])
     x = x.reshape(1, *shape).to(next(model.parameters()).dtype)
     label = _label(model, observed)  # one sample's output bias gradient: p - onehot(y), negative only at y
     classes = _classes(model, x)

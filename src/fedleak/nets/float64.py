@@ -15,6 +15,7 @@ part in autograd stay with torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -31,6 +32,7 @@ NARROW_ENTRIES = 1 << 16  # ... at most this many float64 entries (512 KiB) and 
 # is still in cache when it is read ...
 NARROW_COLS = 2 * WIDE  # ... of a layer at most this wide (a row of a wider one is most of that already)
 TORCH_PIECE_ENTRIES = 1 << 17  # float64 entries of a layer in one product on torch's BLAS (1 MiB)
+FLAT_PIECE = 1 << 15  # entries of a flat vector read in float64 at once (256 KiB: still in cache when read)
 
 
 def rows64(G: torch.Tensor, rows) -> torch.Tensor:
@@ -72,6 +74,36 @@ def piece_rows(rows: int, cols: int, width: int = NARROW + 1) -> int:
     if cols >= WIDE:
         return PIECE_ROWS
     return max(16, min(PIECE_ENTRIES // max(cols, 1), -(-rows // 8)))
+
+
+def flat_pieces64(*vectors: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The float64 pieces of flat vectors of one length, ``FLAT_PIECE`` entries at a time, each vector's copied into
+    a buffer of its own (use them before asking for the next; they may be changed in place)."""
+    n = vectors[0].numel()
+    buffers = [torch.empty(min(FLAT_PIECE, n), dtype=F64, device=v.device) for v in vectors]
+    for s in range(0, n, FLAT_PIECE):
+        e = min(s + FLAT_PIECE, n)
+        yield tuple(b[: e - s].copy_(v[s:e]) for v, b in zip(vectors, buffers))
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a . b`` of two flat vectors in float64 (products of float32 values exact), without a float64 copy of either;
+    ``a . a`` reads ``a`` once."""
+    if a is b:
+        return sum(float(torch.dot(p, p)) for p, in flat_pieces64(a))
+    return sum(float(torch.dot(p, q)) for p, q in flat_pieces64(a, b))
+
+
+def misfit64(t: torch.Tensor, g: torch.Tensor, scale: float, cut=None) -> float:
+    """``||t - cut(scale g)||`` of two flat vectors in float64 (``cut``: a map applied to ``scale g`` piece by piece,
+    such as a clip; none by default), without a float64 copy of either."""
+    total = 0.0
+    for p, q in flat_pieces64(t, g):
+        q.mul_(scale)
+        if cut is not None:
+            q = cut(q)
+        total += float(torch.dot(p.sub_(q), p))
+    return math.sqrt(total)
 
 
 def row_norms64(G: torch.Tensor, dim: int = 1) -> torch.Tensor:
