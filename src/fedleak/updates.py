@@ -399,14 +399,23 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     (``requires_grad=False``) get no gradient, as on a real client.
     """
     model = check_client_batch(model, inputs, labels)
-    params = trainable_parameters(model)
-    if not params:
+    if not trainable_parameters(model):
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
     smoothing = check_label_smoothing(label_smoothing)
-    loss = batch_loss(model, inputs, labels, label_smoothing=smoothing,
-                      class_weights=check_class_weights(class_weights, label_smoothing=smoothing))
+    grads = batch_gradients(model, inputs, labels, label_smoothing=smoothing,
+                            class_weights=check_class_weights(class_weights, label_smoothing=smoothing))
+    return GradientUpdate(grads, num_examples=int(inputs.shape[0]))
+
+
+def batch_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
+                    class_weights: tuple[float, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The gradients of the mean client loss (:func:`batch_loss`) of a model, batch and options the caller has
+    checked (:func:`compute_gradient_update` checks them), one per trainable parameter, each a tensor of its own;
+    inside autograd (:func:`~fedleak.autograd_mode.with_autograd`)."""
+    params = trainable_parameters(model)
+    loss = batch_loss(model, inputs, labels, label_smoothing=label_smoothing, class_weights=class_weights)
     grads = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)  # 0 where forward reads none
-    return GradientUpdate(dict(zip(params, owned(grads))), num_examples=int(inputs.shape[0]))
+    return dict(zip(params, owned(grads)))
 
 
 def owned(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from fedleak.nets.float64 import (
     TORCH_PIECE_ENTRIES,
     back64,
     dot64,
+    fit_products64,
     is_gram,
     linear64,
     matmul64,
@@ -241,3 +242,28 @@ def test_flat_products_read_piece_by_piece_equal_those_of_float64_copies(dtype):
     cut = lambda q: q.clamp(-0.5, 0.5)  # noqa: E731 (a clip, applied to the scaled piece)
     assert misfit64(t, g, 0.99, cut) == pytest.approx(float((T - (0.99 * G).clamp(-0.5, 0.5)).norm()), rel=1e-12)
     assert torch.equal(t, T.to(dtype)) and torch.equal(g, G.to(dtype))  # the vectors themselves are left as they were
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_one_pass_gives_a_fits_products_and_a_residual_bound_at_any_scale(dtype):
+    gen = torch.Generator().manual_seed(4)
+    n = 2 * FLAT_PIECE + 17
+    g = torch.randn(n, generator=gen).to(dtype)
+    t = (0.37 * g.double() + 1e-6 * torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype)  # a close fit
+    T, G = t.double(), g.double()
+    s0 = 0.3701  # a trial scale near the fit's
+    p = fit_products64(t, g, s0)
+    R = T - s0 * G
+    assert p.n == n
+    assert p.tt == pytest.approx(float(T @ T), rel=1e-13) and p.gg == pytest.approx(float(G @ G), rel=1e-13)
+    assert p.tg == pytest.approx(float(T @ G), rel=1e-12)
+    assert p.rr == pytest.approx(float(R @ R), rel=1e-12) and p.rg == pytest.approx(float(R @ G), rel=1e-9, abs=1e-9)
+    best = p.tg / p.gg
+    for scale in (best, s0, best * (1 + 1e-3), 2.0, -1.0):  # near the trial scale, and far from it
+        exact = float((T - scale * G).norm())
+        bound = p.misfit(s0, scale)
+        assert exact <= bound * (1 + 1e-15)  # never below the residual
+        if abs(scale - s0) <= 1e-3 * abs(scale):  # and, near the trial scale, that residual (to its rounding)
+            assert bound <= exact * (1 + 1e-6) + 1e-13 * float(T.norm())
+    assert fit_products64(t, g, 0.0).rr == pytest.approx(float(T @ T), rel=1e-13)  # no trial: r is t
+    assert torch.equal(t, T.to(dtype)) and torch.equal(g, G.to(dtype))

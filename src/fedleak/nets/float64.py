@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import torch
 from fedleak.nets.blas import ieee_float32_matmul, torch_blas_preferred
 
 F64 = torch.float64
+EPS64 = float(torch.finfo(F64).eps)
 PIECE_ENTRIES = 1 << 19  # float64 entries of a layer converted at once (4 MiB), at most an eighth of the layer ...
 PIECE_ROWS = 128  # ... or this many rows of a wide layer (a product then reads its other factor fewer times)
 WIDE = PIECE_ENTRIES // PIECE_ROWS  # a layer this wide is read PIECE_ROWS rows at a time
@@ -92,6 +94,50 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     if a is b:
         return sum(float(torch.dot(p, p)) for p, in flat_pieces64(a))
     return sum(float(torch.dot(p, q)) for p, q in flat_pieces64(a, b))
+
+
+@dataclass(frozen=True)
+class FitProducts:
+    """The float64 products of one pass over two flat vectors ``t`` and ``g`` at a trial scale ``s0``: ``tt = t.t``,
+    ``tg = t.g``, ``gg = g.g``, ``rr = ||r||^2`` and ``rg = r.g`` for ``r = t - s0 g`` (each entry of ``r`` computed
+    in float64, as :func:`misfit64` computes it), and the vectors' length ``n``."""
+
+    tt: float
+    tg: float
+    gg: float
+    rr: float
+    rg: float
+    n: int
+
+    def misfit(self, s0: float, scale: float) -> float:
+        """An upper bound on ``||t - scale g||`` from the products alone: ``||r - d g||^2 = rr - 2 d rg + d^2 gg``
+        with ``d = scale - s0`` (no cancellation where ``d`` is small: ``r`` is then the residual but for ``d g``),
+        plus that sum's float64 rounding: ``rr``, ``rg`` and ``gg`` are sums of ``n`` products, each sum off by at
+        most ``gamma_n`` of the sum of their magnitudes (``sum |r_i g_i| <= ||r|| ||g||``); each entry of ``r`` is
+        off by at most ``u (|s0 g_i| + |r_i|)``, and ``scale`` by ``u |scale|`` from ``s0 + d``."""
+        u = EPS64 / 2
+        gamma = self.n * u / (1 - self.n * u)
+        nr, ng = math.sqrt(max(self.rr, 0.0)), math.sqrt(self.gg)
+        d = scale - s0
+        squared = self.rr - 2 * d * self.rg + d * d * self.gg
+        err = gamma * nr * nr + 2 * abs(d) * (gamma * nr * ng + u * (abs(s0) * ng + nr) * ng) + d * d * gamma * ng * ng
+        return math.sqrt(max(squared + err, 0.0)) + u * ((abs(s0) + abs(scale)) * ng + nr)
+
+
+def fit_products64(t: torch.Tensor, g: torch.Tensor, s0: float) -> FitProducts:
+    """:class:`FitProducts` of two flat vectors at the trial scale ``s0``, in one float64 pass that converts each
+    piece of either vector once (:func:`flat_pieces64`): the products a least-squares scale and its residual need,
+    where a fit over the vectors' dot products and a second pass for the residual read ``g`` three times. The pass
+    sums ``tt``, ``gg``, ``rr`` and ``rg``; ``tg = rg + s0 gg`` follows (``t = r + s0 g``), to float64 rounding of
+    its terms: a fit's scale, at which the residual is then taken (any scale gives a true residual)."""
+    tt = gg = rr = rg = 0.0
+    for p, q in flat_pieces64(t, g):
+        tt += float(torch.dot(p, p))
+        gg += float(torch.dot(q, q))
+        r = p.sub_(q, alpha=s0) if s0 else p
+        rr += float(torch.dot(r, r))
+        rg += float(torch.dot(r, q))
+    return FitProducts(tt, rg + s0 * gg, gg, rr, rg, t.numel())
 
 
 def misfit64(t: torch.Tensor, g: torch.Tensor, scale: float, cut=None) -> float:
