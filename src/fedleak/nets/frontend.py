@@ -28,38 +28,7 @@ from fedleak.nets.tracing import PerStructure, shared_trace, trace_model, traced
 from fedleak.validation import check_module, check_shape
 
 CACHED_SHAPES = 4  # networks kept per model (one per input shape asked for)
-
-
-_OUTPUT_LINEAR: PerStructure[str | None] = PerStructure()  # what output_linear found, per model
-_INPUT_SHAPES: PerStructure[tuple[tuple[int, ...], tuple[str, ...]]] = PerStructure()  # ... and input_shape_of
-
-
-def output_linear(model: nn.Module) -> str | None:
-    """The name of the ``nn.Linear`` layer whose output the model returns (its logits), read back from the output
-    of the traced forward through whatever follows it (a sigmoid, a scaling); None where the forward does not
-    trace or no Linear layer leads to the output."""
-    return _OUTPUT_LINEAR.get(model, None, lambda: _output_linear(model))
-
-
-def _output_linear(model: nn.Module) -> str | None:
-    try:
-        gm = shared_trace(model)
-    except ModelError:
-        return None
-    modules = dict(gm.named_modules())
-    queue = [n for n in gm.graph.nodes if n.op == "output"]
-    seen: set[fx.Node] = set()
-    while queue:
-        node = queue.pop(0)
-        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Linear):
-            return str(node.target)
-        found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs), found.append)
-        for n in found:
-            if n not in seen:
-                seen.add(n)
-                queue.append(n)
-    return None
+_INPUT_SHAPES: PerStructure[tuple[tuple[int, ...], tuple[str, ...]]] = PerStructure()  # what input_shape_of found
 
 
 # arithmetic with constants, which a normalisation inside forward does to the input: ``(x - mean) / std``

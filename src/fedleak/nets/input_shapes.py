@@ -14,6 +14,7 @@ import time
 
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from fedleak.errors import ModelError
 from fedleak.logits_of import logits_only
@@ -59,12 +60,26 @@ def probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) -
     return None
 
 
-def first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
-    """The first module the traced forward calls that holds weights of its own (its name and the module)."""
+FUNCTIONAL_LAYERS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # layers a forward may apply to its own parameters
+
+
+def first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module | nn.Parameter] | None:
+    """The first layer with weights the traced forward calls: a module that holds weights of its own (its name and
+    the module), or a functional layer on a parameter of the model (``F.linear(x, self.w1, self.b1)``,
+    ``F.conv2d(x, self.k)``: the parameter's name and the parameter, out x in for a Linear layer). None where the
+    first op that reads a parameter is neither (``x @ self.W.T``: no layer says the input's shape)."""
     modules = dict(gm.named_modules())
+    parameters = dict(gm.named_parameters())
     for node in gm.graph.nodes:
         if node.op == "call_module" and next(modules[node.target].parameters(recurse=False), None) is not None:
             return node.target, modules[node.target]
+        read = [a for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) in parameters]
+        if node.op == "output" or not read:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS and weight in read:
+            return str(weight.target), parameters[str(weight.target)]
+        return None
     return None
 
 
@@ -94,17 +109,23 @@ def untraced_input_shape(model: nn.Module) -> tuple[tuple[int, ...], tuple[str, 
     return shape, notes, caveats
 
 
-def layer_input_shape(model: nn.Module, first: tuple[str, nn.Module] | None
+def layer_input_shape(model: nn.Module, first: tuple[str, nn.Module | nn.Parameter] | None
                       ) -> tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-    """The input shape that the first layer with weights, ``first`` (its name and module: for a traced forward,
-    :func:`first_layer`), gives when nothing else gives it, the assumption made to get it, and (where larger inputs
-    fit the layers too, as when pooling or a stride rounds down) how that assumption may keep the exact methods
-    from certifying anything. A Linear (or a first LayerNorm or BatchNorm1d) layer gives it; a convolution gives its
-    channels, and the smallest signal, square image or cube that fits the layers after it gives the rest."""
+    """The input shape that the first layer with weights, ``first`` (its name and module, or the weight a functional
+    layer reads: for a traced forward, :func:`first_layer`), gives when nothing else gives it, the assumption made
+    to get it, and (where larger inputs fit the layers too, as when pooling or a stride rounds down) how that
+    assumption may keep the exact methods from certifying anything. A Linear (or a first LayerNorm or BatchNorm1d)
+    layer gives it; a convolution gives its channels, and the smallest signal, square image or cube that fits the
+    layers after it gives the rest."""
     if first is None:
-        raise ModelError(loose_parameters(model)
-                         or "the model has no layer with weights; pass input_shape= (the shape of one input)")
+        loose = loose_parameters(model)
+        raise ModelError(f"{loose}; or pass input_shape= (the shape of one input)" if loose else
+                         "the model has no layer with weights; pass input_shape= (the shape of one input)")
     name, layer = first
+    if isinstance(layer, nn.Parameter):  # the weight a functional layer reads: Linear (out x in) or a convolution
+        if layer.dim() == 2:
+            return (int(layer.shape[1]),), (), ()
+        return _conv_input_shape(model, int(layer.shape[1]), layer.dim() - 2)
     if isinstance(layer, nn.Linear):
         return (layer.in_features,), (), ()
     if isinstance(layer, nn.LayerNorm):

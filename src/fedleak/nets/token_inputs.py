@@ -12,7 +12,7 @@ class TokenInputs(ModelError):
     """The model reads token indices: no input shape or other option makes its inputs rebuildable."""
 
 
-def token_reader(first: tuple[str, nn.Module] | None) -> str:
+def token_reader(first: tuple[str, nn.Module | nn.Parameter] | None) -> str:
     """Why a model's inputs cannot be rebuilt when its first layer with weights (``first``: its name and module)
     is an embedding, in words (empty otherwise)."""
     if first is None or not isinstance(first[1], EMBEDDINGS):
