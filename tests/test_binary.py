@@ -131,3 +131,30 @@ def test_a_model_ending_with_a_sigmoid_is_read_at_its_logit(lfw):
     assert rec.num_certified >= 6 and not metrics.match(rec, x, y).false_certificate.any()
     assert any("ends with a sigmoid" in n for n in rec.notes)
     assert "SigmoidNet" in fedleak.plan(model, simulated, lfw).to_text().splitlines()[0]
+
+
+class FunctionalBinaryNet(nn.Module):
+    """The same classifier with its weights applied through F.linear (meta-learning code's style)."""
+
+    def __init__(self, inputs: int, width: int = 1024):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(width, inputs, generator=gen) / inputs**0.5)
+        self.b1 = nn.Parameter(torch.zeros(width))
+        self.w2 = nn.Parameter(torch.randn(1, width, generator=gen) / width**0.5)
+        self.b2 = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x.view(x.size(0), -1), self.w1, self.b1)), self.w2, self.b2)
+
+
+def test_a_single_logit_of_functional_layers_is_read_as_its_twin(lfw):
+    model = FunctionalBinaryNet(625).eval()
+    x, y = lfw.batch(8, seed=15)
+    twin = fedleak.binary_twin(model)
+    assert twin.weight == "w2" and tuple(twin.model.w2.shape) == (2, 1024) and tuple(model.w2.shape) == (1, 1024)
+    assert torch.allclose(twin.model(x), torch.cat([torch.zeros(8, 1), model(x)], 1), atol=1e-6)
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(bce_gradient(model, x, y), num_examples=8))
+    scores = metrics.match(rec, x, y)
+    assert rec.num_certified >= 6 and not scores.false_certificate.any()
+    assert any("binary cross-entropy" in n for n in rec.notes)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from fedleak.errors import ModelError
+from fedleak.errors import FedleakError, ModelError
+from fedleak.nets.output_layer import output_layer_names
 from fedleak.sigmoid_output import logit_model
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 from fedleak.validation import output_features
@@ -29,8 +30,9 @@ SIGMOID_NOTE = ("its forward ends with a sigmoid, read as trained with BCELoss o
 
 @dataclass(frozen=True)
 class BinaryTwin:
-    """The two-class twin of a single-logit model: ``model`` (a copy whose last Linear layer ``layer`` gives the
-    logits ``(0, z)``) and the names of that layer's ``weight`` and ``bias`` (None without one)."""
+    """The two-class twin of a single-logit model: ``model`` (a copy whose output layer ``layer`` gives the logits
+    ``(0, z)``: an ``nn.Linear`` module's name, or the weight's that ``F.linear`` reads) and the names of that layer's
+    ``weight`` and ``bias`` (None without one)."""
 
     model: nn.Module
     layer: str
@@ -81,21 +83,34 @@ def single_logit(model: nn.Module) -> bool:
 
 
 def binary_twin(model: nn.Module) -> BinaryTwin:
-    """The two-class softmax twin of a single-logit ``model`` (a copy; ``model`` is not changed)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names or model.get_submodule(names[-1]).out_features != 1:
+    """The two-class softmax twin of a single-logit ``model`` (a copy; ``model`` is not changed): its output layer
+    (:func:`~fedleak.nets.output_layer.output_layer_names`: an ``nn.Linear`` module, replaced by one of two outputs,
+    or the parameters ``F.linear`` reads, replaced by ones of two rows) gives ``(0, z)``."""
+    try:
+        weight, bias = output_layer_names(model)
+    except FedleakError:
+        weight = bias = None
+    if weight is None or model.get_parameter(weight).shape[0] != 1:
         raise ModelError("the model has no last Linear layer with one output to read as a binary logit")
     twin = copy.deepcopy(model)
-    layer = names[-1]
-    old = twin.get_submodule(layer)
-    new = nn.Linear(old.in_features, 2, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(torch.cat([torch.zeros_like(old.weight), old.weight], 0))
+    layer, _, _ = weight.rpartition(".")
+    if isinstance(old := twin.get_submodule(layer), nn.Linear):
+        new = nn.Linear(old.in_features, 2, bias=old.bias is not None, device=old.weight.device,
+                        dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(torch.cat([torch.zeros_like(old.weight), old.weight], 0))
+            if old.bias is not None:
+                new.bias.copy_(torch.cat([torch.zeros_like(old.bias), old.bias], 0))
+        new.weight.requires_grad_(old.weight.requires_grad)
         if old.bias is not None:
-            new.bias.copy_(torch.cat([torch.zeros_like(old.bias), old.bias], 0))
-    new.weight.requires_grad_(old.weight.requires_grad)
-    if old.bias is not None:
-        new.bias.requires_grad_(old.bias.requires_grad)
-    parent, _, child = layer.rpartition(".")
-    setattr(twin.get_submodule(parent) if parent else twin, child, new)
-    return BinaryTwin(twin, layer, f"{layer}.weight", f"{layer}.bias" if old.bias is not None else None)
+            new.bias.requires_grad_(old.bias.requires_grad)
+        parent, _, child = layer.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, new)
+        return BinaryTwin(twin, layer, weight, bias)
+    for name in (weight, bias):  # F.linear of parameters: each becomes the two rows (0, its own)
+        if name is not None:
+            owner, _, attr = name.rpartition(".")
+            p = twin.get_parameter(name)
+            setattr(twin.get_submodule(owner), attr,
+                    nn.Parameter(torch.cat([torch.zeros_like(p), p.detach()], 0), requires_grad=p.requires_grad))
+    return BinaryTwin(twin, weight, weight, bias)

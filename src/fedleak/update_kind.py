@@ -289,9 +289,9 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
                             "the update was quantised")
     if model is None:
         return noised, sparsified, quantised
-    from fedleak.attacks.labels import output_layer_names
     from fedleak.attacks.zero_sum import SUM_TOL, relative_sum
     from fedleak.errors import FedleakError
+    from fedleak.nets.output_layer import output_layer_names
 
     try:
         w_name, b_name = output_layer_names(model)
@@ -324,7 +324,7 @@ def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str], n: int 
     docstring); :data:`SCALED_UP` where ``n`` examples are reported and a summed loss over them cannot reach it."""
     import torch
 
-    from fedleak.attacks.labels import output_layer_names
+    from fedleak.nets.output_layer import output_layer_names
 
     total = float(tensors[output_layer_names(model)[1]].detach().to(torch.float64).abs().sum())
     if total <= MEAN_BIAS_L1 * (1 + SUMMED_TOL):

@@ -180,14 +180,20 @@ def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelE
 
 
 def output_features(model: nn.Module) -> int | None:
-    """Outputs of the model's last ``nn.Linear`` layer (its logits in a Sequential classifier), if it has one."""
+    """Outputs of the model's last ``nn.Linear`` layer (its logits in a Sequential classifier), if it has one; for a
+    model without one, of the ``F.linear`` of its parameters that its traced forward returns (its logits), if any."""
     from torch import nn
+
+    from fedleak.nets.output_layer import output_layer
 
     last = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
             last = module
-    return None if last is None else int(last.out_features)
+    if last is not None:
+        return int(last.out_features)
+    found = output_layer(model)  # a model that applies its parameters through functions
+    return None if found is None else int(model.get_parameter(found.weight).shape[0])
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ def test_the_weights_and_gradient_are_the_clients_own_tensors(digits):
     head = as_network(model).head
     attack = HeadAttack(head, dict(update.gradients), ExclusivityOptions(), torch.float32)
     for d, W, G in zip(head.dense, attack.W, attack.G):
-        assert W.dtype == torch.float32 and W.data_ptr() == d.module.weight.data_ptr()
+        assert W.dtype == torch.float32 and W.data_ptr() == d.weight.data_ptr()
         assert G.dtype == torch.float32 and G.data_ptr() == update.gradients[d.weight_name].data_ptr()
 
     # the walk-down reads the weights a piece at a time too: no float64 copy of a layer is made
@@ -27,7 +27,7 @@ def test_the_weights_and_gradient_are_the_clients_own_tensors(digits):
 
     def watch(tensor, *args, **kwargs):
         out = real_to(tensor, *args, **kwargs)
-        if out.dtype == torch.float64 and out.numel() >= head.dense[1].module.weight.numel():
+        if out.dtype == torch.float64 and out.numel() >= head.dense[1].weight.numel():
             made.append(out.shape)
         return out
 

@@ -98,3 +98,24 @@ def test_what_is_kept_per_structure_goes_with_the_model_and_its_structure():
     del model
     gc.collect()
     assert alive() is None  # nothing kept holds the model
+
+
+def test_tracing_leaves_a_forward_s_buffers_as_they_were():
+    """A forward that counts its calls in a buffer updates the real buffer while torch.fx traces it; tracing puts it
+    back, and leaves a buffer it did not change untouched (its version too, by which readers tell a changed model)."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.register_buffer("passes", torch.zeros(()))
+            self.register_buffer("still", torch.ones(3))
+
+        def forward(self, x):
+            self.passes += 1
+            return self.fc(x) * self.still
+
+    model = Counting()
+    version = model.still._version
+    trace_model(model)
+    assert float(model.passes) == 0.0 and model.still._version == version

@@ -121,7 +121,7 @@ def test_block_arithmetic_is_the_networks(make):
         s = block_shape(blk)
         assert (s.conv_shape, s.out_shape, s.unknowns) == (blk.conv_shape, blk.out_shape, blk.in_dim)
         conv_params += s.parameters
-    dense_params = sum(p.numel() for d in net.head.dense for p in d.module.parameters())
+    dense_params = sum(p.numel() for d in net.head.dense for p in (d.weight, d.bias) if p is not None)
     assert conv_params + dense_params == sum(p.numel() for p in model.parameters())
 
 

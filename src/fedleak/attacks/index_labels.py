@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.attacks.labels import output_layer_names
 from fedleak.defenses.base import make_defense
 from fedleak.errors import OptionError
+from fedleak.nets.output_layer import output_layer_names
 from fedleak.updates import batch_loss, trainable_parameters
 from fedleak.validation import check_float, check_int, check_labels, check_seed, describe
 

@@ -27,25 +27,8 @@ import torch
 from torch import nn
 
 from fedleak.errors import FedleakError
-from fedleak.loose_parameters import loose_parameters
-from fedleak.nets.output_layer import output_layer, traced_without_one
+from fedleak.nets.output_layer import output_layer_names
 from fedleak.reconstruction import Reconstruction
-
-
-def output_layer_names(model: nn.Module) -> tuple[str, str | None]:
-    """Names of the output layer's weight and bias (``None`` without a bias): the Linear layer the traced forward
-    returns the output of, an ``nn.Linear`` module or ``F.linear`` of the model's parameters
-    (:func:`fedleak.nets.output_layer.output_layer`), or, for a forward that does not trace, the last ``nn.Linear``
-    registered."""
-    if (found := output_layer(model)) is not None:
-        return found.weight, found.bias
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not linears or traced_without_one(model):
-        raise FedleakError(loose_parameters(model) or "label inference needs a model whose logits are a Linear "
-                           "layer's output (an nn.Linear, or F.linear of its parameters)")
-    name = list(linears)[-1]
-    prefix = f"{name}." if name else ""
-    return f"{prefix}weight", (f"{prefix}bias" if linears[name].bias is not None else None)
 
 
 def class_signal(model: nn.Module, update: Mapping[str, torch.Tensor]) -> torch.Tensor:

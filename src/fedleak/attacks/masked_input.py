@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from fedleak.clients.mode import client_mode
 from fedleak.nets.buffers import buffers_kept
@@ -36,36 +38,57 @@ class InputMasking:
     dropout: tuple[Dropout, ...] = ()
 
 
-def first_module(net) -> nn.Module:
-    """The first layer with weights of a network read by :func:`fedleak.nets.as_network`: its first conv layer, or
-    the first Linear layer of its head."""
-    return net.blocks[0].conv.module if net.blocks else net.head.dense[0].module
+def first_weight(net) -> torch.Tensor:
+    """The weight of the first layer with weights of a network read by :func:`fedleak.nets.as_network`: its first
+    conv layer's, or the first Linear layer's of its head (a module's, or a parameter ``F.linear`` reads)."""
+    return net.blocks[0].conv.module.weight if net.blocks else net.head.dense[0].weight
 
 
-def input_masking(model: nn.Module, layer: nn.Module, input_shape: tuple[int, ...]) -> InputMasking:
-    """:class:`InputMasking` of ``model``, whose first layer with weights is ``layer``, found by one probe input of
-    ``input_shape`` run in training mode; the model's mode, buffers and random state are left as they were."""
+LAYER_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # what a Linear or conv module calls, and functional layers
+
+
+class _FirstRead(TorchFunctionMode):
+    """Keeps the input of the first layer call that reads ``weight`` (a module's or a functional layer's)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+        self.got: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.got and func in LAYER_CALLS and (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
+            self.got.append(args[0].detach())
+        return func(*args, **kwargs)
+
+
+def input_masking(model: nn.Module, weight: torch.Tensor, input_shape: tuple[int, ...]) -> InputMasking:
+    """:class:`InputMasking` of ``model``, whose first layer with weights reads ``weight`` (an ``nn.Linear`` or conv
+    module's, or a parameter ``F.linear`` reads), found by one probe input of ``input_shape`` run in training mode:
+    what the first call of a Linear or conv function on that weight reads; the model's mode, buffers and random
+    state are left as they were."""
     names = {id(m): n for n, m in model.named_modules()}
     first = next(model.parameters())
     probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
     seen: list[Dropout] = []
-    got: list[torch.Tensor] = []
+    reading = _FirstRead(weight)
 
     def ran(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if not got:
+        if not reading.got:
             seen.append(Dropout(names[id(mod)], float(mod.p)))
 
-    hooks = [layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
-    hooks += [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
+    hooks = [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
     devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
     try:
-        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), client_mode(model, "train"):
+        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), \
+                client_mode(model, "train"), reading:
             model(probe)
     except Exception:  # a layer after it cannot run one sample in training mode (BatchNorm), or fails otherwise
         pass
     finally:
         for h in hooks:
             h.remove()
+    got = reading.got
     changed = bool(got) and not (got[0].numel() == probe.numel()
                                  and torch.equal(got[0].reshape(-1), probe.reshape(-1)))
     return InputMasking(changed, tuple(seen) if changed else ())

@@ -20,4 +20,5 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
+                if not torch.equal(buf, saved[name]):  # only what changed: a copy bumps the tensor's version, by
+                    buf.copy_(saved[name])  # which readers of the model (its folded twin) tell a changed model

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
-from fedleak.nets.ops import EXACT_SCOPE, Op, converts, unsupported
+from fedleak.nets.ops import EXACT_SCOPE, Op, ParameterRead, converts, unsupported
 
 
 def _pair(op: Op, value: object, what: str) -> tuple[int, int]:
@@ -25,12 +25,39 @@ def _pair(op: Op, value: object, what: str) -> tuple[int, int]:
     raise op.refuse(f"unsupported {what} {value!r}")
 
 
-@converts(nn.Linear)
-def linear(op: Op) -> Dense:
+def _flat_input(op: Op) -> None:
     if len(op.in_shape) != 1:
         raise op.refuse(f"a Linear layer on a {op.in_shape} input acts on its last dimension only; flatten each "
                         "sample first (nn.Flatten, torch.flatten(x, 1) or x.view(x.size(0), -1))")
-    return Dense(op.node, op.module, op.parameter("weight"), op.parameter("bias"))
+
+
+@converts(nn.Linear)
+def linear(op: Op) -> Dense:
+    _flat_input(op)
+    bias = op.parameter("bias")
+    return Dense(op.node, op.module, op.parameter("weight"), bias, "weight", "bias" if bias else None)
+
+
+@converts(F.linear)
+def functional_linear(op: Op) -> Dense:
+    """``F.linear(x, self.w, self.b)`` of the model's own parameters, as they are, held by one module."""
+    weight, bias = op.arg(0, "weight"), op.arg(1, "bias")
+    if not isinstance(weight, ParameterRead) or not (bias is None or isinstance(bias, ParameterRead)):
+        raise op.refuse("F.linear is read where its weight and bias are parameters of the model as they are "
+                        "(F.linear(x, self.w, self.b)); here one is computed (a transpose, a slice, a product): hold "
+                        f"them in an nn.Linear layer; {EXACT_SCOPE}")
+    if bias is not None and bias.owner is not weight.owner:
+        raise op.refuse(f"its weight '{weight.name}' and bias '{bias.name}' are held by different modules; hold them "
+                        f"in one (or in an nn.Linear layer); {EXACT_SCOPE}")
+    _flat_input(op)
+    return Dense(op.node, weight.owner, weight.name, bias.name if bias else None, weight.attr,
+                 bias.attr if bias else None)
+
+
+@converts(F.conv1d, F.conv2d)
+def functional_conv(op: Op) -> Layer:
+    raise op.refuse(f"a convolution written as a function of the model's parameters is not read here; hold its "
+                    f"kernel and bias in an nn.Conv2d (nn.Conv1d) layer; {EXACT_SCOPE}")
 
 
 def _sizes(op: Op, value: object, what: str, along: int = 1) -> tuple[int, int]:

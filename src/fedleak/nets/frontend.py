@@ -22,7 +22,7 @@ from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.input_shapes import first_layer, held_first_layer, layer_input_shape, probe, untraced_input_shape
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
-from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, unsupported
+from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE, Op, ParameterRead, unsupported
 from fedleak.nets.token_inputs import TokenInputs, token_reader
 from fedleak.nets.tracing import PerStructure, shared_trace, trace_model, traced_shape
 from fedleak.validation import check_module, check_shape
@@ -73,7 +73,23 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return node.meta["shape"][1:]
 
 
-def _steps(gm: fx.GraphModule) -> list[Step]:
+def _read(model: nn.Module, parameters: dict[str, nn.Parameter]):
+    """An argument of a call as a converter sees it: a parameter of ``model`` read as it is (a ``get_attr`` node) as
+    a :class:`~fedleak.nets.ops.ParameterRead` held by ``model``'s own module (not the graph's: its weights stay
+    live), anything else as it is."""
+
+    def read(arg: fx.Node) -> object:
+        if arg.op != "get_attr" or str(arg.target) not in parameters:
+            return arg
+        prefix, _, attr = str(arg.target).rpartition(".")
+        return ParameterRead(str(arg.target), model.get_submodule(prefix), attr)
+
+    return lambda value: fx.node.map_arg(value, read)
+
+
+def _steps(gm: fx.GraphModule, model: nn.Module) -> list[Step]:
+    parameters = dict(model.named_parameters())
+    read = _read(model, parameters)
     modules = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes]
     placeholders = [n for n in nodes if n.op == "placeholder"]  # one: trace_model sees to it
@@ -93,6 +109,12 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
     for k, node in enumerate(ops):
         module = modules[node.target] if node.op == "call_module" else None
         inputs = _tensor_inputs(node)
+        weights = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) in parameters]
+        if not inputs and weights:
+            raise ModelError(f"node '{node.name}' ({_what(node, module)}) computes a tensor from the parameter "
+                             f"'{weights[0]}' (a transpose, a scaling, a slice of a weight), which the update holds "
+                             "the gradient of, not the computed one's: pass the parameter to F.linear as it is, or "
+                             f"hold the weight in an nn.Linear layer; {EXACT_SCOPE}")
         if len(inputs) > 1:
             raise ModelError(f"node '{node.name}' ({_what(node, module)}) joins {len(inputs)} branches (a residual or "
                              f"skip connection); {EXACT_SCOPE}")
@@ -101,9 +123,9 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
                              f"it, so the model is not a chain of layers; {EXACT_SCOPE}")
         op = Op(node=node.target if module is not None else node.name, what=_what(node, module),
                 target=node.target if module is not None else "", module=module,
-                args=tuple(node.args[1:]), kwargs=dict(node.kwargs), in_shape=_shape(previous),
-                out_shape=_shape(node), in_dtype=previous.meta.get("dtype"), out_dtype=node.meta.get("dtype"),
-                last=k == len(ops) - 1)
+                args=tuple(read(tuple(node.args[1:]))), kwargs=dict(read(dict(node.kwargs))),
+                in_shape=_shape(previous), out_shape=_shape(node), in_dtype=previous.meta.get("dtype"),
+                out_dtype=node.meta.get("dtype"), last=k == len(ops) - 1)
         key = converter_key(node, module)
         if key is None:
             if not any(isinstance(st.layer, (Dense, Conv)) for st in steps) and op_key(node) in INPUT_ARITHMETIC:
@@ -119,6 +141,12 @@ def _steps(gm: fx.GraphModule) -> list[Step]:
         previous = node
     if _tensor_inputs(output) != [previous]:
         raise ModelError("the model's forward must return the output of its last op (one tensor of logits)")
+    read_twice = next((n for n, c in Counter(n for st in steps if isinstance(st.layer, Dense)
+                                             for n in st.layer.parameter_names()).items() if c > 1), None)
+    if read_twice is not None:
+        raise ModelError(f"parameter '{read_twice}' is read by more than one layer in forward (shared weights): a "
+                         "client's gradient for it is the sum over its uses, which no layer-by-layer reading "
+                         f"separates; {EXACT_SCOPE}")
     return steps
 
 
@@ -199,14 +227,15 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
              None if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 else tuple(inputs.shape[1:]))
 
     def read() -> tuple[list[Step], tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-        if loose := loose_parameters(model):
-            raise ModelError(f"{loose}; {EXACT_SCOPE}")
+        loose = loose_parameters(model)
         gm = trace_model(model, _asked_shape(input_shape, inputs))
+        if loose and first_layer(gm) is None:  # read through functions, the first of them not a functional layer
+            raise ModelError(f"{loose}; {EXACT_SCOPE}")
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if (fixed := traced_shape(gm)) is not None:
             notes = (*notes, f"the forward computes with its input's shape (x.size()[1:], x.dim(), ...): read for "
                              f"inputs of shape {fixed}, any batch size")
-        return _steps(gm), shape, notes, caveats
+        return _steps(gm, model), shape, notes, caveats
 
     steps, shape, notes, caveats = _TRACED.get(model, asked, read)
     return assemble(list(steps), shape, notes, caveats)

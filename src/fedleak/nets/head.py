@@ -45,15 +45,15 @@ class ReluMLP:
 
     @property
     def device(self) -> torch.device:
-        return self.dense[0].module.weight.device
+        return self.dense[0].weight.device
 
     def weights(self, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
         """The layers' weights in ``dtype`` (one shared copy per dtype while this head lives; do not modify)."""
-        self.held["weights", dtype] = out = [cast(d.module.weight, dtype) for d in self.dense]
+        self.held["weights", dtype] = out = [cast(d.weight, dtype) for d in self.dense]
         return out
 
     def biases(self, dtype: torch.dtype = torch.float64) -> list[torch.Tensor | None]:
-        self.held["biases", dtype] = out = [None if d.module.bias is None else cast(d.module.bias, dtype)
+        self.held["biases", dtype] = out = [None if d.bias is None else cast(d.bias, dtype)
                                             for d in self.dense]
         return out
 

@@ -1,8 +1,9 @@
 """The typed layers of a :class:`~fedleak.nets.Network`: what each step of the user's model computes.
 
 Every layer keeps the user's own module (so its weights stay live: an update applied to the model is seen
-here) and the names of its parameters in ``model.named_parameters()`` (``conv1.weight``), so updates keyed
-by those names just work. Shapes are per sample (no batch dimension).
+here; a Linear layer written ``F.linear(x, self.w, self.b)`` keeps the module that holds those parameters) and the
+names of its parameters in ``model.named_parameters()`` (``conv1.weight``), so updates keyed by those names just
+work. Shapes are per sample (no batch dimension).
 """
 
 from __future__ import annotations
@@ -17,20 +18,33 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True, eq=False)
 class Dense:
-    """An ``nn.Linear`` layer on flat inputs."""
+    """A Linear layer on flat inputs: an ``nn.Linear`` module, or ``F.linear`` of parameters of the model
+    (``F.linear(x, self.w1, self.b1)``). ``owner`` is the module that holds the weight and bias, as its attributes
+    ``weight_attr`` and ``bias_attr`` (None without a bias): the ``nn.Linear`` itself, or the module whose
+    parameters the call reads; they are read from it live."""
 
     name: str
-    module: nn.Linear
+    owner: nn.Module
     weight_name: str
     bias_name: str | None
+    weight_attr: str = "weight"
+    bias_attr: str | None = "bias"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.weight_attr)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.bias_attr is None else getattr(self.owner, self.bias_attr)
 
     @property
     def in_features(self) -> int:
-        return self.module.in_features
+        return int(self.weight.shape[1])
 
     @property
     def out_features(self) -> int:
-        return self.module.out_features
+        return int(self.weight.shape[0])
 
     def parameter_names(self) -> list[str]:
         return [self.weight_name] + ([self.bias_name] if self.bias_name else [])

@@ -111,7 +111,7 @@ class Network:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the model's weights (what the client computes in)."""
-        return self.head.dense[0].module.weight.dtype
+        return self.head.dense[0].weight.dtype
 
     def conv_pass(self, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> ConvPass:
         """The one forward pass through the conv blocks, in ``dtype`` on the model's device (autograd flows

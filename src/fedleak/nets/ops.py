@@ -23,10 +23,21 @@ from fedleak.registry import Registry
 # what the exact methods need, for every refusal message
 EXACT_SCOPE = (
     "fedleak's exact methods (exclusivity analysis, the exact attack, fishing, exclusivity reduction) need a chain "
-    "of Linear, Conv2d or Conv1d, eval-mode BatchNorm2d/1d, ReLU, max/avg pooling, flatten/view/reshape and "
-    "eval-mode Dropout; "
+    "of Linear (or F.linear of the model's parameters), Conv2d or Conv1d, eval-mode BatchNorm2d/1d, ReLU, max/avg "
+    "pooling, flatten/view/reshape and eval-mode Dropout; "
     "'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply"
 )
+
+
+@dataclass(frozen=True, eq=False)
+class ParameterRead:
+    """A parameter of the model that an op reads as an argument, as it is (``F.linear(x, self.w1, self.b1)``: a
+    ``get_attr`` node of the graph): its name in ``model.named_parameters()``, and the module that holds it
+    (``owner``) with its attribute there (``attr``)."""
+
+    name: str
+    owner: nn.Module
+    attr: str
 
 
 @dataclass(frozen=True)
@@ -34,8 +45,9 @@ class Op:
     """A node of the traced model: ``what`` names the op for people (``Conv2d``, ``F.relu``, ``.view``).
 
     ``module`` is the called submodule (None for functions and methods) and ``target`` its qualified name in
-    the model (``conv1``); ``args``/``kwargs`` are the call's arguments after the input tensor; shapes (per
-    sample) and dtypes are measured by running the model on a probe batch in its parameters' dtype.
+    the model (``conv1``); ``args``/``kwargs`` are the call's arguments after the input tensor (a parameter of the
+    model among them as a :class:`ParameterRead`); shapes (per sample) and dtypes are measured by running the model
+    on a probe batch in its parameters' dtype.
     """
 
     node: str

@@ -16,7 +16,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from fedleak.errors import ModelError
+from fedleak.errors import FedleakError, ModelError
+from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.tracing import PerStructure, shared_trace
 
 
@@ -113,3 +114,18 @@ def traced_without_one(model: nn.Module) -> bool:
     except ModelError:
         return False
     return True
+
+
+def output_layer_names(model: nn.Module) -> tuple[str, str | None]:
+    """Names of the output layer's weight and bias (``None`` without a bias): the Linear layer the traced forward
+    returns the output of (:func:`output_layer`), or, for a forward that does not trace, the last ``nn.Linear``
+    registered; :class:`~fedleak.errors.FedleakError` where there is none."""
+    if (found := output_layer(model)) is not None:
+        return found.weight, found.bias
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if not linears or traced_without_one(model):
+        raise FedleakError(loose_parameters(model) or "label inference needs a model whose logits are a Linear "
+                           "layer's output (an nn.Linear, or F.linear of its parameters)")
+    name = list(linears)[-1]
+    prefix = f"{name}." if name else ""
+    return f"{prefix}weight", (f"{prefix}bias" if linears[name].bias is not None else None)

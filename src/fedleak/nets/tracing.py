@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_shapes import probe, untraced_input_shape
 from fedleak.nets.shaped_tracing import shaped_trace
 
@@ -119,8 +120,8 @@ def trace_model(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.Gr
     if direct is not None:
         return direct
     defaults = _defaults(model)
-    try:
-        with TRACE_LOCK, _len_recorded():
+    try:  # a forward that updates a buffer in place (a counter) does so on the real buffer while it is traced
+        with TRACE_LOCK, _len_recorded(), buffers_kept(model):
             gm = fx.symbolic_trace(model, concrete_args=defaults or None)
     except Exception as err:  # torch.fx raises many kinds (TraceError, TypeError, ...)
         gm = _traced_for_shape(model, shape, defaults, err)
@@ -173,8 +174,8 @@ def _traced_for_shape(model: nn.Module, shape: tuple[int, ...] | None, defaults:
     except ModelError as why:  # a forward that reads only its input's shape traces for one, which is not known
         raise ModelError(f"{refusal} (if it computes with its input's shape only, fedleak traces it for one input "
                          f"shape, which it could not find: {why})") from None
-    try:
-        with TRACE_LOCK, _len_recorded():
+    try:  # the shaped trace runs the forward on a tensor of that shape: the model's buffers are kept as they were
+        with TRACE_LOCK, _len_recorded(), buffers_kept(model), torch.no_grad():
             gm = shaped_trace(model, shape, defaults or None)
     except Exception:  # what torch.fx raises: the forward reads the values, or the shape does not suit it
         why = probe(model, None, shape)

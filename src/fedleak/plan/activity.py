@@ -99,7 +99,7 @@ def measure(net: Network, x: torch.Tensor, labels: torch.Tensor | None, *, measu
                 active[h].append(on.cpu())
                 effective[h].append((on & (d != 0) & readable).cpu())
     dense = tuple(DenseActivity(layer.name, torch.cat(active[h]), torch.cat(effective[h]),
-                                widening(torch.cat(inputs[h]), layer.module.weight, layer.module.bias, seed=h))
+                                widening(torch.cat(inputs[h]), layer.weight, layer.bias, seed=h))
                   for h, layer in enumerate(net.head.dense[:depth]))
     blocks = tuple(BlockActivity(blk.name, np.concatenate(nonzero[i]), np.concatenate(units[i]))
                    for i, blk in enumerate(net.blocks))

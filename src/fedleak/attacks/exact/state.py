@@ -37,7 +37,7 @@ class HeadAttack:
         self.device = net.device
         dev = self.device
         # the weights stay in the model's dtype (read in float64 a piece at a time); the biases are small
-        self.W, self.b = net.weights(net.dense[0].module.weight.dtype), net.biases(F64)
+        self.W, self.b = net.weights(net.dense[0].weight.dtype), net.biases(F64)
         # the weight gradients stay in the client's dtype (no float64 copy of a whole layer); the biases are small
         self.G = [grads[d.weight_name].detach().to(device=dev) for d in net.dense]
         self.g = [None if d.bias_name is None else grads[d.bias_name].to(device=dev, dtype=F64) for d in net.dense]

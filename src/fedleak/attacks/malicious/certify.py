@@ -26,6 +26,7 @@ from fedleak.attacks.malicious.scale_vote import mode_scale, shared_fraction
 from fedleak.attacks.masked_input import InputMasking, withheld
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
+from fedleak.nets.layers import Dense
 from fedleak.nets.network import check_head_trainable
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, WeightUpdate, check_matches_model
@@ -45,15 +46,16 @@ def fully_connected(model: nn.Module, input_shape: tuple[int, ...] | None = None
     return net
 
 
-def first_two_dense(model: nn.Module) -> tuple[ReluMLP, nn.Linear, nn.Linear]:
-    """The model's head and its first two Linear layers (the first with a bias, followed by a ReLU)."""
+def first_two_dense(model: nn.Module) -> tuple[ReluMLP, Dense, Dense]:
+    """The model's head and its first two Linear layers (the first with a bias, followed by a ReLU), whose weights
+    (:attr:`~fedleak.nets.layers.Dense.weight`, ``bias``) are the model's own."""
     net = fully_connected(model).head
     if net.depth == 0:
         raise ModelError("a malicious first layer needs at least one hidden ReLU layer")
-    first = net.dense[0].module
+    first = net.dense[0]
     if first.bias is None:
-        raise ModelError(f"layer '{net.dense[0].name}' has no bias; trap and imprint weights need one")
-    return net, first, net.dense[1].module
+        raise ModelError(f"layer '{first.name}' has no bias; trap and imprint weights need one")
+    return net, first, net.dense[1]
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def finish(net: Network, name: str, c: Candidates, verdicts: list[Verdict], n_ex
     if net.caveats and not any(certified[k] for k in kept):  # how the model was read may be the cause
         cause = "; or ".join(net.caveats)
         reasons = [f"{r}; or {cause}" if r else cause for r in reasons]
-    out_dtype = net.head.dense[0].module.weight.dtype
+    out_dtype = net.head.dense[0].weight.dtype
     X = X_all[kept] if kept else torch.empty(0, net.input_dim, dtype=F64)
     return Reconstruction(
         inputs=X.to(out_dtype).reshape(len(kept), *net.input_shape),

@@ -1,0 +1,105 @@
+"""Linear layers written as functions of the model's own parameters (``F.linear(x, self.w1, self.b1)``, as
+meta-learning code writes models): the exact methods read them as they read ``nn.Linear`` modules, and refuse what
+they cannot read (a computed weight, a weight used twice, ``F.conv2d``) saying so."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fedleak
+from fedleak.errors import ModelError
+from fedleak.nets import Dense, as_network
+
+
+class FunctionalMlp(nn.Module):
+    def __init__(self, width: int = 256, dropout: float = 0.0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(width, 64, generator=gen) / 8)
+        self.b1 = nn.Parameter(torch.full((width,), 0.01))
+        self.w2 = nn.Parameter(torch.randn(10, width, generator=gen) / width**0.5)
+        self.b2 = nn.Parameter(torch.zeros(10))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, params=None):  # a meta-learner's forward, traced at its default
+        p = params or {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": self.b2}
+        h = F.relu(F.linear(self.drop(x.view(x.size(0), -1)), p["w1"], p["b1"]))
+        return F.linear(h, p["w2"], p["b2"])
+
+
+def twin(f: FunctionalMlp) -> nn.Sequential:
+    """The same network with its weights held by nn.Linear layers."""
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, f.w1.shape[0]), nn.ReLU(), nn.Linear(f.w1.shape[0], 10))
+    with torch.no_grad():
+        for layer, (w, b) in zip((seq[1], seq[3]), ((f.w1, f.b1), (f.w2, f.b2))):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+    return seq
+
+
+def test_functional_linear_layers_are_read_live_under_their_parameter_names():
+    model = FunctionalMlp()
+    net = as_network(model)
+    assert [type(st.layer) for st in net.steps].count(Dense) == 2
+    assert net.head.parameter_names() == ["w1", "b1", "w2", "b2"] and net.input_shape == (64,)
+    with torch.no_grad():
+        model.w1.mul_(2)  # an update applied to the model is what the network reads
+    assert torch.equal(net.head.dense[0].weight, model.w1) and net.head.dense[0].in_features == 64
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_the_exact_attack_certifies_what_it_certifies_for_the_nn_linear_twin(digits, batch):
+    model = FunctionalMlp()
+    x, y = digits.batch(batch, seed=5)
+    ours = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    theirs = fedleak.reconstruct(twin(model), fedleak.compute_gradient_update(twin(model), x, y))
+    assert ours.num_certified == theirs.num_certified >= 1
+    assert torch.equal(ours.inputs.flatten(1), theirs.inputs.flatten(1))
+    score = fedleak.metrics.match(ours, x, y)
+    assert (score.max_abs_error < 1e-5).sum() >= ours.num_certified  # each certified input is a sample, exactly
+
+
+def test_a_dropout_before_the_functional_first_layer_withholds_the_certificates(digits):
+    model = FunctionalMlp(dropout=0.2).eval()
+    x, y = digits.batch(2, seed=1)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    assert rec.num_certified == 0 and "Dropout 'drop' (p = 0.2) changes its input" in rec.samples[0].reason
+    assert fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), train_dropout=False).num_certified
+
+
+class Tied(FunctionalMlp):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w3 = nn.Parameter(torch.eye(256))
+
+    def forward(self, x, params=None):
+        h = F.relu(F.linear(x.flatten(1), self.w1, self.b1))
+        h = F.relu(F.linear(F.relu(F.linear(h, self.w3)), self.w3))  # one weight, two layers
+        return F.linear(h, self.w2, self.b2)
+
+
+class Computed(FunctionalMlp):
+    def forward(self, x, params=None):
+        h = F.relu(F.linear(x.flatten(1), self.w1, self.b1))
+        return F.linear(h, self.w2 * 2, self.b2)  # a weight computed from a parameter
+
+
+class Convolved(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(4, 1, 3, 3))
+        self.w = nn.Parameter(torch.randn(10, 4 * 6 * 6))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.conv2d(x, self.k)).flatten(1), self.w)
+
+
+@pytest.mark.parametrize("model, match", [
+    (Tied(), r"parameter 'w3' is read by more than one layer in forward \(shared weights\)"),
+    (Computed(), r"node 'mul' \(operator\.mul\) computes a tensor from the parameter 'w2'.*pass the parameter"),
+    (Convolved(), r"a convolution written as a function of the model's parameters is not read here.*nn\.Conv2d"),
+])
+def test_what_cannot_be_read_is_refused_saying_why(model, match):
+    with pytest.raises(ModelError, match=match):
+        as_network(model)
