@@ -60,6 +60,28 @@ def test_the_exact_attack_certifies_what_it_certifies_for_the_nn_linear_twin(dig
     assert (score.max_abs_error < 1e-5).sum() >= ours.num_certified  # each certified input is a sample, exactly
 
 
+class Learner(nn.Module):
+    """The MAML reference implementation's style: the weights in an nn.ParameterList, indexed in forward."""
+
+    def __init__(self, f: FunctionalMlp) -> None:
+        super().__init__()
+        self.vars = nn.ParameterList([nn.Parameter(p.detach().clone()) for p in (f.w1, f.b1, f.w2, f.b2)])
+
+    def forward(self, x, vars=None):
+        v = self.vars if vars is None else vars
+        return F.linear(F.relu(F.linear(x.view(x.size(0), -1), v[0], v[1])), v[2], v[3])
+
+
+def test_weights_in_a_parameter_list_are_read_under_their_names(digits):
+    model = Learner(FunctionalMlp())
+    x, y = digits.batch(6, seed=3)
+    assert as_network(model).head.parameter_names() == ["vars.0", "vars.1", "vars.2", "vars.3"]
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    twin_rec = fedleak.reconstruct(twin(FunctionalMlp()), fedleak.compute_gradient_update(twin(FunctionalMlp()), x, y))
+    assert rec.num_certified == twin_rec.num_certified >= 1
+    assert torch.equal(rec.inputs.flatten(1), twin_rec.inputs.flatten(1))
+
+
 def test_a_dropout_before_the_functional_first_layer_withholds_the_certificates(digits):
     model = FunctionalMlp(dropout=0.2).eval()
     x, y = digits.batch(2, seed=1)
