@@ -119,7 +119,7 @@ class NoisyInput(nn.Module):
 def test_input_masking_is_probed_in_training_mode():
     """The probe names a Dropout on the input, sees what no hook or trace sees (noise added in training mode only),
     and finds nothing for a Dropout after the first layer; the model stays as it was."""
-    from fedleak.attacks.masked_input import first_weight, input_masking
+    from fedleak.attacks.masked_input import first_reader, input_masking
     from tests.user_models import DropoutMLP
 
     for model, changed, names in [(InputDropoutMLP(784, 64, 10), True, ["drop"]), (NoisyInput(), True, []),
@@ -127,7 +127,7 @@ def test_input_masking_is_probed_in_training_mode():
         model.eval()
         net = fedleak.nets.as_network(model)
         state = torch.random.get_rng_state()
-        masking = input_masking(model, first_weight(net), net.input_shape)
+        masking = input_masking(model, first_reader(net), net.input_shape)
         assert masking.changed == changed and [d.name for d in masking.dropout] == names
         assert not model.training and torch.equal(torch.random.get_rng_state(), state)
 

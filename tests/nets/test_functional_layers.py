@@ -107,6 +107,11 @@ class Computed(FunctionalMlp):
         return F.linear(h, self.w2 * 2, self.b2)  # a weight computed from a parameter
 
 
+class Transposed(FunctionalMlp):
+    def forward(self, x, params=None):  # the first layer's weight read through a view: no layer says the input width
+        return F.linear(F.relu(F.linear(x.flatten(1), self.w1.T.T, self.b1)), self.w2, self.b2)
+
+
 class Convolved(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -125,3 +130,10 @@ class Convolved(nn.Module):
 def test_what_cannot_be_read_is_refused_saying_why(model, match):
     with pytest.raises(ModelError, match=match):
         as_network(model)
+
+
+def test_a_weight_read_through_a_view_is_refused_by_name_where_the_input_shape_is_given():
+    with pytest.raises(ModelError, match=r"parameters its forward uses through functions.*or pass input_shape="):
+        fedleak.nets.input_shape_of(Transposed())
+    with pytest.raises(ModelError, match=r"computes a tensor from the parameter 'w1' \(a transpose"):
+        as_network(Transposed(), input_shape=(64,))

@@ -46,8 +46,35 @@ def test_the_first_layer_held_is_checked_by_running_the_model():
 
 
 def test_a_model_without_weights_asks_for_the_shape():
-    with pytest.raises(ModelError, match="no layer with weights; pass input_shape="):
+    with pytest.raises(ModelError, match="no layer of the model says the shape of its input.*pass input_shape="):
         untraced_input_shape(nn.Sequential(nn.ReLU()))
+
+
+def test_a_product_with_a_parameter_first_asks_for_the_shape_and_a_learned_scale_does_not():
+    from fedleak.nets import input_shape_of
+
+    class Product(nn.Module):  # its first layer is a matmul: the Linear layer after it does not say the input's width
+        def __init__(self) -> None:
+            super().__init__()
+            self.W1 = nn.Parameter(torch.randn(32, 64))
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x.flatten(1) @ self.W1.T))
+
+    class Scaled(nn.Module):  # a learned scale of the input, then the first layer: that layer says it
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1) * self.scale)
+
+    with pytest.raises(ModelError, match=r"first op that reads a parameter is a product such as x @ self\.W\.T"):
+        input_shape_of(Product())
+    assert input_shape_of(Product(), input_shape=(1, 8, 8))[0] == (1, 8, 8)
+    assert input_shape_of(Scaled())[0] == (64,)
 
 
 def test_probing_leaves_batch_norm_statistics_as_they_were():

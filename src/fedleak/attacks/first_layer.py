@@ -162,7 +162,7 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
         raise ModelError(f"the Linear layer '{name}' that reads the sample runs more than once or shares its "
                          "parameters, so its gradient is not one product of the sample")
     prefix = f"{name}." if name else ""
-    return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module.weight, input_shape),
+    return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape),
                        changed_before(model, name, input_shape))
 
 

@@ -14,6 +14,7 @@ model in eval mode (``train_dropout=False``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,17 +39,21 @@ class InputMasking:
     dropout: tuple[Dropout, ...] = ()
 
 
-def first_weight(net) -> torch.Tensor:
-    """The weight of the first layer with weights of a network read by :func:`fedleak.nets.as_network`: its first
-    conv layer's, or the first Linear layer's of its head (a module's, or a parameter ``F.linear`` reads)."""
-    return net.blocks[0].conv.module.weight if net.blocks else net.head.dense[0].weight
+def first_reader(net) -> nn.Module | torch.Tensor:
+    """What reads the input of the first layer with weights of a network read by :func:`fedleak.nets.as_network`:
+    its first conv module, or its head's first Linear module, or, for ``F.linear`` of the model's parameters, that
+    layer's weight (:func:`input_masking` takes either)."""
+    if net.blocks:
+        return net.blocks[0].conv.module
+    first = net.head.dense[0]
+    return first.weight if first.functional else first.owner
 
 
-LAYER_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # what a Linear or conv module calls, and functional layers
+LAYER_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # the functional layers a forward may call on its parameters
 
 
 class _FirstRead(TorchFunctionMode):
-    """Keeps the input of the first layer call that reads ``weight`` (a module's or a functional layer's)."""
+    """Keeps the input of the first functional layer call that reads ``weight`` as it is."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -62,22 +67,24 @@ class _FirstRead(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def input_masking(model: nn.Module, weight: torch.Tensor, input_shape: tuple[int, ...]) -> InputMasking:
-    """:class:`InputMasking` of ``model``, whose first layer with weights reads ``weight`` (an ``nn.Linear`` or conv
-    module's, or a parameter ``F.linear`` reads), found by one probe input of ``input_shape`` run in training mode:
-    what the first call of a Linear or conv function on that weight reads; the model's mode, buffers and random
-    state are left as they were."""
+def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape: tuple[int, ...]) -> InputMasking:
+    """:class:`InputMasking` of ``model``, whose first layer with weights is ``layer`` (a module, whose call is
+    hooked; or the weight a functional layer reads, whose first call on it is caught), found by one probe input of
+    ``input_shape`` run in training mode; the model's mode, buffers and random state are left as they were."""
     names = {id(m): n for n, m in model.named_modules()}
     first = next(model.parameters())
     probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
     seen: list[Dropout] = []
-    reading = _FirstRead(weight)
+    got: list[torch.Tensor] = []
+    reading = _FirstRead(layer) if isinstance(layer, torch.Tensor) else contextlib.nullcontext()
 
     def ran(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if not reading.got:
+        if not got and not getattr(reading, "got", None):
             seen.append(Dropout(names[id(mod)], float(mod.p)))
 
-    hooks = [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
+    hooks = [] if isinstance(layer, torch.Tensor) else [
+        layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
+    hooks += [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
     devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
     try:
         with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), \
@@ -88,7 +95,7 @@ def input_masking(model: nn.Module, weight: torch.Tensor, input_shape: tuple[int
     finally:
         for h in hooks:
             h.remove()
-    got = reading.got
+    got = got or getattr(reading, "got", [])
     changed = bool(got) and not (got[0].numel() == probe.numel()
                                  and torch.equal(got[0].reshape(-1), probe.reshape(-1)))
     return InputMasking(changed, tuple(seen) if changed else ())

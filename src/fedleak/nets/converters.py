@@ -51,7 +51,7 @@ def functional_linear(op: Op) -> Dense:
                         f"in one (or in an nn.Linear layer); {EXACT_SCOPE}")
     _flat_input(op)
     return Dense(op.node, weight.owner, weight.name, bias.name if bias else None, weight.attr,
-                 bias.attr if bias else None)
+                 bias.attr if bias else None, functional=True)
 
 
 @converts(F.conv1d, F.conv2d)

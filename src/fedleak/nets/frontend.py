@@ -18,7 +18,6 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
-from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.input_shapes import first_layer, held_first_layer, layer_input_shape, probe, untraced_input_shape
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
@@ -227,10 +226,7 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
              None if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 else tuple(inputs.shape[1:]))
 
     def read() -> tuple[list[Step], tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-        loose = loose_parameters(model)
         gm = trace_model(model, _asked_shape(input_shape, inputs))
-        if loose and first_layer(gm) is None:  # read through functions, the first of them not a functional layer
-            raise ModelError(f"{loose}; {EXACT_SCOPE}")
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if (fixed := traced_shape(gm)) is not None:
             notes = (*notes, f"the forward computes with its input's shape (x.size()[1:], x.dim(), ...): read for "

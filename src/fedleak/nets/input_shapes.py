@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import operator
 import time
 
 import torch
@@ -61,26 +62,45 @@ def probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) -
 
 
 FUNCTIONAL_LAYERS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # layers a forward may apply to its own parameters
+# products that mix features: one with a parameter is a layer that says no input shape (``x @ self.W.T``)
+PRODUCTS = frozenset({operator.matmul, torch.matmul, torch.mm, torch.einsum, ("method", "matmul"), ("method", "mm")})
 
 
 def first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module | nn.Parameter] | None:
     """The first layer with weights the traced forward calls: a module that holds weights of its own (its name and
     the module), or a functional layer on a parameter of the model (``F.linear(x, self.w1, self.b1)``,
-    ``F.conv2d(x, self.k)``: the parameter's name and the parameter, out x in for a Linear layer). None where the
-    first op that reads a parameter is neither (``x @ self.W.T``: no layer says the input's shape)."""
+    ``F.conv2d(x, self.k)``: the parameter's name and the parameter, out x in for a Linear layer). None where a
+    product with a parameter, or a functional layer on a view of one, comes first (``x @ self.W.T``,
+    ``F.linear(x, self.W.T)``: layers that say no input shape); an elementwise op on a parameter (a learned scale)
+    is passed by."""
     modules = dict(gm.named_modules())
     parameters = dict(gm.named_parameters())
     for node in gm.graph.nodes:
         if node.op == "call_module" and next(modules[node.target].parameters(recurse=False), None) is not None:
             return node.target, modules[node.target]
-        read = [a for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) in parameters]
-        if node.op == "output" or not read:
-            continue
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS and weight in read:
-            return str(weight.target), parameters[str(weight.target)]
-        return None
+        if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target) in parameters:
+                return str(weight.target), parameters[str(weight.target)]
+            if isinstance(weight, fx.Node) and viewed_parameter(weight, parameters):
+                return None  # a view of a parameter (F.linear(x, self.W.T)): its shape need not be the layer's
+        key = ("method", node.target) if node.op == "call_method" else node.target
+        if key in PRODUCTS and any(viewed_parameter(a, parameters) for a in node.all_input_nodes):
+            return None
     return None
+
+
+VIEWS = frozenset({getattr, torch.t, torch.transpose, ("method", "t"), ("method", "transpose"),
+                   ("method", "permute"), ("method", "view"), ("method", "reshape")})  # ``self.W.T``, ``W.t()``
+
+
+def viewed_parameter(node: fx.Node, parameters: dict[str, nn.Parameter]) -> str | None:
+    """The parameter ``node`` is, or is a view of through a chain of views (a transpose, ``.T``, a reshape), by its
+    name; None where it is none."""
+    while (("method", node.target) if node.op == "call_method" else node.target) in VIEWS and node.args and \
+            isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return str(node.target) if node.op == "get_attr" and str(node.target) in parameters else None
 
 
 # where the input's last dimensions are not fixed by the first layer: the most of each tried (signals, images,
@@ -120,7 +140,9 @@ def layer_input_shape(model: nn.Module, first: tuple[str, nn.Module | nn.Paramet
     if first is None:
         loose = loose_parameters(model)
         raise ModelError(f"{loose}; or pass input_shape= (the shape of one input)" if loose else
-                         "the model has no layer with weights; pass input_shape= (the shape of one input)")
+                         "no layer of the model says the shape of its input (it has none with weights, or the first "
+                         "op that reads a parameter is a product such as x @ self.W.T); pass input_shape= (the shape "
+                         "of one input)")
     name, layer = first
     if isinstance(layer, nn.Parameter):  # the weight a functional layer reads: Linear (out x in) or a convolution
         if layer.dim() == 2:

@@ -19,9 +19,9 @@ from torch.nn import functional as F
 @dataclass(frozen=True, eq=False)
 class Dense:
     """A Linear layer on flat inputs: an ``nn.Linear`` module, or ``F.linear`` of parameters of the model
-    (``F.linear(x, self.w1, self.b1)``). ``owner`` is the module that holds the weight and bias, as its attributes
-    ``weight_attr`` and ``bias_attr`` (None without a bias): the ``nn.Linear`` itself, or the module whose
-    parameters the call reads; they are read from it live."""
+    (``F.linear(x, self.w1, self.b1)``: ``functional``). ``owner`` is the module that holds the weight and bias, as
+    its attributes ``weight_attr`` and ``bias_attr`` (None without a bias): the ``nn.Linear`` itself, or the module
+    whose parameters the call reads; they are read from it live."""
 
     name: str
     owner: nn.Module
@@ -29,6 +29,7 @@ class Dense:
     bias_name: str | None
     weight_attr: str = "weight"
     bias_attr: str | None = "bias"
+    functional: bool = False
 
     @property
     def weight(self) -> torch.Tensor:

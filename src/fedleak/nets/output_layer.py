@@ -9,15 +9,14 @@ name says: none is found then, rather than the layer before it.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
 from fedleak.errors import FedleakError, ModelError
 from fedleak.loose_parameters import loose_parameters
+from fedleak.nets.input_shapes import PRODUCTS, viewed_parameter
 from fedleak.nets.tracing import PerStructure, shared_trace
 
 
@@ -31,8 +30,6 @@ class OutputLayer:
 
 
 _FOUND: PerStructure[OutputLayer | None] = PerStructure()  # what output_layer found, per model structure
-# products that mix features: one with a parameter is a layer fedleak does not name
-PRODUCTS = frozenset({operator.matmul, torch.matmul, torch.mm, torch.einsum, ("method", "matmul"), ("method", "mm")})
 
 
 def output_layer(model: nn.Module) -> OutputLayer | None:
@@ -55,7 +52,7 @@ def _traced(model: nn.Module) -> OutputLayer | None:
         if found := _layer(node, modules, parameters):
             return found
         key = ("method", node.target) if node.op == "call_method" else node.target
-        if key in PRODUCTS and any(_parameter(_unviewed(a), parameters) for a in node.all_input_nodes):
+        if key in PRODUCTS and any(viewed_parameter(a, parameters) for a in node.all_input_nodes):
             return None
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
@@ -83,18 +80,6 @@ def _layer(node: fx.Node, modules: dict[str, nn.Module], parameters: dict[str, n
         return OutputLayer(name, None)
     bias_name = _parameter(bias, parameters)
     return OutputLayer(name, bias_name) if bias_name is not None else None
-
-
-VIEWS = frozenset({getattr, torch.t, torch.transpose, ("method", "t"), ("method", "transpose"),
-                   ("method", "permute"), ("method", "view"), ("method", "reshape")})  # ``self.W.T``, ``W.t()``
-
-
-def _unviewed(node: fx.Node) -> fx.Node:
-    """The node a chain of views (a transpose, ``.T``, a reshape) starts from."""
-    while (("method", node.target) if node.op == "call_method" else node.target) in VIEWS and node.args and \
-            isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _parameter(arg: object, parameters: dict[str, nn.Parameter]) -> str | None:

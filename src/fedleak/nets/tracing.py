@@ -175,7 +175,7 @@ def _traced_for_shape(model: nn.Module, shape: tuple[int, ...] | None, defaults:
         raise ModelError(f"{refusal} (if it computes with its input's shape only, fedleak traces it for one input "
                          f"shape, which it could not find: {why})") from None
     try:  # the shaped trace runs the forward on a tensor of that shape: the model's buffers are kept as they were
-        with TRACE_LOCK, _len_recorded(), buffers_kept(model), torch.no_grad():
+        with TRACE_LOCK, _len_recorded(), buffers_kept(model):
             gm = shaped_trace(model, shape, defaults or None)
     except Exception:  # what torch.fx raises: the forward reads the values, or the shape does not suit it
         why = probe(model, None, shape)

@@ -20,7 +20,7 @@ from torch import nn
 
 import fedleak.plan.verdict as verdict
 from fedleak.attacks.first_layer import first_layer_changed
-from fedleak.attacks.masked_input import InputMasking, first_weight, input_masking
+from fedleak.attacks.masked_input import InputMasking, first_reader, input_masking
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import NO_HIDDEN_RELU, Network, input_shape_of
@@ -188,7 +188,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         except FedleakError as exc:
             misfit = str(exc)
         notes += (f"the update: {misfit}",) if misfit else ()
-    masking = input_masking(model, first_weight(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
+    masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking)
 
 

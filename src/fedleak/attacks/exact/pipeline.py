@@ -48,7 +48,7 @@ from fedleak.attacks.exact.sample_clip import read_sample_clip
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.attacks.label_sign import without_unsigned_labels
-from fedleak.attacks.masked_input import first_weight, input_masking, withheld
+from fedleak.attacks.masked_input import first_reader, input_masking, withheld
 from fedleak.errors import FedleakError, ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.network import check_head_trainable
@@ -201,7 +201,7 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     if opts.train_dropout:  # every record was settled uncertified: its reason names the model's Dropout layers
         records = [replace(r, reason=dropout.reason(net.dropout)) for r in records]
     # a certificate proves the input the model's first layer read, which the model may change in training mode
-    masked = withheld(input_masking(model, first_weight(net), net.input_shape), opts.train_dropout) if any(
+    masked = withheld(input_masking(model, first_reader(net), net.input_shape), opts.train_dropout) if any(
         r.certified for r in records) else ""
     if masked:
         records = [replace(r, certified=False, reason=masked, route=dropout.route(name, False, opts))

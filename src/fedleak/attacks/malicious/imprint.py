@@ -21,7 +21,7 @@ from fedleak.attacks.malicious.certify import (
     with_sign_read,
 )
 from fedleak.attacks.malicious.proofs import BinCount
-from fedleak.attacks.masked_input import first_weight, input_masking
+from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError
 from fedleak.reconstruction import Reconstruction
@@ -122,6 +122,6 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
                        bound=ratio_bound(X, dnG[keep], dng[keep], dg[keep]), bins=count)
     verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not keep else ["no common scale: no candidate could be certified"]
-    masking = input_masking(model, first_weight(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
+    masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     rec = finish(net, "imprint", cands, verdicts, n_examples, opts, start, notes, masking)
     return with_sign_read(model, update, opts, rec)

@@ -23,7 +23,7 @@ from fedleak.attacks.malicious.certify import (
     with_sign_read,
 )
 from fedleak.attacks.malicious.peel import FirstLayer
-from fedleak.attacks.masked_input import first_weight, input_masking
+from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
@@ -94,7 +94,7 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
                        alone=True, layer=layer)
     verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not rows else ["no common scale: no candidate could be certified"]
-    masking = input_masking(model, first_weight(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
+    masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     rec = finish(net, "trap-weights", cands, verdicts, n_examples, opts, start, notes, masking)
     return with_sign_read(model, update, opts, rec)
 
