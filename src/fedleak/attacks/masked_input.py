@@ -53,12 +53,12 @@ LAYER_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # the functional layers 
 
 
 class _FirstRead(TorchFunctionMode):
-    """Keeps the input of the first functional layer call that reads ``weight`` as it is."""
+    """Appends to ``got`` the input of the first functional layer call that reads ``weight`` as it is (while ``got``
+    is empty)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, got: list[torch.Tensor]) -> None:
         super().__init__()
-        self.weight = weight
-        self.got: list[torch.Tensor] = []
+        self.weight, self.got = weight, got
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -75,15 +75,17 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
     first = next(model.parameters())
     probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
     seen: list[Dropout] = []
-    got: list[torch.Tensor] = []
-    reading = _FirstRead(layer) if isinstance(layer, torch.Tensor) else contextlib.nullcontext()
+    got: list[torch.Tensor] = []  # what the first layer read
 
     def ran(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if not got and not getattr(reading, "got", None):
+        if not got:
             seen.append(Dropout(names[id(mod)], float(mod.p)))
 
-    hooks = [] if isinstance(layer, torch.Tensor) else [
-        layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
+    if isinstance(layer, nn.Module):
+        reading = contextlib.nullcontext()
+        hooks = [layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
+    else:
+        reading, hooks = _FirstRead(layer, got), []
     hooks += [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
     devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
     try:
@@ -95,7 +97,6 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
     finally:
         for h in hooks:
             h.remove()
-    got = got or getattr(reading, "got", [])
     changed = bool(got) and not (got[0].numel() == probe.numel()
                                  and torch.equal(got[0].reshape(-1), probe.reshape(-1)))
     return InputMasking(changed, tuple(seen) if changed else ())
