@@ -5,6 +5,7 @@ when it is one sample's plain gradient of that model."""
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from user_models import DropoutMLP, FlowerNet, GeluMLP, LayerNormMLP, ResidualMLP
 
 import fedleak
@@ -208,3 +209,33 @@ def test_a_negated_gradient_is_read_and_said(fashion):
         rec = fedleak.reconstruct(model, negated, attack=attack)
         assert len(rec) == 0 and "reads as the negative of a cross-entropy gradient" in rec.why_uncertified()
     assert "negative of a cross-entropy gradient" not in fedleak.reconstruct(model, update).why_uncertified()
+
+
+class FunctionalGelu(nn.Module):
+    """A GELU network that holds its weights as parameters and applies them with F.linear (meta-learning style)."""
+
+    def __init__(self, drop: float = 0.0, clamp: bool = False) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(256, 784, generator=gen) / 28)
+        self.b1 = nn.Parameter(torch.zeros(256))
+        self.w2 = nn.Parameter(torch.randn(10, 256, generator=gen) / 16)
+        self.b2 = nn.Parameter(torch.zeros(10))
+        self.drop, self.clamp = drop, clamp
+
+    def forward(self, x):
+        h = x.view(x.size(0), -1)
+        h = F.dropout(h.clamp(0, 1) if self.clamp else h, self.drop, self.training)
+        return F.linear(F.gelu(F.linear(h, self.w1, self.b1)), self.w2, self.b2)
+
+
+def test_a_functional_first_layer_is_read_by_its_weight(fashion):
+    """F.linear of the model's parameters: certified and exact as the module's is; a functional dropout or a clamp
+    before it withholds the certificate, naming the layer by its weight."""
+    x, y = fashion.batch(1, seed=3)
+    rec = _attack(FunctionalGelu().eval(), x, y)
+    assert rec.num_certified == 1 and float((rec.inputs.flatten() - x.flatten()).abs().max()) < 1e-6
+    dropped = _attack(FunctionalGelu(drop=0.2).eval(), x, y)
+    assert dropped.num_certified == 0 and "a functional dropout" in dropped.samples[0].reason
+    clamped = _attack(FunctionalGelu(clamp=True).eval(), x, y)
+    assert clamped.num_certified == 0 and "before 'w1' reads it" in clamped.samples[0].reason

@@ -250,3 +250,28 @@ def test_rows_of_a_rounded_two_class_update_return_nothing(lfw):
     rec = fedleak.reconstruct(model, update, attack="first-layer")
     assert len(rec) == 0 and "on two classes a blend of samples" in rec.missing_reason
     assert "the update is in bfloat16" in rec.missing_reason
+
+
+class FunctionalUserNet(nn.Module):
+    """``UserNet`` with its weights held as parameters and applied with F.linear (meta-learning code's style)."""
+
+    def __init__(self, net: UserNet) -> None:
+        super().__init__()
+        self.w1, self.b1 = (nn.Parameter(p.detach().clone()) for p in (net.fc1.weight, net.fc1.bias))
+        self.w2, self.b2 = (nn.Parameter(p.detach().clone()) for p in (net.fc2.weight, net.fc2.bias))
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x.view(x.size(0), -1), self.w1, self.b1)), self.w2, self.b2)
+
+
+def test_the_rows_of_a_functional_first_layer_give_what_its_twin_s_give(fashion):
+    torch.manual_seed(0)
+    twin = UserNet(784, 1024, 10)
+    model = FunctionalUserNet(twin)
+    x, y, update = _steps(fashion, model, 8, 1, 3, False, lr=0.05)
+    _, _, twin_update = _steps(fashion, twin, 8, 1, 3, False, lr=0.05)
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    theirs = fedleak.reconstruct(twin, twin_update, attack="first-layer")
+    assert len(rec) == len(theirs) >= 6 and metrics.match(rec, x, y).exact.sum() == len(rec)
+    assert torch.equal(rec.inputs.flatten(1), theirs.inputs.flatten(1))
+    assert rec.labels.tolist() == theirs.labels.tolist()

@@ -66,6 +66,7 @@ from fedleak.loose_parameters import loose_parameters
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.layer_calls import FunctionalCalls
 from fedleak.nets.ops import computed_parameter
 from fedleak.nets.sample_path import changed_before
 from fedleak.nets.token_inputs import TokenInputs
@@ -113,7 +114,8 @@ class FirstLayerOptions:
 
 @dataclass(frozen=True)
 class FirstLinear:
-    """The Linear layer the sample enters: its module name and the names of its weight and bias; what the model does
+    """The Linear layer the sample enters: its module name (its weight's, for ``F.linear`` of the model's
+    parameters) and the names of its weight and bias; what the model does
     to the sample before it in training mode only (``masking``), and why it may read something else than the sample
     (``changed``: :func:`~fedleak.nets.sample_path.changed_before`)."""
 
@@ -126,17 +128,20 @@ class FirstLinear:
 
 def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     """The Linear layer with a bias that reads the flattened sample, runs once and shares no parameter, found by a
-    probe forward pass; :class:`~fedleak.errors.ModelError` saying what is missing where there is none."""
-    if loose := loose_parameters(model):
-        raise ModelError(loose)
+    probe forward pass: an ``nn.Linear`` module (its forward hooked), or ``F.linear`` of the model's own parameters
+    (caught by its weight: :class:`~fedleak.nets.layer_calls.FunctionalCalls`; named by its weight's name);
+    :class:`~fedleak.errors.ModelError` saying what is missing where there is none."""
     names = {id(m): n for n, m in model.named_modules()}
+    held = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    loose = {id(p): n for n, p in model.named_parameters() if id(p) not in held and p.dim() == 2}
     calls: list[tuple[str, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((names[id(mod)], args[0].detach())))
              for m in model.modules() if isinstance(m, nn.Linear)]
+    functional = FunctionalCalls(loose)
     first = next(model.parameters())
     probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), functional:
             model(probe)
     except Exception as exc:  # a wrong shape fails anywhere in the user's forward (IndexError, AssertionError, ...)
         raise ModelError(f"{forward_failure(model, probe, exc)}; a model that cannot run one input cannot have sent "
@@ -144,12 +149,15 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     finally:
         for h in hooks:
             h.remove()
+    calls += [(call.weight, call.input) for call in functional.calls]
     reading = [n for n, a in calls if a.numel() == probe.numel() and torch.equal(a.reshape(-1), probe.reshape(-1))]
     if not reading:
-        raise ModelError("the first-layer attack needs a Linear layer that reads the sample as it is (flattened); "
-                         "in this model the input passes through other layers first (a conv, a LayerNorm, a cast to "
-                         "another dtype)")
+        raise ModelError(loose_parameters(model) or "the first-layer attack needs a Linear layer that reads the sample "
+                         "as it is (flattened); in this model the input passes through other layers first (a conv, a "
+                         "LayerNorm, a cast to another dtype)")
     name = reading[0]
+    if name in loose.values():  # F.linear of parameters: the layer is named by its weight
+        return _functional_first(model, name, [c for c in functional.calls if c.weight == name], input_shape)
     module = model.get_submodule(name)
     if why := computed_parameter(module, "weight"):
         raise ModelError(f"the Linear layer '{name}' that reads the sample: {why}; the optimisation attacks (dlg, "
@@ -164,6 +172,22 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     prefix = f"{name}." if name else ""
     return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape),
                        changed_before(model, name, input_shape))
+
+
+def _functional_first(model: nn.Module, weight: str, calls: list, input_shape: tuple[int, ...]) -> FirstLinear:
+    """:func:`first_linear` where the sample enters ``F.linear`` of the parameter ``weight`` (``calls``: its calls)."""
+    bias = next((n for n, p in model.named_parameters() if p is calls[0].bias), None)
+    if bias is None:
+        raise ModelError(f"the first-layer attack needs a bias in the Linear layer that reads the sample: "
+                         f"F.linear of '{weight}' is given {'none' if calls[0].bias is None else 'a computed one'}")
+    param = model.get_parameter(weight)
+    shared = [n for n in (weight, bias)
+              if sum(p is model.get_parameter(n) for _, p in model.named_parameters(remove_duplicate=False)) > 1]
+    if len(calls) > 1 or shared:
+        raise ModelError(f"the Linear layer '{weight}' that reads the sample runs more than once or shares its "
+                         "parameters, so its gradient is not one product of the sample")
+    return FirstLinear(weight, weight, bias, input_masking(model, param, input_shape),
+                       changed_before(model, weight, input_shape))
 
 
 def first_layer_changed(model: nn.Module, input_shape: tuple[int, ...]) -> str:

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from fedleak.attacks.exact.grouping import ImpliedInputs, group_rows
 from fedleak.logits_of import logits_only
+from fedleak.nets.layer_calls import FunctionalCalls
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 F64 = torch.float64
@@ -209,8 +210,9 @@ class ClassFits:
 def class_fits(model: nn.Module, layer: str, X: torch.Tensor, rows: list[torch.Tensor], g: torch.Tensor
                ) -> ClassFits:
     """Per candidate input (``X``, one per row of ``rows``): the class whose recomputed gradient at the output of
-    the Linear layer ``layer`` best fits the observed bias gradients ``g`` on its rows, that fit's relative
-    residual and scale (:class:`ClassFits`). One forward and backward pass per class over all candidates."""
+    the Linear layer ``layer`` (a module, or ``F.linear`` of the parameter so named) best fits the observed bias
+    gradients ``g`` on its rows, that fit's relative residual and scale (:class:`ClassFits`). One forward and
+    backward pass per class over all candidates."""
     n = len(X)
     if n == 0:
         return ClassFits([], [], [], 0)
@@ -220,13 +222,18 @@ def class_fits(model: nn.Module, layer: str, X: torch.Tensor, rows: list[torch.T
     label = torch.zeros(n, dtype=torch.long)
     scale = torch.full((n,), math.nan, dtype=F64)
     caught: list[torch.Tensor] = []
-    hook = model.get_submodule(layer).register_forward_hook(lambda mod, args, out: caught.append(out))
+    parameters = dict(model.named_parameters())
+    # the layer's output: a module's, hooked; F.linear's of the parameter ``layer``, caught by it
+    functional = FunctionalCalls({id(parameters[layer]): layer} if layer in parameters else {}, first=True)
+    hooks = [] if layer in parameters else [
+        model.get_submodule(layer).register_forward_hook(lambda mod, args, out: caught.append(out))]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), functional:
             logits = logits_only(model(x))
     finally:
-        hook.remove()
-    z = caught[0]
+        for hook in hooks:
+            hook.remove()
+    z = (caught or [call.output for call in functional.calls])[0]
     classes = 2 if logits.shape[1] == 1 else logits.shape[1]
     for c in range(classes):
         target = torch.full((n,), c, dtype=torch.long, device=logits.device)

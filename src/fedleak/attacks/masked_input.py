@@ -14,16 +14,14 @@ model in eval mode (``train_dropout=False``).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
 from fedleak.clients.mode import client_mode
 from fedleak.nets.buffers import buffers_kept
+from fedleak.nets.layer_calls import FunctionalCalls
 from fedleak.nets.layers import Dropout
 
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -49,24 +47,6 @@ def first_reader(net) -> nn.Module | torch.Tensor:
     return first.weight if first.functional else first.owner
 
 
-LAYER_CALLS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # the functional layers a forward may call on its parameters
-
-
-class _FirstRead(TorchFunctionMode):
-    """Appends to ``got`` the input of the first functional layer call that reads ``weight`` as it is (while ``got``
-    is empty)."""
-
-    def __init__(self, weight: torch.Tensor, got: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.weight, self.got = weight, got
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.got and func in LAYER_CALLS and (args[1] if len(args) > 1 else kwargs.get("weight")) is self.weight:
-            self.got.append(args[0].detach())
-        return func(*args, **kwargs)
-
-
 def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape: tuple[int, ...]) -> InputMasking:
     """:class:`InputMasking` of ``model``, whose first layer with weights is ``layer`` (a module, whose call is
     hooked; or the weight a functional layer reads, whose first call on it is caught), found by one probe input of
@@ -78,14 +58,12 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
     got: list[torch.Tensor] = []  # what the first layer read
 
     def ran(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if not got:
+        if not got and not reading.calls:
             seen.append(Dropout(names[id(mod)], float(mod.p)))
 
-    if isinstance(layer, nn.Module):
-        reading = contextlib.nullcontext()
-        hooks = [layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))]
-    else:
-        reading, hooks = _FirstRead(layer, got), []
+    module = isinstance(layer, nn.Module)  # a module's call is hooked, a functional layer's caught by its weight
+    reading = FunctionalCalls({} if module else {id(layer): "first"}, first=True)
+    hooks = [layer.register_forward_hook(lambda mod, args, out: got.append(args[0].detach()))] if module else []
     hooks += [m.register_forward_hook(ran) for m in model.modules() if isinstance(m, DROPOUTS) and m.p > 0]
     devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
     try:
@@ -97,6 +75,7 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
     finally:
         for h in hooks:
             h.remove()
+    got += [call.input for call in reading.calls]
     changed = bool(got) and not (got[0].numel() == probe.numel()
                                  and torch.equal(got[0].reshape(-1), probe.reshape(-1)))
     return InputMasking(changed, tuple(seen) if changed else ())

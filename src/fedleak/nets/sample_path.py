@@ -12,6 +12,7 @@ op, and a forward that does not trace (control flow on the values) shows nothing
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.nn import functional as F
 
 from fedleak.errors import ModelError
 from fedleak.nets.converters import cast, dropout, identity, reshape
@@ -26,9 +27,10 @@ _FOUND: PerStructure[str] = PerStructure()  # what was found, per model: it depe
 
 
 def changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str:
-    """Why the module ``layer`` of ``model`` may not read the sample as it is, in words; empty where the traced
-    forward shows it does (only reshapes, identities, casts and Dropout lie between the input and its first call).
-    ``shape``: one input's (the shape a forward that computes with it is traced for)."""
+    """Why the module ``layer`` of ``model`` (or ``F.linear`` of the parameter ``layer``) may not read the sample as
+    it is, in words; empty where the traced forward shows it does (only reshapes, identities, casts and Dropout lie
+    between the input and its first call). ``shape``: one input's (the shape a forward that computes with it is
+    traced for)."""
     return _FOUND.get(model, (layer, tuple(shape)), lambda: _changed_before(model, layer, shape))
 
 
@@ -39,7 +41,7 @@ def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str
         return (f"what the forward does to the sample before '{layer}' is not known ({err}); a clamp, an absolute "
                 "value or a branch on the values there would give other samples the same input to that layer")
     modules = dict(gm.named_modules())
-    call = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer), None)
+    call = next((n for n in gm.graph.nodes if (n.op == "call_module" and n.target == layer) or _reads(n, layer)), None)
     if call is None or not call.args:
         return f"the traced forward does not call '{layer}' on the sample"
     path: list[fx.Node] = []  # the ops between the input and the layer, from the layer back
@@ -65,3 +67,10 @@ def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str
             return (f"the forward computes '{node.name}' ({what}) from the sample before '{layer}' reads it, which "
                     "may give other samples the same input to that layer")
     return ""
+
+
+def _reads(node: fx.Node, weight: str) -> bool:
+    """Whether ``node`` is ``F.linear`` of the parameter named ``weight``, as it is."""
+    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return (node.op == "call_function" and node.target is F.linear and isinstance(arg, fx.Node)
+            and arg.op == "get_attr" and arg.target == weight)
