@@ -115,9 +115,9 @@ class FirstLayerOptions:
 @dataclass(frozen=True)
 class FirstLinear:
     """The Linear layer the sample enters: its module name (its weight's, for ``F.linear`` of the model's
-    parameters) and the names of its weight and bias; what the model does
-    to the sample before it in training mode only (``masking``), and why it may read something else than the sample
-    (``changed``: :func:`~fedleak.nets.sample_path.changed_before`)."""
+    parameters) and the names of its weight and bias; what the model does to the sample before it in training mode
+    only (``masking``), and why it may read something else than the sample (``changed``:
+    :func:`~fedleak.nets.sample_path.changed_before`)."""
 
     name: str
     weight: str
