@@ -180,20 +180,25 @@ def check_num_classes(num_classes: int, where: str, *, error: ErrorType = ModelE
 
 
 def output_features(model: nn.Module) -> int | None:
-    """Outputs of the model's last ``nn.Linear`` layer (its logits in a Sequential classifier), if it has one; for a
-    model without one, of the ``F.linear`` of its parameters that its traced forward returns (its logits), if any."""
+    """Outputs of the model's output layer (its logits), if it has one: its last ``nn.Linear`` layer's, or, for a
+    model that applies some of its parameters through functions (``F.linear(h, self.w2)``), the Linear layer's its
+    traced forward returns the output of (:func:`~fedleak.nets.output_layer.output_layer_names`)."""
     from torch import nn
 
-    from fedleak.nets.output_layer import output_layer
+    from fedleak.nets.output_layer import output_layer_names
 
-    last = None
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            last = module
-    if last is not None:
-        return int(last.out_features)
-    found = output_layer(model)  # a model that applies its parameters through functions
-    return None if found is None else int(model.get_parameter(found.weight).shape[0])
+    held = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    if not any(p.dim() == 2 and id(p) not in held for p in model.parameters()):  # every Linear weight in a module
+        last = None
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                last = module
+        return None if last is None else int(last.out_features)
+    try:
+        weight, _ = output_layer_names(model)
+    except FedleakError:
+        return None
+    return int(model.get_parameter(weight).shape[0])
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -49,3 +49,19 @@ def test_a_forward_that_does_not_trace_has_none():
             return self.fc(x) if x.sum() > 0 else -self.fc(x)  # control flow on the input's values
 
     assert output_layer(Branching()) is None and not traced_without_one(Branching())
+
+
+def test_the_model_s_class_count_is_its_output_layer_s():
+    from fedleak.validation import output_features
+
+    class Mixed(nn.Module):  # a Linear module inside, logits from F.linear of a parameter
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 16)
+            self.w = nn.Parameter(torch.randn(3, 16))
+
+        def forward(self, x):
+            return F.linear(torch.relu(self.fc(x)), self.w)
+
+    assert output_features(Mixed()) == 3  # not the 16 of the last nn.Linear registered
+    assert output_features(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5))) == 5

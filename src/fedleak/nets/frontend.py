@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
+from fedleak.nets.graph_reads import op_key, parameter_read
 from fedleak.nets.input_shapes import first_layer, held_first_layer, layer_input_shape, probe, untraced_input_shape
 from fedleak.nets.layers import Conv, Dense
 from fedleak.nets.network import Network, Step, assemble
@@ -56,11 +57,6 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [n for n in found if n.op != "get_attr" and n.meta.get("shape") is not None]
 
 
-def op_key(node: fx.Node) -> object:
-    """What a converter is registered by for a function or method node: the function, or ``("method", name)``."""
-    return ("method", node.target) if node.op == "call_method" else node.target
-
-
 def converter_key(node: fx.Node, module: nn.Module | None) -> object:
     """The key the converter of ``node`` is registered by (``module``: the module it calls, None for a function or
     method): the module's class or a base of it, else the function or ``("method", name)``; None where none is."""
@@ -78,10 +74,10 @@ def _read(model: nn.Module, parameters: dict[str, nn.Parameter]):
     live), anything else as it is."""
 
     def read(arg: fx.Node) -> object:
-        if arg.op != "get_attr" or str(arg.target) not in parameters:
+        if (name := parameter_read(arg, parameters)) is None:
             return arg
-        prefix, _, attr = str(arg.target).rpartition(".")
-        return ParameterRead(str(arg.target), model.get_submodule(prefix), attr)
+        prefix, _, attr = name.rpartition(".")
+        return ParameterRead(name, model.get_submodule(prefix), attr)
 
     return lambda value: fx.node.map_arg(value, read)
 
@@ -108,7 +104,7 @@ def _steps(gm: fx.GraphModule, model: nn.Module) -> list[Step]:
     for k, node in enumerate(ops):
         module = modules[node.target] if node.op == "call_module" else None
         inputs = _tensor_inputs(node)
-        weights = [str(a.target) for a in node.all_input_nodes if a.op == "get_attr" and str(a.target) in parameters]
+        weights = [n for a in node.all_input_nodes if (n := parameter_read(a, parameters))]
         if not inputs and weights:
             raise ModelError(f"node '{node.name}' ({_what(node, module)}) computes a tensor from the parameter "
                              f"'{weights[0]}' (a transpose, a scaling, a slice of a weight), which the update holds "

@@ -23,7 +23,8 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.converters import cast, reshape
-from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of, op_key
+from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of
+from fedleak.nets.graph_reads import op_key
 from fedleak.nets.ops import CONVERTERS
 from fedleak.nets.tracing import PerStructure, keep_every_tensor, recorded_len, shared_trace, trace_model
 from fedleak.reconstruction import Reconstruction

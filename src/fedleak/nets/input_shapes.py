@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import operator
 import time
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from fedleak.errors import ModelError
 from fedleak.logits_of import logits_only
 from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.buffers import buffers_kept
+from fedleak.nets.graph_reads import PRODUCTS, layer_weight, op_key, parameter_read, viewed_parameter
 
 PROBE_BATCH = 2  # the probe batch has two samples, so an op that mixes samples shows in its shapes
 MAX_SIDE = 512  # the largest square image side tried when the input shape must be inferred
@@ -61,11 +60,6 @@ def probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) -
     return None
 
 
-FUNCTIONAL_LAYERS = (F.linear, F.conv1d, F.conv2d, F.conv3d)  # layers a forward may apply to its own parameters
-# products that mix features: one with a parameter is a layer that says no input shape (``x @ self.W.T``)
-PRODUCTS = frozenset({operator.matmul, torch.matmul, torch.mm, torch.einsum, ("method", "matmul"), ("method", "mm")})
-
-
 def first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module | nn.Parameter] | None:
     """The first layer with weights the traced forward calls: a module that holds weights of its own (its name and
     the module), or a functional layer on a parameter of the model (``F.linear(x, self.w1, self.b1)``,
@@ -78,29 +72,14 @@ def first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module | nn.Parameter] | No
     for node in gm.graph.nodes:
         if node.op == "call_module" and next(modules[node.target].parameters(recurse=False), None) is not None:
             return node.target, modules[node.target]
-        if node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target) in parameters:
-                return str(weight.target), parameters[str(weight.target)]
-            if isinstance(weight, fx.Node) and viewed_parameter(weight, parameters):
-                return None  # a view of a parameter (F.linear(x, self.W.T)): its shape need not be the layer's
-        key = ("method", node.target) if node.op == "call_method" else node.target
-        if key in PRODUCTS and any(viewed_parameter(a, parameters) for a in node.all_input_nodes):
+        weight = layer_weight(node)
+        if name := parameter_read(weight, parameters):
+            return name, parameters[name]
+        if isinstance(weight, fx.Node) and viewed_parameter(weight, parameters):
+            return None  # a view of a parameter (F.linear(x, self.W.T)): its shape need not be the layer's
+        if op_key(node) in PRODUCTS and any(viewed_parameter(a, parameters) for a in node.all_input_nodes):
             return None
     return None
-
-
-VIEWS = frozenset({getattr, torch.t, torch.transpose, ("method", "t"), ("method", "transpose"),
-                   ("method", "permute"), ("method", "view"), ("method", "reshape")})  # ``self.W.T``, ``W.t()``
-
-
-def viewed_parameter(node: fx.Node, parameters: dict[str, nn.Parameter]) -> str | None:
-    """The parameter ``node`` is, or is a view of through a chain of views (a transpose, ``.T``, a reshape), by its
-    name; None where it is none."""
-    while (("method", node.target) if node.op == "call_method" else node.target) in VIEWS and node.args and \
-            isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return str(node.target) if node.op == "get_attr" and str(node.target) in parameters else None
 
 
 # where the input's last dimensions are not fixed by the first layer: the most of each tried (signals, images,

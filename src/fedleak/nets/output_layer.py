@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from fedleak.errors import FedleakError, ModelError
 from fedleak.loose_parameters import loose_parameters
-from fedleak.nets.input_shapes import PRODUCTS, viewed_parameter
+from fedleak.nets.graph_reads import PRODUCTS, layer_weight, op_key, parameter_read, viewed_parameter
 from fedleak.nets.tracing import PerStructure, shared_trace
 
 
@@ -51,8 +51,7 @@ def _traced(model: nn.Module) -> OutputLayer | None:
         node = queue.pop(0)
         if found := _layer(node, modules, parameters):
             return found
-        key = ("method", node.target) if node.op == "call_method" else node.target
-        if key in PRODUCTS and any(viewed_parameter(a, parameters) for a in node.all_input_nodes):
+        if op_key(node) in PRODUCTS and any(viewed_parameter(a, parameters) for a in node.all_input_nodes):
             return None
         inputs: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), inputs.append)
@@ -71,22 +70,14 @@ def _layer(node: fx.Node, modules: dict[str, nn.Module], parameters: dict[str, n
         return OutputLayer(f"{prefix}weight", f"{prefix}bias" if layer.bias is not None else None)
     if node.op != "call_function" or node.target is not F.linear:
         return None
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    name = _parameter(weight, parameters)
+    name = parameter_read(layer_weight(node), parameters)
     if name is None or parameters[name].dim() != 2:
         return None
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     if bias is None:
         return OutputLayer(name, None)
-    bias_name = _parameter(bias, parameters)
+    bias_name = parameter_read(bias, parameters)
     return OutputLayer(name, bias_name) if bias_name is not None else None
-
-
-def _parameter(arg: object, parameters: dict[str, nn.Parameter]) -> str | None:
-    """The parameter name an argument reads as it is (a ``get_attr`` node of a parameter), else None."""
-    if isinstance(arg, fx.Node) and arg.op == "get_attr" and str(arg.target) in parameters:
-        return str(arg.target)
-    return None
 
 
 def traced_without_one(model: nn.Module) -> bool:

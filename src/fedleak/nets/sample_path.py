@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from fedleak.errors import ModelError
 from fedleak.nets.converters import cast, dropout, identity, reshape
 from fedleak.nets.frontend import converter_key
+from fedleak.nets.graph_reads import layer_weight
 from fedleak.nets.input_shapes import probe
 from fedleak.nets.ops import CONVERTERS
 from fedleak.nets.tracing import PerStructure, shared_trace
@@ -71,6 +72,5 @@ def _changed_before(model: nn.Module, layer: str, shape: tuple[int, ...]) -> str
 
 def _reads(node: fx.Node, weight: str) -> bool:
     """Whether ``node`` is ``F.linear`` of the parameter named ``weight``, as it is."""
-    arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    return (node.op == "call_function" and node.target is F.linear and isinstance(arg, fx.Node)
-            and arg.op == "get_attr" and arg.target == weight)
+    arg = layer_weight(node)
+    return node.target is F.linear and isinstance(arg, fx.Node) and arg.op == "get_attr" and arg.target == weight
