@@ -86,11 +86,14 @@ class StridedNet(nn.Module):
 
 
 def test_an_inferred_input_shape_says_which_sizes_fit():
-    """The smallest square that fits is assumed; when larger ones fit too, the note says which, and the
-    network's caveats (its reasons when nothing is certified) name them. A shape that is given has none."""
+    """Where several squares fit (a stride rounds), the one that the most halvings divide is assumed: 8 of 7 to 8
+    for a convolution of stride 2 and padding 1 (not the smallest, 7: the stride would pad a row the model was not
+    built for); the note says which sizes fit, and the network's caveats (its reasons when nothing is certified)
+    name them. A shape that is given has none."""
     net = as_network(StridedNet())
-    assert net.input_shape == (1, 7, 7) and "(7 to 8 pixels a side fit)" in net.notes[0]
-    assert net.caveats == ("your inputs are not the (1, 7, 7) inferred for the model: square images of 7 to 8 "
+    assert net.input_shape == (1, 8, 8)
+    assert "square images of 7 to 8 pixels a side fit, and 8 is the one that the most halvings divide" in net.notes[0]
+    assert net.caveats == ("your inputs are not the (1, 8, 8) inferred for the model: square images of 7 to 8 "
                            "pixels a side fit its layers (pass input_shape=)",)
     assert as_network(StridedNet(), input_shape=(1, 8, 8)).caveats == ()
     exact = as_network(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)))
@@ -462,11 +465,11 @@ class Signal1d(nn.Module):
 
 def test_input_shape_of_one_and_three_dimensional_convolutions():
     """A Conv1d model takes (C, L) signals and a Conv3d model (C, D, H, W) volumes: the shortest that fits is
-    inferred, as the smallest square image is for a Conv2d model (a later Linear layer's width is not the input's)."""
+    inferred, as the square image is for a Conv2d model (a later Linear layer's width is not the input's)."""
     from fedleak.nets import input_shape_of
 
     shape, notes = input_shape_of(Signal1d())
-    assert shape == (2, 64) and "signals of the smallest length that fits" in notes[0]
+    assert shape == (2, 64) and "signals of the only length that fits" in notes[0]
     cube = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 ** 3, 2))
     assert input_shape_of(cube)[0] == (1, 6, 6, 6)
     assert input_shape_of(nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 2)))[0] == (12,)

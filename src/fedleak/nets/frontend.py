@@ -213,7 +213,8 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
 
     The input shape is ``input_shape`` when given, else that of ``inputs`` (a batch), else
     ``model.input_shape`` (fedleak's builders set it), else derived from the layer shapes: the first Linear
-    layer's ``in_features`` for an MLP (flat inputs), the smallest square image that fits for a CNN (stated in
+    layer's ``in_features`` for an MLP (flat inputs), a square image that fits for a CNN (the size that the most
+    halvings divide where several fit: :func:`~fedleak.nets.input_shapes.most_halved`; stated in
     :attr:`Network.notes`). Raises :class:`ModelError` naming the node that does not fit. A model read before,
     whose structure is unchanged since (same modules, modes and tensor shapes) is not traced again.
     """

@@ -140,6 +140,14 @@ def layer_input_shape(model: nn.Module, first: tuple[str, nn.Module | nn.Paramet
                      "one input)")
 
 
+def most_halved(low: int, high: int) -> int:
+    """The size from ``low`` to ``high`` that the largest power of two divides (the smallest of those that tie):
+    where several sizes fit a model because a stride or a pooling rounds its output size, the size it was built
+    for is the one that its stride-2 steps halve without dropping or padding a row (28 of 27 to 28 for a 3x3
+    convolution of stride 2 and padding 1; 32 of 32 to 35 for two 2x2 poolings)."""
+    return max(range(low, high + 1), key=lambda n: ((n & -n), -n))
+
+
 def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, ...], tuple[str, ...],
                                                                     tuple[str, ...]]:
     """``(c, side, ...)`` of the smallest side (``dims`` of them) that fits the model, and the notes; with one
@@ -168,13 +176,17 @@ def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, .
                 raise ModelError(f"the model takes {kind} of any {size} from {side} {unit(side)} up (no layer "
                                  f"fixes the {size}: adaptive or global pooling), so their {size} cannot be "
                                  f"inferred; pass input_shape=({', '.join([*map(str, lead), sides])}) or the inputs")
-            also = "" if top == side else f" ({side} to {top} {unit(top)} fit)"
-            note = (f"input shape {shape(side)} inferred from the layer shapes, assuming {kind} of the smallest "
-                    f"{size} that fits{also}; pass input_shape= (or inputs) if yours differ")
-            caveats = () if top == side else (
-                f"your inputs are not the {shape(side)} inferred for the model: {kind} of {side} to {top} {unit(top)} "
-                "fit its layers (pass input_shape=)",)
-            return shape(side), (note,), caveats
+            if top == side:
+                return shape(side), (f"input shape {shape(side)} inferred from the layer shapes, assuming {kind} "
+                                     f"of the only {size} that fits; pass input_shape= (or inputs) if yours "
+                                     "differ",), ()
+            pick = most_halved(side, top)
+            note = (f"input shape {shape(pick)} inferred from the layer shapes: {kind} of {side} to {top} "
+                    f"{unit(top)} fit, and {pick} is the one that the most halvings divide (a stride or pooling "
+                    f"of 2 then drops no row); pass input_shape= (or inputs) if yours differ")
+            caveats = (f"your inputs are not the {shape(pick)} inferred for the model: {kind} of {side} to {top} "
+                       f"{unit(top)} fit its layers (pass input_shape=)",)
+            return shape(pick), (note,), caveats
     raise ModelError(f"no {kind.removesuffix('s')} of {c} channel(s) up to {most} {unit(most)} fits the model; pass "
                      f"input_shape=({c}, {sides})")
 
