@@ -36,6 +36,20 @@ def dropout_mlp_twin(net: DropoutMLP) -> nn.Sequential:
     return nn.Sequential(nn.Flatten(), net.fc1, nn.ReLU(), net.fc2)
 
 
+class FrozenHeadMLP(nn.Module):
+    """FedBABU's client model: the body trains under a fixed output layer (``requires_grad=False``), so its updates
+    hold nothing of that layer."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 256, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        self.fc2.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
 class ResidualMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

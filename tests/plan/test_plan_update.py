@@ -81,6 +81,18 @@ def test_a_model_the_route_cannot_read_still_gets_a_plan():
     assert p.to_text().startswith("VERDICT: the exact route cannot apply to ResidualMLP")
 
 
+def test_a_frozen_output_layer_keeps_the_exact_route_off(digits):
+    """A FedBABU client's update holds nothing of its frozen output layer, which the exact route reads: the plan
+    names the layer and recommends what reads the rest (it recommended the exact attack, which then refused)."""
+    from user_models import FrozenHeadMLP
+
+    model = FrozenHeadMLP().eval()
+    x, y = digits.batch(4, seed=0)
+    p = fedleak.plan(model, fedleak.compute_gradient_update(model, x, y))
+    assert p.route == "cannot" and "frozen" in p.verdict and "fc2.weight" in p.verdict
+    assert "exclusivity" not in p.recommended and "auto" in p.recommended
+
+
 def test_a_model_without_a_hidden_dense_relu_gets_a_plan_saying_so(digits):
     """conv -> ReLU -> Linear: the route reads the model but has no exclusively activated neurons to read; the
     plan says so (it was an error), and keeps what it noted of the update (a FedAvg reply read as weights)."""

@@ -32,13 +32,22 @@ from fedleak.reconstruction import Reconstruction
 
 
 def class_signal(model: nn.Module, update: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-class entries ``d_c`` (K,) whose negative values mark classes in the batch (scale unknown)."""
+    """Per-class entries ``d_c`` (K,) whose negative values mark classes in the batch (scale unknown); a
+    :class:`FedleakError` saying what to pass where the update holds no gradient of the output layer (a frozen one,
+    as FedBABU's clients keep it)."""
     w_name, b_name = output_layer_names(model)
     if b_name is not None and b_name in update:
         return update[b_name].detach().to(torch.float64).flatten()
     if w_name not in update:
-        raise FedleakError(f"the update has no entry for the output layer '{w_name}'")
+        raise FedleakError(f"the update has no gradient of the output layer '{w_name}' (frozen, requires_grad=False, "
+                           "or left out), from which the batch's labels and their count are read: pass labels= and "
+                           "batch_size= where they are known, or learn the labels (dlg, or learn_labels=True)")
     return update[w_name].detach().to(torch.float64).sum(1)
+
+
+def reads_classes(model: nn.Module, update: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``update`` holds a gradient of the output layer, which :func:`class_signal` reads."""
+    return any(name is not None and name in update for name in output_layer_names(model))
 
 
 def infer_label_counts(signal: torch.Tensor, batch_size: int, known: torch.Tensor | None = None,

@@ -186,7 +186,8 @@ def check_head_trainable(model: torch.nn.Module, net: Network) -> None:
         shown = ", ".join(frozen[:5]) + (", ..." if len(frozen) > 5 else "")
         raise ModelError(f"the model's dense layers have {len(frozen)} frozen parameter(s) (requires_grad=False: "
                          f"{shown}), so a client update holds no gradient for them; the exact methods read the "
-                         "gradient of every Linear layer (frozen conv layers are inverted from their weights); the "
+                         "gradient of every Linear layer (frozen conv layers are inverted from their weights); "
+                         "'auto', the first-layer attack (where the first Linear layer is trained) and the "
                          "optimisation attacks (dlg, idlg, ig, dlm, dlm+) take the update of the trainable ones")
 
 

@@ -25,6 +25,7 @@ from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.nets import NO_HIDDEN_RELU, Network, input_shape_of
 from fedleak.nets.exact_view import exact_view
+from fedleak.nets.network import check_head_trainable
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
 from fedleak.plan.advice import RouteFacts, advise
 from fedleak.plan.conv import block_shape
@@ -168,6 +169,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     try:
         view = exact_view(model, input_shape=shape)  # a normalisation inside forward peeled, BatchNorm1d folded
         model, input_map, net = view.model, view.input_map, view.net
+        check_head_trainable(model, net)  # a frozen dense layer sends no gradient, which the exact route reads
     except ModelError as exc:
         return verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind, sizes, target,
                                   notes, first_layer_changed(model, shape))

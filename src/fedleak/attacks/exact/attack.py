@@ -30,6 +30,7 @@ from fedleak.nets import Network, as_network
 from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
 from fedleak.nets.exact_view import exact_view
 from fedleak.nets.input_map import InputMap, peel_input_map
+from fedleak.nets.network import check_head_trainable
 from fedleak.precision import FLOAT32, Precision, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
@@ -186,6 +187,7 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     asked = resolve_options(options, {**overrides, "known_scale": lr is not None})
     opts = in_first_layer(asked, input_map)
     net = as_network(at_before, input_shape=input_shape)
+    check_head_trainable(model, net)  # a frozen layer's weights do not move: the change holds nothing of it
     delta = {n: delta[n] for n in names}
     noise = step_noises(update.after, delta, update.error)
     decay = read_decay(net, update.before, delta, noise)

@@ -51,8 +51,8 @@ def read_penalty(model: nn.Module, net, update: GradientUpdate, noise: dict[str,
     weights = {n: p.detach() for n, p in model.named_parameters() if n in grads}
     if len(weights) < len(grads):
         return None
-    if net.head.depth == 0:
-        return None
+    if net.head.depth == 0 or any(d.weight_name not in grads for d in net.head.dense):
+        return None  # a frozen layer (requires_grad=False) sends no gradient: no unit's rows and column to read
     out = net.head.dense[-1].weight_name
     if bool(((grads[out] == 0).all(0) & (weights[out] != 0).any(0)).any()):
         return None  # a unit's outgoing column untouched: no penalty (it would hold c times the column)

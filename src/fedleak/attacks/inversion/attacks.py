@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,12 @@ from fedleak.attacks.inversion.clock import RunClock
 from fedleak.attacks.inversion.prior import Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
 from fedleak.attacks.inversion.target import Target, batch_size_of, prepare_target, resolve_labels
+from fedleak.attacks.labels import reads_classes
 from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
+from fedleak.nets.output_layer import output_layer_names
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 
@@ -106,6 +109,10 @@ def run_optimization_attack(
             notes.append(f"{steps} local {settings.client_optimizer} step(s) unrolled differentiably "
                          "(learning rate learned)")
     m = batch_size_of(model, target, batch_size, notes)
+    if not (settings.learn_labels or labels is not None or reads_classes(model, target.mapping)):
+        settings = replace(settings, learn_labels=True)  # no output-layer gradient to read them from
+        notes.append(f"the update holds nothing of the output layer '{output_layer_names(model)[0]}' (frozen, "
+                     "as FedBABU's clients keep it), from which labels are read otherwise")
     n_known = 0 if fixed_inputs is None else len(fixed_inputs)
     if n_known >= m:
         raise FedleakError(f"{n_known} known sample(s) already fill the batch of {m}")

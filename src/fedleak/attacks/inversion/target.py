@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.attacks.labels import class_signal, infer_label_counts, infer_labels
+from fedleak.attacks.labels import class_signal, infer_label_counts, infer_labels, reads_classes
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.logits_of import NotLogits
 from fedleak.nets import input_shape_of
 from fedleak.nets.token_inputs import TokenInputs
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update, check_matches_model
+from fedleak.validation import output_features
 
 
 @dataclass(frozen=True)
@@ -125,13 +126,15 @@ def resolve_labels(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Labels to use for the whole batch (given, or inferred from the output layer, with the client's
     ``class_weights``) and their counts."""
-    signal = class_signal(model, target.mapping)
     if labels is not None and not isinstance(labels, str):
         y = torch.as_tensor(labels).long().flatten()
         if y.numel() != batch_size:
             raise FedleakError(f"labels has {y.numel()} entries but the batch size is {batch_size}")
         notes.append("labels given by the caller")
-        return y, np.bincount(y.numpy(), minlength=max(int(y.max()) + 1, signal.numel()))  # one count per class
+        classes = (class_signal(model, target.mapping).numel() if reads_classes(model, target.mapping)
+                   else output_features(model) or 1)  # one count per class (a frozen output layer: its width)
+        return y, np.bincount(y.numpy(), minlength=max(int(y.max()) + 1, classes))
+    signal = class_signal(model, target.mapping)
     y = infer_labels(model, target.mapping, batch_size, known, class_weights)
     counts = (infer_label_counts(signal, batch_size, known, class_weights) if batch_size > 1 or known is not None
               else np.bincount(y.numpy(), minlength=signal.numel()))
