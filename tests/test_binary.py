@@ -158,3 +158,53 @@ def test_a_single_logit_of_functional_layers_is_read_as_its_twin(lfw):
     scores = metrics.match(rec, x, y)
     assert rec.num_certified >= 6 and not scores.false_certificate.any()
     assert any("binary cross-entropy" in n for n in rec.notes)
+
+
+class SqueezedNet(BinaryNet):
+    """A binary classifier that squeezes its logit to one value per sample, as ``BCEWithLogitsLoss`` on float labels
+    takes it (``(N,)`` outputs)."""
+
+    def forward(self, x):
+        return super().forward(x).squeeze(1)
+
+
+class SqueezedSigmoidNet(BinaryNet):
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x).view(-1))
+
+
+class SqueezedConvNet(nn.Module):
+    """A conv binary classifier ending with ``.view(-1)``: the input shape comes from probing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 25 * 25, 512)
+        self.fc2 = nn.Linear(512, 1)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1)))).view(-1)
+
+
+@pytest.mark.parametrize(("make", "probability"), [(lambda: SqueezedNet(625), False),
+                                                   (lambda: SqueezedSigmoidNet(625), True),
+                                                   (SqueezedConvNet, False)])
+def test_a_squeezed_logit_is_read_as_one_logit_per_sample(lfw, make, probability):
+    """The client's own loss on the ``(N,)`` output is what the simulated client computes, the twin gives ``(0, z)``
+    per sample (the squeeze and sigmoid after the output layer peeled), and the update is certified."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x, y = lfw.batch(4, seed=15)
+    out = model(x)
+    assert out.shape == (4,)
+    loss = F.binary_cross_entropy(out, y.float()) if probability else F.binary_cross_entropy_with_logits(out, y.float())
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    simulated = fedleak.compute_gradient_update(model, x, y)
+    assert all(torch.allclose(simulated.gradients[k], g, atol=1e-8) for k, g in grads.items())
+    twin_model, _, notes = fedleak.binary.as_two_class(model)
+    logits = twin_model(x)
+    assert logits.shape == (4, 2) and torch.equal(logits[:, 0], torch.zeros(4))
+    assert (any("ends with a sigmoid" in n for n in notes)) == probability
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=4))
+    assert rec.num_certified >= 3 and not metrics.match(rec, x, y).false_certificate.any()
+    assert fedleak.fedavg_update(model, x, y, lr=0.1).after.keys() == model.state_dict().keys()

@@ -158,3 +158,11 @@ def test_an_output_object_is_read_by_attribute(digits):
     rec = fedleak.reconstruct(wrapped, list(grads))
     assert rec.num_certified >= 4
     assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0
+
+
+def test_per_sample_logits_reads_a_squeezed_logit_as_a_column():
+    from fedleak.logits_of import per_sample_logits
+
+    assert per_sample_logits(torch.arange(3.0), 3).shape == (3, 1)
+    assert per_sample_logits(torch.zeros(3, 4), 3).shape == (3, 4)
+    assert per_sample_logits(torch.zeros(4), 1).shape == (4,)  # not one value per sample: left for the caller

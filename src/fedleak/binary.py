@@ -68,13 +68,13 @@ def as_two_class(model: nn.Module, update: object = None) -> tuple[nn.Module, ob
     with the note saying so."""
     if not single_logit(model):
         return model, update, ()
-    logit = logit_model(model)  # a forward ending with a sigmoid (BCELoss): the same gradient at the logit
-    twin = binary_twin(model if logit is None else logit)
+    logit = logit_model(model)  # a forward ending with a sigmoid (BCELoss) or a squeeze: the logit as N x 1
+    twin = binary_twin(model if logit is None else logit.module)
     if isinstance(update, WeightUpdate):
         update = twin.weights(update)
     elif update is not None:
         update = twin.gradient(as_gradient_update(update))
-    return twin.model, update, (NOTE,) if logit is None else (NOTE, SIGMOID_NOTE)
+    return twin.model, update, (NOTE, SIGMOID_NOTE) if logit is not None and logit.sigmoid else (NOTE,)
 
 
 def single_logit(model: nn.Module) -> bool:

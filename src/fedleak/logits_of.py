@@ -42,6 +42,14 @@ def logits_only(out: Any) -> torch.Tensor:
                     f"(for --model file.py:NAME, a function NAME in the file that returns it)")
 
 
+def per_sample_logits(out: Any, samples: int) -> torch.Tensor:
+    """:func:`logits_only` of what a model returned for a batch of ``samples``, with the one logit per sample of a
+    binary classifier that squeezes it (``self.fc(h).squeeze(1)``, what ``BCEWithLogitsLoss`` on float labels takes)
+    as a column, the ``samples x 1`` of one that does not; any other shape as it is, for the caller to refuse."""
+    logits = logits_only(out)
+    return logits[:, None] if logits.ndim == 1 and logits.shape[0] == samples else logits
+
+
 class LogitsOf(nn.Module):
     """``model``, returning only ``which`` of what its forward returns: a position (tuple, list) or a key (dict) or
     attribute name (an output object's ``.logits``, a named tuple's field).

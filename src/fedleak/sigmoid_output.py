@@ -1,11 +1,16 @@
-"""Binary classifiers whose forward ends with a sigmoid, trained with ``BCELoss`` on the probability it gives.
+"""Binary classifiers whose forward ends with a sigmoid, trained with ``BCELoss`` on the probability it gives, or
+squeezes its one logit per sample to a vector (``self.fc(h).squeeze(1)``, as ``BCEWithLogitsLoss`` on float labels
+takes it).
 
 The gradient of ``BCELoss(sigmoid(z), y)`` at the logit ``z`` is ``sigmoid(z) - y``, that of
-``BCEWithLogitsLoss(z, y)``: such a model is read as the same model without its final sigmoid
-(:mod:`fedleak.binary`), and its simulated clients train it as it is written, with ``BCELoss`` on its output.
+``BCEWithLogitsLoss(z, y)``: such a model is read as the same model without its final sigmoid, and without the
+reshapes of its logit, returning the output layer's N x 1 (:mod:`fedleak.binary`); its simulated clients train it
+as it is written, with ``BCELoss`` on its output.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -15,25 +20,46 @@ from fedleak.errors import ModelError
 from fedleak.nets.tracing import trace_model
 
 SIGMOIDS = (torch.sigmoid, F.sigmoid)
+#: the reshapes by which a forward turns its N x 1 logit into N values (or back)
+RESHAPES = (torch.squeeze, torch.flatten, torch.reshape)
+RESHAPE_METHODS = ("squeeze", "flatten", "view", "reshape")
 
 
-def logit_model(model: nn.Module) -> fx.GraphModule | None:
-    """``model`` traced, its forward returning the input of its final sigmoid (its logit), or None when its
-    forward does not end with a sigmoid (or cannot be traced). The graph module shares ``model``'s layers (nothing
-    is copied; ``model`` itself is unchanged): copy it before changing them."""
+@dataclass(frozen=True)
+class LogitModel:
+    """A single-logit model traced, its forward returning the logit as its output layer gives it (``module``), and
+    whether a final sigmoid was taken off (``sigmoid``: the client's loss is ``BCELoss`` on the probability)."""
+
+    module: fx.GraphModule
+    sigmoid: bool
+
+
+def logit_model(model: nn.Module) -> LogitModel | None:
+    """``model`` (a single-logit one) traced, its forward returning the input of its final sigmoid and of the
+    reshapes of the logit after the output layer, or None when its forward ends with neither (or cannot be traced).
+    The graph module shares ``model``'s layers (nothing is copied; ``model`` itself is unchanged): copy it before
+    changing them."""
     try:
         gm = trace_model(model)
     except ModelError:  # an untraceable model is read as it is
         return None
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    last = out.args[0]
-    if not isinstance(last, fx.Node) or not _is_sigmoid(gm, last):
+    last, sigmoid, peeled = out.args[0], False, False
+    while isinstance(last, fx.Node) and (_is_sigmoid(gm, last) or _is_reshape(last)):
+        sigmoid |= _is_sigmoid(gm, last)
+        last, peeled = last.args[0], True
+    if not peeled:
         return None
-    out.args = (last.args[0],)
-    gm.graph.erase_node(last)
+    out.args = (last,)
+    gm.graph.eliminate_dead_code()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return gm
+    return LogitModel(gm, sigmoid)
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in RESHAPES) or (
+        node.op == "call_method" and node.target in RESHAPE_METHODS)
 
 
 def _is_sigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -20,7 +20,7 @@ from torch import nn
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.forward_failure import forward_failure
-from fedleak.logits_of import logits_only
+from fedleak.logits_of import per_sample_logits
 from fedleak.state_names import renaming
 from fedleak.validation import (
     MAX_COUNT,
@@ -278,9 +278,10 @@ def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
 
 def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``model(inputs)``, checked to be N x K logits (K >= 2) with every label a class index below K (or soft
-    labels with K columns)."""
+    labels with K columns), or N x 1 of a binary classifier: one that squeezes its logit to N values
+    (``self.fc(h).squeeze(1)``, as ``BCEWithLogitsLoss`` on float labels takes it) gives them as N x 1."""
     try:
-        logits = logits_only(model(inputs))
+        logits = per_sample_logits(model(inputs), int(inputs.shape[0]))
     except Exception as exc:  # a shape or dtype mismatch anywhere in the user's forward; BatchNorm on one input
         if isinstance(exc, FedleakError):
             raise
@@ -382,7 +383,7 @@ def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
     """Whether a single-output ``model`` gives a probability: its forward ends with a sigmoid."""
     from fedleak.sigmoid_output import logit_model
 
-    return outputs.shape[1] == 1 and logit_model(model) is not None
+    return outputs.shape[1] == 1 and (logit := logit_model(model)) is not None and logit.sigmoid
 
 
 @with_autograd

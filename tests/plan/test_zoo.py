@@ -175,3 +175,22 @@ def test_a_model_that_takes_the_datas_values_laid_out_otherwise_is_told_how_to_r
     with pytest.raises(fedleak.FedleakError, match=r"does not run on the data's inputs \(1, 1, 32\)") as info:
         load_model_for(f"{source}:Net", (1, 1, 32), 3)
     assert "laid out otherwise" not in str(info.value)
+
+
+def test_a_binary_classifier_that_squeezes_its_logit_is_loaded_for_two_classes(tmp_path):
+    """``self.fc(h).squeeze(1)`` gives one value per sample: a binary classifier's logit, for two-class data."""
+    from fedleak.models.zoo import load_model_for
+
+    source = tmp_path / "binary.py"
+    source.write_text(
+        "import torch.nn as nn, torch.nn.functional as F\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc1 = nn.Linear(64, 32)\n"
+        "        self.fc2 = nn.Linear(32, 1)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc2(F.relu(self.fc1(x.flatten(1)))).squeeze(1)\n")
+    assert load_model_for(f"{source}:Net", (1, 8, 8), 2, binary=True) is not None
+    with pytest.raises(fedleak.FedleakError, match="it needs an output per class"):
+        load_model_for(f"{source}:Net", (1, 8, 8), 3, binary=True)

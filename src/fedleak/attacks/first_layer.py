@@ -61,7 +61,7 @@ from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
 from fedleak.clipped_values import ValueClip, read_value_clip
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
-from fedleak.logits_of import NotLogits, logits_only
+from fedleak.logits_of import NotLogits, per_sample_logits
 from fedleak.loose_parameters import loose_parameters
 from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
@@ -413,7 +413,7 @@ def _label(model: nn.Module, observed: dict[str, torch.Tensor]) -> int:
 
 def _classes(model: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad():
-        out = logits_only(model(x))
+        out = per_sample_logits(model(x), len(x))
     return 2 if out.shape[1] == 1 else int(out.shape[1])
 
 

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedleak.attacks.exact.grouping import ImpliedInputs, group_rows
-from fedleak.logits_of import logits_only
+from fedleak.logits_of import per_sample_logits
 from fedleak.nets.layer_calls import FunctionalCalls
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
@@ -229,7 +229,7 @@ def class_fits(model: nn.Module, layer: str, X: torch.Tensor, rows: list[torch.T
         model.get_submodule(layer).register_forward_hook(lambda mod, args, out: caught.append(out))]
     try:
         with torch.enable_grad(), functional:
-            logits = logits_only(model(x))
+            logits = per_sample_logits(model(x), len(x))
     finally:
         for hook in hooks:
             hook.remove()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from fedleak.clients.mode import client_mode
-from fedleak.logits_of import logits_only
+from fedleak.logits_of import per_sample_logits
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
 AGREE = 0.01  # flipped factors this close (relative) to k_i c are taken to agree: 100 times the certificate's own
@@ -50,7 +50,7 @@ def flipped_factors(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     where the loss weighs classes), or None where the model does not have two classes. The model runs in eval mode,
     as the attacks read it."""
     with torch.no_grad(), client_mode(model, "eval"):
-        logits = logits_only(model(inputs.to(next(model.parameters()).dtype)))
+        logits = per_sample_logits(model(inputs.to(next(model.parameters()).dtype)), len(inputs))
     if logits.ndim != 2 or logits.shape[1] != 2:
         return None
     p = torch.softmax(logits.double(), 1).gather(1, labels.view(-1, 1).to(logits.device)).flatten().cpu().numpy()

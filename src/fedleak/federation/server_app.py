@@ -31,6 +31,7 @@ from fedleak.federation.flower_native import wrap_strategy  # noqa: E402
 from fedleak.federation.hooks import audit_attack, get_threat  # noqa: E402
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model  # noqa: E402
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
+from fedleak.logits_of import per_sample_logits  # noqa: E402
 from fedleak.nets.tracing import TRACE_LOCK  # noqa: E402
 from fedleak.updates import client_loss, ends_in_sigmoid, predicted_classes  # noqa: E402
 
@@ -107,9 +108,9 @@ def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord,
     the model see them: DisguisedNets' keyed transform)."""
     model.load_state_dict(arrays.to_torch_state_dict())
     with TRACE_LOCK, torch.no_grad():  # an audit thread may be tracing a model (torch.fx patches every forward)
-        logits = model(split.test_x if stack is None else stack.bind(data_range=split.value_range,
-                                                                     num_classes=split.num_classes)
-                       .at_inference(split.test_x))
+        x = split.test_x if stack is None else stack.bind(data_range=split.value_range,
+                                                          num_classes=split.num_classes).at_inference(split.test_x)
+        logits = per_sample_logits(model(x), len(x))  # a binary classifier's squeezed logit as a column
         probability = ends_in_sigmoid(model, logits)  # a binary classifier whose forward ends with a sigmoid
         loss = float(client_loss(logits, split.test_y, probability=probability))
         acc = float((predicted_classes(logits, probability=probability) == split.test_y).float().mean())

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from fedleak.errors import ModelError
-from fedleak.logits_of import logits_only
+from fedleak.logits_of import per_sample_logits
 from fedleak.models.catalog import BUILTIN_MODELS, MODEL_CATALOG
 from fedleak.registry import Registry
 
@@ -256,7 +256,7 @@ def load_model_for(spec: str | os.PathLike[str], input_shape: tuple[int, ...], n
     except Exception as exc:  # noqa: BLE001 - any error of the user's forward is reported as one line
         raise ModelError(f"model {spec} does not run on the data's inputs {tuple(input_shape)}: "
                          f"{type(exc).__name__}: {exc}{_layout_hint(model, tuple(input_shape))}") from None
-    shape = tuple(logits_only(out).shape)
+    shape = tuple(per_sample_logits(out, 2).shape)
     if len(shape) != 2 or not (shape[1] >= num_classes or (binary and shape[1] == 1 and num_classes == 2)):
         gives = f"{shape[1]} outputs per sample" if len(shape) == 2 else f"outputs of shape {shape} for 2 samples"
         raise ModelError(f"model {spec} gives {gives}, but the data has {num_classes} classes: it needs an output "

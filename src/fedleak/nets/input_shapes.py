@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from fedleak.errors import ModelError
-from fedleak.logits_of import logits_only
+from fedleak.logits_of import per_sample_logits
 from fedleak.loose_parameters import loose_parameters
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.graph_reads import PRODUCTS, layer_weight, op_key, parameter_read, viewed_parameter
@@ -54,7 +54,7 @@ def probe(model: nn.Module, gm: fx.GraphModule | None, shape: tuple[int, ...]) -
             out = model(x) if gm is None else _ShapeRecorder(gm).run(x)
         except Exception as err:  # a wrong shape fails anywhere in the user's forward
             return (str(err).strip().splitlines() or [type(err).__name__])[0]
-    out = logits_only(out)
+    out = per_sample_logits(out, PROBE_BATCH)  # a squeezed logit per sample as a column
     if out.dim() != 2 or out.shape[0] != PROBE_BATCH:
         return f"for a batch of {PROBE_BATCH} it returns {tuple(out.shape)}, not {PROBE_BATCH} x classes logits"
     return None

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from fedleak.attacks.inversion.target import Target
 from fedleak.errors import FedleakError, ModelError
 from fedleak.forward_failure import forward_failure, in_training_mode_with_batch_norm
-from fedleak.logits_of import logits_only
+from fedleak.logits_of import per_sample_logits
 from fedleak.updates import client_loss
 
 #: unrolled local optimizers the attacker can assume (the client's real optimizer is private)
@@ -44,7 +44,8 @@ class FunctionalModel:
 
     def logits(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         try:
-            return logits_only(functional_call(self.model, {**dict(zip(self.names, params)), **self.buffers}, (x,)))
+            return per_sample_logits(functional_call(self.model, {**dict(zip(self.names, params)), **self.buffers},
+                                                     (x,)), len(x))
         except (ValueError, RuntimeError) as exc:
             if isinstance(exc, FedleakError):
                 raise
