@@ -1,7 +1,7 @@
 """The shape of one input of a user's model: run a probe batch through it, or infer the shape from its layers.
 
-A Linear layer first gives the input's width; a convolution first gives its channels, and the smallest signal,
-square image or cube that its layers take gives the rest. The first layer is the first one the traced ``forward``
+A Linear layer first gives the input's width; a convolution first gives its channels, and the signal, square image
+or cube that its layers take gives the rest (of several sizes that fit, the one the most halvings divide). The first layer is the first one the traced ``forward``
 calls (:func:`first_layer`), or, for a ``forward`` that does not trace, the first one the model holds
 (:func:`untraced_input_shape`, checked by running the model).
 """
@@ -114,8 +114,8 @@ def layer_input_shape(model: nn.Module, first: tuple[str, nn.Module | nn.Paramet
     layer reads: for a traced forward, :func:`first_layer`), gives when nothing else gives it, the assumption made
     to get it, and (where larger inputs fit the layers too, as when pooling or a stride rounds down) how that
     assumption may keep the exact methods from certifying anything. A Linear (or a first LayerNorm or BatchNorm1d)
-    layer gives it; a convolution gives its channels, and the smallest signal, square image or cube that fits the
-    layers after it gives the rest."""
+    layer gives it; a convolution gives its channels, and the signal, square image or cube that fits the layers
+    after it gives the rest (:func:`most_halved` of the sizes that fit)."""
     if first is None:
         loose = loose_parameters(model)
         raise ModelError(f"{loose}; or pass input_shape= (the shape of one input)" if loose else
@@ -150,8 +150,9 @@ def most_halved(low: int, high: int) -> int:
 
 def _conv_input_shape(model: nn.Module, c: int, dims: int) -> tuple[tuple[int, ...], tuple[str, ...],
                                                                     tuple[str, ...]]:
-    """``(c, side, ...)`` of the smallest side (``dims`` of them) that fits the model, and the notes; with one
-    channel, ``(side, ...)`` where only that fits (a model that adds the channel axis itself, ``x.unsqueeze(1)``)."""
+    """``(c, side, ...)`` of the side (``dims`` of them) that fits the model (:func:`most_halved` of the sides that
+    fit, which are consecutive), and the notes; with one channel, ``(side, ...)`` where only that fits (a model
+    that adds the channel axis itself, ``x.unsqueeze(1)``)."""
     kind, units, size, sides = KINDS[dims]
     most = MAX_SIDES[dims]
 
