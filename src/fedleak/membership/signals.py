@@ -1,6 +1,10 @@
 """What a model says about each record, computed in batches: logits, per-record losses, and per-record gradients
 of the loss (real autograd, batched with :func:`torch.func.vmap`). Every membership attack reads its signals from
-here, so there is one forward pass and one per-sample gradient in the package."""
+here, so there is one forward pass and one per-sample gradient in the package.
+
+A binary classifier with one logit ``z`` (trained with binary cross-entropy) gives the logits of its two-class
+softmax twin, ``(0, z)``: their cross-entropy is its binary cross-entropy, and their softmax its probabilities
+(:mod:`fedleak.binary`); a forward that ends with a sigmoid gives ``p``, whose logit is ``log p - log(1 - p)``."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedleak.membership.base import Records
-from fedleak.updates import forward_logits, trainable_parameters
+from fedleak.updates import ends_in_sigmoid, forward_logits, trainable_parameters
 
 CHUNK = 512
 
@@ -33,13 +37,24 @@ def _dtype(model: nn.Module) -> torch.dtype:
 
 
 def record_logits(model: nn.Module, records: Records, chunk: int = CHUNK) -> torch.Tensor:
-    """N x K logits of ``model`` on the records (eval mode, no gradient)."""
+    """N x K logits of ``model`` on the records (eval mode, no gradient); a single-logit model's as its twin's, N x 2
+    (module docstring)."""
     out = []
     with evaluating(model), torch.no_grad():
         for start in range(0, len(records), chunk):
             x = records.inputs[start:start + chunk].to(_dtype(model))
             out.append(forward_logits(model, x, records.labels[start:start + chunk]))
-    return torch.cat(out).to(torch.float64)
+    logits = torch.cat(out).to(torch.float64)
+    return class_logits(logits, ends_in_sigmoid(model, logits))
+
+
+def class_logits(outputs: torch.Tensor, probability: bool) -> torch.Tensor:
+    """``outputs`` (N x K logits) as they are; N x 1 of a binary classifier as its twin's ``(0, z)``, ``z`` the
+    logit, or, where the forward ends with a sigmoid (``probability``), the logit of the probability it gives."""
+    if outputs.shape[-1] != 1:
+        return outputs
+    z = torch.logit(outputs) if probability else outputs
+    return torch.cat([torch.zeros_like(z), z], -1)
 
 
 def record_losses(model: nn.Module, records: Records, chunk: int = CHUNK) -> torch.Tensor:
@@ -73,9 +88,13 @@ def per_record_gradients(model: nn.Module, records: Records, names: Sequence[str
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
     buffers = dict(model.named_buffers())
     dtype = _dtype(model)
+    with evaluating(model), torch.no_grad():
+        probe = forward_logits(model, records.inputs[:1].to(dtype), records.labels[:1])
+    probability = ends_in_sigmoid(model, probe)
 
     def loss(free: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, {**fixed, **free, **buffers}, (x.unsqueeze(0),))
+        out = functional_call(model, {**fixed, **free, **buffers}, (x.unsqueeze(0),))
+        logits = class_logits(out.reshape(1, -1), probability)  # a squeezed logit: one value
         return nn.functional.cross_entropy(logits, y.unsqueeze(0))
 
     per_record = vmap(grad(loss), in_dims=(None, 0, 0))

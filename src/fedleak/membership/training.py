@@ -57,7 +57,8 @@ class TrainingRecipe:
             return make_mlp(self.input_shape, list(self.widths), self.num_classes, seed=seed)
         from fedleak.models.zoo import load_model_for
 
-        return load_model_for(self.model, self.input_shape, self.num_classes, weights=self.weights, seed=seed)
+        return load_model_for(self.model, self.input_shape, self.num_classes, weights=self.weights, seed=seed,
+                              binary=True)  # one logit for two classes too (binary cross-entropy)
 
     def stack(self) -> DefenseStack:
         return DefenseStack.of(self.defense)
