@@ -126,3 +126,29 @@ def test_every_non_finite_entry_is_found_wherever_it_is(dtype):
     assert all_finite(huge)
     huge[5] = -float("inf")
     assert not all_finite(huge)
+
+
+class _Head(nn.Module):
+    """Outputs given per test: logits, one logit (squeezed or not), or a sigmoid's probability."""
+
+    def __init__(self, out: torch.Tensor, sigmoid: bool = False):
+        super().__init__()
+        self.scale = nn.Linear(1, 1, bias=False)
+        self.out, self.sigmoid = out, sigmoid
+
+    def forward(self, x):
+        out = self.out * self.scale.weight[0, 0] ** 0 + 0 * x.flatten(1)[:, :1].sum()
+        return torch.sigmoid(out) if self.sigmoid else out
+
+
+@pytest.mark.parametrize(("out", "sigmoid", "expected"), [
+    (torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]]), False, [1, 0]),
+    (torch.tensor([[0.5], [-0.5]]), False, [1, 0]),
+    (torch.tensor([0.5, -0.5]), False, [1, 0]),
+    (torch.tensor([[-0.2], [0.3]]), True, [0, 1]),
+])
+def test_model_predictions_read_one_logit_squeezed_or_not_and_a_final_sigmoid(out, sigmoid, expected):
+    from fedleak.updates import model_predictions
+
+    with torch.no_grad():
+        assert model_predictions(_Head(out, sigmoid), torch.zeros(2, 3)).tolist() == expected

@@ -370,6 +370,13 @@ def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> tor
     return (logits[:, 0] > (0.5 if probability else 0.0)).long()
 
 
+def model_predictions(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The classes ``model`` predicts for ``inputs`` (:func:`predicted_classes` of its outputs: a binary classifier's
+    one logit, squeezed or not, or the probability its final sigmoid gives, too); call it without autograd."""
+    outputs = per_sample_logits(model(inputs), len(inputs))
+    return predicted_classes(outputs, probability=ends_in_sigmoid(model, outputs))
+
+
 def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
                label_smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """The client's loss (:func:`client_loss`) of the model on a checked batch."""

@@ -29,7 +29,7 @@ from fedleak.errors import DataError, FedleakError
 from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell, pareto_front
 from fedleak.evaluation.settings import CLIENT_SIZE, TEST_SIZE, EvaluationSettings
 from fedleak.evaluation.store import FILE, CellStore
-from fedleak.updates import GradientUpdate
+from fedleak.updates import GradientUpdate, model_predictions
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
                     mean = mean + noise * torch.randn(mean.shape, generator=server, dtype=mean.dtype)
                 p -= mean
     with torch.no_grad():
-        pred = global_model(stack.at_inference(fed.test_x)).argmax(1)
+        pred = model_predictions(global_model, stack.at_inference(fed.test_x))
     accuracy = float((pred == fed.test_y).float().mean())
     accounting = Accounting(rounds=settings.rounds, local_steps=1, batch_size=settings.batch_size,
                             dataset_size=len(fed.parts[0]), client_rate=1.0, delta=settings.delta)
