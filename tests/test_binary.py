@@ -208,3 +208,19 @@ def test_a_squeezed_logit_is_read_as_one_logit_per_sample(lfw, make, probability
     rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=4))
     assert rec.num_certified >= 3 and not metrics.match(rec, x, y).false_certificate.any()
     assert fedleak.fedavg_update(model, x, y, lr=0.1).after.keys() == model.state_dict().keys()
+
+
+def test_soft_labels_of_two_classes_train_a_single_logit_with_their_class_1_probability(lfw):
+    """MixUp, InstaHide and label smoothing give soft labels (rows of two class probabilities): a single-logit
+    client's binary cross-entropy takes the class-1 probability as its target (they were refused)."""
+    torch.manual_seed(0)
+    model = BinaryNet(625, 64).eval()
+    x, y = lfw.batch(6, seed=1)
+    q = torch.rand(6)
+    soft = torch.stack([1 - q, q], 1)
+    loss = F.binary_cross_entropy_with_logits(model(x)[:, 0], q)
+    own = torch.autograd.grad(loss, list(model.parameters()))
+    update = fedleak.compute_gradient_update(model, x, soft)
+    assert all(torch.allclose(update.gradients[n], g, atol=1e-7) for (n, _), g in zip(model.named_parameters(), own))
+    with pytest.raises(fedleak.FedleakError, match="soft labels have 3 classes"):
+        fedleak.compute_gradient_update(model, x, torch.full((6, 3), 1 / 3))

@@ -292,8 +292,8 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     classes = int(logits.shape[1])
     if classes != 1:  # one logit: a binary classifier (client_loss), whose labels are 0 or 1
         check_num_classes(classes, "the model")
-    if is_soft(labels):
-        if labels.shape[1] != classes or classes == 1:
+    if is_soft(labels):  # a binary classifier's one logit takes soft labels of two classes (client_loss)
+        if labels.shape[1] != max(classes, 2):
             raise DataError(f"soft labels have {labels.shape[1]} classes but the model {classes} outputs")
     else:
         check_labels(labels, max(classes, 2), error=DataError)
@@ -335,14 +335,14 @@ def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "me
                 class_weights: tuple[float, ...] | None = None) -> torch.Tensor:
     """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels,
     ``label_smoothing`` and ``class_weights`` as ``F.cross_entropy`` takes them (``label_smoothing`` and
-    ``weight``); for a single output, the binary cross-entropy of it (labels 0 or 1): of the logit
-    (``BCEWithLogitsLoss``), or, for a model whose forward ends with a sigmoid (``probability``), of the
-    probability it gives (``BCELoss``), which takes neither."""
+    ``weight``); for a single output, the binary cross-entropy of it (labels 0 or 1, or soft labels of two classes,
+    whose class-1 probability is the target): of the logit (``BCEWithLogitsLoss``), or, for a model whose forward
+    ends with a sigmoid (``probability``), of the probability it gives (``BCELoss``), which takes neither."""
     if logits.shape[1] == 1:
         if label_smoothing or class_weights is not None:
             raise FedleakError("label_smoothing and class_weights apply to a cross-entropy over K >= 2 outputs; this "
                                "model has one output (binary cross-entropy)")
-        target = labels.to(logits.dtype)
+        target = (labels[:, 1] if is_soft(labels) else labels).to(logits.dtype)
         if probability:
             return nn.functional.binary_cross_entropy(logits[:, 0], target, reduction=reduction)
         return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction=reduction)
