@@ -224,3 +224,16 @@ def test_soft_labels_of_two_classes_train_a_single_logit_with_their_class_1_prob
     assert all(torch.allclose(update.gradients[n], g, atol=1e-7) for (n, _), g in zip(model.named_parameters(), own))
     with pytest.raises(fedleak.FedleakError, match="soft labels have 3 classes"):
         fedleak.compute_gradient_update(model, x, torch.full((6, 3), 1 / 3))
+
+
+def test_the_label_mixing_defenses_run_on_a_single_logit_client(lfw):
+    """MixUp and label smoothing read a single logit as two classes: label smoothing's soft labels give the binary
+    cross-entropy with the target (1 - s) y + s / 2 (they refused, asking for num_classes)."""
+    torch.manual_seed(0)
+    model = BinaryNet(625, 64).eval()
+    x, y = lfw.batch(6, seed=1)
+    smoothed = fedleak.defended_gradient(model, x, y, "label-smoothing:smoothing=0.2").update
+    loss = F.binary_cross_entropy_with_logits(model(x)[:, 0], 0.8 * y.float() + 0.1)
+    own = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.allclose(smoothed.gradients[n], g, atol=1e-7) for (n, _), g in zip(model.named_parameters(), own))
+    assert fedleak.defended_gradient(model, x, y, "mixup").update.num_examples == 6

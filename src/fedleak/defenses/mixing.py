@@ -67,7 +67,8 @@ def label_distribution(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
 
 
 def model_classes(model: nn.Module, inputs: torch.Tensor) -> int:
-    """The model's number of outputs, from one forward pass of the first sample (eval mode, no gradient)."""
+    """The model's number of outputs, from one forward pass of the first sample (eval mode, no gradient); 2 for a
+    binary classifier's one logit (squeezed or not), which takes soft labels of two classes."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -77,6 +78,8 @@ def model_classes(model: nn.Module, inputs: torch.Tensor) -> int:
     finally:
         for module, training in modes:
             module.training = training
+    if isinstance(logits, torch.Tensor) and logits.ndim in (1, 2) and logits.numel() == 1:
+        return 2  # one logit (a (1,) or (1, 1) output for the one sample)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
         raise OptionError("cannot tell the number of classes from the model's output; pass num_classes")
     return int(logits.shape[1])
