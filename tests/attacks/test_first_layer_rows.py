@@ -275,3 +275,42 @@ def test_the_rows_of_a_functional_first_layer_give_what_its_twin_s_give(fashion)
     assert len(rec) == len(theirs) >= 6 and metrics.match(rec, x, y).exact.sum() == len(rec)
     assert torch.equal(rec.inputs.flatten(1), theirs.inputs.flatten(1))
     assert rec.labels.tolist() == theirs.labels.tolist()
+
+
+def _other_loss_update(data, m: int, outputs: int, loss: str, seed: int = 0, noise: float = 0.0):
+    """A batch's gradient under a loss that is no softmax cross-entropy: multi-label binary cross-entropy on
+    multi-hot targets, or MSE on real-valued targets, over ``outputs`` outputs."""
+    torch.manual_seed(seed)
+    model = ResidualNormMLP(data.x[0].numel(), 512, outputs).eval()
+    x, y = data.batch(m, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = model(x)
+    value = (F.binary_cross_entropy_with_logits(out, (torch.rand(m, outputs, generator=gen) > 0.5).float())
+             if loss == "bce" else F.mse_loss(out, torch.randn(m, outputs, generator=gen)))
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    grads = [g + noise * torch.randn(g.shape, generator=gen) for g in grads]
+    return model, x, fedleak.GradientUpdate(dict(zip(names, grads)), num_examples=m)
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+def test_rows_under_another_loss_give_the_batch_s_inputs(fashion, loss):
+    """A client training with multi-label BCE or MSE sends a gradient whose output bias does not sum to zero, and no
+    class's cross-entropy gradient fits its rows: the rows that agree are returned all the same (with three outputs
+    or more), each one of the batch's inputs exactly, uncertified, the reason saying why (nothing was returned)."""
+    model, x, update = _other_loss_update(fashion, 8, 5, loss)
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    assert rec.num_certified == 0 and len(rec) >= 6
+    nearest = torch.cdist(rec.inputs.flatten(1).double(), x.flatten(1).double()).min(1).values
+    assert (nearest < 1e-4).all()
+    assert all("sums to" in s.reason and "a guess" in s.reason for s in rec.samples)
+
+
+def test_rows_under_another_loss_with_two_outputs_or_noise_return_nothing(fashion):
+    """Two outputs: the agreement of the rows is all that would tell a sample from a blend, which is not enough;
+    a noised update's rows agree on nothing."""
+    model, _, update = _other_loss_update(fashion, 8, 2, "mse")
+    rec = fedleak.reconstruct(model, update, attack="first-layer")
+    assert len(rec) == 0 and "one or two outputs" in rec.missing_reason
+    model, _, update = _other_loss_update(fashion, 8, 5, "bce", noise=1e-6)
+    assert len(fedleak.reconstruct(model, update, attack="first-layer")) == 0

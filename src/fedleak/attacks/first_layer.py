@@ -58,6 +58,7 @@ from fedleak.attacks.labels import class_signal, with_negated_hint
 from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
 from fedleak.attacks.registry import register_attack
 from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
+from fedleak.attacks.zero_sum import UNKNOWN_SIZE, zero_sum_breach
 from fedleak.clipped_values import ValueClip, read_value_clip
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.forward_failure import forward_failure
@@ -67,6 +68,7 @@ from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
 from fedleak.nets.layer_calls import FunctionalCalls
+from fedleak.nets.output_layer import output_layer_names
 from fedleak.nets.ops import computed_parameter
 from fedleak.nets.sample_path import changed_before
 from fedleak.nets.token_inputs import TokenInputs
@@ -302,6 +304,21 @@ def within_rounding(opts: FirstLayerOptions, precision: Precision) -> FirstLayer
     return replace(opts, **{name: max(getattr(opts, name), floor) for name, floor in floors.items()})
 
 
+def _other_loss(model: nn.Module, observed: dict[str, torch.Tensor], batch_size: int | None,
+                precision: Precision) -> str:
+    """Why a gradient is no softmax cross-entropy's, in words (its output layer's bias does not sum to zero:
+    :func:`~fedleak.attacks.zero_sum.zero_sum_breach`, for a mean or a summed loss over ``batch_size``), or empty."""
+    try:
+        bias = output_layer_names(model)[1]
+    except FedleakError:
+        return ""
+    if bias is None or bias not in observed:
+        return ""
+    b = observed[bias]
+    return zero_sum_breach(b, float(batch_size or UNKNOWN_SIZE), samples=batch_size or UNKNOWN_SIZE,
+                           bound=b.detach().abs().to(F64) * precision.roundoff)
+
+
 def _compressed(model: nn.Module, update: GradientUpdate | WeightUpdate) -> str:
     """Why a batch's rows are not the client's, in words: the update looks sparsified (dropped entries read as 0)
     or quantised (:func:`~fedleak.update_kind.describe_update`); else empty."""
@@ -336,7 +353,7 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
                                                    "out, and no certificate covers a batch clipped so") if c)
         m = update.num_examples
         rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=caveat, compressed=_compressed(model, update),
-                         rounded=rounded)
+                         rounded=rounded, other_loss=_other_loss(model, observed, m, precision))
         return with_negated_hint(model, observed, rebuild_rows(model, layer.name, rows, shape, opts, notes, start))
     read = _read_one(model, G, g, shape, observed, opts, rounded, clip)
     if clip is None and isinstance(read, tuple) and min(f.residual for f in read[1].values()) > opts.tolerance:

@@ -67,7 +67,9 @@ class LayerRows:
     ``compressed``: why the rows themselves are not the client's (the update looks sparsified or quantised), which
     makes the inputs approximations (:data:`COMPRESSED_ROUTE`); ``rounded``: how the update's values are rounded
     where they carry a format coarser than float32 (half precision, autocast): the inputs are the samples' to within
-    that rounding (:mod:`fedleak.precision`)."""
+    that rounding (:mod:`fedleak.precision`); ``other_loss``: why the update is no softmax cross-entropy's gradient
+    (its output bias does not sum to zero: multi-label binary cross-entropy, MSE), whose class fits then check
+    nothing (:mod:`fedleak.attacks.zero_sum`)."""
 
     G: torch.Tensor
     g: torch.Tensor
@@ -77,6 +79,12 @@ class LayerRows:
     caveat: str = ""
     compressed: str = ""
     rounded: str = ""
+    other_loss: str = ""
+
+    @property
+    def unfitted(self) -> bool:
+        """Whether no class's gradient can fit the rows exactly: several local steps, or another loss."""
+        return self.drifted or bool(self.other_loss)
 
 
 def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int, ...], opts,
@@ -94,10 +102,10 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
     X = torch.stack([least_squares(G, g, idx[grp]) for grp in groups]) if groups else G.new_zeros(0, G.shape[1])
     fits = class_fits(model, layer, X.reshape(len(X), *shape), [idx[grp] for grp in groups], g)
     found = [k for k in range(len(groups)) if math.isfinite(fits.residuals[k])]
-    signs = sign_patterns(X) if rows.drifted else torch.zeros(len(X), dtype=torch.bool)
-    if not rows.drifted and rows.rounded and fits.classes <= 2:  # blends pass a scale test as loose as the rounding
+    signs = sign_patterns(X) if rows.unfitted else torch.zeros(len(X), dtype=torch.bool)
+    if not rows.unfitted and rows.rounded and fits.classes <= 2:  # blends pass a scale test as loose as the rounding
         keep, why = [], ""
-    elif not rows.drifted:
+    elif not rows.unfitted:
         keep = at_common_scale([k for k in found if fits.residuals[k] <= opts.fit_tol], fits.scales, rows.scale,
                                opts.scale_tol, [len(grp) for grp in groups])
         if rows.rounded:  # a tolerance as loose as the rounding lets a blend of samples of one label through
@@ -109,13 +117,17 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         why = ("rebuilt from first-layer rows that agree on this input, its label the class whose recomputed "
                "gradient fits them; a batch's rows can agree on a blend of samples, so it is not certified")
     elif fits.classes > 2:
-        keep = [k for k in found if not signs[k]]  # what Adam's steps leave of an input (no fit checks them here)
+        # what Adam's steps leave of an input (no fit checks them here); under another loss no class need fit at all
+        keep = [k for k in (range(len(groups)) if rows.other_loss else found) if not signs[k]]
         blends = convex_blends(X, keep)
         keep = [k for k in keep if k not in blends]
         if blends:
             notes = (*notes, f"{len(blends)} candidate(s) whose rows agree on a convex combination of other "
                              "candidates (blends of samples of one label) were left out")
-        why = ("rebuilt from first-layer rows of a weight update that agree on this input, its label the class whose "
+        why = (f"rebuilt from first-layer rows that agree on this input; {rows.other_loss}: no class's gradient "
+               "checks the rows, and the label is the class whose cross-entropy gradient fits them best, a guess; "
+               "not certified" if rows.other_loss and not rows.drifted else
+               "rebuilt from first-layer rows of a weight update that agree on this input, its label the class whose "
                "gradient at the weights before fits them best (over several local steps, or an unknown number, the "
                "gradients were taken at moving weights: no class fits exactly); not certified")
     else:  # two classes: blends agree on rows as often as samples do
@@ -123,7 +135,7 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
     keep = distinct(X, keep, opts.group_tol)
     if batch_size is not None:
         keep = keep[:batch_size]
-    if batch_size is None and not rows.drifted:
+    if batch_size is None and not rows.unfitted:
         why += " (the batch size is not known: pass num_examples=1 if the client sent one sample's gradient)"
     why += "".join(f"; {c}" for c in (rows.caveat, rows.compressed, rows.rounded) if c)
     route = COMPRESSED_ROUTE if rows.compressed else ROUNDED_ROUTE if rows.rounded else ROUTE
@@ -136,11 +148,14 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         missing = ("the rows agree only on sign patterns (nearly every entry -1, 0 or 1): what the steps of a "
                    "sign-based optimizer (Adam, signSGD) or a sign-compressed update leave of any input, not the input "
                    "itself (unless the data are such patterns); nothing returned")
-    elif rows.rounded and not rows.drifted and fits.classes <= 2 and found:
+    elif rows.rounded and not rows.unfitted and fits.classes <= 2 and found:
         missing = ("on two classes a blend of samples that share their units fits a class on its rows too, at a scale "
                    f"of its own, and only the scale tells it from a sample; {rows.rounded}, which makes that test too "
                    "loose (on two-class faces in bfloat16 a third of the inputs it let through were blends), so "
                    "nothing is returned")
+    elif rows.other_loss and fits.classes <= 2 and groups:
+        missing = (f"{rows.other_loss}; under another loss only the agreement of a candidate's rows tells a sample "
+                   "from a blend of samples, which with one or two outputs is not enough to go on: nothing returned")
     elif rows.drifted and fits.classes <= 2 and found:
         missing = ("on two classes the first-layer rows of a weight update of several local steps (or an unknown "
                    "number) agree on blends of samples as often as on samples, and nothing tells them apart: nothing "

@@ -14,6 +14,7 @@ import torch
 
 SUM_TOL = 1e-3  # relative to the bias's norm: beyond any float rounding of a handful of classes
 ROUNDING_EPSILONS = 8  # epsilons of the update's dtype per class and per sample that rounding can leave in the sum
+UNKNOWN_SIZE = 1024  # the batch size the rounding of the bias's sum is bounded for where none was reported
 
 
 def relative_sum(bias: torch.Tensor) -> float:

@@ -14,14 +14,13 @@ import torch
 
 from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
-from fedleak.attacks.zero_sum import zero_sum_breach
+from fedleak.attacks.zero_sum import UNKNOWN_SIZE, zero_sum_breach
 from fedleak.precision import Precision
 
 SATURATED = ("the output layer's bias gradient has no negative entry: the batch's samples are classified with "
              "probability 1 (the probability of each label rounds to 1 in the client's dtype, so no loss vector has "
              "a negative entry, by which this attack tells a sample's rows), at any batch size; of a one-sample "
              "gradient, attack='first-layer' (or 'auto') reads the first Linear layer instead")
-UNKNOWN_SIZE = 1024  # the batch size the rounding of the bias's sum is bounded for where none was reported
 
 
 def output_bias_cause(net, grads: Mapping[str, torch.Tensor], opts: ExclusivityOptions,
