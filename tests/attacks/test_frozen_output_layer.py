@@ -70,3 +70,17 @@ def test_the_optimisation_attacks_learn_the_labels(digits, attack):
     unsized = fedleak.GradientUpdate(update.gradients)
     with pytest.raises(fedleak.FedleakError, match="pass labels= and batch_size="):
         fedleak.reconstruct(model, unsized, attack=attack, iterations=5)
+
+
+def test_an_audit_and_a_federation_s_server_run_auto_on_a_frozen_output_layer():
+    """The audit's default attack and a federation's honest server give way to 'auto' (they ran the exact attack,
+    which refused every update): one sample certified, the note naming the frozen layer."""
+    from fedleak.attacks.auto import exact_route_barrier
+    from fedleak.audit.run import AuditSettings, run_audit
+
+    model = _model()
+    assert "frozen" in exact_route_barrier(model, (1, 8, 8))
+    result = run_audit(AuditSettings(data="digits", batch_sizes=(1,), trials=1, budget=2), model=model)
+    assert result.batches[0].certified == 1
+    assert any("the audit ran 'auto'" in n for n in result.notes)
+    assert any("fc2.weight" in n for n in result.notes)

@@ -266,11 +266,11 @@ def _exclusivity_notes(net: nn.Module, data: Dataset, client_mode: str) -> tuple
     count of certifiable samples from applying: a model it does not read (GELU, a residual path, a Conv3d: the other
     attacks still audit it), or clients in training mode with Dropout or BatchNorm (the exact methods model the
     eval-mode network, which such clients do not run: nothing is certifiable)."""
-    from fedleak.nets.exact_view import exact_network
+    from fedleak.nets.exact_view import updated_network
     from fedleak.nets.network import training_mode_cause
 
     try:
-        read = exact_network(as_two_class(net)[0], input_shape=data.input_shape)
+        read = updated_network(as_two_class(net)[0], input_shape=data.input_shape)
     except FedleakError as exc:
         return False, f"the model is not a ReLU network the exact attack reads ({exc})", (
             f"the exclusivity analysis does not read this model ({exc}): which samples meet the ExAN condition is "

@@ -14,7 +14,7 @@ from torch import nn
 from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms
 from fedleak.nets.frontend import as_network
 from fedleak.nets.input_map import InputMap, peel_input_map
-from fedleak.nets.network import Network
+from fedleak.nets.network import Network, check_head_trainable
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,6 +53,15 @@ def exact_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
                   inputs: torch.Tensor | None = None) -> Network:
     """The network the exact methods read in ``model`` (:func:`exact_view`)."""
     return exact_view(model, input_shape=input_shape, inputs=inputs).net
+
+
+def updated_network(model: nn.Module, *, input_shape: Sequence[int] | None = None) -> Network:
+    """The network the exact attack reads from ``model``'s updates (:func:`exact_network`): a model whose dense head
+    has a frozen parameter, which sends no gradient, is refused (:func:`~fedleak.nets.network.check_head_trainable`)
+    as the attack refuses it."""
+    net = exact_network(model, input_shape=input_shape)
+    check_head_trainable(model, net)
+    return net
 
 
 def first_layer_view(model: nn.Module, inputs: torch.Tensor) -> tuple[nn.Module, torch.Tensor, InputMap | None]:

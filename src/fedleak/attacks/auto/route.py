@@ -18,7 +18,7 @@ from torch import nn
 from fedleak.errors import FedleakError
 from fedleak.nets import NO_HIDDEN_RELU, Network
 from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
-from fedleak.nets.exact_view import exact_network
+from fedleak.nets.exact_view import updated_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
 
@@ -91,7 +91,7 @@ def network_barrier(net: Network, *, training: bool = False) -> str:
 def _read(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[Network | None, str]:
     """The model as the exact attack reads it, or why it does not."""
     try:
-        net = exact_network(model, input_shape=input_shape)
+        net = updated_network(model, input_shape=input_shape)  # a frozen dense layer: not read
     except FedleakError as exc:
         return None, f"the model is not a ReLU network the exact attack reads ({exc})"
     return (None, NO_HIDDEN_RELU) if net.head.depth == 0 else (net, "")
