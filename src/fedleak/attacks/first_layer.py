@@ -68,8 +68,8 @@ from fedleak.nets import input_shape_of
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
 from fedleak.nets.layer_calls import FunctionalCalls
-from fedleak.nets.output_layer import output_layer_names
 from fedleak.nets.ops import computed_parameter
+from fedleak.nets.output_layer import output_layer_names
 from fedleak.nets.sample_path import changed_before
 from fedleak.nets.token_inputs import TokenInputs
 from fedleak.precision import Precision, update_precision

@@ -1,9 +1,9 @@
 """The shape of one input of a user's model: run a probe batch through it, or infer the shape from its layers.
 
 A Linear layer first gives the input's width; a convolution first gives its channels, and the signal, square image
-or cube that its layers take gives the rest (of several sizes that fit, the one the most halvings divide). The first layer is the first one the traced ``forward``
-calls (:func:`first_layer`), or, for a ``forward`` that does not trace, the first one the model holds
-(:func:`untraced_input_shape`, checked by running the model).
+or cube that its layers take gives the rest (of several sizes that fit, the one the most halvings divide). The first
+layer is the first one the traced ``forward`` calls (:func:`first_layer`), or, for a ``forward`` that does not trace,
+the first one the model holds (:func:`untraced_input_shape`, checked by running the model).
 """
 
 from __future__ import annotations
