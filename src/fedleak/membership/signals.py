@@ -50,10 +50,11 @@ def record_logits(model: nn.Module, records: Records, chunk: int = CHUNK) -> tor
 
 def class_logits(outputs: torch.Tensor, probability: bool) -> torch.Tensor:
     """``outputs`` (N x K logits) as they are; N x 1 of a binary classifier as its twin's ``(0, z)``, ``z`` the
-    logit, or, where the forward ends with a sigmoid (``probability``), the logit of the probability it gives."""
+    logit, or, where the forward ends with a sigmoid (``probability``), the logit of the probability it gives (a
+    probability that rounds to 0 or 1 taken one epsilon inside, so that its logit and gradient stay finite)."""
     if outputs.shape[-1] != 1:
         return outputs
-    z = torch.logit(outputs) if probability else outputs
+    z = torch.logit(outputs, eps=float(torch.finfo(outputs.dtype).eps)) if probability else outputs
     return torch.cat([torch.zeros_like(z), z], -1)
 
 
