@@ -231,6 +231,13 @@ class TestModels:
         assert "1.weight" not in update.gradients
         _raises(fedleak.ModelError, ("frozen", "1.weight", "optimisation attacks"), fedleak.reconstruct, model, update)
 
+    @pytest.mark.parametrize("compile_", [torch.jit.script, lambda m: torch.jit.trace(m, torch.zeros(2, *SHAPE))])
+    @pytest.mark.parametrize("attack", ["exclusivity", "auto", "ig"])
+    def test_a_torchscript_module_is_refused_saying_what_to_pass(self, model, update, compile_, attack):
+        """A scripted or traced model has no Python forward to trace or to call with other weights."""
+        _raises(fedleak.ModelError, ("TorchScript", "load_state_dict"), fedleak.reconstruct, compile_(model), update,
+                attack=attack)
+
     @pytest.mark.parametrize("bad", [None, "model.safetensors"])
     def test_reconstruct_without_a_model(self, update, bad):
         _raises(fedleak.ModelError, ("torch.nn.Module",), fedleak.reconstruct, bad, update)

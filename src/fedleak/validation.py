@@ -232,11 +232,17 @@ def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str,
 def check_module(model: object) -> nn.Module:
     """``model`` if it is a ``torch.nn.Module``; the model inside a wrapper that computes the same function
     (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``), whose names carry a prefix the updates'
-    readers drop."""
+    readers drop. A TorchScript module is refused, saying what to pass: its compiled forward is no Python code that
+    torch.fx traces or ``torch.func`` calls with other weights."""
+    import torch
     from torch import nn
 
     if not isinstance(model, nn.Module):
         raise ModelError(f"the model must be a torch.nn.Module, got {describe(model)}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or "
+                         "torch.jit.trace), whose compiled forward fedleak cannot read: pass the Python nn.Module it "
+                         "was made from, with the scripted weights loaded (model.load_state_dict(scripted.state_dict()))")
     wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while True:
         inner = model.module if isinstance(model, wrappers) else getattr(model, "_orig_mod", None)  # torch.compile's
