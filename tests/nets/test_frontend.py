@@ -339,6 +339,23 @@ def test_a_parametrized_weight_is_refused_by_name_and_auto_still_runs(digits, wr
     assert rec.num_certified == 0 and "its weight is computed" in rec.samples[0].reason
 
 
+def test_a_pruned_weight_is_refused_naming_the_pruning(digits):
+    """torch.nn.utils.prune computes the weight as weight_orig times a mask: the update holds weight_orig's gradient,
+    zero under the mask; the line says so (it read as a parametrization), and auto still runs."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    x, y = digits.batch(2, seed=0)
+    update = fedleak.compute_gradient_update(model, x, y)
+    assert "1.weight_orig" in update.gradients
+    with pytest.raises(ModelError, match=r"node '1' .*pruned \(torch.nn.utils.prune\).*'weight_mask'"):
+        fedleak.reconstruct(model, update)
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=0.3, progress=False)
+    assert rec.num_certified == 0 and "pruned" in rec.samples[0].reason
+
+
 def test_a_final_softmax_says_what_to_pass():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.Softmax(dim=1))
     with pytest.raises(ModelError, match="ends with softmax.*NLLLoss of their log.*without its final softmax"):

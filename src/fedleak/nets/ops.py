@@ -107,10 +107,15 @@ def unsupported(op: Op) -> ModelError:
 def computed_parameter(module: nn.Module, attribute: str) -> str:
     """Why ``module``'s ``attribute`` (its weight) is not a parameter of its own, in words: a parametrization
     (``weight_norm``, ``spectral_norm``) computes it from the ones a client's update holds the gradients of, which
-    are not the weight's; empty where it is a parameter."""
+    are not the weight's, or ``torch.nn.utils.prune`` masks it; empty where it is a parameter."""
     value = getattr(module, attribute, None)
     if value is None or isinstance(value, nn.Parameter):
         return ""
+    if isinstance(getattr(module, f"{attribute}_mask", None), torch.Tensor) and \
+            isinstance(getattr(module, f"{attribute}_orig", None), nn.Parameter):  # torch.nn.utils.prune's hook
+        return (f"it is pruned (torch.nn.utils.prune): its {attribute} is '{attribute}_orig' times the mask "
+                f"'{attribute}_mask', so a client's update holds {attribute}_orig's gradient, zero wherever the mask "
+                f"is, where the exact methods read the whole gradient of the {attribute}")
     own = [n for n, _ in module.named_parameters() if attribute in n]  # weight_g, parametrizations.weight.original0
     return (f"its {attribute} is computed from {', '.join(repr(n) for n in own) or 'other tensors'} (weight_norm, "
             f"spectral_norm or another parametrization), so a client's update holds their gradients, not the "
