@@ -60,8 +60,9 @@ from fedleak.reconstruction import SampleRecovery
 F64 = torch.float64
 
 #: the note on the candidates the certificate ruled out as blends (after their count)
-BLENDS = ("rebuilt candidate(s) are blends of samples (their scale or the joint test rules them out); they are "
-          "returned uncertified")
+BLENDS = ("rebuilt candidate(s) are ruled out by their scale or the joint test: blends of samples, or samples of a loss "
+          "that weighs each one by a factor of its own (a focal loss, whose factor follows the sample's confidence); "
+          "they are returned uncertified")
 
 
 # -------------------------------------------------------------------------------------------------------
