@@ -352,8 +352,9 @@ def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ..
             caveat = "; ".join(c for c in (caveat, f"{clip.describe()}: the rows holding an entry at it were left "
                                                    "out, and no certificate covers a batch clipped so") if c)
         m = update.num_examples
-        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=caveat, compressed=_compressed(model, update),
-                         rounded=rounded, other_loss=_other_loss(model, observed, m, precision))
+        compressed = _compressed(model, update)  # dropped entries break the bias's sum too: read as before
+        rows = LayerRows(G, g, m, None if m is None else 1.0 / m, caveat=caveat, compressed=compressed,
+                         rounded=rounded, other_loss="" if compressed else _other_loss(model, observed, m, precision))
         return with_negated_hint(model, observed, rebuild_rows(model, layer.name, rows, shape, opts, notes, start))
     read = _read_one(model, G, g, shape, observed, opts, rounded, clip)
     if clip is None and isinstance(read, tuple) and min(f.residual for f in read[1].values()) > opts.tolerance:
