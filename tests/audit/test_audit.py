@@ -176,3 +176,17 @@ def test_normalised_data_is_audited_as_its_model_sees_it_and_said_so(digits):
     assert row["recovered_fraction"] == 1.0 and row["false_certificates"] == 0
     plain = run_audit(AuditSettings(data="digits", widths=(256,), batch_sizes=(2,), seed=4))
     assert not any("(x - mean) / std" in n for n in plain.notes)
+
+
+def test_the_attack_reads_the_data_s_shape_where_the_model_fits_several():
+    """A stride-2 convolution whose layers fit 25 x 25 and 26 x 26 images: inferred, the shape would be 26 x 26
+    (the one the stride halves); the audit knows its data's, 25 x 25 LFW faces, and the attack reads them (it
+    rebuilt 26 x 26 images, which the scoring refused)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 13 * 13, 256), nn.ReLU(), nn.Linear(256, 2)).eval()
+    assert fedleak.nets.input_shape_of(model)[0] == (1, 26, 26)
+    result = run_audit(AuditSettings(data="lfw", batch_sizes=(4,), trials=1, seed=0), model=model)
+    assert result.batches[0].rebuilt >= 1 and result.batches[0].false_certificates == 0

@@ -162,3 +162,18 @@ def test_auto_draws_no_progress_bar_of_its_own_and_takes_the_clients_defense(cap
     cells = {(c.defense, c.attack): c for c in result.cells if isinstance(c, LeakageCell)}
     told, blind = cells[("clipping(bound=0.01)", "auto (defense-aware)")], cells[("clipping(bound=0.01)", "auto")]
     assert told.recovered == 2 == blind.recovered and told.false_certificates == 0 == blind.false_certificates
+
+
+def test_a_model_that_fits_several_image_sizes_is_attacked_at_the_data_s():
+    """A stride-2 convolution fits 25 x 25 and 26 x 26 images; the evaluation's attacks read the data's 25 x 25 (they
+    inferred 26 x 26, and the scoring stopped the run)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 13 * 13, 256), nn.ReLU(), nn.Linear(256, 1))
+    result = evaluate(EvaluationSettings(data="lfw", widths=(16,), defenses=(), attacks=("exclusivity",),
+                                         attack_batch=2, trials=1, rounds=1), model=model)
+    row = result.to_dict()["rows"][0]
+    assert row["per_attack"]["exclusivity"]["recovered_fraction"] > 0

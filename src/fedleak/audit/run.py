@@ -348,8 +348,9 @@ def run_audit(
             guarantees[(name, size)] = [p.to_dict() for p in scenario.stack.privacy(_accounting(size, len(data)))]
         xs, ys = client.inputs, hard_labels(client.labels)  # soft labels (MixUp) scored as their top class
         options = {"budget": settings.budget, "progress": False} if attack == "auto" else {}
+        # the data's shape, which the model was checked to take: where several fit, inferring one could miss it
         rec, aware = reconstruct_aware(net, client.update, attack=attack, defense=scenario.stack or None,
-                                       **options)
+                                       input_shape=tuple(data.input_shape), **options)
         report = analyze_exclusivity(net, xs, ys) if analysed else None
         scores = match(rec, xs, ys, data_range=data.pixel_range, normalization=data.normalization)
         kept = _kept(x, xs)
