@@ -79,7 +79,7 @@ def test_a_false_certificate_is_counted_and_shown_in_red(tmp_path, monkeypatch):
 
     import fedleak.audit.run as run_module
 
-    def lying_attack(net, update, attack="exclusivity", defense=None):
+    def lying_attack(net, update, attack="exclusivity", defense=None, **options):  # reconstruct_aware's signature
         x, y = captured["x"], captured["y"]
         blend = 0.5 * x[0] + 0.5 * x[1]
         rec = fedleak.Reconstruction(inputs=torch.cat([x, blend[None] + 0.7]), labels=torch.cat([y, y[:1]]),
