@@ -155,3 +155,20 @@ def test_the_first_layer_advice_says_when_an_op_before_the_layer_keeps_it_uncert
         advice[clamp] = {a.name: a for a in plan.attacks}["first-layer"]
     assert advice[False].certified and "holds it exactly" in advice[False].why
     assert not advice[True].certified and "'clamp'" in advice[True].why
+
+
+def test_a_gradient_of_another_loss_gets_auto_s_reading_of_its_rows(digits):
+    """A multi-label BCE gradient sums its output bias away from zero: the exact route cannot certify it, and auto's
+    advice says it holds the inputs the first layer's rows agree on before its search."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    x, _ = digits.batch(4, seed=0)
+    targets = (torch.rand(4, 10, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    loss = F.binary_cross_entropy_with_logits(model(x), targets)
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    p = fedleak.plan(model, fedleak.GradientUpdate(grads, num_examples=4))
+    (auto,) = [a for a in p.attacks if a.name == "auto"]
+    assert auto.recommended and "rows agree on" in auto.why and "another loss" in auto.why
