@@ -17,12 +17,13 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from fedleak.errors import ModelError
+from fedleak.nets.graph_reads import op_key
 from fedleak.nets.tracing import trace_model
 
 SIGMOIDS = (torch.sigmoid, F.sigmoid)
-#: the reshapes by which a forward turns its N x 1 logit into N values (or back)
-RESHAPES = (torch.squeeze, torch.flatten, torch.reshape)
-RESHAPE_METHODS = ("squeeze", "flatten", "view", "reshape")
+#: the reshapes by which a forward turns its N x 1 logit into N values (or back), keyed as fx nodes are (op_key)
+RESHAPES = frozenset({torch.squeeze, torch.flatten, torch.reshape, ("method", "squeeze"), ("method", "flatten"),
+                      ("method", "view"), ("method", "reshape")})
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ def logit_model(model: nn.Module) -> LogitModel | None:
 
 
 def _is_reshape(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in RESHAPES) or (
-        node.op == "call_method" and node.target in RESHAPE_METHODS)
+    return node.op in ("call_function", "call_method") and op_key(node) in RESHAPES
 
 
 def _is_sigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -124,12 +124,14 @@ def rebuild_rows(model: nn.Module, layer: str, rows: LayerRows, shape: tuple[int
         if blends:
             notes = (*notes, f"{len(blends)} candidate(s) whose rows agree on a convex combination of other "
                              "candidates (blends of samples of one label) were left out")
-        why = (f"rebuilt from first-layer rows that agree on this input; {rows.other_loss}: no class's gradient "
-               "checks the rows, and the label is the class whose cross-entropy gradient fits them best, a guess; "
-               "not certified" if rows.other_loss and not rows.drifted else
-               "rebuilt from first-layer rows of a weight update that agree on this input, its label the class whose "
-               "gradient at the weights before fits them best (over several local steps, or an unknown number, the "
-               "gradients were taken at moving weights: no class fits exactly); not certified")
+        if rows.drifted:
+            why = ("rebuilt from first-layer rows of a weight update that agree on this input, its label the class "
+                   "whose gradient at the weights before fits them best (over several local steps, or an unknown "
+                   "number, the gradients were taken at moving weights: no class fits exactly); not certified")
+        else:
+            why = (f"rebuilt from first-layer rows that agree on this input; {rows.other_loss}: no class's gradient "
+                   "checks the rows, and the label is the class whose cross-entropy gradient fits them best, a guess; "
+                   "not certified")
     else:  # two classes: blends agree on rows as often as samples do
         keep, why = [], ""
     keep = distinct(X, keep, opts.group_tol)

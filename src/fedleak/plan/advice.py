@@ -132,12 +132,12 @@ def _auto(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
                                                     f"a batch's rows uncertified) and searches with {fallback} for the "
                                                     "rest, clipping its simulated gradients alike")
     if not facts.exact_possible:
-        u = facts.update
-        rows = ("holds the inputs its first Linear layer's rows give (uncertified) and " if facts.update_kind ==
-                "weights" and u.multi_step and not facts.is_conv else
-                "holds the inputs its first Linear layer's rows agree on (uncertified: a gradient of another loss, "
-                "multi-label BCE or MSE over three outputs or more, gives them; a noised one, none) and "
-                if u is not None and u.noised and not (u.sparsified or u.quantised or facts.is_conv) else "")
+        u, rows = facts.update, ""
+        if facts.update_kind == "weights" and u.multi_step and not facts.is_conv:
+            rows = "holds the inputs its first Linear layer's rows give (uncertified) and "
+        elif u is not None and u.noised and not (u.sparsified or u.quantised or facts.is_conv):
+            rows = ("holds the inputs its first Linear layer's rows agree on (uncertified: a gradient of another "
+                    "loss, multi-label BCE or MSE over three outputs or more, gives them; a noised one, none) and ")
         why = f"its exact step cannot certify this update, so it {rows}comes down to {fallback} (uncertified)"
         return AttackAdvice(info.name, True, False, why)
     steps_unknown = facts.update_kind == "weights" and facts.update.kind != "one-step" and not facts.is_conv
