@@ -380,6 +380,13 @@ def label_smoothing_rule(defense: Defense, context: ExactContext) -> ExactPlan:
                           "which the certificate recomputes (label_smoothing)")
 
 
+@EXACT_RULES.decorator("augmentation")
+def augmentation_rule(defense: Defense, context: ExactContext) -> ExactPlan:
+    """Augmentation moves each image's content (a flip, a shift): the certificates are about the moved images."""
+    return ExactPlan(note=f"{defense.label}: the client trained on its images flipped and shifted at random; a "
+                          "certificate is about such a moved image, which shows what the original shows")
+
+
 def exact_rule(defense: Defense) -> ExactRule:
     """The rule for ``defense``: its registered one, else a refusal that names it (by its stage)."""
     if defense.name in EXACT_RULES:

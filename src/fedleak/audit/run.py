@@ -359,7 +359,9 @@ def run_audit(
         vs_original = linf = pert_psnr = None
         if xs.shape != x.shape or not torch.equal(xs, x):  # the client changed its batch: compare with the originals
             xk, yk = x[torch.from_numpy(kept)], y[torch.from_numpy(kept)]
-            vs_original = match(rec, xk, yk, data_range=data.pixel_range, normalization=data.normalization).mean_psnr()
+            as_shown = scenario.bound.shown(xk, rec.inputs)  # a flipped image shows the image
+            vs_original = match(rec, as_shown, yk, data_range=data.pixel_range,
+                                normalization=data.normalization).mean_psnr()
             linf = float((xs - xk).reshape(len(xs), -1).abs().amax(1).mean())
             pert_psnr = float(psnr(data.pixels(xs), data.pixels(xk), data.pixel_range[1] - data.pixel_range[0]).mean())
         batches.append(BatchResult(

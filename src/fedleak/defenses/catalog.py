@@ -75,6 +75,11 @@ DEFENSE_CATALOG: tuple[CatalogEntry[DefenseSpec], ...] = (
     CatalogEntry('label-smoothing', 'fedleak.defenses.label_smoothing', DefenseSpec(
         'batch', "train on (1 - smoothing) onehot(y) + smoothing / K (F.cross_entropy's label_smoothing)",
         "Szegedy et al. CVPR 2016 (Inception-v3); torch's CrossEntropyLoss(label_smoothing=...)")),
+    CatalogEntry('augmentation', 'fedleak.defenses.augmentation', DefenseSpec(
+        'batch', 'random horizontal flip and random crop after padding (a shift of up to `padding` pixels) of '
+                 'every image',
+        'the standard image-training recipe (RandomCrop with padding, RandomHorizontalFlip); augmentation as a '
+        'defense: ATS, Gao et al. CVPR 2021')),
     CatalogEntry('disguisednets', 'fedleak.defenses.disguise', DefenseSpec(
         'batch', 'secret block permutation and per-block orthogonal projection of every image (keyed)',
         'Sharma & Chen 2019 (DisguisedNets)')),

@@ -108,6 +108,13 @@ class DefenseStack:
             inputs = d.at_inference(inputs)
         return inputs
 
+    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor) -> torch.Tensor:
+        """``originals`` as the client's images show them, for scoring ``rebuilt`` inputs (see
+        BatchDefense.shown), the batch defenses in order."""
+        for d in self.batch:
+            originals = d.shown(originals, rebuilt)
+        return originals
+
     def gradient(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
         """One step's gradient of the mean loss: the step defense's, else plain autograd."""

@@ -250,24 +250,25 @@ def attack_variants(attack: str, stack: DefenseStack) -> tuple[tuple[str, bool],
 
 def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseStack, attack: str, aware: bool,
                 trials: list[Trial], label: str | None = None) -> LeakageCell:
-    """One attack on every trial: leakage scored against the originals, certificates against what was sent (a
-    certified exact MixUp mixture is a sound certificate that leaks no original)."""
+    """One attack on every trial: leakage scored against the originals (as the client's images show them where a
+    batch defense only moves their content: augmentation's flips and shifts), certificates against what was sent
+    (a certified exact MixUp mixture is a sound certificate that leaks no original)."""
     from fedleak.api import reconstruct
     from fedleak.attacks import get_attack
     from fedleak.metrics import match
 
     info = get_attack(attack)
+    data, bound = fed.train, _bound(stack, fed)
     options: dict[str, object] = {"iterations": settings.attack_iterations, "seed": settings.seed} \
         if info.optimises else {}
     if aware:
-        options["defense"] = _bound(stack, fed)
+        options["defense"] = bound
     elif info.takes_defense and info.optimises:  # as published: no forward model, none read off the update either
         options["defense"] = "none"
     if attack == "auto":
         options["progress"] = False  # one progress bar: the evaluation's own (as an audit's)
     recovered = leaked = false = samples = 0
     psnrs, ssims, labels, errors, seconds = [], [], [], [], 0.0
-    data = fed.train
     options["input_shape"] = tuple(data.input_shape)  # the data's: where several fit, inferring one could miss it
     for trial in trials:
         samples += len(trial.x)
@@ -280,7 +281,8 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
             errors.append(str(exc).splitlines()[0])
             continue
         seconds += rec.seconds
-        scores = match(rec, trial.x, trial.y, data_range=data.pixel_range, normalization=data.normalization)
+        as_shown = bound.shown(trial.x, rec.inputs)  # a flipped image shows the image
+        scores = match(rec, as_shown, trial.y, data_range=data.pixel_range, normalization=data.normalization)
         sent = match(rec, trial.sent_x, trial.sent_y, data_range=data.pixel_range,
                      normalization=data.normalization)
         sel = scores.matched >= 0
