@@ -48,6 +48,7 @@ def test_originals_are_scored_as_the_rebuilt_images_show_them(images):
     assert torch.equal(stack.shown(x, moved[[3, 0]])[[3, 0]], moved[[3, 0]])  # found in any order
     unmoved = stack.shown(x, x)
     assert torch.equal(unmoved, x)  # what already sits in the frame stays
+    assert torch.equal(stack.shown(x, torch.zeros(2, 5)), x)  # another size: left for the scoring to refuse
     noise = torch.rand(4, *x.shape[1:], generator=torch.Generator().manual_seed(0))
     far = match(noise, stack.shown(x[:4], noise), data_range=(0.0, 1.0))
     assert float(far.psnr.max()) < 15  # moving the originals around makes no original out of noise

@@ -101,8 +101,8 @@ class Augmentation(BatchDefense):
         original placed the same way: every pixel the client's image kept is compared, and the pixels the shift
         lost are the fill on both sides."""
         self._check_images(originals, "originals")
-        if rebuilt.shape[0] == 0:
-            return originals
+        if rebuilt.shape[0] == 0 or rebuilt[0].numel() != originals[0].numel():
+            return originals  # nothing to place them by (the scoring reports a size that does not fit)
         flat_r = rebuilt.reshape(rebuilt.shape[0], -1).to(originals.dtype)
         best = originals
         best_err = torch.cdist(originals.reshape(len(originals), -1), flat_r).amin(1)
