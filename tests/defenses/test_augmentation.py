@@ -95,3 +95,16 @@ def test_an_evaluation_scores_augmented_leakage_on_what_the_images_show():
     cells = {c.defense: c for c in evaluate(settings).cells if isinstance(c, LeakageCell)}
     moved = cells["augmentation(padding=2)"]
     assert moved.recovered == moved.samples == 4 and moved.false_certificates == 0
+
+
+def test_a_local_round_records_each_original_as_its_augmented_image_shows_it(fashion):
+    from fedleak.clients.defended import defended_local_round
+
+    x, y = fashion.batch(16, seed=2)
+    model = fedleak.make_mlp(fashion.input_shape, [64], fashion.num_classes, seed=0)
+    stack = DefenseStack.of("augmentation:padding=3").bind(data_range=fashion.value_range)
+    torch.manual_seed(0)
+    local = defended_local_round(model, [(x[:8], y[:8]), (x[8:], y[8:])], stack, lr=0.1,
+                                 generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(local.inputs, x)  # the client trained on moved images
+    assert torch.equal(local.original, local.inputs)  # each one its original, placed as it was
