@@ -64,3 +64,30 @@ def test_bad_client_settings(small):
         fedavg_update(model, x, y, lr=0.0)
     with pytest.raises(fedleak.FedleakError, match="local_steps"):
         fedavg_update(model, x, y, lr=0.1, local_steps=0)
+
+
+def test_a_transform_runs_on_every_local_step_seeded_by_the_client(fashion):
+    """A client that augments each mini-batch (a new flip and shift per step) trains on other images than the
+    plain client; the same seed gives the same update, the caller's generator is left as it was."""
+    from fedleak.defenses import make_defense
+
+    x, y = fashion.batch(8, seed=1)
+    model = fedleak.make_mlp(fashion.input_shape, [32], fashion.num_classes, seed=0)
+    aug = make_defense("augmentation", padding=2)
+    seen = []
+
+    def recording(net, inputs, labels):
+        out = aug(net, inputs, labels)
+        seen.append(out[0])
+        return out
+
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    u = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=3, seed=4, transform=recording)
+    assert torch.equal(torch.rand(1), before)  # the caller's generator did not move
+    again = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=3, seed=4, transform=aug)
+    plain = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=3, seed=4)
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], x)
+    assert all(torch.equal(u.after[k], again.after[k]) for k in u.after)
+    assert not all(torch.equal(u.after[k], plain.after[k]) for k in u.after)

@@ -19,6 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError
+from fedleak.transforms import BatchTransform
 from fedleak.updates import (
     WeightUpdate,
     check_class_weights,
@@ -78,6 +79,7 @@ def local_training(
     seed: int = 0,
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | None = None,
+    transform: BatchTransform | None = None,
 ) -> nn.Module:
     """Train a copy of ``model`` for ``local_steps`` steps of its mean loss (cross-entropy; binary cross-entropy
     for a model with one logit) and return the copy.
@@ -86,7 +88,10 @@ def local_training(
     each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
     ``weight_decay``: the optimizer's (torch's ``weight_decay``: ``lr * weight_decay * w`` more per step).
     ``label_smoothing``, ``class_weights``: the cross-entropy's, as ``F.cross_entropy`` takes them
-    (``label_smoothing``, ``weight``).
+    (``label_smoothing``, ``weight``). ``transform``: code the client runs on every mini-batch before its step (a
+    batch defense such as ``make_defense("augmentation")``, which draws anew at each step, or a transform a server
+    shipped); its randomness comes from torch's generator, seeded from ``seed`` and the step (the caller's is left
+    as it was).
     """
     model = check_client_batch(model, inputs, labels)
     if optimizer not in LOCAL_OPTIMIZERS:
@@ -110,12 +115,17 @@ def local_training(
     gen = torch.Generator().manual_seed(check_seed("seed", seed))
     x = inputs.to(dtype)
     for step, idx in enumerate(_batches(x.shape[0], batch_size, steps, shuffle, gen)):
+        xb, yb = x[idx], labels[idx]
+        if transform is not None:  # seeded per step: the same seed draws the same transforms
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed) * 1_000_003 + step)
+                xb, yb = transform(client, xb, yb)
         opt.zero_grad(set_to_none=True)
-        logits = forward_logits(client, x[idx], labels[idx])
+        logits = forward_logits(client, xb, yb)
         if step == 0:  # every label, not only this mini-batch's, must be one of the model's classes
             check_labels(labels, max(int(logits.shape[1]), 2), error=DataError)
             probability = ends_in_sigmoid(client, logits)
-        loss = client_loss(logits, labels[idx], probability=probability, label_smoothing=smoothing,
+        loss = client_loss(logits, yb, probability=probability, label_smoothing=smoothing,
                            class_weights=weights)
         loss.backward()
         opt.step()
@@ -139,19 +149,21 @@ def fedavg_update(
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | None = None,
     reveal_learning_rate: bool = False,
+    transform: BatchTransform | None = None,
 ) -> WeightUpdate:
     """The FedAvg update of a client holding ``(inputs, labels)``: weights before and after local training.
 
     The update carries ``num_examples`` (clients report it for weighted averaging) and, only when
     ``reveal_local_steps`` is set, ``local_steps``; only when ``reveal_learning_rate`` is set (a server that sets its
     clients' rate knows it), ``learning_rate``. The optimizer and weight decay are not revealed.
-    ``label_smoothing``, ``class_weights``: the cross-entropy's (:func:`local_training`).
+    ``label_smoothing``, ``class_weights``: the cross-entropy's; ``transform``: what the client runs on every
+    mini-batch (:func:`local_training`).
     """
     model = check_module(model)  # the model inside a wrapper (DataParallel, torch.compile): its names
     trained = local_training(
         model, inputs, labels, lr=lr, local_steps=local_steps, optimizer=optimizer, batch_size=batch_size,
         momentum=momentum, weight_decay=weight_decay, shuffle=shuffle, seed=seed, label_smoothing=label_smoothing,
-        class_weights=class_weights,
+        class_weights=class_weights, transform=transform,
     )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     after = {k: v.detach().clone() for k, v in trained.state_dict().items()}
