@@ -1,6 +1,7 @@
-"""Linear layers written as functions of the model's own parameters (``F.linear(x, self.w1, self.b1)``, as
-meta-learning code writes models): the exact methods read them as they read ``nn.Linear`` modules, and refuse what
-they cannot read (a computed weight, a weight used twice, ``F.conv2d``) saying so."""
+"""Layers written as functions of the model's own parameters (``F.linear(x, self.w1, self.b1)``,
+``F.conv2d(x, self.k, self.c, padding=1)``, as meta-learning code writes models): the exact methods read them as they
+read ``nn.Linear`` and ``nn.Conv2d`` modules, and refuse what they cannot read (a computed weight, a weight used
+twice, a grouped convolution) saying so."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.nn import functional as F
 
 import fedleak
 from fedleak.errors import ModelError
-from fedleak.nets import Dense, as_network
+from fedleak.nets import Conv, Dense, as_network
 
 
 class FunctionalMlp(nn.Module):
@@ -113,23 +114,69 @@ class Transposed(FunctionalMlp):
 
 
 class Convolved(nn.Module):
-    def __init__(self) -> None:
+    """A conv layer of the model's own kernel and bias, with stride and padding given as keywords, then a dense
+    head; ``standardise``: the kernel computed (weight standardisation), ``groups``: a grouped convolution."""
+
+    def __init__(self, standardise: bool = False, groups: int = 1, channels: int = 1) -> None:
         super().__init__()
-        self.k = nn.Parameter(torch.randn(4, 1, 3, 3))
-        self.w = nn.Parameter(torch.randn(10, 4 * 6 * 6))
+        gen = torch.Generator().manual_seed(3)
+        self.k = nn.Parameter(torch.randn(16, channels // groups, 3, 3, generator=gen) / 3)
+        self.c = nn.Parameter(torch.full((16,), 0.01))
+        self.fc = nn.Linear(16 * 8 * 8, 512)
+        self.out = nn.Linear(512, 10)
+        self.standardise, self.groups = standardise, groups
 
     def forward(self, x):
-        return F.linear(F.relu(F.conv2d(x, self.k)).flatten(1), self.w)
+        k = self.k - self.k.mean() if self.standardise else self.k
+        h = F.relu(F.conv2d(x, k, self.c, stride=1, padding=1, groups=self.groups))
+        return self.out(F.relu(self.fc(h.flatten(1))))
+
+
+def conv_twin(f: Convolved) -> nn.Sequential:
+    """The same network with its kernel held by an nn.Conv2d layer."""
+    conv = nn.Conv2d(1, 16, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(f.k)
+        conv.bias.copy_(f.c)
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), f.fc, nn.ReLU(), f.out)
+
+
+def test_a_functional_convolution_is_read_live_as_its_nn_conv2d_twin(digits):
+    model = Convolved()
+    net = as_network(model, input_shape=(1, 8, 8))
+    conv = net.blocks[0].conv
+    assert isinstance(conv, Conv) and conv.functional and conv.padding == (1, 1) and conv.kernel == (3, 3)
+    assert conv.parameter_names() == ["k", "c"]
+    with torch.no_grad():
+        model.k.mul_(2)  # an update applied to the model is what the network reads
+    assert torch.equal(conv.weight(torch.float32), model.k)
+    model = Convolved()
+    x, y = digits.batch(4, seed=2)
+    ours = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), input_shape=(1, 8, 8))
+    twin_model = conv_twin(model)
+    theirs = fedleak.reconstruct(twin_model, fedleak.compute_gradient_update(twin_model, x, y), input_shape=(1, 8, 8))
+    assert ours.num_certified == theirs.num_certified >= 2
+    assert torch.allclose(ours.inputs, theirs.inputs, atol=1e-6)
+    score = fedleak.metrics.match(ours, x, y, data_range=digits.value_range)
+    assert int(score.recovered.sum()) == ours.num_certified and score.false_certificates == 0
 
 
 @pytest.mark.parametrize("model, match", [
     (Tied(), r"parameter 'w3' is read by more than one layer in forward \(shared weights\)"),
     (Computed(), r"node 'mul' \(operator\.mul\) computes a tensor from the parameter 'w2'.*pass the parameter"),
-    (Convolved(), r"a convolution written as a function of the model's parameters is not read here.*nn\.Conv2d"),
 ])
 def test_what_cannot_be_read_is_refused_saying_why(model, match):
     with pytest.raises(ModelError, match=match):
         as_network(model)
+
+
+@pytest.mark.parametrize("model, shape, match", [
+    (Convolved(standardise=True), (1, 8, 8), r"computes a tensor from the parameter 'k'"),
+    (Convolved(groups=2, channels=2), (2, 8, 8), r"grouped convolutions \(groups=2\)"),
+])
+def test_a_functional_convolution_it_cannot_read_is_refused_saying_why(model, shape, match):
+    with pytest.raises(ModelError, match=match):
+        as_network(model, input_shape=shape)
 
 
 def test_a_weight_read_through_a_view_is_refused_by_name_where_the_input_shape_is_given():

@@ -39,12 +39,12 @@ class InputMasking:
 
 def first_reader(net) -> nn.Module | torch.Tensor:
     """What reads the input of the first layer with weights of a network read by :func:`fedleak.nets.as_network`:
-    its first conv module, or its head's first Linear module, or, for ``F.linear`` of the model's parameters, that
-    layer's weight (:func:`input_masking` takes either)."""
-    if net.blocks:
-        return net.blocks[0].conv.module
-    first = net.head.dense[0]
-    return first.weight if first.functional else first.owner
+    its first conv module, or its head's first Linear module, or, for ``F.conv2d`` / ``F.linear`` of the model's
+    parameters, that layer's weight (:func:`input_masking` takes either)."""
+    first = net.blocks[0].conv if net.blocks else net.head.dense[0]
+    if first.functional:
+        return first.kernel_parameter if net.blocks else first.weight
+    return first.owner
 
 
 def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape: tuple[int, ...]) -> InputMasking:

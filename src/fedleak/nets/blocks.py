@@ -25,8 +25,8 @@ from fedleak.nets.layers import BatchNorm, Conv, Pool
 if TYPE_CHECKING:  # scipy.sparse (0.2 s to import) is loaded by the methods that build sparse matrices
     import scipy.sparse as sp
 
-# the unrolled conv and its band assembly, per conv module: a model read again (every attack reads it anew) reuses
-# them while its conv and batch-norm tensors are unchanged
+# the unrolled conv and its band assembly, per module and kernel attribute: a model read again (every attack reads
+# it anew) reuses them while its conv and batch-norm tensors are unchanged
 _DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -79,8 +79,8 @@ class ConvBlock:
     def folded(self, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight (C_out x C_in x kh x kw) and bias (C_out) of conv with eval-mode BN folded in."""
         W = self.conv.weight(dtype)
-        b = (torch.zeros(W.shape[0], dtype=dtype, device=W.device) if self.conv.module.bias is None
-             else self.conv.module.bias.detach().to(dtype))
+        b = (torch.zeros(W.shape[0], dtype=dtype, device=W.device) if self.conv.bias is None
+             else self.conv.bias.detach().to(dtype))
         if self.bn is not None:
             scale, shift = self.bn.affine(dtype)
             W = W * scale[:, None, None, None]
@@ -104,16 +104,18 @@ class ConvBlock:
         """What the block's linear maps depend on: shapes, conv geometry, and a fingerprint of every conv/BN
         tensor (:func:`fedleak.nets.cast.fingerprint`: taken once per tensor inside
         :func:`fedleak.nets.cast.unchanged`)."""
-        mods = [self.conv.module] + ([self.bn.module] if self.bn is not None else [])
-        tensors = [t for m in mods for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        norm = [] if self.bn is None else [*self.bn.module.parameters(recurse=False),
+                                           *self.bn.module.buffers(recurse=False)]
+        tensors = [*self.conv.tensors(), *norm]
         return (self.in_shape, self.conv_shape, self.conv.stride, self.conv.padding, tuple(map(fingerprint, tensors)))
 
     def derived(self, name: str, build: Callable[[], object]):
-        """``build()``, computed once per conv module and state (see :meth:`state`)."""
+        """``build()``, computed once per convolution and state (see :meth:`state`)."""
         key = self.state()
-        entry = _DERIVED.get(self.conv.module)
+        per_kernel = _DERIVED.setdefault(self.conv.owner, {})  # a module may hold several functional kernels
+        entry = per_kernel.get(self.conv.weight_attr)
         if entry is None or entry[0] != key:
-            entry = _DERIVED[self.conv.module] = (key, {})
+            entry = per_kernel[self.conv.weight_attr] = (key, {})
         if name not in entry[1]:
             entry[1][name] = build()
         return entry[1][name]

@@ -54,12 +54,6 @@ def functional_linear(op: Op) -> Dense:
                  bias.attr if bias else None, functional=True)
 
 
-@converts(F.conv1d, F.conv2d)
-def functional_conv(op: Op) -> Layer:
-    raise op.refuse(f"a convolution written as a function of the model's parameters is not read here; hold its "
-                    f"kernel and bias in an nn.Conv2d (nn.Conv1d) layer; {EXACT_SCOPE}")
-
-
 def _sizes(op: Op, value: object, what: str, along: int = 1) -> tuple[int, int]:
     """A conv's or pool's 2-D size, stride, padding or dilation; over (C, L) signals, a 1-D one's ``k`` as
     ``(along, k)`` of (C, 1, L) maps (``along``: 1, or 0 for padding)."""
@@ -72,25 +66,54 @@ def _sizes(op: Op, value: object, what: str, along: int = 1) -> tuple[int, int]:
     raise op.refuse(f"unsupported {what} {value!r}")
 
 
+def _geometry(op: Op, kernel: tuple[int, ...], stride: object, padding: object, dilation: object, groups: int,
+              padding_mode: str = "zeros") -> tuple[tuple[int, int], tuple[int, int]]:
+    """A convolution's padding and stride as a 2-D one's (:func:`_sizes`), or its refusal: groups 1, dilation 1,
+    zero padding ('same' with odd kernels)."""
+    if groups != 1:
+        raise op.refuse(f"grouped convolutions (groups={groups}) are not supported")
+    dilations = dilation if isinstance(dilation, (tuple, list)) else (dilation,)
+    if set(dilations) != {1}:
+        raise op.refuse(f"dilation {dilation} is not supported")
+    if padding_mode != "zeros":
+        raise op.refuse(f"padding_mode '{padding_mode}' is not supported (zero padding only)")
+    if padding == "valid":
+        pad = (0, 0)
+    elif padding == "same":
+        if any(k % 2 == 0 for k in kernel):
+            raise op.refuse("padding='same' with an even kernel is not supported")
+        pad = _sizes(op, tuple(k // 2 for k in kernel), "padding", along=0)
+    else:
+        pad = _sizes(op, tuple(padding) if isinstance(padding, (tuple, list)) else padding, "padding", along=0)
+    return pad, _sizes(op, tuple(stride) if isinstance(stride, (tuple, list)) else stride, "stride")
+
+
 @converts(nn.Conv2d, nn.Conv1d)
 def conv(op: Op) -> Conv:
     """A 2-D convolution, or a 1-D one read as a 2-D convolution of (C, 1, L) maps with 1 x k kernels."""
     m = op.module
-    if m.groups != 1:
-        raise op.refuse(f"grouped convolutions (groups={m.groups}) are not supported")
-    if set(m.dilation) != {1}:
-        raise op.refuse(f"dilation {tuple(m.dilation)} is not supported")
-    if m.padding_mode != "zeros":
-        raise op.refuse(f"padding_mode '{m.padding_mode}' is not supported (zero padding only)")
-    if m.padding == "valid":
-        pad = (0, 0)
-    elif m.padding == "same":
-        if any(k % 2 == 0 for k in m.kernel_size):
-            raise op.refuse("padding='same' with an even kernel is not supported")
-        pad = _sizes(op, tuple(k // 2 for k in m.kernel_size), "padding", along=0)
-    else:
-        pad = _sizes(op, tuple(m.padding), "padding", along=0)
-    return Conv(op.node, m, op.parameter("weight"), op.parameter("bias"), pad, _sizes(op, tuple(m.stride), "stride"))
+    pad, stride = _geometry(op, tuple(m.kernel_size), m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+    bias = op.parameter("bias")
+    return Conv(op.node, m, op.parameter("weight"), bias, pad, stride, "weight", "bias" if bias else None)
+
+
+@converts(F.conv1d, F.conv2d)
+def functional_conv(op: Op) -> Conv:
+    """``F.conv2d(x, self.k, self.b, stride, padding)`` (or ``F.conv1d``) of the model's own parameters, as they
+    are, held by one module: read as the ``nn.Conv2d`` (``nn.Conv1d``) that holds them would be."""
+    weight, bias = op.arg(0, "weight"), op.arg(1, "bias")
+    if not isinstance(weight, ParameterRead) or not (bias is None or isinstance(bias, ParameterRead)):
+        raise op.refuse(f"{op.what} is read where its kernel and bias are parameters of the model as they are "
+                        f"({op.what}(x, self.k, self.b)); here one is computed (a product, a view, a standardised "
+                        f"kernel): hold them in an nn.Conv2d (nn.Conv1d) layer; {EXACT_SCOPE}")
+    if bias is not None and bias.owner is not weight.owner:
+        raise op.refuse(f"its kernel '{weight.name}' and bias '{bias.name}' are held by different modules; hold them "
+                        f"in one (or in an nn.Conv2d layer); {EXACT_SCOPE}")
+    kernel = tuple(int(k) for k in getattr(weight.owner, weight.attr).shape[2:])
+    pad, stride = _geometry(op, kernel, op.arg(2, "stride", 1), op.arg(3, "padding", 0), op.arg(4, "dilation", 1),
+                            op.arg(5, "groups", 1))
+    return Conv(op.node, weight.owner, weight.name, bias.name if bias else None, pad, stride, weight.attr,
+                bias.attr if bias else None, functional=True)
 
 
 @converts(nn.BatchNorm2d, nn.BatchNorm1d)

@@ -53,26 +53,45 @@ class Dense:
 
 @dataclass(frozen=True, eq=False)
 class Conv:
-    """An ``nn.Conv2d`` or ``nn.Conv1d`` (groups 1, dilation 1, zero padding) with its resolved padding and stride,
-    as a 2-D convolution: a ``Conv1d`` over (C, L) signals is one over (C, 1, L) maps with a 1 x k kernel."""
+    """A 2-D or 1-D convolution (groups 1, dilation 1, zero padding) with its resolved padding and stride, as a 2-D
+    convolution: one over (C, L) signals is one over (C, 1, L) maps with a 1 x k kernel. An ``nn.Conv2d`` /
+    ``nn.Conv1d`` module, or ``F.conv2d`` / ``F.conv1d`` of parameters of the model (``F.conv2d(x, self.k,
+    self.b)``: ``functional``). ``owner`` holds the kernel and bias as its attributes ``weight_attr`` and
+    ``bias_attr`` (None without a bias); they are read from it live."""
 
     name: str
-    module: nn.Conv2d | nn.Conv1d
+    owner: nn.Module
     weight_name: str
     bias_name: str | None
     padding: tuple[int, int]
     stride: tuple[int, int]
+    weight_attr: str = "weight"
+    bias_attr: str | None = "bias"
+    functional: bool = False
+
+    @property
+    def kernel_parameter(self) -> torch.Tensor:
+        """The kernel as the model holds it (C_out x C_in x kh x kw, or C_out x C_in x k)."""
+        return getattr(self.owner, self.weight_attr)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.bias_attr is None else getattr(self.owner, self.bias_attr)
 
     @property
     def kernel(self) -> tuple[int, int]:
-        """The kernel's (kh, kw): (1, k) for a ``Conv1d``."""
-        size = tuple(int(k) for k in self.module.kernel_size)
+        """The kernel's (kh, kw): (1, k) for a 1-D convolution."""
+        size = tuple(int(k) for k in self.kernel_parameter.shape[2:])
         return (1, size[0]) if len(size) == 1 else size
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The kernel, C_out x C_in x kh x kw (a ``Conv1d``'s with kh = 1), detached, in ``dtype``."""
-        w = self.module.weight.detach().to(dtype)
+        """The kernel, C_out x C_in x kh x kw (a 1-D one's with kh = 1), detached, in ``dtype``."""
+        w = self.kernel_parameter.detach().to(dtype)
         return w[:, :, None, :] if w.dim() == 3 else w
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The kernel and the bias (where there is one)."""
+        return [self.kernel_parameter] + ([self.bias] if self.bias is not None else [])
 
     def parameter_names(self) -> list[str]:
         return [self.weight_name] + ([self.bias_name] if self.bias_name else [])

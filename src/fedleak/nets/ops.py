@@ -23,7 +23,8 @@ from fedleak.registry import Registry
 # what the exact methods need, for every refusal message
 EXACT_SCOPE = (
     "fedleak's exact methods (exclusivity analysis, the exact attack, fishing, exclusivity reduction) need a chain "
-    "of Linear (or F.linear of the model's parameters), Conv2d or Conv1d, eval-mode BatchNorm2d/1d, ReLU, max/avg "
+    "of Linear, Conv2d or Conv1d (or F.linear, F.conv2d, F.conv1d of the model's parameters), eval-mode "
+    "BatchNorm2d/1d, ReLU, max/avg "
     "pooling, flatten/view/reshape and eval-mode Dropout; "
     "'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and still apply"
 )

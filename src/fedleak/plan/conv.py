@@ -87,11 +87,10 @@ class BlockShape:
 
 
 def block_shape(blk: ConvBlock) -> BlockShape:
-    mod = blk.conv.module
     return BlockShape(
         name=blk.name, in_shape=tuple(blk.in_shape), channels=blk.conv_shape[0], kernel=blk.conv.kernel,
         stride=tuple(blk.conv.stride), padding=tuple(blk.conv.padding),
         pool=None if blk.pool is None else tuple(blk.pool.kernel),
         pool_kind=None if blk.pool is None else blk.pool.kind,
-        bias=mod.bias is not None, batch_norm=blk.bn is not None,
+        bias=blk.conv.bias is not None, batch_norm=blk.bn is not None,
     )
