@@ -443,7 +443,7 @@ def test_a_model_is_traced_once_but_never_read_stale():
         as_network(model.train())
     model.eval()
     model[0] = nn.Conv2d(1, 2, 3)  # a new module: traced again
-    assert as_network(model).blocks[0].conv.module is model[0]
+    assert as_network(model).blocks[0].conv.owner is model[0]
 
 
 def test_sequential_is_read_without_the_tracer_and_the_same_as_traced():
