@@ -43,7 +43,7 @@ def first_reader(net) -> nn.Module | torch.Tensor:
     parameters, that layer's weight (:func:`input_masking` takes either)."""
     first = net.blocks[0].conv if net.blocks else net.head.dense[0]
     if first.functional:
-        return first.kernel_parameter if net.blocks else first.weight
+        return first.held_weight
     return first.owner
 
 

@@ -35,7 +35,7 @@ def _flat_input(op: Op) -> None:
 def linear(op: Op) -> Dense:
     _flat_input(op)
     bias = op.parameter("bias")
-    return Dense(op.node, op.module, op.parameter("weight"), bias, "weight", "bias" if bias else None)
+    return Dense(op.node, op.module, op.parameter("weight"), bias, bias_attr="bias" if bias else None)
 
 
 @converts(F.linear)
@@ -50,8 +50,8 @@ def functional_linear(op: Op) -> Dense:
         raise op.refuse(f"its weight '{weight.name}' and bias '{bias.name}' are held by different modules; hold them "
                         f"in one (or in an nn.Linear layer); {EXACT_SCOPE}")
     _flat_input(op)
-    return Dense(op.node, weight.owner, weight.name, bias.name if bias else None, weight.attr,
-                 bias.attr if bias else None, functional=True)
+    return Dense(op.node, weight.owner, weight.name, bias.name if bias else None, weight_attr=weight.attr,
+                 bias_attr=bias.attr if bias else None, functional=True)
 
 
 def _sizes(op: Op, value: object, what: str, along: int = 1) -> tuple[int, int]:
@@ -94,7 +94,8 @@ def conv(op: Op) -> Conv:
     m = op.module
     pad, stride = _geometry(op, tuple(m.kernel_size), m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
     bias = op.parameter("bias")
-    return Conv(op.node, m, op.parameter("weight"), bias, pad, stride, "weight", "bias" if bias else None)
+    return Conv(op.node, m, op.parameter("weight"), bias, bias_attr="bias" if bias else None, padding=pad,
+                stride=stride)
 
 
 @converts(F.conv1d, F.conv2d)
@@ -112,8 +113,8 @@ def functional_conv(op: Op) -> Conv:
     kernel = tuple(int(k) for k in getattr(weight.owner, weight.attr).shape[2:])
     pad, stride = _geometry(op, kernel, op.arg(2, "stride", 1), op.arg(3, "padding", 0), op.arg(4, "dilation", 1),
                             op.arg(5, "groups", 1))
-    return Conv(op.node, weight.owner, weight.name, bias.name if bias else None, pad, stride, weight.attr,
-                bias.attr if bias else None, functional=True)
+    return Conv(op.node, weight.owner, weight.name, bias.name if bias else None, weight_attr=weight.attr,
+                bias_attr=bias.attr if bias else None, functional=True, padding=pad, stride=stride)
 
 
 @converts(nn.BatchNorm2d, nn.BatchNorm1d)

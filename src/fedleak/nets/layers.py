@@ -9,7 +9,7 @@ work. Shapes are per sample (no batch dimension).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,27 +17,44 @@ from torch.nn import functional as F
 
 
 @dataclass(frozen=True, eq=False)
-class Dense:
-    """A Linear layer on flat inputs: an ``nn.Linear`` module, or ``F.linear`` of parameters of the model
-    (``F.linear(x, self.w1, self.b1)``: ``functional``). ``owner`` is the module that holds the weight and bias, as
-    its attributes ``weight_attr`` and ``bias_attr`` (None without a bias): the ``nn.Linear`` itself, or the module
-    whose parameters the call reads; they are read from it live."""
+class HeldWeights:
+    """A layer whose weight and bias a module of the model holds: ``owner``, as its attributes ``weight_attr`` and
+    ``bias_attr`` (None without a bias), named ``weight_name`` and ``bias_name`` in ``model.named_parameters()``;
+    the layer's own module, or the module whose parameters a functional call reads (``functional``: ``F.linear(x,
+    self.w1, self.b1)``, ``F.conv2d(x, self.k, self.c)``). They are read from it live."""
 
     name: str
     owner: nn.Module
     weight_name: str
     bias_name: str | None
-    weight_attr: str = "weight"
-    bias_attr: str | None = "bias"
-    functional: bool = False
+    weight_attr: str = field(default="weight", kw_only=True)
+    bias_attr: str | None = field(default="bias", kw_only=True)
+    functional: bool = field(default=False, kw_only=True)
 
     @property
-    def weight(self) -> torch.Tensor:
+    def held_weight(self) -> torch.Tensor:
+        """The weight as the model holds it."""
         return getattr(self.owner, self.weight_attr)
 
     @property
     def bias(self) -> torch.Tensor | None:
         return None if self.bias_attr is None else getattr(self.owner, self.bias_attr)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The weight and the bias (where there is one)."""
+        return [self.held_weight] + ([self.bias] if self.bias is not None else [])
+
+    def parameter_names(self) -> list[str]:
+        return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
+
+
+@dataclass(frozen=True, eq=False)
+class Dense(HeldWeights):
+    """A Linear layer on flat inputs: an ``nn.Linear`` module, or ``F.linear`` of parameters of the model."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.held_weight
 
     @property
     def in_features(self) -> int:
@@ -47,54 +64,26 @@ class Dense:
     def out_features(self) -> int:
         return int(self.weight.shape[0])
 
-    def parameter_names(self) -> list[str]:
-        return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
-
 
 @dataclass(frozen=True, eq=False)
-class Conv:
+class Conv(HeldWeights):
     """A 2-D or 1-D convolution (groups 1, dilation 1, zero padding) with its resolved padding and stride, as a 2-D
     convolution: one over (C, L) signals is one over (C, 1, L) maps with a 1 x k kernel. An ``nn.Conv2d`` /
-    ``nn.Conv1d`` module, or ``F.conv2d`` / ``F.conv1d`` of parameters of the model (``F.conv2d(x, self.k,
-    self.b)``: ``functional``). ``owner`` holds the kernel and bias as its attributes ``weight_attr`` and
-    ``bias_attr`` (None without a bias); they are read from it live."""
+    ``nn.Conv1d`` module, or ``F.conv2d`` / ``F.conv1d`` of parameters of the model."""
 
-    name: str
-    owner: nn.Module
-    weight_name: str
-    bias_name: str | None
     padding: tuple[int, int]
     stride: tuple[int, int]
-    weight_attr: str = "weight"
-    bias_attr: str | None = "bias"
-    functional: bool = False
-
-    @property
-    def kernel_parameter(self) -> torch.Tensor:
-        """The kernel as the model holds it (C_out x C_in x kh x kw, or C_out x C_in x k)."""
-        return getattr(self.owner, self.weight_attr)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return None if self.bias_attr is None else getattr(self.owner, self.bias_attr)
 
     @property
     def kernel(self) -> tuple[int, int]:
         """The kernel's (kh, kw): (1, k) for a 1-D convolution."""
-        size = tuple(int(k) for k in self.kernel_parameter.shape[2:])
+        size = tuple(int(k) for k in self.held_weight.shape[2:])
         return (1, size[0]) if len(size) == 1 else size
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The kernel, C_out x C_in x kh x kw (a 1-D one's with kh = 1), detached, in ``dtype``."""
-        w = self.kernel_parameter.detach().to(dtype)
+        w = self.held_weight.detach().to(dtype)
         return w[:, :, None, :] if w.dim() == 3 else w
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The kernel and the bias (where there is one)."""
-        return [self.kernel_parameter] + ([self.bias] if self.bias is not None else [])
-
-    def parameter_names(self) -> list[str]:
-        return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
 
 
 @dataclass(frozen=True, eq=False)

@@ -220,7 +220,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
             pick = new
     else:
         return BlockSolve(None, False, math.inf, 0.0, len(q_idx), n, "the activation pattern did not settle")
-    fwd = blk.forward(torch.from_numpy(x)[None].to(blk.conv.kernel_parameter.device), F64).reshape(-1).cpu().numpy()
+    fwd = blk.forward(torch.from_numpy(x)[None].to(blk.conv.held_weight.device), F64).reshape(-1).cpu().numpy()
     res_all = np.abs(fwd - out)
     if float(res_all.max()) > (opts.forward_tol * max(float(np.abs(out).max()), 1e-300) + float(out_err.max())
                                + min(out_err2, practical)):
