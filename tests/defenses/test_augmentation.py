@@ -97,7 +97,8 @@ def test_an_evaluation_scores_augmented_leakage_on_what_the_images_show():
     assert moved.recovered == moved.samples == 4 and moved.false_certificates == 0
 
 
-def test_a_local_round_records_each_original_as_its_augmented_image_shows_it(fashion):
+def test_a_client_s_own_record_places_each_original_as_its_image_shows_it(fashion):
+    """The federation's ground truth: over several local batches, each original next to its own augmented image."""
     from fedleak.clients.defended import defended_local_round
 
     x, y = fashion.batch(16, seed=2)
@@ -106,5 +107,5 @@ def test_a_local_round_records_each_original_as_its_augmented_image_shows_it(fas
     torch.manual_seed(0)
     local = defended_local_round(model, [(x[:8], y[:8]), (x[8:], y[8:])], stack, lr=0.1,
                                  generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(local.inputs, x)  # the client trained on moved images
-    assert torch.equal(local.original, local.inputs)  # each one its original, placed as it was
+    assert torch.equal(local.original, x) and not torch.equal(local.inputs, x)  # the client trained on moved images
+    assert torch.equal(stack.shown(local.original, local.inputs, paired=True), local.inputs)

@@ -32,8 +32,7 @@ class LocalRound:
     ``sent`` is the change it transmits (``before - after`` after its update filters), keyed like the model's
     trainable parameters; ``inputs`` / ``original`` / ``labels`` are the samples it trained on after / before
     its transforms (concatenated over steps; ``original`` equals ``inputs`` where a transform re-composed the
-    batch, and holds each original as its augmented image shows it, flipped and shifted: ``DefenseStack.shown``);
-    ``seconds`` the client's compute time, ``sent_bytes`` the size of what it transmits.
+    batch); ``seconds`` the client's compute time, ``sent_bytes`` the size of what it transmits.
     """
 
     sent: dict[str, torch.Tensor]
@@ -79,7 +78,7 @@ def defended_local_round(
                 p -= step
                 acc[name] += step
         used_x.append(x.detach())
-        used_orig.append((stack.shown(orig, x) if orig.shape[0] == x.shape[0] else x).detach())
+        used_orig.append((orig if orig.shape[0] == x.shape[0] else x).detach())
         used_y.append(y.detach())
     if not used_x:
         raise FedleakError(f"the client's defenses ({stack.label}) withheld every batch: it has nothing to send")

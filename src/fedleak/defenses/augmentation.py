@@ -94,21 +94,26 @@ class Augmentation(BatchDefense):
         out = _shifted(images, placement.down, placement.right, self.fill_value)
         return out.flip(-1) if placement.mirrored else out
 
-    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor) -> torch.Tensor:
+    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor, *, paired: bool = False) -> torch.Tensor:
         """``originals`` as this augmentation could have shown them: each moved by the placement that brings it
         nearest (least squared error) to one of ``rebuilt`` (any ``R x ...`` tensor of the originals' size per
-        sample), the identity unless another is strictly nearer. A rebuilt augmented image is scored against its
+        sample; with ``paired``, ``rebuilt[i]`` is the client's own image of ``originals[i]`` and only it is
+        looked at), the identity unless another is strictly nearer. A rebuilt augmented image is scored against its
         original placed the same way: every pixel the client's image kept is compared, and the pixels the shift
         lost are the fill on both sides."""
         self._check_images(originals, "originals")
         if rebuilt.shape[0] == 0 or rebuilt[0].numel() != originals[0].numel():
             return originals  # nothing to place them by (the scoring reports a size that does not fit)
         flat_r = rebuilt.reshape(rebuilt.shape[0], -1).to(originals.dtype)
-        best = originals
-        best_err = torch.cdist(originals.reshape(len(originals), -1), flat_r).amin(1)
+
+        def distance(images: torch.Tensor) -> torch.Tensor:
+            flat = images.reshape(len(images), -1)
+            return (flat - flat_r).norm(dim=1) if paired else torch.cdist(flat, flat_r).amin(1)
+
+        best, best_err = originals, distance(originals)
         for placement in self.placements()[1:]:
             moved = self.place(originals, placement)
-            err = torch.cdist(moved.reshape(len(moved), -1), flat_r).amin(1)
+            err = distance(moved)
             nearer = err < best_err
             if bool(nearer.any()):
                 best = torch.where(nearer.reshape(-1, 1, 1, 1), moved, best)

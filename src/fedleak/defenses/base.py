@@ -148,10 +148,11 @@ class BatchDefense(Defense):
         transformed inputs that inference must see too (DisguisedNets' keyed transform)."""
         return inputs
 
-    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor) -> torch.Tensor:
+    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor, *, paired: bool = False) -> torch.Tensor:
         """``originals`` as the client's images under this defense show them, for scoring ``rebuilt`` inputs: as
         they are, unless the defense moves an image's content in a way that hides none of it (augmentation's flip
-        and shift: each original placed as the rebuilt image nearest to it shows it)."""
+        and shift: each original placed as the rebuilt image nearest to it shows it; with ``paired``, as
+        ``rebuilt[i]``, the client's own image of ``originals[i]``, shows it)."""
         return originals
 
 

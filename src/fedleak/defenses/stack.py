@@ -108,11 +108,11 @@ class DefenseStack:
             inputs = d.at_inference(inputs)
         return inputs
 
-    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor) -> torch.Tensor:
+    def shown(self, originals: torch.Tensor, rebuilt: torch.Tensor, *, paired: bool = False) -> torch.Tensor:
         """``originals`` as the client's images show them, for scoring ``rebuilt`` inputs (see
         BatchDefense.shown), the batch defenses in order."""
         for d in self.batch:
-            originals = d.shown(originals, rebuilt)
+            originals = d.shown(originals, rebuilt, paired=paired)
         return originals
 
     def gradient(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,

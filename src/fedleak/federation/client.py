@@ -118,7 +118,11 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
         after = {k: torch.full_like(v, math.nan) for k, v in after.items()}
         delta = {k: torch.full_like(v, math.nan) for k, v in delta.items()}
     num = settings.batch_size if settings.local_epochs == 0 else n
-    return LocalResult(after, delta, int(num), done.steps, done.loss, done.inputs, done.original, done.labels,
+    # the originals as the client's images show them (augmentation's flips and shifts), for scoring: not the client's
+    # work, so outside its timed round
+    original = (stack.shown(done.original, done.inputs, paired=True) if done.original.shape == done.inputs.shape
+                else done.original)
+    return LocalResult(after, delta, int(num), done.steps, done.loss, done.inputs, original, done.labels,
                        done.seconds, done.sent_bytes)
 
 
