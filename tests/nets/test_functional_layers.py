@@ -184,3 +184,30 @@ def test_a_weight_read_through_a_view_is_refused_by_name_where_the_input_shape_i
         fedleak.nets.input_shape_of(Transposed())
     with pytest.raises(ModelError, match=r"computes a tensor from the parameter 'w1' \(a transpose"):
         as_network(Transposed(), input_shape=(64,))
+
+
+def test_a_functional_1d_convolution_with_stride_and_padding_certifies_as_its_nn_conv1d_twin():
+    class Signals(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.k = nn.Parameter(torch.randn(16, 2, 5, generator=gen) / 3)
+            self.c = nn.Parameter(torch.full((16,), 0.01))
+            self.fc, self.out = nn.Linear(16 * 32, 512), nn.Linear(512, 4)
+
+        def forward(self, x):
+            return self.out(F.relu(self.fc(F.relu(F.conv1d(x, self.k, self.c, stride=2, padding=2)).flatten(1))))
+
+    torch.manual_seed(0)
+    model = Signals()
+    conv = nn.Conv1d(2, 16, 5, stride=2, padding=2)
+    with torch.no_grad():
+        conv.weight.copy_(model.k)
+        conv.bias.copy_(model.c)
+    twin_model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), model.fc, nn.ReLU(), model.out)
+    x, y = torch.rand(4, 2, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
+    ours, theirs = (fedleak.reconstruct(m, fedleak.compute_gradient_update(m, x, y), input_shape=(2, 64))
+                    for m in (model, twin_model))
+    assert ours.num_certified == theirs.num_certified == 4
+    assert torch.allclose(ours.inputs.flatten(1), theirs.inputs.flatten(1), atol=1e-6)
+    assert int(fedleak.metrics.match(ours, x, y, data_range=(0.0, 1.0)).recovered.sum()) == 4
