@@ -104,7 +104,7 @@ class Augmentation(BatchDefense):
         self._check_images(originals, "originals")
         if rebuilt.shape[0] == 0 or rebuilt[0].numel() != originals[0].numel():
             return originals  # nothing to place them by (the scoring reports a size that does not fit)
-        flat_r = rebuilt.reshape(rebuilt.shape[0], -1).to(originals.dtype)
+        flat_r = rebuilt.reshape(rebuilt.shape[0], -1).to(originals.device, originals.dtype)
 
         def distance(images: torch.Tensor) -> torch.Tensor:
             flat = images.reshape(len(images), -1)
