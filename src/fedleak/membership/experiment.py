@@ -151,7 +151,8 @@ def run_membership(settings: MembershipSettings | None = None) -> MembershipResu
     data = load_dataset(settings.data)
     recipe = TrainingRecipe(tuple(data.input_shape), data.num_classes, widths=settings.widths,
                             epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                            defense=settings.defense, model=settings.model, weights=settings.weights)
+                            defense=settings.defense, model=settings.model, weights=settings.weights,
+                            data_range=data.value_range)
     initial = recipe.build(settings.seed)
     target = recipe.train(members, settings.seed)
     update = WeightUpdate({k: v.detach() for k, v in initial.state_dict().items()},

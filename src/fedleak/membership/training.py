@@ -38,6 +38,7 @@ class TrainingRecipe:
     delta: float = field(default=1e-5, metadata={"low": 1e-12, "high": 0.5})
     model: str | None = None
     weights: str | None = None
+    data_range: tuple[float, float] | None = None  # the inputs' range, for defenses that need it (augmentation's fill)
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -84,6 +85,7 @@ class TrainingRecipe:
             batches.extend(order[i:i + self.batch_size] for i in range(0, n, self.batch_size))
         model.train()
         defended_local_round(model, ((records.inputs[b], records.labels[b]) for b in batches),
-                             self.stack().bind(num_classes=self.num_classes), lr=self.lr, generator=gen)
+                             self.stack().bind(data_range=self.data_range, num_classes=self.num_classes), lr=self.lr,
+                             generator=gen)
         model.eval()
         return model
