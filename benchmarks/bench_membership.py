@@ -1,7 +1,8 @@
 """Membership inference on real data: every passive attack of ``fedleak.membership`` against an overfit and a
 well-generalised Fashion-MNIST MLP and a retina-patch MLP, and the LOSS, confidence and gradient-norm attacks
 against the overfit scenario's training under DP-SGD (Opacus) at three noise multipliers, with ε, and under data
-augmentation (flips; flips and shifts of up to 2 or 4 pixels). The tables and ROC figure of docs/membership.md.
+augmentation (flips; flips and shifts of up to 2 or 4 pixels), there with the augmentation-aware loss as well. The
+tables and ROC figure of docs/membership.md.
 
     .venv/bin/python benchmarks/bench_membership.py            # full run (about 10 minutes of CPU time; longer when the cores are shared)
     .venv/bin/python benchmarks/bench_membership.py --quick    # smoke run, small settings
@@ -51,7 +52,8 @@ def scenarios(quick: bool, seed: int) -> dict[str, MembershipSettings]:
         # data augmentation (flips; flips and shifts of up to 2 or 4 pixels) on the overfit scenario's training
         **{f"augmentation padding={p}": MembershipSettings(
             members=500 // scale, non_members=1000 // scale, reference=0, epochs=100 // scale,
-            defense=f"augmentation:padding={p}", attacks=("loss", "confidence", "gradient-norm"), seed=seed)
+            defense=f"augmentation:padding={p}",
+            attacks=("loss", "confidence", "gradient-norm", attack("augmented-loss", padding=p)), seed=seed)
            for p in (0, 2, 4)},
     }
 

@@ -27,7 +27,8 @@ from fedleak.updates import WeightUpdate
 
 MEMBERS, NON_MEMBERS, REFERENCE, CLIENT = 100, 300, 600, 40
 # small options so that the whole file runs in seconds; every attack keeps its method
-OPTIONS = {"whitebox": {"shadows": 2, "epochs": 30}, "lira": {"shadows": 2}, "whitebox-unsupervised": {"epochs": 30}}
+OPTIONS = {"whitebox": {"shadows": 2, "epochs": 30}, "lira": {"shadows": 2}, "whitebox-unsupervised": {"epochs": 30},
+           "augmented-loss": {"padding": 0}}  # the target trains without augmentation: the views nearest it, flips
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,10 @@ MEMBERSHIP_CATALOG: tuple[CatalogEntry[MembershipSpec], ...] = (
         ("model",))),
     CatalogEntry("modified-entropy", "fedleak.membership.baselines", MembershipSpec(
         "minus the modified prediction entropy (label-aware)", "Song & Mittal 2021", ("model",))),
+    CatalogEntry("augmented-loss", "fedleak.membership.augmented", MembershipSpec(
+        "minus the record's cross-entropy averaged over its flips and shifts",
+        "augmentation-aware membership inference, Yu et al. AAAI 2021; Choquette-Choo et al. ICML 2021 (its loss form)",
+        ("model",))),
     CatalogEntry("whitebox", "fedleak.membership.whitebox", MembershipSpec(
         "attack model on per-layer gradients, activations, loss and label, trained on shadows",
         "Nasr, Shokri & Houmansadr, IEEE S&P 2019 (passive, supervised)", ("model", "shadow"))),

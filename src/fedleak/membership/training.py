@@ -84,8 +84,10 @@ class TrainingRecipe:
             order = torch.randperm(n, generator=gen)
             batches.extend(order[i:i + self.batch_size] for i in range(0, n, self.batch_size))
         model.train()
-        defended_local_round(model, ((records.inputs[b], records.labels[b]) for b in batches),
-                             self.stack().bind(data_range=self.data_range, num_classes=self.num_classes), lr=self.lr,
-                             generator=gen)
+        with torch.random.fork_rng(devices=[]):  # batch defenses (augmentation, MixUp) draw from torch's generator
+            torch.manual_seed(seed)
+            defended_local_round(model, ((records.inputs[b], records.labels[b]) for b in batches),
+                                 self.stack().bind(data_range=self.data_range, num_classes=self.num_classes),
+                                 lr=self.lr, generator=gen)
         model.eval()
         return model
