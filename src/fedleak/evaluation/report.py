@@ -17,8 +17,9 @@ OUTPUT_FILES = RESULTS_AND_REPORT
 ROW_COLUMNS = (
     Column("defense", "the client's defense setting (none: the undefended baseline)", left=True),
     Column("best attack", "the attack that leaked most against it", left=True),
-    Column("leaked", "originals whose best reconstruction reached the PSNR threshold"),
-    Column("certified exact", "originals rebuilt exactly under a sound certificate"),
+    Column("leaked", "originals whose best reconstruction reached the PSNR threshold (against each original as the "
+                     "client's augmentation showed it, where it flips and shifts images)"),
+    Column("certified exact", "originals rebuilt exactly under a sound certificate (the same way)"),
     Column("best PSNR", "mean PSNR of the best attack's matched reconstructions (dB)"),
     Column("labels", "label accuracy of the best attack"),
     Column("accuracy", "test accuracy after the federated training"),
