@@ -23,5 +23,7 @@ def test_the_augmented_loss_averages_the_loss_over_every_view_and_needs_images(d
     assert torch.allclose(attack.score(Observation(model), records), expected, atol=1e-6)
     with pytest.raises(OptionError, match=r"image records \(N, C, H, W\)"):
         attack.score(Observation(model), Records(digits.x[:4].flatten(1), digits.y[:4]))
+    with pytest.raises(OptionError, match=r"smaller than the records' height and width \(8 x 8\), got 8"):
+        make_membership_attack("augmented-loss", padding=8).score(Observation(model), records)
     with pytest.raises(OptionError, match="queries each record once"):
         make_membership_attack("augmented-loss", padding=0, flip=False)

@@ -45,11 +45,15 @@ class AugmentedLossAttack(MembershipAttack):
 
     def score(self, observation: Observation, records: Records) -> torch.Tensor:
         self.require(observation)
-        fill = float(records.inputs.min()) if self.fill is None else self.fill
-        views = Augmentation(flip=self.flip, padding=self.padding, fill=fill)
         if records.inputs.ndim != 4:
             raise OptionError(f"membership attack '{self.name}' needs image records (N, C, H, W), got "
                               f"{tuple(records.inputs.shape)}")
+        h, w = records.inputs.shape[2:]
+        if self.padding >= min(h, w):
+            raise OptionError(f"option padding of membership attack '{self.name}' must be smaller than the records' "
+                              f"height and width ({h} x {w}), got {self.padding}")
+        fill = float(records.inputs.min()) if self.fill is None else self.fill
+        views = Augmentation(flip=self.flip, padding=self.padding, fill=fill)
         total = torch.zeros(len(records), dtype=torch.float64)
         placements = views.placements()
         for placement in placements:
