@@ -90,18 +90,40 @@ def test_num_examples_for_an_update_that_does_not_carry_it(digits):
         fedleak.reconstruct(model, reply, num_examples="4")
 
 
-@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile], ids=["DataParallel", "torch.compile"])
+def _opacus(net):
+    """``net`` as Opacus's ``PrivacyEngine.make_private`` returns it (a ``GradSampleModule``), hooks active."""
+    from opacus import PrivacyEngine
+
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    wrapped, _, _ = PrivacyEngine().make_private(module=net, optimizer=optimizer, data_loader=loader,
+                                                 noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    return wrapped
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile, _opacus],
+                         ids=["DataParallel", "torch.compile", "opacus"])
 def test_a_wrapped_model_is_read_as_the_model_inside(wrap, digits):
-    """``nn.DataParallel(net)`` or ``torch.compile(net)`` computes what ``net`` does; its names carry a prefix.
-    Every entry point reads the model inside: the client simulators name their updates as it does, and the
-    attacks take those updates, plain dicts under the wrapper's names, and the analysis."""
+    """``nn.DataParallel(net)``, ``torch.compile(net)`` or Opacus's ``GradSampleModule`` computes what ``net``
+    does; its names carry a prefix. Every entry point reads the model inside: the client simulators name their
+    updates as it does, and the attacks take those updates, dicts, gradient updates and weight updates under the
+    wrapper's names, and the analysis; Opacus's hooks neither fail on fedleak's copies nor store what it
+    computes."""
     x, y = digits.batch(4, seed=1)
     net = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
     wrapped = wrap(net)
     gradient = fedleak.compute_gradient_update(wrapped, x, y)
     assert list(gradient.gradients) == [n for n, _ in net.named_parameters()]
     prefixed = dict(zip([n for n, _ in wrapped.named_parameters()], gradient.gradients.values()))
-    for update in (gradient, prefixed, fedleak.fedavg_update(wrapped, x, y, lr=0.1)):
+    weights = fedleak.fedavg_update(wrapped, x, y, lr=0.1)
+    own = dict(zip(wrapped.state_dict(), weights.before))
+    weights_prefixed = fedleak.WeightUpdate(before={k: weights.before[n] for k, n in own.items()},
+                                            after={k: weights.after[n] for k, n in own.items()}, num_examples=4)
+    updates = (gradient, prefixed, fedleak.GradientUpdate(prefixed, num_examples=4), weights, weights_prefixed)
+    for update in updates:
         rec = fedleak.reconstruct(wrapped, update)
         assert rec.certified.all() and fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
+    assert any("the update's names carry the prefix" in n for n in rec.notes)
     assert fedleak.analyze_exclusivity(wrapped, x, y).certifiable.all()
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in wrapped.parameters())

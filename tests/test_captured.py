@@ -76,6 +76,16 @@ def test_a_clients_weights_are_read_as_a_fedavg_update(digits, steps):
             assert again is read and notes_again == notes
 
 
+def test_a_model_that_holds_the_clients_weights_is_named_as_the_mistake(digits):
+    """Handing the attack the client's own trained model with its reply reads an update of zero: the message says
+    which model to pass."""
+    model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
+    model.load_state_dict(_trained(model, digits.x[:8], digits.y[:8]))
+    for kind in ("auto", "weights"):
+        with pytest.raises(fedleak.FedleakError, match="the round's weights, before the client's local training"):
+            read_captured(model, model.state_dict(), kind)
+
+
 def test_weights_moved_beyond_half_their_norm_are_read_as_told(tmp_path, digits):
     model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
     # a tiny batch overfit with weight decay: weights moved 1.6x their norm, none kept
@@ -141,7 +151,7 @@ def test_reconstruct_and_plan_read_a_flower_reply(digits):
     planned = fedleak.plan(net, reply)
     assert planned.update.kind == "weights"
     assert any("the client's weights" in note for note in planned.notes)
-    with pytest.raises(fedleak.UpdateError, match="the weight update is zero"):
+    with pytest.raises(fedleak.UpdateError, match="the client's weights are the model's own"):
         fedleak.reconstruct(net, [v.numpy() for v in net.state_dict().values()], attack="dlm")
 
 

@@ -137,11 +137,8 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
     kind = check_kind(kind)
     if isinstance(update, (list, tuple)):
         update = named_like(model, update)
-    renaming = ""
-    own = model.state_dict() if isinstance(update, Mapping) else {}
-    if isinstance(update, Mapping):
-        update, change = renamed({name: as_tensor(value) for name, value in update.items()}, own)
-        renaming = "" if change is None else "read with the model's names: " + change.said("the update's")
+    own = model.state_dict()
+    update, renaming = with_model_names(update, own)
     if isinstance(update, Mapping) and kind != "gradient":
         unknown = sorted(set(update) - set(own))
         evidence = None if unknown or kind == "change" else weights_evidence(model, update)
@@ -159,9 +156,29 @@ def read_captured(model: nn.Module, update: object, kind: str = "auto") -> tuple
             how += ": read as a FedAvg update from the model's weights (the round's)" + (renaming and "; " + renaming)
             renaming = ""  # the weight update's metadata keeps it
             before = {k: own[k].detach().clone() for k in update}
+            if all(torch.equal(before[k], v) for k, v in update.items()):
+                raise UpdateError("the client's weights are the model's own, so nothing changed: pass the model as "
+                                  "the server sent it (the round's weights, before the client's local training)")
             update = WeightUpdate(before=before, after=dict(update), metadata={READ_AS: how})
     read_as = update.metadata.get(READ_AS) if isinstance(update, WeightUpdate) else None
     return update, tuple(filter(None, (renaming, read_as if isinstance(read_as, str) else "")))
+
+
+def with_model_names(update: object, own: Mapping[str, torch.Tensor]) -> tuple[object, str]:
+    """``update`` (a dict, a :class:`GradientUpdate` or a :class:`WeightUpdate`) keyed by ``own``'s names where
+    its names carry a wrapper's common prefix (:func:`~fedleak.state_names.renamed`), and a note saying so."""
+    if isinstance(update, Mapping):
+        update, change = renamed({name: as_tensor(value) for name, value in update.items()}, own)
+    elif isinstance(update, GradientUpdate) and isinstance(update.gradients, Mapping):
+        gradients, change = renamed(update.gradients, own)
+        update = update if change is None else replace(update, gradients=gradients)
+    elif isinstance(update, WeightUpdate) and isinstance(update.before, Mapping):
+        before, change = renamed(update.before, own)
+        if change is not None:
+            update = replace(update, before=before, after={change.name(k): v for k, v in update.after.items()})
+    else:
+        change = None
+    return update, "" if change is None else "read with the model's names: " + change.said("the update's")
 
 
 def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], why: str,

@@ -1,7 +1,8 @@
 """Names of a state dict saved through a wrapper, matched to the model's.
 
 A model trained inside a wrapper saves its tensors under the wrapper's prefix: ``module.`` (``DataParallel``,
-``DistributedDataParallel``), ``_orig_mod.`` (``torch.compile``), ``model.`` (a Lightning module holding the
+``DistributedDataParallel``), ``_orig_mod.`` (``torch.compile``), ``_module.``
+(Opacus's ``GradSampleModule``), ``model.`` (a Lightning module holding the
 network). A user's class may in turn hold the network the file was saved from (``self.net = ...``). Where every
 name of a file differs from the model's by one such common prefix, the file's tensors are the model's; anything
 else is left for the caller to report as a mismatch.
@@ -30,7 +31,7 @@ class Renaming:
         """The difference in words; ``whose``: the file's owner ("the update's")."""
         if self.removed:
             return (f"{whose} names carry the prefix '{self.removed}' (a wrapper's: DataParallel, "
-                    "DistributedDataParallel, torch.compile)")
+                    "DistributedDataParallel, torch.compile, Opacus)")
         return f"the model's names carry the prefix '{self.added}', which {whose} lack"
 
 

@@ -231,9 +231,9 @@ def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str,
 
 def check_module(model: object) -> nn.Module:
     """``model`` if it is a ``torch.nn.Module``; the model inside a wrapper that computes the same function
-    (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``), whose names carry a prefix the updates'
-    readers drop. A TorchScript module is refused, saying what to pass: its compiled forward is no Python code that
-    torch.fx traces or ``torch.func`` calls with other weights."""
+    (:func:`wrapped_module`), whose names carry a prefix the updates' readers drop. A TorchScript module is
+    refused, saying what to pass: its compiled forward is no Python code that torch.fx traces or ``torch.func``
+    calls with other weights."""
     import torch
     from torch import nn
 
@@ -243,12 +243,25 @@ def check_module(model: object) -> nn.Module:
         raise ModelError(f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or "
                          "torch.jit.trace), whose compiled forward fedleak cannot read: pass the Python nn.Module it "
                          "was made from, with the scripted weights loaded (model.load_state_dict(scripted.state_dict()))")
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     while True:
-        inner = model.module if isinstance(model, wrappers) else getattr(model, "_orig_mod", None)  # torch.compile's
-        if not isinstance(inner, nn.Module):
+        inner = wrapped_module(model)
+        if inner is None:
             return model
         model = inner
+
+
+def wrapped_module(model: nn.Module) -> nn.Module | None:
+    """The module a wrapper computes with (``nn.DataParallel``, ``DistributedDataParallel``, ``torch.compile``,
+    Opacus's ``GradSampleModule`` from ``PrivacyEngine.make_private``: a copy without its hooks,
+    :func:`~fedleak.opacus_wrapped.opacus_inner`), else None."""
+    from torch import nn
+
+    from fedleak.opacus_wrapped import opacus_inner
+
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    inner = model.module if isinstance(model, wrappers) else opacus_inner(model)
+    inner = inner if inner is not None else getattr(model, "_orig_mod", None)  # torch.compile's
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def check_model(model: object, *, binary: bool = False) -> nn.Module:
