@@ -69,6 +69,17 @@ def test_match_rejects_mismatched_shapes(digits):
         metrics.match(torch.zeros(2, 3, 32, 32), normalised)
 
 
+def test_integer_originals_are_refused_not_scored_as_nothing_recovered(digits):
+    """8-bit originals against a reconstruction of the model's [0, 1] inputs read as 0 recovered; refused instead,
+    saying how to pass them (as tensors and as numpy arrays)."""
+    as_bytes = (digits.x[:2] * 255).round().to(torch.uint8)
+    x = as_bytes.float() / 255
+    for originals in (as_bytes, as_bytes.numpy()):
+        with pytest.raises(fedleak.FedleakError, match=r"originals are uint8 values: .*x.float\(\) / 255"):
+            metrics.match(x, originals)
+    assert metrics.match(x, as_bytes.float() / 255).exact.all()
+
+
 def test_certified_samples_are_matched_before_uncertified_blends(digits):
     """A blend of two originals must not take a certified sample's original away from it."""
     a, b = digits.x[0], digits.x[1]

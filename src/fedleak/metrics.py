@@ -241,6 +241,15 @@ def _finite_costs(cost: np.ndarray) -> np.ndarray:
     return cost
 
 
+def _integer_dtype(values: object) -> str | None:
+    """The name of ``values``' integer or boolean dtype (a tensor or numpy array), else None."""
+    if isinstance(values, torch.Tensor):
+        return None if values.is_floating_point() or values.is_complex() else str(values.dtype).removeprefix("torch.")
+    if isinstance(values, np.ndarray) and values.dtype.kind in "biu":
+        return values.dtype.name
+    return None
+
+
 def match(
     reconstructed: Reconstruction | torch.Tensor,
     originals: torch.Tensor | Dataset,
@@ -300,6 +309,11 @@ def match(
         rec_x, rec_y, cert = torch.as_tensor(reconstructed), None, None
         claims = np.full(int(rec_x.shape[0]), np.nan)
         built = np.ones(int(rec_x.shape[0]), dtype=bool)
+    integers = _integer_dtype(originals)
+    if integers:  # a reconstruction is never integer: the originals are not what the model read
+        raise FedleakError(f"the originals are {integers} values: pass them as the model saw them, as floats "
+                           "(x.float() / 255 for 8-bit images the model reads in [0, 1], x.float() for a model that "
+                           "reads 0..255)")
     orig = _as_images(originals)
     if orig.shape[0] == 0:
         raise FedleakError("no originals to match against")
