@@ -29,6 +29,7 @@ _EXPORTS = {
     "binary_twin": "fedleak.binary",
     "ExclusivityOptions": "fedleak.attacks",
     "available_attacks": "fedleak.attacks",
+    "class_fishing_weights": "fedleak.attacks.malicious",
     "imprint_weights": "fedleak.attacks.malicious",
     "trap_weights": "fedleak.attacks.malicious",
     "fedavg_update": "fedleak.clients",
@@ -94,7 +95,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedleak.analysis import ExclusivityReport, analyze_exclusivity
     from fedleak.api import reconstruct
     from fedleak.attacks import ExclusivityOptions, available_attacks
-    from fedleak.attacks.malicious import imprint_weights, trap_weights
+    from fedleak.attacks.malicious import class_fishing_weights, imprint_weights, trap_weights
     from fedleak.binary import BinaryTwin, binary_twin
     from fedleak.captured import read_update
     from fedleak.clients import fedavg_update, local_training

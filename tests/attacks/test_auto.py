@@ -337,10 +337,14 @@ def test_bad_weight_updates(digits):
         fedleak.WeightUpdate(before=before, after={k: v for k, v in after.items() if k != "1.bias"})
     with pytest.raises(fedleak.FedleakError, match="zero"):
         fedleak.WeightUpdate(before=before, after={k: v.clone() for k, v in before.items()})
-    renamed = {f"net.{k}": v for k, v in before.items()}
+    foreign = {**before, "net.extra": torch.zeros(3)}
     with pytest.raises(fedleak.FedleakError, match="model does not have"):
-        fedleak.reconstruct(model, fedleak.WeightUpdate(renamed, {k: v + 0.01 for k, v in renamed.items()}),
-                            attack="dlm")
+        fedleak.reconstruct(model, fedleak.WeightUpdate(foreign, {k: v + 0.01 for k, v in foreign.items()}),
+                            attack="dlm", iterations=1)
+    renamed = {f"net.{k}": v for k, v in before.items()}  # saved from a class holding the network: read as its own
+    rec = fedleak.reconstruct(model, fedleak.WeightUpdate(renamed, {k: v + 0.01 for k, v in renamed.items()}),
+                              attack="dlm", iterations=1)
+    assert any("names carry the prefix 'net.'" in note for note in rec.notes)
     with pytest.raises(fedleak.FedleakError, match="unknown option"):
         fedleak.reconstruct(model, fedavg_update(model, x, y, lr=0.1), attack="dlm", iteratoins=3)
 

@@ -121,6 +121,21 @@ def test_cli_federate_imprint(tmp_path, capsys, ray_cluster):
     assert not _ray_running()
 
 
+def test_a_class_fishing_server_certifies_every_sample_of_its_class(ray_cluster):
+    """The class-fishing threat: the server sends its fished output layer every round and attacks each one-step
+    update with the learning rate it set; every sample of the fished class is certified, no other."""
+    from fedleak.federation import run_federation
+
+    settings = FederationSettings(clients=2, rounds=1, threat="class-fishing", fished_class=1, batch_size=32,
+                                  hidden=(512,), lr=0.1, seed=0, ray_address=ray_cluster[0])
+    result = run_federation(settings)
+    assert [r.status for r in result.records] == ["ok", "ok"], result.records
+    for r in result.records:
+        held = next(int(n.split("holds ")[1].split(" ")[0]) for n in r.notes if "of the fished class 1" in n)
+        assert r.attack == "class-fishing" and held > 0 and r.certified == held
+        assert r.scores is not None and r.scores.recovered == held and r.scores.false_certificates == 0
+
+
 def test_cli_rejects_unknown_threat(tmp_path, capsys):
     from fedleak.cli import main
 

@@ -43,6 +43,9 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
         needs_relu_network=True, takes_defense=True)),
     CatalogEntry("trap-weights", "fedleak.attacks.malicious.trap", AttackSpec(
         BOTH, "malicious trap-weight first layer (Boenisch et al.): certified x = dW_i/db_i", needs_relu_network=True)),
+    CatalogEntry("class-fishing", "fedleak.attacks.malicious.class_fishing", AttackSpec(
+        BOTH, "malicious class-fishing output layer (Wen et al.): the target class's samples, certified by counting",
+        needs_relu_network=True)),
     CatalogEntry("imprint", "fedleak.attacks.malicious.imprint", AttackSpec(
         BOTH, "malicious imprint bins in the first layer (Robbing the Fed): certified bin differences",
         needs_relu_network=True)),

@@ -80,6 +80,7 @@ def federate(
     alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition."),
     trap_scale: float = typer.Option(0.8, help="Trap weights' positive/negative magnitude ratio."),
     imprint_bins: int = typer.Option(0, help="Imprint bins (0: the whole first layer)."),
+    fished_class: int = typer.Option(0, help="The class the class-fishing server targets (--threat class-fishing)."),
     transform_options: str = typer.Option(None, help="JSON options of the fishing transform (--threat fishing)."),
     no_audit: bool = typer.Option(False, "--no-audit", help="Run the federation without attacking the updates."),
     upload: str = typer.Option("delta", help="What clients send: delta (their change, FedSGD-style) | weights "
@@ -165,7 +166,8 @@ def federate(
         hidden=sizes,
         model=model, weights=None if weights is None else str(weights), client_mode=client_mode,
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
-        trap_scale=trap_scale, imprint_bins=imprint_bins, transform_options=_parse_options(transform_options),
+        trap_scale=trap_scale, imprint_bins=imprint_bins, fished_class=fished_class,
+        transform_options=_parse_options(transform_options),
         ray_cpus=ray_cpus,
         client_cpus=min(1.0, float(ray_cpus)) if client_cpus is None else client_cpus,
         attack_budget=attack_budget,

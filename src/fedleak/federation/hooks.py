@@ -118,6 +118,12 @@ def _imprint(model: nn.Module, server_round: int, settings: FederationSettings, 
                            seed=settings.seed * 1000 + server_round)
 
 
+def _class_fishing(model: nn.Module, server_round: int, settings: FederationSettings, split: DataSplit) -> nn.Module:
+    from fedleak.attacks.malicious import class_fishing_weights
+
+    return class_fishing_weights(model, settings.fished_class, data_range=split.value_range)
+
+
 register_threat(Threat("honest", "honest-but-curious server: only looks at the updates (exclusivity attack)",
                        "exclusivity", _exclusivity_options, _no_transform))
 register_threat(Threat("fishing", "the server ships a batch transform (fedleak.fishing) that clients run before "
@@ -126,6 +132,9 @@ register_threat(Threat("trap-weights", "malicious weights: trap-weight first lay
                        "trap-weights", lambda s: {}, _no_transform, _trap, update_kind="weights"))
 register_threat(Threat("imprint", "malicious weights: imprint bins in the first layer (Robbing the Fed)",
                        "imprint", lambda s: {}, _no_transform, _imprint, update_kind="weights"))
+register_threat(Threat("class-fishing", "malicious weights: an output layer that silences every class but one "
+                       "(Wen et al.); the target class's samples, counted off the first layer", "class-fishing",
+                       lambda s: {}, _no_transform, _class_fishing, update_kind="weights"))
 
 
 def _membership_ascent(model: nn.Module, server_round: int, settings: FederationSettings,

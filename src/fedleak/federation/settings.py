@@ -72,6 +72,7 @@ class FederationSettings:
     upload: str = "delta"
     trap_scale: float = 0.8
     imprint_bins: int = 0
+    fished_class: int = 0  # the class-fishing server's target class
     transform_options: tuple[tuple[str, float | int | str | bool], ...] = ()
     ray_cpus: int = 1
     client_cpus: float = 1.0
@@ -124,6 +125,7 @@ class FederationSettings:
             (self.local_steps >= 1, f"local_steps must be positive, got {self.local_steps}"),
             (self.local_epochs >= 0, f"local_epochs must be 0 or more, got {self.local_epochs}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.fished_class >= 0, f"fished_class must be a class index (0 or more), got {self.fished_class}"),
             (self.model is not None or (len(self.hidden) >= 1 and min(self.hidden) >= 1),
              f"hidden needs positive widths, got {self.hidden}"),
             (self.audit_mode in ("process", "thread", "sync"),

@@ -28,7 +28,9 @@ chance, so there a certificate also needs a proof that covers the whole batch
 """
 
 from fedleak.attacks.malicious.certify import MaliciousOptions
+from fedleak.attacks.malicious.class_fishing import class_fishing_attack, class_fishing_weights
 from fedleak.attacks.malicious.imprint import imprint_attack, imprint_weights
 from fedleak.attacks.malicious.trap import trap_weights, trap_weights_attack
 
-__all__ = ["MaliciousOptions", "trap_weights", "imprint_weights", "trap_weights_attack", "imprint_attack"]
+__all__ = ["MaliciousOptions", "trap_weights", "imprint_weights", "class_fishing_weights", "trap_weights_attack",
+           "imprint_attack", "class_fishing_attack"]
