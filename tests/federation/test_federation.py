@@ -1,5 +1,6 @@
 """Audited federations on the real Flower simulation engine (Ray), offline; plus the parts without Flower."""
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -128,6 +129,9 @@ def test_a_class_fishing_server_certifies_every_sample_of_its_class(ray_cluster)
 
     settings = FederationSettings(clients=2, rounds=1, threat="class-fishing", fished_class=1, batch_size=32,
                                   hidden=(512,), lr=0.1, seed=0, ray_address=ray_cluster[0])
+    for unknown in ({"lr_known": False}, {"local_steps": 2}, {"local_epochs": 1}):
+        with pytest.raises(fedleak.FedleakError, match="class-fishing server reads each update at the learning rate"):
+            dataclasses.replace(settings, **unknown)
     result = run_federation(settings)
     assert [r.status for r in result.records] == ["ok", "ok"], result.records
     for r in result.records:

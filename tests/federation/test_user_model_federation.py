@@ -129,8 +129,10 @@ def test_a_model_that_does_not_fit_fails_before_anything_starts(tmp_path, net_fi
         make_model(FederationSettings(data="digits", model=f"{net_file}:Three"), split)
     conv = FederationSettings(data="digits", model=f"{net_file}:Conv", test_size=200, public_size=100)
     check_before_start(conv, split)  # an honest server: anything that runs
-    with pytest.raises(ModelError, match="trap and imprint weights go into a first Linear layer"):
+    with pytest.raises(ModelError, match="trap and imprint weights go into a first Linear layer on the inputs"):
         check_before_start(dataclasses.replace(conv, threat="trap-weights"), split)
+    with pytest.raises(ModelError, match="class fishing reads one; this model starts with conv layer"):
+        check_before_start(dataclasses.replace(conv, threat="class-fishing"), split)
     with pytest.raises(FedleakError, match="fishing: the model has no hidden ReLU layer in its dense head"):
         check_before_start(dataclasses.replace(conv, threat="fishing"), split)
     normed = dataclasses.replace(conv, model=f"{net_file}:Normed",

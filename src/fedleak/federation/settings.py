@@ -126,6 +126,9 @@ class FederationSettings:
             (self.local_epochs >= 0, f"local_epochs must be 0 or more, got {self.local_epochs}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.fished_class >= 0, f"fished_class must be a class index (0 or more), got {self.fished_class}"),
+            (self.threat != "class-fishing" or (self.lr_known and self.local_steps == 1 and self.local_epochs == 0),
+             "the class-fishing server reads each update at the learning rate it sets and one local step: drop "
+             "--lr-unknown, --local-steps and --local-epochs"),
             (self.model is not None or (len(self.hidden) >= 1 and min(self.hidden) >= 1),
              f"hidden needs positive widths, got {self.hidden}"),
             (self.audit_mode in ("process", "thread", "sync"),

@@ -40,7 +40,8 @@ def fully_connected(model: nn.Module, input_shape: tuple[int, ...] | None = None
     """``model`` read by :func:`fedleak.nets.as_network`; its first layer must be a Linear layer on the inputs."""
     net = as_network(model, input_shape=input_shape)
     if net.blocks:
-        raise ModelError(f"trap and imprint weights go into a first Linear layer on the inputs; this model starts "
+        raise ModelError(f"trap and imprint weights go into a first Linear layer on the inputs, and class fishing "
+                         f"reads one; this model starts "
                          f"with conv layer '{net.blocks[0].name}'")
     check_head_trainable(model, net)
     return net

@@ -32,7 +32,6 @@ from fedleak.attacks.malicious.certify import (
     finish,
     first_layer,
     first_two_dense,
-    ratio_bound,
     resolve_options,
 )
 from fedleak.attacks.masked_input import first_reader, input_masking
@@ -45,6 +44,7 @@ from fedleak.validation import check_float, check_int
 F64 = torch.float64
 MARGIN = 150.0  # exp(-150) ~ 7e-66: zero in float32, and far below every tolerance in float64
 GAP = 110.0  # the least margin the proof accepts: exp(-110) ~ 2e-48 rounds to zero in float32
+EPS32 = float(torch.finfo(torch.float32).eps)
 COUNT_TOL = 0.05  # a row's count must lie this close to an integer (float rounding is orders of magnitude below)
 
 
@@ -79,13 +79,14 @@ def _check_range(data_range: object) -> tuple[float, float]:
 
 
 def class_fishing_weights(model: nn.Module, target: int, *, data_range: tuple[float, float] = (0.0, 1.0),
-                          multiplier: float = 0.5, margin: float = MARGIN, inplace: bool = False) -> nn.Module:
+                          multiplier: float = 2.0, margin: float = MARGIN, inplace: bool = False) -> nn.Module:
     """Return ``model`` with its output layer set for class fishing on class ``target`` (same architecture).
 
     The target row becomes ``multiplier`` everywhere (its bias is kept), every other row zero, and every other
     class's bias the largest target logit an input in ``data_range`` can reach plus ``margin`` (Wen et al. use
-    1000 for every image model; this one is proven for the model's own weights). The model is copied unless
-    ``inplace``."""
+    1000 for every image model; this one is proven for the model's own weights). Wen et al.'s multiplier is 0.5; a
+    larger one lifts what a one-step weight update carries above the float32 rounding of the returned weights at
+    small learning rates. The model is copied unless ``inplace``."""
     multiplier = check_float("multiplier", multiplier, low=1e-12)
     margin = check_float("margin", margin, low=GAP)
     data_range = _check_range(data_range)
@@ -182,9 +183,14 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
                    f"{unit:.3g}: the update is not one mean-loss gradient (or one SGD step) of this model; nothing "
                    "is certified")
         notes.append(refused)
-    reading = _Rows(G.clone(), g.clone(), nearest, torch.maximum(nG, ng), net.head.weights(F64)[0].to(G.device),
-                    net.head.biases(F64)[0].to(G.device), unit)
-    found, last, samples = [], [], []  # samples: the certified inputs peeled off, one per sample
+    # each row's error: the update's rounding, plus the client's float32 arithmetic on its c samples' terms (each at
+    # most unit x the data's largest magnitude): any order of summing them errs by at most (c - 1) half-epsilons of
+    # their total, the products and a weight update's lr x gradient by one more half-epsilon each
+    c = nearest.abs().clamp_min(1)
+    summed = c * (c + 1) / 2 * EPS32 * unit
+    reading = _Rows(G.clone(), g.clone(), nearest, nG + summed * max(abs(v) for v in data_range), ng + summed,
+                    net.head.weights(F64)[0].to(G.device), net.head.biases(F64)[0].to(G.device), unit)
+    found, last, samples = [], [], []  # samples: the certified inputs peeled off and their error bounds
     scale = rate / n_examples  # each target sample's factor on its logit, as the exact attack reports it
     while True:
         cands = reading.candidates(opts.group_tol)
@@ -194,10 +200,10 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
         for c, v in zip(cands, verdicts):
             if not v.certified:
                 continue
+            if any(float((c.x - x).abs().max()) <= c.error + error for x, error in samples):
+                continue  # one sample read off other rows, or a copy of one within the bounds: kept and peeled once
             found.append((c, v))
-            if any(float((c.x - x).norm()) <= opts.merge_tol * float(x.norm()) for x in samples):
-                continue  # a second group of one sample's rows: peeled once only (twice would fake a residual)
-            samples.append(c.x)
+            samples.append((c.x, c.error))
             reading.peel(c)
             peeled += 1
         if not peeled or (sent is not None and len(samples) >= sent):
@@ -232,13 +238,14 @@ class _Candidate:
 @dataclass
 class _Rows:
     """The first layer's rows still to explain: weights ``G`` and biases ``g`` less the samples peeled off,
-    ``left`` their counts, ``err`` a bound on each row's max-abs error, the first layer ``W``, ``b``, and the
-    ``unit`` one target sample puts on a bias entry."""
+    ``left`` their counts, ``err`` and ``err_bias`` bounds on the error of each row's weight and bias entries, the
+    first layer ``W``, ``b``, and the ``unit`` one target sample puts on a bias entry."""
 
     G: torch.Tensor
     g: torch.Tensor
     left: torch.Tensor
     err: torch.Tensor
+    err_bias: torch.Tensor
     W: torch.Tensor
     b: torch.Tensor
     unit: float
@@ -255,12 +262,16 @@ class _Rows:
         out = []
         for grp in groups:
             r = ones[grp.rows]
-            den = self.g[r].sum()
-            x = self.G[r].sum(0) / den
-            error = float(ratio_bound(x[None], self.err[r].square().sum().sqrt()[None],
-                                      self.err[r].square().sum().sqrt()[None], den[None])[0])
+            # each row reads the sample on its own, within its own bound; the rows' average is within no less than
+            # the best one's (in the worst case the errors do not cancel): the best row's reading is the sample's
+            rows = self.G[r] / self.g[r, None]
+            slack = self.g[r].abs() - self.err_bias[r]  # each bias entry is at least this far from 0
+            bounds = torch.where(slack > 0, (self.err[r] + rows.abs().amax(1) * self.err_bias[r])
+                                 / slack.clamp_min(1e-300), torch.full_like(slack, math.inf))
+            best = int(torch.argmin(bounds))
+            x = rows[best]
             opens = bool(((self.W[r] @ x + self.b[r]) > 0).all())
-            out.append(_Candidate(x, r.tolist(), error, opens, int(peeled[r].max())))
+            out.append(_Candidate(x, r.tolist(), float(bounds[best]), opens, int(peeled[r].max())))
         return out
 
     def peel(self, c: _Candidate) -> None:
@@ -273,7 +284,7 @@ class _Rows:
         self.G[opens] += self.unit * c.x
         self.g[opens] += self.unit
         self.left[opens] -= 1
-        self.err[opens] += self.unit * c.error
+        self.err[opens] += self.unit * c.error  # its rows less unit x its rebuilt input, which errs by c.error
 
 
 def _verdict(c: _Candidate, target: int, data_range: tuple[float, float], exact_tol: float, refused: str,
