@@ -56,7 +56,7 @@ def test_a_one_step_weight_update_at_the_servers_rate(digits):
     assert int(rec.certified.sum()) == int((y == 0).sum()) > 0
     assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0
     for told in ({}, {"learning_rate": 0.1}, {"learning_rate": 0.1, "local_steps": 2}):
-        with pytest.raises(fedleak.UpdateError, match="learning_rate=lr, local_steps=1"):
+        with pytest.raises(fedleak.UpdateError, match="give learning_rate=lr and local_steps=1 with the update"):
             _attack(fished, dataclasses.replace(update, **told))
 
 

@@ -157,3 +157,29 @@ def test_check_takes_what_the_server_knows_of_a_two_class_reply(tmp_path, capsys
     assert "pass --learning-rate" not in out and "1 local step at learning rate 0.1" in out
     with pytest.raises(fedleak.FedleakError, match="pass the update too"):
         fedleak.plan(model, None, learning_rate=0.1)
+
+
+def test_a_class_fishing_servers_reply(tmp_path, capsys, digits):
+    """The server sent its class-fished model (class 3) and set the rate and the one local step: with them, every
+    sample of class 3 in the stored reply is certified, exactly; without them, one line names the options."""
+    (tmp_path / "net.py").write_text(NET)
+    model = fedleak.class_fishing_weights(fedleak.load_model(f"{tmp_path / 'net.py'}:Net", seed=0).module, 3)
+    x, y = digits.batch(32, seed=2)
+    client = copy.deepcopy(model)
+    F.cross_entropy(client(x), y).backward()
+    torch.optim.SGD(client.parameters(), lr=0.1).step()
+    np.savez(tmp_path / "round.npz", *[v.numpy() for v in model.state_dict().values()])
+    np.savez(tmp_path / "reply.npz", *[v.detach().numpy() for v in client.state_dict().values()])
+    args = ["reconstruct", "--model", f"{tmp_path / 'net.py'}:Net", "--weights", str(tmp_path / "round.npz"),
+            "--update", str(tmp_path / "reply.npz"), "--attack", "class-fishing", "--num-examples", "32",
+            "--out", str(tmp_path / "rec"), "--quiet"]
+    assert main([*args, "--learning-rate", "0.1", "--local-steps", "1"]) == 0
+    saved = np.load(tmp_path / "rec" / "reconstruction.npz")
+    rec_x = torch.from_numpy(saved["x"])[torch.from_numpy(saved["certified"])]
+    assert len(rec_x) == int((y == 3).sum()) > 0
+    for r in rec_x:
+        assert min(float((r.flatten() - s.flatten()).abs().max()) for s in x[y == 3]) < 1e-4
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "give --learning-rate=lr and --local-steps 1 with the update" in err and err.count("\n") == 1

@@ -139,13 +139,13 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
                          **overrides) -> Reconstruction:
     """Rebuild the target class's samples from an update of a class-fished model (:func:`class_fishing_weights`).
 
-    ``update``: a gradient with its ``num_examples``, or a one-step weight update with ``num_examples`` and the
-    ``learning_rate`` the server set. Each first-layer row's count of target samples is read off its bias entry;
-    rows of count one whose implied inputs ``dW_j / db_j`` coincide are one sample, certified when it opens every
-    one of them, lies in ``data_range`` and its rounding error is below ``exact_tol`` of the range. Certified
-    samples are then peeled off every row they open (each unit's count drops by one), which leaves more rows of
-    count one, until none is left. Samples of other classes send nothing below the output layer and are not
-    rebuilt.
+    ``update``: a gradient with its ``num_examples``, or a weight update with ``num_examples`` and the
+    ``learning_rate`` and the one local step the server set. Each first-layer row's count of target samples is read
+    off its bias entry; rows of count one whose implied inputs ``dW_j / db_j`` coincide are one sample, read off the
+    row with the smallest worst-case error bound, and certified when it opens every one of them, lies in
+    ``data_range`` and that bound is below ``exact_tol`` of the range. Certified samples are then peeled off every
+    row they open (each unit's count drops by one), which leaves more rows of count one, until nothing new is
+    certified. Samples of other classes send nothing below the output layer and are not rebuilt.
     """
     start = time.perf_counter()
     opts = resolve_options(options, overrides)
@@ -159,9 +159,9 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
     if isinstance(update, WeightUpdate):
         if update.learning_rate is None or update.local_steps != 1:
             raise UpdateError("the class-fishing attack reads a weight update of one local SGD step, at the scale "
-                              "lr x multiplier / num_examples: give the learning rate and the one step the server set "
-                              "(WeightUpdate(..., learning_rate=lr, local_steps=1)); after a first step the fished "
-                              "output layer has moved and other classes' samples reach the first layer")
+                              "lr x multiplier / num_examples: give learning_rate=lr and local_steps=1 with the update "
+                              "(the rate and the one step the server set); after a first step the fished output layer "
+                              "has moved and other classes' samples reach the first layer")
         rate = update.learning_rate
     unit = rate * multiplier / n_examples  # what one target sample puts on the bias of a unit it opens
     counts = -g / unit
