@@ -96,8 +96,8 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     write_json(RESULTS, dict(settings=vars(args), environment=environment_info(), machine=machine, date=date,
                              rows=rows))
-    lines = ["| data (classes) | attack | batch | recovered (certified, exact) | of the fished class | false certificates "
-             "| attack s |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| data (classes) | attack | batch | recovered (certified, exact) | of the fished class "
+             "| false certificates | attack s |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         fished = (f"{r['recovered']}/{r['fished']} ({100 * r['recovered'] / max(r['fished'], 1):.0f}%)"
                   if r["attack"] == "class-fishing" else "")

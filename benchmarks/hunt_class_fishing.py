@@ -82,7 +82,8 @@ def render(files: list[Path]) -> str:
                                                                                  "recovered", "false"), 0))
             for key in cell:
                 cell[key] += row[key]
-    lines = ["| data | update | batches | samples of the fished class | certified | of them exact | false certificates |",
+    lines = ["| data | update | batches | samples of the fished class | certified | of them exact "
+             "| false certificates |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for (data, update), c in sorted(total.items()):
         lines.append(f"| {data} | {update} | {c['batches']:,} | {c['fished']:,} | {c['certified']:,} | "
