@@ -10,6 +10,7 @@ from torch import nn
 
 import fedleak
 from fedleak.attacks.malicious.class_fishing import MARGIN, fished_class
+from tests.user_models import DropoutMLP
 
 
 def _attack(model, update, data_range=(0.0, 1.0)):
@@ -85,12 +86,20 @@ def test_a_users_module_on_normalised_faces(lfw):
 
 
 def test_what_breaks_the_counts_certifies_nothing(digits):
-    """Label smoothing sends every sample into the body: no whole counts, nothing certified, said so. Two copies of
-    one target image open the same units: never alone, never certified."""
+    """Label smoothing sends every sample into the body, and Dropout in training mode scales what a sample sends: no
+    whole counts, nothing certified, said so. Two copies of one target image open the same units: never alone, never
+    certified."""
     x, y = digits.batch(32, seed=2)
     fished = fedleak.class_fishing_weights(fedleak.make_mlp(digits.input_shape, [512], 10, seed=0), 5)
     smooth = _attack(fished, fedleak.compute_gradient_update(fished, x, y, label_smoothing=0.1))
     assert not smooth.certified.any() and any("no whole count" in n for n in smooth.notes)
+    torch.manual_seed(0)
+    dropping = fedleak.class_fishing_weights(DropoutMLP(64, 512, 10), 5)  # built from a model in training mode
+    assert dropping.training
+    grads = torch.autograd.grad(F.cross_entropy(dropping(x), y), list(dropping.parameters()))
+    sent = fedleak.GradientUpdate(dict(zip([n for n, _ in dropping.named_parameters()], grads)), num_examples=32)
+    trained = _attack(dropping.eval(), sent)
+    assert not trained.certified.any() and any("Dropout in training mode" in n for n in trained.notes)
     first = int(torch.nonzero(y == 5)[0])
     x2, y2 = torch.cat([x, x[first:first + 1]]), torch.cat([y, y[first:first + 1]])
     rec = _attack(fished, fedleak.compute_gradient_update(fished, x2, y2))

@@ -91,7 +91,9 @@ def class_fishing_weights(model: nn.Module, target: int, *, data_range: tuple[fl
     margin = check_float("margin", margin, low=GAP)
     data_range = _check_range(data_range)
     model = model if inplace else copy.deepcopy(model)
-    first, out = _layers(model, "class fishing")
+    training = model.training
+    first, out = _layers(model.eval(), "class fishing")  # read as the eval-mode network; its mode is kept
+    model.train(training)
     own = {id(p) for p in model.parameters()}
     if id(out.weight) not in own or id(out.bias) not in own:
         raise ModelError(f"the output layer '{out.name}' computes its weights (a folded norm, a derived tensor): "
@@ -180,8 +182,9 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
     refused = ""
     if bool((nearest < 0).any()) or bool(broken.any()):
         refused = (f"{int(broken.sum())} first-layer row(s) hold no whole count of target samples at the scale "
-                   f"{unit:.3g}: the update is not one mean-loss gradient (or one SGD step) of this model; nothing "
-                   "is certified")
+                   f"{unit:.3g}: the update is not one mean-loss gradient (or one SGD step) of this model as it "
+                   "reads (a client that ran Dropout in training mode, or trained with label smoothing or class "
+                   "weights, sends other counts); nothing is certified")
         notes.append(refused)
     # each row's error: the update's rounding, plus the client's float32 arithmetic on its c samples' terms (each at
     # most unit x the data's largest magnitude): any order of summing them errs by at most (c - 1) half-epsilons of
