@@ -72,8 +72,26 @@ def test_dp_sgd_records_epsilon_beside_the_auc(tmp_path, capsys):
     assert f"ε {dp['epsilon']:.3g}" in (tmp_path / "out" / "report.html").read_text()
 
 
+def test_attacks_with_options_are_named_by_what_they_change(tmp_path, capsys):
+    """``augmented-loss:padding=1,flip=false`` is one attack with two options, next to the same attack at its
+    defaults: each scored, each named in the results and on the console by its label."""
+    code = _audit(tmp_path, "--members", "60", "--non-members", "60", "--widths", "32", "--epochs", "3",
+                  "--train-batch", "20", "--membership-attacks", "loss,augmented-loss:padding=1,flip=false,"
+                  "augmented-loss")
+    console = capsys.readouterr().out
+    assert code == 0
+    (plain,) = json.loads((tmp_path / "out" / "results.json").read_text())["scenarios"]
+    names = [a["name"] for a in plain["attacks"]]
+    assert names == ["loss", "augmented-loss(padding=1, flip=False)", "augmented-loss"]
+    assert plain["attacks"][1]["params"] == {"padding": 1, "flip": False, "fill": None}
+    assert "augmented-loss(padding=1, flip=False) AUC" in console
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--membership-attacks", "loss,bogus"], "unknown membership attack 'bogus'"),
+    (["--membership-attacks", "augmented-loss:padding=x"], "membership attack 'augmented-loss': parameter padding"),
+    (["--membership-attacks", "augmented-loss:pad=1"], "membership attack 'augmented-loss' has no parameter 'pad'"),
+    (["--membership-attacks", "loss,loss"], "membership attack(s) ['loss'] given twice"),
     (["--defense", "no-such-defense"], "no-such-defense"),
     (["--conv", "6"], "drop --conv"),
     (["--members", "1500", "--non-members", "500"], "ask for fewer"),

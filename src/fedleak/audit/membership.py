@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from fedleak.audit.scenarios import defense_label
 from fedleak.errors import OptionError
-from fedleak.membership.base import make_membership_attack
+from fedleak.membership.base import parse_membership_attack
 from fedleak.membership.catalog import CHEAP_ATTACKS
 from fedleak.membership.experiment import MembershipResult, MembershipSettings, run_membership
 from fedleak.validation import check_seed, validate_fields
@@ -35,7 +35,8 @@ class MembershipAuditSettings:
     seeded initialisation. ``members`` records train the target, ``non_members`` are held out, ``reference``
     records are the attacker's for shadow models (None: ``members`` of them when an attack trains shadows, else
     none); the target trains ``epochs`` of SGD at ``lr`` on mini-batches of ``batch_size``. ``defenses``: defense
-    specs, each one more scenario next to ``plain``; ``attacks``: membership attack names.
+    specs, each one more scenario next to ``plain``; ``attacks``: membership attacks, each a name or a spec
+    ``"name:key=value,..."`` (``"augmented-loss:padding=4"``).
     """
 
     data: str = "digits"
@@ -73,7 +74,7 @@ class MembershipAuditSettings:
 
     def experiment(self, defense: str) -> MembershipSettings:
         """The experiment of one scenario: these settings with the target trained through ``defense``."""
-        attacks = tuple(make_membership_attack(name) for name in self.attacks)
+        attacks = tuple(parse_membership_attack(spec) for spec in self.attacks)
         shadows = any("shadow" in a.needs for a in attacks)
         reference = self.reference if self.reference is not None else (self.members if shadows else 0)
         return MembershipSettings(

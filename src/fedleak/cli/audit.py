@@ -95,9 +95,22 @@ MEMBERSHIP_HELP = ("Audit membership inference instead of reconstruction: train 
                    "--non-members, and score each --membership-attacks attack (AUC, TPR at 1% FPR); each --defense "
                    "is applied to the target's training (DP-SGD reports epsilon). --batch-sizes, --trials, --attack, "
                    "--bias and --budget are not used.")
-MEMBERSHIP_ATTACKS_HELP = ("--membership: membership attacks, comma-separated ('fedleak info' lists them); default: "
+MEMBERSHIP_ATTACKS_HELP = ("--membership: membership attacks, comma-separated ('fedleak info' lists them), each NAME "
+                           "or NAME:key=value,... (e.g. loss,augmented-loss:padding=4,flip=false); default: "
                            f"{', '.join(CHEAP_ATTACKS)}, which train no shadow model. whitebox "
                            "and lira train shadow models on --reference records (minutes on a CPU): named only.")
+
+
+def _attack_specs(text: str) -> tuple[str, ...]:
+    """``--membership-attacks`` as specs: an item with ``=`` and no ``:`` is one more option of the attack before it
+    (``augmented-loss:padding=4,flip=false`` is one attack)."""
+    specs: list[str] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" in item and ":" not in item and specs:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return tuple(specs)
 
 
 def _run_membership(settings, out: Path) -> None:
@@ -111,8 +124,9 @@ def _run_membership(settings, out: Path) -> None:
         r = scenario.result
         typer.echo(f"{scenario.name}: train accuracy {r.train_accuracy:.3f}, test accuracy {r.test_accuracy:.3f}, "
                    f"gap {scenario.accuracy_gap:.3f}; {privacy_text(scenario)}")
+        width = max([22, *(len(o.name) for o in r.outcomes)])
         for o in r.outcomes:
-            typer.echo(f"  {o.name:<22} AUC {o.metrics.auc:.3f}  TPR@1%FPR {o.metrics.tpr_at_1pct_fpr:.3f}")
+            typer.echo(f"  {o.name:<{width}} AUC {o.metrics.auc:.3f}  TPR@1%FPR {o.metrics.tpr_at_1pct_fpr:.3f}")
     typer.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")
 
 
@@ -157,8 +171,7 @@ def audit(
             raise FedleakError("--membership trains an MLP (--widths) or --model; drop --conv, --fishing and --split")
         from fedleak.audit.membership import MembershipAuditSettings
 
-        chosen = ({} if membership_attacks is None
-                  else {"attacks": tuple(membership_attacks.replace(" ", "").split(","))})
+        chosen = {} if membership_attacks is None else {"attacks": _attack_specs(membership_attacks)}
         _run_membership(MembershipAuditSettings(**chosen,
             data=data, model=model, weights=None if weights is None else str(weights),
             widths=int_list(widths, "--widths", MAX_WIDTH), members=members, non_members=non_members,

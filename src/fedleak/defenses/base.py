@@ -19,8 +19,6 @@ Each defense is a frozen dataclass of its parameters, validated when built, regi
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -31,6 +29,7 @@ from torch import nn
 
 from fedleak.defenses.registry import available_defenses, defense_class, defense_classes, register_defense
 from fedleak.errors import OptionError
+from fedleak.specs import parse_spec, spec_label
 from fedleak.validation import describe, validate_fields
 
 
@@ -124,9 +123,7 @@ class Defense:
     @property
     def label(self) -> str:
         """``name(key=value, ...)`` with the parameters that differ from their defaults."""
-        changed = [f"{f.name}={_fmt(getattr(self, f.name))}" for f in dataclasses.fields(self)
-                   if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default]
-        return f"{self.name}({', '.join(changed)})" if changed else self.name
+        return spec_label(self.name, self)
 
     def privacy(self, accounting: Accounting) -> Privacy | None:
         """The (ε, δ) this defense gives for ``accounting``'s training, or None when it has none."""
@@ -200,10 +197,6 @@ class UpdateFilter(Defense):
         return 0.0
 
 
-def _fmt(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def check_choice(owner: Defense, name: str, choices: tuple[str, ...]) -> None:
     """``owner.<name>`` must be one of ``choices`` (an OptionError that lists them otherwise)."""
     value = getattr(owner, name)
@@ -244,52 +237,12 @@ def make_defense(name: str, **params: object) -> Defense:
 
 
 def parse_defense(spec: str | Defense) -> Defense:
-    """A defense from ``"name"`` or ``"name:key=value,key=value"`` (values converted to the parameter's type)."""
+    """A defense from ``"name"`` or ``"name:key=value,key=value"`` (values converted to the parameter's type,
+    :func:`~fedleak.specs.parse_spec`)."""
     if isinstance(spec, Defense):
         return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise OptionError(f"a defense is given as 'name' or 'name:key=value,...', got {describe(spec)}")
-    name, _, rest = spec.strip().partition(":")
-    cls = defense_class(name.strip())
-    types_ = {f.name: f.type for f in dataclasses.fields(cls) if f.init}
-    params: dict[str, object] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, text = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise OptionError(f"defense '{name}': '{item}' is not key=value")
-        if key not in types_:
-            raise OptionError(f"defense '{name}' has no parameter '{key}'; its parameters: {sorted(types_)}")
-        params[key] = _convert(name, key, text.strip(), types_[key])
-    return make_defense(name.strip(), **params)
-
-
-def _convert(defense: str, key: str, text: str, annotation: object) -> object:
-    kinds = _kinds(annotation)
-    if text.lower() == "none" and type(None) in kinds:
-        return None
-    for kind in (bool, int, float, str):
-        if kind not in kinds:
-            continue
-        if kind is bool:
-            if text.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return text.lower() in ("true", "1", "yes")
-            continue
-        try:
-            return kind(text)
-        except ValueError:
-            continue
-    raise OptionError(f"defense '{defense}': parameter {key} cannot be {text!r}")
-
-
-def _kinds(annotation: object) -> set[object]:
-    if isinstance(annotation, str):
-        names = {p.strip() for p in annotation.split("|")}
-        table = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
-        return {table[n] for n in names if n in table}
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return set(typing.get_args(annotation))
-    return {annotation}
+    name, params = parse_spec(spec, "defense", defense_class)
+    return make_defense(name, **params)
 
 
 __all__ = [

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         ShadowModel,
         Trainer,
         make_membership_attack,
+        parse_membership_attack,
     )
     from fedleak.membership.experiment import AttackOutcome, MembershipResult, MembershipSettings, run_membership
     from fedleak.membership.metrics import MembershipMetrics, score_membership
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 _LAZY = {
     **{name: "fedleak.membership.base" for name in (
         "MembershipAttack", "Observation", "Records", "Reference", "Round", "ShadowModel", "Trainer",
-        "make_membership_attack")},
+        "make_membership_attack", "parse_membership_attack")},
     **{name: "fedleak.membership.metrics" for name in ("MembershipMetrics", "score_membership")},
     **{name: "fedleak.membership.experiment" for name in (
         "AttackOutcome", "MembershipResult", "MembershipSettings", "run_membership")},

@@ -26,6 +26,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError, OptionError
 from fedleak.membership.registry import membership_attack_class
+from fedleak.specs import parse_spec, spec_label
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate
 from fedleak.validation import all_finite, check_int, check_seed, options_from, validate_fields
 
@@ -179,6 +180,11 @@ class MembershipAttack:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @property
+    def label(self) -> str:
+        """``name(key=value, ...)`` with the options that differ from their defaults: the attack's name in results."""
+        return spec_label(self.name, self)
+
+    @property
     def fitted(self) -> bool:
         """Whether the attack can score: True for attacks with nothing to fit."""
         return "shadow" not in self.needs
@@ -208,6 +214,15 @@ def make_membership_attack(name: str, **options: object) -> MembershipAttack:
     option, or a bad value)."""
     cls = membership_attack_class(name)
     return options_from(cls, options, error=OptionError, what=f"{name} option")
+
+
+def parse_membership_attack(spec: str | MembershipAttack) -> MembershipAttack:
+    """A membership attack from ``"name"`` or ``"name:key=value,key=value"`` (``"augmented-loss:padding=4"``; values
+    converted to the option's type, :func:`~fedleak.specs.parse_spec`), or the attack itself."""
+    if isinstance(spec, MembershipAttack):
+        return spec
+    name, options = parse_spec(spec, "membership attack", membership_attack_class)
+    return make_membership_attack(name, **options)
 
 
 def check_same_length(scores: torch.Tensor, records: Records, name: str) -> torch.Tensor:

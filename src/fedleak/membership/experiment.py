@@ -19,7 +19,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.data import load_dataset
 from fedleak.defenses.base import Privacy
 from fedleak.errors import OptionError
-from fedleak.membership.base import MembershipAttack, Observation, Records, Reference, make_membership_attack
+from fedleak.membership.base import MembershipAttack, Observation, Records, Reference, parse_membership_attack
 from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import record_logits
 from fedleak.membership.training import TrainingRecipe
@@ -37,7 +37,8 @@ class MembershipSettings:
     disjoint and drawn at random from ``seed``; the target's training (an MLP of
     hidden ``widths``, or the user's ``model`` spec starting from ``weights`` when given, see
     :class:`~fedleak.membership.training.TrainingRecipe`; ``epochs`` of SGD at ``lr`` in mini-batches of
-    ``batch_size``, each step through ``defense``); and the ``attacks`` (names, or attacks built with options)."""
+    ``batch_size``, each step through ``defense``); and the ``attacks`` (names, specs ``"name:key=value,..."``, or
+    attacks built with options; each is named in the results by its label, its name and the options it changes)."""
 
     data: str = "fashion-mnist-train"
     members: int = 500
@@ -59,9 +60,13 @@ class MembershipSettings:
         for name in ("members", "non_members", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")
-        attacks = tuple(a if isinstance(a, MembershipAttack) else make_membership_attack(a) for a in self.attacks)
+        attacks = tuple(parse_membership_attack(a) for a in self.attacks)
         if not attacks:
             raise OptionError("give at least one membership attack")
+        labels = [a.label for a in attacks]
+        twice = sorted({n for n in labels if labels.count(n) > 1})
+        if twice:
+            raise OptionError(f"membership attack(s) {twice} given twice")
         if self.reference < 2 and any("shadow" in a.needs for a in attacks):
             raise OptionError(f"attacks that train on shadow models need reference records; reference="
                               f"{self.reference}")
@@ -170,7 +175,7 @@ def run_membership(settings: MembershipSettings | None = None) -> MembershipResu
         began = time.perf_counter()
         fitted = attack.fit(reference) if reference is not None and "shadow" in attack.needs else attack
         scores = fitted.score(observation, candidates)
-        outcomes.append(AttackOutcome(attack.name, attack.params(), score_membership(scores, truth),
+        outcomes.append(AttackOutcome(attack.label, attack.params(), score_membership(scores, truth),
                                       time.perf_counter() - began))
     return MembershipResult(settings, accuracy(target, members), accuracy(target, non_members),
                             recipe.privacy(len(members)), tuple(outcomes), time.perf_counter() - start)
