@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import hard_labels
-from fedleak.validation import all_finite
+from fedleak.validation import all_finite, check_data_range
 
 if TYPE_CHECKING:
     from fedleak.data.dataset import Dataset
@@ -215,13 +215,7 @@ def resolve_data_range(originals: torch.Tensor, data_range: tuple[float, float] 
     originals' min and max. A constant batch (min = max) gets the width ``max(|lo|, |hi|)`` (1 if that is
     0), so that tolerances stay positive."""
     if data_range is not None:
-        try:
-            lo, hi = (float(v) for v in data_range)
-        except (TypeError, ValueError):
-            raise FedleakError(f"data_range must be two numbers (lo, hi), got {data_range!r}") from None
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-            raise FedleakError(f"data_range must be finite with lo < hi, got ({lo:g}, {hi:g})")
-        return lo, hi
+        return check_data_range(data_range)
     x = torch.as_tensor(originals)
     if x.numel() == 0:
         raise FedleakError("no originals to take the data range from")

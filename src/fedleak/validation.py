@@ -78,6 +78,19 @@ def parse_int(name: str, text: str, *, low: int | None = None, high: int | None 
     return check_int(name, number, low=low, high=high, error=error)
 
 
+def check_data_range(data_range: object, *, error: ErrorType = FedleakError) -> tuple[float, float] | None:
+    """``data_range`` as ``(low, high)`` floats (finite, low < high), or None."""
+    if data_range is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in data_range)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise error(f"data_range must be two numbers (low, high), got {data_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise error(f"data_range must be finite with low < high, got ({lo:g}, {hi:g})")
+    return lo, hi
+
+
 def check_float(name: str, value: object, *, low: float | None = None, high: float | None = None,
                 finite: bool = True, error: ErrorType = FedleakError) -> float:
     """``value`` as a ``float``, if it is a real number (not a bool or string), finite unless ``finite=False``."""
@@ -242,7 +255,8 @@ def check_module(model: object) -> nn.Module:
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(f"the model is a TorchScript module ({type(model).__name__}, from torch.jit.script or "
                          "torch.jit.trace), whose compiled forward fedleak cannot read: pass the Python nn.Module it "
-                         "was made from, with the scripted weights loaded (model.load_state_dict(scripted.state_dict()))")
+                         "was made from, with the scripted weights loaded "
+                         "(model.load_state_dict(scripted.state_dict()))")
     while True:
         inner = wrapped_module(model)
         if inner is None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import OptionError
-from fedleak.fishing.perturb import check_data_range
+from fedleak.validation import check_data_range
 
 
 @dataclass(frozen=True)

@@ -44,14 +44,14 @@ from fedleak.analysis.batch import read_batch
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import FedleakError, OptionError, SolverError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
-from fedleak.fishing.perturb import check_data_range, psnr, resolve_data_range
+from fedleak.fishing.perturb import psnr, resolve_data_range
 from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
 from fedleak.fishing.through_map import first_layer_batch
 from fedleak.updates import hard_labels, is_soft
-from fedleak.validation import options_from
+from fedleak.validation import check_data_range, options_from
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class ReductionOptions:
     share: float = 0.01
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_range", check_data_range(self.data_range))
+        object.__setattr__(self, "data_range", check_data_range(self.data_range, error=SolverError))
         if not (0 < self.share <= 1):
             raise SolverError(f"share must lie in (0, 1] (a fraction of the term of a row's owner), got {self.share}")
         if self.max_exans < 0:

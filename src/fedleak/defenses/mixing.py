@@ -21,8 +21,9 @@ from torch import nn
 
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import OptionError
-from fedleak.fishing.perturb import check_data_range, resolve_data_range
+from fedleak.fishing.perturb import resolve_data_range
 from fedleak.updates import is_soft
+from fedleak.validation import check_data_range
 
 
 @dataclass(frozen=True)

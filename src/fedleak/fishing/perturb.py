@@ -21,23 +21,10 @@ from fedleak.errors import FedleakError, SolverError
 from fedleak.fishing.lp import LPSettings
 from fedleak.fishing.sample_lp import POINT
 from fedleak.fishing.solvers import check_solver
-from fedleak.validation import options_from, validate_fields
+from fedleak.validation import check_data_range, options_from, validate_fields
 
 NORMS = tuple(POINT)  # "l2", "l1", "linf": the point each per-sample LP asks for
 REGION_FRACTION = 0.01  # units kept on their side of a region stay margin*REGION_FRACTION away from zero
-
-
-def check_data_range(data_range: object, *, error: type[FedleakError] = SolverError) -> tuple[float, float] | None:
-    """``data_range`` as ``(low, high)`` floats (finite, low < high), or None."""
-    if data_range is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in data_range)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise error(f"data_range must be two numbers (low, high), got {data_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise error(f"data_range must be finite with low < high, got ({lo:g}, {hi:g})")
-    return lo, hi
 
 
 def resolve_data_range(inputs: torch.Tensor, data_range: Sequence[float] | None, what: str) -> tuple[float, float]:
@@ -114,7 +101,7 @@ class FishingOptions:
 
     def __post_init__(self) -> None:
         validate_fields(self, error=SolverError)  # types and signs first, then the checks below
-        object.__setattr__(self, "data_range", check_data_range(self.data_range))
+        object.__setattr__(self, "data_range", check_data_range(self.data_range, error=SolverError))
         if self.norm not in NORMS:
             raise SolverError(f"norm must be one of {NORMS}, got '{self.norm}'")
         if not (self.margin > 0 and math.isfinite(self.margin)):

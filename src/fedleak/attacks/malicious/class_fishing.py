@@ -39,7 +39,7 @@ from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, UpdateError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate
-from fedleak.validation import check_float, check_int
+from fedleak.validation import check_data_range, check_float, check_int
 
 F64 = torch.float64
 MARGIN = 150.0  # exp(-150) ~ 7e-66: zero in float32, and far below every tolerance in float64
@@ -69,13 +69,10 @@ def _largest_logit(first, out_row: torch.Tensor, target_bias: float, data_range:
 
 
 def _check_range(data_range: object) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in data_range)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise FedleakError(f"data_range must be (low, high), got {data_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise FedleakError(f"data_range must be two finite numbers, low < high, got {data_range!r}")
-    return lo, hi
+    checked = check_data_range(data_range)
+    if checked is None:
+        raise FedleakError("data_range must be (low, high): the range of the data, on which the margin is proven")
+    return checked
 
 
 def class_fishing_weights(model: nn.Module, target: int, *, data_range: tuple[float, float] = (0.0, 1.0),
