@@ -399,6 +399,8 @@ def test_the_honest_server_audits_a_model_the_exact_attack_cannot_read_with_auto
     evaluated = FederationSettings(attack_budget=7.0, client_mode="eval")
     assert audit_attack(honest, evaluated, dropout, (16,)).name == "exclusivity"
     assert audit_attack(get_threat("trap-weights"), settings, LayerNormMLP(), (16,)).name == "trap-weights"
+    fishing = audit_attack(get_threat("class-fishing"), settings, DropoutMLP(16, 32, 3).eval(), (16,), (-2.0, 2.0))
+    assert fishing.name == "class-fishing" and fishing.options["data_range"] == (-2.0, 2.0)
 
 
 class WrittenFreely(nn.Module):

@@ -84,7 +84,7 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
     stack = settings.stack.bind(data_range=split.value_range, num_classes=split.num_classes)
     model = make_model(settings, split)
     # the data's input shape: the attacks need not infer it from the layers (a CNN fits larger images too)
-    attack = audit_attack(threat, settings, model, tuple(split.input_shape))
+    attack = audit_attack(threat, settings, model, tuple(split.input_shape), split.value_range)
     audit = AuditFedAvg(
         model,
         AuditPlan(attack.name, attack.options, threat.update_kind,
