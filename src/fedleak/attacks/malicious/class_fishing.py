@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -186,30 +187,15 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
     # each row's error: the update's rounding, plus the client's float32 arithmetic on its c samples' terms (each at
     # most unit x the data's largest magnitude): any order of summing them errs by at most (c - 1) half-epsilons of
     # their total, the products and a weight update's lr x gradient by one more half-epsilon each
-    c = nearest.abs().clamp_min(1)
-    summed = c * (c + 1) / 2 * EPS32 * unit
+    count = nearest.abs().clamp_min(1)
+    summed = count * (count + 1) / 2 * EPS32 * unit
     reading = _Rows(G.clone(), g.clone(), nearest, nG + summed * max(abs(v) for v in data_range), ng + summed,
                     net.head.weights(F64)[0].to(G.device), net.head.biases(F64)[0].to(G.device), unit)
-    found, last, samples = [], [], []  # samples: the certified inputs peeled off and their error bounds
     scale = rate / n_examples  # each target sample's factor on its logit, as the exact attack reports it
-    while True:
-        cands = reading.candidates(opts.group_tol)
-        verdicts = [_verdict(c, target, data_range, opts.exact_tol, refused, scale) for c in cands]
-        last = [(c, v) for c, v in zip(cands, verdicts) if not v.certified]
-        peeled = 0
-        for c, v in zip(cands, verdicts):
-            if not v.certified:
-                continue
-            if any(float((c.x - x).abs().max()) <= c.error + error for x, error in samples):
-                continue  # one sample read off other rows, or a copy of one within the bounds: kept and peeled once
-            found.append((c, v))
-            samples.append((c.x, c.error))
-            reading.peel(c)
-            peeled += 1
-        if not peeled or (sent is not None and len(samples) >= sent):
-            break
-    if sent is not None and len(samples) < sent and not refused:
-        notes.append(f"{sent - len(samples)} sample(s) of class {target} open no unit alone, even after the "
+    found, last = _peel_all(reading, lambda c: _verdict(c, target, data_range, opts.exact_tol, refused, scale),
+                            opts.group_tol, sent)
+    if sent is not None and len(found) < sent and not refused:
+        notes.append(f"{sent - len(found)} sample(s) of class {target} open no unit alone, even after the "
                      "certified ones are peeled off: not rebuilt")
     chosen = found + last
     X = (torch.stack([c.x for c, _ in chosen]) if chosen else torch.empty(0, G.shape[1], dtype=F64, device=G.device))
@@ -285,6 +271,27 @@ class _Rows:
         self.g[opens] += self.unit
         self.left[opens] -= 1
         self.err[opens] += self.unit * c.error  # its rows less unit x its rebuilt input, which errs by c.error
+
+
+def _peel_all(reading: _Rows, verdict_of: Callable[[_Candidate], Verdict], group_tol: float, sent: int | None
+              ) -> tuple[list[tuple[_Candidate, Verdict]], list[tuple[_Candidate, Verdict]]]:
+    """Read the rows of count one, certify, peel the certified samples off and read again, until nothing new is
+    certified (or every one of the ``sent`` target samples is): the certified samples, one per sample, and the last
+    pass's uncertified candidates."""
+    found: list[tuple[_Candidate, Verdict]] = []
+    last: list[tuple[_Candidate, Verdict]] = []
+    while True:
+        judged = [(c, verdict_of(c)) for c in reading.candidates(group_tol)]
+        last = [(c, v) for c, v in judged if not v.certified]
+        peeled = 0
+        for c, v in judged:
+            if not v.certified or any(float((c.x - k.x).abs().max()) <= c.error + k.error for k, _ in found):
+                continue  # one sample read off other rows, or a copy of one within the bounds: kept and peeled once
+            found.append((c, v))
+            reading.peel(c)
+            peeled += 1
+        if not peeled or (sent is not None and len(found) >= sent):
+            return found, last
 
 
 def _verdict(c: _Candidate, target: int, data_range: tuple[float, float], exact_tol: float, refused: str,
