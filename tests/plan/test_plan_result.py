@@ -29,6 +29,7 @@ def test_typed_frozen_parts(cnn_plan):
         cnn_plan.route = "applies"
     assert [d.need for d in cnn_plan.dense] == [1, 2] and [d.last for d in cnn_plan.dense] == [False, True]
     assert {a.name for a in cnn_plan.attacks} == set(fedleak.available_attacks())
+    assert not [a.name for a in cnn_plan.attacks if "no advice rule" in a.why]  # every built-in attack has its rule
 
 
 def test_dict_is_json_ready_and_complete(cnn_plan):

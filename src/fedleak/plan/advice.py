@@ -228,5 +228,13 @@ def _malicious(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
                                                 "update")
 
 
+def _class_fishing(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
+    return AttackAdvice(info.name, False, True, "a malicious server's attack: it needs an output layer the server "
+                                                "crafted (fedleak.class_fishing_weights), whose target class's samples "
+                                                "it then counts off the first layer; it tells nothing about an honest "
+                                                "server's view of this update")
+
+
 ADVISORS.register("imprint", _malicious)
 ADVISORS.register("trap-weights", _malicious)
+ADVISORS.register("class-fishing", _class_fishing)
