@@ -137,3 +137,12 @@ def test_models_it_cannot_prove_are_refused_by_name(digits):
         fedleak.class_fishing_weights(plain, 10)
     with pytest.raises(fedleak.UpdateError, match="num_examples"):
         _attack(fished, dict(fedleak.compute_gradient_update(fished, x, y).gradients))
+
+
+def test_the_plan_recommends_class_fishing_on_a_fished_model_only(digits):
+    x, y = digits.batch(16, seed=1)
+    plain = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    for model, recommended in ((fedleak.class_fishing_weights(plain, 6), True), (plain, False)):
+        advice = next(a for a in fedleak.plan(model, fedleak.compute_gradient_update(model, x, y)).attacks
+                      if a.name == "class-fishing")
+        assert advice.recommended == recommended and ("class-fished (class 6)" in advice.why) == recommended

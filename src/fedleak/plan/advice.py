@@ -35,6 +35,7 @@ class RouteFacts:
     max_pooled: bool
     update: UpdateKind | None
     first_layer_changed: str = ""  # why the first Linear layer may not read the sample as it is (empty: it does)
+    fished_class: int | None = None  # the class a class-fished output layer targets (None: the model is not one)
 
     @property
     def update_kind(self) -> str | None:
@@ -229,6 +230,12 @@ def _malicious(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
 
 
 def _class_fishing(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
+    if facts.fished_class is not None:
+        return AttackAdvice(info.name, True, True, f"the model's output layer is class-fished (class "
+                                                   f"{facts.fished_class}): the samples of that class alone on a "
+                                                   "first-layer unit are certified by counting, then others as those "
+                                                   "are peeled off (with the batch size the client reported; a weight "
+                                                   "update with the rate and the one step the server set)")
     return AttackAdvice(info.name, False, True, "a malicious server's attack: it needs an output layer the server "
                                                 "crafted (fedleak.class_fishing_weights), whose target class's samples "
                                                 "it then counts off the first layer; it tells nothing about an honest "

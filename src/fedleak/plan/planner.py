@@ -191,11 +191,15 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
             misfit = str(exc)
         notes += (f"the update: {misfit}",) if misfit else ()
     masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
-    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking)
+    from fedleak.attacks.malicious.class_fishing import fished_target
+
+    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking,
+                 fished_target(model))
 
 
 def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,
-          proofs: int | None, seed: int, notes: tuple[str, ...], masking: InputMasking) -> Plan:
+          proofs: int | None, seed: int, notes: tuple[str, ...], masking: InputMasking, fished: int | None) -> Plan:
+    """The plan of ``plan``'s readable model; ``fished``: the class its output layer is fished for (None: none)."""
     x = samples.x.reshape(samples.x.shape[0], *net.input_shape).to(torch.float32)
     if samples.labels is not None and int(samples.labels.max()) >= net.num_classes:
         raise FedleakError(f"the labels go up to {int(samples.labels.max())} but the model has {net.num_classes} "
@@ -226,7 +230,7 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     from fedleak import available_attacks
 
     facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
-                       any(b.pool_kind == "max" for b in shapes), kind)
+                       any(b.pool_kind == "max" for b in shapes), kind, fished_class=fished)
     said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target)
     if net.mode_dependent:  # counted as an eval-mode client computes
         said += ("; this holds for clients that compute their updates in eval mode: from clients that train with "

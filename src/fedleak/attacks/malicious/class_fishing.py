@@ -110,24 +110,40 @@ def class_fishing_weights(model: nn.Module, target: int, *, data_range: tuple[fl
     return model
 
 
+BUILD = "build it with fedleak.class_fishing_weights(model, target)"
+
+
+def _fished_row(out) -> tuple[int, float]:
+    """The target class and multiplier of a fished output layer: every row zero but one, which holds one positive
+    value; :class:`ModelError` otherwise."""
+    W = out.weight.detach().to(F64)
+    live = torch.nonzero(W.abs().amax(1) > 0).flatten().tolist()
+    if len(live) != 1 or float(W[live[0]].min()) != float(W[live[0]].max()) or float(W[live[0], 0]) <= 0:
+        raise ModelError("the model's output layer is not class-fished: it needs every row zero but the target "
+                         f"class's, which holds one positive value; {BUILD}")
+    return live[0], float(W[live[0], 0])
+
+
+def fished_target(model: nn.Module) -> int | None:
+    """The class a class-fished model targets (its output layer so built, one hidden layer), else None."""
+    try:
+        return _fished_row(_layers(model, "class fishing")[1])[0]
+    except ModelError:
+        return None
+
+
 def fished_class(model: nn.Module, data_range: tuple[float, float]) -> tuple[int, float]:
     """The target class and multiplier of a class-fished model, proven to silence every other class's samples on
     ``data_range``; :class:`ModelError` saying what is missing otherwise."""
     first, out = _layers(model, "the class-fishing attack")
+    target, multiplier = _fished_row(out)
     W, b = out.weight.detach().to(F64), out.bias.detach().to(F64)
-    live = torch.nonzero(W.abs().amax(1) > 0).flatten().tolist()
-    build = "build it with fedleak.class_fishing_weights(model, target)"
-    if len(live) != 1 or float(W[live[0]].min()) != float(W[live[0]].max()) or float(W[live[0], 0]) <= 0:
-        raise ModelError("the model's output layer is not class-fished: it needs every row zero but the target "
-                         f"class's, which holds one positive value; {build}")
-    target = live[0]
-    multiplier = float(W[target, 0])
     top = _largest_logit(first, W[target], float(b[target]), data_range)
     others = torch.cat([b[:target], b[target + 1:]])
     if float(others.min()) - top < GAP:
         raise ModelError(f"the other classes' biases lie {float(others.min()) - top:.3g} above the largest target "
                          f"logit an input in {data_range} can reach; the proof needs {GAP:g} (a target "
-                         f"probability that float32 rounds to zero): {build}, data_range={data_range}")
+                         f"probability that float32 rounds to zero): {BUILD}, data_range={data_range}")
     return target, multiplier
 
 
