@@ -10,6 +10,7 @@ from torch import nn
 
 import fedleak
 from fedleak.attacks.malicious.class_fishing import MARGIN, fished_class
+from fedleak.nets import as_network
 from tests.user_models import DropoutMLP
 
 
@@ -23,7 +24,7 @@ def test_the_fished_layer_silences_every_other_class_for_any_input_in_range(digi
     W, b = fished[3].weight.detach(), fished[3].bias.detach()
     assert torch.equal(base[1].weight, fished[1].weight) and not torch.equal(base[3].weight, W)  # a copy
     assert float(W[4].min()) == float(W[4].max()) == 2.0 and float(torch.cat([W[:4], W[5:]]).abs().max()) == 0.0
-    assert fished_class(fished, (0.0, 1.0)) == (4, 2.0)
+    assert fished_class(as_network(fished).head, (0.0, 1.0)) == (4, 2.0)
     # inputs in the box, each unit's largest among them: the target logit stays the margin below the others
     box = torch.cat([torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
                      torch.zeros(1, 1, 8, 8), torch.ones(1, 1, 8, 8),

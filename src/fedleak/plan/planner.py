@@ -194,7 +194,7 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     from fedleak.attacks.malicious.class_fishing import fished_target
 
     return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking,
-                 fished_target(model))
+                 fished_target(net))
 
 
 def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,

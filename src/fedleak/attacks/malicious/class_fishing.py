@@ -38,6 +38,8 @@ from fedleak.attacks.malicious.certify import (
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, UpdateError
+from fedleak.nets import Network, ReluMLP
+from fedleak.nets.layers import Dense
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate
 from fedleak.validation import check_data_range, check_float, check_int
@@ -49,12 +51,12 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 COUNT_TOL = 0.05  # a row's count must lie this close to an integer (float rounding is orders of magnitude below)
 
 
-def _layers(model: nn.Module, what: str):
-    """The model's first and output Linear layers; the count proof reads a network with one hidden layer."""
-    net, first, out = first_two_dense(model)
-    if net.depth != 1:
+def _layers(head: ReluMLP, what: str) -> tuple[Dense, Dense]:
+    """The head's first and output Linear layers; the count proof reads a network with one hidden layer."""
+    if head.depth != 1:
         raise ModelError(f"{what} reads a network with one hidden ReLU layer (its first layer's units then each get "
-                         f"the same signal from every target sample); this one has {net.depth}")
+                         f"the same signal from every target sample); this one has {head.depth}")
+    first, out = head.dense
     if out.bias is None:
         raise ModelError(f"{what} needs a bias in the output layer '{out.name}'")
     return first, out
@@ -90,7 +92,7 @@ def class_fishing_weights(model: nn.Module, target: int, *, data_range: tuple[fl
     data_range = _check_range(data_range)
     model = model if inplace else copy.deepcopy(model)
     training = model.training
-    first, out = _layers(model.eval(), "class fishing")  # read as the eval-mode network; its mode is kept
+    first, out = _layers(first_two_dense(model.eval())[0], "class fishing")  # read in eval mode; its mode is kept
     model.train(training)
     own = {id(p) for p in model.parameters()}
     if id(out.weight) not in own or id(out.bias) not in own:
@@ -124,18 +126,18 @@ def _fished_row(out) -> tuple[int, float]:
     return live[0], float(W[live[0], 0])
 
 
-def fished_target(model: nn.Module) -> int | None:
-    """The class a class-fished model targets (its output layer so built, one hidden layer), else None."""
+def fished_target(net: Network) -> int | None:
+    """The class a class-fished network targets (an MLP, its output layer so built, one hidden layer), else None."""
     try:
-        return _fished_row(_layers(model, "class fishing")[1])[0]
+        return None if net.blocks else _fished_row(_layers(net.head, "class fishing")[1])[0]
     except ModelError:
         return None
 
 
-def fished_class(model: nn.Module, data_range: tuple[float, float]) -> tuple[int, float]:
-    """The target class and multiplier of a class-fished model, proven to silence every other class's samples on
-    ``data_range``; :class:`ModelError` saying what is missing otherwise."""
-    first, out = _layers(model, "the class-fishing attack")
+def fished_class(head: ReluMLP, data_range: tuple[float, float]) -> tuple[int, float]:
+    """The target class and multiplier of a class-fished network (its dense ``head``), proven to silence every other
+    class's samples on ``data_range``; :class:`ModelError` saying what is missing otherwise."""
+    first, out = _layers(head, "the class-fishing attack")
     target, multiplier = _fished_row(out)
     W, b = out.weight.detach().to(F64), out.bias.detach().to(F64)
     top = _largest_logit(first, W[target], float(b[target]), data_range)
@@ -166,8 +168,8 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
     start = time.perf_counter()
     opts = resolve_options(options, overrides)
     data_range = _check_range(data_range)
-    target, multiplier = fished_class(model, data_range)
     net, G, g, n_examples, (nG, ng), _ = first_layer(model, update, "class-fishing", input_shape)
+    target, multiplier = fished_class(net.head, data_range)
     if not n_examples:
         raise UpdateError("the class-fishing attack reads counts at the scale multiplier / num_examples: give the "
                           "number of examples the client reported (GradientUpdate(grads, num_examples=M))")
