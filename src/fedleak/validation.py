@@ -91,6 +91,13 @@ def check_data_range(data_range: object, *, error: ErrorType = FedleakError) -> 
     return lo, hi
 
 
+def check_distinct(names: list[str], what: str, *, error: ErrorType = FedleakError) -> None:
+    """Refuse ``names`` where one is given twice: ``"<what> [...] given twice"``."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise error(f"{what} {twice} given twice")
+
+
 def check_float(name: str, value: object, *, low: float | None = None, high: float | None = None,
                 finite: bool = True, error: ErrorType = FedleakError) -> float:
     """``value`` as a ``float``, if it is a real number (not a bool or string), finite unless ``finite=False``."""

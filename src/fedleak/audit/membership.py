@@ -20,7 +20,7 @@ from fedleak.errors import OptionError
 from fedleak.membership.base import parse_membership_attack
 from fedleak.membership.catalog import CHEAP_ATTACKS
 from fedleak.membership.experiment import MembershipResult, MembershipSettings, run_membership
-from fedleak.validation import check_seed, validate_fields
+from fedleak.validation import check_distinct, check_seed, validate_fields
 
 PLAIN = "plain"
 
@@ -63,9 +63,7 @@ class MembershipAuditSettings:
         if self.weights is not None and self.model is None:
             raise OptionError("weights need a model: give the model they belong to as well")
         labels = [PLAIN] + [defense_label(spec) for spec in self.defenses]  # OptionError for a bad defense
-        twice = sorted({n for n in labels if labels.count(n) > 1})
-        if twice:
-            raise OptionError(f"scenario(s) {twice} given twice")
+        check_distinct(labels, "scenario(s)", error=OptionError)
         self.experiment("none")  # every option checked (attack names, counts) before anything trains
 
     @property

@@ -33,7 +33,7 @@ from fedleak.metrics import match, psnr
 from fedleak.models import make_mlp
 from fedleak.report.samples import sample_reasons
 from fedleak.updates import hard_labels
-from fedleak.validation import validate_fields
+from fedleak.validation import check_distinct, validate_fields
 
 __all__ = ["AuditResult", "AuditSettings", "BatchResult", "Showcase", "available_scenarios", "run_audit"]
 
@@ -79,9 +79,7 @@ class AuditSettings:
         if not self.scenarios and not self.defenses:
             raise FedleakError("at least one scenario is needed")
         names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
-        twice = sorted({n for n in names if names.count(n) > 1})
-        if twice:
-            raise FedleakError(f"scenario(s) {twice} given twice")
+        check_distinct(names, "scenario(s)")
 
     @property
     def scenario_names(self) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import record_logits
 from fedleak.membership.training import TrainingRecipe
 from fedleak.updates import WeightUpdate
-from fedleak.validation import check_seed, validate_fields
+from fedleak.validation import check_distinct, check_seed, validate_fields
 
 DEFAULT_ATTACKS = ("loss", "confidence", "gradient-norm", "whitebox", "whitebox-unsupervised", "lira")
 
@@ -63,10 +63,7 @@ class MembershipSettings:
         attacks = tuple(parse_membership_attack(a) for a in self.attacks)
         if not attacks:
             raise OptionError("give at least one membership attack")
-        labels = [a.label for a in attacks]
-        twice = sorted({n for n in labels if labels.count(n) > 1})
-        if twice:
-            raise OptionError(f"membership attack(s) {twice} given twice")
+        check_distinct([a.label for a in attacks], "membership attack(s)", error=OptionError)
         if self.reference < 2 and any("shadow" in a.needs for a in attacks):
             raise OptionError(f"attacks that train on shadow models need reference records; reference="
                               f"{self.reference}")
