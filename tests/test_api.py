@@ -127,3 +127,18 @@ def test_a_wrapped_model_is_read_as_the_model_inside(wrap, digits):
     assert any("the update's names carry the prefix" in n for n in rec.notes)
     assert fedleak.analyze_exclusivity(wrapped, x, y).certifiable.all()
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in wrapped.parameters())
+
+
+@pytest.mark.parametrize("attack", sorted(fedleak.available_attacks()))
+def test_every_attack_takes_the_data_range_as_its_registry_entry_says(setting, attack):
+    """An attack whose registry entry reads the data's range takes ``data_range`` (whatever else it then says of
+    this update); every other attack refuses it, naming those that read it."""
+    model, updates = setting
+    info = fedleak.available_attacks()[attack]
+    update = updates[info.update_kinds[0]]
+    got = attempt(model, update, attack, contextlib.nullcontext, {**(QUICK if info.optimises else {}),
+                                                                   "data_range": (0.0, 1.0)})
+    if info.reads_range:
+        assert isinstance(got, fedleak.Reconstruction) or "data_range" not in got, got
+    else:
+        assert isinstance(got, str) and f"'{attack}' does not read the data's range" in got

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedleak.attacks.registry import get_attack
+from fedleak.attacks.registry import attack_specs, get_attack
 from fedleak.autograd_mode import with_autograd
 from fedleak.captured import as_attacked
-from fedleak.errors import FedleakError
+from fedleak.errors import FedleakError, OptionError
 from fedleak.reconstruction import Reconstruction
 from fedleak.update_facts import with_facts
 from fedleak.updates import GradientUpdate, WeightUpdate
@@ -46,7 +46,10 @@ def reconstruct(
     steps of a FedAvg client, where the server knows it, for a weight update (:attr:`WeightUpdate.local_steps`: one
     step is the exact route's; several go to the first-layer rows and the searches that unroll them). An update that
     carries another rate or step count than given is refused. ``options`` go to the attack (see
-    ``fedleak.available_attacks()``).
+    ``fedleak.available_attacks()``); ``data_range=(low, high)``, the range the client's inputs live on (data
+    normalised as the model expects: e.g. ``(-1, 1)`` for mean and std 0.5, Flower's quickstart), to the attacks
+    that read it (their registry entry's ``reads_range``): the searches keep their inputs in it ([0, 1] where it is
+    not given), the exact attacks' tolerances and proofs are on it.
     The model must be a ``torch.nn.Module`` with finite weights and at least 2 output classes, or one logit
     trained with binary cross-entropy (:mod:`fedleak.binary`: attacked as its two-class twin); otherwise
     :class:`~fedleak.errors.ModelError` says which. A client that trains only some layers sends an update of its
@@ -67,6 +70,10 @@ def reconstruct(
                               local_steps=local_steps)
     if options.get("input_shape") is not None:
         options["input_shape"] = check_shape("input_shape", options["input_shape"])
+    if options.get("data_range") is not None and not info.reads_range:
+        reading = sorted(name for name, spec in attack_specs().items() if spec.reads_range)
+        raise OptionError(f"attack '{attack}' does not read the data's range (data_range); the attacks that do: "
+                          f"{', '.join(reading)}")
     kind = "weights" if isinstance(update, WeightUpdate) else "gradient"
     if kind not in info.update_kinds:
         raise FedleakError(

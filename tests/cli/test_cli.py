@@ -205,6 +205,36 @@ def test_reconstruct_command_with_train_dropout(tmp_path, capsys, fashion):
     assert all("train-mode dropout" in s["route"] for s in told["samples"])
 
 
+def test_reconstruct_command_with_the_data_s_range(tmp_path, capsys, digits):
+    """``--data-range -1,1`` (data normalised with mean and std 0.5) goes to the attacks that read it and into the
+    results' settings; a range of another length, or one given to an attack that does not read it, is refused."""
+    import numpy as np
+
+    import fedleak
+
+    data = digits.normalized(0.5, 0.5)
+    model = fedleak.make_mlp(data.input_shape, [32], 10, seed=0)
+    x, y = data.batch(2, seed=0)
+    fedleak.save_mlp(model, tmp_path / "m.safetensors")
+    fedleak.save_update(fedleak.compute_gradient_update(model, x, y), tmp_path / "u.safetensors")
+
+    def run(*extra: str) -> tuple[int, str]:
+        code = main(["reconstruct", "--model", str(tmp_path / "m.safetensors"), "--update",
+                     str(tmp_path / "u.safetensors"), "--out", str(tmp_path / "-".join(("o", *extra))), *extra])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    assert run("--attack", "ig", "--data-range", "-1,1")[0] == 0
+    saved = json.loads((tmp_path / "o---attack-ig---data-range--1,1" / "results.json").read_text())
+    assert saved["settings"]["options"]["data_range"] == [-1.0, 1.0]
+    rebuilt = np.load(tmp_path / "o---attack-ig---data-range--1,1" / "reconstruction.npz")["x"]
+    assert rebuilt.min() >= -1.0 and rebuilt.min() < 0.0
+    code, said = run("--attack", "ig", "--data-range", "1")
+    assert code == 2 and "--data-range must be two numbers LOW,HIGH" in said
+    code, said = run("--attack", "trap-weights", "--data-range=-1,1")
+    assert code == 2 and "does not read the data's range" in said and "Traceback" not in said
+
+
 def test_reconstruct_command_with_a_mismatched_update(tmp_path, capsys, digits):
     import fedleak
 

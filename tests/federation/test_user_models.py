@@ -387,18 +387,22 @@ def test_the_honest_server_audits_a_model_the_exact_attack_cannot_read_with_auto
     honest = get_threat("honest")
     for model in (LayerNormMLP(), ResidualMLP()):
         chosen = audit_attack(honest, settings, model, (16,))
-        assert chosen.name == "auto" and chosen.options == {"budget": 7.0, "progress": False, "input_shape": (16,)}
+        assert chosen.name == "auto" and chosen.options == {"budget": 7.0, "progress": False, "input_shape": (16,),
+                                                            "data_range": (0.0, 1.0)}
         AuditFedAvg(model, AuditPlan(chosen.name, chosen.options), audit_mode="sync")  # not refused
     mlp = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     assert audit_attack(honest, settings, mlp, (16,)).name == "exclusivity"
     # the exact attack reads these but certifies nothing from their updates: max-pooled conv layers (Flower's
     # quickstart Net), Dropout in clients that train in training mode (not in eval mode)
-    assert audit_attack(honest, settings, FlowerNet().eval(), (3, 32, 32)).name == "auto"
+    flower = audit_attack(honest, settings, FlowerNet().eval(), (3, 32, 32), (-1.0, 1.0))  # its data normalised
+    assert flower.name == "auto" and flower.options["data_range"] == (-1.0, 1.0)  # IG searches there, not in [0, 1]
     dropout = DropoutMLP(16, 32, 3).eval()
     assert audit_attack(honest, settings, dropout, (16,)).name == "auto"
     evaluated = FederationSettings(attack_budget=7.0, client_mode="eval")
     assert audit_attack(honest, evaluated, dropout, (16,)).name == "exclusivity"
-    assert audit_attack(get_threat("trap-weights"), settings, LayerNormMLP(), (16,)).name == "trap-weights"
+    assert audit_attack(honest, settings, mlp, (16,), (-1.0, 1.0)).options["data_range"] == (-1.0, 1.0)
+    trap = audit_attack(get_threat("trap-weights"), settings, LayerNormMLP(), (16,), (-1.0, 1.0))
+    assert trap.name == "trap-weights" and "data_range" not in trap.options  # it does not read the range
     fishing = audit_attack(get_threat("class-fishing"), settings, DropoutMLP(16, 32, 3).eval(), (16,), (-2.0, 2.0))
     assert fishing.name == "class-fishing" and fishing.options["data_range"] == (-2.0, 2.0)
 

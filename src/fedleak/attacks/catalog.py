@@ -23,6 +23,8 @@ class AttackSpec:
     on a network :func:`fedleak.nets.as_network` reads; the optimisation attacks, which need only autograd, do not.
     ``takes_defense``: the attack accepts the client's defenses as its ``defense`` option (a defense-aware attack).
     ``optimises``: an optimisation attack (or one that ends in one), which takes ``iterations`` and ``seed``.
+    ``reads_range``: the attack takes the range the client's inputs live on as its ``data_range`` option (the
+    searches that keep their inputs in a box search inside it; the certificates' tolerances are on it).
     """
 
     update_kinds: tuple[str, ...]
@@ -30,6 +32,7 @@ class AttackSpec:
     needs_relu_network: bool = False
     takes_defense: bool = False
     optimises: bool = False
+    reads_range: bool = False
 
 
 BOTH = ("gradient", "weights")
@@ -37,15 +40,16 @@ BOTH = ("gradient", "weights")
 ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
     CatalogEntry("exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
         BOTH, "deterministic, certified reconstruction from exclusively activated neurons "
-              "(MLPs, and CNNs through their conv layers)", needs_relu_network=True, takes_defense=True)),
+              "(MLPs, and CNNs through their conv layers)", needs_relu_network=True, takes_defense=True,
+        reads_range=True)),
     CatalogEntry("conv-exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
         BOTH, "the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)",
-        needs_relu_network=True, takes_defense=True)),
+        needs_relu_network=True, takes_defense=True, reads_range=True)),
     CatalogEntry("trap-weights", "fedleak.attacks.malicious.trap", AttackSpec(
         BOTH, "malicious trap-weight first layer (Boenisch et al.): certified x = dW_i/db_i", needs_relu_network=True)),
     CatalogEntry("class-fishing", "fedleak.attacks.malicious.class_fishing", AttackSpec(
         BOTH, "malicious class-fishing output layer (Wen et al.): the target class's samples, certified by counting",
-        needs_relu_network=True)),
+        needs_relu_network=True, reads_range=True)),
     CatalogEntry("imprint", "fedleak.attacks.malicious.imprint", AttackSpec(
         BOTH, "malicious imprint bins in the first layer (Robbing the Fed): certified bin differences",
         needs_relu_network=True)),
@@ -55,13 +59,13 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
               "weight changes of any number of local steps), uncertified")),
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
         BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)", takes_defense=True,
-        optimises=True)),
+        optimises=True, reads_range=True)),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)",
-        takes_defense=True, optimises=True)),
+        takes_defense=True, optimises=True, reads_range=True)),
     CatalogEntry("dlm+", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)",
-        takes_defense=True, optimises=True)),
+        takes_defense=True, optimises=True, reads_range=True)),
     CatalogEntry("dlg", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS", takes_defense=True,
         optimises=True)),
@@ -70,5 +74,5 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
         optimises=True)),
     CatalogEntry("ig", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts",
-        takes_defense=True, optimises=True)),
+        takes_defense=True, optimises=True, reads_range=True)),
 )

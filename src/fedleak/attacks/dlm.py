@@ -37,17 +37,18 @@ DLM_PLUS_DEFAULTS = InversionSettings(objective="normalized", optimizer="adam", 
                                       iterations=500, init="uniform", box=(0.0, 1.0))
 
 
-@register_attack("dlm", update_kinds=("weights",), takes_defense=True, optimises=True,
+@register_attack("dlm", update_kinds=("weights",), takes_defense=True, optimises=True, reads_range=True,
                  description="DLM: match the weight change with a learned learning rate (local steps unrolled)")
 def dlm_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """DLM on a :class:`~fedleak.WeightUpdate`. Options: ``batch_size`` (default: ``num_examples``),
-    ``labels``, ``input_shape``, ``local_steps`` and the fields of
+    ``labels``, ``input_shape``, ``local_steps``, ``data_range`` (the range the client's inputs live on, the
+    search's box; [0, 1] by default) and the fields of
     :class:`~fedleak.attacks.inversion.InversionSettings` (``iterations``, ``time_budget``,
     ``progress``, ``seed``, ``optimizer``, ...)."""
     return run_optimization_attack("dlm", DLM_DEFAULTS, model, update, **options)
 
 
-@register_attack("dlm+", update_kinds=("weights",), takes_defense=True, optimises=True,
+@register_attack("dlm+", update_kinds=("weights",), takes_defense=True, optimises=True, reads_range=True,
                  description="DLM+: scale-free normalised matching of the weight change (no learning rate)")
 def dlm_plus_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """DLM+ on a :class:`~fedleak.WeightUpdate`; options as :func:`dlm_attack`."""

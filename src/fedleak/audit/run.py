@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedleak.analysis import analyze_exclusivity
+from fedleak.attacks import get_attack
 from fedleak.attacks.auto import network_barrier
 from fedleak.audit.aware import reconstruct_aware
 from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
@@ -318,6 +319,7 @@ def run_audit(
         why = "certifies nothing from this model's updates" + ("" if said else f" ({barrier})")
         notes += (f"the exclusivity attack {why}: the audit ran 'auto' (the first-layer attack, then IG within "
                   f"{settings.budget:g} s per batch for what it did not certify)",)
+    reading = get_attack(attack)
     scenarios = audited_scenarios(settings, data)
     for scenario in scenarios.values():  # a client hook that cannot work on this model says so before any batch runs
         if scenario.transform is not None:
@@ -346,6 +348,7 @@ def run_audit(
             guarantees[(name, size)] = [p.to_dict() for p in scenario.stack.privacy(_accounting(size, len(data)))]
         xs, ys = client.inputs, hard_labels(client.labels)  # soft labels (MixUp) scored as their top class
         options = {"budget": settings.budget, "progress": False} if attack == "auto" else {}
+        options.update(reading.range_option(data.value_range))  # normalised data: the search's box is its range
         # the data's shape, which the model was checked to take: where several fit, inferring one could miss it
         rec, aware = reconstruct_aware(net, client.update, attack=attack, defense=scenario.stack or None,
                                        input_shape=tuple(data.input_shape), **options)

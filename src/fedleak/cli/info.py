@@ -21,7 +21,7 @@ def _table(rows: dict[str, str]) -> None:
 def info() -> None:
     """Show fedleak's version, built-in data sets, models, attacks and defenses."""
     import fedleak
-    from fedleak.attacks import attack_specs
+    from fedleak.attacks import AttackSpec, attack_specs
     from fedleak.defenses import available_defenses
 
     typer.echo(f"fedleak {fedleak.__version__}")
@@ -29,9 +29,14 @@ def info() -> None:
     _table(fedleak.available_datasets())
     typer.echo("built-in models (--model):")
     _table(fedleak.available_models())
-    typer.echo("attacks (update kinds they run on; which take the client's defenses, --defense):")
-    aware = {True: " (takes --defense)", False: ""}
-    _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]{aware[spec.takes_defense]}"
+    typer.echo("attacks (update kinds they run on; which take the client's defenses, --defense, and the data's "
+               "range, --data-range):")
+    def takes(spec: AttackSpec) -> str:
+        flags = [flag for field, flag in (("takes_defense", "--defense"), ("reads_range", "--data-range"))
+                 if getattr(spec, field)]
+        return f" (takes {', '.join(flags)})" if flags else ""
+
+    _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]{takes(spec)}"
             for name, spec in attack_specs().items()})
     typer.echo("defenses (--defense NAME[:key=value,...]; stage: what it does (source)):")
     _table(available_defenses())

@@ -23,6 +23,7 @@ from fedleak.cli.app import (
     shows_progress,
 )
 from fedleak.cli.words import as_options
+from fedleak.errors import FedleakError
 from fedleak.validation import check_output_dir, check_seed
 
 OUTPUTS = ("reconstruction.npz", "results.json", "report.html")
@@ -66,6 +67,10 @@ def reconstruct_command(
                                            "NAME:key=value,... (e.g. clipping:bound=1.0); '+' combines several. "
                                            "Under per-sample clipping of a known bound the exact route still "
                                            "certifies."),
+    data_range: str = typer.Option(None, help="The range the client's inputs live on, LOW,HIGH (e.g. -1,1 for images "
+                                              "normalised with mean and std 0.5), for the attacks that read it "
+                                              "('fedleak info'): the searches keep their inputs in it (default: "
+                                              "[0, 1]), the class-fishing proof holds on it."),
     seed: int = typer.Option(0, help="Seed for attacks that draw random numbers (and a model built without "
                                      "--weights)."),
     out: Path = typer.Option(default_out("reconstruct"), help=OUT_HELP + " Also reconstruction.npz."),
@@ -86,14 +91,17 @@ def reconstruct_command(
              or getattr(loaded.module, "input_shape", None))
     options: dict[str, object] = {} if shape is None else {"input_shape": tuple(shape)}
     weighted = float_list(class_weights, "--class-weights") if class_weights is not None else None
-    # the client's loss and defenses: every route that simulates or recomputes its gradient takes them
-    loss = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted), ("defense", defense))
-            if v is not None}
+    span = float_list(data_range, "--data-range") if data_range is not None else None
+    if span is not None and len(span) != 2:
+        raise FedleakError(f"--data-range must be two numbers LOW,HIGH, got '{data_range}'")
+    # the client's loss, defenses and data range: every route that simulates or recomputes its gradient takes them
+    client = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted), ("defense", defense),
+                                ("data_range", span)) if v is not None}
     exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("train_dropout", train_dropout)) if v is not None}
     if attack == "auto":
-        options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **loss)
+        options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **client)
     else:
-        options.update(exact, **loss)
+        options.update(exact, **client)
     captured = fedleak.load_update(update, loaded.module, update_kind)
     rec = fedleak.reconstruct(loaded.module, captured, attack=attack, num_examples=num_examples,
                               learning_rate=learning_rate, local_steps=local_steps, **options)

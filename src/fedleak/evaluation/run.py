@@ -270,6 +270,7 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
     recovered = leaked = false = samples = 0
     psnrs, ssims, labels, errors, seconds = [], [], [], [], 0.0
     options["input_shape"] = tuple(data.input_shape)  # the data's: where several fit, inferring one could miss it
+    options.update(info.range_option(data.value_range))  # normalised data: the search's box is its range
     for trial in trials:
         samples += len(trial.x)
         if isinstance(trial.update, str):

@@ -43,7 +43,6 @@ class Threat:
     transform: Callable[[FederationSettings], BatchTransform | None]  # shipped to the clients
     tamper: Callable[[nn.Module, int, FederationSettings, DataSplit], nn.Module] | None = None
     update_kind: str = "gradient"  # what the attack is given: a scaled gradient or the WeightUpdate
-    reads_range: bool = False  # the attack takes the data's range (data_range=): its proof holds on it
 
 
 _THREATS: Registry[Threat] = Registry("threat")
@@ -75,9 +74,11 @@ def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
     model's updates (:func:`~fedleak.attacks.auto.exact_route_barrier`: GELU, LayerNorm, residual paths, max-pooled
     conv layers, Dropout in training mode, ...), ``auto`` within ``settings.attack_budget`` seconds: a one-sample
     update is read from its first Linear layer, certified, and others are searched by IG, uncertified.
-    ``data_range``: the data's, given to an attack that reads it (:attr:`Threat.reads_range`)."""
+    ``data_range``: the data's, given to an attack that reads it (its registry entry says so)."""
+    from fedleak.attacks import get_attack
+
     options = {**threat.attack_options(settings), "input_shape": input_shape,
-               **({"data_range": tuple(data_range)} if threat.reads_range else {})}
+               **get_attack(threat.attack).range_option(data_range)}
     if threat.update_kind != "gradient" or threat.attack != "exclusivity":
         return AuditAttack(threat.attack, options)
     from fedleak.attacks.auto import exact_route_barrier
@@ -86,7 +87,8 @@ def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
     # one logit: the attacks read its two-class twin
     if not exact_route_barrier(as_two_class(model)[0], input_shape, training=settings.client_mode == "train"):
         return AuditAttack(threat.attack, options)
-    return AuditAttack("auto", {"budget": settings.attack_budget, "progress": False, "input_shape": input_shape})
+    return AuditAttack("auto", {"budget": settings.attack_budget, "progress": False, "input_shape": input_shape,
+                                "data_range": tuple(data_range)})
 
 
 def _no_transform(settings: FederationSettings) -> None:
@@ -137,7 +139,7 @@ register_threat(Threat("imprint", "malicious weights: imprint bins in the first 
                        "imprint", lambda s: {}, _no_transform, _imprint, update_kind="weights"))
 register_threat(Threat("class-fishing", "malicious weights: an output layer that silences every class but one "
                        "(Wen et al.); the target class's samples, counted off the first layer", "class-fishing",
-                       lambda s: {}, _no_transform, _class_fishing, update_kind="weights", reads_range=True))
+                       lambda s: {}, _no_transform, _class_fishing, update_kind="weights"))
 
 
 def _membership_ascent(model: nn.Module, server_round: int, settings: FederationSettings,

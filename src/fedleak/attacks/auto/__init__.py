@@ -55,11 +55,12 @@ from fedleak.weight_change import other_sign
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0
-#: what the client did, as both routes read it: its loss (label smoothing, class weights) and its defenses
-CLIENT_OPTIONS = ("label_smoothing", "class_weights", "defense")
+#: what the client did, as both routes read it: its loss (label smoothing, class weights), its defenses and the range
+#: its inputs live on (the exact route's tolerances, the search's box)
+CLIENT_OPTIONS = ("label_smoothing", "class_weights", "defense", "data_range")
 
 
-@register_attack("auto", update_kinds=("gradient", "weights"), optimises=True, takes_defense=True,
+@register_attack("auto", update_kinds=("gradient", "weights"), optimises=True, takes_defense=True, reads_range=True,
                  description="exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")
 def auto_attack(
     model: nn.Module,
@@ -81,8 +82,9 @@ def auto_attack(
     ``exclusivity_options`` to the exclusivity attack (unless they say otherwise it skips feature matching,
     ``fallback="none"``, as the optimisation searches those samples instead, and returns at most the batch
     size, ``beyond_batch=False``). What the client did goes to both routes: its loss (``label_smoothing``,
-    ``class_weights``) and its defenses (``defense``: under per-sample clipping of a known bound the exact route
-    still certifies).
+    ``class_weights``), its defenses (``defense``: under per-sample clipping of a known bound the exact route
+    still certifies) and the range its inputs live on (``data_range``, e.g. ``(-1, 1)`` for data normalised with
+    mean and std 0.5: the search keeps its inputs in it, [0, 1] where it is not given).
     """
     if budget is not None:
         budget = check_float("budget", budget, low=0.0, error=OptionError)
@@ -127,7 +129,7 @@ def auto_attack(
 
 
 #: what the search takes beside its settings (:class:`~fedleak.attacks.inversion.InversionSettings`)
-SEARCH_ARGUMENTS = ("labels", "defense")
+SEARCH_ARGUMENTS = ("labels", "defense", "data_range")
 #: auto's own options, beside the search's
 OWN_OPTIONS = ("batch_size", "budget", "exclusivity_options", "input_shape", "progress")
 

@@ -128,6 +128,19 @@ def search_rest(name: str, model: nn.Module, update: Any, **kwargs: Any) -> Reco
     return get_attack(name).run(model, update, **kwargs)
 
 
+def _range_of_held(held: torch.Tensor, notes: list[str]) -> dict[str, tuple[float, float]]:
+    """Where the inputs the exact route holds leave the search's default box [0, 1], the data's range is not that
+    box: the search is given the least range that holds them and [0, 1] (a note says so)."""
+    lo, hi = float(held.min()), float(held.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return {}
+    wide = (min(lo, 0.0), max(hi, 1.0))
+    notes.append(f"auto: the inputs the exact route rebuilt lie in [{lo:.4g}, {hi:.4g}], beyond the search's default "
+                 f"box [0, 1]: it searches in [{wide[0]:.4g}, {wide[1]:.4g}] (data_range=(low, high) sets the data's "
+                 "range)")
+    return {"data_range": wide}
+
+
 def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction | None, clock: RunClock,
            notes: list[str], input_shape: tuple[int, ...] | None, batch_size: int | None, budget: float | None,
            options: dict[str, Any]) -> Reconstruction:
@@ -166,6 +179,8 @@ def finish(model: nn.Module, update: Any, plan: RoutePlan, exact: Reconstruction
             notes.append(f"auto: {why}")
             return exact_part(exact, m, notes, why)
     prior = prior_from(exact, plan.exact_skipped)
+    if exact is not None and fixed and options.get("data_range") is None and "box" not in options:
+        options = {**options, **_range_of_held(exact.inputs[fixed], notes)}
     shape = input_shape if input_shape is not None or exact is None else tuple(exact.inputs.shape[1:])
     try:
         rest = search_rest(name, model, update, input_shape=shape, batch_size=m,

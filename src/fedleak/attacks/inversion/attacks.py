@@ -81,6 +81,7 @@ def run_optimization_attack(
     fixed_labels: torch.Tensor | None = None,
     prior: Prior | None = None,
     clock: RunClock | None = None,
+    data_range: tuple[float, float] | None = None,
     **options: Any,
 ) -> Reconstruction:
     """Shared driver of every optimisation attack: check input, settle labels, invert, package.
@@ -92,12 +93,18 @@ def run_optimization_attack(
     :class:`~fedleak.defenses.DefenseStack`, a defense, a spec ``"top-k:ratio=0.1"`` or a list): the simulated
     update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_aware`); not given,
     the clipping a gradient shows is modelled (:mod:`fedleak.attacks.read_defense`), and ``"none"`` models nothing.
+    ``data_range``: the range the client's inputs live on, the box of a boxed search (IG, DLM, DLM+; see
+    :func:`~fedleak.attacks.inversion.search.settings_from`).
     """
     declared = options.pop("defense", None)
     stack = defense_stack(declared)
-    settings = settings_from(defaults, options, name)
+    settings = settings_from(defaults, options, name, data_range)
     target = prepare_target(model, update, input_shape=input_shape, dtype=settings.torch_dtype)
     notes: list[str] = []
+    if data_range is None and "box" not in options and settings.box is not None:
+        lo, hi = settings.box
+        notes.append(f"the search keeps its inputs in [{lo:g}, {hi:g}], its default box: for inputs on another range "
+                     "(normalised data) pass the data's range, data_range=(low, high)")
     if declared is None and target.kind == "gradient":  # not declared (defense="none" declares no defense)
         stack = read_clip_stack(target.mapping, notes)
     if target.kind == "weights":
@@ -202,10 +209,11 @@ def idlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction
     return run_optimization_attack("idlg", IDLG_DEFAULTS, model, update, **options)
 
 
-@register_attack("ig", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True,
+@register_attack("ig", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True, reads_range=True,
                  description="Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts")
 def ig_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """Inverting Gradients (Geiping et al. 2020): ``1 - cos(u(x'), u*) + tv * TV(x')`` minimised by Adam
-    on the sign of the gradient, step-decayed, with ``x'`` clamped to ``box``; ``restarts`` runs are
-    scored by their objective. Labels are inferred (or given). Options as :func:`dlg_attack`."""
+    on the sign of the gradient, step-decayed, with ``x'`` clamped to ``box`` (the data's range ``data_range``
+    where given, else [0, 1]); ``restarts`` runs are scored by their objective. Labels are inferred (or given).
+    Options as :func:`dlg_attack`, plus ``data_range``."""
     return run_optimization_attack("ig", IG_DEFAULTS, model, update, **options)

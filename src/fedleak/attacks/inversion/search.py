@@ -26,7 +26,7 @@ from fedleak.attacks.inversion.target import Target
 from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel, lr_refresher
 from fedleak.errors import FedleakError
 from fedleak.updates import check_class_weights, check_label_smoothing
-from fedleak.validation import options_from, validate_fields
+from fedleak.validation import check_data_range, options_from, validate_fields
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,20 @@ class InversionSettings:
         return torch.float64 if self.dtype == "float64" else torch.float32
 
 
-def settings_from(defaults: InversionSettings, options: Mapping[str, Any], attack: str) -> InversionSettings:
-    """The ``attack``'s settings: its ``defaults`` with the keyword ``options`` applied (unknown names refused)."""
+def settings_from(defaults: InversionSettings, options: Mapping[str, Any], attack: str,
+                  data_range: object = None) -> InversionSettings:
+    """The ``attack``'s settings: its ``defaults`` with the keyword ``options`` applied (unknown names refused).
+
+    ``data_range``: the range the client's inputs live on (normalised data's, e.g. ``(-1, 1)``): a search that keeps
+    its inputs in a box (IG, DLM, DLM+: ``[0, 1]`` by default) searches inside it, unless ``box`` is given too; a
+    search that runs unboxed as published (DLG, iDLG) refuses it, saying how to box it."""
     values = dict(options)
+    data_range = check_data_range(data_range)
+    if data_range is not None and "box" not in values:
+        if defaults.box is None:
+            raise FedleakError(f"the {attack} attack searches unboxed, as published, and takes no data_range; "
+                               "box=(low, high) keeps its inputs in a range")
+        values["box"] = data_range
     if values.get("box") is not None:
         values["box"] = tuple(float(v) for v in values["box"])
     return options_from(InversionSettings, values, error=FedleakError, what=f"option for the {attack} attack",

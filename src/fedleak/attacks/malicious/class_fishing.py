@@ -149,7 +149,7 @@ def fished_class(head: ReluMLP, data_range: tuple[float, float]) -> tuple[int, f
     return target, multiplier
 
 
-@register_attack("class-fishing", update_kinds=("gradient", "weights"), needs_relu_network=True,
+@register_attack("class-fishing", update_kinds=("gradient", "weights"), needs_relu_network=True, reads_range=True,
                  description="malicious class-fishing output layer (Wen et al.): the target class's samples, "
                              "certified by counting")
 def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ...] | None = None,
