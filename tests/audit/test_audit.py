@@ -181,14 +181,15 @@ def test_normalised_data_is_audited_as_its_model_sees_it_and_said_so(digits):
 def test_normalised_data_is_searched_on_its_own_range(digits):
     """Data normalised as Flower's quickstart normalises it ([-1, 1]) and a model the exact attack cannot read (GELU):
     the audit's auto searches inside the data's range, where IG searched [0, 1] (mean PSNR 8.6 dB on this batch,
-    scored in pixels), which holds none of its background pixels."""
+    scored in pixels), which holds none of its background pixels (70 dB in 2 s on an idle machine; a time budget,
+    so the bound leaves room for a busy one)."""
     from user_models import GeluMLP
 
     torch.manual_seed(0)
-    result = run_audit(AuditSettings(data="digits", batch_sizes=(2,), trials=1, budget=2, seed=0),
+    result = run_audit(AuditSettings(data="digits", batch_sizes=(2,), trials=1, budget=3, seed=0),
                        dataset=digits.normalized(0.5, 0.5), model=GeluMLP(64, 64, 10).eval())
     assert any("the audit ran 'auto'" in n for n in result.notes)
-    assert result.summary_rows()[0]["mean_psnr"] > 40
+    assert result.summary_rows()[0]["mean_psnr"] > 20
 
 
 def test_the_attack_reads_the_data_s_shape_where_the_model_fits_several():
