@@ -75,3 +75,25 @@ def test_fedleak_plan_is_the_function_whichever_import_comes_first():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(fedleak.FedleakError, match=message):
         fedleak.plan(fedleak.make_mlp(4, [8], 2), **kwargs)
+
+
+def test_search_advice_is_told_the_range_of_inputs_off_the_unit_box(digits):
+    """Inputs normalised to [-1, 1] (a data set's value_range, or a tensor's values): the recommended searches that
+    read the data's range are told to take it, on a model the exact route reads and on one it does not; inputs in
+    [0, 1], and no inputs at all, add nothing."""
+    import torch
+    from user_models import GeluMLP
+
+    flower = digits.normalized(0.5, 0.5)
+    x, y = flower.batch(4, seed=0)
+    torch.manual_seed(0)
+    for model in (GeluMLP(64, 32, 10).eval(), fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)):
+        update = fedleak.compute_gradient_update(model, x, y)
+        for inputs in (flower, flower.x[:300]):
+            told = {a.name: a.why for a in fedleak.plan(model, update, inputs).attacks if a.recommended}
+            searches = {name for name in told if name in ("ig", "auto", "dlm", "dlm+")}
+            assert searches and all("the inputs lie in [-1, 1], off its default box [0, 1]: give it the data's "
+                                    "range, data_range=(low, high)" in told[name] for name in searches)
+            assert all("default box" not in why for name, why in told.items() if name not in searches)
+        for inputs in (digits, None):
+            assert not any("default box" in a.why for a in fedleak.plan(model, update, inputs).attacks)

@@ -8,7 +8,7 @@ description and whether it runs on this kind of update.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from fedleak.plan.result import ROUTE_APPLIES, ROUTE_CANNOT, ROUTE_UNPROVEN, AttackAdvice
@@ -68,6 +68,19 @@ def advise(facts: RouteFacts, attacks: dict[str, AttackInfo]) -> tuple[AttackAdv
         advisor = ADVISORS.get(name) if name in ADVISORS else _generic
         out.append(advisor(facts, info))
     return tuple(sorted(out, key=lambda a: not a.recommended))
+
+
+def on_range(advice: tuple[AttackAdvice, ...], attacks: dict[str, AttackInfo],
+             value_range: tuple[float, float] | None) -> tuple[AttackAdvice, ...]:
+    """``advice`` for inputs on ``value_range``: where it leaves [0, 1], the default box of the searches, each
+    recommended search that reads the data's range is told to take it (None: no inputs were given)."""
+    if value_range is None or (value_range[0] >= 0.0 and value_range[1] <= 1.0):
+        return advice
+    lo, hi = value_range
+    told = (f"; the inputs lie in [{lo:.4g}, {hi:.4g}], off its default box [0, 1]: give it the data's range, "
+            "data_range=(low, high)")
+    return tuple(replace(a, why=a.why + told) if a.recommended and attacks[a.name].optimises
+                 and attacks[a.name].reads_range else a for a in advice)
 
 
 def _generic(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:

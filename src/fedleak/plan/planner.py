@@ -27,7 +27,7 @@ from fedleak.nets import NO_HIDDEN_RELU, Network, input_shape_of
 from fedleak.nets.exact_view import exact_view
 from fedleak.nets.network import check_head_trainable
 from fedleak.plan.activity import DEFAULT_MAX_SAMPLES, measure
-from fedleak.plan.advice import RouteFacts, advise
+from fedleak.plan.advice import RouteFacts, advise, on_range
 from fedleak.plan.conv import block_shape
 from fedleak.plan.convgrow import choose_inputs, grow_block, own_block
 from fedleak.plan.exans import HeadModel
@@ -171,11 +171,11 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         model, input_map, net = view.model, view.input_map, view.net
         check_head_trainable(model, net)  # a frozen dense layer sends no gradient, which the exact route reads
     except ModelError as exc:
-        return verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind, sizes, target,
-                                  notes, first_layer_changed(model, shape))
+        return _on_range(verdict.unreadable(label, shape, parameters, f"it cannot read the model ({exc})", kind,
+                                            sizes, target, notes, first_layer_changed(model, shape)), samples)
     if net.head.depth == 0:
-        return verdict.unreadable(label, shape, parameters, NO_HIDDEN_RELU, kind, sizes, target, notes,
-                                  first_layer_changed(model, shape))
+        return _on_range(verdict.unreadable(label, shape, parameters, NO_HIDDEN_RELU, kind, sizes, target, notes,
+                                            first_layer_changed(model, shape)), samples)
     if samples is None:
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:
@@ -193,8 +193,16 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     from fedleak.attacks.malicious.class_fishing import fished_target
 
-    return _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking,
-                 fished_target(net))
+    return _on_range(_plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking,
+                           fished_target(net)), samples)
+
+
+def _on_range(result: Plan, samples: Samples | None) -> Plan:
+    """The plan, its search advice told the range of the user's inputs (:func:`~fedleak.plan.advice.on_range`)."""
+    from fedleak import available_attacks
+
+    span = samples.value_range if samples is not None and samples.measured else None
+    return replace(result, attacks=on_range(result.attacks, available_attacks(), span))
 
 
 def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, sizes: tuple[int, ...], target: float,

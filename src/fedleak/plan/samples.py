@@ -17,12 +17,14 @@ MAX_SYNTHETIC = 4096
 
 @dataclass(frozen=True)
 class Samples:
-    """Inputs (n x ...) and their labels (None: the model's predictions), and what they are."""
+    """Inputs (n x ...) and their labels (None: the model's predictions), what they are, and the range their values
+    live on (a data set's ``value_range``, a tensor's least and greatest values, synthetic inputs' [0, 1])."""
 
     x: torch.Tensor
     labels: torch.Tensor | None
     measured: bool
     description: str
+    value_range: tuple[float, float] = (0.0, 1.0)
 
 
 def _subset(n: int, limit: int, seed: int) -> np.ndarray | None:
@@ -33,8 +35,9 @@ def user_samples(inputs: object, max_samples: int, seed: int = 0) -> Samples:
     """The user's inputs: a :class:`fedleak.Dataset`, a tensor (labels: the model's predictions) or ``(x, y)``."""
     from fedleak.data import Dataset
 
+    span = None
     if isinstance(inputs, Dataset):
-        x, y, what = inputs.x, inputs.y, f"{inputs.name} inputs (their labels)"
+        x, y, what, span = inputs.x, inputs.y, f"{inputs.name} inputs (their labels)", inputs.value_range
     elif isinstance(inputs, (tuple, list)) and len(inputs) == 2:
         x, y = inputs
         check_batch(x, y)
@@ -42,6 +45,7 @@ def user_samples(inputs: object, max_samples: int, seed: int = 0) -> Samples:
     else:
         x, y = check_batch(inputs), None
         what = "inputs given (labels: the model's predictions)"
+    span = span or (float(x.min()), float(x.max()))  # all of them, before any subset
     if y is not None:
         y = torch.from_numpy(check_labels(y, error=DataError))
     total = int(x.shape[0])
@@ -51,7 +55,7 @@ def user_samples(inputs: object, max_samples: int, seed: int = 0) -> Samples:
         x, y = x[idx], (None if y is None else y[idx])
         what += f", a random {len(pick)} of {total}"
     n = int(x.shape[0])
-    return Samples(x, y, True, f"measured on {n} {what}")
+    return Samples(x, y, True, f"measured on {n} {what}", span)
 
 
 def synthetic_samples(shape: tuple[int, ...], largest_batch: int, seed: int = 0) -> Samples:
