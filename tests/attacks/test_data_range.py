@@ -84,3 +84,21 @@ def test_an_attack_that_does_not_read_the_range_refuses_it(flower_digits):
     with pytest.raises(fedleak.OptionError, match="'trap-weights' does not read the data's range.*auto, "
                                                   "class-fishing, conv-exclusivity, dlm, dlm\\+, exclusivity, ig"):
         fedleak.reconstruct(model, update, "trap-weights", data_range=(-1, 1))
+
+
+def test_the_search_steps_in_units_of_the_data_s_range():
+    """Unscaled tabular records (scikit-learn's breast-cancer table: 30 features in [0, 4254]): Adam's step on the
+    inputs is ``lr`` times the box's width, so IG crosses the range; in absolute units (0.1 per step, 500 steps) it
+    could move no input by more than 50 of it, and stayed at about 5 dB."""
+    from sklearn.datasets import load_breast_cancer
+
+    table = load_breast_cancer()
+    x_all = torch.tensor(table.data, dtype=torch.float32).reshape(-1, 1, 1, 30)
+    data = fedleak.Dataset("breast-cancer", x_all, torch.tensor(table.target), tuple(table.target_names),
+                           value_range=(0.0, float(x_all.max())))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(30, 64), torch.nn.GELU(), torch.nn.Linear(64, 2))
+    x, y = data.batch(1, seed=0)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), "ig", iterations=500, seed=0,
+                              data_range=data.value_range, input_shape=data.input_shape)
+    assert _pixel_psnr(rec, data, x, y) > 20

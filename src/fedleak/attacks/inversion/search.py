@@ -35,7 +35,8 @@ class InversionSettings:
 
     ``iterations``: budget of optimiser iterations per restart (for L-BFGS: objective evaluations, i.e.
     gradient queries). ``time_budget``: seconds for the whole attack (``None``: no limit); the attack
-    stops at whichever budget runs out first and says so. ``signed``: Adam on the sign of the gradient
+    stops at whichever budget runs out first and says so. ``lr``: the optimiser's learning rate; Adam's on the
+    inputs is in units of the box's width (:attr:`box_width`). ``signed``: Adam on the sign of the gradient
     (Inverting Gradients). ``box``: clamp the dummy data into this range after every Adam step, and the
     result in any case. ``lr_decay``: step decay by 10x at 3/8, 5/8 and 7/8 of the iterations.
     ``refine``: after Adam, polish the best point with this many L-BFGS evaluations (counted as iterations).
@@ -111,6 +112,12 @@ class InversionSettings:
         check_label_smoothing(self.label_smoothing)
         object.__setattr__(self, "class_weights",
                            check_class_weights(self.class_weights, label_smoothing=self.label_smoothing))
+
+    @property
+    def box_width(self) -> float:
+        """The box's width (1 without a box): Adam's learning rate on the inputs is in its units, so that a search
+        moves alike over data in [0, 1], in [-1, 1] or on 0..255."""
+        return 1.0 if self.box is None else self.box[1] - self.box[0]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -264,7 +271,8 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
             x0[:n_warm] = warm
         # the warm-started samples and the others are two leaves, so that Adam moves them at their own rates
         parts = [p.clone().requires_grad_(True) for p in (x0[:n_warm], x0[n_warm:]) if len(p)]
-        lrs = [settings.lr * settings.warm_lr, settings.lr][-len(parts):] if n_warm else [settings.lr]
+        step = settings.lr * settings.box_width  # Adam's steps on the inputs are in units of the box's width
+        lrs = [step * settings.warm_lr, step][-len(parts):] if n_warm else [step]
 
         def current_x() -> torch.Tensor:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
