@@ -68,3 +68,20 @@ def test_bad_loss_reduction(batch):
     model, _, _, mean, _ = batch
     with pytest.raises(fedleak.FedleakError, match="loss_reduction must be 'mean' or 'sum'"):
         fedleak.reconstruct(model, mean, loss_reduction="max")
+
+
+def test_samples_weighed_apart_by_a_focal_loss_are_said_to_be_so(digits):
+    """A focal loss ``-(1 - p_y)^2 log p_y`` sends each sample at its own multiple of the cross-entropy's gradient:
+    nothing is certified (nothing falsely either), and the reason says the samples share no common factor and why
+    that may be, not that one factor would do."""
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    with torch.no_grad():
+        model[-1].weight.mul_(8)  # sure of some samples' classes, not of others: their probabilities differ
+    x, y = digits.batch(4, seed=0)
+    log_p = F.log_softmax(model(x), 1).gather(1, y[:, None]).squeeze(1)
+    loss = (-(1 - log_p.exp()) ** 2 * log_p).mean()
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=4))
+    assert metrics.match(rec, x, y).false_certificates == 0 and not rec.certified.any()
+    said = " ".join(rec.notes)
+    assert "share no common factor either" in said and "(a focal loss)" in said and "known_scale=False" not in said

@@ -321,10 +321,15 @@ def off_scale_note(recoveries, reported: int, opts) -> str:
     if not strong or any(r.certified for r in recoveries) or any(abs(r.scale / common - 1) <= opts.scale_tol
                                                                  for r in strong):
         return ""
-    shared = float(np.median([r.scale for r in strong]))
+    scales = [r.scale for r in strong]
+    shared = float(np.median(scales))
     fits = [name for name, red in REDUCTIONS.items() if abs(shared / red.scale(reported) - 1) <= OFF_SCALE_FIT]
     hint = (f"pass loss_reduction='{fits[0]}'" if fits else
             "a gradient times another common factor needs known_scale=False")
+    if not fits and max(scales) > min(scales) * (1 + OFF_SCALE_FIT):
+        hint = (f"they share no common factor either (from {min(scales):.3g} to {max(scales):.3g}): the client weighed "
+                "its samples apart, by their class (pass class_weights) or with a loss whose gradient is a per-sample "
+                "multiple of the cross-entropy's (a focal loss), which the exact route does not read")
     return (f"no rebuilt sample has the scale {opts.reduction.written(reported)} that {reported} examples give each "
             f"sample of a {opts.loss_reduction}-loss gradient (the strongly witnessed ones have a median scale of "
             f"{shared:.3g}): {hint}")
