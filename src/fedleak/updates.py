@@ -19,6 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
+from fedleak.focal import check_focal_gamma, focal_loss
 from fedleak.forward_failure import forward_failure
 from fedleak.logits_of import per_sample_logits
 from fedleak.state_names import renaming
@@ -332,20 +333,25 @@ def check_class_weights(value: object, *, label_smoothing: float | None = 0.0) -
 
 def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
                 probability: bool = False, label_smoothing: float = 0.0,
-                class_weights: tuple[float, ...] | None = None) -> torch.Tensor:
+                class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0) -> torch.Tensor:
     """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels,
     ``label_smoothing`` and ``class_weights`` as ``F.cross_entropy`` takes them (``label_smoothing`` and
-    ``weight``); for a single output, the binary cross-entropy of it (labels 0 or 1, or soft labels of two classes,
+    ``weight``), or, with ``focal_gamma`` above 0, the focal loss of class indices (:mod:`fedleak.focal`); for a
+    single output, the binary cross-entropy of it (labels 0 or 1, or soft labels of two classes,
     whose class-1 probability is the target): of the logit (``BCEWithLogitsLoss``), or, for a model whose forward
     ends with a sigmoid (``probability``), of the probability it gives (``BCELoss``), which takes neither."""
     if logits.shape[1] == 1:
-        if label_smoothing or class_weights is not None:
-            raise FedleakError("label_smoothing and class_weights apply to a cross-entropy over K >= 2 outputs; this "
-                               "model has one output (binary cross-entropy)")
+        if label_smoothing or class_weights is not None or focal_gamma:
+            raise FedleakError("label_smoothing, class_weights and focal_gamma apply to a cross-entropy over K >= 2 "
+                               "outputs; this model has one output (binary cross-entropy)")
         target = (labels[:, 1] if is_soft(labels) else labels).to(logits.dtype)
         if probability:
             return nn.functional.binary_cross_entropy(logits[:, 0], target, reduction=reduction)
         return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction=reduction)
+    if focal_gamma:
+        if is_soft(labels):
+            raise FedleakError("focal_gamma takes class indices, not soft labels")
+        return focal_loss(logits, labels, focal_gamma, reduction)
     target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
     return nn.functional.cross_entropy(logits, target, weight=class_weight_tensor(class_weights, logits),
                                        reduction=reduction, label_smoothing=label_smoothing)
@@ -378,12 +384,13 @@ def model_predictions(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
-               label_smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None) -> torch.Tensor:
+               label_smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None,
+               focal_gamma: float = 0.0) -> torch.Tensor:
     """The client's loss (:func:`client_loss`) of the model on a checked batch."""
     dtype = next(model.parameters()).dtype
     outputs = forward_logits(model, inputs.to(dtype), labels)
     return client_loss(outputs, labels, reduction, probability=ends_in_sigmoid(model, outputs),
-                       label_smoothing=label_smoothing, class_weights=class_weights)
+                       label_smoothing=label_smoothing, class_weights=class_weights, focal_gamma=focal_gamma)
 
 
 def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
@@ -396,10 +403,12 @@ def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
 @with_autograd
 def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
                             label_smoothing: float = 0.0,
-                            class_weights: Sequence[float] | None = None) -> GradientUpdate:
+                            class_weights: Sequence[float] | None = None,
+                            focal_gamma: float = 0.0) -> GradientUpdate:
     """The FedSGD update of one batch: torch autograd of the mean cross-entropy loss (binary cross-entropy for a
     model with one logit), with ``label_smoothing`` and ``class_weights`` as ``F.cross_entropy`` takes them
-    (``label_smoothing``, ``weight``; the exclusivity attack then takes the same options).
+    (``label_smoothing``, ``weight``), or the focal loss of exponent ``focal_gamma`` (:mod:`fedleak.focal`; the
+    exclusivity attack then takes the same options).
 
     ``labels`` are class indices, or soft labels (an ``M x K`` float tensor of class probabilities, what MixUp
     and InstaHide send). The model's own ``.grad`` fields are left untouched. ``num_examples`` is recorded
@@ -410,18 +419,21 @@ def compute_gradient_update(model: nn.Module, inputs: torch.Tensor, labels: torc
     if not trainable_parameters(model):
         raise ModelError("the model has no trainable parameters (every parameter has requires_grad=False)")
     smoothing = check_label_smoothing(label_smoothing)
-    grads = batch_gradients(model, inputs, labels, label_smoothing=smoothing,
-                            class_weights=check_class_weights(class_weights, label_smoothing=smoothing))
+    weights = check_class_weights(class_weights, label_smoothing=smoothing)
+    gamma = check_focal_gamma(focal_gamma, label_smoothing=smoothing, class_weights=weights)
+    grads = batch_gradients(model, inputs, labels, label_smoothing=smoothing, class_weights=weights, focal_gamma=gamma)
     return GradientUpdate(grads, num_examples=int(inputs.shape[0]))
 
 
 def batch_gradients(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0,
-                    class_weights: tuple[float, ...] | None = None) -> dict[str, torch.Tensor]:
+                    class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0
+                    ) -> dict[str, torch.Tensor]:
     """The gradients of the mean client loss (:func:`batch_loss`) of a model, batch and options the caller has
     checked (:func:`compute_gradient_update` checks them), one per trainable parameter, each a tensor of its own;
     inside autograd (:func:`~fedleak.autograd_mode.with_autograd`)."""
     params = trainable_parameters(model)
-    loss = batch_loss(model, inputs, labels, label_smoothing=label_smoothing, class_weights=class_weights)
+    loss = batch_loss(model, inputs, labels, label_smoothing=label_smoothing, class_weights=class_weights,
+                      focal_gamma=focal_gamma)
     grads = torch.autograd.grad(loss, list(params.values()), materialize_grads=True)  # 0 where forward reads none
     return dict(zip(params, owned(grads)))
 

@@ -84,4 +84,5 @@ def test_samples_weighed_apart_by_a_focal_loss_are_said_to_be_so(digits):
     rec = fedleak.reconstruct(model, fedleak.GradientUpdate(grads, num_examples=4))
     assert metrics.match(rec, x, y).false_certificates == 0 and not rec.certified.any()
     said = " ".join(rec.notes)
-    assert "share no common factor either" in said and "(a focal loss)" in said and "known_scale=False" not in said
+    assert "share no common factor either" in said and "(a focal loss: pass focal_gamma)" in said
+    assert "known_scale=False" not in said

@@ -166,6 +166,25 @@ def test_reconstruct_command_with_class_weights(tmp_path, capsys, fashion):
     assert told["options"]["class_weights"] == list(range(1, 11))  # what the attack was told is recorded
 
 
+def test_reconstruct_command_with_a_focal_loss(tmp_path, capsys, fashion):
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(8, seed=0)
+    run = _exact_reconstruct(tmp_path, capsys, model, fedleak.compute_gradient_update(model, x, y, focal_gamma=2.0))
+    for extra, code, said in [
+        ((), 0, "0 certified"),
+        (("--focal-gamma", "2"), 0, "8 certified"),
+        (("--focal-gamma", "-1"), 2, "focal_gamma (of ExclusivityOptions) must be at least 0"),
+        (("--focal-gamma", "2", "--label-smoothing", "0.1"), 2, "focal_gamma with label_smoothing"),
+    ]:
+        got = run(*extra)
+        assert got[0] == code and said in got[1] and "Traceback" not in got[1], (extra, got)
+    assert "needs --focal-gamma" in run()[1]  # the reason points to the option
+    told = json.loads((tmp_path / "out---focal-gamma-2" / "results.json").read_text())["settings"]
+    assert told["options"]["focal_gamma"] == 2.0
+
+
 def test_reconstruct_command_with_the_clients_defense(tmp_path, capsys, fashion):
     """``--defense``: a per-layer clipped gradient certifies when the attack is told the bound, and when it is not
     (read off the layers' equal norms, and said); a defense the attack cannot take, or an unknown one, is one line and

@@ -15,3 +15,8 @@ def test_keyword_arguments_read_as_options():
     assert as_options("input_shape=(1, 28, 28)") == "--input-shape 1,28,28"
     assert as_options("kind='change'") == "--update-kind change"
     assert as_options("the number of examples") == "the number of examples"
+    assert as_options("a focal loss: pass focal_gamma)") == "a focal loss: pass --focal-gamma)"
+    assert as_options("focal_gamma=2 given") == "--focal-gamma 2 given"
+    assert as_options("its range, data_range=(low, high)") == "its range, --data-range LOW,HIGH"
+    assert as_options("does not read the range (data_range);") == "does not read the range (--data-range);"
+    assert as_options("a focal loss needs focal_gamma)") == "a focal loss needs --focal-gamma)"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fedleak.clients.mode import client_mode
+from fedleak.focal import focal_factor
 from fedleak.logits_of import per_sample_logits
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 
@@ -45,10 +46,12 @@ def label_unproven(record: SampleRecovery) -> bool:
 
 
 def flipped_factors(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, scales: np.ndarray,
-                    label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> np.ndarray | None:
+                    label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
+                    focal_gamma: float = 0.0) -> np.ndarray | None:
     """Each sample's factor in the reading of the update's negative with the other label (per unit class weight,
-    where the loss weighs classes), or None where the model does not have two classes. The model runs in eval mode,
-    as the attacks read it."""
+    where the loss weighs classes; times ``s(p_y) / s(1 - p_y)`` for a focal loss, whose loss vectors carry the
+    factor ``s`` of their label's probability), or None where the model does not have two classes. The model runs in
+    eval mode, as the attacks read it."""
     with torch.no_grad(), client_mode(model, "eval"):
         logits = per_sample_logits(model(inputs.to(next(model.parameters()).dtype)), len(inputs))
     if logits.ndim != 2 or logits.shape[1] != 2:
@@ -59,6 +62,11 @@ def flipped_factors(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     if class_weights is not None:
         w = np.asarray(class_weights, dtype=float)
         factors = factors / w[1 - labels.cpu().numpy()]
+    if focal_gamma:
+        log_p = torch.log_softmax(logits.double(), 1).cpu()
+        y = labels.view(-1, 1).cpu()
+        own, other = (focal_factor(log_p.gather(1, k).flatten(), focal_gamma).numpy() for k in (y, 1 - y))
+        factors = factors * own / other
     return factors
 
 
@@ -78,7 +86,7 @@ def shared_factor(factors: np.ndarray, most: int) -> float | None:
 
 def without_unsigned_labels(model: nn.Module, rec: Reconstruction, batch_size: int | None,
                             label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
-                            own_scale: float | None = None) -> Reconstruction:
+                            own_scale: float | None = None, focal_gamma: float = 0.0) -> Reconstruction:
     """``rec`` with its certificates withdrawn where the update's factor is unknown, the model has two classes and
     the certified samples with the other labels explain the update's negative as well (:func:`shared_factor`).
     ``own_scale``: the scale a gradient of the reported batch gives each sample (``1/M``); certified samples that
@@ -90,7 +98,8 @@ def without_unsigned_labels(model: nn.Module, rec: Reconstruction, batch_size: i
     scales = np.array([rec.samples[i].scale for i in certified], dtype=float)
     if own_scale is not None and np.all(np.abs(scales / own_scale - 1) <= PINNED):
         return rec
-    factors = flipped_factors(model, rec.inputs[index], rec.labels[index], scales, label_smoothing, class_weights)
+    factors = flipped_factors(model, rec.inputs[index], rec.labels[index], scales, label_smoothing, class_weights,
+                              focal_gamma)
     if factors is None:
         return rec
     common = shared_factor(factors, batch_size or MOST)

@@ -56,6 +56,9 @@ def reconstruct_command(
                                                  "F.cross_entropy(..., weight=w), one per class, comma-separated "
                                                  "(e.g. 1,4.5); the exact route then needs the number of "
                                                  "examples the update reports."),
+    focal_gamma: float = typer.Option(None, help="The exponent of the client's focal loss, -(1 - p_y)^gamma log p_y, "
+                                                 "for the exact and optimisation attacks (default: 0, the "
+                                                 "cross-entropy; not with --label-smoothing or --class-weights)."),
     train_dropout: bool = typer.Option(None, "--train-dropout/--eval-dropout",
                                        help="Whether the client ran the model's Dropout in training mode "
                                             "(model.train()), for the exact route: --train-dropout rebuilds what "
@@ -95,8 +98,9 @@ def reconstruct_command(
     if span is not None and len(span) != 2:
         raise FedleakError(f"--data-range must be two numbers LOW,HIGH, got '{data_range}'")
     # the client's loss, defenses and data range: every route that simulates or recomputes its gradient takes them
-    client = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted), ("defense", defense),
-                                ("data_range", span)) if v is not None}
+    client = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted),
+                                ("focal_gamma", focal_gamma), ("defense", defense), ("data_range", span))
+              if v is not None}
     exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("train_dropout", train_dropout)) if v is not None}
     if attack == "auto":
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **client)

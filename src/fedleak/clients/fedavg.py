@@ -19,6 +19,7 @@ from torch import nn
 
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import DataError, FedleakError
+from fedleak.focal import check_focal_gamma
 from fedleak.transforms import BatchTransform
 from fedleak.updates import (
     WeightUpdate,
@@ -79,6 +80,7 @@ def local_training(
     seed: int = 0,
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | None = None,
+    focal_gamma: float = 0.0,
     transform: BatchTransform | None = None,
 ) -> nn.Module:
     """Train a copy of ``model`` for ``local_steps`` steps of its mean loss (cross-entropy; binary cross-entropy
@@ -88,7 +90,8 @@ def local_training(
     each step takes the next mini-batch of a per-epoch shuffled partition (seeded by ``seed``).
     ``weight_decay``: the optimizer's (torch's ``weight_decay``: ``lr * weight_decay * w`` more per step).
     ``label_smoothing``, ``class_weights``: the cross-entropy's, as ``F.cross_entropy`` takes them
-    (``label_smoothing``, ``weight``). ``transform``: code the client runs on every mini-batch before its step (a
+    (``label_smoothing``, ``weight``); ``focal_gamma``: a focal loss's exponent instead (:mod:`fedleak.focal`).
+    ``transform``: code the client runs on every mini-batch before its step (a
     batch defense such as ``make_defense("augmentation")``, which draws anew at each step, or a transform a server
     shipped); its randomness comes from torch's generator, seeded from ``seed`` and the step (the caller's is left
     as it was).
@@ -105,6 +108,7 @@ def local_training(
     check_float("weight_decay", weight_decay, low=0.0)
     smoothing = check_label_smoothing(label_smoothing)
     weights = check_class_weights(class_weights, label_smoothing=smoothing)
+    gamma = check_focal_gamma(focal_gamma, label_smoothing=smoothing, class_weights=weights)
     client = copy.deepcopy(model)
     client.train()
     params = [p for p in client.parameters() if p.requires_grad]
@@ -126,7 +130,7 @@ def local_training(
             check_labels(labels, max(int(logits.shape[1]), 2), error=DataError)
             probability = ends_in_sigmoid(client, logits)
         loss = client_loss(logits, yb, probability=probability, label_smoothing=smoothing,
-                           class_weights=weights)
+                           class_weights=weights, focal_gamma=gamma)
         loss.backward()
         opt.step()
     return client
@@ -148,6 +152,7 @@ def fedavg_update(
     reveal_local_steps: bool = False,
     label_smoothing: float = 0.0,
     class_weights: Sequence[float] | None = None,
+    focal_gamma: float = 0.0,
     reveal_learning_rate: bool = False,
     transform: BatchTransform | None = None,
 ) -> WeightUpdate:
@@ -156,14 +161,14 @@ def fedavg_update(
     The update carries ``num_examples`` (clients report it for weighted averaging) and, only when
     ``reveal_local_steps`` is set, ``local_steps``; only when ``reveal_learning_rate`` is set (a server that sets its
     clients' rate knows it), ``learning_rate``. The optimizer and weight decay are not revealed.
-    ``label_smoothing``, ``class_weights``: the cross-entropy's; ``transform``: what the client runs on every
-    mini-batch (:func:`local_training`).
+    ``label_smoothing``, ``class_weights``: the cross-entropy's; ``focal_gamma``: a focal loss's; ``transform``:
+    what the client runs on every mini-batch (:func:`local_training`).
     """
     model = check_module(model)  # the model inside a wrapper (DataParallel, torch.compile): its names
     trained = local_training(
         model, inputs, labels, lr=lr, local_steps=local_steps, optimizer=optimizer, batch_size=batch_size,
         momentum=momentum, weight_decay=weight_decay, shuffle=shuffle, seed=seed, label_smoothing=label_smoothing,
-        class_weights=class_weights, transform=transform,
+        class_weights=class_weights, focal_gamma=focal_gamma, transform=transform,
     )
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     after = {k: v.detach().clone() for k, v in trained.state_dict().items()}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedleak.focal import focal_factor
 from fedleak.nets.float64 import back64, linear64
 from fedleak.nets.head import ReluMLP
 
@@ -48,16 +49,17 @@ def forward_trace(
     first: torch.Tensor | None = None,
     smoothing: float = 0.0,
     keep_pre: bool = True,
+    focal_gamma: float = 0.0,
 ) -> Trace:
     """Run the batch through ``net`` sample by sample (vectorised); backward only when labels are given.
 
     ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again; in float64
     the weights may also be the model's own float32 ones, read in float64 a piece at a time
     (:mod:`fedleak.nets.float64`). ``first``: the first layer's pre-activations of these inputs where the
-    caller computed them already (the same product, in ``dtype``): the pass starts from them. ``smoothing``: the
-    loss's label smoothing (:func:`loss_vectors`). ``keep_pre=False``: the pre-activations are not kept (the
-    trace's list is empty), each layer's ReLU is taken in place, also on ``first``, which the caller hands over:
-    one float64 array of the layer's size fewer per layer.
+    caller computed them already (the same product, in ``dtype``): the pass starts from them. ``smoothing``,
+    ``focal_gamma``: the loss's label smoothing, or its focal exponent (:func:`loss_vectors`). ``keep_pre=False``:
+    the pre-activations are not kept (the trace's list is empty), each layer's ReLU is taken in place, also on
+    ``first``, which the caller hands over: one float64 array of the layer's size fewer per layer.
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
     a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
@@ -79,7 +81,7 @@ def forward_trace(
     kept = pres if keep_pre else []
     if labels is None:
         return Trace(acts, kept, logits, None, None)
-    e = loss_vectors(logits, labels, smoothing)
+    e = loss_vectors(logits, labels, smoothing, focal_gamma)
     return Trace(acts, kept, logits, e, backward_signals(weights, pres, e))
 
 
@@ -108,12 +110,17 @@ def readable_losses(e: torch.Tensor) -> torch.Tensor:
     return (e < 0).any(1)
 
 
-def loss_vectors(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+def loss_vectors(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
+                 focal_gamma: float = 0.0) -> torch.Tensor:
     """``softmax(logits) - target(labels)`` per row: the cross-entropy's gradient with respect to the logits; the
     target is ``onehot(labels)``, or, with label ``smoothing`` ``s`` (``F.cross_entropy(..., label_smoothing=s)``),
-    ``(1 - s) onehot(labels) + s / K``."""
+    ``(1 - s) onehot(labels) + s / K``. With ``focal_gamma`` above 0, the focal loss's: each row times its factor
+    :func:`~fedleak.focal.focal_factor` of ``log p_y``."""
     e = torch.softmax(logits, dim=-1)
     if smoothing:
         e -= smoothing / e.shape[-1]
-    e[torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()] -= 1.0 - smoothing
+    rows, labels = torch.arange(e.shape[0], device=e.device), labels.to(e.device).long()
+    e[rows, labels] -= 1.0 - smoothing
+    if focal_gamma:
+        e *= focal_factor(torch.log_softmax(logits, dim=-1)[rows, labels], focal_gamma)[:, None]
     return e

@@ -55,9 +55,9 @@ from fedleak.weight_change import other_sign
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0
-#: what the client did, as both routes read it: its loss (label smoothing, class weights), its defenses and the range
-#: its inputs live on (the exact route's tolerances, the search's box)
-CLIENT_OPTIONS = ("label_smoothing", "class_weights", "defense", "data_range")
+#: what the client did, as both routes read it: its loss (label smoothing, class weights, a focal loss), its defenses
+#: and the range its inputs live on (the exact route's tolerances, the search's box)
+CLIENT_OPTIONS = ("label_smoothing", "class_weights", "focal_gamma", "defense", "data_range")
 
 
 @register_attack("auto", update_kinds=("gradient", "weights"), optimises=True, takes_defense=True, reads_range=True,
@@ -82,9 +82,9 @@ def auto_attack(
     ``exclusivity_options`` to the exclusivity attack (unless they say otherwise it skips feature matching,
     ``fallback="none"``, as the optimisation searches those samples instead, and returns at most the batch
     size, ``beyond_batch=False``). What the client did goes to both routes: its loss (``label_smoothing``,
-    ``class_weights``), its defenses (``defense``: under per-sample clipping of a known bound the exact route
-    still certifies) and the range its inputs live on (``data_range``, e.g. ``(-1, 1)`` for data normalised with
-    mean and std 0.5: the search keeps its inputs in it, [0, 1] where it is not given).
+    ``class_weights``, ``focal_gamma``), its defenses (``defense``: under per-sample clipping of a known bound the
+    exact route still certifies) and the range its inputs live on (``data_range``, e.g. ``(-1, 1)`` for data
+    normalised with mean and std 0.5: the search keeps its inputs in it, [0, 1] where it is not given).
     """
     if budget is not None:
         budget = check_float("budget", budget, low=0.0, error=OptionError)

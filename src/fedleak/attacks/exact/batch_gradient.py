@@ -96,25 +96,26 @@ class BatchGradient:
 
 
 def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0,
-                   class_weights: tuple[float, ...] | None = None) -> BatchGradient:
+                   class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0) -> BatchGradient:
     """The gradient of the summed cross-entropy of ``(X, y)`` at ``model``'s parameters, in float64 by real
-    autograd (:class:`BatchGradient`), with the loss's label ``smoothing`` and ``class_weights``; the head's
+    autograd (:class:`BatchGradient`), with the loss's label ``smoothing`` and ``class_weights`` (or the summed focal
+    loss of exponent ``focal_gamma``); the head's
     dense weights in another dtype are streamed (never copied) where the model reads them through ``F.linear``
     (``nn.Linear`` does), else copied like the others."""
     params = dict(model.named_parameters())
     streamed = {d.weight_name for d in net.head.dense if params[d.weight_name].dtype != F64}
     try:
-        out = recompute(model, params, streamed, X, y, smoothing, class_weights)
+        out = recompute(model, params, streamed, X, y, smoothing, class_weights, focal_gamma)
     except RuntimeError:  # a weight read other than through F.linear meets a float64 input
         out = None
     if out is None or not all(out.sinks.values()):
-        out = recompute(model, params, set(), X, y, smoothing, class_weights)
+        out = recompute(model, params, set(), X, y, smoothing, class_weights, focal_gamma)
     return out
 
 
 def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[str], X: torch.Tensor,
-              y: torch.Tensor, smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None
-              ) -> BatchGradient:
+              y: torch.Tensor, smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None,
+              focal_gamma: float = 0.0) -> BatchGradient:
     """:func:`batch_gradient` with the weights ``streamed`` through :class:`Linear64`."""
     weights = {k: params[k].detach() for k in streamed}
     sinks: dict[str, list] = {k: [] for k in streamed}
@@ -122,7 +123,8 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
     with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
-    loss = client_loss(logits, y, "sum", label_smoothing=smoothing, class_weights=class_weights)
+    loss = client_loss(logits, y, "sum", label_smoothing=smoothing, class_weights=class_weights,
+                       focal_gamma=focal_gamma)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return BatchGradient({k: g.detach() for k, g in zip(leaves, grads)}, sinks)
 

@@ -61,7 +61,8 @@ F64 = torch.float64
 
 #: the note on the candidates the certificate ruled out as blends (after their count)
 BLENDS = ("rebuilt candidate(s) are ruled out by their scale or the joint test: blends of samples, or samples of a loss "
-          "that weighs each one by a factor of its own (a focal loss, whose factor follows the sample's confidence); "
+          "that weighs each one by a factor of its own (a focal loss, whose factor follows the sample's "
+          "confidence: pass focal_gamma); "
           "they are returned uncertified")
 
 
@@ -325,11 +326,12 @@ def off_scale_note(recoveries, reported: int, opts) -> str:
     shared = float(np.median(scales))
     fits = [name for name, red in REDUCTIONS.items() if abs(shared / red.scale(reported) - 1) <= OFF_SCALE_FIT]
     hint = (f"pass loss_reduction='{fits[0]}'" if fits else
-            "a gradient times another common factor needs known_scale=False")
+            "a gradient times another common factor needs known_scale=False (a focal loss, whose factor follows each "
+            "sample's confidence, needs focal_gamma)")
     if not fits and max(scales) > min(scales) * (1 + OFF_SCALE_FIT):
         hint = (f"they share no common factor either (from {min(scales):.3g} to {max(scales):.3g}): the client weighed "
-                "its samples apart, by their class (pass class_weights) or with a loss whose gradient is a per-sample "
-                "multiple of the cross-entropy's (a focal loss), which the exact route does not read")
+                "its samples apart, by their class's weight or with a loss whose gradient is a per-sample multiple of "
+                "the cross-entropy's (a focal loss: pass focal_gamma)")
     return (f"no rebuilt sample has the scale {opts.reduction.written(reported)} that {reported} examples give each "
             f"sample of a {opts.loss_reduction}-loss gradient (the strongly witnessed ones have a median scale of "
             f"{shared:.3g}): {hint}")

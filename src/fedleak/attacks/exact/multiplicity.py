@@ -114,7 +114,8 @@ def with_multiplicity(model: nn.Module, net: Network, grads: dict[str, torch.Ten
             continue
         index = single + [r.index for r in repeats for _ in range(r.times)]
         dev = next(model.parameters()).device
-        pred = batch_gradient(model, net, rec.inputs[index].to(dev), rec.labels[index].to(dev), opts.smoothing)
+        pred = batch_gradient(model, net, rec.inputs[index].to(dev), rec.labels[index].to(dev), opts.smoothing,
+                              focal_gamma=opts.focal_gamma)
         residual, _ = gradient_residual(pred, {k: g.to(dev) for k, g in grads.items()},
                                         unit if opts.known_scale else None)
         if residual <= opts.batch_tol:

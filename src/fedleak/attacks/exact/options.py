@@ -12,6 +12,7 @@ import torch
 
 from fedleak.attacks.defense_aware import defense_stack
 from fedleak.errors import FedleakError
+from fedleak.focal import check_focal_gamma
 from fedleak.updates import check_class_weights, check_label_smoothing
 from fedleak.validation import options_from, validate_fields
 
@@ -70,6 +71,10 @@ class ExclusivityOptions:
     common one, ``1 / (the sum of the batch's weights)`` for a mean loss, which the batch size does not give: the
     certificate takes it from the few values the label histograms allow (two classes), or fits it; the batch size
     comes from ``num_examples``.
+    ``focal_gamma``: the exponent ``γ`` of the client's focal loss ``-(1 - p_y)^γ log p_y`` (:mod:`fedleak.focal`;
+    0, the default: the cross-entropy; not with label smoothing or class weights): every loss vector the attack
+    computes is the cross-entropy's times the sample's factor ``s(p_y)``, so each sample's scale is ``s / M``
+    recomputed from its rebuilt input, and the label smoothing is not read off the update.
     ``train_dropout``: the client ran the model's Dropout in training mode (``model.train()``, as training loops
     do), dropping random units of every sample. True: each group of rows is checked against the loss vector its
     own output-layer columns show, not the one the eval-mode forward pass computes (the dropped units are
@@ -140,6 +145,7 @@ class ExclusivityOptions:
     loss_reduction: str = "mean"
     label_smoothing: float | None = None
     class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
     train_dropout: bool | None = None
     label_eps_ulps: float = 4.0
     max_witnesses: int = 64
@@ -188,6 +194,7 @@ class ExclusivityOptions:
             check_label_smoothing(self.label_smoothing)
         object.__setattr__(self, "class_weights",
                            check_class_weights(self.class_weights, label_smoothing=self.label_smoothing))
+        check_focal_gamma(self.focal_gamma, label_smoothing=self.label_smoothing, class_weights=self.class_weights)
 
     @property
     def reduction(self) -> Reduction:

@@ -121,7 +121,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 used = replace(used, train_dropout=True)
         if not (positive or used.known_scale or used.defense):
             rec = without_unsigned_labels(model, rec, update.num_examples or rec.batch_size, used.smoothing,
-                                          used.class_weights)
+                                          used.class_weights, focal_gamma=used.focal_gamma)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     rec = without_unexcluded_blends(model, rec, net.num_classes, update.num_examples, used.known_scale,
                                     used.range_width(rec.inputs) if len(rec) else 1.0)
@@ -139,7 +139,8 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     None and nothing was certified as the gradient of a plain cross-entropy, the label smoothing read off the update
     (:func:`~fedleak.attacks.exact.smoothing.read_label_smoothing`; None where none is)."""
     start = time.perf_counter()
-    readable = opts.label_smoothing is None and opts.class_weights is None and not opts.train_dropout
+    readable = (opts.label_smoothing is None and opts.class_weights is None and not opts.focal_gamma
+                and not opts.train_dropout)
     plan = exact_plan(opts.defense, update.gradients, net)  # what the certificate can do under the client's defenses
     opts, noise = plan.apply(opts), plan.rescale(noise)  # a defense's factors scale the noise as it is read
     if plan.factors:  # a modelled defense scales the update (validated once already, so only when it changes)
@@ -263,8 +264,9 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     y = torch.tensor([c.label for c in complete], dtype=torch.long)
     certified = torch.tensor([r.certified for r in records], dtype=torch.bool)
     counts = None
-    # with class weights the bias gradient weighs each label; with dropout in training mode the logits are unknown
-    if opts.known_scale and opts.class_weights is None and not opts.train_dropout:
+    # with class weights (or a focal loss) the bias gradient weighs each label (each sample); with dropout in training
+    # mode the logits are unknown
+    if opts.known_scale and opts.class_weights is None and not opts.focal_gamma and not opts.train_dropout:
         probs = torch.empty(0, head.num_classes, dtype=F64)
         if complete:
             probs = torch.softmax(logits, 1).cpu()
@@ -426,7 +428,7 @@ def whole_batch(model: nn.Module, net: Network, complete: list[Candidate], walk:
         return False
     dev = next(model.parameters()).device
     y = torch.tensor([c.label for c in complete], dtype=torch.long, device=dev)
-    pred = batch_gradient(model, net, walk.inputs.to(dev), y, opts.smoothing, opts.class_weights)
+    pred = batch_gradient(model, net, walk.inputs.to(dev), y, opts.smoothing, opts.class_weights, opts.focal_gamma)
     known = opts.common_scale(batch_size) if opts.known_scale and not opts.weighted_mean else None
     worst, _ = gradient_residual(pred, {k: g.to(dev) for k, g in grads.items()}, known)
     if worst > opts.batch_tol:

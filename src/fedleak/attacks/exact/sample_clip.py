@@ -37,7 +37,8 @@ def read_sample_clip(net: Network, rec: Reconstruction, opts: ExclusivityOptions
     """``rec`` with a note and reasons where its samples show per-sample clipping at one bound (module
     docstring); ``batch_size``: reported, or read off the certified samples' common scale."""
     if (rec.batch_certified or batch_size is None or net.blocks or not opts.known_scale or opts.clip_norm is not None
-            or opts.class_weights is not None or opts.train_dropout or opts.defense or len(rec.samples) != len(rec)):
+            or opts.class_weights is not None or opts.focal_gamma or opts.train_dropout or opts.defense
+            or len(rec.samples) != len(rec)):
         return rec
     unit = opts.common_scale(batch_size)
     below = [k for k, r in enumerate(rec.samples) if not r.certified and r.rebuilt and strongly_witnessed(r, opts)

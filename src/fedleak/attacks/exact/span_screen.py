@@ -71,8 +71,9 @@ def span_screen(attack, reps: torch.Tensor, members: list[torch.Tensor],
     keep = torch.ones(n, dtype=torch.bool, device=reps.device)
     # the basis may be as wide as still saves MIN_SAVING, and its sketch costs at most an eighth of the passes
     max_rank = min((n - -(-int(MIN_SAVING) // (W.shape[0] * W.shape[1]))) // 2, W.shape[0] // 8)
-    # its bound holds for p_c, not for p_c - s/K, nor for loss vectors read off the columns (train_dropout)
-    if n < 4 or max_rank < 1 or attack.opts.smoothing or attack.opts.train_dropout:
+    # its bound holds for p_c, not for p_c - s/K, for a focal loss's factor, nor for loss vectors read off the
+    # columns (train_dropout)
+    if n < 4 or max_rank < 1 or attack.opts.smoothing or attack.opts.focal_gamma or attack.opts.train_dropout:
         return keep
     coords = span_coordinates(in_pieces(reps, CHUNK), n, reps.shape[1], max_rank)
     if coords is None:

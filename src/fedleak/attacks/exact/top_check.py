@@ -87,7 +87,7 @@ def fit_top_rows(attack, members: list[torch.Tensor], z: torch.Tensor, logits: t
     if masked:
         e = read_loss_vectors(columns, torch.relu(z[owner, rows]), owner, len(members))
     else:
-        e = loss_vectors(logits, label, smoothing)
+        e = loss_vectors(logits, label, smoothing, attack.opts.focal_gamma)
     others = (torch.arange(K, device=dev)[None, :] != label[owner][:, None]).to(columns.dtype)
     pred = torch.relu(z[owner, rows])[:, None] * e[owner] * others
     cols = columns * others

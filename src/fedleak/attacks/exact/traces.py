@@ -60,7 +60,8 @@ class CandidateTraces:
         first = first_layer(self.attack, X, self.complete[block.start : block.stop])
         trace = forward_trace(self.attack.net, X, self.y[block.start : block.stop], dtype=F64,
                               params=(self.attack.W, self.attack.b), first=first,
-                              smoothing=self.attack.opts.smoothing, keep_pre=False)
+                              smoothing=self.attack.opts.smoothing, keep_pre=False,
+                              focal_gamma=self.attack.opts.focal_gamma)
         if len(self.blocks) == 1:
             self.kept = trace
         return trace

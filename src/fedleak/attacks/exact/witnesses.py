@@ -141,7 +141,7 @@ def signals(attack, t64: Trace, replay: Trace, label: LabelSignals, ks: list[int
     d_one, onehot = label.of(idx)
     acts32 = [t64.activations[0][idx].to(attack.obs_dtype)] + [a[idx] for a in replay.activations[1:]]
     # float32 noise without the label-entry cancellation (that part is fitted): exact e_y, float32 rest
-    e32 = loss_vectors(replay.logits[idx], y, attack.opts.smoothing)
+    e32 = loss_vectors(replay.logits[idx], y, attack.opts.smoothing, attack.opts.focal_gamma)
     rows_k = torch.arange(len(ks), device=idx.device)
     e32[rows_k, y] = t64.loss_vectors[idx, y].to(attack.obs_dtype)
     d32 = backward_signals(attack.W_obs, acts32[1:], e32)  # a ReLU's mask from its output: z > 0 iff relu(z) > 0

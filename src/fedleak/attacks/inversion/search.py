@@ -25,6 +25,7 @@ from fedleak.attacks.inversion.objectives import OBJECTIVES, total_variation
 from fedleak.attacks.inversion.target import Target
 from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS, FunctionalModel, lr_refresher
 from fedleak.errors import FedleakError
+from fedleak.focal import check_focal_gamma
 from fedleak.updates import check_class_weights, check_label_smoothing
 from fedleak.validation import check_data_range, options_from, validate_fields
 
@@ -46,7 +47,8 @@ class InversionSettings:
     matching objective (without TV) falls below this value (0: never; ``auto`` stops at 1e-9, where the
     simulated update matches the observed one to about float32 precision and more iterations change nothing).
     ``label_smoothing`` / ``class_weights``: the client's cross-entropy's (``F.cross_entropy``'s ``label_smoothing``
-    and ``weight``), which the simulated update takes.
+    and ``weight``), which the simulated update takes; ``focal_gamma``: the exponent of the client's focal loss
+    instead (:mod:`fedleak.focal`; its labels are class indices, so not with ``learn_labels``).
     """
 
     objective: str = "l2"
@@ -74,6 +76,7 @@ class InversionSettings:
     stop_below: float = 0.0
     label_smoothing: float = 0.0
     class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         validate_fields(self)  # types and signs first, then the checks below
@@ -112,6 +115,10 @@ class InversionSettings:
         check_label_smoothing(self.label_smoothing)
         object.__setattr__(self, "class_weights",
                            check_class_weights(self.class_weights, label_smoothing=self.label_smoothing))
+        if check_focal_gamma(self.focal_gamma, label_smoothing=self.label_smoothing, class_weights=self.class_weights) \
+                and self.learn_labels:
+            raise FedleakError("a focal loss takes class indices, and this search learns soft labels "
+                               "(learn_labels=True): pass learn_labels=False, or labels")
 
     @property
     def box_width(self) -> float:
@@ -209,7 +216,8 @@ def _invert(model, target, settings, batch_size, labels, fixed_inputs, fixed_lab
             clock: RunClock, stage_limit: float | None, forward=None) -> InversionResult:
     dtype = settings.torch_dtype
     fm = FunctionalModel(model, replace(target, params=[p.to(dtype) for p in target.params]),
-                         label_smoothing=settings.label_smoothing, class_weights=settings.class_weights)
+                         label_smoothing=settings.label_smoothing, class_weights=settings.class_weights,
+                         focal_gamma=settings.focal_gamma)
     tgt = [t.to(dtype) for t in target.tensors]
     objective = OBJECTIVES[settings.objective](tgt)
     n_fixed = 0 if fixed_inputs is None else int(fixed_inputs.shape[0])

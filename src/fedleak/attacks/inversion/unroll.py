@@ -35,12 +35,12 @@ class FunctionalModel:
     """Evaluate ``model`` at given weights (never its own) and differentiate through its gradient."""
 
     def __init__(self, model: nn.Module, target: Target, *, label_smoothing: float = 0.0,
-                 class_weights: tuple[float, ...] | None = None):
+                 class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0):
         self.model = model
         self.names = target.names
         self.buffers = target.buffers
         self.params = [p.detach().clone().requires_grad_(True) for p in target.params]
-        self.label_smoothing, self.class_weights = label_smoothing, class_weights
+        self.label_smoothing, self.class_weights, self.focal_gamma = label_smoothing, class_weights, focal_gamma
 
     def logits(self, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         try:
@@ -55,10 +55,10 @@ class FunctionalModel:
             raise ModelError(f"the attack's dummy batch: {why}") from None
 
     def grads(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """The gradient of the client's mean cross-entropy (with its label smoothing and class weights, as
-        :func:`~fedleak.updates.client_loss` takes them); ``y`` holds class indices or (soft) probabilities."""
+        """The gradient of the client's mean cross-entropy (with its label smoothing and class weights, or its focal
+        loss, as :func:`~fedleak.updates.client_loss` takes them); ``y`` holds class indices or (soft) probabilities."""
         loss = client_loss(self.logits(params, x), y, label_smoothing=self.label_smoothing,
-                           class_weights=self.class_weights)
+                           class_weights=self.class_weights, focal_gamma=self.focal_gamma)
         return list(torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True))
 
     def simulate(
