@@ -17,6 +17,6 @@ def test_keyword_arguments_read_as_options():
     assert as_options("the number of examples") == "the number of examples"
     assert as_options("a focal loss: pass focal_gamma)") == "a focal loss: pass --focal-gamma)"
     assert as_options("focal_gamma=2 given") == "--focal-gamma 2 given"
-    assert as_options("its range, data_range=(low, high)") == "its range, --data-range LOW,HIGH"
+    assert as_options("give it data_range=(-1, 1)") == "give it --data-range -1,1"
     assert as_options("does not read the range (data_range);") == "does not read the range (--data-range);"
     assert as_options("a focal loss needs focal_gamma)") == "a focal loss needs --focal-gamma)"

@@ -92,8 +92,8 @@ def test_search_advice_is_told_the_range_of_inputs_off_the_unit_box(digits):
         for inputs in (flower, flower.x[:300]):
             told = {a.name: a.why for a in fedleak.plan(model, update, inputs).attacks if a.recommended}
             searches = {name for name in told if name in ("ig", "auto", "dlm", "dlm+")}
-            assert searches and all("the inputs lie in [-1, 1], off its default box [0, 1]: give it the data's "
-                                    "range, data_range=(low, high)" in told[name] for name in searches)
+            assert searches and all("the inputs lie in [-1, 1], off its default box [0, 1]: give it "
+                                    "data_range=(-1, 1)" in told[name] for name in searches)
             assert all("default box" not in why for name, why in told.items() if name not in searches)
         for inputs in (digits, None):
             assert not any("default box" in a.why for a in fedleak.plan(model, update, inputs).attacks)

@@ -15,7 +15,7 @@ _OPTIONS = (  # (pattern, replacement), in turn
     (re.compile(r"\bfocal_gamma=(?=\d)"), lambda m: "--focal-gamma "),
     (re.compile(r"\b(pass|needs) (num_examples|label_smoothing|class_weights|focal_gamma)\b"),
      lambda m: f"{m.group(1)} --" + m.group(2).replace("_", "-")),
-    (re.compile(r"\bdata_range=\(low, high\)"), lambda m: "--data-range LOW,HIGH"),
+    (re.compile(r"\bdata_range=\(([^)]*)\)"), lambda m: "--data-range " + m.group(1).replace(" ", "")),
     (re.compile(r"\(data_range\)"), lambda m: "(--data-range)"),
     (re.compile(r"\blearning_rate=(?=\d)"), lambda m: "--learning-rate "),
     (re.compile(r"\blearning_rate\b"), lambda m: "--learning-rate"),

@@ -77,8 +77,8 @@ def on_range(advice: tuple[AttackAdvice, ...], attacks: dict[str, AttackInfo],
     if value_range is None or (value_range[0] >= 0.0 and value_range[1] <= 1.0):
         return advice
     lo, hi = value_range
-    told = (f"; the inputs lie in [{lo:.4g}, {hi:.4g}], off its default box [0, 1]: give it the data's range, "
-            "data_range=(low, high)")
+    told = (f"; the inputs lie in [{lo:.4g}, {hi:.4g}], off its default box [0, 1]: give it "
+            f"data_range=({lo:.4g}, {hi:.4g})")
     return tuple(replace(a, why=a.why + told) if a.recommended and attacks[a.name].optimises
                  and attacks[a.name].reads_range else a for a in advice)
 
