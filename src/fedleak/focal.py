@@ -39,7 +39,8 @@ def focal_factor(log_p: torch.Tensor, gamma: float) -> torch.Tensor:
     q = -torch.expm1(log_p)  # 1 - p, without the cancellation of 1 - exp(log p) near p = 1
     p = log_p.exp()
     safe = torch.where(q > 0, q, torch.ones_like(q))  # q = 0 (p rounds to 1): s = 0, the limit
-    s = safe.pow(gamma) - gamma * p * safe.pow(gamma - 1) * log_p
+    p_log_p = torch.where(p > 0, p * log_p, torch.zeros_like(p))  # p = 0 (log p = -inf): 0, the limit
+    s = safe.pow(gamma) - gamma * safe.pow(gamma - 1) * p_log_p
     return torch.where(q > 0, s, torch.zeros_like(s))
 
 

@@ -88,7 +88,7 @@ def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
     if not exact_route_barrier(as_two_class(model)[0], input_shape, training=settings.client_mode == "train"):
         return AuditAttack(threat.attack, options)
     return AuditAttack("auto", {"budget": settings.attack_budget, "progress": False, "input_shape": input_shape,
-                                "data_range": tuple(data_range)})
+                                **get_attack("auto").range_option(data_range)})
 
 
 def _no_transform(settings: FederationSettings) -> None:
