@@ -76,3 +76,23 @@ def test_a_cnn_of_a_focal_client(digits):
     plain = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
     assert told.num_certified == plain.num_certified >= 3
     assert fedleak.metrics.match(told, x, y).false_certificates == 0
+
+
+def test_trap_weights_take_the_focal_loss_and_imprint_refuses_it(fashion):
+    """A trap-weight server told a focal client's exponent certifies what it certifies of a cross-entropy client
+    (its recomputed gradients and whole-batch proof carry each sample's factor); imprint's counting proof bounds the
+    cross-entropy's loss vectors, so it refuses the option (read as a cross-entropy client's, it stays sound)."""
+    from fedleak.attacks.malicious import imprint_weights, trap_weights
+
+    model = trap_weights(fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0), seed=0)
+    x, y = fashion.batch(16, seed=300)
+    plain = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), "trap-weights")
+    focal = fedleak.compute_gradient_update(model, x, y, focal_gamma=2.0)
+    told = fedleak.reconstruct(model, focal, "trap-weights", focal_gamma=2.0)
+    assert told.num_certified == plain.num_certified >= 12
+    assert fedleak.metrics.match(told, x, y).false_certificates == 0
+    assert fedleak.reconstruct(model, focal, "trap-weights").num_certified < told.num_certified
+    imprinted = imprint_weights(fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0), fashion.x[:200], seed=0)
+    with pytest.raises(fedleak.OptionError, match="imprint attack's counting proof .* takes no focal_gamma"):
+        fedleak.reconstruct(imprinted, fedleak.compute_gradient_update(imprinted, x, y, focal_gamma=2.0), "imprint",
+                            focal_gamma=2.0)

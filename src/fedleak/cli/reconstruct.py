@@ -57,8 +57,9 @@ def reconstruct_command(
                                                  "(e.g. 1,4.5); the exact route then needs the number of "
                                                  "examples the update reports."),
     focal_gamma: float = typer.Option(None, help="The exponent of the client's focal loss, -(1 - p_y)^gamma log p_y, "
-                                                 "for the exact and optimisation attacks (default: 0, the "
-                                                 "cross-entropy; not with --label-smoothing or --class-weights)."),
+                                                 "for the exact and optimisation attacks and trap weights "
+                                                 "(default: 0, the cross-entropy; not with --label-smoothing or "
+                                                 "--class-weights)."),
     train_dropout: bool = typer.Option(None, "--train-dropout/--eval-dropout",
                                        help="Whether the client ran the model's Dropout in training mode "
                                             "(model.train()), for the exact route: --train-dropout rebuilds what "

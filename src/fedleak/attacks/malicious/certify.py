@@ -25,6 +25,7 @@ from fedleak.attacks.malicious.proofs import (
 from fedleak.attacks.malicious.scale_vote import mode_scale, shared_fraction
 from fedleak.attacks.masked_input import InputMasking, withheld
 from fedleak.errors import FedleakError, ModelError, UpdateError
+from fedleak.focal import check_focal_gamma
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
 from fedleak.nets.layers import Dense
 from fedleak.nets.network import check_head_trainable
@@ -83,6 +84,9 @@ class MaliciousOptions:
     ``train_dropout``: whether the client ran the model's Dropout in training mode; where the model changes its
     input in training mode (a Dropout on it), nothing is certified unless told False
     (:mod:`fedleak.attacks.masked_input`).
+    ``focal_gamma``: the exponent of the client's focal loss (:mod:`fedleak.focal`; 0: the cross-entropy): the
+    recomputed gradients carry each sample's factor (trap weights; imprint's counting proof bounds the
+    cross-entropy's loss vectors and refuses it).
     """
 
     group_tol: float = 1e-3
@@ -96,9 +100,11 @@ class MaliciousOptions:
     scale: float | None = None
     min_support: int = 2
     train_dropout: bool | None = None
+    focal_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        check_focal_gamma(self.focal_gamma)
 
 
 def resolve_options(options: MaliciousOptions | None, overrides: dict) -> MaliciousOptions:
@@ -198,7 +204,7 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None,
     if oc is not None:
         cc = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, (oc * oc).sum(1)).clamp_min(1e-300)
     for y in range(K):
-        t = forward_trace(net, c.X, torch.full((n,), y, dtype=torch.long, device=dev))
+        t = forward_trace(net, c.X, torch.full((n,), y, dtype=torch.long, device=dev), focal_gamma=opts.focal_gamma)
         p = t.deltas[0][owner, idx]
         pp = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, p * p)
         po = torch.zeros(n, dtype=F64, device=dev).index_add_(0, owner, p * o)
@@ -299,7 +305,7 @@ def one_number_proof(net: ReluMLP, c: Candidates, refuted: np.ndarray | None, la
     if c.layer is not None:
         chosen = distinct(c.X, [k for k, ok in enumerate(certified) if ok], opts.merge_tol)
         return whole_batch_proof(net, c.X, labels, chosen, batch_scale, c.layer, n_examples, opts.group_tol,
-                                 opts.fit_tol)
+                                 opts.fit_tol, opts.focal_gamma)
     return Proof(False, "no proof covers the whole batch")
 
 
@@ -379,7 +385,7 @@ def with_sign_read(model: nn.Module, update, opts: MaliciousOptions, rec: Recons
     if (weights and not update.metadata.get(UNSIGNED)) or opts.known_scale or opts.scale is not None:
         return rec
     own = 1.0 / rec.batch_size if rec.batch_size and not weights else None  # a gradient's, at its own scale
-    return without_unsigned_labels(model, rec, rec.batch_size, own_scale=own)
+    return without_unsigned_labels(model, rec, rec.batch_size, own_scale=own, focal_gamma=opts.focal_gamma)
 
 
 def first_layer(model: nn.Module, update, what: str, input_shape: tuple[int, ...] | None = None):

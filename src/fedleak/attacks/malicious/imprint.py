@@ -23,7 +23,7 @@ from fedleak.attacks.malicious.certify import (
 from fedleak.attacks.malicious.proofs import BinCount
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
-from fedleak.errors import FedleakError, ModelError
+from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.reconstruction import Reconstruction
 
 F64 = torch.float64
@@ -98,6 +98,9 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
     """
     start = time.perf_counter()
     opts = resolve_options(options, overrides)
+    if opts.focal_gamma:
+        raise OptionError("the imprint attack's counting proof bounds the cross-entropy's loss vectors: it takes no "
+                          "focal_gamma (on a focal client's update it stays sound, read as a cross-entropy client's)")
     net, G, g, n_examples, (nG, ng), _ = first_layer(model, update, "imprint", input_shape)
     W0, b0 = net.head.weights()[0], net.head.biases()[0]
     if bins is None:

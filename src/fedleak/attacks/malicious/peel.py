@@ -22,15 +22,17 @@ class FirstLayer:
     noise: torch.Tensor
 
 
-def contributions(net: ReluMLP, X: torch.Tensor, labels: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first-layer weight and bias gradients that samples ``X`` with ``labels`` add to an update of ``scale``."""
-    t = forward_trace(net, X, torch.as_tensor(labels, device=X.device))
+def contributions(net: ReluMLP, X: torch.Tensor, labels: list[int], scale: float,
+                  focal_gamma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-layer weight and bias gradients that samples ``X`` with ``labels`` add to an update of ``scale``
+    (of a focal loss's, with ``focal_gamma``)."""
+    t = forward_trace(net, X, torch.as_tensor(labels, device=X.device), focal_gamma=focal_gamma)
     d = scale * t.deltas[0]  # n x width: each sample's bias gradient, zero where its neuron is shut
     return d.T @ X, d.sum(0)
 
 
 def peel(net: ReluMLP, layer: FirstLayer, X: torch.Tensor, labels: list[int], scale: float, limit: int,
-         group_tol: float, fit_tol: float) -> tuple[torch.Tensor, list[int]]:
+         group_tol: float, fit_tol: float, focal_gamma: float = 0.0) -> tuple[torch.Tensor, list[int]]:
     """``X`` and ``labels`` with the samples peeled off the update: the known samples' recomputed gradients are
     subtracted from every first-layer row, and a row then left with one sample's gradient reads it as ``dW/db``.
     Rows that agree (within ``group_tol``) are one candidate, kept when it opens them and one label's recomputed
@@ -39,7 +41,7 @@ def peel(net: ReluMLP, layer: FirstLayer, X: torch.Tensor, labels: list[int], sc
     the whole-batch proof, not a certificate of its own."""
     X, labels = X.clone(), list(labels)
     while 0 < len(labels) < limit:
-        G_hat, g_hat = contributions(net, X, labels, scale)
+        G_hat, g_hat = contributions(net, X, labels, scale, focal_gamma)
         RG, Rg = layer.G - G_hat, layer.g - g_hat
         live = torch.nonzero(Rg.abs() > LIVE * float(layer.g.abs().max())).flatten()
         if len(live) == 0:
@@ -49,7 +51,8 @@ def peel(net: ReluMLP, layer: FirstLayer, X: torch.Tensor, labels: list[int], sc
         cand = torch.stack([RG[r].sum(0) / Rg[r].sum() for r in rows])
         found: list[tuple[torch.Tensor, int]] = []
         for y in range(net.num_classes):
-            t = forward_trace(net, cand, torch.full((len(rows),), y, dtype=torch.long, device=X.device))
+            t = forward_trace(net, cand, torch.full((len(rows),), y, dtype=torch.long, device=X.device),
+                              focal_gamma=focal_gamma)
             for k, r in enumerate(rows):
                 fits = float((scale * t.deltas[0][k, r] - Rg[r]).norm()) <= fit_tol * float(Rg[r].norm())
                 if fits and bool((t.preactivations[0][k, r] > 0).all()):

@@ -160,19 +160,21 @@ def counting_proof(refuted: np.ndarray, standing: np.ndarray, bins: BinCount, n_
 
 
 def whole_batch_proof(net: ReluMLP, X: torch.Tensor, labels: list[int], chosen: list[int], scale: float,
-                      layer: FirstLayer, n_examples: int | None, group_tol: float, fit_tol: float) -> Proof:
+                      layer: FirstLayer, n_examples: int | None, group_tol: float, fit_tol: float,
+                      focal_gamma: float = 0.0) -> Proof:
     """Whether the ``chosen`` candidates, with the samples peeled off the rows they share with others
     (:func:`~fedleak.attacks.malicious.peel.peel`), are at most ``n_examples`` samples whose recomputed first-layer
     gradients at ``scale`` add up to every row of the update's first layer (within ``fit_tol`` of each row, beyond
     its rounding). Fewer than ``n_examples`` may do: a sample that opens no neuron of the first layer
-    adds nothing to it."""
+    adds nothing to it. ``focal_gamma``: the client's focal loss, which the recomputed gradients take."""
     limit = n_examples or layer.g.shape[0]
     if len(chosen) > limit:
         return Proof(False, f"{len(chosen)} candidates are consistent at the batch's scale, more than the "
                      f"{n_examples} examples the update reports")
     sel = torch.as_tensor(chosen, dtype=torch.long, device=X.device)
-    whole, whole_labels = peel(net, layer, X[sel], [labels[k] for k in chosen], scale, limit, group_tol, fit_tol)
-    G_hat, g_hat = contributions(net, whole, whole_labels, scale)
+    whole, whole_labels = peel(net, layer, X[sel], [labels[k] for k in chosen], scale, limit, group_tol, fit_tol,
+                               focal_gamma)
+    G_hat, g_hat = contributions(net, whole, whole_labels, scale, focal_gamma)
     obs, fit = torch.cat([layer.G, layer.g[:, None]], 1), torch.cat([G_hat, g_hat[:, None]], 1)
     gap = (obs - fit).norm(dim=1)
     off = gap > fit_tol * torch.maximum(obs.norm(dim=1), fit.norm(dim=1)) + 4 * layer.noise * obs.shape[1] ** 0.5
