@@ -96,3 +96,18 @@ def test_trap_weights_take_the_focal_loss_and_imprint_refuses_it(fashion):
     with pytest.raises(fedleak.OptionError, match="imprint attack's counting proof .* takes no focal_gamma"):
         fedleak.reconstruct(imprinted, fedleak.compute_gradient_update(imprinted, x, y, focal_gamma=2.0), "imprint",
                             focal_gamma=2.0)
+
+
+@pytest.mark.parametrize("data, seed, size", [("digits", 47, 8), ("fashion", 63, 16)])
+def test_trap_weights_not_told_a_focal_loss_certify_no_blend(request, data, seed, size):
+    """Read as a cross-entropy client's, a focal client's samples (γ = 5, an untrained model) spread about 1% around
+    their common scale, so no two share it; two blends of like samples read off several rows each, or two blends
+    that agree by chance, voted twice that scale, and those blends were certified (max abs errors 0.34 and 0.50).
+    Copies of one input now vote once, and as many candidates around half the voted scale as voted refuse it."""
+    from fedleak.attacks.malicious import trap_weights
+
+    ds = request.getfixturevalue(data)
+    model = trap_weights(fedleak.make_mlp(ds.input_shape, [1024], ds.num_classes, seed=seed), seed=seed)
+    x, y = ds.batch(size, seed=300 + seed)
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y, focal_gamma=5.0), "trap-weights")
+    assert fedleak.metrics.match(rec, x, y).false_certificates == 0

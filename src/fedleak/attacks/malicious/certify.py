@@ -233,13 +233,14 @@ def certify_candidates(net: ReluMLP, c: Candidates, n_examples: int | None,
         batch_scale = 1.0 / n_examples
     else:
         multi = np.array([len(r) >= 2 for r in c.rows])
-        batch_scale, support = mode_scale(fits, fit_ok & multi[:, None], opts.scale_tol)
+        groups = copies(c.X, opts.merge_tol).cpu().numpy().argmax(1)  # a copy votes with the first of its group
+        batch_scale, support = mode_scale(fits, fit_ok & multi[:, None], opts.scale_tol, groups)
         if support < opts.min_support:  # too few multi-row candidates: let every candidate vote
-            batch_scale, support = mode_scale(fits, fit_ok, opts.scale_tol)
+            batch_scale, support = mode_scale(fits, fit_ok, opts.scale_tol, groups)
         if support < opts.min_support:  # one candidate alone always agrees with itself
             batch_scale = None
         elif not one_number:  # (where the rows check only the scale, the whole-batch proofs rule a wrong one out)
-            k = shared_fraction(batch_scale, fits, fit_ok, opts.scale_tol, n_examples or 64)
+            k = shared_fraction(batch_scale, fits, fit_ok, opts.scale_tol, n_examples or 64, groups, support)
             if k:
                 batch_scale = None
                 refused = (f"the scale most candidates agree on is {k} times a scale that others share, where a blend "
