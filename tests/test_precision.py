@@ -38,3 +38,17 @@ def test_a_sample_of_entries_visits_every_column():
     t = torch.arange(4096 * 784, dtype=torch.float64).reshape(4096, 784)
     columns = {int(v) % 784 for v in sample_entries(t, 4096)}
     assert len(columns) == 784
+
+
+def test_two_tensors_tell_an_update_s_format():
+    """One tensor's values may fit bfloat16 by their nature (few-bit inputs times one factor per unit); the update is
+    read as rounded only where the next largest tensor that can tell fits it too. A tensor of zeros (a frozen layer)
+    tells nothing and is passed over."""
+    gen = torch.Generator().manual_seed(0)
+    big, small = torch.randn(256, 64, generator=gen), torch.randn(64, 16, generator=gen)
+    assert update_precision({"a": big.bfloat16().float(), "b": small}).dtype == torch.float32
+    assert update_precision({"a": big.bfloat16().float(), "b": small.bfloat16().float()}).dtype == torch.bfloat16
+    assert update_precision({"a": big.half().float(), "b": small.bfloat16().float()}).dtype == torch.bfloat16
+    assert update_precision({"a": big.bfloat16().float(), "b": small[:2, :2]}).dtype == torch.bfloat16  # b can't tell
+    frozen = update_precision({"frozen": torch.zeros(512, 512), "b": small.bfloat16().float()})
+    assert frozen.dtype == torch.bfloat16 and frozen.name == "b"

@@ -171,3 +171,25 @@ def test_the_learning_rate_the_server_knows(digits):
     assert "1 local step at learning rate 0.05" in declared.summary()
     assert describe_update(fedleak.compute_gradient_update(model, x, y), model,
                            declared={"learning_rate": 0.1}).learning_rate is None
+
+
+def test_a_class_fished_gradient_of_few_bit_inputs_is_not_read_as_quantised_or_half_precision(digits):
+    """A class-fished model's first layer sums ``-2/M`` times sixteenths (sklearn's digits' pixels): 26 distinct
+    values that all fit bfloat16, by the data's nature. Its output layer's values are float32's, so the update was
+    neither quantised nor rounded (read before as both, and as one the exact route cannot certify)."""
+    model = fedleak.class_fishing_weights(fedleak.make_mlp(digits.input_shape, [256], 10, seed=0), 3)
+    x, y = digits.x[:16], digits.y[:16]
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    first = grads["1.weight"]
+    assert torch.unique(first).numel() <= 256 and torch.equal(first.bfloat16().float(), first)  # the trap
+    kind = describe_update(fedleak.GradientUpdate(grads, num_examples=16), model)
+    assert kind.quantised is None and kind.precision is None and kind.noised is False
+    assert kind.summary() == "FedSGD gradient: 16 examples"
+    said = fedleak.plan(model, fedleak.GradientUpdate(grads, num_examples=16)).verdict
+    assert said.startswith("the model's output layer is class-fished (class 3): run class-fishing")
+    # quantising every tensor, or computing under autocast, is still read as such
+    rounded = {k: torch.round(v / v.abs().max() * 100) * (v.abs().max() / 100) for k, v in grads.items()}
+    levels = describe_update(rounded, model)
+    assert levels.quantised is not None and "and so does '3.weight'" in " ".join(levels.evidence)
+    mixed = mixed_precision_gradient(model, x, y, torch.bfloat16)
+    assert describe_update(dict(zip(grads, mixed)), model).precision == "bfloat16"

@@ -9,7 +9,11 @@ within it (their grouping tolerances grow with it) and certify nothing that need
 
 A ``float32`` tensor is read as carrying a coarser format when every value of a sample of its nonzero entries
 (:data:`SAMPLE`, at least :data:`MIN_ENTRIES`) fits that format exactly: a value computed in ``float32`` does so by
-chance with probability ``2**-16`` (``bfloat16``) or ``2**-13`` (``float16``), so hundreds of them never do.
+chance with probability ``2**-16`` (``bfloat16``) or ``2**-13`` (``float16``), so hundreds of them never do. Values
+may fit by their nature, though: inputs of a few bits (sklearn's digits: sixteenths) times one factor per unit (a
+class-fished model's, ``-2/M`` at every unit) are short products. An update is read as carrying a coarser format
+only where its two largest tensors that can tell both carry it: autocast and a half-precision upload round every
+tensor alike.
 """
 
 from __future__ import annotations
@@ -31,21 +35,30 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 def carried_dtype(t: torch.Tensor) -> torch.dtype:
     """The floating-point format ``t``'s values carry: its dtype, or (a ``float32`` tensor of at least
     :data:`MIN_ENTRIES` nonzero entries) the coarsest of :data:`CARRIERS` that all of them fit exactly."""
-    if t.dtype != torch.float32 or t.numel() < MIN_ENTRIES:
+    told = told_dtype(t)
+    return t.dtype if told is None else told
+
+
+def told_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """:func:`carried_dtype`, or None where ``t``'s values cannot tell (a ``float32`` tensor with fewer than
+    :data:`MIN_ENTRIES` nonzero entries in the sample looked at)."""
+    if t.dtype != torch.float32:
         return t.dtype
-    fits: list[torch.dtype] = []
+    if t.numel() < MIN_ENTRIES:
+        return None
+    fits: list[torch.dtype] | None = None
     for size in (FIRST_LOOK, SAMPLE):  # a float32 tensor shows it in a few entries; a carrier is checked on many
         flat = sample_entries(t, size)
         flat = flat[flat != 0]
         if flat.numel() < MIN_ENTRIES:  # too few values to tell
-            fits = []
+            fits = None
             continue
         if not bool(torch.isfinite(flat).all()):
             return t.dtype
         fits = [d for d in CARRIERS if torch.equal(flat.to(d).to(torch.float32), flat)]
         if not fits:
             return t.dtype
-    return fits[0] if fits else t.dtype
+    return None if fits is None else fits[0]
 
 
 def sample_entries(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -106,17 +119,29 @@ FLOAT32 = Precision(torch.float32)  # values that carry no coarser format than f
 
 
 def update_precision(tensors: Mapping[str, torch.Tensor]) -> Precision:
-    """The coarsest format among ``tensors``': a dtype coarser than float32, else the format the largest float32
-    tensor's values carry (:func:`carried_dtype`; a client computing under autocast rounds every layer's gradient
-    alike, so one tensor tells, at a tenth of a millisecond); float32 when there is none."""
+    """The coarsest format among ``tensors``': a dtype coarser than float32, else the format that the two largest
+    float32 tensors whose values tell (:func:`told_dtype`) both carry, the coarser of the two (a client computing under
+    autocast rounds every layer's gradient alike, so two tensors tell, at a tenth of a millisecond; one tensor's
+    values may fit a coarser format by their nature, module docstring); float32 when there is none."""
     out = FLOAT32
     floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
     for name, t in floats.items():
         if float(torch.finfo(t.dtype).eps) > float(torch.finfo(out.dtype).eps):
             out = Precision(t.dtype, name, t.dtype)
-    singles = [(name, t) for name, t in floats.items() if t.dtype == torch.float32]
-    if out.coarse or not singles:
+    singles = sorted(((name, t) for name, t in floats.items() if t.dtype == torch.float32),
+                     key=lambda item: item[1].numel(), reverse=True)
+    if out.coarse:
         return out
-    name, largest = max(singles, key=lambda item: item[1].numel())
-    carried = carried_dtype(largest)
-    return Precision(carried, name, largest.dtype) if carried != largest.dtype else out
+    told: list[tuple[str, torch.dtype]] = []
+    for name, t in singles:
+        if (dtype := told_dtype(t)) is None:
+            continue
+        if dtype == torch.float32:  # this tensor's values are float32's: the update's are
+            return out
+        told.append((name, dtype))
+        if len(told) == 2:
+            break
+    if not told:
+        return out
+    name, carried = max(told, key=lambda item: float(torch.finfo(item[1]).eps))
+    return Precision(carried, name, torch.float32)

@@ -12,7 +12,8 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
 * **sparsification** — the output layer's change is dense (``p_c > 0`` for every class): exact zeros there,
   outside the columns of silent penultimate units, mean entries were dropped.
 * **quantisation** — a large tensor holding only a few hundred distinct values (among up to 65,536 of its
-  entries).
+  entries), and so does the next largest that can tell: a quantiser rounds every tensor, while one tensor's values
+  may be few by their nature (inputs of a few bits times one factor per unit: a class-fished model's first layer).
 * **weight decay** (weight changes, with the model) — SGD's decay moves every weight by a common factor times
   itself; the units no sample activated show it alone (:mod:`fedleak.attacks.exact.decay`). It is reported, and the
   signatures above are read on the change without it.
@@ -47,6 +48,7 @@ QUANTISED_LEVELS = 256  # at most this many distinct values ...
 QUANTISED_MIN_SIZE = 4096  # ... in a tensor at least this large
 QUANTISED_SAMPLE = 1 << 16  # entries looked at
 QUANTISED_GLANCE = 1024  # ... of which so many, strided, settle most tensors
+QUANTISED_CONFIRM = 4 * QUANTISED_LEVELS  # nonzero entries the next tensor needs to confirm it (or refute it)
 MEAN_BIAS_L1 = 2.0  # a mean cross-entropy gradient's output-bias entries add up to at most this in absolute value
 SUMMED_TOL = 1e-3  # ... beyond float rounding (relative)
 SCALED_UP = "scaled up"  # what :func:`_summed` returns for more than a summed loss over the reported examples
@@ -271,22 +273,18 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
     of their norm); ``cut``: the update was clipped by value, which breaks the zero sum of the output bias too."""
     import torch
 
-    from fedleak.precision import sample_entries
-
     noised: bool | None = None
     sparsified: float | None = None
     quantised: int | None = None
-    largest = max(tensors.items(), key=lambda kv: kv[1].numel())
-    if largest[1].numel() >= QUANTISED_MIN_SIZE:
-        # a strided sample keeps this cheap on large updates: a continuous tensor shows thousands of values in it,
-        # and more than the levels already among QUANTISED_GLANCE of them (a sort of 65,536 costs ms)
-        sample = sample_entries(largest[1], QUANTISED_SAMPLE)
-        glance = int(torch.unique(sample_entries(sample, QUANTISED_GLANCE)).numel())
-        levels = glance if glance > QUANTISED_LEVELS else int(torch.unique(sample).numel())
-        if levels <= QUANTISED_LEVELS:
+    by_size = sorted(tensors.items(), key=lambda kv: kv[1].numel(), reverse=True)
+    largest = by_size[0]
+    if largest[1].numel() >= QUANTISED_MIN_SIZE and (levels := _levels(largest[1])) <= QUANTISED_LEVELS:
+        others = ((name, t) for name, t in by_size[1:] if int(torch.count_nonzero(t)) >= QUANTISED_CONFIRM)
+        other = next(others, None)
+        if other is None or _levels(other[1]) <= QUANTISED_LEVELS:
             quantised = levels
-            evidence.append(f"'{largest[0]}' ({largest[1].numel()} entries) holds only {levels} distinct values: "
-                            "the update was quantised")
+            evidence.append(f"'{largest[0]}' ({largest[1].numel()} entries) holds only {levels} distinct values"
+                            f"{'' if other is None else f', and so does {other[0]!r}'}: the update was quantised")
     if model is None:
         return noised, sparsified, quantised
     from fedleak.attacks.zero_sum import SUM_TOL, relative_sum
@@ -317,6 +315,19 @@ def _signatures(tensors: Mapping[str, Any], model: Any, evidence: list[str], rou
                                 "update sums to 0: noise was added (or the client used weight decay, Adam or "
                                 "another loss)")
     return noised, sparsified, quantised
+
+
+def _levels(t: Any) -> int:
+    """The distinct values among a strided sample of ``t``'s entries (:data:`QUANTISED_SAMPLE`). A continuous tensor
+    shows more than :data:`QUANTISED_LEVELS` among the first :data:`QUANTISED_GLANCE` of them already (a sort of
+    65,536 costs ms)."""
+    import torch
+
+    from fedleak.precision import sample_entries
+
+    sample = sample_entries(t, QUANTISED_SAMPLE)
+    glance = int(torch.unique(sample_entries(sample, QUANTISED_GLANCE)).numel())
+    return glance if glance > QUANTISED_LEVELS else int(torch.unique(sample).numel())
 
 
 def _summed(tensors: Mapping[str, Any], model: Any, evidence: list[str], n: int | None) -> bool | str:

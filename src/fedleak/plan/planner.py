@@ -240,6 +240,8 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
                        any(b.pool_kind == "max" for b in shapes), kind, fished_class=fished)
     said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target)
+    if fished is not None:  # the route a server that fished the model runs comes first
+        said = verdict.fished(fished) + said
     if net.mode_dependent:  # counted as an eval-mode client computes
         said += ("; this holds for clients that compute their updates in eval mode: from clients that train with "
                  "the model's Dropout or BatchNorm active, the exact route certifies nothing")

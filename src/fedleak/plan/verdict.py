@@ -88,6 +88,12 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     return f"the exact route cannot apply to {model}: {blocker}"
 
 
+def fished(target: int) -> str:
+    """The clause a class-fished model's verdict starts with (``target``: the class its output layer fishes)."""
+    return (f"the model's output layer is class-fished (class {target}): run class-fishing, which certifies that "
+            "class's samples by counting them on the first layer; besides it, ")
+
+
 def unreadable(model: str, shape: tuple[int, ...], parameters: int, blocker: str, kind, sizes: tuple[int, ...],
                target: float, notes: tuple[str, ...] = (), first_layer_changed: str = "") -> Plan:
     """The plan of a model the exact route cannot read or finds nothing in (``blocker``: why, a clause;
