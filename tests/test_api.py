@@ -122,7 +122,7 @@ def test_a_wrapped_model_is_read_as_the_model_inside(wrap, digits):
                                             after={k: weights.after[n] for k, n in own.items()}, num_examples=4)
     updates = (gradient, prefixed, fedleak.GradientUpdate(prefixed, num_examples=4), weights, weights_prefixed)
     for update in updates:
-        rec = fedleak.reconstruct(wrapped, update)
+        rec = fedleak.reconstruct(wrapped, update, num_examples=4)
         assert rec.certified.all() and fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
     assert any("the update's names carry the prefix" in n for n in rec.notes)
     assert fedleak.analyze_exclusivity(wrapped, x, y).certifiable.all()

@@ -162,7 +162,7 @@ def test_names_saved_through_a_wrapper_are_read_as_the_models(digits):
     x, y = digits.x[:3], digits.y[:3]
     grads = fedleak.compute_gradient_update(model, x, y).gradients
     for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
-        rec = fedleak.reconstruct(model, {prefix + k: v for k, v in grads.items()})
+        rec = fedleak.reconstruct(model, {prefix + k: v for k, v in grads.items()}, num_examples=3)
         assert rec.certified.all() and any(f"carry the prefix '{prefix}'" in note for note in rec.notes)
     reply = {"module." + k: v for k, v in fedleak.fedavg_update(model, x, y, lr=0.5).after.items()}
     update = fedleak.read_update(model, reply, num_examples=3)

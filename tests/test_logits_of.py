@@ -78,7 +78,7 @@ def test_logits_of_is_the_model_under_its_own_names(digits, as_dict):
     assert all(a is b for a, b in zip(wrapped.parameters(), model.parameters()))
     x, y = digits.batch(6, seed=2)
     assert torch.equal(wrapped(x), _logits(model, x))
-    rec = fedleak.reconstruct(wrapped, _gradient(model, x, y))  # the update as the client keys it
+    rec = fedleak.reconstruct(wrapped, _gradient(model, x, y), num_examples=6)  # the update as the client keys it
     result = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
     assert rec.num_certified >= 4 and result.false_certificates == 0 and int(result.exact.sum()) >= rec.num_certified
     assert int(fedleak.analyze_exclusivity(wrapped, x, y).certifiable.sum()) >= 4
@@ -155,7 +155,7 @@ def test_an_output_object_is_read_by_attribute(digits):
     wrapped = fedleak.LogitsOf(model, "logits")
     x, y = digits.batch(6, seed=2)
     grads = torch.autograd.grad(F.cross_entropy(model(x).logits, y), list(model.parameters()))
-    rec = fedleak.reconstruct(wrapped, list(grads))
+    rec = fedleak.reconstruct(wrapped, list(grads), num_examples=6)
     assert rec.num_certified >= 4
     assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0
 

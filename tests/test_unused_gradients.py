@@ -41,7 +41,7 @@ def test_a_client_s_gradients_with_none_for_an_unused_layer_are_read(digits, for
     update = {"list with None": grads, "dict with None": dict(zip(names, grads)),
               "dict without them": {n: g for n, g in zip(names, grads) if g is not None},
               "GradientUpdate": fedleak.GradientUpdate(dict(zip(names, grads)), num_examples=6)}[form]
-    rec = fedleak.reconstruct(model, update)
+    rec = fedleak.reconstruct(model, update, num_examples=6)
     result = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
     assert rec.num_certified >= 4 and result.false_certificates == 0
     assert any("no gradient for aux.weight, aux.bias (None or absent)" in n for n in rec.notes)
@@ -82,6 +82,6 @@ def test_an_unused_layer_in_a_model_that_normalises_inside_forward(digits):
     model = Normalising().eval()
     x, y = digits.batch(6, seed=1)
     for update in (_grads(model, x, y), fedleak.compute_gradient_update(model, x, y)):
-        rec = fedleak.reconstruct(model, update)
+        rec = fedleak.reconstruct(model, update, num_examples=6)
         assert rec.num_certified >= 4
         assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0

@@ -145,14 +145,21 @@ def test_a_negated_gradient_is_said_to_read_so(setting):
 def test_a_gradient_scaled_beyond_a_summed_loss_is_not_read_as_one(setting):
     """A gradient sent with its mixed-precision loss scale (GradScaler's 65,536, no unscale_): with the count
     reported, more than a summed loss over it can give; not flagged as a summed loss, and the exclusivity attack
-    certifies it as a gradient times a common factor."""
+    reads it as a gradient times a common factor: it certifies the batch on a model wide enough (64-512-10) that more
+    than half of it is certified at that factor, which no blends of near-copies can be; on the 64-128-10 model, 4 of 8
+    are, and those it returns exact but uncertified."""
     model, x, y = setting
     grads = fedleak.compute_gradient_update(model, x[:8], y[:8]).gradients
     scaled = fedleak.GradientUpdate({k: v * 65536.0 for k, v in grads.items()}, num_examples=8)
     kind = describe_update(scaled, model)
     assert kind.scaled_up and not kind.summed and "scaled up beyond a summed loss" in kind.summary()
     assert any("GradScaler" in e for e in kind.evidence)
-    assert fedleak.reconstruct(model, scaled).num_certified >= 1
+    narrow = fedleak.reconstruct(model, scaled)
+    assert narrow.num_certified == 0 and fedleak.metrics.match(narrow, x[:8], y[:8]).exact.sum() >= 4
+    wide = fedleak.make_mlp((1, 8, 8), [512], 10, seed=0)
+    own = fedleak.compute_gradient_update(wide, x[:8], y[:8]).gradients
+    rec = fedleak.reconstruct(wide, fedleak.GradientUpdate({k: v * 65536.0 for k, v in own.items()}, num_examples=8))
+    assert rec.num_certified == 8 and fedleak.metrics.match(rec, x[:8], y[:8]).false_certificates == 0
     summed = describe_update(fedleak.GradientUpdate({k: v * 8 for k, v in grads.items()}, num_examples=8), model)
     assert summed.summed is True and not summed.scaled_up
 

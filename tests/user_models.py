@@ -167,6 +167,12 @@ def named_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str
     return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
 
 
+def sized_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str = "eval") -> fedleak.GradientUpdate:
+    """:func:`named_gradient` with the batch size the client reports (Flower's ``num_examples``): without it, a batch
+    of near-copies of fewer samples would give the same gradient, and the exact route certifies nothing."""
+    return fedleak.GradientUpdate(named_gradient(model, x, y, mode), num_examples=len(x))
+
+
 def warmed_norms(model: nn.Module, data: fedleak.Dataset, seed: int = 0) -> nn.Module:
     """``model`` in eval mode, its BatchNorm1d layers' statistics those of 256 samples and their gamma, beta drawn
     around 1 and 0 (as a trained model's are, away from the initial 1 and 0)."""
@@ -185,7 +191,7 @@ def warmed_norms(model: nn.Module, data: fedleak.Dataset, seed: int = 0) -> nn.M
 def certified_exactly(model: nn.Module, digits: fedleak.Dataset, seed: int = 3) -> fedleak.Reconstruction:
     """The exact attack on a batch of 6 of ``digits``: at least 4 certified, every one exact, none false."""
     x, y = digits.batch(6, seed=seed)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y))
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y))
     result = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
     assert rec.num_certified >= 4 and result.false_certificates == 0
     assert int(result.exact.sum()) >= rec.num_certified

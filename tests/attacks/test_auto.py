@@ -92,11 +92,12 @@ def test_cnn_certifies_what_exclusivity_certifies(lfw):
 # ---- FedAvg weight updates ----------------------------------------------------------------------------------
 
 
-def _lr01_update(digits):
-    """A one-step FedAvg update at lr 0.1 whose exact route rebuilds more candidates than the batch holds."""
+def _lr01_update(digits, reveal: bool = True):
+    """A one-step FedAvg update at lr 0.1, the rate the server set (``reveal``), whose exact route rebuilds more
+    candidates than the batch holds."""
     x, y = digits.batch(8, seed=1)
     model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
-    return model, fedavg_update(model, x, y, lr=0.1), x, y
+    return model, fedavg_update(model, x, y, lr=0.1, reveal_learning_rate=reveal), x, y
 
 
 def test_extra_candidates_come_from_blends_and_stay_out_of_the_batch(digits):
@@ -130,6 +131,11 @@ def test_one_step_fedavg_update_fills_the_batch_from_the_first_layers_rows(digit
     assert set(rec.routes[n_cert:]) == {"first-layer (uncertified, batch rows)"}
     assert any("no optimisation needed" in n for n in rec.notes)
     _every_sample_explained(rec)
+    # at an unknown rate 4 of 8 samples at one factor may be 4 blends of 2 near-copies: the same inputs, uncertified
+    model, unknown, x, y = _lr01_update(digits, reveal=False)
+    rec = fedleak.reconstruct(model, unknown, attack="auto", budget=4, progress=False)
+    assert rec.num_certified == 0 and fedleak.metrics.match(rec, x, y).exact.all()
+    assert "more than half of the batch at one factor" in rec.why_uncertified()
 
 
 def test_one_step_fedavg_update_within_budget_with_progress(digits, capsys, no_rows):

@@ -130,14 +130,18 @@ def test_certify_with_no_complete_candidate_keeps_the_reported_size(digits):
 # ---- sound cases that must be certified ------------------------------------------------------------------
 
 
-def test_lone_sample_dict_update_is_certified(fashion):
-    """One sample, a plain dict, no batch size: a lone sample whose scale is 1 must explain the whole
-    gradient on its own, which proves it."""
+def test_lone_sample_is_certified_with_its_batch_size(fashion):
+    """One sample, a plain dict: a lone sample whose scale is 1 explains the whole gradient on its own. With the
+    batch size reported (1) that proves it; without, a batch of near-copies of it would give the same gradient, so
+    it comes back exact but uncertified."""
     model = mlp(784, (512,), 10, seed=0)
     x, y = fashion.x[:1], fashion.y[:1]
-    rec = fedleak.reconstruct(model, grads_of(model, x, y))
+    rec = fedleak.reconstruct(model, grads_of(model, x, y), num_examples=1)
     assert rec.num_certified == 1 and rec.batch_size == 1
     assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
+    unsized = fedleak.reconstruct(model, grads_of(model, x, y))
+    assert unsized.num_certified == 0 and fedleak.metrics.match(unsized, x, y).exact.all()
+    assert "pass num_examples" in unsized.why_uncertified()
 
 
 def test_lone_candidate_of_a_larger_batch_is_not_certified_alone(fashion):
@@ -266,17 +270,19 @@ def test_blends_of_five_samples_do_not_outvote_the_true_samples(lfw):
     assert any("times another scale several share" in s.reason for s in rec.samples)
 
 
-def test_a_batch_holding_each_sample_twice_certifies_its_distinct_inputs(fashion):
-    """[x0, x1, x0, x1], 4 examples reported: the mean gradient is that of [x0, x1], so each input sits at 2/4.
-    Both are certified (each is one of the batch's inputs), once each; each is returned twice (the second copy
-    uncertified), and the notes say how the scale was read."""
+def test_a_batch_holding_each_sample_twice_returns_its_inputs_twice_uncertified(fashion):
+    """[x0, x1, x0, x1], 4 examples reported: the mean gradient is that of [x0, x1], so each input sits at 2/4. Each
+    is returned twice, exact, and none is certified: two near-copies of an input give its gradient too (to the square
+    of their distance), and 2 inputs at one factor in a batch of 4 could each be such a pair. The notes say how the
+    scale was read."""
     model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
     x, y = fashion.batch(2, seed=8)
     twice = fedleak.compute_gradient_update(model, torch.cat([x, x]), torch.cat([y, y]))
     rec = fedleak.reconstruct(model, twice)
-    assert twice.num_examples == 4 and rec.certified.tolist() == [True, False, True, False]
+    assert twice.num_examples == 4 and rec.num_certified == 0 and len(rec) == 4
     assert [s.scale for s in rec.samples] == pytest.approx([0.5] * 4, rel=1e-5)
     scores = fedleak.metrics.match(rec, torch.cat([x, x]), torch.cat([y, y]))
-    assert scores.exact.all() and scores.recovered.sum() == 2 and not scores.false_certificate.any()
+    assert scores.exact.all() and not scores.false_certificate.any()
     assert any("holds more than once" in note for note in rec.notes)
     assert any("holds each sample the same number of times" in note for note in rec.notes)
+    assert "more than half of the batch at one factor" in rec.why_uncertified()

@@ -92,12 +92,16 @@ def test_gradient_from_plain_torch_code_and_a_user_model():
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    rec = fedleak.reconstruct(model, grads)
+    rec = fedleak.reconstruct(model, grads, num_examples=6)
     assert rec.inputs.shape[1:] == (64,)
     scores = metrics.match(rec, x, y)
     report = fedleak.analyze_exclusivity(model, x, y)
     _assert_sound(rec, scores, report)
     assert report.certifiable.sum() >= 3
+    # without the batch size the same inputs come back, exact, but uncertified: a batch of near-copies would give them
+    unsized = fedleak.reconstruct(model, grads)
+    assert unsized.num_certified == 0 and "pass num_examples" in unsized.why_uncertified()
+    assert metrics.match(unsized, x, y).exact.sum() >= report.certifiable.sum()
 
 
 def test_trained_model_keeps_certificates_sound(digits):
@@ -155,7 +159,7 @@ def test_tampered_rows_never_yield_a_wrong_certificate(fashion):
     grads = {k: v.clone() for k, v in update.gradients.items()}
     grads["1.weight"][exans] *= 1.5
     grads["1.bias"][exans] *= 1.5
-    rec = fedleak.reconstruct(model, grads)
+    rec = fedleak.reconstruct(model, grads, num_examples=4)
     scores = metrics.match(rec, x, y)
     assert not scores.false_certificate.any()
     assert not rec.batch_certified
@@ -390,7 +394,7 @@ def test_a_float32_models_update_sent_as_float64_is_read_in_float32(fashion):
     x, y = fashion.batch(4, seed=2)
     update = fedleak.compute_gradient_update(model, x, y)
     wide = {k: v.double() for k, v in update.gradients.items()}
-    rec = fedleak.reconstruct(model, wide)
+    rec = fedleak.reconstruct(model, wide, num_examples=4)
     assert rec.num_certified == 4 and not metrics.match(rec, x, y).false_certificate.any()
     step = fedleak.fedavg_update(model, x, y, lr=0.1)
     for dtype, certified in (("float64", 4), ("float16", 0)):

@@ -25,7 +25,7 @@ def _smoothing_notes(rec) -> list[str]:
 def test_label_smoothing_told_or_read_certifies_what_a_plain_loss_does(fashion, widths):
     model = fedleak.make_mlp(fashion.input_shape, widths, 10, seed=0)
     x, y = fashion.batch(8, seed=8)
-    plain = fedleak.reconstruct(model, _gradient(model, x, y, 0.0))
+    plain = fedleak.reconstruct(model, _gradient(model, x, y, 0.0), num_examples=8)
     assert plain.num_certified >= 4 and not _smoothing_notes(plain)
     grads = _gradient(model, x, y, 0.1)
     for told in (0.1, None):
@@ -47,7 +47,7 @@ def test_a_confident_samples_label_is_read_under_label_smoothing(fashion):
     p = torch.softmax(model(x), 1)
     e = p - (0.9 * F.one_hot(y, 10) + 0.01)
     assert bool((e.argmin(1) != y).any())  # the sign of the entries would misread some labels
-    rec = fedleak.reconstruct(model, _gradient(model, x, y, 0.1))
+    rec = fedleak.reconstruct(model, _gradient(model, x, y, 0.1), num_examples=8)
     scores = metrics.match(rec, x, y, data_range=(0.0, 255.0))
     assert rec.num_certified >= 7 and not scores.false_certificate.any()
     assert scores.label_accuracy == 1.0
@@ -110,9 +110,9 @@ def test_a_cnn_under_label_smoothing(digits):
                                  fc_widths=(512,), seed=0)
     x, y = digits.batch(4, seed=1)
     grads = _gradient(model, x, y, 0.1)
-    plain = fedleak.reconstruct(model, _gradient(model, x, y, 0.0))
+    plain = fedleak.reconstruct(model, _gradient(model, x, y, 0.0), num_examples=4)
     for told in (0.1, None):
-        rec = fedleak.reconstruct(model, grads, label_smoothing=told)
+        rec = fedleak.reconstruct(model, grads, num_examples=4, label_smoothing=told)
         scores = metrics.match(rec, x, y)
         assert rec.num_certified == plain.num_certified >= 3 and not scores.false_certificate.any()
 

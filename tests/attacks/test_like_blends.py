@@ -1,6 +1,8 @@
-"""Two classes: samples that share every active unit and their label read as one blend of them. Certified only where
-the scale tells a blend (a reported batch size at a pinned scale; more than half of the batch at an unknown factor).
-Real data (digits, two of its classes), real autograd, a model with few live units (as a dying-ReLU model has)."""
+"""Samples that share every active unit, their label and their loss vector's direction read as one blend of them: on
+two classes, on a model whose logits barely move, and, on any model, near-copies (a sample and copies of it moved by a
+little noise). Certified only where the scale tells a blend (a reported batch size at a pinned scale; more than half
+of the batch at an unknown factor). Real data (digits), real autograd, models with few live units (as a dying-ReLU
+model has) and fedleak's default-initialised MLPs."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.attacks.exact.like_blends import ALIKE_TWO, FEW, MARK, UNREPORTED, logit_spread, unexcluded
+from fedleak.attacks.exact.like_blends import ALIKE_NEAR, ALIKE_TWO, FEW, MARK, UNREPORTED, logit_spread, unexcluded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,7 +90,9 @@ def test_blends_at_an_unknown_factor_need_more_than_half_of_the_batch(digits):
 
 
 def test_the_rule():
-    assert unexcluded("", 3, None, True) == ""  # loss vectors not alike: a blend's witness rows disagree
+    assert unexcluded("", 3, None, True) == UNREPORTED.format(alike=ALIKE_NEAR)  # near-copies, on any model
+    assert unexcluded("", 2, 4, False) == FEW.format(alike=ALIKE_NEAR, n=2, m=4)
+    assert unexcluded("", 3, 5, False) == unexcluded("", 1, 1, True) == ""
     assert unexcluded(ALIKE_TWO, 0, None, True) == ""
     assert unexcluded(ALIKE_TWO, 1, None, True) == UNREPORTED.format(alike=ALIKE_TWO)
     assert unexcluded(ALIKE_TWO, 1, 1, True) == ""  # a pinned scale shows a blend of k at k times a sample's
@@ -119,8 +123,8 @@ def test_the_plan_asks_for_the_learning_rate_of_a_weight_change(lfw):
 
 def test_ten_classes_on_a_model_whose_logits_barely_move(digits):
     """Ten classes, but the live units move the logits by 1e-4 of what they would: every prediction is about the
-    same, the loss vectors alike, and three samples read as one (certified before). A model whose logits move keeps
-    its certificates without the batch size."""
+    same, the loss vectors alike, and three samples read as one (certified before). A model whose logits move reads
+    the same inputs without the batch size as with it, and certifies them with it only (near-copies, below)."""
     x, y = _batch(digits, 3)
     model = _few_live_units(x, [[0, 1, 2]], gain=1e-4, classes=10)
     rec = fedleak.reconstruct(model, _gradient(model, x, y))
@@ -131,4 +135,34 @@ def test_ten_classes_on_a_model_whose_logits_barely_move(digits):
     assert logit_spread(healthy, x, 1.0) > 0.5
     plain = fedleak.reconstruct(healthy, _gradient(healthy, x, y))
     told = fedleak.reconstruct(healthy, fedleak.GradientUpdate(_gradient(healthy, x, y), num_examples=6))
-    assert plain.num_certified == told.num_certified >= 4
+    assert told.num_certified >= 4 and plain.num_certified == 0 and ALIKE_NEAR in plain.why_uncertified()
+    assert fedleak.metrics.match(plain, x, y).exact.sum() >= told.num_certified
+
+
+def _near_copies(x: torch.Tensor, eps: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (x + eps * (2 * torch.rand(x.shape, generator=gen) - 1)).clamp(0, 1)
+
+
+def test_near_copies_are_never_certified_as_samples(digits):
+    """Ten classes, a default-initialised MLP 64-1024-10: three samples and a copy of each moved by noise of 1e-3 of
+    the range, and a drifting signal (8 readings, each within 3e-4 of the one before). Each pair's rows give its
+    blend to about the square of the noise, at twice a sample's scale; the drifting readings give one input at 8
+    times it. All were certified (3, 3 and 1 false certificates): with the 6 examples reported, as 3 samples at an
+    unknown common factor; without, as a batch of 3, and the signal as a batch of 1."""
+    model = fedleak.make_mlp(digits.input_shape, [1024], 10, seed=0)
+    x, y = digits.batch(3, seed=0)
+    xb, yb = torch.cat([x, _near_copies(x, 1e-3)]), torch.cat([y, y])
+    pairs = fedleak.compute_gradient_update(model, xb, yb)
+    steps = 3e-4 * (2 * torch.rand((8, 1, 8, 8), generator=torch.Generator().manual_seed(0)) - 1)
+    xc, yc = (x[:1] + steps.cumsum(0)).clamp(0, 1), y[:1].repeat(8)
+    drift = fedleak.compute_gradient_update(model, xc, yc)
+    for update, xs, ys, why in ((pairs, xb, yb, FEW.format(alike=ALIKE_NEAR, n=3, m=6)),
+                                (dict(pairs.gradients), xb, yb, UNREPORTED.format(alike=ALIKE_NEAR)),
+                                (dict(drift.gradients), xc, yc, UNREPORTED.format(alike=ALIKE_NEAR)),
+                                (drift, xc, yc, "")):
+        rec = fedleak.reconstruct(model, update)
+        assert rec.num_certified == 0 and fedleak.metrics.match(rec, xs, ys).false_certificates == 0
+        assert why in rec.why_uncertified()
+    blends = fedleak.reconstruct(model, dict(pairs.gradients))
+    assert len(blends) == 3 and all(r.route.endswith(f", {MARK})") for r in blends.samples)

@@ -254,3 +254,38 @@ def test_counting_proof_counts_only_bins_that_hold_a_sample():
     few = counting_proof(refuted, standing, BinCount(nonempty=7, strays=0, filled=(True,) * 5), 10)
     assert not few.holds and "only 3 candidate(s) sit at the batch's scale" in few.why
     assert not counting_proof(refuted, standing, BinCount(9, 0, (True,) * 5), None).holds
+
+
+def test_blends_of_near_copies_stand_only_at_a_pinned_scale(digits):
+    """Four digits and a copy of each moved by noise of 1e-3 of the range: a trap row opened by a pair gives its blend
+    at twice a sample's scale, and the four blends voted for that scale: trap weights certified them (4 false
+    certificates of a gradient with its size, of one without, and of a one-step change at an untold rate). A vote
+    that falls on the update's own scale is pinned (``1/M``; ``lr/M`` at the rate the server set): distinct samples
+    keep their certificates there."""
+    model = trap_weights(fedleak.make_mlp(digits.input_shape, [256], 10, seed=3), seed=3)
+    x, y = digits.batch(4, seed=3)
+    noise = 1e-3 * (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) - 1)
+    xb, yb = torch.cat([x, (x + noise).clamp(0, 1)]), torch.cat([y, y])
+    gradient = fedleak.compute_gradient_update(model, xb, yb)
+    updates = (gradient, dict(gradient.gradients), fedleak.fedavg_update(model, xb, yb, lr=0.1, local_steps=1),
+               fedleak.fedavg_update(model, xb, yb, lr=0.1, local_steps=1, reveal_learning_rate=True))
+    for update in updates:
+        rec = fedleak.reconstruct(model, update, attack="trap-weights")
+        assert rec.num_certified == 0 and fedleak.metrics.match(rec, xb, yb).false_certificates == 0
+    assert "near-copies" in fedleak.reconstruct(model, gradient, attack="trap-weights").why_uncertified()
+    x, y = digits.batch(8, seed=4)
+    for update in (fedleak.compute_gradient_update(model, x, y),
+                   fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1, reveal_learning_rate=True)):
+        rec = fedleak.reconstruct(model, update, attack="trap-weights")
+        assert rec.num_certified >= 1 and fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
+def test_an_update_whose_first_layer_did_not_move_returns_nothing_saying_why(digits):
+    """No trap neuron opened (a frozen first layer, or none of the batch's samples opens one): the attack crashed on
+    its empty set of candidates (a reshape of 0 elements); it returns none, and says why."""
+    model = trap_weights(fedleak.make_mlp(digits.input_shape, [64], 10, seed=0), seed=0)
+    x, y = digits.batch(4, seed=0)
+    grads = fedleak.compute_gradient_update(model, x, y).gradients
+    silent = {k: torch.zeros_like(v) if k.startswith("1.") else v for k, v in grads.items()}
+    rec = fedleak.reconstruct(model, fedleak.GradientUpdate(silent, num_examples=4), attack="trap-weights")
+    assert len(rec) == 0 and "no trap neuron was opened" in rec.why_uncertified()

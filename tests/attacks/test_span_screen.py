@@ -61,7 +61,8 @@ def test_the_screen_changes_no_result_and_drops_most_groups(monkeypatch, widths,
     if step is None:
         names = [n for n, _ in model.named_parameters()]
         loss = torch.nn.functional.cross_entropy(model(x), y)
-        update = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+        update = fedleak.GradientUpdate(dict(zip(names, torch.autograd.grad(loss, list(model.parameters())))),
+                                        num_examples=batch)
     else:
         update = fedleak.fedavg_update(model, x, y, lr=step, local_steps=1)
     screened, seen, plain = with_and_without_screen(monkeypatch, lambda: fedleak.reconstruct(model, update))

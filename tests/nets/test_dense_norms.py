@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from user_models import mixed_precision_gradient, named_gradient, warmed_norms
+from user_models import mixed_precision_gradient, named_gradient, sized_gradient, warmed_norms
 
 import fedleak
 from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
@@ -56,7 +56,7 @@ def test_the_twin_computes_the_model_and_its_gradient_is_the_folded_one(digits, 
 def test_a_normalised_mlp_is_certified_exactly(digits):
     model = warmed_norms(NormedMLP(64, 10), digits)
     x, y = digits.batch(4, seed=2)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
     scores = fedleak.metrics.match(rec, x, y)
     assert rec.num_certified == 4 and scores.recovered_fraction == 1.0 and scores.false_certificates == 0
     assert any("BatchNorm1d 'bn1' on Linear 'fc1'" in n and "folded" in n for n in rec.notes)
@@ -67,14 +67,14 @@ def test_a_sequential_with_a_norm_is_read_too(digits):
     model = warmed_norms(nn.Sequential(nn.Flatten(), nn.Linear(64, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
                                  nn.Linear(512, 10)), digits)
     x, y = digits.batch(4, seed=3)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
     assert fedleak.metrics.match(rec, x, y).recovered_fraction == 1.0
 
 
 def test_a_gradient_taken_in_training_mode_certifies_nothing_and_says_why(digits):
     model = warmed_norms(NormedMLP(64, 10), digits)
     x, y = digits.batch(4, seed=2)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert rec.num_certified == 0
     why = rec.why_uncertified()
     assert "gamma's gradient is not the one eval mode fixes it to" in why and "training mode" in why
@@ -135,7 +135,7 @@ def test_a_norm_after_the_relu_is_refused_where_no_linear_layer_with_a_bias_read
                                        nn.Linear(128, 10, bias=False)), digits)
     x, y = digits.batch(4, seed=2)
     with pytest.raises(ModelError, match="reads a Linear layer.s output alone.*after a ReLU.*with a bias"):
-        fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
+        fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
 
 
 def test_what_cannot_be_folded_is_refused_by_name(digits):
@@ -147,7 +147,7 @@ def test_what_cannot_be_folded_is_refused_by_name(digits):
     bare = warmed_norms(NormedMLP(64, 10, bias=False, affine=False), digits)
     x, y = digits.batch(4, seed=2)
     with pytest.raises(ModelError, match="no bias and the BatchNorm1d no trainable shift"):
-        fedleak.reconstruct(bare, named_gradient(bare, x, y), attack="exclusivity")
+        fedleak.reconstruct(bare, sized_gradient(bare, x, y), attack="exclusivity")
 
 
 def test_a_model_without_a_norm_is_not_traced(digits):
@@ -203,7 +203,7 @@ def test_a_norm_without_parameters_in_training_mode_leaves_no_input(lfw):
     model = warmed_norms(nn.Sequential(nn.Flatten(), nn.Linear(625, 1024), nn.BatchNorm1d(1024, affine=False),
                                        nn.ReLU(), nn.Linear(1024, 2)), lfw)
     x, y = lfw.batch(3, seed=7)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert len(rec) == 0 and "the Linear bias's gradient is zero to rounding" in rec.why_uncertified()
 
 

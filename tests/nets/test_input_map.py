@@ -76,7 +76,7 @@ def test_the_exact_attack_rebuilds_the_model_inputs_through_a_normalisation_insi
     model = _models()[name]
     x, y = digits.batch(6, seed=3)
     shape = (1, 8, 8) if name == "buffers per value" else None  # a mean per pixel takes images, not rows
-    rec = fedleak.reconstruct(model, _gradient(model, x, y), input_shape=shape)
+    rec = fedleak.reconstruct(model, _gradient(model, x, y), input_shape=shape, num_examples=len(x))
     assert rec.inputs.shape[1:] == (shape or (64,))  # else what the model reads (x.view(x.size(0), -1))
     assert rec.num_certified >= 4
     result = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
@@ -100,7 +100,7 @@ def test_a_fedavg_update_of_a_normalising_model_is_read_too(digits):
 def test_auto_takes_the_exact_route_on_a_normalising_model(digits):
     model = _models()["(x - 0.5) / 0.25"]
     x, y = digits.batch(4, seed=2)
-    rec = fedleak.reconstruct(model, _gradient(model, x, y), attack="auto", budget=5)
+    rec = fedleak.reconstruct(model, _gradient(model, x, y), attack="auto", budget=5, num_examples=len(x))
     assert not any("exact route skipped" in n for n in rec.notes)
     assert rec.num_certified >= 3
     assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0
@@ -200,7 +200,7 @@ def test_rounding_the_arithmetic_loses_is_not_certified(digits):
     torch.manual_seed(2)
     model = Normalised(lambda x: (x + 1e4) - 1e4).eval()
     x, y = digits.batch(4, seed=1)
-    rec = fedleak.reconstruct(model, _gradient(model, x, y))
+    rec = fedleak.reconstruct(model, _gradient(model, x, y), num_examples=len(x))
     assert len(rec) >= 4 and rec.num_certified == 0
     assert "rounds it by up to" in rec.why_uncertified()
     assert fedleak.metrics.match(rec, x, y, data_range=digits.value_range).false_certificates == 0
@@ -220,7 +220,7 @@ def test_an_in_place_normalisation_leaves_the_caller_s_inputs_alone(digits):
     kept = x.clone()
     report = fedleak.analyze_exclusivity(model, x, y)
     assert torch.equal(x, kept) and len(report.certifiable) == 4
-    rec = fedleak.reconstruct(model, _gradient(model, x.clone(), y))
+    rec = fedleak.reconstruct(model, _gradient(model, x.clone(), y), num_examples=len(x))
     assert rec.num_certified >= 3 and fedleak.metrics.match(rec, x, y).false_certificates == 0
 
 
@@ -232,7 +232,7 @@ def test_a_near_uniform_image_is_held_to_the_data_range_when_given(digits):
     model = Normalised(lambda x: (x - 0.5) / 0.25).eval()
     x, y = digits.batch(4, seed=7)
     x[0] = 0.9 + 0.01 * x[0]
-    update = _gradient(model, x, y)
+    update = fedleak.GradientUpdate(_gradient(model, x, y), num_examples=len(x))
     flat = x.flatten(1)
 
     def uniform(rec):  # the rebuilt image of the near-uniform one

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from user_models import named_gradient, warmed_norms
+from user_models import named_gradient, sized_gradient, warmed_norms
 
 import fedleak
 from fedleak.errors import FedleakError, ModelError
@@ -27,7 +27,7 @@ def normed(data: fedleak.Dataset, seed: int = 0, hidden_norm: bool = True) -> nn
 def test_a_batch_from_a_client_in_eval_mode_is_certified_in_its_own_values(fashion, batch):
     model = normed(fashion)
     x, y = fashion.batch(batch, seed=batch)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
     scores = fedleak.metrics.match(rec, x, y)
     assert rec.num_certified == batch and scores.recovered_fraction == 1.0 and scores.false_certificates == 0
     assert any("BatchNorm1d '1' on the model's input read as a map" in n for n in rec.notes)
@@ -38,7 +38,7 @@ def test_a_batch_normalised_by_its_own_statistics_is_not_certified(fashion):
     running statistics would map to wrong inputs (four false certificates before the mode was checked)."""
     model = normed(fashion, hidden_norm=False)
     x, y = fashion.batch(4, seed=4)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert rec.num_certified == 0 and fedleak.metrics.match(rec, x, y).false_certificates == 0
     assert "may have run in training mode" in rec.why_uncertified()
 
@@ -76,7 +76,7 @@ def test_a_norm_after_arithmetic_on_the_input_is_refused(fashion):
     model = Scaled(normed(fashion, hidden_norm=False))
     x, y = fashion.batch(4, seed=4)
     with pytest.raises(ModelError, match="not one after arithmetic on the input"):
-        fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
+        fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
 
 
 @pytest.mark.parametrize("copies", [False, True])
@@ -88,7 +88,7 @@ def test_two_samples_normalised_in_training_mode_are_not_certified(fashion, copi
     x, y = fashion.batch(2, seed=6)
     if copies:
         x, y = x[:1].repeat(2, 1, 1, 1), y[:1].repeat(2)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert fedleak.metrics.match(rec, x, y).false_certificates == 0 and rec.num_certified == 0
 
 
@@ -109,6 +109,6 @@ def test_a_class_that_views_its_input_by_its_size_is_read(digits):
         model.train()(digits.batch(256, seed=1)[0])
     model.eval()
     x, y = digits.batch(3, seed=5)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y), attack="exclusivity")
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
     scores = fedleak.metrics.match(rec, x, y)
     assert rec.num_certified == 3 and scores.recovered_fraction == 1.0 and scores.false_certificates == 0

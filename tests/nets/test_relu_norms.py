@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from user_models import named_gradient, warmed_norms
+from user_models import named_gradient, sized_gradient, warmed_norms
 
 import fedleak
 from fedleak.errors import ModelError
@@ -50,11 +50,11 @@ def test_the_twin_computes_the_model_and_its_gradient_is_the_twins(digits, affin
 def test_eval_mode_clients_certify_and_training_mode_ones_are_caught(digits):
     model = warmed_norms(TabularMLP(64, 10), digits)
     x, y = digits.batch(6, seed=3)
-    rec = fedleak.reconstruct(model, named_gradient(model, x, y))
+    rec = fedleak.reconstruct(model, sized_gradient(model, x, y))
     scores = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
     assert rec.num_certified >= 4 and scores.false_certificates == 0
     assert any("after a ReLU" in n and "folded" in n for n in rec.notes)
-    trained = fedleak.reconstruct(model, named_gradient(model, x, y, mode="train"), attack="exclusivity")
+    trained = fedleak.reconstruct(model, sized_gradient(model, x, y, mode="train"), attack="exclusivity")
     assert trained.num_certified == 0
     assert "eval mode" in trained.why_uncertified()
 

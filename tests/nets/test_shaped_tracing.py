@@ -14,7 +14,7 @@ import fedleak
 from fedleak.errors import ModelError
 from fedleak.nets.shaped_tracing import shaped_trace
 from fedleak.nets.tracing import trace_model, traced_shape
-from tests.user_models import PrefixedMLP, certified_exactly, named_gradient
+from tests.user_models import PrefixedMLP, certified_exactly, sized_gradient
 
 
 def num_flat_features(x: torch.Tensor) -> int:
@@ -91,8 +91,8 @@ def test_a_conv_model_reads_as_its_sequential_twin(digits):
     assert [(type(s.layer), s.in_shape, s.out_shape) for s in net.steps] == [
         (type(s.layer), s.in_shape, s.out_shape) for s in ref.steps]
     x, y = digits.batch(4, seed=1)
-    got = fedleak.reconstruct(model, named_gradient(model, x, y))
-    want = fedleak.reconstruct(twin, named_gradient(twin, x, y), input_shape=(1, 8, 8))
+    got = fedleak.reconstruct(model, sized_gradient(model, x, y))
+    want = fedleak.reconstruct(twin, sized_gradient(twin, x, y), input_shape=(1, 8, 8))
     assert got.num_certified == want.num_certified >= 3
     assert torch.equal(got.certified, want.certified) and torch.equal(got.inputs, want.inputs)
 

@@ -62,7 +62,7 @@ def forward_trace(
     ``first``, which the caller hands over: one float64 array of the layer's size fewer per layer.
     """
     weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
-    a = inputs.reshape(inputs.shape[0], -1).to(device=weights[0].device, dtype=dtype)
+    a = inputs.flatten(1).to(device=weights[0].device, dtype=dtype)
     linear = linear64 if dtype == torch.float64 else (lambda x, W: x @ W.T)
     acts, pres = [a], []
     for i, (W, b) in enumerate(zip(weights[:-1], biases[:-1])):

@@ -254,15 +254,15 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     if kind is not None and kind.too_fine:  # (:func:`fedleak.update_kind.describe_update`)
         said += (f"; but most rows of this weight change are finer than the rounding of the client's weights (the "
                  f"median row known to {kind.rounding:.1e} of its size): expect few certified samples or none")
-    if net.num_classes == 2 and kind is not None and kind.is_gradient and kind.num_examples is None:
-        said += ("; with two classes this update certifies nothing without the batch size the client reported (a "
-                 "blend of samples that share all their active units reads as one sample without it): pass "
-                 "num_examples")
-    elif (net.num_classes == 2 and kind is not None and kind.kind in ("weights", "one-step")
-          and kind.learning_rate is None):
-        said += ("; with two classes a weight change at an unknown learning rate certifies only where more than half "
-                 "of its batch certifies at one factor (a blend of samples that share all their active units reads "
-                 "as one sample at a multiple of it): pass learning_rate, the rate the server set")
+    alike = ("a blend of samples that share all their active units and their label" if net.num_classes == 2 else
+             "a blend of near-copies, samples that share all their active units, label and prediction,")
+    if kind is not None and kind.is_gradient and kind.num_examples is None:
+        said += (f"; this update certifies nothing without the batch size the client reported ({alike} reads as "
+                 "one sample without it): pass num_examples")
+    elif kind is not None and kind.kind in ("weights", "one-step") and kind.learning_rate is None:
+        said += (f"; a weight change at an unknown learning rate certifies only where more than half of its batch "
+                 f"certifies at one factor ({alike} reads as one sample at a multiple of it): pass learning_rate, "
+                 "the rate the server set")
     if masking.changed:
         said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
                  "told that the client computes in eval mode (train_dropout=False)")

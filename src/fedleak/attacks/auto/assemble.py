@@ -27,6 +27,14 @@ def certified_indices(exact: Reconstruction) -> list[int]:
     return exact.certified.nonzero().flatten().tolist()
 
 
+def anchored_indices(exact: Reconstruction) -> list[int]:
+    """The exact route's certified samples, then those it would have certified but for a blend of like samples it
+    cannot exclude (:func:`fedleak.attacks.exact.like_blends.blend_unexcluded`: the batch size not reported, say):
+    both passed every check of a sample's reading."""
+    read = [k for k, r in enumerate(exact.samples) if not r.certified and blend_unexcluded(r)]
+    return certified_indices(exact) + read
+
+
 def held_indices(exact: Reconstruction) -> list[int]:
     """The exact route's samples the search holds fixed: the certified ones, then the inputs read exactly off the
     update's rows without a certificate: read as a client's in training mode

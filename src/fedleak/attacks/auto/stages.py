@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedleak.attacks.auto.assemble import certified_indices, exact_part, held_indices, merge, prior_from
+from fedleak.attacks.auto.assemble import (
+    anchored_indices,
+    certified_indices,
+    exact_part,
+    held_indices,
+    merge,
+    prior_from,
+)
 from fedleak.attacks.auto.route import RoutePlan
 from fedleak.attacks.exact import exclusivity_attack, exclusivity_on_weights
 from fedleak.attacks.exact.options import ExclusivityOptions
@@ -75,10 +82,10 @@ def first_layer_rows(model: nn.Module, update: Any, exact: Reconstruction | None
     model's, they give the samples it classifies with probability 1: on an MLP trained on LFW, 55 of 140 samples in
     batches of 4-16, each exactly, in about 0.1 s.)"""
     weights = isinstance(update, WeightUpdate)
-    sure = certified_indices(exact) if exact is not None else []
+    sure = anchored_indices(exact) if exact is not None else []  # certified, or but for an unexcluded blend
     m = update.num_examples
     if exact is not None and (len(held_indices(exact)) > len(sure) or exact.batch_certified
-                              or (m is not None and len(sure) >= m)):
+                              or (m is not None and len(certified_indices(exact)) >= m)):
         return exact
     rows = run_first_layer(model, update, input_shape, notes)
     if rows is not None and rows.batch_certified:
@@ -88,7 +95,7 @@ def first_layer_rows(model: nn.Module, update: Any, exact: Reconstruction | None
         rows = run_first_layer(model, update, input_shape, notes)
         if rows is not None:
             notes.append(f"auto: the first Linear layer's rows read as one local step's, since the exact route "
-                         f"certified {len(sure)} sample(s) of the change as one step's gradient")
+                         f"read {len(sure)} sample(s) of the change as one step's gradient")
     if rows is None:
         return exact
     what = ("weight change" + ("" if update.local_steps == 1 else ", which over several local steps still give "
@@ -103,8 +110,11 @@ def first_layer_rows(model: nn.Module, update: Any, exact: Reconstruction | None
     repeated, read = _near(rows.inputs, exact.inputs[sure]), _near(exact.inputs, rows.inputs)
     new = [k for k in range(len(rows)) if not repeated[k]]
     others = [k for k in range(len(exact)) if k not in sure and not read[k]]
-    notes.append(f"auto: the exact route certified {len(sure) or 'nothing'}; the first Linear layer's rows of the "
-                 f"{what} gave {len(new)}{' more' if sure else ''} (uncertified), {how}")
+    certified, read = int(exact.certified.sum()), len(sure) - int(exact.certified.sum())
+    said = (f"certified {certified or 'nothing'}" if not read else f"certified {certified} and read {read} more exactly"
+            if certified else f"read {read} exactly, uncertified")
+    notes.append(f"auto: the exact route {said}; the first Linear layer's rows of the {what} gave {len(new)}"
+                 f"{' more' if sure else ''} (uncertified), {how}")
     notes.extend(f"{r.attack}: {n}" for r in (exact, rows) for n in r.notes)  # each under its own name
     parts = [(exact, sure), (rows, new), (exact, others)]
     index = [torch.tensor(k, dtype=torch.long) for _, k in parts]

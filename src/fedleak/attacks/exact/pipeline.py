@@ -123,10 +123,11 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             rec = without_unsigned_labels(model, rec, update.num_examples or rec.batch_size, used.smoothing,
                                           used.class_weights, focal_gamma=used.focal_gamma)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
-    rec = without_unexcluded_blends(model, rec, net.num_classes, update.num_examples, used.known_scale,
-                                    used.range_width(rec.inputs) if len(rec) else 1.0)
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
     rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
+    # read at the scale the certified samples share; their certificates then stand only where a blend would show
+    rec = without_unexcluded_blends(model, rec, net.num_classes, update.num_examples, used.known_scale,
+                                    used.range_width(rec.inputs) if len(rec) else 1.0)
     return read_sample_clip(net, rec, used, update.num_examples or rec.batch_size)  # per-sample clipping undeclared
 
 

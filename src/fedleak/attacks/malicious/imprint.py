@@ -126,5 +126,8 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
     verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
     notes = [] if batch_scale is not None or not keep else ["no common scale: no candidate could be certified"]
     masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
+    # (a certified bin passed the counting proof, which pins the voted scale: at k >= 2 times the true one, every
+    # candidate at it would fill a bin of several samples, and the proof needs more of them than such bins; so no
+    # blend of near-copies needs ruling out here, as trap weights' :func:`without_unpinned_blends` does)
     rec = finish(net, "imprint", cands, verdicts, n_examples, opts, start, notes, masking)
     return with_sign_read(model, update, opts, rec)

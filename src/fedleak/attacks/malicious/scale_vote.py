@@ -8,6 +8,9 @@ import math
 import numpy as np
 
 from fedleak.attacks.exact.batch_scale import MULTIPLE_TOL
+from fedleak.attacks.exact.like_blends import ALIKE_NEAR, ALIKE_TWO, unexcluded, withdrawn
+from fedleak.reconstruction import Reconstruction
+from fedleak.updates import WeightUpdate
 
 
 def mode_scale(fits: np.ndarray, ok: np.ndarray, tol: float,
@@ -50,3 +53,32 @@ def shared_fraction(scale: float, fits: np.ndarray, ok: np.ndarray, tol: float, 
         if len(np.unique(ks if groups is None else groups[ks])) >= max(support, 2):
             return k
     return 0
+
+
+def without_unpinned_blends(rec: Reconstruction, voted: float | None, pinned_at: float | None, given: bool, tol: float,
+                            num_classes: int) -> Reconstruction:
+    """``rec`` with its certificates withdrawn where the scale they share was voted, not pinned, and each certified
+    sample may be a blend of like samples at ``k`` times the batch's true scale (on two classes; on any model,
+    near-copies: :func:`fedleak.attacks.exact.like_blends.unexcluded`): without the batch size, or with it where
+    ``2 n <= M``. The scale is pinned where the server gave it (``given``: ``scale``, ``known_scale``) or where the vote
+    (``voted``) falls within ``tol`` of the update's own scale (``pinned_at``: ``1/M`` for a mean-loss gradient,
+    ``lr/M`` for a one-step weight change at the rate the server set), at which a blend of ``k`` does not sit."""
+    if rec.num_certified == 0 or given:
+        return rec
+    if voted is not None and pinned_at is not None and abs(voted / pinned_at - 1) <= tol:
+        return rec
+    why = unexcluded(ALIKE_TWO if num_classes == 2 else ALIKE_NEAR, rec.num_certified, rec.batch_size, False)
+    return withdrawn(rec, why) if why else rec
+
+
+def own_scale(update: object) -> float | None:
+    """The scale an update's samples sit at by its kind, where it is known: ``1/M`` for a gradient with its batch size
+    (read as a mean-loss gradient's), ``lr/M`` for a weight change with the rate the server set and at most one local
+    step; else None."""
+    n = getattr(update, "num_examples", None)
+    if not n:
+        return None
+    if isinstance(update, WeightUpdate):
+        one_step = update.local_steps in (None, 1)
+        return update.learning_rate / n if update.learning_rate is not None and one_step else None
+    return 1.0 / n

@@ -23,6 +23,7 @@ from fedleak.attacks.malicious.certify import (
     with_sign_read,
 )
 from fedleak.attacks.malicious.peel import FirstLayer
+from fedleak.attacks.malicious.scale_vote import own_scale, without_unpinned_blends
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
@@ -92,9 +93,12 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
     layer = FirstLayer(G, g, torch.maximum(nG, ng))
     cands = Candidates(X, rows, [g[r] for r in rows], [[] for _ in rows], [G_next[:, r].T for r in rows], bound,
                        alone=True, layer=layer)
-    verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts)
-    notes = [] if batch_scale is not None or not rows else ["no common scale: no candidate could be certified"]
+    verdicts, batch_scale = certify_candidates(net.head, cands, n_examples, opts) if rows else ([], None)
+    notes = (["no first-layer row of the update moved: no trap neuron was opened by a sample"] if not rows else
+             [] if batch_scale is not None else ["no common scale: no candidate could be certified"])
     masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     rec = finish(net, "trap-weights", cands, verdicts, n_examples, opts, start, notes, masking)
+    rec = without_unpinned_blends(rec, batch_scale, own_scale(update), opts.scale is not None or opts.known_scale,
+                                  opts.scale_tol, net.num_classes)
     return with_sign_read(model, update, opts, rec)
 
