@@ -45,8 +45,9 @@ UPDATE_HELP = ("The captured client update: a .safetensors from fedleak, or a pl
                "client's weights after local training (a FedAvg reply) is read against the model's --weights, the "
                "round's.")
 
-NUM_EXAMPLES_HELP = ("The number of examples the client reported, where the update file does not record it (a "
-                     "summed loss's gradient needs it).")
+NUM_EXAMPLES_HELP = ("The number of examples the client reported (Flower's num_examples), where the update file does "
+                     "not record it: without it nothing is certified, since a batch of near-copies of fewer samples "
+                     "gives the same update.")
 LEARNING_RATE_HELP = ("The learning rate of a FedAvg client's local SGD, where the server knows it (it sets it in the "
                       "round's configuration): the exact route then reads a one-step weight update at the gradient's "
                       "own scale.")
