@@ -166,3 +166,18 @@ def test_near_copies_are_never_certified_as_samples(digits):
         assert why in rec.why_uncertified()
     blends = fedleak.reconstruct(model, dict(pairs.gradients))
     assert len(blends) == 3 and all(r.route.endswith(f", {MARK})") for r in blends.samples)
+
+
+def test_the_plan_asks_every_model_for_the_batch_size_and_the_rate(digits):
+    """Ten classes: a gradient without its size, and a weight change at an untold rate, read "pass num_examples" and
+    "pass learning_rate"; where at most half of the batch meets the condition, the plan expects nothing certified."""
+    model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
+    x, y = digits.batch(32, seed=0)
+    assert "pass num_examples" in fedleak.plan(model, _gradient(model, x, y)).verdict
+    untold = fedleak.plan(model, fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)).verdict
+    assert "pass learning_rate" in untold and "so expect none" in untold
+    x, y = digits.batch(4, seed=0)
+    few = fedleak.plan(model, fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)).verdict
+    assert "pass learning_rate" in few and "expect none" not in few
+    told = fedleak.plan(model, fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1, reveal_learning_rate=True))
+    assert "pass learning_rate" not in told.verdict

@@ -255,14 +255,16 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
         said += (f"; but most rows of this weight change are finer than the rounding of the client's weights (the "
                  f"median row known to {kind.rounding:.1e} of its size): expect few certified samples or none")
     alike = ("a blend of samples that share all their active units and their label" if net.num_classes == 2 else
-             "a blend of near-copies, samples that share all their active units, label and prediction,")
+             "a blend of near-copies (samples that share all their active units, label and prediction)")
     if kind is not None and kind.is_gradient and kind.num_examples is None:
-        said += (f"; this update certifies nothing without the batch size the client reported ({alike} reads as "
-                 "one sample without it): pass num_examples")
+        said += (f"; this update certifies nothing without the batch size the client reported, since {alike} reads "
+                 "as one sample without it: pass num_examples")
     elif kind is not None and kind.kind in ("weights", "one-step") and kind.learning_rate is None:
+        expect = (f" (at batch {batch} about {100 * fraction:.0f}% of the samples meet the condition, so expect none)"
+                  if fraction <= 0.5 else "")
         said += (f"; a weight change at an unknown learning rate certifies only where more than half of its batch "
-                 f"certifies at one factor ({alike} reads as one sample at a multiple of it): pass learning_rate, "
-                 "the rate the server set")
+                 f"certifies at one factor, since {alike} reads as one sample at a multiple of it"
+                 f"{expect}: pass learning_rate, the rate the server set")
     if masking.changed:
         said += ("; the model changes its input in training mode (a Dropout on it), so the attacks certify only when "
                  "told that the client computes in eval mode (train_dropout=False)")
