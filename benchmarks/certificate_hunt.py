@@ -307,10 +307,14 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         weights = tuple(float(w) for w in np.exp(gen.uniform(-np.log(4), np.log(4), size=k))) if cfg.weighted else None
         if cfg.lr is not None:  # what a FedAvg client sends: weights after local SGD, its number of examples
             steps = cfg.steps if cfg.local_batch is None else -(-M // cfg.local_batch)
-            update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=steps, batch_size=cfg.local_batch,
-                                           optimizer="momentum" if cfg.momentum else "sgd",
-                                           seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing,
-                                           class_weights=weights, reveal_learning_rate=cfg.lr_known)
+            try:
+                update = fedleak.fedavg_update(model, x, y, lr=cfg.lr, local_steps=steps, batch_size=cfg.local_batch,
+                                               optimizer="momentum" if cfg.momentum else "sgd",
+                                               seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing,
+                                               class_weights=weights, reveal_learning_rate=cfg.lr_known)
+            except fedleak.UpdateError:  # a step that moved no weight (a trap layer no sample opened): nothing sent
+                out["unchanged"] = out.get("unchanged", 0) + 1
+                continue
             if cfg.change:  # before - after is lr times the gradient: new - old is its negative
                 update = {k: -cfg.change * v for k, v in update.delta().items()}
             if cfg.pseudo:  # a pseudo-gradient (old - new) / lr, computed from the two rounds' weights
