@@ -42,6 +42,33 @@ def test_shared_factor_reads_counts_within_the_batch():
     assert shared_factor(np.array([0.2, -0.3]), 64) is None  # no positive reading takes the second sample
 
 
+def test_a_known_magnitude_takes_only_its_multiples():
+    assert shared_factor(np.array([0.25, 0.5]), 4, magnitude=0.25) == pytest.approx(0.25)  # counts 1 and 2
+    assert shared_factor(np.array([0.25, 0.4]), 4, magnitude=0.25) is None  # 0.4 is no whole multiple of it
+    assert shared_factor(np.array([0.2, 0.3]), 5) == pytest.approx(0.1)  # the same factors, magnitude unknown
+    assert shared_factor(np.array([0.2, 0.3]), 5, magnitude=0.25) is None
+
+
+def test_an_unsigned_change_at_the_rate_the_server_set_certifies_no_label_of_even_odds(lfw):
+    """A change read from the model's weights, its sign unread (two classes), divided by the rate the server set:
+    its factor's size is pinned (``1/M``), its sign not. A sample the model gives even odds sits at that size with
+    either label, one per sign: the version before certified the other label (found by the certificate hunt: 1 of
+    68 certificates on retina patches, a pseudo-gradient of a batch of 6). Here every sample's odds are even to
+    1e-4 (output layer scaled by 1e-4; lr 1000 for rows above the rounding of the weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(625, 1024), nn.ReLU(), nn.Linear(1024, 2))
+    with torch.no_grad():
+        model[3].weight.mul_(1e-4)
+        model[3].bias.zero_()
+    x, y = lfw.batch(4, seed=1)
+    delta = fedleak.fedavg_update(model, x, y, lr=1000.0, local_steps=1).delta()  # old - new
+    for change in (dict(delta), {k: -v for k, v in delta.items()}):
+        update = fedleak.read_update(model, change, num_examples=4, kind="change")
+        rec = fedleak.reconstruct(model, update, attack="exclusivity", learning_rate=1000.0)
+        assert fedleak.metrics.match(rec, x, y).false_certificates == 0 and rec.num_certified == 0
+        assert "label is not proven" in rec.why_uncertified() or "label unproven" in " ".join(rec.routes)
+
+
 def test_flipped_factor_is_the_other_labels_scale():
     model = two_class()
     x, y = batch(1)

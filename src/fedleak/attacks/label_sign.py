@@ -70,27 +70,31 @@ def flipped_factors(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return factors
 
 
-def shared_factor(factors: np.ndarray, most: int) -> float | None:
+def shared_factor(factors: np.ndarray, most: int, magnitude: float | None = None) -> float | None:
     """A common factor ``c`` with every factor within :data:`AGREE` of ``k_i c`` (``k_i >= 1``, ``sum k_i <=
-    most``), or None where there is none (or a factor is not positive: no positive reading takes that sample)."""
+    most``), or None where there is none (or a factor is not positive: no positive reading takes that sample).
+    ``magnitude``: the factor's size where it is known (only its sign is not): ``c`` is it, or there is none."""
     if not len(factors) or not np.all(np.isfinite(factors)) or np.any(factors <= 0):
         return None
-    for base in factors:
-        for k in range(1, most + 1):
-            c = base / k
-            counts = np.maximum(np.round(factors / c), 1)
-            if counts.sum() <= most and np.all(np.abs(factors - counts * c) <= AGREE * factors):
-                return float(c)
+    tried = [magnitude] if magnitude is not None else [base / k for base in factors for k in range(1, most + 1)]
+    for c in tried:
+        counts = np.maximum(np.round(factors / c), 1)
+        if counts.sum() <= most and np.all(np.abs(factors - counts * c) <= AGREE * factors):
+            return float(c)
     return None
 
 
 def without_unsigned_labels(model: nn.Module, rec: Reconstruction, batch_size: int | None,
                             label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
-                            own_scale: float | None = None, focal_gamma: float = 0.0) -> Reconstruction:
+                            own_scale: float | None = None, focal_gamma: float = 0.0,
+                            magnitude: float | None = None) -> Reconstruction:
     """``rec`` with its certificates withdrawn where the update's factor is unknown, the model has two classes and
     the certified samples with the other labels explain the update's negative as well (:func:`shared_factor`).
     ``own_scale``: the scale a gradient of the reported batch gives each sample (``1/M``); certified samples that
-    all sit at it are read as that gradient's, whose sign is known."""
+    all sit at it are read as that gradient's, whose sign is known. ``magnitude``: the factor's size where only its
+    sign is unknown (a change read from the model's weights, its sign unread, divided by the rate the server set:
+    ``1/M``); the other labels then explain the negative only at whole multiples of it (a sample the model gives
+    about even odds sits there in both readings)."""
     certified = [i for i, s in enumerate(rec.samples) if s.certified]
     if not certified or len(rec.samples) != len(rec):
         return rec
@@ -102,7 +106,7 @@ def without_unsigned_labels(model: nn.Module, rec: Reconstruction, batch_size: i
                               focal_gamma)
     if factors is None:
         return rec
-    common = shared_factor(factors, batch_size or MOST)
+    common = shared_factor(factors, batch_size or MOST, magnitude)
     if common is None:
         return rec
     many = len(certified) > 1

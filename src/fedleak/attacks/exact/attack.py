@@ -198,8 +198,8 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
         delta, noise = at_learning_rate(delta, noise, lr)
     grads = GradientUpdate(delta, num_examples=update.num_examples)
     positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
-    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive), net,
-                            update.error)
+    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive,
+                                            unsigned=not positive), net, update.error)
     notes = (decay.describe(),) if decay is not None else ()
     if lr is not None:
         notes += (LEARNING_RATE.format(lr=lr),)

@@ -68,7 +68,8 @@ FEW_CLASS_SMOOTHING = ("the client's label smoothing, which with fewer than four
 
 def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions, *,
                     noise: dict[str, RoundingNoise] | None = None, name: str = "exclusivity",
-                    precision: Precision = FLOAT32, positive: bool = False) -> Reconstruction:
+                    precision: Precision = FLOAT32, positive: bool = False, unsigned: bool = False
+                    ) -> Reconstruction:
     """Run the pipeline on ``update`` (the gradient, or a one-step weight delta with ``known_scale=False``) of
     ``model``, read as ``net``, with torch's and the BLAS libraries' threads pinned to ``opts.threads``.
     ``noise``: the update's own rounding noise per entry, where it is known; ``precision``: the format a gradient's
@@ -80,7 +81,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
     values carry a format coarser than float32 (:mod:`fedleak.precision`), which no reading certifies. Read with an
     unknown factor that is not known to be ``positive`` (a weight delta ``before - after`` is) and no declared
     defense, a two-class model's certificates stand only where the update's negative has no reading with the other
-    labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`), and only where a blend of like samples
+    labels (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`; also at a known scale where the update's
+    sign was not read, ``unsigned``: a change read from the model's weights), and only where a blend of like samples
     would show at its scale (:mod:`~fedleak.attacks.exact.like_blends`)."""
     # an MLP's attack is tensor arithmetic only: without autograd's bookkeeping (inference mode) its many small
     # operations cost less (docs/benchmarks.md: up to a tenth of the attack, on the smallest MLPs); a CNN's conv
@@ -119,9 +121,11 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
                 used = replace(used, train_dropout=True)
-        if not (positive or used.known_scale or used.defense):
-            rec = without_unsigned_labels(model, rec, update.num_examples or rec.batch_size, used.smoothing,
-                                          used.class_weights, focal_gamma=used.focal_gamma)
+        if not (positive or used.defense) and (unsigned or not used.known_scale):
+            batch = update.num_examples or rec.batch_size  # an unsigned change at a known rate: its scale's size
+            rec = without_unsigned_labels(model, rec, batch, used.smoothing, used.class_weights,
+                                          focal_gamma=used.focal_gamma,
+                                          magnitude=1.0 / batch if used.known_scale and batch else None)
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
     rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)

@@ -381,12 +381,18 @@ def with_sign_read(model: nn.Module, update, opts: MaliciousOptions, rec: Recons
     (``scale``, ``known_scale``) nor known to be positive (a weight update's ``before - after`` is, unless it was
     read from a change whose sign was not read; so is a gradient's own scale ``1/num_examples``, where its certified
     samples share it), and the update's negative has a reading with the other labels
-    (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`)."""
+    (:func:`~fedleak.attacks.label_sign.without_unsigned_labels`); a change whose sign was not read, at a scale
+    given, is held to the readings at that scale's size."""
     weights = isinstance(update, WeightUpdate)
-    if (weights and not update.metadata.get(UNSIGNED)) or opts.known_scale or opts.scale is not None:
+    unsigned = weights and bool(update.metadata.get(UNSIGNED))
+    given = opts.scale if opts.scale is not None else 1.0 / rec.batch_size if opts.known_scale and rec.batch_size \
+        else None
+    if (weights and not unsigned) or (given is not None and not unsigned):
         return rec
     own = 1.0 / rec.batch_size if rec.batch_size and not weights else None  # a gradient's, at its own scale
-    return without_unsigned_labels(model, rec, rec.batch_size, own_scale=own, focal_gamma=opts.focal_gamma)
+    # a change whose sign was not read, at a scale the server gave: its size is known, its sign not
+    return without_unsigned_labels(model, rec, rec.batch_size, own_scale=own, focal_gamma=opts.focal_gamma,
+                                   magnitude=given)
 
 
 def first_layer(model: nn.Module, update, what: str, input_shape: tuple[int, ...] | None = None):
