@@ -312,7 +312,7 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
                                                optimizer="momentum" if cfg.momentum else "sgd",
                                                seed=int(gen.integers(0, 2**31)), label_smoothing=cfg.smoothing,
                                                class_weights=weights, reveal_learning_rate=cfg.lr_known)
-            except fedleak.UpdateError:  # a step that moved no weight (a trap layer no sample opened): nothing sent
+            except fedleak.UpdateError:  # a step that moved no weight in float32: the client sends nothing
                 out["unchanged"] = out.get("unchanged", 0) + 1
                 continue
             if cfg.change:  # before - after is lr times the gradient: new - old is its negative
