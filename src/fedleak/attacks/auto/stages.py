@@ -110,9 +110,12 @@ def first_layer_rows(model: nn.Module, update: Any, exact: Reconstruction | None
     repeated, read = _near(rows.inputs, exact.inputs[sure]), _near(exact.inputs, rows.inputs)
     new = [k for k in range(len(rows)) if not repeated[k]]
     others = [k for k in range(len(exact)) if k not in sure and not read[k]]
-    certified, read = int(exact.certified.sum()), len(sure) - int(exact.certified.sum())
-    said = (f"certified {certified or 'nothing'}" if not read else f"certified {certified} and read {read} more exactly"
-            if certified else f"read {read} exactly, uncertified")
+    certified = len(certified_indices(exact))
+    said = f"certified {certified or 'nothing'}"
+    if len(sure) > certified:  # samples read as certifiable but for a blend the scale cannot exclude
+        extra = len(sure) - certified
+        said = (f"certified {certified} and read {extra} more exactly" if certified
+                else f"read {extra} exactly, uncertified")
     notes.append(f"auto: the exact route {said}; the first Linear layer's rows of the {what} gave {len(new)}"
                  f"{' more' if sure else ''} (uncertified), {how}")
     notes.extend(f"{r.attack}: {n}" for r in (exact, rows) for n in r.notes)  # each under its own name
