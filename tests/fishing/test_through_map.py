@@ -10,7 +10,6 @@ from torch.nn import functional as F
 
 import fedleak
 from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
-from fedleak.errors import ModelError
 from fedleak.fishing.through_map import first_layer_batch
 
 
@@ -51,13 +50,13 @@ def test_fishing_a_normalising_model_moves_its_pixels_and_every_sample_is_certif
     rec = fedleak.reconstruct(model, _gradient(model, result.inputs, y))
     score = fedleak.metrics.match(rec, result.inputs, y, data_range=(0.0, 1.0))
     assert rec.num_certified == 12 and score.false_certificates == 0 and int(score.exact.sum()) == 12
-    first = first_layer_batch(model, x, None, "fishing")  # (-0.3 / 0.35, 0.7 / 0.35), widened by float32's ends
-    assert first.data_range == pytest.approx((-0.3 / 0.35, 0.7 / 0.35), abs=1e-5)
-    input_map = first.input_map
-    twin = fedleak.fish(first.model, first.inputs, y, data_range=first.data_range)
-    assert torch.allclose(result.inputs, input_map.to_inputs(twin.inputs).clamp(0, 1), atol=1e-5)
-    assert [s.linf for s in result.samples] == pytest.approx([s.linf * 0.35 for s in twin.samples], rel=1e-4, abs=1e-6)
-    assert [s.psnr for s in result.samples] == pytest.approx([s.psnr for s in twin.samples], rel=1e-4)
+    first = first_layer_batch(model, x)  # the same fishing, on the model without its map and the normalised batch
+    assert first.input_map is not None and torch.equal(first.first, first.input_map.to_first_layer(x))
+    ends = (-0.3 / 0.35 - 1e-6, 0.7 / 0.35 + 1e-6)  # [0, 1] through the map, beside float32's rounding of the ends
+    twin = fedleak.fish(first.model, first.first, y, data_range=ends)
+    assert torch.allclose(result.inputs, first.input_map.to_inputs(twin.inputs).clamp(0, 1), atol=1e-5)
+    assert [s.linf for s in result.samples] == pytest.approx([s.linf * 0.35 for s in twin.samples], rel=1e-3, abs=1e-6)
+    assert [s.psnr for s in result.samples] == pytest.approx([s.psnr for s in twin.samples], rel=1e-3)
 
 
 def test_reducing_a_normalising_model_s_exclusivity_leaves_nothing_certified(digits):
@@ -71,9 +70,54 @@ def test_reducing_a_normalising_model_s_exclusivity_leaves_nothing_certified(dig
     assert fedleak.reconstruct(model, _gradient(model, result.inputs, result.labels)).num_certified == 0
 
 
-def test_a_normalisation_per_pixel_is_refused_by_fishing_saying_what_to_do(digits):
+class ColourNet(nn.Module):
+    """A user's CNN for 32 x 32 colour images that normalises per channel first (CIFAR-10's statistics, buffers)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1))
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 32 * 32, 256)
+        self.fc2 = nn.Linear(256, classes)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        x = F.relu(self.conv(x))
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+def _fished_and_rebuilt(model, x, y, **reconstruct):
+    """Fish, let the client compute its gradient of the fished batch through its own forward, and attack it."""
+    result = fedleak.fish(model, x, y)
+    assert result.data_range == (0.0, 1.0) and float(result.inputs.min()) >= 0.0 and float(result.inputs.max()) <= 1.0
+    for s in result.samples:  # sizes in pixels: what the batch sent differs by
+        assert s.linf == pytest.approx(float((result.inputs[s.index] - x[s.index]).abs().max()), rel=1e-3, abs=1e-6)
+    rec = fedleak.reconstruct(model, _gradient(model, result.inputs, y), **reconstruct)
+    return result, rec, fedleak.metrics.match(rec, result.inputs, y, data_range=(0.0, 1.0))
+
+
+def test_a_normalisation_per_pixel_is_fished_in_pixels(digits):
+    torch.manual_seed(3)
     model = Normalising(per_pixel=True).eval()
-    x, y = digits.batch(4, seed=0)
-    with pytest.raises(ModelError, match=r"fishing reads a normalisation inside forward only where one number scales "
-                                         r"and one shifts every value.*normalise the data instead"):
-        fedleak.fish(model, x, y)
+    x, y = digits.batch(12, seed=0)
+    result, rec, score = _fished_and_rebuilt(model, x, y, input_shape=digits.input_shape)
+    assert not result.certifiable_before.all() and result.certifiable_after.all()
+    assert rec.num_certified == 12 and score.false_certificates == 0 and int(score.exact.sum()) == 12
+
+
+def test_a_colour_cnn_normalising_per_channel_is_fished_and_reduced_in_pixels():
+    """Per channel, [0, 1] in pixels is a box of different sides in what the conv reads (zero-padded there): the LPs
+    are written over the pixels, so every fished value stays in [0, 1] and each sample is rebuilt, certified, from
+    the client's own gradient; exclusivity reduction of the same batch leaves nothing certified."""
+    data = fedleak.load_dataset("retina")
+    torch.manual_seed(0)
+    model = ColourNet(data.num_classes).eval()
+    x, y = data.batch(4, seed=5)
+    result, rec, score = _fished_and_rebuilt(model, x, y, input_shape=(3, 32, 32))
+    assert result.certifiable_after.all()
+    assert rec.num_certified == 4 and score.false_certificates == 0 and int(score.exact.sum()) == 4
+    reduced = reduce_exclusivity(model, x, y)
+    assert reduced.protected and float(reduced.inputs.min()) >= 0.0 and float(reduced.inputs.max()) <= 1.0
+    sent = fedleak.reconstruct(model, _gradient(model, reduced.inputs, reduced.labels), input_shape=(3, 32, 32))
+    assert sent.num_certified == 0

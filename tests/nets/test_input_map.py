@@ -185,12 +185,26 @@ class Broadcast(nn.Module):
     (Learned(), r"node 'mul' scales or shifts the model's input by the trainable parameter 'scale'.*register_buffer"),
     (Normalised(lambda x: 2.0 / x), r"node 'truediv' divides by the model's input"),
     (Normalised(lambda x: x * 0.0), r"not invertible \(a scale of 0"),
-    (Broadcast(), r"turns 192 values into 576 \(a constant broadcast beyond the input's shape\)"),
+    (Broadcast(), r"turns 192 values, read as inputs of shape \(192,\), into 576 \(a constant broadcast beyond "
+                  r"that shape.*pass input_shape="),
 ])
 def test_arithmetic_that_is_not_an_invertible_map_with_constants_is_refused_by_name(model, needle):
     update = {n: torch.zeros_like(p) for n, p in model.named_parameters()}  # refused before it is read
     with pytest.raises(ModelError, match=needle):
         fedleak.reconstruct(model.eval(), update)
+
+
+def test_a_per_channel_mean_on_an_mlp_is_read_with_the_input_shape_the_refusal_asks_for():
+    """The refusal above names what to pass: with ``input_shape=(3, 8, 8)`` the per-channel mean maps each value."""
+    torch.manual_seed(0)
+    model = Broadcast().eval()
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([4])
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    update = fedleak.GradientUpdate({n: g for (n, _), g in zip(model.named_parameters(), grads)}, num_examples=1)
+    rec = fedleak.reconstruct(model, update, input_shape=(3, 8, 8))
+    assert rec.num_certified == 1 and rec.inputs.shape == (1, 3, 8, 8)
+    assert float((rec.inputs - x).abs().max()) < 1e-4
 
 
 def test_rounding_the_arithmetic_loses_is_not_certified(digits):

@@ -8,7 +8,7 @@ from torch import nn
 from user_models import named_gradient, sized_gradient, warmed_norms
 
 import fedleak
-from fedleak.errors import FedleakError, ModelError
+from fedleak.errors import ModelError
 from fedleak.nets.dense_norms import fold_dense_norms
 
 
@@ -60,8 +60,11 @@ def test_the_twin_reads_the_input_norm_out_and_the_analysis_reads_it(fashion):
     assert torch.allclose(fold.model(fold.input_norm.input_map(1e-7).apply(x)), model(x), atol=1e-5)
     report = fedleak.analyze_exclusivity(model, x, y)
     assert report.certifiable.sum() >= 1
-    with pytest.raises(FedleakError, match="differs per channel or per value"):
-        fedleak.fish(model, x, y)  # fishing reads one scale and one shift for every value
+    fished = fedleak.fish(model, x, y)  # through the norm's map, a scale and a shift per value, in the inputs
+    assert fished.data_range == (0.0, 1.0) and fished.certifiable_after.all()
+    rec = fedleak.reconstruct(model, sized_gradient(model, fished.inputs, y), attack="exclusivity")
+    scores = fedleak.metrics.match(rec, fished.inputs, y)
+    assert rec.num_certified == 8 and scores.false_certificates == 0 and int(scores.exact.sum()) == 8
 
 
 def test_a_norm_after_arithmetic_on_the_input_is_refused(fashion):

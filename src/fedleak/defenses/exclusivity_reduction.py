@@ -25,7 +25,8 @@ sample, just without a certificate).
 Any network :func:`fedleak.nets.as_network` reads works: the last ReLU layer is that of the fully
 connected head, and the LPs run on each sample's linearised network through the conv blocks, if any
 (:class:`~fedleak.fishing.sample_net.SampleNet`). Perturbed values stay in the data range
-(``data_range``, see :class:`ReductionOptions`).
+(``data_range``, see :class:`ReductionOptions`); a model that normalises its input inside ``forward`` is
+perturbed in its own inputs (:mod:`fedleak.fishing.through_map`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -46,7 +47,7 @@ from fedleak.errors import FedleakError, OptionError, SolverError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import psnr, resolve_data_range
 from fedleak.fishing.sample_lp import solve_sample
-from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.fishing.sample_net import HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
 from fedleak.fishing.through_map import first_layer_batch
@@ -187,7 +188,7 @@ def _terms(head: HeadArrays, pre: list[np.ndarray], feats: np.ndarray, labels: n
     confident sample's is then about zero (exactly zero at its label once its probability rounds to 1), and its
     terms are lost in every row it shares."""
     z = pre[-1]
-    a = (feats if len(pre) == 1 else np.maximum(pre[-2], 0)).astype(np.float64)
+    a = (head.first_layer_input(feats) if len(pre) == 1 else np.maximum(pre[-2], 0)).astype(np.float64)
     logits = np.maximum(z, 0).astype(np.float32) @ head.W32[-1].T
     if head.b32[-1] is not None:
         logits = logits + head.b32[-1]
@@ -218,15 +219,14 @@ def reduce_exclusivity(
     opts = options or ReductionOptions.from_kwargs(**kwargs)
     if labels is None:
         raise FedleakError("exclusivity reduction needs the batch's labels")
-    first = first_layer_batch(model, inputs, opts.data_range, "exclusivity reduction")  # normalised inside forward
-    asked, model, inputs = opts, first.model, first.inputs
-    opts = replace(opts, data_range=first.data_range)
-    batch = read_batch(model, inputs, labels)
+    first = first_layer_batch(model, inputs)  # a normalisation inside forward is read, and perturbed through
+    inputs = first.inputs
+    batch = read_batch(first.model, first.first, labels)
     net, labels = batch.net, batch.labels
     if net.head.depth == 0:
         raise FedleakError("exclusivity reduction needs at least one hidden ReLU layer")
     lo, hi = data_range = resolve_data_range(inputs, opts.data_range, "exclusivity reduction")
-    stack, head = ConvStack(net), HeadArrays(net.head)
+    stack, head = first.arrays(net)
     H = head.depth - 1
     X = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).cpu().numpy().copy()
     M = X.shape[0]
@@ -356,8 +356,8 @@ def reduce_exclusivity(
             psnr=psnr(Xp[m], X[m], hi - lo),
             lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
         ))
-    return first.restore(ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
-                                         time.perf_counter() - start, data_range), asked)
+    return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
+                           time.perf_counter() - start, data_range)
 
 
 @register_defense

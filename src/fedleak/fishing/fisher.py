@@ -289,8 +289,8 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     predictions (they decide which neurons carry a backward signal). Returns a :class:`FishingResult` whose
     ``inputs`` is the perturbed batch (same shape and dtype, on the CPU, inside ``data_range``); samples
     whose LP failed are unchanged and say why. Works for any depth, with or without biases; conv blocks
-    may pool by max, by average or not at all. A model that normalises its input inside ``forward`` with one
-    scale and one shift is fished through that map (:mod:`fedleak.fishing.through_map`).
+    may pool by max, by average or not at all. A model that normalises its input inside ``forward`` (one number,
+    per channel or per value) is fished through that map, in its own inputs (:mod:`fedleak.fishing.through_map`).
     """
     start = time.perf_counter()
     opts = options.pop("options", None) or FishingOptions.from_kwargs(**options)
@@ -315,10 +315,9 @@ def _undetermined(net, report, k: int) -> str:
 def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None, opts: FishingOptions,
                start: float) -> FishingResult:
     """:func:`fish` with its options read (``start``: when the call began, for the result's time)."""
-    first = first_layer_batch(model, inputs, opts.data_range, "fishing")  # a normalisation inside forward
-    asked, model, inputs = opts, first.model, first.inputs
-    opts = replace(opts, data_range=first.data_range)
-    batch = read_batch(model, inputs, labels)
+    first = first_layer_batch(model, inputs)  # a normalisation inside forward is read, and fished through
+    inputs = first.inputs
+    batch = read_batch(first.model, first.first, labels)
     net = batch.net
     if net.head.depth == 0:
         raise FedleakError(f"fishing: {NO_HIDDEN_RELU}")
@@ -333,18 +332,17 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     min_other = min(1, opts.targets_other)
     before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
-    fisher = Fisher(ConvStack(net), HeadArrays(net.head), X, batch.labels.numpy(), opts, opts.lp_settings(data_range),
-                    before.saturated)
+    fisher = Fisher(*first.arrays(net), X, batch.labels.numpy(), opts, opts.lp_settings(data_range), before.saturated)
     fisher.run()
     lo, hi = data_range
     Xp = np.clip(fisher.Xp, lo, hi)
     out = torch.from_numpy(Xp).to(inputs.dtype).reshape(inputs.shape).clamp(lo, hi)
-    sent = Batch(net, out.reshape(M, *net.input_shape).to(device=net.device, dtype=batch.dtype), batch.labels)
+    sent = Batch(net, first.first_layer(out).reshape(M, *net.input_shape).to(device=net.device, dtype=batch.dtype),
+                 batch.labels)
     after = batch_exclusivity(sent, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     samples = sample_records(fisher, X, Xp, out, certified(before), certified(after), predictions(net, batch.x),
                              predictions(net, sent.x), peak=hi - lo)
     if opts.solve_check and net.blocks:  # the head's targets met, a conv block still short of equations
         samples = tuple(replace(s, message=_undetermined(net, after, s.index)) if s.status == "fished"
                         and not s.certifiable_after and not s.message else s for s in samples)
-    return first.restore(FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range),
-                         asked)
+    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range)

@@ -12,6 +12,11 @@ hidden layers. An MLP is a network without conv blocks: its sample network is th
   transposed convs (``conv2d_input``), never forming a dense Jacobian;
 * ``offsets`` come from a masked forward pass of a zero input.
 
+A model that maps its input before its first layer (``(x - mean) / std`` inside ``forward``, per channel or per
+value: :class:`~fedleak.nets.input_map.InputMap`) is read on its own inputs: the map is folded into an MLP's first
+layer (``W diag(a)``, ``c + W b``) or run before a CNN's first conv (its rows end with ``* a``, its offsets are the
+pass of ``x = 0``, i.e. of ``b``), so every LP works on the model's inputs and their data range.
+
 Torch work runs on the model's device (:attr:`fedleak.nets.Network.device`); the arrays the LPs read
 are numpy float64 on the CPU.
 """
@@ -25,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from fedleak.nets import ConvBlock, Network, ReluMLP
+from fedleak.nets.input_map import InputMap
 
 U32 = float(np.finfo(np.float32).eps) / 2
 
@@ -32,13 +38,22 @@ U32 = float(np.finfo(np.float32).eps) / 2
 class HeadArrays:
     """The head's layers as numpy arrays: float64 (one copy, shared with every other float64 reader of the head
     while it lives) and float32 for the client-side check (the model's own weights when it is float32: no copy).
-    Products ``a @ W.T`` read the row-major weights as they are (BLAS takes the transpose)."""
+    Products ``a @ W.T`` read the row-major weights as they are (BLAS takes the transpose). With an ``input_map``
+    (an MLP that maps its input first) the map is folded into the first layer, a copy: the head reads the model's
+    inputs; :meth:`first_layer_input` gives what its first layer reads."""
 
-    def __init__(self, head: ReluMLP):
+    def __init__(self, head: ReluMLP, input_map: InputMap | None = None):
         self.W = [w.cpu().numpy() for w in head.weights()]
         self.b = [None if b is None else b.cpu().numpy() for b in head.biases()]
+        self.input_map = input_map
+        if input_map is not None:
+            scale, shift = (t.cpu().numpy() for t in (input_map.scale, input_map.shift))
+            self.b[0] = self.W[0] @ shift + (0.0 if self.b[0] is None else self.b[0])
+            self.W[0] = self.W[0] * scale
         self.W32 = [w.cpu().numpy() for w in head.weights(torch.float32)]
         self.b32 = [None if b is None else b.cpu().numpy() for b in head.biases(torch.float32)]
+        if input_map is not None:
+            self.W32[0], self.b32[0] = self.W[0].astype(np.float32), self.b[0].astype(np.float32)
         self.depth = len(self.W) - 1
         self.widths = [w.shape[0] for w in self.W[:-1]]
         self.input_dim = self.W[0].shape[1]
@@ -57,6 +72,13 @@ class HeadArrays:
             out.append(z)
             a = np.maximum(z, 0)
         return out
+
+    def first_layer_input(self, x: np.ndarray) -> np.ndarray:
+        """What the model's first layer reads for head inputs ``x`` (one or rows): ``a x + b`` where a map is
+        folded in, else ``x``."""
+        if self.input_map is None:
+            return x
+        return x * self.input_map.scale.cpu().numpy() + self.input_map.shift.cpu().numpy()
 
     def row_norms(self, layer: int, order: int = 2) -> np.ndarray:
         """``||W_j||`` (``order`` 1 or 2) of a hidden layer's rows, computed once (workers forked after the first
@@ -136,21 +158,32 @@ class HeadOffsets:
 
 
 class ConvStack:
-    """The conv blocks of a network (eval-mode BN folded), float64 and float32, on the model's device.
+    """The conv blocks of a network (eval-mode BN folded), float64 and float32, on the model's device, after the
+    model's ``input_map`` when it has one (run on the inputs: :meth:`tensor`; rows pulled back through it:
+    :meth:`input_rows`).
 
-    Empty for an MLP: then :meth:`features` is the identity.
+    Empty for an MLP: then :meth:`features` is the identity (an MLP's map is folded into :class:`HeadArrays`).
     """
 
-    def __init__(self, net: Network):
+    def __init__(self, net: Network, input_map: InputMap | None = None):
         self.net = net
         self.blocks: tuple[ConvBlock, ...] = net.blocks
         self.input_shape = net.input_shape
         self.device = net.device
+        self.input_map = input_map if net.blocks else None
 
     def tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        """One input or a batch (flat rows) as a torch batch of input maps on the device."""
-        t = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(x)))
-        return t.to(device=self.device, dtype=dtype).reshape(-1, *self.input_shape)
+        """One input or a batch (flat rows) as a torch batch of what the first conv reads, on the device."""
+        t = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(x))).to(device=self.device, dtype=dtype)
+        if self.input_map is not None:
+            t = t * self.input_map.scale.to(t) + self.input_map.shift.to(t)
+        return t.reshape(-1, *self.input_shape)
+
+    def input_rows(self, R: torch.Tensor) -> np.ndarray:
+        """Rows over what the first conv reads (n x input_dim) as rows over the model's inputs."""
+        if self.input_map is not None:
+            R = R * self.input_map.scale.to(R)
+        return R.cpu().numpy()
 
     def forward(self, x: np.ndarray, f32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Conv pre-activations (per block, n x C x H x W) and the features (n x feature_dim), on the device."""
@@ -319,8 +352,8 @@ class SampleNet:
         if not self.stack.blocks:
             return self.head.offsets(pattern)
         out = []
-        with torch.no_grad():
-            a = torch.zeros(1, *self.stack.input_shape, dtype=torch.float64, device=self.stack.device)
+        with torch.no_grad():  # the pass of the input 0 (through the model's input map, if any)
+            a = self.stack.tensor(np.zeros(self.stack.net.input_dim), torch.float64)
             for i, blk in enumerate(self.stack.blocks):
                 z = blk.preact(a, torch.float64).reshape(1, -1)
                 out.append(z[0].cpu().numpy())
@@ -360,4 +393,4 @@ class SampleNet:
                 W, _ = blk.folded(torch.float64)
                 g = torch.nn.grad.conv2d_input((n, *blk.in_shape), W, g.reshape(n, *blk.conv_shape),
                                                stride=blk.conv.stride, padding=blk.conv.padding)
-            return g.reshape(n, -1).cpu().numpy()
+            return self.stack.input_rows(g.reshape(n, -1))

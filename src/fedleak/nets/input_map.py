@@ -315,9 +315,10 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
     a, b = z1 - z0, z0
     xr = probes[2].reshape(len(probes[2]), -1)[0].to(a.device)
     if len(a) != len(xr):
-        raise ModelError(f"node '{last.name}': the model's arithmetic on its input turns {len(xr)} values into "
-                         f"{len(a)} (a constant broadcast beyond the input's shape), so what its first layer reads is "
-                         "not a map of each input value")
+        raise ModelError(f"node '{last.name}': the model's arithmetic on its input turns {len(xr)} values, read as "
+                         f"inputs of shape {tuple(shape)}, into {len(a)} (a constant broadcast beyond that shape, such "
+                         "as a per-channel mean on flat inputs), so what its first layer reads is not a map of each "
+                         "input value; pass input_shape= (the shape of one input, e.g. (3, 32, 32)) or the inputs")
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())) or bool((a == 0).any()):
         raise ModelError(f"node '{last.name}': the model's arithmetic on its input is not invertible (a scale of 0 "
                          "or not finite), so what its first layer reads does not give the input")
