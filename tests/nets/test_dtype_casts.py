@@ -16,6 +16,8 @@ KEPT = {
     "x.to('cpu')": lambda x: x.to("cpu"),
     "x.type(torch.float32)": lambda x: x.type(torch.float32),
     "x.contiguous().float()": lambda x: x.contiguous().float(),
+    "x.clone()": lambda x: x.clone(),
+    "torch.clone(x)": torch.clone,
 }
 
 
@@ -26,6 +28,22 @@ def test_a_cast_that_keeps_the_model_s_dtype_is_read_as_the_identity(digits, nam
     kinds = [type(st.layer) for st in fedleak.as_network(model).steps]
     assert kinds == [type(st.layer) for st in fedleak.as_network(PrefixedMLP(lambda x: x)).steps]
     certified_exactly(model, digits)
+
+
+def test_a_clone_inside_a_normalisation_and_of_a_hidden_layer_is_the_identity(digits):
+    """``x = x.clone()`` before an in-place normalisation, and a hidden layer's output cloned."""
+    torch.manual_seed(0)
+    model = PrefixedMLP(lambda x: (x.clone() - 0.5).clone() / 0.25).eval()
+    rec = certified_exactly(model, digits)
+    assert any("maps its input before its first layer" in n for n in rec.notes)
+    hidden = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(), Cloned(),
+                                 torch.nn.Linear(256, 10)).eval()
+    certified_exactly(hidden, digits)
+
+
+class Cloned(torch.nn.Module):
+    def forward(self, x):
+        return x.clone()
 
 
 def test_a_cast_inside_a_normalisation_is_read_through(digits):

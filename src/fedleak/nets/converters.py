@@ -264,7 +264,7 @@ def dropout(op: Op) -> Dropout | None:
     return Dropout(op.node, p) if p > 0 else None
 
 
-@converts(nn.Identity, ("method", "contiguous"))
+@converts(nn.Identity, torch.clone, ("method", "contiguous"), ("method", "clone"))
 def identity(op: Op) -> None:
     return None
 

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
-from fedleak.nets.converters import cast, reshape
+from fedleak.nets.converters import cast, identity, reshape
 from fedleak.nets.frontend import INPUT_ARITHMETIC, as_network, input_shape_of
 from fedleak.nets.graph_reads import op_key
 from fedleak.nets.ops import CONVERTERS
@@ -189,8 +189,9 @@ def _peel_traced(model: nn.Module) -> _Peeled | None:
     placeholders = [n for n in nodes if n.op == "placeholder"]  # one: trace_model sees to it
     dependent = {placeholders[0]}
     chain: list[fx.Node] = []
-    passing = _keys_of(reshape) | _keys_of(cast)  # among the arithmetic: reshapes and casts (as_network checks
-    # that a cast keeps the model's dtype; the map is read through it as the identity)
+    # among the arithmetic: reshapes, casts (as_network checks that a cast keeps the model's dtype; the map is read
+    # through it as the identity), clone and contiguous
+    passing = _keys_of(reshape) | _keys_of(cast) | _keys_of(identity)
     for node in nodes:
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), found.append)
