@@ -17,7 +17,8 @@ client's gradient into the twin's:
   each batch's own statistics, does not meet it, and the attack then certifies nothing.
 
 The same twin takes out an eval-mode ``BatchNorm1d`` on the model's input, which the exact methods read as a map of
-the input (:mod:`fedleak.nets.input_norm`).
+the input (:mod:`fedleak.nets.input_norm`), and folds a constant scale on a ``Linear`` layer's output into that layer
+(``logits / temperature``: :mod:`fedleak.nets.linear_scale`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
+from fedleak.nets.linear_scale import ScaleFold, has_scaled_linear, scaled_linears
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
 from fedleak.nets.norm_fold import linear_twin, norm_affine
 from fedleak.nets.relu_norms import ReluNormFold, relu_norm_fold, relu_norm_pairs
-from fedleak.nets.tracing import PerStructure, keep_every_tensor, trace_model
+from fedleak.nets.tracing import PerStructure, keep_every_tensor, shared_trace, trace_model
 from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
 
@@ -47,6 +49,11 @@ WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear la
                   "its input from its gradients (FedSGD) only: a FedAvg weight change moves the norm's parameters "
                   "with the layers', which the norm's reading does not follow (and clients that train run the norm "
                   "in training mode, which certifies nothing)")
+#: why the exact route does not read a weight update of a model with a constant scale on a layer's output
+SCALED_WEIGHTS_UNREAD = ("the exact route reads a model with a constant scale on a Linear layer's output (logits / "
+                         "temperature) from its gradients (FedSGD) only: an SGD step moves the folded layer by the "
+                         "scale squared times the learning rate, the others by the rate, which the weight route's "
+                         "one rate does not follow; 'auto' and the optimisation attacks (dlm, dlm+, ig) still apply")
 
 
 # a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the
@@ -87,6 +94,14 @@ class NormFold:
         return (f"{self.describe()} folded into the Linear layer (weight a W, bias a b + c, from the norm's running "
                 "statistics), the gradient read as that layer's")
 
+    def norms(self, model: nn.Module) -> tuple[BatchNorm, ...]:
+        """The norm this fold takes out of ``model``."""
+        return (BatchNorm(self.norm, model.get_submodule(self.norm), self.gamma, self.beta),)
+
+    def parameter_names(self) -> tuple[str | None, ...]:
+        """The names of the user's parameters the twin's folded layer replaces (None: absent)."""
+        return (self.weight, self.bias, self.gamma, self.beta)
+
     def twin(self, lin: nn.Linear) -> nn.Linear:
         """The ``Linear`` layer that computes ``lin`` then the norm."""
         return _folded_linear(lin, self)
@@ -97,7 +112,7 @@ class NormFold:
         return _fold_gradient(self, model, grads)
 
 
-Fold = NormFold | ReluNormFold
+Fold = NormFold | ReluNormFold | ScaleFold
 
 
 @dataclass(frozen=True)
@@ -131,10 +146,16 @@ class FoldedModel:
         """The user's model."""
         return self.of()
 
+    @property
+    def weights_unread(self) -> str:
+        """Why the exact route does not read a weight update of the user's model."""
+        return WEIGHTS_UNREAD if self.input_norm is not None or any(f.norms(self.source) for f in self.folds) \
+            else SCALED_WEIGHTS_UNREAD
+
     def read_into(self, net: Network) -> Network:
         """``net`` (read from the twin) with the notes and caveats of the norms taken out of it: read in eval mode,
         and a client that runs them in training mode certifies nothing."""
-        norms = tuple(BatchNorm(f.norm, self.source.get_submodule(f.norm), f.gamma, f.beta) for f in self.folds)
+        norms = tuple(n for f in self.folds for n in f.norms(self.source))
         if self.input_norm is not None:
             norms += (BatchNorm(self.input_norm.name, self.input_norm.module, self.input_norm.gamma,
                                 self.input_norm.beta),)
@@ -142,6 +163,8 @@ class FoldedModel:
         if self.input_norm is not None:
             read.append(f"BatchNorm1d '{self.input_norm.name}' on the model's input read as a map of it (its running "
                         "statistics), the inputs rebuilt through its inverse")
+        if not norms:
+            return replace(net, notes=(*net.notes, "; ".join(read)))
         note = f"{'; '.join(read)}; {training_mode_note((), norms)}"
         return replace(net, notes=(*net.notes, note), caveats=(*net.caveats, training_mode_cause((), norms)),
                        folded_norms=(*net.folded_norms, *norms))
@@ -166,8 +189,8 @@ class FoldedModel:
         error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
         folded = GradientUpdate(grads, num_examples=update.num_examples, error=error)
         if precision.coarse:  # (its rounding also blurs the identities, to its own epsilon)
-            return FoldedGradient(folded, coarse=f"{precision.describe()}, whose rounding the folded BatchNorm1d's "
-                                                 "rows (divided by its scale) no longer show: nothing is certified")
+            return FoldedGradient(folded, coarse=f"{precision.describe()}, whose rounding the folded layers' rows "
+                                                 "(divided by their scale) no longer show: nothing is certified")
         if misfits:
             return FoldedGradient(folded, misfit=(
                 f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client that "
@@ -239,10 +262,19 @@ def fold_dense_norms(model: nn.Module) -> FoldedModel | None:
     (a unit with ``gamma = 0``). The twin is kept while the model's structure and every tensor's values are
     unchanged (an in-place change, an optimizer's step or ``load_state_dict``, makes a new one), so that the
     frontend reads it once."""
-    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) and not _scales_a_linear(model):
         return None
     values = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
     return _FOLDED.get(model, values, lambda: _fold(model))
+
+
+def _scales_a_linear(model: nn.Module) -> bool:
+    """Whether ``model``'s forward multiplies or divides a ``Linear`` layer's output (on its shared trace; False where
+    it does not trace, which the frontend reports)."""
+    try:
+        return has_scaled_linear(shared_trace(model))
+    except ModelError:
+        return False
 
 
 def _fold(model: nn.Module) -> FoldedModel | None:
@@ -264,7 +296,8 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     on_input = find_input_norm(gm, modules, calls, params)
     taken = {src.target for src, _ in pairs}  # a Linear with a norm on its features and one before it: not read
     after = [(node, lin) for node, lin in relu_norm_pairs(gm, modules, calls) if lin.target not in taken]
-    if not pairs and not after and on_input is None:
+    scaled = scaled_linears(gm, modules, calls, params, taken | {lin.target for _, lin in after})
+    if not pairs and not after and not scaled and on_input is None:
         return None
     folds: list[Fold] = []
     twins = {}
@@ -280,6 +313,12 @@ def _fold(model: nn.Module) -> FoldedModel | None:
         twins[lin.target] = fold.twin(modules[lin.target])
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
+    for fold, layer, chain in scaled:  # the layer's output takes the scaled output's place
+        folds.append(fold)
+        twins[fold.linear] = fold.twin(modules[fold.linear])
+        chain[-1].replace_all_uses_with(layer)
+        for node in reversed(chain):
+            gm.graph.erase_node(node)
     if on_input is not None:  # the first layer reads the norm's input; the map takes its place
         node, norm = on_input
         node.replace_all_uses_with(node.args[0])
@@ -287,8 +326,8 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     root = {n.target: twins.get(n.target, modules[n.target]) for n in gm.graph.nodes if n.op == "call_module"}
     root.update({n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"})
     twin = fx.GraphModule(root, gm.graph)
-    folded_names = {name for f in folds for name in (f.weight, f.bias, f.gamma, f.beta) if name}
-    taken = [f.norm for f in folds] + ([on_input[1].name] if on_input is not None else [])
+    folded_names = {name for f in folds for name in f.parameter_names() if name}
+    taken = [n.name for f in folds for n in f.norms(model)] + ([on_input[1].name] if on_input is not None else [])
     norm_state = {f"{name}.{k}" for name in taken for k in modules[name].state_dict()}
     keep_every_tensor(twin, model, skip=frozenset(folded_names | norm_state))
     shape = getattr(model, "input_shape", None)

@@ -129,6 +129,13 @@ def _steps(gm: fx.GraphModule, model: nn.Module) -> list[Step]:
                                 "exclusivity reduction read it; a malicious server's first layer does not): normalise "
                                 "the data instead (fedleak.Dataset.normalized(mean, std) keeps the map to score in "
                                 f"pixels) and pass the model without it; {EXACT_SCOPE}")
+            if op_key(node) in INPUT_ARITHMETIC:
+                learned = weights and parameters[weights[0]].requires_grad
+                what = (f"by the trainable parameter '{weights[0]}' (a learned temperature or scale), which the exact "
+                        "methods do not read: they read" if learned else "here: the exact methods read only")
+                raise op.refuse(f"arithmetic on a layer's output {what} a constant scale (a number, a buffer, a frozen "
+                                "parameter) directly on a Linear layer's output, folded into that layer (logits / "
+                                f"temperature); {EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
         if layer is not None:

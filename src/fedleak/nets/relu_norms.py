@@ -25,6 +25,7 @@ from torch import fx, nn
 from fedleak.nets.converters import relu
 from fedleak.nets.frontend import converter_key
 from fedleak.nets.input_norm import missed, trainable_name
+from fedleak.nets.layers import BatchNorm
 from fedleak.nets.norm_fold import linear_twin, norm_affine
 from fedleak.nets.ops import CONVERTERS
 
@@ -60,6 +61,14 @@ class ReluNormFold:
         """How the norm is read, in words."""
         return (f"{self.describe()} folded into that layer (weight W diag(a), bias W c + b, from the norm's running "
                 "statistics), the gradient read as that layer's")
+
+    def norms(self, model: nn.Module) -> tuple[BatchNorm, ...]:
+        """The norm this fold takes out of ``model``."""
+        return (BatchNorm(self.norm, model.get_submodule(self.norm), self.gamma, self.beta),)
+
+    def parameter_names(self) -> tuple[str | None, ...]:
+        """The names of the user's parameters the twin's folded layer replaces (None: absent)."""
+        return (self.weight, self.bias, self.gamma, self.beta)
 
     def twin(self, lin: nn.Linear) -> nn.Linear:
         """The ``Linear`` layer that computes the norm then ``lin`` (float64 products, rounded once to its dtype)."""

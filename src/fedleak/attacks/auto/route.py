@@ -17,7 +17,7 @@ from torch import nn
 
 from fedleak.errors import FedleakError
 from fedleak.nets import NO_HIDDEN_RELU, Network
-from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
+from fedleak.nets.dense_norms import fold_dense_norms
 from fedleak.nets.exact_view import updated_network
 from fedleak.registry import Registry
 from fedleak.update_kind import UpdateKind, describe_update
@@ -53,8 +53,9 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     net, unread = _read(model, input_shape)
     if unread:
         return unread
-    if not kind.is_gradient and fold_dense_norms(model) is not None:
-        return WEIGHTS_UNREAD
+    fold = None if kind.is_gradient else fold_dense_norms(model)
+    if fold is not None:
+        return fold.weights_unread
     if net.uncertifiable:  # no batch certifies: the budget goes to the optimisation attack
         return net.uncertifiable
     if not net.head.has_all_biases and not kind.is_gradient:

@@ -27,7 +27,7 @@ from fedleak.attacks.registry import register_attack
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import ModelError
 from fedleak.nets import Network, as_network
-from fedleak.nets.dense_norms import WEIGHTS_UNREAD, fold_dense_norms
+from fedleak.nets.dense_norms import fold_dense_norms
 from fedleak.nets.exact_view import exact_view
 from fedleak.nets.input_map import InputMap, peel_input_map
 from fedleak.nets.network import check_head_trainable
@@ -167,8 +167,9 @@ def exclusivity_on_weights(
     gradients were taken at other weights than ``before``, fail the certificate rather than mislead; those of the
     first mini-batch, taken at ``before``, may pass.
     """
-    if fold_dense_norms(model) is not None:
-        raise ModelError(WEIGHTS_UNREAD)
+    fold = fold_dense_norms(model)
+    if fold is not None:
+        raise ModelError(fold.weights_unread)
     rec = _on_weights(model, update, input_shape, options, overrides)
     other = other_sign(update) if not rec.num_certified else None
     if other is not None:  # a change whose sign was not read: the other sign, where this one certified nothing

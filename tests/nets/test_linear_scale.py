@@ -1,0 +1,127 @@
+"""A constant scale on a Linear layer's output (``logits / temperature``) folded into that layer
+(fedleak.nets.linear_scale): the exact methods read the model as its twin with the scaled weights, and certify the
+same samples from the client's gradient as from the twin's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from user_models import sized_gradient
+
+import fedleak
+from fedleak.errors import ModelError
+from fedleak.nets.dense_norms import SCALED_WEIGHTS_UNREAD, fold_dense_norms
+
+
+class Tempered(nn.Module):
+    """A user's MLP whose logits are divided by a temperature (a number, or a learned parameter), optionally with a
+    per-class scale buffer on them and a scaled hidden layer, ending with ``log_softmax``."""
+
+    def __init__(self, inputs: int, classes: int, temperature: float = 2.0, learned: bool = False,
+                 per_class: bool = False, hidden_scale: float | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(inputs, 256)
+        self.fc2 = nn.Linear(256, classes)
+        self.temperature = nn.Parameter(torch.tensor(temperature)) if learned else temperature
+        self.register_buffer("gain", torch.linspace(0.5, 3.0, classes) if per_class else torch.ones(()))
+        self.hidden_scale = hidden_scale
+
+    def forward(self, x):
+        h = self.fc1(x.view(x.size(0), -1))
+        if self.hidden_scale is not None:
+            h = h * self.hidden_scale
+        return F.log_softmax(self.fc2(F.relu(h)) / self.temperature * self.gain, dim=1)
+
+
+def _twin(model: Tempered) -> nn.Sequential:
+    """The same network with its scales multiplied into the weights."""
+    hs = 1.0 if model.hidden_scale is None else model.hidden_scale
+    out = (model.gain.double() / model.temperature).expand(model.fc2.out_features)
+    twin = nn.Sequential(nn.Flatten(), nn.Linear(model.fc1.in_features, 256), nn.ReLU(),
+                         nn.Linear(256, model.fc2.out_features))
+    with torch.no_grad():
+        twin[1].weight.copy_(model.fc1.weight.double() * hs)
+        twin[1].bias.copy_(model.fc1.bias.double() * hs)
+        twin[3].weight.copy_(model.fc2.weight.double() * out[:, None])
+        twin[3].bias.copy_(model.fc2.bias.double() * out)
+    return twin.eval()
+
+
+def _nll_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sized: bool = True) -> fedleak.GradientUpdate:
+    """The client's gradient of its NLL loss (its forward ends with log_softmax), with its batch size or without."""
+    grads = torch.autograd.grad(F.nll_loss(model(x), y), list(model.parameters()))
+    return fedleak.GradientUpdate({n: g for (n, _), g in zip(model.named_parameters(), grads)},
+                                  num_examples=len(x) if sized else None)
+
+
+@pytest.mark.parametrize("kind", ["temperature", "per class and hidden"])
+def test_a_scaled_output_certifies_what_its_twin_certifies(digits, kind):
+    torch.manual_seed(0)
+    options = {"per_class": True, "hidden_scale": 2.5} if kind != "temperature" else {}
+    model = Tempered(64, 10, temperature=0.7, **options).eval()
+    twin = _twin(model)
+    x, y = digits.batch(8, seed=1)
+    rec = fedleak.reconstruct(model, _nll_gradient(model, x, y))
+    twin_rec = fedleak.reconstruct(twin, sized_gradient(twin, x, y))
+    score = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified >= 6 and score.false_certificates == 0 and int(score.exact.sum()) >= rec.num_certified
+    assert rec.certified.tolist() == twin_rec.certified.tolist()
+    assert torch.allclose(rec.inputs[rec.certified], twin_rec.inputs[twin_rec.certified], atol=1e-5)
+    assert any("constant scale" in n and "on Linear 'fc2'" in n for n in rec.notes)
+
+
+def test_near_copies_with_a_scaled_output_stay_uncertified_without_their_size(lfw):
+    """Two-class data, a sample and two copies moved by noise, no batch size: nothing certified, as for the twin."""
+    torch.manual_seed(1)
+    model = Tempered(625, 2, temperature=0.25).eval()
+    x, y = lfw.batch(3, seed=4)
+    x = (x[:1] + 1e-3 * torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    y = y[:1].repeat(3)
+    rec = fedleak.reconstruct(model, _nll_gradient(model, x, y, sized=False))
+    assert rec.num_certified == 0 and fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
+def test_a_weight_change_of_a_scaled_model_is_left_to_the_other_attacks(digits):
+    torch.manual_seed(2)
+    model = Tempered(64, 10).eval()
+    x, y = digits.batch(4, seed=2)
+    change = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)
+    with pytest.raises(ModelError, match="constant scale on a Linear layer's output"):
+        fedleak.reconstruct(model, change, attack="exclusivity")
+    assert fold_dense_norms(model).weights_unread == SCALED_WEIGHTS_UNREAD
+    rec = fedleak.reconstruct(model, change, attack="auto")
+    assert any(SCALED_WEIGHTS_UNREAD in n for n in rec.notes)
+
+
+def test_a_scaled_model_is_fished_and_its_fished_batch_certified(digits):
+    torch.manual_seed(3)
+    model = Tempered(64, 10, temperature=0.5).eval()
+    x, y = digits.batch(10, seed=5)
+    fished = fedleak.fish(model, x, y)
+    assert fished.certifiable_after.all()
+    rec = fedleak.reconstruct(model, _nll_gradient(model, fished.inputs, y))
+    assert rec.num_certified == 10 and fedleak.metrics.match(rec, fished.inputs, y).false_certificates == 0
+
+
+class Reciprocal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return 2.0 / self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("model, needle", [
+    (Tempered(64, 10, learned=True), r"node 'truediv'.*by the trainable parameter 'temperature' \(a learned "
+                                     r"temperature or scale\), which the exact methods do not read"),
+    (Reciprocal(), r"node 'truediv'.*arithmetic on a layer's output here: the exact methods read only a constant "
+                   r"scale"),
+])
+def test_what_is_not_a_constant_scale_is_refused_by_name(model, needle):
+    update = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with pytest.raises(ModelError, match=needle):
+        fedleak.reconstruct(model.eval(), update)
