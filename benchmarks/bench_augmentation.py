@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
+from run_meta import run_meta
 
 import fedleak
 from fedleak.defenses import make_defense
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 from fedleak.report.output import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +79,9 @@ def main() -> None:
         for steps in STEPS:
             rows.append({"setting": name, "local_steps": steps, **cell(data, aug, steps, args.seeds, args.budget)})
             print(rows[-1], flush=True)
-    meta = {"data": "fashion-mnist", "model": "MLP 784-1024-10", "lr": LR, "batches": BATCHES, "seeds": args.seeds,
-            "budget_s": args.budget, "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1}
+    meta = run_meta(f"python benchmarks/bench_augmentation.py --seeds {args.seeds} --budget {args.budget:g}",
+                    data="fashion-mnist", model="MLP 784-1024-10", lr=LR, batches=BATCHES, seeds=args.seeds,
+                    budget_s=args.budget)
     write_atomic(RESULTS, json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("| local steps | " + " | ".join(SETTINGS) + " |")
     for steps in STEPS:

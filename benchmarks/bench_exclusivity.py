@@ -144,19 +144,10 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.extend(json.loads(out.strip().splitlines()[-1]))
             print(f"{ds} width {w}: done", file=sys.stderr)
-    import os
-    import platform
+    from run_meta import run_meta  # (imports torch: the cells run in their own processes)
 
-    import torch
-
-    from fedleak.federation.run import package_versions
-    from fedleak.nets.blas import cpu_model
-
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1,
-            "trials": args.trials, "repeats": args.repeats, "seed": args.seed,
-            "command": "python benchmarks/bench_exclusivity.py" + (" --quick" if args.quick else "")}
+    meta = run_meta("python benchmarks/bench_exclusivity.py" + (" --quick" if args.quick else ""), trials=args.trials,
+                    repeats=args.repeats, seed=args.seed)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     _write_doc(rows, meta)

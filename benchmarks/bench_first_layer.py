@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "first_layer.json"
@@ -195,12 +192,8 @@ def main() -> None:
     rows = kept["rows"] if kept else [r for d in ("fashion-mnist", "lfw") for r in run(d, args.samples, args.ig,
                                                                                            args.seed)]
     batch_rows = [r for d in ("fashion-mnist", "lfw") for r in run_batches(d, args.batches, (8, 32), args.seed)]
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "samples": args.samples, "ig": args.ig, "batches": args.batches,
-            "command": f"python benchmarks/bench_first_layer.py --samples {args.samples} --ig {args.ig} "
-                       f"--batches {args.batches}"}
+    meta = run_meta(f"python benchmarks/bench_first_layer.py --samples {args.samples} --ig {args.ig} "
+                    f"--batches {args.batches}", seed=args.seed, samples=args.samples, ig=args.ig, batches=args.batches)
     rows_meta = {**meta, "command": f"python benchmarks/bench_first_layer.py --rows-only --batches {args.batches}"}
     if kept:  # the one-sample table's measurement stays as it was
         meta = kept["meta"]

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "focal.json"
@@ -90,12 +86,8 @@ def main() -> None:
     loaded: dict[str, fedleak.Dataset] = {}
     rows = [cell(loaded.setdefault(name, fedleak.load_dataset(name)), widths, m, lr, args.batches, gammas, args.seed)
             for name, widths, m, lr in CELLS]
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "batches": args.batches, "gammas": list(gammas),
-            "command": f"python benchmarks/bench_focal.py --batches {args.batches} --gammas {args.gammas} "
-                       f"--seed {args.seed}"}
+    meta = run_meta(f"python benchmarks/bench_focal.py --batches {args.batches} --gammas {args.gammas} "
+                    f"--seed {args.seed}", seed=args.seed, batches=args.batches, gammas=list(gammas))
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; "
             f"default-initialised MLPs, {args.batches} batches per row, γ = {args.gammas} in turn, seed {args.seed}; "

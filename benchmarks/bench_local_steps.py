@@ -24,20 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "local_steps.json"
@@ -213,12 +210,9 @@ def main() -> None:
                     rows.append(cell(data, kind, client_name, m, args.batches, args.seed))
         if name in ("fashion-mnist", "digits"):
             autos.extend(auto_cell(data, c, 16, 2, args.seed, args.budget) for c in AUTO_CLIENTS)
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "batches": args.batches, "budget": args.budget, "clients": CLIENTS,
-            "command": f"python benchmarks/bench_local_steps.py --batches {args.batches} --seed {args.seed} "
-                       f"--budget {args.budget:g}"}
+    meta = run_meta(f"python benchmarks/bench_local_steps.py --batches {args.batches} --seed {args.seed} "
+                    f"--budget {args.budget:g}", seed=args.seed, batches=args.batches, budget=args.budget,
+                    clients=CLIENTS)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "auto": autos}, indent=1))
     body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; clients "
             "`fedleak.fedavg_update` (training mode), the number of local steps not declared, batch size reported; "

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 from fedleak.nets.input_map import peel_input_map
 
 RESULTS = Path(__file__).resolve().parent / "results" / "normalisation.json"
@@ -71,7 +68,7 @@ def _update(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str):
     if kind == "fedavg":
         return fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+    return fedleak.GradientUpdate({n: g for (n, _), g in zip(model.named_parameters(), grads)}, num_examples=len(x))
 
 
 def _timed(model: nn.Module, update, shape) -> tuple[fedleak.Reconstruction, float]:
@@ -136,10 +133,7 @@ def main() -> None:
     for spec in CELLS:
         rows.append(cell(*spec, seed=args.seed))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "fedleak": fedleak.__version__, "fedleak_path": fedleak.__file__,
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "command": f"python benchmarks/bench_normalisation.py --seed {args.seed}"}
+    meta = run_meta(f"python benchmarks/bench_normalisation.py --seed {args.seed}", seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.out == RESULTS:

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision.json"
 FORMATS = ("float32", "float16", "bfloat16", "autocast")
@@ -126,12 +123,8 @@ def main() -> None:
             for fmt in FORMATS:
                 rows.append(cell(data, hidden, fmt, batch, args.seeds, args.seed, args.budget))
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "seeds": args.seeds, "budget": args.budget,
-            "command": f"python benchmarks/bench_precision.py --seeds {args.seeds} --seed {args.seed} "
-                       f"--budget {args.budget:g}"}
+    meta = run_meta(f"python benchmarks/bench_precision.py --seeds {args.seeds} --seed {args.seed} "
+                    f"--budget {args.budget:g}", seed=args.seed, seeds=args.seeds, budget=args.budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.out == RESULTS:

@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
 from fedleak.defenses import ExclusivityReduction
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "reduction.json"
 CELLS = [("fashion-mnist", 0), ("fashion-mnist", 300), ("digits", 0), ("digits", 300), ("lfw", 0), ("lfw", 300)]
@@ -196,11 +193,8 @@ def main() -> None:
     large = [large_batch(fm, b, args.seed) for b in (32, 64, 128)]
     train = fedleak.load_dataset("fashion-mnist-train")
     use = [utility(train, fm, defend, args.seed) for defend in (False, True)]
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "seeds": args.seeds, "command": f"python benchmarks/bench_reduction.py --seeds {args.seeds} "
-                                            f"--seed {args.seed}"}
+    meta = run_meta(f"python benchmarks/bench_reduction.py --seeds {args.seeds} --seed {args.seed}", seed=args.seed,
+                    seeds=args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "large_batches": large, "utility": use}, indent=1))
     if args.out == RESULTS:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -34,13 +32,12 @@ import numpy as np
 import torch
 from bench_precision import UserMLP
 from doc_section import write_section
+from run_meta import run_meta
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 import fedleak
 from fedleak.attacks.exact.multiplicity import read_off_scale
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "repeats.json"
 BEFORE = RESULTS.with_name("repeats_before.json")
@@ -142,12 +139,9 @@ def main() -> None:
         for batch in BATCHES:
             rows.append(cell(data, batch, args.clients, args.seed, args.budget))
             print(_table(rows[-1:], []).splitlines()[-1], flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "fedleak": fedleak.__version__, "fedleak_path": fedleak.__file__,
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "clients": args.clients, "budget": args.budget, "local_examples": LOCAL, "dirichlet_alpha": ALPHA,
-            "command": f"python benchmarks/bench_repeats.py --clients {args.clients} --seed {args.seed} "
-                       f"--budget {args.budget:g}"}
+    meta = run_meta(f"python benchmarks/bench_repeats.py --clients {args.clients} --seed {args.seed} "
+                    f"--budget {args.budget:g}", seed=args.seed, clients=args.clients, budget=args.budget,
+                    local_examples=LOCAL, dirichlet_alpha=ALPHA)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     before = json.loads(BEFORE.read_text())["rows"] if BEFORE.exists() and args.out != BEFORE else []

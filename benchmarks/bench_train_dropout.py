@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_dropout.json"
@@ -138,12 +135,8 @@ def main() -> None:
     for name, m, steps in CELLS:
         data = loaded.setdefault(name, fedleak.load_dataset(name))
         rows.append(cell(data, m, steps, args.seeds, args.seed, args.p))
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "seeds": args.seeds, "p": args.p,
-            "command": f"python benchmarks/bench_train_dropout.py --seeds {args.seeds} --seed {args.seed} "
-                       f"--p {args.p:g}"}
+    meta = run_meta(f"python benchmarks/bench_train_dropout.py --seeds {args.seeds} --seed {args.seed} "
+                    f"--p {args.p:g}", seed=args.seed, seeds=args.seeds, p=args.p)
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; a user's "
             f"`nn.Module` (`x.view`, `F.relu`, `nn.Dropout({args.p:g})` after the hidden ReLU, 1024 hidden units, "

@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
 from bench_precision import UserMLP, score, summarise
 from doc_section import write_section
+from run_meta import run_meta
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "value_clipping.json"
 DATA = ("fashion-mnist-train", "lfw")
@@ -95,12 +91,8 @@ def main() -> None:
             for bound in BOUNDS:
                 rows.append(cell(data, bound, batch, args.seeds, args.seed, args.budget))
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "seeds": args.seeds, "budget": args.budget,
-            "command": f"python benchmarks/bench_value_clipping.py --seeds {args.seeds} --seed {args.seed} "
-                       f"--budget {args.budget:g}"}
+    meta = run_meta(f"python benchmarks/bench_value_clipping.py --seeds {args.seeds} --seed {args.seed} "
+                    f"--budget {args.budget:g}", seed=args.seed, seeds=args.seeds, budget=args.budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if args.out == RESULTS:

@@ -17,18 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hunt_clipped_one_sample.json"
 DATA = ("digits", "fashion-mnist", "lfw", "retina", "mni152")
@@ -87,11 +83,8 @@ def main() -> None:
         r = rows[-1]
         print(f"{name}: {r['gradients']} gradients, {r['certified']} certified, {r['false']} false, worst error "
               f"{r['worst_error']:.1e} of the range", flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"),
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}",
-            "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1, "seeds": args.seeds,
-            "fractions": list(FRACTIONS),
-            "command": f"python benchmarks/hunt_clipped_one_sample.py --seeds {args.seeds}"}
+    meta = run_meta(f"python benchmarks/hunt_clipped_one_sample.py --seeds {args.seeds}", seeds=args.seeds,
+                    fractions=list(FRACTIONS))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     total = {k: sum(r[k] for r in rows) for k in ("gradients", "certified", "false")}

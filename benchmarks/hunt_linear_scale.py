@@ -18,18 +18,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import torch
+from run_meta import run_meta
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.federation.run import package_versions
-from fedleak.nets.blas import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hunt_linear_scale.json"
 DATA = ("digits", "fashion-mnist", "lfw")
@@ -115,10 +111,7 @@ def main() -> None:
                          "copies": copies, "sized": sized, "certified": rec.num_certified, "false": false,
                          "twin_certified": rec_twin.num_certified, "twin_false": twin_false, "differ": differ})
         print(name, {k: v for k, v in totals.items()}, flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "fedleak": fedleak.__version__,
-            "machine": f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}", "torch": torch.__version__,
-            "versions": package_versions(), "torch_threads": 1, "seed": args.seed,
-            "command": f"python benchmarks/hunt_linear_scale.py --seed {args.seed}"}
+    meta = run_meta(f"python benchmarks/hunt_linear_scale.py --seed {args.seed}", seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "totals": totals, "rows": rows}, indent=1))
     print(totals)

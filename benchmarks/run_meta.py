@@ -1,0 +1,27 @@
+"""What a benchmark's results file records of the run that wrote it: the date, fedleak's version and path, the machine,
+torch and the other packages' versions, torch's thread count, the benchmark's own settings and the command."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+import fedleak
+from fedleak.federation.run import package_versions
+from fedleak.nets.blas import cpu_model
+
+
+def machine() -> str:
+    """This machine in words, e.g. ``2 cores of an Intel(R) Xeon(R) Processor, x86_64``."""
+    return f"{os.cpu_count()} cores of an {cpu_model()}, {platform.machine()}"
+
+
+def run_meta(command: str, **settings: object) -> dict[str, object]:
+    """The results file's ``meta`` for a run of ``command`` with ``settings`` (torch pinned to one thread, as every
+    benchmark runs it)."""
+    return {"date": time.strftime("%Y-%m-%d"), "fedleak": fedleak.__version__, "fedleak_path": fedleak.__file__,
+            "machine": machine(), "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1,
+            **settings, "command": command}
