@@ -134,7 +134,7 @@ def _steps(gm: fx.GraphModule, model: nn.Module) -> list[Step]:
                 what = (f"by the trainable parameter '{weights[0]}' (a learned temperature or scale), which the exact "
                         "methods do not read: they read" if learned else "here: the exact methods read only")
                 raise op.refuse(f"arithmetic on a layer's output {what} a constant scale (a number, a buffer, a frozen "
-                                "parameter) directly on a Linear layer's output, folded into that layer (logits / "
+                                "parameter) directly on an nn.Linear layer's output, folded into that layer (logits / "
                                 f"temperature); {EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
