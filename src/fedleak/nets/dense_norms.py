@@ -17,8 +17,8 @@ client's gradient into the twin's:
   each batch's own statistics, does not meet it, and the attack then certifies nothing.
 
 The same twin takes out an eval-mode ``BatchNorm1d`` on the model's input, which the exact methods read as a map of
-the input (:mod:`fedleak.nets.input_norm`), and folds a constant scale on a ``Linear`` layer's output into that layer
-(``logits / temperature``: :mod:`fedleak.nets.linear_scale`).
+the input (:mod:`fedleak.nets.input_norm`), and folds constant arithmetic on a ``Linear`` layer's output into that
+layer (``logits / temperature``, ``logits + log_prior``: :mod:`fedleak.nets.output_affine`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
-from fedleak.nets.linear_scale import ScaleFold, has_scaled_linear, scaled_linears
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
 from fedleak.nets.norm_fold import linear_twin, norm_affine
+from fedleak.nets.output_affine import AffineFold, affine_outputs, has_output_arithmetic
 from fedleak.nets.relu_norms import ReluNormFold, relu_norm_fold, relu_norm_pairs
 from fedleak.nets.tracing import PerStructure, keep_every_tensor, shared_trace, trace_model
 from fedleak.precision import update_precision
@@ -49,11 +49,12 @@ WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear la
                   "its input from its gradients (FedSGD) only: a FedAvg weight change moves the norm's parameters "
                   "with the layers', which the norm's reading does not follow (and clients that train run the norm "
                   "in training mode, which certifies nothing)")
-#: why the exact route does not read a weight update of a model with a constant scale on a layer's output
-SCALED_WEIGHTS_UNREAD = ("the exact route reads a model with a constant scale on a Linear layer's output (logits / "
-                         "temperature) from its gradients (FedSGD) only: an SGD step moves the folded layer by the "
-                         "scale squared times the learning rate, the others by the rate, which the weight route's "
-                         "one rate does not follow; 'auto' and the optimisation attacks (dlm, dlm+, ig) still apply")
+#: why the exact route does not read a weight update of a model with constant arithmetic on a layer's output
+AFFINE_WEIGHTS_UNREAD = ("the exact route reads a model with constant arithmetic on a Linear layer's output (logits / "
+                         "temperature, + log prior) from its gradients (FedSGD) only: an SGD step moves the folded "
+                         "layer by its scale squared times the learning rate, the others by the rate, which the "
+                         "weight route's one rate does not follow; 'auto' and the optimisation attacks (dlm, dlm+, "
+                         "ig) still apply")
 
 
 # a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the
@@ -112,7 +113,7 @@ class NormFold:
         return _fold_gradient(self, model, grads)
 
 
-Fold = NormFold | ReluNormFold | ScaleFold
+Fold = NormFold | ReluNormFold | AffineFold
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class FoldedModel:
     def weights_unread(self) -> str:
         """Why the exact route does not read a weight update of the user's model."""
         return WEIGHTS_UNREAD if self.input_norm is not None or any(f.norms(self.source) for f in self.folds) \
-            else SCALED_WEIGHTS_UNREAD
+            else AFFINE_WEIGHTS_UNREAD
 
     def read_into(self, net: Network) -> Network:
         """``net`` (read from the twin) with the notes and caveats of the norms taken out of it: read in eval mode,
@@ -262,17 +263,17 @@ def fold_dense_norms(model: nn.Module) -> FoldedModel | None:
     (a unit with ``gamma = 0``). The twin is kept while the model's structure and every tensor's values are
     unchanged (an in-place change, an optimizer's step or ``load_state_dict``, makes a new one), so that the
     frontend reads it once."""
-    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) and not _scales_a_linear(model):
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) and not _maps_a_linear_output(model):
         return None
     values = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
     return _FOLDED.get(model, values, lambda: _fold(model))
 
 
-def _scales_a_linear(model: nn.Module) -> bool:
-    """Whether ``model``'s forward multiplies or divides a ``Linear`` layer's output (on its shared trace; False where
-    it does not trace, which the frontend reports)."""
+def _maps_a_linear_output(model: nn.Module) -> bool:
+    """Whether ``model``'s forward does arithmetic on a ``Linear`` layer's output (on its shared trace; False where it
+    does not trace, which the frontend reports)."""
     try:
-        return has_scaled_linear(shared_trace(model))
+        return has_output_arithmetic(shared_trace(model))
     except ModelError:
         return False
 
@@ -296,8 +297,8 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     on_input = find_input_norm(gm, modules, calls, params)
     taken = {src.target for src, _ in pairs}  # a Linear with a norm on its features and one before it: not read
     after = [(node, lin) for node, lin in relu_norm_pairs(gm, modules, calls) if lin.target not in taken]
-    scaled = scaled_linears(gm, modules, calls, params, taken | {lin.target for _, lin in after})
-    if not pairs and not after and not scaled and on_input is None:
+    mapped = affine_outputs(gm, modules, calls, params, taken | {lin.target for _, lin in after})
+    if not pairs and not after and not mapped and on_input is None:
         return None
     folds: list[Fold] = []
     twins = {}
@@ -313,7 +314,7 @@ def _fold(model: nn.Module) -> FoldedModel | None:
         twins[lin.target] = fold.twin(modules[lin.target])
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
-    for fold, layer, chain in scaled:  # the layer's output takes the scaled output's place
+    for fold, layer, chain in mapped:  # the layer's output takes the mapped output's place
         folds.append(fold)
         twins[fold.linear] = fold.twin(modules[fold.linear])
         chain[-1].replace_all_uses_with(layer)

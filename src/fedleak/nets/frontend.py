@@ -133,9 +133,9 @@ def _steps(gm: fx.GraphModule, model: nn.Module) -> list[Step]:
                 learned = weights and parameters[weights[0]].requires_grad
                 what = (f"by the trainable parameter '{weights[0]}' (a learned temperature or scale), which the exact "
                         "methods do not read: they read" if learned else "here: the exact methods read only")
-                raise op.refuse(f"arithmetic on a layer's output {what} a constant scale (a number, a buffer, a frozen "
-                                "parameter) directly on an nn.Linear layer's output, folded into that layer (logits / "
-                                f"temperature); {EXACT_SCOPE}")
+                raise op.refuse(f"arithmetic on a layer's output {what} a constant scale or shift (a number, a buffer, "
+                                "a frozen parameter; a shift where the layer has a bias) directly on an nn.Linear "
+                                f"layer's output, folded into that layer (logits / temperature); {EXACT_SCOPE}")
             raise unsupported(op)
         layer = CONVERTERS.get(key)(op)
         if layer is not None:

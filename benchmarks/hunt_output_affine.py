@@ -1,16 +1,17 @@
-"""Certificate hunt: models whose forward scales a Linear layer's output by a constant (``logits / temperature``).
+"""Certificate hunt: models whose forward does constant arithmetic on a Linear layer's output (``logits /
+temperature``, ``logits + log_prior``).
 
-The exact methods fold such a scale into the layer and read the client's gradient as the twin's. Each cell attacks
+The exact methods fold such arithmetic into the layer and read the client's gradient as the twin's. Each cell attacks
 the client's gradient of a user class (an MLP of 256 at torch's default initialisation whose logits are multiplied by
-0.05, 0.5, 2, 50, -1 or a per-class vector from 0.5 to 3, with or without its hidden layer's output scaled by 2.5)
-and of its twin (the same network with the scales multiplied into its weights), on batches of 1, 4 and 8 of sklearn
-digits, Fashion-MNIST and two-class LFW, natural or a sample and its copies moved by noise of 1e-3 (one label), with
-and without the batch size. Counts: certified and false certificates for both, and the cells where the two certify
-different samples.
+0.05, 0.5, 2, 50, -1 or a per-class vector from 0.5 to 3, then, or not, shifted by a per-class log prior, with or
+without its hidden layer's output scaled by 2.5) and of its twin (the same network with the scales multiplied into its
+weights and the shift added to its bias), on batches of 1, 4 and 8 of sklearn digits, Fashion-MNIST and two-class
+LFW, natural or a sample and its copies moved by noise of 1e-3 (one label), with and without the batch size. Counts:
+certified and false certificates for both, and the cells where the two certify different samples.
 
-    python benchmarks/hunt_linear_scale.py          # about two minutes on 2 cores
+    python benchmarks/hunt_output_affine.py          # about five minutes on 2 cores
 
-Results go to ``benchmarks/results/hunt_linear_scale.json``.
+Results go to ``benchmarks/results/hunt_output_affine.json``.
 """
 
 from __future__ import annotations
@@ -27,38 +28,41 @@ from torch.nn import functional as F
 
 import fedleak
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hunt_linear_scale.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "hunt_output_affine.json"
 DATA = ("digits", "fashion-mnist", "lfw")
 SCALES = (0.05, 0.5, 2.0, 50.0, "per class", -1.0)
 
 
-class Scaled(nn.Module):
-    def __init__(self, inputs: int, classes: int, out_scale, hidden_scale: float | None) -> None:
+class Mapped(nn.Module):
+    def __init__(self, inputs: int, classes: int, out_scale, prior: bool, hidden_scale: float | None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(inputs, 256)
         self.fc2 = nn.Linear(256, classes)
         gain = torch.linspace(0.5, 3.0, classes) if out_scale == "per class" else torch.tensor(float(out_scale))
         self.register_buffer("gain", gain)
+        counts = torch.linspace(1.0, 4.0, classes)
+        self.register_buffer("log_prior", (counts / counts.sum()).log() if prior else torch.zeros(()))
         self.hidden_scale = hidden_scale
 
     def forward(self, x):
         h = self.fc1(x.flatten(1))
         if self.hidden_scale is not None:
             h = h * self.hidden_scale
-        return self.fc2(F.relu(h)) * self.gain
+        return self.fc2(F.relu(h)) * self.gain + self.log_prior
 
 
-def twin(model: Scaled) -> nn.Sequential:
-    """The same network with its scales multiplied into the weights."""
+def twin(model: Mapped) -> nn.Sequential:
+    """The same network with its scales multiplied into the weights and its shift added to the bias."""
     hs = 1.0 if model.hidden_scale is None else model.hidden_scale
     out = model.gain.double().expand(model.fc2.out_features)
+    shift = model.log_prior.double().expand(model.fc2.out_features)
     net = nn.Sequential(nn.Flatten(), nn.Linear(model.fc1.in_features, 256), nn.ReLU(),
                         nn.Linear(256, model.fc2.out_features))
     with torch.no_grad():
         net[1].weight.copy_(model.fc1.weight.double() * hs)
         net[1].bias.copy_(model.fc1.bias.double() * hs)
         net[3].weight.copy_(model.fc2.weight.double() * out[:, None])
-        net[3].bias.copy_(model.fc2.bias.double() * out)
+        net[3].bias.copy_(model.fc2.bias.double() * out + shift)
     return net.eval()
 
 
@@ -87,11 +91,11 @@ def main() -> None:
     rows = []
     for name in DATA:
         data = fedleak.load_dataset(name)
-        cells = itertools.product(SCALES, (None, 2.5), (1, 4, 8), (0, 1), (False, True), (True, False))
-        for scale, hidden, size, rep, copies, sized in cells:
+        cells = itertools.product(SCALES, (False, True), (None, 2.5), (1, 4, 8), (0, 1), (False, True), (True, False))
+        for scale, prior, hidden, size, rep, copies, sized in cells:
             seed = args.seed + rep
             torch.manual_seed(seed)
-            model = Scaled(data.x[0].numel(), data.num_classes, scale, hidden).eval()
+            model = Mapped(data.x[0].numel(), data.num_classes, scale, prior, hidden).eval()
             x, y = batch(data, size, seed + 10, copies)
             count = size if sized else None
             rec = fedleak.reconstruct(model, gradient(model, x, y, count))
@@ -107,11 +111,12 @@ def main() -> None:
             totals["twin_certified"] += rec_twin.num_certified
             totals["twin_false"] += twin_false
             totals["differ"] += int(differ)
-            rows.append({"data": name, "scale": scale, "hidden_scale": hidden, "batch": size, "repeat": rep,
-                         "copies": copies, "sized": sized, "certified": rec.num_certified, "false": false,
-                         "twin_certified": rec_twin.num_certified, "twin_false": twin_false, "differ": differ})
+            rows.append({"data": name, "scale": scale, "prior": prior, "hidden_scale": hidden, "batch": size,
+                         "repeat": rep, "copies": copies, "sized": sized, "certified": rec.num_certified,
+                         "false": false, "twin_certified": rec_twin.num_certified, "twin_false": twin_false,
+                         "differ": differ})
         print(name, {k: v for k, v in totals.items()}, flush=True)
-    meta = run_meta(f"python benchmarks/hunt_linear_scale.py --seed {args.seed}", seed=args.seed)
+    meta = run_meta(f"python benchmarks/hunt_output_affine.py --seed {args.seed}", seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "totals": totals, "rows": rows}, indent=1))
     print(totals)

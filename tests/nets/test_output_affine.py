@@ -1,6 +1,6 @@
-"""A constant scale on a Linear layer's output (``logits / temperature``) folded into that layer
-(fedleak.nets.linear_scale): the exact methods read the model as its twin with the scaled weights, and certify the
-same samples from the client's gradient as from the twin's."""
+"""Constant arithmetic on a Linear layer's output (``logits / temperature``, ``logits + log_prior``) folded into that
+layer (fedleak.nets.output_affine): the exact methods read the model as its twin with the mapped weights and bias, and
+certify the same samples from the client's gradient as from the twin's."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from user_models import sized_gradient
 
 import fedleak
 from fedleak.errors import ModelError
-from fedleak.nets.dense_norms import SCALED_WEIGHTS_UNREAD, fold_dense_norms
+from fedleak.nets.dense_norms import AFFINE_WEIGHTS_UNREAD, fold_dense_norms
 
 
 class Tempered(nn.Module):
     """A user's MLP whose logits are divided by a temperature (a number, or a learned parameter), optionally with a
-    per-class scale buffer on them and a scaled hidden layer, ending with ``log_softmax``."""
+    per-class gain and a log prior on them (logit adjustment) and a scaled hidden layer, ending with ``log_softmax``."""
 
     def __init__(self, inputs: int, classes: int, temperature: float = 2.0, learned: bool = False,
                  per_class: bool = False, hidden_scale: float | None = None) -> None:
@@ -26,26 +26,29 @@ class Tempered(nn.Module):
         self.fc2 = nn.Linear(256, classes)
         self.temperature = nn.Parameter(torch.tensor(temperature)) if learned else temperature
         self.register_buffer("gain", torch.linspace(0.5, 3.0, classes) if per_class else torch.ones(()))
+        prior = torch.linspace(1.0, 3.0, classes)
+        self.register_buffer("log_prior", (prior / prior.sum()).log() if per_class else torch.zeros(()))
         self.hidden_scale = hidden_scale
 
     def forward(self, x):
         h = self.fc1(x.view(x.size(0), -1))
         if self.hidden_scale is not None:
             h = h * self.hidden_scale
-        return F.log_softmax(self.fc2(F.relu(h)) / self.temperature * self.gain, dim=1)
+        return F.log_softmax(self.fc2(F.relu(h)) / self.temperature * self.gain + self.log_prior, dim=1)
 
 
 def _twin(model: Tempered) -> nn.Sequential:
-    """The same network with its scales multiplied into the weights."""
+    """The same network with its scales multiplied into the weights and its log prior added to the bias."""
     hs = 1.0 if model.hidden_scale is None else model.hidden_scale
     out = (model.gain.double() / model.temperature).expand(model.fc2.out_features)
+    shift = model.log_prior.double().expand(model.fc2.out_features)
     twin = nn.Sequential(nn.Flatten(), nn.Linear(model.fc1.in_features, 256), nn.ReLU(),
                          nn.Linear(256, model.fc2.out_features))
     with torch.no_grad():
         twin[1].weight.copy_(model.fc1.weight.double() * hs)
         twin[1].bias.copy_(model.fc1.bias.double() * hs)
         twin[3].weight.copy_(model.fc2.weight.double() * out[:, None])
-        twin[3].bias.copy_(model.fc2.bias.double() * out)
+        twin[3].bias.copy_(model.fc2.bias.double() * out + shift)
     return twin.eval()
 
 
@@ -56,7 +59,7 @@ def _nll_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sized: boo
                                   num_examples=len(x) if sized else None)
 
 
-@pytest.mark.parametrize("kind", ["temperature", "per class and hidden"])
+@pytest.mark.parametrize("kind", ["temperature", "per class, prior and hidden"])
 def test_a_scaled_output_certifies_what_its_twin_certifies(digits, kind):
     torch.manual_seed(0)
     options = {"per_class": True, "hidden_scale": 2.5} if kind != "temperature" else {}
@@ -69,7 +72,7 @@ def test_a_scaled_output_certifies_what_its_twin_certifies(digits, kind):
     assert rec.num_certified >= 6 and score.false_certificates == 0 and int(score.exact.sum()) >= rec.num_certified
     assert rec.certified.tolist() == twin_rec.certified.tolist()
     assert torch.allclose(rec.inputs[rec.certified], twin_rec.inputs[twin_rec.certified], atol=1e-5)
-    assert any("constant scale" in n and "on Linear 'fc2'" in n for n in rec.notes)
+    assert any("constant arithmetic" in n and "on Linear 'fc2'" in n for n in rec.notes)
 
 
 def test_near_copies_with_a_scaled_output_stay_uncertified_without_their_size(lfw):
@@ -88,11 +91,11 @@ def test_a_weight_change_of_a_scaled_model_is_left_to_the_other_attacks(digits):
     model = Tempered(64, 10).eval()
     x, y = digits.batch(4, seed=2)
     change = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1)
-    with pytest.raises(ModelError, match="constant scale on a Linear layer's output"):
+    with pytest.raises(ModelError, match="constant arithmetic on a Linear layer's output"):
         fedleak.reconstruct(model, change, attack="exclusivity")
-    assert fold_dense_norms(model).weights_unread == SCALED_WEIGHTS_UNREAD
+    assert fold_dense_norms(model).weights_unread == AFFINE_WEIGHTS_UNREAD
     rec = fedleak.reconstruct(model, change, attack="auto")
-    assert any(SCALED_WEIGHTS_UNREAD in n for n in rec.notes)
+    assert any(AFFINE_WEIGHTS_UNREAD in n for n in rec.notes)
 
 
 def test_a_scaled_model_is_fished_and_its_fished_batch_certified(digits):
@@ -115,11 +118,25 @@ class Reciprocal(nn.Module):
         return 2.0 / self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+class ShiftWithoutBias(nn.Module):
+    """A log prior added to the logits of an output layer without a bias: no bias of the twin could carry it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10, bias=False)
+        self.register_buffer("log_prior", torch.linspace(-3.0, -1.0, 10))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.flatten(1)))) + self.log_prior
+
+
 @pytest.mark.parametrize("model, needle", [
     (Tempered(64, 10, learned=True), r"node 'truediv'.*by the trainable parameter 'temperature' \(a learned "
                                      r"temperature or scale\), which the exact methods do not read"),
     (Reciprocal(), r"node 'truediv'.*arithmetic on a layer's output here: the exact methods read only a constant "
-                   r"scale"),
+                   r"scale or shift"),
+    (ShiftWithoutBias(), r"node 'add'.*a shift where the layer has a bias"),
 ])
 def test_what_is_not_a_constant_scale_is_refused_by_name(model, needle):
     update = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
