@@ -7,7 +7,8 @@ update matches the observed one (algorithms spec §5-§6). The steps, one module
 * :mod:`~fedleak.attacks.inversion.unroll`: :class:`FunctionalModel`, the client's gradient or its local
   steps unrolled differentiably (FedAvg, learning rate learned);
 * :mod:`~fedleak.attacks.inversion.objectives`: the matching objectives and total variation;
-* :mod:`~fedleak.attacks.inversion.search`: :class:`InversionSettings` and :func:`invert`, the search loop;
+* :mod:`~fedleak.attacks.inversion.settings`: :class:`InversionSettings`, how a search runs, and its options;
+* :mod:`~fedleak.attacks.inversion.search`: :func:`invert`, the search loop;
 * :mod:`~fedleak.attacks.inversion.clock`: :class:`RunClock`, the time budget and progress bar of a run
   (shared by ``auto``'s stages), and :class:`StepDecay`, the learning-rate decay that fits the time;
 * :mod:`~fedleak.attacks.inversion.prior`: :class:`Prior`, what is known before the search (``auto``);
@@ -38,7 +39,8 @@ from fedleak.attacks.inversion.objectives import (
     total_variation,
 )
 from fedleak.attacks.inversion.prior import Estimate, Placement, Prior, place_estimates
-from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
+from fedleak.attacks.inversion.search import InversionResult, invert
+from fedleak.attacks.inversion.settings import InversionSettings, settings_from
 from fedleak.attacks.inversion.target import (
     Target,
     batch_size_of,

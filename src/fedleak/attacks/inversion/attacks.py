@@ -17,7 +17,8 @@ from torch import nn
 from fedleak.attacks.defense_aware import defense_stack, forward_model, search_notes
 from fedleak.attacks.inversion.clock import RunClock
 from fedleak.attacks.inversion.prior import Prior, place_estimates
-from fedleak.attacks.inversion.search import InversionResult, InversionSettings, invert, settings_from
+from fedleak.attacks.inversion.search import InversionResult, invert
+from fedleak.attacks.inversion.settings import InversionSettings, settings_from
 from fedleak.attacks.inversion.target import Target, batch_size_of, prepare_target, resolve_labels
 from fedleak.attacks.labels import reads_classes
 from fedleak.attacks.read_defense import read_defense
@@ -94,7 +95,7 @@ def run_optimization_attack(
     update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_aware`); not given,
     the clipping a gradient shows is modelled (:mod:`fedleak.attacks.read_defense`), and ``"none"`` models nothing.
     ``data_range``: the range the client's inputs live on, the box of a boxed search (IG, DLM, DLM+; see
-    :func:`~fedleak.attacks.inversion.search.settings_from`).
+    :func:`~fedleak.attacks.inversion.settings.settings_from`).
     """
     declared = options.pop("defense", None)
     stack = defense_stack(declared)
