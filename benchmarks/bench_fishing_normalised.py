@@ -2,17 +2,17 @@
 
 A user's model that starts with ``x = (x - self.mean) / self.std`` (buffers: one number, a mean image, or per channel)
 is fished as it is, in pixels; the client computes its gradient of the fished batch through its own forward, and the
-exact attack reads it. Beside it, the way to fish such a model without reading its map: the data normalised first,
-the model passed without the map, and the normalised values kept in one interval (the union of the channels'
-ranges, which is what a single ``data_range`` can state): the fished values are mapped back to pixels and counted
-outside [0, 1]. Exclusivity reduction of the same batches is attacked the same way.
+exact attack reads it. Beside it, the data normalised first and the model passed without the map, fished in one
+interval (the union of the channels' ranges, all a single ``data_range`` can state) and told the normalisation
+(``normalization=``): the fished values are mapped back to pixels and counted outside [0, 1]. Exclusivity reduction
+of the same batches is attacked the same way.
 
 Models at torch's default initialisation: an MLP class of 1024 hidden units (``x.view``, ``F.relu``) and a CNN class
 (a 3x3 conv of 16 channels, padding 1, a dense layer of 256). Data: Fashion-MNIST's train split, two-class LFW and
 retina colour patches. Per cell: samples certified from the client's gradient of the batch before fishing and after
 (with its size), rebuilt inputs within 1e-4 of [0, 1] of a sent image (pixels), false certificates, median L-inf and
-PSNR of the perturbation (pixels), median fishing time; the unread way's fished values outside [0, 1]; certified
-after exclusivity reduction.
+PSNR of the perturbation (pixels), median fishing time; the data-side ways' fished values outside [0, 1];
+certified after exclusivity reduction.
 
 Results go to ``benchmarks/results/fishing_normalised.json`` and the table to docs/benchmarks.md.
 
@@ -83,15 +83,23 @@ def _rebuilt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shape) -> tuple
     return rec, fedleak.metrics.match(rec, x, y, data_range=(0.0, 1.0))
 
 
-def _outside_unread(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shape) -> int:
-    """The values outside [0, 1], in pixels, of the batch fished without reading the map (the data normalised
-    first, one interval: the union of every value's image of [0, 1])."""
+def _outside_data_side(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shape, kind: str) -> tuple[int, int | None]:
+    """The values outside [0, 1], in pixels, of the batch fished with the data normalised first and the model passed
+    without the map: in one data range (the union of every value's image of [0, 1]), and told the normalisation
+    (``normalization=``; None for a mean image, which is no per-channel normalisation)."""
     stripped, input_map = peel_input_map(model, input_shape=shape)
     z = input_map.to_first_layer(x)
     ends = torch.stack([input_map.shift, input_map.scale + input_map.shift])
     span = (float(ends.min()) - 1e-6, float(ends.max()) + 1e-6)
-    fished = fedleak.fish(stripped, z, y, data_range=span)
-    pixels = input_map.to_inputs(fished.inputs.double())
+    counts = [_outside(input_map.to_inputs(fedleak.fish(stripped, z, y, data_range=span).inputs.double()))]
+    if kind == "mean image":
+        return counts[0], None
+    told = fedleak.normalization(model.mean.flatten().tolist(), model.std.flatten().tolist())
+    counts.append(_outside(input_map.to_inputs(fedleak.fish(stripped, z, y, normalization=told).inputs.double())))
+    return counts[0], counts[1]
+
+
+def _outside(pixels: torch.Tensor) -> int:
     return int(((pixels < -1e-6) | (pixels > 1 + 1e-6)).sum())
 
 
@@ -100,7 +108,7 @@ def cell(name: str, arch: str, kind: str, batch: int, batches: int, seed: int) -
     shape, classes = data.input_shape, int(data.y.max()) + 1
     mean, std = _statistics(data, kind)
     row = {"data": name, "model": arch, "normalisation": kind, "batch": batch, "samples": 0, "before": 0,
-           "after": 0, "exact": 0, "false": 0, "outside_unread": 0, "reduced": 0, "kept": 0}
+           "after": 0, "exact": 0, "false": 0, "outside_unread": 0, "outside_told": 0, "reduced": 0, "kept": 0}
     linf, psnr, secs = [], [], []
     for k in range(batches):
         torch.manual_seed(seed + k)
@@ -117,7 +125,9 @@ def cell(name: str, arch: str, kind: str, batch: int, batches: int, seed: int) -
         row["after"] += rec.num_certified
         row["exact"] += int(score.exact.sum())
         row["false"] += score.false_certificates
-        row["outside_unread"] += _outside_unread(model, x, y, shape)
+        unread, told = _outside_data_side(model, x, y, shape, kind)
+        row["outside_unread"] += unread
+        row["outside_told"] = None if told is None else row["outside_told"] + told
         reduced = reduce_exclusivity(model, x, y)
         row["kept"] += len(reduced.labels)
         row["reduced"] += _rebuilt(model, reduced.inputs, reduced.labels, shape)[0].num_certified
@@ -132,14 +142,16 @@ KINDS = {"number": "one mean and std", "mean image": "mean image, one std", "cha
 
 def _table(rows: list[dict]) -> str:
     lines = ["| data | model | normalisation | certified before / after fishing | exact in pixels | false | "
-             "median L-inf / PSNR | fishing s | outside [0, 1], map unread | certified after reduction |",
+             "median L-inf / PSNR | fishing s | outside [0, 1], data normalised first: one range / told | "
+             "certified after reduction |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         model = "MLP of 1024" if r["model"] == "mlp" else "CNN (16 ch, 256)"
         psnr = "-" if r["psnr"] is None else f"{r['psnr']:.1f} dB"
         lines.append(f"| {NAMES[r['data']]}, batches of {r['batch']} | {model} | {KINDS[r['normalisation']]} | "
                      f"{r['before']} / {r['after']} of {r['samples']} | {r['exact']} | {r['false']} | "
-                     f"{r['linf']:.4f} / {psnr} | {r['seconds']:.2f} | {r['outside_unread']} | "
+                     f"{r['linf']:.4f} / {psnr} | {r['seconds']:.2f} | {r['outside_unread']} / "
+                     f"{'-' if r['outside_told'] is None else r['outside_told']} | "
                      f"{r['reduced']} of {r['kept']} sent |")
     return "\n".join(lines)
 
@@ -163,9 +175,10 @@ def main() -> None:
                 "self.std`, buffers) by the data set's own statistics; fishing with its defaults, then the exact "
                 "attack on the client's gradient of the fished batch (through its own forward, with its size). "
                 "Exact: rebuilt inputs within 1e-4 of [0, 1] of a sent image; L-inf and PSNR of the perturbation in "
-                "pixels (PSNR over the moved samples); fishing time: median per batch. 'Map unread': the same "
-                "batches fished with the data normalised first and one data range (the union of the channels' "
-                "ranges), its fished values mapped back to pixels and counted outside [0, 1]. Reduction: "
+                "pixels (PSNR over the moved samples); fishing time: median per batch. 'Data normalised first': the "
+                "same batches fished with the model without its map, in one data range (the union of the "
+                "channels' ranges) and told the normalisation (`normalization=`; a mean image is none), the "
+                "fished values mapped back to pixels and counted outside [0, 1]. Reduction: "
                 f"exclusivity reduction's batch, attacked the same way. Command: `{meta['command']}`._\n\n"
                 + _table(rows))
         write_section("fishing-normalised", body, "Fishing models that normalise inside forward")

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fedleak
+from fedleak.defenses import DefenseStack
 from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
 from fedleak.fishing.through_map import first_layer_batch
 
@@ -121,3 +122,51 @@ def test_a_colour_cnn_normalising_per_channel_is_fished_and_reduced_in_pixels():
     assert reduced.protected and float(reduced.inputs.min()) >= 0.0 and float(reduced.inputs.max()) <= 1.0
     sent = fedleak.reconstruct(model, _gradient(model, reduced.inputs, reduced.labels), input_shape=(3, 32, 32))
     assert sent.num_certified == 0
+
+
+CIFAR = fedleak.normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+@pytest.fixture(scope="module")
+def normalised_retina():
+    """Retina patches normalised per channel before the model (CIFAR-10's statistics), and an MLP class."""
+    data = fedleak.load_dataset("retina")
+    x, y = data.batch(32, seed=3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 2)).eval()
+    return model, CIFAR.apply(x), y
+
+
+def _outside(normalised: torch.Tensor) -> int:
+    """Values outside [0, 1] once the normalised batch is mapped back to pixels."""
+    pixels = CIFAR.invert(normalised.double())
+    return int(((pixels < -1e-6) | (pixels > 1 + 1e-6)).sum())
+
+
+def test_data_normalised_per_channel_is_fished_in_pixels_when_its_normalisation_is_told(normalised_retina):
+    """One data range (the channels' union) lets fished values leave their own channel's range; told the
+    normalisation, fishing moves pixels inside [0, 1] and sends them normalised, an unmoved sample as it was."""
+    model, z, y = normalised_retina
+    union = fedleak.fish(model, z, y, data_range=CIFAR.input_range)
+    assert _outside(union.inputs) > 0
+    told = fedleak.fish(model, z, y, normalization=CIFAR)
+    assert told.data_range == (0.0, 1.0) and _outside(told.inputs) == 0 and told.certifiable_after.all()
+    for s in told.samples:  # sizes in pixels; an unperturbed sample is the very row it was
+        moved = CIFAR.invert(told.inputs[s.index:s.index + 1]) - CIFAR.invert(z[s.index:s.index + 1])
+        assert s.linf == pytest.approx(float(moved.abs().max()), rel=1e-3, abs=1e-5)
+        assert s.perturbed or torch.equal(told.inputs[s.index], z[s.index])
+    rec = fedleak.reconstruct(model, _gradient(model, told.inputs, y))
+    score = fedleak.metrics.match(rec, told.inputs, y)
+    assert rec.num_certified == 32 and score.false_certificates == 0
+
+
+def test_exclusivity_reduction_of_normalised_data_keeps_every_channel_in_range(normalised_retina):
+    model, z, y = normalised_retina
+    z, y = z[:8], y[:8]
+    assert fedleak.reconstruct(model, _gradient(model, z, y)).num_certified > 0
+    defense = DefenseStack.of("exclusivity-reduction").bind(data_range=CIFAR.input_range,
+                                                                      normalization=CIFAR).defenses[0]
+    assert defense.normalization == CIFAR and defense.data_range == (0.0, 1.0)  # the pixels' range, not the union
+    sent, labels = defense(model, z, y)
+    assert defense.last_result.protected and _outside(sent) == 0
+    assert fedleak.reconstruct(model, _gradient(model, sent, labels)).num_certified == 0

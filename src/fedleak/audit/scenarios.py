@@ -48,7 +48,9 @@ def _plain(settings: AuditSettings, data: Dataset) -> BatchTransform:
 def _fished(settings: AuditSettings, data: Dataset) -> BatchTransform:
     from fedleak.fishing import FishingTransform
 
-    return FishingTransform(data_range=data.value_range, workers=None)  # valid data; LPs on all cores
+    # valid data (normalised data: fished in pixels, each channel in range); LPs on all cores
+    told = {"data_range": data.value_range} if data.normalization is None else {"normalization": data.normalization}
+    return FishingTransform(**told, workers=None)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,6 @@ def audited_scenarios(settings: AuditSettings, data: Dataset) -> dict[str, Audit
         out[name] = AuditedScenario(name, description, factory(settings, data), DefenseStack(), DefenseStack())
     for spec in settings.defenses:
         stack = DefenseStack.of(spec)
-        bound = stack.bind(data_range=data.value_range, num_classes=data.num_classes)
+        bound = stack.bind(data_range=data.value_range, num_classes=data.num_classes, normalization=data.normalization)
         out[stack.label] = AuditedScenario(stack.label, describe_stack(stack), None, stack, bound)
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fedleak.errors import DataError
+from fedleak.errors import DataError, FedleakError
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ class Normalization:
 
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std), "pixel_range": list(self.pixel_range)}
+
+
+def check_normalization(value: object, error: type[FedleakError] = DataError) -> Normalization | None:
+    """``value`` where it is a :class:`Normalization` or None, else ``error`` saying what to pass."""
+    if value is None or isinstance(value, Normalization):
+        return value
+    raise error(f"normalization must be a fedleak.Normalization (fedleak.normalization(mean, std), or a data set's "
+                f".normalization) or None, got {type(value).__name__}")
 
 
 def normalization(mean: float | Sequence[float], std: float | Sequence[float],

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from fedleak.analysis.batch import read_batch
+from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import FedleakError, OptionError, SolverError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
@@ -50,7 +51,7 @@ from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
-from fedleak.fishing.through_map import first_layer_batch
+from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised_back
 from fedleak.updates import hard_labels, is_soft
 from fedleak.validation import check_data_range, options_from
 
@@ -67,6 +68,9 @@ class ReductionOptions:
     ``data_range``: ``(low, high)`` the perturbed values stay in (LP box, final clamp, PSNR peak
     ``high - low``); None: [0, 1] when the batch lies in it, else the batch's own [min, max] (stated in
     :attr:`ReductionResult.data_range`).
+    ``normalization``: how the inputs were normalised before the model (a :class:`~fedleak.data.Normalization`):
+    their pixels are perturbed, each channel inside the pixels' range (``data_range``, then in pixels, defaults to
+    its ``pixel_range``), and normalised back (a sample left unperturbed is sent as it was).
     ``share``: a neuron's gradient row counts as shared only where the other samples' terms in it make up at least
     this fraction of the owner's (a row 99% one sample's is that sample's copy at about 40 dB); a sample whose whole
     loss gradient is below this fraction of the batch's median (a confidently classified one) is dropped with
@@ -85,9 +89,11 @@ class ReductionOptions:
     polish_slack: float = 0.25
     data_range: tuple[float, float] | None = None
     share: float = 0.01
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_range", check_data_range(self.data_range, error=SolverError))
+        check_normalization(self.normalization, error=SolverError)
         if not (0 < self.share <= 1):
             raise SolverError(f"share must lie in (0, 1] (a fraction of the term of a row's owner), got {self.share}")
         if self.max_exans < 0:
@@ -219,6 +225,13 @@ def reduce_exclusivity(
     opts = options or ReductionOptions.from_kwargs(**kwargs)
     if labels is None:
         raise FedleakError("exclusivity reduction needs the batch's labels")
+    norm = opts.normalization
+    if norm is not None:  # data normalised before the model: its pixels are perturbed
+        inner = replace(opts, normalization=None, data_range=opts.data_range or norm.pixel_range)
+        result, pixels = in_pixels(model, inputs, norm,
+                                   lambda reading, x: reduce_exclusivity(reading, x, labels, inner))
+        kept = torch.from_numpy(result.kept)
+        return replace(result, inputs=normalised_back(result.inputs, pixels[kept], inputs[kept], norm), options=opts)
     first = first_layer_batch(model, inputs)  # a normalisation inside forward is read, and perturbed through
     inputs = first.inputs
     batch = read_batch(first.model, first.first, labels)
@@ -377,7 +390,7 @@ class ExclusivityReduction(BatchDefense):
     ``last_result`` (not a field: it is not a parameter, and it is set on the frozen instance with
     ``object.__setattr__``) keeps the client-side :class:`ReductionResult` of the last batch this instance
     transformed, None before the first. :meth:`~fedleak.defenses.DefenseStack.bind` returns a copy when it fills
-    ``data_range``: read ``last_result`` on the instance that ran.
+    ``data_range`` (and, for normalised data, ``normalization``): read ``last_result`` on the instance that ran.
     """
 
     name: ClassVar[str] = "exclusivity-reduction"
@@ -393,6 +406,7 @@ class ExclusivityReduction(BatchDefense):
     drop_unprotected: bool = True
     data_range: tuple[float, float] | None = None
     share: float = 0.01
+    normalization: Normalization | None = None
 
     def check(self) -> None:
         options = self.options  # ReductionOptions validates every value
@@ -404,7 +418,7 @@ class ExclusivityReduction(BatchDefense):
         try:
             return ReductionOptions(max_exans=self.max_exans, margin=self.margin, budget=self.budget,
                                     rounds=self.rounds, drop_unprotected=self.drop_unprotected,
-                                    data_range=self.data_range, share=self.share)
+                                    data_range=self.data_range, share=self.share, normalization=self.normalization)
         except SolverError as exc:
             raise OptionError(f"defense '{self.name}': {exc}") from None
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
+from fedleak.data.normalize import Normalization
 from fedleak.defenses.base import (
     Accounting,
     BatchDefense,
@@ -83,14 +84,19 @@ class DefenseStack:
     def __bool__(self) -> bool:
         return bool(self.defenses)
 
-    def bind(self, *, data_range: tuple[float, float] | None = None, num_classes: int | None = None) -> DefenseStack:
-        """The stack with the data's range and number of classes filled in where a defense left them unset."""
+    def bind(self, *, data_range: tuple[float, float] | None = None, num_classes: int | None = None,
+             normalization: Normalization | None = None) -> DefenseStack:
+        """The stack with the data's range and number of classes filled in where a defense left them unset; for data
+        normalised before the model, a defense that perturbs pixels (a ``normalization`` field) gets the
+        ``normalization`` and, as its range, the pixels'."""
         known = {"data_range": None if data_range is None else tuple(float(v) for v in data_range),
                  "num_classes": num_classes}
         out = []
         for d in self.defenses:
             names = {f.name for f in dataclasses.fields(d)}
-            fill = {k: v for k, v in known.items() if k in names and v is not None and getattr(d, k) is None}
+            told = {**known, "normalization": normalization, "data_range": normalization.pixel_range} \
+                if normalization is not None and "normalization" in names else known
+            fill = {k: v for k, v in told.items() if k in names and v is not None and getattr(d, k) is None}
             out.append(dataclasses.replace(d, **fill) if fill else d)
         return DefenseStack(tuple(out))
 

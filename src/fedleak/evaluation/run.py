@@ -136,7 +136,8 @@ def _model(settings: EvaluationSettings, data: Dataset, model: nn.Module | None)
 
 
 def _bound(stack: DefenseStack, fed: Federation) -> DefenseStack:
-    return stack.bind(data_range=fed.train.value_range, num_classes=fed.train.num_classes)
+    return stack.bind(data_range=fed.train.value_range, num_classes=fed.train.num_classes,
+                      normalization=fed.train.normalization)
 
 
 # ---------------------------------------------------------------------------------------------------------

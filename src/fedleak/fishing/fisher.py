@@ -37,7 +37,7 @@ from fedleak.fishing.sample_lp import RequirementTable, solve_sample
 from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
 from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
-from fedleak.fishing.through_map import first_layer_batch
+from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised_back
 from fedleak.nets import NO_HIDDEN_RELU
 from fedleak.nets.cast import unchanged
 from fedleak.nets.forward import SATURATED_SAMPLE
@@ -297,7 +297,12 @@ def fish(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = N
     # many small products: a threaded BLAS only spins (far worse on a busy machine); the model is read, never
     # changed, so its float64 copies are checked for changes once
     with single_threaded_blas(), unchanged():
-        return fish_batch(model, inputs, labels, opts, start)
+        norm = opts.normalization
+        if norm is None:
+            return fish_batch(model, inputs, labels, opts, start)
+        inner = replace(opts, normalization=None, data_range=opts.data_range or norm.pixel_range)
+        result, pixels = in_pixels(model, inputs, norm, lambda reading, x: fish_batch(reading, x, labels, inner, start))
+        return replace(result, inputs=normalised_back(result.inputs, pixels, inputs, norm), options=opts)
 
 
 def _undetermined(net, report, k: int) -> str:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.errors import FedleakError, SolverError
 from fedleak.fishing.lp import LPSettings
 from fedleak.fishing.sample_lp import POINT
@@ -69,6 +70,10 @@ class FishingOptions:
     ``data_range``: ``(low, high)`` the perturbed values stay in (the LP box and the final clamp; PSNR peak
     ``high - low``). None: [0, 1] when the batch lies in it, else the batch's own [min, max] (stated in
     :attr:`FishingResult.data_range`); pass it for data in [-1, 1], 0..255 or normalised space.
+    ``normalization``: how the inputs were normalised before the model (a :class:`~fedleak.data.Normalization`, a
+    data set's ``.normalization``): their pixels are fished, so each channel keeps to the pixels' range
+    (``data_range``, then in pixels, defaults to the normalisation's ``pixel_range``), sizes and PSNR are in pixels,
+    and the fished batch is normalised back (a sample left unperturbed is sent as it was).
     ``targets_last`` / ``targets_other``: ExANs to create per sample at the last / every other ReLU layer.
     ``solver``: LP backend (see ``fedleak.fishing.available_solvers()``); ``time_limit`` per LP, seconds.
     ``workers``: processes solving per-sample LPs concurrently (1: in this process; None: one per core).
@@ -98,10 +103,12 @@ class FishingOptions:
     check_fraction: float = 0.5
     data_range: tuple[float, float] | None = None
     solve_check: bool = True
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         validate_fields(self, error=SolverError)  # types and signs first, then the checks below
         object.__setattr__(self, "data_range", check_data_range(self.data_range, error=SolverError))
+        check_normalization(self.normalization, error=SolverError)
         if self.norm not in NORMS:
             raise SolverError(f"norm must be one of {NORMS}, got '{self.norm}'")
         if not (self.margin > 0 and math.isfinite(self.margin)):
