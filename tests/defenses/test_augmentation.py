@@ -55,6 +55,19 @@ def test_originals_are_scored_as_the_rebuilt_images_show_them(images):
     assert float(match(moved, x, data_range=(0.0, 1.0)).psnr.min()) < 20  # as they are, the frame hides them
 
 
+def test_normalised_data_is_shifted_against_each_channel_s_black():
+    """Bound to data normalised per channel, the frame is each channel's image of a black pixel (CIFAR-10's
+    statistics: three different values), not the channels' lowest value for all."""
+    norm = fedleak.normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    aug = DefenseStack.of("augmentation:padding=2").bind(data_range=norm.input_range, normalization=norm).defenses[0]
+    x = norm.apply(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    shifted = aug.place(x, Placement(2, 0, False))
+    black = norm.apply(torch.zeros(1, 3, 1, 1)).reshape(3)
+    assert torch.allclose(shifted[:, :, :2, :].amin(dim=(0, 2, 3)), black, atol=1e-6)
+    assert torch.allclose(shifted[:, :, :2, :].amax(dim=(0, 2, 3)), black, atol=1e-6)
+    assert torch.allclose(norm.invert(shifted[:, :, :2, :]), torch.zeros(2, 3, 2, 8), atol=1e-6)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("augmentation:padding=-1", "padding"),
     ("augmentation:flip=false,padding=0", "leaves every image as it is"),

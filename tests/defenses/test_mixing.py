@@ -141,6 +141,23 @@ def test_instahide_data_range(batch, mlp):
         make_defense("instahide", data_range=(0.0, 1.0))(mlp, xs, y)
 
 
+def test_instahide_keeps_data_normalised_per_channel_in_each_channel_s_range(batch):
+    """Flipped around each channel's image of the pixels' middle, no channel leaves its own range; flipped around the
+    middle of the channels' union, some values do (three channels of different statistics)."""
+    x, y = batch
+    norm = fedleak.normalization((0.2, 0.5, 0.8), (0.15, 0.25, 0.35))
+    z = norm.apply(x.repeat(1, 3, 1, 1))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * x[0].numel(), 10))
+    outside = {}
+    for told in (False, True):
+        defense = DefenseStack.of("instahide").bind(data_range=norm.input_range,
+                                                      normalization=norm if told else None).defenses[0]
+        torch.manual_seed(0)
+        pixels = norm.invert(defense(model, z, y)[0].double())
+        outside[told] = int(((pixels < -1e-6) | (pixels > 1 + 1e-6)).sum())
+    assert outside[False] > 0 and outside[True] == 0
+
+
 @pytest.mark.parametrize("spec, match", [
     ("mixup:k=1", "k"), ("mixup:alpha=0", "alpha"), ("mixup:alpha=-1", "alpha"), ("mixup:num_classes=1", "num_classes"),
     ("mixup:alpha=abc", "alpha"), ("mixup:colour=red", "colour"), ("instahide:k=1", "k"), ("instahide:k=2.5", "k"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fedleak
-from fedleak.defenses import reduce_exclusivity
+from fedleak.defenses import DefenseStack, reduce_exclusivity
 from fedleak.fishing import fish
 
 
@@ -92,3 +92,22 @@ def test_pixel_range_0_255(fashion):
     assert float(res.inputs.min()) >= 0 and float(res.inputs.max()) <= 255
     assert res.certifiable_after.all()
     np.testing.assert_array_less(np.array([s.linf for s in res.samples]), 255 * 0.5)
+
+
+def test_data_normalised_in_float32_is_held_by_its_own_stated_range(fashion):
+    """``Dataset.normalized`` states its range exactly ((0 - mean) / std in float64); the float32 data reaches it
+    rounded, a hair below: the searches and defenses that keep to it take the data as it is (they refused it), and
+    leave an unmoved value exactly as it was; a value truly outside is still refused."""
+    data = fashion.normalized(0.2860, 0.3530)
+    x, y = data.batch(8, seed=1)
+    lo, hi = data.value_range
+    assert float(x.min()) < lo  # the rounding this is about
+    model = fedleak.make_mlp(data.input_shape, [256], 10, seed=0)
+    res = fish(model, x, y, data_range=data.value_range)
+    assert res.data_range[0] == float(x.min()) and res.data_range[1] == hi
+    unmoved = [s.index for s in res.samples if not s.perturbed]
+    assert all(torch.equal(res.inputs[i], x[i]) for i in unmoved)
+    assert reduce_exclusivity(model, x, y, data_range=data.value_range).protected
+    DefenseStack.of("instahide").bind(data_range=data.value_range, num_classes=10).transform(model, x, y)
+    with pytest.raises(fedleak.FedleakError, match=r"leave the data range \[-0.810198\d*, 2.0226628\d*\]"):
+        fish(model, x - 1e-3, y, data_range=data.value_range)

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import OptionError
 from fedleak.validation import check_data_range
@@ -42,7 +43,8 @@ class Placement:
 class Augmentation(BatchDefense):
     """Random horizontal flip (``flip``, probability 1/2) and random crop after padding by ``padding`` pixels of
     ``fill`` (a shift of up to ``padding`` pixels in each direction) of every image ``(N, C, H, W)``; labels
-    unchanged. ``fill=None``: the low end of the data's range once the stack is bound to the data (black), else 0.
+    unchanged. ``fill=None``: black once the stack is bound to the data: the low end of the data's range, or, for data
+    normalised per channel (``normalization``), each channel's image of the pixels' low end; else 0.
     """
 
     name: ClassVar[str] = "augmentation"
@@ -56,18 +58,24 @@ class Augmentation(BatchDefense):
     padding: int = 4
     fill: float | None = field(default=None, metadata={"low": None})  # any value: normalised data goes below 0
     data_range: tuple[float, float] | None = None
+    normalization: Normalization | None = None
 
     def check(self) -> None:
         object.__setattr__(self, "data_range", check_data_range(self.data_range, error=OptionError))
+        check_normalization(self.normalization, error=OptionError)
         if not self.flip and self.padding == 0:
             raise OptionError(f"defense '{self.name}' with flip=False and padding=0 leaves every image as it is: "
                               "set flip=True or a padding of at least 1")
 
     @property
-    def fill_value(self) -> float:
-        """The value shifted into the frame."""
+    def fill_value(self) -> float | torch.Tensor:
+        """The value shifted into the frame: one number, or one per channel (``C x 1 x 1``) for normalised data."""
         if self.fill is not None:
             return float(self.fill)
+        if self.normalization is not None:
+            low, norm = self.normalization.pixel_range[0], self.normalization
+            black = [(low - m) / s for m, s in zip(norm.mean, norm.std)]
+            return torch.tensor(black, dtype=torch.float64).view(-1, 1, 1)
         return float(self.data_range[0]) if self.data_range is not None else 0.0
 
     def __call__(self, model: nn.Module, inputs: torch.Tensor,
@@ -130,13 +138,14 @@ class Augmentation(BatchDefense):
                               f"width ({h} x {w}), got {self.padding}")
 
 
-def _shifted(images: torch.Tensor, down: int, right: int, fill: float) -> torch.Tensor:
+def _shifted(images: torch.Tensor, down: int, right: int, fill: float | torch.Tensor) -> torch.Tensor:
     """``images`` (``(..., H, W)``) with their content moved ``down`` rows and ``right`` columns (negative: up,
-    left), ``fill`` where nothing moved in."""
+    left), ``fill`` (a number, or one per channel) where nothing moved in."""
     if down == 0 and right == 0:
         return images.clone()
     h, w = images.shape[-2:]
-    out = torch.full_like(images, fill)
+    out = torch.empty_like(images)
+    out[...] = torch.as_tensor(fill, dtype=images.dtype, device=images.device)
     src_r, dst_r = (slice(0, h - down), slice(down, h)) if down >= 0 else (slice(-down, h), slice(0, h + down))
     src_c, dst_c = (slice(0, w - right), slice(right, w)) if right >= 0 else (slice(-right, w), slice(0, w + right))
     out[..., dst_r, dst_c] = images[..., src_r, src_c]

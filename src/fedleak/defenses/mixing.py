@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import OptionError
 from fedleak.fishing.perturb import resolve_data_range
@@ -145,7 +146,9 @@ class InstaHide(BatchDefense):
     range: ``x' = (mix - mid) * s + mid`` with ``s`` uniform in {-1, +1}, so ``|x' - mid| = |mix - mid|`` and
     ``x'`` stays in the range. ``data_range`` (None: [0, 1] when the batch lies in it, else the batch's own
     [min, max]) and ``num_classes`` (None: the model's output width) are filled by
-    :meth:`~fedleak.defenses.DefenseStack.bind` where known. The cross-dataset variant, which also mixes in
+    :meth:`~fedleak.defenses.DefenseStack.bind` where known; for data normalised per channel, so is
+    ``normalization``, and the middle is each channel's image of the pixels' middle (``data_range`` then in pixels),
+    so every channel stays in its own range. The cross-dataset variant, which also mixes in
     public images (and gives their mixing weight no label), is not implemented.
     """
 
@@ -157,16 +160,21 @@ class InstaHide(BatchDefense):
     k: int = 4
     data_range: tuple[float, float] | None = None
     num_classes: int | None = None
+    normalization: Normalization | None = None
 
     def check(self) -> None:
         check_mixing(self, self.k, self.num_classes)
         object.__setattr__(self, "data_range", check_data_range(self.data_range, error=OptionError))
+        check_normalization(self.normalization, error=OptionError)
 
     def __call__(self, model: nn.Module, inputs: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = resolve_data_range(inputs, self.data_range, "instahide")
+        norm = self.normalization
+        lo, hi = resolve_data_range(inputs if norm is None else norm.invert(inputs), self.data_range, "instahide")
         mixed, soft, _ = mix_batch(model, inputs, labels, self.k, 1.0, self.num_classes)
-        mid = 0.5 * (lo + hi)
+        mid: float | torch.Tensor = 0.5 * (lo + hi)
+        if norm is not None:  # each channel's image of the pixels' middle
+            mid = norm.apply(torch.full((1, len(norm.mean), 1, 1), mid, dtype=mixed.dtype, device=mixed.device))
         signs = torch.randint(0, 2, mixed.shape).to(mixed.dtype) * 2 - 1
         return (mixed - mid) * signs + mid, soft
 

@@ -26,11 +26,14 @@ from fedleak.validation import check_data_range, options_from, validate_fields
 
 NORMS = tuple(POINT)  # "l2", "l1", "linf": the point each per-sample LP asks for
 REGION_FRACTION = 0.01  # units kept on their side of a region stay margin*REGION_FRACTION away from zero
+RANGE_ULPS = 4.0  # how far past a data range's ends, in the inputs' epsilons of the range's size, rounding may put them
 
 
 def resolve_data_range(inputs: torch.Tensor, data_range: Sequence[float] | None, what: str) -> tuple[float, float]:
-    """The range the perturbed values must stay in: ``data_range`` when given (the inputs must lie in it),
-    else [0, 1] when the batch lies in it, else the batch's own [min, max]."""
+    """The range the perturbed values must stay in: ``data_range`` when given (the inputs must lie in it, up to
+    :data:`RANGE_ULPS` of their dtype's rounding of its ends, which then widens it to hold them: data normalised in
+    float32 reaches ``(0 - mean) / std`` rounded, a hair past the exact end), else [0, 1] when the batch lies in it,
+    else the batch's own [min, max]."""
     if not inputs.is_floating_point():
         raise FedleakError(f"the inputs are {inputs.dtype}: {what} moves values by fractions of a unit, which that "
                            "dtype cannot hold; pass floating-point inputs (e.g. x.float())")
@@ -42,11 +45,12 @@ def resolve_data_range(inputs: torch.Tensor, data_range: Sequence[float] | None,
             raise FedleakError(f"every input value is {lo_x:g}, outside [0, 1]: {what} cannot tell the data range; "
                                "pass data_range=(low, high)")
         return lo_x, hi_x
-    lo, hi = data_range
-    if lo_x < lo or hi_x > hi:
-        raise FedleakError(f"the inputs (values {lo_x:g}..{hi_x:g}) leave the data range [{lo:g}, {hi:g}] that {what} "
-                           "keeps them in; pass the range your data lives in as data_range=(low, high)")
-    return float(lo), float(hi)
+    lo, hi = (float(v) for v in data_range)
+    slack = RANGE_ULPS * float(torch.finfo(inputs.dtype).eps) * max(abs(lo), abs(hi), 1.0)
+    if lo_x < lo - slack or hi_x > hi + slack:
+        raise FedleakError(f"the inputs (values {lo_x:.9g}..{hi_x:.9g}) leave the data range [{lo:.9g}, {hi:.9g}] "
+                           f"that {what} keeps them in; pass the range your data lives in as data_range=(low, high)")
+    return min(lo, lo_x), max(hi, hi_x)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
