@@ -60,6 +60,11 @@ class Normalization:
         mean, std = self._stats(inputs)
         return inputs * std + mean
 
+    def of_pixel(self, value: float, dtype: torch.dtype = torch.float64, device: object = None) -> torch.Tensor:
+        """The normalised values (``1 x C x 1 x 1``) of a pixel that is ``value`` in every channel: black, the middle
+        of the range."""
+        return self.apply(torch.full((1, len(self.mean), 1, 1), float(value), dtype=dtype, device=device))
+
     @property
     def input_range(self) -> tuple[float, float]:
         """The (low, high) every normalised value lies in (the union over channels)."""

@@ -73,9 +73,7 @@ class Augmentation(BatchDefense):
         if self.fill is not None:
             return float(self.fill)
         if self.normalization is not None:
-            low, norm = self.normalization.pixel_range[0], self.normalization
-            black = [(low - m) / s for m, s in zip(norm.mean, norm.std)]
-            return torch.tensor(black, dtype=torch.float64).view(-1, 1, 1)
+            return self.normalization.of_pixel(self.normalization.pixel_range[0])[0]
         return float(self.data_range[0]) if self.data_range is not None else 0.0
 
     def __call__(self, model: nn.Module, inputs: torch.Tensor,

@@ -174,7 +174,7 @@ class InstaHide(BatchDefense):
         mixed, soft, _ = mix_batch(model, inputs, labels, self.k, 1.0, self.num_classes)
         mid: float | torch.Tensor = 0.5 * (lo + hi)
         if norm is not None:  # each channel's image of the pixels' middle
-            mid = norm.apply(torch.full((1, len(norm.mean), 1, 1), mid, dtype=mixed.dtype, device=mixed.device))
+            mid = norm.of_pixel(mid, mixed.dtype, mixed.device)
         signs = torch.randint(0, 2, mixed.shape).to(mixed.dtype) * 2 - 1
         return (mixed - mid) * signs + mid, soft
 
