@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.defenses import DefenseStack
+from fedleak.defenses import DefenseStack, make_defense
 from fedleak.defenses.exclusivity_reduction import reduce_exclusivity
 from fedleak.fishing.through_map import first_layer_batch
 
@@ -167,6 +167,8 @@ def test_exclusivity_reduction_of_normalised_data_keeps_every_channel_in_range(n
     defense = DefenseStack.of("exclusivity-reduction").bind(data_range=CIFAR.input_range,
                                                                       normalization=CIFAR).defenses[0]
     assert defense.normalization == CIFAR and defense.data_range == (0.0, 1.0)  # the pixels' range, not the union
+    given = DefenseStack((make_defense("exclusivity-reduction", data_range=(-2.5, 2.5)),)).bind(normalization=CIFAR)
+    assert given.defenses[0].normalization is None and given.defenses[0].data_range == (-2.5, 2.5)  # as the user said
     sent, labels = defense(model, z, y)
     assert defense.last_result.protected and _outside(sent) == 0
     assert fedleak.reconstruct(model, _gradient(model, sent, labels)).num_certified == 0

@@ -87,15 +87,17 @@ class DefenseStack:
     def bind(self, *, data_range: tuple[float, float] | None = None, num_classes: int | None = None,
              normalization: Normalization | None = None) -> DefenseStack:
         """The stack with the data's range and number of classes filled in where a defense left them unset; for data
-        normalised before the model, a defense that perturbs pixels (a ``normalization`` field) gets the
-        ``normalization`` and, as its range, the pixels'."""
+        normalised before the model, a defense that works per channel (a ``normalization`` field) and was given
+        neither gets the ``normalization`` and, as its range, the pixels'."""
         known = {"data_range": None if data_range is None else tuple(float(v) for v in data_range),
                  "num_classes": num_classes}
         out = []
         for d in self.defenses:
             names = {f.name for f in dataclasses.fields(d)}
+            per_channel = normalization is not None and "normalization" in names and d.normalization is None \
+                and d.data_range is None  # (a range the user gave is in the data's units: left as it is)
             told = {**known, "normalization": normalization, "data_range": normalization.pixel_range} \
-                if normalization is not None and "normalization" in names else known
+                if per_channel else known
             fill = {k: v for k, v in told.items() if k in names and v is not None and getattr(d, k) is None}
             out.append(dataclasses.replace(d, **fill) if fill else d)
         return DefenseStack(tuple(out))
