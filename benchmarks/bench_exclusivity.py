@@ -144,12 +144,11 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows.extend(json.loads(out.strip().splitlines()[-1]))
             print(f"{ds} width {w}: done", file=sys.stderr)
-    from run_meta import run_meta  # (imports torch: the cells run in their own processes)
+    from run_meta import run_meta, write_results  # (imports torch: the cells run in their own processes)
 
     meta = run_meta("python benchmarks/bench_exclusivity.py" + (" --quick" if args.quick else ""), trials=args.trials,
                     repeats=args.repeats, seed=args.seed)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(RESULTS, meta=meta, rows=rows)
     _write_doc(rows, meta)
     print(_table(rows))
 

@@ -15,12 +15,11 @@ Results go to ``benchmarks/results/focal.json`` and the table to ``docs/benchmar
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 
 import fedleak
 
@@ -88,7 +87,7 @@ def main() -> None:
             for name, widths, m, lr in CELLS]
     meta = run_meta(f"python benchmarks/bench_focal.py --batches {args.batches} --gammas {args.gammas} "
                     f"--seed {args.seed}", seed=args.seed, batches=args.batches, gammas=list(gammas))
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(RESULTS, meta=meta, rows=rows)
     body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; "
             f"default-initialised MLPs, {args.batches} batches per row, γ = {args.gammas} in turn, seed {args.seed}; "
             "every batch sent by a cross-entropy client and by a focal client, the latter read without and with "

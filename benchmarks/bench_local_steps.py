@@ -23,14 +23,13 @@ to ``benchmarks/results/local_steps.json`` and the tables to ``docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -213,7 +212,7 @@ def main() -> None:
     meta = run_meta(f"python benchmarks/bench_local_steps.py --batches {args.batches} --seed {args.seed} "
                     f"--budget {args.budget:g}", seed=args.seed, batches=args.batches, budget=args.budget,
                     clients=CLIENTS)
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "auto": autos}, indent=1))
+    write_results(RESULTS, meta=meta, rows=rows, auto=autos)
     body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; clients "
             "`fedleak.fedavg_update` (training mode), the number of local steps not declared, batch size reported; "
             f"{args.batches} batches of 8 and of 32 per row (\"8 / 32\"); \"exact\": max abs error <= 1e-4 of the "

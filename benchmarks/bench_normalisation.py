@@ -16,14 +16,13 @@ Results go to ``benchmarks/results/normalisation.json`` and the table to docs/be
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -134,8 +133,7 @@ def main() -> None:
         rows.append(cell(*spec, seed=args.seed))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
     meta = run_meta(f"python benchmarks/bench_normalisation.py --seed {args.seed}", seed=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(args.out, meta=meta, rows=rows)
     if args.out == RESULTS:
         body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; user "
                 "classes at torch's default initialisation that normalise inside `forward` (`(x - self.mean) / "

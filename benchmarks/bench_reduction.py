@@ -25,14 +25,13 @@ Results go to ``benchmarks/results/reduction.json`` and the tables to docs/bench
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -195,8 +194,7 @@ def main() -> None:
     use = [utility(train, fm, defend, args.seed) for defend in (False, True)]
     meta = run_meta(f"python benchmarks/bench_reduction.py --seeds {args.seeds} --seed {args.seed}", seed=args.seed,
                     seeds=args.seeds)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "large_batches": large, "utility": use}, indent=1))
+    write_results(args.out, meta=meta, rows=rows, large_batches=large, utility=use)
     if args.out == RESULTS:
         body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; a "
                 "user's `nn.Module` (`x.view`, `F.relu`, 1024 hidden units), at torch's default initialisation or "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from bench_precision import UserMLP
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
@@ -142,8 +142,7 @@ def main() -> None:
     meta = run_meta(f"python benchmarks/bench_repeats.py --clients {args.clients} --seed {args.seed} "
                     f"--budget {args.budget:g}", seed=args.seed, clients=args.clients, budget=args.budget,
                     local_examples=LOCAL, dirichlet_alpha=ALPHA)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(args.out, meta=meta, rows=rows)
     before = json.loads(BEFORE.read_text())["rows"] if BEFORE.exists() and args.out != BEFORE else []
     if args.out == RESULTS:
         false = sum(r[a]["false"] for r in rows for a in ATTACKS)

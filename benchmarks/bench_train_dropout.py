@@ -20,14 +20,13 @@ Results go to ``benchmarks/results/train_dropout.json`` and the table to ``docs/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -137,7 +136,7 @@ def main() -> None:
         rows.append(cell(data, m, steps, args.seeds, args.seed, args.p))
     meta = run_meta(f"python benchmarks/bench_train_dropout.py --seeds {args.seeds} --seed {args.seed} "
                     f"--p {args.p:g}", seed=args.seed, seeds=args.seeds, p=args.p)
-    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(RESULTS, meta=meta, rows=rows)
     body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; a user's "
             f"`nn.Module` (`x.view`, `F.relu`, `nn.Dropout({args.p:g})` after the hidden ReLU, 1024 hidden units, "
             f"torch's default initialisation), {args.seeds} batches per row, batch size reported; \"exact\": max abs "

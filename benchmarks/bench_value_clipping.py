@@ -15,14 +15,13 @@ Results go to ``benchmarks/results/value_clipping.json`` and the table to docs/b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 from bench_precision import UserMLP, score, summarise
 from doc_section import write_section
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch.nn import functional as F
 
 import fedleak
@@ -93,8 +92,7 @@ def main() -> None:
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
     meta = run_meta(f"python benchmarks/bench_value_clipping.py --seeds {args.seeds} --seed {args.seed} "
                     f"--budget {args.budget:g}", seed=args.seed, seeds=args.seeds, budget=args.budget)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(args.out, meta=meta, rows=rows)
     if args.out == RESULTS:
         false = sum(r[a]["false"] for r in rows for a in ATTACKS)
         body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; a user's "

@@ -15,12 +15,11 @@ Results go to ``benchmarks/results/hunt_clipped_one_sample.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -85,8 +84,7 @@ def main() -> None:
               f"{r['worst_error']:.1e} of the range", flush=True)
     meta = run_meta(f"python benchmarks/hunt_clipped_one_sample.py --seeds {args.seeds}", seeds=args.seeds,
                     fractions=list(FRACTIONS))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_results(args.out, meta=meta, rows=rows)
     total = {k: sum(r[k] for r in rows) for k in ("gradients", "certified", "false")}
     print(f"all: {total['gradients']} gradients, {total['certified']} certified, {total['false']} false")
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
-from run_meta import run_meta
+from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -117,8 +116,7 @@ def main() -> None:
                          "differ": differ})
         print(name, {k: v for k, v in totals.items()}, flush=True)
     meta = run_meta(f"python benchmarks/hunt_output_affine.py --seed {args.seed}", seed=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "totals": totals, "rows": rows}, indent=1))
+    write_results(args.out, meta=meta, totals=totals, rows=rows)
     print(totals)
 
 

@@ -1,17 +1,21 @@
-"""What a benchmark's results file records of the run that wrote it: the date, fedleak's version and path, the machine,
-torch and the other packages' versions, torch's thread count, the benchmark's own settings and the command."""
+"""What a benchmark's results file records of the run that wrote it (the date, fedleak's version and path, the
+machine, torch and the other packages' versions, torch's thread count, the benchmark's own settings and the command),
+and the file itself, written atomically."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
 
 import fedleak
 from fedleak.federation.run import package_versions
 from fedleak.nets.blas import cpu_model
+from fedleak.report.output import write_atomic
 
 
 def machine() -> str:
@@ -25,3 +29,9 @@ def run_meta(command: str, **settings: object) -> dict[str, object]:
     return {"date": time.strftime("%Y-%m-%d"), "fedleak": fedleak.__version__, "fedleak_path": fedleak.__file__,
             "machine": machine(), "torch": torch.__version__, "versions": package_versions(), "torch_threads": 1,
             **settings, "command": command}
+
+
+def write_results(path: Path, **content: object) -> None:
+    """``content`` (its ``meta`` first) as ``path``'s JSON, written atomically, the folder made where missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(content, indent=1))
