@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from user_models import sized_gradient
 
 import fedleak
 from fedleak.errors import ModelError
@@ -297,3 +298,30 @@ def test_a_model_the_exact_methods_do_not_read_is_peeled_for_the_first_layer_att
         fedleak.reconstruct(model, grads)
     rec = fedleak.reconstruct(model, grads, attack="first-layer", num_examples=1)
     assert rec.num_certified == 1 and float((rec.inputs.reshape(1, -1) - x.reshape(1, -1)).abs().max()) < 1e-5
+
+
+class PlainNumbers(nn.Module):
+    """A normalisation by Python numbers held as attributes (``self.mean = 0.286``), which tracing bakes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean, self.std = 0.286, 0.353
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(((x - self.mean) / self.std).flatten(1))))
+
+
+def test_a_changed_number_attribute_is_read_anew(digits):
+    """The same model object with its mean and std changed between two attacks: the second map is the new one (a
+    map read once and kept gave 8 false certificates of 8: the first layer's inputs mapped back by the old map)."""
+    torch.manual_seed(0)
+    model = PlainNumbers().eval()
+    x, y = digits.batch(6, seed=3)
+    for mean, std in ((0.286, 0.353), (0.5, 0.25)):
+        model.mean, model.std = mean, std
+        rec = fedleak.reconstruct(model, sized_gradient(model, x, y))
+        score = fedleak.metrics.match(rec, x, y, data_range=digits.value_range)
+        assert rec.num_certified >= 4 and score.false_certificates == 0 and int(score.exact.sum()) >= rec.num_certified
+        assert any(f"z = {1 / std:.6g} x" in n for n in rec.notes)

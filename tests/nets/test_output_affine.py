@@ -142,3 +142,16 @@ def test_what_is_not_a_constant_scale_is_refused_by_name(model, needle):
     update = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     with pytest.raises(ModelError, match=needle):
         fedleak.reconstruct(model.eval(), update)
+
+
+def test_a_changed_temperature_is_folded_anew(digits):
+    """The same model object with its temperature (a Python number, baked into the trace) changed between two
+    attacks: the second fold is the new one (the one read first and kept certified nothing of the second)."""
+    torch.manual_seed(5)
+    model = Tempered(64, 10, temperature=2.0).eval()
+    x, y = digits.batch(8, seed=1)
+    for temperature in (2.0, 0.25):
+        model.temperature = temperature
+        rec = fedleak.reconstruct(model, _nll_gradient(model, x, y))
+        assert rec.num_certified >= 6 and fedleak.metrics.match(rec, x, y).false_certificates == 0
+        assert any(f"a scale of {1 / temperature:g}" in n for n in rec.notes)

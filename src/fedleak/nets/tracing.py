@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import numbers
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterator
@@ -195,9 +196,27 @@ def _model_shape(model: nn.Module) -> tuple[int, ...]:
     return _UNTRACED_SHAPES.get(model, None, lambda: untraced_input_shape(model)[0])
 
 
+#: the types of plain values a module may hold that tracing bakes into the graph where ``forward`` reads them
+_PLAIN = frozenset({int, float, bool, str, type(None)})
+
+
+def _plain_attributes(module: nn.Module) -> tuple:
+    """``module``'s public attributes that hold plain values (numbers, strings, tuples of them): ``self.temperature =
+    2.0``, ``self.mean = 0.5``, Dropout's ``p``. Tracing bakes those ``forward`` reads into the graph, so a change of
+    one is a change of what the trace computes."""
+    return tuple([(k, v) for k, v in module.__dict__.items() if k[0] != "_" and (_plain(v) or (
+        type(v) is tuple and all(_plain(e) for e in v)))])
+
+
+def _plain(value: object) -> bool:
+    """A number (Python's or numpy's), a string or None."""
+    return type(value) in _PLAIN or isinstance(value, numbers.Number)
+
+
 def model_structure(model: nn.Module) -> tuple:
-    """What tracing depends on: the modules (identity, type, mode) and every tensor's shape, dtype and device."""
-    mods = tuple((name, id(m), type(m), m.training) for name, m in model.named_modules())
+    """What tracing depends on: the modules (identity, type, mode, plain attributes) and every tensor's shape, dtype
+    and device."""
+    mods = tuple((name, id(m), type(m), m.training, _plain_attributes(m)) for name, m in model.named_modules())
     tensors = tuple((name, tuple(t.shape), t.dtype, t.device)
                     for name, t in (*model.named_parameters(), *model.named_buffers()))
     return mods, tensors, getattr(model, "input_shape", None)
