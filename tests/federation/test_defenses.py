@@ -5,6 +5,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,28 @@ def test_settings_check_the_defenses_before_anything_starts():
     assert s.upload == "weights"  # Flower's DP mods clip reply - sent: weights, not an uploaded change
     assert FederationSettings(defenses=("top-k:ratio=0.1",)).upload == "delta"
     assert FederationSettings.from_json(s.to_json()) == s and json.loads(s.to_json())["defenses"] == list(s.defenses)
+
+
+def test_a_client_of_data_normalised_per_channel_keeps_every_channel_in_range(tmp_path):
+    """Colour patches the model sees normalised per channel (an ``.npz`` with ``mean``/``std``, channels far apart):
+    the fishing the server ships and the client's InstaHide keep each channel inside the pixels' range (InstaHide
+    flipped around the middle of the channels' union left 8,274 values outside)."""
+    from fedleak.federation.client import local_update
+    from fedleak.federation.settings import data_split, make_model
+
+    retina = fedleak.load_dataset("retina")
+    mean, std = (0.1, 0.5, 0.9), (0.1, 0.3, 0.5)
+    np.savez(tmp_path / "colour.npz", x=retina.x[:400].numpy(), y=retina.y[:400].numpy(), mean=mean, std=std)
+    norm = fedleak.normalization(mean, std)
+    for threat, specs in (("fishing", ()), ("honest", ("instahide",))):
+        s = FederationSettings(data=str(tmp_path / "colour.npz"), hidden=(256,), batch_size=8, test_size=50,
+                               public_size=10, threat=threat, defenses=specs)
+        split = data_split(s.data, s.test_size, s.public_size)
+        assert split.normalization == norm
+        done = local_update(make_model(s, split), s, partition_id=0, server_round=1)
+        pixels = norm.invert(done.inputs.double())
+        assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
+        assert not torch.equal(done.inputs, done.original)  # fished (or mixed) indeed
 
 
 def test_the_client_round_runs_its_defenses_but_leaves_flowers_to_flower():

@@ -73,6 +73,11 @@ def test_node_data_round_trip_and_bad_folder(tmp_path):
                                 run_config={})) is None
     with pytest.raises(DataError, match="holds no data.safetensors"):
         read_node_data(tmp_path / "missing")
+    assert node.normalization is None
+    norm = fedleak.normalization((0.3,), (0.4,))
+    write_node_data(tmp_path / "z", norm.apply(d.x[:30]), d.y[:30], num_classes=10, value_range=norm.input_range,
+                    partition=1, normalization=norm)
+    assert read_node_data(tmp_path / "z").normalization == norm  # a SuperNode's fishing and defenses work per channel
 
 
 def test_the_client_scores_the_servers_reconstruction_through_a_message(tmp_path, server_identity):

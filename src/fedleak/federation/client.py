@@ -102,8 +102,9 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     n = len(x_all)
     batches = _batches(settings, n, partition_id, gen)
     split = data_split(settings.data, settings.test_size, settings.public_size) if data is None else data
-    stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes)
-    shipped = get_threat(settings.threat).transform(settings)
+    stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes,
+                                             normalization=split.normalization)
+    shipped = get_threat(settings.threat).transform(settings, split)
     seed = int(gen.integers(2**62))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     pairs = ((x_all[torch.from_numpy(np.asarray(b))], y_all[torch.from_numpy(np.asarray(b))]) for b in batches)
@@ -135,13 +136,14 @@ def check_before_start(settings: FederationSettings, split: DataSplit) -> None:
     import copy
 
     threat = get_threat(settings.threat)
-    shipped = threat.transform(settings)
+    shipped = threat.transform(settings, split)
     model = make_model(settings, split)
     if threat.tamper is not None:
         threat.tamper(copy.deepcopy(model), 1, settings, split)
     if shipped is not None:
         shipped(copy.deepcopy(model), split.test_x[:2], split.test_y[:2])
-    stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes)
+    stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes,
+                                             normalization=split.normalization)
     batch = (split.train_x[: settings.batch_size], split.train_y[: settings.batch_size])
     with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
         defended_local_round(model, [batch], stack, lr=settings.lr, generator=torch.Generator().manual_seed(0))

@@ -111,7 +111,7 @@ def write_partitions(settings: FederationSettings, folder: Path) -> list[Path]:
     for i in range(settings.clients):
         x, y = client_partition(settings, i)
         write_node_data(folder / f"node-{i}", x, y, num_classes=split.num_classes, value_range=split.value_range,
-                        partition=i)
+                        partition=i, normalization=split.normalization)
         dirs.append(folder / f"node-{i}")
     return dirs
 

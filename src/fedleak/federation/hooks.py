@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from fedleak.errors import FedleakError
+from fedleak.federation.node_data import NodeData
 from fedleak.federation.settings import DataSplit, FederationSettings
 from fedleak.registry import Registry
 from fedleak.transforms import BatchTransform
@@ -40,7 +41,8 @@ class Threat:
     description: str
     attack: str
     attack_options: Callable[[FederationSettings], dict[str, Any]]
-    transform: Callable[[FederationSettings], BatchTransform | None]  # shipped to the clients
+    # shipped to the clients, built by each with what it holds of the data (its split, or a SuperNode's own data)
+    transform: Callable[[FederationSettings, DataSplit | NodeData], BatchTransform | None]
     tamper: Callable[[nn.Module, int, FederationSettings, DataSplit], nn.Module] | None = None
     update_kind: str = "gradient"  # what the attack is given: a scaled gradient or the WeightUpdate
 
@@ -91,16 +93,19 @@ def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
                                 **get_attack("auto").range_option(data_range)})
 
 
-def _no_transform(settings: FederationSettings) -> None:
+def _no_transform(settings: FederationSettings, data: DataSplit | NodeData) -> None:
     return None
 
 
 FISHING_DEFAULTS = {"targets_last": 3}  # 3 ExANs at the last layer: a one-step float32 delta certifies reliably
 
 
-def _fishing(settings: FederationSettings) -> BatchTransform:
+def _fishing(settings: FederationSettings, data: DataSplit | NodeData) -> BatchTransform:
     cls = _import("fedleak.fishing", "FishingTransform", "the fishing threat")
-    return cls(**{**FISHING_DEFAULTS, **dict(settings.transform_options)})
+    asked = dict(settings.transform_options)
+    # data normalised before the model: its pixels are fished, each channel in range (unless a range is asked)
+    told = {} if data.normalization is None or "data_range" in asked else {"normalization": data.normalization}
+    return cls(**{**FISHING_DEFAULTS, **told, **asked})
 
 
 def _exclusivity_options(settings: FederationSettings) -> dict[str, Any]:

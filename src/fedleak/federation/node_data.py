@@ -2,7 +2,7 @@
 
 On Flower's deployment runtime each SuperNode is a separate process (usually on its own machine) that trains on
 data it holds. :func:`write_node_data` puts one client's samples in a folder (``data.safetensors``: ``x``, ``y``
-and, as metadata, the input shape, class count, value range and partition id); the ClientApp
+and, as metadata, the input shape, class count, value range, normalisation (if any) and partition id); the ClientApp
 (:mod:`fedleak.federation.client_app`) finds the folder through its node config (:func:`node_data_of`) and reads
 that folder only. The node also keeps there, under ``truth/``, the batches it trained on, for the evaluation-only
 scoring of :mod:`fedleak.federation.score_channel` (the files never leave the node).
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fedleak.data.normalize import Normalization
 from fedleak.errors import DataError
 from fedleak.report.output import write_bytes_atomic
 
@@ -37,6 +38,7 @@ class NodeData:
     value_range: tuple[float, float]
     partition: int
     folder: Path
+    normalization: Normalization | None = None
 
     @property
     def truth_dir(self) -> Path:
@@ -45,7 +47,8 @@ class NodeData:
 
 
 def write_node_data(folder: str | os.PathLike[str], x: torch.Tensor, y: torch.Tensor, *, num_classes: int,
-                    value_range: tuple[float, float], partition: int) -> Path:
+                    value_range: tuple[float, float], partition: int,
+                    normalization: Normalization | None = None) -> Path:
     """Write one node's samples to ``folder/data.safetensors`` (atomically; the folder is created)."""
     from safetensors.torch import save
 
@@ -53,6 +56,8 @@ def write_node_data(folder: str | os.PathLike[str], x: torch.Tensor, y: torch.Te
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"input_shape": json.dumps([int(d) for d in x.shape[1:]]), "num_classes": str(int(num_classes)),
             "value_range": json.dumps([float(v) for v in value_range]), "partition": str(int(partition))}
+    if normalization is not None:
+        meta["normalization"] = json.dumps(normalization.to_dict())
     write_bytes_atomic(path, save({"x": x.float().contiguous(), "y": y.long().contiguous()}, metadata=meta))
     return path
 
@@ -73,11 +78,12 @@ def read_node_data(folder: str | os.PathLike[str]) -> NodeData:
         shape = tuple(int(d) for d in json.loads(meta["input_shape"]))
         lo, hi = (float(v) for v in json.loads(meta["value_range"]))
         num_classes, partition = int(meta["num_classes"]), int(meta["partition"])
-    except (SafetensorError, KeyError, ValueError, TypeError, OSError) as exc:
+        norm = Normalization(**json.loads(meta["normalization"])) if "normalization" in meta else None
+    except (SafetensorError, KeyError, ValueError, TypeError, OSError, DataError) as exc:
         raise DataError(f"cannot read the node data in {path}: {exc}") from None
     if tuple(x.shape[1:]) != shape or len(x) != len(y) or len(x) == 0:
         raise DataError(f"{path}: x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the input shape {shape}")
-    return NodeData(x, y, shape, num_classes, (lo, hi), partition, Path(folder))
+    return NodeData(x, y, shape, num_classes, (lo, hi), partition, Path(folder), norm)
 
 
 def node_data_of(context) -> NodeData | None:

@@ -81,7 +81,8 @@ def build_strategy(settings: FederationSettings, *, scorer: Scorer | None = None
             return threat.tamper(model, server_round, settings, split)
 
         tamper = _tamper
-    stack = settings.stack.bind(data_range=split.value_range, num_classes=split.num_classes)
+    stack = settings.stack.bind(data_range=split.value_range, num_classes=split.num_classes,
+                                normalization=split.normalization)
     model = make_model(settings, split)
     # the data's input shape: the attacks need not infer it from the layers (a CNN fits larger images too)
     attack = audit_attack(threat, settings, model, tuple(split.input_shape), split.value_range)
@@ -108,8 +109,9 @@ def evaluate_global(model: nn.Module, split: DataSplit, arrays: ArrayRecord,
     the model see them: DisguisedNets' keyed transform)."""
     model.load_state_dict(arrays.to_torch_state_dict())
     with TRACE_LOCK, torch.no_grad():  # an audit thread may be tracing a model (torch.fx patches every forward)
-        x = split.test_x if stack is None else stack.bind(data_range=split.value_range,
-                                                          num_classes=split.num_classes).at_inference(split.test_x)
+        x = split.test_x if stack is None else stack.bind(
+            data_range=split.value_range, num_classes=split.num_classes,
+            normalization=split.normalization).at_inference(split.test_x)
         logits = per_sample_logits(model(x), len(x))  # a binary classifier's squeezed logit as a column
         probability = ends_in_sigmoid(model, logits)  # a binary classifier whose forward ends with a sigmoid
         loss = float(client_loss(logits, split.test_y, probability=probability))

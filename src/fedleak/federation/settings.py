@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from fedleak.clients.mode import check_client_mode
+from fedleak.data.normalize import Normalization
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.federation.audit_pool import check_pool_options
@@ -236,8 +237,9 @@ def parse_fault(text: str) -> tuple[str, int, int | None]:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """The federation's data: clients' pool, the server's public set and its test set, and the data's
-    ``value_range`` (errors are scored in its units)."""
+    """The federation's data: clients' pool, the server's public set and its test set, the data's
+    ``value_range`` (errors are scored in its units) and, for data normalised before the model, its
+    ``normalization`` (what fishing and the per-channel defenses keep each channel's range by)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -247,6 +249,7 @@ class DataSplit:
     input_shape: tuple[int, ...]
     num_classes: int
     value_range: tuple[float, float] = (0.0, 1.0)
+    normalization: Normalization | None = None
 
 
 HELD_OUT = 1000  # the most test (and public) samples a federation holds out unless told
@@ -272,7 +275,8 @@ def data_split(data: str, test_size: int | None, public_size: int | None) -> Dat
     order = split_order(ds.y, test_size)  # a data set sorted by class: a fixed shuffle (fedleak.data.holdout)
     x, y = (ds.x, ds.y) if order is None else (ds.x[order], ds.y[order])
     return DataSplit(x[:n_train], y[:n_train], x[n_train : n_train + public_size],
-                     x[n - test_size :], y[n - test_size :], ds.input_shape, ds.num_classes, ds.value_range)
+                     x[n - test_size :], y[n - test_size :], ds.input_shape, ds.num_classes, ds.value_range,
+                     ds.normalization)
 
 
 def make_model(settings: FederationSettings, split: DataSplit):
