@@ -54,3 +54,27 @@ def test_ground_truth_scorer_without_a_range_uses_the_option_or_the_batch(tmp_pa
     assert GroundTruthScorer(tmp_path)(job, rec).false_certificates == 2  # range [0, 1]: 1.5e-4 > 1e-4
     wide = GroundTruthScorer(tmp_path, data_range=(-1.0, 1.0))(job, rec)
     assert wide.false_certificates == 0 and wide.recovered == 2 and np.isfinite(wide.psnr)
+
+
+def test_ground_truth_scorer_scores_normalised_data_in_pixels(tmp_path):
+    """Data the model sees normalised per channel is scored as the audit scores it: in pixels on the pixels'
+    range. On the normalised values' range (the channels' union, 10.8 wide here) an error of 5e-4 in the model's
+    units passed for exact, and PSNR rose by 11 dB."""
+    retina = fedleak.load_dataset("retina")
+    norm = fedleak.normalization((0.1, 0.5, 0.9), (0.1, 0.3, 0.5))
+    x, y = norm.apply(retina.x[:3].double()).float(), retina.y[:3]
+    assert norm.input_range == (-1.8, 9.0)
+    write_true_batch(tmp_path, 1, 4, TrueBatch(x, x, y, partition=0, value_range=norm.input_range))
+    job = SimpleNamespace(server_round=1, node_id=4)
+    off = fedleak.Reconstruction(inputs=x + 5e-4, labels=y, certified=torch.ones(3, dtype=torch.bool), attack="t")
+    scores = GroundTruthScorer(tmp_path, normalization=norm)(job, off)
+    assert scores.value_range == (0.0, 1.0) and scores.recovered == 0 and scores.false_certificates == 3
+    want = fedleak.metrics.match(off, x, y, normalization=norm)
+    union = fedleak.metrics.match(off, x, y, data_range=norm.input_range)
+    assert int(union.recovered.sum()) == 3  # what the union's range called exact
+    assert scores.psnr == want.mean_psnr() and scores.psnr < union.mean_psnr() - 10
+    original, rebuilt = scores.preview[0][:2]  # shown in pixels, as scored
+    assert np.allclose(original, retina.x[0].numpy(), atol=1e-5) and np.allclose(rebuilt, original, atol=3e-4)
+    exact = fedleak.Reconstruction(inputs=x.clone(), labels=y, certified=torch.ones(3, dtype=torch.bool),
+                                   attack="t")
+    assert GroundTruthScorer(tmp_path, normalization=norm)(job, exact).recovered == 3

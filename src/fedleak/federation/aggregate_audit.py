@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedleak.data.normalize import Normalization
 from fedleak.errors import FedleakError
 from fedleak.federation.aggregate_record import AggregateRecord, ClientShare, Quantization, ServerView
 from fedleak.federation.audit_worker import AuditPlan, uploaded_change
@@ -169,10 +170,12 @@ class UnionScorer:
     against every sample of the round), counts each client's recovered samples, and measures the quantization error
     of the aggregate against the exact weighted average of the clients' uploads."""
 
-    def __init__(self, folder: str | Path, data_range: tuple[float, float] | None = None, preview: int = 8) -> None:
+    def __init__(self, folder: str | Path, data_range: tuple[float, float] | None = None, preview: int = 8,
+                 normalization: Normalization | None = None) -> None:
         self.folder = str(folder)
         self.data_range = tuple(data_range) if data_range is not None else None
         self.preview = int(preview)
+        self.normalization = normalization
 
     def __call__(self, job: AggregateInput, rec: Reconstruction) -> AggregateScores | None:
         from fedleak.federation.ground_truth import GroundTruthScorer, TrueBatch, read_true_batch, write_true_batch
@@ -185,8 +188,9 @@ class UnionScorer:
                           torch.cat([b.labels for b in batches]), -1, batches[0].value_range or self.data_range)
         union_dir = Path(self.folder) / UNION
         write_true_batch(union_dir, job.server_round, 0, union)
-        scores = GroundTruthScorer(union_dir, self.preview, self.data_range)(_BatchKey(job.server_round, 0), rec)
-        m = match(rec, union.inputs, union.labels, data_range=scores.value_range)
+        scorer = GroundTruthScorer(union_dir, self.preview, self.data_range, self.normalization)
+        scores = scorer(_BatchKey(job.server_round, 0), rec)
+        m = match(rec, union.inputs, union.labels, data_range=scores.value_range, normalization=self.normalization)
         recovered, start = [], 0
         for b in batches:
             recovered.append(int(m.recovered[start : start + len(b.inputs)].sum()))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedleak.data.normalize import Normalization
 from fedleak.report.output import write_bytes_atomic
 
 
@@ -73,15 +74,20 @@ class GroundTruthScorer:
     "recovered" (certified, exact, right label) and the false-certificate count (every certified sample
     that is not a distinct sample of the batch, including any beyond the batch size) come from one
     call. Errors are measured on the data's range: the batch's ``value_range``, else ``data_range``,
-    else the batch's min and max. PSNR, SSIM and label accuracy are those of the full reconstruction,
-    uncertified samples included (estimates of what an optimisation attack recovered).
+    else the batch's min and max; for data the model sees normalised (``normalization``), in pixels on the
+    pixels' range, both sides mapped back, as :func:`fedleak.audit` scores it (the normalised values' range, the
+    union of the channels', would loosen "exact" and raise PSNR by its width). The preview is in the same units.
+    PSNR, SSIM and label accuracy are those of the full reconstruction, uncertified samples included (estimates
+    of what an optimisation attack recovered).
     """
 
     def __init__(self, folder: str | os.PathLike[str], preview: int = 8,
-                 data_range: tuple[float, float] | None = None) -> None:
+                 data_range: tuple[float, float] | None = None,
+                 normalization: Normalization | None = None) -> None:
         self.folder = str(folder)
         self.preview = int(preview)
         self.data_range = tuple(data_range) if data_range is not None else None
+        self.normalization = normalization
 
     def __call__(self, job, rec):
         from fedleak.federation.results import Scores
@@ -90,11 +96,14 @@ class GroundTruthScorer:
         truth = read_true_batch(self.folder, job.server_round, job.node_id)
         if truth is None:
             return None
-        data_range = truth.value_range if truth.value_range is not None else self.data_range
-        m = match(rec, truth.inputs, truth.labels, data_range=data_range)
+        norm = self.normalization
+        data_range = None if norm is not None else truth.value_range if truth.value_range is not None \
+            else self.data_range
+        m = match(rec, truth.inputs, truth.labels, data_range=data_range, normalization=norm)
         psnr_orig = m.mean_psnr()
         if truth.original.shape == truth.inputs.shape and not bool((truth.original == truth.inputs).all()):
-            psnr_orig = match(rec, truth.original, truth.labels, data_range=m.data_range).mean_psnr()
+            psnr_orig = match(rec, truth.original, truth.labels, data_range=m.data_range,
+                              normalization=norm).mean_psnr()
         false_reason = dict(m.false_reasons())
         shape = truth.inputs.shape[1:]
         reasons = [s.reason for s in rec.samples] if len(rec.samples) == len(rec) else [""] * len(rec)
@@ -102,20 +111,28 @@ class GroundTruthScorer:
         for i in range(min(self.preview, len(truth.inputs))):
             j = int(m.matched[i])
             if j < 0:
-                pairs.append((truth.inputs[i].numpy(), None, "", ""))
+                pairs.append((self._shown(truth.inputs[i]), None, "", ""))
                 continue
             # the sample paired with it, unclamped: certified (sound or false) or an uncertified estimate
             status = ("false" if j in false_reason else "certified") if bool(rec.certified[j]) else "uncertified"
             reason = false_reason.get(j, "") if status != "uncertified" else reasons[j]
-            pairs.append((truth.inputs[i].numpy(), rec.inputs[j].detach().reshape(shape).numpy(), status, reason))
+            pairs.append((self._shown(truth.inputs[i]), self._shown(rec.inputs[j].reshape(shape)), status, reason))
         paired = {int(j) for j in m.matched if j >= 0}
         for j, reason in false_reason.items():  # certified beyond the batch: no original to pair with
             if j not in paired:
-                pairs.append((None, rec.inputs[j].detach().reshape(shape).numpy(), "false", reason))
+                pairs.append((None, self._shown(rec.inputs[j].reshape(shape)), "false", reason))
         return Scores(len(truth.inputs), int(m.recovered.sum()), m.recovered_fraction, m.mean_psnr(), psnr_orig,
                       m.label_accuracy, m.false_certificates, tuple(pairs),
                       false_certificate_reasons=tuple(false_reason.values()), value_range=m.data_range,
                       ssim=_mean_matched(m.ssim, m.matched))
+
+
+    def _shown(self, sample: torch.Tensor):
+        """One sample as the preview shows it: in pixels where the data is normalised (unclamped)."""
+        sample = sample.detach()
+        if self.normalization is not None:
+            sample = self.normalization.invert(sample[None].double())[0].to(sample.dtype)
+        return sample.numpy()
 
 
 def _mean_matched(values, matched) -> float | None:

@@ -174,11 +174,11 @@ def run_federation(settings: FederationSettings, *, verbose: bool = False,
             from fedleak.federation.secagg import make_secagg_server_app
 
             server_app, audit = make_secagg_server_app(
-                settings, scorer=UnionScorer(gt_dir, split.value_range), ground_truth_dir=gt_dir,
-                on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
+                settings, scorer=UnionScorer(gt_dir, split.value_range, normalization=split.normalization),
+                ground_truth_dir=gt_dir, on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)
         else:
-            strategy, audit = build_strategy(settings, scorer=GroundTruthScorer(gt_dir, data_range=split.value_range),
-                                             on_finding=on_finding,
+            scorer = GroundTruthScorer(gt_dir, data_range=split.value_range, normalization=split.normalization)
+            strategy, audit = build_strategy(settings, scorer=scorer, on_finding=on_finding,
                                              on_update=membership.observe if membership is not None else None)
             server_app = make_server_app(settings, strategy, ground_truth_dir=gt_dir,
                                          on_evaluate=lambda r, a, l: evaluations.__setitem__(r, (a, l)), stop=stop)

@@ -129,7 +129,8 @@ def score_reply(msg: Message, context: Context) -> Message:
     node = node_data_of(context)
     if node is None:
         raise RuntimeError("this node has no data-dir in its node config: it kept no batch to score against")
-    scorer = GroundTruthScorer(node.truth_dir, preview=0, data_range=node.value_range)
+    scorer = GroundTruthScorer(node.truth_dir, preview=0, data_range=node.value_range,
+                               normalization=node.normalization)
     content = RecordDict()
     for server_round in msg.content["config"][ROUNDS_KEY]:
         rec = reconstruction_from(msg.content[f"rebuilt-{int(server_round)}"])

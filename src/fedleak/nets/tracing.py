@@ -167,8 +167,8 @@ def _traced_for_shape(model: nn.Module, shape: tuple[int, ...] | None, defaults:
     :class:`~fedleak.errors.ModelError` of ``err`` where it still does not trace (it depends on the values)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     refusal = ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
-                         "methods need a forward whose control flow does not depend on its input's values (its shape "
-                         "may); 'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and "
+                         "methods need a forward whose control flow does not depend on its input's values, dtype or "
+                         "batch size (its other dimensions may); 'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and "
                          "still apply")
     try:
         shape = shape or _model_shape(model)
