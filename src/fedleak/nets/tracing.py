@@ -168,8 +168,8 @@ def _traced_for_shape(model: nn.Module, shape: tuple[int, ...] | None, defaults:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     refusal = ModelError(f"could not trace {type(model).__name__}.forward with torch.fx ({first}); fedleak's exact "
                          "methods need a forward whose control flow does not depend on its input's values, dtype or "
-                         "batch size (its other dimensions may); 'auto' and the optimisation attacks (dlg, idlg, ig, dlm, dlm+) need only autograd and "
-                         "still apply")
+                         "batch size (its other dimensions may); 'auto' and the optimisation attacks (dlg, idlg, ig, "
+                         "dlm, dlm+) need only autograd and still apply")
     try:
         shape = shape or _model_shape(model)
     except ModelError as why:  # a forward that reads only its input's shape traces for one, which is not known
