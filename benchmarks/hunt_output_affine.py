@@ -9,15 +9,22 @@ weights and the shift added to its bias), on batches of 1, 4 and 8 of sklearn di
 LFW, natural or a sample and its copies moved by noise of 1e-3 (one label), with and without the batch size. Counts:
 certified and false certificates for both, and the cells where the two certify different samples.
 
-    python benchmarks/hunt_output_affine.py          # about five minutes on 2 cores
+``--update weights`` attacks one-step FedAvg weight changes instead (SGD at learning rate 0.1; the second repeat with
+weight decay 5e-3), with the rate known to the server or not in place of the batch size (always reported); the twin
+gets its own change, which rounds at its own weights: "differ" counts the cells where the twin certifies a sample
+the model's change does not.
 
-Results go to ``benchmarks/results/hunt_output_affine.json``.
+    python benchmarks/hunt_output_affine.py                     # about five minutes on 2 cores
+    python benchmarks/hunt_output_affine.py --update weights    # about eight minutes
+
+Results go to ``benchmarks/results/hunt_output_affine.json`` (``hunt_output_affine_weights.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +34,7 @@ from torch.nn import functional as F
 
 import fedleak
 
-RESULTS = Path(__file__).resolve().parent / "results" / "hunt_output_affine.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ("digits", "fashion-mnist", "lfw")
 SCALES = (0.05, 0.5, 2.0, 50.0, "per class", -1.0)
 
@@ -70,6 +77,12 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, size: int | Non
     return fedleak.GradientUpdate({n: g for (n, _), g in zip(model.named_parameters(), grads)}, num_examples=size)
 
 
+def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rate_known: bool, decay: float) -> fedleak.WeightUpdate:
+    """The client's one local SGD step, the rate told to the server or not."""
+    change = fedleak.fedavg_update(model, x, y, lr=0.1, local_steps=1, weight_decay=decay)
+    return change if rate_known else replace(change, learning_rate=None)
+
+
 def batch(data: fedleak.Dataset, size: int, seed: int, copies: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = data.batch(size, seed=seed)
     if copies and size > 1:
@@ -83,8 +96,11 @@ def batch(data: fedleak.Dataset, size: int, seed: int, copies: bool) -> tuple[to
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--update", choices=("gradient", "weights"), default="gradient")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    weights = args.update == "weights"
+    out = args.out or RESULTS / f"hunt_output_affine{'_weights' if weights else ''}.json"
     torch.set_num_threads(1)
     totals = {"cells": 0, "certified": 0, "false": 0, "twin_certified": 0, "twin_false": 0, "differ": 0}
     rows = []
@@ -96,14 +112,19 @@ def main() -> None:
             torch.manual_seed(seed)
             model = Mapped(data.x[0].numel(), data.num_classes, scale, prior, hidden).eval()
             x, y = batch(data, size, seed + 10, copies)
-            count = size if sized else None
-            rec = fedleak.reconstruct(model, gradient(model, x, y, count))
-            other = twin(model)
-            rec_twin = fedleak.reconstruct(other, gradient(other, x, y, count))
+            other = twin(model).float()
+            if weights:  # sized: the learning rate known
+                rec = fedleak.reconstruct(model, step(model, x, y, sized, 5e-3 * rep), attack="exclusivity")
+                rec_twin = fedleak.reconstruct(other, step(other, x, y, sized, 5e-3 * rep), attack="exclusivity")
+            else:
+                count = size if sized else None
+                rec = fedleak.reconstruct(model, gradient(model, x, y, count))
+                rec_twin = fedleak.reconstruct(other, gradient(other, x, y, count))
             score, twin_score = fedleak.metrics.match(rec, x, y), fedleak.metrics.match(rec_twin, x, y)
             false, twin_false = score.false_certificates, twin_score.false_certificates
             # (the uncertified rows either reads may differ: the two gradients differ by float32's rounding)
-            differ = sorted(score.certified_original.tolist()) != sorted(twin_score.certified_original.tolist())
+            mine, theirs = set(score.certified_original.tolist()), set(twin_score.certified_original.tolist())
+            differ = not theirs <= mine if weights else mine != theirs
             totals["cells"] += 1
             totals["certified"] += rec.num_certified
             totals["false"] += false
@@ -111,12 +132,14 @@ def main() -> None:
             totals["twin_false"] += twin_false
             totals["differ"] += int(differ)
             rows.append({"data": name, "scale": scale, "prior": prior, "hidden_scale": hidden, "batch": size,
-                         "repeat": rep, "copies": copies, "sized": sized, "certified": rec.num_certified,
+                         "repeat": rep, "copies": copies, "rate_known" if weights else "sized": sized,
+                         "certified": rec.num_certified,
                          "false": false, "twin_certified": rec_twin.num_certified, "twin_false": twin_false,
                          "differ": differ})
         print(name, {k: v for k, v in totals.items()}, flush=True)
-    meta = run_meta(f"python benchmarks/hunt_output_affine.py --seed {args.seed}", seed=args.seed)
-    write_results(args.out, meta=meta, totals=totals, rows=rows)
+    meta = run_meta(f"python benchmarks/hunt_output_affine.py --seed {args.seed} --update {args.update}",
+                    seed=args.seed)
+    write_results(out, meta=meta, totals=totals, rows=rows)
     print(totals)
 
 

@@ -49,13 +49,6 @@ WEIGHTS_UNREAD = ("the exact route reads a model with BatchNorm1d on a Linear la
                   "its input from its gradients (FedSGD) only: a FedAvg weight change moves the norm's parameters "
                   "with the layers', which the norm's reading does not follow (and clients that train run the norm "
                   "in training mode, which certifies nothing)")
-#: why the exact route does not read a weight update of a model with constant arithmetic on a layer's output
-AFFINE_WEIGHTS_UNREAD = ("the exact route reads a model with constant arithmetic on a Linear layer's output (logits / "
-                         "temperature, + log prior) from its gradients (FedSGD) only: an SGD step moves the folded "
-                         "layer by its scale squared times the learning rate, the others by the rate, which the "
-                         "weight route's one rate does not follow; 'auto' and the optimisation attacks (dlm, dlm+, "
-                         "ig) still apply")
-
 
 # a norm in training mode subtracts the batch's mean, so the Linear bias's gradient before it sums to zero over the
 # batch: at most this share of the weights' largest entry is rounding (in eval mode it is about their size over the
@@ -149,9 +142,15 @@ class FoldedModel:
 
     @property
     def weights_unread(self) -> str:
-        """Why the exact route does not read a weight update of the user's model."""
-        return WEIGHTS_UNREAD if self.input_norm is not None or any(f.norms(self.source) for f in self.folds) \
-            else AFFINE_WEIGHTS_UNREAD
+        """Why the exact route does not read a weight update of the user's model; empty where it does (folds of
+        constant arithmetic only: a step's change is the learning rate times the gradient, which turns into the
+        twin's row by row as the gradient does)."""
+        return WEIGHTS_UNREAD if self.input_norm is not None or any(f.norms(self.source) for f in self.folds) else ""
+
+    @property
+    def row_gain(self) -> float:
+        """The most any folded row's entries grow by on the way to the twin's (:func:`row_gain`, over the folds)."""
+        return max([1.0, *(row_gain(f) for f in self.folds)])
 
     def read_into(self, net: Network) -> Network:
         """``net`` (read from the twin) with the notes and caveats of the norms taken out of it: read in eval mode,
@@ -187,7 +186,7 @@ class FoldedModel:
             misfit = fold.read(self.source, grads)
             if misfit:
                 misfits.append(misfit)
-        error = update.error * max([1.0, *(float(f.scale.abs().reciprocal().max()) for f in self.folds)])
+        error = update.error * self.row_gain
         folded = GradientUpdate(grads, num_examples=update.num_examples, error=error)
         if precision.coarse:  # (its rounding also blurs the identities, to its own epsilon)
             return FoldedGradient(folded, coarse=f"{precision.describe()}, whose rounding the folded layers' rows "
@@ -200,6 +199,12 @@ class FoldedModel:
                 "each tensor to a norm, noise, sparsification): nothing is certified, and no input is read off its "
                 "rows, which mix the batch's samples"))
         return FoldedGradient(folded)
+
+
+def row_gain(fold: Fold) -> float:
+    """The most ``fold``'s rows' entries grow by on the way to the twin's (``max 1 / |a|``, at least 1): what a bound
+    on the user's entries is multiplied by to bound the twin's."""
+    return max(1.0, float(fold.scale.abs().reciprocal().max()))
 
 
 def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:

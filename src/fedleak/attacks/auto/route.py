@@ -54,7 +54,7 @@ def exact_route_reason(model: nn.Module, update: Any, input_shape: tuple[int, ..
     if unread:
         return unread
     fold = None if kind.is_gradient else fold_dense_norms(model)
-    if fold is not None:
+    if fold is not None and fold.weights_unread:
         return fold.weights_unread
     if net.uncertifiable:  # no batch certifies: the budget goes to the optimisation attack
         return net.uncertifiable

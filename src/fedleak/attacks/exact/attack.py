@@ -26,10 +26,10 @@ from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import ModelError
-from fedleak.nets import Network, as_network
-from fedleak.nets.dense_norms import fold_dense_norms
+from fedleak.nets import Network
+from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms, row_gain
 from fedleak.nets.exact_view import exact_view
-from fedleak.nets.input_map import InputMap, peel_input_map
+from fedleak.nets.input_map import InputMap
 from fedleak.nets.network import check_head_trainable
 from fedleak.precision import FLOAT32, Precision, update_precision
 from fedleak.reconstruction import Reconstruction
@@ -168,7 +168,7 @@ def exclusivity_on_weights(
     first mini-batch, taken at ``before``, may pass.
     """
     fold = fold_dense_norms(model)
-    if fold is not None:
+    if fold is not None and fold.weights_unread:
         raise ModelError(fold.weights_unread)
     rec = _on_weights(model, update, input_shape, options, overrides)
     other = other_sign(update) if not rec.num_certified else None
@@ -184,17 +184,19 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     """:func:`exclusivity_on_weights` on ``update`` as it is."""
     names = list(update.parameters_of(model))
     delta = update.delta()
-    at_before, input_map = peel_input_map(model_at_before(model, update), input_shape=input_shape)
+    view = exact_view(model_at_before(model, update), input_shape=input_shape)
+    at_before, input_map, net = view.model, view.input_map, view.net
     lr = update.learning_rate  # known: the change is lr times the gradient at its own scale, 1/M per sample
     asked = resolve_options(options, {**overrides, "known_scale": lr is not None})
     opts = in_first_layer(asked, input_map)
-    net = as_network(at_before, input_shape=input_shape)
     check_head_trainable(model, net)  # a frozen layer's weights do not move: the change holds nothing of it
     delta = {n: delta[n] for n in names}
     noise = step_noises(update.after, delta, update.error)
     decay = read_decay(net, update.before, delta, noise)
-    if decay is not None:  # SGD's weight decay, peeled off with its bound in the noise
+    if decay is not None:  # SGD's weight decay (on the user's weights), peeled off with its bound in the noise
         delta, noise = peel_decay(decay, update.before, delta, noise)
+    if view.fold is not None:  # constant arithmetic on a layer's output: the change read as the twin's, as a gradient
+        delta, noise = folded_change(view.fold, delta, noise)
     if lr is not None:
         delta, noise = at_learning_rate(delta, noise, lr)
     grads = GradientUpdate(delta, num_examples=update.num_examples)
@@ -208,6 +210,23 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
         notes += (SEVERAL_STEPS,)
     rec = replace(rec, notes=(*rec.notes, *notes)) if notes else rec
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
+
+
+def folded_change(fold: FoldedModel, delta: dict[str, torch.Tensor], noise: dict[str, RoundingNoise]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, RoundingNoise]]:
+    """A one-step change of the user's model (the learning rate times its gradient) as the change of ``fold``'s twin
+    at the same rate: each folded row over its scale ``a`` (:meth:`~fedleak.nets.dense_norms.FoldedModel.gradient`),
+    each folded layer's bounds times its largest ``1 / |a|`` (:func:`~fedleak.nets.dense_norms.row_gain`), plus
+    ``eps/2`` of the change for the quotient's rounding."""
+    grads = fold.gradient(GradientUpdate(delta)).update.gradients
+    bounds = dict(noise)
+    for f in fold.folds:
+        for name in (n for n in f.parameter_names() if n in noise):
+            e, half = noise[name], float(torch.finfo(delta[name].dtype).eps) / 2
+            e = replace(e, plus=delta[name], plus_scale=half) if e.plus is None else \
+                replace(e, plus_scale=e.plus_scale + half)
+            bounds[name] = e * row_gain(f)
+    return dict(grads), bounds
 
 
 def at_learning_rate(delta: dict[str, torch.Tensor], noise: dict[str, RoundingNoise], lr: float
