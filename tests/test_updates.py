@@ -148,7 +148,7 @@ class _Head(nn.Module):
     (torch.tensor([[-0.2], [0.3]]), True, [0, 1]),
 ])
 def test_model_predictions_read_one_logit_squeezed_or_not_and_a_final_sigmoid(out, sigmoid, expected):
-    from fedleak.updates import model_predictions
+    from fedleak.client_loss import model_predictions
 
     with torch.no_grad():
         assert model_predictions(_Head(out, sigmoid), torch.zeros(2, 3)).tolist() == expected

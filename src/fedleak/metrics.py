@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from fedleak.client_loss import hard_labels
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
-from fedleak.updates import hard_labels
 from fedleak.validation import all_finite, check_data_range
 
 if TYPE_CHECKING:

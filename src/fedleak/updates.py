@@ -5,7 +5,7 @@
 * :class:`WeightUpdate` is a FedAvg update: the weights before and after the client's local training.
 
 :mod:`fedleak.update_files` stores and reads them; :mod:`fedleak.captured` reads what a server captured as it
-comes (a list of tensors, a client's weights).
+comes (a list of tensors, a client's weights); :mod:`fedleak.client_loss` is the loss they are the gradient of.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
+from fedleak.client_loss import check_class_weights, check_label_smoothing, client_loss, ends_in_sigmoid, is_soft
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
-from fedleak.focal import check_focal_gamma, focal_loss
+from fedleak.focal import check_focal_gamma
 from fedleak.forward_failure import forward_failure
 from fedleak.logits_of import per_sample_logits
 from fedleak.state_names import renaming
@@ -250,16 +251,6 @@ def as_gradient_update(update: GradientUpdate | Mapping[str, torch.Tensor]) -> G
                       f"got {type(update).__name__}")
 
 
-def is_soft(labels: torch.Tensor) -> bool:
-    """Whether ``labels`` are soft labels: an ``M x K`` float tensor of class probabilities (MixUp, InstaHide)."""
-    return isinstance(labels, torch.Tensor) and labels.is_floating_point() and labels.ndim == 2
-
-
-def hard_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Class indices: ``labels`` themselves, or the most probable class of soft labels."""
-    return labels.argmax(1) if is_soft(labels) else labels
-
-
 def check_client_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> nn.Module:
     """A usable model (returned unwrapped: :func:`~fedleak.validation.check_module`) and a non-empty, finite batch
     with one label per sample (checked against the logits by :func:`forward_logits`); soft labels must be rows of
@@ -301,88 +292,6 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     return logits
 
 
-def check_label_smoothing(value: object) -> float:
-    """A cross-entropy's label smoothing (``F.cross_entropy(..., label_smoothing=s)``): a number in [0, 1)."""
-    smoothing = check_float("label_smoothing", value, low=0.0)
-    if smoothing >= 1:
-        raise FedleakError(f"label_smoothing must be below 1 (the weight of the uniform target, as in "
-                           f"F.cross_entropy(label_smoothing=...)), got {smoothing}")
-    return smoothing
-
-
-def check_class_weights(value: object, *, label_smoothing: float | None = 0.0) -> tuple[float, ...] | None:
-    """A cross-entropy's class weights (``F.cross_entropy(..., weight=w)``, one positive finite number per
-    class), as a tuple of floats, or None. With a ``label_smoothing`` above 0 they are refused: the loss
-    vectors of a weighted smoothed cross-entropy are not a sample's ``p - target`` times one factor."""
-    if value is None:
-        return None
-    weights = None
-    if not isinstance(value, (str, bytes)):
-        try:
-            weights = tuple(float(v) for v in (value.tolist() if hasattr(value, "tolist") else value))
-        except (TypeError, ValueError):
-            pass
-    if weights is None or len(weights) < 2 or not all(math.isfinite(w) and w > 0 for w in weights):
-        raise FedleakError(f"class_weights must be one positive finite number per class (at least 2), got "
-                           f"{value!r}")
-    if label_smoothing:
-        raise FedleakError("class_weights with label_smoothing is not supported (the weighted smoothed "
-                           "cross-entropy's loss vectors are not p - target times one factor per sample): pass one")
-    return weights
-
-
-def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
-                probability: bool = False, label_smoothing: float = 0.0,
-                class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0) -> torch.Tensor:
-    """The loss a client trains with: the cross-entropy of the logits, with class indices or soft labels,
-    ``label_smoothing`` and ``class_weights`` as ``F.cross_entropy`` takes them (``label_smoothing`` and
-    ``weight``), or, with ``focal_gamma`` above 0, the focal loss of class indices (:mod:`fedleak.focal`); for a
-    single output, the binary cross-entropy of it (labels 0 or 1, or soft labels of two classes,
-    whose class-1 probability is the target): of the logit (``BCEWithLogitsLoss``), or, for a model whose forward
-    ends with a sigmoid (``probability``), of the probability it gives (``BCELoss``), which takes neither."""
-    if logits.shape[1] == 1:
-        if label_smoothing or class_weights is not None or focal_gamma:
-            raise FedleakError("label_smoothing, class_weights and focal_gamma apply to a cross-entropy over K >= 2 "
-                               "outputs; this model has one output (binary cross-entropy)")
-        target = (labels[:, 1] if is_soft(labels) else labels).to(logits.dtype)
-        if probability:
-            return nn.functional.binary_cross_entropy(logits[:, 0], target, reduction=reduction)
-        return nn.functional.binary_cross_entropy_with_logits(logits[:, 0], target, reduction=reduction)
-    if focal_gamma:
-        if is_soft(labels):
-            raise FedleakError("focal_gamma takes class indices, not soft labels")
-        return focal_loss(logits, labels, focal_gamma, reduction)
-    target = labels.to(logits.dtype) if is_soft(labels) else labels.long()
-    return nn.functional.cross_entropy(logits, target, weight=class_weight_tensor(class_weights, logits),
-                                       reduction=reduction, label_smoothing=label_smoothing)
-
-
-def class_weight_tensor(class_weights: tuple[float, ...] | None, logits: torch.Tensor) -> torch.Tensor | None:
-    """``class_weights`` as ``F.cross_entropy``'s ``weight`` for ``logits`` (their dtype and device), checked
-    against the number of classes; None stays None."""
-    if class_weights is None:
-        return None
-    if len(class_weights) != logits.shape[-1]:
-        raise FedleakError(f"class_weights has {len(class_weights)} entries, but the model has {logits.shape[-1]} "
-                           "classes: give one weight per class")
-    return torch.tensor(class_weights, dtype=logits.dtype, device=logits.device)
-
-
-def predicted_classes(logits: torch.Tensor, *, probability: bool = False) -> torch.Tensor:
-    """The classes the outputs :func:`client_loss` is taken on predict: the largest logit; for a single output,
-    class 1 where the logit is above 0 (or, ``probability``, the sigmoid's output above 1/2)."""
-    if logits.shape[1] > 1:
-        return logits.argmax(1)
-    return (logits[:, 0] > (0.5 if probability else 0.0)).long()
-
-
-def model_predictions(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The classes ``model`` predicts for ``inputs`` (:func:`predicted_classes` of its outputs: a binary classifier's
-    one logit, squeezed or not, or the probability its final sigmoid gives, too); call it without autograd."""
-    outputs = per_sample_logits(model(inputs), len(inputs))
-    return predicted_classes(outputs, probability=ends_in_sigmoid(model, outputs))
-
-
 def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,
                label_smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None,
                focal_gamma: float = 0.0) -> torch.Tensor:
@@ -391,13 +300,6 @@ def batch_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, red
     outputs = forward_logits(model, inputs.to(dtype), labels)
     return client_loss(outputs, labels, reduction, probability=ends_in_sigmoid(model, outputs),
                        label_smoothing=label_smoothing, class_weights=class_weights, focal_gamma=focal_gamma)
-
-
-def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
-    """Whether a single-output ``model`` gives a probability: its forward ends with a sigmoid."""
-    from fedleak.sigmoid_output import logit_model
-
-    return outputs.shape[1] == 1 and (logit := logit_model(model)) is not None and logit.sigmoid
 
 
 @with_autograd

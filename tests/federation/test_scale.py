@@ -44,10 +44,10 @@ def test_scale_options_are_checked(tmp_path, capsys):
 
 def _jobs(settings, folder):
     """Real client updates of two rounds (local_update: torch autograd), their true batches written for the scorer."""
+    from fedleak.client_loss import hard_labels
     from fedleak.federation.client import local_update
     from fedleak.federation.ground_truth import TrueBatch, write_true_batch
     from fedleak.federation.settings import data_split, make_model
-    from fedleak.updates import hard_labels
 
     split = data_split(settings.data, settings.test_size, settings.public_size)
     sent = {1: make_model(settings, split).state_dict()}

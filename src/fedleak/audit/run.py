@@ -25,6 +25,7 @@ from fedleak.audit.aware import reconstruct_aware
 from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
 from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
 from fedleak.binary import as_two_class
+from fedleak.client_loss import hard_labels
 from fedleak.clients.mode import check_client_mode, client_mode
 from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
@@ -33,7 +34,6 @@ from fedleak.errors import FedleakError
 from fedleak.metrics import match, psnr
 from fedleak.models import make_mlp
 from fedleak.report.samples import sample_reasons
-from fedleak.updates import hard_labels
 from fedleak.validation import check_distinct, validate_fields
 
 __all__ = ["AuditResult", "AuditSettings", "BatchResult", "Showcase", "available_scenarios", "run_audit"]

@@ -18,18 +18,11 @@ import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
+from fedleak.client_loss import check_class_weights, check_label_smoothing, client_loss, ends_in_sigmoid
 from fedleak.errors import DataError, FedleakError
 from fedleak.focal import check_focal_gamma
 from fedleak.transforms import BatchTransform
-from fedleak.updates import (
-    WeightUpdate,
-    check_class_weights,
-    check_client_batch,
-    check_label_smoothing,
-    client_loss,
-    ends_in_sigmoid,
-    forward_logits,
-)
+from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_module, check_seed
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from fedleak.analysis.batch import read_batch
+from fedleak.client_loss import hard_labels, is_soft
 from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import FedleakError, OptionError, SolverError
@@ -52,7 +53,6 @@ from fedleak.fishing.sample_net import HeadArrays, SampleNet
 from fedleak.fishing.solvers import check_solver
 from fedleak.fishing.targets import sensitivities
 from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised_back
-from fedleak.updates import hard_labels, is_soft
 from fedleak.validation import check_data_range, options_from
 
 

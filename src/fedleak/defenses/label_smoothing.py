@@ -16,10 +16,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedleak.client_loss import check_label_smoothing
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.defenses.mixing import label_distribution
 from fedleak.errors import OptionError
-from fedleak.updates import check_label_smoothing
 
 
 @register_defense

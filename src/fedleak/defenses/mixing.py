@@ -19,11 +19,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from fedleak.client_loss import is_soft
 from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import OptionError
 from fedleak.fishing.perturb import resolve_data_range
-from fedleak.updates import is_soft
 from fedleak.validation import check_data_range
 
 

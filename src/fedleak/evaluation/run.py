@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
+from fedleak.client_loss import model_predictions
 from fedleak.clients.defended import defended_local_round
 from fedleak.clients.mode import client_mode
 from fedleak.data import Dataset, load_dataset
@@ -29,7 +30,7 @@ from fedleak.errors import DataError, FedleakError
 from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell, pareto_front
 from fedleak.evaluation.settings import CLIENT_SIZE, TEST_SIZE, EvaluationSettings
 from fedleak.evaluation.store import FILE, CellStore
-from fedleak.updates import GradientUpdate, model_predictions
+from fedleak.updates import GradientUpdate
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from fedleak.client_loss import hard_labels  # noqa: E402
 from fedleak.defenses.flower_dp import numpy_seeded  # noqa: E402
 from fedleak.federation.client import local_update  # noqa: E402
 from fedleak.federation.flower_native import client_mods  # noqa: E402
@@ -38,7 +39,6 @@ from fedleak.federation.ground_truth import TrueBatch, write_true_batch  # noqa:
 from fedleak.federation.node_data import node_data_of  # noqa: E402
 from fedleak.federation.secagg_client import secagg_mod  # noqa: E402
 from fedleak.federation.settings import FederationSettings, data_split, make_model  # noqa: E402
-from fedleak.updates import hard_labels  # noqa: E402
 
 SETTINGS_KEY = "fedleak-settings"
 GROUND_TRUTH_KEY = "eval-only-ground-truth-dir"

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedleak.client_loss import ends_in_sigmoid, predicted_classes
 from fedleak.errors import FedleakError
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model
 from fedleak.membership.base import Observation, Records, make_membership_attack
 from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import parameter_names, per_record_gradients, record_logits, record_losses
-from fedleak.updates import WeightUpdate, ends_in_sigmoid, predicted_classes
+from fedleak.updates import WeightUpdate
 
 PASSIVE_SCORES = ("loss-drop", "loss", "update-alignment")
 CALIBRATED = "loss-drop-vs-others"

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import Strategy  # noqa: E402
 from torch import nn  # noqa: E402
 
+from fedleak.client_loss import client_loss, ends_in_sigmoid, predicted_classes  # noqa: E402
 from fedleak.defenses.stack import DefenseStack  # noqa: E402
 from fedleak.federation.client import CLIENT_RATE  # noqa: E402
 from fedleak.federation.client_app import GROUND_TRUTH_KEY, SETTINGS_KEY  # noqa: E402
@@ -33,7 +34,6 @@ from fedleak.federation.settings import DataSplit, FederationSettings, data_spli
 from fedleak.federation.strategy import AuditFedAvg, AuditPlan, Scorer  # noqa: E402
 from fedleak.logits_of import per_sample_logits  # noqa: E402
 from fedleak.nets.tracing import TRACE_LOCK  # noqa: E402
-from fedleak.updates import client_loss, ends_in_sigmoid, predicted_classes  # noqa: E402
 
 
 class FederationStopped(RuntimeError):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedleak.client_loss import ends_in_sigmoid
 from fedleak.membership.base import Records
-from fedleak.updates import ends_in_sigmoid, forward_logits, trainable_parameters
+from fedleak.updates import forward_logits, trainable_parameters
 
 CHUNK = 512
 

@@ -22,10 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from fedleak.client_loss import client_loss
 from fedleak.nets import Network
 from fedleak.nets.cast import cast
 from fedleak.nets.float64 import back64, linear64, piece_rows
-from fedleak.updates import client_loss
 
 F64 = torch.float64
 PIECE = 1 << 20  # entries of a parameter compared at once

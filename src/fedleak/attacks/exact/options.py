@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from fedleak.attacks.defense_aware import defense_stack
+from fedleak.client_loss import check_class_weights, check_label_smoothing
 from fedleak.errors import FedleakError
 from fedleak.focal import check_focal_gamma
-from fedleak.updates import check_class_weights, check_label_smoothing
 from fedleak.validation import options_from, validate_fields
 
 FALLBACKS = ("features", "none")

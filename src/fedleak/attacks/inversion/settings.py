@@ -11,9 +11,9 @@ import torch
 
 from fedleak.attacks.inversion.objectives import OBJECTIVES
 from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS
+from fedleak.client_loss import check_class_weights, check_label_smoothing
 from fedleak.errors import FedleakError
 from fedleak.focal import check_focal_gamma
-from fedleak.updates import check_class_weights, check_label_smoothing
 from fedleak.validation import check_data_range, options_from, validate_fields
 
 

@@ -22,10 +22,10 @@ from torch import nn
 from torch.func import functional_call
 
 from fedleak.attacks.inversion.target import Target
+from fedleak.client_loss import client_loss
 from fedleak.errors import FedleakError, ModelError
 from fedleak.forward_failure import forward_failure, in_training_mode_with_batch_norm
 from fedleak.logits_of import per_sample_logits
-from fedleak.updates import client_loss
 
 #: unrolled local optimizers the attacker can assume (the client's real optimizer is private)
 UNROLL_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -56,7 +56,8 @@ class FunctionalModel:
 
     def grads(self, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The gradient of the client's mean cross-entropy (with its label smoothing and class weights, or its focal
-        loss, as :func:`~fedleak.updates.client_loss` takes them); ``y`` holds class indices or (soft) probabilities."""
+        loss, as :func:`~fedleak.client_loss.client_loss` takes them); ``y`` holds class indices or (soft)
+        probabilities."""
         loss = client_loss(self.logits(params, x), y, label_smoothing=self.label_smoothing,
                            class_weights=self.class_weights, focal_gamma=self.focal_gamma)
         return list(torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True))
