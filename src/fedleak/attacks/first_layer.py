@@ -27,7 +27,8 @@ Then every single sample with this gradient (at any scale) is the rebuilt one, t
 claim is the standard one (exact to :data:`fedleak.metrics.EXACT_TOL` of the data range).
 
 A batch's gradient, and a FedAvg client's weight change (one local step or several, at any learning rate), are
-read row by row instead, uncertified (:mod:`fedleak.attacks.first_layer_rows`).
+read row by row instead, uncertified (:mod:`fedleak.attacks.first_layer_rows`). The layer itself is found by a probe
+forward pass (:mod:`fedleak.attacks.first_linear`).
 
 A gradient clipped by value (``torch.nn.utils.clip_grad_value_``, read off the update: :mod:`fedleak.clipped_values`)
 holds entries cut to the bound: the input is read off a row none of whose entries reach it, and check 3 compares the
@@ -53,25 +54,19 @@ from torch import nn
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.class_fit import ClassGradients, Fit, Observed, class_fit
 from fedleak.attacks.first_layer_rows import ROUNDED_ROUTE, LayerRows, least_squares, rebuild_rows
+from fedleak.attacks.first_linear import FirstLinear, layer_rows
 from fedleak.attacks.label_sign import without_unsigned_labels
 from fedleak.attacks.labels import class_signal, with_negated_hint
-from fedleak.attacks.masked_input import InputMasking, input_masking, withheld
+from fedleak.attacks.masked_input import withheld
 from fedleak.attacks.registry import register_attack
 from fedleak.attacks.row_decay import peel_row_decay, read_row_decay
 from fedleak.attacks.zero_sum import UNKNOWN_SIZE, zero_sum_breach
 from fedleak.clipped_values import ValueClip, read_value_clip
-from fedleak.errors import FedleakError, ModelError, OptionError
-from fedleak.forward_failure import forward_failure
-from fedleak.logits_of import NotLogits, per_sample_logits
-from fedleak.loose_parameters import loose_parameters
-from fedleak.nets import input_shape_of
+from fedleak.errors import FedleakError, OptionError
+from fedleak.logits_of import per_sample_logits
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import peel_input_map
-from fedleak.nets.layer_calls import FunctionalCalls
-from fedleak.nets.ops import computed_parameter
 from fedleak.nets.output_layer import output_layer_names
-from fedleak.nets.sample_path import changed_before
-from fedleak.nets.token_inputs import TokenInputs
 from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.update_kind import describe_update
@@ -114,110 +109,6 @@ class FirstLayerOptions:
                 raise OptionError(f"{name} must lie in (0, 1), got {getattr(self, name)}")
 
 
-@dataclass(frozen=True)
-class FirstLinear:
-    """The Linear layer the sample enters: its module name (its weight's, for ``F.linear`` of the model's
-    parameters) and the names of its weight and bias; what the model does to the sample before it in training mode
-    only (``masking``), and why it may read something else than the sample (``changed``:
-    :func:`~fedleak.nets.sample_path.changed_before`)."""
-
-    name: str
-    weight: str
-    bias: str
-    masking: InputMasking = InputMasking()
-    changed: str = ""  # why the layer may not read the sample as it is (empty where the traced forward shows it does)
-
-
-def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
-    """The Linear layer with a bias that reads the flattened sample, runs once and shares no parameter, found by a
-    probe forward pass: an ``nn.Linear`` module (its forward hooked), or ``F.linear`` of the model's own parameters
-    (caught by its weight: :class:`~fedleak.nets.layer_calls.FunctionalCalls`; named by its weight's name);
-    :class:`~fedleak.errors.ModelError` saying what is missing where there is none."""
-    names = {id(m): n for n, m in model.named_modules()}
-    held = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    loose = {id(p): n for n, p in model.named_parameters() if id(p) not in held and p.dim() == 2}
-    calls: list[tuple[str, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((names[id(mod)], args[0].detach())))
-             for m in model.modules() if isinstance(m, nn.Linear)]
-    functional = FunctionalCalls(loose)
-    first = next(model.parameters())
-    probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
-    try:
-        with torch.no_grad(), functional:
-            model(probe)
-    except Exception as exc:  # a wrong shape fails anywhere in the user's forward (IndexError, AssertionError, ...)
-        raise ModelError(f"{forward_failure(model, probe, exc)}; a model that cannot run one input cannot have sent "
-                         "one sample's gradient; else pass input_shape=") from None
-    finally:
-        for h in hooks:
-            h.remove()
-    calls += [(call.weight, call.input) for call in functional.calls]
-    reading = [n for n, a in calls if a.numel() == probe.numel() and torch.equal(a.reshape(-1), probe.reshape(-1))]
-    if not reading:
-        raise ModelError(loose_parameters(model) or "the first-layer attack needs a Linear layer that reads the sample "
-                         "as it is (flattened); in this model the input passes through other layers first (a conv, a "
-                         "LayerNorm, a cast to another dtype)")
-    name = reading[0]
-    if name in loose.values():  # F.linear of parameters: the layer is named by its weight
-        return _functional_first(model, name, [c for c in functional.calls if c.weight == name], input_shape)
-    module = model.get_submodule(name)
-    if why := computed_parameter(module, "weight"):
-        raise ModelError(f"the Linear layer '{name}' that reads the sample: {why}; the optimisation attacks (dlg, "
-                         "idlg, ig) need only autograd and still apply")
-    if module.bias is None:
-        raise ModelError(f"the first-layer attack needs a bias in the Linear layer '{name}' that reads the sample")
-    shared = [t for t in (module.weight, module.bias)
-              if sum(p is t for _, p in model.named_parameters(remove_duplicate=False)) > 1]
-    if sum(n == name for n, _ in calls) > 1 or shared:
-        raise ModelError(f"the Linear layer '{name}' that reads the sample runs more than once or shares its "
-                         "parameters, so its gradient is not one product of the sample")
-    prefix = f"{name}." if name else ""
-    return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape),
-                       changed_before(model, name, input_shape))
-
-
-def _functional_first(model: nn.Module, weight: str, calls: list, input_shape: tuple[int, ...]) -> FirstLinear:
-    """:func:`first_linear` where the sample enters ``F.linear`` of the parameter ``weight`` (``calls``: its calls)."""
-    bias = next((n for n, p in model.named_parameters() if p is calls[0].bias), None)
-    if bias is None:
-        raise ModelError(f"the first-layer attack needs a bias in the Linear layer that reads the sample: "
-                         f"F.linear of '{weight}' is given {'none' if calls[0].bias is None else 'a computed one'}")
-    param = model.get_parameter(weight)
-    shared = [n for n in (weight, bias)
-              if sum(p is model.get_parameter(n) for _, p in model.named_parameters(remove_duplicate=False)) > 1]
-    if len(calls) > 1 or shared:
-        raise ModelError(f"the Linear layer '{weight}' that reads the sample runs more than once or shares its "
-                         "parameters, so its gradient is not one product of the sample")
-    return FirstLinear(weight, weight, bias, input_masking(model, param, input_shape),
-                       changed_before(model, weight, input_shape))
-
-
-def first_layer_changed(model: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """Why the first-layer attack would not certify the sample that ``model``'s first Linear layer reads (its
-    :attr:`FirstLinear.changed`, after a normalisation inside forward is peeled); empty where that layer reads the
-    sample as it is, or where the attack finds no such layer (it then says why when it runs)."""
-    try:
-        peeled, _ = peel_input_map(model, input_shape=input_shape)
-        return first_linear(peeled, tuple(input_shape)).changed
-    except ModelError:
-        return ""
-
-
-def _sample_shape(model: nn.Module, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    if input_shape is not None:
-        return tuple(int(s) for s in input_shape), ()
-    try:
-        return input_shape_of(model)
-    except (TokenInputs, NotLogits):  # no input shape changes them
-        raise
-    except ModelError:
-        width = next((m.in_features for m in model.modules() if isinstance(m, nn.Linear)), None)
-        if width is None:
-            raise ModelError(loose_parameters(model) or "the first-layer attack needs a Linear layer; this model has "
-                             "none") from None
-        return (width,), (f"input shape not found: read as a vector of {width} (pass input_shape=)",)
-
-
 @register_attack(ROUTE, update_kinds=("gradient", "weights"),
                  description="one sample's gradient: x = dW_i/db_i from the first Linear layer of any model (Phong "
                              "et al. 2017), certified by reproducing the whole update; a batch's agreeing rows "
@@ -253,26 +144,11 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
     return input_map.restore(rec, EXACT_TOL)
 
 
-def _layer_rows(model: nn.Module, tensors: dict[str, torch.Tensor], input_shape: tuple[int, ...] | None, what: str
-                ) -> tuple[FirstLinear, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[str, ...]]:
-    """The first Linear layer, its weight and bias entries of ``tensors`` (in their dtype: a one-sample read converts
-    the one row it reads), the sample's shape and notes."""
-    shape, notes = _sample_shape(model, input_shape)
-    layer = first_linear(model, shape)
-    if layer.weight not in tensors or layer.bias not in tensors:
-        raise ModelError(f"the update holds no {what} of the Linear layer '{layer.name}' that reads the sample "
-                         "(frozen on the client), which is all this attack reads")
-    G, g = tensors[layer.weight].detach(), tensors[layer.bias].detach()
-    if G.shape[1] != math.prod(shape):
-        raise ModelError(f"the Linear layer '{layer.name}' reads {G.shape[1]} values, not one input of shape {shape}")
-    return layer, G, g, shape, notes
-
-
 def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, ...] | None,
                  opts: FirstLayerOptions, start: float) -> Reconstruction:
     """A weight change's first-layer rows: the learning rate, unknown, leaves no scale to check; several local steps
     (or an unknown number) leave no exact class fit either (:class:`~fedleak.attacks.first_layer_rows.LayerRows`)."""
-    layer, G, g, shape, notes = _layer_rows(model, update.delta(), input_shape, "change")
+    layer, G, g, shape, notes = layer_rows(model, update.delta(), input_shape, "change")
     G, g = G.to(F64), g.to(F64)
     W, b = update.before[layer.weight].to(F64), update.before[layer.bias].to(F64)
     decay = read_row_decay(G, g, W, b)  # SGD's weight decay, over any number of steps
@@ -335,7 +211,7 @@ def _compressed(model: nn.Module, update: GradientUpdate | WeightUpdate) -> str:
 
 def _attack(model: nn.Module, update: GradientUpdate, input_shape: tuple[int, ...] | None, opts: FirstLayerOptions,
             start: float) -> Reconstruction:
-    layer, G, g, shape, notes = _layer_rows(model, dict(update.gradients), input_shape, "gradient")
+    layer, G, g, shape, notes = layer_rows(model, dict(update.gradients), input_shape, "gradient")
     precision = update_precision(update.gradients)
     rounded = ""
     if precision.coarse:  # sent in half precision, or computed under autocast: the rows agree to its rounding only

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fedleak.plan.verdict as verdict
-from fedleak.attacks.first_layer import first_layer_changed
+from fedleak.attacks.first_linear import first_layer_changed
 from fedleak.attacks.masked_input import InputMasking, first_reader, input_masking
 from fedleak.captured import as_attacked
 from fedleak.errors import FedleakError, ModelError, UpdateError
