@@ -232,15 +232,15 @@ def test_chains_are_proven_again_where_the_batch_turns_out_whole(lfw_case, monke
     """The head certificate read one batch size too many (a weak candidate's chain left unproven) where the
     rebuilt features give the true one: the walk is made again with every proof, and the outcome is the same as
     the attack's own."""
-    from fedleak.attacks.exact import pipeline
+    from fedleak.attacks.exact import conv_step, pipeline
 
     _, _, model, upd, rec = lfw_case
     assert any(s.witnesses[-1] < 2 for s in rec.samples) and len(rec) == rec.batch_size == 4
     drop = pipeline.drop_mixtures
     walks = []
     monkeypatch.setattr(pipeline, "drop_mixtures", lambda *a: (drop(*a)[0], 5))
-    walk = pipeline.walk_conv
-    monkeypatch.setattr(pipeline, "walk_conv", lambda *a: walks.append(a[4] if len(a) > 4 else None) or walk(*a))
+    walk = conv_step.walk_conv
+    monkeypatch.setattr(conv_step, "walk_conv", lambda *a: walks.append(a[4] if len(a) > 4 else None) or walk(*a))
     again = exclusivity_attack(model, upd, fallback="none")
     assert len(walks) == 2 and not all(walks[0]) and walks[1] is None
     assert torch.equal(again.inputs, rec.inputs) and torch.equal(again.certified, rec.certified)

@@ -1,5 +1,5 @@
 """The rebuilt batch's whole gradient against the observed one (the CNN certificate's last step,
-:func:`fedleak.attacks.exact.pipeline.whole_batch`), by real autograd in float64, without a float64 copy of a dense
+:func:`fedleak.attacks.exact.conv_step.whole_batch`), by real autograd in float64, without a float64 copy of a dense
 layer.
 
 A wide dense layer's weights and gradient in float64 would each take twice the layer's own size (a CNN's
