@@ -5,7 +5,8 @@ Nothing is clamped: every metric scores the values as they are, on the data's ow
 the originals' min and max; never an assumed [0, 1]). Per image: MSE, PSNR with data range ``hi - lo``
 (capped at :data:`PSNR_CAP` dB), SSIM with the standard 11x11 Gaussian window (sigma 1.5; the window is
 cut to the image for images under 11 pixels) and the same data range, the maximum absolute error, and
-label accuracy. A reconstruction is *exact* when its max abs error is at most ``EXACT_TOL * (hi - lo)``.
+label accuracy (the per-image scores: :mod:`fedleak.image_metrics`). A reconstruction is *exact* when its max abs
+error is at most ``EXACT_TOL * (hi - lo)``.
 
 Attacks return unordered batches, so :func:`match` pairs reconstructions with originals by a Hungarian
 assignment, and, because a certificate claims "this is a sample of the batch", it also checks every
@@ -25,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 
 from fedleak.client_loss import hard_labels
 from fedleak.errors import FedleakError
+from fedleak.image_metrics import PSNR_CAP, as_images, mse, psnr, ssim  # noqa: F401  (PSNR_CAP: public here too)
 from fedleak.reconstruction import Reconstruction
 from fedleak.validation import all_finite, check_data_range
 
@@ -32,61 +34,9 @@ if TYPE_CHECKING:
     from fedleak.data.dataset import Dataset
     from fedleak.data.normalize import Normalization
 
-PSNR_CAP = 100.0
 EXACT_TOL = 1e-4  # max abs error, as a fraction of the data range (hi - lo), up to which a sample is exact
 NEAR_DB = 40.0  # a reconstruction within this PSNR of an original is a near copy of it ...
 NEAR_MSE = 10 ** (-NEAR_DB / 10)  # ... its MSE at most this times the data range squared
-
-
-def _as_images(x: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-    x = torch.as_tensor(x).detach().to(torch.float64)
-    if like is not None:
-        x = x.reshape(x.shape[0], *like.shape[1:])
-    if x.ndim == 2:
-        x = x[:, None, None, :]
-    elif x.ndim == 3:
-        x = x[:, None]
-    return x
-
-
-def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared error of two batches of the same shape."""
-    return ((a - b) ** 2).reshape(a.shape[0], -1).mean(1)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image PSNR in dB (standard definition, ``10 log10(range^2 / MSE)``), capped at ``PSNR_CAP``."""
-    err = mse(a, b)
-    val = 10 * torch.log10(data_range**2 / err.clamp_min(1e-300))
-    return val.clamp(max=PSNR_CAP)
-
-
-def _gaussian_window(size: int, sigma: float, dtype) -> torch.Tensor:
-    coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004) with an 11x11 Gaussian window, sigma 1.5, averaged over channels."""
-    a, b = _as_images(a), _as_images(b)
-    C = a.shape[1]
-    size = min(11, a.shape[-1], a.shape[-2])
-    if size % 2 == 0:
-        size -= 1
-    g = _gaussian_window(size, 1.5, a.dtype)
-    win = (g[:, None] * g[None, :]).expand(C, 1, size, size)
-
-    def filt(x):
-        return torch.nn.functional.conv2d(x, win, groups=C)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_a, mu_b = filt(a), filt(b)
-    saa = filt(a * a) - mu_a**2
-    sbb = filt(b * b) - mu_b**2
-    sab = filt(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
-    return s.reshape(s.shape[0], -1).mean(1)
 
 
 @dataclass(frozen=True)
@@ -308,7 +258,7 @@ def match(
         raise FedleakError(f"the originals are {integers} values: pass them as the model saw them, as floats "
                            "(x.float() / 255 for 8-bit images the model reads in [0, 1], x.float() for a model that "
                            "reads 0..255)")
-    orig = _as_images(originals)
+    orig = as_images(originals)
     if orig.shape[0] == 0:
         raise FedleakError("no originals to match against")
     if not all_finite(orig):
@@ -324,13 +274,13 @@ def match(
         if data_range is not None and tuple(data_range) != normalization.pixel_range:
             raise FedleakError("pass either data_range or normalization: normalised data is scored on its pixel range")
         orig = normalization.invert(orig)
-        rec_x = normalization.invert(_as_images(rec_x, orig)) if int(rec_x.shape[0]) else rec_x
+        rec_x = normalization.invert(as_images(rec_x, orig)) if int(rec_x.shape[0]) else rec_x
         data_range = normalization.pixel_range
     lo, hi = resolve_data_range(orig, data_range)
     width = hi - lo
     tol = EXACT_TOL * width
     n_orig = orig.shape[0]
-    rec = _as_images(rec_x, orig) if n_rec else orig[:0]
+    rec = as_images(rec_x, orig) if n_rec else orig[:0]
     if labels is not None:  # soft labels (MixUp): scored as their top class
         labels = hard_labels(torch.as_tensor(labels))
     true_y = torch.as_tensor(labels).numpy().astype(np.int64) if labels is not None else None

@@ -31,7 +31,8 @@ from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefendedUpdate, WithheldBatch, defended_gradient
 from fedleak.errors import FedleakError
-from fedleak.metrics import match, psnr
+from fedleak.image_metrics import psnr
+from fedleak.metrics import match
 from fedleak.models import make_mlp
 from fedleak.report.samples import sample_reasons
 from fedleak.validation import check_distinct, validate_fields

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedleak.metrics import PSNR_CAP
+from fedleak.image_metrics import PSNR_CAP
 from fedleak.report.render import percent, plural, psnr_text
 from fedleak.report.views import Advice, Finding, Verdict
 

@@ -21,7 +21,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
-from fedleak.metrics import PSNR_CAP
+from fedleak.image_metrics import PSNR_CAP
 
 
 def _missing(value: Any) -> bool:
