@@ -35,21 +35,16 @@ if TYPE_CHECKING:
         make_defense,
         parse_defense,
     )
-    from fedleak.defenses.exclusivity_reduction import (
-        ExclusivityReduction,
-        ReducedSample,
-        ReductionOptions,
-        ReductionResult,
-        reduce_exclusivity,
-    )
+    from fedleak.defenses.exclusivity_reduction import ExclusivityReduction, reduce_exclusivity
+    from fedleak.defenses.reduction_results import ReducedSample, ReductionOptions, ReductionResult
     from fedleak.defenses.stack import DefendedUpdate, DefenseStack, defend_update, defended_gradient
 
 _LAZY = {
     **{name: "fedleak.defenses.base" for name in (
         "Accounting", "BatchDefense", "ClientBatch", "Defense", "Privacy", "Stage", "StepDefense", "UpdateFilter",
         "make_defense", "parse_defense")},
-    **{name: "fedleak.defenses.exclusivity_reduction" for name in (
-        "ExclusivityReduction", "ReducedSample", "ReductionOptions", "ReductionResult", "reduce_exclusivity")},
+    **{name: "fedleak.defenses.exclusivity_reduction" for name in ("ExclusivityReduction", "reduce_exclusivity")},
+    **{name: "fedleak.defenses.reduction_results" for name in ("ReducedSample", "ReductionOptions", "ReductionResult")},
     **{name: "fedleak.defenses.stack" for name in (
         "DefendedUpdate", "DefenseStack", "defend_update", "defended_gradient")},
 }
