@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bad_input import SHAPE
 
 import fedleak
 
@@ -27,6 +28,24 @@ def fashion() -> fedleak.Dataset:
         return fedleak.load_dataset("fashion-mnist")
     except fedleak.DataError as exc:  # pragma: no cover - make setup installs it
         pytest.skip(f"Fashion-MNIST not installed: {exc}")
+
+
+@pytest.fixture
+def model() -> fedleak.MLP:
+    """The bad-input tests' small model (``test_bad_*.py``): an MLP on inputs of shape :data:`bad_input.SHAPE`."""
+    return fedleak.make_mlp(SHAPE, [16], 3, seed=0)
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 4 inputs for :func:`model`, with labels."""
+    return torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0])
+
+
+@pytest.fixture
+def update(model, batch) -> fedleak.GradientUpdate:
+    """:func:`model`'s gradient on :func:`batch`."""
+    return fedleak.compute_gradient_update(model, *batch)
 
 
 @pytest.fixture
