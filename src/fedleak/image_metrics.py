@@ -33,6 +33,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return val.clamp(max=PSNR_CAP)
 
 
+def sample_psnr(a: object, b: object, data_range: float = 1.0) -> float:
+    """PSNR of one sample against another (arrays or tensors of one shape), as :func:`psnr` scores a batch."""
+    one = [torch.as_tensor(v).detach().to(torch.float64).reshape(1, -1) for v in (a, b)]
+    return float(psnr(*one, data_range=data_range)[0])
+
+
 def _gaussian_window(size: int, sigma: float, dtype) -> torch.Tensor:
     coords = torch.arange(size, dtype=dtype) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))

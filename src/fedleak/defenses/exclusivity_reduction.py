@@ -47,11 +47,12 @@ from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.defenses.reduction_results import ReducedSample, ReductionOptions, ReductionResult
 from fedleak.errors import FedleakError, OptionError, SolverError
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
-from fedleak.fishing.perturb import psnr, resolve_data_range
+from fedleak.fishing.perturb import resolve_data_range
 from fedleak.fishing.sample_lp import solve_sample
 from fedleak.fishing.sample_net import HeadArrays, SampleNet
 from fedleak.fishing.targets import sensitivities
 from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised_back
+from fedleak.image_metrics import sample_psnr
 
 
 def _terms(head: HeadArrays, pre: list[np.ndarray], feats: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
@@ -235,7 +236,7 @@ def reduce_exclusivity(
         samples.append(ReducedSample(
             index=m, status=status, exans_before=int(before[m]), exans_after=int(after[m]) if alive[m] else 0,
             linf=float(np.abs(diff).max()), l2=float(np.linalg.norm(diff)),
-            psnr=psnr(Xp[m], X[m], hi - lo),
+            psnr=sample_psnr(Xp[m], X[m], hi - lo),
             lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
         ))
     return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,

@@ -22,6 +22,7 @@ from fedleak.errors import FedleakError, SolverError
 from fedleak.fishing.lp import LPSettings
 from fedleak.fishing.sample_lp import POINT
 from fedleak.fishing.solvers import check_solver
+from fedleak.image_metrics import sample_psnr
 from fedleak.validation import check_data_range, options_from, validate_fields
 
 NORMS = tuple(POINT)  # "l2", "l1", "linf": the point each per-sample LP asks for
@@ -51,12 +52,6 @@ def resolve_data_range(inputs: torch.Tensor, data_range: Sequence[float] | None,
         raise FedleakError(f"the inputs (values {lo_x:.9g}..{hi_x:.9g}) leave the data range [{lo:.9g}, {hi:.9g}] "
                            f"that {what} keeps them in; pass the range your data lives in as data_range=(low, high)")
     return min(lo, lo_x), max(hi, hi_x)
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
-    """PSNR of ``a`` against ``b`` for data of range ``peak`` (= high - low), capped at 100 dB."""
-    mse = float(np.mean((a - b) ** 2))
-    return 100.0 if mse <= 1e-10 * peak**2 else min(100.0, 10 * math.log10(peak**2 / mse))
 
 
 @dataclass(frozen=True)
@@ -269,7 +264,7 @@ def sample_records(fisher, X: np.ndarray, Xp: np.ndarray, out: torch.Tensor, cer
                 certifiable_after=bool(certifiable_after[m]),
                 linf=float(np.abs(diff[m]).max()),
                 l2=float(np.linalg.norm(diff[m])),
-                psnr=psnr(Xp[m], X[m], peak),
+                psnr=sample_psnr(Xp[m], X[m], peak),
                 prediction_changed=bool(pred0[m] != pred1[m]),
                 lp_seconds=float(o.lp_seconds) if o else 0.0,
                 lp_solves=int(o.lp_solves) if o else 0,
