@@ -5,7 +5,8 @@ adjustment of long-tail and label-skewed federated training), or a chain of them
 ``u = a z + c`` per unit (``a``, ``c`` the chain's product and sum, a division by ``k`` a factor ``1 / k``) after ``z =
 W h + b`` is one ``Linear`` layer with weight ``a W`` and bias ``a b + c``, which the exact methods read
 (:mod:`fedleak.nets.dense_norms` builds the twin; the user's model is not changed). The client's gradient turns into
-the twin's row by row: ``dL/d(aW)_j = (dL/dW_j) / a_j`` and ``dL/d(ab + c)_j = (dL/db_j) / a_j``. The arithmetic has
+the twin's row by row: ``dL/d(aW)_j = (dL/dW_j) / a_j`` and ``dL/d(ab + c)_j = (dL/db_j) / a_j``; so does a one-step
+weight change, the learning rate times the gradient (the twin's change at the same rate). The arithmetic has
 no parameter, so the gradient holds nothing else to check: a gradient of another model does not reproduce through the
 twin, and certifies nothing.
 
@@ -58,7 +59,7 @@ class AffineFold:
     def folded(self) -> str:
         """How the arithmetic is read, in words."""
         return (f"{self.describe()} (a scale of {_values(self.scale)}, a shift of {_values(self.shift)}) folded into "
-                "the layer (weight a W, bias a b + c), the gradient read as its")
+                "the layer (weight a W, bias a b + c), the update (a gradient, or one step's change) read as its")
 
     def norms(self, model: nn.Module) -> tuple[BatchNorm, ...]:
         """The norms this fold takes out of ``model``: none."""
