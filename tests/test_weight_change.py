@@ -93,6 +93,24 @@ def test_two_classes_read_both_signs_and_certify_no_label_the_sign_leaves_open(l
                 assert rec.num_certified == reply.num_certified > 0
 
 
+@pytest.mark.parametrize("server", ["trap-weights", "imprint"])
+def test_a_malicious_servers_attack_reads_a_two_class_change_of_either_sign(lfw, server):
+    """Trap weights and imprint bins on a two-class change old - new, whose sign is not read: certified with the
+    other sign, as the same change new - old is (trap weights certified none of 16 before, 25 over three batches)."""
+    base = fedleak.make_mlp(lfw.input_shape, [1000], 2, seed=0)
+    model = fedleak.trap_weights(base, seed=0) if server == "trap-weights" else \
+        fedleak.imprint_weights(base, lfw.x[200:400], bins=64)
+    x, y = lfw.batch(16, seed=5)
+    new = _step(model, x, y)
+    old = {n: p.detach() for n, p in model.named_parameters()}
+    runs = [fedleak.reconstruct(model, {n: sign * (new[n] - old[n]) for n in old}, attack=server, num_examples=16)
+            for sign in (1, -1)]
+    assert runs[0].num_certified == runs[1].num_certified > 0
+    assert any("other sign" in n for n in runs[1].notes) and not any("other sign" in n for n in runs[0].notes)
+    for rec in runs:
+        assert fedleak.metrics.match(rec, x, y).false_certificates == 0
+
+
 def test_kind_change_is_read_as_told_and_refuses_other_names(digits):
     model = fedleak.make_mlp(digits.input_shape, [32], 10, seed=0)
     new = _step(model, digits.x[:2], digits.y[:2])

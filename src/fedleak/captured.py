@@ -197,7 +197,7 @@ def read_change(model: nn.Module, change: Mapping[str, torch.Tensor], own: Mappi
     how = (f"the update holds the client's weight change {why}, not a gradient: read as "
            f"{'old - new' if sign == -1 else 'new - old'} from the model's weights (the round's)")
     how += (", as its output layer's columns read" if sign else
-            "; with fewer than four classes its sign is not read (the exact route reads both)")
+            "; with fewer than four classes its sign is not read (the certified attacks try both)")
     how += renaming and "; " + renaming
     return WeightUpdate(before=before, after=after, metadata={READ_AS: how, UNSIGNED: sign is None})
 

@@ -14,18 +14,19 @@ one carried in a coarser format (float16, bfloat16, quantised) may lie on it, bu
 
 Its sign: with four classes or more the output layer's columns read it (:func:`fedleak.attacks.labels.
 column_signs`, measured on 216 gradients); with two or three classes it is not read (:data:`UNSIGNED`), and
-the exact route tries both (:func:`other_sign`).
+the certified attacks try both (:func:`either_sign`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from fedleak.attacks.labels import column_signs
+from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate
 
 SMALL = 2.0 ** -6  # entries moved by less than this fraction of their weight are read
@@ -35,6 +36,8 @@ GLANCE = 512  # entries of the largest tensor read first: a gradient shows in a 
 ON_GRID = 0.99  # this share of them on the spacing: a change (a gradient: about 1/64 or less)
 ON_TWICE = 0.75  # ... and at most this share on twice it (a change: about half; a coarser format: all)
 UNSIGNED = "sign_unread"  # a WeightUpdate's metadata key: its change's sign was not read (True)
+#: the note of a change whose sign was not read, certified with the other sign
+OTHER_SIGN = "read with the other sign (old - new): nothing was certified as new - old"
 NEAR = 1e-3  # a change divided by a learning rate, times it again: within this many spacings of the spacing ...
 NEAR_MOST = 2.0 ** 10  # ... read where it is at most this many spacings (the quotient's rounding stays below 2**-14)
 
@@ -114,6 +117,18 @@ def as_weights_after(before: Mapping[str, torch.Tensor], change: Mapping[str, to
     ``new - old``), the others (counters) as they were."""
     return {k: (before[k] + sign * change[k].to(before[k].dtype)) if before[k].is_floating_point() else before[k]
             for k in before}
+
+
+def either_sign(run: Callable[[object], Reconstruction], update: object) -> Reconstruction:
+    """``run(update)`` (a certified attack on ``update``); where that certifies nothing and ``update`` is a change
+    whose sign was not read, ``run`` of the other sign, where that certifies, noted (:data:`OTHER_SIGN`). A wrong
+    sign certifies nothing: every certificate recomputes the update, whose labels' signs it fixes."""
+    rec = run(update)
+    other = other_sign(update) if not rec.num_certified else None
+    if other is None:
+        return rec
+    again = run(other)
+    return replace(again, notes=(*again.notes, OTHER_SIGN)) if again.num_certified else rec
 
 
 def other_sign(update: object) -> WeightUpdate | None:

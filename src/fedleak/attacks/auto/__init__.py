@@ -43,7 +43,6 @@ from fedleak.attacks.auto.route import (
 )
 from fedleak.attacks.auto.stages import finish, first_layer_rows, run_exact, run_first_layer
 from fedleak.attacks.exact import exclusivity_on_weights
-from fedleak.attacks.exact.attack import OTHER_SIGN
 from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import InversionSettings, RunClock
 from fedleak.attacks.registry import register_attack
@@ -51,7 +50,7 @@ from fedleak.errors import OptionError
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate, as_gradient_update, check_matches_model
 from fedleak.validation import check_float, check_int, options_from
-from fedleak.weight_change import other_sign
+from fedleak.weight_change import OTHER_SIGN, other_sign
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)
 DEFAULT_BUDGET = 60.0

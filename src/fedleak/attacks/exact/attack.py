@@ -34,17 +34,13 @@ from fedleak.nets.network import check_head_trainable
 from fedleak.precision import FLOAT32, Precision, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
-from fedleak.weight_change import UNSIGNED, other_sign
+from fedleak.weight_change import UNSIGNED, either_sign
 
 #: the note of a weight update that certified nothing and may be of several local steps
 SEVERAL_STEPS = ("nothing was certified; if the client took several local steps (the update does not say), its "
                  "gradients were taken at moving weights, no certificate applies and a 'blend' in a sample's reason "
                  "may be a sample of such an update: attack='first-layer' (or 'auto') reads the inputs the first "
                  "Linear layer's rows still give")
-
-
-#: the note of a weight change whose sign was not read, certified with the other sign than the one it was read with
-OTHER_SIGN = "read with the other sign (old - new): nothing was certified as new - old"
 
 
 #: the note of a weight update read with the learning rate the server knows
@@ -170,13 +166,7 @@ def exclusivity_on_weights(
     fold = fold_dense_norms(model)
     if fold is not None and fold.weights_unread:
         raise ModelError(fold.weights_unread)
-    rec = _on_weights(model, update, input_shape, options, overrides)
-    other = other_sign(update) if not rec.num_certified else None
-    if other is not None:  # a change whose sign was not read: the other sign, where this one certified nothing
-        again = _on_weights(model, other, input_shape, options, overrides)
-        if again.num_certified:
-            return replace(again, notes=(*again.notes, OTHER_SIGN))
-    return rec
+    return either_sign(lambda u: _on_weights(model, u, input_shape, options, overrides), update)
 
 
 def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, ...] | None,

@@ -43,6 +43,7 @@ from fedleak.nets.layers import Dense
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate
 from fedleak.validation import check_data_range, check_float, check_int
+from fedleak.weight_change import either_sign
 
 F64 = torch.float64
 MARGIN = 150.0  # exp(-150) ~ 7e-66: zero in float32, and far below every tolerance in float64
@@ -163,11 +164,19 @@ def class_fishing_attack(model: nn.Module, update, *, input_shape: tuple[int, ..
     row with the smallest worst-case error bound, and certified when it opens every one of them, lies in
     ``data_range`` and that bound is below ``exact_tol`` of the range. Certified samples are then peeled off every
     row they open (each unit's count drops by one), which leaves more rows of count one, until nothing new is
-    certified. Samples of other classes send nothing below the output layer and are not rebuilt.
+    certified. Samples of other classes send nothing below the output layer and are not rebuilt. A change whose sign
+    was not read (two or three classes) is tried with the other sign where this one certifies nothing
+    (:func:`~fedleak.weight_change.either_sign`).
     """
-    start = time.perf_counter()
     opts = resolve_options(options, overrides)
     data_range = _check_range(data_range)
+    return either_sign(lambda u: _fished(model, u, input_shape, data_range, opts), update)
+
+
+def _fished(model: nn.Module, update, input_shape: tuple[int, ...] | None, data_range: tuple[float, float],
+            opts: MaliciousOptions) -> Reconstruction:
+    """:func:`class_fishing_attack` on ``update`` as it is."""
+    start = time.perf_counter()
     net, G, g, n_examples, (nG, ng), _ = first_layer(model, update, "class-fishing", input_shape)
     target, multiplier = fished_class(net.head, data_range)
     if not n_examples:

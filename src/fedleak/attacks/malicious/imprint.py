@@ -25,6 +25,7 @@ from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, OptionError
 from fedleak.reconstruction import Reconstruction
+from fedleak.weight_change import either_sign
 
 F64 = torch.float64
 
@@ -94,13 +95,21 @@ def imprint_attack(model: nn.Module, update, *, bins: int | None = None, input_s
     The bins are found from the model itself: the leading first-layer rows that share one weight vector
     (``bins`` forces their number). Bins are sorted by threshold; the difference of consecutive bins'
     gradients isolates the samples between the two thresholds, and a candidate must open its bin and
-    not the next one. ``input_shape`` (one sample) defaults to what :func:`fedleak.nets.as_network` finds.
+    not the next one. ``input_shape`` (one sample) defaults to what :func:`fedleak.nets.as_network` finds. A change
+    whose sign was not read (two or three classes) is tried with the other sign where this one certifies nothing
+    (:func:`~fedleak.weight_change.either_sign`).
     """
-    start = time.perf_counter()
     opts = resolve_options(options, overrides)
     if opts.focal_gamma:
         raise OptionError("the imprint attack's counting proof bounds the cross-entropy's loss vectors: it takes no "
                           "focal_gamma (on a focal client's update it stays sound, read as a cross-entropy client's)")
+    return either_sign(lambda u: _imprinted(model, u, bins, input_shape, opts), update)
+
+
+def _imprinted(model: nn.Module, update, bins: int | None, input_shape: tuple[int, ...] | None,
+               opts: MaliciousOptions) -> Reconstruction:
+    """:func:`imprint_attack` on ``update`` as it is."""
+    start = time.perf_counter()
     net, G, g, n_examples, (nG, ng), _ = first_layer(model, update, "imprint", input_shape)
     W0, b0 = net.head.weights()[0], net.head.biases()[0]
     if bins is None:

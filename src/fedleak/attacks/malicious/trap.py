@@ -28,6 +28,7 @@ from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
 from fedleak.reconstruction import Reconstruction
+from fedleak.weight_change import either_sign
 
 F64 = torch.float64
 
@@ -76,10 +77,18 @@ def trap_weights_attack(model: nn.Module, update, *, input_shape: tuple[int, ...
     one-step weight update. Rows whose implied inputs ``dW_i/db_i`` coincide are grouped (leaders are
     the rows with the largest bias gradient, the least affected by rounding); a group's estimate is
     ``sum dW_i / sum db_i``; each group is certified as described in :mod:`fedleak.attacks.malicious`.
-    ``input_shape`` (one sample) defaults to what :func:`fedleak.nets.as_network` finds.
+    ``input_shape`` (one sample) defaults to what :func:`fedleak.nets.as_network` finds. A change whose sign was not
+    read (two or three classes) is tried with the other sign where this one certifies nothing
+    (:func:`~fedleak.weight_change.either_sign`).
     """
-    start = time.perf_counter()
     opts = resolve_options(options, overrides)
+    return either_sign(lambda u: _trapped(model, u, input_shape, opts), update)
+
+
+def _trapped(model: nn.Module, update, input_shape: tuple[int, ...] | None, opts: MaliciousOptions
+             ) -> Reconstruction:
+    """:func:`trap_weights_attack` on ``update`` as it is."""
+    start = time.perf_counter()
     net, G, g, n_examples, (nG, ng), G_next = first_layer(model, update, "trap-weight", input_shape)
     usable = torch.nonzero(g.abs() > opts.min_bias * float(g.abs().max().clamp_min(1e-300))).flatten()
     R = G[usable] / g[usable, None]
