@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 import fedleak
 from fedleak.defenses import reduce_exclusivity
-from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.input_peel import peel_input_map
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fishing_normalised.json"
 # (data, model, normalisation, batch size, batches)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.input_peel import peel_input_map
 
 RESULTS = Path(__file__).resolve().parent / "results" / "normalisation.json"
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

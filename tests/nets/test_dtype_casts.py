@@ -7,7 +7,7 @@ import torch
 
 import fedleak
 from fedleak.errors import ModelError
-from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.input_peel import peel_input_map
 from tests.user_models import PrefixedMLP, certified_exactly
 
 KEPT = {

@@ -189,8 +189,9 @@ def test_inferring_a_shape_stops_trying_after_its_time(monkeypatch):
 
 
 def test_a_change_of_layout_is_refused_saying_what_to_do():
-    """Time series stored N x T x C and transposed in forward: one line that says to store them as the conv reads
-    them; 'auto' still applies."""
+    """Time series stored N x T x C and transposed in forward, read as the model is (``as_network``): one line that
+    says where such a change is read (the exact methods peel it off the input: test_input_layout.py) and to store
+    them as the conv reads them otherwise; 'auto' still applies."""
     class Transposed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -200,5 +201,6 @@ def test_a_change_of_layout_is_refused_saying_what_to_do():
         def forward(self, x):
             return self.fc(F.relu(self.conv(x.transpose(1, 2))).flatten(1))
 
-    with pytest.raises(ModelError, match=r"node 'transpose' .*change of layout .*N x C x T.*'auto'"):
+    with pytest.raises(ModelError, match=r"node 'transpose' .*change of layout .*read only on the model's input.*"
+                                         r"N x C x T.*'auto'"):
         as_network(Transposed(), input_shape=(32, 3))

@@ -1,5 +1,5 @@
 """A normalisation inside ``forward``: read as an elementwise affine map, peeled off for the exact methods and
-inverted on what they rebuild (fedleak.nets.input_map)."""
+inverted on what they rebuild (fedleak.nets.input_peel, fedleak.nets.input_map)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from user_models import sized_gradient
 import fedleak
 from fedleak.errors import ModelError
 from fedleak.nets.exact_view import exact_network, first_layer_view
-from fedleak.nets.input_map import _PEELED, peel_input_map
+from fedleak.nets.input_peel import _PEELED, peel_input_map
 
 
 class Normalised(nn.Module):

@@ -65,7 +65,8 @@ from fedleak.clipped_values import ValueClip, read_value_clip
 from fedleak.errors import FedleakError, OptionError
 from fedleak.logits_of import per_sample_logits
 from fedleak.nets.buffers import buffers_kept
-from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.input_map import first_layer_shape
+from fedleak.nets.input_peel import peel_input_map
 from fedleak.nets.output_layer import output_layer_names
 from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
@@ -130,6 +131,7 @@ def first_layer_attack(model: nn.Module, update, *, input_shape: tuple[int, ...]
         model = model_at_before(model, update)
     # a normalisation inside forward: the layer reads what it makes of the sample, mapped back after
     model, input_map = peel_input_map(model, input_shape=input_shape)
+    input_shape = first_layer_shape(input_map, input_shape)  # (what the model without the map reads)
     with buffers_kept(model):  # a model in training mode moves its BatchNorm statistics in every pass
         if isinstance(update, WeightUpdate):
             rec = _weight_rows(model, update, input_shape, opts, start)

@@ -16,7 +16,8 @@ from fedleak.forward_failure import forward_failure
 from fedleak.logits_of import NotLogits
 from fedleak.loose_parameters import loose_parameters
 from fedleak.nets import input_shape_of
-from fedleak.nets.input_map import peel_input_map
+from fedleak.nets.input_map import first_layer_shape
+from fedleak.nets.input_peel import peel_input_map
 from fedleak.nets.layer_calls import FunctionalCalls
 from fedleak.nets.ops import computed_parameter
 from fedleak.nets.sample_path import changed_before
@@ -106,8 +107,8 @@ def first_layer_changed(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     :attr:`FirstLinear.changed`, after a normalisation inside forward is peeled); empty where that layer reads the
     sample as it is, or where the attack finds no such layer (it then says why when it runs)."""
     try:
-        peeled, _ = peel_input_map(model, input_shape=input_shape)
-        return first_linear(peeled, tuple(input_shape)).changed
+        peeled, input_map = peel_input_map(model, input_shape=input_shape)
+        return first_linear(peeled, first_layer_shape(input_map, input_shape)).changed
     except ModelError:
         return ""
 

@@ -7,7 +7,8 @@ import re
 
 _OPTIONS = (  # (pattern, replacement), in turn
     (re.compile(r"input_shape=\(([^)]*)\)"), lambda m: "--input-shape " + m.group(1).replace(" ", "")),
-    (re.compile(r"\binput_shape="), lambda m: "--input-shape "),
+    (re.compile(r"\binput_shape=(?! )"), lambda m: "--input-shape "),
+    (re.compile(r"\binput_shape= "), lambda m: "--input-shape "),  # ("pass input_shape= (the shape ...)")
     (re.compile(r"\btrain_dropout=False\b"), lambda m: "--eval-dropout"),
     (re.compile(r"\bloss_reduction='(\w+)'"), lambda m: f"--loss-reduction {m.group(1)}"),
     (re.compile(r"\blabel_smoothing=(?=\S)"), lambda m: "--label-smoothing "),

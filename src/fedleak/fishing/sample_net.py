@@ -15,7 +15,8 @@ hidden layers. An MLP is a network without conv blocks: its sample network is th
 A model that maps its input before its first layer (``(x - mean) / std`` inside ``forward``, per channel or per
 value: :class:`~fedleak.nets.input_map.InputMap`) is read on its own inputs: the map is folded into an MLP's first
 layer (``W diag(a)``, ``c + W b``) or run before a CNN's first conv (its rows end with ``* a``, its offsets are the
-pass of ``x = 0``, i.e. of ``b``), so every LP works on the model's inputs and their data range.
+pass of ``x = 0``, i.e. of ``b``), so every LP works on the model's inputs and their data range; a map that changes
+the layout moves each column to the input value it reads.
 
 Torch work runs on the model's device (:attr:`fedleak.nets.Network.device`); the arrays the LPs read
 are numpy float64 on the CPU.
@@ -49,7 +50,7 @@ class HeadArrays:
         if input_map is not None:
             scale, shift = (t.cpu().numpy() for t in (input_map.scale, input_map.shift))
             self.b[0] = self.W[0] @ shift + (0.0 if self.b[0] is None else self.b[0])
-            self.W[0] = self.W[0] * scale
+            self.W[0] = _over_inputs(self.W[0] * scale, input_map)
         self.W32 = [w.cpu().numpy() for w in head.weights(torch.float32)]
         self.b32 = [None if b is None else b.cpu().numpy() for b in head.biases(torch.float32)]
         if input_map is not None:
@@ -78,6 +79,8 @@ class HeadArrays:
         folded in, else ``x``."""
         if self.input_map is None:
             return x
+        order = self.input_map.order
+        x = x if order is None else x[..., order.numpy()]
         return x * self.input_map.scale.cpu().numpy() + self.input_map.shift.cpu().numpy()
 
     def row_norms(self, layer: int, order: int = 2) -> np.ndarray:
@@ -157,6 +160,16 @@ class HeadOffsets:
         return self.values(idx) if self.below is None and self._all is None else self.full()[idx]
 
 
+def _over_inputs(rows: np.ndarray, input_map: InputMap) -> np.ndarray:
+    """Rows (n x values) over what the first layer reads, as rows over the model's inputs: each column moved to the
+    input value it reads, where the map changes the layout."""
+    if input_map.order is None:
+        return rows
+    out = np.empty_like(rows)
+    out[:, input_map.order.numpy()] = rows
+    return out
+
+
 class ConvStack:
     """The conv blocks of a network (eval-mode BN folded), float64 and float32, on the model's device, after the
     model's ``input_map`` when it has one (run on the inputs: :meth:`tensor`; rows pulled back through it:
@@ -176,14 +189,16 @@ class ConvStack:
         """One input or a batch (flat rows) as a torch batch of what the first conv reads, on the device."""
         t = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(x))).to(device=self.device, dtype=dtype)
         if self.input_map is not None:
+            order = self.input_map.order
+            t = t if order is None else t[:, order.to(t.device)]
             t = t * self.input_map.scale.to(t) + self.input_map.shift.to(t)
         return t.reshape(-1, *self.input_shape)
 
     def input_rows(self, R: torch.Tensor) -> np.ndarray:
         """Rows over what the first conv reads (n x input_dim) as rows over the model's inputs."""
-        if self.input_map is not None:
-            R = R * self.input_map.scale.to(R)
-        return R.cpu().numpy()
+        if self.input_map is None:
+            return R.cpu().numpy()
+        return _over_inputs((R * self.input_map.scale.to(R)).cpu().numpy(), self.input_map)
 
     def forward(self, x: np.ndarray, f32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Conv pre-activations (per block, n x C x H x W) and the features (n x feature_dim), on the device."""

@@ -1,11 +1,12 @@
 """Perturbing a batch of a model that maps its input inside ``forward`` (``(x - mean) / std`` with one number, per
 channel or per value; ``x / 255``; ``2 x - 1``): fishing and exclusivity reduction work on the model's own inputs.
 
-The map ``z = a x + b`` (:func:`fedleak.nets.input_map.peel_input_map`) is folded into the arrays the LPs read
+The map ``z = a x + b`` (:func:`fedleak.nets.input_peel.peel_input_map`) is folded into the arrays the LPs read
 (:class:`~fedleak.fishing.sample_net.HeadArrays`, :class:`~fedleak.fishing.sample_net.ConvStack`), so every LP is
 written over ``x``: the data range is the box it is in every coordinate, whatever ``a`` and ``b`` are per channel,
 and perturbation sizes and PSNR are in the inputs' own units. The exclusivity analyses before and after read what
-the first layer reads: the model's own arithmetic, run on the inputs.
+the first layer reads: the model's own arithmetic, run on the inputs. A change of layout there (``x.permute(0, 2,
+1)``) moves each first-layer column to the input value it reads: the LPs are written over the data as stored.
 
 Data normalised before the model (:class:`~fedleak.data.Normalization`, per channel) is perturbed the same way: its
 pixels are handed to the model behind a module that normalises them (:func:`in_pixels`), and the perturbed pixels

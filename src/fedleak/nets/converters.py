@@ -246,10 +246,13 @@ def reshape(op: Op) -> Reshape | None:
 @converts(torch.permute, torch.transpose, torch.swapaxes, torch.movedim,
           *(("method", m) for m in ("permute", "transpose", "swapaxes", "movedim")))
 def layout_change(op: Op) -> Layer:
-    """A change of the order of each sample's values (time series stored N x T x C, read N x C x T): refused,
-    saying how to do without it."""
-    raise op.refuse("a change of layout (permute, transpose) is not supported: store the data as the layer after it "
-                    f"reads it (e.g. N x C x T) and pass the model without it; {EXACT_SCOPE}")
+    """A change of the order of each sample's values (time series stored N x T x C, read N x C x T): refused here,
+    saying how to do without it (on the model's input, before its first layer, the exact methods read it as a map
+    of the input: :mod:`fedleak.nets.input_peel`)."""
+    raise op.refuse("a change of layout (permute, transpose) is read only on the model's input, before its first "
+                    "layer (by the exact attack, exclusivity analysis and the plan; not by fishing, exclusivity "
+                    "reduction or a malicious server's first layer): elsewhere, or for those, store the data as the "
+                    f"layer after it reads it (e.g. N x C x T) and pass the model without it; {EXACT_SCOPE}")
 
 
 @converts(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)

@@ -13,7 +13,8 @@ from torch import nn
 
 from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms
 from fedleak.nets.frontend import as_network
-from fedleak.nets.input_map import InputMap, peel_input_map
+from fedleak.nets.input_map import InputMap, first_layer_shape
+from fedleak.nets.input_peel import peel_input_map
 from fedleak.nets.network import Network, check_head_trainable
 
 
@@ -33,6 +34,9 @@ def exact_view(model: nn.Module, *, input_shape: Sequence[int] | None = None,
                inputs: torch.Tensor | None = None) -> ExactView:
     """``model`` as the exact methods read it (:class:`ExactView`)."""
     fold, stripped, input_map = _taken_out(model, input_shape, inputs)
+    if input_map is not None and input_map.first_shape is not None:  # a change of layout: the first layer's shape
+        input_shape = first_layer_shape(input_map, input_shape)
+        inputs = None if inputs is None else input_map.to_first_layer(inputs)
     net = as_network(stripped, input_shape=input_shape, inputs=inputs)
     return ExactView(stripped, input_map, net if fold is None else fold.read_into(net), fold)
 

@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from fedleak.errors import ModelError
 from fedleak.nets.converters import reshape
 from fedleak.nets.frontend import converter_key
-from fedleak.nets.input_map import InputMap, shape_query
+from fedleak.nets.input_map import InputMap
+from fedleak.nets.input_peel import shape_query
 from fedleak.nets.layers import BatchNorm
 from fedleak.nets.ops import CONVERTERS
 from fedleak.reconstruction import Reconstruction

@@ -180,8 +180,8 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
         samples = synthetic_samples(net.input_shape, max(sizes), seed)
     if samples.x[0].numel() != net.input_dim:
         raise FedleakError(f"each input has {samples.x[0].numel()} values but the model takes {net.input_shape}")
-    if input_map is not None:  # measured on what the first layer reads
-        x = samples.x.reshape(len(samples.x), *net.input_shape).to(net.dtype)
+    if input_map is not None:  # measured on what the first layer reads (in the inputs' own layout first)
+        x = samples.x.reshape(len(samples.x), *(input_map.shape or net.input_shape)).to(net.dtype)
         samples = replace(samples, x=input_map.to_first_layer(x))
         notes += (input_map.note(),)
     if view.fold is not None and kind is not None and kind.is_gradient:  # a norm run in training mode shows
@@ -193,8 +193,11 @@ def plan(model: nn.Module, update: object = None, inputs: object = None, *, inpu
     masking = input_masking(model, first_reader(net), net.input_shape)  # (:mod:`fedleak.attacks.masked_input`)
     from fedleak.attacks.malicious.class_fishing import fished_target
 
-    return _on_range(_plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking,
-                           fished_target(net)), samples)
+    result = _plan(net, label, parameters, samples, kind, sizes, target, proofs, seed, notes, masking,
+                   fished_target(net))
+    if input_map is not None and input_map.shape is not None:  # a change of layout: the model's own input shape
+        result = replace(result, input_shape=input_map.shape)
+    return _on_range(result, samples)
 
 
 def _on_range(result: Plan, samples: Samples | None) -> Plan:
