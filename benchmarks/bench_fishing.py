@@ -30,8 +30,8 @@ import torch
 
 import fedleak
 from fedleak.fishing import fish
+from fedleak.fishing.head_arrays import HeadArrays
 from fedleak.fishing.lp import LPSettings, RadiusLP
-from fedleak.fishing.sample_net import HeadArrays
 from fedleak.nets import as_network
 
 torch.set_num_threads(1)

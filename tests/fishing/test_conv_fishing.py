@@ -9,7 +9,8 @@ from torch import nn
 
 import fedleak
 from fedleak.fishing import FishingTransform
-from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.fishing.head_arrays import HeadArrays
+from fedleak.fishing.sample_net import ConvStack, SampleNet
 from fedleak.models.convnet import make_convnet
 from fedleak.nets import as_network
 

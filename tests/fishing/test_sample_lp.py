@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 import fedleak
+from fedleak.fishing.head_arrays import HeadArrays
 from fedleak.fishing.lp import LPSettings, Requirement
 from fedleak.fishing.sample_lp import RequirementTable, SampleLP, solve_sample
-from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.fishing.sample_net import ConvStack, SampleNet
 from fedleak.nets import as_network
 
 

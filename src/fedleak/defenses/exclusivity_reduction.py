@@ -46,10 +46,11 @@ from fedleak.data.normalize import Normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.defenses.reduction_results import ReducedSample, ReductionOptions, ReductionResult
 from fedleak.errors import FedleakError, OptionError, SolverError
+from fedleak.fishing.head_arrays import HeadArrays
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import resolve_data_range
 from fedleak.fishing.sample_lp import solve_sample
-from fedleak.fishing.sample_net import HeadArrays, SampleNet
+from fedleak.fishing.sample_net import SampleNet
 from fedleak.fishing.targets import sensitivities
 from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised_back
 from fedleak.image_metrics import sample_psnr

@@ -30,11 +30,12 @@ from fedleak.analysis.exclusivity import batch_exclusivity
 from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
 from fedleak.fishing.clearance import clearances
+from fedleak.fishing.head_arrays import HeadArrays
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
 from fedleak.fishing.sample_lp import RequirementTable, solve_sample
-from fedleak.fishing.sample_net import ConvStack, HeadArrays, SampleNet
+from fedleak.fishing.sample_net import ConvStack, SampleNet
 from fedleak.fishing.solvers import solves_in_process
 from fedleak.fishing.targets import choose_targets, retarget
 from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised_back

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedleak.fishing.sample_net import HeadArrays
+from fedleak.fishing.head_arrays import HeadArrays
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 channel or per value; ``x / 255``; ``2 x - 1``): fishing and exclusivity reduction work on the model's own inputs.
 
 The map ``z = a x + b`` (:func:`fedleak.nets.input_peel.peel_input_map`) is folded into the arrays the LPs read
-(:class:`~fedleak.fishing.sample_net.HeadArrays`, :class:`~fedleak.fishing.sample_net.ConvStack`), so every LP is
+(:class:`~fedleak.fishing.head_arrays.HeadArrays`, :class:`~fedleak.fishing.sample_net.ConvStack`), so every LP is
 written over ``x``: the data range is the box it is in every coordinate, whatever ``a`` and ``b`` are per channel,
 and perturbation sizes and PSNR are in the inputs' own units. The exclusivity analyses before and after read what
 the first layer reads: the model's own arithmetic, run on the inputs. A change of layout there (``x.permute(0, 2,
@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from fedleak.data.normalize import Normalization
-from fedleak.fishing.sample_net import ConvStack, HeadArrays
+from fedleak.fishing.head_arrays import HeadArrays
+from fedleak.fishing.sample_net import ConvStack
 from fedleak.nets import Network
 from fedleak.nets.exact_view import first_layer_view
 from fedleak.nets.input_map import InputMap
