@@ -1,8 +1,9 @@
 """Certificate hunt: fishing models that normalise their input inside ``forward``, then the exact attack.
 
 User classes at torch's default initialisation that compute ``(x - mean) / std`` first (buffers: the data set's mean
-and std as one number, per channel, per value (a mean image, its std plus 0.05), or an inverting ``(x - 1) / -0.5``),
-then an MLP of 1024, an MLP of 1024 and 256, or a CNN (a 3x3 conv of 16 channels, padding 1, a dense layer of 256);
+and std as one number, per channel, per value (a mean image, its std plus 0.05), or an inverting ``(x - 1) / -0.5``;
+or per channel and then ``.transpose(2, 3)``, a change of layout, which fishing writes its LPs through), then an MLP
+of 1024, an MLP of 1024 and 256, or a CNN (a 3x3 conv of 16 channels, padding 1, a dense layer of 256);
 half of them divide their logits by a temperature of 0.5. On Fashion-MNIST, two-class LFW and retina colour
 patches, batches of 4 and 16 (the CNN: 4), two seeds. Each batch is fished with the defaults, the client computes its
 gradient of the fished batch through its own forward and reports its size, and the exact attack reads it. Counts:
@@ -30,12 +31,14 @@ import fedleak
 RESULTS = Path(__file__).resolve().parent / "results" / "hunt_fishing_maps.json"
 DATA = ("fashion-mnist", "lfw", "retina")
 ARCHS = {"mlp": (1024,), "mlp2": (1024, 256), "cnn": (256,)}
-MAPS = ("number", "channel", "value", "inverting")
+MAPS = ("number", "channel", "value", "inverting", "transposed")
 
 
 class Normalising(nn.Module):
-    def __init__(self, shape, classes: int, widths, conv: bool, mean, std, temperature: float) -> None:
+    def __init__(self, shape, classes: int, widths, conv: bool, mean, std, temperature: float,
+                 transposed: bool = False) -> None:
         super().__init__()
+        self.transposed = transposed
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.temperature = temperature
@@ -50,6 +53,8 @@ class Normalising(nn.Module):
 
     def forward(self, x):
         x = (x - self.mean) / self.std
+        if self.transposed:
+            x = x.transpose(2, 3)
         if self.conv is not None:
             x = F.relu(self.conv(x))
         return self.out(self.body(x.flatten(1))) / self.temperature
@@ -59,7 +64,7 @@ def statistics(data: fedleak.Dataset, kind: str) -> tuple[torch.Tensor, torch.Te
     x = data.x.double()
     if kind == "number":
         return torch.tensor(float(x.mean())), torch.tensor(float(x.std()))
-    if kind == "channel":
+    if kind in ("channel", "transposed"):
         return x.mean((0, 2, 3)).view(-1, 1, 1).float(), x.std((0, 2, 3)).view(-1, 1, 1).float()
     if kind == "value":
         return x.mean(0).float(), x.std(0).float() + 0.05
@@ -81,7 +86,7 @@ def main() -> None:
         seed = args.seed + rep
         torch.manual_seed(seed)
         model = Normalising(data.input_shape, data.num_classes, ARCHS[arch], arch == "cnn", *statistics(data, kind),
-                            0.5 if rep else 1.0).eval()
+                            0.5 if rep else 1.0, transposed=kind == "transposed").eval()
         x, y = data.batch(size, seed=100 + seed)
         fished = fedleak.fish(model, x, y)
         lo, hi = data.value_range
