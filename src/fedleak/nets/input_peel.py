@@ -90,16 +90,31 @@ def _layout_input_shape(model: nn.Module, peeled: _Peeled, input_shape: Sequence
 def _layout_output(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """The shape the forward's arithmetic and layout changes make of one input of ``shape``; None where they do not
     run on it."""
-    interp = fx.Interpreter(model, graph=peeled.graph)
-    interp.env = {peeled.input: torch.zeros((1, *shape), dtype=torch.float64)}
+    param = next(model.parameters(), None)
+    probe = torch.zeros((1, *shape), dtype=F64, device=param.device if param is not None else None)
     try:
-        with torch.no_grad():
-            for node in peeled.nodes:
-                _constants(interp, node)
-                interp.env[node] = interp.run_node(node)
+        return tuple(_run_chain(model, peeled, probe)[peeled.nodes[-1]].shape[1:])
     except (RuntimeError, IndexError, TypeError, ValueError):
         return None
-    return tuple(interp.env[peeled.nodes[-1]].shape[1:])
+
+
+def _run_chain(model: nn.Module, peeled: _Peeled, x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
+    """The value of each of ``peeled``'s nodes for the batch ``x``, the model's constants read now; a cast that keeps
+    the model's dtype (as ``as_network`` checks) is the identity."""
+    casts = _keys_of(cast)
+    interp = fx.Interpreter(model, graph=peeled.graph)
+    interp.env = {peeled.input: x}
+    values = {}
+    with torch.no_grad():
+        for node in peeled.nodes:
+            if op_key(node) in casts:
+                interp.env[node] = interp.env[node.args[0]]
+                values[node] = interp.env[node]
+                continue
+            _constants(interp, node)
+            interp.env[node] = interp.run_node(node)
+            values[node] = interp.env[node].clone()  # a later in-place op (x.div_) would change it
+    return values
 
 
 def _keys_of(converter: Callable) -> frozenset:
@@ -211,28 +226,15 @@ def _drop_unused(graph: fx.Graph) -> None:
 
 
 def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> InputMap:
-    """The map's numbers from ``model``'s constants now (three probes: 0, 1 and random inputs, in float64), checked
-    affine, with the intermediate offsets that bound the client's rounding."""
+    """The map's numbers from ``model``'s constants now (three probes: 0, 1 and random inputs, in float64; with a
+    change of layout, the values 1..n too: :func:`_order`), checked affine, with the intermediate offsets that bound
+    the client's rounding."""
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
 
-    casts = _keys_of(cast)
-
     def run(x: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
-        interp = fx.Interpreter(model, graph=peeled.graph)
-        interp.env = {peeled.input: x}
-        values = {}
-        with torch.no_grad():
-            for node in peeled.nodes:
-                if op_key(node) in casts:  # one that keeps the model's dtype (as_network checks): the identity
-                    interp.env[node] = interp.env[node.args[0]]
-                    values[node] = interp.env[node]
-                    continue
-                _constants(interp, node)
-                interp.env[node] = interp.run_node(node)
-                values[node] = interp.env[node].clone()  # a later in-place op (x.div_) would change it
-        return values
+        return _run_chain(model, peeled, x)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return run(x)[peeled.nodes[-1]]
