@@ -51,11 +51,12 @@ _PEELED: PerStructure[_Peeled | None] = PerStructure()
 
 def peel_input_map(model: nn.Module, *, input_shape: Sequence[int] | None = None,
                    inputs: torch.Tensor | None = None) -> tuple[nn.Module, InputMap | None]:
-    """``model`` without the arithmetic its forward does to its input before its first layer, and that arithmetic
-    as an :class:`InputMap` (read from the model's live constants, on inputs of the shape
-    :func:`~fedleak.nets.as_network` finds with ``input_shape`` / ``inputs``); ``(model, None)`` where it does none.
-    Raises :class:`~fedleak.errors.ModelError` where the arithmetic is not an elementwise affine map of the input
-    with constants (a learned scale; ``1 / x``; a zero scale)."""
+    """``model`` without the arithmetic (and changes of layout) its forward does to its input before its first layer,
+    and that as an :class:`InputMap` (read from the model's live constants, on inputs of the shape
+    :func:`~fedleak.nets.as_network` finds with ``input_shape`` / ``inputs``; with a change of layout, of the model's
+    own input shape, :func:`_layout_input_shape`); ``(model, None)`` where it does none. Raises
+    :class:`~fedleak.errors.ModelError` where the arithmetic is not an elementwise affine map of the reordered input
+    with constants (a learned scale; ``1 / x``; a zero scale; a change that moves the batch's dimension)."""
     peeled = _PEELED.get(model, None, lambda: _peel(model))
     if peeled is None:
         return model, None
