@@ -45,6 +45,7 @@ class InputMap:
     order: torch.Tensor | None = None  # z_j reads x_order[j] (a change of layout, flat indices); None: x_j
     shape: tuple[int, ...] | None = None  # with a change of layout, one input's shape ...
     first_shape: tuple[int, ...] | None = None  # ... and what the first layer reads (else both are the input's)
+    rounded: int | None = None  # the written nodes that round a value (None: all; a reordering does not)
 
     @property
     def uniform(self) -> bool:
@@ -83,7 +84,8 @@ class InputMap:
         (``eps * (|x| + |c_t|)`` per node), and float64's own inversion."""
         flat = x.detach().to(F64).reshape(x.shape[0], -1).abs()
         flat = flat if self.order is None else flat[:, self.order.to(flat.device)]  # in the first layer's order
-        per_value = self.eps * (len(self.written) * flat + self.offsets.to(flat.device)) + 4e-16 * flat
+        steps = len(self.written) if self.rounded is None else self.rounded
+        per_value = self.eps * (steps * flat + self.offsets.to(flat.device)) + 4e-16 * flat
         return per_value.amax(dim=1)
 
     def tolerance_in_first_layer(self, exact_tol: float, data_range: tuple[float, float] | None

@@ -273,10 +273,11 @@ def _read_map(model: nn.Module, peeled: _Peeled, shape: tuple[int, ...]) -> Inpu
         v0, v1 = (r[node].to(F64).reshape(len(probes[0]), -1)[0] for r in runs[:2])
         step = v1 - v0
         offsets += torch.where(step != 0, (v0 / step).abs(), torch.zeros_like(v0))
-    written = tuple(n.name for n in peeled.arithmetic) or tuple(n.name for n in peeled.nodes)
+    written = tuple(n.name for n in peeled.nodes if n in peeled.arithmetic or op_key(n) in LAYOUT)  # (in order)
     first = tuple(runs[0][last].shape[1:]) if peeled.layout else None
     return InputMap(a.cpu(), b.cpu(), offsets.cpu(), float(torch.finfo(dtype).eps), written, apply,
-                    None if order is None else order.cpu(), tuple(shape) if peeled.layout else None, first)
+                    None if order is None else order.cpu(), tuple(shape) if peeled.layout else None, first,
+                    len(peeled.arithmetic))
 
 
 def _order(run: Callable[[torch.Tensor], dict[fx.Node, torch.Tensor]], probes: list[torch.Tensor], last: fx.Node,
