@@ -75,7 +75,7 @@ class GroundTruthScorer:
     that is not a distinct sample of the batch, including any beyond the batch size) come from one
     call. Errors are measured on the data's range: the batch's ``value_range``, else ``data_range``,
     else the batch's min and max; for data the model sees normalised (``normalization``), in pixels on the
-    pixels' range, both sides mapped back, as :func:`fedleak.audit` scores it (the normalised values' range, the
+    pixels' range, both sides mapped back, as ``fedleak audit`` scores it (the normalised values' range, the
     union of the channels', would loosen "exact" and raise PSNR by its width). The preview is in the same units.
     PSNR, SSIM and label accuracy are those of the full reconstruction, uncertified samples included (estimates
     of what an optimisation attack recovered).
@@ -125,7 +125,6 @@ class GroundTruthScorer:
                       m.label_accuracy, m.false_certificates, tuple(pairs),
                       false_certificate_reasons=tuple(false_reason.values()), value_range=m.data_range,
                       ssim=_mean_matched(m.ssim, m.matched))
-
 
     def _shown(self, sample: torch.Tensor):
         """One sample as the preview shows it: in pixels where the data is normalised (unclamped)."""
