@@ -4,12 +4,13 @@ weights, focal exponent), binary cross-entropy for a single output, and the clas
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedleak.errors import FedleakError
-from fedleak.focal import focal_loss
+from fedleak.focal import check_focal_gamma, focal_loss
 from fedleak.logits_of import per_sample_logits
 from fedleak.validation import check_float
 
@@ -28,8 +29,8 @@ def check_label_smoothing(value: object) -> float:
     """A cross-entropy's label smoothing (``F.cross_entropy(..., label_smoothing=s)``): a number in [0, 1)."""
     smoothing = check_float("label_smoothing", value, low=0.0)
     if smoothing >= 1:
-        raise FedleakError(f"label_smoothing must be below 1 (the weight of the uniform target, as in "
-                           f"F.cross_entropy(label_smoothing=...)), got {smoothing}")
+        raise FedleakError(f"label_smoothing must be below 1 (the weight of the uniform target, F.cross_entropy's "
+                           f"label_smoothing), got {smoothing}")
     return smoothing
 
 
@@ -52,6 +53,46 @@ def check_class_weights(value: object, *, label_smoothing: float | None = 0.0) -
         raise FedleakError("class_weights with label_smoothing is not supported (the weighted smoothed "
                            "cross-entropy's loss vectors are not p - target times one factor per sample): pass one")
     return weights
+
+
+@dataclass(frozen=True)
+class ClientLoss:
+    """The loss options a client trains with, checked together: a cross-entropy's ``label_smoothing`` and
+    ``class_weights`` (``F.cross_entropy``'s ``label_smoothing`` and ``weight``), or a focal loss's exponent
+    ``focal_gamma`` (:mod:`fedleak.focal`). The defaults are the plain mean cross-entropy."""
+
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        smoothing = check_label_smoothing(self.label_smoothing)
+        weights = check_class_weights(self.class_weights, label_smoothing=smoothing)
+        object.__setattr__(self, "label_smoothing", smoothing)
+        object.__setattr__(self, "class_weights", weights)
+        object.__setattr__(self, "focal_gamma", check_focal_gamma(self.focal_gamma, label_smoothing=smoothing,
+                                                                  class_weights=weights))
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is the plain cross-entropy (no option set)."""
+        return not self.options()
+
+    def options(self) -> dict[str, object]:
+        """The options set, as the keywords the gradient and the attacks that take a client's loss take."""
+        return {k: v for k, v in (("label_smoothing", self.label_smoothing), ("class_weights", self.class_weights),
+                                  ("focal_gamma", self.focal_gamma)) if v}
+
+    def describe(self) -> str:
+        """The loss in words, e.g. ``cross-entropy with label smoothing 0.1``."""
+        if self.focal_gamma:
+            return f"focal loss of exponent {self.focal_gamma:g}"
+        said = [f"label smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
+        said += [f"class weights {list(self.class_weights)}"] if self.class_weights is not None else []
+        return "cross-entropy" + (f" with {', '.join(said)}" if said else "")
+
+
+PLAIN_LOSS = ClientLoss()  # the plain mean cross-entropy
 
 
 def client_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *,

@@ -76,7 +76,7 @@ def test_an_audit_and_a_federation_s_server_run_auto_on_a_frozen_output_layer():
     """The audit's default attack and a federation's honest server give way to 'auto' (they ran the exact attack,
     which refused every update): one sample certified, the note naming the frozen layer."""
     from fedleak.attacks.auto import exact_route_barrier
-    from fedleak.audit.run import AuditSettings, run_audit
+    from fedleak.audit import AuditSettings, run_audit
 
     model = _model()
     assert "frozen" in exact_route_barrier(model, (1, 8, 8))

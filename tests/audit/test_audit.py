@@ -89,9 +89,9 @@ def test_a_false_certificate_is_counted_and_shown_in_red(tmp_path, monkeypatch):
     captured = {}
     real_update = run_module.defended_gradient
 
-    def capture(net, x, y, defenses, seed=0):
+    def capture(net, x, y, defenses, seed=0, **loss):
         captured["x"], captured["y"] = x, y
-        return real_update(net, x, y, defenses, seed=seed)
+        return real_update(net, x, y, defenses, seed=seed, **loss)
 
     monkeypatch.setattr(run_module, "reconstruct_aware", lying_attack)
     monkeypatch.setattr(run_module, "defended_gradient", capture)

@@ -25,6 +25,8 @@ class AttackSpec:
     ``optimises``: an optimisation attack (or one that ends in one), which takes ``iterations`` and ``seed``.
     ``reads_range``: the attack takes the range the client's inputs live on as its ``data_range`` option (the
     searches that keep their inputs in a box search inside it; the certificates' tolerances are on it).
+    ``takes_loss``: the attack takes the client's loss (``label_smoothing``, ``class_weights``, ``focal_gamma``:
+    :class:`~fedleak.client_loss.ClientLoss`) and reads or simulates the update of that loss.
     """
 
     update_kinds: tuple[str, ...]
@@ -33,6 +35,7 @@ class AttackSpec:
     takes_defense: bool = False
     optimises: bool = False
     reads_range: bool = False
+    takes_loss: bool = False
 
 
 BOTH = ("gradient", "weights")
@@ -41,10 +44,10 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
     CatalogEntry("exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
         BOTH, "deterministic, certified reconstruction from exclusively activated neurons "
               "(MLPs, and CNNs through their conv layers)", needs_relu_network=True, takes_defense=True,
-        reads_range=True)),
+        reads_range=True, takes_loss=True)),
     CatalogEntry("conv-exclusivity", "fedleak.attacks.exact.attack", AttackSpec(
         BOTH, "the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)",
-        needs_relu_network=True, takes_defense=True, reads_range=True)),
+        needs_relu_network=True, takes_defense=True, reads_range=True, takes_loss=True)),
     CatalogEntry("trap-weights", "fedleak.attacks.malicious.trap", AttackSpec(
         BOTH, "malicious trap-weight first layer (Boenisch et al.): certified x = dW_i/db_i", needs_relu_network=True)),
     CatalogEntry("class-fishing", "fedleak.attacks.malicious.class_fishing", AttackSpec(
@@ -59,20 +62,20 @@ ATTACK_CATALOG: tuple[CatalogEntry[AttackSpec], ...] = (
               "weight changes of any number of local steps), uncertified")),
     CatalogEntry("auto", "fedleak.attacks.auto", AttackSpec(
         BOTH, "exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)", takes_defense=True,
-        optimises=True, reads_range=True)),
+        optimises=True, reads_range=True, takes_loss=True)),
     CatalogEntry("dlm", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM: match the weight change with a learned learning rate (local steps unrolled)",
-        takes_defense=True, optimises=True, reads_range=True)),
+        takes_defense=True, optimises=True, reads_range=True, takes_loss=True)),
     CatalogEntry("dlm+", "fedleak.attacks.dlm", AttackSpec(
         ("weights",), "DLM+: scale-free normalised matching of the weight change (no learning rate)",
-        takes_defense=True, optimises=True, reads_range=True)),
+        takes_defense=True, optimises=True, reads_range=True, takes_loss=True)),
     CatalogEntry("dlg", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS", takes_defense=True,
-        optimises=True)),
+        optimises=True, takes_loss=True)),
     CatalogEntry("idlg", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "improved DLG: labels read from the output layer, then L2 matching with L-BFGS", takes_defense=True,
-        optimises=True)),
+        optimises=True, takes_loss=True)),
     CatalogEntry("ig", "fedleak.attacks.inversion.attacks", AttackSpec(
         BOTH, "Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts",
-        takes_defense=True, optimises=True, reads_range=True)),
+        takes_defense=True, optimises=True, reads_range=True, takes_loss=True)),
 )

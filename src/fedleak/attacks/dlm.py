@@ -38,6 +38,7 @@ DLM_PLUS_DEFAULTS = InversionSettings(objective="normalized", optimizer="adam", 
 
 
 @register_attack("dlm", update_kinds=("weights",), takes_defense=True, optimises=True, reads_range=True,
+                 takes_loss=True,
                  description="DLM: match the weight change with a learned learning rate (local steps unrolled)")
 def dlm_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """DLM on a :class:`~fedleak.WeightUpdate`. Options: ``batch_size`` (default: ``num_examples``),
@@ -49,6 +50,7 @@ def dlm_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
 
 
 @register_attack("dlm+", update_kinds=("weights",), takes_defense=True, optimises=True, reads_range=True,
+                 takes_loss=True,
                  description="DLM+: scale-free normalised matching of the weight change (no learning rate)")
 def dlm_plus_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """DLM+ on a :class:`~fedleak.WeightUpdate`; options as :func:`dlm_attack`."""

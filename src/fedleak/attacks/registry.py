@@ -41,6 +41,7 @@ class AttackInfo:
     takes_defense: bool = False  # accepts the client's defenses as its ``defense`` option
     optimises: bool = False  # an optimisation attack: takes ``iterations`` and ``seed``
     reads_range: bool = False  # takes the client data's range as its ``data_range`` option
+    takes_loss: bool = False  # takes the client's loss (label_smoothing, class_weights, focal_gamma)
 
     def range_option(self, data_range: tuple[float, float] | None) -> dict[str, tuple[float, float]]:
         """``{"data_range": data_range}`` for an attack that reads the data's range (and a range is known), else
@@ -51,7 +52,7 @@ class AttackInfo:
     def spec(self) -> AttackSpec:
         """What the attack says about itself, as :mod:`fedleak.attacks.catalog` records it."""
         return AttackSpec(self.update_kinds, self.description, self.needs_relu_network, self.takes_defense,
-                          self.optimises, self.reads_range)
+                          self.optimises, self.reads_range, self.takes_loss)
 
 
 _ATTACKS: LazyRegistry[AttackInfo, AttackSpec] = LazyRegistry("attack", ATTACK_CATALOG, describe=lambda a: a.spec)
@@ -60,14 +61,14 @@ _ATTACKS: LazyRegistry[AttackInfo, AttackSpec] = LazyRegistry("attack", ATTACK_C
 def register_attack(
     name: str, *, update_kinds: tuple[str, ...] = ("gradient",), description: str = "",
     needs_relu_network: bool = False, takes_defense: bool = False, optimises: bool = False,
-    reads_range: bool = False,
+    reads_range: bool = False, takes_loss: bool = False,
 ) -> Callable[[AttackFn], AttackFn]:
     """Decorator that registers ``fn`` under ``name``."""
 
     def make(fn: AttackFn) -> AttackInfo:
         return AttackInfo(name, fn, tuple(update_kinds), description or (fn.__doc__ or "").strip().split("\n")[0],
                           needs_relu_network=needs_relu_network, takes_defense=takes_defense, optimises=optimises,
-                          reads_range=reads_range)
+                          reads_range=reads_range, takes_loss=takes_loss)
 
     return _ATTACKS.decorator(name, make)
 

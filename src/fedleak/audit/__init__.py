@@ -7,8 +7,9 @@ from fedleak.audit.membership import (
     run_membership_audit,
 )
 from fedleak.audit.report import render_html, results_payload, write_audit
-from fedleak.audit.run import AuditResult, AuditSettings, BatchResult, Showcase, run_audit
+from fedleak.audit.run import AuditResult, BatchResult, Showcase, run_audit
 from fedleak.audit.scenarios import available_scenarios, register_scenario
+from fedleak.audit.settings import AuditSettings
 
 __all__ = [
     "AuditResult",

@@ -22,11 +22,12 @@ from fedleak.analysis import analyze_exclusivity
 from fedleak.attacks import get_attack
 from fedleak.attacks.auto import network_barrier
 from fedleak.audit.aware import reconstruct_aware
-from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios, defense_label
+from fedleak.audit.scenarios import AuditedScenario, audited_scenarios, available_scenarios
+from fedleak.audit.settings import AuditSettings
 from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
 from fedleak.binary import as_two_class
-from fedleak.client_loss import hard_labels
-from fedleak.clients.mode import check_client_mode, client_mode
+from fedleak.client_loss import ClientLoss, hard_labels
+from fedleak.clients.mode import client_mode
 from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefendedUpdate, WithheldBatch, defended_gradient
@@ -35,66 +36,8 @@ from fedleak.image_metrics import psnr
 from fedleak.metrics import match
 from fedleak.models import make_mlp
 from fedleak.report.samples import sample_reasons
-from fedleak.validation import check_distinct, validate_fields
 
-__all__ = ["AuditResult", "AuditSettings", "BatchResult", "Showcase", "available_scenarios", "run_audit"]
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    """What an audit runs. ``data`` is a built-in data set name or a path to the user's data.
-
-    ``scenarios``: registered scenarios (``plain``, ``fished``); ``defenses``: defense specs
-    (``"top-k:ratio=0.1"``, ``"mixup"``; ``"+"`` combines), each one more scenario named by its stack's label
-    (:attr:`scenario_names`).
-    """
-
-    data: str = "digits"
-    widths: tuple[int, ...] = (1024,)
-    bias: bool = True
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    trials: int = 1
-    seed: int = 0
-    attack: str = "exclusivity"
-    scenarios: tuple[str, ...] = ("plain",)
-    split: str | None = None
-    model: str | None = None  # a model spec (fedleak.models.zoo.load_model); replaces widths/bias/conv
-    weights: str | None = None  # the model's state dict, for a built-in or a class
-    budget: float = 20.0  # seconds per batch for attack="auto"
-    conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
-    defenses: tuple[str, ...] = ()
-    client_mode: str = "train"  # the client computes its update in model.train() (Dropout, BatchNorm active) or eval
-
-    def __post_init__(self) -> None:
-        specs = (self.defenses,) if isinstance(self.defenses, str) else self.defenses
-        object.__setattr__(self, "defenses", tuple(str(d) for d in specs))
-        validate_fields(self)  # types and signs first, then the checks below
-        if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
-            raise FedleakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
-        if not self.widths or any(int(w) <= 0 for w in self.widths):
-            raise FedleakError(f"model widths must be positive integers, got {list(self.widths)}")
-        if self.trials <= 0:
-            raise FedleakError(f"trials must be positive, got {self.trials}")
-        if not self.budget > 0:
-            raise FedleakError(f"budget must be positive seconds, got {self.budget}")
-        check_client_mode(self.client_mode)
-        if not self.scenarios and not self.defenses:
-            raise FedleakError("at least one scenario is needed")
-        names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
-        check_distinct(names, "scenario(s)")
-
-    @property
-    def scenario_names(self) -> tuple[str, ...]:
-        """Every audited scenario: the registered ones, then each defense spec's stack label."""
-        return tuple(self.scenarios) + tuple(defense_label(spec) for spec in self.defenses)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
-            "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
-            "split": self.split, "model": self.model, "weights": self.weights, "budget": self.budget,
-            "conv": list(self.conv), "defenses": list(self.defenses), "client_mode": self.client_mode,
-        }
+__all__ = ["AuditResult", "BatchResult", "Showcase", "available_scenarios", "run_audit"]
 
 
 @dataclass(frozen=True)
@@ -341,7 +284,7 @@ def run_audit(
         xt, yt = scenario.transform(net, x, y) if scenario.transform is not None else (x, y)
         t1 = time.perf_counter()
         with client_mode(net, settings.client_mode):  # back in eval mode for the server's attack
-            client = _client_update(net, xt, yt, scenario, batch_seed)
+            client = _client_update(net, xt, yt, scenario, batch_seed, settings.loss)
         if client is None:  # the client withheld the whole batch: nothing is sent, nothing leaks
             batches.append(_withheld(name, size, trial, t1 - t0, net, analysed))
             continue
@@ -350,6 +293,7 @@ def run_audit(
         xs, ys = client.inputs, hard_labels(client.labels)  # soft labels (MixUp) scored as their top class
         options = {"budget": settings.budget, "progress": False} if attack == "auto" else {}
         options.update(reading.range_option(data.value_range))  # normalised data: the search's box is its range
+        options.update(settings.loss.options())  # the clients' loss, which the attack takes (checked above)
         # the data's shape, which the model was checked to take: where several fit, inferring one could miss it
         rec, aware = reconstruct_aware(net, client.update, attack=attack, defense=scenario.stack or None,
                                        input_shape=tuple(data.input_shape), **options)
@@ -387,6 +331,8 @@ def run_audit(
             showcases.append(build_showcase(name, x, y, xs, rec, scores, data, kept, status, reasons))
     read = () if data.normalization is None else (
         f"the data is read as its model sees it, {data.normalization.describe()}; scores and pictures are in pixels",)
+    if not settings.loss.plain:
+        read += (f"the clients train with {settings.loss.describe()}, and the attack is told so",)
     return AuditResult(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
@@ -396,13 +342,13 @@ def run_audit(
 
 
 def _client_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, scenario: AuditedScenario,
-                   seed: int) -> DefendedUpdate | None:
-    """The update the scenario's client sends for ``(x, y)``; None when it sends nothing (every sample withheld,
-    by the registered transform or by a batch defense)."""
+                   seed: int, loss: ClientLoss) -> DefendedUpdate | None:
+    """The update the scenario's client, training with ``loss``, sends for ``(x, y)``; None when it sends nothing
+    (every sample withheld, by the registered transform or by a batch defense)."""
     if x.shape[0] == 0:
         return None
     try:
-        return defended_gradient(net, x, y, scenario.bound, seed=seed)
+        return defended_gradient(net, x, y, scenario.bound, seed=seed, loss=loss)
     except WithheldBatch:
         return None
 

@@ -24,7 +24,7 @@ from fedleak.registry import Registry
 from fedleak.transforms import BatchTransform, Identity
 
 if TYPE_CHECKING:
-    from fedleak.audit.run import AuditSettings
+    from fedleak.audit.settings import AuditSettings
 
 ScenarioFactory = Callable[["AuditSettings", Dataset], BatchTransform]
 _SCENARIOS: Registry[tuple[ScenarioFactory, str]] = Registry("scenario")

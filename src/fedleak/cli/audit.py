@@ -17,6 +17,7 @@ from fedleak.cli.app import (
     WIDTHS_HELP,
     app,
     default_out,
+    float_list,
     int_list,
     progress_bar,
 )
@@ -159,6 +160,12 @@ def audit(
     train_batch: int = typer.Option(50, help="--membership: the target's mini-batch size."),
     out: Path = typer.Option(default_out("audit"), help=OUT_HELP),
     client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
+    label_smoothing: float = typer.Option(0.0, help="The clients train with F.cross_entropy(..., label_smoothing=s): "
+                                                    "their gradients are of that loss, and the attack is told."),
+    class_weights: str = typer.Option(None, help="The clients train with F.cross_entropy(..., weight=w): one weight "
+                                                 "per class, comma-separated (e.g. 1,4.5)."),
+    focal_gamma: float = typer.Option(0.0, help="The clients train with the focal loss -(1 - p_y)^gamma log p_y "
+                                                "(not with --label-smoothing or --class-weights)."),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient (and through each
@@ -186,6 +193,8 @@ def audit(
         scenarios=("plain",) + (("fished",) if fishing else ()), defenses=tuple(defense or ()),
         model=model, weights=None if weights is None else str(weights), budget=budget,
         conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (), client_mode=client_mode,
+        label_smoothing=label_smoothing, focal_gamma=focal_gamma,
+        class_weights=None if class_weights is None else float_list(class_weights, "--class-weights"),
     )
     _run(settings, out, quiet)
 

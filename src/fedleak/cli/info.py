@@ -29,11 +29,11 @@ def info() -> None:
     _table(fedleak.available_datasets())
     typer.echo("built-in models (--model):")
     _table(fedleak.available_models())
-    typer.echo("attacks (update kinds they run on; which take the client's defenses, --defense, and the data's "
-               "range, --data-range):")
+    typer.echo("attacks (update kinds they run on; which take the client's defenses, --defense, the data's "
+               "range, --data-range, and the client's loss, --label-smoothing / --class-weights / --focal-gamma):")
     def takes(spec: AttackSpec) -> str:
-        flags = [flag for field, flag in (("takes_defense", "--defense"), ("reads_range", "--data-range"))
-                 if getattr(spec, field)]
+        flags = [flag for field, flag in (("takes_defense", "--defense"), ("reads_range", "--data-range"),
+                                          ("takes_loss", "the client's loss")) if getattr(spec, field)]
         return f" (takes {', '.join(flags)})" if flags else ""
 
     _table({name: f"{spec.description} [{', '.join(spec.update_kinds)}]{takes(spec)}"

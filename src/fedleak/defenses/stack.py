@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedleak.autograd_mode import with_autograd
+from fedleak.client_loss import PLAIN_LOSS, ClientLoss
 from fedleak.data.normalize import Normalization
 from fedleak.defenses.base import (
     Accounting,
@@ -124,12 +125,18 @@ class DefenseStack:
         return originals
 
     def gradient(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """One step's gradient of the mean loss: the step defense's, else plain autograd."""
+                 generator: torch.Generator, loss: ClientLoss = PLAIN_LOSS) -> dict[str, torch.Tensor]:
+        """One step's gradient of the mean ``loss`` (the client's; the plain cross-entropy by default): the step
+        defense's, else plain autograd. A step defense computes its per-sample gradients of the plain cross-entropy:
+        with another loss it is refused."""
         if self.step is not None:
+            if not loss.plain:
+                raise OptionError(f"the step defense '{self.step.name}' computes its per-sample gradients of the "
+                                  f"plain cross-entropy, not of the client's {loss.describe()}: give one of them")
             return self.step.gradient(model, inputs, labels, generator)
         params = trainable_parameters(model)
-        grads = torch.autograd.grad(batch_loss(model, inputs, labels), list(params.values()), materialize_grads=True)
+        grads = torch.autograd.grad(batch_loss(model, inputs, labels, **loss.options()), list(params.values()),
+                                    materialize_grads=True)
         return {n: g.detach() for n, g in zip(params, grads)}
 
     def filter(self, update: Mapping[str, torch.Tensor], batch: ClientBatch | None,
@@ -183,8 +190,9 @@ class DefendedUpdate:
 @with_autograd
 def defended_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                       defenses: DefenseStack | Sequence[Defense | str] | Defense | str | None = None,
-                      *, seed: int = 0) -> DefendedUpdate:
-    """The FedSGD update a client running ``defenses`` sends for the batch ``(inputs, labels)``.
+                      *, seed: int = 0, loss: ClientLoss = PLAIN_LOSS) -> DefendedUpdate:
+    """The FedSGD update a client running ``defenses`` sends for the batch ``(inputs, labels)``, the gradient of its
+    ``loss`` (the plain mean cross-entropy by default).
 
     Randomised defenses draw from a generator seeded with ``seed``. A batch defense that withholds every sample
     raises :class:`WithheldBatch` (nothing would be sent).
@@ -199,7 +207,7 @@ def defended_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tens
         if xs.shape[0] == 0:
             raise WithheldBatch(f"the defenses {stack.label} withheld the whole batch: the client sends nothing")
         check_client_batch(model, xs, ys)
-        grads = stack.gradient(model, xs, ys, generator)
+        grads = stack.gradient(model, xs, ys, generator, loss)
         sent = stack.filter(grads, ClientBatch(model, xs, ys), generator)
     seconds = time.perf_counter() - start
     return DefendedUpdate(GradientUpdate(sent, num_examples=int(xs.shape[0])), xs.detach(), ys.detach(), seconds,

@@ -60,6 +60,7 @@ CLIENT_OPTIONS = ("label_smoothing", "class_weights", "focal_gamma", "defense", 
 
 
 @register_attack("auto", update_kinds=("gradient", "weights"), optimises=True, takes_defense=True, reads_range=True,
+                 takes_loss=True,
                  description="exact exclusivity route where it applies, then DLM+ (weights) / IG (gradients)")
 def auto_attack(
     model: nn.Module,

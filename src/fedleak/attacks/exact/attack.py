@@ -56,7 +56,7 @@ INFERRED_SIZE = ("the batch size {m} is read off the samples' common scale 1/{m}
 
 
 @register_attack("exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True, takes_defense=True,
-                 reads_range=True,
+                 reads_range=True, takes_loss=True,
                  description="deterministic, certified reconstruction from exclusively activated neurons "
                              "(MLPs, and CNNs through their conv layers)")
 def exclusivity_attack(
@@ -132,7 +132,7 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
 
 
 @register_attack("conv-exclusivity", update_kinds=("gradient", "weights"), needs_relu_network=True,
-                 takes_defense=True, reads_range=True,
+                 takes_defense=True, reads_range=True, takes_loss=True,
                  description="the exclusivity attack under the name it had for CNNs (FC head, then conv inversion)")
 def conv_exclusivity_attack(
     model: nn.Module,

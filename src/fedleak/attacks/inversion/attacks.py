@@ -190,7 +190,7 @@ IG_DEFAULTS = InversionSettings(objective="cosine", optimizer="adam", lr=0.1, it
                                 signed=True, box=(0.0, 1.0), lr_decay=True, init="uniform", restarts=1)
 
 
-@register_attack("dlg", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True,
+@register_attack("dlg", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True, takes_loss=True,
                  description="Deep Leakage from Gradients: L2 gradient matching, data and soft labels, L-BFGS")
 def dlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """DLG (Zhu et al. 2019): jointly optimise dummy data and soft labels to match the update in L2.
@@ -202,7 +202,7 @@ def dlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     return run_optimization_attack("dlg", DLG_DEFAULTS, model, update, **options)
 
 
-@register_attack("idlg", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True,
+@register_attack("idlg", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True, takes_loss=True,
                  description="improved DLG: labels read from the output layer, then L2 matching with L-BFGS")
 def idlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """iDLG (Zhao et al. 2020): the label comes analytically from the output layer (the count rule for a
@@ -211,6 +211,7 @@ def idlg_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction
 
 
 @register_attack("ig", update_kinds=("gradient", "weights"), takes_defense=True, optimises=True, reads_range=True,
+                 takes_loss=True,
                  description="Inverting Gradients: cosine matching + total variation, signed Adam, box, restarts")
 def ig_attack(model: nn.Module, update: Any, **options: Any) -> Reconstruction:
     """Inverting Gradients (Geiping et al. 2020): ``1 - cos(u(x'), u*) + tv * TV(x')`` minimised by Adam

@@ -1,0 +1,105 @@
+"""What an audit runs (:class:`AuditSettings`): the data, the model, the batch sizes and trials, the attack, the
+clients' scenarios and defenses, and the loss they train with, checked before anything runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedleak.audit.scenarios import defense_label
+from fedleak.client_loss import ClientLoss
+from fedleak.clients.mode import check_client_mode
+from fedleak.errors import FedleakError
+from fedleak.validation import check_distinct, validate_fields
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What an audit runs. ``data`` is a built-in data set name or a path to the user's data.
+
+    ``scenarios``: registered scenarios (``plain``, ``fished``); ``defenses``: defense specs
+    (``"top-k:ratio=0.1"``, ``"mixup"``; ``"+"`` combines), each one more scenario named by its stack's label
+    (:attr:`scenario_names`). ``label_smoothing``, ``class_weights``, ``focal_gamma``: the loss the clients train
+    with (:class:`~fedleak.client_loss.ClientLoss`; the plain cross-entropy by default), which their gradients are
+    of and the attack is told (it must take a client's loss, its registry entry's ``takes_loss``).
+    """
+
+    data: str = "digits"
+    widths: tuple[int, ...] = (1024,)
+    bias: bool = True
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    trials: int = 1
+    seed: int = 0
+    attack: str = "exclusivity"
+    scenarios: tuple[str, ...] = ("plain",)
+    split: str | None = None
+    model: str | None = None  # a model spec (fedleak.models.zoo.load_model); replaces widths/bias/conv
+    weights: str | None = None  # the model's state dict, for a built-in or a class
+    budget: float = 20.0  # seconds per batch for attack="auto"
+    conv: tuple[int, ...] = ()  # conv channels: audit a CNN (conv blocks, then an FC head of `widths`)
+    defenses: tuple[str, ...] = ()
+    client_mode: str = "train"  # the client computes its update in model.train() (Dropout, BatchNorm active) or eval
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        specs = (self.defenses,) if isinstance(self.defenses, str) else self.defenses
+        object.__setattr__(self, "defenses", tuple(str(d) for d in specs))
+        loss = ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)  # checked together
+        for name, value in loss.options().items():
+            object.__setattr__(self, name, value)
+        validate_fields(self)  # types and signs first, then the checks below
+        if not self.batch_sizes or any(int(b) <= 0 for b in self.batch_sizes):
+            raise FedleakError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if not self.widths or any(int(w) <= 0 for w in self.widths):
+            raise FedleakError(f"model widths must be positive integers, got {list(self.widths)}")
+        if self.trials <= 0:
+            raise FedleakError(f"trials must be positive, got {self.trials}")
+        if not self.budget > 0:
+            raise FedleakError(f"budget must be positive seconds, got {self.budget}")
+        check_client_mode(self.client_mode)
+        if not self.scenarios and not self.defenses:
+            raise FedleakError("at least one scenario is needed")
+        names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
+        check_distinct(names, "scenario(s)")
+        if not loss.plain:
+            _check_loss_read(self.attack, self.defenses, loss)
+
+    @property
+    def loss(self) -> ClientLoss:
+        """The loss the clients train with."""
+        return ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)
+
+    @property
+    def scenario_names(self) -> tuple[str, ...]:
+        """Every audited scenario: the registered ones, then each defense spec's stack label."""
+        return tuple(self.scenarios) + tuple(defense_label(spec) for spec in self.defenses)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "data": self.data, "widths": list(self.widths), "bias": self.bias, "batch_sizes": list(self.batch_sizes),
+            "trials": self.trials, "seed": self.seed, "attack": self.attack, "scenarios": list(self.scenarios),
+            "split": self.split, "model": self.model, "weights": self.weights, "budget": self.budget,
+            "conv": list(self.conv), "defenses": list(self.defenses), "client_mode": self.client_mode,
+            "label_smoothing": self.label_smoothing, "focal_gamma": self.focal_gamma,
+            "class_weights": None if self.class_weights is None else list(self.class_weights),
+        }
+
+
+def _check_loss_read(attack: str, defenses: tuple[str, ...], loss: ClientLoss) -> None:
+    """Refuse a client loss the audit cannot carry through: an attack that reads only a plain cross-entropy's
+    update, or a step defense (DP-SGD), whose per-sample gradients are of the plain cross-entropy."""
+    from fedleak.attacks.registry import attack_specs
+    from fedleak.defenses.stack import DefenseStack
+
+    spec = attack_specs().get(attack)
+    if spec is not None and not spec.takes_loss:
+        taking = sorted(name for name, s in attack_specs().items() if s.takes_loss)
+        raise FedleakError(f"the attack '{attack}' reads a plain cross-entropy's update, not the clients' "
+                           f"{loss.describe()}: audit it with one that takes the client's loss ({', '.join(taking)})")
+    for spec_text in defenses:
+        step = DefenseStack.of(spec_text).step
+        if step is not None:
+            raise FedleakError(f"the step defense '{step.name}' computes its per-sample gradients of the plain "
+                               f"cross-entropy, not of the clients' {loss.describe()}: audit it without the loss "
+                               "options, or the loss without it")
