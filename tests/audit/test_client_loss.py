@@ -39,7 +39,7 @@ def test_the_clients_gradient_is_of_their_loss():
 def test_what_cannot_carry_the_clients_loss_is_refused_before_anything_runs():
     with pytest.raises(FedleakError, match=r"'trap-weights' reads a plain cross-entropy's update.*exclusivity"):
         AuditSettings(**SMALL, attack="trap-weights", label_smoothing=0.1)
-    with pytest.raises(FedleakError, match=r"step defense 'dp-sgd' .* plain cross-entropy"):
+    with pytest.raises(OptionError, match=r"step defense 'dp-sgd' .* plain cross-entropy"):
         AuditSettings(**SMALL, defenses=("dp-sgd:noise_multiplier=0.5,max_grad_norm=1",), focal_gamma=2.0)
     with pytest.raises(FedleakError, match="focal_gamma with label_smoothing"):
         AuditSettings(**SMALL, label_smoothing=0.1, focal_gamma=2.0)

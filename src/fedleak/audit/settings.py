@@ -98,8 +98,4 @@ def _check_loss_read(attack: str, defenses: tuple[str, ...], loss: ClientLoss) -
         raise FedleakError(f"the attack '{attack}' reads a plain cross-entropy's update, not the clients' "
                            f"{loss.describe()}: audit it with one that takes the client's loss ({', '.join(taking)})")
     for spec_text in defenses:
-        step = DefenseStack.of(spec_text).step
-        if step is not None:
-            raise FedleakError(f"the step defense '{step.name}' computes its per-sample gradients of the plain "
-                               f"cross-entropy, not of the clients' {loss.describe()}: audit it without the loss "
-                               "options, or the loss without it")
+        DefenseStack.of(spec_text).check_loss(loss)

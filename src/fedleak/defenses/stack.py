@@ -130,14 +130,19 @@ class DefenseStack:
         defense's, else plain autograd. A step defense computes its per-sample gradients of the plain cross-entropy:
         with another loss it is refused."""
         if self.step is not None:
-            if not loss.plain:
-                raise OptionError(f"the step defense '{self.step.name}' computes its per-sample gradients of the "
-                                  f"plain cross-entropy, not of the client's {loss.describe()}: give one of them")
+            self.check_loss(loss)
             return self.step.gradient(model, inputs, labels, generator)
         params = trainable_parameters(model)
         grads = torch.autograd.grad(batch_loss(model, inputs, labels, **loss.options()), list(params.values()),
                                     materialize_grads=True)
         return {n: g.detach() for n, g in zip(params, grads)}
+
+    def check_loss(self, loss: ClientLoss) -> None:
+        """Refuse a client ``loss`` other than the plain cross-entropy where the stack has a step defense (DP-SGD),
+        whose per-sample gradients are the plain cross-entropy's."""
+        if self.step is not None and not loss.plain:
+            raise OptionError(f"the step defense '{self.step.name}' computes its per-sample gradients of the plain "
+                              f"cross-entropy, not of the client's {loss.describe()}: give one of them")
 
     def filter(self, update: Mapping[str, torch.Tensor], batch: ClientBatch | None,
                generator: torch.Generator) -> dict[str, torch.Tensor]:
