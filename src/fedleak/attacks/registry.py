@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedleak.attacks.catalog import ATTACK_CATALOG, AttackSpec
+from fedleak.errors import FedleakError
 from fedleak.registry import LazyRegistry
 
 if TYPE_CHECKING:
@@ -87,3 +88,13 @@ def available_attacks() -> dict[str, AttackInfo]:
 def attack_specs() -> dict[str, AttackSpec]:
     """Every attack's update kinds and description by name, without importing any attack (or torch)."""
     return dict(_ATTACKS.descriptions())
+
+
+def check_takes_loss(attack: str, loss: str) -> None:
+    """Refuse the attack ``attack`` for clients that train with ``loss`` (in words) where its registry entry reads
+    only a plain cross-entropy's update (``takes_loss`` False), naming those that take a client's loss."""
+    spec = attack_specs().get(attack)
+    if spec is not None and not spec.takes_loss:
+        taking = sorted(name for name, s in attack_specs().items() if s.takes_loss)
+        raise FedleakError(f"the attack '{attack}' reads a plain cross-entropy's update, not the clients' {loss}: "
+                           f"use one that takes the client's loss ({', '.join(taking)})")

@@ -89,13 +89,9 @@ class AuditSettings:
 def _check_loss_read(attack: str, defenses: tuple[str, ...], loss: ClientLoss) -> None:
     """Refuse a client loss the audit cannot carry through: an attack that reads only a plain cross-entropy's
     update, or a step defense (DP-SGD), whose per-sample gradients are of the plain cross-entropy."""
-    from fedleak.attacks.registry import attack_specs
+    from fedleak.attacks.registry import check_takes_loss
     from fedleak.defenses.stack import DefenseStack
 
-    spec = attack_specs().get(attack)
-    if spec is not None and not spec.takes_loss:
-        taking = sorted(name for name, s in attack_specs().items() if s.takes_loss)
-        raise FedleakError(f"the attack '{attack}' reads a plain cross-entropy's update, not the clients' "
-                           f"{loss.describe()}: audit it with one that takes the client's loss ({', '.join(taking)})")
+    check_takes_loss(attack, loss.describe())
     for spec_text in defenses:
         DefenseStack.of(spec_text).check_loss(loss)

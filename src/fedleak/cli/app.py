@@ -57,6 +57,12 @@ LOCAL_STEPS_HELP = ("The number of local SGD steps of a FedAvg client, where the
 
 CLIENT_MODE_HELP = ("How the clients run the model as they compute their updates: train (model.train(), as training "
                     "loops do: Dropout drops units, BatchNorm uses the batch's statistics) or eval.")
+LABEL_SMOOTHING_HELP = ("The clients train with F.cross_entropy(..., label_smoothing=s): their updates are of that "
+                        "loss, and the server's attack is told.")
+CLASS_WEIGHTS_HELP = ("The clients train with F.cross_entropy(..., weight=w): one weight per class, comma-separated "
+                      "(e.g. 1,4.5).")
+FOCAL_GAMMA_HELP = ("The clients train with the focal loss -(1 - p_y)^gamma log p_y (not with --label-smoothing or "
+                    "--class-weights).")
 UPDATE_KIND_HELP = ("What a plain update file holds: gradient, weights (the client's after local training), change "
                     "(new - old or old - new) or auto (weights when within half their norm of the model's, a change "
                     "when its entries lie on the weights' float spacing, else a gradient).")

@@ -7,8 +7,11 @@ from pathlib import Path
 import typer
 
 from fedleak.cli.app import (
+    CLASS_WEIGHTS_HELP,
     CLIENT_MODE_HELP,
     DATA_HELP,
+    FOCAL_GAMMA_HELP,
+    LABEL_SMOOTHING_HELP,
     MAX_WIDTH,
     MODEL_HELP,
     OUT_HELP,
@@ -160,12 +163,9 @@ def audit(
     train_batch: int = typer.Option(50, help="--membership: the target's mini-batch size."),
     out: Path = typer.Option(default_out("audit"), help=OUT_HELP),
     client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
-    label_smoothing: float = typer.Option(0.0, help="The clients train with F.cross_entropy(..., label_smoothing=s): "
-                                                    "their gradients are of that loss, and the attack is told."),
-    class_weights: str = typer.Option(None, help="The clients train with F.cross_entropy(..., weight=w): one weight "
-                                                 "per class, comma-separated (e.g. 1,4.5)."),
-    focal_gamma: float = typer.Option(0.0, help="The clients train with the focal loss -(1 - p_y)^gamma log p_y "
-                                                "(not with --label-smoothing or --class-weights)."),
+    label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
+    class_weights: str = typer.Option(None, help=CLASS_WEIGHTS_HELP),
+    focal_gamma: float = typer.Option(0.0, help=FOCAL_GAMMA_HELP),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Audit how much of each batch an attack rebuilds from the client's FedSGD gradient (and through each

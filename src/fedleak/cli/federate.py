@@ -10,8 +10,11 @@ import typer
 from click.core import ParameterSource
 
 from fedleak.cli.app import (
+    CLASS_WEIGHTS_HELP,
     CLIENT_MODE_HELP,
     DATA_HELP,
+    FOCAL_GAMMA_HELP,
+    LABEL_SMOOTHING_HELP,
     MAX_WIDTH,
     MODEL_HELP,
     OUT_HELP,
@@ -19,6 +22,7 @@ from fedleak.cli.app import (
     WIDTHS_HELP,
     app,
     default_out,
+    float_list,
     int_list,
     is_verbose,
 )
@@ -75,6 +79,9 @@ def federate(
     model: str = typer.Option(None, help="The clients' model instead of the MLP of --widths: " + MODEL_HELP),
     weights: Path = typer.Option(None, help="Initial weights of --model (the first round's): " + WEIGHTS_HELP),
     client_mode: str = typer.Option("train", help=CLIENT_MODE_HELP),
+    label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
+    class_weights: str = typer.Option(None, help=CLASS_WEIGHTS_HELP),
+    focal_gamma: float = typer.Option(0.0, help=FOCAL_GAMMA_HELP),
     hidden: str = typer.Option(None, hidden=True, help="Old name of --widths."),
     partition: str = typer.Option("iid", help="How the data is split among clients: iid | label-skew."),
     alpha: float = typer.Option(0.5, help="Dirichlet alpha of the label-skew partition."),
@@ -165,6 +172,8 @@ def federate(
         batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, lr_known=not lr_unknown,
         hidden=sizes,
         model=model, weights=None if weights is None else str(weights), client_mode=client_mode,
+        label_smoothing=label_smoothing, focal_gamma=focal_gamma,
+        class_weights=None if class_weights is None else float_list(class_weights, "--class-weights"),
         partition=partition, alpha=alpha, audit=not no_audit, audit_mode=audit_mode, upload=upload,
         trap_scale=trap_scale, imprint_bins=imprint_bins, fished_class=fished_class,
         transform_options=_parse_options(transform_options),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedleak.client_loss import PLAIN_LOSS, ClientLoss
 from fedleak.defenses.base import ClientBatch
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
@@ -53,10 +54,12 @@ def defended_local_round(
     lr: float,
     generator: torch.Generator,
     shipped: BatchTransform | None = None,
+    loss: ClientLoss = PLAIN_LOSS,
 ) -> LocalRound:
-    """Train ``model`` in place on ``batches`` (plain SGD at ``lr``) as a client running ``stack``; on return
-    the model holds ``before - sent``. Batches a defense withholds entirely are skipped; if every batch is
-    withheld a FedleakError says so (the client has nothing to send)."""
+    """Train ``model`` in place on ``batches`` (plain SGD at ``lr`` on the client's ``loss``, the plain cross-entropy
+    by default) as a client running ``stack``; on return the model holds ``before - sent``. Batches a defense
+    withholds entirely are skipped; if every batch is withheld a FedleakError says so (the client has nothing to
+    send)."""
     start = time.perf_counter()
     params = trainable_parameters(model)
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -70,9 +73,9 @@ def defended_local_round(
         x, y = stack.transform(model, x, y)
         if x.shape[0] == 0:
             continue
-        grads = stack.gradient(model, x, y, generator)
+        grads = stack.gradient(model, x, y, generator, loss)
         with torch.no_grad():
-            losses.append(float(batch_loss(model, x, y)))
+            losses.append(float(batch_loss(model, x, y, **loss.options())))
             for name, p in params.items():
                 step = lr * grads[name].to(p.dtype)
                 p -= step

@@ -112,7 +112,8 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
     with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
         torch.manual_seed(seed)
         done = defended_local_round(model, pairs, stack, lr=settings.lr,
-                                    generator=torch.Generator().manual_seed(seed), shipped=shipped)
+                                    generator=torch.Generator().manual_seed(seed), shipped=shipped,
+                                    loss=settings.loss)
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
     delta = {k: done.sent[k].detach().clone() if k in done.sent else before[k] - after[k] for k in before}
     if fault == "malformed":

@@ -79,8 +79,9 @@ def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
     ``data_range``: the data's, given to an attack that reads it (its registry entry says so)."""
     from fedleak.attacks import get_attack
 
+    told = settings.loss.options()  # the clients' loss, for an attack that takes it (the settings check which)
     options = {**threat.attack_options(settings), "input_shape": input_shape,
-               **get_attack(threat.attack).range_option(data_range)}
+               **get_attack(threat.attack).range_option(data_range), **told}
     if threat.update_kind != "gradient" or threat.attack != "exclusivity":
         return AuditAttack(threat.attack, options)
     from fedleak.attacks.auto import exact_route_barrier
@@ -90,7 +91,7 @@ def audit_attack(threat: Threat, settings: FederationSettings, model: nn.Module,
     if not exact_route_barrier(as_two_class(model)[0], input_shape, training=settings.client_mode == "train"):
         return AuditAttack(threat.attack, options)
     return AuditAttack("auto", {"budget": settings.attack_budget, "progress": False, "input_shape": input_shape,
-                                **get_attack("auto").range_option(data_range)})
+                                **get_attack("auto").range_option(data_range), **told})
 
 
 def _no_transform(settings: FederationSettings, data: DataSplit | NodeData) -> None:

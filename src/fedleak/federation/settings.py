@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from fedleak.client_loss import ClientLoss
 from fedleak.clients.mode import check_client_mode
 from fedleak.data.normalize import Normalization
 from fedleak.defenses.stack import DefenseStack
@@ -98,6 +99,9 @@ class FederationSettings:
     membership_target_loss: float = 0.0  # > 0: line-search the ascent step to raise the candidates' mean loss to this
     membership_max_drift: float = 0.5  # ... keeping the drift of its public-data predictions (nats) within this
     membership_last_layers: int = 0  # ascend on the last this-many parameter tensors only (0: every parameter)
+    label_smoothing: float = 0.0  # the loss the clients train with (ClientLoss; the plain cross-entropy by default)
+    class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", () if self.model is not None else tuple(int(h) for h in self.hidden))
@@ -114,6 +118,15 @@ class FederationSettings:
         object.__setattr__(self, "defenses", tuple(str(d) for d in specs))
         stack = self.stack  # OptionError on an unknown defense or a bad parameter, before anything starts
         check_native_order(stack)
+        loss = ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)  # checked together
+        for name, value in loss.options().items():
+            object.__setattr__(self, name, value)
+        stack.check_loss(loss)
+        if not loss.plain:  # the server's attack must read the clients' loss
+            from fedleak.attacks.registry import check_takes_loss
+            from fedleak.federation.hooks import get_threat
+
+            check_takes_loss(get_threat(self.threat).attack, loss.describe())
         if needs_weight_upload(stack):
             object.__setattr__(self, "upload", "weights")
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
@@ -176,6 +189,11 @@ class FederationSettings:
     def stack(self) -> DefenseStack:
         """The clients' defenses, as given (not yet bound to the data)."""
         return DefenseStack.of(self.defenses)
+
+    @property
+    def loss(self) -> ClientLoss:
+        """The loss the clients train with."""
+        return ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)
 
     @property
     def one_step(self) -> bool:
