@@ -10,13 +10,13 @@ client's batch. Labels are the twin's classes: 1 where the binary label is 1.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from fedleak.errors import FedleakError, ModelError
+from fedleak.model_copy import copy_model
 from fedleak.nets.output_layer import output_layer_names
 from fedleak.sigmoid_output import logit_model
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
@@ -92,7 +92,7 @@ def binary_twin(model: nn.Module) -> BinaryTwin:
         weight = bias = None
     if weight is None or model.get_parameter(weight).shape[0] != 1:
         raise ModelError("the model has no last Linear layer with one output to read as a binary logit")
-    twin = copy.deepcopy(model)
+    twin = copy_model(model)
     layer, _, _ = weight.rpartition(".")
     if isinstance(old := twin.get_submodule(layer), nn.Linear):
         new = nn.Linear(old.in_features, 2, bias=old.bias is not None, device=old.weight.device,

@@ -11,7 +11,6 @@ reproducibly from ``seed``.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +20,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.client_loss import check_class_weights, check_label_smoothing, client_loss, ends_in_sigmoid
 from fedleak.errors import DataError, FedleakError
 from fedleak.focal import check_focal_gamma
+from fedleak.model_copy import copy_model
 from fedleak.transforms import BatchTransform
 from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_module, check_seed
@@ -102,7 +102,7 @@ def local_training(
     smoothing = check_label_smoothing(label_smoothing)
     weights = check_class_weights(class_weights, label_smoothing=smoothing)
     gamma = check_focal_gamma(focal_gamma, label_smoothing=smoothing, class_weights=weights)
-    client = copy.deepcopy(model)
+    client = copy_model(model)
     client.train()
     params = [p for p in client.parameters() if p.requires_grad]
     if not params:

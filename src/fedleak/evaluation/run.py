@@ -7,7 +7,6 @@ so an interrupted run resumes (:mod:`fedleak.evaluation.store`).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from fedleak.errors import DataError, FedleakError
 from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell, pareto_front
 from fedleak.evaluation.settings import CLIENT_SIZE, TEST_SIZE, EvaluationSettings
 from fedleak.evaluation.store import FILE, CellStore
+from fedleak.model_copy import copy_model
 from fedleak.updates import GradientUpdate
 
 
@@ -149,7 +149,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
     """``rounds`` rounds: each client one defended SGD step; the server adds the mean of what is sent (plus the
     noise of a central-DP defense, as Flower's server wrapper does)."""
     label, stack = stack.label, _bound(stack, fed)
-    global_model = copy.deepcopy(fed.model)
+    global_model = copy_model(fed.model)
     params = dict(global_model.named_parameters())
     seconds, sizes, losses = [], [], []
     for rnd in range(settings.rounds):
@@ -157,7 +157,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
         for c, part in enumerate(fed.parts):
             rng = np.random.default_rng([settings.seed, rnd, c])
             idx = torch.from_numpy(part[rng.choice(len(part), size=settings.batch_size, replace=False)])
-            client = copy.deepcopy(global_model)
+            client = copy_model(global_model)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
@@ -215,7 +215,7 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
         x, y = fed.train.x[idx], fed.train.y[idx]
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         try:
-            client = copy.deepcopy(fed.model)
+            client = copy_model(fed.model)
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
                 local = defended_local_round(client, [(x, y)], stack, lr=settings.lr, generator=gen)

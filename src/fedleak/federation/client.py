@@ -23,6 +23,7 @@ from fedleak.federation.hooks import get_threat
 from fedleak.federation.node_data import NodeData
 from fedleak.federation.partition import partition_indices
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model, parse_fault
+from fedleak.model_copy import copy_model
 
 CLIENT_RATE = 1.0  # the fraction of clients the server samples per round (every client, every round)
 
@@ -134,15 +135,13 @@ def check_before_start(settings: FederationSettings, split: DataSplit) -> None:
     for round 1; the transform it ships, on two test samples); and a client takes one step on ``batch_size``
     training samples through its own defenses, in its mode. Else the one-line error of the first that fails (DP-SGD
     on a model with BatchNorm, say), instead of a failed client in every round."""
-    import copy
-
     threat = get_threat(settings.threat)
     shipped = threat.transform(settings, split)
     model = make_model(settings, split)
     if threat.tamper is not None:
-        threat.tamper(copy.deepcopy(model), 1, settings, split)
+        threat.tamper(copy_model(model), 1, settings, split)
     if shipped is not None:
-        shipped(copy.deepcopy(model), split.test_x[:2], split.test_y[:2])
+        shipped(copy_model(model), split.test_x[:2], split.test_y[:2])
     stack = client_side(settings.stack).bind(data_range=split.value_range, num_classes=split.num_classes,
                                              normalization=split.normalization)
     batch = (split.train_x[: settings.batch_size], split.train_y[: settings.batch_size])

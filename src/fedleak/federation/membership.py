@@ -21,7 +21,6 @@ whose weights were tampered with the records say ``active``; in the others the s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import threading
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from fedleak.federation.settings import DataSplit, FederationSettings, data_spli
 from fedleak.membership.base import Observation, Records, make_membership_attack
 from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import parameter_names, per_record_gradients, record_logits, record_losses
+from fedleak.model_copy import copy_model
 from fedleak.updates import WeightUpdate
 
 PASSIVE_SCORES = ("loss-drop", "loss", "update-alignment")
@@ -116,7 +116,7 @@ def ascent_direction(model: nn.Module, records: Records, last: int | None = None
 
 
 def _moved(model: nn.Module, names: list[str], direction: torch.Tensor, step: float) -> nn.Module:
-    out = copy.deepcopy(model)
+    out = copy_model(model)
     params = dict(out.named_parameters())
     offset = 0
     with torch.no_grad():
@@ -226,7 +226,7 @@ class ClientScores:
 def score_update(model: nn.Module, update: WeightUpdate, records: Records) -> dict[str, torch.Tensor]:
     """The passive scores of one client update (see the module docstring): higher means more likely a member;
     each is a registered :mod:`fedleak.membership` attack reading the update."""
-    after = copy.deepcopy(model)
+    after = copy_model(model)
     after.load_state_dict({**after.state_dict(), **dict(update.after)})
     observation = Observation(model, update=update)
     return {"loss-drop": make_membership_attack("loss-drop").score(observation, records),
@@ -339,12 +339,12 @@ def _train_round(model: nn.Module, settings: FederationSettings, server_round: i
     sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
     total, summed = 0, {k: torch.zeros_like(v) for k, v in sent.items()}
     for pid in range(settings.clients):
-        client = copy.deepcopy(model)
+        client = copy_model(model)
         done = local_update(client, settings, pid, server_round)
         auditor.observe(server_round, pid, WeightUpdate(sent, done.weights, num_examples=done.num_examples))
         total += done.num_examples
         summed = {k: summed[k] + done.weights[k] * done.num_examples for k in sent}
-    out = copy.deepcopy(model)
+    out = copy_model(model)
     out.load_state_dict({k: summed[k] / total for k in sent})
     return out
 

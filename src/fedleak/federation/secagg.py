@@ -26,7 +26,6 @@ from fedleak.federation._flwr import require_flwr
 
 require_flwr()
 
-import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import random  # noqa: E402
 import threading  # noqa: E402
@@ -55,6 +54,7 @@ from fedleak.federation.results import FederationResult, RoundAudit  # noqa: E40
 from fedleak.federation.secagg_client import DTYPE_KEY, NAMES_KEY, SEED_KEY, UPLOADS_KEY  # noqa: E402
 from fedleak.federation.server_app import StoppableGrid, build_strategy, evaluate_global  # noqa: E402
 from fedleak.federation.settings import FederationSettings, data_split, make_model  # noqa: E402
+from fedleak.model_copy import copy_model  # noqa: E402
 
 __all__ = ["ObservedGrid", "SecAggAudit", "make_secagg_server_app", "with_aggregates"]
 
@@ -130,7 +130,7 @@ class SecAggAudit(Strategy):
         s = self.settings
         sent = self._state(parameters)
         if self.tamper is not None:
-            model = copy.deepcopy(self.user_model)
+            model = copy_model(self.user_model)
             model.load_state_dict(sent)
             sent = {k: v.detach().clone() for k, v in self.tamper(model, server_round).state_dict().items()}
         self._sent[server_round] = sent
@@ -167,7 +167,7 @@ class SecAggAudit(Strategy):
                        for proxy, res in sorted(results, key=lambda r: int(r[1].metrics.get("partition-id", -1))))
         self._aggregated.add(server_round)
         if self.settings.audit:
-            model = copy.deepcopy(self.template)
+            model = copy_model(self.template)
             model.load_state_dict(sent)
             job = AggregateInput(server_round, model, delta, shares, self.settings.secagg_config,
                                  self.settings.upload, average, self._declared(), self.data_range)

@@ -30,7 +30,6 @@ that looks the batch up elsewhere (``fedleak federate`` uses the side channel of
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
@@ -70,6 +69,7 @@ from fedleak.federation.audit_worker import (  # noqa: E402
 )
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
+from fedleak.model_copy import copy_model
 from fedleak.updates import WeightUpdate  # noqa: E402
 from fedleak.validation import all_finite, check_model  # noqa: E402
 
@@ -147,7 +147,7 @@ class AuditFedAvg(FedAvg):
         self._ledger = AuditLedger()
         self.sampled: dict[int, tuple[int, ...]] = {}  # per round: the node ids the strategy sent a train message
         check_model(model, binary=True)  # one logit: a binary classifier, attacked as its two-class twin
-        self.model = copy.deepcopy(model).cpu()  # the user's own class: what ``tamper`` is given
+        self.model = copy_model(model).cpu()  # the user's own class: what ``tamper`` is given
         if audit:
             self.template = audit_template(model, attack=self.plan.attack,
                                            needs_relu_network=needs_relu_network(self.plan.attack),
@@ -279,7 +279,7 @@ class AuditFedAvg(FedAvg):
 
     def _model(self, state: Mapping[str, torch.Tensor], like: nn.Module | None = None) -> nn.Module:
         """A copy of ``like`` (default: the audit's :attr:`template`) holding the weights ``state``."""
-        model = copy.deepcopy(self.template if like is None else like)
+        model = copy_model(self.template if like is None else like)
         model.load_state_dict(state)
         return model
 

@@ -1,0 +1,23 @@
+"""One copy of a user's model, whatever it holds: ``copy.deepcopy`` refuses a module whose attributes hold tensors
+computed with autograd (the older ``torch.nn.utils.weight_norm`` keeps its last ``weight`` so, until the next forward
+recomputes it); those are copied detached."""
+
+from __future__ import annotations
+
+import copy
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def copy_model(model: M) -> M:
+    """A deep copy of ``model``; a tensor attribute that autograd computed (not a leaf) is copied detached."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
