@@ -364,16 +364,19 @@ def _weight_decay(update: Any, delta: Mapping[str, Any], model: Any) -> dict[str
     from fedleak.attacks.exact.noise import step_noises
     from fedleak.attacks.exact.penalty import without_penalty
     from fedleak.errors import FedleakError
-    from fedleak.nets.exact_view import exact_network
+    from fedleak.nets.exact_view import exact_view
     from fedleak.updates import GradientUpdate
 
     if isinstance(update, GradientUpdate):
         peeled = without_penalty(model, update)
         return None if peeled is None else dict(peeled.gradients)
     try:
-        net = exact_network(model)
+        view = exact_view(model)
     except FedleakError:
         return None
+    if view.fold is not None and view.fold.weight_norms:  # (read by the exact route on the twin's change only)
+        return None
+    net = view.net
     change = {n: d for n, d in delta.items() if n in update.before and n in update.after}
     noise = step_noises(update.after, change)
     decay = read_decay(net, update.before, change, noise)

@@ -218,7 +218,10 @@ def output_features(model: nn.Module) -> int | None:
         weight, _ = output_layer_names(model)
     except FedleakError:
         return None
-    return int(model.get_parameter(weight).shape[0])
+    held = model  # (a computed weight, weight normalisation's, is no parameter: read as the attribute it is)
+    for part in weight.split("."):
+        held = getattr(held, part)
+    return int(held.shape[0])
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

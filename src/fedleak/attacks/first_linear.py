@@ -22,20 +22,24 @@ from fedleak.nets.layer_calls import FunctionalCalls
 from fedleak.nets.ops import computed_parameter
 from fedleak.nets.sample_path import changed_before
 from fedleak.nets.token_inputs import TokenInputs
+from fedleak.nets.weight_norm import WeightNormFold, weight_norm_folds
 
 
 @dataclass(frozen=True)
 class FirstLinear:
     """The Linear layer the sample enters: its module name (its weight's, for ``F.linear`` of the model's
     parameters) and the names of its weight and bias; what the model does to the sample before it in training mode
-    only (``masking``), and why it may read something else than the sample (``changed``:
-    :func:`~fedleak.nets.sample_path.changed_before`)."""
+    only (``masking``), why it may read something else than the sample (``changed``:
+    :func:`~fedleak.nets.sample_path.changed_before`), and the weight normalisation that computes its weight
+    (``normed``, None without one: its gradient is rebuilt from ``g``'s and ``v``'s,
+    :mod:`fedleak.nets.weight_norm`)."""
 
     name: str
     weight: str
     bias: str
     masking: InputMasking = InputMasking()
     changed: str = ""  # why the layer may not read the sample as it is (empty where the traced forward shows it does)
+    normed: WeightNormFold | None = None
 
 
 def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
@@ -71,7 +75,8 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
     if name in loose.values():  # F.linear of parameters: the layer is named by its weight
         return _functional_first(model, name, [c for c in functional.calls if c.weight == name], input_shape)
     module = model.get_submodule(name)
-    if why := computed_parameter(module, "weight"):
+    normed = weight_norm_folds({name: module}, {id(p): n for n, p in model.named_parameters()})
+    if (why := computed_parameter(module, "weight")) and not normed:
         raise ModelError(f"the Linear layer '{name}' that reads the sample: {why}; the optimisation attacks (dlg, "
                          "idlg, ig) need only autograd and still apply")
     if module.bias is None:
@@ -83,7 +88,7 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> FirstLinear:
                          "parameters, so its gradient is not one product of the sample")
     prefix = f"{name}." if name else ""
     return FirstLinear(name, prefix + "weight", prefix + "bias", input_masking(model, module, input_shape),
-                       changed_before(model, name, input_shape))
+                       changed_before(model, name, input_shape), normed[0] if normed else None)
 
 
 def _functional_first(model: nn.Module, weight: str, calls: list, input_shape: tuple[int, ...]) -> FirstLinear:
@@ -134,6 +139,10 @@ def layer_rows(model: nn.Module, tensors: dict[str, torch.Tensor], input_shape: 
     the one row it reads), the sample's shape and notes."""
     shape, notes = _sample_shape(model, input_shape)
     layer = first_linear(model, shape)
+    if layer.normed is not None:  # the weight's entry rebuilt from weight normalisation's g and v
+        tensors = dict(tensors)
+        if misfit := layer.normed.read(model, tensors):
+            notes = (*notes, misfit)
     if layer.weight not in tensors or layer.bias not in tensors:
         raise ModelError(f"the update holds no {what} of the Linear layer '{layer.name}' that reads the sample "
                          "(frozen on the client), which is all this attack reads")

@@ -18,7 +18,8 @@ client's gradient into the twin's:
 
 The same twin takes out an eval-mode ``BatchNorm1d`` on the model's input, which the exact methods read as a map of
 the input (:mod:`fedleak.nets.input_norm`), and folds constant arithmetic on a ``Linear`` layer's output into that
-layer (``logits / temperature``, ``logits + log_prior``: :mod:`fedleak.nets.output_affine`).
+layer (``logits / temperature``, ``logits + log_prior``: :mod:`fedleak.nets.output_affine`), and reads a layer whose
+weight weight normalisation computes as the plain layer with that weight (:mod:`fedleak.nets.weight_norm`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fedleak.nets.norm_fold import linear_twin, norm_affine
 from fedleak.nets.output_affine import AffineFold, affine_outputs, has_output_arithmetic
 from fedleak.nets.relu_norms import ReluNormFold, relu_norm_fold, relu_norm_pairs
 from fedleak.nets.tracing import PerStructure, keep_every_tensor, shared_trace, trace_model
+from fedleak.nets.weight_norm import WeightNormFold, has_weight_norm, weight_norm_folds
 from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
 
@@ -127,13 +129,15 @@ class FoldedGradient:
 @dataclass(frozen=True, eq=False)
 class FoldedModel:
     """The user's model (``source``) read with its ``folds``: ``model`` is the twin (a ``torch.fx`` graph module sharing
-    every other module with the user's), in which each folded ``Linear`` computes ``Linear`` then ``BatchNorm1d``.
-    The user's model is held weakly (``of``): the twin is kept per model, and would otherwise keep it alive."""
+    every other module with the user's), in which each folded ``Linear`` computes ``Linear`` then ``BatchNorm1d``
+    and each layer of ``weight_norms`` is the plain layer with the weight its normalisation computes. The user's
+    model is held weakly (``of``): the twin is kept per model, and would otherwise keep it alive."""
 
     model: nn.Module
     folds: tuple[Fold, ...]
     of: weakref.ref
     input_norm: InputNorm | None = None
+    weight_norms: tuple[WeightNormFold, ...] = ()
 
     @property
     def source(self) -> nn.Module:
@@ -159,7 +163,7 @@ class FoldedModel:
         if self.input_norm is not None:
             norms += (BatchNorm(self.input_norm.name, self.input_norm.module, self.input_norm.gamma,
                                 self.input_norm.beta),)
-        read = [f.folded() for f in self.folds]
+        read = [f.folded() for f in (*self.weight_norms, *self.folds)]
         if self.input_norm is not None:
             read.append(f"BatchNorm1d '{self.input_norm.name}' on the model's input read as a map of it (its running "
                         "statistics), the inputs rebuilt through its inverse")
@@ -169,14 +173,17 @@ class FoldedModel:
         return replace(net, notes=(*net.notes, note), caveats=(*net.caveats, training_mode_cause((), norms)),
                        folded_norms=(*net.folded_norms, *norms))
 
-    def gradient(self, update: GradientUpdate) -> FoldedGradient:
+    def gradient(self, update: GradientUpdate, noise: dict[str, torch.Tensor] | None = None) -> FoldedGradient:
         """The twin's gradient, and why nothing can be certified from it (empty where something can): the client's
         does not fit eval mode (``misfit``), or its values carry a format coarser than float32 (a gradient computed
         under autocast), whose grid the division by the norm's scale leaves (``coarse``). A known transport error
-        per entry grows by the largest ``1 / |a|`` with the rows."""
+        per entry grows by the largest ``1 / |a|`` with the rows (a layer with weight normalisation: its bound is the
+        exact attack's, :mod:`fedleak.attacks.exact.weight_norm_bound`; ``noise``: each entry's own rounding, by the
+        name of weight normalisation's ``v``, which its identity allows for)."""
         check_matches_model(self.source, update.gradients)
         precision = update_precision(update.gradients)
         grads = dict(update.gradients)
+        unfit = [m for m in (f.read(self.source, grads, (noise or {}).get(f.v)) for f in self.weight_norms) if m]
         misfits: list[str] = []
         if self.input_norm is not None:  # (read on the client's own first-layer gradient, before any fold)
             misfits += [m for m in (self.input_norm.misfit(grads),) if m]
@@ -191,6 +198,11 @@ class FoldedModel:
         if precision.coarse:  # (its rounding also blurs the identities, to its own epsilon)
             return FoldedGradient(folded, coarse=f"{precision.describe()}, whose rounding the folded layers' rows "
                                                  "(divided by their scale) no longer show: nothing is certified")
+        if unfit:
+            return FoldedGradient(folded, misfit=(
+                f"{'; '.join(unfit)}: the update is not the gradient of the model with weight normalisation (a client "
+                "that trained without it, or changed g's and v's gradients: noise): nothing is certified, and no "
+                "input is read off its rows"))
         if misfits:
             return FoldedGradient(folded, misfit=(
                 f"{'; '.join(misfits)}: the gradient does not fit the model's BatchNorm1d in eval mode (a client that "
@@ -268,7 +280,8 @@ def fold_dense_norms(model: nn.Module) -> FoldedModel | None:
     (a unit with ``gamma = 0``). The twin is kept while the model's structure and every tensor's values are
     unchanged (an in-place change, an optimizer's step or ``load_state_dict``, makes a new one), so that the
     frontend reads it once."""
-    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) and not _maps_a_linear_output(model):
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) and not _maps_a_linear_output(model) \
+            and not has_weight_norm(model):
         return None
     values = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
     return _FOLDED.get(model, values, lambda: _fold(model))
@@ -290,6 +303,12 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    params = {id(p): n for n, p in model.named_parameters()}
+    normed = weight_norm_folds({t: modules[t] for t in calls}, params)
+    twins: dict[str, nn.Module] = {}
+    for f in normed:  # the other folds see the plain layer
+        twins[f.layer] = modules[f.layer] = f.twin(modules[f.layer])
+        params[id(twins[f.layer].weight)] = f.weight
     pairs = []
     for node in gm.graph.nodes:
         src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
@@ -298,15 +317,15 @@ def _fold(model: nn.Module) -> FoldedModel | None:
                 and len(src.users) == 1 and calls[node.target] == 1 and calls[src.target] == 1
                 and modules[node.target].running_mean is not None):
             pairs.append((src, node))
-    params = {id(p): n for n, p in model.named_parameters()}
     on_input = find_input_norm(gm, modules, calls, params)
     taken = {src.target for src, _ in pairs}  # a Linear with a norm on its features and one before it: not read
     after = [(node, lin) for node, lin in relu_norm_pairs(gm, modules, calls) if lin.target not in taken]
     mapped = affine_outputs(gm, modules, calls, params, taken | {lin.target for _, lin in after})
-    if not pairs and not after and not mapped and on_input is None:
+    if not pairs and not after and not mapped and on_input is None and not normed:
         return None
+    _check_apart(normed, [src.target for src, _ in pairs] + [lin.target for _, lin in after]
+                 + [fold.linear for fold, _, _ in mapped], on_input, modules)
     folds: list[Fold] = []
-    twins = {}
     for src, node in pairs:
         fold = _fold_of(src.target, node.target, modules[src.target], modules[node.target], params)
         folds.append(fold)
@@ -332,7 +351,7 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     root = {n.target: twins.get(n.target, modules[n.target]) for n in gm.graph.nodes if n.op == "call_module"}
     root.update({n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"})
     twin = fx.GraphModule(root, gm.graph)
-    folded_names = {name for f in folds for name in f.parameter_names() if name}
+    folded_names = {name for f in (*folds, *normed) for name in f.parameter_names() if name}
     taken = [n.name for f in folds for n in f.norms(model)] + ([on_input[1].name] if on_input is not None else [])
     norm_state = {f"{name}.{k}" for name in taken for k in modules[name].state_dict()}
     keep_every_tensor(twin, model, skip=frozenset(folded_names | norm_state))
@@ -340,7 +359,20 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     if shape is not None:
         twin.input_shape = tuple(shape)
     twin.training = model.training  # its modules are the user's: their own modes stay
-    return FoldedModel(twin, tuple(folds), weakref.ref(model), None if on_input is None else on_input[1])
+    return FoldedModel(twin, tuple(folds), weakref.ref(model), None if on_input is None else on_input[1], normed)
+
+
+def _check_apart(normed: tuple[WeightNormFold, ...], folded: list[str], on_input: tuple[fx.Node, InputNorm] | None,
+                 modules: dict[str, nn.Module]) -> None:
+    """Refuse a layer with weight normalisation that another fold reads too (a norm or constant arithmetic on its
+    output, a norm on its input): its rebuilt gradient's bound is not carried through the second fold."""
+    first = None if on_input is None else on_input[1].linear
+    both = sorted({f.layer for f in normed} & (set(folded) | {t for t, m in modules.items() if m is first}))
+    if both:
+        raise ModelError(f"'{both[0]}' has weight normalisation and a BatchNorm1d or constant arithmetic folded into "
+                         "it, which the exact methods do not read together (remove the normalisation before training, "
+                         "torch.nn.utils.parametrize.remove_parametrizations, or fold the norm into the layer); "
+                         "'first-layer', 'auto' and the optimisation attacks still apply")
 
 
 def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:

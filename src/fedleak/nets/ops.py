@@ -107,8 +107,9 @@ def unsupported(op: Op) -> ModelError:
 
 def computed_parameter(module: nn.Module, attribute: str) -> str:
     """Why ``module``'s ``attribute`` (its weight) is not a parameter of its own, in words: a parametrization
-    (``weight_norm``, ``spectral_norm``) computes it from the ones a client's update holds the gradients of, which
-    are not the weight's, or ``torch.nn.utils.prune`` masks it; empty where it is a parameter."""
+    (``spectral_norm``; weight normalisation is read as the plain layer, :mod:`fedleak.nets.weight_norm`) computes it
+    from the ones a client's update holds the gradients of, which are not the weight's, or ``torch.nn.utils.prune``
+    masks it; empty where it is a parameter."""
     value = getattr(module, attribute, None)
     if value is None or isinstance(value, nn.Parameter):
         return ""
@@ -117,8 +118,8 @@ def computed_parameter(module: nn.Module, attribute: str) -> str:
         return (f"it is pruned (torch.nn.utils.prune): its {attribute} is '{attribute}_orig' times the mask "
                 f"'{attribute}_mask', so a client's update holds {attribute}_orig's gradient, zero wherever the mask "
                 f"is, where the exact methods read the whole gradient of the {attribute}")
-    own = [n for n, _ in module.named_parameters() if attribute in n]  # weight_g, parametrizations.weight.original0
-    return (f"its {attribute} is computed from {', '.join(repr(n) for n in own) or 'other tensors'} (weight_norm, "
-            f"spectral_norm or another parametrization), so a client's update holds their gradients, not the "
-            f"{attribute}'s the exact methods read (remove it before training: "
-            "torch.nn.utils.parametrize.remove_parametrizations, or remove_weight_norm)")
+    own = [n for n, _ in module.named_parameters() if attribute in n]  # parametrizations.weight.original
+    return (f"its {attribute} is computed from {', '.join(repr(n) for n in own) or 'other tensors'} (spectral_norm or "
+            f"another parametrization than weight normalisation, which is read), so a client's update holds their "
+            f"gradients, from which the {attribute}'s, which the exact methods read, cannot be rebuilt (remove it "
+            "before training: torch.nn.utils.parametrize.remove_parametrizations)")

@@ -21,6 +21,7 @@ from fedleak.attacks.exact.noise import RoundingNoise, gradient_noise, step_nois
 from fedleak.attacks.exact.options import ExclusivityOptions, resolve_options
 from fedleak.attacks.exact.penalty import read_penalty
 from fedleak.attacks.exact.pipeline import run_exclusivity
+from fedleak.attacks.exact.weight_norm_bound import decay_directions, loose_bounds, weight_norm_bounds
 from fedleak.attacks.labels import with_negated_hint
 from fedleak.attacks.read_defense import read_defense
 from fedleak.attacks.registry import register_attack
@@ -46,6 +47,12 @@ SEVERAL_STEPS = ("nothing was certified; if the client took several local steps 
 #: the note of a weight update read with the learning rate the server knows
 LEARNING_RATE = ("read with the learning rate given ({lr:g}): the change as that rate times the gradient, at the "
                  "gradient's own scale (1/M per sample)")
+
+
+#: why a defense's model does not hold for a weight rebuilt from weight normalisation
+REBUILT_DEFENDED = ("the client's defense acts on the tensors it sends, weight normalisation's g and v, which the "
+                    "weight's gradient rebuilt from them does not follow (a clipped norm, for one, is theirs): "
+                    "nothing is certified")
 
 
 #: the note of a batch size read off the samples' common scale, not reported
@@ -81,13 +88,16 @@ def exclusivity_attack(
     if isinstance(update, WeightUpdate):
         return exclusivity_on_weights(model, update, input_shape=input_shape, options=options, **overrides)
     view = exact_view(model, input_shape=input_shape)
-    update, folded = as_gradient_update(update), None
+    update, folded, rebuilt = as_gradient_update(update), None, {}
     if view.fold is not None:  # BatchNorm1d on a Linear layer's features: read as one Linear layer, and the gradient
         folded = view.fold.gradient(update)
+        rebuilt = weight_norm_bounds(view.fold, folded.update.gradients, None, update.error)
         update = folded.update
     asked = resolve_options(options, overrides)
     input_map = view.input_map
-    rec = _on_gradient(view.model, view.net, update, in_first_layer(asked, input_map))
+    rec = _on_gradient(view.model, view.net, update, in_first_layer(asked, input_map), rebuilt)
+    if loose := loose_bounds(view.fold, rebuilt, asked.max_noise) if rebuilt else "":
+        rec = replace(rec, notes=(*rec.notes, loose))
     if folded is not None and folded.misfit:  # a norm run in training mode: rows mix the samples, none is one
         rec = rec.without_samples(folded.misfit)
     elif folded is not None and folded.coarse:  # a format the fold hides: the inputs as read, uncertified
@@ -97,18 +107,22 @@ def exclusivity_attack(
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
 
 
-def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions) -> Reconstruction:
-    """The attack on a gradient of ``model`` (read as ``net``), every input the first layer's."""
+def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: ExclusivityOptions,
+                 rebuilt: dict[str, RoundingNoise]) -> Reconstruction:
+    """The attack on a gradient of ``model`` (read as ``net``), every input the first layer's; ``rebuilt``: the bounds
+    of the weights rebuilt from weight normalisation's gradients (:mod:`~fedleak.attacks.exact.weight_norm_bound`)."""
     noise = None
     precision = update_precision(update.gradients)
-    if update.error or precision.coarse:  # the tolerances grow beyond the gradient's own float32 noise
-        noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()}
+    if update.error or precision.coarse or rebuilt:  # the tolerances grow beyond the gradient's own float32 noise
+        noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()} | rebuilt
     rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
-                            update.error, precision)
+                            update.error, precision, bool(rebuilt))
+    if rebuilt and opts.defense:
+        rec = rec.withdraw(REBUILT_DEFENDED)
     rec = with_negated_hint(model, update.gradients, rec)
     if update.num_examples is None and rec.batch_size is not None and opts.known_scale and opts.class_weights is None:
         rec = replace(rec, notes=(*rec.notes, INFERRED_SIZE.format(m=rec.batch_size)))
-    if rec.batch_certified or opts.defense:
+    if rec.batch_certified or opts.defense or rebuilt:  # (a penalty or clipping acts on g and v: not read through them)
         return rec
     penalty = read_penalty(model, net, update, noise)
     if penalty is not None:  # an L2 penalty in the client's loss: every weight's gradient holds a multiple of it
@@ -182,17 +196,26 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     check_head_trainable(model, net)  # a frozen layer's weights do not move: the change holds nothing of it
     delta = {n: delta[n] for n in names}
     noise = step_noises(update.after, delta, update.error)
-    decay = read_decay(net, update.before, delta, noise)
+    normed = view.fold is not None and bool(view.fold.weight_norms)
+    decay = None if normed else read_decay(net, update.before, delta, noise)
     if decay is not None:  # SGD's weight decay (on the user's weights), peeled off with its bound in the noise
         delta, noise = peel_decay(decay, update.before, delta, noise)
-    if view.fold is not None:  # constant arithmetic on a layer's output: the change read as the twin's, as a gradient
-        delta, noise = folded_change(view.fold, delta, noise)
+    unfit = ""
+    if view.fold is not None:  # constant arithmetic on a layer's output, weight normalisation: read as the twin's
+        delta, noise, unfit = folded_change(view.fold, delta, noise)
+    if normed and not view.fold.folds:  # the decay of g and v, read on the twin's change (each slice its own factor)
+        directions = decay_directions(view.fold, update.before)
+        decay = read_decay(net, directions, delta, noise)
+        if decay is not None:
+            delta, noise = peel_decay(decay, directions, delta, noise)
     if lr is not None:
         delta, noise = at_learning_rate(delta, noise, lr)
     grads = GradientUpdate(delta, num_examples=update.num_examples)
     positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
     rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive,
-                                            unsigned=not positive), net, update.error)
+                                            unsigned=not positive), net, update.error,
+                            rebuilt=view.fold is not None and bool(view.fold.weight_norms))
+    rec = rec.withdraw(unfit) if unfit else rec
     notes = (decay.describe(),) if decay is not None else ()
     if lr is not None:
         notes += (LEARNING_RATE.format(lr=lr),)
@@ -203,20 +226,26 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
 
 
 def folded_change(fold: FoldedModel, delta: dict[str, torch.Tensor], noise: dict[str, RoundingNoise]
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, RoundingNoise]]:
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, RoundingNoise], str]:
     """A one-step change of the user's model (the learning rate times its gradient) as the change of ``fold``'s twin
-    at the same rate: each folded row over its scale ``a`` (:meth:`~fedleak.nets.dense_norms.FoldedModel.gradient`),
-    each folded layer's bounds times its largest ``1 / |a|`` (:func:`~fedleak.nets.dense_norms.row_gain`), plus
-    ``eps/2`` of the change for the quotient's rounding."""
-    grads = fold.gradient(GradientUpdate(delta)).update.gradients
-    bounds = dict(noise)
+    at the same rate, and why it does not fit the twin (empty where it does): each folded row over its scale ``a``
+    (:meth:`~fedleak.nets.dense_norms.FoldedModel.gradient`), each folded layer's bounds times its largest ``1 / |a|``
+    (:func:`~fedleak.nets.dense_norms.row_gain`), plus ``eps/2`` of the change for the quotient's rounding; a weight
+    rebuilt from weight normalisation's ``g`` and ``v`` with its own bound
+    (:mod:`~fedleak.attacks.exact.weight_norm_bound`)."""
+    folded = fold.gradient(GradientUpdate(delta), {f.v: noise[f.v].read() for f in fold.weight_norms if f.v in noise})
+    grads = folded.update.gradients
+    bounds = dict(noise) | weight_norm_bounds(fold, grads, noise)
+    for f in fold.weight_norms:
+        for name in f.parameter_names():
+            bounds.pop(name, None)
     for f in fold.folds:
         for name in (n for n in f.parameter_names() if n in noise):
             e, half = noise[name], float(torch.finfo(delta[name].dtype).eps) / 2
             e = replace(e, plus=delta[name], plus_scale=half) if e.plus is None else \
                 replace(e, plus_scale=e.plus_scale + half)
             bounds[name] = e * row_gain(f)
-    return dict(grads), bounds
+    return dict(grads), bounds, folded.misfit
 
 
 def at_learning_rate(delta: dict[str, torch.Tensor], noise: dict[str, RoundingNoise], lr: float
@@ -241,12 +270,18 @@ def in_first_layer(opts: ExclusivityOptions, input_map: InputMap | None) -> Excl
     return replace(opts, exact_tol=tol, data_range=data_range)
 
 
-def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32) -> Reconstruction:
+def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32,
+                      rebuilt: bool = False) -> Reconstruction:
     """``rec``, with its certificates withdrawn where the network has conv blocks, whose inversion's error bound
-    models the gradient's own float32 rounding only, and the update carries more: a known transport ``error``, or
-    values of a coarser format (``precision``: sent in float16, computed under autocast)."""
+    models the gradient's own float32 rounding only, and the update carries more: a known transport ``error``, values
+    of a coarser format (``precision``: sent in float16, computed under autocast), or weights ``rebuilt`` from weight
+    normalisation's gradients (:mod:`~fedleak.attacks.exact.weight_norm_bound`)."""
     if not net.blocks:
         return rec
+    if rebuilt:
+        return rec.withdraw("the weights rebuilt from weight normalisation's g and v carry a rounding bound beyond a "
+                            "plain gradient's, which the conv inversion's certificate does not model: nothing is "
+                            "certified")
     if error:
         return rec.withdraw(f"the update carries a known error of {error:.2e} per entry, which the conv "
                             "inversion's certificate does not model: nothing is certified")
