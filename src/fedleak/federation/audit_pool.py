@@ -30,6 +30,7 @@ from torch import nn
 from fedleak.errors import OptionError
 from fedleak.federation.audit_worker import AUDIT_NICENESS, init_worker, worker_ready
 from fedleak.federation.results import RoundAudit
+from fedleak.federation.template import shipped
 
 __all__ = ["AuditLedger", "check_pool_options", "choose_audited", "make_audit_executor",
            "pending_jobs"]
@@ -98,7 +99,7 @@ def make_audit_executor(mode: str, workers: int, template: nn.Module) -> Executo
     if mode != "process":
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedleak-audit")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=init_worker, initargs=(AUDIT_NICENESS, template))
+                               initializer=init_worker, initargs=(AUDIT_NICENESS, shipped(template)))
     with main_module_hidden():  # each submit spawns a worker while none is idle: start them all now
         for _ in range(workers):
             pool.submit(worker_ready)

@@ -18,6 +18,8 @@ from torch import nn
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.federation.results import ClientRecord, Scores
+from fedleak.federation.template import Shipped
+from fedleak.model_copy import copy_model
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate
 
@@ -66,10 +68,10 @@ Scorer = Callable[[AuditInput, Reconstruction], Scores | None]
 AUDIT_NICENESS = 10
 
 
-def init_worker(niceness: int = AUDIT_NICENESS, template: nn.Module | None = None) -> None:
+def init_worker(niceness: int = AUDIT_NICENESS, template: Shipped | None = None) -> None:
     """Worker-process initialiser: lower CPU priority (the federation's own processes go first, the audit
     uses what is left and catches up after the last round), one torch thread, and the audit's model
-    ``template`` (each round's model is rebuilt from it, see :func:`audit_reply`). Attacks are imported when
+    ``template`` as it arrived (each round's model is rebuilt from it, :func:`audit_reply`). Attacks are imported when
     first looked up (the attack registry is lazy)."""
     import os
 
@@ -82,7 +84,7 @@ def init_worker(niceness: int = AUDIT_NICENESS, template: nn.Module | None = Non
         except OSError:  # pragma: no cover - not permitted
             pass
     torch.set_num_threads(1)
-    _TEMPLATE = template
+    _TEMPLATE = None if template is None else template.arrived()
 
 
 def worker_ready() -> bool:
@@ -159,13 +161,11 @@ _KEPT_ROUNDS = 4
 
 def _round_model(server_round: int, sent: Mapping[str, Any]) -> nn.Module:
     """This worker's copy of the model the server sent in ``server_round`` (the last few rounds are kept)."""
-    import copy
-
     model = _ROUND_MODELS.get(int(server_round))
     if model is None:
         if _TEMPLATE is None:
             raise FedleakError("the audit worker was started without the model template (init_worker)")
-        model = copy.deepcopy(_TEMPLATE)
+        model = copy_model(_TEMPLATE)
         model.load_state_dict(dict(sent))
         _ROUND_MODELS[int(server_round)] = model
         for old in sorted(_ROUND_MODELS)[:-_KEPT_ROUNDS]:

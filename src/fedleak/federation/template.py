@@ -12,22 +12,45 @@ loaded into:
   :func:`fedleak.nets.as_network` first, so an unsupported model fails here with a
   :class:`~fedleak.errors.ModelError` naming the node;
 * a model that ``torch.fx`` cannot trace is still fine for the optimisation attacks: the template is then a
-  plain copy, and (worker process only) it must be picklable and importable, checked here.
+  plain copy, and (worker process only) it must be picklable and importable, checked here;
+* the template travels to the worker process as :class:`Shipped`: torch pickles no layer under weight normalisation
+  (a parametrized module), so those travel as plain layers and are normalised again on arrival.
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import fx, nn
 
 from fedleak.errors import FedleakError, ModelError
+from fedleak.model_copy import copy_model
 from fedleak.nets.tracing import keep_every_tensor, trace_model, traced_shape
+from fedleak.nets.weight_norm import NormedLayer, with_weight_norm, without_weight_norm
 
-__all__ = ["audit_template", "check_shippable", "traced_copy"]
+__all__ = ["Shipped", "audit_template", "check_shippable", "shipped", "traced_copy"]
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A template as it travels to the audit worker process: ``model`` with its ``normed`` layers out of their weight
+    normalisation (torch pickles no parametrized module), put back by :meth:`arrived`."""
+
+    model: nn.Module
+    normed: tuple[NormedLayer, ...] = ()
+
+    def arrived(self) -> nn.Module:
+        """The template as it was sent."""
+        return with_weight_norm(self.model, self.normed)
+
+
+def shipped(template: nn.Module) -> Shipped:
+    """``template`` ready to travel (a copy: the template itself is not changed)."""
+    model = copy_model(template)
+    return Shipped(model, without_weight_norm(model))
 
 
 def _first_line(err: BaseException) -> str:
@@ -44,7 +67,7 @@ def traced_copy(model: nn.Module) -> fx.GraphModule:
     (:func:`~fedleak.nets.tracing.trace_model`: ``len(x)``, inputs with defaults); raises its
     :class:`~fedleak.errors.ModelError` for an untraceable model.
     """
-    own = copy.deepcopy(model).cpu()
+    own = copy_model(model).cpu()
     gm = trace_model(own)
     # under ``from __future__ import annotations`` the forward's type hints are strings, which torch.fx
     # keeps as globals of the generated code and then cannot pickle; they are only hints, so drop them
@@ -110,16 +133,16 @@ def audit_template(model: nn.Module, *, attack: str, needs_relu_network: bool, p
     except Exception as err:  # noqa: BLE001 - torch.fx raises TraceError, TypeError, NotImplementedError, ...
         traced, why_not = None, f"torch.fx could not trace it ({_first_line(err)})"
     if not process:
-        return traced if traced is not None else copy.deepcopy(model).cpu()
+        return traced if traced is not None else copy_model(model).cpu()
     if traced is not None:
         try:
-            check_shippable(traced, "the traced model")
+            check_shippable(shipped(traced), "the traced model")
             return traced
         except FedleakError as err:
             why_not = f"its torch.fx trace cannot be sent either ({err})"
-    plain = copy.deepcopy(model).cpu()
+    plain = copy_model(model).cpu()
     try:
-        check_shippable(plain, f"the model ({type(model).__name__})")
+        check_shippable(shipped(plain), f"the model ({type(model).__name__})")
     except FedleakError as err:
         raise FedleakError(f"{err}; {why_not}; define the model class in an importable module, or use "
                            "audit_mode='thread'") from None
