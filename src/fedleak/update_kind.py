@@ -30,6 +30,9 @@ gradients taken at different weights). Declared facts come from :class:`~fedleak
 
 * **clipping by value** (gradients) — ``clip_grad_value_`` leaves the update's largest magnitude on the entries of
   several units (:mod:`fedleak.clipped_values`).
+* **an adaptive optimizer's step** (weight changes) — Adam, RMSprop, Adagrad or signSGD move a change's entries by
+  one size, SGD's spread over many (:mod:`fedleak.adaptive_step`): no scaled gradient, so the exact route does not
+  apply (the rounding and decay readings, which assume SGD, are skipped).
 
 Clipping by norm leaves no signature of its own; it is reported when declared (``clip_norm``).
 """
@@ -66,7 +69,9 @@ class UpdateKind:
     or Adam also leave). ``weight_decay``: SGD's weight decay read off a weight change, or an L2 penalty in the loss
     read off a gradient (the signatures are then read without it). ``summed``: a gradient whose output-bias entries
     add up to more than a mean-loss gradient's can (its loss summed over the batch, or scaled up); ``None`` when not
-    looked for. ``evidence``: one sentence per finding, with its numbers.
+    looked for. ``adaptive``: the one size a weight change's entries move by, where they do (an adaptive optimizer's
+    step, :mod:`fedleak.adaptive_step`; the exact route does not apply). ``evidence``: one sentence per finding, with
+    its numbers.
     """
 
     kind: str
@@ -86,6 +91,7 @@ class UpdateKind:
     value_clip: float | None = None  # the bound a gradient was clipped to by value (clip_grad_value_), if it shows
     scaled_up: bool = False  # a gradient scaled by more than a summed loss over the reported examples can be
     learning_rate: float | None = None  # a weight change's learning rate, where the server knows it
+    adaptive: float | None = None  # the one size a weight change's entries move by: an adaptive optimizer's step
 
     @property
     def multi_step(self) -> bool:
@@ -97,10 +103,10 @@ class UpdateKind:
 
     @property
     def exact_route_possible(self) -> bool:
-        """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change,
+        """Whether the certified exact route can apply: a gradient or a (possibly) one-step weight change of SGD,
         not noised, sparsified, quantised, rounded to a coarser format or clipped by value."""
         return (not self.multi_step and not self.noised and self.sparsified is None and self.quantised is None
-                and self.precision is None and self.value_clip is None)
+                and self.precision is None and self.value_clip is None and self.adaptive is None)
 
     @property
     def only_rounded(self) -> bool:
@@ -139,7 +145,8 @@ class UpdateKind:
                                  ("most rows finer than the rounding of the client's weights", self.too_fine),
                                  (f"values rounded to {self.precision}", self.precision is not None),
                                  (f"clipped by value at ±{self.value_clip or 0:.4g}", self.value_clip is not None),
-                                 ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None))
+                                 ("sparsified", self.sparsified is not None), ("quantised", self.quantised is not None),
+                                 ("an adaptive optimizer's step", self.adaptive is not None))
                  if on]
         text = what + (": " + " ".join(parts) if parts else "")
         return text + (f"; {', '.join(flags)}" if flags else "")
@@ -150,7 +157,7 @@ class UpdateKind:
                 "sparsified": self.sparsified, "quantised": self.quantised, "clip_norm": self.clip_norm,
                 "noise_declared": self.noise_declared, "summed": self.summed, "weight_decay": self.weight_decay,
                 "rounding": self.rounding, "precision": self.precision, "value_clip": self.value_clip,
-                "scaled_up": self.scaled_up, "learning_rate": self.learning_rate,
+                "scaled_up": self.scaled_up, "learning_rate": self.learning_rate, "adaptive": self.adaptive,
                 "multi_step": self.multi_step, "exact_route_possible": self.exact_route_possible,
                 "evidence": list(self.evidence)}
 
@@ -163,6 +170,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     the noise and sparsification signatures. ``declared``: facts the server knows from its run configuration
     (keys :data:`fedleak.declared.DECLARED_KEYS`), e.g. ``{"local_epochs": 1, "batch_size": 32}``.
     """
+    from fedleak.adaptive_step import adaptive_step
     from fedleak.clipped_norms import read_layer_clip
     from fedleak.clipped_values import read_value_clip
     from fedleak.precision import update_precision
@@ -181,12 +189,16 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
         else:
             evidence.append("the number of local steps is not declared: the exact route applies only if the client "
                             "took one step (its certificates reject anything else)")
-        rounding = _rounding(update, tensors, evidence) if kind != "multi-step" else None
-        decay = _weight_decay(update, tensors, model) if kind != "multi-step" else None
+        step = adaptive_step(tensors) if kind != "multi-step" else None
+        if step is not None:
+            evidence.append(step.describe())
+        adaptive = None if step is None else step.size
+        rounding = _rounding(update, tensors, evidence) if kind != "multi-step" and step is None else None
+        decay = _weight_decay(update, tensors, model) if kind != "multi-step" and step is None else None
     else:
         update = as_gradient_update(update)
         tensors, n, steps, kind, lr = dict(update.gradients), update.num_examples, None, "gradient", None
-        rounding, decay = None, _weight_decay(update, tensors, model)
+        rounding, decay, adaptive = None, _weight_decay(update, tensors, model), None
     decayed = decay is not None
     if decay is not None:  # the signatures below are read on the update without it
         tensors = decay
@@ -228,7 +240,7 @@ def describe_update(update: Any, model: Any = None, *, declared: Mapping[str, An
     return UpdateKind(kind, n, steps, facts.get("batch_size"), noised, sparsified, quantised, clip, tuple(evidence),
                       noise_declared, summed, decayed, rounding,
                       str(precision.dtype).removeprefix("torch.") if precision.coarse else None,
-                      None if cut is None else cut.bound, scaled_up, lr)
+                      None if cut is None else cut.bound, scaled_up, lr, adaptive)
 
 
 def _rounding(update: Any, delta: Mapping[str, Any], evidence: list[str]) -> float | None:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from fedleak.adaptive_step import adaptive_step
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.class_fit import ClassGradients, Fit, Observed, class_fit
 from fedleak.attacks.first_layer_rows import ROUNDED_ROUTE, LayerRows, least_squares, rebuild_rows
@@ -152,14 +153,18 @@ def _weight_rows(model: nn.Module, update: WeightUpdate, input_shape: tuple[int,
     (or an unknown number) leave no exact class fit either (:class:`~fedleak.attacks.first_layer_rows.LayerRows`)."""
     layer, G, g, shape, notes = layer_rows(model, update.delta(), input_shape, "change")
     G, g = G.to(F64), g.to(F64)
-    W, b = update.before[layer.weight].to(F64), update.before[layer.bias].to(F64)
+    # what SGD's weight decay moves each row by, up to its factor: the row (the rebuilt one's own direction)
+    W = (update.before[layer.weight] if layer.normed is None else layer.normed.decay_direction(model)).to(F64)
+    b = update.before[layer.bias].to(F64)
     decay = read_row_decay(G, g, W, b)  # SGD's weight decay, over any number of steps
     if decay is not None:
         G, g = peel_row_decay(decay, G, g, W, b)
         notes = (*notes, decay.describe())
     caveat = _caveat(layer, opts)
     rows = LayerRows(G, g, update.num_examples, None, update.local_steps != 1, caveat, _compressed(model, update))
-    return rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
+    rec = rebuild_rows(model, layer.name, rows, shape, opts, notes, start)
+    step = adaptive_step(update.delta())
+    return rec if step is None else rec.without_samples(step.describe())  # (its rows hold signs: no input)
 
 
 def _caveat(layer: FirstLinear, opts: FirstLayerOptions) -> str:

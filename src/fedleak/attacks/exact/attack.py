@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from fedleak.adaptive_step import adaptive_step
 from fedleak.attacks.at_before import model_at_before
 from fedleak.attacks.defense_aware import ExactPlan, exact_plan
 from fedleak.attacks.exact.decay import peel_decay, read_decay
@@ -219,7 +220,10 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     notes = (decay.describe(),) if decay is not None else ()
     if lr is not None:
         notes += (LEARNING_RATE.format(lr=lr),)
-    if not rec.num_certified and update.local_steps != 1:
+    step = adaptive_step(update.delta()) if not rec.num_certified else None
+    if step is not None:  # no scaled gradient: what its rows give is no input
+        rec = rec.without_samples(step.describe())
+    elif not rec.num_certified and update.local_steps != 1:
         notes += (SEVERAL_STEPS,)
     rec = replace(rec, notes=(*rec.notes, *notes)) if notes else rec
     return input_map.restore(rec, asked.exact_tol, asked.data_range) if input_map is not None else rec
