@@ -183,6 +183,15 @@ class WeightNormFold:
         norm = V.norm(dim=1)
         return norm / g.to(F64).reshape(-1), V / norm[:, None].clamp_min(1e-300), norm
 
+    def decay_direction(self, model: nn.Module) -> torch.Tensor:
+        """What SGD's weight decay adds to the rebuilt weight's one-step change, up to its factor ``lr * lambda``:
+        the decay of ``g`` and ``v`` (``lambda g``, ``lambda v``) rebuilt as their gradients are, ``(N_r / g_r) v_r +
+        g_r u_r = (1 + N_r^2 / g_r^2) w_r`` per slice (shaped as ``v``, in its dtype), from ``model``'s tensors."""
+        gain, u, norm = self.factors(model)
+        v = model.get_parameter(self.v)
+        rows = ((1 + gain * gain) * norm / gain)[:, None] * u
+        return self.unrows(rows, v.shape).to(device=v.device, dtype=v.dtype)
+
     def twin(self, module: nn.Module) -> nn.Module:
         """``module`` without the normalisation: a module of its class before it, sharing every other tensor of it,
         whose weight is the one the normalisation computes (a parameter, trained where ``g`` and ``v`` both are)."""

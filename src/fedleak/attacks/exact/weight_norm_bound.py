@@ -72,13 +72,7 @@ def loose_bounds(fold: FoldedModel, bounds: Mapping[str, RoundingNoise], max_noi
 
 def decay_directions(fold: FoldedModel, before: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What SGD's weight decay adds to each tensor of the twin's one-step change, up to its factor ``lr * lambda``:
-    the tensor itself before the step (``before``, by name), and, for a weight rebuilt from weight normalisation,
-    ``(1 + N_r^2 / g_r^2) W_r`` per slice (the decay of ``g`` and ``v``, ``lambda g`` and ``lambda v``, rebuilt as the
-    gradients are: ``(N_r / g_r) v_r + g_r u_r``), from ``fold``'s model at the weights before the step."""
-    out = dict(before)
-    for f in fold.weight_norms:
-        gain, u, norm = f.factors(fold.source)
-        v = fold.source.get_parameter(f.v)
-        rows = ((1 + gain * gain) * norm / gain)[:, None] * u
-        out[f.weight] = f.unrows(rows, v.shape).to(device=v.device, dtype=v.dtype)
-    return out
+    the tensor itself before the step (``before``, by name), and, for a weight rebuilt from weight normalisation, its
+    :meth:`~fedleak.nets.weight_norm.WeightNormFold.decay_direction` (``fold``'s model is at the weights before the
+    step)."""
+    return dict(before) | {f.weight: f.decay_direction(fold.source) for f in fold.weight_norms}
