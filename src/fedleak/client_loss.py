@@ -4,7 +4,9 @@ weights, focal exponent), binary cross-entropy for a single output, and the clas
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +15,9 @@ from fedleak.errors import FedleakError
 from fedleak.focal import check_focal_gamma, focal_loss
 from fedleak.logits_of import per_sample_logits
 from fedleak.validation import check_float
+
+if TYPE_CHECKING:
+    from fedleak.defenses.stack import DefenseStack
 
 
 def is_soft(labels: torch.Tensor) -> bool:
@@ -152,3 +157,17 @@ def ends_in_sigmoid(model: nn.Module, outputs: torch.Tensor) -> bool:
     from fedleak.sigmoid_output import logit_model
 
     return outputs.shape[1] == 1 and (logit := logit_model(model)) is not None and logit.sigmoid
+
+
+def check_loss_read(attacks: Iterable[str], stacks: Iterable[DefenseStack], loss: ClientLoss) -> None:
+    """Refuse a client ``loss`` a run cannot carry through: an attack of ``attacks`` that reads only a plain
+    cross-entropy's update (its registry entry's ``takes_loss``), or a stack of ``stacks`` with a step defense
+    (DP-SGD), whose per-sample gradients are of the plain cross-entropy. The plain loss passes."""
+    if loss.plain:
+        return
+    from fedleak.attacks.registry import check_takes_loss
+
+    for attack in attacks:
+        check_takes_loss(attack, loss.describe())
+    for stack in stacks:
+        stack.check_loss(loss)

@@ -177,3 +177,30 @@ def test_a_model_that_fits_several_image_sizes_is_attacked_at_the_data_s():
                                          attack_batch=2, trials=1, rounds=1), model=model)
     row = result.to_dict()["rows"][0]
     assert row["per_attack"]["exclusivity"]["recovered_fraction"] > 0
+
+
+def test_clients_that_train_with_label_smoothing_are_evaluated_so(tmp_path):
+    """The clients' steps are of the loss given, and the exact attack, told, certifies them: told a smoothing a
+    plain cross-entropy's gradient does not have, it certifies none of it (the control below)."""
+    told = evaluate(EvaluationSettings(**SMALL, defenses=(), label_smoothing=0.1), out=tmp_path / "told")
+    base = {r.defense: r for r in told.rows}["none"]
+    assert base.best.recovered == base.best.samples == 2 and base.best.false_certificates == 0
+    assert told.settings.to_dict()["label_smoothing"] == 0.1
+    import torch
+
+    import fedleak
+
+    torch.manual_seed(0)
+    model = fedleak.make_mlp((1, 8, 8), [128], 10)
+    x, y = fedleak.load_dataset("digits").batch(2, seed=0)
+    plain = fedleak.GradientUpdate(fedleak.compute_gradient_update(model, x, y).gradients, num_examples=2)
+    assert fedleak.reconstruct(model, plain, label_smoothing=0.1).num_certified == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"label_smoothing": 0.1, "defenses": ("dp-sgd",)}, "plain cross-entropy"),
+    ({"focal_gamma": 2.0, "label_smoothing": 0.1}, "focal"),
+])
+def test_a_client_loss_the_evaluation_cannot_carry_is_refused(bad, message):
+    with pytest.raises(FedleakError, match=message):
+        EvaluationSettings(**{**SMALL, **bad})

@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedleak.audit.scenarios import defense_label
-from fedleak.client_loss import ClientLoss
+from fedleak.client_loss import ClientLoss, check_loss_read
 from fedleak.clients.mode import check_client_mode
+from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.validation import check_distinct, validate_fields
 
@@ -62,8 +63,7 @@ class AuditSettings:
             raise FedleakError("at least one scenario is needed")
         names = self.scenario_names  # OptionError for an unknown defense or a bad parameter
         check_distinct(names, "scenario(s)")
-        if not loss.plain:
-            _check_loss_read(self.attack, self.defenses, loss)
+        check_loss_read((self.attack,), [DefenseStack.of(spec) for spec in self.defenses], loss)
 
     @property
     def loss(self) -> ClientLoss:
@@ -84,14 +84,3 @@ class AuditSettings:
             "label_smoothing": self.label_smoothing, "focal_gamma": self.focal_gamma,
             "class_weights": None if self.class_weights is None else list(self.class_weights),
         }
-
-
-def _check_loss_read(attack: str, defenses: tuple[str, ...], loss: ClientLoss) -> None:
-    """Refuse a client loss the audit cannot carry through: an attack that reads only a plain cross-entropy's
-    update, or a step defense (DP-SGD), whose per-sample gradients are of the plain cross-entropy."""
-    from fedleak.attacks.registry import check_takes_loss
-    from fedleak.defenses.stack import DefenseStack
-
-    check_takes_loss(attack, loss.describe())
-    for spec_text in defenses:
-        DefenseStack.of(spec_text).check_loss(loss)

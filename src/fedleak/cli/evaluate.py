@@ -7,8 +7,11 @@ from pathlib import Path
 import typer
 
 from fedleak.cli.app import (
+    CLASS_WEIGHTS_HELP,
     CLIENT_MODE_HELP,
     DATA_HELP,
+    FOCAL_GAMMA_HELP,
+    LABEL_SMOOTHING_HELP,
     MAX_WIDTH,
     MODEL_HELP,
     OUT_HELP,
@@ -16,6 +19,7 @@ from fedleak.cli.app import (
     WIDTHS_HELP,
     app,
     default_out,
+    float_list,
     int_list,
     progress_bar,
 )
@@ -48,6 +52,9 @@ def evaluate(
                                     "the training data, at most 500)."),
     batch_size: int = typer.Option(32, min=1, help="Samples per client step."),
     lr: float = typer.Option(0.1, help="The clients' SGD learning rate."),
+    label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
+    class_weights: str = typer.Option(None, help=CLASS_WEIGHTS_HELP),
+    focal_gamma: float = typer.Option(0.0, help=FOCAL_GAMMA_HELP),
     seed: int = typer.Option(0, help="Seed of the model, the partitions, the batches and the defenses' noise."),
     out: Path = typer.Option(default_out("evaluate"), help=OUT_HELP + " Finished cells are kept in cells.jsonl: "
                                                           "run again with the same settings to resume."),
@@ -64,6 +71,8 @@ def evaluate(
         defenses=tuple(defense) if defense else DEFAULT_DEFENSES, attacks=tuple(attack) if attack else DEFAULT_ATTACKS,
         attack_batch=attack_batch, trials=trials, attack_iterations=iterations, rounds=rounds, clients=clients,
         client_size=client_size, batch_size=batch_size, lr=lr, seed=check_seed("--seed", seed),
+        label_smoothing=label_smoothing, focal_gamma=focal_gamma,
+        class_weights=None if class_weights is None else float_list(class_weights, "--class-weights"),
     )
     check_output_dir(out, OUTPUT_FILES)
     grid = settings.grid()

@@ -162,7 +162,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
                 local = defended_local_round(client, [(fed.train.x[idx], fed.train.y[idx])], stack, lr=settings.lr,
-                                             generator=gen)
+                                             generator=gen, loss=settings.loss)
             for n in sent_sum:
                 sent_sum[n] += local.sent[n]
             seconds.append(local.seconds)
@@ -218,7 +218,8 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
             client = copy_model(fed.model)
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
-                local = defended_local_round(client, [(x, y)], stack, lr=settings.lr, generator=gen)
+                local = defended_local_round(client, [(x, y)], stack, lr=settings.lr, generator=gen,
+                                             loss=settings.loss)
             grads = {n: v / settings.lr for n, v in local.sent.items()}
             out.append(Trial(x, y, local.inputs, local.labels,
                              GradientUpdate(grads, num_examples=int(local.inputs.shape[0]))))
@@ -269,6 +270,7 @@ def attack_cell(settings: EvaluationSettings, fed: Federation, stack: DefenseSta
         options["defense"] = "none"
     if attack == "auto":
         options["progress"] = False  # one progress bar: the evaluation's own (as an audit's)
+    options.update(settings.loss.options())  # the clients' loss, which every attack takes (checked in the settings)
     recovered = leaked = false = samples = 0
     psnrs, ssims, labels, errors, seconds = [], [], [], [], 0.0
     options["input_shape"] = tuple(data.input_shape)  # the data's: where several fit, inferring one could miss it

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from fedleak.client_loss import ClientLoss, check_loss_read
 from fedleak.clients.mode import check_client_mode
 from fedleak.defenses.base import defense_class, make_defense
 from fedleak.defenses.stack import DefenseStack
-from fedleak.errors import OptionError
+from fedleak.errors import FedleakError, OptionError
 from fedleak.validation import validate_fields
 
 # a grid that runs in a few minutes on 2 cores (Fashion-MNIST, the default MLP)
@@ -44,6 +45,11 @@ class EvaluationSettings:
     divides by it) and attacked by every attack in ``attacks``; optimisation attacks run ``attack_iterations``
     iterations and are defense-aware where the attack supports it. A sample counts as leaked when its best
     reconstruction reaches ``leak_psnr`` dB.
+
+    Loss: ``label_smoothing``, ``class_weights``, ``focal_gamma``: the loss the clients train with in both
+    (:class:`~fedleak.client_loss.ClientLoss`; the plain cross-entropy by default), which the attacks are told; an
+    attack that reads only a plain cross-entropy's update, or a step defense in the grid (DP-SGD, whose per-sample
+    gradients are of the plain cross-entropy), is refused with another loss.
     """
 
     data: str = "fashion-mnist-train"
@@ -66,9 +72,14 @@ class EvaluationSettings:
     lr: float = 0.1
     delta: float = 1e-5
     seed: int = 0
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    focal_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         check_client_mode(self.client_mode)
+        for name, value in self.loss.options().items():  # (checked together)
+            object.__setattr__(self, name, value)
         if self.test_data == "auto":
             object.__setattr__(self, "test_data", TEST_SPLITS.get(self.data))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -92,6 +103,28 @@ class EvaluationSettings:
         for name in self.attacks:
             get_attack(name)
         self.grid()  # every spec parses
+        check_loss_read(self.attacks, (), self.loss)
+        self._check_defenses_take_loss()
+
+    def _check_defenses_take_loss(self) -> None:
+        """Refuse a client loss with the defense specs that cannot carry it (a step defense), naming them and the
+        rest of the grid, which can."""
+        refused, why = [], ""
+        for spec in self.defenses:
+            try:
+                check_loss_read((), expand(spec), self.loss)
+            except FedleakError as err:
+                refused.append(spec)
+                why = str(err)
+        if refused:
+            rest = [spec for spec in self.defenses if spec not in refused]
+            raise OptionError(f"{why}; the evaluation's defenses {', '.join(refused)} cannot run with that loss: "
+                              f"evaluate the others ({', '.join(rest) or 'none'}), or the plain cross-entropy")
+
+    @property
+    def loss(self) -> ClientLoss:
+        """The loss the clients train with."""
+        return ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)
 
     def grid(self) -> tuple[DefenseStack, ...]:
         """The defense settings evaluated: the baseline first, then each spec's settings (duplicates dropped)."""
