@@ -33,6 +33,7 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_shapes import probe, untraced_input_shape
+from fedleak.nets.log_softmax import fuse_log_softmax
 from fedleak.nets.shaped_tracing import shaped_trace
 
 # torch.fx patches ``nn.Module.__call__`` process-wide while it traces: a forward pass run meanwhile in another
@@ -128,6 +129,7 @@ def trace_model(model: nn.Module, shape: tuple[int, ...] | None = None) -> fx.Gr
         gm = _traced_for_shape(model, shape, defaults, err)
     if defaults:
         _drop_specialised(gm)
+    fuse_log_softmax(gm)  # torch.log(F.softmax(z, dim=1)) is F.log_softmax(z, dim=1)
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise ModelError(f"the model's forward takes {len(inputs)} inputs ({', '.join(inputs)}); fedleak needs one, "
