@@ -1,6 +1,9 @@
-"""Models as users write them: ``nn.Module`` classes with functional ops, not fedleak's builders."""
+"""Models as users write them: ``nn.Module`` classes with functional ops, not fedleak's builders; and
+:func:`in_main`, a class as if written in the user's own script (``__main__``)."""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -196,3 +199,12 @@ def certified_exactly(model: nn.Module, digits: fedleak.Dataset, seed: int = 3) 
     assert rec.num_certified >= 4 and result.false_certificates == 0
     assert int(result.exact.sum()) >= rec.num_certified
     return rec
+
+
+def in_main(cls: type, monkeypatch) -> type:
+    """A subclass of ``cls`` that pickles as ``__main__.<name>``, like a class written in a user's server script:
+    it pickles here, but the audit worker (which never imports ``__main__``) could not unpickle it."""
+    name = f"Script{cls.__name__}"
+    script_cls = type(name, (cls,), {"__module__": "__main__", "__qualname__": name})
+    monkeypatch.setattr(sys.modules["__main__"], name, script_cls, raising=False)
+    return script_cls
