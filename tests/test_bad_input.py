@@ -19,7 +19,8 @@ from user_models import BatchNormMLP
 
 import fedleak
 from fedleak.errors import OptionError, OutputError
-from fedleak.validation import MAX_CLASSES, check_float, check_int, check_labels, check_shape, validate_fields
+from fedleak.option_fields import validate_fields
+from fedleak.validation import MAX_CLASSES, check_float, check_int, check_labels, check_shape
 
 # --- option dataclasses (validate_fields) -------------------------------------------------------------------------
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from fedleak.errors import DataError, FedleakError, OptionError
+from fedleak.option_fields import options_from
 from fedleak.registry import Registry
-from fedleak.validation import options_from
 
 
 def test_registry_registers_looks_up_and_lists() -> None:

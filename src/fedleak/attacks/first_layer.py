@@ -69,6 +69,7 @@ from fedleak.nets.buffers import buffers_kept
 from fedleak.nets.input_map import first_layer_shape
 from fedleak.nets.input_peel import peel_input_map
 from fedleak.nets.output_layer import output_layer_names
+from fedleak.option_fields import options_from, validate_fields
 from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.update_kind import describe_update
@@ -78,7 +79,7 @@ from fedleak.updates import (
     as_gradient_update,
     check_matches_model,
 )
-from fedleak.validation import check_module, options_from, validate_fields
+from fedleak.validation import check_module
 
 F64 = torch.float64
 RESIDUAL_TOL = 1e-5  # the most relative mismatch, per tensor, between the update and the rebuilt sample's gradient

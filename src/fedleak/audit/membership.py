@@ -20,7 +20,8 @@ from fedleak.errors import OptionError
 from fedleak.membership.base import parse_membership_attack
 from fedleak.membership.catalog import CHEAP_ATTACKS
 from fedleak.membership.experiment import MembershipResult, MembershipSettings, run_membership
-from fedleak.validation import check_distinct, check_seed, validate_fields
+from fedleak.option_fields import validate_fields
+from fedleak.validation import check_distinct, check_seed
 
 PLAIN = "plain"
 

@@ -10,7 +10,8 @@ from fedleak.client_loss import ClientLoss, check_loss_read
 from fedleak.clients.mode import check_client_mode
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
-from fedleak.validation import check_distinct, validate_fields
+from fedleak.option_fields import validate_fields
+from fedleak.validation import check_distinct
 
 
 @dataclass(frozen=True)

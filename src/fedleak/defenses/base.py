@@ -29,8 +29,9 @@ from torch import nn
 
 from fedleak.defenses.registry import available_defenses, defense_class, defense_classes, register_defense
 from fedleak.errors import OptionError
+from fedleak.option_fields import validate_fields
 from fedleak.specs import parse_spec, spec_label
-from fedleak.validation import describe, validate_fields
+from fedleak.validation import describe
 
 
 class Stage(str, Enum):
@@ -115,7 +116,7 @@ class Defense:
         self.check()
 
     def check(self) -> None:
-        """Checks beyond :func:`~fedleak.validation.validate_fields` (ranges, choices); raise OptionError."""
+        """Checks beyond :func:`~fedleak.option_fields.validate_fields` (ranges, choices); raise OptionError."""
 
     def params(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

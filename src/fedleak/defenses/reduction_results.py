@@ -13,7 +13,8 @@ import torch
 from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.errors import SolverError
 from fedleak.fishing.solvers import check_solver
-from fedleak.validation import check_data_range, options_from
+from fedleak.option_fields import options_from
+from fedleak.validation import check_data_range
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from fedleak.clients.mode import check_client_mode
 from fedleak.defenses.base import defense_class, make_defense
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError, OptionError
-from fedleak.validation import validate_fields
+from fedleak.option_fields import validate_fields
 
 # a grid that runs in a few minutes on 2 cores (Fashion-MNIST, the default MLP)
 DEFAULT_DEFENSES = ("gaussian-noise", "top-k", "quantize", "sign", "dp-sgd", "mixup")

@@ -40,7 +40,7 @@ import numpy as np
 from fedleak.errors import SolverError
 from fedleak.fishing.projection import project
 from fedleak.fishing.solvers import LPSession, open_session
-from fedleak.validation import validate_fields
+from fedleak.option_fields import validate_fields
 
 F_TOL = 1e-9
 

@@ -23,7 +23,8 @@ from fedleak.fishing.lp import LPSettings
 from fedleak.fishing.sample_lp import POINT
 from fedleak.fishing.solvers import check_solver
 from fedleak.image_metrics import sample_psnr
-from fedleak.validation import check_data_range, options_from, validate_fields
+from fedleak.option_fields import options_from, validate_fields
+from fedleak.validation import check_data_range
 
 NORMS = tuple(POINT)  # "l2", "l1", "linf": the point each per-sample LP asks for
 REGION_FRACTION = 0.01  # units kept on their side of a region stay margin*REGION_FRACTION away from zero

@@ -26,9 +26,10 @@ from torch import nn
 
 from fedleak.errors import FedleakError, OptionError
 from fedleak.membership.registry import membership_attack_class
+from fedleak.option_fields import options_from, validate_fields
 from fedleak.specs import parse_spec, spec_label
 from fedleak.updates import ClientUpdate, GradientUpdate, WeightUpdate
-from fedleak.validation import all_finite, check_int, check_seed, options_from, validate_fields
+from fedleak.validation import all_finite, check_int, check_seed
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class MembershipAttack:
         self.check()
 
     def check(self) -> None:
-        """Checks beyond :func:`~fedleak.validation.validate_fields`; raise OptionError."""
+        """Checks beyond :func:`~fedleak.option_fields.validate_fields`; raise OptionError."""
 
     def params(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

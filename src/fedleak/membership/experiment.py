@@ -23,8 +23,9 @@ from fedleak.membership.base import MembershipAttack, Observation, Records, Refe
 from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import record_logits
 from fedleak.membership.training import TrainingRecipe
+from fedleak.option_fields import validate_fields
 from fedleak.updates import WeightUpdate
-from fedleak.validation import check_distinct, check_seed, validate_fields
+from fedleak.validation import check_distinct, check_seed
 
 DEFAULT_ATTACKS = ("loss", "confidence", "gradient-norm", "whitebox", "whitebox-unsupervised", "lira")
 

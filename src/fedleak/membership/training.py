@@ -15,7 +15,8 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import OptionError
 from fedleak.membership.base import Records
 from fedleak.models import make_mlp
-from fedleak.validation import check_seed, validate_fields
+from fedleak.option_fields import validate_fields
+from fedleak.validation import check_seed
 
 
 @dataclass(frozen=True)

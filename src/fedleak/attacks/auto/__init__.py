@@ -47,9 +47,10 @@ from fedleak.attacks.exact.options import resolve_options
 from fedleak.attacks.inversion import InversionSettings, RunClock
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import OptionError
+from fedleak.option_fields import options_from
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import WeightUpdate, as_gradient_update, check_matches_model
-from fedleak.validation import check_float, check_int, options_from
+from fedleak.validation import check_float, check_int
 from fedleak.weight_change import OTHER_SIGN, other_sign
 
 #: seconds ``auto`` takes by default, exact route and optimisation together (see docs/weight-leakage.md)

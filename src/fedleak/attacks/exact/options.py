@@ -14,7 +14,7 @@ from fedleak.attacks.defense_aware import defense_stack
 from fedleak.client_loss import check_class_weights, check_label_smoothing
 from fedleak.errors import FedleakError
 from fedleak.focal import check_focal_gamma
-from fedleak.validation import options_from, validate_fields
+from fedleak.option_fields import options_from, validate_fields
 
 FALLBACKS = ("features", "none")
 

@@ -14,7 +14,8 @@ from fedleak.attacks.inversion.unroll import UNROLL_OPTIMIZERS
 from fedleak.client_loss import check_class_weights, check_label_smoothing
 from fedleak.errors import FedleakError
 from fedleak.focal import check_focal_gamma
-from fedleak.validation import check_data_range, options_from, validate_fields
+from fedleak.option_fields import options_from, validate_fields
+from fedleak.validation import check_data_range
 
 
 @dataclass(frozen=True)

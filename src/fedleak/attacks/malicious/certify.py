@@ -29,9 +29,9 @@ from fedleak.focal import check_focal_gamma
 from fedleak.nets import Network, ReluMLP, as_network, forward_trace
 from fedleak.nets.layers import Dense
 from fedleak.nets.network import check_head_trainable
+from fedleak.option_fields import validate_fields
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate, WeightUpdate, check_matches_model
-from fedleak.validation import validate_fields
 from fedleak.weight_change import UNSIGNED
 
 F64 = torch.float64
