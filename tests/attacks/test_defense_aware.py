@@ -1,5 +1,6 @@
-"""Defense-aware attacks: the defense's forward model inside the optimisation attacks' matching (ROG), and what
-the exact attack can certify under each defense (fedleak.attacks.defense_aware)."""
+"""Defense-aware attacks: the defense's forward model inside the optimisation attacks' matching (ROG,
+fedleak.attacks.defense_forward), and what the exact attack can certify under each defense
+(fedleak.attacks.defense_aware)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from fedleak.attacks.defense_aware import (
     ExactContext,
     defense_stack,
     exact_plan,
-    forward_model,
     layer_scales,
 )
+from fedleak.attacks.defense_forward import forward_model
 from fedleak.defenses import DefenseStack, UpdateFilter, defend_update, defended_gradient, make_defense
 from fedleak.defenses.clipping import GROUPINGS, clip_groups
 from fedleak.errors import OptionError

@@ -2,11 +2,12 @@
 
 The insight of ROG (Yue et al., "Gradient Obfuscation Gives a False Sense of Security in Federated Learning",
 USENIX Security 2023): sparsification, quantisation, sign compression and clipping are deterministic functions
-the server knows, so an attacker can simulate them. Two uses here:
+the server knows, so an attacker can simulate them. Two uses:
 
 * **Optimisation attacks** (DLG, iDLG, IG, DLM, DLM+; option ``defense``): the simulated update goes through
   the stack's forward model :meth:`~fedleak.defenses.stack.DefenseStack.observe` before it is matched, so a
-  top-k client's dropped entries are masked out instead of matched as zeros (:class:`ForwardModel`).
+  top-k client's dropped entries are masked out instead of matched as zeros
+  (:class:`~fedleak.attacks.defense_forward.ForwardModel`).
 * **The exact attack** (``exclusivity``; option ``defense``): its certificate rests on exact gradient-row
   ratios. :data:`EXACT_RULES` is the one table of what it can do under each defense, keyed by the defense's
   name: certify with the defense in the certificate, or say why it cannot (noise, rounding, dropped entries,
@@ -56,65 +57,6 @@ def defense_stack(spec: Any) -> DefenseStack:
         return DefenseStack.of(spec)
     except OptionError as exc:
         raise OptionError(f"option defense: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Optimisation attacks: the forward model
-
-
-@dataclass(frozen=True)
-class ForwardModel:
-    """The stack's forward model on a simulated update given as a list of tensors ordered like ``names``;
-    ``observed`` is the update the client sent (what the filters revealed: masks, scales)."""
-
-    stack: DefenseStack
-    names: tuple[str, ...]
-    observed: Tensors
-
-    def __call__(self, simulated: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = self.stack.observe(dict(zip(self.names, simulated)), self.observed)
-        return [out[n] for n in self.names]
-
-
-def forward_model(stack: DefenseStack, names: Iterable[str], observed: Tensors) -> ForwardModel | None:
-    """The forward model of ``stack``'s update filters (None when it has none: nothing to simulate)."""
-    if not stack.filters:
-        return None
-    return ForwardModel(stack, tuple(names), dict(observed))
-
-
-def search_notes(stack: DefenseStack, labels_inferred: bool, unboxed: bool = False) -> list[str]:
-    """What a defense-aware search says about ``stack``: the forward model it used, the defenses outside it,
-    (``labels_inferred``) that labels read from a filtered update may be wrong, and (``unboxed``: a search that
-    keeps its inputs in no box) that a forward model may leave directions unconstrained."""
-    if not stack:
-        return []
-    notes = []
-    filters = stack.filters
-    known = [f.label for f in filters if f.known_function]
-    unknown = [f.label for f in filters if not f.known_function]
-    if known:
-        notes.append(f"forward model: the simulated update goes through {' then '.join(known)} before it is matched "
-                     "(defense-aware, as ROG)")
-        if unboxed:
-            notes.append("this search keeps the inputs in no box: a forward model that discards scale or entries "
-                         "(clipping, top-k) leaves directions it cannot see unconstrained, where the values may run "
-                         "off (measured: iDLG diverges under clipping); ig (box, total variation) suits it better")
-    else:
-        notes.append("forward model: the plain update (no defense of the stack is a function the attacker can replay)")
-    if unknown:
-        notes.append(f"{', '.join(unknown)}: randomness the attacker cannot replay; modelled as the identity")
-    if stack.step is not None:
-        notes.append(f"{stack.step.label} computes the gradient itself (per-sample clipping, noise); it is not part "
-                     "of the forward model: the search matches a plain gradient")
-    if stack.batch:
-        notes.append(f"batch defense(s) {', '.join(d.label for d in stack.batch)} are not part of the forward model: "
-                     "they change the data before the gradient and the attacker cannot undo them, so the search "
-                     "targets the changed batch")
-    if labels_inferred and filters:
-        notes.append(f"labels were inferred from an update that went through {', '.join(f.label for f in filters)}: "
-                     "the output-layer rule may be unreliable there (pass labels=... if they are known)")
-    return notes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,7 +355,6 @@ def exact_plan(stack: DefenseStack, observed: Tensors, net: Any = None) -> Exact
 
 
 __all__ = [
-    "CLIPPED_TOL", "EXACT_RULES", "ExactContext", "ExactPlan", "ForwardModel", "clipped_groups", "clipping_plan",
-    "defense_stack", "exact_plan", "exact_rule", "forward_model", "layer_scales", "refusal", "refused",
-    "search_notes",
+    "CLIPPED_TOL", "EXACT_RULES", "ExactContext", "ExactPlan", "clipped_groups", "clipping_plan", "defense_stack",
+    "exact_plan", "exact_rule", "layer_scales", "refusal", "refused",
 ]

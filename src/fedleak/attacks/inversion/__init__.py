@@ -15,7 +15,7 @@ update matches the observed one (algorithms spec §5-§6). The steps, one module
 * :mod:`~fedleak.attacks.inversion.attacks`: the shared driver and the registered ``dlg``, ``idlg``, ``ig``.
 
 Every one takes the option ``defense`` (the client's defenses): the simulated update then goes through their
-forward model before it is matched (:mod:`fedleak.attacks.defense_aware`, after ROG).
+forward model before it is matched (:mod:`fedleak.attacks.defense_forward`, after ROG).
 """
 
 from fedleak.attacks.inversion.attacks import (

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedleak.attacks.defense_aware import defense_stack, forward_model, search_notes
+from fedleak.attacks.defense_aware import defense_stack
+from fedleak.attacks.defense_forward import forward_model, search_notes
 from fedleak.attacks.inversion.clock import RunClock
 from fedleak.attacks.inversion.prior import Prior, place_estimates
 from fedleak.attacks.inversion.search import InversionResult, invert
@@ -92,7 +93,7 @@ def run_optimization_attack(
     counts, why the rest is unknown). ``clock``: the run's :class:`~fedleak.attacks.inversion.clock.RunClock`
     when this search is one stage of a longer run (``auto``). Option ``defense``: the client's defenses (a
     :class:`~fedleak.defenses.DefenseStack`, a defense, a spec ``"top-k:ratio=0.1"`` or a list): the simulated
-    update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_aware`); not given,
+    update goes through their forward model before it is matched (:mod:`fedleak.attacks.defense_forward`); not given,
     the clipping a gradient shows is modelled (:mod:`fedleak.attacks.read_defense`), and ``"none"`` models nothing.
     ``data_range``: the range the client's inputs live on, the box of a boxed search (IG, DLM, DLM+; see
     :func:`~fedleak.attacks.inversion.settings.settings_from`).

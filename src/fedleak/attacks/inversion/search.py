@@ -76,7 +76,7 @@ def invert(
     learning rate. ``clock``: the run's clock (time budget and progress bar) when the search is one stage of a
     longer run; without it the search makes its own from ``time_budget`` and ``progress``. With a clock,
     ``time_budget`` (if set) limits this stage further. ``forward``: the client's defenses as a function of the
-    simulated update (:class:`~fedleak.attacks.defense_aware.ForwardModel`), applied before matching.
+    simulated update (:class:`~fedleak.attacks.defense_forward.ForwardModel`), applied before matching.
     """
     own_clock = clock is None
     clock = clock or RunClock(settings.time_budget, progress=settings.progress)
