@@ -31,10 +31,9 @@ from fedleak.attacks.malicious.certify import (
     MaliciousOptions,
     Verdict,
     finish,
-    first_layer,
-    first_two_dense,
     resolve_options,
 )
+from fedleak.attacks.malicious.read_layer import first_layer, first_two_dense
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, UpdateError

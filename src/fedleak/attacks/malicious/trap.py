@@ -16,13 +16,11 @@ from fedleak.attacks.malicious.certify import (
     MaliciousOptions,
     certify_candidates,
     finish,
-    first_layer,
-    first_two_dense,
-    ratio_bound,
     resolve_options,
     with_sign_read,
 )
 from fedleak.attacks.malicious.peel import FirstLayer
+from fedleak.attacks.malicious.read_layer import first_layer, first_two_dense, ratio_bound
 from fedleak.attacks.malicious.scale_vote import own_scale, without_unpinned_blends
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
