@@ -30,7 +30,6 @@ that looks the batch up elsewhere (``fedleak federate`` uses the side channel of
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -50,7 +49,7 @@ from torch import nn  # noqa: E402
 
 from fedleak.attacks.registry import get_attack  # noqa: E402
 from fedleak.declared import check_declared  # noqa: E402
-from fedleak.errors import FedleakError, UpdateError  # noqa: E402
+from fedleak.errors import FedleakError  # noqa: E402
 from fedleak.federation.audit_pool import (  # noqa: E402
     AuditLedger,
     RoundAudit,
@@ -69,17 +68,13 @@ from fedleak.federation.audit_worker import (  # noqa: E402
 )
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
+from fedleak.federation.train_reply import parse_reply, partition_of, sent_rate, state_dict_of  # noqa: E402
 from fedleak.model_copy import copy_model
 from fedleak.updates import WeightUpdate  # noqa: E402
-from fedleak.validation import all_finite, check_model  # noqa: E402
+from fedleak.validation import check_model  # noqa: E402
 
 Tamper = Callable[[nn.Module, int], nn.Module]
 AUDIT_MODES = ("process", "thread", "sync")
-# metric names a client may report its local training under (Flower's kebab-case), and the fact each declares
-REPORTED_FACTS = {"local-steps": "local_steps", "local-epochs": "local_epochs", "batch-size": "batch_size",
-                  "learning-rate": "learning_rate"}
-# the keys a server's train config sends its clients' learning rate under (Flower's quickstart: "lr")
-SENT_RATE_KEYS = ("lr", "learning-rate", "learning_rate")
 __all__ = ["AUDIT_MODES", "AuditFedAvg", "AuditInput", "AuditPlan", "Scorer", "needs_relu_network"]
 
 
@@ -88,10 +83,6 @@ def needs_relu_network(attack: str) -> bool:
     (:func:`fedleak.nets.as_network`); the optimisation attacks need only autograd. Unknown names raise
     :class:`FedleakError` listing the registered ones."""
     return bool(getattr(get_attack(attack), "needs_relu_network", False))
-
-
-def _state_dict_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in record.to_torch_state_dict().items()}
 
 
 class AuditFedAvg(FedAvg):
@@ -114,8 +105,9 @@ class AuditFedAvg(FedAvg):
     ``declared``: what the server knows of the clients' local training from the run configuration it shares
     with them (keys of :data:`fedleak.declared.DECLARED_KEYS`, e.g. ``{"local_epochs": 1, "batch_size": 32}``
     for Flower's quickstart, and ``learning_rate``, the rate it sends: one-step updates are then read at the
-    gradient's own scale; a rate the round's train config sends under :data:`SENT_RATE_KEYS` is read from it where
-    ``declared`` gives none); a client may also report its own in its metrics (``local-steps``, ``local-epochs``,
+    gradient's own scale; a rate the round's train config sends under
+    :data:`~fedleak.federation.train_reply.SENT_RATE_KEYS` is read from it where ``declared`` gives none); a client
+    may also report its own in its metrics (``local-steps``, ``local-epochs``,
     ``batch-size``, ``learning-rate``), which take precedence. Each record then says what kind of update it
     is (:func:`fedleak.update_kind.describe_update`): an update of several local steps goes to
     ``plan.multi_step_attack`` (``auto`` by default), not to the exact route.
@@ -181,14 +173,14 @@ class AuditFedAvg(FedAvg):
         self._round_start[server_round] = time.perf_counter()
         if self.audit and self.audit_mode == "process":
             self._executor()  # start the worker now, while the clients train
-        sent = _state_dict_of(arrays)
+        sent = state_dict_of(arrays)
         if self.tamper is not None:
             model = self._model(sent, self.model)
             model = self.tamper(model, server_round)
             sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
             arrays = ArrayRecord(sent)
         self._sent[server_round] = sent
-        self._sent_facts[server_round] = _sent_rate(config)
+        self._sent_facts[server_round] = sent_rate(config)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled[server_round] = tuple(int(m.metadata.dst_node_id) for m in messages)
         return messages
@@ -205,10 +197,11 @@ class AuditFedAvg(FedAvg):
                 self._add(ClientRecord.skipped(server_round, node, -1, "failed", str(msg.error.reason)))
                 continue
             try:
-                update, partition, delta, declared = self._parse(msg, sent)
+                update, partition, delta, declared = parse_reply(msg, sent, self.weighted_by_key, self.upload,
+                                                                 self.declared)
                 declared = {**self._sent_facts.get(server_round, {}), **declared}  # declared and reported go first
             except FedleakError as exc:
-                self._add(ClientRecord.skipped(server_round, node, self._partition_of(msg), "malformed", str(exc)))
+                self._add(ClientRecord.skipped(server_round, node, partition_of(msg), "malformed", str(exc)))
                 continue
             valid.append(msg)
             if self.on_update is not None:
@@ -283,57 +276,6 @@ class AuditFedAvg(FedAvg):
         model.load_state_dict(state)
         return model
 
-    @staticmethod
-    def _partition_of(msg: Message) -> int:
-        try:
-            return int(msg.content["metrics"]["partition-id"])
-        except Exception:  # noqa: BLE001 - a malformed reply may lack anything
-            return -1
-
-    def _parse(self, msg: Message, sent: Mapping[str, torch.Tensor] | None
-               ) -> tuple[WeightUpdate, int, dict[str, torch.Tensor] | None, dict[str, Any]]:
-        """The reply as a WeightUpdate (and the uploaded change, if any, and what the server knows of the
-        client's training: :attr:`declared` updated by the client's own metrics), or UpdateError saying what is
-        wrong with it. With ``upload="delta"`` the reply's arrays are replaced by the new weights, so that
-        FedAvg averages weights as usual."""
-        content = msg.content
-        if sent is None:
-            raise UpdateError("reply to a round this strategy did not configure")
-        arrays = [content[k] for k in content.array_records]
-        metrics = [content[k] for k in content.metric_records]
-        if len(arrays) != 1 or len(metrics) != 1:
-            raise UpdateError(f"expected one ArrayRecord and one MetricRecord, got {len(arrays)} and {len(metrics)}")
-        try:
-            after = arrays[0].to_torch_state_dict()
-        except Exception as exc:  # noqa: BLE001 - undecodable arrays
-            raise UpdateError(f"the arrays cannot be read: {exc}") from None
-        n = metrics[0].get(self.weighted_by_key)
-        if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0 or not math.isfinite(n):
-            raise UpdateError(f"'{self.weighted_by_key}' must be a positive number, got {n!r}")
-        missing, extra = sorted(set(sent) - set(after)), sorted(set(after) - set(sent))
-        if missing or extra:
-            raise UpdateError(f"arrays differ from the model's: missing {missing}, unexpected {extra}")
-        for k, v in after.items():
-            if tuple(v.shape) != tuple(sent[k].shape):
-                raise UpdateError(f"'{k}' has shape {tuple(v.shape)}, the model's is {tuple(sent[k].shape)}")
-            if not v.is_floating_point() and (sent[k].is_floating_point() or v.is_complex() or v.dtype == torch.bool):
-                raise UpdateError(f"'{k}' has dtype {v.dtype}")  # integers only where the model counts (BatchNorm)
-        delta = None
-        if self.upload == "delta":
-            delta = {k: v.to(sent[k].dtype) for k, v in after.items()}
-            if not all(all_finite(v) for v in delta.values() if v.is_floating_point()):
-                raise UpdateError("the uploaded change holds non-finite value(s) (NaN or inf)")
-            after = {k: sent[k] - delta[k] for k in sent}
-            content[next(iter(content.array_records))] = ArrayRecord(after)
-        try:  # what the client reports of its own training; a bad value is ignored, not a bad update
-            reported = check_declared({key: metrics[0][name] for name, key in REPORTED_FACTS.items()
-                                       if name in metrics[0]})
-        except FedleakError:
-            reported = {}
-        declared = {**self.declared, **reported}
-        update = WeightUpdate(sent, {k: v.to(sent[k].dtype) for k, v in after.items()}, num_examples=int(n))
-        return update, self._partition_of(msg), delta, declared
-
     def _executor(self) -> Executor:
         if self._pool is None:
             self._pool = make_audit_executor(self.audit_mode, self.audit_workers, self.template)
@@ -395,13 +337,3 @@ class AuditFedAvg(FedAvg):
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()
         pool.shutdown(wait=not force, cancel_futures=True)
-
-
-def _sent_rate(config: ConfigRecord | None) -> dict[str, Any]:
-    """The learning rate a round's train config sends the clients (under :data:`SENT_RATE_KEYS`), as a declared
-    fact; nothing where it sends none, or no positive number."""
-    key = next((k for k in SENT_RATE_KEYS if config is not None and k in config), None)
-    try:
-        return {} if key is None else check_declared({"learning_rate": config[key]})
-    except FedleakError:
-        return {}
