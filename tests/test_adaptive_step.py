@@ -16,6 +16,7 @@ OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
     "momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),  # (its decay alone moves the rest)
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
     "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
 }
@@ -40,7 +41,7 @@ def _stepped(model, x, y, name: str, steps: int = 1) -> fedleak.WeightUpdate:
                                 num_examples=len(x))
 
 
-@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("name", ["adam", "adamw", "rmsprop", "adagrad"])
 def test_an_adaptive_step_is_told_and_rebuilds_nothing(setting, name):
     model, x, y = setting
     update = _stepped(model, x, y, name)

@@ -1,13 +1,15 @@
 """One step of an adaptive optimizer, told from a weight change.
 
 SGD moves each weight by the learning rate times its gradient, and a change's entries spread over many sizes. An
-adaptive optimizer's first step moves them by one size: Adam's (and AdamW's, besides its decay) by
-``lr g / (|g| + eps)``, about ``±lr``; RMSprop's by ``lr g / (sqrt(1 - alpha) |g| + eps)``, about ``±lr / 0.1`` at
-torch's ``alpha``; Adagrad's and signSGD's by ``±lr``. Such a change holds each weight's gradient sign at a set size
-(and zeros where the gradient is 0), not the gradient the exact route and the first-layer attack read: on an MLP of
-1024 on Fashion-MNIST, LFW and digits, batches of 8, at least 82% of the first layer's moved entries share one size
-to 0.1% after one step of Adam, RMSprop or Adagrad (26-76% for AdamW), against under 0.1% after SGD's one or three
-steps, with or without momentum.
+adaptive optimizer's first step moves them by one size: Adam's by ``lr g / (|g| + eps)``, about ``±lr`` (AdamW's too,
+besides ``lr lambda w`` for its decay, which alone moves the weights of zero gradient); RMSprop's by
+``lr g / (sqrt(1 - alpha) |g| + eps)``, about ``±lr / 0.1`` at torch's ``alpha``; Adagrad's and signSGD's by ``±lr``.
+Such a change holds each weight's gradient sign at a set size (and zeros, or the decay alone, where the gradient is 0),
+not the gradient the exact route and the first-layer attack read. The signature is read on the largest moves (those
+of at least half the largest, where a decay's small moves do not reach): on MLPs of 512 on Fashion-MNIST, digits and
+LFW and a LeNet-style CNN on Fashion-MNIST at torch's default initialisation, batches of 1, 8 and 32, at least 80% of
+them lie within 1% of their median after one step of Adam, AdamW (weight decay 0.01 or 0.1), RMSprop or Adagrad,
+against at most 9% after one step of SGD, with or without momentum and weight decay.
 """
 
 from __future__ import annotations
@@ -19,41 +21,45 @@ import torch
 
 from fedleak.precision import sample_entries
 
-#: entries within this relative distance of the median moved size share it
-SAME_SIZE_TOL = 1e-3
-#: the share of moved entries at one size from which a change is read as an adaptive optimizer's step
-ONE_SIZE_SHARE = 0.2
-#: entries looked at, and the fewest moved ones that tell
+#: the largest moves: those of at least this share of the largest
+LARGEST = 0.5
+#: moves within this relative distance of the largest moves' median share its size
+SAME_SIZE_TOL = 1e-2
+#: the share of the largest moves at one size from which a change is read as an adaptive optimizer's step
+ONE_SIZE_SHARE = 0.5
+#: entries looked at, and the fewest largest moves that tell
 SAMPLE = 1 << 16
 FEWEST = 256
 
 
 @dataclass(frozen=True)
 class AdaptiveStep:
-    """A weight change whose ``share`` of the moved entries of ``tensor`` move by one ``size``."""
+    """A weight change whose ``share`` of the largest moves of ``tensor``'s entries are of one ``size``."""
 
     tensor: str
     share: float
     size: float
 
     def describe(self) -> str:
-        return (f"{self.share:.0%} of the moved entries of '{self.tensor}' moved by the same {self.size:.3g} (to "
-                f"{SAME_SIZE_TOL:.1%}), where SGD's change spreads over many sizes: one step of an adaptive optimizer "
+        return (f"{self.share:.0%} of the largest moves of '{self.tensor}' are of one size, {self.size:.3g} (to "
+                f"{SAME_SIZE_TOL:.0%}), where SGD's change spreads over many sizes: one step of an adaptive optimizer "
                 "(Adam, AdamW, RMSprop, Adagrad) or of signSGD, which sends each weight's gradient sign at a set size, "
                 "not the gradient the exact route and the first-layer attack read (nothing of it is certified)")
 
 
 def adaptive_step(delta: Mapping[str, torch.Tensor]) -> AdaptiveStep | None:
     """The adaptive optimizer's signature of the weight change ``delta`` (by name), read on its largest matrix; None
-    where its moved entries spread over many sizes, or where it has too few."""
+    where its largest moves spread over many sizes, or where it has too few."""
     matrices = [(n, t) for n, t in delta.items() if t.ndim >= 2 and t.is_floating_point()]
     if not matrices:
         return None
     name, t = max(matrices, key=lambda kv: kv[1].numel())
     moved = sample_entries(t, SAMPLE).abs().double()
-    moved = moved[moved > 0]
-    if moved.numel() < FEWEST:
+    if not bool((moved > 0).any()):
         return None
-    size = float(moved.median())
-    share = float(((moved - size).abs() <= SAME_SIZE_TOL * size).double().mean())
+    largest = moved[moved >= LARGEST * moved.max()]
+    if largest.numel() < FEWEST:
+        return None
+    size = float(largest.median())
+    share = float(((largest - size).abs() <= SAME_SIZE_TOL * size).double().mean())
     return AdaptiveStep(name, share, size) if share >= ONE_SIZE_SHARE else None
