@@ -262,7 +262,8 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     if kind is not None and kind.is_gradient and kind.num_examples is None:
         said += (f"; this update certifies nothing without the batch size the client reported, since {alike} reads "
                  "as one sample without it: pass num_examples")
-    elif kind is not None and kind.kind in ("weights", "one-step") and kind.learning_rate is None:
+    elif kind is not None and kind.kind in ("weights", "one-step") and kind.learning_rate is None \
+            and kind.adaptive is None:  # (no learning rate makes an adaptive optimizer's step a gradient)
         expect = (f" (at batch {batch} about {100 * fraction:.0f}% of the samples meet the condition, so expect none)"
                   if fraction <= 0.5 else "")
         said += (f"; a weight change at an unknown learning rate certifies only where more than half of its batch "
