@@ -117,7 +117,7 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
     if update.error or precision.coarse or rebuilt:  # the tolerances grow beyond the gradient's own float32 noise
         noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()} | rebuilt
     rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
-                            update.error, precision, bool(rebuilt))
+                            update.error, precision, frozenset(rebuilt))
     if rebuilt and opts.defense:
         rec = rec.withdraw(REBUILT_DEFENDED)
     rec = with_negated_hint(model, update.gradients, rec)
@@ -215,7 +215,7 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
     positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
     rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive,
                                             unsigned=not positive), net, update.error,
-                            rebuilt=view.fold is not None and bool(view.fold.weight_norms))
+                            rebuilt=frozenset(f.weight for f in view.fold.weight_norms) if view.fold else frozenset())
     rec = rec.withdraw(unfit) if unfit else rec
     notes = (decay.describe(),) if decay is not None else ()
     if lr is not None:
@@ -275,17 +275,20 @@ def in_first_layer(opts: ExclusivityOptions, input_map: InputMap | None) -> Excl
 
 
 def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32,
-                      rebuilt: bool = False) -> Reconstruction:
+                      rebuilt: frozenset[str] = frozenset()) -> Reconstruction:
     """``rec``, with its certificates withdrawn where the network has conv blocks, whose inversion's error bound
     models the gradient's own float32 rounding only, and the update carries more: a known transport ``error``, values
-    of a coarser format (``precision``: sent in float16, computed under autocast), or weights ``rebuilt`` from weight
-    normalisation's gradients (:mod:`~fedleak.attacks.exact.weight_norm_bound`)."""
+    of a coarser format (``precision``: sent in float16, computed under autocast), or a dense head weight ``rebuilt``
+    from weight normalisation's gradients (:mod:`~fedleak.attacks.exact.weight_norm_bound`; the names of those
+    rebuilt). A conv layer's rebuilt gradient is read by the whole batch's check only, at its own fixed tolerance:
+    the rebuild's error can make that check fail, not pass."""
     if not net.blocks:
         return rec
-    if rebuilt:
-        return rec.withdraw("the weights rebuilt from weight normalisation's g and v carry a rounding bound beyond a "
-                            "plain gradient's, which the conv inversion's certificate does not model: nothing is "
-                            "certified")
+    head = set(net.head.parameter_names())
+    if rebuilt & head:
+        return rec.withdraw("the dense head's weights rebuilt from weight normalisation's g and v carry a rounding "
+                            "bound beyond a plain gradient's, which the conv inversion's certificate does not model: "
+                            "nothing is certified")
     if error:
         return rec.withdraw(f"the update carries a known error of {error:.2e} per entry, which the conv "
                             "inversion's certificate does not model: nothing is certified")
