@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from hunt_batches import hunt_batch
 from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
@@ -83,16 +84,6 @@ def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rate_known: bool, d
     return change if rate_known else replace(change, learning_rate=None)
 
 
-def batch(data: fedleak.Dataset, size: int, seed: int, copies: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = data.batch(size, seed=seed)
-    if copies and size > 1:
-        noise = 1e-3 * torch.randn(size - 1, *x.shape[1:], generator=torch.Generator().manual_seed(seed))
-        lo, hi = data.value_range
-        x = torch.cat([x[:1], (x[:1] + noise).clamp(lo, hi)])
-        y = y[:1].repeat(size)
-    return x, y
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -111,7 +102,7 @@ def main() -> None:
             seed = args.seed + rep
             torch.manual_seed(seed)
             model = Mapped(data.x[0].numel(), data.num_classes, scale, prior, hidden).eval()
-            x, y = batch(data, size, seed + 10, copies)
+            x, y = hunt_batch(data, size, seed + 10, copies)
             other = twin(model).float()
             if weights:  # sized: the learning rate known
                 rec = fedleak.reconstruct(model, step(model, x, y, sized, 5e-3 * rep), attack="exclusivity")
