@@ -224,3 +224,17 @@ def test_the_first_layer_rows_of_a_normalised_models_change_are_read(digits):
     score = fedleak.metrics.match(rec, x, y)
     assert rec.num_certified == 0 and score.false_certificates == 0
     assert len(rec) >= 1 and float(np.nanmax(score.psnr)) >= 60  # a sample of units that fire for it alone, exact
+
+
+def test_a_model_under_the_older_form_after_a_training_step_is_attacked(digits):
+    """The older hook keeps the last weight it computed, with its autograd graph: a copy of the model (the weights
+    before a change, a client's copy) must not fail on it."""
+    model = _model(digits, form="hook")
+    x, y = digits.batch(4, seed=3)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()  # (the weight attribute now has a graph)
+    model.zero_grad()
+    model.eval()
+    change = fedleak.fedavg_update(model, x, y, lr=0.5, local_steps=1)
+    rec = fedleak.reconstruct(model, change, attack="exclusivity")
+    assert rec.num_certified >= 2 and fedleak.metrics.match(rec, x, y).false_certificates == 0

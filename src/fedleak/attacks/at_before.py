@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
+from fedleak.model_copy import copy_model
 from fedleak.updates import WeightUpdate
 
 
@@ -17,7 +16,7 @@ def model_at_before(model: nn.Module, update: WeightUpdate) -> nn.Module:
     if all(torch.equal(state[n].detach(), v.to(device=state[n].device, dtype=state[n].dtype))
            for n, v in update.before.items()):
         return model
-    at_before = copy.deepcopy(model)
+    at_before = copy_model(model)
     with torch.no_grad():
         for n, t in (*at_before.named_parameters(), *at_before.named_buffers()):
             if n in update.before:

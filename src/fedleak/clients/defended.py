@@ -10,7 +10,6 @@ this way.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from fedleak.client_loss import PLAIN_LOSS, ClientLoss
 from fedleak.defenses.base import ClientBatch
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
+from fedleak.model_copy import copy_model
 from fedleak.transforms import BatchTransform
 from fedleak.updates import batch_loss, trainable_parameters
 
@@ -63,7 +63,7 @@ def defended_local_round(
     start = time.perf_counter()
     params = trainable_parameters(model)
     before = {n: p.detach().clone() for n, p in params.items()}
-    snapshot = copy.deepcopy(model) if any(f.needs_batch for f in stack.filters) else None
+    snapshot = copy_model(model) if any(f.needs_batch for f in stack.filters) else None
     acc = {n: torch.zeros_like(p) for n, p in before.items()}
     used_x, used_orig, used_y, losses = [], [], [], []
     for x, y in batches:

@@ -15,7 +15,6 @@ epochs / rounds): each round's record gradients are taken at that round's sent w
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,6 +32,7 @@ from fedleak.membership.base import (
 )
 from fedleak.membership.registry import register_membership_attack
 from fedleak.membership.signals import flat_gradients, parameter_names
+from fedleak.model_copy import copy_model
 from fedleak.updates import GradientUpdate, check_matches_model
 
 Measure = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,7 +53,7 @@ def sent_model(model: nn.Module, update: ClientUpdate) -> nn.Module:
     """The model at the weights the update was computed against (``model`` itself for a gradient update)."""
     if isinstance(update, GradientUpdate):
         return model
-    at_sent = copy.deepcopy(model)
+    at_sent = copy_model(model)
     own = at_sent.state_dict()
     unknown = sorted(set(update.before) - set(own))
     if unknown:

@@ -16,7 +16,6 @@ target samples. A row whose count is one holds one sample's input times ``-m / M
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from fedleak.attacks.malicious.read_layer import first_layer, first_two_dense
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError, ModelError, UpdateError
+from fedleak.model_copy import copy_model
 from fedleak.nets import Network, ReluMLP
 from fedleak.nets.layers import Dense
 from fedleak.reconstruction import Reconstruction
@@ -90,7 +90,7 @@ def class_fishing_weights(model: nn.Module, target: int, *, data_range: tuple[fl
     multiplier = check_float("multiplier", multiplier, low=1e-12)
     margin = check_float("margin", margin, low=GAP)
     data_range = _check_range(data_range)
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else copy_model(model)
     training = model.training
     first, out = _layers(first_two_dense(model.eval())[0], "class fishing")  # read in eval mode; its mode is kept
     model.train(training)

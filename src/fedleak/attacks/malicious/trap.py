@@ -3,7 +3,6 @@ the first layer, and the ``"trap-weights"`` attack that reads it (see :mod:`fedl
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 
@@ -25,6 +24,7 @@ from fedleak.attacks.malicious.scale_vote import own_scale, without_unpinned_ble
 from fedleak.attacks.masked_input import first_reader, input_masking
 from fedleak.attacks.registry import register_attack
 from fedleak.errors import FedleakError
+from fedleak.model_copy import copy_model
 from fedleak.reconstruction import Reconstruction
 from fedleak.weight_change import either_sign
 
@@ -45,7 +45,7 @@ def trap_weights(model: nn.Module, seed: int = 0, *, sigma: float | None = None,
     """
     if not 0 < scale <= 1:
         raise FedleakError(f"trap-weight scale must lie in (0, 1], got {scale}")
-    model = model if inplace else copy.deepcopy(model)
+    model = model if inplace else copy_model(model)
     _, first, _ = first_two_dense(model)
     out_f, in_f = first.weight.shape
     sigma = 0.1 / math.sqrt(in_f) if sigma is None else float(sigma)
