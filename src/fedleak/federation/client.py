@@ -87,11 +87,12 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
                  data: NodeData | None = None) -> LocalResult:
     """Train ``model`` (the weights the server sent, changed in place) on the client's partition.
 
-    Plain SGD at ``lr`` through :func:`~fedleak.clients.defended.defended_local_round`, the model in training
-    mode or, with ``settings.client_mode == "eval"``, in eval mode: per batch the
-    server-shipped transform (threat) runs first, then the client's batch defenses and its step defense; its
-    update filters run on the round's change. Defenses that Flower realises itself (``local-dp``,
-    ``central-dp``: :mod:`fedleak.federation.flower_native`) are left to the ClientApp's mods. Randomised
+    SGD at ``lr`` (with the settings' momentum and weight decay) through
+    :func:`~fedleak.clients.defended.defended_local_round`, the model in training mode or, with
+    ``settings.client_mode == "eval"``, in eval mode: per batch the server-shipped transform (threat) runs first,
+    then the client's batch defenses and its step defense; its update filters run on the round's change. Defenses
+    that Flower realises itself (``local-dp``, ``central-dp``: :mod:`fedleak.federation.flower_native`) are left to
+    the ClientApp's mods. Randomised
     defenses are seeded from the run's seed, the round and the partition. ``data``: the node's own samples (a
     SuperNode's folder, :mod:`fedleak.federation.node_data`) instead of its split of the shared data set.
     """
@@ -114,7 +115,7 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
         torch.manual_seed(seed)
         done = defended_local_round(model, pairs, stack, lr=settings.lr,
                                     generator=torch.Generator().manual_seed(seed), shipped=shipped,
-                                    loss=settings.loss)
+                                    loss=settings.loss, sgd=settings.sgd)
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
     delta = {k: done.sent[k].detach().clone() if k in done.sent else before[k] - after[k] for k in before}
     if fault == "malformed":
@@ -146,7 +147,8 @@ def check_before_start(settings: FederationSettings, split: DataSplit) -> None:
                                              normalization=split.normalization)
     batch = (split.train_x[: settings.batch_size], split.train_y[: settings.batch_size])
     with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
-        defended_local_round(model, [batch], stack, lr=settings.lr, generator=torch.Generator().manual_seed(0))
+        defended_local_round(model, [batch], stack, lr=settings.lr, generator=torch.Generator().manual_seed(0),
+                             loss=settings.loss, sgd=settings.sgd)
 
 
 def federation_accounting(settings: FederationSettings) -> Accounting:

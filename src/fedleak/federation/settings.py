@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fedleak.client_loss import ClientLoss
+from fedleak.client_loss import ClientLoss, check_loss_read
+from fedleak.clients.defended import LocalSGD
 from fedleak.clients.mode import check_client_mode
 from fedleak.data.normalize import Normalization
 from fedleak.defenses.stack import DefenseStack
@@ -60,6 +61,8 @@ class FederationSettings:
     local_steps: int = 1
     local_epochs: int = 0
     lr: float = 0.1
+    momentum: float = 0.0  # the clients' SGD momentum (torch's; Flower's quickstart clients train with 0.9)
+    weight_decay: float = 0.0  # ... and weight decay
     lr_known: bool = True  # the server's attack takes the learning rate it sends its clients (False: it ignores it)
     hidden: tuple[int, ...] = (1000,)
     model: str | None = None  # the clients' model instead of the MLP of ``hidden``: a built-in name or file.py:Class
@@ -121,12 +124,10 @@ class FederationSettings:
         loss = ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)  # checked together
         for name, value in loss.options().items():
             object.__setattr__(self, name, value)
-        stack.check_loss(loss)
-        if not loss.plain:  # the server's attack must read the clients' loss
-            from fedleak.attacks.registry import check_takes_loss
-            from fedleak.federation.hooks import get_threat
+        from fedleak.federation.hooks import get_threat
 
-            check_takes_loss(get_threat(self.threat).attack, loss.describe())
+        check_loss_read((get_threat(self.threat).attack,), (stack,), loss)  # the server's attack reads it
+        LocalSGD(self.momentum, self.weight_decay)  # (FedleakError on a bad momentum or weight decay)
         if needs_weight_upload(stack):
             object.__setattr__(self, "upload", "weights")
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
@@ -194,6 +195,11 @@ class FederationSettings:
     def loss(self) -> ClientLoss:
         """The loss the clients train with."""
         return ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)
+
+    @property
+    def sgd(self) -> LocalSGD:
+        """The clients' SGD: its momentum and weight decay."""
+        return LocalSGD(self.momentum, self.weight_decay)
 
     @property
     def one_step(self) -> bool:
