@@ -191,8 +191,8 @@ def test_a_weight_update_is_read_at_its_before_weights(fashion, monkeypatch):
     other = mlp(784, (1024,), 10, seed=1)
     kept = {k: v.clone() for k, v in other.state_dict().items()}
     copies = []
-    deepcopy = at_before.copy.deepcopy
-    monkeypatch.setattr(at_before.copy, "deepcopy", lambda m: copies.append(m) or deepcopy(m))
+    copy_model = at_before.copy_model
+    monkeypatch.setattr(at_before, "copy_model", lambda m: copies.append(m) or copy_model(m))
     own = fedleak.reconstruct(model, update, attack="exclusivity")
     assert copies == [] and own.num_certified > 0
     assert all(torch.equal(v, update.before[k]) for k, v in model.state_dict().items())
