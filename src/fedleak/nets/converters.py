@@ -308,5 +308,7 @@ def softmax(op: Op) -> Layer | None:
     if op.last:
         raise op.refuse("the model's forward ends with softmax, and the loss a client applies to probabilities is "
                         "not known. If it is NLLLoss of their log (the cross-entropy of the logits), pass the model "
-                        f"without its final softmax, or end it with log_softmax; {EXACT_SCOPE}")
+                        "without its final softmax, or end it with log_softmax (or torch.log of the softmax); if it "
+                        "is CrossEntropyLoss of the probabilities (a softmax applied twice, which also slows training), "
+                        f"the exact methods do not read that loss; {EXACT_SCOPE}")
     raise unsupported(op)
