@@ -309,6 +309,6 @@ def softmax(op: Op) -> Layer | None:
         raise op.refuse("the model's forward ends with softmax, and the loss a client applies to probabilities is "
                         "not known. If it is NLLLoss of their log (the cross-entropy of the logits), pass the model "
                         "without its final softmax, or end it with log_softmax (or torch.log of the softmax); if it "
-                        "is CrossEntropyLoss of the probabilities (a softmax applied twice, which also slows training), "
-                        f"the exact methods do not read that loss; {EXACT_SCOPE}")
+                        "is CrossEntropyLoss of the probabilities (a softmax applied twice, which also slows "
+                        f"training), the exact methods do not read that loss; {EXACT_SCOPE}")
     raise unsupported(op)
