@@ -22,20 +22,17 @@ Results go to ``benchmarks/results/hunt_output_affine.json`` (``hunt_output_affi
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from hunt_batches import hunt_batch
+from hunt_common import hunt_batch, hunt_options
 from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
 
 import fedleak
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ("digits", "fashion-mnist", "lfw")
 SCALES = (0.05, 0.5, 2.0, 50.0, "per class", -1.0)
 
@@ -85,13 +82,8 @@ def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rate_known: bool, d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--update", choices=("gradient", "weights"), default="gradient")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    weights = args.update == "weights"
-    out = args.out or RESULTS / f"hunt_output_affine{'_weights' if weights else ''}.json"
+    base, weights, out = hunt_options(__doc__, "hunt_output_affine")
+    update = "weights" if weights else "gradient"
     torch.set_num_threads(1)
     totals = {"cells": 0, "certified": 0, "false": 0, "twin_certified": 0, "twin_false": 0, "differ": 0}
     rows = []
@@ -99,7 +91,7 @@ def main() -> None:
         data = fedleak.load_dataset(name)
         cells = itertools.product(SCALES, (False, True), (None, 2.5), (1, 4, 8), (0, 1), (False, True), (True, False))
         for scale, prior, hidden, size, rep, copies, sized in cells:
-            seed = args.seed + rep
+            seed = base + rep
             torch.manual_seed(seed)
             model = Mapped(data.x[0].numel(), data.num_classes, scale, prior, hidden).eval()
             x, y = hunt_batch(data, size, seed + 10, copies)
@@ -128,8 +120,8 @@ def main() -> None:
                          "false": false, "twin_certified": rec_twin.num_certified, "twin_false": twin_false,
                          "differ": differ})
         print(name, {k: v for k, v in totals.items()}, flush=True)
-    meta = run_meta(f"python benchmarks/hunt_output_affine.py --seed {args.seed} --update {args.update}",
-                    seed=args.seed)
+    meta = run_meta(f"python benchmarks/hunt_output_affine.py --seed {base} --update {update}",
+                    seed=base)
     write_results(out, meta=meta, totals=totals, rows=rows)
     print(totals)
 

@@ -24,14 +24,12 @@ Results go to ``benchmarks/results/hunt_weight_norm.json`` (``hunt_weight_norm_w
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import torch
-from hunt_batches import hunt_batch
+from hunt_common import hunt_batch, hunt_options
 from run_meta import run_meta, write_results
 from torch import nn
 from torch.nn import functional as F
@@ -39,7 +37,6 @@ from torch.nn.utils import parametrizations
 
 import fedleak
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATA = ("digits", "fashion-mnist", "lfw")
 FORMS = {"parametrization": parametrizations.weight_norm, "hook": torch.nn.utils.weight_norm}
 
@@ -103,13 +100,8 @@ def step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rate_known: bool, d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--update", choices=("gradient", "weights"), default="gradient")
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    weights = args.update == "weights"
-    out = args.out or RESULTS / f"hunt_weight_norm{'_weights' if weights else ''}.json"
+    base, weights, out = hunt_options(__doc__, "hunt_weight_norm")
+    update = "weights" if weights else "gradient"
     grounds = ("plain", "steps") if weights else ("plain", "scaled", "noised")
     torch.set_num_threads(1)
     totals = {"cells": 0, "certified": 0, "false": 0, "twin_certified": 0, "twin_false": 0, "differ": 0}
@@ -119,7 +111,7 @@ def main() -> None:
         data = fedleak.load_dataset(name)
         cells = itertools.product(FORMS, (1, 2), (1, 4, 8), (0, 1), (False, True), (True, False), grounds)
         for form, depth, size, rep, copies, sized, ground in cells:
-            seed = args.seed + rep
+            seed = base + rep
             torch.manual_seed(seed)
             model = Normed(data.x[0].numel(), data.num_classes, depth, form, seed).eval()
             x, y = hunt_batch(data, size, seed + 10, copies)
@@ -149,8 +141,8 @@ def main() -> None:
                          "twin_certified": rec_twin.num_certified, "twin_false": twin_score.false_certificates,
                          "differ": differ})
         print(name, totals, by_ground, flush=True)
-    meta = run_meta(f"python benchmarks/hunt_weight_norm.py --seed {args.seed} --update {args.update}",
-                    seed=args.seed)
+    meta = run_meta(f"python benchmarks/hunt_weight_norm.py --seed {base} --update {update}",
+                    seed=base)
     write_results(out, meta=meta, totals=totals, by_ground=by_ground, rows=rows)
     print(totals, by_ground)
 
