@@ -110,7 +110,8 @@ def run_audit(plan: AuditPlan, job: AuditInput, scorer: Scorer | None) -> Client
         lr = job.declared.get("learning_rate")  # the learning rate the server set, where its attack takes it
         # returned weights: their difference carries their rounding, which the weight route bounds (it does not read
         # a BatchNorm1d on a Linear layer's features: such a model's difference is read as a gradient, unbounded)
-        returned = job.delta is None and fold_dense_norms(job.model) is None
+        fold = fold_dense_norms(job.model) if job.delta is None else None
+        returned = job.delta is None and (fold is None or not fold.weights_unread)
         if attack != plan.attack or plan.update_kind == "weights" or returned:
             attacked: Any = replace(job.update, local_steps=kind.local_steps, learning_rate=lr)
         else:  # the trainable parameters' change (uploaded: exact; a state dict also holds buffers)

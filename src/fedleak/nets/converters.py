@@ -248,11 +248,13 @@ def reshape(op: Op) -> Reshape | None:
 def layout_change(op: Op) -> Layer:
     """A change of the order of each sample's values (time series stored N x T x C, read N x C x T): refused here,
     saying how to do without it (on the model's input, before its first layer, the exact methods read it as a map
-    of the input: :mod:`fedleak.nets.input_peel`)."""
+    of the input: :mod:`fedleak.nets.input_peel`; just before an ``nn.Linear`` layer, maps flattened channels-last,
+    they read it folded into that layer: :mod:`fedleak.nets.layout_fold`)."""
     raise op.refuse("a change of layout (permute, transpose) is read only on the model's input, before its first "
-                    "layer (by the exact attack, exclusivity analysis and the plan; not by fishing, exclusivity "
-                    "reduction or a malicious server's first layer): elsewhere, or for those, store the data as the "
-                    f"layer after it reads it (e.g. N x C x T) and pass the model without it; {EXACT_SCOPE}")
+                    "layer (not by a malicious server's first layer), and on the output of a layer that an nn.Linear "
+                    "module reads next through flattens, reshapes and Dropout alone (maps flattened channels-last): "
+                    "elsewhere, store the data as the layer after it reads it (e.g. N x C x T) and pass the model "
+                    f"without it; {EXACT_SCOPE}")
 
 
 @converts(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, F.dropout, F.dropout2d)

@@ -33,12 +33,13 @@ from torch import fx, nn
 from fedleak.errors import ModelError
 from fedleak.nets.input_norm import InputNorm, find_input_norm, missed, trainable_name
 from fedleak.nets.layers import BatchNorm
+from fedleak.nets.layout_fold import LayoutFold, check_same_outputs, fold_shape, has_layout_change, layout_folds
 from fedleak.nets.network import Network, training_mode_cause, training_mode_note
-from fedleak.nets.norm_fold import linear_twin, norm_affine
+from fedleak.nets.norm_fold import ScaledRows, linear_twin, norm_affine
 from fedleak.nets.output_affine import AffineFold, affine_outputs, has_output_arithmetic
 from fedleak.nets.relu_norms import ReluNormFold, relu_norm_fold, relu_norm_pairs
 from fedleak.nets.tracing import PerStructure, keep_every_tensor, shared_trace, trace_model
-from fedleak.nets.weight_norm import WeightNormFold, has_weight_norm, weight_norm_folds
+from fedleak.nets.weight_norm import WeightNormFold, check_apart, has_weight_norm, weight_norm_folds
 from fedleak.precision import update_precision
 from fedleak.updates import GradientUpdate, check_matches_model
 
@@ -59,7 +60,7 @@ ZERO_BIAS = 1e-5
 
 
 @dataclass(frozen=True)
-class NormFold:
+class NormFold(ScaledRows):
     """One ``Linear`` (module path ``linear``) and the eval-mode ``BatchNorm1d`` (``norm``) on its features.
 
     ``scale``, ``shift``: the norm's ``a`` and ``c`` per unit; ``mean``, ``std``: its running mean and
@@ -108,7 +109,7 @@ class NormFold:
         return _fold_gradient(self, model, grads)
 
 
-Fold = NormFold | ReluNormFold | AffineFold
+Fold = NormFold | ReluNormFold | AffineFold | LayoutFold
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ class FoldedModel:
 
     @property
     def row_gain(self) -> float:
-        """The most any folded row's entries grow by on the way to the twin's (:func:`row_gain`, over the folds)."""
-        return max([1.0, *(row_gain(f) for f in self.folds)])
+        """The most any folded row's entries grow by on the way to the twin's (over the folds)."""
+        return max([1.0, *(f.row_gain for f in self.folds)])
 
     def read_into(self, net: Network) -> Network:
         """``net`` (read from the twin) with the notes and caveats of the norms taken out of it: read in eval mode,
@@ -213,12 +214,6 @@ class FoldedModel:
         return FoldedGradient(folded)
 
 
-def row_gain(fold: Fold) -> float:
-    """The most ``fold``'s rows' entries grow by on the way to the twin's (``max 1 / |a|``, at least 1): what a bound
-    on the user's entries is multiplied by to bound the twin's."""
-    return max(1.0, float(fold.scale.abs().reciprocal().max()))
-
-
 def _fold_gradient(fold: NormFold, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
     """Replace ``fold``'s entries of ``grads`` by the folded layer's, in place; returns how the gradient misses eval
     mode's identities (empty where it does not)."""
@@ -274,17 +269,28 @@ def worst(off: torch.Tensor, size: torch.Tensor) -> float:
     return float((off / (size + size.mean() + 1e-30)).max())
 
 
-def fold_dense_norms(model: nn.Module) -> FoldedModel | None:
+def fold_dense_norms(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> FoldedModel | None:
     """``model`` with every ``BatchNorm1d`` that reads a ``Linear`` layer's features (and nothing else reads them)
     folded into that layer, or None where it has none. Raises :class:`ModelError` where a norm cannot be folded
     (a unit with ``gamma = 0``). The twin is kept while the model's structure and every tensor's values are
     unchanged (an in-place change, an optimizer's step or ``load_state_dict``, makes a new one), so that the
-    frontend reads it once."""
+    frontend reads it once. A change of layout before a ``Linear`` layer is folded for inputs of ``input_shape``
+    (one sample's; None: the one :func:`~fedleak.nets.frontend.input_shape_of` finds)."""
+    layout = _changes_layout(model)
     if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()) and not _maps_a_linear_output(model) \
-            and not has_weight_norm(model):
+            and not has_weight_norm(model) and not layout:
         return None
     values = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
-    return _FOLDED.get(model, values, lambda: _fold(model))
+    shape = fold_shape(model, input_shape) if layout else None
+    return _FOLDED.get(model, (values, shape), lambda: _fold(model, shape))
+
+
+def _changes_layout(model: nn.Module) -> bool:
+    """Whether ``model``'s forward changes a layout (on its shared trace; False where it does not trace)."""
+    try:
+        return has_layout_change(shared_trace(model))
+    except ModelError:
+        return False
 
 
 def _maps_a_linear_output(model: nn.Module) -> bool:
@@ -296,7 +302,7 @@ def _maps_a_linear_output(model: nn.Module) -> bool:
         return False
 
 
-def _fold(model: nn.Module) -> FoldedModel | None:
+def _fold(model: nn.Module, shape: tuple[int, ...] | None) -> FoldedModel | None:
     gm = trace_model(model)
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
@@ -304,6 +310,7 @@ def _fold(model: nn.Module) -> FoldedModel | None:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     params = {id(p): n for n, p in model.named_parameters()}
+    layouts = layout_folds(model, gm, modules, calls, params, shape)  # (on the graph as traced)
     normed = weight_norm_folds({t: modules[t] for t in calls}, params)
     twins: dict[str, nn.Module] = {}
     for f in normed:  # the other folds see the plain layer
@@ -321,10 +328,11 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     taken = {src.target for src, _ in pairs}  # a Linear with a norm on its features and one before it: not read
     after = [(node, lin) for node, lin in relu_norm_pairs(gm, modules, calls) if lin.target not in taken]
     mapped = affine_outputs(gm, modules, calls, params, taken | {lin.target for _, lin in after})
-    if not pairs and not after and not mapped and on_input is None and not normed:
+    if not pairs and not after and not mapped and on_input is None and not normed and not layouts:
         return None
-    _check_apart(normed, [src.target for src, _ in pairs] + [lin.target for _, lin in after]
-                 + [fold.linear for fold, _, _ in mapped], on_input, modules)
+    folded = [src.target for src, _ in pairs] + [lin.target for _, lin in after] + [f.linear for f, _, _ in mapped]
+    check_apart(normed, folded + [f.linear for f, _ in layouts], None if on_input is None else on_input[1].linear,
+                modules)
     folds: list[Fold] = []
     for src, node in pairs:
         fold = _fold_of(src.target, node.target, modules[src.target], modules[node.target], params)
@@ -348,6 +356,12 @@ def _fold(model: nn.Module) -> FoldedModel | None:
         node, norm = on_input
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
+    for fold, changes in layouts:  # last: the layer's columns reordered after any other fold of its rows
+        folds.append(fold)
+        twins[fold.linear] = fold.twin(twins.get(fold.linear, modules[fold.linear]))
+        for node in changes:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
     root = {n.target: twins.get(n.target, modules[n.target]) for n in gm.graph.nodes if n.op == "call_module"}
     root.update({n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"})
     twin = fx.GraphModule(root, gm.graph)
@@ -355,24 +369,13 @@ def _fold(model: nn.Module) -> FoldedModel | None:
     taken = [n.name for f in folds for n in f.norms(model)] + ([on_input[1].name] if on_input is not None else [])
     norm_state = {f"{name}.{k}" for name in taken for k in modules[name].state_dict()}
     keep_every_tensor(twin, model, skip=frozenset(folded_names | norm_state))
-    shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        twin.input_shape = tuple(shape)
+    recorded = getattr(model, "input_shape", None)
+    if recorded is not None:
+        twin.input_shape = tuple(recorded)
     twin.training = model.training  # its modules are the user's: their own modes stay
+    if layouts:
+        check_same_outputs(model, twin, shape, [fold.describe() for fold, _ in layouts])
     return FoldedModel(twin, tuple(folds), weakref.ref(model), None if on_input is None else on_input[1], normed)
-
-
-def _check_apart(normed: tuple[WeightNormFold, ...], folded: list[str], on_input: tuple[fx.Node, InputNorm] | None,
-                 modules: dict[str, nn.Module]) -> None:
-    """Refuse a layer with weight normalisation that another fold reads too (a norm or constant arithmetic on its
-    output, a norm on its input): its rebuilt gradient's bound is not carried through the second fold."""
-    first = None if on_input is None else on_input[1].linear
-    both = sorted({f.layer for f in normed} & (set(folded) | {t for t, m in modules.items() if m is first}))
-    if both:
-        raise ModelError(f"'{both[0]}' has weight normalisation and a BatchNorm1d or constant arithmetic folded into "
-                         "it, which the exact methods do not read together (remove the normalisation before training, "
-                         "torch.nn.utils.parametrize.remove_parametrizations, or fold the norm into the layer); "
-                         "'first-layer', 'auto' and the optimisation attacks still apply")
 
 
 def _fold_of(linear: str, norm: str, lin: nn.Linear, bn: nn.BatchNorm1d, params: dict[int, str]) -> NormFold:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms
-from fedleak.nets.frontend import as_network
+from fedleak.nets.frontend import as_network, asked_shape
 from fedleak.nets.input_map import InputMap, first_layer_shape
 from fedleak.nets.input_peel import peel_input_map
 from fedleak.nets.network import Network, check_head_trainable
@@ -44,7 +44,7 @@ def exact_view(model: nn.Module, *, input_shape: Sequence[int] | None = None,
 def _taken_out(model: nn.Module, input_shape: Sequence[int] | None, inputs: torch.Tensor | None
                ) -> tuple[FoldedModel | None, nn.Module, InputMap | None]:
     """The norms taken out of ``model``, what is left with its input arithmetic peeled off, and the input's map."""
-    fold = fold_dense_norms(model)
+    fold = fold_dense_norms(model, asked_shape(input_shape, inputs))
     stripped, input_map = peel_input_map(model if fold is None else fold.model, input_shape=input_shape,
                                          inputs=inputs)
     if fold is not None and fold.input_norm is not None:  # (the first layer reads it alone: no arithmetic is left)

@@ -161,7 +161,7 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     share it.
     """
     model = check_module(model)
-    asked = _asked_shape(input_shape, inputs)
+    asked = asked_shape(input_shape, inputs)
 
     def resolve() -> tuple[tuple[int, ...], tuple[str, ...]]:
         try:
@@ -173,7 +173,7 @@ def input_shape_of(model: nn.Module, *, input_shape: Sequence[int] | None = None
     return _INPUT_SHAPES.get(model, asked, resolve)
 
 
-def _asked_shape(input_shape: Sequence[int] | None, inputs: torch.Tensor | None) -> tuple[int, ...] | None:
+def asked_shape(input_shape: Sequence[int] | None, inputs: torch.Tensor | None) -> tuple[int, ...] | None:
     """The input shape the caller gives, as ``input_shape`` or as a batch of ``inputs``; None where neither does."""
     if input_shape is not None:
         return check_shape("input_shape", input_shape)
@@ -191,7 +191,7 @@ def _resolved_shape(model: nn.Module, gm: fx.GraphModule | None, input_shape: Se
     tokens = token_reader(first_layer(gm) if gm is not None else held_first_layer(model))
     if tokens:
         raise TokenInputs(tokens)
-    asked = _asked_shape(input_shape, inputs)
+    asked = asked_shape(input_shape, inputs)
     if asked is not None:
         shape = asked
     elif getattr(model, "input_shape", None) is not None:
@@ -230,7 +230,7 @@ def as_network(model: nn.Module, *, input_shape: Sequence[int] | None = None,
              None if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 else tuple(inputs.shape[1:]))
 
     def read() -> tuple[list[Step], tuple[int, ...], tuple[str, ...], tuple[str, ...]]:
-        gm = trace_model(model, _asked_shape(input_shape, inputs))
+        gm = trace_model(model, asked_shape(input_shape, inputs))
         shape, notes, caveats = _resolved_shape(model, gm, input_shape, inputs)
         if (fixed := traced_shape(gm)) is not None:
             notes = (*notes, f"the forward computes with its input's shape (x.size()[1:], x.dim(), ...): read for "

@@ -14,6 +14,20 @@ from fedleak.nets.layers import BatchNorm
 F64 = torch.float64
 
 
+class ScaledRows:
+    """What the folds that scale a layer's rows (or columns) by a per-unit ``scale`` share: the twin's entries are
+    computed from the user's (a quotient, rounded once), and grow by at most ``1 / |scale|``; no column moves."""
+
+    columns = None  # the twin's columns are the user's, in their order
+    rounds = True  # the twin's entries are quotients of the user's, each rounded once
+
+    @property
+    def row_gain(self) -> float:
+        """The most a folded row's entries grow by on the way to the twin's (``max 1 / |scale|``, at least 1): what a
+        bound on the user's entries is multiplied by to bound the twin's."""
+        return max(1.0, float(self.scale.abs().reciprocal().max()))
+
+
 @dataclass(frozen=True)
 class NormAffine:
     """An eval-mode ``BatchNorm1d`` as ``u = scale x + shift`` per unit, with its running ``mean`` and ``std``

@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from fedleak.nets.graph_reads import op_key
 from fedleak.nets.layers import BatchNorm
+from fedleak.nets.norm_fold import ScaledRows
 
 F64 = torch.float64
 
@@ -37,7 +38,7 @@ ARITHMETIC = MULTIPLY | DIVIDE | ADD | SUBTRACT
 
 
 @dataclass(frozen=True)
-class AffineFold:
+class AffineFold(ScaledRows):
     """The constant map ``u = scale z + shift`` (per unit, float64) that the forward's nodes ``nodes`` put on the
     output of the ``Linear`` at module path ``linear``; ``weight``, ``bias``: its parameter names (``bias`` None
     without one, and then ``shift`` is zero)."""

@@ -26,14 +26,14 @@ from fedleak.nets.converters import relu
 from fedleak.nets.frontend import converter_key
 from fedleak.nets.input_norm import missed, trainable_name
 from fedleak.nets.layers import BatchNorm
-from fedleak.nets.norm_fold import linear_twin, norm_affine
+from fedleak.nets.norm_fold import ScaledRows, linear_twin, norm_affine
 from fedleak.nets.ops import CONVERTERS
 
 F64 = torch.float64
 
 
 @dataclass(frozen=True)
-class ReluNormFold:
+class ReluNormFold(ScaledRows):
     """An eval-mode ``BatchNorm1d`` (module path ``norm``) after a ReLU, folded into the ``Linear`` (``linear``) that
     reads its output: ``scale``, ``shift`` are its ``a`` and ``c``, ``mean`` and ``std`` its running mean and
     ``sqrt(var + eps)`` (float64); ``weight``, ``bias`` the ``Linear``'s parameter names, ``gamma``, ``beta`` the

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
+from fedleak.errors import ModelError
 from fedleak.registry import Registry
 
 F64 = torch.float64
@@ -304,3 +305,16 @@ def with_weight_norm(model: nn.Module, layers: tuple[NormedLayer, ...]) -> nn.Mo
         _attribute(normed, read.v).requires_grad_(trained)
         model.get_submodule(parent).register_module(name, normed)
     return model
+
+
+def check_apart(normed: tuple[WeightNormFold, ...], folded: list[str], first: nn.Module | None,
+                modules: dict[str, nn.Module]) -> None:
+    """Refuse a layer with weight normalisation that another fold reads too (a norm, constant arithmetic or a change
+    of layout at module paths ``folded``; ``first``: the layer that reads a norm on the model's input): its rebuilt
+    gradient's bound is not carried through the second fold."""
+    both = sorted({f.layer for f in normed} & (set(folded) | {t for t, m in modules.items() if m is first}))
+    if both:
+        raise ModelError(f"'{both[0]}' has weight normalisation and a BatchNorm1d, constant arithmetic or a change "
+                         "of layout folded into it, which the exact methods do not read together (remove the "
+                         "normalisation before training, torch.nn.utils.parametrize.remove_parametrizations, or fold "
+                         "the norm into the layer); 'first-layer', 'auto' and the optimisation attacks still apply")

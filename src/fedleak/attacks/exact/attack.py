@@ -29,7 +29,7 @@ from fedleak.attacks.registry import register_attack
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import ModelError
 from fedleak.nets import Network
-from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms, row_gain
+from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms
 from fedleak.nets.exact_view import exact_view
 from fedleak.nets.input_map import InputMap
 from fedleak.nets.network import check_head_trainable
@@ -234,7 +234,8 @@ def folded_change(fold: FoldedModel, delta: dict[str, torch.Tensor], noise: dict
     """A one-step change of the user's model (the learning rate times its gradient) as the change of ``fold``'s twin
     at the same rate, and why it does not fit the twin (empty where it does): each folded row over its scale ``a``
     (:meth:`~fedleak.nets.dense_norms.FoldedModel.gradient`), each folded layer's bounds times its largest ``1 / |a|``
-    (:func:`~fedleak.nets.dense_norms.row_gain`), plus ``eps/2`` of the change for the quotient's rounding; a weight
+    (the fold's ``row_gain``), plus ``eps/2`` of the change for the quotient's rounding; a layer's columns reordered
+    where a change of layout before it is folded (:mod:`~fedleak.nets.layout_fold`), its bounds with them; a weight
     rebuilt from weight normalisation's ``g`` and ``v`` with its own bound
     (:mod:`~fedleak.attacks.exact.weight_norm_bound`)."""
     folded = fold.gradient(GradientUpdate(delta), {f.v: noise[f.v].read() for f in fold.weight_norms if f.v in noise})
@@ -243,12 +244,14 @@ def folded_change(fold: FoldedModel, delta: dict[str, torch.Tensor], noise: dict
     for f in fold.weight_norms:
         for name in f.parameter_names():
             bounds.pop(name, None)
-    for f in fold.folds:
-        for name in (n for n in f.parameter_names() if n in noise):
-            e, half = noise[name], float(torch.finfo(delta[name].dtype).eps) / 2
-            e = replace(e, plus=delta[name], plus_scale=half) if e.plus is None else \
-                replace(e, plus_scale=e.plus_scale + half)
-            bounds[name] = e * row_gain(f)
+    for f in fold.folds:  # (in order: a layer's columns reordered after its rows are scaled)
+        for name in (n for n in f.parameter_names() if n in bounds):
+            e, half = bounds[name], float(torch.finfo(delta[name].dtype).eps) / 2
+            if f.rounds:
+                e = replace(e, plus=delta[name], plus_scale=half) if e.plus is None else \
+                    replace(e, plus_scale=e.plus_scale + half)
+            e = e * f.row_gain
+            bounds[name] = e.reordered(f.columns) if f.columns is not None and name == f.weight else e
     return dict(grads), bounds, folded.misfit
 
 

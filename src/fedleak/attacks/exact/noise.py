@@ -57,6 +57,11 @@ class RoundingNoise:
         plus = None if self.plus is None else self.plus.to(device=device)
         return replace(self, values=self.values.to(device=device), plus=plus)
 
+    def reordered(self, columns: torch.Tensor) -> RoundingNoise:
+        """The noise of a matrix whose columns are this one's, taken in the order ``columns``."""
+        plus = None if self.plus is None else self.plus[:, columns.to(self.plus.device)]
+        return replace(self, values=self.values[:, columns.to(self.values.device)], plus=plus)
+
     def read(self, index=...) -> torch.Tensor:
         """The noise of the entries ``index`` selects (float64, a fresh tensor)."""
         out = self.values[index].to(F64, copy=True).abs_().mul_(self.scale)
