@@ -136,6 +136,18 @@ class LayerList(nn.Module):
         return self.layers[-1](x)
 
 
+class ThresholdAtZero(nn.Module):
+    """ReLUs written as thresholds at 0 with the value 0: ``nn.Threshold(0, 0)`` and ``F.threshold(x, 0, 0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.cut = nn.Linear(64, 48), nn.Threshold(0.0, 0.0)
+        self.fc2, self.fc3 = nn.Linear(48, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        return self.fc3(F.threshold(self.fc2(self.cut(self.fc1(x.flatten(1)))), 0, 0))
+
+
 def _ordered_dict_mlp():
     from collections import OrderedDict
 
@@ -143,10 +155,11 @@ def _ordered_dict_mlp():
                                      relu2=nn.ReLU(), out=nn.Linear(48, 10)))
 
 
-@pytest.mark.parametrize("make", [InplaceRelu, LayerList, _ordered_dict_mlp])
+@pytest.mark.parametrize("make", [InplaceRelu, LayerList, _ordered_dict_mlp, ThresholdAtZero])
 def test_mlps_as_users_write_them_attack_as_their_sequential_twin(make, digits):
-    """In-place ReLUs, a ModuleList walked in a loop, a Sequential of named layers: the same network, weights
-    read by the model's own names, and the same certified samples as its nn.Sequential twin."""
+    """In-place ReLUs, a ModuleList walked in a loop, a Sequential of named layers, ReLUs written as thresholds at 0:
+    the same network, weights read by the model's own names, and the same certified samples as its nn.Sequential
+    twin."""
     torch.manual_seed(0)
     model = make().eval()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -220,24 +233,24 @@ def test_probe_leaves_batch_norm_statistics_alone():
 
 
 def test_a_new_layer_is_one_converter():
-    # nn.Threshold(0, 0) is a ReLU; fedleak does not know it until one converter says so
-    model = nn.Sequential(nn.Linear(4, 4), nn.Threshold(0.0, 0.0), nn.Linear(4, 2))
-    with pytest.raises(ModelError, match="'1' \\(Threshold\\)"):
+    # nn.LeakyReLU(0.0) is a ReLU; fedleak does not know it until one converter says so
+    model = nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.0), nn.Linear(4, 2))
+    with pytest.raises(ModelError, match="'1' \\(LeakyReLU\\)"):
         as_network(model)
 
-    def threshold(op):
-        if op.module.threshold != 0 or op.module.value != 0:
-            raise op.refuse("only Threshold(0, 0), a ReLU, is supported")
+    def leaky_relu(op):
+        if op.module.negative_slope != 0:
+            raise op.refuse("only LeakyReLU(0.0), a ReLU, is supported")
         return Relu(op.node)
 
-    CONVERTERS.register(nn.Threshold, threshold)
+    CONVERTERS.register(nn.LeakyReLU, leaky_relu)
     try:
         net = as_network(model)
         assert isinstance(net.head.dense[1], Dense) and net.head.depth == 1
-        with pytest.raises(ModelError, match="'1' \\(Threshold\\): only Threshold"):
-            as_network(nn.Sequential(nn.Linear(4, 4), nn.Threshold(0.5, 0.0), nn.Linear(4, 2)))
+        with pytest.raises(ModelError, match="'1' \\(LeakyReLU\\): only LeakyReLU"):
+            as_network(nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(0.1), nn.Linear(4, 2)))
     finally:
-        CONVERTERS.unregister(nn.Threshold)
+        CONVERTERS.unregister(nn.LeakyReLU)
     with pytest.raises(RuntimeError, match="registered twice"):
         CONVERTERS.register(nn.Linear, lambda op: None)
 

@@ -197,3 +197,22 @@ def test_a_clamp_to_a_range_is_not_supported():
 
     with pytest.raises(ModelError, match=r"node 'clamp' \(.clamp\(\)\): not supported"):
         as_network(Bounded())
+
+
+@pytest.mark.parametrize("cut", [nn.Threshold(0.1, 0.0), nn.Threshold(0.0, -1.0)])
+def test_a_threshold_other_than_a_relu_is_refused_naming_it(cut):
+    """``nn.Threshold(0, 0)`` is a ReLU (values and gradient: read as one); another threshold or value is not."""
+    z = torch.tensor([0.0, 1.0], requires_grad=True)
+    nn.Threshold(0.0, 0.0)(z).sum().backward()
+    assert z.grad.tolist() == [0.0, 1.0]  # a ReLU's gradient, which reading it as one assumes
+
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.cut, self.fc2 = nn.Linear(8, 8), cut, nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(self.cut(self.fc1(x)))
+
+    with pytest.raises(ModelError, match=r"node 'cut' \(Threshold\): a threshold at .* is not a ReLU"):
+        as_network(Cut())

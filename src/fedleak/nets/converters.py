@@ -139,6 +139,18 @@ def relu(op: Op) -> Relu:
     return Relu(op.node)
 
 
+@converts(nn.Threshold, F.threshold, torch.threshold, torch.threshold_)
+def threshold(op: Op) -> Relu:
+    """``nn.Threshold(0, 0)`` (``F.threshold(x, 0, 0)``): ``x`` where ``x > 0``, else 0, and its gradient passes where
+    ``x > 0`` only: a ReLU. Another threshold or value is no ReLU: refused."""
+    cut = op.module.threshold if op.module is not None else op.arg(0, "threshold")
+    value = op.module.value if op.module is not None else op.arg(1, "value")
+    if not (isinstance(cut, (int, float)) and isinstance(value, (int, float)) and cut == 0 and value == 0):
+        raise op.refuse(f"a threshold at {cut} with the value {value} below it is not a ReLU (only threshold 0, value "
+                        f"0 is); {EXACT_SCOPE}")
+    return Relu(op.node)
+
+
 @converts(torch.clamp, torch.clamp_min, torch.clip, *(("method", m) for m in ("clamp", "clamp_", "clamp_min",
                                                                            "clamp_min_", "clip", "clip_")))
 def clamp(op: Op) -> Layer:
