@@ -50,10 +50,23 @@ def first_reader(net) -> nn.Module | torch.Tensor:
 def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape: tuple[int, ...]) -> InputMasking:
     """:class:`InputMasking` of ``model``, whose first layer with weights is ``layer`` (a module, whose call is
     hooked; or the weight a functional layer reads, whose first call on it is caught), found by one probe input of
-    ``input_shape`` run in training mode; the model's mode, buffers and random state are left as they were."""
-    names = {id(m): n for n, m in model.named_modules()}
+    ``input_shape`` run in training mode against the same input in eval mode (what the layer reads may differ from
+    the input itself in both: a zero padding); the model's mode, buffers and random state are left as they were."""
     first = next(model.parameters())
     probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
+    read, _ = _first_input(model, layer, probe, "eval")
+    got, seen = _first_input(model, layer, probe, "train")
+    expected = probe if read is None else read
+    changed = got is not None and not (got.numel() == expected.numel()
+                                       and torch.equal(got.reshape(-1), expected.reshape(-1)))
+    return InputMasking(changed, seen if changed else ())
+
+
+def _first_input(model: nn.Module, layer: nn.Module | torch.Tensor, probe: torch.Tensor, mode: str
+                 ) -> tuple[torch.Tensor | None, tuple[Dropout, ...]]:
+    """What ``layer`` reads when ``model`` runs ``probe`` in ``mode`` (None where it does not run), and the Dropout
+    modules that ran before it."""
+    names = {id(m): n for n, m in model.named_modules()}
     seen: list[Dropout] = []
     got: list[torch.Tensor] = []  # what the first layer read
 
@@ -68,7 +81,7 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
     devices = [probe.device.index or 0] if probe.device.type == "cuda" else []
     try:
         with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=devices), \
-                client_mode(model, "train"), reading:
+                client_mode(model, mode), reading:
             model(probe)
     except Exception:  # a layer after it cannot run one sample in training mode (BatchNorm), or fails otherwise
         pass
@@ -76,9 +89,7 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
         for h in hooks:
             h.remove()
     got += [call.input for call in reading.calls]
-    changed = bool(got) and not (got[0].numel() == probe.numel()
-                                 and torch.equal(got[0].reshape(-1), probe.reshape(-1)))
-    return InputMasking(changed, tuple(seen) if changed else ())
+    return (got[0] if got else None), tuple(seen)
 
 
 def named(layers: tuple) -> str:

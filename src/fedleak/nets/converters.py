@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pad, Pool, Relu, Reshape
 from fedleak.nets.ops import EXACT_SCOPE, Op, ParameterRead, converts, unsupported
 
 
@@ -253,6 +253,32 @@ def reshape(op: Op) -> Reshape | None:
         raise op.refuse(f"reshapes each {op.in_shape} sample to {op.out_shape}, which mixes samples of the batch; "
                         "keep the batch dimension (e.g. x.view(x.size(0), -1))")
     return None if op.out_shape == op.in_shape else Reshape(op.node, op.out_shape)
+
+
+@converts(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, F.pad)
+def pad(op: Op) -> Pad | None:
+    """Zero padding of maps or signals, the same on both sides of each padded dimension (``nn.ZeroPad2d(2)``,
+    ``F.pad(x, (2, 2, 2, 2))``, before a LeNet's first conv): read into the convolution that follows it
+    (:func:`~fedleak.nets.network.assemble`). Another value, mode, unequal sides or padded channels: refused."""
+    m = op.module
+    sides = tuple(m.padding) if m is not None else op.arg(0, "pad")
+    value = m.value if m is not None else op.arg(2, "value")
+    mode = "constant" if m is not None else op.arg(1, "mode", "constant")
+    maps = len(op.in_shape) - 1  # (C, H, W) maps or (C, L) signals
+    if mode != "constant" or value not in (None, 0) or maps not in (1, 2):
+        raise op.refuse(f"only zero padding of (C, H, W) maps or (C, L) signals is read (here mode {mode!r}, value "
+                        f"{value}, on {op.in_shape} inputs); {EXACT_SCOPE}")
+    if not isinstance(sides, (tuple, list)) or len(sides) > 2 * maps or len(sides) % 2 \
+            or any(not isinstance(p, int) or p < 0 for p in sides):
+        raise op.refuse(f"pads {sides}: only padding of the maps' own dimensions, by whole numbers of 0 or more, is "
+                        f"read; {EXACT_SCOPE}")
+    pairs = [tuple(sides[k:k + 2]) for k in range(0, len(sides), 2)]  # (first, last) of the last dimension first
+    if any(a != b for a, b in pairs):
+        raise op.refuse(f"pads {sides}: unequal sides (a causal or 'same' padding for an even kernel) are not read, "
+                        f"only the same padding on both sides of a dimension, as a conv's own; {EXACT_SCOPE}")
+    widths = [a for a, _ in pairs] + [0] * (2 - len(pairs))  # (columns, rows)
+    padding = (0, widths[0]) if maps == 1 else (widths[1], widths[0])
+    return None if padding == (0, 0) else Pad(op.node, padding)
 
 
 @converts(torch.permute, torch.transpose, torch.swapaxes, torch.movedim,

@@ -148,6 +148,18 @@ class Reshape:
 
 
 @dataclass(frozen=True)
+class Pad:
+    """Zero padding of (C, H, W) maps (or (C, L) signals, as (C, 1, L) maps), ``padding`` = (rows, columns) on each
+    side: read into the convolution that follows it, as its own padding."""
+
+    name: str
+    padding: tuple[int, int]
+
+    def parameter_names(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
 class Relu:
     """A ReLU (module, functional or in place)."""
 
@@ -169,4 +181,4 @@ class Dropout:
         return []
 
 
-Layer = Dense | Conv | BatchNorm | Pool | Reshape | Relu | Dropout
+Layer = Dense | Conv | BatchNorm | Pool | Pad | Reshape | Relu | Dropout

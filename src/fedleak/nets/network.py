@@ -8,14 +8,14 @@ change the flat order). An MLP is a network without conv blocks; there is one pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fedleak.errors import ModelError
 from fedleak.nets.blocks import ConvBlock
 from fedleak.nets.head import ReluMLP
-from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pool, Relu, Reshape
+from fedleak.nets.layers import BatchNorm, Conv, Dense, Dropout, Layer, Pad, Pool, Relu, Reshape
 from fedleak.validation import check_num_classes
 
 # why the exact methods have nothing to read in a model whose dense head has no hidden ReLU layer
@@ -144,13 +144,19 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
     i = 0
     body = [s for s in steps]
     while True:
-        after = next((j for j in range(i, len(body)) if not isinstance(body[j].layer, Reshape)), len(body))
+        after = next((j for j in range(i, len(body)) if not isinstance(body[j].layer, (Reshape, Pad))), len(body))
+        pads: list[Step] = []
         if after < len(body) and isinstance(body[after].layer, Conv):
+            pads = _pads_before(body[i:after])  # zero padding read into the conv's own
             i = after  # reshapes of the input (or of a block's output) into (C, H, W) maps
         if i >= len(body) or not isinstance(body[i].layer, Conv):
             return blocks, i
         conv_step = body[i]
         conv = conv_step.layer
+        if pads:
+            conv = replace(conv, padding=tuple(p + sum(s.layer.padding[k] for s in pads)
+                                               for k, p in enumerate(conv.padding)))
+            conv_step = Step(conv, pads[0].in_shape, conv_step.out_shape)
         i += 1
         bn = None
         if i < len(body) and isinstance(body[i].layer, BatchNorm):
@@ -174,6 +180,16 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
         if i < len(body) and isinstance(body[i].layer, (Pool, Relu, BatchNorm)):
             raise ModelError(f"node '{body[i].layer.name}': a conv block is Conv2d [BatchNorm2d] ReLU [one pool]; "
                              "this layer does not fit")
+
+
+def _pads_before(steps: list[Step]) -> list[Step]:
+    """The zero paddings among ``steps`` (reshapes and paddings before a conv), which must come last: a reshape after
+    one would move the padded values."""
+    pads = [s for s in steps if isinstance(s.layer, Pad)]
+    if pads and not all(isinstance(s.layer, Pad) for s in steps[steps.index(pads[0]):]):
+        raise ModelError(f"node '{pads[0].layer.name}': zero padding is read into the conv that follows it, directly; "
+                         "here a reshape comes between them")
+    return pads
 
 
 def check_head_trainable(model: torch.nn.Module, net: Network) -> None:
