@@ -54,12 +54,17 @@ def input_masking(model: nn.Module, layer: nn.Module | torch.Tensor, input_shape
     the input itself in both: a zero padding); the model's mode, buffers and random state are left as they were."""
     first = next(model.parameters())
     probe = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).to(first.device, first.dtype)
-    read, _ = _first_input(model, layer, probe, "eval")
     got, seen = _first_input(model, layer, probe, "train")
-    expected = probe if read is None else read
-    changed = got is not None and not (got.numel() == expected.numel()
-                                       and torch.equal(got.reshape(-1), expected.reshape(-1)))
+    changed = got is not None and not _same(got, probe)
+    if changed:  # the layer may read something else than the input in eval mode too (a zero padding)
+        read, _ = _first_input(model, layer, probe, "eval")
+        changed = read is None or not _same(got, read)
     return InputMasking(changed, seen if changed else ())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values in the same order, whatever their shapes."""
+    return a.numel() == b.numel() and torch.equal(a.reshape(-1), b.reshape(-1))
 
 
 def _first_input(model: nn.Module, layer: nn.Module | torch.Tensor, probe: torch.Tensor, mode: str
