@@ -43,7 +43,7 @@ def _system(faces, k: int, keep: float | None = None):
         rows = rows[: int(keep * A.shape[1])]
     w = np.zeros(A.shape[0])
     w[rows] = 1.0
-    matvec = conv_normal_product(blk.folded()[0].cpu(), blk.in_shape, blk.conv.stride, blk.conv.padding, w)
+    matvec = conv_normal_product(blk.folded()[0].cpu(), blk.in_shape, blk.conv.geometry, w)
     return blk, A[rows], z[rows] - c[rows], w, matvec, x.reshape(-1).double().numpy()
 
 
@@ -182,7 +182,7 @@ def test_band_product_equals_the_conv_product_and_is_picked_for_small_bands(face
     want = J.T @ (J @ v)
     for prod in (conv_solve.band_product(ab, blk.gram.order), matvec):
         np.testing.assert_allclose(prod(v), want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
-    args = (ab, blk.gram.order, blk.folded()[0].cpu(), blk.in_shape, blk.conv.stride, blk.conv.padding, w)
+    args = (ab, blk.gram.order, blk.folded()[0].cpu(), blk.in_shape, blk.conv.geometry, w)
     assert ab.size <= conv_solve.BAND_PRODUCT_MAX  # 625 unknowns, half-bandwidth 52
     assert conv_solve.normal_product(*args).__qualname__.startswith("band_product")
     monkeypatch.setattr(conv_solve, "BAND_PRODUCT_MAX", ab.size - 1)

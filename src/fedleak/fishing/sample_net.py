@@ -269,6 +269,5 @@ class SampleNet:
                 if at_output or i < block:
                     g = self._unpool(i, g.reshape(n, -1)) * self._mask(pattern, i)
                 W, _ = blk.folded(torch.float64)
-                g = torch.nn.grad.conv2d_input((n, *blk.in_shape), W, g.reshape(n, *blk.conv_shape),
-                                               stride=blk.conv.stride, padding=blk.conv.padding)
+                g = blk.conv.geometry.transposed((n, *blk.in_shape), W, g.reshape(n, *blk.conv_shape))
             return self.stack.input_rows(g.reshape(n, -1))

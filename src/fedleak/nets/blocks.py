@@ -90,8 +90,7 @@ class ConvBlock:
     def preact(self, x: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         """Pre-activations (n x C x H x W) of the conv (BN folded) for inputs ``x`` (n x in_shape)."""
         W, b = self.folded(dtype)
-        return torch.nn.functional.conv2d(x.to(dtype).reshape(-1, *self.in_shape), W, b, padding=self.conv.padding,
-                                          stride=self.conv.stride)
+        return self.conv.geometry.conv(x.to(dtype).reshape(-1, *self.in_shape), W, b)
 
     def apply_pool(self, a: torch.Tensor) -> torch.Tensor:
         return a if self.pool is None else self.pool.apply(a)
@@ -107,7 +106,7 @@ class ConvBlock:
         norm = [] if self.bn is None else [*self.bn.module.parameters(recurse=False),
                                            *self.bn.module.buffers(recurse=False)]
         tensors = [*self.conv.tensors(), *norm]
-        return (self.in_shape, self.conv_shape, self.conv.stride, self.conv.padding, tuple(map(fingerprint, tensors)))
+        return (self.in_shape, self.conv_shape, self.conv.geometry, tuple(map(fingerprint, tensors)))
 
     def derived(self, name: str, build: Callable[[], object]):
         """``build()``, computed once per convolution and state (see :meth:`state`)."""
@@ -129,15 +128,13 @@ class ConvBlock:
         """``A x`` (``|A| x`` when ``absolute``) for one flattened input ``x`` (float64), ``A`` of :attr:`affine`,
         by a float64 conv on the CPU (no sparse product)."""
         W = self.folded(torch.float64)[0].cpu()
-        z = torch.nn.functional.conv2d(torch.from_numpy(x).reshape(1, *self.in_shape), W.abs() if absolute else W,
-                                       None, self.conv.stride, self.conv.padding)
+        z = self.conv.geometry.conv(torch.from_numpy(x).reshape(1, *self.in_shape), W.abs() if absolute else W)
         return z.reshape(-1).numpy()
 
     def unrolled_transpose_times(self, v: np.ndarray) -> np.ndarray:
         """``A^T v`` for one flattened conv output ``v`` (float64), by a transposed float64 conv on the CPU."""
         W = self.folded(torch.float64)[0].cpu()
-        z = torch.nn.grad.conv2d_input((1, *self.in_shape), W, torch.from_numpy(v).reshape(1, *self.conv_shape),
-                                       self.conv.stride, self.conv.padding)
+        z = self.conv.geometry.transposed((1, *self.in_shape), W, torch.from_numpy(v).reshape(1, *self.conv_shape))
         return z.reshape(-1).numpy()
 
     def unrolled(self) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -150,7 +147,7 @@ class ConvBlock:
         co_n, ci_n, kh, kw = W.shape
         _, H, Wd = self.in_shape
         _, Ho, Wo = self.conv_shape
-        (sy, sx), (py, px) = self.conv.stride, self.conv.padding
+        (sy, sx), (py, px) = self.conv.stride, self.conv.padding  # (the padding before: after it, taps fall outside)
         iy = np.arange(Ho)[:, None] * sy - py + np.arange(kh)[None, :]  # (oy, ky) -> input row
         ix = np.arange(Wo)[:, None] * sx - px + np.arange(kw)[None, :]  # (ox, kx) -> input column
         shape = (Ho, Wo, ci_n, kh, kw)

@@ -58,6 +58,7 @@ import numpy as np
 import scipy.linalg as sl
 import torch
 
+from fedleak.nets.conv_geometry import ConvGeometry
 from fedleak.nets.scratch import work_array
 from fedleak.threads import blas_threads
 
@@ -212,16 +213,16 @@ def pcg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray,
     return CGResult(x, tuple(alphas), tuple(betas)) if rz <= CG_TOL ** 2 * rz0 else None
 
 
-def conv_normal_product(weight: torch.Tensor, in_shape: tuple[int, int, int], stride: tuple[int, int],
-                        padding: tuple[int, int], w: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+def conv_normal_product(weight: torch.Tensor, in_shape: tuple[int, int, int], geometry: ConvGeometry,
+                        w: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """``v -> A^T diag(w) A v`` by a conv and a transposed conv (``weight``: the folded kernel, float64, CPU)."""
     shape = (1, *in_shape)
     wt = torch.from_numpy(w)
 
     def apply(v: np.ndarray) -> np.ndarray:
-        z = torch.nn.functional.conv2d(torch.from_numpy(v).reshape(shape), weight, None, stride, padding)
+        z = geometry.conv(torch.from_numpy(v).reshape(shape), weight)
         z = z * wt.reshape(z.shape)
-        return torch.nn.grad.conv2d_input(shape, weight, z, stride, padding).reshape(-1).numpy()
+        return geometry.transposed(shape, weight, z).reshape(-1).numpy()
 
     return apply
 
@@ -241,14 +242,13 @@ def band_product(ab: np.ndarray, order: np.ndarray) -> Callable[[np.ndarray], np
 
 
 def normal_product(ab: np.ndarray, order: np.ndarray, weight: torch.Tensor, in_shape: tuple[int, int, int],
-                   stride: tuple[int, int], padding: tuple[int, int], w: np.ndarray
-                   ) -> Callable[[np.ndarray], np.ndarray]:
+                   geometry: ConvGeometry, w: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """``v -> N v``, ``N = A^T diag(w) A`` (``ab`` its band, the other arguments those of
     :func:`conv_normal_product`): by the band for a small band (a conv call costs more than the whole product),
     else by a conv and a transposed conv."""
     if ab.size <= BAND_PRODUCT_MAX:
         return band_product(ab, order)
-    return conv_normal_product(weight, in_shape, stride, padding, w)
+    return conv_normal_product(weight, in_shape, geometry, w)
 
 
 def proof(ab: np.ndarray, tau: float, forming: float, dtype=np.float32) -> tuple[np.ndarray, float] | None:

@@ -67,9 +67,10 @@ def _sizes(op: Op, value: object, what: str, along: int = 1) -> tuple[int, int]:
 
 
 def _geometry(op: Op, kernel: tuple[int, ...], stride: object, padding: object, dilation: object, groups: int,
-              padding_mode: str = "zeros") -> tuple[tuple[int, int], tuple[int, int]]:
-    """A convolution's padding and stride as a 2-D one's (:func:`_sizes`), or its refusal: groups 1, dilation 1,
-    zero padding ('same' with odd kernels)."""
+              padding_mode: str = "zeros") -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | None]:
+    """A convolution's padding, stride and padding after (None: the same as before) as a 2-D one's
+    (:func:`_sizes`), or its refusal: groups 1, dilation 1, zero padding ('same' with an even kernel pads one more
+    zero after than before, as torch does)."""
     if groups != 1:
         raise op.refuse(f"grouped convolutions (groups={groups}) are not supported")
     dilations = dilation if isinstance(dilation, (tuple, list)) else (dilation,)
@@ -77,25 +78,27 @@ def _geometry(op: Op, kernel: tuple[int, ...], stride: object, padding: object, 
         raise op.refuse(f"dilation {dilation} is not supported")
     if padding_mode != "zeros":
         raise op.refuse(f"padding_mode '{padding_mode}' is not supported (zero padding only)")
+    after = None
     if padding == "valid":
         pad = (0, 0)
     elif padding == "same":
-        if any(k % 2 == 0 for k in kernel):
-            raise op.refuse("padding='same' with an even kernel is not supported")
-        pad = _sizes(op, tuple(k // 2 for k in kernel), "padding", along=0)
+        pad = _sizes(op, tuple((k - 1) // 2 for k in kernel), "padding", along=0)
+        after = _sizes(op, tuple(k // 2 for k in kernel), "padding", along=0)
     else:
         pad = _sizes(op, tuple(padding) if isinstance(padding, (tuple, list)) else padding, "padding", along=0)
-    return pad, _sizes(op, tuple(stride) if isinstance(stride, (tuple, list)) else stride, "stride")
+    return pad, _sizes(op, tuple(stride) if isinstance(stride, (tuple, list)) else stride, "stride"), \
+        (None if after == pad else after)
 
 
 @converts(nn.Conv2d, nn.Conv1d)
 def conv(op: Op) -> Conv:
     """A 2-D convolution, or a 1-D one read as a 2-D convolution of (C, 1, L) maps with 1 x k kernels."""
     m = op.module
-    pad, stride = _geometry(op, tuple(m.kernel_size), m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+    pad, stride, after = _geometry(op, tuple(m.kernel_size), m.stride, m.padding, m.dilation, m.groups,
+                                   m.padding_mode)
     bias = op.parameter("bias")
     return Conv(op.node, m, op.parameter("weight"), bias, bias_attr="bias" if bias else None, padding=pad,
-                stride=stride)
+                stride=stride, after=after)
 
 
 @converts(F.conv1d, F.conv2d)
@@ -111,10 +114,10 @@ def functional_conv(op: Op) -> Conv:
         raise op.refuse(f"its kernel '{weight.name}' and bias '{bias.name}' are held by different modules; hold them "
                         f"in one (or in an nn.Conv2d layer); {EXACT_SCOPE}")
     kernel = tuple(int(k) for k in getattr(weight.owner, weight.attr).shape[2:])
-    pad, stride = _geometry(op, kernel, op.arg(2, "stride", 1), op.arg(3, "padding", 0), op.arg(4, "dilation", 1),
-                            op.arg(5, "groups", 1))
+    pad, stride, after = _geometry(op, kernel, op.arg(2, "stride", 1), op.arg(3, "padding", 0),
+                                   op.arg(4, "dilation", 1), op.arg(5, "groups", 1))
     return Conv(op.node, weight.owner, weight.name, bias.name if bias else None, weight_attr=weight.attr,
-                bias_attr=bias.attr if bias else None, functional=True, padding=pad, stride=stride)
+                bias_attr=bias.attr if bias else None, functional=True, padding=pad, stride=stride, after=after)
 
 
 @converts(nn.BatchNorm2d, nn.BatchNorm1d)
@@ -257,9 +260,9 @@ def reshape(op: Op) -> Reshape | None:
 
 @converts(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, F.pad)
 def pad(op: Op) -> Pad | None:
-    """Zero padding of maps or signals, the same on both sides of each padded dimension (``nn.ZeroPad2d(2)``,
-    ``F.pad(x, (2, 2, 2, 2))``, before a LeNet's first conv): read into the convolution that follows it
-    (:func:`~fedleak.nets.network.assemble`). Another value, mode, unequal sides or padded channels: refused."""
+    """Zero padding of maps or signals (``nn.ZeroPad2d(2)``, ``F.pad(x, (2, 2, 2, 2))`` before a LeNet's first conv;
+    ``F.pad(x, (k - 1, 0))`` before a causal ``Conv1d``): read into the convolution that follows it
+    (:func:`~fedleak.nets.network.assemble`). Another value or mode, or padded channels: refused."""
     m = op.module
     sides = tuple(m.padding) if m is not None else op.arg(0, "pad")
     value = m.value if m is not None else op.arg(2, "value")
@@ -272,13 +275,10 @@ def pad(op: Op) -> Pad | None:
             or any(not isinstance(p, int) or p < 0 for p in sides):
         raise op.refuse(f"pads {sides}: only padding of the maps' own dimensions, by whole numbers of 0 or more, is "
                         f"read; {EXACT_SCOPE}")
-    pairs = [tuple(sides[k:k + 2]) for k in range(0, len(sides), 2)]  # (first, last) of the last dimension first
-    if any(a != b for a, b in pairs):
-        raise op.refuse(f"pads {sides}: unequal sides (a causal or 'same' padding for an even kernel) are not read, "
-                        f"only the same padding on both sides of a dimension, as a conv's own; {EXACT_SCOPE}")
-    widths = [a for a, _ in pairs] + [0] * (2 - len(pairs))  # (columns, rows)
-    padding = (0, widths[0]) if maps == 1 else (widths[1], widths[0])
-    return None if padding == (0, 0) else Pad(op.node, padding)
+    pairs = [tuple(sides[k:k + 2]) for k in range(0, len(sides), 2)] + [(0, 0)] * (2 - len(sides) // 2)
+    (left, right), (top, bottom) = pairs  # (F.pad lists the last dimension first)
+    before, after = ((0, left), (0, right)) if maps == 1 else ((top, left), (bottom, right))
+    return None if before == after == (0, 0) else Pad(op.node, before, after)
 
 
 @converts(torch.permute, torch.transpose, torch.swapaxes, torch.movedim,

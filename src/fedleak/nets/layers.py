@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedleak.nets.conv_geometry import ConvGeometry
+
 
 @dataclass(frozen=True, eq=False)
 class HeldWeights:
@@ -69,10 +71,17 @@ class Dense(HeldWeights):
 class Conv(HeldWeights):
     """A 2-D or 1-D convolution (groups 1, dilation 1, zero padding) with its resolved padding and stride, as a 2-D
     convolution: one over (C, L) signals is one over (C, 1, L) maps with a 1 x k kernel. An ``nn.Conv2d`` /
-    ``nn.Conv1d`` module, or ``F.conv2d`` / ``F.conv1d`` of parameters of the model."""
+    ``nn.Conv1d`` module, or ``F.conv2d`` / ``F.conv1d`` of parameters of the model. ``padding`` is the zeros before
+    (top, left), ``after`` those after (bottom, right) where they differ (None: the same)."""
 
     padding: tuple[int, int]
     stride: tuple[int, int]
+    after: tuple[int, int] | None = field(default=None, kw_only=True)
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        """Its stride and padding (:class:`~fedleak.nets.conv_geometry.ConvGeometry`)."""
+        return ConvGeometry(self.stride, self.padding, self.padding if self.after is None else self.after)
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -149,11 +158,12 @@ class Reshape:
 
 @dataclass(frozen=True)
 class Pad:
-    """Zero padding of (C, H, W) maps (or (C, L) signals, as (C, 1, L) maps), ``padding`` = (rows, columns) on each
-    side: read into the convolution that follows it, as its own padding."""
+    """Zero padding of (C, H, W) maps (or (C, L) signals, as (C, 1, L) maps): ``padding`` (top, left) before and
+    ``after`` (bottom, right); read into the convolution that follows it, as its own padding."""
 
     name: str
     padding: tuple[int, int]
+    after: tuple[int, int]
 
     def parameter_names(self) -> list[str]:
         return []

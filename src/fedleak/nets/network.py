@@ -154,8 +154,9 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
         conv_step = body[i]
         conv = conv_step.layer
         if pads:
-            conv = replace(conv, padding=tuple(p + sum(s.layer.padding[k] for s in pads)
-                                               for k, p in enumerate(conv.padding)))
+            geometry = conv.geometry
+            conv = replace(conv, padding=_added(geometry.padding, [s.layer.padding for s in pads]),
+                           after=_added(geometry.after, [s.layer.after for s in pads]))
             conv_step = Step(conv, pads[0].in_shape, conv_step.out_shape)
         i += 1
         bn = None
@@ -180,6 +181,11 @@ def _group_blocks(steps: list[Step]) -> tuple[list[ConvBlock], int]:
         if i < len(body) and isinstance(body[i].layer, (Pool, Relu, BatchNorm)):
             raise ModelError(f"node '{body[i].layer.name}': a conv block is Conv2d [BatchNorm2d] ReLU [one pool]; "
                              "this layer does not fit")
+
+
+def _added(own: tuple[int, int], pads: list[tuple[int, int]]) -> tuple[int, int]:
+    """A conv's ``own`` padding on one side with the zero ``pads`` before it added."""
+    return (own[0] + sum(p[0] for p in pads), own[1] + sum(p[1] for p in pads))
 
 
 def _pads_before(steps: list[Step]) -> list[Step]:

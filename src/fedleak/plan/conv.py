@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from fedleak.nets import ConvBlock
 from fedleak.nets.blocks import equations_needed
+from fedleak.nets.conv_geometry import ConvGeometry
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ class BlockShape:
     in_shape: tuple[int, int, int]
     channels: int
     kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
+    geometry: ConvGeometry
     pool: tuple[int, int] | None
     pool_kind: str | None
     bias: bool
@@ -42,8 +42,7 @@ class BlockShape:
     @property
     def conv_shape(self) -> tuple[int, int, int]:
         _, h, w = self.in_shape
-        (kh, kw), (sy, sx), (py, px) = self.kernel, self.stride, self.padding
-        return self.channels, (h + 2 * py - kh) // sy + 1, (w + 2 * px - kw) // sx + 1
+        return (self.channels, *self.geometry.out_size((h, w), self.kernel))
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -89,7 +88,7 @@ class BlockShape:
 def block_shape(blk: ConvBlock) -> BlockShape:
     return BlockShape(
         name=blk.name, in_shape=tuple(blk.in_shape), channels=blk.conv_shape[0], kernel=blk.conv.kernel,
-        stride=tuple(blk.conv.stride), padding=tuple(blk.conv.padding),
+        geometry=blk.conv.geometry,
         pool=None if blk.pool is None else tuple(blk.pool.kernel),
         pool_kind=None if blk.pool is None else blk.pool.kind,
         bias=blk.conv.bias is not None, batch_norm=blk.bn is not None,

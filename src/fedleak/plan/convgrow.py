@@ -35,7 +35,7 @@ class GrownBlock:
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """The block's output for inputs ``a`` (n x C_in x H x W)."""
-        z = torch.relu(F.conv2d(a, self.weight, self.bias, stride=self.shape.stride, padding=self.shape.padding))
+        z = torch.relu(self.shape.geometry.conv(a, self.weight, self.bias))
         if self.shape.pool is None:
             return z
         pool = F.max_pool2d if self.shape.pool_kind == "max" else F.avg_pool2d

@@ -124,8 +124,7 @@ def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray, hint: float 
         if not tight:
             v = np.zeros(blk.conv_dim)
             v[rows] = rhs
-            matvec = normal_product(ab, gram.order, blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.stride,
-                                    blk.conv.padding, w)
+            matvec = normal_product(ab, gram.order, blk.folded(F64)[0].cpu(), blk.in_shape, blk.conv.geometry, w)
             if not prove:
                 x = plain_lstsq(ab, gram.order, matvec, blk.unrolled_transpose_times(v))
                 if x is not None:
