@@ -24,6 +24,7 @@ class Config:
     momentum: bool = False  # SGD with momentum 0.9 instead of plain SGD
     standardise: bool = False  # inputs standardised with the data set's mean and standard deviation, as users do
     conv1d: tuple[int, int] | None = None  # (channels, kernel) of a Conv1d reading each sample as one signal
+    conv2d: tuple[int, ...] = ()  # the channels of 3 x 3 Conv2d blocks (padding 1, ReLU) before the dense layers
     smoothing: float = 0.0  # the client's cross-entropy's label smoothing ...
     told: bool = True  # ... which the attack is told, or reads off the update (class weights: or is not told)
     weighted: bool = False  # class weights F.cross_entropy(weight=w), w log-uniform in [1/4, 4] per batch
@@ -74,6 +75,10 @@ CONFIGS = {
     "lfw-2-trained-standardised": Config("lfw", (1024,), standardise=True, trained=1000),
     "lfw-2-conv1d": Config("lfw", (1024,), conv1d=(4, 5)),
     "digits-10-conv1d": Config("digits", (512,), conv1d=(8, 5)),
+    # two conv blocks: the lower one is solved from the upper one's proven error
+    "lfw-2-conv2d": Config("lfw", (512,), conv2d=(6, 32)),
+    "fashion-10-conv2d": Config("fashion-mnist", (512,), conv2d=(6, 32)),
+    "lfw-2-conv2d-fedavg": Config("lfw", (512,), lr=0.1, conv2d=(6, 32)),
     # label smoothing: off its label a loss vector is p - s/K (no sign to read the label from), and a confident
     # sample's is nearly onehot(prediction) - target, shared by every confident sample of its label and prediction
     "fashion-10-smooth0.1": Config("fashion-mnist", (1024,), smoothing=0.1),

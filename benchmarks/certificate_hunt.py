@@ -50,7 +50,8 @@ def malicious(model: nn.Module, cfg: Config, public: torch.Tensor, seed: int) ->
 
 def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, gen: np.random.Generator,
           conv1d: tuple[int, int] | None = None, norm: torch.Tensor | None = None, norm_input: bool = False,
-          norm_hidden: bool = True, after_relu: bool = False) -> nn.Module:
+          norm_hidden: bool = True, after_relu: bool = False, conv2d: tuple[int, ...] = (),
+          maps: tuple[int, ...] = ()) -> nn.Module:
     """The ground's MLP; with ``norm`` (a sample of the data as the model sees it), an eval-mode BatchNorm1d on every
     hidden Linear layer (``norm_hidden``; after its ReLU where ``after_relu``) and on the input (``norm_input``), its
     running statistics those of ``norm`` and its gamma, beta drawn around 1 and 0."""
@@ -62,6 +63,12 @@ def build(d_in: int, widths: tuple[int, ...], k: int, seed: int, shift: float, g
         layers += [nn.Unflatten(1, (1, d_in)), nn.Conv1d(1, channels, kernel, padding=kernel // 2), nn.ReLU(),
                    nn.Flatten()]
         prev = channels * d_in
+    if conv2d:  # 3 x 3 Conv2d blocks (padding 1) on the images (``maps``: one sample's C x H x W)
+        layers.append(nn.Unflatten(1, maps))
+        for c_in, c_out in zip((maps[0], *conv2d), conv2d):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+        layers.append(nn.Flatten())
+        prev = conv2d[-1] * d_in // maps[0]
     for w in widths:
         bn = [nn.BatchNorm1d(w, momentum=None)] if norm is not None and norm_hidden else []
         layers += [nn.Linear(prev, w), nn.ReLU(), *bn] if after_relu else [nn.Linear(prev, w), *bn, nn.ReLU()]
@@ -127,7 +134,8 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
     seen = (data.x - mean) / std * cfg.scale  # the inputs as the model sees them
     norm = seen[torch.as_tensor(gen.choice(len(data), size=512))] if cfg.norm or cfg.norm_input else None
     trained = [inside(train(build(d_in, cfg.widths, k, s, cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input,
-                                  cfg.norm, cfg.after_relu), seen, data.y, cfg.trained, s)) for s in range(4)] \
+                                  cfg.norm, cfg.after_relu, cfg.conv2d, data.input_shape), seen, data.y, cfg.trained,
+                            s)) for s in range(4)] \
         if cfg.trained else []
     for b in range(batches):
         M = int(gen.integers(2, cfg.max_batch + 1))
@@ -135,7 +143,7 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         x, y = (data.x[idx] if cfg.inside else (data.x[idx] - mean) / std * cfg.scale), data.y[idx]
         model = trained[b % 4] if trained else inside(build(d_in, cfg.widths, k, int(gen.integers(0, 2**31)),
                                                             cfg.shift, gen, cfg.conv1d, norm, cfg.norm_input, cfg.norm,
-                                                            cfg.after_relu))
+                                                            cfg.after_relu, cfg.conv2d, data.input_shape))
         if cfg.attack != "auto":
             others = torch.as_tensor(gen.choice(np.setdiff1d(np.arange(len(data)), idx.numpy()), size=500))
             model = malicious(model, cfg, (data.x[others] - mean) / std * cfg.scale, int(gen.integers(0, 2**31)))
@@ -172,7 +180,7 @@ def hunt(name: str, cfg: Config, batches: int, seed: int) -> dict:
         count.update({"learning_rate": cfg.lr} if cfg.pseudo else {})
         if cfg.attack == "auto":
             rec = fedleak.reconstruct(model, update, **(told if cfg.told else {}), **count,
-                                      **({"input_shape": data.input_shape} if cfg.conv1d else {}))
+                                      **({"input_shape": data.input_shape} if cfg.conv1d or cfg.conv2d else {}))
             certifiable = fedleak.analyze_exclusivity(model, x, y).certifiable
         else:  # every sample counts: which ones a trap row or a bin isolates is the server's luck
             rec = fedleak.reconstruct(model, update, attack=cfg.attack, **count)
@@ -250,6 +258,8 @@ def render(files: list[Path]) -> None:
             widths = "-".join(map(str, cfg["widths"]))
             if cfg.get("conv1d"):
                 widths = f"Conv1d {cfg['conv1d'][0]} ch, kernel {cfg['conv1d'][1]}; {widths}"
+            if cfg.get("conv2d"):
+                widths = f"3x3 Conv2d {', '.join(map(str, cfg['conv2d']))} ch; {widths}"
             if cfg.get("norm"):
                 widths += (", each with an eval-mode BatchNorm1d" + (" after its ReLU" * cfg.get("after_relu", 0))
                            + (" and one on the input" * cfg.get("norm_input", 0)))

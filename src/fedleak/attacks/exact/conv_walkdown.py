@@ -138,6 +138,28 @@ def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray, hint: float 
     return x, (system.sigma_lower() if x is not None and prove else 0.0), math.nan, prove
 
 
+def _proven_rows(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions, out_err2: float,
+                 hint: float | None, tight: bool) -> BlockSolve | None:
+    """:func:`invert_block` of an unpooled block from the units whose value exceeds its float32 noise plus the whole
+    error propagated from the block above (``out_err2``, a 2-norm): each is active for every input the observed
+    output may come from, so its equation holds for it. None where they are too few, rank deficient or their
+    ``sigma_min`` is not proven (the caller then solves from more units, unproven)."""
+    n = blk.in_dim
+    rows = np.nonzero(out > out_err + out_err2)[0]
+    if len(rows) < n:
+        return None
+    c = blk.affine[1]
+    rhs = out[rows] - c[rows]
+    x, sigma, lam, precise = solve_active(blk, rows, rhs, hint, tight, True)
+    if x is None or sigma <= 0:
+        return None
+    noise = float(np.linalg.norm(out_err[rows] + rounding_bound(blk, x, opts, rows))) + out_err2
+    resid = float(np.linalg.norm(blk.unrolled_times(x)[rows] - rhs))
+    margin = float((out[rows] - out_err[rows]).min(initial=math.inf))
+    return BlockSolve(x, True, (resid + noise) / sigma, sigma, len(rows), n, "solved from the proven active units",
+                      lam, rows, resid + noise, margin, precise)
+
+
 def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions,
                  out_err2: float = 0.0, hint: float | None = None, tight: bool = False, prove: bool = True
                  ) -> BlockSolve:
@@ -153,10 +175,15 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
     A, c = blk.affine
     n = blk.in_dim
     if blk.pool is None:
-        # surely active units; when the propagated error is too large to tell, rows are picked with a practical
+        # surely active units; when the propagated error is too large to tell, the units above it alone (proven
+        # active) are solved and proven where they determine the input, else rows are picked with a practical
         # threshold and the solve is kept (for the fallback) but not proven
         practical = 1e-6 * float(np.abs(out).max(initial=0.0))
         sure = out_err2 <= max(practical, 1e-300) or out_err2 == 0.0
+        if not sure and prove and math.isfinite(out_err2):
+            proven = _proven_rows(blk, out, out_err, opts, out_err2, hint, tight)
+            if proven is not None:
+                return proven
         rows = np.nonzero(out > out_err + (out_err2 if sure else practical))[0]
         if len(rows) < n:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
