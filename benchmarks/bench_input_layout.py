@@ -16,16 +16,14 @@ Results go to ``benchmarks/results/bench_input_layout.json``.
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from run_meta import run_meta, write_results
+from run_meta import run_meta, seeded_arguments, write_results
 from torch import nn
 from torch.nn import functional as F
+from twin_runs import print_report, timed_in_turn, twin_totals
 
 import fedleak
 
@@ -88,11 +86,7 @@ def attack(model: nn.Module, update, stored: tuple[int, ...]) -> fedleak.Reconst
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = seeded_arguments(__doc__, RESULTS)
     rows, timing, fishing = [], [], []
     for kind in MODELS:
         for seed in range(args.seed, args.seed + 3):
@@ -126,27 +120,12 @@ def main() -> None:
         x, y = signals(4, 300)
         u = fedleak.compute_gradient_update(model, x, y)
         ut = fedleak.compute_gradient_update(twin, x.transpose(1, 2), y)
-        times = {"model": [], "twin": []}
-        for _ in range(17):
-            for name, m, upd, shape in (("model", model, u, (T, C)), ("twin", twin, ut, (C, T))):
-                start = time.perf_counter()
-                attack(m, upd, shape)
-                times[name].append(time.perf_counter() - start)
-        timing.append({"model": kind, "batch": 4, **{f"{k}_ms": 1000 * statistics.median(v[2:])
-                                                      for k, v in times.items()}})
-    totals = {"cells": len(rows), "certified": sum(r["certified"] for r in rows),
-              "twin_certified": sum(r["twin_certified"] for r in rows), "false": sum(r["false"] for r in rows),
-              "cells_differing": sum(not r["same_samples"] for r in rows),
-              "max_input_difference": max((r["max_input_difference"] or 0.0) for r in rows)}
+        timing.append({"model": kind, "batch": 4, **timed_in_turn({"model": lambda: attack(model, u, (T, C)),
+                                                                     "twin": lambda: attack(twin, ut, (C, T))})})
+    totals = twin_totals(rows)
     meta = run_meta(f"python benchmarks/bench_input_layout.py --seed {args.seed}", seed=args.seed)
     write_results(args.out, meta=meta, totals=totals, timing=timing, fishing=fishing, rows=rows)
-    print(totals)
-    print("| model | attack ms, permuted | attack ms, twin |")
-    for t in timing:
-        print(f"| {t['model']} | {t['model_ms']:.1f} | {t['twin_ms']:.1f} |")
-    for f in fishing:
-        print(f)
-
+    print_report(totals, timing, fishing, "permuted")
 
 if __name__ == "__main__":
     main()

@@ -19,15 +19,13 @@ Results go to ``benchmarks/results/bench_layout_fold.json``.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from run_meta import run_meta, write_results
+from run_meta import run_meta, seeded_arguments, write_results
 from torch import nn
 from torch.nn import functional as F
+from twin_runs import print_report, timed_in_turn, twin_totals
 
 import fedleak
 
@@ -106,11 +104,7 @@ def attack(model: nn.Module, update) -> fedleak.Reconstruction:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = seeded_arguments(__doc__, RESULTS)
     data = fedleak.load_dataset("fashion-mnist")
     rows, timing, fishing = [], [], []
     for kind in MODELS:
@@ -146,27 +140,12 @@ def main() -> None:
         x, y = data.batch(4, seed=300)
         x = x.reshape(4, 1, 28, 28)
         u, ut = (fedleak.compute_gradient_update(m, x, y) for m in (model, twin))
-        times = {"model": [], "twin": []}
-        for _ in range(17):
-            for name, m, upd in (("model", model, u), ("twin", twin, ut)):
-                start = time.perf_counter()
-                attack(m, upd)
-                times[name].append(time.perf_counter() - start)
-        timing.append({"model": kind, "batch": 4, **{f"{k}_ms": 1000 * statistics.median(v[2:])
-                                                      for k, v in times.items()}})
-    totals = {"cells": len(rows), "certified": sum(r["certified"] for r in rows),
-              "twin_certified": sum(r["twin_certified"] for r in rows), "false": sum(r["false"] for r in rows),
-              "cells_differing": sum(not r["same_samples"] for r in rows),
-              "max_input_difference": max((r["max_input_difference"] or 0.0) for r in rows)}
+        timing.append({"model": kind, "batch": 4, **timed_in_turn({"model": lambda: attack(model, u),
+                                                                     "twin": lambda: attack(twin, ut)})})
+    totals = twin_totals(rows)
     meta = run_meta(f"python benchmarks/bench_layout_fold.py --seed {args.seed}", seed=args.seed)
     write_results(args.out, meta=meta, totals=totals, timing=timing, fishing=fishing, rows=rows)
-    print(totals)
-    print("| model | attack ms, changed | attack ms, twin |")
-    for t in timing:
-        print(f"| {t['model']} | {t['model_ms']:.1f} | {t['twin_ms']:.1f} |")
-    for f in fishing:
-        print(f)
-
+    print_report(totals, timing, fishing, "changed")
 
 if __name__ == "__main__":
     main()

@@ -15,12 +15,11 @@ Results go to ``benchmarks/results/bench_padding.json``.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
 import torch
-from run_meta import run_meta, write_results
+from run_meta import run_meta, seeded_arguments, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -73,11 +72,7 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> fedleak.Recons
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = seeded_arguments(__doc__, RESULTS)
     warnings.filterwarnings("ignore", message="Using padding='same' with even kernel")
     data = {"fashion-mnist": fedleak.load_dataset("fashion-mnist"), "lfw": fedleak.load_dataset("lfw")}
     rows = []

@@ -17,12 +17,11 @@ Results go to ``benchmarks/results/hunt_fishing_maps.json``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 
 import torch
-from run_meta import run_meta, write_results
+from run_meta import run_meta, seeded_arguments, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -72,11 +71,7 @@ def statistics(data: fedleak.Dataset, kind: str) -> tuple[torch.Tensor, torch.Te
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = seeded_arguments(__doc__, RESULTS)
     totals = {"batches": 0, "samples": 0, "certified": 0, "exact": 0, "false": 0}
     rows = []
     for name, arch, kind, size, rep in itertools.product(DATA, ARCHS, MAPS, (4, 16), (0, 1)):

@@ -4,6 +4,7 @@ and the file itself, written atomically."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -35,3 +36,14 @@ def write_results(path: Path, **content: object) -> None:
     """``content`` (its ``meta`` first) as ``path``'s JSON, written atomically, the folder made where missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(content, indent=1))
+
+
+def seeded_arguments(doc: str, results: Path) -> argparse.Namespace:
+    """The command line of a benchmark that takes a ``--seed`` and an ``--out`` file (default ``results``), its help
+    ``doc``; torch pinned to one thread, as every benchmark runs it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=results)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    return args

@@ -30,6 +30,7 @@ from fedleak.nets.frontend import converter_key, input_shape_of
 from fedleak.nets.graph_reads import layer_weight
 from fedleak.nets.input_shapes import PROBE_BATCH, probe
 from fedleak.nets.layers import BatchNorm
+from fedleak.nets.norm_fold import linear_twin
 from fedleak.nets.ops import CONVERTERS, EXACT_SCOPE
 
 _PASSED = (reshape, identity, dropout)  # what the chain from the change to the layer may hold besides changes
@@ -76,16 +77,8 @@ class LayoutFold:
 
     def twin(self, lin: nn.Linear) -> nn.Linear:
         """The ``Linear`` layer that reads the maps as they are: ``lin`` with its columns reordered, the same bias."""
-        out = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=lin.weight.device,
-                        dtype=lin.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(lin.weight.detach()[:, self.columns.to(lin.weight.device)])
-            if lin.bias is not None:
-                out.bias.copy_(lin.bias.detach())
-        out.weight.requires_grad_(lin.weight.requires_grad)
-        if lin.bias is not None:
-            out.bias.requires_grad_(lin.bias.requires_grad)
-        return out
+        bias = None if lin.bias is None else lin.bias.detach()
+        return linear_twin(lin, self.reorder(lin.weight.detach()), bias)
 
     def reorder(self, matrix: torch.Tensor) -> torch.Tensor:
         """A tensor of the layer's weight's shape (a gradient, a change, its rounding), its columns in the twin's
@@ -190,8 +183,14 @@ def check_same_outputs(model: nn.Module, twin: nn.Module, shape: tuple[int, ...]
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     x = torch.rand(PROBE_BATCH, *shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
-    with buffers_kept(model), torch.no_grad():
-        out, again = per_sample_logits(model(x), PROBE_BATCH), per_sample_logits(twin(x), PROBE_BATCH)
+    modes = [(m, m.training) for m in model.modules()]  # (in eval mode: a training-mode Dropout is refused later)
+    try:
+        with buffers_kept(model), torch.no_grad():
+            model.eval()
+            out, again = per_sample_logits(model(x), PROBE_BATCH), per_sample_logits(twin(x), PROBE_BATCH)
+    finally:
+        for module, training in modes:
+            module.training = training
     tol = 1e-4 * float(out.abs().max()) + 1e-6
     if out.shape != again.shape or float((out - again).abs().max()) > tol:
         raise ModelError(f"{'; '.join(what)}: the model read with the maps flattened as they are does not compute "

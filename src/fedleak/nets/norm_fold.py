@@ -51,12 +51,18 @@ def norm_affine(name: str, bn: nn.BatchNorm1d, zero_gamma: str) -> NormAffine:
     return NormAffine(scale, shift, bn.running_mean.detach().to(F64), std)
 
 
-def linear_twin(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor, bias_trained: bool) -> nn.Linear:
-    """A ``Linear`` layer shaped as ``lin``, with ``weight`` and ``bias`` (float64, rounded once to its dtype)."""
-    out = nn.Linear(lin.in_features, lin.out_features, bias=True, device=lin.weight.device, dtype=lin.weight.dtype)
+def linear_twin(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None,
+                bias_trained: bool | None = None) -> nn.Linear:
+    """A ``Linear`` layer shaped as ``lin``, with ``weight`` and ``bias`` (None: none; each rounded once to its dtype),
+    its weight trained where ``lin``'s is, its bias where ``bias_trained`` says (None: where ``lin``'s is)."""
+    out = nn.Linear(lin.in_features, lin.out_features, bias=bias is not None, device=lin.weight.device,
+                    dtype=lin.weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
-        out.bias.copy_(bias)
+        if bias is not None:
+            out.bias.copy_(bias)
     out.weight.requires_grad_(lin.weight.requires_grad)
-    out.bias.requires_grad_(bias_trained)
+    if bias is not None:
+        out.bias.requires_grad_(bias_trained if bias_trained is not None else
+                                lin.bias is not None and lin.bias.requires_grad)
     return out

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from fedleak.nets.graph_reads import op_key
 from fedleak.nets.layers import BatchNorm
-from fedleak.nets.norm_fold import ScaledRows
+from fedleak.nets.norm_fold import ScaledRows, linear_twin
 
 F64 = torch.float64
 
@@ -73,16 +73,8 @@ class AffineFold(ScaledRows):
     def twin(self, lin: nn.Linear) -> nn.Linear:
         """The ``Linear`` layer that computes ``lin`` then the map (float64 products, rounded once to its dtype)."""
         a, c = self.scale.to(lin.weight.device), self.shift.to(lin.weight.device)
-        out = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=lin.weight.device,
-                        dtype=lin.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(a[:, None] * lin.weight.detach().to(F64))
-            if lin.bias is not None:
-                out.bias.copy_(a * lin.bias.detach().to(F64) + c)
-        out.weight.requires_grad_(lin.weight.requires_grad)
-        if lin.bias is not None:
-            out.bias.requires_grad_(lin.bias.requires_grad)
-        return out
+        bias = None if lin.bias is None else a * lin.bias.detach().to(F64) + c
+        return linear_twin(lin, a[:, None] * lin.weight.detach().to(F64), bias)
 
     def read(self, model: nn.Module, grads: dict[str, torch.Tensor]) -> str:
         """Replace the layer's entries of ``grads`` by the twin's, in place (each row over its scale, in float64,
