@@ -139,25 +139,28 @@ def solve_active(blk: ConvBlock, rows: np.ndarray, rhs: np.ndarray, hint: float 
 
 
 def _proven_rows(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions, out_err2: float,
-                 hint: float | None, tight: bool) -> BlockSolve | None:
+                 hint: float | None, tight: bool) -> tuple[BlockSolve | None, str]:
     """:func:`invert_block` of an unpooled block from the units whose value exceeds its float32 noise plus the whole
     error propagated from the block above (``out_err2``, a 2-norm): each is active for every input the observed
-    output may come from, so its equation holds for it. None where they are too few, rank deficient or their
-    ``sigma_min`` is not proven (the caller then solves from more units, unproven)."""
+    output may come from, so its equation holds for it. ``(None, why)`` where they are too few, rank deficient or
+    leave ``sigma_min`` unproven (the caller then solves from more units, unproven)."""
     n = blk.in_dim
     rows = np.nonzero(out > out_err + out_err2)[0]
+    why = (f"the error from the layer above ({out_err2:.1e}) leaves {len(rows)} units proven active for {n} "
+           "unknowns, which")
     if len(rows) < n:
-        return None
+        return None, f"{why} are too few"
     c = blk.affine[1]
     rhs = out[rows] - c[rows]
     x, sigma, lam, precise = solve_active(blk, rows, rhs, hint, tight, True)
     if x is None or sigma <= 0:
-        return None
+        failed = "rank deficient" if x is None else "sigma_min unproven"
+        return None, f"{why} do not determine its input provably ({failed})"
     noise = float(np.linalg.norm(out_err[rows] + rounding_bound(blk, x, opts, rows))) + out_err2
     resid = float(np.linalg.norm(blk.unrolled_times(x)[rows] - rhs))
     margin = float((out[rows] - out_err[rows]).min(initial=math.inf))
     return BlockSolve(x, True, (resid + noise) / sigma, sigma, len(rows), n, "solved from the proven active units",
-                      lam, rows, resid + noise, margin, precise)
+                      lam, rows, resid + noise, margin, precise), ""
 
 
 def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: ExclusivityOptions,
@@ -180,10 +183,12 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         # threshold and the solve is kept (for the fallback) but not proven
         practical = 1e-6 * float(np.abs(out).max(initial=0.0))
         sure = out_err2 <= max(practical, 1e-300) or out_err2 == 0.0
+        unproven = "the error from the layer above leaves the active set unproven"
         if not sure and prove and math.isfinite(out_err2):
-            proven = _proven_rows(blk, out, out_err, opts, out_err2, hint, tight)
+            proven, why = _proven_rows(blk, out, out_err, opts, out_err2, hint, tight)
             if proven is not None:
                 return proven
+            unproven = why
         rows = np.nonzero(out > out_err + (out_err2 if sure else practical))[0]
         if len(rows) < n:
             return BlockSolve(None, False, math.inf, 0.0, len(rows), n,
@@ -199,7 +204,7 @@ def invert_block(blk: ConvBlock, out: np.ndarray, out_err: np.ndarray, opts: Exc
         bound = (resid + noise) / sigma if proven else math.inf
         reason = ("solved from the active units" if proven else UNASKED if not prove else
                   "no proven lower bound on sigma_min" if sigma <= 0 else
-                  "solved, but the error from the layer above leaves the active set unproven")
+                  f"solved, but {unproven}")
         margin = float((out[rows] - out_err[rows]).min(initial=math.inf))
         return BlockSolve(x, proven, bound, sigma, len(rows), n, reason, lam, rows, resid + noise, margin, precise)
     # ---- pooled block: iterate the activation pattern, then prove uniqueness (convexity + Gordan) -----------
