@@ -101,7 +101,7 @@ def test_a_dropout_before_the_padding_still_withholds_the_certificates(digits):
 
 
 @pytest.mark.parametrize("pad, channels, match", [
-    (lambda a: F.pad(a, (1, 1, 1, 1), mode="reflect"), 1, "only zero padding"),
+    (lambda a: F.pad(a, (1, 1, 1, 1), mode="reflect"), 1, "reflect padding fills the border with copies"),
     (lambda a: F.pad(a, (1, 1, 1, 1), value=1.0), 1, "only zero padding"),
     (lambda a: F.pad(a, (1, 1, 1, 1, 1, 1)), 3, "only padding of the maps' own dimensions"),
 ])
@@ -187,3 +187,12 @@ def test_a_causal_or_even_same_padded_conv_certifies_samples_none_false(digits, 
     rec = fedleak.reconstruct(model, sized_gradient(model, x, y), attack="exclusivity")
     score = fedleak.metrics.match(rec, x, y)
     assert rec.num_certified >= 4 and score.false_certificates == 0 and int(score.exact.sum()) >= rec.num_certified
+
+
+@pytest.mark.parametrize("module, mode", [(nn.ReflectionPad2d(1), "reflect"), (nn.ReplicationPad2d(1), "replicate"),
+                                          (nn.CircularPad2d(1), "circular")])
+def test_a_padding_module_that_copies_the_border_is_refused_saying_so(module, mode):
+    model = nn.Sequential(module, nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 32), nn.ReLU(),
+                          nn.Linear(32, 10))
+    with pytest.raises(ModelError, match=f"node '0' \\({type(module).__name__}\\): {mode} padding fills the border"):
+        as_network(model, input_shape=(1, 8, 8))

@@ -258,19 +258,30 @@ def reshape(op: Op) -> Reshape | None:
     return None if op.out_shape == op.in_shape else Reshape(op.node, op.out_shape)
 
 
-@converts(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, F.pad)
+# the padding modules' modes, as F.pad names them
+PAD_MODES = {nn.ZeroPad1d: "constant", nn.ZeroPad2d: "constant", nn.ConstantPad1d: "constant",
+             nn.ConstantPad2d: "constant", nn.ReflectionPad1d: "reflect", nn.ReflectionPad2d: "reflect",
+             nn.ReplicationPad1d: "replicate", nn.ReplicationPad2d: "replicate", nn.CircularPad1d: "circular",
+             nn.CircularPad2d: "circular"}
+
+
+@converts(*PAD_MODES, F.pad)
 def pad(op: Op) -> Pad | None:
     """Zero padding of maps or signals (``nn.ZeroPad2d(2)``, ``F.pad(x, (2, 2, 2, 2))`` before a LeNet's first conv;
     ``F.pad(x, (k - 1, 0))`` before a causal ``Conv1d``): read into the convolution that follows it
-    (:func:`~fedleak.nets.network.assemble`). Another value or mode, or padded channels: refused."""
+    (:func:`~fedleak.nets.network.assemble`). Another value or mode (reflection, replication, circular: the border
+    then repeats pixels of the image), or padded channels: refused, saying so."""
     m = op.module
     sides = tuple(m.padding) if m is not None else op.arg(0, "pad")
-    value = m.value if m is not None else op.arg(2, "value")
-    mode = "constant" if m is not None else op.arg(1, "mode", "constant")
+    value = getattr(m, "value", None) if m is not None else op.arg(2, "value")
+    mode = PAD_MODES[type(m)] if m is not None else op.arg(1, "mode", "constant")
     maps = len(op.in_shape) - 1  # (C, H, W) maps or (C, L) signals
-    if mode != "constant" or value not in (None, 0) or maps not in (1, 2):
-        raise op.refuse(f"only zero padding of (C, H, W) maps or (C, L) signals is read (here mode {mode!r}, value "
-                        f"{value}, on {op.in_shape} inputs); {EXACT_SCOPE}")
+    if mode != "constant":
+        raise op.refuse(f"{mode} padding fills the border with copies of the maps' own values, which no convolution's "
+                        f"zero padding computes: only zero padding is read; {EXACT_SCOPE}")
+    if value not in (None, 0) or maps not in (1, 2):
+        raise op.refuse(f"only zero padding of (C, H, W) maps or (C, L) signals is read (here the value {value}, on "
+                        f"{op.in_shape} inputs); {EXACT_SCOPE}")
     if not isinstance(sides, (tuple, list)) or len(sides) > 2 * maps or len(sides) % 2 \
             or any(not isinstance(p, int) or p < 0 for p in sides):
         raise op.refuse(f"pads {sides}: only padding of the maps' own dimensions, by whole numbers of 0 or more, is "
