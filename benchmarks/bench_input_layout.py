@@ -127,5 +127,6 @@ def main() -> None:
     write_results(args.out, meta=meta, totals=totals, timing=timing, fishing=fishing, rows=rows)
     print_report(totals, timing, fishing, "permuted")
 
+
 if __name__ == "__main__":
     main()
