@@ -343,6 +343,19 @@ def test_samples_found_but_not_rebuilt_are_never_paired():
     assert m.matched.tolist() == [0, -1] and np.isnan(m.psnr[1])
 
 
+def test_samples_none_of_them_rebuilt_score_nothing():
+    """Every sample found and none rebuilt (an attack's conv layers underdetermined, no fallback): nothing is paired
+    (match raised torch's reshape error on the empty pairing)."""
+    from fedleak.reconstruction import Reconstruction, SampleRecovery
+
+    originals = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    samples = tuple(SampleRecovery(k, False, "underdetermined conv block", rebuilt=False) for k in range(2))
+    rec = Reconstruction(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), torch.tensor([False, False]), "x", samples)
+    m = fedleak.metrics.match(rec, originals, torch.tensor([0, 1]), data_range=(0.0, 1.0))
+    assert m.matched.tolist() == [-1, -1] and np.isnan(m.psnr).all() and m.false_certificates == 0
+    assert m.recovered_fraction == 0.0
+
+
 def test_soft_labels_are_scored_as_their_top_class(digits):
     """What a MixUp client trains on (soft labels): match takes them as the evaluation does (it raised numpy's
     broadcast error)."""

@@ -317,6 +317,7 @@ def match(
     out_allowed = np.full(n_orig, tol)
     label_ok = np.zeros(n_orig, dtype=bool)
     certified = np.zeros(n_orig, dtype=bool)
+    rows = np.zeros(0, dtype=np.int64)  # the originals paired with a reconstruction
     if n_rec:
         cost = _finite_costs(torch.cdist(flat_o, flat_r).pow(2).numpy() / flat_o.shape[1])
         if n_cert:
@@ -337,6 +338,7 @@ def match(
             r, c = linear_sum_assignment(sub + (float(sub.sum()) + 1.0) * ~near)
             matched[free[r]] = rest[c]
         rows = np.nonzero(matched >= 0)[0]
+    if len(rows):  # (none where every sample came back unrebuilt and uncertified)
         cols = matched[rows]
         a, b = orig[rows], rec[cols]
         out_mse[rows] = mse(a, b).numpy()
