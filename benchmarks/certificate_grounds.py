@@ -79,6 +79,9 @@ CONFIGS = {
     "lfw-2-conv2d": Config("lfw", (512,), conv2d=(6, 32)),
     "fashion-10-conv2d": Config("fashion-mnist", (512,), conv2d=(6, 32)),
     "lfw-2-conv2d-fedavg": Config("lfw", (512,), lr=0.1, conv2d=(6, 32)),
+    # ... at smaller rates, where the change's rounding is a larger part of the features read from it
+    "lfw-2-conv2d-fedavg-lr0.01": Config("lfw", (512,), lr=0.01, conv2d=(6, 32)),
+    "fashion-10-conv2d-fedavg": Config("fashion-mnist", (512,), lr=0.05, conv2d=(6, 32)),
     # label smoothing: off its label a loss vector is p - s/K (no sign to read the label from), and a confident
     # sample's is nearly onehot(prediction) - target, shared by every confident sample of its label and prediction
     "fashion-10-smooth0.1": Config("fashion-mnist", (1024,), smoothing=0.1),

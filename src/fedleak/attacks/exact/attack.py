@@ -33,7 +33,7 @@ from fedleak.nets.dense_norms import FoldedModel, fold_dense_norms
 from fedleak.nets.exact_view import exact_view
 from fedleak.nets.input_map import InputMap
 from fedleak.nets.network import check_head_trainable
-from fedleak.precision import FLOAT32, Precision, update_precision
+from fedleak.precision import Precision, update_precision
 from fedleak.reconstruction import Reconstruction
 from fedleak.updates import GradientUpdate, WeightUpdate, as_gradient_update
 from fedleak.weight_change import UNSIGNED, either_sign
@@ -117,7 +117,7 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
     if update.error or precision.coarse or rebuilt:  # the tolerances grow beyond the gradient's own float32 noise
         noise = {n: gradient_noise(g, update.error) for n, g in update.gradients.items()} | rebuilt
     rec = within_conv_model(run_exclusivity(model, net, update, opts, noise=noise, precision=precision), net,
-                            update.error, precision, frozenset(rebuilt))
+                            precision)
     if rebuilt and opts.defense:
         rec = rec.withdraw(REBUILT_DEFENDED)
     rec = with_negated_hint(model, update.gradients, rec)
@@ -128,7 +128,7 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
     penalty = read_penalty(model, net, update, noise)
     if penalty is not None:  # an L2 penalty in the client's loss: every weight's gradient holds a multiple of it
         again = within_conv_model(run_exclusivity(model, net, penalty.update, opts, noise=penalty.noise,
-                                                  precision=precision), net, update.error, precision)
+                                                  precision=precision), net, precision)
         if (again.num_certified, len(again)) > (rec.num_certified, len(rec)):
             return replace(again, notes=(*again.notes, penalty.describe()))
     # a defense the client did not declare, which the update shows (per-layer clipping leaves nothing certified)
@@ -139,7 +139,7 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
     if plan.refusal:  # withdrawn where the values prove the defense; a mere hypothesis leaves the result as it is
         return ExactPlan(refusal=f"{read.evidence}; {plan.refusal}").finish(rec) if read.certain else rec
     again = within_conv_model(run_exclusivity(model, net, update, replace(opts, defense=DefenseStack.of(read.defense)),
-                                              noise=noise, precision=precision), net, update.error, precision)
+                                              noise=noise, precision=precision), net, precision)
     if again.num_certified <= rec.num_certified:
         return rec
     return replace(again, notes=(*again.notes, f"{read.evidence}: read as {read.defense.label}, which the client did "
@@ -213,9 +213,7 @@ def _on_weights(model: nn.Module, update: WeightUpdate, input_shape: tuple[int, 
         delta, noise = at_learning_rate(delta, noise, lr)
     grads = GradientUpdate(delta, num_examples=update.num_examples)
     positive = not update.metadata.get(UNSIGNED)  # before - after is the learning rate times the gradient
-    rec = within_conv_model(run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive,
-                                            unsigned=not positive), net, update.error,
-                            rebuilt=frozenset(f.weight for f in view.fold.weight_norms) if view.fold else frozenset())
+    rec = run_exclusivity(at_before, net, grads, opts, noise=noise, positive=positive, unsigned=not positive)
     rec = rec.withdraw(unfit) if unfit else rec
     notes = (decay.describe(),) if decay is not None else ()
     if lr is not None:
@@ -277,24 +275,16 @@ def in_first_layer(opts: ExclusivityOptions, input_map: InputMap | None) -> Excl
     return replace(opts, exact_tol=tol, data_range=data_range)
 
 
-def within_conv_model(rec: Reconstruction, net, error: float, precision: Precision = FLOAT32,
-                      rebuilt: frozenset[str] = frozenset()) -> Reconstruction:
-    """``rec``, with its certificates withdrawn where the network has conv blocks, whose inversion's error bound
-    models the gradient's own float32 rounding only, and the update carries more: a known transport ``error``, values
-    of a coarser format (``precision``: sent in float16, computed under autocast), or a dense head weight ``rebuilt``
-    from weight normalisation's gradients (:mod:`~fedleak.attacks.exact.weight_norm_bound`; the names of those
-    rebuilt). A conv layer's rebuilt gradient is read by the whole batch's check only, at its own fixed tolerance:
-    the rebuild's error can make that check fail, not pass."""
+def within_conv_model(rec: Reconstruction, net, precision: Precision) -> Reconstruction:
+    """``rec``, with its certificates withdrawn where the network has conv blocks and the update's values carry a
+    coarser format than float32 (``precision``: sent in float16, computed under autocast): the conv inversion's
+    error bound models a float32 forward pass of the client's. The update's other noise beyond a gradient's own
+    float32 rounding (a weight change's, a known transport error, a dense weight rebuilt from weight normalisation's
+    gradients) enters the head's tolerances and the features' proven error the inversion starts from
+    (:mod:`~fedleak.attacks.exact.feature_noise`); a conv layer's rebuilt gradient is read by the whole batch's check
+    only, at its own fixed tolerance: the rebuild's error can make that check fail, not pass."""
     if not net.blocks:
         return rec
-    head = set(net.head.parameter_names())
-    if rebuilt & head:
-        return rec.withdraw("the dense head's weights rebuilt from weight normalisation's g and v carry a rounding "
-                            "bound beyond a plain gradient's, which the conv inversion's certificate does not model: "
-                            "nothing is certified")
-    if error:
-        return rec.withdraw(f"the update carries a known error of {error:.2e} per entry, which the conv "
-                            "inversion's certificate does not model: nothing is certified")
     if precision.coarse:
         return rec.withdraw(f"{precision.describe()}, whose rounding ({precision.roundoff:.1e} relative) the conv "
                             "inversion's certificate does not model: nothing is certified")

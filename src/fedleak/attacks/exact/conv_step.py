@@ -14,6 +14,7 @@ from torch import nn
 
 from fedleak.attacks.exact.batch_gradient import batch_gradient, gradient_residual
 from fedleak.attacks.exact.candidates import Candidate
+from fedleak.attacks.exact.feature_noise import rounding_reach
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.state import HeadAttack
 from fedleak.nets import Network
@@ -30,12 +31,19 @@ F64 = torch.float64
 class ConvWalk:
     """The conv walk-down of every complete candidate: its chain of block solves, the rebuilt inputs (n x the
     network's input shape, float64, CPU; feature matching where the chain stopped), whether the chain reached
-    the input, and whether that input reproduces the features (float64 and float32)."""
+    the input, whether that input reproduces the features (float64 and float32), and whether the features' error
+    is bounded (a weight change's rounding of them may not be: :func:`~fedleak.attacks.exact.feature_noise.
+    rounding_reach`)."""
 
     chains: list[ChainSolve]
     inputs: torch.Tensor
     solved: list[bool]
     forward_ok: list[bool]
+    bounded: list[bool]
+
+
+UNBOUNDED = ("the weight change's rounding leaves its features without a proven error bound (the head's first Linear "
+             "layer has no bias, or its witness rows' bias entries are within their rounding)")
 
 
 def drop_mixtures(attack: HeadAttack, complete: list[Candidate], reported: int | None
@@ -70,26 +78,33 @@ def walk_and_certify(attack: HeadAttack, net: Network, complete: list[Candidate]
     whole = batch is None or len(complete) >= batch
     prove = [whole or len(c.witnesses[t]) >= opts.min_last for c in complete]
     features = [c.acts[0] for c in complete]
-    walk = walk_conv(net, complete, opts, obs_dtype, prove)
+    reach = [rounding_reach(attack, c) for c in complete]  # a weight delta's rounding of the features
+    walk = walk_conv(net, complete, opts, obs_dtype, prove, reach)
     cert = attack.certify(complete, reported)
     if not all(prove) and cert.batch_size is not None and len(complete) >= cert.batch_size:
         for c, f in zip(complete, features):
             c.acts[0] = f
-        walk = walk_conv(net, complete, opts, obs_dtype)
+        walk = walk_conv(net, complete, opts, obs_dtype, None, reach)
         cert = attack.certify(complete, reported)
     return walk, cert
 
 
 def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions, obs_dtype,
-              prove: list[bool] | None = None) -> ConvWalk:
+              prove: list[bool] | None = None, reach: list[np.ndarray | None] | None = None) -> ConvWalk:
     """Walk each candidate's features down the conv blocks (``prove``: whether to prove each one's chain, all by
-    default); the features of a sample whose chain reached the input become the rebuilt input's own (so the
-    certificate reads what the input really gives)."""
+    default; ``reach``: how far a weight delta's rounding can have moved each one's features, per unit, where the
+    update is one: :func:`~fedleak.attacks.exact.feature_noise.rounding_reach`); the features of a sample whose
+    chain reached the input become the rebuilt input's own (so the certificate reads what the input really gives)."""
     from fedleak.attacks.exact.conv_walkdown import EPS32, feature_matching, invert_chains
 
     eps_obs = float(torch.finfo(obs_dtype).eps) if obs_dtype != F64 else EPS32
     feats = [c.acts[0].cpu().numpy() for c in complete]
-    chains = invert_chains(net, feats, [opts.feature_error(f, eps_obs) for f in feats], opts, prove)
+    reach = [None] * len(complete) if reach is None else reach
+    bounded = [r is None or bool(np.isfinite(r).all()) for r in reach]
+    errors = [opts.feature_error(f, eps_obs) + (0.0 if r is None or not b else r)
+              for f, r, b in zip(feats, reach, bounded)]
+    asked = [b and p for b, p in zip(bounded, prove or bounded)]  # features without a bound: nothing to prove
+    chains = invert_chains(net, feats, errors, opts, asked)
     X = torch.zeros(len(complete), *net.input_shape, dtype=F64)
     solved = [ch.x is not None for ch in chains]
     for k, ch in enumerate(chains):
@@ -101,9 +116,10 @@ def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions,
         feats32 = net.features(X.to(torch.float32), torch.float32).to(F64)
         for k, c in enumerate(complete):
             ok = False
-            if solved[k]:
+            if solved[k]:  # within the features' own rounding, where a weight delta's is known
                 ref = c.acts[0]
-                tol = opts.forward_tol * float(ref.norm().clamp_min(1e-300))
+                own = float(np.linalg.norm(reach[k])) if reach[k] is not None and bounded[k] else 0.0
+                tol = opts.forward_tol * float(ref.norm().clamp_min(1e-300)) + own
                 ok = float((feats64[k] - ref).norm()) <= tol and float((feats32[k] - ref).norm()) <= tol
                 c.acts[0] = feats64[k].clone()
             forward_ok.append(ok)
@@ -112,7 +128,7 @@ def walk_conv(net: Network, complete: list[Candidate], opts: ExclusivityOptions,
         found = feature_matching(net, [(chains[k].lowest_known, chains[k].known) for k in stopped], opts)
         for j, k in enumerate(stopped):
             X[k] = found[j].to(F64)
-    return ConvWalk(chains, X, solved, forward_ok)
+    return ConvWalk(chains, X, solved, forward_ok, bounded)
 
 
 def conv_records(net: Network, complete: list[Candidate], walk: ConvWalk, head: tuple[SampleRecovery, ...],
@@ -124,9 +140,11 @@ def conv_records(net: Network, complete: list[Candidate], walk: ConvWalk, head: 
         conv_solved = tuple(n_blocks - i for i, b in enumerate(ch.blocks) if b.unique)
         # the chain is solved top block first; one solved without proofs fails where a block is not solved
         failing = next((i for i, b in enumerate(ch.blocks) if not b.unique and (ch.prove or b.x is None)), None)
-        if failing is not None:
-            how = ("rebuilt analytically (uncertified)" if walk.solved[k] else
-                   "rebuilt by feature matching (uncertified)" if opts.fallback == "features" else "not rebuilt")
+        how = ("rebuilt analytically (uncertified)" if walk.solved[k] else
+               "rebuilt by feature matching (uncertified)" if opts.fallback == "features" else "not rebuilt")
+        if not walk.bounded[k]:
+            ok, reason = False, f"{UNBOUNDED}; {how}"
+        elif failing is not None:
             layer = net.blocks[n_blocks - 1 - failing].name
             ok, reason = False, f"conv layer '{layer}': {ch.blocks[failing].reason}; {how}"
         elif not ch.prove:  # a sample the head cannot certify alone, in a batch that cannot be certified whole

@@ -162,11 +162,6 @@ def run_pinned(model: nn.Module, net: Network, update: GradientUpdate, opts: Exc
     grads = dict(update.gradients)
     obs_dtype = next(iter(grads.values())).dtype
     reported = update.num_examples
-    if net.blocks:
-        # the conv inversion's error model knows the gradient's own float32 noise only; a weight delta's larger
-        # rounding, let into the head's tolerances, would be amplified through the blocks unaccounted for. So
-        # the head keeps the gradient's tolerances: features a weight delta rounds more coarsely are not certified
-        noise = None
     attack = HeadAttack(head, grads, opts, obs_dtype, noise, precision)
     notes = attack.notes
     read_as, read_caveats = dropout.as_read(net, opts)
