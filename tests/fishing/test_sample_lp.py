@@ -39,6 +39,27 @@ def test_a_unit_held_then_required_on_the_other_side_drops_the_hold():
     assert len(lp.problem.C) == 1  # the rows were rewritten: the hold's row is gone
 
 
+def test_a_unit_held_without_a_region_margin_is_kept_clear_of_zero():
+    """With ``region_margin=0`` (the defaults) a held unit's row was written at zero: the solver's point met it only to
+    its tolerance, 1e-7 on the wrong side, and the forward check failed it with nothing left to move (the exclusivity
+    reduction then dropped every sample of some CNN batches, "rows hold in the LP but not in the forward pass")."""
+    from fedleak.fishing.sample_lp import HOLD_FLOOR
+
+    sn, x0, pattern = _sample_net()
+    lp = SampleLP(sn, x0, pattern, LPSettings())
+    z = sn.preacts(x0)[0]
+    lp.checked = RequirementTable()
+    j = int(np.argmax(z))
+    lp.hold(0, np.array([j]), z)
+    held = lp.written[(0, j)]
+    assert held.margin == HOLD_FLOOR * float(np.abs(z).max()) > 0
+    # a requirement written with a margin of its own keeps it where that is larger
+    lp2 = SampleLP(sn, x0, pattern, LPSettings(region_margin=1e-3))
+    lp2.checked = RequirementTable()
+    lp2.hold(0, np.array([j]), z)
+    assert lp2.written[(0, j)].margin == 1e-3
+
+
 def test_solved_point_keeps_lower_units_clear_of_zero_and_meets_the_targets():
     sn, x0, pattern = _sample_net(widths=(64, 32))
     z = sn.preacts(x0)

@@ -86,12 +86,18 @@ class RequirementTable:
         return [self[start + i] for i in np.nonzero(short)[0]]
 
 
+HOLD_FLOOR = 1e-5  # a held unit's least margin, relative to its layer's largest pre-activation at the sample
+
+
 class SampleLP:
     """The rows of one sample's LP, in the region ``pattern``; rebuilt when the region moves."""
 
     def __init__(self, net: SampleNet, x: np.ndarray, pattern: list[np.ndarray], settings: LPSettings):
         self.net, self.x, self.s = net, x, settings
         self.pattern = [p.copy() for p in pattern]
+        # how far clear of zero a held unit is kept at least: beyond the solver's tolerance on its row and the
+        # client's float32 rounding of it, a fraction of its layer's largest value at the sample
+        self.floor = [HOLD_FLOOR * max(float(np.abs(z).max(initial=0.0)), 1e-300) for z in net.clean_preacts(x)]
         self.written: dict[tuple[int, int], Requirement] = {}  # the strongest requirement written per unit
         self.checked = RequirementTable()
         self.solves, self.lp_seconds = 0, 0.0
@@ -145,9 +151,11 @@ class SampleLP:
 
     def hold(self, layer: int, units: np.ndarray, z: np.ndarray | None = None) -> int:
         """Keep these units on their side of the region (or, given their pre-activations ``z``, on the side
-        they are on), ``region_margin`` clear of zero."""
+        they are on), ``region_margin`` clear of zero, and at least the layer's floor: a unit held at zero itself
+        comes back a rounding short of it, on the other side."""
         side = self.pattern[layer] > 0 if z is None else z > 0
-        reqs = [Requirement(layer, int(j), 1 if side[j] else -1, self.s.region_margin)
+        margin = max(self.s.region_margin, self.floor[layer])
+        reqs = [Requirement(layer, int(j), 1 if side[j] else -1, margin)
                 for j in units if (layer, int(j)) not in self.written]
         self.checked.extend(reqs)
         return self.write(reqs)
