@@ -57,6 +57,9 @@ CONFIGS = {
     "lfw-2-fedavg-large": Config("lfw", (1024,), max_batch=64, lr=0.1),
     "retina-2-fedavg-large": Config("retina", (1024,), max_batch=64, lr=0.1),
     "lfw-2-fedavg-3steps": Config("lfw", (1024,), lr=0.1, steps=3),
+    # two hidden layers at small rates: the walk-down's forward check reads rows the change's rounding moved
+    "lfw-2-deep-fedavg-lr0.02": Config("lfw", (512, 256), lr=0.02),
+    "fashion-10-deep-fedavg-lr0.02": Config("fashion-mnist", (512, 256), lr=0.02),
     "lfw-2-fedavg-epoch": Config("lfw", (1024,), lr=0.1, local_batch=2),
     "fashion-10-fedavg-epoch-momentum": Config("fashion-mnist", (1024,), lr=0.05, local_batch=2, momentum=True),
     "digits-10-fedavg-epoch": Config("digits", (256,), lr=0.1, local_batch=2),

@@ -5,6 +5,7 @@ the tolerance, the residual of a QR solve), and is not run for candidates whose 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fedleak
@@ -107,3 +108,37 @@ def test_residual_floor_bounds_the_least_squares_residual_from_below():
         assert walkdown.residual_floor(A, A @ a) <= 1e-12
     square = torch.randn(30, 30, generator=gen, dtype=torch.float64)
     assert walkdown.residual_floor(square, torch.randn(30, generator=gen, dtype=torch.float64)) == 0.0
+
+
+def _two_layer_change(seed: int, lr: float):
+    data = fedleak.load_dataset("fashion-mnist")
+    x, y = data.batch(4, seed=100 + seed)
+    model = fedleak.make_mlp(data.input_shape, [512, 256], 10, seed=seed)
+    return model, x, y, fedleak.fedavg_update(model, x, y, lr=lr)
+
+
+def test_the_forward_tolerance_rises_to_a_weight_changes_rounding_of_both_layers():
+    model, x, y, change = _two_layer_change(1, 0.05)
+    net = as_network(model, inputs=x)
+    grad = HeadAttack(net.head, dict(fedleak.compute_gradient_update(model, x, y).gradients), ExclusivityOptions(),
+                      torch.float32)
+    assert grad.forward_tol(0) == ExclusivityOptions().forward_tol and grad.layer_floor(0) == 0.0
+    from fedleak.attacks.exact.noise import step_noises
+
+    delta = change.delta()
+    attack = HeadAttack(net.head, delta, ExclusivityOptions(), torch.float32, step_noises(change.after, delta))
+    floors = attack.layer_floor(0), attack.layer_floor(1)
+    assert all(f > 0 for f in floors) and attack.tol_floor == floors[1]
+    assert attack.forward_tol(0) == max(ExclusivityOptions().forward_tol, sum(floors))
+
+
+@pytest.mark.parametrize("lr, certified, exact", [(0.05, 4, 4), (0.01, 0, 4)])
+def test_two_hidden_layers_are_walked_down_under_a_small_learning_rate(lr, certified, exact):
+    """The rows' inputs at the first layer are off by the change's rounding, beyond the fixed forward tolerance: no
+    candidate was traced down at lr 0.01 and one of four at lr 0.05 (0 and 1 exact). At lr 0.01 the rounding still
+    leaves too few witnesses within max_noise for a certificate: the inputs come back exact, uncertified."""
+    model, x, y, change = _two_layer_change(1, lr)
+    rec = fedleak.reconstruct(model, change, attack="exclusivity", fallback="none")
+    match = fedleak.metrics.match(rec, x, y)
+    assert rec.num_certified == certified and int(match.exact.sum()) == exact and match.false_certificates == 0
+    assert not any("could not be traced" in n for n in rec.notes)

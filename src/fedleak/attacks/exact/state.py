@@ -50,6 +50,7 @@ class HeadAttack:
         self._sketches: dict[tuple[int, int, int], torch.Tensor] = {}
         self._row_norms: dict[int, torch.Tensor] = {}
         self._noise_norms: dict[int, torch.Tensor] = {}
+        self._floors: dict[int, float] = {}
         self._near_rows: NearRows | None = None
         self.tol_floor = self._noise_floor()
         # the top check's loose screen rises to it for a gradient rounded to a coarser format (float16, autocast)
@@ -58,20 +59,30 @@ class HeadAttack:
 
     def _noise_floor(self) -> float:
         """How far apart the update's own rounding can push two rows of one sample (relative): the grouping
-        tolerances are at least this. Zero for a gradient; for a weight delta, 4x the 90th percentile of the
-        top layer's rows' relative rounding noise."""
+        tolerances are at least this (:meth:`layer_floor` of the top layer)."""
+        return self.layer_floor(self.net.depth - 1)
+
+    def layer_floor(self, i: int) -> float:
+        """How far the update's own rounding can move the inputs dense layer ``i``'s rows imply (relative): zero for
+        a gradient; for a weight delta, 4x the 90th percentile of the layer's rows' relative rounding noise
+        (computed once)."""
         if self.noise is None:
             return 0.0
-        t = self.net.depth - 1
-        # the norms of the rows [G_t | g_t] and of their noise, from the weight rows' norms (no copy of the layer)
-        norm, noise = self.row_norms(t), self.noise_norms(t)
-        if self.g[t] is not None:
-            norm = torch.hypot(norm, self.g[t])
-        live = norm > 0
-        if not bool(live.any()):
-            return 0.0
-        rel = noise[live] / norm[live]
-        return 4.0 * float(torch.quantile(rel, 0.9))
+        if i not in self._floors:
+            # the norms of the rows [G_i | g_i] and of their noise, from the weight rows' norms (no copy of the layer)
+            norm, noise = self.row_norms(i), self.noise_norms(i)
+            if self.g[i] is not None:
+                norm = torch.hypot(norm, self.g[i])
+            live = norm > 0
+            self._floors[i] = 4.0 * float(torch.quantile(noise[live] / norm[live], 0.9)) if bool(live.any()) else 0.0
+        return self._floors[i]
+
+    def forward_tol(self, i: int) -> float:
+        """The relative residual an input to dense layer ``i`` may leave against its known output (the walk-down's
+        forward check, the certificate's check of the intermediate activations): ``forward_tol``, raised to the
+        rounding floors of the rows the input is read from (layer ``i``'s) and of those the output is (layer
+        ``i + 1``'s): a weight delta's rounding at a small learning rate moves both beyond ``forward_tol``."""
+        return max(self.opts.forward_tol, self.layer_floor(i) + self.layer_floor(i + 1))
 
     def update_size(self) -> int:
         """The head's observed gradient's size in bytes (its weight and bias gradients as the client sent them)."""

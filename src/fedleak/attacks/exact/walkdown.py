@@ -85,6 +85,7 @@ def descend(attack, i: int, present: list[Candidate], targets: torch.Tensor,
     the input, the agreeing passing rows of that chunk being its witnesses. Every candidate's next chunk is
     checked in one forward pass (a pass reads the whole layer)."""
     opts = attack.opts
+    tol = attack.forward_tol(i)
     tnorm = targets.norm(dim=1).clamp_min(1e-300)
     found: list[torch.Tensor | None] = [None] * len(present)
     step = 0
@@ -99,7 +100,7 @@ def descend(attack, i: int, present: list[Candidate], targets: torch.Tensor,
                                             torch.tensor(sizes, device=targets.device))
             R, res = forward_check(attack, i, implied_rows(attack, i, torch.cat(picks)), targets[owner], tnorm[owner])
             for k, pick, seg_R, seg_res in zip(ks, picks, R.split(sizes), res.split(sizes)):
-                good = torch.nonzero(seg_res <= opts.forward_tol).flatten()
+                good = torch.nonzero(seg_res <= tol).flatten()
                 if len(good):
                     rep = seg_R[good]
                     # agreeing rows are witnesses; keep those that coincide with the best one
@@ -155,7 +156,7 @@ class Screens:
     """The rows of dense layer ``i`` a walk-down tries (``live``, ordered by ``strength``), and necessary
     conditions for an implied input ``x`` (a row of layer ``i``'s gradient, see
     :func:`implied_rows`) to pass :func:`forward_check` against each candidate's target ``t`` within
-    ``tau = forward_tol ||t||``, for every row and candidate of the layer from two products.
+    ``tau = attack.forward_tol(i) ||t||``, for every row and candidate of the layer from two products.
 
     On the units ``S`` where ``t`` exceeds ``tau`` a passing ``x`` has ``relu(F_S) = F_S`` with ``F = W x + b``,
     so ``||F_S - t_S|| <= tau``, and so has its projection on any orthonormal ``Q`` (``Q[:, 0] = t_S / ||t_S||``,
@@ -186,7 +187,7 @@ class Screens:
         n, d_out = targets.shape
         p = SCREEN_DIRECTIONS[attack.b[i] is not None]
         dev = targets.device
-        tau = attack.opts.forward_tol * targets.norm(dim=1).clamp_min(1e-300)
+        tau = attack.forward_tol(i) * targets.norm(dim=1).clamp_min(1e-300)
         S = targets > tau[:, None]  # n x d_out
         t_s = torch.where(S, targets, torch.zeros_like(targets))
         t_norm = t_s.norm(dim=1)
@@ -239,6 +240,7 @@ class Screens:
 def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     """Solve ``W_A a + b_A = target_A`` for the input of dense layer i when it is determined."""
     W, b, opts = attack.W[i], attack.b, attack.opts
+    tol = attack.forward_tol(i)
     target = c.acts[i + 1]
     A = target > 0
     n_in = W.shape[1]
@@ -250,13 +252,13 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     # exclusive): a lower bound on their least-squares residual far above forward_tol rules them out at an
     # eighth of the cost of the SVD that the accepted ones need (an accepted one's residual is below forward_tol)
     floor = residual_floor(WA, rhs)
-    if floor > 2 * opts.forward_tol:
+    if floor > 2 * tol:
         return None
     A_cpu, rhs_cpu = WA.cpu(), rhs[:, None].cpu()
-    if floor > opts.forward_tol / 4:  # the floor reads a subsystem: one near the tolerance (a weight delta's
+    if floor > tol / 4:  # the floor reads a subsystem: one near the tolerance (a weight delta's
         # blends, say) gets the whole system's residual from a QR solve, a quarter of the SVD's cost
         qr = torch.linalg.lstsq(A_cpu, rhs_cpu, driver="gels").solution
-        if float((A_cpu @ qr - rhs_cpu).norm() / rhs_cpu.norm().clamp_min(1e-300)) > opts.forward_tol * (1 + 1e-9):
+        if float((A_cpu @ qr - rhs_cpu).norm() / rhs_cpu.norm().clamp_min(1e-300)) > tol * (1 + 1e-9):
             return None
     # gelsd (the SVD, which gives the singular values) runs on the CPU only
     sol = torch.linalg.lstsq(A_cpu, rhs_cpu, driver="gelsd")
@@ -264,13 +266,14 @@ def solve_layer(attack, c: Candidate, i: int) -> torch.Tensor | None:
     if svals is None or len(svals) < n_in or float(svals.min()) <= 0:
         return None
     a = sol.solution[:, 0].to(target.device)
-    # float32 noise of the known output, amplified by the smallest singular value, bounds the error
-    noise = float(torch.finfo(attack.obs_dtype).eps) * 4 * float(target.abs().max())
+    # float32 noise of the known output (or a weight delta's rounding of it, where larger), amplified by the smallest
+    # singular value, bounds the error
+    noise = max(float(torch.finfo(attack.obs_dtype).eps) * 4, attack.layer_floor(i + 1)) * float(target.abs().max())
     bound = noise * math.sqrt(len(rhs)) / float(svals.min())
     out = linear64(a[None], W)[0] + (b[i] if b[i] is not None else 0)
     inactive_ok = bool((out[~A] <= noise * 10).all())
     resid = float((WA @ a - rhs).norm() / rhs.norm().clamp_min(1e-300))
-    if bound > opts.solve_max_error * max(1.0, float(a.abs().max())) or not inactive_ok or resid > opts.forward_tol:
+    if bound > opts.solve_max_error * max(1.0, float(a.abs().max())) or not inactive_ok or resid > tol:
         return None
     return a
 

@@ -10,6 +10,7 @@ norm ``C``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, label: LabelSignals) -> li
     own rounding noise where the update is known to carry more (a weight delta ``before - after``).
     """
     net, opts = attack.net, attack.opts
-    consistent = reproduces_activations(complete, t64, opts.forward_tol)
+    consistent = reproduces_activations(complete, t64, attack.forward_tol)
     # samples are fitted together, a group at a time: at most a 32nd of the largest layer's entries (and at least
     # WITNESS_ENTRIES) of witness rows held at once, in float64 with their inputs and residuals (about 4.5 arrays of
     # that size: a quarter of the float32 gradient's size). Each group's label-entry signals and the client's float32
@@ -340,17 +341,19 @@ def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: l
     return fits
 
 
-def reproduces_activations(complete: list, t64: Trace, tol: float) -> list[bool]:
+def reproduces_activations(complete: list, t64: Trace, tol: Callable[[int], float]) -> list[bool]:
     """Whether each candidate's known activations are its rebuilt input's own (float64 forward pass ``t64``),
-    within ``tol`` relative, at every layer it knows: one comparison per layer for all candidates."""
+    within ``tol(i - 1)`` relative at every layer ``i`` it knows (the output of dense layer ``i - 1``; the input
+    itself is compared within ``tol(0)``): one comparison per layer for all candidates."""
     ok = torch.ones(len(complete), dtype=torch.bool, device=t64.logits.device)
     for i in {i for c in complete for i in c.acts}:
+        level_tol = tol(max(i - 1, 0))
         have = [k for k, c in enumerate(complete) if i in c.acts]
         for s in range(0, len(have), COMPARED):  # a piece of candidates at a time (hundreds, on two-class data)
             part = have[s : s + COMPARED]
             ref = t64.activations[i][part]
             off = ref - torch.stack([complete[k].acts[i] for k in part])
-            ok[part] &= off.norm(dim=1) <= tol * ref.norm(dim=1).clamp_min(1e-300)
+            ok[part] &= off.norm(dim=1) <= level_tol * ref.norm(dim=1).clamp_min(1e-300)
     return ok.tolist()
 
 
