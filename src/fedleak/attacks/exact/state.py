@@ -84,6 +84,11 @@ class HeadAttack:
         ``i + 1``'s): a weight delta's rounding at a small learning rate moves both beyond ``forward_tol``."""
         return max(self.opts.forward_tol, self.layer_floor(i) + self.layer_floor(i + 1))
 
+    def activation_tol(self, level: int) -> float:
+        """How closely a rebuilt input must reproduce a candidate's known activation at ``level`` (the input of dense
+        layer ``level``, relative): :meth:`forward_tol` of the layer below; the input itself, ``forward_tol``."""
+        return self.opts.forward_tol if level == 0 else self.forward_tol(level - 1)
+
     def update_size(self) -> int:
         """The head's observed gradient's size in bytes (its weight and bias gradients as the client sent them)."""
         return sum(G.numel() * G.element_size() for G in self.G) + sum(

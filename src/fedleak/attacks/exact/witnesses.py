@@ -71,7 +71,7 @@ def fit_witnesses(attack, complete: list, t64: Trace, label: LabelSignals) -> li
     own rounding noise where the update is known to carry more (a weight delta ``before - after``).
     """
     net, opts = attack.net, attack.opts
-    consistent = reproduces_activations(complete, t64, attack.forward_tol)
+    consistent = reproduces_activations(complete, t64, attack.activation_tol)
     # samples are fitted together, a group at a time: at most a 32nd of the largest layer's entries (and at least
     # WITNESS_ENTRIES) of witness rows held at once, in float64 with their inputs and residuals (about 4.5 arrays of
     # that size: a quarter of the float32 gradient's size). Each group's label-entry signals and the client's float32
@@ -343,11 +343,10 @@ def fit_group(attack, complete: list, ks: list[int], sig: Signals, consistent: l
 
 def reproduces_activations(complete: list, t64: Trace, tol: Callable[[int], float]) -> list[bool]:
     """Whether each candidate's known activations are its rebuilt input's own (float64 forward pass ``t64``),
-    within ``tol(i - 1)`` relative at every layer ``i`` it knows (the output of dense layer ``i - 1``; the input
-    itself is compared within ``tol(0)``): one comparison per layer for all candidates."""
+    within ``tol(i)`` relative at every level ``i`` it knows: one comparison per level for all candidates."""
     ok = torch.ones(len(complete), dtype=torch.bool, device=t64.logits.device)
     for i in {i for c in complete for i in c.acts}:
-        level_tol = tol(max(i - 1, 0))
+        level_tol = tol(i)
         have = [k for k, c in enumerate(complete) if i in c.acts]
         for s in range(0, len(have), COMPARED):  # a piece of candidates at a time (hundreds, on two-class data)
             part = have[s : s + COMPARED]
