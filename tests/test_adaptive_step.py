@@ -60,3 +60,24 @@ def test_sgd_is_not_taken_for_an_adaptive_step(setting, name, steps):
     model, x, y = setting
     update = _stepped(model, x, y, name, steps)
     assert adaptive_step(update.delta()) is None and describe_update(update, model).adaptive is None
+
+
+def test_an_adaptive_step_passed_as_a_gradient_is_told_from_clipping_by_value(setting):
+    """A client's change over the rate the server set, read as a gradient (a federation's uploaded change): Adam's
+    entries sit within ``eps / |g|`` of one size, a few at its largest exactly, which the value-clip reading took for
+    entries clipped at 1 ("clipped by value at ±1"). A gradient clipped by value holds its bound exactly."""
+    model, x, y = setting
+    update = _stepped(model, x, y, "adam")
+    lr = 1e-3
+    pseudo = fedleak.GradientUpdate({k: v / lr for k, v in update.delta().items()}, num_examples=len(x))
+    step = adaptive_step(pseudo.gradients)
+    assert step is not None and not step.one_value
+    rec = fedleak.reconstruct(model, pseudo, attack="exclusivity")
+    assert len(rec) == 0 and "adaptive optimizer" in rec.summary() and "clipped by value" not in rec.summary()
+    clipped = fedleak.compute_gradient_update(model, x, y)
+    bound = 0.25 * max(float(g.abs().max()) for g in clipped.gradients.values())
+    clipped = fedleak.GradientUpdate({k: g.clamp(-bound, bound) for k, g in clipped.gradients.items()},
+                                     num_examples=len(x))
+    told = adaptive_step(clipped.gradients)
+    assert told is None or told.one_value
+    assert "clipped by value" in fedleak.reconstruct(model, clipped, attack="exclusivity").summary()

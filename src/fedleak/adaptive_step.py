@@ -34,11 +34,19 @@ FEWEST = 256
 
 @dataclass(frozen=True)
 class AdaptiveStep:
-    """A weight change whose ``share`` of the largest moves of ``tensor``'s entries are of one ``size``."""
+    """A weight change whose ``share`` of the largest moves of ``tensor``'s entries are of one ``size``, ``exact`` of
+    them at the largest move itself, bit for bit."""
 
     tensor: str
     share: float
     size: float
+    exact: float = 0.0
+
+    @property
+    def one_value(self) -> bool:
+        """Whether most of the largest moves are one value exactly: a clip's bound or a sign compression's size, not
+        an adaptive optimizer's ``g / (|g| + eps)``, which sits within a relative ``eps / |g|`` of its size."""
+        return self.exact >= ONE_SIZE_SHARE
 
     def describe(self) -> str:
         return (f"{self.share:.0%} of the largest moves of '{self.tensor}' are of one size, {self.size:.3g} (to "
@@ -62,4 +70,5 @@ def adaptive_step(delta: Mapping[str, torch.Tensor]) -> AdaptiveStep | None:
         return None
     size = float(largest.median())
     share = float(((largest - size).abs() <= SAME_SIZE_TOL * size).double().mean())
-    return AdaptiveStep(name, share, size) if share >= ONE_SIZE_SHARE else None
+    exact = float((largest == largest.max()).double().mean())
+    return AdaptiveStep(name, share, size, exact) if share >= ONE_SIZE_SHARE else None

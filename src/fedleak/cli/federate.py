@@ -73,10 +73,13 @@ def federate(
     local_epochs: int = typer.Option(0, help="Local epochs over the partition (0: use --local-steps)."),
     lr: float = typer.Option(0.1, help="Clients' SGD learning rate, which the server sends them and its attack "
                                        "takes (one-step updates read at the gradient's own scale)."),
+    optimizer: str = typer.Option("sgd", help="Clients' local optimizer: sgd (torch.optim.SGD, with --momentum and "
+                                             "--weight-decay) or adam (torch.optim.Adam, betas 0.9 and 0.999, with "
+                                             "--weight-decay). The server is not told."),
     momentum: float = typer.Option(0.0, help="Clients' SGD momentum (torch.optim.SGD's; Flower's quickstart trains "
                                              "with 0.9). The server is not told."),
-    weight_decay: float = typer.Option(0.0, help="Clients' SGD weight decay (torch.optim.SGD's). The server is not "
-                                                 "told: the exact route reads it off the silent units."),
+    weight_decay: float = typer.Option(0.0, help="Clients' weight decay (torch's, in their optimizer). The server is "
+                                                 "not told: with SGD the exact route reads it off the silent units."),
     lr_unknown: bool = typer.Option(False, "--lr-unknown", help="The server's attack ignores the learning rate (a "
                                                                 "client that may use its own)."),
     widths: str = typer.Option("1000", help=WIDTHS_HELP + " Not with --model."),
@@ -174,7 +177,7 @@ def federate(
         data=data, clients=clients, rounds=rounds, threat=threat, defenses=tuple(defense or ()),
         seed=check_seed("--seed", seed),
         batch_size=batch_size, local_steps=local_steps, local_epochs=local_epochs, lr=lr, lr_known=not lr_unknown,
-        momentum=momentum, weight_decay=weight_decay,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
         hidden=sizes,
         model=model, weights=None if weights is None else str(weights), client_mode=client_mode,
         label_smoothing=label_smoothing, focal_gamma=focal_gamma,

@@ -1,12 +1,12 @@
-"""One round of a defended client: SGD local steps through a :class:`~fedleak.defenses.DefenseStack`.
+"""One round of a defended client: local steps through a :class:`~fedleak.defenses.DefenseStack`.
 
 Each step runs the server-shipped transform (a threat such as fishing, if any), then the client's batch
 defenses, then computes the gradient (the stack's step defense, e.g. DP-SGD, or plain autograd) and takes the
-SGD step ``p -= lr * d``: ``d`` is the gradient, or, with :class:`LocalSGD`'s momentum and weight decay, torch's
-``SGD`` direction (``g + lambda p``, then the momentum buffer, as Flower's quickstart clients train). After the last
-step the client's update filters run on the accumulated change ``before - after`` (exactly ``lr`` times the sum of
-the step directions), and the model is set to ``before - sent``: what the server receives. The federation's clients
-and :func:`fedleak.evaluate` both train this way.
+step ``p -= lr * d``: ``d`` is the gradient, or the direction of the client's optimizer
+(:mod:`~fedleak.clients.local_optimizers`: torch's SGD with momentum and weight decay, as Flower's quickstart
+clients train, or Adam). After the last step the client's update filters run on the accumulated change ``before -
+after`` (exactly ``lr`` times the sum of the step directions), and the model is set to ``before - sent``: what the
+server receives. The federation's clients and :func:`fedleak.evaluate` both train this way.
 """
 
 from __future__ import annotations
@@ -19,43 +19,13 @@ import torch
 from torch import nn
 
 from fedleak.client_loss import PLAIN_LOSS, ClientLoss
+from fedleak.clients.local_optimizers import PLAIN_SGD, LocalOptimizer
 from fedleak.defenses.base import ClientBatch
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.model_copy import copy_model
 from fedleak.transforms import BatchTransform
 from fedleak.updates import batch_loss, trainable_parameters
-
-
-@dataclass(frozen=True)
-class LocalSGD:
-    """A client's SGD beyond the plain step, as ``torch.optim.SGD`` takes it: ``momentum`` (dampening 0; ``nesterov``)
-    and ``weight_decay`` (``lambda``: ``g + lambda p`` before the momentum). The defaults are the plain step."""
-
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    nesterov: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf")):
-                raise FedleakError(f"the client's SGD {name} must be a number of 0 or more, got {value!r}")
-        if self.nesterov and not self.momentum:
-            raise FedleakError("Nesterov momentum needs a momentum above 0")
-
-    def direction(self, grad: torch.Tensor, param: torch.Tensor, buffer: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The step's direction for ``param`` of gradient ``grad``, and the momentum buffer after it (``buffer``:
-        the one before, None at the first step)."""
-        d = grad + self.weight_decay * param if self.weight_decay else grad
-        if not self.momentum:
-            return d, None
-        buffer = d.clone() if buffer is None else buffer.mul(self.momentum).add_(d)
-        return (d + self.momentum * buffer if self.nesterov else buffer), buffer
-
-
-PLAIN_SGD = LocalSGD()
 
 
 @dataclass(frozen=True)
@@ -87,10 +57,11 @@ def defended_local_round(
     generator: torch.Generator,
     shipped: BatchTransform | None = None,
     loss: ClientLoss = PLAIN_LOSS,
-    sgd: LocalSGD = PLAIN_SGD,
+    optimizer: LocalOptimizer = PLAIN_SGD,
 ) -> LocalRound:
-    """Train ``model`` in place on ``batches`` (SGD at ``lr``, plain or as ``sgd`` says, on the client's ``loss``, the
-    plain cross-entropy by default) as a client running ``stack``; on return the model holds ``before - sent``.
+    """Train ``model`` in place on ``batches`` (steps at ``lr`` in the ``optimizer``'s directions, plain SGD by default,
+    on the client's ``loss``, the plain cross-entropy by default) as a client running ``stack``; on return the model
+    holds ``before - sent``.
     Batches a defense withholds entirely are skipped; if every batch is withheld a FedleakError says so (the client
     has nothing to send)."""
     start = time.perf_counter()
@@ -98,7 +69,7 @@ def defended_local_round(
     before = {n: p.detach().clone() for n, p in params.items()}
     snapshot = copy_model(model) if any(f.needs_batch for f in stack.filters) else None
     acc = {n: torch.zeros_like(p) for n, p in before.items()}
-    buffers: dict[str, torch.Tensor | None] = dict.fromkeys(before)
+    states: dict[str, object] = dict.fromkeys(before)  # the optimizer's state per parameter
     used_x, used_orig, used_y, losses = [], [], [], []
     for x, y in batches:
         orig = x
@@ -111,7 +82,7 @@ def defended_local_round(
         with torch.no_grad():
             losses.append(float(batch_loss(model, x, y, **loss.options())))
             for name, p in params.items():
-                direction, buffers[name] = sgd.direction(grads[name].to(p.dtype), p, buffers[name])
+                direction, states[name] = optimizer.direction(grads[name].to(p.dtype), p, states[name])
                 step = lr * direction
                 p -= step
                 acc[name] += step

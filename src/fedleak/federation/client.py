@@ -115,7 +115,7 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
         torch.manual_seed(seed)
         done = defended_local_round(model, pairs, stack, lr=settings.lr,
                                     generator=torch.Generator().manual_seed(seed), shipped=shipped,
-                                    loss=settings.loss, sgd=settings.sgd)
+                                    loss=settings.loss, optimizer=settings.local_optimizer)
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
     delta = {k: done.sent[k].detach().clone() if k in done.sent else before[k] - after[k] for k in before}
     if fault == "malformed":
@@ -148,7 +148,7 @@ def check_before_start(settings: FederationSettings, split: DataSplit) -> None:
     batch = (split.train_x[: settings.batch_size], split.train_y[: settings.batch_size])
     with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
         defended_local_round(model, [batch], stack, lr=settings.lr, generator=torch.Generator().manual_seed(0),
-                             loss=settings.loss, sgd=settings.sgd)
+                             loss=settings.loss, optimizer=settings.local_optimizer)
 
 
 def federation_accounting(settings: FederationSettings) -> Accounting:

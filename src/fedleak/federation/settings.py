@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fedleak.client_loss import ClientLoss, check_loss_read
-from fedleak.clients.defended import LocalSGD
+from fedleak.clients.local_optimizers import CLIENT_OPTIMIZERS, LocalOptimizer
 from fedleak.clients.mode import check_client_mode
 from fedleak.data.normalize import Normalization
 from fedleak.defenses.stack import DefenseStack
@@ -61,8 +61,9 @@ class FederationSettings:
     local_steps: int = 1
     local_epochs: int = 0
     lr: float = 0.1
+    optimizer: str = "sgd"  # the clients' local optimizer (fedleak.clients.local_optimizers: sgd or adam)
     momentum: float = 0.0  # the clients' SGD momentum (torch's; Flower's quickstart clients train with 0.9)
-    weight_decay: float = 0.0  # ... and weight decay
+    weight_decay: float = 0.0  # ... and weight decay (SGD's or Adam's)
     lr_known: bool = True  # the server's attack takes the learning rate it sends its clients (False: it ignores it)
     hidden: tuple[int, ...] = (1000,)
     model: str | None = None  # the clients' model instead of the MLP of ``hidden``: a built-in name or file.py:Class
@@ -127,7 +128,7 @@ class FederationSettings:
         from fedleak.federation.hooks import get_threat
 
         check_loss_read((get_threat(self.threat).attack,), (stack,), loss)  # the server's attack reads it
-        LocalSGD(self.momentum, self.weight_decay)  # (FedleakError on a bad momentum or weight decay)
+        self.local_optimizer  # (FedleakError on an unknown optimizer, a bad momentum or weight decay)
         if needs_weight_upload(stack):
             object.__setattr__(self, "upload", "weights")
         object.__setattr__(self, "inject_faults", tuple(self.inject_faults))
@@ -197,9 +198,9 @@ class FederationSettings:
         return ClientLoss(self.label_smoothing, self.class_weights, self.focal_gamma)
 
     @property
-    def sgd(self) -> LocalSGD:
-        """The clients' SGD: its momentum and weight decay."""
-        return LocalSGD(self.momentum, self.weight_decay)
+    def local_optimizer(self) -> LocalOptimizer:
+        """The clients' local optimizer (``optimizer``), with their momentum and weight decay."""
+        return CLIENT_OPTIMIZERS.get(self.optimizer)(self.momentum, self.weight_decay)
 
     @property
     def one_step(self) -> bool:

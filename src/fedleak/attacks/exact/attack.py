@@ -131,6 +131,11 @@ def _on_gradient(model: nn.Module, net: Network, update: GradientUpdate, opts: E
                                                   precision=precision), net, precision)
         if (again.num_certified, len(again)) > (rec.num_certified, len(rec)):
             return replace(again, notes=(*again.notes, penalty.describe()))
+    # an adaptive optimizer's step passed as a gradient (an uploaded change over the rate), whose entries of about
+    # one size and a few at its largest a value clip's reading would take for clipped ones
+    step = adaptive_step(update.gradients) if not rec.num_certified else None
+    if step is not None and not step.one_value:
+        return rec.without_samples(step.describe())
     # a defense the client did not declare, which the update shows (per-layer clipping leaves nothing certified)
     read = read_defense(update.gradients, per_layer=not rec.num_certified)
     if read is None:
