@@ -15,23 +15,35 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 
 
-@pytest.mark.parametrize("sgd", [LocalSGD(), LocalSGD(0.9), LocalSGD(0.9, 5e-4), LocalSGD(0.9, 5e-4, nesterov=True),
-                                 LocalSGD(0.0, 1e-2)])
-def test_the_clients_steps_are_torchs_sgd(digits, sgd):
+def _torch_sgd(sgd: LocalSGD, lr: float):
+    return lambda p: torch.optim.SGD(p, lr=lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
+                                     nesterov=sgd.nesterov)
+
+
+def _torch_adam(adam: LocalAdam, lr: float):
+    return lambda p: torch.optim.Adam(p, lr=lr, betas=adam.betas, eps=adam.eps, weight_decay=adam.weight_decay)
+
+
+@pytest.mark.parametrize("ours, theirs, lr", [
+    *((sgd, _torch_sgd(sgd, 0.1), 0.1) for sgd in (LocalSGD(), LocalSGD(0.9), LocalSGD(0.9, 5e-4),
+                                                    LocalSGD(0.9, 5e-4, nesterov=True), LocalSGD(0.0, 1e-2))),
+    *((adam, _torch_adam(adam, 0.01), 0.01) for adam in (LocalAdam(), LocalAdam(weight_decay=1e-2),
+                                                         LocalAdam(betas=(0.8, 0.99), eps=1e-6))),
+])
+def test_the_clients_steps_are_torchs(digits, ours, theirs, lr):
     torch.manual_seed(0)
     model = fedleak.make_mlp((1, 8, 8), [64], 10)
     batches = [digits.batch(8, seed=s) for s in range(3)]
-    ours = copy.deepcopy(model)
-    defended_local_round(ours, batches, DefenseStack(()), lr=0.1, generator=torch.Generator().manual_seed(0),
-                         optimizer=sgd)
-    theirs = copy.deepcopy(model)
-    opt = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
-                          nesterov=sgd.nesterov)
+    mine = copy.deepcopy(model)
+    defended_local_round(mine, batches, DefenseStack(()), lr=lr, generator=torch.Generator().manual_seed(0),
+                         optimizer=ours)
+    reference = copy.deepcopy(model)
+    opt = theirs(reference.parameters())
     for x, y in batches:
         opt.zero_grad()
-        F.cross_entropy(theirs(x), y).backward()
+        F.cross_entropy(reference(x), y).backward()
         opt.step()
-    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+    for (name, a), b in zip(mine.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), name
 
 
@@ -41,7 +53,9 @@ def test_a_bad_sgd_setting_is_refused(bad):
         LocalSGD(**bad)
 
 
-def test_one_local_step_with_momentum_and_weight_decay_is_certified(digits):
+def _audited(lr: float, **clients):
+    """One client's local round in a digits federation of ``clients`` settings, audited by the honest server (the
+    uploaded change over the rate it set); with the false certificates against what the client trained on."""
     pytest.importorskip("flwr")
     from fedleak.federation import FederationSettings
     from fedleak.federation.audit_worker import AuditInput, AuditPlan, run_audit
@@ -49,36 +63,23 @@ def test_one_local_step_with_momentum_and_weight_decay_is_certified(digits):
     from fedleak.federation.settings import data_split, make_model
     from fedleak.updates import WeightUpdate
 
-    settings = FederationSettings(data="digits", clients=2, batch_size=8, momentum=0.9, weight_decay=5e-4,
-                                  test_size=200, public_size=100, audit_mode="sync")
+    settings = FederationSettings(data="digits", clients=2, batch_size=8, lr=lr, test_size=200, public_size=100,
+                                  audit_mode="sync", **clients)
     split = data_split(settings.data, settings.test_size, settings.public_size)
     template = make_model(settings, split)
     sent = {k: v.clone() for k, v in template.state_dict().items()}
     res = local_update(copy.deepcopy(template), settings, 0, 1)
     update = WeightUpdate(sent, {k: sent[k] - res.delta[k] for k in sent}, num_examples=res.num_examples)
     false = []
-    record = run_audit(AuditPlan(), AuditInput(1, 100, 0, template, update, res.delta, {"learning_rate": 0.1}),
+    record = run_audit(AuditPlan(), AuditInput(1, 100, 0, template, update, res.delta, {"learning_rate": lr}),
                        lambda _, rec: false.append(fedleak.metrics.match(rec, res.inputs, res.labels)
                                                    .false_certificates))
-    assert false == [0] and record.certified == res.num_examples
+    return record, res.num_examples, false
 
 
-@pytest.mark.parametrize("adam", [LocalAdam(), LocalAdam(weight_decay=1e-2), LocalAdam(betas=(0.8, 0.99), eps=1e-6)])
-def test_the_clients_adam_steps_are_torchs_adam(digits, adam):
-    torch.manual_seed(0)
-    model = fedleak.make_mlp((1, 8, 8), [64], 10)
-    batches = [digits.batch(8, seed=s) for s in range(3)]
-    ours = copy.deepcopy(model)
-    defended_local_round(ours, batches, DefenseStack(()), lr=0.01, generator=torch.Generator().manual_seed(0),
-                         optimizer=adam)
-    theirs = copy.deepcopy(model)
-    opt = torch.optim.Adam(theirs.parameters(), lr=0.01, betas=adam.betas, eps=adam.eps, weight_decay=adam.weight_decay)
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(theirs(x), y).backward()
-        opt.step()
-    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+def test_one_local_step_with_momentum_and_weight_decay_is_certified():
+    record, n, false = _audited(0.1, momentum=0.9, weight_decay=5e-4)
+    assert false == [0] and record.certified == n
 
 
 @pytest.mark.parametrize("bad, match", [({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps"),
@@ -101,24 +102,9 @@ def test_the_federations_optimizer_is_read_by_name():
     assert CLIENT_OPTIMIZERS.names() == ["adam", "sgd"]
 
 
-def test_one_local_step_of_adam_is_audited_as_an_adaptive_step_not_as_clipping(digits):
+def test_one_local_step_of_adam_is_audited_as_an_adaptive_step_not_as_clipping():
     """The uploaded change over the rate the server set is read as a gradient: every entry about ±1, a few exactly;
     the audit said it was clipped by value at ±1, and now names the adaptive optimizer."""
-    pytest.importorskip("flwr")
-    from fedleak.federation import FederationSettings
-    from fedleak.federation.audit_worker import AuditInput, AuditPlan, run_audit
-    from fedleak.federation.client import local_update
-    from fedleak.federation.settings import data_split, make_model
-    from fedleak.updates import WeightUpdate
-
-    settings = FederationSettings(data="digits", clients=2, batch_size=8, optimizer="adam", lr=0.01,
-                                  test_size=200, public_size=100, audit_mode="sync")
-    split = data_split(settings.data, settings.test_size, settings.public_size)
-    template = make_model(settings, split)
-    sent = {k: v.clone() for k, v in template.state_dict().items()}
-    res = local_update(copy.deepcopy(template), settings, 0, 1)
-    update = WeightUpdate(sent, {k: sent[k] - res.delta[k] for k in sent}, num_examples=res.num_examples)
-    record = run_audit(AuditPlan(), AuditInput(1, 100, 0, template, update, res.delta, {"learning_rate": 0.01}),
-                       lambda _, rec: None)
+    record, _, _ = _audited(0.01, optimizer="adam")
     assert record.status == "ok" and record.certified == 0
     assert "adaptive optimizer" in record.reason and "clipped by value" not in record.reason
