@@ -81,3 +81,8 @@ def test_an_adaptive_step_passed_as_a_gradient_is_told_from_clipping_by_value(se
     told = adaptive_step(clipped.gradients)
     assert told is None or told.one_value
     assert "clipped by value" in fedleak.reconstruct(model, clipped, attack="exclusivity").summary()
+    # a gradient quantised to 4 bits has most of its largest entries on one level, exactly: not an adaptive step
+    quantised = fedleak.defended_gradient(model, x, y, "quantize:bits=4", seed=0).update
+    level = adaptive_step(quantised.gradients)
+    assert level is None or level.one_value
+    assert "adaptive optimizer" not in fedleak.reconstruct(model, quantised, attack="exclusivity").summary()

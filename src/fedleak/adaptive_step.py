@@ -35,7 +35,7 @@ FEWEST = 256
 @dataclass(frozen=True)
 class AdaptiveStep:
     """A weight change whose ``share`` of the largest moves of ``tensor``'s entries are of one ``size``, ``exact`` of
-    them at the largest move itself, bit for bit."""
+    them at that size itself, bit for bit."""
 
     tensor: str
     share: float
@@ -44,8 +44,9 @@ class AdaptiveStep:
 
     @property
     def one_value(self) -> bool:
-        """Whether most of the largest moves are one value exactly: a clip's bound or a sign compression's size, not
-        an adaptive optimizer's ``g / (|g| + eps)``, which sits within a relative ``eps / |g|`` of its size."""
+        """Whether most of the largest moves are one value exactly: a clip's bound, a sign compression's size or a
+        quantisation's level, not an adaptive optimizer's ``g / (|g| + eps)``, within a relative ``eps / |g|`` of
+        its size."""
         return self.exact >= ONE_SIZE_SHARE
 
     def describe(self) -> str:
@@ -70,5 +71,5 @@ def adaptive_step(delta: Mapping[str, torch.Tensor]) -> AdaptiveStep | None:
         return None
     size = float(largest.median())
     share = float(((largest - size).abs() <= SAME_SIZE_TOL * size).double().mean())
-    exact = float((largest == largest.max()).double().mean())
+    exact = float((largest == largest.median()).double().mean())  # (the median is one of the moves)
     return AdaptiveStep(name, share, size, exact) if share >= ONE_SIZE_SHARE else None
