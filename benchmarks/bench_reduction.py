@@ -12,6 +12,10 @@ are classified almost surely, and their loss gradient is about zero). Per cell, 
   samples rebuilt exactly (some returned input within 1e-4 of the data range, certified or not), and sent samples
   some returned input matches at 40 dB PSNR or more (a near copy) and at 20 dB or more.
 
+Then the CNN of docs/cnn.md (``make_convnet``, convs of 6 and 32 channels, padding 1, one dense hidden layer) at
+initialisation on Fashion-MNIST (head 1024), LFW (512) and digits (256): one batch of 8 per model seed (5, 4 and 6
+seeds), the same measurements.
+
 Then two studies on Fashion-MNIST: the defense on larger batches (32, 64, 128) of ``make_mlp(..., [1024])`` at
 initialisation (certificates left, perturbation, seconds), and its utility: test accuracy of an MLP 784-256-10
 after 60 SGD steps (lr 0.1) of batch 32 on Fashion-MNIST-train with and without the defense on the same batches,
@@ -41,6 +45,8 @@ from fedleak.defenses import ExclusivityReduction
 RESULTS = Path(__file__).resolve().parent / "results" / "reduction.json"
 CELLS = [("fashion-mnist", 0), ("fashion-mnist", 300), ("digits", 0), ("digits", 300), ("lfw", 0), ("lfw", 300)]
 BATCH = 16
+CNN_CELLS = [("fashion-mnist", 1024, 5), ("lfw", 512, 4), ("digits", 256, 6)]  # data, dense head, model seeds
+CNN_BATCH = 8
 
 
 class UserMLP(nn.Module):
@@ -79,32 +85,55 @@ def _matches(rec: fedleak.Reconstruction, sent: torch.Tensor, width: float) -> t
 
 def cell(data: fedleak.Dataset, steps: int, seeds: int, seed: int) -> dict:
     model = trained(data, steps, seed)
-    width = data.value_range[1] - data.value_range[0]
-    row = dict(data=data.name, steps=steps, batch=BATCH, batches=seeds, confident=0, certified_before=0,
-               dropped=0, sent=0, certified=0, false=0, exact=0, near_copies=0, leaked20=0, linf=[], seconds=[])
+    row = _row(data, f"trained, {steps} steps" if steps else "at initialisation", BATCH, seeds)
     for k in range(seeds):
-        x, y = data.batch(BATCH, seed=seed + 50 + k)
-        with torch.no_grad():
-            row["confident"] += int((torch.softmax(model(x), 1)[torch.arange(BATCH), y] > 0.999).sum())
-        undefended = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
-        row["certified_before"] += undefended.num_certified
-        defense = ExclusivityReduction()
-        t0 = time.perf_counter()
-        xd, yd = defense(model, x, y)
-        row["seconds"].append(time.perf_counter() - t0)
-        res = defense.last_result
-        row["dropped"] += BATCH - len(res.kept)
-        row["sent"] += len(res.kept)
-        row["linf"] += [s.linf for s in res.samples if s.status != "dropped"]
-        if not len(xd):
-            continue
-        rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, xd, yd))
-        row["certified"] += rec.num_certified
-        row["false"] += fedleak.metrics.match(rec, xd, yd, data_range=data.value_range).false_certificates
-        err, psnr = _matches(rec, xd, width)
-        row["exact"] += int((err <= 1e-4 * width).sum())
-        row["near_copies"] += int((psnr >= 40).sum())
-        row["leaked20"] += int((psnr >= 20).sum())
+        _defend_and_attack(model, *data.batch(BATCH, seed=seed + 50 + k), data, row)
+    return _finish(row)
+
+
+def cnn_cell(data: fedleak.Dataset, head: int, seeds: int) -> dict:
+    """docs/cnn.md's CNN (convs of 6 and 32 channels, padding 1, one hidden dense layer of ``head``) at
+    initialisation, one batch of :data:`CNN_BATCH` per model seed (the batch drawn with the same seed)."""
+    row = _row(data, f"CNN (6, 32) + {head}, at initialisation", CNN_BATCH, seeds)
+    for k in range(seeds):
+        model = fedleak.make_convnet(data.input_shape, data.num_classes, channels=(6, 32), padding=1,
+                                     fc_widths=(head,), seed=k)
+        _defend_and_attack(model, *data.batch(CNN_BATCH, seed=k), data, row)
+    return _finish(row)
+
+
+def _row(data: fedleak.Dataset, model: str, batch: int, batches: int) -> dict:
+    return dict(data=data.name, model=model, batch=batch, batches=batches, confident=0, certified_before=0,
+                dropped=0, sent=0, certified=0, false=0, exact=0, near_copies=0, leaked20=0, linf=[], seconds=[])
+
+
+def _defend_and_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: fedleak.Dataset, row: dict) -> None:
+    """One batch: the exact attack on it undefended, the defense, the exact attack on what the client sends."""
+    width = data.value_range[1] - data.value_range[0]
+    with torch.no_grad():
+        row["confident"] += int((torch.softmax(model(x), 1)[torch.arange(len(y)), y] > 0.999).sum())
+    undefended = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
+    row["certified_before"] += undefended.num_certified
+    defense = ExclusivityReduction()
+    t0 = time.perf_counter()
+    xd, yd = defense(model, x, y)
+    row["seconds"].append(time.perf_counter() - t0)
+    res = defense.last_result
+    row["dropped"] += len(y) - len(res.kept)
+    row["sent"] += len(res.kept)
+    row["linf"] += [s.linf for s in res.samples if s.status != "dropped"]
+    if not len(xd):
+        return
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, xd, yd))
+    row["certified"] += rec.num_certified
+    row["false"] += fedleak.metrics.match(rec, xd, yd, data_range=data.value_range).false_certificates
+    err, psnr = _matches(rec, xd, width)
+    row["exact"] += int((err <= 1e-4 * width).sum())
+    row["near_copies"] += int((psnr >= 40).sum())
+    row["leaked20"] += int((psnr >= 20).sum())
+
+
+def _finish(row: dict) -> dict:
     row["linf_mean"] = float(np.mean(row.pop("linf"))) if row["sent"] else None
     row["seconds_median"] = float(np.median(row.pop("seconds")))
     return row
@@ -157,7 +186,7 @@ def _table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         n = r["batch"] * r["batches"]
-        model = f"trained, {r['steps']} steps" if r["steps"] else "at initialisation"
+        model = r["model"]
         linf = f"{r['linf_mean']:.3f}" if r["linf_mean"] is not None else "-"
         lines.append(f"| {r['data']} | {model} | {r['confident']} / {n} | {r['certified_before']} / {n} | "
                      f"{r['dropped']} | {linf} | {r['certified']} / {r['sent']} | {r['exact']} / {r['sent']} | "
@@ -188,6 +217,9 @@ def main() -> None:
     for name, steps in CELLS:
         rows.append(cell(loaded.setdefault(name, fedleak.load_dataset(name)), steps, args.seeds, args.seed))
         print(_table(rows[-1:]).splitlines()[-1], flush=True)
+    for name, head, seeds in CNN_CELLS:
+        rows.append(cnn_cell(loaded.setdefault(name, fedleak.load_dataset(name)), head, seeds))
+        print(_table(rows[-1:]).splitlines()[-1], flush=True)
     fm = loaded.get("fashion-mnist") or fedleak.load_dataset("fashion-mnist")
     large = [large_batch(fm, b, args.seed) for b in (32, 64, 128)]
     train = fedleak.load_dataset("fashion-mnist-train")
@@ -198,8 +230,10 @@ def main() -> None:
     if args.out == RESULTS:
         body = (f"_Measured {meta['date']} on {meta['machine']}; torch {meta['torch']} pinned to one thread; a "
                 "user's `nn.Module` (`x.view`, `F.relu`, 1024 hidden units), at torch's default initialisation or "
-                "trained on the data set its batches come from (SGD, batch 64, lr 0.1, momentum 0.9); "
-                f"{args.seeds} batches of {BATCH} per row; `ExclusivityReduction()` with its defaults; \"exact\": "
+                "trained on the data set its batches come from (SGD, batch 64, lr 0.1, momentum 0.9), "
+                f"{args.seeds} batches of {BATCH} per row; and the CNN of [cnn.md](cnn.md) (`make_convnet`, convs of "
+                f"6 and 32 channels, padding 1) at initialisation, one batch of {CNN_BATCH} per model seed; "
+                "`ExclusivityReduction()` with its defaults; \"exact\": "
                 "some returned input (certified or not) within 1e-4 of the data range of a sent sample; \"near "
                 "copies\" / \">= 20 dB\": sent samples some returned input matches at that PSNR. False "
                 f"certificates: {sum(r['false'] for r in rows)}. Command: `{meta['command']}`._\n\n{_table(rows)}\n\n"

@@ -87,6 +87,37 @@ def test_deep_net(fashion):
     assert int(report.layers[-1].exans.sum()) == 0 and not report.certifiable.any()
 
 
+def test_a_cnns_batch_is_reduced_not_dropped(digits):
+    # a CNN's head sits about five times lower than an MLP's: an absolute margin of 0.02 made the LP of every
+    # sample of this batch infeasible, and the whole batch was dropped
+    model = fedleak.make_convnet(digits.input_shape, 10, channels=(6, 32), padding=1, fc_widths=(256,), seed=0)
+    x, y = digits.batch(8, seed=0)
+    assert _attack(model, x, y).num_certified >= 1  # the undefended batch leaks
+    res = reduce_exclusivity(model, x, y)
+    assert res.protected and len(res.kept) == 8 and 0 < res.kappa < 0.02
+    assert sum(s.exans_before for s in res.samples) > 8 and float(np.mean(res.linf)) < 0.1
+    assert _attack(model, res.inputs, res.labels).num_certified == 0
+
+
+def test_margin_is_relative_to_the_layers_scale(fashion):
+    # the same function with its last ReLU layer ten times larger (and the output layer ten times smaller) asks
+    # the same moves of the inputs: kappa scales with the layer, the perturbation does not
+    model = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
+    big = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
+    layers = [m for m in big.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        layers[0].weight.mul_(10)
+        layers[0].bias.mul_(10)
+        layers[1].weight.div_(10)
+    x, y = fashion.batch(8, seed=5)
+    res, res_big = reduce_exclusivity(model, x, y), reduce_exclusivity(big, x, y)
+    assert res.protected and res_big.protected and sum(s.exans_before for s in res.samples) > 0
+    assert res_big.kappa == pytest.approx(10 * res.kappa, rel=1e-5)
+    assert np.array_equal(res.kept, res_big.kept)
+    assert [s.status for s in res.samples] == [s.status for s in res_big.samples]
+    torch.testing.assert_close(res_big.inputs, res.inputs, atol=2e-4, rtol=0)
+
+
 def test_transform_and_unprotected_samples_are_dropped(fashion):
     model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
     x, y = fashion.batch(8, seed=1)

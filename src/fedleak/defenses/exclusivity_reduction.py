@@ -88,6 +88,15 @@ def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray, 
     return (Z32 > 0) & alive[:, None] & (_covered(Z32, alive, kappa, terms) < share * terms)
 
 
+def margin_at(Z: np.ndarray, margin: float) -> float:
+    """kappa in pre-activation units: ``margin`` times the root mean square of the batch's pre-activations ``Z`` at
+    the head's last ReLU layer, so that a move asks the same of every model whatever its layer's scale (at
+    initialisation a CNN's head sits about five times lower than an MLP's: an absolute kappa of 0.02 was 40% of its
+    typical value, and the LPs of whole batches failed)."""
+    scale = float(np.sqrt(np.mean(np.square(Z, dtype=np.float64)))) if Z.size else 0.0
+    return margin * scale if scale > 0 else margin  # a layer silent on the whole batch: nothing is exclusive
+
+
 def reduce_exclusivity(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: ReductionOptions | None = None, **kwargs
 ) -> ReductionResult:
@@ -114,7 +123,6 @@ def reduce_exclusivity(
     H = head.depth - 1
     X = inputs.detach().reshape(inputs.shape[0], -1).to(torch.float64).cpu().numpy().copy()
     M = X.shape[0]
-    kap = opts.margin
     settings = LPSettings(norm=opts.norm, budget=None if opts.budget is None else opts.budget * (hi - lo),
                           polish=opts.polish, polish_slack=opts.polish_slack, solver=opts.solver,
                           time_limit=opts.time_limit, lo=lo, hi=hi)
@@ -141,6 +149,7 @@ def reduce_exclusivity(
     messages = [""] * M
     with single_threaded_blas():
         Z0, terms0, potential0 = last_layer(X)
+        kap = margin_at(Z0, opts.margin)
         before = _exans(Z0, np.ones(M, dtype=bool), kap, terms0, opts.share).sum(1)
         if opts.drop_unprotected:  # a sample whose loss is all but zero adds nothing to the update but its rows
             weight = np.linalg.norm(potential0, axis=1)
@@ -241,7 +250,7 @@ def reduce_exclusivity(
             lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
         ))
     return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
-                           time.perf_counter() - start, data_range)
+                           time.perf_counter() - start, data_range, kap)
 
 
 @register_defense
@@ -271,7 +280,7 @@ class ExclusivityReduction(BatchDefense):
     last_result: ClassVar[ReductionResult | None] = None  # per instance once set, see the docstring
 
     max_exans: int = 0
-    margin: float = 0.02
+    margin: float = 0.01
     budget: float | None = None
     rounds: int = 8
     drop_unprotected: bool = True

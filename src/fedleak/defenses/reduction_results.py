@@ -22,7 +22,9 @@ class ReductionOptions:
     """Settings of :class:`~fedleak.defenses.exclusivity_reduction.ExclusivityReduction`.
 
     ``max_exans``: ExANs a sample may keep at the last ReLU layer (0: none; 1 already defeats the
-    certificate, which needs 2). ``margin``: kappa of every switched neuron, in pre-activation units.
+    certificate, which needs 2). ``margin``: kappa of every switched neuron (``z <= -kappa`` off, ``z >= kappa`` on), as
+    a fraction of the root mean square of the batch's pre-activations at that layer (:attr:`ReductionResult.kappa`
+    says what it came to).
     ``budget``: largest L-infinity perturbation, as a fraction of the data range (None: anything in the
     range). ``rounds``: batch-level rounds (new ExANs a round creates are fixed in the next).
     ``drop_unprotected``: remove samples that stay exclusive from the batch rather than send them.
@@ -39,7 +41,7 @@ class ReductionOptions:
     """
 
     max_exans: int = 0
-    margin: float = 0.02
+    margin: float = 0.01
     budget: float | None = None
     norm: str = "linf"
     solver: str = "highs"
@@ -100,7 +102,8 @@ class ReducedSample:
 @dataclass(frozen=True)
 class ReductionResult:
     """The defended batch (``inputs``/``labels`` on the CPU, the kept samples in order, inside
-    ``data_range``) and per-sample statistics (``psnr`` with peak ``high - low``)."""
+    ``data_range``) and per-sample statistics (``psnr`` with peak ``high - low``); ``kappa``: the margin the moves
+    kept, in the layer's pre-activation units (``options.margin`` times the batch's scale there)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
@@ -109,6 +112,7 @@ class ReductionResult:
     options: ReductionOptions
     seconds: float
     data_range: tuple[float, float] = (0.0, 1.0)
+    kappa: float = float("nan")
 
     @property
     def protected(self) -> bool:
@@ -131,7 +135,8 @@ class ReductionResult:
         return (
             f"exclusivity reduction: last-layer ExANs {before} -> {after}; {len(self.samples) - len(kept)} sample(s) "
             f"dropped; L-inf mean {linf.mean():.4f} / max {linf.max():.4f}; "
-            f"{'protected' if self.protected else 'NOT protected'}; {self.seconds:.1f} s"
+            f"{'protected' if self.protected else 'NOT protected'}; kappa {self.kappa:.3g} ({self.options.margin:g} of "
+            f"the layer's RMS); {self.seconds:.1f} s"
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -141,6 +146,7 @@ class ReductionResult:
             "protected": self.protected,
             "seconds": self.seconds,
             "data_range": list(self.data_range),
+            "kappa": self.kappa,
             "options": asdict(self.options),
             "samples": [s.to_dict() for s in self.samples],
         }

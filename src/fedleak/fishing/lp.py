@@ -43,6 +43,9 @@ from fedleak.fishing.solvers import LPSession, open_session
 from fedleak.option_fields import validate_fields
 
 F_TOL = 1e-9
+#: how far the L1 polish may fall short of a row (in the row's units): it starts from the radius LP's point, which
+#: meets its rows only to the solver's tolerance
+POLISH_SLACK = 1e-7
 
 
 @contextmanager
@@ -191,10 +194,8 @@ class RadiusLP:
         if self._margin_lp is not None:
             self._margin_lp.add_rows(np.hstack([V, -np.ones((len(C), 1))]), C, np.full(len(C), np.inf))
         if self._polish_lp is not None:
-            self._polish_lp.add_rows(np.hstack([V, -V]), C - V @ self.x - self._polish_tol(), np.full(len(C), np.inf))
+            self._polish_lp.add_rows(np.hstack([V, -V]), C - V @ self.x - POLISH_SLACK, np.full(len(C), np.inf))
 
-    def _polish_tol(self) -> float:
-        return 1e-7
 
     def _solve(self, lp: LPSession):
         sol = lp.solve()
@@ -273,7 +274,7 @@ class RadiusLP:
         if self._polish_lp is None:
             lp = open_session(self.s.solver, np.ones(2 * d), np.zeros(2 * d), ub, maximize=False,
                               time_limit=self.s.time_limit)
-            lp.add_rows(np.hstack([self.V, -self.V]), self.C - self.V @ self.x - self._polish_tol(),
+            lp.add_rows(np.hstack([self.V, -self.V]), self.C - self.V @ self.x - POLISH_SLACK,
                         np.full(len(self.C), np.inf))
             self._polish_lp = lp
         else:

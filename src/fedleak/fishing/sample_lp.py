@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from fedleak.fishing.lp import LPSettings, RadiusLP, Requirement, SampleOutcome
+from fedleak.fishing.lp import POLISH_SLACK, LPSettings, RadiusLP, Requirement, SampleOutcome
 from fedleak.fishing.sample_net import SampleNet
 
 
@@ -86,7 +86,8 @@ class RequirementTable:
         return [self[start + i] for i in np.nonzero(short)[0]]
 
 
-HOLD_FLOOR = 1e-5  # a held unit's least margin, relative to its layer's largest pre-activation at the sample
+HOLD_FLOOR = 1e-5  # a held unit's least margin, relative to its layer's largest pre-activation at the sample,
+HOLD_FLOOR_LP = 10 * POLISH_SLACK  # and in the row's own units: ten times what the L1 polish may fall short of it
 
 
 class SampleLP:
@@ -96,8 +97,10 @@ class SampleLP:
         self.net, self.x, self.s = net, x, settings
         self.pattern = [p.copy() for p in pattern]
         # how far clear of zero a held unit is kept at least: beyond the solver's tolerance on its row and the
-        # client's float32 rounding of it, a fraction of its layer's largest value at the sample
-        self.floor = [HOLD_FLOOR * max(float(np.abs(z).max(initial=0.0)), 1e-300) for z in net.clean_preacts(x)]
+        # client's float32 rounding of it, a fraction of its layer's largest value at the sample (the gaps of a
+        # max-pooled layer over a flat patch of image: 0.025 at most, so 2.5e-7, which the polish took back)
+        self.floor = [max(HOLD_FLOOR * float(np.abs(z).max(initial=0.0)), HOLD_FLOOR_LP)
+                      for z in net.clean_preacts(x)]
         self.written: dict[tuple[int, int], Requirement] = {}  # the strongest requirement written per unit
         self.checked = RequirementTable()
         self.solves, self.lp_seconds = 0, 0.0
