@@ -10,7 +10,7 @@ from torch import nn
 from user_models import DropoutMLP, FlowerNet, flower_net_twin
 
 import fedleak
-from fedleak.defenses import reduce_exclusivity
+from fedleak.defenses import ExclusivityReduction, reduce_exclusivity
 from fedleak.fishing import fish
 
 
@@ -59,6 +59,19 @@ def test_flower_net_batch_is_reduced_not_dropped():
     res = reduce_exclusivity(net, x, y)
     assert sum(s.exans_before for s in res.samples) >= 1
     assert res.protected and len(res.kept) == 2, [s.message for s in res.samples]
+
+
+def test_a_client_in_training_mode_reduces_for_the_eval_mode_network(fashion):
+    # a simulated client runs model.train() while it defends and trains; the defense reads the network the exact
+    # attack reads (Dropout the identity) and leaves the model in training mode
+    torch.manual_seed(2)
+    model = DropoutMLP(784, 512, 10).train()
+    x, y = fashion.batch(8, seed=4)
+    defense = ExclusivityReduction()
+    xd, yd = defense(model, x, y)
+    assert model.training and model.dropout.training
+    assert defense.last_result.protected and len(xd) == len(yd) >= 7
+    assert torch.equal(xd, reduce_exclusivity(model.eval(), x, y).inputs)
 
 
 def test_dropout_mlp_class_is_fished_and_reduced_like_its_twin(fashion):

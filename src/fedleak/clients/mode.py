@@ -24,10 +24,12 @@ def check_client_mode(mode: object) -> str:
 
 @contextmanager
 def client_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """``model`` in the client's ``mode`` for the block, and back in the mode it was in after it."""
-    was = model.training
+    """``model`` in the client's ``mode`` for the block; after it, every module back in the mode it was in (a model
+    trained with some of its layers kept in eval mode, a frozen BatchNorm say, keeps them so)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.train(check_client_mode(mode) == "train")
     try:
         yield model
     finally:
-        model.train(was)
+        for module, training in modes:
+            module.training = training

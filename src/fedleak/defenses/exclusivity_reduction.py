@@ -42,6 +42,7 @@ from torch import nn
 
 from fedleak.analysis.batch import read_batch
 from fedleak.client_loss import hard_labels, is_soft
+from fedleak.clients.mode import client_mode
 from fedleak.data.normalize import Normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.defenses.reduction_results import ReducedSample, ReductionOptions, ReductionResult
@@ -304,7 +305,10 @@ class ExclusivityReduction(BatchDefense):
 
     def __call__(self, model: nn.Module, inputs: torch.Tensor,
                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        result = reduce_exclusivity(model, inputs, hard_labels(labels), self.options)
+        # a client that trains in training mode perturbs its batch for the eval-mode network, which the exact attack
+        # reads (its Dropout the identity, its BatchNorm on the running statistics)
+        with client_mode(model, "eval"):
+            result = reduce_exclusivity(model, inputs, hard_labels(labels), self.options)
         object.__setattr__(self, "last_result", result)
         if is_soft(labels):
             return result.inputs, labels[torch.from_numpy(result.kept)]

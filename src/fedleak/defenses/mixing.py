@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedleak.client_loss import is_soft
+from fedleak.clients.mode import client_mode
 from fedleak.data.normalize import Normalization, check_normalization
 from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.errors import OptionError
@@ -71,15 +72,9 @@ def label_distribution(model: nn.Module, inputs: torch.Tensor, labels: torch.Ten
 def model_classes(model: nn.Module, inputs: torch.Tensor) -> int:
     """The model's number of outputs, from one forward pass of the first sample (eval mode, no gradient); 2 for a
     binary classifier's one logit (squeezed or not), which takes soft labels of two classes."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            dtype = next(model.parameters()).dtype
-            logits = model(inputs[:1].to(dtype))
-    finally:
-        for module, training in modes:
-            module.training = training
+    with client_mode(model, "eval"), torch.no_grad():
+        dtype = next(model.parameters()).dtype
+        logits = model(inputs[:1].to(dtype))
     if isinstance(logits, torch.Tensor) and logits.ndim in (1, 2) and logits.numel() == 1:
         return 2  # one logit (a (1,) or (1, 1) output for the one sample)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
