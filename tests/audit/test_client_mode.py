@@ -35,3 +35,20 @@ def test_a_model_without_dropout_or_batch_norm_is_the_same_in_both_modes(digits)
     assert runs[0].notes == runs[1].notes == ()
     with pytest.raises(fedleak.FedleakError, match="client_mode must be train or eval"):
         AuditSettings(client_mode="inference")
+
+
+def test_batch_size_one_is_left_out_where_batch_norm_cannot_train_on_it(digits):
+    # BatchNorm1d over a dense layer: torch refuses one sample in training mode, as it would refuse the client
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    running = model[2].running_mean.clone()
+    result = run_audit(AuditSettings(data="digits", batch_sizes=(1, 4), trials=1, budget=1), model=model)
+    assert result.settings.batch_sizes == (4,) and [b.batch_size for b in result.batches] == [4]
+    assert "batch size 1 is not audited" in result.notes[-1] and "BatchNorm" in result.notes[-1]
+    assert torch.equal(model[2].running_mean, running)  # the probe ran on a copy
+    with pytest.raises(fedleak.OptionError, match="audit batch sizes of 2 or more, or clients in eval mode"):
+        run_audit(AuditSettings(data="digits", batch_sizes=(1,), trials=1), model=model)
+    # in eval mode the client computes one sample, and batch size 1 is audited
+    result = run_audit(AuditSettings(data="digits", batch_sizes=(1,), trials=1, client_mode="eval"), model=model)
+    assert [b.batch_size for b in result.batches] == [1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -27,14 +27,15 @@ from fedleak.audit.settings import AuditSettings
 from fedleak.audit.showcase import Showcase, build_showcase, withheld_reason
 from fedleak.binary import as_two_class
 from fedleak.client_loss import ClientLoss, hard_labels
-from fedleak.clients.mode import client_mode
+from fedleak.clients.mode import client_mode, one_sample_refusal
 from fedleak.data import Dataset, load_dataset
 from fedleak.defenses.base import Accounting
 from fedleak.defenses.stack import DefendedUpdate, WithheldBatch, defended_gradient
-from fedleak.errors import FedleakError
+from fedleak.errors import FedleakError, OptionError
 from fedleak.image_metrics import psnr
 from fedleak.metrics import match
 from fedleak.models import make_mlp
+from fedleak.nets.buffers import buffers_kept
 from fedleak.report.samples import sample_reasons
 
 __all__ = ["AuditResult", "BatchResult", "Showcase", "available_scenarios", "run_audit"]
@@ -255,6 +256,7 @@ def run_audit(
     if too_big:
         raise FedleakError(f"{data.name} has {len(data)} samples; batch size(s) {too_big} are larger")
     net = model if model is not None else _model_for(settings, data)
+    settings, unaudited = _sizes_clients_compute(settings, net, data)
     analysed, barrier, notes = _exclusivity_notes(net, data, settings.client_mode)  # what its count misses
     attack = settings.attack
     if barrier and attack == "exclusivity":  # as a federation's honest server does: see the note
@@ -283,7 +285,9 @@ def run_audit(
         t0 = time.perf_counter()
         xt, yt = scenario.transform(net, x, y) if scenario.transform is not None else (x, y)
         t1 = time.perf_counter()
-        with client_mode(net, settings.client_mode):  # back in eval mode for the server's attack
+        # back in eval mode for the server's attack, and with the BatchNorm statistics the server sent (a client in
+        # training mode moves them; a FedSGD client does not send them)
+        with client_mode(net, settings.client_mode), buffers_kept(net):
             client = _client_update(net, xt, yt, scenario, batch_seed, settings.loss)
         if client is None:  # the client withheld the whole batch: nothing is sent, nothing leaks
             batches.append(_withheld(name, size, trial, t1 - t0, net, analysed))
@@ -337,8 +341,27 @@ def run_audit(
         settings=settings, dataset=data.name, input_shape=data.input_shape, num_classes=data.num_classes,
         batches=tuple(batches), showcases=tuple(showcases), seconds=time.perf_counter() - start,
         value_range=data.pixel_range, descriptions={n: sc.description for n, sc in scenarios.items()},
-        notes=notes + read,
+        notes=notes + read + unaudited,
     )
+
+
+def _sizes_clients_compute(settings: AuditSettings, net: nn.Module, data: Dataset) -> tuple[AuditSettings,
+                                                                                             tuple[str, ...]]:
+    """The settings without batch size 1 where a client in training mode cannot compute one sample (BatchNorm over
+    a dense layer: torch refuses it, as it would refuse that client), and the note that says so; a refusal where 1
+    is the only size asked for."""
+    if settings.client_mode != "train" or 1 not in settings.batch_sizes:
+        return settings, ()
+    why = one_sample_refusal(net, data.x[:1])
+    if not why:
+        return settings, ()
+    if set(settings.batch_sizes) == {1}:
+        raise OptionError(f"a client in training mode cannot compute a batch of one ({why}): audit batch sizes of 2 "
+                          "or more, or clients in eval mode (client_mode='eval')")
+    kept = tuple(b for b in settings.batch_sizes if b != 1)
+    return replace(settings, batch_sizes=kept), (
+        f"batch size 1 is not audited: a client in training mode cannot compute one sample ({why}); "
+        "client_mode='eval' audits it",)
 
 
 def _client_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, scenario: AuditedScenario,

@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from fedleak.errors import OptionError
+from fedleak.forward_failure import BATCH_NORMS, forward_failure
+from fedleak.nets.buffers import buffers_kept
 
 CLIENT_MODES = ("train", "eval")
 
@@ -33,3 +36,18 @@ def client_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def one_sample_refusal(model: nn.Module, inputs: torch.Tensor) -> str:
+    """Why a client in training mode cannot compute a batch of one of ``inputs`` (a BatchNorm layer then sees one
+    value per channel, which torch refuses), or ``""`` where it can. Runs one forward pass of ``model`` only when it
+    has a BatchNorm layer, and leaves its running statistics and modes as they were."""
+    if not any(isinstance(m, BATCH_NORMS) for m in model.modules()):
+        return ""
+    one = inputs[:1]
+    with client_mode(model, "train"), buffers_kept(model), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        try:
+            model(one)
+        except (RuntimeError, ValueError) as exc:
+            return forward_failure(model, one, exc)
+    return ""
