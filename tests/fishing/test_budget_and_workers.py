@@ -34,16 +34,15 @@ def unconstrained(shallow):
 
 
 def _consistent(res, x) -> None:
-    """Statuses are known, every sample not fished says why, and certifiable_after follows the statuses:
-    a fished sample is certifiable; a sample that is not fished is certifiable only if it already was."""
+    """Statuses are known, every sample not fished says why, and a fished sample is certifiable. (A sample that is
+    not fished may be certifiable after all: the others moved off the neurons it fires, or its move aside left it
+    some of its own.)"""
     for s in res.samples:
         assert s.status in STATUSES, s.status
         if s.status == "fished":
             assert s.certifiable_after and s.message == ""  # (a sample whose targets are free is not moved)
         else:
             assert s.message
-            if s.certifiable_after:
-                assert s.certifiable_before
             if not s.perturbed:
                 assert torch.equal(res.inputs[s.index], x[s.index])
     assert res.fished_fraction >= np.mean([s.status == "fished" for s in res.samples])
@@ -54,7 +53,7 @@ def _targets_exclusive_in_float32(model, res) -> None:
     samples that were not fished did."""
     lin = model[1]
     z = res.inputs.reshape(res.batch_size, -1) @ lin.weight.detach().T + lin.bias.detach()
-    kappa = res.options.margin
+    kappa = res.kappa
     for s in res.samples:
         if s.status != "fished":
             continue
@@ -85,7 +84,7 @@ def test_l2_gives_higher_mean_psnr_than_linf(shallow, unconstrained):
 # --- the PSNR floor ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("floor", [35.0, 46.0])
+@pytest.mark.parametrize("floor", [42.0, 50.0])
 def test_min_psnr_floor(shallow, unconstrained, floor):
     model, x, y = shallow
     mean = float(unconstrained.psnr.mean())
@@ -123,7 +122,7 @@ def test_invalid_min_psnr_raises(digits, bad):
 def tight(fashion):
     model = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=0)
     x, y = fashion.batch(16, seed=1)
-    return model, x, y, fish(model, x, y, budget=0.01, workers=1)
+    return model, x, y, fish(model, x, y, budget=0.005, workers=1)
 
 
 def test_budget_failures_stand_aside_or_stay_unperturbed(tight):
@@ -133,7 +132,7 @@ def test_budget_failures_stand_aside_or_stay_unperturbed(tight):
     for s in failed:
         assert (not s.perturbed) or ASIDE in s.message
     assert any(s.perturbed for s in failed)  # at least one sample was moved only to stand aside
-    assert all(s.linf <= 0.01 * (1 + 1e-5) for s in res.samples)  # the budget holds for everyone
+    assert all(s.linf <= 0.005 * (1 + 1e-5) for s in res.samples)  # the budget holds for everyone
     _consistent(res, x)
     _targets_exclusive_in_float32(model, res)
 

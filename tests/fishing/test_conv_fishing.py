@@ -62,8 +62,9 @@ def test_plain_sequential_max_pooled_cnn_on_non_square_inputs(lfw):
     assert res.certifiable_after.all() and res.certifiable_before.sum() <= 2
     report = fedleak.analyze_exclusivity(model, res.inputs, y, solve=False)  # float32, as the client computes
     assert (report.head_certifiable == res.certifiable_after).all()
-    for s in res.samples:
-        assert (s.status == "fished") == s.perturbed
+    for s in res.samples:  # a fished sample may not need to move itself (the others moved off its targets)
+        assert s.status == "fished" or not s.perturbed
+    assert sum(s.perturbed for s in res.samples) >= 4
 
 
 def test_fish_dispatches_cnns_and_the_transform_reports(lfw):
@@ -72,7 +73,7 @@ def test_fish_dispatches_cnns_and_the_transform_reports(lfw):
     res = fedleak.fish(model, x, y)
     assert res.batch_size == 6 and res.inputs.shape == x.shape
     assert float(res.inputs.min()) >= 0.0 and float(res.inputs.max()) <= 1.0
-    hook = FishingTransform(margin=0.02)
+    hook = FishingTransform()
     xf, yf = hook(model, x, y)
     assert torch.equal(yf, y) and torch.equal(xf, res.inputs)  # deterministic
     assert hook.last_result.to_dict()["batch_size"] == 6
@@ -197,3 +198,17 @@ def test_a_conv_layer_fishing_cannot_help_is_named_per_sample():
     short = [s for s in result.samples if s.status == "fished" and not s.certifiable_after]
     assert short and all("conv layer '0' is not proven to determine its input" in s.message for s in short)
     assert f"{len(short)} fished whose other layers still do not meet it" in result.summary()
+
+
+def test_a_cnns_batch_is_fished_at_its_head_layers_scale(fashion):
+    # the built-in CNN's head sits about five times lower than an MLP's: with kappa fixed at 0.02 in pre-activation
+    # units the fished images of this batch were 35.5 dB from the originals on average (31.6 dB at least); read at
+    # the layer's scale, 75.5 (50.2), every sample still certified
+    model = make_convnet(fashion.input_shape, 10, channels=(6, 32), padding=1, fc_widths=(1024,), seed=0)
+    x, y = fashion.batch(16, seed=0)
+    res = fedleak.fish(model, x, y)
+    assert res.kappa < 0.002 and res.certifiable_after.all()
+    assert float(np.mean(res.psnr[np.isfinite(res.psnr)])) >= 50.0 and float(np.min(res.psnr)) >= 42.0
+    rec = _attack(model, res.inputs, y)
+    scores = fedleak.metrics.match(rec, res.inputs, y)
+    assert scores.recovered_fraction == 1.0 and scores.false_certificates == 0

@@ -67,7 +67,7 @@ def test_two_hidden_layers_every_sample_fished(two_hidden):
 
 def test_two_hidden_layers_targets_hold_in_float32(two_hidden):
     model, x, y, res = two_hidden
-    kappa = res.options.margin
+    kappa = res.kappa
     a = res.inputs.reshape(len(x), -1)  # float32, as the client computes
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     for h, lin in enumerate(linears[:-1]):

@@ -67,7 +67,7 @@ def test_targets_have_margin_in_float32(fashion_batch, fished):
     model, x, y = fashion_batch
     W, b = model[1].weight.detach(), model[1].bias.detach()
     z = fished.inputs.reshape(len(x), -1) @ W.T + b  # float32, as the client computes it
-    kappa = fished.options.margin
+    kappa = fished.kappa
     for s in fished.samples:
         for j in s.targets[0]:
             col = z[:, j]
@@ -194,3 +194,21 @@ def test_bad_inputs_raise(digits):
         fish(model, x, y, data_range=(1.0, 0.0))
     with pytest.raises(SolverError, match="data_range"):
         FishingTransform(data_range="0..1")
+
+
+def test_margin_is_relative_to_the_layers_scale(fashion):
+    # the same function with its hidden layer ten times larger (and the output layer ten times smaller): the same
+    # targets, the same perturbation, kappa ten times larger
+    model = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
+    big = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
+    layers = [m for m in big.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        layers[0].weight.mul_(10)
+        layers[0].bias.mul_(10)
+        layers[1].weight.div_(10)
+    x, y = fashion.batch(8, seed=5)
+    res, res_big = fish(model, x, y, workers=1), fish(big, x, y, workers=1)
+    assert res.certifiable_after.all() and res_big.certifiable_after.all()
+    assert res_big.kappa == pytest.approx(10 * res.kappa, rel=1e-5)
+    assert [s.status for s in res.samples] == [s.status for s in res_big.samples]
+    torch.testing.assert_close(res_big.inputs, res.inputs, atol=2e-4, rtol=0)

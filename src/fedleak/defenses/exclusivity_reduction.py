@@ -48,6 +48,7 @@ from fedleak.defenses.base import BatchDefense, register_defense
 from fedleak.defenses.reduction_results import ReducedSample, ReductionOptions, ReductionResult
 from fedleak.errors import FedleakError, OptionError, SolverError
 from fedleak.fishing.head_arrays import HeadArrays
+from fedleak.fishing.kappa import kappa_at
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import resolve_data_range
 from fedleak.fishing.sample_lp import solve_sample
@@ -87,15 +88,6 @@ def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray, 
     """(M x d) robust ExAN mask among ``alive`` samples: the sample fires (float32) and the other samples' terms in
     the row (:func:`_covered`) sum to less than ``share`` of its own: the row is the sample's alone, or nearly."""
     return (Z32 > 0) & alive[:, None] & (_covered(Z32, alive, kappa, terms) < share * terms)
-
-
-def margin_at(Z: np.ndarray, margin: float) -> float:
-    """kappa in pre-activation units: ``margin`` times the root mean square of the batch's pre-activations ``Z`` at
-    the head's last ReLU layer, so that a move asks the same of every model whatever its layer's scale (at
-    initialisation a CNN's head sits about five times lower than an MLP's: an absolute kappa of 0.02 was 40% of its
-    typical value, and the LPs of whole batches failed)."""
-    scale = float(np.sqrt(np.mean(np.square(Z, dtype=np.float64)))) if Z.size else 0.0
-    return margin * scale if scale > 0 else margin  # a layer silent on the whole batch: nothing is exclusive
 
 
 def reduce_exclusivity(
@@ -150,7 +142,7 @@ def reduce_exclusivity(
     messages = [""] * M
     with single_threaded_blas():
         Z0, terms0, potential0 = last_layer(X)
-        kap = margin_at(Z0, opts.margin)
+        kap = kappa_at(Z0, opts.margin)
         before = _exans(Z0, np.ones(M, dtype=bool), kap, terms0, opts.share).sum(1)
         if opts.drop_unprotected:  # a sample whose loss is all but zero adds nothing to the update but its rows
             weight = np.linalg.norm(potential0, axis=1)

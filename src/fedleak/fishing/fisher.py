@@ -31,6 +31,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.errors import FedleakError
 from fedleak.fishing.clearance import clearances
 from fedleak.fishing.head_arrays import HeadArrays
+from fedleak.fishing.kappa import kappa_at
 from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
@@ -338,7 +339,10 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     min_other = min(1, opts.targets_other)
     before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
-    fisher = Fisher(*first.arrays(net), X, batch.labels.numpy(), opts, opts.lp_settings(data_range), before.saturated)
+    stack, head = first.arrays(net)
+    kappa = kappa_at(head.preacts(stack.features(X))[-1], opts.margin)  # the margin in the layer's own units
+    run = replace(opts, margin=kappa)
+    fisher = Fisher(stack, head, X, batch.labels.numpy(), run, run.lp_settings(data_range), before.saturated)
     fisher.run()
     lo, hi = data_range
     Xp = np.clip(fisher.Xp, lo, hi)
@@ -351,4 +355,4 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     if opts.solve_check and net.blocks:  # the head's targets met, a conv block still short of equations
         samples = tuple(replace(s, message=_undetermined(net, after, s.index)) if s.status == "fished"
                         and not s.certifiable_after and not s.message else s for s in samples)
-    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range)
+    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range, kappa)

@@ -61,7 +61,8 @@ class FishingOptions:
 
     ``norm``: "linf" (smallest L-infinity radius, then the least-L1 perturbation within
     ``(1 + polish_slack)`` times it) or "l1" (least L1 within ``budget``).
-    ``margin``: kappa, the pre-activation margin of every target (spec §4.3: >= 1e-2).
+    ``margin``: kappa, the pre-activation margin of every target, as a fraction of the root mean square of the
+    batch's pre-activations at the head's last ReLU layer (:attr:`FishingResult.kappa` says what it came to).
     ``budget``: largest L-infinity perturbation allowed, as a fraction of the data range (None: anything
     inside the range); a sample that needs more gets no targets (it stands aside or is sent unperturbed).
     ``min_psnr``: the PSNR floor (dB, against the original, peak = the data range's width): a sample whose
@@ -86,7 +87,7 @@ class FishingOptions:
     """
 
     norm: str = "l2"
-    margin: float = 0.02
+    margin: float = 0.01
     budget: float | None = None
     min_psnr: float | None = None
     targets_last: int = 2
@@ -173,7 +174,8 @@ class SampleFishing:
 @dataclass(frozen=True)
 class FishingResult:
     """The perturbed batch (``inputs``, same shape/dtype as given, on the CPU, inside ``data_range``) and
-    per-sample statistics (``psnr`` with peak ``high - low`` of ``data_range``)."""
+    per-sample statistics (``psnr`` with peak ``high - low`` of ``data_range``); ``kappa``: the targets' margin in the
+    layer's pre-activation units (``options.margin`` times the batch's scale there)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
@@ -181,6 +183,7 @@ class FishingResult:
     options: FishingOptions
     seconds: float
     data_range: tuple[float, float] = (0.0, 1.0)
+    kappa: float = float("nan")
 
     @property
     def batch_size(self) -> int:
@@ -244,6 +247,7 @@ class FishingResult:
             "seconds": self.seconds,
             "lp_seconds": self.lp_seconds,
             "data_range": list(self.data_range),
+            "kappa": self.kappa,
             "options": asdict(self.options),
             "samples": [s.to_dict() for s in self.samples],
         }
