@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -11,6 +12,18 @@ from torch.nn import functional as F
 
 import fedleak
 from fedleak.models.flower import FlowerNet  # Flower's quickstart-pytorch Net, exactly as Flower writes it
+
+
+def hidden_layer_scaled(model: nn.Module, factor: float) -> nn.Module:
+    """A copy of a one-hidden-layer MLP computing the same logits with its hidden pre-activations ``factor`` times
+    larger (the first Linear layer times ``factor``, the output layer's weights divided by it)."""
+    twin = copy.deepcopy(model)
+    first, out = [m for m in twin.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        first.weight.mul_(factor)
+        first.bias.mul_(factor)
+        out.weight.div_(factor)
+    return twin
 
 
 def flower_net_twin(net: FlowerNet) -> nn.Sequential:

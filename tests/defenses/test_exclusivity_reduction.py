@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from user_models import hidden_layer_scaled
 
 import fedleak
 from fedleak.defenses import (
@@ -103,12 +104,7 @@ def test_margin_is_relative_to_the_layers_scale(fashion):
     # the same function with its last ReLU layer ten times larger (and the output layer ten times smaller) asks
     # the same moves of the inputs: kappa scales with the layer, the perturbation does not
     model = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
-    big = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
-    layers = [m for m in big.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        layers[0].weight.mul_(10)
-        layers[0].bias.mul_(10)
-        layers[1].weight.div_(10)
+    big = hidden_layer_scaled(model, 10)
     x, y = fashion.batch(8, seed=5)
     res, res_big = reduce_exclusivity(model, x, y), reduce_exclusivity(big, x, y)
     assert res.protected and res_big.protected and sum(s.exans_before for s in res.samples) > 0

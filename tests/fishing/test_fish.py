@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from user_models import confident_mlp
+from user_models import confident_mlp, hidden_layer_scaled
 
 import fedleak
 from fedleak.errors import FedleakError, SolverError
@@ -200,12 +200,7 @@ def test_margin_is_relative_to_the_layers_scale(fashion):
     # the same function with its hidden layer ten times larger (and the output layer ten times smaller): the same
     # targets, the same perturbation, kappa ten times larger
     model = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
-    big = fedleak.make_mlp(fashion.input_shape, [512], 10, seed=2)
-    layers = [m for m in big.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        layers[0].weight.mul_(10)
-        layers[0].bias.mul_(10)
-        layers[1].weight.div_(10)
+    big = hidden_layer_scaled(model, 10)
     x, y = fashion.batch(8, seed=5)
     res, res_big = fish(model, x, y, workers=1), fish(big, x, y, workers=1)
     assert res.certifiable_after.all() and res_big.certifiable_after.all()
