@@ -46,7 +46,7 @@ def test_batch_size_one_is_left_out_where_batch_norm_cannot_train_on_it(digits):
     result = run_audit(AuditSettings(data="digits", batch_sizes=(1, 4), trials=1, budget=1), model=model)
     assert result.settings.batch_sizes == (4,) and [b.batch_size for b in result.batches] == [4]
     assert "batch size 1 is not audited" in result.notes[-1] and "BatchNorm" in result.notes[-1]
-    assert torch.equal(model[2].running_mean, running)  # the probe ran on a copy
+    assert torch.equal(model[2].running_mean, running)  # the probe and the clients left the statistics as they were
     with pytest.raises(fedleak.OptionError, match="audit batch sizes of 2 or more, or clients in eval mode"):
         run_audit(AuditSettings(data="digits", batch_sizes=(1,), trials=1), model=model)
     # in eval mode the client computes one sample, and batch size 1 is audited
