@@ -238,7 +238,8 @@ class TestModels:
         torch.manual_seed(0)
         model = BatchNormMLP(16, 8, 3).train()
         x, y = torch.rand(4, 16), torch.tensor([0, 1, 2, 0])
-        cause = "a BatchNorm layer in training mode needs at least 2 inputs per batch"
+        cause = ("a BatchNorm layer in training mode needs at least 2 inputs per batch: use batches of 2 or more, "
+                 "or run the model (its clients) in eval mode")
         raises(fedleak.ModelError, ("cannot take inputs of shape (1, 16)", cause), fedleak.compute_gradient_update,
                 model, x[:1], y[:1])
         raises(fedleak.ModelError, ("cannot take inputs of shape (1, 16)", cause), fedleak.fedavg_update, model, x, y,

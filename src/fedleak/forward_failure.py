@@ -23,7 +23,8 @@ def forward_failure(model: nn.Module, inputs: torch.Tensor, exc: Exception) -> s
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     msg = f"the model cannot take inputs of shape {tuple(inputs.shape)}: {first}"
     if inputs.shape[0] == 1 and in_training_mode_with_batch_norm(model):
-        msg += "; a BatchNorm layer in training mode needs at least 2 inputs per batch"
+        msg += ("; a BatchNorm layer in training mode needs at least 2 inputs per batch: use batches of 2 or more, "
+                "or run the model (its clients) in eval mode")
     if any(isinstance(m, EMBEDDINGS) for m in model.modules()):
         msg += ("; if the model reads token indices (an embedding), fedleak cannot rebuild them: it rebuilds "
                 "continuous inputs (images, signals, records)")

@@ -360,8 +360,8 @@ def _sizes_clients_compute(settings: AuditSettings, net: nn.Module, data: Datase
                           "or more, or clients in eval mode (client_mode='eval')")
     kept = tuple(b for b in settings.batch_sizes if b != 1)
     return replace(settings, batch_sizes=kept), (
-        f"batch size 1 is not audited: a client in training mode cannot compute one sample ({why}); "
-        "client_mode='eval' audits it",)
+        f"batch size 1 is not audited: a client in training mode cannot compute one sample ({why}; "
+        "client_mode='eval')",)
 
 
 def _client_update(net: nn.Module, x: torch.Tensor, y: torch.Tensor, scenario: AuditedScenario,
