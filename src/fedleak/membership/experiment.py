@@ -136,8 +136,11 @@ def draw_records(settings: MembershipSettings) -> tuple[Records, Records, Record
     data = load_dataset(settings.data)
     need = settings.members + settings.non_members + settings.reference
     if need > len(data.y):
+        share = len(data.y) / need  # the same proportions, scaled down to what the data set holds
+        fit = ", ".join(f"{name}={int(getattr(settings, name) * share)}"
+                        for name in ("members", "non_members", "reference") if getattr(settings, name))
         raise OptionError(f"members + non_members + reference = {need:,} records, but '{settings.data}' holds "
-                          f"{len(data.y):,}; ask for fewer")
+                          f"{len(data.y):,}; ask for fewer ({fit} fit)")
     order = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(settings.seed))
     cuts = torch.tensor([settings.members, settings.non_members, settings.reference]).cumsum(0).tolist()
     pick = [order[:cuts[0]], order[cuts[0]:cuts[1]], order[cuts[1]:cuts[2]]]
