@@ -21,7 +21,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.client_loss import check_class_weights, check_label_smoothing, client_loss, ends_in_sigmoid, is_soft
 from fedleak.errors import DataError, FedleakError, ModelError, UpdateError
 from fedleak.focal import check_focal_gamma
-from fedleak.forward_failure import forward_failure
+from fedleak.forward_failure import ONE_INPUT_REMEDY, forward_failure
 from fedleak.logits_of import per_sample_logits
 from fedleak.state_names import renaming
 from fedleak.validation import (
@@ -277,7 +277,7 @@ def forward_logits(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     except Exception as exc:  # a shape or dtype mismatch anywhere in the user's forward; BatchNorm on one input
         if isinstance(exc, FedleakError):
             raise
-        raise ModelError(forward_failure(model, inputs, exc)) from None
+        raise ModelError(forward_failure(model, inputs, exc, remedy=ONE_INPUT_REMEDY)) from None
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"the model must return logits of shape ({inputs.shape[0]}, K), got {shape}")

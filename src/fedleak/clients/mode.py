@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fedleak.errors import OptionError
-from fedleak.forward_failure import BATCH_NORMS, forward_failure
+from fedleak.forward_failure import BATCH_NORMS, ONE_INPUT_REMEDY, forward_failure
 from fedleak.nets.buffers import buffers_kept
 
 CLIENT_MODES = ("train", "eval")
@@ -49,5 +49,5 @@ def one_sample_refusal(model: nn.Module, inputs: torch.Tensor) -> str:
         try:
             model(one)
         except (RuntimeError, ValueError) as exc:
-            return forward_failure(model, one, exc)
+            return forward_failure(model, one, exc, remedy=ONE_INPUT_REMEDY)
     return ""
