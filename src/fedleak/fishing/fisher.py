@@ -32,7 +32,7 @@ from fedleak.errors import FedleakError
 from fedleak.fishing.clearance import clearances
 from fedleak.fishing.head_arrays import HeadArrays
 from fedleak.fishing.kappa import kappa_at
-from fedleak.fishing.lp import LPSettings, Requirement, SampleOutcome, single_threaded_blas
+from fedleak.fishing.lp import Requirement, SampleOutcome, single_threaded_blas
 from fedleak.fishing.perturb import FishingOptions, FishingResult, resolve_data_range, sample_records
 from fedleak.fishing.pool import parallel_map, resolve_workers
 from fedleak.fishing.sample_lp import RequirementTable, solve_sample
@@ -53,8 +53,8 @@ class Fisher:
     """The batch loop: targets on the head, one LP per sample on its :class:`SampleNet`, then repairs."""
 
     def __init__(self, stack: ConvStack, head: HeadArrays, X: np.ndarray, y: np.ndarray, opts: FishingOptions,
-                 settings: LPSettings, saturated: np.ndarray | None = None):
-        self.stack, self.head, self.X, self.y, self.o, self.settings = stack, head, X, y, opts, settings
+                 data_range: tuple[float, float], saturated: np.ndarray | None = None):
+        self.stack, self.head, self.X, self.y = stack, head, X, y
         self.M = X.shape[0]
         # samples classified with probability 1 (:attr:`fedleak.ExclusivityReport.saturated`): no ExAN makes them
         # readable, so they own no targets and only stay off the others'
@@ -63,6 +63,9 @@ class Fisher:
         self.nets = [SampleNet(stack, head, X[m]) for m in range(self.M)]
         self.features = stack.features(X)  # the head inputs of the clean batch
         self.clean = head.preacts(self.features)  # one pass over the head for the whole batch, not one per sample
+        # the margin in the layer's own units (``opts.margin`` is a fraction of its scale), everywhere below
+        self.o = opts = replace(opts, margin=kappa_at(self.clean[-1], opts.margin))
+        self.settings = opts.lp_settings(data_range)
         for m, net in enumerate(self.nets):
             net.clean_head = [z[m] for z in self.clean]
         self.clear = clearances(stack.net, self.features, opts.margin * CLEAR_FRACTION)  # (M, lower blocks)
@@ -339,10 +342,7 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     min_other = min(1, opts.targets_other)
     before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
-    stack, head = first.arrays(net)
-    kappa = kappa_at(head.preacts(stack.features(X))[-1], opts.margin)  # the margin in the layer's own units
-    run = replace(opts, margin=kappa)
-    fisher = Fisher(stack, head, X, batch.labels.numpy(), run, run.lp_settings(data_range), before.saturated)
+    fisher = Fisher(*first.arrays(net), X, batch.labels.numpy(), opts, data_range, before.saturated)
     fisher.run()
     lo, hi = data_range
     Xp = np.clip(fisher.Xp, lo, hi)
@@ -355,4 +355,4 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     if opts.solve_check and net.blocks:  # the head's targets met, a conv block still short of equations
         samples = tuple(replace(s, message=_undetermined(net, after, s.index)) if s.status == "fished"
                         and not s.certifiable_after and not s.message else s for s in samples)
-    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range, kappa)
+    return FishingResult(out, batch.labels, samples, opts, time.perf_counter() - start, data_range, fisher.o.margin)
