@@ -55,6 +55,14 @@ LOCAL_STEPS_HELP = ("The number of local SGD steps of a FedAvg client, where the
                     "configuration): one step is the exact route's; several go to the first-layer rows and the "
                     "searches that unroll them.")
 
+OPTIMIZER_HELP = ("Clients' local optimizer: sgd (torch.optim.SGD, with --momentum and --weight-decay) or adam "
+                  "(torch.optim.Adam, betas 0.9 and 0.999, with --weight-decay). The server is not told.")
+MOMENTUM_HELP = ("Clients' SGD momentum (torch.optim.SGD's; Flower's quickstart trains with 0.9). The server is not "
+                 "told.")
+WEIGHT_DECAY_HELP = ("Clients' weight decay (torch's, in their optimizer). The server is not told: with SGD the exact "
+                     "route reads it off the silent units.")
+LR_UNKNOWN_HELP = "The server's attack ignores the learning rate (a client that may use its own)."
+
 CLIENT_MODE_HELP = ("How the clients run the model as they compute their updates: train (model.train(), as training "
                     "loops do: Dropout drops units, BatchNorm uses the batch's statistics) or eval.")
 LABEL_SMOOTHING_HELP = ("The clients train with F.cross_entropy(..., label_smoothing=s): their updates are of that "

@@ -12,10 +12,14 @@ from fedleak.cli.app import (
     DATA_HELP,
     FOCAL_GAMMA_HELP,
     LABEL_SMOOTHING_HELP,
+    LR_UNKNOWN_HELP,
     MAX_WIDTH,
     MODEL_HELP,
+    MOMENTUM_HELP,
+    OPTIMIZER_HELP,
     OUT_HELP,
     QUIET_HELP,
+    WEIGHT_DECAY_HELP,
     WIDTHS_HELP,
     app,
     default_out,
@@ -51,7 +55,17 @@ def evaluate(
     client_size: int = typer.Option(None, min=1, help="Training samples per client (default: an equal share of "
                                     "the training data, at most 500)."),
     batch_size: int = typer.Option(32, min=1, help="Samples per client step."),
-    lr: float = typer.Option(0.1, help="The clients' SGD learning rate."),
+    lr: float = typer.Option(0.1, help="The clients' learning rate."),
+    local_steps: int = typer.Option(1, min=1, help="Local steps per client and round, each on a fresh batch (1: "
+                                                   "FedSGD; more: FedAvg); an attacked client takes as many of "
+                                                   "--attack-batch samples each."),
+    optimizer: str = typer.Option("sgd", help=OPTIMIZER_HELP),
+    momentum: float = typer.Option(0.0, help=MOMENTUM_HELP),
+    weight_decay: float = typer.Option(0.0, help=WEIGHT_DECAY_HELP),
+    upload: str = typer.Option("auto", help="What the attacked server reads of a client's round: delta (one step's "
+                                            "change, read as its gradient) | weights (the FedAvg reply: weights "
+                                            "before and after) | auto (delta for one local step, else weights)."),
+    lr_unknown: bool = typer.Option(False, "--lr-unknown", help=LR_UNKNOWN_HELP + " With --upload weights."),
     label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
     class_weights: str = typer.Option(None, help=CLASS_WEIGHTS_HELP),
     focal_gamma: float = typer.Option(0.0, help=FOCAL_GAMMA_HELP),
@@ -70,7 +84,9 @@ def evaluate(
         widths=int_list(widths, "--widths", MAX_WIDTH), conv=int_list(conv, "--conv", MAX_WIDTH) if conv else (),
         defenses=tuple(defense) if defense else DEFAULT_DEFENSES, attacks=tuple(attack) if attack else DEFAULT_ATTACKS,
         attack_batch=attack_batch, trials=trials, attack_iterations=iterations, rounds=rounds, clients=clients,
-        client_size=client_size, batch_size=batch_size, lr=lr, seed=check_seed("--seed", seed),
+        client_size=client_size, batch_size=batch_size, lr=lr, local_steps=local_steps, optimizer=optimizer,
+        momentum=momentum, weight_decay=weight_decay, upload=upload, lr_known=not lr_unknown,
+        seed=check_seed("--seed", seed),
         label_smoothing=label_smoothing, focal_gamma=focal_gamma,
         class_weights=None if class_weights is None else float_list(class_weights, "--class-weights"),
     )

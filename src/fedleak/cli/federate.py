@@ -15,9 +15,13 @@ from fedleak.cli.app import (
     DATA_HELP,
     FOCAL_GAMMA_HELP,
     LABEL_SMOOTHING_HELP,
+    LR_UNKNOWN_HELP,
     MAX_WIDTH,
     MODEL_HELP,
+    MOMENTUM_HELP,
+    OPTIMIZER_HELP,
     OUT_HELP,
+    WEIGHT_DECAY_HELP,
     WEIGHTS_HELP,
     WIDTHS_HELP,
     app,
@@ -73,15 +77,10 @@ def federate(
     local_epochs: int = typer.Option(0, help="Local epochs over the partition (0: use --local-steps)."),
     lr: float = typer.Option(0.1, help="Clients' SGD learning rate, which the server sends them and its attack "
                                        "takes (one-step updates read at the gradient's own scale)."),
-    optimizer: str = typer.Option("sgd", help="Clients' local optimizer: sgd (torch.optim.SGD, with --momentum and "
-                                             "--weight-decay) or adam (torch.optim.Adam, betas 0.9 and 0.999, with "
-                                             "--weight-decay). The server is not told."),
-    momentum: float = typer.Option(0.0, help="Clients' SGD momentum (torch.optim.SGD's; Flower's quickstart trains "
-                                             "with 0.9). The server is not told."),
-    weight_decay: float = typer.Option(0.0, help="Clients' weight decay (torch's, in their optimizer). The server is "
-                                                 "not told: with SGD the exact route reads it off the silent units."),
-    lr_unknown: bool = typer.Option(False, "--lr-unknown", help="The server's attack ignores the learning rate (a "
-                                                                "client that may use its own)."),
+    optimizer: str = typer.Option("sgd", help=OPTIMIZER_HELP),
+    momentum: float = typer.Option(0.0, help=MOMENTUM_HELP),
+    weight_decay: float = typer.Option(0.0, help=WEIGHT_DECAY_HELP),
+    lr_unknown: bool = typer.Option(False, "--lr-unknown", help=LR_UNKNOWN_HELP),
     widths: str = typer.Option("1000", help=WIDTHS_HELP + " Not with --model."),
     model: str = typer.Option(None, help="The clients' model instead of the MLP of --widths: " + MODEL_HELP),
     weights: Path = typer.Option(None, help="Initial weights of --model (the first round's): " + WEIGHTS_HELP),

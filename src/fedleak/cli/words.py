@@ -23,6 +23,7 @@ _OPTIONS = (  # (pattern, replacement), in turn
     (re.compile(r"\blocal_steps=(?=\d)"), lambda m: "--local-steps "),
     (re.compile(r"\blocal_steps\b"), lambda m: "--local-steps"),
     (re.compile(r"\bkind='(\w+)'"), lambda m: f"--update-kind {m.group(1)}"),
+    (re.compile(r"\bupload='(\w+)'"), lambda m: f"--upload {m.group(1)}"),
 )
 
 

@@ -89,7 +89,7 @@ def _view(ev: Evaluation) -> EvaluationView:
                             f"{base.best.leaked_fraction:.0%}) — no protection against this attack")
     subtitle = (f"{ev.dataset}, {ev.model}; leakage: {s.trials} batch(es) of {s.attack_batch} per setting, attacks "
                 f"{', '.join(s.attacks)}, leaked at PSNR >= {s.leak_psnr:g} dB; utility: {s.rounds} rounds of "
-                f"{s.clients} clients x one step of {s.batch_size} at lr {s.lr:g}")
+                f"{s.clients} clients, each {s.training()}")
     figure = Figure(pareto_uri(ev), "leakage against utility", "Each point is a defense setting; green: the "
                     "Pareto front (no other setting leaks less and keeps more accuracy).")
     return EvaluationView("Defense evaluation: leakage, utility, cost", subtitle, figure, ROW_COLUMNS, tuple(rows),

@@ -30,7 +30,7 @@ from fedleak.evaluation.cells import Cell, DefenseRow, LeakageCell, UtilityCell,
 from fedleak.evaluation.settings import CLIENT_SIZE, TEST_SIZE, EvaluationSettings
 from fedleak.evaluation.store import FILE, CellStore
 from fedleak.model_copy import copy_model
-from fedleak.updates import GradientUpdate
+from fedleak.updates import GradientUpdate, WeightUpdate
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ class Federation:
     model_name: str
 
 
-def _prepare(settings: EvaluationSettings, model: nn.Module | None) -> Federation:
+def prepare_federation(settings: EvaluationSettings, model: nn.Module | None) -> Federation:
+    """The data, test set, client partitions and model every cell of an evaluation with ``settings`` shares."""
     train = load_dataset(settings.data)
     unset = (f"left unset, the test set is a fifth of the data held out (at most {TEST_SIZE}) and each client gets "
              f"an equal share of the rest (at most {CLIENT_SIZE})")
@@ -146,8 +147,9 @@ def _bound(stack: DefenseStack, fed: Federation) -> DefenseStack:
 
 
 def train_federation(settings: EvaluationSettings, fed: Federation, stack: DefenseStack) -> UtilityCell:
-    """``rounds`` rounds: each client one defended SGD step; the server adds the mean of what is sent (plus the
-    noise of a central-DP defense, as Flower's server wrapper does)."""
+    """``rounds`` rounds: each client ``local_steps`` defended steps of its optimizer, each on a fresh batch; the
+    server adds the mean of what is sent (plus the noise of a central-DP defense, as Flower's server wrapper
+    does)."""
     label, stack = stack.label, _bound(stack, fed)
     global_model = copy_model(fed.model)
     params = dict(global_model.named_parameters())
@@ -156,13 +158,13 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
         sent_sum = {n: torch.zeros_like(p) for n, p in params.items()}
         for c, part in enumerate(fed.parts):
             rng = np.random.default_rng([settings.seed, rnd, c])
-            idx = torch.from_numpy(part[rng.choice(len(part), size=settings.batch_size, replace=False)])
+            batches = _local_batches(fed.train, part, settings.batch_size, settings.local_steps, rng)
             client = copy_model(global_model)
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
-                local = defended_local_round(client, [(fed.train.x[idx], fed.train.y[idx])], stack, lr=settings.lr,
-                                             generator=gen, loss=settings.loss)
+                local = defended_local_round(client, batches, stack, lr=settings.lr, generator=gen,
+                                             loss=settings.loss, optimizer=settings.local_optimizer)
             for n in sent_sum:
                 sent_sum[n] += local.sent[n]
             seconds.append(local.seconds)
@@ -179,7 +181,7 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
     with torch.no_grad():
         pred = model_predictions(global_model, stack.at_inference(fed.test_x))
     accuracy = float((pred == fed.test_y).float().mean())
-    accounting = Accounting(rounds=settings.rounds, local_steps=1, batch_size=settings.batch_size,
+    accounting = Accounting(rounds=settings.rounds, local_steps=settings.local_steps, batch_size=settings.batch_size,
                             dataset_size=len(fed.parts[0]), client_rate=1.0, delta=settings.delta)
     privacy = tuple(p.to_dict() for p in stack.privacy(accounting))
     tail = losses[-len(fed.parts):]
@@ -191,41 +193,63 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
 # Leakage: defended round-1 updates, attacked
 
 
+def _local_batches(data: Dataset, part: np.ndarray, size: int, steps: int, rng: np.random.Generator
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` batches of ``size`` samples of a client's ``part``: distinct within a batch, and across the batches
+    while the part holds enough (as an epoch's batches are), else drawn afresh for each."""
+    if size * steps <= len(part):
+        chosen = np.split(part[rng.choice(len(part), size=size * steps, replace=False)], steps)
+    else:
+        chosen = [part[rng.choice(len(part), size=size, replace=False)] for _ in range(steps)]
+    return [(data.x[idx], data.y[idx]) for idx in (torch.from_numpy(c) for c in chosen)]
+
+
 @dataclass(frozen=True)
 class Trial:
-    """One attacked batch: the originals, what the client trained on after its batch defenses (the certificates'
-    reference), and the gradient the server reads from its defended update (``sent / lr``), or why it sent
-    nothing."""
+    """One attacked client's round: its samples (over every local step), what it trained on after its batch
+    defenses (the certificates' reference), and what the server reads from its defended update (the gradient
+    ``sent / lr`` of a delta upload, or its weights before and after), or why it sent nothing."""
 
     x: torch.Tensor
     y: torch.Tensor
     sent_x: torch.Tensor | None
     sent_y: torch.Tensor | None
-    update: GradientUpdate | str
+    update: GradientUpdate | WeightUpdate | str
 
 
 def client_updates(settings: EvaluationSettings, fed: Federation, stack: DefenseStack) -> list[Trial]:
-    """The evaluation's attacked batches, each sent through ``stack`` as a client's round-1 update."""
+    """The evaluation's attacked clients, each sending one round of ``local_steps`` steps through ``stack``."""
     stack = _bound(stack, fed)
     out = []
     for t in range(settings.trials):
         part = fed.parts[t % len(fed.parts)]
         rng = np.random.default_rng([settings.seed, 1_000 + t])
-        idx = torch.from_numpy(part[rng.choice(len(part), size=settings.attack_batch, replace=False)])
-        x, y = fed.train.x[idx], fed.train.y[idx]
+        batches = _local_batches(fed.train, part, settings.attack_batch, settings.local_steps, rng)
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         try:
             client = copy_model(fed.model)
+            before = _weights(client)
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
-                local = defended_local_round(client, [(x, y)], stack, lr=settings.lr, generator=gen,
-                                             loss=settings.loss)
-            grads = {n: v / settings.lr for n, v in local.sent.items()}
-            out.append(Trial(x, y, local.inputs, local.labels,
-                             GradientUpdate(grads, num_examples=int(local.inputs.shape[0]))))
+                local = defended_local_round(client, batches, stack, lr=settings.lr, generator=gen,
+                                             loss=settings.loss, optimizer=settings.local_optimizer)
+            count = int(local.inputs.shape[0])
+            update: GradientUpdate | WeightUpdate
+            if settings.upload == "weights":
+                update = WeightUpdate(before, _weights(client), num_examples=count,
+                                      learning_rate=settings.lr if settings.lr_known else None)
+            else:
+                update = GradientUpdate({n: v / settings.lr for n, v in local.sent.items()}, num_examples=count)
+            out.append(Trial(x, y, local.inputs, local.labels, update))
         except FedleakError as exc:
             out.append(Trial(x, y, None, None, str(exc)))
     return out
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a FedAvg client's reply carries: its whole state (weights, and buffers such as BatchNorm's)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 AWARE = " (defense-aware)"
@@ -324,7 +348,7 @@ def evaluate(
     start = time.perf_counter()
     settings = replace(settings or EvaluationSettings(), **overrides) if overrides else \
         (settings or EvaluationSettings())
-    fed = _prepare(settings, model)
+    fed = prepare_federation(settings, model)
     store = None
     if out is not None:
         from fedleak.report.output import prepare_output_dir

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from fedleak.client_loss import ClientLoss, check_loss_read
+from fedleak.clients.local_optimizers import CLIENT_OPTIMIZERS, LocalOptimizer
 from fedleak.clients.mode import check_client_mode
 from fedleak.defenses.base import defense_class, make_defense
 from fedleak.defenses.stack import DefenseStack
@@ -22,6 +23,7 @@ from fedleak.option_fields import validate_fields
 DEFAULT_DEFENSES = ("gaussian-noise", "top-k", "quantize", "sign", "dp-sgd", "mixup")
 DEFAULT_ATTACKS = ("exclusivity", "ig")
 TEST_SPLITS = {"fashion-mnist-train": "fashion-mnist"}  # test_data="auto": a built-in training set's test split
+UPLOADS = ("auto", "delta", "weights")  # what the attacked server reads of a client's round (see the settings)
 TEST_SIZE, CLIENT_SIZE = 2000, 500  # the most test samples and samples per client an evaluation takes unless told
 
 
@@ -37,14 +39,21 @@ class EvaluationSettings:
     Model: ``model`` (a spec :func:`fedleak.load_model` reads) or an MLP of ``widths`` (with
     ``conv`` channels: a CNN).
 
-    Training (utility and cost): ``rounds`` of FedSGD-style federated training; each client takes one SGD step of
-    ``batch_size`` samples at ``lr`` per round through its defenses, the server averages what they send.
+    Training (utility and cost): ``rounds`` of federated training; each client takes ``local_steps`` steps per
+    round (one: FedSGD; more: FedAvg), each on a fresh batch of ``batch_size`` of its samples at ``lr``, in its
+    ``optimizer``'s directions (``"sgd"``: torch's SGD with ``momentum`` and ``weight_decay``; ``"adam"``: torch's
+    Adam with ``weight_decay``; :data:`~fedleak.clients.local_optimizers.CLIENT_OPTIMIZERS`), through its
+    defenses; the server adds the mean of the changes they send.
 
-    Leakage: ``trials`` batches of ``attack_batch`` samples from the clients' data; each is sent through the
-    defenses as a client's round-1 update (one step at ``lr``; the server, which sets the FedSGD learning rate,
-    divides by it) and attacked by every attack in ``attacks``; optimisation attacks run ``attack_iterations``
-    iterations and are defense-aware where the attack supports it. A sample counts as leaked when its best
-    reconstruction reaches ``leak_psnr`` dB.
+    Leakage: ``trials`` attacked clients, each holding ``local_steps`` batches of ``attack_batch`` distinct samples
+    of the clients' data, trained as above through the defenses for one round from the initial model; the server
+    reads what it sends as ``upload`` says: ``"delta"`` (FedSGD-style, one step: the change, which the server, setting
+    the learning rate, reads as the gradient ``change / lr``), ``"weights"`` (FedAvg: the client's weights before and
+    after, and its number of examples, with the learning rate where ``lr_known``), or ``"auto"``: ``"delta"`` for
+    one local step, ``"weights"`` for more. Every
+    attack in ``attacks`` runs on it; optimisation attacks run ``attack_iterations`` iterations and are
+    defense-aware where the attack supports it. A sample counts as leaked when its best reconstruction reaches
+    ``leak_psnr`` dB.
 
     Loss: ``label_smoothing``, ``class_weights``, ``focal_gamma``: the loss the clients train with in both
     (:class:`~fedleak.client_loss.ClientLoss`; the plain cross-entropy by default), which the attacks are told; an
@@ -70,6 +79,12 @@ class EvaluationSettings:
     client_size: int | None = None
     batch_size: int = 32
     lr: float = 0.1
+    local_steps: int = 1
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    upload: str = "auto"  # resolved to "delta" or "weights" (UPLOADS)
+    lr_known: bool = True
     delta: float = 1e-5
     seed: int = 0
     label_smoothing: float = 0.0
@@ -87,13 +102,16 @@ class EvaluationSettings:
         object.__setattr__(self, "defenses", tuple(str(d) for d in self.defenses))
         object.__setattr__(self, "attacks", tuple(str(a) for a in self.attacks))
         validate_fields(self)
-        for name in ("test_size", "attack_batch", "trials", "rounds", "clients", "client_size", "batch_size"):
+        for name in ("test_size", "attack_batch", "trials", "rounds", "clients", "client_size", "batch_size",
+                     "local_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.client_size is not None and self.batch_size > self.client_size:
             raise OptionError(f"batch_size ({self.batch_size}) cannot exceed client_size ({self.client_size})")
         if not self.lr > 0:
             raise OptionError(f"lr must be positive, got {self.lr}")
+        self.local_optimizer  # (FedleakError on an unknown optimizer, a bad momentum or weight decay)
+        object.__setattr__(self, "upload", self._resolved_upload())
         if not 0 < self.delta < 1:
             raise OptionError(f"delta must lie in (0, 1), got {self.delta}")
         if not self.attacks:
@@ -120,6 +138,34 @@ class EvaluationSettings:
             rest = [spec for spec in self.defenses if spec not in refused]
             raise OptionError(f"{why}; the evaluation's defenses {', '.join(refused)} cannot run with that loss: "
                               f"evaluate the others ({', '.join(rest) or 'none'}), or the plain cross-entropy")
+
+    def _resolved_upload(self) -> str:
+        if self.upload not in UPLOADS:
+            raise OptionError(f"upload must be one of {', '.join(UPLOADS)}, got {self.upload!r}")
+        if self.upload == "auto":
+            return "delta" if self.local_steps == 1 else "weights"
+        if self.upload == "delta" and self.local_steps > 1:
+            raise OptionError(f"upload='delta' is one step's change, read as its gradient; a client of "
+                              f"local_steps={self.local_steps} sends its weights after training (FedAvg): pass "
+                              "upload='weights', or local_steps=1")
+        return self.upload
+
+    def training(self) -> str:
+        """How the clients train and what the server reads, in words (``3 SGD steps (momentum 0.9) of 8 samples at
+        lr 0.1; the server reads their weights``)."""
+        said = [f"momentum {self.momentum:g}"] if self.momentum else []
+        said += [f"weight decay {self.weight_decay:g}"] if self.weight_decay else []
+        options = f" ({', '.join(said)})" if said else ""
+        steps = "one step" if self.local_steps == 1 else f"{self.local_steps} steps"
+        reads = ("the gradient (change / lr)" if self.upload == "delta" else
+                 f"their weights (lr {'known' if self.lr_known else 'unknown'})")
+        return (f"{steps} of {self.optimizer}{options} on {self.batch_size} samples at lr {self.lr:g}; the server "
+                f"reads {reads}")
+
+    @property
+    def local_optimizer(self) -> LocalOptimizer:
+        """The clients' local optimizer (``optimizer``), with their momentum and weight decay."""
+        return CLIENT_OPTIMIZERS.get(self.optimizer)(self.momentum, self.weight_decay)
 
     @property
     def loss(self) -> ClientLoss:
