@@ -36,17 +36,19 @@ def test_an_attacked_fedavg_client_trains_as_torch_s_sgd_with_momentum_and_weigh
 
 
 def test_a_one_step_client_is_read_alike_as_a_delta_and_as_weights():
-    """One step: the server that divides the change by the rate it set and the one that reads the FedAvg reply
-    certify the same samples, none falsely."""
+    """One step: the server that reads the change (divided by the rate it set, or at an unknown scale) and the one
+    that reads the FedAvg reply, with the rate or without it (one step's rate cancels), certify the same samples,
+    none falsely."""
     counts = {}
-    for upload in ("delta", "weights"):
-        settings = EvaluationSettings(**SMALL, defenses=(), attacks=("exclusivity",), upload=upload)
+    for upload, known in (("delta", True), ("delta", False), ("weights", True), ("weights", False)):
+        settings = EvaluationSettings(**SMALL, defenses=(), attacks=("exclusivity",), upload=upload, lr_known=known)
         assert settings.upload == upload
         (trial,) = client_updates(settings, prepare_federation(settings, None), DefenseStack(()))
         assert isinstance(trial.update, GradientUpdate if upload == "delta" else WeightUpdate)
+        assert upload == "delta" or trial.update.learning_rate == (0.1 if known else None)
         cell = next(c for c in evaluate(settings).cells if isinstance(c, LeakageCell))
-        counts[upload] = (cell.recovered, cell.false_certificates)
-    assert counts["delta"] == counts["weights"] == (2, 0)
+        counts[upload, known] = (cell.recovered, cell.false_certificates)
+    assert set(counts.values()) == {(2, 0)}
 
 
 def test_fedavg_clients_are_evaluated_under_weight_attacks_and_their_steps_are_accounted():

@@ -65,7 +65,7 @@ def evaluate(
     upload: str = typer.Option("auto", help="What the attacked server reads of a client's round: delta (one step's "
                                             "change, read as its gradient) | weights (the FedAvg reply: weights "
                                             "before and after) | auto (delta for one local step, else weights)."),
-    lr_unknown: bool = typer.Option(False, "--lr-unknown", help=LR_UNKNOWN_HELP + " With --upload weights."),
+    lr_unknown: bool = typer.Option(False, "--lr-unknown", help=LR_UNKNOWN_HELP),
     label_smoothing: float = typer.Option(0.0, help=LABEL_SMOOTHING_HELP),
     class_weights: str = typer.Option(None, help=CLASS_WEIGHTS_HELP),
     focal_gamma: float = typer.Option(0.0, help=FOCAL_GAMMA_HELP),

@@ -239,8 +239,9 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
             if settings.upload == "weights":
                 update = WeightUpdate(before, _weights(client), num_examples=count,
                                       learning_rate=settings.lr if settings.lr_known else None)
-            else:
-                update = GradientUpdate({n: v / settings.lr for n, v in local.sent.items()}, num_examples=count)
+            else:  # one step's change: the gradient where the server knows the rate, else at an unknown scale
+                scale = settings.lr if settings.lr_known else 1.0
+                update = GradientUpdate({n: v / scale for n, v in local.sent.items()}, num_examples=count)
             out.append(Trial(x, y, local.inputs, local.labels, update))
         except FedleakError as exc:
             out.append(Trial(x, y, None, None, str(exc)))

@@ -48,7 +48,7 @@ class EvaluationSettings:
     Leakage: ``trials`` attacked clients, each holding ``local_steps`` batches of ``attack_batch`` distinct samples
     of the clients' data, trained as above through the defenses for one round from the initial model; the server
     reads what it sends as ``upload`` says: ``"delta"`` (FedSGD-style, one step: the change, which the server, setting
-    the learning rate, reads as the gradient ``change / lr``), ``"weights"`` (FedAvg: the client's weights before and
+    the learning rate, reads as the gradient ``change / lr``, or, not ``lr_known``, at an unknown scale), ``"weights"`` (FedAvg: the client's weights before and
     after, and its number of examples, with the learning rate where ``lr_known``), or ``"auto"``: ``"delta"`` for
     one local step, ``"weights"`` for more. Every
     attack in ``attacks`` runs on it; optimisation attacks run ``attack_iterations`` iterations and are
@@ -157,8 +157,8 @@ class EvaluationSettings:
         said += [f"weight decay {self.weight_decay:g}"] if self.weight_decay else []
         options = f" ({', '.join(said)})" if said else ""
         steps = "one step" if self.local_steps == 1 else f"{self.local_steps} steps"
-        reads = ("the gradient (change / lr)" if self.upload == "delta" else
-                 f"their weights (lr {'known' if self.lr_known else 'unknown'})")
+        known = "known" if self.lr_known else "unknown"
+        reads = f"the change (lr {known})" if self.upload == "delta" else f"their weights (lr {known})"
         return (f"{steps} of {self.optimizer}{options} on {self.batch_size} samples at lr {self.lr:g}; the server "
                 f"reads {reads}")
 
