@@ -92,3 +92,33 @@ def test_cli_evaluates_fedavg_clients_and_names_its_options_in_a_refusal(tmp_pat
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--upload weights, or --local-steps 1" in err
     assert not (tmp_path / "no").exists()
+
+
+def test_the_global_model_averages_the_clients_batchnorm_statistics_and_is_tested_in_eval_mode(monkeypatch):
+    """As Flower's FedAvg averages every array a client returns, the server takes the mean of the clients' running
+    statistics (they stayed at their initial values: a BatchNorm model was tested against mean 0 and variance 1),
+    each client moving them once per local step, and tests the model in eval mode (a user's module came in
+    training mode, its Dropout active at test time)."""
+    import fedleak.evaluation.run as run
+    from fedleak.defenses.stack import DefenseStack as Stack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10))
+    seen = {}
+
+    def spy(net, x):
+        seen.update(training=net.training, stats={k: v.clone() for k, v in net.state_dict().items() if "running" in k
+                                                  or "tracked" in k})
+        return predictions(net, x)
+
+    predictions = run.model_predictions
+    monkeypatch.setattr(run, "model_predictions", spy)
+    settings = EvaluationSettings(**{**SMALL, "client_mode": "train"}, local_steps=2, attacks=("exclusivity",),
+                                  defenses=())
+    fed = prepare_federation(settings, model)
+    run.train_federation(settings, fed, Stack(()))
+    assert seen["training"] is False and model.training  # tested in eval mode; the user's module left as it was
+    assert int(seen["stats"]["2.num_batches_tracked"]) == settings.rounds * settings.local_steps
+    assert not torch.allclose(seen["stats"]["2.running_mean"], torch.zeros(32))
+    assert not torch.allclose(seen["stats"]["2.running_var"], torch.ones(32))

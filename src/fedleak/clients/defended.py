@@ -24,6 +24,7 @@ from fedleak.defenses.base import ClientBatch
 from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.model_copy import copy_model
+from fedleak.nets.buffers import buffers_kept
 from fedleak.transforms import BatchTransform
 from fedleak.updates import batch_loss, trainable_parameters
 
@@ -79,7 +80,7 @@ def defended_local_round(
         if x.shape[0] == 0:
             continue
         grads = stack.gradient(model, x, y, generator, loss)
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(model):  # the loss reported, by a forward that leaves BatchNorm's stats
             losses.append(float(batch_loss(model, x, y, **loss.options())))
             for name, p in params.items():
                 direction, states[name] = optimizer.direction(grads[name].to(p.dtype), p, states[name])

@@ -149,13 +149,16 @@ def _bound(stack: DefenseStack, fed: Federation) -> DefenseStack:
 def train_federation(settings: EvaluationSettings, fed: Federation, stack: DefenseStack) -> UtilityCell:
     """``rounds`` rounds: each client ``local_steps`` defended steps of its optimizer, each on a fresh batch; the
     server adds the mean of what is sent (plus the noise of a central-DP defense, as Flower's server wrapper
-    does)."""
+    does) and, as Flower's FedAvg averages every array of the state it receives, takes the mean of the clients'
+    buffers (BatchNorm's running statistics). Accuracy is the global model's in eval mode."""
     label, stack = stack.label, _bound(stack, fed)
     global_model = copy_model(fed.model)
     params = dict(global_model.named_parameters())
+    buffers = {n: b for n, b in global_model.state_dict().items() if n not in params}
     seconds, sizes, losses = [], [], []
     for rnd in range(settings.rounds):
         sent_sum = {n: torch.zeros_like(p) for n, p in params.items()}
+        buffer_sum = {n: torch.zeros_like(b, dtype=torch.float64) for n, b in buffers.items()}
         for c, part in enumerate(fed.parts):
             rng = np.random.default_rng([settings.seed, rnd, c])
             batches = _local_batches(fed.train, part, settings.batch_size, settings.local_steps, rng)
@@ -167,6 +170,9 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
                                              loss=settings.loss, optimizer=settings.local_optimizer)
             for n in sent_sum:
                 sent_sum[n] += local.sent[n]
+            state = client.state_dict()
+            for n in buffer_sum:
+                buffer_sum[n] += state[n].double()
             seconds.append(local.seconds)
             sizes.append(local.sent_bytes)
             losses.append(local.loss)
@@ -178,7 +184,9 @@ def train_federation(settings: EvaluationSettings, fed: Federation, stack: Defen
                 if noise > 0:
                     mean = mean + noise * torch.randn(mean.shape, generator=server, dtype=mean.dtype)
                 p -= mean
-    with torch.no_grad():
+            for n, b in buffers.items():
+                b.copy_((buffer_sum[n] / len(fed.parts)).to(b.dtype))
+    with torch.no_grad(), client_mode(global_model, "eval"):
         pred = model_predictions(global_model, stack.at_inference(fed.test_x))
     accuracy = float((pred == fed.test_y).float().mean())
     accounting = Accounting(rounds=settings.rounds, local_steps=settings.local_steps, batch_size=settings.batch_size,

@@ -47,12 +47,12 @@ class EvaluationSettings:
 
     Leakage: ``trials`` attacked clients, each holding ``local_steps`` batches of ``attack_batch`` distinct samples
     of the clients' data, trained as above through the defenses for one round from the initial model; the server
-    reads what it sends as ``upload`` says: ``"delta"`` (FedSGD-style, one step: the change, which the server, setting
-    the learning rate, reads as the gradient ``change / lr``, or, not ``lr_known``, at an unknown scale), ``"weights"`` (FedAvg: the client's weights before and
-    after, and its number of examples, with the learning rate where ``lr_known``), or ``"auto"``: ``"delta"`` for
-    one local step, ``"weights"`` for more. Every
-    attack in ``attacks`` runs on it; optimisation attacks run ``attack_iterations`` iterations and are
-    defense-aware where the attack supports it. A sample counts as leaked when its best reconstruction reaches
+    reads what it sends as ``upload`` says: ``"delta"`` (FedSGD-style, one step: the change, which the server,
+    setting the learning rate, reads as the gradient ``change / lr``, or, not ``lr_known``, at an unknown scale),
+    ``"weights"`` (FedAvg: the client's weights before and after, and its number of examples, with the learning
+    rate where ``lr_known``), or ``"auto"``: ``"delta"`` for one local step, ``"weights"`` for more. Every attack
+    in ``attacks`` runs on it; optimisation attacks run ``attack_iterations`` iterations and are defense-aware
+    where the attack supports it. A sample counts as leaked when its best reconstruction reaches
     ``leak_psnr`` dB.
 
     Loss: ``label_smoothing``, ``class_weights``, ``focal_gamma``: the loss the clients train with in both
