@@ -30,7 +30,8 @@ class DefenseSpec:
 
 DEFENSE_CATALOG: tuple[CatalogEntry[DefenseSpec], ...] = (
     CatalogEntry('exclusivity-reduction', 'fedleak.defenses.exclusivity_reduction', DefenseSpec(
-        'batch', 'the client perturbs (or drops) samples so that no last-layer ReLU neuron is exclusive',
+        'batch', 'the client perturbs (or drops) samples so that no neuron of the first or the last ReLU layer is '
+        'exclusive',
         'Pan et al. 2022 (exclusivity analysis), reversed as a client-side LP defense')),
     CatalogEntry('gaussian-noise', 'fedleak.defenses.noise', DefenseSpec(
         'update', 'clip the update to L2 norm `clip` (optional), add N(0, sigma^2) to every entry',

@@ -2,12 +2,15 @@
 the exclusively activated neurons (ExANs) of its batch before it computes its update.
 
 The exclusivity attack starts from gradient rows of the last ReLU layer that belong to one sample only;
-without them it has nothing to divide. A row belongs to one sample when no other sample fires there, and also
-when the others that fire add less than ``share`` of its term (``|delta| ||[a, 1]||``, the backward signal
-times the layer's input): after training, a confidently classified sample's loss gradient is about zero, and
-the neurons it fires are its partners' rows all the same. Such samples add almost nothing to the update and are
-dropped first (with ``drop_unprotected``). For every ExAN ``j`` of sample ``m`` at the last ReLU layer the
-defense takes the cheaper of two linearised moves (spec §3 D3), priced like the fishing targets:
+without them it has nothing to divide. Below it, a row of the first ReLU layer that one sample alone moves is that
+sample's input by itself (the first-layer attack divides it by its bias entry), at any depth: the defense treats
+the first and the last ReLU layer of the head alike (one layer where the head has one). A row belongs to one
+sample when no other sample fires there, and also when the others that fire add less than ``share`` of its term
+(``|delta| ||[a, 1]||``, the backward signal times the layer's input): after training, a confidently classified
+sample's loss gradient is about zero, and the neurons it fires are its partners' rows all the same. Such samples
+add almost nothing to the update and are dropped first (with ``drop_unprotected``). For every ExAN ``j`` of
+sample ``m`` at either layer the defense takes the cheaper of two linearised moves (spec §3 D3), priced like the
+fishing targets:
 
 * switch it **off** for its owner: ``z_mj <= -kappa``, or
 * switch it **on** for the other sample closest to firing whose term covers ``m``'s: ``z_m'j >= kappa``,
@@ -18,7 +21,7 @@ neuron no other sample uses starts firing, or the partner of a two-sample neuron
 become lazy "stay off" rows or requirements of the next round. A sample whose LP fails is removed from
 the batch (batch composition, D1) if ``drop_unprotected`` is set, else left as it is and reported.
 
-The default ``max_exans=0`` leaves no exclusive row at all at the last ReLU layer, which is stronger
+The default ``max_exans=0`` leaves no exclusive row at all at either layer, which is stronger
 than defeating the certificate (``max_exans=1``: a single pure row still lets the attack rebuild that
 sample, just without a certificate).
 
@@ -58,23 +61,26 @@ from fedleak.fishing.through_map import first_layer_batch, in_pixels, normalised
 from fedleak.image_metrics import sample_psnr
 
 
-def _terms(head: HeadArrays, pre: list[np.ndarray], feats: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
-                                                                                                    np.ndarray]:
-    """(M x d) each sample's term in each gradient row of the head's last ReLU layer, ``|delta_mj| ||[a_m, 1]||``
+def _terms(head: HeadArrays, pre: list[np.ndarray], feats: np.ndarray, labels: np.ndarray, layer: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """(M x d) each sample's term in each gradient row of the head's ReLU layer ``layer``, ``|delta_mj| ||[a_m, 1]||``
     (``delta``: the cross-entropy's backward signal at the neuron's pre-activation, ``a_m``: the layer's input), and
     the term it would have where it does not fire. ``pre``: the float32 pre-activations, as the client's pass has
     them; the loss's signal ``softmax - onehot`` is taken in float32 too, as the client's autograd takes it: a
     confident sample's is then about zero (exactly zero at its label once its probability rounds to 1), and its
-    terms are lost in every row it shares."""
-    z = pre[-1]
-    a = (head.first_layer_input(feats) if len(pre) == 1 else np.maximum(pre[-2], 0)).astype(np.float64)
-    logits = np.maximum(z, 0).astype(np.float32) @ head.W32[-1].T
+    terms are lost in every row it shares. Below the last ReLU layer the signal comes down through the layers above,
+    each masked by the sample's own pattern there."""
+    a = (head.first_layer_input(feats) if layer == 0 else np.maximum(pre[layer - 1], 0)).astype(np.float64)
+    logits = np.maximum(pre[-1], 0).astype(np.float32) @ head.W32[-1].T
     if head.b32[-1] is not None:
         logits = logits + head.b32[-1]
     e = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), 1).exp().numpy()
     e[np.arange(len(e)), labels] -= np.float32(1.0)
-    potential = np.abs(e.astype(np.float64) @ head.W[-1]) * np.sqrt((a**2).sum(1) + 1.0)[:, None]
-    return np.where(z > 0, potential, 0.0), potential
+    delta = e.astype(np.float64) @ head.W[-1]
+    for upper in range(len(pre) - 1, layer, -1):
+        delta = (delta * (pre[upper] > 0)) @ head.W[upper]
+    potential = np.abs(delta) * np.sqrt((a**2).sum(1) + 1.0)[:, None]
+    return np.where(pre[layer] > 0, potential, 0.0), potential
 
 
 def _covered(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray) -> np.ndarray:
@@ -93,7 +99,7 @@ def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray, 
 def reduce_exclusivity(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: ReductionOptions | None = None, **kwargs
 ) -> ReductionResult:
-    """Remove the ExANs of a batch at the last ReLU layer of the head (see the module docstring)."""
+    """Remove the ExANs of a batch at the first and the last ReLU layer of the head (see the module docstring)."""
     start = time.perf_counter()
     opts = options or ReductionOptions.from_kwargs(**kwargs)
     if labels is None:
@@ -122,78 +128,84 @@ def reduce_exclusivity(
     nets: dict[int, SampleNet] = {}  # each sample's linearised network, built when it first needs an LP
 
     y = labels.cpu().numpy()
+    # the first ReLU layer's rows give a sample's input away by themselves (the first-layer attack); the last's
+    # start the exclusivity attack: both are protected
+    layers = sorted({0, H})
 
-    def last_layer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Pre-activations of the head's last ReLU layer for a batch of flat inputs (float32, as the client's), the
+    def read_layers(X: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per protected layer: the pre-activations for a batch of flat inputs (float32, as the client's), the
         samples' terms in its gradient rows and the terms they would have where they do not fire (:func:`_terms`)."""
         feats = stack.features(X.astype(np.float32), True)
         pre = head.preacts(feats, f32=True)
-        return (pre[H], *_terms(head, pre, feats, y))
+        return {L: (pre[L].astype(np.float64), *_terms(head, pre, feats, y, L)) for L in layers}
+
+    def counts(read: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], alive: np.ndarray) -> np.ndarray:
+        """(layers x M) each alive sample's ExANs at each protected layer."""
+        return np.stack([_exans(Z, alive, kap[L], terms, opts.share).sum(1) for L, (Z, terms, _) in read.items()])
 
     clean_pat = [(z > 0).astype(np.float64) for z in head.preacts(stack.features(X))]
-    sens = sensitivities(head, [p.mean(0) for p in clean_pat])[H]
+    sens = sensitivities(head, [p.mean(0) for p in clean_pat])
     Xp = X.copy()
     alive = np.ones(M, dtype=bool)
     failed = np.zeros(M, dtype=bool)
-    reqs: list[dict[int, int]] = [dict() for _ in range(M)]
+    reqs: list[dict[tuple[int, int], int]] = [dict() for _ in range(M)]  # (layer, unit) -> on (+1) / off (-1)
     outcomes: list[SampleOutcome | None] = [None] * M
     lp_secs = np.zeros(M)
     lp_solves = np.zeros(M, dtype=np.int64)
     messages = [""] * M
     with single_threaded_blas():
-        Z0, terms0, potential0 = last_layer(X)
-        kap = kappa_at(Z0, opts.margin)
-        before = _exans(Z0, np.ones(M, dtype=bool), kap, terms0, opts.share).sum(1)
+        read = read_layers(X)
+        kap = {L: kappa_at(Z, opts.margin) for L, (Z, _, _) in read.items()}
+        before = counts(read, np.ones(M, dtype=bool)).sum(0)
         if opts.drop_unprotected:  # a sample whose loss is all but zero adds nothing to the update but its rows
-            weight = np.linalg.norm(potential0, axis=1)
+            weight = np.linalg.norm(read[H][2], axis=1)
             for m in np.nonzero(weight < opts.share * np.median(weight))[0]:
                 alive[m] = False
                 messages[m] = (f"its loss gradient is {weight[m] / np.median(weight):.1e} of the batch's median "
                                "(a confidently classified sample): it adds almost nothing to the update, and the rows "
                                "where no other sample's term is as small give it away")
         for _ in range(opts.rounds):
-            Z, terms, potential = last_layer(Xp)
-            Z = Z.astype(np.float64)
-            ex = _exans(Z, alive, kap, terms, opts.share)
-            counts = ex.sum(1)
-            over = [m for m in range(M) if alive[m] and counts[m] > opts.max_exans and not failed[m]]
-            if not over:
-                break
+            read = read_layers(Xp)
             changed: set[int] = set()
-            for m in over:
-                js = np.nonzero(ex[m])[0]
-                # keep the max_exans ExANs that are dearest to remove; remove the rest
-                off_cost = (Z[m, js] + kap) / sens[js]
-                js = js[np.argsort(off_cost)][: len(js) - opts.max_exans]
-                for j in js:
-                    # a partner switched on must share the row: its term there not lost beside m's
-                    others = np.nonzero(alive & (np.arange(M) != m) & ~failed
-                                        & (potential[:, j] >= opts.share * terms[m, j]))[0]
-                    c_off = (Z[m, j] + kap) / sens[j]
-                    if len(others):
-                        partner = others[np.argmax(Z[others, j])]
-                        c_on = (kap - Z[partner, j]) / sens[j]
-                    else:
-                        partner, c_on = -1, np.inf
-                    if c_off <= c_on or reqs[partner].get(int(j)) == -1:
-                        reqs[m][int(j)] = -1
-                        changed.add(m)
-                    else:
-                        reqs[partner][int(j)] = +1
-                        changed.add(int(partner))
+            for L, (Z, terms, potential) in read.items():
+                ex = _exans(Z, alive, kap[L], terms, opts.share)
+                for m in np.nonzero(alive & ~failed & (ex.sum(1) > opts.max_exans))[0]:
+                    js = np.nonzero(ex[m])[0]
+                    # keep the max_exans ExANs that are dearest to remove; remove the rest
+                    off_cost = (Z[m, js] + kap[L]) / sens[L][js]
+                    js = js[np.argsort(off_cost)][: len(js) - opts.max_exans]
+                    for j in js:
+                        # a partner switched on must share the row: its term there not lost beside m's
+                        others = np.nonzero(alive & (np.arange(M) != m) & ~failed
+                                            & (potential[:, j] >= opts.share * terms[m, j]))[0]
+                        c_off = (Z[m, j] + kap[L]) / sens[L][j]
+                        if len(others):
+                            partner = others[np.argmax(Z[others, j])]
+                            c_on = (kap[L] - Z[partner, j]) / sens[L][j]
+                        else:
+                            partner, c_on = -1, np.inf
+                        if c_off <= c_on or reqs[partner].get((L, int(j))) == -1:
+                            reqs[m][L, int(j)] = -1
+                            changed.add(int(m))
+                        else:
+                            reqs[partner][L, int(j)] = +1
+                            changed.add(int(partner))
+            if not changed:
+                break
             for m in sorted(changed):
                 if m not in nets:
                     nets[m] = SampleNet(stack, head, X[m])
                 net_m = nets[m]
-                last = net_m.shift + H  # the head's last ReLU layer in the sample network
                 pattern = net_m.stack_pattern() + [p[m].copy() for p in clean_pat]
-                for j, s in reqs[m].items():
-                    pattern[last][j] = 1.0 if s > 0 else 0.0
-                required = [Requirement(last, j, s, kap) for j, s in reqs[m].items()]
-                # no new ExAN: where the others' terms would not cover m's, m must not start firing
-                covered = _covered(Z, alive, kap, terms)[m] >= opts.share * potential[m]
-                quiet = np.nonzero(~covered & (pattern[last] == 0))[0]
-                lazy = [Requirement(last, int(j), -1, kap) for j in quiet if int(j) not in reqs[m]]
+                for (L, j), sign in reqs[m].items():
+                    pattern[net_m.shift + L][j] = 1.0 if sign > 0 else 0.0
+                required = [Requirement(net_m.shift + L, j, sign, kap[L]) for (L, j), sign in reqs[m].items()]
+                lazy = []  # no new ExAN: where the others' terms would not cover m's, m must not start firing
+                for L, (Z, terms, potential) in read.items():
+                    covered = _covered(Z, alive, kap[L], terms)[m] >= opts.share * potential[m]
+                    quiet = np.nonzero(~covered & (pattern[net_m.shift + L] == 0))[0]
+                    lazy += [Requirement(net_m.shift + L, int(j), -1, kap[L]) for j in quiet
+                             if (L, int(j)) not in reqs[m]]
                 try:
                     out = solve_sample(net_m, X[m], pattern, required, lazy, settings)
                 except Exception as exc:  # a solver crash leaves the sample as it was and says so
@@ -209,20 +221,20 @@ def reduce_exclusivity(
                     Xp[m] = X[m]
                     if opts.drop_unprotected:
                         alive[m] = False
-        Zf, terms_f, _ = last_layer(Xp)
-        after = _exans(Zf, alive, kap, terms_f, opts.share).sum(1)
+        final = read_layers(Xp)
+        left = counts(final, alive)
         if opts.drop_unprotected:
             # batch composition: what still carries ExANs after the rounds is not sent
-            for m in range(M):
-                if alive[m] and after[m] > opts.max_exans:
-                    alive[m] = False
-                    messages[m] = messages[m] or f"still {after[m]} ExAN(s) after {opts.rounds} rounds"
+            for m in np.nonzero(alive & (left > opts.max_exans).any(0))[0]:
+                alive[m] = False
+                messages[m] = messages[m] or f"still {left[:, m].sum()} ExAN(s) after {opts.rounds} rounds"
             for _ in range(M):  # dropping can expose partners; repeat until stable
-                after = _exans(Zf, alive, kap, terms_f, opts.share).sum(1)
-                bad = alive & (after > opts.max_exans)
+                left = counts(final, alive)
+                bad = alive & (left > opts.max_exans).any(0)
                 if not bad.any():
                     break
                 alive[bad] = False
+        after, unprotected = left.sum(0), (left > opts.max_exans).any(0)
     kept = np.nonzero(alive)[0]
     out_x = torch.from_numpy(np.clip(Xp[kept], lo, hi)).to(inputs.dtype).reshape(len(kept), *inputs.shape[1:])
     samples = []
@@ -230,7 +242,7 @@ def reduce_exclusivity(
         diff = Xp[m] - X[m]
         if not alive[m]:
             status = "dropped"
-        elif after[m] > opts.max_exans:
+        elif unprotected[m]:
             status = "unprotected"
         elif reqs[m] and np.abs(diff).max() > 0:
             status = "reduced"
@@ -243,7 +255,7 @@ def reduce_exclusivity(
             lp_seconds=float(lp_secs[m]), lp_solves=int(lp_solves[m]), message=messages[m],
         ))
     return ReductionResult(out_x, labels[torch.from_numpy(kept)], kept, tuple(samples), opts,
-                           time.perf_counter() - start, data_range, kap)
+                           time.perf_counter() - start, data_range, kap[H])
 
 
 @register_defense
@@ -267,7 +279,8 @@ class ExclusivityReduction(BatchDefense):
     """
 
     name: ClassVar[str] = "exclusivity-reduction"
-    summary: ClassVar[str] = "the client perturbs (or drops) samples so that no last-layer ReLU neuron is exclusive"
+    summary: ClassVar[str] = ("the client perturbs (or drops) samples so that no neuron of the first or the last ReLU "
+                              "layer is exclusive")
     source: ClassVar[str] = "Pan et al. 2022 (exclusivity analysis), reversed as a client-side LP defense"
     strengths: ClassVar[tuple[Mapping[str, object], ...]] = ({"max_exans": 1}, {"max_exans": 0})
     last_result: ClassVar[ReductionResult | None] = None  # per instance once set, see the docstring
@@ -275,7 +288,7 @@ class ExclusivityReduction(BatchDefense):
     max_exans: int = 0
     margin: float = 0.01
     budget: float | None = None
-    rounds: int = 8
+    rounds: int = 16
     drop_unprotected: bool = True
     data_range: tuple[float, float] | None = None
     share: float = 0.01

@@ -21,10 +21,10 @@ from fedleak.validation import check_data_range
 class ReductionOptions:
     """Settings of :class:`~fedleak.defenses.exclusivity_reduction.ExclusivityReduction`.
 
-    ``max_exans``: ExANs a sample may keep at the last ReLU layer (0: none; 1 already defeats the
-    certificate, which needs 2). ``margin``: kappa of every switched neuron (``z <= -kappa`` off, ``z >= kappa`` on), as
-    a fraction of the root mean square of the batch's pre-activations at that layer (:attr:`ReductionResult.kappa`
-    says what it came to).
+    ``max_exans``: ExANs a sample may keep at each of the first and the last ReLU layer (0: none; 1 already defeats
+    the certificate, which needs 2 at the last). ``margin``: kappa of every switched neuron (``z <= -kappa`` off,
+    ``z >= kappa`` on), as a fraction of the root mean square of the batch's pre-activations at that layer
+    (:attr:`ReductionResult.kappa` says what it came to at the last).
     ``budget``: largest L-infinity perturbation, as a fraction of the data range (None: anything in the
     range). ``rounds``: batch-level rounds (new ExANs a round creates are fixed in the next).
     ``drop_unprotected``: remove samples that stay exclusive from the batch rather than send them.
@@ -46,7 +46,7 @@ class ReductionOptions:
     norm: str = "linf"
     solver: str = "highs"
     time_limit: float = 10.0
-    rounds: int = 8
+    rounds: int = 16
     drop_unprotected: bool = True
     polish: bool = True
     polish_slack: float = 0.25
@@ -78,7 +78,8 @@ class ReductionOptions:
 
 @dataclass(frozen=True)
 class ReducedSample:
-    """Per original sample: ExANs at the last ReLU layer before / after, what was done and what it cost."""
+    """Per original sample: ExANs at the first and the last ReLU layer (together) before / after, what was done and
+    what it cost."""
 
     index: int
     status: str  # "clean" (nothing to do), "reduced", "unprotected" (kept with ExANs), "dropped"
@@ -116,8 +117,9 @@ class ReductionResult:
 
     @property
     def protected(self) -> bool:
-        """True when no kept sample has more than ``max_exans`` ExANs at the last ReLU layer."""
-        return all(s.exans_after <= self.options.max_exans for s in self.samples if s.status != "dropped")
+        """True when no kept sample has more than ``max_exans`` ExANs at the first or the last ReLU layer (none is
+        ``unprotected``)."""
+        return all(s.status != "unprotected" for s in self.samples)
 
     @property
     def linf(self) -> np.ndarray:
@@ -133,7 +135,7 @@ class ReductionResult:
         after = sum(s.exans_after for s in kept)
         linf = np.array([s.linf for s in kept]) if kept else np.zeros(1)
         return (
-            f"exclusivity reduction: last-layer ExANs {before} -> {after}; {len(self.samples) - len(kept)} sample(s) "
+            f"exclusivity reduction: ExANs {before} -> {after}; {len(self.samples) - len(kept)} sample(s) "
             f"dropped; L-inf mean {linf.mean():.4f} / max {linf.max():.4f}; "
             f"{'protected' if self.protected else 'NOT protected'}; kappa {self.kappa:.3g} ({self.options.margin:g} of "
             f"the layer's RMS); {self.seconds:.1f} s"
