@@ -4,7 +4,8 @@ the exclusively activated neurons (ExANs) of its batch before it computes its up
 The exclusivity attack starts from gradient rows of the last ReLU layer that belong to one sample only;
 without them it has nothing to divide. Below it, a row of the first ReLU layer that one sample alone moves is that
 sample's input by itself (the first-layer attack divides it by its bias entry), at any depth: the defense treats
-the first and the last ReLU layer of the head alike (one layer where the head has one). A row belongs to one
+an MLP's first and last ReLU layer alike (one layer where it has one). A CNN's head reads the conv blocks'
+features, not the input, and only its last ReLU layer is held. A row belongs to one
 sample when no other sample fires there, and also when the others that fire add less than ``share`` of its term
 (``|delta| ||[a, 1]||``, the backward signal times the layer's input): after training, a confidently classified
 sample's loss gradient is about zero, and the neurons it fires are its partners' rows all the same. Such samples
@@ -99,7 +100,8 @@ def _exans(Z32: np.ndarray, alive: np.ndarray, kappa: float, terms: np.ndarray, 
 def reduce_exclusivity(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, options: ReductionOptions | None = None, **kwargs
 ) -> ReductionResult:
-    """Remove the ExANs of a batch at the first and the last ReLU layer of the head (see the module docstring)."""
+    """Remove the ExANs of a batch at the last ReLU layer of the head, and at an MLP's first (see the module
+    docstring)."""
     start = time.perf_counter()
     opts = options or ReductionOptions.from_kwargs(**kwargs)
     if labels is None:
@@ -128,9 +130,9 @@ def reduce_exclusivity(
     nets: dict[int, SampleNet] = {}  # each sample's linearised network, built when it first needs an LP
 
     y = labels.cpu().numpy()
-    # the first ReLU layer's rows give a sample's input away by themselves (the first-layer attack); the last's
-    # start the exclusivity attack: both are protected
-    layers = sorted({0, H})
+    # the last ReLU layer's rows start the exclusivity attack; an MLP's first ReLU layer's give a sample's input away
+    # by themselves (the first-layer attack): both are held. A CNN's head reads conv features, not the input.
+    layers = sorted({H} if net.blocks else {0, H})
 
     def read_layers(X: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per protected layer: the pre-activations for a batch of flat inputs (float32, as the client's), the
