@@ -1,17 +1,16 @@
 """Exclusivity reduction (Pan et al. 2022; algorithms spec §3, D3 with a D1 fallback): the client removes
 the exclusively activated neurons (ExANs) of its batch before it computes its update.
 
-The exclusivity attack starts from gradient rows of the last ReLU layer that belong to one sample only;
-without them it has nothing to divide. Below it, a row of the first ReLU layer that one sample alone moves is that
-sample's input by itself (the first-layer attack divides it by its bias entry), at any depth: the defense treats
-an MLP's first and last ReLU layer alike (one layer where it has one). A CNN's head reads the conv blocks'
-features, not the input, and only its last ReLU layer is held. A row belongs to one
-sample when no other sample fires there, and also when the others that fire add less than ``share`` of its term
-(``|delta| ||[a, 1]||``, the backward signal times the layer's input): after training, a confidently classified
-sample's loss gradient is about zero, and the neurons it fires are its partners' rows all the same. Such samples
-add almost nothing to the update and are dropped first (with ``drop_unprotected``). For every ExAN ``j`` of
-sample ``m`` at either layer the defense takes the cheaper of two linearised moves (spec §3 D3), priced like the
-fishing targets:
+The exclusivity attack starts from gradient rows of the last ReLU layer that belong to one sample only; without them
+it has nothing to divide. Below it, a row of the first ReLU layer that one sample alone moves is that sample's input
+by itself (the first-layer attack divides it by its bias entry), at any depth: the defense treats an MLP's first and
+last ReLU layer alike (one layer where it has one). A CNN's head reads the conv blocks' features, not the input, and
+only its last ReLU layer is held. A row belongs to one sample when no other sample fires there, and also when the
+others that fire add less than ``share`` of its term (``|delta| ||[a, 1]||``, the backward signal times the layer's
+input): after training, a confidently classified sample's loss gradient is about zero, and the neurons it fires are
+its partners' rows all the same. Such samples add almost nothing to the update and are dropped first (with
+``drop_unprotected``). For every ExAN ``j`` of sample ``m`` at either layer the defense takes the cheaper of two
+linearised moves (spec §3 D3), priced like the fishing targets:
 
 * switch it **off** for its owner: ``z_mj <= -kappa``, or
 * switch it **on** for the other sample closest to firing whose term covers ``m``'s: ``z_m'j >= kappa``,
