@@ -92,13 +92,16 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 rec, off_scale, opts = replace(again, notes=(*again.notes, smoothing.note())), again_off, smoothed
             else:
                 rec = replace(rec, notes=(*rec.notes, smoothing.note(certified=False)))
-        used = opts  # the reading the result is of
+        # the reading the result is of: as the client's declared defenses read it (run_pinned applies their plan: a
+        # clipped update's factor is unknown, whatever the options said), so that the checks below hold it to that
+        reading = exact_plan(opts.defense, update.gradients, net).apply
+        used = reading(opts)
         if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
             # the label smoothing as the first reading left it (given, read, or 0): it is not read a second time
             scaled = replace(opts, known_scale=False, label_smoothing=opts.smoothing)
             again, _, _ = run_pinned(model, net, update, scaled, noise, name, precision)
             if again.num_certified:
-                used = scaled
+                used = reading(scaled)
                 rec = replace(again, notes=(*again.notes, f"read as a gradient times an unknown common factor "
                                             f"(known_scale=False; a clipped, accumulated or summed gradient, or a "
                                             f"batch that holds each sample the same number of times), as the "
