@@ -23,6 +23,7 @@ from torch import nn
 import fedleak.evaluation.run as evaluation_run
 from fedleak.defenses.stack import DefenseStack
 from fedleak.evaluation import EvaluationSettings
+from fedleak.evaluation.federation import Federation, prepare_federation
 from fedleak.model_copy import copy_model
 
 TARGET = "batchnorm_fedavg.json"
@@ -44,7 +45,7 @@ class BatchNormNet(nn.Module):
         return self.fc2(self.drop(F.relu(self.fc1(x.flatten(1)))))
 
 
-def recalibrated_accuracy(model: nn.Module, fed: evaluation_run.Federation) -> float:
+def recalibrated_accuracy(model: nn.Module, fed: Federation) -> float:
     """The accuracy of ``model``'s weights with BatchNorm's statistics re-estimated on the clients' data."""
     net = copy_model(model)
     for module in net.modules():
@@ -71,7 +72,7 @@ def main() -> None:
         settings = EvaluationSettings(data="retina", defenses=(), attacks=("exclusivity",), rounds=rounds,
                                       local_steps=steps, momentum=momentum, lr=args.lr, seed=args.seed)
         torch.manual_seed(args.seed)
-        fed = evaluation_run.prepare_federation(settings, BatchNormNet())
+        fed = prepare_federation(settings, BatchNormNet())
         trained = {}
         predictions = evaluation_run.model_predictions
 

@@ -9,7 +9,8 @@ from fedleak.defenses.stack import DefenseStack
 from fedleak.errors import FedleakError
 from fedleak.evaluation import EvaluationSettings, evaluate
 from fedleak.evaluation.cells import LeakageCell
-from fedleak.evaluation.run import client_updates, prepare_federation
+from fedleak.evaluation.federation import prepare_federation
+from fedleak.evaluation.leakage import client_updates
 from fedleak.model_copy import copy_model
 from fedleak.updates import GradientUpdate, WeightUpdate
 
