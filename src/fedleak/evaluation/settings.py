@@ -43,7 +43,8 @@ class EvaluationSettings:
     round (one: FedSGD; more: FedAvg), each on a fresh batch of ``batch_size`` of its samples at ``lr``, in its
     ``optimizer``'s directions (``"sgd"``: torch's SGD with ``momentum`` and ``weight_decay``; ``"adam"``: torch's
     Adam with ``weight_decay``; :data:`~fedleak.clients.local_optimizers.CLIENT_OPTIMIZERS`), through its
-    defenses; the server adds the mean of the changes they send.
+    defenses; the server adds the mean of the changes they send and takes the mean of their buffers (BatchNorm's
+    running statistics), as Flower's FedAvg averages every array.
 
     Leakage: ``trials`` attacked clients, each holding ``local_steps`` batches of ``attack_batch`` distinct samples
     of the clients' data, trained as above through the defenses for one round from the initial model; the server
@@ -151,8 +152,8 @@ class EvaluationSettings:
         return self.upload
 
     def training(self) -> str:
-        """How the clients train and what the server reads, in words (``3 SGD steps (momentum 0.9) of 8 samples at
-        lr 0.1; the server reads their weights``)."""
+        """How the clients train and what the server reads, in words (``3 steps of sgd (momentum 0.9) on 8 samples
+        at lr 0.1; the server reads their weights (lr known)``)."""
         said = [f"momentum {self.momentum:g}"] if self.momentum else []
         said += [f"weight decay {self.weight_decay:g}"] if self.weight_decay else []
         options = f" ({', '.join(said)})" if said else ""
