@@ -20,7 +20,7 @@ from fedleak.autograd_mode import with_autograd
 from fedleak.client_loss import check_class_weights, check_label_smoothing, client_loss, ends_in_sigmoid
 from fedleak.errors import DataError, FedleakError
 from fedleak.focal import check_focal_gamma
-from fedleak.model_copy import copy_model
+from fedleak.model_copy import copy_model, state_copy
 from fedleak.transforms import BatchTransform
 from fedleak.updates import WeightUpdate, check_client_batch, forward_logits
 from fedleak.validation import MAX_COUNT, check_float, check_int, check_labels, check_module, check_seed
@@ -163,8 +163,8 @@ def fedavg_update(
         momentum=momentum, weight_decay=weight_decay, shuffle=shuffle, seed=seed, label_smoothing=label_smoothing,
         class_weights=class_weights, focal_gamma=focal_gamma, transform=transform,
     )
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    after = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    before = state_copy(model)
+    after = state_copy(trained)
     return WeightUpdate(
         before=before,
         after=after,

@@ -92,7 +92,7 @@ def bind_defenses(stack: DefenseStack, fed: Federation) -> DefenseStack:
 
 
 def local_batches(data: Dataset, part: np.ndarray, size: int, steps: int, rng: np.random.Generator
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` batches of ``size`` samples of a client's ``part``: distinct within a batch, and across the batches
     while the part holds enough (as an epoch's batches are), else drawn afresh for each."""
     if size * steps <= len(part):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedleak.clients.defended import defended_local_round
 from fedleak.clients.mode import client_mode
@@ -18,7 +17,7 @@ from fedleak.errors import FedleakError
 from fedleak.evaluation.cells import LeakageCell
 from fedleak.evaluation.federation import Federation, bind_defenses, local_batches
 from fedleak.evaluation.settings import EvaluationSettings
-from fedleak.model_copy import copy_model
+from fedleak.model_copy import copy_model, state_copy
 from fedleak.updates import GradientUpdate, WeightUpdate
 
 
@@ -47,7 +46,7 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         try:
             client = copy_model(fed.model)
-            before = _weights(client)
+            before = state_copy(client)
             with torch.random.fork_rng(devices=[]), client_mode(client, settings.client_mode):
                 torch.manual_seed(int(rng.integers(2**62)))
                 local = defended_local_round(client, batches, stack, lr=settings.lr, generator=gen,
@@ -55,7 +54,7 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
             count = int(local.inputs.shape[0])
             update: GradientUpdate | WeightUpdate
             if settings.upload == "weights":
-                update = WeightUpdate(before, _weights(client), num_examples=count,
+                update = WeightUpdate(before, state_copy(client), num_examples=count,
                                       learning_rate=settings.lr if settings.lr_known else None)
             else:  # one step's change: the gradient where the server knows the rate, else at an unknown scale
                 scale = settings.lr if settings.lr_known else 1.0
@@ -64,11 +63,6 @@ def client_updates(settings: EvaluationSettings, fed: Federation, stack: Defense
         except FedleakError as exc:
             out.append(Trial(x, y, None, None, str(exc)))
     return out
-
-
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What a FedAvg client's reply carries: its whole state (weights, and buffers such as BatchNorm's)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 AWARE = " (defense-aware)"

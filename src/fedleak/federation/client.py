@@ -23,7 +23,7 @@ from fedleak.federation.hooks import get_threat
 from fedleak.federation.node_data import NodeData
 from fedleak.federation.partition import partition_indices
 from fedleak.federation.settings import DataSplit, FederationSettings, data_split, make_model, parse_fault
-from fedleak.model_copy import copy_model
+from fedleak.model_copy import copy_model, state_copy
 
 CLIENT_RATE = 1.0  # the fraction of clients the server samples per round (every client, every round)
 
@@ -108,7 +108,7 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
                                              normalization=split.normalization)
     shipped = get_threat(settings.threat).transform(settings, split)
     seed = int(gen.integers(2**62))
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = state_copy(model)
     pairs = ((x_all[torch.from_numpy(np.asarray(b))], y_all[torch.from_numpy(np.asarray(b))]) for b in batches)
     # batch defenses (MixUp, ...) draw from torch's global generator; the model runs as the client's loop runs it
     with torch.random.fork_rng(devices=[]), client_mode(model, settings.client_mode):
@@ -116,7 +116,7 @@ def local_update(model: nn.Module, settings: FederationSettings, partition_id: i
         done = defended_local_round(model, pairs, stack, lr=settings.lr,
                                     generator=torch.Generator().manual_seed(seed), shipped=shipped,
                                     loss=settings.loss, optimizer=settings.local_optimizer)
-    after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    after = state_copy(model)
     delta = {k: done.sent[k].detach().clone() if k in done.sent else before[k] - after[k] for k in before}
     if fault == "malformed":
         after = {k: torch.full_like(v, math.nan) for k, v in after.items()}

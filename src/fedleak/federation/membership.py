@@ -36,7 +36,7 @@ from fedleak.federation.settings import DataSplit, FederationSettings, data_spli
 from fedleak.membership.base import Observation, Records, make_membership_attack
 from fedleak.membership.metrics import MembershipMetrics, score_membership
 from fedleak.membership.signals import parameter_names, per_record_gradients, record_logits, record_losses
-from fedleak.model_copy import copy_model
+from fedleak.model_copy import copy_model, state_copy
 from fedleak.updates import WeightUpdate
 
 PASSIVE_SCORES = ("loss-drop", "loss", "update-alignment")
@@ -336,7 +336,7 @@ def _train_round(model: nn.Module, settings: FederationSettings, server_round: i
     observed by ``auditor``; returns the example-weighted FedAvg of the clients' weights."""
     from fedleak.federation.client import local_update
 
-    sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sent = state_copy(model)
     total, summed = 0, {k: torch.zeros_like(v) for k, v in sent.items()}
     for pid in range(settings.clients):
         client = copy_model(model)

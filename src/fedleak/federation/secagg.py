@@ -54,7 +54,7 @@ from fedleak.federation.results import FederationResult, RoundAudit  # noqa: E40
 from fedleak.federation.secagg_client import DTYPE_KEY, NAMES_KEY, SEED_KEY, UPLOADS_KEY  # noqa: E402
 from fedleak.federation.server_app import StoppableGrid, build_strategy, evaluate_global  # noqa: E402
 from fedleak.federation.settings import FederationSettings, data_split, make_model  # noqa: E402
-from fedleak.model_copy import copy_model  # noqa: E402
+from fedleak.model_copy import copy_model, state_copy  # noqa: E402
 
 __all__ = ["ObservedGrid", "SecAggAudit", "make_secagg_server_app", "with_aggregates"]
 
@@ -104,7 +104,7 @@ class SecAggAudit(Strategy):
         self.data_range = tuple(float(v) for v in split.value_range)
         _, inner = build_strategy(settings)  # the threat's plan, tamper and audit template
         self.plan, self.tamper, self.template, self.user_model = inner.plan, inner.tamper, inner.template, inner.model
-        self.initial = {k: v.detach().clone() for k, v in make_model(settings, split).state_dict().items()}
+        self.initial = state_copy(make_model(settings, split))
         self.names = list(self.initial)
         self.scorer, self.ground_truth_dir = scorer, ground_truth_dir
         self.evaluate_fn, self.on_aggregate = evaluate_fn, on_aggregate
@@ -132,7 +132,7 @@ class SecAggAudit(Strategy):
         if self.tamper is not None:
             model = copy_model(self.user_model)
             model.load_state_dict(sent)
-            sent = {k: v.detach().clone() for k, v in self.tamper(model, server_round).state_dict().items()}
+            sent = state_copy(self.tamper(model, server_round))
         self._sent[server_round] = sent
         count = s.clients if s.fraction_train >= 1 else max(int(s.clients * s.fraction_train), s.min_train_nodes)
         client_manager.wait_for(count)

@@ -69,7 +69,7 @@ from fedleak.federation.audit_worker import (  # noqa: E402
 from fedleak.federation.results import ClientRecord  # noqa: E402
 from fedleak.federation.template import audit_template, check_shippable  # noqa: E402
 from fedleak.federation.train_reply import parse_reply, partition_of, sent_rate, state_dict_of  # noqa: E402
-from fedleak.model_copy import copy_model
+from fedleak.model_copy import copy_model, state_copy
 from fedleak.updates import WeightUpdate  # noqa: E402
 from fedleak.validation import check_model  # noqa: E402
 
@@ -177,7 +177,7 @@ class AuditFedAvg(FedAvg):
         if self.tamper is not None:
             model = self._model(sent, self.model)
             model = self.tamper(model, server_round)
-            sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            sent = state_copy(model)
             arrays = ArrayRecord(sent)
         self._sent[server_round] = sent
         self._sent_facts[server_round] = sent_rate(config)
