@@ -180,4 +180,19 @@ CONFIGS = {
     "lfw-2-relu-norm-train": Config("lfw", (1024,), norm=True, after_relu=True, client_train=True),
     "fashion-10-deep-relu-norm-train": Config("fashion-mnist", (512, 256), norm=True, after_relu=True,
                                               client_train=True),
+    # natural batches of 2 to 64, where peeling certifies what the first reading leaves (FedSGD gradients with the
+    # batch size reported or not, trained and untrained, two and ten classes, smoothed, standardised inside the model,
+    # normalised layers, two hidden layers; a one-step change at the rate the server set)
+    "lfw-2-large": Config("lfw", (1024,), max_batch=64),
+    "retina-2-large": Config("retina", (1024,), max_batch=64),
+    "fashion-10-large": Config("fashion-mnist", (1024,), max_batch=64),
+    "digits-10-shift-large": Config("digits", (256,), shift=0.3, max_batch=64),
+    "lfw-2-trained-large": Config("lfw", (1024,), trained=1000, max_batch=64),
+    "fashion-10-trained-large": Config("fashion-mnist", (1024,), trained=1000, max_batch=64),
+    "lfw-2-deep-large": Config("lfw", (512, 256), max_batch=64),
+    "lfw-2-smooth0.1-large": Config("lfw", (1024,), smoothing=0.1, max_batch=64),
+    "fashion-10-standardised-inside-large": Config("fashion-mnist", (1024,), standardise=True, inside=True,
+                                                   max_batch=64),
+    "lfw-2-norm-large": Config("lfw", (1024,), norm=True, max_batch=64),
+    "fashion-10-fedavg-lr-known-large": Config("fashion-mnist", (1024,), lr=0.1, lr_known=True, max_batch=64),
 }

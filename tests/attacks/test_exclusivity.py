@@ -20,8 +20,9 @@ def _attack(model, x, y, **options):
 def _assert_sound(rec, scores, report):
     # no false certificate, ever
     assert not scores.false_certificate.any(), "a certified sample is wrong"
-    # every certifiable sample is rebuilt exactly with its label
-    certifiable = report.certifiable
+    # every sample certifiable in the update as sent is rebuilt exactly with its label (peeling's later rounds may
+    # stop short of the closure the analysis counts: tests/attacks/test_peeling.py measures them)
+    certifiable = report.head_certifiable
     assert (scores.exact & scores.label_correct)[certifiable].all()
     assert scores.recovered[certifiable].all()
     certified = scores.max_abs_error[scores.certified]

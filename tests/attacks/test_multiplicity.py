@@ -89,12 +89,17 @@ def test_a_repeat_the_rest_of_the_batch_cannot_confirm_is_only_named(digits):
     x, y = digits.batch(32, seed=0)
     index = [0, 0, *range(1, 31)]
     update = fedleak.read_update(model, gradient(model, x[index], y[index]), num_examples=32)
-    rec = fedleak.reconstruct(model, update, attack="exclusivity")
+    rec = fedleak.reconstruct(model, update, attack="exclusivity", peel=False)
     assert not any("repeated" in r.route for r in rec.samples) and len(rec) < 32
     named = [k for k, r in enumerate(rec.samples) if "as an input the batch holds 2 times" in r.reason]
     assert len(named) == 1 and not rec.certified[named].any()
     assert "cannot confirm" in rec.samples[named[0]].reason
     assert copies(rec, x[:1]) == [1]
+    # peeling certifies the other 30 and leaves the copies alone in the residual, whose whole gradient confirms them
+    peeled = fedleak.reconstruct(model, update, attack="exclusivity")
+    assert peeled.num_certified == 30 and copies(peeled, x[:31]) == [2] + [1] * 30
+    assert sum("repeated" in r.route for r in peeled.samples) == 2
+    assert fedleak.metrics.match(peeled, x[index], y[index]).false_certificates == 0
 
 
 def test_whole_multiples_read_only_whole_ratios():
@@ -111,12 +116,13 @@ def test_inputs_at_the_batch_scale_are_held_by_auto(digits):
     model = UserMLP(width=256).eval()
     x, y = digits.batch(16, seed=0)
     update = fedleak.read_update(model, gradient(model, x, y), num_examples=16)
-    exact = fedleak.reconstruct(model, update, attack="exclusivity", beyond_batch=False)
+    exact = fedleak.reconstruct(model, update, attack="exclusivity", beyond_batch=False, peel=False)
     once = [k for k, r in enumerate(exact.samples) if r.route == "exclusivity (uncertified, at the batch's scale)"]
     assert len(once) >= 2 and not exact.certified[once].any()
     assert all("auto holds it" in exact.samples[k].reason for k in once)
     assert [c for c in copies(exact, x) if c] == [1] * (exact.num_certified + len(once))  # each exact, once
-    rec = fedleak.reconstruct(model, update, attack="auto", budget=3, progress=False)
+    rec = fedleak.reconstruct(model, update, attack="auto", budget=3, progress=False,
+                              exclusivity_options={"peel": False})
     held = [k for k, r in enumerate(rec.samples) if r.route == "exclusivity (uncertified, at the batch's scale)"]
     assert len(held) == len(once)
     assert fedleak.metrics.match(rec, x, y).exact.sum() >= exact.num_certified + len(once)

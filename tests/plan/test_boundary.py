@@ -51,26 +51,30 @@ def test_the_estimate_is_the_analysis_on_the_drawn_batches(mlp, digits):
 
     x, y = digits.x[:300], digits.y[:300]
     act = measure(fedleak.as_network(mlp), x, y, measured=True, description="digits")
-    head = HeadModel(act.dense, np.ones(300, dtype=bool))
-    joint = head.joint(12)
+    head = HeadModel(act.dense, np.ones(300, dtype=bool), peel=True)
+    joint, sent = head.joint(12), head.joint(12, peel=False)
+    assert bool((joint & ~sent).any())  # peeling adds samples on these batches
     for t in range(3):
         idx = head.batches(12)[t]
         report = fedleak.analyze_exclusivity(mlp, x[idx], y[idx])
         assert report.certifiable.tolist() == joint[t].tolist()
+        assert report.head_certifiable.tolist() == sent[t].tolist()
         assert report.layers[0].effective_exans.tolist() == head._own_counts(0, 12)[t].tolist()
 
 
 def test_a_proposed_width_holds_on_a_real_model_of_that_width(mlp_plan, digits):
-    plan16 = fedleak.plan(fedleak.make_mlp((1, 8, 8), [1024], 10, seed=0), None, digits, batch_sizes=[16])
-    proposal = plan16.proposal
+    plan64 = fedleak.plan(fedleak.make_mlp((1, 8, 8), [1024], 10, seed=0), None, digits, batch_sizes=[64])
+    proposal = plan64.proposal  # (peeling certifies batches of 16 at this width, and 40% of those of 64)
     assert proposal is not None and proposal.checked and proposal.fraction >= 0.95
     (change,) = proposal.changes
     assert change.kind == "width" and change.before == 1024 and change.after > 1024
     # a fresh model of the proposed width, measured (not extrapolated) on the same data
     wide = fedleak.make_mlp((1, 8, 8), [change.after], 10, seed=1)
-    measured = fedleak.plan(wide, None, digits, batch_sizes=[16])
-    assert measured.estimates[0].fraction >= 0.92
-    assert measured.max_batch_size >= 15
+    measured = fedleak.plan(wide, None, digits, batch_sizes=[64])
+    # peeling is a cascade: near its threshold the fraction swings with the model's draw (at width 1024, 0.40 to
+    # 0.91 over four seeds), so a fresh model of the proposed width lands near the target, not on it
+    assert measured.estimates[0].fraction >= 0.8
+    assert measured.max_batch_size >= 50
     assert proposal.parameters_after == sum(p.numel() for p in wide.parameters())
 
 

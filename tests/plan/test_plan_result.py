@@ -87,7 +87,7 @@ def test_search_advice_is_told_the_range_of_inputs_off_the_unit_box(digits):
     flower = digits.normalized(0.5, 0.5)
     x, y = flower.batch(4, seed=0)
     torch.manual_seed(0)
-    for model in (GeluMLP(64, 32, 10).eval(), fedleak.make_mlp(digits.input_shape, [64], 10, seed=0)):
+    for model in (GeluMLP(64, 32, 10).eval(), fedleak.make_mlp(digits.input_shape, [16], 10, seed=0)):
         update = fedleak.compute_gradient_update(model, x, y)
         for inputs in (flower, flower.x[:300]):
             told = {a.name: a.why for a in fedleak.plan(model, update, inputs).attacks if a.recommended}

@@ -54,7 +54,7 @@ if "keep-even" not in available_scenarios():
 
 @pytest.fixture(scope="module")
 def audit_page():
-    settings = AuditSettings(data="digits", widths=(64,), batch_sizes=(4, 16), scenarios=("plain", "keep-even"),
+    settings = AuditSettings(data="digits", widths=(64,), batch_sizes=(4, 32), scenarios=("plain", "keep-even"),
                              seed=0)
     result = run_audit(settings)
     from fedleak.audit.report import render_html
@@ -87,7 +87,7 @@ def test_audit_report_gives_every_uncertified_sample_a_reason(audit_page):
             if status != "certified":
                 assert reason and reason in text  # listed in the report, word for word
                 missing += 1
-    assert missing > 0  # at width 64 the batches of 16 leave samples unrecovered
+    assert missing > 0  # at width 64 the batches of 32 leave samples unrecovered
     # the image grids: one card per sample; every non-green frame has its reason's key under it
     assert 'class="frame certified"' in page
     assert 'class="frame missing"' in page or 'class="frame uncertified"' in page
@@ -110,9 +110,9 @@ def test_reconstruction_report_counts_certified_of_inferred_and_says_why(tmp_pat
     from fedleak.report.reconstruction import ReconstructionRun, render_reconstruction
 
     model = fedleak.make_mlp(digits.input_shape, [256], 10, seed=0)
-    x, y = digits.batch(16, seed=0)
+    x, y = digits.batch(32, seed=0)
     rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
-    assert 0 < rec.num_certified < len(rec) <= 16  # partially certified
+    assert 0 < rec.num_certified < len(rec) <= 32  # partially certified
     page = render_reconstruction(ReconstructionRun(rec, tuple(model.input_shape), "m.safetensors", "u.safetensors",
                                                    "exclusivity"))
     text = _text(page)

@@ -13,6 +13,10 @@ the head condition holds **and** every conv block is *solvable* for it: its sure
 its non-zero pooled units, with a Gordan certificate) determine the block's input uniquely, with a proven
 error bound, chained down to the input, within the error the attack allows a certified input
 (``max_error`` of the data range, :class:`fedleak.attacks.exact.ExclusivityOptions`).
+
+The attack then *peels* an MLP's update (:mod:`fedleak.attacks.exact.peeling`): once samples are certified, their
+terms are subtracted and exclusivity is counted again among the samples left, round after round. A sample that
+meets the condition only then is *peeled*; it is certifiable too.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def analyze_exclusivity(
     min_last: int = 2,
     min_other: int = 1,
     solve: bool = True,
+    peel: bool = True,
     **attack_options,
 ) -> ExclusivityReport:
     """Count, per sample and ReLU layer, the exclusively activated neurons of a batch.
@@ -49,7 +54,10 @@ def analyze_exclusivity(
     model's predictions are used. A sample is *certifiable* when it has at least ``min_last`` effective
     ExANs at the head's last ReLU layer and ``min_other`` at every other one, and (conv blocks only) every
     block is solvable with a proof. ``solve=False`` skips that per-sample check (then nothing with conv
-    blocks is certifiable: only counts; ``head_certifiable`` still holds the head condition).
+    blocks is certifiable: only counts; ``head_certifiable`` still holds the head condition). ``peel``: an MLP's
+    samples that meet the condition once those that meet it are peeled off, round after round (the attack's reading
+    of an update whose batch size is reported, at a known scale), are certifiable too (``peeled``); False: the
+    condition on the update as sent only.
     ``attack_options`` are fields of :class:`~fedleak.attacks.exact.ExclusivityOptions` (its conv-block
     noise model and exactness: ``ratio_noise``, ``rounding``, ``max_error``, ``data_range``, ...).
     """
@@ -62,10 +70,10 @@ def analyze_exclusivity(
                 attack_options.get("exact_tol", ExclusivityOptions.exact_tol), attack_options["data_range"])
             attack_options = {**attack_options, "data_range": data_range, "exact_tol": tol}
     return batch_exclusivity(read_batch(model, inputs, labels), min_last=min_last, min_other=min_other,
-                             solve=solve, **attack_options)
+                             solve=solve, peel=peel, **attack_options)
 
 
-def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, solve: bool = True,
+def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, solve: bool = True, peel: bool = True,
                       **attack_options) -> ExclusivityReport:
     """:func:`analyze_exclusivity` of a batch already read (:func:`fedleak.analysis.batch.read_batch`)."""
     net = batch.net
@@ -86,8 +94,10 @@ def batch_exclusivity(batch: Batch, *, min_last: int = 2, min_other: int = 1, so
     labels_np = batch.labels.numpy()
     saturated = (~readable).cpu().numpy()
     if not net.blocks:
-        return ExclusivityReport(layers=layers, labels=labels_np, certifiable=head_ok, min_last=min_last,
-                                 min_other=min_other, head_certifiable=head_ok, saturated=saturated)
+        peeled = _peeled(trace, readable, torch.from_numpy(head_ok).to(readable.device), min_last, min_other) if peel \
+            else np.zeros_like(head_ok)
+        return ExclusivityReport(layers=layers, labels=labels_np, certifiable=head_ok | peeled, min_last=min_last,
+                                 min_other=min_other, head_certifiable=head_ok, saturated=saturated, peeled=peeled)
     solvable, bounds, chain = _solvability(net, acts, opts) if solve else _unsolved(len(net.blocks), batch.size)
     conv_layers = tuple(_conv_layer(blk, z, d, solvable[i], bounds[i])
                         for i, (blk, z, d) in enumerate(zip(net.blocks, pres, deltas)))
@@ -142,6 +152,25 @@ def _head_layers(net: Network, trace: Trace, readable: torch.Tensor, min_last: i
         ))
         counts_ok &= effective.sum(1) >= need
     return tuple(layers), counts_ok.cpu().numpy()
+
+
+def _peeled(trace: Trace, readable: torch.Tensor, first: torch.Tensor, min_last: int, min_other: int) -> np.ndarray:
+    """Per sample, whether it meets the head condition only once the samples that meet it are peeled off, round
+    after round: its effective ExANs counted among the samples not yet certifiable."""
+    done = first.clone()
+    depth = len(trace.preactivations)
+    while not bool(done.all()):
+        left = ~done
+        new = left.clone()
+        for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
+            active = z > 0
+            alone = active & ((active & left[:, None]).sum(0) == 1)  # (a neuron of the samples left)
+            effective = alone & (delta != 0) & readable[:, None]
+            new &= effective.sum(1) >= (min_last if h == depth - 1 else min_other)
+        if not bool(new.any()):
+            break
+        done |= new
+    return (done & ~first).cpu().numpy()
 
 
 def _conv_pass(net: Network, x: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype

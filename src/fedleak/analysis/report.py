@@ -80,7 +80,10 @@ class ExclusivityReport:
     prove: at least ``min_last`` effective ExANs at the head's last ReLU layer and ``min_other`` at its
     other ones, and, for a network with conv blocks, every block solvable with a proof and the chained
     error bound ``error_bound`` at most ``allowed_error`` (what the attack allows a certified input).
-    ``head_certifiable`` is the head condition alone (equal to ``certifiable`` without conv blocks).
+    ``head_certifiable`` is the head condition alone, on the update as sent. ``peeled`` (MLPs): per sample, whether
+    it meets the condition only once the samples that meet it are peeled off (their terms subtracted, exclusivity
+    counted among the samples left, round after round), as the attack reads an update whose batch size is
+    reported; ``certifiable`` holds them.
     ``conv_layers`` is empty for an MLP. ``saturated``: per sample, whether the model classifies it with probability 1
     in its dtype (its loss vector then has no negative entry, and none of its ExANs is effective).
     """
@@ -95,6 +98,7 @@ class ExclusivityReport:
     error_bound: np.ndarray | None = None  # (M,) chained bound on the input (inf where unsolvable); conv only
     allowed_error: float | None = None  # largest bound a certified input may have (data units); conv only
     saturated: np.ndarray | None = None  # (M,) bool: classified with probability 1
+    peeled: np.ndarray | None = None  # (M,) bool: certifiable after peeling only (MLPs)
 
     @property
     def batch_size(self) -> int:
@@ -131,7 +135,9 @@ class ExclusivityReport:
             return (f"{int(self.certifiable.sum())}/{self.batch_size} samples certifiable (FC head alone: {head}); "
                     f"{conv}; head: {self._head_summary()}{self._saturated_summary()}")
         verdict = "insecure (every sample reconstructable)" if self.insecure else "not fully reconstructable"
-        return (f"{int(self.certifiable.sum())}/{self.batch_size} samples certifiable; batch {verdict}; "
+        peeled = int(self.peeled.sum()) if self.peeled is not None else 0
+        after = f" ({peeled} once the others are peeled off)" if peeled else ""
+        return (f"{int(self.certifiable.sum())}/{self.batch_size} samples certifiable{after}; batch {verdict}; "
                 f"{self._head_summary()}{self._saturated_summary()}")
 
     def _saturated_summary(self) -> str:
@@ -147,6 +153,7 @@ class ExclusivityReport:
             "condition": {"min_exans_last_layer": self.min_last, "min_exans_other_layers": self.min_other},
             "layers": [layer.to_dict() for layer in self.layers],
             "saturated": None if self.saturated is None else self.saturated.tolist(),
+            "peeled": None if self.peeled is None else self.peeled.tolist(),
         }
         if self.conv_layers:
             d["condition"] = {"min_exans_last_layer": self.min_last, "min_exans_other_layers": self.min_other,

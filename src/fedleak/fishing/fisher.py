@@ -340,7 +340,9 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     M = batch.size
     certified = (lambda r: r.certifiable) if opts.solve_check else (lambda r: r.head_certifiable)
     min_other = min(1, opts.targets_other)
-    before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
+    # the condition fishing sets, on the batch as sent (the attack's peeling may certify more)
+    before = batch_exclusivity(batch, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check,
+                               peel=False)
     X = inputs.detach().reshape(M, -1).to(torch.float64).cpu().numpy().copy()
     fisher = Fisher(*first.arrays(net), X, batch.labels.numpy(), opts, data_range, before.saturated)
     fisher.run()
@@ -349,7 +351,8 @@ def fish_batch(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | No
     out = torch.from_numpy(Xp).to(inputs.dtype).reshape(inputs.shape).clamp(lo, hi)
     sent = Batch(net, first.first_layer(out).reshape(M, *net.input_shape).to(device=net.device, dtype=batch.dtype),
                  batch.labels)
-    after = batch_exclusivity(sent, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check)
+    after = batch_exclusivity(sent, min_last=opts.targets_last, min_other=min_other, solve=opts.solve_check,
+                              peel=False)
     samples = sample_records(fisher, X, Xp, out, certified(before), certified(after), predictions(net, batch.x),
                              predictions(net, sent.x), peak=hi - lo)
     if opts.solve_check and net.blocks:  # the head's targets met, a conv block still short of equations

@@ -10,6 +10,12 @@ reproducible.
 A wider layer is the measured layer plus new neurons drawn like its own (:mod:`fedleak.plan.widen`), in a fixed
 order: on the same drawn batches, a neuron can only add ExANs, so the fraction of samples meeting a layer's need
 grows with the width and the smallest sufficient width is found by a scan.
+
+Where the attack peels the update (an MLP's, at a pinned scale: :mod:`fedleak.attacks.exact.peeling`), the whole
+condition is the peeling closure: in every drawn batch, the samples meeting it are peeled off and the ExANs of the
+others counted again among the samples left, round after round, as :func:`fedleak.analyze_exclusivity` does. A
+neuron then serves several samples in turn, so the pigeonhole bound no longer caps the batch. The per-layer counts
+and the width scan stay those of the update as sent.
 """
 
 from __future__ import annotations
@@ -56,11 +62,13 @@ def _exclusive(active: torch.Tensor, effective: torch.Tensor, idx: torch.Tensor)
     return torch.cat(parts)
 
 
-def _exclusive_counts(active: torch.Tensor, effective: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _exclusive_counts(active: torch.Tensor, effective: torch.Tensor, idx: torch.Tensor,
+                      members: torch.Tensor | None = None) -> torch.Tensor:
     """What ``_exclusive(...).sum(2)`` gives (T x M), by two matrix products: how many samples of each drawn
-    batch a neuron fires for, then each sample's neurons that fire for it alone."""
+    batch a neuron fires for, then each sample's neurons that fire for it alone; with ``members`` (T x M bool),
+    counted among those samples of each drawn batch only (a non-member's count then means nothing)."""
     onehot = torch.zeros(idx.shape[0], active.shape[0])
-    onehot.scatter_(1, idx, 1.0)
+    onehot.scatter_(1, idx, 1.0 if members is None else members.to(torch.float32))
     single = ((onehot @ active.to(torch.float32)) == 1).to(torch.float32)  # T x width
     per = effective.to(torch.float32) @ single.T  # n x T: ExANs of sample i if it were in batch t
     return per.T.gather(1, idx).round().to(torch.int64)
@@ -69,8 +77,10 @@ def _exclusive_counts(active: torch.Tensor, effective: torch.Tensor, idx: torch.
 class HeadModel:
     """The head's measured activity, and the condition estimated at any batch size and widths."""
 
-    def __init__(self, layers: Sequence[DenseActivity], conv_ok: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, layers: Sequence[DenseActivity], conv_ok: np.ndarray, seed: int = 0, peel: bool = False
+                 ) -> None:
         self.layers = tuple(layers)
+        self.peel = peel  # the attack peels the update: the whole condition is the peeling closure
         self.need = tuple(2 if h == len(layers) - 1 else 1 for h in range(len(layers)))
         self.conv_ok = torch.from_numpy(np.asarray(conv_ok, dtype=bool))
         self.samples = int(self.conv_ok.shape[0])
@@ -137,20 +147,47 @@ class HeadModel:
         return LayerCount(k >= self.need[h], float(k.double().mean()))
 
     def joint(self, batch_size: int, widths: Sequence[int] | None = None, conv_ok: torch.Tensor | None = None,
-              layers: Sequence[int] | None = None) -> torch.Tensor:
+              layers: Sequence[int] | None = None, peel: bool | None = None) -> torch.Tensor:
         """Per drawn sample (T x M): the whole condition (every layer, or those in ``layers``, and the conv blocks'
-        per-sample verdict ``conv_ok``, n bools; default: as measured)."""
+        per-sample verdict ``conv_ok``, n bools; default: as measured), with the samples peeling adds where
+        ``peel`` (default: where the attack peels)."""
         widths = self.widths if widths is None else widths
         conv = self.conv_ok if conv_ok is None else conv_ok
         ok = conv[self.batches(batch_size)].clone()
-        for h in (range(len(self.layers)) if layers is None else layers):
+        picked = range(len(self.layers)) if layers is None else layers
+        for h in picked:
             ok &= self.layer(h, batch_size, widths[h]).ok
-        return ok
+        return self._peeled(batch_size, widths, conv, picked, ok) if (self.peel if peel is None else peel) else ok
+
+    def _peeled(self, batch_size: int, widths: Sequence[int], conv: torch.Tensor, picked: Sequence[int],
+                ok: torch.Tensor) -> torch.Tensor:
+        """``ok`` (T x M) with the samples peeling adds, round after round (module docstring)."""
+        idx = self.batches(batch_size)
+        done, can = ok.clone(), conv[idx]
+        while not bool(done.all()):
+            left = ~done
+            new = left & can
+            for h in picked:
+                new &= self._counts_among(h, idx, widths[h], left) >= self.need[h]
+            if not bool(new.any()):
+                break
+            done |= new
+        return done
+
+    def _counts_among(self, h: int, idx: torch.Tensor, width: int, members: torch.Tensor) -> torch.Tensor:
+        """ExANs per drawn sample (T x M) of layer ``h`` widened to ``width``, counted among ``members``."""
+        layer = self.layers[h]
+        k = _exclusive_counts(layer.active, layer.effective, idx, members)
+        extra = max(0, int(width) - layer.width)
+        for c in range(math.ceil(extra / CHUNK)):
+            act = layer.widening.chunk(c)[:, :min(CHUNK, extra - c * CHUNK)]
+            k = k + _exclusive_counts(act, act, idx, members)
+        return k
 
     def fraction(self, batch_size: int, widths: Sequence[int] | None = None, conv_ok: torch.Tensor | None = None,
-                 layers: Sequence[int] | None = None) -> float:
+                 layers: Sequence[int] | None = None, peel: bool | None = None) -> float:
         """The fraction of samples meeting the whole condition (or that of ``layers``) at ``batch_size``."""
-        return float(self.joint(batch_size, widths, conv_ok, layers).double().mean())
+        return float(self.joint(batch_size, widths, conv_ok, layers, peel).double().mean())
 
     def whole_batch(self, batch_size: int, widths: Sequence[int] | None = None) -> float:
         """The fraction of drawn batches in which every sample meets the whole condition."""
@@ -159,18 +196,19 @@ class HeadModel:
     # ---- searches -----------------------------------------------------------------------------------------
 
     def largest_batch(self, target: float, widths: Sequence[int] | None = None, conv_ok: torch.Tensor | None = None,
-                      layers: Sequence[int] | None = None) -> tuple[int, bool]:
+                      layers: Sequence[int] | None = None, peel: bool | None = None) -> tuple[int, bool]:
         """The largest batch size at which at least ``target`` of the samples meet the condition (or that of
-        ``layers``; 0: none), and whether the search stopped at its cap (the samples measured, or the counting
-        bound) rather than at a failing batch size."""
+        ``layers``; 0: none; with peeling as :meth:`joint`), and whether the search stopped at its cap (the samples
+        measured, or, without peeling, the counting bound) rather than at a failing batch size."""
         widths = self.widths if widths is None else widths
         picked = range(len(self.layers)) if layers is None else layers
-        cap = min([self.samples] + [widths[h] // self.need[h] for h in picked])
+        peel = self.peel if peel is None else peel
+        cap = min([self.samples] + ([] if peel else [widths[h] // self.need[h] for h in picked]))
         if cap < 1:
             return 0, False
 
         def good(m: int) -> bool:
-            return self.fraction(m, widths, conv_ok, layers) >= target
+            return self.fraction(m, widths, conv_ok, layers, peel) >= target
 
         if not good(1):
             return 0, False

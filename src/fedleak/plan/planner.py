@@ -105,7 +105,7 @@ def _dense_plans(head: HeadModel, sizes: tuple[int, ...], target: float) -> tupl
     ones = torch.ones(head.samples, dtype=torch.bool)
     out = []
     for h, layer in enumerate(head.layers):
-        best, capped = head.largest_batch(target, conv_ok=ones, layers=[h])
+        best, capped = head.largest_batch(target, conv_ok=ones, layers=[h], peel=False)  # (the update as sent)
         at = tuple(DenseAtBatch(m, head.need[h] * m, head.layer(h, m).mean_exans, head.layer(h, m).fraction)
                    for m in sizes)
         out.append(DenseLayerPlan(
@@ -121,8 +121,9 @@ def _estimate(head: HeadModel, m: int, blocks: tuple[ConvBlockPlan, ...]) -> Bat
     failing = {blk.name: 1.0 - blk.fraction for blk in blocks}
     failing.update({layer.name: 1.0 - head.layer(h, m).fraction for h, layer in enumerate(head.layers)})
     worst = max(failing, key=failing.get)
-    return BatchEstimate(m, float(ok.double().mean()), float(ok.all(1).double().mean()),
-                         worst if failing[worst] > 0 else None)
+    fraction = float(ok.double().mean())  # (with peeling, a layer short of the condition may limit nothing)
+    return BatchEstimate(m, fraction, float(ok.all(1).double().mean()),
+                         worst if failing[worst] > 0 and fraction < 1 else None)
 
 
 def plan(model: nn.Module, update: object = None, inputs: object = None, *, input_shape=None,
@@ -218,7 +219,13 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     act = measure(net, x, samples.labels, measured=samples.measured, description=samples.description)
     evidence = Evidence(samples.measured, act.samples, samples.description)
     shapes, blocks, conv_ok, proof = _conv_plans(net, samples, x, act, target, proofs, seed)
-    head = HeadModel(act.dense, conv_ok)
+    # the attack peels an MLP's update where its scale is pinned (a gradient; a change at the rate the server set)
+    pinned = kind is None or kind.is_gradient or kind.learning_rate is not None
+    head = HeadModel(act.dense, conv_ok, peel=not net.blocks and pinned)
+    if head.peel:
+        notes += ("the estimates count the samples the exact route certifies by peeling the update (once samples are "
+                  "certified, their terms subtracted and exclusivity counted among the samples left), so the whole "
+                  "batch may exceed a layer's counting bound; the dense layers' own figures are the update's as sent",)
     usable = tuple(m for m in sizes if m <= act.samples)
     if len(usable) < len(sizes):
         notes += (f"batch sizes above {act.samples} (the samples measured) are not estimated; pass more inputs",)

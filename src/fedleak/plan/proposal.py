@@ -61,6 +61,26 @@ def _grow_convs(net: Network, x: torch.Tensor, shapes: list[BlockShape], target:
     return chosen, blocked
 
 
+def peeled_widths(head: HeadModel, batch_size: int, target: float, widths: list[int | None]) -> list[int | None]:
+    """The widths each layer needs where the attack peels the update: from the widths the update as sent needs
+    (``widths``; None: more than :data:`MAX_WIDTH`, tried at it), each layer in turn shrunk, by bisection, to the
+    fewest neurons at which at least ``target`` of the samples meet the whole condition with peeling (a neuron only
+    adds ExANs, in every round, so that fraction grows with the width); ``widths`` as they are where even the widest
+    fall short."""
+    top = [MAX_WIDTH if w is None else w for w in widths]
+    if head.fraction(batch_size, top) < target:
+        return widths
+    for h, own in enumerate(head.widths):
+        lo, hi = own - 1, top[h]  # lo fails (or is below the layer's own width), hi holds
+        if head.fraction(batch_size, top[:h] + [own] + top[h + 1:]) >= target:
+            hi = own
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if head.fraction(batch_size, top[:h] + [mid] + top[h + 1:]) >= target else (mid, hi)
+        top[h] = hi
+    return top
+
+
 def propose(*, net: Network, x: torch.Tensor, shapes: list[BlockShape], conv_ok: np.ndarray, head: HeadModel,
             parameters: int, batch_size: int, target: float, seed: int = 0) -> Proposal:
     """The smallest change found (see the module docstring) for ``batch_size``, and its check. ``x``: the inputs
@@ -84,8 +104,11 @@ def propose(*, net: Network, x: torch.Tensor, shapes: list[BlockShape], conv_ok:
             if new.channels != old.channels:
                 changes.append(Change(old.name, "channels", old.channels, new.channels))
     widths = list(head.widths)
+    smallest = [head.smallest_width(h, batch_size, each) for h in range(len(head.layers))]
+    if head.peel:
+        smallest = peeled_widths(head, batch_size, target, smallest)
     for h, layer in enumerate(head.layers):
-        width = head.smallest_width(h, batch_size, each)
+        width = smallest[h]
         if width is None:
             blocked.append(f"{layer_label(layer.name)} would need more than {MAX_WIDTH:,} neurons for batches of "
                            f"{batch_size}")

@@ -13,6 +13,7 @@ gradient from autograd as it is.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,9 +51,13 @@ class Linear64(torch.autograd.Function):
         return back64(d, ctx.W).reshape(ctx.shape), None, None
 
 
+CASTS = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.type}  # the ways a forward casts its input to float32
+
+
 class DenseThrough64(TorchFunctionMode):
     """While active, ``F.linear`` of a float64 input with one of ``sinks``' weights (by identity) runs through
-    :class:`Linear64` into that weight's sink; every other call runs as it is."""
+    :class:`Linear64` into that weight's sink, and a float64 tensor's cast to float32 in the forward (``x.float()``,
+    ``x.to(torch.float32)``: a model that casts its input) keeps it float64; every other call runs as it is."""
 
     def __init__(self, sinks: dict[int, tuple[torch.Tensor, list]]):
         super().__init__()
@@ -60,6 +65,9 @@ class DenseThrough64(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in CASTS and args and isinstance(args[0], torch.Tensor) and args[0].dtype == F64 and (
+                func is torch.Tensor.float or torch.float32 in (*args[1:], *kwargs.values())):
+            return args[0]
         if func is F.linear and len(args) >= 2 and args[0].dtype == F64 and id(args[1]) in self.sinks:
             W, sink = self.sinks[id(args[1])]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -88,34 +96,47 @@ class BatchGradient:
             for i in range(0, len(o), PIECE):
                 yield p[i : i + PIECE], o[i : i + PIECE].to(F64)
             return
+        for rows, p in self.row_pieces(name, observed.shape):
+            yield p.reshape(-1), observed[rows].to(F64).reshape(-1)
+
+    def row_pieces(self, name: str, shape: torch.Size) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, recomputed)`` pieces of parameter ``name`` (of ``shape``), float64: a streamed dense weight's
+        product formed a piece of rows at a time, any other parameter whole."""
+        if name in self.grads:
+            yield slice(None), self.grads[name]
+            return
         pairs = self.sinks[name]
-        step = piece_rows(*observed.shape)
-        for s in range(0, observed.shape[0], step):
-            p = sum(d[:, s : s + step].T @ x for d, x in pairs)
-            yield p.reshape(-1), observed[s : s + step].to(F64).reshape(-1)
+        step = piece_rows(*shape)
+        for s in range(0, shape[0], step):
+            yield slice(s, s + step), sum(d[:, s : s + step].T @ x for d, x in pairs)
 
 
 def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0,
-                   class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0) -> BatchGradient:
+                   class_weights: tuple[float, ...] | None = None, focal_gamma: float = 0.0, *,
+                   sample_weights: torch.Tensor | None = None, as_sent: bool = False) -> BatchGradient:
     """The gradient of the summed cross-entropy of ``(X, y)`` at ``model``'s parameters, in float64 by real
     autograd (:class:`BatchGradient`), with the loss's label ``smoothing`` and ``class_weights`` (or the summed focal
-    loss of exponent ``focal_gamma``); the head's
+    loss of exponent ``focal_gamma``), each sample's loss times its ``sample_weights`` entry where given. With
+    ``as_sent``, the logits' gradient (the loss vectors) is the client's own, computed in the model's dtype as the
+    client does (``softmax - one-hot`` of a confident sample cancels: off by an epsilon of ``1 - p_y``), and only
+    its backward pass runs in float64. The head's
     dense weights in another dtype are streamed (never copied) where the model reads them through ``F.linear``
     (``nn.Linear`` does), else copied like the others."""
     params = dict(model.named_parameters())
     streamed = {d.weight_name for d in net.head.dense if params[d.weight_name].dtype != F64}
     try:
-        out = recompute(model, params, streamed, X, y, smoothing, class_weights, focal_gamma)
+        out = recompute(model, params, streamed, X, y, smoothing, class_weights, focal_gamma, sample_weights, as_sent)
     except RuntimeError:  # a weight read other than through F.linear meets a float64 input
         out = None
     if out is None or not all(out.sinks.values()):
-        out = recompute(model, params, set(), X, y, smoothing, class_weights, focal_gamma)
+        out = recompute(model, params, set(), X, y, smoothing, class_weights, focal_gamma, sample_weights, as_sent)
     return out
 
 
 def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[str], X: torch.Tensor,
               y: torch.Tensor, smoothing: float = 0.0, class_weights: tuple[float, ...] | None = None,
-              focal_gamma: float = 0.0) -> BatchGradient:
+              focal_gamma: float = 0.0, sample_weights: torch.Tensor | None = None, as_sent: bool = False
+              ) -> BatchGradient:
     """:func:`batch_gradient` with the weights ``streamed`` through :class:`Linear64`."""
     weights = {k: params[k].detach() for k in streamed}
     sinks: dict[str, list] = {k: [] for k in streamed}
@@ -123,10 +144,21 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
     with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
-    loss = client_loss(logits, y, "sum", label_smoothing=smoothing, class_weights=class_weights,
-                       focal_gamma=focal_gamma)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return BatchGradient({k: g.detach() for k, g in zip(leaves, grads)}, sinks)
+    loss = functools.partial(client_loss, labels=y, reduction="none", label_smoothing=smoothing,
+                             class_weights=class_weights, focal_gamma=focal_gamma)
+    if as_sent:  # the client's loss vectors: its forward and loss in its dtype, differentiated there
+        with torch.enable_grad():
+            own = torch.func.functional_call(model, {k: v.detach() for k, v in params.items()}, (X,)).detach()
+            own.requires_grad_(True)
+            signal = torch.autograd.grad(loss(own).sum(), own)[0].to(F64)
+        weighted = signal if sample_weights is None else signal * sample_weights.to(signal)[:, None]
+        grads = torch.autograd.grad(logits, list(leaves.values()), grad_outputs=weighted, allow_unused=True)
+    else:
+        each = loss(logits)
+        total = each.sum() if sample_weights is None else (each * sample_weights.to(each)).sum()
+        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)  # (a layer forward never reads)
+    return BatchGradient({k: torch.zeros_like(v) if g is None else g.detach()
+                          for (k, v), g in zip(leaves.items(), grads)}, sinks)
 
 
 def leaf(t: torch.Tensor) -> torch.Tensor:

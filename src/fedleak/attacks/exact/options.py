@@ -101,6 +101,9 @@ class ExclusivityOptions:
     others (rebuilt, at the batch's common scale, most witnesses), as ``auto`` asks. Either way, where the
     certified samples are the whole batch (and reproduce the whole update) the other candidates are proven not to
     be samples and are dropped; the notes count them.
+    ``peel``: once samples are certified, subtract their recomputed gradient and certify, on what is left, the
+    samples a neuron they share with them leaves exclusive, round after round (:mod:`~fedleak.attacks.exact.peeling`;
+    MLPs, the batch's scale pinned, no defense that scales the update).
     ``defense``: the client's defenses (a :class:`~fedleak.defenses.DefenseStack`, a defense, a spec
     ``"name:key=value"`` or a list; stored as a stack): where the certificate can model one it does (``dp-sgd``
     without noise sets ``clip_norm``; whole-update clipping an unknown common scale), else nothing is certified
@@ -154,6 +157,7 @@ class ExclusivityOptions:
     exact_tol: float = 1e-4
     data_range: tuple[float, float] | None = None
     beyond_batch: bool = True
+    peel: bool = True
     defense: Any = None
     threads: int | None = field(default=1, metadata={"low": 1})
     workers: int | None = field(default=1, metadata={"low": 1})

@@ -43,6 +43,7 @@ from fedleak.attacks.exact.noise import RoundingNoise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.outcome import Found, estimate_label_counts, within_batch
 from fedleak.attacks.exact.output_bias import output_bias_cause
+from fedleak.attacks.exact.peeling import peeled
 from fedleak.attacks.exact.sample_clip import read_sample_clip
 from fedleak.attacks.exact.smoothing import SmoothingReading, read_label_smoothing
 from fedleak.attacks.exact.state import HeadAttack
@@ -94,7 +95,8 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
                 rec = replace(rec, notes=(*rec.notes, smoothing.note(certified=False)))
         # the reading the result is of: as the client's declared defenses read it (run_pinned applies their plan: a
         # clipped update's factor is unknown, whatever the options said), so that the checks below hold it to that
-        reading = exact_plan(opts.defense, update.gradients, net).apply
+        plan = exact_plan(opts.defense, update.gradients, net)
+        reading = plan.apply
         used = reading(opts)
         if off_scale:  # the samples share another common scale (a clipped, accumulated or summed gradient)
             # the label smoothing as the first reading left it (given, read, or 0): it is not read a second time
@@ -119,11 +121,34 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
             if dropout.rebuilt_strongly(again, opts.min_last) > dropout.rebuilt_strongly(rec, opts.min_last):
                 rec = replace(again, notes=(*again.notes, dropout.note(again, opts.min_last)))
                 used = replace(used, train_dropout=True)
-        if not (positive or used.defense) and (unsigned or not used.known_scale):
-            batch = update.num_examples or rec.batch_size  # an unsigned change at a known rate: its scale's size
-            rec = without_unsigned_labels(model, rec, batch, used.smoothing, used.class_weights,
-                                          focal_gamma=used.focal_gamma,
-                                          magnitude=1.0 / batch if used.known_scale and batch else None)
+        rec = signed(model, update, rec, used, positive, unsigned)
+    rec = settled(model, net, update, rec, used)
+
+    def on_residual(residual: GradientUpdate, bounds: dict[str, RoundingNoise], again: ExclusivityOptions
+                    ) -> Reconstruction:  # read as the first reading settled it: its scale pinned, no re-reading
+        with pinned_threads(again.threads), torch.inference_mode(not net.blocks):
+            found, off, _ = run_pinned(model, net, residual, again, bounds, name, precision)
+            found = signed(model, residual, replace(found, notes=tuple(n for n in found.notes if n != off)), again,
+                           positive, unsigned)
+        return settled(model, net, residual, found, again)
+
+    return peeled(model, net, update, rec, used, noise, on_residual, scaled=bool(plan.factors))
+
+
+def signed(model: nn.Module, update: GradientUpdate, rec: Reconstruction, used: ExclusivityOptions, positive: bool,
+           unsigned: bool) -> Reconstruction:
+    """``rec``, its certificates held to the update's sign where it was not read (:func:`run_exclusivity`)."""
+    if positive or used.defense or not (unsigned or not used.known_scale):
+        return rec
+    batch = update.num_examples or rec.batch_size  # an unsigned change at a known rate: its scale's size
+    return without_unsigned_labels(model, rec, batch, used.smoothing, used.class_weights, focal_gamma=used.focal_gamma,
+                                   magnitude=1.0 / batch if used.known_scale and batch else None)
+
+
+def settled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstruction, used: ExclusivityOptions
+            ) -> Reconstruction:
+    """``rec`` (copied out of inference mode) with its repeated inputs read, its certificates held to where a blend
+    of like samples would show and to a per-sample clipping the client did not declare."""
     rec = replace(rec, inputs=rec.inputs.clone(), labels=rec.labels.clone(), certified=rec.certified.clone())
     # how many times the batch holds the inputs not certified (the whole gradient on autograd: out of inference mode)
     rec = with_multiplicity(model, net, update.gradients, rec, used, update.num_examples or rec.batch_size)
