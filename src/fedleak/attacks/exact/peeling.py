@@ -73,29 +73,26 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
     dev = next(model.parameters()).device
     terms = batch_gradient(model, net, inputs.to(dev), labels.to(dev), opts.smoothing, focal_gamma=opts.focal_gamma,
                            sample_weights=scales.to(dev), as_sent=True)
-    grads, errors = {}, {}
+    grads, errors = {}, {}  # in the update's dtype and float32: a piece at a time in float64, never whole
     for name, g in update.gradients.items():
         own = noise[name] if noise is not None else gradient_noise(g, 0.0)
         eps = float(torch.finfo(g.dtype).eps)
-        grads[name], errors[name] = torch.empty(g.shape, dtype=F64), torch.empty(g.shape, dtype=F64)
+        grads[name], errors[name] = torch.empty_like(g), torch.empty(g.shape, dtype=torch.float32, device=g.device)
         for rows, p in terms.row_pieces(name, g.shape):
             taken = p.to(g.device)
             r = (g[rows].to(F64) - taken).mul_(rescale)
-            grads[name][rows] = r
-            errors[name][rows] = (own.read(rows) + taken.abs_().mul_(4 * eps)).mul_(rescale).add_(r.abs(),
-                                                                                                 alpha=eps / 2)
+            grads[name][rows] = r.to(g.dtype)
+            errors[name][rows] = (own.read(rows) + taken.abs().mul_(4 * eps)).mul_(rescale).add_(
+                r.abs(), alpha=eps / 2).to(torch.float32)
     for layer in net.head.dense:  # a row within its noise of zero holds no sample left: the certified ones' alone
         w, b = layer.weight_name, layer.bias_name
-        norm, bound = grads[w].norm(dim=1), errors[w].norm(dim=1)
+        norm, bound = (torch.linalg.vector_norm(t, dim=1, dtype=F64) for t in (grads[w], errors[w]))
         if b is not None:
-            norm, bound = torch.hypot(norm, grads[b]), torch.hypot(bound, errors[b])
+            norm, bound = torch.hypot(norm, grads[b].to(F64)), torch.hypot(bound, errors[b].to(F64))
         silent = norm <= bound
         for name in (w, b) if b is not None else (w,):
             grads[name][silent], errors[name][silent] = 0.0, 0.0
-    dtypes = {name: g.dtype for name, g in update.gradients.items()}
-    bounds = {name: RoundingNoise(e.to(torch.float32), 1.0) for name, e in errors.items()}
-    grads = {name: r.to(dtypes[name]) for name, r in grads.items()}
-    return GradientUpdate(grads, num_examples=left), bounds
+    return GradientUpdate(grads, num_examples=left), {name: RoundingNoise(e, 1.0) for name, e in errors.items()}
 
 
 def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstruction, opts: ExclusivityOptions,
