@@ -86,3 +86,25 @@ def test_samples_weighed_apart_by_a_focal_loss_are_said_to_be_so(digits):
     said = " ".join(rec.notes)
     assert "share no common factor either" in said and "(a focal loss: pass focal_gamma)" in said
     assert "known_scale=False" not in said
+
+
+def test_a_batch_of_blends_only_is_said_to_be_so(lfw):
+    """Faces standardised inside a user's forward (``(x - 0.3) / 0.35``) fire every neuron of a default-init layer
+    for several samples: the candidates are blends at several times one sample's scale, and the reason says so
+    before it names weighted losses."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(625, 1024), torch.nn.Linear(1024, 2)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1((x.view(x.size(0), -1) - 0.3) / 0.35)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x, y = lfw.batch(32, seed=0)
+    assert not fedleak.analyze_exclusivity(model, x, y).certifiable.any()
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y), data_range=(0.0, 1.0))
+    said = " ".join(rec.notes)
+    assert not rec.certified.any() and "each is a blend of samples that share their neurons" in said

@@ -329,9 +329,12 @@ def off_scale_note(recoveries, reported: int, opts) -> str:
             "a gradient times another common factor needs known_scale=False (a focal loss, whose factor follows each "
             "sample's confidence, needs focal_gamma)")
     if not fits and max(scales) > min(scales) * (1 + OFF_SCALE_FIT):
-        hint = (f"they share no common factor either (from {min(scales):.3g} to {max(scales):.3g}): the client weighed "
-                "its samples apart, by their class's weight or with a loss whose gradient is a per-sample multiple of "
-                "the cross-entropy's (a focal loss: pass focal_gamma)")
+        blends = ("each is a blend of samples that share their neurons, at several times one sample's scale as blends "
+                  "sit (fedleak.analyze_exclusivity tells whether any sample has exclusive neurons of its own), or "
+                  if min(scales) > common * (1 + OFF_SCALE_FIT) else "")
+        hint = (f"they share no common factor either (from {min(scales):.3g} to {max(scales):.3g}): {blends}the client "
+                "weighed its samples apart, by their class's weight or with a loss whose gradient is a per-sample "
+                "multiple of the cross-entropy's (a focal loss: pass focal_gamma)")
     return (f"no rebuilt sample has the scale {opts.reduction.written(reported)} that {reported} examples give each "
             f"sample of a {opts.loss_reduction}-loss gradient (the strongly witnessed ones have a median scale of "
             f"{shared:.3g}): {hint}")
