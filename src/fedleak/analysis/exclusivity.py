@@ -156,7 +156,8 @@ def _head_layers(net: Network, trace: Trace, readable: torch.Tensor, min_last: i
 
 def _peeled(trace: Trace, readable: torch.Tensor, first: torch.Tensor, min_last: int, min_other: int) -> np.ndarray:
     """Per sample, whether it meets the head condition only once the samples that meet it are peeled off, round
-    after round: its effective ExANs counted among the samples not yet certifiable."""
+    after round: its effective ExANs counted among the samples not yet certifiable (exclusivity's closure; the
+    attack's rounds may stop short of it where the float32 rounding of the subtracted terms leaves rows too noisy)."""
     done = first.clone()
     depth = len(trace.preactivations)
     while not bool(done.all()):

@@ -16,9 +16,13 @@ epsilon for the residual's own rounding; a row within its noise of zero is set t
 alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the model's
 dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
 dtype (a confident sample's ``softmax - onehot`` cancels: a float64 one left that in the residual, and a sample
-certified in the next round came out a blend, 1.6e-4 of the range off). Errors still compound over the rounds,
-which the noise model does not follow: a round's inputs must be known to ``exact_tol / ROUND_MARGIN`` (without
-the margin, peeled inputs drifted to 8.7e-5 of the range on trained Fashion-MNIST MLPs, and one to 1.07e-4).
+certified in the next round came out a blend, 1.6e-4 of the range off). A gradient's first reading gives its
+inputs exact to float32; a peeled input carries the earlier rounds' errors, which the noise model does not follow,
+and so does an input read off a weight change (known to its rounding only), so once one is subtracted (from the
+second round on for a gradient, from the first for a weight change) a round's inputs must be known to
+``exact_tol / ROUND_MARGIN``
+(without the margin, peeled inputs drifted to 5.8e-5 of the range on trained Fashion-MNIST MLPs and 7.4e-5 on
+one-step changes at a known rate; with a wider noise model, ``2 sqrt(M)`` epsilons, one went to 1.07e-4).
 
 A term is taken at the batch's scale; without a bias in the first layer, where an input is rebuilt up to a common
 factor, at the scale its certificate fitted, which absorbs that factor.
@@ -109,14 +113,18 @@ def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstr
     scale = opts.common_scale(m)
     fitted = net.head.dense[0].bias_name is None  # a bias-free first layer's rebuild holds a common factor
     scales = [own_scale(r, scale, 1.0, fitted) for r in records]  # each certified sample's scale in the update
-    # a round's inputs carry the earlier rounds' errors in their residual: each must be known ten times closer
-    once = replace(opts, peel=False, defense=None, exact_tol=opts.exact_tol / ROUND_MARGIN)
+    once = replace(opts, peel=False, defense=None)
+    # a gradient's first reading gives its inputs exact to float32; a peeled input (or one read off a weight change,
+    # known only to its rounding) carries errors the residual's noise does not follow: once one is subtracted, inputs
+    # must be known ten times closer
+    after = replace(once, exact_tol=opts.exact_tol / ROUND_MARGIN)
+    exact = noise is None  # (a gradient's own float32 rounding, nothing more)
     last, rounds = rec, 0
     while len(records) < m:
         residual, bounds = residual_update(model, net, update, inputs, labels, torch.tensor(scales, dtype=F64),
                                            opts, noise)
         rescale = opts.common_scale(m - len(records)) / scale  # a residual's scale over the update's
-        again = rerun(residual, bounds, once)
+        again = rerun(residual, bounds, once if exact and not rounds else after)
         last = again
         if not again.num_certified:
             break
