@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -222,6 +223,21 @@ def test_reconstruct_command_with_train_dropout(tmp_path, capsys, fashion):
     told = json.loads((tmp_path / "out---train-dropout" / "results.json").read_text())
     assert told["settings"]["options"]["train_dropout"] is True
     assert all("train-mode dropout" in s["route"] for s in told["samples"])
+
+
+def test_reconstruct_command_peels_unless_told_not_to(tmp_path, capsys, fashion):
+    """The exact route peels by default; ``--no-peel`` reads the update once, and the results record it."""
+    import fedleak
+
+    model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
+    x, y = fashion.batch(32, seed=0)
+    run = _exact_reconstruct(tmp_path, capsys, model, fedleak.compute_gradient_update(model, x, y))
+    peeled, once = run(), run("--no-peel")
+    assert peeled[0] == once[0] == 0 and "Traceback" not in peeled[1] + once[1]
+    count = [int(re.search(r"(\d+) certified", got[1]).group(1)) for got in (peeled, once)]
+    assert count[0] >= 28 > 16 > count[1]  # (measured: 31 or 32, and 6)
+    told = json.loads((tmp_path / "out---no-peel" / "results.json").read_text())
+    assert told["settings"]["options"]["peel"] is False
 
 
 def test_reconstruct_command_with_the_data_s_range(tmp_path, capsys, digits):

@@ -66,6 +66,11 @@ def reconstruct_command(
                                             "the exclusive rows give, without a certificate; --eval-dropout reads "
                                             "the update in eval mode only (default: eval mode, and where that "
                                             "certifies nothing, the training-mode reading too)."),
+    peel: bool = typer.Option(None, "--peel/--no-peel",
+                              help="For the exact route: --peel subtracts the certified samples' gradient and reads "
+                                   "what is left again, round after round, certifying the samples it leaves exclusive "
+                                   "(the default, on MLPs whose update has a known scale and reports its number of "
+                                   "examples); --no-peel reads the update once."),
     defense: str = typer.Option(None, help="The client's defenses, for the attacks that take them (exclusivity, auto "
                                            "and the optimisation attacks; 'fedleak info' lists them): NAME or "
                                            "NAME:key=value,... (e.g. clipping:bound=1.0); '+' combines several. "
@@ -102,7 +107,8 @@ def reconstruct_command(
     client = {k: v for k, v in (("label_smoothing", label_smoothing), ("class_weights", weighted),
                                 ("focal_gamma", focal_gamma), ("defense", defense), ("data_range", span))
               if v is not None}
-    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("train_dropout", train_dropout)) if v is not None}
+    exact = {k: v for k, v in (("loss_reduction", loss_reduction), ("train_dropout", train_dropout), ("peel", peel))
+             if v is not None}
     if attack == "auto":
         options.update(budget=budget, progress=shows_progress(quiet), seed=seed, exclusivity_options=exact, **client)
     else:
