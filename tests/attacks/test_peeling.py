@@ -77,6 +77,10 @@ def test_peeling_needs_the_batch_scale_pinned(fashion):
     once = fedleak.reconstruct(model, update, peel=False).num_certified
     plain = dict(update.gradients)
     assert not any(n.startswith("peeling") for n in fedleak.reconstruct(model, plain).notes)
+    clip = "clipping:bound=0.01,per=update"
+    clipped = fedleak.defended_gradient(model, x, y, clip, seed=0).update
+    read = fedleak.reconstruct(model, clipped, defense=clip)
+    assert read.num_certified <= once and not any(n.startswith("peeling") for n in read.notes)
     weights = tuple(float(w) for w in torch.linspace(0.5, 2.0, 10))
     weighted = fedleak.compute_gradient_update(model, x, y, class_weights=weights)
     assert fedleak.reconstruct(model, weighted, class_weights=weights).num_certified <= once
