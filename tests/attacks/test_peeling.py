@@ -13,14 +13,10 @@ from fedleak.nets import as_network
 from fedleak.updates import WeightUpdate
 
 
-def _gradient(model, x, y):
-    return fedleak.compute_gradient_update(model, x, y)
-
-
 def test_peeling_certifies_what_the_first_reading_leaves_and_the_analysis_predicts(fashion):
     model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
     x, y = fashion.batch(32, seed=0)
-    update = _gradient(model, x, y)
+    update = fedleak.compute_gradient_update(model, x, y)
     once = fedleak.reconstruct(model, update, peel=False)
     rec = fedleak.reconstruct(model, update)
     scores = fedleak.metrics.match(rec, x, y)
@@ -40,7 +36,7 @@ def test_the_residual_is_the_gradient_of_the_samples_left(digits):
     it states."""
     model = fedleak.make_mlp(digits.input_shape, [256, 128], 10, seed=1)
     x, y = digits.batch(12, seed=3)
-    update = _gradient(model, x, y)
+    update = fedleak.compute_gradient_update(model, x, y)
     keep = torch.arange(12) < 5  # read as if the first five were certified
     residual, noise = residual_update(model, as_network(model), update, x[keep], y[keep],
                                       torch.full((5,), 1 / 12, dtype=torch.float64), ExclusivityOptions(), None)
@@ -62,7 +58,7 @@ def test_near_copies_left_after_peeling_are_not_certified(fashion):
     g = torch.Generator().manual_seed(0)
     x = torch.cat([x, (x[:1] + 1e-3 * torch.randn(x[:1].shape, generator=g)).clamp(0, 1)])
     y = torch.cat([y, y[:1]])
-    rec = fedleak.reconstruct(model, _gradient(model, x, y))
+    rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x, y))
     scores = fedleak.metrics.match(rec, x, y)
     assert scores.false_certificates == 0
     assert rec.num_certified >= 10 and not scores.recovered[[0, 12]].any()
@@ -73,7 +69,7 @@ def test_peeling_needs_the_batch_scale_pinned(fashion):
     weight change at an unknown learning rate, nothing is peeled; at the learning rate the server set it is."""
     model = fedleak.make_mlp(fashion.input_shape, [1024], 10, seed=0)
     x, y = fashion.batch(32, seed=0)
-    update = _gradient(model, x, y)
+    update = fedleak.compute_gradient_update(model, x, y)
     once = fedleak.reconstruct(model, update, peel=False).num_certified
     plain = dict(update.gradients)
     assert not any(n.startswith("peeling") for n in fedleak.reconstruct(model, plain).notes)

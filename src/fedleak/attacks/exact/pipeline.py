@@ -138,7 +138,7 @@ def run_exclusivity(model: nn.Module, net: Network, update: GradientUpdate, opts
 def signed(model: nn.Module, update: GradientUpdate, rec: Reconstruction, used: ExclusivityOptions, positive: bool,
            unsigned: bool) -> Reconstruction:
     """``rec``, its certificates held to the update's sign where it was not read (:func:`run_exclusivity`)."""
-    if positive or used.defense or not (unsigned or not used.known_scale):
+    if positive or used.defense or (used.known_scale and not unsigned):
         return rec
     batch = update.num_examples or rec.batch_size  # an unsigned change at a known rate: its scale's size
     return without_unsigned_labels(model, rec, batch, used.smoothing, used.class_weights, focal_gamma=used.focal_gamma,
