@@ -8,12 +8,12 @@ certifiable samples that were not recovered (should be 0), and writes the table 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from doc_section import write_section
+from run_meta import run_meta, write_results
 from torch import nn
 
 import fedleak
@@ -55,7 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     rows = []
     start = time.time()
     for data_name, widths, bias, epochs in CONFIGS:
@@ -83,8 +83,8 @@ def main() -> None:
         rows.append({"data": data_name, "widths": widths, "bias": bias, "trained_epochs": epochs,
                      "train_accuracy": sum(acc) / len(acc) if acc else None, **agg})
         print(rows[-1], flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"seeds": args.seeds, "batches": BATCHES, "rows": rows}, indent=1))
+    command = f"python benchmarks/stress_certificates.py --seeds {args.seeds}"
+    write_results(RESULTS, meta=run_meta(command, seeds=args.seeds, batches=BATCHES), rows=rows)
     lines = ["| data | widths | bias | model | samples | certifiable | certified | recovered | exact (incl. uncertified) "
              "| false certificates | missed certifiable |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -94,7 +94,7 @@ def main() -> None:
                      f"| {r['false']} | {r['missed']} |")
     total = sum(r["samples"] for r in rows)
     body = (f"_{args.seeds} seeds x batch sizes {BATCHES} per configuration, {total} samples, "
-            f"{time.time() - start:.0f} s; command `python benchmarks/stress_certificates.py --seeds {args.seeds}`._\n\n"
+            f"{time.time() - start:.0f} s; command `{command}`._\n\n"
             + "\n".join(lines))
     write_section("stress", body, "Certificate stress test")
     print("\n".join(lines))
