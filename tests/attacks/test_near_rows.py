@@ -31,7 +31,9 @@ def test_no_blend_with_a_near_zero_loss_sample_is_certified(fashion, seed):
     x, y = fashion.batch(6, seed=seed)
     rec = fedleak.reconstruct(model, near_zero_loss_update(model, x, y))
     assert fedleak.metrics.match(rec, x, y, data_range=(0, 1)).false_certificates == 0
-    assert any("first-layer rows that read almost this input" in (s.reason or "") for s in rec.samples)
+    # left out because the input is not known to the tolerance: rows off it beyond their rounding
+    assert any("first-layer rows that read almost this input" in s.reason or "disagree beyond it" in s.reason
+               for s in rec.samples)
 
 
 def _rows(ratios: torch.Tensor, g: float = 1e-2) -> NearRows:

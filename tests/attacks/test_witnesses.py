@@ -1,7 +1,10 @@
 """Step 1 of the certificate: a witness row's dot products and residual, read from per-row scalars and the
-observed row, equal those of the explicit per-sample gradient vectors."""
+observed row, equal those of the explicit per-sample gradient vectors; and how precisely a rebuilt input is known
+from its witness rows (:func:`~fedleak.attacks.exact.witnesses.input_uncertainty`)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedleak.attacks.exact import ExclusivityOptions, HeadAttack
-from fedleak.attacks.exact.witnesses import LabelSignals, Signals, WitnessBlock
+from fedleak.attacks.exact.noise import RoundingNoise
+from fedleak.attacks.exact.witnesses import LabelSignals, Signals, WitnessBlock, WitnessFit, input_uncertainty
 from fedleak.nets import as_network, forward_trace
 from fedleak.nets.forward import backward_signals
 
@@ -94,3 +98,33 @@ def test_label_signals_are_the_same_made_once_or_per_set(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(d_a, d_b))
     assert all(torch.equal(a, d[idx]) for a, d in zip(d_a, backward_signals(attack.W, t64.preactivations,
                                                                              F.one_hot(y, 5).to(F64))))
+
+
+def rounded_layer(G: torch.Tensor, g: torch.Tensor) -> SimpleNamespace:
+    """A first layer of weight rows ``G`` and bias entries ``g``, each entry rounded as float32 rounds it, as the
+    certificate's precision check reads it."""
+    eps = torch.finfo(torch.float32).eps
+    return SimpleNamespace(G=[G], g=[g], noise=[RoundingNoise.of(G, 1.0)], noise_b=[g.abs() * eps])
+
+
+def witnessed_by(rows: int) -> WitnessFit:
+    return WitnessFit(scale=1.0, eps=0.0, residual=0.0, counts=(rows,), noisy_rows=0, consistent=True,
+                      passing=tuple((0, j, 0.0) for j in range(rows)))
+
+
+def test_witness_rows_that_agree_leave_the_input_known_to_their_rounding():
+    x = torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=F64)
+    g = torch.tensor([2.0, 1.0, 0.5], dtype=F64)
+    assert input_uncertainty(rounded_layer((g[:, None] * x).float(), g), witnessed_by(3), x) < 1e-6
+
+
+def test_a_witness_row_off_the_others_leaves_the_input_known_no_closer_than_it_disagrees():
+    """A row with more noise than it states (a peeling residual's row holding an earlier round's error) pulls the
+    rows' mean off the sample: the input is known no closer than that row disagrees with it beyond its rounding."""
+    x = torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=F64)
+    g = torch.tensor([2.0, 1.0], dtype=F64)
+    off = torch.zeros(64, dtype=F64)
+    off[7] = 1e-4
+    G = torch.stack([g[0] * x, g[1] * (x + off)]).float()
+    mean = (g[0] ** 2 * x + g[1] ** 2 * (x + off)) / (g**2).sum()  # what the rows' g^2-weighted mean reads
+    assert input_uncertainty(rounded_layer(G, g), witnessed_by(2), mean) >= 0.75e-4  # 0.8e-4 off the mean

@@ -170,7 +170,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
         if spread > allowed:
             return (f"the update's rounding leaves the rebuilt input uncertain by up to {spread:.1e}, more than "
                     f"{opts.exact_tol:g} of the data range ({allowed:.1e}): too few or too weak witness rows for "
-                    "that rounding (a weight change's at its learning rate, or the terms peeling subtracted)")
+                    "that rounding (a weight change's at its learning rate, or the terms peeling subtracted), or "
+                    "witness rows that disagree beyond it (one holding another sample's share)")
         rows = attack.near_rows()
         shared = 0.0 if rows is None else rows.rival(x, width, allowed - spread)
         if shared:

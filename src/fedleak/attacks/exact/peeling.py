@@ -16,13 +16,19 @@ epsilon for the residual's own rounding; a row within its noise of zero is set t
 alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the model's
 dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
 dtype (a confident sample's ``softmax - onehot`` cancels: a float64 one left that in the residual, and a sample
-certified in the next round came out a blend, 1.6e-4 of the range off). A gradient's first reading gives its
-inputs exact to float32; a peeled input carries the earlier rounds' errors, which the noise model does not follow,
-and so does an input read off a weight change (known to its rounding only), so once one is subtracted (from the
-second round on for a gradient, from the first for a weight change) a round's inputs must be known to
-``exact_tol / ROUND_MARGIN``
-(without the margin, peeled inputs drifted to 5.8e-5 of the range on trained Fashion-MNIST MLPs and 7.4e-5 on
-one-step changes at a known rate; with a wider noise model, ``2 sqrt(M)`` epsilons, one went to 1.07e-4).
+certified in the next round came out a blend, 1.6e-4 of the range off).
+
+Every round's inputs must be known to ``exact_tol / ROUND_MARGIN``. The residual's noise is the subtracted terms'
+rounding on the rows they share, far above a gradient's own: a row two samples left share, one with a ten-thousandth
+of the other's share (a confident sample), passes for the larger's alone within that noise, and the input read off
+it is a blend of the two; and a peeled input (or one read off a weight change, known to its rounding only) carries
+errors the noise model does not follow, which compound over the rounds; a witness row holding such an error is
+caught by its disagreement with the others (:func:`~fedleak.attacks.exact.witnesses.input_uncertainty`), a blend
+whose rows agree is not. Without the margin in the first round of a gradient, a trained Fashion-MNIST MLP
+(784-1024-10, 1,000 SGD steps) certified such a blend 1.8e-4 of the range off its nearest sample (1 in 8,883
+certified samples of 1,000 batches of 2 to 64); without it in later rounds, peeled inputs drifted to 5.8e-5 of the
+range on trained Fashion-MNIST MLPs and 7.4e-5 on one-step changes at a known rate (with a wider noise model, ``2
+sqrt(M)`` epsilons, one went to 1.07e-4).
 
 A term is taken at the batch's scale; without a bias in the first layer, where an input is rebuilt up to a common
 factor, at the scale its certificate fitted, which absorbs that factor.
@@ -52,7 +58,7 @@ from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate
 
 F64 = torch.float64
-ROUND_MARGIN = 10.0  # a peeled input's rounding-noise uncertainty is held to this fraction of ``exact_tol``
+ROUND_MARGIN = 10.0  # every peeling round holds its inputs to this fraction of ``exact_tol`` (module docstring)
 Rerun = Callable[[GradientUpdate, dict[str, RoundingNoise], ExclusivityOptions], Reconstruction]
 
 
@@ -114,17 +120,15 @@ def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstr
     fitted = net.head.dense[0].bias_name is None  # a bias-free first layer's rebuild holds a common factor
     scales = [own_scale(r, scale, 1.0, fitted) for r in records]  # each certified sample's scale in the update
     once = replace(opts, peel=False, defense=None)
-    # a gradient's first reading gives its inputs exact to float32; a peeled input (or one read off a weight change,
-    # known only to its rounding) carries errors the residual's noise does not follow: once one is subtracted, inputs
-    # must be known ten times closer
+    # the residual's noise hides blends with confident samples, and peeled inputs' errors compound: every round's
+    # inputs must be known ten times closer (module docstring)
     after = replace(once, exact_tol=opts.exact_tol / ROUND_MARGIN)
-    exact = noise is None  # (a gradient's own float32 rounding, nothing more)
     last, rounds = rec, 0
     while len(records) < m:
         residual, bounds = residual_update(model, net, update, inputs, labels, torch.tensor(scales, dtype=F64),
                                            opts, noise)
         rescale = opts.common_scale(m - len(records)) / scale  # a residual's scale over the update's
-        again = rerun(residual, bounds, once if exact and not rounds else after)
+        again = rerun(residual, bounds, after)
         last = again
         if not again.num_certified:
             break
