@@ -223,9 +223,11 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     pinned = kind is None or kind.is_gradient or kind.learning_rate is not None
     head = HeadModel(act.dense, conv_ok, peel=not net.blocks and pinned)
     if head.peel:
-        notes += ("the estimates count the samples the exact route certifies by peeling the update (once samples are "
-                  "certified, their terms subtracted and exclusivity counted among the samples left), so the whole "
-                  "batch may exceed a layer's counting bound; the dense layers' own figures are the update's as sent",)
+        notes += ("the estimates count the samples the exact route can certify by peeling the update (once samples "
+                  "are certified, their terms subtracted and exclusivity counted among the samples left), so the whole "
+                  "batch may exceed a layer's counting bound: an upper bound, which the attack's later rounds reach "
+                  "less of where the subtracted terms' rounding leaves the inputs they read too uncertain; the dense "
+                  "layers' own figures are the update's as sent",)
     usable = tuple(m for m in sizes if m <= act.samples)
     if len(usable) < len(sizes):
         notes += (f"batch sizes above {act.samples} (the samples measured) are not estimated; pass more inputs",)
