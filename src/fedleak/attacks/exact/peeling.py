@@ -119,10 +119,9 @@ def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstr
     scale = opts.common_scale(m)
     fitted = net.head.dense[0].bias_name is None  # a bias-free first layer's rebuild holds a common factor
     scales = [own_scale(r, scale, 1.0, fitted) for r in records]  # each certified sample's scale in the update
-    once = replace(opts, peel=False, defense=None)
     # the residual's noise hides blends with confident samples, and peeled inputs' errors compound: every round's
     # inputs must be known ten times closer (module docstring)
-    after = replace(once, exact_tol=opts.exact_tol / ROUND_MARGIN)
+    after = replace(opts, peel=False, defense=None, exact_tol=opts.exact_tol / ROUND_MARGIN)
     last, rounds = rec, 0
     while len(records) < m:
         residual, bounds = residual_update(model, net, update, inputs, labels, torch.tensor(scales, dtype=F64),
