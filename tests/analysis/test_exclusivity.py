@@ -50,6 +50,27 @@ def test_a_sample_classified_with_probability_one_has_no_effective_exan(digits):
     assert not scores.recovered[:4].any() and scores.false_certificates == 0
 
 
+def test_a_neuron_a_sample_classified_with_probability_one_fires_stays_the_other_samples(digits):
+    """Such a sample's share of a gradient row vanishes in the client's sum: a neuron it fires with one other sample
+    reads as that sample's alone, and the attack certifies samples whose ExANs all are such neurons. Counted by
+    which samples fire, the analysis called 6 of 14 samples the attack certified not certifiable."""
+    model = confident_mlp()
+    x = digits.x[:400]
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    y = pred.clone()
+    y[200:] = (pred[200:] + 1) % 10  # half labelled as predicted: probability 1
+    for seed in (0, 2):
+        idx = torch.randperm(400, generator=torch.Generator().manual_seed(seed))[:24]
+        report = fedleak.analyze_exclusivity(model, x[idx], y[idx])
+        layer = report.layers[-1]
+        assert (layer.effective_exans > layer.exans).any()  # neurons shared with quiet samples count
+        rec = fedleak.reconstruct(model, fedleak.compute_gradient_update(model, x[idx], y[idx]))
+        scores = fedleak.metrics.match(rec, x[idx], y[idx])
+        assert scores.false_certificates == 0 and scores.recovered.sum() >= 10
+        assert not (scores.recovered & ~report.certifiable).any()  # every certified sample counted certifiable
+
+
 def test_adding_a_sample_that_covers_the_exans_makes_the_batch_secure():
     x = torch.tensor([[1.0, 0], [0, 1], [1, 1]])  # the third sample activates every neuron
     report = fedleak.analyze_exclusivity(_hand_model(), x, torch.tensor([0, 2, 1]))

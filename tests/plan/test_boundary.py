@@ -63,6 +63,33 @@ def test_the_estimate_is_the_analysis_on_the_drawn_batches(mlp, digits):
         assert report.layers[0].effective_exans.tolist() == head._own_counts(0, 12)[t].tolist()
 
 
+def test_the_estimate_hears_the_rows_the_analysis_hears(digits):
+    """Where samples classified with probability 1 fire neurons (their shares of the rows too small to hear), each
+    drawn batch's verdict is still what analyze_exclusivity says of it; a fresh MLP's layer has no such neurons."""
+    from fedleak.plan.activity import measure
+    from fedleak.plan.exans import HeadModel
+
+    model = confident_mlp()
+    x = digits.x[:300]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[150:] = (y[150:] + 1) % 10  # half labelled as predicted: probability 1
+    act = measure(fedleak.as_network(model), x, y, measured=True, description="digits")
+    assert len(act.dense[0].audible.columns) > 0  # neurons a batch hears a quiet sample on or not
+    head = HeadModel(act.dense, np.ones(300, dtype=bool), peel=True)
+    joint, sent = head.joint(16), head.joint(16, peel=False)
+    for t in range(3):
+        idx = head.batches(16)[t]
+        report = fedleak.analyze_exclusivity(model, x[idx], y[idx])
+        assert report.layers[0].effective_exans.tolist() == head._own_counts(0, 16)[t].tolist()
+        assert (report.layers[0].effective_exans > report.layers[0].exans).any()
+        assert report.certifiable.tolist() == joint[t].tolist()
+        assert report.head_certifiable.tolist() == sent[t].tolist()
+    fresh = measure(fedleak.as_network(fedleak.make_mlp((1, 8, 8), [256], 10, seed=0)), x, y, measured=True,
+                    description="digits")
+    assert len(fresh.dense[0].audible.columns) == 0
+
+
 def test_a_proposed_width_holds_on_a_real_model_of_that_width(mlp_plan, digits):
     plan64 = fedleak.plan(fedleak.make_mlp((1, 8, 8), [1024], 10, seed=0), None, digits, batch_sizes=[64])
     proposal = plan64.proposal  # (peeling certifies batches of 16 at this width, and 40% of those of 64)

@@ -1,10 +1,12 @@
 """Neuron-exclusivity analysis (algorithms spec §1, §1.3): who can be rebuilt from a batch's gradient.
 
 An exclusively activated neuron (ExAN) of a batch is a ReLU that fires for exactly one sample. A sample
-with at least two *effective* ExANs (non-zero backward signal) at the last ReLU layer of the fully
-connected head and at least one at every other ReLU layer of the head is reconstructable exactly from
-the averaged gradient (Pan et al., USENIX Security 2022); a batch all of whose samples are is on the
-insecure side of the boundary.
+with at least two *effective* ExANs at the last ReLU layer of the fully connected head and at least one at
+every other ReLU layer of the head is reconstructable exactly from the averaged gradient (Pan et al., USENIX
+Security 2022); a batch all of whose samples are is on the insecure side of the boundary. A neuron is an
+effective ExAN of a sample when its gradient row is that sample's alone in the client's sum: the sample fires it
+with a non-zero backward signal, and any other sample that fires it holds a share of the row too small for the
+sum to hear (:mod:`fedleak.nets.shares`: a sample the model classifies with probability 1 in its dtype).
 
 An MLP is a network without conv blocks; for a network with conv blocks the same head count runs on the
 flattened features, every conv layer is also counted at unit and channel level, and a sample is
@@ -31,6 +33,7 @@ from fedleak.autograd_mode import autograd_on, with_autograd
 from fedleak.errors import ModelError
 from fedleak.nets import NO_HIDDEN_RELU, Network, Trace, forward_trace, readable_losses
 from fedleak.nets.exact_view import first_layer_view
+from fedleak.nets.shares import heard_alone, row_shares
 from fedleak.validation import check_batch
 
 
@@ -129,11 +132,11 @@ def _head_layers(net: Network, trace: Trace, readable: torch.Tensor, min_last: i
     depth = net.head.depth
     counts_ok = torch.ones(M, dtype=torch.bool, device=trace.logits.device)
     readable = readable[:, None]
-    for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
+    for h, z in enumerate(trace.preactivations):
         active = z > 0
         per_neuron = active.sum(0)
         exclusive = active & (per_neuron == 1)
-        effective = exclusive & (delta != 0) & readable
+        effective = heard_alone(_shares(trace, h)) & readable
         need = min_last if h == depth - 1 else min_other
         # slack: how far the neuron is from losing exclusivity (own activation vs. the others' highest)
         if M > 1:
@@ -160,18 +163,22 @@ def _peeled(trace: Trace, readable: torch.Tensor, first: torch.Tensor, min_last:
     attack's rounds may stop short of it where the float32 rounding of the subtracted terms leaves rows too noisy)."""
     done = first.clone()
     depth = len(trace.preactivations)
+    shares = [_shares(trace, h) for h in range(depth)]
     while not bool(done.all()):
         left = ~done
         new = left.clone()
-        for h, (z, delta) in enumerate(zip(trace.preactivations, trace.deltas)):
-            active = z > 0
-            alone = active & ((active & left[:, None]).sum(0) == 1)  # (a neuron of the samples left)
-            effective = alone & (delta != 0) & readable[:, None]
+        for h in range(depth):
+            effective = heard_alone(shares[h] * left[:, None]) & readable[:, None]
             new &= effective.sum(1) >= (min_last if h == depth - 1 else min_other)
         if not bool(new.any()):
             break
         done |= new
     return (done & ~first).cpu().numpy()
+
+
+def _shares(trace: Trace, h: int) -> torch.Tensor:
+    """Each sample's share of hidden layer ``h``'s gradient rows (:func:`fedleak.nets.shares.row_shares`)."""
+    return row_shares(trace.preactivations[h], trace.deltas[h], trace.activations[h])
 
 
 def _conv_pass(net: Network, x: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype

@@ -19,8 +19,10 @@ class LayerExclusivity:
     width: int
     active: np.ndarray  # (M,) number of active neurons per sample
     exans: np.ndarray  # (M,) exclusively activated neurons per sample
-    effective_exans: np.ndarray  # (M,) ExANs whose backward signal is non-zero, of a sample whose loss vector has
-    # a negative entry (its label's probability below 1 in the model's dtype)
+    effective_exans: np.ndarray  # (M,) neurons whose gradient row is the sample's alone in the client's sum: it fires
+    # them with a non-zero backward signal, and any other sample that fires one holds a share of the row too small to
+    # hear (fedleak.nets.shares); of a sample whose loss vector has a negative entry (its label's probability below 1
+    # in the model's dtype). Beside a sample classified with probability 1, more than its ExANs
     margin: np.ndarray  # (M,) exclusivity slack of the weakest ExAN the condition needs (0 if missing)
     dead_fraction: float  # neurons active for no sample
     shared_fraction: float  # neurons active for two or more samples

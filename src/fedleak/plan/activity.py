@@ -3,8 +3,10 @@ and how many units of each conv block are non-zero -- measured on the user's inp
 
 The counts are the attack's own (:mod:`fedleak.attacks.exact`): a conv block's equations are its non-zero output
 units (after pooling when it pools), as :func:`fedleak.attacks.exact.invert_block` counts them on the top
-block; a dense neuron is an *effective* ExAN of a sample when it fires for that sample alone and its backward
-signal is non-zero, of a sample not classified with probability 1 (:func:`fedleak.analyze_exclusivity`).
+block; a dense neuron is an *effective* ExAN of a sample when its gradient row is that sample's alone (it fires
+for that sample with a non-zero backward signal, and for no other sample whose share of the row the client's sum
+hears: :mod:`fedleak.nets.shares`), of a sample not classified with probability 1
+(:func:`fedleak.analyze_exclusivity`).
 Activations are computed in the model's own dtype, as the client computes them.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from fedleak.nets import Network, forward_trace, readable_losses
+from fedleak.nets.shares import quiet, row_shares
 from fedleak.plan.widen import Widening, widening
 
 CHUNK = 256  # samples per forward pass
@@ -24,13 +27,37 @@ DEFAULT_MAX_SAMPLES = 1024  # the user's inputs measured at most (a seeded rando
 
 
 @dataclass(frozen=True)
+class Audible:
+    """Which firing the plan counts on a layer's rows (:mod:`fedleak.nets.shares`). ``firing`` (n x width, bool):
+    the samples that fire each neuron with a non-zero share of its row (a zero share is never heard: such a sample
+    fires the neuron as good as silently), on the neurons whose shares every batch hears alike (the others' columns
+    False). ``columns``: the other neurons, where some sample's share is non-zero but at most an epsilon of the
+    row's largest (a batch hears it or not as its louder samples come and go), and ``shares`` (n x columns, the
+    model's dtype) there."""
+
+    firing: torch.Tensor
+    columns: torch.Tensor
+    shares: torch.Tensor
+
+
+def audible(active: torch.Tensor, shares: torch.Tensor) -> Audible:
+    """The :class:`Audible` of a layer's ``active`` (n x width) and the samples' ``shares`` of its rows."""
+    columns = quiet(shares).any(0).nonzero().flatten()
+    firing = active & (shares > 0)
+    firing[:, columns] = False
+    return Audible(firing, columns, shares[:, columns].clone())
+
+
+@dataclass(frozen=True)
 class DenseActivity:
     """One hidden ReLU layer of the head over n samples: ``active`` (n x width, bool), ``effective`` (active with
-    a non-zero backward signal for the sample's label) and how to draw more neurons like its own (``widening``)."""
+    a non-zero backward signal for the sample's label), the firing the client's sum hears (``audible``) and how to
+    draw more neurons like its own (``widening``)."""
 
     name: str
     active: torch.Tensor
     effective: torch.Tensor
+    audible: Audible
     widening: Widening
 
     @property
@@ -76,6 +103,7 @@ def measure(net: Network, x: torch.Tensor, labels: torch.Tensor | None, *, measu
     inputs: list[list[torch.Tensor]] = [[] for _ in range(depth)]
     active: list[list[torch.Tensor]] = [[] for _ in range(depth)]
     effective: list[list[torch.Tensor]] = [[] for _ in range(depth)]
+    shares: list[list[torch.Tensor]] = [[] for _ in range(depth)]
     saturated = 0
     nonzero: list[list[np.ndarray]] = [[] for _ in net.blocks]
     units: list[list[np.ndarray]] = [[] for _ in net.blocks]
@@ -98,9 +126,12 @@ def measure(net: Network, x: torch.Tensor, labels: torch.Tensor | None, *, measu
                 on = z > 0
                 active[h].append(on.cpu())
                 effective[h].append((on & (d != 0) & readable).cpu())
+                shares[h].append(row_shares(z, d, trace.activations[h]).cpu())
     dense = tuple(DenseActivity(layer.name, torch.cat(active[h]), torch.cat(effective[h]),
+                                audible(torch.cat(active[h]), torch.cat(shares[h])),
                                 widening(torch.cat(inputs[h]), layer.weight, layer.bias, seed=h))
                   for h, layer in enumerate(net.head.dense[:depth]))
     blocks = tuple(BlockActivity(blk.name, np.concatenate(nonzero[i]), np.concatenate(units[i]))
                    for i, blk in enumerate(net.blocks))
     return Activity(measured, int(x.shape[0]), description, dense, blocks, saturated)
+

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedleak.nets.shares import heard_alone
 from fedleak.plan.activity import DenseActivity
 from fedleak.plan.widen import CHUNK
 
@@ -74,6 +75,30 @@ def _exclusive_counts(active: torch.Tensor, effective: torch.Tensor, idx: torch.
     return per.T.gather(1, idx).round().to(torch.int64)
 
 
+def _heard_counts(shares: torch.Tensor, effective: torch.Tensor, idx: torch.Tensor,
+                  members: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`_exclusive_counts` gives on neurons where a batch hears a sample's share or not as the others
+    come and go (:mod:`fedleak.nets.shares`): a neuron is a sample's ExAN when that sample is the only one of the
+    drawn batch (of its ``members``) heard on the neuron's row."""
+    step = max(1, BUDGET // max(1, idx.shape[1] * shares.shape[1]))
+    parts = []
+    for start in range(0, idx.shape[0], step):
+        b = idx[start:start + step]
+        s = shares[b] if members is None else shares[b] * members[start:start + step, :, None].to(shares.dtype)
+        parts.append((heard_alone(s) & effective[b]).sum(2, dtype=torch.int64))
+    return torch.cat(parts)
+
+
+def _measured_counts(layer: DenseActivity, idx: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+    """ExANs per drawn sample (T x M) among a layer's measured neurons (of ``members`` of each drawn batch): by
+    matrix products over the firing every batch hears alike, sample by sample on the other neurons' rows."""
+    heard = layer.audible
+    k = _exclusive_counts(heard.firing, layer.effective, idx, members)
+    if len(heard.columns):
+        k = k + _heard_counts(heard.shares, layer.effective[:, heard.columns], idx, members)
+    return k
+
+
 class HeadModel:
     """The head's measured activity, and the condition estimated at any batch size and widths."""
 
@@ -117,7 +142,7 @@ class HeadModel:
         key = (h, batch_size)
         if key not in self._own:
             layer = self.layers[h]
-            self._own[key] = _exclusive_counts(layer.active, layer.effective, self.batches(batch_size))
+            self._own[key] = _measured_counts(layer, self.batches(batch_size))
         return self._own[key]
 
     def _chunk_exclusive(self, h: int, batch_size: int, c: int, *, per_neuron: bool = False) -> torch.Tensor:
@@ -177,7 +202,7 @@ class HeadModel:
     def _counts_among(self, h: int, idx: torch.Tensor, width: int, members: torch.Tensor) -> torch.Tensor:
         """ExANs per drawn sample (T x M) of layer ``h`` widened to ``width``, counted among ``members``."""
         layer = self.layers[h]
-        k = _exclusive_counts(layer.active, layer.effective, idx, members)
+        k = _measured_counts(layer, idx, members)
         extra = max(0, int(width) - layer.width)
         for c in range(math.ceil(extra / CHUNK)):
             act = layer.widening.chunk(c)[:, :min(CHUNK, extra - c * CHUNK)]
