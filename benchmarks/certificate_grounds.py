@@ -195,4 +195,9 @@ CONFIGS = {
                                                    max_batch=64),
     "lfw-2-norm-large": Config("lfw", (1024,), norm=True, max_batch=64),
     "fashion-10-fedavg-lr-known-large": Config("fashion-mnist", (1024,), lr=0.1, lr_known=True, max_batch=64),
+    # raw 0..255 pixels: logits in the hundreds, so the client's float32 forward pass, not the gradient's sum, sets
+    # how far a subtracted term is off
+    "fashion-10-raw255-large": Config("fashion-mnist", (1024,), scale=255.0, max_batch=64),
+    "lfw-2-raw255-large": Config("lfw", (1024,), scale=255.0, max_batch=64),
+    "retina-2-raw255-large": Config("retina", (1024,), scale=255.0, max_batch=64),
 }

@@ -134,4 +134,3 @@ def measure(net: Network, x: torch.Tensor, labels: torch.Tensor | None, *, measu
     blocks = tuple(BlockActivity(blk.name, np.concatenate(nonzero[i]), np.concatenate(units[i]))
                    for i, blk in enumerate(net.blocks))
     return Activity(measured, int(x.shape[0]), description, dense, blocks, saturated)
-
