@@ -200,4 +200,9 @@ CONFIGS = {
     "fashion-10-raw255-large": Config("fashion-mnist", (1024,), scale=255.0, max_batch=64),
     "lfw-2-raw255-large": Config("lfw", (1024,), scale=255.0, max_batch=64),
     "retina-2-raw255-large": Config("retina", (1024,), scale=255.0, max_batch=64),
+    "lfw-2-deep-raw255-large": Config("lfw", (512, 256), scale=255.0, max_batch=64),
+    "fashion-10-deep-raw255-large": Config("fashion-mnist", (512, 256), scale=255.0, max_batch=64),
+    "fashion-10-raw255-smooth0.1-large": Config("fashion-mnist", (1024,), scale=255.0, smoothing=0.1, max_batch=64),
+    "fashion-10-raw255-fedavg-lr-known-large": Config("fashion-mnist", (1024,), scale=255.0, lr=0.001, lr_known=True,
+                                                      max_batch=64),
 }
