@@ -45,6 +45,23 @@ def test_the_boundary_is_where_measured_recovery_falls(mlp, mlp_plan, digits):
     assert abs(estimate.estimates[1].fraction - beyond) < 0.12
 
 
+def test_the_first_reading_is_a_floor_under_the_peeling_closure(mlp, mlp_plan, digits):
+    """Where the attack peels, each estimate also gives the share its first reading certifies (the update as sent):
+    at or below the closure, and what the verdict names beside it."""
+    plan = fedleak.plan(mlp, None, digits, batch_sizes=[16, 64])
+    for e in plan.estimates:
+        assert e.one_reading is not None and 0 <= e.one_reading <= e.fraction
+    (at16, at64) = plan.estimates
+    assert at16.one_reading < 0.9 <= at16.fraction and at64.one_reading < at64.fraction - 0.2  # (0.79/1.0, 0.10/0.40)
+    assert at16.one_reading == pytest.approx(plan.dense[0].at[0].fraction)  # one layer: its own condition
+    assert "in its first reading" in mlp_plan.verdict
+    assert "first reading" in plan.to_text() and plan.to_dict()["estimates"][1]["one_reading"] == at64.one_reading
+    assert _recovered(mlp, digits, 16, range(100, 102)) > at16.one_reading  # (measured: 1.0 in every batch)
+    x, y = digits.batch(8, seed=0)  # a one-step change at a rate the server was not told: not peeled
+    change = fedleak.plan(mlp, fedleak.fedavg_update(mlp, x, y, lr=0.1, local_steps=1), digits)
+    assert change.estimates[0].one_reading is None and "first reading" not in change.verdict
+
+
 def test_the_estimate_is_the_analysis_on_the_drawn_batches(mlp, digits):
     """Each drawn batch's per-sample verdict is what analyze_exclusivity says of that batch."""
     from fedleak.plan.activity import measure

@@ -122,8 +122,9 @@ def _estimate(head: HeadModel, m: int, blocks: tuple[ConvBlockPlan, ...]) -> Bat
     failing.update({layer.name: 1.0 - head.layer(h, m).fraction for h, layer in enumerate(head.layers)})
     worst = max(failing, key=failing.get)
     fraction = float(ok.double().mean())  # (with peeling, a layer short of the condition may limit nothing)
+    sent = float(head.joint(m, peel=False).double().mean()) if head.peel else None
     return BatchEstimate(m, fraction, float(ok.all(1).double().mean()),
-                         worst if failing[worst] > 0 and fraction < 1 else None)
+                         worst if failing[worst] > 0 and fraction < 1 else None, sent)
 
 
 def plan(model: nn.Module, update: object = None, inputs: object = None, *, input_shape=None,
@@ -226,8 +227,9 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
         notes += ("the estimates count the samples the exact route can certify by peeling the update (once samples "
                   "are certified, their terms subtracted and exclusivity counted among the samples left), so the whole "
                   "batch may exceed a layer's counting bound: an upper bound, which the attack's later rounds reach "
-                  "less of where the subtracted terms' rounding leaves the inputs they read too uncertain; the dense "
-                  "layers' own figures are the update's as sent",)
+                  "less of where the subtracted terms' rounding leaves the inputs they read too uncertain (most where "
+                  "logits are large: raw 0..255 pixels); the first reading's share and the dense layers' own figures "
+                  "are the update's as sent",)
     usable = tuple(m for m in sizes if m <= act.samples)
     if len(usable) < len(sizes):
         notes += (f"batch sizes above {act.samples} (the samples measured) are not estimated; pass more inputs",)
@@ -251,7 +253,8 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
 
     facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
                        any(b.pool_kind == "max" for b in shapes), kind, fished_class=fished)
-    said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target)
+    said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target,
+                            estimates[-1].one_reading)
     if fished is not None:  # the route a server that fished the model runs comes first
         said = verdict.fished(fished) + said
     if net.mode_dependent:  # counted as an eval-mode client computes

@@ -132,12 +132,16 @@ LayerPlan = ConvBlockPlan | DenseLayerPlan
 @dataclass(frozen=True)
 class BatchEstimate:
     """At ``batch_size``: the fraction of samples meeting the whole condition, the fraction of batches in which
-    every sample does, and the layer that fails most often (None when none fails)."""
+    every sample does, and the layer that fails most often (None when none fails). ``one_reading``: where the
+    attack peels the update, the fraction meeting the condition on the update as sent (what its first reading
+    certifies; ``fraction`` then counts the peeling closure, an upper bound its later rounds reach less of); else
+    None."""
 
     batch_size: int
     fraction: float
     whole_batch: float
     limited_by: str | None
+    one_reading: float | None = None
 
 
 @dataclass(frozen=True)

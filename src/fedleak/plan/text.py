@@ -63,9 +63,11 @@ def render(plan: Plan) -> str:
         lines += [f"  - {d.reason()}" for d in plan.dense]
     if plan.estimates:
         lines += ["", f"Batch sizes: samples the exact route can certify (target {_pct(plan.target)})"]
-        rows = [(str(e.batch_size), _pct(e.fraction), _pct(e.whole_batch),
+        peeled = plan.estimates[0].one_reading is not None
+        rows = [(str(e.batch_size), _pct(e.fraction), *((_pct(e.one_reading),) if peeled else ()), _pct(e.whole_batch),
                  layer_label(e.limited_by) if e.limited_by else "-") for e in plan.estimates]
-        lines += _table(("batch", "samples", "whole batch", "limited by"), rows)
+        lines += _table(("batch", "samples", *(("first reading",) if peeled else ()), "whole batch", "limited by"),
+                        rows)
         up_to = f"{'at least ' if plan.capped else ''}{plan.max_batch_size}" if plan.max_batch_size else "none"
         lines.append(f"  largest batch size with at least {_pct(plan.target)} certifiable: {up_to}")
     if plan.proposal is not None:

@@ -57,8 +57,8 @@ def route(blocks: tuple[ConvBlockPlan, ...], at: BatchEstimate, kind, target: fl
 
 
 def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float, best: int, capped: bool, kind,
-             target: float) -> str:
-    """The verdict line ``fedleak check`` prints first."""
+             target: float, one_reading: float | None = None) -> str:
+    """The verdict line ``fedleak check`` prints first (``one_reading``: :attr:`BatchEstimate.one_reading`)."""
     up_to = f"{'at least ' if capped else ''}{best}"
     share = f"{100 * target:.0f}%"
     if kind is not None and kind.only_rounded:
@@ -76,7 +76,7 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     if verdict == ROUTE_APPLIES:
         return (f"the exact route applies to {model} up to batch {up_to} (at least {share} of the samples "
                 f"certifiable); "
-                f"at batch {batch}: about {100 * fraction:.0f}%")
+                f"at batch {batch}: about {100 * fraction:.0f}%{_peeled(one_reading)}")
     if verdict == ROUTE_UNPROVEN:
         return (f"the exact route may apply to {model} up to batch {up_to}, unproven: {blocker}")
     if verdict == ROUTE_PARTIAL:
@@ -86,6 +86,14 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     if best > 0:
         return f"the exact route cannot apply to {model} at batch {batch}: {blocker}; it applies up to batch {up_to}"
     return f"the exact route cannot apply to {model}: {blocker}"
+
+
+def _peeled(one_reading: float | None) -> str:
+    """Where the estimate counts the peeling closure (an upper bound: the plan's note says why): the first
+    reading's share beside it."""
+    if one_reading is None:
+        return ""
+    return f" by peeling, an upper bound ({100 * one_reading:.0f}% in its first reading)"
 
 
 def fished(target: int) -> str:
