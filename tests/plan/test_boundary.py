@@ -55,6 +55,8 @@ def test_the_first_reading_is_a_floor_under_the_peeling_closure(mlp, mlp_plan, d
     assert at16.one_reading < 0.9 <= at16.fraction and at64.one_reading < at64.fraction - 0.2  # (0.79/1.0, 0.10/0.40)
     assert at16.one_reading == pytest.approx(plan.dense[0].at[0].fraction)  # one layer: its own condition
     assert "in its first reading" in mlp_plan.verdict
+    (exact,) = (a for a in mlp_plan.attacks if a.name == "exclusivity")
+    assert "in its first reading" in exact.why
     assert "first reading" in plan.to_text() and plan.to_dict()["estimates"][1]["one_reading"] == at64.one_reading
     assert _recovered(mlp, digits, 16, range(100, 102)) > at16.one_reading  # (measured: 1.0 in every batch)
     x, y = digits.batch(8, seed=0)  # a one-step change at a rate the server was not told: not peeled

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from fedleak.plan.result import ROUTE_APPLIES, ROUTE_CANNOT, ROUTE_UNPROVEN, AttackAdvice
+from fedleak.plan.result import ROUTE_APPLIES, ROUTE_CANNOT, ROUTE_UNPROVEN, AttackAdvice, peeling_clause
 from fedleak.registry import Registry
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class RouteFacts:
     update: UpdateKind | None
     first_layer_changed: str = ""  # why the first Linear layer may not read the sample as it is (empty: it does)
     fished_class: int | None = None  # the class a class-fished output layer targets (None: the model is not one)
+    one_reading: float | None = None  # where the attack peels, the share its first reading certifies at batch_size
 
     @property
     def update_kind(self) -> str | None:
@@ -113,7 +114,7 @@ def _exclusivity(facts: RouteFacts, info: AttackInfo) -> AttackAdvice:
               if facts.update is not None and facts.update.scaled_up else "")
     if facts.route == ROUTE_APPLIES:
         why = (f"certified and exact: the route applies up to batch {facts.max_batch_size} (about {pct} of the samples "
-               f"of a batch of {facts.batch_size})")
+               f"of a batch of {facts.batch_size}{peeling_clause(facts.one_reading)})")
         return AttackAdvice(info.name, True, True, why + summed)
     if facts.route == ROUTE_UNPROVEN:
         return AttackAdvice(info.name, facts.fraction > 0, True,

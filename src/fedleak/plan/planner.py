@@ -252,7 +252,8 @@ def _plan(net: Network, label: str, parameters: int, samples: Samples, kind, siz
     from fedleak import available_attacks
 
     facts = RouteFacts(route, batch, fraction, best, blocker, net.is_conv,
-                       any(b.pool_kind == "max" for b in shapes), kind, fished_class=fished)
+                       any(b.pool_kind == "max" for b in shapes), kind, fished_class=fished,
+                       one_reading=estimates[-1].one_reading)
     said = verdict.sentence(label, route, blocker, batch, fraction, best, capped, kind, target,
                             estimates[-1].one_reading)
     if fished is not None:  # the route a server that fished the model runs comes first

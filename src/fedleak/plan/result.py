@@ -144,6 +144,14 @@ class BatchEstimate:
     one_reading: float | None = None
 
 
+def peeling_clause(one_reading: float | None) -> str:
+    """Said after an estimate where it counts the peeling closure (an upper bound; the plan's note says why): the
+    first reading's share beside it (:attr:`BatchEstimate.one_reading`); empty where the attack does not peel."""
+    if one_reading is None:
+        return ""
+    return f" by peeling, an upper bound ({100 * one_reading:.0f}% in its first reading)"
+
+
 @dataclass(frozen=True)
 class Change:
     """One change of the model: ``kind`` ``"width"`` (neurons of a dense layer), ``"channels"`` (of a conv) or

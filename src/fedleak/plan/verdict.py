@@ -18,6 +18,7 @@ from fedleak.plan.result import (
     Evidence,
     Plan,
     layer_label,
+    peeling_clause,
 )
 
 
@@ -76,7 +77,7 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     if verdict == ROUTE_APPLIES:
         return (f"the exact route applies to {model} up to batch {up_to} (at least {share} of the samples "
                 f"certifiable); "
-                f"at batch {batch}: about {100 * fraction:.0f}%{_peeled(one_reading)}")
+                f"at batch {batch}: about {100 * fraction:.0f}%{peeling_clause(one_reading)}")
     if verdict == ROUTE_UNPROVEN:
         return (f"the exact route may apply to {model} up to batch {up_to}, unproven: {blocker}")
     if verdict == ROUTE_PARTIAL:
@@ -86,14 +87,6 @@ def sentence(model: str, verdict: str, blocker: str, batch: int, fraction: float
     if best > 0:
         return f"the exact route cannot apply to {model} at batch {batch}: {blocker}; it applies up to batch {up_to}"
     return f"the exact route cannot apply to {model}: {blocker}"
-
-
-def _peeled(one_reading: float | None) -> str:
-    """Where the estimate counts the peeling closure (an upper bound: the plan's note says why): the first
-    reading's share beside it."""
-    if one_reading is None:
-        return ""
-    return f" by peeling, an upper bound ({100 * one_reading:.0f}% in its first reading)"
 
 
 def fished(target: int) -> str:
