@@ -1,5 +1,5 @@
-"""The whole-batch gradient of the CNN certificate: float64 autograd, the head's dense weights streamed (no float64
-copy of them), equal to plain float64 autograd on models as users write them."""
+"""The whole-batch gradient of the CNN certificate and of peeling: float64 autograd, the head's dense weights
+streamed (no float64 copy of them), equal to plain float64 autograd on models as users write them."""
 
 import copy
 
@@ -69,3 +69,18 @@ def test_a_weight_read_by_matmul_falls_back_to_a_float64_copy():
     assert not out.sinks  # the streamed run failed; every weight got a float64 leaf
     for name, g in reference(model, X, y).items():
         assert torch.allclose(whole[name], g, rtol=1e-11, atol=1e-14), name
+
+
+def test_an_mlp_streams_its_first_layer_whose_input_is_data():
+    """The first layer reads no parameter but its own weight: its backward pass runs all the same (else every weight
+    fell back to a float64 copy and the batch was computed twice), and the input gets no gradient."""
+    torch.manual_seed(2)
+    X, y = torch.randn(6, 12), torch.tensor([0, 1, 2, 3, 0, 1])
+    for bias in (True, False):
+        model = PlainMLP()
+        if not bias:
+            model.fc1 = nn.Linear(12, 16, bias=False)
+        out, whole = assembled(model, X, y)
+        assert set(out.sinks) == {"fc1.weight", "fc2.weight"} and all(out.sinks.values())
+        for name, g in reference(model, X, y).items():
+            assert torch.allclose(whole[name], g, rtol=1e-11, atol=1e-14), name

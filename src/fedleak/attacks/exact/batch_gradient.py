@@ -1,6 +1,8 @@
 """The rebuilt batch's whole gradient against the observed one (the CNN certificate's last step,
-:func:`fedleak.attacks.exact.conv_step.whole_batch`), by real autograd in float64, without a float64 copy of a dense
-layer.
+:func:`fedleak.attacks.exact.conv_step.whole_batch`; the terms peeling subtracts,
+:func:`fedleak.attacks.exact.peeling.residual_update`), by real autograd in float64, without a float64 copy of a
+dense layer, the first one included (its input is data, which autograd does not differentiate: the layer's
+backward pass is anchored so that it runs).
 
 A wide dense layer's weights and gradient in float64 would each take twice the layer's own size (a CNN's
 25088 x 1024 head layer: 200 MB each, next to a 100 MB gradient). The recomputation holds neither: while the model
@@ -34,10 +36,12 @@ PIECE = 1 << 20  # entries of a parameter compared at once
 
 class Linear64(torch.autograd.Function):
     """``x @ W.T`` in float64 for a weight ``W`` of any float dtype, read a piece of rows at a time; the backward
-    pass appends ``(output gradient, input)``, both flattened to rows, to ``sink`` and gives ``W`` no gradient."""
+    pass appends ``(output gradient, input)``, both flattened to rows, to ``sink`` and gives ``W`` no gradient.
+    ``anchor``: an empty tensor that requires grad, so that autograd runs the backward pass where nothing else the
+    layer reads does (the first layer: its input is data); the pass into the input runs only where it needs it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, W: torch.Tensor, sink: list) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, sink: list, anchor: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(flat)
         ctx.W, ctx.sink, ctx.shape = W, sink, x.shape
@@ -48,7 +52,8 @@ class Linear64(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         d = grad.reshape(-1, grad.shape[-1])
         ctx.sink.append((d.detach(), flat.detach()))
-        return back64(d, ctx.W).reshape(ctx.shape), None, None
+        into = back64(d, ctx.W).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
+        return into, None, None, None
 
 
 CASTS = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.type}  # the ways a forward casts its input to float32
@@ -59,9 +64,9 @@ class DenseThrough64(TorchFunctionMode):
     :class:`Linear64` into that weight's sink, and a float64 tensor's cast to float32 in the forward (``x.float()``,
     ``x.to(torch.float32)``: a model that casts its input) keeps it float64; every other call runs as it is."""
 
-    def __init__(self, sinks: dict[int, tuple[torch.Tensor, list]]):
+    def __init__(self, sinks: dict[int, tuple[torch.Tensor, list]], anchor: torch.Tensor):
         super().__init__()
-        self.sinks = sinks
+        self.sinks, self.anchor = sinks, anchor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -71,7 +76,7 @@ class DenseThrough64(TorchFunctionMode):
         if func is F.linear and len(args) >= 2 and args[0].dtype == F64 and id(args[1]) in self.sinks:
             W, sink = self.sinks[id(args[1])]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            out = Linear64.apply(args[0], W, sink)
+            out = Linear64.apply(args[0], W, sink, self.anchor)
             return out if bias is None else out + bias
         return func(*args, **kwargs)
 
@@ -142,7 +147,8 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     sinks: dict[str, list] = {k: [] for k in streamed}
     leaves = {k: leaf(cast(v, F64)) for k, v in params.items() if k not in streamed}
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
-    with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}):
+    anchor = torch.empty(0, dtype=F64, requires_grad=True)  # differentiated too: every streamed layer's backward runs
+    with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}, anchor):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
     loss = functools.partial(client_loss, labels=y, reduction="none", label_smoothing=smoothing,
                              class_weights=class_weights, focal_gamma=focal_gamma)
@@ -152,11 +158,11 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
             own.requires_grad_(True)
             signal = torch.autograd.grad(loss(own).sum(), own)[0].to(F64)
         weighted = signal if sample_weights is None else signal * sample_weights.to(signal)[:, None]
-        grads = torch.autograd.grad(logits, list(leaves.values()), grad_outputs=weighted, allow_unused=True)
+        grads = torch.autograd.grad(logits, [*leaves.values(), anchor], grad_outputs=weighted, allow_unused=True)
     else:
         each = loss(logits)
         total = each.sum() if sample_weights is None else (each * sample_weights.to(each)).sum()
-        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)  # (a layer forward never reads)
+        grads = torch.autograd.grad(total, [*leaves.values(), anchor], allow_unused=True)  # (and layers never read)
     return BatchGradient({k: torch.zeros_like(v) if g is None else g.detach()
                           for (k, v), g in zip(leaves.items(), grads)}, sinks)
 

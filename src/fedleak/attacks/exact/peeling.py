@@ -83,20 +83,25 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
     dev = next(model.parameters()).device
     terms = batch_gradient(model, net, inputs.to(dev), labels.to(dev), opts.smoothing, focal_gamma=opts.focal_gamma,
                            sample_weights=scales.to(dev), as_sent=True)
+    weights = {layer.weight_name for layer in net.head.dense}
     grads, errors = {}, {}  # in the update's dtype and float32: a piece at a time in float64, never whole
+    norms: dict[str, list[torch.Tensor]] = {name: [] for name in weights}  # per weight: its rows' and their noise's
     for name, g in update.gradients.items():
         own = noise[name] if noise is not None else gradient_noise(g, 0.0)
         eps = float(torch.finfo(g.dtype).eps)
         grads[name], errors[name] = torch.empty_like(g), torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        for rows, p in terms.row_pieces(name, g.shape):
+        for rows, p in terms.row_pieces(name, g.shape):  # each piece written in place: no whole temporaries
             taken = p.to(g.device)
-            r = (g[rows].to(F64) - taken).mul_(rescale)
-            grads[name][rows] = r.to(g.dtype)
-            errors[name][rows] = (own.read(rows) + taken.abs().mul_(4 * eps)).mul_(rescale).add_(
-                r.abs(), alpha=eps / 2).to(torch.float32)
+            r = g[rows].to(F64, copy=True).sub_(taken).mul_(rescale)
+            grads[name][rows].copy_(r)
+            errors[name][rows].copy_(own.read(rows).add_(taken.abs().mul_(4 * eps)).mul_(rescale).add_(
+                r.abs_(), alpha=eps / 2))
+            if name in weights:  # while the piece is at hand
+                norms[name].append(torch.stack([torch.linalg.vector_norm(t[rows], dim=1, dtype=F64)
+                                                for t in (grads[name], errors[name])]))
     for layer in net.head.dense:  # a row within its noise of zero holds no sample left: the certified ones' alone
         w, b = layer.weight_name, layer.bias_name
-        norm, bound = (torch.linalg.vector_norm(t, dim=1, dtype=F64) for t in (grads[w], errors[w]))
+        norm, bound = torch.cat(norms[w], 1)
         if b is not None:
             norm, bound = torch.hypot(norm, grads[b].to(F64)), torch.hypot(bound, errors[b].to(F64))
         silent = norm <= bound
@@ -124,6 +129,7 @@ def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstr
     after = replace(opts, peel=False, defense=None, exact_tol=opts.exact_tol / ROUND_MARGIN)
     last, rounds = rec, 0
     while len(records) < m:
+        residual = bounds = None  # the last round's, freed before the next is built
         residual, bounds = residual_update(model, net, update, inputs, labels, torch.tensor(scales, dtype=F64),
                                            opts, noise)
         rescale = opts.common_scale(m - len(records)) / scale  # a residual's scale over the update's
