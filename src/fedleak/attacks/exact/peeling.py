@@ -94,8 +94,8 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
             taken = p.to(g.device)
             r = g[rows].to(F64, copy=True).sub_(taken).mul_(rescale)
             grads[name][rows].copy_(r)
-            errors[name][rows].copy_(own.read(rows).add_(taken.abs().mul_(4 * eps)).mul_(rescale).add_(
-                r.abs_(), alpha=eps / 2))
+            errors[name][rows].copy_(own.read(rows).add_(taken.abs(), alpha=4 * eps).mul_(rescale).add_(
+                r.abs_(), alpha=eps / 2))  # (4 eps and eps / 2 are powers of two: their products are exact)
             if name in weights:  # while the piece is at hand
                 norms[name].append(torch.stack([torch.linalg.vector_norm(t[rows], dim=1, dtype=F64)
                                                 for t in (grads[name], errors[name])]))
@@ -104,9 +104,10 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
         norm, bound = torch.cat(norms[w], 1)
         if b is not None:
             norm, bound = torch.hypot(norm, grads[b].to(F64)), torch.hypot(bound, errors[b].to(F64))
-        silent = norm <= bound
+        silent = torch.nonzero(norm <= bound).flatten()
         for name in (w, b) if b is not None else (w,):
-            grads[name][silent], errors[name][silent] = 0.0, 0.0
+            grads[name].index_fill_(0, silent, 0.0)
+            errors[name].index_fill_(0, silent, 0.0)
     return GradientUpdate(grads, num_examples=left), {name: RoundingNoise(e, 1.0) for name, e in errors.items()}
 
 
