@@ -9,7 +9,9 @@ FedAvg weight updates, in one process per model (torch pinned to one thread; the
   (``torch.autograd.grad`` of the mean cross-entropy over the batch); the reference of every ratio. For a FedAvg
   client, its local training instead: that many plain-autograd SGD steps on a copy of the weights;
 - **f64 copy**: one float64 copy of what the client sends (the least any float64 attack must do);
-- **attack**: ``fedleak.reconstruct(model, update)`` with its defaults;
+- **attack**: ``fedleak.reconstruct(model, update)`` with its defaults (it peels the update round after round where
+  its batch size is reported: each round one more reading of what the certified samples leave);
+- **one reading**: the same with ``peel=False``, which reads the update once;
 - for the CNN also **fishing** (``fedleak.fish(model, x, y, solve_check=False)``, as docs/cnn.md runs it) and
   the attack on the fished batch.
 
@@ -124,8 +126,9 @@ def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
                 wall, used = _timed(fn)
                 times[k].append(wall)
                 cpu[k].append(used)
-        rec = cell.attack()
+        rec, once = cell.attack(), cell.one_reading()
         scores = metrics.match(rec, cell.x, cell.y, data_range=cell.value_range)
+        once_scores = metrics.match(once, cell.x, cell.y, data_range=cell.value_range)
         row = {
             "model": spec.name, "widths": list(spec.widths), "conv": list(spec.conv), "batch_size": m,
             "dataset": spec.dataset, "user": spec.user, "normalise": spec.normalise, "rebuilt": len(rec.samples),
@@ -138,6 +141,8 @@ def time_model(spec: ModelSpec, repeats: int, seed: int) -> list[dict]:
             "certified": rec.num_certified, "recovered": int(scores.recovered.sum()),
             "recovered_fraction": float(scores.recovered.mean()),
             "false_certificates": int(scores.false_certificates),
+            "one_reading_recovered": int(once_scores.recovered.sum()),
+            "one_reading_false_certificates": int(once_scores.false_certificates),
         }
         if spec.conv:
             fished_rec = cell.fished_attack()

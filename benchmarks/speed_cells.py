@@ -156,6 +156,12 @@ class Cell:
 
         return fedleak.reconstruct(self.model, self.update)
 
+    def one_reading(self):
+        """The attack reading the update once (``peel=False``): the default peels it round after round."""
+        import fedleak
+
+        return fedleak.reconstruct(self.model, self.update, peel=False)
+
     def fish(self):
         import fedleak
 
@@ -167,7 +173,7 @@ class Cell:
         return fedleak.reconstruct(self.model, self.fished_update)
 
     def steps(self) -> dict:
-        out = {"gradient": self.client, "f64_copy": self.copy64, "attack": self.attack}
+        out = {"gradient": self.client, "f64_copy": self.copy64, "attack": self.attack, "one_reading": self.one_reading}
         if self.spec.conv:
             out.update(fish=self.fish, fished_attack=self.fished_attack)
         return out

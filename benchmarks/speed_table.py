@@ -22,6 +22,16 @@ def per_gradient(r: dict, step: str, cpu: bool = False) -> str:
     return ratio(r[step + suffix], r["gradient" + suffix])
 
 
+def once(r: dict) -> str:
+    """The cell's attack reading the update once (``peel=False``): its time, ratio and recovered samples; a dash
+    where the row was measured before the table had it."""
+    if "one_reading_ms" not in r:
+        return "—"
+    return (f"{ms(r['one_reading_ms'])}, {per_gradient(r, 'one_reading')}, {r['one_reading_recovered']}/"
+            f"{r['batch_size']}" + (f" ({r['one_reading_false_certificates']} false)"
+                                     if r["one_reading_false_certificates"] else ""))
+
+
 def ms(v: float | None) -> str:
     if v is None:
         return "—"
@@ -48,8 +58,8 @@ def table(rows: list[dict], before: list[dict]) -> str:
     prev = {(b["model"], b["batch_size"]): b for b in before}
     lines = ["| hidden widths | M | gradient ms | f64 copy ms | attack ms (before → now) | attack / gradient "
              "(before → now) | same, CPU time | attack / f64 copy | attack's peak extra memory / gradient size | "
-             "recovered | false cert. |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "recovered | false cert. | one reading: ms, / gradient, recovered |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = prev.get((r["model"], r["batch_size"]))
         was = f"{ms(b['attack_ms'])} → " if b else ""
@@ -62,7 +72,8 @@ def table(rows: list[dict], before: list[dict]) -> str:
             f"| {was_cpu}{per_gradient(r, 'attack', cpu=True)} "
             f"| {ratio(r['attack_ms'], r['f64_copy_ms'])} "
             f"| {r['attack_peak_extra_mb']:.0f} MB / {r['gradient_mb']:.1f} MB = "
-            f"{r['attack_peak_extra_mb'] / r['gradient_mb']:.1f} | {rec} | {r['false_certificates']} |")
+            f"{r['attack_peak_extra_mb'] / r['gradient_mb']:.1f} | {rec} | {r['false_certificates']} "
+            f"| {once(r)} |")
     for r in rows:
         if "fish_ms" not in r:
             continue
