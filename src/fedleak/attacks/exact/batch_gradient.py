@@ -147,7 +147,7 @@ def recompute(model: nn.Module, params: dict[str, torch.Tensor], streamed: set[s
     sinks: dict[str, list] = {k: [] for k in streamed}
     leaves = {k: leaf(cast(v, F64)) for k, v in params.items() if k not in streamed}
     buffers = {k: v.to(F64) if v.is_floating_point() else v for k, v in model.named_buffers()}
-    anchor = torch.empty(0, dtype=F64, requires_grad=True)  # differentiated too: every streamed layer's backward runs
+    anchor = torch.empty(0, dtype=F64, device=X.device, requires_grad=True)  # every streamed layer runs its backward
     with DenseThrough64({id(weights[k]): (weights[k], sinks[k]) for k in streamed}, anchor):
         logits = torch.func.functional_call(model, {**leaves, **weights, **buffers}, (X.to(F64),))
     loss = functools.partial(client_loss, labels=y, reduction="none", label_smoothing=smoothing,
