@@ -97,8 +97,9 @@ def test_a_float64_trace_reads_float32_weights_exactly_as_their_float64_copy():
     gen = torch.Generator().manual_seed(2)
     X = torch.randn(7, 20, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (7,), generator=gen)
-    own = forward_trace(net, X, y, dtype=torch.float64, params=(net.weights(torch.float32), net.biases(torch.float64)))
-    copy = forward_trace(net, X, y, dtype=torch.float64)
+    own = forward_trace(net, X, y, dtype=torch.float64)  # by default: the weights as the model holds them
+    assert ("weights", torch.float64) not in net.held  # no float64 copy of the head made (nor kept with it)
+    copy = forward_trace(net, X, y, dtype=torch.float64, params=(net.weights(torch.float64), net.biases(torch.float64)))
     for a, b in zip(own.activations + own.deltas + [own.logits], copy.activations + copy.deltas + [copy.logits]):
         assert a.dtype == torch.float64
         assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)

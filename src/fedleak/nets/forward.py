@@ -55,13 +55,15 @@ def forward_trace(
 
     ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again; in float64
     the weights may also be the model's own float32 ones, read in float64 a piece at a time
-    (:mod:`fedleak.nets.float64`). ``first``: the first layer's pre-activations of these inputs where the
+    (:mod:`fedleak.nets.float64`), as they are read where no ``params`` are given. ``first``: the first layer's pre-activations of these inputs where the
     caller computed them already (the same product, in ``dtype``): the pass starts from them. ``smoothing``,
     ``focal_gamma``: the loss's label smoothing, or its focal exponent (:func:`loss_vectors`). ``keep_pre=False``:
     the pre-activations are not kept (the trace's list is empty), each layer's ReLU is taken in place, also on
     ``first``, which the caller hands over: one float64 array of the layer's size fewer per layer.
     """
-    weights, biases = params if params is not None else (net.weights(dtype), net.biases(dtype))
+    if params is None:  # in float64 the weights are read as the model holds them: no float64 copy of the head
+        params = (net.weights(net.dense[0].weight.dtype if dtype == torch.float64 else dtype), net.biases(dtype))
+    weights, biases = params
     a = inputs.flatten(1).to(device=weights[0].device, dtype=dtype)
     linear = linear64 if dtype == torch.float64 else (lambda x, W: x @ W.T)
     acts, pres = [a], []
