@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedleak.attacks.exact.grouping import ROW_CHUNK, ImpliedInputs, group_rows, near_pairs
+from fedleak.attacks.exact.grouping import DISTANCE_ROWS, ROW_CHUNK, ImpliedInputs, group_rows, near_pairs
 from fedleak.attacks.exact.row_span import in_pieces, near_in_span, span_coordinates
 from fedleak.attacks.exact.span_screen import span_screen
 from fedleak.attacks.exact.top_check import all_fire, fit_top_rows
@@ -240,8 +240,9 @@ def top_candidates(attack) -> list[Candidate]:
             reps[k] = R.mean(grp)
             continue
         pool = R.rows(grp[:64])  # the medoid is sought among (at most) the 64 strongest rows
-        # its median distance to the group's rows
-        medoid = pool[int(torch.cdist(pool, R.rows(grp)).median(dim=1).values.argmin())].clone()
+        # its median distance to the group's rows, read a piece of them at a time (no float64 copy of the group)
+        dist = torch.cat([torch.cdist(pool, rows) for _, rows in R.pieces(grp, DISTANCE_ROWS)], 1)
+        medoid = pool[int(dist.median(dim=1).values.argmin())].clone()
         core = R.distances(grp, medoid) <= core_tol * medoid.norm()
         reps[k] = R.mean(grp[core])
         members[k] = members[k][core]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fedleak.attacks.exact.noise import RoundingNoise
-from fedleak.nets.float64 import rows64
+from fedleak.nets.float64 import piece_rows, rows64
 
 F64 = torch.float64
 NEAR = 0.01  # rows whose ratio is this close to the rebuilt input (max abs, of the range's width) are read
@@ -55,29 +55,38 @@ class NearRows:
         """How far a rival to the rebuilt input ``x`` (flat) lies from it beyond the rounding, where that is more
         than ``limit`` (else 0): two or more rows within ``NEAR * width`` of ``x`` that disagree with it beyond their
         rounding bound and agree with each other within theirs (max abs over the values where both disagree)."""
-        G, g, nb = self.G, self.g, self.nb
+        G, g = self.G, self.g
         x = x.to(device=g.device, dtype=F64).reshape(-1)
         # the rows within NEAR (max abs) are within NEAR sqrt(D) in L2: screened by one product in the gradient's
         # dtype, whose rounding (at most D eps ||G_j|| ||x|| per dot) widens the screen
         d, eps, norm = x.numel(), float(torch.finfo(G.dtype).eps), float(x.norm())
         sq = self.scale.square() - 2 * torch.mv(G, x.to(G.dtype)).to(F64) / g + norm * norm
         rows = torch.nonzero(self.live & (sq <= (NEAR * width) ** 2 * d + 4 * d * eps * self.scale * norm)).flatten()
-        if not len(rows):
-            return 0.0
-        ratios = rows64(G, rows) / g[rows, None]
-        near = (ratios - x).abs().amax(1) <= NEAR * width
-        rows, ratios = rows[near], ratios[near]
         slack = GRADIENT_EPSILONS * float(torch.finfo(torch.float32).eps) * x.abs()
-        bound = (self.noise.rows(rows) + x.abs()[None] * nb[rows, None]) / (g[rows].abs() - nb[rows])[:, None] + slack
-        excess = (ratios - x).abs() - bound  # > 0 where a row disagrees with x beyond its rounding
-        off = excess.amax(1) > limit  # a pair of rows disagrees by more than limit only where each row does
-        if int(off.sum()) < 2:
+        # the rows within NEAR that disagree with x by more than limit (a pair of rows disagrees by more than limit
+        # only where each row does), read a piece at a time: the screen may pass most of the layer
+        off, step = [], piece_rows(*G.shape, 0)
+        for s in range(0, len(rows), step):
+            ratios, _, excess = self.read(rows[s : s + step], x, slack)
+            near = (ratios - x).abs().amax(1) <= NEAR * width
+            off.append(rows[s : s + step][near & (excess.amax(1) > limit)])
+        rows = torch.cat(off)
+        if len(rows) < 2:
             return 0.0
-        keep = torch.argsort(g[rows[off]].abs(), descending=True)[:MAX_RIVAL_ROWS]  # the most precise rows first
-        ratios, bound, excess = ratios[off][keep], bound[off][keep], excess[off][keep]
+        rows = rows[torch.argsort(g[rows].abs(), descending=True)[:MAX_RIVAL_ROWS]]  # the most precise rows first
+        ratios, bound, excess = self.read(rows, x, slack)
         worst = 0.0
         for j in range(len(ratios) - 1):
             agree = ((ratios[j + 1:] - ratios[j]).abs() <= bound[j + 1:] + bound[j]).all(1)
             if bool(agree.any()):
                 worst = max(worst, float(torch.minimum(excess[j + 1:][agree], excess[j][None]).max()))
         return worst if worst > limit else 0.0
+
+    def read(self, rows: torch.Tensor, x: torch.Tensor, slack: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows ``rows``' ratios, their rounding bounds (plus ``slack``) and their disagreement with ``x`` beyond
+        the bounds (float64)."""
+        g, nb = self.g[rows], self.nb[rows]
+        ratios = rows64(self.G, rows) / g[:, None]
+        bound = (self.noise.rows(rows) + x.abs()[None] * nb[:, None]) / (g.abs() - nb)[:, None] + slack
+        return ratios, bound, (ratios - x).abs() - bound  # > 0 where a row disagrees with x beyond its rounding

@@ -19,6 +19,7 @@ F64 = torch.float64
 
 
 SKETCH_CACHE_BYTES = 32 * 2**20  # sketches up to this size (all layers) are kept for the next call
+DRAW_ENTRIES = 1 << 16  # float64 normals drawn at once (512 KiB)
 
 
 def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
@@ -32,7 +33,20 @@ def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dty
 
 def draw_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(n, k, generator=gen, dtype=F64).to(dtype) for n in rows)
+    return tuple(draw(gen, n, k, dtype) for n in rows)
+
+
+def draw(gen: torch.Generator, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.randn(n, k)`` in float64 from ``gen``, rounded to ``dtype``: drawn a piece of rows at a time where
+    that is not float64 (no float64 copy of the whole; the same numbers: torch draws normals in blocks of 16
+    entries, and every piece but the last holds a multiple of 16)."""
+    if dtype == F64:
+        return torch.randn(n, k, generator=gen, dtype=F64)
+    out = torch.empty(n, k, dtype=dtype)
+    step = 16 * max(1, DRAW_ENTRIES // (16 * max(k, 1)))
+    for s in range(0, n, step):
+        out[s : s + step].copy_(torch.randn(min(step, n - s), k, generator=gen, dtype=F64))
+    return out
 
 
 cached_sketches = functools.lru_cache(maxsize=4)(draw_sketches)
