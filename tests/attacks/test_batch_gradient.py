@@ -3,6 +3,7 @@ streamed (no float64 copy of them), equal to plain float64 autograd on models as
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -84,3 +85,20 @@ def test_an_mlp_streams_its_first_layer_whose_input_is_data():
         assert set(out.sinks) == {"fc1.weight", "fc2.weight"} and all(out.sinks.values())
         for name, g in reference(model, X, y).items():
             assert torch.allclose(whole[name], g, rtol=1e-11, atol=1e-14), name
+
+
+def test_a_streamed_weight_is_read_by_rows_columns_or_whole():
+    """A streamed weight's gradient read for some entries only (what a residual's noise reads) is those entries of
+    the whole."""
+    torch.manual_seed(3)
+    model = PlainMLP()
+    X, y = torch.randn(6, 12), torch.tensor([0, 1, 2, 3, 0, 1])
+    out, whole = assembled(model, X, y)
+    for name in ("fc1.weight", "fc2.weight"):
+        products, full = out.products(name), whole[name]
+        rows, cols = torch.tensor([3, 0, 2]), torch.tensor([1, 4])
+        assert products.shape == full.shape
+        for index in (..., slice(1, 3), rows, [2, 1], (slice(None), cols)):
+            assert torch.allclose(products[index], full[index], rtol=1e-13, atol=1e-15), (name, index)
+        with pytest.raises(IndexError):
+            products[rows, cols]

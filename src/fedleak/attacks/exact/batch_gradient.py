@@ -81,6 +81,30 @@ class DenseThrough64(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@dataclass(frozen=True, eq=False)
+class SummedProducts:
+    """A streamed weight's gradient ``sum_k d_k^T x_k`` over its ``(signal, input)`` pairs (float64), read by
+    index without forming the whole: rows (an index or a slice of the first axis), columns (``(slice(None),
+    cols)``) or every entry (``...``)."""
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def shape(self) -> torch.Size:
+        d, x = self.pairs[0]
+        return torch.Size((d.shape[1], x.shape[1]))
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if index is Ellipsis:
+            return sum(d.T @ x for d, x in self.pairs)
+        if isinstance(index, tuple):
+            rows, cols = index
+            if rows != slice(None):
+                raise IndexError(f"SummedProducts reads rows, columns or every entry, not {index!r}")
+            return sum(d.T @ x[:, cols] for d, x in self.pairs)
+        return sum(d[:, index].T @ x for d, x in self.pairs)
+
+
 @dataclass(frozen=True)
 class BatchGradient:
     """The rebuilt batch's gradient (sum over samples of the cross-entropy, float64), read a piece at a time:
@@ -110,10 +134,14 @@ class BatchGradient:
         if name in self.grads:
             yield slice(None), self.grads[name]
             return
-        pairs = self.sinks[name]
+        products = self.products(name)
         step = piece_rows(*shape)
         for s in range(0, shape[0], step):
-            yield slice(s, s + step), sum(d[:, s : s + step].T @ x for d, x in pairs)
+            yield slice(s, s + step), products[s : s + step]
+
+    def products(self, name: str) -> SummedProducts:
+        """Streamed dense weight ``name``'s gradient, read by index (:class:`SummedProducts`)."""
+        return SummedProducts(tuple(self.sinks[name]))
 
 
 def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Tensor, smoothing: float = 0.0,

@@ -12,8 +12,9 @@ update).
 
 The residual's noise per entry is its rescaled share of the update's own (:mod:`fedleak.attacks.exact.noise`), plus
 4 epsilons of the update's dtype on the subtracted terms (the client's sum rounded them with the rest) and half an
-epsilon for the residual's own rounding; a row within its noise of zero is set to zero (the certified samples'
-alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the model's
+epsilon for the residual's own rounding, read where it is used (:mod:`~fedleak.attacks.exact.residual_noise`: a
+tensor of it would be as large as the update); a row within its noise of zero is set to zero (the certified
+samples' alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the model's
 dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
 dtype (a confident sample's ``softmax - onehot`` cancels: a float64 one left that in the residual, and a sample
 certified in the next round came out a blend, 1.6e-4 of the range off).
@@ -53,6 +54,7 @@ from torch import nn
 from fedleak.attacks.exact.batch_gradient import batch_gradient
 from fedleak.attacks.exact.noise import RoundingNoise, gradient_noise
 from fedleak.attacks.exact.options import ExclusivityOptions
+from fedleak.attacks.exact.residual_noise import ResidualNoise, held_terms
 from fedleak.nets import Network
 from fedleak.reconstruction import Reconstruction, SampleRecovery
 from fedleak.updates import GradientUpdate
@@ -84,31 +86,31 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
     terms = batch_gradient(model, net, inputs.to(dev), labels.to(dev), opts.smoothing, focal_gamma=opts.focal_gamma,
                            sample_weights=scales.to(dev), as_sent=True)
     weights = {layer.weight_name for layer in net.head.dense}
-    grads, errors = {}, {}  # in the update's dtype and float32: a piece at a time in float64, never whole
-    norms: dict[str, list[torch.Tensor]] = {name: [] for name in weights}  # per weight: its rows' and their noise's
+    grads, noises = {}, {}  # the residual in the update's dtype, a piece at a time in float64, never whole; its noise
+    norms: dict[str, list[torch.Tensor]] = {name: [] for name in weights}  # read, never held (ResidualNoise)
     for name, g in update.gradients.items():
         own = noise[name] if noise is not None else gradient_noise(g, 0.0)
-        eps = float(torch.finfo(g.dtype).eps)
-        grads[name], errors[name] = torch.empty_like(g), torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        grads[name] = torch.empty_like(g)
+        # a streamed weight's terms are read for just the entries asked (their signals and inputs are small)
+        noises[name] = ResidualNoise(grads[name], own, terms.products(name) if name in terms.sinks else
+                                     held_terms(terms.grads[name]), rescale)
         for rows, p in terms.row_pieces(name, g.shape):  # each piece written in place: no whole temporaries
             taken = p.to(g.device)
-            r = g[rows].to(F64, copy=True).sub_(taken).mul_(rescale)
-            grads[name][rows].copy_(r)
-            errors[name][rows].copy_(own.read(rows).add_(taken.abs(), alpha=4 * eps).mul_(rescale).add_(
-                r.abs_(), alpha=eps / 2))  # (4 eps and eps / 2 are powers of two: their products are exact)
-            if name in weights:  # while the piece is at hand
-                norms[name].append(torch.stack([torch.linalg.vector_norm(t[rows], dim=1, dtype=F64)
-                                                for t in (grads[name], errors[name])]))
+            grads[name][rows].copy_(g[rows].to(F64, copy=True).sub_(taken).mul_(rescale))
+            if name in weights:  # the rows' norms and their noise's, while the piece is at hand
+                norms[name].append(torch.stack([torch.linalg.vector_norm(grads[name][rows], dim=1, dtype=F64),
+                                                torch.linalg.vector_norm(noises[name].read(rows, taken), dim=1)]))
     for layer in net.head.dense:  # a row within its noise of zero holds no sample left: the certified ones' alone
         w, b = layer.weight_name, layer.bias_name
-        norm, bound = torch.cat(norms[w], 1)
+        norm, rows_noise = torch.cat(norms[w], 1)
+        bound = rows_noise
         if b is not None:
-            norm, bound = torch.hypot(norm, grads[b].to(F64)), torch.hypot(bound, errors[b].to(F64))
+            norm, bound = torch.hypot(norm, grads[b].to(F64)), torch.hypot(bound, noises[b][...])
         silent = torch.nonzero(norm <= bound).flatten()
         for name in (w, b) if b is not None else (w,):
             grads[name].index_fill_(0, silent, 0.0)
-            errors[name].index_fill_(0, silent, 0.0)
-    return GradientUpdate(grads, num_examples=left), {name: RoundingNoise(e, 1.0) for name, e in errors.items()}
+            noises[name] = noises[name].silenced(silent, rows_noise if name == w else None)
+    return GradientUpdate(grads, num_examples=left), {name: n.noise() for name, n in noises.items()}
 
 
 def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstruction, opts: ExclusivityOptions,
