@@ -96,13 +96,17 @@ class SummedProducts:
 
     def __getitem__(self, index) -> torch.Tensor:
         if index is Ellipsis:
-            return sum(d.T @ x for d, x in self.pairs)
-        if isinstance(index, tuple):
+            terms = [d.T @ x for d, x in self.pairs]
+        elif isinstance(index, tuple):
             rows, cols = index
             if rows != slice(None):
                 raise IndexError(f"SummedProducts reads rows, columns or every entry, not {index!r}")
-            return sum(d.T @ x[:, cols] for d, x in self.pairs)
-        return sum(d[:, index].T @ x for d, x in self.pairs)
+            terms = [d.T @ x[:, cols] for d, x in self.pairs]
+        else:
+            terms = [d[:, index].T @ x for d, x in self.pairs]
+        for t in terms[1:]:
+            terms[0] += t
+        return terms[0]
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,9 @@ class RoundingNoise:
 
     def read(self, index=...) -> torch.Tensor:
         """The noise of the entries ``index`` selects (float64, a fresh tensor)."""
-        out = self.values[index].to(F64, copy=True).abs_().mul_(self.scale)
+        out = self.values[index].to(F64, copy=True).abs_()
+        if self.scale != 1.0:
+            out.mul_(self.scale)
         if self.plus is not None:
             out.add_(self.plus[index].to(F64, copy=True).abs_(), alpha=self.plus_scale)
         if self.error:

@@ -83,9 +83,9 @@ class ResidualNoise:
         """The noise of the entries ``index`` selects (float64, a fresh tensor); ``terms``: the terms' entries there
         where the caller has them at hand (else they are read)."""
         eps = float(torch.finfo(self.residual.dtype).eps)
-        taken = (self.terms[index] if terms is None else terms).to(device=self.device, dtype=F64, copy=True).abs_()
+        taken = (self.terms[index] if terms is None else terms).to(device=self.device, dtype=F64).abs()
         out = self.own.read(index).add_(taken, alpha=4 * eps).mul_(self.rescale)
-        out.add_(self.residual[index].to(F64, copy=True).abs_(), alpha=eps / 2)  # (powers of two: exact products)
+        out.add_(self.residual[index].abs().to(F64), alpha=eps / 2)  # (powers of two: exact products)
         if self.live is not None:
             live = self.live[index[0] if isinstance(index, tuple) else index]
             out.mul_(live if out.dim() == 1 else live[:, None])
