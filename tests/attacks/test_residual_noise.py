@@ -54,6 +54,9 @@ def test_rows_columns_pieces_and_norms_read_the_same_entries(peeled):
         rows, cols = torch.tensor([5, 0, 3]), torch.tensor([2, 7])
         assert torch.allclose(n.rows(rows), whole[rows], rtol=1e-13, atol=0)
         assert torch.allclose(n.rows([1, 2]), whole[[1, 2]], rtol=1e-13, atol=0)
+        mask = torch.zeros(len(whole), dtype=torch.bool)
+        mask[[1, 5]] = True
+        assert torch.allclose(n.rows(mask), whole[mask], rtol=1e-13, atol=0)  # a mask, not row numbers
         assert torch.allclose(n.columns(cols), whole[:, cols], rtol=1e-13, atol=0)
         assert torch.allclose(torch.cat(list(n.pieces())), whole, rtol=1e-13, atol=0)
         assert torch.allclose(n.row_norms(), whole.norm(dim=1), rtol=1e-12, atol=0)

@@ -55,8 +55,9 @@ def forward_trace(
 
     ``params`` (weights, biases) already in ``dtype`` may be passed to avoid converting them again; in float64
     the weights may also be the model's own float32 ones, read in float64 a piece at a time
-    (:mod:`fedleak.nets.float64`), as they are read where no ``params`` are given. ``first``: the first layer's pre-activations of these inputs where the
-    caller computed them already (the same product, in ``dtype``): the pass starts from them. ``smoothing``,
+    (:mod:`fedleak.nets.float64`), as they are read where no ``params`` are given. ``first``: the first layer's
+    pre-activations of these inputs where the caller computed them already (the same product, in ``dtype``): the
+    pass starts from them. ``smoothing``,
     ``focal_gamma``: the loss's label smoothing, or its focal exponent (:func:`loss_vectors`). ``keep_pre=False``:
     the pre-activations are not kept (the trace's list is empty), each layer's ReLU is taken in place, also on
     ``first``, which the caller hands over: one float64 array of the layer's size fewer per layer.

@@ -14,8 +14,8 @@ The residual's noise per entry is its rescaled share of the update's own (:mod:`
 4 epsilons of the update's dtype on the subtracted terms (the client's sum rounded them with the rest) and half an
 epsilon for the residual's own rounding, read where it is used (:mod:`~fedleak.attacks.exact.residual_noise`: a
 tensor of it would be as large as the update); a row within its noise of zero is set to zero (the certified
-samples' alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the model's
-dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
+samples' alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the
+model's dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
 dtype (a confident sample's ``softmax - onehot`` cancels: a float64 one left that in the residual, and a sample
 certified in the next round came out a blend, 1.6e-4 of the range off).
 
@@ -86,8 +86,9 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
     terms = batch_gradient(model, net, inputs.to(dev), labels.to(dev), opts.smoothing, focal_gamma=opts.focal_gamma,
                            sample_weights=scales.to(dev), as_sent=True)
     weights = {layer.weight_name for layer in net.head.dense}
-    grads, noises = {}, {}  # the residual in the update's dtype, a piece at a time in float64, never whole; its noise
-    norms: dict[str, list[torch.Tensor]] = {name: [] for name in weights}  # read, never held (ResidualNoise)
+    # the residual in the update's dtype (a piece at a time in float64, never whole) and its noise (ResidualNoise)
+    grads, noises = {}, {}
+    norms: dict[str, list[torch.Tensor]] = {name: [] for name in weights}  # per weight: its rows' and their noise's
     for name, g in update.gradients.items():
         own = noise[name] if noise is not None else gradient_noise(g, 0.0)
         grads[name] = torch.empty_like(g)

@@ -71,8 +71,13 @@ class ResidualNoise:
         return self.norms
 
     def __getitem__(self, index) -> torch.Tensor:
+        """The noise of the entries ``index`` selects (:meth:`read`); rows selected by their numbers are kept (up to
+        a sixteenth of the matrix's rows) and read once."""
         if isinstance(index, (list, torch.Tensor)) and len(self.memo) < self.shape[0] // 16:
-            rows = torch.as_tensor(index).reshape(-1).tolist()
+            rows = torch.as_tensor(index)
+            if rows.dtype == torch.bool:  # a mask, not row numbers
+                return self.read(index)
+            rows = rows.reshape(-1).tolist()
             new = sorted(set(rows).difference(self.memo))
             if new:
                 self.memo.update(zip(new, self.read(new)))
