@@ -72,7 +72,7 @@ def test_joint_test_sketches_a_layer_with_more_outputs_than_inputs_from_the_left
 
 
 def test_a_float32_gradient_is_sketched_in_float32_with_the_float64_sketchs_verdicts(lfw, monkeypatch):
-    """A float32 gradient on the CPU is sketched in float32 (by the Gaussian matrix rounded to float32), a float64
+    """A float32 gradient on the CPU is sketched in float32 (by a Gaussian matrix drawn in float32), a float64
     one in float64; the two statistics agree to a small fraction of the threshold, and the same sets pass."""
     attack, x, y = setup(lfw, list(range(12)), width=512)
     dense = attack.net.dense

@@ -5,7 +5,6 @@ sample that is not the batch's (docs/attacks.md, "The certificate", check 5).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -18,38 +17,48 @@ from fedleak.nets.float64 import PIECE_ENTRIES, back64, matmul64, pieces64
 F64 = torch.float64
 
 
-SKETCH_CACHE_BYTES = 32 * 2**20  # sketches up to this size (all layers) are kept for the next call
-DRAW_ENTRIES = 1 << 16  # float64 normals drawn at once (512 KiB)
+SKETCH_CACHE_BYTES = 32 * 2**20  # drawn sketch columns kept for the next call (all layers together)
+BLOCK = 16  # sketch columns drawn from one generator
 
 
 def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
-    """Gaussian matrices ``rows[j] x k`` (CPU, read only), drawn in float64 in turn from one generator seeded with
-    ``seed`` and rounded to ``dtype``. A model's layers ask for the same ones at every call: those up to
-    ``SKETCH_CACHE_BYTES`` are cached."""
-    if dtype.itemsize * k * sum(rows) <= SKETCH_CACHE_BYTES:
-        return cached_sketches(seed, rows, k, dtype)
-    return draw_sketches(seed, rows, k, dtype)
+    """Gaussian matrices ``rows[j] x k`` (CPU, read only, transposed views) in ``dtype``, drawn in float32 (a
+    float64 sketch holds the same numbers): matrix ``j``'s columns are drawn ``BLOCK`` at a time, block ``b``
+    from a generator of its own seeded by ``(seed, j, b)``, so the matrix of ``k`` columns is the first ``k``
+    columns of any wider one of the same seed. Peeling's rounds ask
+    for fewer columns round after round: the columns drawn are kept (:class:`SketchColumns`) and read again."""
+    return tuple(SKETCH_COLUMNS.take(seed, j, n, k, dtype).T for j, n in enumerate(rows))
 
 
-def draw_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dtype = F64) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(seed)
-    return tuple(draw(gen, n, k, dtype) for n in rows)
+def column_block(seed: int, j: int, b: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Block ``b`` of matrix ``j``: ``BLOCK`` Gaussian columns of length ``n`` (as rows), from their own seed,
+    drawn in float32 (torch draws them 6x faster than float64's) and held in ``dtype``."""
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + j) * 1_000_003 + b) % 2**63)
+    return torch.randn(BLOCK, n, generator=gen, dtype=torch.float32).to(dtype)
 
 
-def draw(gen: torch.Generator, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """``torch.randn(n, k)`` in float64 from ``gen``, rounded to ``dtype``: drawn a piece of rows at a time where
-    that is not float64 (no float64 copy of the whole; the same numbers: torch draws normals in blocks of 16
-    entries, and every piece but the last holds a multiple of 16)."""
-    if dtype == F64:
-        return torch.randn(n, k, generator=gen, dtype=F64)
-    out = torch.empty(n, k, dtype=dtype)
-    step = 16 * max(1, DRAW_ENTRIES // (16 * max(k, 1)))
-    for s in range(0, n, step):
-        out[s : s + step].copy_(torch.randn(min(step, n - s), k, generator=gen, dtype=F64))
-    return out
+class SketchColumns:
+    """The sketch columns drawn so far, per ``(seed, matrix, rows, dtype)``: a ``K x rows`` tensor (one row per
+    column), grown by whole blocks; the least recently used are dropped beyond ``SKETCH_CACHE_BYTES`` in all."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.drawn: dict[tuple, torch.Tensor] = {}
+
+    def take(self, seed: int, j: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``k`` columns of matrix ``j`` as rows (``k x n``)."""
+        key = (seed, j, n, dtype)
+        have = self.drawn.pop(key, torch.empty(0, n, dtype=dtype))
+        if len(have) < k:
+            more = [column_block(seed, j, b, n, dtype) for b in range(len(have) // BLOCK, -(-k // BLOCK))]
+            have = torch.cat([have, *more])
+        self.drawn[key] = have  # the most recently used last
+        while sum(t.nbytes for t in self.drawn.values()) > self.budget and self.drawn:
+            del self.drawn[next(iter(self.drawn))]
+        return have[:k]
 
 
-cached_sketches = functools.lru_cache(maxsize=4)(draw_sketches)
+SKETCH_COLUMNS = SketchColumns(SKETCH_CACHE_BYTES)
 
 
 def sketch_dtype(G: torch.Tensor) -> torch.dtype:
@@ -104,8 +113,8 @@ class JointTest:
     inputs, taken when the first such set is tested. Testing a set then costs one product of the set's terms per
     layer and the Gram matrix of a ``k``-wide residual, and the norms in the threshold are the sketches' (the
     noise's times ``sqrt(k)``). Layers whose smaller side is at most ``k`` are tested exactly, without a sketch.
-    A float32 gradient on the CPU is sketched in float32 (:func:`sketch_dtype`), by the Gaussian matrix rounded to
-    float32; the terms are sketched by the same matrix in float64. The product's rounding is noise in the residual:
+    A float32 gradient on the CPU is sketched in float32 (:func:`sketch_dtype`); the Gaussian matrix is drawn in
+    float32 (:func:`gaussian_sketches`), and the terms are sketched by the same matrix in float64. The product's rounding is noise in the residual:
     at most 3e-3 of the threshold on the batches measured (docs/attacks.md, check 5).
     """
 
