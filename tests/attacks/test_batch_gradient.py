@@ -102,3 +102,23 @@ def test_a_streamed_weight_is_read_by_rows_columns_or_whole():
             assert torch.allclose(products[index], full[index], rtol=1e-13, atol=1e-15), (name, index)
         with pytest.raises(IndexError):
             products[rows, cols]
+
+
+def test_two_batches_gradients_added_are_the_gradient_of_both():
+    """Peeling adds each round's new samples' gradient to the earlier ones' (:meth:`BatchGradient.plus`): the sum is
+    the gradient of both batches together, a streamed weight's pairs laid end to end in one; a gradient of other
+    parameters cannot be added."""
+    torch.manual_seed(4)
+    model = FlowerNet()
+    X, y = torch.rand(7, 3, 32, 32), torch.tensor([0, 3, 3, 7, 9, 1, 1])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    net = as_network(model)
+    both = batch_gradient(model, net, X[:4], y[:4]).plus(batch_gradient(model, net, X[4:], y[4:]))
+    assert all(len(pairs) == 1 and len(pairs[0][0]) == 7 for pairs in both.sinks.values())
+    for name, g in reference(model, X, y).items():
+        got = torch.cat([p for _, p in both.row_pieces(name, params[name].shape)]).reshape(g.shape)
+        assert torch.allclose(got, g, rtol=1e-11, atol=1e-14), name
+    other = batch_gradient(MatmulMLP(), as_network(PlainMLP(), input_shape=(12,)), torch.randn(2, 12),
+                           torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="different parameters"):
+        both.plus(other)

@@ -59,7 +59,7 @@ def test_the_residual_is_the_gradient_of_the_samples_left(digits):
     x, y = digits.batch(12, seed=3)
     update = fedleak.compute_gradient_update(model, x, y)
     keep = torch.arange(12) < 5  # read as if the first five were certified
-    residual, noise = residual_update(model, as_network(model), update, x[keep], y[keep],
+    residual, noise, _ = residual_update(model, as_network(model), update, x[keep], y[keep],
                                       torch.full((5,), 1 / 12, dtype=torch.float64), ExclusivityOptions(), None)
     assert residual.num_examples == 7
     twin = copy.deepcopy(model).double()

@@ -22,7 +22,7 @@ def peeled(digits):
     update = fedleak.compute_gradient_update(model, x, y)
     net, keep = as_network(model), torch.arange(10) < 4
     scales = torch.full((4,), 0.1, dtype=F64)
-    residual, noise = residual_update(model, net, update, x[keep], y[keep], scales, ExclusivityOptions(), None)
+    residual, noise, _ = residual_update(model, net, update, x[keep], y[keep], scales, ExclusivityOptions(), None)
     terms = batch_gradient(model, net, x[keep], y[keep], sample_weights=scales, as_sent=True)
     return update, residual, noise, terms
 

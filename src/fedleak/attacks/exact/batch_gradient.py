@@ -143,6 +143,16 @@ class BatchGradient:
         for s in range(0, shape[0], step):
             yield slice(s, s + step), products[s : s + step]
 
+    def plus(self, other: BatchGradient) -> BatchGradient:
+        """The gradient of this batch and ``other`` together (every term summed; a streamed weight's pairs, both
+        batches', laid end to end in one: one product reads them): a batch's gradient is the sum of its samples'
+        terms."""
+        if self.grads.keys() != other.grads.keys() or self.sinks.keys() != other.sinks.keys():
+            raise ValueError("the two batch gradients hold different parameters or stream different weights")
+        pairs = {k: [*v, *other.sinks[k]] for k, v in self.sinks.items()}
+        return BatchGradient({k: v + other.grads[k] for k, v in self.grads.items()},
+                             {k: [(torch.cat([d for d, _ in v]), torch.cat([x for _, x in v]))] for k, v in pairs.items()})
+
     def products(self, name: str) -> SummedProducts:
         """Streamed dense weight ``name``'s gradient, read by index (:class:`SummedProducts`)."""
         return SummedProducts(tuple(self.sinks[name]))

@@ -17,7 +17,8 @@ tensor of it would be as large as the update); a row within its noise of zero is
 samples' alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the
 model's dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
 dtype (a confident sample's ``softmax - onehot`` cancels: a float64 one left that in the residual, and a sample
-certified in the next round came out a blend, 1.6e-4 of the range off).
+certified in the next round came out a blend, 1.6e-4 of the range off). A round takes the terms of the samples it
+certified new only and adds them to the earlier rounds' (:class:`PeeledTerms`).
 
 Every round's inputs must be known to ``exact_tol / ROUND_MARGIN``. The residual's noise is the subtracted terms'
 rounding on the rows they share, far above a gradient's own: a row two samples left share, one with a ten-thousandth
@@ -46,12 +47,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from fedleak.attacks.exact.batch_gradient import batch_gradient
+from fedleak.attacks.exact.batch_gradient import BatchGradient, batch_gradient
 from fedleak.attacks.exact.noise import RoundingNoise, gradient_noise
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.residual_noise import ResidualNoise, held_terms
@@ -73,18 +74,30 @@ def peels(net: Network, update: GradientUpdate, rec: Reconstruction, opts: Exclu
             and 0 < rec.num_certified < m and not rec.batch_certified and len(rec.samples) == len(rec))
 
 
+@dataclass(frozen=True)
+class PeeledTerms:
+    """The terms of the first ``count`` samples peeled so far (their summed gradient, float64): a round computes
+    only its new samples' and adds them."""
+
+    count: int
+    gradient: BatchGradient
+
+
 def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inputs: torch.Tensor,
                     labels: torch.Tensor, scales: torch.Tensor, opts: ExclusivityOptions,
-                    noise: dict[str, RoundingNoise] | None) -> tuple[GradientUpdate, dict[str, RoundingNoise]]:
+                    noise: dict[str, RoundingNoise] | None, before: PeeledTerms | None = None
+                    ) -> tuple[GradientUpdate, dict[str, RoundingNoise], PeeledTerms]:
     """The update of the batch's samples other than ``(inputs, labels)`` (each held once, its term taken at its
-    ``scales`` entry, :func:`own_scale`), read as the update of a batch of just those samples, and its noise per
-    entry (module docstring)."""
+    ``scales`` entry, :func:`own_scale`), read as the update of a batch of just those samples, its noise per
+    entry (module docstring), and the terms taken; ``before``: the terms of the first samples, taken already."""
     m = int(update.num_examples)
     left = m - len(labels)
     rescale = opts.common_scale(left) / opts.common_scale(m)
     dev = next(model.parameters()).device
-    terms = batch_gradient(model, net, inputs.to(dev), labels.to(dev), opts.smoothing, focal_gamma=opts.focal_gamma,
-                           sample_weights=scales.to(dev), as_sent=True)
+    done = before.count if before is not None else 0
+    new = batch_gradient(model, net, inputs[done:].to(dev), labels[done:].to(dev), opts.smoothing,
+                         focal_gamma=opts.focal_gamma, sample_weights=scales[done:].to(dev), as_sent=True)
+    terms = new if before is None else before.gradient.plus(new)
     weights = {layer.weight_name for layer in net.head.dense}
     # the residual in the update's dtype (a piece at a time in float64, never whole) and its noise (ResidualNoise)
     grads, noises = {}, {}
@@ -111,7 +124,8 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
         for name in (w, b) if b is not None else (w,):
             grads[name].index_fill_(0, silent, 0.0)
             noises[name] = noises[name].silenced(silent, rows_noise if name == w else None)
-    return GradientUpdate(grads, num_examples=left), {name: n.noise() for name, n in noises.items()}
+    return (GradientUpdate(grads, num_examples=left), {name: n.noise() for name, n in noises.items()},
+            PeeledTerms(len(labels), terms))
 
 
 def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstruction, opts: ExclusivityOptions,
@@ -131,11 +145,11 @@ def peeled(model: nn.Module, net: Network, update: GradientUpdate, rec: Reconstr
     # the residual's noise hides blends with confident samples, and peeled inputs' errors compound: every round's
     # inputs must be known ten times closer (module docstring)
     after = replace(opts, peel=False, defense=None, exact_tol=opts.exact_tol / ROUND_MARGIN)
-    last, rounds = rec, 0
+    last, rounds, terms = rec, 0, None
     while len(records) < m:
         residual = bounds = None  # the last round's, freed before the next is built
-        residual, bounds = residual_update(model, net, update, inputs, labels, torch.tensor(scales, dtype=F64),
-                                           opts, noise)
+        residual, bounds, terms = residual_update(model, net, update, inputs, labels,
+                                                  torch.tensor(scales, dtype=F64), opts, noise, terms)
         rescale = opts.common_scale(m - len(records)) / scale  # a residual's scale over the update's
         again = rerun(residual, bounds, after)
         last = again
