@@ -122,3 +122,23 @@ def test_two_batches_gradients_added_are_the_gradient_of_both():
                            torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="different parameters"):
         both.plus(other)
+
+
+def test_the_client_loss_vectors_are_taken_on_the_clients_batch_size():
+    """Peeling's terms use the loss vectors as the client computed them, in float32, on its batch of ``client_rows``
+    rows: the terms of a few samples then add up with the others' to the whole batch's, to float64 rounding."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    X, y = torch.rand(16, 784), torch.randint(0, 10, (16,))
+    net = as_network(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def terms(rows, client_rows):
+        return batch_gradient(model, net, X[rows], y[rows], as_sent=True, client_rows=client_rows)
+
+    whole = terms(slice(None), 16)
+    parts = terms(slice(0, 2), 16).plus(terms(slice(2, 5), 16)).plus(terms(slice(5, None), 16))
+    for name, p in params.items():
+        a = torch.cat([t for _, t in whole.row_pieces(name, p.shape)])
+        b = torch.cat([t for _, t in parts.row_pieces(name, p.shape)])
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-16 * float(a.abs().max())), name

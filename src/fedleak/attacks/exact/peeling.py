@@ -17,8 +17,9 @@ tensor of it would be as large as the update); a row within its noise of zero is
 samples' alone). The terms are real autograd in float64 at the certified inputs as the attack returns them, in the
 model's dtype (an exact rebuild of a float32 input rounds back to it), with the loss vectors the client computed, in its
 dtype (a confident sample's ``softmax - onehot`` cancels: a float64 one left that in the residual, and a sample
-certified in the next round came out a blend, 1.6e-4 of the range off). A round takes the terms of the samples it
-certified new only and adds them to the earlier rounds' (:class:`PeeledTerms`).
+certified in the next round came out a blend, 1.6e-4 of the range off), on as many rows as the client's batch (a
+float32 product of a few rows rounds otherwise than one of many). A round takes the terms of the samples it certified
+new only and adds them to the earlier rounds' (:class:`PeeledTerms`).
 
 Every round's inputs must be known to ``exact_tol / ROUND_MARGIN``. The residual's noise is the subtracted terms'
 rounding on the rows they share, far above a gradient's own: a row two samples left share, one with a ten-thousandth
@@ -96,7 +97,8 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
     dev = next(model.parameters()).device
     done = before.count if before is not None else 0
     new = batch_gradient(model, net, inputs[done:].to(dev), labels[done:].to(dev), opts.smoothing,
-                         focal_gamma=opts.focal_gamma, sample_weights=scales[done:].to(dev), as_sent=True)
+                         focal_gamma=opts.focal_gamma, sample_weights=scales[done:].to(dev), as_sent=True,
+                         client_rows=m)
     terms = new if before is None else before.gradient.plus(new)
     weights = {layer.weight_name for layer in net.head.dense}
     # the residual in the update's dtype (a piece at a time in float64, never whole) and its noise (ResidualNoise)
