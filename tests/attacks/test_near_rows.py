@@ -58,3 +58,16 @@ def test_two_rows_that_agree_with_each_other_and_not_with_the_input_are_a_rival(
     far = x.clone()
     far[3] += 0.5  # beyond NEAR of the range: another sample's rows, not this one's
     assert NEAR < 0.5 and _rows(torch.stack([x, far, far])).rival(x, 1.0, 1e-4) == 0.0
+
+
+def test_the_inputs_screened_in_one_product_find_the_rivals_screened_one_at_a_time():
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.rand(3, 64, dtype=torch.float64, generator=gen)
+    rivals = xs.clone()
+    rivals[:, 3] += torch.tensor([5e-4, 2e-4, 0.0], dtype=torch.float64)
+    rows = _rows(torch.cat([xs, xs, rivals, rivals, torch.rand(20, 64, dtype=torch.float64, generator=gen)]))
+    screens = rows.screens(xs)
+    assert screens.shape == (len(rows.g), 3) and screens.dtype == rows.G.dtype
+    found = [rows.rival(x, 1.0, 1e-4, screens[:, k]) for k, x in enumerate(xs)]
+    assert found == [rows.rival(x, 1.0, 1e-4) for x in xs]
+    assert found[0] > 4e-4 and found[1] > 1e-4 and found[2] == 0.0

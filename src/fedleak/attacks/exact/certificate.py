@@ -160,9 +160,17 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
             return "its witness rows do not fit one positive scale"
         return None
 
-    def imprecise(f: WitnessFit, c) -> str | None:
-        """Why the rebuilt input is not known to the exactness tolerance (None when it is); applies to every
-        path to a certificate, the whole-batch one included."""
+    # the test of rival rows screens the first layer for each input it reads: the candidates whose witnesses
+    # suffice are screened in one product, up to a quarter of the layer's size (the others, and those read later as
+    # part of the whole batch, one at a time)
+    rows = attack.near_rows()
+    ready = [k for k, (f, c) in enumerate(zip(fits, complete)) if witnessed(f, c) is None][: X[0].numel() // 4]
+    screens = rows.screens(X[ready]) if rows is not None and ready else None
+    column = {k: j for j, k in enumerate(ready)}
+
+    def imprecise(f: WitnessFit, c, k: int) -> str | None:
+        """Why the rebuilt input of candidate ``k`` is not known to the exactness tolerance (None when it is);
+        applies to every path to a certificate, the whole-batch one included."""
         x = c.acts[0]
         width = opts.range_width(x)
         allowed = opts.exact_tol * width
@@ -172,8 +180,8 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                     f"{opts.exact_tol:g} of the data range ({allowed:.1e}): too few or too weak witness rows for "
                     "that rounding (a weight change's at its learning rate, or the terms peeling subtracted), or "
                     "witness rows that disagree beyond it (one holding another sample's share)")
-        rows = attack.near_rows()
-        shared = 0.0 if rows is None else rows.rival(x, width, allowed - spread)
+        screen = screens[:, column[k]] if k in column and screens is not None else None
+        shared = 0.0 if rows is None else rows.rival(x, width, allowed - spread, screen)
         if shared:
             return (f"first-layer rows that read almost this input disagree with it by up to {shared:.1e} beyond the "
                     f"update's rounding, which leaves it uncertain by more than {opts.exact_tol:g} of the data range "
@@ -182,7 +190,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
 
     # how precisely the input is known is asked only of the candidates whose witnesses suffice (on two-class data
     # most of the hundreds of blends have one witness row) and of those that could join as part of the whole batch
-    vague = functools.cache(lambda k: imprecise(fits[k], complete[k]))
+    vague = functools.cache(lambda k: imprecise(fits[k], complete[k], k))
     short = [witnessed(f, c) or vague(k) for k, (f, c) in enumerate(zip(fits, complete))]
     strong = [k for k, why in enumerate(short) if why is None]
     voters = [k for k, f in enumerate(fits) if f.consistent and f.counts[-1] >= 1 and math.isfinite(f.scale)]

@@ -51,16 +51,25 @@ class NearRows:
         return cls(attack.G[0], g, nb, attack.noise[0], attack.row_norms(0) / g.abs().clamp_min(1e-300),
                    g.abs() > nb)
 
-    def rival(self, x: torch.Tensor, width: float, limit: float) -> float:
+    def screens(self, X: torch.Tensor) -> torch.Tensor:
+        """``G @ X^T`` in the gradient's dtype: the screen's products for rebuilt inputs ``X`` (one flat input per
+        row), all in one product (:meth:`rival` reads a column; one product per input reads ``G`` once each)."""
+        X = X.reshape(len(X), -1).to(device=self.G.device, dtype=self.G.dtype)
+        return self.G @ X.T
+
+    def rival(self, x: torch.Tensor, width: float, limit: float, screen: torch.Tensor | None = None) -> float:
         """How far a rival to the rebuilt input ``x`` (flat) lies from it beyond the rounding, where that is more
         than ``limit`` (else 0): two or more rows within ``NEAR * width`` of ``x`` that disagree with it beyond their
-        rounding bound and agree with each other within theirs (max abs over the values where both disagree)."""
+        rounding bound and agree with each other within theirs (max abs over the values where both disagree).
+        ``screen``: ``x``'s column of :meth:`screens`, where it was taken."""
         G, g = self.G, self.g
         x = x.to(device=g.device, dtype=F64).reshape(-1)
         # the rows within NEAR (max abs) are within NEAR sqrt(D) in L2: screened by one product in the gradient's
-        # dtype, whose rounding (at most D eps ||G_j|| ||x|| per dot) widens the screen
+        # dtype, whose rounding (at most D eps ||G_j|| ||x|| per dot, in any order of the sum) widens the screen
         d, eps, norm = x.numel(), float(torch.finfo(G.dtype).eps), float(x.norm())
-        sq = self.scale.square() - 2 * torch.mv(G, x.to(G.dtype)).to(F64) / g + norm * norm
+        if screen is None:
+            screen = torch.mv(G, x.to(G.dtype))
+        sq = self.scale.square() - 2 * screen.to(F64) / g + norm * norm
         rows = torch.nonzero(self.live & (sq <= (NEAR * width) ** 2 * d + 4 * d * eps * self.scale * norm)).flatten()
         slack = GRADIENT_EPSILONS * float(torch.finfo(torch.float32).eps) * x.abs()
         # the rows within NEAR that disagree with x by more than limit (a pair of rows disagrees by more than limit
