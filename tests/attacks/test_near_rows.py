@@ -8,7 +8,8 @@ import torch
 from torch.nn import functional as F
 
 import fedleak
-from fedleak.attacks.exact.near_rows import NEAR, NearRows
+from fedleak.attacks.exact import near_rows
+from fedleak.attacks.exact.near_rows import NEAR, NearRows, Screens
 from fedleak.attacks.exact.noise import RoundingNoise
 
 SHARES = (1.0, 1e-4, 1.0, 3e-4, 1.0, 1.0)  # two samples the model gets almost right: near-zero loss vectors
@@ -60,14 +61,16 @@ def test_two_rows_that_agree_with_each_other_and_not_with_the_input_are_a_rival(
     assert NEAR < 0.5 and _rows(torch.stack([x, far, far])).rival(x, 1.0, 1e-4) == 0.0
 
 
-def test_the_inputs_screened_in_one_product_find_the_rivals_screened_one_at_a_time():
+def test_the_inputs_screened_in_one_product_find_the_rivals_screened_one_at_a_time(monkeypatch):
+    monkeypatch.setattr(near_rows, "SCREEN_BLOCK", 2)  # two blocks: the first read again after the second
     gen = torch.Generator().manual_seed(1)
     xs = torch.rand(3, 64, dtype=torch.float64, generator=gen)
     rivals = xs.clone()
     rivals[:, 3] += torch.tensor([5e-4, 2e-4, 0.0], dtype=torch.float64)
     rows = _rows(torch.cat([xs, xs, rivals, rivals, torch.rand(20, 64, dtype=torch.float64, generator=gen)]))
-    screens = rows.screens(xs)
-    assert screens.shape == (len(rows.g), 3) and screens.dtype == rows.G.dtype
-    found = [rows.rival(x, 1.0, 1e-4, screens[:, k]) for k, x in enumerate(xs)]
+    screens = Screens(rows, xs)
+    assert screens.of(2).shape == (len(rows.g),) and screens.of(2).dtype == rows.G.dtype
+    found = [rows.rival(x, 1.0, 1e-4, screens.of(k)) for k, x in [*enumerate(xs), (0, xs[0])]]
+    assert found.pop() == found[0]
     assert found == [rows.rival(x, 1.0, 1e-4) for x in xs]
     assert found[0] > 4e-4 and found[1] > 1e-4 and found[2] == 0.0

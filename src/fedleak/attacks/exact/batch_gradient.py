@@ -167,10 +167,9 @@ def batch_gradient(model: nn.Module, net: Network, X: torch.Tensor, y: torch.Ten
     loss of exponent ``focal_gamma``), each sample's loss times its ``sample_weights`` entry where given. With
     ``as_sent``, the logits' gradient (the loss vectors) is the client's own, computed in the model's dtype as the
     client does (``softmax - one-hot`` of a confident sample cancels: off by an epsilon of ``1 - p_y``), and only
-    its backward pass runs in float64; its forward is taken on ``client_rows`` rows where given (the inputs
-    repeated), as the client's batch ran it: a float32 product of a few rows rounds otherwise than one of many
-    (a 784-input MLP of 256 to 4,096 units on Fashion-MNIST, batches of 16 to 256: the logits of 1 or 3 samples
-    taken alone differed from the client's in every sample, of 8 or more taken together in none). The head's
+    its backward pass runs in float64; its forward is taken on ``client_rows`` rows where that is more than the
+    samples given (the inputs repeated), as a batch of the client's ran it: a float32 product of a few rows takes
+    another path in the BLAS and rounds otherwise (:mod:`fedleak.attacks.exact.peeling`). The head's
     dense weights in another dtype are streamed (never copied) where the model reads them through ``F.linear``
     (``nn.Linear`` does), else copied like the others."""
     params = dict(model.named_parameters())

@@ -42,6 +42,7 @@ from fedleak.attacks.exact.joint import (
     degenerate_loss_vectors,
     select_consistent,
 )
+from fedleak.attacks.exact.near_rows import Screens
 from fedleak.attacks.exact.options import REDUCTIONS
 from fedleak.attacks.exact.rank_test import JointTest
 from fedleak.attacks.exact.settle import settled_by_scale
@@ -160,13 +161,16 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
             return "its witness rows do not fit one positive scale"
         return None
 
-    # the test of rival rows screens the first layer for each input it reads: the candidates whose witnesses
-    # suffice are screened in one product, up to a quarter of the layer's size (the others, and those read later as
-    # part of the whole batch, one at a time)
+    # the test of rival rows screens the first layer for each input it reads: the inputs it reads next, in order, are
+    # screened a block at a time (:class:`~fedleak.attacks.exact.near_rows.Screens`)
     rows = attack.near_rows()
-    ready = [k for k, (f, c) in enumerate(zip(fits, complete)) if witnessed(f, c) is None][: X[0].numel() // 4]
-    screens = rows.screens(X[ready]) if rows is not None and ready else None
-    column = {k: j for j, k in enumerate(ready)}
+    planned: dict[int, tuple[Screens, int]] = {}
+
+    def plan(ks: list[int]) -> None:
+        """The test reads candidates ``ks`` next, in this order."""
+        if rows is not None and ks:
+            screens = Screens(rows, X[ks])
+            planned.update({k: (screens, j) for j, k in enumerate(ks)})
 
     def imprecise(f: WitnessFit, c, k: int) -> str | None:
         """Why the rebuilt input of candidate ``k`` is not known to the exactness tolerance (None when it is);
@@ -180,7 +184,7 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                     f"{opts.exact_tol:g} of the data range ({allowed:.1e}): too few or too weak witness rows for "
                     "that rounding (a weight change's at its learning rate, or the terms peeling subtracted), or "
                     "witness rows that disagree beyond it (one holding another sample's share)")
-        screen = screens[:, column[k]] if k in column and screens is not None else None
+        screen = planned[k][0].of(planned[k][1]) if k in planned else None
         shared = 0.0 if rows is None else rows.rival(x, width, allowed - spread, screen)
         if shared:
             return (f"first-layer rows that read almost this input disagree with it by up to {shared:.1e} beyond the "
@@ -191,7 +195,9 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
     # how precisely the input is known is asked only of the candidates whose witnesses suffice (on two-class data
     # most of the hundreds of blends have one witness row) and of those that could join as part of the whole batch
     vague = functools.cache(lambda k: imprecise(fits[k], complete[k], k))
-    short = [witnessed(f, c) or vague(k) for k, (f, c) in enumerate(zip(fits, complete))]
+    unwitnessed = [witnessed(f, c) for f, c in zip(fits, complete)]
+    plan([k for k, why in enumerate(unwitnessed) if why is None])
+    short = [why or vague(k) for k, why in enumerate(unwitnessed)]
     strong = [k for k, why in enumerate(short) if why is None]
     voters = [k for k, f in enumerate(fits) if f.consistent and f.counts[-1] >= 1 and math.isfinite(f.scale)]
     bs = batch_scale(fits, strong, own, reported, opts, voters)
@@ -218,8 +224,10 @@ def certify_open(attack, complete: list, reported: int | None) -> Certificate:
                 reasons[k] = ("it would add to gradient rows that are exactly zero, where no sample of the batch is "
                               "active (a blend of samples, not a sample)")
         # samples with a single witness at the common scale join only as part of the whole batch
-        weak = [k for k, f in enumerate(fits) if k not in at_scale and f.consistent and f.counts[-1] >= 1
-                and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol and vague(k) is None]
+        single = [k for k, f in enumerate(fits) if k not in at_scale and f.consistent and f.counts[-1] >= 1
+                  and off[k] <= f.scale_tol and float(dead[k]) <= opts.check_tol]
+        plan([k for k in single if unwitnessed[k] is not None])  # the others' are read already
+        weak = [k for k in single if vague(k) is None]
         slack = max(bs.batch_size - len(at_scale), 0) + 16
         eps = torch.tensor([f.eps if math.isfinite(f.eps) else 0.0 for f in fits], dtype=F64, device=X.device)
         # the samples a certified set can hold (hundreds of candidates on two-class data are blends at other

@@ -26,6 +26,7 @@ NEAR = 0.01  # rows whose ratio is this close to the rebuilt input (max abs, of 
 # the client's own float32 rounding of the gradient (a few operations per entry), in epsilons of |x|
 GRADIENT_EPSILONS = 16
 MAX_RIVAL_ROWS = 128  # disagreeing rows compared pairwise, the largest bias changes first
+SCREEN_BLOCK = 64  # rebuilt inputs screened by one product (Screens)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,17 +52,12 @@ class NearRows:
         return cls(attack.G[0], g, nb, attack.noise[0], attack.row_norms(0) / g.abs().clamp_min(1e-300),
                    g.abs() > nb)
 
-    def screens(self, X: torch.Tensor) -> torch.Tensor:
-        """``G @ X^T`` in the gradient's dtype: the screen's products for rebuilt inputs ``X`` (one flat input per
-        row), all in one product (:meth:`rival` reads a column; one product per input reads ``G`` once each)."""
-        X = X.reshape(len(X), -1).to(device=self.G.device, dtype=self.G.dtype)
-        return self.G @ X.T
 
     def rival(self, x: torch.Tensor, width: float, limit: float, screen: torch.Tensor | None = None) -> float:
         """How far a rival to the rebuilt input ``x`` (flat) lies from it beyond the rounding, where that is more
         than ``limit`` (else 0): two or more rows within ``NEAR * width`` of ``x`` that disagree with it beyond their
         rounding bound and agree with each other within theirs (max abs over the values where both disagree).
-        ``screen``: ``x``'s column of :meth:`screens`, where it was taken."""
+        ``screen``: ``G @ x`` in the gradient's dtype, where it was taken (:class:`Screens`)."""
         G, g = self.G, self.g
         x = x.to(device=g.device, dtype=F64).reshape(-1)
         # the rows within NEAR (max abs) are within NEAR sqrt(D) in L2: screened by one product in the gradient's
@@ -99,3 +95,21 @@ class NearRows:
         ratios = rows64(self.G, rows) / g[:, None]
         bound = (self.noise.rows(rows) + x.abs()[None] * nb[:, None]) / (g.abs() - nb)[:, None] + slack
         return ratios, bound, (ratios - x).abs() - bound  # > 0 where a row disagrees with x beyond its rounding
+
+
+class Screens:
+    """The rival-row screen's products ``G @ x`` of rebuilt inputs ``X`` (one flat input per row) a certificate
+    reads, taken ``SCREEN_BLOCK`` inputs at a time in one product (one product per input reads ``G`` once each)
+    when one of them is first read; the last block is kept."""
+
+    def __init__(self, rows: NearRows, X: torch.Tensor):
+        self.rows, self.X = rows, X.reshape(len(X), -1)
+        self.block: tuple[int, torch.Tensor] | None = None
+
+    def of(self, j: int) -> torch.Tensor:
+        """Input ``j``'s products."""
+        start = j - j % SCREEN_BLOCK
+        if self.block is None or self.block[0] != start:
+            X = self.X[start : start + SCREEN_BLOCK].to(device=self.rows.G.device, dtype=self.rows.G.dtype)
+            self.block = (start, self.rows.G @ X.T)
+        return self.block[1][:, j - start]
