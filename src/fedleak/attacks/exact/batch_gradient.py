@@ -150,8 +150,8 @@ class BatchGradient:
         if self.grads.keys() != other.grads.keys() or self.sinks.keys() != other.sinks.keys():
             raise ValueError("the two batch gradients hold different parameters or stream different weights")
         pairs = {k: [*v, *other.sinks[k]] for k, v in self.sinks.items()}
-        return BatchGradient({k: v + other.grads[k] for k, v in self.grads.items()},
-                             {k: [(torch.cat([d for d, _ in v]), torch.cat([x for _, x in v]))] for k, v in pairs.items()})
+        joined = {k: [(torch.cat([d for d, _ in v]), torch.cat([x for _, x in v]))] for k, v in pairs.items()}
+        return BatchGradient({k: v + other.grads[k] for k, v in self.grads.items()}, joined)
 
     def products(self, name: str) -> SummedProducts:
         """Streamed dense weight ``name``'s gradient, read by index (:class:`SummedProducts`)."""

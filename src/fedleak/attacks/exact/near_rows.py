@@ -52,7 +52,6 @@ class NearRows:
         return cls(attack.G[0], g, nb, attack.noise[0], attack.row_norms(0) / g.abs().clamp_min(1e-300),
                    g.abs() > nb)
 
-
     def rival(self, x: torch.Tensor, width: float, limit: float, screen: torch.Tensor | None = None) -> float:
         """How far a rival to the rebuilt input ``x`` (flat) lies from it beyond the rounding, where that is more
         than ``limit`` (else 0): two or more rows within ``NEAR * width`` of ``x`` that disagree with it beyond their

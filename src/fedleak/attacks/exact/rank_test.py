@@ -25,8 +25,8 @@ def gaussian_sketches(seed: int, rows: tuple[int, ...], k: int, dtype: torch.dty
     """Gaussian matrices ``rows[j] x k`` (CPU, read only, transposed views) in ``dtype``, drawn in float32 (a
     float64 sketch holds the same numbers): matrix ``j``'s columns are drawn ``BLOCK`` at a time, block ``b``
     from a generator of its own seeded by ``(seed, j, b)``, so the matrix of ``k`` columns is the first ``k``
-    columns of any wider one of the same seed. Peeling's rounds ask
-    for fewer columns round after round: the columns drawn are kept (:class:`SketchColumns`) and read again."""
+    columns of any wider one of the same seed. Peeling's rounds ask for fewer columns round after round: the
+    columns drawn are kept (:class:`SketchColumns`) and read again."""
     return tuple(SKETCH_COLUMNS.take(seed, j, n, k, dtype).T for j, n in enumerate(rows))
 
 
@@ -114,8 +114,9 @@ class JointTest:
     layer and the Gram matrix of a ``k``-wide residual, and the norms in the threshold are the sketches' (the
     noise's times ``sqrt(k)``). Layers whose smaller side is at most ``k`` are tested exactly, without a sketch.
     A float32 gradient on the CPU is sketched in float32 (:func:`sketch_dtype`); the Gaussian matrix is drawn in
-    float32 (:func:`gaussian_sketches`), and the terms are sketched by the same matrix in float64. The product's rounding is noise in the residual:
-    at most 3e-3 of the threshold on the batches measured (docs/attacks.md, check 5).
+    float32 (:func:`gaussian_sketches`), and the terms are sketched by the same matrix in float64. The product's
+    rounding is noise in the residual: at most 3e-3 of the threshold on the batches measured (docs/attacks.md,
+    check 5).
     """
 
     def __init__(self, attack, t64: Trace, batch_size: int, weights: torch.Tensor, slack: int,
