@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fedleak
+from fedleak.attacks.exact.batch_gradient import BatchGradient
 from fedleak.attacks.exact.options import ExclusivityOptions
 from fedleak.attacks.exact.peeling import residual_update
 from fedleak.nets import as_network
@@ -69,6 +70,31 @@ def test_the_residual_is_the_gradient_of_the_samples_left(digits):
     alone = (model[1](x[~keep].flatten(1)) > 0).sum(0) == 1
     err = (residual.gradients["1.weight"].double() - truth[0])[alone].norm(dim=1)
     assert int(alone.sum()) >= 10 and bool((err <= noise["1.weight"].read()[alone].norm(dim=1)).all())
+
+
+def test_a_rounds_terms_added_to_the_earlier_rounds_leave_the_residual_of_all_at_once(digits, monkeypatch):
+    """A round takes its new samples' terms and adds them to the earlier rounds' (PeeledTerms): the residual is the
+    one of every certified sample's terms taken at once, to the update's rounding; where the two computations
+    cannot be added (the weights streamed otherwise), every sample's terms are taken again."""
+    model = fedleak.make_mlp(digits.input_shape, [256, 128], 10, seed=2)
+    x, y = digits.batch(12, seed=4)
+    update = fedleak.compute_gradient_update(model, x, y)
+    net, scales, opts = as_network(model), torch.full((5,), 1 / 12, dtype=torch.float64), ExclusivityOptions()
+    whole, _, terms = residual_update(model, net, update, x[:5], y[:5], scales, opts, None)
+    assert terms.count == 5
+    _, _, first = residual_update(model, net, update, x[:2], y[:2], scales[:2], opts, None)
+    added, _, terms = residual_update(model, net, update, x[:5], y[:5], scales, opts, None, first)
+    assert terms.count == 5
+    for name, got in added.gradients.items():
+        want = whole.gradients[name]
+        assert torch.allclose(got, want, rtol=0, atol=2 * float(torch.finfo(got.dtype).eps) * float(want.abs().max()))
+
+    def refuse(self, other):
+        raise ValueError("streamed otherwise")
+
+    monkeypatch.setattr(BatchGradient, "plus", refuse)
+    again, _, terms = residual_update(model, net, update, x[:5], y[:5], scales, opts, None, first)
+    assert terms.count == 5 and all(torch.equal(again.gradients[k], v) for k, v in whole.gradients.items())
 
 
 def test_near_copies_left_after_peeling_are_not_certified(fashion):

@@ -102,11 +102,17 @@ def residual_update(model: nn.Module, net: Network, update: GradientUpdate, inpu
     left = m - len(labels)
     rescale = opts.common_scale(left) / opts.common_scale(m)
     dev = next(model.parameters()).device
-    done = before.count if before is not None else 0
-    new = batch_gradient(model, net, inputs[done:].to(dev), labels[done:].to(dev), opts.smoothing,
-                         focal_gamma=opts.focal_gamma, sample_weights=scales[done:].to(dev), as_sent=True,
-                         client_rows=min(m, LOSS_ROWS))
-    terms = new if before is None else before.gradient.plus(new)
+
+    def taken(start: int) -> BatchGradient:
+        """The terms of the samples from ``start`` on."""
+        return batch_gradient(model, net, inputs[start:].to(dev), labels[start:].to(dev), opts.smoothing,
+                              focal_gamma=opts.focal_gamma, sample_weights=scales[start:].to(dev), as_sent=True,
+                              client_rows=min(m, LOSS_ROWS))
+
+    try:
+        terms = taken(0) if before is None else before.gradient.plus(taken(before.count))
+    except ValueError:  # a model whose weights streamed otherwise for these samples: every sample's terms again
+        terms = taken(0)
     weights = {layer.weight_name for layer in net.head.dense}
     # the residual in the update's dtype (a piece at a time in float64, never whole) and its noise (ResidualNoise)
     grads, noises = {}, {}
